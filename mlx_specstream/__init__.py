@@ -1,0 +1,28 @@
+"""Speculative Streaming for MLX: fast, lossless decoding without a draft model."""
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public name -> submodule. Imported on first use, so that
+# ``python -m mlx_specstream.generate`` does not import its own module twice.
+_EXPORTS = {
+    "SpecStreamConfig": "config",
+    "SpecGenerationResponse": "generate",
+    "attach_streams": "streams",
+    "generate": "generate",
+    "load": "utils",
+    "save": "utils",
+    "stream_generate": "generate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mlx_specstream' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    # Importing a submodule sets it as a package attribute; the public name wins.
+    globals()[name] = value
+    return value

@@ -1,0 +1,116 @@
+"""The ``"speculative_streaming"`` section of a model's ``config.json``."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import List, Union
+
+CONFIG_KEY = "speculative_streaming"
+MODES = ("shared", "lossless")
+STREAM_POSITIONS = ("same", "offset")
+
+
+@dataclass
+class SpecStreamConfig:
+    """Speculative Streaming settings of one model.
+
+    Args:
+        num_streams (int): gamma, the speculative streams per position. Stream
+          ``j`` predicts the token ``j`` places after the main stream's token.
+          Default: ``3``.
+        num_stream_layers (int): N_s, the top layers that run multi-stream
+          attention. Streams are inserted before layer ``N - N_s``. Default: ``4``.
+        top_k (int or list of int): tokens taken from each stream for the draft
+          tree, one value for all streams or one per stream. Default: ``3``.
+        prune_threshold (float): a draft node whose early-exit transition
+          probability from its parent is below this is removed with its subtree
+          before the stream layers. ``0`` turns pruning off. Default: ``0.0``.
+        max_tree_nodes (int): hard cap on the draft tree size, root included.
+          Default: ``16``.
+        mode (str): ``"lossless"``: the main stream never attends to streams, so
+          the main logits are exactly the base model's. ``"shared"``: the main
+          stream also attends to its own position's streams (paper Eq. 1).
+          Default: ``"lossless"``.
+        stream_positions (str): RoPE position of stream ``j`` of a node at
+          position ``p``: ``"same"`` uses ``p`` (the stream embedding carries the
+          offset), ``"offset"`` uses ``p + j``. Default: ``"same"``.
+        prune_adapter_rank (int): rank of the early-exit adapter o_theta used for
+          pruning. Default: ``8``.
+        stream_init_rank (int): rank of the optional map f_eta applied to the
+          main state when streams are created (``0``: identity, as in the
+          paper's experiments). Default: ``0``.
+    """
+
+    num_streams: int = 3
+    num_stream_layers: int = 4
+    top_k: Union[int, List[int]] = 3
+    prune_threshold: float = 0.0
+    max_tree_nodes: int = 16
+    mode: str = "lossless"
+    stream_positions: str = "same"
+    prune_adapter_rank: int = 8
+    stream_init_rank: int = 0
+
+    def __post_init__(self):
+        def require(ok, name, why):
+            if not ok:
+                raise ValueError(
+                    f"speculative_streaming.{name}={getattr(self, name)!r}: {why}"
+                )
+
+        for name in ("num_streams", "num_stream_layers", "max_tree_nodes"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                name,
+                "must be an integer >= 1",
+            )
+        for name in ("prune_adapter_rank", "stream_init_rank"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                name,
+                "must be an integer >= 0",
+            )
+        ks = self.top_k if isinstance(self.top_k, list) else [self.top_k]
+        require(
+            all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks),
+            "top_k",
+            "must be an integer >= 1 or a list of them",
+        )
+        require(
+            not isinstance(self.top_k, list) or len(self.top_k) == self.num_streams,
+            "top_k",
+            f"a list needs one entry per stream ({self.num_streams})",
+        )
+        require(
+            isinstance(self.prune_threshold, (int, float))
+            and 0.0 <= self.prune_threshold <= 1.0,
+            "prune_threshold",
+            "must be a probability in [0, 1] (0 turns pruning off)",
+        )
+        require(self.mode in MODES, "mode", f"must be one of {MODES}")
+        require(
+            self.stream_positions in STREAM_POSITIONS,
+            "stream_positions",
+            f"must be one of {STREAM_POSITIONS}",
+        )
+
+    def top_k_per_stream(self) -> List[int]:
+        """The draft width of each stream, as a list of ``num_streams`` ints."""
+        if isinstance(self.top_k, list):
+            return list(self.top_k)
+        return [self.top_k] * self.num_streams
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "SpecStreamConfig":
+        """Builds the config from a ``config.json`` section, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} in the '{CONFIG_KEY}' config section; "
+                f"known keys: {sorted(known)}"
+            )
+        return cls(**params)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

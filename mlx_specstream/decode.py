@@ -1,0 +1,220 @@
+"""The Speculative Streaming decode loop: one forward pass per step verifies the
+previous draft tree and drafts the next one from the streams of the last
+accepted node."""
+
+from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.models.cache import make_prompt_cache
+
+from .cache import check_cache, commit_path
+from .streams import StreamRuntime, get_runtime
+from .tree import DraftTree, accept, build_draft_tree
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _path_to(node: int, parents: Sequence[int], tokens: Sequence[int]) -> List[int]:
+    """Tokens below the root on the path to ``node``, root excluded."""
+    out = []
+    while node > 0:
+        out.append(tokens[node])
+        node = parents[node]
+    return out[::-1]
+
+
+def _apply_processors(processors, history, tokens, parents, logits):
+    """Runs mlx-lm logits processors on each tree node with that node's own history."""
+    rows = []
+    for a in range(logits.shape[0]):
+        context = mx.array(history + _path_to(a, parents, tokens))
+        row = logits[a : a + 1]
+        for processor in processors:
+            row = processor(context, row)
+        rows.append(row)
+    return mx.concatenate(rows, axis=0)
+
+
+def resolve_tree_settings(
+    rt: StreamRuntime,
+    tree_top_k: Union[None, int, List[int]] = None,
+    tree_depth: Optional[int] = None,
+    prune_threshold: Optional[float] = None,
+    max_tree_nodes: Optional[int] = None,
+) -> Tuple[List[int], int, float, int]:
+    """Per-call tree settings, defaulting to the model's config; validated."""
+    cfg = rt.config
+    depth = cfg.num_streams if tree_depth is None else tree_depth
+    if not (isinstance(depth, int) and 0 <= depth <= cfg.num_streams):
+        raise ValueError(
+            f"tree_depth={tree_depth!r} must be an integer in [0, {cfg.num_streams}] "
+            "(the model has that many streams)."
+        )
+    if tree_top_k is None:
+        ks = cfg.top_k_per_stream()
+    elif isinstance(tree_top_k, int):
+        ks = [tree_top_k] * cfg.num_streams
+    else:
+        ks = list(tree_top_k) + [1] * (cfg.num_streams - len(tree_top_k))
+    if any(not isinstance(k, int) or k < 1 for k in ks) or len(ks) != cfg.num_streams:
+        raise ValueError(f"tree_top_k={tree_top_k!r}: need integers >= 1, at most one per stream.")
+    threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
+    if not (0.0 <= threshold <= 1.0):
+        raise ValueError(f"prune_threshold={prune_threshold!r} must be in [0, 1].")
+    if threshold > 0 and "prune_adapter" not in rt.streams:
+        raise ValueError("prune_threshold > 0 needs a pruning adapter (prune_adapter_rank > 0).")
+    nodes = cfg.max_tree_nodes if max_tree_nodes is None else max_tree_nodes
+    if not (isinstance(nodes, int) and nodes >= 1):
+        raise ValueError(f"max_tree_nodes={max_tree_nodes!r} must be an integer >= 1.")
+    return ks, depth, float(threshold), nodes
+
+
+def spec_generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    prompt_cache: Optional[list] = None,
+    prefill_step_size: int = 2048,
+    speculative: bool = True,
+    tree_top_k: Union[None, int, List[int]] = None,
+    tree_depth: Optional[int] = None,
+    prune_threshold: Optional[float] = None,
+    max_tree_nodes: Optional[int] = None,
+) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
+    """A generator of tokens decoded with Speculative Streaming.
+
+    Each step runs one forward pass over the draft tree. The ``sampler`` picks
+    a target token at every tree node from the main-stream distribution; the
+    tree is walked while a child carries the token its parent's target picked,
+    and the target token at the last accepted node is the correction (or
+    bonus) token. Sibling drafts are fixed before sampling, so every emitted
+    token is a draw from the model's own distribution (greedy: its argmax).
+
+    Args:
+        prompt (mx.array): the prompt tokens (at least one).
+        model (nn.Module): a model with streams attached.
+        max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
+        sampler (Callable, optional): mlx-lm sampler over ``(B, V)`` log
+          probabilities. Default: argmax.
+        logits_processors (list, optional): mlx-lm logits processors, applied at
+          every tree node with that node's own token history.
+        prompt_cache (list, optional): a ``KVCache`` per layer, updated in place.
+        prefill_step_size (int): prompt chunk size. Default: ``2048``.
+        speculative (bool): ``False`` decodes one token per pass (the baseline):
+          plain mlx-lm decoding in lossless mode, the same model with its
+          streams in shared mode. Default: ``True``.
+        tree_top_k, tree_depth, prune_threshold, max_tree_nodes: per-call
+          overrides of the model's tree settings.
+
+    Yields:
+        tuple: ``(token, logprobs, from_draft, forward_passes)``.
+    """
+    rt = get_runtime(model)
+    ks, depth, threshold, max_nodes = resolve_tree_settings(
+        rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
+    )
+    sampler = sampler or _greedy
+    processors = logits_processors or []
+    if prompt.size == 0:
+        raise ValueError("The prompt is empty: give at least one token.")
+    if not speculative:
+        if rt.config.mode == "lossless":
+            # Streams never touch the main stream: this is the base model.
+            for n, (token, logprobs) in enumerate(
+                generate_step(
+                    prompt,
+                    model,
+                    max_tokens=max_tokens,
+                    sampler=sampler,
+                    logits_processors=logits_processors,
+                    prompt_cache=prompt_cache,
+                    prefill_step_size=prefill_step_size,
+                )
+            ):
+                yield token, logprobs, False, n + 1
+            return
+        depth = 0
+    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    check_cache(cache)
+    prompt_list = prompt.tolist()
+    first_top, num_layers = rt.first_top, rt.num_layers
+    kmax = max(ks[:depth]) if depth else 0
+
+    with mx.stream(generation_stream):
+        # Prefill all but the last prompt token with the plain model.
+        body = prompt[:-1]
+        for start in range(0, body.size, prefill_step_size):
+            model(body[start : start + prefill_step_size][None], cache=cache)
+            mx.eval([c.state for c in cache])
+
+        history = list(prompt_list)
+        tree = DraftTree([prompt_list[-1]], [-1])
+        emitted = passes = 0
+        while True:
+            prefix = cache[0].offset
+            out = rt.forward(tree.tokens, tree.parents, cache, threshold)
+            passes += 1
+            kept_tokens = [tree.tokens[i] for i in out.kept]
+            logits = out.logits
+            if processors:
+                logits = _apply_processors(
+                    processors, history, kept_tokens, out.kept_parents, logits
+                )
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            targets = sampler(logprobs)
+            accepted, last = accept(
+                mx.array(kept_tokens),
+                mx.array([0] + out.kept_parents[1:]),
+                mx.array(out.kept_ancestors),
+                targets,
+            )
+            results = [targets, accepted, last, logprobs]
+            if depth:
+                # Next draft: top-k of the streams of the last accepted node only.
+                hidden = mx.take(out.stream_hidden, last, axis=0)[None]
+                slog = rt.head(hidden)[0].astype(mx.float32)
+                slog = slog - mx.logsumexp(slog, axis=-1, keepdims=True)
+                top = mx.argsort(-slog, axis=-1)[:, :kmax]
+                top_lp = mx.take_along_axis(slog, top, axis=-1)
+                results += [top, top_lp]
+            mx.eval(results)  # the step's one host read
+            tgt, acc, L = targets.tolist(), accepted.tolist(), last.item()
+            path = [i for i, a in enumerate(acc) if a]
+
+            commit_path(
+                cache,
+                prefix,
+                [
+                    path if layer >= first_top else [out.kept[i] for i in path]
+                    for layer in range(num_layers)
+                ],
+            )
+            new = [(kept_tokens[i], out.kept_parents[i], True) for i in path[1:]]
+            new.append((tgt[L], L, False))
+            for token, source, from_draft in new:
+                emitted += 1
+                yield token, logprobs[source], from_draft, passes
+                if emitted == max_tokens:
+                    return
+            history.extend(token for token, _, _ in new)
+
+            d = depth if max_tokens < 0 else min(depth, max_tokens - emitted - 1)
+            if d > 0:
+                top, top_lp = results[4].tolist(), results[5].tolist()
+                tree = build_draft_tree(
+                    tgt[L],
+                    [top[j][: ks[j]] for j in range(d)],
+                    [top_lp[j][: ks[j]] for j in range(d)],
+                    max_nodes,
+                )
+            else:
+                tree = DraftTree([tgt[L]], [-1])
+            if passes % 256 == 0:
+                mx.clear_cache()

@@ -1,0 +1,238 @@
+"""``stream_generate`` / ``generate`` (mlx-lm compatible) and the generate CLI.
+
+Run as ``python -m mlx_specstream.generate --prompt "..."``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Generator, List, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse, wired_limit, generation_stream
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .decode import spec_generate_step
+
+DEFAULT_PROMPT = "def fibonacci(n):"
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_SEED = None
+
+
+@dataclass
+class SpecGenerationResponse(GenerationResponse):
+    """mlx-lm's ``GenerationResponse`` plus the cumulative ``forward_passes``.
+
+    ``from_draft`` is True for tokens accepted from a stream draft.
+    """
+
+    forward_passes: int = 0
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, mx.array, List[int]],
+    max_tokens: int = 256,
+    sampler=None,
+    logits_processors=None,
+    speculative: bool = True,
+    **kwargs,
+) -> Generator[SpecGenerationResponse, None, None]:
+    """Generates text from ``prompt`` with Speculative Streaming, streaming responses.
+
+    Args:
+        model (nn.Module): a model from :func:`mlx_specstream.load` (or with
+          streams attached by :func:`mlx_specstream.attach_streams`).
+        tokenizer: the tokenizer (wrapped in mlx-lm's ``TokenizerWrapper`` if needed).
+        prompt (str, mx.array or list of int): the prompt text or tokens.
+        max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
+        sampler (Callable, optional): an mlx-lm sampler (``make_sampler``).
+          Default: greedy.
+        logits_processors (list, optional): mlx-lm logits processors.
+        speculative (bool): ``False`` decodes one token per forward pass.
+          Default: ``True``.
+        kwargs: passed to :func:`mlx_specstream.decode.spec_generate_step`
+          (``prompt_cache``, ``prefill_step_size``, ``tree_top_k``,
+          ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``).
+
+    Yields:
+        SpecGenerationResponse: one per generated token.
+    """
+    if max_tokens == 0 or max_tokens < -1:
+        raise ValueError(f"max_tokens={max_tokens} must be positive (or -1 for no limit).")
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    if not isinstance(prompt, mx.array):
+        if isinstance(prompt, str):
+            add_special_tokens = tokenizer.bos_token is None or not prompt.startswith(
+                tokenizer.bos_token
+            )
+            prompt = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        prompt = mx.array(prompt, dtype=mx.int32)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    tokens = spec_generate_step(
+        prompt,
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        speculative=speculative,
+        **kwargs,
+    )
+
+    def response(token, logprobs, from_draft, passes, n, finish_reason):
+        return SpecGenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n + 1,
+            generation_tps=(n + 1) / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish_reason,
+            forward_passes=passes,
+        )
+
+    with wired_limit(model, [generation_stream]):
+        tic = time.perf_counter()
+        for n, (token, logprobs, from_draft, passes) in enumerate(tokens):
+            if n == 0:
+                prompt_tps = prompt.size / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            if (n + 1) == max_tokens:
+                break
+            yield response(token, logprobs, from_draft, passes, n, None)
+        tokens.close()
+        detokenizer.finalize()
+        finish = "stop" if token in tokenizer.eos_token_ids else "length"
+        yield response(token, logprobs, from_draft, passes, n, finish)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, mx.array, List[int]],
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """Generates a complete response; same arguments as :func:`stream_generate`.
+
+    Args:
+        verbose (bool): print the text as it comes, then tokens/s, tokens per
+          forward pass and peak memory. Default: ``False``.
+
+    Returns:
+        str: the generated text.
+    """
+    if verbose:
+        print("=" * 10)
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose:
+        print()
+        print("=" * 10)
+        print_stats(response)
+    return text
+
+
+def print_stats(response: SpecGenerationResponse):
+    """Prints the figures that matter for one finished generation."""
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+    print(
+        f"Generation: {response.generation_tokens} tokens, "
+        f"{response.generation_tps:.3f} tokens-per-sec"
+    )
+    print(
+        f"Forward passes: {response.forward_passes}, "
+        f"{response.generation_tokens / max(response.forward_passes, 1):.2f} tokens per forward pass"
+    )
+    print(f"Peak memory: {response.peak_memory:.3f} GB")
+
+
+def setup_arg_parser():
+    parser = argparse.ArgumentParser(description="Generate text with Speculative Streaming.")
+    parser.add_argument(
+        "--model",
+        type=str,
+        default=None,
+        help="Local model directory or Hugging Face repo. Default: the embedded model.",
+    )
+    parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' reads stdin)")
+    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
+    parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p")
+    parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
+    parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k (not the tree's)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="PRNG seed")
+    parser.add_argument("--ignore-chat-template", action="store_true")
+    parser.add_argument("--use-default-chat-template", action="store_true")
+    parser.add_argument("--chat-template-config", default=None, help="JSON kwargs for the template")
+    parser.add_argument(
+        "--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True
+    )
+    parser.add_argument(
+        "--no-speculation", action="store_true", help="Decode one token per forward pass"
+    )
+    parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
+    parser.add_argument("--tree-depth", type=int, default=None, help="Streams used for the draft")
+    parser.add_argument("--prune-threshold", type=float, default=None)
+    parser.add_argument("--max-tree-nodes", type=int, default=None)
+    return parser
+
+
+def main(argv=None):
+    from .utils import load
+
+    args = setup_arg_parser().parse_args(argv)
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    if args.use_default_chat_template and tokenizer.chat_template is None:
+        tokenizer.chat_template = tokenizer.default_chat_template
+    use_chat = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat:
+        messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        template_kwargs = json.loads(args.chat_template_config or "{}")
+        prompt = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
+    prompt = tokenizer.encode(prompt, add_special_tokens=not use_chat)
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=args.max_tokens,
+        verbose=args.verbose,
+        sampler=sampler,
+        speculative=not args.no_speculation,
+        tree_top_k=args.tree_top_k,
+        tree_depth=args.tree_depth,
+        prune_threshold=args.prune_threshold,
+        max_tree_nodes=args.max_tree_nodes,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Multi-stream attention on top of an unmodified mlx-lm model.
+
+Nothing of the model is copied. ``attach_streams`` swaps the class of each
+decoder layer and of each attention's RoPE for a subclass whose ``__call__``
+can (a) use our masks and per-row positions, (b) insert the stream rows before
+layer ``N - N_s`` and (c) hold the stream rows back after the last layer so
+the model's own final norm and head only see the main rows. Parameter paths
+do not change, and while no step is running every hook defers to the
+original class, so ``mlx_lm.generate`` on the same object is plain decoding.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import SpecStreamConfig
+from .tree import ancestor_mask, prune_subtrees, stream_attention_mask, tree_depths
+
+STREAMS_FILE = "speculative_streams.safetensors"
+
+
+class LowRankAdapter(nn.Module):
+    """``x + up(down(x))``: the identity plus a rank-``r`` correction."""
+
+    def __init__(self, dims: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dims, rank, bias=False)
+        self.up = nn.Linear(rank, dims, bias=False)
+        self.up.weight = mx.zeros_like(self.up.weight)
+
+    def __call__(self, x):
+        return x + self.up(self.down(x))
+
+
+class SpeculativeStreams(nn.Module):
+    """The parameters Speculative Streaming adds to a base model.
+
+    * ``embeddings``: ``(gamma, hidden)``, the stream identifiers P_j (Eq. 3);
+    * ``prune_adapter``: o_theta, the rank-8 early-exit adapter for pruning;
+    * ``stream_init``: f_eta, only when ``stream_init_rank > 0``.
+    """
+
+    def __init__(self, config: SpecStreamConfig, hidden_size: int):
+        super().__init__()
+        self.embeddings = mx.zeros((config.num_streams, hidden_size))
+        if config.prune_adapter_rank > 0:
+            self.prune_adapter = LowRankAdapter(hidden_size, config.prune_adapter_rank)
+        if config.stream_init_rank > 0:
+            self.stream_init = LowRankAdapter(hidden_size, config.stream_init_rank)
+
+    def make_streams(self, h: mx.array) -> mx.array:
+        """``(B, R, D)`` main states -> ``(B, R * gamma, D)`` stream rows, node-major."""
+        if "stream_init" in self:
+            h = self.stream_init(h)
+        B, R, D = h.shape
+        s = h[:, :, None, :] + self.embeddings.astype(h.dtype)
+        return s.reshape(B, R * self.embeddings.shape[0], D)
+
+
+@dataclass
+class StepOutput:
+    """What one multi-stream forward pass returns (batch 1)."""
+
+    logits: mx.array  # (R, V) main logits of the kept nodes
+    stream_hidden: mx.array  # (R, gamma, D) last-layer stream states, before the final norm
+    kept: List[int]  # tree nodes that survived pruning, ascending
+    kept_parents: List[int]  # parent list of the kept sub-tree
+    kept_ancestors: np.ndarray  # (R, R) ancestor mask of the kept sub-tree
+
+
+def _attention(layer):
+    for name in ("self_attn", "attention", "attn"):
+        if name in layer:
+            return layer[name]
+    return None
+
+
+def _swap_call(obj, make_call):
+    """Give ``obj`` a subclass of its class whose ``__call__`` is ``make_call(base_call)``."""
+    base = type(obj)
+    obj.__class__ = type(base.__name__, (base,), {"__call__": make_call(base.__call__)})
+
+
+class StreamRuntime:
+    """Runs multi-stream forward passes over one hooked model.
+
+    Held by the model as ``model.speculative_streams`` (a plain attribute, so
+    it is not a parameter of the model and never saved with it).
+    """
+
+    def __init__(self, model: nn.Module, config: SpecStreamConfig, streams: SpeculativeStreams):
+        self.model = model
+        self.config = config
+        self.streams = streams
+        self.num_layers = len(model.layers)
+        self.first_top = self.num_layers - config.num_stream_layers
+        self.state: Optional[str] = None  # None (plain model), "step" or "tail"
+        self.prune_threshold = 0.0
+        self._install()
+
+    # ---- hooks --------------------------------------------------------------
+    def _install(self):
+        rt = self
+        for i, layer in enumerate(self.model.layers):
+            attn = _attention(layer)
+
+            def rope_call(base_call, i=i):
+                def __call__(self, x, offset=0, **kwargs):
+                    pos = rt._positions(i)
+                    if pos is None:
+                        return base_call(self, x, offset=offset, **kwargs)
+                    # One row per token on the batch axis: mx.fast.rope takes
+                    # one offset per batch row only.
+                    B, H, L, D = x.shape
+                    y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+                    y = base_call(self, y, offset=mx.tile(pos, (B,)), **kwargs)
+                    return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+                return __call__
+
+            def layer_call(base_call, i=i):
+                def __call__(self, x, mask=None, cache=None, *args, **kwargs):
+                    if rt.state is None:
+                        return base_call(self, x, mask, cache, *args, **kwargs)
+                    if rt.state == "tail":
+                        return rt._tail_input if i == 0 else x
+                    if i == rt.first_top:
+                        x = rt._insert_streams(x)
+                    m = rt._upper_mask if i >= rt.first_top else rt._lower_mask
+                    out = base_call(self, x, m, cache, *args, **kwargs)
+                    if i == rt.num_layers - 1:
+                        out = rt._hold_back_streams(out)
+                    return out
+
+                return __call__
+
+            _swap_call(attn.rope, rope_call)
+            _swap_call(layer, layer_call)
+
+    def _positions(self, i):
+        if self.state != "step":
+            return None
+        return self._upper_pos if i >= self.first_top else self._lower_pos
+
+    # ---- the model's own tail (final norm, head, soft-capping, ...) ---------
+    def head(self, h: mx.array) -> mx.array:
+        """Applies the model's final norm and LM head to hidden states ``(B, L, D)``.
+
+        Runs the model with every layer replaced by the identity and the
+        hidden states injected at layer 0, so each architecture's own
+        norm, head, tied embeddings and logit soft-capping are used.
+        """
+        saved = self.state, getattr(self, "_tail_input", None)
+        self.state, self._tail_input = "tail", h
+        try:
+            return self.model(mx.zeros(h.shape[:2], dtype=mx.int32))
+        finally:
+            self.state, self._tail_input = saved
+
+    # ---- one step --------------------------------------------------------------
+    def forward(self, tokens: List[int], parents: List[int], cache, prune_threshold: float = 0.0) -> StepOutput:
+        """One multi-stream pass over a tree whose root follows the cached prefix.
+
+        The caches grow by all tree rows (lower layers) or by the kept main
+        rows and their stream rows (upper layers); the caller compacts them.
+        """
+        prefix = cache[0].offset
+        T = len(tokens)
+        depth = np.array(tree_depths(parents))
+        anc = ancestor_mask(parents)
+        self._tree = (tokens, parents, depth, anc, prefix)
+        self._lower_mask = _with_prefix(anc, prefix)
+        self._lower_pos = mx.array(prefix + depth, dtype=mx.int32)
+        self.prune_threshold = prune_threshold
+        self.state = "step"
+        try:
+            logits = self.model(mx.array(tokens, dtype=mx.int32)[None], cache=cache)
+        finally:
+            self.state = None
+        R = len(self._kept)
+        return StepOutput(
+            logits=logits[0],
+            stream_hidden=self._stream_hidden[0].reshape(R, self.config.num_streams, -1),
+            kept=self._kept,
+            kept_parents=self._kept_parents,
+            kept_ancestors=self._kept_anc,
+        )
+
+    def _insert_streams(self, h: mx.array) -> mx.array:
+        tokens, parents, depth, anc, prefix = self._tree
+        kept = list(range(len(tokens)))
+        if self.prune_threshold > 0 and len(tokens) > 1:
+            kept = self._prune(h, tokens, parents)
+            if len(kept) < len(tokens):
+                h = h[:, mx.array(kept)]
+        sub_anc = anc[np.ix_(kept, kept)]
+        self._kept = kept
+        self._kept_parents = [-1] + [kept.index(parents[i]) for i in kept[1:]]
+        self._kept_anc = sub_anc
+        g = self.config.num_streams
+        shared = self.config.mode == "shared"
+        self._upper_mask = _with_prefix(stream_attention_mask(sub_anc, g, shared), prefix)
+        d = depth[kept]
+        offsets = np.arange(1, g + 1) if self.config.stream_positions == "offset" else np.zeros(g, int)
+        stream_pos = (d[:, None] + offsets[None, :]).reshape(-1)
+        self._upper_pos = mx.array(prefix + np.concatenate([d, stream_pos]), dtype=mx.int32)
+        return mx.concatenate([h, self.streams.make_streams(h)], axis=1)
+
+    def _prune(self, h, tokens, parents) -> List[int]:
+        """Early-exit pruning before stream insertion (paper Sec. 3.1.3).
+
+        Needs one host read: the surviving rows decide the shapes that follow.
+        """
+        early = self.head(self.streams.prune_adapter(h))[0].astype(mx.float32)
+        logprobs = early - mx.logsumexp(early, axis=-1, keepdims=True)
+        par = mx.array(parents[1:])
+        tok = mx.array(tokens[1:])
+        edge = mx.exp(logprobs[par, tok]) >= self.prune_threshold
+        edge_ok = [True] + edge.tolist()
+        return prune_subtrees(parents, edge_ok)
+
+    def _hold_back_streams(self, out: mx.array) -> mx.array:
+        R = len(self._kept)
+        self._stream_hidden = out[:, R:]
+        return out[:, :R]
+
+
+def _with_prefix(mask: np.ndarray, prefix: int) -> mx.array:
+    """Prepends ``prefix`` always-visible columns (the committed cache)."""
+    full = np.concatenate([np.ones((mask.shape[0], prefix), dtype=bool), mask], axis=1)
+    return mx.array(full)
+
+
+def check_supported(model: nn.Module, config: SpecStreamConfig):
+    """Raises ``ValueError`` saying why ``model`` cannot run Speculative Streaming."""
+    from mlx_lm.models.cache import KVCache
+
+    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
+    layers = getattr(model, "layers", None)
+    if not layers:
+        raise ValueError(f"Model type '{model_type}' exposes no decoder layers (model.layers).")
+    if config.num_stream_layers > len(layers):
+        raise ValueError(
+            f"speculative_streaming.num_stream_layers={config.num_stream_layers} exceeds "
+            f"the model's {len(layers)} layers."
+        )
+    if hasattr(model, "make_cache"):
+        kinds = {type(c).__name__ for c in model.make_cache() if type(c) is not KVCache}
+        if kinds:
+            raise ValueError(
+                f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
+                "needs a plain KVCache in every layer to roll back rejected drafts "
+                "(recurrent, hybrid and sliding-window caches cannot be rolled back)."
+            )
+    for i, layer in enumerate(layers):
+        attn = _attention(layer)
+        rope = None if attn is None else getattr(attn, "rope", None)
+        if rope is None:
+            raise ValueError(
+                f"Model type '{model_type}': layer {i} has no attention with a RoPE module; "
+                "tree positions need rotary embeddings applied inside attention "
+                "(absolute-position and recurrent models are not supported)."
+            )
+        if type(rope).__name__ == "DynamicNTKScalingRoPE":
+            raise ValueError(
+                f"Model type '{model_type}' uses dynamic NTK RoPE scaling, which cannot take "
+                "per-token positions."
+            )
+
+
+def attach_streams(
+    model: nn.Module,
+    config: SpecStreamConfig,
+    seed: int = 0,
+    weights: Optional[str] = None,
+) -> SpeculativeStreams:
+    """Puts speculative streams on a model loaded with ``mlx_lm.load``.
+
+    Args:
+        model (nn.Module): an mlx-lm model.
+        config (SpecStreamConfig): the stream settings.
+        seed (int): seed of the fresh random initialisation. Default: ``0``.
+        weights (str, optional): a ``speculative_streams.safetensors`` file to
+          load instead of the random initialisation.
+
+    Returns:
+        SpeculativeStreams: the new stream parameters (also reachable as
+        ``model.speculative_streams.streams``).
+    """
+    if isinstance(getattr(model, "speculative_streams", None), StreamRuntime):
+        raise ValueError("This model already has speculative streams attached.")
+    check_supported(model, config)
+    hidden = _hidden_size(model)
+    streams = SpeculativeStreams(config, hidden)
+    if weights is None:
+        _random_init(streams, seed)
+    else:
+        try:
+            streams.load_weights(str(weights), strict=True)
+        except ValueError as e:
+            raise ValueError(f"{weights}: {e}") from e
+    mx.eval(streams.parameters())
+    model.speculative_streams = StreamRuntime(model, config, streams)
+    return streams
+
+
+def _hidden_size(model) -> int:
+    args = getattr(model, "args", None)
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        if hasattr(args, name):
+            return int(getattr(args, name))
+    raise ValueError("Cannot tell the model's hidden size from model.args.")
+
+
+def _random_init(streams: SpeculativeStreams, seed: int):
+    """Random streams for tests and training from scratch (deterministic in ``seed``)."""
+    keys = mx.random.split(mx.random.key(seed), 8)
+    new = []
+    for key, (name, p) in zip(keys, tree_flatten(streams.parameters())):
+        std = 1.0 if name == "embeddings" else p.shape[-1] ** -0.5
+        new.append((name, std * mx.random.normal(p.shape, key=key)))
+    streams.update(tree_unflatten(new))
+
+
+def get_runtime(model) -> StreamRuntime:
+    rt = getattr(model, "speculative_streams", None)
+    if not isinstance(rt, StreamRuntime):
+        raise ValueError(
+            "This model has no speculative streams: load it with mlx_specstream.load, "
+            "or call mlx_specstream.attach_streams(model, config) first."
+        )
+    return rt

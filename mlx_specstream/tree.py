@@ -1,0 +1,226 @@
+"""Draft trees: construction, masks, pruning and acceptance, as pure functions.
+
+A tree of ``T`` nodes is a list ``parents`` of length ``T`` with
+``parents[0] == -1`` (the root) and ``parents[i] < i`` for every other node,
+so every node comes after its ancestors. Trees are laid out depth-first with
+the most likely child first, so the all-top-1 chain is a prefix of the node
+list: when the model follows it, the accepted path needs no cache gather.
+"""
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+
+@dataclass
+class DraftTree:
+    """A draft: ``tokens[0]`` is the root (already decided), the rest are drafts."""
+
+    tokens: List[int]
+    parents: List[int]
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+def build_draft_tree(
+    root: int,
+    stream_tokens: Sequence[Sequence[int]],
+    stream_logprobs: Sequence[Sequence[float]],
+    max_nodes: int,
+) -> DraftTree:
+    """Cartesian product of per-stream top-k tokens, capped at ``max_nodes``.
+
+    Level ``g`` of the tree holds stream ``g``'s candidates, repeated under every
+    level ``g - 1`` node. When the full product exceeds ``max_nodes`` the nodes
+    with the highest path log-probability (sum of stream log-probabilities
+    along the path) are kept; a child never scores above its parent, so the
+    kept set contains the ancestors of every kept node.
+
+    Example:
+        >>> t = build_draft_tree(7, [[1, 2], [3, 4]], [[-.1, -2.], [-.2, -3.]], 7)
+        >>> t.tokens, t.parents
+        ([7, 1, 3, 4, 2, 3, 4], [-1, 0, 1, 1, 0, 4, 4])
+        >>> t = build_draft_tree(7, [[1, 2], [3, 4]], [[-.1, -2.], [-.2, -3.]], 4)
+        >>> t.tokens, t.parents
+        ([7, 1, 3, 2], [-1, 0, 1, 0])
+
+    The full tree is ``7 -> {1 -> {3, 4}, 2 -> {3, 4}}``. Capped at 4 nodes it
+    keeps the three best non-root nodes: 1 (-0.1), 1-3 (-0.3) and 2 (-2.0).
+    Ties go to the shallower node, then to the earlier one.
+
+    Args:
+        root (int): the root token.
+        stream_tokens: ``gamma`` lists of candidate tokens, best first.
+        stream_logprobs: their log-probabilities under each stream.
+        max_nodes (int): the cap on the number of nodes, root included.
+
+    Returns:
+        DraftTree: the tree in depth-first, best-child-first order.
+    """
+    # Enumerate the full product depth-first: (tokens, parents, scores, depth).
+    tokens, parents, scores, depths = [root], [-1], [0.0], [0]
+
+    def expand(node, level):
+        if level == len(stream_tokens):
+            return
+        for tok, lp in zip(stream_tokens[level], stream_logprobs[level]):
+            tokens.append(int(tok))
+            parents.append(node)
+            scores.append(scores[node] + float(lp))
+            depths.append(level + 1)
+            expand(len(tokens) - 1, level + 1)
+
+    expand(0, 0)
+    if len(tokens) <= max_nodes:
+        return DraftTree(tokens, parents)
+    # Keep the best-scoring nodes.
+    order = sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depths[i], i))
+    keep = sorted([0] + order[: max_nodes - 1])
+    remap = {old: new for new, old in enumerate(keep)}
+    return DraftTree(
+        [tokens[i] for i in keep],
+        [-1] + [remap[parents[i]] for i in keep[1:]],
+    )
+
+
+def tree_depths(parents: Sequence[int]) -> List[int]:
+    """Depth of each node (the root has depth 0).
+
+    Example:
+        >>> tree_depths([-1, 0, 1, 1, 0])
+        [0, 1, 2, 2, 1]
+    """
+    depths = []
+    for p in parents:
+        depths.append(0 if p < 0 else depths[p] + 1)
+    return depths
+
+
+def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
+    """``mask[i, j]`` is True when node ``j`` is node ``i`` or one of its ancestors.
+
+    This is the tree attention mask (paper Fig. 10): a node sees its own
+    root-to-node path and nothing else of the tree.
+
+    Example:
+        >>> ancestor_mask([-1, 0, 1, 0]).astype(int)
+        array([[1, 0, 0, 0],
+               [1, 1, 0, 0],
+               [1, 1, 1, 0],
+               [1, 0, 0, 1]])
+    """
+    n = len(parents)
+    mask = np.zeros((n, n), dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask
+
+
+def prune_subtrees(parents: Sequence[int], edge_ok: Sequence[bool]) -> List[int]:
+    """Nodes that survive pruning: the root, and nodes whose own edge and all
+    ancestor edges pass (a failed node takes its whole subtree with it).
+
+    Example:
+        >>> prune_subtrees([-1, 0, 1, 0, 3], [False, True, True, False, True])
+        [0, 1, 2]
+    """
+    kept = [True] * len(parents)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            kept[i] = kept[p] and bool(edge_ok[i])
+    return [i for i, k in enumerate(kept) if k]
+
+
+def subtree_parents(parents: Sequence[int], keep: Sequence[int]) -> List[int]:
+    """Parent list of the sub-tree made of the ancestor-closed node set ``keep``.
+
+    Example:
+        >>> subtree_parents([-1, 0, 1, 0, 3], [0, 3, 4])
+        [-1, 0, 1]
+    """
+    remap = {old: new for new, old in enumerate(keep)}
+    return [-1 if parents[i] < 0 else remap[parents[i]] for i in keep]
+
+
+def stream_attention_mask(
+    ancestors: np.ndarray, num_streams: int, main_sees_streams: bool
+) -> np.ndarray:
+    """Multi-stream attention mask among the rows of one step (paper Eqs. 1-2).
+
+    Rows are ``R`` main rows (one per tree node) followed by ``R * gamma``
+    stream rows, node-major: stream ``j`` (1-based) of node ``a`` is row
+    ``R + a * gamma + j - 1``. Keys are the same rows (the committed prefix,
+    visible to every row, is prepended by the caller).
+
+    * main row ``a`` sees the main rows of ``a``'s path; with
+      ``main_sees_streams`` (shared mode) also all streams of node ``a``;
+    * stream ``j`` of node ``a`` sees the main rows of ``a``'s path and
+      streams ``1..j`` of node ``a``.
+
+    Example (a single node, gamma = 2, shared mode):
+        >>> stream_attention_mask(np.ones((1, 1), bool), 2, True).astype(int)
+        array([[1, 1, 1],
+               [1, 1, 0],
+               [1, 1, 1]])
+
+    Args:
+        ancestors (np.ndarray): ``(R, R)`` output of :func:`ancestor_mask`.
+        num_streams (int): gamma.
+        main_sees_streams (bool): True in shared mode.
+
+    Returns:
+        np.ndarray: bool ``(R * (1 + gamma), R * (1 + gamma))``.
+    """
+    r, g = ancestors.shape[0], num_streams
+    n = r * (1 + g)
+    mask = np.zeros((n, n), dtype=bool)
+    mask[:r, :r] = ancestors
+    own = np.tril(np.ones((g, g), dtype=bool))
+    for a in range(r):
+        rows = slice(r + a * g, r + (a + 1) * g)
+        mask[rows, :r] = ancestors[a]
+        mask[rows, rows] = own
+        if main_sees_streams:
+            mask[a, rows] = True
+    return mask
+
+
+def accept(
+    tokens: mx.array, parents: mx.array, ancestors: mx.array, targets: mx.array
+):
+    """Walks the tree with the target model's tokens, on device.
+
+    ``targets[i]`` is the token the target model picks after node ``i``'s path
+    (its argmax, or a sample from its distribution). Node ``i`` is accepted
+    when every node on its path carries the token its parent's target picked.
+    Sibling tokens are distinct, so the accepted nodes form one chain from
+    the root; ``last`` is its deepest node and ``targets[last]`` the
+    correction (or bonus) token.
+
+    Example:
+        >>> t, p = mx.array([5, 1, 2, 3]), mx.array([0, 0, 1, 0])
+        >>> anc = mx.array(ancestor_mask([-1, 0, 1, 0]))
+        >>> ok, last = accept(t, p, anc, mx.array([1, 9, 0, 0]))
+        >>> ok.tolist(), last.item()
+        ([True, True, False, False], 1)
+
+    Args:
+        tokens (mx.array): ``(T,)`` node tokens.
+        parents (mx.array): ``(T,)`` parent index per node (any value for the root).
+        ancestors (mx.array): ``(T, T)`` bool ancestor-or-self mask.
+        targets (mx.array): ``(T,)`` target token after each node.
+
+    Returns:
+        tuple: ``(accepted, last)``, a ``(T,)`` bool array and a scalar index.
+    """
+    match = tokens == targets[parents]
+    match = mx.concatenate([mx.array([True]), match[1:]])
+    accepted = ~mx.any(ancestors & ~match[None, :], axis=-1)
+    depth = ancestors.sum(axis=-1)
+    last = mx.argmax(mx.where(accepted, depth, 0))
+    return accepted, last

@@ -1,0 +1,105 @@
+"""Tiny random mlx-lm models and tokenizers for the tests."""
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_specstream import SpecStreamConfig, attach_streams
+
+BASE = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=64)
+
+ARCH_ARGS = {
+    "llama": dict(
+        intermediate_size=128,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "qwen2": dict(intermediate_size=128, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen3": dict(
+        intermediate_size=128,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    ),
+    "phi3": dict(intermediate_size=128, num_key_value_heads=2, rms_norm_eps=1e-5),
+    "gemma2": dict(
+        intermediate_size=128,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        query_pre_attn_scalar=16.0,
+    ),
+    "gpt_neox": dict(
+        max_position_embeddings=4096,
+        layer_norm_eps=1e-5,
+        rotary_emb_base=10000,
+        rotary_pct=0.5,
+        intermediate_size=128,
+    ),
+    "starcoder2": dict(intermediate_size=128, num_key_value_heads=2, norm_epsilon=1e-5),
+}
+ARCHS = sorted(ARCH_ARGS)
+
+
+def tiny_model(arch="llama", vocab_size=64, seed=0, dtype=None, quant_bits=None, **overrides):
+    """A random tiny mlx-lm model of architecture ``arch`` (no streams)."""
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    params = {**BASE, **ARCH_ARGS[arch], "vocab_size": vocab_size, "model_type": arch, **overrides}
+    args = module.ModelArgs.from_dict(params)
+    mx.random.seed(seed)
+    model = module.Model(args)
+    if dtype is not None:
+        model.set_dtype(dtype)
+    if quant_bits is not None:
+        nn.quantize(model, group_size=32, bits=quant_bits)
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_spec_model(arch="llama", vocab_size=64, seed=0, stream_seed=1, dtype=None, quant_bits=None, **cfg):
+    """A tiny random model with random streams (``cfg`` goes to SpecStreamConfig)."""
+    model = tiny_model(arch, vocab_size, seed, dtype, quant_bits)
+    cfg.setdefault("num_stream_layers", 2)
+    attach_streams(model, SpecStreamConfig(**cfg), seed=stream_seed)
+    return model
+
+
+def word_tokenizer(vocab_size=64, eos=None):
+    """A whitespace WordLevel tokenizer over ``t0 .. t{V-1}``, mlx-lm wrapped."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = vocab_size - 1 if eos is None else eos
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}"))
+
+
+def plain_greedy(model, prompt, max_tokens):
+    """mlx-lm's own greedy decoding (the hooks are inactive outside our steps)."""
+    from mlx_lm.generate import generate_step
+
+    return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens)]
+
+
+def spec_tokens(model, prompt, max_tokens, **kwargs):
+    """Tokens and per-token records of Speculative Streaming decoding."""
+    from mlx_specstream.decode import spec_generate_step
+
+    out = list(spec_generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs))
+    return [o[0] for o in out], out
