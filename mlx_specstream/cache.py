@@ -32,7 +32,9 @@ def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequ
         keep = list(keep)
         if keep != list(range(len(keep))):
             idx = mx.array(keep, dtype=mx.int32) + prefix
-            moves.append((c, len(keep), mx.take(c.keys, idx, axis=2), mx.take(c.values, idx, axis=2)))
+            moves.append(
+                (c, len(keep), mx.take(c.keys, idx, axis=2), mx.take(c.values, idx, axis=2))
+            )
     if moves:
         # Evaluate the gathered rows first so the slice writes below update the
         # cache buffers in place instead of copying them.

@@ -1,7 +1,7 @@
 """The ``"speculative_streaming"`` section of a model's ``config.json``."""
 
 from dataclasses import asdict, dataclass, fields
-from typing import List, Union
+from typing import List, Optional, Union
 
 CONFIG_KEY = "speculative_streaming"
 MODES = ("shared", "lossless")
@@ -37,6 +37,15 @@ class SpecStreamConfig:
         stream_init_rank (int): rank of the optional map f_eta applied to the
           main state when streams are created (``0``: identity, as in the
           paper's experiments). Default: ``0``.
+        stream_lora_rank (int): rank of LoRA adapters that act on stream rows
+          only, in the stream layers (``0``: none). In lossless mode they let
+          the streams adapt while the main stream stays the base model.
+          Default: ``0``.
+        stream_lora_alpha (float): LoRA scale numerator (scale = alpha / rank),
+          as in peft. Default: ``32.0``.
+        stream_lora_targets (list of str, optional): linear modules of each
+          stream layer that get stream LoRA, by path inside the layer (e.g.
+          ``"self_attn.q_proj"``). Default: every linear module of the layer.
     """
 
     num_streams: int = 3
@@ -48,13 +57,14 @@ class SpecStreamConfig:
     stream_positions: str = "same"
     prune_adapter_rank: int = 8
     stream_init_rank: int = 0
+    stream_lora_rank: int = 0
+    stream_lora_alpha: float = 32.0
+    stream_lora_targets: Optional[List[str]] = None
 
     def __post_init__(self):
         def require(ok, name, why):
             if not ok:
-                raise ValueError(
-                    f"speculative_streaming.{name}={getattr(self, name)!r}: {why}"
-                )
+                raise ValueError(f"speculative_streaming.{name}={getattr(self, name)!r}: {why}")
 
         for name in ("num_streams", "num_stream_layers", "max_tree_nodes"):
             value = getattr(self, name)
@@ -63,7 +73,7 @@ class SpecStreamConfig:
                 name,
                 "must be an integer >= 1",
             )
-        for name in ("prune_adapter_rank", "stream_init_rank"):
+        for name in ("prune_adapter_rank", "stream_init_rank", "stream_lora_rank"):
             value = getattr(self, name)
             require(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 0,
@@ -82,10 +92,24 @@ class SpecStreamConfig:
             f"a list needs one entry per stream ({self.num_streams})",
         )
         require(
-            isinstance(self.prune_threshold, (int, float))
-            and 0.0 <= self.prune_threshold <= 1.0,
+            isinstance(self.prune_threshold, (int, float)) and 0.0 <= self.prune_threshold <= 1.0,
             "prune_threshold",
             "must be a probability in [0, 1] (0 turns pruning off)",
+        )
+        require(
+            isinstance(self.stream_lora_alpha, (int, float)) and self.stream_lora_alpha > 0,
+            "stream_lora_alpha",
+            "must be a positive number",
+        )
+        require(
+            self.stream_lora_targets is None
+            or (
+                isinstance(self.stream_lora_targets, list)
+                and len(self.stream_lora_targets) > 0
+                and all(isinstance(t, str) and t for t in self.stream_lora_targets)
+            ),
+            "stream_lora_targets",
+            "must be a non-empty list of module paths inside a layer, or null",
         )
         require(self.mode in MODES, "mode", f"must be one of {MODES}")
         require(

@@ -152,7 +152,7 @@ def spec_generate_step(
         body = prompt[:-1]
         for start in range(0, body.size, prefill_step_size):
             model(body[start : start + prefill_step_size][None], cache=cache)
-            mx.eval([c.state for c in cache])
+            mx.eval([(c.keys, c.values) for c in cache])
 
         history = list(prompt_list)
         tree = DraftTree([prompt_list[-1]], [-1])

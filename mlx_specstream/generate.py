@@ -185,9 +185,7 @@ def setup_arg_parser():
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--use-default-chat-template", action="store_true")
     parser.add_argument("--chat-template-config", default=None, help="JSON kwargs for the template")
-    parser.add_argument(
-        "--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True
-    )
+    parser.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     parser.add_argument(
         "--no-speculation", action="store_true", help="Decode one token per forward pass"
     )

@@ -41,16 +41,37 @@ class SpeculativeStreams(nn.Module):
 
     * ``embeddings``: ``(gamma, hidden)``, the stream identifiers P_j (Eq. 3);
     * ``prune_adapter``: o_theta, the rank-8 early-exit adapter for pruning;
-    * ``stream_init``: f_eta, only when ``stream_init_rank > 0``.
+    * ``stream_init``: f_eta, only when ``stream_init_rank > 0``;
+    * ``lora``: only when ``stream_lora_rank > 0``, one dict per stream layer
+      (bottom first) mapping a linear module's path to ``{"lora_a": (r, in),
+      "lora_b": (out, r)}``, e.g. ``lora.0.self_attn.q_proj.lora_a``.
     """
 
-    def __init__(self, config: SpecStreamConfig, hidden_size: int):
+    def __init__(self, config: SpecStreamConfig, hidden_size: int, lora_shapes=None):
         super().__init__()
         self.embeddings = mx.zeros((config.num_streams, hidden_size))
         if config.prune_adapter_rank > 0:
             self.prune_adapter = LowRankAdapter(hidden_size, config.prune_adapter_rank)
         if config.stream_init_rank > 0:
             self.stream_init = LowRankAdapter(hidden_size, config.stream_init_rank)
+        if config.stream_lora_rank > 0:
+            r = config.stream_lora_rank
+            self.lora = []
+            for shapes in lora_shapes:
+                layer = {}
+                for name, (d_in, d_out) in shapes.items():
+                    node = layer
+                    for part in name.split("."):
+                        node = node.setdefault(part, {})
+                    node["lora_a"] = mx.zeros((r, d_in))
+                    node["lora_b"] = mx.zeros((d_out, r))
+                self.lora.append(layer)
+
+    def lora_params(self, layer: int, name: str) -> dict:
+        node = self.lora[layer]
+        for part in name.split("."):
+            node = node[part]
+        return node
 
     def make_streams(self, h: mx.array) -> mx.array:
         """``(B, R, D)`` main states -> ``(B, R * gamma, D)`` stream rows, node-major."""
@@ -79,6 +100,42 @@ def _attention(layer):
     return None
 
 
+def _submodule(module, path: str):
+    for part in path.split("."):
+        module = module[part]
+    return module
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, (nn.Linear, nn.QuantizedLinear))
+
+
+def lora_targets(model, config: SpecStreamConfig) -> List[List[str]]:
+    """Per stream layer, the linear module paths that get stream LoRA."""
+    first = len(model.layers) - config.num_stream_layers
+    out = []
+    for i in range(first, len(model.layers)):
+        layer = model.layers[i]
+        linears = sorted(n for n, m in layer.named_modules() if _is_linear(m))
+        targets = config.stream_lora_targets or linears
+        missing = [t for t in targets if t not in linears]
+        if missing:
+            raise ValueError(
+                f"speculative_streaming.stream_lora_targets: {missing} are not linear modules of "
+                f"layer {i}; its linear modules are {linears}."
+            )
+        out.append(list(targets))
+    return out
+
+
+def _linear_shape(module):
+    """``(in, out)`` of a float or quantized linear module."""
+    out_dims, cols = module.weight.shape
+    if isinstance(module, nn.QuantizedLinear):
+        return cols * 32 // module.bits, out_dims
+    return cols, out_dims
+
+
 def _swap_call(obj, make_call):
     """Give ``obj`` a subclass of its class whose ``__call__`` is ``make_call(base_call)``."""
     base = type(obj)
@@ -100,6 +157,8 @@ class StreamRuntime:
         self.first_top = self.num_layers - config.num_stream_layers
         self.state: Optional[str] = None  # None (plain model), "step" or "tail"
         self.prune_threshold = 0.0
+        self.lora_targets = lora_targets(model, config) if config.stream_lora_rank else []
+        self.lora_scale = config.stream_lora_alpha / max(config.stream_lora_rank, 1)
         self._install()
 
     # ---- hooks --------------------------------------------------------------
@@ -140,6 +199,28 @@ class StreamRuntime:
 
             _swap_call(attn.rope, rope_call)
             _swap_call(layer, layer_call)
+        for j, targets in enumerate(self.lora_targets):
+            for name in targets:
+                _swap_call(
+                    _submodule(self.model.layers[self.first_top + j], name),
+                    lambda base, j=j, name=name: self._lora_call(base, j, name),
+                )
+
+    def _lora_call(self, base_call, j, name):
+        rt = self
+
+        def __call__(self, x):
+            y = base_call(self, x)
+            if rt.state != "step":
+                return y
+            # Stream rows follow the R main rows; only they get the LoRA delta.
+            R = len(rt._kept)
+            p = rt.streams.lora_params(j, name)
+            xs = x[:, R:]
+            delta = (xs @ p["lora_a"].T.astype(xs.dtype)) @ p["lora_b"].T.astype(xs.dtype)
+            return mx.concatenate([y[:, :R], y[:, R:] + rt.lora_scale * delta], axis=1)
+
+        return __call__
 
     def _positions(self, i):
         if self.state != "step":
@@ -162,7 +243,9 @@ class StreamRuntime:
             self.state, self._tail_input = saved
 
     # ---- one step --------------------------------------------------------------
-    def forward(self, tokens: List[int], parents: List[int], cache, prune_threshold: float = 0.0) -> StepOutput:
+    def forward(
+        self, tokens: List[int], parents: List[int], cache, prune_threshold: float = 0.0
+    ) -> StepOutput:
         """One multi-stream pass over a tree whose root follows the cached prefix.
 
         The caches grow by all tree rows (lower layers) or by the kept main
@@ -205,7 +288,9 @@ class StreamRuntime:
         shared = self.config.mode == "shared"
         self._upper_mask = _with_prefix(stream_attention_mask(sub_anc, g, shared), prefix)
         d = depth[kept]
-        offsets = np.arange(1, g + 1) if self.config.stream_positions == "offset" else np.zeros(g, int)
+        offsets = (
+            np.arange(1, g + 1) if self.config.stream_positions == "offset" else np.zeros(g, int)
+        )
         stream_pos = (d[:, None] + offsets[None, :]).reshape(-1)
         self._upper_pos = mx.array(prefix + np.concatenate([d, stream_pos]), dtype=mx.int32)
         return mx.concatenate([h, self.streams.make_streams(h)], axis=1)
@@ -295,7 +380,14 @@ def attach_streams(
         raise ValueError("This model already has speculative streams attached.")
     check_supported(model, config)
     hidden = _hidden_size(model)
-    streams = SpeculativeStreams(config, hidden)
+    lora_shapes = None
+    if config.stream_lora_rank:
+        first = len(model.layers) - config.num_stream_layers
+        lora_shapes = [
+            {name: _linear_shape(_submodule(model.layers[first + j], name)) for name in targets}
+            for j, targets in enumerate(lora_targets(model, config))
+        ]
+    streams = SpeculativeStreams(config, hidden, lora_shapes)
     if weights is None:
         _random_init(streams, seed)
     else:
@@ -318,10 +410,11 @@ def _hidden_size(model) -> int:
 
 def _random_init(streams: SpeculativeStreams, seed: int):
     """Random streams for tests and training from scratch (deterministic in ``seed``)."""
-    keys = mx.random.split(mx.random.key(seed), 8)
+    params = tree_flatten(streams.parameters())
+    keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
-    for key, (name, p) in zip(keys, tree_flatten(streams.parameters())):
-        std = 1.0 if name == "embeddings" else p.shape[-1] ** -0.5
+    for key, (name, p) in zip(keys, params):
+        std = 0.02 if name == "embeddings" else p.shape[-1] ** -0.5
         new.append((name, std * mx.random.normal(p.shape, key=key)))
     streams.update(tree_unflatten(new))
 

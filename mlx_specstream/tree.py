@@ -190,9 +190,7 @@ def stream_attention_mask(
     return mask
 
 
-def accept(
-    tokens: mx.array, parents: mx.array, ancestors: mx.array, targets: mx.array
-):
+def accept(tokens: mx.array, parents: mx.array, ancestors: mx.array, targets: mx.array):
     """Walks the tree with the target model's tokens, on device.
 
     ``targets[i]`` is the token the target model picks after node ``i``'s path

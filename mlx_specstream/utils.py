@@ -31,6 +31,12 @@ def resolve_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> 
         if not path.is_dir():
             raise ValueError(f"{path} is a file; expected a model directory.")
         return path
+    if (
+        path.is_absolute()
+        or path_or_hf_repo.startswith((".", "~"))
+        or path_or_hf_repo.count("/") > 1
+    ):
+        raise FileNotFoundError(f"Model directory {path} does not exist.")
     from huggingface_hub import snapshot_download
 
     return Path(
@@ -126,8 +132,8 @@ def save(
         path: the new directory.
         model: a model with streams attached.
         tokenizer: its tokenizer.
-        config (dict, optional): the model's config dict. Default: built from
-          ``model.args``.
+        config (dict, optional): the model's config dict. Default: the set
+          fields of ``model.args``.
     """
     from mlx_lm.utils import save_config, save_model
 
@@ -135,7 +141,10 @@ def save(
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it.")
     runtime = get_runtime(model)
-    config = dict(config if config is not None else vars(model.args))
+    if config is None:
+        # Unset (None) fields would not validate as a transformers config.
+        config = {k: v for k, v in vars(model.args).items() if v is not None}
+    config = dict(config)
     config[CONFIG_KEY] = runtime.config.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -4,6 +4,7 @@ import importlib
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from mlx_specstream import SpecStreamConfig, attach_streams
 
@@ -23,7 +24,9 @@ ARCH_ARGS = {
             "original_max_position_embeddings": 64,
         },
     ),
-    "qwen2": dict(intermediate_size=128, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen2": dict(
+        intermediate_size=128, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True
+    ),
     "qwen3": dict(
         intermediate_size=128,
         num_key_value_heads=2,
@@ -55,13 +58,26 @@ ARCH_ARGS = {
 ARCHS = sorted(ARCH_ARGS)
 
 
-def tiny_model(arch="llama", vocab_size=64, seed=0, dtype=None, quant_bits=None, **overrides):
-    """A random tiny mlx-lm model of architecture ``arch`` (no streams)."""
+def tiny_model(
+    arch="llama", vocab_size=64, seed=0, dtype=None, quant_bits=None, weight_scale=4.0, **overrides
+):
+    """A random tiny mlx-lm model of architecture ``arch`` (no streams).
+
+    ``weight_scale`` multiplies the decoder layers' matrices: at the default
+    init, random tiny models fall into one-token loops; scaled up, their greedy
+    output is varied, so drafts are sometimes right and sometimes wrong.
+    """
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     params = {**BASE, **ARCH_ARGS[arch], "vocab_size": vocab_size, "model_type": arch, **overrides}
     args = module.ModelArgs.from_dict(params)
     mx.random.seed(seed)
     model = module.Model(args)
+    model.update(
+        tree_map_with_path(
+            lambda path, w: w * weight_scale if _is_layer_matrix(path, w) else w,
+            model.parameters(),
+        )
+    )
     if dtype is not None:
         model.set_dtype(dtype)
     if quant_bits is not None:
@@ -70,7 +86,13 @@ def tiny_model(arch="llama", vocab_size=64, seed=0, dtype=None, quant_bits=None,
     return model
 
 
-def tiny_spec_model(arch="llama", vocab_size=64, seed=0, stream_seed=1, dtype=None, quant_bits=None, **cfg):
+def _is_layer_matrix(path, w):
+    return w.ndim == 2 and (".layers." in path or ".h." in path)
+
+
+def tiny_spec_model(
+    arch="llama", vocab_size=64, seed=0, stream_seed=1, dtype=None, quant_bits=None, **cfg
+):
     """A tiny random model with random streams (``cfg`` goes to SpecStreamConfig)."""
     model = tiny_model(arch, vocab_size, seed, dtype, quant_bits)
     cfg.setdefault("num_stream_layers", 2)

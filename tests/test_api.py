@@ -1,0 +1,284 @@
+"""The public API: mlx-lm compatible generation, loading, saving, the CLI."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
+from mlx_lm.generate import GenerationResponse
+
+import mlx_specstream
+from mlx_specstream import SpecStreamConfig, attach_streams, generate, load, save, stream_generate
+from mlx_specstream.streams import STREAMS_FILE
+
+V = 8
+PROMPT = [3, 1, 4, 1, 5]
+
+
+def test_stream_generate_responses():
+    model, tok = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2), word_tokenizer(
+        V, eos=V + 5
+    )
+    ref = plain_greedy(model, PROMPT, 40)
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=40))
+    assert all(isinstance(r, GenerationResponse) for r in responses)
+    assert [r.token for r in responses] == ref
+    assert any(r.from_draft for r in responses) and not responses[0].from_draft
+    passes = [r.forward_passes for r in responses]
+    assert passes == sorted(passes) and passes[-1] < 40
+    assert responses[-1].finish_reason == "length" and responses[-1].generation_tokens == 40
+    # str, list and array prompts agree; generate() returns the streamed text.
+    text = "".join(r.text for r in responses)
+    as_str = " ".join(f"t{t}" for t in PROMPT)
+    assert generate(model, tok, as_str, max_tokens=40) == text
+    assert generate(model, tok, mx.array(PROMPT), max_tokens=40) == text
+
+
+def test_speculative_false_is_one_token_per_pass():
+    model, tok = tiny_spec_model("qwen2", vocab_size=V), word_tokenizer(V, eos=V + 5)
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=20, speculative=False))
+    assert [r.forward_passes for r in responses] == list(range(1, 21))
+    assert [r.token for r in responses] == plain_greedy(model, PROMPT, 20)
+    assert not any(r.from_draft for r in responses)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_max_tokens_is_exact(mode):
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, mode=mode)
+    full, _ = spec_tokens(model, PROMPT, 40)
+    for m in range(1, 40):
+        toks, records = spec_tokens(model, PROMPT, m)
+        assert toks == full[:m]
+
+
+def test_eos_inside_an_accepted_draft_stops_exactly():
+    vocab = 32
+    model = tiny_spec_model("llama", vocab_size=vocab, num_streams=3, top_k=2)
+    toks, records = spec_tokens(model, PROMPT, 60)
+    # A token that first appears as an accepted draft with another draft after it.
+    i = next(
+        i
+        for i, (t, _, from_draft, _) in enumerate(records)
+        if from_draft and t not in toks[:i] and i + 1 < len(records) and records[i + 1][2]
+    )
+    eos = toks[i]
+    tok = word_tokenizer(vocab, eos=eos)
+    responses = list(stream_generate(model, tok, PROMPT, max_tokens=60))
+    assert [r.token for r in responses] == toks[: i + 1]
+    assert responses[-1].finish_reason == "stop"
+    assert "".join(r.text for r in responses).split() == [f"t{t}" for t in toks[:i]]
+
+
+def test_bad_generation_arguments():
+    model, tok = tiny_spec_model("llama", vocab_size=V), word_tokenizer(V)
+    with pytest.raises(ValueError, match="max_tokens"):
+        generate(model, tok, PROMPT, max_tokens=0)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, tok, [], max_tokens=5)
+    with pytest.raises(ValueError, match="tree_depth"):
+        generate(model, tok, PROMPT, max_tokens=5, tree_depth=7)
+    with pytest.raises(ValueError, match="prune_threshold"):
+        generate(model, tok, PROMPT, max_tokens=5, prune_threshold=-0.5)
+    plain = tiny_model("llama", vocab_size=V)
+    with pytest.raises(ValueError, match="no speculative streams"):
+        generate(plain, tok, PROMPT, max_tokens=5)
+
+
+def test_per_call_tree_settings():
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2)
+    ref = plain_greedy(model, PROMPT, 40)
+    for kwargs in [
+        dict(tree_depth=1),
+        dict(tree_top_k=3),
+        dict(max_tree_nodes=2),
+        dict(tree_depth=0),
+    ]:
+        toks, records = spec_tokens(model, PROMPT, 40, **kwargs)
+        assert toks == ref
+    assert records[-1][3] == 40  # tree_depth=0: no drafts
+
+
+@pytest.mark.parametrize(
+    "params, culprit",
+    [
+        (dict(num_streams=0), "num_streams"),
+        (dict(num_stream_layers=0), "num_stream_layers"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=[2, 2]), "top_k"),
+        (dict(prune_threshold=-0.1), "prune_threshold"),
+        (dict(prune_threshold=1.5), "prune_threshold"),
+        (dict(max_tree_nodes=0), "max_tree_nodes"),
+        (dict(mode="fast"), "mode"),
+        (dict(stream_positions="later"), "stream_positions"),
+    ],
+)
+def test_config_validation(params, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        SpecStreamConfig(**params)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = SpecStreamConfig(num_streams=2, top_k=[3, 1], mode="shared")
+    assert SpecStreamConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="num_stream"):
+        SpecStreamConfig.from_dict({"num_stream": 3})
+
+
+def test_attach_refusals():
+    with pytest.raises(ValueError, match="num_stream_layers=9 exceeds"):
+        attach_streams(tiny_model("llama"), SpecStreamConfig(num_stream_layers=9))
+    model = tiny_spec_model("llama")
+    with pytest.raises(ValueError, match="already"):
+        attach_streams(model, SpecStreamConfig(num_stream_layers=2))
+
+
+def test_unsupported_architectures_are_refused():
+    from mlx_lm.models import gpt2, mamba
+
+    m = mamba.Model(
+        mamba.ModelArgs(
+            model_type="mamba",
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            state_size=4,
+            num_hidden_layers=2,
+            conv_kernel=4,
+            use_bias=False,
+            use_conv_bias=True,
+            time_step_rank=4,
+        )
+    )
+    with pytest.raises(ValueError, match="ArraysCache.*roll back"):
+        attach_streams(m, SpecStreamConfig(num_stream_layers=1))
+    g = gpt2.Model(
+        gpt2.ModelArgs(
+            model_type="gpt2",
+            n_ctx=64,
+            n_embd=32,
+            n_head=2,
+            n_layer=2,
+            n_positions=64,
+            layer_norm_epsilon=1e-5,
+            vocab_size=32,
+        )
+    )
+    with pytest.raises(ValueError, match="gpt2.*RoPE"):
+        attach_streams(g, SpecStreamConfig(num_stream_layers=1))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_spec_model("qwen2", vocab_size=V, num_streams=3, top_k=2, prune_threshold=0.05)
+    tok = word_tokenizer(V, eos=V + 5)
+    want, _ = spec_tokens(model, PROMPT, 30)
+    path = save(tmp_path / "m", model, tok)
+    loaded, tok2 = load(str(path))
+    assert spec_tokens(loaded, PROMPT, 30)[0] == want
+    assert loaded.speculative_streams.config == model.speculative_streams.config
+    # The directory is an ordinary mlx-lm model: plain mlx_lm.load gives the base model.
+    import mlx_lm
+
+    base, _ = mlx_lm.load(str(path))
+    assert plain_greedy(base, PROMPT, 30) == want
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save(path, model, tok)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary leftovers
+
+
+def test_hub_ids_resolve_through_huggingface_hub(tmp_path, monkeypatch):
+    model = tiny_spec_model("llama", vocab_size=V)
+    path = save(tmp_path / "m", model, word_tokenizer(V))
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(path)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded, _ = load("someone/tiny-specstream", revision="main")
+    assert calls[0][0] == "someone/tiny-specstream" and STREAMS_FILE in calls[0][2]
+    assert spec_tokens(loaded, PROMPT, 10)[0] == spec_tokens(model, PROMPT, 10)[0]
+
+
+def _edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_load_errors_name_the_culprit(tmp_path):
+    model = tiny_spec_model("llama", vocab_size=V)
+    tok = word_tokenizer(V)
+    # Stream file without config section.
+    a = save(tmp_path / "a", model, tok)
+    _edit_config(a, lambda c: c.pop("speculative_streaming"))
+    with pytest.raises(ValueError, match=f"{STREAMS_FILE} exists but .*config.json has no"):
+        load(str(a))
+    # Config section without stream file.
+    b = save(tmp_path / "b", model, tok)
+    (b / STREAMS_FILE).unlink()
+    with pytest.raises(ValueError, match=f"section but .*{STREAMS_FILE} is missing"):
+        load(str(b))
+    # Neither: a plain model.
+    (a / STREAMS_FILE).unlink()
+    with pytest.raises(ValueError, match="plain model"):
+        load(str(a))
+    # A config value out of range names the file and the key.
+    c = save(tmp_path / "c", model, tok)
+    _edit_config(c, lambda cfg: cfg["speculative_streaming"].update(top_k=0))
+    with pytest.raises(ValueError, match="config.json.*top_k"):
+        load(str(c))
+    # Streams that do not fit the config (gamma 3 saved, 2 declared) name the file.
+    d = save(tmp_path / "d", model, tok)
+    _edit_config(d, lambda cfg: cfg["speculative_streaming"].update(num_streams=2))
+    with pytest.raises(ValueError, match=f"{STREAMS_FILE}.*embeddings"):
+        load(str(d))
+    with pytest.raises(FileNotFoundError):
+        load(str(tmp_path / "missing-dir-that-is-not-a-repo" / "x"))
+
+
+def test_default_model_and_cli(capsys):
+    model, tok = load()
+    assert model.speculative_streams is not None
+    from mlx_specstream.generate import main
+
+    main(["--prompt", "def f(x):", "--max-tokens", "12", "--seed", "0"])
+    out = capsys.readouterr()
+    assert "randomly initialised" in out.err
+    assert "tokens-per-sec" in out.out and "tokens per forward pass" in out.out
+    assert "Peak memory" in out.out
+    main(["--prompt", "abc", "--max-tokens", "5", "--no-speculation", "--tree-top-k", "1"])
+    assert "Forward passes: 5," in capsys.readouterr().out
+
+
+def test_public_names():
+    for name in ["load", "generate", "stream_generate", "SpecStreamConfig", "attach_streams"]:
+        assert hasattr(mlx_specstream, name)
+
+
+def test_stream_lora_round_trip_and_bad_targets(tmp_path):
+    model = tiny_spec_model(
+        "phi3",
+        vocab_size=V,
+        num_streams=2,
+        top_k=2,
+        stream_lora_rank=4,
+        stream_lora_targets=["self_attn.qkv_proj", "mlp.down_proj"],
+    )
+    tok = word_tokenizer(V, eos=V + 5)
+    path = save(tmp_path / "m", model, tok)
+    loaded, _ = load(str(path))
+    assert spec_tokens(loaded, PROMPT, 30)[0] == spec_tokens(model, PROMPT, 30)[0]
+    from mlx.utils import tree_flatten
+
+    names = [n for n, _ in tree_flatten(loaded.speculative_streams.streams.parameters())]
+    assert "lora.1.self_attn.qkv_proj.lora_a" in names and len(names) == 1 + 2 + 2 * 2 * 2
+    with pytest.raises(ValueError, match="stream_lora_targets.*q_proj"):
+        attach_streams(
+            tiny_model("phi3"),
+            SpecStreamConfig(
+                num_stream_layers=1, stream_lora_rank=2, stream_lora_targets=["self_attn.q_proj"]
+            ),
+        )

@@ -1,0 +1,173 @@
+"""After every step each layer's KV cache holds exactly the committed tokens;
+the multi-stream masks isolate what paper Eqs. 1-2 say they isolate."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import tiny_spec_model
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_specstream.decode import spec_generate_step
+
+PROMPT = [3, 1, 4, 1, 5, 2, 6]
+
+
+def cache_rows(cache):
+    return [
+        (np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :]))
+        for c in cache
+    ]
+
+
+def step_end_snapshots(model, n_tokens, **kwargs):
+    """Runs decoding with a visible cache; after each step (the yield of its
+    non-draft token) records the committed tokens and the cache rows."""
+    cache = make_prompt_cache(model)
+    tokens, snaps = list(PROMPT), []
+    for token, _, from_draft, _ in spec_generate_step(
+        mx.array(PROMPT), model, max_tokens=n_tokens, prompt_cache=cache, **kwargs
+    ):
+        tokens.append(token)
+        if not from_draft:
+            # The newest token is the next root: not yet in the cache.
+            assert all(c.offset == len(tokens) - 1 for c in cache)
+            snaps.append((list(tokens[:-1]), cache_rows(cache)))
+    return snaps
+
+
+def assert_cache_equal(got, want):
+    for layer, ((k1, v1), (k2, v2)) in enumerate(zip(got, want)):
+        assert k1.shape == k2.shape, f"layer {layer}: {k1.shape} vs {k2.shape}"
+        np.testing.assert_allclose(k1, k2, atol=1e-4, err_msg=f"keys, layer {layer}")
+        np.testing.assert_allclose(v1, v2, atol=1e-4, err_msg=f"values, layer {layer}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("prune", [0.0, 0.1])
+def test_lossless_cache_equals_prefill(arch, prune):
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2, prune_threshold=prune)
+    snaps = step_end_snapshots(model, 40)
+    assert any(len(b) - len(a) > 1 for (a, _), (b, _) in zip(snaps, snaps[1:])), "no draft accepted"
+    for committed, rows in snaps:
+        fresh = make_prompt_cache(model)
+        model(mx.array(committed)[None], cache=fresh)  # plain prefill, hooks inactive
+        assert_cache_equal(rows, cache_rows(fresh))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_shared_cache_equals_one_token_decoding(arch):
+    """Shared-mode K/V depend on the streams; compare with one-token-per-pass decoding."""
+    model = tiny_spec_model(arch, vocab_size=8, mode="shared", num_streams=3, top_k=2)
+    reference = {len(t): rows for t, rows in step_end_snapshots(model, 40, speculative=False)}
+    snaps = step_end_snapshots(model, 40)
+    assert len(snaps) < len(reference), "no draft accepted"
+    for committed, rows in snaps:
+        assert_cache_equal(rows, reference[len(committed)])
+
+
+def test_negative_control_cache_check_catches_a_trim_only_rollback(monkeypatch):
+    """Rolling back by trimming alone (no gather) leaves wrong rows: the check fails."""
+    import mlx_specstream.decode as decode
+
+    def trim_only(cache, prefix, keep_per_layer):
+        for c, keep in zip(cache, keep_per_layer):
+            c.trim(c.offset - (prefix + len(keep)))
+
+    monkeypatch.setattr(decode, "commit_path", trim_only)
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=2)
+    snaps = step_end_snapshots(model, 40)
+    with pytest.raises(AssertionError):
+        for committed, rows in snaps:
+            fresh = make_prompt_cache(model)
+            model(mx.array(committed)[None], cache=fresh)
+            assert_cache_equal(rows, cache_rows(fresh))
+
+
+# ---- masks -------------------------------------------------------------------
+
+TREE = ([7, 1, 2, 3], [-1, 0, 1, 0])  # root -> {1 -> 2, 3}
+
+
+def forward(model, perturb=None):
+    """One multi-stream pass over TREE after a prefill; ``perturb(streams)``
+    edits the stream rows (B, R * gamma, D) before the stream layers."""
+    rt = model.speculative_streams
+    cache = make_prompt_cache(model)
+    model(mx.array(PROMPT)[None], cache=cache)
+    real = rt.streams.make_streams
+    if perturb is not None:
+        rt.streams.make_streams = lambda h: perturb(real(h))
+    try:
+        out = rt.forward(*TREE, cache)
+    finally:
+        rt.streams.make_streams = real
+    return np.array(out.logits), np.array(out.stream_hidden)
+
+
+def bump(node, stream, gamma):
+    """A perturbation of stream ``stream`` (1-based) of tree node ``node``."""
+
+    def perturb(s):
+        row = node * gamma + stream - 1
+        delta = mx.zeros(s.shape).at[:, row].add(3.0)
+        return s + delta.astype(s.dtype)
+
+    return perturb
+
+
+@pytest.mark.parametrize("mode, stream_layers", [("lossless", 2), ("lossless", 4), ("shared", 1)])
+def test_later_streams_never_reach_earlier_ones(mode, stream_layers):
+    """Stream j never sees stream j' > j. In shared mode the main stream reads
+    every stream (Eq. 1) and stream j reads the main stream (Eq. 2), so with
+    two or more MSA layers j' reaches j through the main stream, as the
+    paper's equations say; one MSA layer isolates the mask itself."""
+    g = 3
+    model = tiny_spec_model("llama", num_streams=g, mode=mode, num_stream_layers=stream_layers)
+    logits, streams = forward(model)
+    for j_prime in range(2, g + 1):
+        _, s2 = forward(model, bump(1, j_prime, g))
+        np.testing.assert_allclose(s2[:, : j_prime - 1], streams[:, : j_prime - 1], atol=1e-5)
+        assert np.abs(s2[1, j_prime - 1] - streams[1, j_prime - 1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_lossless_main_logits_ignore_streams(arch):
+    g = 3
+    model = tiny_spec_model(arch, num_streams=g, mode="lossless")
+    logits, _ = forward(model)
+    for node in range(4):
+        for j in range(1, g + 1):
+            l2, _ = forward(model, bump(node, j, g))
+            np.testing.assert_allclose(l2, logits, atol=1e-5)
+
+
+def test_shared_main_logits_see_own_streams_only():
+    g = 3
+    model = tiny_spec_model("llama", num_streams=g, mode="shared")
+    logits, streams = forward(model)
+    # Node 1's streams change node 1 and its descendant 2, never 0 or 3.
+    l2, s2 = forward(model, bump(1, 2, g))
+    assert np.abs(l2[1] - logits[1]).max() > 1e-3
+    assert np.abs(l2[2] - logits[2]).max() > 1e-3
+    np.testing.assert_allclose(l2[[0, 3]], logits[[0, 3]], atol=1e-5)
+    np.testing.assert_allclose(s2[[0, 3]], streams[[0, 3]], atol=1e-5)
+
+
+def test_no_stream_or_rejected_rows_stay_in_cache():
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=3, max_tree_nodes=20)
+    cache = make_prompt_cache(model)
+    n = len(PROMPT)
+    for i, (_, _, from_draft, passes) in enumerate(
+        spec_generate_step(mx.array(PROMPT), model, max_tokens=30, prompt_cache=cache)
+    ):
+        if not from_draft:
+            assert {c.offset for c in cache} == {n + i}
+
+
+def test_stream_lora_changes_streams_not_main():
+    plain = tiny_spec_model("llama", num_streams=3, mode="lossless")
+    lora = tiny_spec_model("llama", num_streams=3, mode="lossless", stream_lora_rank=4)
+    l1, s1 = forward(plain)
+    l2, s2 = forward(lora)
+    np.testing.assert_allclose(l1, l2, atol=1e-5)
+    assert np.abs(s1 - s2).max() > 1e-3
