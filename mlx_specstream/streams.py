@@ -100,7 +100,7 @@ def _attention(layer):
     return None
 
 
-def _submodule(module, path: str):
+def submodule(module, path: str):
     for part in path.split("."):
         module = module[part]
     return module
@@ -128,7 +128,7 @@ def lora_targets(model, config: SpecStreamConfig) -> List[List[str]]:
     return out
 
 
-def _linear_shape(module):
+def linear_shape(module):
     """``(in, out)`` of a float or quantized linear module."""
     out_dims, cols = module.weight.shape
     if isinstance(module, nn.QuantizedLinear):
@@ -202,7 +202,7 @@ class StreamRuntime:
         for j, targets in enumerate(self.lora_targets):
             for name in targets:
                 _swap_call(
-                    _submodule(self.model.layers[self.first_top + j], name),
+                    submodule(self.model.layers[self.first_top + j], name),
                     lambda base, j=j, name=name: self._lora_call(base, j, name),
                 )
 
@@ -384,7 +384,7 @@ def attach_streams(
     if config.stream_lora_rank:
         first = len(model.layers) - config.num_stream_layers
         lora_shapes = [
-            {name: _linear_shape(_submodule(model.layers[first + j], name)) for name in targets}
+            {name: linear_shape(submodule(model.layers[first + j], name)) for name in targets}
             for j, targets in enumerate(lora_targets(model, config))
         ]
     streams = SpeculativeStreams(config, hidden, lora_shapes)

@@ -2,7 +2,8 @@
 
 A tree of ``T`` nodes is a list ``parents`` of length ``T`` with
 ``parents[0] == -1`` (the root) and ``parents[i] < i`` for every other node,
-so every node comes after its ancestors. Trees are laid out depth-first with
+so every node comes after its ancestors. Everything but :func:`accept` is
+numpy only, so the PyTorch side (``convert/``) uses the same definitions. Trees are laid out depth-first with
 the most likely child first, so the all-top-1 chain is a prefix of the node
 list: when the model follows it, the accepted path needs no cache gather.
 """
@@ -10,7 +11,6 @@ list: when the model follows it, the accepted path needs no cache gather.
 from dataclasses import dataclass
 from typing import List, Sequence
 
-import mlx.core as mx
 import numpy as np
 
 
@@ -190,7 +190,7 @@ def stream_attention_mask(
     return mask
 
 
-def accept(tokens: mx.array, parents: mx.array, ancestors: mx.array, targets: mx.array):
+def accept(tokens, parents, ancestors, targets):
     """Walks the tree with the target model's tokens, on device.
 
     ``targets[i]`` is the token the target model picks after node ``i``'s path
@@ -201,6 +201,7 @@ def accept(tokens: mx.array, parents: mx.array, ancestors: mx.array, targets: mx
     correction (or bonus) token.
 
     Example:
+        >>> import mlx.core as mx
         >>> t, p = mx.array([5, 1, 2, 3]), mx.array([0, 0, 1, 0])
         >>> anc = mx.array(ancestor_mask([-1, 0, 1, 0]))
         >>> ok, last = accept(t, p, anc, mx.array([1, 9, 0, 0]))
@@ -216,6 +217,8 @@ def accept(tokens: mx.array, parents: mx.array, ancestors: mx.array, targets: mx
     Returns:
         tuple: ``(accepted, last)``, a ``(T,)`` bool array and a scalar index.
     """
+    import mlx.core as mx  # the rest of this module is numpy only (shared with convert/)
+
     match = tokens == targets[parents]
     match = mx.concatenate([mx.array([True]), match[1:]])
     accepted = ~mx.any(ancestors & ~match[None, :], axis=-1)

@@ -4,7 +4,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -120,6 +120,7 @@ def save(
     model: nn.Module,
     tokenizer,
     config: Optional[Dict[str, Any]] = None,
+    extra_files: Sequence[Union[str, Path]] = (),
 ) -> Path:
     """Writes a complete model directory that :func:`load` reads back.
 
@@ -134,6 +135,7 @@ def save(
         tokenizer: its tokenizer.
         config (dict, optional): the model's config dict. Default: the set
           fields of ``model.args``.
+        extra_files: files copied into the directory as they are.
     """
     from mlx_lm.utils import save_config, save_model
 
@@ -153,6 +155,8 @@ def save(
         save_config(config, tmp / "config.json")
         save_streams(tmp, model)
         tokenizer.save_pretrained(str(tmp))
+        for f in extra_files:
+            shutil.copy(f, tmp)
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,326 @@
+"""Hugging Face / PyTorch checkpoint with speculative streams -> MLX model directory.
+
+``python -m convert --hf-path DIR_OR_REPO --mlx-path OUT [--adapter-path PEFT_DIR]
+[--dtype float16] [-q --q-bits 4 --q-group-size 64]``
+
+Input: a ``transformers`` model directory (or hub id) whose ``config.json`` has
+a ``"speculative_streaming"`` section, with weights in single or sharded
+``model*.safetensors`` or ``pytorch_model*.bin``, and stream tensors either
+in ``speculative_streams.safetensors`` or inside the weights under the
+``speculative_streams.`` prefix. A PEFT LoRA adapter (shared mode) is merged
+into the base. Output: an mlx-lm model directory plus
+``speculative_streams.safetensors`` that ``mlx_specstream.load`` runs; the
+streams stay float32 when the base is cast or quantized.
+"""
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
+from mlx_specstream.streams import STREAMS_FILE
+
+STREAM_PREFIX = "speculative_streams."
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def _progress(items, desc):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", leave=False)
+
+
+def _read_safetensors(path: Path) -> Dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # MLX raises a bare RuntimeError/ValueError on corrupt files
+        raise ValueError(f"{path}: cannot read safetensors file ({e})") from e
+
+
+def _read_bin(path: Path) -> Dict[str, mx.array]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path}: reading .bin checkpoints needs torch (pip install torch==2.13.0)") from e
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read PyTorch checkpoint ({e})") from e
+    out = {}
+    for name, t in state.items():
+        # numpy has no bfloat16: go through float32 and cast back.
+        arr = mx.array(t.detach().float().numpy())
+        out[name] = arr.astype(mx.bfloat16) if t.dtype == torch.bfloat16 else arr.astype(
+            DTYPES.get(str(t.dtype).replace("torch.", ""), mx.float32)
+        )
+    return out
+
+
+def weight_files(model_dir: Path):
+    """The checkpoint files of ``model_dir``: safetensors preferred, then ``.bin``."""
+    files = sorted(p for p in model_dir.glob("model*.safetensors"))
+    if not files:
+        files = sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(
+            f"{model_dir}: no weights (model*.safetensors or pytorch_model*.bin)."
+        )
+    for index in list(model_dir.glob("*.index.json")):
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(s for s in shards if not (model_dir / s).exists())
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+    return files
+
+
+def read_weights(model_dir: Path) -> Dict[str, mx.array]:
+    """All tensors of a checkpoint, with the file each came from checked for duplicates."""
+    weights, origin = {}, {}
+    for path in _progress(weight_files(model_dir), "reading weights"):
+        part = _read_safetensors(path) if path.suffix == ".safetensors" else _read_bin(path)
+        for k, v in part.items():
+            if k in weights:
+                raise ValueError(f"{path}: tensor '{k}' also appears in {origin[k]}")
+            weights[k], origin[k] = v, path
+    return weights
+
+
+def stream_weight_map(config: SpecStreamConfig, hidden: int, lora_shapes=None) -> Dict[str, tuple]:
+    """The explicit name -> shape map of the stream tensors a config declares."""
+    shapes = {"embeddings": (config.num_streams, hidden)}
+    if config.prune_adapter_rank:
+        r = config.prune_adapter_rank
+        shapes["prune_adapter.down.weight"] = (r, hidden)
+        shapes["prune_adapter.up.weight"] = (hidden, r)
+    if config.stream_init_rank:
+        r = config.stream_init_rank
+        shapes["stream_init.down.weight"] = (r, hidden)
+        shapes["stream_init.up.weight"] = (hidden, r)
+    for j, layer in enumerate(lora_shapes or []):
+        for name, (d_in, d_out) in layer.items():
+            shapes[f"lora.{j}.{name}.lora_a"] = (config.stream_lora_rank, d_in)
+            shapes[f"lora.{j}.{name}.lora_b"] = (d_out, config.stream_lora_rank)
+    return shapes
+
+
+def check_tensors(found: Dict[str, mx.array], expected: Dict[str, tuple], where: str):
+    """Refuses missing, unexpected and mis-shaped tensors, naming each."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise ValueError(f"{where}: missing tensors {missing}")
+    if unexpected:
+        raise ValueError(f"{where}: unexpected tensors {unexpected}")
+    for name, shape in expected.items():
+        if tuple(found[name].shape) != tuple(shape):
+            raise ValueError(
+                f"{where}: tensor '{name}' has shape {tuple(found[name].shape)}, expected {tuple(shape)}"
+            )
+
+
+def merge_peft_adapter(weights: Dict[str, mx.array], adapter_dir: Path) -> int:
+    """Merges a PEFT LoRA adapter into ``weights`` in place: W += B @ A * scale."""
+    cfg_file = adapter_dir / "adapter_config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} does not exist (not a PEFT adapter directory).")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA.")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
+    files = sorted(adapter_dir.glob("adapter_model*.safetensors")) or sorted(
+        adapter_dir.glob("adapter_model*.bin")
+    )
+    if not files:
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors or .bin")
+    adapter = {}
+    for f in files:
+        adapter.update(_read_safetensors(f) if f.suffix == ".safetensors" else _read_bin(f))
+    merged = 0
+    for key in sorted(k for k in adapter if ".lora_A." in k):
+        base = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        a, b = adapter[key], adapter.get(key.replace(".lora_A.", ".lora_B."))
+        target = f"{base}.weight"
+        if b is None or target not in weights:
+            raise ValueError(f"{files[0]}: LoRA tensor '{key}' has no matching lora_B or base weight '{target}'")
+        w = weights[target]
+        delta = (b.astype(mx.float32) @ a.astype(mx.float32)) * scale
+        if cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        weights[target] = (w.astype(mx.float32) + delta).astype(w.dtype)
+        merged += 1
+    return merged
+
+
+# Activations mlx-lm hard-codes for some architectures, whatever hidden_act says.
+MLX_LM_ACTIVATIONS = {
+    "gpt_neox": {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"},
+    "starcoder2": {"gelu"},
+}
+
+
+def warn_activation_mismatch(config: dict, config_file) -> None:
+    allowed = MLX_LM_ACTIVATIONS.get(config.get("model_type"))
+    act = config.get("hidden_act")
+    if allowed and act and act not in allowed:
+        print(
+            f"[WARNING] {config_file}: hidden_act={act!r}, but mlx-lm's {config['model_type']} always "
+            f"uses {sorted(allowed)[0]!r}; MLX logits will differ slightly from PyTorch's."
+        )
+
+
+def normalize_rope_config(config: dict) -> None:
+    """Copies transformers-5 ``rope_parameters`` to the top-level ``rope_theta`` /
+    ``rope_scaling`` keys that several mlx-lm architectures read (otherwise they
+    silently fall back to their own default theta)."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return
+    if "rope_theta" in params:
+        config.setdefault("rope_theta", params["rope_theta"])
+    if "partial_rotary_factor" in params:
+        config.setdefault("partial_rotary_factor", params["partial_rotary_factor"])
+    if params.get("rope_type", "default") != "default":
+        config.setdefault("rope_scaling", params)
+    if config.get("model_type") == "gpt_neox":  # mlx-lm keeps the transformers-4 names
+        config.setdefault("rotary_emb_base", config.get("rope_theta", 10000.0))
+        config.setdefault("rotary_pct", config.get("partial_rotary_factor", 1.0))
+
+
+def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    path = Path(path_or_repo)
+    if path.exists():
+        return path
+    if path.is_absolute() or path_or_repo.startswith((".", "~")) or path_or_repo.count("/") > 1:
+        raise FileNotFoundError(f"{path} does not exist.")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+    return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
+
+
+def convert(
+    hf_path: str,
+    mlx_path: Union[str, Path],
+    adapter_path: Optional[str] = None,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    revision: Optional[str] = None,
+) -> Path:
+    """Converts a HF checkpoint with streams into an MLX model directory.
+
+    Args:
+        hf_path: local directory or hub id.
+        mlx_path: the new output directory (must not exist).
+        adapter_path: a PEFT LoRA adapter to merge into the base (shared mode).
+        dtype: ``float16``, ``bfloat16`` or ``float32`` for the base weights.
+          Default: the checkpoint's own.
+        quantize: quantize the base (affine, ``q_bits``/``q_group_size``).
+
+    Returns:
+        Path: ``mlx_path``.
+    """
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_lm.utils import _get_classes, quantize_model
+
+    from mlx_specstream.streams import (
+        attach_streams,
+        get_runtime,
+        linear_shape,
+        lora_targets,
+        submodule,
+    )
+    from mlx_specstream.utils import save
+
+    mlx_path = Path(mlx_path)
+    if mlx_path.exists():
+        raise FileExistsError(f"{mlx_path} already exists; refusing to overwrite it.")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    src = resolve(hf_path, revision)
+    config_file = src / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} does not exist.")
+    config = json.loads(config_file.read_text())
+    if CONFIG_KEY not in config:
+        raise ValueError(
+            f"{config_file} has no '{CONFIG_KEY}' section: this is not a checkpoint with streams "
+            "(fine-tune one with `python -m convert.finetune`)."
+        )
+    try:
+        spec = SpecStreamConfig.from_dict(config[CONFIG_KEY])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file}: {e}") from e
+
+    weights = read_weights(src)
+    streams = {k[len(STREAM_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(STREAM_PREFIX)}
+    stream_file = src / STREAMS_FILE
+    if stream_file.exists():
+        for k, v in _read_safetensors(stream_file).items():
+            if k in streams:
+                raise ValueError(f"{stream_file}: '{k}' is also in the model weights")
+            streams[k] = v
+    if not streams:
+        raise ValueError(
+            f"{config_file} declares '{CONFIG_KEY}' but {src} has no stream tensors "
+            f"(neither {STREAMS_FILE} nor '{STREAM_PREFIX}*' keys)."
+        )
+    if adapter_path is not None:
+        if spec.mode == "lossless":
+            raise ValueError(
+                f"{adapter_path}: a PEFT adapter changes the base model, but lossless mode keeps it "
+                f"frozen; stream-only LoRA belongs in {STREAMS_FILE}."
+            )
+        n = merge_peft_adapter(weights, Path(adapter_path))
+        print(f"[INFO] merged {n} LoRA deltas from {adapter_path}")
+
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: unsupported architecture: {e}") from e
+    normalize_rope_config(config)
+    warn_activation_mismatch(config, config_file)
+    model = model_class(args_class.from_dict(config))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    from mlx.utils import tree_flatten
+
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    check_tensors(weights, expected, f"{src} (base model weights)")
+    model.load_weights(list(weights.items()))
+    hidden = int(config.get("hidden_size") or config.get("n_embd"))
+    vocab = expected[next(k for k in expected if "embed" in k and k.endswith("weight"))][0]
+
+    tokenizer = load_tokenizer(src)
+    if len(tokenizer.get_vocab()) > vocab:
+        raise ValueError(
+            f"{src}: the tokenizer has {len(tokenizer.get_vocab())} tokens but the embedding "
+            f"has only {vocab} rows."
+        )
+    if dtype is not None:
+        model.set_dtype(DTYPES[dtype])
+        config["torch_dtype"] = dtype
+    if quantize:
+        model, config = quantize_model(model, config, q_group_size, q_bits)
+
+    attach_streams(model, spec)  # shape template; replaced below
+    lora_shapes = None
+    if spec.stream_lora_rank:
+        first = len(model.layers) - spec.num_stream_layers
+        lora_shapes = [
+            {n: linear_shape(submodule(model.layers[first + j], n)) for n in targets}
+            for j, targets in enumerate(lora_targets(model, spec))
+        ]
+    check_tensors(streams, stream_weight_map(spec, hidden, lora_shapes), f"{src} (stream tensors)")
+    runtime = get_runtime(model)
+    runtime.streams.load_weights([(k, v.astype(mx.float32)) for k, v in streams.items()], strict=True)
+    mx.eval(runtime.streams.parameters())
+    config.pop(CONFIG_KEY)
+    # Keep the generation config (extra EOS ids) next to the model, as mlx-lm does.
+    extra = [p for p in [src / "generation_config.json"] if p.exists()]
+    return save(mlx_path, model, tokenizer, config, extra_files=extra)

@@ -1,0 +1,140 @@
+"""Pretrains a small Llama-architecture causal LM from scratch on a JSONL corpus.
+
+Run as ``python -m convert.pretrain --corpus runs/default/corpus --tokenizer
+runs/default/tokenizer --out runs/default/base``. Built on ``transformers``'
+Trainer: it resumes from the newest checkpoint in ``--out``, and runs on CPU,
+one GPU, or several under torchrun/accelerate. Writes the model
+(``save_pretrained``, safetensors), the tokenizer, ``loss.csv`` and ``loss.png``.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+DEFAULT_ARCH = dict(
+    hidden_size=256,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=704,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
+
+
+def pack_corpus(jsonl: Path, tokenizer, seq_len: int):
+    """All documents, each followed by EOS, cut into ``seq_len``-token rows."""
+    import torch
+
+    ids = []
+    for line in open(jsonl):
+        ids.extend(tokenizer.encode(json.loads(line)["text"]))
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+class Rows:
+    """A map-style dataset over packed rows (labels are the inputs; HF shifts them)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def plot_loss(log_history, out_dir: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    with open(out_dir / "loss.csv", "w") as f:
+        f.write("step,split,loss\n")
+        for split, rows in (("train", train), ("eval", evals)):
+            for step, loss in rows:
+                f.write(f"{step},{split},{loss:.5f}\n")
+    plt.figure(figsize=(6, 4))
+    plt.plot(*zip(*train), label="train")
+    if evals:
+        plt.plot(*zip(*evals), "o-", label="held-out modules")
+    plt.xlabel("step")
+    plt.ylabel("cross-entropy (nats/token)")
+    plt.title("Base model pretraining")
+    plt.legend()
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(out_dir / "loss.png", dpi=120)
+
+
+def main():
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--corpus", default="runs/default/corpus")
+    parser.add_argument("--tokenizer", default="runs/default/tokenizer")
+    parser.add_argument("--out", default="runs/default/base")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=2400)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--arch", type=json.loads, default={}, help="JSON overrides of the architecture")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**DEFAULT_ARCH, **args.arch},
+    )
+    model = LlamaForCausalLM(config)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    train = Rows(pack_corpus(Path(args.corpus) / "train.jsonl", tokenizer, args.seq_len))
+    held_out = Rows(pack_corpus(Path(args.corpus) / "eval.jsonl", tokenizer, args.seq_len))
+    print(f"train rows: {len(train)} x {args.seq_len}; eval rows: {len(held_out)}")
+    training_args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=20,
+        eval_strategy="steps",
+        eval_steps=200,
+        save_steps=200,
+        save_total_limit=2,
+        seed=args.seed,
+        report_to=[],
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out)
+    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    metrics = trainer.evaluate()
+    print(f"held-out loss {metrics['eval_loss']:.4f} (perplexity {math.exp(metrics['eval_loss']):.2f})")
+    model.save_pretrained(str(out / "model"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out / "model"))
+    plot_loss(trainer.state.log_history, out)
+
+
+if __name__ == "__main__":
+    main()
