@@ -11,7 +11,9 @@ def setup_arg_parser():
     )
     parser.add_argument("--hf-path", required=True, help="Local HF model directory or hub id")
     parser.add_argument("--mlx-path", default="mlx_model", help="Output directory (must not exist)")
-    parser.add_argument("--adapter-path", default=None, help="PEFT LoRA adapter to merge (shared mode)")
+    parser.add_argument(
+        "--adapter-path", default=None, help="PEFT LoRA adapter to merge (shared mode)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Base weights dtype")
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the base model")
     parser.add_argument("--q-bits", type=int, default=4, help="Bits per weight")

@@ -44,7 +44,9 @@ def _read_bin(path: Path) -> Dict[str, mx.array]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"{path}: reading .bin checkpoints needs torch (pip install torch==2.13.0)") from e
+        raise ImportError(
+            f"{path}: reading .bin checkpoints needs torch (pip install torch==2.13.0)"
+        ) from e
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -53,8 +55,10 @@ def _read_bin(path: Path) -> Dict[str, mx.array]:
     for name, t in state.items():
         # numpy has no bfloat16: go through float32 and cast back.
         arr = mx.array(t.detach().float().numpy())
-        out[name] = arr.astype(mx.bfloat16) if t.dtype == torch.bfloat16 else arr.astype(
-            DTYPES.get(str(t.dtype).replace("torch.", ""), mx.float32)
+        out[name] = (
+            arr.astype(mx.bfloat16)
+            if t.dtype == torch.bfloat16
+            else arr.astype(DTYPES.get(str(t.dtype).replace("torch.", ""), mx.float32))
         )
     return out
 
@@ -145,7 +149,9 @@ def merge_peft_adapter(weights: Dict[str, mx.array], adapter_dir: Path) -> int:
         a, b = adapter[key], adapter.get(key.replace(".lora_A.", ".lora_B."))
         target = f"{base}.weight"
         if b is None or target not in weights:
-            raise ValueError(f"{files[0]}: LoRA tensor '{key}' has no matching lora_B or base weight '{target}'")
+            raise ValueError(
+                f"{files[0]}: LoRA tensor '{key}' has no matching lora_B or base weight '{target}'"
+            )
         w = weights[target]
         delta = (b.astype(mx.float32) @ a.astype(mx.float32)) * scale
         if cfg.get("fan_in_fan_out"):
@@ -198,7 +204,15 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
         raise FileNotFoundError(f"{path} does not exist.")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+    patterns = [
+        "*.json",
+        "*.safetensors",
+        "*.bin",
+        "tokenizer.model",
+        "*.txt",
+        "*.jinja",
+        "*.tiktoken",
+    ]
     return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
 
 
@@ -258,7 +272,11 @@ def convert(
         raise ValueError(f"{config_file}: {e}") from e
 
     weights = read_weights(src)
-    streams = {k[len(STREAM_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(STREAM_PREFIX)}
+    streams = {
+        k[len(STREAM_PREFIX) :]: weights.pop(k)
+        for k in list(weights)
+        if k.startswith(STREAM_PREFIX)
+    }
     stream_file = src / STREAMS_FILE
     if stream_file.exists():
         for k, v in _read_safetensors(stream_file).items():
@@ -318,7 +336,9 @@ def convert(
         ]
     check_tensors(streams, stream_weight_map(spec, hidden, lora_shapes), f"{src} (stream tensors)")
     runtime = get_runtime(model)
-    runtime.streams.load_weights([(k, v.astype(mx.float32)) for k, v in streams.items()], strict=True)
+    runtime.streams.load_weights(
+        [(k, v.astype(mx.float32)) for k, v in streams.items()], strict=True
+    )
     mx.eval(runtime.streams.parameters())
     config.pop(CONFIG_KEY)
     # Keep the generation config (extra EOS ids) next to the model, as mlx-lm does.

@@ -65,7 +65,9 @@ def build(out: Path, root: Path = None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/default/corpus")
-    parser.add_argument("--stdlib", default=None, help="Standard library root (default: this Python's)")
+    parser.add_argument(
+        "--stdlib", default=None, help="Standard library root (default: this Python's)"
+    )
     args = parser.parse_args()
     print(json.dumps(build(Path(args.out), args.stdlib), indent=2))
 

@@ -271,7 +271,9 @@ class MultiStreamModel(nn.Module):
         }
         try:
             with self._hooks():
-                logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits
+                logits = self.model(
+                    input_ids=input_ids, position_ids=positions, use_cache=False
+                ).logits
             out = {
                 "main_logits": logits[:, :T],
                 "stream_logits": logits[:, T:].reshape(B, T, g, -1),

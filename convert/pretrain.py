@@ -77,7 +77,13 @@ def plot_loss(log_history, out_dir: Path):
 
 def main():
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainingArguments,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default="runs/default/corpus")
@@ -87,7 +93,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=2400)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--arch", type=json.loads, default={}, help="JSON overrides of the architecture")
+    parser.add_argument(
+        "--arch", type=json.loads, default={}, help="JSON overrides of the architecture"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -130,7 +138,9 @@ def main():
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     metrics = trainer.evaluate()
-    print(f"held-out loss {metrics['eval_loss']:.4f} (perplexity {math.exp(metrics['eval_loss']):.2f})")
+    print(
+        f"held-out loss {metrics['eval_loss']:.4f} (perplexity {math.exp(metrics['eval_loss']):.2f})"
+    )
     model.save_pretrained(str(out / "model"), safe_serialization=True)
     tokenizer.save_pretrained(str(out / "model"))
     plot_loss(trainer.state.log_history, out)

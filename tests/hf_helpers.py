@@ -11,18 +11,27 @@ HF_CONFIGS = {
     "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
-    "phi3": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "phi3": (
+        "Phi3Config",
+        dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    ),
     "gemma2": (
         "Gemma2Config",
         dict(
-            num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-            attn_logit_softcapping=50.0, final_logit_softcapping=30.0, pad_token_id=0,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            pad_token_id=0,
         ),
     ),
     # mlx-lm's gpt_neox hard-codes a 4 * hidden MLP and tanh-GELU; starcoder2 exact GELU.
     "gpt_neox": (
         "GPTNeoXConfig",
-        dict(rotary_pct=0.5, use_parallel_residual=True, intermediate_size=256, hidden_act="gelu_new"),
+        dict(
+            rotary_pct=0.5, use_parallel_residual=True, intermediate_size=256, hidden_act="gelu_new"
+        ),
     ),
     "starcoder2": ("Starcoder2Config", dict(num_key_value_heads=2, hidden_act="gelu")),
 }
@@ -33,8 +42,12 @@ def hf_model(arch, vocab_size=64, seed=0, weight_scale=3.0):
 
     cls, extra = HF_CONFIGS[arch]
     params = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, max_position_embeddings=512,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=512,
     )
     config = getattr(transformers, cls)(**{**params, **extra})
     torch.manual_seed(seed)
@@ -62,7 +75,9 @@ def randomize_streams(msm, seed=1):
             p.copy_(torch.randn_like(p) * (0.5 if name == "embeddings" else p.shape[-1] ** -0.5))
 
 
-def write_checkpoint(path: Path, model, spec: SpecStreamConfig, fmt="safetensors", streams="file", seed=1):
+def write_checkpoint(
+    path: Path, model, spec: SpecStreamConfig, fmt="safetensors", streams="file", seed=1
+):
     """Saves ``model`` with ``save_pretrained`` in ``fmt`` (safetensors, bin, sharded,
     sharded-bin) plus random stream tensors, in their own file or embedded."""
     from safetensors.torch import save_file

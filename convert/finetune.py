@@ -1,0 +1,384 @@
+"""Speculative Streaming fine-tuning on ``transformers``' Trainer.
+
+``python -m convert.finetune --model BASE --data train.jsonl --out OUT --mode shared``
+
+The same recipe runs on one CPU, one GPU, or many GPUs under torchrun or
+accelerate. Loss (paper Eq. 5): ``alpha_0 * CE(main -> y_t) + sum_j alpha_j *
+CE(stream j -> y_{t+j})`` on completion tokens only, plus the next-token loss
+of the early-exit pruning adapter at layer ``N - N_s`` (on detached states,
+so it trains the adapter alone).
+
+* ``shared`` mode: LoRA (peft, rank 32) on the base, shared by the main and
+  stream rows; ``alpha_0 = 1``; the output has the LoRA merged (or, with
+  ``--save-adapter``, the unmerged base plus a peft adapter in ``OUT/adapter``).
+* ``lossless`` mode: the base is frozen and ``alpha_0 = 0``; optional
+  stream-only LoRA (``--stream-lora-rank``) acts on stream rows alone.
+  ``--self-distill`` replaces completions by the base model's own greedy ones.
+
+Data: JSONL of ``{"prompt", "completion"}`` pairs (or ``{"text"}``), or plain
+text files (``.txt``, ``.py``, ...), cut into ``--max-length`` token windows.
+Output: a HF model directory with the ``"speculative_streaming"`` config
+section and ``speculative_streams.safetensors``, ready for ``python -m convert``.
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
+
+from .msa import MultiStreamModel, causal_visibility
+
+IGNORE = -100
+
+
+# ---- data ------------------------------------------------------------------------
+
+
+def read_examples(paths: List[str], tokenizer, max_length: int, window_prompt: int = 0):
+    """Tokenized ``{"input_ids", "prompt_len"}`` examples from JSONL or text files."""
+    examples = []
+    for path in map(Path, paths):
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(open(path), 1):
+                row = json.loads(line)
+                if "prompt" in row and "completion" in row:
+                    p = tokenizer.encode(row["prompt"])
+                    c = tokenizer.encode(row["completion"]) + [tokenizer.eos_token_id]
+                    ids = (p + c)[:max_length]
+                    if len(p) >= len(ids):
+                        raise ValueError(f"{path}:{n}: the prompt fills --max-length {max_length}")
+                    examples.append({"input_ids": ids, "prompt_len": max(len(p), 1)})
+                elif "text" in row:
+                    examples += _windows(tokenizer.encode(row["text"]), max_length, window_prompt)
+                else:
+                    raise ValueError(f"{path}:{n}: expected 'prompt'+'completion' or 'text' keys")
+        else:
+            examples += _windows(tokenizer.encode(path.read_text()), max_length, window_prompt)
+    return examples
+
+
+def _windows(ids, max_length, prompt_len):
+    return [
+        {"input_ids": ids[i : i + max_length], "prompt_len": max(prompt_len, 1)}
+        for i in range(0, len(ids) - prompt_len - 1, max_length)
+        if len(ids[i : i + max_length]) > prompt_len + 1
+    ]
+
+
+@torch.no_grad()
+def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation"):
+    """Replaces each completion by the base model's greedy continuation of the
+    same length (lossless-mode data: the streams learn what the model says)."""
+    from tqdm import tqdm
+
+    model.eval()
+    out = []
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc):
+        batch = examples[i : i + batch_size]
+        for ex in batch:
+            p = ex["prompt_len"]
+            ids = torch.tensor([ex["input_ids"][:p]])
+            n = len(ex["input_ids"]) - p
+            gen = model.generate(
+                ids, max_new_tokens=n, do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id
+            )
+            out.append({"input_ids": gen[0].tolist(), "prompt_len": p})
+    return out
+
+
+def collate(batch: List[Dict]):
+    T = max(len(b["input_ids"]) for b in batch)
+    ids = torch.zeros(len(batch), T, dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
+    return {
+        "input_ids": ids,
+        "lengths": torch.tensor([len(b["input_ids"]) for b in batch]),
+        "prompt_lens": torch.tensor([b["prompt_len"] for b in batch]),
+    }
+
+
+# ---- the loss ------------------------------------------------------------------------
+
+
+def shifted_targets(input_ids, lengths, prompt_lens, shift: int):
+    """Targets ``y[t + shift]`` at position ``t`` where it is a completion token in range.
+
+    Position ``t`` is supervised from the last prompt token (``t >= p - 1``);
+    ``t + shift`` must lie inside the sequence (paper: the ``T - j`` terms).
+    """
+    B, T = input_ids.shape
+    t = torch.arange(T, device=input_ids.device)[None]
+    ok = (t >= prompt_lens[:, None] - 1) & (t + shift < lengths[:, None])
+    target = torch.full_like(input_ids, IGNORE)
+    target[:, : T - shift] = input_ids[:, shift:]
+    return torch.where(ok, target, torch.full_like(target, IGNORE))
+
+
+class SpecStreamTrainingModel(nn.Module):
+    """Wraps :class:`MultiStreamModel` with the Speculative Streaming loss for Trainer."""
+
+    def __init__(self, msm: MultiStreamModel, main_weight: float, stream_weight: float):
+        super().__init__()
+        self.msm = msm
+        self.main_weight = main_weight
+        self.stream_weight = stream_weight
+
+    def forward(self, input_ids, lengths, prompt_lens):
+        B, T = input_ids.shape
+        pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        stream_on = pos >= (prompt_lens[:, None] - 1)
+        out = self.msm(
+            input_ids,
+            causal_visibility(lengths, T),
+            pos,
+            stream_on=stream_on,
+            early_exit=hasattr(self.msm.streams, "prune_adapter"),
+        )
+        ce = nn.functional.cross_entropy
+        main_t = shifted_targets(input_ids, lengths, prompt_lens, 1)
+        loss = torch.zeros((), device=input_ids.device)
+        if self.main_weight:
+            loss = loss + self.main_weight * ce(
+                out["main_logits"].flatten(0, 1).float(), main_t.flatten(), ignore_index=IGNORE
+            )
+        correct = {"main": _correct(out["main_logits"], main_t)}
+        for j in range(self.msm.config.num_streams):
+            t_j = shifted_targets(input_ids, lengths, prompt_lens, j + 2)
+            logits = out["stream_logits"][:, :, j]
+            if (t_j != IGNORE).any():
+                loss = loss + self.stream_weight * ce(
+                    logits.flatten(0, 1).float(), t_j.flatten(), ignore_index=IGNORE
+                )
+            correct[f"stream_{j + 1}"] = _correct(logits, t_j)
+        if "early_logits" in out:
+            prune_t = shifted_targets(input_ids, lengths, torch.ones_like(prompt_lens), 1)
+            loss = loss + ce(
+                out["early_logits"].flatten(0, 1).float(), prune_t.flatten(), ignore_index=IGNORE
+            )
+            correct["early_exit"] = _correct(out["early_logits"], prune_t)
+        return {"loss": loss, "correct": correct}
+
+
+def _correct(logits, targets):
+    """``(hits, count)`` of top-1 predictions on supervised positions."""
+    ok = targets != IGNORE
+    hits = (logits.argmax(-1) == targets) & ok
+    return hits.sum().item(), ok.sum().item()
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class SpecStreamTrainer(Trainer):
+        """Trainer whose evaluation reports top-1 accuracy of the main stream and of each stream."""
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            model = self.model
+            model.eval()
+            totals, loss_sum, batches = {}, 0.0, 0
+            with torch.no_grad():
+                for batch in self.get_eval_dataloader(dataset):
+                    batch = self._prepare_inputs(batch)
+                    out = model(**batch)
+                    loss_sum += out["loss"].item()
+                    batches += 1
+                    for k, (h, n) in out["correct"].items():
+                        th, tn = totals.get(k, (0, 0))
+                        totals[k] = (th + h, tn + n)
+            metrics = {f"{metric_key_prefix}_loss": loss_sum / max(batches, 1)}
+            for k, (h, n) in totals.items():
+                metrics[f"{metric_key_prefix}_{k}_top1"] = h / max(n, 1)
+            self.log(metrics)
+            model.train()
+            return metrics
+
+    return SpecStreamTrainer
+
+
+# ---- saving -----------------------------------------------------------------------
+
+
+def save_output(out: Path, msm: MultiStreamModel, tokenizer, save_adapter: bool):
+    """HF model directory + stream tensors + config section (+ peft adapter)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = msm.model
+    if hasattr(model, "merge_and_unload"):  # shared-mode peft model
+        if save_adapter:
+            model.save_pretrained(str(out / "adapter"))
+            _save_base(model.unload(), out)  # LoRA layers removed, not merged
+        else:
+            _save_base(model.merge_and_unload(), out)
+    else:
+        _save_base(model, out)
+    tokenizer.save_pretrained(str(out))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg[CONFIG_KEY] = msm.config.to_dict()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    state = {k: v.detach().float().contiguous().cpu() for k, v in msm.streams.state_dict().items()}
+    save_file(state, str(out / "speculative_streams.safetensors"))
+
+
+def _save_base(model, out):
+    model.save_pretrained(str(out), safe_serialization=True)
+
+
+# ---- command line ----------------------------------------------------------------------
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(
+        description="Speculative Streaming fine-tuning (transformers Trainer)."
+    )
+    p.add_argument("--model", required=True, help="HF model directory or hub id")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL or text files")
+    p.add_argument("--eval-data", nargs="*", default=None, help="Held-out JSONL or text files")
+    p.add_argument("--out", required=True, help="Output HF model directory (must not exist)")
+    p.add_argument("--mode", choices=["shared", "lossless"], default="shared")
+    p.add_argument("--num-streams", type=int, default=3)
+    p.add_argument("--num-stream-layers", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=3, help="Draft width stored in the config")
+    p.add_argument("--max-tree-nodes", type=int, default=16)
+    p.add_argument("--stream-positions", choices=["same", "offset"], default="same")
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=32,
+        help="Shared-mode LoRA rank (0: full fine-tune of nothing but streams)",
+    )
+    p.add_argument("--lora-alpha", type=float, default=64.0)
+    p.add_argument(
+        "--stream-lora-rank", type=int, default=0, help="Lossless-mode stream-only LoRA rank"
+    )
+    p.add_argument(
+        "--main-loss-weight",
+        type=float,
+        default=None,
+        help="alpha_0 (default: 1 shared, 0 lossless)",
+    )
+    p.add_argument("--stream-loss-weight", type=float, default=0.1, help="alpha_j")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--window-prompt", type=int, default=0, help="Prompt tokens of each text window")
+    p.add_argument("--self-distill", action="store_true", help="Completions from the base model")
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--num-train-epochs", type=float, default=5.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--eval-steps", type=int, default=100)
+    p.add_argument("--save-steps", type=int, default=200)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument(
+        "--save-adapter", action="store_true", help="Keep the shared-mode LoRA as a peft adapter"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def build(args, model, tokenizer):
+    """The stream model, with LoRA and frozen parameters set for the mode."""
+    spec = SpecStreamConfig(
+        num_streams=args.num_streams,
+        num_stream_layers=args.num_stream_layers,
+        top_k=args.top_k,
+        max_tree_nodes=args.max_tree_nodes,
+        mode=args.mode,
+        stream_positions=args.stream_positions,
+        stream_lora_rank=args.stream_lora_rank if args.mode == "lossless" else 0,
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if args.mode == "shared" and args.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_rank,
+                lora_alpha=args.lora_alpha,
+                target_modules="all-linear",
+                lora_dropout=0.0,
+            ),
+        )
+    torch.manual_seed(args.seed)
+    return MultiStreamModel(model, spec)
+
+
+def main(argv=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+
+    args = setup_arg_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(p.name != "checkpoints" for p in out.iterdir()):
+        raise FileExistsError(f"{out} already holds a model; refusing to overwrite it.")
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    train = read_examples(args.data, tokenizer, args.max_length, args.window_prompt)
+    held_out = (
+        read_examples(args.eval_data, tokenizer, args.max_length, args.window_prompt)
+        if args.eval_data
+        else None
+    )
+    if args.self_distill:
+        train = self_distill(model, train, tokenizer.eos_token_id)
+        if held_out:
+            held_out = self_distill(
+                model, held_out, tokenizer.eos_token_id, desc="self-distillation (eval)"
+            )
+    msm = build(args, model, tokenizer)
+    main_weight = args.main_loss_weight
+    if main_weight is None:
+        main_weight = 1.0 if args.mode == "shared" else 0.0
+    wrapped = SpecStreamTrainingModel(msm, main_weight, args.stream_loss_weight)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
+    training_args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        num_train_epochs=args.num_train_epochs,
+        max_steps=args.max_steps,
+        logging_steps=max(1, min(50, args.eval_steps // 2)),
+        eval_strategy="steps" if held_out else "no",
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        bf16=args.bf16,
+        seed=args.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = make_trainer_class()(
+        model=wrapped,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        data_collator=collate,
+    )
+    checkpoints = sorted(
+        (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    if held_out:
+        metrics = trainer.evaluate()
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    if trainer.is_world_process_zero():
+        save_output(out, msm, tokenizer, args.save_adapter)
+        print(f"[INFO] wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The fine-tuning recipe: streams learn a predictable future, and the
+converted result decodes losslessly with more than one token per pass."""
+
+import json
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from helpers import plain_greedy, spec_tokens  # noqa: E402
+from hf_helpers import hf_model, hf_tokenizer  # noqa: E402
+
+from convert.convert import convert  # noqa: E402
+from convert.finetune import main as finetune  # noqa: E402
+from convert.finetune import shifted_targets  # noqa: E402
+from mlx_specstream import load  # noqa: E402
+
+V = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Cyclic token patterns: after one period the future is fully predictable."""
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    patterns = [[rng.randrange(1, V - 2) for _ in range(rng.choice([5, 6, 7]))] for _ in range(6)]
+
+    def example():
+        p, s = rng.choice(patterns), rng.randrange(7)
+        return " ".join(f"t{p[(s + i) % len(p)]}" for i in range(48))
+
+    for name, n in [("train.jsonl", 240), ("eval.jsonl", 32)]:
+        with open(d / name, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": example()}) + "\n")
+    base = hf_model("llama", vocab_size=V, weight_scale=1.0)
+    base.save_pretrained(str(d / "base"))
+    hf_tokenizer(V).save_pretrained(str(d / "base"))
+    return d
+
+
+def run(data, out, *extra):
+    finetune(
+        [
+            "--model",
+            str(data / "base"),
+            "--data",
+            str(data / "train.jsonl"),
+            "--eval-data",
+            str(data / "eval.jsonl"),
+            "--out",
+            str(out),
+            "--num-streams",
+            "3",
+            "--num-stream-layers",
+            "2",
+            "--max-length",
+            "48",
+            "--batch-size",
+            "16",
+            "--eval-steps",
+            "1000",
+            "--save-steps",
+            "1000",
+            *extra,
+        ]
+    )
+
+
+def eval_accuracy(capsys):
+    """Per-stream top-1 accuracy from the final evaluation line the recipe prints."""
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith('{"eval_loss"')][-1]
+    return json.loads(line)
+
+
+def test_shifted_targets():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0]])
+    got = shifted_targets(ids, torch.tensor([5]), torch.tensor([2]), 2)
+    # Supervised from the last prompt token (t = 1); t + 2 must be < length 5.
+    assert got.tolist() == [[-100, 8, 9, -100, -100, -100]]
+
+
+def test_shared_mode_streams_learn_and_decode_faster(data, tmp_path, capsys):
+    run(data, tmp_path / "untrained", "--mode", "shared", "--lora-rank", "16", "--max-steps", "1")
+    before = eval_accuracy(capsys)
+    run(
+        data,
+        tmp_path / "hf",
+        "--mode",
+        "shared",
+        "--lora-rank",
+        "16",
+        "--max-steps",
+        "200",
+        "--learning-rate",
+        "3e-3",
+        "--stream-loss-weight",
+        "0.5",
+    )
+    after = eval_accuracy(capsys)
+    for j in (1, 2, 3):
+        assert before[f"eval_stream_{j}_top1"] < 0.3  # chance is 1/32: untrained streams fail
+        assert after[f"eval_stream_{j}_top1"] > 0.8
+    model, tok = load(str(convert(str(tmp_path / "hf"), tmp_path / "mlx")))
+    words = json.loads(open(data / "eval.jsonl").readline())["text"].split()
+    prompt = tok.encode(" ".join(words[:12]))
+    toks, records = spec_tokens(model, prompt, 40)
+    assert toks == spec_tokens(model, prompt, 40, speculative=False)[0]
+    assert len(toks) / records[-1][3] > 1.5
+
+
+def test_lossless_mode_self_distilled_with_stream_lora(data, tmp_path, capsys):
+    run(
+        data,
+        tmp_path / "hf",
+        "--mode",
+        "lossless",
+        "--self-distill",
+        "--window-prompt",
+        "8",
+        "--stream-lora-rank",
+        "8",
+        "--max-steps",
+        "150",
+        "--learning-rate",
+        "3e-3",
+        "--stream-loss-weight",
+        "1.0",
+    )
+    after = eval_accuracy(capsys)
+    assert "eval_main_top1" in after
+    for j in (1, 2, 3):
+        assert after[f"eval_stream_{j}_top1"] > 0.5
+    model, tok = load(str(convert(str(tmp_path / "hf"), tmp_path / "mlx")))
+    assert model.speculative_streams.config.stream_lora_rank == 8
+    prompt = [3, 9, 4, 1, 5, 9, 2, 6]
+    toks, records = spec_tokens(model, prompt, 40)
+    assert toks == plain_greedy(model, prompt, 40)  # the frozen base, token for token
+    assert len(toks) / records[-1][3] > 1.5
+
+
+def test_shared_mode_adapter_output_converts(data, tmp_path):
+    run(
+        data,
+        tmp_path / "hf",
+        "--mode",
+        "shared",
+        "--lora-rank",
+        "4",
+        "--max-steps",
+        "20",
+        "--save-adapter",
+    )
+    assert (tmp_path / "hf" / "adapter" / "adapter_config.json").exists()
+    model, _ = load(
+        str(
+            convert(
+                str(tmp_path / "hf"),
+                tmp_path / "mlx",
+                adapter_path=str(tmp_path / "hf" / "adapter"),
+            )
+        )
+    )
+    prompt = [3, 1, 4, 1, 5]
+    assert spec_tokens(model, prompt, 24)[0] == spec_tokens(model, prompt, 24, speculative=False)[0]
+
+
+def test_refuses_to_overwrite_a_model(data, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        run(data, tmp_path / "hf", "--max-steps", "1")
