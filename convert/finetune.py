@@ -73,21 +73,33 @@ def _windows(ids, max_length, prompt_len):
 @torch.no_grad()
 def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation"):
     """Replaces each completion by the base model's greedy continuation of the
-    same length (lossless-mode data: the streams learn what the model says)."""
+    same length (lossless-mode data: the streams learn what the model says).
+    Examples with equal prompt and completion lengths are generated as a batch."""
     from tqdm import tqdm
 
     model.eval()
-    out = []
-    for i in tqdm(range(0, len(examples), batch_size), desc=desc):
-        batch = examples[i : i + batch_size]
-        for ex in batch:
-            p = ex["prompt_len"]
-            ids = torch.tensor([ex["input_ids"][:p]])
-            n = len(ex["input_ids"]) - p
-            gen = model.generate(
-                ids, max_new_tokens=n, do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id
-            )
-            out.append({"input_ids": gen[0].tolist(), "prompt_len": p})
+    groups = {}
+    for i, ex in enumerate(examples):
+        p = ex["prompt_len"]
+        groups.setdefault((p, len(ex["input_ids"]) - p), []).append(i)
+    out = [None] * len(examples)
+    batches = [
+        (key, idx[j : j + batch_size])
+        for key, idx in groups.items()
+        for j in range(0, len(idx), batch_size)
+    ]
+    for (p, n), idx in tqdm(batches, desc=desc):
+        prompts = torch.tensor([examples[i]["input_ids"][:p] for i in idx])
+        gen = model.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=eos_id,
+        )
+        for row, i in zip(gen.tolist(), idx):
+            out[i] = {"input_ids": row[: p + n], "prompt_len": p}
     return out
 
 
@@ -268,6 +280,7 @@ def setup_arg_parser():
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--window-prompt", type=int, default=0, help="Prompt tokens of each text window")
     p.add_argument("--self-distill", action="store_true", help="Completions from the base model")
+    p.add_argument("--max-examples", type=int, default=None, help="Train on a seeded random subset")
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--num-train-epochs", type=float, default=5.0)
     p.add_argument("--max-steps", type=int, default=-1)

@@ -91,7 +91,7 @@ def main():
     parser.add_argument("--out", default="runs/default/base")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-steps", type=int, default=2400)
+    parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument(
         "--arch", type=json.loads, default={}, help="JSON overrides of the architecture"
@@ -126,8 +126,8 @@ def main():
         max_grad_norm=1.0,
         logging_steps=20,
         eval_strategy="steps",
-        eval_steps=200,
-        save_steps=200,
+        eval_steps=250,
+        save_steps=250,
         save_total_limit=2,
         seed=args.seed,
         report_to=[],

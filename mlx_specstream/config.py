@@ -25,6 +25,10 @@ class SpecStreamConfig:
           before the stream layers. ``0`` turns pruning off. Default: ``0.0``.
         max_tree_nodes (int): hard cap on the draft tree size, root included.
           Default: ``16``.
+        tree_depth (int, optional): streams used for drafting, at most
+          ``num_streams``; ``0`` turns speculation off (plain decoding), which
+          ``python -m mlx_specstream.tune`` stores when speculation does not pay
+          on a device. Default: ``None`` (all streams).
         mode (str): ``"lossless"``: the main stream never attends to streams, so
           the main logits are exactly the base model's. ``"shared"``: the main
           stream also attends to its own position's streams (paper Eq. 1).
@@ -53,6 +57,7 @@ class SpecStreamConfig:
     top_k: Union[int, List[int]] = 3
     prune_threshold: float = 0.0
     max_tree_nodes: int = 16
+    tree_depth: Optional[int] = None
     mode: str = "lossless"
     stream_positions: str = "same"
     prune_adapter_rank: int = 8
@@ -110,6 +115,16 @@ class SpecStreamConfig:
             ),
             "stream_lora_targets",
             "must be a non-empty list of module paths inside a layer, or null",
+        )
+        require(
+            self.tree_depth is None
+            or (
+                isinstance(self.tree_depth, int)
+                and not isinstance(self.tree_depth, bool)
+                and 0 <= self.tree_depth <= self.num_streams
+            ),
+            "tree_depth",
+            f"must be null or an integer in [0, num_streams={self.num_streams}]",
         )
         require(self.mode in MODES, "mode", f"must be one of {MODES}")
         require(

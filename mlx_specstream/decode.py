@@ -48,7 +48,9 @@ def resolve_tree_settings(
 ) -> Tuple[List[int], int, float, int]:
     """Per-call tree settings, defaulting to the model's config; validated."""
     cfg = rt.config
-    depth = cfg.num_streams if tree_depth is None else tree_depth
+    if tree_depth is None:
+        tree_depth = cfg.num_streams if cfg.tree_depth is None else cfg.tree_depth
+    depth = tree_depth
     if not (isinstance(depth, int) and 0 <= depth <= cfg.num_streams):
         raise ValueError(
             f"tree_depth={tree_depth!r} must be an integer in [0, {cfg.num_streams}] "
@@ -124,7 +126,7 @@ def spec_generate_step(
     processors = logits_processors or []
     if prompt.size == 0:
         raise ValueError("The prompt is empty: give at least one token.")
-    if not speculative:
+    if not speculative or depth == 0:
         if rt.config.mode == "lossless":
             # Streams never touch the main stream: this is the base model.
             for n, (token, logprobs) in enumerate(
@@ -145,6 +147,10 @@ def spec_generate_step(
     check_cache(cache)
     prompt_list = prompt.tolist()
     first_top, num_layers = rt.first_top, rt.num_layers
+    # Lossless main rows never read the streams: verify with main rows only,
+    # then run the streams of the last accepted node alone (same result, far
+    # fewer rows in the stream layers).
+    split = rt.split_streams
     kmax = max(ks[:depth]) if depth else 0
 
     with mx.stream(generation_stream):
@@ -159,7 +165,7 @@ def spec_generate_step(
         emitted = passes = 0
         while True:
             prefix = cache[0].offset
-            out = rt.forward(tree.tokens, tree.parents, cache, threshold)
+            out = rt.forward(tree.tokens, tree.parents, cache, threshold, all_streams=not split)
             passes += 1
             kept_tokens = [tree.tokens[i] for i in out.kept]
             logits = out.logits
@@ -178,8 +184,11 @@ def spec_generate_step(
             results = [targets, accepted, last, logprobs]
             if depth:
                 # Next draft: top-k of the streams of the last accepted node only.
-                hidden = mx.take(out.stream_hidden, last, axis=0)[None]
-                slog = rt.head(hidden)[0].astype(mx.float32)
+                if split:
+                    slog = rt.draft_streams(last, cache).astype(mx.float32)
+                else:
+                    hidden = mx.take(out.stream_hidden, last, axis=0)[None]
+                    slog = rt.head(hidden)[0].astype(mx.float32)
                 slog = slog - mx.logsumexp(slog, axis=-1, keepdims=True)
                 top = mx.argsort(-slog, axis=-1)[:, :kmax]
                 top_lp = mx.take_along_axis(slog, top, axis=-1)

@@ -1,59 +1,33 @@
-"""The model used when none is given.
+"""The model used when none is given: ``mlx_specstream/models/default``.
 
-No trained model ships yet, so this builds a tiny randomly initialised
-Llama-architecture model with random streams and a byte-level tokenizer, in
-memory and deterministically. Its text is noise; it exists so the package
-runs end to end on a fresh machine with no download.
+It is a 6.5M-parameter Llama trained on Python standard-library code with
+Speculative Streaming, built by ``python -m convert.build_default_model``
+(see ``benchmarks/RESULTS.md``). It is stored in bfloat16 to fit the
+package; on the CPU backend, where float32 is the fast dtype, it runs in
+float32 (bfloat16 values are exact in float32, so the weights are the same).
+``models/draft`` is a 1M-parameter draft model with the same tokenizer, for
+mlx-lm's own speculative decoding in the benchmark.
 """
 
-import sys
+from pathlib import Path
 
 import mlx.core as mx
 
-from .config import SpecStreamConfig
-from .streams import attach_streams
-
-NOTICE = (
-    "[mlx_specstream] No trained default model is shipped yet: using a tiny randomly "
-    "initialised Llama model (its output is noise). Pass --model for a real one."
-)
-
-
-def byte_tokenizer():
-    """A 256-symbol byte-level BPE tokenizer (no merges) plus an end-of-text token."""
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    return TokenizerWrapper(hf)
+MODELS = Path(__file__).resolve().parent / "models"
+DEFAULT_DIR = MODELS / "default"
+DRAFT_DIR = MODELS / "draft"
 
 
 def load_default():
-    """Returns ``(model, tokenizer)`` for the random default model, printing a notice."""
-    from mlx_lm.models import llama
+    """Returns ``(model, tokenizer)`` for the embedded model."""
+    from .utils import load
 
-    print(NOTICE, file=sys.stderr)
-    tokenizer = byte_tokenizer()
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=128,
-        num_hidden_layers=6,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=len(tokenizer.get_vocab()),
-        tie_word_embeddings=True,
-    )
-    mx.random.seed(0)
-    model = llama.Model(args)
-    mx.eval(model.parameters())
-    attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=2, top_k=2), seed=0)
+    if not (DEFAULT_DIR / "config.json").exists():
+        raise FileNotFoundError(
+            f"The embedded model is missing from {DEFAULT_DIR}; reinstall the package or rebuild "
+            "it with `python -m convert.build_default_model`."
+        )
+    model, tokenizer = load(str(DEFAULT_DIR))
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)
     return model, tokenizer

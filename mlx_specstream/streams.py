@@ -157,6 +157,11 @@ class StreamRuntime:
         self.first_top = self.num_layers - config.num_stream_layers
         self.state: Optional[str] = None  # None (plain model), "step" or "tail"
         self.prune_threshold = 0.0
+        self._all_streams = True
+        self._main_rows = 0
+        # Lossless decoding verifies with main rows only, then drafts from the
+        # streams of the last accepted node (see draft_streams).
+        self.split_streams = config.mode == "lossless"
         self.lora_targets = lora_targets(model, config) if config.stream_lora_rank else []
         self.lora_scale = config.stream_lora_alpha / max(config.stream_lora_rank, 1)
         self._install()
@@ -187,6 +192,12 @@ class StreamRuntime:
                         return base_call(self, x, mask, cache, *args, **kwargs)
                     if rt.state == "tail":
                         return rt._tail_input if i == 0 else x
+                    if rt.state == "streams":
+                        # Stream rows of one node through the stream layers only.
+                        if i < rt.first_top:
+                            return x
+                        x = rt._stream_input if i == rt.first_top else x
+                        return base_call(self, x, rt._stream_mask, cache, *args, **kwargs)
                     if i == rt.first_top:
                         x = rt._insert_streams(x)
                     m = rt._upper_mask if i >= rt.first_top else rt._lower_mask
@@ -211,10 +222,12 @@ class StreamRuntime:
 
         def __call__(self, x):
             y = base_call(self, x)
-            if rt.state != "step":
+            if rt.state not in ("step", "streams"):
                 return y
             # Stream rows follow the R main rows; only they get the LoRA delta.
-            R = len(rt._kept)
+            R = rt._main_rows
+            if R == x.shape[1]:
+                return y
             p = rt.streams.lora_params(j, name)
             xs = x[:, R:]
             delta = (xs @ p["lora_a"].T.astype(xs.dtype)) @ p["lora_b"].T.astype(xs.dtype)
@@ -223,6 +236,8 @@ class StreamRuntime:
         return __call__
 
     def _positions(self, i):
+        if self.state == "streams":
+            return self._stream_pos
         if self.state != "step":
             return None
         return self._upper_pos if i >= self.first_top else self._lower_pos
@@ -244,13 +259,26 @@ class StreamRuntime:
 
     # ---- one step --------------------------------------------------------------
     def forward(
-        self, tokens: List[int], parents: List[int], cache, prune_threshold: float = 0.0
+        self,
+        tokens: List[int],
+        parents: List[int],
+        cache,
+        prune_threshold: float = 0.0,
+        all_streams: bool = True,
     ) -> StepOutput:
         """One multi-stream pass over a tree whose root follows the cached prefix.
 
         The caches grow by all tree rows (lower layers) or by the kept main
         rows and their stream rows (upper layers); the caller compacts them.
+
+        With ``all_streams=False`` (lossless mode only) no stream rows are
+        inserted: the main rows never read them there, so the pass verifies
+        the tree exactly, and :meth:`draft_streams` then computes the streams
+        of the one node that drafts next.
         """
+        if not all_streams and self.config.mode != "lossless":
+            raise ValueError("Streams can be left out of the pass only in lossless mode.")
+        self._all_streams = all_streams
         prefix = cache[0].offset
         T = len(tokens)
         depth = np.array(tree_depths(parents))
@@ -265,9 +293,12 @@ class StreamRuntime:
         finally:
             self.state = None
         R = len(self._kept)
+        hidden = None
+        if all_streams:
+            hidden = self._stream_hidden[0].reshape(R, self.config.num_streams, -1)
         return StepOutput(
             logits=logits[0],
-            stream_hidden=self._stream_hidden[0].reshape(R, self.config.num_streams, -1),
+            stream_hidden=hidden,
             kept=self._kept,
             kept_parents=self._kept_parents,
             kept_ancestors=self._kept_anc,
@@ -284,10 +315,16 @@ class StreamRuntime:
         self._kept = kept
         self._kept_parents = [-1] + [kept.index(parents[i]) for i in kept[1:]]
         self._kept_anc = sub_anc
+        self._main_rows = len(kept)
+        d = depth[kept]
+        if not self._all_streams:
+            self._upper_input = h
+            self._upper_mask = _with_prefix(sub_anc, prefix)
+            self._upper_pos = mx.array(prefix + d, dtype=mx.int32)
+            return h
         g = self.config.num_streams
         shared = self.config.mode == "shared"
         self._upper_mask = _with_prefix(stream_attention_mask(sub_anc, g, shared), prefix)
-        d = depth[kept]
         offsets = (
             np.arange(1, g + 1) if self.config.stream_positions == "offset" else np.zeros(g, int)
         )
@@ -308,7 +345,44 @@ class StreamRuntime:
         edge_ok = [True] + edge.tolist()
         return prune_subtrees(parents, edge_ok)
 
+    def draft_streams(self, last: mx.array, cache) -> mx.array:
+        """Logits ``(gamma, V)`` of the streams of kept node ``last`` (a device index).
+
+        Runs after :meth:`forward` with ``all_streams=False`` and before the
+        cache is compacted: the stream rows attend to the committed prefix and
+        to ``last``'s path among the tree rows still in the upper caches,
+        exactly as they would inside the full multi-stream pass.
+        """
+        tokens, parents, depth, anc, prefix = self._tree
+        g, R = self.config.num_streams, len(self._kept)
+        h = mx.take(self._upper_input, last[None], axis=1)
+        self._stream_input = self.streams.make_streams(h)
+        path = mx.take(mx.array(self._kept_anc), last, axis=0)
+        tree_cols = mx.broadcast_to(path[None], (g, R))
+        self._stream_mask = mx.concatenate(
+            [
+                mx.ones((g, prefix), dtype=mx.bool_),
+                tree_cols,
+                mx.array(np.tril(np.ones((g, g), bool))),
+            ],
+            axis=1,
+        )
+        pos = mx.take(mx.array(depth[self._kept] + prefix, dtype=mx.int32), last)
+        if self.config.stream_positions == "offset":
+            pos = pos + mx.arange(1, g + 1, dtype=mx.int32)
+        else:
+            pos = mx.broadcast_to(pos, (g,))
+        self._stream_pos = pos
+        self._main_rows = 0
+        self.state = "streams"
+        try:
+            return self.model(mx.zeros((1, g), dtype=mx.int32), cache=cache)[0]
+        finally:
+            self.state = None
+
     def _hold_back_streams(self, out: mx.array) -> mx.array:
+        if not self._all_streams:
+            return out
         R = len(self._kept)
         self._stream_hidden = out[:, R:]
         return out[:, :R]

@@ -171,3 +171,42 @@ def test_stream_lora_changes_streams_not_main():
     l2, s2 = forward(lora)
     np.testing.assert_allclose(l1, l2, atol=1e-5)
     assert np.abs(s1 - s2).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        ("llama", {}),
+        ("gpt_neox", dict(stream_positions="offset")),
+        ("phi3", dict(stream_lora_rank=4)),
+        ("qwen3", dict(prune_threshold=0.05, stream_init_rank=4)),
+    ],
+)
+def test_split_stream_pass_equals_full_pass(arch, extra):
+    """Lossless decoding verifies with main rows only and then runs the streams
+    of the last accepted node alone; that must equal the full pass's streams."""
+    model = tiny_spec_model(arch, num_streams=3, mode="lossless", **extra)
+    rt = model.speculative_streams
+    threshold = extra.get("prune_threshold", 0.0)
+
+    def fresh():
+        cache = make_prompt_cache(model)
+        model(mx.array(PROMPT)[None], cache=cache)
+        return cache
+
+    full = rt.forward(*TREE, fresh(), threshold)
+    want = np.array(rt.head(full.stream_hidden.reshape(1, -1, full.stream_hidden.shape[-1]))[0])
+    want = want.reshape(len(full.kept), 3, -1)
+    for node in range(len(full.kept)):
+        cache = fresh()
+        split = rt.forward(*TREE, cache, threshold, all_streams=False)
+        assert split.kept == full.kept
+        np.testing.assert_allclose(np.array(split.logits), np.array(full.logits), atol=1e-5)
+        got = np.array(rt.draft_streams(mx.array(node), cache))
+        np.testing.assert_allclose(got, want[node], atol=1e-4)
+
+
+def test_split_pass_is_refused_in_shared_mode():
+    model = tiny_spec_model("llama", num_streams=2, mode="shared")
+    with pytest.raises(ValueError, match="only in lossless mode"):
+        model.speculative_streams.forward(*TREE, make_prompt_cache(model), all_streams=False)

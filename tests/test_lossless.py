@@ -127,6 +127,14 @@ def test_negative_control_wrong_tree_mask(monkeypatch):
         run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "starcoder2"])
+def test_lossless_full_multi_stream_pass(arch):
+    """Lossless decoding through the full pass (streams of every node inserted)."""
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2, prune_threshold=0.05)
+    model.speculative_streams.split_streams = False
+    run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
+
+
 def test_negative_control_wrong_positions(monkeypatch):
     """Giving every tree node the root's position must break losslessness."""
     monkeypatch.setattr(streams_module, "tree_depths", lambda p: [0] * len(p))
@@ -142,6 +150,7 @@ def test_negative_control_main_sees_streams_in_lossless_mode(monkeypatch):
         streams_module, "stream_attention_mask", lambda anc, g, shared: real(anc, g, True)
     )
     model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=2)
+    model.speculative_streams.split_streams = False  # the full multi-stream pass
     with pytest.raises(AssertionError):
         run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
 

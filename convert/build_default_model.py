@@ -1,0 +1,141 @@
+"""Rebuilds the embedded default model from scratch, on CPU.
+
+``python -m convert.build_default_model [--work runs/default]``
+
+Stages (each skipped when its output exists, so an interrupted build resumes;
+the trainers also resume from their own checkpoints):
+
+1. corpus: this Python's standard library, split by module (``convert.corpus``);
+2. tokenizer: SentencePiece BPE, 8k, byte fallback (``convert.tokenizer``);
+3. base model: a 6.5M-parameter Llama pretrained from scratch (``convert.pretrain``);
+4. draft model: a 1M-parameter Llama for mlx-lm's ``--draft-model``;
+5. Speculative Streaming fine-tunes in shared and lossless mode (``convert.finetune``);
+6. conversion to MLX (``python -m convert``; bfloat16 storage to fit 25 MB);
+7. held-out prompts, and the choice of mode by tokens per forward pass;
+8. shipping into ``mlx_specstream/models/`` and tuning the tree for this machine.
+
+Every command is printed before it runs.
+"""
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "mlx_specstream" / "models"
+SHIP_LIMIT_MB = 25
+SS_COMMON = [
+    "--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3", "--max-length", "128",
+    "--batch-size", "8", "--max-steps", "600", "--learning-rate", "1e-3", "--eval-steps", "200",
+    "--save-steps", "200",
+]
+
+
+def run(*cmd):
+    cmd = [sys.executable, "-m", *map(str, cmd)]
+    print("+", " ".join(cmd), flush=True)
+    tic = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"  ({time.perf_counter() - tic:.0f} s)", flush=True)
+
+
+def stage(name, output: Path, fn):
+    if output.exists():
+        print(f"[skip] {name}: {output} exists")
+        return
+    print(f"[stage] {name}")
+    fn()
+
+
+def make_prompts(eval_jsonl: Path, out: Path, per_file=2, chars=320):
+    """Prompts from held-out modules: text from a top-level ``def``/``class`` line on."""
+    with open(out, "w") as f:
+        for line in open(eval_jsonl):
+            text = json.loads(line)["text"]
+            starts = [m.start() for m in re.finditer(r"^(def|class) ", text, re.M)]
+            for s in starts[1 : 1 + per_file]:
+                f.write(json.dumps({"prompt": text[s : s + chars]}) + "\n")
+
+
+def mean_tau(model_dir: Path, prompts: Path, n=8, max_tokens=96):
+    """Tokens per forward pass with the paper's tree (greedy), on held-out prompts."""
+    code = (
+        "import json,sys;import mlx.core as mx;from mlx_specstream import load, stream_generate;"
+        f"m,t=load('{model_dir}');m.set_dtype(mx.float32);taus=[]\n"
+        f"for l in list(open('{prompts}'))[:{n}]:\n"
+        "  p=t.encode(json.loads(l)['prompt'])\n"
+        f"  for r in stream_generate(m,t,p,max_tokens={max_tokens},tree_top_k=3,max_tree_nodes=40): pass\n"
+        "  taus.append(r.generation_tokens/r.forward_passes)\n"
+        "print(sum(taus)/len(taus))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="runs/default", help="Working directory for all artifacts")
+    p.add_argument("--force-ship", action="store_true", help="Replace an already shipped model")
+    args = p.parse_args()
+    w = Path(args.work)
+    tic = time.perf_counter()
+
+    stage("corpus", w / "corpus" / "manifest.json", lambda: run("convert.corpus", "--out", w / "corpus"))
+    stage("tokenizer", w / "tokenizer" / "tokenizer.json",
+          lambda: run("convert.tokenizer", "--corpus", w / "corpus" / "train.jsonl", "--out", w / "tokenizer"))
+    common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
+    stage("base model", w / "base" / "model", lambda: run("convert.pretrain", *common, "--out", w / "base"))
+    stage("draft model", w / "draft" / "model", lambda: run(
+        "convert.pretrain", *common, "--out", w / "draft", "--max-steps", "600", "--learning-rate", "3e-3",
+        "--arch", json.dumps(dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=256)),
+    ))
+    data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", w / "corpus" / "eval.jsonl"]
+    stage("shared-mode fine-tune", w / "ss-shared" / "config.json", lambda: run(
+        "convert.finetune", "--model", w / "base" / "model", *data, "--out", w / "ss-shared",
+        "--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64", *SS_COMMON,
+    ))
+    stage("lossless-mode fine-tune", w / "ss-lossless" / "config.json", lambda: run(
+        "convert.finetune", "--model", w / "base" / "model", *data, "--out", w / "ss-lossless",
+        "--mode", "lossless", "--stream-lora-rank", "16", "--stream-loss-weight", "1.0",
+        "--self-distill", "--window-prompt", "32", "--max-examples", "1600", *SS_COMMON,
+    ))
+    for mode in ("shared", "lossless"):
+        stage(f"convert {mode}", w / "mlx" / mode, lambda mode=mode: run(
+            "convert", "--hf-path", w / f"ss-{mode}", "--mlx-path", w / "mlx" / mode, "--dtype", "bfloat16"))
+    stage("convert draft", w / "mlx" / "draft", lambda: run(
+        "mlx_lm", "convert", "--hf-path", w / "draft" / "model", "--mlx-path", w / "mlx" / "draft",
+        "--dtype", "bfloat16"))
+    prompts = w / "prompts.jsonl"
+    stage("held-out prompts", prompts, lambda: make_prompts(w / "corpus" / "eval.jsonl", prompts))
+
+    taus = {mode: mean_tau(w / "mlx" / mode, prompts) for mode in ("shared", "lossless")}
+    best = max(taus, key=taus.get)
+    print(f"[INFO] tokens per forward pass (paper tree): {taus}; shipping {best} mode")
+    (w / "choice.json").write_text(json.dumps({"tau": taus, "shipped": best}, indent=2))
+
+    target, draft = PACKAGE_MODELS / "default", PACKAGE_MODELS / "draft"
+    if target.exists() or draft.exists():
+        if not args.force_ship:
+            raise FileExistsError(f"{target} already exists; pass --force-ship to replace it.")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(draft, ignore_errors=True)
+    shutil.copytree(w / "mlx" / best, target)
+    shutil.copytree(w / "mlx" / "draft", draft)
+    shutil.copy(prompts, target / "prompts.jsonl")
+    for d in (target, draft):
+        (d / "README.md").unlink(missing_ok=True)  # mlx-lm's generic model card
+    size = sum(f.stat().st_size for f in PACKAGE_MODELS.rglob("*") if f.is_file()) / 1e6
+    print(f"[INFO] shipped {size:.1f} MB into {PACKAGE_MODELS}")
+    if size > SHIP_LIMIT_MB:
+        raise RuntimeError(f"shipped models take {size:.1f} MB > {SHIP_LIMIT_MB} MB")
+    run("mlx_specstream.tune", "--save")
+    print(f"[INFO] build finished in {(time.perf_counter() - tic) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Speculative Streaming against mlx-lm on the same weights.
+
+``python -m mlx_specstream.benchmark [--model DIR] [--draft-model DIR]``
+
+For each prompt, and with a fresh cache every run:
+
+* mlx-lm plain generation on the model's base weights;
+* mlx-lm speculative decoding with a small draft model (if one is given);
+* Speculative Streaming with the model's default tree, and with the tuned
+  tree (``--tuned-*`` flags or the config's own settings).
+
+All runs are greedy, after one warm-up. Every output is checked: it must be
+identical to ``speculative=False`` decoding of the same model, and in
+lossless mode also to mlx-lm's own output. The script reports tokens/s and
+its ratio to plain decoding, tokens per forward pass (tau), forward passes,
+the verify-cost curve c(n) = t(n)/t(1), peak memory and the extra parameters.
+It writes a CSV, a markdown summary and a PNG next to each other, and
+records the machine, the versions and the command line.
+"""
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .generate import stream_generate
+from .streams import get_runtime
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def machine_info():
+    import mlx_lm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "device": str(mx.default_device()),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "command": " ".join(["python -m mlx_specstream.benchmark"] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def load_prompts(path, tokenizer, n, prompt_tokens):
+    """Prompts from held-out code: the first ``prompt_tokens`` tokens of each entry."""
+    prompts = []
+    for line in open(path):
+        text = json.loads(line)["prompt"]
+        prompts.append(tokenizer.encode(text)[:prompt_tokens])
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def run_mlx_lm(model, tokenizer, prompt, max_tokens, draft_model=None, num_draft_tokens=3):
+    from mlx_lm.generate import stream_generate as mlx_stream_generate
+
+    kwargs = (
+        {"draft_model": draft_model, "num_draft_tokens": num_draft_tokens} if draft_model else {}
+    )
+    tokens, passes = [], 0
+    for r in mlx_stream_generate(
+        model, tokenizer, mx.array(prompt), max_tokens=max_tokens, **kwargs
+    ):
+        tokens.append(r.token)
+        passes += not r.from_draft
+        last = r
+    return tokens, last.generation_tps, passes
+
+
+def run_specstream(model, tokenizer, prompt, max_tokens, **tree):
+    tokens = []
+    for r in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_tokens, **tree):
+        tokens.append(r.token)
+        last = r
+    return tokens, last.generation_tps, last.forward_passes
+
+
+def verify_cost_curve(model, sizes=(1, 2, 4, 8, 16, 32), context=128, repeats=5):
+    """Median time of one forward pass over ``n`` new tokens (a chain) after
+    ``context`` cached tokens, for the plain model and for a Speculative
+    Streaming step (streams included), relative to ``n = 1``."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    rt = get_runtime(model)
+    out = {"plain": {}, "specstream": {}}
+    for kind in out:
+        for n in sizes:
+            times = []
+            for _ in range(repeats + 1):
+                cache = make_prompt_cache(model)
+                model(mx.zeros((1, context), dtype=mx.int32), cache=cache)
+                mx.eval([c.keys for c in cache])
+                tokens = [1] * n
+                tic = time.perf_counter()
+                if kind == "plain":
+                    mx.eval(model(mx.array([tokens]), cache=cache))
+                else:
+                    step = rt.forward(tokens, list(range(-1, n - 1)), cache)
+                    mx.eval(step.logits, step.stream_hidden)
+                times.append(time.perf_counter() - tic)
+            out[kind][n] = statistics.median(times[1:])
+        base = out[kind][sizes[0]]
+        out[kind] = {n: (t, t / base) for n, t in out[kind].items()}
+    return out
+
+
+def parameter_counts(model):
+    rt = get_runtime(model)
+    base = sum(v.size for _, v in tree_flatten(model.parameters()))
+    extra = sum(v.size for _, v in tree_flatten(rt.streams.parameters()))
+    return base, extra
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Benchmark Speculative Streaming against mlx-lm.")
+    p.add_argument("--model", default=None, help="Model directory (default: the embedded model)")
+    p.add_argument(
+        "--draft-model", default=None, help="mlx-lm draft model (default: the embedded draft)"
+    )
+    p.add_argument("--num-draft-tokens", type=int, default=3)
+    p.add_argument("--prompts", default=None, help="JSONL with a 'prompt' per line")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--tuned-top-k", type=int, default=None)
+    p.add_argument("--tuned-depth", type=int, default=None)
+    p.add_argument("--tuned-prune-threshold", type=float, default=None)
+    p.add_argument("--tuned-max-tree-nodes", type=int, default=None)
+    p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--name", default="default", help="Prefix of the result files")
+    return p
+
+
+def main(argv=None):
+    import mlx_lm
+
+    from .utils import load, resolve_model_path
+
+    args = setup_arg_parser().parse_args(argv)
+    if args.model is None:
+        from .default_model import DEFAULT_DIR, DRAFT_DIR
+
+        model_dir, draft_dir = DEFAULT_DIR, args.draft_model or DRAFT_DIR
+    else:
+        model_dir, draft_dir = resolve_model_path(args.model), args.draft_model
+    dtype = DTYPES[args.dtype]
+    model, tokenizer = load(str(model_dir))
+    model.set_dtype(dtype)
+    plain, _ = mlx_lm.load(str(model_dir))
+    plain.set_dtype(dtype)
+    draft = None
+    if draft_dir:
+        draft, _ = mlx_lm.load(str(draft_dir))
+        draft.set_dtype(dtype)
+    rt = get_runtime(model)
+    cfg = rt.config
+    prompts_file = args.prompts or Path(model_dir) / "prompts.jsonl"
+    prompts = load_prompts(prompts_file, tokenizer, args.num_prompts, args.prompt_tokens)
+
+    tuned = {
+        "tree_top_k": args.tuned_top_k,
+        "tree_depth": args.tuned_depth,
+        "prune_threshold": args.tuned_prune_threshold,
+        "max_tree_nodes": args.tuned_max_tree_nodes,
+    }
+    # The paper's tree: top-3 of every stream, full Cartesian product, no pruning.
+    paper_tree = {
+        "tree_top_k": 3,
+        "tree_depth": cfg.num_streams,
+        "prune_threshold": 0.0,
+        "max_tree_nodes": sum(3**g for g in range(cfg.num_streams + 1)),
+    }
+    methods = {
+        "mlx-lm plain": lambda p: run_mlx_lm(plain, tokenizer, p, args.max_tokens),
+        "SS no speculation": lambda p: run_specstream(
+            model, tokenizer, p, args.max_tokens, speculative=False
+        ),
+        "SS default tree (paper, k=3)": lambda p: run_specstream(
+            model, tokenizer, p, args.max_tokens, **paper_tree
+        ),
+        "SS tuned tree": lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **tuned),
+    }
+    if draft is not None:
+        methods["mlx-lm draft model"] = lambda p: run_mlx_lm(
+            plain, tokenizer, p, args.max_tokens, draft, args.num_draft_tokens
+        )
+
+    for fn in methods.values():  # warm-up
+        fn(prompts[0])
+    rows, outputs = [], {}
+    for i, prompt in enumerate(prompts):
+        for name, fn in methods.items():
+            mx.reset_peak_memory()
+            for run in range(args.runs):
+                tokens, tps, passes = fn(prompt)
+                outputs.setdefault((i, name), tokens)
+                rows.append(
+                    dict(
+                        prompt=i,
+                        method=name,
+                        run=run,
+                        tokens=len(tokens),
+                        tokens_per_s=tps,
+                        forward_passes=passes,
+                        tau=len(tokens) / passes,
+                        peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    )
+                )
+        reference = outputs[(i, "SS no speculation")]
+        for name in methods:
+            if name.startswith("SS") or cfg.mode == "lossless":
+                if outputs[(i, name)] != reference:
+                    raise AssertionError(f"prompt {i}: '{name}' output differs from plain decoding")
+        print(f"[{i + 1}/{len(prompts)}] outputs identical across methods", flush=True)
+
+    summary = summarize(rows, methods)
+    curve = verify_cost_curve(model)
+    base_params, extra = parameter_counts(model)
+    info = machine_info()
+    info.update(
+        model=str(model_dir),
+        draft_model=str(draft_dir),
+        mode=cfg.mode,
+        dtype=args.dtype,
+        base_parameters=base_params,
+        stream_parameters=extra,
+        stream_parameter_ratio=extra / base_params,
+        tuned_tree=tuned,
+        config=cfg.to_dict(),
+        prompts=len(prompts),
+        runs=args.runs,
+        max_tokens=args.max_tokens,
+    )
+    write_results(Path(args.output_dir), args.name, rows, summary, curve, info)
+
+
+def summarize(rows, methods):
+    out = {}
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        # Median over runs per prompt, then median over prompts.
+        per_prompt = {}
+        for r in mine:
+            per_prompt.setdefault(r["prompt"], []).append(r["tokens_per_s"])
+        out[name] = {
+            "tokens_per_s": statistics.median(statistics.median(v) for v in per_prompt.values()),
+            "tau": statistics.mean(r["tau"] for r in mine),
+            "forward_passes": statistics.mean(r["forward_passes"] for r in mine),
+            "tokens": statistics.mean(r["tokens"] for r in mine),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in mine),
+        }
+    base = out["mlx-lm plain"]["tokens_per_s"]
+    for v in out.values():
+        v["speedup"] = v["tokens_per_s"] / base
+    return out
+
+
+def write_results(out_dir: Path, name, rows, summary, curve, info):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        f"# Benchmark: {info['model']}",
+        "",
+        "| method | tokens/s | vs mlx-lm plain | tokens per forward pass (tau) | forward passes | peak memory (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, v in summary.items():
+        lines.append(
+            f"| {m} | {v['tokens_per_s']:.1f} | {v['speedup']:.2f}x | {v['tau']:.2f} | "
+            f"{v['forward_passes']:.1f} | {v['peak_memory_gb']:.3f} |"
+        )
+    sizes = sorted(curve["plain"])
+    lines += [
+        "",
+        "Verify cost c(n) = t(n)/t(1), one forward pass over n new tokens after 128 cached:",
+        "",
+        "| n | " + " | ".join(str(n) for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for kind in ("plain", "specstream"):
+        lines.append(
+            f"| {kind} | "
+            + " | ".join(
+                f"{curve[kind][n][1]:.2f} ({curve[kind][n][0] * 1e3:.1f} ms)" for n in sizes
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"Extra parameters: {info['stream_parameters']:,} ({100 * info['stream_parameter_ratio']:.3f}% of "
+        f"{info['base_parameters']:,}). Mode: {info['mode']}, dtype: {info['dtype']}, "
+        f"{info['prompts']} prompts x {info['runs']} runs, {info['max_tokens']} tokens, greedy; "
+        "every output identical to plain decoding.",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}, {info['device']}; "
+        f"python {info['python']}, mlx {info['mlx']}, mlx-lm {info['mlx_lm']}; {info['date']}.",
+        "",
+        f"Command: `{info['command']}`",
+    ]
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.json").write_text(
+        json.dumps({"summary": summary, "curve": curve, "info": info}, indent=2)
+    )
+    plot(out_dir / f"{name}.png", summary, curve)
+    print("\n".join(lines))
+
+
+def plot(path, summary, curve):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"[WARNING] matplotlib is not installed: no plot written to {path}")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(summary)
+    a.barh(names, [summary[n]["tokens_per_s"] for n in names], color="tab:blue")
+    for i, n in enumerate(names):
+        a.text(
+            summary[n]["tokens_per_s"],
+            i,
+            f" {summary[n]['speedup']:.2f}x, tau {summary[n]['tau']:.2f}",
+            va="center",
+        )
+    a.set_xlabel("tokens/s (greedy)")
+    a.set_title("Decoding speed")
+    for kind in curve:
+        ns = sorted(curve[kind])
+        b.plot(ns, [curve[kind][n][1] for n in ns], "o-", label=kind)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("new tokens per forward pass (n)")
+    b.set_ylabel("c(n) = t(n) / t(1)")
+    b.set_title("Verify cost")
+    b.legend()
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Picks the draft tree that decodes fastest on this device.
+
+``python -m mlx_specstream.tune [--model DIR] [--save]``
+
+Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
+trees (top-k per stream, depth, max nodes, then pruning thresholds for the
+best shapes), on held-out prompts. The fastest tree wins, unless it beats
+plain decoding by less than ``--min-gain``: then speculation does not pay on
+this device and ``tree_depth = 0`` (plain decoding) is chosen, and said.
+``--save`` writes the choice into the model's ``config.json`` (the previous
+file is kept as ``config.json.before-tune``).
+"""
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from .benchmark import DTYPES, load_prompts
+from .config import CONFIG_KEY
+from .generate import stream_generate
+from .streams import get_runtime
+
+
+def tokens_per_second(model, tokenizer, prompts, max_tokens, **tree):
+    """Median over prompts of greedy generation tokens/s, and the mean tau."""
+    tps, taus = [], []
+    for prompt in prompts:
+        for r in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_tokens, **tree):
+            pass
+        tps.append(r.generation_tps)
+        taus.append(r.generation_tokens / r.forward_passes)
+    return statistics.median(tps), statistics.mean(taus)
+
+
+def candidate_trees(num_streams, has_adapter):
+    """Tree shapes to try: every depth and width, capped at a few sizes."""
+    shapes = []
+    for depth in range(1, num_streams + 1):
+        for k in (1, 2, 3):
+            full = sum(k**g for g in range(depth + 1))
+            for cap in sorted({n for n in (4, 8, 16) if n < full} | {full}):
+                shapes.append(
+                    dict(tree_depth=depth, tree_top_k=k, max_tree_nodes=cap, prune_threshold=0.0)
+                )
+    return shapes
+
+
+def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
+    rt = get_runtime(model)
+    has_adapter = "prune_adapter" in rt.streams
+    tokens_per_second(model, tokenizer, prompts[:1], 16)  # warm-up
+    base_tps, _ = tokens_per_second(model, tokenizer, prompts, max_tokens, speculative=False)
+    log(f"one token per pass: {base_tps:.1f} tokens/s")
+    results = []
+    for tree in candidate_trees(rt.config.num_streams, has_adapter):
+        tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **tree)
+        results.append((tps, tau, tree))
+        log(f"{tree}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+    if has_adapter:
+        for _, _, tree in sorted(results, key=lambda r: -r[0])[:3]:
+            for threshold in (0.02, 0.05, 0.1, 0.2):
+                pruned = dict(tree, prune_threshold=threshold)
+                tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **pruned)
+                results.append((tps, tau, pruned))
+                log(f"{pruned}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+    best_tps, best_tau, best = max(results, key=lambda r: r[0])
+    if best_tps < min_gain * base_tps:
+        log(
+            f"Speculation does not pay on this device: the best tree gives {best_tps:.1f} tokens/s "
+            f"vs {base_tps:.1f} one token per pass ({best_tps / base_tps:.2f}x < {min_gain}x). "
+            "Choosing plain decoding (tree_depth = 0)."
+        )
+        return {"tree_depth": 0}, base_tps, base_tps
+    log(f"Best: {best} at {best_tps:.1f} tokens/s ({best_tps / base_tps:.2f}x), tau {best_tau:.2f}")
+    return best, best_tps, base_tps
+
+
+def save_choice(model_dir: Path, choice: dict):
+    """Writes the tuned tree into ``config.json`` atomically, keeping the old file."""
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    section = config[CONFIG_KEY]
+    section["tree_depth"] = choice["tree_depth"]
+    if choice["tree_depth"]:
+        section["top_k"] = choice["tree_top_k"]
+        section["max_tree_nodes"] = choice["max_tree_nodes"]
+        section["prune_threshold"] = choice["prune_threshold"]
+    backup = model_dir / "config.json.before-tune"
+    if not backup.exists():
+        shutil.copy(config_file, backup)
+    tmp = config_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=4, sort_keys=True))
+    tmp.replace(config_file)
+    return section
+
+
+def main(argv=None):
+    from .utils import load, resolve_model_path
+
+    p = argparse.ArgumentParser(description="Pick the fastest draft tree for this device.")
+    p.add_argument("--model", default=None, help="Model directory (default: the embedded model)")
+    p.add_argument("--prompts", default=None, help="JSONL with a 'prompt' per line")
+    p.add_argument("--num-prompts", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--min-gain", type=float, default=1.05)
+    p.add_argument(
+        "--save", action="store_true", help="Write the choice into the model's config.json"
+    )
+    args = p.parse_args(argv)
+    if args.model is None:
+        from .default_model import DEFAULT_DIR
+
+        model_dir = DEFAULT_DIR
+    else:
+        model_dir = resolve_model_path(args.model)
+    model, tokenizer = load(str(model_dir))
+    model.set_dtype(DTYPES[args.dtype])
+    prompts = load_prompts(
+        args.prompts or model_dir / "prompts.jsonl", tokenizer, args.num_prompts, args.prompt_tokens
+    )
+    tic = time.perf_counter()
+    choice, tps, base = tune(model, tokenizer, prompts, args.max_tokens, args.min_gain)
+    print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
+    if args.save:
+        section = save_choice(Path(model_dir), choice)
+        print(f"[INFO] saved into {Path(model_dir) / 'config.json'}: {json.dumps(section)}")
+    else:
+        print("[INFO] not saved (pass --save to write it into the model's config.json)")
+
+
+if __name__ == "__main__":
+    main()
