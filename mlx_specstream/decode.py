@@ -6,12 +6,14 @@ from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from .cache import check_cache, commit_path
 from .streams import StreamRuntime, get_runtime
-from .tree import DraftTree, accept, build_draft_tree
+from .sample_utils import DistributionSampler
+from .tree import DraftTree, accept, accept_by_rejection, build_draft_tree
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -75,6 +77,68 @@ def resolve_tree_settings(
     return ks, depth, float(threshold), nodes
 
 
+ACCEPTANCE = ("target-sample", "rejection")
+
+
+def _stream_logprobs(rt, out, cache, last, split):
+    """``(gamma, V)`` log-probabilities of the streams of kept node ``last``."""
+    if split:
+        slog = rt.draft_streams(last, cache).astype(mx.float32)
+    else:
+        slog = rt.head(mx.take(out.stream_hidden, last, axis=0)[None])[0].astype(mx.float32)
+    return slog - mx.logsumexp(slog, axis=-1, keepdims=True)
+
+
+def _target_sample_step(rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax):
+    """Design (a), on device: sample a target token at every node, walk while a
+    child matches; drafts are the streams' top-k. One host read."""
+    targets = sampler(logprobs)
+    _, last = accept(
+        mx.array(kept_tokens),
+        mx.array([0] + out.kept_parents[1:]),
+        mx.array(out.kept_ancestors),
+        targets,
+    )
+    results = [targets, last, logprobs]
+    if depth:
+        slog = _stream_logprobs(rt, out, cache, last, rt.split_streams)
+        top = mx.argsort(-slog, axis=-1)[:, :kmax]
+        results += [top, mx.take_along_axis(slog, top, axis=-1)]
+    mx.eval(results)  # the step's one host read
+    last = results[1].item()
+    path = [last]
+    while path[-1] > 0:  # the accepted nodes are the path from the root to ``last``
+        path.append(out.kept_parents[path[-1]])
+    path.reverse()
+    token = targets[last].item()
+    if not depth:
+        return path, token, None, None
+    return path, token, results[3].tolist(), results[4].tolist()
+
+
+def _rejection_step(rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax):
+    """Design (b): recursive rejection sampling on the host, then drafts drawn
+    without replacement from the last accepted node's streams (Gumbel top-k)."""
+    probs = sampler.probs(logprobs)
+    uniforms = mx.random.uniform(shape=(len(kept_tokens) + 1,))
+    mx.eval(probs, uniforms, logprobs)
+    path, token = accept_by_rejection(
+        kept_tokens, out.kept_parents, np.array(probs), draft_q, np.array(uniforms)
+    )
+    if not depth:
+        return path, token, None, None, None
+    slog = _stream_logprobs(rt, out, cache, mx.array(path[-1]), rt.split_streams)
+    q = sampler.probs(slog)
+    keys = mx.log(q) + mx.random.gumbel(q.shape)
+    top = mx.argsort(-keys, axis=-1)[:, :kmax]  # draw order of a sample without replacement
+    logq = mx.take_along_axis(mx.log(q), top, axis=-1)
+    mx.eval(q, top, logq)
+    # Scores that never increase along a draw: capping the tree then keeps a
+    # draw-order prefix of every sibling list, as rejection sampling needs.
+    scores = np.minimum.accumulate(np.array(logq), axis=1)
+    return path, token, top.tolist(), scores.tolist(), np.array(q)
+
+
 def spec_generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -89,6 +153,7 @@ def spec_generate_step(
     tree_depth: Optional[int] = None,
     prune_threshold: Optional[float] = None,
     max_tree_nodes: Optional[int] = None,
+    acceptance: str = "target-sample",
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -114,6 +179,15 @@ def spec_generate_step(
           streams in shared mode. Default: ``True``.
         tree_top_k, tree_depth, prune_threshold, max_tree_nodes: per-call
           overrides of the model's tree settings.
+        acceptance (str): how drafts are verified when sampling; both keep the
+          model's distribution exactly. ``"target-sample"``: deterministic
+          top-k drafts, a target token drawn at every node, walk while a child
+          matches. ``"rejection"``: drafts drawn without replacement from the
+          stream distributions, verified by recursive rejection sampling over
+          siblings; needs a sampler from
+          :func:`mlx_specstream.sample_utils.make_sampler` and reads the host
+          twice per step. Greedy decoding always walks by argmax.
+          Default: ``"target-sample"``.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -124,6 +198,15 @@ def spec_generate_step(
     )
     sampler = sampler or _greedy
     processors = logits_processors or []
+    if acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
+    if acceptance == "rejection" and not (
+        sampler is _greedy or isinstance(sampler, DistributionSampler)
+    ):
+        raise ValueError(
+            "acceptance='rejection' needs the target distribution, not only samples: pass a "
+            "sampler from mlx_specstream.sample_utils.make_sampler."
+        )
     if prompt.size == 0:
         raise ValueError("The prompt is empty: give at least one token.")
     if not speculative or depth == 0:
@@ -152,6 +235,8 @@ def spec_generate_step(
     # fewer rows in the stream layers).
     split = rt.split_streams
     kmax = max(ks[:depth]) if depth else 0
+    by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
+    draft_q = None
 
     with mx.stream(generation_stream):
         # Prefill all but the last prompt token with the plain model.
@@ -174,29 +259,15 @@ def spec_generate_step(
                     processors, history, kept_tokens, out.kept_parents, logits
                 )
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            targets = sampler(logprobs)
-            accepted, last = accept(
-                mx.array(kept_tokens),
-                mx.array([0] + out.kept_parents[1:]),
-                mx.array(out.kept_ancestors),
-                targets,
-            )
-            results = [targets, accepted, last, logprobs]
-            if depth:
-                # Next draft: top-k of the streams of the last accepted node only.
-                if split:
-                    slog = rt.draft_streams(last, cache).astype(mx.float32)
-                else:
-                    hidden = mx.take(out.stream_hidden, last, axis=0)[None]
-                    slog = rt.head(hidden)[0].astype(mx.float32)
-                slog = slog - mx.logsumexp(slog, axis=-1, keepdims=True)
-                top = mx.argsort(-slog, axis=-1)[:, :kmax]
-                top_lp = mx.take_along_axis(slog, top, axis=-1)
-                results += [top, top_lp]
-            mx.eval(results)  # the step's one host read
-            tgt, acc, L = targets.tolist(), accepted.tolist(), last.item()
-            path = [i for i, a in enumerate(acc) if a]
-
+            if by_rejection:
+                path, token, top, top_lp, draft_q = _rejection_step(
+                    rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax
+                )
+            else:
+                path, token, top, top_lp = _target_sample_step(
+                    rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax
+                )
+            L = path[-1]
             commit_path(
                 cache,
                 prefix,
@@ -206,24 +277,23 @@ def spec_generate_step(
                 ],
             )
             new = [(kept_tokens[i], out.kept_parents[i], True) for i in path[1:]]
-            new.append((tgt[L], L, False))
-            for token, source, from_draft in new:
+            new.append((token, L, False))
+            for token_, source, from_draft in new:
                 emitted += 1
-                yield token, logprobs[source], from_draft, passes
+                yield token_, logprobs[source], from_draft, passes
                 if emitted == max_tokens:
                     return
-            history.extend(token for token, _, _ in new)
+            history.extend(t for t, _, _ in new)
 
             d = depth if max_tokens < 0 else min(depth, max_tokens - emitted - 1)
             if d > 0:
-                top, top_lp = results[4].tolist(), results[5].tolist()
                 tree = build_draft_tree(
-                    tgt[L],
+                    token,
                     [top[j][: ks[j]] for j in range(d)],
                     [top_lp[j][: ks[j]] for j in range(d)],
                     max_nodes,
                 )
             else:
-                tree = DraftTree([tgt[L]], [-1])
+                tree = DraftTree([token], [-1])
             if passes % 256 == 0:
                 mx.clear_cache()

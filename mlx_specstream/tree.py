@@ -225,3 +225,72 @@ def accept(tokens, parents, ancestors, targets):
     depth = ancestors.sum(axis=-1)
     last = mx.argmax(mx.where(accepted, depth, 0))
     return accepted, last
+
+
+def children_of(parents: Sequence[int]) -> List[List[int]]:
+    """Child lists, in node order.
+
+    Example:
+        >>> children_of([-1, 0, 1, 0])
+        [[1, 3], [2], [], []]
+    """
+    kids = [[] for _ in parents]
+    for i, p in enumerate(parents):
+        if p >= 0:
+            kids[p].append(i)
+    return kids
+
+
+def draw(probs: np.ndarray, u: float) -> int:
+    """Inverse-CDF draw from ``probs`` with the uniform ``u`` in [0, 1)."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(probs) - 1))
+
+
+def accept_by_rejection(tokens, parents, target_probs, draft_probs, uniforms):
+    """Recursive rejection sampling down a draft tree (lossless, multi-draft).
+
+    Siblings must be draws *without replacement*, in draw order, from the
+    draft distribution of their level, ``draft_probs[depth of parent]``. At a
+    node with target distribution ``p``, each child ``x`` in turn is accepted
+    with probability ``min(1, p(x) / q(x))``; on rejection ``p`` becomes the
+    normalised residual ``max(p - q, 0)`` and ``x`` is removed from ``q``
+    (recursive rejection sampling, Jeon et al. 2024; SpecInfer's multi-draft
+    verification). Accepting a child moves the walk to it; when no child is
+    accepted, or at a leaf, the next token is drawn from the current ``p``.
+    Every emitted token is then distributed exactly as the target.
+
+    Example (one child, token 1, with p = q: always accepted; then a leaf):
+        >>> p = np.array([[0.5, 0.5], [0.9, 0.1]]); q = np.array([[0.5, 0.5]])
+        >>> accept_by_rejection([0, 1], [-1, 0], p, q, [0.99, 0.95])
+        ([0, 1], 1)
+
+    Args:
+        tokens, parents: the tree (node 0 is the root).
+        target_probs: ``(T, V)`` target distribution after each node's path.
+        draft_probs: ``(depth, V)`` draft distribution of each tree level.
+        uniforms: at least ``T + 1`` numbers in [0, 1), consumed in order.
+
+    Returns:
+        tuple: ``(path, token)``, the accepted nodes from the root and the next token.
+    """
+    kids, depth, u = children_of(parents), tree_depths(parents), iter(uniforms)
+    cur, path = 0, [0]
+    while True:
+        p = np.asarray(target_probs[cur], dtype=np.float64)
+        if kids[cur]:
+            q = np.array(draft_probs[depth[cur]], dtype=np.float64)
+        for c in kids[cur]:
+            x = tokens[c]
+            if next(u) * q[x] < p[x]:
+                cur = c
+                path.append(c)
+                break
+            residual = np.maximum(p - q, 0.0)
+            if residual.sum() > 0:  # zero only if p == q, where x is always accepted
+                p = residual / residual.sum()
+            q[x] = 0.0
+            if q.sum() > 0:
+                q = q / q.sum()
+        else:
+            return path, draw(p, next(u))

@@ -91,10 +91,19 @@ def _is_layer_matrix(path, w):
 
 
 def tiny_spec_model(
-    arch="llama", vocab_size=64, seed=0, stream_seed=1, dtype=None, quant_bits=None, **cfg
+    arch="llama",
+    vocab_size=64,
+    seed=0,
+    stream_seed=1,
+    dtype=None,
+    quant_bits=None,
+    weight_scale=4.0,
+    model_args=None,
+    **cfg,
 ):
-    """A tiny random model with random streams (``cfg`` goes to SpecStreamConfig)."""
-    model = tiny_model(arch, vocab_size, seed, dtype, quant_bits)
+    """A tiny random model with random streams (``cfg`` goes to SpecStreamConfig,
+    ``model_args`` to the architecture's ModelArgs)."""
+    model = tiny_model(arch, vocab_size, seed, dtype, quant_bits, weight_scale, **(model_args or {}))
     cfg.setdefault("num_stream_layers", 2)
     attach_streams(model, SpecStreamConfig(**cfg), seed=stream_seed)
     return model

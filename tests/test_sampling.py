@@ -1,0 +1,185 @@
+"""Speculative sampling keeps the model's distribution, for chains and trees.
+
+The distribution of the first three generated tokens under speculative
+sampling is compared (chi-square) with the exact distribution, enumerated
+from the plain model with the same sampler settings. A naive per-path
+acceptance rule, which is not lossless for trees, is rejected by the same test.
+"""
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import tiny_spec_model
+
+import mlx_specstream.decode as decode
+from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.sample_utils import make_sampler
+from mlx_specstream.tree import children_of, draw, tree_depths
+
+stats = pytest.importorskip("scipy.stats")
+
+V, N_TOKENS, PROMPT = 6, 3, [1, 4, 2, 5]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Streams that often disagree with the main stream: lossless sampling must
+    hold whatever the drafts, and a biased rule shows its bias most here."""
+    m = tiny_spec_model(
+        "llama",
+        vocab_size=V,
+        num_streams=2,
+        num_stream_layers=1,
+        top_k=2,
+        weight_scale=1.0,
+        model_args=dict(hidden_size=32, intermediate_size=64),
+    )
+    streams = m.speculative_streams.streams
+    streams.embeddings = streams.embeddings * 50
+    return m
+
+
+def exact_distribution(model, sampler):
+    """P(first N_TOKENS tokens) under plain sampling, by enumeration."""
+    seqs = list(itertools.product(range(V), repeat=N_TOKENS))
+    ids = mx.array([PROMPT + list(s[:-1]) for s in seqs])
+    logits = model(ids)[:, len(PROMPT) - 1 :].astype(mx.float32)
+    probs = np.array(sampler.probs(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+    p = np.ones(len(seqs))
+    for i, s in enumerate(seqs):
+        for t, tok in enumerate(s):
+            p[i] *= probs[i, t, tok]
+    return {s: p[i] for i, s in enumerate(seqs)}
+
+
+def sample_counts(model, sampler, n, **kwargs):
+    counts = {}
+    for i in range(n):
+        mx.random.seed(i)
+        toks = tuple(
+            t
+            for t, *_ in spec_generate_step(
+                mx.array(PROMPT), model, max_tokens=N_TOKENS, sampler=sampler, **kwargs
+            )
+        )
+        counts[toks] = counts.get(toks, 0) + 1
+    return counts
+
+
+def chi_square_pvalue(counts, exact, n):
+    """Goodness of fit; cells expected below 5 are pooled."""
+    observed, expected, pool_o, pool_e = [], [], 0, 0.0
+    for s, p in exact.items():
+        if p * n >= 5:
+            observed.append(counts.get(s, 0))
+            expected.append(p * n)
+        else:
+            pool_o += counts.get(s, 0)
+            pool_e += p * n
+    observed.append(pool_o)
+    expected.append(pool_e)
+    return stats.chisquare(observed, np.array(expected) * sum(observed) / sum(expected)).pvalue
+
+
+CASES = {
+    "target-sample chain T=1": ("target-sample", dict(temp=1.0), dict(tree_top_k=1)),
+    "target-sample tree T=0.7 top-p": (
+        "target-sample",
+        dict(temp=0.7, top_p=0.9),
+        dict(tree_top_k=2),
+    ),
+    "rejection chain T=1": ("rejection", dict(temp=1.0), dict(tree_top_k=1)),
+    "rejection tree T=1": ("rejection", dict(temp=1.0), dict(tree_top_k=3)),
+    "rejection tree T=0.7 top-p": ("rejection", dict(temp=0.7, top_p=0.9), dict(tree_top_k=2)),
+}
+N_SAMPLES = 2500
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_speculative_sampling_matches_plain_distribution(model, case):
+    acceptance, sampler_args, tree = CASES[case]
+    sampler = make_sampler(**sampler_args)
+    counts = sample_counts(model, sampler, N_SAMPLES, acceptance=acceptance, **tree)
+    p = chi_square_pvalue(counts, exact_distribution(model, sampler), N_SAMPLES)
+    assert p > 1e-3, f"{case}: chi-square p = {p:.2e}"
+
+
+def naive_per_path(tokens, parents, target_probs, draft_probs, uniforms):
+    """Single-draft rejection applied to each sibling independently (no residual
+    between siblings): the per-path rule that is not lossless for k > 1."""
+    kids, depth, u = children_of(parents), tree_depths(parents), iter(uniforms)
+    cur, path = 0, [0]
+    while True:
+        p = np.asarray(target_probs[cur], dtype=np.float64)
+        if not kids[cur]:
+            return path, draw(p, next(u))
+        q = np.asarray(draft_probs[depth[cur]], dtype=np.float64)
+        accepted = [c for c in kids[cur] if next(u) * q[tokens[c]] < p[tokens[c]]]
+        if not accepted:
+            r = np.maximum(p - q, 0)
+            return path, draw(r / r.sum() if r.sum() > 0 else p, next(u))
+        cur = accepted[0]
+        path.append(cur)
+
+
+def test_negative_control_naive_per_path_acceptance_is_rejected(model, monkeypatch):
+    monkeypatch.setattr(decode, "accept_by_rejection", naive_per_path)
+    sampler = make_sampler(temp=1.0)
+    counts = sample_counts(model, sampler, N_SAMPLES, acceptance="rejection", tree_top_k=3)
+    p = chi_square_pvalue(counts, exact_distribution(model, sampler), N_SAMPLES)
+    assert p < 1e-6, f"the naive rule passed the test (p = {p:.2e}): the test has no power"
+
+
+@pytest.mark.parametrize("acceptance", ["target-sample", "rejection"])
+def test_seeded_sampling_is_reproducible(model, acceptance):
+    sampler = make_sampler(temp=1.0, top_k=4)
+    runs = []
+    for _ in range(2):
+        mx.random.seed(7)
+        runs.append(
+            [
+                t
+                for t, *_ in spec_generate_step(
+                    mx.array(PROMPT), model, max_tokens=40, sampler=sampler, acceptance=acceptance
+                )
+            ]
+        )
+    assert runs[0] == runs[1]
+
+
+def test_greedy_is_unchanged_by_the_acceptance_choice(model):
+    from helpers import plain_greedy
+
+    want = plain_greedy(model, PROMPT, 40)
+    for acceptance in ("target-sample", "rejection"):
+        got = [
+            t
+            for t, *_ in spec_generate_step(
+                mx.array(PROMPT),
+                model,
+                max_tokens=40,
+                sampler=make_sampler(0.0),
+                acceptance=acceptance,
+            )
+        ]
+        assert got == want
+
+
+def test_bad_sampling_arguments():
+    with pytest.raises(ValueError, match="temp"):
+        make_sampler(temp=-0.5)
+    with pytest.raises(ValueError, match="top_p"):
+        make_sampler(temp=1.0, top_p=1.5)
+    model = tiny_spec_model("llama", vocab_size=V)
+    with pytest.raises(ValueError, match="acceptance"):
+        list(spec_generate_step(mx.array(PROMPT), model, acceptance="typical"))
+    from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
+
+    with pytest.raises(ValueError, match="needs the target distribution"):
+        list(
+            spec_generate_step(
+                mx.array(PROMPT), model, sampler=mlx_make_sampler(1.0), acceptance="rejection"
+            )
+        )
