@@ -13,10 +13,10 @@ from typing import Generator, List, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, wired_limit, generation_stream
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .decode import spec_generate_step
+from .decode import ACCEPTANCE, spec_generate_step
+from .sample_utils import make_sampler
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_MAX_TOKENS = 100
@@ -193,6 +193,12 @@ def setup_arg_parser():
     parser.add_argument("--tree-depth", type=int, default=None, help="Streams used for the draft")
     parser.add_argument("--prune-threshold", type=float, default=None)
     parser.add_argument("--max-tree-nodes", type=int, default=None)
+    parser.add_argument(
+        "--acceptance",
+        choices=ACCEPTANCE,
+        default="target-sample",
+        help="How drafts are verified when sampling (both are lossless)",
+    )
     return parser
 
 
@@ -203,6 +209,13 @@ def main(argv=None):
     if args.seed is not None:
         mx.random.seed(args.seed)
     model, tokenizer = load(args.model)
+    config = model.speculative_streams.config
+    if config.tree_depth == 0 and args.tree_depth is None and not args.no_speculation:
+        print(
+            "[INFO] This model's config turns speculation off (tree_depth = 0, chosen by "
+            "mlx_specstream.tune because it did not pay on the tuned device): decoding one "
+            "token per pass. Pass --tree-depth to override."
+        )
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     if args.use_default_chat_template and tokenizer.chat_template is None:
@@ -229,6 +242,7 @@ def main(argv=None):
         tree_depth=args.tree_depth,
         prune_threshold=args.prune_threshold,
         max_tree_nodes=args.max_tree_nodes,
+        acceptance=args.acceptance,
     )
 
 

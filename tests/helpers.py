@@ -103,13 +103,15 @@ def tiny_spec_model(
 ):
     """A tiny random model with random streams (``cfg`` goes to SpecStreamConfig,
     ``model_args`` to the architecture's ModelArgs)."""
-    model = tiny_model(arch, vocab_size, seed, dtype, quant_bits, weight_scale, **(model_args or {}))
+    model = tiny_model(
+        arch, vocab_size, seed, dtype, quant_bits, weight_scale, **(model_args or {})
+    )
     cfg.setdefault("num_stream_layers", 2)
     attach_streams(model, SpecStreamConfig(**cfg), seed=stream_seed)
     return model
 
 
-def word_tokenizer(vocab_size=64, eos=None):
+def word_tokenizer(vocab_size=64, eos=None, chat_template=None):
     """A whitespace WordLevel tokenizer over ``t0 .. t{V-1}``, mlx-lm wrapped."""
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -118,7 +120,9 @@ def word_tokenizer(vocab_size=64, eos=None):
     eos = vocab_size - 1 if eos is None else eos
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}"))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}")
+    hf.chat_template = chat_template
+    return TokenizerWrapper(hf)
 
 
 def plain_greedy(model, prompt, max_tokens):

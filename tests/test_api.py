@@ -239,18 +239,30 @@ def test_load_errors_name_the_culprit(tmp_path):
         load(str(tmp_path / "missing-dir-that-is-not-a-repo" / "x"))
 
 
-def test_default_model_and_cli(capsys):
-    model, tok = load()
-    assert model.speculative_streams is not None
+def test_default_model_cli(capsys):
     from mlx_specstream.generate import main
 
     main(["--prompt", "def f(x):", "--max-tokens", "12", "--seed", "0"])
     out = capsys.readouterr()
-    assert "randomly initialised" in out.err
     assert "tokens-per-sec" in out.out and "tokens per forward pass" in out.out
     assert "Peak memory" in out.out
     main(["--prompt", "abc", "--max-tokens", "5", "--no-speculation", "--tree-top-k", "1"])
     assert "Forward passes: 5," in capsys.readouterr().out
+    main(
+        [
+            "--prompt",
+            "x = 1",
+            "--max-tokens",
+            "8",
+            "--temp",
+            "0.8",
+            "--seed",
+            "1",
+            "--acceptance",
+            "rejection",
+        ]
+    )
+    assert "Generation: 8 tokens" in capsys.readouterr().out
 
 
 def test_public_names():

@@ -1,0 +1,67 @@
+"""The embedded default model: loads offline, decodes losslessly, and drafts well."""
+
+import json
+import os
+
+import mlx.core as mx
+import pytest
+from helpers import plain_greedy, spec_tokens
+
+from mlx_specstream import load
+from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+
+PROMPTS = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")][:4]
+
+
+@pytest.fixture(scope="module")
+def default():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from a hub
+    model, tokenizer = load()
+    return model, tokenizer
+
+
+def test_loads_offline_as_float32_on_cpu(default):
+    model, tokenizer = default
+    assert model.model.embed_tokens.weight.dtype == mx.float32
+    assert len(tokenizer.get_vocab()) == model.args.vocab_size
+    # Its directory is an ordinary mlx-lm model too.
+    import mlx_lm
+
+    base, _ = mlx_lm.load(str(DEFAULT_DIR))
+    draft, _ = mlx_lm.load(str(DRAFT_DIR))
+    assert draft.args.vocab_size == base.args.vocab_size
+
+
+def test_decodes_losslessly_and_fast_on_held_out_code(default):
+    model, tokenizer = default
+    taus = []
+    for text in PROMPTS:
+        prompt = tokenizer.encode(text)
+        toks, records = spec_tokens(
+            model, prompt, 64, tree_top_k=3, max_tree_nodes=40, tree_depth=None
+        )
+        assert toks == spec_tokens(model, prompt, 64, speculative=False)[0]
+        if model.speculative_streams.config.mode == "lossless":
+            assert toks == plain_greedy(model, prompt, 64)
+        taus.append(len(toks) / records[-1][3])
+    # A random or broken model drafts nothing useful and stays near 1.0.
+    assert sum(taus) / len(taus) > 1.5, taus
+
+
+def test_negative_control_random_streams_draft_badly(default):
+    """The tau check above can fail: the same base with fresh random streams."""
+    import mlx_lm
+
+    from mlx_specstream import attach_streams
+
+    base, tokenizer = mlx_lm.load(str(DEFAULT_DIR))
+    base.set_dtype(mx.float32)
+    config = default[0].speculative_streams.config
+    attach_streams(base, config, seed=0)
+    taus = []
+    for text in PROMPTS:
+        toks, records = spec_tokens(
+            base, tokenizer.encode(text), 64, tree_top_k=3, max_tree_nodes=40
+        )
+        taus.append(len(toks) / records[-1][3])
+    assert sum(taus) / len(taus) < 1.5, taus
