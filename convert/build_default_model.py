@@ -29,9 +29,24 @@ from pathlib import Path
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "mlx_specstream" / "models"
 SHIP_LIMIT_MB = 25
 SS_COMMON = [
-    "--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3", "--max-length", "128",
-    "--batch-size", "8", "--max-steps", "600", "--learning-rate", "1e-3", "--eval-steps", "200",
-    "--save-steps", "200",
+    "--num-streams",
+    "3",
+    "--num-stream-layers",
+    "4",
+    "--top-k",
+    "3",
+    "--max-length",
+    "128",
+    "--batch-size",
+    "8",
+    "--max-steps",
+    "600",
+    "--learning-rate",
+    "1e-3",
+    "--eval-steps",
+    "200",
+    "--save-steps",
+    "200",
 ]
 
 
@@ -84,32 +99,120 @@ def main():
     w = Path(args.work)
     tic = time.perf_counter()
 
-    stage("corpus", w / "corpus" / "manifest.json", lambda: run("convert.corpus", "--out", w / "corpus"))
-    stage("tokenizer", w / "tokenizer" / "tokenizer.json",
-          lambda: run("convert.tokenizer", "--corpus", w / "corpus" / "train.jsonl", "--out", w / "tokenizer"))
+    stage(
+        "corpus",
+        w / "corpus" / "manifest.json",
+        lambda: run("convert.corpus", "--out", w / "corpus"),
+    )
+    stage(
+        "tokenizer",
+        w / "tokenizer" / "tokenizer.json",
+        lambda: run(
+            "convert.tokenizer", "--corpus", w / "corpus" / "train.jsonl", "--out", w / "tokenizer"
+        ),
+    )
     common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
-    stage("base model", w / "base" / "model", lambda: run("convert.pretrain", *common, "--out", w / "base"))
-    stage("draft model", w / "draft" / "model", lambda: run(
-        "convert.pretrain", *common, "--out", w / "draft", "--max-steps", "600", "--learning-rate", "3e-3",
-        "--arch", json.dumps(dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2,
-                                  num_key_value_heads=1, intermediate_size=256)),
-    ))
+    stage(
+        "base model",
+        w / "base" / "model",
+        lambda: run("convert.pretrain", *common, "--out", w / "base"),
+    )
+    stage(
+        "draft model",
+        w / "draft" / "model",
+        lambda: run(
+            "convert.pretrain",
+            *common,
+            "--out",
+            w / "draft",
+            "--max-steps",
+            "600",
+            "--learning-rate",
+            "3e-3",
+            "--arch",
+            json.dumps(
+                dict(
+                    hidden_size=96,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    intermediate_size=256,
+                )
+            ),
+        ),
+    )
     data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", w / "corpus" / "eval.jsonl"]
-    stage("shared-mode fine-tune", w / "ss-shared" / "config.json", lambda: run(
-        "convert.finetune", "--model", w / "base" / "model", *data, "--out", w / "ss-shared",
-        "--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64", *SS_COMMON,
-    ))
-    stage("lossless-mode fine-tune", w / "ss-lossless" / "config.json", lambda: run(
-        "convert.finetune", "--model", w / "base" / "model", *data, "--out", w / "ss-lossless",
-        "--mode", "lossless", "--stream-lora-rank", "16", "--stream-loss-weight", "1.0",
-        "--self-distill", "--window-prompt", "32", "--max-examples", "1600", *SS_COMMON,
-    ))
+    stage(
+        "shared-mode fine-tune",
+        w / "ss-shared" / "config.json",
+        lambda: run(
+            "convert.finetune",
+            "--model",
+            w / "base" / "model",
+            *data,
+            "--out",
+            w / "ss-shared",
+            "--mode",
+            "shared",
+            "--lora-rank",
+            "32",
+            "--lora-alpha",
+            "64",
+            *SS_COMMON,
+        ),
+    )
+    stage(
+        "lossless-mode fine-tune",
+        w / "ss-lossless" / "config.json",
+        lambda: run(
+            "convert.finetune",
+            "--model",
+            w / "base" / "model",
+            *data,
+            "--out",
+            w / "ss-lossless",
+            "--mode",
+            "lossless",
+            "--stream-lora-rank",
+            "16",
+            "--stream-loss-weight",
+            "1.0",
+            "--self-distill",
+            "--window-prompt",
+            "32",
+            "--max-examples",
+            "1600",
+            *SS_COMMON,
+        ),
+    )
     for mode in ("shared", "lossless"):
-        stage(f"convert {mode}", w / "mlx" / mode, lambda mode=mode: run(
-            "convert", "--hf-path", w / f"ss-{mode}", "--mlx-path", w / "mlx" / mode, "--dtype", "bfloat16"))
-    stage("convert draft", w / "mlx" / "draft", lambda: run(
-        "mlx_lm", "convert", "--hf-path", w / "draft" / "model", "--mlx-path", w / "mlx" / "draft",
-        "--dtype", "bfloat16"))
+        stage(
+            f"convert {mode}",
+            w / "mlx" / mode,
+            lambda mode=mode: run(
+                "convert",
+                "--hf-path",
+                w / f"ss-{mode}",
+                "--mlx-path",
+                w / "mlx" / mode,
+                "--dtype",
+                "bfloat16",
+            ),
+        )
+    stage(
+        "convert draft",
+        w / "mlx" / "draft",
+        lambda: run(
+            "mlx_lm",
+            "convert",
+            "--hf-path",
+            w / "draft" / "model",
+            "--mlx-path",
+            w / "mlx" / "draft",
+            "--dtype",
+            "bfloat16",
+        ),
+    )
     prompts = w / "prompts.jsonl"
     stage("held-out prompts", prompts, lambda: make_prompts(w / "corpus" / "eval.jsonl", prompts))
 

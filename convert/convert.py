@@ -242,13 +242,7 @@ def convert(
     from mlx_lm.tokenizer_utils import load as load_tokenizer
     from mlx_lm.utils import _get_classes, quantize_model
 
-    from mlx_specstream.streams import (
-        attach_streams,
-        get_runtime,
-        linear_shape,
-        lora_targets,
-        submodule,
-    )
+    from mlx_specstream.streams import attach_streams, get_runtime, lora_shapes
     from mlx_specstream.utils import save
 
     mlx_path = Path(mlx_path)
@@ -327,14 +321,8 @@ def convert(
         model, config = quantize_model(model, config, q_group_size, q_bits)
 
     attach_streams(model, spec)  # shape template; replaced below
-    lora_shapes = None
-    if spec.stream_lora_rank:
-        first = len(model.layers) - spec.num_stream_layers
-        lora_shapes = [
-            {n: linear_shape(submodule(model.layers[first + j], n)) for n in targets}
-            for j, targets in enumerate(lora_targets(model, spec))
-        ]
-    check_tensors(streams, stream_weight_map(spec, hidden, lora_shapes), f"{src} (stream tensors)")
+    expected = stream_weight_map(spec, hidden, lora_shapes(model, spec))
+    check_tensors(streams, expected, f"{src} (stream tensors)")
     runtime = get_runtime(model)
     runtime.streams.load_weights(
         [(k, v.astype(mx.float32)) for k, v in streams.items()], strict=True

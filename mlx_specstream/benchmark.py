@@ -150,6 +150,13 @@ def setup_arg_parser():
     p.add_argument("--tuned-depth", type=int, default=None)
     p.add_argument("--tuned-prune-threshold", type=float, default=None)
     p.add_argument("--tuned-max-tree-nodes", type=int, default=None)
+    p.add_argument(
+        "--sampling-temps",
+        type=float,
+        nargs="*",
+        default=[0.7, 1.0],
+        help="Also measure tau for both acceptance designs at these temperatures",
+    )
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--name", default="default", help="Prefix of the result files")
     return p
@@ -238,6 +245,7 @@ def main(argv=None):
         print(f"[{i + 1}/{len(prompts)}] outputs identical across methods", flush=True)
 
     summary = summarize(rows, methods)
+    sampling = sampling_table(model, tokenizer, prompts, args, tuned)
     curve = verify_cost_curve(model)
     base_params, extra = parameter_counts(model)
     info = machine_info()
@@ -255,7 +263,47 @@ def main(argv=None):
         runs=args.runs,
         max_tokens=args.max_tokens,
     )
-    write_results(Path(args.output_dir), args.name, rows, summary, curve, info)
+    write_results(Path(args.output_dir), args.name, rows, summary, curve, info, sampling)
+
+
+def sampling_table(model, tokenizer, prompts, args, tree):
+    """Mean tau and median tokens/s of seeded sampling, per temperature and acceptance design."""
+    from .decode import ACCEPTANCE
+    from .sample_utils import make_sampler
+
+    out = []
+    for temp in args.sampling_temps:
+        for acceptance in ACCEPTANCE:
+            taus, tps = [], []
+            for i, prompt in enumerate(prompts):
+                for run in range(args.runs):
+                    mx.random.seed(1000 * i + run)
+                    for r in stream_generate(
+                        model,
+                        tokenizer,
+                        mx.array(prompt),
+                        max_tokens=args.max_tokens,
+                        sampler=make_sampler(temp=temp),
+                        acceptance=acceptance,
+                        **tree,
+                    ):
+                        pass
+                    taus.append(r.generation_tokens / r.forward_passes)
+                    tps.append(r.generation_tps)
+            out.append(
+                dict(
+                    temp=temp,
+                    acceptance=acceptance,
+                    tau=statistics.mean(taus),
+                    tokens_per_s=statistics.median(tps),
+                )
+            )
+            print(
+                f"sampling T={temp} {acceptance}: tau {out[-1]['tau']:.2f}, "
+                f"{out[-1]['tokens_per_s']:.1f} tokens/s",
+                flush=True,
+            )
+    return out
 
 
 def summarize(rows, methods):
@@ -279,7 +327,7 @@ def summarize(rows, methods):
     return out
 
 
-def write_results(out_dir: Path, name, rows, summary, curve, info):
+def write_results(out_dir: Path, name, rows, summary, curve, info, sampling=()):
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -296,6 +344,20 @@ def write_results(out_dir: Path, name, rows, summary, curve, info):
             f"| {m} | {v['tokens_per_s']:.1f} | {v['speedup']:.2f}x | {v['tau']:.2f} | "
             f"{v['forward_passes']:.1f} | {v['peak_memory_gb']:.3f} |"
         )
+    if sampling:
+        greedy_tau = summary["SS tuned tree"]["tau"]
+        lines += [
+            "",
+            f"Sampling with the tuned tree (greedy tau {greedy_tau:.2f}); both designs are lossless:",
+            "",
+            "| temperature | acceptance | tau | vs greedy tau | tokens/s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sampling:
+            lines.append(
+                f"| {r['temp']} | {r['acceptance']} | {r['tau']:.2f} | "
+                f"{r['tau'] / greedy_tau:.2f} | {r['tokens_per_s']:.1f} |"
+            )
     sizes = sorted(curve["plain"])
     lines += [
         "",

@@ -154,6 +154,10 @@ def spec_generate_step(
     prune_threshold: Optional[float] = None,
     max_tree_nodes: Optional[int] = None,
     acceptance: str = "target-sample",
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 5000,
+    max_kv_size: Optional[int] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -188,6 +192,9 @@ def spec_generate_step(
           :func:`mlx_specstream.sample_utils.make_sampler` and reads the host
           twice per step. Greedy decoding always walks by argmax.
           Default: ``"target-sample"``.
+        kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
+          KV-cache options; quantized and rotating caches cannot be rolled back
+          to an accepted tree path, so setting them is refused.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -196,6 +203,11 @@ def spec_generate_step(
     ks, depth, threshold, max_nodes = resolve_tree_settings(
         rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
     )
+    if kv_bits is not None or max_kv_size is not None:
+        raise ValueError(
+            "kv_bits and max_kv_size are not supported by Speculative Streaming: quantized and "
+            "rotating KV caches cannot be compacted to the accepted tree path. Leave them unset."
+        )
     sampler = sampler or _greedy
     processors = logits_processors or []
     if acceptance not in ACCEPTANCE:

@@ -128,6 +128,17 @@ def lora_targets(model, config: SpecStreamConfig) -> List[List[str]]:
     return out
 
 
+def lora_shapes(model, config: SpecStreamConfig):
+    """Per stream layer, ``{module path: (in, out)}`` of the stream-LoRA targets (None without LoRA)."""
+    if not config.stream_lora_rank:
+        return None
+    first = len(model.layers) - config.num_stream_layers
+    return [
+        {name: linear_shape(submodule(model.layers[first + j], name)) for name in targets}
+        for j, targets in enumerate(lora_targets(model, config))
+    ]
+
+
 def linear_shape(module):
     """``(in, out)`` of a float or quantized linear module."""
     out_dims, cols = module.weight.shape
@@ -453,15 +464,7 @@ def attach_streams(
     if isinstance(getattr(model, "speculative_streams", None), StreamRuntime):
         raise ValueError("This model already has speculative streams attached.")
     check_supported(model, config)
-    hidden = _hidden_size(model)
-    lora_shapes = None
-    if config.stream_lora_rank:
-        first = len(model.layers) - config.num_stream_layers
-        lora_shapes = [
-            {name: linear_shape(submodule(model.layers[first + j], name)) for name in targets}
-            for j, targets in enumerate(lora_targets(model, config))
-        ]
-    streams = SpeculativeStreams(config, hidden, lora_shapes)
+    streams = SpeculativeStreams(config, _hidden_size(model), lora_shapes(model, config))
     if weights is None:
         _random_init(streams, seed)
     else:

@@ -294,3 +294,73 @@ def test_stream_lora_round_trip_and_bad_targets(tmp_path):
                 num_stream_layers=1, stream_lora_rank=2, stream_lora_targets=["self_attn.q_proj"]
             ),
         )
+
+
+def test_kv_cache_options_are_refused_clearly():
+    model, tok = tiny_spec_model("llama", vocab_size=V), word_tokenizer(V)
+    for kwargs in (dict(kv_bits=4), dict(max_kv_size=64)):
+        with pytest.raises(ValueError, match="not supported by Speculative Streaming"):
+            generate(model, tok, PROMPT, max_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_logits_processors_follow_each_nodes_own_path(mode):
+    """Repetition penalty and logit bias, applied per tree node with that node's
+    history, give exactly the one-token-per-pass output (and mlx-lm's, lossless)."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, mode=mode)
+    procs = make_logits_processors(
+        logit_bias={3: 2.0}, repetition_penalty=1.5, repetition_context_size=6
+    )
+    toks, records = spec_tokens(model, PROMPT, 40, logits_processors=procs)
+    assert toks == spec_tokens(model, PROMPT, 40, logits_processors=procs, speculative=False)[0]
+    assert any(r[2] for r in records)
+    if mode == "lossless":
+        ref = [
+            t
+            for t, _ in generate_step(
+                mx.array(PROMPT), model, max_tokens=40, logits_processors=procs
+            )
+        ]
+        assert toks == ref
+    assert toks != spec_tokens(model, PROMPT, 40)[0]  # the processors did something
+
+
+def test_stops_on_every_eos_token_id():
+    model = tiny_spec_model("llama", vocab_size=32, num_streams=3, top_k=2)
+    full, _ = spec_tokens(model, PROMPT, 40)
+    tok = word_tokenizer(32, eos=31)
+    second = full[5]
+    tok.add_eos_token(f"t{second}")
+    out = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=40)]
+    assert out == full[: full.index(second) + 1]
+
+
+def test_detokenizer_text_when_several_tokens_arrive_per_step():
+    model, tok = load()
+    prompt = "def parse(line):\n    "
+    responses = list(stream_generate(model, tok, prompt, max_tokens=48))
+    assert max(r.generation_tokens for r in responses) > responses[-1].forward_passes
+    text = "".join(r.text for r in responses)
+    assert text == tok.decode([r.token for r in responses])
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_prompt_cache_save_load_round_trip(tmp_path, mode):
+    from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+    model = tiny_spec_model("qwen2", vocab_size=V, num_streams=3, top_k=2, mode=mode)
+    cache = make_prompt_cache(model)
+    first, _ = spec_tokens(model, PROMPT, 20, prompt_cache=cache)
+    # The cache holds the prompt and all generated tokens but the last one.
+    assert cache[0].offset == len(PROMPT) + 19
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    follow_up = [first[-1], 7, 2, 5]
+    got, _ = spec_tokens(model, follow_up, 20, prompt_cache=loaded)
+    fresh_cache = make_prompt_cache(model)
+    spec_tokens(model, PROMPT, 20, prompt_cache=fresh_cache)
+    want, _ = spec_tokens(model, follow_up, 20, prompt_cache=fresh_cache)
+    assert got == want

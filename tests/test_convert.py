@@ -324,3 +324,28 @@ def test_missing_shard_is_named(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=f"shards that are missing: \\['{shard.name}'\\]"):
         convert(str(tmp_path / "hf"), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(),
+        dict(prune_adapter_rank=0),
+        dict(stream_init_rank=4),
+        dict(stream_lora_rank=4, num_streams=2),
+    ],
+)
+def test_explicit_weight_map_matches_the_stream_module(params):
+    """The converter's hand-written name -> shape map agrees with SpeculativeStreams."""
+    from helpers import tiny_model
+    from mlx.utils import tree_flatten
+
+    from convert.convert import stream_weight_map
+    from mlx_specstream import attach_streams
+    from mlx_specstream.streams import lora_shapes
+
+    model = tiny_model("llama")
+    spec = SpecStreamConfig(num_stream_layers=2, **params)
+    streams = attach_streams(model, spec)
+    actual = {k: tuple(v.shape) for k, v in tree_flatten(streams.parameters())}
+    assert stream_weight_map(spec, 64, lora_shapes(model, spec)) == actual
