@@ -1,0 +1,171 @@
+"""Property-based tests (hypothesis) of trees, masks, pruning, acceptance and compaction."""
+
+import mlx.core as mx
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx_lm.models.cache import KVCache
+
+from mlx_specstream.cache import commit_path
+from mlx_specstream.tree import (
+    accept,
+    accept_by_rejection,
+    ancestor_mask,
+    build_draft_tree,
+    children_of,
+    prune_subtrees,
+    stream_attention_mask,
+    tree_depths,
+)
+
+V = 8
+
+
+@st.composite
+def trees(draw, max_nodes=12):
+    """Random trees with distinct sibling tokens (as every draft tree has)."""
+    n = draw(st.integers(1, max_nodes))
+    parents, tokens, used = [-1], [draw(st.integers(0, V - 1))], {0: set()}
+    for i in range(1, n):
+        p = draw(st.integers(0, i - 1))
+        free = [t for t in range(V) if t not in used[p]]
+        if not free:
+            break
+        t = draw(st.sampled_from(free))
+        used[p].add(t)
+        used[i] = set()
+        parents.append(p)
+        tokens.append(t)
+    return tokens, parents
+
+
+def ancestors(parents, i):
+    out = {i}
+    while parents[i] >= 0:
+        i = parents[i]
+        out.add(i)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees())
+def test_ancestor_mask_shows_only_the_own_path(tree):
+    _, parents = tree
+    mask = ancestor_mask(parents)
+    for i in range(len(parents)):
+        assert set(np.flatnonzero(mask[i])) == ancestors(parents, i)
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees(), st.data())
+def test_device_acceptance_equals_a_greedy_walk(tree, data):
+    tokens, parents = tree
+    targets = data.draw(st.lists(st.integers(0, V - 1), min_size=len(tokens), max_size=len(tokens)))
+    kids = children_of(parents)
+    cur, path = 0, [0]
+    while True:
+        nxt = [c for c in kids[cur] if tokens[c] == targets[cur]]
+        if not nxt:
+            break
+        cur = nxt[0]
+        path.append(cur)
+    ok, last = accept(
+        mx.array(tokens),
+        mx.array([0] + parents[1:]),
+        mx.array(ancestor_mask(parents)),
+        mx.array(targets),
+    )
+    assert last.item() == path[-1]
+    assert [i for i, a in enumerate(ok.tolist()) if a] == path
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees(), st.data())
+def test_pruning_removes_whole_subtrees_and_never_the_root(tree, data):
+    _, parents = tree
+    edge_ok = data.draw(st.lists(st.booleans(), min_size=len(parents), max_size=len(parents)))
+    kept = set(prune_subtrees(parents, edge_ok))
+    assert 0 in kept
+    for i in range(1, len(parents)):
+        path_ok = all(edge_ok[a] for a in ancestors(parents, i) if a > 0)
+        assert (i in kept) == path_ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.integers(0, V - 1), min_size=1, max_size=3, unique=True), min_size=1, max_size=3
+    ),
+    st.integers(1, 20),
+    st.data(),
+)
+def test_draft_trees_are_well_formed(levels, max_nodes, data):
+    lps = [
+        sorted(
+            data.draw(st.lists(st.floats(-5, 0), min_size=len(l), max_size=len(l))), reverse=True
+        )
+        for l in levels
+    ]
+    tree = build_draft_tree(0, levels, lps, max_nodes)
+    full = 1
+    for g in range(len(levels)):
+        full += int(np.prod([len(l) for l in levels[: g + 1]]))
+    assert len(tree) == min(full, max_nodes)
+    assert all(p < i for i, p in enumerate(tree.parents) if i > 0)
+    depth = tree_depths(tree.parents)
+    for i, kids in enumerate(children_of(tree.parents)):
+        toks = [tree.tokens[c] for c in kids]
+        assert len(toks) == len(set(toks))  # siblings distinct
+        assert all(t in levels[depth[i]] for t in toks)
+    # Uncapped, the all-top-1 chain is a prefix of the node list (no gather when
+    # it is accepted); capped, every kept node's ancestors are kept.
+    if len(tree) == full:
+        assert tree.parents[: len(levels) + 1] == [-1] + list(range(len(levels)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(trees(max_nodes=6), st.integers(1, 3))
+def test_stream_rows_never_see_later_streams_or_other_nodes(tree, gamma):
+    _, parents = tree
+    anc = ancestor_mask(parents)
+    R = len(parents)
+    for shared in (False, True):
+        m = stream_attention_mask(anc, gamma, shared)
+        for a in range(R):
+            for j in range(gamma):
+                row = m[R + a * gamma + j]
+                assert (row[:R] == anc[a]).all()
+                for b in range(R):
+                    for k in range(gamma):
+                        assert row[R + b * gamma + k] == (b == a and k <= j)
+            main = m[a]
+            assert (main[:R] == anc[a]).all()
+            assert main[R:].reshape(R, gamma).any(axis=1).tolist() == [
+                shared and b == a for b in range(R)
+            ]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 8), st.data())
+def test_compaction_equals_a_gather(prefix, n, data):
+    keep = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))
+    c = KVCache()
+    rows = mx.arange(prefix + n, dtype=mx.float32)[None, None, :, None] * mx.ones((1, 2, 1, 3))
+    c.update_and_fetch(rows, -rows)
+    commit_path([c], prefix, [keep])
+    want = list(range(prefix)) + [prefix + k for k in keep]
+    assert c.offset == len(want)
+    assert c.keys[0, 0, : c.offset, 0].tolist() == want
+    assert c.values[0, 1, : c.offset, 2].tolist() == [-w for w in want]
+
+
+@settings(max_examples=200, deadline=None)
+@given(trees(), st.data())
+def test_rejection_walk_returns_a_root_path(tree, data):
+    tokens, parents = tree
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    p = rng.dirichlet(np.ones(V), size=len(tokens))
+    q = rng.dirichlet(np.ones(V), size=max(tree_depths(parents)) + 1)
+    path, token = accept_by_rejection(tokens, parents, p, q, rng.random(len(tokens) + 1))
+    assert path[0] == 0 and all(parents[b] == a for a, b in zip(path, path[1:]))
+    assert 0 <= token < V
