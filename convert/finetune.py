@@ -188,7 +188,17 @@ def make_trainer_class():
     from transformers import Trainer
 
     class SpecStreamTrainer(Trainer):
-        """Trainer whose evaluation reports top-1 accuracy of the main stream and of each stream."""
+        """Trainer whose evaluation reports top-1 accuracy of the main stream and of
+        each stream, and whose checkpoints are torch files (safetensors refuses the
+        shared tensors of tied embeddings inside our wrapper; Trainer resumes from both)."""
+
+        def _save(self, output_dir=None, state_dict=None):
+            import os
+
+            output_dir = output_dir or self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            state = state_dict if state_dict is not None else self.model.state_dict()
+            torch.save(state, os.path.join(output_dir, "pytorch_model.bin"))
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

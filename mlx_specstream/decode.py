@@ -4,6 +4,8 @@ accepted node."""
 
 from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
+import warnings
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -161,12 +163,11 @@ def spec_generate_step(
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
-    Each step runs one forward pass over the draft tree. The ``sampler`` picks
-    a target token at every tree node from the main-stream distribution; the
-    tree is walked while a child carries the token its parent's target picked,
-    and the target token at the last accepted node is the correction (or
-    bonus) token. Sibling drafts are fixed before sampling, so every emitted
-    token is a draw from the model's own distribution (greedy: its argmax).
+    Each step runs one forward pass over the draft tree, verifies it, and
+    drafts the next tree from the streams of the last accepted node. Greedy
+    decoding walks the tree while a child carries its parent's argmax; the
+    argmax at the last accepted node is the correction (or bonus) token. With
+    sampling, ``acceptance`` picks one of two lossless rules (below).
 
     Args:
         prompt (mx.array): the prompt tokens (at least one).
@@ -189,8 +190,9 @@ def spec_generate_step(
           matches. ``"rejection"``: drafts drawn without replacement from the
           stream distributions, verified by recursive rejection sampling over
           siblings; needs a sampler from
-          :func:`mlx_specstream.sample_utils.make_sampler` and reads the host
-          twice per step. Greedy decoding always walks by argmax.
+          :func:`mlx_specstream.sample_utils.make_sampler`, reads the host
+          twice per step and does not prune (a threshold is ignored with a
+          warning). Greedy decoding always walks by argmax.
           Default: ``"target-sample"``.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options; quantized and rotating caches cannot be rolled back
@@ -248,6 +250,15 @@ def spec_generate_step(
     split = rt.split_streams
     kmax = max(ks[:depth]) if depth else 0
     by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
+    if by_rejection and threshold > 0:
+        # Pruning keeps or drops a draft by its value; rejection sampling's
+        # residuals assume every draw is tried in order, so it would be biased.
+        warnings.warn(
+            f"acceptance='rejection' does not prune: prune_threshold={threshold} is ignored "
+            "(pruning drafts by their values would bias rejection sampling).",
+            stacklevel=2,
+        )
+        threshold = 0.0
     draft_q = None
 
     with mx.stream(generation_stream):
@@ -262,7 +273,13 @@ def spec_generate_step(
         emitted = passes = 0
         while True:
             prefix = cache[0].offset
-            out = rt.forward(tree.tokens, tree.parents, cache, threshold, all_streams=not split)
+            out = rt.forward(
+                tree.tokens,
+                tree.parents,
+                cache,
+                threshold,
+                all_streams=not split,
+            )
             passes += 1
             kept_tokens = [tree.tokens[i] for i in out.kept]
             logits = out.logits

@@ -37,7 +37,7 @@ HF_CONFIGS = {
 }
 
 
-def hf_model(arch, vocab_size=64, seed=0, weight_scale=3.0):
+def hf_model(arch, vocab_size=64, seed=0, weight_scale=3.0, **overrides):
     import transformers
 
     cls, extra = HF_CONFIGS[arch]
@@ -49,7 +49,7 @@ def hf_model(arch, vocab_size=64, seed=0, weight_scale=3.0):
         num_attention_heads=4,
         max_position_embeddings=512,
     )
-    config = getattr(transformers, cls)(**{**params, **extra})
+    config = getattr(transformers, cls)(**{**params, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():

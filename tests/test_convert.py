@@ -349,3 +349,19 @@ def test_explicit_weight_map_matches_the_stream_module(params):
     streams = attach_streams(model, spec)
     actual = {k: tuple(v.shape) for k, v in tree_flatten(streams.parameters())}
     assert stream_weight_map(spec, 64, lora_shapes(model, spec)) == actual
+
+
+def test_hub_id_input_resolves_through_huggingface_hub(checkpoint, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(checkpoint)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    out = convert("someone/tiny-ss", checkpoint.parent / "mlx", revision="v1")
+    assert calls[0][:2] == ("someone/tiny-ss", "v1")
+    assert "*.bin" in calls[0][2] and "*.safetensors" in calls[0][2]
+    assert (out / "speculative_streams.safetensors").exists()

@@ -3,6 +3,7 @@ converted result decodes losslessly with more than one token per pass."""
 
 import json
 import random
+import shutil
 
 import pytest
 
@@ -172,3 +173,46 @@ def test_refuses_to_overwrite_a_model(data, tmp_path):
     (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         run(data, tmp_path / "hf", "--max-steps", "1")
+
+
+def test_checkpoints_save_and_resume_with_tied_embeddings(data, tmp_path, capsys):
+    """Checkpointing a model whose head shares the embedding, then resuming from it."""
+    base = hf_model("llama", vocab_size=V, weight_scale=1.0, tie_word_embeddings=True)
+    assert base.config.tie_word_embeddings
+    base.save_pretrained(str(tmp_path / "base"))
+    hf_tokenizer(V).save_pretrained(str(tmp_path / "base"))
+    args = [
+        "--model",
+        str(tmp_path / "base"),
+        "--data",
+        str(data / "train.jsonl"),
+        "--out",
+        str(tmp_path / "hf"),
+        "--num-streams",
+        "2",
+        "--num-stream-layers",
+        "2",
+        "--max-length",
+        "48",
+        "--batch-size",
+        "4",
+        "--save-steps",
+        "2",
+        "--eval-steps",
+        "1000",
+        "--lora-rank",
+        "4",
+    ]
+    finetune(args + ["--max-steps", "2"])
+    assert (tmp_path / "hf" / "checkpoints" / "checkpoint-2" / "pytorch_model.bin").exists()
+    # Keep only the checkpoints, as an interrupted run leaves them, and go on to step 4.
+    for p in (tmp_path / "hf").iterdir():
+        if p.name != "checkpoints":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    finetune(args + ["--max-steps", "4"])
+    assert (tmp_path / "hf" / "checkpoints" / "checkpoint-4").exists()
+    model, _ = load(str(convert(str(tmp_path / "hf"), tmp_path / "mlx")))
+    assert (
+        spec_tokens(model, [1, 2, 3], 8)[0]
+        == spec_tokens(model, [1, 2, 3], 8, speculative=False)[0]
+    )

@@ -183,3 +183,27 @@ def test_bad_sampling_arguments():
                 mx.array(PROMPT), model, sampler=mlx_make_sampler(1.0), acceptance="rejection"
             )
         )
+
+
+def test_target_sampling_with_pruning_matches_plain_distribution(model):
+    """Pruning fixes the candidate set before any target draw: still lossless."""
+    sampler = make_sampler(temp=1.0)
+    counts = sample_counts(
+        model, sampler, N_SAMPLES, acceptance="target-sample", tree_top_k=3, prune_threshold=0.15
+    )
+    p = chi_square_pvalue(counts, exact_distribution(model, sampler), N_SAMPLES)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def test_rejection_sampling_refuses_to_prune_and_says_so(model):
+    with pytest.warns(UserWarning, match="does not prune"):
+        list(
+            spec_generate_step(
+                mx.array(PROMPT),
+                model,
+                max_tokens=4,
+                sampler=make_sampler(1.0),
+                acceptance="rejection",
+                prune_threshold=0.15,
+            )
+        )
