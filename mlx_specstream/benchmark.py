@@ -6,8 +6,9 @@ For each prompt, and with a fresh cache every run:
 
 * mlx-lm plain generation on the model's base weights;
 * mlx-lm speculative decoding with a small draft model (if one is given);
-* Speculative Streaming with the model's default tree, and with the tuned
-  tree (``--tuned-*`` flags or the config's own settings).
+* Speculative Streaming with the package's default tree (top-3 per stream,
+  at most 16 nodes), and with the tuned tree (``--tuned-*`` flags or the
+  config's own settings, as ``mlx_specstream.tune`` saved them).
 
 All runs are greedy, after one warm-up. Every output is checked: it must be
 identical to ``speculative=False`` decoding of the same model, and in
@@ -30,9 +31,11 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .config import SpecStreamConfig
 from .generate import stream_generate
 from .streams import get_runtime
 
+DEFAULT_TREE = "SS default tree (k=3, 16 nodes)"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -197,20 +200,22 @@ def main(argv=None):
         "prune_threshold": args.tuned_prune_threshold,
         "max_tree_nodes": args.tuned_max_tree_nodes,
     }
-    # The paper's tree: top-3 of every stream, full Cartesian product, no pruning.
-    paper_tree = {
-        "tree_top_k": 3,
+    # The package's default tree (SpecStreamConfig's defaults: top-3 per stream,
+    # at most 16 nodes, no pruning), whatever the model's config was tuned to.
+    defaults = SpecStreamConfig()
+    default_tree = {
+        "tree_top_k": defaults.top_k,
         "tree_depth": cfg.num_streams,
-        "prune_threshold": 0.0,
-        "max_tree_nodes": sum(3**g for g in range(cfg.num_streams + 1)),
+        "prune_threshold": defaults.prune_threshold,
+        "max_tree_nodes": defaults.max_tree_nodes,
     }
     methods = {
         "mlx-lm plain": lambda p: run_mlx_lm(plain, tokenizer, p, args.max_tokens),
         "SS no speculation": lambda p: run_specstream(
             model, tokenizer, p, args.max_tokens, speculative=False
         ),
-        "SS default tree (paper, k=3)": lambda p: run_specstream(
-            model, tokenizer, p, args.max_tokens, **paper_tree
+        DEFAULT_TREE: lambda p: run_specstream(
+            model, tokenizer, p, args.max_tokens, **default_tree
         ),
         "SS tuned tree": lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **tuned),
     }
@@ -248,7 +253,12 @@ def main(argv=None):
         print(f"[{i + 1}/{len(prompts)}] outputs identical across methods", flush=True)
 
     summary = summarize(rows, methods)
-    sampling = sampling_table(model, tokenizer, prompts, args, tuned)
+    # Sampling uses the tuned tree, or the default one when tuning chose plain decoding.
+    tuned_depth = cfg.tree_depth if tuned["tree_depth"] is None else tuned["tree_depth"]
+    sampling_tree = DEFAULT_TREE if tuned_depth == 0 else "SS tuned tree"
+    sampling = sampling_table(
+        model, tokenizer, prompts, args, default_tree if tuned_depth == 0 else tuned
+    )
     curve = verify_cost_curve(model)
     base_params, extra = parameter_counts(model)
     info = machine_info()
@@ -266,6 +276,7 @@ def main(argv=None):
         runs=args.runs,
         max_tokens=args.max_tokens,
         sampling_runs=args.sampling_runs,
+        sampling_tree=sampling_tree,
     )
     write_results(Path(args.output_dir), args.name, rows, summary, curve, info, sampling)
 
@@ -349,10 +360,11 @@ def write_results(out_dir: Path, name, rows, summary, curve, info, sampling=()):
             f"{v['forward_passes']:.1f} | {v['peak_memory_gb']:.3f} |"
         )
     if sampling:
-        greedy_tau = summary["SS tuned tree"]["tau"]
+        greedy_tau = summary[info["sampling_tree"]]["tau"]
         lines += [
             "",
-            f"Sampling with the tuned tree (greedy tau {greedy_tau:.2f}), {info['sampling_runs']} seeded "
+            f"Sampling with '{info['sampling_tree']}' (greedy tau {greedy_tau:.2f}), "
+            f"{info['sampling_runs']} seeded "
             "run(s) per prompt; both designs are lossless:",
             "",
             "| temperature | acceptance | tau | vs greedy tau | tokens/s |",
@@ -418,6 +430,7 @@ def plot(path, summary, curve):
             f" {summary[n]['speedup']:.2f}x, tau {summary[n]['tau']:.2f}",
             va="center",
         )
+    a.set_xlim(0, 1.45 * max(summary[n]["tokens_per_s"] for n in names))
     a.set_xlabel("tokens/s (greedy)")
     a.set_title("Decoding speed")
     for kind in curve:

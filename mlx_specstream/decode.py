@@ -82,6 +82,44 @@ def resolve_tree_settings(
 ACCEPTANCE = ("target-sample", "rejection")
 
 
+def _default_acceptance(sampler) -> str:
+    if sampler is _greedy or isinstance(sampler, DistributionSampler):
+        return "rejection"
+    warnings.warn(
+        "This sampler gives draws only, not its distribution, so drafts are verified by "
+        "acceptance='target-sample', which accepts fewer drafts when sampling than "
+        "'rejection'. Pass a sampler from mlx_specstream.sample_utils.make_sampler "
+        "(same arguments as mlx-lm's) to use 'rejection'.",
+        stacklevel=3,
+    )
+    return "target-sample"
+
+
+def check_prompt(model: nn.Module, prompt: mx.array):
+    """Refuses an empty prompt, token ids outside the vocabulary, and a prompt
+    longer than the model's context (``max_position_embeddings``, when known)."""
+    if prompt.ndim != 1:
+        raise ValueError(f"The prompt must be a 1-D array of token ids, got shape {prompt.shape}.")
+    if prompt.size == 0:
+        raise ValueError("The prompt is empty: give at least one token.")
+    args = getattr(model, "args", None)
+    vocab = getattr(args, "vocab_size", None)
+    if vocab is not None:
+        bad = np.flatnonzero((np.array(prompt) < 0) | (np.array(prompt) >= vocab))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"Prompt token {i} has id {prompt[i].item()}, outside the model's vocabulary "
+                f"[0, {vocab})."
+            )
+    context = getattr(args, "max_position_embeddings", None)
+    if context and prompt.size > context:
+        raise ValueError(
+            f"The prompt has {prompt.size} tokens, more than the model's context of {context} "
+            "(max_position_embeddings in config.json)."
+        )
+
+
 def _stream_logprobs(rt, out, cache, last, split):
     """``(gamma, V)`` log-probabilities of the streams of kept node ``last``."""
     if split:
@@ -155,7 +193,7 @@ def spec_generate_step(
     tree_depth: Optional[int] = None,
     prune_threshold: Optional[float] = None,
     max_tree_nodes: Optional[int] = None,
-    acceptance: str = "target-sample",
+    acceptance: Optional[str] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
@@ -192,8 +230,11 @@ def spec_generate_step(
           siblings; needs a sampler from
           :func:`mlx_specstream.sample_utils.make_sampler`, reads the host
           twice per step and does not prune (a threshold is ignored with a
-          warning). Greedy decoding always walks by argmax.
-          Default: ``"target-sample"``.
+          warning). Greedy decoding always walks by argmax. Default
+          (``None``): ``"rejection"`` when the sampler exposes its
+          distribution (a :class:`DistributionSampler`), as it accepts more
+          drafts (``benchmarks/RESULTS.md``); otherwise ``"target-sample"``,
+          with a warning.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options; quantized and rotating caches cannot be rolled back
           to an accepted tree path, so setting them is refused.
@@ -212,6 +253,8 @@ def spec_generate_step(
         )
     sampler = sampler or _greedy
     processors = logits_processors or []
+    if acceptance is None:  # (without drafts there is nothing to accept)
+        acceptance = _default_acceptance(sampler) if speculative and depth else "target-sample"
     if acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
     if acceptance == "rejection" and not (
@@ -221,8 +264,7 @@ def spec_generate_step(
             "acceptance='rejection' needs the target distribution, not only samples: pass a "
             "sampler from mlx_specstream.sample_utils.make_sampler."
         )
-    if prompt.size == 0:
-        raise ValueError("The prompt is empty: give at least one token.")
+    check_prompt(model, prompt)
     if not speculative or depth == 0:
         if rt.config.mode == "lossless":
             # Streams never touch the main stream: this is the base model.

@@ -38,7 +38,7 @@ class SpecGenerationResponse(GenerationResponse):
 def stream_generate(
     model: nn.Module,
     tokenizer,
-    prompt: Union[str, mx.array, List[int]],
+    prompt: Union[str, bytes, mx.array, List[int]],
     max_tokens: int = 256,
     sampler=None,
     logits_processors=None,
@@ -51,7 +51,8 @@ def stream_generate(
         model (nn.Module): a model from :func:`mlx_specstream.load` (or with
           streams attached by :func:`mlx_specstream.attach_streams`).
         tokenizer: the tokenizer (wrapped in mlx-lm's ``TokenizerWrapper`` if needed).
-        prompt (str, mx.array or list of int): the prompt text or tokens.
+        prompt (str, bytes, mx.array or list of int): the prompt text (bytes
+          must be UTF-8) or tokens.
         max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
         sampler (Callable, optional): an mlx-lm sampler (``make_sampler``).
           Default: greedy.
@@ -69,6 +70,15 @@ def stream_generate(
         raise ValueError(f"max_tokens={max_tokens} must be positive (or -1 for no limit).")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"The prompt is not valid UTF-8: byte {e.start} ({prompt[e.start:e.start + 1]!r})."
+            ) from None
+    if isinstance(prompt, str):
+        _check_encodable(prompt)
     if not isinstance(prompt, mx.array):
         if isinstance(prompt, str):
             add_special_tokens = tokenizer.bos_token is None or not prompt.startswith(
@@ -119,6 +129,17 @@ def stream_generate(
         detokenizer.finalize()
         finish = "stop" if token in tokenizer.eos_token_ids else "length"
         yield response(token, logprobs, from_draft, passes, n, finish)
+
+
+def _check_encodable(text: str):
+    """Refuses text with lone surrogates, which no UTF-8 tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"The prompt is not valid Unicode text: character {e.start} is a lone surrogate "
+            f"({text[e.start]!r}); decode the input as UTF-8 first."
+        ) from None
 
 
 def generate(
@@ -196,8 +217,8 @@ def setup_arg_parser():
     parser.add_argument(
         "--acceptance",
         choices=ACCEPTANCE,
-        default="target-sample",
-        help="How drafts are verified when sampling (both are lossless)",
+        default=None,
+        help="How drafts are verified when sampling; both are lossless (default: rejection)",
     )
     return parser
 

@@ -94,8 +94,8 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     speculative = body.get("speculative", True)
     if not isinstance(speculative, bool):
         raise RequestError("'speculative' must be a boolean", "speculative")
-    acceptance = body.get("acceptance", "target-sample")
-    if acceptance not in ACCEPTANCE:
+    acceptance = body.get("acceptance")
+    if acceptance is not None and acceptance not in ACCEPTANCE:
         raise RequestError(f"'acceptance' must be one of {list(ACCEPTANCE)}", "acceptance")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

@@ -169,3 +169,69 @@ def test_rejection_walk_returns_a_root_path(tree, data):
     path, token = accept_by_rejection(tokens, parents, p, q, rng.random(len(tokens) + 1))
     assert path[0] == 0 and all(parents[b] == a for a, b in zip(path, path[1:]))
     assert 0 <= token < V
+
+
+_MODELS = {}
+
+
+def _tiny(mode):
+    """One tiny model per mode for all examples (building one per example is slow)."""
+    from helpers import tiny_spec_model
+
+    if mode not in _MODELS:
+        _MODELS[mode] = tiny_spec_model("llama", vocab_size=V, num_streams=2, mode=mode)
+    return _MODELS[mode]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    trees(max_nodes=8),
+    st.lists(st.integers(0, V - 1), min_size=1, max_size=6),
+    st.sampled_from(["lossless", "shared"]),
+    st.data(),
+)
+def test_compacted_cache_equals_a_prefill_of_the_accepted_path(tree, prefix, mode, data):
+    """A multi-stream pass over a random tree, then compaction to a random
+    root path: every layer's cache equals the one left by feeding the prefix
+    and that path token by token (the main stream's own cache)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _tiny(mode)
+    rt = model.speculative_streams
+    tokens, parents = tree
+    tokens = [prefix[-1]] + tokens[1:]  # the root is the last committed token
+    node = data.draw(st.integers(0, len(tokens) - 1))
+    path = sorted(ancestors(parents, node))
+    cache = make_prompt_cache(model)
+    if len(prefix) > 1:
+        model(mx.array([prefix[:-1]]), cache=cache)
+    start = cache[0].offset
+    out = rt.forward(tokens, parents, cache, all_streams=not rt.split_streams)
+    commit_path(
+        cache,
+        start,
+        [path if i >= rt.first_top else [out.kept[a] for a in path] for i in range(len(cache))],
+    )
+    want = make_prompt_cache(model)
+    committed = prefix[:-1] + [tokens[a] for a in path]
+    if mode == "lossless":
+        model(mx.array([committed]), cache=want)  # the base model itself
+    else:
+        # Shared mode: the prompt is prefilled plainly, as the decode loop does,
+        # then each token gets one pass with its streams, whose rows are dropped.
+        if len(prefix) > 1:
+            model(mx.array([prefix[:-1]]), cache=want)
+        for a in path:
+            before = want[0].offset
+            rt.forward([tokens[a]], [-1], want)
+            commit_path(want, before, [[0]] * len(want))
+    for layer, (c, w) in enumerate(zip(cache, want)):
+        assert c.offset == w.offset == len(committed), (layer, c.offset, w.offset)
+        np.testing.assert_allclose(
+            np.array(c.keys[..., : c.offset, :]), np.array(w.keys[..., : w.offset, :]), atol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.array(c.values[..., : c.offset, :]),
+            np.array(w.values[..., : w.offset, :]),
+            atol=1e-4,
+        )

@@ -207,3 +207,26 @@ def test_rejection_sampling_refuses_to_prune_and_says_so(model):
                 prune_threshold=0.15,
             )
         )
+
+
+def test_default_acceptance_is_rejection_for_distribution_samplers(model, monkeypatch):
+    """The default verifies by rejection when the sampler exposes its
+    distribution; an mlx-lm sampler gets target sampling, with a warning."""
+    import warnings
+
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+
+    used = []
+    real = decode.accept_by_rejection
+    monkeypatch.setattr(
+        decode, "accept_by_rejection", lambda *a: used.append("rejection") or real(*a)
+    )
+    prompt = mx.array(PROMPT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(spec_generate_step(prompt, model, max_tokens=8, sampler=make_sampler(temp=0.7)))
+    assert used
+    used.clear()
+    with pytest.warns(UserWarning, match="target-sample"):
+        list(spec_generate_step(prompt, model, max_tokens=8, sampler=mlx_lm_make_sampler(0.7)))
+    assert not used

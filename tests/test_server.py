@@ -157,18 +157,74 @@ def test_malformed_chat_and_unknown_path(served):
 
 def test_client_disconnect_mid_stream_leaves_the_server_working(served):
     model, tok, client, url = served
+    _hang_up_mid_stream(url, "t3 t4")
+    r = client.completions.create(model="tiny", prompt="t5 t6", max_tokens=10)
+    assert r.choices[0].text == reference(model, tok, "t5 t6", 10)
+
+
+def _hang_up_mid_stream(url, prompt):
     host, port = url.split("//")[1].split("/")[0].split(":")
-    body = json.dumps({"prompt": "t3 t4", "max_tokens": 200, "stream": True}).encode()
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    body = json.dumps({"prompt": prompt, "max_tokens": 200, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as s:
         s.sendall(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
         received = b""
-        while b"data:" not in received:  # wait until streaming has started, then hang up
+        while b"data:" not in received:
             chunk = s.recv(4096)
             assert chunk, "the server closed the stream early"
             received += chunk
+
+
+def test_16_concurrent_clients_some_hanging_up(served):
+    """Load: 16 clients at once, 4 of them disconnecting mid-stream. Every
+    other client gets exactly its own answer; the server keeps serving."""
+    model, tok, client, url = served
+    jobs = []
+    for i in range(16):
+        prompt = f"t{3 + i} t{20 + i}"
+        kind = ("complete", "stream", "chat", "hang-up")[i % 4]
+        jobs.append((kind, prompt))
+    want = {}
+    for kind, prompt in jobs:
+        if kind == "chat":
+            messages = [{"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            want[prompt] = reference(model, tok, ids, 14)
+        elif kind != "hang-up":
+            want[prompt] = reference(model, tok, prompt, 14)
+    got, errors = {}, []
+
+    def worker(kind, prompt):
+        try:
+            if kind == "complete":
+                r = client.completions.create(model="tiny", prompt=prompt, max_tokens=14)
+                got[prompt] = r.choices[0].text
+            elif kind == "stream":
+                chunks = client.completions.create(
+                    model="tiny", prompt=prompt, max_tokens=14, stream=True
+                )
+                got[prompt] = "".join(c.choices[0].text for c in chunks)
+            elif kind == "chat":
+                messages = [{"role": "user", "content": prompt}]
+                r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=14)
+                got[prompt] = r.choices[0].message.content
+            else:
+                _hang_up_mid_stream(url, prompt)
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append((kind, prompt, e))
+
+    tic = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a client never got its answer"
+    assert not errors, errors
+    assert got == want
+    assert time.perf_counter() - tic < 180
     r = client.completions.create(model="tiny", prompt="t5 t6", max_tokens=10)
     assert r.choices[0].text == reference(model, tok, "t5 t6", 10)
