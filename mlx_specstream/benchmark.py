@@ -163,6 +163,9 @@ def setup_arg_parser():
     p.add_argument(
         "--sampling-runs", type=int, default=1, help="Seeded runs per prompt when sampling"
     )
+    p.add_argument(
+        "--sampling-prompts", type=int, default=4, help="Prompts used for the sampling table"
+    )
     p.add_argument("--output-dir", default="benchmarks/results")
     p.add_argument("--name", default="default", help="Prefix of the result files")
     return p
@@ -276,6 +279,7 @@ def main(argv=None):
         runs=args.runs,
         max_tokens=args.max_tokens,
         sampling_runs=args.sampling_runs,
+        sampling_prompts=min(args.sampling_prompts, len(prompts)),
         sampling_tree=sampling_tree,
     )
     write_results(Path(args.output_dir), args.name, rows, summary, curve, info, sampling)
@@ -290,7 +294,7 @@ def sampling_table(model, tokenizer, prompts, args, tree):
     for temp in args.sampling_temps:
         for acceptance in ACCEPTANCE:
             taus, tps = [], []
-            for i, prompt in enumerate(prompts):
+            for i, prompt in enumerate(prompts[: args.sampling_prompts]):
                 for run in range(args.sampling_runs):
                     mx.random.seed(1000 * i + run)
                     for r in stream_generate(
@@ -364,8 +368,8 @@ def write_results(out_dir: Path, name, rows, summary, curve, info, sampling=()):
         lines += [
             "",
             f"Sampling with '{info['sampling_tree']}' (greedy tau {greedy_tau:.2f}), "
-            f"{info['sampling_runs']} seeded "
-            "run(s) per prompt; both designs are lossless:",
+            f"{info['sampling_prompts']} prompts x {info['sampling_runs']} seeded "
+            "run(s); both designs are lossless:",
             "",
             "| temperature | acceptance | tau | vs greedy tau | tokens/s |",
             "|---|---|---|---|---|",
