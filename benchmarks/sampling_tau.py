@@ -4,8 +4,8 @@
 
 Explains the sampling rows of ``RESULTS.md``: for each temperature, tree
 (the tuned one in the model's config unless tuning chose plain decoding, and
-the package default: top-3 per stream, 16 nodes) and acceptance design, the mean tau over held-out prompts
-and seeded runs. It also reports how peaked the model's own distribution is
+the package default: top-3 per stream, 16 nodes) and acceptance design, the
+mean tau over held-out prompts and seeded runs. It also reports how peaked the model's own distribution is
 along its sampled outputs (the mean probability of its top token at that
 temperature), which bounds what a deterministic draft can earn: a
 ``"target-sample"`` node accepts a drafted child at most with the target
@@ -21,17 +21,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_specstream import load, stream_generate
-from mlx_specstream.benchmark import load_prompts, machine_info
+from mlx_specstream.benchmark import default_tree_settings, load_prompts, machine_info
 from mlx_specstream.decode import ACCEPTANCE
 from mlx_specstream.default_model import DEFAULT_DIR
 from mlx_specstream.sample_utils import make_sampler
-
-TREES = {
-    "tuned": {},
-    # Every stream, whatever depth the config was tuned to (set in main).
-    "default (k=3, 16 nodes)": dict(tree_top_k=3, max_tree_nodes=16, prune_threshold=0.0),
-}
-
 
 def top_probability(model, prompt, tokens, temp):
     """Mean probability of the model's top token at ``temp`` over ``tokens``'s positions."""
@@ -61,11 +54,10 @@ def main(argv=None):
     prompts = load_prompts(
         model_dir / "prompts.jsonl", tokenizer, args.num_prompts, args.prompt_tokens
     )
-    trees = dict(TREES)
     cfg = model.speculative_streams.config
-    trees["default (k=3, 16 nodes)"] = dict(TREES["default (k=3, 16 nodes)"], tree_depth=cfg.num_streams)
-    if cfg.tree_depth == 0:
-        del trees["tuned"]  # tuning chose plain decoding: nothing to measure
+    # The tuned tree is left out when tuning chose plain decoding: nothing to measure.
+    trees = {"tuned": {}} if cfg.tree_depth != 0 else {}
+    trees["default (k=3, 16 nodes)"] = default_tree_settings(cfg)
     rows = []
     for temp in args.temps:
         for tree_name, tree in trees.items():

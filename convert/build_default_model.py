@@ -88,31 +88,27 @@ def mean_tau(model_dir: Path, prompts: Path, n=8, max_tokens=96):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main_stream_loss(model_dir: Path, eval_jsonl: Path, n=8, tokens=256):
-    """Held-out next-token loss (nats) of a converted model's main stream, and of
-    its base (the same weights without streams; in lossless mode the two agree).
+def main_stream_loss(model_dir: Path, eval_jsonl: Path, n=8, tokens=256) -> float:
+    """Held-out next-token loss (nats) of a converted model's main stream.
 
     In shared mode the main rows attend to their own streams, so the loss comes
-    from one multi-stream pass over each text (a chain tree), as it decodes.
+    from one multi-stream pass over each text (a chain tree), as it decodes. In
+    lossless mode it is the base model's own loss.
     """
     code = (
-        "import json;import mlx.core as mx;import mlx_lm\n"
+        "import json;import mlx.core as mx\n"
         "from mlx_specstream import load\nfrom mlx_lm.models.cache import make_prompt_cache\n"
-        f"m,t=load('{model_dir}');m.set_dtype(mx.float32);rt=m.speculative_streams\n"
-        "def nll(logits, ids):\n"
-        "  lp=logits-mx.logsumexp(logits,-1,keepdims=True)\n"
-        "  return -mx.take_along_axis(lp[:-1],mx.array(ids[1:])[:,None],-1).mean().item()\n"
-        "main,base=[],[]\n"
+        f"m,t=load('{model_dir}');m.set_dtype(mx.float32);rt=m.speculative_streams;losses=[]\n"
         f"for l in list(open('{eval_jsonl}'))[:{n}]:\n"
         "  r=json.loads(l);ids=t.encode(r.get('text') or r['prompt']+r.get('completion',''))"
         f"[:{tokens}]\n"
         "  out=rt.forward(ids,[-1]+list(range(len(ids)-1)),make_prompt_cache(m))\n"
-        "  main.append(nll(out.logits.astype(mx.float32),ids))\n"
-        "  base.append(nll(m(mx.array([ids]))[0].astype(mx.float32),ids))\n"
-        "print(sum(main)/len(main),sum(base)/len(base))"
+        "  lp=out.logits.astype(mx.float32);lp=lp-mx.logsumexp(lp,-1,keepdims=True)\n"
+        "  losses.append(-mx.take_along_axis(lp[:-1],mx.array(ids[1:])[:,None],-1).mean().item())\n"
+        "print(sum(losses)/len(losses))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return tuple(float(x) for x in out.stdout.strip().splitlines()[-1].split())
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # A mode may change the model's output (shared mode fine-tunes the base) by at
@@ -128,19 +124,19 @@ def choose_mode(w: Path, prompts: Path) -> str:
         mode: main_stream_loss(w / "mlx" / mode, w / "corpus" / "eval.jsonl")
         for mode in ("shared", "lossless")
     }
-    base_loss = losses["lossless"][1]  # lossless mode keeps the pretrained base
-    ok = [m for m in taus if losses[m][0] <= base_loss + MAX_LOSS_INCREASE]
+    base_loss = losses["lossless"]  # lossless mode keeps the pretrained base exactly
+    ok = [m for m in taus if losses[m] <= base_loss + MAX_LOSS_INCREASE]
     best = max(ok, key=taus.get)
     print(
         f"[INFO] tokens per forward pass (paper tree): {taus}; held-out main-stream loss: "
-        f"{ {m: round(v[0], 3) for m, v in losses.items()} } (base {base_loss:.3f}); "
+        f"{ {m: round(v, 3) for m, v in losses.items()} } (base {base_loss:.3f}); "
         f"shipping {best} mode"
     )
     (w / "choice.json").write_text(
         json.dumps(
             {
                 "tau": taus,
-                "main_stream_loss": {m: v[0] for m, v in losses.items()},
+                "main_stream_loss": losses,
                 "base_loss": base_loss,
                 "max_loss_increase": MAX_LOSS_INCREASE,
                 "shipped": best,

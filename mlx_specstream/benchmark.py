@@ -39,6 +39,18 @@ DEFAULT_TREE = "SS default tree (k=3, 16 nodes)"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+def default_tree_settings(cfg: SpecStreamConfig) -> dict:
+    """The package's default tree (SpecStreamConfig's defaults: top-3 per stream,
+    at most 16 nodes, no pruning) over every stream, whatever ``cfg`` was tuned to."""
+    defaults = SpecStreamConfig()
+    return {
+        "tree_top_k": defaults.top_k,
+        "tree_depth": cfg.num_streams,
+        "prune_threshold": defaults.prune_threshold,
+        "max_tree_nodes": defaults.max_tree_nodes,
+    }
+
+
 def machine_info():
     import mlx_lm
 
@@ -203,15 +215,7 @@ def main(argv=None):
         "prune_threshold": args.tuned_prune_threshold,
         "max_tree_nodes": args.tuned_max_tree_nodes,
     }
-    # The package's default tree (SpecStreamConfig's defaults: top-3 per stream,
-    # at most 16 nodes, no pruning), whatever the model's config was tuned to.
-    defaults = SpecStreamConfig()
-    default_tree = {
-        "tree_top_k": defaults.top_k,
-        "tree_depth": cfg.num_streams,
-        "prune_threshold": defaults.prune_threshold,
-        "max_tree_nodes": defaults.max_tree_nodes,
-    }
+    default_tree = default_tree_settings(cfg)
     methods = {
         "mlx-lm plain": lambda p: run_mlx_lm(plain, tokenizer, p, args.max_tokens),
         "SS no speculation": lambda p: run_specstream(
@@ -258,10 +262,10 @@ def main(argv=None):
     summary = summarize(rows, methods)
     # Sampling uses the tuned tree, or the default one when tuning chose plain decoding.
     tuned_depth = cfg.tree_depth if tuned["tree_depth"] is None else tuned["tree_depth"]
-    sampling_tree = DEFAULT_TREE if tuned_depth == 0 else "SS tuned tree"
-    sampling = sampling_table(
-        model, tokenizer, prompts, args, default_tree if tuned_depth == 0 else tuned
+    sampling_tree, tree = (
+        (DEFAULT_TREE, default_tree) if tuned_depth == 0 else ("SS tuned tree", tuned)
     )
+    sampling = sampling_table(model, tokenizer, prompts, args, tree)
     curve = verify_cost_curve(model)
     base_params, extra = parameter_counts(model)
     info = machine_info()

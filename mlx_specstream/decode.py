@@ -105,11 +105,12 @@ def check_prompt(model: nn.Module, prompt: mx.array):
     args = getattr(model, "args", None)
     vocab = getattr(args, "vocab_size", None)
     if vocab is not None:
-        bad = np.flatnonzero((np.array(prompt) < 0) | (np.array(prompt) >= vocab))
+        ids = np.array(prompt)
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab))
         if bad.size:
             i = int(bad[0])
             raise ValueError(
-                f"Prompt token {i} has id {prompt[i].item()}, outside the model's vocabulary "
+                f"Prompt token {i} has id {ids[i]}, outside the model's vocabulary "
                 f"[0, {vocab})."
             )
     context = getattr(args, "max_position_embeddings", None)
