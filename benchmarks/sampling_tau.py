@@ -26,6 +26,7 @@ from mlx_specstream.decode import ACCEPTANCE
 from mlx_specstream.default_model import DEFAULT_DIR
 from mlx_specstream.sample_utils import make_sampler
 
+
 def top_probability(model, prompt, tokens, temp):
     """Mean probability of the model's top token at ``temp`` over ``tokens``'s positions."""
     ids = mx.array([list(prompt) + list(tokens[:-1])])

@@ -17,7 +17,10 @@ the trainers also resume from their own checkpoints):
    OpenBLAS interposed: the mlx-cpu wheel's reference BLAS makes every extra
    verified row cost nearly a full row, unlike the machines users run).
 
-Every command is printed before it runs.
+Every command is printed before it runs, and each training stage's wall time is
+recorded in ``WORK/stage_times.json``. ``build_drafters`` (run by
+``benchmarks/compare_drafters.py``, not by this command) adds self-distilled data
+(``convert.distill``) and Medusa-1 and ParallelSpec drafters on the frozen base.
 """
 
 import argparse
@@ -30,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+STAGE_TIMES = "stage_times.json"
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "mlx_specstream" / "models"
 SHIP_LIMIT_MB = 25
 # CPU budget: a few hundred steps of 8 x 128 tokens (the paper trains 5 epochs and can afford
@@ -42,8 +46,13 @@ SS_COMMON = [
 SS_SHARED = ["--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64", "--max-steps", "400",
              "--stream-loss-weight", "0.5"]
 SS_LOSSLESS = ["--mode", "lossless", "--stream-lora-rank", "16", "--stream-loss-weight", "1.0",
-               "--self-distill", "--window-prompt", "32", "--max-examples", "1600",
-               "--max-steps", "500"]
+               "--self-distill", "--window-prompt", "32", "--max-steps", "500"]
+# Alternative drafters on the same frozen base, for benchmarks/compare_drafters.py: the
+# same steps, batch and window as the lossless fine-tune, on self-distilled data.
+DRAFTER_COMMON = ["--num-draft-tokens", "3", "--top-k", "3", "--max-length", "128",
+                  "--batch-size", "8", "--learning-rate", "1e-3", "--max-steps", "500",
+                  "--eval-steps", "250", "--save-steps", "100"]
+DRAFTER_KINDS = ("medusa", "parallelspec")
 # fmt: on
 
 
@@ -55,12 +64,20 @@ def run(*cmd):
     print(f"  ({time.perf_counter() - tic:.0f} s)", flush=True)
 
 
-def stage(name, output: Path, fn):
+def stage(name, output: Path, fn, work: Path = None):
+    """Runs ``fn`` unless ``output`` exists; records its wall time in
+    ``work/stage_times.json`` (the training-time column of the drafter comparison)."""
     if output.exists():
         print(f"[skip] {name}: {output} exists")
         return
     print(f"[stage] {name}")
+    tic = time.perf_counter()
     fn()
+    if work is not None:
+        times_file = work / STAGE_TIMES
+        times = json.loads(times_file.read_text()) if times_file.exists() else {}
+        times[name] = round(time.perf_counter() - tic, 1)
+        times_file.write_text(json.dumps(times, indent=2))
 
 
 def make_prompts(eval_jsonl: Path, out: Path, per_file=2, chars=320):
@@ -147,14 +164,44 @@ def choose_mode(w: Path, prompts: Path) -> str:
     return best
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="runs/default", help="Working directory for all artifacts")
-    p.add_argument("--force-ship", action="store_true", help="Replace an already shipped model")
-    args = p.parse_args()
-    w = Path(args.work)
-    tic = time.perf_counter()
+def build_drafters(w: Path):
+    """Medusa-1 and ParallelSpec drafters on the frozen base, converted to MLX
+    (``runs/default/mlx/{medusa,parallelspec}``), for the drafter comparison."""
+    distilled = w / "distilled"
+    for split, n in (("train", 4000), ("eval", 200)):
+        stage(
+            f"self-distilled {split} data",
+            distilled / f"{split}.jsonl",
+            lambda split=split, n=n: run(
+                "convert.distill", "--model", w / "base" / "model",
+                "--data", w / "corpus" / f"{split}.jsonl", "--out", distilled / f"{split}.jsonl",
+                "--max-length", "128", "--window-prompt", "32", "--max-examples", n,
+            ),
+            work=w,
+        )  # fmt: skip
+    for kind in DRAFTER_KINDS:
+        stage(
+            f"{kind} drafter",
+            w / kind / "config.json",
+            lambda kind=kind: run(
+                "convert.train_drafter", "--kind", kind, "--model", w / "base" / "model",
+                "--data", distilled / "train.jsonl", "--eval-data", distilled / "eval.jsonl",
+                "--out", w / kind, *DRAFTER_COMMON,
+            ),
+            work=w,
+        )  # fmt: skip
+        stage(
+            f"convert {kind}",
+            w / "mlx" / kind,
+            lambda kind=kind: run(
+                "convert", "--hf-path", w / kind, "--mlx-path", w / "mlx" / kind,
+                "--dtype", "bfloat16",
+            ),
+        )  # fmt: skip
 
+
+def build_base(w: Path):
+    """Stages 1-3: corpus, tokenizer, pretrained base."""
     stage(
         "corpus",
         w / "corpus" / "manifest.json",
@@ -172,7 +219,14 @@ def main():
         "base model",
         w / "base" / "model",
         lambda: run("convert.pretrain", *common, "--out", w / "base"),
+        work=w,
     )
+
+
+def build_models(w: Path) -> Path:
+    """Stages 4-7 up to the mode choice: mlx-lm draft model, both fine-tunes, MLX
+    conversions and held-out prompts. Returns the prompts file."""
+    common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
     stage(
         "draft model",
         w / "draft" / "model",
@@ -196,19 +250,38 @@ def main():
                 )
             ),
         ),
+        work=w,
     )
     data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", w / "corpus" / "eval.jsonl"]
     stage(
         "shared-mode fine-tune",
         w / "ss-shared" / "config.json",
-        lambda: run("convert.finetune", "--model", w / "base" / "model", *data, "--out", w / "ss-shared",
-                    *SS_SHARED, *SS_COMMON),
+        lambda: run(
+            "convert.finetune",
+            "--model",
+            w / "base" / "model",
+            *data,
+            "--out",
+            w / "ss-shared",
+            *SS_SHARED,
+            *SS_COMMON,
+        ),
+        work=w,
     )
     stage(
         "lossless-mode fine-tune",
         w / "ss-lossless" / "config.json",
-        lambda: run("convert.finetune", "--model", w / "base" / "model", *data, "--out", w / "ss-lossless",
-                    *SS_LOSSLESS, *SS_COMMON),
+        lambda: run(
+            "convert.finetune",
+            "--model",
+            w / "base" / "model",
+            *data,
+            "--out",
+            w / "ss-lossless",
+            *SS_LOSSLESS,
+            *SS_COMMON,
+        ),
+        work=w,
     )
     for mode in ("shared", "lossless"):
         stage(
@@ -240,6 +313,19 @@ def main():
     )
     prompts = w / "prompts.jsonl"
     stage("held-out prompts", prompts, lambda: make_prompts(w / "corpus" / "eval.jsonl", prompts))
+
+    return prompts
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="runs/default", help="Working directory for all artifacts")
+    p.add_argument("--force-ship", action="store_true", help="Replace an already shipped model")
+    args = p.parse_args()
+    w = Path(args.work)
+    tic = time.perf_counter()
+    build_base(w)
+    prompts = build_models(w)
 
     best = choose_mode(w, prompts)
 

@@ -20,10 +20,12 @@ from typing import Dict, Optional, Union
 import mlx.core as mx
 import numpy as np
 
-from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
+from mlx_specstream.config import CONFIG_KEY, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
+from mlx_specstream.drafters import DRAFTER_FILE
 from mlx_specstream.streams import STREAMS_FILE
 
 STREAM_PREFIX = "speculative_streams."
+DRAFTER_PREFIX = "drafter."
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
@@ -108,6 +110,23 @@ def stream_weight_map(config: SpecStreamConfig, hidden: int, lora_shapes=None) -
             shapes[f"lora.{j}.{name}.lora_a"] = (config.stream_lora_rank, d_in)
             shapes[f"lora.{j}.{name}.lora_b"] = (d_out, config.stream_lora_rank)
     return shapes
+
+
+def drafter_names_to_mlx(model, tensors: Dict[str, mx.array]) -> Dict[str, mx.array]:
+    """ParallelSpec's ``layer.*`` tensors carry the HF names of a decoder layer;
+    the architecture's own ``sanitize`` maps them as it maps the base's layers."""
+    if not hasattr(model, "sanitize") or not any(k.startswith("layer.") for k in tensors):
+        return tensors
+    i = len(model.layers) - 1
+    probe = f"model.layers.{i}."
+    layer = {probe + k[len("layer.") :]: v for k, v in tensors.items() if k.startswith("layer.")}
+    mapped = model.sanitize(dict(layer))
+    out = {k: v for k, v in tensors.items() if not k.startswith("layer.")}
+    for k, v in mapped.items():
+        if not k.startswith(probe):
+            raise ValueError(f"drafter tensor '{k}' does not map into one decoder layer")
+        out["layer." + k[len(probe) :]] = v
+    return out
 
 
 def check_tensors(found: Dict[str, mx.array], expected: Dict[str, tuple], where: str):
@@ -255,23 +274,28 @@ def convert(
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist.")
     config = json.loads(config_file.read_text())
-    if CONFIG_KEY not in config:
+    if CONFIG_KEY not in config and DRAFTER_KEY not in config:
         raise ValueError(
-            f"{config_file} has no '{CONFIG_KEY}' section: this is not a checkpoint with streams "
-            "(fine-tune one with `python -m convert.finetune`)."
+            f"{config_file} has no '{CONFIG_KEY}' or '{DRAFTER_KEY}' section: this is not a "
+            "checkpoint with streams or a drafter (fine-tune one with `python -m convert.finetune` "
+            "or `python -m convert.train_drafter`)."
         )
+    if CONFIG_KEY in config and DRAFTER_KEY in config:
+        raise ValueError(f"{config_file} has both a '{CONFIG_KEY}' and a '{DRAFTER_KEY}' section.")
+    key, cls, file = (
+        (CONFIG_KEY, SpecStreamConfig, STREAMS_FILE)
+        if CONFIG_KEY in config
+        else (DRAFTER_KEY, DrafterConfig, DRAFTER_FILE)
+    )
     try:
-        spec = SpecStreamConfig.from_dict(config[CONFIG_KEY])
+        spec = cls.from_dict(config[key])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_file}: {e}") from e
+    prefix = STREAM_PREFIX if key == CONFIG_KEY else DRAFTER_PREFIX
 
     weights = read_weights(src)
-    streams = {
-        k[len(STREAM_PREFIX) :]: weights.pop(k)
-        for k in list(weights)
-        if k.startswith(STREAM_PREFIX)
-    }
-    stream_file = src / STREAMS_FILE
+    streams = {k[len(prefix) :]: weights.pop(k) for k in list(weights) if k.startswith(prefix)}
+    stream_file = src / file
     if stream_file.exists():
         for k, v in _read_safetensors(stream_file).items():
             if k in streams:
@@ -279,11 +303,12 @@ def convert(
             streams[k] = v
     if not streams:
         raise ValueError(
-            f"{config_file} declares '{CONFIG_KEY}' but {src} has no stream tensors "
-            f"(neither {STREAMS_FILE} nor '{STREAM_PREFIX}*' keys)."
+            f"{config_file} declares '{key}' but {src} has no "
+            f"{'stream' if key == CONFIG_KEY else 'drafter'} tensors "
+            f"(neither {file} nor '{prefix}*' keys)."
         )
     if adapter_path is not None:
-        if spec.mode == "lossless":
+        if spec.mode == "lossless":  # (drafters keep the base frozen too)
             raise ValueError(
                 f"{adapter_path}: a PEFT adapter changes the base model, but lossless mode keeps it "
                 f"frozen; stream-only LoRA belongs in {STREAMS_FILE}."
@@ -320,15 +345,22 @@ def convert(
     if quantize:
         model, config = quantize_model(model, config, q_group_size, q_bits)
 
-    attach_streams(model, spec)  # shape template; replaced below
-    expected = stream_weight_map(spec, hidden, lora_shapes(model, spec))
-    check_tensors(streams, expected, f"{src} (stream tensors)")
-    runtime = get_runtime(model)
-    runtime.streams.load_weights(
-        [(k, v.astype(mx.float32)) for k, v in streams.items()], strict=True
-    )
-    mx.eval(runtime.streams.parameters())
-    config.pop(CONFIG_KEY)
+    if key == DRAFTER_KEY:
+        from mlx_specstream.drafters import attach_drafter
+
+        streams = drafter_names_to_mlx(model, streams)
+        attach_drafter(model, spec)  # shape template; replaced below
+        module = get_runtime(model).drafter
+        expected = {k: v.shape for k, v in tree_flatten(module.parameters())}
+        check_tensors(streams, expected, f"{src} (drafter tensors)")
+    else:
+        attach_streams(model, spec)  # shape template; replaced below
+        expected = stream_weight_map(spec, hidden, lora_shapes(model, spec))
+        check_tensors(streams, expected, f"{src} (stream tensors)")
+        module = get_runtime(model).streams
+    module.load_weights([(k, v.astype(mx.float32)) for k, v in streams.items()], strict=True)
+    mx.eval(module.parameters())
+    config.pop(key)
     # Keep the generation config (extra EOS ids) next to the model, as mlx-lm does.
     extra = [p for p in [src / "generation_config.json"] if p.exists()]
     return save(mlx_path, model, tokenizer, config, extra_files=extra)

@@ -53,13 +53,31 @@ def read_examples(paths: List[str], tokenizer, max_length: int, window_prompt: i
                     if len(p) >= len(ids):
                         raise ValueError(f"{path}:{n}: the prompt fills --max-length {max_length}")
                     examples.append({"input_ids": ids, "prompt_len": max(len(p), 1)})
+                elif "input_ids" in row:  # already tokenized (python -m convert.distill)
+                    ids = [int(t) for t in row["input_ids"]][:max_length]
+                    p = int(row.get("prompt_len", 1))
+                    if not 1 <= p < len(ids):
+                        raise ValueError(f"{path}:{n}: prompt_len {p} leaves no completion")
+                    examples.append({"input_ids": ids, "prompt_len": p})
                 elif "text" in row:
                     examples += _windows(tokenizer.encode(row["text"]), max_length, window_prompt)
                 else:
-                    raise ValueError(f"{path}:{n}: expected 'prompt'+'completion' or 'text' keys")
+                    raise ValueError(
+                        f"{path}:{n}: expected 'prompt'+'completion', 'text' or 'input_ids' keys"
+                    )
         else:
             examples += _windows(tokenizer.encode(path.read_text()), max_length, window_prompt)
     return examples
+
+
+def subset(examples, n, seed: int):
+    """A seeded random subset of ``n`` examples (all of them when ``n`` is None)."""
+    if n is None or n >= len(examples):
+        return examples
+    import random
+
+    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in idx]
 
 
 def _windows(ids, max_length, prompt_len):
@@ -335,35 +353,12 @@ def build(args, model, tokenizer):
     return MultiStreamModel(model, spec)
 
 
-def main(argv=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+def train_and_evaluate(wrapped, args, out: Path, train, held_out):
+    """Trains ``wrapped`` with transformers' Trainer, resuming from the newest
+    checkpoint in ``out/checkpoints``, then evaluates on ``held_out``. Shared by
+    the stream fine-tune and ``convert.train_drafter`` (same flags)."""
+    from transformers import TrainingArguments
 
-    args = setup_arg_parser().parse_args(argv)
-    out = Path(args.out)
-    if out.exists() and any(p.name != "checkpoints" for p in out.iterdir()):
-        raise FileExistsError(f"{out} already holds a model; refusing to overwrite it.")
-    set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    train = read_examples(args.data, tokenizer, args.max_length, args.window_prompt)
-    held_out = (
-        read_examples(args.eval_data, tokenizer, args.max_length, args.window_prompt)
-        if args.eval_data
-        else None
-    )
-    if args.self_distill:
-        train = self_distill(model, train, tokenizer.eos_token_id)
-        if held_out:
-            held_out = self_distill(
-                model, held_out, tokenizer.eos_token_id, desc="self-distillation (eval)"
-            )
-    msm = build(args, model, tokenizer)
-    main_weight = args.main_loss_weight
-    if main_weight is None:
-        main_weight = 1.0 if args.mode == "shared" else 0.0
-    wrapped = SpecStreamTrainingModel(msm, main_weight, args.stream_loss_weight)
-    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
     training_args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=args.batch_size,
@@ -398,6 +393,40 @@ def main(argv=None):
     if held_out:
         metrics = trainer.evaluate()
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return trainer
+
+
+def main(argv=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    args = setup_arg_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(p.name != "checkpoints" for p in out.iterdir()):
+        raise FileExistsError(f"{out} already holds a model; refusing to overwrite it.")
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    train = read_examples(args.data, tokenizer, args.max_length, args.window_prompt)
+    train = subset(train, args.max_examples, args.seed)
+    held_out = (
+        read_examples(args.eval_data, tokenizer, args.max_length, args.window_prompt)
+        if args.eval_data
+        else None
+    )
+    if args.self_distill:
+        train = self_distill(model, train, tokenizer.eos_token_id)
+        if held_out:
+            held_out = self_distill(
+                model, held_out, tokenizer.eos_token_id, desc="self-distillation (eval)"
+            )
+    msm = build(args, model, tokenizer)
+    main_weight = args.main_loss_weight
+    if main_weight is None:
+        main_weight = 1.0 if args.mode == "shared" else 0.0
+    wrapped = SpecStreamTrainingModel(msm, main_weight, args.stream_loss_weight)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
+    trainer = train_and_evaluate(wrapped, args, out, train, held_out)
     if trainer.is_world_process_zero():
         save_output(out, msm, tokenizer, args.save_adapter)
         print(f"[INFO] wrote {out}")

@@ -7,8 +7,10 @@ __version__ = "0.1.0"
 # Public name -> submodule. Imported on first use, so that
 # ``python -m mlx_specstream.generate`` does not import its own module twice.
 _EXPORTS = {
+    "DrafterConfig": "config",
     "SpecStreamConfig": "config",
     "SpecGenerationResponse": "generate",
+    "attach_drafter": "drafters",
     "attach_streams": "streams",
     "generate": "generate",
     "load": "utils",

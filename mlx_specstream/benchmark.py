@@ -77,6 +77,17 @@ def machine_info():
     }
 
 
+def provenance_lines(info):
+    """The machine, versions and command lines that close every results file."""
+    return [
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}, {info['device']}; "
+        f"python {info['python']}, mlx {info['mlx']}, mlx-lm {info['mlx_lm']}; {info['date']}.",
+        "",
+        f"Command: `{info['command']}`",
+    ]
+
+
 def load_prompts(path, tokenizer, n, prompt_tokens):
     """Prompts from held-out code: the first ``prompt_tokens`` tokens of each entry."""
     prompts = []
@@ -133,7 +144,10 @@ def verify_cost_curve(model, sizes=(1, 2, 4, 8, 16, 32), context=128, repeats=5)
                     mx.eval(model(mx.array([tokens]), cache=cache))
                 else:
                     step = rt.forward(tokens, list(range(-1, n - 1)), cache)
-                    mx.eval(step.logits, step.stream_hidden)
+                    mx.eval(
+                        step.logits,
+                        *[a for a in (step.stream_hidden, step.hidden) if a is not None],
+                    )
                 times.append(time.perf_counter() - tic)
             out[kind][n] = statistics.median(times[1:])
         base = out[kind][sizes[0]]
@@ -144,7 +158,8 @@ def verify_cost_curve(model, sizes=(1, 2, 4, 8, 16, 32), context=128, repeats=5)
 def parameter_counts(model):
     rt = get_runtime(model)
     base = sum(v.size for _, v in tree_flatten(model.parameters()))
-    extra = sum(v.size for _, v in tree_flatten(rt.streams.parameters()))
+    module = rt.streams if rt.drafter is None else rt.drafter
+    extra = sum(v.size for _, v in tree_flatten(module.parameters()))
     return base, extra
 
 
@@ -405,11 +420,7 @@ def write_results(out_dir: Path, name, rows, summary, curve, info, sampling=()):
         f"{info['base_parameters']:,}). Mode: {info['mode']}, dtype: {info['dtype']}, "
         f"{info['prompts']} prompts x {info['runs']} runs, {info['max_tokens']} tokens, greedy; "
         "every output identical to plain decoding.",
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['platform']}, {info['device']}; "
-        f"python {info['python']}, mlx {info['mlx']}, mlx-lm {info['mlx_lm']}; {info['date']}.",
-        "",
-        f"Command: `{info['command']}`",
+        *provenance_lines(info),
     ]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     (out_dir / f"{name}.json").write_text(

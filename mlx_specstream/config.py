@@ -8,8 +8,36 @@ MODES = ("shared", "lossless")
 STREAM_POSITIONS = ("same", "offset")
 
 
+class _Section:
+    """What both ``config.json`` sections share: per-level draft widths and
+    reading/writing the section (unknown keys are refused)."""
+
+    SECTION = ""
+
+    def top_k_per_stream(self) -> List[int]:
+        """The draft width of each stream (tree level), as ``num_streams`` ints."""
+        if isinstance(self.top_k, list):
+            return list(self.top_k)
+        return [self.top_k] * self.num_streams
+
+    @classmethod
+    def from_dict(cls, params: dict):
+        """Builds the config from a ``config.json`` section, refusing unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} in the '{cls.SECTION}' config section; "
+                f"known keys: {sorted(known)}"
+            )
+        return cls(**params)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class SpecStreamConfig:
+class SpecStreamConfig(_Section):
     """Speculative Streaming settings of one model.
 
     Args:
@@ -51,6 +79,8 @@ class SpecStreamConfig:
           stream layer that get stream LoRA, by path inside the layer (e.g.
           ``"self_attn.q_proj"``). Default: every linear module of the layer.
     """
+
+    SECTION = CONFIG_KEY
 
     num_streams: int = 3
     num_stream_layers: int = 4
@@ -133,23 +163,77 @@ class SpecStreamConfig:
             f"must be one of {STREAM_POSITIONS}",
         )
 
-    def top_k_per_stream(self) -> List[int]:
-        """The draft width of each stream, as a list of ``num_streams`` ints."""
-        if isinstance(self.top_k, list):
-            return list(self.top_k)
-        return [self.top_k] * self.num_streams
 
-    @classmethod
-    def from_dict(cls, params: dict) -> "SpecStreamConfig":
-        """Builds the config from a ``config.json`` section, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown key(s) {unknown} in the '{CONFIG_KEY}' config section; "
-                f"known keys: {sorted(known)}"
+
+DRAFTER_KEY = "drafter"
+DRAFTER_KINDS = ("medusa", "parallelspec")
+
+
+@dataclass
+class DrafterConfig(_Section):
+    """The ``"drafter"`` section of a model's ``config.json``: an attached
+    drafter other than speculative streams, verified by the same tree verifier.
+
+    Args:
+        kind (str): ``"medusa"``: Medusa-1 heads, one residual block per head
+          over the last hidden state, sharing the base's final norm and LM head.
+          ``"parallelspec"``: a ParallelSpec drafter, one decoder layer of the
+          base's architecture over (hidden state, next-token embedding) pairs
+          plus ``num_draft_tokens - 1`` trainable [MASK] embeddings, drafting
+          all levels in one pass; it shares the base's final norm and LM head.
+        num_draft_tokens (int): k, the draft tree's levels per step (Medusa
+          heads, or ParallelSpec's last real row plus its masks). Default: ``3``.
+        top_k, max_tree_nodes, tree_depth: the draft tree, as in
+          :class:`SpecStreamConfig` (``tree_depth`` counts levels).
+    """
+
+    SECTION = DRAFTER_KEY
+
+    kind: str = "medusa"
+    num_draft_tokens: int = 3
+    top_k: Union[int, List[int]] = 3
+    max_tree_nodes: int = 16
+    tree_depth: Optional[int] = None
+
+    # A drafter never changes the base model and never prunes: the tree verifier
+    # treats it like a lossless-mode stream model with no stream layers.
+    mode = "lossless"
+    prune_threshold = 0.0
+    num_stream_layers = 0
+    stream_lora_rank = 0
+
+    def __post_init__(self):
+        def require(ok, name, why):
+            if not ok:
+                raise ValueError(f"{DRAFTER_KEY}.{name}={getattr(self, name)!r}: {why}")
+
+        require(self.kind in DRAFTER_KINDS, "kind", f"must be one of {DRAFTER_KINDS}")
+        for name in ("num_draft_tokens", "max_tree_nodes"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                name,
+                "must be an integer >= 1",
             )
-        return cls(**params)
+        ks = self.top_k if isinstance(self.top_k, list) else [self.top_k]
+        require(
+            all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)
+            and (not isinstance(self.top_k, list) or len(ks) == self.num_draft_tokens),
+            "top_k",
+            f"must be an integer >= 1 or a list of {self.num_draft_tokens} of them",
+        )
+        require(
+            self.tree_depth is None
+            or (
+                isinstance(self.tree_depth, int)
+                and not isinstance(self.tree_depth, bool)
+                and 0 <= self.tree_depth <= self.num_draft_tokens
+            ),
+            "tree_depth",
+            f"must be null or an integer in [0, num_draft_tokens={self.num_draft_tokens}]",
+        )
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def num_streams(self) -> int:
+        """Draft levels, under the name the tree settings use for streams."""
+        return self.num_draft_tokens

@@ -71,7 +71,7 @@ def resolve_tree_settings(
     threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
     if not (0.0 <= threshold <= 1.0):
         raise ValueError(f"prune_threshold={prune_threshold!r} must be in [0, 1].")
-    if threshold > 0 and "prune_adapter" not in rt.streams:
+    if threshold > 0 and (rt.streams is None or "prune_adapter" not in rt.streams):
         raise ValueError("prune_threshold > 0 needs a pruning adapter (prune_adapter_rank > 0).")
     nodes = cfg.max_tree_nodes if max_tree_nodes is None else max_tree_nodes
     if not (isinstance(nodes, int) and nodes >= 1):
@@ -121,18 +121,23 @@ def check_prompt(model: nn.Module, prompt: mx.array):
         )
 
 
-def _stream_logprobs(rt, out, cache, last, split):
-    """``(gamma, V)`` log-probabilities of the streams of kept node ``last``."""
-    if split:
+def _stream_logprobs(rt, out, cache, last, split, drafting=None):
+    """``(gamma, V)`` log-probabilities of the streams of kept node ``last`` (or,
+    with an attached drafter, of its levels; ``drafting`` is then
+    ``(state, path, path_tokens, token)`` on the host)."""
+    if rt.drafter is not None:
+        slog = rt.drafter.draft(rt, drafting[0], out.hidden, *drafting[1:]).astype(mx.float32)
+    elif split:
         slog = rt.draft_streams(last, cache).astype(mx.float32)
     else:
         slog = rt.head(mx.take(out.stream_hidden, last, axis=0)[None])[0].astype(mx.float32)
     return slog - mx.logsumexp(slog, axis=-1, keepdims=True)
 
 
-def _target_sample_step(rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax):
+def _target_sample_step(rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax, dstate):
     """Design (a), on device: sample a target token at every node, walk while a
-    child matches; drafts are the streams' top-k. One host read."""
+    child matches; drafts are the streams' top-k. One host read (two with an
+    attached drafter, which drafts from the accepted path)."""
     targets = sampler(logprobs)
     _, last = accept(
         mx.array(kept_tokens),
@@ -141,7 +146,8 @@ def _target_sample_step(rt, out, cache, kept_tokens, logprobs, sampler, depth, k
         targets,
     )
     results = [targets, last, logprobs]
-    if depth:
+    streams = depth and rt.drafter is None
+    if streams:
         slog = _stream_logprobs(rt, out, cache, last, rt.split_streams)
         top = mx.argsort(-slog, axis=-1)[:, :kmax]
         results += [top, mx.take_along_axis(slog, top, axis=-1)]
@@ -154,10 +160,16 @@ def _target_sample_step(rt, out, cache, kept_tokens, logprobs, sampler, depth, k
     token = targets[last].item()
     if not depth:
         return path, token, None, None
+    if not streams:
+        drafting = (dstate, path, [kept_tokens[i] for i in path], token)
+        slog = _stream_logprobs(rt, out, cache, None, True, drafting)
+        top = mx.argsort(-slog, axis=-1)[:, :kmax]
+        results[3:] = [top, mx.take_along_axis(slog, top, axis=-1)]
+        mx.eval(results[3:])
     return path, token, results[3].tolist(), results[4].tolist()
 
 
-def _rejection_step(rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax):
+def _rejection_step(rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax, dstate):
     """Design (b): recursive rejection sampling on the host, then drafts drawn
     without replacement from the last accepted node's streams (Gumbel top-k)."""
     probs = sampler.probs(logprobs)
@@ -168,7 +180,8 @@ def _rejection_step(rt, out, cache, kept_tokens, logprobs, sampler, draft_q, dep
     )
     if not depth:
         return path, token, None, None, None
-    slog = _stream_logprobs(rt, out, cache, mx.array(path[-1]), rt.split_streams)
+    drafting = (dstate, path, [kept_tokens[i] for i in path], token)
+    slog = _stream_logprobs(rt, out, cache, mx.array(path[-1]), rt.split_streams, drafting)
     q = sampler.probs(slog)
     keys = mx.log(q) + mx.random.gumbel(q.shape)
     top = mx.argsort(-keys, axis=-1)[:, :kmax]  # draw order of a sample without replacement
@@ -303,13 +316,21 @@ def spec_generate_step(
         )
         threshold = 0.0
     draft_q = None
+    dstate = rt.drafter.start(cache[0].offset) if rt.drafter is not None and depth else None
+    keep_hidden = dstate is not None and dstate.needs_prompt
+    rt._prefill_hidden = []
 
     with mx.stream(generation_stream):
         # Prefill all but the last prompt token with the plain model.
         body = prompt[:-1]
         for start in range(0, body.size, prefill_step_size):
-            model(body[start : start + prefill_step_size][None], cache=cache)
+            rt.prefill(body[start : start + prefill_step_size], cache, keep_hidden)
             mx.eval([(c.keys, c.values) for c in cache])
+        if keep_hidden and body.size:
+            # The drafter's first pass reads the prompt too: (state, next token) pairs.
+            dstate.prompt_hidden = mx.concatenate(rt._prefill_hidden, axis=0)
+            dstate.prompt_next = prompt_list[1:]
+        rt._prefill_hidden = []
 
         history = list(prompt_list)
         tree = DraftTree([prompt_list[-1]], [-1])
@@ -333,11 +354,11 @@ def spec_generate_step(
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             if by_rejection:
                 path, token, top, top_lp, draft_q = _rejection_step(
-                    rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax
+                    rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax, dstate
                 )
             else:
                 path, token, top, top_lp = _target_sample_step(
-                    rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax
+                    rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax, dstate
                 )
             L = path[-1]
             commit_path(

@@ -18,8 +18,9 @@ DEFAULT_DIR = MODELS / "default"
 DRAFT_DIR = MODELS / "draft"
 
 
-def load_default():
-    """Returns ``(model, tokenizer)`` for the embedded model."""
+def load_default(drafter=None):
+    """Returns ``(model, tokenizer)`` for the embedded model (with the drafter
+    from the ``drafter`` directory instead of its streams, when given)."""
     from .utils import load
 
     if not (DEFAULT_DIR / "config.json").exists():
@@ -27,7 +28,7 @@ def load_default():
             f"The embedded model is missing from {DEFAULT_DIR}; reinstall the package or rebuild "
             "it with `python -m convert.build_default_model`."
         )
-    model, tokenizer = load(str(DEFAULT_DIR))
+    model, tokenizer = load(str(DEFAULT_DIR), drafter=drafter)
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
     return model, tokenizer

@@ -195,6 +195,12 @@ def setup_arg_parser():
         default=None,
         help="Local model directory or Hugging Face repo. Default: the embedded model.",
     )
+    parser.add_argument(
+        "--drafter",
+        default=None,
+        help="Model directory whose drafter (streams, Medusa heads or ParallelSpec) replaces the "
+        "model's own; it must have been trained on the same base. Default: the model's own.",
+    )
     parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' reads stdin)")
     parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
@@ -211,7 +217,7 @@ def setup_arg_parser():
         "--no-speculation", action="store_true", help="Decode one token per forward pass"
     )
     parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
-    parser.add_argument("--tree-depth", type=int, default=None, help="Streams used for the draft")
+    parser.add_argument("--tree-depth", type=int, default=None, help="Draft levels (streams) used")
     parser.add_argument("--prune-threshold", type=float, default=None)
     parser.add_argument("--max-tree-nodes", type=int, default=None)
     parser.add_argument(
@@ -229,7 +235,7 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, drafter=args.drafter)
     config = model.speculative_streams.config
     if config.tree_depth == 0 and args.tree_depth is None and not args.no_speculation:
         print(

@@ -363,13 +363,18 @@ def main(argv=None):
     p.add_argument(
         "--model", default=None, help="Model directory or hub id (default: the embedded model)"
     )
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help="Model directory whose drafter replaces the model's own (same base)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens of a request")
     p.add_argument("--temp", type=float, default=0.0, help="Default temperature of a request")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, drafter=args.drafter)
     server = make_server(
         model,
         tokenizer,

@@ -91,6 +91,7 @@ class StepOutput:
     kept: List[int]  # tree nodes that survived pruning, ascending
     kept_parents: List[int]  # parent list of the kept sub-tree
     kept_ancestors: np.ndarray  # (R, R) ancestor mask of the kept sub-tree
+    hidden: Optional[mx.array] = None  # (R, D) last-layer main states (with a drafter)
 
 
 def _attention(layer):
@@ -150,20 +151,33 @@ def linear_shape(module):
 def _swap_call(obj, make_call):
     """Give ``obj`` a subclass of its class whose ``__call__`` is ``make_call(base_call)``."""
     base = type(obj)
-    obj.__class__ = type(base.__name__, (base,), {"__call__": make_call(base.__call__)})
+    obj.__class__ = type(
+        base.__name__, (base,), {"__call__": make_call(base.__call__), "_spec_hook": True}
+    )
 
 
 class StreamRuntime:
     """Runs multi-stream forward passes over one hooked model.
 
     Held by the model as ``model.speculative_streams`` (a plain attribute, so
-    it is not a parameter of the model and never saved with it).
+    it is not a parameter of the model and never saved with it). With a
+    ``drafter`` (:mod:`mlx_specstream.drafters`) instead of streams, ``config``
+    is its :class:`~mlx_specstream.config.DrafterConfig`: the passes then only
+    verify trees and keep the last layer's states for the drafter.
     """
 
-    def __init__(self, model: nn.Module, config: SpecStreamConfig, streams: SpeculativeStreams):
+    def __init__(
+        self,
+        model: nn.Module,
+        config,
+        streams: Optional[SpeculativeStreams] = None,
+        drafter: Optional[nn.Module] = None,
+    ):
         self.model = model
         self.config = config
         self.streams = streams
+        self.drafter = drafter
+        self._prefill_hidden: List[mx.array] = []
         self.num_layers = len(model.layers)
         self.first_top = self.num_layers - config.num_stream_layers
         self.state: Optional[str] = None  # None (plain model), "step" or "tail"
@@ -173,8 +187,11 @@ class StreamRuntime:
         # Lossless decoding verifies with main rows only, then drafts from the
         # streams of the last accepted node (see draft_streams).
         self.split_streams = config.mode == "lossless"
-        self.lora_targets = lora_targets(model, config) if config.stream_lora_rank else []
-        self.lora_scale = config.stream_lora_alpha / max(config.stream_lora_rank, 1)
+        self.lora_targets = (
+            lora_targets(model, config) if streams and config.stream_lora_rank else []
+        )
+        if self.lora_targets:
+            self.lora_scale = config.stream_lora_alpha / config.stream_lora_rank
         self._install()
 
     # ---- hooks --------------------------------------------------------------
@@ -201,6 +218,11 @@ class StreamRuntime:
                 def __call__(self, x, mask=None, cache=None, *args, **kwargs):
                     if rt.state is None:
                         return base_call(self, x, mask, cache, *args, **kwargs)
+                    if rt.state == "prefill":  # plain pass that keeps the last layer's states
+                        out = base_call(self, x, mask, cache, *args, **kwargs)
+                        if i == rt.num_layers - 1:
+                            rt._prefill_hidden.append(out[0])
+                        return out
                     if rt.state == "tail":
                         return rt._tail_input if i == 0 else x
                     if rt.state == "streams":
@@ -298,6 +320,9 @@ class StreamRuntime:
         self._lower_mask = _with_prefix(anc, prefix)
         self._lower_pos = mx.array(prefix + depth, dtype=mx.int32)
         self.prune_threshold = prune_threshold
+        # Without stream layers nothing is inserted or pruned: every node is kept.
+        self._kept, self._kept_parents, self._kept_anc = list(range(T)), list(parents), anc
+        self._main_rows = T
         self.state = "step"
         try:
             logits = self.model(mx.array(tokens, dtype=mx.int32)[None], cache=cache)
@@ -313,7 +338,21 @@ class StreamRuntime:
             kept=self._kept,
             kept_parents=self._kept_parents,
             kept_ancestors=self._kept_anc,
+            hidden=self._main_hidden[0] if self.drafter is not None else None,
         )
+
+    def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False):
+        """A plain pass over prompt tokens into ``cache``; with ``keep_hidden`` the
+        last layer's states are appended to :attr:`_prefill_hidden`."""
+        self.state = "prefill" if keep_hidden else None
+        try:
+            self.model(tokens[None], cache=cache)
+        finally:
+            self.state = None
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """The base model's input embeddings of ``tokens``."""
+        return _embedding(self.model)(tokens)
 
     def _insert_streams(self, h: mx.array) -> mx.array:
         tokens, parents, depth, anc, prefix = self._tree
@@ -393,10 +432,20 @@ class StreamRuntime:
 
     def _hold_back_streams(self, out: mx.array) -> mx.array:
         if not self._all_streams:
+            self._main_hidden = out
             return out
         R = len(self._kept)
         self._stream_hidden = out[:, R:]
         return out[:, :R]
+
+
+def _embedding(model) -> nn.Module:
+    for path in ("model.embed_tokens", "embed_tokens", "model.wte", "gpt_neox.embed_in"):
+        try:
+            return submodule(model, path)
+        except (KeyError, AttributeError, TypeError):
+            continue
+    raise ValueError(f"Cannot find the input embedding of {type(model).__module__}.")
 
 
 def _with_prefix(mask: np.ndarray, prefix: int) -> mx.array:
@@ -464,7 +513,7 @@ def attach_streams(
     if isinstance(getattr(model, "speculative_streams", None), StreamRuntime):
         raise ValueError("This model already has speculative streams attached.")
     check_supported(model, config)
-    streams = SpeculativeStreams(config, _hidden_size(model), lora_shapes(model, config))
+    streams = SpeculativeStreams(config, hidden_size(model), lora_shapes(model, config))
     if weights is None:
         _random_init(streams, seed)
     else:
@@ -477,7 +526,7 @@ def attach_streams(
     return streams
 
 
-def _hidden_size(model) -> int:
+def hidden_size(model) -> int:
     args = getattr(model, "args", None)
     for name in ("hidden_size", "d_model", "n_embd", "dim"):
         if hasattr(args, name):

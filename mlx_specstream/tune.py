@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .benchmark import DTYPES, load_prompts
-from .config import CONFIG_KEY
+from .config import CONFIG_KEY, DRAFTER_KEY
 from .generate import stream_generate
 from .streams import get_runtime
 
@@ -52,7 +52,7 @@ def candidate_trees(num_streams, has_adapter):
 
 def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
     rt = get_runtime(model)
-    has_adapter = "prune_adapter" in rt.streams
+    has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
     tokens_per_second(model, tokenizer, prompts[:1], 16)  # warm-up
     base_tps, _ = tokens_per_second(model, tokenizer, prompts, max_tokens, speculative=False)
     log(f"one token per pass: {base_tps:.1f} tokens/s")
@@ -84,12 +84,13 @@ def save_choice(model_dir: Path, choice: dict):
     """Writes the tuned tree into ``config.json`` atomically, keeping the old file."""
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text())
-    section = config[CONFIG_KEY]
+    section = config[CONFIG_KEY if CONFIG_KEY in config else DRAFTER_KEY]
     section["tree_depth"] = choice["tree_depth"]
     if choice["tree_depth"]:
         section["top_k"] = choice["tree_top_k"]
         section["max_tree_nodes"] = choice["max_tree_nodes"]
-        section["prune_threshold"] = choice["prune_threshold"]
+        if CONFIG_KEY in config:  # (drafters never prune)
+            section["prune_threshold"] = choice["prune_threshold"]
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():
         shutil.copy(config_file, backup)

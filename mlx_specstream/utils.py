@@ -10,13 +10,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import CONFIG_KEY, SpecStreamConfig
+from .config import CONFIG_KEY, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
+from .drafters import DRAFTER_FILE, attach_drafter
 from .streams import STREAMS_FILE, attach_streams, get_runtime
 
 ALLOW_PATTERNS = [
     "*.json",
     "model*.safetensors",
     STREAMS_FILE,
+    DRAFTER_FILE,
     "tokenizer.model",
     "*.tiktoken",
     "*.txt",
@@ -44,53 +46,84 @@ def resolve_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> 
     )
 
 
-def read_stream_config(model_path: Path) -> SpecStreamConfig:
-    """Reads and checks the stream section of ``model_path/config.json``.
+def read_stream_config(model_path: Path) -> Union[SpecStreamConfig, DrafterConfig]:
+    """Reads and checks the drafting section of ``model_path/config.json``:
+    ``"speculative_streaming"`` (streams) or ``"drafter"`` (Medusa, ParallelSpec).
 
     Raises:
-        ValueError: when the section and the stream file do not come together.
+        ValueError: when a section and its weight file do not come together.
     """
     config_file = model_path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} does not exist.")
     with open(config_file) as f:
         config = json.load(f)
-    section = config.get(CONFIG_KEY)
-    has_file = (model_path / STREAMS_FILE).exists()
-    if section is None and not has_file:
+    found = []
+    for key, file, cls in (
+        (CONFIG_KEY, STREAMS_FILE, SpecStreamConfig),
+        (DRAFTER_KEY, DRAFTER_FILE, DrafterConfig),
+    ):
+        section, has_file = config.get(key), (model_path / file).exists()
+        if section is None and has_file:
+            raise ValueError(
+                f"{model_path / file} exists but {config_file} has no '{key}' section."
+            )
+        if section is not None and not has_file:
+            raise ValueError(
+                f"{config_file} has a '{key}' section but {model_path / file} is missing."
+            )
+        if section is not None:
+            try:
+                found.append(cls.from_dict(section))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{config_file}: {e}") from e
+    if not found:
         raise ValueError(
-            f"{model_path} is a plain model: {config_file} has no '{CONFIG_KEY}' section and "
-            f"there is no {STREAMS_FILE}. Convert a model with streams, or use "
+            f"{model_path} is a plain model: {config_file} has no '{CONFIG_KEY}' or "
+            f"'{DRAFTER_KEY}' section. Convert a model with streams or a drafter, or use "
             "mlx_specstream.attach_streams(model, config) on a model from mlx_lm.load."
         )
-    if section is None:
+    if len(found) > 1:
         raise ValueError(
-            f"{model_path / STREAMS_FILE} exists but {config_file} has no '{CONFIG_KEY}' section."
+            f"{config_file} has both a '{CONFIG_KEY}' and a '{DRAFTER_KEY}' section; a model "
+            "directory holds one drafting method (load another with drafter=...)."
         )
-    if not has_file:
-        raise ValueError(
-            f"{config_file} has a '{CONFIG_KEY}' section but {model_path / STREAMS_FILE} is missing."
-        )
-    try:
-        return SpecStreamConfig.from_dict(section)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{config_file}: {e}") from e
+    return found[0]
+
+
+def _attach(model, model_path: Path, config):
+    if isinstance(config, DrafterConfig):
+        attach_drafter(model, config, weights=model_path / DRAFTER_FILE)
+    else:
+        attach_streams(model, config, weights=model_path / STREAMS_FILE)
+
+
+def _base_fingerprint(config_file: Path) -> dict:
+    config = json.loads(config_file.read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    return {k: config.get(k) for k in keys}
 
 
 def load(
     path_or_hf_repo: Optional[str] = None,
     tokenizer_config: Optional[Dict[str, Any]] = None,
     revision: Optional[str] = None,
+    drafter: Optional[str] = None,
 ) -> Tuple[nn.Module, Any]:
-    """Loads a model with speculative streams and its tokenizer.
+    """Loads a model with speculative streams (or another drafter) and its tokenizer.
 
     Args:
         path_or_hf_repo (str, optional): a directory with an mlx-lm model plus
           ``speculative_streams.safetensors`` and the ``"speculative_streaming"``
-          config section, or a Hugging Face repo holding one. ``None`` loads the
+          config section (or ``drafter.safetensors`` and a ``"drafter"``
+          section), or a Hugging Face repo holding one. ``None`` loads the
           embedded default model.
         tokenizer_config (dict, optional): extra tokenizer arguments.
         revision (str, optional): hub revision.
+        drafter (str, optional): a model directory (or repo) whose drafter
+          (streams, Medusa heads or ParallelSpec) replaces the model's own. It
+          must have been trained on this base: the base is used as it is, so a
+          shared-mode stream model (whose base was fine-tuned) is refused.
 
     Returns:
         tuple: ``(model, tokenizer)``, as ``mlx_lm.load`` returns them.
@@ -98,21 +131,39 @@ def load(
     if path_or_hf_repo is None:
         from .default_model import load_default
 
-        return load_default()
+        return load_default(drafter)
     from mlx_lm.utils import load as mlx_lm_load
 
     model_path = resolve_model_path(path_or_hf_repo, revision)
-    config = read_stream_config(model_path)
+    source = model_path if drafter is None else resolve_model_path(drafter, revision)
+    config = read_stream_config(source)
+    if drafter is not None:
+        if (model_path / "config.json").exists() and _base_fingerprint(
+            model_path / "config.json"
+        ) != _base_fingerprint(source / "config.json"):
+            raise ValueError(
+                f"The drafter in {source} was trained on a different base: "
+                f"{_base_fingerprint(source / 'config.json')} in its config.json, "
+                f"{_base_fingerprint(model_path / 'config.json')} in {model_path}."
+            )
+        own = json.loads((model_path / "config.json").read_text()).get(CONFIG_KEY) or {}
+        if own.get("mode") == "shared":
+            raise ValueError(
+                f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
+                f"streams, so the drafter in {source} would not match it."
+            )
     model, tokenizer = mlx_lm_load(str(model_path), tokenizer_config=tokenizer_config)
-    attach_streams(model, config, weights=model_path / STREAMS_FILE)
+    _attach(model, source, config)
     return model, tokenizer
 
 
 def save_streams(path: Union[str, Path], model: nn.Module) -> None:
-    """Writes ``speculative_streams.safetensors`` (float weights) into ``path``."""
-    streams = get_runtime(model).streams
-    weights = dict(tree_flatten(streams.parameters()))
-    mx.save_safetensors(str(Path(path) / STREAMS_FILE), weights, metadata={"format": "mlx"})
+    """Writes ``speculative_streams.safetensors`` (or, for a model with another
+    drafter, ``drafter.safetensors``) into ``path``."""
+    rt = get_runtime(model)
+    module, file = (rt.streams, STREAMS_FILE) if rt.drafter is None else (rt.drafter, DRAFTER_FILE)
+    weights = dict(tree_flatten(module.parameters()))
+    mx.save_safetensors(str(Path(path) / file), weights, metadata={"format": "mlx"})
 
 
 def save(
@@ -147,7 +198,7 @@ def save(
         # Unset (None) fields would not validate as a transformers config.
         config = {k: v for k, v in vars(model.args).items() if v is not None}
     config = dict(config)
-    config[CONFIG_KEY] = runtime.config.to_dict()
+    config[CONFIG_KEY if runtime.drafter is None else DRAFTER_KEY] = runtime.config.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

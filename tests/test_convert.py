@@ -276,7 +276,7 @@ CASES = {
     "no stream section": (
         lambda p: edit_config(p, lambda c: c.pop("speculative_streaming")),
         ValueError,
-        "has no 'speculative_streaming' section",
+        "has no 'speculative_streaming' or 'drafter' section",
     ),
 }
 

@@ -68,7 +68,9 @@ def test_bad_prompts_are_refused_with_the_reason():
     model, tok = tiny_spec_model("llama", vocab_size=V), word_tokenizer(V)
     with pytest.raises(ValueError, match="empty"):
         generate(model, tok, [], max_tokens=4)
-    with pytest.raises(ValueError, match=r"token 2 has id 64, outside the model's vocabulary \[0, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"token 2 has id 64, outside the model's vocabulary \[0, 64\)"
+    ):
         generate(model, tok, [1, 2, 64], max_tokens=4)
     with pytest.raises(ValueError, match="token 0 has id -3"):
         generate(model, tok, [-3], max_tokens=4)

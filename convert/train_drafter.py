@@ -1,0 +1,101 @@
+"""Trains a Medusa-1 or ParallelSpec drafter on a frozen base (transformers Trainer).
+
+``python -m convert.train_drafter --kind parallelspec --model BASE --data distilled.jsonl --out OUT``
+
+Runs on one CPU, one GPU, or many under torchrun or accelerate. The base stays
+frozen; the loss is in :class:`convert.drafters.DrafterTrainingModel`. Train on
+self-distilled data (``python -m convert.distill``), as both papers do.
+Output: the base model directory unchanged, plus ``drafter.safetensors`` and
+the ``"drafter"`` config section, ready for ``python -m convert``.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from mlx_specstream.config import DRAFTER_KEY, DrafterConfig
+from mlx_specstream.drafters import DRAFTER_FILE
+
+from .drafters import DrafterTrainingModel
+from .finetune import read_examples, subset, train_and_evaluate
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kind", choices=["medusa", "parallelspec"], required=True)
+    p.add_argument("--model", required=True, help="HF model directory or hub id (the frozen base)")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL or text files")
+    p.add_argument("--eval-data", nargs="*", default=None, help="Held-out JSONL or text files")
+    p.add_argument("--out", required=True, help="Output HF model directory (must not exist)")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="Draft levels k")
+    p.add_argument("--top-k", type=int, default=3, help="Draft width stored in the config")
+    p.add_argument("--max-tree-nodes", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--window-prompt", type=int, default=0, help="Prompt tokens of each text window")
+    p.add_argument("--max-examples", type=int, default=None, help="Train on a seeded random subset")
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--num-train-epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--eval-steps", type=int, default=100)
+    p.add_argument("--save-steps", type=int, default=100)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    args = setup_arg_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and any(p.name != "checkpoints" for p in out.iterdir()):
+        raise FileExistsError(f"{out} already holds a model; refusing to overwrite it.")
+    set_seed(args.seed)
+    spec = DrafterConfig(
+        kind=args.kind,
+        num_draft_tokens=args.num_draft_tokens,
+        top_k=args.top_k,
+        max_tree_nodes=args.max_tree_nodes,
+    )
+    if spec.kind == "parallelspec" and spec.num_draft_tokens < 2:
+        raise ValueError("--num-draft-tokens must be >= 2 for parallelspec (1 real row + masks).")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model.requires_grad_(False)
+    train = read_examples(args.data, tokenizer, args.max_length, args.window_prompt)
+    train = subset(train, args.max_examples, args.seed)
+    held_out = (
+        read_examples(args.eval_data, tokenizer, args.max_length, args.window_prompt)
+        if args.eval_data
+        else None
+    )
+    wrapped = DrafterTrainingModel(model, spec)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
+    trainer = train_and_evaluate(wrapped, args, out, train, held_out)
+    if trainer.is_world_process_zero():
+        save_output(out, wrapped, tokenizer, Path(args.model))
+        print(f"[INFO] wrote {out}")
+
+
+def save_output(out: Path, wrapped: DrafterTrainingModel, tokenizer, base_dir: Path = None):
+    """The base model directory unchanged, plus the drafter tensors and config section."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    wrapped.model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    if base_dir is not None and (base_dir / "generation_config.json").exists():
+        shutil.copy(base_dir / "generation_config.json", out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg[DRAFTER_KEY] = wrapped.config.to_dict()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(wrapped.drafter_state(), str(out / DRAFTER_FILE))
+
+if __name__ == "__main__":
+    main()

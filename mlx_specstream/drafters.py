@@ -1,0 +1,171 @@
+"""Medusa-1 heads and the ParallelSpec drafter: attached drafters verified by the
+same tree verifier as speculative streams.
+
+Both read the last decoder layer's output (before the final norm) of the node
+accepted last, and share the base's final norm and LM head (``StreamRuntime.head``).
+Each decode step: the base verifies the tree (main rows only, so output is the
+base model's exactly), then the drafter drafts the next tree's levels:
+
+* Medusa: head ``j`` maps the hidden state ``h`` of the last accepted node
+  to ``h + SiLU(W_j h + b_j)``; its logits are level ``j + 1`` of the tree
+  rooted at the bonus token.
+* ParallelSpec: one decoder layer of the base's class runs over the new real
+  rows ``fc([h_i; embed(x_{i+1})])`` of the accepted path (the last one pairs
+  the last accepted node with the bonus token) followed by ``k - 1`` [MASK]
+  rows, in one causal pass on its own KV cache. The last real row gives level
+  1, mask ``m`` level ``m + 1``. Mask K/V are trimmed from the cache after the
+  pass; real rows stay.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+from .config import DrafterConfig
+from .streams import hidden_size
+
+DRAFTER_FILE = "drafter.safetensors"
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        self.linear = nn.Linear(dims, dims)
+
+    def __call__(self, x):
+        return x + nn.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """``heads.{j}.linear.{weight,bias}``: one residual block per draft level."""
+
+    def __init__(self, config: DrafterConfig, model: nn.Module):
+        super().__init__()
+        D = hidden_size(model)
+        self.heads = [ResBlock(D) for _ in range(config.num_draft_tokens)]
+
+    def start(self, prompt_cache_offset: int) -> "DrafterState":
+        return DrafterState(needs_prompt=False)
+
+    def draft(self, rt, state, hidden: mx.array, path: List[int], path_tokens, token) -> mx.array:
+        """``(k, V)`` logits of the draft levels from the last accepted node."""
+        h = hidden[path[-1]][None]
+        states = mx.concatenate([head(h) for head in self.heads], axis=0)
+        return rt.head(states[None])[0]
+
+
+class ParallelSpecDrafter(nn.Module):
+    """``fc.weight`` ``(D, 2D)``, ``masks`` ``(k - 1, D)`` and ``layer.*``, one
+    decoder layer of the base's own class."""
+
+    def __init__(self, config: DrafterConfig, model: nn.Module):
+        super().__init__()
+        if config.num_draft_tokens < 2:
+            raise ValueError(
+                f"drafter.num_draft_tokens={config.num_draft_tokens}: ParallelSpec needs >= 2 "
+                "(one real row plus [MASK] rows)."
+            )
+        D = hidden_size(model)
+        self.fc = nn.Linear(2 * D, D, bias=False)
+        self.masks = mx.zeros((config.num_draft_tokens - 1, D))
+        self.layer = new_decoder_layer(model)
+
+    def start(self, prompt_cache_offset: int) -> "DrafterState":
+        # With a reused prompt cache the drafter starts without the older context;
+        # RoPE only sees relative positions, so it simply drafts from less history.
+        return DrafterState(needs_prompt=True, cache=KVCache())
+
+    def draft(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
+        feats = mx.take(hidden, mx.array(path), axis=0)
+        nxt = list(path_tokens[1:]) + [token]
+        if state.prompt_hidden is not None:  # the first step also feeds the prompt
+            feats = mx.concatenate([state.prompt_hidden, feats], axis=0)
+            nxt = state.prompt_next + nxt
+            state.prompt_hidden, state.prompt_next = None, None
+        emb = rt.embed(mx.array(nxt)).astype(feats.dtype)
+        real = self.fc(mx.concatenate([feats, emb], axis=-1).astype(self.fc.weight.dtype))
+        x = mx.concatenate([real, self.masks.astype(real.dtype)], axis=0)[None]
+        out = self.layer(x, create_attention_mask(x, state.cache), state.cache)
+        state.cache.trim(self.masks.shape[0])  # [MASK] K/V never stay
+        k = self.masks.shape[0] + 1
+        return rt.head(out[:, -k:])[0]
+
+
+DRAFTERS = {"medusa": MedusaHeads, "parallelspec": ParallelSpecDrafter}
+
+
+class DrafterState:
+    """What a drafter keeps during one generation."""
+
+    def __init__(self, needs_prompt: bool, cache: Optional[KVCache] = None):
+        self.needs_prompt = needs_prompt
+        self.cache = cache
+        self.prompt_hidden: Optional[mx.array] = None  # (P - 1, D) prompt rows, first step
+        self.prompt_next: Optional[List[int]] = None
+
+
+def new_decoder_layer(model) -> nn.Module:
+    """A fresh decoder layer of the model's own (unhooked) layer class."""
+    cls = type(model.layers[-1])
+    while cls.__dict__.get("_spec_hook"):  # a class swapped in by StreamRuntime
+        cls = cls.__mro__[1]
+    try:
+        return cls(model.args)
+    except TypeError as e:
+        raise ValueError(
+            f"Cannot build a ParallelSpec drafter layer: {cls.__module__}.{cls.__name__}"
+            f"(args) failed ({e})."
+        ) from e
+
+
+def make_drafter(config: DrafterConfig, model: nn.Module) -> nn.Module:
+    return DRAFTERS[config.kind](config, model)
+
+
+def attach_drafter(
+    model: nn.Module,
+    config: DrafterConfig,
+    seed: int = 0,
+    weights: Optional[str] = None,
+) -> nn.Module:
+    """Puts a Medusa or ParallelSpec drafter on a model loaded with ``mlx_lm.load``.
+
+    Args:
+        model (nn.Module): an mlx-lm model without streams or drafter.
+        config (DrafterConfig): the drafter settings.
+        seed (int): seed of the fresh random initialisation. Default: ``0``.
+        weights (str, optional): a ``drafter.safetensors`` file to load instead.
+
+    Returns:
+        nn.Module: the drafter (also ``model.speculative_streams.drafter``).
+    """
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from .streams import StreamRuntime, check_supported
+
+    if getattr(model, "speculative_streams", None) is not None:
+        raise ValueError("This model already has speculative streams or a drafter attached.")
+    check_supported(model, config)
+    drafter = make_drafter(config, model)
+    if weights is None:
+        params = tree_flatten(drafter.parameters())
+        keys = mx.random.split(mx.random.key(seed), len(params))
+        drafter.update(
+            tree_unflatten(
+                [
+                    (name, p.shape[-1] ** -0.5 * mx.random.normal(p.shape, key=key))
+                    for key, (name, p) in zip(keys, params)
+                ]
+            )
+        )
+    else:
+        try:
+            drafter.load_weights(str(weights), strict=True)
+        except ValueError as e:
+            raise ValueError(f"{weights}: {e}") from e
+    mx.eval(drafter.parameters())
+    model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
+    return drafter

@@ -1,0 +1,235 @@
+"""Medusa-1 heads and the ParallelSpec drafter in the MLX runtime: greedy output
+equals plain decoding (several architectures and dtypes), sampling keeps the
+distribution, the ParallelSpec drafter's cached passes equal a from-scratch
+pass over the accepted text (mask K/V never stay), and bad configs are refused."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_model
+from mlx.utils import tree_flatten, tree_map
+
+import mlx_specstream.drafters as drafters
+from mlx_specstream import load
+from mlx_specstream.config import DrafterConfig
+from mlx_specstream.drafters import attach_drafter
+from mlx_specstream.utils import save
+
+KINDS = ("medusa", "parallelspec")
+
+
+def drafter_model(kind, arch="llama", dtype=None, quant_bits=None, weight_scale=4.0, seed=0, **cfg):
+    model = tiny_model(arch, dtype=dtype, quant_bits=quant_bits, weight_scale=weight_scale)
+    cfg = {"num_draft_tokens": 3, "top_k": 2, "max_tree_nodes": 10, **cfg}
+    attach_drafter(model, DrafterConfig(kind=kind, **cfg), seed=seed)
+    return model
+
+
+def zero_drafter(model):
+    """Medusa heads at their zero initialisation: each predicts the base's own
+    next token, which is right whenever the model repeats itself."""
+    d = model.speculative_streams.drafter
+    d.update(tree_map(mx.zeros_like, d.parameters()))
+
+
+CASES = [
+    ("medusa", "llama", None, None),
+    ("medusa", "qwen2", mx.bfloat16, None),
+    ("medusa", "phi3", mx.float16, None),
+    ("parallelspec", "llama", None, None),
+    ("parallelspec", "qwen3", mx.bfloat16, None),
+    ("parallelspec", "starcoder2", None, None),
+    ("parallelspec", "llama", None, 4),
+]
+
+
+@pytest.mark.parametrize("kind,arch,dtype,bits", CASES)
+def test_greedy_equals_plain_decoding(kind, arch, dtype, bits):
+    model = drafter_model(kind, arch, dtype=dtype, quant_bits=bits)
+    for prompt in ([3], [1, 5, 9, 3, 7, 2, 11]):
+        ref = plain_greedy(model, prompt, 48)
+        toks, out = spec_tokens(model, prompt, 48)
+        assert toks == ref
+        assert out[-1][3] <= len(toks)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_with_accepted_drafts_equals_plain(kind):
+    """A low-weight model repeats itself, so drafts get accepted (fewer passes
+    than tokens) and the accept path is exercised, not only rejections."""
+    model = drafter_model(kind, weight_scale=1.0, top_k=3, max_tree_nodes=20)
+    if kind == "medusa":
+        zero_drafter(model)
+    prompt = [4, 8, 15, 16, 23]
+    ref = plain_greedy(model, prompt, 64)
+    toks, out = spec_tokens(model, prompt, 64)
+    assert toks == ref
+    if kind == "medusa":
+        assert out[-1][3] < len(toks) / 2
+
+
+def test_negative_control_wrong_verification_is_caught(monkeypatch):
+    """Accepting the drafter's first child without checking it breaks equality:
+    the lossless test above can fail."""
+    import mlx_specstream.decode as decode
+
+    real = decode.accept
+
+    def accept_first_child(tokens, parents, ancestors, targets):
+        _, last = real(tokens, parents, ancestors, targets)
+        return None, mx.maximum(last, mx.array(1 if tokens.size > 1 else 0))
+
+    model = drafter_model("medusa")
+    ref = plain_greedy(model, [1, 5, 9], 32)
+    monkeypatch.setattr(decode, "accept", accept_first_child)
+    toks, _ = spec_tokens(model, [1, 5, 9], 32)
+    assert toks != ref
+
+
+def standalone_levels(model, ids, a):
+    """``(k, V)`` draft logits at position ``a`` of ``ids`` from scratch: the base's
+    states over ``ids[:a + 1]``, then (ParallelSpec) one causal drafter pass over
+    real rows ``0..a`` (row ``i`` paired with ``ids[i + 1]``) and the masks."""
+    rt = model.speculative_streams
+    d = rt.drafter
+    rt._prefill_hidden = []
+    rt.prefill(mx.array(ids[: a + 1]), None, keep_hidden=True)
+    h = rt._prefill_hidden[0]
+    rt._prefill_hidden = []
+    if isinstance(d, drafters.MedusaHeads):
+        return rt.head(mx.concatenate([head(h[a][None]) for head in d.heads])[None])[0]
+    emb = rt.embed(mx.array(ids[1 : a + 2])).astype(h.dtype)
+    real = d.fc(mx.concatenate([h, emb], axis=-1))
+    x = mx.concatenate([real, d.masks], axis=0)[None]
+    out = d.layer(x, "causal", None)
+    return rt.head(out[:, -d.masks.shape[0] - 1 :])[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_drafts_equal_from_scratch_drafts(kind, monkeypatch):
+    """Every step's draft logits equal a from-scratch pass over the accepted
+    text plus the bonus token; the drafter cache keeps real rows only."""
+    model = drafter_model(kind, weight_scale=1.0, top_k=3, max_tree_nodes=20)
+    if kind == "medusa":
+        zero_drafter(model)
+    seen = []
+    real_draft = type(model.speculative_streams.drafter).draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token)
+        a = rt._tree[4] + len(path) - 1  # committed prefix + accepted nodes - 1
+        offset = None if state.cache is None else state.cache.offset
+        seen.append((np.array(logits.astype(mx.float32)), a, token, offset))
+        return logits
+
+    monkeypatch.setattr(type(model.speculative_streams.drafter), "draft", recording)
+    prompt = [4, 8, 15, 16, 23]
+    toks, _ = spec_tokens(model, prompt, 40, tree_top_k=3, max_tree_nodes=20)
+    text = prompt + toks
+    monkeypatch.undo()
+    checked = 0
+    for logits, a, token, offset in seen:
+        if a + 1 >= len(text):
+            continue  # the drafts of the very last step go unused
+        assert text[a + 1] == token  # the bonus token follows the last accepted node
+        expected = np.array(standalone_levels(model, text, a).astype(mx.float32))
+        np.testing.assert_allclose(logits, expected, atol=2e-4, rtol=2e-4)
+        if offset is not None:
+            assert offset == a + 1  # real rows 0..a, no [MASK] rows
+        checked += 1
+    assert checked >= len(seen) - 1 and checked > 5
+
+
+def test_drafter_levels_shift_with_the_text(monkeypatch):
+    """Negative control for the check above: drafts of a shifted position differ."""
+    model = drafter_model("parallelspec")
+    text = [4, 8, 15, 16, 23, 42, 7, 9]
+    a = np.array(standalone_levels(model, text, 5))
+    b = np.array(standalone_levels(model, text, 4))
+    assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_sampling_with_drafters_keeps_the_distribution():
+    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    n = 1500
+    for kind, acceptance, temp in (
+        ("medusa", "rejection", 1.0),
+        ("parallelspec", "target-sample", 0.7),
+    ):
+        model = tiny_model(
+            "llama", vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64
+        )
+        attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=2, top_k=2), seed=3)
+        sampler = make_sampler(temp=temp)
+        counts = sample_counts(model, sampler, n, acceptance=acceptance)
+        p = chi_square_pvalue(counts, exact_distribution(model, sampler), n)
+        assert p > 1e-3, f"{kind} {acceptance}: chi-square p = {p:.2e}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_roundtrip_and_drafter_flag(kind, tmp_path):
+    from helpers import word_tokenizer
+
+    model = drafter_model(kind)
+    tok = word_tokenizer()
+    path = save(tmp_path / "m", model, tok)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["drafter"]["kind"] == kind and "speculative_streaming" not in cfg
+    loaded, _ = load(str(path))
+    a = dict(tree_flatten(model.speculative_streams.drafter.parameters()))
+    b = dict(tree_flatten(loaded.speculative_streams.drafter.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    assert spec_tokens(loaded, [1, 2, 3], 20)[0] == plain_greedy(model, [1, 2, 3], 20)
+    # The same drafter on a base loaded from another directory (mlx-lm's --draft-model style).
+    base, _ = load(str(path), drafter=str(path))
+    assert base.speculative_streams.config.kind == kind
+
+
+def test_bad_drafter_configs_are_refused(tmp_path):
+    from helpers import word_tokenizer
+
+    with pytest.raises(ValueError, match="drafter.kind='eagle'"):
+        DrafterConfig(kind="eagle")
+    with pytest.raises(ValueError, match="Unknown key"):
+        DrafterConfig.from_dict({"kind": "medusa", "heads": 3})
+    with pytest.raises(ValueError, match="tree_depth"):
+        DrafterConfig(num_draft_tokens=2, tree_depth=3)
+    with pytest.raises(ValueError, match="ParallelSpec needs >= 2"):
+        drafter_model("parallelspec", num_draft_tokens=1)
+    model = drafter_model("medusa")
+    with pytest.raises(ValueError, match="already has"):
+        attach_drafter(model, DrafterConfig())
+    path = save(tmp_path / "m", model, word_tokenizer())
+    (path / "drafter.safetensors").rename(path / "moved.safetensors")
+    with pytest.raises(ValueError, match="drafter.safetensors is missing"):
+        load(str(path))
+    other = save(tmp_path / "o", drafter_model("medusa"), word_tokenizer())
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["hidden_size"] = 128
+    (other / "config.json").write_text(json.dumps(cfg))
+    (path / "moved.safetensors").rename(path / "drafter.safetensors")
+    with pytest.raises(ValueError, match="different base"):
+        load(str(path), drafter=str(other))
+
+
+def test_one_drafter_pass_per_step_whatever_k(monkeypatch):
+    """ParallelSpec drafts every level in one layer pass: layer calls equal
+    target passes, for k = 2 and k = 4."""
+    for k in (2, 4):
+        model = drafter_model("parallelspec", num_draft_tokens=k, top_k=1, max_tree_nodes=8)
+        layer = model.speculative_streams.drafter.layer
+        calls = []
+        real_call = type(layer).__call__
+        monkeypatch.setattr(
+            type(layer),
+            "__call__",
+            lambda self, *a, **kw: calls.append(1) or real_call(self, *a, **kw),
+        )
+        _, out = spec_tokens(model, [1, 2, 3], 30)
+        monkeypatch.undo()
+        assert len(calls) == out[-1][3]
