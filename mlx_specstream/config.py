@@ -164,7 +164,6 @@ class SpecStreamConfig(_Section):
         )
 
 
-
 DRAFTER_KEY = "drafter"
 DRAFTER_KINDS = ("medusa", "parallelspec")
 

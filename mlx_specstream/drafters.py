@@ -142,30 +142,12 @@ def attach_drafter(
     Returns:
         nn.Module: the drafter (also ``model.speculative_streams.drafter``).
     """
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    from .streams import StreamRuntime, check_supported
+    from .streams import StreamRuntime, check_supported, init_or_load
 
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")
     check_supported(model, config)
     drafter = make_drafter(config, model)
-    if weights is None:
-        params = tree_flatten(drafter.parameters())
-        keys = mx.random.split(mx.random.key(seed), len(params))
-        drafter.update(
-            tree_unflatten(
-                [
-                    (name, p.shape[-1] ** -0.5 * mx.random.normal(p.shape, key=key))
-                    for key, (name, p) in zip(keys, params)
-                ]
-            )
-        )
-    else:
-        try:
-            drafter.load_weights(str(weights), strict=True)
-        except ValueError as e:
-            raise ValueError(f"{weights}: {e}") from e
-    mx.eval(drafter.parameters())
+    init_or_load(drafter, seed, weights)
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
     return drafter

@@ -514,14 +514,7 @@ def attach_streams(
         raise ValueError("This model already has speculative streams attached.")
     check_supported(model, config)
     streams = SpeculativeStreams(config, hidden_size(model), lora_shapes(model, config))
-    if weights is None:
-        _random_init(streams, seed)
-    else:
-        try:
-            streams.load_weights(str(weights), strict=True)
-        except ValueError as e:
-            raise ValueError(f"{weights}: {e}") from e
-    mx.eval(streams.parameters())
+    init_or_load(streams, seed, weights, lambda name, p: 0.02 if name == "embeddings" else None)
     model.speculative_streams = StreamRuntime(model, config, streams)
     return streams
 
@@ -534,15 +527,25 @@ def hidden_size(model) -> int:
     raise ValueError("Cannot tell the model's hidden size from model.args.")
 
 
-def _random_init(streams: SpeculativeStreams, seed: int):
-    """Random streams for tests and training from scratch (deterministic in ``seed``)."""
-    params = tree_flatten(streams.parameters())
-    keys = mx.random.split(mx.random.key(seed), len(params))
-    new = []
-    for key, (name, p) in zip(keys, params):
-        std = 0.02 if name == "embeddings" else p.shape[-1] ** -0.5
-        new.append((name, std * mx.random.normal(p.shape, key=key)))
-    streams.update(tree_unflatten(new))
+def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambda name, p: None):
+    """Loads ``weights`` into ``module`` strictly (errors name the file), or
+    without them draws a random initialisation, deterministic in ``seed``: normal
+    with ``std(name, p)`` per tensor, ``in_features ** -0.5`` where that is None."""
+    if weights is None:
+        params = tree_flatten(module.parameters())
+        keys = mx.random.split(mx.random.key(seed), len(params))
+        new = []
+        for key, (name, p) in zip(keys, params):
+            scale = std(name, p)
+            scale = p.shape[-1] ** -0.5 if scale is None else scale
+            new.append((name, scale * mx.random.normal(p.shape, key=key)))
+        module.update(tree_unflatten(new))
+    else:
+        try:
+            module.load_weights(str(weights), strict=True)
+        except ValueError as e:
+            raise ValueError(f"{weights}: {e}") from e
+    mx.eval(module.parameters())
 
 
 def get_runtime(model) -> StreamRuntime:
