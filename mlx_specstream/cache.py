@@ -44,3 +44,35 @@ def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequ
             c.values[..., prefix : prefix + n, :] = v
     for c, keep in zip(cache, keep_per_layer):
         c.trim(c.offset - (prefix + len(keep)))
+
+
+class SpecPromptCache(list):
+    """mlx-lm's per-layer KV caches plus the attached drafter's own state.
+
+    A plain ``list`` for everything that takes a prompt cache; ``drafter_state``
+    lets a ParallelSpec drafter keep its context across calls, as the KV caches do.
+    """
+
+    drafter_state = None
+
+
+def make_prompt_cache(model) -> SpecPromptCache:
+    """A prompt cache for ``model`` (mlx-lm's caches, and room for a drafter's state)."""
+    from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
+
+    return SpecPromptCache(make_mlx_lm_cache(model))
+
+
+def trim_prompt_cache(cache, n: int) -> int:
+    """Removes the last ``n`` tokens from every layer and from the drafter state.
+
+    Returns:
+        int: the number of tokens trimmed (as ``mlx_lm``'s ``trim_prompt_cache``).
+    """
+    n = min(n, cache[0].offset)
+    for c in cache:
+        c.trim(n)
+    state = getattr(cache, "drafter_state", None)
+    if state is not None:
+        state.trim_to(cache[0].offset)
+    return n

@@ -316,7 +316,11 @@ def spec_generate_step(
         )
         threshold = 0.0
     draft_q = None
-    dstate = rt.drafter.start(cache[0].offset) if rt.drafter is not None and depth else None
+    dstate = None
+    if rt.drafter is not None and depth:
+        dstate = rt.drafter.start(cache[0].offset, getattr(cache, "drafter_state", None))
+        if hasattr(cache, "drafter_state"):  # a SpecPromptCache keeps it for the next call
+            cache.drafter_state = dstate
     keep_hidden = dstate is not None and dstate.needs_prompt
     rt._prefill_hidden = []
 

@@ -47,7 +47,7 @@ class MedusaHeads(nn.Module):
         D = hidden_size(model)
         self.heads = [ResBlock(D) for _ in range(config.num_draft_tokens)]
 
-    def start(self, prompt_cache_offset: int) -> "DrafterState":
+    def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
         return DrafterState(needs_prompt=False)
 
     def draft(self, rt, state, hidden: mx.array, path: List[int], path_tokens, token) -> mx.array:
@@ -73,9 +73,13 @@ class ParallelSpecDrafter(nn.Module):
         self.masks = mx.zeros((config.num_draft_tokens - 1, D))
         self.layer = new_decoder_layer(model)
 
-    def start(self, prompt_cache_offset: int) -> "DrafterState":
-        # With a reused prompt cache the drafter starts without the older context;
-        # RoPE only sees relative positions, so it simply drafts from less history.
+    def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
+        """Continues ``previous`` (the state kept with a reused prompt cache) when it
+        covers exactly the cached tokens; otherwise starts without the older context
+        (RoPE only sees relative positions, so it drafts from less history)."""
+        if previous is not None and previous.cache is not None:
+            if previous.cache.offset == prompt_cache_offset:
+                return previous
         return DrafterState(needs_prompt=True, cache=KVCache())
 
     def draft(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
@@ -105,6 +109,12 @@ class DrafterState:
         self.cache = cache
         self.prompt_hidden: Optional[mx.array] = None  # (P - 1, D) prompt rows, first step
         self.prompt_next: Optional[List[int]] = None
+
+    def trim_to(self, offset: int):
+        """Keeps the rows of the first ``offset`` tokens: row ``i`` pairs token
+        ``i``'s state with token ``i + 1``, so it follows the base's KV cache."""
+        if self.cache is not None and self.cache.offset > offset:
+            self.cache.trim(self.cache.offset - offset)
 
 
 def new_decoder_layer(model) -> nn.Module:
