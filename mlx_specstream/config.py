@@ -6,6 +6,7 @@ from typing import List, Optional, Union
 CONFIG_KEY = "speculative_streaming"
 MODES = ("shared", "lossless")
 STREAM_POSITIONS = ("same", "offset")
+STREAM_PASSES = ("fused", "split")
 
 
 class _Section:
@@ -78,6 +79,14 @@ class SpecStreamConfig(_Section):
         stream_lora_targets (list of str, optional): linear modules of each
           stream layer that get stream LoRA, by path inside the layer (e.g.
           ``"self_attn.q_proj"``). Default: every linear module of the layer.
+        stream_pass (str): how a lossless-mode step computes the next draft.
+          ``"fused"``: the verify pass also carries the stream rows of every
+          tree node, and the accepted node's are read on the device (one pass
+          per step). ``"split"``: the verify pass has main rows only, then a
+          second, partial pass runs the accepted node's streams through the
+          stream layers (fewer rows; pays where wide passes are expensive,
+          e.g. a CPU with a slow BLAS). ``python -m mlx_specstream.tune``
+          measures both. Shared mode always fuses. Default: ``"fused"``.
     """
 
     SECTION = CONFIG_KEY
@@ -95,6 +104,7 @@ class SpecStreamConfig(_Section):
     stream_lora_rank: int = 0
     stream_lora_alpha: float = 32.0
     stream_lora_targets: Optional[List[str]] = None
+    stream_pass: str = "fused"
 
     def __post_init__(self):
         def require(ok, name, why):
@@ -157,6 +167,7 @@ class SpecStreamConfig(_Section):
             f"must be null or an integer in [0, num_streams={self.num_streams}]",
         )
         require(self.mode in MODES, "mode", f"must be one of {MODES}")
+        require(self.stream_pass in STREAM_PASSES, "stream_pass", f"must be one of {STREAM_PASSES}")
         require(
             self.stream_positions in STREAM_POSITIONS,
             "stream_positions",
@@ -236,3 +247,23 @@ class DrafterConfig(_Section):
     def num_streams(self) -> int:
         """Draft levels, under the name the tree settings use for streams."""
         return self.num_draft_tokens
+
+
+@dataclass
+class VerifierConfig:
+    """A model with no drafter of its own: only the tree verifier runs, on
+    drafts from outside the model (prompt lookup). ``max_tree_nodes`` caps
+    the draft as for the other configs."""
+
+    max_tree_nodes: int = 16
+
+    num_streams = 0
+    top_k = 1
+    tree_depth = 0
+    mode = "lossless"
+    prune_threshold = 0.0
+    num_stream_layers = 0
+    stream_lora_rank = 0
+
+    def top_k_per_stream(self) -> List[int]:
+        return []

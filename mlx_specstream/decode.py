@@ -1,8 +1,17 @@
-"""The Speculative Streaming decode loop: one forward pass per step verifies the
-previous draft tree and drafts the next one from the streams of the last
-accepted node."""
+"""The decode loop: each step runs one forward pass that verifies the previous
+draft tree and, with streams, drafts the next one.
 
-from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
+A step has two halves. :meth:`Decoder.launch` builds the pass over the tree,
+the acceptance walk and the next draft's tokens as one lazy graph and starts
+it with ``mx.async_eval``. :meth:`Decoder.finish` reads the host once (the
+accepted node and the tokens), compacts the KV caches to the accepted path and
+names the next tree. The generator launches step ``k + 1`` before it yields
+step ``k``'s tokens, so the caller's detokenizing overlaps the device's work,
+as in mlx-lm's ``generate_step``.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Generator, List, Optional, Tuple, Union
 
 import warnings
 
@@ -13,184 +22,244 @@ from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from .cache import check_cache, commit_path
-from .streams import StreamRuntime, get_runtime
+from .layout import TreeLayout, layout_of
+from .ngram import NGRAM_DRAFT_TOKENS, ngram_draft
 from .sample_utils import DistributionSampler
-from .tree import DraftTree, accept, accept_by_rejection, build_draft_tree
+from .settings import (
+    ACCEPTANCE,
+    DRAFTS,
+    apply_processors,
+    check_prompt,
+    default_acceptance,
+    greedy,
+    resolve_tree_settings,
+)
+from .streams import StepOutput, StreamRuntime, attach_verifier, get_runtime
+from .tree import (
+    accept,
+    accept_by_rejection,
+    depth_limited,
+    merge_chain,
+    path_to,
+    static_tree,
+    subtree_parents,
+)
+
+__all__ = ["ACCEPTANCE", "DRAFTS", "Decoder", "spec_generate_step", "check_prompt"]
 
 
-def _greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
+@dataclass
+class Draft:
+    """A tree to verify: its layout and its tokens (a host list, or a device
+    array drafted by the previous step and never read on the host)."""
+
+    layout: TreeLayout
+    tokens: Union[List[int], mx.array]
+    q: Optional[np.ndarray] = None  # rejection: (levels, V) draft distributions
 
 
-def _path_to(node: int, parents: Sequence[int], tokens: Sequence[int]) -> List[int]:
-    """Tokens below the root on the path to ``node``, root excluded."""
-    out = []
-    while node > 0:
-        out.append(tokens[node])
-        node = parents[node]
-    return out[::-1]
+@dataclass
+class Pending:
+    """A launched step, until its host read."""
+
+    draft: Draft
+    prefix: int
+    out: StepOutput
+    tokens: mx.array  # (R,) tokens of the kept nodes
+    logprobs: mx.array  # (R, V)
+    targets: Optional[mx.array] = None  # (R,) target token after each node
+    last: Optional[mx.array] = None  # the deepest accepted node
+    top: Optional[mx.array] = None  # (depth, k) next draft tokens per level, best first
+    next_tokens: Optional[mx.array] = None  # (T,) the next static tree's tokens, root first
 
 
-def _apply_processors(processors, history, tokens, parents, logits):
-    """Runs mlx-lm logits processors on each tree node with that node's own history."""
-    rows = []
-    for a in range(logits.shape[0]):
-        context = mx.array(history + _path_to(a, parents, tokens))
-        row = logits[a : a + 1]
-        for processor in processors:
-            row = processor(context, row)
-        rows.append(row)
-    return mx.concatenate(rows, axis=0)
+class Decoder:
+    """One generation's state: the caches, the settings and the token history.
 
+    Args:
+        rt (StreamRuntime): the model's runtime.
+        cache (list): the KV caches, holding the prompt but its last token.
+        history (list): the prompt tokens.
+        sampler, processors: mlx-lm sampler and logits processors.
+        tree (tuple): ``(ks, depth, prune_threshold, max_nodes)``.
+        acceptance (str): one of :data:`ACCEPTANCE`.
+        draft (str, optional): ``None`` (the model's streams or drafter),
+          ``"ngram"`` or ``"streams+ngram"``.
+        ngram_tokens (int): the longest prompt-lookup draft.
+        max_tokens (int): tokens to generate, ``-1`` for no limit.
+    """
 
-def resolve_tree_settings(
-    rt: StreamRuntime,
-    tree_top_k: Union[None, int, List[int]] = None,
-    tree_depth: Optional[int] = None,
-    prune_threshold: Optional[float] = None,
-    max_tree_nodes: Optional[int] = None,
-) -> Tuple[List[int], int, float, int]:
-    """Per-call tree settings, defaulting to the model's config; validated."""
-    cfg = rt.config
-    if tree_depth is None:
-        tree_depth = cfg.num_streams if cfg.tree_depth is None else cfg.tree_depth
-    depth = tree_depth
-    if not (isinstance(depth, int) and 0 <= depth <= cfg.num_streams):
-        raise ValueError(
-            f"tree_depth={tree_depth!r} must be an integer in [0, {cfg.num_streams}] "
-            "(the model has that many streams)."
+    def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
+                 ngram_tokens, max_tokens, dstate=None):  # fmt: skip
+        self.rt, self.cache, self.history = rt, cache, history
+        self.sampler, self.processors = sampler, processors
+        ks, self.depth, self.threshold, self.max_nodes = tree
+        self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
+        self.ngram = draft in DRAFTS
+        self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
+        self.max_tokens, self.dstate = max_tokens, dstate
+        self.streams = self.depth > 0 and rt.drafter is None  # drafts from this pass's streams
+        # Shared-mode main rows read their streams; lossless ones only when fused.
+        self.all_streams = rt.streams is not None and not (
+            rt.split_streams or (rt.config.mode == "lossless" and not self.streams)
         )
-    if tree_top_k is None:
-        ks = cfg.top_k_per_stream()
-    elif isinstance(tree_top_k, int):
-        ks = [tree_top_k] * cfg.num_streams
-    else:
-        ks = list(tree_top_k) + [1] * (cfg.num_streams - len(tree_top_k))
-    if any(not isinstance(k, int) or k < 1 for k in ks) or len(ks) != cfg.num_streams:
-        raise ValueError(f"tree_top_k={tree_top_k!r}: need integers >= 1, at most one per stream.")
-    threshold = cfg.prune_threshold if prune_threshold is None else prune_threshold
-    if not (0.0 <= threshold <= 1.0):
-        raise ValueError(f"prune_threshold={prune_threshold!r} must be in [0, 1].")
-    if threshold > 0 and (rt.streams is None or "prune_adapter" not in rt.streams):
-        raise ValueError("prune_threshold > 0 needs a pruning adapter (prune_adapter_rank > 0).")
-    nodes = cfg.max_tree_nodes if max_tree_nodes is None else max_tree_nodes
-    if not (isinstance(nodes, int) and nodes >= 1):
-        raise ValueError(f"max_tree_nodes={max_tree_nodes!r} must be an integer >= 1.")
-    return ks, depth, float(threshold), nodes
+        if self.depth:
+            self.tree = static_tree(ks, self.depth, self.max_nodes)
+            self.layout = layout_of(self.tree.parents)
+            self.kmax = max(ks[: self.depth])
+            self._levels = mx.array(self.tree.levels[1:], dtype=mx.int32)
+            self._ranks = mx.array(self.tree.ranks[1:], dtype=mx.int32)
+        self.emitted = self.passes = 0
 
-
-ACCEPTANCE = ("target-sample", "rejection")
-
-
-def _default_acceptance(sampler) -> str:
-    if sampler is _greedy or isinstance(sampler, DistributionSampler):
-        return "rejection"
-    warnings.warn(
-        "This sampler gives draws only, not its distribution, so drafts are verified by "
-        "acceptance='target-sample', which accepts fewer drafts when sampling than "
-        "'rejection'. Pass a sampler from mlx_specstream.sample_utils.make_sampler "
-        "(same arguments as mlx-lm's) to use 'rejection'.",
-        stacklevel=3,
-    )
-    return "target-sample"
-
-
-def check_prompt(model: nn.Module, prompt: mx.array):
-    """Refuses an empty prompt, token ids outside the vocabulary, and a prompt
-    longer than the model's context (``max_position_embeddings``, when known)."""
-    if prompt.ndim != 1:
-        raise ValueError(f"The prompt must be a 1-D array of token ids, got shape {prompt.shape}.")
-    if prompt.size == 0:
-        raise ValueError("The prompt is empty: give at least one token.")
-    args = getattr(model, "args", None)
-    vocab = getattr(args, "vocab_size", None)
-    if vocab is not None:
-        ids = np.array(prompt)
-        bad = np.flatnonzero((ids < 0) | (ids >= vocab))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"Prompt token {i} has id {ids[i]}, outside the model's vocabulary "
-                f"[0, {vocab})."
+    # ---- one step ---------------------------------------------------------------
+    def launch(self, draft: Draft) -> Pending:
+        """Starts the pass over ``draft`` and, on the device, the acceptance walk
+        (argmax or sampled targets) and the next draft's tokens."""
+        rt, prefix = self.rt, self.cache[0].offset
+        out = rt.forward(draft.tokens, draft.layout, self.cache, self.threshold, self.all_streams)
+        self.passes += 1
+        tokens = mx.array(draft.tokens) if isinstance(draft.tokens, list) else draft.tokens
+        if len(out.kept) < len(draft.layout):  # pruned: gather the surviving nodes
+            tokens = mx.take(tokens, mx.array(out.kept))
+        logits = out.logits
+        if self.processors:  # per-node histories: the tokens go to the host
+            logits = apply_processors(
+                self.processors, self.history, tokens.tolist(), out.kept_parents, logits
             )
-    context = getattr(args, "max_position_embeddings", None)
-    if context and prompt.size > context:
-        raise ValueError(
-            f"The prompt has {prompt.size} tokens, more than the model's context of {context} "
-            "(max_position_embeddings in config.json)."
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        p = Pending(draft, prefix, out, tokens, logprobs)
+        if self.by_rejection:  # walked on the host by finish()
+            return p
+        p.targets = self.sampler(logprobs)
+        _, p.last = accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
+        if self.streams:
+            p.top, p.next_tokens = self._draft_tokens(
+                self._stream_logprobs(out, p.last), p.targets[p.last]
+            )
+        mx.async_eval([a for a in (p.tokens, p.logprobs, p.targets, p.last, p.next_tokens) if a is not None])
+        return p
+
+    def finish(self, p: Pending) -> Tuple[List[tuple], Optional[Draft]]:
+        """The step's host read: the accepted path and the token after it. Then
+        the caches keep that path only, and the next tree is chosen.
+
+        Returns:
+            tuple: the new ``(token, logprobs row, from_draft)`` triples and the
+            next :class:`Draft` (``None`` when ``max_tokens`` is reached).
+        """
+        out, parents = p.out, p.out.kept_parents
+        if self.by_rejection:
+            path, token, q = self._walk_by_rejection(p)
+        else:
+            last = p.last.item()  # the step's one host read (greedy, "target-sample")
+            path, token, q = path_to(last, parents), p.targets[last].item(), None
+        tokens = p.tokens.tolist()
+        commit_path(
+            self.cache,
+            p.prefix,
+            [path if i >= self.rt.first_top else [out.kept[a] for a in path]
+             for i in range(self.rt.num_layers)],
+        )  # fmt: skip
+        new = [(tokens[a], p.logprobs[parents[a]], True) for a in path[1:]]
+        new.append((token, p.logprobs[path[-1]], False))
+        if self.max_tokens >= 0:
+            new = new[: self.max_tokens - self.emitted]
+        self.emitted += len(new)
+        self.history.extend(t for t, _, _ in new)
+        if self.dstate is not None and not self.by_rejection:
+            # An attached drafter drafts from the accepted path (also after the
+            # last step, so its context follows the cache into the next call).
+            slog = self._drafter_logprobs(out, path, [tokens[a] for a in path], token)
+            p.top, p.next_tokens = self._draft_tokens(slog, mx.array(token))
+        if self.emitted == self.max_tokens:
+            return new, None
+        return new, self._next_draft(p, token, q)
+
+    def first_draft(self, root: int) -> Draft:
+        """The first tree: the prompt's last token, and an n-gram chain after it."""
+        chain = ngram_draft(self.history, min(self.ngram_tokens, self._room())) if self.ngram else []
+        return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
+
+    def _room(self) -> int:
+        """How many draft levels the next tree may have: fewer near ``max_tokens``."""
+        room = self.max_nodes - 1
+        if self.max_tokens >= 0:
+            room = min(room, self.max_tokens - self.emitted - 1)
+        return room
+
+    # ---- drafts -------------------------------------------------------------------
+    def _stream_logprobs(self, out: StepOutput, node: mx.array) -> mx.array:
+        """``(gamma, V)`` log-probabilities of the streams of kept node ``node``."""
+        if self.all_streams:
+            slog = self.rt.head(mx.take(out.stream_hidden, node, axis=0)[None])[0]
+        else:
+            slog = self.rt.draft_streams(node, self.cache)
+        slog = slog.astype(mx.float32)
+        return slog - mx.logsumexp(slog, axis=-1, keepdims=True)
+
+    def _drafter_logprobs(self, out, path, path_tokens, token) -> mx.array:
+        draft = self.rt.drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token)
+        slog = draft.astype(mx.float32)
+        return slog - mx.logsumexp(slog, axis=-1, keepdims=True)
+
+    def _draft_tokens(self, slog: mx.array, root: mx.array):
+        """Per-level top-k and the static tree's tokens under ``root``, on the device."""
+        top = mx.argsort(-slog[: self.depth], axis=-1)[:, : self.kmax]
+        return top, mx.concatenate([root.reshape(1), top[self._levels, self._ranks]])
+
+    def _next_draft(self, p: Pending, token: int, q) -> Draft:
+        """The next tree, rooted at ``token``: the static stream tree, an n-gram
+        chain, or both merged; shallower near ``max_tokens``."""
+        room = self._room()
+        depth = min(self.depth, room)
+        chain = ngram_draft(self.history, min(self.ngram_tokens, room)) if self.ngram else []
+        if depth and q is not None:  # rejection: tokens drawn on the host
+            return self._restrict(Draft(self.layout, p.next_tokens, q), depth)
+        if depth and not chain:
+            return self._restrict(Draft(self.layout, p.next_tokens), depth)
+        if not depth:
+            return Draft(layout_of([-1] + list(range(len(chain)))), [token] + chain)
+        tokens = p.next_tokens.tolist()  # streams + n-gram: merged on the host
+        keep = depth_limited(self.tree.parents, depth)
+        merged = merge_chain(
+            [tokens[i] for i in keep], subtree_parents(self.tree.parents, keep), chain,
+            self.max_nodes,
+        )  # fmt: skip
+        return Draft(layout_of(merged.parents), merged.tokens)
+
+    def _restrict(self, draft: Draft, depth: int) -> Draft:
+        if depth == self.depth:
+            return draft
+        keep = depth_limited(self.tree.parents, depth)
+        tokens = draft.tokens
+        tokens = [tokens[i] for i in keep] if isinstance(tokens, list) else tokens[mx.array(keep)]
+        return Draft(layout_of(subtree_parents(self.tree.parents, keep)), tokens, draft.q)
+
+    # ---- sampling by recursive rejection --------------------------------------------
+    def _walk_by_rejection(self, p: Pending):
+        """Design (b): recursive rejection sampling on the host, then drafts drawn
+        without replacement from the accepted node's streams (Gumbel top-k),
+        read in a second host read."""
+        tokens, parents = p.tokens.tolist(), p.out.kept_parents
+        probs = self.sampler.probs(p.logprobs)
+        uniforms = mx.random.uniform(shape=(len(tokens) + 1,))
+        mx.eval(probs, uniforms)
+        path, token = accept_by_rejection(
+            tokens, parents, np.array(probs), p.draft.q, np.array(uniforms)
         )
-
-
-def _stream_logprobs(rt, out, cache, last, split, drafting=None):
-    """``(gamma, V)`` log-probabilities of the streams of kept node ``last`` (or,
-    with an attached drafter, of its levels; ``drafting`` is then
-    ``(state, path, path_tokens, token)`` on the host)."""
-    if rt.drafter is not None:
-        slog = rt.drafter.draft(rt, drafting[0], out.hidden, *drafting[1:]).astype(mx.float32)
-    elif split:
-        slog = rt.draft_streams(last, cache).astype(mx.float32)
-    else:
-        slog = rt.head(mx.take(out.stream_hidden, last, axis=0)[None])[0].astype(mx.float32)
-    return slog - mx.logsumexp(slog, axis=-1, keepdims=True)
-
-
-def _target_sample_step(rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax, dstate):
-    """Design (a), on device: sample a target token at every node, walk while a
-    child matches; drafts are the streams' top-k. One host read (two with an
-    attached drafter, which drafts from the accepted path)."""
-    targets = sampler(logprobs)
-    _, last = accept(
-        mx.array(kept_tokens),
-        mx.array([0] + out.kept_parents[1:]),
-        mx.array(out.kept_ancestors),
-        targets,
-    )
-    results = [targets, last, logprobs]
-    streams = depth and rt.drafter is None
-    if streams:
-        slog = _stream_logprobs(rt, out, cache, last, rt.split_streams)
-        top = mx.argsort(-slog, axis=-1)[:, :kmax]
-        results += [top, mx.take_along_axis(slog, top, axis=-1)]
-    mx.eval(results)  # the step's one host read
-    last = results[1].item()
-    path = [last]
-    while path[-1] > 0:  # the accepted nodes are the path from the root to ``last``
-        path.append(out.kept_parents[path[-1]])
-    path.reverse()
-    token = targets[last].item()
-    if not depth:
-        return path, token, None, None
-    if not streams:
-        drafting = (dstate, path, [kept_tokens[i] for i in path], token)
-        slog = _stream_logprobs(rt, out, cache, None, True, drafting)
-        top = mx.argsort(-slog, axis=-1)[:, :kmax]
-        results[3:] = [top, mx.take_along_axis(slog, top, axis=-1)]
-        mx.eval(results[3:])
-    return path, token, results[3].tolist(), results[4].tolist()
-
-
-def _rejection_step(rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax, dstate):
-    """Design (b): recursive rejection sampling on the host, then drafts drawn
-    without replacement from the last accepted node's streams (Gumbel top-k)."""
-    probs = sampler.probs(logprobs)
-    uniforms = mx.random.uniform(shape=(len(kept_tokens) + 1,))
-    mx.eval(probs, uniforms, logprobs)
-    path, token = accept_by_rejection(
-        kept_tokens, out.kept_parents, np.array(probs), draft_q, np.array(uniforms)
-    )
-    if not depth:
-        return path, token, None, None, None
-    drafting = (dstate, path, [kept_tokens[i] for i in path], token)
-    slog = _stream_logprobs(rt, out, cache, mx.array(path[-1]), rt.split_streams, drafting)
-    q = sampler.probs(slog)
-    keys = mx.log(q) + mx.random.gumbel(q.shape)
-    top = mx.argsort(-keys, axis=-1)[:, :kmax]  # draw order of a sample without replacement
-    logq = mx.take_along_axis(mx.log(q), top, axis=-1)
-    mx.eval(q, top, logq)
-    # Scores that never increase along a draw: capping the tree then keeps a
-    # draw-order prefix of every sibling list, as rejection sampling needs.
-    scores = np.minimum.accumulate(np.array(logq), axis=1)
-    return path, token, top.tolist(), scores.tolist(), np.array(q)
+        if not self.depth or (self.max_tokens >= 0 and self.emitted + len(path) >= self.max_tokens):
+            return path, token, None
+        if self.streams:  # (before the caches are compacted: split passes read the tree rows)
+            slog = self._stream_logprobs(p.out, mx.array(path[-1]))
+        else:
+            slog = self._drafter_logprobs(p.out, path, [tokens[a] for a in path], token)
+        q = self.sampler.probs(slog)
+        keys = mx.log(q) + mx.random.gumbel(q.shape)
+        top = mx.argsort(-keys[: self.depth], axis=-1)[:, : self.kmax]  # draw order
+        mx.eval(q, top)
+        top = top.tolist()
+        p.next_tokens = [token] + [top[g][r] for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])]
+        return path, token, np.array(q)
 
 
 def spec_generate_step(
@@ -208,6 +277,8 @@ def spec_generate_step(
     prune_threshold: Optional[float] = None,
     max_tree_nodes: Optional[int] = None,
     acceptance: Optional[str] = None,
+    draft: Optional[str] = None,
+    num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
@@ -223,13 +294,18 @@ def spec_generate_step(
 
     Args:
         prompt (mx.array): the prompt tokens (at least one).
-        model (nn.Module): a model with streams attached.
+        model (nn.Module): a model with streams or a drafter attached; with
+          ``draft="ngram"``, any supported mlx-lm model.
         max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
         sampler (Callable, optional): mlx-lm sampler over ``(B, V)`` log
           probabilities. Default: argmax.
         logits_processors (list, optional): mlx-lm logits processors, applied at
           every tree node with that node's own token history.
-        prompt_cache (list, optional): a ``KVCache`` per layer, updated in place.
+        prompt_cache (list, optional): a KV cache per layer, updated in place.
+          When the generator ends or is closed it holds, as mlx-lm's does, the
+          earlier tokens, the prompt and every yielded token but the last.
+          :func:`mlx_specstream.cache.make_prompt_cache` also keeps an attached
+          drafter's own context.
         prefill_step_size (int): prompt chunk size. Default: ``2048``.
         speculative (bool): ``False`` decodes one token per pass (the baseline):
           plain mlx-lm decoding in lossless mode, the same model with its
@@ -249,6 +325,10 @@ def spec_generate_step(
           distribution (a :class:`DistributionSampler`), as it accepts more
           drafts (``benchmarks/RESULTS.md``); otherwise ``"target-sample"``,
           with a warning.
+        draft (str, optional): ``None``: the model's streams or drafter.
+          ``"ngram"``: prompt lookup only (any model). ``"streams+ngram"``:
+          both, merged into one tree under ``max_tree_nodes``.
+        num_draft_tokens (int): the longest prompt-lookup draft. Default: ``10``.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options; quantized and rotating caches cannot be rolled back
           to an accepted tree path, so setting them is refused.
@@ -256,30 +336,43 @@ def spec_generate_step(
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
     """
+    if draft is not None and draft not in DRAFTS:
+        raise ValueError(f"draft={draft!r}: choose None (the model's own drafts) or one of {DRAFTS}")
+    if draft == "ngram" and getattr(model, "speculative_streams", None) is None:
+        attach_verifier(model)
     rt = get_runtime(model)
     ks, depth, threshold, max_nodes = resolve_tree_settings(
         rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
     )
+    if draft == "ngram":
+        depth = 0  # the model's own drafts are off
+    elif draft == "streams+ngram" and rt.drafter is not None:
+        raise ValueError("draft='streams+ngram' needs a model with streams, not a drafter.")
     if kv_bits is not None or max_kv_size is not None:
         raise ValueError(
             "kv_bits and max_kv_size are not supported by Speculative Streaming: quantized and "
             "rotating KV caches cannot be compacted to the accepted tree path. Leave them unset."
         )
-    sampler = sampler or _greedy
-    processors = logits_processors or []
+    if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
+        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
+    sampler = sampler or greedy
     if acceptance is None:  # (without drafts there is nothing to accept)
-        acceptance = _default_acceptance(sampler) if speculative and depth else "target-sample"
+        drafting = speculative and (depth or draft)
+        acceptance = default_acceptance(sampler) if drafting else "target-sample"
     if acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
     if acceptance == "rejection" and not (
-        sampler is _greedy or isinstance(sampler, DistributionSampler)
+        sampler is greedy or isinstance(sampler, DistributionSampler)
     ):
         raise ValueError(
             "acceptance='rejection' needs the target distribution, not only samples: pass a "
             "sampler from mlx_specstream.sample_utils.make_sampler."
         )
+    if acceptance == "rejection" and draft is not None and not getattr(sampler, "greedy", True):
+        # An n-gram draft is one deterministic proposal, not a draw from a distribution.
+        acceptance = "target-sample"
     check_prompt(model, prompt)
-    if not speculative or depth == 0:
+    if not speculative or (depth == 0 and draft is None):
         if rt.config.mode == "lossless":
             # Streams never touch the main stream: this is the base model.
             for n, (token, logprobs) in enumerate(
@@ -295,18 +388,8 @@ def spec_generate_step(
             ):
                 yield token, logprobs, False, n + 1
             return
-        depth = 0
-    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
-    check_cache(cache)
-    prompt_list = prompt.tolist()
-    first_top, num_layers = rt.first_top, rt.num_layers
-    # Lossless main rows never read the streams: verify with main rows only,
-    # then run the streams of the last accepted node alone (same result, far
-    # fewer rows in the stream layers).
-    split = rt.split_streams
-    kmax = max(ks[:depth]) if depth else 0
-    by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
-    if by_rejection and threshold > 0:
+        depth, draft = 0, None
+    if acceptance == "rejection" and not getattr(sampler, "greedy", True) and threshold > 0:
         # Pruning keeps or drops a draft by its value; rejection sampling's
         # residuals assume every draw is tried in order, so it would be biased.
         warnings.warn(
@@ -315,82 +398,57 @@ def spec_generate_step(
             stacklevel=2,
         )
         threshold = 0.0
-    draft_q = None
+    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    check_cache(cache)
+    start = cache[0].offset
     dstate = None
     if rt.drafter is not None and depth:
-        dstate = rt.drafter.start(cache[0].offset, getattr(cache, "drafter_state", None))
+        dstate = rt.drafter.start(start, getattr(cache, "drafter_state", None))
         if hasattr(cache, "drafter_state"):  # a SpecPromptCache keeps it for the next call
             cache.drafter_state = dstate
+    prompt_list = prompt.tolist()
+    dec = Decoder(
+        rt, cache, list(prompt_list), sampler, logits_processors or [],
+        (ks, depth, threshold, max_nodes), acceptance, draft, num_draft_tokens, max_tokens, dstate,
+    )  # fmt: skip
+    yielded = 0
+    try:
+        with mx.stream(generation_stream):
+            _prefill(rt, cache, prompt, prefill_step_size, dstate)
+            pending = dec.launch(dec.first_draft(prompt_list[-1]))
+            while pending is not None:
+                new, nxt = dec.finish(pending)
+                pending = dec.launch(nxt) if nxt is not None else None  # overlaps the yields
+                for token, logprobs, from_draft in new:
+                    yielded += 1
+                    yield token, logprobs, from_draft, dec.passes - (pending is not None)
+                if dec.passes % 256 == 0:
+                    mx.clear_cache()
+    finally:
+        # Like mlx-lm's: the cache ends with every yielded token but the last.
+        rewind(cache, start + prompt.size - 1 + yielded)
+
+
+def rewind(cache, end: int) -> None:
+    """Trims every layer, and an attached drafter's state, to ``end`` tokens
+    (mid-step the stream layers hold more rows than the others)."""
+    for c in cache:
+        c.trim(c.offset - end)
+    state = getattr(cache, "drafter_state", None)
+    if state is not None:
+        state.trim_to(end)
+
+
+def _prefill(rt: StreamRuntime, cache, prompt: mx.array, step: int, dstate) -> None:
+    """Feeds all but the last prompt token with the plain model. A drafter that
+    reads the prompt gets (state, next token) pairs of those tokens too."""
     keep_hidden = dstate is not None and dstate.needs_prompt
     rt._prefill_hidden = []
-
-    with mx.stream(generation_stream):
-        # Prefill all but the last prompt token with the plain model.
-        body = prompt[:-1]
-        for start in range(0, body.size, prefill_step_size):
-            rt.prefill(body[start : start + prefill_step_size], cache, keep_hidden)
-            mx.eval([(c.keys, c.values) for c in cache])
-        if keep_hidden and body.size:
-            # The drafter's first pass reads the prompt too: (state, next token) pairs.
-            dstate.prompt_hidden = mx.concatenate(rt._prefill_hidden, axis=0)
-            dstate.prompt_next = prompt_list[1:]
-        rt._prefill_hidden = []
-
-        history = list(prompt_list)
-        tree = DraftTree([prompt_list[-1]], [-1])
-        emitted = passes = 0
-        while True:
-            prefix = cache[0].offset
-            out = rt.forward(
-                tree.tokens,
-                tree.parents,
-                cache,
-                threshold,
-                all_streams=not split,
-            )
-            passes += 1
-            kept_tokens = [tree.tokens[i] for i in out.kept]
-            logits = out.logits
-            if processors:
-                logits = _apply_processors(
-                    processors, history, kept_tokens, out.kept_parents, logits
-                )
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            if by_rejection:
-                path, token, top, top_lp, draft_q = _rejection_step(
-                    rt, out, cache, kept_tokens, logprobs, sampler, draft_q, depth, kmax, dstate
-                )
-            else:
-                path, token, top, top_lp = _target_sample_step(
-                    rt, out, cache, kept_tokens, logprobs, sampler, depth, kmax, dstate
-                )
-            L = path[-1]
-            commit_path(
-                cache,
-                prefix,
-                [
-                    path if layer >= first_top else [out.kept[i] for i in path]
-                    for layer in range(num_layers)
-                ],
-            )
-            new = [(kept_tokens[i], out.kept_parents[i], True) for i in path[1:]]
-            new.append((token, L, False))
-            for token_, source, from_draft in new:
-                emitted += 1
-                yield token_, logprobs[source], from_draft, passes
-                if emitted == max_tokens:
-                    return
-            history.extend(t for t, _, _ in new)
-
-            d = depth if max_tokens < 0 else min(depth, max_tokens - emitted - 1)
-            if d > 0:
-                tree = build_draft_tree(
-                    token,
-                    [top[j][: ks[j]] for j in range(d)],
-                    [top_lp[j][: ks[j]] for j in range(d)],
-                    max_nodes,
-                )
-            else:
-                tree = DraftTree([token], [-1])
-            if passes % 256 == 0:
-                mx.clear_cache()
+    body = prompt[:-1]
+    for i in range(0, body.size, step):
+        rt.prefill(body[i : i + step], cache, keep_hidden)
+        mx.eval([(c.keys, c.values) for c in cache])
+    if keep_hidden and body.size:
+        dstate.prompt_hidden = mx.concatenate(rt._prefill_hidden, axis=0)
+        dstate.prompt_next = prompt.tolist()[1:]
+    rt._prefill_hidden = []

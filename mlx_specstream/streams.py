@@ -18,7 +18,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import SpecStreamConfig
-from .tree import ancestor_mask, prune_subtrees, stream_attention_mask, tree_depths
+from .layout import TreeLayout, layout_of, with_prefix
+from .tree import prune_subtrees, subtree_parents
 
 STREAMS_FILE = "speculative_streams.safetensors"
 
@@ -87,11 +88,18 @@ class StepOutput:
     """What one multi-stream forward pass returns (batch 1)."""
 
     logits: mx.array  # (R, V) main logits of the kept nodes
-    stream_hidden: mx.array  # (R, gamma, D) last-layer stream states, before the final norm
+    stream_hidden: Optional[mx.array]  # (R, gamma, D) last-layer stream states, before the final norm
     kept: List[int]  # tree nodes that survived pruning, ascending
-    kept_parents: List[int]  # parent list of the kept sub-tree
-    kept_ancestors: np.ndarray  # (R, R) ancestor mask of the kept sub-tree
+    layout: TreeLayout  # the kept sub-tree (all nodes when nothing is pruned)
     hidden: Optional[mx.array] = None  # (R, D) last-layer main states (with a drafter)
+
+    @property
+    def kept_parents(self) -> tuple:
+        return self.layout.parents
+
+    @property
+    def kept_ancestors(self) -> np.ndarray:
+        return self.layout.ancestors
 
 
 def _attention(layer):
@@ -184,9 +192,11 @@ class StreamRuntime:
         self.prune_threshold = 0.0
         self._all_streams = True
         self._main_rows = 0
-        # Lossless decoding verifies with main rows only, then drafts from the
-        # streams of the last accepted node (see draft_streams).
-        self.split_streams = config.mode == "lossless"
+        # Lossless decoding may verify with main rows only, then draft from the
+        # streams of the last accepted node (see draft_streams): config.stream_pass.
+        self.split_streams = (
+            config.mode == "lossless" and getattr(config, "stream_pass", "fused") == "split"
+        )
         self.lora_targets = (
             lora_targets(model, config) if streams and config.stream_lora_rank else []
         )
@@ -293,8 +303,8 @@ class StreamRuntime:
     # ---- one step --------------------------------------------------------------
     def forward(
         self,
-        tokens: List[int],
-        parents: List[int],
+        tokens,
+        parents,
         cache,
         prune_threshold: float = 0.0,
         all_streams: bool = True,
@@ -304,40 +314,45 @@ class StreamRuntime:
         The caches grow by all tree rows (lower layers) or by the kept main
         rows and their stream rows (upper layers); the caller compacts them.
 
-        With ``all_streams=False`` (lossless mode only) no stream rows are
-        inserted: the main rows never read them there, so the pass verifies
-        the tree exactly, and :meth:`draft_streams` then computes the streams
-        of the one node that drafts next.
+        Args:
+            tokens: ``(T,)`` node tokens, a list or a device array (the pass
+              never reads them on the host unless it prunes).
+            parents: the parent list, or its :class:`TreeLayout`.
+            cache: a KV cache per layer.
+            prune_threshold (float): early-exit pruning threshold (0: off).
+            all_streams (bool): ``False`` (lossless mode only) inserts no
+              stream rows: the main rows never read them there, so the pass
+              verifies the tree exactly, and :meth:`draft_streams` then
+              computes the streams of the one node that drafts next.
         """
         if not all_streams and self.config.mode != "lossless":
             raise ValueError("Streams can be left out of the pass only in lossless mode.")
+        layout = parents if isinstance(parents, TreeLayout) else layout_of(parents)
+        tokens = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
         self._all_streams = all_streams
         prefix = cache[0].offset
-        T = len(tokens)
-        depth = np.array(tree_depths(parents))
-        anc = ancestor_mask(parents)
-        self._tree = (tokens, parents, depth, anc, prefix)
-        self._lower_mask = _with_prefix(anc, prefix)
-        self._lower_pos = mx.array(prefix + depth, dtype=mx.int32)
+        self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
+        self._layout, self._prefix = layout, prefix
+        self._lower_mask = with_prefix(layout.ancestors_mx, prefix)
+        self._lower_pos = prefix + layout.depth_mx
         self.prune_threshold = prune_threshold
         # Without stream layers nothing is inserted or pruned: every node is kept.
-        self._kept, self._kept_parents, self._kept_anc = list(range(T)), list(parents), anc
-        self._main_rows = T
+        self._kept, self._kept_layout = list(range(len(layout))), layout
+        self._main_rows = len(layout)
         self.state = "step"
         try:
-            logits = self.model(mx.array(tokens, dtype=mx.int32)[None], cache=cache)
+            logits = self.model(tokens[None], cache=cache)
         finally:
             self.state = None
         R = len(self._kept)
         hidden = None
-        if all_streams:
+        if all_streams and self.streams is not None:
             hidden = self._stream_hidden[0].reshape(R, self.config.num_streams, -1)
         return StepOutput(
             logits=logits[0],
             stream_hidden=hidden,
             kept=self._kept,
-            kept_parents=self._kept_parents,
-            kept_ancestors=self._kept_anc,
+            layout=self._kept_layout,
             hidden=self._main_hidden[0] if self.drafter is not None else None,
         )
 
@@ -355,45 +370,46 @@ class StreamRuntime:
         return _embedding(self.model)(tokens)
 
     def _insert_streams(self, h: mx.array) -> mx.array:
-        tokens, parents, depth, anc, prefix = self._tree
-        kept = list(range(len(tokens)))
-        if self.prune_threshold > 0 and len(tokens) > 1:
-            kept = self._prune(h, tokens, parents)
-            if len(kept) < len(tokens):
+        layout, prefix = self._layout, self._prefix
+        if self.prune_threshold > 0 and len(layout) > 1:
+            kept = self._prune(h, layout)
+            if len(kept) < len(layout):
                 h = h[:, mx.array(kept)]
-        sub_anc = anc[np.ix_(kept, kept)]
-        self._kept = kept
-        self._kept_parents = [-1] + [kept.index(parents[i]) for i in kept[1:]]
-        self._kept_anc = sub_anc
-        self._main_rows = len(kept)
-        d = depth[kept]
+                self._kept = kept
+                self._kept_layout = layout_of(subtree_parents(layout.parents, kept))
+        sub = self._kept_layout
+        self._main_rows = len(sub)
         if not self._all_streams:
             self._upper_input = h
-            self._upper_mask = _with_prefix(sub_anc, prefix)
-            self._upper_pos = mx.array(prefix + d, dtype=mx.int32)
+            self._upper_mask = with_prefix(sub.ancestors_mx, prefix)
+            self._upper_pos = prefix + sub.depth_mx
             return h
         g = self.config.num_streams
-        shared = self.config.mode == "shared"
-        self._upper_mask = _with_prefix(stream_attention_mask(sub_anc, g, shared), prefix)
-        offsets = (
-            np.arange(1, g + 1) if self.config.stream_positions == "offset" else np.zeros(g, int)
-        )
-        stream_pos = (d[:, None] + offsets[None, :]).reshape(-1)
-        self._upper_pos = mx.array(prefix + np.concatenate([d, stream_pos]), dtype=mx.int32)
+        self._upper_mask = with_prefix(sub.stream_mask(g, self.config.mode == "shared"), prefix)
+        self._upper_pos = prefix + self._stream_positions(sub.depth_mx)
         return mx.concatenate([h, self.streams.make_streams(h)], axis=1)
 
-    def _prune(self, h, tokens, parents) -> List[int]:
+    def _stream_positions(self, depth: mx.array) -> mx.array:
+        """Positions (relative to the prefix) of main rows ``depth`` then their
+        stream rows, node-major."""
+        g = self.config.num_streams
+        if self.config.stream_positions == "offset":
+            streams = depth[:, None] + mx.arange(1, g + 1, dtype=mx.int32)[None]
+        else:
+            streams = mx.repeat(depth[:, None], g, axis=1)
+        return mx.concatenate([depth, streams.reshape(-1)])
+
+    def _prune(self, h, layout: TreeLayout) -> List[int]:
         """Early-exit pruning before stream insertion (paper Sec. 3.1.3).
 
         Needs one host read: the surviving rows decide the shapes that follow.
         """
         early = self.head(self.streams.prune_adapter(h))[0].astype(mx.float32)
         logprobs = early - mx.logsumexp(early, axis=-1, keepdims=True)
-        par = mx.array(parents[1:])
-        tok = mx.array(tokens[1:])
-        edge = mx.exp(logprobs[par, tok]) >= self.prune_threshold
+        tokens = self._tree[0]
+        edge = mx.exp(logprobs[layout.parents_mx[1:], tokens[1:]]) >= self.prune_threshold
         edge_ok = [True] + edge.tolist()
-        return prune_subtrees(parents, edge_ok)
+        return prune_subtrees(layout.parents, edge_ok)
 
     def draft_streams(self, last: mx.array, cache) -> mx.array:
         """Logits ``(gamma, V)`` of the streams of kept node ``last`` (a device index).
@@ -403,26 +419,18 @@ class StreamRuntime:
         to ``last``'s path among the tree rows still in the upper caches,
         exactly as they would inside the full multi-stream pass.
         """
-        tokens, parents, depth, anc, prefix = self._tree
-        g, R = self.config.num_streams, len(self._kept)
+        sub, prefix, g = self._kept_layout, self._prefix, self.config.num_streams
         h = mx.take(self._upper_input, last[None], axis=1)
         self._stream_input = self.streams.make_streams(h)
-        path = mx.take(mx.array(self._kept_anc), last, axis=0)
-        tree_cols = mx.broadcast_to(path[None], (g, R))
-        self._stream_mask = mx.concatenate(
-            [
-                mx.ones((g, prefix), dtype=mx.bool_),
-                tree_cols,
-                mx.array(np.tril(np.ones((g, g), bool))),
-            ],
-            axis=1,
+        path = mx.take(sub.ancestors_mx, last, axis=0)
+        self._stream_mask = with_prefix(
+            mx.concatenate(
+                [mx.broadcast_to(path[None], (g, len(sub))), _lower_triangle(g)], axis=1
+            ),
+            prefix,
         )
-        pos = mx.take(mx.array(depth[self._kept] + prefix, dtype=mx.int32), last)
-        if self.config.stream_positions == "offset":
-            pos = pos + mx.arange(1, g + 1, dtype=mx.int32)
-        else:
-            pos = mx.broadcast_to(pos, (g,))
-        self._stream_pos = pos
+        depth = mx.take(sub.depth_mx, last[None])
+        self._stream_pos = prefix + self._stream_positions(depth)[1:]
         self._main_rows = 0
         self.state = "streams"
         try:
@@ -431,11 +439,10 @@ class StreamRuntime:
             self.state = None
 
     def _hold_back_streams(self, out: mx.array) -> mx.array:
-        if not self._all_streams:
-            self._main_hidden = out
-            return out
         R = len(self._kept)
-        self._stream_hidden = out[:, R:]
+        self._main_hidden = out[:, :R]
+        if self._all_streams:
+            self._stream_hidden = out[:, R:]
         return out[:, :R]
 
 
@@ -448,10 +455,8 @@ def _embedding(model) -> nn.Module:
     raise ValueError(f"Cannot find the input embedding of {type(model).__module__}.")
 
 
-def _with_prefix(mask: np.ndarray, prefix: int) -> mx.array:
-    """Prepends ``prefix`` always-visible columns (the committed cache)."""
-    full = np.concatenate([np.ones((mask.shape[0], prefix), dtype=bool), mask], axis=1)
-    return mx.array(full)
+def _lower_triangle(n: int) -> mx.array:
+    return mx.array(np.tril(np.ones((n, n), bool)))
 
 
 def check_supported(model: nn.Module, config: SpecStreamConfig):
@@ -517,6 +522,17 @@ def attach_streams(
     init_or_load(streams, seed, weights, lambda name, p: 0.02 if name == "embeddings" else None)
     model.speculative_streams = StreamRuntime(model, config, streams)
     return streams
+
+
+def attach_verifier(model: nn.Module) -> "StreamRuntime":
+    """Puts the tree verifier alone on a model loaded with ``mlx_lm.load`` (no
+    streams, no drafter), for drafts from outside the model such as prompt
+    lookup. The hooks do nothing outside a step, as for streams."""
+    from .config import VerifierConfig
+
+    check_supported(model, VerifierConfig())
+    model.speculative_streams = StreamRuntime(model, VerifierConfig())
+    return model.speculative_streams
 
 
 def hidden_size(model) -> int:

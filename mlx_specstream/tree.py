@@ -294,3 +294,122 @@ def accept_by_rejection(tokens, parents, target_probs, draft_probs, uniforms):
                 q = q / q.sum()
         else:
             return path, draw(p, next(u))
+
+
+# A draft's rank prior for static trees: rank r of a stream is taken to be right
+# with probability 0.6 * 0.3**r (top-1 accuracy and decay typical of trained streams).
+_RANK_LOGPROB = (np.log(0.6), np.log(0.3))
+
+
+@dataclass(frozen=True)
+class StaticTree:
+    """A draft tree's topology, fixed for a whole generation.
+
+    Node ``i > 0`` carries the token of rank ``ranks[i]`` at tree level
+    ``levels[i]`` (0-based: the stream, drafter head or level that drafts it);
+    node 0 is the root. Only the tokens change from step to step, so masks,
+    positions and gather indices are computed once.
+    """
+
+    parents: tuple
+    levels: tuple
+    ranks: tuple
+
+    def __len__(self):
+        return len(self.parents)
+
+
+def static_tree(ks: Sequence[int], depth: int, max_nodes: int) -> StaticTree:
+    """The Cartesian-product tree of ``ks[g]`` ranks per level, capped at
+    ``max_nodes`` by a fixed rank prior instead of the step's own scores.
+
+    Rank ``r`` scores ``log 0.6 + r log 0.3`` at every level; a path's score is
+    the sum over its nodes, and the cap keeps the best paths exactly as
+    :func:`build_draft_tree` does (ties to the shallower, then earlier node).
+    The layout is depth-first, best child first, so the all-rank-0 chain is a
+    prefix of the node list.
+
+    Example:
+        >>> t = static_tree([2, 2], 2, 5)
+        >>> t.parents, t.levels, t.ranks
+        ((-1, 0, 1, 1, 0), (-1, 0, 1, 1, 0), (-1, 0, 0, 1, 1))
+
+    Of the 7 nodes of the full tree, the cap keeps rank 0 (score -0.51), its
+    children 0-0 (-1.02) and 0-1 (-2.23), and rank 1 (-1.71); 1-0 (-2.23) ties
+    with 0-1 and loses as the later node.
+    """
+    a, b = _RANK_LOGPROB
+    levels = [list(range(k)) for k in ks[:depth]]
+    scores = [[a + r * b for r in range(k)] for k in ks[:depth]]
+    t = build_draft_tree(-1, levels, scores, max_nodes)
+    return StaticTree(tuple(t.parents), tuple(d - 1 for d in tree_depths(t.parents)), tuple(t.tokens))
+
+
+def depth_limited(parents: Sequence[int], max_depth: int) -> List[int]:
+    """Nodes of depth at most ``max_depth`` (an ancestor-closed sub-tree).
+
+    Example:
+        >>> depth_limited([-1, 0, 1, 2, 0], 1)
+        [0, 1, 4]
+    """
+    return [i for i, d in enumerate(tree_depths(parents)) if d <= max_depth]
+
+
+def path_to(node: int, parents: Sequence[int]) -> List[int]:
+    """Nodes on the path from the root to ``node``, both included.
+
+    Example:
+        >>> path_to(3, [-1, 0, 1, 1])
+        [0, 1, 3]
+    """
+    path = [node]
+    while path[-1] > 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
+def merge_chain(
+    tokens: Sequence[int], parents: Sequence[int], chain: Sequence[int], max_nodes: int
+) -> DraftTree:
+    """A tree holding ``chain`` below the root first, then the nodes of the tree
+    ``(tokens, parents)`` that still fit in ``max_nodes``.
+
+    The chain (an n-gram draft) walks down the existing tree where a child
+    already carries its next token and branches off where none does, so
+    siblings stay distinct, and the chain is a prefix of the node list. The
+    tree's own nodes then follow in their order;
+    one whose parent did not fit is dropped with its subtree.
+
+    Example:
+        >>> t = merge_chain([7, 1, 3, 2], [-1, 0, 1, 0], [1, 5, 6], 5)
+        >>> t.tokens, t.parents
+        ([7, 1, 5, 6, 3], [-1, 0, 1, 2, 1])
+
+    The chain 1-5-6 shares node 1 with the tree; 3 (under 1) still fits and
+    2 (under the root) does not.
+    """
+    out_tokens, out_parents = [tokens[0]], [-1]
+    children = {}  # (parent in the output, token) -> node in the output
+
+    def add(parent, token):
+        key = (parent, token)
+        if key not in children:
+            if len(out_tokens) >= max_nodes:
+                return None
+            children[key] = len(out_tokens)
+            out_tokens.append(token)
+            out_parents.append(parent)
+        return children[key]
+
+    node = 0
+    for token in chain:
+        node = add(node, int(token))
+        if node is None:
+            break
+    where = {0: 0}
+    for i in range(1, len(tokens)):
+        if parents[i] in where:
+            new = add(where[parents[i]], int(tokens[i]))
+            if new is not None:
+                where[i] = new
+    return DraftTree(out_tokens, out_parents)

@@ -26,14 +26,23 @@ from .generate import stream_generate
 from .streams import get_runtime
 
 
-def tokens_per_second(model, tokenizer, prompts, max_tokens, **tree):
-    """Median over prompts of greedy generation tokens/s, and the mean tau."""
+def tokens_per_second(model, tokenizer, prompts, max_tokens, stream_pass=None, **tree):
+    """Median over prompts of greedy generation tokens/s, and the mean tau.
+    ``stream_pass`` (``"fused"``/``"split"``, lossless streams only) overrides
+    the model's for this measurement."""
+    rt = get_runtime(model)
+    saved = rt.split_streams
+    if stream_pass is not None:
+        rt.split_streams = stream_pass == "split"
     tps, taus = [], []
-    for prompt in prompts:
-        for r in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_tokens, **tree):
-            pass
-        tps.append(r.generation_tps)
-        taus.append(r.generation_tokens / r.forward_passes)
+    try:
+        for prompt in prompts:
+            for r in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_tokens, **tree):
+                pass
+            tps.append(r.generation_tps)
+            taus.append(r.generation_tokens / r.forward_passes)
+    finally:
+        rt.split_streams = saved
     return statistics.median(tps), statistics.mean(taus)
 
 
@@ -57,10 +66,21 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
     base_tps, _ = tokens_per_second(model, tokenizer, prompts, max_tokens, speculative=False)
     log(f"one token per pass: {base_tps:.1f} tokens/s")
     results = []
+    lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
+        if lossless_streams:
+            tree["stream_pass"] = "fused"
         tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **tree)
         results.append((tps, tau, tree))
         log(f"{tree}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+    if lossless_streams:
+        # The stream pass: streams of every node inside the verify pass, or a
+        # second pass for the accepted node's only; measured on the best shapes.
+        for _, _, tree in sorted(results, key=lambda r: -r[0])[:3]:
+            split = dict(tree, stream_pass="split")
+            tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **split)
+            results.append((tps, tau, split))
+            log(f"{split}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
     if has_adapter:
         for _, _, tree in sorted(results, key=lambda r: -r[0])[:3]:
             for threshold in (0.02, 0.05, 0.1, 0.2):
@@ -91,6 +111,8 @@ def save_choice(model_dir: Path, choice: dict):
         section["max_tree_nodes"] = choice["max_tree_nodes"]
         if CONFIG_KEY in config:  # (drafters never prune)
             section["prune_threshold"] = choice["prune_threshold"]
+        if "stream_pass" in choice:
+            section["stream_pass"] = choice["stream_pass"]
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():
         shutil.copy(config_file, backup)

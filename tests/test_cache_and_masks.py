@@ -12,16 +12,19 @@ from mlx_specstream.decode import spec_generate_step
 PROMPT = [3, 1, 4, 1, 5, 2, 6]
 
 
-def cache_rows(cache):
+def cache_rows(cache, n=None):
+    """The first ``n`` rows (default: all) of each layer's keys and values."""
     return [
-        (np.array(c.keys[..., : c.offset, :]), np.array(c.values[..., : c.offset, :]))
+        (np.array(c.keys[..., : n or c.offset, :]), np.array(c.values[..., : n or c.offset, :]))
         for c in cache
     ]
 
 
 def step_end_snapshots(model, n_tokens, **kwargs):
     """Runs decoding with a visible cache; after each step (the yield of its
-    non-draft token) records the committed tokens and the cache rows."""
+    non-draft token) records the committed tokens and their cache rows. The
+    next step is already running then (pipelined, as in mlx-lm): its tree rows
+    lie beyond the committed ones."""
     cache = make_prompt_cache(model)
     tokens, snaps = list(PROMPT), []
     for token, _, from_draft, _ in spec_generate_step(
@@ -29,9 +32,10 @@ def step_end_snapshots(model, n_tokens, **kwargs):
     ):
         tokens.append(token)
         if not from_draft:
-            # The newest token is the next root: not yet in the cache.
-            assert all(c.offset == len(tokens) - 1 for c in cache)
-            snaps.append((list(tokens[:-1]), cache_rows(cache)))
+            # The newest token is the next root: not yet committed.
+            n = len(tokens) - 1
+            assert all(c.offset >= n for c in cache)
+            snaps.append((list(tokens[:-1]), cache_rows(cache, n)))
     return snaps
 
 
@@ -81,6 +85,33 @@ def test_negative_control_cache_check_catches_a_trim_only_rollback(monkeypatch):
             fresh = make_prompt_cache(model)
             model(mx.array(committed)[None], cache=fresh)
             assert_cache_equal(rows, cache_rows(fresh))
+
+
+@pytest.mark.parametrize("stop", ["exhausted", "closed"])
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_cache_ends_like_mlx_lm(stop, mode):
+    """When the generator ends or is closed, the cache holds the prompt and every
+    yielded token but the last, as mlx-lm's does, even if the last step accepted
+    more drafts than were yielded or the next step was already running."""
+    model = tiny_spec_model("llama", vocab_size=8, mode=mode, num_streams=3, top_k=2)
+    cache = make_prompt_cache(model)
+    gen = spec_generate_step(mx.array(PROMPT), model, max_tokens=23, prompt_cache=cache)
+    tokens = [t for t, *_ in (gen if stop == "exhausted" else (next(gen) for _ in range(11)))]
+    gen.close()
+    committed = PROMPT + tokens[:-1]
+    assert all(c.offset == len(committed) for c in cache)
+    if mode == "lossless":  # (shared-mode K/V depend on the streams)
+        fresh = make_prompt_cache(model)
+        model(mx.array(committed)[None], cache=fresh)
+        assert_cache_equal(cache_rows(cache), cache_rows(fresh))
+
+
+def test_negative_control_cache_end_check_catches_a_missing_trim(monkeypatch):
+    import mlx_specstream.decode as decode
+
+    monkeypatch.setattr(decode, "rewind", lambda cache, end: None)
+    with pytest.raises(AssertionError):
+        test_cache_ends_like_mlx_lm("closed", "lossless")
 
 
 # ---- masks -------------------------------------------------------------------
@@ -155,13 +186,19 @@ def test_shared_main_logits_see_own_streams_only():
 
 def test_no_stream_or_rejected_rows_stay_in_cache():
     model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=3, max_tree_nodes=20)
+    rt = model.speculative_streams
     cache = make_prompt_cache(model)
     n = len(PROMPT)
     for i, (_, _, from_draft, passes) in enumerate(
         spec_generate_step(mx.array(PROMPT), model, max_tokens=30, prompt_cache=cache)
     ):
         if not from_draft:
-            assert {c.offset for c in cache} == {n + i}
+            # Beyond the n + i committed tokens only the running next step's
+            # rows: T tree rows below the stream layers, T * (1 + gamma) in them.
+            extra = [c.offset - (n + i) for c in cache]
+            T = extra[0]  # (0 after the last step)
+            assert extra == [T if l < rt.first_top else T * 4 for l in range(len(cache))]
+    assert {c.offset for c in cache} == {n + 29}
 
 
 def test_stream_lora_changes_streams_not_main():

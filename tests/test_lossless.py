@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from helpers import ARCHS, plain_greedy, spec_tokens, tiny_spec_model
 
-import mlx_specstream.streams as streams_module
+import mlx_specstream.layout as layout_module
 
 PROMPTS = [[5], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]]
 MAX_TOKENS = 64
@@ -118,39 +118,50 @@ def test_dtypes_shared(dtype):
 # ---- negative controls: the equality checks above can fail ------------------
 
 
-def test_negative_control_wrong_tree_mask(monkeypatch):
+@pytest.fixture
+def fresh_layouts():
+    """Tree layouts are cached per topology: build them anew under a patch, and after it."""
+    layout_module._layout.cache_clear()
+    yield
+    layout_module._layout.cache_clear()
+
+
+def test_negative_control_wrong_tree_mask(monkeypatch, fresh_layouts):
     """Letting tree nodes see their siblings must break losslessness."""
-    real = streams_module.ancestor_mask
-    monkeypatch.setattr(streams_module, "ancestor_mask", lambda p: real(p) | True)
+    real = layout_module.ancestor_mask
+    monkeypatch.setattr(layout_module, "ancestor_mask", lambda p: real(p) | True)
     model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=2)
     with pytest.raises(AssertionError):
         run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
 
 
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "starcoder2"])
-def test_lossless_full_multi_stream_pass(arch):
-    """Lossless decoding through the full pass (streams of every node inserted)."""
-    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2, prune_threshold=0.05)
-    model.speculative_streams.split_streams = False
+def test_lossless_both_stream_passes(arch, stream_pass):
+    """Lossless decoding with the streams of every node in the verify pass (fused),
+    and with a second pass for the accepted node's streams (split)."""
+    model = tiny_spec_model(
+        arch, vocab_size=8, num_streams=3, top_k=2, prune_threshold=0.05, stream_pass=stream_pass
+    )
+    assert model.speculative_streams.split_streams == (stream_pass == "split")
     run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
 
 
-def test_negative_control_wrong_positions(monkeypatch):
+def test_negative_control_wrong_positions(monkeypatch, fresh_layouts):
     """Giving every tree node the root's position must break losslessness."""
-    monkeypatch.setattr(streams_module, "tree_depths", lambda p: [0] * len(p))
+    monkeypatch.setattr(layout_module, "tree_depths", lambda p: [0] * len(p))
     model = tiny_spec_model("qwen2", vocab_size=8, num_streams=3, top_k=2)
     with pytest.raises(AssertionError):
         run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
 
 
-def test_negative_control_main_sees_streams_in_lossless_mode(monkeypatch):
+def test_negative_control_main_sees_streams_in_lossless_mode(monkeypatch, fresh_layouts):
     """A lossless model whose main stream reads its streams is no longer the base model."""
-    real = streams_module.stream_attention_mask
+    real = layout_module.stream_attention_mask
     monkeypatch.setattr(
-        streams_module, "stream_attention_mask", lambda anc, g, shared: real(anc, g, True)
+        layout_module, "stream_attention_mask", lambda anc, g, shared: real(anc, g, True)
     )
-    model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=2)
-    model.speculative_streams.split_streams = False  # the full multi-stream pass
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=2, stream_pass="fused")
     with pytest.raises(AssertionError):
         run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
 

@@ -1,0 +1,63 @@
+"""A draft tree's masks and positions on the device, built once per topology.
+
+A step's masks are ``[committed prefix | tree]`` columns: the prefix part is
+all ones and only the tree part depends on the topology, so it is kept here
+and joined to the prefix on the device each step.
+"""
+
+from functools import lru_cache
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .tree import ancestor_mask, stream_attention_mask, tree_depths
+
+
+class TreeLayout:
+    """One tree topology (a parent list) as host and device arrays.
+
+    Attributes:
+        parents (tuple): the parent of each node, ``-1`` for the root.
+        depth (np.ndarray): ``(T,)`` depth of each node.
+        ancestors (np.ndarray): ``(T, T)`` bool ancestor-or-self mask.
+        depth_mx, ancestors_mx, parents_mx (mx.array): the same on the device
+          (``parents_mx`` has ``0`` for the root, for gathers).
+    """
+
+    def __init__(self, parents: Sequence[int]):
+        self.parents = tuple(int(p) for p in parents)
+        self.depth = np.array(tree_depths(self.parents))
+        self.ancestors = ancestor_mask(self.parents)
+        self.depth_mx = mx.array(self.depth, dtype=mx.int32)
+        self.ancestors_mx = mx.array(self.ancestors)
+        self.parents_mx = mx.array((0,) + self.parents[1:], dtype=mx.int32)
+        self._stream_masks = {}
+
+    def __len__(self):
+        return len(self.parents)
+
+    def stream_mask(self, num_streams: int, shared: bool) -> mx.array:
+        """The multi-stream mask of this tree's rows (:func:`stream_attention_mask`)."""
+        key = (num_streams, shared)
+        if key not in self._stream_masks:
+            m = stream_attention_mask(self.ancestors, num_streams, shared)
+            self._stream_masks[key] = mx.array(m)
+        return self._stream_masks[key]
+
+
+@lru_cache(maxsize=256)
+def _layout(parents: tuple) -> TreeLayout:
+    return TreeLayout(parents)
+
+
+def layout_of(parents: Sequence[int]) -> TreeLayout:
+    """The (cached) layout of a parent list."""
+    return _layout(tuple(int(p) for p in parents))
+
+
+def with_prefix(mask: mx.array, prefix: int) -> mx.array:
+    """Prepends ``prefix`` always-visible columns (the committed cache) to ``(R, C)`` ``mask``."""
+    if prefix == 0:
+        return mask
+    return mx.concatenate([mx.ones((mask.shape[0], prefix), dtype=mx.bool_), mask], axis=1)

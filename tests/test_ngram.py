@@ -1,0 +1,198 @@
+"""Prompt-lookup drafting: the pure pieces, and lossless decoding with n-gram
+drafts alone (any model) or merged with the streams' tree, greedy and sampled."""
+
+import itertools
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model
+from test_sampling import chi_square_pvalue
+
+import mlx_specstream.decode as decode
+from mlx_specstream.ngram import ngram_draft
+from mlx_specstream.sample_utils import make_sampler
+from mlx_specstream.tree import merge_chain, static_tree, tree_depths
+
+# Repeats inside the prompt give the first step a draft already.
+PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
+
+
+@pytest.mark.parametrize(
+    "history, kwargs, want",
+    [
+        ([1, 2, 3, 1, 2], {}, [3, 1, 2]),  # bigram "1 2" seen at 0
+        ([1, 2, 3, 9, 2], {}, [3, 9, 2]),  # only the unigram "2" matches
+        ([1, 2, 3, 9, 2], dict(min_ngram=2), []),  # ... which min_ngram excludes
+        ([4, 1, 2, 5, 1, 2, 6, 1, 2], dict(max_tokens=2), [6, 1]),  # the latest match
+        ([7, 7, 7], dict(max_tokens=4), [7]),  # overlapping: "7 7" at 0, then one token
+        ([5], {}, []),
+        ([], {}, []),
+    ],
+)
+def test_ngram_draft(history, kwargs, want):
+    assert ngram_draft(history, **kwargs) == want
+
+
+def test_static_tree_golden():
+    # Rank r scores log .6 + r log .3 per level: the 7 best of the 39 non-root
+    # nodes are 0, 00, 000, 1, then 01 and 10 (-2.23), then 001 (-2.74, the
+    # earliest of three ties); rank 2 (-2.92) misses the cap.
+    t = static_tree([3, 3, 3], 3, 8)
+    assert t.parents == (-1, 0, 1, 2, 2, 1, 0, 6)
+    assert t.levels == (-1, 0, 1, 2, 2, 1, 0, 1)
+    assert t.ranks == (-1, 0, 0, 0, 1, 1, 1, 0)
+    chain = static_tree([1, 1, 1], 3, 16)
+    assert chain.parents == (-1, 0, 1, 2) and chain.ranks == (-1, 0, 0, 0)
+
+
+def test_merge_chain_golden():
+    # tree: 7 -> {1 -> {3, 4}, 2}; chain 1 4 9 shares 1 and 4
+    t = merge_chain([7, 1, 3, 4, 2], [-1, 0, 1, 1, 0], [1, 4, 9], 16)
+    assert (t.tokens, t.parents) == ([7, 1, 4, 9, 3, 2], [-1, 0, 1, 2, 1, 0])
+    t = merge_chain([7, 1, 3], [-1, 0, 1], [5, 6], 3)  # the chain fills the cap
+    assert (t.tokens, t.parents) == ([7, 5, 6], [-1, 0, 1])
+
+
+def test_merge_chain_properties():
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 12)
+        parents = [-1] + [rng.randrange(i) for i in range(1, n)]
+        # distinct sibling tokens, as drafts have
+        tokens, used = [rng.randrange(4)], {}
+        for i in range(1, n):
+            free = [t for t in range(20) if t not in used.setdefault(parents[i], set())]
+            tokens.append(rng.choice(free))
+            used[parents[i]].add(tokens[-1])
+        chain = [rng.randrange(20) for _ in range(rng.randint(0, 6))]
+        cap = rng.randint(1, 16)
+        t = merge_chain(tokens, parents, chain, cap)
+        assert len(t.tokens) <= max(cap, 1) and t.parents[0] == -1
+        assert all(0 <= p < i for i, p in enumerate(t.parents) if i)
+        kids = {}
+        for i, p in enumerate(t.parents[1:], 1):
+            assert t.tokens[i] not in kids.setdefault(p, set()), "siblings must differ"
+            kids[p].add(t.tokens[i])
+        # the chain's first min(len, cap - 1) tokens are the path 0, 1, 2, ...
+        m = min(len(chain), cap - 1)
+        assert t.tokens[1 : m + 1] == chain[:m]
+        assert t.parents[1 : m + 1] == list(range(m))
+
+
+# ---- lossless decoding ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma2"])
+def test_ngram_on_a_model_without_streams_equals_plain(arch):
+    """draft='ngram' needs nothing of the model: a plain mlx-lm model decodes
+    exactly as mlx-lm's greedy, and drafts are accepted."""
+    model = tiny_model(arch, vocab_size=8)
+    want = plain_greedy(model, PROMPT, 48)
+    got, records = spec_tokens(model, PROMPT, 48, draft="ngram", num_draft_tokens=6)
+    assert got == want
+    assert sum(r[2] for r in records) > 5, "no n-gram draft accepted: the test has no power"
+    assert records[-1][3] < len(got)
+
+
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
+@pytest.mark.parametrize("arch", ["llama", "starcoder2"])
+def test_streams_plus_ngram_equals_plain(arch, stream_pass):
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2, stream_pass=stream_pass)
+    want = plain_greedy(model, PROMPT, 48)
+    got, records = spec_tokens(model, PROMPT, 48, draft="streams+ngram", max_tree_nodes=10)
+    assert got == want
+    assert sum(r[2] for r in records) > 5
+
+
+def test_ngram_with_a_drafter_model_and_shared_mode():
+    """Prompt lookup alone on a Medusa model, and streams + n-gram in shared mode."""
+    from mlx_specstream import DrafterConfig, attach_drafter
+
+    model = tiny_model("qwen2", vocab_size=8)
+    attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2))
+    assert spec_tokens(model, PROMPT, 40, draft="ngram")[0] == plain_greedy(model, PROMPT, 40)
+    with pytest.raises(ValueError, match="streams\\+ngram.*not a drafter"):
+        spec_tokens(model, PROMPT, 4, draft="streams+ngram")
+    shared = tiny_spec_model("llama", vocab_size=8, mode="shared", num_streams=2, top_k=2)
+    want = spec_tokens(shared, PROMPT, 40, speculative=False)[0]
+    assert spec_tokens(shared, PROMPT, 40, draft="streams+ngram")[0] == want
+
+
+def lenient_accept(tokens, parents, ancestors, targets):
+    """A verifier that accepts the root's first child unchecked."""
+    first = tokens[1] if tokens.shape[0] > 1 else targets[0]
+    targets = mx.where(mx.arange(targets.shape[0]) == 0, first, targets)
+    return real_accept(tokens, parents, ancestors, targets)
+
+
+real_accept = decode.accept
+
+
+def test_negative_control_unchecked_ngram_draft(monkeypatch):
+    monkeypatch.setattr(decode, "accept", lenient_accept)
+    model = tiny_model("llama", vocab_size=8)
+    got, _ = spec_tokens(model, PROMPT, 48, draft="ngram")
+    assert got != plain_greedy(model, PROMPT, 48)
+
+
+def test_bad_draft_values():
+    model = tiny_model("llama", vocab_size=8)
+    with pytest.raises(ValueError, match="draft='bigram'"):
+        spec_tokens(model, PROMPT, 4, draft="bigram")
+    with pytest.raises(ValueError, match="num_draft_tokens=0"):
+        spec_tokens(model, PROMPT, 4, draft="ngram", num_draft_tokens=0)
+
+
+# ---- sampling keeps the distribution ---------------------------------------------
+
+V, N_TOKENS, SAMPLE_PROMPT, N_SAMPLES = 6, 3, [1, 4, 2, 5, 1, 4], 2500
+
+
+@pytest.fixture(scope="module")
+def small():
+    return tiny_spec_model(
+        "llama", vocab_size=V, num_streams=2, num_stream_layers=1, top_k=2, weight_scale=1.0,
+        model_args=dict(hidden_size=32, intermediate_size=64),
+    )  # fmt: skip
+
+
+def exact_distribution(model, sampler):
+    seqs = list(itertools.product(range(V), repeat=N_TOKENS))
+    ids = mx.array([SAMPLE_PROMPT + list(s[:-1]) for s in seqs])
+    logits = model(ids)[:, len(SAMPLE_PROMPT) - 1 :].astype(mx.float32)
+    probs = np.array(sampler.probs(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+    return {
+        s: float(np.prod([probs[i, t, tok] for t, tok in enumerate(s)]))
+        for i, s in enumerate(seqs)
+    }
+
+
+def ngram_pvalue(model, sampler, **kwargs):
+    counts, drafted = {}, 0
+    for i in range(N_SAMPLES):
+        mx.random.seed(i)
+        out = list(
+            decode.spec_generate_step(
+                mx.array(SAMPLE_PROMPT), model, max_tokens=N_TOKENS, sampler=sampler, **kwargs
+            )
+        )
+        counts[tuple(o[0] for o in out)] = counts.get(tuple(o[0] for o in out), 0) + 1
+        drafted += sum(o[2] for o in out)
+    assert drafted > N_SAMPLES // 10, "drafts were rarely accepted: the test has no power"
+    return chi_square_pvalue(counts, exact_distribution(model, sampler), N_SAMPLES)
+
+
+@pytest.mark.parametrize(
+    "draft, temp", [("ngram", 1.0), ("streams+ngram", 0.7)], ids=["ngram-T1", "both-T0.7"]
+)
+def test_ngram_sampling_matches_plain_distribution(small, draft, temp):
+    p = ngram_pvalue(small, make_sampler(temp=temp), draft=draft)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def test_negative_control_unchecked_ngram_draft_is_rejected(small, monkeypatch):
+    monkeypatch.setattr(decode, "accept", lenient_accept)
+    p = ngram_pvalue(small, make_sampler(temp=1.0), draft="ngram")
+    assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
