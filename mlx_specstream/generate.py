@@ -8,14 +8,14 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Generator, List, Union
+from typing import Generator, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, wired_limit, generation_stream
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .decode import ACCEPTANCE, spec_generate_step
+from .decode import ACCEPTANCE, DRAFTS, spec_generate_step
 from .sample_utils import make_sampler
 
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -35,6 +35,44 @@ class SpecGenerationResponse(GenerationResponse):
     forward_passes: int = 0
 
 
+@dataclass
+class SpeculativeUsage:
+    """What speculation did in one generation, from its responses.
+
+    * ``forward_passes``: decode passes, each verifying one draft tree (or
+      feeding one token without speculation). The first one is included: it
+      runs on the prompt's last token and yields the first token. The prefill
+      chunks over the other prompt tokens are not counted.
+    * ``accepted_draft_tokens``: generated tokens that came from an accepted
+      draft (``from_draft``); the others are the correction or bonus token of
+      each pass.
+    * ``tokens_per_pass``: generated tokens / forward passes (τ).
+
+    Generated tokens include the last one (an EOS token too), as
+    ``generation_tokens`` counts them.
+    """
+
+    generated_tokens: int = 0
+    forward_passes: int = 0
+    accepted_draft_tokens: int = 0
+
+    def add(self, response: "SpecGenerationResponse") -> None:
+        self.generated_tokens = response.generation_tokens
+        self.forward_passes = getattr(response, "forward_passes", response.generation_tokens)
+        self.accepted_draft_tokens += bool(response.from_draft)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.generated_tokens / max(self.forward_passes, 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "forward_passes": self.forward_passes,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
+            "tokens_per_pass": round(self.tokens_per_pass, 4),
+        }
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer,
@@ -43,6 +81,7 @@ def stream_generate(
     sampler=None,
     logits_processors=None,
     speculative: bool = True,
+    draft: Optional[str] = None,
     **kwargs,
 ) -> Generator[SpecGenerationResponse, None, None]:
     """Generates text from ``prompt`` with Speculative Streaming, streaming responses.
@@ -59,6 +98,9 @@ def stream_generate(
         logits_processors (list, optional): mlx-lm logits processors.
         speculative (bool): ``False`` decodes one token per forward pass.
           Default: ``True``.
+        draft (str, optional): ``"ngram"`` (prompt lookup, any model) or
+          ``"streams+ngram"``; ``None``: the model's own drafts. Passed on only
+          when set.
         kwargs: passed to :func:`mlx_specstream.decode.spec_generate_step`
           (``prompt_cache``, ``prefill_step_size``, ``tree_top_k``,
           ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``).
@@ -88,6 +130,8 @@ def stream_generate(
         prompt = mx.array(prompt, dtype=mx.int32)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
+    if draft is not None:
+        kwargs["draft"] = draft
     tokens = spec_generate_step(
         prompt,
         model,
@@ -113,19 +157,24 @@ def stream_generate(
             forward_passes=passes,
         )
 
+    # ``tokens`` is closed explicitly, also when this generator is closed early
+    # (a stop string, a client hanging up), so the prompt cache is rewound
+    # before the caller goes on, not whenever the generator is collected.
     with wired_limit(model, [generation_stream]):
-        tic = time.perf_counter()
-        for n, (token, logprobs, from_draft, passes) in enumerate(tokens):
-            if n == 0:
-                prompt_tps = prompt.size / (time.perf_counter() - tic)
-                tic = time.perf_counter()
-            if token in tokenizer.eos_token_ids:
-                break
-            detokenizer.add_token(token)
-            if (n + 1) == max_tokens:
-                break
-            yield response(token, logprobs, from_draft, passes, n, None)
-        tokens.close()
+        try:
+            tic = time.perf_counter()
+            for n, (token, logprobs, from_draft, passes) in enumerate(tokens):
+                if n == 0:
+                    prompt_tps = prompt.size / (time.perf_counter() - tic)
+                    tic = time.perf_counter()
+                if token in tokenizer.eos_token_ids:
+                    break
+                detokenizer.add_token(token)
+                if (n + 1) == max_tokens:
+                    break
+                yield response(token, logprobs, from_draft, passes, n, None)
+        finally:
+            tokens.close()
         detokenizer.finalize()
         finish = "stop" if token in tokenizer.eos_token_ids else "length"
         yield response(token, logprobs, from_draft, passes, n, finish)
@@ -162,27 +211,33 @@ def generate(
         print("=" * 10)
     text = ""
     response = None
+    usage = SpeculativeUsage()
     for response in stream_generate(model, tokenizer, prompt, **kwargs):
         if verbose:
             print(response.text, end="", flush=True)
         text += response.text
+        usage.add(response)
     if verbose:
         print()
         print("=" * 10)
-        print_stats(response)
+        print_stats(response, usage)
     return text
 
 
-def print_stats(response: SpecGenerationResponse):
-    """Prints the figures that matter for one finished generation."""
+def print_stats(response: SpecGenerationResponse, usage: Optional[SpeculativeUsage] = None):
+    """Prints the figures that matter for one finished generation: the same
+    ones as the server's ``usage`` (see :class:`SpeculativeUsage`)."""
     print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
     print(
         f"Generation: {response.generation_tokens} tokens, "
         f"{response.generation_tps:.3f} tokens-per-sec"
     )
+    if usage is None:
+        usage = SpeculativeUsage(response.generation_tokens, response.forward_passes)
     print(
-        f"Forward passes: {response.forward_passes}, "
-        f"{response.generation_tokens / max(response.forward_passes, 1):.2f} tokens per forward pass"
+        f"Forward passes: {usage.forward_passes} (decode; prefill not counted), "
+        f"accepted draft tokens: {usage.accepted_draft_tokens}, "
+        f"{usage.tokens_per_pass:.2f} tokens per forward pass"
     )
     print(f"Peak memory: {response.peak_memory:.3f} GB")
 
@@ -226,6 +281,13 @@ def setup_arg_parser():
         default=None,
         help="How drafts are verified when sampling; both are lossless (default: rejection)",
     )
+    parser.add_argument(
+        "--draft",
+        choices=DRAFTS,
+        default=None,
+        help="Prompt-lookup drafting: 'ngram' (any model) or 'streams+ngram' (merged with the "
+        "streams' tree). Default: the model's own drafts.",
+    )
     return parser
 
 
@@ -237,11 +299,16 @@ def main(argv=None):
         mx.random.seed(args.seed)
     model, tokenizer = load(args.model, drafter=args.drafter)
     config = model.speculative_streams.config
-    if config.tree_depth == 0 and args.tree_depth is None and not args.no_speculation:
+    if (
+        config.tree_depth == 0
+        and args.tree_depth is None
+        and args.draft is None
+        and not args.no_speculation
+    ):
         print(
             "[INFO] This model's config turns speculation off (tree_depth = 0, chosen by "
             "mlx_specstream.tune because it did not pay on the tuned device): decoding one "
-            "token per pass. Pass --tree-depth to override."
+            "token per pass. Pass --tree-depth or --draft ngram to override."
         )
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
@@ -270,6 +337,7 @@ def main(argv=None):
         prune_threshold=args.prune_threshold,
         max_tree_nodes=args.max_tree_nodes,
         acceptance=args.acceptance,
+        draft=args.draft,
     )
 
 
