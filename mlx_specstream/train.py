@@ -1,0 +1,641 @@
+"""Trains lossless-mode speculative streams for an mlx-lm model, in MLX.
+
+``python -m mlx_specstream.train --model MODEL --data DATA --out OUT [--self-distill]``
+
+The base model is frozen: only the stream embeddings, the early-exit pruning
+adapter and the stream-only LoRA are trained (``mlx.optimizers.AdamW``), so
+the main stream stays the base model bit for bit and decoding with the result
+is lossless. The recipe is ``convert.finetune --mode lossless``'s, in MLX:
+
+* loss: ``sum_j alpha_j * CE(stream j at position t -> token t + j + 1)`` over
+  the positions from the last prompt token on, ``alpha_j`` =
+  ``--stream-loss-weight`` (0.1, paper Eq. 5 with ``alpha_0 = 0``), plus the
+  next-token loss of the pruning adapter at layer ``N - N_s`` on detached
+  states (so it trains the adapter alone);
+* a linear learning-rate decay to 0, gradients clipped to norm 1, no weight
+  decay (transformers' Trainer defaults);
+* ``--self-distill``: completions replaced by the base model's own greedy
+  continuations, generated in batches.
+
+Each step runs the model's multi-stream pass (``StreamRuntime.forward``) over
+every training window as a chain tree: the main rows are causal and never
+read the stream rows, stream ``j`` of position ``t`` reads the main rows up
+to ``t`` and streams ``1..j`` of ``t``. Stream logits come from the model's
+own final norm and head.
+
+``OUT`` must not exist; while training it holds ``OUT/training`` (settings,
+the self-distilled data, the newest checkpoint), which ``--resume`` continues
+from. At the end ``OUT`` becomes a model directory that
+``mlx_specstream.load`` runs, ``OUT/training`` is removed, and the draft tree
+is tuned for this device (``--no-tune`` skips it).
+"""
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import CONFIG_KEY, DRAFTER_KEY, SpecStreamConfig
+from .streams import attach_streams, check_supported, get_runtime
+from .train_data import Example, load_examples, self_distill, subset
+
+TRAINING_DIR = "training"
+SETTINGS_FILE = "settings.json"
+CHECKPOINT_DIR = "checkpoint"
+# Flags that change what a run computes: --resume refuses a checkpoint made
+# with other values (the rest, e.g. --steps-per-report, may change freely).
+RESUME_KEYS = (
+    "model", "data", "iters", "batch_size", "learning_rate", "num_streams", "num_stream_layers",
+    "stream_lora_rank", "stream_lora_alpha", "stream_loss_weight", "self_distill",
+    "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip",
+)  # fmt: skip
+
+
+# ---- the streams to train --------------------------------------------------------------
+
+
+def attach_for_training(model, config: SpecStreamConfig, seed: int, source: str = "the model"):
+    """Attaches fresh streams to ``model`` initialised as ``convert.finetune``
+    initialises them: stream embeddings ``N(0, 0.02)``, LoRA ``B = 0`` (each
+    adapter starts as a no-op) and the pruning adapter's up-projection 0 (it
+    starts as the identity).
+
+    Raises:
+        ValueError: naming ``source`` when the model cannot run streams (no
+          plain KV cache in every layer, no RoPE, too few layers).
+    """
+    if config.mode != "lossless":
+        raise ValueError("mlx_specstream.train trains lossless-mode streams only.")
+    try:
+        check_supported(model, config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+    streams = attach_streams(model, config, seed=seed)
+    zeros = [
+        (name, mx.zeros_like(p))
+        for name, p in tree_flatten(streams.parameters())
+        if name.endswith(".lora_b") or name == "prune_adapter.up.weight"
+    ]
+    streams.update(tree_unflatten(zeros))
+    mx.eval(streams.parameters())
+    return streams
+
+
+class _StreamLayerInput:
+    """Keeps the main states entering layer ``N - N_s`` during a pass (the
+    pruning adapter's input), by wrapping that layer's call."""
+
+    def __init__(self, layer):
+        self.active = False
+        self.value = None
+        holder, base = self, type(layer)
+
+        def __call__(self, x, *args, **kwargs):
+            if holder.active:
+                holder.value = x
+            return base.__call__(self, x, *args, **kwargs)
+
+        layer.__class__ = type(base.__name__, (base,), {"__call__": __call__})
+
+
+def chain_parents(length: int) -> List[int]:
+    """A chain tree over ``length`` tokens: each node's parent is the one before."""
+    return [-1] + list(range(length - 1))
+
+
+class StreamLoss:
+    """The lossless-mode loss of ``convert.finetune`` on one model with streams.
+
+    Args:
+        model: a model with streams attached (:func:`attach_for_training`).
+        stream_weight (float): ``alpha_j``, the same for every stream.
+    """
+
+    def __init__(self, model, stream_weight: float = 0.1):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.model = model
+        self.rt = get_runtime(model)
+        self.stream_weight = stream_weight
+        self.gamma = self.rt.config.num_streams
+        self._make_cache = lambda: make_prompt_cache(model)
+        self._layer_input = _StreamLayerInput(model.layers[self.rt.first_top])
+
+    def outputs(self, ids: mx.array):
+        """Stream logits ``(T, gamma, V)`` of one window and the layer-``N - N_s``
+        main states ``(T, D)`` (the pruning adapter's input)."""
+        T = ids.shape[0]
+        self._layer_input.active = True
+        try:
+            out = self.rt.forward(ids, chain_parents(T), self._make_cache(), all_streams=True)
+        finally:
+            self._layer_input.active = False
+        hidden = out.stream_hidden.reshape(1, T * self.gamma, -1)
+        logits = self.rt.head(hidden)[0].reshape(T, self.gamma, -1)
+        return logits, self._layer_input.value[0]
+
+    def early_logits(self, states: mx.array) -> mx.array:
+        """Early-exit logits of the pruning adapter on detached states."""
+        adapter = self.rt.streams.prune_adapter
+        return self.rt.head(adapter(mx.stop_gradient(states))[None])[0]
+
+    def __call__(self, batch: List[Example]):
+        """``(loss, metrics)`` of a batch: metrics hold per-stream (and early-exit)
+        top-1 hits and counts, as device scalars."""
+        g = self.gamma
+        ce_sum = [0.0] * g
+        hits = [0.0] * g
+        counts = [0] * g
+        early_sum, early_hits, early_count = 0.0, 0.0, 0
+        has_adapter = "prune_adapter" in self.rt.streams
+        for ex in batch:
+            ids = mx.array(ex["input_ids"], dtype=mx.int32)
+            T, p = ids.shape[0], int(ex["prompt_len"])
+            logits, states = self.outputs(ids)
+            for j in range(g):
+                shift = j + 2  # stream j+1 at position t predicts token t + j + 2
+                lo, hi = p - 1, T - shift
+                if hi <= lo:
+                    continue
+                z = logits[lo:hi, j].astype(mx.float32)
+                y = ids[lo + shift :]
+                ce_sum[j] = ce_sum[j] + nn.losses.cross_entropy(z, y, reduction="sum")
+                hits[j] = hits[j] + (mx.argmax(z, axis=-1) == y).sum()
+                counts[j] += hi - lo
+            if has_adapter and T > 1:
+                z = self.early_logits(states[:-1]).astype(mx.float32)
+                y = ids[1:]
+                early_sum = early_sum + nn.losses.cross_entropy(z, y, reduction="sum")
+                early_hits = early_hits + (mx.argmax(z, axis=-1) == y).sum()
+                early_count += T - 1
+        loss = mx.array(0.0)
+        for j in range(g):
+            if counts[j]:
+                loss = loss + self.stream_weight * ce_sum[j] / counts[j]
+        if early_count:
+            loss = loss + early_sum / early_count
+        metrics = {
+            "hits": [mx.array(h) for h in hits],
+            "counts": counts,
+            "early_hits": mx.array(early_hits),
+            "early_count": early_count,
+        }
+        return loss, metrics
+
+
+# ---- batches, optimizer, checkpoints -------------------------------------------------------
+
+
+def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> List[int]:
+    """The examples of step ``step``: consecutive slices of a seeded shuffle per
+    epoch, so a resumed run draws exactly the batches the first run would have."""
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(k, num_examples)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(num_examples)[i]))
+    return out
+
+
+def make_optimizer(learning_rate: float, iters: int):
+    """AdamW with a linear decay to 0 over ``iters`` steps and no weight decay
+    (transformers' Trainer defaults, as ``convert.finetune`` uses them)."""
+    schedule = optim.linear_schedule(learning_rate, 0.0, max(iters, 1))
+    return optim.AdamW(learning_rate=schedule, weight_decay=0.0)
+
+
+def make_step(loss: StreamLoss, trainable: nn.Module, optimizer, grad_clip: float = 1.0):
+    """One optimizer step on ``trainable``'s parameters (the streams: the base
+    model is not among them, so it gets no gradient and never changes)."""
+    value_and_grad = nn.value_and_grad(trainable, loss)
+
+    def step(batch):
+        (value, metrics), grads = value_and_grad(batch)
+        if grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(trainable, grads)
+        mx.eval(trainable.parameters(), optimizer.state, value, metrics["hits"])
+        return value, metrics
+
+    return step
+
+
+def save_checkpoint(training_dir: Path, step: int, streams: nn.Module, optimizer):
+    """Writes ``training_dir/checkpoint`` (streams, optimizer state, step),
+    replacing the previous one only once the new one is complete."""
+    final = training_dir / CHECKPOINT_DIR
+    tmp = training_dir / (CHECKPOINT_DIR + ".tmp")
+    old = training_dir / (CHECKPOINT_DIR + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "streams.safetensors"), dict(tree_flatten(streams.parameters())))
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(training_dir: Path, streams: nn.Module, optimizer) -> int:
+    """Restores the newest checkpoint; returns its step (0 without one)."""
+    final = training_dir / CHECKPOINT_DIR
+    if not final.exists() and (training_dir / (CHECKPOINT_DIR + ".old")).exists():
+        final = training_dir / (CHECKPOINT_DIR + ".old")  # interrupted while replacing it
+    if not (final / "state.json").exists():
+        return 0
+    streams.load_weights(str(final / "streams.safetensors"), strict=True)
+    optimizer.state = tree_unflatten(list(mx.load(str(final / "optimizer.safetensors")).items()))
+    mx.eval(streams.parameters(), optimizer.state)
+    return int(json.loads((final / "state.json").read_text())["step"])
+
+
+# ---- metrics ----------------------------------------------------------------------
+
+
+@dataclass
+class Accuracy:
+    """Running top-1 hits and counts per stream (and of the early exit)."""
+
+    gamma: int
+    hits: List[float] = field(default_factory=list)
+    counts: List[int] = field(default_factory=list)
+    early_hits: float = 0.0
+    early_count: int = 0
+
+    def __post_init__(self):
+        self.hits = self.hits or [0.0] * self.gamma
+        self.counts = self.counts or [0] * self.gamma
+
+    def add(self, metrics):
+        for j in range(self.gamma):
+            self.hits[j] += float(metrics["hits"][j].item())
+            self.counts[j] += metrics["counts"][j]
+        self.early_hits += float(metrics["early_hits"].item())
+        self.early_count += metrics["early_count"]
+
+    def top1(self) -> List[float]:
+        return [h / c if c else 0.0 for h, c in zip(self.hits, self.counts)]
+
+    def early_top1(self) -> float:
+        return self.early_hits / self.early_count if self.early_count else 0.0
+
+    def text(self) -> str:
+        streams = "/".join(f"{a:.3f}" for a in self.top1())
+        return f"stream top-1 {streams}, early exit {self.early_top1():.3f}"
+
+
+def evaluate(loss: StreamLoss, examples: List[Example], batch_size: int = 8):
+    """Mean loss and per-stream top-1 accuracy on ``examples`` (no training)."""
+    acc, total, batches = Accuracy(loss.gamma), 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        value, metrics = loss(examples[i : i + batch_size])
+        mx.eval(value, metrics["hits"])
+        acc.add(metrics)
+        total, batches = total + value.item(), batches + 1
+    return total / max(batches, 1), acc
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_streams` did."""
+
+    steps: int
+    accuracy: Accuracy  # over the last reporting window
+    losses: List[float]
+
+
+def train_streams(
+    model,
+    examples: List[Example],
+    iters: int,
+    batch_size: int = 8,
+    learning_rate: float = 5e-4,
+    stream_weight: float = 0.1,
+    seed: int = 0,
+    grad_clip: float = 1.0,
+    training_dir: Optional[Path] = None,
+    save_every: int = 100,
+    steps_per_report: int = 10,
+    trainable: Optional[nn.Module] = None,
+    on_step: Optional[Callable[[int, float, Dict], None]] = None,
+    log=print,
+) -> TrainResult:
+    """Trains the streams of ``model`` (attached with :func:`attach_for_training`).
+
+    Args:
+        model: the model with streams.
+        examples: ``{"input_ids", "prompt_len"}`` training examples.
+        iters (int): optimizer steps in all (a resumed run counts the steps
+          already done).
+        batch_size, learning_rate, stream_weight, seed, grad_clip: the recipe.
+        training_dir (Path, optional): where checkpoints go every
+          ``save_every`` steps and at the end, and where a run resumes from.
+        steps_per_report (int): steps between logged lines.
+        trainable (nn.Module, optional): the parameters to train. Default: the
+          streams (``model.speculative_streams.streams``). Anything else is for
+          tests: passing a module that holds the base as well trains the base.
+        on_step (callable, optional): called as ``on_step(step, loss, metrics)``
+          after every step.
+        log (callable): receives the report lines.
+
+    Returns:
+        TrainResult: the steps done, accuracy over the last report window and
+        every step's loss.
+    """
+    from tqdm import tqdm
+
+    streams = get_runtime(model).streams
+    trainable = streams if trainable is None else trainable
+    loss = StreamLoss(model, stream_weight)
+    optimizer = make_optimizer(learning_rate, iters)
+    start = load_checkpoint(training_dir, streams, optimizer) if training_dir else 0
+    if start:
+        log(f"[INFO] resuming from step {start} ({training_dir / CHECKPOINT_DIR})")
+    step_fn = make_step(loss, trainable, optimizer, grad_clip)
+    window, reported, losses = Accuracy(loss.gamma), None, []
+    bar = tqdm(total=iters, initial=start, desc="training streams", unit="step")
+    tic = time.perf_counter()
+    for step in range(start, iters):
+        batch = [examples[i] for i in batch_indices(step, len(examples), batch_size, seed)]
+        value, metrics = step_fn(batch)
+        losses.append(value.item())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"step {step + 1}: the loss is {losses[-1]}")
+        window.add(metrics)
+        bar.update(1)
+        top1 = "/".join(f"{a:.2f}" for a in window.top1())
+        bar.set_postfix_str(f"loss {losses[-1]:.3f}, top-1 {top1}", refresh=False)
+        done = step + 1
+        if on_step is not None:
+            on_step(done, losses[-1], metrics)
+        if training_dir and (done % save_every == 0 or done == iters):
+            save_checkpoint(training_dir, done, streams, optimizer)
+        if done % steps_per_report == 0 or done == iters:
+            rate = (done - start) / (time.perf_counter() - tic)
+            bar.write(
+                f"Iter {done}: loss {np.mean(losses[-steps_per_report:]):.3f}, "
+                f"{window.text()}, {rate:.2f} steps/s"
+            )
+            reported, window = window, Accuracy(loss.gamma)
+    bar.close()
+    return TrainResult(steps=iters, accuracy=reported or window, losses=losses)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(
+        description="Train lossless-mode speculative streams for an mlx-lm model (base frozen)."
+    )
+    p.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="JSONL files ('text', 'prompt'/'completion' or 'messages'), an mlx_lm.lora data "
+        "directory (train.jsonl, valid.jsonl), or directories of text/code files",
+    )
+    p.add_argument("--out", required=True, help="New model directory (must not exist)")
+    p.add_argument("--iters", type=int, default=1000, help="Training steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--num-streams", type=int, default=3, help="gamma")
+    p.add_argument("--num-stream-layers", type=int, default=4, help="N_s")
+    p.add_argument("--stream-lora-rank", type=int, default=16, help="0: no stream-only LoRA")
+    p.add_argument("--stream-lora-alpha", type=float, default=32.0)
+    p.add_argument("--stream-loss-weight", type=float, default=0.1, help="alpha_j")
+    p.add_argument(
+        "--self-distill",
+        action="store_true",
+        help="Train on the base model's own greedy continuations (recommended)",
+    )
+    p.add_argument("--distill-batch-size", type=int, default=32)
+    p.add_argument("--max-seq-length", type=int, default=256)
+    p.add_argument(
+        "--window-prompt", type=int, default=32, help="Prompt tokens of each text window"
+    )
+    p.add_argument("--max-examples", type=int, default=None, help="A seeded random subset")
+    p.add_argument("--top-k", type=int, default=3, help="Draft width stored in the config")
+    p.add_argument("--max-tree-nodes", type=int, default=16)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="Gradient norm clip (0: off)")
+    p.add_argument("--steps-per-report", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=100, help="Steps between checkpoints")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Continue the training checkpointed in --out (starts afresh if --out does not exist)",
+    )
+    p.add_argument("--no-tune", action="store_true", help="Do not tune the draft tree at the end")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _settings(args) -> dict:
+    return {k: getattr(args, k) for k in RESUME_KEYS}
+
+
+def check_out(args) -> bool:
+    """Checks that ``--out`` may be written: it must not exist, unless this is
+    ``--resume`` of its own unfinished training with the same flags. Returns
+    whether there is a training state to resume.
+
+    Raises:
+        FileExistsError: ``OUT`` exists and this is not a resume of its own
+          unfinished training.
+        ValueError: ``--resume`` with flags that differ from the checkpoint's.
+    """
+    out = Path(args.out)
+    training = out / TRAINING_DIR
+    settings_file = training / SETTINGS_FILE
+    if out.exists():
+        if not args.resume:
+            raise FileExistsError(
+                f"{out} already exists; refusing to overwrite it (pass --resume to continue "
+                "the training checkpointed in it)."
+            )
+        if (out / "config.json").exists():
+            raise FileExistsError(f"{out} already holds a trained model; refusing to overwrite it.")
+        if not settings_file.exists():
+            raise FileExistsError(
+                f"{out} exists but holds no training checkpoint ({settings_file}); refusing to "
+                "overwrite it."
+            )
+        saved, now = json.loads(settings_file.read_text()), _settings(args)
+        for key in RESUME_KEYS:
+            if saved.get(key) != now[key]:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(
+                    f"--resume: {settings_file} was written with {flag} {saved.get(key)!r}, "
+                    f"not {now[key]!r}; resume with the same flags."
+                )
+        return True
+    return False
+
+
+def create_training_dir(args) -> Path:
+    """``OUT/training`` with the run's settings (kept as they are on resume)."""
+    training = Path(args.out) / TRAINING_DIR
+    if not (training / SETTINGS_FILE).exists():
+        training.mkdir(parents=True)
+        (training / SETTINGS_FILE).write_text(json.dumps(_settings(args), indent=2))
+    return training
+
+
+def _write_jsonl(path: Path, examples: List[Example]):
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for ex in examples:
+            f.write(json.dumps(ex) + "\n")
+    tmp.replace(path)
+
+
+def _read_jsonl(path: Path) -> List[Example]:
+    return [json.loads(line) for line in open(path)]
+
+
+def read_data(args, tokenizer):
+    """Training and held-out examples from ``--data`` (before self-distillation).
+
+    Raises:
+        FileNotFoundError, DataError: bad input, named (nothing is written yet).
+    """
+    train, valid, skipped = load_examples(
+        args.data, tokenizer, args.max_seq_length, args.window_prompt
+    )
+    if skipped:
+        print(
+            f"[WARN] {len(skipped)} text(s) shorter than one window were skipped, e.g. "
+            f"{skipped[0][0]} ({skipped[0][1]} tokens)"
+        )
+    return subset(train, args.max_examples, args.seed), valid
+
+
+def prepare_data(args, model, tokenizer):
+    """The (self-distilled) training and held-out examples. They are kept in
+    ``OUT/training``, so a resumed run reads them back instead of generating
+    them again; ``OUT/training`` is created only once ``--data`` has been read."""
+    training = Path(args.out) / TRAINING_DIR
+    train_file, valid_file = training / "train.jsonl", training / "valid.jsonl"
+    if train_file.exists():
+        return _read_jsonl(train_file), _read_jsonl(valid_file) if valid_file.exists() else []
+    train, valid = read_data(args, tokenizer)
+    create_training_dir(args)
+    if args.self_distill:
+        train = self_distill(model, tokenizer, train, args.distill_batch_size)
+        if valid:
+            valid = self_distill(
+                model, tokenizer, valid, args.distill_batch_size, desc="self-distillation (valid)"
+            )
+    if valid:
+        _write_jsonl(valid_file, valid)
+    _write_jsonl(train_file, train)
+    return train, valid
+
+
+def base_config(model_path: Path) -> dict:
+    """The base model's ``config.json`` without any drafting section."""
+    config = json.loads((model_path / "config.json").read_text())
+    config.pop(CONFIG_KEY, None)
+    config.pop(DRAFTER_KEY, None)
+    return config
+
+
+def write_model(out: Path, model, tokenizer, config: dict, prompts: List[str]):
+    """Writes the model directory into ``out`` (which holds the training state):
+    saved next to it with :func:`mlx_specstream.save`, then moved in,
+    ``config.json`` last, and the training state removed."""
+    from .utils import save
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        prompts_file = staging / "prompts.jsonl"
+        prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        saved = save(staging / "model", model, tokenizer, config, extra_files=[prompts_file])
+        names = sorted(p.name for p in saved.iterdir())
+        for name in [n for n in names if n != "config.json"] + ["config.json"]:
+            (saved / name).replace(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out / TRAINING_DIR, ignore_errors=True)
+
+
+def prompt_ids(examples: List[Example], n: int) -> List[List[int]]:
+    """The prompts of the first ``n`` examples with a prompt of 2 tokens or more."""
+    out = [ex["input_ids"][: ex["prompt_len"]] for ex in examples if ex["prompt_len"] >= 2]
+    return out[:n]
+
+
+def main(argv=None):
+    import mlx_lm
+
+    from .tune import save_choice, tune
+    from .utils import load, resolve_model_path
+
+    args = setup_arg_parser().parse_args(argv)
+    model_path = resolve_model_path(args.model)
+    spec = SpecStreamConfig(
+        num_streams=args.num_streams,
+        num_stream_layers=args.num_stream_layers,
+        top_k=args.top_k,
+        max_tree_nodes=args.max_tree_nodes,
+        mode="lossless",
+        stream_lora_rank=args.stream_lora_rank,
+        stream_lora_alpha=args.stream_lora_alpha,
+    )
+    out = Path(args.out)
+    check_out(args)
+    model, tokenizer = mlx_lm.load(str(model_path))
+    attach_for_training(model, spec, args.seed, source=f"--model {model_path}")
+    train, valid = prepare_data(args, model, tokenizer)
+    training = out / TRAINING_DIR
+    trainable = sum(p.size for _, p in tree_flatten(get_runtime(model).streams.parameters()))
+    print(f"[INFO] {len(train)} training examples, {len(valid)} held out; "
+          f"{trainable:,} trainable parameters; the base is frozen")  # fmt: skip
+    result = train_streams(
+        model,
+        train,
+        args.iters,
+        args.batch_size,
+        args.learning_rate,
+        args.stream_loss_weight,
+        args.seed,
+        args.grad_clip,
+        training,
+        args.save_every,
+        args.steps_per_report,
+    )
+    print(f"[INFO] training: {result.accuracy.text()} (last {args.steps_per_report} steps)")
+    if valid:
+        val_loss, acc = evaluate(StreamLoss(model, args.stream_loss_weight), valid)
+        print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
+    prompts = prompt_ids(valid or train, 3)
+    write_model(
+        out, model, tokenizer, base_config(model_path), [tokenizer.decode(p) for p in prompts]
+    )
+    print(f"[INFO] wrote {out}")
+    model, tokenizer = load(str(out))
+    if args.no_tune or not prompts:
+        print(f"[INFO] not tuned; run python -m mlx_specstream.tune --model {out} --save")
+        return
+    choice, _, _ = tune(model, tokenizer, prompts, max_tokens=64)
+    section = save_choice(out, choice)
+    print(f"[INFO] tuned the draft tree for this device: {json.dumps(section)}")
+
+
+if __name__ == "__main__":
+    main()
