@@ -6,15 +6,35 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``"stream": true`` for server-sent events) and ``GET /v1/models``. Request
 fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``, ``seed``,
-``logit_bias``, ``repetition_penalty``, ``repetition_context_size``, plus our
-``speculative`` (bool) and ``acceptance``. Speculative decoding is batch-1:
-requests are served one at a time, in arrival order, each with its own
-cache. Bad requests get a 4xx JSON error that names the field at fault. The
-server binds to localhost unless told otherwise.
+``logit_bias``, ``repetition_penalty``, ``repetition_context_size``,
+``role_mapping``, ``stream_options``, plus our ``speculative`` (bool),
+``acceptance`` and ``draft``. Fields we do not support (tools,
+``response_format``, logprobs, ``n`` > 1, ...) are refused with a 400 that
+names them.
+
+Chat works on every model: with a chat template it is applied; without one the
+messages are joined as ``mlx_lm.server`` joins them (:func:`join_messages`).
+
+Speculative decoding is batch-1: requests are served one at a time, in arrival
+order. As in ``mlx_lm.server``, the KV caches of finished requests are kept in
+an LRU (:class:`~mlx_specstream.prompt_cache.PromptCacheLRU`, bounded by
+``--prompt-cache-size`` entries and ``--prompt-cache-bytes``), and a request
+starts from the one sharing the longest prefix with its prompt, so a
+conversation's follow-up turn prefills only its new tokens.
+
+Every response carries ``usage``: OpenAI's ``prompt_tokens``,
+``completion_tokens`` and ``total_tokens``, ``prompt_tokens_details.cached_tokens``
+(as ``mlx_lm.server``), and ``speculative`` (see
+:class:`~mlx_specstream.generate.SpeculativeUsage`). Bad requests get a 4xx
+JSON error that names the field at fault. The server binds to localhost unless
+told otherwise.
 """
 
 import argparse
+import atexit
+import itertools
 import json
+import queue
 import threading
 import time
 import uuid
@@ -25,9 +45,77 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
-from .decode import ACCEPTANCE
-from .generate import stream_generate
+from .cache import make_prompt_cache
+from .decode import ACCEPTANCE, DRAFTS
+from .generate import SpeculativeUsage, stream_generate
+from .prompt_cache import PromptCacheLRU
 from .sample_utils import make_sampler
+
+# mlx_lm.server's layout for chat without a template: a prefix per role, a
+# separator after each message, the assistant's prefix last, trailing
+# whitespace stripped. (Like mlx_lm's, "system_prompt" is not inserted.)
+DEFAULT_ROLE_MAPPING = {
+    "system_prompt": (
+        "A chat between a curious user and an artificial intelligence "
+        "assistant. The assistant follows the given rules no matter what."
+    ),
+    "system": "ASSISTANT's RULE: ",
+    "user": "USER: ",
+    "assistant": "ASSISTANT: ",
+    "stop": "\n",
+}
+
+
+def join_messages(messages: List[Dict[str, str]], role_mapping: Optional[dict] = None) -> str:
+    """The prompt ``mlx_lm.server`` builds from chat messages when the tokenizer
+    has no chat template.
+
+    Example: ``[{"role": "user", "content": "hi"}]`` gives
+    ``"USER: hi\nASSISTANT:"``. A role missing from the mapping gets no prefix.
+    """
+    mapping = role_mapping or DEFAULT_ROLE_MAPPING
+    sep = mapping.get("stop", "")
+    text = "".join(f"{mapping.get(m['role'], '')}{m.get('content', '')}{sep}" for m in messages)
+    return (text + mapping.get("assistant", "")).rstrip()
+
+
+# Request fields of the OpenAI API that this server does not implement, with
+# the values that mean "not used". Anything else is refused, naming the field.
+UNSUPPORTED = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False),
+    "response_format": (None, {"type": "text"}),
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+UNSUPPORTED_WHY = {
+    "tools": "tool calling is not supported by this server",
+    "tool_choice": "tool calling is not supported by this server",
+    "functions": "function calling is not supported by this server",
+    "function_call": "function calling is not supported by this server",
+    "parallel_tool_calls": "tool calling is not supported by this server",
+    "response_format": "structured output is not supported; only {'type': 'text'}",
+    "n": "one choice per request only (n=1)",
+    "best_of": "one choice per request only (best_of=1)",
+    "logprobs": "log-probabilities are not returned by this server",
+    "top_logprobs": "log-probabilities are not returned by this server",
+    "echo": "echoing the prompt is not supported",
+    "suffix": "suffixes (insertion) are not supported",
+}
+
+
+def check_unsupported(body: Dict[str, Any]) -> None:
+    for name, unused in UNSUPPORTED.items():
+        value = body.get(name)
+        if not any(value == u and type(value) is type(u) for u in unused):
+            raise RequestError(f"'{name}' is not supported: {UNSUPPORTED_WHY[name]}", name)
 
 
 class RequestError(ValueError):
@@ -71,7 +159,6 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         stop = [stop]
     if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise RequestError("'stop' must be a string or a list of non-empty strings", "stop")
-    processors = []
     bias = body.get("logit_bias")
     penalty = body.get("repetition_penalty")
     if bias is not None:
@@ -83,39 +170,105 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
             raise RequestError("'logit_bias' must map token ids to numbers", "logit_bias")
     if penalty is not None:
         _number(body, "repetition_penalty", None, lo=0.0)
-    if bias or penalty:
-        processors = make_logits_processors(
-            logit_bias=bias,
-            repetition_penalty=penalty,
-            repetition_context_size=_number(
-                body, "repetition_context_size", 20, lo=1, integer=True
-            ),
-        )
+    context_size = _number(body, "repetition_context_size", 20, lo=1, integer=True)
     speculative = body.get("speculative", True)
     if not isinstance(speculative, bool):
         raise RequestError("'speculative' must be a boolean", "speculative")
     acceptance = body.get("acceptance")
     if acceptance is not None and acceptance not in ACCEPTANCE:
         raise RequestError(f"'acceptance' must be one of {list(ACCEPTANCE)}", "acceptance")
+    draft = body.get("draft", getattr(defaults, "draft", None))
+    if draft is not None and draft not in DRAFTS:
+        raise RequestError(
+            f"'draft'={draft!r} must be null (the model's own drafts) or one of {list(DRAFTS)}",
+            "draft",
+        )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(
+            "'stream_options' must be an object with a boolean 'include_usage'", "stream_options"
+        )
+    # Plain values only: the sampler and the processors are built by the
+    # generation thread (see ModelService), which does all the MLX work.
     return dict(
         max_tokens=max_tokens,
-        sampler=make_sampler(
-            temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k
+        sampling=dict(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k),
+        processing=(
+            dict(
+                logit_bias=bias or None,
+                repetition_penalty=penalty,
+                repetition_context_size=context_size,
+            )
+            if (bias or penalty)
+            else None
         ),
-        logits_processors=processors or None,
         seed=seed,
         stop=stop,
         speculative=speculative,
         acceptance=acceptance,
+        draft=draft,
         stream=stream,
+        include_usage=options.get("include_usage", False),
+        # A repetition penalty reads the last tokens before each new one: a
+        # request reusing a cached prefix still feeds that many itself, so it
+        # sees the same history as a cold request.
+        min_fed=context_size if penalty else 1,
     )
 
 
+_END = object()  # a job's last event
+
+
+class Job:
+    """One request handed to the generation thread: its events come back on a queue."""
+
+    def __init__(self, tokens: List[int], args: Dict[str, Any]):
+        self.tokens, self.args = tokens, args
+        self.cancelled = threading.Event()
+        self._events: "queue.Queue" = queue.Queue()
+
+    def put(self, event) -> None:
+        self._events.put(event)
+
+    def cancel(self) -> None:
+        """The client is gone: the generation stops at its next piece."""
+        self.cancelled.set()
+
+    def __iter__(self):
+        """``(text, finish_reason, usage)`` events; re-raises the generation's error."""
+        while True:
+            event = self._events.get()
+            if event is _END:
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+
 class ModelService:
-    """One loaded model, used by one request at a time."""
+    """One loaded model, its prompt-cache LRU, and the one thread that runs it.
+
+    Every MLX operation of the server runs on that generation thread, in
+    arrival order, as in ``mlx_lm.server``; the HTTP handler threads only
+    parse, tokenize and write. Two reasons, both of MLX 0.32:
+
+    * an unevaluated array is bound to a stream of the thread that made it
+      ("There is no Stream(cpu, 0) in current thread" elsewhere), so the
+      model's arrays are evaluated here, in the thread that builds the
+      service, and the caches never change threads;
+    * a thread that ran ``mx.compile``'d functions keeps a ``thread_local``
+      compile cache whose destructor re-enters Python when the OS thread
+      ends. If that happens while the interpreter is finalizing, CPython
+      ends the thread with ``pthread_exit`` inside the destructor and the
+      process aborts ("terminate called without an active exception";
+      ``benchmarks/shutdown_abort.py`` reproduces it with MLX alone). The
+      generation thread empties that cache (``mx.clear_streams``) before it
+      ends, and :meth:`stop` (called by ``server_close`` and at exit) ends
+      it before the interpreter finalizes.
+    """
 
     def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace):
         self.model, self.tokenizer, self.model_id, self.defaults = (
@@ -124,28 +277,136 @@ class ModelService:
             model_id,
             defaults,
         )
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held while a generation runs
+        self.prompt_cache = PromptCacheLRU(
+            getattr(defaults, "prompt_cache_size", 10),
+            getattr(defaults, "prompt_cache_bytes", None),
+        )
+        rt = getattr(model, "speculative_streams", None)
+        self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
+        mx.eval(_arrays_of(model))
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._pending = 0  # submitted and not finished
+        self._idle = threading.Condition()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="mlx-specstream-generation", daemon=True
+        )
+        self._thread.start()
+        atexit.register(self.stop)
+
+    # ---- the generation thread --------------------------------------------------
+    def submit(self, tokens: List[int], args: Dict[str, Any]) -> Job:
+        """Queues a request; iterate the returned :class:`Job` for its events."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the generation thread has stopped")
+        job = Job(tokens, args)
+        with self._idle:
+            self._pending += 1
+        self._jobs.put(job)
+        return job
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Waits until every submitted request is finished (True) or ``timeout`` passes."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Cancels what is queued, ends the generation thread and waits for it."""
+        if not self._thread.is_alive():
+            return
+        self._stopping.set()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self):
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    break
+                try:
+                    if not (job.cancelled.is_set() or self._stopping.is_set()):
+                        self._serve(job)
+                finally:
+                    job.put(_END)
+                    with self._idle:
+                        self._pending -= 1
+                        self._idle.notify_all()
+        finally:
+            while not self._jobs.empty():  # (after stop(): nothing more is served)
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    job.put(_END)
+            mx.clear_streams()  # empties this thread's compile cache (see the class doc)
+
+    def _serve(self, job: Job):
+        with self.lock:
+            events = self.generate(job.tokens, job.args)
+            try:
+                for event in events:
+                    job.put(event)
+                    if job.cancelled.is_set() or self._stopping.is_set():
+                        break
+            except Exception as e:  # noqa: BLE001 - handed to the request's thread
+                job.put(e)
+            finally:
+                events.close()
+
+    # ---- prompts ------------------------------------------------------------------
+    def chat_messages(self, body: Dict[str, Any]) -> List[Dict[str, str]]:
+        """The request's messages with their content as text; refuses what we cannot read."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' must be a non-empty list", "messages")
+        out = []
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+                raise RequestError(
+                    f"'messages'[{i}]: each message needs a string 'role' and 'content'",
+                    "messages",
+                )
+            if m.get("tool_calls") or m["role"] in ("tool", "function"):
+                raise RequestError(
+                    f"'messages'[{i}]: tool calls and tool results are not supported", "messages"
+                )
+            content = m.get("content")
+            if content is None and m["role"] == "assistant":
+                content = ""
+            if isinstance(content, list):  # content parts: text only
+                if not all(
+                    isinstance(p, dict)
+                    and p.get("type") == "text"
+                    and isinstance(p.get("text"), str)
+                    for p in content
+                ):
+                    raise RequestError(
+                        f"'messages'[{i}]: only text content parts are supported", "messages"
+                    )
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise RequestError(
+                    f"'messages'[{i}]: each message needs a string 'role' and 'content'",
+                    "messages",
+                )
+            out.append({"role": m["role"], "content": content})
+        return out
 
     def prompt_tokens(self, body: Dict[str, Any], chat: bool) -> List[int]:
         tok = self.tokenizer
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise RequestError("'messages' must be a non-empty list", "messages")
-            for m in messages:
-                if not (
-                    isinstance(m, dict)
-                    and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)
-                ):
-                    raise RequestError(
-                        "'messages': each message needs a string 'role' and 'content'", "messages"
-                    )
-            if not tok.has_chat_template:
-                raise RequestError(
-                    "this model's tokenizer has no chat template; use /v1/completions", "messages"
+            messages = self.chat_messages(body)
+            if tok.has_chat_template:
+                return list(
+                    tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
                 )
-            return tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+            mapping = body.get("role_mapping")
+            if mapping is not None and not (
+                isinstance(mapping, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())
+            ):
+                raise RequestError("'role_mapping' must map roles to strings", "role_mapping")
+            return tok.encode(join_messages(messages, mapping))
         prompt = body.get("prompt")
         if isinstance(prompt, str) and prompt:
             return tok.encode(prompt)
@@ -163,45 +424,116 @@ class ModelService:
             return prompt
         raise RequestError("'prompt' must be a non-empty string or list of token ids", "prompt")
 
+    # ---- generation -----------------------------------------------------------------
     def generate(self, tokens: List[int], args: Dict[str, Any]):
-        """Yields ``(text, finish_reason, usage)``; holds the model until done or closed."""
-        with self.lock:
-            if args["seed"] is not None:
-                mx.random.seed(args["seed"])
-            stops, text, emitted = args["stop"], "", 0
-            gen = stream_generate(
-                self.model,
-                self.tokenizer,
-                tokens,
-                max_tokens=args["max_tokens"],
-                sampler=args["sampler"],
-                logits_processors=args["logits_processors"],
-                speculative=args["speculative"],
-                acceptance=args["acceptance"],
-            )
-            try:
-                for r in gen:
-                    text += r.text
-                    finish = r.finish_reason
-                    hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if hit >= 0:
-                        text, finish = text[:hit], "stop"
-                    # Hold back a possible start of a stop string.
-                    hold = max((len(s) - 1 for s in stops), default=0) if finish is None else 0
-                    ready = len(text) - hold
-                    usage = {
-                        "prompt_tokens": len(tokens),
-                        "completion_tokens": r.generation_tokens,
-                        "total_tokens": len(tokens) + r.generation_tokens,
-                        "forward_passes": r.forward_passes,
-                    }
-                    if ready > emitted or finish is not None:
-                        yield text[emitted : max(ready, emitted)], finish, usage
-                        emitted = max(ready, emitted)
+        """Yields ``(text, finish_reason, usage)`` (``usage`` with the last
+        piece only). Runs on the generation thread only.
+
+        The request starts from the cached entry sharing the longest prefix
+        with ``tokens`` and feeds only the rest; when it ends, or is closed
+        early, its cache goes back into the LRU keyed by the tokens it holds.
+        """
+        if args["seed"] is not None:
+            mx.random.seed(args["seed"])
+        cache, cached = self.prompt_cache.fetch(tokens, min_new=args.get("min_fed", 1))
+        if cache is None:
+            cache, cached = make_prompt_cache(self.model), 0
+        rest = tokens[cached:]
+        kwargs = {} if args.get("draft") is None else {"draft": args["draft"]}
+        gen = stream_generate(
+            self.model,
+            self.tokenizer,
+            rest,
+            max_tokens=args["max_tokens"],
+            sampler=make_sampler(**args["sampling"]),
+            logits_processors=(
+                make_logits_processors(**args["processing"]) if args["processing"] else None
+            ),
+            speculative=args["speculative"],
+            acceptance=args["acceptance"],
+            prompt_cache=cache,
+            **kwargs,
+        )
+        stops, text, emitted = args["stop"], "", 0
+        generated, spec = [], SpeculativeUsage()
+        ended = False  # finished or closed, not failed: the cache is consistent
+        try:
+            for r in gen:
+                generated.append(r.token)
+                spec.add(r)
+                text += r.text
+                finish = r.finish_reason
+                hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    text, finish = text[:hit], "stop"
+                # Hold back a possible start of a stop string.
+                hold = max((len(s) - 1 for s in stops), default=0) if finish is None else 0
+                ready = len(text) - hold
+                if ready > emitted or finish is not None:
+                    usage = None
                     if finish is not None:
-                        return
-            finally:
-                gen.close()
+                        usage = make_usage(len(tokens), cached, len(generated), spec)
+                    yield text[emitted : max(ready, emitted)], finish, usage
+                    emitted = max(ready, emitted)
+                if finish is not None:
+                    break
+            ended = True
+        except GeneratorExit:  # the client left
+            ended = True
+            raise
+        finally:
+            gen.close()  # the cache now holds what mlx-lm's would
+            if ended:
+                self._keep(tokens + generated, cache)
+
+    def _keep(self, sequence: List[int], cache) -> None:
+        """Puts a finished request's cache into the LRU, keyed by the tokens it
+        holds: its offset says how many (mlx-lm's plain decoding keeps every
+        generated token, the speculative step all but the last)."""
+        n = cache[0].offset
+        if 0 < n <= len(sequence):
+            nxt = sequence[n] if n < len(sequence) else None
+            self.prompt_cache.insert(sequence[:n], cache, next_token=nxt)
+
+
+_PACKAGES = ("mlx", "mlx_lm", "mlx_specstream")
+
+
+def _arrays_of(root) -> List[mx.array]:
+    """Every array reachable from ``root``: parameters, and also private ones
+    (RoPE frequencies) and those of the attached streams or drafter."""
+    found, seen, todo = [], set(), [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type)) or obj is None:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, mx.array):
+            found.append(obj)
+            continue
+        if isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            todo.extend(obj)
+        if hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in _PACKAGES:
+            todo.extend(vars(obj).values())
+    return found
+
+
+def make_usage(prompt_tokens: int, cached: int, completion_tokens: int, spec) -> Dict[str, Any]:
+    """OpenAI's ``usage``, with ``mlx_lm.server``'s cached-token count and ours.
+
+    ``completion_tokens`` counts every token the model generated for the
+    request, the last one (an EOS token too) included, as ``mlx_lm.server``
+    does; text cut by a stop string still counts.
+    """
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "speculative": spec.as_dict(),
+    }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -259,18 +591,38 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise RequestError("the body must be a JSON object")
             chat = routes[path]
+            check_unsupported(body)
             tokens = self.service.prompt_tokens(body, chat)
             args = parse_generation_args(body, self.service.defaults)
+            if args["draft"] == "streams+ngram" and self.service.has_drafter:
+                raise RequestError(
+                    "'draft'='streams+ngram' needs a model with streams, not a drafter", "draft"
+                )
         except RequestError as e:
             return self._error(e.status, str(e), e.param)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        job = self.service.submit(tokens, args)
+        events = iter(job)
         try:
+            try:
+                # The first piece comes once the prompt is in; errors raised
+                # before it (a prompt longer than the model's context, ...)
+                # are still the client's, and get a 400.
+                first = next(events)
+            except ValueError as e:
+                return self._error(HTTPStatus.BAD_REQUEST, str(e))
+            except Exception as e:  # noqa: BLE001 - reported to the client, not swallowed
+                return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
             if args["stream"]:
-                self._stream(rid, chat, tokens, args)
+                self._stream(rid, chat, first, events, args)
             else:
-                self._complete(rid, chat, tokens, args)
+                self._complete(rid, chat, first, events)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; the generation was closed and the model freed
+            pass  # the client left
+        finally:
+            # Stops the generation if the client left (its cache still goes
+            # back into the LRU); nothing when it has finished.
+            job.cancel()
 
     def _base(self, rid, chat, chunk=False):
         kind = (
@@ -283,9 +635,9 @@ class Handler(BaseHTTPRequestHandler):
             "model": self.service.model_id,
         }
 
-    def _complete(self, rid, chat, tokens, args):
+    def _complete(self, rid, chat, first, events):
         text, finish, usage = "", None, None
-        for piece, finish, usage in self.service.generate(tokens, args):
+        for piece, finish, usage in itertools.chain([first], events):
             text += piece
         choice = {"index": 0, "finish_reason": finish, "logprobs": None}
         if chat:
@@ -294,7 +646,7 @@ class Handler(BaseHTTPRequestHandler):
             choice["text"] = text
         self._send_json(200, {**self._base(rid, chat), "choices": [choice], "usage": usage})
 
-    def _stream(self, rid, chat, tokens, args):
+    def _stream(self, rid, chat, first, events, args):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -315,7 +667,7 @@ class Handler(BaseHTTPRequestHandler):
                     ],
                 }
             )
-        for piece, finish, usage in self.service.generate(tokens, args):
+        for piece, finish, usage in itertools.chain([first], events):
             if chat:
                 choice = {
                     "index": 0,
@@ -328,6 +680,8 @@ class Handler(BaseHTTPRequestHandler):
             if finish is not None:
                 payload["usage"] = usage
             send(payload)
+        if args["include_usage"]:  # OpenAI's final chunk: no choices, the usage
+            send({**self._base(rid, chat, chat), "choices": [], "usage": usage})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -335,25 +689,64 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=8080, **defaults):
     """A ready ``ThreadingHTTPServer`` (call ``serve_forever``); ``port=0`` picks a free port.
 
-    After ``shutdown()``, call :func:`wait_idle` before the process exits, so no
-    request thread is still inside MLX.
+    ``defaults``: ``max_tokens`` (512) and ``temp`` (0.0) of a request,
+    ``draft`` (None), ``prompt_cache_size`` (10 entries, 0: no prompt cache),
+    ``prompt_cache_bytes`` (None: no byte limit), ``verbose``. The service
+    (model, lock, prompt-cache LRU) is :func:`service_of` the server.
+
+    ``server_close()`` ends the generation thread (so does interpreter exit);
+    :func:`wait_idle` waits for the requests already handed to it.
     """
-    options = argparse.Namespace(**{"max_tokens": 512, "temp": 0.0, "verbose": False, **defaults})
+    options = argparse.Namespace(
+        **{
+            "max_tokens": 512,
+            "temp": 0.0,
+            "verbose": False,
+            "draft": None,
+            "prompt_cache_size": 10,
+            "prompt_cache_bytes": None,
+            **defaults,
+        }
+    )
     handler = type(
         "BoundHandler", (Handler,), {"service": ModelService(model, tokenizer, model_id, options)}
     )
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return Server((host, port), handler)
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server; ``server_close`` also ends the generation thread."""
+
+    daemon_threads = True  # a handler thread never runs MLX (see ModelService)
+
+    def server_close(self):
+        super().server_close()
+        self.RequestHandlerClass.service.stop()
+
+
+def service_of(server) -> ModelService:
+    """The :class:`ModelService` behind a server from :func:`make_server`."""
+    return server.RequestHandlerClass.service
+
+
+def parse_size(text: str) -> int:
+    """``"512MB"``, ``"2G"``, ``"1e9"`` -> bytes (as ``mlx_lm.server``'s sizes)."""
+    units = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}
+    t = text.strip().upper()
+    digits = t.rstrip("KMGB")
+    try:
+        value = float(digits) * units[t[len(digits) :]]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB, 2GB)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MB, 2GB)")
+    return int(value)
 
 
 def wait_idle(server, timeout: float = 60.0) -> bool:
-    """Waits until no generation holds the model (True) or ``timeout`` passes (False)."""
-    lock = server.RequestHandlerClass.service.lock
-    if lock.acquire(timeout=timeout):
-        lock.release()
-        return True
-    return False
+    """Waits until every request handed to the model is finished (True) or
+    ``timeout`` passes (False)."""
+    return service_of(server).wait_idle(timeout)
 
 
 def main(argv=None):
@@ -372,8 +765,29 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens of a request")
     p.add_argument("--temp", type=float, default=0.0, help="Default temperature of a request")
+    p.add_argument(
+        "--draft",
+        choices=DRAFTS,
+        default=None,
+        help="Default prompt-lookup drafting of a request ('ngram' or 'streams+ngram'); "
+        "a request's 'draft' field overrides it",
+    )
+    p.add_argument(
+        "--prompt-cache-size",
+        type=int,
+        default=10,
+        help="Most KV caches kept for reuse across requests (0: none); as mlx_lm.server",
+    )
+    p.add_argument(
+        "--prompt-cache-bytes",
+        type=parse_size,
+        default=None,
+        help="Most bytes of KV caches kept for reuse (e.g. 512MB); default: no limit",
+    )
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.prompt_cache_size < 0:
+        p.error("--prompt-cache-size must be >= 0")
     model, tokenizer = load(args.model, drafter=args.drafter)
     server = make_server(
         model,
@@ -384,6 +798,9 @@ def main(argv=None):
         max_tokens=args.max_tokens,
         temp=args.temp,
         verbose=args.verbose,
+        draft=args.draft,
+        prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_bytes=args.prompt_cache_bytes,
     )
     print(f"[INFO] serving on http://{server.server_address[0]}:{server.server_address[1]}/v1")
     try:
@@ -391,8 +808,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
-        wait_idle(server)
+        server.server_close()  # ends the generation thread
 
 
 if __name__ == "__main__":
