@@ -67,9 +67,10 @@ RESUME_KEYS = (
 
 def attach_for_training(model, config: SpecStreamConfig, seed: int, source: str = "the model"):
     """Attaches fresh streams to ``model`` initialised as ``convert.finetune``
-    initialises them: stream embeddings ``N(0, 0.02)``, LoRA ``B = 0`` (each
-    adapter starts as a no-op) and the pruning adapter's up-projection 0 (it
-    starts as the identity).
+    initialises them: stream embeddings ``N(0, 0.02)``, LoRA ``A`` ``N(0, 1/in)``
+    and ``B = 0`` (each adapter starts as a no-op), the pruning adapter's
+    down-projection ``U(-1/sqrt(in), 1/sqrt(in))`` (torch's ``nn.Linear``
+    default) and up-projection 0 (it starts as the identity).
 
     Raises:
         ValueError: naming ``source`` when the model cannot run streams (no
@@ -82,12 +83,16 @@ def attach_for_training(model, config: SpecStreamConfig, seed: int, source: str 
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from e
     streams = attach_streams(model, config, seed=seed)
-    zeros = [
-        (name, mx.zeros_like(p))
-        for name, p in tree_flatten(streams.parameters())
-        if name.endswith(".lora_b") or name == "prune_adapter.up.weight"
-    ]
-    streams.update(tree_unflatten(zeros))
+    key = mx.random.key(seed + 1)
+    new = []
+    for name, p in tree_flatten(streams.parameters()):
+        if name.endswith(".lora_b") or name.endswith("up.weight"):
+            new.append((name, mx.zeros_like(p)))
+        elif name.endswith("down.weight"):
+            bound = p.shape[-1] ** -0.5
+            key, sub = mx.random.split(key)
+            new.append((name, mx.random.uniform(-bound, bound, p.shape, key=sub)))
+    streams.update(tree_unflatten(new))
     mx.eval(streams.parameters())
     return streams
 
@@ -133,22 +138,28 @@ class StreamLoss:
         self._layer_input = _StreamLayerInput(model.layers[self.rt.first_top])
 
     def outputs(self, ids: mx.array):
-        """Stream logits ``(T, gamma, V)`` of one window and the layer-``N - N_s``
-        main states ``(T, D)`` (the pruning adapter's input)."""
+        """Last-layer stream states ``(T, gamma, D)`` of one window (before the
+        final norm) and the layer-``N - N_s`` main states ``(T, D)`` (the pruning
+        adapter's input)."""
         T = ids.shape[0]
         self._layer_input.active = True
         try:
             out = self.rt.forward(ids, chain_parents(T), self._make_cache(), all_streams=True)
         finally:
             self._layer_input.active = False
-        hidden = out.stream_hidden.reshape(1, T * self.gamma, -1)
-        logits = self.rt.head(hidden)[0].reshape(T, self.gamma, -1)
-        return logits, self._layer_input.value[0]
+        return out.stream_hidden, self._layer_input.value[0]
 
     def early_logits(self, states: mx.array) -> mx.array:
         """Early-exit logits of the pruning adapter on detached states."""
         adapter = self.rt.streams.prune_adapter
         return self.rt.head(adapter(mx.stop_gradient(states))[None])[0]
+
+    def stream_targets(self, length: int, prompt_len: int):
+        """Per stream, the supervised positions ``[lo, hi)`` of a window: from
+        the last prompt token on, while the target ``t + j + 1`` (stream ``j``,
+        1-based) lies inside the window, as ``convert.finetune`` masks them."""
+        lo = prompt_len - 1
+        return [(lo, max(lo, length - (j + 2))) for j in range(self.gamma)]
 
     def __call__(self, batch: List[Example]):
         """``(loss, metrics)`` of a batch: metrics hold per-stream (and early-exit)
@@ -162,14 +173,19 @@ class StreamLoss:
         for ex in batch:
             ids = mx.array(ex["input_ids"], dtype=mx.int32)
             T, p = ids.shape[0], int(ex["prompt_len"])
-            logits, states = self.outputs(ids)
-            for j in range(g):
-                shift = j + 2  # stream j+1 at position t predicts token t + j + 2
-                lo, hi = p - 1, T - shift
+            hidden, states = self.outputs(ids)
+            spans = self.stream_targets(T, p)
+            # The head runs on supervised stream rows only, in one call.
+            rows = [hidden[lo:hi, j] for j, (lo, hi) in enumerate(spans) if hi > lo]
+            if rows:
+                logits = self.rt.head(mx.concatenate(rows)[None])[0].astype(mx.float32)
+            start = 0
+            for j, (lo, hi) in enumerate(spans):
                 if hi <= lo:
                     continue
-                z = logits[lo:hi, j].astype(mx.float32)
-                y = ids[lo + shift :]
+                z = logits[start : start + hi - lo]
+                start += hi - lo
+                y = ids[lo + j + 2 :]
                 ce_sum[j] = ce_sum[j] + nn.losses.cross_entropy(z, y, reduction="sum")
                 hits[j] = hits[j] + (mx.argmax(z, axis=-1) == y).sum()
                 counts[j] += hi - lo
