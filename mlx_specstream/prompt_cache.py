@@ -176,6 +176,19 @@ class PromptCacheLRU:
             self._entries[tuple(key)] = entry
             self._evict()
 
+    def insert_finished(self, sequence: Sequence[int], cache) -> None:
+        """Keeps the cache of a finished (or closed) generation over ``sequence``
+        (its whole prompt, then the generated tokens).
+
+        The cache's offset says how many of them it holds: mlx-lm's plain
+        decoding keeps every generated token, the speculative step all but
+        the last. The token after those is kept as :attr:`Entry.next_token`.
+        """
+        n = cache[0].offset
+        if 0 < n <= len(sequence):
+            nxt = sequence[n] if n < len(sequence) else None
+            self.insert(sequence[:n], cache, next_token=nxt)
+
     def trim_to(self, n_entries: Optional[int] = None, n_bytes: Optional[int] = None) -> None:
         """Evicts least recently used entries down to the given limits."""
         with self._lock:

@@ -393,19 +393,33 @@ class ModelService:
         return out
 
     def prompt_tokens(self, body: Dict[str, Any], chat: bool) -> List[int]:
+        tokens = self._prompt_tokens(body, chat)
+        # The model checks only the tokens it is fed, which after a cache hit
+        # are the new ones: the whole conversation is checked here.
+        context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
+        if context and len(tokens) > context:
+            param = "messages" if chat else "prompt"
+            raise RequestError(
+                f"The prompt has {len(tokens)} tokens, more than the model's context of "
+                f"{context} (max_position_embeddings).",
+                param,
+            )
+        return tokens
+
+    def _prompt_tokens(self, body: Dict[str, Any], chat: bool) -> List[int]:
         tok = self.tokenizer
         if chat:
             messages = self.chat_messages(body)
-            if tok.has_chat_template:
-                return list(
-                    tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-                )
-            mapping = body.get("role_mapping")
+            mapping = body.get("role_mapping")  # (mlx_lm.server's; used without a template)
             if mapping is not None and not (
                 isinstance(mapping, dict)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items())
             ):
                 raise RequestError("'role_mapping' must map roles to strings", "role_mapping")
+            if tok.has_chat_template:
+                return list(
+                    tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+                )
             return tok.encode(join_messages(messages, mapping))
         prompt = body.get("prompt")
         if isinstance(prompt, str) and prompt:
@@ -483,40 +497,28 @@ class ModelService:
             raise
         finally:
             gen.close()  # the cache now holds what mlx-lm's would
-            if ended:
-                self._keep(tokens + generated, cache)
-
-    def _keep(self, sequence: List[int], cache) -> None:
-        """Puts a finished request's cache into the LRU, keyed by the tokens it
-        holds: its offset says how many (mlx-lm's plain decoding keeps every
-        generated token, the speculative step all but the last)."""
-        n = cache[0].offset
-        if 0 < n <= len(sequence):
-            nxt = sequence[n] if n < len(sequence) else None
-            self.prompt_cache.insert(sequence[:n], cache, next_token=nxt)
+            if ended:  # keyed by the tokens it holds (see insert_finished)
+                self.prompt_cache.insert_finished(tokens + generated, cache)
 
 
-_PACKAGES = ("mlx", "mlx_lm", "mlx_specstream")
-
-
-def _arrays_of(root) -> List[mx.array]:
-    """Every array reachable from ``root``: parameters, and also private ones
-    (RoPE frequencies) and those of the attached streams or drafter."""
-    found, seen, todo = [], set(), [root]
+def _arrays_of(model) -> List[mx.array]:
+    """Every array of the model's modules: parameters, private ones too (RoPE
+    frequencies), and the attached streams' or drafter's. (Not the runtime's
+    scratch arrays of the last step: those belong to the thread that ran it.)"""
+    found, seen = [], set()
+    rt = getattr(model, "speculative_streams", None)
+    todo = [model] + [getattr(rt, name, None) for name in ("streams", "drafter")]
     while todo:
         obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, type)) or obj is None:
+        if obj is None or id(obj) in seen:
             continue
         seen.add(id(obj))
         if isinstance(obj, mx.array):
             found.append(obj)
-            continue
-        if isinstance(obj, dict):
+        elif isinstance(obj, dict):  # an nn.Module is a dict of its members
             todo.extend(obj.values())
         elif isinstance(obj, (list, tuple)):
             todo.extend(obj)
-        if hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in _PACKAGES:
-            todo.extend(vars(obj).values())
     return found
 
 

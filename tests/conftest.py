@@ -1,12 +1,27 @@
-"""Ends the test process with pytest's own exit status.
+"""Ends the test process with pytest's own exit status (set
+``SPECSTREAM_NATURAL_EXIT=1`` to let the interpreter finalize normally).
 
-After a full run (334 passed), the interpreter's shutdown can abort in native
-code ("terminate called without an active exception", status 134): a C++
-thread of one of the native libraries loaded together here (MLX, torch) is
-destroyed while joinable. It happens after every test has finished and been
-reported, so it says nothing about the results. Leaving with ``os._exit``
-once pytest is done skips those static destructors. Not yet bisected to a
-library; see the README's "Not done yet".
+Why: after a full run (334 passed), the interpreter's shutdown could abort in
+native code ("terminate called without an active exception", status 134).
+The cause, found with gdb: MLX keeps a ``thread_local`` compile cache per
+thread that ran ``mx.compile``'d functions (mlx-lm's samplers and activations
+are), and its destructor re-enters Python (``PyGILState_Ensure``) when the OS
+thread ends. If a thread ends while the interpreter finalizes, CPython 3.11
+stops it with ``pthread_exit`` inside that destructor, and the forced unwind
+through a ``noexcept`` frame calls ``std::terminate``. ``Thread.join`` returns
+before the OS thread runs those destructors, so even joined threads race with
+the exit. ``benchmarks/shutdown_abort.py`` reproduces it with MLX alone.
+
+In this suite the threads were the server's: each HTTP handler thread ran the
+model, and the handler of a keep-alive connection ended only when the openai
+client was collected, during finalization. The server now runs all MLX work
+on one generation thread that empties its compile cache (``mx.clear_streams``)
+and ends before finalization, handler threads never touch MLX, and the test
+fixtures close their clients (``test_server.py`` checks a serving process
+exits with status 0). The ``os._exit`` below stays as a guard, since any
+thread that runs MLX and ends at exit can still trigger it; leaving with
+``os._exit`` once pytest is done skips those destructors and says nothing
+about the results, which are all reported by then.
 """
 
 import os
@@ -20,7 +35,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_unconfigure(config):
-    if "code" in _status:
+    if "code" in _status and os.environ.get("SPECSTREAM_NATURAL_EXIT") != "1":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_status["code"])

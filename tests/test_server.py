@@ -1,17 +1,29 @@
-"""The OpenAI-compatible server, driven by the official ``openai`` client on localhost."""
+"""The OpenAI-compatible server, driven by the official ``openai`` client on localhost:
+completions and chat (with and without a chat template), the prompt cache
+across turns, ``usage``, concurrency, bad and unsupported input, and a clean
+process exit."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
-from helpers import tiny_spec_model, word_tokenizer
+from helpers import tiny_model, tiny_spec_model, word_tokenizer
+from mlx_lm.server import convert_chat
 
-from mlx_specstream import generate
-from mlx_specstream.server import make_server, wait_idle
+import mlx_specstream.server as server_mod
+from mlx_specstream.generate import generate, stream_generate
+from mlx_specstream.cache import trim_prompt_cache
+from mlx_specstream.config import DrafterConfig
+from mlx_specstream.drafters import attach_drafter
+from mlx_specstream.server import join_messages, make_server, service_of, wait_idle
 
 openai = pytest.importorskip("openai")
 
@@ -29,13 +41,34 @@ def served():
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     client = openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
     yield model, tok, client, url
+    client.close()
     server.shutdown()
-    server.server_close()
     assert wait_idle(server)
+    server.server_close()
 
 
-def reference(model, tok, prompt, n):
-    return generate(model, tok, prompt, max_tokens=n)
+@pytest.fixture
+def serve():
+    """Starts servers with their own model and prompt cache; closes them after the test."""
+    made = []
+
+    def start(model, tok, **defaults):
+        server = make_server(model, tok, "tiny", port=0, **{"max_tokens": 16, **defaults})
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        client = openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
+        made.append((server, client))
+        return client, url, server
+
+    yield start
+    for server, client in made:
+        client.close()
+        server.shutdown()
+        server.server_close()
+
+
+def reference(model, tok, prompt, n, **kwargs):
+    return generate(model, tok, prompt, max_tokens=n, **kwargs)
 
 
 def test_models(served):
@@ -228,3 +261,430 @@ def test_16_concurrent_clients_some_hanging_up(served):
     assert time.perf_counter() - tic < 180
     r = client.completions.create(model="tiny", prompt="t5 t6", max_tokens=10)
     assert r.choices[0].text == reference(model, tok, "t5 t6", 10)
+
+
+# ---- chat on a model without a chat template -------------------------------------------
+
+
+def spec_model():
+    return tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2)
+
+
+def chat_prompt(tok, messages, role_mapping=None):
+    """The tokens mlx_lm.server feeds for ``messages`` without a chat template."""
+    return tok.encode(convert_chat(messages, role_mapping))
+
+
+@pytest.mark.parametrize(
+    "messages, mapping",
+    [
+        ([{"role": "user", "content": "hi"}], None),
+        (
+            [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "t3 t4"},
+                {"role": "assistant", "content": "t5 "},
+                {"role": "user", "content": "t6\n"},
+                {"role": "critic", "content": "t7"},
+            ],
+            None,
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            {"user": "<u>", "assistant": "<a>", "stop": " | "},
+        ),
+        ([{"role": "user", "content": "a"}], {"user": "U: "}),
+    ],
+)
+def test_messages_are_joined_as_mlx_lm_server_joins_them(messages, mapping):
+    assert join_messages(messages, mapping) == convert_chat(messages, mapping)
+
+
+def test_chat_without_a_template(serve):
+    """The default model has no chat template: chat still works, with the
+    prompt mlx_lm.server would build. Negative control: the contents joined
+    without the roles' layout give another answer."""
+    model, tok = spec_model(), word_tokenizer(V)
+    assert not tok.has_chat_template
+    client, _, _ = serve(model, tok)
+    messages = [
+        {"role": "system", "content": "t9 t10"},
+        {"role": "user", "content": "t3 t4 t5"},
+    ]
+    want = reference(model, tok, chat_prompt(tok, messages), 12)
+    assert want != reference(model, tok, tok.encode("t9 t10 t3 t4 t5"), 12)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(chat_prompt(tok, messages))
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+    # Content as text parts, and mlx_lm.server's role_mapping field.
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+             for m in messages]  # fmt: skip
+    mapping = {"user": "t11 ", "system": "t12 ", "assistant": "t13", "stop": " "}
+    r = client.chat.completions.create(
+        model="tiny", messages=parts, max_tokens=12, extra_body={"role_mapping": mapping}
+    )
+    assert r.choices[0].message.content == reference(
+        model, tok, chat_prompt(tok, messages, mapping), 12
+    )
+
+
+# ---- the prompt cache across turns -------------------------------------------------------
+
+
+class Probe:
+    """Counts the prompt tokens each request feeds through the model, and
+    records the cache each request starts from.
+
+    A request runs ``rt.prefill`` over its prompt but the last token, which
+    the first decode pass feeds: fed = sum(prefill chunks) + 1.
+    """
+
+    def __init__(self, model, monkeypatch):
+        self.requests = []
+        rt = model.speculative_streams
+        prefill, real = rt.prefill, server_mod.stream_generate
+
+        def counting_prefill(tokens, cache, keep_hidden=False):
+            if threading.current_thread().name == "mlx-specstream-generation":  # the server's
+                self.requests[-1]["prefilled"] += tokens.size
+            return prefill(tokens, cache, keep_hidden)
+
+        def recording(model, tokenizer, prompt, **kwargs):
+            cache = kwargs["prompt_cache"]
+            self.requests.append(
+                {"passed": list(prompt), "offset": cache[0].offset, "cache": cache, "prefilled": 0}
+            )
+            return real(model, tokenizer, prompt, **kwargs)
+
+        monkeypatch.setattr(rt, "prefill", counting_prefill)
+        monkeypatch.setattr(server_mod, "stream_generate", recording)
+
+    def fed(self, i=-1):
+        return self.requests[i]["prefilled"] + 1
+
+
+def reference_tokens(model, tok, prompt, n, **kwargs):
+    """A cold request's responses (counted by the test, not reported by the server)."""
+    return list(stream_generate(model, tok, prompt, max_tokens=n, **kwargs))
+
+
+def turn(messages, text, user):
+    return messages + [{"role": "assistant", "content": text}, {"role": "user", "content": user}]
+
+
+def test_follow_up_turns_prefill_only_their_new_tokens(serve, monkeypatch):
+    """Turn 2 of a chat reuses turn 1's KV cache: the tokens fed through the
+    model are only the new ones (counted at the model's prefill and checked
+    against the cache offsets), and the answer equals a cold request's. A
+    streamed turn 3 does the same. Negative control: a server whose cache
+    is trimmed one token too far answers turn 2 differently."""
+    model, tok = spec_model(), word_tokenizer(V)
+    probe = Probe(model, monkeypatch)
+    client, _, server = serve(model, tok)
+    m1 = [{"role": "user", "content": "t3 t4 t5 t6"}]
+    p1 = chat_prompt(tok, m1)
+    g1 = [r.token for r in reference_tokens(model, tok, p1, 12)]
+
+    r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+    text1 = r1.choices[0].message.content
+    assert text1 == tok.decode(g1)
+    assert probe.fed() == len(p1) and probe.requests[-1]["offset"] == 0
+    assert r1.usage.prompt_tokens_details.cached_tokens == 0
+    # The cache kept for turn 1 holds its prompt and every generated token but the last.
+    assert probe.requests[-1]["cache"][0].offset == len(p1) + len(g1) - 1
+    assert service_of(server).prompt_cache.keys() == [p1 + g1[:-1]]
+
+    m2 = turn(m1, text1, "t20 t21 t22")
+    p2 = chat_prompt(tok, m2)
+    assert p2[: len(p1) + len(g1)] == p1 + g1  # the answer re-tokenizes to itself
+    cold2 = reference(model, tok, p2, 12)
+    r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    assert r2.choices[0].message.content == cold2
+    cached = len(p1) + len(g1) - 1
+    new = len(p2) - cached  # the last answer token, then the new turn
+    assert new == len(p2) - len(p1) - len(g1) + 1 and new < len(p2) // 2
+    assert probe.requests[-1]["offset"] == cached and len(probe.requests[-1]["passed"]) == new
+    assert probe.fed() == new
+    assert r2.usage.prompt_tokens == len(p2)
+    assert r2.usage.prompt_tokens_details.cached_tokens == cached
+
+    m3 = turn(m2, cold2, "t30")
+    p3 = chat_prompt(tok, m3)
+    stream = client.chat.completions.create(
+        model="tiny", messages=m3, max_tokens=10, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference(
+        model, tok, p3, 10
+    )
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.prompt_tokens == len(p3)
+    assert usage.prompt_tokens_details.cached_tokens == probe.requests[-1]["offset"] > cached
+    assert probe.fed() == len(p3) - usage.prompt_tokens_details.cached_tokens
+
+    # The same conversation on a server without a prompt cache prefills everything.
+    cold_client, _, _ = serve(model, tok, prompt_cache_size=0)
+    r = cold_client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    assert r.choices[0].message.content == cold2
+    assert probe.fed() == len(p2) and r.usage.prompt_tokens_details.cached_tokens == 0
+
+    # Negative control: a cache trimmed one token too far gives another answer.
+    bad_client, _, bad_server = serve(model, tok)
+    lru = service_of(bad_server).prompt_cache
+    fetch = lru.fetch
+
+    def trimmed_too_far(tokens, min_new=1):
+        cache, n = fetch(tokens, min_new)
+        if cache is not None:
+            trim_prompt_cache(cache, 1)
+        return cache, n
+
+    monkeypatch.setattr(lru, "fetch", trimmed_too_far)
+    bad_client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+    r = bad_client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    assert r.choices[0].message.content != cold2
+
+
+@pytest.mark.parametrize("kind", ["medusa", "parallelspec"])
+def test_prompt_cache_with_attached_drafters(serve, kind):
+    """With a Medusa or ParallelSpec drafter, a follow-up turn reuses the
+    cache (and ParallelSpec its own state) and answers as a cold request."""
+    model = tiny_model("llama", vocab_size=V)
+    attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=3, top_k=2), seed=0)
+    tok = word_tokenizer(V)
+    client, url, server = serve(model, tok)
+    m1 = [{"role": "user", "content": "t8 t9 t10"}]
+    r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=10)
+    m2 = turn(m1, r1.choices[0].message.content, "t40 t41")
+    cold2 = reference(model, tok, chat_prompt(tok, m2), 12)
+    assert cold2 != reference(model, tok, chat_prompt(tok, m2)[1:], 12)  # negative control
+    r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    assert r2.choices[0].message.content == cold2
+    assert r2.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(tok, m1))
+    if kind == "parallelspec":
+        (cache,) = [e.cache for e in service_of(server).prompt_cache._entries.values()]
+        assert cache.drafter_state.cache.offset == cache[0].offset
+    status, payload = post(
+        url + "/completions", json.dumps({"prompt": "t1", "draft": "streams+ngram"}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == "draft"
+
+
+# ---- usage --------------------------------------------------------------------------------
+
+
+def test_usage_matches_counted_tokens(serve):
+    """``usage`` against a cold run counted here: prompt, completion and total
+    tokens, forward passes, accepted draft tokens, tokens per pass, in plain,
+    streamed and stop-string responses. Control: without speculation every
+    token takes one pass and none comes from a draft."""
+    model, tok = spec_model(), word_tokenizer(V)
+    client, _, _ = serve(model, tok, prompt_cache_size=0)
+    prompt = "t3 t4 t5"
+    ids = tok.encode(prompt)
+    ref = reference_tokens(model, tok, ids, 24)
+    passes, accepted = ref[-1].forward_passes, sum(r.from_draft for r in ref)
+    assert accepted > 0 and passes < len(ref)  # speculation did something here
+
+    def check(usage, completion, passes, accepted):
+        assert usage.prompt_tokens == len(ids)
+        assert usage.completion_tokens == completion
+        assert usage.total_tokens == len(ids) + completion
+        assert usage.speculative == {
+            "forward_passes": passes,
+            "accepted_draft_tokens": accepted,
+            "tokens_per_pass": round(completion / passes, 4),
+        }
+
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24)
+    check(r.usage, len(ref), passes, accepted)
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=24, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[-2].choices[0].finish_reason == "length"
+    check(chunks[-2].usage, len(ref), passes, accepted)
+    check(chunks[-1].usage, len(ref), passes, accepted)
+
+    # A stop string ends the generation at the token that completes it.
+    stop = ref[6].text
+    n_stop = next(i + 1 for i in range(len(ref)) if stop in "".join(r.text for r in ref[: i + 1]))
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == n_stop
+    assert r.usage.speculative["forward_passes"] == ref[n_stop - 1].forward_passes
+
+    plain = reference_tokens(model, tok, ids, 24, speculative=False)
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=24, extra_body={"speculative": False}
+    )
+    check(r.usage, len(plain), len(plain), 0)
+    assert r.choices[0].text == "".join(p.text for p in ref)  # lossless
+
+
+def test_draft_field(serve):
+    model, tok = spec_model(), word_tokenizer(V)
+    client, url, _ = serve(model, tok)
+    want = reference(model, tok, "t3 t4 t5 t3 t4", 16)
+    assert want == reference(model, tok, "t3 t4 t5 t3 t4", 16, draft="ngram")
+    for draft in ("ngram", "streams+ngram"):
+        r = client.completions.create(
+            model="tiny", prompt="t3 t4 t5 t3 t4", max_tokens=16, extra_body={"draft": draft}
+        )
+        assert r.choices[0].text == want
+    status, payload = post(
+        url + "/completions", json.dumps({"prompt": "t1", "draft": "x"}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == "draft"
+
+
+# ---- concurrency with a bounded cache -----------------------------------------------------
+
+
+def test_concurrent_conversations_with_a_bounded_cache(serve):
+    """Eight two-turn conversations at once (plain, streamed, chat), on a cache
+    bounded to 3 entries and to about two entries' bytes: every answer is
+    the cold one, and the bounds hold."""
+    model, tok = spec_model(), word_tokenizer(V)
+    limit = 600_000  # a tiny cache takes 256 rows per layer: 262,144 bytes here
+    client, _, server = serve(model, tok, prompt_cache_size=3, prompt_cache_bytes=limit)
+    convs = {}
+    for i in range(8):
+        m1 = [{"role": "user", "content": f"t{3 + i} t{30 + i} t{12 + i}"}]
+        a1 = reference(model, tok, chat_prompt(tok, m1), 10)
+        m2 = turn(m1, a1, f"t{40 + i}")
+        convs[i] = (m1, a1, m2, reference(model, tok, chat_prompt(tok, m2), 10))
+    got, errors = {}, []
+
+    def talk(i):
+        m1, _, _, _ = convs[i]
+        try:
+            if i % 2:
+                stream = client.chat.completions.create(
+                    model="tiny", messages=m1, max_tokens=10, stream=True
+                )
+                a1 = "".join(c.choices[0].delta.content or "" for c in stream)
+            else:
+                a1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=10)
+                a1 = a1.choices[0].message.content
+            r = client.chat.completions.create(
+                model="tiny", messages=turn(m1, a1, f"t{40 + i}"), max_tokens=10
+            )
+            got[i] = (a1, r.choices[0].message.content)
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=talk, args=(i,)) for i in convs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert got == {i: (a1, a2) for i, (_, a1, _, a2) in convs.items()}
+    lru = service_of(server).prompt_cache
+    assert 1 <= len(lru) <= 3 and lru.nbytes <= limit
+
+
+# ---- unsupported fields, bad input -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("chat", {"tool_choice": "auto"}, "tool_choice"),
+        ("chat", {"functions": [{"name": "f"}]}, "functions"),
+        ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),
+        ("chat", {"n": 2}, "n"),
+        ("completions", {"echo": True}, "echo"),
+        ("completions", {"suffix": "t1"}, "suffix"),
+        ("completions", {"best_of": 2}, "best_of"),
+        ("completions", {"logprobs": 1}, "logprobs"),
+        ("completions", {"stream_options": {"include_usage": "yes"}}, "stream_options"),
+        ("chat", {"messages": [{"role": "tool", "content": "1"}]}, "messages"),
+        ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+        ("chat", {"role_mapping": {"user": 3}}, "role_mapping"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name(served, path, extra, param):
+    *_, url = served
+    body = (
+        {"prompt": "t1"}
+        if path == "completions"
+        else {"messages": [{"role": "user", "content": "t1"}]}
+    )
+    status, payload = post(
+        f"{url}/{path.replace('chat', 'chat/completions')}", json.dumps({**body, **extra}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == param
+    assert param in payload["error"]["message"]
+
+
+def test_unsupported_fields_through_the_client_and_their_neutral_values(served):
+    model, tok, client, _ = served
+    messages = [{"role": "user", "content": "t7 t8"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    with pytest.raises(openai.BadRequestError, match="'tools' is not supported") as e:
+        client.chat.completions.create(model="tiny", messages=messages, tools=tools)
+    assert e.value.body["param"] == "tools"
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, n=1, response_format={"type": "text"}
+    )
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert r.choices[0].message.content == reference(model, tok, ids, 12)
+
+
+def test_prompt_longer_than_the_context_is_refused(serve):
+    model = tiny_spec_model(
+        "llama", vocab_size=V, num_streams=3, top_k=2, model_args={"max_position_embeddings": 16}
+    )
+    client, url, _ = serve(model, word_tokenizer(V))
+    status, payload = post(
+        url + "/completions", json.dumps({"prompt": list(range(3, 20))}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == "prompt"
+    assert "17 tokens, more than the model's context of 16" in payload["error"]["message"]
+
+
+# ---- process hygiene ----------------------------------------------------------------------
+
+
+def test_the_process_exits_cleanly_after_serving(tmp_path):
+    """A server process that served requests over keep-alive connections and
+    exits without closing anything ends with status 0: no handler thread runs
+    MLX, and the generation thread clears its MLX compile cache and ends
+    before the interpreter finalizes (see ModelService). Before, the handler
+    thread of the open connection ended during finalization and aborted."""
+    script = tmp_path / "serve_and_exit.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys, threading
+            sys.path.insert(0, {os.path.dirname(__file__)!r})
+            import openai
+            from helpers import tiny_spec_model, word_tokenizer
+            from mlx_specstream.server import make_server
+            server = make_server(tiny_spec_model("llama", vocab_size=64, num_streams=3, top_k=2),
+                                 word_tokenizer(64), "tiny", port=0, max_tokens=8)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{{server.server_address[1]}}/v1",
+                                   api_key="x", max_retries=0)
+            for content in ("t3 t4", "t5"):
+                client.chat.completions.create(
+                    model="tiny", messages=[{{"role": "user", "content": content}}], max_tokens=8)
+            print("served", flush=True)
+            """
+        )
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "served" in out.stdout and "terminate called" not in out.stderr

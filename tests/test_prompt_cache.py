@@ -1,0 +1,202 @@
+"""The prompt-cache LRU shared across requests (mlx_specstream.prompt_cache).
+
+A follow-up turn starts from the cached entry sharing the longest prefix with
+its prompt and feeds only the rest; its output must equal a from-scratch run,
+with streams, plain decoding, n-gram drafts and both attached drafters, and a
+ParallelSpec drafter's own context must be exactly the one a from-scratch run
+builds. Each equality has a negative control that must fail it.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import tiny_model, tiny_spec_model
+
+import mlx_specstream.prompt_cache as pc
+from mlx_specstream.cache import make_prompt_cache, trim_prompt_cache
+from mlx_specstream.config import DrafterConfig
+from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.drafters import attach_drafter
+from mlx_specstream.prompt_cache import PromptCacheLRU, cache_nbytes
+
+V = 64
+MODES = ("streams", "no-speculation", "ngram", "medusa", "parallelspec")
+
+
+def make_model(mode):
+    if mode in ("medusa", "parallelspec"):
+        model = tiny_model("llama", vocab_size=V)
+        cfg = DrafterConfig(kind=mode, num_draft_tokens=3, top_k=2, max_tree_nodes=10)
+        attach_drafter(model, cfg, seed=0)
+        return model
+    return tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2)
+
+
+def run(model, mode, prompt, cache, n):
+    """Greedy tokens of one request, as the server runs it (the cache updated in place)."""
+    kwargs = {"speculative": False} if mode == "no-speculation" else {}
+    if mode == "ngram":
+        kwargs["draft"] = "ngram"
+    gen = spec_generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=cache, **kwargs)
+    return [t for t, *_ in gen]
+
+
+def filled(model, tokens):
+    """A cache holding ``tokens`` (one plain prefill)."""
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array(tokens)[None], cache=cache))
+    return cache
+
+
+def keys_of(cache):
+    return [np.array(c.keys[..., : c.offset, :]) for c in cache]
+
+
+def same_keys(a, b, atol=1e-4):
+    ka, kb = keys_of(a), keys_of(b)
+    return all(x.shape == y.shape and np.allclose(x, y, atol=atol) for x, y in zip(ka, kb))
+
+
+P1 = [3, 9, 4, 17, 5, 8, 22, 6]
+FOLLOW_UP = [21, 30, 2, 14]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_follow_up_from_the_lru_equals_a_cold_request(mode):
+    """Turn 1 fills a cache that goes into the LRU; turn 2 (turn 1's text plus
+    new tokens) reuses it, feeds only the rest, and decodes exactly what a
+    cold request decodes. Negative control: the same cache trimmed one token
+    too far, fed the same rest, decodes something else."""
+    model = make_model(mode)
+
+    def turn_one(lru):
+        cache = make_prompt_cache(model)
+        gen1 = run(model, mode, P1, cache, 10)
+        lru.insert_finished(P1 + gen1, cache)
+        return gen1
+
+    lru = PromptCacheLRU(4)
+    gen1 = turn_one(lru)
+    p2 = P1 + gen1 + FOLLOW_UP
+    cold = run(model, mode, p2, make_prompt_cache(model), 16)
+
+    cache, reused = lru.fetch(p2)
+    # mlx-lm's plain decoding keeps every generated token; the speculative step all but the last.
+    assert reused == cache[0].offset >= len(P1) + len(gen1) - 1
+    assert len(lru) == 0  # taken out while in use
+    fed = p2[reused:]
+    assert len(fed) <= len(FOLLOW_UP) + 1
+    assert run(model, mode, fed, cache, 16) == cold
+
+    lru = PromptCacheLRU(4)
+    turn_one(lru)
+    cache, reused = lru.fetch(p2)
+    trim_prompt_cache(cache, 1)  # the negative control: one cached token lost
+    assert run(model, mode, p2[reused:], cache, 16) != cold
+
+
+def test_parallelspec_context_is_rebuilt_exactly():
+    """ParallelSpec's cached row i pairs token i's state with token i+1. When
+    the token after the reused prefix differs from the one the last row was
+    built with, the LRU reuses one token less, so the drafter's KV cache after
+    the follow-up equals a cold run's, row for row. Negative control: without
+    that step back, the stale row stays and the drafter caches differ (the
+    output is exact either way: drafts never change it)."""
+    model = make_model("parallelspec")
+    cache = make_prompt_cache(model)
+    gen1 = run(model, "parallelspec", P1, cache, 8)
+    key = P1 + gen1[:-1]
+    assert cache[0].offset == len(key)
+    other = (gen1[-1] + 1) % V
+    p2 = key + [other] + FOLLOW_UP  # the next token differs from gen1[-1]
+
+    cold_cache = make_prompt_cache(model)
+    cold = run(model, "parallelspec", p2, cold_cache, 12)
+    cold_state = cold_cache.drafter_state.cache
+
+    def follow_up():
+        lru = PromptCacheLRU(4)
+        c = make_prompt_cache(model)
+        assert run(model, "parallelspec", P1, c, 8) == gen1
+        lru.insert_finished(P1 + gen1, c)
+        c, reused = lru.fetch(p2)
+        assert c.drafter_state is not None and c.drafter_state.cache.offset == reused
+        out = run(model, "parallelspec", p2[reused:], c, 12)
+        return out, reused, c.drafter_state.cache
+
+    out, reused, state = follow_up()
+    assert reused == len(key) - 1  # one token less than the common prefix
+    assert out == cold
+    assert state.offset == cold_state.offset
+    assert same_keys([state], [cold_state])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pc, "pairs_next_token", lambda cache: False)
+        out, reused, state = follow_up()
+    assert reused == len(key)
+    assert out == cold
+    assert state.offset == cold_state.offset
+    assert not same_keys([state], [cold_state])
+
+
+def test_lru_longest_prefix_trims_copies_and_takes_out():
+    model = tiny_model("llama", vocab_size=V)
+    lru = PromptCacheLRU(10)
+    a, b = [1, 2, 3, 4, 5], [1, 2, 3, 9, 9, 9]
+    lru.insert(a, filled(model, a))
+    lru.insert(b, filled(model, b))
+
+    # A key that is a prefix of the prompt: taken out whole.
+    cache, n = lru.fetch(a + [6, 7])
+    assert n == 5 and cache[0].offset == 5 and lru.keys() == [b]
+    assert same_keys(cache, filled(model, a))
+    assert not same_keys(cache, filled(model, [1, 2, 3, 4, 6]))  # negative control
+
+    # A key running past the prompt: a trimmed copy; the entry stays whole.
+    cache, n = lru.fetch([1, 2, 3, 9, 8])
+    assert n == 4 and cache[0].offset == 4
+    assert same_keys(cache, filled(model, [1, 2, 3, 9]))
+    assert lru.keys() == [b] and lru._entries[tuple(b)].cache[0].offset == 6
+
+    # An exact match leaves one token to feed; nothing shared gives nothing.
+    cache, n = lru.fetch(b)
+    assert n == 5 and cache[0].offset == 5 and len(lru) == 0
+    assert lru.fetch([40, 41]) == (None, 0)
+
+    # min_new: a repetition penalty's context is fed again.
+    lru.insert(a, filled(model, a))
+    cache, n = lru.fetch(a + [6, 7], min_new=4)
+    assert n == 3 and cache[0].offset == 3
+
+    # The longest common prefix wins, even in an entry that runs past the prompt.
+    lru = PromptCacheLRU(10)
+    lru.insert([1, 2, 3, 4, 5, 6], filled(model, [1, 2, 3, 4, 5, 6]))
+    lru.insert([1, 2, 7], filled(model, [1, 2, 7]))
+    lru.insert([1, 2, 3, 8], filled(model, [1, 2, 3, 8]))
+    cache, n = lru.fetch([1, 2, 3, 4, 0])
+    assert n == 4 and len(lru) == 3
+
+
+def test_lru_insert_drops_prefixes_and_keeps_its_bounds():
+    model = tiny_model("llama", vocab_size=V)
+    lru = PromptCacheLRU(2)
+    lru.insert([1, 2], filled(model, [1, 2]))
+    lru.insert([1, 2, 3], filled(model, [1, 2, 3]))
+    assert lru.keys() == [[1, 2, 3]]  # the prefix entry is served by the longer one
+    lru.insert([5, 6], filled(model, [5, 6]))
+    lru.insert([7, 8], filled(model, [7, 8]))
+    assert lru.keys() == [[5, 6], [7, 8]]  # least recently used evicted
+
+    one = cache_nbytes(filled(model, [9]))
+    lru = PromptCacheLRU(10, max_bytes=2 * one)
+    for i in range(4):
+        lru.insert([10 + i], filled(model, [10 + i]))
+        assert lru.nbytes <= 2 * one
+    assert lru.keys() == [[12], [13]]
+
+    with pytest.raises(ValueError, match="holds 2 tokens but its key has 3"):
+        lru.insert([1, 2, 3], filled(model, [1, 2]))
+    assert len(PromptCacheLRU(0)) == 0
+    off = PromptCacheLRU(0)
+    off.insert([1], filled(model, [1]))
+    assert len(off) == 0
