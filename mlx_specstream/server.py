@@ -101,7 +101,7 @@ UNSUPPORTED_WHY = {
     "functions": "function calling is not supported by this server",
     "function_call": "function calling is not supported by this server",
     "parallel_tool_calls": "tool calling is not supported by this server",
-    "response_format": "structured output is not supported; only {'type': 'text'}",
+    "response_format": "this server returns plain text only ({'type': 'text'})",
     "n": "one choice per request only (n=1)",
     "best_of": "one choice per request only (best_of=1)",
     "logprobs": "log-probabilities are not returned by this server",
@@ -487,6 +487,8 @@ class ModelService:
                     usage = None
                     if finish is not None:
                         usage = make_usage(len(tokens), cached, len(generated), spec)
+                        if getattr(self.defaults, "verbose", False):
+                            print(f"[usage] {json.dumps(usage)}", flush=True)
                     yield text[emitted : max(ready, emitted)], finish, usage
                     emitted = max(ready, emitted)
                 if finish is not None:
@@ -786,7 +788,7 @@ def main(argv=None):
         default=None,
         help="Most bytes of KV caches kept for reuse (e.g. 512MB); default: no limit",
     )
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="Log requests and their usage")
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error("--prompt-cache-size must be >= 0")
