@@ -44,8 +44,9 @@ def run(cmd, log: Path, env=None) -> float:
         proc = subprocess.Popen(
             list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
         )
-        for line in proc.stdout:
-            f.write(line.decode(errors="replace"))
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            f.write(chunk.decode(errors="replace"))
+            f.flush()
         if proc.wait():
             raise subprocess.CalledProcessError(proc.returncode, cmd, f"see {log}")
     seconds = time.perf_counter() - tic

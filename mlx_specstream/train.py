@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -347,8 +347,7 @@ def train_streams(
     save_every: int = 100,
     steps_per_report: int = 10,
     trainable: Optional[nn.Module] = None,
-    on_step: Optional[Callable[[int, float, Dict], None]] = None,
-    log=print,
+    log: Optional[Callable[[str], None]] = None,
 ) -> TrainResult:
     """Trains the streams of ``model`` (attached with :func:`attach_for_training`).
 
@@ -364,9 +363,8 @@ def train_streams(
         trainable (nn.Module, optional): the parameters to train. Default: the
           streams (``model.speculative_streams.streams``). Anything else is for
           tests: passing a module that holds the base as well trains the base.
-        on_step (callable, optional): called as ``on_step(step, loss, metrics)``
-          after every step.
-        log (callable): receives the report lines.
+        log (callable, optional): receives the report lines. Default: printed
+          above the progress bar.
 
     Returns:
         TrainResult: the steps done, accuracy over the last report window and
@@ -379,11 +377,12 @@ def train_streams(
     loss = StreamLoss(model, stream_weight)
     optimizer = make_optimizer(learning_rate, iters)
     start = load_checkpoint(training_dir, streams, optimizer) if training_dir else 0
-    if start:
-        log(f"[INFO] resuming from step {start} ({training_dir / CHECKPOINT_DIR})")
     step_fn = make_step(loss, trainable, optimizer, grad_clip)
     window, reported, losses = Accuracy(loss.gamma), None, []
     bar = tqdm(total=iters, initial=start, desc="training streams", unit="step")
+    log = log or bar.write
+    if start:
+        log(f"[INFO] resuming from step {start} ({training_dir / CHECKPOINT_DIR})")
     tic = time.perf_counter()
     for step in range(start, iters):
         batch = [examples[i] for i in batch_indices(step, len(examples), batch_size, seed)]
@@ -396,13 +395,11 @@ def train_streams(
         top1 = "/".join(f"{a:.2f}" for a in window.top1())
         bar.set_postfix_str(f"loss {losses[-1]:.3f}, top-1 {top1}", refresh=False)
         done = step + 1
-        if on_step is not None:
-            on_step(done, losses[-1], metrics)
         if training_dir and (done % save_every == 0 or done == iters):
             save_checkpoint(training_dir, done, streams, optimizer)
         if done % steps_per_report == 0 or done == iters:
             rate = (done - start) / (time.perf_counter() - tic)
-            bar.write(
+            log(
                 f"Iter {done}: loss {np.mean(losses[-steps_per_report:]):.3f}, "
                 f"{window.text()}, {rate:.2f} steps/s"
             )
