@@ -235,9 +235,10 @@ def print_stats(response: SpecGenerationResponse, usage: Optional[SpeculativeUsa
     if usage is None:
         usage = SpeculativeUsage(response.generation_tokens, response.forward_passes)
     print(
-        f"Forward passes: {usage.forward_passes} (decode; prefill not counted), "
+        f"Forward passes: {usage.forward_passes}, "
         f"accepted draft tokens: {usage.accepted_draft_tokens}, "
-        f"{usage.tokens_per_pass:.2f} tokens per forward pass"
+        f"{usage.tokens_per_pass:.2f} tokens per forward pass "
+        "(decode passes; the prefill of the prompt is not counted)"
     )
     print(f"Peak memory: {response.peak_memory:.3f} GB")
 

@@ -1,0 +1,68 @@
+"""generate.py: the speculative figures that --verbose prints (the same ones as the
+server's ``usage.speculative``), and ``draft=`` passed through only when set."""
+
+import sys
+
+import pytest
+from helpers import tiny_spec_model, word_tokenizer
+
+from mlx_specstream.generate import SpeculativeUsage, generate, setup_arg_parser, stream_generate
+
+# The module itself: ``import mlx_specstream.generate as m`` can give the function
+# of the same name, which the package exports lazily.
+gen_mod = sys.modules["mlx_specstream.generate"]
+
+V = 64
+
+
+def test_verbose_prints_the_counted_figures(capsys):
+    """Passes, accepted draft tokens and tokens per pass, counted here from the
+    responses. Control: without speculation, one pass per token and no drafts."""
+    model, tok = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2), word_tokenizer(V)
+    ids = tok.encode("t3 t4 t5")
+    rs = list(stream_generate(model, tok, ids, max_tokens=24))
+    passes, accepted = rs[-1].forward_passes, sum(r.from_draft for r in rs)
+    assert accepted > 0 and passes < len(rs)
+    usage = SpeculativeUsage()
+    for r in rs:
+        usage.add(r)
+    assert usage.as_dict() == {
+        "forward_passes": passes,
+        "accepted_draft_tokens": accepted,
+        "tokens_per_pass": round(len(rs) / passes, 4),
+    }
+    generate(model, tok, ids, max_tokens=24, verbose=True)
+    line = (
+        f"Forward passes: {passes}, accepted draft tokens: {accepted}, "
+        f"{len(rs) / passes:.2f} tokens per forward pass"
+    )
+    assert line in capsys.readouterr().out
+    generate(model, tok, ids, max_tokens=24, verbose=True, speculative=False)
+    out = capsys.readouterr().out
+    assert line not in out
+    assert "Forward passes: 24, accepted draft tokens: 0, 1.00 tokens per forward pass" in out
+
+
+def test_draft_is_passed_on_only_when_set(monkeypatch):
+    seen = []
+    real = gen_mod.spec_generate_step
+
+    def recording(prompt, model, **kwargs):
+        seen.append(kwargs)
+        return real(prompt, model, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "spec_generate_step", recording)
+    model, tok = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2), word_tokenizer(V)
+    want = generate(model, tok, "t3 t4 t5 t3 t4", max_tokens=12)
+    assert "draft" not in seen[-1]
+    assert generate(model, tok, "t3 t4 t5 t3 t4", max_tokens=12, draft="ngram") == want
+    assert seen[-1]["draft"] == "ngram"
+    with pytest.raises(ValueError, match="draft='typo'"):
+        generate(model, tok, "t3", max_tokens=4, draft="typo")
+
+
+def test_cli_draft_flag():
+    assert setup_arg_parser().parse_args([]).draft is None
+    assert setup_arg_parser().parse_args(["--draft", "streams+ngram"]).draft == "streams+ngram"
+    with pytest.raises(SystemExit):
+        setup_arg_parser().parse_args(["--draft", "typo"])
