@@ -1,19 +1,99 @@
-"""Keeping exactly the accepted path in every layer's KV cache."""
+"""Keeping exactly the accepted path in every layer's KV cache.
 
-from typing import List, Sequence
+Plain (``KVCache``) and quantized (``QuantizedKVCache``, mlx-lm's ``kv_bits``)
+caches are compacted the same way: along the token axis (axis 2) of every
+array the layer stores. :class:`KVQuantizer` converts caches at the moments
+mlx-lm's ``generate_step`` does, and tells the decode loop how deep a tree may
+be so that no step straddles that moment. A ``RotatingKVCache``
+(``max_kv_size``) is accepted only when its window provably never fills
+(:func:`window_rows`).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts for affine quantization
+KV_GROUP_SIZES = (32, 64, 128)
 
 
-def check_cache(cache) -> None:
-    """Raises ``ValueError`` unless every layer has a plain, rollback-able ``KVCache``."""
-    bad = sorted({type(c).__name__ for c in cache if type(c) is not KVCache})
+def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = None) -> None:
+    """Raises ``ValueError`` unless every layer's cache can be rolled back to a tree path.
+
+    Args:
+        cache (list): a cache per layer.
+        allow_quantized (bool): also accept ``QuantizedKVCache`` layers
+          (``kv_bits``; :func:`commit_path` compacts their packed data, scales
+          and biases). Default: ``False``.
+        max_rows (int, optional): the most rows any layer will hold during the
+          generation (:func:`window_rows`). When given, a ``RotatingKVCache``
+          whose ``max_size`` is at least this is accepted: its window never
+          fills, so it never rotates and behaves as a plain cache. Default:
+          ``None`` (rotating caches refused).
+
+    Example: ``check_cache([KVCache(), QuantizedKVCache()], allow_quantized=True)``
+    passes; without ``allow_quantized`` it raises, naming ``QuantizedKVCache``.
+    """
+    ok = (KVCache, QuantizedKVCache) if allow_quantized else (KVCache,)
+    if max_rows is not None:
+        ok += (RotatingKVCache,)
+    bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
     if bad:
+        refused = [
+            *([] if allow_quantized else ["quantized (kv_bits)"]),
+            *([] if max_rows is not None else ["rotating (max_kv_size)"]),
+            "recurrent",
+        ]
         raise ValueError(
-            f"Speculative Streaming needs a plain KVCache per layer, got {bad}: "
-            "quantized (kv_bits), rotating (max_kv_size) and recurrent caches are not supported."
+            f"Speculative Streaming needs a {' or '.join(t.__name__ for t in ok)} per layer, got "
+            f"{bad}: {' and '.join([', '.join(refused[:-1]), refused[-1]] if len(refused) > 1 else refused)} "
+            "caches are not supported."
         )
+    sizes = [c.max_size for c in cache if type(c) is RotatingKVCache]
+    if sizes and min(sizes) < max_rows:
+        raise ValueError(
+            f"RotatingKVCache max_size={min(sizes)} (max_kv_size) is smaller than the "
+            f"{max_rows} rows this generation can hold (cached + prompt + max_tokens + one "
+            "tree pass): its window would rotate inside a step and rejected drafts could not "
+            f"be rolled back. Use max_kv_size >= {max_rows}, fewer max_tokens, or leave "
+            "max_kv_size unset."
+        )
+
+
+def window_rows(cached: int, prompt: int, max_tokens: int, step_rows: int) -> int:
+    """The most rows any layer's cache holds while generating (a bound for
+    :func:`check_cache`'s ``max_rows``).
+
+    The committed rows never exceed the cached tokens, the prompt and every
+    generated token; one pass appends at most ``step_rows`` more on top (tree
+    nodes, plus their stream rows in the stream layers), removed at commit.
+
+    Args:
+        cached (int): tokens already in the cache before the call.
+        prompt (int): prompt tokens of the call.
+        max_tokens (int): tokens to generate (``-1``, no limit, has no bound).
+        step_rows (int): the most rows one forward pass appends to a layer,
+          e.g. ``max_tree_nodes * (1 + num_streams)`` with fused streams.
+
+    Example: ``window_rows(0, 10, 20, 16 * 4)`` is ``94``: a cache of
+    ``max_kv_size=94`` or more never rotates during that generation.
+    """
+    if max_tokens < 0:
+        raise ValueError(
+            f"max_tokens={max_tokens}: a generation without a token limit can always fill a "
+            "RotatingKVCache (max_kv_size); set max_tokens or leave max_kv_size unset."
+        )
+    return cached + prompt + max_tokens + step_rows
+
+
+def _arrays(c) -> list:
+    """The arrays of one layer's cache that carry the token axis (axis 2):
+    keys and values, or the packed data, scales and biases of both."""
+    if isinstance(c.keys, (tuple, list)):  # QuantizedKVCache
+        return [*c.keys, *c.values]
+    return [c.keys, c.values]
 
 
 def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequence[int]]) -> None:
@@ -24,6 +104,11 @@ def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequ
     ``prefix``), moved to ``prefix, prefix + 1, ...``; everything after them
     (rejected nodes, stream rows) is dropped.
 
+    A ``QuantizedKVCache`` layer is gathered along the token axis of its packed
+    data, scales and biases (quantization groups run along the head
+    dimension, so every row is quantized on its own and moves whole). Layers
+    of different kinds may be mixed.
+
     Example: rows ``[p0 p1 | a b c d]`` with prefix 2 and keep ``[0, 2]`` become
     ``[p0 p1 a c]``; keep ``[0, 1]`` is a plain trim to ``[p0 p1 a b]``.
     """
@@ -32,18 +117,149 @@ def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequ
         keep = list(keep)
         if keep != list(range(len(keep))):
             idx = mx.array(keep, dtype=mx.int32) + prefix
-            moves.append(
-                (c, len(keep), mx.take(c.keys, idx, axis=2), mx.take(c.values, idx, axis=2))
-            )
+            arrays = _arrays(c)
+            moves.append((arrays, len(keep), [mx.take(a, idx, axis=2) for a in arrays]))
     if moves:
         # Evaluate the gathered rows first so the slice writes below update the
         # cache buffers in place instead of copying them.
-        mx.eval([(k, v) for _, _, k, v in moves])
-        for c, n, k, v in moves:
-            c.keys[..., prefix : prefix + n, :] = k
-            c.values[..., prefix : prefix + n, :] = v
+        mx.eval([rows for _, _, rows in moves])
+        for arrays, n, rows in moves:
+            for a, r in zip(arrays, rows):
+                a[..., prefix : prefix + n, :] = r
     for c, keep in zip(cache, keep_per_layer):
         c.trim(c.offset - (prefix + len(keep)))
+
+
+def prefill_chunks(prompt: int, step: int) -> List[int]:
+    """The sizes of the model calls mlx-lm's ``generate_step`` feeds a prompt in.
+
+    All but the last prompt token are fed in chunks of ``step`` (the last one
+    shorter); the last token is fed by the first decode call. mlx-lm converts
+    the cache (``kv_bits``) after each of these calls, so feeding the prompt
+    in the same chunks and calling :meth:`KVQuantizer.maybe_quantize` after
+    each gives the same conversion points.
+
+    Args:
+        prompt (int): the number of prompt tokens (at least 1).
+        step (int): ``prefill_step_size``.
+
+    Returns:
+        list: the chunk sizes, summing to ``prompt - 1``.
+
+    Example: ``prefill_chunks(10, 4)`` is ``[4, 4, 1]`` (then the 10th token is
+    the first decode call); ``prefill_chunks(1, 4)`` is ``[]``.
+    """
+    if step < 1:
+        raise ValueError(f"prefill_step_size={step} must be at least 1.")
+    body = max(prompt - 1, 0)
+    return [min(step, body - i) for i in range(0, body, step)]
+
+
+@dataclass(frozen=True)
+class KVQuantizer:
+    """mlx-lm's KV-cache quantization (``kv_bits``) at mlx-lm's moments.
+
+    mlx-lm's ``generate_step`` calls ``maybe_quantize_kv_cache`` after every
+    model call: after each prefill chunk (:func:`prefill_chunks`) and after
+    each one-token decode call. A layer converts (``KVCache.to_quantized``)
+    once its offset is at least ``quantized_kv_start``. Quantization is per row
+    along the head dimension, so *when* a row is quantized does not change its
+    packed values; what depends on the moment is which tokens attend to a
+    quantized cache, and with it the K/V rows of the layers above.
+
+    The rule a decode loop must follow, for a token at position ``p`` in the
+    decode phase: mlx-lm feeds it in a call that starts at offset ``p``; the
+    cache is quantized then exactly when an earlier call ended at an offset
+    ``>= quantized_kv_start``. Once decoding one token per call, every offset
+    is such an end, so a cache still at full precision at offset ``o`` stays so
+    for ``max(1, quantized_kv_start - o)`` positions (``o`` itself is always
+    fed as it is; ``o + j`` for ``j >= 1`` only while ``o + j <
+    quantized_kv_start``): :meth:`full_precision_room`. A tree pass at offset
+    ``o`` whose depth is below that room, followed by :func:`commit_path` and
+    :meth:`maybe_quantize`, then lets every accepted token see the cache
+    mlx-lm's would have shown it; once converted, a tree may be any depth
+    (a quantized pass quantizes its own rows as it appends them, as mlx-lm's
+    one-token calls do).
+
+    Worked example: ``quantized_kv_start=10``, prompt of 7 tokens, prefill
+    step 4. mlx-lm feeds chunks of 4 and 2 (offsets 4, 6: no conversion),
+    then one token per call at offsets 6, 7, 8, ... A tree step at offset 6
+    has room ``10 - 6 = 4``: depth at most 3 (positions 6..9, all at full
+    precision in mlx-lm too). If all 4 are accepted the committed offset is
+    10, so :meth:`maybe_quantize` converts, and the next root (position 10)
+    sees a quantized cache, as in mlx-lm, whose call ending at offset 10
+    converted it. With 2 accepted (offset 8) nothing converts and the next
+    step has room 2: depth at most 1.
+
+    Args:
+        kv_bits (int): bits per quantized element.
+        kv_group_size (int): elements per quantization group (must divide the
+          head dimension). Default: ``64``.
+        quantized_kv_start (int): the offset from which mlx-lm converts.
+          Default: ``5000`` (mlx-lm's).
+    """
+
+    kv_bits: int
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
+
+    def __post_init__(self):
+        if self.kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits={self.kv_bits!r}: choose one of {KV_BITS} (or None).")
+        if self.kv_group_size not in KV_GROUP_SIZES:
+            raise ValueError(
+                f"kv_group_size={self.kv_group_size!r}: choose one of {KV_GROUP_SIZES}."
+            )
+        if not (isinstance(self.quantized_kv_start, int) and self.quantized_kv_start >= 0):
+            raise ValueError(
+                f"quantized_kv_start={self.quantized_kv_start!r} must be an integer >= 0."
+            )
+
+    @classmethod
+    def from_args(
+        cls, kv_bits: Optional[int], kv_group_size: int = 64, quantized_kv_start: int = 5000
+    ) -> Optional["KVQuantizer"]:
+        """A quantizer for mlx-lm's arguments, ``None`` when ``kv_bits`` is ``None``."""
+        if kv_bits is None:
+            return None
+        return cls(kv_bits, kv_group_size, quantized_kv_start)
+
+    def maybe_quantize(self, cache: list, offset: Optional[int] = None) -> None:
+        """Converts, in place, every layer mlx-lm's ``maybe_quantize_kv_cache``
+        would convert now: those with ``to_quantized`` and at least
+        ``quantized_kv_start`` tokens.
+
+        Args:
+            cache (list): a cache per layer; converted entries are replaced.
+            offset (int, optional): the offset mlx-lm's cache has at this
+              moment when it differs from each layer's own. At the end of a
+              generation mlx-lm's cache also holds the last yielded token (its
+              pipelined step has fed it), so pass ``cache[0].offset + 1``
+              there. Default: each layer's offset.
+        """
+        for i, c in enumerate(cache):
+            n = c.offset if offset is None else offset
+            if hasattr(c, "to_quantized") and n >= self.quantized_kv_start:
+                cache[i] = c.to_quantized(group_size=self.kv_group_size, bits=self.kv_bits)
+
+    def full_precision_room(self, cache: list) -> Optional[int]:
+        """How many positions, from the cache's offset on, mlx-lm's one-token
+        decoding feeds before its cache is quantized (``None``: already
+        quantized, no limit). Always at least 1: the next token is fed to the
+        cache as it is now.
+
+        Example: with ``quantized_kv_start=10``, a full-precision cache at
+        offset 6 has room 4 (positions 6, 7, 8, 9); at offset 9 or 12, room 1.
+        """
+        if not any(hasattr(c, "to_quantized") for c in cache):
+            return None
+        return max(1, self.quantized_kv_start - cache[0].offset)
+
+    def max_tree_depth(self, cache: list) -> Optional[int]:
+        """The deepest tree (levels below the root) the next step may verify
+        so that it does not straddle the conversion (``None``: no limit)."""
+        room = self.full_precision_room(cache)
+        return None if room is None else room - 1
 
 
 class SpecPromptCache(list):
@@ -56,11 +272,14 @@ class SpecPromptCache(list):
     drafter_state = None
 
 
-def make_prompt_cache(model) -> SpecPromptCache:
-    """A prompt cache for ``model`` (mlx-lm's caches, and room for a drafter's state)."""
+def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> SpecPromptCache:
+    """A prompt cache for ``model`` (mlx-lm's caches, and room for a drafter's state).
+
+    ``max_kv_size`` gives rotating caches, as in mlx-lm (see :func:`check_cache`).
+    """
     from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 
-    return SpecPromptCache(make_mlx_lm_cache(model))
+    return SpecPromptCache(make_mlx_lm_cache(model, max_kv_size=max_kv_size))
 
 
 def trim_prompt_cache(cache, n: int) -> int:
