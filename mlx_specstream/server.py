@@ -38,6 +38,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
@@ -220,6 +221,14 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
 
 
 _END = object()  # a job's last event
+_LIVE: "weakref.WeakSet[ModelService]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all():
+    """Ends every generation thread before the interpreter finalizes (see ModelService)."""
+    for service in list(_LIVE):
+        service.stop()
 
 
 class Job:
@@ -293,7 +302,7 @@ class ModelService:
             target=self._run, name="mlx-specstream-generation", daemon=True
         )
         self._thread.start()
-        atexit.register(self.stop)
+        _LIVE.add(self)
 
     # ---- the generation thread --------------------------------------------------
     def submit(self, tokens: List[int], args: Dict[str, Any]) -> Job:
@@ -338,6 +347,9 @@ class ModelService:
                 job = self._jobs.get_nowait()
                 if job is not None:
                     job.put(_END)
+                    with self._idle:
+                        self._pending -= 1
+                        self._idle.notify_all()
             mx.clear_streams()  # empties this thread's compile cache (see the class doc)
 
     def _serve(self, job: Job):
@@ -605,7 +617,10 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             return self._error(e.status, str(e), e.param)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        job = self.service.submit(tokens, args)
+        try:
+            job = self.service.submit(tokens, args)
+        except RuntimeError as e:  # the server is shutting down
+            return self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(e))
         events = iter(job)
         try:
             try:
