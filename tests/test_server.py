@@ -688,3 +688,27 @@ def test_the_process_exits_cleanly_after_serving(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "served" in out.stdout and "terminate called" not in out.stderr
+
+
+def test_seeded_sampling_follow_up_equals_a_cold_request(serve):
+    """Sampling (rejection over stream drafts) with a seed: a follow-up that
+    reuses the cache draws the same text as a server without a cache.
+    Negative control: another seed draws another text."""
+    model, tok = spec_model(), word_tokenizer(V)
+    warm, _, _ = serve(model, tok)
+    cold, _, _ = serve(model, tok, prompt_cache_size=0)
+    m1 = [{"role": "user", "content": "t3 t4 t5 t6"}]
+    r1 = warm.chat.completions.create(
+        model="tiny", messages=m1, max_tokens=12, temperature=1.0, seed=5
+    )
+    m2 = turn(m1, r1.choices[0].message.content, "t20 t21")
+
+    def ask(client, seed):
+        r = client.chat.completions.create(
+            model="tiny", messages=m2, max_tokens=16, temperature=1.0, seed=seed
+        )
+        return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+    (text, cached), (cold_text, _) = ask(warm, 7), ask(cold, 7)
+    assert cached > 0 and text == cold_text
+    assert ask(cold, 8)[0] != cold_text
