@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_specstream.cache import commit_path
 from mlx_specstream.tree import (
@@ -157,6 +157,25 @@ def test_compaction_equals_a_gather(prefix, n, data):
     assert c.offset == len(want)
     assert c.keys[0, 0, : c.offset, 0].tolist() == want
     assert c.values[0, 1, : c.offset, 2].tolist() == [-w for w in want]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 8), st.sampled_from([(4, 32), (8, 64)]), st.data())
+def test_quantized_compaction_equals_a_gather(prefix, n, quant, data):
+    """On a QuantizedKVCache the packed data, scales and biases of the kept rows
+    move together: the result equals a cache fed the gathered rows."""
+    bits, group = quant
+    keep = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))
+    seed = data.draw(st.integers(0, 2**16))
+    k = mx.random.normal((1, 2, prefix + n, 64), key=mx.random.key(seed))
+    c, want = QuantizedKVCache(group, bits), QuantizedKVCache(group, bits)
+    c.update_and_fetch(k, -k)
+    commit_path([c], prefix, [keep])
+    idx = mx.array(list(range(prefix)) + [prefix + i for i in keep])
+    want.update_and_fetch(k[:, :, idx], -k[:, :, idx])
+    assert c.offset == want.offset == idx.size
+    for got, ref in zip([*c.keys, *c.values], [*want.keys, *want.values]):
+        assert np.array_equal(np.array(got[..., : c.offset, :]), np.array(ref[..., : c.offset, :]))
 
 
 @settings(max_examples=200, deadline=None)
