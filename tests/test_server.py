@@ -712,3 +712,36 @@ def test_seeded_sampling_follow_up_equals_a_cold_request(serve):
     (text, cached), (cold_text, _) = ask(warm, 7), ask(cold, 7)
     assert cached > 0 and text == cold_text
     assert ask(cold, 8)[0] != cold_text
+
+
+def test_repetition_penalty_follow_up_sees_the_same_history(serve, monkeypatch):
+    """A repetition penalty reads the last ``repetition_context_size`` tokens:
+    a follow-up reusing the cache still feeds that many, so it answers as a
+    server without a cache. Negative control: feeding only the new tokens
+    (the penalty then sees a shorter history) answers differently."""
+    model, tok = spec_model(), word_tokenizer(V)
+    body = {"repetition_penalty": 4.0, "repetition_context_size": 12}
+    m1 = [{"role": "user", "content": "t10 t33 t46 t50 t53"}]
+    cold, _, _ = serve(model, tok, prompt_cache_size=0)
+    a1 = cold.chat.completions.create(model="tiny", messages=m1, max_tokens=12, extra_body=body)
+    m2 = turn(m1, a1.choices[0].message.content, "t20")
+    want = cold.chat.completions.create(model="tiny", messages=m2, max_tokens=16, extra_body=body)
+    want = want.choices[0].message.content
+
+    def follow_up():
+        warm, _, _ = serve(model, tok)
+        warm.chat.completions.create(model="tiny", messages=m1, max_tokens=12, extra_body=body)
+        r = warm.chat.completions.create(model="tiny", messages=m2, max_tokens=16, extra_body=body)
+        return r.choices[0].message.content, r.usage
+
+    text, usage = follow_up()
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert text == want and cached > 0 and usage.prompt_tokens - cached == 12
+
+    parse = server_mod.parse_generation_args
+    monkeypatch.setattr(
+        server_mod, "parse_generation_args", lambda b, d: {**parse(b, d), "min_fed": 1}
+    )
+    text, usage = follow_up()
+    assert usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens < 12
+    assert text != want
