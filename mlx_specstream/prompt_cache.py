@@ -96,14 +96,17 @@ class PromptCacheLRU:
             raise ValueError(f"max_bytes={max_bytes!r} must be >= 0")
         self.max_size, self.max_bytes = max_size, max_bytes
         self._entries: "OrderedDict[Tuple[int, ...], Entry]" = OrderedDict()  # oldest first
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
 
     @property
     def nbytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values())
+        """Bytes held by the kept caches (not by those taken out and in use)."""
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
 
     def keys(self) -> List[List[int]]:
         """The cached token prefixes, least recently used first."""
