@@ -46,10 +46,10 @@ def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = 
             *([] if max_rows is not None else ["rotating (max_kv_size)"]),
             "recurrent",
         ]
+        kinds = refused[0] if len(refused) == 1 else f"{', '.join(refused[:-1])} and {refused[-1]}"
         raise ValueError(
             f"Speculative Streaming needs a {' or '.join(t.__name__ for t in ok)} per layer, got "
-            f"{bad}: {' and '.join([', '.join(refused[:-1]), refused[-1]] if len(refused) > 1 else refused)} "
-            "caches are not supported."
+            f"{bad}: {kinds} caches are not supported."
         )
     sizes = [c.max_size for c in cache if type(c) is RotatingKVCache]
     if sizes and min(sizes) < max_rows:

@@ -179,7 +179,9 @@ class Recorder:
         return getattr(self.model, name)
 
     def __call__(self, inputs, cache=None, **kwargs):
-        self.calls.append((cache[0].offset, inputs.shape[1], isinstance(cache[0], QuantizedKVCache)))
+        self.calls.append(
+            (cache[0].offset, inputs.shape[1], isinstance(cache[0], QuantizedKVCache))
+        )
         return self.model(inputs, cache=cache, **kwargs)
 
 
@@ -298,7 +300,9 @@ PATH = [0, 1, 3, 4]
 
 @pytest.mark.parametrize("arch, stream_pass", [("llama", "fused"), ("qwen2", "split")])
 @pytest.mark.parametrize("quantized_layers", ["all", "lower half"])
-def test_tree_pass_over_a_quantized_cache_equals_one_token_calls(arch, stream_pass, quantized_layers):
+def test_tree_pass_over_a_quantized_cache_equals_one_token_calls(
+    arch, stream_pass, quantized_layers
+):
     """A multi-stream pass (bool tree mask, per-row RoPE positions) on a
     quantized cache gives, at the nodes of a path, mlx-lm's logits when it
     feeds that path one token per call to an equal cache; after compaction to
@@ -360,7 +364,9 @@ def run_both(model, bits, start, n_tokens=N_TOKENS, **spec_kwargs):
 def assert_like_mlx_lm(ref, out, ref_cache, spec_cache):
     assert [t for t, _ in ref] == [o[0] for o in out]
     for i, ((_, want), got) in enumerate(zip(ref, out)):
-        np.testing.assert_allclose(np.array(got[1]), np.array(want), atol=1e-4, err_msg=f"token {i}")
+        np.testing.assert_allclose(
+            np.array(got[1]), np.array(want), atol=1e-4, err_msg=f"token {i}"
+        )
     # Both caches are quantized (or not) alike; the rows both hold are equal.
     assert [type(c) for c in spec_cache] == [type(c) for c in ref_cache]
     n = min(spec_cache[0].offset, ref_cache[0].offset)
@@ -378,7 +384,9 @@ SETTINGS = [(4, 0), (4, 13), (4, 21), (8, 20), (4, 47)]
 
 
 @pytest.mark.parametrize("bits, start", SETTINGS)
-@pytest.mark.parametrize("arch, stream_pass", [("llama", "fused"), ("qwen2", "split"), ("gpt_neox", "fused")])
+@pytest.mark.parametrize(
+    "arch, stream_pass", [("llama", "fused"), ("qwen2", "split"), ("gpt_neox", "fused")]
+)
 def test_greedy_equals_mlx_lm_with_kv_bits(arch, stream_pass, bits, start):
     model = spec_model(arch, stream_pass=stream_pass)
     ref, out, ref_cache, spec_cache = run_both(model, bits, start)
@@ -449,7 +457,9 @@ def test_max_kv_size_that_never_fills_equals_mlx_lm():
     max_kv_size = 256  # > prompt + 20 tokens + one pass of at most 16 nodes with 3 streams each
     cache = make_prompt_cache(model, max_kv_size=max_kv_size)
     assert all(type(c) is RotatingKVCache for c in cache)
-    want = [t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=20, max_kv_size=max_kv_size)]
+    want = [
+        t for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=20, max_kv_size=max_kv_size)
+    ]
     out = list(spec_generate_step(mx.array(PROMPT), model, max_tokens=20, prompt_cache=cache))
     assert out[-1][3] < len(out), "no draft accepted"
     assert [o[0] for o in out] == want
