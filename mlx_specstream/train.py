@@ -12,8 +12,8 @@ is lossless. The recipe is ``convert.finetune --mode lossless``'s, in MLX:
   ``--stream-loss-weight`` (0.1, paper Eq. 5 with ``alpha_0 = 0``), plus the
   next-token loss of the pruning adapter at layer ``N - N_s`` on detached
   states (so it trains the adapter alone);
-* a linear learning-rate decay to 0, gradients clipped to norm 1, no weight
-  decay (transformers' Trainer defaults);
+* AdamW with bias correction, a linear learning-rate decay to 0, gradients
+  clipped to norm 1, no weight decay (torch under transformers' Trainer);
 * ``--self-distill``: completions replaced by the base model's own greedy
   continuations, generated in batches.
 
@@ -224,10 +224,12 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> L
 
 
 def make_optimizer(learning_rate: float, iters: int):
-    """AdamW with a linear decay to 0 over ``iters`` steps and no weight decay
-    (transformers' Trainer defaults, as ``convert.finetune`` uses them)."""
+    """AdamW as torch runs it under transformers' Trainer (``convert.finetune``):
+    bias-corrected moments (MLX's default leaves them uncorrected, which makes
+    the early steps about 3x larger), no weight decay, and a linear decay to 0
+    over ``iters`` steps."""
     schedule = optim.linear_schedule(learning_rate, 0.0, max(iters, 1))
-    return optim.AdamW(learning_rate=schedule, weight_decay=0.0)
+    return optim.AdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
 
 
 def make_step(loss: StreamLoss, trainable: nn.Module, optimizer, grad_clip: float = 1.0):

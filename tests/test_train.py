@@ -33,9 +33,9 @@ from mlx_specstream.train_data import DataError, load_examples, self_distill, te
 V = 64
 CYCLE = [3, 17, 42, 8, 29]  # every row repeats it: the future is fully predictable
 SPEC = dict(num_streams=3, num_stream_layers=2, stream_lora_rank=8)
-RECIPE = dict(batch_size=4, learning_rate=3e-3, stream_weight=1.0)
+RECIPE = dict(batch_size=4, learning_rate=1e-2, stream_weight=1.0)
 # fmt: off
-CLI_RECIPE = ["--batch-size", "4", "--learning-rate", "3e-3", "--stream-loss-weight", "1",
+CLI_RECIPE = ["--batch-size", "4", "--learning-rate", "1e-2", "--stream-loss-weight", "1",
               "--num-stream-layers", "2", "--stream-lora-rank", "8", "--max-seq-length", "16",
               "--window-prompt", "2", "--steps-per-report", "5"]
 # fmt: on
@@ -245,7 +245,7 @@ def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkey
     monkeypatch.setattr(train_module, "save_checkpoint", save)
     with pytest.raises(FileExistsError, match="pass --resume"):
         run(tmp_path / "resumed")
-    with pytest.raises(ValueError, match="--learning-rate 0.003, not 0.001"):
+    with pytest.raises(ValueError, match="--learning-rate 0.01, not 0.001"):
         run(tmp_path / "resumed", "--resume", "--learning-rate", "1e-3")
     capsys.readouterr()
     run(tmp_path / "resumed", "--resume")
@@ -255,6 +255,31 @@ def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkey
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_the_optimizer_steps_as_torch_adamw_under_trainer():
+    """Bias-corrected AdamW, linear decay to 0, norm-1 clipping: the same
+    parameters after a few steps as torch's (convert.finetune's optimizer)."""
+    torch = pytest.importorskip("torch")
+    import mlx.optimizers as optim
+    from transformers import get_linear_schedule_with_warmup
+
+    from mlx_specstream.train import make_optimizer
+
+    rng = np.random.default_rng(0)
+    w0, grads = rng.normal(size=(4, 3)), [rng.normal(size=(4, 3)) * 3 for _ in range(5)]
+    tw = torch.nn.Parameter(torch.tensor(w0))
+    topt = torch.optim.AdamW([tw], lr=1e-2, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(topt, 0, 5)
+    params, opt = {"w": mx.array(w0, dtype=mx.float32)}, make_optimizer(1e-2, 5)
+    for g in grads:
+        tw.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_([tw], 1.0)
+        topt.step()
+        sched.step()
+        clipped, _ = optim.clip_grad_norm({"w": mx.array(g, dtype=mx.float32)}, 1.0)
+        params = opt.apply_gradients(clipped, params)
+    np.testing.assert_allclose(np.array(params["w"]), tw.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_batches_are_a_function_of_the_step():
