@@ -200,6 +200,25 @@ def stream_accuracy(model_dir: Path, examples):
     return {"streams": acc.top1(), "early_exit": acc.early_top1()}
 
 
+def phase_seconds(log: Path) -> dict:
+    """Self-distillation and training-loop wall times, from the final
+    ``[mm:ss<...]`` of each progress bar in a trainer's log."""
+    import re
+
+    text = open(log, errors="replace").read().replace("\r", "\n")
+    out = {}
+    for phase, pattern in (
+        ("self_distillation", r"self-distillation: 100%"),
+        ("training_loop", r"(?:training streams: )?100%\|[^\n]*100/100"),
+    ):
+        bars = [l for l in text.splitlines() if re.search(pattern, l) and "[" in l]
+        if bars:
+            m = re.search(r"\[(?:(\d+):)?(\d+):(\d+)<", bars[-1])
+            h, mnt, sec = (int(x or 0) for x in m.groups())
+            out[phase] = 3600 * h + 60 * mnt + sec
+    return out
+
+
 def versions():
     import mlx.core as mx
     import mlx_lm
@@ -257,7 +276,13 @@ def main():
         "paper (k=3, depth 3, <= 40 nodes)": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=40),
         "default (k=3, depth 3, <= 16 nodes)": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16),
     }
-    results = {"settings": vars(args), "versions": versions(), "train_seconds": times, "tau": {}}
+    results = {
+        "settings": vars(args),
+        "versions": versions(),
+        "train_seconds": times,
+        "phase_seconds": {side: phase_seconds(work / f"{side}.log") for side in ("torch", "mlx")},
+        "tau": {},
+    }
     for tree_name, tree in trees.items():
         row = {}
         for side, model_dir in (("pytorch", work / "torch-mlx"), ("mlx", work / "mlx")):
@@ -311,11 +336,15 @@ def markdown(r) -> str:
     for side, label in (("pytorch", "PyTorch recipe"), ("mlx", "MLX")):
         streams = " / ".join(f"{a:.3f}" for a in acc[side]["streams"])
         lines.append(f"| {label} | {streams} | {acc[side]['early_exit']:.3f} |")
-    t = r["train_seconds"]
+    t, ph = r["train_seconds"], r["phase_seconds"]
     lines += [
         "",
         f"Training wall time, self-distillation included: PyTorch {t.get('pytorch', 0):.0f} s, "
-        f"MLX {t.get('mlx', 0):.0f} s (MLX BLAS: {v['mlx_blas']}).",
+        f"MLX {t.get('mlx', 0):.0f} s (MLX BLAS: {v['mlx_blas']}). Self-distillation: "
+        f"PyTorch {ph['torch'].get('self_distillation', 0)} s, "
+        f"MLX {ph['mlx'].get('self_distillation', 0)} s; training loop: "
+        f"PyTorch {ph['torch'].get('training_loop', 0)} s, "
+        f"MLX {ph['mlx'].get('training_loop', 0)} s.",
         "",
         f"Machine: {v['machine']}; Python {v['python']}, mlx {v['mlx']}, mlx-lm {v['mlx_lm']}, "
         f"torch {v['torch']}, transformers {v['transformers']}.",
