@@ -415,7 +415,8 @@ def train_streams(
 
 def setup_arg_parser():
     p = argparse.ArgumentParser(
-        description="Train lossless-mode speculative streams for an mlx-lm model (base frozen)."
+        prog="python -m mlx_specstream.train",
+        description="Train lossless-mode speculative streams for an mlx-lm model (base frozen).",
     )
     p.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
     p.add_argument(

@@ -222,6 +222,26 @@ def test_cli_writes_a_model_that_loads_decodes_losslessly_and_is_tuned(
         train_main(argv + ["--no-tune", "--resume", *CLI_RECIPE])
 
 
+def test_cli_on_a_quantized_base_writes_it_unchanged(data_file, tmp_path):
+    import mlx_lm
+
+    base_dir = write_base(tmp_path / "q4", quant_bits=4)
+    out = tmp_path / "out"
+    train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
+                "--iters", "3", "--no-tune", *CLI_RECIPE])  # fmt: skip
+    src, dst = mx.load(str(base_dir / "model.safetensors")), mx.load(str(out / "model.safetensors"))
+    assert any(k.endswith(".scales") for k in src) and src.keys() == dst.keys()
+    assert all(mx.array_equal(src[k], dst[k]).item() and src[k].dtype == dst[k].dtype for k in src)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    model, tokenizer = load(str(out))
+    base, _ = mlx_lm.load(str(base_dir))
+    prompt = cycle_ids(random.Random(2), 4)
+    got = stream_generate(model, tokenizer, prompt, max_tokens=12, tree_depth=3, tree_top_k=2)
+    want = plain_greedy(base, prompt, 12)
+    got = [r.token for r in got]
+    assert got == want[: len(got)] and (len(got) == 12 or got[-1] == tokenizer.eos_token_id)
+
+
 def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkeypatch, capsys):
     def run(out, *extra):
         train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
