@@ -19,9 +19,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
-from .cache import check_cache, commit_path
+from .cache import KVQuantizer, check_cache, commit_path, window_rows
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, ngram_draft
 from .sample_utils import DistributionSampler
@@ -90,8 +90,9 @@ class Decoder:
     """
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
-                 ngram_tokens, max_tokens, dstate=None):  # fmt: skip
+                 ngram_tokens, max_tokens, dstate=None, quant=None):  # fmt: skip
         self.rt, self.cache, self.history = rt, cache, history
+        self.quant = quant
         self.sampler, self.processors = sampler, processors
         ks, self.depth, self.threshold, self.max_nodes = tree
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
@@ -136,7 +137,9 @@ class Decoder:
             p.top, p.next_tokens = self._draft_tokens(
                 self._stream_logprobs(out, p.last), p.targets[p.last]
             )
-        mx.async_eval([a for a in (p.tokens, p.logprobs, p.targets, p.last, p.next_tokens) if a is not None])
+        mx.async_eval(
+            [a for a in (p.tokens, p.logprobs, p.targets, p.last, p.next_tokens) if a is not None]
+        )
         return p
 
     def finish(self, p: Pending) -> Tuple[List[tuple], Optional[Draft]]:
@@ -160,6 +163,8 @@ class Decoder:
             [path if i >= self.rt.first_top else [out.kept[a] for a in path]
              for i in range(self.rt.num_layers)],
         )  # fmt: skip
+        if self.quant is not None:
+            self.quant.maybe_quantize(self.cache)
         new = [(tokens[a], p.logprobs[parents[a]], True) for a in path[1:]]
         new.append((token, p.logprobs[path[-1]], False))
         if self.max_tokens >= 0:
@@ -177,7 +182,9 @@ class Decoder:
 
     def first_draft(self, root: int) -> Draft:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
-        chain = ngram_draft(self.history, min(self.ngram_tokens, self._room())) if self.ngram else []
+        chain = (
+            ngram_draft(self.history, min(self.ngram_tokens, self._room())) if self.ngram else []
+        )
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
     def _room(self) -> int:
@@ -185,7 +192,8 @@ class Decoder:
         room = self.max_nodes - 1
         if self.max_tokens >= 0:
             room = min(room, self.max_tokens - self.emitted - 1)
-        return room
+        cap = None if self.quant is None else self.quant.max_tree_depth(self.cache)
+        return room if cap is None else min(room, cap)
 
     # ---- drafts -------------------------------------------------------------------
     def _stream_logprobs(self, out: StepOutput, node: mx.array) -> mx.array:
@@ -258,7 +266,9 @@ class Decoder:
         top = mx.argsort(-keys[: self.depth], axis=-1)[:, : self.kmax]  # draw order
         mx.eval(q, top)
         top = top.tolist()
-        p.next_tokens = [token] + [top[g][r] for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])]
+        p.next_tokens = [token] + [
+            top[g][r] for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])
+        ]
         return path, token, np.array(q)
 
 
@@ -302,8 +312,10 @@ def spec_generate_step(
         logits_processors (list, optional): mlx-lm logits processors, applied at
           every tree node with that node's own token history.
         prompt_cache (list, optional): a KV cache per layer, updated in place.
-          When the generator ends or is closed it holds, as mlx-lm's does, the
-          earlier tokens, the prompt and every yielded token but the last.
+          When the generator ends or is closed it holds the earlier tokens, the
+          prompt and every yielded token but the last (mlx-lm's also holds the
+          last one, which its pipelined loop has already fed): a follow-up call
+          starts its prompt with that last token.
           :func:`mlx_specstream.cache.make_prompt_cache` also keeps an attached
           drafter's own context.
         prefill_step_size (int): prompt chunk size. Default: ``2048``.
@@ -330,14 +342,18 @@ def spec_generate_step(
           both, merged into one tree under ``max_tree_nodes``.
         num_draft_tokens (int): the longest prompt-lookup draft. Default: ``10``.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
-          KV-cache options; quantized and rotating caches cannot be rolled back
-          to an accepted tree path, so setting them is refused.
+          KV-cache options. ``kv_bits`` converts the cache at the moments
+          mlx-lm does (greedy output equals mlx-lm's with the same options).
+          ``max_kv_size`` is accepted only when its window never fills during
+          the call (a rotated window cannot be rolled back to a tree path).
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
     """
     if draft is not None and draft not in DRAFTS:
-        raise ValueError(f"draft={draft!r}: choose None (the model's own drafts) or one of {DRAFTS}")
+        raise ValueError(
+            f"draft={draft!r}: choose None (the model's own drafts) or one of {DRAFTS}"
+        )
     if draft == "ngram" and getattr(model, "speculative_streams", None) is None:
         attach_verifier(model)
     rt = get_runtime(model)
@@ -348,11 +364,7 @@ def spec_generate_step(
         depth = 0  # the model's own drafts are off
     elif draft == "streams+ngram" and rt.drafter is not None:
         raise ValueError("draft='streams+ngram' needs a model with streams, not a drafter.")
-    if kv_bits is not None or max_kv_size is not None:
-        raise ValueError(
-            "kv_bits and max_kv_size are not supported by Speculative Streaming: quantized and "
-            "rotating KV caches cannot be compacted to the accepted tree path. Leave them unset."
-        )
+    quant = KVQuantizer.from_args(kv_bits, kv_group_size, quantized_kv_start)
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
     sampler = sampler or greedy
@@ -384,6 +396,10 @@ def spec_generate_step(
                     logits_processors=logits_processors,
                     prompt_cache=prompt_cache,
                     prefill_step_size=prefill_step_size,
+                    max_kv_size=max_kv_size,
+                    kv_bits=kv_bits,
+                    kv_group_size=kv_group_size,
+                    quantized_kv_start=quantized_kv_start,
                 )
             ):
                 yield token, logprobs, False, n + 1
@@ -398,8 +414,13 @@ def spec_generate_step(
             stacklevel=2,
         )
         threshold = 0.0
-    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
-    check_cache(cache)
+    cache = make_prompt_cache(model, max_kv_size) if prompt_cache is None else prompt_cache
+    max_rows = None
+    if any(type(c) is RotatingKVCache for c in cache):  # accepted only while it never rotates
+        gamma = getattr(rt.config, "num_streams", 0)  # (a drafter adds no rows)
+        step_rows = max_nodes * (1 + gamma) + gamma
+        max_rows = window_rows(cache[0].offset, prompt.size, max_tokens, step_rows)
+    check_cache(cache, allow_quantized=True, max_rows=max_rows)
     start = cache[0].offset
     dstate = None
     if rt.drafter is not None and depth:
@@ -410,11 +431,12 @@ def spec_generate_step(
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
         (ks, depth, threshold, max_nodes), acceptance, draft, num_draft_tokens, max_tokens, dstate,
+        quant,
     )  # fmt: skip
     yielded = 0
     try:
         with mx.stream(generation_stream):
-            _prefill(rt, cache, prompt, prefill_step_size, dstate)
+            _prefill(rt, cache, prompt, prefill_step_size, dstate, quant)
             pending = dec.launch(dec.first_draft(prompt_list[-1]))
             while pending is not None:
                 new, nxt = dec.finish(pending)
@@ -427,6 +449,9 @@ def spec_generate_step(
     finally:
         # Like mlx-lm's: the cache ends with every yielded token but the last.
         rewind(cache, start + prompt.size - 1 + yielded)
+        if quant is not None:  # mlx-lm's cache has also fed the last yielded token
+            quant.maybe_quantize(cache, offset=cache[0].offset + 1)
+        rt.release()
 
 
 def rewind(cache, end: int) -> None:
@@ -439,7 +464,7 @@ def rewind(cache, end: int) -> None:
         state.trim_to(end)
 
 
-def _prefill(rt: StreamRuntime, cache, prompt: mx.array, step: int, dstate) -> None:
+def _prefill(rt: StreamRuntime, cache, prompt: mx.array, step: int, dstate, quant=None) -> None:
     """Feeds all but the last prompt token with the plain model. A drafter that
     reads the prompt gets (state, next token) pairs of those tokens too."""
     keep_hidden = dstate is not None and dstate.needs_prompt
@@ -447,6 +472,8 @@ def _prefill(rt: StreamRuntime, cache, prompt: mx.array, step: int, dstate) -> N
     body = prompt[:-1]
     for i in range(0, body.size, step):
         rt.prefill(body[i : i + step], cache, keep_hidden)
+        if quant is not None:
+            quant.maybe_quantize(cache)
         mx.eval([(c.keys, c.values) for c in cache])
     if keep_hidden and body.size:
         dstate.prompt_hidden = mx.concatenate(rt._prefill_hidden, axis=0)

@@ -103,7 +103,8 @@ def stream_generate(
           when set.
         kwargs: passed to :func:`mlx_specstream.decode.spec_generate_step`
           (``prompt_cache``, ``prefill_step_size``, ``tree_top_k``,
-          ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``).
+          ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``, and mlx-lm's
+          ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``, ``max_kv_size``).
 
     Yields:
         SpecGenerationResponse: one per generated token.
@@ -289,6 +290,17 @@ def setup_arg_parser():
         help="Prompt-lookup drafting: 'ngram' (any model) or 'streams+ngram' (merged with the "
         "streams' tree). Default: the model's own drafts.",
     )
+    parser.add_argument(
+        "--max-kv-size", type=int, default=None, help="Set the maximum key-value cache size"
+    )
+    parser.add_argument("--kv-bits", type=int, default=None, help="Bits for KV cache quantization")
+    parser.add_argument("--kv-group-size", type=int, default=64, help="KV cache quantization group")
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=5000,
+        help="When --kv-bits is set, the step from which the KV cache is quantized",
+    )
     return parser
 
 
@@ -339,6 +351,10 @@ def main(argv=None):
         max_tree_nodes=args.max_tree_nodes,
         acceptance=args.acceptance,
         draft=args.draft,
+        max_kv_size=args.max_kv_size,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
     )
 
 

@@ -88,7 +88,9 @@ class StepOutput:
     """What one multi-stream forward pass returns (batch 1)."""
 
     logits: mx.array  # (R, V) main logits of the kept nodes
-    stream_hidden: Optional[mx.array]  # (R, gamma, D) last-layer stream states, before the final norm
+    stream_hidden: Optional[
+        mx.array
+    ]  # (R, gamma, D) last-layer stream states, before the final norm
     kept: List[int]  # tree nodes that survived pruning, ascending
     layout: TreeLayout  # the kept sub-tree (all nodes when nothing is pruned)
     hidden: Optional[mx.array] = None  # (R, D) last-layer main states (with a drafter)
@@ -437,6 +439,31 @@ class StreamRuntime:
             return self.model(mx.zeros((1, g), dtype=mx.int32), cache=cache)[0]
         finally:
             self.state = None
+
+    # Arrays of the last pass: dropped by :meth:`release` when a generation ends.
+    _STEP_ARRAYS = (
+        "_tree",
+        "_layout",
+        "_lower_mask",
+        "_lower_pos",
+        "_upper_input",
+        "_upper_mask",
+        "_upper_pos",
+        "_stream_input",
+        "_stream_mask",
+        "_stream_pos",
+        "_main_hidden",
+        "_stream_hidden",
+        "_tail_input",
+    )
+
+    def release(self) -> None:
+        """Drops the last pass's masks and hidden states, so that nothing of a
+        generation outlives it (the model holds this runtime)."""
+        for name in self._STEP_ARRAYS:
+            setattr(self, name, None)
+        self._prefill_hidden = []
+        self._kept, self._kept_layout = [], None
 
     def _hold_back_streams(self, out: mx.array) -> mx.array:
         R = len(self._kept)

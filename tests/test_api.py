@@ -296,11 +296,16 @@ def test_stream_lora_round_trip_and_bad_targets(tmp_path):
         )
 
 
-def test_kv_cache_options_are_refused_clearly():
+def test_bad_kv_cache_options_are_refused_clearly():
     model, tok = tiny_spec_model("llama", vocab_size=V), word_tokenizer(V)
-    for kwargs in (dict(kv_bits=4), dict(max_kv_size=64)):
-        with pytest.raises(ValueError, match="not supported by Speculative Streaming"):
-            generate(model, tok, PROMPT, max_tokens=4, **kwargs)
+    for kwargs, culprit in [
+        (dict(kv_bits=7), "kv_bits=7"),
+        (dict(kv_bits=4, kv_group_size=48), "kv_group_size=48"),
+        (dict(kv_bits=4, quantized_kv_start=-1), "quantized_kv_start=-1"),
+    ]:
+        with pytest.raises(ValueError, match=culprit):
+            generate(model, tok, PROMPT, max_tokens=40, **kwargs)
+    generate(model, tok, PROMPT, max_tokens=8, kv_bits=8)  # accepted (tests/test_kv_quant.py)
 
 
 @pytest.mark.parametrize("mode", ["lossless", "shared"])

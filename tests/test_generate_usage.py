@@ -66,3 +66,18 @@ def test_cli_draft_flag():
     assert setup_arg_parser().parse_args(["--draft", "streams+ngram"]).draft == "streams+ngram"
     with pytest.raises(SystemExit):
         setup_arg_parser().parse_args(["--draft", "typo"])
+
+
+def test_cli_kv_cache_flags_match_mlx_lm_and_reach_generate(monkeypatch):
+    from mlx_lm.generate import setup_arg_parser as mlx_lm_parser
+
+    flags = ["--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "7"]
+    ours, theirs = setup_arg_parser(), mlx_lm_parser()
+    for dest in ("kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size"):
+        assert getattr(ours.parse_args([]), dest) == getattr(theirs.parse_args([]), dest), dest
+        assert getattr(ours.parse_args(flags), dest) == getattr(theirs.parse_args(flags), dest)
+    seen = {}
+    monkeypatch.setattr(gen_mod, "generate", lambda model, tok, prompt, **kw: seen.update(kw))
+    gen_mod.main(["--prompt", "x", "--max-tokens", "2", "--max-kv-size", "512", *flags])
+    assert (seen["kv_bits"], seen["kv_group_size"], seen["quantized_kv_start"]) == (8, 32, 7)
+    assert seen["max_kv_size"] == 512

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
-from mlx_lm.models.cache import QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, RotatingKVCache
 
 from mlx_specstream import generate, stream_generate
 from mlx_specstream.sample_utils import make_sampler
@@ -131,12 +131,22 @@ def test_invalid_sampling_values(kwargs, culprit):
 def test_unsupported_cache_types_are_refused():
     model, tok = tiny_spec_model("llama", vocab_size=V), word_tokenizer(V)
     layers = len(model.layers)
-    for cache, name in [
-        ([RotatingKVCache(max_size=32) for _ in range(layers)], "RotatingKVCache"),
-        ([QuantizedKVCache() for _ in range(layers)], "QuantizedKVCache"),
-    ]:
-        with pytest.raises(ValueError, match=name):
-            generate(model, tok, PROMPT, max_tokens=4, prompt_cache=cache)
+    rotating = [RotatingKVCache(max_size=4096) for _ in range(layers)]
+    with pytest.raises(ValueError, match="max_tokens=-1"):  # no bound: it could rotate
+        next(stream_generate(model, tok, PROMPT, max_tokens=-1, prompt_cache=rotating))
+    with pytest.raises(ValueError, match="RotatingKVCache max_size=32"):  # would rotate
+        generate(
+            model,
+            tok,
+            PROMPT,
+            max_tokens=40,
+            prompt_cache=[RotatingKVCache(max_size=32) for _ in range(layers)],
+        )
+    with pytest.raises(ValueError, match=r"\['ArraysCache'\].*recurrent"):
+        generate(
+            model, tok, PROMPT, max_tokens=4, prompt_cache=[ArraysCache(2) for _ in range(layers)]
+        )
+    # (Quantized caches are accepted: tests/test_kv_quant.py.)
     plain = tiny_model("llama", vocab_size=V)
     with pytest.raises(ValueError, match="no speculative streams"):
         generate(plain, tok, PROMPT, max_tokens=4)
