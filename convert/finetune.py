@@ -115,6 +115,7 @@ def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=eos_id,
+            use_cache=True,  # (training configs may turn the KV cache off)
         )
         for row, i in zip(gen.tolist(), idx):
             out[i] = {"input_ids": row[: p + n], "prompt_len": p}

@@ -1,6 +1,8 @@
 """Speculative Streaming for MLX: fast, lossless decoding without a draft model."""
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -28,3 +30,15 @@ def __getattr__(name):
     # Importing a submodule sets it as a package attribute; the public name wins.
     globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing submodule ``generate`` sets it as a package attribute; the
+        # exported function of that name stays public, as in mlx-lm.
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -31,4 +31,5 @@ def load_default(drafter=None):
     model, tokenizer = load(str(DEFAULT_DIR), drafter=drafter)
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
+        mx.eval(model.parameters())  # cast now, not lazily in whichever thread decodes first
     return model, tokenizer

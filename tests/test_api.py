@@ -370,3 +370,27 @@ def test_prompt_cache_save_load_round_trip(tmp_path, mode):
     spec_tokens(model, PROMPT, 20, prompt_cache=fresh_cache)
     want, _ = spec_tokens(model, follow_up, 20, prompt_cache=fresh_cache)
     assert got == want
+
+
+def test_generate_stays_the_function_after_its_submodule_is_imported():
+    """``from mlx_specstream.generate import ...`` must not turn ``mlx_specstream.generate``
+    into the module (mlx-lm keeps its function too). Control: a fresh interpreter without
+    the package's guard gets the module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, types\n"
+        "{guard}"
+        "from mlx_specstream.generate import setup_arg_parser\n"
+        "import mlx_specstream\n"
+        "print(type(mlx_specstream.generate).__name__)\n"
+    )
+    unguard = "import mlx_specstream as p; p.__class__ = types.ModuleType\n"
+    got = [
+        subprocess.run(
+            [sys.executable, "-c", code.format(guard=guard)], capture_output=True, text=True
+        ).stdout.strip()
+        for guard in ("", unguard)
+    ]
+    assert got == ["function", "module"]
