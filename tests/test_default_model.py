@@ -68,7 +68,7 @@ def test_negative_control_drowned_streams_draft_badly(default):
     streams.update(shipped.streams.parameters())  # the trained streams, then the noise
     streams.embeddings = 300.0 * mx.random.normal(streams.embeddings.shape, key=mx.random.key(0))
     taus = []
-    for text in PROMPTS:
+    for text in PROMPTS[:2]:
         toks, records = spec_tokens(
             base, tokenizer.encode(text), 64, tree_top_k=3, max_tree_nodes=40, tree_depth=GAMMA
         )
