@@ -24,6 +24,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from .cache import KVQuantizer, check_cache, commit_path, window_rows
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, ngram_draft
+from .precision import warn_if_tf32
 from .sample_utils import DistributionSampler
 from .settings import (
     ACCEPTANCE,
@@ -384,6 +385,7 @@ def spec_generate_step(
         # An n-gram draft is one deterministic proposal, not a draw from a distribution.
         acceptance = "target-sample"
     check_prompt(model, prompt)
+    warn_if_tf32(model)  # float32 on a GPU: token identity needs MLX_ENABLE_TF32=0
     if not speculative or (depth == 0 and draft is None):
         if rt.config.mode == "lossless":
             # Streams never touch the main stream: this is the base model.

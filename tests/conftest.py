@@ -27,6 +27,10 @@ about the results, which are all reported by then.
 import os
 import sys
 
+# On a GPU, MLX runs float32 matmuls in TF32 unless this is 0 (read before MLX's
+# first matmul): the equality tests need full float32. No effect on the CPU.
+os.environ["MLX_ENABLE_TF32"] = "0"
+
 _status = {}
 
 
