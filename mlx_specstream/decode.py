@@ -44,6 +44,7 @@ from .tree import (
     path_to,
     static_tree,
     subtree_parents,
+    top_k_desc,
 )
 
 __all__ = ["ACCEPTANCE", "DRAFTS", "Decoder", "spec_generate_step", "check_prompt"]
@@ -136,7 +137,7 @@ class Decoder:
         _, p.last = accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
         if self.streams:
             p.top, p.next_tokens = self._draft_tokens(
-                self._stream_logprobs(out, p.last), p.targets[p.last]
+                self._stream_logits(out, p.last), p.targets[p.last]
             )
         mx.async_eval(
             [a for a in (p.tokens, p.logprobs, p.targets, p.last, p.next_tokens) if a is not None]
@@ -175,7 +176,7 @@ class Decoder:
         if self.dstate is not None and not self.by_rejection:
             # An attached drafter drafts from the accepted path (also after the
             # last step, so its context follows the cache into the next call).
-            slog = self._drafter_logprobs(out, path, [tokens[a] for a in path], token)
+            slog = self._drafter_logits(out, path, [tokens[a] for a in path], token)
             p.top, p.next_tokens = self._draft_tokens(slog, mx.array(token))
         if self.emitted == self.max_tokens:
             return new, None
@@ -197,23 +198,22 @@ class Decoder:
         return room if cap is None else min(room, cap)
 
     # ---- drafts -------------------------------------------------------------------
-    def _stream_logprobs(self, out: StepOutput, node: mx.array) -> mx.array:
-        """``(gamma, V)`` log-probabilities of the streams of kept node ``node``."""
+    def _stream_logits(self, out: StepOutput, node: mx.array) -> mx.array:
+        """``(gamma, V)`` float32 logits of the streams of kept node ``node``."""
         if self.all_streams:
             slog = self.rt.head(mx.take(out.stream_hidden, node, axis=0)[None])[0]
         else:
             slog = self.rt.draft_streams(node, self.cache)
-        slog = slog.astype(mx.float32)
-        return slog - mx.logsumexp(slog, axis=-1, keepdims=True)
+        return slog.astype(mx.float32)
 
-    def _drafter_logprobs(self, out, path, path_tokens, token) -> mx.array:
+    def _drafter_logits(self, out, path, path_tokens, token) -> mx.array:
         draft = self.rt.drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token)
-        slog = draft.astype(mx.float32)
-        return slog - mx.logsumexp(slog, axis=-1, keepdims=True)
+        return draft.astype(mx.float32)
 
     def _draft_tokens(self, slog: mx.array, root: mx.array):
-        """Per-level top-k and the static tree's tokens under ``root``, on the device."""
-        top = mx.argsort(-slog[: self.depth], axis=-1)[:, : self.kmax]
+        """Per-level top-k and the static tree's tokens under ``root``, on the device
+        (ranked by logits: normalizing would not change the order)."""
+        top = top_k_desc(slog[: self.depth], self.kmax)
         return top, mx.concatenate([root.reshape(1), top[self._levels, self._ranks]])
 
     def _next_draft(self, p: Pending, token: int, q) -> Draft:
@@ -259,12 +259,12 @@ class Decoder:
         if not self.depth or (self.max_tokens >= 0 and self.emitted + len(path) >= self.max_tokens):
             return path, token, None
         if self.streams:  # (before the caches are compacted: split passes read the tree rows)
-            slog = self._stream_logprobs(p.out, mx.array(path[-1]))
+            slog = self._stream_logits(p.out, mx.array(path[-1]))
         else:
-            slog = self._drafter_logprobs(p.out, path, [tokens[a] for a in path], token)
-        q = self.sampler.probs(slog)
+            slog = self._drafter_logits(p.out, path, [tokens[a] for a in path], token)
+        q = self.sampler.probs(slog - mx.logsumexp(slog, axis=-1, keepdims=True))
         keys = mx.log(q) + mx.random.gumbel(q.shape)
-        top = mx.argsort(-keys[: self.depth], axis=-1)[:, : self.kmax]  # draw order
+        top = top_k_desc(keys[: self.depth], self.kmax)  # draw order
         mx.eval(q, top)
         top = top.tolist()
         p.next_tokens = [token] + [

@@ -13,6 +13,7 @@ from mlx_specstream.tree import (
     prune_subtrees,
     stream_attention_mask,
     subtree_parents,
+    top_k_desc,
     tree_depths,
 )
 
@@ -128,6 +129,17 @@ def test_accept(targets, accepted, last):
     )
     assert ok.tolist() == accepted
     assert idx.item() == last
+
+
+def test_top_k_desc():
+    scores = mx.array([[0.1, 0.7, 0.3, 0.9], [4.0, 1.0, 3.0, 2.0]])
+    assert top_k_desc(scores, 2).tolist() == [[3, 1], [0, 2]]
+    assert top_k_desc(scores, 1).tolist() == [[3], [0]]
+    assert top_k_desc(scores, 4).tolist() == [[3, 1, 2, 0], [0, 2, 3, 1]]
+    assert top_k_desc(scores, 9).tolist() == [[3, 1, 2, 0], [0, 2, 3, 1]]  # k > V: all
+    # Vocabulary-wide rows agree with a full sort (distinct values).
+    wide = mx.random.normal((3, 8000), key=mx.random.key(0))
+    assert top_k_desc(wide, 5).tolist() == mx.argsort(-wide, axis=-1)[:, :5].tolist()
 
 
 def _cache_with_rows(n, dims=2):

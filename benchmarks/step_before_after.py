@@ -1,0 +1,153 @@
+"""The shipped model's step cost in this tree against an earlier commit, interleaved.
+
+    python benchmarks/step_before_after.py --before e6114d7 [--runs 3]
+
+Checks the earlier commit out into a temporary git worktree and runs the same
+measurement in a fresh process for each tree (before, then after, ``--runs``
+times, so load on the machine falls on both): greedy decoding of held-out
+prompts with speculation forced on, wall time per forward pass after the first
+token, tokens per pass, and mlx-lm's per-token time in the same process.
+Outputs must equal mlx-lm's. Results go to
+``benchmarks/results/step_before_after[-TAG].{md,json}``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TREES = {
+    "chain 3": dict(tree_top_k=1, tree_depth=3),
+    "k3 x3, 16 nodes": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16),
+}
+
+
+def child(prompts: int, prompt_tokens: int, max_tokens: int) -> dict:
+    """Runs in the measured tree's interpreter: per-pass times for each tree."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    import mlx_specstream
+    from mlx_specstream.benchmark import load_prompts
+    from mlx_specstream.decode import spec_generate_step
+    from mlx_specstream.default_model import DEFAULT_DIR
+
+    model, tokenizer = mlx_specstream.load()
+    xs = load_prompts(Path(DEFAULT_DIR) / "prompts.jsonl", tokenizer, prompts, prompt_tokens)
+    xs = [mx.array(x) for x in xs]
+
+    def timed(gen):
+        out, t1, p1, passes = [], None, 0, 0
+        for item in gen:
+            out.append(item[0])
+            passes = item[3] if len(item) > 3 else len(out)
+            if t1 is None:
+                t1, p1 = time.perf_counter(), passes
+        return out, time.perf_counter() - t1, passes - p1
+
+    want = [timed(generate_step(x, model, max_tokens=max_tokens))[0] for x in xs]  # warm-up
+    plain = [timed(generate_step(x, model, max_tokens=max_tokens)) for x in xs]
+    res = dict(plain_ms=1e3 * sum(t for _, t, _ in plain) / sum(p for _, _, p in plain))
+    for name, tree in TREES.items():
+        timed(spec_generate_step(xs[0], model, max_tokens=8, **tree))  # warm-up
+        t = passes = tokens = 0
+        for x, ref in zip(xs, want):
+            out, dt, ps = timed(spec_generate_step(x, model, max_tokens=max_tokens, **tree))
+            assert [int(v) for v in out] == [int(v) for v in ref], f"{name}: output differs"
+            t, passes, tokens = t + dt, passes + ps, tokens + len(out) - 1
+        res[name] = dict(step_ms=1e3 * t / passes, tau=tokens / passes)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--before", help="the earlier commit (required)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--tag", default="")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.prompts, args.prompt_tokens, args.max_tokens)))
+        return
+    if not args.before:
+        p.error("--before is required")
+    import mlx.core as mx
+    import mlx_lm
+
+    before = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
+    after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    results = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), before], cwd=ROOT,
+                       check=True, capture_output=True)  # fmt: skip
+        try:
+            for run in range(args.runs):
+                for key, tree in (("before", old), ("after", ROOT)):
+                    env = dict(os.environ, PYTHONPATH=str(tree))
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
+                           "--prompts", str(args.prompts), "--prompt-tokens",
+                           str(args.prompt_tokens), "--max-tokens", str(args.max_tokens)]  # fmt: skip
+                    out = subprocess.run(cmd, env=env, cwd=tmp, check=True, capture_output=True,
+                                         text=True).stdout  # fmt: skip
+                    results[key].append(json.loads(out.strip().splitlines()[-1]))
+                    print(f"run {run} {key}: {results[key][-1]}", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT,
+                           capture_output=True)  # fmt: skip
+    info = dict(command=" ".join(["python"] + sys.argv), before=before, after=after,
+                machine=platform.machine(), python=platform.python_version(),
+                mlx=mx.__version__, mlx_lm=mlx_lm.__version__, device=str(mx.default_device()),
+                prompts=args.prompts, max_tokens=args.max_tokens, runs=args.runs)  # fmt: skip
+    lines = [
+        f"# Step cost before ({before}) and after ({after}) ({info['device']}, MLX {info['mlx']}, "
+        f"mlx-lm {info['mlx_lm']}, {info['machine']})",
+        "",
+        f"`{info['command']}`: shipped model, {args.prompts} held-out prompts x "
+        f"{args.max_tokens} tokens, greedy, speculation forced on, medians of {args.runs} "
+        "interleaved runs (each in a fresh process). r = step / mlx-lm's per-token time in the "
+        "same process.",
+        "",
+        "| tree | step ms before | step ms after | after / before | r before | r after | tau |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    table = []
+    for name in TREES:
+        med = {k: statistics.median(r[name]["step_ms"] for r in results[k]) for k in results}
+        rr = {k: statistics.median(r[name]["step_ms"] / r["plain_ms"] for r in results[k])
+              for k in results}  # fmt: skip
+        tau = results["after"][-1][name]["tau"]
+        table.append(
+            dict(tree=name, step_ms=med, r=rr, ratio=med["after"] / med["before"], tau=tau)
+        )
+        lines.append(f"| {name} | {med['before']:.1f} | {med['after']:.1f} "
+                     f"| {med['after'] / med['before']:.2f} | {rr['before']:.2f} "
+                     f"| {rr['after']:.2f} | {tau:.2f} |")  # fmt: skip
+    plain = {k: statistics.median(r["plain_ms"] for r in results[k]) for k in results}
+    lines += ["", f"mlx-lm plain: {plain['before']:.2f} ms/token in the 'before' processes, "
+              f"{plain['after']:.2f} in the 'after' ones."]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = (
+        Path(__file__).parent / "results" / f"step_before_after{'-' + args.tag if args.tag else ''}"
+    )
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(
+        json.dumps(dict(info=info, table=table, runs=results), indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""What one speculative step costs against plain decoding, by tree size, on real model shapes.
+
+    python benchmarks/step_cost.py [--models shipped,qwen2-0.5b] [--dtypes bf16,q4]
+    MLX_ENABLE_TF32=0 python benchmarks/step_cost.py --models shipped,qwen2-0.5b,llama-3b,llama-8b
+
+For each model (the shipped default, or a random model of a real shape with
+random lossless streams: tau is not the point here, the step's cost is), each
+dtype and each tree of n = 1, 4, 8, 16 nodes (greedy, no pruning):
+
+* r(n) = wall time of one of our steps / mlx-lm's per-token time (its
+  pipelined ``generate_step``) on the same weights, in the same run; the
+  speedup a step can give is tau / r(n), printed for tau = 2, 3, 4;
+* o(n) = our step / one plain mlx-lm forward over the same n tokens,
+  evaluated synchronously: our fixed cost over the pass itself;
+* c(n) = that plain forward over n tokens / over one token: MLX's own width cost;
+* peak memory of a generation with the 16-node tree / of plain decoding.
+
+Results go to ``benchmarks/results/step_cost[-TAG].{md,json}`` with the device
+and versions.
+"""
+
+import argparse
+import importlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+import mlx_specstream
+from mlx_specstream import SpecStreamConfig, attach_streams
+from mlx_specstream.decode import spec_generate_step
+
+# Published configs of these models (random weights of the same shapes).
+SHAPES = {
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24,
+                       intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                       vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+                       tie_word_embeddings=True),
+    "llama-3b": dict(model_type="llama", hidden_size=3072, num_hidden_layers=28,
+                     intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+                     head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
+                     tie_word_embeddings=True),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                     intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
+                     tie_word_embeddings=False),
+}  # fmt: skip
+# n tree nodes, root included: a root alone, a chain of 3, top-2 and top-3 trees of depth 3.
+TREES = {
+    1: dict(tree_top_k=1, tree_depth=1, max_tree_nodes=1),
+    4: dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4),
+    8: dict(tree_top_k=2, tree_depth=3, max_tree_nodes=8),
+    16: dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16),
+}
+
+
+def random_model(shape: str, dtype: str, stream_pass: str) -> nn.Module:
+    """A random model of a published shape, in ``bf16`` or ``q4``, with random streams."""
+    args = SHAPES[shape]
+    module = importlib.import_module(f"mlx_lm.models.{args['model_type']}")
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict(args))
+    model.set_dtype(mx.bfloat16)
+    if dtype == "q4":
+        nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    attach_streams(model, SpecStreamConfig(num_streams=3, stream_pass=stream_pass), seed=1)
+    return model
+
+
+def timed_tokens(gen, count_passes):
+    """Seconds per pass after the first token (prefill excluded), and the tokens."""
+    tokens, t1, p1 = [], None, 0
+    for item in gen:
+        tokens.append(item[0])
+        passes = item[3] if count_passes else len(tokens)
+        if t1 is None:
+            t1, p1 = time.perf_counter(), passes
+    return (time.perf_counter() - t1) / max(passes - p1, 1), tokens, passes
+
+
+def plain_per_token(model, prompt, max_tokens):
+    gen = ((t, None, None, None) for t, _ in generate_step(prompt, model, max_tokens=max_tokens))
+    return timed_tokens(gen, count_passes=False)
+
+
+def our_step(model, prompt, max_tokens, tree):
+    gen = spec_generate_step(prompt, model, max_tokens=max_tokens, prune_threshold=0.0, **tree)
+    return timed_tokens(gen, count_passes=True)
+
+
+def plain_forward(model, prompt, n, reps):
+    """Median seconds of one synchronous plain forward over ``n`` tokens after the prompt."""
+    cache = make_prompt_cache(model)
+    mx.eval(model(prompt[None], cache=cache))
+    x = prompt[:n][None]
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        mx.eval(model(x, cache=cache))
+        times.append(time.perf_counter() - t0)
+        for c in cache:
+            c.trim(n)
+    return statistics.median(times[1:])
+
+
+def peak_gb(fn) -> float:
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    fn()
+    mx.synchronize()
+    return mx.get_peak_memory() / 1e9
+
+
+def measure(model, prompts, max_tokens, runs, reps):
+    """One model's row set: per-token, per-step and forward times, peak memory."""
+    rows = []
+    for x in prompts[:1]:  # warm-up and compiled paths
+        plain_per_token(model, x, 8)
+        for tree in TREES.values():
+            our_step(model, x, 8, tree)
+    plain_t = [plain_per_token(model, x, max_tokens)[0] for _ in range(runs) for x in prompts]
+    per_token = statistics.median(plain_t)
+    fwd = {n: plain_forward(model, prompts[0], n, reps) for n in TREES}
+    for n, tree in TREES.items():
+        steps = []
+        for _ in range(runs):
+            for x in prompts:
+                step, tokens, passes = our_step(model, x, max_tokens, tree)
+                steps.append(step)
+        step = statistics.median(steps)
+        rows.append(dict(n=n, step_ms=step * 1e3, r=step / per_token, o=step / fwd[n],
+                         c=fwd[n] / fwd[1], forward_ms=fwd[n] * 1e3,
+                         bound={tau: tau * per_token / step for tau in (2, 3, 4)}))  # fmt: skip
+    peak_plain = peak_gb(lambda: plain_per_token(model, prompts[0], max_tokens))
+    peak_ours = peak_gb(lambda: our_step(model, prompts[0], max_tokens, TREES[16]))
+    return dict(plain_ms_per_token=per_token * 1e3, rows=rows, peak_plain_gb=peak_plain,
+                peak_ours_gb=peak_ours)  # fmt: skip
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="shipped,qwen2-0.5b",
+                   help=f"comma-separated: shipped, {', '.join(SHAPES)}")  # fmt: skip
+    p.add_argument("--dtypes", default="bf16,q4", help="random models: bf16, q4")
+    p.add_argument("--stream-pass", default="fused", choices=["fused", "split"],
+                   help="random models' lossless stream pass (the shipped model keeps its own)")  # fmt: skip
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5, help="plain forwards per n")
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    results = []
+    for name in args.models.split(","):
+        if name == "shipped":
+            cases = [("float32", lambda: mlx_specstream.load()[0])]
+        elif name in SHAPES:
+            cases = [(d, lambda d=d: random_model(name, d, args.stream_pass))
+                     for d in args.dtypes.split(",")]  # fmt: skip
+        else:
+            p.error(f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}")
+        for dtype, build in cases:
+            model = build()
+            vocab = model.args.vocab_size
+            prompts = [mx.random.randint(0, vocab, (args.prompt_tokens,), key=mx.random.key(i))
+                       for i in range(args.prompts)]  # fmt: skip
+            rt = model.speculative_streams
+            res = measure(model, prompts, args.max_tokens, args.runs, args.reps)
+            res.update(model=name, dtype=dtype,
+                       stream_pass="split" if rt.split_streams else "fused")  # fmt: skip
+            results.append(res)
+            print(f"{name} {dtype}: plain {res['plain_ms_per_token']:.2f} ms/token, "
+                  + ", ".join(f"r({r['n']}) {r['r']:.2f} o({r['n']}) {r['o']:.2f}"
+                              for r in res["rows"]), flush=True)  # fmt: skip
+            del model, rt
+            mx.clear_cache()
+    info = dict(command=" ".join(["python"] + sys.argv), machine=platform.machine(),
+                processor=platform.processor(), python=platform.python_version(),
+                mlx=mx.__version__, mlx_lm=mlx_lm.__version__, device=str(mx.default_device()),
+                prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+                max_tokens=args.max_tokens, runs=args.runs)  # fmt: skip
+    lines = [
+        f"# Step cost ({info['device']}, MLX {info['mlx']}, mlx-lm {info['mlx_lm']}, "
+        f"{info['machine']})",
+        "",
+        f"`{info['command']}`: {args.prompts} random prompts of {args.prompt_tokens} tokens, "
+        f"{args.max_tokens} tokens each, greedy, medians over {args.runs} runs. "
+        "r = our step / mlx-lm's per-token time; o = our step / a synchronous plain forward "
+        "over the same n tokens; c = that forward / a one-token forward; tau/r = the speedup "
+        "bound at that tau.",
+        "",
+        "| model | dtype | pass | plain ms/token | n | step ms | r(n) | o(n) | c(n) "
+        "| 2/r | 3/r | 4/r | peak ours/plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        mem = res["peak_ours_gb"] / res["peak_plain_gb"]
+        for r in res["rows"]:
+            b = r["bound"]
+            lines.append(
+                f"| {res['model']} | {res['dtype']} | {res['stream_pass']} "
+                f"| {res['plain_ms_per_token']:.2f} | {r['n']} | {r['step_ms']:.2f} | {r['r']:.2f} "
+                f"| {r['o']:.2f} | {r['c']:.2f} | {b[2]:.2f}x | {b[3]:.2f}x | {b[4]:.2f}x "
+                f"| {mem:.2f} ({res['peak_ours_gb']:.2f}/{res['peak_plain_gb']:.2f} GB) |"
+            )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(__file__).parent / "results" / f"step_cost{'-' + args.tag if args.tag else ''}"
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(dict(info=info, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
