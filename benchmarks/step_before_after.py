@@ -55,14 +55,20 @@ def child(prompts: int, prompt_tokens: int, max_tokens: int) -> dict:
     want = [timed(generate_step(x, model, max_tokens=max_tokens))[0] for x in xs]  # warm-up
     plain = [timed(generate_step(x, model, max_tokens=max_tokens)) for x in xs]
     res = dict(plain_ms=1e3 * sum(t for _, t, _ in plain) / sum(p for _, _, p in plain))
-    for name, tree in TREES.items():
-        timed(spec_generate_step(xs[0], model, max_tokens=8, **tree))  # warm-up
-        t = passes = tokens = 0
-        for x, ref in zip(xs, want):
-            out, dt, ps = timed(spec_generate_step(x, model, max_tokens=max_tokens, **tree))
-            assert [int(v) for v in out] == [int(v) for v in ref], f"{name}: output differs"
-            t, passes, tokens = t + dt, passes + ps, tokens + len(out) - 1
-        res[name] = dict(step_ms=1e3 * t / passes, tau=tokens / passes)
+    rt = model.speculative_streams
+    # Trees that predate the fused/split choice have one way to draft: "as built".
+    passes_to_try = ("split", "fused") if hasattr(rt, "split_streams") else ("as built",)
+    for stream_pass in passes_to_try:
+        if stream_pass != "as built":
+            rt.split_streams = stream_pass == "split"
+        for name, tree in TREES.items():
+            timed(spec_generate_step(xs[0], model, max_tokens=8, **tree))  # warm-up
+            t = passes = tokens = 0
+            for x, ref in zip(xs, want):
+                out, dt, ps = timed(spec_generate_step(x, model, max_tokens=max_tokens, **tree))
+                assert [int(v) for v in out] == [int(v) for v in ref], f"{name}: output differs"
+                t, passes, tokens = t + dt, passes + ps, tokens + len(out) - 1
+            res[f"{name} | {stream_pass}"] = dict(step_ms=1e3 * t / passes, tau=tokens / passes)
     return res
 
 
@@ -120,21 +126,29 @@ def main():
         "interleaved runs (each in a fresh process). r = step / mlx-lm's per-token time in the "
         "same process.",
         "",
-        "| tree | step ms before | step ms after | after / before | r before | r after | tau |",
-        "|---|---|---|---|---|---|---|",
+        "| tree | before: pass | before: step ms | after: pass | after: step ms | after / before "
+        "| r before | r after | tau before | tau after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     table = []
     for name in TREES:
-        med = {k: statistics.median(r[name]["step_ms"] for r in results[k]) for k in results}
-        rr = {k: statistics.median(r[name]["step_ms"] / r["plain_ms"] for r in results[k])
-              for k in results}  # fmt: skip
-        tau = results["after"][-1][name]["tau"]
-        table.append(
-            dict(tree=name, step_ms=med, r=rr, ratio=med["after"] / med["before"], tau=tau)
-        )
-        lines.append(f"| {name} | {med['before']:.1f} | {med['after']:.1f} "
-                     f"| {med['after'] / med['before']:.2f} | {rr['before']:.2f} "
-                     f"| {rr['after']:.2f} | {tau:.2f} |")  # fmt: skip
+        for key_b in sorted(k for k in results["before"][0] if k.startswith(name + " |")):
+            for key_a in sorted(k for k in results["after"][0] if k.startswith(name + " |")):
+                b = statistics.median(r[key_b]["step_ms"] for r in results["before"])
+                a = statistics.median(r[key_a]["step_ms"] for r in results["after"])
+                rb = statistics.median(
+                    r[key_b]["step_ms"] / r["plain_ms"] for r in results["before"]
+                )
+                ra = statistics.median(
+                    r[key_a]["step_ms"] / r["plain_ms"] for r in results["after"]
+                )
+                tb, ta = results["before"][-1][key_b]["tau"], results["after"][-1][key_a]["tau"]
+                pb, pa = key_b.split(" | ")[1], key_a.split(" | ")[1]
+                table.append(dict(tree=name, before_pass=pb, after_pass=pa, before_ms=b,
+                                  after_ms=a, ratio=a / b, r_before=rb, r_after=ra,
+                                  tau_before=tb, tau_after=ta))  # fmt: skip
+                lines.append(f"| {name} | {pb} | {b:.1f} | {pa} | {a:.1f} | {a / b:.2f} "
+                             f"| {rb:.2f} | {ra:.2f} | {tb:.2f} | {ta:.2f} |")  # fmt: skip
     plain = {k: statistics.median(r["plain_ms"] for r in results[k]) for k in results}
     lines += ["", f"mlx-lm plain: {plain['before']:.2f} ms/token in the 'before' processes, "
               f"{plain['after']:.2f} in the 'after' ones."]  # fmt: skip

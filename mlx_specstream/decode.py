@@ -119,7 +119,10 @@ class Decoder:
         """Starts the pass over ``draft`` and, on the device, the acceptance walk
         (argmax or sampled targets) and the next draft's tokens."""
         rt, prefix = self.rt, self.cache[0].offset
-        out = rt.forward(draft.tokens, draft.layout, self.cache, self.threshold, self.all_streams)
+        out = rt.forward(
+            draft.tokens, draft.layout, self.cache, self.threshold, self.all_streams,
+            stream_logits=self.streams and self.all_streams,
+        )  # fmt: skip
         self.passes += 1
         tokens = mx.array(draft.tokens) if isinstance(draft.tokens, list) else draft.tokens
         if len(out.kept) < len(draft.layout):  # pruned: gather the surviving nodes
@@ -200,7 +203,9 @@ class Decoder:
     # ---- drafts -------------------------------------------------------------------
     def _stream_logits(self, out: StepOutput, node: mx.array) -> mx.array:
         """``(gamma, V)`` float32 logits of the streams of kept node ``node``."""
-        if self.all_streams:
+        if out.stream_logits is not None:  # computed by the pass's own head
+            slog = mx.take(out.stream_logits, node, axis=0)
+        elif self.all_streams:
             slog = self.rt.head(mx.take(out.stream_hidden, node, axis=0)[None])[0]
         else:
             slog = self.rt.draft_streams(node, self.cache)

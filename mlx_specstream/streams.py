@@ -94,6 +94,7 @@ class StepOutput:
     kept: List[int]  # tree nodes that survived pruning, ascending
     layout: TreeLayout  # the kept sub-tree (all nodes when nothing is pruned)
     hidden: Optional[mx.array] = None  # (R, D) last-layer main states (with a drafter)
+    stream_logits: Optional[mx.array] = None  # (R, gamma, V), with forward(stream_logits=True)
 
     @property
     def kept_parents(self) -> tuple:
@@ -193,6 +194,7 @@ class StreamRuntime:
         self.state: Optional[str] = None  # None (plain model), "step" or "tail"
         self.prune_threshold = 0.0
         self._all_streams = True
+        self._head_on_streams = False
         self._main_rows = 0
         # Lossless decoding may verify with main rows only, then draft from the
         # streams of the last accepted node (see draft_streams): config.stream_pass.
@@ -310,6 +312,7 @@ class StreamRuntime:
         cache,
         prune_threshold: float = 0.0,
         all_streams: bool = True,
+        stream_logits: bool = False,
     ) -> StepOutput:
         """One multi-stream pass over a tree whose root follows the cached prefix.
 
@@ -326,12 +329,17 @@ class StreamRuntime:
               stream rows: the main rows never read them there, so the pass
               verifies the tree exactly, and :meth:`draft_streams` then
               computes the streams of the one node that drafts next.
+            stream_logits (bool): with ``all_streams``, the model's own final
+              norm and head also run over the stream rows, in the same call
+              as the main rows (one read of the head's weights per step), and
+              the output carries every kept node's stream logits.
         """
         if not all_streams and self.config.mode != "lossless":
             raise ValueError("Streams can be left out of the pass only in lossless mode.")
         layout = parents if isinstance(parents, TreeLayout) else layout_of(parents)
         tokens = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
         self._all_streams = all_streams
+        self._head_on_streams = stream_logits and all_streams and self.streams is not None
         prefix = cache[0].offset
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
         self._layout, self._prefix = layout, prefix
@@ -346,13 +354,16 @@ class StreamRuntime:
             logits = self.model(tokens[None], cache=cache)
         finally:
             self.state = None
-        R = len(self._kept)
-        hidden = None
+        R, g = len(self._kept), self.config.num_streams
+        logits, hidden, slogits = logits[0], None, None
         if all_streams and self.streams is not None:
-            hidden = self._stream_hidden[0].reshape(R, self.config.num_streams, -1)
+            hidden = self._stream_hidden[0].reshape(R, g, -1)
+        if self._head_on_streams:  # rows [main R | streams R * g], node-major
+            logits, slogits = logits[:R], logits[R:].reshape(R, g, -1)
         return StepOutput(
-            logits=logits[0],
+            logits=logits,
             stream_hidden=hidden,
+            stream_logits=slogits,
             kept=self._kept,
             layout=self._kept_layout,
             hidden=self._main_hidden[0] if self.drafter is not None else None,
@@ -470,7 +481,7 @@ class StreamRuntime:
         self._main_hidden = out[:, :R]
         if self._all_streams:
             self._stream_hidden = out[:, R:]
-        return out[:, :R]
+        return out if self._head_on_streams else out[:, :R]
 
 
 def _embedding(model) -> nn.Module:
