@@ -72,6 +72,58 @@ def child(prompts: int, prompt_tokens: int, max_tokens: int) -> dict:
     return res
 
 
+def render(info: dict, results: dict) -> tuple:
+    """The markdown table and its rows: each stream pass before and after, then the
+    faster pass of each tree before against the faster one after."""
+    lines = [
+        f"# Step cost before ({info['before']}) and after ({info['after']}) ({info['device']}, "
+        f"MLX {info['mlx']}, mlx-lm {info['mlx_lm']}, {info['machine']})",
+        "",
+        f"`{info['command']}`: shipped model, {info['prompts']} held-out prompts x "
+        f"{info['max_tokens']} tokens, greedy, speculation forced on, medians of {info['runs']} "
+        "interleaved runs (each in a fresh process). r = step / mlx-lm's per-token time in the "
+        "same process; tau = tokens per step.",
+        "",
+        "| tree | pass | before: step ms | after: step ms | after / before | r before | r after "
+        "| tau before | tau after |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def med(key, which, field="step_ms"):
+        runs = results[which]
+        if field == "r":
+            return statistics.median(r[key]["step_ms"] / r["plain_ms"] for r in runs)
+        return statistics.median(r[key][field] for r in runs)
+
+    table = []
+    for name in TREES:
+        keys = {w: {k.split(" | ")[1]: k for k in results[w][0] if k.startswith(name + " |")}
+                for w in results}  # fmt: skip
+        pairs = [
+            (p, keys["before"][p], keys["after"][p]) for p in keys["after"] if p in keys["before"]
+        ]
+        best = {w: min(keys[w].values(), key=lambda k, w=w: med(k, w)) for w in results}
+        pairs.append(("faster of each", best["before"], best["after"]))
+        for label, kb, ka in pairs:
+            if label == "faster of each":
+                label = f"faster: {kb.split(' | ')[1]} -> {ka.split(' | ')[1]}"
+            row = dict(tree=name, passes=label, before_ms=med(kb, "before"),
+                       after_ms=med(ka, "after"), r_before=med(kb, "before", "r"),
+                       r_after=med(ka, "after", "r"), tau_before=results["before"][-1][kb]["tau"],
+                       tau_after=results["after"][-1][ka]["tau"])  # fmt: skip
+            row["ratio"] = row["after_ms"] / row["before_ms"]
+            table.append(row)
+            lines.append(
+                f"| {name} | {label} | {row['before_ms']:.1f} | {row['after_ms']:.1f} "
+                f"| **{row['ratio']:.2f}** | {row['r_before']:.2f} | {row['r_after']:.2f} "
+                f"| {row['tau_before']:.2f} | {row['tau_after']:.2f} |"
+            )
+    plain = {k: statistics.median(r["plain_ms"] for r in results[k]) for k in results}
+    lines += ["", f"mlx-lm plain: {plain['before']:.2f} ms/token in the 'before' processes, "
+              f"{plain['after']:.2f} in the 'after' ones."]  # fmt: skip
+    return "\n".join(lines) + "\n", table
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--before", help="the earlier commit (required)")
@@ -81,7 +133,14 @@ def main():
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--tag", default="")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--render", metavar="JSON", help="re-render a saved result's markdown")
     args = p.parse_args()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        text, _ = render(saved["info"], saved["runs"])
+        Path(args.render).with_suffix(".md").write_text(text)
+        print(text)
+        return
     if args.child:
         print(json.dumps(child(args.prompts, args.prompt_tokens, args.max_tokens)))
         return
@@ -94,6 +153,9 @@ def main():
                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
     after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    if subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, check=True,
+                      capture_output=True, text=True).stdout.strip():  # fmt: skip
+        after += " with uncommitted changes"
     results = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "before"
@@ -117,42 +179,7 @@ def main():
                 machine=platform.machine(), python=platform.python_version(),
                 mlx=mx.__version__, mlx_lm=mlx_lm.__version__, device=str(mx.default_device()),
                 prompts=args.prompts, max_tokens=args.max_tokens, runs=args.runs)  # fmt: skip
-    lines = [
-        f"# Step cost before ({before}) and after ({after}) ({info['device']}, MLX {info['mlx']}, "
-        f"mlx-lm {info['mlx_lm']}, {info['machine']})",
-        "",
-        f"`{info['command']}`: shipped model, {args.prompts} held-out prompts x "
-        f"{args.max_tokens} tokens, greedy, speculation forced on, medians of {args.runs} "
-        "interleaved runs (each in a fresh process). r = step / mlx-lm's per-token time in the "
-        "same process.",
-        "",
-        "| tree | before: pass | before: step ms | after: pass | after: step ms | after / before "
-        "| r before | r after | tau before | tau after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    table = []
-    for name in TREES:
-        for key_b in sorted(k for k in results["before"][0] if k.startswith(name + " |")):
-            for key_a in sorted(k for k in results["after"][0] if k.startswith(name + " |")):
-                b = statistics.median(r[key_b]["step_ms"] for r in results["before"])
-                a = statistics.median(r[key_a]["step_ms"] for r in results["after"])
-                rb = statistics.median(
-                    r[key_b]["step_ms"] / r["plain_ms"] for r in results["before"]
-                )
-                ra = statistics.median(
-                    r[key_a]["step_ms"] / r["plain_ms"] for r in results["after"]
-                )
-                tb, ta = results["before"][-1][key_b]["tau"], results["after"][-1][key_a]["tau"]
-                pb, pa = key_b.split(" | ")[1], key_a.split(" | ")[1]
-                table.append(dict(tree=name, before_pass=pb, after_pass=pa, before_ms=b,
-                                  after_ms=a, ratio=a / b, r_before=rb, r_after=ra,
-                                  tau_before=tb, tau_after=ta))  # fmt: skip
-                lines.append(f"| {name} | {pb} | {b:.1f} | {pa} | {a:.1f} | {a / b:.2f} "
-                             f"| {rb:.2f} | {ra:.2f} | {tb:.2f} | {ta:.2f} |")  # fmt: skip
-    plain = {k: statistics.median(r["plain_ms"] for r in results[k]) for k in results}
-    lines += ["", f"mlx-lm plain: {plain['before']:.2f} ms/token in the 'before' processes, "
-              f"{plain['after']:.2f} in the 'after' ones."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
+    text, table = render(info, results)
     print(text)
     out = (
         Path(__file__).parent / "results" / f"step_before_after{'-' + args.tag if args.tag else ''}"

@@ -24,7 +24,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from .cache import KVQuantizer, check_cache, commit_path, window_rows
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, ngram_draft
-from .precision import warn_if_tf32
+from .precision import on_gpu, warn_if_tf32
 from .sample_utils import DistributionSampler
 from .settings import (
     ACCEPTANCE,
@@ -106,6 +106,11 @@ class Decoder:
         self.all_streams = rt.streams is not None and not (
             rt.split_streams or (rt.config.mode == "lossless" and not self.streams)
         )
+        # Stream logits of every node from the pass's own head call: one read of
+        # the head's weights per step, where reads cost more than rows (GPUs). On a
+        # CPU the extra rows cost more (benchmarks/RESULTS.md): the accepted node's
+        # streams go through the head on their own.
+        self.head_on_streams = self.streams and self.all_streams and on_gpu()
         if self.depth:
             self.tree = static_tree(ks, self.depth, self.max_nodes)
             self.layout = layout_of(self.tree.parents)
@@ -121,7 +126,7 @@ class Decoder:
         rt, prefix = self.rt, self.cache[0].offset
         out = rt.forward(
             draft.tokens, draft.layout, self.cache, self.threshold, self.all_streams,
-            stream_logits=self.streams and self.all_streams,
+            stream_logits=self.head_on_streams,
         )  # fmt: skip
         self.passes += 1
         tokens = mx.array(draft.tokens) if isinstance(draft.tokens, list) else draft.tokens

@@ -10,6 +10,7 @@ import mlx.core as mx
 import pytest
 from helpers import ARCHS, plain_greedy, spec_tokens, tiny_spec_model
 
+import mlx_specstream.decode as decode_module
 import mlx_specstream.layout as layout_module
 
 PROMPTS = [[5], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]]
@@ -145,6 +146,40 @@ def test_lossless_both_stream_passes(arch, stream_pass):
     )
     assert model.speculative_streams.split_streams == (stream_pass == "split")
     run_case(model, 8, "g3-k2", lambda m, p: plain_greedy(m, p, MAX_TOKENS))
+
+
+def _passes_and_tokens(model, head_on_streams, monkeypatch):
+    monkeypatch.setattr(decode_module, "on_gpu", lambda: head_on_streams)
+    out = []
+    for prompt in PROMPTS:
+        toks, records = spec_tokens(model, [t % 8 for t in prompt], MAX_TOKENS)
+        out.append((toks, records[-1][3]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_stream_logits_from_the_pass_head_draft_as_a_separate_head(monkeypatch, mode):
+    """On a GPU the fused pass's own head call also yields every node's stream
+    logits: the output is unchanged and the drafts (so the pass counts) equal
+    those of the accepted node's streams sent through the head alone."""
+    model = tiny_spec_model("llama", vocab_size=8, mode=mode, num_streams=3, top_k=2)
+    together = _passes_and_tokens(model, True, monkeypatch)
+    alone = _passes_and_tokens(model, False, monkeypatch)
+    assert together == alone
+    reference = plain_greedy if mode == "lossless" else (lambda m, p, n: nonspeculative(m, p))
+    for (toks, _), prompt in zip(together, PROMPTS):
+        check_equal(toks, reference(model, [t % 8 for t in prompt], MAX_TOKENS))
+
+
+def test_negative_control_stream_logits_of_the_wrong_node(monkeypatch):
+    """Drafting from the root's streams instead of the accepted node's changes the drafts."""
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=2)
+    alone = _passes_and_tokens(model, False, monkeypatch)
+    real = decode_module.Decoder._stream_logits
+    monkeypatch.setattr(
+        decode_module.Decoder, "_stream_logits", lambda self, out, node: real(self, out, node * 0)
+    )
+    assert _passes_and_tokens(model, True, monkeypatch) != alone
 
 
 def test_negative_control_wrong_positions(monkeypatch, fresh_layouts):
