@@ -62,7 +62,7 @@ TREES = {
 }
 
 
-def random_model(shape: str, dtype: str, stream_pass: str) -> nn.Module:
+def random_model(shape: str, dtype: str) -> nn.Module:
     """A random model of a published shape, in ``bf16`` or ``q4``, with random streams."""
     args = SHAPES[shape]
     module = importlib.import_module(f"mlx_lm.models.{args['model_type']}")
@@ -72,7 +72,7 @@ def random_model(shape: str, dtype: str, stream_pass: str) -> nn.Module:
     if dtype == "q4":
         nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
-    attach_streams(model, SpecStreamConfig(num_streams=3, stream_pass=stream_pass), seed=1)
+    attach_streams(model, SpecStreamConfig(num_streams=3), seed=1)
     return model
 
 
@@ -152,8 +152,9 @@ def main():
     p.add_argument("--models", default="shipped,qwen2-0.5b",
                    help=f"comma-separated: shipped, {', '.join(SHAPES)}")  # fmt: skip
     p.add_argument("--dtypes", default="bf16,q4", help="random models: bf16, q4")
-    p.add_argument("--stream-pass", default="fused", choices=["fused", "split"],
-                   help="random models' lossless stream pass (the shipped model keeps its own)")  # fmt: skip
+    p.add_argument("--stream-pass", default="own", choices=["own", "fused", "split", "both"],
+                   help="lossless stream pass: the model's own (random models: fused), one, "
+                   "or both")  # fmt: skip
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=48)
@@ -166,8 +167,7 @@ def main():
         if name == "shipped":
             cases = [("float32", lambda: mlx_specstream.load()[0])]
         elif name in SHAPES:
-            cases = [(d, lambda d=d: random_model(name, d, args.stream_pass))
-                     for d in args.dtypes.split(",")]  # fmt: skip
+            cases = [(d, lambda d=d: random_model(name, d)) for d in args.dtypes.split(",")]
         else:
             p.error(f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}")
         for dtype, build in cases:
@@ -176,13 +176,16 @@ def main():
             prompts = [mx.random.randint(0, vocab, (args.prompt_tokens,), key=mx.random.key(i))
                        for i in range(args.prompts)]  # fmt: skip
             rt = model.speculative_streams
-            res = measure(model, prompts, args.max_tokens, args.runs, args.reps)
-            res.update(model=name, dtype=dtype,
-                       stream_pass="split" if rt.split_streams else "fused")  # fmt: skip
-            results.append(res)
-            print(f"{name} {dtype}: plain {res['plain_ms_per_token']:.2f} ms/token, "
-                  + ", ".join(f"r({r['n']}) {r['r']:.2f} o({r['n']}) {r['o']:.2f}"
-                              for r in res["rows"]), flush=True)  # fmt: skip
+            own = "split" if rt.split_streams else "fused"
+            passes = {"own": [own], "both": ["fused", "split"]}.get(args.stream_pass)
+            for stream_pass in passes or [args.stream_pass]:
+                rt.split_streams = stream_pass == "split"
+                res = measure(model, prompts, args.max_tokens, args.runs, args.reps)
+                res.update(model=name, dtype=dtype, stream_pass=stream_pass)
+                results.append(res)
+                print(f"{name} {dtype} {stream_pass}: plain {res['plain_ms_per_token']:.2f} "
+                      "ms/token, " + ", ".join(f"r({r['n']}) {r['r']:.2f} o({r['n']}) {r['o']:.2f}"
+                                               for r in res["rows"]), flush=True)  # fmt: skip
             del model, rt
             mx.clear_cache()
     info = dict(command=" ".join(["python"] + sys.argv), machine=platform.machine(),

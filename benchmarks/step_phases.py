@@ -1,0 +1,154 @@
+"""Each phase of one decode step, evaluated on its own (synchronously), against plain passes.
+
+    benchmarks/with_openblas.sh python benchmarks/step_phases.py [--tree chain3] [--stream-pass fused]
+
+The decoder builds a step as one lazy graph, so its own timers cannot say
+which part costs what. This script runs the same pieces in order on the
+shipped model (a 96-token prompt in the cache, a fixed tree), with an
+``mx.eval`` after each:
+
+* ``pass``: the verify pass over the tree (fused: with every node's stream
+  rows; split: main rows only), or with ``head in pass`` the fused pass whose
+  head call also covers the stream rows;
+* ``accept``: log-softmax, argmax and the tree walk;
+* ``draft``: the accepted node's stream logits (the head over its stream
+  rows, the split pass's second partial pass, or a gather) and the top-k;
+* ``commit``: the host read of the accepted node and the cache compaction;
+
+beside plain mlx-lm forwards over 1 and over n tokens. Medians of ``--reps``.
+Writes ``benchmarks/results/step_phases[-TAG].{md,json}``.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.models.cache import make_prompt_cache
+
+import mlx_specstream
+from mlx_specstream.cache import commit_path
+from mlx_specstream.layout import layout_of
+from mlx_specstream.tree import accept, path_to, static_tree, top_k_desc
+
+TREES = {"chain3": ([1, 1, 1], 3, 4), "k2x3-8": ([2, 2, 2], 3, 8), "k3x3-16": ([3, 3, 3], 3, 16)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tree", default="chain3", choices=sorted(TREES))
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    model, _ = mlx_specstream.load()
+    rt = model.speculative_streams
+    ks, depth, nodes = TREES[args.tree]
+    tree = static_tree(ks, depth, nodes)
+    layout = layout_of(tree.parents)
+    n = len(layout)
+    tokens = mx.array([(7 * i + 5) % model.args.vocab_size for i in range(n)])
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.arange(10, 106)[None], cache=cache))
+    prefix = cache[0].offset
+
+    def rewind():
+        for c in cache:
+            c.trim(c.offset - prefix)
+
+    def timed(fn):
+        """(result, seconds) of ``fn`` with its arrays evaluated."""
+        t0 = time.perf_counter()
+        out = fn()
+        if hasattr(out, "logits"):  # a pass's StepOutput
+            arrays = (out.logits, out.stream_hidden, out.stream_logits)
+        else:
+            arrays = out if isinstance(out, tuple) else (out,)
+        mx.eval([a for a in arrays if a is not None])
+        return out, time.perf_counter() - t0
+
+    times = {}
+
+    def add(row, phase, seconds):
+        times.setdefault(row, {}).setdefault(phase, []).append(seconds)
+
+    variants = {
+        "fused": (True, False),
+        "fused, head in pass": (True, True),
+        "split": (False, False),
+    }
+    for _ in range(args.reps):
+        for k in (1, n):
+            _, t = timed(lambda: model(tokens[:k][None], cache=cache))
+            rewind()
+            add(f"plain forward over {k}", "total", t)
+        for name, (all_streams, head_in_pass) in variants.items():
+            rt.split_streams = not all_streams
+            step, t = timed(lambda: _pass(rt, tokens, layout, cache, all_streams, head_in_pass))
+            add(name, "pass", t)
+            (last, targets), t = timed(lambda: _accept(tokens, step))
+            add(name, "accept", t)
+            _, t = timed(lambda: _draft(rt, step, last, cache, depth, max(ks)))
+            add(name, "draft", t)
+            t0 = time.perf_counter()
+            path = path_to(last.item(), step.kept_parents)
+            commit_path(cache, prefix, [path] * rt.num_layers)
+            mx.eval([c.keys for c in cache])
+            add(name, "commit", time.perf_counter() - t0)
+            rewind()
+    table = []
+    for row, phases in times.items():
+        med = {k: statistics.median(v) * 1e3 for k, v in phases.items()}
+        med.setdefault("total", sum(med.values()))
+        table.append(dict(row=row, **med))
+    info = dict(command=" ".join(["python"] + sys.argv), machine=platform.machine(),
+                python=platform.python_version(), mlx=mx.__version__, mlx_lm=mlx_lm.__version__,
+                device=str(mx.default_device()), tree=args.tree, nodes=n, reps=args.reps)  # fmt: skip
+    lines = [
+        f"# Step phases ({info['device']}, MLX {info['mlx']}, mlx-lm {info['mlx_lm']}, "
+        f"{info['machine']})",
+        "",
+        f"`{info['command']}`: shipped model, tree {args.tree} ({n} nodes) after a 96-token "
+        f"prompt, each phase evaluated on its own, medians of {args.reps} (ms).",
+        "",
+        "| step | pass | accept | draft | commit | total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        cells = [f"{r[k]:.2f}" if k in r else "" for k in ("pass", "accept", "draft", "commit")]
+        lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['total']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(__file__).parent / "results" / f"step_phases{'-' + args.tag if args.tag else ''}"
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(dict(info=info, table=table), indent=1))
+
+
+def _pass(rt, tokens, layout, cache, all_streams, head_in_pass):
+    return rt.forward(tokens, layout, cache, 0.0, all_streams, stream_logits=head_in_pass)
+
+
+def _accept(tokens, step):
+    logprobs = step.logits - mx.logsumexp(step.logits, axis=-1, keepdims=True)
+    targets = mx.argmax(logprobs, axis=-1)
+    _, last = accept(tokens, step.layout.parents_mx, step.layout.ancestors_mx, targets)
+    return last, targets
+
+
+def _draft(rt, step, last, cache, depth, k):
+    """The accepted node's stream logits, then the top-k per level, as the decoder does."""
+    if step.stream_logits is not None:
+        slog = mx.take(step.stream_logits, last, axis=0)
+    elif step.stream_hidden is not None:
+        slog = rt.head(mx.take(step.stream_hidden, last, axis=0)[None])[0]
+    else:
+        slog = rt.draft_streams(last, cache)
+    return top_k_desc(slog.astype(mx.float32)[:depth], k)
+
+
+if __name__ == "__main__":
+    main()
