@@ -94,7 +94,9 @@ def main():
             run(mx.array(prompts[0][:16]))
         base_t, want, _ = timed(plain, prompts)
         for name, run in runs.items():
-            t, outs, passes = (base_t, want, len(prompts) * N) if name == "mlx-lm plain" else timed(run, prompts)
+            t, outs, passes = (
+                (base_t, want, len(prompts) * N) if name == "mlx-lm plain" else timed(run, prompts)
+            )
             assert outs == want, f"{task}/{name}: output differs from mlx-lm's greedy tokens"
             tokens = sum(len(o) for o in outs)
             row = dict(task=task, method=name, tokens_per_s=tokens / t, speedup=base_t / t,

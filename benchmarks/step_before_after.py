@@ -184,8 +184,8 @@ def main():
     out = (
         Path(__file__).parent / "results" / f"step_before_after{'-' + args.tag if args.tag else ''}"
     )
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(
+    out.parent.joinpath(out.name + ".md").write_text(text)
+    out.parent.joinpath(out.name + ".json").write_text(
         json.dumps(dict(info=info, table=table, runs=results), indent=1)
     )
 

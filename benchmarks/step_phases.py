@@ -124,8 +124,10 @@ def main():
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(__file__).parent / "results" / f"step_phases{'-' + args.tag if args.tag else ''}"
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(dict(info=info, table=table), indent=1))
+    out.parent.joinpath(out.name + ".md").write_text(text)
+    out.parent.joinpath(out.name + ".json").write_text(
+        json.dumps(dict(info=info, table=table), indent=1)
+    )
 
 
 def _pass(rt, tokens, layout, cache, all_streams, head_in_pass):

@@ -81,7 +81,9 @@ def plain_run(model, prompt, max_tokens):
 
 def spec_run(model, prompt, max_tokens, **tree):
     t0, out, passes = time.perf_counter(), [], 0
-    for token, _, _, passes in decode.spec_generate_step(prompt, model, max_tokens=max_tokens, **tree):
+    for token, _, _, passes in decode.spec_generate_step(
+        prompt, model, max_tokens=max_tokens, **tree
+    ):
         out.append(token)
     return out, time.perf_counter() - t0, passes
 
@@ -117,8 +119,17 @@ def main():
                 with PhaseTimer() as timer:  # a separate, instrumented pass over the prompts
                     for x in prompts:
                         spec_run(model, x, args.max_tokens, **tree)
-                rows.append(dict(tree=name, stream_pass=stream_pass, run=run, time=t, passes=passes,
-                                 tokens=n, phases=timer.t))
+                rows.append(
+                    dict(
+                        tree=name,
+                        stream_pass=stream_pass,
+                        run=run,
+                        time=t,
+                        passes=passes,
+                        tokens=n,
+                        phases=timer.t,
+                    )
+                )
     per_token = statistics.median(plain_t)
     table = []
     for name in TREES:
@@ -128,13 +139,30 @@ def main():
             tau = rs[-1]["tokens"] / rs[-1]["passes"]
             ph = {k: v / rs[-1]["passes"] * 1e3 for k, v in rs[-1]["phases"].items()}
             ph["wait + walk"] = ph["finish"] - ph["commit"] - ph["next tree"]
-            table.append(dict(tree=name, stream_pass=stream_pass, step_ms=step * 1e3, tau=tau,
-                              r=step / per_token, speedup=tau * per_token / step, phases_ms=ph))
+            table.append(
+                dict(
+                    tree=name,
+                    stream_pass=stream_pass,
+                    step_ms=step * 1e3,
+                    tau=tau,
+                    r=step / per_token,
+                    speedup=tau * per_token / step,
+                    phases_ms=ph,
+                )
+            )
     info = dict(
-        command=" ".join(sys.argv), machine=platform.machine(), processor=platform.processor(),
-        python=platform.python_version(), mlx=mx.__version__, mlx_lm=mlx_lm.__version__,
-        device=str(mx.default_device()), model=str(model_dir), prompts=args.prompts,
-        max_tokens=args.max_tokens, runs=args.runs, plain_ms_per_token=per_token * 1e3,
+        command=" ".join(sys.argv),
+        machine=platform.machine(),
+        processor=platform.processor(),
+        python=platform.python_version(),
+        mlx=mx.__version__,
+        mlx_lm=mlx_lm.__version__,
+        device=str(mx.default_device()),
+        model=str(model_dir),
+        prompts=args.prompts,
+        max_tokens=args.max_tokens,
+        runs=args.runs,
+        plain_ms_per_token=per_token * 1e3,
     )
     lines = [
         f"# Step profile ({info['device']}, MLX {info['mlx']}, mlx-lm {info['mlx_lm']})",
@@ -156,7 +184,9 @@ def main():
     print(text)
     out = Path(__file__).parent / "results" / f"step_profile{'-' + args.tag if args.tag else ''}"
     out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(dict(info=info, table=table, rows=rows), indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps(dict(info=info, table=table, rows=rows), indent=1)
+    )
 
 
 if __name__ == "__main__":
