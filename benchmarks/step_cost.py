@@ -20,39 +20,18 @@ and versions.
 """
 
 import argparse
-import importlib
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-import mlx_lm
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
-from mlx_specstream import SpecStreamConfig, attach_streams
 from mlx_specstream.decode import spec_generate_step
+from report import heading, machine_info, write_results
+from shapes import SHAPES, random_model
 
-# Published configs of these models (random weights of the same shapes).
-SHAPES = {
-    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24,
-                       intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
-                       vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
-                       tie_word_embeddings=True),
-    "llama-3b": dict(model_type="llama", hidden_size=3072, num_hidden_layers=28,
-                     intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
-                     head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
-                     tie_word_embeddings=True),
-    "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
-                     intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                     vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
-                     tie_word_embeddings=False),
-}  # fmt: skip
 # n tree nodes, root included: a root alone, a chain of 3, top-2 and top-3 trees of depth 3.
 TREES = {
     1: dict(tree_top_k=1, tree_depth=1, max_tree_nodes=1),
@@ -60,20 +39,6 @@ TREES = {
     8: dict(tree_top_k=2, tree_depth=3, max_tree_nodes=8),
     16: dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16),
 }
-
-
-def random_model(shape: str, dtype: str) -> nn.Module:
-    """A random model of a published shape, in ``bf16`` or ``q4``, with random streams."""
-    args = SHAPES[shape]
-    module = importlib.import_module(f"mlx_lm.models.{args['model_type']}")
-    mx.random.seed(0)
-    model = module.Model(module.ModelArgs.from_dict(args))
-    model.set_dtype(mx.bfloat16)
-    if dtype == "q4":
-        nn.quantize(model, group_size=64, bits=4)
-    mx.eval(model.parameters())
-    attach_streams(model, SpecStreamConfig(num_streams=3), seed=1)
-    return model
 
 
 def timed_tokens(gen, count_passes):
@@ -188,14 +153,14 @@ def main():
                                                for r in res["rows"]), flush=True)  # fmt: skip
             del model, rt
             mx.clear_cache()
-    info = dict(command=" ".join(["python"] + sys.argv), machine=platform.machine(),
-                processor=platform.processor(), python=platform.python_version(),
-                mlx=mx.__version__, mlx_lm=mlx_lm.__version__, device=str(mx.default_device()),
-                prompts=args.prompts, prompt_tokens=args.prompt_tokens,
-                max_tokens=args.max_tokens, runs=args.runs)  # fmt: skip
+    info = machine_info(
+        prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        runs=args.runs,
+    )
     lines = [
-        f"# Step cost ({info['device']}, MLX {info['mlx']}, mlx-lm {info['mlx_lm']}, "
-        f"{info['machine']})",
+        heading("Step cost", info),
         "",
         f"`{info['command']}`: {args.prompts} random prompts of {args.prompt_tokens} tokens, "
         f"{args.max_tokens} tokens each, greedy, medians over {args.runs} runs. "
@@ -218,12 +183,7 @@ def main():
                 f"| {mem:.2f} ({res['peak_ours_gb']:.2f}/{res['peak_plain_gb']:.2f} GB) |"
             )
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).parent / "results" / f"step_cost{'-' + args.tag if args.tag else ''}"
-    out.parent.joinpath(out.name + ".md").write_text(text)
-    out.parent.joinpath(out.name + ".json").write_text(
-        json.dumps(dict(info=info, results=results), indent=1)
-    )
+    write_results("step_cost", args.tag, text, dict(info=info, results=results))
 
 
 if __name__ == "__main__":

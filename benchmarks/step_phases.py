@@ -20,21 +20,17 @@ Writes ``benchmarks/results/step_phases[-TAG].{md,json}``.
 """
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
 from mlx_specstream.cache import commit_path
 from mlx_specstream.layout import layout_of
 from mlx_specstream.tree import accept, path_to, static_tree, top_k_desc
+from report import heading, machine_info, write_results
 
 TREES = {"chain3": ([1, 1, 1], 3, 4), "k2x3-8": ([2, 2, 2], 3, 8), "k3x3-16": ([3, 3, 3], 3, 16)}
 
@@ -105,12 +101,9 @@ def main():
         med = {k: statistics.median(v) * 1e3 for k, v in phases.items()}
         med.setdefault("total", sum(med.values()))
         table.append(dict(row=row, **med))
-    info = dict(command=" ".join(["python"] + sys.argv), machine=platform.machine(),
-                python=platform.python_version(), mlx=mx.__version__, mlx_lm=mlx_lm.__version__,
-                device=str(mx.default_device()), tree=args.tree, nodes=n, reps=args.reps)  # fmt: skip
+    info = machine_info(tree=args.tree, nodes=n, reps=args.reps)
     lines = [
-        f"# Step phases ({info['device']}, MLX {info['mlx']}, mlx-lm {info['mlx_lm']}, "
-        f"{info['machine']})",
+        heading("Step phases", info),
         "",
         f"`{info['command']}`: shipped model, tree {args.tree} ({n} nodes) after a 96-token "
         f"prompt, each phase evaluated on its own, medians of {args.reps} (ms).",
@@ -122,12 +115,7 @@ def main():
         cells = [f"{r[k]:.2f}" if k in r else "" for k in ("pass", "accept", "draft", "commit")]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + f" | {r['total']:.2f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(__file__).parent / "results" / f"step_phases{'-' + args.tag if args.tag else ''}"
-    out.parent.joinpath(out.name + ".md").write_text(text)
-    out.parent.joinpath(out.name + ".json").write_text(
-        json.dumps(dict(info=info, table=table), indent=1)
-    )
+    write_results("step_phases", args.tag, text, dict(info=info, table=table))
 
 
 def _pass(rt, tokens, layout, cache, all_streams, head_in_pass):

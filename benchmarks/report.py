@@ -1,0 +1,33 @@
+"""What every benchmark writes: the machine and versions, and its results as markdown + JSON."""
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine_info(**extra) -> dict:
+    """The command line, machine, device and versions, plus ``extra`` settings."""
+    return dict(command=" ".join(["python"] + sys.argv), machine=platform.machine(),
+                processor=platform.processor(), python=platform.python_version(),
+                mlx=mx.__version__, mlx_lm=mlx_lm.__version__, device=str(mx.default_device()),
+                **extra)  # fmt: skip
+
+
+def heading(title: str, info: dict) -> str:
+    """A results file's first line: the title, device, versions and machine."""
+    return f"# {title} ({info['device']}, MLX {info['mlx']}, mlx-lm {info['mlx_lm']}, {info['machine']})"
+
+
+def write_results(name: str, tag: str, text: str, data: dict) -> Path:
+    """Prints ``text`` and writes ``results/NAME[-TAG].md`` and ``.json`` (a dotted tag stays whole)."""
+    print(text)
+    stem = RESULTS / f"{name}{'-' + tag if tag else ''}"
+    stem.parent.joinpath(stem.name + ".md").write_text(text)
+    stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(data, indent=1))
+    return stem

@@ -1,0 +1,48 @@
+"""Random mlx-lm models of published shapes, for benchmarks where the weights do not matter."""
+
+import importlib
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_specstream import SpecStreamConfig, attach_streams
+
+# Published configs of these models (random weights of the same shapes); "small" is a
+# 4-layer llama with a 32k vocabulary, for quick runs on a CPU.
+SHAPES = {
+    "small": dict(model_type="llama", hidden_size=256, num_hidden_layers=4,
+                  intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=32000, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24,
+                       intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                       vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+                       tie_word_embeddings=True),
+    "llama-3b": dict(model_type="llama", hidden_size=3072, num_hidden_layers=28,
+                     intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8,
+                     head_dim=128, vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
+                     tie_word_embeddings=True),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
+                     intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                     vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
+                     tie_word_embeddings=False),
+}  # fmt: skip
+DTYPES = ("f32", "bf16", "f16", "q4")
+
+
+def random_model(shape: str, dtype: str, streams: bool = True, seed: int = 0, **overrides):
+    """A random model of ``SHAPES[shape]`` (with ``overrides``) in ``f32``, ``bf16``,
+    ``f16`` or ``q4`` (4-bit over bf16), with random lossless streams unless ``streams``
+    is False."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}")
+    args = {**SHAPES[shape], **overrides}
+    module = importlib.import_module(f"mlx_lm.models.{args['model_type']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(args))
+    model.set_dtype({"f32": mx.float32, "f16": mx.float16}.get(dtype, mx.bfloat16))
+    if dtype == "q4":
+        nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    if streams:
+        attach_streams(model, SpecStreamConfig(num_streams=3), seed=seed + 1)
+    return model
