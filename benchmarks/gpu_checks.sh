@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks of issues #11 and #13, one stage per device run (each fits in 10 minutes).
+#
+# Here, once: bash ../shared/gpu/prepare.sh (see ../shared/gpu/README.md). There, three runs
+# back to back carrying .gpu/pN and .gpu/bin; the last one, and every later run on the same
+# machine, is:
+#     bash benchmarks/gpu_checks.sh STAGE
+# STAGE: tests | step_cost | fidelity | fidelity-8b | ngram. Results go to $OUT (the run's return folder).
+# float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
+set -euo pipefail
+stage=${1:?"stage: tests | step_cost | fidelity | fidelity-8b | ngram"}
+out=${OUT:?"OUT: the folder whose files come back"}
+bash .gpu/bin/install.sh
+export MLX_ENABLE_TF32=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import mlx.core as mx; assert mx.default_device() == mx.gpu, mx.default_device()"
+case "$stage" in
+  tests)
+    # scipy and openai are not installed there: the modules that need them are named here,
+    # not skipped silently; run them on a machine that has both.
+    python3 -m pytest -q tests --durations=20 -p no:cacheprovider \
+      --ignore=tests/test_sampling.py --ignore=tests/test_server.py \
+      --junitxml="$out/gpu_tests.xml" 2>&1 | tail -200 > "$out/gpu_tests.log" || true
+    tail -5 "$out/gpu_tests.log" ;;
+  step_cost)
+    python3 benchmarks/step_cost.py --models shipped,qwen2-0.5b,llama-8b --dtypes bf16,q4 \
+      --stream-pass both --tag gpu
+    cp benchmarks/results/step_cost-gpu.* "$out/" ;;
+  fidelity)
+    python3 benchmarks/fidelity.py --models qwen2-0.5b --dtypes f32,bf16,q4 \
+      --prompts 16 --max-tokens 128 --tag gpu-0.5b
+    cp benchmarks/results/fidelity-gpu-0.5b.* "$out/" ;;
+  fidelity-8b)
+    python3 benchmarks/fidelity.py --models llama-8b --dtypes bf16,q4 \
+      --prompts 8 --max-tokens 128 --tag gpu-8b
+    cp benchmarks/results/fidelity-gpu-8b.* "$out/" ;;
+  ngram)
+    python3 benchmarks/ngram_speed.py --prompts 4 --prompt-tokens 96 --max-tokens 96 --tag gpu
+    cp benchmarks/results/ngram_speed-gpu.* "$out/" ;;
+  *) echo "unknown stage: $stage" >&2; exit 2 ;;
+esac
