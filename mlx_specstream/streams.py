@@ -276,8 +276,12 @@ class StreamRuntime:
             if R == x.shape[1]:
                 return y
             p = rt.streams.lora_params(j, name)
-            xs = x[:, R:]
-            delta = (xs @ p["lora_a"].T.astype(xs.dtype)) @ p["lora_b"].T.astype(xs.dtype)
+            a, b = p["lora_a"], p["lora_b"]
+            if a.dtype != x.dtype:
+                a, b = a.astype(x.dtype), b.astype(x.dtype)
+            if R == 0:  # stream rows only (the split pass's second pass): no slicing
+                return y + rt.lora_scale * ((x @ a.T) @ b.T)
+            delta = (x[:, R:] @ a.T) @ b.T
             return mx.concatenate([y[:, :R], y[:, R:] + rt.lora_scale * delta], axis=1)
 
         return __call__
