@@ -27,6 +27,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from .corpus import module_of as package_of  # json/decoder.py -> json
+
 HELD_OUT = ("mlx", "mlx_lm", "mlx_specstream")
 REPO = Path(__file__).resolve().parent.parent
 SKIPPED_PARTS = {"__pycache__", "site-packages", "dist-packages"}
@@ -46,11 +48,6 @@ def default_roots() -> List[Tuple[str, Path]]:
             seen.add(root.resolve())
             out.append((kind, root))
     return out
-
-
-def package_of(rel: Path) -> str:
-    """The top-level package of a path below a root (``json/decoder.py`` -> ``json``)."""
-    return rel.parts[0][:-3] if len(rel.parts) == 1 else rel.parts[0]
 
 
 def is_held_out(package: str, path: Path, held_out: Sequence[str], repo: Optional[Path]) -> bool:
