@@ -11,8 +11,9 @@ shipped model (a 96-token prompt in the cache, a fixed tree), with an
   rows; split: main rows only), or with ``head in pass`` the fused pass whose
   head call also covers the stream rows;
 * ``accept``: log-softmax, argmax and the tree walk;
-* ``draft``: the accepted node's stream logits (the head over its stream
-  rows, the split pass's second partial pass, or a gather) and the top-k;
+* ``draft``: the decoder's own drafting (``Decoder._stream_logits`` and
+  ``_draft_tokens``): the accepted node's stream logits (the head over its
+  stream rows, the split pass's second partial pass, or a gather) and the top-k;
 * ``commit``: the host read of the accepted node and the cache compaction;
 
 beside plain mlx-lm forwards over 1 and over n tokens. Medians of ``--reps``.
@@ -28,8 +29,10 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
 from mlx_specstream.cache import commit_path
-from mlx_specstream.layout import layout_of
-from mlx_specstream.tree import accept, path_to, static_tree, top_k_desc
+from mlx_specstream.decode import Decoder
+from mlx_specstream.ngram import NGRAM_DRAFT_TOKENS
+from mlx_specstream.settings import greedy
+from mlx_specstream.tree import accept, path_to, static_tree
 from report import heading, machine_info, write_results
 
 TREES = {"chain3": ([1, 1, 1], 3, 4), "k2x3-8": ([2, 2, 2], 3, 8), "k3x3-16": ([3, 3, 3], 3, 16)}
@@ -44,9 +47,7 @@ def main():
     model, _ = mlx_specstream.load()
     rt = model.speculative_streams
     ks, depth, nodes = TREES[args.tree]
-    tree = static_tree(ks, depth, nodes)
-    layout = layout_of(tree.parents)
-    n = len(layout)
+    n = len(static_tree(ks, depth, nodes).parents)
     tokens = mx.array([(7 * i + 5) % model.args.vocab_size for i in range(n)])
     cache = make_prompt_cache(model)
     mx.eval(model(mx.arange(10, 106)[None], cache=cache))
@@ -84,11 +85,15 @@ def main():
             add(f"plain forward over {k}", "total", t)
         for name, (all_streams, head_in_pass) in variants.items():
             rt.split_streams = not all_streams
-            step, t = timed(lambda: _pass(rt, tokens, layout, cache, all_streams, head_in_pass))
+            # The decoder's own drafting code, with its stream pass and head placement set.
+            dec = Decoder(rt, cache, [], greedy, [], (ks, depth, 0.0, nodes), "target-sample",
+                          None, NGRAM_DRAFT_TOKENS, -1)  # fmt: skip
+            dec.head_on_streams = head_in_pass
+            step, t = timed(lambda: _pass(dec, tokens))
             add(name, "pass", t)
             (last, targets), t = timed(lambda: _accept(tokens, step))
             add(name, "accept", t)
-            _, t = timed(lambda: _draft(rt, step, last, cache, depth, max(ks)))
+            _, t = timed(lambda: dec._draft_tokens(dec._stream_logits(step, last), targets[last]))
             add(name, "draft", t)
             t0 = time.perf_counter()
             path = path_to(last.item(), step.kept_parents)
@@ -118,8 +123,10 @@ def main():
     write_results("step_phases", args.tag, text, dict(info=info, table=table))
 
 
-def _pass(rt, tokens, layout, cache, all_streams, head_in_pass):
-    return rt.forward(tokens, layout, cache, 0.0, all_streams, stream_logits=head_in_pass)
+def _pass(dec, tokens):
+    """The verify pass as the decoder launches it."""
+    return dec.rt.forward(tokens, dec.layout, dec.cache, 0.0, dec.all_streams,
+                          stream_logits=dec.head_on_streams)  # fmt: skip
 
 
 def _accept(tokens, step):
@@ -127,17 +134,6 @@ def _accept(tokens, step):
     targets = mx.argmax(logprobs, axis=-1)
     _, last = accept(tokens, step.layout.parents_mx, step.layout.ancestors_mx, targets)
     return last, targets
-
-
-def _draft(rt, step, last, cache, depth, k):
-    """The accepted node's stream logits, then the top-k per level, as the decoder does."""
-    if step.stream_logits is not None:
-        slog = mx.take(step.stream_logits, last, axis=0)
-    elif step.stream_hidden is not None:
-        slog = rt.head(mx.take(step.stream_hidden, last, axis=0)[None])[0]
-    else:
-        slog = rt.draft_streams(last, cache)
-    return top_k_desc(slog.astype(mx.float32)[:depth], k)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ A tree of ``T`` nodes is a list ``parents`` of length ``T`` with
 ``parents[0] == -1`` (the root) and ``parents[i] < i`` for every other node,
 so every node comes after its ancestors. Everything but :func:`accept` and
 :func:`top_k_desc` is numpy only, so the PyTorch side (``convert/``) uses the
-same definitions. Trees are laid out depth-first with the most likely child first, so the all-top-1 chain is a prefix of the node
-list: when the model follows it, the accepted path needs no cache gather.
+same definitions. Trees are laid out depth-first with the most likely child
+first, so the all-top-1 chain is a prefix of the node list: when the model
+follows it, the accepted path needs no cache gather.
 """
 
 from dataclasses import dataclass

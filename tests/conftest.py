@@ -31,7 +31,19 @@ import sys
 # first matmul): the equality tests need full float32. No effect on the CPU.
 os.environ["MLX_ENABLE_TF32"] = "0"
 
+import pytest
+
 _status = {}
+
+
+@pytest.fixture
+def fresh_layouts():
+    """Tree layouts are cached per topology: build them anew under a patch, and after it."""
+    import mlx_specstream.layout as layout_module
+
+    layout_module._layout.cache_clear()
+    yield
+    layout_module._layout.cache_clear()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -119,14 +119,6 @@ def test_dtypes_shared(dtype):
 # ---- negative controls: the equality checks above can fail ------------------
 
 
-@pytest.fixture
-def fresh_layouts():
-    """Tree layouts are cached per topology: build them anew under a patch, and after it."""
-    layout_module._layout.cache_clear()
-    yield
-    layout_module._layout.cache_clear()
-
-
 def test_negative_control_wrong_tree_mask(monkeypatch, fresh_layouts):
     """Letting tree nodes see their siblings must break losslessness."""
     real = layout_module.ancestor_mask

@@ -67,15 +67,10 @@ def test_low_precision_leaves_plain_decoding_only_at_near_ties(arch, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "bfloat16-q4"])
-def test_negative_control_a_wrong_mask_fails_the_near_tie_test(monkeypatch, dtype):
+def test_negative_control_a_wrong_mask_fails_the_near_tie_test(monkeypatch, fresh_layouts, dtype):
     """Nodes that see their siblings change logits by far more than rounding."""
     real = layout_module.ancestor_mask
     monkeypatch.setattr(layout_module, "ancestor_mask", lambda p: real(p) | True)
-    layout_module._layout.cache_clear()
-    try:
-        model = tiny_spec_model("llama", vocab_size=64, num_streams=3, top_k=2, **DTYPES[dtype])
-        with pytest.raises(AssertionError, match="is not a near-tie"):
-            check_near_ties(model)
-    finally:
-        monkeypatch.undo()
-        layout_module._layout.cache_clear()
+    model = tiny_spec_model("llama", vocab_size=64, num_streams=3, top_k=2, **DTYPES[dtype])
+    with pytest.raises(AssertionError, match="is not a near-tie"):
+        check_near_ties(model)
