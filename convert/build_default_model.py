@@ -1,26 +1,32 @@
-"""Rebuilds the embedded default model from scratch, on CPU.
+"""Rebuilds the embedded default model from scratch.
 
-``python -m convert.build_default_model [--work runs/default]``
+``python -m convert.build_default_model [--recipe stdlib|code] [--work runs/default]``
 
-Stages (each skipped when its output exists, so an interrupted build resumes;
-the trainers also resume from their own checkpoints):
+The recipe (``convert.recipes``) sets data, sizes and budgets; the stages are
+the same for all. Each is skipped when its output exists, so an interrupted
+build resumes (the trainers also resume from their own checkpoints):
 
-1. corpus: this Python's standard library, split by module (``convert.corpus``);
-2. tokenizer: SentencePiece BPE, 8k, byte fallback (``convert.tokenizer``);
-3. base model: a 6.5M-parameter Llama pretrained from scratch (``convert.pretrain``);
-4. draft model: a 1M-parameter Llama for mlx-lm's ``--draft-model``;
-5. Speculative Streaming fine-tunes in shared and lossless mode (``convert.finetune``);
-6. conversion to MLX (``python -m convert``; bfloat16 storage to fit 25 MB);
-7. held-out prompts, and the choice of mode: the higher tokens per forward pass among
-   the modes whose main stream keeps the base's held-out loss (within 0.05 nats);
-8. shipping into ``mlx_specstream/models/`` and tuning the tree (on Linux with
-   OpenBLAS interposed: the mlx-cpu wheel's reference BLAS makes every extra
-   verified row cost nearly a full row, unlike the machines users run).
+1. corpus: the standard library (``convert.corpus``) or every Python source of
+   this interpreter with the evaluation packages held out (``convert.code_corpus``);
+2. tokenizer: SentencePiece BPE with byte fallback (``convert.tokenizer``);
+3. base model: a Llama pretrained from scratch (``convert.pretrain``);
+4. draft model: a small Llama for mlx-lm's ``--draft-model``, same tokenizer;
+5. self-distilled data (``convert.distill``): the base's greedy continuations;
+6. Speculative Streaming fine-tunes in shared and lossless mode (``convert.finetune``),
+   and, where the recipe asks, shared mode's control (no streams, same budget);
+7. Medusa-1 and ParallelSpec drafters on the frozen base, where the recipe asks
+   (else ``benchmarks/compare_drafters.py`` builds them);
+8. conversion to MLX (``python -m convert``);
+9. held-out prompts, the parse-rate quality figure (``convert.code_quality``), and
+   the choice of mode: the higher tokens per forward pass among the modes whose
+   main stream keeps the base's held-out loss (within 0.05 nats);
+10. shipping into ``mlx_specstream/models/`` (or ``--package-models``) and tuning
+    the tree (on Linux with OpenBLAS interposed: the mlx-cpu wheel's reference
+    BLAS makes every extra verified row cost nearly a full row, unlike the
+    machines users run).
 
-Every command is printed before it runs, and each training stage's wall time is
-recorded in ``WORK/stage_times.json``. ``build_drafters`` (run by
-``benchmarks/compare_drafters.py``, not by this command) adds self-distilled data
-(``convert.distill``) and Medusa-1 and ParallelSpec drafters on the frozen base.
+Every command is printed before it runs, and each stage's wall time is recorded
+in ``WORK/stage_times.json``. On CUDA the training stages run in bfloat16.
 """
 
 import argparse
@@ -33,27 +39,11 @@ import sys
 import time
 from pathlib import Path
 
+from .recipes import RECIPES, STDLIB, Recipe
+
 STAGE_TIMES = "stage_times.json"
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "mlx_specstream" / "models"
-SHIP_LIMIT_MB = 25
-# CPU budget: a few hundred steps of 8 x 128 tokens (the paper trains 5 epochs and can afford
-# alpha_j = 0.1; with this budget the streams need a larger weight to learn anything).
-# fmt: off
-SS_COMMON = [
-    "--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3", "--max-length", "128",
-    "--batch-size", "8", "--learning-rate", "1e-3", "--eval-steps", "200", "--save-steps", "100",
-]
-SS_SHARED = ["--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64", "--max-steps", "400",
-             "--stream-loss-weight", "0.5"]
-SS_LOSSLESS = ["--mode", "lossless", "--stream-lora-rank", "16", "--stream-loss-weight", "1.0",
-               "--self-distill", "--window-prompt", "32", "--max-steps", "500"]
-# Alternative drafters on the same frozen base, for benchmarks/compare_drafters.py: the
-# same steps, batch and window as the lossless fine-tune, on self-distilled data.
-DRAFTER_COMMON = ["--num-draft-tokens", "3", "--top-k", "3", "--max-length", "128",
-                  "--batch-size", "8", "--learning-rate", "1e-3", "--max-steps", "500",
-                  "--eval-steps", "250", "--save-steps", "100"]
 DRAFTER_KINDS = ("medusa", "parallelspec")
-# fmt: on
 
 
 def run(*cmd):
@@ -74,10 +64,14 @@ def stage(name, output: Path, fn, work: Path = None):
     tic = time.perf_counter()
     fn()
     if work is not None:
-        times_file = work / STAGE_TIMES
-        times = json.loads(times_file.read_text()) if times_file.exists() else {}
-        times[name] = round(time.perf_counter() - tic, 1)
-        times_file.write_text(json.dumps(times, indent=2))
+        _record_time(work, name, tic)
+
+
+def _record_time(work: Path, name: str, tic: float):
+    times_file = work / STAGE_TIMES
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    times[name] = round(time.perf_counter() - tic, 1)
+    times_file.write_text(json.dumps(times, indent=2))
 
 
 def make_prompts(eval_jsonl: Path, out: Path, per_file=2, chars=320):
@@ -133,10 +127,14 @@ def main_stream_loss(model_dir: Path, eval_jsonl: Path, n=8, tokens=256) -> floa
 MAX_LOSS_INCREASE = 0.05
 
 
-def choose_mode(w: Path, prompts: Path) -> str:
+def choose_mode(w: Path, prompts: Path, r: Recipe = STDLIB) -> str:
     """The mode to ship: the higher tau among modes whose main stream is, on
-    held-out text, within MAX_LOSS_INCREASE nats of the pretrained base."""
-    taus = {mode: mean_tau(w / "mlx" / mode, prompts) for mode in ("shared", "lossless")}
+    held-out text, within MAX_LOSS_INCREASE nats of the pretrained base. Also
+    records shared mode's loss against its control's (the paper's claim), when built."""
+    taus = {
+        mode: mean_tau(w / "mlx" / mode, prompts, r.tau_prompts, r.tau_max_tokens)
+        for mode in ("shared", "lossless")
+    }
     losses = {
         mode: main_stream_loss(w / "mlx" / mode, w / "corpus" / "eval.jsonl")
         for mode in ("shared", "lossless")
@@ -149,36 +147,61 @@ def choose_mode(w: Path, prompts: Path) -> str:
         f"{ {m: round(v, 3) for m, v in losses.items()} } (base {base_loss:.3f}); "
         f"shipping {best} mode"
     )
-    (w / "choice.json").write_text(
-        json.dumps(
-            {
-                "tau": taus,
-                "main_stream_loss": losses,
-                "base_loss": base_loss,
-                "max_loss_increase": MAX_LOSS_INCREASE,
-                "shipped": best,
-            },
-            indent=2,
+    choice = {
+        "recipe": r.name,
+        "tau": taus,
+        "main_stream_loss": losses,
+        "base_loss": base_loss,
+        "max_loss_increase": MAX_LOSS_INCREASE,
+        "shipped": best,
+    }
+    if r.control:
+        # Held-out main-stream loss of the fine-tunes' own evaluation (same windows).
+        shared, control = (
+            json.loads((w / d / "metrics.json").read_text())["eval_main_loss"]
+            for d in ("ss-shared", "ss-control")
         )
-    )
+        choice["shared_vs_control"] = {"shared": shared, "control": control,
+                                       "difference": shared - control}  # fmt: skip
+        print(f"[INFO] shared mode {shared:.4f} vs control {control:.4f} nats (held-out)")
+    (w / "choice.json").write_text(json.dumps(choice, indent=2))
     return best
 
 
-def build_drafters(w: Path):
-    """Medusa-1 and ParallelSpec drafters on the frozen base, converted to MLX
-    (``runs/default/mlx/{medusa,parallelspec}``), for the drafter comparison."""
-    distilled = w / "distilled"
-    for split, n in (("train", 4000), ("eval", 200)):
+def on_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def build_distilled(w: Path, r: Recipe = STDLIB):
+    """Self-distilled train and eval data (the base's own greedy continuations),
+    shared by the lossless fine-tune (where the recipe says) and the drafters."""
+    n_train, n_eval, extra = r.distill
+    eval_data = _eval_data(w, r)
+    for split, n, data in (
+        ("train", n_train, w / "corpus" / "train.jsonl"),
+        ("eval", n_eval, eval_data),
+    ):
         stage(
             f"self-distilled {split} data",
-            distilled / f"{split}.jsonl",
-            lambda split=split, n=n: run(
-                "convert.distill", "--model", w / "base" / "model",
-                "--data", w / "corpus" / f"{split}.jsonl", "--out", distilled / f"{split}.jsonl",
-                "--max-length", "128", "--window-prompt", "32", "--max-examples", n,
+            w / "distilled" / f"{split}.jsonl",
+            lambda data=data, split=split, n=n: run(
+                "convert.distill", "--model", w / "base" / "model", "--data", data,
+                "--out", w / "distilled" / f"{split}.jsonl", "--max-examples", n, *extra,
+                *_gpu(r),
             ),
             work=w,
         )  # fmt: skip
+
+
+def build_drafters(w: Path, r: Recipe = STDLIB):
+    """Medusa-1 and ParallelSpec drafters on the frozen base, converted to MLX
+    (``WORK/mlx/{medusa,parallelspec}``), for the drafter comparison."""
+    build_distilled(w, r)
+    distilled = w / "distilled"
     for kind in DRAFTER_KINDS:
         stage(
             f"{kind} drafter",
@@ -186,7 +209,7 @@ def build_drafters(w: Path):
             lambda kind=kind: run(
                 "convert.train_drafter", "--kind", kind, "--model", w / "base" / "model",
                 "--data", distilled / "train.jsonl", "--eval-data", distilled / "eval.jsonl",
-                "--out", w / kind, *DRAFTER_COMMON,
+                "--out", w / kind, *r.drafter_common, *_gpu(r),
             ),
             work=w,
         )  # fmt: skip
@@ -194,157 +217,164 @@ def build_drafters(w: Path):
             f"convert {kind}",
             w / "mlx" / kind,
             lambda kind=kind: run(
-                "convert", "--hf-path", w / kind, "--mlx-path", w / "mlx" / kind,
-                "--dtype", "bfloat16",
+                "convert", "--hf-path", w / kind, "--mlx-path", w / "mlx" / kind, *r.convert
             ),
-        )  # fmt: skip
+            work=w,
+        )
 
 
-def build_base(w: Path):
-    """Stages 1-3: corpus, tokenizer, pretrained base."""
-    stage(
-        "corpus",
-        w / "corpus" / "manifest.json",
-        lambda: run("convert.corpus", "--out", w / "corpus"),
-    )
+def sample_eval_files(eval_jsonl: Path, out: Path, n: int):
+    """``n`` held-out files, evenly spaced through ``eval_jsonl`` (every package
+    of a sorted corpus is represented), for evaluations run during training."""
+    lines = open(eval_jsonl).readlines()
+    if len(lines) < n:
+        raise ValueError(f"{eval_jsonl}: {len(lines)} held-out files, fewer than {n}")
+    step = len(lines) / n
+    out.write_text("".join(lines[int(i * step)] for i in range(n)))
+
+
+def _eval_data(w: Path, r: Recipe) -> Path:
+    sample = w / "corpus" / "eval-sample.jsonl"
+    return sample if r.eval_sample_files else w / "corpus" / "eval.jsonl"
+
+
+def _gpu(r: Recipe):
+    return r.gpu_args if on_cuda() else ()
+
+
+def build_base(w: Path, r: Recipe = STDLIB, roots=()):
+    """Stages 1-3: corpus, tokenizer, pretrained base. ``roots`` (``KIND:DIR``)
+    replace this interpreter's sources in the code corpus."""
+    if r.corpus == "code":
+        corpus_cmd = ["convert.code_corpus", "--out", w / "corpus"]
+        corpus_cmd += [a for root in roots for a in ("--root", root)]
+    elif roots:
+        raise ValueError(f"--root applies to the code corpus, not recipe {r.name!r}")
+    else:
+        corpus_cmd = ["convert.corpus", "--out", w / "corpus"]
+    stage("corpus", w / "corpus" / "manifest.json", lambda: run(*corpus_cmd), work=w)
+    if r.eval_sample_files:
+        sample = _eval_data(w, r)
+        stage(
+            "held-out sample",
+            sample,
+            lambda: sample_eval_files(w / "corpus" / "eval.jsonl", sample, r.eval_sample_files),
+        )
     stage(
         "tokenizer",
         w / "tokenizer" / "tokenizer.json",
         lambda: run(
-            "convert.tokenizer", "--corpus", w / "corpus" / "train.jsonl", "--out", w / "tokenizer"
+            "convert.tokenizer", "--corpus", w / "corpus" / "train.jsonl",
+            "--out", w / "tokenizer", *r.tokenizer,
         ),
-    )
+        work=w,
+    )  # fmt: skip
     common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
     stage(
         "base model",
         w / "base" / "model",
-        lambda: run("convert.pretrain", *common, "--out", w / "base"),
+        lambda: run("convert.pretrain", *common, "--out", w / "base", *r.base, *_gpu(r)),
         work=w,
     )
 
 
-def build_models(w: Path) -> Path:
-    """Stages 4-7 up to the mode choice: mlx-lm draft model, both fine-tunes, MLX
+def build_models(w: Path, r: Recipe = STDLIB) -> Path:
+    """Stages 4-9 up to the mode choice: mlx-lm's draft model, the fine-tunes, MLX
     conversions and held-out prompts. Returns the prompts file."""
     common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
     stage(
         "draft model",
         w / "draft" / "model",
-        lambda: run(
-            "convert.pretrain",
-            *common,
-            "--out",
-            w / "draft",
-            "--max-steps",
-            "600",
-            "--learning-rate",
-            "3e-3",
-            "--arch",
-            json.dumps(
-                dict(
-                    hidden_size=96,
-                    num_hidden_layers=2,
-                    num_attention_heads=2,
-                    num_key_value_heads=1,
-                    intermediate_size=256,
-                )
+        lambda: run("convert.pretrain", *common, "--out", w / "draft", *r.draft, *_gpu(r)),
+        work=w,
+    )
+    data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", _eval_data(w, r)]
+    fine_tunes = {
+        "shared-mode fine-tune": ("ss-shared", [*data, *r.ss_common, *r.ss_shared]),
+        "lossless-mode fine-tune": ("ss-lossless", [*data, *r.ss_common, *r.ss_lossless]),
+    }
+    if r.control:
+        fine_tunes["shared-mode control fine-tune"] = (
+            "ss-control",
+            [*data, *r.ss_common, *r.ss_shared, "--control"],
+        )
+    if r.lossless_on_distilled:
+        build_distilled(w, r)
+        distilled = ["--data", w / "distilled" / "train.jsonl",
+                     "--eval-data", w / "distilled" / "eval.jsonl"]  # fmt: skip
+        fine_tunes["lossless-mode fine-tune"] = (
+            "ss-lossless",
+            [*distilled, *r.ss_common, *r.ss_lossless],
+        )
+    for name, (sub, args) in fine_tunes.items():
+        stage(
+            name,
+            w / sub / "config.json",
+            lambda sub=sub, args=args: run(
+                "convert.finetune", "--model", w / "base" / "model", "--out", w / sub, *args,
+                *_gpu(r),
             ),
-        ),
-        work=w,
-    )
-    data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", w / "corpus" / "eval.jsonl"]
-    stage(
-        "shared-mode fine-tune",
-        w / "ss-shared" / "config.json",
-        lambda: run(
-            "convert.finetune",
-            "--model",
-            w / "base" / "model",
-            *data,
-            "--out",
-            w / "ss-shared",
-            *SS_SHARED,
-            *SS_COMMON,
-        ),
-        work=w,
-    )
-    stage(
-        "lossless-mode fine-tune",
-        w / "ss-lossless" / "config.json",
-        lambda: run(
-            "convert.finetune",
-            "--model",
-            w / "base" / "model",
-            *data,
-            "--out",
-            w / "ss-lossless",
-            *SS_LOSSLESS,
-            *SS_COMMON,
-        ),
-        work=w,
-    )
+            work=w,
+        )  # fmt: skip
     for mode in ("shared", "lossless"):
         stage(
             f"convert {mode}",
             w / "mlx" / mode,
             lambda mode=mode: run(
-                "convert",
-                "--hf-path",
-                w / f"ss-{mode}",
-                "--mlx-path",
-                w / "mlx" / mode,
-                "--dtype",
-                "bfloat16",
+                "convert", "--hf-path", w / f"ss-{mode}", "--mlx-path", w / "mlx" / mode,
+                *r.convert,
             ),
-        )
+            work=w,
+        )  # fmt: skip
     stage(
         "convert draft",
         w / "mlx" / "draft",
         lambda: run(
-            "mlx_lm",
-            "convert",
-            "--hf-path",
-            w / "draft" / "model",
-            "--mlx-path",
-            w / "mlx" / "draft",
-            "--dtype",
-            "bfloat16",
+            "mlx_lm", "convert", "--hf-path", w / "draft" / "model",
+            "--mlx-path", w / "mlx" / "draft", "--dtype", "bfloat16",
         ),
-    )
+        work=w,
+    )  # fmt: skip
+    if r.drafters:
+        build_drafters(w, r)
     prompts = w / "prompts.jsonl"
     stage("held-out prompts", prompts, lambda: make_prompts(w / "corpus" / "eval.jsonl", prompts))
-
+    if r.quality_prompts:
+        stage(
+            "quality",
+            w / "quality.json",
+            lambda: run(
+                "convert.code_quality", "--model", w / "mlx" / "lossless",
+                "--eval-data", w / "corpus" / "eval.jsonl",
+                "--num-prompts", r.quality_prompts, "--max-tokens", r.quality_max_tokens,
+                "--out", w / "quality.json",
+            ),
+            work=w,
+        )  # fmt: skip
     return prompts
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="runs/default", help="Working directory for all artifacts")
-    p.add_argument("--force-ship", action="store_true", help="Replace an already shipped model")
-    args = p.parse_args()
-    w = Path(args.work)
-    tic = time.perf_counter()
-    build_base(w)
-    prompts = build_models(w)
-
-    best = choose_mode(w, prompts)
-
-    target, draft = PACKAGE_MODELS / "default", PACKAGE_MODELS / "draft"
+def ship(w: Path, best: str, r: Recipe, models: Path, force: bool):
+    """Copies the chosen mode and the draft model into ``models`` (the package's)."""
+    target, draft = models / "default", models / "draft"
     if target.exists() or draft.exists():
-        if not args.force_ship:
+        if not force:
             raise FileExistsError(f"{target} already exists; pass --force-ship to replace it.")
         shutil.rmtree(target, ignore_errors=True)
         shutil.rmtree(draft, ignore_errors=True)
     shutil.copytree(w / "mlx" / best, target)
     shutil.copytree(w / "mlx" / "draft", draft)
-    shutil.copy(prompts, target / "prompts.jsonl")
+    shutil.copy(w / "prompts.jsonl", target / "prompts.jsonl")
     for d in (target, draft):
         (d / "README.md").unlink(missing_ok=True)  # mlx-lm's generic model card
-    size = sum(f.stat().st_size for f in PACKAGE_MODELS.rglob("*") if f.is_file()) / 1e6
-    print(f"[INFO] shipped {size:.1f} MB into {PACKAGE_MODELS}")
-    if size > SHIP_LIMIT_MB:
-        raise RuntimeError(f"shipped models take {size:.1f} MB > {SHIP_LIMIT_MB} MB")
-    tune = [sys.executable, "-m", "mlx_specstream.tune", "--save"]
+    size = sum(f.stat().st_size for f in models.rglob("*") if f.is_file()) / 1e6
+    print(f"[INFO] shipped {size:.1f} MB into {models}")
+    if size > r.ship_limit_mb:
+        raise RuntimeError(f"shipped models take {size:.1f} MB > {r.ship_limit_mb} MB")
+
+
+def tune_shipped(target: Path):
+    tune = [sys.executable, "-m", "mlx_specstream.tune", "--save", "--model", str(target)]
     if platform.system() == "Linux":
         # The Linux mlx-cpu wheel bundles reference BLAS, whose cost grows linearly
         # with verified rows; tune on OpenBLAS, closer to what users' machines do.
@@ -354,7 +384,51 @@ def main():
         ] + tune
     print("+", " ".join(tune), flush=True)
     subprocess.run(tune, check=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="stdlib",
+                   help="Data, sizes and budgets (convert.recipes)")  # fmt: skip
+    p.add_argument("--work", default=None, help="Working directory (default: runs/RECIPE)")
+    p.add_argument("--root", action="append", default=[], metavar="KIND:DIR",
+                   help="Code corpus source root instead of this interpreter's")  # fmt: skip
+    p.add_argument("--package-models", default=str(PACKAGE_MODELS),
+                   help="Where to ship the models (default: the package's)")  # fmt: skip
+    p.add_argument("--force-ship", action="store_true", help="Replace an already shipped model")
+    p.add_argument("--no-tune", action="store_true",
+                   help="Ship without tuning the tree (mlx_specstream.tune --save does it later)")  # fmt: skip
+    args = p.parse_args(argv)
+    r = RECIPES[args.recipe]
+    w = Path(args.work or f"runs/{'default' if r.name == 'stdlib' else r.name}")
+    tic = time.perf_counter()
+    build_base(w, r, args.root)
+    prompts = build_models(w, r)
+    best = stage_value(w, "choice.json", "shipped", lambda: choose_mode(w, prompts, r))
+    models = Path(args.package_models)
+    shipped = w / "shipped.json"
+
+    def ship_and_tune():
+        ship(w, best, r, models, args.force_ship)
+        if not args.no_tune:
+            tune_shipped(models / "default")
+        shipped.write_text(json.dumps({"mode": best, "to": str(models), "tuned": not args.no_tune}))
+
+    stage("ship", shipped, ship_and_tune, work=w)
     print(f"[INFO] build finished in {(time.perf_counter() - tic) / 60:.1f} min")
+
+
+def stage_value(w: Path, file: str, key: str, fn):
+    """``fn()`` run as a stage whose output is ``w/file`` (which ``fn`` writes); the
+    stored ``key`` when it already exists."""
+    if (w / file).exists():
+        print(f"[skip] {file}: {w / file} exists")
+        return json.loads((w / file).read_text())[key]
+    print(f"[stage] {file}")
+    tic = time.perf_counter()
+    value = fn()
+    _record_time(w, file, tic)
+    return value
 
 
 if __name__ == "__main__":

@@ -147,8 +147,25 @@ def main():
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY,
                    help="every N-th top-level package goes to eval.jsonl")  # fmt: skip
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES)
+    p.add_argument(
+        "--root",
+        action="append",
+        default=None,
+        metavar="KIND:PATH",
+        help="A source root instead of this interpreter's (KIND: stdlib or site); repeatable",
+    )
     args = p.parse_args()
-    manifest = build(Path(args.out), eval_every=args.eval_every, max_bytes=args.max_bytes)
+    roots = None
+    if args.root:
+        roots = []
+        for spec in args.root:
+            kind, sep, path = spec.partition(":")
+            if not sep or kind not in ("stdlib", "site") or not Path(path).is_dir():
+                p.error(f"--root {spec!r}: expected stdlib:DIR or site:DIR with an existing DIR")
+            roots.append((kind, Path(path)))
+    manifest = build(
+        Path(args.out), roots=roots, eval_every=args.eval_every, max_bytes=args.max_bytes
+    )
     print(json.dumps({k: manifest[k] for k in ("files", "chars", "held_out_packages")}, indent=2))
 
 

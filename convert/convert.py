@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import mlx.core as mx
-import numpy as np
 
 from mlx_specstream.config import CONFIG_KEY, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
 from mlx_specstream.drafters import DRAFTER_FILE

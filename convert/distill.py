@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--window-prompt", type=int, default=32)
     p.add_argument("--max-examples", type=int, default=None, help="A seeded random subset")
+    p.add_argument("--batch-size", type=int, default=16, help="Continuations generated at once")
+    p.add_argument("--bf16", action="store_true", help="Generate in bfloat16 (GPU)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -34,10 +36,14 @@ def main(argv=None):
         raise FileExistsError(f"{out} already exists; refusing to overwrite it.")
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32
+    )
+    if torch.cuda.is_available():
+        model = model.cuda()
     examples = read_examples(args.data, tokenizer, args.max_length, args.window_prompt)
     examples = subset(examples, args.max_examples, args.seed)
-    examples = self_distill(model, examples, tokenizer.eos_token_id)
+    examples = self_distill(model, examples, tokenizer.eos_token_id, batch_size=args.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
     with open(tmp, "w") as f:

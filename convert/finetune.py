@@ -107,7 +107,7 @@ def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation
         for j in range(0, len(idx), batch_size)
     ]
     for (p, n), idx in tqdm(batches, desc=desc):
-        prompts = torch.tensor([examples[i]["input_ids"][:p] for i in idx])
+        prompts = torch.tensor([examples[i]["input_ids"][:p] for i in idx], device=model.device)
         gen = model.generate(
             prompts,
             attention_mask=torch.ones_like(prompts),
@@ -147,7 +147,8 @@ def shifted_targets(input_ids, lengths, prompt_lens, shift: int):
     t = torch.arange(T, device=input_ids.device)[None]
     ok = (t >= prompt_lens[:, None] - 1) & (t + shift < lengths[:, None])
     target = torch.full_like(input_ids, IGNORE)
-    target[:, : T - shift] = input_ids[:, shift:]
+    if shift < T:  # (a batch of sequences shorter than the shift has no targets)
+        target[:, : T - shift] = input_ids[:, shift:]
     return torch.where(ok, target, torch.full_like(target, IGNORE))
 
 
@@ -173,11 +174,12 @@ class SpecStreamTrainingModel(nn.Module):
         )
         ce = nn.functional.cross_entropy
         main_t = shifted_targets(input_ids, lengths, prompt_lens, 1)
+        main_ce = ce(
+            out["main_logits"].flatten(0, 1).float(), main_t.flatten(), ignore_index=IGNORE
+        )
         loss = torch.zeros((), device=input_ids.device)
         if self.main_weight:
-            loss = loss + self.main_weight * ce(
-                out["main_logits"].flatten(0, 1).float(), main_t.flatten(), ignore_index=IGNORE
-            )
+            loss = loss + self.main_weight * main_ce
         correct = {"main": _correct(out["main_logits"], main_t)}
         for j in range(self.msm.config.num_streams):
             t_j = shifted_targets(input_ids, lengths, prompt_lens, j + 2)
@@ -193,7 +195,26 @@ class SpecStreamTrainingModel(nn.Module):
                 out["early_logits"].flatten(0, 1).float(), prune_t.flatten(), ignore_index=IGNORE
             )
             correct["early_exit"] = _correct(out["early_logits"], prune_t)
-        return {"loss": loss, "correct": correct}
+        return {"loss": loss, "main_loss": main_ce.detach(), "correct": correct}
+
+
+class ControlTrainingModel(nn.Module):
+    """The paper's control fine-tune: the same LoRA, data and budget as a shared-mode
+    run, with the next-token loss alone and no stream rows (a plain LoRA fine-tune)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, lengths, prompt_lens):
+        T = input_ids.shape[1]
+        mask = (torch.arange(T, device=input_ids.device)[None] < lengths[:, None]).long()
+        logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+        target = shifted_targets(input_ids, lengths, prompt_lens, 1)
+        ce = nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE
+        )
+        return {"loss": ce, "main_loss": ce.detach(), "correct": {"main": _correct(logits, target)}}
 
 
 def _correct(logits, targets):
@@ -223,17 +244,22 @@ def make_trainer_class():
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             model = self.model
             model.eval()
-            totals, loss_sum, batches = {}, 0.0, 0
+            totals, loss_sum, main_sum, batches = {}, 0.0, 0.0, 0
             with torch.no_grad():
                 for batch in self.get_eval_dataloader(dataset):
                     batch = self._prepare_inputs(batch)
                     out = model(**batch)
                     loss_sum += out["loss"].item()
+                    if "main_loss" in out:  # (drafters leave the frozen base's loss out)
+                        main_sum += out["main_loss"].item()
                     batches += 1
                     for k, (h, n) in out["correct"].items():
                         th, tn = totals.get(k, (0, 0))
                         totals[k] = (th + h, tn + n)
             metrics = {f"{metric_key_prefix}_loss": loss_sum / max(batches, 1)}
+            if main_sum:
+                # The main stream's next-token loss alone: comparable across runs and modes.
+                metrics[f"{metric_key_prefix}_main_loss"] = main_sum / max(batches, 1)
             for k, (h, n) in totals.items():
                 metrics[f"{metric_key_prefix}_{k}_top1"] = h / max(n, 1)
             self.log(metrics)
@@ -321,6 +347,11 @@ def setup_arg_parser():
     p.add_argument(
         "--save-adapter", action="store_true", help="Keep the shared-mode LoRA as a peft adapter"
     )
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="Shared mode's control: the same LoRA fine-tune without stream rows or their losses",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -394,6 +425,7 @@ def train_and_evaluate(wrapped, args, out: Path, train, held_out):
     if held_out:
         metrics = trainer.evaluate()
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+        trainer.final_metrics = metrics
     return trainer
 
 
@@ -401,6 +433,11 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     args = setup_arg_parser().parse_args(argv)
+    if args.control and (args.mode != "shared" or args.lora_rank <= 0):
+        raise ValueError(
+            "--control is the control of a shared-mode LoRA fine-tune: it needs "
+            f"--mode shared and --lora-rank > 0 (got {args.mode}, {args.lora_rank})."
+        )
     out = Path(args.out)
     if out.exists() and any(p.name != "checkpoints" for p in out.iterdir()):
         raise FileExistsError(f"{out} already holds a model; refusing to overwrite it.")
@@ -421,15 +458,26 @@ def main(argv=None):
                 model, held_out, tokenizer.eos_token_id, desc="self-distillation (eval)"
             )
     msm = build(args, model, tokenizer)
-    main_weight = args.main_loss_weight
-    if main_weight is None:
-        main_weight = 1.0 if args.mode == "shared" else 0.0
-    wrapped = SpecStreamTrainingModel(msm, main_weight, args.stream_loss_weight)
+    if args.control:
+        wrapped = ControlTrainingModel(msm.model)
+    else:
+        main_weight = args.main_loss_weight
+        if main_weight is None:
+            main_weight = 1.0 if args.mode == "shared" else 0.0
+        wrapped = SpecStreamTrainingModel(msm, main_weight, args.stream_loss_weight)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
     trainer = train_and_evaluate(wrapped, args, out, train, held_out)
     if trainer.is_world_process_zero():
-        save_output(out, msm, tokenizer, args.save_adapter)
+        metrics = getattr(trainer, "final_metrics", None)
+        if metrics is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        if args.control:
+            _save_base(msm.model.merge_and_unload(), out)
+            tokenizer.save_pretrained(str(out))
+        else:
+            save_output(out, msm, tokenizer, args.save_adapter)
         print(f"[INFO] wrote {out}")
 
 

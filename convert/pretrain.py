@@ -3,8 +3,11 @@
 Run as ``python -m convert.pretrain --corpus runs/default/corpus --tokenizer
 runs/default/tokenizer --out runs/default/base``. Built on ``transformers``'
 Trainer: it resumes from the newest checkpoint in ``--out``, and runs on CPU,
-one GPU, or several under torchrun/accelerate. Writes the model
-(``save_pretrained``, safetensors), the tokenizer, ``loss.csv`` and ``loss.png``.
+one GPU, or several under torchrun/accelerate (``--bf16`` on a GPU). The corpus
+is tokenized once, in batches (the fast tokenizer's threads), and cached as
+``OUT/tokens-{train,eval}.npy``. Writes the model (``save_pretrained``,
+safetensors), the tokenizer, ``metrics.json`` (parameters, tokens trained,
+held-out loss), ``loss.csv`` and ``loss.png``.
 """
 
 import argparse
@@ -24,16 +27,46 @@ DEFAULT_ARCH = dict(
 )
 
 
-def pack_corpus(jsonl: Path, tokenizer, seq_len: int):
-    """All documents, each followed by EOS, cut into ``seq_len``-token rows."""
+def tokenize_corpus(jsonl: Path, tokenizer, cache: Path = None, batch: int = 256):
+    """Every document's tokens followed by EOS, concatenated (``int32``); read from
+    ``cache`` when it exists, else computed in batches and saved there."""
+    import numpy as np
+
+    if cache is not None and cache.exists():
+        return np.load(cache)
+    parts, texts = [], []
+
+    def flush():
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            parts.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int32))
+        texts.clear()
+
+    for line in open(jsonl):
+        texts.append(json.loads(line)["text"])
+        if len(texts) == batch:
+            flush()
+    flush()
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache.with_suffix(".tmp.npy"), ids)
+        cache.with_suffix(".tmp.npy").rename(cache)  # atomic: never a half-written cache
+    return ids
+
+
+def pack_corpus(jsonl: Path, tokenizer, seq_len: int, cache: Path = None, max_rows: int = None):
+    """All documents, each followed by EOS, cut into ``seq_len``-token rows (at most
+    ``max_rows`` of them, evenly spaced over the corpus)."""
     import torch
 
-    ids = []
-    for line in open(jsonl):
-        ids.extend(tokenizer.encode(json.loads(line)["text"]))
-        ids.append(tokenizer.eos_token_id)
+    ids = tokenize_corpus(jsonl, tokenizer, cache)
     n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    if n == 0:
+        raise ValueError(f"{jsonl}: {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
+    rows = torch.from_numpy(ids[: n * seq_len].astype("int64")).view(n, seq_len)
+    if max_rows is not None and n > max_rows:
+        rows = rows[torch.linspace(0, n - 1, max_rows).long()]
+    return rows
 
 
 class Rows:
@@ -93,6 +126,13 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    parser.add_argument("--eval-steps", type=int, default=250)
+    parser.add_argument("--save-steps", type=int, default=250)
+    parser.add_argument(
+        "--eval-rows", type=int, default=None, help="Held-out rows evaluated (default: all)"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPU)")
     parser.add_argument(
         "--arch", type=json.loads, default={}, help="JSON overrides of the architecture"
     )
@@ -110,14 +150,22 @@ def main():
     )
     model = LlamaForCausalLM(config)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
-    train = Rows(pack_corpus(Path(args.corpus) / "train.jsonl", tokenizer, args.seq_len))
-    held_out = Rows(pack_corpus(Path(args.corpus) / "eval.jsonl", tokenizer, args.seq_len))
+    corpus = Path(args.corpus)
+    train = Rows(
+        pack_corpus(corpus / "train.jsonl", tokenizer, args.seq_len, out / "tokens-train.npy")
+    )
+    held_out = Rows(
+        pack_corpus(
+            corpus / "eval.jsonl", tokenizer, args.seq_len, out / "tokens-eval.npy", args.eval_rows
+        )
+    )
     print(f"train rows: {len(train)} x {args.seq_len}; eval rows: {len(held_out)}")
     training_args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 20),
@@ -126,8 +174,9 @@ def main():
         max_grad_norm=1.0,
         logging_steps=20,
         eval_strategy="steps",
-        eval_steps=250,
-        save_steps=250,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        bf16=args.bf16,
         save_total_limit=2,
         seed=args.seed,
         report_to=[],
@@ -135,12 +184,28 @@ def main():
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out)
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
+    checkpoints = sorted(
+        (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
+    )
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     metrics = trainer.evaluate()
     print(
         f"held-out loss {metrics['eval_loss']:.4f} (perplexity {math.exp(metrics['eval_loss']):.2f})"
     )
+    if not trainer.is_world_process_zero():
+        return
+    record = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_tokens": trainer.state.global_step * args.batch_size
+        * args.gradient_accumulation_steps * training_args.world_size * args.seq_len,
+        "corpus_tokens": int(train.rows.numel()),
+        "eval_loss": metrics["eval_loss"],
+        "eval_tokens": int(held_out.rows.numel()),
+        "bf16": args.bf16,
+        "train_runtime_s": round(sum(h.get("train_runtime", 0) for h in trainer.state.log_history), 1),
+    }  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(record, indent=2))
+    # The model directory last: the build takes it as the sign that this stage is done.
     model.save_pretrained(str(out / "model"), safe_serialization=True)
     tokenizer.save_pretrained(str(out / "model"))
     plot_loss(trainer.state.log_history, out)

@@ -11,14 +11,26 @@ by byte fallback as ``<0x0A>``.
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
 
-def train_sentencepiece(corpus_jsonl: Path, out_dir: Path, vocab_size: int = 8000, seed: int = 0):
+def train_sentencepiece(
+    corpus_jsonl: Path,
+    out_dir: Path,
+    vocab_size: int = 8000,
+    seed: int = 0,
+    input_sentences: int = 2_000_000,
+):
+    """Trains on at most ``input_sentences`` lines of the corpus, drawn with a seeded
+    reservoir sample when it has more (a large corpus would otherwise be cut to its
+    first lines, i.e. to the packages that sort first)."""
     import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -40,14 +52,14 @@ def train_sentencepiece(corpus_jsonl: Path, out_dir: Path, vocab_size: int = 800
         split_digits=True,
         allow_whitespace_only_pieces=True,
         max_sentence_length=100000,
-        input_sentence_size=2_000_000,
-        shuffle_input_sentence=False,
+        input_sentence_size=input_sentences,
+        shuffle_input_sentence=True,
         seed_sentencepiece_size=1_000_000,
         unk_id=0,
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        num_threads=2,
+        num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
     Path(lines_file).unlink()
@@ -108,9 +120,13 @@ def main():
     parser.add_argument("--corpus", default="runs/default/corpus/train.jsonl")
     parser.add_argument("--out", default="runs/default/tokenizer")
     parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument(
+        "--input-sentences", type=int, default=2_000_000, help="Lines sampled for training"
+    )
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
-    model = train_sentencepiece(Path(args.corpus), out, args.vocab_size)
+    train_sentencepiece(Path(args.corpus), out, args.vocab_size, args.seed, args.input_sentences)
     (out / "spm.model").rename(out / "tokenizer.model")
     (out / "spm.vocab").unlink()
     hf = to_hf(out / "tokenizer.model", out)

@@ -97,5 +97,6 @@ def save_output(out: Path, wrapped: DrafterTrainingModel, tokenizer, base_dir: P
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file(wrapped.drafter_state(), str(out / DRAFTER_FILE))
 
+
 if __name__ == "__main__":
     main()

@@ -2,7 +2,6 @@
 after conversion, quantized conversion, PEFT merge, and the converter's errors."""
 
 import json
-import shutil
 
 import mlx.core as mx
 import numpy as np

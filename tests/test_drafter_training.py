@@ -138,7 +138,6 @@ def test_medusa_heads_start_as_the_base_head_and_train():
 @pytest.mark.parametrize("kind,arch", [("medusa", "llama"), ("parallelspec", "llama"),
                                        ("parallelspec", "qwen2")])  # fmt: skip
 def test_converted_drafter_matches_reference(kind, arch, tmp_path):
-    import mlx.core as mx
     from hf_helpers import hf_tokenizer
     from test_drafters import standalone_levels
 

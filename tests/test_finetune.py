@@ -83,6 +83,56 @@ def test_shifted_targets():
     assert got.tolist() == [[-100, 8, 9, -100, -100, -100]]
 
 
+def test_shifted_targets_of_sequences_shorter_than_the_shift():
+    # A batch of 2-token windows (a file's tail) has no target 3 tokens ahead.
+    got = shifted_targets(torch.tensor([[5, 6]]), torch.tensor([2]), torch.tensor([1]), 3)
+    assert got.tolist() == [[-100, -100]]
+
+
+def test_control_fine_tune_is_a_plain_lora_fine_tune(data, tmp_path):
+    """Shared mode's control: the same LoRA and budget, next-token loss only, no streams.
+    Its held-out main loss sits beside the shared run's in metrics.json."""
+    from transformers import AutoModelForCausalLM
+
+    common = [
+        "--mode",
+        "shared",
+        "--lora-rank",
+        "8",
+        "--max-steps",
+        "30",
+        "--learning-rate",
+        "3e-3",
+    ]
+    run(data, tmp_path / "ss", *common, "--stream-loss-weight", "0.5")
+    run(data, tmp_path / "control", *common, "--control")
+    ss, control = (
+        json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ss", "control")
+    )
+    assert "eval_stream_1_top1" in ss and "eval_stream_1_top1" not in control
+    base_loss = 3.47  # ln 32: the untrained base is near uniform (weight_scale 1 keeps it so)
+    assert control["eval_main_loss"] < base_loss - 0.5  # it trained
+    assert ss["eval_main_loss"] < base_loss
+    # A plain model (no streams section) whose weights moved from the base's.
+    config = json.loads((tmp_path / "control" / "config.json").read_text())
+    assert "speculative_streaming" not in config
+    assert not (tmp_path / "control" / "speculative_streams.safetensors").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path / "control"))
+    base = AutoModelForCausalLM.from_pretrained(str(data / "base"))
+    moved = [
+        (a - b).abs().max().item()
+        for a, b in zip(tuned.state_dict().values(), base.state_dict().values())
+    ]
+    assert max(moved) > 1e-3
+
+
+def test_control_needs_shared_mode_lora(data, tmp_path):
+    with pytest.raises(ValueError, match="--control"):
+        run(data, tmp_path / "c", "--mode", "lossless", "--control", "--max-steps", "1")
+    with pytest.raises(ValueError, match="--lora-rank"):
+        run(data, tmp_path / "c", "--lora-rank", "0", "--control", "--max-steps", "1")
+
+
 def test_shared_mode_streams_learn_and_decode_faster(data, tmp_path, capsys):
     run(data, tmp_path / "untrained", "--mode", "shared", "--lora-rank", "16", "--max-steps", "1")
     before = eval_accuracy(capsys)

@@ -13,7 +13,7 @@ from test_sampling import chi_square_pvalue
 import mlx_specstream.decode as decode
 from mlx_specstream.ngram import ngram_draft
 from mlx_specstream.sample_utils import make_sampler
-from mlx_specstream.tree import merge_chain, static_tree, tree_depths
+from mlx_specstream.tree import merge_chain, static_tree
 
 # Repeats inside the prompt give the first step a draft already.
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
@@ -164,8 +164,7 @@ def exact_distribution(model, sampler):
     logits = model(ids)[:, len(SAMPLE_PROMPT) - 1 :].astype(mx.float32)
     probs = np.array(sampler.probs(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
     return {
-        s: float(np.prod([probs[i, t, tok] for t, tok in enumerate(s)]))
-        for i, s in enumerate(seqs)
+        s: float(np.prod([probs[i, t, tok] for t, tok in enumerate(s)])) for i, s in enumerate(seqs)
     }
 
 

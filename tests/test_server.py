@@ -665,9 +665,7 @@ def test_the_process_exits_cleanly_after_serving(tmp_path):
     before the interpreter finalizes (see ModelService). Before, the handler
     thread of the open connection ended during finalization and aborted."""
     script = tmp_path / "serve_and_exit.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
+    script.write_text(textwrap.dedent(f"""
             import sys, threading
             sys.path.insert(0, {os.path.dirname(__file__)!r})
             import openai
@@ -682,9 +680,7 @@ def test_the_process_exits_cleanly_after_serving(tmp_path):
                 client.chat.completions.create(
                     model="tiny", messages=[{{"role": "user", "content": content}}], max_tokens=8)
             print("served", flush=True)
-            """
-        )
-    )
+            """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "served" in out.stdout and "terminate called" not in out.stderr

@@ -1,0 +1,171 @@
+"""What a build of the embedded model decides: data, sizes and training budgets.
+
+``convert.build_default_model --recipe NAME`` runs the same stages for every
+recipe; a recipe only fills in their arguments.
+
+* ``stdlib``: the shipped 6.5M-parameter model, sized for 2 CPU cores (about
+  two hours): the standard library as corpus, an 8k tokenizer, every fine-tune
+  500 steps of 8 x 128 tokens (``benchmarks/RESULTS.md``, "The build").
+* ``code``: issue #12's recipe, sized for one GPU: every Python source of the
+  interpreter (``convert.code_corpus``, held-out packages never written), a 16k
+  tokenizer, a 32M-parameter base trained on 301M tokens, a shared-mode fine-tune
+  with its control (same LoRA, data and budget, no streams), a lossless
+  fine-tune and Medusa-1 / ParallelSpec drafters on one self-distilled set,
+  the parse-rate quality figure, and a 4-bit base to fit the package. It runs
+  on CPU too, about a thousand times slower.
+* ``smoke``: the ``code`` stages at toy sizes, for the build's own test.
+
+On CUDA the training stages add ``--bf16`` (``Recipe.gpu_args``).
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+Args = Tuple[str, ...]
+
+
+def arch(**kw) -> Args:
+    """``--arch`` JSON overrides of ``convert.pretrain``'s Llama."""
+    return ("--arch", json.dumps(kw))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    corpus: str  # "stdlib" (convert.corpus) or "code" (convert.code_corpus)
+    tokenizer: Args  # convert.tokenizer
+    base: Args  # convert.pretrain: the base model
+    draft: Args  # convert.pretrain: mlx-lm's draft model, same tokenizer
+    ss_common: Args  # convert.finetune, both modes
+    ss_shared: Args
+    ss_lossless: Args
+    drafter_common: Args  # convert.train_drafter
+    # convert.distill: (train examples, eval examples, further args). The lossless
+    # fine-tune trains on it when ``lossless_on_distilled`` (else it distills inline).
+    distill: Tuple[int, int, Args]
+    lossless_on_distilled: bool
+    control: bool  # also train shared mode's control fine-tune
+    drafters: bool  # Medusa-1 and ParallelSpec in the build itself
+    eval_sample_files: Optional[int]  # held-out files the fine-tunes evaluate on (None: all)
+    quality_prompts: int  # held-out function headers for the parse rate (0: not measured)
+    quality_max_tokens: int
+    tau_prompts: int  # held-out prompts of the mode choice
+    tau_max_tokens: int
+    convert: Args = ("--dtype", "bfloat16")  # python -m convert, stream models
+    ship_limit_mb: float = 25.0
+    gpu_args: Args = ("--bf16",)
+
+
+_SS_LOSSLESS_CPU = ("--mode", "lossless", "--stream-lora-rank", "16", "--stream-loss-weight", "1.0")
+
+# fmt: off
+STDLIB = Recipe(
+    name="stdlib",
+    corpus="stdlib",
+    tokenizer=("--vocab-size", "8000"),
+    base=(),  # convert.pretrain's defaults: 6.5M parameters, 1,000 steps of 16 x 256
+    draft=("--max-steps", "600", "--learning-rate", "3e-3",
+           *arch(hidden_size=96, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=256)),
+    # A CPU budget: a few hundred steps of 8 x 128 tokens (the paper trains 5 epochs and can
+    # afford alpha_j = 0.1; with this budget the streams need a larger weight to learn).
+    ss_common=("--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3",
+               "--max-length", "128", "--batch-size", "8", "--learning-rate", "1e-3",
+               "--eval-steps", "200", "--save-steps", "100"),
+    ss_shared=("--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64",
+               "--max-steps", "400", "--stream-loss-weight", "0.5"),
+    ss_lossless=(*_SS_LOSSLESS_CPU, "--self-distill", "--window-prompt", "32",
+                 "--max-steps", "500"),
+    drafter_common=("--num-draft-tokens", "3", "--top-k", "3", "--max-length", "128",
+                    "--batch-size", "8", "--learning-rate", "1e-3", "--max-steps", "500",
+                    "--eval-steps", "250", "--save-steps", "100"),
+    distill=(4000, 200, ("--max-length", "128", "--window-prompt", "32")),
+    lossless_on_distilled=False,
+    control=False,
+    drafters=False,  # built by benchmarks/compare_drafters.py
+    eval_sample_files=None,
+    quality_prompts=0,
+    quality_max_tokens=0,
+    tau_prompts=8,
+    tau_max_tokens=96,
+)
+
+# 32M parameters: 16k x 512 tied embeddings (8.2M) and 8 layers of 2.9M.
+_CODE_BASE_ARCH = arch(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=4, intermediate_size=1408,
+                       max_position_embeddings=1024, tie_word_embeddings=True)
+_CODE_FT = ("--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3",
+            "--max-length", "256", "--batch-size", "64", "--learning-rate", "1e-3",
+            "--max-steps", "3000", "--eval-steps", "500", "--save-steps", "500")
+
+CODE = Recipe(
+    name="code",
+    corpus="code",
+    tokenizer=("--vocab-size", "16000"),
+    # 4,600 steps x 64 x 1,024 = 301M tokens (~4 passes over this machine's 72M-token corpus).
+    base=("--seq-len", "1024", "--batch-size", "64", "--max-steps", "4600",
+          "--learning-rate", "1e-3", "--eval-rows", "256", "--eval-steps", "500",
+          "--save-steps", "500", *_CODE_BASE_ARCH),
+    # 5.6M parameters (most of them the embeddings), trained like the base.
+    draft=("--seq-len", "1024", "--batch-size", "64", "--max-steps", "4600",
+           "--learning-rate", "2e-3", "--eval-rows", "256", "--eval-steps", "500",
+           "--save-steps", "500",
+           *arch(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=704)),
+    ss_common=_CODE_FT,
+    # The paper's shared-mode recipe: LoRA on every linear layer, alpha_j = 0.1.
+    ss_shared=("--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64",
+               "--stream-loss-weight", "0.1", "--learning-rate", "5e-4"),
+    ss_lossless=_SS_LOSSLESS_CPU,
+    drafter_common=("--num-draft-tokens", "3", "--top-k", "3", "--max-length", "256",
+                    "--batch-size", "64", "--learning-rate", "1e-3", "--max-steps", "3000",
+                    "--eval-steps", "500", "--save-steps", "500"),
+    # 48k windows of 256 tokens: 64-token prompts, 192 greedy tokens of the base.
+    distill=(48_000, 512, ("--max-length", "256", "--window-prompt", "64",
+                           "--batch-size", "256")),
+    lossless_on_distilled=True,
+    control=True,
+    drafters=True,
+    eval_sample_files=64,
+    quality_prompts=50,
+    quality_max_tokens=256,
+    tau_prompts=16,
+    tau_max_tokens=128,
+    # 32M parameters in bfloat16 are 64 MB: the shipped base is 4-bit (streams stay float).
+    convert=("--dtype", "bfloat16", "--quantize", "--q-bits", "4", "--q-group-size", "64"),
+)
+
+SMOKE = Recipe(
+    name="smoke",
+    corpus="code",
+    tokenizer=("--vocab-size", "400", "--input-sentences", "20000"),
+    base=("--seq-len", "64", "--batch-size", "4", "--max-steps", "4", "--eval-rows", "4",
+          "--eval-steps", "2", "--save-steps", "2",
+          *arch(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256)),
+    draft=("--seq-len", "64", "--batch-size", "4", "--max-steps", "2", "--eval-rows", "4",
+           *arch(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=32, max_position_embeddings=256)),
+    ss_common=("--num-streams", "2", "--num-stream-layers", "1", "--top-k", "2",
+               "--max-length", "32", "--batch-size", "4", "--max-steps", "2",
+               "--eval-steps", "2", "--save-steps", "2"),
+    ss_shared=("--mode", "shared", "--lora-rank", "4", "--lora-alpha", "8"),
+    ss_lossless=("--mode", "lossless", "--stream-lora-rank", "2"),
+    drafter_common=("--num-draft-tokens", "2", "--top-k", "2", "--max-length", "32",
+                    "--batch-size", "4", "--max-steps", "2", "--eval-steps", "2",
+                    "--save-steps", "2"),
+    distill=(8, 4, ("--max-length", "32", "--window-prompt", "8", "--batch-size", "8")),
+    lossless_on_distilled=True,
+    control=True,
+    drafters=True,
+    eval_sample_files=4,
+    quality_prompts=2,
+    quality_max_tokens=8,
+    tau_prompts=2,
+    tau_max_tokens=8,
+    convert=("--dtype", "bfloat16"),
+)
+# fmt: on
+
+RECIPES = {r.name: r for r in (STDLIB, CODE, SMOKE)}

@@ -1,0 +1,197 @@
+"""The build (issue #12): recipes meet the issue's sizes, every stage runs once and
+is skipped when its output exists, and its small pieces do what they say."""
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("sentencepiece")
+
+from convert.build_default_model import sample_eval_files  # noqa: E402
+from convert.code_quality import function_ended  # noqa: E402
+from convert.pretrain import DEFAULT_ARCH, pack_corpus, tokenize_corpus  # noqa: E402
+from convert.recipes import CODE, RECIPES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flag(args, name):
+    return args[args.index(name) + 1]
+
+
+def _parameters(recipe_args, vocab):
+    """Parameters of the Llama a pretrain stage builds (on the meta device: no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = {**DEFAULT_ARCH, **json.loads(_flag(recipe_args, "--arch"))}
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **arch))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_code_recipe_has_the_issues_sizes():
+    """Issue #12: BPE 16k-32k, a base of >= 30M parameters trained on >= 300M tokens,
+    the control fine-tune, drafters, and the quality figure over 50 prompts."""
+    vocab = int(_flag(CODE.tokenizer, "--vocab-size"))
+    assert 16_000 <= vocab <= 32_000
+    assert _parameters(CODE.base, vocab) >= 30e6
+    tokens = (
+        int(_flag(CODE.base, "--max-steps"))
+        * int(_flag(CODE.base, "--batch-size"))
+        * int(_flag(CODE.base, "--seq-len"))
+    )
+    assert tokens >= 300e6
+    assert _parameters(CODE.draft, vocab) < _parameters(CODE.base, vocab) / 4
+    assert CODE.corpus == "code" and CODE.control and CODE.drafters
+    assert CODE.quality_prompts == 50
+    assert "--quantize" in CODE.convert  # 32M parameters do not fit the package in bfloat16
+
+
+def test_every_recipe_names_known_flags():
+    """Each recipe's arguments parse with the stage's own parser (a typo fails here,
+    not hours into a build)."""
+    from convert.finetune import setup_arg_parser
+
+    parser = setup_arg_parser()
+    base = ["--model", "m", "--data", "d", "--out", "o"]
+    for r in RECIPES.values():
+        for mode in (r.ss_shared, r.ss_lossless):
+            parser.parse_args(base + list(map(str, r.ss_common + mode)))
+
+
+def test_sample_eval_files_is_evenly_spaced(tmp_path):
+    src = tmp_path / "eval.jsonl"
+    src.write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(10)))
+    sample_eval_files(src, tmp_path / "s.jsonl", 4)
+    got = [json.loads(line)["text"] for line in open(tmp_path / "s.jsonl")]
+    assert got == ["0", "2", "5", "7"]
+    with pytest.raises(ValueError, match="fewer than 11"):
+        sample_eval_files(src, tmp_path / "t.jsonl", 11)
+
+
+def test_function_ended():
+    assert not function_ended("\n    return 1\n", 0)
+    assert not function_ended("\n    return 1\n\n", 0)  # blank lines do not end it
+    assert function_ended("\n    return 1\n\ndef g", 0)
+    assert not function_ended("\n        x = 1\n    ", 4)  # an unfinished line
+    assert function_ended("\n        x = 1\n    def g", 4)
+
+
+class _Tok:
+    """A stand-in fast tokenizer: one token per character, EOS 0."""
+
+    eos_token_id = 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        self.calls += 1
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
+def test_tokenize_corpus_batches_and_caches(tmp_path):
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["ab", "c", "de"]))
+    tok = _Tok()
+    ids = tokenize_corpus(corpus, tok, tmp_path / "tokens.npy", batch=2)
+    assert ids.tolist() == [97, 98, 0, 99, 0, 100, 101, 0] and tok.calls == 2
+    assert tokenize_corpus(corpus, tok, tmp_path / "tokens.npy").tolist() == ids.tolist()
+    assert tok.calls == 2  # read back from the cache, not tokenized again
+    np.save(tmp_path / "tokens.npy", np.arange(3, dtype=np.int32))  # the cache is what counts
+    assert tokenize_corpus(corpus, tok, tmp_path / "tokens.npy").tolist() == [0, 1, 2]
+
+
+def test_pack_corpus_rows(tmp_path):
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "x" * 9}) + "\n" for _ in range(4)))
+    rows = pack_corpus(corpus, _Tok(), 4)  # 40 tokens
+    assert rows.shape == (10, 4) and rows.dtype == torch.long
+    assert pack_corpus(corpus, _Tok(), 4, max_rows=3).tolist() == rows[[0, 4, 9]].tolist()
+    with pytest.raises(ValueError, match="fewer than one row of --seq-len 64"):
+        pack_corpus(corpus, _Tok(), 64)
+
+
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    """The whole build at toy sizes (``--recipe smoke``) over 80 small standard-library
+    modules, shipped into a temporary directory; about 2 minutes on 2 cores."""
+    tmp = tmp_path_factory.mktemp("build")
+    src = tmp / "src"
+    src.mkdir()
+    std = Path(sysconfig.get_paths()["stdlib"])
+    small = sorted(std.glob("*.py"), key=lambda p: (p.stat().st_size, p.name))
+    for p in [p for p in small if p.stat().st_size > 1500][:80]:
+        shutil.copy(p, src / p.name)
+    cmd = [
+        sys.executable, "-m", "convert.build_default_model", "--recipe", "smoke",
+        "--work", str(tmp / "work"), "--root", f"stdlib:{src}",
+        "--package-models", str(tmp / "models"), "--no-tune",
+    ]  # fmt: skip
+
+    def build():
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    return tmp, build(), build
+
+
+def _stage_lines(log):
+    return [line for line in log.splitlines() if line.startswith(("[stage]", "[skip]"))]
+
+
+def test_smoke_build_runs_every_stage(smoke_build):
+    tmp, log, _ = smoke_build
+    work = tmp / "work"
+    lines = _stage_lines(log)
+    assert lines and all(line.startswith("[stage]") for line in lines[:5])
+    times = json.loads((work / "stage_times.json").read_text())
+    for name in ("corpus", "tokenizer", "base model", "draft model", "shared-mode fine-tune",
+                 "shared-mode control fine-tune", "lossless-mode fine-tune", "medusa drafter",
+                 "parallelspec drafter", "quality", "choice.json", "ship"):  # fmt: skip
+        assert name in times, name
+    choice = json.loads((work / "choice.json").read_text())
+    assert choice["recipe"] == "smoke" and choice["shipped"] in ("shared", "lossless")
+    assert set(choice["shared_vs_control"]) == {"shared", "control", "difference"}
+    quality = json.loads((work / "quality.json").read_text())
+    assert quality["prompts"] == 2 and 0 <= quality["parse_rate"] <= 1
+    base = json.loads((work / "base" / "metrics.json").read_text())
+    assert base["train_tokens"] == 4 * 4 * 64 and base["eval_loss"] > 0
+    assert (work / "base" / "tokens-train.npy").exists()  # tokenized once, cached
+    # What shipped is a model directory the package loads and decodes losslessly.
+    from helpers import spec_tokens
+
+    from mlx_specstream import load
+
+    model, _ = load(str(tmp / "models" / "default"))
+    assert (
+        spec_tokens(model, [5, 6, 7], 12)[0]
+        == spec_tokens(model, [5, 6, 7], 12, speculative=False)[0]
+    )
+
+
+def test_smoke_build_skips_every_stage_when_done_and_resumes_one(smoke_build):
+    tmp, first, build = smoke_build
+    work = tmp / "work"
+    times = (work / "stage_times.json").read_text()
+    again = build()
+    lines = _stage_lines(again)
+    assert len(lines) == len(_stage_lines(first))
+    assert all(line.startswith("[skip]") for line in lines), lines
+    assert "\n+ " not in again  # no command ran
+    assert (work / "stage_times.json").read_text() == times
+    # An interrupted stage (its output missing) runs again, and only it.
+    shutil.rmtree(work / "ss-control")
+    resumed = _stage_lines(build())
+    assert [line for line in resumed if line.startswith("[stage]")] == [
+        "[stage] shared-mode control fine-tune"
+    ]
