@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .recipes import RECIPES, STDLIB, Recipe
@@ -54,17 +55,26 @@ def run(*cmd):
     print(f"  ({time.perf_counter() - tic:.0f} s)", flush=True)
 
 
+class StopBuild(Exception):
+    """Raised after the stage named by ``--stop-after``."""
+
+
+STOP_AFTER = {"name": None}
+
+
 def stage(name, output: Path, fn, work: Path = None):
     """Runs ``fn`` unless ``output`` exists; records its wall time in
     ``work/stage_times.json`` (the training-time column of the drafter comparison)."""
     if output.exists():
         print(f"[skip] {name}: {output} exists")
-        return
-    print(f"[stage] {name}")
-    tic = time.perf_counter()
-    fn()
-    if work is not None:
-        _record_time(work, name, tic)
+    else:
+        print(f"[stage] {name}")
+        tic = time.perf_counter()
+        fn()
+        if work is not None:
+            _record_time(work, name, tic)
+    if STOP_AFTER["name"] == name:
+        raise StopBuild(name)
 
 
 def _record_time(work: Path, name: str, tic: float):
@@ -209,7 +219,7 @@ def build_drafters(w: Path, r: Recipe = STDLIB):
             lambda kind=kind: run(
                 "convert.train_drafter", "--kind", kind, "--model", w / "base" / "model",
                 "--data", distilled / "train.jsonl", "--eval-data", distilled / "eval.jsonl",
-                "--out", w / kind, *r.drafter_common, *_gpu(r),
+                "--out", w / kind, *r.drafter_common, *_train(r),
             ),
             work=w,
         )  # fmt: skip
@@ -238,8 +248,20 @@ def _eval_data(w: Path, r: Recipe) -> Path:
     return sample if r.eval_sample_files else w / "corpus" / "eval.jsonl"
 
 
+def _adapter(model_dir: Path):
+    """``--adapter-path`` for a fine-tune saved with ``--save-adapter``."""
+    adapter = model_dir / "adapter"
+    return ("--adapter-path", adapter) if adapter.exists() else ()
+
+
 def _gpu(r: Recipe):
     return r.gpu_args if on_cuda() else ()
+
+
+def _train(r: Recipe):
+    """Arguments every training stage takes: bfloat16 on CUDA, the time limit."""
+    limit = ("--time-limit", r.time_limit) if r.time_limit else ()
+    return (*_gpu(r), *limit)
 
 
 def build_base(w: Path, r: Recipe = STDLIB, roots=()):
@@ -273,7 +295,7 @@ def build_base(w: Path, r: Recipe = STDLIB, roots=()):
     stage(
         "base model",
         w / "base" / "model",
-        lambda: run("convert.pretrain", *common, "--out", w / "base", *r.base, *_gpu(r)),
+        lambda: run("convert.pretrain", *common, "--out", w / "base", *r.base, *_train(r)),
         work=w,
     )
 
@@ -285,7 +307,7 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
     stage(
         "draft model",
         w / "draft" / "model",
-        lambda: run("convert.pretrain", *common, "--out", w / "draft", *r.draft, *_gpu(r)),
+        lambda: run("convert.pretrain", *common, "--out", w / "draft", *r.draft, *_train(r)),
         work=w,
     )
     data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", _eval_data(w, r)]
@@ -312,7 +334,7 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
             w / sub / "config.json",
             lambda sub=sub, args=args: run(
                 "convert.finetune", "--model", w / "base" / "model", "--out", w / sub, *args,
-                *_gpu(r),
+                *_train(r),
             ),
             work=w,
         )  # fmt: skip
@@ -322,7 +344,7 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
             w / "mlx" / mode,
             lambda mode=mode: run(
                 "convert", "--hf-path", w / f"ss-{mode}", "--mlx-path", w / "mlx" / mode,
-                *r.convert,
+                *r.convert, *_adapter(w / f"ss-{mode}"),
             ),
             work=w,
         )  # fmt: skip
@@ -396,11 +418,27 @@ def main(argv=None):
     p.add_argument("--package-models", default=str(PACKAGE_MODELS),
                    help="Where to ship the models (default: the package's)")  # fmt: skip
     p.add_argument("--force-ship", action="store_true", help="Replace an already shipped model")
+    p.add_argument("--stop-after", default=None, metavar="STAGE",
+                   help="Stop once this stage is done (its name as the build prints it)")  # fmt: skip
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="Minutes per training stage; a stage cut short says so in its metrics.json")  # fmt: skip
     p.add_argument("--no-tune", action="store_true",
                    help="Ship without tuning the tree (mlx_specstream.tune --save does it later)")  # fmt: skip
     args = p.parse_args(argv)
-    r = RECIPES[args.recipe]
+    r = replace(RECIPES[args.recipe], time_limit=args.time_limit)
     w = Path(args.work or f"runs/{'default' if r.name == 'stdlib' else r.name}")
+    STOP_AFTER["name"] = args.stop_after
+    try:
+        build(w, r, args)
+    except StopBuild as done:
+        print(f"[INFO] stopped after stage {done}")
+        return
+    if args.stop_after:
+        raise ValueError(f"--stop-after {args.stop_after!r}: the build has no stage of that name")
+
+
+def build(w: Path, r: Recipe, args):
+    """Every stage, in order (see the module's docstring)."""
     tic = time.perf_counter()
     build_base(w, r, args.root)
     prompts = build_models(w, r)
@@ -423,11 +461,14 @@ def stage_value(w: Path, file: str, key: str, fn):
     stored ``key`` when it already exists."""
     if (w / file).exists():
         print(f"[skip] {file}: {w / file} exists")
-        return json.loads((w / file).read_text())[key]
-    print(f"[stage] {file}")
-    tic = time.perf_counter()
-    value = fn()
-    _record_time(w, file, tic)
+        value = json.loads((w / file).read_text())[key]
+    else:
+        print(f"[stage] {file}")
+        tic = time.perf_counter()
+        value = fn()
+        _record_time(w, file, tic)
+    if STOP_AFTER["name"] == file:
+        raise StopBuild(file)
     return value
 
 

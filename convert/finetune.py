@@ -32,6 +32,7 @@ from torch import nn
 from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
 
 from .msa import MultiStreamModel, causal_visibility
+from .time_limit import time_limit_callback
 
 IGNORE = -100
 
@@ -276,8 +277,20 @@ def save_output(out: Path, msm: MultiStreamModel, tokenizer, save_adapter: bool)
     """HF model directory + stream tensors + config section (+ peft adapter)."""
     from safetensors.torch import save_file
 
+    save_model(out, msm.model, tokenizer, save_adapter)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg[CONFIG_KEY] = msm.config.to_dict()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    state = {k: v.detach().float().contiguous().cpu() for k, v in msm.streams.state_dict().items()}
+    save_file(state, str(out / "speculative_streams.safetensors"))
+
+
+def save_model(out: Path, model, tokenizer, save_adapter: bool):
+    """The (fine-tuned) base as a HF model directory: a shared-mode peft model with
+    its LoRA merged, or, with ``save_adapter``, unmerged plus the adapter in
+    ``OUT/adapter`` (small enough to travel; ``python -m convert --adapter-path``
+    merges it)."""
     out.mkdir(parents=True, exist_ok=True)
-    model = msm.model
     if hasattr(model, "merge_and_unload"):  # shared-mode peft model
         if save_adapter:
             model.save_pretrained(str(out / "adapter"))
@@ -287,11 +300,6 @@ def save_output(out: Path, msm: MultiStreamModel, tokenizer, save_adapter: bool)
     else:
         _save_base(model, out)
     tokenizer.save_pretrained(str(out))
-    cfg = json.loads((out / "config.json").read_text())
-    cfg[CONFIG_KEY] = msm.config.to_dict()
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    state = {k: v.detach().float().contiguous().cpu() for k, v in msm.streams.state_dict().items()}
-    save_file(state, str(out / "speculative_streams.safetensors"))
 
 
 def _save_base(model, out):
@@ -344,6 +352,9 @@ def setup_arg_parser():
     p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--save-steps", type=int, default=200)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument(
+        "--time-limit", type=float, default=None, help="Minutes of training before it stops"
+    )
     p.add_argument(
         "--save-adapter", action="store_true", help="Keep the shared-mode LoRA as a peft adapter"
     )
@@ -411,12 +422,15 @@ def train_and_evaluate(wrapped, args, out: Path, train, held_out):
         remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
     )
+    limit = getattr(args, "time_limit", None)
+    callbacks = [time_limit_callback(limit)] if limit else []
     trainer = make_trainer_class()(
         model=wrapped,
         args=training_args,
         train_dataset=train,
         eval_dataset=held_out,
         data_collator=collate,
+        callbacks=callbacks,
     )
     checkpoints = sorted(
         (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
@@ -426,6 +440,13 @@ def train_and_evaluate(wrapped, args, out: Path, train, held_out):
         metrics = trainer.evaluate()
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         trainer.final_metrics = metrics
+    else:
+        trainer.final_metrics = {}
+    trainer.final_metrics.update(
+        steps=trainer.state.global_step,
+        max_steps=args.max_steps,
+        stopped_at_time_limit=bool(callbacks and callbacks[0].reached),
+    )
     return trainer
 
 
@@ -469,13 +490,10 @@ def main(argv=None):
     print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
     trainer = train_and_evaluate(wrapped, args, out, train, held_out)
     if trainer.is_world_process_zero():
-        metrics = getattr(trainer, "final_metrics", None)
-        if metrics is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(trainer.final_metrics, indent=2))
         if args.control:
-            _save_base(msm.model.merge_and_unload(), out)
-            tokenizer.save_pretrained(str(out))
+            save_model(out, msm.model, tokenizer, args.save_adapter)
         else:
             save_output(out, msm, tokenizer, args.save_adapter)
         print(f"[INFO] wrote {out}")

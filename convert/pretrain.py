@@ -15,6 +15,8 @@ import json
 import math
 from pathlib import Path
 
+from .time_limit import time_limit_callback
+
 DEFAULT_ARCH = dict(
     hidden_size=256,
     num_hidden_layers=6,
@@ -134,6 +136,9 @@ def main():
     )
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPU)")
     parser.add_argument(
+        "--time-limit", type=float, default=None, help="Minutes of training before it stops"
+    )
+    parser.add_argument(
         "--arch", type=json.loads, default={}, help="JSON overrides of the architecture"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -183,7 +188,14 @@ def main():
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out)
+    callbacks = [time_limit_callback(args.time_limit)] if args.time_limit else []
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        callbacks=callbacks,
+    )
     checkpoints = sorted(
         (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
     )
@@ -202,6 +214,9 @@ def main():
         "eval_loss": metrics["eval_loss"],
         "eval_tokens": int(held_out.rows.numel()),
         "bf16": args.bf16,
+        "steps": trainer.state.global_step,
+        "max_steps": args.max_steps,
+        "stopped_at_time_limit": bool(callbacks and callbacks[0].reached),
         "train_runtime_s": round(sum(h.get("train_runtime", 0) for h in trainer.state.log_history), 1),
     }  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(record, indent=2))

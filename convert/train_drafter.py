@@ -44,6 +44,9 @@ def setup_arg_parser():
     p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--save-steps", type=int, default=100)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument(
+        "--time-limit", type=float, default=None, help="Minutes of training before it stops"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -80,6 +83,7 @@ def main(argv=None):
     trainer = train_and_evaluate(wrapped, args, out, train, held_out)
     if trainer.is_world_process_zero():
         save_output(out, wrapped, tokenizer, Path(args.model))
+        (out / "metrics.json").write_text(json.dumps(trainer.final_metrics, indent=2))
         print(f"[INFO] wrote {out}")
 
 

@@ -195,3 +195,36 @@ def test_smoke_build_skips_every_stage_when_done_and_resumes_one(smoke_build):
     assert [line for line in resumed if line.startswith("[stage]")] == [
         "[stage] shared-mode control fine-tune"
     ]
+
+
+def test_stop_after_a_stage(smoke_build):
+    tmp, _, _ = smoke_build
+    cmd = [sys.executable, "-m", "convert.build_default_model", "--recipe", "smoke",
+           "--work", str(tmp / "work"), "--no-tune",
+           "--package-models", str(tmp / "models")]  # fmt: skip
+    done = subprocess.run(cmd + ["--stop-after", "base model"], cwd=ROOT, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    assert _stage_lines(done.stdout)[-1].startswith("[skip] base model")
+    assert "stopped after stage base model" in done.stdout
+    wrong = subprocess.run(cmd + ["--stop-after", "no such stage"], cwd=ROOT,
+                           capture_output=True, text=True)  # fmt: skip
+    assert wrong.returncode != 0 and "no stage of that name" in wrong.stderr
+
+
+def test_time_limit_stops_training_and_says_so(smoke_build, tmp_path):
+    """A run cut short by --time-limit still writes its model, and its metrics say so;
+    the smoke build's base (no limit) ran every step."""
+    from convert.recipes import SMOKE
+
+    work = smoke_build[0] / "work"
+    args = list(SMOKE.base)
+    args[args.index("--max-steps") + 1] = "50"
+    cmd = [sys.executable, "-m", "convert.pretrain", "--corpus", str(work / "corpus"),
+           "--tokenizer", str(work / "tokenizer"), "--out", str(tmp_path / "base"), *args,
+           "--time-limit", "0.0001"]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, check=True)
+    cut = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    assert cut["stopped_at_time_limit"] and cut["steps"] < 50
+    assert (tmp_path / "base" / "model" / "model.safetensors").exists()
+    full = json.loads((work / "base" / "metrics.json").read_text())
+    assert not full["stopped_at_time_limit"] and full["steps"] == full["max_steps"] == 4

@@ -1,0 +1,27 @@
+"""A wall-clock limit for transformers' Trainer, for machines lent by the minute.
+
+A run that reaches ``--time-limit`` minutes stops after its current step and saves
+a checkpoint, so ``Trainer.train(resume_from_checkpoint=...)`` continues it; the
+trainers record in their ``metrics.json`` whether the limit cut them short.
+"""
+
+import time
+
+
+def time_limit_callback(minutes: float):
+    """A ``TrainerCallback`` that stops training ``minutes`` after it is made."""
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        def __init__(self):
+            self.deadline = time.monotonic() + minutes * 60
+            self.reached = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() >= self.deadline:
+                self.reached = True
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return TimeLimit()
