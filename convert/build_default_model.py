@@ -41,6 +41,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .recipes import RECIPES, STDLIB, Recipe
+from .transport import MANIFEST as TRANSPORT_MANIFEST
+from .transport import pack, unpack
 
 STAGE_TIMES = "stage_times.json"
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "mlx_specstream" / "models"
@@ -264,6 +266,30 @@ def _train(r: Recipe):
     return (*_gpu(r), *limit)
 
 
+def round_trip(d: Path):
+    """``d/model`` becomes its 8-bit round trip (``convert.transport``), the form in
+    which it travels; the trained weights stay in ``d/model-trained``."""
+    pack(d / "model", d / "transport")
+    unpack(d / "transport", d / "model.tmp")
+    (d / "model").rename(d / "model-trained")
+    (d / "model.tmp").rename(d / "model")
+
+
+def check_corpus(w: Path):
+    """A corpus rebuilt on another machine must be the one the carried models saw
+    (``convert.carry`` brings its manifest as ``corpus-expected.json``)."""
+    expected = w / "corpus-expected.json"
+    if not expected.exists():
+        return
+    want = json.loads(expected.read_text())["sha256"]
+    got = json.loads((w / "corpus" / "manifest.json").read_text())["sha256"]
+    if want != got:
+        raise ValueError(
+            f"{w / 'corpus' / 'manifest.json'}: sha256 {got} differs from {expected}'s {want}: "
+            "this machine's sources are not those the carried models were trained on."
+        )
+
+
 def build_base(w: Path, r: Recipe = STDLIB, roots=()):
     """Stages 1-3: corpus, tokenizer, pretrained base. ``roots`` (``KIND:DIR``)
     replace this interpreter's sources in the code corpus."""
@@ -275,6 +301,7 @@ def build_base(w: Path, r: Recipe = STDLIB, roots=()):
     else:
         corpus_cmd = ["convert.corpus", "--out", w / "corpus"]
     stage("corpus", w / "corpus" / "manifest.json", lambda: run(*corpus_cmd), work=w)
+    check_corpus(w)
     if r.eval_sample_files:
         sample = _eval_data(w, r)
         stage(
@@ -298,6 +325,9 @@ def build_base(w: Path, r: Recipe = STDLIB, roots=()):
         lambda: run("convert.pretrain", *common, "--out", w / "base", *r.base, *_train(r)),
         work=w,
     )
+    if r.round_trip:
+        stage("base round trip", w / "base" / "transport" / TRANSPORT_MANIFEST,
+              lambda: round_trip(w / "base"), work=w)  # fmt: skip
 
 
 def build_models(w: Path, r: Recipe = STDLIB) -> Path:
@@ -310,6 +340,9 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
         lambda: run("convert.pretrain", *common, "--out", w / "draft", *r.draft, *_train(r)),
         work=w,
     )
+    if r.round_trip:
+        stage("draft round trip", w / "draft" / "transport" / TRANSPORT_MANIFEST,
+              lambda: round_trip(w / "draft"), work=w)  # fmt: skip
     data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", _eval_data(w, r)]
     fine_tunes = {
         "shared-mode fine-tune": ("ss-shared", [*data, *r.ss_common, *r.ss_shared]),

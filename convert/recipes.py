@@ -56,6 +56,9 @@ class Recipe:
     ship_limit_mb: float = 25.0
     gpu_args: Args = ("--bf16",)
     time_limit: Optional[float] = None  # minutes per training stage (set by --time-limit)
+    # Replace each pretrained model by its 8-bit round trip (convert.transport) right after
+    # training, so the model every later stage uses is the one that can travel.
+    round_trip: bool = False
 
 
 _SS_LOSSLESS_CPU = ("--mode", "lossless", "--stream-lora-rank", "16", "--stream-loss-weight", "1.0")
@@ -136,6 +139,7 @@ CODE = Recipe(
     tau_max_tokens=128,
     # 32M parameters in bfloat16 are 64 MB: the shipped base is 4-bit (streams stay float).
     convert=("--dtype", "bfloat16", "--quantize", "--q-bits", "4", "--q-group-size", "64"),
+    round_trip=True,
 )
 
 SMOKE = Recipe(
@@ -167,6 +171,7 @@ SMOKE = Recipe(
     tau_prompts=2,
     tau_max_tokens=8,
     convert=("--dtype", "bfloat16"),
+    round_trip=True,
 )
 # fmt: on
 

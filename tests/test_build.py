@@ -228,3 +228,78 @@ def test_time_limit_stops_training_and_says_so(smoke_build, tmp_path):
     assert (tmp_path / "base" / "model" / "model.safetensors").exists()
     full = json.loads((work / "base" / "metrics.json").read_text())
     assert not full["stopped_at_time_limit"] and full["steps"] == full["max_steps"] == 4
+
+
+def _tensors(d):
+    from safetensors.torch import load_file
+
+    return {
+        k: v for f in sorted(d.glob("model*.safetensors")) for k, v in load_file(str(f)).items()
+    }
+
+
+def test_carry_to_a_machine_that_kept_nothing(smoke_build, tmp_path):
+    """A build's working directory collected into small parts, restored elsewhere, and
+    resumed there: only what every machine rebuilds (corpus, MLX conversions) runs."""
+    from convert.carry import FROM_BASE, collect, restore
+
+    tmp, _, _ = smoke_build
+    work = tmp / "work"
+    written = collect(work, tmp_path / "out", part_mb=0.2)
+    assert {"top", "base", "tokenizer", "ss-lossless", "distilled", "medusa"} <= set(written)
+    assert "corpus" not in written and "mlx" not in written
+    parts = list((tmp_path / "out").glob("*.part*"))
+    assert all(p.stat().st_size <= 200_000 for p in parts)
+    # The base travels as its 8-bit pack, a frozen base's copy not at all.
+    assert sum(p.stat().st_size for p in parts) < 0.5 * sum(
+        f.stat().st_size for f in work.rglob("*.safetensors")
+    )
+    there = tmp_path / "there"
+    restore(tmp_path / "out", there)
+    assert (there / "ss-lossless" / FROM_BASE).exists()
+    for d in ("base/model", "draft/model", "ss-lossless", "ss-shared", "medusa"):
+        a, b = _tensors(work / d), _tensors(there / d)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
+    src = next(iter(json.loads((work / "corpus" / "manifest.json").read_text())["roots"]))
+    cmd = [sys.executable, "-m", "convert.build_default_model", "--recipe", "smoke",
+           "--work", str(there), "--root", src, "--no-tune",
+           "--package-models", str(tmp / "models")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ran = [line for line in _stage_lines(done.stdout) if line.startswith("[stage]")]
+    assert ran == ["[stage] corpus", "[stage] held-out sample"] + [
+        f"[stage] convert {m}" for m in ("shared", "lossless", "draft", "medusa", "parallelspec")
+    ]
+
+
+def test_a_different_corpus_is_refused_after_carrying(smoke_build, tmp_path):
+    from convert.carry import collect, restore
+
+    tmp, _, _ = smoke_build
+    collect(tmp / "work", tmp_path / "out", items=["top", "tokenizer"])
+    restore(tmp_path / "out", tmp_path / "there")
+    src = tmp_path / "src"
+    shutil.copytree(tmp / "src", src)
+    next(src.glob("*.py")).unlink()  # another machine's sources
+    cmd = [sys.executable, "-m", "convert.build_default_model", "--recipe", "smoke",
+           "--work", str(tmp_path / "there"), "--root", f"stdlib:{src}",
+           "--stop-after", "tokenizer"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "differs from" in done.stderr
+    # Negative control: the same sources pass the check.
+    shutil.rmtree(tmp_path / "there" / "corpus")
+    cmd[cmd.index(f"stdlib:{src}")] = f"stdlib:{tmp / 'src'}"
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+
+
+def test_carry_damage_is_named(smoke_build, tmp_path):
+    from convert.carry import collect, restore
+
+    collect(smoke_build[0] / "work", tmp_path / "out", items=["tokenizer"], part_mb=0.2)
+    part = sorted((tmp_path / "out").glob("tokenizer.tar.xz.part*"))[0]
+    part.write_bytes(part.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        restore(tmp_path / "out", tmp_path / "w")
+    part.unlink()
+    with pytest.raises(FileNotFoundError, match="is missing"):
+        restore(tmp_path / "out", tmp_path / "w")
