@@ -62,11 +62,17 @@ class StopBuild(Exception):
 
 
 STOP_AFTER = {"name": None}
+ONLY = set()  # --only: the stages to run; the others are passed over
+SEEN = set()  # every stage name met
 
 
 def stage(name, output: Path, fn, work: Path = None):
     """Runs ``fn`` unless ``output`` exists; records its wall time in
     ``work/stage_times.json`` (the training-time column of the drafter comparison)."""
+    SEEN.add(name)
+    if ONLY and name not in ONLY:
+        print(f"[pass] {name}")
+        return
     if output.exists():
         print(f"[skip] {name}: {output} exists")
     else:
@@ -212,6 +218,11 @@ def build_distilled(w: Path, r: Recipe = STDLIB):
 def build_drafters(w: Path, r: Recipe = STDLIB):
     """Medusa-1 and ParallelSpec drafters on the frozen base, converted to MLX
     (``WORK/mlx/{medusa,parallelspec}``), for the drafter comparison."""
+    train_drafters(w, r)
+    convert_drafters(w, r)
+
+
+def train_drafters(w: Path, r: Recipe = STDLIB):
     build_distilled(w, r)
     distilled = w / "distilled"
     for kind in DRAFTER_KINDS:
@@ -225,6 +236,10 @@ def build_drafters(w: Path, r: Recipe = STDLIB):
             ),
             work=w,
         )  # fmt: skip
+
+
+def convert_drafters(w: Path, r: Recipe = STDLIB):
+    for kind in DRAFTER_KINDS:
         stage(
             f"convert {kind}",
             w / "mlx" / kind,
@@ -331,8 +346,9 @@ def build_base(w: Path, r: Recipe = STDLIB, roots=()):
 
 
 def build_models(w: Path, r: Recipe = STDLIB) -> Path:
-    """Stages 4-9 up to the mode choice: mlx-lm's draft model, the fine-tunes, MLX
-    conversions and held-out prompts. Returns the prompts file."""
+    """Stages 4-9 up to the mode choice: mlx-lm's draft model, the fine-tunes (and
+    drafters), then the MLX conversions and held-out prompts: every stage that needs
+    PyTorch alone comes before the first that needs MLX. Returns the prompts file."""
     common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
     stage(
         "draft model",
@@ -371,6 +387,8 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
             ),
             work=w,
         )  # fmt: skip
+    if r.drafters:
+        train_drafters(w, r)
     for mode in ("shared", "lossless"):
         stage(
             f"convert {mode}",
@@ -391,7 +409,7 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
         work=w,
     )  # fmt: skip
     if r.drafters:
-        build_drafters(w, r)
+        convert_drafters(w, r)
     prompts = w / "prompts.jsonl"
     stage("held-out prompts", prompts, lambda: make_prompts(w / "corpus" / "eval.jsonl", prompts))
     if r.quality_prompts:
@@ -453,6 +471,8 @@ def main(argv=None):
     p.add_argument("--force-ship", action="store_true", help="Replace an already shipped model")
     p.add_argument("--stop-after", default=None, metavar="STAGE",
                    help="Stop once this stage is done (its name as the build prints it)")  # fmt: skip
+    p.add_argument("--only", default=None, metavar="STAGE[,STAGE]",
+                   help="Run these stages alone (their inputs must exist), passing over the rest")  # fmt: skip
     p.add_argument("--time-limit", type=float, default=None,
                    help="Minutes per training stage; a stage cut short says so in its metrics.json")  # fmt: skip
     p.add_argument("--no-tune", action="store_true",
@@ -461,6 +481,8 @@ def main(argv=None):
     r = replace(RECIPES[args.recipe], time_limit=args.time_limit)
     w = Path(args.work or f"runs/{'default' if r.name == 'stdlib' else r.name}")
     STOP_AFTER["name"] = args.stop_after
+    ONLY.clear()
+    ONLY.update(args.only.split(",") if args.only else ())
     try:
         build(w, r, args)
     except StopBuild as done:
@@ -468,6 +490,9 @@ def main(argv=None):
         return
     if args.stop_after:
         raise ValueError(f"--stop-after {args.stop_after!r}: the build has no stage of that name")
+    unknown = ONLY - SEEN
+    if unknown:
+        raise ValueError(f"--only: the build has no stage named {sorted(unknown)}")
 
 
 def build(w: Path, r: Recipe, args):
@@ -492,6 +517,10 @@ def build(w: Path, r: Recipe, args):
 def stage_value(w: Path, file: str, key: str, fn):
     """``fn()`` run as a stage whose output is ``w/file`` (which ``fn`` writes); the
     stored ``key`` when it already exists."""
+    SEEN.add(file)
+    if ONLY and file not in ONLY:
+        print(f"[pass] {file}")
+        return None
     if (w / file).exists():
         print(f"[skip] {file}: {w / file} exists")
         value = json.loads((w / file).read_text())[key]

@@ -35,6 +35,7 @@ from pathlib import Path
 LEFT_BEHIND_DIRS = {"checkpoints", "mlx", "corpus", "model-trained"}
 FROM_BASE = "carried-from-base.json"
 WEIGHTS_GLOB = "model*.safetensors"
+STAGE_TIMES = "stage_times.json"
 
 
 def _sha256(data: bytes) -> str:
@@ -89,7 +90,7 @@ def _members(work: Path, item: str):
 
 def collect(work, out, items=None, part_mb: float = 15.0) -> dict:
     """Writes each item of ``work`` (all but the left-behind ones, or ``items``) into
-    ``out`` as parts plus ``ITEM.carry.json``. Returns ``{item: [part files]}``."""
+    ``out/ITEM/`` as parts plus ``ITEM.carry.json``. Returns ``{item: [part files]}``."""
     work, out = Path(work), Path(out)
     names = items or ["top"] + sorted(
         p.name for p in work.iterdir() if p.is_dir() and p.name not in LEFT_BEHIND_DIRS
@@ -110,24 +111,28 @@ def collect(work, out, items=None, part_mb: float = 15.0) -> dict:
                 else:
                     tar.add(str(path), arcname=arcname)
         data, size = buf.getvalue(), int(part_mb * 1e6)
+        folder = out / item
+        if folder.exists():
+            raise FileExistsError(f"{folder} exists; refusing to overwrite it.")
+        folder.mkdir()
         parts = []
         for i in range(0, len(data), size):
             name = f"{item}.tar.xz.part{len(parts):02d}"
-            (out / name).write_bytes(data[i : i + size])
+            (folder / name).write_bytes(data[i : i + size])
             parts.append({"file": name, "sha256": _sha256(data[i : i + size])})
-        (out / f"{item}.carry.json").write_text(json.dumps({"item": item, "parts": parts}))
+        (folder / f"{item}.carry.json").write_text(json.dumps({"item": item, "parts": parts}))
         written[item] = [p["file"] for p in parts]
     return written
 
 
 def restore(carried, work) -> list:
-    """Extracts every item found in ``carried`` into ``work``; then unpacks transport
+    """Extracts every item found in ``carried`` (or a folder below it) into ``work``; then unpacks transport
     packs into their model directories and gives base-derived directories the
     base's weights. A file already in ``work`` with other contents is an error."""
     from .transport import unpack
 
     carried, work = Path(carried), Path(work)
-    specs = sorted(carried.glob("*.carry.json"))
+    specs = sorted(carried.rglob("*.carry.json"))
     if not specs:
         raise FileNotFoundError(f"{carried}: no *.carry.json (nothing carried)")
     items = []
@@ -135,7 +140,7 @@ def restore(carried, work) -> list:
         spec = json.loads(spec_file.read_text())
         chunks = []
         for part in spec["parts"]:
-            path = carried / part["file"]
+            path = spec_file.parent / part["file"]
             if not path.exists():
                 raise FileNotFoundError(f"{path}: a part of item {spec['item']!r} is missing")
             data = path.read_bytes()
@@ -148,6 +153,11 @@ def restore(carried, work) -> list:
                 if not target.resolve().is_relative_to(work.resolve()) or not m.isfile():
                     raise ValueError(f"{spec_file}: member {m.name!r} is not a plain file in WORK")
                 data = tar.extractfile(m).read()
+                if target.exists() and target.name == STAGE_TIMES:
+                    # Each run records its own stages' times: the union is the build's.
+                    merged = {**json.loads(target.read_text()), **json.loads(data)}
+                    target.write_text(json.dumps(merged, indent=2))
+                    continue
                 if target.exists():
                     if target.read_bytes() != data:
                         raise FileExistsError(f"{target} exists with other contents; not replaced")

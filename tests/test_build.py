@@ -248,7 +248,7 @@ def test_carry_to_a_machine_that_kept_nothing(smoke_build, tmp_path):
     written = collect(work, tmp_path / "out", part_mb=0.2)
     assert {"top", "base", "tokenizer", "ss-lossless", "distilled", "medusa"} <= set(written)
     assert "corpus" not in written and "mlx" not in written
-    parts = list((tmp_path / "out").glob("*.part*"))
+    parts = list((tmp_path / "out").glob("*/*.part*"))
     assert all(p.stat().st_size <= 200_000 for p in parts)
     # The base travels as its 8-bit pack, a frozen base's copy not at all.
     assert sum(p.stat().st_size for p in parts) < 0.5 * sum(
@@ -270,6 +270,9 @@ def test_carry_to_a_machine_that_kept_nothing(smoke_build, tmp_path):
     assert ran == ["[stage] corpus", "[stage] held-out sample"] + [
         f"[stage] convert {m}" for m in ("shared", "lossless", "draft", "medusa", "parallelspec")
     ]
+    # Every stage that trains (PyTorch alone) comes before the first that needs MLX.
+    order = [line.split("] ", 1)[1].split(":")[0] for line in _stage_lines(done.stdout)]
+    assert order.index("parallelspec drafter") < order.index("convert shared")
 
 
 def test_a_different_corpus_is_refused_after_carrying(smoke_build, tmp_path):
@@ -296,10 +299,68 @@ def test_carry_damage_is_named(smoke_build, tmp_path):
     from convert.carry import collect, restore
 
     collect(smoke_build[0] / "work", tmp_path / "out", items=["tokenizer"], part_mb=0.2)
-    part = sorted((tmp_path / "out").glob("tokenizer.tar.xz.part*"))[0]
+    part = sorted((tmp_path / "out" / "tokenizer").glob("tokenizer.tar.xz.part*"))[0]
     part.write_bytes(part.read_bytes()[:-1] + b"\0")
     with pytest.raises(ValueError, match="sha256 differs"):
         restore(tmp_path / "out", tmp_path / "w")
     part.unlink()
     with pytest.raises(FileNotFoundError, match="is missing"):
         restore(tmp_path / "out", tmp_path / "w")
+
+
+# benchmarks/gpu_build.sh's plan: (stages, items it brings back, items it carries in).
+GPU_PLAN = [
+    ("tokenizer,base model,base round trip", "top,base,tokenizer", []),
+    (
+        "draft model,draft round trip,self-distilled train data,self-distilled eval data",
+        "top,draft,distilled",
+        ["base", "tokenizer"],
+    ),
+    ("shared-mode fine-tune", "top,ss-shared", ["base", "tokenizer"]),
+    (
+        "lossless-mode fine-tune,shared-mode control fine-tune",
+        "top,ss-lossless,ss-control",
+        ["base", "tokenizer", "distilled"],
+    ),
+    ("medusa drafter,parallelspec drafter", "top,medusa,parallelspec", ["base", "distilled"]),
+]
+
+
+def test_gpu_build_plan_on_machines_that_keep_nothing(smoke_build, tmp_path):
+    """benchmarks/gpu_build.sh's planned runs, each on a fresh working directory that
+    gets only the items the plan carries in, make the same models as one local build."""
+    tmp, _, _ = smoke_build
+    src = json.loads((tmp / "work" / "corpus" / "manifest.json").read_text())["roots"][0]
+    returned = {}  # item -> folder, the latest run's
+    for n, (stages, items, needs) in enumerate(GPU_PLAN):
+        carried = tmp_path / f"carry{n}"
+        carried.mkdir()
+        for item in needs + (["top"] if n else []):
+            shutil.copytree(returned[item], carried / item)
+        env = {**__import__("os").environ, "OUT": str(tmp_path / f"out{n}"), "RECIPE": "smoke",
+               "WORK": str(tmp_path / f"machine{n}" / "work"), "CARRIED": str(carried),
+               "PYTHON": sys.executable, "BUILD_ARGS": f"--root {src}"}  # fmt: skip
+        done = subprocess.run(["bash", "benchmarks/gpu_build.sh", stages, "5", items], cwd=ROOT,
+                              env=env, capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        for item in items.split(","):
+            returned[item] = tmp_path / f"out{n}" / item
+        assert len(list((tmp_path / f"out{n}").rglob("*"))) <= 8 + len(items.split(","))
+    # Everything on one last machine: the same tensors as the local build made.
+    final = tmp_path / "final"
+    for item, folder in returned.items():
+        shutil.copytree(folder, tmp_path / "all" / item)
+    from convert.carry import restore
+
+    restore(tmp_path / "all", final)
+    for d in ("base/model", "draft/model", "ss-lossless", "ss-control", "medusa"):
+        a, b = _tensors(tmp / "work" / d), _tensors(final / d)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), d
+    from safetensors.torch import load_file
+
+    for f in ("ss-lossless/speculative_streams.safetensors", "parallelspec/drafter.safetensors",
+              "ss-shared/adapter/adapter_model.safetensors"):  # fmt: skip
+        a, b = load_file(str(tmp / "work" / f)), load_file(str(final / f))
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    times = json.loads((final / "stage_times.json").read_text())
+    assert {"base model", "shared-mode fine-tune", "parallelspec drafter"} <= set(times)
