@@ -5,10 +5,11 @@
 # back to back carrying .gpu/pN and .gpu/bin; the last one, and every later run on the same
 # machine, is:
 #     bash benchmarks/gpu_checks.sh STAGE
-# STAGE: tests | step_cost | fidelity | fidelity-8b | ngram. Results go to $OUT (the run's return folder).
+# STAGE: tests | step_cost | fidelity | fidelity-8b | ngram | parity. Results go to $OUT (the
+# run's return folder).
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stage=${1:?"stage: tests | step_cost | fidelity | fidelity-8b | ngram"}
+stage=${1:?"stage: tests | step_cost | fidelity | fidelity-8b | ngram | parity"}
 out=${OUT:?"OUT: the folder whose files come back"}
 bash .gpu/bin/install.sh
 export MLX_ENABLE_TF32=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -36,5 +37,11 @@ case "$stage" in
   ngram)
     python3 benchmarks/ngram_speed.py --prompts 4 --prompt-tokens 96 --max-tokens 96 --tag gpu
     cp benchmarks/results/ngram_speed-gpu.* "$out/" ;;
+  parity)
+    # Issue #13: MLX stream training against the PyTorch recipe at a GPU budget (both
+    # trainers on the GPU: transformers' Trainer on CUDA, MLX on its CUDA backend).
+    python3 benchmarks/train_parity.py --work runs/train_parity_gpu --iters 1000 \
+      --batch-size 32 --max-examples 8000 --distill-batch-size 128 --name train_parity-gpu
+    cp benchmarks/results/train_parity-gpu.* "$out/" ;;
   *) echo "unknown stage: $stage" >&2; exit 2 ;;
 esac

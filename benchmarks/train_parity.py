@@ -107,7 +107,8 @@ def recipe(args):
     return ["--num-streams", "3", "--num-stream-layers", "4", "--stream-lora-rank", "16",
             "--window-prompt", "32", "--batch-size", str(args.batch_size),
             "--learning-rate", str(args.learning_rate), "--max-examples", str(args.max_examples),
-            "--seed", "0", "--self-distill", "--top-k", "3"]
+            "--seed", "0", "--self-distill", "--top-k", "3",
+            "--distill-batch-size", str(args.distill_batch_size)]
     # fmt: on
 
 
@@ -209,7 +210,7 @@ def phase_seconds(log: Path) -> dict:
     out = {}
     for phase, pattern in (
         ("self_distillation", r"self-distillation: 100%"),
-        ("training_loop", r"(?:training streams: )?100%\|[^\n]*100/100"),
+        ("training_loop", r"(?:training streams: )?100%\|[^\n]*\b(\d+)/\1\b"),
     ):
         bars = [l for l in text.splitlines() if re.search(pattern, l) and "[" in l]
         if bars:
@@ -230,7 +231,10 @@ def versions():
         platform.processor(),
     )
     preload = os.environ.get("LD_PRELOAD", "")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
+        "mlx_device": str(mx.default_device()),
+        "torch_device": gpu or "cpu",
         "machine": f"{cpu}, {os.cpu_count()} cores (shared), {platform.system()}",
         "python": platform.python_version(),
         "mlx": mx.__version__,
@@ -248,6 +252,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--max-examples", type=int, default=800)
+    p.add_argument("--distill-batch-size", type=int, default=32, help="Both trainers' batch")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--eval-windows", type=int, default=64, help="Held-out windows for top-1")

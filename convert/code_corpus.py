@@ -10,8 +10,10 @@ Run as ``python -m convert.code_corpus --out runs/code/corpus``.
   are the material the models are evaluated on.
 * **Deduplicated** by the sha256 of the text: the first copy in path order is
   kept (vendored copies and version duplicates are common in site-packages).
-* **Split by package:** every ``--eval-every``-th top-level package (sorted by
-  name) goes to ``eval.jsonl`` whole, so no evaluation package is trained on.
+* **Split by package:** a top-level package goes to ``eval.jsonl`` whole when the
+  sha256 of its name is 0 modulo ``--eval-every``, so no evaluation package is
+  trained on, and a package's split does not depend on what else is installed
+  (machines with different site-packages agree on every package they share).
 
 Writes ``train.jsonl`` and ``eval.jsonl`` (one ``{"path", "package", "text"}``
 per file) and ``manifest.json`` (counts, bytes, the packages of each split,
@@ -64,6 +66,12 @@ def is_held_out(package: str, path: Path, held_out: Sequence[str], repo: Optiona
     return not SKIPPED_PARTS.intersection(path.resolve().relative_to(repo).parts)
 
 
+def is_eval_package(package: str, eval_every: int) -> bool:
+    """Whether ``package`` is held out for evaluation: a fixed function of its name."""
+    digest = hashlib.sha256(package.encode()).digest()
+    return bool(eval_every) and int.from_bytes(digest[:8], "big") % eval_every == 0
+
+
 def source_files(roots: Iterable[Tuple[str, Path]]) -> List[Tuple[str, Path, Path]]:
     """Sorted ``(kind, root, relative path)`` of every ``.py`` file below the roots.
 
@@ -97,7 +105,7 @@ def build(
     roots = list(roots) if roots is not None else default_roots()
     files = source_files(roots)
     packages = sorted({package_of(rel) for _, _, rel in files})
-    eval_packages = set(packages[eval_every // 2 :: eval_every]) if eval_every else set()
+    eval_packages = {p for p in packages if is_eval_package(p, eval_every)}
     counts = {"train": 0, "eval": 0, "held_out": 0, "duplicates": 0, "too_large": 0}
     sizes = {"train": 0, "eval": 0}
     held, seen, written, digest = set(), set(), {"train": set(), "eval": set()}, hashlib.sha256()
@@ -145,7 +153,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/code/corpus")
     p.add_argument("--eval-every", type=int, default=EVAL_EVERY,
-                   help="every N-th top-level package goes to eval.jsonl")  # fmt: skip
+                   help="one top-level package in N (by a hash of its name) goes to eval.jsonl")  # fmt: skip
     p.add_argument("--max-bytes", type=int, default=MAX_BYTES)
     p.add_argument(
         "--root",

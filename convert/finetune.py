@@ -343,6 +343,9 @@ def setup_arg_parser():
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--window-prompt", type=int, default=0, help="Prompt tokens of each text window")
     p.add_argument("--self-distill", action="store_true", help="Completions from the base model")
+    p.add_argument(
+        "--distill-batch-size", type=int, default=16, help="Continuations generated at once"
+    )
     p.add_argument("--max-examples", type=int, default=None, help="Train on a seeded random subset")
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--num-train-epochs", type=float, default=5.0)
@@ -473,10 +476,13 @@ def main(argv=None):
         else None
     )
     if args.self_distill:
-        train = self_distill(model, train, tokenizer.eos_token_id)
+        if torch.cuda.is_available():
+            model.cuda()  # generate where the Trainer will train (it keeps the model there)
+        bs = args.distill_batch_size
+        train = self_distill(model, train, tokenizer.eos_token_id, bs)
         if held_out:
             held_out = self_distill(
-                model, held_out, tokenizer.eos_token_id, desc="self-distillation (eval)"
+                model, held_out, tokenizer.eos_token_id, bs, desc="self-distillation (eval)"
             )
     msm = build(args, model, tokenizer)
     if args.control:

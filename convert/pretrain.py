@@ -39,7 +39,9 @@ def tokenize_corpus(jsonl: Path, tokenizer, cache: Path = None, batch: int = 256
     parts, texts = [], []
 
     def flush():
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        # Source text that spells "</s>" is text, not an end of document.
+        enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
+        for ids in enc["input_ids"]:
             parts.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int32))
         texts.clear()
 

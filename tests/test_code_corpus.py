@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.code_corpus import build, is_held_out
+from convert.code_corpus import build, is_eval_package, is_held_out
 from convert.code_quality import (
     cut_at_function_end,
     function_headers,
@@ -87,6 +87,21 @@ def test_eval_split_takes_whole_packages_and_builds_are_deterministic(tmp_path):
     assert {p for p, s in split.items() if s == {"eval"}} == set(a["eval_packages"])
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         build(tmp_path / "a", roots, repo=repo)
+
+
+def test_a_packages_split_does_not_depend_on_the_others(tmp_path):
+    """Another machine with one more package installed holds out the same packages."""
+    roots, repo = _tree(tmp_path)
+    a = build(tmp_path / "a", roots, repo=repo, eval_every=2)
+    extra = roots[1][1] / "aaa_extra" / "mod.py"
+    extra.parent.mkdir()
+    extra.write_text("def f():\n    return 0\n")
+    b = build(tmp_path / "b", roots, repo=repo, eval_every=2)
+    assert set(b["eval_packages"]) - {"aaa_extra"} == set(a["eval_packages"])
+    # The rule is a fixed function of the name: about one package in N.
+    names = [f"pkg{i}" for i in range(2000)]
+    assert 80 < sum(is_eval_package(n, 20) for n in names) < 120
+    assert not any(is_eval_package(n, 0) for n in names)
 
 
 def test_held_out_names():
