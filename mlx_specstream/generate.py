@@ -208,6 +208,11 @@ def generate(
     Returns:
         str: the generated text.
     """
+    return _generate(model, tokenizer, prompt, verbose, **kwargs)[0]
+
+
+def _generate(model, tokenizer, prompt, verbose=False, **kwargs):
+    """:func:`generate`, also returning the last :class:`SpecGenerationResponse`."""
     if verbose:
         print("=" * 10)
     text = ""
@@ -222,7 +227,7 @@ def generate(
         print()
         print("=" * 10)
         print_stats(response, usage)
-    return text
+    return text, response
 
 
 def print_stats(response: SpecGenerationResponse, usage: Optional[SpeculativeUsage] = None):
@@ -291,6 +296,12 @@ def setup_arg_parser():
         "streams' tree). Default: the model's own drafts.",
     )
     parser.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="Then decode the same prompt with mlx-lm's plain loop on the same weights: its "
+        "tokens/s, the speedup, and whether the outputs are identical",
+    )
+    parser.add_argument(
         "--max-kv-size", type=int, default=None, help="Set the maximum key-value cache size"
     )
     parser.add_argument("--kv-bits", type=int, default=None, help="Bits for KV cache quantization")
@@ -337,7 +348,7 @@ def main(argv=None):
         )
     prompt = tokenizer.encode(prompt, add_special_tokens=not use_chat)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
-    generate(
+    text, response = _generate(
         model,
         tokenizer,
         prompt,
@@ -356,6 +367,43 @@ def main(argv=None):
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
     )
+    if args.compare_plain:
+        compare_with_plain(model, tokenizer, prompt, text, response, args)
+
+
+def compare_with_plain(model, tokenizer, prompt, text, ours, args):
+    """Prints mlx-lm's plain decoding speed on the same weights and prompt, the
+    speedup, and (greedy) whether the two outputs are identical. One run each, the
+    speculative one first (cold): ``python -m mlx_specstream.benchmark`` measures
+    with warm-ups and repeats."""
+    from mlx_lm.generate import stream_generate as mlx_stream_generate
+
+    kwargs = dict(max_tokens=args.max_tokens, max_kv_size=args.max_kv_size)
+    if args.kv_bits is not None:
+        kwargs.update(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                      quantized_kv_start=args.quantized_kv_start)  # fmt: skip
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    plain_text, last = "", None
+    for last in mlx_stream_generate(model, tokenizer, mx.array(prompt), sampler=sampler, **kwargs):
+        plain_text += last.text
+    rt = model.speculative_streams
+    print(
+        f"Plain decoding (mlx-lm's loop, same weights): {last.generation_tokens} tokens, "
+        f"{last.generation_tps:.3f} tokens-per-sec. This run: "
+        f"{ours.generation_tps / last.generation_tps:.2f}x its speed"
+    )
+    if args.temp > 0:
+        print("Outputs: sampled (temp > 0), so they are not compared token for token")
+    elif rt.drafter is None and rt.config.mode == "shared":
+        # Shared mode's main rows see their streams: mlx-lm's loop is not this model.
+        ref = generate(model, tokenizer, prompt, max_tokens=args.max_tokens, speculative=False)
+        print(f"Output identical to this model's own plain decoding: {_yes(ref == text)}")
+    else:
+        print(f"Output identical to plain decoding: {_yes(plain_text == text)}")
+
+
+def _yes(same: bool) -> str:
+    return "yes" if same else "NO (please report this: the output must not change)"
 
 
 if __name__ == "__main__":

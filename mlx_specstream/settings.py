@@ -107,5 +107,3 @@ def check_prompt(model: nn.Module, prompt: mx.array):
             f"The prompt has {prompt.size} tokens, more than the model's context of {context} "
             "(max_position_embeddings in config.json)."
         )
-
-

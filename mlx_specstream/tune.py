@@ -37,7 +37,9 @@ def tokens_per_second(model, tokenizer, prompts, max_tokens, stream_pass=None, *
     tps, taus = [], []
     try:
         for prompt in prompts:
-            for r in stream_generate(model, tokenizer, mx.array(prompt), max_tokens=max_tokens, **tree):
+            for r in stream_generate(
+                model, tokenizer, mx.array(prompt), max_tokens=max_tokens, **tree
+            ):
                 pass
             tps.append(r.generation_tps)
             taus.append(r.generation_tokens / r.forward_passes)

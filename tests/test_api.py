@@ -265,6 +265,29 @@ def test_default_model_cli(capsys):
     assert "Generation: 8 tokens" in capsys.readouterr().out
 
 
+def test_cli_compares_with_plain_decoding(capsys):
+    """``--compare-plain``: mlx-lm's plain loop on the same weights, the speedup, and
+    whether the outputs are identical (greedy)."""
+    from mlx_specstream.generate import _generate, compare_with_plain, main, setup_arg_parser
+
+    argv = ["--prompt", "def f(x):", "--max-tokens", "16", "--tree-depth", "3", "--compare-plain"]
+    main(argv)
+    out = capsys.readouterr().out
+    assert "Plain decoding (mlx-lm's loop, same weights): 16 tokens" in out
+    assert "Output identical to plain decoding: yes" in out
+    main(argv + ["--temp", "0.8"])
+    assert "not compared token for token" in capsys.readouterr().out
+    # Negative control: a text other than plain decoding's is reported as different.
+    from mlx_specstream.default_model import load_default
+
+    model, tok = load_default()
+    args = setup_arg_parser().parse_args(argv)
+    prompt = tok.encode("def f(x):")
+    text, response = _generate(model, tok, prompt, max_tokens=16, tree_depth=3)
+    compare_with_plain(model, tok, prompt, text + " and more", response, args)
+    assert "Output identical to plain decoding: NO" in capsys.readouterr().out
+
+
 def test_public_names():
     for name in ["load", "generate", "stream_generate", "SpecStreamConfig", "attach_streams"]:
         assert hasattr(mlx_specstream, name)
