@@ -4,9 +4,16 @@ Face format (``tokenizer.json`` + ``tokenizer_config.json``, plus the original
 
 Run as ``python -m convert.tokenizer --corpus runs/default/corpus/train.jsonl
 --out runs/default/tokenizer``. Whitespace is kept exactly (identity
-normalisation, no dummy prefix), so indentation round-trips; a newline, which
-never occurs inside SentencePiece's line-based training sentences, is encoded
-by byte fallback as ``<0x0A>``.
+normalisation, no dummy prefix), so indentation round-trips. SentencePiece
+trains on lines, so by default a newline is never part of a piece and is encoded
+by byte fallback as ``<0x0A>``: one token per line of code.
+
+``--newline-pieces`` lets a newline start a piece, so that the newline and the
+next line's indentation (``"\n        "``) can be one token. Newlines become the
+private-use character U+E000 (``NEWLINE``) in training and in the tokenizer's
+normaliser, and every line is trained as a sentence that starts with it; the
+decoder maps it back. Text that itself contains U+E000 decodes with a newline in
+its place (the one text that does not round-trip).
 """
 
 import argparse
@@ -16,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+NEWLINE = "\ue000"
 
 
 def train_sentencepiece(
@@ -24,6 +32,7 @@ def train_sentencepiece(
     vocab_size: int = 8000,
     seed: int = 0,
     input_sentences: int = 2_000_000,
+    newline_pieces: bool = False,
 ):
     """Trains on at most ``input_sentences`` lines of the corpus, drawn with a seeded
     reservoir sample when it has more (a large corpus would otherwise be cut to its
@@ -35,7 +44,10 @@ def train_sentencepiece(
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         for line in open(corpus_jsonl):
-            f.write(json.loads(line)["text"])
+            text = json.loads(line)["text"]
+            if newline_pieces:  # every line after the first starts with its newline
+                text = text.replace("\n", "\n" + NEWLINE)
+            f.write(text)
             f.write("\n")
         lines_file = f.name
     spm.SentencePieceTrainer.train(
@@ -79,7 +91,7 @@ def bpe_merges(vocab: dict) -> list:
     return [(left, right) for _, _, _, left, right in merges]
 
 
-def to_hf(spm_model: Path, out_dir: Path):
+def to_hf(spm_model: Path, out_dir: Path, newline_pieces: bool = False):
     """Writes a ``PreTrainedTokenizerFast`` equivalent of ``spm_model``."""
     import sentencepiece as spm
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -96,12 +108,19 @@ def to_hf(spm_model: Path, out_dir: Path):
             fuse_unk=True,
         )
     )
-    tok.normalizer = normalizers.Replace(" ", "\u2581")
-    # Sentences were lines in training: keep each newline a piece of its own.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n"), behavior="isolated")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
+    if newline_pieces:
+        # Training sentences were lines that start with their newline: split before each.
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Replace("\n", NEWLINE), normalizers.Replace(" ", "\u2581")]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(NEWLINE), behavior="merged_with_next")
+        steps = [decoders.Replace("\u2581", " "), decoders.Replace(NEWLINE, "\n")]
+    else:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        # Sentences were lines in training: keep each newline a piece of its own.
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n"), behavior="isolated")
+        steps = [decoders.Replace("\u2581", " ")]
+    tok.decoder = decoders.Sequence([*steps, decoders.ByteFallback(), decoders.Fuse()])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token=SPECIALS["unk"],
@@ -124,12 +143,20 @@ def main():
         "--input-sentences", type=int, default=2_000_000, help="Lines sampled for training"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--newline-pieces",
+        action="store_true",
+        help="Let a newline and the next line's indentation form one token",
+    )
     args = parser.parse_args()
     out = Path(args.out)
-    train_sentencepiece(Path(args.corpus), out, args.vocab_size, args.seed, args.input_sentences)
+    train_sentencepiece(
+        Path(args.corpus), out, args.vocab_size, args.seed, args.input_sentences,
+        args.newline_pieces,
+    )  # fmt: skip
     (out / "spm.model").rename(out / "tokenizer.model")
     (out / "spm.vocab").unlink()
-    hf = to_hf(out / "tokenizer.model", out)
+    hf = to_hf(out / "tokenizer.model", out, args.newline_pieces)
     sample = "def f(x):\n    return x  # done\n"
     assert hf.decode(hf.encode(sample)) == sample, "tokenizer does not round-trip code"
     print(f"vocab {len(hf)}; '{sample!r}' -> {len(hf.encode(sample))} tokens")
