@@ -14,7 +14,9 @@
 # warm machine keeps what earlier runs restored. Stages that convert or measure need MLX:
 # run .gpu/bin/install.sh first (../shared/gpu/README.md).
 #
-# The plan (H100 throughput of ../shared/gpu/README.md; each run under 10 minutes):
+# The plan (H100 throughput of ../shared/gpu/README.md; each run under 10 minutes; every run
+# after the first also carries the latest `top`, whose corpus digest the rebuilt corpus must
+# match). Runs 1-5 need PyTorch alone (tests/test_build.py imports them with MLX blocked):
 #   1. "tokenizer,base model,base round trip" 7 top,base,tokenizer            carry: -
 #   2. "draft model,draft round trip,self-distilled train data,self-distilled eval data"
 #      2 top,draft,distilled                                     carry: base, tokenizer

@@ -19,8 +19,13 @@ from typing import Dict, Optional, Union
 
 import mlx.core as mx
 
-from mlx_specstream.config import CONFIG_KEY, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
-from mlx_specstream.drafters import DRAFTER_FILE
+from mlx_specstream.config import (
+    CONFIG_KEY,
+    DRAFTER_FILE,
+    DRAFTER_KEY,
+    DrafterConfig,
+    SpecStreamConfig,
+)
 from mlx_specstream.streams import STREAMS_FILE
 
 STREAM_PREFIX = "speculative_streams."

@@ -34,20 +34,27 @@ def train_sentencepiece(
     input_sentences: int = 2_000_000,
     newline_pieces: bool = False,
 ):
-    """Trains on at most ``input_sentences`` lines of the corpus, drawn with a seeded
-    reservoir sample when it has more (a large corpus would otherwise be cut to its
-    first lines, i.e. to the packages that sort first)."""
+    """Trains on at most ``input_sentences`` lines of the corpus, a seeded random
+    sample when it has more (a large corpus would otherwise be cut to its first
+    lines, i.e. to the packages that sort first). The sample is drawn here, not by
+    SentencePiece, whose own sampling differs from one process to the next."""
+    import random
+
     import sentencepiece as spm
 
-    spm.set_random_generator_seed(seed)
-
     out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for line in open(corpus_jsonl):
+        text = json.loads(line)["text"]
+        if newline_pieces:  # every line after the first starts with its newline
+            text = text.replace("\n", "\n" + NEWLINE)
+        lines.extend(text.split("\n"))
+    if len(lines) > input_sentences:
+        keep = sorted(random.Random(seed).sample(range(len(lines)), input_sentences))
+        lines = [lines[i] for i in keep]
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        for line in open(corpus_jsonl):
-            text = json.loads(line)["text"]
-            if newline_pieces:  # every line after the first starts with its newline
-                text = text.replace("\n", "\n" + NEWLINE)
-            f.write(text)
+        for line in lines:
+            f.write(line)
             f.write("\n")
         lines_file = f.name
     spm.SentencePieceTrainer.train(
@@ -64,8 +71,8 @@ def train_sentencepiece(
         split_digits=True,
         allow_whitespace_only_pieces=True,
         max_sentence_length=100000,
-        input_sentence_size=input_sentences,
-        shuffle_input_sentence=True,
+        input_sentence_size=0,  # every line of the file: the sample above
+        shuffle_input_sentence=False,
         seed_sentencepiece_size=1_000_000,
         unk_id=0,
         bos_id=1,

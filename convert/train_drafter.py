@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mlx_specstream.config import DRAFTER_KEY, DrafterConfig
-from mlx_specstream.drafters import DRAFTER_FILE
+from mlx_specstream.config import DRAFTER_FILE, DRAFTER_KEY, DrafterConfig
 
 from .drafters import DrafterTrainingModel
 from .finetune import read_examples, subset, train_and_evaluate

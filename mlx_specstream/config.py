@@ -176,6 +176,7 @@ class SpecStreamConfig(_Section):
 
 
 DRAFTER_KEY = "drafter"
+DRAFTER_FILE = "drafter.safetensors"
 DRAFTER_KINDS = ("medusa", "parallelspec")
 
 

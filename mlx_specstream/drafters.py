@@ -27,8 +27,6 @@ from mlx_lm.models.cache import KVCache
 from .config import DrafterConfig
 from .streams import hidden_size
 
-DRAFTER_FILE = "drafter.safetensors"
-
 
 class ResBlock(nn.Module):
     def __init__(self, dims: int):

@@ -10,8 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import CONFIG_KEY, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
-from .drafters import DRAFTER_FILE, attach_drafter
+from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
+from .drafters import attach_drafter
 from .streams import STREAMS_FILE, attach_streams, get_runtime
 
 ALLOW_PATTERNS = [

@@ -365,3 +365,28 @@ def test_gpu_build_plan_on_machines_that_keep_nothing(smoke_build, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), f
     times = json.loads((final / "stage_times.json").read_text())
     assert {"base model", "shared-mode fine-tune", "parallelspec drafter"} <= set(times)
+
+
+def test_training_stages_import_without_mlx():
+    """The GPU machine has PyTorch but not MLX until three install runs: every module
+    of a training stage (runs 1-5 of benchmarks/gpu_build.sh) must import without it."""
+    code = (
+        "import importlib, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('mlx', 'mlx_lm'):\n"
+        "            raise ImportError('no ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "for m in sys.argv[1:]:\n"
+        "    importlib.import_module(m)\n"
+    )
+    modules = ["convert.build_default_model", "convert.code_corpus", "convert.tokenizer",
+               "convert.pretrain", "convert.distill", "convert.finetune", "convert.train_drafter",
+               "convert.carry", "convert.transport"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Negative control: a module that needs MLX fails under the same block.
+    bad = subprocess.run([sys.executable, "-c", code, "convert.convert"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "no mlx" in bad.stderr

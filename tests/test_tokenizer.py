@@ -67,3 +67,13 @@ def test_newline_pieces_take_fewer_tokens_and_name_their_one_exception(corpus, t
     text = f"a{NEWLINE}b"
     assert nl.decode(nl.encode(text, add_special_tokens=False)) == "a\nb"
     assert plain.decode(plain.encode(text, add_special_tokens=False)) == text
+
+
+def test_same_tokenizer_from_two_processes_when_sampling_lines(corpus, tmp_path):
+    """Fewer --input-sentences than the corpus has lines: the sample is ours and seeded.
+    (SentencePiece's own sampling gave a different piece order in each process.)"""
+    a = _train(corpus, tmp_path / "a", "--input-sentences", "500", "--newline-pieces")
+    b = _train(corpus, tmp_path / "b", "--input-sentences", "500", "--newline-pieces")
+    assert a.get_vocab() == b.get_vocab()
+    c = _train(corpus, tmp_path / "c", "--input-sentences", "500", "--seed", "1")
+    assert c.get_vocab() != a.get_vocab()  # the seed matters: a sample was drawn
