@@ -106,7 +106,7 @@ _CODE_FT = ("--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3",
 CODE = Recipe(
     name="code",
     corpus="code",
-    # A newline may start a piece: 2.7% fewer tokens on held-out code (benchmarks/RESULTS.md).
+    # A newline may start a piece: 2.2% fewer tokens on held-out code (benchmarks/RESULTS.md).
     tokenizer=("--vocab-size", "16000", "--newline-pieces"),
     # 4,600 steps x 64 x 1,024 = 301M tokens (~4 passes over this machine's 72M-token corpus).
     base=("--seq-len", "1024", "--batch-size", "64", "--max-steps", "4600",
