@@ -17,7 +17,10 @@
 # The plan (H100 throughput of ../shared/gpu/README.md; each run under 10 minutes; every run
 # after the first also carries the latest `top`, whose corpus digest the rebuilt corpus must
 # match). Runs 1-5 need PyTorch alone (tests/test_build.py imports them with MLX blocked):
-#   1. "tokenizer,base model,base round trip" 7 top,base,tokenizer            carry: -
+#   1. "tokenizer" 1 top,tokenizer                                             carry: -
+#      (corpus and tokenizer, about 2 minutes, so that the base gets a run of its own)
+#   1b. "base model,base round trip" 8.5 top,base       carry: tokenizer (8.5 min x 652k
+#      tokens/s = 332M tokens; on a warm machine right after run 1 nothing needs restoring)
 #   2. "draft model,draft round trip,self-distilled train data,self-distilled eval data"
 #      2 top,draft,distilled                                     carry: base, tokenizer
 #   3. "shared-mode fine-tune" 7 top,ss-shared                    carry: base, tokenizer

@@ -311,7 +311,8 @@ def test_carry_damage_is_named(smoke_build, tmp_path):
 
 # benchmarks/gpu_build.sh's plan: (stages, items it brings back, items it carries in).
 GPU_PLAN = [
-    ("tokenizer,base model,base round trip", "top,base,tokenizer", []),
+    ("tokenizer", "top,tokenizer", []),
+    ("base model,base round trip", "top,base", ["tokenizer"]),
     (
         "draft model,draft round trip,self-distilled train data,self-distilled eval data",
         "top,draft,distilled",
