@@ -49,12 +49,14 @@ TREES = {
 }
 
 
-def build(work: Path):
+def build(work: Path, recipe: str = "stdlib"):
     from convert.build_default_model import build_base, build_drafters, build_models
+    from convert.recipes import RECIPES
 
-    build_base(work)
-    build_models(work)
-    build_drafters(work)
+    r = RECIPES[recipe]
+    build_base(work, r)
+    build_models(work, r)
+    build_drafters(work, r)
 
 
 def drafting_module(model):
@@ -108,10 +110,15 @@ def measure(methods, prompts, runs):
 def main(argv=None):
     import mlx_lm
 
+    from convert.recipes import RECIPES
+
     from mlx_specstream import load
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="runs/default", help="Build directory (resumed)")
+    p.add_argument("--recipe", default="stdlib", help="The build's recipe (convert.recipes)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="Activations and unquantized weights")  # fmt: skip
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -120,7 +127,8 @@ def main(argv=None):
     p.add_argument("--name", default="drafters", help="Prefix of the result files")
     args = p.parse_args(argv)
     w = Path(args.work)
-    build(w)
+    build(w, args.recipe)
+    dtype = getattr(mx, args.dtype)
     times = json.loads((w / "stage_times.json").read_text())
     # Quality (the paper's "Metric" column): held-out next-token loss of the model whose
     # output is produced; every method but shared mode outputs the frozen base's tokens.
@@ -129,9 +137,10 @@ def main(argv=None):
     base_dir = w / "mlx" / "lossless"  # the frozen base (lossless mode never changes it)
 
     plain, tokenizer = mlx_lm.load(str(base_dir))
-    plain.set_dtype(mx.float32)
+    plain.set_dtype(dtype)
     draft, _ = mlx_lm.load(str(w / "mlx" / "draft"))
-    draft.set_dtype(mx.float32)
+    draft.set_dtype(dtype)
+    draft_params = sum(v.size for _, v in tree_flatten(draft.parameters()))
     prompts = load_prompts(w / "prompts.jsonl", tokenizer, args.num_prompts, args.prompt_tokens)
     base_params = sum(v.size for _, v in tree_flatten(plain.parameters()))
 
@@ -140,8 +149,8 @@ def main(argv=None):
         dict(method="Plain decoding (mlx-lm)", tree="-", extra_parameters=0, training_s=None,
              loss=lossless_loss, weights=weight_bytes(plain),
              fn=lambda q: run_mlx_lm(plain, tokenizer, q, args.max_tokens)),
-        dict(method="Two-model SD (mlx-lm, 1M draft, 3 tokens)", tree="chain",
-             extra_parameters=sum(v.size for _, v in tree_flatten(draft.parameters())),
+        dict(method=f"Two-model SD (mlx-lm, {draft_params / 1e6:.1f}M draft, 3 tokens)",
+             tree="chain", extra_parameters=draft_params,
              training_s=times.get("draft model"), loss=lossless_loss,
              weights=weight_bytes(plain, draft),
              fn=lambda q: run_mlx_lm(plain, tokenizer, q, args.max_tokens, draft, 3)),
@@ -149,7 +158,7 @@ def main(argv=None):
     references = {"base": None}
     for name, sub, stage in DRAFTERS:
         model, _ = load(str(w / "mlx" / sub))
-        model.set_dtype(mx.float32)
+        model.set_dtype(dtype)
         mode = model.speculative_streams.config.mode
         reference = "base"
         if mode == "shared":  # its base is fine-tuned: compare with its own plain decoding
@@ -158,7 +167,9 @@ def main(argv=None):
                 run_specstream(model, tokenizer, q, args.max_tokens, speculative=False)[0]
                 for q in prompts
             ]
+        levels = model.speculative_streams.config.num_streams
         for tree_name, tree in TREES.items():
+            tree = {**tree, "tree_depth": min(tree["tree_depth"], levels)}  # (toy recipes)
             methods.append(
                 dict(method=name, tree=tree_name, extra_parameters=extra_parameters(model),
                      training_s=times.get(stage), loss=losses[mode], reference=reference,
@@ -185,9 +196,15 @@ def main(argv=None):
         prompts=len(prompts),
         runs=args.runs,
         max_tokens=args.max_tokens,
-        dtype="float32",
+        dtype=args.dtype,
         distill_s=times.get("self-distilled train data", 0)
         + times.get("self-distilled eval data", 0),
+        recipe=args.recipe,
+        lossless_distill=(
+            "trains on the same set and excludes it too"
+            if RECIPES[args.recipe].lossless_on_distilled
+            else "includes its own self-distillation"
+        ),
     )
     write(Path(args.output_dir), args.name, rows, info)
 
@@ -215,10 +232,11 @@ def write(out_dir: Path, name: str, rows, info):
         f"Greedy, {info['dtype']}, {info['prompts']} held-out prompts x {info['runs']} runs, "
         f"{info['max_tokens']} new tokens; base {info['base_parameters']:,} parameters. Every "
         "output identical to plain decoding of the model that ran it. Training time: wall time "
-        "of the build stage here (2 CPU cores); the Medusa and ParallelSpec stages exclude the "
-        f"self-distillation they share ({info['distill_s'] / 60:.0f} min), the lossless "
-        "stream fine-tune includes its own; the two-model row's time is the draft model's "
-        "pretraining. Peak memory: the method's float32 weights plus the peak that "
+        "of the build stage on the machine that ran it; the Medusa and ParallelSpec stages exclude "
+        f"the self-distillation they share ({info['distill_s'] / 60:.0f} min), the lossless "
+        f"stream fine-tune {info['lossless_distill']}; the two-model row's time is the draft "
+        "model's "
+        "pretraining. Peak memory: the method's weights plus the peak that "
         "generation allocates on top of them.",
         *provenance_lines(info),
     ]

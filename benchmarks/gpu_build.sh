@@ -29,7 +29,10 @@
 #   5. "medusa drafter,parallelspec drafter" 4 top,medusa,parallelspec
 #                                                      carry: base, tokenizer, distilled
 #   then MLX's three install runs; the conversions, quality and choice.json in runs that
-#   each carry the base and a few items (all of them exceed 64 MiB).
+#   each carry the base and a few items (all of them exceed 64 MiB); then the speeds:
+#   python3 benchmarks/compare_drafters.py --work runs/code --recipe code --dtype bfloat16
+#   (and float32 with MLX_ENABLE_TF32=0), python3 -m mlx_specstream.benchmark --model
+#   runs/code/mlx/lossless --draft-model runs/code/mlx/draft --prompts runs/code/prompts.jsonl
 # A CPU dry run of the same plumbing: RECIPE=smoke BUILD_ARGS="--root stdlib:DIR" OUT=... .
 set -euo pipefail
 stages=${1:?"STAGES: the stages to run, comma-separated"}
