@@ -9,8 +9,11 @@ build resumes (the trainers also resume from their own checkpoints):
 1. corpus: the standard library (``convert.corpus``) or every Python source of
    this interpreter with the evaluation packages held out (``convert.code_corpus``);
 2. tokenizer: SentencePiece BPE with byte fallback (``convert.tokenizer``);
-3. base model: a Llama pretrained from scratch (``convert.pretrain``);
-4. draft model: a small Llama for mlx-lm's ``--draft-model``, same tokenizer;
+3. base model: a Llama pretrained from scratch (``convert.pretrain``), then, where the
+   recipe asks, replaced by its 8-bit round trip (``convert.transport``), the form in
+   which it travels between machines;
+4. draft model: a small Llama for mlx-lm's ``--draft-model``, same tokenizer (and
+   round trip);
 5. self-distilled data (``convert.distill``): the base's greedy continuations;
 6. Speculative Streaming fine-tunes in shared and lossless mode (``convert.finetune``),
    and, where the recipe asks, shared mode's control (no streams, same budget);
@@ -26,7 +29,11 @@ build resumes (the trainers also resume from their own checkpoints):
     machines users run).
 
 Every command is printed before it runs, and each stage's wall time is recorded
-in ``WORK/stage_times.json``. On CUDA the training stages run in bfloat16.
+in ``WORK/stage_times.json``. On CUDA the training stages run in bfloat16. Every
+training stage comes before the first that needs MLX. ``--only`` runs named stages
+alone, ``--stop-after`` stops after one, and ``--time-limit`` caps each training
+stage: ``benchmarks/gpu_build.sh`` runs the build that way on a machine lent by
+the minute, carrying its pieces between runs with ``convert.carry``.
 """
 
 import argparse
