@@ -77,7 +77,9 @@ def test_cli_kv_cache_flags_match_mlx_lm_and_reach_generate(monkeypatch):
         assert getattr(ours.parse_args([]), dest) == getattr(theirs.parse_args([]), dest), dest
         assert getattr(ours.parse_args(flags), dest) == getattr(theirs.parse_args(flags), dest)
     seen = {}
-    monkeypatch.setattr(gen_mod, "generate", lambda model, tok, prompt, **kw: seen.update(kw))
+    monkeypatch.setattr(
+        gen_mod, "_generate", lambda model, tok, prompt, **kw: seen.update(kw) or ("", None)
+    )
     gen_mod.main(["--prompt", "x", "--max-tokens", "2", "--max-kv-size", "512", *flags])
     assert (seen["kv_bits"], seen["kv_group_size"], seen["quantized_kv_start"]) == (8, 32, 7)
     assert seen["max_kv_size"] == 512
