@@ -10,7 +10,8 @@
 #   MINUTES  --time-limit of each training stage in this run
 #   ITEMS    the items to bring back, comma-separated (convert.carry)
 # Carry in (the run tool's `carry`, at most 8 paths and 64 MiB with the tree): the item
-# folders the stages read, kept here as runs/carry/RUN/ITEM. Restoring is idempotent, so a
+# folders the stages read, kept here as runs/carry/RUN/ITEM (after a run, copy its returned
+# files here: cp -r FILES_AT/* runs/carry/runN/). Restoring is idempotent, so a
 # warm machine keeps what earlier runs restored. Stages that convert or measure need MLX:
 # run .gpu/bin/install.sh first (../shared/gpu/README.md).
 #
