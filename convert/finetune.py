@@ -41,34 +41,52 @@ IGNORE = -100
 
 
 def read_examples(paths: List[str], tokenizer, max_length: int, window_prompt: int = 0):
-    """Tokenized ``{"input_ids", "prompt_len"}`` examples from JSONL or text files."""
+    """Tokenized ``{"input_ids", "prompt_len"}`` examples from JSONL or text files
+    (``text`` rows are tokenized in batches, by the fast tokenizer's threads)."""
     examples = []
     for path in map(Path, paths):
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(open(path), 1):
-                row = json.loads(line)
-                if "prompt" in row and "completion" in row:
-                    p = tokenizer.encode(row["prompt"])
-                    c = tokenizer.encode(row["completion"]) + [tokenizer.eos_token_id]
-                    ids = (p + c)[:max_length]
-                    if len(p) >= len(ids):
-                        raise ValueError(f"{path}:{n}: the prompt fills --max-length {max_length}")
-                    examples.append({"input_ids": ids, "prompt_len": max(len(p), 1)})
-                elif "input_ids" in row:  # already tokenized (python -m convert.distill)
-                    ids = [int(t) for t in row["input_ids"]][:max_length]
-                    p = int(row.get("prompt_len", 1))
-                    if not 1 <= p < len(ids):
-                        raise ValueError(f"{path}:{n}: prompt_len {p} leaves no completion")
-                    examples.append({"input_ids": ids, "prompt_len": p})
-                elif "text" in row:
-                    examples += _windows(tokenizer.encode(row["text"]), max_length, window_prompt)
-                else:
-                    raise ValueError(
-                        f"{path}:{n}: expected 'prompt'+'completion', 'text' or 'input_ids' keys"
-                    )
-        else:
+        if path.suffix != ".jsonl":
             examples += _windows(tokenizer.encode(path.read_text()), max_length, window_prompt)
+            continue
+        rows = [json.loads(line) for line in open(path)]
+        kinds = [_kind(row) for row in rows]
+        texts = [row["text"] for row, kind in zip(rows, kinds) if kind == "text"]
+        encoded = iter(_encode_batched(tokenizer, texts))
+        for n, (row, kind) in enumerate(zip(rows, kinds), 1):
+            if kind == "pair":
+                p = tokenizer.encode(row["prompt"])
+                c = tokenizer.encode(row["completion"]) + [tokenizer.eos_token_id]
+                ids = (p + c)[:max_length]
+                if len(p) >= len(ids):
+                    raise ValueError(f"{path}:{n}: the prompt fills --max-length {max_length}")
+                examples.append({"input_ids": ids, "prompt_len": max(len(p), 1)})
+            elif kind == "ids":  # already tokenized (python -m convert.distill)
+                ids = [int(t) for t in row["input_ids"]][:max_length]
+                p = int(row.get("prompt_len", 1))
+                if not 1 <= p < len(ids):
+                    raise ValueError(f"{path}:{n}: prompt_len {p} leaves no completion")
+                examples.append({"input_ids": ids, "prompt_len": p})
+            elif kind == "text":
+                examples += _windows(next(encoded), max_length, window_prompt)
+            else:
+                raise ValueError(
+                    f"{path}:{n}: expected 'prompt'+'completion', 'text' or 'input_ids' keys"
+                )
     return examples
+
+
+def _kind(row) -> str:
+    if "prompt" in row and "completion" in row:
+        return "pair"
+    if "input_ids" in row:
+        return "ids"
+    return "text" if "text" in row else "unknown"
+
+
+def _encode_batched(tokenizer, texts, batch: int = 256):
+    """``tokenizer.encode`` of each text, computed ``batch`` texts at a time."""
+    for i in range(0, len(texts), batch):
+        yield from tokenizer(texts[i : i + batch])["input_ids"]
 
 
 def subset(examples, n, seed: int):

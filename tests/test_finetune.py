@@ -83,6 +83,29 @@ def test_shifted_targets():
     assert got.tolist() == [[-100, 8, 9, -100, -100, -100]]
 
 
+def test_read_examples_batches_text_rows_in_order(tmp_path):
+    """Text rows are tokenized in batches; the examples are those of encoding each row
+    alone, in file order, between the pair and pre-tokenized rows."""
+    from convert.finetune import _windows, read_examples
+
+    tok = hf_tokenizer(V)
+    rows = [{"text": " ".join(f"t{i % 7}" for i in range(n))} for n in (30, 5, 61, 2, 44)]
+    rows.insert(2, {"prompt": "t1 t2", "completion": "t3 t4"})
+    rows.insert(4, {"input_ids": [4, 5, 6, 7], "prompt_len": 2})
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want = []
+    for r in rows:
+        if "text" in r:
+            want += _windows(tok.encode(r["text"]), 16, 3)
+        elif "prompt" in r:
+            p, c = tok.encode(r["prompt"]), tok.encode(r["completion"]) + [tok.eos_token_id]
+            want.append({"input_ids": (p + c)[:16], "prompt_len": len(p)})
+        else:
+            want.append(r)
+    assert read_examples([str(path)], tok, 16, 3) == want
+
+
 def test_shifted_targets_of_sequences_shorter_than_the_shift():
     # A batch of 2-token windows (a file's tail) has no target 3 tokens ahead.
     got = shifted_targets(torch.tensor([[5, 6]]), torch.tensor([2]), torch.tensor([1]), 3)
