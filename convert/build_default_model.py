@@ -290,11 +290,17 @@ def _train(r: Recipe):
 
 def round_trip(d: Path):
     """``d/model`` becomes its 8-bit round trip (``convert.transport``), the form in
-    which it travels; the trained weights stay in ``d/model-trained``."""
-    pack(d / "model", d / "transport")
-    unpack(d / "transport", d / "model.tmp")
+    which it travels; the trained weights stay in ``d/model-trained``. The pack is
+    renamed into place last: it is the stage's mark of completion."""
+    for partial in (d / "transport.tmp", d / "model.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted round trip
+    pack(d / "model", d / "transport.tmp")
+    unpack(d / "transport.tmp", d / "model.tmp")
+    # A stale copy of an interrupted round trip: ``model`` is the trained model now.
+    shutil.rmtree(d / "model-trained", ignore_errors=True)
     (d / "model").rename(d / "model-trained")
     (d / "model.tmp").rename(d / "model")
+    (d / "transport.tmp").rename(d / "transport")
 
 
 def check_corpus(w: Path):

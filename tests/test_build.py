@@ -391,3 +391,24 @@ def test_training_stages_import_without_mlx():
     bad = subprocess.run([sys.executable, "-c", code, "convert.convert"], cwd=ROOT,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode != 0 and "no mlx" in bad.stderr
+
+
+def test_round_trip_recovers_from_an_interrupted_one(tmp_path):
+    """Leftovers of an interrupted round trip (a partial pack, a stale trained copy) are
+    replaced; the trained weights end in model-trained, their round trip in model."""
+    from hf_helpers import hf_model, hf_tokenizer
+
+    from convert.build_default_model import round_trip
+
+    hf_model("llama", vocab_size=256).save_pretrained(str(tmp_path / "model"))
+    hf_tokenizer(256).save_pretrained(str(tmp_path / "model"))
+    trained = _tensors(tmp_path / "model")
+    (tmp_path / "transport.tmp").mkdir()
+    (tmp_path / "transport.tmp" / "partial").write_text("")
+    (tmp_path / "model-trained").mkdir()  # stale
+    round_trip(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model-trained", "transport"]
+    kept = _tensors(tmp_path / "model-trained")
+    assert all(torch.equal(kept[k], trained[k]) for k in trained)
+    rt = _tensors(tmp_path / "model")
+    assert any(not torch.equal(rt[k], trained[k].float()) for k in trained)  # 8-bit, lossy
