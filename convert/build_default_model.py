@@ -283,9 +283,10 @@ def _gpu(r: Recipe):
 
 
 def _train(r: Recipe):
-    """Arguments every training stage takes: bfloat16 on CUDA, the time limit."""
+    """Arguments every training stage takes: bfloat16 on CUDA (or the recipe's CPU
+    micro-batches elsewhere), the time limit."""
     limit = ("--time-limit", r.time_limit) if r.time_limit else ()
-    return (*_gpu(r), *limit)
+    return (*(r.gpu_args if on_cuda() else r.cpu_args), *limit)
 
 
 def round_trip(d: Path):

@@ -55,6 +55,9 @@ class Recipe:
     convert: Args = ("--dtype", "bfloat16")  # python -m convert, stream models
     ship_limit_mb: float = 25.0
     gpu_args: Args = ("--bf16",)
+    # Appended to every training stage off CUDA: the same tokens per step in smaller
+    # micro-batches (a 64 x 1,024 batch of the code recipe's base needs more than 24 GB).
+    cpu_args: Args = ()
     time_limit: Optional[float] = None  # minutes per training stage (set by --time-limit)
     # Replace each pretrained model by its 8-bit round trip (convert.transport) right after
     # training, so the model every later stage uses is the one that can travel.
@@ -142,6 +145,7 @@ CODE = Recipe(
     # 32M parameters in bfloat16 are 64 MB: the shipped base is 4-bit (streams stay float).
     convert=("--dtype", "bfloat16", "--quantize", "--q-bits", "4", "--q-group-size", "64"),
     round_trip=True,
+    cpu_args=("--batch-size", "8", "--gradient-accumulation-steps", "8"),
 )
 
 SMOKE = Recipe(

@@ -53,6 +53,11 @@ def test_code_recipe_has_the_issues_sizes():
     assert CODE.corpus == "code" and CODE.control and CODE.drafters
     assert CODE.quality_prompts == 50
     assert "--quantize" in CODE.convert  # 32M parameters do not fit the package in bfloat16
+    # Off CUDA the same tokens per step, in micro-batches that fit 24 GB.
+    micro, accumulate = int(_flag(CODE.cpu_args, "--batch-size")), int(
+        _flag(CODE.cpu_args, "--gradient-accumulation-steps")
+    )
+    assert micro * accumulate == int(_flag(CODE.base, "--batch-size")) == 64
 
 
 def test_every_recipe_names_known_flags():
@@ -64,7 +69,7 @@ def test_every_recipe_names_known_flags():
     base = ["--model", "m", "--data", "d", "--out", "o"]
     for r in RECIPES.values():
         for mode in (r.ss_shared, r.ss_lossless):
-            parser.parse_args(base + list(map(str, r.ss_common + mode)))
+            parser.parse_args(base + list(map(str, r.ss_common + mode + r.cpu_args)))
 
 
 def test_sample_eval_files_is_evenly_spaced(tmp_path):
