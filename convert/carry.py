@@ -25,12 +25,13 @@ needs travels back and forth in small pieces:
 """
 
 import argparse
-import hashlib
 import io
 import json
 import shutil
 import tarfile
 from pathlib import Path
+
+from .transport import load_weights, read_parts, unpack, write_parts
 
 LEFT_BEHIND_DIRS = {"checkpoints", "mlx", "corpus", "model-trained"}
 FROM_BASE = "carried-from-base.json"
@@ -38,18 +39,9 @@ WEIGHTS_GLOB = "model*.safetensors"
 STAGE_TIMES = "stage_times.json"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _weights_equal(a: Path, b: Path) -> bool:
     """Whether two model directories hold the same tensors (names, dtypes, values)."""
-    from safetensors.torch import load_file
-
-    def tensors(d):
-        return {k: v for f in sorted(d.glob(WEIGHTS_GLOB)) for k, v in load_file(str(f)).items()}
-
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = load_weights(a, WEIGHTS_GLOB), load_weights(b, WEIGHTS_GLOB)
     if ta.keys() != tb.keys():
         return False
     return all(ta[k].dtype == tb[k].dtype and bool((ta[k] == tb[k]).all()) for k in ta)
@@ -110,27 +102,21 @@ def collect(work, out, items=None, part_mb: float = 15.0) -> dict:
                     tar.addfile(info, io.BytesIO(data))
                 else:
                     tar.add(str(path), arcname=arcname)
-        data, size = buf.getvalue(), int(part_mb * 1e6)
         folder = out / item
         if folder.exists():
             raise FileExistsError(f"{folder} exists; refusing to overwrite it.")
         folder.mkdir()
-        parts = []
-        for i in range(0, len(data), size):
-            name = f"{item}.tar.xz.part{len(parts):02d}"
-            (folder / name).write_bytes(data[i : i + size])
-            parts.append({"file": name, "sha256": _sha256(data[i : i + size])})
+        parts = write_parts(buf.getvalue(), folder, f"{item}.tar.xz", part_mb)
         (folder / f"{item}.carry.json").write_text(json.dumps({"item": item, "parts": parts}))
         written[item] = [p["file"] for p in parts]
     return written
 
 
 def restore(carried, work) -> list:
-    """Extracts every item found in ``carried`` (or a folder below it) into ``work``; then unpacks transport
-    packs into their model directories and gives base-derived directories the
-    base's weights. A file already in ``work`` with other contents is an error."""
-    from .transport import unpack
-
+    """Extracts every item found in ``carried`` (or a folder below it) into ``work``;
+    then unpacks transport packs into their model directories and gives base-derived
+    directories the base's weights. A file already in ``work`` with other contents is
+    an error."""
     carried, work = Path(carried), Path(work)
     specs = sorted(carried.rglob("*.carry.json"))
     if not specs:
@@ -138,16 +124,9 @@ def restore(carried, work) -> list:
     items = []
     for spec_file in specs:
         spec = json.loads(spec_file.read_text())
-        chunks = []
-        for part in spec["parts"]:
-            path = spec_file.parent / part["file"]
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: a part of item {spec['item']!r} is missing")
-            data = path.read_bytes()
-            if _sha256(data) != part["sha256"]:
-                raise ValueError(f"{path}: sha256 differs from {spec_file}'s (a damaged part)")
-            chunks.append(data)
-        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r:xz") as tar:
+        what = f"item {spec['item']!r}"
+        data = read_parts(spec_file.parent, spec["parts"], spec_file, what)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
             for m in tar.getmembers():
                 target = work / m.name
                 if not target.resolve().is_relative_to(work.resolve()) or not m.isfile():

@@ -53,12 +53,13 @@ def dequantize_rows(q, scale):
     return q.float() * scale[:, None]
 
 
-def _load_weights(model_dir: Path):
+def load_weights(model_dir: Path, pattern: str = "*.safetensors") -> dict:
+    """Every tensor of a model directory's ``pattern`` files, by name."""
     from safetensors.torch import load_file
 
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(model_dir.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights to pack")
+        raise FileNotFoundError(f"{model_dir}: no {pattern} weights")
     weights = {}
     for f in files:
         for k, v in load_file(str(f)).items():
@@ -68,12 +69,31 @@ def _load_weights(model_dir: Path):
     return weights
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def write_parts(data: bytes, folder: Path, stem: str, part_mb: float) -> list:
+    """Cuts ``data`` into ``folder/STEM.partNN`` files of at most ``part_mb`` MB; returns
+    their ``{"file", "sha256"}`` records, in order (for a manifest)."""
+    size, parts = int(part_mb * 1e6), []
+    for i in range(0, len(data), size):
+        chunk = data[i : i + size]
+        name = f"{stem}.part{len(parts):02d}"
+        (folder / name).write_bytes(chunk)
+        parts.append({"file": name, "sha256": hashlib.sha256(chunk).hexdigest()})
+    return parts
+
+
+def read_parts(folder: Path, parts: list, manifest_file: Path, what: str) -> bytes:
+    """The data that :func:`write_parts` cut, each part checked against its sha256;
+    a missing or damaged part is named (``what`` says whose part it is)."""
+    chunks = []
+    for part in parts:
+        path = folder / part["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: a part of {what} is missing")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != part["sha256"]:
+            raise ValueError(f"{path}: sha256 differs from {manifest_file}'s (a damaged part)")
+        chunks.append(data)
+    return b"".join(chunks)
 
 
 def pack(model_dir, out_dir, part_mb: float = 15.0) -> dict:
@@ -84,7 +104,7 @@ def pack(model_dir, out_dir, part_mb: float = 15.0) -> dict:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists; refusing to overwrite it.")
-    weights = _load_weights(model_dir)
+    weights = load_weights(model_dir)
     packed, kinds = {}, {}
     for k, v in weights.items():
         if k.endswith(SCALE_SUFFIX):
@@ -98,13 +118,9 @@ def pack(model_dir, out_dir, part_mb: float = 15.0) -> dict:
     out_dir.mkdir(parents=True)
     whole = out_dir / PACKED
     save_file({k: v.contiguous() for k, v in packed.items()}, str(whole))
-    data, size = whole.read_bytes(), int(part_mb * 1e6)
+    data = whole.read_bytes()
     whole.unlink()
-    parts = []
-    for i in range(0, len(data), size):
-        part = out_dir / f"{PACKED}.part{len(parts):02d}"
-        part.write_bytes(data[i : i + size])
-        parts.append({"file": part.name, "sha256": _sha256(part)})
+    parts = write_parts(data, out_dir, PACKED, part_mb)
     side = [f for f in SIDE_FILES if (model_dir / f).exists()]
     for f in side:
         shutil.copy(model_dir / f, out_dir / f)
@@ -124,15 +140,7 @@ def unpack(packed_dir, model_dir) -> Path:
     if not manifest_file.exists():
         raise FileNotFoundError(f"{manifest_file}: not a packed model (no manifest)")
     manifest = json.loads(manifest_file.read_text())
-    chunks = []
-    for part in manifest["parts"]:
-        path = packed_dir / part["file"]
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: a part of the packed model is missing")
-        if _sha256(path) != part["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from {manifest_file}'s (a damaged part)")
-        chunks.append(path.read_bytes())
-    packed = load(b"".join(chunks))
+    packed = load(read_parts(packed_dir, manifest["parts"], manifest_file, "the packed model"))
     weights = {}
     for k, kind in manifest["tensors"].items():
         if kind == "int8-rows":
