@@ -32,7 +32,7 @@ from torch import nn
 from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
 
 from .msa import MultiStreamModel, causal_visibility
-from .time_limit import time_limit_callback
+from .trainer_utils import latest_checkpoint, time_limit_callback
 
 IGNORE = -100
 
@@ -453,10 +453,7 @@ def train_and_evaluate(wrapped, args, out: Path, train, held_out):
         data_collator=collate,
         callbacks=callbacks,
     )
-    checkpoints = sorted(
-        (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-    )
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.train(resume_from_checkpoint=latest_checkpoint(out / "checkpoints"))
     if held_out:
         metrics = trainer.evaluate()
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from .time_limit import time_limit_callback
+from .trainer_utils import latest_checkpoint, time_limit_callback
 
 DEFAULT_ARCH = dict(
     hidden_size=256,
@@ -198,10 +198,7 @@ def main():
         eval_dataset=held_out,
         callbacks=callbacks,
     )
-    checkpoints = sorted(
-        (out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])
-    )
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.train(resume_from_checkpoint=latest_checkpoint(out / "checkpoints"))
     metrics = trainer.evaluate()
     print(
         f"held-out loss {metrics['eval_loss']:.4f} (perplexity {math.exp(metrics['eval_loss']):.2f})"

@@ -1,4 +1,5 @@
-"""A wall-clock limit for transformers' Trainer, for machines lent by the minute.
+"""What the build's trainers share around transformers' Trainer: resuming from the
+newest checkpoint, and a wall-clock limit for machines lent by the minute.
 
 A run that reaches ``--time-limit`` minutes stops after its current step and saves
 a checkpoint, so ``Trainer.train(resume_from_checkpoint=...)`` continues it; the
@@ -6,6 +7,14 @@ trainers record in their ``metrics.json`` whether the limit cut them short.
 """
 
 import time
+from pathlib import Path
+from typing import Optional
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[str]:
+    """The newest ``checkpoint-N`` in ``output_dir`` by step (not by name: 1000 > 250)."""
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return str(found[-1]) if found else None
 
 
 def time_limit_callback(minutes: float):
