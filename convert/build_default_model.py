@@ -514,7 +514,9 @@ def build(w: Path, r: Recipe, args):
     tic = time.perf_counter()
     build_base(w, r, args.root)
     prompts = build_models(w, r)
-    best = stage_value(w, "choice.json", "shipped", lambda: choose_mode(w, prompts, r))
+    choice = w / "choice.json"
+    stage("choice.json", choice, lambda: choose_mode(w, prompts, r), work=w)
+    best = json.loads(choice.read_text())["shipped"] if choice.exists() else None
     models = Path(args.package_models)
     shipped = w / "shipped.json"
 
@@ -526,26 +528,6 @@ def build(w: Path, r: Recipe, args):
 
     stage("ship", shipped, ship_and_tune, work=w)
     print(f"[INFO] build finished in {(time.perf_counter() - tic) / 60:.1f} min")
-
-
-def stage_value(w: Path, file: str, key: str, fn):
-    """``fn()`` run as a stage whose output is ``w/file`` (which ``fn`` writes); the
-    stored ``key`` when it already exists."""
-    SEEN.add(file)
-    if ONLY and file not in ONLY:
-        print(f"[pass] {file}")
-        return None
-    if (w / file).exists():
-        print(f"[skip] {file}: {w / file} exists")
-        value = json.loads((w / file).read_text())[key]
-    else:
-        print(f"[stage] {file}")
-        tic = time.perf_counter()
-        value = fn()
-        _record_time(w, file, tic)
-    if STOP_AFTER["name"] == file:
-        raise StopBuild(file)
-    return value
 
 
 if __name__ == "__main__":
