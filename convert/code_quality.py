@@ -75,12 +75,17 @@ def sample_prompts(eval_jsonl: Path, n: int = 50, seed: int = 0, **kwargs) -> Li
     return [rng.choice(found) for found in per_file[:n]]
 
 
+def _ends_function(line: str, indent: int) -> bool:
+    """A non-blank line indented no deeper than the ``def`` (``indent`` columns)."""
+    return bool(line.strip()) and len(line) - len(line.lstrip()) <= indent
+
+
 def cut_at_function_end(completion: str, indent: int) -> str:
     """The completion up to the first non-blank line indented ``<= indent`` columns."""
     lines = completion.split("\n")
     kept = [lines[0]]  # the rest of the header's line (normally empty)
     for line in lines[1:]:
-        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+        if _ends_function(line, indent):
             break
         kept.append(line)
     return "\n".join(kept).rstrip() + "\n"
@@ -104,10 +109,7 @@ def parse_rate(complete: Callable[[str], str], prompts: Sequence[HeaderPrompt]) 
 def function_ended(completion: str, indent: int) -> bool:
     """Whether ``completion`` already holds a line that ends the function (see
     :func:`cut_at_function_end`), so generating further cannot change the cut."""
-    return any(
-        line.strip() and len(line) - len(line.lstrip()) <= indent
-        for line in completion.split("\n")[1:]
-    )
+    return any(_ends_function(line, indent) for line in completion.split("\n")[1:])
 
 
 def evaluate_model(
