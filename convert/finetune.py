@@ -51,7 +51,7 @@ def read_examples(paths: List[str], tokenizer, max_length: int, window_prompt: i
         rows = [json.loads(line) for line in open(path)]
         kinds = [_kind(row) for row in rows]
         texts = [row["text"] for row, kind in zip(rows, kinds) if kind == "text"]
-        encoded = iter(_encode_batched(tokenizer, texts))
+        encoded = iter(encode_batched(tokenizer, texts))
         for n, (row, kind) in enumerate(zip(rows, kinds), 1):
             if kind == "pair":
                 p = tokenizer.encode(row["prompt"])
@@ -83,10 +83,11 @@ def _kind(row) -> str:
     return "text" if "text" in row else "unknown"
 
 
-def _encode_batched(tokenizer, texts, batch: int = 256):
-    """``tokenizer.encode`` of each text, computed ``batch`` texts at a time."""
+def encode_batched(tokenizer, texts, batch: int = 256, **kwargs):
+    """Each text's token ids (``tokenizer.encode``'s, or as ``kwargs`` say), computed
+    ``batch`` texts at a time by the fast tokenizer's threads."""
     for i in range(0, len(texts), batch):
-        yield from tokenizer(texts[i : i + batch])["input_ids"]
+        yield from tokenizer(texts[i : i + batch], **kwargs)["input_ids"]
 
 
 def subset(examples, n, seed: int):

@@ -36,20 +36,14 @@ def tokenize_corpus(jsonl: Path, tokenizer, cache: Path = None, batch: int = 256
 
     if cache is not None and cache.exists():
         return np.load(cache)
-    parts, texts = [], []
+    from .finetune import encode_batched
 
-    def flush():
-        # Source text that spells "</s>" is text, not an end of document.
-        enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
-        for ids in enc["input_ids"]:
-            parts.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int32))
-        texts.clear()
-
-    for line in open(jsonl):
-        texts.append(json.loads(line)["text"])
-        if len(texts) == batch:
-            flush()
-    flush()
+    texts = [json.loads(line)["text"] for line in open(jsonl)]
+    # Source text that spells "</s>" is text, not an end of document.
+    encoded = encode_batched(
+        tokenizer, texts, batch, add_special_tokens=False, split_special_tokens=True
+    )
+    parts = [np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int32) for ids in encoded]
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
