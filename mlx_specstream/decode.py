@@ -23,7 +23,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from .cache import KVQuantizer, check_cache, commit_path, window_rows
 from .layout import TreeLayout, layout_of
-from .ngram import NGRAM_DRAFT_TOKENS, ngram_draft
+from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .precision import on_gpu, warn_if_tf32
 from .sample_utils import DistributionSampler
 from .settings import (
@@ -99,6 +99,7 @@ class Decoder:
         ks, self.depth, self.threshold, self.max_nodes = tree
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
         self.ngram = draft in DRAFTS
+        self.ngrams = NgramIndex(history) if self.ngram else None  # prompt lookup's index
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.max_tokens, self.dstate = max_tokens, dstate
         self.streams = self.depth > 0 and rt.drafter is None  # drafts from this pass's streams
@@ -181,6 +182,8 @@ class Decoder:
             new = new[: self.max_tokens - self.emitted]
         self.emitted += len(new)
         self.history.extend(t for t, _, _ in new)
+        if self.ngram:
+            self.ngrams.extend(t for t, _, _ in new)
         if self.dstate is not None and not self.by_rejection:
             # An attached drafter drafts from the accepted path (also after the
             # last step, so its context follows the cache into the next call).
@@ -192,9 +195,7 @@ class Decoder:
 
     def first_draft(self, root: int) -> Draft:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
-        chain = (
-            ngram_draft(self.history, min(self.ngram_tokens, self._room())) if self.ngram else []
-        )
+        chain = self.ngrams.draft(min(self.ngram_tokens, self._room())) if self.ngram else []
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
     def _room(self) -> int:
@@ -231,7 +232,7 @@ class Decoder:
         chain, or both merged; shallower near ``max_tokens``."""
         room = self._room()
         depth = min(self.depth, room)
-        chain = ngram_draft(self.history, min(self.ngram_tokens, room)) if self.ngram else []
+        chain = self.ngrams.draft(min(self.ngram_tokens, room)) if self.ngram else []
         if depth and q is not None:  # rejection: tokens drawn on the host
             return self._restrict(Draft(self.layout, p.next_tokens, q), depth)
         if depth and not chain:

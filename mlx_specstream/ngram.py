@@ -2,10 +2,13 @@
 occurred before (Saxena 2023; transformers' ``prompt_lookup_num_tokens``).
 
 The draft is a deterministic function of the tokens so far, so the tree
-verifier keeps the output exact, greedy or sampled.
+verifier keeps the output exact, greedy or sampled. :func:`ngram_draft` is the
+definition (it rescans the whole history); :class:`NgramIndex` gives the same
+drafts from an index updated per token, which the decoder uses so that a step's
+lookup does not grow with the context.
 """
 
-from typing import List, Sequence
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -50,3 +53,47 @@ def ngram_draft(
             start = int(hits[-1]) + n
             return h[start : start + max_tokens].tolist()
     return []
+
+
+class NgramIndex:
+    """The tokens so far and, for each n-gram of them, where the token after its
+    latest occurrence is: :func:`ngram_draft`'s drafts in O(``max_ngram``) per
+    appended token and per lookup, whatever the length of the history.
+
+    Example:
+        >>> index = NgramIndex([5, 1, 2, 3, 4, 9])
+        >>> index.extend([1, 2])
+        >>> index.draft(2)   # "1 2" was followed by "3 4", as ngram_draft finds
+        [3, 4]
+        >>> index.extend([7]); index.draft(3)   # "7" never occurred before
+        []
+
+    Args:
+        tokens (iterable): the history to start from (the prompt).
+        max_ngram, min_ngram (int): suffix lengths tried, longest first.
+    """
+
+    def __init__(self, tokens: Iterable[int] = (), max_ngram: int = NGRAM_MAX, min_ngram: int = 1):
+        self.tokens: List[int] = []
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        # _next[n][gram] = index of the token that followed gram's latest occurrence.
+        self._next: List[Dict[Tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self.extend(tokens)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        """Appends ``tokens``; each one becomes the follower of the n-grams before it."""
+        h, nexts = self.tokens, self._next
+        for t in tokens:
+            i = len(h)
+            for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
+                nexts[n][tuple(h[i - n : i])] = i
+            h.append(int(t))
+
+    def draft(self, max_tokens: int = NGRAM_DRAFT_TOKENS) -> List[int]:
+        """Equals ``ngram_draft(self.tokens, max_tokens, max_ngram, min_ngram)``."""
+        h, end = self.tokens, len(self.tokens)
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
+            start = self._next[n].get(tuple(h[end - n :]))
+            if start is not None:
+                return h[start : start + max_tokens]
+        return []

@@ -1,6 +1,7 @@
 """Prompt-lookup drafting: the pure pieces, and lossless decoding with n-gram
 drafts alone (any model) or merged with the streams' tree, greedy and sampled."""
 
+import doctest
 import itertools
 import random
 
@@ -11,7 +12,8 @@ from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model
 from test_sampling import chi_square_pvalue
 
 import mlx_specstream.decode as decode
-from mlx_specstream.ngram import ngram_draft
+import mlx_specstream.ngram as ngram
+from mlx_specstream.ngram import NgramIndex, ngram_draft
 from mlx_specstream.sample_utils import make_sampler
 from mlx_specstream.tree import merge_chain, static_tree
 
@@ -33,6 +35,46 @@ PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
 )
 def test_ngram_draft(history, kwargs, want):
     assert ngram_draft(history, **kwargs) == want
+
+
+def test_ngram_doc_examples():
+    assert doctest.testmod(ngram).failed == 0
+
+
+def index_mismatches(index_type, trials=400):
+    """Histories (grown in random chunks) on which ``index_type``'s drafts differ
+    from :func:`ngram_draft`'s, over random vocabularies and n-gram ranges."""
+    rng, bad = random.Random(0), 0
+    for _ in range(trials):
+        vocab, (lo, hi) = rng.randint(2, 6), sorted(rng.sample(range(1, 5), 2))
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
+        cut = rng.randint(0, len(tokens))
+        index = index_type(tokens[:cut], max_ngram=hi, min_ngram=lo)
+        for i in range(cut, len(tokens) + 1):
+            k = rng.randint(1, 6)
+            bad += index.draft(k) != ngram_draft(tokens[:i], k, max_ngram=hi, min_ngram=lo)
+            if i < len(tokens):
+                index.extend(tokens[i : i + 1])
+    return bad
+
+
+def test_ngram_index_equals_rescanning_lookup():
+    assert index_mismatches(NgramIndex) == 0
+
+
+class EarliestMatchIndex(NgramIndex):
+    """Negative control: keeps the first occurrence of each n-gram, not the latest."""
+
+    def extend(self, tokens):
+        for t in tokens:
+            i = len(self.tokens)
+            for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
+                self._next[n].setdefault(tuple(self.tokens[i - n : i]), i)
+            self.tokens.append(int(t))
+
+
+def test_negative_control_earliest_match_index_differs():
+    assert index_mismatches(EarliestMatchIndex) > 0
 
 
 def test_static_tree_golden():
