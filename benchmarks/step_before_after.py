@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TREES = {
     "chain 3": dict(tree_top_k=1, tree_depth=3),
     "k3 x3, 16 nodes": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16),
+    "n-gram": dict(draft="ngram"),  # (no streams: both "passes" run the same step)
 }
 
 

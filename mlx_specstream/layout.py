@@ -32,6 +32,7 @@ class TreeLayout:
         self.depth_mx = mx.array(self.depth, dtype=mx.int32)
         self.ancestors_mx = mx.array(self.ancestors)
         self.parents_mx = mx.array((0,) + self.parents[1:], dtype=mx.int32)
+        self.is_chain = self.parents == tuple(range(-1, len(self.parents) - 1))
         self._stream_masks = {}
 
     def __len__(self):

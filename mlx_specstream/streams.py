@@ -195,6 +195,7 @@ class StreamRuntime:
         self.prune_threshold = 0.0
         self._all_streams = True
         self._head_on_streams = False
+        self._lower_plain = self._upper_plain = False  # rows of a chain: a plain pass
         self._main_rows = 0
         # Lossless decoding may verify with main rows only, then draft from the
         # streams of the last accepted node (see draft_streams): config.stream_pass.
@@ -247,8 +248,10 @@ class StreamRuntime:
                         return base_call(self, x, rt._stream_mask, cache, *args, **kwargs)
                     if i == rt.first_top:
                         x = rt._insert_streams(x)
-                    m = rt._upper_mask if i >= rt.first_top else rt._lower_mask
-                    out = base_call(self, x, m, cache, *args, **kwargs)
+                    upper = i >= rt.first_top
+                    if not (rt._upper_plain if upper else rt._lower_plain):
+                        mask = rt._upper_mask if upper else rt._lower_mask
+                    out = base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.num_layers - 1:
                         out = rt._hold_back_streams(out)
                     return out
@@ -291,7 +294,9 @@ class StreamRuntime:
             return self._stream_pos
         if self.state != "step":
             return None
-        return self._upper_pos if i >= self.first_top else self._lower_pos
+        if i >= self.first_top:
+            return None if self._upper_plain else self._upper_pos
+        return None if self._lower_plain else self._lower_pos
 
     # ---- the model's own tail (final norm, head, soft-capping, ...) ---------
     def head(self, h: mx.array) -> mx.array:
@@ -347,8 +352,12 @@ class StreamRuntime:
         prefix = cache[0].offset
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
         self._layout, self._prefix = layout, prefix
-        self._lower_mask = with_prefix(layout.ancestors_mx, prefix)
-        self._lower_pos = prefix + layout.depth_mx
+        # Rows that form a chain are a plain multi-token pass: the model's own
+        # (causal) mask and RoPE offset, as mlx-lm computes them, no tree ops.
+        self._lower_plain = self._upper_plain = layout.is_chain
+        if not layout.is_chain:
+            self._lower_mask = with_prefix(layout.ancestors_mx, prefix)
+            self._lower_pos = prefix + layout.depth_mx
         self.prune_threshold = prune_threshold
         # Without stream layers nothing is inserted or pruned: every node is kept.
         self._kept, self._kept_layout = list(range(len(layout))), layout
@@ -398,9 +407,13 @@ class StreamRuntime:
         self._main_rows = len(sub)
         if not self._all_streams:
             self._upper_input = h
-            self._upper_mask = with_prefix(sub.ancestors_mx, prefix)
-            self._upper_pos = prefix + sub.depth_mx
+            # (unpruned only: the model built its own mask for all the tree's rows)
+            self._upper_plain = sub.is_chain and len(sub) == len(layout)
+            if not self._upper_plain:
+                self._upper_mask = with_prefix(sub.ancestors_mx, prefix)
+                self._upper_pos = prefix + sub.depth_mx
             return h
+        self._upper_plain = False
         g = self.config.num_streams
         self._upper_mask = with_prefix(sub.stream_mask(g, self.config.mode == "shared"), prefix)
         self._upper_pos = prefix + self._stream_positions(sub.depth_mx)

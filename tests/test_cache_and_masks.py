@@ -247,3 +247,47 @@ def test_split_pass_is_refused_in_shared_mode():
     model = tiny_spec_model("llama", num_streams=2, mode="shared")
     with pytest.raises(ValueError, match="only in lossless mode"):
         model.speculative_streams.forward(*TREE, make_prompt_cache(model), all_streams=False)
+
+
+# ---- a chain is verified by the plain multi-token pass ------------------------------
+
+
+def test_is_chain_golden():
+    from mlx_specstream.layout import layout_of
+
+    assert layout_of([-1]).is_chain and layout_of([-1, 0, 1, 2]).is_chain
+    assert not layout_of([-1, 0, 0]).is_chain and not layout_of([-1, 0, 1, 1]).is_chain
+
+
+def _pass_logits_and_masks(model, parents, monkeypatch, all_streams):
+    """Logits of one verify pass over ``parents`` after PROMPT, and how many tree
+    masks it built."""
+    import mlx_specstream.streams as streams_module
+
+    built = []
+    real = streams_module.with_prefix
+    monkeypatch.setattr(streams_module, "with_prefix", lambda m, p: built.append(p) or real(m, p))
+    rt = model.speculative_streams
+    cache = make_prompt_cache(model)
+    model(mx.array(PROMPT)[None], cache=cache)
+    out = rt.forward([2, 7, 1, 6][: len(parents)], parents, cache, all_streams=all_streams)
+    return out.logits, len(built)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen2"])
+def test_chain_pass_is_the_plain_pass(arch, monkeypatch):
+    """A chain's rows (an n-gram draft, a chain of streams without stream rows)
+    are verified by exactly the plain model's pass over those tokens: the model's
+    own causal mask and RoPE offset, no tree mask built, bit-identical logits."""
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, mode="lossless")
+    logits, masks = _pass_logits_and_masks(model, [-1, 0, 1, 2], monkeypatch, False)
+    cache = make_prompt_cache(model)
+    model(mx.array(PROMPT)[None], cache=cache)
+    plain = model(mx.array([[2, 7, 1, 6]]), cache=cache)[0]
+    assert masks == 0
+    assert np.array_equal(np.array(logits), np.array(plain))
+    # Control: a tree (the last node a sibling) builds its masks, and its last
+    # row is not the plain pass's.
+    logits, masks = _pass_logits_and_masks(model, [-1, 0, 1, 1], monkeypatch, False)
+    assert masks > 0
+    assert not np.array_equal(np.array(logits[3]), np.array(plain[3]))
