@@ -125,12 +125,13 @@ class Decoder:
         """Starts the pass over ``draft`` and, on the device, the acceptance walk
         (argmax or sampled targets) and the next draft's tokens."""
         rt, prefix = self.rt, self.cache[0].offset
+        tokens = draft.tokens
+        tokens = mx.array(tokens, dtype=mx.int32) if isinstance(tokens, list) else tokens
         out = rt.forward(
-            draft.tokens, draft.layout, self.cache, self.threshold, self.all_streams,
+            tokens, draft.layout, self.cache, self.threshold, self.all_streams,
             stream_logits=self.head_on_streams,
         )  # fmt: skip
         self.passes += 1
-        tokens = mx.array(draft.tokens) if isinstance(draft.tokens, list) else draft.tokens
         if len(out.kept) < len(draft.layout):  # pruned: gather the surviving nodes
             tokens = mx.take(tokens, mx.array(out.kept))
         logits = out.logits
@@ -165,8 +166,10 @@ class Decoder:
         if self.by_rejection:
             path, token, q = self._walk_by_rejection(p)
         else:
-            last = p.last.item()  # the step's one host read (greedy, "target-sample")
-            path, token, q = path_to(last, parents), p.targets[last].item(), None
+            # The step's one host read (greedy, "target-sample"): arrays the launch
+            # already evaluated, so indexing on the host adds no device work.
+            last = p.last.item()
+            path, token, q = path_to(last, parents), p.targets.tolist()[last], None
         tokens = p.tokens.tolist()
         commit_path(
             self.cache,

@@ -224,7 +224,7 @@ class StreamRuntime:
                     # one offset per batch row only.
                     B, H, L, D = x.shape
                     y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-                    y = base_call(self, y, offset=mx.tile(pos, (B,)), **kwargs)
+                    y = base_call(self, y, offset=pos if B == 1 else mx.tile(pos, (B,)), **kwargs)
                     return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
                 return __call__
