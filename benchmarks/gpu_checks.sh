@@ -35,8 +35,13 @@ case "$stage" in
       --prompts 8 --max-tokens 128 --tag gpu-8b
     cp benchmarks/results/fidelity-gpu-8b.* "$out/" ;;
   ngram)
+    # Prompt lookup's speed, its lookup on long contexts, and a chain verified by the
+    # plain pass against the same chain verified as a tree (fewer kernels per step).
     python3 benchmarks/ngram_speed.py --prompts 4 --prompt-tokens 96 --max-tokens 96 --tag gpu
-    cp benchmarks/results/ngram_speed-gpu.* "$out/" ;;
+    python3 benchmarks/ngram_context.py --tag gpu
+    python3 benchmarks/chain_pass.py --tag gpu
+    cp benchmarks/results/ngram_speed-gpu.* benchmarks/results/ngram_context-gpu.* \
+      benchmarks/results/chain_pass-gpu.* "$out/" ;;
   parity)
     # Issue #13: MLX stream training against the PyTorch recipe at a GPU budget (both
     # trainers on the GPU: transformers' Trainer on CUDA, MLX on its CUDA backend).
