@@ -7,6 +7,9 @@ CONFIG_KEY = "speculative_streaming"
 MODES = ("shared", "lossless")
 STREAM_POSITIONS = ("same", "offset")
 STREAM_PASSES = ("fused", "split")
+# Draft sources a call (or a tuned config) can choose: the model's own streams or
+# drafter, prompt lookup, or both merged into one tree.
+DRAFTS = ("streams", "ngram", "streams+ngram")
 
 
 class _Section:
@@ -87,6 +90,10 @@ class SpecStreamConfig(_Section):
           stream layers (fewer rows; pays where wide passes are expensive,
           e.g. a CPU with a slow BLAS). ``python -m mlx_specstream.tune``
           measures both. Shared mode always fuses. Default: ``"fused"``.
+        draft (str, optional): the draft source used when a call names none:
+          ``"streams"`` (the streams' tree), ``"ngram"`` (prompt lookup) or
+          ``"streams+ngram"``. ``python -m mlx_specstream.tune`` stores the
+          fastest. Default: ``None``, the streams.
     """
 
     SECTION = CONFIG_KEY
@@ -105,6 +112,7 @@ class SpecStreamConfig(_Section):
     stream_lora_alpha: float = 32.0
     stream_lora_targets: Optional[List[str]] = None
     stream_pass: str = "fused"
+    draft: Optional[str] = None
 
     def __post_init__(self):
         def require(ok, name, why):
@@ -168,6 +176,9 @@ class SpecStreamConfig(_Section):
         )
         require(self.mode in MODES, "mode", f"must be one of {MODES}")
         require(self.stream_pass in STREAM_PASSES, "stream_pass", f"must be one of {STREAM_PASSES}")
+        require(
+            self.draft is None or self.draft in DRAFTS, "draft", f"must be null or one of {DRAFTS}"
+        )
         require(
             self.stream_positions in STREAM_POSITIONS,
             "stream_positions",

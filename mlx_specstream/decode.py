@@ -22,13 +22,13 @@ from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from .cache import KVQuantizer, check_cache, commit_path, window_rows
+from .config import DRAFTS
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .precision import on_gpu, warn_if_tf32
 from .sample_utils import DistributionSampler
 from .settings import (
     ACCEPTANCE,
-    DRAFTS,
     apply_processors,
     check_prompt,
     default_acceptance,
@@ -98,7 +98,7 @@ class Decoder:
         self.sampler, self.processors = sampler, processors
         ks, self.depth, self.threshold, self.max_nodes = tree
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
-        self.ngram = draft in DRAFTS
+        self.ngram = draft in ("ngram", "streams+ngram")
         self.ngrams = NgramIndex(history) if self.ngram else None  # prompt lookup's index
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.max_tokens, self.dstate = max_tokens, dstate
@@ -352,9 +352,11 @@ def spec_generate_step(
           distribution (a :class:`DistributionSampler`), as it accepts more
           drafts (``benchmarks/RESULTS.md``); otherwise ``"target-sample"``,
           with a warning.
-        draft (str, optional): ``None``: the model's streams or drafter.
+        draft (str, optional): ``"streams"``: the model's streams or drafter.
           ``"ngram"``: prompt lookup only (any model). ``"streams+ngram"``:
-          both, merged into one tree under ``max_tree_nodes``.
+          both, merged into one tree under ``max_tree_nodes``. Default
+          (``None``): the source the model's config names (``draft``, stored
+          by ``mlx_specstream.tune``), else ``"streams"``.
         num_draft_tokens (int): the longest prompt-lookup draft. Default: ``10``.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options. ``kv_bits`` converts the cache at the moments
@@ -367,11 +369,14 @@ def spec_generate_step(
     """
     if draft is not None and draft not in DRAFTS:
         raise ValueError(
-            f"draft={draft!r}: choose None (the model's own drafts) or one of {DRAFTS}"
+            f"draft={draft!r}: choose None (the model's configured drafts) or one of {DRAFTS}"
         )
     if draft == "ngram" and getattr(model, "speculative_streams", None) is None:
         attach_verifier(model)
     rt = get_runtime(model)
+    if draft is None:  # the draft source the model's config names (the tuner's choice)
+        draft = getattr(rt.config, "draft", None)
+    draft = None if draft == "streams" else draft  # from here: None = the model's own drafts
     ks, depth, threshold, max_nodes = resolve_tree_settings(
         rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
     )

@@ -98,9 +98,9 @@ def stream_generate(
         logits_processors (list, optional): mlx-lm logits processors.
         speculative (bool): ``False`` decodes one token per forward pass.
           Default: ``True``.
-        draft (str, optional): ``"ngram"`` (prompt lookup, any model) or
-          ``"streams+ngram"``; ``None``: the model's own drafts. Passed on only
-          when set.
+        draft (str, optional): ``"streams"``, ``"ngram"`` (prompt lookup, any
+          model) or ``"streams+ngram"``; ``None``: the source the model's config
+          names, else its own drafts. Passed on only when set.
         kwargs: passed to :func:`mlx_specstream.decode.spec_generate_step`
           (``prompt_cache``, ``prefill_step_size``, ``tree_top_k``,
           ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``, and mlx-lm's
@@ -292,8 +292,9 @@ def setup_arg_parser():
         "--draft",
         choices=DRAFTS,
         default=None,
-        help="Prompt-lookup drafting: 'ngram' (any model) or 'streams+ngram' (merged with the "
-        "streams' tree). Default: the model's own drafts.",
+        help="Draft source: 'streams' (the model's own), 'ngram' (prompt lookup, any model) or "
+        "'streams+ngram' (merged into one tree). Default: the one the model's config names "
+        "(chosen by mlx_specstream.tune), else 'streams'.",
     )
     parser.add_argument(
         "--compare-plain",
@@ -326,7 +327,7 @@ def main(argv=None):
     if (
         config.tree_depth == 0
         and args.tree_depth is None
-        and args.draft is None
+        and (args.draft or getattr(config, "draft", None) or "streams") == "streams"
         and not args.no_speculation
     ):
         print(

@@ -181,7 +181,8 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     draft = body.get("draft", getattr(defaults, "draft", None))
     if draft is not None and draft not in DRAFTS:
         raise RequestError(
-            f"'draft'={draft!r} must be null (the model's own drafts) or one of {list(DRAFTS)}",
+            f"'draft'={draft!r} must be null (the model's configured drafts) or one of "
+            f"{list(DRAFTS)}",
             "draft",
         )
     stream = body.get("stream", False)
@@ -788,8 +789,8 @@ def main(argv=None):
         "--draft",
         choices=DRAFTS,
         default=None,
-        help="Default prompt-lookup drafting of a request ('ngram' or 'streams+ngram'); "
-        "a request's 'draft' field overrides it",
+        help="Default draft source of a request ('streams', 'ngram' or 'streams+ngram'; "
+        "default: the model config's); a request's 'draft' field overrides it",
     )
     p.add_argument(
         "--prompt-cache-size",

@@ -14,7 +14,6 @@ from .streams import StreamRuntime
 from .tree import path_to
 
 ACCEPTANCE = ("target-sample", "rejection")
-DRAFTS = ("ngram", "streams+ngram")
 
 
 def apply_processors(processors, history, tokens, parents, logits):

@@ -4,11 +4,14 @@
 
 Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
 trees (top-k per stream, depth, max nodes, then pruning thresholds for the
-best shapes), on held-out prompts. The fastest tree wins, unless it beats
-plain decoding by less than ``--min-gain``: then speculation does not pay on
-this device and ``tree_depth = 0`` (plain decoding) is chosen, and said.
-``--save`` writes the choice into the model's ``config.json`` (the previous
-file is kept as ``config.json.before-tune``).
+best shapes), on held-out prompts; with streams, also prompt lookup
+(``draft="ngram"``) and prompt lookup merged with the best tree
+(``"streams+ngram"``). The fastest wins, unless it beats plain decoding by
+less than ``--min-gain``: then speculation does not pay on this device and
+``tree_depth = 0`` (plain decoding) is chosen, and said. ``--save`` writes the
+choice into the model's ``config.json`` (the previous file is kept as
+``config.json.before-tune``); a call that names no ``draft`` then uses the
+stored one.
 """
 
 import argparse
@@ -70,6 +73,7 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
     results = []
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
+        tree["draft"] = "streams"  # (not the draft source a previous tuning stored)
         if lossless_streams:
             tree["stream_pass"] = "fused"
         tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **tree)
@@ -90,6 +94,13 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
                 tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **pruned)
                 results.append((tps, tau, pruned))
                 log(f"{pruned}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+    if rt.streams is not None:
+        # Prompt lookup, alone and merged with the fastest tree.
+        best_tree = max(results, key=lambda r: r[0])[2]
+        for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
+            tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **drafts)
+            results.append((tps, tau, drafts))
+            log(f"{drafts}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
     best_tps, best_tau, best = max(results, key=lambda r: r[0])
     if best_tps < min_gain * base_tps:
         log(
@@ -107,8 +118,14 @@ def save_choice(model_dir: Path, choice: dict):
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text())
     section = config[CONFIG_KEY if CONFIG_KEY in config else DRAFTER_KEY]
-    section["tree_depth"] = choice["tree_depth"]
-    if choice["tree_depth"]:
+    draft = choice.get("draft", "streams")
+    if draft == "streams":
+        section.pop("draft", None)  # (the default: the model's own drafts)
+    else:
+        section["draft"] = draft
+    if "tree_depth" in choice:  # (prompt lookup alone leaves the tree settings as they were)
+        section["tree_depth"] = choice["tree_depth"]
+    if choice.get("tree_depth"):
         section["top_k"] = choice["tree_top_k"]
         section["max_tree_nodes"] = choice["max_tree_nodes"]
         if CONFIG_KEY in config:  # (drafters never prune)

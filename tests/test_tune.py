@@ -1,8 +1,10 @@
-"""The tuner measures both lossless stream passes and stores the faster one."""
+"""The tuner measures both lossless stream passes and prompt lookup, and stores
+the fastest; a call that names no draft source uses the stored one."""
 
 import json
 
-from helpers import tiny_spec_model, word_tokenizer
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_spec_model, word_tokenizer
 
 from mlx_specstream import tune
 from mlx_specstream.config import SpecStreamConfig
@@ -17,6 +19,10 @@ def test_tune_measures_fused_and_split_and_saves_the_choice(tmp_path, monkeypatc
     def fake_speed(model, tokenizer, prompts, max_tokens, stream_pass=None, **tree):
         tps, tau = real(model, tokenizer, prompts, max_tokens, stream_pass=stream_pass, **tree)
         measured.append(stream_pass)
+        if (
+            tree.get("draft", "streams") != "streams"
+        ):  # prompt lookup: slow here (its own test below)
+            return 1.0, tau
         # Top-2 trees lead the fused grid (so split is measured on them) and
         # split wins there: the choice must carry it. Timing noise cannot decide.
         if tree.get("tree_top_k") == 2 and stream_pass is not None:
@@ -35,3 +41,57 @@ def test_tune_measures_fused_and_split_and_saves_the_choice(tmp_path, monkeypatc
     assert saved["stream_pass"] == "split" == section["stream_pass"]
     assert (tmp_path / "config.json.before-tune").exists()
     SpecStreamConfig.from_dict(saved)  # still a valid section
+
+
+def test_tune_measures_prompt_lookup_and_saves_it(tmp_path, monkeypatch):
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
+    tokenizer = word_tokenizer(16, eos=15)
+    drafts = []
+    real = tune.tokens_per_second
+
+    def fake_speed(model, tokenizer, prompts, max_tokens, stream_pass=None, **settings):
+        tps, tau = real(model, tokenizer, prompts, max_tokens, stream_pass=stream_pass, **settings)
+        drafts.append(settings.get("draft"))
+        return (1e6 if settings.get("draft") == "ngram" else tps), tau
+
+    monkeypatch.setattr(tune, "tokens_per_second", fake_speed)
+    choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    assert {"streams", "ngram", "streams+ngram"} <= set(drafts)
+    assert choice == {"draft": "ngram"}
+
+    before = SpecStreamConfig(tree_depth=2, top_k=3).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({"speculative_streaming": before}))
+    tune.save_choice(tmp_path, choice)
+    saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
+    assert saved == dict(before, draft="ngram")  # the tree settings stay as they were
+    SpecStreamConfig.from_dict(saved)
+    # A later tuning that picks a tree drops the stored draft source again.
+    tune.save_choice(tmp_path, dict(tree_depth=1, tree_top_k=2, max_tree_nodes=4,
+                                    prune_threshold=0.0, draft="streams"))  # fmt: skip
+    saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
+    assert "draft" not in saved and saved["tree_depth"] == 1
+
+
+PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4, 1, 5]
+
+
+def test_the_configured_draft_source_is_the_default():
+    """A model whose config names ``draft: "ngram"`` decodes with prompt lookup when
+    the call names no source, and with its streams when it names ``"streams"``;
+    both equal plain decoding."""
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=2, top_k=2, draft="ngram")
+    default = spec_tokens(model, PROMPT, 24)
+    lookup = spec_tokens(model, PROMPT, 24, draft="ngram")
+    streams = spec_tokens(model, PROMPT, 24, draft="streams")
+    want = plain_greedy(model, PROMPT, 24)
+    assert default[0] == lookup[0] == streams[0] == want
+    passes = [[r[3] for r in out[1]] for out in (default, lookup, streams)]
+    assert passes[0] == passes[1]
+    assert passes[0] != passes[2]  # (control: the two sources step differently here)
+    model.speculative_streams.config.draft = None
+    assert [r[3] for r in spec_tokens(model, PROMPT, 24)[1]] == passes[2]
+
+
+def test_bad_configured_draft_source():
+    with pytest.raises(ValueError, match="speculative_streaming.draft='bigram'"):
+        SpecStreamConfig(draft="bigram")
