@@ -91,8 +91,9 @@ def main():
                    ratio=statistics.median(ratios), q1=ratios[len(ratios) // 4],
                    q3=ratios[(3 * len(ratios)) // 4])  # fmt: skip
         rows.append(row)
-        print(f"{name:16s} as a tree {row['tree_ms']:.2f} ms, plain pass {row['plain_ms']:.2f} ms, "
-              f"ratio {row['ratio']:.3f} ({row['q1']:.3f}-{row['q3']:.3f})", flush=True)  # fmt: skip
+        print(f"{name:16s} as a tree {row['tree_ms']:.2f} ms, plain pass "
+              f"{row['plain_ms']:.2f} ms, ratio {row['ratio']:.3f} "
+              f"({row['q1']:.3f}-{row['q3']:.3f})", flush=True)  # fmt: skip
     cmd = "python benchmarks/chain_pass.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if v is not None
     )

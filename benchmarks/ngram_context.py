@@ -175,7 +175,8 @@ def main():
         f"mlx-lm {info['mlx_lm']}, {info['machine']})",
         "",
         f"`{cmd}`: the shipped model, greedy, {N} tokens after the first `context` tokens of "
-        f"mlx-lm's model sources, timed after the first step; medians of {args.runs} interleaved runs; outputs checked "
+        f"mlx-lm's model sources, timed after the first step; medians of {args.runs} "
+        "interleaved runs; outputs checked "
         "against mlx-lm's. `index`: the decoder's n-gram index; `rescan`: the lookup "
         "rescanning the history each step (before the index). lookup = host time of the "
         "n-gram lookups and updates per step.",

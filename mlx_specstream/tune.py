@@ -105,8 +105,8 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
     if best_tps < min_gain * base_tps:
         log(
             f"Speculation does not pay on this device: the fastest draft gives {best_tps:.1f} "
-            f"tokens/s vs {base_tps:.1f} one token per pass ({best_tps / base_tps:.2f}x < {min_gain}x). "
-            "Choosing plain decoding (tree_depth = 0)."
+            f"tokens/s vs {base_tps:.1f} one token per pass ({best_tps / base_tps:.2f}x < "
+            f"{min_gain}x). Choosing plain decoding (tree_depth = 0)."
         )
         return {"tree_depth": 0}, base_tps, base_tps
     log(f"Best: {best} at {best_tps:.1f} tokens/s ({best_tps / base_tps:.2f}x), tau {best_tau:.2f}")
