@@ -12,6 +12,10 @@ less than ``--min-gain``: then speculation does not pay on this device and
 choice into the model's ``config.json`` (the previous file is kept as
 ``config.json.before-tune``); a call that names no ``draft`` then uses the
 stored one.
+
+A plain mlx-lm model (no streams, no drafter) gets prompt lookup only, with
+several draft lengths (``--num-draft-tokens`` of the generate CLI). The
+tuner says which pays and does not write into that model's files.
 """
 
 import argparse
@@ -113,6 +117,40 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
     return best, best_tps, base_tps
 
 
+LOOKUP_LENGTHS = (2, 4, 6, 10)  # prompt-lookup draft lengths tried on a plain model
+
+
+def tune_lookup(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
+    """Prompt lookup on a model with the verifier only: the fastest draft length,
+    or plain decoding when none beats it by ``min_gain``.
+
+    Returns:
+        tuple: the choice (``{"draft": "ngram", "num_draft_tokens": n}`` or
+        ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
+    """
+    tokens_per_second(model, tokenizer, prompts[:1], 16, draft="ngram")  # warm-up
+    base_tps, _ = tokens_per_second(model, tokenizer, prompts, max_tokens, speculative=False)
+    log(f"one token per pass: {base_tps:.1f} tokens/s")
+    results = []
+    for n in LOOKUP_LENGTHS:
+        lookup = dict(draft="ngram", num_draft_tokens=n)
+        tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **lookup)
+        results.append((tps, tau, lookup))
+        log(f"{lookup}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+    best_tps, best_tau, best = max(results, key=lambda r: r[0])
+    if best_tps < min_gain * base_tps:
+        log(
+            f"Prompt lookup does not pay on this device: {best_tps:.1f} tokens/s at best vs "
+            f"{base_tps:.1f} one token per pass ({best_tps / base_tps:.2f}x < {min_gain}x)."
+        )
+        return {"tree_depth": 0}, base_tps, base_tps
+    log(
+        f"Best: --draft ngram --num-draft-tokens {best['num_draft_tokens']} at {best_tps:.1f} "
+        f"tokens/s ({best_tps / base_tps:.2f}x), tau {best_tau:.2f}"
+    )
+    return best, best_tps, base_tps
+
+
 def save_choice(model_dir: Path, choice: dict):
     """Writes the tuned tree into ``config.json`` atomically, keeping the old file."""
     config_file = model_dir / "config.json"
@@ -150,7 +188,9 @@ def main(argv=None):
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="Default: as the model is stored"
+    )
     p.add_argument("--min-gain", type=float, default=1.05)
     p.add_argument(
         "--save", action="store_true", help="Write the choice into the model's config.json"
@@ -162,18 +202,39 @@ def main(argv=None):
         model_dir = DEFAULT_DIR
     else:
         model_dir = resolve_model_path(args.model)
-    model, tokenizer = load(str(model_dir))
-    model.set_dtype(DTYPES[args.dtype])
-    prompts = load_prompts(
-        args.prompts or model_dir / "prompts.jsonl", tokenizer, args.num_prompts, args.prompt_tokens
-    )
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    plain = CONFIG_KEY not in config and DRAFTER_KEY not in config
+    prompts_file = Path(args.prompts or Path(model_dir) / "prompts.jsonl")
+    if not prompts_file.exists():
+        p.error(
+            f"--prompts: {prompts_file} does not exist; give a JSONL file with a 'prompt' per line"
+        )
+    if plain and args.save:
+        p.error(
+            f"--save: {model_dir} is a plain mlx-lm model (no '{CONFIG_KEY}' or '{DRAFTER_KEY}' "
+            "section); the tuner does not write into its files. Run without --save and pass the "
+            "reported --draft ngram --num-draft-tokens N when generating."
+        )
+    if plain:
+        import mlx_lm
+
+        from .streams import attach_verifier
+
+        model, tokenizer = mlx_lm.load(str(model_dir))
+        attach_verifier(model)
+    else:
+        model, tokenizer = load(str(model_dir))
+    if args.dtype is not None:
+        model.set_dtype(DTYPES[args.dtype])
+    prompts = load_prompts(prompts_file, tokenizer, args.num_prompts, args.prompt_tokens)
     tic = time.perf_counter()
-    choice, tps, base = tune(model, tokenizer, prompts, args.max_tokens, args.min_gain)
+    run = tune_lookup if plain else tune
+    choice, tps, base = run(model, tokenizer, prompts, args.max_tokens, args.min_gain)
     print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
     if args.save:
         section = save_choice(Path(model_dir), choice)
         print(f"[INFO] saved into {Path(model_dir) / 'config.json'}: {json.dumps(section)}")
-    else:
+    elif not plain:
         print("[INFO] not saved (pass --save to write it into the model's config.json)")
 
 

@@ -95,3 +95,37 @@ def test_the_configured_draft_source_is_the_default():
 def test_bad_configured_draft_source():
     with pytest.raises(ValueError, match="speculative_streaming.draft='bigram'"):
         SpecStreamConfig(draft="bigram")
+
+
+def test_tune_a_plain_mlx_lm_model_measures_lookup_lengths_and_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """A plain mlx-lm model gets prompt lookup at several draft lengths; the tuner
+    reports the fastest and refuses to write into the model's files."""
+    from test_train import write_base
+
+    base = write_base(tmp_path / "plain")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": " ".join(f"t{i % 5}" for i in range(24))}) + "\n")
+    files = {f.name: f.read_bytes() for f in base.iterdir()}
+    lengths = []
+    real = tune.tokens_per_second
+
+    def fake_speed(model, tokenizer, prompts, max_tokens, stream_pass=None, **settings):
+        tps, tau = real(model, tokenizer, prompts, max_tokens, stream_pass=stream_pass, **settings)
+        lengths.append(settings.get("num_draft_tokens"))
+        return (1e6 if settings.get("num_draft_tokens") == 4 else 1.0), tau
+
+    monkeypatch.setattr(tune, "tokens_per_second", fake_speed)
+    args = ["--model", str(base), "--prompts", str(prompts), "--max-tokens", "8"]
+    tune.main(args)
+    out = capsys.readouterr().out
+    assert set(tune.LOOKUP_LENGTHS) <= set(lengths)
+    assert "Best: --draft ngram --num-draft-tokens 4" in out
+    with pytest.raises(SystemExit):
+        tune.main(args + ["--save"])
+    assert "is a plain mlx-lm model" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in base.iterdir()} == files  # nothing written
+    with pytest.raises(SystemExit):
+        tune.main(["--model", str(base), "--prompts", str(tmp_path / "missing.jsonl")])
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
