@@ -297,6 +297,12 @@ def setup_arg_parser():
         "(chosen by mlx_specstream.tune), else 'streams'.",
     )
     parser.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        help="Longest prompt-lookup draft (default: 10, as transformers' prompt_lookup_num_tokens)",
+    )
+    parser.add_argument(
         "--compare-plain",
         action="store_true",
         help="Then decode the same prompt with mlx-lm's plain loop on the same weights: its "
@@ -322,7 +328,8 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = load(args.model, drafter=args.drafter)
+    # A plain mlx-lm model runs with prompt lookup alone (the verifier, no streams).
+    model, tokenizer = load(args.model, drafter=args.drafter, allow_plain=args.draft == "ngram")
     config = model.speculative_streams.config
     if (
         config.tree_depth == 0
@@ -363,6 +370,7 @@ def main(argv=None):
         max_tree_nodes=args.max_tree_nodes,
         acceptance=args.acceptance,
         draft=args.draft,
+        **({} if args.num_draft_tokens is None else {"num_draft_tokens": args.num_draft_tokens}),
         max_kv_size=args.max_kv_size,
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,

@@ -808,7 +808,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error("--prompt-cache-size must be >= 0")
-    model, tokenizer = load(args.model, drafter=args.drafter)
+    # A plain mlx-lm model is served with prompt lookup alone (the verifier, no streams).
+    model, tokenizer = load(args.model, drafter=args.drafter, allow_plain=args.draft == "ngram")
     server = make_server(
         model,
         tokenizer,

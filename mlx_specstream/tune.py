@@ -180,7 +180,7 @@ def save_choice(model_dir: Path, choice: dict):
 
 
 def main(argv=None):
-    from .utils import load, resolve_model_path
+    from .utils import is_plain, load, resolve_model_path
 
     p = argparse.ArgumentParser(description="Pick the fastest draft tree for this device.")
     p.add_argument("--model", default=None, help="Model directory (default: the embedded model)")
@@ -202,8 +202,7 @@ def main(argv=None):
         model_dir = DEFAULT_DIR
     else:
         model_dir = resolve_model_path(args.model)
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    plain = CONFIG_KEY not in config and DRAFTER_KEY not in config
+    plain = is_plain(model_dir)
     prompts_file = Path(args.prompts or Path(model_dir) / "prompts.jsonl")
     if not prompts_file.exists():
         p.error(
@@ -215,15 +214,7 @@ def main(argv=None):
             "section); the tuner does not write into its files. Run without --save and pass the "
             "reported --draft ngram --num-draft-tokens N when generating."
         )
-    if plain:
-        import mlx_lm
-
-        from .streams import attach_verifier
-
-        model, tokenizer = mlx_lm.load(str(model_dir))
-        attach_verifier(model)
-    else:
-        model, tokenizer = load(str(model_dir))
+    model, tokenizer = load(str(model_dir), allow_plain=True)
     if args.dtype is not None:
         model.set_dtype(DTYPES[args.dtype])
     prompts = load_prompts(prompts_file, tokenizer, args.num_prompts, args.prompt_tokens)

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
 from .drafters import attach_drafter
-from .streams import STREAMS_FILE, attach_streams, get_runtime
+from .streams import STREAMS_FILE, attach_streams, attach_verifier, get_runtime
 
 ALLOW_PATTERNS = [
     "*.json",
@@ -43,6 +43,15 @@ def resolve_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> 
 
     return Path(
         snapshot_download(path_or_hf_repo, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    )
+
+
+def is_plain(model_path: Path) -> bool:
+    """Whether ``model_path`` holds a plain mlx-lm model: no drafting section in
+    its ``config.json`` and no stream or drafter weights."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return not any(key in config for key in (CONFIG_KEY, DRAFTER_KEY)) and not any(
+        (Path(model_path) / f).exists() for f in (STREAMS_FILE, DRAFTER_FILE)
     )
 
 
@@ -80,8 +89,9 @@ def read_stream_config(model_path: Path) -> Union[SpecStreamConfig, DrafterConfi
     if not found:
         raise ValueError(
             f"{model_path} is a plain model: {config_file} has no '{CONFIG_KEY}' or "
-            f"'{DRAFTER_KEY}' section. Convert a model with streams or a drafter, or use "
-            "mlx_specstream.attach_streams(model, config) on a model from mlx_lm.load."
+            f"'{DRAFTER_KEY}' section. Convert a model with streams or a drafter, train streams "
+            "(python -m mlx_specstream.train), or decode it with prompt lookup (--draft ngram, "
+            "draft='ngram')."
         )
     if len(found) > 1:
         raise ValueError(
@@ -109,6 +119,7 @@ def load(
     tokenizer_config: Optional[Dict[str, Any]] = None,
     revision: Optional[str] = None,
     drafter: Optional[str] = None,
+    allow_plain: bool = False,
 ) -> Tuple[nn.Module, Any]:
     """Loads a model with speculative streams (or another drafter) and its tokenizer.
 
@@ -124,6 +135,9 @@ def load(
           (streams, Medusa heads or ParallelSpec) replaces the model's own. It
           must have been trained on this base: the base is used as it is, so a
           shared-mode stream model (whose base was fine-tuned) is refused.
+        allow_plain (bool): load a plain mlx-lm model (no streams, no drafter)
+          with the tree verifier only, for prompt lookup (``draft="ngram"``),
+          instead of refusing it. Default: ``False``.
 
     Returns:
         tuple: ``(model, tokenizer)``, as ``mlx_lm.load`` returns them.
@@ -135,6 +149,10 @@ def load(
     from mlx_lm.utils import load as mlx_lm_load
 
     model_path = resolve_model_path(path_or_hf_repo, revision)
+    if allow_plain and drafter is None and is_plain(model_path):
+        model, tokenizer = mlx_lm_load(str(model_path), tokenizer_config=tokenizer_config)
+        attach_verifier(model)
+        return model, tokenizer
     source = model_path if drafter is None else resolve_model_path(drafter, revision)
     config = read_stream_config(source)
     if drafter is not None:

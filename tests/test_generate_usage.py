@@ -83,3 +83,36 @@ def test_cli_kv_cache_flags_match_mlx_lm_and_reach_generate(monkeypatch):
     gen_mod.main(["--prompt", "x", "--max-tokens", "2", "--max-kv-size", "512", *flags])
     assert (seen["kv_bits"], seen["kv_group_size"], seen["quantized_kv_start"]) == (8, 32, 7)
     assert seen["max_kv_size"] == 512
+
+
+def test_cli_runs_a_plain_mlx_lm_model_with_prompt_lookup(tmp_path, monkeypatch, capsys):
+    """``--draft ngram`` on a plain mlx-lm directory loads it with the verifier only;
+    without it the directory is refused, naming the way to decode it."""
+    from test_train import write_base
+
+    base = write_base(tmp_path / "plain")
+    seen = {}
+
+    def record(model, tok, prompt, **kw):
+        seen.update(kw, runtime=type(model.speculative_streams.config).__name__)
+        return "", None
+
+    monkeypatch.setattr(gen_mod, "_generate", record)
+    args = ["--model", str(base), "--prompt", "t1 t2 t3 t1 t2", "--max-tokens", "4"]
+    gen_mod.main(args + ["--draft", "ngram", "--num-draft-tokens", "4"])
+    assert seen["draft"] == "ngram" and seen["num_draft_tokens"] == 4
+    assert seen["runtime"] == "VerifierConfig"
+    with pytest.raises(ValueError, match="--draft ngram"):
+        gen_mod.main(args)
+
+
+def test_a_plain_model_decodes_with_lookup_as_mlx_lm(tmp_path):
+    from mlx_lm import generate as mlx_lm_generate
+    from test_train import write_base
+
+    from mlx_specstream.utils import load
+
+    model, tok = load(str(write_base(tmp_path / "plain")), allow_plain=True)
+    prompt = "t1 t2 t3 t1 t2 t3 t1"
+    want = mlx_lm_generate(model, tok, prompt, max_tokens=16)
+    assert generate(model, tok, prompt, max_tokens=16, draft="ngram", num_draft_tokens=4) == want
