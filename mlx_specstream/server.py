@@ -8,7 +8,7 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``, ``seed``,
 ``logit_bias``, ``repetition_penalty``, ``repetition_context_size``,
 ``role_mapping``, ``stream_options``, plus our ``speculative`` (bool),
-``acceptance`` and ``draft``. Fields we do not support (tools,
+``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support (tools,
 ``response_format``, logprobs, ``n`` > 1, ...) are refused with a 400 that
 names them.
 
@@ -185,6 +185,10 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
             f"{list(DRAFTS)}",
             "draft",
         )
+    draft_tokens = body.get("num_draft_tokens", getattr(defaults, "num_draft_tokens", None))
+    if draft_tokens is not None:
+        draft_tokens = _number({"num_draft_tokens": draft_tokens}, "num_draft_tokens", None,
+                               lo=1, integer=True)  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
@@ -212,6 +216,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         speculative=speculative,
         acceptance=acceptance,
         draft=draft,
+        num_draft_tokens=draft_tokens,
         stream=stream,
         include_usage=options.get("include_usage", False),
         # A repetition penalty reads the last tokens before each new one: a
@@ -466,7 +471,7 @@ class ModelService:
         if cache is None:
             cache, cached = make_prompt_cache(self.model), 0
         rest = tokens[cached:]
-        kwargs = {} if args.get("draft") is None else {"draft": args["draft"]}
+        kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
         gen = stream_generate(
             self.model,
             self.tokenizer,
@@ -723,6 +728,7 @@ def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=808
             "temp": 0.0,
             "verbose": False,
             "draft": None,
+            "num_draft_tokens": None,
             "prompt_cache_size": 10,
             "prompt_cache_bytes": None,
             **defaults,
@@ -793,6 +799,13 @@ def main(argv=None):
         "default: the model config's); a request's 'draft' field overrides it",
     )
     p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        help="Default longest prompt-lookup draft of a request (default: 10); a request's "
+        "'num_draft_tokens' field overrides it",
+    )
+    p.add_argument(
         "--prompt-cache-size",
         type=int,
         default=10,
@@ -820,6 +833,7 @@ def main(argv=None):
         temp=args.temp,
         verbose=args.verbose,
         draft=args.draft,
+        num_draft_tokens=args.num_draft_tokens,
         prompt_cache_size=args.prompt_cache_size,
         prompt_cache_bytes=args.prompt_cache_bytes,
     )

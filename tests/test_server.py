@@ -545,6 +545,38 @@ def test_draft_field(serve):
     assert status == 400 and payload["error"]["param"] == "draft"
 
 
+def test_num_draft_tokens_field(serve, monkeypatch):
+    """A request's ``num_draft_tokens`` (or the server's default) reaches the decoder
+    with prompt lookup; the text stays the plain one; a bad value is refused."""
+    model, tok = spec_model(), word_tokenizer(V)
+    prompt = "t3 t4 t5 t6 t3 t4 t5 t6 t3"
+    want = reference(model, tok, prompt, 16)
+    seen, real = [], server_mod.stream_generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("num_draft_tokens"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_mod, "stream_generate", recording)
+    client, url, _ = serve(model, tok)
+    for n in (1, 10):
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                      extra_body={"draft": "ngram", "num_draft_tokens": n})  # fmt: skip
+        assert r.choices[0].text == want and seen[-1] == n
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=16)
+    assert seen[-1] is None  # (not set: the decoder's default)
+    client, url, _ = serve(model, tok, draft="ngram", num_draft_tokens=3)
+    assert (
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=16).choices[0].text
+        == want
+    )
+    assert seen[-1] == 3
+    status, payload = post(
+        url + "/completions", json.dumps({"prompt": "t1", "num_draft_tokens": 0}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == "num_draft_tokens"
+
+
 # ---- concurrency with a bounded cache -----------------------------------------------------
 
 
