@@ -68,53 +68,69 @@ def candidate_trees(num_streams, has_adapter):
     return shapes
 
 
+class Trials:
+    """Settings measured against one-token-per-pass decoding on the same prompts:
+    each one's tokens/s and tau, logged as it is measured."""
+
+    def __init__(self, model, tokenizer, prompts, max_tokens, log, **warm_up):
+        self.args, self.log = (model, tokenizer, prompts, max_tokens), log
+        tokens_per_second(model, tokenizer, prompts[:1], 16, **warm_up)
+        self.base_tps, _ = tokens_per_second(*self.args, speculative=False)
+        log(f"one token per pass: {self.base_tps:.1f} tokens/s")
+        self.results = []  # (tokens/s, tau, settings)
+
+    def run(self, settings: dict) -> None:
+        tps, tau = tokens_per_second(*self.args, **settings)
+        self.results.append((tps, tau, settings))
+        self.log(f"{settings}: {tps:.1f} tokens/s ({tps / self.base_tps:.2f}x), tau {tau:.2f}")
+
+    def fastest(self, n: int) -> list:
+        """The settings of the ``n`` fastest trials, fastest first."""
+        return [s for _, _, s in sorted(self.results, key=lambda r: -r[0])[:n]]
+
+    def choice(self, min_gain: float, what: str, describe=str):
+        """The fastest settings, or ``{"tree_depth": 0}`` (plain decoding) when they
+        beat it by less than ``min_gain``; with their tokens/s and plain's."""
+        best_tps, best_tau, best = max(self.results, key=lambda r: r[0])
+        base, gain = self.base_tps, best_tps / self.base_tps
+        if best_tps < min_gain * base:
+            self.log(
+                f"{what} does not pay on this device: the fastest gives {best_tps:.1f} tokens/s "
+                f"vs {base:.1f} one token per pass ({gain:.2f}x < {min_gain}x). Choosing plain "
+                "decoding."
+            )
+            return {"tree_depth": 0}, base, base
+        self.log(
+            f"Best: {describe(best)} at {best_tps:.1f} tokens/s ({gain:.2f}x), tau {best_tau:.2f}"
+        )
+        return best, best_tps, base
+
+
 def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
     rt = get_runtime(model)
     has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
-    tokens_per_second(model, tokenizer, prompts[:1], 16)  # warm-up
-    base_tps, _ = tokens_per_second(model, tokenizer, prompts, max_tokens, speculative=False)
-    log(f"one token per pass: {base_tps:.1f} tokens/s")
-    results = []
+    trials = Trials(model, tokenizer, prompts, max_tokens, log)
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
         tree["draft"] = "streams"  # (not the draft source a previous tuning stored)
         if lossless_streams:
             tree["stream_pass"] = "fused"
-        tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **tree)
-        results.append((tps, tau, tree))
-        log(f"{tree}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+        trials.run(tree)
     if lossless_streams:
         # The stream pass: streams of every node inside the verify pass, or a
         # second pass for the accepted node's only; measured on the best shapes.
-        for _, _, tree in sorted(results, key=lambda r: -r[0])[:3]:
-            split = dict(tree, stream_pass="split")
-            tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **split)
-            results.append((tps, tau, split))
-            log(f"{split}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+        for tree in trials.fastest(3):
+            trials.run(dict(tree, stream_pass="split"))
     if has_adapter:
-        for _, _, tree in sorted(results, key=lambda r: -r[0])[:3]:
+        for tree in trials.fastest(3):
             for threshold in (0.02, 0.05, 0.1, 0.2):
-                pruned = dict(tree, prune_threshold=threshold)
-                tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **pruned)
-                results.append((tps, tau, pruned))
-                log(f"{pruned}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
+                trials.run(dict(tree, prune_threshold=threshold))
     if rt.streams is not None:
         # Prompt lookup, alone and merged with the fastest tree.
-        best_tree = max(results, key=lambda r: r[0])[2]
+        best_tree = trials.fastest(1)[0]
         for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
-            tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **drafts)
-            results.append((tps, tau, drafts))
-            log(f"{drafts}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
-    best_tps, best_tau, best = max(results, key=lambda r: r[0])
-    if best_tps < min_gain * base_tps:
-        log(
-            f"Speculation does not pay on this device: the fastest draft gives {best_tps:.1f} "
-            f"tokens/s vs {base_tps:.1f} one token per pass ({best_tps / base_tps:.2f}x < "
-            f"{min_gain}x). Choosing plain decoding (tree_depth = 0)."
-        )
-        return {"tree_depth": 0}, base_tps, base_tps
-    log(f"Best: {best} at {best_tps:.1f} tokens/s ({best_tps / base_tps:.2f}x), tau {best_tau:.2f}")
-    return best, best_tps, base_tps
+            trials.run(drafts)
+    return trials.choice(min_gain, "Speculation")
 
 
 LOOKUP_LENGTHS = (2, 4, 6, 10)  # prompt-lookup draft lengths tried on a plain model
@@ -128,27 +144,14 @@ def tune_lookup(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=pri
         tuple: the choice (``{"draft": "ngram", "num_draft_tokens": n}`` or
         ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
     """
-    tokens_per_second(model, tokenizer, prompts[:1], 16, draft="ngram")  # warm-up
-    base_tps, _ = tokens_per_second(model, tokenizer, prompts, max_tokens, speculative=False)
-    log(f"one token per pass: {base_tps:.1f} tokens/s")
-    results = []
+    trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="ngram")
     for n in LOOKUP_LENGTHS:
-        lookup = dict(draft="ngram", num_draft_tokens=n)
-        tps, tau = tokens_per_second(model, tokenizer, prompts, max_tokens, **lookup)
-        results.append((tps, tau, lookup))
-        log(f"{lookup}: {tps:.1f} tokens/s ({tps / base_tps:.2f}x), tau {tau:.2f}")
-    best_tps, best_tau, best = max(results, key=lambda r: r[0])
-    if best_tps < min_gain * base_tps:
-        log(
-            f"Prompt lookup does not pay on this device: {best_tps:.1f} tokens/s at best vs "
-            f"{base_tps:.1f} one token per pass ({best_tps / base_tps:.2f}x < {min_gain}x)."
-        )
-        return {"tree_depth": 0}, base_tps, base_tps
-    log(
-        f"Best: --draft ngram --num-draft-tokens {best['num_draft_tokens']} at {best_tps:.1f} "
-        f"tokens/s ({best_tps / base_tps:.2f}x), tau {best_tau:.2f}"
+        trials.run(dict(draft="ngram", num_draft_tokens=n))
+    return trials.choice(
+        min_gain,
+        "Prompt lookup",
+        describe=lambda best: f"--draft ngram --num-draft-tokens {best['num_draft_tokens']}",
     )
-    return best, best_tps, base_tps
 
 
 def save_choice(model_dir: Path, choice: dict):
