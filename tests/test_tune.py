@@ -10,28 +10,36 @@ from mlx_specstream import tune
 from mlx_specstream.config import SpecStreamConfig
 
 
+def fake_speeds(monkeypatch, speed):
+    """Makes the tuner's measurements run for real but report ``speed(tps, settings)``
+    (timing noise cannot decide a test); returns the list of measured settings."""
+    measured, real = [], tune.tokens_per_second
+
+    def fake(model, tokenizer, prompts, max_tokens, stream_pass=None, **settings):
+        tps, tau = real(model, tokenizer, prompts, max_tokens, stream_pass=stream_pass, **settings)
+        measured.append(dict(settings, stream_pass=stream_pass))
+        return speed(tps, measured[-1]), tau
+
+    monkeypatch.setattr(tune, "tokens_per_second", fake)
+    return measured
+
+
 def test_tune_measures_fused_and_split_and_saves_the_choice(tmp_path, monkeypatch):
     model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
     tokenizer = word_tokenizer(16, eos=15)
-    measured = []
-    real = tune.tokens_per_second
 
-    def fake_speed(model, tokenizer, prompts, max_tokens, stream_pass=None, **tree):
-        tps, tau = real(model, tokenizer, prompts, max_tokens, stream_pass=stream_pass, **tree)
-        measured.append(stream_pass)
-        if (
-            tree.get("draft", "streams") != "streams"
-        ):  # prompt lookup: slow here (its own test below)
-            return 1.0, tau
+    def speed(tps, settings):
+        if settings.get("draft", "streams") != "streams":  # prompt lookup: its own test below
+            return 1.0
         # Top-2 trees lead the fused grid (so split is measured on them) and
-        # split wins there: the choice must carry it. Timing noise cannot decide.
-        if tree.get("tree_top_k") == 2 and stream_pass is not None:
-            return (1e6 if stream_pass == "split" else 1e5), tau
-        return tps, tau
+        # split wins there: the choice must carry it.
+        if settings.get("tree_top_k") == 2 and settings["stream_pass"] is not None:
+            return 1e6 if settings["stream_pass"] == "split" else 1e5
+        return tps
 
-    monkeypatch.setattr(tune, "tokens_per_second", fake_speed)
+    measured = fake_speeds(monkeypatch, speed)
     choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
-    assert {"fused", "split"} <= set(measured)
+    assert {"fused", "split"} <= {m["stream_pass"] for m in measured}
     assert choice["stream_pass"] == "split" and choice["tree_top_k"] == 2
 
     config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
@@ -46,17 +54,9 @@ def test_tune_measures_fused_and_split_and_saves_the_choice(tmp_path, monkeypatc
 def test_tune_measures_prompt_lookup_and_saves_it(tmp_path, monkeypatch):
     model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
     tokenizer = word_tokenizer(16, eos=15)
-    drafts = []
-    real = tune.tokens_per_second
-
-    def fake_speed(model, tokenizer, prompts, max_tokens, stream_pass=None, **settings):
-        tps, tau = real(model, tokenizer, prompts, max_tokens, stream_pass=stream_pass, **settings)
-        drafts.append(settings.get("draft"))
-        return (1e6 if settings.get("draft") == "ngram" else tps), tau
-
-    monkeypatch.setattr(tune, "tokens_per_second", fake_speed)
+    measured = fake_speeds(monkeypatch, lambda tps, s: 1e6 if s.get("draft") == "ngram" else tps)
     choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
-    assert {"streams", "ngram", "streams+ngram"} <= set(drafts)
+    assert {"streams", "ngram", "streams+ngram"} <= {m.get("draft") for m in measured}
     assert choice == {"draft": "ngram"}
 
     before = SpecStreamConfig(tree_depth=2, top_k=3).to_dict()
@@ -108,19 +108,13 @@ def test_tune_a_plain_mlx_lm_model_measures_lookup_lengths_and_writes_nothing(
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": " ".join(f"t{i % 5}" for i in range(24))}) + "\n")
     files = {f.name: f.read_bytes() for f in base.iterdir()}
-    lengths = []
-    real = tune.tokens_per_second
-
-    def fake_speed(model, tokenizer, prompts, max_tokens, stream_pass=None, **settings):
-        tps, tau = real(model, tokenizer, prompts, max_tokens, stream_pass=stream_pass, **settings)
-        lengths.append(settings.get("num_draft_tokens"))
-        return (1e6 if settings.get("num_draft_tokens") == 4 else 1.0), tau
-
-    monkeypatch.setattr(tune, "tokens_per_second", fake_speed)
+    measured = fake_speeds(
+        monkeypatch, lambda tps, s: 1e6 if s.get("num_draft_tokens") == 4 else 1.0
+    )
     args = ["--model", str(base), "--prompts", str(prompts), "--max-tokens", "8"]
     tune.main(args)
     out = capsys.readouterr().out
-    assert set(tune.LOOKUP_LENGTHS) <= set(lengths)
+    assert set(tune.LOOKUP_LENGTHS) <= {m.get("num_draft_tokens") for m in measured}
     assert "Best: --draft ngram --num-draft-tokens 4" in out
     with pytest.raises(SystemExit):
         tune.main(args + ["--save"])
