@@ -98,8 +98,8 @@ class Decoder:
         self.sampler, self.processors = sampler, processors
         ks, self.depth, self.threshold, self.max_nodes = tree
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
-        self.ngram = draft in ("ngram", "streams+ngram")
-        self.ngrams = NgramIndex(history) if self.ngram else None  # prompt lookup's index
+        # Prompt lookup's index of the history (None: no n-gram drafts).
+        self.ngrams = NgramIndex(history) if draft in ("ngram", "streams+ngram") else None
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.max_tokens, self.dstate = max_tokens, dstate
         self.streams = self.depth > 0 and rt.drafter is None  # drafts from this pass's streams
@@ -185,7 +185,7 @@ class Decoder:
             new = new[: self.max_tokens - self.emitted]
         self.emitted += len(new)
         self.history.extend(t for t, _, _ in new)
-        if self.ngram:
+        if self.ngrams is not None:
             self.ngrams.extend(t for t, _, _ in new)
         if self.dstate is not None and not self.by_rejection:
             # An attached drafter drafts from the accepted path (also after the
@@ -198,7 +198,7 @@ class Decoder:
 
     def first_draft(self, root: int) -> Draft:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
-        chain = self.ngrams.draft(min(self.ngram_tokens, self._room())) if self.ngram else []
+        chain = self._lookup(self._room())
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
     def _room(self) -> int:
@@ -210,6 +210,10 @@ class Decoder:
         return room if cap is None else min(room, cap)
 
     # ---- drafts -------------------------------------------------------------------
+    def _lookup(self, room: int) -> List[int]:
+        """The prompt-lookup chain for the next tree (empty without n-gram drafts)."""
+        return [] if self.ngrams is None else self.ngrams.draft(min(self.ngram_tokens, room))
+
     def _stream_logits(self, out: StepOutput, node: mx.array) -> mx.array:
         """``(gamma, V)`` float32 logits of the streams of kept node ``node``."""
         if out.stream_logits is not None:  # computed by the pass's own head
@@ -235,7 +239,7 @@ class Decoder:
         chain, or both merged; shallower near ``max_tokens``."""
         room = self._room()
         depth = min(self.depth, room)
-        chain = self.ngrams.draft(min(self.ngram_tokens, room)) if self.ngram else []
+        chain = self._lookup(room)
         if depth and q is not None:  # rejection: tokens drawn on the host
             return self._restrict(Draft(self.layout, p.next_tokens, q), depth)
         if depth and not chain:
