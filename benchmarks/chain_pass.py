@@ -16,14 +16,10 @@ Writes ``benchmarks/results/chain_pass[-TAG].{md,json}``.
 """
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
 from mlx_lm.generate import generate_step
 
 import mlx_specstream
@@ -31,6 +27,7 @@ import mlx_specstream.layout as layout
 from mlx_specstream.benchmark import load_prompts
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.default_model import DEFAULT_DIR
+from report import heading, machine_info, write_results
 
 CASES = {
     "n-gram": (dict(draft="ngram"), False),
@@ -69,7 +66,7 @@ def step_seconds(model, prompts, want, settings, as_tree):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--tag", default=None)
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     model, tokenizer = mlx_specstream.load()
     prompts = [mx.array(x) for x in load_prompts(DEFAULT_DIR / "prompts.jsonl", tokenizer, 3, 96)]
@@ -94,19 +91,13 @@ def main():
         print(f"{name:16s} as a tree {row['tree_ms']:.2f} ms, plain pass "
               f"{row['plain_ms']:.2f} ms, ratio {row['ratio']:.3f} "
               f"({row['q1']:.3f}-{row['q3']:.3f})", flush=True)  # fmt: skip
-    cmd = "python benchmarks/chain_pass.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v is not None
-    )
-    info = dict(command=cmd, device=str(mx.default_device()), mlx=mx.__version__,
-                mlx_lm=mlx_lm.__version__, machine=platform.machine(),
-                python=platform.python_version())  # fmt: skip
+    info = machine_info(rounds=args.rounds)
     lines = [
-        f"# A chain as the plain pass or as a tree ({info['device']}, MLX {info['mlx']}, "
-        f"mlx-lm {info['mlx_lm']}, {info['machine']})",
+        heading("A chain as the plain pass or as a tree", info),
         "",
-        f"`{cmd}`: shipped model, 3 held-out prompts x 64 tokens, greedy, {args.rounds} "
-        "alternating rounds; ms per step (medians) and the median per-round ratio "
-        "plain pass / as a tree, with its quartiles.",
+        f"`{info['command']}`: shipped model, 3 held-out prompts x 64 tokens, greedy, "
+        f"{args.rounds} alternating rounds; ms per step (medians) and the median per-round "
+        "ratio plain pass / as a tree, with its quartiles.",
         "",
         "| draft | as a tree: ms/step | plain pass: ms/step | ratio | quartiles |",
         "|---|---|---|---|---|",
@@ -116,11 +107,7 @@ def main():
         f"{r['q1']:.3f}-{r['q3']:.3f} |"
         for r in rows
     ]
-    text = "\n".join(lines) + "\n"
-    out = Path(__file__).parent / "results" / f"chain_pass{'-' + args.tag if args.tag else ''}"
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(dict(info=info, rows=rows), indent=1))
-    print(text)
+    write_results("chain_pass", args.tag, "\n".join(lines) + "\n", dict(info=info, rows=rows))
 
 
 if __name__ == "__main__":

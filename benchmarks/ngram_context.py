@@ -27,8 +27,6 @@ Writes ``benchmarks/results/ngram_context[-TAG].{md,json}``.
 """
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from mlx_lm.generate import generate_step
 import mlx_specstream
 import mlx_specstream.decode as decode
 from mlx_specstream.ngram import NgramIndex, ngram_draft
+from report import heading, machine_info, write_results
 
 
 class RescanningLookup(NgramIndex):
@@ -109,7 +108,7 @@ def main():
     ap.add_argument("--histories", default="1024,4096,16384,65536")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--tag", default=None)
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     model, tokenizer = mlx_specstream.load(None)
     N = args.max_tokens
@@ -164,32 +163,17 @@ def main():
             look = f"{row['lookup_us']:8.1f} us/step" if row["lookup_us"] is not None else ""
             print(f"{L:6d} {method:7s} {row['tokens_per_s']:7.1f} tok/s {row['speedup']:.2f}x "
                   f"tau {row['tau']:.2f} {look}", flush=True)  # fmt: skip
-    cmd = "python benchmarks/ngram_context.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
-    )
-    info = dict(command=cmd, device=str(mx.default_device()), mlx=mx.__version__,
-                mlx_lm=mlx_lm.__version__, machine=platform.machine(),
-                python=platform.python_version())  # fmt: skip
+    info = machine_info(contexts=args.contexts, histories=args.histories, max_tokens=N,
+                        runs=args.runs)  # fmt: skip
     lines = [
-        f"# Prompt lookup on long contexts ({info['device']}, MLX {info['mlx']}, "
-        f"mlx-lm {info['mlx_lm']}, {info['machine']})",
+        heading("Prompt lookup on long contexts", info),
         "",
-        f"`{cmd}`: the shipped model, greedy, {N} tokens after the first `context` tokens of "
-        f"mlx-lm's model sources, timed after the first step; medians of {args.runs} "
-        "interleaved runs; outputs checked "
-        "against mlx-lm's. `index`: the decoder's n-gram index; `rescan`: the lookup "
-        "rescanning the history each step (before the index). lookup = host time of the "
-        "n-gram lookups and updates per step.",
+        f"`{info['command']}`: the shipped model, greedy, {N} tokens after the first `context` "
+        f"tokens of mlx-lm's model sources, timed after the first step; medians of {args.runs} "
+        "interleaved runs; outputs checked against mlx-lm's. `index`: the decoder's n-gram "
+        "index; `rescan`: the lookup rescanning the history each step (before the index). "
+        "lookup = host time of the n-gram lookups and updates per step.",
         "",
-        "| context | method | tokens/s | vs mlx-lm plain | tau | lookup us/step |",
-        "|---|---|---|---|---|---|",
-    ]
-    rows_md = []
-    for r in rows:
-        look = f"{r['lookup_us']:.1f}" if r["lookup_us"] is not None else ""
-        rows_md.append(f"| {r['context']} | {r['method']} | {r['tokens_per_s']:.1f} | "
-                       f"{r['speedup']:.2f}x | {r['tau']:.2f} | {look} |")  # fmt: skip
-    lines[-2:-2] = [
         "Lookup alone (no model): host time per step of the update (2 accepted tokens) and "
         "the lookup, median of 200 steps.",
         "",
@@ -200,15 +184,15 @@ def main():
         "",
         "Decoding:",
         "",
+        "| context | method | tokens/s | vs mlx-lm plain | tau | lookup us/step |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += rows_md
-    text = "\n".join(lines) + "\n"
-    out = Path(__file__).parent / "results" / f"ngram_context{'-' + args.tag if args.tag else ''}"
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(
-        json.dumps(dict(info=info, lookup=micro, rows=rows), indent=1)
-    )
-    print(text)
+    for r in rows:
+        look = f"{r['lookup_us']:.1f}" if r["lookup_us"] is not None else ""
+        lines.append(f"| {r['context']} | {r['method']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['tau']:.2f} | {look} |")  # fmt: skip
+    write_results("ngram_context", args.tag, "\n".join(lines) + "\n",
+                  dict(info=info, lookup=micro, rows=rows))  # fmt: skip
 
 
 if __name__ == "__main__":
