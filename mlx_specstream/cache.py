@@ -130,6 +130,93 @@ def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequ
         c.trim(c.offset - (prefix + len(keep)))
 
 
+@dataclass
+class Fold:
+    """A launched step's accepted path, as the next (pipelined) pass folds it into
+    the caches before the host has read it.
+
+    Attributes:
+        prefix (int): committed rows before that step (where its rows start).
+        accepted (mx.array): device scalar, the length of its accepted path.
+        path (mx.array): ``(span,)`` its rows on that path, padded
+          (a row of :attr:`~mlx_specstream.layout.TreeLayout.paths_mx`).
+        rows (list): per layer, the ``(keys, values)`` rows that step appended.
+    """
+
+    prefix: int
+    accepted: mx.array
+    path: mx.array
+    rows: list
+
+    @property
+    def span(self) -> int:
+        return self.path.shape[0]
+
+
+class FoldingCache:
+    """One layer's ``KVCache`` as a pipelined pass sees it.
+
+    A pipelined pass is launched before the host knows how much of the
+    previous tree was accepted. Its ``update_and_fetch`` first writes that
+    tree's accepted rows (gathered on the device from the rows it appended,
+    :class:`Fold`) after the committed prefix, then writes this pass's rows
+    right after them, at an offset only the device knows. It returns a view
+    of host-known length ``prefix + span + rows``: the columns past this
+    pass's rows hold stale rows, which the pass's mask hides
+    (:func:`~mlx_specstream.layout.place_mask`). The wrapped cache's
+    ``offset`` is left alone; the decoder sets it once it has read the step.
+
+    Worked example: prefix 5, the previous tree appended 4 rows ``a b c d``
+    and accepted the path ``[0, 2]`` (span 3, padded ``[0, 2, 2]``), this
+    pass appends ``x y``. Rows become ``[p0..p4 a c c | ...]``, then
+    ``[p0..p4 a c x y]`` (written at 5 + 2), and the view is 5 + 3 + 2 = 10
+    rows long; its last row is stale and hidden.
+
+    Args:
+        cache (KVCache): the layer's cache (its buffers are updated).
+        fold (Fold, optional): the previous step (``None``: nothing to fold,
+          this pass's rows follow ``cache.offset``).
+        layer (int): this layer's index in ``fold.rows``.
+    """
+
+    def __init__(self, cache: KVCache, fold: Optional[Fold], layer: int):
+        self.cache, self.fold, self.layer = cache, fold, layer
+        self.offset = cache.offset if fold is None else fold.prefix  # (RoPE is the hooks')
+        self.rows = None  # (keys, values) this pass appends, for the next fold
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        c, fold = self.cache, self.fold
+        span = 0 if fold is None else fold.span
+        end = self.offset + span + keys.shape[2]
+        _reserve(c, keys, values, end)
+        start = mx.array([self.offset], dtype=mx.int32)
+        if fold is not None:
+            p, (k, v) = self.offset, fold.rows[self.layer]
+            c.keys[..., p : p + span, :] = mx.take(k, fold.path, axis=2)
+            c.values[..., p : p + span, :] = mx.take(v, fold.path, axis=2)
+            start = start + fold.accepted
+        c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))
+        c.values = mx.slice_update(c.values, values, start, axes=(2,))
+        self.rows = (keys, values)
+        return c.keys[..., :end, :], c.values[..., :end, :]
+
+
+def _reserve(c: KVCache, keys: mx.array, values: mx.array, rows: int) -> None:
+    """Grows ``c``'s buffers (by ``KVCache.step`` rows at a time) to hold ``rows``."""
+    have = 0 if c.keys is None else c.keys.shape[2]
+    if have >= rows:
+        return
+    B, H, _, dk = keys.shape
+    n = -(-(rows - have) // c.step) * c.step
+    new_k = mx.zeros((B, H, n, dk), keys.dtype)
+    new_v = mx.zeros((B, H, n, values.shape[3]), values.dtype)
+    if c.keys is None:
+        c.keys, c.values = new_k, new_v
+    else:
+        c.keys = mx.concatenate([c.keys, new_k], axis=2)
+        c.values = mx.concatenate([c.values, new_v], axis=2)
+
+
 def prefill_chunks(prompt: int, step: int) -> List[int]:
     """The sizes of the model calls mlx-lm's ``generate_step`` feeds a prompt in.
 

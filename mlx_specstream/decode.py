@@ -8,6 +8,13 @@ accepted node and the tokens), compacts the KV caches to the accepted path and
 names the next tree. The generator launches step ``k + 1`` before it yields
 step ``k``'s tokens, so the caller's detokenizing overlaps the device's work,
 as in mlx-lm's ``generate_step``.
+
+Pipelined (the default on a GPU, where the device would otherwise wait while
+the host reads a step and builds the next): step ``k + 1`` is launched before step ``k``'s host read,
+from the tree step ``k`` drafted on the device. Its pass first moves step
+``k``'s accepted rows into place in every cache, then writes its own after
+them, at an offset only the device knows (:class:`~mlx_specstream.cache.FoldingCache`),
+so the host builds one step while the device runs the previous one.
 """
 
 from dataclasses import dataclass
@@ -19,9 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
-from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from .cache import KVQuantizer, check_cache, commit_path, window_rows
+from .cache import Fold, KVQuantizer, check_cache, commit_path, window_rows
 from .config import DRAFTS
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
@@ -89,10 +96,12 @@ class Decoder:
           ``"ngram"`` or ``"streams+ngram"``.
         ngram_tokens (int): the longest prompt-lookup draft.
         max_tokens (int): tokens to generate, ``-1`` for no limit.
+        pipeline (bool, optional): launch each step before the previous one's
+          host read (``None``: on a GPU, where the settings allow it).
     """
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
-                 ngram_tokens, max_tokens, dstate=None, quant=None):  # fmt: skip
+                 ngram_tokens, max_tokens, dstate=None, quant=None, pipeline=None):  # fmt: skip
         self.rt, self.cache, self.history = rt, cache, history
         self.quant = quant
         self.sampler, self.processors = sampler, processors
@@ -119,17 +128,42 @@ class Decoder:
             self._levels = mx.array(self.tree.levels[1:], dtype=mx.int32)
             self._ranks = mx.array(self.tree.ranks[1:], dtype=mx.int32)
         self.emitted = self.passes = 0
+        why_not = self._why_not_pipelined()
+        if pipeline and why_not:
+            raise ValueError(f"pipeline=True: {why_not}")
+        self.pipelined = (on_gpu() and not why_not) if pipeline is None else bool(pipeline)
+
+    def _why_not_pipelined(self) -> Optional[str]:
+        """Why the next tree cannot be launched before this step's host read (None: it can)."""
+        if not self.streams:
+            return "only trees drafted by the model's own streams are pipelined."
+        if self.ngrams is not None or self.processors or self.by_rejection:
+            return (
+                "prompt lookup, logits processors and acceptance='rejection' read the host "
+                "before the next tree exists."
+            )
+        if not self.all_streams or self.threshold > 0:
+            return "the split stream pass and pruning (prune_threshold > 0) read the host mid-step."
+        if self.quant is not None or any(type(c) is not KVCache for c in self.cache):
+            return "only plain KVCache layers are pipelined (no kv_bits, no max_kv_size)."
+        return None
 
     # ---- one step ---------------------------------------------------------------
-    def launch(self, draft: Draft) -> Pending:
+    def launch(self, draft: Draft, after: Optional[Pending] = None) -> Pending:
         """Starts the pass over ``draft`` and, on the device, the acceptance walk
-        (argmax or sampled targets) and the next draft's tokens."""
+        (argmax or sampled targets) and the next draft's tokens. Pipelined,
+        ``after`` is the launched step not yet read that drafted ``draft``."""
         rt, prefix = self.rt, self.cache[0].offset
+        fold = None
+        if after is not None:  # its accepted path, as the device knows it
+            last, layout = after.last, after.out.layout
+            accepted = mx.take(layout.depth_mx, last) + 1
+            fold = Fold(prefix, accepted, mx.take(layout.paths_mx, last, axis=0), after.out.rows)
         tokens = draft.tokens
         tokens = mx.array(tokens, dtype=mx.int32) if isinstance(tokens, list) else tokens
         out = rt.forward(
             tokens, draft.layout, self.cache, self.threshold, self.all_streams,
-            stream_logits=self.head_on_streams,
+            stream_logits=self.head_on_streams, pipelined=self.pipelined, fold=fold,
         )  # fmt: skip
         self.passes += 1
         if len(out.kept) < len(draft.layout):  # pruned: gather the surviving nodes
@@ -154,9 +188,21 @@ class Decoder:
         )
         return p
 
-    def finish(self, p: Pending) -> Tuple[List[tuple], Optional[Draft]]:
+    def launch_ahead(self, p: Pending) -> Optional[Pending]:
+        """Pipelined: launches the tree ``p`` drafted before ``p``'s host read
+        (``None`` when not pipelined, or when ``p`` surely ends the generation)."""
+        if not self.pipelined or 0 <= self.max_tokens <= self.emitted + 1:
+            return None
+        return self.launch(Draft(self.layout, p.next_tokens), after=p)
+
+    def finish(self, p: Pending, folded: bool = False) -> Tuple[List[tuple], Optional[Draft]]:
         """The step's host read: the accepted path and the token after it. Then
         the caches keep that path only, and the next tree is chosen.
+
+        Args:
+            p (Pending): the launched step.
+            folded (bool): a pipelined pass launched after ``p`` moves its
+              accepted rows into place; only the offsets are set here.
 
         Returns:
             tuple: the new ``(token, logprobs row, from_draft)`` triples and the
@@ -171,12 +217,18 @@ class Decoder:
             last = p.last.item()
             path, token, q = path_to(last, parents), p.targets.tolist()[last], None
         tokens = p.tokens.tolist()
-        commit_path(
-            self.cache,
-            p.prefix,
-            [path if i >= self.rt.first_top else [out.kept[a] for a in path]
-             for i in range(self.rt.num_layers)],
-        )  # fmt: skip
+        # Pipelined passes leave the offsets at the committed prefix: set them here.
+        prefix = self.cache[0].offset if self.pipelined else p.prefix
+        if self.pipelined:
+            for c, (keys, _) in zip(self.cache, p.out.rows):
+                c.offset = prefix + (len(path) if folded else keys.shape[2])
+        if not folded:
+            commit_path(
+                self.cache,
+                prefix,
+                [path if i >= self.rt.first_top else [out.kept[a] for a in path]
+                 for i in range(self.rt.num_layers)],
+            )  # fmt: skip
         if self.quant is not None:
             self.quant.maybe_quantize(self.cache)
         new = [(tokens[a], p.logprobs[parents[a]], True) for a in path[1:]]
@@ -194,6 +246,8 @@ class Decoder:
             p.top, p.next_tokens = self._draft_tokens(slog, mx.array(token))
         if self.emitted == self.max_tokens:
             return new, None
+        if folded:  # already launched: the whole tree the device drafted
+            return new, Draft(self.layout, p.next_tokens)
         return new, self._next_draft(p, token, q)
 
     def first_draft(self, root: int) -> Draft:
@@ -312,6 +366,7 @@ def spec_generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
     max_kv_size: Optional[int] = None,
+    pipeline: Optional[bool] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -367,6 +422,14 @@ def spec_generate_step(
           mlx-lm does (greedy output equals mlx-lm's with the same options).
           ``max_kv_size`` is accepted only when its window never fills during
           the call (a rotated window cannot be rolled back to a tree path).
+        pipeline (bool, optional): launch each step's pass before the host
+          reads the previous one, from the tree the device drafted, as
+          mlx-lm's loop launches its next token. Needs a tree of the model's
+          own streams, fused stream rows, no pruning, no logits processors,
+          no ``"rejection"`` acceptance and a plain KV cache (``True`` with
+          other settings raises). Default (``None``): on when MLX runs on a
+          GPU and the settings allow it, as on this package's CPU
+          measurements it does not pay (``benchmarks/RESULTS.md``).
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -456,7 +519,7 @@ def spec_generate_step(
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
         (ks, depth, threshold, max_nodes), acceptance, draft, num_draft_tokens, max_tokens, dstate,
-        quant,
+        quant, pipeline,
     )  # fmt: skip
     yielded = 0
     try:
@@ -464,8 +527,12 @@ def spec_generate_step(
             _prefill(rt, cache, prompt, prefill_step_size, dstate, quant)
             pending = dec.launch(dec.first_draft(prompt_list[-1]))
             while pending is not None:
-                new, nxt = dec.finish(pending)
-                pending = dec.launch(nxt) if nxt is not None else None  # overlaps the yields
+                ahead = dec.launch_ahead(pending)  # pipelined: before this step's host read
+                new, nxt = dec.finish(pending, folded=ahead is not None)
+                if nxt is None:  # done (a pass launched ahead is not counted)
+                    pending, dec.passes = None, dec.passes - (ahead is not None)
+                else:  # launched before the yields, which overlap its device work
+                    pending = ahead if ahead is not None else dec.launch(nxt)
                 for token, logprobs, from_draft in new:
                     yielded += 1
                     yield token, logprobs, from_draft, dec.passes - (pending is not None)

@@ -2,7 +2,9 @@
 
 A step's masks are ``[committed prefix | tree]`` columns: the prefix part is
 all ones and only the tree part depends on the topology, so it is kept here
-and joined to the prefix on the device each step.
+and joined to the prefix on the device each step: at a host offset
+(:func:`with_prefix`), or at an offset only the device knows yet
+(:func:`place_mask`, pipelined steps).
 """
 
 from functools import lru_cache
@@ -11,7 +13,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .tree import ancestor_mask, stream_attention_mask, tree_depths
+from .tree import ancestor_mask, path_table, stream_attention_mask, tree_depths
 
 
 class TreeLayout:
@@ -23,6 +25,8 @@ class TreeLayout:
         ancestors (np.ndarray): ``(T, T)`` bool ancestor-or-self mask.
         depth_mx, ancestors_mx, parents_mx (mx.array): the same on the device
           (``parents_mx`` has ``0`` for the root, for gathers).
+        paths_mx (mx.array): ``(T, depth + 1)`` padded path to each node
+          (:func:`~mlx_specstream.tree.path_table`).
     """
 
     def __init__(self, parents: Sequence[int]):
@@ -34,6 +38,13 @@ class TreeLayout:
         self.parents_mx = mx.array((0,) + self.parents[1:], dtype=mx.int32)
         self.is_chain = self.parents == tuple(range(-1, len(self.parents) - 1))
         self._stream_masks = {}
+        self._paths = None
+
+    @property
+    def paths_mx(self) -> mx.array:
+        if self._paths is None:
+            self._paths = mx.array(path_table(self.parents))
+        return self._paths
 
     def __len__(self):
         return len(self.parents)
@@ -62,3 +73,24 @@ def with_prefix(mask: mx.array, prefix: int) -> mx.array:
     if prefix == 0:
         return mask
     return mx.concatenate([mx.ones((mask.shape[0], prefix), dtype=mx.bool_), mask], axis=1)
+
+
+def place_mask(mask: mx.array, start: mx.array, length: int) -> mx.array:
+    """``(R, length)``: ``mask``'s ``(R, C)`` tree columns placed at column ``start``
+    (a device scalar) of a cache view ``length`` columns long.
+
+    Columns before ``start`` (the committed prefix) are visible to every row,
+    columns ``start .. start + C - 1`` follow ``mask``, and later ones (rows
+    a pipelined step's cache holds beyond the tree) are hidden.
+
+    Example: ``mask = [[1, 0], [1, 1]]``, ``start = 2``, ``length = 5``::
+
+        [[1, 1, 1, 0, 0],
+         [1, 1, 1, 1, 0]]
+
+    With ``start = p`` and ``length = p + C`` this is ``with_prefix(mask, p)``.
+    """
+    C = mask.shape[1]
+    rel = mx.arange(length, dtype=mx.int32) - start  # each column relative to the tree
+    tree = mx.take(mask, mx.clip(rel, 0, C - 1), axis=1) & ((rel >= 0) & (rel < C))[None]
+    return (rel < 0)[None] | tree

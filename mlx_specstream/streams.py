@@ -17,8 +17,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .cache import Fold, FoldingCache
 from .config import SpecStreamConfig
-from .layout import TreeLayout, layout_of, with_prefix
+from .layout import TreeLayout, layout_of, place_mask, with_prefix
 from .tree import prune_subtrees, subtree_parents
 
 STREAMS_FILE = "speculative_streams.safetensors"
@@ -95,6 +96,7 @@ class StepOutput:
     layout: TreeLayout  # the kept sub-tree (all nodes when nothing is pruned)
     hidden: Optional[mx.array] = None  # (R, D) last-layer main states (with a drafter)
     stream_logits: Optional[mx.array] = None  # (R, gamma, V), with forward(stream_logits=True)
+    rows: Optional[list] = None  # per layer, the (keys, values) rows appended (pipelined)
 
     @property
     def kept_parents(self) -> tuple:
@@ -322,6 +324,8 @@ class StreamRuntime:
         prune_threshold: float = 0.0,
         all_streams: bool = True,
         stream_logits: bool = False,
+        pipelined: bool = False,
+        fold: Optional[Fold] = None,
     ) -> StepOutput:
         """One multi-stream pass over a tree whose root follows the cached prefix.
 
@@ -342,6 +346,12 @@ class StreamRuntime:
               norm and head also run over the stream rows, in the same call
               as the main rows (one read of the head's weights per step), and
               the output carries every kept node's stream logits.
+            pipelined (bool): write the rows through
+              :class:`~mlx_specstream.cache.FoldingCache` at an offset the
+              device computes, folding ``fold`` (the previous step, not yet
+              read on the host) into the caches first. Every layer's offset is
+              left for the caller to set, and the output carries the rows
+              appended (``rows``). Not with pruning.
         """
         if not all_streams and self.config.mode != "lossless":
             raise ValueError("Streams can be left out of the pass only in lossless mode.")
@@ -349,14 +359,23 @@ class StreamRuntime:
         tokens = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
         self._all_streams = all_streams
         self._head_on_streams = stream_logits and all_streams and self.streams is not None
-        prefix = cache[0].offset
+        if pipelined:  # the tree starts where the device says the last step's path ends
+            if prune_threshold > 0:
+                raise ValueError("A pipelined pass cannot prune (pruning reads the host).")
+            cache = [FoldingCache(c, fold, i) for i, c in enumerate(cache)]
+            base, span = cache[0].offset, 0 if fold is None else fold.span
+            prefix = mx.array(base, dtype=mx.int32) + (0 if fold is None else fold.accepted)
+            self._join = lambda mask: place_mask(mask, prefix, base + span + mask.shape[0])
+        else:
+            prefix = cache[0].offset
+            self._join = lambda mask: with_prefix(mask, prefix)
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
         self._layout, self._prefix = layout, prefix
         # Rows that form a chain are a plain multi-token pass: the model's own
         # (causal) mask and RoPE offset, as mlx-lm computes them, no tree ops.
-        self._lower_plain = self._upper_plain = layout.is_chain
-        if not layout.is_chain:
-            self._lower_mask = with_prefix(layout.ancestors_mx, prefix)
+        self._lower_plain = self._upper_plain = layout.is_chain and not pipelined
+        if not self._lower_plain:
+            self._lower_mask = self._join(layout.ancestors_mx)
             self._lower_pos = prefix + layout.depth_mx
         self.prune_threshold = prune_threshold
         # Without stream layers nothing is inserted or pruned: every node is kept.
@@ -380,6 +399,7 @@ class StreamRuntime:
             kept=self._kept,
             layout=self._kept_layout,
             hidden=self._main_hidden[0] if self.drafter is not None else None,
+            rows=[c.rows for c in cache] if pipelined else None,
         )
 
     def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False):
@@ -408,14 +428,14 @@ class StreamRuntime:
         if not self._all_streams:
             self._upper_input = h
             # (unpruned only: the model built its own mask for all the tree's rows)
-            self._upper_plain = sub.is_chain and len(sub) == len(layout)
+            self._upper_plain = self._lower_plain and len(sub) == len(layout)
             if not self._upper_plain:
-                self._upper_mask = with_prefix(sub.ancestors_mx, prefix)
+                self._upper_mask = self._join(sub.ancestors_mx)
                 self._upper_pos = prefix + sub.depth_mx
             return h
         self._upper_plain = False
         g = self.config.num_streams
-        self._upper_mask = with_prefix(sub.stream_mask(g, self.config.mode == "shared"), prefix)
+        self._upper_mask = self._join(sub.stream_mask(g, self.config.mode == "shared"))
         self._upper_pos = prefix + self._stream_positions(sub.depth_mx)
         return mx.concatenate([h, self.streams.make_streams(h)], axis=1)
 
@@ -470,6 +490,7 @@ class StreamRuntime:
 
     # Arrays of the last pass: dropped by :meth:`release` when a generation ends.
     _STEP_ARRAYS = (
+        "_join",
         "_tree",
         "_layout",
         "_lower_mask",

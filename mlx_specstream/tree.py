@@ -399,6 +399,26 @@ def path_to(node: int, parents: Sequence[int]) -> List[int]:
     return path[::-1]
 
 
+def path_table(parents: Sequence[int]) -> np.ndarray:
+    """``(T, depth + 1)`` table: row ``n`` lists the nodes on the path to node ``n``
+    (:func:`path_to`), padded with ``n`` itself up to the tree's deepest path.
+
+    A pipelined step gathers an accepted path's cache rows on the device with
+    one row of this table, before the host knows which node was accepted;
+    the padding rows are overwritten by the next tree's rows.
+
+    Example:
+        >>> path_table([-1, 0, 1, 0])
+        array([[0, 0, 0],
+               [0, 1, 1],
+               [0, 1, 2],
+               [0, 3, 3]], dtype=int32)
+    """
+    paths = [path_to(n, parents) for n in range(len(parents))]
+    span = max(len(p) for p in paths)
+    return np.array([p + [p[-1]] * (span - len(p)) for p in paths], dtype=np.int32)
+
+
 def merge_chain(
     tokens: Sequence[int], parents: Sequence[int], chain: Sequence[int], max_nodes: int
 ) -> DraftTree:

@@ -90,6 +90,11 @@ CASES = {
         dict(temp=0.7, top_p=0.9),
         dict(tree_top_k=2),
     ),
+    "target-sample tree T=1 pipelined": (
+        "target-sample",
+        dict(temp=1.0),
+        dict(tree_top_k=2, pipeline=True),
+    ),
     "rejection chain T=1": ("rejection", dict(temp=1.0), dict(tree_top_k=1)),
     "rejection tree T=1": ("rejection", dict(temp=1.0), dict(tree_top_k=3)),
     "rejection tree T=0.7 top-p": ("rejection", dict(temp=0.7, top_p=0.9), dict(tree_top_k=2)),

@@ -1,0 +1,223 @@
+"""Pipelined decoding: each step is launched before the previous one's host read.
+
+The pass of step ``k + 1`` moves step ``k``'s accepted rows into place and
+writes its own rows at an offset only the device knows. Its output must equal
+plain decoding token for token, its caches must end as the unpipelined
+loop's do, and a wrong accepted length or path must break it (controls).
+"""
+
+import mlx.core as mx
+import pytest
+from helpers import ARCHS, plain_greedy, spec_tokens, tiny_spec_model
+from mlx_lm.models.cache import KVCache
+
+import mlx_specstream.decode as decode_module
+from mlx_specstream.cache import Fold, FoldingCache, make_prompt_cache
+from mlx_specstream.layout import layout_of, place_mask, with_prefix
+from mlx_specstream.sample_utils import make_sampler
+from mlx_specstream.tree import path_table, path_to, stream_attention_mask
+
+PROMPTS = [[5], [3, 1, 4, 1, 5, 1, 2, 6, 5, 3, 5, 0, 1, 7]]
+MAX_TOKENS = 48
+SHAPES = {
+    "chain-g1-k1": dict(num_streams=1, top_k=1),
+    "g2-k3": dict(num_streams=2, top_k=3, max_tree_nodes=13),
+    "g4-k[3,2,1,1]-capped": dict(num_streams=4, top_k=[3, 2, 1, 1], max_tree_nodes=9),
+}
+
+
+# ---- pure pieces --------------------------------------------------------------------
+def test_place_mask_golden():
+    mask = mx.array([[1, 0], [1, 1]]).astype(mx.bool_)
+    got = place_mask(mask, mx.array(2), 5).astype(mx.int32).tolist()
+    assert got == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    got = place_mask(mask, mx.array(0), 3).astype(mx.int32).tolist()
+    assert got == [[1, 0, 0], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("parents", [[-1], [-1, 0, 1, 0], [-1, 0, 0, 1, 2, 1]])
+@pytest.mark.parametrize("prefix", [0, 1, 7])
+def test_place_mask_at_a_known_offset_is_with_prefix(parents, prefix):
+    """Tree and multi-stream masks alike."""
+    ancestors = layout_of(parents).ancestors
+    for m in (ancestors, stream_attention_mask(ancestors, 2, False)):
+        m = mx.array(m)
+        want = with_prefix(m, prefix)
+        got = place_mask(m, mx.array(prefix), prefix + m.shape[1])
+        assert mx.array_equal(got, want)
+        # Longer views hide the extra columns.
+        longer = place_mask(m, mx.array(prefix), prefix + m.shape[1] + 3)
+        assert mx.array_equal(longer[:, : want.shape[1]], want) and not longer[:, -3:].any()
+
+
+def test_path_table_rows_are_the_paths():
+    parents = [-1, 0, 0, 1, 2, 3, 1]
+    table = path_table(parents)
+    assert table.shape == (7, 4)
+    for n in range(7):
+        path = path_to(n, parents)
+        assert table[n, : len(path)].tolist() == path
+        assert set(table[n, len(path) :].tolist()) <= {n}
+
+
+def test_folding_cache_worked_example():
+    """The docstring's example: prefix 5, rows a b c d, path [0, 2], then x y."""
+    row = lambda v: mx.full((1, 1, 1, 2), float(v))  # noqa: E731
+    c = KVCache()
+    c.update_and_fetch(mx.concatenate([row(i) for i in range(5)], 2), mx.zeros((1, 1, 5, 2)))
+    first = FoldingCache(c, None, 0)
+    tree = mx.concatenate([row(v) for v in (10, 11, 12, 13)], axis=2)  # a b c d
+    keys, _ = first.update_and_fetch(tree, tree)
+    assert keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13]
+    assert c.offset == 5  # offsets are the decoder's to set
+    fold = Fold(5, mx.array(2), mx.array([0, 2, 2]), [first.rows])
+    xy = mx.concatenate([row(20), row(21)], axis=2)
+    keys, values = FoldingCache(c, fold, 0).update_and_fetch(xy, xy)
+    assert keys.shape[2] == 10
+    assert keys[0, 0, :9, 0].tolist() == [0, 1, 2, 3, 4, 10, 12, 20, 21]
+    assert mx.array_equal(keys[..., 5:9, :], values[..., 5:9, :])  # values move alike
+
+
+# ---- decoding -------------------------------------------------------------------------
+@pytest.fixture
+def folds(monkeypatch):
+    """Counts the folds built, to show the pipelined path ran."""
+    made = []
+    real = decode_module.Fold
+    monkeypatch.setattr(decode_module, "Fold", lambda *a: made.append(a) or real(*a))
+    return made
+
+
+def run(model, prompt, **kwargs):
+    return spec_tokens(model, prompt, MAX_TOKENS, **kwargs)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pipelined_lossless_equals_mlx_lm(arch, shape, folds):
+    model = tiny_spec_model(arch, vocab_size=8, mode="lossless", **SHAPES[shape])
+    drafted = 0
+    for prompt in PROMPTS:
+        toks, records = run(model, prompt, pipeline=True)
+        assert toks == plain_greedy(model, prompt, MAX_TOKENS)
+        # Same passes as the unpipelined loop: the same trees were verified.
+        assert [r[3] for r in records] == [r[3] for r in run(model, prompt, pipeline=False)[1]]
+        drafted += sum(r[2] for r in records)
+    assert drafted > 0 and folds, "no draft accepted or nothing pipelined: the test is empty"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3"])
+def test_pipelined_shared_equals_nonspeculative(arch, folds):
+    model = tiny_spec_model(arch, vocab_size=8, mode="shared", **SHAPES["g2-k3"])
+    for prompt in PROMPTS:
+        want = run(model, prompt, speculative=False)[0]
+        assert run(model, prompt, pipeline=True)[0] == want
+    assert folds
+
+
+@pytest.mark.parametrize("wrong", ["accepted length", "path"])
+def test_negative_control_wrong_fold(monkeypatch, wrong):
+    """Folding one row too many, or the wrong rows, must change the output."""
+    real = decode_module.Fold
+
+    def bad(prefix, accepted, path, rows):
+        if wrong == "accepted length":
+            return real(prefix, accepted + 1, path, rows)
+        return real(prefix, accepted, mx.zeros_like(path), rows)
+
+    monkeypatch.setattr(decode_module, "Fold", bad)
+    model = tiny_spec_model("llama", vocab_size=8, mode="lossless", **SHAPES["g2-k3"])
+    prompt = PROMPTS[1]
+    assert run(model, prompt, pipeline=True)[0] != plain_greedy(model, prompt, MAX_TOKENS)
+
+
+def test_pipelined_sampling_is_the_unpipelined_sampling():
+    """target-sample draws its targets on the device in launch order: with the
+    same seed both loops draw the same tokens (the distribution is
+    test_sampling's chi-square case). Without a token limit, as the unpipelined
+    loop verifies shallower trees just before one."""
+    from mlx_specstream.decode import spec_generate_step
+
+    model = tiny_spec_model("qwen2", vocab_size=8, **SHAPES["g2-k3"])
+    sampler = make_sampler(temp=0.8)
+    for seed in range(3):
+        got = []
+        for pipeline in (True, False):
+            mx.random.seed(seed)
+            gen = spec_generate_step(mx.array([1, 2, 3]), model, max_tokens=-1, sampler=sampler,
+                                     acceptance="target-sample", pipeline=pipeline)  # fmt: skip
+            got.append([next(gen)[0] for _ in range(MAX_TOKENS)])
+            gen.close()
+        assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 8, 13])
+def test_caches_end_as_unpipelined_and_continue(max_tokens):
+    """Whatever step ends the call, the prompt cache holds the prompt and every
+    yielded token but the last, and a follow-up call continues plain decoding."""
+    model = tiny_spec_model("llama", vocab_size=8, **SHAPES["g2-k3"])
+    prompt, more = [3, 1, 4, 1, 5], 10
+    want = plain_greedy(model, prompt, max_tokens + more)
+    for pipeline in (True, False):
+        cache = make_prompt_cache(model)
+        first = spec_tokens(model, prompt, max_tokens, prompt_cache=cache, pipeline=pipeline)[0]
+        assert first == want[:max_tokens]
+        assert all(c.offset == len(prompt) + max_tokens - 1 for c in cache)
+        rest = spec_tokens(model, first[-1:], more, prompt_cache=cache, pipeline=pipeline)[0]
+        assert first + rest == want
+
+
+def test_closing_early_leaves_a_usable_cache():
+    model = tiny_spec_model("qwen3", vocab_size=8, **SHAPES["g4-k[3,2,1,1]-capped"])
+    prompt = [2, 7, 1, 6, 2, 6]
+    want = plain_greedy(model, prompt, 30)
+    from mlx_specstream.decode import spec_generate_step
+
+    cache = make_prompt_cache(model)
+    gen = spec_generate_step(mx.array(prompt), model, max_tokens=-1, prompt_cache=cache,
+                             pipeline=True)  # fmt: skip
+    got = [next(gen)[0] for _ in range(11)]
+    gen.close()
+    assert got == want[:11] and cache[0].offset == len(prompt) + 10
+    got += spec_tokens(model, got[-1:], 19, prompt_cache=cache, pipeline=True)[0]
+    assert got == want
+
+
+REFUSED = {
+    "ngram": dict(draft="ngram"),
+    "pruning": dict(prune_threshold=0.2),
+    "kv_bits": dict(kv_bits=4),
+    "processors": dict(logits_processors=[lambda toks, logits: logits]),
+    "rejection": dict(sampler=make_sampler(temp=1.0), acceptance="rejection"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_pipeline_true_refuses_settings_that_read_the_host(case):
+    model = tiny_spec_model("llama", vocab_size=8, **SHAPES["g2-k3"])
+    with pytest.raises(ValueError, match="pipeline=True"):
+        run(model, [1, 2], pipeline=True, **REFUSED[case])
+
+
+def test_split_stream_pass_is_refused():
+    model = tiny_spec_model("llama", vocab_size=8, stream_pass="split", **SHAPES["g2-k3"])
+    with pytest.raises(ValueError, match="split stream pass"):
+        run(model, [1, 2], pipeline=True)
+
+
+def test_default_is_pipelined_on_a_gpu_only(monkeypatch):
+    model = tiny_spec_model("llama", vocab_size=8, **SHAPES["g2-k3"])
+    seen = []
+    real = decode_module.Decoder.launch_ahead
+    monkeypatch.setattr(
+        decode_module.Decoder, "launch_ahead", lambda d, p: seen.append(d.pipelined) or real(d, p)
+    )
+    run(model, [1, 2])
+    assert seen and not any(seen)
+    monkeypatch.setattr(decode_module, "on_gpu", lambda: True)
+    seen.clear()
+    run(model, [1, 2])
+    assert seen and all(seen)
+    seen.clear()  # settings that read the host: not pipelined, and no error
+    run(model, [1, 2], draft="streams+ngram")
+    assert seen and not any(seen)
