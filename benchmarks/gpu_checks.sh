@@ -5,11 +5,11 @@
 # back to back carrying .gpu/pN and .gpu/bin; the last one, and every later run on the same
 # machine, is:
 #     bash benchmarks/gpu_checks.sh STAGE
-# STAGE: tests | step_cost | fidelity | fidelity-8b | ngram | parity. Results go to $OUT (the
+# STAGE: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity. Results go to $OUT (the
 # run's return folder).
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stage=${1:?"stage: tests | step_cost | fidelity | fidelity-8b | ngram | parity"}
+stage=${1:?"stage: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity"}
 out=${OUT:?"OUT: the folder whose files come back"}
 bash .gpu/bin/install.sh
 export MLX_ENABLE_TF32=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -26,6 +26,10 @@ case "$stage" in
     python3 benchmarks/step_cost.py --models shipped,qwen2-0.5b,llama-8b --dtypes bf16,q4 \
       --stream-pass both --tag gpu
     cp benchmarks/results/step_cost-gpu.* "$out/" ;;
+  pipeline)
+    # The pipelined step against the unpipelined one and mlx-lm: r(4) and r(16) both ways.
+    python3 benchmarks/pipeline.py --models shipped,qwen2-0.5b,llama-8b --rounds 4 --tag gpu
+    cp benchmarks/results/pipeline-gpu.* "$out/" ;;
   fidelity)
     python3 benchmarks/fidelity.py --models qwen2-0.5b --dtypes f32,bf16,q4 \
       --prompts 16 --max-tokens 128 --tag gpu-0.5b

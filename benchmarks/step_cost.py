@@ -15,6 +15,10 @@ dtype and each tree of n = 1, 4, 8, 16 nodes (greedy, no pruning):
 * c(n) = that plain forward over n tokens / over one token: MLX's own width cost;
 * peak memory of a generation with the 16-node tree / of plain decoding.
 
+Our loop runs with the package's defaults: on a GPU, the fused pass is
+pipelined (``spec_generate_step(pipeline=None)``; ``benchmarks/pipeline.py``
+compares both ways), the split pass is not.
+
 Results go to ``benchmarks/results/step_cost[-TAG].{md,json}`` with the device
 and versions.
 """

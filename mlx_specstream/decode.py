@@ -72,7 +72,7 @@ class Pending:
     """A launched step, until its host read."""
 
     draft: Draft
-    prefix: int
+    prefix: int  # committed rows at launch (pipelined: before the step it follows)
     out: StepOutput
     tokens: mx.array  # (R,) tokens of the kept nodes
     logprobs: mx.array  # (R, V)

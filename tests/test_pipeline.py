@@ -214,9 +214,9 @@ def test_default_is_pipelined_on_a_gpu_only(monkeypatch):
     )
     run(model, [1, 2])
     assert seen and not any(seen)
-    monkeypatch.setattr(decode_module, "on_gpu", lambda: True)
+    monkeypatch.setattr(decode_module, "on_gpu", lambda: True)  # (also: head on stream rows)
     seen.clear()
-    run(model, [1, 2])
+    assert run(model, [1, 2])[0] == plain_greedy(model, [1, 2], MAX_TOKENS)
     assert seen and all(seen)
     seen.clear()  # settings that read the host: not pipelined, and no error
     run(model, [1, 2], draft="streams+ngram")
