@@ -5,8 +5,9 @@
 
 mlx-lm's ``generate_step`` builds and dispatches token k + 1's graph
 (``mx.async_eval``) before it waits for token k, so only the longer of the
-two shows in its time per token. Our step cannot yet: the next tree's shape and
-the cache's length depend on the accepted path, read on the host. This script
+two shows in its time per token. Our unpipelined step cannot: the next tree's
+shape and the cache's length depend on the accepted path, read on the host;
+the pipelined one can (``pipeline=True``, the GPU default). This script
 splits, on the shipped model after a 96-token prompt, each pass into
 
 * ``build``: Python building the lazy graph (model, acceptance, next draft);
@@ -39,8 +40,13 @@ from report import heading, machine_info, write_results
 CASES = {
     "n-gram": (dict(draft="ngram"), False),
     "chain 3, fused": (dict(tree_top_k=1, tree_depth=3), False),
+    "chain 3, fused, pipelined": (dict(tree_top_k=1, tree_depth=3, pipeline=True), False),
     "chain 3, split": (dict(tree_top_k=1, tree_depth=3), True),
     "k3 x3, 16 nodes, split": (dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16), True),
+    "k3 x3, 16 nodes, fused, pipelined": (
+        dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16, pipeline=True),
+        False,
+    ),
 }
 
 
@@ -82,9 +88,9 @@ def decoding_parts(model, prompt, want, settings):
         clock["dispatch"] = time.perf_counter() - t0
         clock["args"] = args
 
-    def launch(self, draft):
+    def launch(self, draft, after=None):
         t0 = time.perf_counter()
-        pending = real_launch(self, draft)
+        pending = real_launch(self, draft, after)
         total = time.perf_counter() - t0
         t1 = time.perf_counter()
         mx.eval(*clock["args"])
@@ -93,10 +99,10 @@ def decoding_parts(model, prompt, want, settings):
         parts["dispatch"].append(clock["dispatch"])
         return pending
 
-    def finish(self, pending):
+    def finish(self, pending, folded=False):
         t0 = time.perf_counter()
         try:
-            return real_finish(self, pending)
+            return real_finish(self, pending, folded)
         finally:
             parts["finish"].append(time.perf_counter() - t0)
 
