@@ -5,8 +5,11 @@
 # back to back carrying .gpu/pN and .gpu/bin; the last one, and every later run on the same
 # machine, is:
 #     bash benchmarks/gpu_checks.sh STAGE
-# STAGE: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity. Results go to $OUT (the
-# run's return folder).
+# STAGE: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity. Results go to
+# $OUT (the run's return folder).
+# With 15 minutes of device time a session gets the install and about two stages: pipeline
+# first (does launching step k + 1 before reading step k pay, and r(4)/r(16) both ways), then
+# step_cost (r(n) for n = 1..16 with the defaults), then tests, fidelity, ngram, parity.
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
 stage=${1:?"stage: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity"}

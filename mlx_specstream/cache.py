@@ -10,6 +10,7 @@ be so that no step straddles that moment. A ``RotatingKVCache``
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
@@ -152,6 +153,11 @@ class Fold:
     def span(self) -> int:
         return self.path.shape[0]
 
+    @cached_property
+    def start(self) -> mx.array:
+        """``(1,)`` where the next pass's rows go: ``prefix + accepted`` (one array for all layers)."""
+        return mx.array([self.prefix], dtype=mx.int32) + self.accepted
+
 
 class FoldingCache:
     """One layer's ``KVCache`` as a pipelined pass sees it.
@@ -189,12 +195,12 @@ class FoldingCache:
         span = 0 if fold is None else fold.span
         end = self.offset + span + keys.shape[2]
         _reserve(c, keys, values, end)
-        start = mx.array([self.offset], dtype=mx.int32)
-        if fold is not None:
-            p, (k, v) = self.offset, fold.rows[self.layer]
+        if fold is None:
+            start = mx.array([self.offset], dtype=mx.int32)
+        else:
+            p, (k, v), start = self.offset, fold.rows[self.layer], fold.start
             c.keys[..., p : p + span, :] = mx.take(k, fold.path, axis=2)
             c.values[..., p : p + span, :] = mx.take(v, fold.path, axis=2)
-            start = start + fold.accepted
         c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))
         c.values = mx.slice_update(c.values, values, start, axes=(2,))
         self.rows = (keys, values)

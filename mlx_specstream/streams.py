@@ -226,8 +226,11 @@ class StreamRuntime:
                     # One row per token on the batch axis: mx.fast.rope takes
                     # one offset per batch row only.
                     B, H, L, D = x.shape
+                    if B == 1:  # (1, H, L, D) <-> (L, H, 1, D): one transpose each way
+                        y = base_call(self, x.transpose(2, 1, 0, 3), offset=pos, **kwargs)
+                        return y.transpose(2, 1, 0, 3)
                     y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-                    y = base_call(self, y, offset=pos if B == 1 else mx.tile(pos, (B,)), **kwargs)
+                    y = base_call(self, y, offset=mx.tile(pos, (B,)), **kwargs)
                     return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
                 return __call__
@@ -384,7 +387,7 @@ class StreamRuntime:
                 raise ValueError("A pipelined pass cannot prune (pruning reads the host).")
             cache = [FoldingCache(c, fold, i) for i, c in enumerate(cache)]
             base, span = cache[0].offset, 0 if fold is None else fold.span
-            prefix = mx.array(base, dtype=mx.int32) + (0 if fold is None else fold.accepted)
+            prefix = mx.array([base], dtype=mx.int32) if fold is None else fold.start
             self._join = lambda mask: place_mask(mask, prefix, base + span + mask.shape[0])
         else:
             prefix = cache[0].offset
