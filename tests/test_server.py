@@ -450,6 +450,29 @@ def test_follow_up_turns_prefill_only_their_new_tokens(serve, monkeypatch):
     assert r.choices[0].message.content != cold2
 
 
+def test_pipelined_steps_keep_the_prompt_cache_exact(serve, monkeypatch):
+    """As on a GPU, where steps are pipelined by default: every turn of a chat,
+    the follow-ups reusing the cache, equals a cold unpipelined request."""
+    import mlx_specstream.decode as decode_module
+
+    model, tok = spec_model(), word_tokenizer(V)
+    m1 = [{"role": "user", "content": "t3 t4 t5 t6"}]
+    cold1 = reference(model, tok, chat_prompt(tok, m1), 12)
+    m2 = turn(m1, cold1, "t20 t21 t22")
+    cold2 = reference(model, tok, chat_prompt(tok, m2), 12)
+    m3 = turn(m2, cold2, "t30")
+    cold3 = reference(model, tok, chat_prompt(tok, m3), 12)
+    folds = []
+    real_fold = decode_module.Fold
+    monkeypatch.setattr(decode_module, "on_gpu", lambda: True)
+    monkeypatch.setattr(decode_module, "Fold", lambda *a: folds.append(a) or real_fold(*a))
+    client, _, _ = serve(model, tok)
+    for messages, cold in ((m1, cold1), (m2, cold2), (m3, cold3)):
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+        assert r.choices[0].message.content == cold
+    assert r.usage.prompt_tokens_details.cached_tokens > 0 and folds
+
+
 @pytest.mark.parametrize("kind", ["medusa", "parallelspec"])
 def test_prompt_cache_with_attached_drafters(serve, kind):
     """With a Medusa or ParallelSpec drafter, a follow-up turn reuses the
