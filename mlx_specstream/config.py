@@ -94,6 +94,11 @@ class SpecStreamConfig(_Section):
           ``"streams"`` (the streams' tree), ``"ngram"`` (prompt lookup) or
           ``"streams+ngram"``. ``python -m mlx_specstream.tune`` stores the
           fastest. Default: ``None``, the streams.
+        pipeline (bool, optional): whether a call that does not say launches
+          each step before the previous one's host read, where its settings
+          allow (``spec_generate_step(pipeline=...)``).
+          ``python -m mlx_specstream.tune`` stores what it measured faster.
+          Default: ``None``, on a GPU only.
     """
 
     SECTION = CONFIG_KEY
@@ -113,6 +118,7 @@ class SpecStreamConfig(_Section):
     stream_lora_targets: Optional[List[str]] = None
     stream_pass: str = "fused"
     draft: Optional[str] = None
+    pipeline: Optional[bool] = None
 
     def __post_init__(self):
         def require(ok, name, why):
@@ -179,6 +185,7 @@ class SpecStreamConfig(_Section):
         require(
             self.draft is None or self.draft in DRAFTS, "draft", f"must be null or one of {DRAFTS}"
         )
+        require(self.pipeline in (None, True, False), "pipeline", "must be null, true or false")
         require(
             self.stream_positions in STREAM_POSITIONS,
             "stream_positions",

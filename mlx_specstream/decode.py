@@ -97,7 +97,8 @@ class Decoder:
         ngram_tokens (int): the longest prompt-lookup draft.
         max_tokens (int): tokens to generate, ``-1`` for no limit.
         pipeline (bool, optional): launch each step before the previous one's
-          host read (``None``: on a GPU, where the settings allow it).
+          host read (``None``: as the model's config says, else on a GPU;
+          either only where the settings allow it).
     """
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
@@ -131,7 +132,10 @@ class Decoder:
         why_not = self._why_not_pipelined()
         if pipeline and why_not:
             raise ValueError(f"pipeline=True: {why_not}")
-        self.pipelined = (on_gpu() and not why_not) if pipeline is None else bool(pipeline)
+        if pipeline is None:  # the tuner's stored choice, else the device's default
+            preferred = getattr(rt.config, "pipeline", None)
+            pipeline = (on_gpu() if preferred is None else preferred) and not why_not
+        self.pipelined = bool(pipeline)
 
     def _why_not_pipelined(self) -> Optional[str]:
         """Why the next tree cannot be launched before this step's host read (None: it can)."""
@@ -427,9 +431,11 @@ def spec_generate_step(
           mlx-lm's loop launches its next token. Needs a tree of the model's
           own streams, fused stream rows, no pruning, no logits processors,
           no ``"rejection"`` acceptance and a plain KV cache (``True`` with
-          other settings raises). Default (``None``): on when MLX runs on a
-          GPU and the settings allow it, as on this package's CPU
-          measurements it does not pay (``benchmarks/RESULTS.md``).
+          other settings raises). Default (``None``): the model config's
+          ``pipeline`` (stored by ``mlx_specstream.tune``), else on when MLX
+          runs on a GPU, as on this package's CPU measurements it does not
+          pay (``benchmarks/RESULTS.md``); either only where the settings
+          allow it.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.

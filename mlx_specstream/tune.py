@@ -3,8 +3,8 @@
 ``python -m mlx_specstream.tune [--model DIR] [--save]``
 
 Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
-trees (top-k per stream, depth, max nodes, then pruning thresholds for the
-best shapes), on held-out prompts; with streams, also prompt lookup
+trees (top-k per stream, depth, max nodes, then pruning thresholds and
+pipelined steps for the best shapes), on held-out prompts; with streams, also prompt lookup
 (``draft="ngram"``) and prompt lookup merged with the best tree
 (``"streams+ngram"``). The fastest wins, unless it beats plain decoding by
 less than ``--min-gain``: then speculation does not pay on this device and
@@ -112,7 +112,8 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
     trials = Trials(model, tokenizer, prompts, max_tokens, log)
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
-        tree["draft"] = "streams"  # (not the draft source a previous tuning stored)
+        # (not the draft source or pipelining a previous tuning stored)
+        tree.update(draft="streams", pipeline=False)
         if lossless_streams:
             tree["stream_pass"] = "fused"
         trials.run(tree)
@@ -126,8 +127,18 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
             for threshold in (0.02, 0.05, 0.1, 0.2):
                 trials.run(dict(tree, prune_threshold=threshold))
     if rt.streams is not None:
+        # Pipelined steps (launched before the previous one's host read), where the
+        # tree allows: the fused stream pass, no pruning.
+        can = [
+            t
+            for t in trials.fastest(len(trials.results))
+            if t.get("stream_pass", "fused") == "fused" and not t["prune_threshold"]
+        ]
+        for tree in can[:3]:
+            trials.run(dict(tree, pipeline=True))  # fmt: skip
+    if rt.streams is not None:
         # Prompt lookup, alone and merged with the fastest tree.
-        best_tree = trials.fastest(1)[0]
+        best_tree = {k: v for k, v in trials.fastest(1)[0].items() if k != "pipeline"}
         for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
             trials.run(drafts)
     return trials.choice(min_gain, "Speculation")
@@ -173,6 +184,8 @@ def save_choice(model_dir: Path, choice: dict):
             section["prune_threshold"] = choice["prune_threshold"]
         if "stream_pass" in choice:
             section["stream_pass"] = choice["stream_pass"]
+        if "pipeline" in choice and CONFIG_KEY in config:
+            section["pipeline"] = choice["pipeline"]
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():
         shutil.copy(config_file, backup)

@@ -123,3 +123,39 @@ def test_tune_a_plain_mlx_lm_model_measures_lookup_lengths_and_writes_nothing(
     with pytest.raises(SystemExit):
         tune.main(["--model", str(base), "--prompts", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_tune_measures_pipelined_steps_and_the_config_choice_is_the_default(tmp_path, monkeypatch):
+    """The tuner times pipelined steps for the fastest fused unpruned trees and
+    stores the choice; a model whose config says ``pipeline: true`` then pipelines
+    where a call's settings allow (here on a CPU), and runs other settings
+    unpipelined without an error."""
+    import mlx_specstream.decode as decode_module
+
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
+    tokenizer = word_tokenizer(16, eos=15)
+    measured = fake_speeds(monkeypatch, lambda tps, s: 1e6 if s.get("pipeline") else tps)
+    choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    assert {False, True} <= {m.get("pipeline") for m in measured}
+    assert all(m["stream_pass"] == "fused" for m in measured if m.get("pipeline"))
+    assert choice["pipeline"] is True and choice["tree_depth"] >= 1
+    config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    saved = tune.save_choice(tmp_path, choice)
+    assert saved["pipeline"] is True and SpecStreamConfig.from_dict(saved).pipeline is True
+
+    seen = []
+    real = decode_module.Decoder.launch_ahead
+    monkeypatch.setattr(
+        decode_module.Decoder, "launch_ahead", lambda d, p: seen.append(d.pipelined) or real(d, p)
+    )
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=2, top_k=2, pipeline=True)
+    want = plain_greedy(model, PROMPT, 24)
+    assert spec_tokens(model, PROMPT, 24)[0] == want and seen and all(seen)
+    seen.clear()
+    assert spec_tokens(model, PROMPT, 24, draft="streams+ngram")[0] == want
+    assert seen and not any(seen)
+    seen.clear()
+    assert spec_tokens(model, PROMPT, 24, pipeline=False)[0] == want and not any(seen)
+    with pytest.raises(ValueError, match="speculative_streaming.pipeline='yes'"):
+        SpecStreamConfig(pipeline="yes")
