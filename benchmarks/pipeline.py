@@ -9,7 +9,7 @@ tree step ``k`` drafted on the device (``spec_generate_step(pipeline=True)``),
 so the host builds one step's graph while the device runs the previous one.
 For each model (the shipped default, or a random model of a real shape with
 random lossless streams, bf16), each tree (a chain of 3 drafts, a 16-node
-top-3 tree), greedy: ``--rounds`` rounds, each timing mlx-lm's
+top-3 tree, prompt lookup's chain of up to 10), greedy: ``--rounds`` rounds, each timing mlx-lm's
 ``generate_step``, our loop unpipelined and pipelined on the same prompts,
 so a shared machine's drift falls on all three. Reported: medians of ms per
 generated token and per step, r(n) = a step / mlx-lm's time per token (the
@@ -33,6 +33,8 @@ from shapes import SHAPES, random_model
 TREES = {
     "chain 3": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4),
     "k3 x3, 16 nodes": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16),
+    # Pipelined, the lookup runs on the device and always drafts a chain of 10.
+    "prompt lookup": dict(draft="ngram"),
 }
 
 

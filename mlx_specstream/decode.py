@@ -31,7 +31,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from .cache import Fold, KVQuantizer, check_cache, commit_path, window_rows
 from .config import DRAFTS
 from .layout import TreeLayout, layout_of
-from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
+from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
 from .precision import on_gpu, warn_if_tf32
 from .sample_utils import DistributionSampler
 from .settings import (
@@ -108,8 +108,7 @@ class Decoder:
         self.sampler, self.processors = sampler, processors
         ks, self.depth, self.threshold, self.max_nodes = tree
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
-        # Prompt lookup's index of the history (None: no n-gram drafts).
-        self.ngrams = NgramIndex(history) if draft in ("ngram", "streams+ngram") else None
+        self.draft = draft
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.max_tokens, self.dstate = max_tokens, dstate
         self.streams = self.depth > 0 and rt.drafter is None  # drafts from this pass's streams
@@ -136,17 +135,28 @@ class Decoder:
             preferred = getattr(rt.config, "pipeline", None)
             pipeline = (on_gpu() if preferred is None else preferred) and not why_not
         self.pipelined = bool(pipeline)
+        # Prompt lookup: a host index of the history, or pipelined, the history on
+        # the device and a fixed chain of drafts (None: no n-gram drafts).
+        self.ngrams = self.device_history = None
+        if self.pipelined and draft == "ngram":
+            self.layout = layout_of([-1] + list(range(self.ngram_tokens)))
+            self.device_history = (mx.array(history, dtype=mx.int32), mx.array(len(history)))
+        elif draft in ("ngram", "streams+ngram"):
+            self.ngrams = NgramIndex(history)
 
     def _why_not_pipelined(self) -> Optional[str]:
         """Why the next tree cannot be launched before this step's host read (None: it can)."""
-        if not self.streams:
-            return "only trees drafted by the model's own streams are pipelined."
-        if self.ngrams is not None or self.processors or self.by_rejection:
+        if not (self.streams or self.draft == "ngram"):
             return (
-                "prompt lookup, logits processors and acceptance='rejection' read the host "
-                "before the next tree exists."
+                "only trees drafted on the device are pipelined: the model's streams, or "
+                "prompt lookup alone (draft='ngram')."
             )
-        if not self.all_streams or self.threshold > 0:
+        if self.draft == "streams+ngram" or self.processors or self.by_rejection:
+            return (
+                "draft='streams+ngram', logits processors and acceptance='rejection' read the "
+                "host before the next tree exists."
+            )
+        if self.streams and (not self.all_streams or self.threshold > 0):
             return "the split stream pass and pruning (prune_threshold > 0) read the host mid-step."
         if self.quant is not None or any(type(c) is not KVCache for c in self.cache):
             return "only plain KVCache layers are pipelined (no kv_bits, no max_kv_size)."
@@ -187,6 +197,8 @@ class Decoder:
             p.top, p.next_tokens = self._draft_tokens(
                 self._stream_logits(out, p.last), p.targets[p.last]
             )
+        elif self.device_history is not None:
+            p.next_tokens = self._lookup_on_device(tokens, out.layout, p.last, p.targets)
         mx.async_eval(
             [a for a in (p.tokens, p.logprobs, p.targets, p.last, p.next_tokens) if a is not None]
         )
@@ -256,6 +268,9 @@ class Decoder:
 
     def first_draft(self, root: int) -> Draft:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
+        if self.device_history is not None:
+            draft, _ = device_lookup(*self._history_room(), self.ngram_tokens)
+            return Draft(self.layout, mx.concatenate([mx.array([root]), draft]))
         chain = self._lookup(self._room())
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
@@ -271,6 +286,30 @@ class Decoder:
     def _lookup(self, room: int) -> List[int]:
         """The prompt-lookup chain for the next tree (empty without n-gram drafts)."""
         return [] if self.ngrams is None else self.ngrams.draft(min(self.ngram_tokens, room))
+
+    def _history_room(self):
+        """The device history and its length, its buffer grown to hold every
+        token the steps in flight may add and a draft after them."""
+        history, length = self.device_history
+        need = len(self.history) + 4 * (self.ngram_tokens + 1)
+        if history.shape[0] < need:
+            history = mx.concatenate([history, mx.zeros(need + 1024, dtype=mx.int32)])
+        return history, length
+
+    def _lookup_on_device(self, tokens, layout: TreeLayout, last, targets) -> mx.array:
+        """Pipelined prompt lookup: appends the accepted drafts and the bonus token
+        to the device history, then the next chain's tokens (root first)."""
+        history, length = self._history_room()
+        path = mx.take(layout.paths_mx, last, axis=0)
+        depth, bonus = mx.take(layout.depth_mx, last), mx.take(targets, last)
+        i = mx.arange(path.shape[0])
+        drafted = mx.take(tokens, mx.take(path, mx.minimum(i + 1, path.shape[0] - 1)))
+        new = mx.where(i == depth, bonus, drafted)  # drafts on the path, then the bonus
+        history = mx.slice_update(history, new.astype(mx.int32), length.reshape(1), (0,))
+        length = length + depth + 1
+        self.device_history = history, length
+        draft, _ = device_lookup(history, length, self.ngram_tokens)
+        return mx.concatenate([bonus.reshape(1), draft])
 
     def _stream_logits(self, out: StepOutput, node: mx.array) -> mx.array:
         """``(gamma, V)`` float32 logits of the streams of kept node ``node``."""
@@ -428,10 +467,12 @@ def spec_generate_step(
           the call (a rotated window cannot be rolled back to a tree path).
         pipeline (bool, optional): launch each step's pass before the host
           reads the previous one, from the tree the device drafted, as
-          mlx-lm's loop launches its next token. Needs a tree of the model's
-          own streams, fused stream rows, no pruning, no logits processors,
-          no ``"rejection"`` acceptance and a plain KV cache (``True`` with
-          other settings raises). Default (``None``): the model config's
+          mlx-lm's loop launches its next token. Needs drafts made on the
+          device: the model's own streams (fused stream rows, no pruning) or
+          prompt lookup alone (``draft="ngram"``, then looked up on the
+          device as a fixed chain of ``num_draft_tokens``); no logits
+          processors, no ``"rejection"`` acceptance and a plain KV cache
+          (``True`` with other settings raises). Default (``None``): the model config's
           ``pipeline`` (stored by ``mlx_specstream.tune``), else on when MLX
           runs on a GPU, as on this package's CPU measurements it does not
           pay (``benchmarks/RESULTS.md``); either only where the settings

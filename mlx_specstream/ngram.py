@@ -5,7 +5,8 @@ The draft is a deterministic function of the tokens so far, so the tree
 verifier keeps the output exact, greedy or sampled. :func:`ngram_draft` is the
 definition (it rescans the whole history); :class:`NgramIndex` gives the same
 drafts from an index updated per token, which the decoder uses so that a step's
-lookup does not grow with the context.
+lookup does not grow with the context. :func:`device_lookup` gives them on the
+device, for pipelined steps whose history the host has not read yet.
 """
 
 from typing import Dict, Iterable, List, Sequence, Tuple
@@ -97,3 +98,54 @@ class NgramIndex:
             if start is not None:
                 return h[start : start + max_tokens]
         return []
+
+
+def device_lookup(history, length, max_tokens: int, max_ngram: int = NGRAM_MAX, min_ngram: int = 1):
+    """:func:`ngram_draft` on the device, over a history whose length only the
+    device may know yet (a pipelined step's). Fixed shapes: the draft always
+    has ``max_tokens`` tokens, of which the first ``count`` are
+    :func:`ngram_draft`'s. Where the text runs out before ``max_tokens``, the
+    rest repeats the matched continuation, as text that loops would go on
+    (any tokens are safe to verify; these are the likeliest filler).
+
+    Example:
+        >>> import mlx.core as mx
+        >>> h = mx.array([5, 1, 2, 3, 4, 9, 1, 2, 0, 0, 0, 0])   # 8 tokens, then room
+        >>> draft, count = device_lookup(h, mx.array(8), 3)
+        >>> draft.tolist()[: count.item()]   # as ngram_draft(h[:8], 3)
+        [3, 4, 9]
+        >>> h = mx.array([7, 1, 2, 1, 2, 1, 2, 0, 0, 0, 0, 0])  # "1 2" loops
+        >>> draft, count = device_lookup(h, mx.array(7), 5)
+        >>> draft.tolist(), count.item()   # ngram_draft gives [1, 2]; then the loop goes on
+        ([1, 2, 1, 2, 1], 2)
+
+    Args:
+        history (mx.array): ``(C,)`` int32 buffer holding the tokens so far in
+          its first ``length`` entries.
+        length (mx.array): scalar, the number of tokens so far.
+        max_tokens (int): the draft's length.
+        max_ngram, min_ngram (int): suffix lengths tried, longest first.
+
+    Returns:
+        tuple: ``(draft, count)``: ``(max_tokens,)`` tokens and a scalar.
+    """
+    import mlx.core as mx  # (the module's host index is numpy only)
+
+    C = history.shape[0]
+    start = mx.array(-1, dtype=mx.int32)  # where the chosen match's follower is
+    for n in range(min(max_ngram, C), min_ngram - 1, -1):
+        suffix = mx.slice(history, mx.maximum(length - n, 0).reshape(1), (0,), (n,))
+        windows = C - n + 1
+        hit = history[:windows] == suffix[0]
+        for t in range(1, n):
+            hit = hit & (history[t : t + windows] == suffix[t])
+        # Windows that start before the suffix itself and are followed by a token.
+        w = mx.arange(windows, dtype=mx.int32)
+        hit = hit & (w <= length - 1 - n) & (length - 1 >= n)
+        latest = mx.max(mx.where(hit, w, -1))
+        start = mx.where((start < 0) & (latest >= 0), latest + n, start)
+    found, start = start >= 0, mx.maximum(start, 0)  # (no match: any tokens)
+    period = mx.maximum(length - start, 1)  # tokens after the match, repeated past the end
+    draft = mx.take(history, start + mx.arange(max_tokens, dtype=mx.int32) % period)
+    count = mx.where(found, mx.minimum(max_tokens, length - start), 0)
+    return draft, count

@@ -77,6 +77,34 @@ def test_negative_control_earliest_match_index_differs():
     assert index_mismatches(EarliestMatchIndex) > 0
 
 
+def device_mismatches(lookup, trials=400):
+    """Histories, in buffers with random room after them, on which ``lookup``'s
+    first ``count`` tokens differ from :func:`ngram_draft`'s."""
+    rng, bad = random.Random(1), 0
+    for _ in range(trials):
+        vocab, (lo, hi) = rng.randint(2, 6), sorted(rng.sample(range(1, 5), 2))
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        room = [rng.randrange(vocab) for _ in range(rng.randint(0, 8))]
+        k = rng.randint(1, 8)
+        draft, count = lookup(mx.array(tokens + room), mx.array(len(tokens)), k, hi, lo)
+        assert draft.shape == (k,)
+        bad += draft.tolist()[: count.item()] != ngram_draft(tokens, k, max_ngram=hi, min_ngram=lo)
+    return bad
+
+
+def test_device_lookup_equals_rescanning_lookup():
+    assert device_mismatches(ngram.device_lookup) == 0
+
+
+def test_negative_control_device_lookup_one_token_too_long_differs():
+    """A lookup that reads one token past the history's end must be caught."""
+
+    def one_too_many(history, length, k, hi, lo):
+        return ngram.device_lookup(history, length + 1, k, hi, lo)
+
+    assert device_mismatches(one_too_many) > 0
+
+
 def test_static_tree_golden():
     # Rank r scores log .6 + r log .3 per level: the 7 best of the 39 non-root
     # nodes are 0, 00, 000, 1, then 01 and 10 (-2.23), then 001 (-2.74, the
@@ -226,10 +254,12 @@ def ngram_pvalue(model, sampler, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "draft, temp", [("ngram", 1.0), ("streams+ngram", 0.7)], ids=["ngram-T1", "both-T0.7"]
+    "draft, temp, pipeline",
+    [("ngram", 1.0, False), ("streams+ngram", 0.7, False), ("ngram", 0.7, True)],
+    ids=["ngram-T1", "both-T0.7", "ngram-T0.7-pipelined"],
 )
-def test_ngram_sampling_matches_plain_distribution(small, draft, temp):
-    p = ngram_pvalue(small, make_sampler(temp=temp), draft=draft)
+def test_ngram_sampling_matches_plain_distribution(small, draft, temp, pipeline):
+    p = ngram_pvalue(small, make_sampler(temp=temp), draft=draft, pipeline=pipeline)
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 

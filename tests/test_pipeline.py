@@ -184,7 +184,7 @@ def test_closing_early_leaves_a_usable_cache():
 
 
 REFUSED = {
-    "ngram": dict(draft="ngram"),
+    "streams+ngram": dict(draft="streams+ngram"),
     "pruning": dict(prune_threshold=0.2),
     "kv_bits": dict(kv_bits=4),
     "processors": dict(logits_processors=[lambda toks, logits: logits]),
@@ -221,3 +221,54 @@ def test_default_is_pipelined_on_a_gpu_only(monkeypatch):
     seen.clear()  # settings that read the host: not pipelined, and no error
     run(model, [1, 2], draft="streams+ngram")
     assert seen and not any(seen)
+
+
+# ---- prompt lookup, pipelined: the history and the lookup on the device ----------------
+LOOP_PROMPT = [3, 1, 4, 1, 5, 1, 2, 6, 5, 3, 5, 0, 1, 7, 3, 1, 4, 1, 5]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pipelined_prompt_lookup_equals_mlx_lm(arch):
+    """Any mlx-lm model (the verifier alone): output equals mlx-lm's, drafts accepted."""
+    from helpers import tiny_model
+
+    model = tiny_model(arch, 8, weight_scale=1.0)
+    toks, records = run(model, LOOP_PROMPT, draft="ngram", pipeline=True)
+    assert toks == plain_greedy(model, LOOP_PROMPT, MAX_TOKENS)
+    assert records[-1][3] < len(toks) // 2
+
+
+def lookup_on_device_appending(extra):
+    """Decoder._lookup_on_device, with ``extra`` added to the history's new length."""
+    real = decode_module.Decoder._lookup_on_device
+
+    def patched(self, tokens, layout, last, targets):
+        out = real(self, tokens, layout, last, targets)
+        history, length = self.device_history
+        self.device_history = history, length + extra
+        return out
+
+    return patched
+
+
+@pytest.mark.parametrize("extra", [0, -1])
+def test_device_history_is_the_text_so_far(monkeypatch, extra):
+    """Every device lookup sees exactly the prompt and the tokens decoded so far;
+    control: a history that forgets one token per step (``extra=-1``) does not."""
+    from helpers import tiny_model
+
+    seen, real_lookup = [], decode_module.device_lookup
+
+    def recording(history, length, k):
+        seen.append((history, length))
+        return real_lookup(history, length, k)
+
+    monkeypatch.setattr(decode_module, "device_lookup", recording)
+    monkeypatch.setattr(decode_module.Decoder, "_lookup_on_device",
+                        lookup_on_device_appending(extra))  # fmt: skip
+    model = tiny_model("qwen2", 8)  # (varied text: a lost token shows)
+    toks, _ = run(model, LOOP_PROMPT, draft="ngram", pipeline=True)
+    assert toks == plain_greedy(model, LOOP_PROMPT, MAX_TOKENS)  # lossless whatever the drafts
+    text = LOOP_PROMPT + toks  # (a step's tokens past max_tokens are not yielded: cut there)
+    right = [h.tolist()[: min(n.item(), len(text))] == text[: n.item()] for h, n in seen]
+    assert len(seen) > 3 and (all(right) if extra == 0 else not all(right))
