@@ -86,14 +86,16 @@ def measure(model, prompts, max_tokens, rounds):
                  piped_ms=1e3 * med("pipelined", "token"),
                  unpiped_step_ms=1e3 * med("unpipelined", "step"),
                  piped_step_ms=1e3 * med("pipelined", "step"),
-                 tau=per_round[0]["pipelined"]["tau"], ratio=statistics.median(ratios),
+                 tau=per_round[0]["pipelined"]["tau"],
+                 tau_unpiped=per_round[0]["unpipelined"]["tau"], ratio=statistics.median(ratios),
                  q1=ratios[len(ratios) // 4], q3=ratios[(3 * len(ratios)) // 4],
                  identical={loop: per_round[0][loop]["outputs"] == want
                             for loop in ("unpipelined", "pipelined")})  # fmt: skip
         )
         r = rows[-1]
         print(f"  {tree_name}: mlx-lm {r['plain_ms']:.2f} ms/token; ours {r['unpiped_ms']:.2f} "
-              f"unpipelined, {r['piped_ms']:.2f} pipelined (tau {r['tau']:.2f}); per step "
+              f"unpipelined (tau {r['tau_unpiped']:.2f}), {r['piped_ms']:.2f} pipelined (tau "
+              f"{r['tau']:.2f}); per step "
               f"pipelined/unpipelined {r['ratio']:.3f} ({r['q1']:.3f}-{r['q3']:.3f}); "
               f"identical to mlx-lm {r['identical']}", flush=True)  # fmt: skip
     return rows
@@ -138,7 +140,8 @@ def main():
         "step, median of the per-round ratios (quartiles). identical: output equals mlx-lm's.",
         "",
         "| model | tree | mlx-lm ms/token | ours unpipelined ms/token | ours pipelined ms/token "
-        "| tau | step ms unpipelined -> pipelined | r(n) unpipelined -> pipelined | ratio "
+        "| tau unpipelined -> pipelined | step ms unpipelined -> pipelined "
+        "| r(n) unpipelined -> pipelined | ratio "
         "| quartiles | identical |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -146,7 +149,7 @@ def main():
         same = "/".join("yes" if r["identical"][k] else "no" for k in ("unpipelined", "pipelined"))
         lines.append(
             f"| {r['model']} ({r['dtype']}) | {r['tree']} | {r['plain_ms']:.2f} "
-            f"| {r['unpiped_ms']:.2f} | {r['piped_ms']:.2f} | {r['tau']:.2f} "
+            f"| {r['unpiped_ms']:.2f} | {r['piped_ms']:.2f} | {r['tau_unpiped']:.2f} -> {r['tau']:.2f} "
             f"| {r['unpiped_step_ms']:.2f} -> {r['piped_step_ms']:.2f} "
             f"| {r['unpiped_step_ms'] / r['plain_ms']:.2f} -> {r['piped_step_ms'] / r['plain_ms']:.2f} "
             f"| **{r['ratio']:.3f}** "
