@@ -272,3 +272,17 @@ def test_device_history_is_the_text_so_far(monkeypatch, extra):
     text = LOOP_PROMPT + toks  # (a step's tokens past max_tokens are not yielded: cut there)
     right = [h.tolist()[: min(n.item(), len(text))] == text[: n.item()] for h, n in seen]
     assert len(seen) > 3 and (all(right) if extra == 0 else not all(right))
+
+
+def test_a_cache_without_spare_room_grows():
+    """A cache whose buffers end at its offset (as one loaded from a file) grows
+    when the pipelined pass writes past it."""
+    model = tiny_spec_model("llama", vocab_size=8, **SHAPES["g2-k3"])
+    prompt = [3, 1, 4, 1, 5, 1, 2, 6]
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    for c in cache:
+        c.keys, c.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+    got = spec_tokens(model, prompt[-1:], 40, prompt_cache=cache, pipeline=True)[0]
+    assert got == plain_greedy(model, prompt, 40)
+    assert cache[0].keys.shape[2] > len(prompt) + 40  # grown by the pipelined writes
