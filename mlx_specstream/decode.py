@@ -112,6 +112,8 @@ class Decoder:
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.max_tokens, self.dstate = max_tokens, dstate
         self.streams = self.depth > 0 and rt.drafter is None  # drafts from this pass's streams
+        # Medusa heads draft from the accepted node's state alone: on the device too.
+        self.heads = self.depth > 0 and getattr(rt.drafter, "drafts_from_last_node", False)
         # Shared-mode main rows read their streams; lossless ones only when fused.
         self.all_streams = rt.streams is not None and not (
             rt.split_streams or (rt.config.mode == "lossless" and not self.streams)
@@ -146,10 +148,10 @@ class Decoder:
 
     def _why_not_pipelined(self) -> Optional[str]:
         """Why the next tree cannot be launched before this step's host read (None: it can)."""
-        if not (self.streams or self.draft == "ngram"):
+        if not (self.streams or self.heads or self.draft == "ngram"):
             return (
-                "only trees drafted on the device are pipelined: the model's streams, or "
-                "prompt lookup alone (draft='ngram')."
+                "only trees drafted on the device are pipelined: the model's streams, Medusa "
+                "heads, or prompt lookup alone (draft='ngram')."
             )
         if self.draft == "streams+ngram" or self.processors or self.by_rejection:
             return (
@@ -193,10 +195,9 @@ class Decoder:
             return p
         p.targets = self.sampler(logprobs)
         _, p.last = accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
-        if self.streams:
-            p.top, p.next_tokens = self._draft_tokens(
-                self._stream_logits(out, p.last), p.targets[p.last]
-            )
+        if self.streams or self.heads:
+            slog = self._stream_logits(out, p.last) if self.streams else self._heads_logits(out, p)
+            p.top, p.next_tokens = self._draft_tokens(slog, p.targets[p.last])
         elif self.device_history is not None:
             p.next_tokens = self._lookup_on_device(tokens, out.layout, p.last, p.targets)
         mx.async_eval(
@@ -255,7 +256,7 @@ class Decoder:
         self.history.extend(t for t, _, _ in new)
         if self.ngrams is not None:
             self.ngrams.extend(t for t, _, _ in new)
-        if self.dstate is not None and not self.by_rejection:
+        if self.dstate is not None and not (self.by_rejection or self.heads):
             # An attached drafter drafts from the accepted path (also after the
             # last step, so its context follows the cache into the next call).
             slog = self._drafter_logits(out, path, [tokens[a] for a in path], token)
@@ -320,6 +321,10 @@ class Decoder:
         else:
             slog = self.rt.draft_streams(node, self.cache)
         return slog.astype(mx.float32)
+
+    def _heads_logits(self, out: StepOutput, p: Pending) -> mx.array:
+        """``(k, V)`` float32 logits of Medusa heads at the accepted node (on the device)."""
+        return self.rt.drafter.draft_at(self.rt, out.hidden, p.last).astype(mx.float32)
 
     def _drafter_logits(self, out, path, path_tokens, token) -> mx.array:
         draft = self.rt.drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token)
@@ -468,8 +473,8 @@ def spec_generate_step(
         pipeline (bool, optional): launch each step's pass before the host
           reads the previous one, from the tree the device drafted, as
           mlx-lm's loop launches its next token. Needs drafts made on the
-          device: the model's own streams (fused stream rows, no pruning) or
-          prompt lookup alone (``draft="ngram"``, then looked up on the
+          device: the model's own streams (fused stream rows, no pruning),
+          Medusa heads, or prompt lookup alone (``draft="ngram"``, then looked up on the
           device as a fixed chain of ``num_draft_tokens``); no logits
           processors, no ``"rejection"`` acceptance and a plain KV cache
           (``True`` with other settings raises). Default (``None``): the model config's

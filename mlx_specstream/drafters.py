@@ -40,6 +40,8 @@ class ResBlock(nn.Module):
 class MedusaHeads(nn.Module):
     """``heads.{j}.linear.{weight,bias}``: one residual block per draft level."""
 
+    drafts_from_last_node = True  # (the decoder drafts on the device, in the step's graph)
+
     def __init__(self, config: DrafterConfig, model: nn.Module):
         super().__init__()
         D = hidden_size(model)
@@ -50,7 +52,11 @@ class MedusaHeads(nn.Module):
 
     def draft(self, rt, state, hidden: mx.array, path: List[int], path_tokens, token) -> mx.array:
         """``(k, V)`` logits of the draft levels from the last accepted node."""
-        h = hidden[path[-1]][None]
+        return self.draft_at(rt, hidden, mx.array(path[-1]))
+
+    def draft_at(self, rt, hidden: mx.array, node: mx.array) -> mx.array:
+        """The same from node ``node`` (a device index): no host read."""
+        h = mx.take(hidden, node.reshape(1), axis=0)
         states = mx.concatenate([head(h) for head in self.heads], axis=0)
         return rt.head(states[None])[0]
 

@@ -286,3 +286,26 @@ def test_a_cache_without_spare_room_grows():
     got = spec_tokens(model, prompt[-1:], 40, prompt_cache=cache, pipeline=True)[0]
     assert got == plain_greedy(model, prompt, 40)
     assert cache[0].keys.shape[2] > len(prompt) + 40  # grown by the pipelined writes
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_pipelined_medusa_heads_equal_mlx_lm(arch):
+    """Medusa heads draft from the accepted node's state alone, so they are
+    pipelined too: same output as mlx-lm, same passes as unpipelined."""
+    from test_drafters import drafter_model, zero_drafter
+
+    model = drafter_model("medusa", arch, weight_scale=1.0, top_k=3, max_tree_nodes=20)
+    zero_drafter(model)  # (heads that predict the base's own next token: drafts get accepted)
+    prompt = [4, 8, 15, 16, 23]
+    toks, records = spec_tokens(model, prompt, MAX_TOKENS, pipeline=True)
+    assert toks == plain_greedy(model, prompt, MAX_TOKENS)
+    unpiped = spec_tokens(model, prompt, MAX_TOKENS, pipeline=False)[1]
+    assert [r[3] for r in records] == [r[3] for r in unpiped] and records[-1][3] < len(toks)
+
+
+def test_parallelspec_is_not_pipelined():
+    from test_drafters import drafter_model
+
+    model = drafter_model("parallelspec")
+    with pytest.raises(ValueError, match="pipeline=True: only trees drafted on the device"):
+        spec_tokens(model, [1, 2, 3], 8, pipeline=True)
