@@ -17,7 +17,6 @@ Writes ``benchmarks/results/chain_pass[-TAG].{md,json}``.
 
 import argparse
 import statistics
-import time
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
@@ -27,7 +26,7 @@ import mlx_specstream.layout as layout
 from mlx_specstream.benchmark import load_prompts
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.default_model import DEFAULT_DIR
-from report import heading, machine_info, write_results
+from report import heading, machine_info, time_after_first, write_results
 
 CASES = {
     "n-gram": (dict(draft="ngram"), False),
@@ -50,12 +49,10 @@ def step_seconds(model, prompts, want, settings, as_tree):
     try:
         t = passes = 0
         for x, ref in zip(prompts, want):
-            out, t0 = [], None
-            for token, _, _, p in spec_generate_step(x, model, max_tokens=len(ref), **settings):
-                out.append(token)
-                if t0 is None:
-                    t0, p0 = time.perf_counter(), p
-            t, passes = t + time.perf_counter() - t0, passes + p - p0
+            dt, dp, out = time_after_first(
+                spec_generate_step(x, model, max_tokens=len(ref), **settings)
+            )
+            t, passes = t + dt, passes + dp
             assert out == ref, "output differs from mlx-lm's"
         return t / passes
     finally:

@@ -20,14 +20,13 @@ whether each output equals mlx-lm's. Writes ``benchmarks/results/pipeline[-TAG].
 
 import argparse
 import statistics
-import time
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
 import mlx_specstream
 from mlx_specstream.decode import spec_generate_step
-from report import heading, machine_info, write_results
+from report import heading, machine_info, time_after_first, write_results
 from shapes import SHAPES, random_model
 
 TREES = {
@@ -36,17 +35,6 @@ TREES = {
     # Pipelined, the lookup runs on the device and always drafts a chain of 10.
     "prompt lookup": dict(draft="ngram"),
 }
-
-
-def timed(gen):
-    """(seconds after the first token, tokens after it, passes after it, all tokens)."""
-    tokens, t0, p0, passes = [], None, 0, 0
-    for item in gen:
-        tokens.append(item[0])
-        passes = item[3] if len(item) > 2 else len(tokens)
-        if t0 is None:
-            t0, p0 = time.perf_counter(), passes
-    return time.perf_counter() - t0, len(tokens) - 1, passes - p0, tokens
 
 
 def one_round(model, prompts, max_tokens, tree):
@@ -65,8 +53,8 @@ def one_round(model, prompts, max_tokens, tree):
         t = n = steps = 0
         outputs = []
         for x in prompts:
-            dt, dn, dp, tokens = timed(run(x))
-            t, n, steps = t + dt, n + dn, steps + dp
+            dt, dp, tokens = time_after_first(run(x))
+            t, n, steps = t + dt, n + len(tokens) - 1, steps + dp
             outputs.append(tokens)
         out[name] = dict(token=t / n, step=t / steps, outputs=outputs, tau=(n / steps))
     return out

@@ -3,6 +3,7 @@
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,3 +32,21 @@ def write_results(name: str, tag: str, text: str, data: dict) -> Path:
     stem.parent.joinpath(stem.name + ".md").write_text(text)
     stem.parent.joinpath(stem.name + ".json").write_text(json.dumps(data, indent=1))
     return stem
+
+
+def time_after_first(gen):
+    """Times a decoding generator from its first item on (prefill and first pass excluded).
+
+    Items are mlx-lm's ``(token, logprobs)``, one pass each, or ours
+    ``(token, logprobs, from_draft, passes so far)``.
+
+    Returns:
+        tuple: the seconds and the passes after the first item, and every token.
+    """
+    tokens, t0, p0, passes = [], None, 0, 0
+    for item in gen:
+        tokens.append(item[0])
+        passes = item[3] if len(item) > 3 else len(tokens)
+        if t0 is None:
+            t0, p0 = time.perf_counter(), passes
+    return time.perf_counter() - t0, passes - p0, tokens

@@ -33,7 +33,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
 from mlx_specstream.decode import spec_generate_step
-from report import heading, machine_info, write_results
+from report import heading, machine_info, time_after_first, write_results
 from shapes import SHAPES, random_model
 
 # n tree nodes, root included: a root alone, a chain of 3, top-2 and top-3 trees of depth 3.
@@ -45,25 +45,20 @@ TREES = {
 }
 
 
-def timed_tokens(gen, count_passes):
+def per_pass(gen):
     """Seconds per pass after the first token (prefill excluded), and the tokens."""
-    tokens, t1, p1 = [], None, 0
-    for item in gen:
-        tokens.append(item[0])
-        passes = item[3] if count_passes else len(tokens)
-        if t1 is None:
-            t1, p1 = time.perf_counter(), passes
-    return (time.perf_counter() - t1) / max(passes - p1, 1), tokens, passes
+    seconds, passes, tokens = time_after_first(gen)
+    return seconds / max(passes, 1), tokens
 
 
 def plain_per_token(model, prompt, max_tokens):
-    gen = ((t, None, None, None) for t, _ in generate_step(prompt, model, max_tokens=max_tokens))
-    return timed_tokens(gen, count_passes=False)
+    return per_pass(generate_step(prompt, model, max_tokens=max_tokens))
 
 
 def our_step(model, prompt, max_tokens, tree):
-    gen = spec_generate_step(prompt, model, max_tokens=max_tokens, prune_threshold=0.0, **tree)
-    return timed_tokens(gen, count_passes=True)
+    return per_pass(
+        spec_generate_step(prompt, model, max_tokens=max_tokens, prune_threshold=0.0, **tree)
+    )
 
 
 def plain_forward(model, prompt, n, reps):
@@ -104,7 +99,7 @@ def measure(model, prompts, max_tokens, runs, reps):
         steps = []
         for _ in range(runs):
             for x in prompts:
-                step, tokens, passes = our_step(model, x, max_tokens, tree)
+                step, _ = our_step(model, x, max_tokens, tree)
                 steps.append(step)
         step = statistics.median(steps)
         rows.append(dict(n=n, step_ms=step * 1e3, r=step / per_token, o=step / fwd[n],
