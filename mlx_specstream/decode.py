@@ -80,6 +80,8 @@ class Pending:
     last: Optional[mx.array] = None  # the deepest accepted node
     top: Optional[mx.array] = None  # (depth, k) next draft tokens per level, best first
     next_tokens: Optional[mx.array] = None  # (T,) the next static tree's tokens, root first
+    path: Optional[mx.array] = None  # pipelined: the padded path to ``last`` (paths_mx row)
+    depth: Optional[mx.array] = None  # pipelined: the depth of ``last``
 
 
 class Decoder:
@@ -172,9 +174,7 @@ class Decoder:
         rt, prefix = self.rt, self.cache[0].offset
         fold = None
         if after is not None:  # its accepted path, as the device knows it
-            last, layout = after.last, after.out.layout
-            accepted = mx.take(layout.depth_mx, last) + 1
-            fold = Fold(prefix, accepted, mx.take(layout.paths_mx, last, axis=0), after.out.rows)
+            fold = Fold(prefix, after.depth + 1, after.path, after.out.rows)
         tokens = draft.tokens
         tokens = mx.array(tokens, dtype=mx.int32) if isinstance(tokens, list) else tokens
         out = rt.forward(
@@ -195,11 +195,14 @@ class Decoder:
             return p
         p.targets = self.sampler(logprobs)
         _, p.last = accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
+        if self.pipelined:  # the accepted path on the device, for the next pass and lookup
+            p.path = mx.take(out.layout.paths_mx, p.last, axis=0)
+            p.depth = mx.take(out.layout.depth_mx, p.last)
         if self.streams or self.heads:
             slog = self._stream_logits(out, p.last) if self.streams else self._heads_logits(out, p)
             p.top, p.next_tokens = self._draft_tokens(slog, p.targets[p.last])
         elif self.device_history is not None:
-            p.next_tokens = self._lookup_on_device(tokens, out.layout, p.last, p.targets)
+            p.next_tokens = self._lookup_on_device(p)
         mx.async_eval(
             [a for a in (p.tokens, p.logprobs, p.targets, p.last, p.next_tokens) if a is not None]
         )
@@ -289,22 +292,22 @@ class Decoder:
         return [] if self.ngrams is None else self.ngrams.draft(min(self.ngram_tokens, room))
 
     def _history_room(self):
-        """The device history and its length, its buffer grown to hold every
-        token the steps in flight may add and a draft after them."""
+        """The device history and its length, its buffer grown (and kept) to hold
+        every token the steps in flight may add and a draft after them."""
         history, length = self.device_history
         need = len(self.history) + 4 * (self.ngram_tokens + 1)
         if history.shape[0] < need:
             history = mx.concatenate([history, mx.zeros(need + 1024, dtype=mx.int32)])
+            self.device_history = history, length
         return history, length
 
-    def _lookup_on_device(self, tokens, layout: TreeLayout, last, targets) -> mx.array:
-        """Pipelined prompt lookup: appends the accepted drafts and the bonus token
+    def _lookup_on_device(self, p: Pending) -> mx.array:
+        """Pipelined prompt lookup: appends ``p``'s accepted drafts and bonus token
         to the device history, then the next chain's tokens (root first)."""
         history, length = self._history_room()
-        path = mx.take(layout.paths_mx, last, axis=0)
-        depth, bonus = mx.take(layout.depth_mx, last), mx.take(targets, last)
+        path, depth, bonus = p.path, p.depth, mx.take(p.targets, p.last)
         i = mx.arange(path.shape[0])
-        drafted = mx.take(tokens, mx.take(path, mx.minimum(i + 1, path.shape[0] - 1)))
+        drafted = mx.take(p.tokens, mx.take(path, mx.minimum(i + 1, path.shape[0] - 1)))
         new = mx.where(i == depth, bonus, drafted)  # drafts on the path, then the bonus
         history = mx.slice_update(history, new.astype(mx.int32), length.reshape(1), (0,))
         length = length + depth + 1

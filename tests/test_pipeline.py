@@ -242,8 +242,8 @@ def lookup_on_device_appending(extra):
     """Decoder._lookup_on_device, with ``extra`` added to the history's new length."""
     real = decode_module.Decoder._lookup_on_device
 
-    def patched(self, tokens, layout, last, targets):
-        out = real(self, tokens, layout, last, targets)
+    def patched(self, p):
+        out = real(self, p)
         history, length = self.device_history
         self.device_history = history, length + extra
         return out
