@@ -142,12 +142,15 @@ class Fold:
         path (mx.array): ``(span,)`` its rows on that path, padded
           (a row of :attr:`~mlx_specstream.layout.TreeLayout.paths_mx`).
         rows (list): per layer, the ``(keys, values)`` rows that step appended.
+        chain (bool): that step's tree was a chain, so its accepted path is a
+          prefix of its rows, already in place: nothing is moved.
     """
 
     prefix: int
     accepted: mx.array
     path: mx.array
     rows: list
+    chain: bool = False
 
     @property
     def span(self) -> int:
@@ -176,7 +179,9 @@ class FoldingCache:
     and accepted the path ``[0, 2]`` (span 3, padded ``[0, 2, 2]``), this
     pass appends ``x y``. Rows become ``[p0..p4 a c c | ...]``, then
     ``[p0..p4 a c x y]`` (written at 5 + 2), and the view is 5 + 3 + 2 = 10
-    rows long; its last row is stale and hidden.
+    rows long; its last row is stale and hidden. After a chain ``a b c d``
+    whose path ``[0, 1]`` is accepted, ``a b`` are already in place: the rows
+    become ``[p0..p4 a b x y]`` with no gather (two kernels fewer per layer).
 
     Args:
         cache (KVCache): the layer's cache (its buffers are updated).
@@ -198,9 +203,11 @@ class FoldingCache:
         if fold is None:
             start = mx.array([self.offset], dtype=mx.int32)
         else:
-            p, (k, v), start = self.offset, fold.rows[self.layer], fold.start
-            c.keys[..., p : p + span, :] = mx.take(k, fold.path, axis=2)
-            c.values[..., p : p + span, :] = mx.take(v, fold.path, axis=2)
+            start = fold.start
+            if not fold.chain:  # move the accepted rows (a chain's are in place)
+                p, (k, v) = self.offset, fold.rows[self.layer]
+                c.keys[..., p : p + span, :] = mx.take(k, fold.path, axis=2)
+                c.values[..., p : p + span, :] = mx.take(v, fold.path, axis=2)
         c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))
         c.values = mx.slice_update(c.values, values, start, axes=(2,))
         self.rows = (keys, values)

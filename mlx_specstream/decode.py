@@ -174,7 +174,8 @@ class Decoder:
         rt, prefix = self.rt, self.cache[0].offset
         fold = None
         if after is not None:  # its accepted path, as the device knows it
-            fold = Fold(prefix, after.depth + 1, after.path, after.out.rows)
+            chain = after.out.layout.is_chain
+            fold = Fold(prefix, after.depth + 1, after.path, after.out.rows, chain)
         tokens = draft.tokens
         tokens = mx.array(tokens, dtype=mx.int32) if isinstance(tokens, list) else tokens
         out = rt.forward(
@@ -305,15 +306,12 @@ class Decoder:
         """Pipelined prompt lookup: appends ``p``'s accepted drafts and bonus token
         to the device history, then the next chain's tokens (root first)."""
         history, length = self._history_room()
-        path, depth, bonus = p.path, p.depth, mx.take(p.targets, p.last)
-        i = mx.arange(path.shape[0])
-        drafted = mx.take(p.tokens, mx.take(path, mx.minimum(i + 1, path.shape[0] - 1)))
-        new = mx.where(i == depth, bonus, drafted)  # drafts on the path, then the bonus
-        history = mx.slice_update(history, new.astype(mx.int32), length.reshape(1), (0,))
-        length = length + depth + 1
+        bonus = mx.take(p.targets, p.last)
+        history, length, chain = _extend_and_lookup(
+            history, length, p.tokens, p.path, p.depth, bonus, self.ngram_tokens
+        )
         self.device_history = history, length
-        draft, _ = device_lookup(history, length, self.ngram_tokens)
-        return mx.concatenate([bonus.reshape(1), draft])
+        return chain
 
     def _stream_logits(self, out: StepOutput, node: mx.array) -> mx.array:
         """``(gamma, V)`` float32 logits of the streams of kept node ``node``."""
@@ -599,6 +597,26 @@ def spec_generate_step(
         if quant is not None:  # mlx-lm's cache has also fed the last yielded token
             quant.maybe_quantize(cache, offset=cache[0].offset + 1)
         rt.release()
+
+
+@mx.compile
+def _extend_and_lookup(history, length, tokens, path, depth, bonus, max_tokens: int):
+    """Pipelined prompt lookup's device work for one step, compiled (its
+    elementwise chains fuse: a third of the kernels): appends the drafts on the
+    accepted ``path`` (``depth`` of them) and the ``bonus`` token to ``history``
+    at ``length``, then looks the next chain up.
+
+    Returns:
+        tuple: the history, its new length, and ``bonus`` followed by
+        ``max_tokens`` drafts (:func:`~mlx_specstream.ngram.device_lookup`).
+    """
+    i = mx.arange(path.shape[0])
+    drafted = mx.take(tokens, mx.take(path, mx.minimum(i + 1, path.shape[0] - 1)))
+    new = mx.where(i == depth, bonus, drafted)  # drafts on the path, then the bonus
+    history = mx.slice_update(history, new.astype(mx.int32), length.reshape(1), (0,))
+    length = length + depth + 1
+    draft, _ = device_lookup(history, length, max_tokens)
+    return history, length, mx.concatenate([bonus.reshape(1), draft])
 
 
 def rewind(cache, end: int) -> None:

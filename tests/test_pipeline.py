@@ -78,6 +78,25 @@ def test_folding_cache_worked_example():
     assert mx.array_equal(keys[..., 5:9, :], values[..., 5:9, :])  # values move alike
 
 
+def test_folding_cache_after_a_chain_moves_nothing():
+    """The docstring's chain: rows a b c d, path [0, 1] accepted, then x y: the
+    same visible rows as the gathered fold, from no gather."""
+    row = lambda v: mx.full((1, 1, 1, 2), float(v))  # noqa: E731
+    ends = []
+    for chain in (False, True):
+        c = KVCache()
+        c.update_and_fetch(mx.concatenate([row(i) for i in range(5)], 2), mx.zeros((1, 1, 5, 2)))
+        first = FoldingCache(c, None, 0)
+        chain_rows = mx.concatenate([row(v) for v in (10, 11, 12, 13)], axis=2)
+        first.update_and_fetch(chain_rows, chain_rows)
+        fold = Fold(5, mx.array(2), mx.array([0, 1, 1, 1]), [first.rows], chain)
+        xy = mx.concatenate([row(20), row(21)], axis=2)
+        keys, _ = FoldingCache(c, fold, 0).update_and_fetch(xy, xy)
+        ends.append(keys[0, 0, :9, 0].tolist())
+        assert mx.eval(keys) is None and c.keys.shape[2] == 256  # written in place
+    assert ends[0] == ends[1] == [0, 1, 2, 3, 4, 10, 11, 20, 21]
+
+
 # ---- decoding -------------------------------------------------------------------------
 @pytest.fixture
 def folds(monkeypatch):
@@ -115,15 +134,18 @@ def test_pipelined_shared_equals_nonspeculative(arch, folds):
     assert folds
 
 
-@pytest.mark.parametrize("wrong", ["accepted length", "path"])
+@pytest.mark.parametrize("wrong", ["accepted length", "path", "a tree taken for a chain"])
 def test_negative_control_wrong_fold(monkeypatch, wrong):
-    """Folding one row too many, or the wrong rows, must change the output."""
+    """Folding one row too many, the wrong rows, or none after a tree (as after a
+    chain) must change the output."""
     real = decode_module.Fold
 
-    def bad(prefix, accepted, path, rows):
+    def bad(prefix, accepted, path, rows, chain):
         if wrong == "accepted length":
-            return real(prefix, accepted + 1, path, rows)
-        return real(prefix, accepted, mx.zeros_like(path), rows)
+            return real(prefix, accepted + 1, path, rows, chain)
+        if wrong == "path":
+            return real(prefix, accepted, mx.zeros_like(path), rows, chain)
+        return real(prefix, accepted, path, rows, True)
 
     monkeypatch.setattr(decode_module, "Fold", bad)
     model = tiny_spec_model("llama", vocab_size=8, mode="lossless", **SHAPES["g2-k3"])
@@ -238,13 +260,15 @@ def test_pipelined_prompt_lookup_equals_mlx_lm(arch):
     assert records[-1][3] < len(toks) // 2
 
 
-def lookup_on_device_appending(extra):
-    """Decoder._lookup_on_device, with ``extra`` added to the history's new length."""
+def lookup_on_device_appending(extra, seen):
+    """Decoder._lookup_on_device, recording the history its lookup read into
+    ``seen``, then adding ``extra`` to the history's new length."""
     real = decode_module.Decoder._lookup_on_device
 
     def patched(self, p):
         out = real(self, p)
         history, length = self.device_history
+        seen.append((history, length))
         self.device_history = history, length + extra
         return out
 
@@ -257,15 +281,9 @@ def test_device_history_is_the_text_so_far(monkeypatch, extra):
     control: a history that forgets one token per step (``extra=-1``) does not."""
     from helpers import tiny_model
 
-    seen, real_lookup = [], decode_module.device_lookup
-
-    def recording(history, length, k):
-        seen.append((history, length))
-        return real_lookup(history, length, k)
-
-    monkeypatch.setattr(decode_module, "device_lookup", recording)
+    seen = []
     monkeypatch.setattr(decode_module.Decoder, "_lookup_on_device",
-                        lookup_on_device_appending(extra))  # fmt: skip
+                        lookup_on_device_appending(extra, seen))  # fmt: skip
     model = tiny_model("qwen2", 8)  # (varied text: a lost token shows)
     toks, _ = run(model, LOOP_PROMPT, draft="ngram", pipeline=True)
     assert toks == plain_greedy(model, LOOP_PROMPT, MAX_TOKENS)  # lossless whatever the drafts

@@ -1,0 +1,140 @@
+"""How many kernels one decoding step launches: ours against mlx-lm's plain passes.
+
+    python benchmarks/step_graph.py [--models shipped,qwen2-0.5b,llama-8b] [--tag TAG]
+
+On a GPU a small model's decoding is bound by kernel launches and by the host
+building the graph, not by arithmetic (the shipped model: 1.15 ms for a plain
+pass on an H100, about 3 us per kernel). A step that launches k kernels more
+than a plain pass pays for them on every step, however wide the GPU is. These
+counts are exact and machine-independent, so this script measures that
+overhead on any machine, a CPU included:
+
+* nodes: every primitive of the step's graph, views included (host work);
+* kernels: the primitives that are not views, as MLX's CPU backend builds them;
+* GPU kernels: the same, with each fused op MLX's GPU backends run as one
+  kernel (RMS norm, RoPE, one-row attention) counted once
+  (:class:`mlx_specstream.kernels.FastOps`).
+
+mlx-lm's step is its ``generate_step`` graph: the forward over n tokens, the
+log-softmax and the argmax. Ours is everything one of our steps evaluates
+(pass, acceptance, next draft; pipelined: also the fold of the previous step),
+the median over a generation's steps after the first; "outside the pass" is
+what is not part of the main logits' graph. Random models of real depth take
+tiny widths (the graph does not depend on them) and the shipped model's
+lossless streams (gamma 3, 4 stream layers, stream LoRA rank 16, fused pass).
+
+Writes ``benchmarks/results/step_graph[-TAG].{md,json}``.
+"""
+
+import argparse
+import statistics
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+import mlx_specstream
+import mlx_specstream.decode as decode
+from mlx_specstream import SpecStreamConfig, attach_streams
+from mlx_specstream.kernels import FastOps, graph_size, recorded_steps
+from report import heading, machine_info, write_results
+from shapes import SHAPES, random_model
+
+TINY = dict(hidden_size=64, intermediate_size=128, vocab_size=512, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)  # fmt: skip
+STREAMS = dict(num_streams=3, num_stream_layers=4, stream_lora_rank=16, mode="lossless",
+               stream_pass="fused")  # fmt: skip
+CASES = {
+    "chain of 3": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4),
+    "16-node tree": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16),
+    "prompt lookup, 3 drafts": dict(draft="ngram", num_draft_tokens=3),
+}
+
+
+def plain_step(model, prompt, n, ops: FastOps) -> dict:
+    """The graph of mlx-lm's greedy step over ``n`` tokens after ``prompt``."""
+    cache = make_prompt_cache(model)
+    mx.eval(model(prompt[None], cache=cache))
+    ops.reset()
+    logits = model(prompt[-n:][None], cache=cache)[:, -1]
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+    return graph_size([mx.argmax(logprobs, axis=-1), logprobs], ops)
+
+
+def our_steps(model, prompt, settings, ops: FastOps, max_tokens: int) -> dict:
+    """Median graph of one of our greedy steps after the first, and tau."""
+    with recorded_steps(ops) as steps:
+        out = list(decode.spec_generate_step(prompt, model, max_tokens=max_tokens, **settings))
+    later = steps[1:]
+    med = {k: statistics.median(s[k] for s in later) for k in later[0] if k != "by_primitive"}
+    return dict(**med, tau=len(out) / out[-1][3], steps=len(steps),
+                by_primitive=later[len(later) // 2]["by_primitive"])  # fmt: skip
+
+
+def build(name: str):
+    if name == "shipped":
+        model, _ = mlx_specstream.load()
+        model.speculative_streams.split_streams = False  # the GPU's pass (fused)
+        return model
+    model = random_model(name, "f32", streams=False, **TINY)
+    attach_streams(model, SpecStreamConfig(**STREAMS), seed=1)
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="shipped,qwen2-0.5b,llama-8b",
+                    help=f"comma-separated: shipped, {', '.join(SHAPES)}")  # fmt: skip
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    info = machine_info(max_tokens=args.max_tokens, streams=STREAMS, tiny_widths=TINY)
+    lines = [
+        heading("Kernels per decoding step: ours against mlx-lm's plain step", info),
+        "",
+        f"`{info['command']}`. Greedy; one step's graph, counted before it runs "
+        "(exact; the same on any machine). GPU kernels count RMS norm, RoPE and one-row "
+        "attention as one kernel each; `/ plain n` divides by mlx-lm's step over the same n "
+        "tokens, `/ plain 1` by its one-token step (its cost per token where launches bound it).",
+        "",
+        "| model | step | n | nodes | kernels (CPU) | GPU kernels | outside the pass | "
+        "/ plain n (GPU) | / plain 1 (GPU) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    data = dict(info=info, models={})
+    with FastOps() as ops:
+        for name in args.models.split(","):
+            if name != "shipped" and name not in SHAPES:
+                ap.error(
+                    f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}"
+                )
+            model = build(name)
+            vocab = model.args.vocab_size
+            prompt = mx.random.randint(0, vocab, (64,), key=mx.random.key(0))
+            prompt = mx.concatenate([prompt, prompt[:32]])  # something for prompt lookup to find
+            plain = {n: plain_step(model, prompt, n, ops) for n in (1, 4, 16)}
+            rows = [dict(step=f"mlx-lm, {n} token{'s' * (n > 1)}", n=n, **p)
+                    for n, p in plain.items()]  # fmt: skip
+            for case, settings in CASES.items():
+                for pipelined in (False, True):
+                    s = our_steps(model, prompt, dict(settings, pipeline=pipelined), ops,
+                                  args.max_tokens)  # fmt: skip
+                    s["n"] = n = round(s["n"])  # (the median tree: unpipelined lookup varies)
+                    if n not in plain:
+                        plain[n] = plain_step(model, prompt, n, ops)
+                    label = f"ours, {case}{', pipelined' if pipelined else ''}"
+                    rows.append(dict(step=label, **s))
+            for r in rows:
+                r["vs_plain_n"] = r["gpu_kernels"] / plain[r["n"]]["gpu_kernels"]
+                r["vs_plain_1"] = r["gpu_kernels"] / plain[1]["gpu_kernels"]
+                outside = r.get("outside_pass")
+                lines.append(
+                    f"| {name} | {r['step']} | {r['n']} | {r['nodes']:.0f} | {r['kernels']:.0f} | "
+                    f"{r['gpu_kernels']:.0f} | {'' if outside is None else f'{outside:.0f}'} | "
+                    f"{r['vs_plain_n']:.2f} | {r['vs_plain_1']:.2f} |"
+                )
+            data["models"][name] = rows
+    write_results("step_graph", args.tag, "\n".join(lines) + "\n", data)
+
+
+if __name__ == "__main__":
+    main()

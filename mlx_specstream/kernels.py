@@ -1,0 +1,174 @@
+"""How many kernels a lazy MLX graph will launch, counted before it runs.
+
+On a GPU a small model's decoding step is bound by launches, not arithmetic:
+each primitive that writes memory is one kernel (a few microseconds on MLX's
+CUDA backend) and one node the host builds and encodes. These counts are exact
+and the same on every machine, so a step's launch overhead can be measured on
+a CPU: :func:`count_kernels` reads the graph MLX would evaluate
+(``mx.export_to_dot``) and :class:`FastOps` corrects for the fused ops (RMS
+norm, RoPE, attention) that MLX's CPU backend builds as several primitives but
+a GPU runs as one kernel.
+
+Example:
+    >>> import mlx.core as mx
+    >>> x = mx.ones((4,))
+    >>> mx.eval(x)
+    >>> count_kernels([(x * 2 + 1).reshape(2, 2)])  # the reshape is a view
+    Counter({'Multiply': 1, 'Add': 1})
+"""
+
+import os
+import re
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+
+# Primitives that only re-describe their input's memory (no kernel on a GPU);
+# Broadcast also covers the scalars MLX broadcasts into elementwise ops.
+VIEWS = frozenset(
+    {"AsStrided", "Broadcast", "ExpandDims", "Flatten", "Reshape", "Slice", "Squeeze",
+     "StopGradient", "Transpose", "Unflatten"}
+)  # fmt: skip
+
+_LABEL = re.compile(r'label ="([A-Za-z0-9_]+)"')
+
+
+def count_nodes(arrays: List[mx.array]) -> Counter:
+    """Every primitive, views included, that evaluating ``arrays`` would run, by name."""
+    fd, path = tempfile.mkstemp(suffix=".dot")
+    os.close(fd)
+    try:
+        mx.export_to_dot(path, *arrays)
+        with open(path) as f:
+            return Counter(_LABEL.findall(f.read()))
+    finally:
+        os.remove(path)
+
+
+def count_kernels(arrays: List[mx.array]) -> Counter:
+    """The primitives that evaluating ``arrays`` would run that are not views, by name."""
+    return Counter({k: v for k, v in count_nodes(arrays).items() if k not in VIEWS})
+
+
+class FastOps:
+    """Records the fused ops (``mx.fast``) called while it is active, and how
+    many kernels each one's CPU graph has beyond the one a GPU launches.
+
+    On MLX's CPU backend ``mx.fast.rms_norm`` is built from a square, a mean,
+    an rsqrt and two products: five kernels where a GPU launches one. RMS norm,
+    layer norm and RoPE are one kernel on MLX's GPU backends; attention is one
+    kernel on CUDA for a single query row without an array mask (MLX 0.32's
+    ``sdpa_vector``), otherwise CUDA also runs the matmul-softmax-matmul graph.
+
+    Example:
+        >>> with FastOps() as ops:
+        ...     y = mx.fast.rms_norm(mx.ones((1, 8)), mx.ones((8,)), 1e-5)
+        >>> ops.calls["rms_norm"], ops.surplus > 0
+        (1, True)
+    """
+
+    NAMES = ("rms_norm", "layer_norm", "rope", "scaled_dot_product_attention")
+
+    def __init__(self):
+        self.calls: Dict[str, int] = Counter()
+        self.surplus = 0  # CPU kernels beyond the GPU's, over the calls so far
+        self._sizes: Dict[Tuple, int] = {}
+        self._real = {}
+
+    def reset(self) -> None:
+        self.calls, self.surplus = Counter(), 0
+
+    def __enter__(self) -> "FastOps":
+        for name in self.NAMES:
+            self._real[name] = real = getattr(mx.fast, name)
+            setattr(mx.fast, name, self._recording(name, real))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, real in self._real.items():
+            setattr(mx.fast, name, real)
+
+    def _recording(self, name, real):
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            if _one_kernel_on_gpu(name, args, kwargs):
+                self.surplus += self._cpu_kernels(name, real, args, kwargs) - 1
+            return real(*args, **kwargs)
+
+        return call
+
+    def _cpu_kernels(self, name, real, args, kwargs) -> int:
+        """Kernels of ``real``'s CPU graph on fresh inputs of the same shapes."""
+
+        def leaf(a):
+            return mx.zeros(a.shape, a.dtype) if isinstance(a, mx.array) else a
+
+        key = (name,) + tuple(_signature(a) for a in args)
+        key += tuple((k, _signature(v)) for k, v in sorted(kwargs.items()))
+        if key not in self._sizes:
+            args = [leaf(a) for a in args]
+            kwargs = {k: leaf(v) for k, v in kwargs.items()}
+            mx.eval([a for a in list(args) + list(kwargs.values()) if isinstance(a, mx.array)])
+            self._sizes[key] = sum(count_kernels([real(*args, **kwargs)]).values())
+        return self._sizes[key]
+
+
+def _signature(a):
+    return (tuple(a.shape), str(a.dtype)) if isinstance(a, mx.array) else repr(a)
+
+
+def _one_kernel_on_gpu(name: str, args, kwargs) -> bool:
+    if name != "scaled_dot_product_attention":
+        return True
+    mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
+    return args[0].shape[2] <= 1 and not isinstance(mask, mx.array)
+
+
+def graph_size(arrays: List[mx.array], ops: Optional[FastOps] = None) -> dict:
+    """``nodes``, ``kernels`` and ``gpu_kernels`` (less ``ops.surplus``) of
+    evaluating ``arrays``, and the kernels ``by_primitive``."""
+    kernels = count_kernels(arrays)
+    cpu = sum(kernels.values())
+    return dict(nodes=sum(count_nodes(arrays).values()), kernels=cpu,
+                gpu_kernels=cpu - (ops.surplus if ops else 0),
+                by_primitive=dict(kernels.most_common()))  # fmt: skip
+
+
+@contextmanager
+def recorded_steps(ops: Optional[FastOps] = None):
+    """Records the graph of every step our decoder launches inside the block.
+
+    Each launch's graph (pass, acceptance, next draft) is counted when it is
+    built, before it is dispatched. The list it yields receives one
+    :func:`graph_size` per launch, with ``n`` (the tree's nodes) and
+    ``outside_pass`` (kernels not in the main logits' graph). Pass a
+    :class:`FastOps` that is active to count GPU kernels.
+    """
+    from . import decode  # (a profiling tool: the decoder does not import it)
+
+    steps, launched = [], {}
+    real_launch, real_async = decode.Decoder.launch, decode.mx.async_eval
+
+    def async_eval(*arrays):  # dispatched once counted, when the launch returns
+        launched["arrays"] = arrays[0] if isinstance(arrays[0], list) else list(arrays)
+
+    def launch(self, draft, after=None):
+        if ops is not None:
+            ops.reset()
+        p = real_launch(self, draft, after)
+        arrays = launched.pop("arrays")
+        step = graph_size(arrays, ops)
+        step["n"] = len(draft.layout)
+        step["outside_pass"] = step["kernels"] - sum(count_kernels([p.out.logits]).values())
+        steps.append(step)
+        real_async(arrays)
+        return p
+
+    decode.Decoder.launch, decode.mx.async_eval = launch, async_eval
+    try:
+        yield steps
+    finally:
+        decode.Decoder.launch, decode.mx.async_eval = real_launch, real_async

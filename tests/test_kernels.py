@@ -1,0 +1,80 @@
+"""Kernel counts of lazy graphs (mlx_specstream.kernels), and what the step launches.
+
+Counts are exact, so these are equalities: a step that launches kernels it
+should not fails here on any machine.
+"""
+
+import doctest
+
+import mlx.core as mx
+import pytest
+from helpers import plain_greedy, tiny_spec_model
+
+import mlx_specstream.decode as decode_module
+from mlx_specstream import kernels
+from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.kernels import FastOps, count_kernels, count_nodes, recorded_steps
+
+
+def test_docstring_examples():
+    assert doctest.testmod(kernels).failed == 0
+
+
+def test_counts_are_exact_and_skip_views_and_evaluated_inputs():
+    x = mx.ones((2, 3))
+    mx.eval(x)
+    y = (x.T @ x).reshape(9) + 1  # Transpose, Matmul, Reshape, Broadcast (of 1), Add
+    assert count_kernels([y]) == {"Matmul": 1, "Add": 1}
+    assert sum(count_nodes([y]).values()) > 2
+    mx.eval(y)
+    assert count_kernels([y]) == {}  # evaluated: nothing left to run
+
+
+def test_fast_ops_count_as_one_gpu_kernel():
+    x, w = mx.ones((1, 4, 8)), mx.ones((8,))
+    q = mx.ones((1, 2, 1, 8))
+    mx.eval(x, w, q)
+    real = mx.fast.rms_norm
+    with FastOps() as ops:
+        y = mx.fast.rms_norm(x, w, 1e-5)
+        assert ops.surplus == sum(count_kernels([y]).values()) - 1 > 0
+        ops.reset()
+        one_row = mx.fast.scaled_dot_product_attention(q, q, q, scale=1.0)
+        assert ops.surplus == sum(count_kernels([one_row]).values()) - 1
+        ops.reset()
+        q4 = mx.ones((1, 2, 4, 8))
+        mx.fast.scaled_dot_product_attention(q4, q4, q4, scale=1.0, mask="causal")
+        assert ops.calls["scaled_dot_product_attention"] == 1
+        assert ops.surplus == 0  # several rows: CUDA runs the same graph
+    assert mx.fast.rms_norm is real  # restored
+
+
+def pipelined_steps(model, prompt, monkeypatch, chain_flag=None, **settings):
+    """Kernels of each pipelined launch; ``chain_flag`` overrides Fold's ``chain``."""
+    if chain_flag is not None:
+        real = decode_module.Fold
+        monkeypatch.setattr(decode_module, "Fold", lambda *a: real(*a[:4], chain_flag))
+    with recorded_steps() as steps:
+        out = [t for t, *_ in spec_generate_step(mx.array(prompt), model, max_tokens=12, pipeline=True,
+                                                 **settings)]  # fmt: skip
+    return out, [s["kernels"] for s in steps]
+
+
+@pytest.mark.parametrize(
+    "settings, path_kernels",
+    [(dict(tree_top_k=1, tree_depth=3), 1), (dict(draft="ngram", num_draft_tokens=3), 0)],
+)
+def test_a_pass_after_a_chain_moves_no_rows(monkeypatch, settings, path_kernels):
+    """After a chain the accepted rows are in place: a folded pass launches 4 kernels
+    per layer fewer (a gather and a write, for keys and values) than the same
+    pass folding them as after a tree, and its output is the same. (Only the
+    fold reads the accepted path from the path table when streams draft:
+    ``path_kernels``; prompt lookup reads it anyway.)"""
+    model = tiny_spec_model("llama", vocab_size=8, mode="lossless", num_streams=3)
+    prompt = [3, 1, 4, 1, 5, 1, 2, 6, 5, 3, 5, 0, 1, 7, 3, 1, 4]
+    out, lean = pipelined_steps(model, prompt, monkeypatch, **settings)
+    out_moved, moved = pipelined_steps(model, prompt, monkeypatch, chain_flag=False, **settings)
+    assert out == out_moved == plain_greedy(model, prompt, 12)
+    assert lean[0] == moved[0]  # the first pass folds nothing either way
+    extra = 4 * len(model.layers) + path_kernels
+    assert len(lean) > 2 and all(m - k == extra for k, m in zip(lean[1:], moved[1:]))
