@@ -210,6 +210,7 @@ class StreamRuntime:
         if self.lora_targets:
             self.lora_scale = config.stream_lora_alpha / config.stream_lora_rank
             self._row_scales, self._factors = {}, {}
+            self._last_input = None  # (input, its scaled rows) of the last LoRA call
         self._install()
 
     # ---- hooks --------------------------------------------------------------
@@ -287,9 +288,9 @@ class StreamRuntime:
             a_t, b_t = rt._lora_factors(j, name, x.dtype)
             if R == 0:  # stream rows only (the split pass's second pass): no slicing
                 return mx.addmm(y, x @ a_t, b_t, alpha=rt.lora_scale)
-            # Over every row, scaled by 0 on the main rows (y + 0 is y exactly): three
-            # kernels, fewer than slicing the stream rows out and back.
-            return mx.addmm(y, (x @ a_t) * rt._stream_row_scale(R, x.shape[1], x.dtype), b_t)
+            # Over every row, the input scaled by 0 on the main rows (y + 0 is y
+            # exactly): fewer kernels than slicing the stream rows out and back.
+            return mx.addmm(y, rt._scaled_input(x, R) @ a_t, b_t)
 
         return __call__
 
@@ -305,6 +306,15 @@ class StreamRuntime:
                 a_t, b_t = a_t.astype(dtype), b_t.astype(dtype)
             hit = self._factors[(j, name, dtype)] = (a, b, a_t, b_t)
         return hit[2], hit[3]
+
+    def _scaled_input(self, x: mx.array, main: int) -> mx.array:
+        """``x`` times 0 on its ``main`` rows and the LoRA scale on its stream rows,
+        once per input array: targets that read the same input (q, k and v; gate
+        and up) share one product."""
+        last = self._last_input
+        if last is None or last[0] is not x:  # (held, so ``x``'s identity is not reused)
+            last = self._last_input = (x, x * self._stream_row_scale(main, x.shape[1], x.dtype))
+        return last[1]
 
     def _stream_row_scale(self, main: int, rows: int, dtype) -> mx.array:
         """``(rows, 1)``: 0 for the ``main`` rows, the LoRA scale for the stream rows after them."""
@@ -527,6 +537,7 @@ class StreamRuntime:
         "_main_hidden",
         "_stream_hidden",
         "_tail_input",
+        "_last_input",
     )
 
     def release(self) -> None:
