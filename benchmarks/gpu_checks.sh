@@ -31,8 +31,10 @@ case "$stage" in
     cp benchmarks/results/step_cost-gpu.* "$out/" ;;
   pipeline)
     # The pipelined step against the unpipelined one and mlx-lm: r(4) and r(16) both ways.
+    # Then the kernels each step launches, as the GPU builds them (a few seconds).
     python3 benchmarks/pipeline.py --models shipped,qwen2-0.5b,llama-8b --rounds 4 --tag gpu
-    cp benchmarks/results/pipeline-gpu.* "$out/" ;;
+    python3 benchmarks/step_graph.py --tag gpu
+    cp benchmarks/results/pipeline-gpu.* benchmarks/results/step_graph-gpu.* "$out/" ;;
   fidelity)
     python3 benchmarks/fidelity.py --models qwen2-0.5b --dtypes f32,bf16,q4 \
       --prompts 16 --max-tokens 128 --tag gpu-0.5b

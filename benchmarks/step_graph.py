@@ -10,10 +10,12 @@ counts are exact and machine-independent, so this script measures that
 overhead on any machine, a CPU included:
 
 * nodes: every primitive of the step's graph, views included (host work);
-* kernels: the primitives that are not views, as MLX's CPU backend builds them;
+* kernels: the primitives that are not views, as MLX builds them on this
+  device (its CPU backend builds RMS norm, RoPE and attention from several);
 * GPU kernels: the same, with each fused op MLX's GPU backends run as one
   kernel (RMS norm, RoPE, one-row attention) counted once
-  (:class:`mlx_specstream.kernels.FastOps`).
+  (:class:`mlx_specstream.kernels.FastOps`); on a GPU both columns are its
+  own count.
 
 mlx-lm's step is its ``generate_step`` graph: the forward over n tokens, the
 log-softmax and the argmax. Ours is everything one of our steps evaluates
@@ -96,7 +98,7 @@ def main():
         "attention as one kernel each; `/ plain n` divides by mlx-lm's step over the same n "
         "tokens, `/ plain 1` by its one-token step (its cost per token where launches bound it).",
         "",
-        "| model | step | n | nodes | kernels (CPU) | GPU kernels | outside the pass | "
+        "| model | step | n | nodes | kernels | GPU kernels | outside the pass | "
         "/ plain n (GPU) | / plain 1 (GPU) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

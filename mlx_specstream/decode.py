@@ -195,7 +195,7 @@ class Decoder:
         if self.by_rejection:  # walked on the host by finish()
             return p
         p.targets = self.sampler(logprobs)
-        _, p.last = accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
+        _, p.last = _accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
         if self.pipelined:  # the accepted path on the device, for the next pass and lookup
             p.path = mx.take(out.layout.paths_mx, p.last, axis=0)
             p.depth = mx.take(out.layout.depth_mx, p.last)
@@ -597,6 +597,10 @@ def spec_generate_step(
         if quant is not None:  # mlx-lm's cache has also fed the last yielded token
             quant.maybe_quantize(cache, offset=cache[0].offset + 1)
         rt.release()
+
+
+# The acceptance walk, compiled: its elementwise chains fuse (15 kernels to 11).
+_accept = mx.compile(accept)
 
 
 @mx.compile
