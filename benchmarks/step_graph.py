@@ -4,18 +4,18 @@
 
 On a GPU a small model's decoding is bound by kernel launches and by the host
 building the graph, not by arithmetic (the shipped model: 1.15 ms for a plain
-pass on an H100, about 3 us per kernel). A step that launches k kernels more
-than a plain pass pays for them on every step, however wide the GPU is. These
-counts are exact and machine-independent, so this script measures that
-overhead on any machine, a CPU included:
+synchronous pass on an H100, issue #11, for microseconds of arithmetic). A
+step that launches k kernels more than a plain pass pays for them on every
+step, however wide the GPU is. The counts are exact, and the same on every
+machine of one backend, so this script measures that overhead on a CPU too:
 
 * nodes: every primitive of the step's graph, views included (host work);
 * kernels: the primitives that are not views, as MLX builds them on this
   device (its CPU backend builds RMS norm, RoPE and attention from several);
-* GPU kernels: the same, with each fused op MLX's GPU backends run as one
-  kernel (RMS norm, RoPE, one-row attention) counted once
-  (:class:`mlx_specstream.kernels.FastOps`); on a GPU both columns are its
-  own count.
+* GPU kernels: the same, with each fused op that MLX's CUDA backend runs as
+  one kernel counted once (:class:`mlx_specstream.kernels.FastOps`: RMS norm,
+  RoPE; attention in bf16, or over one row); an estimate on a CPU, and the
+  GPU's own count (equal to the kernels column) on a GPU.
 
 mlx-lm's step is its ``generate_step`` graph: the forward over n tokens, the
 log-softmax and the argmax. Ours is everything one of our steps evaluates
@@ -72,13 +72,16 @@ def our_steps(model, prompt, settings, ops: FastOps, max_tokens: int) -> dict:
                 by_primitive=later[len(later) // 2]["by_primitive"])  # fmt: skip
 
 
-def build(name: str):
+def build(name: str, dtype: str):
+    """The model, with its runtime set as on MLX's CUDA backend (fused stream pass,
+    additive masks)."""
     if name == "shipped":
         model, _ = mlx_specstream.load()
-        model.speculative_streams.split_streams = False  # the GPU's pass (fused)
-        return model
-    model = random_model(name, "f32", streams=False, **TINY)
-    attach_streams(model, SpecStreamConfig(**STREAMS), seed=1)
+    else:
+        model = random_model(name, dtype, streams=False, **TINY)
+        attach_streams(model, SpecStreamConfig(**STREAMS), seed=1)
+    rt = model.speculative_streams
+    rt.split_streams, rt.additive_masks = False, True
     return model
 
 
@@ -86,17 +89,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="shipped,qwen2-0.5b,llama-8b",
                     help=f"comma-separated: shipped, {', '.join(SHAPES)}")  # fmt: skip
+    ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16"],
+                    help="random models' dtype (the shipped model is float32)")  # fmt: skip
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
-    info = machine_info(max_tokens=args.max_tokens, streams=STREAMS, tiny_widths=TINY)
+    info = machine_info(max_tokens=args.max_tokens, dtype=args.dtype, streams=STREAMS,
+                        tiny_widths=TINY)  # fmt: skip
     lines = [
         heading("Kernels per decoding step: ours against mlx-lm's plain step", info),
         "",
-        f"`{info['command']}`. Greedy; one step's graph, counted before it runs "
-        "(exact; the same on any machine). GPU kernels count RMS norm, RoPE and one-row "
-        "attention as one kernel each; `/ plain n` divides by mlx-lm's step over the same n "
-        "tokens, `/ plain 1` by its one-token step (its cost per token where launches bound it).",
+        f"`{info['command']}`: random models in {args.dtype} (the shipped one in float32). "
+        "Greedy; one step's graph, counted before it runs. GPU kernels count each fused op "
+        "that MLX's CUDA backend runs as one kernel once (RMS norm, RoPE; attention in "
+        "bf16, or over one row); `/ plain n` divides by mlx-lm's step over the same n "
+        "tokens, `/ plain 1` by its one-token step (its cost per token where launches bound "
+        "it); outside the pass: kernels not in the main logits' graph.",
         "",
         "| model | step | n | nodes | kernels | GPU kernels | outside the pass | "
         "/ plain n (GPU) | / plain 1 (GPU) |",
@@ -109,7 +117,7 @@ def main():
                 ap.error(
                     f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}"
                 )
-            model = build(name)
+            model = build(name, args.dtype)
             vocab = model.args.vocab_size
             prompt = mx.random.randint(0, vocab, (64,), key=mx.random.key(0))
             prompt = mx.concatenate([prompt, prompt[:32]])  # something for prompt lookup to find

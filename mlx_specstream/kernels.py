@@ -59,9 +59,13 @@ class FastOps:
 
     On MLX's CPU backend ``mx.fast.rms_norm`` is built from a square, a mean,
     an rsqrt and two products: five kernels where a GPU launches one. RMS norm,
-    layer norm and RoPE are one kernel on MLX's GPU backends; attention is one
-    kernel on CUDA for a single query row without an array mask (MLX 0.32's
-    ``sdpa_vector``), otherwise CUDA also runs the matmul-softmax-matmul graph.
+    layer norm and RoPE are one kernel on MLX's GPU backends. Attention is one
+    kernel on MLX's CUDA backend in float16 and bfloat16 with head dimensions
+    that are multiples of 8 up to 128 (cuDNN's, on Ampere and later), and for
+    a single query row without an array mask (its vector kernel); otherwise
+    (float32 over several rows) it runs the matmul-softmax-matmul graph there.
+    A bool mask given to its one kernel costs one more there: CUDA takes
+    additive masks only, and MLX converts a bool one in every call.
 
     Example:
         >>> with FastOps() as ops:
@@ -94,8 +98,9 @@ class FastOps:
     def _recording(self, name, real):
         def call(*args, **kwargs):
             self.calls[name] += 1
-            if _one_kernel_on_gpu(name, args, kwargs):
-                self.surplus += self._cpu_kernels(name, real, args, kwargs) - 1
+            gpu = _gpu_kernels(name, args, kwargs)
+            if gpu is not None:
+                self.surplus += self._cpu_kernels(name, real, args, kwargs) - gpu
             return real(*args, **kwargs)
 
         return call
@@ -120,11 +125,20 @@ def _signature(a):
     return (tuple(a.shape), str(a.dtype)) if isinstance(a, mx.array) else repr(a)
 
 
-def _one_kernel_on_gpu(name: str, args, kwargs) -> bool:
+def _gpu_kernels(name: str, args, kwargs) -> Optional[int]:
+    """Kernels of a fused op on MLX's CUDA backend (``None``: its CPU graph runs there)."""
     if name != "scaled_dot_product_attention":
-        return True
+        return 1
+    q, v = args[0], args[2]
     mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
-    return args[0].shape[2] <= 1 and not isinstance(mask, mx.array)
+    array_mask = isinstance(mask, mx.array)
+    if q.dtype in (mx.float16, mx.bfloat16):  # cuDNN
+        fused = all(d % 8 == 0 and d <= 128 for d in (q.shape[-1], v.shape[-1]))
+    else:
+        fused = q.shape[2] <= 1 and not array_mask
+    if not fused:
+        return None
+    return 2 if array_mask and mask.dtype == mx.bool_ else 1
 
 
 def graph_size(arrays: List[mx.array], ops: Optional[FastOps] = None) -> dict:

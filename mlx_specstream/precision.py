@@ -23,6 +23,11 @@ def on_gpu() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
+def on_cuda() -> bool:
+    """Whether MLX computes on an NVIDIA GPU (its CUDA backend) by default."""
+    return on_gpu() and hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
 def tf32_enabled() -> bool:
     """Whether float32 matmuls may run in TF32 here: on a GPU, unless
     ``MLX_ENABLE_TF32`` is ``0`` (MLX reads a nonzero integer as on, and

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .cache import Fold, FoldingCache
 from .config import SpecStreamConfig
 from .layout import TreeLayout, layout_of, place_mask, with_prefix
+from .precision import on_cuda
 from .tree import prune_subtrees, subtree_parents
 
 STREAMS_FILE = "speculative_streams.safetensors"
@@ -199,6 +200,10 @@ class StreamRuntime:
         self._head_on_streams = False
         self._lower_plain = self._upper_plain = False  # rows of a chain: a plain pass
         self._main_rows = 0
+        # MLX's CUDA backend turns a bool attention mask into an additive one in
+        # every layer's call: there the step's masks go in additive, made once.
+        self.additive_masks = on_cuda()
+        self._additive = None  # (bool mask, its additive form) of the last layer
         # Lossless decoding may verify with main rows only, then draft from the
         # streams of the last accepted node (see draft_streams): config.stream_pass.
         self.split_streams = (
@@ -257,7 +262,8 @@ class StreamRuntime:
                         x = rt._insert_streams(x)
                     upper = i >= rt.first_top
                     if not (rt._upper_plain if upper else rt._lower_plain):
-                        mask = rt._upper_mask if upper else rt._lower_mask
+                        mask = rt._attention_mask(rt._upper_mask if upper else rt._lower_mask,
+                                                  x.dtype)  # fmt: skip
                     out = base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.num_layers - 1:
                         out = rt._hold_back_streams(out)
@@ -273,6 +279,18 @@ class StreamRuntime:
                     submodule(self.model.layers[self.first_top + j], name),
                     lambda base, j=j, name=name: self._lora_call(base, j, name),
                 )
+
+    def _attention_mask(self, mask: mx.array, dtype) -> mx.array:
+        """``mask`` as the layers take it: as is, or (``additive_masks``) 0 where
+        it is True and -inf elsewhere, in ``dtype``, made once for all layers.
+        Visible scores are unchanged (``s + 0 == s``), hidden ones weigh 0."""
+        if not self.additive_masks or mask.dtype != mx.bool_:
+            return mask
+        last = self._additive
+        if last is None or last[0] is not mask or last[1].dtype != dtype:
+            zero, hidden = mx.array(0, dtype), mx.array(-mx.inf, dtype)
+            last = self._additive = (mask, mx.where(mask, zero, hidden))
+        return last[1]
 
     def _lora_call(self, base_call, j, name):
         rt = self
@@ -538,6 +556,7 @@ class StreamRuntime:
         "_stream_hidden",
         "_tail_input",
         "_last_input",
+        "_additive",
     )
 
     def release(self) -> None:

@@ -75,7 +75,7 @@ def test_negative_control_wrong_verification_is_caught(monkeypatch):
     the lossless test above can fail."""
     import mlx_specstream.decode as decode
 
-    real = decode.accept
+    real = decode._accept
 
     def accept_first_child(tokens, parents, ancestors, targets):
         _, last = real(tokens, parents, ancestors, targets)
@@ -83,7 +83,7 @@ def test_negative_control_wrong_verification_is_caught(monkeypatch):
 
     model = drafter_model("medusa")
     ref = plain_greedy(model, [1, 5, 9], 32)
-    monkeypatch.setattr(decode, "accept", accept_first_child)
+    monkeypatch.setattr(decode, "_accept", accept_first_child)
     toks, _ = spec_tokens(model, [1, 5, 9], 32)
     assert toks != ref
 

@@ -8,7 +8,7 @@ import doctest
 
 import mlx.core as mx
 import pytest
-from helpers import plain_greedy, tiny_spec_model
+from helpers import plain_greedy, spec_tokens, tiny_spec_model
 
 import mlx_specstream.decode as decode_module
 from mlx_specstream import kernels
@@ -78,3 +78,33 @@ def test_a_pass_after_a_chain_moves_no_rows(monkeypatch, settings, path_kernels)
     assert lean[0] == moved[0]  # the first pass folds nothing either way
     extra = 4 * len(model.layers) + path_kernels
     assert len(lean) > 2 and all(m - k == extra for k, m in zip(lean[1:], moved[1:]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3", "phi3"])
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_additive_masks_decode_as_bool_masks(arch, pipeline, monkeypatch):
+    """Masks handed to the layers in additive form (as on CUDA, where a bool mask
+    costs a conversion in every layer) give plain decoding's output; control: an
+    additive mask that hides nothing does not."""
+    model = tiny_spec_model(arch, vocab_size=8, mode="lossless", num_streams=2, top_k=3,
+                            max_tree_nodes=13)  # fmt: skip
+    rt = model.speculative_streams
+    prompt = [3, 1, 4, 1, 5, 1, 2, 6, 5, 3, 5, 0, 1, 7]
+    want = plain_greedy(model, prompt, 24)
+    seen = []
+    real = type(rt)._attention_mask
+
+    def recording(self, mask, dtype):
+        out = real(self, mask, dtype)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(type(rt), "_attention_mask", recording)
+    rt.additive_masks = True
+    try:
+        assert spec_tokens(model, prompt, 24, pipeline=pipeline)[0] == want
+        assert seen and all(d != mx.bool_ for d in seen)
+        monkeypatch.setattr(type(rt), "_attention_mask", lambda self, m, d: mx.zeros(m.shape, d))
+        assert spec_tokens(model, prompt, 24, pipeline=pipeline)[0] != want
+    finally:
+        rt.additive_masks = False

@@ -197,11 +197,11 @@ def lenient_accept(tokens, parents, ancestors, targets):
     return real_accept(tokens, parents, ancestors, targets)
 
 
-real_accept = decode.accept
+real_accept = decode._accept
 
 
 def test_negative_control_unchecked_ngram_draft(monkeypatch):
-    monkeypatch.setattr(decode, "accept", lenient_accept)
+    monkeypatch.setattr(decode, "_accept", lenient_accept)
     model = tiny_model("llama", vocab_size=8)
     got, _ = spec_tokens(model, PROMPT, 48, draft="ngram")
     assert got != plain_greedy(model, PROMPT, 48)
@@ -264,6 +264,6 @@ def test_ngram_sampling_matches_plain_distribution(small, draft, temp, pipeline)
 
 
 def test_negative_control_unchecked_ngram_draft_is_rejected(small, monkeypatch):
-    monkeypatch.setattr(decode, "accept", lenient_accept)
+    monkeypatch.setattr(decode, "_accept", lenient_accept)
     p = ngram_pvalue(small, make_sampler(temp=1.0), draft="ngram")
     assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
