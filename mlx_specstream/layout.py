@@ -4,7 +4,7 @@ A step's masks are ``[committed prefix | tree]`` columns: the prefix part is
 all ones and only the tree part depends on the topology, so it is kept here
 and joined to the prefix on the device each step: at a host offset
 (:func:`with_prefix`), or at an offset only the device knows yet
-(:func:`place_mask`, pipelined steps).
+(:func:`place_mask`; :func:`place_window` for pipelined steps).
 """
 
 from functools import lru_cache
@@ -94,3 +94,21 @@ def place_mask(mask: mx.array, start: mx.array, length: int) -> mx.array:
     rel = mx.arange(length, dtype=mx.int32) - start  # each column relative to the tree
     tree = mx.take(mask, mx.clip(rel, 0, C - 1), axis=1) & ((rel >= 0) & (rel < C))[None]
     return (rel < 0)[None] | tree
+
+
+_placed = mx.compile(place_mask)  # fixed shapes per tree: traced once per width
+
+
+def place_window(mask: mx.array, base: int, accepted: mx.array, width: int) -> mx.array:
+    """:func:`place_mask` of ``mask`` at column ``base + accepted`` of a view
+    ``base + width`` columns long, built as ``base`` visible columns before a
+    ``width``-column window placed on its own (compiled, of fixed shape): its
+    kernels and elementwise work do not grow with the context.
+
+    Example: ``mask = [[1, 0], [1, 1]]``, ``base = 1``, ``accepted = 1``,
+    ``width = 4`` is ``place_mask(mask, 2, 5)``::
+
+        [[1, 1, 1, 0, 0],
+         [1, 1, 1, 1, 0]]
+    """
+    return with_prefix(_placed(mask, accepted, width), base)

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache import Fold, FoldingCache
 from .config import SpecStreamConfig
-from .layout import TreeLayout, layout_of, place_mask, with_prefix
+from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda
 from .tree import prune_subtrees, subtree_parents
 
@@ -415,8 +415,11 @@ class StreamRuntime:
                 raise ValueError("A pipelined pass cannot prune (pruning reads the host).")
             cache = [FoldingCache(c, fold, i) for i, c in enumerate(cache)]
             base, span = cache[0].offset, 0 if fold is None else fold.span
-            prefix = mx.array([base], dtype=mx.int32) if fold is None else fold.start
-            self._join = lambda mask: place_mask(mask, prefix, base + span + mask.shape[0])
+            if fold is None:
+                prefix, accepted = mx.array([base], dtype=mx.int32), mx.array(0, dtype=mx.int32)
+            else:
+                prefix, accepted = fold.start, fold.accepted
+            self._join = lambda mask: place_window(mask, base, accepted, span + mask.shape[0])
         else:
             prefix = cache[0].offset
             self._join = lambda mask: with_prefix(mask, prefix)

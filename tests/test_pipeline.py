@@ -13,7 +13,7 @@ from mlx_lm.models.cache import KVCache
 
 import mlx_specstream.decode as decode_module
 from mlx_specstream.cache import Fold, FoldingCache, make_prompt_cache
-from mlx_specstream.layout import layout_of, place_mask, with_prefix
+from mlx_specstream.layout import layout_of, place_mask, place_window, with_prefix
 from mlx_specstream.sample_utils import make_sampler
 from mlx_specstream.tree import path_table, path_to, stream_attention_mask
 
@@ -33,6 +33,26 @@ def test_place_mask_golden():
     assert got == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
     got = place_mask(mask, mx.array(0), 3).astype(mx.int32).tolist()
     assert got == [[1, 0, 0], [1, 1, 0]]
+
+
+def test_place_window_golden():
+    mask = mx.array([[1, 0], [1, 1]]).astype(mx.bool_)
+    got = place_window(mask, 1, mx.array(1), 4).astype(mx.int32).tolist()
+    assert got == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("parents", [[-1, 0, 1, 0], [-1, 0, 0, 1, 2, 1]])
+def test_place_window_is_place_mask(parents):
+    """The window built on its own, then joined to the prefix, is the mask placed
+    over the whole view, for every base, accepted length and spare width."""
+    ancestors = layout_of(parents).ancestors
+    for m in (mx.array(ancestors), mx.array(stream_attention_mask(ancestors, 2, False))):
+        for base in (0, 1, 9):
+            for accepted in range(4):
+                for width in (accepted + m.shape[1], accepted + m.shape[1] + 2):
+                    want = place_mask(m, mx.array(base + accepted), base + width)
+                    got = place_window(m, base, mx.array(accepted), width)
+                    assert mx.array_equal(got, want), (base, accepted, width)
 
 
 @pytest.mark.parametrize("parents", [[-1], [-1, 0, 1, 0], [-1, 0, 0, 1, 2, 1]])
