@@ -233,12 +233,15 @@ def top_k_desc(scores, k: int):
 
     A partial selection (``argpartition``) then a sort of the ``k`` chosen:
     on a CPU a full ``argsort`` of a vocabulary-wide row costs about 17 times
-    as much (1.9 ms against 0.11 ms for 3 x 8,000). Ties may come in any order.
+    as much (1.9 ms against 0.11 ms for 3 x 8,000). For ``k = 1`` (a chain's
+    drafts) an ``argmax``: one kernel instead of six. Ties may come in any order.
 
     Example:
         >>> import mlx.core as mx
         >>> top_k_desc(mx.array([[0.1, 0.7, 0.3, 0.9], [4.0, 1.0, 3.0, 2.0]]), 2).tolist()
         [[3, 1], [0, 2]]
+        >>> top_k_desc(mx.array([[0.1, 0.7, 0.3, 0.9], [4.0, 1.0, 3.0, 2.0]]), 1).tolist()
+        [[3], [0]]
 
     Args:
         scores (mx.array): ``(..., V)`` scores (logits or log-probabilities).
@@ -251,6 +254,8 @@ def top_k_desc(scores, k: int):
 
     if k >= scores.shape[-1]:
         return mx.argsort(-scores, axis=-1)
+    if k == 1:
+        return mx.argmax(scores, axis=-1, keepdims=True)
     idx = mx.argpartition(-scores, k - 1, axis=-1)[..., :k]
     order = mx.argsort(-mx.take_along_axis(scores, idx, axis=-1), axis=-1)
     return mx.take_along_axis(idx, order, axis=-1)
