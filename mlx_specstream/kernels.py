@@ -156,18 +156,22 @@ def recorded_steps(ops: Optional[FastOps] = None):
     """Records the graph of every step our decoder launches inside the block.
 
     Each launch's graph (pass, acceptance, next draft) is counted when it is
-    built, before it is dispatched. The list it yields receives one
-    :func:`graph_size` per launch, with ``n`` (the tree's nodes) and
-    ``outside_pass`` (kernels not in the main logits' graph). Pass a
-    :class:`FastOps` that is active to count GPU kernels.
+    built, before it is dispatched; so is what the step's host read then
+    evaluates on its own (``mx.eval`` in ``finish``: the rows gathered to
+    compact the caches after a tree). The list it yields receives one
+    :func:`graph_size` per launch, with ``n`` (the tree's nodes),
+    ``outside_pass`` (kernels not in the main logits' graph) and
+    ``compaction`` (kernels evaluated by its host read, included in the
+    totals). Pass a :class:`FastOps` that is active to count GPU kernels.
     """
     from . import decode  # (a profiling tool: the decoder does not import it)
 
-    steps, launched = [], {}
-    real_launch, real_async = decode.Decoder.launch, decode.mx.async_eval
+    steps, launched, of_pending = [], {}, {}
+    real_launch, real_finish = decode.Decoder.launch, decode.Decoder.finish
+    real_async, real_eval = mx.async_eval, mx.eval
 
     def async_eval(*arrays):  # dispatched once counted, when the launch returns
-        launched["arrays"] = arrays[0] if isinstance(arrays[0], list) else list(arrays)
+        launched["arrays"] = _leaves(arrays)
 
     def launch(self, draft, after=None):
         if ops is not None:
@@ -175,14 +179,39 @@ def recorded_steps(ops: Optional[FastOps] = None):
         p = real_launch(self, draft, after)
         arrays = launched.pop("arrays")
         step = graph_size(arrays, ops)
-        step["n"] = len(draft.layout)
+        step.update(n=len(draft.layout), compaction=0)
         step["outside_pass"] = step["kernels"] - sum(count_kernels([p.out.logits]).values())
         steps.append(step)
+        of_pending[id(p)] = step
         real_async(arrays)
         return p
 
-    decode.Decoder.launch, decode.mx.async_eval = launch, async_eval
+    def finish(self, p, folded=False):
+        step = of_pending.pop(id(p))
+
+        def counted_eval(*arrays):
+            k = sum(count_kernels(_leaves(arrays)).values())
+            for key in ("kernels", "gpu_kernels", "compaction"):
+                step[key] += k
+            real_eval(*arrays)
+
+        mx.eval = counted_eval
+        try:
+            return real_finish(self, p, folded)
+        finally:
+            mx.eval = real_eval
+
+    decode.Decoder.launch, decode.Decoder.finish = launch, finish
+    mx.async_eval = async_eval
     try:
         yield steps
     finally:
-        decode.Decoder.launch, decode.mx.async_eval = real_launch, real_async
+        decode.Decoder.launch, decode.Decoder.finish = real_launch, real_finish
+        mx.async_eval, mx.eval = real_async, real_eval
+
+
+def _leaves(tree) -> List[mx.array]:
+    """The arrays of nested lists and tuples, in order."""
+    if isinstance(tree, mx.array):
+        return [tree]
+    return [a for t in tree for a in _leaves(t)]
