@@ -64,9 +64,15 @@ def plain_step(model, prompt, n, ops: FastOps) -> dict:
 
 
 def our_steps(model, prompt, settings, ops: FastOps, max_tokens: int) -> dict:
-    """Median graph of one of our greedy steps after the first, and tau."""
-    with recorded_steps(ops) as steps:
-        out = list(decode.spec_generate_step(prompt, model, max_tokens=max_tokens, **settings))
+    """Median graph of one of our greedy steps after the first, and tau, with the
+    decoder's choices as on a GPU (the fused pass's own head computes the streams')."""
+    on_gpu, decode.on_gpu = decode.on_gpu, lambda: True
+    try:
+        with recorded_steps(ops) as steps:
+            gen = decode.spec_generate_step(prompt, model, max_tokens=max_tokens, **settings)
+            out = list(gen)
+    finally:
+        decode.on_gpu = on_gpu
     later = steps[1:]
     med = {k: statistics.median(s[k] for s in later) for k in later[0] if k != "by_primitive"}
     # A tree whose accepted path leaves the first children is compacted after the step.
@@ -77,7 +83,7 @@ def our_steps(model, prompt, settings, ops: FastOps, max_tokens: int) -> dict:
 
 def build(name: str, dtype: str):
     """The model, with its runtime set as on MLX's CUDA backend (fused stream pass,
-    additive masks)."""
+    additive masks; the decoder's GPU choices are made in :func:`our_steps`)."""
     if name == "shipped":
         model, _ = mlx_specstream.load()
     else:
