@@ -200,6 +200,7 @@ class StreamRuntime:
         self._head_on_streams = False
         self._lower_plain = self._upper_plain = False  # rows of a chain: a plain pass
         self._main_rows = 0
+        self._lora_calls = None  # the stream LoRA's calls in the first pass
         # MLX's CUDA backend turns a bool attention mask into an additive one in
         # every layer's call: there the step's masks go in additive, made once.
         self.additive_masks = on_cuda()
@@ -214,8 +215,11 @@ class StreamRuntime:
         )
         if self.lora_targets:
             self.lora_scale = config.stream_lora_alpha / config.stream_lora_rank
-            self._row_scales, self._factors = {}, {}
-            self._last_input = None  # (input, its scaled rows) of the last LoRA call
+            self._row_scales, self._factors, self._group_factors = {}, {}, {}
+            # Targets that read one input share one product with their A factors;
+            # which do is read from the first pass's calls (_learn_lora_groups).
+            self._lora_calls, self._lora_groups = [], {}
+            self._last_product = None  # (input, (layer, group), product) of the last call
         self._install()
 
     # ---- hooks --------------------------------------------------------------
@@ -303,12 +307,12 @@ class StreamRuntime:
             R = rt._main_rows
             if R == x.shape[1]:
                 return y
-            a_t, b_t = rt._lora_factors(j, name, x.dtype)
-            if R == 0:  # stream rows only (the split pass's second pass): no slicing
-                return mx.addmm(y, x @ a_t, b_t, alpha=rt.lora_scale)
-            # Over every row, the input scaled by 0 on the main rows (y + 0 is y
-            # exactly): fewer kernels than slicing the stream rows out and back.
-            return mx.addmm(y, rt._scaled_input(x, R) @ a_t, b_t)
+            # One product per input array for every target that reads it (q, k
+            # and v; gate and up), over every row: the input is scaled by 0 on
+            # the main rows (y + 0 is y exactly), fewer kernels than slicing.
+            t, block = rt._lora_input(j, name, x, R)
+            b_t = rt._lora_factors(j, name, x.dtype)[1]
+            return mx.addmm(y, t[..., block], b_t, alpha=rt.lora_scale if R == 0 else 1.0)
 
         return __call__
 
@@ -325,14 +329,43 @@ class StreamRuntime:
             hit = self._factors[(j, name, dtype)] = (a, b, a_t, b_t)
         return hit[2], hit[3]
 
-    def _scaled_input(self, x: mx.array, main: int) -> mx.array:
-        """``x`` times 0 on its ``main`` rows and the LoRA scale on its stream rows,
-        once per input array: targets that read the same input (q, k and v; gate
-        and up) share one product."""
-        last = self._last_input
-        if last is None or last[0] is not x:  # (held, so ``x``'s identity is not reused)
-            last = self._last_input = (x, x * self._stream_row_scale(main, x.shape[1], x.dtype))
-        return last[1]
+    def _lora_input(self, j: int, name: str, x: mx.array, main: int):
+        """``(t, block)``: ``x`` (times 0 on its ``main`` rows and the LoRA scale
+        on the rest; as is when ``main`` is 0) times the A factors of the targets
+        of layer ``j`` that read the same input as ``name`` did in the first
+        pass, side by side; ``t[..., block]`` is ``name``'s. One product per
+        input array. Whatever the grouping, each target's block is its own
+        input's product: a group only decides which products are shared."""
+        if self._lora_calls is not None:  # the first pass: which targets share an input
+            self._lora_calls.append((j, name, x))
+        group = self._lora_groups.get((j, name), (name,))
+        last = self._last_product
+        if last is None or last[0] is not x or last[1] != (j, group):
+            xs = x if main == 0 else x * self._stream_row_scale(main, x.shape[1], x.dtype)
+            last = self._last_product = (x, (j, group), xs @ self._group_a(j, group, x.dtype))
+        r, i = self.config.stream_lora_rank, group.index(name)
+        return last[2], slice(r * i, r * (i + 1))
+
+    def _group_a(self, j: int, group: tuple, dtype) -> mx.array:
+        """The A factors (transposed) of ``group``'s targets side by side: ``(in, r * len)``."""
+        parts = [self._lora_factors(j, n, dtype)[0] for n in group]
+        if len(parts) == 1:
+            return parts[0]
+        hit = self._group_factors.get((j, group, dtype))
+        if hit is None or any(p is not q for p, q in zip(parts, hit[0])):
+            hit = self._group_factors[(j, group, dtype)] = (parts, mx.concatenate(parts, axis=1))
+        return hit[1]
+
+    def _learn_lora_groups(self) -> None:
+        """Groups the stream LoRA targets of each layer that read one input array in
+        the pass just run (the model calls them so in every pass)."""
+        groups = {}
+        for j, name, x in self._lora_calls:
+            names = groups.setdefault((j, id(x)), [])  # (the list holds x: ids stay unique)
+            if name not in names:
+                names.append(name)
+        self._lora_groups = {(j, n): tuple(ns) for (j, _), ns in groups.items() for n in ns}
+        self._lora_calls = None
 
     def _stream_row_scale(self, main: int, rows: int, dtype) -> mx.array:
         """``(rows, 1)``: 0 for the ``main`` rows, the LoRA scale for the stream rows after them."""
@@ -440,6 +473,8 @@ class StreamRuntime:
             logits = self.model(tokens[None], cache=cache)
         finally:
             self.state = None
+        if self._lora_calls:
+            self._learn_lora_groups()
         R, g = len(self._kept), self.config.num_streams
         logits, hidden, slogits = logits[0], None, None
         if all_streams and self.streams is not None:
@@ -541,6 +576,8 @@ class StreamRuntime:
             return self.model(mx.zeros((1, g), dtype=mx.int32), cache=cache)[0]
         finally:
             self.state = None
+            if self._lora_calls:
+                self._learn_lora_groups()
 
     # Arrays of the last pass: dropped by :meth:`release` when a generation ends.
     _STEP_ARRAYS = (
@@ -558,7 +595,7 @@ class StreamRuntime:
         "_main_hidden",
         "_stream_hidden",
         "_tail_input",
-        "_last_input",
+        "_last_product",
         "_additive",
     )
 

@@ -108,3 +108,54 @@ def test_additive_masks_decode_as_bool_masks(arch, pipeline, monkeypatch):
         assert spec_tokens(model, prompt, 24, pipeline=pipeline)[0] != want
     finally:
         rt.additive_masks = False
+
+
+@pytest.mark.parametrize(
+    "arch, shared",
+    [("llama", {3, 2}), ("qwen2", {3, 2}), ("starcoder2", {3}), ("gpt_neox", set())],
+)  # (gpt_neox fuses q, k and v into one projection: nothing to share)
+def test_lora_targets_reading_one_input_share_one_product(arch, shared, monkeypatch):
+    """The first pass learns which stream-LoRA targets read one input (q, k and v;
+    gate and up); later passes compute one product with their A factors side by
+    side and give each target its own block: the same stream logits, and the
+    main logits bit for bit. Control: giving a target its neighbour's block."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_spec_model(arch, vocab_size=16, mode="lossless", num_streams=2,
+                            stream_lora_rank=4, stream_pass="fused")  # fmt: skip
+    rt = model.speculative_streams
+    mx.random.seed(3)  # nonzero B factors (they start at zero)
+    rt.streams.update(tree_unflatten([
+        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(rt.streams.parameters())
+        if k.endswith("lora_b")
+    ]))  # fmt: skip
+    parents, tokens = [-1, 0, 1, 0], mx.array([3, 5, 7, 2])
+
+    def stream_logits():
+        cache = make_prompt_cache(model)
+        rt.prefill(mx.array([1, 2, 3, 4, 5]), cache)
+        out = rt.forward(tokens, parents, cache, all_streams=True, stream_logits=True)
+        mx.eval(out.logits, out.stream_logits)
+        return out.logits, out.stream_logits
+
+    first = stream_logits()  # per target, learning the groups
+    groups = set(rt._lora_groups.values())
+    assert {len(g) for g in groups if len(g) > 1} == shared, groups
+    grouped = stream_logits()
+    assert mx.array_equal(first[0], grouped[0])
+    assert mx.allclose(first[1], grouped[1], atol=1e-5, rtol=1e-5)
+    if not shared:  # no neighbours to swap with
+        return
+    real = type(rt)._lora_input
+
+    def neighbours_block(self, j, name, x, main):
+        t, block = real(self, j, name, x, main)
+        r = self.config.stream_lora_rank
+        shift = r if block.stop + r <= t.shape[-1] else -r if block.start >= r else 0
+        return t, slice(block.start + shift, block.stop + shift)
+
+    monkeypatch.setattr(type(rt), "_lora_input", neighbours_block)
+    wrong = stream_logits()
+    assert mx.array_equal(first[0], wrong[0])  # main rows never read the LoRA
+    assert not mx.allclose(first[1], wrong[1], atol=1e-3)
