@@ -14,13 +14,13 @@ Outputs must equal mlx-lm's. Results go to
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from report import machine_info, time_after_first, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = {
@@ -44,18 +44,10 @@ def child(prompts: int, prompt_tokens: int, max_tokens: int) -> dict:
     xs = load_prompts(Path(DEFAULT_DIR) / "prompts.jsonl", tokenizer, prompts, prompt_tokens)
     xs = [mx.array(x) for x in xs]
 
-    def timed(gen):
-        out, t1, p1, passes = [], None, 0, 0
-        for item in gen:
-            out.append(item[0])
-            passes = item[3] if len(item) > 3 else len(out)
-            if t1 is None:
-                t1, p1 = time.perf_counter(), passes
-        return out, time.perf_counter() - t1, passes - p1
-
-    want = [timed(generate_step(x, model, max_tokens=max_tokens))[0] for x in xs]  # warm-up
-    plain = [timed(generate_step(x, model, max_tokens=max_tokens)) for x in xs]
-    res = dict(plain_ms=1e3 * sum(t for _, t, _ in plain) / sum(p for _, _, p in plain))
+    want = [time_after_first(generate_step(x, model, max_tokens=max_tokens))[2]
+            for x in xs]  # (warm-up too)  # fmt: skip
+    plain = [time_after_first(generate_step(x, model, max_tokens=max_tokens)) for x in xs]
+    res = dict(plain_ms=1e3 * sum(t for t, _, _ in plain) / sum(p for _, p, _ in plain))
     rt = model.speculative_streams
     # Trees that predate the fused/split choice have one way to draft: "as built".
     passes_to_try = ("split", "fused") if hasattr(rt, "split_streams") else ("as built",)
@@ -63,10 +55,11 @@ def child(prompts: int, prompt_tokens: int, max_tokens: int) -> dict:
         if stream_pass != "as built":
             rt.split_streams = stream_pass == "split"
         for name, tree in TREES.items():
-            timed(spec_generate_step(xs[0], model, max_tokens=8, **tree))  # warm-up
+            time_after_first(spec_generate_step(xs[0], model, max_tokens=8, **tree))  # warm-up
             t = passes = tokens = 0
             for x, ref in zip(xs, want):
-                out, dt, ps = timed(spec_generate_step(x, model, max_tokens=max_tokens, **tree))
+                gen = spec_generate_step(x, model, max_tokens=max_tokens, **tree)
+                dt, ps, out = time_after_first(gen)
                 assert [int(v) for v in out] == [int(v) for v in ref], f"{name}: output differs"
                 t, passes, tokens = t + dt, passes + ps, tokens + len(out) - 1
             res[f"{name} | {stream_pass}"] = dict(step_ms=1e3 * t / passes, tau=tokens / passes)
@@ -147,9 +140,6 @@ def main():
         return
     if not args.before:
         p.error("--before is required")
-    import mlx.core as mx
-    import mlx_lm
-
     before = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT,
                             check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
     after = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
@@ -176,19 +166,10 @@ def main():
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT,
                            capture_output=True)  # fmt: skip
-    info = dict(command=" ".join(["python"] + sys.argv), before=before, after=after,
-                machine=platform.machine(), python=platform.python_version(),
-                mlx=mx.__version__, mlx_lm=mlx_lm.__version__, device=str(mx.default_device()),
-                prompts=args.prompts, max_tokens=args.max_tokens, runs=args.runs)  # fmt: skip
+    info = machine_info(before=before, after=after, prompts=args.prompts,
+                        max_tokens=args.max_tokens, runs=args.runs)  # fmt: skip
     text, table = render(info, results)
-    print(text)
-    out = (
-        Path(__file__).parent / "results" / f"step_before_after{'-' + args.tag if args.tag else ''}"
-    )
-    out.parent.joinpath(out.name + ".md").write_text(text)
-    out.parent.joinpath(out.name + ".json").write_text(
-        json.dumps(dict(info=info, table=table, runs=results), indent=1)
-    )
+    write_results("step_before_after", args.tag, text, dict(info=info, table=table, runs=results))
 
 
 if __name__ == "__main__":
