@@ -50,7 +50,11 @@ def count_nodes(arrays: List[mx.array]) -> Counter:
 
 def count_kernels(arrays: List[mx.array]) -> Counter:
     """The primitives that evaluating ``arrays`` would run that are not views, by name."""
-    return Counter({k: v for k, v in count_nodes(arrays).items() if k not in VIEWS})
+    return _kernels(count_nodes(arrays))
+
+
+def _kernels(nodes: Counter) -> Counter:
+    return Counter({k: v for k, v in nodes.items() if k not in VIEWS})
 
 
 class FastOps:
@@ -144,9 +148,10 @@ def _gpu_kernels(name: str, args, kwargs) -> Optional[int]:
 def graph_size(arrays: List[mx.array], ops: Optional[FastOps] = None) -> dict:
     """``nodes``, ``kernels`` and ``gpu_kernels`` (less ``ops.surplus``) of
     evaluating ``arrays``, and the kernels ``by_primitive``."""
-    kernels = count_kernels(arrays)
+    nodes = count_nodes(arrays)  # (one export of the graph for both counts)
+    kernels = _kernels(nodes)
     cpu = sum(kernels.values())
-    return dict(nodes=sum(count_nodes(arrays).values()), kernels=cpu,
+    return dict(nodes=sum(nodes.values()), kernels=cpu,
                 gpu_kernels=cpu - (ops.surplus if ops else 0),
                 by_primitive=dict(kernels.most_common()))  # fmt: skip
 
