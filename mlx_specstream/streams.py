@@ -468,13 +468,7 @@ class StreamRuntime:
         # Without stream layers nothing is inserted or pruned: every node is kept.
         self._kept, self._kept_layout = list(range(len(layout))), layout
         self._main_rows = len(layout)
-        self.state = "step"
-        try:
-            logits = self.model(tokens[None], cache=cache)
-        finally:
-            self.state = None
-        if self._lora_calls:
-            self._learn_lora_groups()
+        logits = self._run("step", tokens[None], cache)
         R, g = len(self._kept), self.config.num_streams
         logits, hidden, slogits = logits[0], None, None
         if all_streams and self.streams is not None:
@@ -494,11 +488,19 @@ class StreamRuntime:
     def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False):
         """A plain pass over prompt tokens into ``cache``; with ``keep_hidden`` the
         last layer's states are appended to :attr:`_prefill_hidden`."""
-        self.state = "prefill" if keep_hidden else None
+        self._run("prefill" if keep_hidden else None, tokens[None], cache)
+
+    def _run(self, state: Optional[str], tokens: mx.array, cache) -> mx.array:
+        """The model over ``(1, L)`` tokens with the hooks in ``state``. The first
+        pass through the stream LoRA also tells which targets share an input."""
+        self.state = state
         try:
-            self.model(tokens[None], cache=cache)
+            out = self.model(tokens, cache=cache)
         finally:
             self.state = None
+        if self._lora_calls:
+            self._learn_lora_groups()
+        return out
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The base model's input embeddings of ``tokens``."""
@@ -571,13 +573,7 @@ class StreamRuntime:
         depth = mx.take(sub.depth_mx, last[None])
         self._stream_pos = prefix + self._stream_positions(depth)[1:]
         self._main_rows = 0
-        self.state = "streams"
-        try:
-            return self.model(mx.zeros((1, g), dtype=mx.int32), cache=cache)[0]
-        finally:
-            self.state = None
-            if self._lora_calls:
-                self._learn_lora_groups()
+        return self._run("streams", mx.zeros((1, g), dtype=mx.int32), cache)[0]
 
     # Arrays of the last pass: dropped by :meth:`release` when a generation ends.
     _STEP_ARRAYS = (
