@@ -353,6 +353,13 @@ def setup_arg_parser():
         "--stream-lora-rank", type=int, default=0, help="Lossless-mode stream-only LoRA rank"
     )
     p.add_argument(
+        "--stream-lora-targets",
+        nargs="+",
+        default=None,
+        help="Linear modules of each stream layer that get the stream-only LoRA, by path in "
+        "the layer (e.g. self_attn.q_proj self_attn.v_proj; default: all of them)",
+    )
+    p.add_argument(
         "--main-loss-weight",
         type=float,
         default=None,
@@ -399,6 +406,7 @@ def build(args, model, tokenizer):
         mode=args.mode,
         stream_positions=args.stream_positions,
         stream_lora_rank=args.stream_lora_rank if args.mode == "lossless" else 0,
+        stream_lora_targets=args.stream_lora_targets,
     )
     for p in model.parameters():
         p.requires_grad_(False)

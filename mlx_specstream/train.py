@@ -57,7 +57,8 @@ CHECKPOINT_DIR = "checkpoint"
 # with other values (the rest, e.g. --steps-per-report, may change freely).
 RESUME_KEYS = (
     "model", "data", "iters", "batch_size", "learning_rate", "num_streams", "num_stream_layers",
-    "stream_lora_rank", "stream_lora_alpha", "stream_loss_weight", "self_distill",
+    "stream_lora_rank", "stream_lora_alpha", "stream_lora_targets", "stream_loss_weight",
+    "self_distill",
     "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip",
 )  # fmt: skip
 
@@ -434,6 +435,14 @@ def setup_arg_parser():
     p.add_argument("--num-stream-layers", type=int, default=4, help="N_s")
     p.add_argument("--stream-lora-rank", type=int, default=16, help="0: no stream-only LoRA")
     p.add_argument("--stream-lora-alpha", type=float, default=32.0)
+    p.add_argument(
+        "--stream-lora-targets",
+        nargs="+",
+        default=None,
+        help="Linear modules of each stream layer that get the stream LoRA, by path in the "
+        "layer, e.g. self_attn.q_proj self_attn.v_proj (default: all of them). Each group of "
+        "targets that reads one input costs a step 2 kernels, and each target 1 more",
+    )
     p.add_argument("--stream-loss-weight", type=float, default=0.1, help="alpha_j")
     p.add_argument(
         "--self-distill",
@@ -612,6 +621,7 @@ def main(argv=None):
         mode="lossless",
         stream_lora_rank=args.stream_lora_rank,
         stream_lora_alpha=args.stream_lora_alpha,
+        stream_lora_targets=args.stream_lora_targets,
     )
     out = Path(args.out)
     check_out(args)

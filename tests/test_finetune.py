@@ -215,6 +215,18 @@ def test_lossless_mode_self_distilled_with_stream_lora(data, tmp_path, capsys):
     assert len(toks) / records[-1][3] > 1.5
 
 
+def test_stream_lora_targets_adapts_only_the_named_modules(data, tmp_path):
+    named = ["self_attn.q_proj", "self_attn.v_proj"]
+    run(data, tmp_path / "hf", "--mode", "lossless", "--stream-lora-rank", "4",
+        "--max-steps", "2", "--stream-lora-targets", *named)  # fmt: skip
+    model, _ = load(str(convert(str(tmp_path / "hf"), tmp_path / "mlx")))
+    rt = model.speculative_streams
+    assert rt.config.stream_lora_targets == named and rt.lora_targets == [named, named]
+    with pytest.raises(ValueError, match=r"stream_lora_targets: \['self_attn.nope'\] are not"):
+        run(data, tmp_path / "bad", "--mode", "lossless", "--stream-lora-rank", "4",
+            "--max-steps", "2", "--stream-lora-targets", "self_attn.nope")  # fmt: skip
+
+
 def test_shared_mode_adapter_output_converts(data, tmp_path):
     run(
         data,

@@ -318,6 +318,24 @@ def run_cli(base_dir, data, out, *extra):
                 "--iters", "1", "--no-tune", *CLI_RECIPE, *extra])  # fmt: skip
 
 
+def lora_modules(out):
+    """The module paths that the stream LoRA written to ``out`` adapts."""
+    keys = mx.load(str(out / "speculative_streams.safetensors")).keys()
+    return {k.split(".", 2)[2].rsplit(".", 1)[0] for k in keys if k.startswith("lora.")}
+
+
+def test_stream_lora_targets_adapts_only_the_named_modules(base_dir, data_file, tmp_path):
+    named = ["self_attn.q_proj", "self_attn.v_proj"]
+    run_cli(base_dir, data_file, tmp_path / "qv", "--stream-lora-targets", *named)
+    config = json.loads((tmp_path / "qv" / "config.json").read_text())["speculative_streaming"]
+    assert config["stream_lora_targets"] == named and lora_modules(tmp_path / "qv") == set(named)
+    run_cli(base_dir, data_file, tmp_path / "all")  # control: every linear module
+    assert lora_modules(tmp_path / "all") > set(named)
+    with pytest.raises(ValueError, match=r"stream_lora_targets: \['self_attn.nope'\] are not"):
+        run_cli(base_dir, data_file, tmp_path / "bad", "--stream-lora-targets", "self_attn.nope")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_missing_or_empty_data_is_refused_by_name(base_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="--data .*nowhere.jsonl does not exist"):
         run_cli(base_dir, tmp_path / "nowhere.jsonl", tmp_path / "o1")
