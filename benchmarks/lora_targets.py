@@ -23,17 +23,16 @@ Stages resume (each trained model is kept in ``--work``). Writes
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from report import heading, machine_info, write_results
 from train_parity import (
-    DEFAULT_DIR,
     base_greedy,
+    held_out_prompts,
     held_out_windows,
-    make_bases,
     measure_tau,
+    prepare_work,
     run,
     stream_accuracy,
 )
@@ -114,17 +113,10 @@ def main():
     p.add_argument("--shapes", default="qwen2-0.5b,llama-8b")
     p.add_argument("--tag", default="")
     args = p.parse_args()
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    corpus = work / "corpus"
-    if not (corpus / "train.jsonl").exists():
-        run([sys.executable, "-m", "convert.corpus", "--out", corpus], work / "corpus.log")
-    if not (work / "base-hf" / "config.json").exists():
-        make_bases(work)
+    work, corpus = prepare_work(args.work)
     dirs = {name: train(args, work, corpus, name, *v) for name, v in VARIANTS.items()}
 
-    prompts = [json.loads(l)["prompt"] for l in open(DEFAULT_DIR / "prompts.jsonl")]
-    prompts = prompts[: args.num_prompts]
+    prompts = held_out_prompts(args.num_prompts)
     base = base_greedy(work, prompts, args.max_tokens)
     held_out = held_out_windows(work, corpus, args.eval_windows)
     shapes = args.shapes.split(",")

@@ -81,6 +81,25 @@ def make_bases(work: Path):
     check_bases(work, model)
 
 
+def prepare_work(work: str):
+    """``(work, corpus)``: the work folder with the stdlib corpus and both bases
+    (each made once; later runs find them there)."""
+    work = Path(work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus"
+    if not (corpus / "train.jsonl").exists():
+        run([sys.executable, "-m", "convert.corpus", "--out", corpus], work / "corpus.log")
+    if not (work / "base-hf" / "config.json").exists():
+        make_bases(work)
+    return work, corpus
+
+
+def held_out_prompts(n: int) -> list:
+    """The default model's first ``n`` held-out prompts."""
+    prompts = [json.loads(l)["prompt"] for l in open(DEFAULT_DIR / "prompts.jsonl")]
+    return prompts[:n]
+
+
 def check_bases(work: Path, mlx_model):
     """Both bases give the same logits on a held-out prompt."""
     import mlx.core as mx
@@ -258,13 +277,7 @@ def main():
     p.add_argument("--eval-windows", type=int, default=64, help="Held-out windows for top-1")
     p.add_argument("--name", default="train_parity", help="Result file name in benchmarks/results")
     args = p.parse_args()
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    corpus = work / "corpus"
-    if not (corpus / "train.jsonl").exists():
-        run([sys.executable, "-m", "convert.corpus", "--out", corpus], work / "corpus.log")
-    if not (work / "base-hf" / "config.json").exists():
-        make_bases(work)
+    work, corpus = prepare_work(args.work)
     times_file = work / "times.json"
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     if not (work / "torch-mlx" / "config.json").exists():
@@ -274,8 +287,7 @@ def main():
         times["mlx"] = train_mlx(args, work, corpus)
         times_file.write_text(json.dumps(times))
 
-    prompts = [json.loads(l)["prompt"] for l in open(DEFAULT_DIR / "prompts.jsonl")]
-    prompts = prompts[: args.num_prompts]
+    prompts = held_out_prompts(args.num_prompts)
     base = base_greedy(work, prompts, args.max_tokens)
     trees = {
         "paper (k=3, depth 3, <= 40 nodes)": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=40),
