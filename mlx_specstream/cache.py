@@ -144,6 +144,9 @@ class Fold:
         rows (list): per layer, the ``(keys, values)`` rows that step appended.
         chain (bool): that step's tree was a chain, so its accepted path is a
           prefix of its rows, already in place: nothing is moved.
+        moves (mx.array, optional): ``(rows,)`` where each row of the layer with
+          the most rows goes, from ``prefix`` (a row of
+          :func:`~mlx_specstream.tree.fold_destinations`); needed unless ``chain``.
     """
 
     prefix: int
@@ -151,6 +154,7 @@ class Fold:
     path: mx.array
     rows: list
     chain: bool = False
+    moves: Optional[mx.array] = None
 
     @property
     def span(self) -> int:
@@ -160,6 +164,17 @@ class Fold:
     def start(self) -> mx.array:
         """``(1,)`` where the next pass's rows go: ``prefix + accepted`` (one array for all layers)."""
         return mx.array([self.prefix], dtype=mx.int32) + self.accepted
+
+    @cached_property
+    def _destinations(self) -> mx.array:
+        if self.moves is None:
+            raise ValueError("A fold of a tree that is not a chain needs its moves.")
+        return (self.moves + self.prefix).reshape(1, 1, -1, 1)
+
+    def destinations(self, rows: int) -> mx.array:
+        """``(1, 1, rows, 1)`` the cache slots a layer's first ``rows`` appended rows are
+        written to (one array for all layers; lower layers take a prefix of it)."""
+        return self._destinations[:, :, :rows]
 
 
 class FoldingCache:
@@ -175,13 +190,20 @@ class FoldingCache:
     (:func:`~mlx_specstream.layout.place_mask`). The wrapped cache's
     ``offset`` is left alone; the decoder sets it once it has read the step.
 
-    Worked example: prefix 5, the previous tree appended 4 rows ``a b c d``
-    and accepted the path ``[0, 2]`` (span 3, padded ``[0, 2, 2]``), this
-    pass appends ``x y``. Rows become ``[p0..p4 a c c | ...]``, then
-    ``[p0..p4 a c x y]`` (written at 5 + 2), and the view is 5 + 3 + 2 = 10
-    rows long; its last row is stale and hidden. After a chain ``a b c d``
-    whose path ``[0, 1]`` is accepted, ``a b`` are already in place: the rows
-    become ``[p0..p4 a b x y]`` with no gather (two kernels fewer per layer).
+    The fold is one scatter per cache array: each of the previous pass's rows
+    goes to its slot on the accepted path, and every other row onto the first
+    slot of this pass's rows, which the write after it overwrites.
+
+    Worked example: prefix 5, the previous tree (root, two children, a
+    grandchild under the first: parents ``[-1, 0, 0, 1]``) appended 4 rows
+    ``a b c d`` and accepted the path ``[0, 2]`` (its moves
+    ``[0, 2, 1, 2]``), this pass appends ``x y``. The scatter writes ``a`` to
+    5, ``c`` to 6, ``b`` and ``d`` to 7; then ``x y`` are written at 5 + 2:
+    rows ``[p0..p4 a c x y]``, a view 5 + 3 + 2 = 10 rows long (span 3: the
+    tree's deepest path) whose last row is stale and hidden. After a chain
+    ``a b c d`` whose path ``[0, 1]`` is accepted, ``a b`` are already in
+    place: the rows become ``[p0..p4 a b x y]`` with no scatter (two kernels
+    fewer per layer).
 
     Args:
         cache (KVCache): the layer's cache (its buffers are updated).
@@ -205,9 +227,10 @@ class FoldingCache:
         else:
             start = fold.start
             if not fold.chain:  # move the accepted rows (a chain's are in place)
-                p, (k, v) = self.offset, fold.rows[self.layer]
-                c.keys[..., p : p + span, :] = mx.take(k, fold.path, axis=2)
-                c.values[..., p : p + span, :] = mx.take(v, fold.path, axis=2)
+                k, v = fold.rows[self.layer]
+                to = fold.destinations(k.shape[2])
+                c.keys = mx.put_along_axis(c.keys, to, k, axis=2)
+                c.values = mx.put_along_axis(c.values, to, v, axis=2)
         c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))
         c.values = mx.slice_update(c.values, values, start, axes=(2,))
         self.rows = (keys, values)

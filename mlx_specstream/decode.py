@@ -174,8 +174,12 @@ class Decoder:
         rt, prefix = self.rt, self.cache[0].offset
         fold = None
         if after is not None:  # its accepted path, as the device knows it
-            chain = after.out.layout.is_chain
-            fold = Fold(prefix, after.depth + 1, after.path, after.out.rows, chain)
+            layout, rows = after.out.layout, after.out.rows
+            moves = None
+            if not layout.is_chain:  # where each row goes: one row of the fold table
+                table = layout.fold_table(max(keys.shape[2] for keys, _ in rows))
+                moves = mx.take(table, after.last, axis=0)
+            fold = Fold(prefix, after.depth + 1, after.path, rows, layout.is_chain, moves)
         tokens = draft.tokens
         tokens = mx.array(tokens, dtype=mx.int32) if isinstance(tokens, list) else tokens
         out = rt.forward(

@@ -13,7 +13,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .tree import ancestor_mask, path_table, stream_attention_mask, tree_depths
+from .tree import ancestor_mask, fold_destinations, path_table, stream_attention_mask, tree_depths
 
 
 class TreeLayout:
@@ -39,12 +39,19 @@ class TreeLayout:
         self.is_chain = self.parents == tuple(range(-1, len(self.parents) - 1))
         self._stream_masks = {}
         self._paths = None
+        self._fold_tables = {}
 
     @property
     def paths_mx(self) -> mx.array:
         if self._paths is None:
             self._paths = mx.array(path_table(self.parents))
         return self._paths
+
+    def fold_table(self, rows: int) -> mx.array:
+        """``(T, rows)`` :func:`~mlx_specstream.tree.fold_destinations` on the device."""
+        if rows not in self._fold_tables:
+            self._fold_tables[rows] = mx.array(fold_destinations(self.parents, rows))
+        return self._fold_tables[rows]
 
     def __len__(self):
         return len(self.parents)

@@ -424,6 +424,33 @@ def path_table(parents: Sequence[int]) -> np.ndarray:
     return np.array([p + [p[-1]] * (span - len(p)) for p in paths], dtype=np.int32)
 
 
+def fold_destinations(parents: Sequence[int], rows: int) -> np.ndarray:
+    """``(T, rows)`` table: row ``n`` says where a pipelined fold writes each of the
+    ``rows`` cache rows a pass appended when node ``n``'s path was accepted, as
+    offsets from the committed prefix: the ``i``-th node on the path goes to
+    ``i``, every other row to ``len(path)``, the first slot the next pass's own
+    rows overwrite. Rows past the tree's nodes (stream rows) are never on a path.
+
+    One row of it, gathered on the device, lets a single scatter per cache
+    array fold the path (no gather of the path's rows first).
+
+    Example:
+        >>> fold_destinations([-1, 0, 1, 0], 5)
+        array([[0, 1, 1, 1, 1],
+               [0, 1, 2, 2, 2],
+               [0, 1, 2, 3, 3],
+               [0, 2, 2, 1, 2]], dtype=int32)
+    """
+    if rows < len(parents):
+        raise ValueError(f"rows={rows} is fewer than the tree's {len(parents)} nodes.")
+    table = np.empty((len(parents), rows), dtype=np.int32)
+    for n in range(len(parents)):
+        path = path_to(n, parents)
+        table[n] = len(path)
+        table[n, path] = np.arange(len(path))
+    return table
+
+
 def merge_chain(
     tokens: Sequence[int], parents: Sequence[int], chain: Sequence[int], max_nodes: int
 ) -> DraftTree:

@@ -14,6 +14,7 @@ import mlx_specstream.decode as decode_module
 from mlx_specstream import kernels
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.kernels import FastOps, count_kernels, count_nodes, recorded_steps
+from mlx_specstream.tree import fold_destinations
 
 
 def test_docstring_examples():
@@ -53,7 +54,14 @@ def pipelined_steps(model, prompt, monkeypatch, chain_flag=None, **settings):
     """Kernels of each pipelined launch; ``chain_flag`` overrides Fold's ``chain``."""
     if chain_flag is not None:
         real = decode_module.Fold
-        monkeypatch.setattr(decode_module, "Fold", lambda *a: real(*a[:4], chain_flag))
+
+        def fold(prefix, accepted, path, rows, chain, moves):
+            if chain and not chain_flag:  # move the chain's rows as a tree's: its fold table row
+                table = fold_destinations(list(range(-1, path.shape[0] - 1)), rows[-1][0].shape[2])
+                moves = mx.take(mx.array(table), accepted - 1, axis=0)
+            return real(prefix, accepted, path, rows, chain_flag, moves)
+
+        monkeypatch.setattr(decode_module, "Fold", fold)
     with recorded_steps() as steps:
         out = [t for t, *_ in spec_generate_step(mx.array(prompt), model, max_tokens=12, pipeline=True,
                                                  **settings)]  # fmt: skip
@@ -61,22 +69,22 @@ def pipelined_steps(model, prompt, monkeypatch, chain_flag=None, **settings):
 
 
 @pytest.mark.parametrize(
-    "settings, path_kernels",
-    [(dict(tree_top_k=1, tree_depth=3), 1), (dict(draft="ngram", num_draft_tokens=3), 0)],
+    "settings", [dict(tree_top_k=1, tree_depth=3), dict(draft="ngram", num_draft_tokens=3)]
 )
-def test_a_pass_after_a_chain_moves_no_rows(monkeypatch, settings, path_kernels):
-    """After a chain the accepted rows are in place: a folded pass launches 4 kernels
-    per layer fewer (a gather and a write, for keys and values) than the same
-    pass folding them as after a tree, and its output is the same. (Only the
-    fold reads the accepted path from the path table when streams draft:
-    ``path_kernels``; prompt lookup reads it anyway.)"""
+def test_a_pass_after_a_chain_moves_no_rows(monkeypatch, settings):
+    """After a chain the accepted rows are in place: a folded pass launches 2 kernels
+    per layer fewer (a scatter of keys and of values) than the same pass folding
+    them as after a tree, and its output is the same. A tree's fold also adds its
+    prefix to the destinations once per step, and here takes them from the
+    chain's fold table (a subtraction and a gather, which the decoder's own
+    folds do on the accepted node instead)."""
     model = tiny_spec_model("llama", vocab_size=8, mode="lossless", num_streams=3)
     prompt = [3, 1, 4, 1, 5, 1, 2, 6, 5, 3, 5, 0, 1, 7, 3, 1, 4]
     out, lean = pipelined_steps(model, prompt, monkeypatch, **settings)
     out_moved, moved = pipelined_steps(model, prompt, monkeypatch, chain_flag=False, **settings)
     assert out == out_moved == plain_greedy(model, prompt, 12)
     assert lean[0] == moved[0]  # the first pass folds nothing either way
-    extra = 4 * len(model.layers) + path_kernels
+    extra = 2 * len(model.layers) + 1 + 2
     assert len(lean) > 2 and all(m - k == extra for k, m in zip(lean[1:], moved[1:]))
 
 

@@ -15,7 +15,7 @@ import mlx_specstream.decode as decode_module
 from mlx_specstream.cache import Fold, FoldingCache, make_prompt_cache
 from mlx_specstream.layout import layout_of, place_mask, place_window, with_prefix
 from mlx_specstream.sample_utils import make_sampler
-from mlx_specstream.tree import path_table, path_to, stream_attention_mask
+from mlx_specstream.tree import fold_destinations, path_table, path_to, stream_attention_mask
 
 PROMPTS = [[5], [3, 1, 4, 1, 5, 1, 2, 6, 5, 3, 5, 0, 1, 7]]
 MAX_TOKENS = 48
@@ -80,8 +80,36 @@ def test_path_table_rows_are_the_paths():
         assert set(table[n, len(path) :].tolist()) <= {n}
 
 
+def test_fold_destinations_golden():
+    """The docstring's table: the i-th node on each path goes to i, the rest to len(path)."""
+    assert fold_destinations([-1, 0, 1, 0], 5).tolist() == [
+        [0, 1, 1, 1, 1],
+        [0, 1, 2, 2, 2],
+        [0, 1, 2, 3, 3],
+        [0, 2, 2, 1, 2],
+    ]
+    with pytest.raises(ValueError, match="rows=2"):
+        fold_destinations([-1, 0, 1, 0], 2)
+
+
+@pytest.mark.parametrize("parents", [[-1], [-1, 0, 0, 1, 2, 3, 1], [-1, 0, 0, 0, 1, 2, 3]])
+def test_fold_destinations_place_each_path_in_order(parents):
+    """Scattering rows by a table row puts that path's rows first, in order, and every
+    other row (streams included) on the first slot after it."""
+    rows = 3 * len(parents)
+    table = fold_destinations(parents, rows)
+    for n in range(len(parents)):
+        path = path_to(n, parents)
+        slots = {}
+        for r, d in enumerate(table[n].tolist()):
+            slots.setdefault(d, []).append(r)
+        assert [slots[i] for i in range(len(path))] == [[a] for a in path]
+        assert sorted(slots) == list(range(len(path) + 1))
+
+
 def test_folding_cache_worked_example():
-    """The docstring's example: prefix 5, rows a b c d, path [0, 2], then x y."""
+    """The docstring's example: prefix 5, rows a b c d of the tree [-1, 0, 0, 1], path
+    [0, 2] (moves [0, 2, 1, 2]), then x y."""
     row = lambda v: mx.full((1, 1, 1, 2), float(v))  # noqa: E731
     c = KVCache()
     c.update_and_fetch(mx.concatenate([row(i) for i in range(5)], 2), mx.zeros((1, 1, 5, 2)))
@@ -90,12 +118,25 @@ def test_folding_cache_worked_example():
     keys, _ = first.update_and_fetch(tree, tree)
     assert keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 13]
     assert c.offset == 5  # offsets are the decoder's to set
-    fold = Fold(5, mx.array(2), mx.array([0, 2, 2]), [first.rows])
+    moves = layout_of([-1, 0, 0, 1]).fold_table(4)[2]
+    assert moves.tolist() == [0, 2, 1, 2]
+    fold = Fold(5, mx.array(2), mx.array([0, 2, 2]), [first.rows], moves=moves)
     xy = mx.concatenate([row(20), row(21)], axis=2)
     keys, values = FoldingCache(c, fold, 0).update_and_fetch(xy, xy)
     assert keys.shape[2] == 10
     assert keys[0, 0, :9, 0].tolist() == [0, 1, 2, 3, 4, 10, 12, 20, 21]
     assert mx.array_equal(keys[..., 5:9, :], values[..., 5:9, :])  # values move alike
+    assert mx.eval(keys) is None and c.keys.shape[2] == 256  # written in place
+    # Control: the moves of another accepted node put its rows there instead.
+    c.offset = 5
+    other = layout_of([-1, 0, 0, 1]).fold_table(4)[1]  # node 1: path [0, 1]
+    fold = Fold(5, mx.array(2), mx.array([0, 1, 1]), [first.rows], moves=other)
+    keys, _ = FoldingCache(c, fold, 0).update_and_fetch(xy, xy)
+    assert keys[0, 0, :9, 0].tolist() == [0, 1, 2, 3, 4, 10, 11, 20, 21]
+    with pytest.raises(ValueError, match="moves"):
+        FoldingCache(
+            c, Fold(5, mx.array(2), mx.array([0, 2, 2]), [first.rows]), 0
+        ).update_and_fetch(xy, xy)
 
 
 def test_folding_cache_after_a_chain_moves_nothing():
@@ -109,7 +150,8 @@ def test_folding_cache_after_a_chain_moves_nothing():
         first = FoldingCache(c, None, 0)
         chain_rows = mx.concatenate([row(v) for v in (10, 11, 12, 13)], axis=2)
         first.update_and_fetch(chain_rows, chain_rows)
-        fold = Fold(5, mx.array(2), mx.array([0, 1, 1, 1]), [first.rows], chain)
+        moves = None if chain else layout_of([-1, 0, 1, 2]).fold_table(4)[1]
+        fold = Fold(5, mx.array(2), mx.array([0, 1, 1, 1]), [first.rows], chain, moves)
         xy = mx.concatenate([row(20), row(21)], axis=2)
         keys, _ = FoldingCache(c, fold, 0).update_and_fetch(xy, xy)
         ends.append(keys[0, 0, :9, 0].tolist())
@@ -154,18 +196,18 @@ def test_pipelined_shared_equals_nonspeculative(arch, folds):
     assert folds
 
 
-@pytest.mark.parametrize("wrong", ["accepted length", "path", "a tree taken for a chain"])
+@pytest.mark.parametrize("wrong", ["accepted length", "moves", "a tree taken for a chain"])
 def test_negative_control_wrong_fold(monkeypatch, wrong):
-    """Folding one row too many, the wrong rows, or none after a tree (as after a
-    chain) must change the output."""
+    """Folding one row too many, moving the wrong rows, or none after a tree (as
+    after a chain) must change the output."""
     real = decode_module.Fold
 
-    def bad(prefix, accepted, path, rows, chain):
+    def bad(prefix, accepted, path, rows, chain, moves):
         if wrong == "accepted length":
-            return real(prefix, accepted + 1, path, rows, chain)
-        if wrong == "path":
-            return real(prefix, accepted, mx.zeros_like(path), rows, chain)
-        return real(prefix, accepted, path, rows, True)
+            return real(prefix, accepted + 1, path, rows, chain, moves)
+        if wrong == "moves" and moves is not None:  # every row onto the root's slot
+            return real(prefix, accepted, path, rows, chain, mx.zeros_like(moves))
+        return real(prefix, accepted, path, rows, True, moves)
 
     monkeypatch.setattr(decode_module, "Fold", bad)
     model = tiny_spec_model("llama", vocab_size=8, mode="lossless", **SHAPES["g2-k3"])
