@@ -56,25 +56,45 @@ CASES = {
 
 
 def train(args, work: Path, corpus: Path, name: str, rank: int, targets) -> Path:
-    out = work / slug(name)
+    return train_streams(work, corpus, slug(name), args.iters, rank, targets)
+
+
+def train_streams(
+    work: Path, corpus: Path, out: str, iters: int, rank: int, targets=None, lr: str = "1e-3"
+) -> Path:
+    """``python -m mlx_specstream.train`` on ``work``'s base at this study's budget into
+    ``work / out`` (kept: a finished model is not retrained)."""
+    out = work / out
     if not (out / "config.json").exists():
         # fmt: off
         cmd = [sys.executable, "-m", "mlx_specstream.train", "--model", work / "base-mlx",
                "--data", corpus / "train.jsonl", "--out", out, "--max-seq-length", "128",
-               "--iters", args.iters, "--save-every", "25", "--steps-per-report", "25",
+               "--iters", iters, "--save-every", "25", "--steps-per-report", "25",
                "--resume", "--no-tune", "--num-streams", "3", "--num-stream-layers", "4",
                "--stream-lora-rank", rank, "--window-prompt", "32", "--batch-size", "8",
-               "--learning-rate", "1e-3", "--max-examples", "800", "--seed", "0",
+               "--learning-rate", lr, "--max-examples", "800", "--seed", "0",
                "--self-distill", "--top-k", "3"]
         # fmt: on
         if targets:
             cmd += ["--stream-lora-targets", *targets]
-        run(cmd, work / f"{slug(name)}.log")
+        run(cmd, work / f"{out.name}.log")
     return out
 
 
 def slug(name: str) -> str:
     return name.split(" ")[0].lower()
+
+
+def evaluate(model: Path, prompts, base, held_out, max_tokens: int) -> dict:
+    """tau per tree of :data:`TREES`, whether every output equals the base's greedy
+    output ``base``, and stream top-1 on ``held_out`` windows."""
+    row = dict(tau={}, lossless=True)
+    for tree_name, tree in TREES.items():
+        taus, outputs = measure_tau(model, prompts, max_tokens, tree)
+        row["tau"][tree_name] = sum(taus) / len(taus)
+        row["lossless"] &= outputs == base
+    row["top1"] = stream_accuracy(model, held_out)["streams"]
+    return row
 
 
 def kernels(rank: int, targets, shapes) -> dict:
@@ -122,13 +142,8 @@ def main():
     shapes = args.shapes.split(",")
     rows = []
     for name, (rank, targets) in VARIANTS.items():
-        row = dict(variant=name, rank=rank, targets=targets, tau={})
-        for tree_name, tree in TREES.items():
-            taus, outputs = measure_tau(dirs[name], prompts, args.max_tokens, tree)
-            row["tau"][tree_name] = sum(taus) / len(taus)
-            row.setdefault("lossless", True)
-            row["lossless"] &= outputs == base
-        row["top1"] = stream_accuracy(dirs[name], held_out)["streams"]
+        row = dict(variant=name, rank=rank, targets=targets)
+        row.update(evaluate(dirs[name], prompts, base, held_out, args.max_tokens))
         row["kernels"] = kernels(rank, targets, shapes)
         rows.append(row)
         print(f"[{name}] {row}", flush=True)

@@ -75,11 +75,22 @@ def layout_of(parents: Sequence[int]) -> TreeLayout:
     return _layout(tuple(int(p) for p in parents))
 
 
+_ONES = {}  # rows -> an evaluated all-True (rows, n) array, grown as contexts grow
+
+
 def with_prefix(mask: mx.array, prefix: int) -> mx.array:
-    """Prepends ``prefix`` always-visible columns (the committed cache) to ``(R, C)`` ``mask``."""
+    """Prepends ``prefix`` always-visible columns (the committed cache) to ``(R, C)`` ``mask``.
+
+    The visible columns are a view of an all-True array kept per ``R``, so a
+    step's graph holds one concatenation per mask, not also a fill."""
     if prefix == 0:
         return mask
-    return mx.concatenate([mx.ones((mask.shape[0], prefix), dtype=mx.bool_), mask], axis=1)
+    rows = mask.shape[0]
+    ones = _ONES.get(rows)
+    if ones is None or ones.shape[1] < prefix:
+        ones = _ONES[rows] = mx.ones((rows, max(2 * prefix, 256)), dtype=mx.bool_)
+        mx.eval(ones)
+    return mx.concatenate([ones[:, :prefix], mask], axis=1)
 
 
 def place_mask(mask: mx.array, start: mx.array, length: int) -> mx.array:
@@ -103,14 +114,40 @@ def place_mask(mask: mx.array, start: mx.array, length: int) -> mx.array:
     return (rel < 0)[None] | tree
 
 
-_placed = mx.compile(place_mask)  # fixed shapes per tree: traced once per width
+_WINDOWS = {}  # (id(mask), width) -> (mask, table); the mask is held so its id stays its own
+
+
+def window_table(mask: mx.array, width: int) -> mx.array:
+    """``(width - C + 1, R, width)``: :func:`place_mask` of ``(R, C)`` ``mask`` at
+    each column ``0 .. width - C`` of a ``width``-column view, stacked. Built and
+    evaluated once per mask and width (masks are kept per tree layout), so
+    placing a mask at a column only the device knows is one gather per step.
+
+    Example: ``mask = [[1, 0], [1, 1]]``, ``width = 3``::
+
+        [[[1, 0, 0],      start 0
+          [1, 1, 0]],
+         [[1, 1, 0],      start 1
+          [1, 1, 1]]]
+    """
+    key = (id(mask), width)
+    hit = _WINDOWS.get(key)
+    if hit is None or hit[0] is not mask:
+        if len(_WINDOWS) >= 256:
+            _WINDOWS.clear()
+        starts = range(width - mask.shape[1] + 1)
+        table = mx.stack([place_mask(mask, mx.array(a), width) for a in starts])
+        mx.eval(table)
+        hit = _WINDOWS[key] = (mask, table)
+    return hit[1]
 
 
 def place_window(mask: mx.array, base: int, accepted: mx.array, width: int) -> mx.array:
     """:func:`place_mask` of ``mask`` at column ``base + accepted`` of a view
     ``base + width`` columns long, built as ``base`` visible columns before a
-    ``width``-column window placed on its own (compiled, of fixed shape): its
-    kernels and elementwise work do not grow with the context.
+    ``width``-column window: the row ``accepted`` of :func:`window_table`
+    (``0 <= accepted <= width - C``). Its kernels (a gather and a
+    concatenation) and its work do not grow with the context.
 
     Example: ``mask = [[1, 0], [1, 1]]``, ``base = 1``, ``accepted = 1``,
     ``width = 4`` is ``place_mask(mask, 2, 5)``::
@@ -118,4 +155,5 @@ def place_window(mask: mx.array, base: int, accepted: mx.array, width: int) -> m
         [[1, 1, 1, 0, 0],
          [1, 1, 1, 1, 0]]
     """
-    return with_prefix(_placed(mask, accepted, width), base)
+    window = mx.take(window_table(mask, width), accepted.reshape(()), axis=0)
+    return with_prefix(window, base)

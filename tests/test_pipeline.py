@@ -13,7 +13,7 @@ from mlx_lm.models.cache import KVCache
 
 import mlx_specstream.decode as decode_module
 from mlx_specstream.cache import Fold, FoldingCache, make_prompt_cache
-from mlx_specstream.layout import layout_of, place_mask, place_window, with_prefix
+from mlx_specstream.layout import layout_of, place_mask, place_window, window_table, with_prefix
 from mlx_specstream.sample_utils import make_sampler
 from mlx_specstream.tree import fold_destinations, path_table, path_to, stream_attention_mask
 
@@ -39,6 +39,24 @@ def test_place_window_golden():
     mask = mx.array([[1, 0], [1, 1]]).astype(mx.bool_)
     got = place_window(mask, 1, mx.array(1), 4).astype(mx.int32).tolist()
     assert got == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+
+
+def test_window_table_golden():
+    mask = mx.array([[1, 0], [1, 1]]).astype(mx.bool_)
+    got = window_table(mask, 3).astype(mx.int32).tolist()
+    assert got == [[[1, 0, 0], [1, 1, 0]], [[1, 1, 0], [1, 1, 1]]]
+    assert window_table(mask, 3) is window_table(mask, 3)  # built once
+    other = mx.array([[1, 0], [0, 1]]).astype(mx.bool_)  # control: another mask, its own table
+    assert window_table(other, 3)[1].astype(mx.int32).tolist() == [[1, 1, 0], [1, 0, 1]]
+
+
+@pytest.mark.parametrize("prefix", [1, 255, 256, 300, 1000, 40])
+def test_with_prefix_prepends_visible_columns(prefix):
+    """Long prefixes grow the kept all-True columns; shorter ones after them reuse them."""
+    mask = mx.array([[1, 0, 0], [1, 1, 0]]).astype(mx.bool_)
+    got = with_prefix(mask, prefix)
+    assert got.shape == (2, prefix + 3)
+    assert got[:, :prefix].all().item() and mx.array_equal(got[:, prefix:], mask)
 
 
 @pytest.mark.parametrize("parents", [[-1, 0, 1, 0], [-1, 0, 0, 1, 2, 1]])
