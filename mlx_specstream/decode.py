@@ -46,6 +46,7 @@ from .streams import StepOutput, StreamRuntime, attach_verifier, get_runtime
 from .tree import (
     accept,
     accept_by_rejection,
+    certified_argmax,
     depth_limited,
     merge_chain,
     path_to,
@@ -75,13 +76,23 @@ class Pending:
     prefix: int  # committed rows at launch (pipelined: before the step it follows)
     out: StepOutput
     tokens: mx.array  # (R,) tokens of the kept nodes
-    logprobs: mx.array  # (R, V)
+    logprobs: Optional[mx.array]  # (R, V); None when certified targets made it unneeded
+    logits: Optional[mx.array] = None  # (R, V) after the logits processors
+    certified: Optional[mx.array] = None  # (R,) the targets are surely mlx-lm's argmax
     targets: Optional[mx.array] = None  # (R,) target token after each node
     last: Optional[mx.array] = None  # the deepest accepted node
     top: Optional[mx.array] = None  # (depth, k) next draft tokens per level, best first
     next_tokens: Optional[mx.array] = None  # (T,) the next static tree's tokens, root first
     path: Optional[mx.array] = None  # pipelined: the padded path to ``last`` (paths_mx row)
     depth: Optional[mx.array] = None  # pipelined: the depth of ``last``
+
+    def logprobs_row(self, node: int) -> mx.array:
+        """Node ``node``'s log-probabilities (lazy, on its own, when the step did not
+        compute every node's)."""
+        if self.logprobs is not None:
+            return self.logprobs[node]
+        row = self.logits[node]
+        return row - mx.logsumexp(row, axis=-1, keepdims=True)
 
 
 class Decoder:
@@ -139,6 +150,14 @@ class Decoder:
             preferred = getattr(rt.config, "pipeline", None)
             pipeline = (on_gpu() if preferred is None else preferred) and not why_not
         self.pipelined = bool(pipeline)
+        # Greedy and unpipelined: each node's target is its logits' argmax, certified
+        # to be the argmax of its log-softmax (tree.certified_argmax); the log-softmax
+        # of every node, most of a CPU step's elementwise work, runs only when a
+        # certificate on the accepted path fails (finish).
+        self.certify = not (self.pipelined or self.by_rejection) and (
+            sampler is greedy or (isinstance(sampler, DistributionSampler) and sampler.greedy)
+        )
+        self.uncertified = 0  # steps whose accepted path needed the full log-softmax
         # Prompt lookup: a host index of the history, or pipelined, the history on
         # the device and a fixed chain of drafts (None: no n-gram drafts).
         self.ngrams = self.device_history = None
@@ -194,11 +213,15 @@ class Decoder:
             logits = apply_processors(
                 self.processors, self.history, tokens.tolist(), out.kept_parents, logits
             )
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        p = Pending(draft, prefix, out, tokens, logprobs)
+        certify = self.certify and logits.dtype == mx.float32
+        logprobs = None if certify else logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        p = Pending(draft, prefix, out, tokens, logprobs, logits)
         if self.by_rejection:  # walked on the host by finish()
             return p
-        p.targets = self.sampler(logprobs)
+        if certify:
+            p.targets, p.certified = _certified_argmax(logits)
+        else:
+            p.targets = self.sampler(logprobs)
         _, p.last = _accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
         if self.pipelined:  # the accepted path on the device, for the next pass and lookup
             p.path = mx.take(out.layout.paths_mx, p.last, axis=0)
@@ -208,9 +231,8 @@ class Decoder:
             p.top, p.next_tokens = self._draft_tokens(slog, p.targets[p.last])
         elif self.device_history is not None:
             p.next_tokens = self._lookup_on_device(p)
-        mx.async_eval(
-            [a for a in (p.tokens, p.logprobs, p.targets, p.last, p.next_tokens) if a is not None]
-        )
+        arrays = (p.tokens, p.logprobs, p.targets, p.certified, p.last, p.next_tokens)
+        mx.async_eval([a for a in arrays if a is not None])
         return p
 
     def launch_ahead(self, p: Pending) -> Optional[Pending]:
@@ -240,7 +262,11 @@ class Decoder:
             # The step's one host read (greedy, "target-sample"): arrays the launch
             # already evaluated, so indexing on the host adds no device work.
             last = p.last.item()
-            path, token, q = path_to(last, parents), p.targets.tolist()[last], None
+            path = path_to(last, parents)
+            if p.certified is not None and not all(map(p.certified.tolist().__getitem__, path)):
+                last = self._uncertified(p)
+                path = path_to(last, parents)
+            token, q = p.targets.tolist()[last], None
         tokens = p.tokens.tolist()
         # Pipelined passes leave the offsets at the committed prefix: set them here.
         prefix = self.cache[0].offset if self.pipelined else p.prefix
@@ -256,8 +282,8 @@ class Decoder:
             )  # fmt: skip
         if self.quant is not None:
             self.quant.maybe_quantize(self.cache)
-        new = [(tokens[a], p.logprobs[parents[a]], True) for a in path[1:]]
-        new.append((token, p.logprobs[path[-1]], False))
+        new = [(tokens[a], p.logprobs_row(parents[a]), True) for a in path[1:]]
+        new.append((token, p.logprobs_row(path[-1]), False))
         if self.max_tokens >= 0:
             new = new[: self.max_tokens - self.emitted]
         self.emitted += len(new)
@@ -274,6 +300,20 @@ class Decoder:
         if folded:  # already launched: the whole tree the device drafted
             return new, Draft(self.layout, p.next_tokens)
         return new, self._next_draft(p, token, q)
+
+    def _uncertified(self, p: Pending) -> int:
+        """A certificate on the accepted path failed: the targets again, from the full
+        log-softmax as mlx-lm's sampler takes them, and the walk with them. The
+        drafts made from the certified walk are dropped (the next tree is its
+        root, and any n-gram chain). Returns the accepted node."""
+        p.logprobs = p.logits - mx.logsumexp(p.logits, axis=-1, keepdims=True)
+        p.targets = self.sampler(p.logprobs)
+        layout = p.out.layout
+        _, p.last = _accept(p.tokens, layout.parents_mx, layout.ancestors_mx, p.targets)
+        mx.eval(p.targets, p.last)
+        p.certified = p.top = p.next_tokens = None
+        self.uncertified += 1
+        return p.last.item()
 
     def first_draft(self, root: int) -> Draft:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
@@ -345,7 +385,7 @@ class Decoder:
         """The next tree, rooted at ``token``: the static stream tree, an n-gram
         chain, or both merged; shallower near ``max_tokens``."""
         room = self._room()
-        depth = min(self.depth, room)
+        depth = min(self.depth, room) if p.next_tokens is not None else 0
         chain = self._lookup(room)
         if depth and q is not None:  # rejection: tokens drawn on the host
             return self._restrict(Draft(self.layout, p.next_tokens, q), depth)
@@ -605,6 +645,7 @@ def spec_generate_step(
 
 # The acceptance walk, compiled: its elementwise chains fuse (15 kernels to 11).
 _accept = mx.compile(accept)
+_certified_argmax = mx.compile(certified_argmax)
 
 
 @mx.compile

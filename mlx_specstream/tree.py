@@ -228,6 +228,57 @@ def accept(tokens, parents, ancestors, targets):
     return accepted, last
 
 
+def certified_argmax(logits):
+    """``(argmax, certified)`` of each row of ``logits``: the first index of the
+    row's maximum, and whether it is surely also the first index of the maximum
+    of ``logits - logsumexp(logits)`` computed in the logits' dtype (the
+    log-probabilities mlx-lm's greedy sampler takes the argmax of).
+
+    Subtracting one number per row, then rounding, keeps the order of a row's
+    values but may merge two of them into one float: a larger value found after
+    a smaller one would then lose to it. Values less than ``log(V) + 1`` from
+    the row's log-sum-exp end up within ``M = log(V) + 1`` of 0 (the maximum's
+    log-probability is at least ``-log(V)``), where the float spacing is at
+    most ``u = eps * 2**ceil(log2(M))``; two values merge only if they are
+    less than ``2u`` apart (``2u``: rounding from float32 first). So a row is
+    certified when its maximum exceeds every earlier entry by more than ``2u``
+    (later entries cannot win: the argmax takes the first index). The
+    log-softmax over the whole vocabulary of every tree node is then needed
+    only for rows that are not certified.
+
+    Example (float32, ``eps = 2**-23``; with 4 entries ``2u = 2**-20``). The
+    second row's maximum leads by one float spacing, and its log-probabilities
+    do merge, so mlx-lm's greedy pick there is index 0::
+
+        >>> import mlx.core as mx
+        >>> x = mx.array([[0.0, 3.0, 1.0, 3.0],                # a clear maximum
+        ...               [0.5, 0.5 + 2**-24, 0.5, 0.5]])      # 2**-24 apart
+        >>> top, ok = certified_argmax(x)
+        >>> top.tolist(), ok.tolist()
+        ([1, 1], [True, False])
+        >>> mx.argmax(x - mx.logsumexp(x, axis=-1, keepdims=True), axis=-1).tolist()
+        [1, 0]
+
+    Args:
+        logits (mx.array): ``(R, V)`` logits (float32, float16 or bfloat16).
+
+    Returns:
+        tuple: ``(R,)`` uint32 indices and ``(R,)`` bools.
+    """
+    import math
+
+    import mlx.core as mx  # the rest of this module is numpy only (shared with convert/)
+
+    V = logits.shape[-1]
+    u = mx.finfo(logits.dtype).eps * 2.0 ** math.ceil(math.log2(math.log(V) + 1))
+    top = mx.argmax(logits, axis=-1)
+    x = logits.astype(mx.float32)
+    earlier = mx.arange(V)[None, :] < top[:, None]
+    runner_up = mx.max(mx.where(earlier, x, -mx.inf), axis=-1)
+    best = mx.take_along_axis(x, top[:, None].astype(mx.int32), axis=-1)[:, 0]
+    return top, (best - runner_up) > 2 * u
+
+
 def top_k_desc(scores, k: int):
     """Indices of the ``k`` largest scores of each row, largest first, on device.
 
