@@ -30,7 +30,7 @@ TREES = {
 }
 
 
-def child(prompts: int, prompt_tokens: int, max_tokens: int) -> dict:
+def child(prompts: int, prompt_tokens: int, max_tokens: int, ngram: bool = True) -> dict:
     """Runs in the measured tree's interpreter: per-pass times for each tree."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
@@ -55,6 +55,8 @@ def child(prompts: int, prompt_tokens: int, max_tokens: int) -> dict:
         if stream_pass != "as built":
             rt.split_streams = stream_pass == "split"
         for name, tree in TREES.items():
+            if "draft" in tree and not ngram:
+                continue
             time_after_first(spec_generate_step(xs[0], model, max_tokens=8, **tree))  # warm-up
             t = passes = tokens = 0
             for x, ref in zip(xs, want):
@@ -91,6 +93,8 @@ def render(info: dict, results: dict) -> tuple:
 
     table = []
     for name in TREES:
+        if not any(k.startswith(name + " |") for k in results["before"][0]):
+            continue  # (left out: --no-ngram)
         keys = {w: {k.split(" | ")[1]: k for k in results[w][0] if k.startswith(name + " |")}
                 for w in results}  # fmt: skip
         pairs = [
@@ -126,6 +130,8 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--tag", default="")
+    p.add_argument("--no-ngram", action="store_true",
+                   help="leave prompt lookup out (commits before it existed)")  # fmt: skip
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--render", metavar="JSON", help="re-render a saved result's markdown")
     args = p.parse_args()
@@ -136,7 +142,8 @@ def main():
         print(text)
         return
     if args.child:
-        print(json.dumps(child(args.prompts, args.prompt_tokens, args.max_tokens)))
+        print(json.dumps(child(args.prompts, args.prompt_tokens, args.max_tokens,
+                               not args.no_ngram)))  # fmt: skip
         return
     if not args.before:
         p.error("--before is required")
@@ -156,9 +163,18 @@ def main():
             for run in range(args.runs):
                 for key, tree in (("before", old), ("after", ROOT)):
                     env = dict(os.environ, PYTHONPATH=str(tree))
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
-                           "--prompts", str(args.prompts), "--prompt-tokens",
-                           str(args.prompt_tokens), "--max-tokens", str(args.max_tokens)]  # fmt: skip
+                    cmd = [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "--child",
+                        "--prompts",
+                        str(args.prompts),
+                        "--prompt-tokens",
+                        str(args.prompt_tokens),
+                        "--max-tokens",
+                        str(args.max_tokens),
+                    ]
+                    cmd += ["--no-ngram"] if args.no_ngram else []  # fmt: skip
                     out = subprocess.run(cmd, env=env, cwd=tmp, check=True, capture_output=True,
                                          text=True).stdout  # fmt: skip
                     results[key].append(json.loads(out.strip().splitlines()[-1]))

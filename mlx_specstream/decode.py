@@ -263,7 +263,8 @@ class Decoder:
             # already evaluated, so indexing on the host adds no device work.
             last = p.last.item()
             path = path_to(last, parents)
-            if p.certified is not None and not all(map(p.certified.tolist().__getitem__, path)):
+            certified = [True] * len(parents) if p.certified is None else p.certified.tolist()
+            if not all(certified[a] for a in path):
                 last = self._uncertified(p)
                 path = path_to(last, parents)
             token, q = p.targets.tolist()[last], None
