@@ -91,8 +91,7 @@ class Pending:
         compute every node's)."""
         if self.logprobs is not None:
             return self.logprobs[node]
-        row = self.logits[node]
-        return row - mx.logsumexp(row, axis=-1, keepdims=True)
+        return _log_softmax(self.logits[node])
 
 
 class Decoder:
@@ -157,7 +156,6 @@ class Decoder:
         self.certify = not (self.pipelined or self.by_rejection) and (
             sampler is greedy or (isinstance(sampler, DistributionSampler) and sampler.greedy)
         )
-        self.uncertified = 0  # steps whose accepted path needed the full log-softmax
         # Prompt lookup: a host index of the history, or pipelined, the history on
         # the device and a fixed chain of drafts (None: no n-gram drafts).
         self.ngrams = self.device_history = None
@@ -214,7 +212,7 @@ class Decoder:
                 self.processors, self.history, tokens.tolist(), out.kept_parents, logits
             )
         certify = self.certify and logits.dtype == mx.float32
-        logprobs = None if certify else logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = None if certify else _log_softmax(logits)
         p = Pending(draft, prefix, out, tokens, logprobs, logits)
         if self.by_rejection:  # walked on the host by finish()
             return p
@@ -222,7 +220,7 @@ class Decoder:
             p.targets, p.certified = _certified_argmax(logits)
         else:
             p.targets = self.sampler(logprobs)
-        _, p.last = _accept(tokens, out.layout.parents_mx, out.layout.ancestors_mx, p.targets)
+        self._walk(p)
         if self.pipelined:  # the accepted path on the device, for the next pass and lookup
             p.path = mx.take(out.layout.paths_mx, p.last, axis=0)
             p.depth = mx.take(out.layout.depth_mx, p.last)
@@ -263,10 +261,11 @@ class Decoder:
             # already evaluated, so indexing on the host adds no device work.
             last = p.last.item()
             path = path_to(last, parents)
-            certified = [True] * len(parents) if p.certified is None else p.certified.tolist()
-            if not all(certified[a] for a in path):
-                last = self._uncertified(p)
-                path = path_to(last, parents)
+            if p.certified is not None:  # a failed certificate on the path: walk again
+                certified = p.certified.tolist()
+                if not all(certified[a] for a in path):
+                    last = self._uncertified(p)
+                    path = path_to(last, parents)
             token, q = p.targets.tolist()[last], None
         tokens = p.tokens.tolist()
         # Pipelined passes leave the offsets at the committed prefix: set them here.
@@ -307,14 +306,18 @@ class Decoder:
         log-softmax as mlx-lm's sampler takes them, and the walk with them. The
         drafts made from the certified walk are dropped (the next tree is its
         root, and any n-gram chain). Returns the accepted node."""
-        p.logprobs = p.logits - mx.logsumexp(p.logits, axis=-1, keepdims=True)
+        p.logprobs = _log_softmax(p.logits)
         p.targets = self.sampler(p.logprobs)
-        layout = p.out.layout
-        _, p.last = _accept(p.tokens, layout.parents_mx, layout.ancestors_mx, p.targets)
+        self._walk(p)
         mx.eval(p.targets, p.last)
         p.certified = p.top = p.next_tokens = None
-        self.uncertified += 1
         return p.last.item()
+
+    @staticmethod
+    def _walk(p: Pending) -> None:
+        """The acceptance walk over ``p``'s targets, on the device (sets ``p.last``)."""
+        layout = p.out.layout
+        _, p.last = _accept(p.tokens, layout.parents_mx, layout.ancestors_mx, p.targets)
 
     def first_draft(self, root: int) -> Draft:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
@@ -428,7 +431,7 @@ class Decoder:
             slog = self._stream_logits(p.out, mx.array(path[-1]))
         else:
             slog = self._drafter_logits(p.out, path, [tokens[a] for a in path], token)
-        q = self.sampler.probs(slog - mx.logsumexp(slog, axis=-1, keepdims=True))
+        q = self.sampler.probs(_log_softmax(slog))
         keys = mx.log(q) + mx.random.gumbel(q.shape)
         top = top_k_desc(keys[: self.depth], self.kmax)  # draw order
         mx.eval(q, top)
@@ -642,6 +645,11 @@ def spec_generate_step(
         if quant is not None:  # mlx-lm's cache has also fed the last yielded token
             quant.maybe_quantize(cache, offset=cache[0].offset + 1)
         rt.release()
+
+
+def _log_softmax(logits: mx.array) -> mx.array:
+    """Log-probabilities over the last axis, as mlx-lm's ``generate_step`` computes them."""
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 # The acceptance walk, compiled: its elementwise chains fuse (15 kernels to 11).

@@ -125,11 +125,13 @@ def word_tokenizer(vocab_size=64, eos=None, chat_template=None):
     return TokenizerWrapper(hf)
 
 
-def plain_greedy(model, prompt, max_tokens):
-    """mlx-lm's own greedy decoding (the hooks are inactive outside our steps)."""
+def plain_greedy(model, prompt, max_tokens, **kwargs):
+    """mlx-lm's own greedy decoding (the hooks are inactive outside our steps); ``kwargs``
+    go to its ``generate_step`` (e.g. ``logits_processors``)."""
     from mlx_lm.generate import generate_step
 
-    return [t for t, _ in generate_step(mx.array(prompt), model, max_tokens=max_tokens)]
+    gen = generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs)
+    return [t for t, _ in gen]
 
 
 def spec_tokens(model, prompt, max_tokens, **kwargs):
