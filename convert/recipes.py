@@ -13,6 +13,8 @@ recipe; a recipe only fills in their arguments.
   fine-tune and Medusa-1 / ParallelSpec drafters on one self-distilled set,
   the parse-rate quality figure, and a 4-bit base to fit the package. It runs
   on CPU too, about a thousand times slower.
+* ``code-cpu``: the ``code`` recipe's smaller sibling, sized for one session on 2 CPU
+  cores: the same corpus and tokenizer, an 8.5M-parameter base on 12.3M tokens.
 * ``smoke``: the ``code`` stages at toy sizes, for the build's own test.
 
 On CUDA the training stages add ``--bf16`` (``Recipe.gpu_args``).
@@ -148,6 +150,53 @@ CODE = Recipe(
     cpu_args=("--batch-size", "8", "--gradient-accumulation-steps", "8"),
 )
 
+# The code recipe's smaller sibling, sized for one session on 2 CPU cores: the same corpus,
+# tokenizer and stages; an 8.5M-parameter base (16k x 256 tied embeddings and 6 layers of
+# 0.7M) trained on 12.3M tokens in bfloat16 autocast (AVX512-BF16: 3.3 s per 16 x 512-token
+# step on this project's CPU against 5.9 s in float32; 89 minutes), and a lossless fine-tune of
+# 400 steps on 3,200 self-distilled windows (25 minutes). No control fine-tune or drafters in
+# the build itself (benchmarks/RESULTS.md, "The CPU sibling").
+_CODE_CPU_FT = ("--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3",
+                "--max-length", "256", "--batch-size", "8", "--eval-steps", "200",
+                "--save-steps", "100")
+
+CODE_CPU = Recipe(
+    name="code-cpu",
+    corpus="code",
+    tokenizer=("--vocab-size", "16000", "--newline-pieces"),
+    base=("--seq-len", "512", "--batch-size", "16", "--max-steps", "1500",
+          "--learning-rate", "2e-3", "--eval-rows", "64", "--eval-steps", "500",
+          "--save-steps", "200",
+          *arch(hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=704,
+                max_position_embeddings=1024, tie_word_embeddings=True)),
+    draft=("--seq-len", "512", "--batch-size", "16", "--max-steps", "800",
+           "--learning-rate", "3e-3", "--eval-rows", "64", "--eval-steps", "400",
+           "--save-steps", "200",
+           *arch(hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, intermediate_size=352,
+                 max_position_embeddings=1024, tie_word_embeddings=True)),
+    ss_common=_CODE_CPU_FT,
+    ss_shared=("--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64",
+               "--stream-loss-weight", "0.5", "--learning-rate", "1e-3", "--max-steps", "400"),
+    # lr 1e-2: 12-23% more tau than 1e-3 at 100-300 steps ("The stream recipe's learning rate").
+    ss_lossless=(*_SS_LOSSLESS_CPU, "--learning-rate", "1e-2", "--max-steps", "400"),
+    drafter_common=("--num-draft-tokens", "3", "--top-k", "3", "--max-length", "256",
+                    "--batch-size", "16", "--learning-rate", "1e-3", "--max-steps", "500",
+                    "--eval-steps", "250", "--save-steps", "100"),
+    distill=(3200, 128, ("--max-length", "256", "--window-prompt", "64",
+                         "--batch-size", "64")),
+    lossless_on_distilled=True,
+    control=False,
+    drafters=False,
+    eval_sample_files=64,
+    quality_prompts=50,
+    quality_max_tokens=256,
+    tau_prompts=16,
+    tau_max_tokens=128,
+    cpu_args=("--bf16",),
+)
+
 SMOKE = Recipe(
     name="smoke",
     corpus="code",
@@ -181,4 +230,4 @@ SMOKE = Recipe(
 )
 # fmt: on
 
-RECIPES = {r.name: r for r in (STDLIB, CODE, SMOKE)}
+RECIPES = {r.name: r for r in (STDLIB, CODE, CODE_CPU, SMOKE)}

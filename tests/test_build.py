@@ -18,7 +18,7 @@ pytest.importorskip("sentencepiece")
 from convert.build_default_model import sample_eval_files  # noqa: E402
 from convert.code_quality import function_ended  # noqa: E402
 from convert.pretrain import DEFAULT_ARCH, pack_corpus, tokenize_corpus  # noqa: E402
-from convert.recipes import CODE, RECIPES  # noqa: E402
+from convert.recipes import CODE, CODE_CPU, RECIPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +58,18 @@ def test_code_recipe_has_the_issues_sizes():
         _flag(CODE.cpu_args, "--gradient-accumulation-steps")
     )
     assert micro * accumulate == int(_flag(CODE.base, "--batch-size")) == 64
+
+
+def test_cpu_sibling_is_the_code_recipe_smaller():
+    """Issue #12 item 6's smaller sibling: the code recipe's corpus and tokenizer, a
+    smaller base and draft, and a package in bfloat16 (base, streams and draft) within
+    the shipping limit."""
+    vocab = int(_flag(CODE.tokenizer, "--vocab-size"))
+    assert (CODE_CPU.corpus, CODE_CPU.tokenizer) == (CODE.corpus, CODE.tokenizer)
+    base, draft = _parameters(CODE_CPU.base, vocab), _parameters(CODE_CPU.draft, vocab)
+    assert draft < base / 2 and base < _parameters(CODE.base, vocab) / 3
+    assert (base + draft) * 2 / 1e6 < CODE_CPU.ship_limit_mb - 1  # 1 MB for the streams
+    assert "--quantize" not in CODE_CPU.convert and CODE_CPU.quality_prompts == 50
 
 
 def test_every_recipe_names_known_flags():
