@@ -4,7 +4,7 @@
 
 The decoder builds a step as one lazy graph, so its own timers cannot say
 which part costs what. This script runs the same pieces in order on the
-shipped model (a 96-token prompt in the cache, a fixed tree), with an
+shipped model or ``--model`` (a 96-token prompt in the cache, a fixed tree), with an
 ``mx.eval`` after each:
 
 * ``pass``: the verify pass over the tree (fused: with every node's stream
@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
+from mlx_specstream.precision import compute_dtype
 from mlx_specstream.cache import commit_path
 from mlx_specstream.decode import Decoder
 from mlx_specstream.ngram import NGRAM_DRAFT_TOKENS
@@ -43,8 +44,13 @@ def main():
     p.add_argument("--tree", default="chain3", choices=sorted(TREES))
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--tag", default="")
+    p.add_argument("--model", default=None, help="Model directory (default: the shipped model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="Compute dtype (default: as the model generates)")  # fmt: skip
     args = p.parse_args()
-    model, _ = mlx_specstream.load()
+    model, _ = mlx_specstream.load(args.model)
+    if args.dtype:
+        model.set_dtype(getattr(mx, args.dtype))
     rt = model.speculative_streams
     ks, depth, nodes = TREES[args.tree]
     n = len(static_tree(ks, depth, nodes).parents)
@@ -110,7 +116,8 @@ def main():
     lines = [
         heading("Step phases", info),
         "",
-        f"`{info['command']}`: shipped model, tree {args.tree} ({n} nodes) after a 96-token "
+        f"`{info['command']}`: {args.model or 'shipped model'} "
+        f"({compute_dtype(model)}), tree {args.tree} ({n} nodes) after a 96-token "
         f"prompt, each phase evaluated on its own, medians of {args.reps} (ms).",
         "",
         "| step | pass | accept | draft | commit | total |",

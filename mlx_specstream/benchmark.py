@@ -123,14 +123,16 @@ def run_specstream(model, tokenizer, prompt, max_tokens, **tree):
     return tokens, last.generation_tps, last.forward_passes
 
 
-def verify_cost_curve(model, sizes=(1, 2, 4, 8, 16, 32), context=128, repeats=5):
+def verify_cost_curve(
+    model, sizes=(1, 2, 4, 8, 16, 32), context=128, repeats=5, kinds=("plain", "specstream")
+):
     """Median time of one forward pass over ``n`` new tokens (a chain) after
     ``context`` cached tokens, for the plain model and for a Speculative
     Streaming step (streams included), relative to ``n = 1``."""
     from mlx_lm.models.cache import make_prompt_cache
 
     rt = get_runtime(model)
-    out = {"plain": {}, "specstream": {}}
+    out = {kind: {} for kind in kinds}
     for kind in out:
         for n in sizes:
             times = []

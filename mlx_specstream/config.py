@@ -99,6 +99,11 @@ class SpecStreamConfig(_Section):
           allow (``spec_generate_step(pipeline=...)``).
           ``python -m mlx_specstream.tune`` stores what it measured faster.
           Default: ``None``, on a GPU only.
+        stream_logits_in_pass (bool, optional): whether a fused pass's own head
+          call also computes every node's stream logits (one read of the head's
+          weights per step) instead of a separate head call over the accepted
+          node's stream rows. ``python -m mlx_specstream.tune`` stores what it
+          measured faster. Default: ``None``, on a GPU only.
     """
 
     SECTION = CONFIG_KEY
@@ -119,6 +124,7 @@ class SpecStreamConfig(_Section):
     stream_pass: str = "fused"
     draft: Optional[str] = None
     pipeline: Optional[bool] = None
+    stream_logits_in_pass: Optional[bool] = None
 
     def __post_init__(self):
         def require(ok, name, why):
@@ -185,7 +191,8 @@ class SpecStreamConfig(_Section):
         require(
             self.draft is None or self.draft in DRAFTS, "draft", f"must be null or one of {DRAFTS}"
         )
-        require(self.pipeline in (None, True, False), "pipeline", "must be null, true or false")
+        for name in ("pipeline", "stream_logits_in_pass"):
+            require(getattr(self, name) in (None, True, False), name, "must be null, true or false")
         require(
             self.stream_positions in STREAM_POSITIONS,
             "stream_positions",

@@ -132,9 +132,11 @@ class Decoder:
         )
         # Stream logits of every node from the pass's own head call: one read of
         # the head's weights per step, where reads cost more than rows (GPUs). On a
-        # CPU the extra rows cost more (benchmarks/RESULTS.md): the accepted node's
-        # streams go through the head on their own.
-        self.head_on_streams = self.streams and self.all_streams and on_gpu()
+        # CPU the extra rows often cost more (benchmarks/RESULTS.md): the accepted
+        # node's streams go through the head on their own, unless the tuner said.
+        in_pass = rt.stream_logits_in_pass
+        in_pass = on_gpu() if in_pass is None else in_pass
+        self.head_on_streams = self.streams and self.all_streams and in_pass
         if self.depth:
             self.tree = static_tree(ks, self.depth, self.max_nodes)
             self.layout = layout_of(self.tree.parents)

@@ -210,6 +210,8 @@ class StreamRuntime:
         self.split_streams = (
             config.mode == "lossless" and getattr(config, "stream_pass", "fused") == "split"
         )
+        # Whether a fused pass's head also computes the stream logits (None: on a GPU).
+        self.stream_logits_in_pass = getattr(config, "stream_logits_in_pass", None)
         self.lora_targets = (
             lora_targets(model, config) if streams and config.stream_lora_rank else []
         )

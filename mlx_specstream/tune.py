@@ -3,8 +3,9 @@
 ``python -m mlx_specstream.tune [--model DIR] [--save]``
 
 Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
-trees (top-k per stream, depth, max nodes, then pruning thresholds and
-pipelined steps for the best shapes), on held-out prompts; with streams, also prompt lookup
+trees (top-k per stream, depth, max nodes, then for the best shapes the
+stream pass, where the stream logits are computed, pruning thresholds and
+pipelined steps), on held-out prompts; with streams, also prompt lookup
 (``draft="ngram"``) and prompt lookup merged with the best tree
 (``"streams+ngram"``). The fastest wins, unless it beats plain decoding by
 less than ``--min-gain``: then speculation does not pay on this device and
@@ -27,20 +28,25 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .benchmark import DTYPES, load_prompts
+from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY
 from .generate import stream_generate
+from .precision import compute_dtype, on_gpu
 from .streams import get_runtime
 
 
-def tokens_per_second(model, tokenizer, prompts, max_tokens, stream_pass=None, **tree):
+def tokens_per_second(
+    model, tokenizer, prompts, max_tokens, stream_pass=None, stream_logits_in_pass=None, **tree
+):
     """Median over prompts of greedy generation tokens/s, and the mean tau.
-    ``stream_pass`` (``"fused"``/``"split"``, lossless streams only) overrides
-    the model's for this measurement."""
+    ``stream_pass`` (``"fused"``/``"split"``, lossless streams only) and
+    ``stream_logits_in_pass`` override the model's for this measurement."""
     rt = get_runtime(model)
-    saved = rt.split_streams
+    saved = rt.split_streams, rt.stream_logits_in_pass
     if stream_pass is not None:
         rt.split_streams = stream_pass == "split"
+    if stream_logits_in_pass is not None:
+        rt.stream_logits_in_pass = stream_logits_in_pass
     tps, taus = [], []
     try:
         for prompt in prompts:
@@ -51,7 +57,7 @@ def tokens_per_second(model, tokenizer, prompts, max_tokens, stream_pass=None, *
             tps.append(r.generation_tps)
             taus.append(r.generation_tokens / r.forward_passes)
     finally:
-        rt.split_streams = saved
+        rt.split_streams, rt.stream_logits_in_pass = saved
     return statistics.median(tps), statistics.mean(taus)
 
 
@@ -122,6 +128,17 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
         # second pass for the accepted node's only; measured on the best shapes.
         for tree in trials.fastest(3):
             trials.run(dict(tree, stream_pass="split"))
+    if rt.streams is not None:
+        # Every node's stream logits from the pass's own head call, or the accepted
+        # node's from a head call of their own (the device's default): on the
+        # fastest fused trees, the other way round.
+        fused = [
+            t
+            for t in trials.fastest(len(trials.results))
+            if t.get("stream_pass", "fused") == "fused"
+        ]
+        for tree in fused[:3]:
+            trials.run(dict(tree, stream_logits_in_pass=not on_gpu()))
     if has_adapter:
         for tree in trials.fastest(3):
             for threshold in (0.02, 0.05, 0.1, 0.2):
@@ -142,6 +159,29 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
         for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
             trials.run(drafts)
     return trials.choice(min_gain, "Speculation")
+
+
+def verify_cost_note(model, log=print) -> float:
+    """Measures and logs c(16): a plain pass over 16 tokens / one over one token.
+
+    Verifying drafts pays only where c(n) is small. MLX's CPU backend multiplies
+    bfloat16 and float16 without BLAS, so there a pass over n tokens costs about n
+    one-token passes; the note then says so and names float32.
+
+    Returns:
+        float: the measured c(16).
+    """
+    c16 = verify_cost_curve(model, sizes=(1, 16), repeats=3, kinds=("plain",))["plain"][16][1]
+    log(f"a plain pass over 16 tokens costs {c16:.1f} one-token passes on this device")
+    dtype = compute_dtype(model)
+    if not on_gpu() and dtype != mx.float32:
+        log(
+            f"[INFO] This model computes in {dtype} on MLX's CPU backend, which multiplies "
+            "that dtype without BLAS: every verified token costs nearly a full pass. On a CPU, "
+            "speculation pays in float32 (with a fast BLAS). Measure it with --dtype float32; "
+            "to run that way, convert the model to float32."
+        )
+    return c16
 
 
 LOOKUP_LENGTHS = (2, 4, 6, 10)  # prompt-lookup draft lengths tried on a plain model
@@ -186,6 +226,10 @@ def save_choice(model_dir: Path, choice: dict):
             section["stream_pass"] = choice["stream_pass"]
         if "pipeline" in choice and CONFIG_KEY in config:
             section["pipeline"] = choice["pipeline"]
+        if CONFIG_KEY in config:  # (absent: the device's default)
+            section.pop("stream_logits_in_pass", None)
+            if choice.get("stream_logits_in_pass") is not None:
+                section["stream_logits_in_pass"] = choice["stream_logits_in_pass"]
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():
         shutil.copy(config_file, backup)
@@ -212,12 +256,9 @@ def main(argv=None):
         "--save", action="store_true", help="Write the choice into the model's config.json"
     )
     args = p.parse_args(argv)
-    if args.model is None:
-        from .default_model import DEFAULT_DIR
+    from .default_model import DEFAULT_DIR, load_default
 
-        model_dir = DEFAULT_DIR
-    else:
-        model_dir = resolve_model_path(args.model)
+    model_dir = DEFAULT_DIR if args.model is None else resolve_model_path(args.model)
     plain = is_plain(model_dir)
     prompts_file = Path(args.prompts or Path(model_dir) / "prompts.jsonl")
     if not prompts_file.exists():
@@ -230,9 +271,20 @@ def main(argv=None):
             "section); the tuner does not write into its files. Run without --save and pass the "
             "reported --draft ngram --num-draft-tokens N when generating."
         )
-    model, tokenizer = load(str(model_dir), allow_plain=True)
+    if Path(model_dir).resolve() == DEFAULT_DIR.resolve():
+        model, tokenizer = load_default()  # in the dtype it generates in (float32 on a CPU)
+    else:
+        model, tokenizer = load(str(model_dir), allow_plain=True)
     if args.dtype is not None:
+        stored = compute_dtype(model)
+        if args.save and DTYPES[args.dtype] != stored:
+            p.error(
+                f"--dtype {args.dtype} with --save: {model_dir} is stored in {stored} and "
+                f"generates in it, so a choice measured in {args.dtype} may not pay there. "
+                f"Tune without --save, or convert the model to {args.dtype} first."
+            )
         model.set_dtype(DTYPES[args.dtype])
+    verify_cost_note(model)
     prompts = load_prompts(prompts_file, tokenizer, args.num_prompts, args.prompt_tokens)
     tic = time.perf_counter()
     run = tune_lookup if plain else tune

@@ -159,3 +159,97 @@ def test_tune_measures_pipelined_steps_and_the_config_choice_is_the_default(tmp_
     assert spec_tokens(model, PROMPT, 24, pipeline=False)[0] == want and not any(seen)
     with pytest.raises(ValueError, match="speculative_streaming.pipeline='yes'"):
         SpecStreamConfig(pipeline="yes")
+
+
+def test_verify_cost_note_names_float32_for_half_precision_on_cpu():
+    """The tuner logs the measured c(16); where the model computes in bfloat16 on
+    MLX's CPU backend (no BLAS for it) it also names float32. The timing itself is
+    not asserted."""
+    import mlx.core as mx
+
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2)
+    logs = []
+    assert tune.verify_cost_note(model, log=logs.append) > 0
+    assert len(logs) == 1 and "16 tokens costs" in logs[0]  # float32: the cost only
+    model.set_dtype(mx.bfloat16)
+    logs.clear()
+    tune.verify_cost_note(model, log=logs.append)
+    assert len(logs) == 2 and "bfloat16" in logs[1] and "--dtype float32" in logs[1]
+
+
+def test_tune_refuses_to_save_a_choice_measured_in_another_dtype(tmp_path, capsys):
+    """``--save`` stores a choice for the dtype the model generates in (its own): one
+    measured with another ``--dtype`` is refused before anything is measured or written."""
+    import shutil
+
+    from mlx_specstream.default_model import DEFAULT_DIR
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(DEFAULT_DIR, model_dir)
+    files = {f.name: f.read_bytes() for f in model_dir.iterdir()}
+    with pytest.raises(SystemExit):  # (stored in bfloat16; not the embedded model's path)
+        tune.main(["--model", str(model_dir), "--dtype", "float32", "--save"])
+    err = capsys.readouterr().err
+    assert "--dtype float32 with --save" in err and "stored in mlx.core.bfloat16" in err
+    assert {f.name: f.read_bytes() for f in model_dir.iterdir()} == files
+
+
+def test_the_embedded_model_is_tuned_in_the_dtype_it_generates_in(monkeypatch):
+    """``load_default`` runs the embedded (bfloat16-stored) model in float32 on the CPU
+    backend, so the tuner measures it in float32 there, not as stored."""
+    import mlx.core as mx
+
+    from mlx_specstream.precision import compute_dtype
+
+    seen = []
+
+    def fake_tune(model, tokenizer, prompts, max_tokens, min_gain):
+        seen.append(compute_dtype(model))
+        return {"tree_depth": 0}, 1.0, 1.0
+
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    monkeypatch.setattr(tune, "verify_cost_note", lambda model: seen.append("note"))
+    tune.main(["--num-prompts", "1"])
+    assert seen == ["note", mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16]
+
+
+def test_tune_measures_where_the_stream_logits_are_computed_and_the_config_says(
+    tmp_path, monkeypatch
+):
+    """The tuner times the fastest fused trees with the stream logits computed the other
+    way than the device's default (here, on a CPU: by the pass's own head call) and
+    stores it; a model whose config says so decodes that way, with plain decoding's
+    output, and a call on a model whose config does not keeps the default."""
+    import mlx_specstream.decode as decode_module
+
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
+    tokenizer = word_tokenizer(16, eos=15)
+    measured = fake_speeds(
+        monkeypatch, lambda tps, s: 1e6 if s.get("stream_logits_in_pass") else tps
+    )
+    choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    flipped = [m for m in measured if "stream_logits_in_pass" in m]
+    assert flipped and all(m["stream_logits_in_pass"] is True for m in flipped)
+    assert all(m["stream_pass"] in (None, "fused") for m in flipped)
+    assert choice["stream_logits_in_pass"] is True
+    config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert tune.save_choice(tmp_path, choice)["stream_logits_in_pass"] is True
+    other = dict(choice, stream_logits_in_pass=None)
+    assert "stream_logits_in_pass" not in tune.save_choice(tmp_path, other)  # the default again
+
+    seen = []
+    real = decode_module.Decoder.launch
+    monkeypatch.setattr(
+        decode_module.Decoder,
+        "launch",
+        lambda d, *a, **k: seen.append(d.head_on_streams) or real(d, *a, **k),
+    )
+    for in_pass in (True, None):
+        model = tiny_spec_model("llama", vocab_size=8, num_streams=2, top_k=2,
+                                stream_logits_in_pass=in_pass)  # fmt: skip
+        seen.clear()
+        assert spec_tokens(model, PROMPT, 24)[0] == plain_greedy(model, PROMPT, 24)
+        assert seen and all(h is bool(in_pass) for h in seen)
+    with pytest.raises(ValueError, match="speculative_streaming.stream_logits_in_pass='yes'"):
+        SpecStreamConfig(stream_logits_in_pass="yes")
