@@ -13,8 +13,9 @@ recipe; a recipe only fills in their arguments.
   fine-tune and Medusa-1 / ParallelSpec drafters on one self-distilled set,
   the parse-rate quality figure, and a 4-bit base to fit the package. It runs
   on CPU too, about a thousand times slower.
-* ``code-cpu``: the ``code`` recipe's smaller sibling, sized for one session on 2 CPU
-  cores: the same corpus and tokenizer, an 8.5M-parameter base on 12.3M tokens.
+* ``code-cpu``: the ``code`` recipe's smaller sibling for 2 CPU cores: the same corpus,
+  tokenizer and stages, an 8.5M-parameter base on 12.3M tokens (base and lossless
+  fine-tune in one session, the control and drafters in a second).
 * ``smoke``: the ``code`` stages at toy sizes, for the build's own test.
 
 On CUDA the training stages add ``--bf16`` (``Recipe.gpu_args``).
@@ -154,8 +155,9 @@ CODE = Recipe(
 # tokenizer and stages; an 8.5M-parameter base (16k x 256 tied embeddings and 6 layers of
 # 0.7M) trained on 12.3M tokens in bfloat16 autocast (AVX512-BF16: 3.3 s per 16 x 512-token
 # step on this project's CPU against 5.9 s in float32; 89 minutes), and a lossless fine-tune of
-# 400 steps on 3,200 self-distilled windows (25 minutes). No control fine-tune or drafters in
-# the build itself (benchmarks/RESULTS.md, "The CPU sibling").
+# 400 steps on 3,200 self-distilled windows (25 minutes): one session. The draft model, the
+# shared-mode fine-tune with its control and the Medusa-1 / ParallelSpec drafters take a
+# second (the build resumes stage by stage; benchmarks/RESULTS.md, "The CPU sibling").
 _CODE_CPU_FT = ("--num-streams", "3", "--num-stream-layers", "4", "--top-k", "3",
                 "--max-length", "256", "--batch-size", "8", "--eval-steps", "200",
                 "--save-steps", "100")
@@ -187,8 +189,6 @@ CODE_CPU = replace(
                     "--eval-steps", "250", "--save-steps", "100"),
     distill=(3200, 128, ("--max-length", "256", "--window-prompt", "64",
                          "--batch-size", "64")),
-    control=False,
-    drafters=False,
     # 8.5M parameters fit the package in bfloat16; nothing travels, so no 8-bit round trip.
     convert=Recipe.convert,
     round_trip=False,
