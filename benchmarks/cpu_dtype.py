@@ -1,0 +1,88 @@
+"""Speculation on MLX's CPU backend in float32 and in bfloat16, on one model.
+
+    python benchmarks/cpu_dtype.py [--model DIR --prompts FILE] [--tag stock]
+    benchmarks/with_openblas.sh python benchmarks/cpu_dtype.py --tag openblas
+
+MLX's CPU backend hands float32 matrix products to BLAS and multiplies bfloat16
+with its own loops. With a fast BLAS a pass over 16 tokens then costs little
+more than one in float32, and about 16 in bfloat16; with the reference BLAS of
+the Linux wheel, both grow with the rows. This script measures, for each dtype:
+c(16) of a plain pass (``benchmark.verify_cost_curve``), greedy tokens/s of
+one token per pass, of prompt lookup with 2, 4 and 10 drafts, and of a chain of
+3 stream drafts with the stream logits from a head call of their own or from
+the pass's own head call (``stream_logits_in_pass``), on the same prompts
+(``tune.tokens_per_second``: medians over prompts, mean tau). Every output is
+the model's own greedy decoding (the tests check that; timings only here).
+Writes ``benchmarks/results/cpu_dtype[-TAG].{md,json}``.
+"""
+
+import argparse
+
+import mlx.core as mx
+from report import heading, machine_info, write_results
+
+from mlx_specstream import load
+from mlx_specstream.benchmark import load_prompts, verify_cost_curve
+from mlx_specstream.default_model import DEFAULT_DIR
+from mlx_specstream.tune import tokens_per_second
+
+CHAIN = dict(draft="streams", tree_depth=3, tree_top_k=1, max_tree_nodes=4, prune_threshold=0.0)
+SETTINGS = {
+    "prompt lookup, 2 drafts": dict(draft="ngram", num_draft_tokens=2),
+    "prompt lookup, 4 drafts": dict(draft="ngram", num_draft_tokens=4),
+    "prompt lookup, 10 drafts": dict(draft="ngram", num_draft_tokens=10),
+    "chain of 3 streams, own head call": dict(CHAIN, stream_logits_in_pass=False),
+    "chain of 3 streams, logits in the pass": dict(CHAIN, stream_logits_in_pass=True),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="Model directory (default: the shipped model)")
+    p.add_argument("--prompts", default=None, help="JSONL of prompts (default: the model's)")
+    p.add_argument("--num-prompts", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    model_dir = args.model or str(DEFAULT_DIR)
+    rows = []
+    for dtype in (mx.float32, mx.bfloat16):
+        model, tokenizer = load(model_dir)
+        model.set_dtype(dtype)
+        prompts = load_prompts(
+            args.prompts or f"{model_dir}/prompts.jsonl", tokenizer, args.num_prompts, 96
+        )
+        c16 = verify_cost_curve(model, sizes=(1, 16), repeats=5, kinds=("plain",))["plain"][16][1]
+        tokens_per_second(model, tokenizer, prompts[:1], 16)  # warm-up
+        plain, _ = tokens_per_second(model, tokenizer, prompts, args.max_tokens, speculative=False)
+        row = dict(dtype=str(dtype).split(".")[-1], c16=c16, plain=plain, runs={})
+        for name, settings in SETTINGS.items():
+            tps, tau = tokens_per_second(model, tokenizer, prompts, args.max_tokens, **settings)
+            row["runs"][name] = dict(tps=tps, tau=tau)
+            print(f"{row['dtype']} {name}: {tps:.1f} tokens/s ({tps / plain:.2f}x), tau {tau:.2f}")
+        rows.append(row)
+    info = machine_info(model=model_dir, prompts=args.num_prompts, max_tokens=args.max_tokens)
+    names = list(SETTINGS)
+    lines = [
+        heading("Speculation in float32 and bfloat16 on MLX's CPU backend", info),
+        "",
+        f"`{info['command']}`: {model_dir}, {args.num_prompts} held-out prompts x "
+        f"{args.max_tokens} tokens, greedy; tokens/s (x plain decoding in the same dtype), tau.",
+        "",
+        "| dtype | c(16) plain | plain tokens/s | " + " | ".join(names) + " |",
+        "|---" * (3 + len(names)) + "|",
+    ]
+    for r in rows:
+        cells = [
+            f"{r['runs'][n]['tps']:.1f} ({r['runs'][n]['tps'] / r['plain']:.2f}x), "
+            f"tau {r['runs'][n]['tau']:.2f}"
+            for n in names
+        ]
+        lines.append(
+            f"| {r['dtype']} | {r['c16']:.1f} | {r['plain']:.1f} | " + " | ".join(cells) + " |"
+        )
+    write_results("cpu_dtype", args.tag, "\n".join(lines) + "\n", dict(info=info, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
