@@ -10,8 +10,8 @@ model, Speculative Streaming in shared and lossless mode, and Medusa-1 and
 ParallelSpec drafters on the frozen base, all with 500 steps of 8 x 128
 tokens. Then, greedy, on the same held-out prompts, with one warm-up and a
 fresh cache per run, it measures plain mlx-lm decoding, mlx-lm's two-model
-speculative decoding, and each single-model drafter with the same draft
-trees. Every output is checked against plain decoding of the model it runs
+speculative decoding, prompt lookup (no drafter), and each single-model
+drafter with the same draft trees. Every output is checked against plain decoding of the model it runs
 (the base itself for everything but shared mode, whose base is fine-tuned).
 Writes ``benchmarks/results/drafters[-NAME].{md,json}``.
 """
@@ -43,9 +43,14 @@ DRAFTERS = [
     ("Medusa-1 heads", "medusa", "medusa drafter"),
     ("ParallelSpec drafter", "parallelspec", "parallelspec drafter"),
 ]
+# draft="streams": the model's own drafts, whatever draft source a tuning stored.
 TREES = {
-    "k=3, 16 nodes": dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16, prune_threshold=0.0),
-    "chain (k=1)": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4, prune_threshold=0.0),
+    "k=3, 16 nodes": dict(
+        tree_top_k=3, tree_depth=3, max_tree_nodes=16, prune_threshold=0.0, draft="streams"
+    ),
+    "chain (k=1)": dict(
+        tree_top_k=1, tree_depth=3, max_tree_nodes=4, prune_threshold=0.0, draft="streams"
+    ),
 }
 
 
@@ -155,6 +160,13 @@ def main(argv=None):
              weights=weight_bytes(plain, draft),
              fn=lambda q: run_mlx_lm(plain, tokenizer, q, args.max_tokens, draft, 3)),
     ]  # fmt: skip
+    lookup, _ = load(str(base_dir))  # the base with the verifier: its streams stay unused
+    lookup.set_dtype(dtype)
+    methods.append(
+        dict(method="Prompt lookup (no drafter)", tree="chain of up to 10", extra_parameters=0,
+             training_s=None, loss=lossless_loss, weights=weight_bytes(plain),
+             fn=lambda q: run_specstream(lookup, tokenizer, q, args.max_tokens, draft="ngram"))
+    )  # fmt: skip
     references = {"base": None}
     for name, sub, stage in DRAFTERS:
         model, _ = load(str(w / "mlx" / sub))
