@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY
@@ -174,12 +175,14 @@ def verify_cost_note(model, log=print) -> float:
     c16 = verify_cost_curve(model, sizes=(1, 16), repeats=3, kinds=("plain",))["plain"][16][1]
     log(f"a plain pass over 16 tokens costs {c16:.1f} one-token passes on this device")
     dtype = compute_dtype(model)
-    if not on_gpu() and dtype != mx.float32:
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    if not on_gpu() and (dtype != mx.float32 or quantized):
+        what = f"{dtype}" + (" with quantized weights" if quantized else "")
         log(
-            f"[INFO] This model computes in {dtype} on MLX's CPU backend, which multiplies "
-            "that dtype without BLAS: every verified token costs nearly a full pass. On a CPU, "
-            "speculation pays in float32 (with a fast BLAS). Measure it with --dtype float32; "
-            "to run that way, convert the model to float32."
+            f"[INFO] On MLX's CPU backend only float32 products go to BLAS; this model computes "
+            f"in {what}, so each verified token costs nearly a full pass. With a fast BLAS "
+            "(OpenBLAS, Accelerate, MKL) float32 verifies nearly for free: measure it with "
+            "--dtype float32 (and to run that way, convert the model to float32)."
         )
     return c16
 
@@ -279,8 +282,8 @@ def main(argv=None):
         stored = compute_dtype(model)
         if args.save and DTYPES[args.dtype] != stored:
             p.error(
-                f"--dtype {args.dtype} with --save: {model_dir} is stored in {stored} and "
-                f"generates in it, so a choice measured in {args.dtype} may not pay there. "
+                f"--dtype {args.dtype} with --save: {model_dir} generates in {stored}, so a "
+                f"choice measured in {args.dtype} may not pay there. "
                 f"Tune without --save, or convert the model to {args.dtype} first."
             )
         model.set_dtype(DTYPES[args.dtype])

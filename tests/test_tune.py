@@ -190,7 +190,7 @@ def test_tune_refuses_to_save_a_choice_measured_in_another_dtype(tmp_path, capsy
     with pytest.raises(SystemExit):  # (stored in bfloat16; not the embedded model's path)
         tune.main(["--model", str(model_dir), "--dtype", "float32", "--save"])
     err = capsys.readouterr().err
-    assert "--dtype float32 with --save" in err and "stored in mlx.core.bfloat16" in err
+    assert "--dtype float32 with --save" in err and "generates in mlx.core.bfloat16" in err
     assert {f.name: f.read_bytes() for f in model_dir.iterdir()} == files
 
 
