@@ -175,6 +175,10 @@ def test_verify_cost_note_names_float32_for_half_precision_on_cpu():
     logs.clear()
     tune.verify_cost_note(model, log=logs.append)
     assert len(logs) == 2 and "bfloat16" in logs[1] and "--dtype float32" in logs[1]
+    logs.clear()  # float32 scales, but quantized products: not BLAS either
+    quantized = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, quant_bits=4)
+    tune.verify_cost_note(quantized, log=logs.append)
+    assert len(logs) == 2 and "float32 with quantized weights" in logs[1]
 
 
 def test_tune_refuses_to_save_a_choice_measured_in_another_dtype(tmp_path, capsys):
