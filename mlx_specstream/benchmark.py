@@ -41,13 +41,15 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 def default_tree_settings(cfg: SpecStreamConfig) -> dict:
     """The package's default tree (SpecStreamConfig's defaults: top-3 per stream,
-    at most 16 nodes, no pruning) over every stream, whatever ``cfg`` was tuned to."""
+    at most 16 nodes, no pruning) over every stream, drafted by the model's own
+    streams, whatever ``cfg`` was tuned to (a tree size or prompt lookup)."""
     defaults = SpecStreamConfig()
     return {
         "tree_top_k": defaults.top_k,
         "tree_depth": cfg.num_streams,
         "prune_threshold": defaults.prune_threshold,
         "max_tree_nodes": defaults.max_tree_nodes,
+        "draft": "streams",
     }
 
 
@@ -233,6 +235,9 @@ def main(argv=None):
         "max_tree_nodes": args.tuned_max_tree_nodes,
     }
     default_tree = default_tree_settings(cfg)
+    # The tuned setting is the config's, whose draft source may be prompt lookup.
+    source = getattr(cfg, "draft", None) or "streams"
+    tuned_name = "SS tuned tree" if source == "streams" else f"SS tuned (draft={source})"
     methods = {
         "mlx-lm plain": lambda p: run_mlx_lm(plain, tokenizer, p, args.max_tokens),
         "SS no speculation": lambda p: run_specstream(
@@ -241,7 +246,7 @@ def main(argv=None):
         DEFAULT_TREE: lambda p: run_specstream(
             model, tokenizer, p, args.max_tokens, **default_tree
         ),
-        "SS tuned tree": lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **tuned),
+        tuned_name: lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **tuned),
     }
     if draft is not None:
         methods["mlx-lm draft model"] = lambda p: run_mlx_lm(
@@ -280,7 +285,9 @@ def main(argv=None):
     # Sampling uses the tuned tree, or the default one when tuning chose plain decoding.
     tuned_depth = cfg.tree_depth if tuned["tree_depth"] is None else tuned["tree_depth"]
     sampling_tree, tree = (
-        (DEFAULT_TREE, default_tree) if tuned_depth == 0 else ("SS tuned tree", tuned)
+        (DEFAULT_TREE, default_tree)
+        if tuned_depth == 0 and source == "streams"
+        else (tuned_name, tuned)
     )
     sampling = sampling_table(model, tokenizer, prompts, args, tree)
     curve = verify_cost_curve(model)

@@ -1,0 +1,33 @@
+"""``python -m mlx_specstream.benchmark``: what each row runs (timings are not tested)."""
+
+import json
+import shutil
+
+from mlx_specstream import benchmark
+from mlx_specstream.default_model import DEFAULT_DIR
+
+
+def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_lookup(
+    tmp_path, monkeypatch
+):
+    """A tuning may store ``draft: ngram``; the default-tree row still measures the
+    model's own stream tree, and the tuned row says it runs prompt lookup."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(DEFAULT_DIR, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["speculative_streaming"]["draft"] = "ngram"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    settings, real = [], benchmark.run_specstream
+
+    def recording(model, tokenizer, prompt, max_tokens, **kwargs):
+        settings.append(kwargs)
+        return real(model, tokenizer, prompt, max_tokens, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_specstream", recording)
+    benchmark.main(
+        ["--model", str(model_dir), "--num-prompts", "1", "--max-tokens", "12", "--runs", "1",
+         "--sampling-temps", "--output-dir", str(tmp_path / "out"), "--name", "t"]
+    )  # fmt: skip
+    assert any(s.get("draft") == "streams" and s.get("tree_depth") for s in settings)
+    summary = (tmp_path / "out" / "t.md").read_text()
+    assert "SS default tree (k=3, 16 nodes)" in summary and "SS tuned (draft=ngram)" in summary
