@@ -45,13 +45,13 @@ def main():
     p.add_argument("--tag", default="")
     args = p.parse_args()
     model_dir = args.model or str(DEFAULT_DIR)
+    model, tokenizer = load(model_dir)
+    prompts = load_prompts(
+        args.prompts or f"{model_dir}/prompts.jsonl", tokenizer, args.num_prompts, 96
+    )
     rows = []
-    for dtype in (mx.float32, mx.bfloat16):
-        model, tokenizer = load(model_dir)
+    for dtype in (mx.float32, mx.bfloat16):  # (float32 first: no rounding before bfloat16)
         model.set_dtype(dtype)
-        prompts = load_prompts(
-            args.prompts or f"{model_dir}/prompts.jsonl", tokenizer, args.num_prompts, 96
-        )
         c16 = verify_cost_curve(model, sizes=(1, 16), repeats=5, kinds=("plain",))["plain"][16][1]
         tokens_per_second(model, tokenizer, prompts[:1], 16)  # warm-up
         plain, _ = tokens_per_second(model, tokenizer, prompts, args.max_tokens, speculative=False)

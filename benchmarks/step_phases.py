@@ -4,8 +4,8 @@
 
 The decoder builds a step as one lazy graph, so its own timers cannot say
 which part costs what. This script runs the same pieces in order on the
-shipped model or ``--model`` (a 96-token prompt in the cache, a fixed tree), with an
-``mx.eval`` after each:
+shipped model or ``--model`` (a 96-token prompt in the cache, a fixed
+tree), with an ``mx.eval`` after each:
 
 * ``pass``: the verify pass over the tree (fused: with every node's stream
   rows; split: main rows only), or with ``head in pass`` the fused pass whose
@@ -28,10 +28,10 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
-from mlx_specstream.precision import compute_dtype
 from mlx_specstream.cache import commit_path
 from mlx_specstream.decode import Decoder
 from mlx_specstream.ngram import NGRAM_DRAFT_TOKENS
+from mlx_specstream.precision import compute_dtype
 from mlx_specstream.settings import greedy
 from mlx_specstream.tree import accept, path_to, static_tree
 from report import heading, machine_info, write_results
