@@ -8,7 +8,8 @@ stream pass, where the stream logits are computed, pruning thresholds and
 pipelined steps), on held-out prompts; with streams, also prompt lookup
 (``draft="ngram"``) and prompt lookup merged with the best tree
 (``"streams+ngram"``). The fastest wins, unless it beats plain decoding by
-less than ``--min-gain``: then speculation does not pay on this device and
+less than ``--min-gain`` (the median ratio of ``--confirm-rounds`` rounds that
+time it and plain decoding back to back): then speculation does not pay on this device and
 ``tree_depth = 0`` (plain decoding) is chosen, and said. ``--save`` writes the
 choice into the model's ``config.json`` (the previous file is kept as
 ``config.json.before-tune``); a call that names no ``draft`` then uses the
@@ -95,12 +96,28 @@ class Trials:
         """The settings of the ``n`` fastest trials, fastest first."""
         return [s for _, _, s in sorted(self.results, key=lambda r: -r[0])[:n]]
 
-    def choice(self, min_gain: float, what: str, describe=str):
+    def confirm(self, settings: dict, rounds: int):
+        """Median tokens/s of ``settings`` and of plain decoding, and the median of
+        their ratio, over ``rounds`` rounds that time the two back to back. A CPU's
+        speed can drift by a third between minutes, more than most trials differ."""
+        pairs = []
+        for _ in range(rounds):
+            base, _ = tokens_per_second(*self.args, speculative=False)
+            tps, _ = tokens_per_second(*self.args, **settings)
+            pairs.append((tps, base, tps / base))
+        self.log(f"confirmed in {rounds} rounds: " + ", ".join(f"{r:.2f}x" for *_, r in pairs))
+        return tuple(statistics.median(column) for column in zip(*pairs))
+
+    def choice(self, min_gain: float, what: str, describe=str, confirm_rounds: int = 3):
         """The fastest settings, or ``{"tree_depth": 0}`` (plain decoding) when they
-        beat it by less than ``min_gain``; with their tokens/s and plain's."""
+        beat it by less than ``min_gain``; with their tokens/s and plain's. With
+        ``confirm_rounds``, that gain is the median of the fastest's ratio to plain
+        decoding timed back to back in as many rounds, not its one trial's."""
         best_tps, best_tau, best = max(self.results, key=lambda r: r[0])
         base, gain = self.base_tps, best_tps / self.base_tps
-        if best_tps < min_gain * base:
+        if confirm_rounds:
+            best_tps, base, gain = self.confirm(best, confirm_rounds)
+        if gain < min_gain:
             self.log(
                 f"{what} does not pay on this device: the fastest gives {best_tps:.1f} tokens/s "
                 f"vs {base:.1f} one token per pass ({gain:.2f}x < {min_gain}x). Choosing plain "
@@ -113,7 +130,7 @@ class Trials:
         return best, best_tps, base
 
 
-def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
+def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print, confirm_rounds=3):
     rt = get_runtime(model)
     has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
     trials = Trials(model, tokenizer, prompts, max_tokens, log)
@@ -159,7 +176,7 @@ def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
         best_tree = {k: v for k, v in trials.fastest(1)[0].items() if k != "pipeline"}
         for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
             trials.run(drafts)
-    return trials.choice(min_gain, "Speculation")
+    return trials.choice(min_gain, "Speculation", confirm_rounds=confirm_rounds)
 
 
 def verify_cost_note(model, log=print) -> float:
@@ -190,7 +207,9 @@ def verify_cost_note(model, log=print) -> float:
 LOOKUP_LENGTHS = (2, 4, 6, 10)  # prompt-lookup draft lengths tried on a plain model
 
 
-def tune_lookup(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print):
+def tune_lookup(
+    model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print, confirm_rounds=3
+):
     """Prompt lookup on a model with the verifier only: the fastest draft length,
     or plain decoding when none beats it by ``min_gain``.
 
@@ -205,6 +224,7 @@ def tune_lookup(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=pri
         min_gain,
         "Prompt lookup",
         describe=lambda best: f"--draft ngram --num-draft-tokens {best['num_draft_tokens']}",
+        confirm_rounds=confirm_rounds,
     )
 
 
@@ -256,6 +276,12 @@ def main(argv=None):
     )
     p.add_argument("--min-gain", type=float, default=1.05)
     p.add_argument(
+        "--confirm-rounds",
+        type=int,
+        default=3,
+        help="Rounds timing the fastest against plain decoding back to back (0: its one trial)",
+    )
+    p.add_argument(
         "--save", action="store_true", help="Write the choice into the model's config.json"
     )
     args = p.parse_args(argv)
@@ -291,7 +317,14 @@ def main(argv=None):
     prompts = load_prompts(prompts_file, tokenizer, args.num_prompts, args.prompt_tokens)
     tic = time.perf_counter()
     run = tune_lookup if plain else tune
-    choice, tps, base = run(model, tokenizer, prompts, args.max_tokens, args.min_gain)
+    choice, tps, base = run(
+        model,
+        tokenizer,
+        prompts,
+        args.max_tokens,
+        args.min_gain,
+        confirm_rounds=args.confirm_rounds,
+    )
     print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
     if args.save:
         section = save_choice(Path(model_dir), choice)

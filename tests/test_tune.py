@@ -207,7 +207,7 @@ def test_the_embedded_model_is_tuned_in_the_dtype_it_generates_in(monkeypatch):
 
     seen = []
 
-    def fake_tune(model, tokenizer, prompts, max_tokens, min_gain):
+    def fake_tune(model, tokenizer, prompts, max_tokens, min_gain, confirm_rounds):
         seen.append(compute_dtype(model))
         return {"tree_depth": 0}, 1.0, 1.0
 
@@ -257,3 +257,34 @@ def test_tune_measures_where_the_stream_logits_are_computed_and_the_config_says(
         assert seen and all(h is bool(in_pass) for h in seen)
     with pytest.raises(ValueError, match="speculative_streaming.stream_logits_in_pass='yes'"):
         SpecStreamConfig(stream_logits_in_pass="yes")
+
+
+def test_a_lucky_trial_does_not_turn_speculation_on(monkeypatch):
+    """The gain that decides is the median of rounds timed back to back with plain
+    decoding, not the fastest trial's one draw (this CPU's speed drifts)."""
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
+    tokenizer = word_tokenizer(16, eos=15)
+    lookup_runs = []
+
+    def lucky_once(tps, settings):
+        if settings.get("speculative") is False:
+            return 100.0
+        if settings.get("draft") == "ngram":  # 2x in its trial, then 0.9x in every round
+            lookup_runs.append(settings)
+            return 200.0 if len(lookup_runs) == 1 else 90.0
+        return 50.0
+
+    measured = fake_speeds(monkeypatch, lucky_once)
+    choice, tps, base = tune.tune(
+        model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None
+    )
+    assert choice == {"tree_depth": 0} and tps == base == 100.0
+    assert len(lookup_runs) == 1 + 3  # its trial, then the three confirming rounds
+    assert sum(m.get("speculative") is False for m in measured) == 1 + 3
+
+    # Control: the same lucky trial decides when nothing confirms it.
+    lookup_runs.clear()
+    choice, tps, base = tune.tune(
+        model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None, confirm_rounds=0
+    )
+    assert choice == {"draft": "ngram"} and tps == 200.0
