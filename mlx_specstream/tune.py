@@ -76,6 +76,9 @@ def candidate_trees(num_streams, has_adapter):
     return shapes
 
 
+CONFIRM_ROUNDS = 3  # rounds timing the fastest trial against plain decoding back to back
+
+
 class Trials:
     """Settings measured against one-token-per-pass decoding on the same prompts:
     each one's tokens/s and tau, logged as it is measured."""
@@ -108,7 +111,9 @@ class Trials:
         self.log(f"confirmed in {rounds} rounds: " + ", ".join(f"{r:.2f}x" for *_, r in pairs))
         return tuple(statistics.median(column) for column in zip(*pairs))
 
-    def choice(self, min_gain: float, what: str, describe=str, confirm_rounds: int = 3):
+    def choice(
+        self, min_gain: float, what: str, describe=str, confirm_rounds: int = CONFIRM_ROUNDS
+    ):
         """The fastest settings, or ``{"tree_depth": 0}`` (plain decoding) when they
         beat it by less than ``min_gain``; with their tokens/s and plain's. With
         ``confirm_rounds``, that gain is the median of the fastest's ratio to plain
@@ -130,7 +135,15 @@ class Trials:
         return best, best_tps, base
 
 
-def tune(model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print, confirm_rounds=3):
+def tune(
+    model,
+    tokenizer,
+    prompts,
+    max_tokens=64,
+    min_gain=1.05,
+    log=print,
+    confirm_rounds=CONFIRM_ROUNDS,
+):
     rt = get_runtime(model)
     has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
     trials = Trials(model, tokenizer, prompts, max_tokens, log)
@@ -208,7 +221,13 @@ LOOKUP_LENGTHS = (2, 4, 6, 10)  # prompt-lookup draft lengths tried on a plain m
 
 
 def tune_lookup(
-    model, tokenizer, prompts, max_tokens=64, min_gain=1.05, log=print, confirm_rounds=3
+    model,
+    tokenizer,
+    prompts,
+    max_tokens=64,
+    min_gain=1.05,
+    log=print,
+    confirm_rounds=CONFIRM_ROUNDS,
 ):
     """Prompt lookup on a model with the verifier only: the fastest draft length,
     or plain decoding when none beats it by ``min_gain``.
@@ -278,7 +297,7 @@ def main(argv=None):
     p.add_argument(
         "--confirm-rounds",
         type=int,
-        default=3,
+        default=CONFIRM_ROUNDS,
         help="Rounds timing the fastest against plain decoding back to back (0: its one trial)",
     )
     p.add_argument(
