@@ -51,9 +51,13 @@ def child(prompts: int, prompt_tokens: int, max_tokens: int, ngram: bool = True)
     rt = model.speculative_streams
     # Trees that predate the fused/split choice have one way to draft: "as built".
     passes_to_try = ("split", "fused") if hasattr(rt, "split_streams") else ("as built",)
+    if hasattr(rt, "stream_logits_in_pass"):  # the tuner's third choice: one head call per step
+        passes_to_try += ("fused, logits in pass",)
     for stream_pass in passes_to_try:
         if stream_pass != "as built":
             rt.split_streams = stream_pass == "split"
+        if hasattr(rt, "stream_logits_in_pass"):
+            rt.stream_logits_in_pass = True if stream_pass == "fused, logits in pass" else None
         for name, tree in TREES.items():
             if "draft" in tree and not ngram:
                 continue

@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .cache import Fold, FoldingCache
 from .config import SpecStreamConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
-from .precision import on_cuda
+from .precision import on_cuda, on_gpu
+from .rope import rope_settings, rotate, tables
 from .tree import prune_subtrees, subtree_parents
 
 STREAMS_FILE = "speculative_streams.safetensors"
@@ -222,6 +223,10 @@ class StreamRuntime:
             # which do is read from the first pass's calls (_learn_lora_groups).
             self._lora_calls, self._lora_groups = [], {}
             self._last_product = None  # (input, (layer, group), product) of the last call
+        # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
+        # per layer, the key of its module's tables (None: a class without them).
+        self._rope_keys = [_rope_key(_attention(layer).rope) for layer in model.layers]
+        self._rope_tables = None  # during a CPU pass: {key: (positions, RopeTables)}
         self._install()
 
     # ---- hooks --------------------------------------------------------------
@@ -232,6 +237,10 @@ class StreamRuntime:
 
             def rope_call(base_call, i=i):
                 def __call__(self, x, offset=0, **kwargs):
+                    if rt._rope_tables is not None and x.shape[0] == 1 and not kwargs:
+                        table = rt._rope_table(i, self, base_call, offset, x)
+                        if table is not None:
+                            return rotate(x, table)
                     pos = rt._positions(i)
                     if pos is None:
                         return base_call(self, x, offset=offset, **kwargs)
@@ -377,6 +386,26 @@ class StreamRuntime:
             self._row_scales[key] = mx.array(scale, dtype=dtype)
         return self._row_scales[key]
 
+    def _rope_table(self, i, rope, base_call, offset, x):
+        """The RoPE tables of layer ``i``'s rows in this pass, made by its first
+        call and shared by every later one with the same positions and module
+        settings (None: this layer's RoPE class has none)."""
+        key = self._rope_keys[i]
+        pos = self._positions(i)
+        if key is None or (pos is None and not isinstance(offset, int)):
+            return None
+        rows = x.shape[2]
+        # The model's own positions (offset, offset + 1, ...) or the step's per-row ones.
+        where = ("from", offset, rows) if pos is None else id(pos)
+        k = (where, key[0], x.dtype, x.shape[-1])
+        hit = self._rope_tables.get(k)
+        if hit is None:  # (the value holds pos: ids stay unique during the pass)
+            if pos is None:
+                pos = mx.arange(offset, offset + rows, dtype=mx.int32)
+            made = tables(base_call, rope, pos, x.shape[-1], x.dtype, key[1])
+            hit = self._rope_tables[k] = (pos, made)
+        return hit[1]
+
     def _positions(self, i):
         if self.state == "streams":
             return self._stream_pos
@@ -496,10 +525,12 @@ class StreamRuntime:
         """The model over ``(1, L)`` tokens with the hooks in ``state``. The first
         pass through the stream LoRA also tells which targets share an input."""
         self.state = state
+        if state in ("step", "streams") and not on_gpu():  # GPUs run RoPE as one kernel
+            self._rope_tables = {}
         try:
             out = self.model(tokens, cache=cache)
         finally:
-            self.state = None
+            self.state, self._rope_tables = None, None
         if self._lora_calls:
             self._learn_lora_groups()
         return out
@@ -522,7 +553,11 @@ class StreamRuntime:
             self._upper_input = h
             # (unpruned only: the model built its own mask for all the tree's rows)
             self._upper_plain = self._lower_plain and len(sub) == len(layout)
-            if not self._upper_plain:
+            if self._upper_plain:
+                pass
+            elif sub is layout:  # the lower rows' arrays (one RoPE table per pass)
+                self._upper_mask, self._upper_pos = self._lower_mask, self._lower_pos
+            else:  # pruned: the kept rows' own
                 self._upper_mask = self._join(sub.ancestors_mx)
                 self._upper_pos = prefix + sub.depth_mx
             return h
@@ -620,6 +655,19 @@ def _embedding(model) -> nn.Module:
         except (KeyError, AttributeError, TypeError):
             continue
     raise ValueError(f"Cannot find the input embedding of {type(model).__module__}.")
+
+
+def _rope_key(rope) -> Optional[tuple]:
+    """``(key, (dims, traditional))`` of a RoPE module whose tables can be read: the
+    key holds every setting its rotation depends on, so that layers whose modules
+    are alike share tables. None for other classes."""
+    settings = rope_settings(rope)
+    if settings is None:
+        return None
+    freqs = getattr(rope, "_freqs", None)
+    freqs = None if freqs is None else np.array(freqs).tobytes()
+    key = (type(rope).__name__, settings, getattr(rope, "base", None), getattr(rope, "scale", None))
+    return key + (freqs,), settings
 
 
 def _lower_triangle(n: int) -> mx.array:
