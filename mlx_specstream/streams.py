@@ -223,6 +223,7 @@ class StreamRuntime:
             # which do is read from the first pass's calls (_learn_lora_groups).
             self._lora_calls, self._lora_groups = [], {}
             self._last_product = None  # (input, (layer, group), product) of the last call
+            self._plans = {}  # per target: what _lora_input needs (_lora_plan)
         # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
         # per layer, the key of its module's tables (None: a class without them).
         self._rope_keys = [_rope_key(_attention(layer).rope) for layer in model.layers]
@@ -321,8 +322,7 @@ class StreamRuntime:
             # One product per input array for every target that reads it (q, k
             # and v; gate and up), over every row: the input is scaled by 0 on
             # the main rows (y + 0 is y exactly), fewer kernels than slicing.
-            t, block = rt._lora_input(j, name, x, R)
-            b_t = rt._lora_factors(j, name, x.dtype)[1]
+            t, block, b_t = rt._lora_input(j, name, x, R)
             return mx.addmm(y, t[..., block], b_t, alpha=rt.lora_scale if R == 0 else 1.0)
 
         return __call__
@@ -341,21 +341,38 @@ class StreamRuntime:
         return hit[2], hit[3]
 
     def _lora_input(self, j: int, name: str, x: mx.array, main: int):
-        """``(t, block)``: ``x`` (times 0 on its ``main`` rows and the LoRA scale
-        on the rest; as is when ``main`` is 0) times the A factors of the targets
-        of layer ``j`` that read the same input as ``name`` did in the first
-        pass, side by side; ``t[..., block]`` is ``name``'s. One product per
-        input array. Whatever the grouping, each target's block is its own
-        input's product: a group only decides which products are shared."""
+        """``(t, block, b_t)``: ``x`` (times 0 on its ``main`` rows and the LoRA
+        scale on the rest; as is when ``main`` is 0) times the A factors of the
+        targets of layer ``j`` that read the same input as ``name`` did in the
+        first pass, side by side; ``t[..., block]`` is ``name``'s, ``b_t`` its B
+        factor. One product per input array. Whatever the grouping, each
+        target's block is its own input's product: a group only decides which
+        products are shared."""
         if self._lora_calls is not None:  # the first pass: which targets share an input
             self._lora_calls.append((j, name, x))
-        group = self._lora_groups.get((j, name), (name,))
+        group, block, a_t, b_t = self._lora_plan(j, name, x.dtype)
         last = self._last_product
         if last is None or last[0] is not x or last[1] != (j, group):
             xs = x if main == 0 else x * self._stream_row_scale(main, x.shape[1], x.dtype)
-            last = self._last_product = (x, (j, group), xs @ self._group_a(j, group, x.dtype))
+            last = self._last_product = (x, (j, group), xs @ a_t)
+        return last[2], block, b_t
+
+    def _lora_plan(self, j: int, name: str, dtype) -> tuple:
+        """``(group, block, group's A factors, B factor)`` of one target, kept while
+        the groups and the group's parameter arrays stay the same (training
+        replaces the arrays in their dicts): two identity checks per member."""
+        plan = self._plans.get((j, name, dtype))
+        if plan is not None and plan[0] is self._lora_groups:
+            if all(p["lora_a"] is a and p["lora_b"] is b for p, a, b in plan[1]):
+                return plan[2]
+        group = self._lora_groups.get((j, name), (name,))
+        params = [self.streams.lora_params(j, n) for n in group]
         r, i = self.config.stream_lora_rank, group.index(name)
-        return last[2], slice(r * i, r * (i + 1))
+        a_t, b_t = self._group_a(j, group, dtype), self._lora_factors(j, name, dtype)[1]
+        held = [(p, p["lora_a"], p["lora_b"]) for p in params]
+        found = (group, slice(r * i, r * (i + 1)), a_t, b_t)
+        self._plans[(j, name, dtype)] = (self._lora_groups, held, found)
+        return found
 
     def _group_a(self, j: int, group: tuple, dtype) -> mx.array:
         """The A factors (transposed) of ``group``'s targets side by side: ``(in, r * len)``."""

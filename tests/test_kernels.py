@@ -158,10 +158,10 @@ def test_lora_targets_reading_one_input_share_one_product(arch, shared, monkeypa
     real = type(rt)._lora_input
 
     def neighbours_block(self, j, name, x, main):
-        t, block = real(self, j, name, x, main)
+        t, block, b_t = real(self, j, name, x, main)
         r = self.config.stream_lora_rank
         shift = r if block.stop + r <= t.shape[-1] else -r if block.start >= r else 0
-        return t, slice(block.start + shift, block.stop + shift)
+        return t, slice(block.start + shift, block.stop + shift), b_t
 
     monkeypatch.setattr(type(rt), "_lora_input", neighbours_block)
     wrong = stream_logits()

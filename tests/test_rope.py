@@ -1,4 +1,5 @@
-"""RoPE from tables (mlx_specstream.rope): bit for bit MLX's own RoPE, and used by the step on CPU."""
+"""RoPE tables (mlx_specstream.rope): bit for bit MLX's own RoPE, used by the CPU step; and the
+stream LoRA factors the runtime keeps between passes."""
 
 import doctest
 
@@ -130,3 +131,27 @@ def test_plain_decoding_and_gpus_keep_mlx_rope(monkeypatch):
     monkeypatch.setattr("mlx_specstream.streams.on_gpu", lambda: True)
     _, kernels = _step_pass(model, True)
     assert kernels["Cos"] == 2 * len(model.layers)
+
+
+def test_new_stream_lora_weights_reach_the_next_pass():
+    """The runtime keeps each LoRA target's factors between passes; replacing the
+    parameter arrays (as training and load_weights do) must reach the next pass.
+    Control: a model that had the new weights from the start gives the same output,
+    which differs from the old weights' output."""
+    from mlx.utils import tree_map
+
+    def with_new_weights(model):
+        streams = model.speculative_streams.streams
+        streams.update(tree_map(lambda p: p * 1.5, streams.parameters()))
+        return model
+
+    warm = tiny_spec_model("qwen2", num_stream_layers=2, num_streams=2, stream_lora_rank=4)
+    before, _ = _step_pass(warm, True)
+    _step_pass(warm, True)  # a second pass: the LoRA groups are learned by now
+    after, _ = _step_pass(with_new_weights(warm), True)
+    fresh = with_new_weights(
+        tiny_spec_model("qwen2", num_stream_layers=2, num_streams=2, stream_lora_rank=4)
+    )
+    want, _ = _step_pass(fresh, True)
+    assert mx.array_equal(after.stream_hidden, want.stream_hidden).item()
+    assert not mx.allclose(before.stream_hidden, want.stream_hidden, atol=1e-4).item()
