@@ -25,6 +25,8 @@ from .rope import rope_settings, rotate, tables
 from .tree import prune_subtrees, subtree_parents
 
 STREAMS_FILE = "speculative_streams.safetensors"
+# Positions covered by a kept RoPE table (beyond: tables for each pass's own positions).
+MAX_ROPE_TABLE = 32768
 
 
 class LowRankAdapter(nn.Module):
@@ -228,6 +230,7 @@ class StreamRuntime:
         # per layer, the key of its module's tables (None: a class without them).
         self._rope_keys = [_rope_key(_attention(layer).rope) for layer in model.layers]
         self._rope_tables = None  # during a CPU pass: {key: (positions, RopeTables)}
+        self._full_rope_tables = {}  # positions 0 .. n - 1, per module settings and dtype
         self._install()
 
     # ---- hooks --------------------------------------------------------------
@@ -406,22 +409,51 @@ class StreamRuntime:
     def _rope_table(self, i, rope, base_call, offset, x):
         """The RoPE tables of layer ``i``'s rows in this pass, made by its first
         call and shared by every later one with the same positions and module
-        settings (None: this layer's RoPE class has none)."""
+        settings (None: this layer's RoPE class has none). Rows are gathered
+        from the module's table of positions ``0 .. n - 1`` when the host knows
+        that the positions lie below ``n``, else read from the module for them."""
         key = self._rope_keys[i]
         pos = self._positions(i)
         if key is None or (pos is None and not isinstance(offset, int)):
             return None
-        rows = x.shape[2]
+        rows, head_dim = x.shape[2], x.shape[-1]
         # The model's own positions (offset, offset + 1, ...) or the step's per-row ones.
         where = ("from", offset, rows) if pos is None else id(pos)
-        k = (where, key[0], x.dtype, x.shape[-1])
+        k = (where, key[0], x.dtype, head_dim)
         hit = self._rope_tables.get(k)
         if hit is None:  # (the value holds pos: ids stay unique during the pass)
             if pos is None:
-                pos = mx.arange(offset, offset + rows, dtype=mx.int32)
-            made = tables(base_call, rope, pos, x.shape[-1], x.dtype, key[1])
+                end = offset + rows
+            elif isinstance(self._prefix, int):  # below prefix + depth + streams' offsets
+                end = self._prefix + len(self._layout) + getattr(self.config, "num_streams", 0)
+            else:  # pipelined: only the device knows where the tree starts
+                end = None
+            full = None
+            if end is not None and end <= MAX_ROPE_TABLE:
+                full = self._full_rope_table(key, rope, base_call, head_dim, x.dtype, end)
+            if full is None:
+                pos = mx.arange(offset, end, dtype=mx.int32) if pos is None else pos
+                made = tables(base_call, rope, pos, head_dim, x.dtype, key[1])
+            elif pos is None:  # a slice: a view, no kernel
+                made = full._replace(cos=full.cos[offset:end], sin=full.sin[offset:end])
+            else:
+                made = full._replace(cos=full.cos[pos], sin=full.sin[pos])
             hit = self._rope_tables[k] = (pos, made)
         return hit[1]
+
+    def _full_rope_table(self, key, rope, base_call, head_dim, dtype, end):
+        """The module's tables for positions ``0 .. n - 1``, ``n >= end``, kept
+        between passes and generations (they depend on the module alone) and
+        grown by doubling."""
+        k = (key[0], dtype, head_dim)
+        have = self._full_rope_tables.get(k)
+        if have is None or have.cos.shape[0] < end:
+            n = max(end, 512, 0 if have is None else 2 * have.cos.shape[0])
+            n = min(n, MAX_ROPE_TABLE)
+            have = tables(base_call, rope, mx.arange(n, dtype=mx.int32), head_dim, dtype, key[1])
+            mx.eval(have.cos, have.sin)
+            self._full_rope_tables[k] = have
+        return have
 
     def _positions(self, i):
         if self.state == "streams":

@@ -99,16 +99,24 @@ def _step_pass(model, with_tables: bool):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
-def test_the_cpu_step_reads_each_table_once_and_computes_the_same_pass(arch):
+@pytest.mark.parametrize("kept", [True, False])
+def test_the_cpu_step_reads_each_table_once_and_computes_the_same_pass(arch, kept, monkeypatch):
+    if not kept:  # positions beyond a kept table: tables read for the pass's own positions
+        monkeypatch.setattr("mlx_specstream.streams.MAX_ROPE_TABLE", 0)
     model = tiny_spec_model(arch, num_stream_layers=2, num_streams=2)
     with_t, k_with = _step_pass(model, True)
     without, k_without = _step_pass(model, False)
     layers = len(model.layers)
-    # Two position arrays (tree rows below the stream layers; main and stream rows in them):
-    # one table each, where MLX's RoPE computes cosines for q and k in every layer.
-    assert k_without["Cos"] == 2 * layers and k_with["Cos"] == 2
+    # MLX's RoPE computes cosines for q and k in every layer. Kept tables are computed
+    # once, outside the pass (it gathers rows); else one table per position array: the
+    # tree rows below the stream layers, and the main and stream rows in them.
+    assert k_without["Cos"] == 2 * layers
+    assert k_with["Cos"] == (0 if kept else 2)
     assert mx.array_equal(with_t.logits, without.logits).item()
     assert mx.array_equal(with_t.stream_hidden, without.stream_hidden).item()
+    if kept:
+        (table,) = model.speculative_streams._full_rope_tables.values()
+        assert table.cos.shape[0] == 512  # (grown by doubling from 512 positions)
 
 
 def test_a_wrong_table_changes_the_pass(monkeypatch):
@@ -155,3 +163,18 @@ def test_new_stream_lora_weights_reach_the_next_pass():
     want, _ = _step_pass(fresh, True)
     assert mx.array_equal(after.stream_hidden, want.stream_hidden).item()
     assert not mx.allclose(before.stream_hidden, want.stream_hidden, atol=1e-4).item()
+
+
+def test_a_kept_table_grows_to_cover_the_positions():
+    model = tiny_spec_model("qwen2", num_stream_layers=2, num_streams=2)
+    rt = model.speculative_streams
+    layer = model.layers[0].self_attn.rope
+    key, call = rt._rope_keys[0], nn.RoPE.__call__
+    first = rt._full_rope_table(key, layer, call, 16, mx.float32, 10)
+    grown = rt._full_rope_table(key, layer, call, 16, mx.float32, 700)
+    assert (first.cos.shape[0], grown.cos.shape[0]) == (512, 1024)
+    pos = mx.array([3, 511, 699], dtype=mx.int32)
+    x = mx.random.normal((1, 2, 3, 16))
+    want = layer(x.transpose(2, 1, 0, 3), offset=pos).transpose(2, 1, 0, 3)
+    got = rope.rotate(x, grown._replace(cos=grown.cos[pos], sin=grown.sin[pos]))
+    assert mx.array_equal(got, want).item()
