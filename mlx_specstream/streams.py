@@ -410,8 +410,9 @@ class StreamRuntime:
         """The RoPE tables of layer ``i``'s rows in this pass, made by its first
         call and shared by every later one with the same positions and module
         settings (None: this layer's RoPE class has none). Rows are gathered
-        from the module's table of positions ``0 .. n - 1`` when the host knows
-        that the positions lie below ``n``, else read from the module for them."""
+        from the module's table of positions ``0 .. n - 1`` (the host knows a
+        bound of the pass's positions), or past :data:`MAX_ROPE_TABLE` read from
+        the module for them."""
         key = self._rope_keys[i]
         pos = self._positions(i)
         if key is None or (pos is None and not isinstance(offset, int)):
@@ -422,14 +423,9 @@ class StreamRuntime:
         k = (where, key[0], x.dtype, head_dim)
         hit = self._rope_tables.get(k)
         if hit is None:  # (the value holds pos: ids stay unique during the pass)
-            if pos is None:
-                end = offset + rows
-            elif isinstance(self._prefix, int):  # below prefix + depth + streams' offsets
-                end = self._prefix + len(self._layout) + getattr(self.config, "num_streams", 0)
-            else:  # pipelined: only the device knows where the tree starts
-                end = None
+            end = offset + rows if pos is None else self._positions_end
             full = None
-            if end is not None and end <= MAX_ROPE_TABLE:
+            if end <= MAX_ROPE_TABLE:
                 full = self._full_rope_table(key, rope, base_call, head_dim, x.dtype, end)
             if full is None:
                 pos = mx.arange(offset, end, dtype=mx.int32) if pos is None else pos
@@ -538,6 +534,9 @@ class StreamRuntime:
             self._join = lambda mask: with_prefix(mask, prefix)
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
         self._layout, self._prefix = layout, prefix
+        # Every position of this pass lies below this (tree depth, streams' offsets).
+        start = base + span if pipelined else prefix
+        self._positions_end = start + len(layout) + getattr(self.config, "num_streams", 0)
         # Rows that form a chain are a plain multi-token pass: the model's own
         # (causal) mask and RoPE offset, as mlx-lm computes them, no tree ops.
         self._lower_plain = self._upper_plain = layout.is_chain and not pipelined
