@@ -1,13 +1,14 @@
-"""RoPE from tables made once per pass, bit for bit as MLX's CPU backend computes it.
+"""RoPE from precomputed tables, bit for bit as MLX's CPU backend computes it.
 
 On MLX's CPU backend ``mx.fast.rope`` is not one kernel: it builds the
 positions, the inverse frequencies, their cosines and sines, and then the
-rotation, about 16 kernels per call (``benchmarks/RESULTS.md``, "RoPE tables").
+rotation, about 16 kernels per call (``benchmarks/RESULTS.md``, "The step's cost").
 A decode step calls it twice per layer with the same positions, so most of
 that work repeats: a 6-layer pass spends close to half its kernels on it.
-Here the cosines and sines are read once per pass from the model's own RoPE
-module and each call only rotates, in four kernels. GPUs run ``mx.fast.rope``
-as one kernel, so the tables are for the CPU only.
+Here the cosines and sines are read from the model's own RoPE module once
+(the runtime keeps a table of positions and gathers each pass's rows), and
+each call only rotates, in four kernels. GPUs run ``mx.fast.rope`` as one
+kernel, so the tables are for the CPU only.
 
 Exactness: MLX's fallback computes ``concat(x1 * c - x2 * s, x1 * s + x2 * c)``
 (``x1, x2`` the two halves of the rotated dims; the even and odd entries when
