@@ -37,6 +37,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
 import mlx_specstream.decode as decode
+import mlx_specstream.streams as streams
 from mlx_specstream import SpecStreamConfig, attach_streams
 from mlx_specstream.kernels import FastOps, graph_size, recorded_steps
 from report import heading, machine_info, write_results
@@ -66,13 +67,14 @@ def plain_step(model, prompt, n, ops: FastOps) -> dict:
 def our_steps(model, prompt, settings, ops: FastOps, max_tokens: int) -> dict:
     """Median graph of one of our greedy steps after the first, and tau, with the
     decoder's choices as on a GPU (the fused pass's own head computes the streams')."""
-    on_gpu, decode.on_gpu = decode.on_gpu, lambda: True
+    # (and RoPE as MLX's call, which a GPU runs as one kernel, not from the CPU's tables)
+    on_gpu, decode.on_gpu, streams.on_gpu = decode.on_gpu, lambda: True, lambda: True
     try:
         with recorded_steps(ops) as steps:
             gen = decode.spec_generate_step(prompt, model, max_tokens=max_tokens, **settings)
             out = list(gen)
     finally:
-        decode.on_gpu = on_gpu
+        decode.on_gpu = streams.on_gpu = on_gpu
     later = steps[1:]
     med = {k: statistics.median(s[k] for s in later) for k in later[0] if k != "by_primitive"}
     # A tree whose accepted path leaves the first children is compacted after the step.
