@@ -39,11 +39,11 @@ import mlx.nn as nn
 
 
 class RopeTables(NamedTuple):
-    """Per-row rotation tables, ``(rows, head_dim)`` each, in the activations' dtype."""
+    """Per-row rotation tables, ``(rows, dims)`` each, in the activations' dtype."""
 
-    cos: mx.array  # [c, c] on the rotated dims (interleaved when traditional), 1 after
-    sin: mx.array  # [-s, s] on the rotated dims, 0 after
-    dims: int  # rotated dims (a prefix of the head)
+    cos: mx.array  # [c, c] (interleaved when traditional)
+    sin: mx.array  # [-s, s]
+    dims: int  # rotated dims (a prefix of the head; the rest passes through)
     traditional: bool
 
 
