@@ -220,12 +220,12 @@ class StreamRuntime:
         )
         if self.lora_targets:
             self.lora_scale = config.stream_lora_alpha / config.stream_lora_rank
-            self._row_scales, self._factors, self._group_factors = {}, {}, {}
+            self._row_scales = {}
             # Targets that read one input share one product with their A factors;
             # which do is read from the first pass's calls (_learn_lora_groups).
             self._lora_calls, self._lora_groups = [], {}
             self._last_product = None  # (input, (layer, group), product) of the last call
-            self._plans = {}  # per target: what _lora_input needs (_lora_plan)
+            self._plans = {}  # per group of targets: their factors (_lora_plan)
         # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
         # per layer, the key of its module's tables (None: a class without them).
         self._rope_keys = [_rope_key(_attention(layer).rope) for layer in model.layers]
@@ -330,19 +330,6 @@ class StreamRuntime:
 
         return __call__
 
-    def _lora_factors(self, j: int, name: str, dtype):
-        """``(lora_a.T, lora_b.T)`` of one target in ``dtype``, kept while the
-        parameters are the same arrays (training replaces them)."""
-        p = self.streams.lora_params(j, name)
-        a, b = p["lora_a"], p["lora_b"]
-        hit = self._factors.get((j, name, dtype))
-        if hit is None or hit[0] is not a or hit[1] is not b:
-            a_t, b_t = a.T, b.T
-            if a.dtype != dtype:
-                a_t, b_t = a_t.astype(dtype), b_t.astype(dtype)
-            hit = self._factors[(j, name, dtype)] = (a, b, a_t, b_t)
-        return hit[2], hit[3]
-
     def _lora_input(self, j: int, name: str, x: mx.array, main: int):
         """``(t, block, b_t)``: ``x`` (times 0 on its ``main`` rows and the LoRA
         scale on the rest; as is when ``main`` is 0) times the A factors of the
@@ -361,31 +348,22 @@ class StreamRuntime:
         return last[2], block, b_t
 
     def _lora_plan(self, j: int, name: str, dtype) -> tuple:
-        """``(group, block, group's A factors, B factor)`` of one target, kept while
-        the groups and the group's parameter arrays stay the same (training
-        replaces the arrays in their dicts): two identity checks per member."""
-        plan = self._plans.get((j, name, dtype))
-        if plan is not None and plan[0] is self._lora_groups:
-            if all(p["lora_a"] is a and p["lora_b"] is b for p, a, b in plan[1]):
-                return plan[2]
+        """``(group, block, A, B)`` of one target: ``A`` is its group's A factors
+        side by side, ``(in, r * len(group))``, and ``B`` its own B factor, both
+        transposed and in ``dtype``. Kept per group while its parameter arrays
+        stay the same (training replaces the arrays in their dicts): two
+        identity checks per member."""
         group = self._lora_groups.get((j, name), (name,))
-        params = [self.streams.lora_params(j, n) for n in group]
+        hit = self._plans.get((j, group, dtype))
+        if hit is None or not all(p["lora_a"] is a and p["lora_b"] is b for p, a, b in hit[0]):
+            params = [self.streams.lora_params(j, n) for n in group]
+            held = [(p, p["lora_a"], p["lora_b"]) for p in params]
+            a_ts = [_in_dtype(a.T, dtype) for _, a, _ in held]
+            b_ts = {n: _in_dtype(b.T, dtype) for n, (_, _, b) in zip(group, held)}
+            a_t = a_ts[0] if len(a_ts) == 1 else mx.concatenate(a_ts, axis=1)
+            hit = self._plans[(j, group, dtype)] = (held, a_t, b_ts)
         r, i = self.config.stream_lora_rank, group.index(name)
-        a_t, b_t = self._group_a(j, group, dtype), self._lora_factors(j, name, dtype)[1]
-        held = [(p, p["lora_a"], p["lora_b"]) for p in params]
-        found = (group, slice(r * i, r * (i + 1)), a_t, b_t)
-        self._plans[(j, name, dtype)] = (self._lora_groups, held, found)
-        return found
-
-    def _group_a(self, j: int, group: tuple, dtype) -> mx.array:
-        """The A factors (transposed) of ``group``'s targets side by side: ``(in, r * len)``."""
-        parts = [self._lora_factors(j, n, dtype)[0] for n in group]
-        if len(parts) == 1:
-            return parts[0]
-        hit = self._group_factors.get((j, group, dtype))
-        if hit is None or any(p is not q for p, q in zip(parts, hit[0])):
-            hit = self._group_factors[(j, group, dtype)] = (parts, mx.concatenate(parts, axis=1))
-        return hit[1]
+        return group, slice(r * i, r * (i + 1)), hit[1], hit[2][name]
 
     def _learn_lora_groups(self) -> None:
         """Groups the stream LoRA targets of each layer that read one input array in
@@ -424,16 +402,15 @@ class StreamRuntime:
         hit = self._rope_tables.get(k)
         if hit is None:  # (the value holds pos: ids stay unique during the pass)
             end = offset + rows if pos is None else self._positions_end
-            full = None
-            if end <= MAX_ROPE_TABLE:
-                full = self._full_rope_table(key, rope, base_call, head_dim, x.dtype, end)
-            if full is None:
+            if end > MAX_ROPE_TABLE:
                 pos = mx.arange(offset, end, dtype=mx.int32) if pos is None else pos
                 made = tables(base_call, rope, pos, head_dim, x.dtype, key[1])
-            elif pos is None:  # a slice: a view, no kernel
-                made = full._replace(cos=full.cos[offset:end], sin=full.sin[offset:end])
             else:
-                made = full._replace(cos=full.cos[pos], sin=full.sin[pos])
+                full = self._full_rope_table(key, rope, base_call, head_dim, x.dtype, end)
+                if pos is None:  # a slice: a view, no kernel
+                    made = full._replace(cos=full.cos[offset:end], sin=full.sin[offset:end])
+                else:
+                    made = full._replace(cos=full.cos[pos], sin=full.sin[pos])
             hit = self._rope_tables[k] = (pos, made)
         return hit[1]
 
@@ -444,8 +421,7 @@ class StreamRuntime:
         k = (key[0], dtype, head_dim)
         have = self._full_rope_tables.get(k)
         if have is None or have.cos.shape[0] < end:
-            n = max(end, 512, 0 if have is None else 2 * have.cos.shape[0])
-            n = min(n, MAX_ROPE_TABLE)
+            n = min(max(end, 512, 0 if have is None else 2 * have.cos.shape[0]), MAX_ROPE_TABLE)
             have = tables(base_call, rope, mx.arange(n, dtype=mx.int32), head_dim, dtype, key[1])
             mx.eval(have.cos, have.sin)
             self._full_rope_tables[k] = have
@@ -601,13 +577,12 @@ class StreamRuntime:
             self._upper_input = h
             # (unpruned only: the model built its own mask for all the tree's rows)
             self._upper_plain = self._lower_plain and len(sub) == len(layout)
-            if self._upper_plain:
-                pass
-            elif sub is layout:  # the lower rows' arrays (one RoPE table per pass)
-                self._upper_mask, self._upper_pos = self._lower_mask, self._lower_pos
-            else:  # pruned: the kept rows' own
-                self._upper_mask = self._join(sub.ancestors_mx)
-                self._upper_pos = prefix + sub.depth_mx
+            if not self._upper_plain:
+                if sub is layout:  # the lower rows' arrays (one RoPE table per pass)
+                    self._upper_mask, self._upper_pos = self._lower_mask, self._lower_pos
+                else:  # pruned: the kept rows' own
+                    self._upper_mask = self._join(sub.ancestors_mx)
+                    self._upper_pos = prefix + sub.depth_mx
             return h
         self._upper_plain = False
         g = self.config.num_streams
@@ -716,6 +691,10 @@ def _rope_key(rope) -> Optional[tuple]:
     freqs = None if freqs is None else np.array(freqs).tobytes()
     key = (type(rope).__name__, settings, getattr(rope, "base", None), getattr(rope, "scale", None))
     return key + (freqs,), settings
+
+
+def _in_dtype(a: mx.array, dtype) -> mx.array:
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def _lower_triangle(n: int) -> mx.array:
