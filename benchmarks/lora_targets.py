@@ -60,19 +60,28 @@ def train(args, work: Path, corpus: Path, name: str, rank: int, targets) -> Path
 
 
 def train_streams(
-    work: Path, corpus: Path, out: str, iters: int, rank: int, targets=None, lr: str = "1e-3"
+    work: Path,
+    corpus: Path,
+    out: str,
+    iters: int,
+    rank: int,
+    targets=None,
+    lr: str = "1e-3",
+    examples: int = 800,
+    save_every: int = 25,
 ) -> Path:
-    """``python -m mlx_specstream.train`` on ``work``'s base at this study's budget into
-    ``work / out`` (kept: a finished model is not retrained)."""
+    """``python -m mlx_specstream.train`` on ``work``'s base at this study's budget
+    (or ``iters`` steps on ``examples`` self-distilled windows) into ``work / out``
+    (kept: a finished model is not retrained)."""
     out = work / out
     if not (out / "config.json").exists():
         # fmt: off
         cmd = [sys.executable, "-m", "mlx_specstream.train", "--model", work / "base-mlx",
                "--data", corpus / "train.jsonl", "--out", out, "--max-seq-length", "128",
-               "--iters", iters, "--save-every", "25", "--steps-per-report", "25",
+               "--iters", iters, "--save-every", save_every, "--steps-per-report", "25",
                "--resume", "--no-tune", "--num-streams", "3", "--num-stream-layers", "4",
                "--stream-lora-rank", rank, "--window-prompt", "32", "--batch-size", "8",
-               "--learning-rate", lr, "--max-examples", "800", "--seed", "0",
+               "--learning-rate", lr, "--max-examples", examples, "--seed", "0",
                "--self-distill", "--top-k", "3"]
         # fmt: on
         if targets:

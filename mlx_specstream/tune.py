@@ -189,7 +189,12 @@ def tune(
         best_tree = {k: v for k, v in trials.fastest(1)[0].items() if k != "pipeline"}
         for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
             trials.run(drafts)
-    return trials.choice(min_gain, "Speculation", confirm_rounds=confirm_rounds)
+    choice, tps, base = trials.choice(min_gain, "Speculation", confirm_rounds=confirm_rounds)
+    if lossless_streams and choice == {"tree_depth": 0}:
+        # Plain decoding: a call that turns speculation on still gets the faster stream pass.
+        passes = [t for t in trials.fastest(len(trials.results)) if "stream_pass" in t]
+        choice["stream_pass"] = passes[0]["stream_pass"]
+    return choice, tps, base
 
 
 def verify_cost_note(model, log=print) -> float:
@@ -259,13 +264,13 @@ def save_choice(model_dir: Path, choice: dict):
         section["draft"] = draft
     if "tree_depth" in choice:  # (prompt lookup alone leaves the tree settings as they were)
         section["tree_depth"] = choice["tree_depth"]
+    if "stream_pass" in choice:  # (also with plain decoding: for calls that speculate)
+        section["stream_pass"] = choice["stream_pass"]
     if choice.get("tree_depth"):
         section["top_k"] = choice["tree_top_k"]
         section["max_tree_nodes"] = choice["max_tree_nodes"]
         if CONFIG_KEY in config:  # (drafters never prune)
             section["prune_threshold"] = choice["prune_threshold"]
-        if "stream_pass" in choice:
-            section["stream_pass"] = choice["stream_pass"]
         if "pipeline" in choice and CONFIG_KEY in config:
             section["pipeline"] = choice["pipeline"]
         if CONFIG_KEY in config:  # (absent: the device's default)

@@ -14,6 +14,9 @@ PROMPTS = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.js
 # Every stream: the shipped config may be tuned to plain decoding (tree_depth 0).
 CONFIG = json.loads((DEFAULT_DIR / "config.json").read_text())
 GAMMA = CONFIG["speculative_streaming"]["num_streams"]
+# The shipped streams average 3.0 tokens per pass on these prompts; a random or broken
+# model stays near 1.0, and so do the drowned streams of the control below.
+TAU_BAR = 2.5
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +50,11 @@ def test_decodes_losslessly_and_fast_on_held_out_code(default):
         if model.speculative_streams.config.mode == "lossless":
             assert toks == plain_greedy(model, prompt, 64)
         taus.append(len(toks) / records[-1][3])
-    # A random or broken model drafts nothing useful and stays near 1.0.
-    assert sum(taus) / len(taus) > 1.5, taus
+    assert sum(taus) / len(taus) > TAU_BAR, taus
 
 
 def test_negative_control_drowned_streams_draft_badly(default):
-    """The tau check above can fail: the same model with stream rows drowned in noise.
+    """The tau bar above can fail: the same model with stream rows drowned in noise.
 
     (Fresh small random embeddings are not a reliable control: a shared-mode
     base can tell the streams apart by the mask alone, see benchmarks/RESULTS.md.)
@@ -73,4 +75,4 @@ def test_negative_control_drowned_streams_draft_badly(default):
             base, tokenizer.encode(text), 64, tree_top_k=3, max_tree_nodes=40, tree_depth=GAMMA
         )
         taus.append(len(toks) / records[-1][3])
-    assert sum(taus) / len(taus) < 1.5, taus
+    assert sum(taus) / len(taus) < TAU_BAR, taus

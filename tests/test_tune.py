@@ -278,7 +278,8 @@ def test_a_lucky_trial_does_not_turn_speculation_on(monkeypatch):
     choice, tps, base = tune.tune(
         model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None
     )
-    assert choice == {"tree_depth": 0} and tps == base == 100.0
+    assert choice["tree_depth"] == 0 and set(choice) == {"tree_depth", "stream_pass"}
+    assert tps == base == 100.0
     assert len(lookup_runs) == 1 + 3  # its trial, then the three confirming rounds
     assert sum(m.get("speculative") is False for m in measured) == 1 + 3
 
@@ -288,3 +289,31 @@ def test_a_lucky_trial_does_not_turn_speculation_on(monkeypatch):
         model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None, confirm_rounds=0
     )
     assert choice == {"draft": "ngram"} and tps == 200.0
+
+
+@pytest.mark.parametrize("faster", ["split", "fused"])
+def test_plain_decoding_keeps_the_faster_stream_pass(tmp_path, monkeypatch, faster):
+    """When no tree pays, the config still names the stream pass measured faster,
+    for calls that turn speculation on (``--tree-depth 3``); each way round, so the
+    check fails if the pass is not the measured one."""
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
+    tokenizer = word_tokenizer(16, eos=15)
+
+    def speed(tps, settings):
+        if settings.get("speculative") is False:
+            return 100.0
+        if settings.get("draft", "streams") != "streams":
+            return 10.0
+        return 60.0 if settings["stream_pass"] == faster else 40.0
+
+    fake_speeds(monkeypatch, speed)
+    choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    assert choice == {"tree_depth": 0, "stream_pass": faster}
+
+    spec = SpecStreamConfig(stream_pass="split" if faster == "fused" else "fused").to_dict()
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "speculative_streaming": spec})
+    )
+    tune.save_choice(tmp_path, choice)
+    saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
+    assert saved["tree_depth"] == 0 and saved["stream_pass"] == faster
