@@ -34,25 +34,23 @@ from report import heading, machine_info, write_results
 from train_parity import base_greedy, held_out_prompts, held_out_windows, prepare_work
 
 from mlx_specstream.default_model import DEFAULT_DIR
-
-STREAMS_FILE = "speculative_streams.safetensors"
+from mlx_specstream.streams import STREAMS_FILE
 
 
 def step_kernels(model_dir: Path) -> dict:
-    """Kernels per greedy step of ``model_dir``'s streams (median after the first step):
-    on this device, and as a GPU launches them (the decoder's GPU choices)."""
+    """GPU kernels per greedy step of ``model_dir``'s streams (median after the first
+    step), and of mlx-lm's one-token step, as ``step_graph.py`` counts them."""
     import mlx.core as mx
 
     from mlx_specstream import load
     from mlx_specstream.kernels import FastOps
-    from step_graph import CASES, our_steps, plain_step
+    from step_graph import CASES, as_on_gpu, our_steps, plain_step
 
     out = {}
     with FastOps() as ops:
         model, _ = load(str(model_dir))
         model.set_dtype(mx.float32)
-        rt = model.speculative_streams
-        rt.split_streams, rt.additive_masks = False, True
+        as_on_gpu(model)
         prompt = mx.random.randint(0, model.args.vocab_size, (64,), key=mx.random.key(0))
         out["mlx-lm, 1 token"] = plain_step(model, prompt, 1, ops)["gpu_kernels"]
         for case in ("chain of 3", "16-node tree"):

@@ -113,7 +113,7 @@ def kernels(rank: int, targets, shapes) -> dict:
     from mlx_specstream import SpecStreamConfig, attach_streams
     from mlx_specstream.kernels import FastOps
     from shapes import random_model
-    from step_graph import STREAMS, TINY, our_steps, plain_step
+    from step_graph import STREAMS, TINY, as_on_gpu, our_steps, plain_step
 
     out = {}
     with FastOps() as ops:
@@ -121,8 +121,7 @@ def kernels(rank: int, targets, shapes) -> dict:
             model = random_model(shape, "bf16", streams=False, **TINY)
             spec = dict(STREAMS, stream_lora_rank=rank, stream_lora_targets=targets)
             attach_streams(model, SpecStreamConfig(**spec), seed=1)
-            rt = model.speculative_streams
-            rt.split_streams, rt.additive_masks = False, True
+            as_on_gpu(model)
             prompt = mx.random.randint(0, model.args.vocab_size, (64,), key=mx.random.key(0))
             plain = plain_step(model, prompt, 4, ops)["gpu_kernels"]
             row = {"plain": plain}

@@ -83,17 +83,22 @@ def our_steps(model, prompt, settings, ops: FastOps, max_tokens: int) -> dict:
                 by_primitive=later[len(later) // 2]["by_primitive"])  # fmt: skip
 
 
+def as_on_gpu(model):
+    """``model``, its runtime set as on MLX's CUDA backend: the fused stream pass and
+    additive masks (the decoder's GPU choices are made in :func:`our_steps`)."""
+    rt = model.speculative_streams
+    rt.split_streams, rt.additive_masks = False, True
+    return model
+
+
 def build(name: str, dtype: str):
-    """The model, with its runtime set as on MLX's CUDA backend (fused stream pass,
-    additive masks; the decoder's GPU choices are made in :func:`our_steps`)."""
+    """The model, its runtime set as on a GPU (:func:`as_on_gpu`)."""
     if name == "shipped":
         model, _ = mlx_specstream.load()
     else:
         model = random_model(name, dtype, streams=False, **TINY)
         attach_streams(model, SpecStreamConfig(**STREAMS), seed=1)
-    rt = model.speculative_streams
-    rt.split_streams, rt.additive_masks = False, True
-    return model
+    return as_on_gpu(model)
 
 
 def main():

@@ -192,8 +192,8 @@ def tune(
     choice, tps, base = trials.choice(min_gain, "Speculation", confirm_rounds=confirm_rounds)
     if lossless_streams and choice == {"tree_depth": 0}:
         # Plain decoding: a call that turns speculation on still gets the faster stream pass.
-        passes = [t for t in trials.fastest(len(trials.results)) if "stream_pass" in t]
-        choice["stream_pass"] = passes[0]["stream_pass"]
+        fastest = trials.fastest(len(trials.results))
+        choice["stream_pass"] = next(t["stream_pass"] for t in fastest if "stream_pass" in t)
     return choice, tps, base
 
 

@@ -278,8 +278,8 @@ def test_a_lucky_trial_does_not_turn_speculation_on(monkeypatch):
     choice, tps, base = tune.tune(
         model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None
     )
-    assert choice["tree_depth"] == 0 and set(choice) == {"tree_depth", "stream_pass"}
-    assert tps == base == 100.0
+    # (every stream trial ties: the first, a fused one, is the fastest)
+    assert choice == {"tree_depth": 0, "stream_pass": "fused"} and tps == base == 100.0
     assert len(lookup_runs) == 1 + 3  # its trial, then the three confirming rounds
     assert sum(m.get("speculative") is False for m in measured) == 1 + 3
 
