@@ -1,6 +1,6 @@
 """How many kernels one decoding step launches: ours against mlx-lm's plain passes.
 
-    python benchmarks/step_graph.py [--models shipped,qwen2-0.5b,llama-8b] [--tag TAG]
+    python benchmarks/step_graph.py [--models shipped,shipped-bf16,qwen2-0.5b,llama-8b] [--tag TAG]
 
 On a GPU a small model's decoding is bound by kernel launches and by the host
 building the graph, not by arithmetic (the shipped model: 1.15 ms for a plain
@@ -84,17 +84,23 @@ def our_steps(model, prompt, settings, ops: FastOps, max_tokens: int) -> dict:
 
 
 def as_on_gpu(model):
-    """``model``, its runtime set as on MLX's CUDA backend: the fused stream pass and
-    additive masks (the decoder's GPU choices are made in :func:`our_steps`)."""
+    """``model``, its runtime set as on MLX's CUDA backend: the fused stream pass,
+    additive masks and the gathered stream-LoRA product (the decoder's GPU choices
+    are made in :func:`our_steps`)."""
     rt = model.speculative_streams
     rt.split_streams, rt.additive_masks = False, True
+    if rt.lora_targets:
+        rt.gather_lora = True
     return model
 
 
 def build(name: str, dtype: str):
-    """The model, its runtime set as on a GPU (:func:`as_on_gpu`)."""
-    if name == "shipped":
+    """The model, its runtime set as on a GPU (:func:`as_on_gpu`). ``shipped`` is
+    the embedded model in float32 (the dtype of identical output on a GPU, with
+    TF32 off), ``shipped-bf16`` in bfloat16, as stored and as a GPU loads it."""
+    if name in ("shipped", "shipped-bf16"):
         model, _ = mlx_specstream.load()
+        model.set_dtype(mx.bfloat16 if name == "shipped-bf16" else mx.float32)
     else:
         model = random_model(name, dtype, streams=False, **TINY)
         attach_streams(model, SpecStreamConfig(**STREAMS), seed=1)
@@ -103,10 +109,10 @@ def build(name: str, dtype: str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="shipped,qwen2-0.5b,llama-8b",
-                    help=f"comma-separated: shipped, {', '.join(SHAPES)}")  # fmt: skip
+    ap.add_argument("--models", default="shipped,shipped-bf16,qwen2-0.5b,llama-8b",
+                    help=f"comma-separated: shipped, shipped-bf16, {', '.join(SHAPES)}")  # fmt: skip
     ap.add_argument("--dtype", default="bf16", choices=["f32", "bf16"],
-                    help="random models' dtype (the shipped model is float32)")  # fmt: skip
+                    help="random models' dtype (shipped: float32; shipped-bf16: bfloat16)")  # fmt: skip
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -115,7 +121,8 @@ def main():
     lines = [
         heading("Kernels per decoding step: ours against mlx-lm's plain step", info),
         "",
-        f"`{info['command']}`: random models in {args.dtype} (the shipped one in float32). "
+        f"`{info['command']}`: random models in {args.dtype} (the shipped one in float32, "
+        "and in bfloat16, as stored and as a GPU loads it). "
         "Greedy; one step's graph, counted before it runs. GPU kernels count each fused op "
         "that MLX's CUDA backend runs as one kernel once (RMS norm, RoPE; attention in "
         "bf16, or over one row); `/ plain n` divides by mlx-lm's step over the same n "
@@ -131,9 +138,10 @@ def main():
     data = dict(info=info, models={})
     with FastOps() as ops:
         for name in args.models.split(","):
-            if name != "shipped" and name not in SHAPES:
+            if name not in ("shipped", "shipped-bf16") and name not in SHAPES:
                 ap.error(
-                    f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}"
+                    f"--models: unknown model {name!r}; choose shipped, shipped-bf16 or one "
+                    f"of {list(SHAPES)}"
                 )
             model = build(name, args.dtype)
             vocab = model.args.vocab_size

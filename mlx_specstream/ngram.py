@@ -131,20 +131,22 @@ def device_lookup(history, length, max_tokens: int, max_ngram: int = NGRAM_MAX, 
     """
     import mlx.core as mx  # (the module's host index is numpy only)
 
-    C = history.shape[0]
-    start = mx.array(-1, dtype=mx.int32)  # where the chosen match's follower is
-    for n in range(min(max_ngram, C), min_ngram - 1, -1):
-        suffix = mx.slice(history, mx.maximum(length - n, 0).reshape(1), (0,), (n,))
-        windows = C - n + 1
-        hit = history[:windows] == suffix[0]
-        for t in range(1, n):
-            hit = hit & (history[t : t + windows] == suffix[t])
-        # Windows that start before the suffix itself and are followed by a token.
-        w = mx.arange(windows, dtype=mx.int32)
-        hit = hit & (w <= length - 1 - n) & (length - 1 >= n)
-        latest = mx.max(mx.where(hit, w, -1))
-        start = mx.where((start < 0) & (latest >= 0), latest + n, start)
-    found, start = start >= 0, mx.maximum(start, 0)  # (no match: any tokens)
+    # Every suffix length at once, each window named by its last token e:
+    # agree[j, e] says history[e - j] == history[length - 1 - j], and a window of
+    # n tokens ending at e matches the suffix where agree[0 .. n - 1, e] all hold.
+    C, J = history.shape[0], min(max_ngram, history.shape[0])
+    e = mx.arange(C, dtype=mx.int32)
+    j = mx.arange(J, dtype=mx.int32)[:, None]
+    at = e - j
+    suffix = mx.take(history, mx.maximum(length - 1 - j, 0))  # (J, 1), last token first
+    agree = (mx.take(history, mx.maximum(at, 0)) == suffix) & (at >= 0)
+    match = mx.cumprod(agree.astype(mx.int32), axis=0) > 0  # (J, C): n = j + 1 tokens
+    # Windows followed by a token before the suffix, for n from min_ngram to length - 1.
+    match = match & (e <= length - 2) & (j + 1 <= length - 1) & (j + 1 >= min_ngram)
+    # The longest n that matched, then its latest window: one key per (n, e).
+    key = mx.max(mx.where(match, j * C + e, -1))
+    found = key >= 0
+    start = mx.where(found, key % C + 1, 0)  # the token after the match (no match: any)
     period = mx.maximum(length - start, 1)  # tokens after the match, repeated past the end
     draft = mx.take(history, start + mx.arange(max_tokens, dtype=mx.int32) % period)
     count = mx.where(found, mx.minimum(max_tokens, length - start), 0)

@@ -226,6 +226,10 @@ class StreamRuntime:
             self._lora_calls, self._lora_groups = [], {}
             self._last_product = None  # (input, (layer, group), product) of the last call
             self._plans = {}  # per group of targets: their factors (_lora_plan)
+            # Zero the main rows' LoRA input with the A product itself, one kernel
+            # fewer per group where launches bound a step (_gathered_product).
+            self.gather_lora = on_gpu()
+            self._stacked_factors, self._row_factors = {}, {}
         # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
         # per layer, the key of its module's tables (None: a class without them).
         self._rope_keys = [_rope_key(_attention(layer).rope) for layer in model.layers]
@@ -323,29 +327,61 @@ class StreamRuntime:
             if R == x.shape[1]:
                 return y
             # One product per input array for every target that reads it (q, k
-            # and v; gate and up), over every row: the input is scaled by 0 on
-            # the main rows (y + 0 is y exactly), fewer kernels than slicing.
-            t, block, b_t = rt._lora_input(j, name, x, R)
-            return mx.addmm(y, t[..., block], b_t, alpha=rt.lora_scale if R == 0 else 1.0)
+            # and v; gate and up), over every row: 0 on the main rows (y + 0 is
+            # y exactly), fewer kernels than slicing.
+            t, block, b_t, alpha = rt._lora_input(j, name, x, R)
+            return mx.addmm(y, t[..., block], b_t, alpha=alpha)
 
         return __call__
 
     def _lora_input(self, j: int, name: str, x: mx.array, main: int):
-        """``(t, block, b_t)``: ``x`` (times 0 on its ``main`` rows and the LoRA
-        scale on the rest; as is when ``main`` is 0) times the A factors of the
-        targets of layer ``j`` that read the same input as ``name`` did in the
-        first pass, side by side; ``t[..., block]`` is ``name``'s, ``b_t`` its B
-        factor. One product per input array. Whatever the grouping, each
-        target's block is its own input's product: a group only decides which
-        products are shared."""
+        """``(t, block, b_t, alpha)``: ``x``'s stream rows (every row when ``main``
+        is 0) times the A factors of the targets of layer ``j`` that read the same
+        input as ``name`` did in the first pass, side by side, and 0 on its
+        ``main`` rows; ``t[..., block]`` is ``name``'s, ``b_t`` its B factor and
+        ``alpha`` the scale its product with ``b_t`` takes. One product per input
+        array. Whatever the grouping, each target's block is its own input's
+        product: a group only decides which products are shared."""
         if self._lora_calls is not None:  # the first pass: which targets share an input
             self._lora_calls.append((j, name, x))
         group, block, a_t, b_t = self._lora_plan(j, name, x.dtype)
         last = self._last_product
         if last is None or last[0] is not x or last[1] != (j, group):
-            xs = x if main == 0 else x * self._stream_row_scale(main, x.shape[1], x.dtype)
-            last = self._last_product = (x, (j, group), xs @ a_t)
-        return last[2], block, b_t
+            if main == 0:
+                product, alpha = x @ a_t, self.lora_scale
+            elif self.gather_lora and x.shape[0] == 1:
+                product = self._gathered_product(x, (j, group, x.dtype), a_t, main)
+                alpha = self.lora_scale
+            else:  # the LoRA scale on the stream rows, 0 on the main rows
+                xs = x * self._stream_row_scale(main, x.shape[1], x.dtype)
+                product, alpha = xs @ a_t, 1.0
+            last = self._last_product = (x, (j, group), product, alpha)
+        return last[2], block, b_t, last[3]
+
+    def _gathered_product(self, x: mx.array, key: tuple, a_t: mx.array, main: int) -> mx.array:
+        """``x`` ``(1, rows, in)`` times ``a_t`` (the A factors of plan ``key``) on
+        its stream rows and 0 on its ``main`` rows, in one kernel: a matrix-vector product per row
+        (``mx.gather_mm``) that picks the zero or the A factors by row. Where
+        launches bound a step (GPUs) it saves the scaling product's kernel.
+
+        Example: with ``main`` 2 of 4 rows, the rows pick factors ``[0, 0, 1, 1]``
+        of ``[zeros, a_t]``: rows 0-1 of the result are 0, rows 2-3 ``x @ a_t``.
+        """
+        rows = x.shape[1]
+        stacked = self._stacked_factors.get(key)
+        if stacked is None or stacked[0] is not a_t:  # (kept while the plan's A stays)
+            # (2, r, in) row-major, read transposed: MLX's GPU matrix-vector path.
+            a = a_t.T
+            stacked = self._stacked_factors[key] = (a_t, mx.stack([mx.zeros_like(a), a]))
+        picks = (main, rows)
+        if picks not in self._row_factors:
+            self._row_factors[picks] = (
+                mx.array(np.arange(rows, dtype=np.uint32)),
+                mx.array(np.repeat(np.array([0, 1], dtype=np.uint32), [main, rows - main])),
+            )
+        lhs, rhs = self._row_factors[picks]
+        out = mx.gather_mm(x.reshape(rows, 1, x.shape[-1]), stacked[1].swapaxes(1, 2), lhs, rhs)
+        return out.reshape(1, rows, -1)
 
     def _lora_plan(self, j: int, name: str, dtype) -> tuple:
         """``(group, block, A, B)`` of one target: ``A`` is its group's A factors

@@ -158,12 +158,64 @@ def test_lora_targets_reading_one_input_share_one_product(arch, shared, monkeypa
     real = type(rt)._lora_input
 
     def neighbours_block(self, j, name, x, main):
-        t, block, b_t = real(self, j, name, x, main)
+        t, block, b_t, alpha = real(self, j, name, x, main)
         r = self.config.stream_lora_rank
         shift = r if block.stop + r <= t.shape[-1] else -r if block.start >= r else 0
-        return t, slice(block.start + shift, block.stop + shift), b_t
+        return t, slice(block.start + shift, block.stop + shift), b_t, alpha
 
     monkeypatch.setattr(type(rt), "_lora_input", neighbours_block)
     wrong = stream_logits()
     assert mx.array_equal(first[0], wrong[0])  # main rows never read the LoRA
     assert not mx.allclose(first[1], wrong[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+def test_gathered_stream_lora_product_is_the_scaled_one(arch, monkeypatch):
+    """Where launches bound a step (GPUs), the stream LoRA's A product zeroes the
+    main rows by picking a zero factor per row (``mx.gather_mm``) instead of
+    scaling the input first: one kernel per group of targets fewer, the main
+    logits bit for bit, the stream logits as before, and greedy decoding is
+    plain decoding. Control: rows that all pick the A factors give the main
+    rows the LoRA too."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_spec_model(arch, vocab_size=16, mode="lossless", num_streams=2,
+                            stream_lora_rank=4, stream_lora_alpha=6.0, stream_pass="fused")  # fmt: skip
+    rt = model.speculative_streams
+    mx.random.seed(3)
+    rt.streams.update(tree_unflatten([
+        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(rt.streams.parameters())
+        if k.endswith("lora_b")
+    ]))  # fmt: skip
+    parents, tokens = [-1, 0, 1, 0], mx.array([3, 5, 7, 2])
+
+    def step():
+        cache = make_prompt_cache(model)
+        rt.prefill(mx.array([1, 2, 3, 4, 5]), cache)
+        out = rt.forward(tokens, parents, cache, all_streams=True, stream_logits=True)
+        logits = [out.logits, out.stream_logits]
+        kernels = sum(count_kernels(logits).values())
+        mx.eval(logits)
+        return logits, kernels
+
+    assert not rt.gather_lora  # a CPU scales the input (its gather_mm is slower)
+    step(), step()  # (the first learns which targets share an input, the next groups them)
+    scaled, scaled_kernels = step()
+    rt.gather_lora = True
+    step()  # (the first pass with it stacks the factors, once)
+    gathered, gathered_kernels = step()
+    groups = len({(j, group) for (j, _), group in rt._lora_groups.items()})
+    assert gathered_kernels == scaled_kernels - groups
+    assert mx.array_equal(scaled[0], gathered[0])
+    assert mx.allclose(scaled[1], gathered[1], atol=1e-5, rtol=1e-5)
+    prompt = [3, 1, 4, 1, 5, 1, 2, 6, 5, 3, 5, 0, 1, 7]
+    assert spec_tokens(model, prompt, 24)[0] == plain_greedy(model, prompt, 24)
+    real = type(rt)._gathered_product
+
+    def every_row_picks_a(self, x, key, a_t, main):
+        return real(self, x, key, a_t, 0)
+
+    monkeypatch.setattr(type(rt), "_gathered_product", every_row_picks_a)
+    wrong, _ = step()
+    assert not mx.allclose(scaled[0], wrong[0], atol=1e-3)
