@@ -139,7 +139,8 @@ def _pass(dec, tokens):
 def _accept(tokens, step):
     logprobs = step.logits - mx.logsumexp(step.logits, axis=-1, keepdims=True)
     targets = mx.argmax(logprobs, axis=-1)
-    _, last = accept(tokens, step.layout.parents_mx, step.layout.ancestors_mx, targets)
+    layout = step.layout
+    _, last = accept(tokens, layout.parents_mx, layout.ancestors_mx, targets, layout.depth_mx)
     return last, targets
 
 

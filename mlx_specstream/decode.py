@@ -319,7 +319,9 @@ class Decoder:
     def _walk(p: Pending) -> None:
         """The acceptance walk over ``p``'s targets, on the device (sets ``p.last``)."""
         layout = p.out.layout
-        _, p.last = _accept(p.tokens, layout.parents_mx, layout.ancestors_mx, p.targets)
+        _, p.last = _accept(
+            p.tokens, layout.parents_mx, layout.ancestors_mx, p.targets, layout.depth_mx
+        )
 
     def first_draft(self, root: int) -> Draft:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
@@ -364,18 +366,19 @@ class Decoder:
         return chain
 
     def _stream_logits(self, out: StepOutput, node: mx.array) -> mx.array:
-        """``(gamma, V)`` float32 logits of the streams of kept node ``node``."""
+        """``(gamma, V)`` logits of the streams of kept node ``node``, in the model's
+        dtype (a draft's tokens are their order: no cast to float32 on the device)."""
         if out.stream_logits is not None:  # computed by the pass's own head
             slog = mx.take(out.stream_logits, node, axis=0)
         elif self.all_streams:
             slog = self.rt.head(mx.take(out.stream_hidden, node, axis=0)[None])[0]
         else:
             slog = self.rt.draft_streams(node, self.cache)
-        return slog.astype(mx.float32)
+        return slog
 
     def _heads_logits(self, out: StepOutput, p: Pending) -> mx.array:
-        """``(k, V)`` float32 logits of Medusa heads at the accepted node (on the device)."""
-        return self.rt.drafter.draft_at(self.rt, out.hidden, p.last).astype(mx.float32)
+        """``(k, V)`` logits of Medusa heads at the accepted node (on the device)."""
+        return self.rt.drafter.draft_at(self.rt, out.hidden, p.last)
 
     def _drafter_logits(self, out, path, path_tokens, token) -> mx.array:
         draft = self.rt.drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token)
@@ -385,7 +388,9 @@ class Decoder:
         """Per-level top-k and the static tree's tokens under ``root``, on the device
         (ranked by logits: normalizing would not change the order)."""
         top = top_k_desc(slog[: self.depth], self.kmax)
-        return top, mx.concatenate([root.reshape(1), top[self._levels, self._ranks]])
+        # A chain's drafts are its levels' first choices in order: a view, no gather.
+        drafts = top[: len(self._levels), 0] if self.kmax == 1 else top[self._levels, self._ranks]
+        return top, mx.concatenate([root.reshape(1), drafts])
 
     def _next_draft(self, p: Pending, token: int, q) -> Draft:
         """The next tree, rooted at ``token``: the static stream tree, an n-gram
@@ -433,7 +438,7 @@ class Decoder:
             slog = self._stream_logits(p.out, mx.array(path[-1]))
         else:
             slog = self._drafter_logits(p.out, path, [tokens[a] for a in path], token)
-        q = self.sampler.probs(_log_softmax(slog))
+        q = self.sampler.probs(_log_softmax(slog.astype(mx.float32)))
         keys = mx.log(q) + mx.random.gumbel(q.shape)
         top = top_k_desc(keys[: self.depth], self.kmax)  # draw order
         mx.eval(q, top)
@@ -654,7 +659,7 @@ def _log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-# The acceptance walk, compiled: its elementwise chains fuse (15 kernels to 11).
+# The acceptance walk, compiled: its elementwise chains fuse (5 kernels).
 _accept = mx.compile(accept)
 _certified_argmax = mx.compile(certified_argmax)
 

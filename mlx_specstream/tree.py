@@ -191,7 +191,7 @@ def stream_attention_mask(
     return mask
 
 
-def accept(tokens, parents, ancestors, targets):
+def accept(tokens, parents, ancestors, targets, depth=None):
     """Walks the tree with the target model's tokens, on device.
 
     ``targets[i]`` is the token the target model picks after node ``i``'s path
@@ -214,17 +214,21 @@ def accept(tokens, parents, ancestors, targets):
         parents (mx.array): ``(T,)`` parent index per node (any value for the root).
         ancestors (mx.array): ``(T, T)`` bool ancestor-or-self mask.
         targets (mx.array): ``(T,)`` target token after each node.
+        depth (mx.array, optional): ``(T,)`` each node's depth (by default from
+          ``ancestors``; a decoder passes its layout's, computed once).
 
     Returns:
         tuple: ``(accepted, last)``, a ``(T,)`` bool array and a scalar index.
     """
     import mlx.core as mx  # the rest of this module is numpy only (shared with convert/)
 
-    match = tokens == targets[parents]
-    match = mx.concatenate([mx.array([True]), match[1:]])
-    accepted = ~mx.any(ancestors & ~match[None, :], axis=-1)
-    depth = ancestors.sum(axis=-1)
-    last = mx.argmax(mx.where(accepted, depth, 0))
+    # Nodes (the root aside: it is accepted whatever its token) whose token is not
+    # their parent's target; a node is accepted when none of its ancestors is one.
+    miss = tokens[1:] != targets[parents[1:]]
+    accepted = ~mx.any(ancestors[:, 1:] & miss, axis=-1)
+    if depth is None:
+        depth = ancestors.sum(axis=-1) - 1
+    last = mx.argmax(mx.where(accepted, depth, -1))
     return accepted, last
 
 

@@ -77,8 +77,8 @@ def test_negative_control_wrong_verification_is_caught(monkeypatch):
 
     real = decode._accept
 
-    def accept_first_child(tokens, parents, ancestors, targets):
-        _, last = real(tokens, parents, ancestors, targets)
+    def accept_first_child(tokens, parents, ancestors, targets, depth):
+        _, last = real(tokens, parents, ancestors, targets, depth)
         return None, mx.maximum(last, mx.array(1 if tokens.size > 1 else 0))
 
     model = drafter_model("medusa")

@@ -190,11 +190,11 @@ def test_ngram_with_a_drafter_model_and_shared_mode():
     assert spec_tokens(shared, PROMPT, 40, draft="streams+ngram")[0] == want
 
 
-def lenient_accept(tokens, parents, ancestors, targets):
+def lenient_accept(tokens, parents, ancestors, targets, depth):
     """A verifier that accepts the root's first child unchecked."""
     first = tokens[1] if tokens.shape[0] > 1 else targets[0]
     targets = mx.where(mx.arange(targets.shape[0]) == 0, first, targets)
-    return real_accept(tokens, parents, ancestors, targets)
+    return real_accept(tokens, parents, ancestors, targets, depth)
 
 
 real_accept = decode._accept

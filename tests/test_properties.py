@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from mlx_specstream.cache import commit_path
+from mlx_specstream.layout import layout_of
 from mlx_specstream.tree import (
     accept,
     accept_by_rejection,
@@ -69,14 +70,12 @@ def test_device_acceptance_equals_a_greedy_walk(tree, data):
             break
         cur = nxt[0]
         path.append(cur)
-    ok, last = accept(
-        mx.array(tokens),
-        mx.array([0] + parents[1:]),
-        mx.array(ancestor_mask(parents)),
-        mx.array(targets),
-    )
-    assert last.item() == path[-1]
-    assert [i for i, a in enumerate(ok.tolist()) if a] == path
+    args = (mx.array(tokens), mx.array([0] + parents[1:]), mx.array(ancestor_mask(parents)),
+            mx.array(targets))  # fmt: skip
+    for depth in (None, layout_of(parents).depth_mx):  # (the decoder passes its layout's)
+        ok, last = accept(*args, depth)
+        assert last.item() == path[-1]
+        assert [i for i, a in enumerate(ok.tolist()) if a] == path
 
 
 @settings(max_examples=200, deadline=None)
