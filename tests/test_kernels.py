@@ -118,6 +118,35 @@ def test_additive_masks_decode_as_bool_masks(arch, pipeline, monkeypatch):
         rt.additive_masks = False
 
 
+def lora_stream_model(arch, **settings):
+    """A tiny lossless model whose stream LoRA has nonzero B factors (they start at
+    zero), and a function that runs one fused pass over a 4-node tree after a
+    prompt: its ``[main logits, stream logits]`` and the kernels they took."""
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_spec_model(arch, vocab_size=16, mode="lossless", num_streams=2,
+                            stream_lora_rank=4, stream_pass="fused", **settings)  # fmt: skip
+    rt = model.speculative_streams
+    mx.random.seed(3)
+    rt.streams.update(tree_unflatten([
+        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(rt.streams.parameters())
+        if k.endswith("lora_b")
+    ]))  # fmt: skip
+
+    def step():
+        cache = make_prompt_cache(model)
+        rt.prefill(mx.array([1, 2, 3, 4, 5]), cache)
+        out = rt.forward(mx.array([3, 5, 7, 2]), [-1, 0, 1, 0], cache, all_streams=True,
+                         stream_logits=True)  # fmt: skip
+        logits = [out.logits, out.stream_logits]
+        kernels = sum(count_kernels(logits).values())
+        mx.eval(logits)
+        return logits, kernels
+
+    return model, step
+
+
 @pytest.mark.parametrize(
     "arch, shared",
     [("llama", {3, 2}), ("qwen2", {3, 2}), ("starcoder2", {3}), ("gpt_neox", set())],
@@ -127,25 +156,11 @@ def test_lora_targets_reading_one_input_share_one_product(arch, shared, monkeypa
     gate and up); later passes compute one product with their A factors side by
     side and give each target its own block: the same stream logits, and the
     main logits bit for bit. Control: giving a target its neighbour's block."""
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.models.cache import make_prompt_cache
-
-    model = tiny_spec_model(arch, vocab_size=16, mode="lossless", num_streams=2,
-                            stream_lora_rank=4, stream_pass="fused")  # fmt: skip
+    model, step = lora_stream_model(arch)
     rt = model.speculative_streams
-    mx.random.seed(3)  # nonzero B factors (they start at zero)
-    rt.streams.update(tree_unflatten([
-        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(rt.streams.parameters())
-        if k.endswith("lora_b")
-    ]))  # fmt: skip
-    parents, tokens = [-1, 0, 1, 0], mx.array([3, 5, 7, 2])
 
     def stream_logits():
-        cache = make_prompt_cache(model)
-        rt.prefill(mx.array([1, 2, 3, 4, 5]), cache)
-        out = rt.forward(tokens, parents, cache, all_streams=True, stream_logits=True)
-        mx.eval(out.logits, out.stream_logits)
-        return out.logits, out.stream_logits
+        return step()[0]
 
     first = stream_logits()  # per target, learning the groups
     groups = set(rt._lora_groups.values())
@@ -177,28 +192,8 @@ def test_gathered_stream_lora_product_is_the_scaled_one(arch, monkeypatch):
     logits bit for bit, the stream logits as before, and greedy decoding is
     plain decoding. Control: rows that all pick the A factors give the main
     rows the LoRA too."""
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.models.cache import make_prompt_cache
-
-    model = tiny_spec_model(arch, vocab_size=16, mode="lossless", num_streams=2,
-                            stream_lora_rank=4, stream_lora_alpha=6.0, stream_pass="fused")  # fmt: skip
+    model, step = lora_stream_model(arch, stream_lora_alpha=6.0)
     rt = model.speculative_streams
-    mx.random.seed(3)
-    rt.streams.update(tree_unflatten([
-        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(rt.streams.parameters())
-        if k.endswith("lora_b")
-    ]))  # fmt: skip
-    parents, tokens = [-1, 0, 1, 0], mx.array([3, 5, 7, 2])
-
-    def step():
-        cache = make_prompt_cache(model)
-        rt.prefill(mx.array([1, 2, 3, 4, 5]), cache)
-        out = rt.forward(tokens, parents, cache, all_streams=True, stream_logits=True)
-        logits = [out.logits, out.stream_logits]
-        kernels = sum(count_kernels(logits).values())
-        mx.eval(logits)
-        return logits, kernels
-
     assert not rt.gather_lora  # a CPU scales the input (its gather_mm is slower)
     step(), step()  # (the first learns which targets share an input, the next groups them)
     scaled, scaled_kernels = step()
