@@ -163,7 +163,8 @@ class Decoder:
         self.ngrams = self.device_history = None
         if self.pipelined and draft == "ngram":
             self.layout = layout_of([-1] + list(range(self.ngram_tokens)))
-            self.device_history = (mx.array(history, dtype=mx.int32), mx.array(len(history)))
+            # (uint32, as the targets' argmax: no casts between them and the history)
+            self.device_history = (mx.array(history, dtype=mx.uint32), mx.array(len(history)))
         elif draft in ("ngram", "streams+ngram"):
             self.ngrams = NgramIndex(history)
 
@@ -327,7 +328,7 @@ class Decoder:
         """The first tree: the prompt's last token, and an n-gram chain after it."""
         if self.device_history is not None:
             draft, _ = device_lookup(*self._history_room(), self.ngram_tokens)
-            return Draft(self.layout, mx.concatenate([mx.array([root]), draft]))
+            return Draft(self.layout, mx.concatenate([mx.array([root], dtype=draft.dtype), draft]))
         chain = self._lookup(self._room())
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
@@ -350,7 +351,7 @@ class Decoder:
         history, length = self.device_history
         need = len(self.history) + 4 * (self.ngram_tokens + 1)
         if history.shape[0] < need:
-            history = mx.concatenate([history, mx.zeros(need + 1024, dtype=mx.int32)])
+            history = mx.concatenate([history, mx.zeros(need + 1024, dtype=history.dtype)])
             self.device_history = history, length
         return history, length
 
@@ -360,7 +361,7 @@ class Decoder:
         history, length = self._history_room()
         bonus = mx.take(p.targets, p.last)
         history, length, chain = _extend_and_lookup(
-            history, length, p.tokens, p.path, p.depth, bonus, self.ngram_tokens
+            history, length, p.tokens, p.depth, bonus, self.ngram_tokens
         )
         self.device_history = history, length
         return chain
@@ -665,23 +666,25 @@ _certified_argmax = mx.compile(certified_argmax)
 
 
 @mx.compile
-def _extend_and_lookup(history, length, tokens, path, depth, bonus, max_tokens: int):
+def _extend_and_lookup(history, length, tokens, depth, bonus, max_tokens: int):
     """Pipelined prompt lookup's device work for one step, compiled (its
-    elementwise chains fuse: a third of the kernels): appends the drafts on the
-    accepted ``path`` (``depth`` of them) and the ``bonus`` token to ``history``
-    at ``length``, then looks the next chain up.
+    elementwise chains fuse): appends the ``depth`` drafts the chain ``tokens``
+    (root first) had accepted and the ``bonus`` token to ``history`` at
+    ``length``, then looks the next chain up. The chain's accepted path is its
+    first ``depth + 1`` nodes: its drafts are written whole, then the bonus over
+    the first one not accepted (what lies past it is written again later).
 
     Returns:
         tuple: the history, its new length, and ``bonus`` followed by
         ``max_tokens`` drafts (:func:`~mlx_specstream.ngram.device_lookup`).
     """
-    i = mx.arange(path.shape[0])
-    drafted = mx.take(tokens, mx.take(path, mx.minimum(i + 1, path.shape[0] - 1)))
-    new = mx.where(i == depth, bonus, drafted)  # drafts on the path, then the bonus
-    history = mx.slice_update(history, new.astype(mx.int32), length.reshape(1), (0,))
+    at = length.reshape(1)
+    history = mx.slice_update(history, tokens[1:].astype(history.dtype), at, (0,))
+    bonus = bonus.astype(history.dtype).reshape(1)
+    history = mx.slice_update(history, bonus, at + depth, (0,))
     length = length + depth + 1
     draft, _ = device_lookup(history, length, max_tokens)
-    return history, length, mx.concatenate([bonus.reshape(1), draft])
+    return history, length, mx.concatenate([bonus, draft])
 
 
 def rewind(cache, end: int) -> None:
