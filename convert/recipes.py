@@ -87,10 +87,11 @@ STDLIB = Recipe(
     ss_shared=("--mode", "shared", "--lora-rank", "32", "--lora-alpha", "64",
                "--max-steps", "400", "--stream-loss-weight", "0.5"),
     # lr 1e-2 and the LoRA on the MLP alone: more tau, 32 fewer kernels per step than lr 1e-3
-    # on every module ("The recipe's learning rate", "Which modules the stream LoRA adapts").
+    # on every module ("The recipe's learning rate", "Which modules the stream LoRA adapts");
+    # 3,000 steps over 12,000 windows drafted 4-6% more than 1,000 over 4,000 (about an hour).
     ss_lossless=(*_SS_LOSSLESS_CPU, "--self-distill", "--window-prompt", "32",
-                 "--max-examples", "4000", "--learning-rate", "1e-2",
-                 "--stream-lora-targets", *_MLP, "--max-steps", "1000"),
+                 "--max-examples", "12000", "--learning-rate", "1e-2",
+                 "--stream-lora-targets", *_MLP, "--max-steps", "3000"),
     drafter_common=("--num-draft-tokens", "3", "--top-k", "3", "--max-length", "128",
                     "--batch-size", "8", "--learning-rate", "1e-3", "--max-steps", "500",
                     "--eval-steps", "250", "--save-steps", "100"),
