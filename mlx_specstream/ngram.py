@@ -120,7 +120,7 @@ def device_lookup(history, length, max_tokens: int, max_ngram: int = NGRAM_MAX, 
         ([1, 2, 1, 2, 1], 2)
 
     Args:
-        history (mx.array): ``(C,)`` int32 buffer holding the tokens so far in
+        history (mx.array): ``(C,)`` integer buffer holding the tokens so far in
           its first ``length`` entries.
         length (mx.array): scalar, the number of tokens so far.
         max_tokens (int): the draft's length.
