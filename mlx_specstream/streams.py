@@ -229,7 +229,7 @@ class StreamRuntime:
             # Zero the main rows' LoRA input with the A product itself, one kernel
             # fewer per group where launches bound a step (_gathered_product).
             self.gather_lora = on_gpu()
-            self._stacked_factors, self._row_factors = {}, {}
+            self._row_factors = {}  # per (main rows, rows): the gathered product's picks
         # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
         # per layer, the key of its module's tables (None: a class without them).
         self._rope_keys = [_rope_key(_attention(layer).rope) for layer in model.layers]
@@ -350,7 +350,7 @@ class StreamRuntime:
             if main == 0:
                 product, alpha = x @ a_t, self.lora_scale
             elif self.gather_lora and x.shape[0] == 1:
-                product = self._gathered_product(x, (j, group, x.dtype), a_t, main)
+                product = self._gathered_product(x, (j, group, x.dtype), main)
                 alpha = self.lora_scale
             else:  # the LoRA scale on the stream rows, 0 on the main rows
                 xs = x * self._stream_row_scale(main, x.shape[1], x.dtype)
@@ -358,21 +358,20 @@ class StreamRuntime:
             last = self._last_product = (x, (j, group), product, alpha)
         return last[2], block, b_t, last[3]
 
-    def _gathered_product(self, x: mx.array, key: tuple, a_t: mx.array, main: int) -> mx.array:
-        """``x`` ``(1, rows, in)`` times ``a_t`` (the A factors of plan ``key``) on
-        its stream rows and 0 on its ``main`` rows, in one kernel: a matrix-vector product per row
-        (``mx.gather_mm``) that picks the zero or the A factors by row. Where
+    def _gathered_product(self, x: mx.array, key: tuple, main: int) -> mx.array:
+        """``x`` ``(1, rows, in)`` times the A factors of plan ``key`` on its stream
+        rows and 0 on its ``main`` rows, in one kernel: a matrix-vector product per
+        row (``mx.gather_mm``) that picks the zero or the A factors by row. Where
         launches bound a step (GPUs) it saves the scaling product's kernel.
 
         Example: with ``main`` 2 of 4 rows, the rows pick factors ``[0, 0, 1, 1]``
         of ``[zeros, a_t]``: rows 0-1 of the result are 0, rows 2-3 ``x @ a_t``.
         """
-        rows = x.shape[1]
-        stacked = self._stacked_factors.get(key)
-        if stacked is None or stacked[0] is not a_t:  # (kept while the plan's A stays)
+        rows, plan = x.shape[1], self._plans[key]
+        if plan[3] is None:  # (made once per plan: a new plan comes with new factors)
             # (2, r, in) row-major, read transposed: MLX's GPU matrix-vector path.
-            a = a_t.T
-            stacked = self._stacked_factors[key] = (a_t, mx.stack([mx.zeros_like(a), a]))
+            a = plan[1].T
+            plan[3] = mx.stack([mx.zeros_like(a), a])
         picks = (main, rows)
         if picks not in self._row_factors:
             self._row_factors[picks] = (
@@ -380,7 +379,7 @@ class StreamRuntime:
                 mx.array(np.repeat(np.array([0, 1], dtype=np.uint32), [main, rows - main])),
             )
         lhs, rhs = self._row_factors[picks]
-        out = mx.gather_mm(x.reshape(rows, 1, x.shape[-1]), stacked[1].swapaxes(1, 2), lhs, rhs)
+        out = mx.gather_mm(x.reshape(rows, 1, x.shape[-1]), plan[3].swapaxes(1, 2), lhs, rhs)
         return out.reshape(1, rows, -1)
 
     def _lora_plan(self, j: int, name: str, dtype) -> tuple:
@@ -397,7 +396,8 @@ class StreamRuntime:
             a_ts = [_in_dtype(a.T, dtype) for _, a, _ in held]
             b_ts = {n: _in_dtype(b.T, dtype) for n, (_, _, b) in zip(group, held)}
             a_t = a_ts[0] if len(a_ts) == 1 else mx.concatenate(a_ts, axis=1)
-            hit = self._plans[(j, group, dtype)] = (held, a_t, b_ts)
+            # (and, for _gathered_product, the zero and A factors stacked; made there)
+            hit = self._plans[(j, group, dtype)] = [held, a_t, b_ts, None]
         r, i = self.config.stream_lora_rank, group.index(name)
         return group, slice(r * i, r * (i + 1)), hit[1], hit[2][name]
 
