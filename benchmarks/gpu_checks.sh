@@ -5,14 +5,14 @@
 # back to back carrying .gpu/pN and .gpu/bin; the last one, and every later run on the same
 # machine, is:
 #     bash benchmarks/gpu_checks.sh STAGE
-# STAGE: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity. Results go to
-# $OUT (the run's return folder).
+# STAGE: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity | tune. Results
+# go to $OUT (the run's return folder).
 # With 15 minutes of device time a session gets the install and about two stages: pipeline
 # first (does launching step k + 1 before reading step k pay, and r(4)/r(16) both ways), then
 # step_cost (r(n) for n = 1..16 with the defaults), then tests, fidelity, ngram, parity.
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stage=${1:?"stage: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity"}
+stage=${1:?"stage: tests | step_cost | pipeline | fidelity | fidelity-8b | ngram | parity | tune"}
 out=${OUT:?"OUT: the folder whose files come back"}
 bash .gpu/bin/install.sh
 export MLX_ENABLE_TF32=0 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -57,5 +57,10 @@ case "$stage" in
     python3 benchmarks/train_parity.py --work runs/train_parity_gpu --iters 1000 \
       --batch-size 32 --max-examples 8000 --distill-batch-size 128 --name train_parity-gpu
     cp benchmarks/results/train_parity-gpu.* "$out/" ;;
+  tune)
+    # The shipped model's tree for this GPU, stored under its name in the config's "tuned"
+    # (other devices keep theirs): commit the returned config.json into the package.
+    python3 -m mlx_specstream.tune --save --num-prompts 4 2>&1 | tee "$out/tune-gpu.log"
+    cp mlx_specstream/models/default/config.json "$out/config.json" ;;
   *) echo "unknown stage: $stage" >&2; exit 2 ;;
 esac

@@ -38,7 +38,6 @@ the minute, carrying its pieces between runs with ``convert.carry``.
 
 import argparse
 import json
-import platform
 import re
 import shutil
 import subprocess
@@ -461,14 +460,9 @@ def ship(w: Path, best: str, r: Recipe, models: Path, force: bool):
 
 
 def tune_shipped(target: Path):
+    """Tunes the shipped model on this machine as users' installs run it (the stock
+    wheel): the choice applies on this kind of device only (``tuned`` in its config)."""
     tune = [sys.executable, "-m", "mlx_specstream.tune", "--save", "--model", str(target)]
-    if platform.system() == "Linux":
-        # The Linux mlx-cpu wheel bundles reference BLAS, whose cost grows linearly
-        # with verified rows; tune on OpenBLAS, closer to what users' machines do.
-        print("[INFO] tuning with OpenBLAS interposed (benchmarks/with_openblas.sh)")
-        tune = [
-            str(Path(__file__).resolve().parent.parent / "benchmarks" / "with_openblas.sh")
-        ] + tune
     print("+", " ".join(tune), flush=True)
     subprocess.run(tune, check=True)
 

@@ -53,7 +53,7 @@ def default_tree_settings(cfg: SpecStreamConfig) -> dict:
     }
 
 
-def machine_info():
+def machine_info(argv=None):
     import mlx_lm
 
     cpu = platform.processor() or platform.machine()
@@ -74,7 +74,9 @@ def machine_info():
         "python": platform.python_version(),
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
-        "command": " ".join(["python -m mlx_specstream.benchmark"] + sys.argv[1:]),
+        "command": " ".join(
+            ["python -m mlx_specstream.benchmark"] + (sys.argv[1:] if argv is None else argv)
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -292,7 +294,7 @@ def main(argv=None):
     sampling = sampling_table(model, tokenizer, prompts, args, tree)
     curve = verify_cost_curve(model)
     base_params, extra = parameter_counts(model)
-    info = machine_info()
+    info = machine_info(argv)
     info.update(
         model=str(model_dir),
         draft_model=str(draft_dir),

@@ -1,7 +1,7 @@
 """The ``"speculative_streaming"`` section of a model's ``config.json``."""
 
-from dataclasses import asdict, dataclass, fields
-from typing import List, Optional, Union
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Dict, List, Optional, Union
 
 CONFIG_KEY = "speculative_streaming"
 MODES = ("shared", "lossless")
@@ -13,10 +13,57 @@ DRAFTS = ("streams", "ngram", "streams+ngram")
 
 
 class _Section:
-    """What both ``config.json`` sections share: per-level draft widths and
-    reading/writing the section (unknown keys are refused)."""
+    """What both ``config.json`` sections share: per-level draft widths,
+    settings tuned per device, and reading/writing the section (unknown keys
+    are refused).
+
+    ``tuned`` maps a device (:func:`mlx_specstream.precision.device_key`) to
+    the settings ``python -m mlx_specstream.tune`` measured fastest there. They
+    apply on that device only; elsewhere the section's own settings do. So::
+
+        "speculative_streaming": {"top_k": 3, "max_tree_nodes": 16, ...,
+            "tuned": {"cpu:Linux-x86_64": {"tree_depth": 0, "stream_pass": "split"}}}
+
+    decodes plainly on a Linux CPU and with the 16-node tree on a Mac's GPU.
+    """
 
     SECTION = ""
+    # The settings a tuning may store for one device.
+    TUNED_FIELDS = ("tree_depth", "top_k", "max_tree_nodes")
+    # The device whose tuned settings this config carries (see for_device).
+    tuned_on = None
+
+    def _check_tuned(self):
+        """Refuses a ``tuned`` entry with an unknown key or a bad value."""
+        tuned = self.tuned
+        if tuned is None:
+            return
+        if not (isinstance(tuned, dict) and all(isinstance(e, dict) for e in tuned.values())):
+            raise ValueError(
+                f"{self.SECTION}.tuned={tuned!r}: must map device names to dicts of settings"
+            )
+        for device, entry in tuned.items():
+            unknown = sorted(set(entry) - set(self.TUNED_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"{self.SECTION}.tuned[{device!r}]: unknown key(s) {unknown}; a tuning "
+                    f"stores {list(self.TUNED_FIELDS)}"
+                )
+            try:
+                replace(self, tuned=None, **entry)
+            except ValueError as e:
+                raise ValueError(f"{self.SECTION}.tuned[{device!r}]: {e}") from None
+
+    def for_device(self, device: str):
+        """This config with the settings tuned on ``device`` applied, or itself
+        when none were. The result's ``tuned_on`` is ``device`` or ``None``, and
+        its :meth:`to_dict` is still the section as stored."""
+        entry = (self.tuned or {}).get(device)
+        if not entry:
+            return self
+        resolved = replace(self, **entry)
+        resolved.tuned_on, resolved.stored = device, self
+        return resolved
 
     def top_k_per_stream(self) -> List[int]:
         """The draft width of each stream (tree level), as ``num_streams`` ints."""
@@ -37,7 +84,8 @@ class _Section:
         return cls(**params)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The section as ``config.json`` holds it (tuned settings under ``tuned``)."""
+        return asdict(getattr(self, "stored", self))
 
 
 @dataclass
@@ -104,9 +152,21 @@ class SpecStreamConfig(_Section):
           weights per step) instead of a separate head call over the accepted
           node's stream rows. ``python -m mlx_specstream.tune`` stores what it
           measured faster. Default: ``None``, on a GPU only.
+        tuned (dict, optional): device name -> the settings above that
+          ``python -m mlx_specstream.tune --save`` measured fastest on that
+          device (``tree_depth``, ``top_k``, ``max_tree_nodes``,
+          ``prune_threshold``, ``stream_pass``, ``draft``, ``pipeline``,
+          ``stream_logits_in_pass``), applied there only. Default: ``None``.
     """
 
     SECTION = CONFIG_KEY
+    TUNED_FIELDS = _Section.TUNED_FIELDS + (
+        "prune_threshold",
+        "stream_pass",
+        "draft",
+        "pipeline",
+        "stream_logits_in_pass",
+    )
 
     num_streams: int = 3
     num_stream_layers: int = 4
@@ -125,6 +185,7 @@ class SpecStreamConfig(_Section):
     draft: Optional[str] = None
     pipeline: Optional[bool] = None
     stream_logits_in_pass: Optional[bool] = None
+    tuned: Optional[Dict[str, dict]] = None
 
     def __post_init__(self):
         def require(ok, name, why):
@@ -198,6 +259,7 @@ class SpecStreamConfig(_Section):
             "stream_positions",
             f"must be one of {STREAM_POSITIONS}",
         )
+        self._check_tuned()
 
 
 DRAFTER_KEY = "drafter"
@@ -221,6 +283,9 @@ class DrafterConfig(_Section):
           heads, or ParallelSpec's last real row plus its masks). Default: ``3``.
         top_k, max_tree_nodes, tree_depth: the draft tree, as in
           :class:`SpecStreamConfig` (``tree_depth`` counts levels).
+        tuned (dict, optional): device name -> the tree settings
+          ``python -m mlx_specstream.tune --save`` measured fastest on that
+          device, applied there only. Default: ``None``.
     """
 
     SECTION = DRAFTER_KEY
@@ -230,6 +295,7 @@ class DrafterConfig(_Section):
     top_k: Union[int, List[int]] = 3
     max_tree_nodes: int = 16
     tree_depth: Optional[int] = None
+    tuned: Optional[Dict[str, dict]] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -268,6 +334,7 @@ class DrafterConfig(_Section):
             "tree_depth",
             f"must be null or an integer in [0, num_draft_tokens={self.num_draft_tokens}]",
         )
+        self._check_tuned()
 
     @property
     def num_streams(self) -> int:

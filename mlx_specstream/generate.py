@@ -16,6 +16,7 @@ from mlx_lm.generate import GenerationResponse, wired_limit, generation_stream
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .decode import ACCEPTANCE, DRAFTS, spec_generate_step
+from .precision import device_key
 from .sample_utils import make_sampler
 
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -249,6 +250,19 @@ def print_stats(response: SpecGenerationResponse, usage: Optional[SpeculativeUsa
     print(f"Peak memory: {response.peak_memory:.3f} GB")
 
 
+def untuned_note(config, model: Optional[str] = None) -> Optional[str]:
+    """What the CLIs say when ``config`` was tuned on other devices than this one
+    (its own draft settings then apply here), or ``None``."""
+    if not getattr(config, "tuned", None) or config.tuned_on is not None:
+        return None
+    where = "" if model is None else f" --model {model}"
+    return (
+        f"[INFO] This model was tuned on {', '.join(sorted(config.tuned))}, not on this device "
+        f"({device_key()}): using its own draft settings. `python -m mlx_specstream.tune{where} "
+        "--save` measures the fastest here."
+    )
+
+
 def setup_arg_parser():
     parser = argparse.ArgumentParser(description="Generate text with Speculative Streaming.")
     parser.add_argument(
@@ -331,17 +345,24 @@ def main(argv=None):
     # A plain mlx-lm model runs with prompt lookup alone (the verifier, no streams).
     model, tokenizer = load(args.model, drafter=args.drafter, allow_plain=args.draft == "ngram")
     config = model.speculative_streams.config
+    from_config = args.tree_depth is None and not args.no_speculation
+    tuned_on = getattr(config, "tuned_on", None)  # (plain models have no config section)
     if (
-        config.tree_depth == 0
-        and args.tree_depth is None
+        from_config
+        and config.tree_depth == 0
         and (args.draft or getattr(config, "draft", None) or "streams") == "streams"
-        and not args.no_speculation
     ):
-        print(
-            "[INFO] This model's config turns speculation off (tree_depth = 0, chosen by "
-            "mlx_specstream.tune because it did not pay on the tuned device): decoding one "
-            "token per pass. Pass --tree-depth or --draft ngram to override."
+        why = (
+            f"mlx_specstream.tune measured on this device ({tuned_on}) that it does not pay"
+            if tuned_on
+            else "tree_depth = 0"
         )
+        print(
+            f"[INFO] This model's config turns speculation off ({why}): decoding one token per "
+            "pass. Pass --tree-depth or --draft ngram to override."
+        )
+    elif from_config and untuned_note(config, args.model):
+        print(untuned_note(config, args.model))
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     if args.use_default_chat_template and tokenizer.chat_template is None:

@@ -8,6 +8,7 @@ models are not affected by the setting.
 """
 
 import os
+import platform
 import warnings
 
 import mlx.core as mx
@@ -21,6 +22,17 @@ _warned = False
 def on_gpu() -> bool:
     """Whether MLX computes on a GPU (Metal or CUDA) by default."""
     return mx.default_device().type == mx.DeviceType.gpu
+
+
+def device_key() -> str:
+    """The device MLX computes on by default, as the tuner keys what it measured:
+    ``"gpu:<name>"`` (``"gpu:Apple M2 Pro"``, ``"gpu:NVIDIA H200"``) or
+    ``"cpu:<system>-<machine>"`` (``"cpu:Linux-x86_64"``, ``"cpu:Darwin-arm64"``).
+    A CPU is keyed by platform, not model: its BLAS, which decides what a wide
+    pass costs, comes with the platform's MLX wheel."""
+    if on_gpu():
+        return f"gpu:{mx.device_info().get('device_name', 'unnamed')}"
+    return f"cpu:{platform.system()}-{platform.machine()}"
 
 
 def on_cuda() -> bool:

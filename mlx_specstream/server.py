@@ -48,7 +48,7 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from .cache import make_prompt_cache
 from .decode import ACCEPTANCE, DRAFTS
-from .generate import SpeculativeUsage, stream_generate
+from .generate import SpeculativeUsage, stream_generate, untuned_note
 from .prompt_cache import PromptCacheLRU
 from .sample_utils import make_sampler
 
@@ -823,6 +823,9 @@ def main(argv=None):
         p.error("--prompt-cache-size must be >= 0")
     # A plain mlx-lm model is served with prompt lookup alone (the verifier, no streams).
     model, tokenizer = load(args.model, drafter=args.drafter, allow_plain=args.draft == "ngram")
+    note = untuned_note(model.speculative_streams.config, args.model)
+    if note is not None:
+        print(note)
     server = make_server(
         model,
         tokenizer,

@@ -659,8 +659,8 @@ def main(argv=None):
         print(f"[INFO] not tuned; run python -m mlx_specstream.tune --model {out} --save")
         return
     choice, _, _ = tune(model, tokenizer, prompts, max_tokens=64)
-    section = save_choice(out, choice)
-    print(f"[INFO] tuned the draft tree for this device: {json.dumps(section)}")
+    entry = save_choice(out, choice)
+    print(f"[INFO] tuned the draft tree for this device: {json.dumps(entry)}")
 
 
 if __name__ == "__main__":

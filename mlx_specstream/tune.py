@@ -11,9 +11,11 @@ pipelined steps), on held-out prompts; with streams, also prompt lookup
 less than ``--min-gain`` (the median ratio of ``--confirm-rounds`` rounds that
 time it and plain decoding back to back): then speculation does not pay on this device and
 ``tree_depth = 0`` (plain decoding) is chosen, and said. ``--save`` writes the
-choice into the model's ``config.json`` (the previous file is kept as
-``config.json.before-tune``); a call that names no ``draft`` then uses the
-stored one.
+choice into the model's ``config.json`` for this device only (under ``tuned``,
+keyed by :func:`~mlx_specstream.precision.device_key`; the previous file is
+kept as ``config.json.before-tune``): on this device a call that names no tree
+or ``draft`` then uses the stored ones, and on others the model's own settings
+(or what was tuned there) still apply.
 
 A plain mlx-lm model (no streams, no drafter) gets prompt lookup only, with
 several draft lengths (``--num-draft-tokens`` of the generate CLI). The
@@ -26,6 +28,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,7 +36,7 @@ import mlx.nn as nn
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY
 from .generate import stream_generate
-from .precision import compute_dtype, on_gpu
+from .precision import compute_dtype, device_key, on_gpu
 from .streams import get_runtime
 
 
@@ -252,38 +255,47 @@ def tune_lookup(
     )
 
 
-def save_choice(model_dir: Path, choice: dict):
-    """Writes the tuned tree into ``config.json`` atomically, keeping the old file."""
+def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> dict:
+    """Stores the tuned settings for ``device`` (default: this one) in ``config.json``,
+    atomically, keeping the old file.
+
+    They go under the section's ``tuned`` (see :class:`~mlx_specstream.config.SpecStreamConfig`),
+    replacing that device's earlier entry and keeping other devices' ones; the
+    section's own settings stay as they were and apply on untuned devices.
+
+    Returns:
+        dict: the entry stored for ``device``.
+    """
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text())
-    section = config[CONFIG_KEY if CONFIG_KEY in config else DRAFTER_KEY]
-    draft = choice.get("draft", "streams")
-    if draft == "streams":
-        section.pop("draft", None)  # (the default: the model's own drafts)
-    else:
-        section["draft"] = draft
-    if "tree_depth" in choice:  # (prompt lookup alone leaves the tree settings as they were)
-        section["tree_depth"] = choice["tree_depth"]
+    streams = CONFIG_KEY in config
+    section = config[CONFIG_KEY if streams else DRAFTER_KEY]
+    entry = {}
+    if streams:  # (None: the model's own drafts; drafters are never merged with lookup)
+        draft = choice.get("draft", "streams")
+        entry["draft"] = None if draft == "streams" else draft
+    if "tree_depth" in choice:  # (prompt lookup alone leaves the tree settings as they are)
+        entry["tree_depth"] = choice["tree_depth"]
     if "stream_pass" in choice:  # (also with plain decoding: for calls that speculate)
-        section["stream_pass"] = choice["stream_pass"]
+        entry["stream_pass"] = choice["stream_pass"]
     if choice.get("tree_depth"):
-        section["top_k"] = choice["tree_top_k"]
-        section["max_tree_nodes"] = choice["max_tree_nodes"]
-        if CONFIG_KEY in config:  # (drafters never prune)
-            section["prune_threshold"] = choice["prune_threshold"]
-        if "pipeline" in choice and CONFIG_KEY in config:
-            section["pipeline"] = choice["pipeline"]
-        if CONFIG_KEY in config:  # (absent: the device's default)
-            section.pop("stream_logits_in_pass", None)
-            if choice.get("stream_logits_in_pass") is not None:
-                section["stream_logits_in_pass"] = choice["stream_logits_in_pass"]
+        entry["top_k"] = choice["tree_top_k"]
+        entry["max_tree_nodes"] = choice["max_tree_nodes"]
+        if streams:  # (drafters never prune, pipeline or fuse)
+            entry["prune_threshold"] = choice["prune_threshold"]
+            if "pipeline" in choice:
+                entry["pipeline"] = choice["pipeline"]
+            # (None: the device's default)
+            entry["stream_logits_in_pass"] = choice.get("stream_logits_in_pass")
+    device = device_key() if device is None else device
+    section["tuned"] = dict(section.get("tuned") or {}, **{device: entry})
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():
         shutil.copy(config_file, backup)
     tmp = config_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(config, indent=4, sort_keys=True))
     tmp.replace(config_file)
-    return section
+    return entry
 
 
 def main(argv=None):
@@ -351,8 +363,11 @@ def main(argv=None):
     )
     print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
     if args.save:
-        section = save_choice(Path(model_dir), choice)
-        print(f"[INFO] saved into {Path(model_dir) / 'config.json'}: {json.dumps(section)}")
+        entry = save_choice(Path(model_dir), choice)
+        print(
+            f"[INFO] saved into {Path(model_dir) / 'config.json'} for this device "
+            f"({device_key()}): {json.dumps(entry)}"
+        )
     elif not plain:
         print("[INFO] not saved (pass --save to write it into the model's config.json)")
 

@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
 from .drafters import attach_drafter
+from .precision import device_key
 from .streams import STREAMS_FILE, attach_streams, attach_verifier, get_runtime
 
 ALLOW_PATTERNS = [
@@ -154,7 +155,8 @@ def load(
         attach_verifier(model)
         return model, tokenizer
     source = model_path if drafter is None else resolve_model_path(drafter, revision)
-    config = read_stream_config(source)
+    # The settings tuned on this device, where the config has some.
+    config = read_stream_config(source).for_device(device_key())
     if drafter is not None:
         if (model_path / "config.json").exists() and _base_fingerprint(
             model_path / "config.json"

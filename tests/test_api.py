@@ -239,6 +239,84 @@ def test_load_errors_name_the_culprit(tmp_path):
         load(str(tmp_path / "missing-dir-that-is-not-a-repo" / "x"))
 
 
+def _passes(model, tok, n=20):
+    """Greedy tokens and forward passes of a call that names no tree settings."""
+    out = list(stream_generate(model, tok, mx.array(PROMPT), max_tokens=n))
+    return [r.token for r in out], out[-1].forward_passes
+
+
+def test_settings_tuned_on_a_device_apply_there_only(tmp_path, monkeypatch):
+    """A config's ``tuned`` entry applies on the device it names: a model tuned to
+    plain decoding here decodes one token per pass here and with its own tree
+    elsewhere (the control), with plain decoding's output both ways; saving
+    writes the section back as stored, not this device's settings."""
+    import mlx_specstream.utils as utils
+
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2)
+    tok = word_tokenizer(V, eos=V + 5)
+    want = plain_greedy(model, PROMPT, 20)
+    path = save(tmp_path / "m", model, tok)
+    tuned = {"cpu:here": {"tree_depth": 0, "top_k": 1}, "gpu:there": {"tree_depth": 1}}
+    _edit_config(path, lambda c: c["speculative_streaming"].update(tuned=tuned))
+
+    monkeypatch.setattr(utils, "device_key", lambda: "cpu:here")
+    here, _ = load(str(path))
+    cfg = here.speculative_streams.config
+    assert (cfg.tree_depth, cfg.top_k, cfg.tuned_on) == (0, 1, "cpu:here")
+    assert _passes(here, tok) == (want, 20)  # one token per pass
+    monkeypatch.setattr(utils, "device_key", lambda: "gpu:elsewhere")
+    elsewhere, _ = load(str(path))
+    cfg = elsewhere.speculative_streams.config
+    assert (cfg.tree_depth, cfg.top_k, cfg.tuned_on) == (None, 2, None)
+    tokens, passes = _passes(elsewhere, tok)
+    assert tokens == want and passes < 20  # speculating with the model's own tree
+
+    stored = json.loads((path / "config.json").read_text())["speculative_streaming"]
+    again = save(tmp_path / "again", here, tok)
+    assert json.loads((again / "config.json").read_text())["speculative_streaming"] == stored
+
+
+@pytest.mark.parametrize(
+    "tuned, culprit",
+    [
+        ({"cpu:x": {"mode": "shared"}}, r"tuned\['cpu:x'\]: unknown key\(s\) \['mode'\]"),
+        ({"cpu:x": {"tree_depth": 9}}, r"tuned\['cpu:x'\]: .*tree_depth=9"),
+        ({"cpu:x": {"stream_pass": "both"}}, r"tuned\['cpu:x'\]: .*stream_pass"),
+        ({"cpu:x": 0}, r"tuned=\{'cpu:x': 0\}: must map device names to dicts"),
+    ],
+)
+def test_bad_tuned_entries_name_the_device_and_key(tmp_path, tuned, culprit):
+    path = save(tmp_path / "m", tiny_spec_model("llama", vocab_size=V), word_tokenizer(V))
+    _edit_config(path, lambda c: c["speculative_streaming"].update(tuned=tuned))
+    with pytest.raises(ValueError, match="config.json: speculative_streaming." + culprit):
+        load(str(path))
+
+
+def test_default_model_is_tuned_for_this_cpu_only(monkeypatch, capsys):
+    """The shipped config turns speculation off where it was measured not to pay
+    (a Linux x86-64 CPU, as CI's) and keeps the 16-node tree elsewhere; the CLI
+    says which."""
+    import importlib
+
+    import mlx_specstream.utils as utils
+    from mlx_specstream.generate import main
+
+    generate_module = importlib.import_module("mlx_specstream.generate")  # (the module)
+
+    argv = ["--prompt", "def f(x):", "--max-tokens", "8"]
+    monkeypatch.setattr(utils, "device_key", lambda: "cpu:Linux-x86_64")
+    main(argv)
+    out = capsys.readouterr().out
+    assert "measured on this device (cpu:Linux-x86_64) that it does not pay" in out
+    assert "Forward passes: 8," in out
+    for where in (utils, generate_module):
+        monkeypatch.setattr(where, "device_key", lambda: "gpu:Apple M9")
+    main(argv)
+    out = capsys.readouterr().out
+    assert "tuned on cpu:Linux-x86_64, not on this device (gpu:Apple M9)" in out
+    assert "Forward passes: 8," not in out
+
+
 def test_default_model_cli(capsys):
     from mlx_specstream.generate import main
 

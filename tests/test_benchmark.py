@@ -5,6 +5,7 @@ import shutil
 
 from mlx_specstream import benchmark
 from mlx_specstream.default_model import DEFAULT_DIR
+from mlx_specstream.precision import device_key
 
 
 def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_lookup(
@@ -15,7 +16,7 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
     model_dir = tmp_path / "model"
     shutil.copytree(DEFAULT_DIR, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config["speculative_streaming"]["draft"] = "ngram"
+    config["speculative_streaming"]["tuned"][device_key()] = {"draft": "ngram"}
     (model_dir / "config.json").write_text(json.dumps(config))
     settings, real = [], benchmark.run_specstream
 
@@ -31,3 +32,4 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
     assert any(s.get("draft") == "streams" and s.get("tree_depth") for s in settings)
     summary = (tmp_path / "out" / "t.md").read_text()
     assert "SS default tree (k=3, 16 nodes)" in summary and "SS tuned (draft=ngram)" in summary
+    assert "Command: `python -m mlx_specstream.benchmark --model " in summary

@@ -8,6 +8,14 @@ from helpers import plain_greedy, spec_tokens, tiny_spec_model, word_tokenizer
 
 from mlx_specstream import tune
 from mlx_specstream.config import SpecStreamConfig
+from mlx_specstream.precision import device_key
+
+
+def saved_config(model_dir, device=None):
+    """The stored section of ``model_dir/config.json`` as a config, with the
+    settings tuned on ``device`` (default: this one) applied."""
+    section = json.loads((model_dir / "config.json").read_text())["speculative_streaming"]
+    return SpecStreamConfig.from_dict(section).for_device(device or device_key())
 
 
 def fake_speeds(monkeypatch, speed):
@@ -44,11 +52,10 @@ def test_tune_measures_fused_and_split_and_saves_the_choice(tmp_path, monkeypatc
 
     config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    section = tune.save_choice(tmp_path, choice)
-    saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
-    assert saved["stream_pass"] == "split" == section["stream_pass"]
+    entry = tune.save_choice(tmp_path, choice)
+    assert saved_config(tmp_path).stream_pass == "split" == entry["stream_pass"]
+    assert saved_config(tmp_path, "gpu:elsewhere").stream_pass == "fused"  # (only here)
     assert (tmp_path / "config.json.before-tune").exists()
-    SpecStreamConfig.from_dict(saved)  # still a valid section
 
 
 def test_tune_measures_prompt_lookup_and_saves_it(tmp_path, monkeypatch):
@@ -63,13 +70,16 @@ def test_tune_measures_prompt_lookup_and_saves_it(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"speculative_streaming": before}))
     tune.save_choice(tmp_path, choice)
     saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
-    assert saved == dict(before, draft="ngram")  # the tree settings stay as they were
-    SpecStreamConfig.from_dict(saved)
+    assert saved == dict(before, tuned={device_key(): {"draft": "ngram"}})
+    # The tree settings stay the model's own.
+    assert saved_config(tmp_path).to_dict() == SpecStreamConfig.from_dict(saved).to_dict()
+    resolved = saved_config(tmp_path)
+    assert (resolved.draft, resolved.tree_depth, resolved.top_k) == ("ngram", 2, 3)
     # A later tuning that picks a tree drops the stored draft source again.
     tune.save_choice(tmp_path, dict(tree_depth=1, tree_top_k=2, max_tree_nodes=4,
                                     prune_threshold=0.0, draft="streams"))  # fmt: skip
-    saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
-    assert "draft" not in saved and saved["tree_depth"] == 1
+    resolved = saved_config(tmp_path)
+    assert resolved.draft is None and resolved.tree_depth == 1
 
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4, 1, 5]
@@ -141,8 +151,8 @@ def test_tune_measures_pipelined_steps_and_the_config_choice_is_the_default(tmp_
     assert choice["pipeline"] is True and choice["tree_depth"] >= 1
     config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    saved = tune.save_choice(tmp_path, choice)
-    assert saved["pipeline"] is True and SpecStreamConfig.from_dict(saved).pipeline is True
+    assert tune.save_choice(tmp_path, choice)["pipeline"] is True
+    assert saved_config(tmp_path).pipeline is True
 
     seen = []
     real = decode_module.Decoder.launch_ahead
@@ -238,9 +248,10 @@ def test_tune_measures_where_the_stream_logits_are_computed_and_the_config_says(
     assert choice["stream_logits_in_pass"] is True
     config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert tune.save_choice(tmp_path, choice)["stream_logits_in_pass"] is True
-    other = dict(choice, stream_logits_in_pass=None)
-    assert "stream_logits_in_pass" not in tune.save_choice(tmp_path, other)  # the default again
+    tune.save_choice(tmp_path, choice)
+    assert saved_config(tmp_path).stream_logits_in_pass is True
+    tune.save_choice(tmp_path, dict(choice, stream_logits_in_pass=None))
+    assert saved_config(tmp_path).stream_logits_in_pass is None  # the default again
 
     seen = []
     real = decode_module.Decoder.launch
@@ -315,5 +326,5 @@ def test_plain_decoding_keeps_the_faster_stream_pass(tmp_path, monkeypatch, fast
         json.dumps({"model_type": "llama", "speculative_streaming": spec})
     )
     tune.save_choice(tmp_path, choice)
-    saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
-    assert saved["tree_depth"] == 0 and saved["stream_pass"] == faster
+    saved = saved_config(tmp_path)
+    assert saved.tree_depth == 0 and saved.stream_pass == faster
