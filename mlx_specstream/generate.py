@@ -308,7 +308,7 @@ def setup_arg_parser():
         default=None,
         help="Draft source: 'streams' (the model's own), 'ngram' (prompt lookup, any model) or "
         "'streams+ngram' (merged into one tree). Default: the one the model's config names "
-        "(chosen by mlx_specstream.tune), else 'streams'.",
+        "(for this device, chosen by mlx_specstream.tune), else 'streams'.",
     )
     parser.add_argument(
         "--num-draft-tokens",

@@ -56,3 +56,18 @@ def test_the_real_device_decides_here(monkeypatch):
     monkeypatch.delenv("MLX_ENABLE_TF32", raising=False)
     assert precision.tf32_enabled() == precision.on_gpu()
     assert precision.on_gpu() == (mx.default_device().type == mx.DeviceType.gpu)
+
+
+def test_device_key_names_the_gpu_or_the_cpus_platform(monkeypatch):
+    """Tuned settings are keyed by the GPU's name, or by a CPU's system and
+    architecture (not its model: the BLAS that decides a wide pass's cost comes
+    with the platform's wheel)."""
+    import platform
+
+    if not precision.on_gpu():
+        assert precision.device_key() == f"cpu:{platform.system()}-{platform.machine()}"
+    monkeypatch.setattr(precision, "on_gpu", lambda: True)
+    monkeypatch.setattr(precision.mx, "device_info", lambda: {"device_name": "Apple M9 Max"})
+    assert precision.device_key() == "gpu:Apple M9 Max"
+    monkeypatch.setattr(precision, "on_gpu", lambda: False)
+    assert precision.device_key().startswith("cpu:")
