@@ -304,6 +304,7 @@ def main(argv=None):
         stream_parameters=extra,
         stream_parameter_ratio=extra / base_params,
         tuned_tree=tuned,
+        tuned_on=getattr(cfg, "tuned_on", None),
         config=cfg.to_dict(),
         prompts=len(prompts),
         runs=args.runs,
@@ -430,7 +431,12 @@ def write_results(out_dir: Path, name, rows, summary, curve, info, sampling=()):
         f"Extra parameters: {info['stream_parameters']:,} ({100 * info['stream_parameter_ratio']:.3f}% of "
         f"{info['base_parameters']:,}). Mode: {info['mode']}, dtype: {info['dtype']}, "
         f"{info['prompts']} prompts x {info['runs']} runs, {info['max_tokens']} tokens, greedy; "
-        "every output identical to plain decoding.",
+        "every output identical to plain decoding. Tuned settings: "
+        + (
+            f"those stored for this device ({info['tuned_on']})."
+            if info.get("tuned_on")
+            else "none stored for this device (the model's own)."
+        ),
         *provenance_lines(info),
     ]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -33,3 +33,4 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
     summary = (tmp_path / "out" / "t.md").read_text()
     assert "SS default tree (k=3, 16 nodes)" in summary and "SS tuned (draft=ngram)" in summary
     assert "Command: `python -m mlx_specstream.benchmark --model " in summary
+    assert f"Tuned settings: those stored for this device ({device_key()})." in summary
