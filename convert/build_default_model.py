@@ -46,6 +46,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
+
 from .recipes import RECIPES, STDLIB, Recipe
 from .transport import MANIFEST as TRANSPORT_MANIFEST
 from .transport import pack, unpack
@@ -450,6 +452,8 @@ def ship(w: Path, best: str, r: Recipe, models: Path, force: bool):
         shutil.rmtree(draft, ignore_errors=True)
     shutil.copytree(w / "mlx" / best, target)
     shutil.copytree(w / "mlx" / "draft", draft)
+    if r.untuned_tree:
+        set_untuned_tree(target, r.untuned_tree)
     shutil.copy(w / "prompts.jsonl", target / "prompts.jsonl")
     for d in (target, draft):
         (d / "README.md").unlink(missing_ok=True)  # mlx-lm's generic model card
@@ -457,6 +461,20 @@ def ship(w: Path, best: str, r: Recipe, models: Path, force: bool):
     print(f"[INFO] shipped {size:.1f} MB into {models}")
     if size > r.ship_limit_mb:
         raise RuntimeError(f"shipped models take {size:.1f} MB > {r.ship_limit_mb} MB")
+
+
+def set_untuned_tree(model_dir: Path, settings: dict) -> dict:
+    """Sets the draft settings of ``model_dir``'s streams section that apply where no
+    tuning was stored for the device; checked as the package reads them."""
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    section = dict(config[CONFIG_KEY], **settings)
+    SpecStreamConfig.from_dict(section)  # (refuses an unknown key or a bad value)
+    config[CONFIG_KEY] = section
+    tmp = config_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=4, sort_keys=True))
+    tmp.replace(config_file)
+    return section
 
 
 def tune_shipped(target: Path):

@@ -294,8 +294,8 @@ def test_bad_tuned_entries_name_the_device_and_key(tmp_path, tuned, culprit):
 
 def test_default_model_is_tuned_for_this_cpu_only(monkeypatch, capsys):
     """The shipped config turns speculation off where it was measured not to pay
-    (a Linux x86-64 CPU, as CI's) and keeps the 16-node tree elsewhere; the CLI
-    says which."""
+    (a Linux x86-64 CPU, as CI's) and drafts a chain of 3 elsewhere; the CLI says
+    which."""
     import importlib
 
     import mlx_specstream.utils as utils
@@ -315,6 +315,13 @@ def test_default_model_is_tuned_for_this_cpu_only(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "tuned on cpu:Linux-x86_64, not on this device (gpu:Apple M9)" in out
     assert "Forward passes: 8," not in out
+    # There its own settings: a chain of 3 streams, as convert.recipes.STDLIB ships it.
+    from convert.recipes import STDLIB
+
+    model, _ = load()
+    cfg = model.speculative_streams.config
+    assert {k: getattr(cfg, k) for k in STDLIB.untuned_tree} == STDLIB.untuned_tree
+    assert (cfg.top_k, cfg.max_tree_nodes, cfg.tree_depth, cfg.tuned_on) == (1, 4, None, None)
 
 
 def test_default_model_cli(capsys):

@@ -429,3 +429,25 @@ def test_round_trip_recovers_from_an_interrupted_one(tmp_path):
     assert all(torch.equal(kept[k], trained[k]) for k in trained)
     rt = _tensors(tmp_path / "model")
     assert any(not torch.equal(rt[k], trained[k].float()) for k in trained)  # 8-bit, lossy
+
+
+def test_shipping_sets_the_draft_settings_of_untuned_devices(tmp_path):
+    """``ship`` gives the shipped model the recipe's draft settings for devices no
+    tuner measured (the stdlib recipe: a chain of 3); a bad setting is refused by
+    name and leaves the file as it was; tuned entries stay."""
+    from convert.build_default_model import set_untuned_tree
+    from convert.recipes import STDLIB
+    from mlx_specstream.config import SpecStreamConfig
+
+    tuned = {"cpu:Linux-x86_64": {"tree_depth": 0}}
+    section = SpecStreamConfig(tuned=tuned).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({"speculative_streaming": section}))
+    set_untuned_tree(tmp_path, STDLIB.untuned_tree)
+    saved = json.loads((tmp_path / "config.json").read_text())["speculative_streaming"]
+    assert (saved["top_k"], saved["max_tree_nodes"], saved["tuned"]) == (1, 4, tuned)
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match="max_tree_nodes=0"):
+        set_untuned_tree(tmp_path, {"max_tree_nodes": 0})
+    with pytest.raises(ValueError, match="Unknown key.*'treedepth'"):
+        set_untuned_tree(tmp_path, {"treedepth": 1})
+    assert (tmp_path / "config.json").read_text() == before
