@@ -20,6 +20,11 @@ for plain passes over 1 and 4 tokens (with mlx-lm's log-softmax and argmax)
 and for greedy decoding with prompt lookup and with the model's streams
 (evaluated synchronously here, to separate the parts). Medians over
 ``--steps`` steps; outputs of the decoding cases are checked against mlx-lm's.
+``--as-gpu`` builds every step as the decoder does on a GPU (the fused stream
+pass, additive masks, the gathered stream-LoRA product, RoPE as one kernel,
+pipelined steps where marked), still run on this CPU: its build column is the
+host work a GPU step starts with, and on a small model the longer of that and
+the device time is what a pipelined step costs.
 Writes ``benchmarks/results/dispatch_split[-TAG].{md,json}``.
 """
 
@@ -33,12 +38,14 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
 import mlx_specstream.decode as decode
+import mlx_specstream.streams as streams
 from mlx_specstream.benchmark import load_prompts
 from mlx_specstream.default_model import DEFAULT_DIR
 from report import heading, machine_info, write_results
 
 CASES = {
     "n-gram": (dict(draft="ngram"), False),
+    "n-gram, pipelined": (dict(draft="ngram", pipeline=True), False),
     "chain 3, fused": (dict(tree_top_k=1, tree_depth=3), False),
     "chain 3, fused, pipelined": (dict(tree_top_k=1, tree_depth=3, pipeline=True), False),
     "chain 3, split": (dict(tree_top_k=1, tree_depth=3), True),
@@ -121,7 +128,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--as-gpu", action="store_true", help="build each step as on a GPU")
     args = ap.parse_args()
+    if args.as_gpu:  # (the decoder's and the runtime's GPU choices)
+        decode.on_gpu = streams.on_gpu = lambda: True
     model, tokenizer = mlx_specstream.load()
     prompt = mx.array(load_prompts(DEFAULT_DIR / "prompts.jsonl", tokenizer, 1, 96)[0])
     want = [t for t, _ in generate_step(prompt, model, max_tokens=args.steps)]  # warm-up too
@@ -136,16 +146,23 @@ def main():
         rows.append(dict(case=f"plain pass, {n} token{'s' * (n > 1)}", tau=1.0, build=build,
                          dispatch=dispatch, wait=wait, finish=0.0))  # fmt: skip
     rt = model.speculative_streams
+    if args.as_gpu:
+        rt.additive_masks, rt.gather_lora = True, bool(rt.lora_targets)
     for name, (settings, split) in CASES.items():
+        if args.as_gpu and split:
+            continue  # (a GPU fuses the stream pass)
+        settings = dict({"pipeline": False}, **settings)  # (unless named: the GPU default)
         rt.split_streams = split
         decoding_parts(model, prompt, want, settings)  # warm-up
         medians, tau = decoding_parts(model, prompt, want, settings)
         rows.append(dict(case=name, tau=tau, **medians))
-    info = machine_info(steps=args.steps, mlx_lm_ms_per_token=per_token)
+    info = machine_info(steps=args.steps, mlx_lm_ms_per_token=per_token, as_gpu=args.as_gpu)
     lines = [
         heading("A step's host time: build, dispatch, wait", info),
         "",
-        f"`{info['command']}`: shipped model, one 96-token held-out prompt, greedy, medians "
+        f"`{info['command']}`: shipped model"
+        + (", each step built as on a GPU and run on this CPU" if args.as_gpu else "")
+        + ", one 96-token held-out prompt, greedy, medians "
         f"over {args.steps} steps, each pass evaluated before the next (ms). mlx-lm's "
         f"pipelined `generate_step`: **{per_token:.2f} ms per token** in the same process.",
         "",
