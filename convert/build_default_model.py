@@ -348,32 +348,29 @@ def build_base(w: Path, r: Recipe = STDLIB, roots=()):
         ),
         work=w,
     )  # fmt: skip
+    pretrain(w, r, "base", r.base)
+
+
+def pretrain(w: Path, r: Recipe, name: str, args) -> None:
+    """The stages that pretrain ``w/name`` (``"base"`` or ``"draft"``) with
+    ``convert.pretrain`` and, where the recipe says, replace it by its 8-bit round trip."""
     common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
     stage(
-        "base model",
-        w / "base" / "model",
-        lambda: run("convert.pretrain", *common, "--out", w / "base", *r.base, *_train(r)),
+        f"{name} model",
+        w / name / "model",
+        lambda: run("convert.pretrain", *common, "--out", w / name, *args, *_train(r)),
         work=w,
     )
     if r.round_trip:
-        stage("base round trip", w / "base" / "transport" / TRANSPORT_MANIFEST,
-              lambda: round_trip(w / "base"), work=w)  # fmt: skip
+        stage(f"{name} round trip", w / name / "transport" / TRANSPORT_MANIFEST,
+              lambda: round_trip(w / name), work=w)  # fmt: skip
 
 
 def build_models(w: Path, r: Recipe = STDLIB) -> Path:
     """Stages 4-9 up to the mode choice: mlx-lm's draft model, the fine-tunes (and
     drafters), then the MLX conversions and held-out prompts: every stage that needs
     PyTorch alone comes before the first that needs MLX. Returns the prompts file."""
-    common = ["--corpus", w / "corpus", "--tokenizer", w / "tokenizer"]
-    stage(
-        "draft model",
-        w / "draft" / "model",
-        lambda: run("convert.pretrain", *common, "--out", w / "draft", *r.draft, *_train(r)),
-        work=w,
-    )
-    if r.round_trip:
-        stage("draft round trip", w / "draft" / "transport" / TRANSPORT_MANIFEST,
-              lambda: round_trip(w / "draft"), work=w)  # fmt: skip
+    pretrain(w, r, "draft", r.draft)
     data = ["--data", w / "corpus" / "train.jsonl", "--eval-data", _eval_data(w, r)]
     fine_tunes = {
         "shared-mode fine-tune": ("ss-shared", [*data, *r.ss_common, *r.ss_shared]),

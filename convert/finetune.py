@@ -32,7 +32,7 @@ from torch import nn
 from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
 
 from .msa import MultiStreamModel, causal_visibility
-from .trainer_utils import latest_checkpoint, time_limit_callback
+from .trainer_utils import add_training_args, latest_checkpoint, time_limit_callback
 
 IGNORE = -100
 
@@ -372,18 +372,7 @@ def setup_arg_parser():
     p.add_argument(
         "--distill-batch-size", type=int, default=16, help="Continuations generated at once"
     )
-    p.add_argument("--max-examples", type=int, default=None, help="Train on a seeded random subset")
-    p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--num-train-epochs", type=float, default=5.0)
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--eval-steps", type=int, default=100)
-    p.add_argument("--save-steps", type=int, default=200)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument(
-        "--time-limit", type=float, default=None, help="Minutes of training before it stops"
-    )
+    add_training_args(p, learning_rate=5e-4, num_train_epochs=5.0, save_steps=200)
     p.add_argument(
         "--save-adapter", action="store_true", help="Keep the shared-mode LoRA as a peft adapter"
     )

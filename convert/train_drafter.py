@@ -20,6 +20,7 @@ from mlx_specstream.config import DRAFTER_FILE, DRAFTER_KEY, DrafterConfig
 
 from .drafters import DrafterTrainingModel
 from .finetune import read_examples, subset, train_and_evaluate
+from .trainer_utils import add_training_args
 
 
 def setup_arg_parser():
@@ -34,18 +35,7 @@ def setup_arg_parser():
     p.add_argument("--max-tree-nodes", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--window-prompt", type=int, default=0, help="Prompt tokens of each text window")
-    p.add_argument("--max-examples", type=int, default=None, help="Train on a seeded random subset")
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--num-train-epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--eval-steps", type=int, default=100)
-    p.add_argument("--save-steps", type=int, default=100)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument(
-        "--time-limit", type=float, default=None, help="Minutes of training before it stops"
-    )
+    add_training_args(p, learning_rate=1e-3, num_train_epochs=1.0, save_steps=100)
     p.add_argument("--seed", type=int, default=0)
     return p
 

@@ -147,6 +147,16 @@ def tune(
     log=print,
     confirm_rounds=CONFIRM_ROUNDS,
 ):
+    """The fastest way to decode ``model`` greedily on this device: a grid of stream
+    (or drafter) trees, then for the best ones the stream pass, where the stream
+    logits are computed, pruning thresholds and pipelined steps, then prompt
+    lookup alone and merged with the best tree; plain decoding when nothing beats
+    it by ``min_gain`` in ``confirm_rounds`` back-to-back rounds.
+
+    Returns:
+        tuple: the choice (what :func:`save_choice` stores), its tokens/s and
+        plain decoding's tokens/s.
+    """
     rt = get_runtime(model)
     has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
     trials = Trials(model, tokenizer, prompts, max_tokens, log)
