@@ -243,3 +243,33 @@ def test_one_drafter_pass_per_step_whatever_k(monkeypatch):
         _, out = spec_tokens(model, [1, 2, 3], 30)
         monkeypatch.undo()
         assert len(calls) == out[-1][3]
+
+
+def test_a_tuned_drafter_tree_is_stored_for_this_device_and_loads_there(tmp_path, monkeypatch):
+    """The tuner's choice for a Medusa model goes under the drafter section's
+    ``tuned`` for this device, with the tree settings only (a drafter neither
+    pipelines nor merges prompt lookup); loading applies it here and not on
+    another device (the control)."""
+    import mlx_specstream.utils as utils
+    from helpers import word_tokenizer
+
+    from mlx_specstream import tune
+    from mlx_specstream.precision import device_key
+
+    model = drafter_model("medusa")
+    tok = word_tokenizer(model.args.vocab_size)
+    monkeypatch.setattr(
+        tune, "tokens_per_second",
+        lambda m, t, p, n, stream_pass=None, **s: (1e6 if s.get("tree_top_k") == 1 else 1.0, 2.0),
+    )  # fmt: skip
+    choice, _, _ = tune.tune(model, tok, [[1, 2, 3]], max_tokens=4, log=lambda *a: None)
+    assert choice["tree_top_k"] == 1
+    path = save(tmp_path / "m", model, tok)
+    entry = tune.save_choice(path, choice)
+    assert set(entry) == {"tree_depth", "top_k", "max_tree_nodes"} and entry["top_k"] == 1
+    here, _ = load(str(path))
+    assert here.speculative_streams.config.top_k == 1
+    assert here.speculative_streams.config.tuned_on == device_key()
+    monkeypatch.setattr(utils, "device_key", lambda: "gpu:elsewhere")
+    there, _ = load(str(path))
+    assert there.speculative_streams.config.top_k == 2  # the model's own
