@@ -361,8 +361,8 @@ def main(argv=None):
             f"[INFO] This model's config turns speculation off ({why}): decoding one token per "
             "pass. Pass --tree-depth or --draft ngram to override."
         )
-    elif from_config and untuned_note(config, args.model):
-        print(untuned_note(config, args.model))
+    elif from_config and (note := untuned_note(config, args.model)):
+        print(note)
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     prompt = sys.stdin.read() if prompt == "-" else prompt
     if args.use_default_chat_template and tokenizer.chat_template is None:
