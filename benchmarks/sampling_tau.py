@@ -3,13 +3,13 @@
 ``python benchmarks/sampling_tau.py [--model DIR] [--runs 3]``
 
 Explains the sampling rows of ``RESULTS.md``: for each temperature, tree
-(the tuned one in the model's config unless tuning chose plain decoding, and
-the package default: top-3 per stream, 16 nodes) and acceptance design, the
+(the one tuned for this device and the model's own, unless they decode
+plainly, and the package default: top-3 per stream, 16 nodes) and acceptance design, the
 mean tau over held-out prompts and seeded runs. It also reports how peaked the model's own distribution is
 along its sampled outputs (the mean probability of its top token at that
 temperature), which bounds what a deterministic draft can earn: a
 ``"target-sample"`` node accepts a drafted child at most with the target
-probability of that child. Writes ``benchmarks/results/sampling_tau.{md,json}``.
+probability of that child. Writes ``benchmarks/results/sampling_tau[-TAG].{md,json}``.
 """
 
 import argparse
@@ -48,6 +48,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--temps", type=float, nargs="+", default=[0.0, 0.7, 1.0])
     p.add_argument("--output-dir", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="results go to sampling_tau[-TAG].{md,json}")
     args = p.parse_args(argv)
     model_dir = Path(args.model) if args.model else DEFAULT_DIR
     model, tokenizer = load(str(model_dir))
@@ -56,8 +57,19 @@ def main(argv=None):
         model_dir / "prompts.jsonl", tokenizer, args.num_prompts, args.prompt_tokens
     )
     cfg = model.speculative_streams.config
-    # The tuned tree is left out when tuning chose plain decoding: nothing to measure.
-    trees = {"tuned": {}} if cfg.tree_depth != 0 else {}
+    own = getattr(cfg, "stored", cfg)  # the section's own settings (devices not tuned)
+    # A tree that decodes plainly is left out: nothing to measure.
+    trees = {}
+    if cfg.tuned_on and cfg.tree_depth != 0:
+        trees[f"tuned for {cfg.tuned_on}"] = {}
+    if own.tree_depth != 0:
+        trees[f"model's own (k={own.top_k}, {own.max_tree_nodes} nodes)"] = dict(
+            tree_top_k=own.top_k,
+            tree_depth=own.num_streams if own.tree_depth is None else own.tree_depth,
+            max_tree_nodes=own.max_tree_nodes,
+            prune_threshold=own.prune_threshold,
+            draft=own.draft or "streams",
+        )
     trees["default (k=3, 16 nodes)"] = default_tree_settings(cfg)
     rows = []
     for temp in args.temps:
@@ -107,8 +119,9 @@ def main(argv=None):
     lines += ["", f"Command: `{info['command']}`; mlx {info['mlx']}, mlx-lm {info['mlx_lm']}."]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sampling_tau.md").write_text("\n".join(lines) + "\n")
-    (out / "sampling_tau.json").write_text(json.dumps({"rows": rows, "info": info}, indent=2))
+    name = "sampling_tau" + (f"-{args.tag}" if args.tag else "")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "info": info}, indent=2))
     print("\n".join(lines))
 
 
