@@ -46,7 +46,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig
+from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig, write_config
 
 from .recipes import RECIPES, STDLIB, Recipe
 from .transport import MANIFEST as TRANSPORT_MANIFEST
@@ -468,9 +468,7 @@ def set_untuned_tree(model_dir: Path, settings: dict) -> dict:
     section = dict(config[CONFIG_KEY], **settings)
     SpecStreamConfig.from_dict(section)  # (refuses an unknown key or a bad value)
     config[CONFIG_KEY] = section
-    tmp = config_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=4, sort_keys=True))
-    tmp.replace(config_file)
+    write_config(config_file, config)
     return section
 
 

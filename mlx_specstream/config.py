@@ -1,6 +1,8 @@
 """The ``"speculative_streaming"`` section of a model's ``config.json``."""
 
+import json
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 CONFIG_KEY = "speculative_streaming"
@@ -10,6 +12,13 @@ STREAM_PASSES = ("fused", "split")
 # Draft sources a call (or a tuned config) can choose: the model's own streams or
 # drafter, prompt lookup, or both merged into one tree.
 DRAFTS = ("streams", "ngram", "streams+ngram")
+
+
+def write_config(config_file: Path, config: dict) -> None:
+    """Writes a model's ``config.json`` atomically: a temporary file, then a rename."""
+    tmp = Path(config_file).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=4, sort_keys=True))
+    tmp.replace(config_file)
 
 
 class _Section:

@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
-from .config import CONFIG_KEY, DRAFTER_KEY
+from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
 from .precision import compute_dtype, device_key, on_gpu
 from .streams import get_runtime
@@ -302,9 +302,7 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():
         shutil.copy(config_file, backup)
-    tmp = config_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=4, sort_keys=True))
-    tmp.replace(config_file)
+    write_config(config_file, config)
     return entry
 
 
