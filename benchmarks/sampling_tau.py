@@ -57,7 +57,7 @@ def main(argv=None):
         model_dir / "prompts.jsonl", tokenizer, args.num_prompts, args.prompt_tokens
     )
     cfg = model.speculative_streams.config
-    own = getattr(cfg, "stored", cfg)  # the section's own settings (devices not tuned)
+    own = cfg.stored or cfg  # the section's own settings (devices not tuned)
     # A tree that decodes plainly is left out: nothing to measure.
     trees = {}
     if cfg.tuned_on and cfg.tree_depth != 0:

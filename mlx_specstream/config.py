@@ -39,8 +39,10 @@ class _Section:
     SECTION = ""
     # The settings a tuning may store for one device.
     TUNED_FIELDS = ("tree_depth", "top_k", "max_tree_nodes")
-    # The device whose tuned settings this config carries (see for_device).
+    # The device whose tuned settings this config carries, and the config as stored,
+    # before they were applied (see for_device); None on a config as stored.
     tuned_on = None
+    stored = None
 
     def _check_tuned(self):
         """Refuses a ``tuned`` entry with an unknown key or a bad value."""
@@ -94,7 +96,7 @@ class _Section:
 
     def to_dict(self) -> dict:
         """The section as ``config.json`` holds it (tuned settings under ``tuned``)."""
-        return asdict(getattr(self, "stored", self))
+        return asdict(self.stored or self)
 
 
 @dataclass
