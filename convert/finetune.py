@@ -260,6 +260,22 @@ def make_trainer_class():
             state = state_dict if state_dict is not None else self.model.state_dict()
             torch.save(state, os.path.join(output_dir, "pytorch_model.bin"))
 
+        def create_optimizer(self, model=None):
+            """Trainer's optimizer, with ``self.stream_lr = (params, lr)`` (when set)
+            moved into a group of their own at that learning rate: the schedule then
+            scales both groups alike. Resuming rebuilds the same groups."""
+            optimizer = super().create_optimizer(model)
+            params, lr = getattr(self, "stream_lr", None) or ((), None)
+            ids = {id(p) for p in params}
+            if ids and not any(g.get("stream_group") for g in optimizer.param_groups):
+                for g in optimizer.param_groups:
+                    g["params"] = [p for p in g["params"] if id(p) not in ids]
+                optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+                optimizer.add_param_group(
+                    {"params": list(params), "lr": lr, "weight_decay": 0.0, "stream_group": True}
+                )
+            return optimizer
+
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             model = self.model
@@ -366,6 +382,14 @@ def setup_arg_parser():
         help="alpha_0 (default: 1 shared, 0 lossless)",
     )
     p.add_argument("--stream-loss-weight", type=float, default=0.1, help="alpha_j")
+    p.add_argument(
+        "--stream-learning-rate",
+        type=float,
+        default=None,
+        help="Learning rate of the stream parameters (embeddings, stream LoRA, pruning adapter); "
+        "default: --learning-rate. In shared mode the LoRA shared with the main stream keeps "
+        "--learning-rate",
+    )
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--window-prompt", type=int, default=0, help="Prompt tokens of each text window")
     p.add_argument("--self-distill", action="store_true", help="Completions from the base model")
@@ -415,10 +439,11 @@ def build(args, model, tokenizer):
     return MultiStreamModel(model, spec)
 
 
-def train_and_evaluate(wrapped, args, out: Path, train, held_out):
+def train_and_evaluate(wrapped, args, out: Path, train, held_out, stream_lr=None):
     """Trains ``wrapped`` with transformers' Trainer, resuming from the newest
     checkpoint in ``out/checkpoints``, then evaluates on ``held_out``. Shared by
-    the stream fine-tune and ``convert.train_drafter`` (same flags)."""
+    the stream fine-tune and ``convert.train_drafter`` (same flags).
+    ``stream_lr``: ``(params, lr)``, parameters trained at their own learning rate."""
     from transformers import TrainingArguments
 
     training_args = TrainingArguments(
@@ -451,6 +476,7 @@ def train_and_evaluate(wrapped, args, out: Path, train, held_out):
         data_collator=collate,
         callbacks=callbacks,
     )
+    trainer.stream_lr = stream_lr
     trainer.train(resume_from_checkpoint=latest_checkpoint(out / "checkpoints"))
     if held_out:
         metrics = trainer.evaluate()
@@ -475,6 +501,8 @@ def main(argv=None):
             "--control is the control of a shared-mode LoRA fine-tune: it needs "
             f"--mode shared and --lora-rank > 0 (got {args.mode}, {args.lora_rank})."
         )
+    if args.control and args.stream_learning_rate is not None:
+        raise ValueError("--stream-learning-rate: the control fine-tune has no stream parameters.")
     out = Path(args.out)
     if out.exists() and any(p.name != "checkpoints" for p in out.iterdir()):
         raise FileExistsError(f"{out} already holds a model; refusing to overwrite it.")
@@ -507,7 +535,10 @@ def main(argv=None):
         wrapped = SpecStreamTrainingModel(msm, main_weight, args.stream_loss_weight)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
-    trainer = train_and_evaluate(wrapped, args, out, train, held_out)
+    stream_lr = None
+    if args.stream_learning_rate is not None:
+        stream_lr = (list(msm.streams.parameters()), args.stream_learning_rate)
+    trainer = train_and_evaluate(wrapped, args, out, train, held_out, stream_lr)
     if trainer.is_world_process_zero():
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(trainer.final_metrics, indent=2))

@@ -156,6 +156,28 @@ def test_control_needs_shared_mode_lora(data, tmp_path):
         run(data, tmp_path / "c", "--lora-rank", "0", "--control", "--max-steps", "1")
 
 
+def test_stream_learning_rate_is_the_stream_parameters_own(data, tmp_path):
+    """--stream-learning-rate trains the stream parameters at their own rate while the
+    LoRA shared with the main stream keeps --learning-rate (0 here: the base stays put)."""
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    def shared(name, *extra):
+        run(data, tmp_path / name, "--mode", "shared", "--lora-rank", "8", "--max-steps", "3",
+            "--learning-rate", "0", *extra)  # fmt: skip
+        streams = load_file(str(tmp_path / name / "speculative_streams.safetensors"))
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / name))
+        return streams["embeddings"], model.state_dict()
+
+    init, _ = shared("frozen")  # (same seed: the same initial embeddings)
+    moved, weights = shared("streams", "--stream-learning-rate", "1e-2")
+    assert abs(moved - init).max() > 1e-3  # Adam moves each by about lr per step
+    base = AutoModelForCausalLM.from_pretrained(str(data / "base")).state_dict()
+    assert all(torch.equal(weights[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match="--stream-learning-rate"):
+        run(data, tmp_path / "c", "--mode", "shared", "--control", "--stream-learning-rate", "1")
+
+
 def test_shared_mode_streams_learn_and_decode_faster(data, tmp_path, capsys):
     run(data, tmp_path / "untrained", "--mode", "shared", "--lora-rank", "16", "--max-steps", "1")
     before = eval_accuracy(capsys)
