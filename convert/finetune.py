@@ -388,7 +388,8 @@ def setup_arg_parser():
         default=None,
         help="Learning rate of the stream parameters (embeddings, stream LoRA, pruning adapter); "
         "default: --learning-rate. In shared mode the LoRA shared with the main stream keeps "
-        "--learning-rate",
+        "--learning-rate; the control has no stream parameters (like --stream-loss-weight, it "
+        "does not apply there)",
     )
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--window-prompt", type=int, default=0, help="Prompt tokens of each text window")
@@ -501,8 +502,6 @@ def main(argv=None):
             "--control is the control of a shared-mode LoRA fine-tune: it needs "
             f"--mode shared and --lora-rank > 0 (got {args.mode}, {args.lora_rank})."
         )
-    if args.control and args.stream_learning_rate is not None:
-        raise ValueError("--stream-learning-rate: the control fine-tune has no stream parameters.")
     out = Path(args.out)
     if out.exists() and any(p.name != "checkpoints" for p in out.iterdir()):
         raise FileExistsError(f"{out} already holds a model; refusing to overwrite it.")
@@ -536,7 +535,7 @@ def main(argv=None):
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     print(f"[INFO] {len(train)} training examples; {trainable:,} trainable parameters")
     stream_lr = None
-    if args.stream_learning_rate is not None:
+    if args.stream_learning_rate is not None and not args.control:
         stream_lr = (list(msm.streams.parameters()), args.stream_learning_rate)
     trainer = train_and_evaluate(wrapped, args, out, train, held_out, stream_lr)
     if trainer.is_world_process_zero():
