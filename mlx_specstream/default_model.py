@@ -18,9 +18,10 @@ DEFAULT_DIR = MODELS / "default"
 DRAFT_DIR = MODELS / "draft"
 
 
-def load_default(drafter=None):
+def load_default(drafter=None, adapter_path=None, tokenizer_config=None):
     """Returns ``(model, tokenizer)`` for the embedded model (with the drafter
-    from the ``drafter`` directory instead of its streams, when given)."""
+    from the ``drafter`` directory instead of its streams, and ``mlx_lm.lora``
+    adapters on its base, when given)."""
     from .utils import load
 
     if not (DEFAULT_DIR / "config.json").exists():
@@ -28,7 +29,9 @@ def load_default(drafter=None):
             f"The embedded model is missing from {DEFAULT_DIR}; reinstall the package or rebuild "
             "it with `python -m convert.build_default_model`."
         )
-    model, tokenizer = load(str(DEFAULT_DIR), drafter=drafter)
+    model, tokenizer = load(
+        str(DEFAULT_DIR), tokenizer_config, drafter=drafter, adapter_path=adapter_path
+    )
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())  # cast now, not lazily in whichever thread decodes first

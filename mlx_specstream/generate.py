@@ -24,6 +24,10 @@ DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_SEED = None
+DEFAULT_XTC_PROBABILITY = 0.0
+DEFAULT_XTC_THRESHOLD = 0.1
+DEFAULT_MIN_TOKENS_TO_KEEP = 1
+DEFAULT_PREFILL_STEP_SIZE = 2048
 
 
 @dataclass
@@ -277,13 +281,52 @@ def setup_arg_parser():
         help="Model directory whose drafter (streams, Medusa heads or ParallelSpec) replaces the "
         "model's own; it must have been trained on the same base. Default: the model's own.",
     )
+    parser.add_argument(
+        "--adapter-path",
+        default=None,
+        help="Optional path for the trained adapter weights and config (mlx_lm.lora's), "
+        "applied to the base model",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
+    )
+    parser.add_argument(
+        "--extra-eos-token",
+        type=str,
+        default=(),
+        nargs="+",
+        help="Add tokens in the list of eos tokens that stop generation.",
+    )
     parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' reads stdin)")
+    parser.add_argument(
+        "--prefill-response",
+        default=None,
+        help="Prefill response to be used for the chat template",
+    )
     parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p")
     parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
     parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k (not the tree's)")
+    parser.add_argument(
+        "--xtc-probability",
+        type=float,
+        default=DEFAULT_XTC_PROBABILITY,
+        help="Probability of XTC sampling to happen each next token",
+    )
+    parser.add_argument(
+        "--xtc-threshold",
+        type=float,
+        default=DEFAULT_XTC_THRESHOLD,
+        help="Threshold the probs of each next token candidate to be sampled by XTC",
+    )
+    parser.add_argument(
+        "--min-tokens-to-keep",
+        type=int,
+        default=DEFAULT_MIN_TOKENS_TO_KEEP,
+        help="Minimum tokens to keep for min-p sampling.",
+    )
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="PRNG seed")
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--use-default-chat-template", action="store_true")
@@ -333,6 +376,18 @@ def setup_arg_parser():
         default=5000,
         help="When --kv-bits is set, the step from which the KV cache is quantized",
     )
+    parser.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=DEFAULT_PREFILL_STEP_SIZE,
+        help="Number of prompt tokens to process at a time. Smaller values lower peak memory "
+        f"during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+    parser.add_argument(
+        "--prompt-cache-file",
+        default=None,
+        help="A file containing saved KV caches to avoid recomputing them (mlx_lm.cache_prompt's)",
+    )
     return parser
 
 
@@ -342,9 +397,29 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
+    prompt_cache, metadata = None, {}
+    if args.prompt_cache_file is not None:
+        prompt_cache, metadata = load_cache_file(args.prompt_cache_file, args)
+        args.model = args.model or metadata["model"]
+    tokenizer_config = json.loads(metadata.get("tokenizer_config", "{}"))
+    tokenizer_config["trust_remote_code"] = args.trust_remote_code
     # A plain mlx-lm model runs with prompt lookup alone (the verifier, no streams).
-    model, tokenizer = load(args.model, drafter=args.drafter, allow_plain=args.draft == "ngram")
+    model, tokenizer = load(
+        args.model,
+        tokenizer_config=tokenizer_config,
+        drafter=args.drafter,
+        allow_plain=args.draft == "ngram",
+        adapter_path=args.adapter_path,
+    )
+    for eos_token in args.extra_eos_token:
+        tokenizer.add_eos_token(eos_token)
     config = model.speculative_streams.config
+    if prompt_cache is not None and getattr(config, "mode", None) == "shared":
+        raise ValueError(
+            f"--prompt-cache-file {args.prompt_cache_file}: {args.model} is a shared-mode stream "
+            "model, whose main rows attend to their streams; a cache made by mlx_lm.cache_prompt "
+            "holds the keys and values of the model without them."
+        )
     from_config = args.tree_depth is None and not args.no_speculation
     tuned_on = getattr(config, "tuned_on", None)  # (plain models have no config section)
     if (
@@ -363,20 +438,17 @@ def main(argv=None):
         )
     elif from_config and (note := untuned_note(config, args.model)):
         print(note)
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
-    prompt = sys.stdin.read() if prompt == "-" else prompt
-    if args.use_default_chat_template and tokenizer.chat_template is None:
-        tokenizer.chat_template = tokenizer.default_chat_template
-    use_chat = not args.ignore_chat_template and tokenizer.has_chat_template
-    if use_chat:
-        messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        template_kwargs = json.loads(args.chat_template_config or "{}")
-        prompt = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
-        )
-    prompt = tokenizer.encode(prompt, add_special_tokens=not use_chat)
-    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    prompt = chat_prompt(tokenizer, args, cached=prompt_cache is not None)
+    sampler = make_sampler(
+        args.temp,
+        args.top_p,
+        args.min_p,
+        args.min_tokens_to_keep,
+        top_k=args.top_k,
+        xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+    )
     text, response = _generate(
         model,
         tokenizer,
@@ -392,27 +464,95 @@ def main(argv=None):
         acceptance=args.acceptance,
         draft=args.draft,
         **({} if args.num_draft_tokens is None else {"num_draft_tokens": args.num_draft_tokens}),
+        prompt_cache=prompt_cache,
+        prefill_step_size=args.prefill_step_size,
         max_kv_size=args.max_kv_size,
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
     )
     if args.compare_plain:
-        compare_with_plain(model, tokenizer, prompt, text, response, args)
+        # The reference runs start from the file's cache too, each from a fresh copy.
+        def fresh_cache():
+            return load_cache_file(args.prompt_cache_file, args)[0] if prompt_cache else None
+
+        compare_with_plain(model, tokenizer, prompt, text, response, args, sampler, fresh_cache)
 
 
-def compare_with_plain(model, tokenizer, prompt, text, ours, args):
+def load_cache_file(path: str, args):
+    """``(prompt_cache, metadata)`` of an ``mlx_lm.cache_prompt`` file, checked against
+    the command's ``--model`` and KV quantization flags as ``mlx_lm.generate`` checks them."""
+    from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
+
+    cache, metadata = load_prompt_cache(path, return_metadata=True)
+    if args.model is not None and metadata.get("model") not in (None, args.model):
+        raise ValueError(
+            f"--prompt-cache-file {path} was made with the model {metadata['model']}, not "
+            f"--model {args.model}."
+        )
+    if isinstance(cache[0], QuantizedKVCache):
+        if args.kv_bits is not None and args.kv_bits != cache[0].bits:
+            raise ValueError(
+                f"--kv-bits {args.kv_bits} does not match the {cache[0].bits}-bit KV cache of "
+                f"--prompt-cache-file {path}."
+            )
+        if args.kv_group_size != cache[0].group_size:
+            raise ValueError(
+                f"--kv-group-size {args.kv_group_size} does not match the KV cache of "
+                f"--prompt-cache-file {path} (group size {cache[0].group_size})."
+            )
+    return cache, metadata
+
+
+def chat_prompt(tokenizer, args, cached: bool = False) -> List[int]:
+    """The prompt's tokens, through the chat template as ``mlx_lm.generate`` builds them.
+
+    With a cached prefix (``--prompt-cache-file``) only the text after the cached
+    part of the template is kept, as in mlx-lm.
+    """
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    prompt = sys.stdin.read() if prompt == "-" else prompt
+    if args.use_default_chat_template and tokenizer.chat_template is None:
+        tokenizer.chat_template = tokenizer.default_chat_template
+    use_chat = not args.ignore_chat_template and tokenizer.has_chat_template
+    if use_chat:
+        messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        prefill = args.prefill_response is not None
+        if prefill:
+            messages.append({"role": "assistant", "content": args.prefill_response})
+        template = dict(
+            tokenize=False, continue_final_message=prefill, add_generation_prompt=not prefill
+        )
+        template_kwargs = json.loads(args.chat_template_config or "{}")
+        prompt = tokenizer.apply_chat_template(messages, **template, **template_kwargs)
+        if cached:  # the prompt is the suffix of what the cache holds
+            messages[-1]["content"] = "<query>"
+            test_prompt = tokenizer.apply_chat_template(messages, **template)
+            prompt = prompt[test_prompt.index("<query>") :]
+    return tokenizer.encode(prompt, add_special_tokens=not use_chat)
+
+
+def compare_with_plain(
+    model, tokenizer, prompt, text, ours, args, sampler=None, fresh_cache=lambda: None
+):
     """Prints mlx-lm's plain decoding speed on the same weights and prompt, the
     speedup, and (greedy) whether the two outputs are identical. One run each, the
     speculative one first (cold): ``python -m mlx_specstream.benchmark`` measures
-    with warm-ups and repeats."""
+    with warm-ups and repeats. ``fresh_cache()`` gives each reference run the
+    prompt cache this run started from (None: none)."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
 
-    kwargs = dict(max_tokens=args.max_tokens, max_kv_size=args.max_kv_size)
+    sampler = sampler or make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    kwargs = dict(
+        max_tokens=args.max_tokens,
+        max_kv_size=args.max_kv_size,
+        prompt_cache=fresh_cache(),
+        prefill_step_size=args.prefill_step_size,
+    )
     if args.kv_bits is not None:
         kwargs.update(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                       quantized_kv_start=args.quantized_kv_start)  # fmt: skip
-    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     plain_text, last = "", None
     for last in mlx_stream_generate(model, tokenizer, mx.array(prompt), sampler=sampler, **kwargs):
         plain_text += last.text
@@ -426,7 +566,14 @@ def compare_with_plain(model, tokenizer, prompt, text, ours, args):
         print("Outputs: sampled (temp > 0), so they are not compared token for token")
     elif rt.drafter is None and rt.config.mode == "shared":
         # Shared mode's main rows see their streams: mlx-lm's loop is not this model.
-        ref = generate(model, tokenizer, prompt, max_tokens=args.max_tokens, speculative=False)
+        ref = generate(
+            model,
+            tokenizer,
+            prompt,
+            max_tokens=args.max_tokens,
+            speculative=False,
+            prompt_cache=fresh_cache(),
+        )
         print(f"Output identical to this model's own plain decoding: {_yes(ref == text)}")
     else:
         print(f"Output identical to plain decoding: {_yes(plain_text == text)}")

@@ -5,9 +5,10 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``"stream": true`` for server-sent events) and ``GET /v1/models``. Request
 fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
-``temperature``, ``top_p``, ``top_k``, ``min_p``, ``stop``, ``seed``,
-``logit_bias``, ``repetition_penalty``, ``repetition_context_size``,
-``role_mapping``, ``stream_options``, plus our ``speculative`` (bool),
+``temperature``, ``top_p``, ``top_k``, ``min_p``, ``xtc_probability``,
+``xtc_threshold``, ``stop``, ``seed``, ``logit_bias``, ``repetition_penalty``,
+``presence_penalty``, ``frequency_penalty`` (each with its ``*_context_size``),
+``chat_template_kwargs``, ``role_mapping``, ``stream_options``, plus our ``speculative`` (bool),
 ``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support (tools,
 ``response_format``, logprobs, ``n`` > 1, ...) are refused with a 400 that
 names them.
@@ -34,6 +35,7 @@ import argparse
 import atexit
 import itertools
 import json
+import logging
 import queue
 import threading
 import time
@@ -52,6 +54,7 @@ from .generate import SpeculativeUsage, stream_generate, untuned_note
 from .prompt_cache import PromptCacheLRU
 from .sample_utils import make_sampler
 
+logger = logging.getLogger(__name__)
 # mlx_lm.server's layout for chat without a template: a prefix per role, a
 # separator after each message, the assistant's prefix last, trailing
 # whitespace stripped. (Like mlx_lm's, "system_prompt" is not inserted.)
@@ -95,6 +98,8 @@ UNSUPPORTED = {
     "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
+    "adapters": (None,),
+    "draft_model": (None, "default_model"),
 }
 UNSUPPORTED_WHY = {
     "tools": "tool calling is not supported by this server",
@@ -109,6 +114,8 @@ UNSUPPORTED_WHY = {
     "top_logprobs": "log-probabilities are not returned by this server",
     "echo": "echoing the prompt is not supported",
     "suffix": "suffixes (insertion) are not supported",
+    "adapters": "this server serves one model: start it with --adapter-path",
+    "draft_model": "drafts come from the model's own streams or --drafter, not a draft model",
 }
 
 
@@ -149,9 +156,11 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         {"max_tokens": max_tokens}, "max_tokens", defaults.max_tokens, lo=1, integer=True
     )
     temp = _number(body, "temperature", defaults.temp, lo=0.0)
-    top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True)
-    top_k = _number(body, "top_k", 0, lo=0, integer=True)
-    min_p = _number(body, "min_p", 0.0, lo=0.0, hi=1.0)
+    top_p = _number(body, "top_p", getattr(defaults, "top_p", 1.0), lo=0.0, hi=1.0, lo_open=True)
+    top_k = _number(body, "top_k", getattr(defaults, "top_k", 0), lo=0, integer=True)
+    min_p = _number(body, "min_p", getattr(defaults, "min_p", 0.0), lo=0.0, hi=1.0)
+    xtc_probability = _number(body, "xtc_probability", 0.0, lo=0.0, hi=1.0)
+    xtc_threshold = _number(body, "xtc_threshold", 0.1, lo=0.0, hi=0.5)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError("'seed' must be an integer", "seed")
@@ -161,7 +170,6 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise RequestError("'stop' must be a string or a list of non-empty strings", "stop")
     bias = body.get("logit_bias")
-    penalty = body.get("repetition_penalty")
     if bias is not None:
         if not isinstance(bias, dict):
             raise RequestError("'logit_bias' must map token ids to numbers", "logit_bias")
@@ -169,9 +177,14 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
             bias = {int(k): float(v) for k, v in bias.items()}
         except (TypeError, ValueError):
             raise RequestError("'logit_bias' must map token ids to numbers", "logit_bias")
-    if penalty is not None:
-        _number(body, "repetition_penalty", None, lo=0.0)
-    context_size = _number(body, "repetition_context_size", 20, lo=1, integer=True)
+    # mlx-lm's penalties: each with the number of recent tokens it reads.
+    penalties, reads = {}, [1]
+    for name, lo in (("repetition", 0.0), ("presence", None), ("frequency", None)):
+        value = _number(body, f"{name}_penalty", None, lo=lo)
+        size = _number(body, f"{name}_context_size", 20, lo=1, integer=True)
+        if value:
+            penalties.update({f"{name}_penalty": value, f"{name}_context_size": size})
+            reads.append(size)
     speculative = body.get("speculative", True)
     if not isinstance(speculative, bool):
         raise RequestError("'speculative' must be a boolean", "speculative")
@@ -201,16 +214,15 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     # generation thread (see ModelService), which does all the MLX work.
     return dict(
         max_tokens=max_tokens,
-        sampling=dict(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k),
-        processing=(
-            dict(
-                logit_bias=bias or None,
-                repetition_penalty=penalty,
-                repetition_context_size=context_size,
-            )
-            if (bias or penalty)
-            else None
+        sampling=dict(
+            temp=temp,
+            top_p=top_p if top_p < 1 else 0.0,
+            min_p=min_p,
+            top_k=top_k,
+            xtc_probability=xtc_probability,
+            xtc_threshold=xtc_threshold,
         ),
+        processing=dict(logit_bias=bias or None, **penalties) if (bias or penalties) else None,
         seed=seed,
         stop=stop,
         speculative=speculative,
@@ -219,10 +231,10 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         num_draft_tokens=draft_tokens,
         stream=stream,
         include_usage=options.get("include_usage", False),
-        # A repetition penalty reads the last tokens before each new one: a
-        # request reusing a cached prefix still feeds that many itself, so it
-        # sees the same history as a cold request.
-        min_fed=context_size if penalty else 1,
+        # A penalty reads the last tokens before each new one: a request reusing
+        # a cached prefix still feeds that many itself, so it sees the same
+        # history as a cold request.
+        min_fed=max(reads),
     )
 
 
@@ -297,6 +309,8 @@ class ModelService:
             getattr(defaults, "prompt_cache_size", 10),
             getattr(defaults, "prompt_cache_bytes", None),
         )
+        # XTC never removes these (as mlx_lm.server): a line break and the EOS tokens.
+        self.xtc_special_tokens = tokenizer.encode("\n") + list(tokenizer.eos_token_ids)
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
         mx.eval(_arrays_of(model))
@@ -410,6 +424,13 @@ class ModelService:
             out.append({"role": m["role"], "content": content})
         return out
 
+    def template_args(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """``--chat-template-args`` updated by the request's ``chat_template_kwargs``."""
+        extra = body.get("chat_template_kwargs") or {}
+        if not isinstance(extra, dict):
+            raise RequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+        return {**(getattr(self.defaults, "chat_template_args", None) or {}), **extra}
+
     def prompt_tokens(self, body: Dict[str, Any], chat: bool) -> List[int]:
         tokens = self._prompt_tokens(body, chat)
         # The model checks only the tokens it is fed, which after a cache hit
@@ -436,8 +457,11 @@ class ModelService:
                 raise RequestError("'role_mapping' must map roles to strings", "role_mapping")
             if tok.has_chat_template:
                 return list(
-                    tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-                )
+                    tok.apply_chat_template(
+                        messages, tokenize=True, add_generation_prompt=True,
+                        **self.template_args(body),
+                    )
+                )  # fmt: skip
             return tok.encode(join_messages(messages, mapping))
         prompt = body.get("prompt")
         if isinstance(prompt, str) and prompt:
@@ -472,12 +496,17 @@ class ModelService:
             cache, cached = make_prompt_cache(self.model), 0
         rest = tokens[cached:]
         kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
+        d = self.defaults
+        if getattr(d, "kv_bits", None) is not None:
+            kwargs.update(kv_bits=d.kv_bits, kv_group_size=d.kv_group_size,
+                          quantized_kv_start=d.quantized_kv_start)  # fmt: skip
         gen = stream_generate(
             self.model,
             self.tokenizer,
             rest,
             max_tokens=args["max_tokens"],
-            sampler=make_sampler(**args["sampling"]),
+            sampler=make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens),
+            prefill_step_size=getattr(d, "prefill_step_size", 2048),
             logits_processors=(
                 make_logits_processors(**args["processing"]) if args["processing"] else None
             ),
@@ -505,8 +534,7 @@ class ModelService:
                     usage = None
                     if finish is not None:
                         usage = make_usage(len(tokens), cached, len(generated), spec)
-                        if getattr(self.defaults, "verbose", False):
-                            print(f"[usage] {json.dumps(usage)}", flush=True)
+                        logger.debug("usage %s", json.dumps(usage))
                     yield text[emitted : max(ready, emitted)], finish, usage
                     emitted = max(ready, emitted)
                 if finish is not None:
@@ -562,15 +590,33 @@ class Handler(BaseHTTPRequestHandler):
     service: ModelService = None
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, fmt, *args):  # quiet by default
-        if self.service.defaults.verbose:
-            super().log_message(fmt, *args)
+    def log_message(self, fmt, *args):  # (at DEBUG: --log-level DEBUG or --verbose)
+        logger.debug("%s - %s", self.address_string(), fmt % args)
+
+    def _cors(self):
+        """mlx_lm.server's CORS headers, from ``--allowed-origins``."""
+        allowed = getattr(self.service.defaults, "allowed_origins", ["*"])
+        origin = self.headers.get("Origin")
+        if "*" in allowed:
+            self.send_header("Access-Control-Allow-Origin", "*")
+        elif origin in allowed:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        self.send_header("Access-Control-Allow-Methods", "*")
+        self.send_header("Access-Control-Allow-Headers", "*")
+
+    def do_OPTIONS(self):
+        self.send_response(HTTPStatus.NO_CONTENT)
+        self._cors()
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send_json(self, status, payload):
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        self._cors()
         self.end_headers()
         self.wfile.write(data)
 
@@ -676,6 +722,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
+        self._cors()
         self.end_headers()
         self.close_connection = True
 
@@ -714,9 +761,12 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=8080, **defaults):
     """A ready ``ThreadingHTTPServer`` (call ``serve_forever``); ``port=0`` picks a free port.
 
-    ``defaults``: ``max_tokens`` (512) and ``temp`` (0.0) of a request,
-    ``draft`` (None), ``prompt_cache_size`` (10 entries, 0: no prompt cache),
-    ``prompt_cache_bytes`` (None: no byte limit), ``verbose``. The service
+    ``defaults``: ``max_tokens`` (512), ``temp`` (0.0), ``top_p`` (1.0), ``top_k``
+    (0), ``min_p`` (0.0), ``draft`` (None) and ``num_draft_tokens`` (None) of a
+    request; ``chat_template_args`` (None) for every chat template; ``prefill_step_size``
+    (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
+    (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
+    ``prompt_cache_bytes`` (None: no byte limit); ``allowed_origins`` (``["*"]``). The service
     (model, lock, prompt-cache LRU) is :func:`service_of` the server.
 
     ``server_close()`` ends the generation thread (so does interpreter exit);
@@ -726,11 +776,19 @@ def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=808
         **{
             "max_tokens": 512,
             "temp": 0.0,
-            "verbose": False,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
             "draft": None,
             "num_draft_tokens": None,
+            "chat_template_args": None,
+            "prefill_step_size": 2048,
+            "kv_bits": None,
+            "kv_group_size": 64,
+            "quantized_kv_start": 5000,
             "prompt_cache_size": 10,
             "prompt_cache_bytes": None,
+            "allowed_origins": ["*"],
             **defaults,
         }
     )
@@ -775,12 +833,15 @@ def wait_idle(server, timeout: float = 60.0) -> bool:
     return service_of(server).wait_idle(timeout)
 
 
-def main(argv=None):
-    from .utils import load
-
+def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="OpenAI-compatible server for Speculative Streaming.")
     p.add_argument(
         "--model", default=None, help="Model directory or hub id (default: the embedded model)"
+    )
+    p.add_argument(
+        "--adapter-path",
+        default=None,
+        help="Optional path for the trained adapter weights and config (mlx_lm.lora's)",
     )
     p.add_argument(
         "--drafter",
@@ -789,8 +850,37 @@ def main(argv=None):
     )
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--allowed-origins",
+        type=lambda x: x.split(","),
+        default="*",
+        help="Allowed origins, comma-separated (default: *)",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="Set the logging level (default: INFO); DEBUG logs requests and their usage",
+    )
+    p.add_argument("--chat-template", default="", help="Specify a chat template for the tokenizer")
+    p.add_argument(
+        "--use-default-chat-template", action="store_true", help="Use the default chat template"
+    )
+    p.add_argument(
+        "--chat-template-args",
+        type=json.loads,
+        default="{}",
+        help="A JSON formatted string of arguments for the tokenizer's apply_chat_template, "
+        "e.g. '{\"enable_thinking\":false}'",
+    )
     p.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens of a request")
     p.add_argument("--temp", type=float, default=0.0, help="Default temperature of a request")
+    p.add_argument("--top-p", type=float, default=1.0, help="Default top_p of a request")
+    p.add_argument("--top-k", type=int, default=0, help="Default top_k of a request (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="Default min_p of a request (0: off)")
     p.add_argument(
         "--draft",
         choices=DRAFTS,
@@ -806,6 +896,12 @@ def main(argv=None):
         "'num_draft_tokens' field overrides it",
     )
     p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=2048,
+        help="Step size for prefill processing (default: 2048)",
+    )
+    p.add_argument(
         "--prompt-cache-size",
         type=int,
         default=10,
@@ -817,30 +913,75 @@ def main(argv=None):
         default=None,
         help="Most bytes of KV caches kept for reuse (e.g. 512MB); default: no limit",
     )
-    p.add_argument("--verbose", action="store_true", help="Log requests and their usage")
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="Number of bits for KV cache quantization (e.g., 4 or 8). Default: None (full "
+        "precision)",
+    )
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=64,
+        help="Group size for KV cache quantization (default: 64)",
+    )
+    p.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=5000,
+        help="Token position to start KV cache quantization (default: 5000)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="Log requests and their usage (--log-level DEBUG)"
+    )
+    return p
+
+
+def main(argv=None):
+    from .utils import load
+
+    p = setup_arg_parser()
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error("--prompt-cache-size must be >= 0")
+    logging.basicConfig(
+        level="DEBUG" if args.verbose else args.log_level,
+        format="%(asctime)s - %(levelname)s - %(message)s",
+    )
+    tokenizer_config = {"trust_remote_code": args.trust_remote_code}
+    if args.chat_template:
+        tokenizer_config["chat_template"] = args.chat_template
     # A plain mlx-lm model is served with prompt lookup alone (the verifier, no streams).
-    model, tokenizer = load(args.model, drafter=args.drafter, allow_plain=args.draft == "ngram")
+    model, tokenizer = load(
+        args.model,
+        tokenizer_config=tokenizer_config,
+        drafter=args.drafter,
+        allow_plain=args.draft == "ngram",
+        adapter_path=args.adapter_path,
+    )
+    if args.use_default_chat_template and tokenizer.chat_template is None:
+        tokenizer.chat_template = tokenizer.default_chat_template
     note = untuned_note(model.speculative_streams.config, args.model)
     if note is not None:
-        print(note)
+        logger.info(note.removeprefix("[INFO] "))
     server = make_server(
         model,
         tokenizer,
         args.model or "mlx-specstream-default",
         args.host,
         args.port,
-        max_tokens=args.max_tokens,
-        temp=args.temp,
-        verbose=args.verbose,
-        draft=args.draft,
-        num_draft_tokens=args.num_draft_tokens,
-        prompt_cache_size=args.prompt_cache_size,
-        prompt_cache_bytes=args.prompt_cache_bytes,
+        **{
+            k: getattr(args, k)
+            for k in (
+                "max_tokens", "temp", "top_p", "top_k", "min_p", "draft", "num_draft_tokens",
+                "chat_template_args", "prefill_step_size", "kv_bits", "kv_group_size",
+                "quantized_kv_start", "prompt_cache_size", "prompt_cache_bytes", "allowed_origins",
+            )
+        },  # fmt: skip
     )
-    print(f"[INFO] serving on http://{server.server_address[0]}:{server.server_address[1]}/v1")
+    host, port = server.server_address[:2]
+    logger.info(f"serving on http://{host}:{port}/v1")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

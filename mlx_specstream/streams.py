@@ -125,7 +125,30 @@ def submodule(module, path: str):
 
 
 def _is_linear(module) -> bool:
-    return isinstance(module, (nn.Linear, nn.QuantizedLinear))
+    return isinstance(module, (nn.Linear, nn.QuantizedLinear)) or is_adapter(module)
+
+
+def is_adapter(module) -> bool:
+    """Whether ``module`` is an mlx-lm LoRA or DoRA adapter around a linear module
+    (``mlx_lm.load(..., adapter_path=...)``): it stands for that module, and the
+    stream LoRA goes around it, so stream rows see the adapted layer too."""
+    return hasattr(module, "lora_a") and isinstance(
+        getattr(module, "linear", None), (nn.Linear, nn.QuantizedLinear)
+    )
+
+
+def linear_modules(layer) -> List[str]:
+    """The paths of ``layer``'s linear modules, an adapter counting as the module it wraps.
+
+    Example: a layer whose ``mlp.up_proj`` is an adapter around ``mlp.up_proj.linear``
+    lists ``mlp.up_proj`` only.
+    """
+    modules = dict(layer.named_modules())
+    return sorted(
+        n
+        for n, m in modules.items()
+        if _is_linear(m) and not is_adapter(modules.get(n.rpartition(".")[0]))
+    )
 
 
 def lora_targets(model, config: SpecStreamConfig) -> List[List[str]]:
@@ -134,7 +157,7 @@ def lora_targets(model, config: SpecStreamConfig) -> List[List[str]]:
     out = []
     for i in range(first, len(model.layers)):
         layer = model.layers[i]
-        linears = sorted(n for n, m in layer.named_modules() if _is_linear(m))
+        linears = linear_modules(layer)
         targets = config.stream_lora_targets or linears
         missing = [t for t in targets if t not in linears]
         if missing:
@@ -158,7 +181,9 @@ def lora_shapes(model, config: SpecStreamConfig):
 
 
 def linear_shape(module):
-    """``(in, out)`` of a float or quantized linear module."""
+    """``(in, out)`` of a float or quantized linear module, or of an adapter's."""
+    if is_adapter(module):
+        module = module.linear
     out_dims, cols = module.weight.shape
     if isinstance(module, nn.QuantizedLinear):
         return cols * 32 // module.bits, out_dims

@@ -121,6 +121,7 @@ def load(
     revision: Optional[str] = None,
     drafter: Optional[str] = None,
     allow_plain: bool = False,
+    adapter_path: Optional[str] = None,
 ) -> Tuple[nn.Module, Any]:
     """Loads a model with speculative streams (or another drafter) and its tokenizer.
 
@@ -139,6 +140,10 @@ def load(
         allow_plain (bool): load a plain mlx-lm model (no streams, no drafter)
           with the tree verifier only, for prompt lookup (``draft="ngram"``),
           instead of refusing it. Default: ``False``.
+        adapter_path (str, optional): LoRA or DoRA adapters from ``mlx_lm.lora``
+          applied to the base, as ``mlx_lm.load`` applies them: decoding then
+          equals mlx-lm's decoding of the adapted model. The drafts still come
+          from streams trained on the base, so they may be accepted less often.
 
     Returns:
         tuple: ``(model, tokenizer)``, as ``mlx_lm.load`` returns them.
@@ -146,12 +151,14 @@ def load(
     if path_or_hf_repo is None:
         from .default_model import load_default
 
-        return load_default(drafter)
+        return load_default(drafter, adapter_path=adapter_path, tokenizer_config=tokenizer_config)
     from mlx_lm.utils import load as mlx_lm_load
 
     model_path = resolve_model_path(path_or_hf_repo, revision)
     if allow_plain and drafter is None and is_plain(model_path):
-        model, tokenizer = mlx_lm_load(str(model_path), tokenizer_config=tokenizer_config)
+        model, tokenizer = mlx_lm_load(
+            str(model_path), tokenizer_config=tokenizer_config, adapter_path=adapter_path
+        )
         attach_verifier(model)
         return model, tokenizer
     source = model_path if drafter is None else resolve_model_path(drafter, revision)
@@ -172,7 +179,9 @@ def load(
                 f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
                 f"streams, so the drafter in {source} would not match it."
             )
-    model, tokenizer = mlx_lm_load(str(model_path), tokenizer_config=tokenizer_config)
+    model, tokenizer = mlx_lm_load(
+        str(model_path), tokenizer_config=tokenizer_config, adapter_path=adapter_path
+    )
     _attach(model, source, config)
     return model, tokenizer
 

@@ -83,6 +83,8 @@ def chi_square_pvalue(counts, exact, n):
     return stats.chisquare(observed, np.array(expected) * sum(observed) / sum(expected)).pvalue
 
 
+# XTC at even odds, with a threshold that the tiny model's top tokens pass.
+XTC = dict(temp=1.0, xtc_probability=0.5, xtc_threshold=0.1)
 CASES = {
     "target-sample chain T=1": ("target-sample", dict(temp=1.0), dict(tree_top_k=1)),
     "target-sample tree T=0.7 top-p": (
@@ -98,6 +100,8 @@ CASES = {
     "rejection chain T=1": ("rejection", dict(temp=1.0), dict(tree_top_k=1)),
     "rejection tree T=1": ("rejection", dict(temp=1.0), dict(tree_top_k=3)),
     "rejection tree T=0.7 top-p": ("rejection", dict(temp=0.7, top_p=0.9), dict(tree_top_k=2)),
+    "target-sample tree T=1 xtc": ("target-sample", XTC, dict(tree_top_k=2)),
+    "rejection tree T=1 xtc": ("rejection", XTC, dict(tree_top_k=3)),
 }
 N_SAMPLES = 2500
 
@@ -135,6 +139,63 @@ def test_negative_control_naive_per_path_acceptance_is_rejected(model, monkeypat
     counts = sample_counts(model, sampler, N_SAMPLES, acceptance="rejection", tree_top_k=3)
     p = chi_square_pvalue(counts, exact_distribution(model, sampler), N_SAMPLES)
     assert p < 1e-6, f"the naive rule passed the test (p = {p:.2e}): the test has no power"
+
+
+def test_xtc_distribution_is_mlx_lm_samplers(model):
+    """Our XTC mixture is the distribution mlx-lm's own sampler draws from (its
+    draws, chi-square), and our mask is its ``apply_xtc``'s when the coin says so."""
+    from mlx_lm.sample_utils import apply_xtc
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+
+    from mlx_specstream.sample_utils import xtc_mask
+
+    logits = model(mx.array([PROMPT]))[0, -1:].astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    cut = apply_xtc(logprobs, 1.0, 0.1, [])  # (its coin always cuts at probability 1)
+    assert mx.array_equal(xtc_mask(logprobs, 0.1), mx.isinf(cut) & ~mx.isinf(logprobs))
+    assert 1 < int(xtc_mask(logprobs, 0.1).sum()) < V - 1  # the test case cuts something
+    for special in ([], [0, 3]):
+        ours = make_sampler(**XTC, xtc_special_tokens=special, top_k=4)
+        theirs = mlx_lm_make_sampler(**XTC, xtc_special_tokens=special, top_k=4)
+        want = np.array(ours.probs(logprobs))[0]
+        mx.random.seed(0)
+        draws = np.array(mx.concatenate([theirs(logprobs) for _ in range(3000)]))
+        counts = np.bincount(draws, minlength=V)
+        kept = want > 0
+        assert counts[~kept].sum() == 0
+        p = stats.chisquare(counts[kept], want[kept] * 3000).pvalue
+        assert p > 1e-3, f"special {special}: chi-square p = {p:.2e}"
+
+
+def test_negative_control_xtc_ignored_by_the_verifier_is_rejected(model, monkeypatch):
+    """Rejection sampling against the distribution without XTC fails the same
+    chi-square test."""
+    import mlx_specstream.sample_utils as su
+
+    sampler = make_sampler(**XTC)
+    exact = exact_distribution(model, sampler)
+    monkeypatch.setattr(su.DistributionSampler, "probs",
+                        lambda self, lp: mx.softmax(lp * (1.0 / self.temp), axis=-1))  # fmt: skip
+    counts = sample_counts(model, sampler, N_SAMPLES, acceptance="rejection", tree_top_k=3)
+    p = chi_square_pvalue(counts, exact, N_SAMPLES)
+    assert p < 1e-6, f"XTC-blind verification passed the test (p = {p:.2e}): no power"
+
+
+def test_negative_control_one_xtc_coin_per_pass_is_rejected(model, monkeypatch):
+    """One coin for all the rows of a pass (as mlx-lm's ``apply_xtc`` tosses one
+    per call) ties the tokens of a step together: target sampling then fails."""
+    import mlx_specstream.sample_utils as su
+
+    def one_coin(self, logprobs):
+        toss = mx.random.uniform() < self.xtc_probability
+        return mx.where(toss, self._filtered(logprobs, True), self._filtered(logprobs, False))
+
+    sampler = make_sampler(**XTC)
+    exact = exact_distribution(model, sampler)
+    monkeypatch.setattr(su.DistributionSampler, "logits", one_coin)
+    counts = sample_counts(model, sampler, N_SAMPLES, acceptance="target-sample", tree_top_k=2)
+    p = chi_square_pvalue(counts, exact, N_SAMPLES)
+    assert p < 1e-6, f"one coin per pass passed the test (p = {p:.2e}): no power"
 
 
 @pytest.mark.parametrize("acceptance", ["target-sample", "rejection"])
@@ -177,6 +238,10 @@ def test_bad_sampling_arguments():
         make_sampler(temp=-0.5)
     with pytest.raises(ValueError, match="top_p"):
         make_sampler(temp=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="xtc_threshold"):
+        make_sampler(temp=1.0, xtc_probability=0.5, xtc_threshold=0.6)
+    with pytest.raises(ValueError, match="xtc_probability"):
+        make_sampler(temp=1.0, xtc_probability=1.5)
     model = tiny_spec_model("llama", vocab_size=V)
     with pytest.raises(ValueError, match="acceptance"):
         list(spec_generate_step(mx.array(PROMPT), model, acceptance="typical"))

@@ -169,6 +169,12 @@ def post(url, body: bytes):
         (json.dumps({"prompt": "t1", "stop": 5}).encode(), "stop"),
         (json.dumps({"prompt": [1, 99999]}).encode(), "prompt"),
         (json.dumps({"prompt": "t1", "acceptance": "typical"}).encode(), "acceptance"),
+        (json.dumps({"prompt": "t1", "xtc_threshold": 0.7}).encode(), "xtc_threshold"),
+        (json.dumps({"prompt": "t1", "presence_penalty": "x"}).encode(), "presence_penalty"),
+        (
+            json.dumps({"prompt": "t1", "frequency_context_size": 0}).encode(),
+            "frequency_context_size",
+        ),
     ],
 )
 def test_malformed_completion_requests(served, body, param):
@@ -668,6 +674,9 @@ def test_concurrent_conversations_with_a_bounded_cache(serve):
         ("chat", {"messages": [{"role": "tool", "content": "1"}]}, "messages"),
         ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ("chat", {"role_mapping": {"user": 3}}, "role_mapping"),
+        ("chat", {"chat_template_kwargs": "yes"}, "chat_template_kwargs"),
+        ("chat", {"adapters": "other"}, "adapters"),
+        ("completions", {"draft_model": "other"}, "draft_model"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(served, path, extra, param):
@@ -765,13 +774,15 @@ def test_seeded_sampling_follow_up_equals_a_cold_request(serve):
     assert ask(cold, 8)[0] != cold_text
 
 
-def test_repetition_penalty_follow_up_sees_the_same_history(serve, monkeypatch):
-    """A repetition penalty reads the last ``repetition_context_size`` tokens:
-    a follow-up reusing the cache still feeds that many, so it answers as a
-    server without a cache. Negative control: feeding only the new tokens
-    (the penalty then sees a shorter history) answers differently."""
+@pytest.mark.parametrize("kind, value", [("repetition", 4.0), ("presence", 3.0),
+                                         ("frequency", 3.0)])  # fmt: skip
+def test_penalty_follow_up_sees_the_same_history(serve, monkeypatch, kind, value):
+    """A penalty reads the last ``*_context_size`` tokens: a follow-up reusing the
+    cache still feeds that many, so it answers as a server without a cache.
+    Negative control: feeding only the new tokens (the penalty then sees a
+    shorter history) answers differently."""
     model, tok = spec_model(), word_tokenizer(V)
-    body = {"repetition_penalty": 4.0, "repetition_context_size": 12}
+    body = {f"{kind}_penalty": value, f"{kind}_context_size": 12}
     m1 = [{"role": "user", "content": "t10 t33 t46 t50 t53"}]
     cold, _, _ = serve(model, tok, prompt_cache_size=0)
     a1 = cold.chat.completions.create(model="tiny", messages=m1, max_tokens=12, extra_body=body)
@@ -796,3 +807,130 @@ def test_repetition_penalty_follow_up_sees_the_same_history(serve, monkeypatch):
     text, usage = follow_up()
     assert usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens < 12
     assert text != want
+
+
+def test_penalties_and_xtc_are_mlx_lm_s(served):
+    """Presence and frequency penalties are mlx-lm's logits processors (greedy:
+    equal to ``generate`` with them; negative control: without them the text
+    differs); XTC requests sample, seeded, as ``generate`` with the same sampler."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    model, tok, client, _ = served
+    prompt = "t5 t9 t5 t9 t12"
+    body = {"presence_penalty": 2.0, "frequency_penalty": 1.5, "frequency_context_size": 8}
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, extra_body=body)
+    procs = make_logits_processors(
+        presence_penalty=2.0, frequency_penalty=1.5, frequency_context_size=8
+    )
+    want = reference(model, tok, prompt, 16, logits_processors=procs)
+    assert r.choices[0].text == want and want != reference(model, tok, prompt, 16)
+    xtc = {"xtc_probability": 0.5, "xtc_threshold": 0.05, "seed": 3}
+    r = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=16, temperature=1.0, extra_body=xtc
+    )
+    import mlx.core as mx
+
+    mx.random.seed(3)
+    special = tok.encode("\n") + list(tok.eos_token_ids)
+    sampler = make_sampler(1.0, xtc_probability=0.5, xtc_threshold=0.05,
+                           xtc_special_tokens=special)  # fmt: skip
+    assert r.choices[0].text == reference(model, tok, prompt, 16, sampler=sampler)
+
+
+def test_chat_template_args_and_request_kwargs(serve):
+    """``--chat-template-args`` reach every chat template; a request's
+    ``chat_template_kwargs`` override them, as in mlx_lm.server."""
+    template = "{% if loud %}t9 {% endif %}{% for m in messages %}{{ m['content'] }} {% endfor %}t2"
+    model, tok = spec_model(), word_tokenizer(V, chat_template=template)
+    _, _, server = serve(model, tok, chat_template_args={"loud": True})
+    service = service_of(server)
+    body = {"messages": [{"role": "user", "content": "t4"}]}
+    assert service.prompt_tokens(body, chat=True) == tok.encode("t9 t4 t2")
+    quiet = {**body, "chat_template_kwargs": {"loud": False}}
+    assert service.prompt_tokens(quiet, chat=True) == tok.encode("t4 t2")
+
+
+def test_kv_bits_server_equals_generate_from_the_same_caches(serve):
+    """``--kv-bits``: a cold answer equals ``generate`` with the same quantized KV
+    cache, and a follow-up equals ``generate`` continuing turn 1's cache trimmed
+    to the shared prefix. (Not a cold request's answer: from its start on, a
+    quantized cache holds what the first pass over it computed in full
+    precision, so a cached prefix and a fresh one differ, in mlx-lm as here.)"""
+    from mlx_specstream.cache import make_prompt_cache
+    from mlx_specstream.prompt_cache import common_prefix
+
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2,
+                            model_args=dict(num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    tok = word_tokenizer(V, eos=V + 5)  # (head_dim 32: one group of 32; no EOS)
+    kv = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=0)
+    warm, _, _ = serve(model, tok, **kv)
+    m1 = [{"role": "user", "content": "t10 t33 t46 t50 t53"}]
+    a1 = warm.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+    ids1 = tok.encode(convert_chat(m1, None))
+    cache = make_prompt_cache(model)
+    got = [r.token for r in stream_generate(model, tok, ids1, max_tokens=12, prompt_cache=cache,
+                                            **kv)]  # fmt: skip
+    assert a1.choices[0].message.content == tok.decode(got)
+    assert tok.decode(got) != reference(model, tok, ids1, 12)  # the quantization matters
+    m2 = turn(m1, a1.choices[0].message.content, "t20")
+    r2 = warm.chat.completions.create(model="tiny", messages=m2, max_tokens=16)
+    ids2 = tok.encode(convert_chat(m2, None))
+    shared = min(common_prefix(ids1 + got[:-1], ids2), len(ids2) - 1)
+    assert r2.usage.prompt_tokens_details.cached_tokens == shared > 0
+    trim_prompt_cache(cache, cache[0].offset - shared)
+    want = reference(model, tok, ids2[shared:], 16, prompt_cache=cache, **kv)
+    assert r2.choices[0].message.content == want
+
+
+def test_cors_headers_and_preflight(serve):
+    model, tok = spec_model(), word_tokenizer(V)
+
+    def request(url, method, origin):
+        req = urllib.request.Request(url, method=method, headers={"Origin": origin})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers.get("Access-Control-Allow-Origin")
+
+    _, url, _ = serve(model, tok)
+    assert request(url + "/models", "GET", "http://a") == (200, "*")
+    assert request(url + "/chat/completions", "OPTIONS", "http://a") == (204, "*")
+    _, url, _ = serve(model, tok, allowed_origins=["http://a"])
+    assert request(url + "/models", "GET", "http://a") == (200, "http://a")
+    assert request(url + "/models", "GET", "http://b") == (200, None)
+
+
+def test_cli_flags_reach_the_loader_and_the_server(monkeypatch):
+    seen = {}
+
+    def fake_load(path, **kw):
+        seen["load"] = kw
+        return spec_model(), word_tokenizer(V)
+
+    class Stop(Exception):
+        pass
+
+    def fake_make_server(model, tok, model_id, host, port, **defaults):
+        seen["server"] = defaults
+        raise Stop
+
+    monkeypatch.setattr("mlx_specstream.utils.load", fake_load)
+    monkeypatch.setattr(server_mod, "make_server", fake_make_server)
+    with pytest.raises(Stop):
+        server_mod.main(
+            ["--adapter-path", "ad", "--trust-remote-code", "--chat-template", "{{ x }}",
+             "--chat-template-args", '{"loud": true}', "--top-p", "0.9", "--top-k", "5",
+             "--min-p", "0.1", "--kv-bits", "4", "--kv-group-size", "32",
+             "--quantized-kv-start", "100", "--prefill-step-size", "256",
+             "--allowed-origins", "http://a,http://b"]
+        )  # fmt: skip
+    assert seen["load"]["adapter_path"] == "ad"
+    assert seen["load"]["tokenizer_config"] == {
+        "trust_remote_code": True,
+        "chat_template": "{{ x }}",
+    }
+    d = seen["server"]
+    assert (d["top_p"], d["top_k"], d["min_p"]) == (0.9, 5, 0.1)
+    assert (d["kv_bits"], d["kv_group_size"], d["quantized_kv_start"]) == (4, 32, 100)
+    assert d["prefill_step_size"] == 256 and d["chat_template_args"] == {"loud": True}
+    assert d["allowed_origins"] == ["http://a", "http://b"]
