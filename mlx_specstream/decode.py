@@ -472,6 +472,7 @@ def spec_generate_step(
     quantized_kv_start: int = 5000,
     max_kv_size: Optional[int] = None,
     pipeline: Optional[bool] = None,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -498,6 +499,9 @@ def spec_generate_step(
           :func:`mlx_specstream.cache.make_prompt_cache` also keeps an attached
           drafter's own context.
         prefill_step_size (int): prompt chunk size. Default: ``2048``.
+        prompt_progress_callback (Callable[[int, int], None], optional): called
+          with (processed, total) prompt tokens as mlx-lm calls it: at 0, after
+          each prefill chunk, and at the total once the first token is ready.
         speculative (bool): ``False`` decodes one token per pass (the baseline):
           plain mlx-lm decoding in lossless mode, the same model with its
           streams in shared mode. Default: ``True``.
@@ -597,6 +601,7 @@ def spec_generate_step(
                     kv_bits=kv_bits,
                     kv_group_size=kv_group_size,
                     quantized_kv_start=quantized_kv_start,
+                    prompt_progress_callback=prompt_progress_callback,
                 )
             ):
                 yield token, logprobs, False, n + 1
@@ -633,7 +638,8 @@ def spec_generate_step(
     yielded = 0
     try:
         with mx.stream(generation_stream):
-            _prefill(rt, cache, prompt, prefill_step_size, dstate, quant)
+            progress = prompt_progress_callback or (lambda *_: None)
+            _prefill(rt, cache, prompt, prefill_step_size, dstate, quant, progress)
             pending = dec.launch(dec.first_draft(prompt_list[-1]))
             while pending is not None:
                 ahead = dec.launch_ahead(pending)  # pipelined: before this step's host read
@@ -642,6 +648,8 @@ def spec_generate_step(
                     pending, dec.passes = None, dec.passes - (ahead is not None)
                 else:  # launched before the yields, which overlap its device work
                     pending = ahead if ahead is not None else dec.launch(nxt)
+                if not yielded:  # the first token is ready: the prompt is in
+                    progress(prompt.size, prompt.size)
                 for token, logprobs, from_draft in new:
                     yielded += 1
                     yield token, logprobs, from_draft, dec.passes - (pending is not None)
@@ -697,17 +705,23 @@ def rewind(cache, end: int) -> None:
         state.trim_to(end)
 
 
-def _prefill(rt: StreamRuntime, cache, prompt: mx.array, step: int, dstate, quant=None) -> None:
-    """Feeds all but the last prompt token with the plain model. A drafter that
+def _prefill(
+    rt: StreamRuntime, cache, prompt: mx.array, step: int, dstate, quant=None, progress=None
+) -> None:
+    """Feeds all but the last prompt token with the plain model, calling
+    ``progress(processed, total)`` at 0 and after each chunk. A drafter that
     reads the prompt gets (state, next token) pairs of those tokens too."""
     keep_hidden = dstate is not None and dstate.needs_prompt
     rt._prefill_hidden = []
     body = prompt[:-1]
+    progress = progress or (lambda *_: None)
+    progress(0, prompt.size)
     for i in range(0, body.size, step):
         rt.prefill(body[i : i + step], cache, keep_hidden)
         if quant is not None:
             quant.maybe_quantize(cache)
         mx.eval([(c.keys, c.values) for c in cache])
+        progress(min(i + step, body.size), prompt.size)
     if keep_hidden and body.size:
         dstate.prompt_hidden = mx.concatenate(rt._prefill_hidden, axis=0)
         dstate.prompt_next = prompt.tolist()[1:]

@@ -502,3 +502,20 @@ def test_generate_stays_the_function_after_its_submodule_is_imported():
         for guard in ("", unguard)
     ]
     assert got == ["function", "module"]
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_prompt_progress_callback_is_called_as_mlx_lm_calls_it(speculative):
+    """(processed, total) at 0, after every prefill chunk, and at the total once the
+    first token is ready: the same calls as mlx-lm's ``generate_step``."""
+    from mlx_lm.generate import generate_step
+
+    model = tiny_spec_model("llama", vocab_size=32, num_streams=3, top_k=2)
+    prompt = list(range(3, 14))
+    ours, theirs = [], []
+    spec_tokens(model, prompt, 6, prefill_step_size=4, speculative=speculative,
+                prompt_progress_callback=lambda *a: ours.append(a))  # fmt: skip
+    list(generate_step(mx.array(prompt), model, max_tokens=6, prefill_step_size=4,
+                       prompt_progress_callback=lambda *a: theirs.append(a)))  # fmt: skip
+    assert theirs == [(0, 11), (4, 11), (8, 11), (10, 11), (11, 11)]
+    assert ours == theirs
