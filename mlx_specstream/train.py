@@ -14,6 +14,7 @@ is lossless. The recipe is ``convert.finetune --mode lossless``'s, in MLX:
   states (so it trains the adapter alone);
 * AdamW with bias correction, a linear learning-rate decay to 0, gradients
   clipped to norm 1, no weight decay (torch under transformers' Trainer);
+  ``--optimizer`` and ``--grad-accumulation-steps`` as in ``mlx_lm.lora``;
 * ``--self-distill``: completions replaced by the base model's own greedy
   continuations, generated in batches.
 
@@ -44,7 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import CONFIG_KEY, DRAFTER_KEY, SpecStreamConfig
 from .streams import attach_streams, check_supported, get_runtime
@@ -59,8 +60,10 @@ RESUME_KEYS = (
     "model", "data", "iters", "batch_size", "learning_rate", "num_streams", "num_stream_layers",
     "stream_lora_rank", "stream_lora_alpha", "stream_lora_targets", "stream_loss_weight",
     "self_distill",
-    "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip",
+    "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip", "optimizer",
+    "grad_accumulation_steps",
 )  # fmt: skip
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
 
 # ---- the streams to train --------------------------------------------------------------
@@ -224,26 +227,54 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> L
     return out
 
 
-def make_optimizer(learning_rate: float, iters: int):
-    """AdamW as torch runs it under transformers' Trainer (``convert.finetune``):
-    bias-corrected moments (MLX's default leaves them uncorrected, which makes
-    the early steps about 3x larger), no weight decay, and a linear decay to 0
-    over ``iters`` steps."""
+def make_optimizer(learning_rate: float, iters: int, name: str = "adamw"):
+    """The optimizer, with a linear learning-rate decay to 0 over ``iters`` steps.
+
+    ``"adamw"`` (the default) is AdamW as torch runs it under transformers'
+    Trainer (``convert.finetune``): bias-corrected moments (MLX's default leaves
+    them uncorrected, which makes the early steps about 3x larger) and no
+    weight decay. ``"adam"`` is the same without the decoupled decay term (equal
+    at decay 0); ``"sgd"`` and ``"adafactor"`` are ``mlx.optimizers``' own, as
+    ``mlx_lm.lora --optimizer`` names them (Adafactor at the given rate, not its
+    relative steps).
+    """
     schedule = optim.linear_schedule(learning_rate, 0.0, max(iters, 1))
-    return optim.AdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
+    if name == "adamw":
+        return optim.AdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
+    if name == "adam":
+        return optim.Adam(learning_rate=schedule, bias_correction=True)
+    if name == "sgd":
+        return optim.SGD(learning_rate=schedule)
+    if name == "adafactor":
+        # The given rate, not Adafactor's own relative steps (which would ignore it).
+        return optim.Adafactor(learning_rate=schedule, relative_step=False, scale_parameter=False)
+    raise ValueError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}.")
 
 
 def make_step(loss: StreamLoss, trainable: nn.Module, optimizer, grad_clip: float = 1.0):
     """One optimizer step on ``trainable``'s parameters (the streams: the base
-    model is not among them, so it gets no gradient and never changes)."""
+    model is not among them, so it gets no gradient and never changes).
+
+    The step takes a list of micro-batches (``--grad-accumulation-steps``) and
+    averages their gradients before the update; it returns their mean loss and
+    each one's metrics.
+    """
     value_and_grad = nn.value_and_grad(trainable, loss)
 
-    def step(batch):
-        (value, metrics), grads = value_and_grad(batch)
+    def step(batches):
+        total, values, metrics = None, [], []
+        for batch in batches:
+            (value, m), grads = value_and_grad(batch)
+            total = grads if total is None else tree_map(mx.add, total, grads)
+            mx.eval(total, value, m["hits"])  # one micro-batch's graph at a time
+            values.append(value)
+            metrics.append(m)
+        grads = total if len(batches) == 1 else tree_map(lambda g: g / len(batches), total)
         if grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, grad_clip)
         optimizer.update(trainable, grads)
-        mx.eval(trainable.parameters(), optimizer.state, value, metrics["hits"])
+        value = sum(values) / len(values)
+        mx.eval(trainable.parameters(), optimizer.state, value)
         return value, metrics
 
     return step
@@ -351,6 +382,11 @@ def train_streams(
     steps_per_report: int = 10,
     trainable: Optional[nn.Module] = None,
     log: Optional[Callable[[str], None]] = None,
+    optimizer: str = "adamw",
+    grad_accumulation_steps: int = 1,
+    valid: Optional[List[Example]] = None,
+    steps_per_eval: int = 200,
+    val_batches: int = 25,
 ) -> TrainResult:
     """Trains the streams of ``model`` (attached with :func:`attach_for_training`).
 
@@ -368,6 +404,14 @@ def train_streams(
           tests: passing a module that holds the base as well trains the base.
         log (callable, optional): receives the report lines. Default: printed
           above the progress bar.
+        optimizer (str): ``"adamw"``, ``"adam"``, ``"sgd"`` or ``"adafactor"``
+          (:func:`make_optimizer`).
+        grad_accumulation_steps (int): micro-batches of ``batch_size`` whose
+          gradients are averaged into each optimizer step.
+        valid (list, optional): held-out examples, evaluated every
+          ``steps_per_eval`` steps (not at the end: the command evaluates them
+          all then) on ``val_batches`` batches (``-1``: all of them), as
+          ``mlx_lm.lora`` reports validation.
 
     Returns:
         TrainResult: the steps done, accuracy over the last report window and
@@ -375,12 +419,16 @@ def train_streams(
     """
     from tqdm import tqdm
 
+    if not (isinstance(grad_accumulation_steps, int) and grad_accumulation_steps >= 1):
+        raise ValueError(f"--grad-accumulation-steps {grad_accumulation_steps}: must be >= 1.")
     streams = get_runtime(model).streams
     trainable = streams if trainable is None else trainable
     loss = StreamLoss(model, stream_weight)
-    optimizer = make_optimizer(learning_rate, iters)
+    optimizer = make_optimizer(learning_rate, iters, optimizer)
     start = load_checkpoint(training_dir, streams, optimizer) if training_dir else 0
     step_fn = make_step(loss, trainable, optimizer, grad_clip)
+    k = grad_accumulation_steps
+    held_out = (valid or [])[: None if val_batches < 0 else val_batches * batch_size]
     window, reported, losses = Accuracy(loss.gamma), None, []
     bar = tqdm(total=iters, initial=start, desc="training streams", unit="step")
     log = log or bar.write
@@ -388,12 +436,17 @@ def train_streams(
         log(f"[INFO] resuming from step {start} ({training_dir / CHECKPOINT_DIR})")
     tic = time.perf_counter()
     for step in range(start, iters):
-        batch = [examples[i] for i in batch_indices(step, len(examples), batch_size, seed)]
-        value, metrics = step_fn(batch)
+        # Micro-batch m of step s is batch s * k + m: the same sequence for any resume.
+        batches = [
+            [examples[i] for i in batch_indices(step * k + m, len(examples), batch_size, seed)]
+            for m in range(k)
+        ]
+        value, metrics = step_fn(batches)
         losses.append(value.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"step {step + 1}: the loss is {losses[-1]}")
-        window.add(metrics)
+        for m in metrics:
+            window.add(m)
         bar.update(1)
         top1 = "/".join(f"{a:.2f}" for a in window.top1())
         bar.set_postfix_str(f"loss {losses[-1]:.3f}, top-1 {top1}", refresh=False)
@@ -407,6 +460,9 @@ def train_streams(
                 f"{window.text()}, {rate:.2f} steps/s"
             )
             reported, window = window, Accuracy(loss.gamma)
+        if held_out and done % steps_per_eval == 0 and done < iters:
+            val_loss, acc = evaluate(loss, held_out, batch_size)
+            log(f"Iter {done}: val loss {val_loss:.3f}, {acc.text()}")
     bar.close()
     return TrainResult(steps=iters, accuracy=reported or window, losses=losses)
 
@@ -458,6 +514,33 @@ def setup_arg_parser():
     p.add_argument("--top-k", type=int, default=3, help="Draft width stored in the config")
     p.add_argument("--max-tree-nodes", type=int, default=16)
     p.add_argument("--grad-clip", type=float, default=1.0, help="Gradient norm clip (0: off)")
+    p.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="Optimizer (default: adamw, as the PyTorch recipe; mlx_lm.lora's names)",
+    )
+    p.add_argument(
+        "--grad-accumulation-steps",
+        type=int,
+        default=1,
+        help="Number of steps to accumulate before each optimizer update.",
+    )
+    p.add_argument(
+        "--steps-per-eval",
+        type=int,
+        default=200,
+        help="Number of training steps between held-out evaluations.",
+    )
+    p.add_argument(
+        "--val-batches",
+        type=int,
+        default=25,
+        help="Number of held-out batches, -1 uses the entire held-out set.",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
+    )
     p.add_argument("--steps-per-report", type=int, default=10)
     p.add_argument("--save-every", type=int, default=100, help="Steps between checkpoints")
     p.add_argument(
@@ -625,7 +708,9 @@ def main(argv=None):
     )
     out = Path(args.out)
     check_out(args)
-    model, tokenizer = mlx_lm.load(str(model_path))
+    model, tokenizer = mlx_lm.load(
+        str(model_path), tokenizer_config={"trust_remote_code": args.trust_remote_code}
+    )
     attach_for_training(model, spec, args.seed, source=f"--model {model_path}")
     train, valid = prepare_data(args, model, tokenizer)
     training = out / TRAINING_DIR
@@ -644,6 +729,11 @@ def main(argv=None):
         training,
         args.save_every,
         args.steps_per_report,
+        optimizer=args.optimizer,
+        grad_accumulation_steps=args.grad_accumulation_steps,
+        valid=valid,
+        steps_per_eval=args.steps_per_eval,
+        val_batches=args.val_batches,
     )
     print(f"[INFO] training: {result.accuracy.text()} (last {args.steps_per_report} steps)")
     if valid:

@@ -484,3 +484,106 @@ def test_streams_of_a_trained_model_are_the_only_new_parameters():
     for k, v in tree_flatten(streams.parameters()):
         if k.endswith(".lora_b") or k == "prune_adapter.up.weight":
             assert not mx.any(v).item(), k
+
+
+# ---- mlx_lm.lora's training options ------------------------------------------------------------
+
+
+def test_gradient_accumulation_equals_one_larger_batch():
+    """Two micro-batches of 4 accumulated take the step one batch of 8 takes (the
+    windows have equal lengths, so the per-batch means agree); control: one
+    micro-batch alone steps elsewhere."""
+    from mlx_specstream.train import make_optimizer, make_step
+
+    examples = cycle_examples(8, seed=0)[:8]
+    after = []
+    for batches in ([examples[:4], examples[4:]], [examples], [examples[:4]]):
+        model = tiny_model("llama", V, weight_scale=1.0)
+        attach_for_training(model, SpecStreamConfig(**SPEC), seed=0)
+        streams = get_runtime(model).streams
+        step = make_step(StreamLoss(model, 1.0), streams, make_optimizer(1e-2, 4))
+        step(batches)
+        after.append(dict(tree_flatten(streams.parameters())))
+    for k in after[0]:
+        np.testing.assert_allclose(np.array(after[0][k]), np.array(after[1][k]), atol=1e-6)
+    assert any(not np.allclose(np.array(after[2][k]), np.array(after[1][k])) for k in after[1])
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "adafactor"])
+def test_other_optimizers_train_the_streams(name):
+    model = tiny_model("llama", V, weight_scale=1.0)
+    base = host_copy(model)
+    attach_for_training(model, SpecStreamConfig(**SPEC), seed=0)
+    lr = {"adam": 1e-2, "sgd": 1.0, "adafactor": 1e-2}[name]
+    recipe = {**RECIPE, "learning_rate": lr}
+    result = train_streams(model, cycle_examples(64, seed=0), iters=20, log=quiet,
+                           optimizer=name, **recipe)  # fmt: skip
+    assert result.losses[-1] < 0.8 * result.losses[0], result.losses
+    assert same_arrays(host_copy(model), base)
+
+
+def test_bad_training_options_are_refused_by_name():
+    from mlx_specstream.train import make_optimizer
+
+    with pytest.raises(ValueError, match="--optimizer 'lion'"):
+        make_optimizer(1e-3, 10, "lion")
+    model = tiny_model("llama", V, weight_scale=1.0)
+    attach_for_training(model, SpecStreamConfig(**SPEC), seed=0)
+    with pytest.raises(ValueError, match="--grad-accumulation-steps 0"):
+        train_streams(model, cycle_examples(8, 0), iters=2, log=quiet, grad_accumulation_steps=0)
+
+
+def test_held_out_evaluation_every_steps_per_eval(base_dir, data_file, tmp_path, monkeypatch):
+    """``--steps-per-eval``/``--val-batches``: a validation line every N steps on
+    that many held-out batches; the CLI's optimizer and accumulation flags reach
+    the training, and --resume refuses a checkpoint made with another optimizer."""
+    lines, seen = [], {}
+    model = tiny_model("llama", V, weight_scale=1.0)
+    attach_for_training(model, SpecStreamConfig(**SPEC), seed=0)
+    train_streams(model, cycle_examples(16, 0), iters=6, log=lines.append, steps_per_report=100,
+                  valid=cycle_examples(8, 1), steps_per_eval=2, val_batches=1, **RECIPE)  # fmt: skip
+    evals = [x for x in lines if "val loss" in x]
+    assert [x.split(":")[0] for x in evals] == ["Iter 2", "Iter 4"], lines
+    real = train_module.train_streams
+
+    def record(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_module, "train_streams", record)
+    args = [
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--iters",
+        "2",
+        "--no-tune",
+        *CLI_RECIPE,
+        "--optimizer",
+        "sgd",
+        "--grad-accumulation-steps",
+        "2",
+        "--steps-per-eval",
+        "1",
+        "--val-batches",
+        "-1",
+    ]
+    # fmt: skip
+    train_main(args)
+    assert (seen["optimizer"], seen["grad_accumulation_steps"]) == ("sgd", 2)
+    assert (seen["steps_per_eval"], seen["val_batches"]) == (1, -1) and "valid" in seen
+
+    class Killed(Exception):
+        pass
+
+    monkeypatch.setattr(
+        train_module, "train_streams", lambda *a, **kw: (_ for _ in ()).throw(Killed)
+    )
+    out = ["--out", str(tmp_path / "p")]
+    with pytest.raises(Killed):
+        train_main(args[:4] + out + args[6:])
+    with pytest.raises(ValueError, match="--optimizer 'sgd', not 'adam'"):
+        train_main(args[:4] + out + args[6:] + ["--resume", "--optimizer", "adam"])
