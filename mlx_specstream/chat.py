@@ -1,0 +1,199 @@
+"""Chat with a model in the terminal, decoding with Speculative Streaming.
+
+Run as ``python -m mlx_specstream.chat [--model DIR]``: ``mlx_lm.chat`` with our
+decoder. The commands are mlx-lm's (``q`` quits, ``r`` resets the context,
+``h`` shows help), and so is the conversation: each turn applies the chat
+template to the system prompt and the new message only, and the KV cache
+carries the earlier turns. After each answer the CLI also prints the tokens
+per forward pass.
+"""
+
+import argparse
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.cli_ui import ChatUI
+
+from .cache import make_prompt_cache
+from .decode import DRAFTS
+from .generate import SpeculativeUsage, stream_generate
+from .sample_utils import make_sampler
+from .server import join_messages
+
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_XTC_PROBABILITY = 0.0
+DEFAULT_XTC_THRESHOLD = 0.1
+DEFAULT_SEED = 0
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_PREFILL_STEP_SIZE = 2048
+
+
+def setup_arg_parser():
+    """mlx_lm.chat's flags (but distributed ``--pipeline``) and our drafting ones."""
+    parser = argparse.ArgumentParser(description="Chat with an LLM (Speculative Streaming)")
+    parser.add_argument(
+        "--model",
+        type=str,
+        default=None,
+        help="The path to the local model directory or Hugging Face repo (default: the "
+        "embedded model).",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
+    )
+    parser.add_argument(
+        "--adapter-path", type=str, help="Optional path for the trained adapter weights and config."
+    )
+    parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
+    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p")
+    parser.add_argument(
+        "--xtc-probability",
+        type=float,
+        default=DEFAULT_XTC_PROBABILITY,
+        help="Probability of XTC sampling to happen each next token",
+    )
+    parser.add_argument(
+        "--xtc-threshold",
+        type=float,
+        default=DEFAULT_XTC_THRESHOLD,
+        help="Thresold the probs of each next token candidate to be sampled by XTC",
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="PRNG seed")
+    parser.add_argument(
+        "--max-kv-size", type=int, default=None, help="Set the maximum key-value cache size"
+    )
+    parser.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=DEFAULT_PREFILL_STEP_SIZE,
+        help="Number of prompt tokens to process at a time. Smaller values lower peak memory "
+        f"during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="Maximum number of tokens to generate",
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, help="System prompt to be used for the chat template"
+    )
+    parser.add_argument(
+        "--drafter",
+        default=None,
+        help="Model directory whose drafter replaces the model's own (same base)",
+    )
+    parser.add_argument(
+        "--draft",
+        choices=DRAFTS,
+        default=None,
+        help="Draft source: 'streams', 'ngram' (prompt lookup, any model) or 'streams+ngram' "
+        "(default: the model config's)",
+    )
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="Longest prompt-lookup draft (default: 10)")  # fmt: skip
+    parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
+    parser.add_argument("--tree-depth", type=int, default=None, help="Draft levels (streams) used")
+    parser.add_argument(
+        "--no-speculation", action="store_true", help="Decode one token per forward pass"
+    )
+    return parser
+
+
+def turn_prompt(tokenizer, query: str, system_prompt: Optional[str]) -> List[int]:
+    """One turn's tokens, as ``mlx_lm.chat`` makes them: the chat template over the
+    system prompt and the new message only (mlx_lm.server's layout without a template)."""
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    messages.append({"role": "user", "content": query})
+    if tokenizer.has_chat_template:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return tokenizer.encode(join_messages(messages))
+
+
+def turn_tokens(history: List[int], cache, prompt: List[int]) -> List[int]:
+    """What a turn feeds: the conversation's tokens that the cache does not hold yet,
+    then the new prompt. After a speculative answer the cache holds all its tokens
+    but the last (mlx-lm's plain loop has fed that one too: then nothing is missing).
+
+    Example: ``history`` ``[5, 6, 7, 2]`` (the last answer ended with EOS 2) and a
+    cache holding 3 tokens give ``[2] + prompt``.
+    """
+    return history[cache[0].offset :] + prompt
+
+
+class SpecChatUI(ChatUI):
+    """mlx-lm's chat UI, plus the tokens per forward pass after each answer."""
+
+    usage: Optional[SpeculativeUsage] = None
+
+    def end_turn(self, response):
+        super().end_turn(response)
+        if response is not None and self.usage is not None:
+            print(f"  {self.usage.tokens_per_pass:.2f} tokens per forward pass", flush=True)
+
+
+def main(argv=None):
+    from .utils import load
+
+    args = setup_arg_parser().parse_args(argv)
+    mx.random.seed(args.seed)
+    model, tokenizer = load(
+        args.model,
+        tokenizer_config={"trust_remote_code": args.trust_remote_code},
+        drafter=args.drafter,
+        allow_plain=args.draft == "ngram",
+        adapter_path=args.adapter_path,
+    )
+    args.model = args.model or "mlx-specstream-default"  # (the UI's header shows it)
+    sampler = make_sampler(
+        args.temp,
+        args.top_p,
+        xtc_probability=args.xtc_probability,
+        xtc_threshold=args.xtc_threshold,
+        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+    )
+    drafting = {
+        k: getattr(args, k)
+        for k in ("draft", "num_draft_tokens", "tree_top_k", "tree_depth")
+        if getattr(args, k) is not None
+    }
+    with SpecChatUI(args) as ui:
+        cache, history = make_prompt_cache(model, args.max_kv_size), []
+        while True:
+            query = ui.prompt()
+            if query == "q":
+                ui.say_bye()
+                break
+            if query == "r":
+                cache, history = make_prompt_cache(model, args.max_kv_size), []
+                ui.say_reset()
+                continue
+            if query == "h":
+                ui.say_help()
+                continue
+            prompt = turn_prompt(tokenizer, query, args.system_prompt)
+            fed = turn_tokens(history, cache, prompt)
+            history += prompt
+            response, ui.usage = None, SpeculativeUsage()
+            for response in stream_generate(
+                model,
+                tokenizer,
+                fed,
+                max_tokens=args.max_tokens,
+                sampler=sampler,
+                speculative=not args.no_speculation,
+                prompt_cache=cache,
+                prefill_step_size=args.prefill_step_size,
+                max_kv_size=args.max_kv_size,
+                **drafting,
+            ):
+                ui.stream_token(response.text)
+                ui.usage.add(response)
+                history.append(response.token)
+            ui.end_turn(response)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``python -m mlx_specstream.chat``: ``mlx_lm.chat`` with our decoder. A scripted
+conversation (with a reset) answers exactly as mlx_lm.chat answers it on the same
+weights; the negative control feeds each turn without the token the cache lacks."""
+
+import sys
+
+import pytest
+from helpers import tiny_spec_model, word_tokenizer
+from mlx_lm.cli_ui import ChatUI
+
+from mlx_specstream import save
+
+chat_mod = pytest.importorskip("mlx_specstream.chat")
+
+V = 64
+TEMPLATE = "{% for m in messages %}t1 {{ m['content'] }} {% endfor %}t2"
+QUERIES = ["t10 t33 t46", "t20 t5", "t7", "r", "t10 t33 t46", "h", "q"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, weight_scale=6.0)
+    tok = word_tokenizer(V, eos=V - 1, chat_template=TEMPLATE)
+    return save(tmp_path_factory.mktemp("chat") / "m", model, tok)
+
+
+def converse(monkeypatch, run):
+    """The answers of one scripted conversation, one string per turn."""
+    queries, answers = iter(QUERIES), [""]
+    monkeypatch.setattr(ChatUI, "prompt", lambda self: next(queries))
+    monkeypatch.setattr(
+        ChatUI, "stream_token", lambda self, text: answers.__setitem__(-1, answers[-1] + text)
+    )
+    monkeypatch.setattr(ChatUI, "end_turn", lambda self, response: answers.append(""))
+    run()
+    return answers[:-1]
+
+
+def test_a_conversation_answers_as_mlx_lm_chat(model_dir, monkeypatch, capsys):
+    import mlx_lm.chat
+
+    argv = ["--model", str(model_dir), "--max-tokens", "20", "--system-prompt", "t3"]
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.chat", *argv])
+    want = converse(monkeypatch, mlx_lm.chat.main)
+    assert len(want) == 4 and want[0] == want[3]  # (the reset starts afresh)
+    assert all(want) and want[1] != want[2]
+    for extra in ([], ["--tree-depth", "3", "--tree-top-k", "2"], ["--no-speculation"],
+                  ["--draft", "ngram"]):  # fmt: skip
+        got = converse(monkeypatch, lambda: chat_mod.main(argv + extra))
+        assert got == want, extra
+    assert "tokens per forward pass" in capsys.readouterr().out
+
+    # Negative control: the turns fed without the last answer's final token.
+    monkeypatch.setattr(chat_mod, "turn_tokens", lambda history, cache, prompt: prompt)
+    got = converse(monkeypatch, lambda: chat_mod.main(argv + ["--tree-depth", "3"]))
+    assert got[0] == want[0] and got[1:3] != want[1:3]
