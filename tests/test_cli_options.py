@@ -228,3 +228,27 @@ def test_prefill_response_continues_the_assistant_message():
         tok.texts.clear()
         gen_mod.chat_prompt(tok, setup_arg_parser().parse_args(["--prompt", "t1", *argv]))
         assert tok.texts == [want]
+
+
+def test_python_m_mlx_specstream_runs_a_command_and_every_script_has_a_main():
+    """``python -m mlx_specstream generate ...`` as ``python -m mlx_lm generate``; every
+    console script of pyproject.toml names a module's ``main``; a typo is refused."""
+    import importlib
+    import subprocess
+    import tomllib
+    from pathlib import Path
+
+    from mlx_specstream.cli import COMMANDS
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(scripts) == sorted(f"mlx_specstream.{c}" for c in COMMANDS)
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func))
+    run = [sys.executable, "-m", "mlx_specstream"]
+    out = subprocess.run(run + ["generate", "--prompt", "def f(x):", "--max-tokens", "4"],
+                         capture_output=True, text=True, timeout=300, cwd=root)  # fmt: skip
+    assert out.returncode == 0 and "Generation: 4 tokens" in out.stdout, out.stderr[-2000:]
+    out = subprocess.run(run + ["generat"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "unknown command 'generat'" in out.stderr
