@@ -3,7 +3,8 @@
 ``python -m mlx_specstream.server [--model DIR] [--host 127.0.0.1] [--port 8080]``
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``"stream": true`` for server-sent events) and ``GET /v1/models``. Request
+``"stream": true`` for server-sent events), ``GET /v1/models`` (and
+``/v1/models/{id}``) and ``GET /health``. Request
 fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``xtc_probability``,
 ``xtc_threshold``, ``stop``, ``seed``, ``logit_bias``, ``repetition_penalty``,
@@ -335,6 +336,11 @@ class ModelService:
         self._jobs.put(job)
         return job
 
+    @property
+    def alive(self) -> bool:
+        """Whether the generation thread runs (requests can be served)."""
+        return self._thread.is_alive()
+
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Waits until every submitted request is finished (True) or ``timeout`` passes."""
         with self._idle:
@@ -627,21 +633,22 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def do_GET(self):
-        if self.path.rstrip("/") == "/v1/models":
-            self._send_json(
-                200,
-                {
-                    "object": "list",
-                    "data": [
-                        {
-                            "id": self.service.model_id,
-                            "object": "model",
-                            "created": int(time.time()),
-                            "owned_by": "mlx-specstream",
-                        }
-                    ],
-                },
-            )
+        path = self.path.rstrip("/")
+        model = {
+            "id": self.service.model_id,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "mlx-specstream",
+        }
+        if path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [model]})
+        elif path == f"/v1/models/{self.service.model_id}":
+            self._send_json(200, model)
+        elif path.startswith("/v1/models/"):
+            self._error(HTTPStatus.NOT_FOUND, f"unknown model {path[len('/v1/models/'):]!r}")
+        elif path == "/health":  # (as mlx_lm.server's: 503 once the generation thread ended)
+            alive = self.service.alive
+            self._send_json(200 if alive else 503, {"status": "ok" if alive else "unavailable"})
         else:
             self._error(HTTPStatus.NOT_FOUND, f"unknown path {self.path}")
 

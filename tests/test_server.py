@@ -74,6 +74,27 @@ def reference(model, tok, prompt, n, **kwargs):
 def test_models(served):
     _, _, client, _ = served
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError, match="unknown model 'other'"):
+        client.models.retrieve("other")
+
+
+def test_health_is_ok_until_the_generation_thread_ends(serve):
+    """``GET /health`` as mlx_lm.server's: 200 while requests can be served, 503
+    once the generation thread has stopped (control: the same server after stop)."""
+    _, url, server = serve(spec_model(), word_tokenizer(V))
+    health = url.rsplit("/v1", 1)[0] + "/health"
+
+    def get():
+        try:
+            with urllib.request.urlopen(health, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    assert get() == (200, {"status": "ok"})
+    service_of(server).stop()
+    assert get() == (503, {"status": "unavailable"})
 
 
 def test_completion_and_streaming(served):
