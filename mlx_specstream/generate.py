@@ -116,6 +116,15 @@ def stream_generate(
     """
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens={max_tokens} must be positive (or -1 for no limit).")
+    # mlx-lm's arguments that this decoder does not take: refused by name when set.
+    if kwargs.pop("draft_model", None) is not None:
+        raise ValueError(
+            "draft_model: mlx-lm's draft-model decoding is mlx_lm.stream_generate's; here the "
+            "drafts come from the model's streams, a drafter (load(..., drafter=DIR)) or "
+            "prompt lookup (draft='ngram')."
+        )
+    if kwargs.pop("input_embeddings", None) is not None:
+        raise ValueError("input_embeddings: speculative decoding here takes token prompts only.")
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     if isinstance(prompt, bytes):
