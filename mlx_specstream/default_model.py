@@ -18,10 +18,11 @@ DEFAULT_DIR = MODELS / "default"
 DRAFT_DIR = MODELS / "draft"
 
 
-def load_default(drafter=None, adapter_path=None, tokenizer_config=None):
-    """Returns ``(model, tokenizer)`` for the embedded model (with the drafter
-    from the ``drafter`` directory instead of its streams, and ``mlx_lm.lora``
-    adapters on its base, when given)."""
+def load_default(drafter=None, return_config=False, **kwargs):
+    """Returns ``(model, tokenizer)`` (and its config with ``return_config``) for the
+    embedded model, with the drafter from the ``drafter`` directory instead of its
+    streams when given. ``kwargs`` are :func:`mlx_specstream.load`'s (``adapter_path``,
+    ``tokenizer_config``, ...). On a CPU it computes in float32."""
     from .utils import load
 
     if not (DEFAULT_DIR / "config.json").exists():
@@ -29,10 +30,9 @@ def load_default(drafter=None, adapter_path=None, tokenizer_config=None):
             f"The embedded model is missing from {DEFAULT_DIR}; reinstall the package or rebuild "
             "it with `python -m convert.build_default_model`."
         )
-    model, tokenizer = load(
-        str(DEFAULT_DIR), tokenizer_config, drafter=drafter, adapter_path=adapter_path
-    )
+    kwargs.pop("return_config", None)
+    model, tokenizer, config = load(str(DEFAULT_DIR), drafter=drafter, return_config=True, **kwargs)
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())  # cast now, not lazily in whichever thread decodes first
-    return model, tokenizer
+    return (model, tokenizer, config) if return_config else (model, tokenizer)

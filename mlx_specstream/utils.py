@@ -118,12 +118,18 @@ def _base_fingerprint(config_file: Path) -> dict:
 def load(
     path_or_hf_repo: Optional[str] = None,
     tokenizer_config: Optional[Dict[str, Any]] = None,
+    model_config: Optional[Dict[str, Any]] = None,
+    adapter_path: Optional[str] = None,
+    lazy: bool = False,
+    return_config: bool = False,
     revision: Optional[str] = None,
+    trust_remote_code: bool = False,
     drafter: Optional[str] = None,
     allow_plain: bool = False,
-    adapter_path: Optional[str] = None,
-) -> Tuple[nn.Module, Any]:
+) -> Union[Tuple[nn.Module, Any], Tuple[nn.Module, Any, Dict[str, Any]]]:
     """Loads a model with speculative streams (or another drafter) and its tokenizer.
+
+    The arguments up to ``trust_remote_code`` are ``mlx_lm.load``'s, in its order.
 
     Args:
         path_or_hf_repo (str, optional): a directory with an mlx-lm model plus
@@ -132,7 +138,15 @@ def load(
           section), or a Hugging Face repo holding one. ``None`` loads the
           embedded default model.
         tokenizer_config (dict, optional): extra tokenizer arguments.
+        model_config (dict, optional): overrides of the model's config, as in mlx-lm.
+        adapter_path (str, optional): LoRA or DoRA adapters from ``mlx_lm.lora``
+          applied to the base, as ``mlx_lm.load`` applies them: decoding then
+          equals mlx-lm's decoding of the adapted model. The drafts still come
+          from streams trained on the base, so they may be accepted less often.
+        lazy (bool): leave the base's weights unevaluated until first used. Default: ``False``.
+        return_config (bool): also return the model's config dict. Default: ``False``.
         revision (str, optional): hub revision.
+        trust_remote_code (bool): passed to mlx-lm's loader. Default: ``False``.
         drafter (str, optional): a model directory (or repo) whose drafter
           (streams, Medusa heads or ParallelSpec) replaces the model's own. It
           must have been trained on this base: the base is used as it is, so a
@@ -140,30 +154,35 @@ def load(
         allow_plain (bool): load a plain mlx-lm model (no streams, no drafter)
           with the tree verifier only, for prompt lookup (``draft="ngram"``),
           instead of refusing it. Default: ``False``.
-        adapter_path (str, optional): LoRA or DoRA adapters from ``mlx_lm.lora``
-          applied to the base, as ``mlx_lm.load`` applies them: decoding then
-          equals mlx-lm's decoding of the adapted model. The drafts still come
-          from streams trained on the base, so they may be accepted less often.
 
     Returns:
-        tuple: ``(model, tokenizer)``, as ``mlx_lm.load`` returns them.
+        tuple: ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
+        ``return_config``, as ``mlx_lm.load`` returns them.
     """
+    mlx_lm_args = dict(
+        tokenizer_config=tokenizer_config,
+        model_config=model_config,
+        adapter_path=adapter_path,
+        lazy=lazy,
+        trust_remote_code=trust_remote_code,
+    )
     if path_or_hf_repo is None:
         from .default_model import load_default
 
-        return load_default(drafter, adapter_path=adapter_path, tokenizer_config=tokenizer_config)
+        return load_default(drafter, return_config=return_config, **mlx_lm_args)
     from mlx_lm.utils import load as mlx_lm_load
+
+    def finish(model, tokenizer, config):
+        return (model, tokenizer, config) if return_config else (model, tokenizer)
 
     model_path = resolve_model_path(path_or_hf_repo, revision)
     if allow_plain and drafter is None and is_plain(model_path):
-        model, tokenizer = mlx_lm_load(
-            str(model_path), tokenizer_config=tokenizer_config, adapter_path=adapter_path
-        )
+        model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
         attach_verifier(model)
-        return model, tokenizer
+        return finish(model, tokenizer, config)
     source = model_path if drafter is None else resolve_model_path(drafter, revision)
     # The settings tuned on this device, where the config has some.
-    config = read_stream_config(source).for_device(device_key())
+    spec = read_stream_config(source).for_device(device_key())
     if drafter is not None:
         if (model_path / "config.json").exists() and _base_fingerprint(
             model_path / "config.json"
@@ -179,11 +198,9 @@ def load(
                 f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
                 f"streams, so the drafter in {source} would not match it."
             )
-    model, tokenizer = mlx_lm_load(
-        str(model_path), tokenizer_config=tokenizer_config, adapter_path=adapter_path
-    )
-    _attach(model, source, config)
-    return model, tokenizer
+    model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
+    _attach(model, source, spec)
+    return finish(model, tokenizer, config)
 
 
 def save_streams(path: Union[str, Path], model: nn.Module) -> None:

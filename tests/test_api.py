@@ -519,3 +519,25 @@ def test_prompt_progress_callback_is_called_as_mlx_lm_calls_it(speculative):
                        prompt_progress_callback=lambda *a: theirs.append(a)))  # fmt: skip
     assert theirs == [(0, 11), (4, 11), (8, 11), (10, 11), (11, 11)]
     assert ours == theirs
+
+
+def test_load_takes_mlx_lm_loads_arguments_in_its_order(tmp_path):
+    """``load``'s leading parameters are ``mlx_lm.load``'s, in order, and act as
+    there: ``return_config`` adds the config, ``model_config`` overrides it, and a
+    ``lazy`` model decodes as an evaluated one."""
+    import inspect
+
+    from mlx_lm.utils import load as mlx_lm_load
+
+    theirs = list(inspect.signature(mlx_lm_load).parameters)
+    assert list(inspect.signature(load).parameters)[: len(theirs)] == theirs
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=2, top_k=2)
+    path = save(tmp_path / "m", model, word_tokenizer(V, eos=V + 5))
+    m, tok, config = load(str(path), return_config=True)
+    assert config["speculative_streaming"]["num_streams"] == 2
+    lazy, _ = load(str(path), lazy=True)
+    assert spec_tokens(lazy, PROMPT, 20)[0] == spec_tokens(m, PROMPT, 20)[0]
+    _, _, changed = load(str(path), None, {"rms_norm_eps": 0.5}, return_config=True)
+    assert changed["rms_norm_eps"] == 0.5 and config["rms_norm_eps"] != 0.5
+    assert len(load(None, return_config=True)) == 3  # the embedded model too
+    assert len(load(None)) == 2
