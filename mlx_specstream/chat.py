@@ -15,61 +15,29 @@ import mlx.core as mx
 from mlx_lm.cli_ui import ChatUI
 
 from .cache import make_prompt_cache
-from .decode import DRAFTS
+from .cli_args import add_draft_args, add_model_args, add_prefill_arg, add_xtc_args, load_model
 from .generate import SpeculativeUsage, stream_generate
 from .sample_utils import make_sampler
 from .server import join_messages
 
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
-DEFAULT_XTC_PROBABILITY = 0.0
-DEFAULT_XTC_THRESHOLD = 0.1
 DEFAULT_SEED = 0
 DEFAULT_MAX_TOKENS = 256
-DEFAULT_PREFILL_STEP_SIZE = 2048
 
 
 def setup_arg_parser():
     """mlx_lm.chat's flags (but distributed ``--pipeline``) and our drafting ones."""
     parser = argparse.ArgumentParser(description="Chat with an LLM (Speculative Streaming)")
-    parser.add_argument(
-        "--model",
-        type=str,
-        default=None,
-        help="The path to the local model directory or Hugging Face repo (default: the "
-        "embedded model).",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
-    )
-    parser.add_argument(
-        "--adapter-path", type=str, help="Optional path for the trained adapter weights and config."
-    )
+    add_model_args(parser)
     parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature")
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p")
-    parser.add_argument(
-        "--xtc-probability",
-        type=float,
-        default=DEFAULT_XTC_PROBABILITY,
-        help="Probability of XTC sampling to happen each next token",
-    )
-    parser.add_argument(
-        "--xtc-threshold",
-        type=float,
-        default=DEFAULT_XTC_THRESHOLD,
-        help="Thresold the probs of each next token candidate to be sampled by XTC",
-    )
+    add_xtc_args(parser)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="PRNG seed")
     parser.add_argument(
         "--max-kv-size", type=int, default=None, help="Set the maximum key-value cache size"
     )
-    parser.add_argument(
-        "--prefill-step-size",
-        type=int,
-        default=DEFAULT_PREFILL_STEP_SIZE,
-        help="Number of prompt tokens to process at a time. Smaller values lower peak memory "
-        f"during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
-    )
+    add_prefill_arg(parser)
     parser.add_argument(
         "--max-tokens",
         "-m",
@@ -80,25 +48,7 @@ def setup_arg_parser():
     parser.add_argument(
         "--system-prompt", default=None, help="System prompt to be used for the chat template"
     )
-    parser.add_argument(
-        "--drafter",
-        default=None,
-        help="Model directory whose drafter replaces the model's own (same base)",
-    )
-    parser.add_argument(
-        "--draft",
-        choices=DRAFTS,
-        default=None,
-        help="Draft source: 'streams', 'ngram' (prompt lookup, any model) or 'streams+ngram' "
-        "(default: the model config's)",
-    )
-    parser.add_argument("--num-draft-tokens", type=int, default=None,
-                        help="Longest prompt-lookup draft (default: 10)")  # fmt: skip
-    parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
-    parser.add_argument("--tree-depth", type=int, default=None, help="Draft levels (streams) used")
-    parser.add_argument(
-        "--no-speculation", action="store_true", help="Decode one token per forward pass"
-    )
+    add_draft_args(parser)
     return parser
 
 
@@ -135,17 +85,9 @@ class SpecChatUI(ChatUI):
 
 
 def main(argv=None):
-    from .utils import load
-
     args = setup_arg_parser().parse_args(argv)
     mx.random.seed(args.seed)
-    model, tokenizer = load(
-        args.model,
-        tokenizer_config={"trust_remote_code": args.trust_remote_code},
-        drafter=args.drafter,
-        allow_plain=args.draft == "ngram",
-        adapter_path=args.adapter_path,
-    )
+    model, tokenizer = load_model(args)
     args.model = args.model or "mlx-specstream-default"  # (the UI's header shows it)
     sampler = make_sampler(
         args.temp,

@@ -15,7 +15,8 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, wired_limit, generation_stream
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .decode import ACCEPTANCE, DRAFTS, spec_generate_step
+from .cli_args import add_draft_args, add_model_args, add_prefill_arg, add_xtc_args, load_model
+from .decode import ACCEPTANCE, spec_generate_step
 from .precision import device_key
 from .sample_utils import make_sampler
 
@@ -24,10 +25,7 @@ DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
 DEFAULT_SEED = None
-DEFAULT_XTC_PROBABILITY = 0.0
-DEFAULT_XTC_THRESHOLD = 0.1
 DEFAULT_MIN_TOKENS_TO_KEEP = 1
-DEFAULT_PREFILL_STEP_SIZE = 2048
 
 
 @dataclass
@@ -278,27 +276,7 @@ def untuned_note(config, model: Optional[str] = None) -> Optional[str]:
 
 def setup_arg_parser():
     parser = argparse.ArgumentParser(description="Generate text with Speculative Streaming.")
-    parser.add_argument(
-        "--model",
-        type=str,
-        default=None,
-        help="Local model directory or Hugging Face repo. Default: the embedded model.",
-    )
-    parser.add_argument(
-        "--drafter",
-        default=None,
-        help="Model directory whose drafter (streams, Medusa heads or ParallelSpec) replaces the "
-        "model's own; it must have been trained on the same base. Default: the model's own.",
-    )
-    parser.add_argument(
-        "--adapter-path",
-        default=None,
-        help="Optional path for the trained adapter weights and config (mlx_lm.lora's), "
-        "applied to the base model",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
-    )
+    add_model_args(parser)
     parser.add_argument(
         "--extra-eos-token",
         type=str,
@@ -308,9 +286,7 @@ def setup_arg_parser():
     )
     parser.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="Prompt ('-' reads stdin)")
     parser.add_argument(
-        "--prefill-response",
-        default=None,
-        help="Prefill response to be used for the chat template",
+        "--prefill-response", default=None, help="Prefill response to be used for the chat template"
     )
     parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
@@ -318,18 +294,7 @@ def setup_arg_parser():
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Sampling top-p")
     parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
     parser.add_argument("--top-k", type=int, default=0, help="Sampling top-k (not the tree's)")
-    parser.add_argument(
-        "--xtc-probability",
-        type=float,
-        default=DEFAULT_XTC_PROBABILITY,
-        help="Probability of XTC sampling to happen each next token",
-    )
-    parser.add_argument(
-        "--xtc-threshold",
-        type=float,
-        default=DEFAULT_XTC_THRESHOLD,
-        help="Threshold the probs of each next token candidate to be sampled by XTC",
-    )
+    add_xtc_args(parser)
     parser.add_argument(
         "--min-tokens-to-keep",
         type=int,
@@ -341,11 +306,7 @@ def setup_arg_parser():
     parser.add_argument("--use-default-chat-template", action="store_true")
     parser.add_argument("--chat-template-config", default=None, help="JSON kwargs for the template")
     parser.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    parser.add_argument(
-        "--no-speculation", action="store_true", help="Decode one token per forward pass"
-    )
-    parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
-    parser.add_argument("--tree-depth", type=int, default=None, help="Draft levels (streams) used")
+    add_draft_args(parser)
     parser.add_argument("--prune-threshold", type=float, default=None)
     parser.add_argument("--max-tree-nodes", type=int, default=None)
     parser.add_argument(
@@ -353,20 +314,6 @@ def setup_arg_parser():
         choices=ACCEPTANCE,
         default=None,
         help="How drafts are verified when sampling; both are lossless (default: rejection)",
-    )
-    parser.add_argument(
-        "--draft",
-        choices=DRAFTS,
-        default=None,
-        help="Draft source: 'streams' (the model's own), 'ngram' (prompt lookup, any model) or "
-        "'streams+ngram' (merged into one tree). Default: the one the model's config names "
-        "(for this device, chosen by mlx_specstream.tune), else 'streams'.",
-    )
-    parser.add_argument(
-        "--num-draft-tokens",
-        type=int,
-        default=None,
-        help="Longest prompt-lookup draft (default: 10, as transformers' prompt_lookup_num_tokens)",
     )
     parser.add_argument(
         "--compare-plain",
@@ -385,13 +332,7 @@ def setup_arg_parser():
         default=5000,
         help="When --kv-bits is set, the step from which the KV cache is quantized",
     )
-    parser.add_argument(
-        "--prefill-step-size",
-        type=int,
-        default=DEFAULT_PREFILL_STEP_SIZE,
-        help="Number of prompt tokens to process at a time. Smaller values lower peak memory "
-        f"during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
-    )
+    add_prefill_arg(parser)
     parser.add_argument(
         "--prompt-cache-file",
         default=None,
@@ -401,8 +342,6 @@ def setup_arg_parser():
 
 
 def main(argv=None):
-    from .utils import load
-
     args = setup_arg_parser().parse_args(argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -410,16 +349,7 @@ def main(argv=None):
     if args.prompt_cache_file is not None:
         prompt_cache, metadata = load_cache_file(args.prompt_cache_file, args)
         args.model = args.model or metadata["model"]
-    tokenizer_config = json.loads(metadata.get("tokenizer_config", "{}"))
-    tokenizer_config["trust_remote_code"] = args.trust_remote_code
-    # A plain mlx-lm model runs with prompt lookup alone (the verifier, no streams).
-    model, tokenizer = load(
-        args.model,
-        tokenizer_config=tokenizer_config,
-        drafter=args.drafter,
-        allow_plain=args.draft == "ngram",
-        adapter_path=args.adapter_path,
-    )
+    model, tokenizer = load_model(args, json.loads(metadata.get("tokenizer_config", "{}")))
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)
     config = model.speculative_streams.config

@@ -50,6 +50,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
 from .cache import make_prompt_cache
+from .cli_args import add_draft_args, add_model_args, add_prefill_arg, load_model
 from .decode import ACCEPTANCE, DRAFTS
 from .generate import SpeculativeUsage, stream_generate, untuned_note
 from .prompt_cache import PromptCacheLRU
@@ -842,19 +843,7 @@ def wait_idle(server, timeout: float = 60.0) -> bool:
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="OpenAI-compatible server for Speculative Streaming.")
-    p.add_argument(
-        "--model", default=None, help="Model directory or hub id (default: the embedded model)"
-    )
-    p.add_argument(
-        "--adapter-path",
-        default=None,
-        help="Optional path for the trained adapter weights and config (mlx_lm.lora's)",
-    )
-    p.add_argument(
-        "--drafter",
-        default=None,
-        help="Model directory whose drafter replaces the model's own (same base)",
-    )
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: localhost only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
@@ -862,9 +851,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         type=lambda x: x.split(","),
         default="*",
         help="Allowed origins, comma-separated (default: *)",
-    )
-    p.add_argument(
-        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
     )
     p.add_argument(
         "--log-level",
@@ -888,26 +874,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="Default top_p of a request")
     p.add_argument("--top-k", type=int, default=0, help="Default top_k of a request (0: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="Default min_p of a request (0: off)")
-    p.add_argument(
-        "--draft",
-        choices=DRAFTS,
-        default=None,
-        help="Default draft source of a request ('streams', 'ngram' or 'streams+ngram'; "
-        "default: the model config's); a request's 'draft' field overrides it",
-    )
-    p.add_argument(
-        "--num-draft-tokens",
-        type=int,
-        default=None,
-        help="Default longest prompt-lookup draft of a request (default: 10); a request's "
-        "'num_draft_tokens' field overrides it",
-    )
-    p.add_argument(
-        "--prefill-step-size",
-        type=int,
-        default=2048,
-        help="Step size for prefill processing (default: 2048)",
-    )
+    add_draft_args(p, per_request=True)
+    add_prefill_arg(p)
     p.add_argument(
         "--prompt-cache-size",
         type=int,
@@ -946,8 +914,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    from .utils import load
-
     p = setup_arg_parser()
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
@@ -956,16 +922,8 @@ def main(argv=None):
         level="DEBUG" if args.verbose else args.log_level,
         format="%(asctime)s - %(levelname)s - %(message)s",
     )
-    tokenizer_config = {"trust_remote_code": args.trust_remote_code}
-    if args.chat_template:
-        tokenizer_config["chat_template"] = args.chat_template
-    # A plain mlx-lm model is served with prompt lookup alone (the verifier, no streams).
-    model, tokenizer = load(
-        args.model,
-        tokenizer_config=tokenizer_config,
-        drafter=args.drafter,
-        allow_plain=args.draft == "ngram",
-        adapter_path=args.adapter_path,
+    model, tokenizer = load_model(
+        args, {"chat_template": args.chat_template} if args.chat_template else None
     )
     if args.use_default_chat_template and tokenizer.chat_template is None:
         tokenizer.chat_template = tokenizer.default_chat_template

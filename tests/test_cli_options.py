@@ -20,6 +20,7 @@ NOT_OURS = {
     "--quantize-activations": "an option of mlx-lm's own quantized kernels' experiments",
     "--draft-model": "mlx-lm's draft-model decoding: use mlx_lm.generate (--drafter is ours)",
 }
+CHAT_NOT_OURS = {"--pipeline": "mlx-lm's distributed pipeline parallelism"}
 # Flags whose defaults are ours, and why.
 OWN_DEFAULTS = {
     "--model": "the embedded model",
@@ -40,52 +41,47 @@ def flags_of(parser):
     return {s: a for a in parser._actions for s in a.option_strings if s.startswith("--")}
 
 
-def test_every_mlx_lm_generate_flag_is_ours_with_its_default():
-    from mlx_lm.generate import setup_arg_parser as mlx_lm_parser
-
-    ours, theirs = flags_of(setup_arg_parser()), flags_of(mlx_lm_parser())
-    missing = sorted(set(theirs) - set(ours) - set(NOT_OURS))
-    assert not missing, f"mlx_lm.generate flags we do not take: {missing}"
+def check_parity(ours, theirs, not_ours, command):
+    """Every flag of mlx-lm's ``command`` is ours (but ``not_ours``), with its default."""
+    ours, theirs = flags_of(ours), flags_of(theirs)
+    missing = sorted(set(theirs) - set(ours) - set(not_ours))
+    assert not missing, f"{command} flags we do not take: {missing}"
     differ = [
         (f, ours[f].default, a.default)
         for f, a in theirs.items()
         if f in ours and f not in OWN_DEFAULTS and ours[f].default != a.default
     ]
-    assert not differ, f"defaults that differ from mlx_lm.generate's: {differ}"
+    assert not differ, f"defaults that differ from {command}'s: {differ}"
 
 
-def test_every_mlx_lm_server_flag_is_ours_with_its_default():
+def test_every_mlx_lm_generate_and_chat_flag_is_ours_with_its_default():
+    from mlx_lm.chat import setup_arg_parser as mlx_lm_chat_parser
+    from mlx_lm.generate import setup_arg_parser as mlx_lm_parser
+
+    from mlx_specstream.chat import setup_arg_parser as chat_parser
+
+    check_parity(setup_arg_parser(), mlx_lm_parser(), NOT_OURS, "mlx_lm.generate")
+    check_parity(chat_parser(), mlx_lm_chat_parser(), CHAT_NOT_OURS, "mlx_lm.chat")
+
+
+def test_every_mlx_lm_server_flag_is_ours_with_its_default(monkeypatch):
+    import argparse
+
     import mlx_lm.server
 
     from mlx_specstream.server import setup_arg_parser as server_parser
 
-    theirs = {}
-
-    class Stop(Exception):
+    class Built(Exception):  # mlx_lm.server builds its parser inside main()
         pass
 
-    def capture(self, *a, **k):  # mlx_lm.server builds its parser inside main()
-        theirs.update(flags_of(self))
-        raise Stop
+    def capture(parser, *a, **k):
+        raise Built(parser)
 
-    import argparse
-
-    real = argparse.ArgumentParser.parse_args
-    argparse.ArgumentParser.parse_args = capture
-    try:
-        with pytest.raises(Stop):
-            mlx_lm.server.main()
-    finally:
-        argparse.ArgumentParser.parse_args = real
-    ours = flags_of(server_parser())
-    missing = sorted(set(theirs) - set(ours) - set(SERVER_NOT_OURS))
-    assert not missing, f"mlx_lm.server flags we do not take: {missing}"
-    differ = [
-        (f, ours[f].default, a.default)
-        for f, a in theirs.items()
-        if f in ours and f not in OWN_DEFAULTS and ours[f].default != a.default
-    ]
-    assert not differ, f"defaults that differ from mlx_lm.server's: {differ}"
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(Built) as built:
+        mlx_lm.server.main()
+    monkeypatch.undo()
+    check_parity(server_parser(), built.value.args[0], SERVER_NOT_OURS, "mlx_lm.server")
 
 
 def test_cli_flags_reach_the_loader_the_tokenizer_and_the_sampler(tmp_path, monkeypatch):

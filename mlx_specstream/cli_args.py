@@ -1,0 +1,104 @@
+"""The flags that several commands share (generate, chat, server), with mlx-lm's
+names and defaults, and loading a model as those flags say."""
+
+import argparse
+from typing import Any, Dict, Optional
+
+from .decode import DRAFTS
+
+DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_XTC_PROBABILITY = 0.0
+DEFAULT_XTC_THRESHOLD = 0.1
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--adapter-path``, ``--drafter`` and ``--trust-remote-code``."""
+    parser.add_argument(
+        "--model",
+        type=str,
+        default=None,
+        help="Local model directory or Hugging Face repo. Default: the embedded model.",
+    )
+    parser.add_argument(
+        "--adapter-path",
+        default=None,
+        help="Optional path for the trained adapter weights and config (mlx_lm.lora's), "
+        "applied to the base model",
+    )
+    parser.add_argument(
+        "--drafter",
+        default=None,
+        help="Model directory whose drafter (streams, Medusa heads or ParallelSpec) replaces the "
+        "model's own; it must have been trained on the same base. Default: the model's own.",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
+    )
+
+
+def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
+    """``--draft`` and ``--num-draft-tokens``; for one generation (not a server's
+    requests) also ``--no-speculation``, ``--tree-top-k`` and ``--tree-depth``."""
+    scope = "Default of a request's 'draft' field: " if per_request else ""
+    parser.add_argument(
+        "--draft",
+        choices=DRAFTS,
+        default=None,
+        help=f"{scope}'streams' (the model's own), 'ngram' (prompt lookup, any model) or "
+        "'streams+ngram' (merged into one tree). Default: the one the model's config names "
+        "(for this device, chosen by mlx_specstream.tune), else 'streams'.",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=None,
+        help="Longest prompt-lookup draft (default: 10, as transformers' "
+        "prompt_lookup_num_tokens)"
+        + ("; a request's 'num_draft_tokens' overrides it" if per_request else ""),
+    )
+    if per_request:
+        return
+    parser.add_argument(
+        "--no-speculation", action="store_true", help="Decode one token per forward pass"
+    )
+    parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
+    parser.add_argument("--tree-depth", type=int, default=None, help="Draft levels (streams) used")
+
+
+def add_xtc_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--xtc-probability",
+        type=float,
+        default=DEFAULT_XTC_PROBABILITY,
+        help="Probability of XTC sampling to happen each next token",
+    )
+    parser.add_argument(
+        "--xtc-threshold",
+        type=float,
+        default=DEFAULT_XTC_THRESHOLD,
+        help="Threshold the probs of each next token candidate to be sampled by XTC",
+    )
+
+
+def add_prefill_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=DEFAULT_PREFILL_STEP_SIZE,
+        help="Number of prompt tokens to process at a time. Smaller values lower peak memory "
+        f"during prefill (default: {DEFAULT_PREFILL_STEP_SIZE})",
+    )
+
+
+def load_model(args, tokenizer_config: Optional[Dict[str, Any]] = None):
+    """``(model, tokenizer)`` as the flags of :func:`add_model_args` say; with ``--draft
+    ngram`` a plain mlx-lm model runs with prompt lookup alone (the verifier, no streams)."""
+    from .utils import load
+
+    return load(
+        args.model,
+        tokenizer_config={**(tokenizer_config or {}), "trust_remote_code": args.trust_remote_code},
+        adapter_path=args.adapter_path,
+        drafter=args.drafter,
+        allow_plain=args.draft == "ngram",
+    )
