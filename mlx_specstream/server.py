@@ -9,10 +9,10 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``xtc_probability``,
 ``xtc_threshold``, ``stop``, ``seed``, ``logit_bias``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty`` (each with its ``*_context_size``),
-``chat_template_kwargs``, ``role_mapping``, ``stream_options``, plus our ``speculative`` (bool),
+``chat_template_kwargs``, ``role_mapping``, ``stream_options``, ``logprobs`` and
+``top_logprobs`` (whole responses only), plus our ``speculative`` (bool),
 ``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support (tools,
-``response_format``, logprobs, ``n`` > 1, ...) are refused with a 400 that
-names them.
+``response_format``, ``n`` > 1, ...) are refused with a 400 that names them.
 
 Chat works on every model: with a chat template it is applied; without one the
 messages are joined as ``mlx_lm.server`` joins them (:func:`join_messages`).
@@ -96,8 +96,6 @@ UNSUPPORTED = {
     "response_format": (None, {"type": "text"}),
     "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "adapters": (None,),
@@ -112,8 +110,6 @@ UNSUPPORTED_WHY = {
     "response_format": "this server returns plain text only ({'type': 'text'})",
     "n": "one choice per request only (n=1)",
     "best_of": "one choice per request only (best_of=1)",
-    "logprobs": "log-probabilities are not returned by this server",
-    "top_logprobs": "log-probabilities are not returned by this server",
     "echo": "echoing the prompt is not supported",
     "suffix": "suffixes (insertion) are not supported",
     "adapters": "this server serves one model: start it with --adapter-path",
@@ -207,6 +203,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
+    logprobs = requested_logprobs(body, stream)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError(
@@ -232,12 +229,72 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         draft=draft,
         num_draft_tokens=draft_tokens,
         stream=stream,
+        logprobs=logprobs,
         include_usage=options.get("include_usage", False),
         # A penalty reads the last tokens before each new one: a request reusing
         # a cached prefix still feeds that many itself, so it sees the same
         # history as a cold request.
         min_fed=max(reads),
     )
+
+
+MAX_TOP_LOGPROBS = 20  # (OpenAI's limit)
+
+
+def requested_logprobs(body: Dict[str, Any], stream: bool) -> Optional[int]:
+    """How many alternatives a request wants with each token's log-probability, or
+    ``None`` for no log-probabilities. Chat asks with ``"logprobs": true`` and
+    ``top_logprobs``; a completion with ``"logprobs": n``. Not with ``stream``."""
+    value, top = body.get("logprobs"), body.get("top_logprobs")
+    if value is None or value is False:
+        if top not in (None, 0):
+            raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    if value is True:
+        n = _number({"top_logprobs": top}, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS,
+                    integer=True)  # fmt: skip
+    else:
+        n = _number(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
+    if stream:
+        raise RequestError(
+            "'logprobs' are returned with whole responses only, not with 'stream': true",
+            "logprobs",
+        )
+    return n
+
+
+def token_logprobs(tokenizer, token: int, logprobs: mx.array, top: int) -> Dict[str, Any]:
+    """One generated token's log-probability and its ``top`` alternatives, as plain
+    values: ``{"id", "token", "logprob", "top": [(id, token, logprob), ...]}``.
+    ``logprobs`` are the model's (after logits processors), as mlx-lm yields them."""
+    out = {"id": token, "token": tokenizer.decode([token]), "logprob": logprobs[token].item()}
+    if top:
+        ids = mx.argsort(-logprobs)[:top].tolist()
+        values = logprobs[mx.array(ids)].tolist()
+        out["top"] = [(i, tokenizer.decode([i]), v) for i, v in zip(ids, values)]
+    return out
+
+
+def format_logprobs(records: List[Dict[str, Any]], chat: bool) -> Dict[str, Any]:
+    """OpenAI's ``logprobs`` of a choice: chat's ``content`` list (with mlx_lm.server's
+    ``id`` too), or a completion's ``tokens``/``token_logprobs``/``top_logprobs``."""
+    if chat:
+
+        def entry(i, t, v):
+            return {"id": i, "token": t, "logprob": v, "bytes": list(t.encode("utf-8"))}
+
+        return {
+            "content": [
+                {**entry(r["id"], r["token"], r["logprob"]),
+                 "top_logprobs": [entry(*a) for a in r.get("top", [])]}
+                for r in records
+            ]  # fmt: skip
+        }
+    return {
+        "tokens": [r["token"] for r in records],
+        "token_logprobs": [r["logprob"] for r in records],
+        "top_logprobs": [{t: v for _, t, v in r.get("top", [])} for r in records],
+    }
 
 
 _END = object()  # a job's last event
@@ -267,7 +324,8 @@ class Job:
         self.cancelled.set()
 
     def __iter__(self):
-        """``(text, finish_reason, usage)`` events; re-raises the generation's error."""
+        """``(text, finish_reason, usage, logprobs)`` events (see
+        :meth:`ModelService.generate`); re-raises the generation's error."""
         while True:
             event = self._events.get()
             if event is _END:
@@ -489,8 +547,9 @@ class ModelService:
 
     # ---- generation -----------------------------------------------------------------
     def generate(self, tokens: List[int], args: Dict[str, Any]):
-        """Yields ``(text, finish_reason, usage)`` (``usage`` with the last
-        piece only). Runs on the generation thread only.
+        """Yields ``(text, finish_reason, usage, logprobs)`` (``usage`` and, when the
+        request asks, the tokens' log-probabilities (:func:`token_logprobs`) with the
+        last piece only). Runs on the generation thread only.
 
         The request starts from the cached entry sharing the longest prefix
         with ``tokens`` and feeds only the rest; when it ends, or is closed
@@ -523,12 +582,14 @@ class ModelService:
             **kwargs,
         )
         stops, text, emitted = args["stop"], "", 0
-        generated, spec = [], SpeculativeUsage()
+        generated, spec, records, top = [], SpeculativeUsage(), [], args.get("logprobs")
         ended = False  # finished or closed, not failed: the cache is consistent
         try:
             for r in gen:
                 generated.append(r.token)
                 spec.add(r)
+                if top is not None:
+                    records.append(token_logprobs(self.tokenizer, r.token, r.logprobs, top))
                 text += r.text
                 finish = r.finish_reason
                 hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
@@ -542,7 +603,10 @@ class ModelService:
                     if finish is not None:
                         usage = make_usage(len(tokens), cached, len(generated), spec)
                         logger.debug("usage %s", json.dumps(usage))
-                    yield text[emitted : max(ready, emitted)], finish, usage
+                    last = finish is not None and top is not None
+                    yield text[emitted : max(ready, emitted)], finish, usage, (
+                        records if last else None
+                    )
                     emitted = max(ready, emitted)
                 if finish is not None:
                     break
@@ -715,10 +779,11 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def _complete(self, rid, chat, first, events):
-        text, finish, usage = "", None, None
-        for piece, finish, usage in itertools.chain([first], events):
+        text, finish, usage, logprobs = "", None, None, None
+        for piece, finish, usage, logprobs in itertools.chain([first], events):
             text += piece
-        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        logprobs = None if logprobs is None else format_logprobs(logprobs, chat)
+        choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -747,7 +812,7 @@ class Handler(BaseHTTPRequestHandler):
                     ],
                 }
             )
-        for piece, finish, usage in itertools.chain([first], events):
+        for piece, finish, usage, _ in itertools.chain([first], events):
             if chat:
                 choice = {
                     "index": 0,

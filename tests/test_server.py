@@ -684,13 +684,14 @@ def test_concurrent_conversations_with_a_bounded_cache(serve):
         ("chat", {"tool_choice": "auto"}, "tool_choice"),
         ("chat", {"functions": [{"name": "f"}]}, "functions"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("chat", {"logprobs": True}, "logprobs"),
+        ("chat", {"logprobs": True, "stream": True}, "logprobs"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("chat", {"n": 2}, "n"),
         ("completions", {"echo": True}, "echo"),
         ("completions", {"suffix": "t1"}, "suffix"),
         ("completions", {"best_of": 2}, "best_of"),
-        ("completions", {"logprobs": 1}, "logprobs"),
+        ("completions", {"logprobs": -1}, "logprobs"),
         ("completions", {"stream_options": {"include_usage": "yes"}}, "stream_options"),
         ("chat", {"messages": [{"role": "tool", "content": "1"}]}, "messages"),
         ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
@@ -955,3 +956,37 @@ def test_cli_flags_reach_the_loader_and_the_server(monkeypatch):
     assert (d["kv_bits"], d["kv_group_size"], d["quantized_kv_start"]) == (4, 32, 100)
     assert d["prefill_step_size"] == 256 and d["chat_template_args"] == {"loud": True}
     assert d["allowed_origins"] == ["http://a", "http://b"]
+
+
+def test_logprobs_are_the_models_as_mlx_lm_yields_them(served):
+    """Chat (``logprobs``/``top_logprobs``, OpenAI's ``content`` list) and completions
+    (``logprobs: n``, the legacy lists) return each token's log-probability and the
+    top alternatives: those mlx-lm's own loop yields for the same tokens."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.generate import generate_step
+
+    model, tok, client, _ = served
+    messages = [{"role": "user", "content": "t7 t8 t9"}]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, logprobs=True, top_logprobs=3
+    )
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    steps = list(generate_step(mx.array(ids), model, max_tokens=12))
+    content = r.choices[0].logprobs.content
+    assert [c.model_extra["id"] for c in content] == [t for t, _ in steps][: len(content)]
+    for c, (t, lp) in zip(content, steps):
+        lp = np.array(lp)
+        assert c.token == tok.decode([t]) and np.isclose(c.logprob, lp[t], atol=1e-5)
+        want_top = np.argsort(-lp, kind="stable")[:3]
+        assert [a.model_extra["id"] for a in c.top_logprobs] == want_top.tolist()
+        assert np.allclose([a.logprob for a in c.top_logprobs], lp[want_top], atol=1e-5)
+    assert len({c.logprob for c in content}) > 1  # (not one value for every token)
+    r = client.completions.create(model="tiny", prompt="t3 t4", max_tokens=6, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert all(
+        len(a) <= 2 and max(a.values()) >= v for a, v in zip(lp.top_logprobs, lp.token_logprobs)
+    )
+    r = client.completions.create(model="tiny", prompt="t3 t4", max_tokens=6)
+    assert r.choices[0].logprobs is None  # (not asked)
