@@ -229,19 +229,21 @@ def test_prefill_response_continues_the_assistant_message():
 def test_python_m_mlx_specstream_runs_a_command_and_every_script_has_a_main():
     """``python -m mlx_specstream generate ...`` as ``python -m mlx_lm generate``; every
     console script of pyproject.toml names a module's ``main``; a typo is refused."""
-    import importlib
     import subprocess
-    import tomllib
+    from importlib.metadata import entry_points
     from pathlib import Path
 
     from mlx_specstream.cli import COMMANDS
 
     root = Path(__file__).resolve().parents[1]
-    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = {
+        e.name: e
+        for e in entry_points(group="console_scripts")
+        if e.name.startswith("mlx_specstream.")
+    }  # (as installed from pyproject.toml)
     assert sorted(scripts) == sorted(f"mlx_specstream.{c}" for c in COMMANDS)
-    for target in scripts.values():
-        module, func = target.split(":")
-        assert callable(getattr(importlib.import_module(module), func))
+    for name, entry in scripts.items():
+        assert entry.value == f"{name}:main" and callable(entry.load())
     run = [sys.executable, "-m", "mlx_specstream"]
     out = subprocess.run(run + ["generate", "--prompt", "def f(x):", "--max-tokens", "4"],
                          capture_output=True, text=True, timeout=300, cwd=root)  # fmt: skip
