@@ -10,7 +10,7 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``xtc_threshold``, ``stop``, ``seed``, ``logit_bias``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty`` (each with its ``*_context_size``),
 ``chat_template_kwargs``, ``role_mapping``, ``stream_options``, ``logprobs`` and
-``top_logprobs`` (whole responses only), plus our ``speculative`` (bool),
+``top_logprobs``, plus our ``speculative`` (bool),
 ``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support (tools,
 ``response_format``, ``n`` > 1, ...) are refused with a 400 that names them.
 
@@ -203,7 +203,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
-    logprobs = requested_logprobs(body, stream)
+    logprobs = requested_logprobs(body)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError(
@@ -241,10 +241,10 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
 MAX_TOP_LOGPROBS = 20  # (OpenAI's limit)
 
 
-def requested_logprobs(body: Dict[str, Any], stream: bool) -> Optional[int]:
+def requested_logprobs(body: Dict[str, Any]) -> Optional[int]:
     """How many alternatives a request wants with each token's log-probability, or
     ``None`` for no log-probabilities. Chat asks with ``"logprobs": true`` and
-    ``top_logprobs``; a completion with ``"logprobs": n``. Not with ``stream``."""
+    ``top_logprobs``; a completion with ``"logprobs": n``."""
     value, top = body.get("logprobs"), body.get("top_logprobs")
     if value is None or value is False:
         if top not in (None, 0):
@@ -255,11 +255,6 @@ def requested_logprobs(body: Dict[str, Any], stream: bool) -> Optional[int]:
                     integer=True)  # fmt: skip
     else:
         n = _number(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
-    if stream:
-        raise RequestError(
-            "'logprobs' are returned with whole responses only, not with 'stream': true",
-            "logprobs",
-        )
     return n
 
 
@@ -547,9 +542,10 @@ class ModelService:
 
     # ---- generation -----------------------------------------------------------------
     def generate(self, tokens: List[int], args: Dict[str, Any]):
-        """Yields ``(text, finish_reason, usage, logprobs)`` (``usage`` and, when the
-        request asks, the tokens' log-probabilities (:func:`token_logprobs`) with the
-        last piece only). Runs on the generation thread only.
+        """Yields ``(text, finish_reason, usage, logprobs)``: ``usage`` with the last
+        piece only; ``logprobs``, when the request asks, those of the tokens generated
+        since the previous piece (:func:`token_logprobs`; all of them by the last
+        piece). Runs on the generation thread only.
 
         The request starts from the cached entry sharing the longest prefix
         with ``tokens`` and feeds only the rest; when it ends, or is closed
@@ -582,7 +578,7 @@ class ModelService:
             **kwargs,
         )
         stops, text, emitted = args["stop"], "", 0
-        generated, spec, records, top = [], SpeculativeUsage(), [], args.get("logprobs")
+        generated, spec, records, top, sent = [], SpeculativeUsage(), [], args.get("logprobs"), 0
         ended = False  # finished or closed, not failed: the cache is consistent
         try:
             for r in gen:
@@ -603,11 +599,9 @@ class ModelService:
                     if finish is not None:
                         usage = make_usage(len(tokens), cached, len(generated), spec)
                         logger.debug("usage %s", json.dumps(usage))
-                    last = finish is not None and top is not None
-                    yield text[emitted : max(ready, emitted)], finish, usage, (
-                        records if last else None
-                    )
-                    emitted = max(ready, emitted)
+                    new = None if top is None else records[sent:]
+                    yield text[emitted : max(ready, emitted)], finish, usage, new
+                    emitted, sent = max(ready, emitted), len(records)
                 if finish is not None:
                     break
             ended = True
@@ -779,10 +773,11 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def _complete(self, rid, chat, first, events):
-        text, finish, usage, logprobs = "", None, None, None
-        for piece, finish, usage, logprobs in itertools.chain([first], events):
+        text, finish, usage, records = "", None, None, None
+        for piece, finish, usage, new in itertools.chain([first], events):
             text += piece
-        logprobs = None if logprobs is None else format_logprobs(logprobs, chat)
+            records = None if new is None else (records or []) + new
+        logprobs = None if records is None else format_logprobs(records, chat)
         choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -812,15 +807,17 @@ class Handler(BaseHTTPRequestHandler):
                     ],
                 }
             )
-        for piece, finish, usage, _ in itertools.chain([first], events):
+        for piece, finish, usage, new in itertools.chain([first], events):
+            logprobs = None if new is None else format_logprobs(new, chat)
             if chat:
                 choice = {
                     "index": 0,
                     "delta": {"content": piece} if piece else {},
                     "finish_reason": finish,
+                    "logprobs": logprobs,
                 }
             else:
-                choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": logprobs}
             payload = {**self._base(rid, chat, chat), "choices": [choice]}
             if finish is not None:
                 payload["usage"] = usage

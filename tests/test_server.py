@@ -684,7 +684,6 @@ def test_concurrent_conversations_with_a_bounded_cache(serve):
         ("chat", {"tool_choice": "auto"}, "tool_choice"),
         ("chat", {"functions": [{"name": "f"}]}, "functions"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("chat", {"logprobs": True, "stream": True}, "logprobs"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("chat", {"n": 2}, "n"),
@@ -990,3 +989,22 @@ def test_logprobs_are_the_models_as_mlx_lm_yields_them(served):
     )
     r = client.completions.create(model="tiny", prompt="t3 t4", max_tokens=6)
     assert r.choices[0].logprobs is None  # (not asked)
+
+
+def test_streamed_logprobs_are_the_whole_responses(served):
+    """Streamed, each chunk carries the log-probabilities of the tokens generated
+    since the last one: together, those of the whole (non-streamed) response."""
+    _, _, client, _ = served
+    messages = [{"role": "user", "content": "t7 t8 t9"}]
+    ask = dict(model="tiny", messages=messages, max_tokens=12, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**ask).choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in whole]
+    assert len(whole) == 12 and sum(1 for ch in chunks if ch.choices) > 2
+    ask = dict(model="tiny", prompt="t3 t4", max_tokens=6, logprobs=1)
+    whole = client.completions.create(**ask).choices[0].logprobs.token_logprobs
+    chunks = client.completions.create(**ask, stream=True)
+    assert [v for ch in chunks if ch.choices and ch.choices[0].logprobs
+            for v in ch.choices[0].logprobs.token_logprobs] == whole  # fmt: skip
