@@ -9,10 +9,11 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``xtc_probability``,
 ``xtc_threshold``, ``stop``, ``seed``, ``logit_bias``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty`` (each with its ``*_context_size``),
-``chat_template_kwargs``, ``role_mapping``, ``stream_options``, ``logprobs`` and
-``top_logprobs``, plus our ``speculative`` (bool),
-``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support (tools,
-``response_format``, ``n`` > 1, ...) are refused with a 400 that names them.
+``chat_template_kwargs``, ``role_mapping``, ``stream_options``, ``logprobs``,
+``top_logprobs`` and ``n`` (choices generated one after another), plus our
+``speculative`` (bool), ``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we
+do not support (tools, ``response_format``, ``best_of`` > 1, ...) are refused with a
+400 that names them.
 
 Chat works on every model: with a chat template it is applied; without one the
 messages are joined as ``mlx_lm.server`` joins them (:func:`join_messages`).
@@ -94,7 +95,6 @@ UNSUPPORTED = {
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, False),
     "response_format": (None, {"type": "text"}),
-    "n": (None, 1),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -108,7 +108,6 @@ UNSUPPORTED_WHY = {
     "function_call": "function calling is not supported by this server",
     "parallel_tool_calls": "tool calling is not supported by this server",
     "response_format": "this server returns plain text only ({'type': 'text'})",
-    "n": "one choice per request only (n=1)",
     "best_of": "one choice per request only (best_of=1)",
     "echo": "echoing the prompt is not supported",
     "suffix": "suffixes (insertion) are not supported",
@@ -204,6 +203,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
     logprobs = requested_logprobs(body)
+    n = _number(body, "n", 1, lo=1, hi=MAX_CHOICES, integer=True)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError(
@@ -230,6 +230,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         num_draft_tokens=draft_tokens,
         stream=stream,
         logprobs=logprobs,
+        n=n,
         include_usage=options.get("include_usage", False),
         # A penalty reads the last tokens before each new one: a request reusing
         # a cached prefix still feeds that many itself, so it sees the same
@@ -239,6 +240,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
 
 
 MAX_TOP_LOGPROBS = 20  # (OpenAI's limit)
+MAX_CHOICES = 16  # a request's most choices (n), generated one after another
 
 
 def requested_logprobs(body: Dict[str, Any]) -> Optional[int]:
@@ -319,7 +321,7 @@ class Job:
         self.cancelled.set()
 
     def __iter__(self):
-        """``(text, finish_reason, usage, logprobs)`` events (see
+        """``(choice index, text, finish_reason, usage, logprobs)`` events (see
         :meth:`ModelService.generate`); re-raises the generation's error."""
         while True:
             event = self._events.get()
@@ -433,17 +435,24 @@ class ModelService:
             mx.clear_streams()  # empties this thread's compile cache (see the class doc)
 
     def _serve(self, job: Job):
+        """Runs a request's ``n`` choices one after another, under one hold of the
+        lock (so that a seeded request is not interleaved with others); events go
+        out as ``(choice index, *event)``."""
         with self.lock:
-            events = self.generate(job.tokens, job.args)
-            try:
-                for event in events:
-                    job.put(event)
-                    if job.cancelled.is_set() or self._stopping.is_set():
-                        break
-            except Exception as e:  # noqa: BLE001 - handed to the request's thread
-                job.put(e)
-            finally:
-                events.close()
+            for index in range(job.args.get("n", 1)):
+                # Later choices continue the random stream the first one seeded.
+                args = job.args if index == 0 else {**job.args, "seed": None}
+                events = self.generate(job.tokens, args)
+                try:
+                    for event in events:
+                        job.put((index, *event))
+                        if job.cancelled.is_set() or self._stopping.is_set():
+                            return
+                except Exception as e:  # noqa: BLE001 - handed to the request's thread
+                    job.put(e)
+                    return
+                finally:
+                    events.close()
 
     # ---- prompts ------------------------------------------------------------------
     def chat_messages(self, body: Dict[str, Any]) -> List[Dict[str, str]]:
@@ -651,6 +660,24 @@ def make_usage(prompt_tokens: int, cached: int, completion_tokens: int, spec) ->
     }
 
 
+def total_usage(usages: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One ``usage`` for a request's choices: the prompt (and its cached part) once,
+    the completion tokens and forward passes of every choice."""
+    first, generated = usages[0], sum(u["completion_tokens"] for u in usages)
+    passes = sum(u["speculative"]["forward_passes"] for u in usages)
+    accepted = sum(u["speculative"]["accepted_draft_tokens"] for u in usages)
+    return {
+        **first,
+        "completion_tokens": generated,
+        "total_tokens": first["prompt_tokens"] + generated,
+        "speculative": {
+            "forward_passes": passes,
+            "accepted_draft_tokens": accepted,
+            "tokens_per_pass": round(generated / max(passes, 1), 4),
+        },
+    }
+
+
 class Handler(BaseHTTPRequestHandler):
     service: ModelService = None
     protocol_version = "HTTP/1.1"
@@ -773,17 +800,26 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def _complete(self, rid, chat, first, events):
-        text, finish, usage, records = "", None, None, None
-        for piece, finish, usage, new in itertools.chain([first], events):
-            text += piece
-            records = None if new is None else (records or []) + new
-        logprobs = None if records is None else format_logprobs(records, chat)
-        choice = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        self._send_json(200, {**self._base(rid, chat), "choices": [choice], "usage": usage})
+        choices, usages = {}, {}
+        for index, piece, finish, usage, new in itertools.chain([first], events):
+            c = choices.setdefault(index, {"text": "", "finish": None, "records": None})
+            c["text"] += piece
+            c["finish"] = finish
+            if new is not None:
+                c["records"] = (c["records"] or []) + new
+            if usage is not None:
+                usages[index] = usage
+        out = []
+        for index, c in sorted(choices.items()):
+            logprobs = None if c["records"] is None else format_logprobs(c["records"], chat)
+            choice = {"index": index, "finish_reason": c["finish"], "logprobs": logprobs}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c["text"]}
+            else:
+                choice["text"] = c["text"]
+            out.append(choice)
+        usage = total_usage([usages[i] for i in sorted(usages)]) if usages else None
+        self._send_json(200, {**self._base(rid, chat), "choices": out, "usage": usage})
 
     def _stream(self, rid, chat, first, events, args):
         self.send_response(200)
@@ -798,32 +834,34 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
 
-        if chat:
-            send(
-                {
-                    **self._base(rid, chat, True),
-                    "choices": [
-                        {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
-                    ],
-                }
-            )
-        for piece, finish, usage, new in itertools.chain([first], events):
+        started, usages = set(), []
+        for index, piece, finish, usage, new in itertools.chain([first], events):
+            if chat and index not in started:  # each choice opens with the role
+                started.add(index)
+                role = {"index": index, "delta": {"role": "assistant"}, "finish_reason": None}
+                send({**self._base(rid, chat, True), "choices": [role]})
             logprobs = None if new is None else format_logprobs(new, chat)
             if chat:
                 choice = {
-                    "index": 0,
+                    "index": index,
                     "delta": {"content": piece} if piece else {},
                     "finish_reason": finish,
                     "logprobs": logprobs,
                 }
             else:
-                choice = {"index": 0, "text": piece, "finish_reason": finish, "logprobs": logprobs}
+                choice = {
+                    "index": index,
+                    "text": piece,
+                    "finish_reason": finish,
+                    "logprobs": logprobs,
+                }
             payload = {**self._base(rid, chat, chat), "choices": [choice]}
             if finish is not None:
                 payload["usage"] = usage
+                usages.append(usage)
             send(payload)
         if args["include_usage"]:  # OpenAI's final chunk: no choices, the usage
-            send({**self._base(rid, chat, chat), "choices": [], "usage": usage})
+            send({**self._base(rid, chat, chat), "choices": [], "usage": total_usage(usages)})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 

@@ -686,7 +686,7 @@ def test_concurrent_conversations_with_a_bounded_cache(serve):
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
         ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ("chat", {"n": 2}, "n"),
+        ("chat", {"n": 17}, "n"),
         ("completions", {"echo": True}, "echo"),
         ("completions", {"suffix": "t1"}, "suffix"),
         ("completions", {"best_of": 2}, "best_of"),
@@ -1008,3 +1008,29 @@ def test_streamed_logprobs_are_the_whole_responses(served):
     chunks = client.completions.create(**ask, stream=True)
     assert [v for ch in chunks if ch.choices and ch.choices[0].logprobs
             for v in ch.choices[0].logprobs.token_logprobs] == whole  # fmt: skip
+
+
+def test_n_choices_one_after_another(served):
+    """``n`` choices are generated one after another: seeded, the first is the n=1
+    answer and the rest continue its random stream, so they differ; greedy, all are
+    the same; usage counts the prompt once and every choice's tokens. Streamed, each
+    chunk names its choice and the pieces rebuild the same texts."""
+    model, tok, client, _ = served
+    messages = [{"role": "user", "content": "t7 t8 t9"}]
+    ask = dict(model="tiny", messages=messages, max_tokens=10, temperature=1.0, seed=11)
+    one = client.chat.completions.create(**ask).choices[0].message.content
+    r = client.chat.completions.create(**ask, n=3)
+    texts = [c.message.content for c in r.choices]
+    assert [c.index for c in r.choices] == [0, 1, 2] and texts[0] == one
+    assert len(set(texts)) > 1  # (not one draw three times)
+    words = sum(len(t.split()) for t in texts)  # (one word a token; an EOS adds one)
+    assert words <= r.usage.completion_tokens <= 3 * 10
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.model_extra["speculative"]["forward_passes"] >= 3
+    greedy = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, n=2)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    streamed = {}
+    for ch in client.chat.completions.create(**ask, n=3, stream=True):
+        for c in ch.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
