@@ -17,7 +17,7 @@ from mlx_lm.cli_ui import ChatUI
 from .cache import make_prompt_cache
 from .cli_args import add_draft_args, add_model_args, add_prefill_arg, add_xtc_args, load_model
 from .generate import SpeculativeUsage, stream_generate
-from .sample_utils import make_sampler
+from .sample_utils import make_sampler, xtc_special_tokens
 from .server import join_messages
 
 DEFAULT_TEMP = 0.0
@@ -94,7 +94,7 @@ def main(argv=None):
         args.top_p,
         xtc_probability=args.xtc_probability,
         xtc_threshold=args.xtc_threshold,
-        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+        xtc_special_tokens=xtc_special_tokens(tokenizer),
     )
     drafting = {
         k: getattr(args, k)

@@ -80,6 +80,29 @@ def add_xtc_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_kv_quantization_args(parser: argparse.ArgumentParser) -> None:
+    """``--kv-bits``, ``--kv-group-size`` and ``--quantized-kv-start``."""
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        default=None,
+        help="Number of bits for KV cache quantization (e.g., 4 or 8). Default: None (full "
+        "precision)",
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=64,
+        help="Group size for KV cache quantization (default: 64)",
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=5000,
+        help="Token position to start KV cache quantization (default: 5000)",
+    )
+
+
 def add_prefill_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefill-step-size",

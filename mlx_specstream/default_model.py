@@ -30,7 +30,6 @@ def load_default(drafter=None, return_config=False, **kwargs):
             f"The embedded model is missing from {DEFAULT_DIR}; reinstall the package or rebuild "
             "it with `python -m convert.build_default_model`."
         )
-    kwargs.pop("return_config", None)
     model, tokenizer, config = load(str(DEFAULT_DIR), drafter=drafter, return_config=True, **kwargs)
     if mx.default_device() == mx.cpu:
         model.set_dtype(mx.float32)

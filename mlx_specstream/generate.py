@@ -15,10 +15,17 @@ import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, wired_limit, generation_stream
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cli_args import add_draft_args, add_model_args, add_prefill_arg, add_xtc_args, load_model
+from .cli_args import (
+    add_draft_args,
+    add_kv_quantization_args,
+    add_model_args,
+    add_prefill_arg,
+    add_xtc_args,
+    load_model,
+)
 from .decode import ACCEPTANCE, spec_generate_step
 from .precision import device_key
-from .sample_utils import make_sampler
+from .sample_utils import make_sampler, xtc_special_tokens
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_MAX_TOKENS = 100
@@ -324,14 +331,7 @@ def setup_arg_parser():
     parser.add_argument(
         "--max-kv-size", type=int, default=None, help="Set the maximum key-value cache size"
     )
-    parser.add_argument("--kv-bits", type=int, default=None, help="Bits for KV cache quantization")
-    parser.add_argument("--kv-group-size", type=int, default=64, help="KV cache quantization group")
-    parser.add_argument(
-        "--quantized-kv-start",
-        type=int,
-        default=5000,
-        help="When --kv-bits is set, the step from which the KV cache is quantized",
-    )
+    add_kv_quantization_args(parser)
     add_prefill_arg(parser)
     parser.add_argument(
         "--prompt-cache-file",
@@ -386,7 +386,7 @@ def main(argv=None):
         top_k=args.top_k,
         xtc_probability=args.xtc_probability,
         xtc_threshold=args.xtc_threshold,
-        xtc_special_tokens=tokenizer.encode("\n") + list(tokenizer.eos_token_ids),
+        xtc_special_tokens=xtc_special_tokens(tokenizer),
     )
     text, response = _generate(
         model,

@@ -15,7 +15,7 @@ independent as those of successive plain steps.
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
@@ -103,6 +103,12 @@ def xtc_mask(logits: mx.array, threshold: float, special_tokens: Tuple[int, ...]
     if special_tokens:
         mask[..., list(special_tokens)] = False
     return mask
+
+
+def xtc_special_tokens(tokenizer) -> List[int]:
+    """The tokens XTC never removes, as mlx-lm's commands pass them: a line break
+    and the EOS tokens."""
+    return tokenizer.encode("\n") + list(tokenizer.eos_token_ids)
 
 
 def make_sampler(

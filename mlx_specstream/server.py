@@ -51,11 +51,17 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
 
 from .cache import make_prompt_cache
-from .cli_args import add_draft_args, add_model_args, add_prefill_arg, load_model
+from .cli_args import (
+    add_draft_args,
+    add_kv_quantization_args,
+    add_model_args,
+    add_prefill_arg,
+    load_model,
+)
 from .decode import ACCEPTANCE, DRAFTS
 from .generate import SpeculativeUsage, stream_generate, untuned_note
 from .prompt_cache import PromptCacheLRU
-from .sample_utils import make_sampler
+from .sample_utils import make_sampler, xtc_special_tokens
 
 logger = logging.getLogger(__name__)
 # mlx_lm.server's layout for chat without a template: a prefix per role, a
@@ -153,9 +159,9 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         {"max_tokens": max_tokens}, "max_tokens", defaults.max_tokens, lo=1, integer=True
     )
     temp = _number(body, "temperature", defaults.temp, lo=0.0)
-    top_p = _number(body, "top_p", getattr(defaults, "top_p", 1.0), lo=0.0, hi=1.0, lo_open=True)
-    top_k = _number(body, "top_k", getattr(defaults, "top_k", 0), lo=0, integer=True)
-    min_p = _number(body, "min_p", getattr(defaults, "min_p", 0.0), lo=0.0, hi=1.0)
+    top_p = _number(body, "top_p", defaults.top_p, lo=0.0, hi=1.0, lo_open=True)
+    top_k = _number(body, "top_k", defaults.top_k, lo=0, integer=True)
+    min_p = _number(body, "min_p", defaults.min_p, lo=0.0, hi=1.0)
     xtc_probability = _number(body, "xtc_probability", 0.0, lo=0.0, hi=1.0)
     xtc_threshold = _number(body, "xtc_threshold", 0.1, lo=0.0, hi=0.5)
     seed = body.get("seed")
@@ -188,14 +194,14 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     acceptance = body.get("acceptance")
     if acceptance is not None and acceptance not in ACCEPTANCE:
         raise RequestError(f"'acceptance' must be one of {list(ACCEPTANCE)}", "acceptance")
-    draft = body.get("draft", getattr(defaults, "draft", None))
+    draft = body.get("draft", defaults.draft)
     if draft is not None and draft not in DRAFTS:
         raise RequestError(
             f"'draft'={draft!r} must be null (the model's configured drafts) or one of "
             f"{list(DRAFTS)}",
             "draft",
         )
-    draft_tokens = body.get("num_draft_tokens", getattr(defaults, "num_draft_tokens", None))
+    draft_tokens = body.get("num_draft_tokens", defaults.num_draft_tokens)
     if draft_tokens is not None:
         draft_tokens = _number({"num_draft_tokens": draft_tokens}, "num_draft_tokens", None,
                                lo=1, integer=True)  # fmt: skip
@@ -253,11 +259,9 @@ def requested_logprobs(body: Dict[str, Any]) -> Optional[int]:
             raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return None
     if value is True:
-        n = _number({"top_logprobs": top}, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS,
-                    integer=True)  # fmt: skip
-    else:
-        n = _number(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
-    return n
+        return _number({"top_logprobs": top}, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS,
+                       integer=True)  # fmt: skip
+    return _number(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS, integer=True)
 
 
 def token_logprobs(tokenizer, token: int, logprobs: mx.array, top: int) -> Dict[str, Any]:
@@ -362,12 +366,8 @@ class ModelService:
             defaults,
         )
         self.lock = threading.Lock()  # held while a generation runs
-        self.prompt_cache = PromptCacheLRU(
-            getattr(defaults, "prompt_cache_size", 10),
-            getattr(defaults, "prompt_cache_bytes", None),
-        )
-        # XTC never removes these (as mlx_lm.server): a line break and the EOS tokens.
-        self.xtc_special_tokens = tokenizer.encode("\n") + list(tokenizer.eos_token_ids)
+        self.prompt_cache = PromptCacheLRU(defaults.prompt_cache_size, defaults.prompt_cache_bytes)
+        self.xtc_special_tokens = xtc_special_tokens(tokenizer)
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
         mx.eval(_arrays_of(model))
@@ -498,7 +498,7 @@ class ModelService:
         extra = body.get("chat_template_kwargs") or {}
         if not isinstance(extra, dict):
             raise RequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
-        return {**(getattr(self.defaults, "chat_template_args", None) or {}), **extra}
+        return {**(self.defaults.chat_template_args or {}), **extra}
 
     def prompt_tokens(self, body: Dict[str, Any], chat: bool) -> List[int]:
         tokens = self._prompt_tokens(body, chat)
@@ -568,7 +568,7 @@ class ModelService:
         rest = tokens[cached:]
         kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
         d = self.defaults
-        if getattr(d, "kv_bits", None) is not None:
+        if d.kv_bits is not None:
             kwargs.update(kv_bits=d.kv_bits, kv_group_size=d.kv_group_size,
                           quantized_kv_start=d.quantized_kv_start)  # fmt: skip
         gen = stream_generate(
@@ -577,7 +577,7 @@ class ModelService:
             rest,
             max_tokens=args["max_tokens"],
             sampler=make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens),
-            prefill_step_size=getattr(d, "prefill_step_size", 2048),
+            prefill_step_size=d.prefill_step_size,
             logits_processors=(
                 make_logits_processors(**args["processing"]) if args["processing"] else None
             ),
@@ -687,7 +687,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _cors(self):
         """mlx_lm.server's CORS headers, from ``--allowed-origins``."""
-        allowed = getattr(self.service.defaults, "allowed_origins", ["*"])
+        allowed = self.service.defaults.allowed_origins
         origin = self.headers.get("Origin")
         if "*" in allowed:
             self.send_header("Access-Control-Allow-Origin", "*")
@@ -841,20 +841,11 @@ class Handler(BaseHTTPRequestHandler):
                 role = {"index": index, "delta": {"role": "assistant"}, "finish_reason": None}
                 send({**self._base(rid, chat, True), "choices": [role]})
             logprobs = None if new is None else format_logprobs(new, chat)
+            choice = {"index": index, "finish_reason": finish, "logprobs": logprobs}
             if chat:
-                choice = {
-                    "index": index,
-                    "delta": {"content": piece} if piece else {},
-                    "finish_reason": finish,
-                    "logprobs": logprobs,
-                }
+                choice["delta"] = {"content": piece} if piece else {}
             else:
-                choice = {
-                    "index": index,
-                    "text": piece,
-                    "finish_reason": finish,
-                    "logprobs": logprobs,
-                }
+                choice["text"] = piece
             payload = {**self._base(rid, chat, chat), "choices": [choice]}
             if finish is not None:
                 payload["usage"] = usage
@@ -869,9 +860,10 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=8080, **defaults):
     """A ready ``ThreadingHTTPServer`` (call ``serve_forever``); ``port=0`` picks a free port.
 
-    ``defaults``: ``max_tokens`` (512), ``temp`` (0.0), ``top_p`` (1.0), ``top_k``
-    (0), ``min_p`` (0.0), ``draft`` (None) and ``num_draft_tokens`` (None) of a
-    request; ``chat_template_args`` (None) for every chat template; ``prefill_step_size``
+    ``defaults`` (those of the command's flags when not given): ``max_tokens`` (512),
+    ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None) and
+    ``num_draft_tokens`` (None) of a request; ``chat_template_args`` ({}) for every chat
+    template; ``prefill_step_size``
     (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
     (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
     ``prompt_cache_bytes`` (None: no byte limit); ``allowed_origins`` (``["*"]``). The service
@@ -880,26 +872,8 @@ def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=808
     ``server_close()`` ends the generation thread (so does interpreter exit);
     :func:`wait_idle` waits for the requests already handed to it.
     """
-    options = argparse.Namespace(
-        **{
-            "max_tokens": 512,
-            "temp": 0.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "min_p": 0.0,
-            "draft": None,
-            "num_draft_tokens": None,
-            "chat_template_args": None,
-            "prefill_step_size": 2048,
-            "kv_bits": None,
-            "kv_group_size": 64,
-            "quantized_kv_start": 5000,
-            "prompt_cache_size": 10,
-            "prompt_cache_bytes": None,
-            "allowed_origins": ["*"],
-            **defaults,
-        }
-    )
+    # The command's own defaults (one source for both), then the caller's.
+    options = argparse.Namespace(**{**vars(setup_arg_parser().parse_args([])), **defaults})
     handler = type(
         "BoundHandler", (Handler,), {"service": ModelService(model, tokenizer, model_id, options)}
     )
@@ -988,25 +962,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="Most bytes of KV caches kept for reuse (e.g. 512MB); default: no limit",
     )
-    p.add_argument(
-        "--kv-bits",
-        type=int,
-        default=None,
-        help="Number of bits for KV cache quantization (e.g., 4 or 8). Default: None (full "
-        "precision)",
-    )
-    p.add_argument(
-        "--kv-group-size",
-        type=int,
-        default=64,
-        help="Group size for KV cache quantization (default: 64)",
-    )
-    p.add_argument(
-        "--quantized-kv-start",
-        type=int,
-        default=5000,
-        help="Token position to start KV cache quantization (default: 5000)",
-    )
+    add_kv_quantization_args(p)
     p.add_argument(
         "--verbose", action="store_true", help="Log requests and their usage (--log-level DEBUG)"
     )

@@ -424,9 +424,9 @@ def train_streams(
     streams = get_runtime(model).streams
     trainable = streams if trainable is None else trainable
     loss = StreamLoss(model, stream_weight)
-    optimizer = make_optimizer(learning_rate, iters, optimizer)
-    start = load_checkpoint(training_dir, streams, optimizer) if training_dir else 0
-    step_fn = make_step(loss, trainable, optimizer, grad_clip)
+    opt = make_optimizer(learning_rate, iters, optimizer)
+    start = load_checkpoint(training_dir, streams, opt) if training_dir else 0
+    step_fn = make_step(loss, trainable, opt, grad_clip)
     k = grad_accumulation_steps
     held_out = (valid or [])[: None if val_batches < 0 else val_batches * batch_size]
     window, reported, losses = Accuracy(loss.gamma), None, []
@@ -452,7 +452,7 @@ def train_streams(
         bar.set_postfix_str(f"loss {losses[-1]:.3f}, top-1 {top1}", refresh=False)
         done = step + 1
         if training_dir and (done % save_every == 0 or done == iters):
-            save_checkpoint(training_dir, done, streams, optimizer)
+            save_checkpoint(training_dir, done, streams, opt)
         if done % steps_per_report == 0 or done == iters:
             rate = (done - start) / (time.perf_counter() - tic)
             log(
