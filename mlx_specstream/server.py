@@ -10,10 +10,19 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``xtc_threshold``, ``stop``, ``seed``, ``logit_bias``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty`` (each with its ``*_context_size``),
 ``chat_template_kwargs``, ``role_mapping``, ``stream_options``, ``logprobs``,
-``top_logprobs`` and ``n`` (choices generated one after another), plus our
-``speculative`` (bool), ``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we
-do not support (tools, ``response_format``, ``best_of`` > 1, ...) are refused with a
+``top_logprobs``, ``n`` (choices generated one after another), and for chat ``tools``
+(shown to the model by its chat template), ``tool_choice`` (``"auto"`` or ``"none"``)
+and messages with ``tool_calls`` or the ``tool`` role, plus our ``speculative`` (bool),
+``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support
+(``response_format``, ``best_of`` > 1, a forced ``tool_choice``, ...) are refused with a
 400 that names them.
+
+A chat answer is split as ``mlx_lm.server`` splits it
+(:mod:`~mlx_specstream.response_parser`): the model's thinking into the message's
+``reasoning``, its tool calls, parsed by the tokenizer's tool parser, into
+``tool_calls`` (``finish_reason`` ``"tool_calls"``), the rest into ``content``; the
+markers are found in the text, so a step that adds several tokens at once splits as
+one token at a time does.
 
 Chat works on every model: with a chat template it is applied; without one the
 messages are joined as ``mlx_lm.server`` joins them (:func:`join_messages`).
@@ -61,6 +70,7 @@ from .cli_args import (
 from .decode import ACCEPTANCE, DRAFTS
 from .generate import SpeculativeUsage, stream_generate, untuned_note
 from .prompt_cache import PromptCacheLRU
+from .response_parser import Parts, ResponseParser, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
 
 logger = logging.getLogger(__name__)
@@ -95,11 +105,8 @@ def join_messages(messages: List[Dict[str, str]], role_mapping: Optional[dict] =
 # Request fields of the OpenAI API that this server does not implement, with
 # the values that mean "not used". Anything else is refused, naming the field.
 UNSUPPORTED = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None, False),
     "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "echo": (None, False),
@@ -108,11 +115,8 @@ UNSUPPORTED = {
     "draft_model": (None, "default_model"),
 }
 UNSUPPORTED_WHY = {
-    "tools": "tool calling is not supported by this server",
-    "tool_choice": "tool calling is not supported by this server",
-    "functions": "function calling is not supported by this server",
-    "function_call": "function calling is not supported by this server",
-    "parallel_tool_calls": "tool calling is not supported by this server",
+    "functions": "OpenAI's deprecated function calling is not supported: use 'tools'",
+    "function_call": "OpenAI's deprecated function calling is not supported: use 'tool_choice'",
     "response_format": "this server returns plain text only ({'type': 'text'})",
     "best_of": "one choice per request only (best_of=1)",
     "echo": "echoing the prompt is not supported",
@@ -243,6 +247,41 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         # history as a cold request.
         min_fed=max(reads),
     )
+
+
+def parse_tool_args(body: Dict[str, Any], tokenizer, chat: bool):
+    """The request's ``tools`` (``None`` when there are none) and whether the model's
+    tool calls are parsed out of its answer (not for ``tool_choice: "none"``, whose
+    tools are not shown to the model either)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
+        raise RequestError("'tools' must be a list of objects", "tools")
+    if choice is not None and choice not in ("auto", "none"):
+        raise RequestError(
+            "'tool_choice' must be 'auto' or 'none': this server cannot force a tool call",
+            "tool_choice",
+        )
+    if body.get("parallel_tool_calls") not in (None, True):
+        raise RequestError(
+            "'parallel_tool_calls' must be true: every call the model writes is returned",
+            "parallel_tool_calls",
+        )
+    if tools and not chat:
+        raise RequestError("'tools' are for /v1/chat/completions", "tools")
+    if choice == "none":
+        return None, False
+    if tools and not tokenizer.has_chat_template:
+        raise RequestError("'tools' need a chat template (see --chat-template)", "tools")
+    if tools and not tokenizer.has_tool_calling:
+        raise RequestError(
+            "'tools': this model's tokenizer has no tool-call format that mlx-lm knows; "
+            "name one (a module of mlx_lm.tool_parsers) as 'tool_parser_type' in the "
+            "model's tokenizer_config.json",
+            "tools",
+        )
+    return tools or None, True
 
 
 MAX_TOP_LOGPROBS = 20  # (OpenAI's limit)
@@ -467,12 +506,13 @@ class ModelService:
                     f"'messages'[{i}]: each message needs a string 'role' and 'content'",
                     "messages",
                 )
-            if m.get("tool_calls") or m["role"] in ("tool", "function"):
+            if m["role"] == "function":
                 raise RequestError(
-                    f"'messages'[{i}]: tool calls and tool results are not supported", "messages"
+                    f"'messages'[{i}]: role 'function' is OpenAI's deprecated one: use 'tool'",
+                    "messages",
                 )
             content = m.get("content")
-            if content is None and m["role"] == "assistant":
+            if content is None and m["role"] in ("assistant", "tool"):
                 content = ""
             if isinstance(content, list):  # content parts: text only
                 if not all(
@@ -490,7 +530,30 @@ class ModelService:
                     f"'messages'[{i}]: each message needs a string 'role' and 'content'",
                     "messages",
                 )
-            out.append({"role": m["role"], "content": content})
+            message = {**m, "content": content}
+            if m.get("tool_calls") is not None:
+                message["tool_calls"] = self._tool_calls_of(m["tool_calls"], i)
+            out.append(message)
+        return out
+
+    def _tool_calls_of(self, calls: Any, i: int) -> List[Dict[str, Any]]:
+        """An assistant message's ``tool_calls`` with their arguments as objects, as chat
+        templates read them (OpenAI sends them as JSON text; ``mlx_lm.server`` does the same)."""
+        where = f"'messages'[{i}]['tool_calls']"
+        if not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise RequestError(f"{where} must be a list of objects", "messages")
+        if not self.tokenizer.has_chat_template:
+            raise RequestError(f"{where} need a chat template (see --chat-template)", "messages")
+        out = []
+        for call in calls:
+            function = call.get("function")
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                try:
+                    arguments = json.loads(function["arguments"])
+                except json.JSONDecodeError as e:
+                    raise RequestError(f"{where}: 'arguments' is not valid JSON: {e}", "messages")
+                call = {**call, "function": {**function, "arguments": arguments}}
+            out.append(call)
         return out
 
     def template_args(self, body: Dict[str, Any]) -> Dict[str, Any]:
@@ -500,8 +563,9 @@ class ModelService:
             raise RequestError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
         return {**(self.defaults.chat_template_args or {}), **extra}
 
-    def prompt_tokens(self, body: Dict[str, Any], chat: bool) -> List[int]:
-        tokens = self._prompt_tokens(body, chat)
+    def prompt_tokens(self, body: Dict[str, Any], chat: bool, tools=None) -> List[int]:
+        """The prompt's tokens; a chat's ``tools`` are shown to the model by its template."""
+        tokens = self._prompt_tokens(body, chat, tools)
         # The model checks only the tokens it is fed, which after a cache hit
         # are the new ones: the whole conversation is checked here.
         context = getattr(getattr(self.model, "args", None), "max_position_embeddings", None)
@@ -514,7 +578,7 @@ class ModelService:
             )
         return tokens
 
-    def _prompt_tokens(self, body: Dict[str, Any], chat: bool) -> List[int]:
+    def _prompt_tokens(self, body: Dict[str, Any], chat: bool, tools) -> List[int]:
         tok = self.tokenizer
         if chat:
             messages = self.chat_messages(body)
@@ -527,7 +591,7 @@ class ModelService:
             if tok.has_chat_template:
                 return list(
                     tok.apply_chat_template(
-                        messages, tokenize=True, add_generation_prompt=True,
+                        messages, tools=tools, tokenize=True, add_generation_prompt=True,
                         **self.template_args(body),
                     )
                 )  # fmt: skip
@@ -753,7 +817,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError("the body must be a JSON object")
             chat = routes[path]
             check_unsupported(body)
-            tokens = self.service.prompt_tokens(body, chat)
+            tok = self.service.tokenizer
+            tools, parse_tools = parse_tool_args(body, tok, chat)
+            tokens = self.service.prompt_tokens(body, chat, tools)
             args = parse_generation_args(body, self.service.defaults)
             if args["draft"] == "streams+ngram" and self.service.has_drafter:
                 raise RequestError(
@@ -777,10 +843,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self._error(HTTPStatus.BAD_REQUEST, str(e))
             except Exception as e:  # noqa: BLE001 - reported to the client, not swallowed
                 return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+            # A chat's answer is split into content, reasoning and tool calls.
+            parse = None
+            if chat:
+                initial = initial_state(tok, tokens)
+                parse = dict(tokenizer=tok, tools=tools, initial=initial, parse_tools=parse_tools)
             if args["stream"]:
-                self._stream(rid, chat, first, events, args)
+                self._stream(rid, chat, first, events, args, parse)
             else:
-                self._complete(rid, chat, first, events)
+                self._complete(rid, chat, first, events, parse)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client left
         finally:
@@ -799,11 +870,17 @@ class Handler(BaseHTTPRequestHandler):
             "model": self.service.model_id,
         }
 
-    def _complete(self, rid, chat, first, events):
+    def _complete(self, rid, chat, first, events, parse):
         choices, usages = {}, {}
         for index, piece, finish, usage, new in itertools.chain([first], events):
-            c = choices.setdefault(index, {"text": "", "finish": None, "records": None})
-            c["text"] += piece
+            c = choices.get(index)
+            if c is None:
+                c = choices[index] = {"parts": Parts(), "finish": None, "records": None}
+                c["parser"] = ResponseParser(**parse) if parse else None
+            parts = c["parser"].feed(piece, final=finish is not None) if parse else Parts(piece)
+            c["parts"].content += parts.content
+            c["parts"].reasoning += parts.reasoning
+            c["parts"].tool_calls += parts.tool_calls
             c["finish"] = finish
             if new is not None:
                 c["records"] = (c["records"] or []) + new
@@ -812,16 +889,21 @@ class Handler(BaseHTTPRequestHandler):
         out = []
         for index, c in sorted(choices.items()):
             logprobs = None if c["records"] is None else format_logprobs(c["records"], chat)
-            choice = {"index": index, "finish_reason": c["finish"], "logprobs": logprobs}
+            choice = {"index": index, "logprobs": logprobs}
+            choice["finish_reason"] = _finish_reason(c["finish"], c["parser"])
             if chat:
-                choice["message"] = {"role": "assistant", "content": c["text"]}
+                parts = c["parts"]
+                # (OpenAI's content is null beside tool calls when the model wrote no text.)
+                content = parts.content or (None if parts.tool_calls else "")
+                choice["message"] = {"role": "assistant", "content": content}
+                _add_reasoning_and_calls(choice["message"], parts)
             else:
-                choice["text"] = c["text"]
+                choice["text"] = c["parts"].content
             out.append(choice)
         usage = total_usage([usages[i] for i in sorted(usages)]) if usages else None
         self._send_json(200, {**self._base(rid, chat), "choices": out, "usage": usage})
 
-    def _stream(self, rid, chat, first, events, args):
+    def _stream(self, rid, chat, first, events, args, parse):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -834,17 +916,22 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
             self.wfile.flush()
 
-        started, usages = set(), []
+        parsers, usages = {}, []
         for index, piece, finish, usage, new in itertools.chain([first], events):
-            if chat and index not in started:  # each choice opens with the role
-                started.add(index)
+            if chat and index not in parsers:  # each choice opens with the role
+                parsers[index] = ResponseParser(**parse, streaming=True)
                 role = {"index": index, "delta": {"role": "assistant"}, "finish_reason": None}
                 send({**self._base(rid, chat, True), "choices": [role]})
             logprobs = None if new is None else format_logprobs(new, chat)
-            choice = {"index": index, "finish_reason": finish, "logprobs": logprobs}
+            choice = {"index": index, "logprobs": logprobs}
             if chat:
-                choice["delta"] = {"content": piece} if piece else {}
+                parser = parsers[index]
+                parts = parser.feed(piece, final=finish is not None)
+                choice["finish_reason"] = _finish_reason(finish, parser)
+                choice["delta"] = {"content": parts.content} if parts.content else {}
+                _add_reasoning_and_calls(choice["delta"], parts)
             else:
+                choice["finish_reason"] = finish
                 choice["text"] = piece
             payload = {**self._base(rid, chat, chat), "choices": [choice]}
             if finish is not None:
@@ -855,6 +942,22 @@ class Handler(BaseHTTPRequestHandler):
             send({**self._base(rid, chat, chat), "choices": [], "usage": total_usage(usages)})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+def _finish_reason(finish: Optional[str], parser: Optional[ResponseParser]) -> Optional[str]:
+    """OpenAI's ``"tool_calls"`` for an answer that stopped after calling a tool."""
+    if finish == "stop" and parser is not None and parser.made_tool_call:
+        return "tool_calls"
+    return finish
+
+
+def _add_reasoning_and_calls(message: Dict[str, Any], parts: Parts) -> None:
+    """A message's (or delta's) ``reasoning`` and ``tool_calls``, as ``mlx_lm.server``
+    names them, when there are any."""
+    if parts.reasoning:
+        message["reasoning"] = parts.reasoning
+    if parts.tool_calls:
+        message["tool_calls"] = parts.tool_calls
 
 
 def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=8080, **defaults):

@@ -681,7 +681,8 @@ def test_concurrent_conversations_with_a_bounded_cache(serve):
     "path, extra, param",
     [
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("chat", {"tool_choice": "auto"}, "tool_choice"),
+        ("chat", {"tool_choice": "required"}, "tool_choice"),
+        ("completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ("chat", {"functions": [{"name": "f"}]}, "functions"),
         ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
@@ -692,7 +693,7 @@ def test_concurrent_conversations_with_a_bounded_cache(serve):
         ("completions", {"best_of": 2}, "best_of"),
         ("completions", {"logprobs": -1}, "logprobs"),
         ("completions", {"stream_options": {"include_usage": "yes"}}, "stream_options"),
-        ("chat", {"messages": [{"role": "tool", "content": "1"}]}, "messages"),
+        ("chat", {"messages": [{"role": "function", "content": "1"}]}, "messages"),
         ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ("chat", {"role_mapping": {"user": 3}}, "role_mapping"),
         ("chat", {"chat_template_kwargs": "yes"}, "chat_template_kwargs"),
@@ -718,12 +719,13 @@ def test_unsupported_fields_through_the_client_and_their_neutral_values(served):
     model, tok, client, _ = served
     messages = [{"role": "user", "content": "t7 t8"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    with pytest.raises(openai.BadRequestError, match="'tools' is not supported") as e:
+    with pytest.raises(openai.BadRequestError, match="no tool-call format") as e:
         client.chat.completions.create(model="tiny", messages=messages, tools=tools)
     assert e.value.body["param"] == "tools"
     r = client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=12, n=1, response_format={"type": "text"}
-    )
+        model="tiny", messages=messages, max_tokens=12, n=1, response_format={"type": "text"},
+        tool_choice="auto", parallel_tool_calls=True,
+    )  # fmt: skip
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert r.choices[0].message.content == reference(model, tok, ids, 12)
 
