@@ -165,9 +165,25 @@ class StreamLoss:
         lo = prompt_len - 1
         return [(lo, max(lo, length - (j + 2))) for j in range(self.gamma)]
 
-    def __call__(self, batch: List[Example]):
+    def normalizers(self, batch: List[Example]):
+        """The batch's supervised positions per stream, and early-exit ones: what
+        the loss divides its sums by."""
+        counts = [0] * self.gamma
+        early = 0
+        for ex in batch:
+            T, p = len(ex["input_ids"]), int(ex["prompt_len"])
+            for j, (lo, hi) in enumerate(self.stream_targets(T, p)):
+                counts[j] += max(0, hi - lo)
+            early += T - 1 if "prune_adapter" in self.rt.streams else 0
+        return counts, early
+
+    def __call__(self, batch: List[Example], normalizers=None):
         """``(loss, metrics)`` of a batch: metrics hold per-stream (and early-exit)
-        top-1 hits and counts, as device scalars."""
+        top-1 hits and counts, as device scalars.
+
+        ``normalizers`` (:meth:`normalizers` of a larger batch) make this the
+        batch's share of that batch's loss: the shares of its windows add up to it.
+        """
         g = self.gamma
         ce_sum = [0.0] * g
         hits = [0.0] * g
@@ -199,12 +215,13 @@ class StreamLoss:
                 early_sum = early_sum + nn.losses.cross_entropy(z, y, reduction="sum")
                 early_hits = early_hits + (mx.argmax(z, axis=-1) == y).sum()
                 early_count += T - 1
+        divide, divide_early = normalizers or (counts, early_count)
         loss = mx.array(0.0)
         for j in range(g):
             if counts[j]:
-                loss = loss + self.stream_weight * ce_sum[j] / counts[j]
+                loss = loss + self.stream_weight * ce_sum[j] / divide[j]
         if early_count:
-            loss = loss + early_sum / early_count
+            loss = loss + early_sum / divide_early
         metrics = {
             "hits": [mx.array(h) for h in hits],
             "counts": counts,
@@ -251,20 +268,42 @@ def make_optimizer(learning_rate: float, iters: int, name: str = "adamw"):
     raise ValueError(f"--optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}.")
 
 
-def make_step(loss: StreamLoss, trainable: nn.Module, optimizer, grad_clip: float = 1.0):
+def make_step(
+    loss: StreamLoss,
+    trainable: nn.Module,
+    optimizer,
+    grad_clip: float = 1.0,
+    window_at_a_time: bool = False,
+):
     """One optimizer step on ``trainable``'s parameters (the streams: the base
     model is not among them, so it gets no gradient and never changes).
 
     The step takes a list of micro-batches (``--grad-accumulation-steps``) and
     averages their gradients before the update; it returns their mean loss and
-    each one's metrics.
+    each one's metrics. ``window_at_a_time`` (``--grad-checkpoint``) runs each
+    window's forward and backward pass on its own and adds up their shares of the
+    batch's loss and gradient: the same step, with the activations of one window
+    in memory instead of the whole batch's.
     """
     value_and_grad = nn.value_and_grad(trainable, loss)
+
+    def batch_value_and_grad(batch):
+        if not window_at_a_time:
+            return value_and_grad(batch)
+        normalizers = loss.normalizers(batch)
+        value, grads, m = None, None, None
+        for ex in batch:
+            (v, mv), g = value_and_grad([ex], normalizers)
+            value = v if value is None else value + v
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            m = mv if m is None else add_metrics(m, mv)
+            mx.eval(value, grads, m["hits"], m["early_hits"])  # one window's graph at a time
+        return (value, m), grads
 
     def step(batches):
         total, values, metrics = None, [], []
         for batch in batches:
-            (value, m), grads = value_and_grad(batch)
+            (value, m), grads = batch_value_and_grad(batch)
             total = grads if total is None else tree_map(mx.add, total, grads)
             mx.eval(total, value, m["hits"])  # one micro-batch's graph at a time
             values.append(value)
@@ -278,6 +317,16 @@ def make_step(loss: StreamLoss, trainable: nn.Module, optimizer, grad_clip: floa
         return value, metrics
 
     return step
+
+
+def add_metrics(a, b):
+    """The metrics (:class:`StreamLoss`) of two batches together."""
+    return {
+        "hits": [x + y for x, y in zip(a["hits"], b["hits"])],
+        "counts": [x + y for x, y in zip(a["counts"], b["counts"])],
+        "early_hits": a["early_hits"] + b["early_hits"],
+        "early_count": a["early_count"] + b["early_count"],
+    }
 
 
 def save_checkpoint(training_dir: Path, step: int, streams: nn.Module, optimizer):
@@ -387,6 +436,7 @@ def train_streams(
     valid: Optional[List[Example]] = None,
     steps_per_eval: int = 200,
     val_batches: int = 25,
+    grad_checkpoint: bool = False,
 ) -> TrainResult:
     """Trains the streams of ``model`` (attached with :func:`attach_for_training`).
 
@@ -412,6 +462,9 @@ def train_streams(
           ``steps_per_eval`` steps (not at the end: the command evaluates them
           all then) on ``val_batches`` batches (``-1``: all of them), as
           ``mlx_lm.lora`` reports validation.
+        grad_checkpoint (bool): mlx-lm's memory-saving option, here a batch's
+          backward pass taken a window at a time (:func:`make_step`): the same
+          step in the memory of one window.
 
     Returns:
         TrainResult: the steps done, accuracy over the last report window and
@@ -426,7 +479,7 @@ def train_streams(
     loss = StreamLoss(model, stream_weight)
     opt = make_optimizer(learning_rate, iters, optimizer)
     start = load_checkpoint(training_dir, streams, opt) if training_dir else 0
-    step_fn = make_step(loss, trainable, opt, grad_clip)
+    step_fn = make_step(loss, trainable, opt, grad_clip, window_at_a_time=grad_checkpoint)
     k = grad_accumulation_steps
     held_out = (valid or [])[: None if val_batches < 0 else val_batches * batch_size]
     window, reported, losses = Accuracy(loss.gamma), None, []
@@ -525,6 +578,13 @@ def setup_arg_parser():
         type=int,
         default=1,
         help="Number of steps to accumulate before each optimizer update.",
+    )
+    p.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="Reduce memory use: the backward pass runs one window at a time (the same "
+        "step; mlx-lm's flag name).",
+        default=None,
     )
     p.add_argument(
         "--steps-per-eval",
@@ -734,6 +794,7 @@ def main(argv=None):
         valid=valid,
         steps_per_eval=args.steps_per_eval,
         val_batches=args.val_batches,
+        grad_checkpoint=bool(args.grad_checkpoint),
     )
     print(f"[INFO] training: {result.accuracy.text()} (last {args.steps_per_report} steps)")
     if valid:
