@@ -268,6 +268,27 @@ def print_stats(response: SpecGenerationResponse, usage: Optional[SpeculativeUsa
     print(f"Peak memory: {response.peak_memory:.3f} GB")
 
 
+MIN_PASSES_TO_JUDGE = 32  # (fewer passes say too little about the drafts)
+
+
+def low_acceptance_note(response: Optional[SpecGenerationResponse]) -> Optional[str]:
+    """What the CLI says when the model's own drafts were almost never accepted: about
+    one token per pass over many passes, as streams or heads trained for another base
+    (or dropped by a conversion) draft. ``None`` otherwise."""
+    if response is None or response.forward_passes < MIN_PASSES_TO_JUDGE:
+        return None
+    tau = response.generation_tokens / response.forward_passes
+    if tau >= 1.1:
+        return None
+    return (
+        f"[WARN] The drafts were almost never accepted: {tau:.2f} tokens per forward pass "
+        f"over {response.forward_passes} passes, so speculation cost time here. Drafts that "
+        "do not fit the model (trained for another base, or lost in a conversion) look like "
+        "this; --compare-plain measures the cost, and `python -m mlx_specstream.train` "
+        "trains streams for this model."
+    )
+
+
 def untuned_note(config, model: Optional[str] = None) -> Optional[str]:
     """What the CLIs say when ``config`` was tuned on other devices than this one
     (its own draft settings then apply here), or ``None``."""
@@ -361,11 +382,9 @@ def main(argv=None):
         )
     from_config = args.tree_depth is None and not args.no_speculation
     tuned_on = getattr(config, "tuned_on", None)  # (plain models have no config section)
-    if (
-        from_config
-        and config.tree_depth == 0
-        and (args.draft or getattr(config, "draft", None) or "streams") == "streams"
-    ):
+    draft = args.draft or getattr(config, "draft", None) or "streams"
+    turned_off = from_config and config.tree_depth == 0 and draft == "streams"
+    if turned_off:
         why = (
             f"mlx_specstream.tune measured on this device ({tuned_on}) that it does not pay"
             if tuned_on
@@ -410,6 +429,10 @@ def main(argv=None):
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
     )
+    # Prompt lookup finds nothing to copy in much text: only the model's drafts are judged.
+    model_drafts = not (args.no_speculation or turned_off) and draft in ("streams", "streams+ngram")
+    if model_drafts and (note := low_acceptance_note(response)):
+        print(note)
     if args.compare_plain:
         # The reference runs start from the file's cache too, each from a fresh copy.
         def fresh_cache():

@@ -373,6 +373,31 @@ def test_cli_compares_with_plain_decoding(capsys):
     assert "Output identical to plain decoding: NO" in capsys.readouterr().out
 
 
+def test_cli_warns_when_the_drafts_are_almost_never_accepted(monkeypatch, capsys):
+    """Streams that do not fit the model (random ones on a random model) draft about
+    one token per pass: the CLI says so. Not for the shipped streams, not for prompt
+    lookup (which often finds nothing to copy), not on a few passes."""
+    import importlib
+
+    from helpers import tiny_spec_model, word_tokenizer
+
+    generate_module = importlib.import_module("mlx_specstream.generate")
+    argv = ["--prompt", "def f(x):", "--max-tokens", "48", "--tree-depth", "3"]
+    generate_module.main(argv)
+    assert "[WARN] The drafts were almost never accepted" not in capsys.readouterr().out
+    model = tiny_spec_model("llama", vocab_size=512, num_streams=3, top_k=2)
+    tok = word_tokenizer(512)
+    monkeypatch.setattr(generate_module, "load_model", lambda args, config: (model, tok))
+    argv = ["--prompt", "t1 t2 t3", "--max-tokens", "48", "--tree-depth", "3", "--verbose", "1"]
+    generate_module.main(argv)
+    out = capsys.readouterr().out
+    assert "Generation: 48 tokens" in out
+    assert "[WARN] The drafts were almost never accepted: 1.0" in out
+    generate_module.main(argv[:3] + ["16"] + argv[4:])  # 16 passes: too few to judge
+    generate_module.main(argv + ["--draft", "ngram"])
+    assert "[WARN]" not in capsys.readouterr().out
+
+
 def test_public_names():
     for name in ["load", "generate", "stream_generate", "SpecStreamConfig", "attach_streams"]:
         assert hasattr(mlx_specstream, name)
