@@ -39,7 +39,7 @@ run_stage() {
         tests/test_precision.py tests/test_kv_quant.py tests/test_ngram.py"
       local files
       files="$first $(ls tests/test_*.py | grep -vxF "$(printf '%s\n' $first \
-        tests/test_sampling.py tests/test_server.py)")"
+        tests/test_sampling.py tests/test_server.py tests/test_tool_calls.py)")"
       python3 -m pytest -v $files --durations=20 -p no:cacheprovider \
         --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1 || true
       tail -5 "$out/gpu_tests.log" ;;
