@@ -803,7 +803,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"unknown path {self.path}")
 
     def do_POST(self):
-        routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        # (mlx_lm.server also answers chat at /chat/completions.)
+        routes = {"/v1/completions": False, "/v1/chat/completions": True, "/chat/completions": True}
         path = self.path.rstrip("/")
         if path not in routes:
             return self._error(HTTPStatus.NOT_FOUND, f"unknown path {self.path}")

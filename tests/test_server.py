@@ -123,6 +123,11 @@ def test_chat_and_streaming(served):
         model="tiny", messages=messages, max_tokens=12, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+    # mlx_lm.server's other path for chat, without /v1.
+    *_, url = served
+    body = json.dumps({"messages": messages, "max_tokens": 12}).encode()
+    status, payload = post(url.removesuffix("/v1") + "/chat/completions", body)
+    assert status == 200 and payload["choices"][0]["message"]["content"] == want
 
 
 def test_stop_strings(served):
