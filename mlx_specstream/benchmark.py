@@ -161,6 +161,12 @@ def verify_cost_curve(
     return out
 
 
+def weight_bytes(model) -> int:
+    """Bytes of a model's weights as stored (quantized ones packed): what plain decoding
+    reads for every token."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def parameter_counts(model):
     rt = get_runtime(model)
     base = sum(v.size for _, v in tree_flatten(model.parameters()))
@@ -283,7 +289,7 @@ def main(argv=None):
                     raise AssertionError(f"prompt {i}: '{name}' output differs from plain decoding")
         print(f"[{i + 1}/{len(prompts)}] outputs identical across methods", flush=True)
 
-    summary = summarize(rows, methods)
+    summary = summarize(rows, methods, weight_bytes(plain))
     # Sampling uses the tuned tree, or the default one when tuning chose plain decoding.
     tuned_depth = cfg.tree_depth if tuned["tree_depth"] is None else tuned["tree_depth"]
     sampling_tree, tree = (
@@ -303,6 +309,7 @@ def main(argv=None):
         base_parameters=base_params,
         stream_parameters=extra,
         stream_parameter_ratio=extra / base_params,
+        weight_bytes=weight_bytes(plain),
         tuned_tree=tuned,
         tuned_on=getattr(cfg, "tuned_on", None),
         config=cfg.to_dict(),
@@ -356,7 +363,11 @@ def sampling_table(model, tokenizer, prompts, args, tree):
     return out
 
 
-def summarize(rows, methods):
+def summarize(rows, methods, weights: int):
+    """Per method: median tokens/s, mean tau and passes, peak memory, the speedup over
+    mlx-lm plain, and gpt-fast's "bandwidth achieved": the base's weight bytes times
+    tokens/s (plain decoding reads them once per token; above the device's memory
+    bandwidth is beyond what plain decoding can reach)."""
     out = {}
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
@@ -374,6 +385,7 @@ def summarize(rows, methods):
     base = out["mlx-lm plain"]["tokens_per_s"]
     for v in out.values():
         v["speedup"] = v["tokens_per_s"] / base
+        v["bandwidth_gbps"] = weights * v["tokens_per_s"] / 1e9
     return out
 
 
@@ -386,13 +398,14 @@ def write_results(out_dir: Path, name, rows, summary, curve, info, sampling=()):
     lines = [
         f"# Benchmark: {info['model']}",
         "",
-        "| method | tokens/s | vs mlx-lm plain | tokens per forward pass (tau) | forward passes | peak memory (GB) |",
-        "|---|---|---|---|---|---|",
+        "| method | tokens/s | vs mlx-lm plain | tokens per forward pass (tau) | forward passes "
+        "| peak memory (GB) | bandwidth achieved (GB/s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, v in summary.items():
         lines.append(
             f"| {m} | {v['tokens_per_s']:.1f} | {v['speedup']:.2f}x | {v['tau']:.2f} | "
-            f"{v['forward_passes']:.1f} | {v['peak_memory_gb']:.3f} |"
+            f"{v['forward_passes']:.1f} | {v['peak_memory_gb']:.3f} | {v['bandwidth_gbps']:.2f} |"
         )
     if sampling:
         greedy_tau = summary[info["sampling_tree"]]["tau"]
@@ -427,6 +440,10 @@ def write_results(out_dir: Path, name, rows, summary, curve, info, sampling=()):
             + " |"
         )
     lines += [
+        "",
+        f"Bandwidth achieved, as gpt-fast prints it: the base's {info['weight_bytes'] / 1e6:.1f} MB "
+        "of weights times tokens/s. Plain decoding reads them once per token, so it cannot go "
+        "past the device's memory bandwidth; speculation can.",
         "",
         f"Extra parameters: {info['stream_parameters']:,} ({100 * info['stream_parameter_ratio']:.3f}% of "
         f"{info['base_parameters']:,}). Mode: {info['mode']}, dtype: {info['dtype']}, "

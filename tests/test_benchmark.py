@@ -34,3 +34,10 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
     assert "SS default tree (k=3, 16 nodes)" in summary and "SS tuned (draft=ngram)" in summary
     assert "Command: `python -m mlx_specstream.benchmark --model " in summary
     assert f"Tuned settings: those stored for this device ({device_key()})." in summary
+    # gpt-fast's "bandwidth achieved": the base's float32 weight bytes times tokens/s.
+    results = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert results["info"]["weight_bytes"] == 4 * results["info"]["base_parameters"]
+    for v in results["summary"].values():
+        want = results["info"]["weight_bytes"] * v["tokens_per_s"] / 1e9
+        assert abs(v["bandwidth_gbps"] - want) < 1e-9
+    assert "bandwidth achieved (GB/s)" in summary
