@@ -612,9 +612,8 @@ class Handler(BaseHTTPRequestHandler):
             choice["finish_reason"] = finish_reason(c["finish"], c["parser"])
             if chat:
                 parts = c["parts"]
-                # (OpenAI's content is null beside tool calls when the model wrote no text.)
-                content = parts.content or (None if parts.tool_calls else "")
-                choice["message"] = {"role": "assistant", "content": content}
+                # (null when the model wrote no text, as mlx_lm.server and OpenAI send it)
+                choice["message"] = {"role": "assistant", "content": parts.content or None}
                 add_reasoning_and_calls(choice["message"], parts)
             else:
                 choice["text"] = c["parts"].content

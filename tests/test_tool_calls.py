@@ -4,7 +4,12 @@ server's requests with ``tools``, tool messages and thinking templates, end to e
 the official ``openai`` client."""
 
 import json
+import socket
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 
 import pytest
 from helpers import plain_greedy, tiny_spec_model
@@ -293,7 +298,7 @@ def test_a_thinking_template_starts_the_answer_in_reasoning(model):
         expected = joined(ResponseParser(tok, initial="reasoning"), [text])
         assert expected.reasoning
         assert r.choices[0].message.model_extra["reasoning"] == expected.reasoning
-        assert r.choices[0].message.content == (expected.content or "")
+        assert r.choices[0].message.content == (expected.content or None)
         # Control: read from the normal state, the same text splits otherwise.
         assert joined(ResponseParser(tok), [text]).reasoning != expected.reasoning
     finally:
@@ -357,3 +362,120 @@ def test_tools_need_a_template_a_tool_format_and_the_chat_endpoint(model):
             client.post("/completions", body={"prompt": "t5", "tools": TOOLS}, cast_to=object)
     finally:
         close()
+
+
+# ---- against mlx_lm.server ------------------------------------------------------------
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def mlx_lm_server(tmp_path_factory):
+    """``mlx_lm.server`` on a tiny model directory whose tokenizer has think markers, a
+    template that renders tools and can open the thinking block, and mlx-lm's
+    ``json_tools`` parser; yields the directory and the server's URL."""
+    from helpers import ARCH_ARGS, BASE, tiny_model
+    from mlx_lm.utils import save_config, save_model
+
+    path = tmp_path_factory.mktemp("mlx_lm_server") / "model"
+    path.mkdir()
+    save_model(path, tiny_model("llama", V))
+    save_config({**BASE, **ARCH_ARGS["llama"], "vocab_size": V, "model_type": "llama"},
+                path / "config.json")  # fmt: skip
+    # (No tool-call marker tokens: a call this random model wrote would not parse, and
+    # mlx_lm.server drops such a call where ours returns it as content.)
+    tok = marker_tokenizer(dict(enumerate(MARKERS[:2], start=50)), chat_template=TEMPLATE)
+    tok._tokenizer.save_pretrained(str(path))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["tool_parser_type"] = "json_tools"
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, "mlx_lm.server exited"
+                time.sleep(0.1)
+        yield path, url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_answers_match_mlx_lm_server_on_the_same_weights(mlx_lm_server):
+    """The same requests to ``mlx_lm.server`` and to ours (random streams attached to the
+    same weights, speculating): the same message (content, reasoning), finish reason and
+    token counts, greedy; for a thinking template, for tools with an earlier call and its
+    result in the history, and streamed. Control: without the thinking flag the
+    answers differ from the thinking ones."""
+    import mlx_lm
+
+    from mlx_specstream import SpecStreamConfig, attach_streams
+
+    path, theirs = mlx_lm_server
+    model, tok = mlx_lm.load(str(path))
+    assert tok.has_thinking and tok.has_tool_calling  # (as mlx-lm loads it)
+    attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=2), seed=1)
+    server = make_server(model, tok, "tiny", port=0, max_tokens=16)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ours = f"http://127.0.0.1:{server.server_address[1]}"
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "lookup", "arguments": json.dumps({"word": "t11"})}}  # fmt: skip
+    requests = [
+        {"messages": [{"role": "user", "content": "t7"}], "chat_template_kwargs": {"think": True}},
+        {"messages": [{"role": "user", "content": "t7"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "t5"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "t12"},
+            ],
+            "tools": TOOLS,
+        },
+    ]
+    try:
+        answers = []
+        for body in requests:
+            body = {**body, "max_tokens": 16, "temperature": 0.0}
+            a, b = post(f"{ours}/v1/chat/completions", body), post(
+                f"{theirs}/v1/chat/completions", body
+            )
+            ca, cb = a["choices"][0], b["choices"][0]
+            assert ca["message"] == cb["message"], body
+            assert ca["finish_reason"] == cb["finish_reason"]
+            for key in ("prompt_tokens", "completion_tokens"):
+                assert a["usage"][key] == b["usage"][key], key
+            answers.append(ca["message"])
+            # Streamed: the deltas add up to the same parts.
+            parts = []
+            for url in (ours, theirs):
+                with urllib.request.urlopen(urllib.request.Request(
+                    f"{url}/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                    headers={"Content-Type": "application/json"}), timeout=60) as r:  # fmt: skip
+                    events = [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                              if line.startswith("data: {")]  # fmt: skip
+                deltas = [c["delta"] for e in events for c in e["choices"]]
+                parts.append(tuple("".join(d.get(k) or "" for d in deltas)
+                                   for k in ("content", "reasoning")))  # fmt: skip
+            assert parts[0] == parts[1], body
+        assert answers[0]["reasoning"] and answers[0] != answers[1]
+    finally:
+        server.shutdown()
+        assert wait_idle(server)
+        server.server_close()
