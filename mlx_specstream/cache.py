@@ -347,22 +347,13 @@ class KVQuantizer:
             return None
         return cls(kv_bits, kv_group_size, quantized_kv_start)
 
-    def maybe_quantize(self, cache: list, offset: Optional[int] = None) -> None:
+    def maybe_quantize(self, cache: list) -> None:
         """Converts, in place, every layer mlx-lm's ``maybe_quantize_kv_cache``
         would convert now: those with ``to_quantized`` and at least
-        ``quantized_kv_start`` tokens.
-
-        Args:
-            cache (list): a cache per layer; converted entries are replaced.
-            offset (int, optional): the offset mlx-lm's cache has at this
-              moment when it differs from each layer's own. At the end of a
-              generation mlx-lm's cache also holds the last yielded token (its
-              pipelined step has fed it), so pass ``cache[0].offset + 1``
-              there. Default: each layer's offset.
-        """
+        ``quantized_kv_start`` tokens (``cache``: one per layer; converted
+        entries are replaced)."""
         for i, c in enumerate(cache):
-            n = c.offset if offset is None else offset
-            if hasattr(c, "to_quantized") and n >= self.quantized_kv_start:
+            if hasattr(c, "to_quantized") and c.offset >= self.quantized_kv_start:
                 cache[i] = c.to_quantized(group_size=self.kv_group_size, bits=self.kv_bits)
 
     def full_precision_room(self, cache: list) -> Optional[int]:

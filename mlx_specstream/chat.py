@@ -62,17 +62,6 @@ def turn_prompt(tokenizer, query: str, system_prompt: Optional[str]) -> List[int
     return tokenizer.encode(join_messages(messages))
 
 
-def turn_tokens(history: List[int], cache, prompt: List[int]) -> List[int]:
-    """What a turn feeds: the conversation's tokens that the cache does not hold yet,
-    then the new prompt. After a speculative answer the cache holds all its tokens
-    but the last (mlx-lm's plain loop has fed that one too: then nothing is missing).
-
-    Example: ``history`` ``[5, 6, 7, 2]`` (the last answer ended with EOS 2) and a
-    cache holding 3 tokens give ``[2] + prompt``.
-    """
-    return history[cache[0].offset :] + prompt
-
-
 class SpecChatUI(ChatUI):
     """mlx-lm's chat UI, plus the tokens per forward pass after each answer."""
 
@@ -102,27 +91,26 @@ def main(argv=None):
         if getattr(args, k) is not None
     }
     with SpecChatUI(args) as ui:
-        cache, history = make_prompt_cache(model, args.max_kv_size), []
+        # (after each answer the cache holds all of it, as mlx-lm's does)
+        cache = make_prompt_cache(model, args.max_kv_size)
         while True:
             query = ui.prompt()
             if query == "q":
                 ui.say_bye()
                 break
             if query == "r":
-                cache, history = make_prompt_cache(model, args.max_kv_size), []
+                cache = make_prompt_cache(model, args.max_kv_size)
                 ui.say_reset()
                 continue
             if query == "h":
                 ui.say_help()
                 continue
             prompt = turn_prompt(tokenizer, query, args.system_prompt)
-            fed = turn_tokens(history, cache, prompt)
-            history += prompt
             response, ui.usage = None, SpeculativeUsage()
             for response in stream_generate(
                 model,
                 tokenizer,
-                fed,
+                prompt,
                 max_tokens=args.max_tokens,
                 sampler=sampler,
                 speculative=not args.no_speculation,
@@ -133,7 +121,6 @@ def main(argv=None):
             ):
                 ui.stream_token(response.text)
                 ui.usage.add(response)
-                history.append(response.token)
             ui.end_turn(response)
 
 

@@ -493,9 +493,10 @@ def spec_generate_step(
           every tree node with that node's own token history.
         prompt_cache (list, optional): a KV cache per layer, updated in place.
           When the generator ends or is closed it holds the earlier tokens, the
-          prompt and every yielded token but the last (mlx-lm's also holds the
-          last one, which its pipelined loop has already fed): a follow-up call
-          starts its prompt with that last token.
+          prompt and every yielded token, as mlx-lm's does (its loop feeds each
+          token before yielding it): a follow-up call feeds only new tokens.
+          The last one, when a step yielded it as its correction or bonus, is
+          fed then, in one plain pass.
           :func:`mlx_specstream.cache.make_prompt_cache` also keeps an attached
           drafter's own context.
         prefill_step_size (int): prompt chunk size. Default: ``2048``.
@@ -635,7 +636,7 @@ def spec_generate_step(
         (ks, depth, threshold, max_nodes), acceptance, draft, num_draft_tokens, max_tokens, dstate,
         quant, pipeline,
     )  # fmt: skip
-    yielded = 0
+    yielded, ended = 0, False  # ended: finished or closed, not failed
     try:
         with mx.stream(generation_stream):
             progress = prompt_progress_callback or (lambda *_: None)
@@ -655,11 +656,17 @@ def spec_generate_step(
                     yield token, logprobs, from_draft, dec.passes - (pending is not None)
                 if dec.passes % 256 == 0:
                     mx.clear_cache()
+        ended = True
+    except GeneratorExit:  # closed by the consumer
+        ended = True
+        raise
     finally:
-        # Like mlx-lm's: the cache ends with every yielded token but the last.
-        rewind(cache, start + prompt.size - 1 + yielded)
-        if quant is not None:  # mlx-lm's cache has also fed the last yielded token
-            quant.maybe_quantize(cache, offset=cache[0].offset + 1)
+        end = start + prompt.size + yielded
+        if ended and yielded:
+            with mx.stream(generation_stream):
+                hold_yielded(rt, cache, end, dec.history[end - start - 1], dstate, quant)
+        else:  # failed: what the cache surely holds
+            rewind(cache, min(end - 1, min(c.offset for c in cache)))
         rt.release()
 
 
@@ -695,11 +702,39 @@ def _extend_and_lookup(history, length, tokens, depth, bonus, max_tokens: int):
     return history, length, mx.concatenate([bonus, draft])
 
 
+def hold_yielded(rt: StreamRuntime, cache, end: int, last: int, dstate, quant=None) -> None:
+    """Leaves ``cache`` as mlx-lm's loop leaves its own when a generation ends or is
+    closed: holding ``end`` tokens, the prompt and every yielded token, the last
+    one (``last``) included, since mlx-lm feeds each token before yielding it.
+
+    A step's accepted drafts are in the cache, and so is the root of a tree
+    launched before the yields (the step's correction or bonus token). After the
+    last step that token is missing: it is fed now, in a plain pass (as a follow-up
+    call would have fed it at the head of its prompt), and an attached drafter
+    keeps its state to pair with that call's first token.
+    """
+    if cache[0].offset >= end:
+        rewind(cache, end)
+        if dstate is not None:  # its last row pairs a yielded token with one not yielded
+            dstate.trim_to(end - 1)
+            dstate.pending_hidden = None
+    else:
+        keep = dstate is not None and dstate.needs_prompt
+        rt._prefill_hidden = []
+        rt.prefill(mx.array([last]), cache, keep)
+        if keep:
+            dstate.pending_hidden = rt._prefill_hidden[-1]
+        rt._prefill_hidden = []
+    if quant is not None:
+        quant.maybe_quantize(cache)
+    mx.eval([(c.keys, c.values) for c in cache])
+
+
 def rewind(cache, end: int) -> None:
     """Trims every layer, and an attached drafter's state, to ``end`` tokens
     (mid-step the stream layers hold more rows than the others)."""
     for c in cache:
-        c.trim(c.offset - end)
+        c.trim(max(0, c.offset - end))
     state = getattr(cache, "drafter_state", None)
     if state is not None:
         state.trim_to(end)
@@ -722,7 +757,10 @@ def _prefill(
             quant.maybe_quantize(cache)
         mx.eval([(c.keys, c.values) for c in cache])
         progress(min(i + step, body.size), prompt.size)
-    if keep_hidden and body.size:
-        dstate.prompt_hidden = mx.concatenate(rt._prefill_hidden, axis=0)
-        dstate.prompt_next = prompt.tolist()[1:]
+    pending = [] if dstate is None or dstate.pending_hidden is None else [dstate.pending_hidden]
+    if keep_hidden and (body.size or pending):
+        # (the last generation's last token pairs with this prompt's first one)
+        dstate.prompt_hidden = mx.concatenate(pending + rt._prefill_hidden, axis=0)
+        dstate.prompt_next = prompt.tolist()[1 - len(pending) :]
+        dstate.pending_hidden = None
     rt._prefill_hidden = []

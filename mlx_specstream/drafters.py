@@ -79,10 +79,15 @@ class ParallelSpecDrafter(nn.Module):
 
     def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
         """Continues ``previous`` (the state kept with a reused prompt cache) when it
-        covers exactly the cached tokens; otherwise starts without the older context
-        (RoPE only sees relative positions, so it drafts from less history)."""
+        covers the cached tokens: all of them, or all but the last with that token's
+        state kept to pair with the next prompt's first token (as a generation leaves
+        it); otherwise starts without the older context (RoPE only sees relative
+        positions, so it drafts from less history)."""
         if previous is not None and previous.cache is not None:
-            if previous.cache.offset == prompt_cache_offset:
+            offset = previous.cache.offset
+            if offset == prompt_cache_offset and previous.pending_hidden is None:
+                return previous
+            if offset == prompt_cache_offset - 1 and previous.pending_hidden is not None:
                 return previous
         return DrafterState(needs_prompt=True, cache=KVCache())
 
@@ -113,12 +118,17 @@ class DrafterState:
         self.cache = cache
         self.prompt_hidden: Optional[mx.array] = None  # (P - 1, D) prompt rows, first step
         self.prompt_next: Optional[List[int]] = None
+        # (1, D): the state of the last token a generation fed, whose next token
+        # is the following call's first prompt token
+        self.pending_hidden: Optional[mx.array] = None
 
     def trim_to(self, offset: int):
         """Keeps the rows of the first ``offset`` tokens: row ``i`` pairs token
         ``i``'s state with token ``i + 1``, so it follows the base's KV cache."""
         if self.cache is not None and self.cache.offset > offset:
             self.cache.trim(self.cache.offset - offset)
+        if self.cache is not None and self.cache.offset != offset - 1:
+            self.pending_hidden = None  # (its token is gone, or already paired)
 
 
 def new_decoder_layer(model) -> nn.Module:

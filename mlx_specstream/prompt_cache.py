@@ -120,6 +120,8 @@ class PromptCacheLRU:
         pairing drafter's last kept row was built with another next token."""
         r = min(common_prefix(entry.key, tokens), len(tokens) - min_new)
         if r > 0 and pairs_next_token(entry.cache):
+            if r == len(entry.key) and entry.cache.drafter_state.pending_hidden is not None:
+                return r  # its last token's state waits to be paired with tokens[r]
             old_next = entry.key[r] if r < len(entry.key) else entry.next_token
             if old_next != tokens[r]:
                 r -= 1
@@ -183,9 +185,9 @@ class PromptCacheLRU:
         """Keeps the cache of a finished (or closed) generation over ``sequence``
         (its whole prompt, then the generated tokens).
 
-        The cache's offset says how many of them it holds: mlx-lm's plain
-        decoding keeps every generated token, the speculative step all but
-        the last. The token after those is kept as :attr:`Entry.next_token`.
+        The cache's offset says how many of them it holds (every generated
+        token, as mlx-lm's loop leaves its cache, or fewer after an error). The
+        token after those is kept as :attr:`Entry.next_token`.
         """
         n = cache[0].offset
         if 0 < n <= len(sequence):

@@ -493,11 +493,11 @@ def test_prompt_cache_save_load_round_trip(tmp_path, mode):
     model = tiny_spec_model("qwen2", vocab_size=V, num_streams=3, top_k=2, mode=mode)
     cache = make_prompt_cache(model)
     first, _ = spec_tokens(model, PROMPT, 20, prompt_cache=cache)
-    # The cache holds the prompt and all generated tokens but the last one.
-    assert cache[0].offset == len(PROMPT) + 19
+    # The cache holds the prompt and every generated token, as mlx-lm's does.
+    assert cache[0].offset == len(PROMPT) + 20
     save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
     loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
-    follow_up = [first[-1], 7, 2, 5]
+    follow_up = [7, 2, 5]
     got, _ = spec_tokens(model, follow_up, 20, prompt_cache=loaded)
     fresh_cache = make_prompt_cache(model)
     spec_tokens(model, PROMPT, 20, prompt_cache=fresh_cache)

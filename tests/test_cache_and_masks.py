@@ -91,14 +91,15 @@ def test_negative_control_cache_check_catches_a_trim_only_rollback(monkeypatch):
 @pytest.mark.parametrize("mode", ["lossless", "shared"])
 def test_cache_ends_like_mlx_lm(stop, mode):
     """When the generator ends or is closed, the cache holds the prompt and every
-    yielded token but the last, as mlx-lm's does, even if the last step accepted
-    more drafts than were yielded or the next step was already running."""
+    yielded token, as mlx-lm's does (it feeds each token before yielding it), even if
+    the last step accepted more drafts than were yielded or the next step was
+    already running."""
     model = tiny_spec_model("llama", vocab_size=8, mode=mode, num_streams=3, top_k=2)
     cache = make_prompt_cache(model)
     gen = spec_generate_step(mx.array(PROMPT), model, max_tokens=23, prompt_cache=cache)
     tokens = [t for t, *_ in (gen if stop == "exhausted" else (next(gen) for _ in range(11)))]
     gen.close()
-    committed = PROMPT + tokens[:-1]
+    committed = PROMPT + tokens
     assert all(c.offset == len(committed) for c in cache)
     if mode == "lossless":  # (shared-mode K/V depend on the streams)
         fresh = make_prompt_cache(model)
@@ -198,7 +199,7 @@ def test_no_stream_or_rejected_rows_stay_in_cache():
             extra = [c.offset - (n + i) for c in cache]
             T = extra[0]  # (0 after the last step)
             assert extra == [T if l < rt.first_top else T * 4 for l in range(len(cache))]
-    assert {c.offset for c in cache} == {n + 29}
+    assert {c.offset for c in cache} == {n + 30}  # every yielded token, as mlx-lm's
 
 
 def test_stream_lora_changes_streams_not_main():

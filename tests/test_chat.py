@@ -1,6 +1,6 @@
 """``python -m mlx_specstream.chat``: ``mlx_lm.chat`` with our decoder. A scripted
 conversation (with a reset) answers exactly as mlx_lm.chat answers it on the same
-weights; the negative control feeds each turn without the token the cache lacks."""
+weights; the negative control feeds each turn to a cache one token short."""
 
 import sys
 
@@ -9,6 +9,7 @@ from helpers import tiny_spec_model, word_tokenizer
 from mlx_lm.cli_ui import ChatUI
 
 from mlx_specstream import save
+from mlx_specstream.cache import trim_prompt_cache
 
 chat_mod = pytest.importorskip("mlx_specstream.chat")
 
@@ -50,7 +51,13 @@ def test_a_conversation_answers_as_mlx_lm_chat(model_dir, monkeypatch, capsys):
         assert got == want, extra
     assert "tokens per forward pass" in capsys.readouterr().out
 
-    # Negative control: the turns fed without the last answer's final token.
-    monkeypatch.setattr(chat_mod, "turn_tokens", lambda history, cache, prompt: prompt)
+    # Negative control: each turn fed to a cache that lost the last answer's final token.
+    generate = chat_mod.stream_generate
+
+    def one_short(*args, prompt_cache, **kwargs):
+        trim_prompt_cache(prompt_cache, 1 if prompt_cache[0].offset else 0)
+        return generate(*args, prompt_cache=prompt_cache, **kwargs)
+
+    monkeypatch.setattr(chat_mod, "stream_generate", one_short)
     got = converse(monkeypatch, lambda: chat_mod.main(argv + ["--tree-depth", "3"]))
     assert got[0] == want[0] and got[1:3] != want[1:3]

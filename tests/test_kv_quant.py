@@ -271,16 +271,6 @@ def test_maybe_quantize_is_mlx_lms(offset):
             np.testing.assert_array_equal(x, y)
 
 
-def test_maybe_quantize_at_a_given_offset():
-    cache = [KVCache()]
-    cache[0].update_and_fetch(*_random_rows(5, seed=1))
-    quant = KVQuantizer(8, 64, quantized_kv_start=6)
-    quant.maybe_quantize(cache)
-    assert type(cache[0]) is KVCache
-    quant.maybe_quantize(cache, offset=cache[0].offset + 1)
-    assert type(cache[0]) is QuantizedKVCache and cache[0].bits == 8
-
-
 def test_quantizer_arguments():
     assert KVQuantizer.from_args(None) is None
     assert KVQuantizer.from_args(4, 32, 7) == KVQuantizer(4, 32, 7)
@@ -423,10 +413,9 @@ def test_negative_control_converting_one_token_late_differs(monkeypatch):
     convert = KVQuantizer.maybe_quantize
     room = KVQuantizer.full_precision_room
 
-    def late(self, cache, offset=None):
-        n = cache[0].offset if offset is None else offset
-        if n >= self.quantized_kv_start + 1:
-            convert(self, cache, offset)
+    def late(self, cache):
+        if cache[0].offset >= self.quantized_kv_start + 1:
+            convert(self, cache)
 
     def late_room(self, cache):
         r = room(self, cache)

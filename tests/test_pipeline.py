@@ -256,7 +256,8 @@ def test_pipelined_sampling_is_the_unpipelined_sampling():
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 5, 8, 13])
 def test_caches_end_as_unpipelined_and_continue(max_tokens):
     """Whatever step ends the call, the prompt cache holds the prompt and every
-    yielded token but the last, and a follow-up call continues plain decoding."""
+    yielded token (as mlx-lm's), and a follow-up call fed the next token continues
+    plain decoding."""
     model = tiny_spec_model("llama", vocab_size=8, **SHAPES["g2-k3"])
     prompt, more = [3, 1, 4, 1, 5], 10
     want = plain_greedy(model, prompt, max_tokens + more)
@@ -264,9 +265,10 @@ def test_caches_end_as_unpipelined_and_continue(max_tokens):
         cache = make_prompt_cache(model)
         first = spec_tokens(model, prompt, max_tokens, prompt_cache=cache, pipeline=pipeline)[0]
         assert first == want[:max_tokens]
-        assert all(c.offset == len(prompt) + max_tokens - 1 for c in cache)
-        rest = spec_tokens(model, first[-1:], more, prompt_cache=cache, pipeline=pipeline)[0]
-        assert first + rest == want
+        assert all(c.offset == len(prompt) + max_tokens for c in cache)
+        nxt = want[max_tokens : max_tokens + 1]
+        rest = spec_tokens(model, nxt, more - 1, prompt_cache=cache, pipeline=pipeline)[0]
+        assert first + nxt + rest == want
 
 
 def test_closing_early_leaves_a_usable_cache():
@@ -280,8 +282,8 @@ def test_closing_early_leaves_a_usable_cache():
                              pipeline=True)  # fmt: skip
     got = [next(gen)[0] for _ in range(11)]
     gen.close()
-    assert got == want[:11] and cache[0].offset == len(prompt) + 10
-    got += spec_tokens(model, got[-1:], 19, prompt_cache=cache, pipeline=True)[0]
+    assert got == want[:11] and cache[0].offset == len(prompt) + 11
+    got += want[11:12] + spec_tokens(model, want[11:12], 18, prompt_cache=cache, pipeline=True)[0]
     assert got == want
 
 

@@ -81,11 +81,11 @@ def test_follow_up_from_the_lru_equals_a_cold_request(mode):
     cold = run(model, mode, p2, make_prompt_cache(model), 16)
 
     cache, reused = lru.fetch(p2)
-    # mlx-lm's plain decoding keeps every generated token; the speculative step all but the last.
-    assert reused == cache[0].offset >= len(P1) + len(gen1) - 1
+    # Every generated token is kept, as mlx-lm's loop keeps them: only the new ones are fed.
+    assert reused == cache[0].offset == len(P1) + len(gen1)
     assert len(lru) == 0  # taken out while in use
     fed = p2[reused:]
-    assert len(fed) <= len(FOLLOW_UP) + 1
+    assert fed == FOLLOW_UP
     assert run(model, mode, fed, cache, 16) == cold
 
     lru = PromptCacheLRU(4)
@@ -96,47 +96,53 @@ def test_follow_up_from_the_lru_equals_a_cold_request(mode):
 
 
 def test_parallelspec_context_is_rebuilt_exactly():
-    """ParallelSpec's cached row i pairs token i's state with token i+1. When
-    the token after the reused prefix differs from the one the last row was
-    built with, the LRU reuses one token less, so the drafter's KV cache after
-    the follow-up equals a cold run's, row for row. Negative control: without
-    that step back, the stale row stays and the drafter caches differ (the
-    output is exact either way: drafts never change it)."""
+    """ParallelSpec's cached row i pairs token i's state with token i+1. A finished
+    generation keeps its last token's state, to be paired with the next prompt's
+    first token: a follow-up that continues the whole conversation reuses it all,
+    and the drafter's KV cache after it equals a cold run's, row for row. When the
+    token after the reused prefix differs from the one the last row was built with
+    (an edited last token), the LRU reuses one token less, with the same result.
+    Negative control: without that step back, the stale row stays and the drafter
+    caches differ (the output is exact either way: drafts never change it)."""
     model = make_model("parallelspec")
     cache = make_prompt_cache(model)
     gen1 = run(model, "parallelspec", P1, cache, 8)
-    key = P1 + gen1[:-1]
-    assert cache[0].offset == len(key)
+    key = P1 + gen1
+    assert cache[0].offset == len(key) and cache.drafter_state.cache.offset == len(key) - 1
+    assert cache.drafter_state.pending_hidden is not None
     other = (gen1[-1] + 1) % V
-    p2 = key + [other] + FOLLOW_UP  # the next token differs from gen1[-1]
+    continued = key + FOLLOW_UP
+    edited = key[:-1] + [other] + FOLLOW_UP  # the last token differs from gen1[-1]
 
-    cold_cache = make_prompt_cache(model)
-    cold = run(model, "parallelspec", p2, cold_cache, 12)
-    cold_state = cold_cache.drafter_state.cache
+    def cold(p2):
+        cold_cache = make_prompt_cache(model)
+        return run(model, "parallelspec", p2, cold_cache, 12), cold_cache.drafter_state.cache
 
-    def follow_up():
+    def follow_up(p2):
         lru = PromptCacheLRU(4)
         c = make_prompt_cache(model)
         assert run(model, "parallelspec", P1, c, 8) == gen1
         lru.insert_finished(P1 + gen1, c)
         c, reused = lru.fetch(p2)
-        assert c.drafter_state is not None and c.drafter_state.cache.offset == reused
+        assert c.drafter_state is not None
         out = run(model, "parallelspec", p2[reused:], c, 12)
         return out, reused, c.drafter_state.cache
 
-    out, reused, state = follow_up()
-    assert reused == len(key) - 1  # one token less than the common prefix
-    assert out == cold
-    assert state.offset == cold_state.offset
-    assert same_keys([state], [cold_state])
+    for p2, reuses in ((continued, len(key)), (edited, len(key) - 2)):
+        want, want_state = cold(p2)
+        out, reused, state = follow_up(p2)
+        assert reused == reuses
+        assert out == want
+        assert state.offset == want_state.offset
+        assert same_keys([state], [want_state])
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pc, "pairs_next_token", lambda cache: False)
-        out, reused, state = follow_up()
-    assert reused == len(key)
-    assert out == cold
-    assert state.offset == cold_state.offset
-    assert not same_keys([state], [cold_state])
+        out, reused, state = follow_up(edited)
+    assert reused == len(key) - 1
+    assert out == want
+    assert state.offset == want_state.offset
+    assert not same_keys([state], [want_state])
 
 
 def test_lru_longest_prefix_trims_copies_and_takes_out():
@@ -200,3 +206,48 @@ def test_lru_insert_drops_prefixes_and_keeps_its_bounds():
     off = PromptCacheLRU(0)
     off.insert([1], filled(model, [1]))
     assert len(off) == 0
+
+
+@pytest.mark.parametrize("mode", ["streams", "ngram", "parallelspec", "pipelined"])
+def test_a_reused_cache_holds_what_mlx_lm_s_holds(mode):
+    """mlx-lm's own multi-turn pattern: every call feeds only its new tokens to the
+    same cache. Each turn answers as mlx-lm's ``generate_step`` answers it with its
+    own cache, and after each call, run out or closed early, both caches hold the
+    same tokens (mlx-lm feeds each token before yielding it). Control: our cache
+    one token short after the first turn answers the second differently."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
+
+    model = make_model("streams" if mode == "pipelined" else mode)
+    kwargs = {"pipeline": True} if mode == "pipelined" else {}
+    if mode == "ngram":
+        kwargs["draft"] = "ngram"
+    turns = [(P1, 10, None), (FOLLOW_UP, 12, 3), ([7, 11], 9, None), ([5], 6, 1)]
+
+    def ours_then_theirs(turn, ours, theirs):
+        prompt, n, stop_after = turn
+        gen = spec_generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=ours,
+                                 **kwargs)  # fmt: skip
+        ref = generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=theirs)
+        a, b = [], []
+        for (t, *_), (u, _) in zip(gen, ref):
+            a.append(t), b.append(u)
+            if len(a) == stop_after:
+                break
+        gen.close(), ref.close()
+        return a, b
+
+    ours, theirs = make_prompt_cache(model), mlx_lm_cache(model)
+    lengths = []
+    for i, turn in enumerate(turns):
+        a, b = ours_then_theirs(turn, ours, theirs)
+        assert a == b, i
+        assert ours[0].offset == theirs[0].offset, (i, ours[0].offset, theirs[0].offset)
+        lengths.append(len(a))
+    assert lengths == [10, 3, 9, 1]
+
+    ours, theirs = make_prompt_cache(model), mlx_lm_cache(model)
+    ours_then_theirs(turns[0], ours, theirs)
+    trim_prompt_cache(ours, 1)  # the control: the answer's last token lost
+    a, b = ours_then_theirs(turns[1], ours, theirs)
+    assert a != b

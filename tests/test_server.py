@@ -372,7 +372,8 @@ class Probe:
     records the cache each request starts from.
 
     A request runs ``rt.prefill`` over its prompt but the last token, which
-    the first decode pass feeds: fed = sum(prefill chunks) + 1.
+    the first decode pass feeds: fed = sum(prefill chunks) + 1. (The plain pass
+    over its last generated token, once it has yielded it, is not counted.)
     """
 
     def __init__(self, model, monkeypatch):
@@ -382,15 +383,22 @@ class Probe:
 
         def counting_prefill(tokens, cache, keep_hidden=False):
             if threading.current_thread().name == "mlx-specstream-generation":  # the server's
-                self.requests[-1]["prefilled"] += tokens.size
+                if not self.requests[-1]["decoding"]:
+                    self.requests[-1]["prefilled"] += tokens.size
             return prefill(tokens, cache, keep_hidden)
 
         def recording(model, tokenizer, prompt, **kwargs):
             cache = kwargs["prompt_cache"]
-            self.requests.append(
-                {"passed": list(prompt), "offset": cache[0].offset, "cache": cache, "prefilled": 0}
-            )
-            return real(model, tokenizer, prompt, **kwargs)
+            request = {"passed": list(prompt), "offset": cache[0].offset, "cache": cache,
+                       "prefilled": 0, "decoding": False}  # fmt: skip
+            self.requests.append(request)
+            gen = real(model, tokenizer, prompt, **kwargs)
+            try:
+                for response in gen:
+                    request["decoding"] = True
+                    yield response
+            finally:
+                gen.close()  # (here, on the generation thread)
 
         monkeypatch.setattr(rt, "prefill", counting_prefill)
         monkeypatch.setattr(server_mod, "stream_generate", recording)
@@ -426,9 +434,9 @@ def test_follow_up_turns_prefill_only_their_new_tokens(serve, monkeypatch):
     assert text1 == tok.decode(g1)
     assert probe.fed() == len(p1) and probe.requests[-1]["offset"] == 0
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
-    # The cache kept for turn 1 holds its prompt and every generated token but the last.
-    assert probe.requests[-1]["cache"][0].offset == len(p1) + len(g1) - 1
-    assert service_of(server).prompt_cache.keys() == [p1 + g1[:-1]]
+    # The cache kept for turn 1 holds its prompt and every generated token (as mlx-lm's).
+    assert probe.requests[-1]["cache"][0].offset == len(p1) + len(g1)
+    assert service_of(server).prompt_cache.keys() == [p1 + g1]
 
     m2 = turn(m1, text1, "t20 t21 t22")
     p2 = chat_prompt(tok, m2)
@@ -436,9 +444,9 @@ def test_follow_up_turns_prefill_only_their_new_tokens(serve, monkeypatch):
     cold2 = reference(model, tok, p2, 12)
     r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
     assert r2.choices[0].message.content == cold2
-    cached = len(p1) + len(g1) - 1
-    new = len(p2) - cached  # the last answer token, then the new turn
-    assert new == len(p2) - len(p1) - len(g1) + 1 and new < len(p2) // 2
+    cached = len(p1) + len(g1)
+    new = len(p2) - cached  # the new turn only
+    assert new < len(p2) // 2
     assert probe.requests[-1]["offset"] == cached and len(probe.requests[-1]["passed"]) == new
     assert probe.fed() == new
     assert r2.usage.prompt_tokens == len(p2)
@@ -523,7 +531,9 @@ def test_prompt_cache_with_attached_drafters(serve, kind):
     assert r2.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(tok, m1))
     if kind == "parallelspec":
         (cache,) = [e.cache for e in service_of(server).prompt_cache._entries.values()]
-        assert cache.drafter_state.cache.offset == cache[0].offset
+        # Its last token's state waits to be paired with the next prompt's first token.
+        assert cache.drafter_state.cache.offset == cache[0].offset - 1
+        assert cache.drafter_state.pending_hidden is not None
     status, payload = post(
         url + "/completions", json.dumps({"prompt": "t1", "draft": "streams+ngram"}).encode()
     )
@@ -905,7 +915,7 @@ def test_kv_bits_server_equals_generate_from_the_same_caches(serve):
     m2 = turn(m1, a1.choices[0].message.content, "t20")
     r2 = warm.chat.completions.create(model="tiny", messages=m2, max_tokens=16)
     ids2 = tok.encode(convert_chat(m2, None))
-    shared = min(common_prefix(ids1 + got[:-1], ids2), len(ids2) - 1)
+    shared = min(common_prefix(ids1 + got, ids2), len(ids2) - 1)
     assert r2.usage.prompt_tokens_details.cached_tokens == shared > 0
     trim_prompt_cache(cache, cache[0].offset - shared)
     want = reference(model, tok, ids2[shared:], 16, prompt_cache=cache, **kv)
