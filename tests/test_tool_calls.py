@@ -405,13 +405,15 @@ def mlx_lm_server(tmp_path_factory):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        for _ in range(1200):  # (up to 2 minutes on a slow machine)
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=1)
                 break
             except OSError:
                 assert proc.poll() is None, "mlx_lm.server exited"
                 time.sleep(0.1)
+        else:
+            raise TimeoutError(f"mlx_lm.server did not answer at {url}/health")
         yield path, url
     finally:
         proc.terminate()
