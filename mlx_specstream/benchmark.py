@@ -289,7 +289,8 @@ def main(argv=None):
                     raise AssertionError(f"prompt {i}: '{name}' output differs from plain decoding")
         print(f"[{i + 1}/{len(prompts)}] outputs identical across methods", flush=True)
 
-    summary = summarize(rows, methods, weight_bytes(plain))
+    weights = weight_bytes(plain)
+    summary = summarize(rows, methods, weights)
     # Sampling uses the tuned tree, or the default one when tuning chose plain decoding.
     tuned_depth = cfg.tree_depth if tuned["tree_depth"] is None else tuned["tree_depth"]
     sampling_tree, tree = (
@@ -309,7 +310,7 @@ def main(argv=None):
         base_parameters=base_params,
         stream_parameters=extra,
         stream_parameter_ratio=extra / base_params,
-        weight_bytes=weight_bytes(plain),
+        weight_bytes=weights,
         tuned_tree=tuned,
         tuned_on=getattr(cfg, "tuned_on", None),
         config=cfg.to_dict(),

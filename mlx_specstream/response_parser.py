@@ -43,8 +43,11 @@ class Parts:
     reasoning: str = ""
     tool_calls: List[Dict[str, Any]] = field(default_factory=list)
 
-    def __bool__(self):
-        return bool(self.content or self.reasoning or self.tool_calls)
+    def extend(self, other: "Parts") -> None:
+        """Appends what ``other`` adds (the next piece's parts)."""
+        self.content += other.content
+        self.reasoning += other.reasoning
+        self.tool_calls += other.tool_calls
 
 
 def initial_state(tokenizer, prompt: List[int]) -> str:

@@ -597,9 +597,7 @@ class Handler(BaseHTTPRequestHandler):
                 c = choices[index] = {"parts": Parts(), "finish": None, "records": None}
                 c["parser"] = ResponseParser(**parse) if parse else None
             parts = c["parser"].feed(piece, final=finish is not None) if parse else Parts(piece)
-            c["parts"].content += parts.content
-            c["parts"].reasoning += parts.reasoning
-            c["parts"].tool_calls += parts.tool_calls
+            c["parts"].extend(parts)
             c["finish"] = finish
             if new is not None:
                 c["records"] = (c["records"] or []) + new

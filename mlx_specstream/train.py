@@ -187,8 +187,8 @@ class StreamLoss:
         g = self.gamma
         ce_sum = [0.0] * g
         hits = [0.0] * g
-        counts = [0] * g
-        early_sum, early_hits, early_count = 0.0, 0.0, 0
+        counts, early_count = self.normalizers(batch)
+        early_sum, early_hits = 0.0, 0.0
         has_adapter = "prune_adapter" in self.rt.streams
         for ex in batch:
             ids = mx.array(ex["input_ids"], dtype=mx.int32)
@@ -208,13 +208,11 @@ class StreamLoss:
                 y = ids[lo + j + 2 :]
                 ce_sum[j] = ce_sum[j] + nn.losses.cross_entropy(z, y, reduction="sum")
                 hits[j] = hits[j] + (mx.argmax(z, axis=-1) == y).sum()
-                counts[j] += hi - lo
             if has_adapter and T > 1:
                 z = self.early_logits(states[:-1]).astype(mx.float32)
                 y = ids[1:]
                 early_sum = early_sum + nn.losses.cross_entropy(z, y, reduction="sum")
                 early_hits = early_hits + (mx.argmax(z, axis=-1) == y).sum()
-                early_count += T - 1
         divide, divide_early = normalizers or (counts, early_count)
         loss = mx.array(0.0)
         for j in range(g):

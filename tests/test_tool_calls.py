@@ -60,9 +60,7 @@ def joined(parser, pieces):
     out = Parts()
     for i, piece in enumerate(pieces):
         parts = parser.feed(piece, final=i == len(pieces) - 1)
-        out.content += parts.content
-        out.reasoning += parts.reasoning
-        out.tool_calls += parts.tool_calls
+        out.extend(parts)
     return out
 
 
