@@ -65,7 +65,7 @@ class Draft:
 
     layout: TreeLayout
     tokens: Union[List[int], mx.array]
-    q: Optional[np.ndarray] = None  # rejection: (levels, V) draft distributions
+    q: Optional[mx.array] = None  # rejection: (levels, V) draft distributions
 
 
 @dataclass
@@ -85,6 +85,9 @@ class Pending:
     next_tokens: Optional[mx.array] = None  # (T,) the next static tree's tokens, root first
     path: Optional[mx.array] = None  # pipelined: the padded path to ``last`` (paths_mx row)
     depth: Optional[mx.array] = None  # pipelined: the depth of ``last``
+    probs: Optional[mx.array] = None  # rejection: (R, V) target distributions
+    uniforms: Optional[mx.array] = None  # rejection: (R + 1,) the walk's coins
+    draws: Optional[tuple] = None  # rejection: every node's next (q, draw order)
 
     def logprobs_row(self, node: int) -> mx.array:
         """Node ``node``'s log-probabilities (lazy, on its own, when the step did not
@@ -218,6 +221,7 @@ class Decoder:
         logprobs = None if certify else _log_softmax(logits)
         p = Pending(draft, prefix, out, tokens, logprobs, logits)
         if self.by_rejection:  # walked on the host by finish()
+            self._launch_rejection(p)
             return p
         if certify:
             p.targets, p.certified = _certified_argmax(logits)
@@ -422,32 +426,53 @@ class Decoder:
         return Draft(layout_of(subtree_parents(self.tree.parents, keep)), tokens, draft.q)
 
     # ---- sampling by recursive rejection --------------------------------------------
+    def _launch_rejection(self, p: Pending) -> None:
+        """Starts what the host walk reads: the target distributions, the walk's
+        uniforms, the draft distributions the tree was drawn from, and where the
+        pass computed every node's stream logits, every node's next draws, so the
+        step reads the host once."""
+        p.probs = self.sampler.probs(p.logprobs)
+        p.uniforms = mx.random.uniform(shape=(p.tokens.shape[0] + 1,))
+        if self.streams and p.out.stream_logits is not None:
+            p.draws = self._draw(p.out.stream_logits)
+        arrays = [p.probs, p.uniforms, p.draft.q] + list(p.draws or ())
+        mx.async_eval([a for a in arrays if a is not None])
+
+    def _draw(self, slog: mx.array):
+        """Drafts drawn without replacement from each level's distribution (Gumbel
+        top-k): ``(..., levels, V)`` logits give the draft distributions ``q`` and
+        the ``(..., levels, kmax)`` tokens in draw order."""
+        logprobs = _log_softmax(slog[..., : self.depth, :].astype(mx.float32))
+        q = self.sampler.probs(logprobs.reshape(-1, logprobs.shape[-1])).reshape(logprobs.shape)
+        return q, top_k_desc(mx.log(q) + mx.random.gumbel(q.shape), self.kmax)
+
     def _walk_by_rejection(self, p: Pending):
-        """Design (b): recursive rejection sampling on the host, then drafts drawn
-        without replacement from the accepted node's streams (Gumbel top-k),
-        read in a second host read."""
+        """Recursive rejection sampling on the host, then the next drafts, drawn
+        without replacement from the accepted node's streams: already drawn for
+        every node when the pass computed their logits (one host read), else
+        drawn now from the accepted node's (a second read)."""
         tokens, parents = p.tokens.tolist(), p.out.kept_parents
-        probs = self.sampler.probs(p.logprobs)
-        uniforms = mx.random.uniform(shape=(len(tokens) + 1,))
-        mx.eval(probs, uniforms)
+        q = None if p.draft.q is None else np.array(p.draft.q)
         path, token = accept_by_rejection(
-            tokens, parents, np.array(probs), p.draft.q, np.array(uniforms)
+            tokens, parents, np.array(p.probs), q, np.array(p.uniforms)
         )
         if not self.depth or (self.max_tokens >= 0 and self.emitted + len(path) >= self.max_tokens):
             return path, token, None
-        if self.streams:  # (before the caches are compacted: split passes read the tree rows)
-            slog = self._stream_logits(p.out, mx.array(path[-1]))
-        else:
-            slog = self._drafter_logits(p.out, path, [tokens[a] for a in path], token)
-        q = self.sampler.probs(_log_softmax(slog.astype(mx.float32)))
-        keys = mx.log(q) + mx.random.gumbel(q.shape)
-        top = top_k_desc(keys[: self.depth], self.kmax)  # draw order
-        mx.eval(q, top)
-        top = top.tolist()
+        last = path[-1]
+        if p.draws is not None:
+            q, top = p.draws[0][last], np.array(p.draws[1][last])
+        else:  # (before the caches are compacted: split passes read the tree rows)
+            if self.streams:
+                slog = self._stream_logits(p.out, mx.array(last))
+            else:
+                slog = self._drafter_logits(p.out, path, [tokens[a] for a in path], token)
+            q, top = self._draw(slog)
+            mx.eval(q, top)
+            top = np.array(top)
         p.next_tokens = [token] + [
-            top[g][r] for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])
+            int(top[g, r]) for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])
         ]
-        return path, token, np.array(q)
+        return path, token, q
 
 
 def spec_generate_step(
@@ -514,9 +539,9 @@ def spec_generate_step(
           matches. ``"rejection"``: drafts drawn without replacement from the
           stream distributions, verified by recursive rejection sampling over
           siblings; needs a sampler from
-          :func:`mlx_specstream.sample_utils.make_sampler`, reads the host
-          twice per step and does not prune (a threshold is ignored with a
-          warning). Greedy decoding always walks by argmax. Default
+          :func:`mlx_specstream.sample_utils.make_sampler` and does not prune
+          (a threshold is ignored with a warning); it reads the host once per
+          step where the pass computes every node's stream logits, else twice. Greedy decoding always walks by argmax. Default
           (``None``): ``"rejection"`` when the sampler exposes its
           distribution (a :class:`DistributionSampler`), as it accepts more
           drafts (``benchmarks/RESULTS.md``); otherwise ``"target-sample"``,

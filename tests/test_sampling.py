@@ -23,8 +23,7 @@ stats = pytest.importorskip("scipy.stats")
 V, N_TOKENS, PROMPT = 6, 3, [1, 4, 2, 5]
 
 
-@pytest.fixture(scope="module")
-def model():
+def disagreeing_model(**cfg):
     """Streams that often disagree with the main stream: lossless sampling must
     hold whatever the drafts, and a biased rule shows its bias most here."""
     m = tiny_spec_model(
@@ -35,10 +34,23 @@ def model():
         top_k=2,
         weight_scale=1.0,
         model_args=dict(hidden_size=32, intermediate_size=64),
+        **cfg,
     )
     streams = m.speculative_streams.streams
     streams.embeddings = streams.embeddings * 50
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return disagreeing_model()
+
+
+@pytest.fixture(scope="module")
+def in_pass_model():
+    """The same, with every node's stream logits from the pass's own head call (a
+    GPU's default): rejection sampling draws the next drafts at every node."""
+    return disagreeing_model(stream_logits_in_pass=True)
 
 
 def exact_distribution(model, sampler):
@@ -113,6 +125,48 @@ def test_speculative_sampling_matches_plain_distribution(model, case):
     counts = sample_counts(model, sampler, N_SAMPLES, acceptance=acceptance, **tree)
     p = chi_square_pvalue(counts, exact_distribution(model, sampler), N_SAMPLES)
     assert p > 1e-3, f"{case}: chi-square p = {p:.2e}"
+
+
+REJECTION_IN_PASS = {
+    "chain T=1": (dict(temp=1.0), dict(tree_top_k=1)),
+    "tree T=1": (dict(temp=1.0), dict(tree_top_k=3)),
+    "tree T=0.7 top-p": (dict(temp=0.7, top_p=0.9), dict(tree_top_k=2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTION_IN_PASS))
+def test_rejection_with_drafts_drawn_at_every_node_matches_plain(in_pass_model, case, monkeypatch):
+    """With every node's stream logits in the pass, the next drafts are drawn at
+    every node before the host read: the step reads the host once (no stream
+    logits are computed after it), and the distribution is still the model's."""
+
+    def second_read(*args):
+        raise AssertionError("the accepted node's streams were read after the walk")
+
+    monkeypatch.setattr(decode.Decoder, "_stream_logits", second_read)
+    sampler_args, tree = REJECTION_IN_PASS[case]
+    sampler = make_sampler(**sampler_args)
+    counts = sample_counts(in_pass_model, sampler, N_SAMPLES, acceptance="rejection", **tree)
+    p = chi_square_pvalue(counts, exact_distribution(in_pass_model, sampler), N_SAMPLES)
+    assert p > 1e-3, f"{case}: chi-square p = {p:.2e}"
+
+
+def test_negative_control_drafts_verified_against_another_level_s_q_are_rejected(
+    in_pass_model, monkeypatch
+):
+    """Drafts drawn at every node but verified against the next level's draft
+    distribution are not lossless: the same test rejects them."""
+    real = decode.Decoder._draw
+
+    def shifted_q(self, slog):
+        q, top = real(self, slog)
+        return mx.concatenate([q[..., 1:, :], q[..., :1, :]], axis=-2), top
+
+    monkeypatch.setattr(decode.Decoder, "_draw", shifted_q)
+    sampler = make_sampler(temp=1.0)
+    counts = sample_counts(in_pass_model, sampler, N_SAMPLES, acceptance="rejection", tree_top_k=3)
+    p = chi_square_pvalue(counts, exact_distribution(in_pass_model, sampler), N_SAMPLES)
+    assert p < 1e-6, f"mismatched draft distributions passed the test (p = {p:.2e}): no power"
 
 
 def naive_per_path(tokens, parents, target_probs, draft_probs, uniforms):
