@@ -140,6 +140,12 @@ class Decoder:
         in_pass = rt.stream_logits_in_pass
         in_pass = on_gpu() if in_pass is None else in_pass
         self.head_on_streams = self.streams and self.all_streams and in_pass
+        # Rejection sampling: the next drafts drawn at every node before the walk
+        # (one host read) where every node's draft logits come cheaply: the pass's
+        # own stream logits, or Medusa heads, where rows cost little (a GPU).
+        self.draws_at_every_node = self.by_rejection and (
+            self.head_on_streams or (self.heads and in_pass)
+        )
         if self.depth:
             self.tree = static_tree(ks, self.depth, self.max_nodes)
             self.layout = layout_of(self.tree.parents)
@@ -428,13 +434,19 @@ class Decoder:
     # ---- sampling by recursive rejection --------------------------------------------
     def _launch_rejection(self, p: Pending) -> None:
         """Starts what the host walk reads: the target distributions, the walk's
-        uniforms, the draft distributions the tree was drawn from, and where the
-        pass computed every node's stream logits, every node's next draws, so the
-        step reads the host once."""
+        uniforms, the draft distributions the tree was drawn from, and where
+        ``draws_at_every_node``, every node's next draws, so the step reads the
+        host once."""
         p.probs = self.sampler.probs(p.logprobs)
         p.uniforms = mx.random.uniform(shape=(p.tokens.shape[0] + 1,))
-        if self.streams and p.out.stream_logits is not None:
-            p.draws = self._draw(p.out.stream_logits)
+        if self.draws_at_every_node:
+            out = p.out
+            slog = (
+                out.stream_logits
+                if self.streams
+                else self.rt.drafter.draft_at_every(self.rt, out.hidden)
+            )
+            p.draws = self._draw(slog)
         arrays = [p.probs, p.uniforms, p.draft.q] + list(p.draws or ())
         mx.async_eval([a for a in arrays if a is not None])
 
@@ -448,9 +460,8 @@ class Decoder:
 
     def _walk_by_rejection(self, p: Pending):
         """Recursive rejection sampling on the host, then the next drafts, drawn
-        without replacement from the accepted node's streams: already drawn for
-        every node when the pass computed their logits (one host read), else
-        drawn now from the accepted node's (a second read)."""
+        without replacement from the accepted node's streams or drafter: already
+        drawn at every node (one host read), else drawn now (a second read)."""
         tokens, parents = p.tokens.tolist(), p.out.kept_parents
         q = None if p.draft.q is None else np.array(p.draft.q)
         path, token = accept_by_rejection(

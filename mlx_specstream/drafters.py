@@ -60,6 +60,10 @@ class MedusaHeads(nn.Module):
         states = mx.concatenate([head(h) for head in self.heads], axis=0)
         return rt.head(states[None])[0]
 
+    def draft_at_every(self, rt, hidden: mx.array) -> mx.array:
+        """``(R, k, V)`` logits of the draft levels from each of the ``R`` nodes."""
+        return rt.head(mx.stack([head(hidden) for head in self.heads], axis=1))
+
 
 class ParallelSpecDrafter(nn.Module):
     """``fc.weight`` ``(D, 2D)``, ``masks`` ``(k - 1, D)`` and ``layer.*``, one

@@ -181,6 +181,44 @@ def test_sampling_with_drafters_keeps_the_distribution():
         assert p > 1e-3, f"{kind} {acceptance}: chi-square p = {p:.2e}"
 
 
+def test_medusa_rejection_drawn_at_every_node_keeps_the_distribution(monkeypatch):
+    """Where rows cost little (``stream_logits_in_pass``, a GPU's default), Medusa's
+    next drafts are drawn at every node before the walk: no draft after it (one
+    host read), and the distribution is the model's. Control: the same draws
+    verified against the next level's draft distribution fail."""
+    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+
+    import mlx_specstream.decode as decode
+    from mlx_specstream.sample_utils import make_sampler
+    from mlx_specstream.streams import get_runtime
+
+    def after_the_walk(*args):
+        raise AssertionError("the heads drafted after the walk: a second host read")
+
+    monkeypatch.setattr(drafters.MedusaHeads, "draft", after_the_walk)
+    model = tiny_model(
+        "llama", vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64
+    )
+    attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2), seed=3)
+    get_runtime(model).stream_logits_in_pass = True
+    sampler, n = make_sampler(temp=1.0), 1500
+    exact = exact_distribution(model, sampler)
+    counts = sample_counts(model, sampler, n, acceptance="rejection")
+    p = chi_square_pvalue(counts, exact, n)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+    real = decode.Decoder._draw
+
+    def shifted_q(self, slog):
+        q, top = real(self, slog)
+        return mx.concatenate([q[..., 1:, :], q[..., :1, :]], axis=-2), top
+
+    monkeypatch.setattr(decode.Decoder, "_draw", shifted_q)
+    counts = sample_counts(model, sampler, n, acceptance="rejection")
+    p = chi_square_pvalue(counts, exact, n)
+    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_roundtrip_and_drafter_flag(kind, tmp_path):
     from helpers import word_tokenizer
