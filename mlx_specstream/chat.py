@@ -13,9 +13,18 @@ from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.cli_ui import ChatUI
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 from .cache import make_prompt_cache
-from .cli_args import add_draft_args, add_model_args, add_prefill_arg, add_xtc_args, load_model
+from .cli_args import (
+    DRAFT_MODEL_TOKENS,
+    add_draft_args,
+    add_model_args,
+    add_prefill_arg,
+    add_xtc_args,
+    load_draft_model,
+    load_model,
+)
 from .generate import SpeculativeUsage, stream_generate
 from .sample_utils import make_sampler, xtc_special_tokens
 from .server import join_messages
@@ -77,6 +86,7 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     mx.random.seed(args.seed)
     model, tokenizer = load_model(args)
+    draft_model = load_draft_model(args, tokenizer)
     args.model = args.model or "mlx-specstream-default"  # (the UI's header shows it)
     sampler = make_sampler(
         args.temp,
@@ -90,16 +100,24 @@ def main(argv=None):
         for k in ("draft", "num_draft_tokens", "tree_top_k", "tree_depth")
         if getattr(args, k) is not None
     }
+    if draft_model is not None:  # (mlx_lm.generate's default draft length)
+        drafting.update(draft_model=draft_model)
+        drafting.setdefault("num_draft_tokens", DRAFT_MODEL_TOKENS)
+
+    def new_cache():  # the model's layers, then the draft model's (as mlx-lm keeps them)
+        cache = make_prompt_cache(model, args.max_kv_size)
+        return cache if draft_model is None else cache + mlx_lm_prompt_cache(draft_model)
+
     with SpecChatUI(args) as ui:
         # (after each answer the cache holds all of it, as mlx-lm's does)
-        cache = make_prompt_cache(model, args.max_kv_size)
+        cache = new_cache()
         while True:
             query = ui.prompt()
             if query == "q":
                 ui.say_bye()
                 break
             if query == "r":
-                cache = make_prompt_cache(model, args.max_kv_size)
+                cache = new_cache()
                 ui.say_reset()
                 continue
             if query == "h":

@@ -49,11 +49,20 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         "(for this device, chosen by mlx_specstream.tune), else 'streams'.",
     )
     parser.add_argument(
+        "--draft-model",
+        type=str,
+        default=None,
+        help="A small model with the same tokenizer that drafts instead (mlx-lm's draft-model "
+        "decoding, verified as a tree here)"
+        + ("; a request's 'draft' field then cannot name another source" if per_request else ""),
+    )
+    parser.add_argument(
         "--num-draft-tokens",
         type=int,
         default=None,
         help="Longest prompt-lookup draft (default: 10, as transformers' "
-        "prompt_lookup_num_tokens)"
+        "prompt_lookup_num_tokens), or with --draft-model the drafts per step (default: 3, "
+        "as mlx_lm.generate)"
         + ("; a request's 'num_draft_tokens' overrides it" if per_request else ""),
     )
     if per_request:
@@ -123,5 +132,25 @@ def load_model(args, tokenizer_config: Optional[Dict[str, Any]] = None):
         tokenizer_config={**(tokenizer_config or {}), "trust_remote_code": args.trust_remote_code},
         adapter_path=args.adapter_path,
         drafter=args.drafter,
-        allow_plain=args.draft == "ngram",
+        allow_plain=args.draft == "ngram" or getattr(args, "draft_model", None) is not None,
     )
+
+
+# mlx_lm.generate's default draft length with --draft-model
+DRAFT_MODEL_TOKENS = 3
+
+
+def load_draft_model(args, tokenizer):
+    """The ``--draft-model`` (``None`` without one), refused when its tokenizer's
+    vocabulary size differs from the model's, as ``mlx_lm.generate`` refuses it."""
+    if getattr(args, "draft_model", None) is None:
+        return None
+    from mlx_lm import load as mlx_lm_load
+
+    draft_model, draft_tokenizer = mlx_lm_load(args.draft_model)
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"--draft-model {args.draft_model}: its tokenizer has {draft_tokenizer.vocab_size} "
+            f"tokens, the model's {tokenizer.vocab_size}; they must match."
+        )
+    return draft_model

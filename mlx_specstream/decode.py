@@ -30,6 +30,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .cache import Fold, KVQuantizer, check_cache, commit_path, window_rows
 from .config import DRAFTS
+from .draft_model import DraftModel, draft_model_tree, split_prompt_cache
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
 from .precision import on_gpu, warn_if_tf32
@@ -117,7 +118,8 @@ class Decoder:
     """
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
-                 ngram_tokens, max_tokens, dstate=None, quant=None, pipeline=None):  # fmt: skip
+                 ngram_tokens, max_tokens, dstate=None, quant=None, pipeline=None,
+                 draft_model=None):  # fmt: skip
         self.rt, self.cache, self.history = rt, cache, history
         self.quant = quant
         self.sampler, self.processors = sampler, processors
@@ -126,9 +128,11 @@ class Decoder:
         self.draft = draft
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.max_tokens, self.dstate = max_tokens, dstate
-        self.streams = self.depth > 0 and rt.drafter is None  # drafts from this pass's streams
+        self.draft_model = draft_model  # a DraftModel drafting instead of the model's own
+        own = self.depth > 0 and draft_model is None
+        self.streams = own and rt.drafter is None  # drafts from this pass's streams
         # Medusa heads draft from the accepted node's state alone: on the device too.
-        self.heads = self.depth > 0 and getattr(rt.drafter, "drafts_from_last_node", False)
+        self.heads = own and getattr(rt.drafter, "drafts_from_last_node", False)
         # Shared-mode main rows read their streams; lossless ones only when fused.
         self.all_streams = rt.streams is not None and not (
             rt.split_streams or (rt.config.mode == "lossless" and not self.streams)
@@ -303,7 +307,8 @@ class Decoder:
         self.history.extend(t for t, _, _ in new)
         if self.ngrams is not None:
             self.ngrams.extend(t for t, _, _ in new)
-        if self.dstate is not None and not (self.by_rejection or self.heads):
+        drafter = self.dstate is not None or self.draft_model is not None
+        if drafter and not (self.by_rejection or self.heads):
             # An attached drafter drafts from the accepted path (also after the
             # last step, so its context follows the cache into the next call).
             slog = self._drafter_logits(out, path, [tokens[a] for a in path], token)
@@ -392,6 +397,8 @@ class Decoder:
         return self.rt.drafter.draft_at(self.rt, out.hidden, p.last)
 
     def _drafter_logits(self, out, path, path_tokens, token) -> mx.array:
+        if self.draft_model is not None:
+            return self.draft_model.draft(path_tokens, token, out.logits.shape[-1])
         draft = self.rt.drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token)
         return draft.astype(mx.float32)
 
@@ -502,7 +509,8 @@ def spec_generate_step(
     max_tree_nodes: Optional[int] = None,
     acceptance: Optional[str] = None,
     draft: Optional[str] = None,
-    num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
+    num_draft_tokens: Optional[int] = None,
+    draft_model: Optional[nn.Module] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 5000,
@@ -562,7 +570,14 @@ def spec_generate_step(
           both, merged into one tree under ``max_tree_nodes``. Default
           (``None``): the source the model's config names (``draft``, stored
           by ``mlx_specstream.tune``), else ``"streams"``.
-        num_draft_tokens (int): the longest prompt-lookup draft. Default: ``10``.
+        num_draft_tokens (int, optional): the longest prompt-lookup draft
+          (default ``10``), or with ``draft_model`` the draft chain's length
+          (default ``2``, as mlx-lm's).
+        draft_model (nn.Module, optional): a small mlx-lm model sharing the
+          model's vocabulary that drafts a greedy chain, as in mlx-lm's
+          draft-model decoding; ``tree_top_k`` widens each level into a tree.
+          A reused ``prompt_cache`` then holds the model's layers followed by
+          the draft model's, as mlx-lm keeps them.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options. ``kv_bits`` converts the cache at the moments
           mlx-lm does (greedy output equals mlx-lm's with the same options).
@@ -588,22 +603,39 @@ def spec_generate_step(
         raise ValueError(
             f"draft={draft!r}: choose None (the model's configured drafts) or one of {DRAFTS}"
         )
-    if draft == "ngram" and getattr(model, "speculative_streams", None) is None:
-        attach_verifier(model)
+    if draft_model is not None and draft not in (None, "streams"):
+        raise ValueError(f"draft={draft!r} and draft_model are two draft sources: pass one.")
+    if draft == "ngram" or draft_model is not None:
+        if getattr(model, "speculative_streams", None) is None:
+            attach_verifier(model)
     rt = get_runtime(model)
-    if draft is None:  # the draft source the model's config names (the tuner's choice)
+    if draft_model is not None and rt.drafter is not None:
+        raise ValueError("draft_model: this model has a drafter attached already; pass one.")
+    if draft is None and draft_model is None:  # the source the model's config names (tuned)
         draft = getattr(rt.config, "draft", None)
     draft = None if draft == "streams" else draft  # from here: None = the model's own drafts
-    ks, depth, threshold, max_nodes = resolve_tree_settings(
-        rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
-    )
+    if num_draft_tokens is None:
+        num_draft_tokens = NGRAM_DRAFT_TOKENS if draft_model is None else 2
+    if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
+        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
+    if draft_model is not None:  # its chain, as tree levels (the streams are off)
+        if tree_depth not in (None, num_draft_tokens) or prune_threshold:
+            raise ValueError(
+                "draft_model: its tree is num_draft_tokens levels deep, unpruned (tree_depth "
+                f"{tree_depth!r} and prune_threshold {prune_threshold!r} are for streams)."
+            )
+        ks, depth, threshold, max_nodes = draft_model_tree(
+            num_draft_tokens, tree_top_k, max_tree_nodes
+        )
+    else:
+        ks, depth, threshold, max_nodes = resolve_tree_settings(
+            rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
+        )
     if draft == "ngram":
         depth = 0  # the model's own drafts are off
     elif draft == "streams+ngram" and rt.drafter is not None:
         raise ValueError("draft='streams+ngram' needs a model with streams, not a drafter.")
     quant = KVQuantizer.from_args(kv_bits, kv_group_size, quantized_kv_start)
-    if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
-        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
     sampler = sampler or greedy
     if acceptance is None:  # (without drafts there is nothing to accept)
         drafting = speculative and (depth or draft)
@@ -622,9 +654,21 @@ def spec_generate_step(
         acceptance = "target-sample"
     check_prompt(model, prompt)
     warn_if_tf32(model)  # float32 on a GPU: token identity needs MLX_ENABLE_TF32=0
+    draft_cache = None
+    if draft_model is not None:  # (mlx-lm's convention: the model's layers, then the draft's)
+        prompt_cache, draft_cache = split_prompt_cache(model, draft_model, prompt_cache)
     if not speculative or (depth == 0 and draft is None):
         if rt.config.mode == "lossless":
             # Streams never touch the main stream: this is the base model.
+            if draft_cache is not None:  # it follows the model's cache all the same
+                yield from _plain_with_draft_cache(
+                    prompt, model, draft_model, draft_cache, prompt_cache, max_tokens=max_tokens,
+                    sampler=sampler, logits_processors=logits_processors,
+                    prefill_step_size=prefill_step_size, kv_bits=kv_bits,
+                    kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                    prompt_progress_callback=prompt_progress_callback,
+                )  # fmt: skip
+                return
             for n, (token, logprobs) in enumerate(
                 generate_step(
                     prompt,
@@ -661,7 +705,9 @@ def spec_generate_step(
         max_rows = window_rows(cache[0].offset, prompt.size, max_tokens, step_rows)
     check_cache(cache, allow_quantized=True, max_rows=max_rows)
     start = cache[0].offset
-    dstate = None
+    dstate = dm = None
+    if draft_model is not None:
+        dm = DraftModel(draft_model, draft_cache, depth)
     if rt.drafter is not None and depth:
         dstate = rt.drafter.start(start, getattr(cache, "drafter_state", None))
         if hasattr(cache, "drafter_state"):  # a SpecPromptCache keeps it for the next call
@@ -670,13 +716,16 @@ def spec_generate_step(
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
         (ks, depth, threshold, max_nodes), acceptance, draft, num_draft_tokens, max_tokens, dstate,
-        quant, pipeline,
+        quant, pipeline, dm,
     )  # fmt: skip
     yielded, ended = 0, False  # ended: finished or closed, not failed
     try:
         with mx.stream(generation_stream):
             progress = prompt_progress_callback or (lambda *_: None)
             _prefill(rt, cache, prompt, prefill_step_size, dstate, quant, progress)
+            if dm is not None:  # (the prompt's last token: fed with its first draft)
+                dm.prefill(prompt_list[:-1], prefill_step_size)
+                dm.extend(prompt_list[-1:])
             pending = dec.launch(dec.first_draft(prompt_list[-1]))
             while pending is not None:
                 ahead = dec.launch_ahead(pending)  # pipelined: before this step's host read
@@ -701,9 +750,33 @@ def spec_generate_step(
         if ended and yielded:
             with mx.stream(generation_stream):
                 hold_yielded(rt, cache, end, dec.history[end - start - 1], dstate, quant)
-        else:  # failed: what the cache surely holds
-            rewind(cache, min(end - 1, min(c.offset for c in cache)))
+                if dm is not None:
+                    dm.hold(dec.history, start, end)
+        else:  # failed: what the cache surely holds (and the draft model's)
+            held = min(end - 1, min(c.offset for c in cache))
+            if dm is not None:
+                held = min(held, dm.fed)
+                dm.rewind(held)
+            rewind(cache, held)
         rt.release()
+
+
+def _plain_with_draft_cache(prompt, model, draft_model, draft_cache, prompt_cache, **kwargs):
+    """mlx-lm's plain decoding (``speculative=False``) of a call given a draft model:
+    the draft model's cache then takes in the same tokens, so the pair stays usable."""
+    start = prompt_cache[0].offset if prompt_cache else 0
+    cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+    history = prompt.tolist()
+    n = 0
+    try:
+        for n, (token, logprobs) in enumerate(
+            generate_step(prompt, model, prompt_cache=cache, **kwargs), start=1
+        ):
+            history.append(int(token))
+            yield token, logprobs, False, n
+    finally:
+        dm = DraftModel(draft_model, draft_cache, 1)
+        dm.hold(history, start, min(cache[0].offset, start + len(history)))
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

@@ -21,6 +21,8 @@ from .cli_args import (
     add_model_args,
     add_prefill_arg,
     add_xtc_args,
+    DRAFT_MODEL_TOKENS,
+    load_draft_model,
     load_model,
 )
 from .decode import ACCEPTANCE, spec_generate_step
@@ -114,7 +116,8 @@ def stream_generate(
         kwargs: passed to :func:`mlx_specstream.decode.spec_generate_step`
           (``prompt_cache``, ``prefill_step_size``, ``tree_top_k``,
           ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``, and mlx-lm's
-          ``kv_bits``, ``kv_group_size``, ``quantized_kv_start``, ``max_kv_size``).
+          ``draft_model``, ``num_draft_tokens``, ``kv_bits``, ``kv_group_size``,
+          ``quantized_kv_start``, ``max_kv_size``).
 
     Yields:
         SpecGenerationResponse: one per generated token.
@@ -122,12 +125,6 @@ def stream_generate(
     if max_tokens == 0 or max_tokens < -1:
         raise ValueError(f"max_tokens={max_tokens} must be positive (or -1 for no limit).")
     # mlx-lm's arguments that this decoder does not take: refused by name when set.
-    if kwargs.pop("draft_model", None) is not None:
-        raise ValueError(
-            "draft_model: mlx-lm's draft-model decoding is mlx_lm.stream_generate's; here the "
-            "drafts come from the model's streams, a drafter (load(..., drafter=DIR)) or "
-            "prompt lookup (draft='ngram')."
-        )
     if kwargs.pop("input_embeddings", None) is not None:
         raise ValueError("input_embeddings: speculative decoding here takes token prompts only.")
     if not isinstance(tokenizer, TokenizerWrapper):
@@ -373,6 +370,12 @@ def main(argv=None):
     model, tokenizer = load_model(args, json.loads(metadata.get("tokenizer_config", "{}")))
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)
+    draft_model = load_draft_model(args, tokenizer)
+    if draft_model is not None and prompt_cache is not None:
+        raise ValueError(
+            f"--prompt-cache-file {args.prompt_cache_file} with --draft-model: the file holds "
+            "the model's cache only, not the draft model's."
+        )
     config = model.speculative_streams.config
     if prompt_cache is not None and getattr(config, "mode", None) == "shared":
         raise ValueError(
@@ -380,7 +383,7 @@ def main(argv=None):
             "model, whose main rows attend to their streams; a cache made by mlx_lm.cache_prompt "
             "holds the keys and values of the model without them."
         )
-    from_config = args.tree_depth is None and not args.no_speculation
+    from_config = args.tree_depth is None and not args.no_speculation and draft_model is None
     tuned_on = getattr(config, "tuned_on", None)  # (plain models have no config section)
     draft = args.draft or getattr(config, "draft", None) or "streams"
     turned_off = from_config and config.tree_depth == 0 and draft == "streams"
@@ -397,6 +400,9 @@ def main(argv=None):
     elif from_config and (note := untuned_note(config, args.model)):
         print(note)
     prompt = chat_prompt(tokenizer, args, cached=prompt_cache is not None)
+    num_draft_tokens = args.num_draft_tokens
+    if num_draft_tokens is None and draft_model is not None:
+        num_draft_tokens = DRAFT_MODEL_TOKENS
     sampler = make_sampler(
         args.temp,
         args.top_p,
@@ -421,7 +427,8 @@ def main(argv=None):
         max_tree_nodes=args.max_tree_nodes,
         acceptance=args.acceptance,
         draft=args.draft,
-        **({} if args.num_draft_tokens is None else {"num_draft_tokens": args.num_draft_tokens}),
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
         prompt_cache=prompt_cache,
         prefill_step_size=args.prefill_step_size,
         max_kv_size=args.max_kv_size,
@@ -430,7 +437,8 @@ def main(argv=None):
         quantized_kv_start=args.quantized_kv_start,
     )
     # Prompt lookup finds nothing to copy in much text: only the model's drafts are judged.
-    model_drafts = not (args.no_speculation or turned_off) and draft in ("streams", "streams+ngram")
+    own_drafts = draft_model is None and draft in ("streams", "streams+ngram")
+    model_drafts = own_drafts and not (args.no_speculation or turned_off)
     if model_drafts and (note := low_acceptance_note(response)):
         print(note)
     if args.compare_plain:

@@ -60,14 +60,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
 from .cache import make_prompt_cache
 from .cli_args import (
+    DRAFT_MODEL_TOKENS,
     add_draft_args,
     add_kv_quantization_args,
     add_model_args,
     add_prefill_arg,
+    load_draft_model,
     load_model,
 )
 from .generate import SpeculativeUsage, stream_generate, untuned_note
@@ -149,19 +152,21 @@ class ModelService:
       it before the interpreter finalizes.
     """
 
-    def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace):
+    def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace,
+                 draft_model=None):  # fmt: skip
         self.model, self.tokenizer, self.model_id, self.defaults = (
             model,
             tokenizer,
             model_id,
             defaults,
         )
+        self.draft_model = draft_model  # drafts every request (mlx-lm's --draft-model)
         self.lock = threading.Lock()  # held while a generation runs
         self.prompt_cache = PromptCacheLRU(defaults.prompt_cache_size, defaults.prompt_cache_bytes)
         self.xtc_special_tokens = xtc_special_tokens(tokenizer)
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
-        mx.eval(_arrays_of(model))
+        mx.eval(_arrays_of(model) + ([] if draft_model is None else _arrays_of(draft_model)))
         self._jobs: "queue.Queue" = queue.Queue()
         self._pending = 0  # submitted and not finished
         self._idle = threading.Condition()
@@ -381,8 +386,13 @@ class ModelService:
         cache, cached = self.prompt_cache.fetch(tokens, min_new=args.get("min_fed", 1))
         if cache is None:
             cache, cached = make_prompt_cache(self.model), 0
+            if self.draft_model is not None:  # the model's layers, then the draft's (mlx-lm's)
+                cache = cache + mlx_lm_prompt_cache(self.draft_model)
         rest = tokens[cached:]
         kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
+        if self.draft_model is not None:
+            kwargs["draft_model"] = self.draft_model
+            kwargs.setdefault("num_draft_tokens", DRAFT_MODEL_TOKENS)
         d = self.defaults
         if d.kv_bits is not None:
             kwargs.update(kv_bits=d.kv_bits, kv_group_size=d.kv_group_size,
@@ -544,6 +554,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(
                     "'draft'='streams+ngram' needs a model with streams, not a drafter", "draft"
                 )
+            if args["draft"] not in (None, "streams") and self.service.draft_model is not None:
+                raise RequestError(
+                    f"'draft'={args['draft']!r}: this server drafts with its --draft-model", "draft"
+                )
         except RequestError as e:
             return self._error(e.status, str(e), e.param)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -660,8 +674,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=8080, **defaults):
+def make_server(
+    model, tokenizer, model_id="default", host="127.0.0.1", port=8080, draft_model=None, **defaults
+):
     """A ready ``ThreadingHTTPServer`` (call ``serve_forever``); ``port=0`` picks a free port.
+    ``draft_model`` (an mlx-lm model with the same tokenizer) drafts every request, as
+    ``mlx_lm.server --draft-model`` does.
 
     ``defaults`` (those of the command's flags when not given): ``max_tokens`` (512),
     ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None) and
@@ -678,7 +696,9 @@ def make_server(model, tokenizer, model_id="default", host="127.0.0.1", port=808
     # The command's own defaults (one source for both), then the caller's.
     options = argparse.Namespace(**{**vars(setup_arg_parser().parse_args([])), **defaults})
     handler = type(
-        "BoundHandler", (Handler,), {"service": ModelService(model, tokenizer, model_id, options)}
+        "BoundHandler",
+        (Handler,),
+        {"service": ModelService(model, tokenizer, model_id, options, draft_model)},
     )
     return Server((host, port), handler)
 
@@ -777,6 +797,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error("--prompt-cache-size must be >= 0")
+    if args.draft_model is not None and args.draft not in (None, "streams"):
+        p.error(f"--draft {args.draft} and --draft-model are two draft sources: pass one")
     logging.basicConfig(
         level="DEBUG" if args.verbose else args.log_level,
         format="%(asctime)s - %(levelname)s - %(message)s",
@@ -786,8 +808,9 @@ def main(argv=None):
     )
     if args.use_default_chat_template and tokenizer.chat_template is None:
         tokenizer.chat_template = tokenizer.default_chat_template
+    draft_model = load_draft_model(args, tokenizer)
     note = untuned_note(model.speculative_streams.config, args.model)
-    if note is not None:
+    if note is not None and draft_model is None:
         logger.info(note.removeprefix("[INFO] "))
     server = make_server(
         model,
@@ -795,6 +818,7 @@ def main(argv=None):
         args.model or "mlx-specstream-default",
         args.host,
         args.port,
+        draft_model,
         **{
             k: getattr(args, k)
             for k in (

@@ -46,7 +46,7 @@ def test_a_conversation_answers_as_mlx_lm_chat(model_dir, monkeypatch, capsys):
     assert len(want) == 4 and want[0] == want[3]  # (the reset starts afresh)
     assert all(want) and want[1] != want[2]
     for extra in ([], ["--tree-depth", "3", "--tree-top-k", "2"], ["--no-speculation"],
-                  ["--draft", "ngram"]):  # fmt: skip
+                  ["--draft", "ngram"], ["--draft-model", str(model_dir)]):  # fmt: skip
         got = converse(monkeypatch, lambda: chat_mod.main(argv + extra))
         assert got == want, extra
     assert "tokens per forward pass" in capsys.readouterr().out

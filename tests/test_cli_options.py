@@ -18,7 +18,6 @@ V = 48
 NOT_OURS = {
     "--image": "mlx-lm's vision models are not drafted for",
     "--quantize-activations": "an option of mlx-lm's own quantized kernels' experiments",
-    "--draft-model": "mlx-lm's draft-model decoding: use mlx_lm.generate (--drafter is ours)",
 }
 CHAT_NOT_OURS = {"--pipeline": "mlx-lm's distributed pipeline parallelism"}
 # Flags whose defaults are ours, and why.
@@ -26,11 +25,10 @@ OWN_DEFAULTS = {
     "--model": "the embedded model",
     "--prompt": "a prompt the embedded model knows",
     "--max-tokens": "a length that shows the embedded model's speed",
-    "--num-draft-tokens": "prompt lookup's longest draft: 10, as transformers' (mlx-lm's is the "
-    "draft model's: 3)",
+    "--num-draft-tokens": "None: prompt lookup's longest draft, 10, as transformers'; with "
+    "--draft-model mlx-lm's 3",
 }
 SERVER_NOT_OURS = {
-    "--draft-model": "mlx-lm's draft-model decoding (--drafter is ours)",
     "--decode-concurrency": "speculative decoding here is batch-1 (requests in arrival order)",
     "--prompt-concurrency": "speculative decoding here is batch-1 (requests in arrival order)",
     "--pipeline": "mlx-lm's distributed pipeline parallelism",

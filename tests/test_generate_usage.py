@@ -119,13 +119,16 @@ def test_a_plain_model_decodes_with_lookup_as_mlx_lm(tmp_path):
 
 
 def test_mlx_lm_arguments_this_decoder_does_not_take_are_refused_by_name():
-    """``draft_model=None`` (mlx-lm's default) passes; a draft model or input
-    embeddings are refused, naming the argument."""
+    """``draft_model`` is taken as mlx-lm takes it (its text is mlx-lm's with the same
+    draft model); input embeddings are refused, naming the argument."""
     import mlx.core as mx
+    from helpers import tiny_model
+    from mlx_lm import generate as mlx_lm_generate
 
     model, tok = tiny_spec_model("llama", vocab_size=V), word_tokenizer(V)
     assert generate(model, tok, "t3 t4", max_tokens=4, draft_model=None)
-    with pytest.raises(ValueError, match="draft_model: mlx-lm's draft-model decoding"):
-        generate(model, tok, "t3 t4", max_tokens=4, draft_model=model)
+    draft = tiny_model("llama", vocab_size=V, seed=7)
+    want = mlx_lm_generate(model, tok, "t3 t4", max_tokens=12, draft_model=draft)
+    assert generate(model, tok, "t3 t4", max_tokens=12, draft_model=draft) == want
     with pytest.raises(ValueError, match="input_embeddings"):
         generate(model, tok, "t3 t4", max_tokens=4, input_embeddings=mx.zeros((2, 64)))

@@ -513,6 +513,34 @@ def test_pipelined_steps_keep_the_prompt_cache_exact(serve, monkeypatch):
     assert r.usage.prompt_tokens_details.cached_tokens > 0 and folds
 
 
+def test_a_draft_model_drafts_every_request_and_its_cache_follows(serve):
+    """``--draft-model``: a follow-up turn reuses the cache of both models and
+    answers as a cold request; with the base's weights every draft is accepted
+    (the draft model's cache follows the conversation). A request naming another
+    draft source gets a 400."""
+    from mlx_specstream.generate import stream_generate
+
+    model, same = tiny_model("llama", vocab_size=V), tiny_model("llama", vocab_size=V)
+    tok = word_tokenizer(V)
+    client, url, server = serve(model, tok, draft_model=same)
+    m1 = [{"role": "user", "content": "t8 t9 t10"}]
+    r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=10)
+    assert r1.choices[0].message.content == reference(model, tok, chat_prompt(tok, m1), 10)
+    m2 = turn(m1, r1.choices[0].message.content, "t40 t41")
+    r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    assert r2.choices[0].message.content == reference(model, tok, chat_prompt(tok, m2), 12)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(tok, m1))
+    (cache,) = [e.cache for e in service_of(server).prompt_cache._entries.values()]
+    assert len(cache) == len(model.layers) + len(same.layers)
+    assert cache[0].offset == cache[-1].offset
+    # Every draft accepted: the 12 tokens took 1 + ceil(11 / 4) passes (3 drafts each).
+    assert r2.usage.speculative["forward_passes"] == 1 + 3
+    status, payload = post(
+        url + "/completions", json.dumps({"prompt": "t1", "draft": "ngram"}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == "draft"
+
+
 @pytest.mark.parametrize("kind", ["medusa", "parallelspec"])
 def test_prompt_cache_with_attached_drafters(serve, kind):
     """With a Medusa or ParallelSpec drafter, a follow-up turn reuses the

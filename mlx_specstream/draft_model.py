@@ -1,0 +1,176 @@
+"""mlx-lm's draft-model decoding through our verifier: a small model that shares
+the base's vocabulary drafts a greedy chain, and each level's top-k is a tree level.
+
+Its KV cache follows the base's (mlx-lm's convention: a reused ``prompt_cache`` is
+the model's layers followed by the draft model's). Between steps it holds the
+committed tokens it has fed, then the drafts it fed while drafting; the next step
+keeps those of the drafts that were accepted and feeds the rest of the new
+context in one pass.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+
+class DraftModel:
+    """A small mlx-lm model drafting for the verifier (``draft_model=``).
+
+    Example: after the prompt ``[5, 6, 7]`` the cache holds ``[5, 6]`` and ``7``
+    waits. ``draft([7], 9)`` (the root accepted alone, then 9) feeds ``[7, 9]``,
+    drafts ``x1`` from 9's logits, feeds ``x1`` and so on: ``k`` levels of logits,
+    ``k - 1`` drafts fed. If the next step accepts ``[9, x1, a]`` and then 4, only
+    ``a`` and 4 are fed: ``x1``'s row is already there.
+
+    Args:
+        model (nn.Module): the draft model (an mlx-lm model).
+        cache (list): its KV caches, holding ``offset`` tokens, the same as the base's.
+        num_draft_tokens (int): the chain's length ``k``.
+    """
+
+    def __init__(self, model: nn.Module, cache: list, num_draft_tokens: int):
+        self.model, self.cache, self.k = model, cache, num_draft_tokens
+        self.fed = cache[0].offset if cache else 0  # committed tokens in the cache
+        self.unfed: List[int] = []  # committed tokens not fed yet
+        self.drafts: Optional[mx.array] = None  # the drafts fed after them
+
+    @property
+    def committed(self) -> int:
+        return self.fed + len(self.unfed)
+
+    def prefill(self, tokens: List[int], step: int) -> None:
+        """Feeds context tokens in chunks of ``step`` (a prompt's body)."""
+        for i in range(0, len(tokens), step):
+            self.model(mx.array(tokens[i : i + step])[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+        self.fed += len(tokens)
+
+    def extend(self, tokens: List[int]) -> None:
+        """Context tokens to feed with the next draft (a prompt's last token)."""
+        self.unfed.extend(tokens)
+
+    def draft(self, accepted: List[int], token: int, vocab_size: int) -> mx.array:
+        """``(k, V)`` float32 logits: level ``j`` after ``token`` and the greedy
+        drafts of the levels before it.
+
+        Args:
+            accepted (list): the step's accepted tokens, its root first (the root
+              is context already: the previous draft's ``token``).
+            token (int): the token after them.
+            vocab_size (int): the model's output size ``V``; the draft's logits
+              are cut or padded (``-inf``) to it.
+        """
+        new = self.unfed + list(accepted[1:]) + [token]
+        drafts = [] if self.drafts is None else self.drafts.tolist()
+        same = 0  # the drafts fed last time that the new context repeats
+        while same < min(len(drafts), len(new) - 1) and drafts[same] == new[same]:
+            same += 1
+        self._trim_to(self.fed + same)
+        logits = self._step(mx.array(new[same:]))
+        self.fed += len(new)
+        self.unfed, levels, fed = [], [logits], []
+        for _ in range(self.k - 1):
+            fed.append(mx.argmax(levels[-1]).reshape(1))
+            levels.append(self._step(fed[-1]))
+        self.drafts = mx.concatenate(fed) if fed else None
+        return _fit(mx.stack(levels), vocab_size)
+
+    def _step(self, tokens: mx.array) -> mx.array:
+        """The logits after ``tokens`` (fed to the cache), float32."""
+        return self.model(tokens[None], cache=self.cache)[0, -1].astype(mx.float32)
+
+    def _trim_to(self, n: int) -> None:
+        offset = self.cache[0].offset
+        if offset > n:
+            for c in self.cache:
+                c.trim(offset - n)
+        self.drafts = None
+
+    def hold(self, history: List[int], start: int, end: int) -> None:
+        """Leaves the cache holding the first ``end`` tokens, as the base's:
+        ``history`` is the context from position ``start`` on."""
+        self._trim_to(min(self.fed, end))
+        self.fed = min(self.fed, end)
+        self.unfed = []
+        if end > self.fed:
+            self.model(mx.array(history[self.fed - start : end - start])[None], cache=self.cache)
+            self.fed = end
+        mx.eval([c.state for c in self.cache])
+
+    def rewind(self, n: int) -> None:
+        """Keeps at most ``n`` tokens (a failed generation)."""
+        self._trim_to(min(self.fed, n))
+        self.fed, self.unfed = min(self.fed, n), []
+
+
+def _fit(logits: mx.array, vocab_size: int) -> mx.array:
+    """``(k, V')`` logits over ``vocab_size`` tokens: cut, or padded with ``-inf``."""
+    V = logits.shape[-1]
+    if V >= vocab_size:
+        return logits[:, :vocab_size]
+    pad = mx.full((logits.shape[0], vocab_size - V), -mx.inf, dtype=logits.dtype)
+    return mx.concatenate([logits, pad], axis=-1)
+
+
+def draft_model_tree(num_draft_tokens: int, tree_top_k=None, max_tree_nodes=None):
+    """The tree settings ``(ks, depth, prune_threshold, max_nodes)`` of a draft
+    model's drafts: ``num_draft_tokens`` levels, ``tree_top_k`` per level (default
+    1: mlx-lm's chain), every node kept unless ``max_tree_nodes`` caps them.
+
+    Example:
+        >>> draft_model_tree(3)
+        ([1, 1, 1], 3, 0.0, 4)
+        >>> draft_model_tree(2, tree_top_k=[2])
+        ([2, 1], 2, 0.0, 5)
+    """
+    k = num_draft_tokens
+    if tree_top_k is None:
+        ks = [1] * k
+    elif isinstance(tree_top_k, int):
+        ks = [tree_top_k] * k
+    else:
+        ks = list(tree_top_k) + [1] * (k - len(tree_top_k))
+    if len(ks) != k or any(not isinstance(x, int) or x < 1 for x in ks):
+        raise ValueError(
+            f"tree_top_k={tree_top_k!r}: need integers >= 1, at most one per draft level "
+            f"(num_draft_tokens={k})."
+        )
+    nodes, width = 1, 1
+    for x in ks:
+        width *= x
+        nodes += width
+    if max_tree_nodes is not None:
+        if not (isinstance(max_tree_nodes, int) and max_tree_nodes >= 1):
+            raise ValueError(f"max_tree_nodes={max_tree_nodes!r} must be an integer >= 1.")
+        nodes = min(nodes, max_tree_nodes)
+    return ks, k, 0.0, nodes
+
+
+def split_prompt_cache(model: nn.Module, draft_model: nn.Module, prompt_cache):
+    """The model's caches and the draft model's: a reused ``prompt_cache`` holds
+    both, the model's layers first (as mlx-lm's draft-model decoding keeps them).
+
+    Raises:
+        ValueError: the cache does not hold both, or the two hold different tokens.
+    """
+    if prompt_cache is None:
+        return None, make_prompt_cache(draft_model)
+    n, nd = len(model.layers), len(draft_model.layers)
+    if len(prompt_cache) != n + nd:
+        raise ValueError(
+            f"prompt_cache holds {len(prompt_cache)} caches; with draft_model it must hold the "
+            f"model's {n} followed by the draft model's {nd} (mlx_lm.models.cache."
+            "make_prompt_cache(model) + make_prompt_cache(draft_model))."
+        )
+    base, draft = list(prompt_cache[:n]), list(prompt_cache[n:])
+    bad = sorted({type(c).__name__ for c in draft if type(c) is not KVCache})
+    if bad:
+        raise ValueError(f"prompt_cache: the draft model's layers need a KVCache each, got {bad}.")
+    if draft[0].offset != base[0].offset:
+        raise ValueError(
+            f"prompt_cache: the draft model's layers hold {draft[0].offset} tokens, the model's "
+            f"{base[0].offset}; they must hold the same tokens."
+        )
+    return base, draft

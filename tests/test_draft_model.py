@@ -1,0 +1,247 @@
+"""Draft-model decoding (``draft_model=``, as mlx-lm's) through the tree verifier:
+greedy output equals plain decoding and mlx-lm's own draft-model decoding, a draft
+model with the base's weights has every draft accepted (its cache follows the
+base's), sampling keeps the distribution, and a reused prompt cache holds the
+model's layers then the draft model's, as mlx-lm keeps them."""
+
+import math
+
+import mlx.core as mx
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_model
+from mlx.utils import tree_map
+from mlx_lm.models.cache import make_prompt_cache
+
+import mlx_specstream.decode as decode
+from mlx_specstream.draft_model import draft_model_tree
+
+PROMPT = [4, 8, 15, 16, 23]
+
+
+def noisy_copy(arch="llama", scale=0.005, **kw):
+    """The base's weights plus noise: it drafts right often, not always."""
+    model = tiny_model(arch, **kw)
+    mx.random.seed(11)
+    model.update(tree_map(lambda w: w + scale * mx.random.normal(w.shape), model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def all_accepted_passes(n_tokens, k):
+    """Passes when every draft is accepted: the first pass verifies the prompt's
+    last token alone, then each pass yields ``k + 1`` tokens."""
+    return 1 + math.ceil((n_tokens - 1) / (k + 1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("tree", [dict(num_draft_tokens=3), dict(num_draft_tokens=2, tree_top_k=2)])
+def test_greedy_equals_plain_decoding(arch, tree):
+    base = tiny_model(arch)
+    ref = plain_greedy(base, PROMPT, 48)
+    same = tiny_model(arch)  # the base's weights: every draft is right
+    toks, out = spec_tokens(base, PROMPT, 48, draft_model=same, **tree)
+    assert toks == ref
+    assert out[-1][3] == all_accepted_passes(48, tree["num_draft_tokens"])
+    for draft in (noisy_copy(arch), tiny_model(arch, seed=5)):
+        toks, out = spec_tokens(base, PROMPT, 48, draft_model=draft, **tree)
+        assert toks == ref
+    assert out[-1][3] > all_accepted_passes(48, tree["num_draft_tokens"])  # (a poor drafter)
+
+
+def test_partly_right_drafts_are_accepted_and_output_stays_exact():
+    """A noisy copy drafts right part of the time: some passes accept drafts,
+    some none, so the draft cache keeps some fed drafts and trims others."""
+    base = tiny_model("llama")
+    ref = plain_greedy(base, PROMPT, 64)
+    toks, out = spec_tokens(base, PROMPT, 64, draft_model=noisy_copy(), num_draft_tokens=3)
+    assert toks == ref
+    passes = out[-1][3]
+    assert all_accepted_passes(64, 3) < passes < 48, passes
+
+
+def test_negative_control_unchecked_drafts_break_equality(monkeypatch):
+    """Accepting the first child without checking it: the equality test fails."""
+    real = decode._accept
+
+    def accept_first_child(tokens, parents, ancestors, targets, depth):
+        _, last = real(tokens, parents, ancestors, targets, depth)
+        return None, mx.maximum(last, mx.array(1 if tokens.size > 1 else 0))
+
+    base = tiny_model("llama")
+    ref = plain_greedy(base, PROMPT, 32)
+    monkeypatch.setattr(decode, "_accept", accept_first_child)
+    toks, _ = spec_tokens(base, PROMPT, 32, draft_model=tiny_model("llama", seed=5))
+    assert toks != ref
+
+
+def test_equals_mlx_lm_draft_model_decoding():
+    from mlx_lm.generate import speculative_generate_step
+
+    base, draft = tiny_model("llama"), noisy_copy()
+    theirs = [
+        int(t)
+        for t, *_ in speculative_generate_step(
+            mx.array(PROMPT), base, draft, num_draft_tokens=3, max_tokens=40
+        )
+    ]
+    ours, _ = spec_tokens(base, PROMPT, 40, draft_model=draft, num_draft_tokens=3)
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("vocab", [70, 60])
+def test_a_draft_vocabulary_of_another_size_is_cut_or_padded(vocab):
+    """Draft logits over more tokens are cut to the model's, over fewer padded
+    with -inf (as Qwen sizes differ in padding): output stays exact."""
+    base = tiny_model("llama")
+    ref = plain_greedy(base, PROMPT, 32)
+    draft = tiny_model("llama", vocab_size=vocab, seed=3)
+    toks, _ = spec_tokens(base, PROMPT, 32, draft_model=draft, num_draft_tokens=3, tree_top_k=2)
+    assert toks == ref
+
+
+def test_a_reused_prompt_cache_holds_both_models_as_mlx_lm_s():
+    """Turn by turn, the answers equal mlx-lm's plain generate_step with its own
+    cache; both halves of the cache hold the same tokens after every call, one
+    closed early; drafts stay all accepted with the base's weights (the draft
+    cache follows the conversation). Control: a draft cache one token short is
+    refused."""
+    from mlx_lm.generate import generate_step
+
+    base, same = tiny_model("llama"), tiny_model("llama")
+    ours = make_prompt_cache(base) + make_prompt_cache(same)
+    theirs = make_prompt_cache(base)
+    turns = [([4, 8, 15], 20, None), ([16, 23], 16, 5), ([42, 7, 9, 3], 24, None)]
+    for prompt, n, close_after in turns:
+        ref = []
+        for t, _ in generate_step(mx.array(prompt), base, max_tokens=n, prompt_cache=theirs):
+            ref.append(int(t))
+            if close_after and len(ref) == close_after:
+                break
+        gen = decode.spec_generate_step(
+            mx.array(prompt), base, max_tokens=n, prompt_cache=ours, draft_model=same,
+            num_draft_tokens=3,
+        )  # fmt: skip
+        got, passes = [], 0
+        for t, _, _, passes in gen:
+            got.append(t)
+            if close_after and len(got) == close_after:
+                gen.close()
+                break
+        assert got == ref
+        if not close_after:
+            assert passes == all_accepted_passes(n, 3)
+        assert ours[0].offset == ours[-1].offset == theirs[0].offset
+    for c in ours[len(base.layers) :]:
+        c.trim(1)
+    with pytest.raises(ValueError, match="draft model's layers hold"):
+        next(decode.spec_generate_step(mx.array([5]), base, prompt_cache=ours, draft_model=same))
+
+
+def test_plain_decoding_keeps_the_draft_cache_in_step():
+    """``speculative=False`` with a draft model: mlx-lm's plain loop, and the draft
+    model's cache takes in the same tokens."""
+    base, same = tiny_model("llama"), tiny_model("llama")
+    cache = make_prompt_cache(base) + make_prompt_cache(same)
+    toks, _ = spec_tokens(base, PROMPT, 12, draft_model=same, prompt_cache=cache, speculative=False)
+    assert toks == plain_greedy(base, PROMPT, 12)
+    assert cache[0].offset == cache[-1].offset == len(PROMPT) + 12
+    toks, out = spec_tokens(base, [3, 1], 16, draft_model=same, prompt_cache=cache)
+    assert out[-1][3] == all_accepted_passes(16, 2)
+
+
+def test_bad_input_is_named():
+    base, draft = tiny_model("llama"), tiny_model("llama", seed=5)
+    cases = [
+        (dict(prompt_cache=make_prompt_cache(base)), "prompt_cache holds"),
+        (dict(draft="ngram"), "two draft sources"),
+        (dict(tree_depth=5, num_draft_tokens=3), "tree_depth"),
+        (dict(num_draft_tokens=0), "num_draft_tokens=0"),
+        (dict(tree_top_k=[2, 2, 2], num_draft_tokens=2), "tree_top_k"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            next(decode.spec_generate_step(mx.array(PROMPT), base, draft_model=draft, **kwargs))
+
+
+def test_draft_model_tree_golden():
+    assert draft_model_tree(3) == ([1, 1, 1], 3, 0.0, 4)
+    assert draft_model_tree(2, tree_top_k=[2]) == ([2, 1], 2, 0.0, 5)
+    assert draft_model_tree(2, tree_top_k=3) == ([3, 3], 2, 0.0, 13)
+    assert draft_model_tree(2, tree_top_k=3, max_tree_nodes=6) == ([3, 3], 2, 0.0, 6)
+
+
+@pytest.mark.parametrize("acceptance", ["rejection", "target-sample"])
+def test_sampling_keeps_the_distribution(acceptance):
+    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    kw = dict(vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
+    base, draft = tiny_model("llama", **kw), tiny_model("llama", seed=4, **kw)
+    sampler, n = make_sampler(temp=1.0), 1500
+    counts = sample_counts(
+        base, sampler, n, acceptance=acceptance, draft_model=draft, num_draft_tokens=2,
+        tree_top_k=2,
+    )  # fmt: skip
+    p = chi_square_pvalue(counts, exact_distribution(base, sampler), n)
+    assert p > 1e-3, f"{acceptance}: chi-square p = {p:.2e}"
+
+
+def test_negative_control_drafts_verified_against_another_level_s_q_fail(monkeypatch):
+    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    real = decode.Decoder._draw
+
+    def shifted_q(self, slog):
+        q, top = real(self, slog)
+        return mx.concatenate([q[..., 1:, :], q[..., :1, :]], axis=-2), top
+
+    monkeypatch.setattr(decode.Decoder, "_draw", shifted_q)
+    kw = dict(vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
+    base, draft = tiny_model("llama", **kw), tiny_model("llama", seed=4, **kw)
+    sampler, n = make_sampler(temp=1.0), 1500
+    counts = sample_counts(
+        base, sampler, n, acceptance="rejection", draft_model=draft, num_draft_tokens=2,
+        tree_top_k=2,
+    )  # fmt: skip
+    p = chi_square_pvalue(counts, exact_distribution(base, sampler), n)
+    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+
+
+def write_model(path, vocab_size=64, seed=0):
+    """A tiny mlx-lm model directory with a word-level tokenizer."""
+    from helpers import ARCH_ARGS, BASE, word_tokenizer
+    from mlx_lm.utils import save_config, save_model
+
+    model = tiny_model("llama", vocab_size=vocab_size, seed=seed)
+    path.mkdir()
+    save_model(path, model)
+    save_config({**BASE, **ARCH_ARGS["llama"], "vocab_size": vocab_size, "model_type": "llama"},
+                path / "config.json")  # fmt: skip
+    word_tokenizer(vocab_size).save_pretrained(str(path))
+    return path
+
+
+def test_generate_cli_takes_mlx_lm_s_draft_model_flags(tmp_path, capsys):
+    """``--draft-model`` and ``--num-draft-tokens`` as ``mlx_lm.generate`` takes them:
+    a plain mlx-lm model, the output identical to plain decoding (its own
+    ``--compare-plain`` check), every draft accepted with the base's weights;
+    a draft model with another vocabulary is refused, naming both sizes."""
+    import importlib
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")
+    base = write_model(tmp_path / "base")
+    same = write_model(tmp_path / "same")
+    argv = ["--model", str(base), "--draft-model", str(same), "--prompt", "t4 t8 t15",
+            "--max-tokens", "17", "--compare-plain", "--ignore-chat-template"]  # fmt: skip
+    gen_mod.main(argv + ["--num-draft-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "Output identical to plain decoding: yes" in out
+    assert "Forward passes: 5," in out  # 1 + ceil(16 / 5)
+    gen_mod.main(argv)  # mlx_lm.generate's default: 3 drafts
+    assert "Forward passes: 5," in capsys.readouterr().out  # 1 + ceil(16 / 4)
+    other = write_model(tmp_path / "other", vocab_size=70)
+    with pytest.raises(ValueError, match="70 tokens, the model's 64"):
+        gen_mod.main(["--model", str(base), "--draft-model", str(other), "--prompt", "t1"])
