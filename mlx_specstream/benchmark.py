@@ -6,6 +6,8 @@ For each prompt, and with a fresh cache every run:
 
 * mlx-lm plain generation on the model's base weights;
 * mlx-lm speculative decoding with a small draft model (if one is given);
+* the same draft model's drafts through this package's tree verifier
+  (``draft_model=``), which measures the verifier's cost against mlx-lm's loop;
 * Speculative Streaming with the package's default tree (top-3 per stream,
   at most 16 nodes), and with the tuned tree (``--tuned-*`` flags or the
   config's own settings, as ``mlx_specstream.tune`` saved them).
@@ -260,6 +262,11 @@ def main(argv=None):
         methods["mlx-lm draft model"] = lambda p: run_mlx_lm(
             plain, tokenizer, p, args.max_tokens, draft, args.num_draft_tokens
         )
+        # The same drafts through our tree verifier: its cost against mlx-lm's loop.
+        methods["SS verifier, same draft model"] = lambda p: run_specstream(
+            model, tokenizer, p, args.max_tokens, draft_model=draft,
+            num_draft_tokens=args.num_draft_tokens,
+        )  # fmt: skip
 
     for fn in methods.values():  # warm-up
         fn(prompts[0])

@@ -307,13 +307,15 @@ class Decoder:
         self.history.extend(t for t, _, _ in new)
         if self.ngrams is not None:
             self.ngrams.extend(t for t, _, _ in new)
-        drafter = self.dstate is not None or self.draft_model is not None
+        # An attached drafter drafts from the accepted path (also after the last
+        # step, so its context follows the cache into the next call; a draft
+        # model's cache catches up when the call ends: DraftModel.hold).
+        done = self.emitted == self.max_tokens
+        drafter = self.dstate is not None or (self.draft_model is not None and not done)
         if drafter and not (self.by_rejection or self.heads):
-            # An attached drafter drafts from the accepted path (also after the
-            # last step, so its context follows the cache into the next call).
             slog = self._drafter_logits(out, path, [tokens[a] for a in path], token)
             p.top, p.next_tokens = self._draft_tokens(slog, mx.array(token))
-        if self.emitted == self.max_tokens:
+        if done:
             return new, None
         if folded:  # already launched: the whole tree the device drafted
             return new, Draft(self.layout, p.next_tokens)

@@ -518,7 +518,6 @@ def test_a_draft_model_drafts_every_request_and_its_cache_follows(serve):
     answers as a cold request; with the base's weights every draft is accepted
     (the draft model's cache follows the conversation). A request naming another
     draft source gets a 400."""
-    from mlx_specstream.generate import stream_generate
 
     model, same = tiny_model("llama", vocab_size=V), tiny_model("llama", vocab_size=V)
     tok = word_tokenizer(V)
