@@ -36,10 +36,6 @@ class DraftModel:
         self.unfed: List[int] = []  # committed tokens not fed yet
         self.drafts: Optional[mx.array] = None  # the drafts fed after them
 
-    @property
-    def committed(self) -> int:
-        return self.fed + len(self.unfed)
-
     def prefill(self, tokens: List[int], step: int) -> None:
         """Feeds context tokens in chunks of ``step`` (a prompt's body)."""
         for i in range(0, len(tokens), step):

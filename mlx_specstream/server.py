@@ -818,7 +818,7 @@ def main(argv=None):
         args.model or "mlx-specstream-default",
         args.host,
         args.port,
-        draft_model,
+        draft_model=draft_model,
         **{
             k: getattr(args, k)
             for k in (

@@ -128,7 +128,6 @@ def test_speculative_sampling_matches_plain_distribution(model, case):
 
 
 REJECTION_IN_PASS = {
-    "chain T=1": (dict(temp=1.0), dict(tree_top_k=1)),
     "tree T=1": (dict(temp=1.0), dict(tree_top_k=3)),
     "tree T=0.7 top-p": (dict(temp=0.7, top_p=0.9), dict(tree_top_k=2)),
 }
@@ -163,9 +162,9 @@ def test_negative_control_drafts_verified_against_another_level_s_q_are_rejected
         return mx.concatenate([q[..., 1:, :], q[..., :1, :]], axis=-2), top
 
     monkeypatch.setattr(decode.Decoder, "_draw", shifted_q)
-    sampler = make_sampler(temp=1.0)
-    counts = sample_counts(in_pass_model, sampler, N_SAMPLES, acceptance="rejection", tree_top_k=3)
-    p = chi_square_pvalue(counts, exact_distribution(in_pass_model, sampler), N_SAMPLES)
+    sampler, n = make_sampler(temp=1.0), 800  # (a strong bias: fewer samples show it)
+    counts = sample_counts(in_pass_model, sampler, n, acceptance="rejection", tree_top_k=3)
+    p = chi_square_pvalue(counts, exact_distribution(in_pass_model, sampler), n)
     assert p < 1e-6, f"mismatched draft distributions passed the test (p = {p:.2e}): no power"
 
 

@@ -999,6 +999,15 @@ def test_cli_flags_reach_the_loader_and_the_server(monkeypatch):
     assert (d["kv_bits"], d["kv_group_size"], d["quantized_kv_start"]) == (4, 32, 100)
     assert d["prefill_step_size"] == 256 and d["chat_template_args"] == {"loud": True}
     assert d["allowed_origins"] == ["http://a", "http://b"]
+    assert d["draft_model"] is None
+
+    draft = spec_model()
+    monkeypatch.setattr("mlx_lm.load", lambda path, **kw: (draft, word_tokenizer(V)))
+    with pytest.raises(Stop):
+        server_mod.main(["--draft-model", "small", "--num-draft-tokens", "4"])
+    assert seen["server"]["draft_model"] is draft and seen["server"]["num_draft_tokens"] == 4
+    with pytest.raises(SystemExit):  # two draft sources
+        server_mod.main(["--draft-model", "small", "--draft", "ngram"])
 
 
 def test_logprobs_are_the_models_as_mlx_lm_yields_them(served):
