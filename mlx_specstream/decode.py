@@ -656,15 +656,16 @@ def spec_generate_step(
         acceptance = "target-sample"
     check_prompt(model, prompt)
     warn_if_tf32(model)  # float32 on a GPU: token identity needs MLX_ENABLE_TF32=0
-    draft_cache = None
+    draft_cache, user_cache = None, prompt_cache
     if draft_model is not None:  # (mlx-lm's convention: the model's layers, then the draft's)
         prompt_cache, draft_cache = split_prompt_cache(model, draft_model, prompt_cache)
     if not speculative or (depth == 0 and draft is None):
         if rt.config.mode == "lossless":
             # Streams never touch the main stream: this is the base model.
             if draft_cache is not None:  # it follows the model's cache all the same
+                dm = DraftModel(draft_model, draft_cache, 1, quant)
                 yield from _plain_with_draft_cache(
-                    prompt, model, draft_model, draft_cache, prompt_cache, max_tokens=max_tokens,
+                    prompt, model, dm, prompt_cache, user_cache, max_tokens=max_tokens,
                     sampler=sampler, logits_processors=logits_processors,
                     prefill_step_size=prefill_step_size, kv_bits=kv_bits,
                     kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
@@ -709,7 +710,7 @@ def spec_generate_step(
     start = cache[0].offset
     dstate = dm = None
     if draft_model is not None:
-        dm = DraftModel(draft_model, draft_cache, depth)
+        dm = DraftModel(draft_model, draft_cache, depth, quant)
     if rt.drafter is not None and depth:
         dstate = rt.drafter.start(start, getattr(cache, "drafter_state", None))
         if hasattr(cache, "drafter_state"):  # a SpecPromptCache keeps it for the next call
@@ -760,12 +761,15 @@ def spec_generate_step(
                 held = min(held, dm.fed)
                 dm.rewind(held)
             rewind(cache, held)
+        if dm is not None and user_cache is not None:  # (a quantized layer is a new object)
+            user_cache[:] = list(cache) + dm.cache
         rt.release()
 
 
-def _plain_with_draft_cache(prompt, model, draft_model, draft_cache, prompt_cache, **kwargs):
-    """mlx-lm's plain decoding (``speculative=False``) of a call given a draft model:
-    the draft model's cache then takes in the same tokens, so the pair stays usable."""
+def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_cache, **kwargs):
+    """mlx-lm's plain decoding (``speculative=False``) of a call given a draft model
+    ``dm``: the draft model's cache then takes in the same tokens, so the pair stays
+    usable; ``user_cache`` (both models' layers) gets the layers back."""
     start = prompt_cache[0].offset if prompt_cache else 0
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     history = prompt.tolist()
@@ -777,8 +781,9 @@ def _plain_with_draft_cache(prompt, model, draft_model, draft_cache, prompt_cach
             history.append(int(token))
             yield token, logprobs, False, n
     finally:
-        dm = DraftModel(draft_model, draft_cache, 1)
         dm.hold(history, start, min(cache[0].offset, start + len(history)))
+        if user_cache is not None:  # (a quantized layer is a new object)
+            user_cache[:] = list(cache) + dm.cache
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

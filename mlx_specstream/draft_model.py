@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
 
 class DraftModel:
@@ -28,10 +28,12 @@ class DraftModel:
         model (nn.Module): the draft model (an mlx-lm model).
         cache (list): its KV caches, holding ``offset`` tokens, the same as the base's.
         num_draft_tokens (int): the chain's length ``k``.
+        quant (KVQuantizer, optional): quantizes its cache as the model's
+          (``kv_bits``), after every call, as mlx-lm's draft-model loop does.
     """
 
-    def __init__(self, model: nn.Module, cache: list, num_draft_tokens: int):
-        self.model, self.cache, self.k = model, cache, num_draft_tokens
+    def __init__(self, model: nn.Module, cache: list, num_draft_tokens: int, quant=None):
+        self.model, self.cache, self.k, self.quant = model, cache, num_draft_tokens, quant
         self.fed = cache[0].offset if cache else 0  # committed tokens in the cache
         self.unfed: List[int] = []  # committed tokens not fed yet
         self.drafts: Optional[mx.array] = None  # the drafts fed after them
@@ -39,7 +41,7 @@ class DraftModel:
     def prefill(self, tokens: List[int], step: int) -> None:
         """Feeds context tokens in chunks of ``step`` (a prompt's body)."""
         for i in range(0, len(tokens), step):
-            self.model(mx.array(tokens[i : i + step])[None], cache=self.cache)
+            self._feed(mx.array(tokens[i : i + step]))
             mx.eval([c.state for c in self.cache])
         self.fed += len(tokens)
 
@@ -75,7 +77,13 @@ class DraftModel:
 
     def _step(self, tokens: mx.array) -> mx.array:
         """The logits after ``tokens`` (fed to the cache), float32."""
-        return self.model(tokens[None], cache=self.cache)[0, -1].astype(mx.float32)
+        return self._feed(tokens)[0, -1].astype(mx.float32)
+
+    def _feed(self, tokens: mx.array) -> mx.array:
+        logits = self.model(tokens[None], cache=self.cache)
+        if self.quant is not None:
+            self.quant.maybe_quantize(self.cache)
+        return logits
 
     def _trim_to(self, n: int) -> None:
         offset = self.cache[0].offset
@@ -91,7 +99,7 @@ class DraftModel:
         self.fed = min(self.fed, end)
         self.unfed = []
         if end > self.fed:
-            self.model(mx.array(history[self.fed - start : end - start])[None], cache=self.cache)
+            self._feed(mx.array(history[self.fed - start : end - start]))
             self.fed = end
         mx.eval([c.state for c in self.cache])
 
@@ -161,9 +169,12 @@ def split_prompt_cache(model: nn.Module, draft_model: nn.Module, prompt_cache):
             "make_prompt_cache(model) + make_prompt_cache(draft_model))."
         )
     base, draft = list(prompt_cache[:n]), list(prompt_cache[n:])
-    bad = sorted({type(c).__name__ for c in draft if type(c) is not KVCache})
+    bad = sorted({type(c).__name__ for c in draft if type(c) not in (KVCache, QuantizedKVCache)})
     if bad:
-        raise ValueError(f"prompt_cache: the draft model's layers need a KVCache each, got {bad}.")
+        raise ValueError(
+            f"prompt_cache: the draft model's layers need a KVCache (or QuantizedKVCache) each, "
+            f"got {bad}."
+        )
     if draft[0].offset != base[0].offset:
         raise ValueError(
             f"prompt_cache: the draft model's layers hold {draft[0].offset} tokens, the model's "

@@ -246,3 +246,30 @@ def test_generate_cli_takes_mlx_lm_s_draft_model_flags(tmp_path, capsys):
     other = write_model(tmp_path / "other", vocab_size=70)
     with pytest.raises(ValueError, match="70 tokens, the model's 64"):
         gen_mod.main(["--model", str(base), "--draft-model", str(other), "--prompt", "t1"])
+
+
+def test_kv_bits_quantize_both_caches_and_the_reused_cache_holds_them():
+    """``kv_bits`` with a draft model: greedy output equals mlx-lm's with the same
+    options, turn after turn; both models' layers in the user's cache are the
+    converted (quantized) ones, holding the same tokens, also after a plain call."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    heads = dict(num_attention_heads=2, num_key_value_heads=1)  # head_dim 32: groups of 32
+    base, draft = tiny_model("llama", **heads), noisy_copy(**heads)
+    kv = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=12)
+    ours = make_prompt_cache(base) + make_prompt_cache(draft)
+    theirs = make_prompt_cache(base)
+    for prompt, n, speculative in (([4, 8, 15], 16, True), ([16, 23], 12, False), ([9], 12, True)):
+        ref = [
+            int(t)
+            for t, _ in generate_step(
+                mx.array(prompt), base, max_tokens=n, prompt_cache=theirs, **kv
+            )
+        ]
+        got, _ = spec_tokens(
+            base, prompt, n, draft_model=draft, prompt_cache=ours, speculative=speculative, **kv
+        )
+        assert got == ref
+        assert all(type(c) is QuantizedKVCache for c in ours)
+        assert ours[0].offset == ours[-1].offset == theirs[0].offset
