@@ -562,7 +562,9 @@ def spec_generate_step(
           siblings; needs a sampler from
           :func:`mlx_specstream.sample_utils.make_sampler` and does not prune
           (a threshold is ignored with a warning); it reads the host once per
-          step where the pass computes every node's stream logits, else twice. Greedy decoding always walks by argmax. Default
+          step where every node's draft logits are at hand (the pass's stream
+          logits, Medusa heads), else twice. Greedy decoding always walks by
+          argmax. Default
           (``None``): ``"rejection"`` when the sampler exposes its
           distribution (a :class:`DistributionSampler`), as it accepts more
           drafts (``benchmarks/RESULTS.md``); otherwise ``"target-sample"``,
@@ -773,7 +775,6 @@ def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_ca
     start = prompt_cache[0].offset if prompt_cache else 0
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
     history = prompt.tolist()
-    n = 0
     try:
         for n, (token, logprobs) in enumerate(
             generate_step(prompt, model, prompt_cache=cache, **kwargs), start=1
