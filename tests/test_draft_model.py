@@ -170,44 +170,35 @@ def test_draft_model_tree_golden():
     assert draft_model_tree(2, tree_top_k=3, max_tree_nodes=6) == ([3, 3], 2, 0.0, 6)
 
 
-def test_sampling_keeps_the_distribution():
-    """Rejection sampling against the draft model's own distributions (target
-    sampling takes its drafts as any deterministic proposal, as prompt lookup's)."""
+def draft_model_pvalue(n):
+    """Chi-square p-value of ``n`` rejection-sampled generations with a draft model
+    against the model's exact distribution (vocabulary of 6, 3 tokens)."""
     from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
 
     from mlx_specstream.sample_utils import make_sampler
 
     kw = dict(vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
     base, draft = tiny_model("llama", **kw), tiny_model("llama", seed=4, **kw)
-    sampler, n = make_sampler(temp=1.0), 1000
+    sampler = make_sampler(temp=1.0)
     counts = sample_counts(
         base, sampler, n, acceptance="rejection", draft_model=draft, num_draft_tokens=2,
         tree_top_k=2,
     )  # fmt: skip
-    p = chi_square_pvalue(counts, exact_distribution(base, sampler), n)
+    return chi_square_pvalue(counts, exact_distribution(base, sampler), n)
+
+
+def test_sampling_keeps_the_distribution():
+    """Rejection sampling against the draft model's own distributions (target
+    sampling takes its drafts as any deterministic proposal, as prompt lookup's)."""
+    p = draft_model_pvalue(1000)
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
 def test_negative_control_drafts_verified_against_another_level_s_q_fail(monkeypatch):
-    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+    from test_sampling import verify_against_the_next_level_s_q
 
-    from mlx_specstream.sample_utils import make_sampler
-
-    real = decode.Decoder._draw
-
-    def shifted_q(self, slog):
-        q, top = real(self, slog)
-        return mx.concatenate([q[..., 1:, :], q[..., :1, :]], axis=-2), top
-
-    monkeypatch.setattr(decode.Decoder, "_draw", shifted_q)
-    kw = dict(vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
-    base, draft = tiny_model("llama", **kw), tiny_model("llama", seed=4, **kw)
-    sampler, n = make_sampler(temp=1.0), 1500
-    counts = sample_counts(
-        base, sampler, n, acceptance="rejection", draft_model=draft, num_draft_tokens=2,
-        tree_top_k=2,
-    )  # fmt: skip
-    p = chi_square_pvalue(counts, exact_distribution(base, sampler), n)
+    verify_against_the_next_level_s_q(monkeypatch)
+    p = draft_model_pvalue(1500)
     assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
 
 

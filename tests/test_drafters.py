@@ -186,9 +186,13 @@ def test_medusa_rejection_drawn_at_every_node_keeps_the_distribution(monkeypatch
     next drafts are drawn at every node before the walk: no draft after it (one
     host read), and the distribution is the model's. Control: the same draws
     verified against the next level's draft distribution fail."""
-    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+    from test_sampling import (
+        chi_square_pvalue,
+        exact_distribution,
+        sample_counts,
+        verify_against_the_next_level_s_q,
+    )
 
-    import mlx_specstream.decode as decode
     from mlx_specstream.sample_utils import make_sampler
     from mlx_specstream.streams import get_runtime
 
@@ -207,13 +211,7 @@ def test_medusa_rejection_drawn_at_every_node_keeps_the_distribution(monkeypatch
     p = chi_square_pvalue(counts, exact, n)
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
-    real = decode.Decoder._draw
-
-    def shifted_q(self, slog):
-        q, top = real(self, slog)
-        return mx.concatenate([q[..., 1:, :], q[..., :1, :]], axis=-2), top
-
-    monkeypatch.setattr(decode.Decoder, "_draw", shifted_q)
+    verify_against_the_next_level_s_q(monkeypatch)
     counts = sample_counts(model, sampler, n, acceptance="rejection")
     p = chi_square_pvalue(counts, exact, n)
     assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"

@@ -150,11 +150,9 @@ def test_rejection_with_drafts_drawn_at_every_node_matches_plain(in_pass_model, 
     assert p > 1e-3, f"{case}: chi-square p = {p:.2e}"
 
 
-def test_negative_control_drafts_verified_against_another_level_s_q_are_rejected(
-    in_pass_model, monkeypatch
-):
-    """Drafts drawn at every node but verified against the next level's draft
-    distribution are not lossless: the same test rejects them."""
+def verify_against_the_next_level_s_q(monkeypatch):
+    """Negative control for rejection sampling: drafts are drawn as before, but
+    each level is verified against the next level's draft distribution."""
     real = decode.Decoder._draw
 
     def shifted_q(self, slog):
@@ -162,6 +160,14 @@ def test_negative_control_drafts_verified_against_another_level_s_q_are_rejected
         return mx.concatenate([q[..., 1:, :], q[..., :1, :]], axis=-2), top
 
     monkeypatch.setattr(decode.Decoder, "_draw", shifted_q)
+
+
+def test_negative_control_drafts_verified_against_another_level_s_q_are_rejected(
+    in_pass_model, monkeypatch
+):
+    """Drafts drawn at every node but verified against the next level's draft
+    distribution are not lossless: the same test rejects them."""
+    verify_against_the_next_level_s_q(monkeypatch)
     sampler, n = make_sampler(temp=1.0), 800  # (a strong bias: fewer samples show it)
     counts = sample_counts(in_pass_model, sampler, n, acceptance="rejection", tree_top_k=3)
     p = chi_square_pvalue(counts, exact_distribution(in_pass_model, sampler), n)
