@@ -13,7 +13,8 @@ Two tasks on the shipped model's held-out prompts, greedy:
 
 Same weights, same run: mlx-lm plain ``generate_step``, mlx-lm with the
 shipped draft model (``num_draft_tokens=3``), and ours with ``draft="ngram"``,
-with the model's streams (chain of 3) and with both merged. Every output is
+with the model's streams (chain of 3), with both merged, with the same draft
+model, and with the draft model and prompt lookup merged. Every output is
 checked against mlx-lm's greedy tokens. Reports tokens/s, speedup over mlx-lm
 plain and tau (tokens per forward pass). Writes
 ``benchmarks/results/ngram_speed[-TAG].{md,json}``.
@@ -88,6 +89,10 @@ def main():
 
     runs = {"mlx-lm plain": plain, "mlx-lm draft model (3)": drafted}
     runs.update({name: ours(s) for name, s in OURS.items()})
+    runs["ours: draft model (3)"] = ours(dict(draft_model=draft_model, num_draft_tokens=3))
+    runs["ours: draft model (3)+ngram"] = ours(
+        dict(draft_model=draft_model, num_draft_tokens=3, draft="ngram")
+    )
     rows, raw = [], {}
     for task, prompts in task_prompts(tokenizer, args.prompts, args.prompt_tokens).items():
         for run in runs.values():  # warm-up: compile and allocate once

@@ -53,7 +53,7 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         type=str,
         default=None,
         help="A small model with the same tokenizer that drafts instead (mlx-lm's draft-model "
-        "decoding, verified as a tree here)"
+        "decoding, verified as a tree here); with --draft ngram, prompt lookup is merged in"
         + ("; a request's 'draft' field then cannot name another source" if per_request else ""),
     )
     parser.add_argument(

@@ -573,15 +573,19 @@ def spec_generate_step(
           ``"ngram"``: prompt lookup only (any model). ``"streams+ngram"``:
           both, merged into one tree under ``max_tree_nodes``. Default
           (``None``): the source the model's config names (``draft``, stored
-          by ``mlx_specstream.tune``), else ``"streams"``.
+          by ``mlx_specstream.tune``), else ``"streams"``. With ``draft_model``:
+          ``None`` (its drafts) or ``"ngram"`` (its drafts and a prompt-lookup
+          chain of up to 10 tokens, merged into one tree).
         num_draft_tokens (int, optional): the longest prompt-lookup draft
           (default ``10``), or with ``draft_model`` the draft chain's length
           (default ``2``, as mlx-lm's).
         draft_model (nn.Module, optional): a small mlx-lm model sharing the
           model's vocabulary that drafts a greedy chain, as in mlx-lm's
-          draft-model decoding; ``tree_top_k`` widens each level into a tree.
-          A reused ``prompt_cache`` then holds the model's layers followed by
-          the draft model's, as mlx-lm keeps them.
+          draft-model decoding; ``tree_top_k`` widens each level into a tree,
+          and ``max_tree_nodes`` caps it (default: every node, plus 10 for a
+          prompt-lookup chain with ``draft="ngram"``). A reused ``prompt_cache``
+          then holds the model's layers followed by the draft model's, as
+          mlx-lm keeps them.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options. ``kv_bits`` converts the cache at the moments
           mlx-lm does (greedy output equals mlx-lm's with the same options).
@@ -607,8 +611,11 @@ def spec_generate_step(
         raise ValueError(
             f"draft={draft!r}: choose None (the model's configured drafts) or one of {DRAFTS}"
         )
-    if draft_model is not None and draft not in (None, "streams"):
-        raise ValueError(f"draft={draft!r} and draft_model are two draft sources: pass one.")
+    if draft_model is not None and draft not in (None, "streams", "ngram"):
+        raise ValueError(
+            f"draft={draft!r} with draft_model: the model's streams are off; pass None (the "
+            "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
+        )
     if draft == "ngram" or draft_model is not None:
         if getattr(model, "speculative_streams", None) is None:
             attach_verifier(model)
@@ -622,6 +629,7 @@ def spec_generate_step(
         num_draft_tokens = NGRAM_DRAFT_TOKENS if draft_model is None else 2
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
+    ngram_tokens = num_draft_tokens  # the longest prompt-lookup chain
     if draft_model is not None:  # its chain, as tree levels (the streams are off)
         if tree_depth not in (None, num_draft_tokens) or prune_threshold:
             raise ValueError(
@@ -631,6 +639,9 @@ def spec_generate_step(
         ks, depth, threshold, max_nodes = draft_model_tree(
             num_draft_tokens, tree_top_k, max_tree_nodes
         )
+        if draft == "ngram":  # its tree and a lookup chain, merged as "streams+ngram" merges
+            draft, ngram_tokens = "streams+ngram", NGRAM_DRAFT_TOKENS
+            max_nodes += NGRAM_DRAFT_TOKENS if max_tree_nodes is None else 0
     else:
         ks, depth, threshold, max_nodes = resolve_tree_settings(
             rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
@@ -720,7 +731,7 @@ def spec_generate_step(
     prompt_list = prompt.tolist()
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
-        (ks, depth, threshold, max_nodes), acceptance, draft, num_draft_tokens, max_tokens, dstate,
+        (ks, depth, threshold, max_nodes), acceptance, draft, ngram_tokens, max_tokens, dstate,
         quant, pipeline, dm,
     )  # fmt: skip
     yielded, ended = 0, False  # ended: finished or closed, not failed

@@ -554,9 +554,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(
                     "'draft'='streams+ngram' needs a model with streams, not a drafter", "draft"
                 )
-            if args["draft"] not in (None, "streams") and self.service.draft_model is not None:
+            if args["draft"] == "streams+ngram" and self.service.draft_model is not None:
                 raise RequestError(
-                    f"'draft'={args['draft']!r}: this server drafts with its --draft-model", "draft"
+                    "'draft'='streams+ngram': this server drafts with its --draft-model; 'ngram' "
+                    "merges prompt lookup into its drafts",
+                    "draft",
                 )
         except RequestError as e:
             return self._error(e.status, str(e), e.param)
@@ -797,8 +799,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error("--prompt-cache-size must be >= 0")
-    if args.draft_model is not None and args.draft not in (None, "streams"):
-        p.error(f"--draft {args.draft} and --draft-model are two draft sources: pass one")
+    if args.draft_model is not None and args.draft == "streams+ngram":
+        p.error(
+            "--draft streams+ngram with --draft-model: the model's streams are off; --draft "
+            "ngram merges prompt lookup into the draft model's drafts"
+        )
     logging.basicConfig(
         level="DEBUG" if args.verbose else args.log_level,
         format="%(asctime)s - %(levelname)s - %(message)s",

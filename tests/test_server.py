@@ -517,7 +517,7 @@ def test_a_draft_model_drafts_every_request_and_its_cache_follows(serve):
     """``--draft-model``: a follow-up turn reuses the cache of both models and
     answers as a cold request; with the base's weights every draft is accepted
     (the draft model's cache follows the conversation). A request naming another
-    draft source gets a 400."""
+    draft source than prompt lookup (merged into its drafts) gets a 400."""
 
     model, same = tiny_model("llama", vocab_size=V), tiny_model("llama", vocab_size=V)
     tok = word_tokenizer(V)
@@ -534,8 +534,12 @@ def test_a_draft_model_drafts_every_request_and_its_cache_follows(serve):
     assert cache[0].offset == cache[-1].offset
     # Every draft accepted: the 12 tokens took 1 + ceil(11 / 4) passes (3 drafts each).
     assert r2.usage.speculative["forward_passes"] == 1 + 3
+    r3 = client.completions.create(
+        model="tiny", prompt="t3 t4 t5 t3 t4", max_tokens=12, extra_body={"draft": "ngram"}
+    )
+    assert r3.choices[0].text == reference(model, tok, "t3 t4 t5 t3 t4", 12, speculative=False)
     status, payload = post(
-        url + "/completions", json.dumps({"prompt": "t1", "draft": "ngram"}).encode()
+        url + "/completions", json.dumps({"prompt": "t1", "draft": "streams+ngram"}).encode()
     )
     assert status == 400 and payload["error"]["param"] == "draft"
 
@@ -1006,8 +1010,11 @@ def test_cli_flags_reach_the_loader_and_the_server(monkeypatch):
     with pytest.raises(Stop):
         server_mod.main(["--draft-model", "small", "--num-draft-tokens", "4"])
     assert seen["server"]["draft_model"] is draft and seen["server"]["num_draft_tokens"] == 4
-    with pytest.raises(SystemExit):  # two draft sources
+    with pytest.raises(SystemExit):  # the streams are off with a draft model
+        server_mod.main(["--draft-model", "small", "--draft", "streams+ngram"])
+    with pytest.raises(Stop):  # its drafts and prompt lookup, merged
         server_mod.main(["--draft-model", "small", "--draft", "ngram"])
+    assert seen["server"]["draft"] == "ngram"
 
 
 def test_logprobs_are_the_models_as_mlx_lm_yields_them(served):
