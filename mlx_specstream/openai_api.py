@@ -189,19 +189,42 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
 
 
 def parse_tool_args(body: Dict[str, Any], tokenizer, chat: bool):
-    """The request's ``tools`` (``None`` when there are none) and whether the model's
+    """The request's ``tools`` (``None`` when there are none), whether the model's
     tool calls are parsed out of its answer (not for ``tool_choice: "none"``, whose
-    tools are not shown to the model either)."""
+    tools are not shown to the model either), and the forced call: ``None``, ``""``
+    for ``"required"``, or the function's name for a named ``tool_choice`` (then the
+    only tool shown to the model)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not (
         isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
     ):
         raise RequestError("'tools' must be a list of objects", "tools")
-    if choice is not None and choice not in ("auto", "none"):
+    forced = None
+    if choice == "required":
+        forced = ""
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise RequestError(
+                '\'tool_choice\' as an object must be {"type": "function", "function": '
+                '{"name": ...}}',
+                "tool_choice",
+            )
+        named = [t for t in tools or [] if (t.get("function") or {}).get("name") == name]
+        if not named:
+            raise RequestError(
+                f"'tool_choice' names {name!r}, which is not in 'tools'", "tool_choice"
+            )
+        tools, forced = named[:1], name
+    elif choice is not None and choice not in ("auto", "none"):
         raise RequestError(
-            "'tool_choice' must be 'auto' or 'none': this server cannot force a tool call",
+            "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", "
+            '"function": {"name": ...}}',
             "tool_choice",
         )
+    if forced is not None and not tools:
+        raise RequestError("'tool_choice' forces a call: it needs 'tools'", "tool_choice")
     if body.get("parallel_tool_calls") not in (None, True):
         raise RequestError(
             "'parallel_tool_calls' must be true: every call the model writes is returned",
@@ -210,7 +233,7 @@ def parse_tool_args(body: Dict[str, Any], tokenizer, chat: bool):
     if tools and not chat:
         raise RequestError("'tools' are for /v1/chat/completions", "tools")
     if choice == "none":
-        return None, False
+        return None, False, None
     if tools and not tokenizer.has_chat_template:
         raise RequestError("'tools' need a chat template (see --chat-template)", "tools")
     if tools and not tokenizer.has_tool_calling:
@@ -220,7 +243,7 @@ def parse_tool_args(body: Dict[str, Any], tokenizer, chat: bool):
             "model's tokenizer_config.json",
             "tools",
         )
-    return tools or None, True
+    return tools or None, True, forced
 
 
 MAX_TOP_LOGPROBS = 20  # (OpenAI's limit)

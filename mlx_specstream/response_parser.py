@@ -25,12 +25,14 @@ Example, with a tokenizer whose markers are ``<think>`` / ``</think>`` and
     parser.made_tool_call  # True: the answer's finish_reason "stop" becomes "tool_calls"
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from mlx_lm.server import ToolCallFormatter
+from mlx_lm.tool_parsers import json_tools
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,40 @@ def initial_state(tokenizer, prompt: List[int]) -> str:
     return tokenizer.response_initial_state or state
 
 
+def forced_call_text(tokenizer, initial: str, name: Optional[str] = None) -> str:
+    """The text a forced tool call's answer starts with, appended to the prompt:
+    a reasoning block the template opened is closed, then the tool-call marker;
+    for a named function (``name``) also the call's head, in the formats whose
+    head is known (mlx-lm's ``json_tools``: ``{"name": ..., "arguments": ``).
+    The model writes the rest, so what it writes is its own distribution given
+    that start.
+
+    Example, with the ``<tool_call>`` markers of ``json_tools``::
+
+        forced_call_text(tok, "normal")             # '<tool_call>'
+        forced_call_text(tok, "reasoning", "f")     # '</think><tool_call>\\n{"name": "f", "arguments": '
+
+    Raises:
+        ValueError: the tokenizer's response format decides where calls start, or a
+          named call's head is not known for its tool parser.
+    """
+    targets = {dst for edges in tokenizer.response_transitions.values() for _, dst in edges}
+    if "tool" in targets:
+        raise ValueError(
+            "this model's response format decides where tool calls start: a call cannot be forced"
+        )
+    text = (tokenizer.think_end if initial == "reasoning" else "") + tokenizer.tool_call_start
+    if name is None:
+        return text
+    if tokenizer.tool_parser is not json_tools.parse_tool_call:
+        raise ValueError(
+            "a named 'tool_choice' needs a tool-call format whose call starts with its name "
+            "that this server knows (mlx_lm.tool_parsers.json_tools); 'required' with only "
+            "that tool in 'tools' forces a call"
+        )
+    return text + '\n{"name": ' + json.dumps(name) + ', "arguments": '
+
+
 class ResponseParser:
     """Splits the pieces of one answer into :class:`Parts`.
 
@@ -71,9 +107,12 @@ class ResponseParser:
         initial: The state the answer starts in (:func:`initial_state`).
         streaming: Number tool calls with an ``index``, as OpenAI's stream deltas do.
         parse_tools: False for ``tool_choice: "none"``: calls stay in the content.
+        forced: Text the answer starts with that the prompt holds (a forced call's
+          start, :func:`forced_call_text`): read first, as if the model wrote it.
     """
 
-    def __init__(self, tokenizer, tools=None, initial="normal", streaming=False, parse_tools=True):
+    def __init__(self, tokenizer, tools=None, initial="normal", streaming=False, parse_tools=True,
+                 forced=""):  # fmt: skip
         self._tokenizer = tokenizer
         self._state = make_text_state_machine(tokenizer).make_state(initial)
         self._format = ToolCallFormatter(tokenizer.tool_parser, tools, streaming)
@@ -81,6 +120,9 @@ class ResponseParser:
         self._previous = initial
         self._tool_text: Optional[str] = None  # the open call's text
         self.made_tool_call = False
+        if forced:  # (it closes a reasoning block left empty, and opens a call)
+            parts = self.feed(forced)
+            assert not (parts.content or parts.tool_calls), (forced, parts)
 
     def feed(self, text: str, final: bool = False) -> Parts:
         """The parts ``text`` completes; ``final`` on the answer's last piece (what was

@@ -11,10 +11,11 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``presence_penalty``, ``frequency_penalty`` (each with its ``*_context_size``),
 ``chat_template_kwargs``, ``role_mapping``, ``stream_options``, ``logprobs``,
 ``top_logprobs``, ``n`` (choices generated one after another), and for chat ``tools``
-(shown to the model by its chat template), ``tool_choice`` (``"auto"`` or ``"none"``)
+(shown to the model by its chat template), ``tool_choice`` (``"auto"``, ``"none"``, or a
+forced call: ``"required"`` or a named function, whose start the prompt then holds)
 and messages with ``tool_calls`` or the ``tool`` role, plus our ``speculative`` (bool),
 ``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support
-(``response_format``, ``best_of`` > 1, a forced ``tool_choice``, ...) are refused with a
+(``response_format``, ``best_of`` > 1, ...) are refused with a
 400 that names them.
 
 A chat answer is split as ``mlx_lm.server`` splits it
@@ -88,7 +89,7 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
-from .response_parser import Parts, ResponseParser, initial_state
+from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
 
 logger = logging.getLogger(__name__)
@@ -547,8 +548,16 @@ class Handler(BaseHTTPRequestHandler):
             chat = routes[path]
             check_unsupported(body)
             tok = self.service.tokenizer
-            tools, parse_tools = parse_tool_args(body, tok, chat)
+            tools, parse_tools, forced = parse_tool_args(body, tok, chat)
             tokens = self.service.prompt_tokens(body, chat, tools)
+            initial = initial_state(tok, tokens) if chat else None
+            forced_text = ""
+            if forced is not None:  # the answer starts with the call: the prompt holds it
+                try:
+                    forced_text = forced_call_text(tok, initial, forced or None)
+                except ValueError as e:
+                    raise RequestError(str(e), "tool_choice") from e
+                tokens = tokens + tok.encode(forced_text, add_special_tokens=False)
             args = parse_generation_args(body, self.service.defaults)
             if args["draft"] == "streams+ngram" and self.service.has_drafter:
                 raise RequestError(
@@ -581,8 +590,8 @@ class Handler(BaseHTTPRequestHandler):
             # A chat's answer is split into content, reasoning and tool calls.
             parse = None
             if chat:
-                initial = initial_state(tok, tokens)
-                parse = dict(tokenizer=tok, tools=tools, initial=initial, parse_tools=parse_tools)
+                parse = dict(tokenizer=tok, tools=tools, initial=initial, parse_tools=parse_tools,
+                             forced=forced_text)  # fmt: skip
             if args["stream"]:
                 self._stream(rid, chat, first, events, args, parse)
             else:

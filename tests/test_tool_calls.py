@@ -16,7 +16,7 @@ from helpers import plain_greedy, tiny_spec_model
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tool_parsers import json_tools
 
-from mlx_specstream.response_parser import Parts, ResponseParser, initial_state
+from mlx_specstream.response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from mlx_specstream.server import make_server, wait_idle
 
 openai = pytest.importorskip("openai")
@@ -110,6 +110,27 @@ def test_a_call_cut_short_or_malformed_comes_back_as_content(tok):
     parser = ResponseParser(tok)
     out = joined(parser, ["<tool_call>not json</tool_call>after"])
     assert out.content == "<tool_call>not json</tool_call>after" and not parser.made_tool_call
+
+
+def test_a_forced_call_s_start_and_a_parser_that_starts_inside_it(tok):
+    """A forced call's text (the prompt holds it): the marker, after closing a reasoning
+    block the template opened, and for a named function the call's head in
+    ``json_tools``' format. A parser fed it first parses the model's rest as the call.
+    Control: the same rest from the normal state is content, not a call."""
+    assert forced_call_text(tok, "normal") == "<tool_call>"
+    head = forced_call_text(tok, "reasoning", "weather")
+    assert head == '</think><tool_call>\n{"name": "weather", "arguments": '
+    parser = ResponseParser(tok, initial="reasoning", forced=head)
+    out = joined(parser, ['{"city": "Paris"}}', "</tool_call>"])
+    assert without_ids(out.tool_calls) == [WEATHER] and (out.content, out.reasoning) == ("", "")
+    assert parser.made_tool_call
+    out = joined(ResponseParser(tok, forced="<tool_call>"), [CALL + "</tool_call>Done."])
+    assert without_ids(out.tool_calls) == [WEATHER] and out.content == "Done."
+    rest = joined(ResponseParser(tok), ['{"city": "Paris"}}</tool_call>'])
+    assert not rest.tool_calls and rest.content == '{"city": "Paris"}}</tool_call>'
+    words = marker_tokenizer(dict(enumerate(MARKERS, start=1)), parser=word_call)
+    with pytest.raises(ValueError, match="json_tools"):  # its calls' head is not known
+        forced_call_text(words, "normal", "weather")
 
 
 def test_tool_choice_none_leaves_calls_in_the_content(tok):
@@ -303,11 +324,61 @@ def test_a_thinking_template_starts_the_answer_in_reasoning(model):
         close()
 
 
+def test_a_forced_call_starts_the_answer_inside_a_tool_call(model):
+    """``tool_choice: "required"``: the prompt ends with the call marker, and the answer
+    is plain decoding's after it, parsed from inside the call, with and without
+    speculation, streamed or not. A named function with a format whose call head is
+    not known (this word parser) gets a 400. Control: ``"auto"`` answers otherwise."""
+    messages = [{"role": "user", "content": "t5 t6"}]
+    probe = marker_tokenizer(chat_template=TEMPLATE)
+    ids = probe.apply_chat_template(messages, tools=TOOLS, tokenize=True,
+                                    add_generation_prompt=True)  # fmt: skip
+    start_id = next(i for i in range(3, V - 1) if i not in ids)  # named <tool_call>
+    plain = plain_greedy(model, ids + [start_id], 24)
+    new = [t for t in dict.fromkeys(plain) if t not in set(ids) | {start_id, V - 1}]
+    names = {start_id: "<tool_call>", new[0]: "</tool_call>", new[1]: "<end>"}
+    tok = marker_tokenizer(names, chat_template=TEMPLATE, parser=word_call)
+    assert tok.apply_chat_template(messages, tools=TOOLS, tokenize=True,
+                                   add_generation_prompt=True) == ids  # fmt: skip
+    text = tok.decode(plain)
+    expected = joined(ResponseParser(tok, TOOLS, forced="<tool_call>"),
+                      [text[: text.index("<end>")]])  # fmt: skip
+    assert expected.tool_calls
+    client, close = start(model, tok)
+    try:
+        for speculative in (True, False):
+            body = dict(model="tiny", messages=messages, tools=TOOLS, stop=["<end>"],
+                        tool_choice="required", extra_body={"speculative": speculative})  # fmt: skip
+            r = client.chat.completions.create(**body)
+            calls = [c.model_dump() for c in r.choices[0].message.tool_calls]
+            assert without_ids(calls) == without_ids(expected.tool_calls)
+            assert r.choices[0].finish_reason == "tool_calls"
+            assert r.usage.prompt_tokens == len(ids) + 1
+            _, _, calls, finish = streamed(client.chat.completions.create(**body, stream=True))
+            assert [c["function"] for c in calls] == [c["function"] for c in expected.tool_calls]
+            assert finish == "tool_calls"
+        auto = client.chat.completions.create(**{**body, "tool_choice": "auto"})
+        assert auto.usage.prompt_tokens == len(ids)
+        assert [c.model_dump() for c in auto.choices[0].message.tool_calls or []] != calls
+        named = {"type": "function", "function": {"name": "t9"}}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{**body, "tool_choice": named})
+        assert e.value.body["param"] == "tool_choice" and "json_tools" in e.value.body["message"]
+    finally:
+        close()
+
+
 @pytest.mark.parametrize(
     "extra, param, says",
     [
-        ({"tool_choice": "required"}, "tool_choice", "cannot force"),
-        ({"tool_choice": {"type": "function", "function": {"name": "t9"}}}, "tool_choice", "force"),
+        ({"tool_choice": "any"}, "tool_choice", "must be 'auto', 'none', 'required'"),
+        ({"tool_choice": {"type": "function"}}, "tool_choice", "as an object must be"),
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "t8"}}},
+            "tool_choice",
+            "'t8', which is not in 'tools'",
+        ),
+        ({"tool_choice": "required", "tools": []}, "tool_choice", "needs 'tools'"),
         ({"parallel_tool_calls": False}, "parallel_tool_calls", "every call"),
         ({"tools": "t9"}, "tools", "list of objects"),
         ({"messages": [{"role": "function", "content": "1"}]}, "messages", "use 'tool'"),
