@@ -413,12 +413,8 @@ def main(argv=None):
         xtc_threshold=args.xtc_threshold,
         xtc_special_tokens=xtc_special_tokens(tokenizer),
     )
-    text, response = _generate(
-        model,
-        tokenizer,
-        prompt,
+    generation = dict(
         max_tokens=args.max_tokens,
-        verbose=args.verbose,
         sampler=sampler,
         speculative=not args.no_speculation,
         tree_top_k=args.tree_top_k,
@@ -436,16 +432,24 @@ def main(argv=None):
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
     )
+
+    # The reference runs start from the file's cache too, each from a fresh copy.
+    def fresh_cache():
+        return load_cache_file(args.prompt_cache_file, args)[0] if prompt_cache else None
+
+    if args.compare_plain:  # a short warm-up first, so that neither timed run is cold
+        n = 8 if args.max_tokens < 0 else min(8, args.max_tokens)  # (-1: no limit)
+        warm = dict(generation, max_tokens=n, prompt_cache=fresh_cache())
+        _generate(model, tokenizer, prompt, **warm)
+    if args.seed is not None:  # (seeded here, a warm-up before it changes nothing)
+        mx.random.seed(args.seed)
+    text, response = _generate(model, tokenizer, prompt, verbose=args.verbose, **generation)
     # Prompt lookup finds nothing to copy in much text: only the model's drafts are judged.
     own_drafts = draft_model is None and draft in ("streams", "streams+ngram")
     model_drafts = own_drafts and not (args.no_speculation or turned_off)
     if model_drafts and (note := low_acceptance_note(response)):
         print(note)
     if args.compare_plain:
-        # The reference runs start from the file's cache too, each from a fresh copy.
-        def fresh_cache():
-            return load_cache_file(args.prompt_cache_file, args)[0] if prompt_cache else None
-
         compare_with_plain(model, tokenizer, prompt, text, response, args, sampler, fresh_cache)
 
 
@@ -508,8 +512,8 @@ def compare_with_plain(
 ):
     """Prints mlx-lm's plain decoding speed on the same weights and prompt, the
     speedup, and (greedy) whether the two outputs are identical. One run each, the
-    speculative one first (cold): ``python -m mlx_specstream.benchmark`` measures
-    with warm-ups and repeats. ``fresh_cache()`` gives each reference run the
+    speculative one first, after a short warm-up (``main``): ``python -m
+    mlx_specstream.benchmark`` measures with repeats. ``fresh_cache()`` gives each reference run the
     prompt cache this run started from (None: none)."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
 

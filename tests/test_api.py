@@ -360,8 +360,16 @@ def test_cli_compares_with_plain_decoding(capsys):
     out = capsys.readouterr().out
     assert "Plain decoding (mlx-lm's loop, same weights): 16 tokens" in out
     assert "Output identical to plain decoding: yes" in out
-    main(argv + ["--temp", "0.8"])
-    assert "not compared token for token" in capsys.readouterr().out
+    # A seeded sampled run writes the same text with and without the comparison (its
+    # warm-up does not move the random stream). Control: another seed writes otherwise.
+    sampled = ["--prompt", "def f(x):", "--max-tokens", "16", "--tree-depth", "3", "--temp", "0.8"]
+    outs = []
+    for extra in (["--seed", "3", "--compare-plain"], ["--seed", "3"], ["--seed", "4"]):
+        main(sampled + extra)
+        outs.append(capsys.readouterr().out)
+    assert "not compared token for token" in outs[0]
+    texts = [out.split("=" * 10)[1] for out in outs]
+    assert texts[0] == texts[1] != texts[2]
     # Negative control: a text other than plain decoding's is reported as different.
     from mlx_specstream.default_model import load_default
 
