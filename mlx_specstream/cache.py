@@ -9,6 +9,7 @@ be so that no step straddles that moment. A ``RotatingKVCache``
 (:func:`window_rows`).
 """
 
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from typing import List, Optional, Sequence
@@ -386,6 +387,29 @@ class SpecPromptCache(list):
     drafter_state = None
 
 
+# A drafter's state kept with a plain list of caches (mlx-lm's make_prompt_cache),
+# which cannot carry it: keyed by the list's first layer, dropped with it.
+_DRAFTER_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def drafter_state_of(cache):
+    """The drafter state kept with ``cache`` by :func:`keep_drafter_state` (or ``None``)."""
+    if isinstance(cache, SpecPromptCache):
+        return cache.drafter_state
+    return _DRAFTER_STATES.get(cache[0]) if len(cache) else None
+
+
+def keep_drafter_state(cache, state) -> None:
+    """Keeps a ParallelSpec drafter's state with ``cache`` for the next call: in a
+    :class:`SpecPromptCache`, or beside a plain list, keyed by its first layer. A
+    layer replaced (``kv_bits`` converts it) loses it: the next call then drafts
+    without the older context, exactly all the same."""
+    if isinstance(cache, SpecPromptCache):
+        cache.drafter_state = state
+    elif len(cache):
+        _DRAFTER_STATES[cache[0]] = state
+
+
 def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> SpecPromptCache:
     """A prompt cache for ``model`` (mlx-lm's caches, and room for a drafter's state).
 
@@ -405,7 +429,7 @@ def trim_prompt_cache(cache, n: int) -> int:
     n = min(n, cache[0].offset)
     for c in cache:
         c.trim(n)
-    state = getattr(cache, "drafter_state", None)
+    state = drafter_state_of(cache)
     if state is not None:
         state.trim_to(cache[0].offset)
     return n

@@ -28,7 +28,15 @@ import numpy as np
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
-from .cache import Fold, KVQuantizer, check_cache, commit_path, window_rows
+from .cache import (
+    Fold,
+    KVQuantizer,
+    check_cache,
+    commit_path,
+    drafter_state_of,
+    keep_drafter_state,
+    window_rows,
+)
 from .config import DRAFTS
 from .draft_model import DraftModel, draft_model_tree, split_prompt_cache
 from .layout import TreeLayout, layout_of
@@ -543,8 +551,8 @@ def spec_generate_step(
           token before yielding it): a follow-up call feeds only new tokens.
           The last one, when a step yielded it as its correction or bonus, is
           fed then, in one plain pass.
-          :func:`mlx_specstream.cache.make_prompt_cache` also keeps an attached
-          drafter's own context.
+          An attached ParallelSpec drafter's own context is kept with it
+          (:func:`mlx_specstream.cache.keep_drafter_state`).
         prefill_step_size (int): prompt chunk size. Default: ``2048``.
         prompt_progress_callback (Callable[[int, int], None], optional): called
           with (processed, total) prompt tokens as mlx-lm calls it: at 0, after
@@ -725,9 +733,8 @@ def spec_generate_step(
     if draft_model is not None:
         dm = DraftModel(draft_model, draft_cache, depth, quant)
     if rt.drafter is not None and depth:
-        dstate = rt.drafter.start(start, getattr(cache, "drafter_state", None))
-        if hasattr(cache, "drafter_state"):  # a SpecPromptCache keeps it for the next call
-            cache.drafter_state = dstate
+        dstate = rt.drafter.start(start, drafter_state_of(cache))
+        keep_drafter_state(cache, dstate)  # (for the next call on this cache)
     prompt_list = prompt.tolist()
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],

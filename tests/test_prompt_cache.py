@@ -145,6 +145,40 @@ def test_parallelspec_context_is_rebuilt_exactly():
     assert not same_keys([state], [want_state])
 
 
+def test_parallelspec_context_follows_a_plain_list_of_caches():
+    """A plain list from mlx-lm's ``make_prompt_cache``, reused for a follow-up: the
+    drafter's context is kept beside it, so after the follow-up its KV cache equals a
+    cold run's row for row, and mlx-lm's-style trimming through ours trims it too.
+    Control: with the kept state dropped, the drafter starts without the older
+    context and its cache holds fewer rows (the output is exact either way)."""
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
+
+    import mlx_specstream.cache as cache_mod
+
+    model = make_model("parallelspec")
+    conversation = P1 + run(model, "parallelspec", P1, make_prompt_cache(model), 8) + FOLLOW_UP
+    cold = make_prompt_cache(model)
+    want = run(model, "parallelspec", conversation, cold, 12)
+
+    def follow_up(drop=False):
+        cache = mlx_lm_prompt_cache(model)  # a plain list
+        run(model, "parallelspec", P1, cache, 8)
+        if drop:
+            cache_mod._DRAFTER_STATES.clear()
+        out = run(model, "parallelspec", FOLLOW_UP, cache, 12)
+        return out, cache, cache_mod.drafter_state_of(cache)
+
+    out, cache, state = follow_up()
+    assert out == want
+    assert state.cache.offset == cold.drafter_state.cache.offset
+    assert same_keys([state.cache], [cold.drafter_state.cache])
+    before = state.cache.offset
+    assert trim_prompt_cache(cache, 3) == 3  # ours trims the kept state too
+    assert state.cache.offset == cache[0].offset == before - 2
+    out, _, state = follow_up(drop=True)
+    assert out == want and state.cache.offset < cold.drafter_state.cache.offset
+
+
 def test_lru_longest_prefix_trims_copies_and_takes_out():
     model = tiny_model("llama", vocab_size=V)
     lru = PromptCacheLRU(10)
