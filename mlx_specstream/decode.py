@@ -660,6 +660,7 @@ def spec_generate_step(
         raise ValueError("draft='streams+ngram' needs a model with streams, not a drafter.")
     quant = KVQuantizer.from_args(kv_bits, kv_group_size, quantized_kv_start)
     sampler = sampler or greedy
+    asked = acceptance
     if acceptance is None:  # (without drafts there is nothing to accept)
         drafting = speculative and (depth or draft)
         acceptance = default_acceptance(sampler) if drafting else "target-sample"
@@ -674,6 +675,13 @@ def spec_generate_step(
         )
     if acceptance == "rejection" and draft is not None and not getattr(sampler, "greedy", True):
         # An n-gram draft is one deterministic proposal, not a draw from a distribution.
+        if asked == "rejection" and speculative:
+            warnings.warn(
+                "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
+                "deterministic proposal, not a draw, so the tree is verified by "
+                "acceptance='target-sample' (also lossless).",
+                stacklevel=2,
+            )
         acceptance = "target-sample"
     check_prompt(model, prompt)
     warn_if_tf32(model)  # float32 on a GPU: token identity needs MLX_ENABLE_TF32=0

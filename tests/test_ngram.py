@@ -190,6 +190,21 @@ def test_ngram_with_a_drafter_model_and_shared_mode():
     assert spec_tokens(shared, PROMPT, 40, draft="streams+ngram")[0] == want
 
 
+def test_rejection_asked_with_lookup_drafts_says_it_verifies_by_target_sampling():
+    """A lookup chain is no draw from a distribution: an explicit ``"rejection"`` gets
+    a warning that names ``"target-sample"``; the default chooses it silently."""
+    import warnings
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    model, sampler = tiny_model("llama", vocab_size=8), make_sampler(temp=0.7)
+    with pytest.warns(UserWarning, match="verified by acceptance='target-sample'"):
+        spec_tokens(model, PROMPT, 4, draft="ngram", sampler=sampler, acceptance="rejection")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec_tokens(model, PROMPT, 4, draft="ngram", sampler=sampler)
+
+
 def lenient_accept(tokens, parents, ancestors, targets, depth):
     """A verifier that accepts the root's first child unchecked."""
     first = tokens[1] if tokens.shape[0] > 1 else targets[0]
