@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from mlx_lm.server import ToolCallFormatter
-from mlx_lm.tool_parsers import json_tools
+from mlx_lm.tool_parsers import function_gemma, json_tools, pythonic, qwen3_coder
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +64,22 @@ def initial_state(tokenizer, prompt: List[int]) -> str:
     return tokenizer.response_initial_state or state
 
 
+# A call's head, after its marker, in the formats that write the function's name
+# first and close it (the model writes the arguments on), by tool parser.
+CALL_HEADS = {
+    json_tools.parse_tool_call: lambda name: '\n{"name": ' + json.dumps(name) + ', "arguments": ',
+    qwen3_coder.parse_tool_call: lambda name: f"\n<function={name}>\n",
+    pythonic.parse_tool_call: lambda name: f"[{name}(",
+    function_gemma.parse_tool_call: lambda name: f"call:{name}{{",
+}
+
+
 def forced_call_text(tokenizer, initial: str, name: Optional[str] = None) -> str:
     """The text a forced tool call's answer starts with, appended to the prompt:
     a reasoning block the template opened is closed, then the tool-call marker;
     for a named function (``name``) also the call's head, in the formats whose
-    head is known (mlx-lm's ``json_tools``: ``{"name": ..., "arguments": ``).
+    head is known (:data:`CALL_HEADS`: mlx-lm's ``json_tools``, ``{"name": ...,
+    "arguments": ``; ``qwen3_coder``, ``pythonic`` and ``function_gemma``).
     The model writes the rest, so what it writes is its own distribution given
     that start.
 
@@ -89,13 +100,14 @@ def forced_call_text(tokenizer, initial: str, name: Optional[str] = None) -> str
     text = (tokenizer.think_end if initial == "reasoning" else "") + tokenizer.tool_call_start
     if name is None:
         return text
-    if tokenizer.tool_parser is not json_tools.parse_tool_call:
+    head = CALL_HEADS.get(tokenizer.tool_parser)
+    if head is None:
         raise ValueError(
             "a named 'tool_choice' needs a tool-call format whose call starts with its name "
-            "that this server knows (mlx_lm.tool_parsers.json_tools); 'required' with only "
-            "that tool in 'tools' forces a call"
+            "that this server knows (mlx_lm.tool_parsers: json_tools, qwen3_coder, pythonic, "
+            "function_gemma); 'required' with only that tool in 'tools' forces a call"
         )
-    return text + '\n{"name": ' + json.dumps(name) + ', "arguments": '
+    return text + head(name)
 
 
 class ResponseParser:

@@ -24,10 +24,11 @@ openai = pytest.importorskip("openai")
 MARKERS = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 
 
-def marker_tokenizer(names=None, vocab_size=64, chat_template=None, parser=None):
+def marker_tokenizer(names=None, vocab_size=64, chat_template=None, parser=None, fmt=json_tools):
     """A whitespace WordLevel tokenizer over ``t0 .. t{V-1}``, the ids in ``names`` named
-    otherwise (``{5: "<think>"}``), mlx-lm wrapped with the ``<tool_call>`` markers and
-    ``parser`` (mlx-lm's ``json_tools`` by default)."""
+    otherwise (``{5: "<think>"}``), mlx-lm wrapped with the markers of the tool format
+    ``fmt`` (a module of ``mlx_lm.tool_parsers``, ``json_tools`` by default: ``<tool_call>``)
+    and ``parser`` (by default ``fmt``'s)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,9 +40,9 @@ def marker_tokenizer(names=None, vocab_size=64, chat_template=None, parser=None)
     hf.chat_template = chat_template
     return TokenizerWrapper(
         hf,
-        tool_call_start=json_tools.tool_call_start,
-        tool_call_end=json_tools.tool_call_end,
-        tool_parser=parser or json_tools.parse_tool_call,
+        tool_call_start=fmt.tool_call_start,
+        tool_call_end=fmt.tool_call_end,
+        tool_parser=parser or fmt.parse_tool_call,
     )
 
 
@@ -129,8 +130,38 @@ def test_a_forced_call_s_start_and_a_parser_that_starts_inside_it(tok):
     rest = joined(ResponseParser(tok), ['{"city": "Paris"}}</tool_call>'])
     assert not rest.tool_calls and rest.content == '{"city": "Paris"}}</tool_call>'
     words = marker_tokenizer(dict(enumerate(MARKERS, start=1)), parser=word_call)
-    with pytest.raises(ValueError, match="json_tools"):  # its calls' head is not known
+    with pytest.raises(ValueError, match="json_tools, qwen3_coder"):  # its head is not known
         forced_call_text(words, "normal", "weather")
+
+
+# A named call as each format's template writes it: (tool parser module, the rest of
+# the call after the forced head, then its end marker).
+NAMED_CALLS = {
+    "json_tools": ('{"city": "Paris"}}\n', "</tool_call>"),
+    "qwen3_coder": ("<parameter=city>\nParis\n</parameter>\n</function>\n", "</tool_call>"),
+    "pythonic": ('city="Paris")]', "<|tool_call_end|>"),
+    "function_gemma": ("city:<escape>Paris<escape>}", "<end_function_call>"),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(NAMED_CALLS))
+def test_a_named_call_s_head_in_each_known_format_parses_to_that_function(fmt):
+    """The forced head of a named call, then the rest as the format's template writes
+    it: mlx-lm's own parser for the format reads a call to that function. Control: the
+    head of another function parses to that other name."""
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.tool_parsers.{fmt}")
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+    tok = marker_tokenizer(fmt=module)
+    rest, end = NAMED_CALLS[fmt]
+    for name in ("weather", "forecast"):
+        forced = forced_call_text(tok, "normal", name)
+        assert forced.startswith(module.tool_call_start)
+        out = joined(ResponseParser(tok, tools, forced=forced), [rest + end])
+        assert [c["function"]["name"] for c in out.tool_calls] == [name], out
+        assert json.loads(out.tool_calls[0]["function"]["arguments"]) == {"city": "Paris"}
 
 
 def test_tool_choice_none_leaves_calls_in_the_content(tok):
