@@ -152,8 +152,10 @@ def test_a_reused_prompt_cache_holds_both_models_as_mlx_lm_s(draft):
                 break
         assert got == ref
         if not close_after:  # (a lookup chain longer than the drafts may be accepted)
-            assert (passes <= all_accepted_passes(n, 3)) if draft else (
-                passes == all_accepted_passes(n, 3)
+            assert (
+                (passes <= all_accepted_passes(n, 3))
+                if draft
+                else (passes == all_accepted_passes(n, 3))
             )
         assert ours[0].offset == ours[-1].offset == theirs[0].offset
     for c in ours[len(base.layers) :]:
@@ -217,6 +219,39 @@ def test_sampling_keeps_the_distribution():
     sampling takes its drafts as any deterministic proposal, as prompt lookup's)."""
     p = draft_model_pvalue(1000)
     assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def test_sampling_with_prompt_lookup_merged_in_keeps_the_distribution():
+    """The draft model's tree with a lookup chain merged in, verified by target
+    sampling (a lookup chain is a deterministic proposal); the vocabulary of 6
+    makes the lookup find a match most steps. Control: drafts accepted unchecked."""
+    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    kw = dict(vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
+    base, draft = tiny_model("llama", **kw), tiny_model("llama", seed=4, **kw)
+    sampler = make_sampler(temp=1.0)
+    exact = exact_distribution(base, sampler)
+
+    def pvalue(n):
+        counts = sample_counts(base, sampler, n, draft_model=draft, num_draft_tokens=2,
+                               draft="ngram")  # fmt: skip
+        return chi_square_pvalue(counts, exact, n)
+
+    p = pvalue(1000)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    # Control: the first child accepted unchecked (as in the greedy control) fails.
+    real = decode._accept
+
+    def accept_first_child(tokens, parents, ancestors, targets, depth):
+        _, last = real(tokens, parents, ancestors, targets, depth)
+        return None, mx.maximum(last, mx.array(1 if tokens.size > 1 else 0))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "_accept", accept_first_child)
+        p = pvalue(400)
+    assert p < 1e-6, f"unchecked drafts passed (p = {p:.2e}): no power"
 
 
 def test_negative_control_drafts_verified_against_another_level_s_q_fail(monkeypatch):
@@ -285,9 +320,7 @@ def test_kv_bits_quantize_both_caches_and_the_reused_cache_holds_them():
                 mx.array(prompt), base, max_tokens=n, prompt_cache=theirs, **kv
             )
         ]
-        got, _ = spec_tokens(
-            base, prompt, n, draft_model=draft, prompt_cache=ours, **options, **kv
-        )
+        got, _ = spec_tokens(base, prompt, n, draft_model=draft, prompt_cache=ours, **options, **kv)
         assert got == ref
         assert all(type(c) is QuantizedKVCache for c in ours)
         assert ours[0].offset == ours[-1].offset == theirs[0].offset
