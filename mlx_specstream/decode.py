@@ -350,10 +350,24 @@ class Decoder:
         )
 
     def first_draft(self, root: int) -> Draft:
-        """The first tree: the prompt's last token, and an n-gram chain after it."""
+        """The first tree: the prompt's last token, and an n-gram chain after it; with
+        a draft model, its drafts after the prompt too (as mlx-lm's loop drafts)."""
         if self.device_history is not None:
             draft, _ = device_lookup(*self._history_room(), self.ngram_tokens)
             return Draft(self.layout, mx.concatenate([mx.array([root], dtype=draft.dtype), draft]))
+        if self.draft_model is not None and self._room() > 0:
+            slog = self.draft_model.first_draft(self.rt.model.args.vocab_size)
+            p, q = Pending(None, 0, None, None, None), None
+            if self.by_rejection:  # drawn from the draft distributions, as every step's
+                q, top = self._draw(slog)
+                mx.eval(q, top)
+                top = np.array(top)
+                p.next_tokens = [root] + [
+                    int(top[g, r]) for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])
+                ]
+            else:
+                _, p.next_tokens = self._draft_tokens(slog, mx.array(root))
+            return self._next_draft(p, root, q)
         chain = self._lookup(self._room())
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 

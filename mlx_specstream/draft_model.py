@@ -60,7 +60,14 @@ class DraftModel:
             vocab_size (int): the model's output size ``V``; the draft's logits
               are cut or padded (``-inf``) to it.
         """
-        new = self.unfed + list(accepted[1:]) + [token]
+        return self._draft(self.unfed + list(accepted[1:]) + [token], vocab_size)
+
+    def first_draft(self, vocab_size: int) -> mx.array:
+        """``(k, V)`` logits after the prompt, whose last token waits (:meth:`extend`):
+        the first tree's drafts, as mlx-lm's loop drafts before its first pass."""
+        return self._draft(list(self.unfed), vocab_size)
+
+    def _draft(self, new: List[int], vocab_size: int) -> mx.array:
         drafts = [] if self.drafts is None else self.drafts.tolist()
         same = 0  # the drafts fed last time that the new context repeats
         while same < min(len(drafts), len(new) - 1) and drafts[same] == new[same]:

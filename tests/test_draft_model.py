@@ -28,9 +28,9 @@ def noisy_copy(arch="llama", scale=0.005, **kw):
 
 
 def all_accepted_passes(n_tokens, k):
-    """Passes when every draft is accepted: the first pass verifies the prompt's
-    last token alone, then each pass yields ``k + 1`` tokens."""
-    return 1 + math.ceil((n_tokens - 1) / (k + 1))
+    """Passes when every draft is accepted: each pass yields ``k + 1`` tokens, the
+    first one too (the draft model drafts after the prompt, as mlx-lm's loop does)."""
+    return math.ceil(n_tokens / (k + 1))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -101,13 +101,18 @@ def test_equals_mlx_lm_draft_model_decoding():
 
     base, draft = tiny_model("llama"), noisy_copy()
     theirs = [
-        int(t)
-        for t, *_ in speculative_generate_step(
+        (int(t), from_draft)
+        for t, _, from_draft in speculative_generate_step(
             mx.array(PROMPT), base, draft, num_draft_tokens=3, max_tokens=40
         )
     ]
-    ours, _ = spec_tokens(base, PROMPT, 40, draft_model=draft, num_draft_tokens=3)
-    assert ours == theirs
+    ours, out = spec_tokens(base, PROMPT, 40, draft_model=draft, num_draft_tokens=3)
+    assert [t for t, *_ in theirs] == ours
+    # The same drafts accepted at the same steps, so as many passes: a pass ends at each
+    # token not from a draft, and at the end (mlx-lm's last pass may yield drafts only).
+    flags = [from_draft for _, from_draft in theirs]
+    assert [from_draft for *_, from_draft, _ in out][:-2] == flags[:-2]
+    assert out[-1][3] == flags.count(False) + flags[-1]
 
 
 @pytest.mark.parametrize("vocab", [70, 60])
@@ -291,9 +296,9 @@ def test_generate_cli_takes_mlx_lm_s_draft_model_flags(tmp_path, capsys):
     gen_mod.main(argv + ["--num-draft-tokens", "4"])
     out = capsys.readouterr().out
     assert "Output identical to plain decoding: yes" in out
-    assert "Forward passes: 5," in out  # 1 + ceil(16 / 5)
+    assert "Forward passes: 4," in out  # ceil(17 / 5)
     gen_mod.main(argv)  # mlx_lm.generate's default: 3 drafts
-    assert "Forward passes: 5," in capsys.readouterr().out  # 1 + ceil(16 / 4)
+    assert "Forward passes: 5," in capsys.readouterr().out  # ceil(17 / 4)
     other = write_model(tmp_path / "other", vocab_size=70)
     with pytest.raises(ValueError, match="70 tokens, the model's 64"):
         gen_mod.main(["--model", str(base), "--draft-model", str(other), "--prompt", "t1"])
