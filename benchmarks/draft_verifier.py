@@ -35,11 +35,20 @@ from shapes import SHAPES, random_model
 
 def with_passes(gen):
     """mlx-lm's speculative items ``(token, logprobs, from_draft)`` with the passes so
-    far appended (a pass ends at each token not from a draft), as ours yield them."""
-    passes = 0
+    far appended, as ours yield them: a pass's tokens end at its token not from a
+    draft (or at the last token), and each of them counts the pass."""
+    passes, new_pass = 0, True
     for token, logprobs, from_draft in gen:
-        passes += not from_draft
+        passes += new_pass
+        new_pass = not from_draft
         yield token, logprobs, from_draft, passes
+
+
+def counted(gen, total):
+    """``gen``'s items; ``total[0]`` ends as the passes of the whole generation."""
+    for item in gen:
+        total[0] = item[3] if len(item) > 3 else total[0] + 1
+        yield item
 
 
 def loops(model, draft, k):
@@ -66,12 +75,13 @@ def measure(methods, prompts, max_tokens, runs):
         for x in prompts:
             ref = None
             for name, fn in methods.items():
-                seconds, passes, tokens = time_after_first(fn(x, max_tokens))
+                total = [0]
+                seconds, _, tokens = time_after_first(counted(fn(x, max_tokens), total))
                 tokens = [int(t) for t in tokens]
                 ref = tokens if ref is None else ref
                 same[name] &= tokens == ref
                 times[name].append((len(tokens) - 1) / seconds)
-                tau[name].append((len(tokens) - 1) / max(passes, 1))
+                tau[name].append(len(tokens) / total[0])  # (every pass, the first too)
     return {
         name: dict(tps=statistics.median(t), tau=statistics.mean(tau[name]), same=same[name])
         for name, t in times.items()
