@@ -513,8 +513,8 @@ def compare_with_plain(
     """Prints mlx-lm's plain decoding speed on the same weights and prompt, the
     speedup, and (greedy) whether the two outputs are identical. One run each, the
     speculative one first, after a short warm-up (``main``): ``python -m
-    mlx_specstream.benchmark`` measures with repeats. ``fresh_cache()`` gives each reference run the
-    prompt cache this run started from (None: none)."""
+    mlx_specstream.benchmark`` measures with repeats. ``fresh_cache()`` gives each
+    reference run the prompt cache this run started from (None: none)."""
     from mlx_lm.generate import stream_generate as mlx_stream_generate
 
     sampler = sampler or make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)

@@ -85,8 +85,9 @@ def forced_call_text(tokenizer, initial: str, name: Optional[str] = None) -> str
 
     Example, with the ``<tool_call>`` markers of ``json_tools``::
 
-        forced_call_text(tok, "normal")             # '<tool_call>'
-        forced_call_text(tok, "reasoning", "f")     # '</think><tool_call>\\n{"name": "f", "arguments": '
+        forced_call_text(tok, "normal")            # '<tool_call>'
+        forced_call_text(tok, "reasoning", "f")
+        # '</think><tool_call>\\n{"name": "f", "arguments": '
 
     Raises:
         ValueError: the tokenizer's response format decides where calls start, or a
