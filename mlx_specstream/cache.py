@@ -410,14 +410,21 @@ def keep_drafter_state(cache, state) -> None:
         _DRAFTER_STATES[cache[0]] = state
 
 
-def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> SpecPromptCache:
+def make_prompt_cache(
+    model, max_kv_size: Optional[int] = None, draft_model=None
+) -> SpecPromptCache:
     """A prompt cache for ``model`` (mlx-lm's caches, and room for a drafter's state).
 
     ``max_kv_size`` gives rotating caches, as in mlx-lm (see :func:`check_cache`).
+    With ``draft_model`` the draft model's plain caches follow the model's, as
+    mlx-lm's draft-model decoding keeps them.
     """
     from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 
-    return SpecPromptCache(make_mlx_lm_cache(model, max_kv_size=max_kv_size))
+    cache = make_mlx_lm_cache(model, max_kv_size=max_kv_size)
+    if draft_model is not None:
+        cache += make_mlx_lm_cache(draft_model)
+    return SpecPromptCache(cache)
 
 
 def trim_prompt_cache(cache, n: int) -> int:

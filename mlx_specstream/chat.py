@@ -13,7 +13,6 @@ from typing import List, Optional
 
 import mlx.core as mx
 from mlx_lm.cli_ui import ChatUI
-from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 from .cache import make_prompt_cache
 from .cli_args import (
@@ -104,9 +103,8 @@ def main(argv=None):
         drafting.update(draft_model=draft_model)
         drafting.setdefault("num_draft_tokens", DRAFT_MODEL_TOKENS)
 
-    def new_cache():  # the model's layers, then the draft model's (as mlx-lm keeps them)
-        cache = make_prompt_cache(model, args.max_kv_size)
-        return cache if draft_model is None else cache + mlx_lm_prompt_cache(draft_model)
+    def new_cache():  # the model's layers, then any draft model's (as mlx-lm keeps them)
+        return make_prompt_cache(model, args.max_kv_size, draft_model)
 
     with SpecChatUI(args) as ui:
         # (after each answer the cache holds all of it, as mlx-lm's does)

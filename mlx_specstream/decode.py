@@ -327,7 +327,7 @@ class Decoder:
             return new, None
         if folded:  # already launched: the whole tree the device drafted
             return new, Draft(self.layout, p.next_tokens)
-        return new, self._next_draft(p, token, q)
+        return new, self._next_draft(p.next_tokens, token, q)
 
     def _uncertified(self, p: Pending) -> int:
         """A certificate on the accepted path failed: the targets again, from the full
@@ -357,17 +357,10 @@ class Decoder:
             return Draft(self.layout, mx.concatenate([mx.array([root], dtype=draft.dtype), draft]))
         if self.draft_model is not None and self._room() > 0:
             slog = self.draft_model.first_draft(self.rt.model.args.vocab_size)
-            p, q = Pending(None, 0, None, None, None), None
             if self.by_rejection:  # drawn from the draft distributions, as every step's
-                q, top = self._draw(slog)
-                mx.eval(q, top)
-                top = np.array(top)
-                p.next_tokens = [root] + [
-                    int(top[g, r]) for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])
-                ]
-            else:
-                _, p.next_tokens = self._draft_tokens(slog, mx.array(root))
-            return self._next_draft(p, root, q)
+                q, top = self._draw_now(slog)
+                return self._next_draft(self._tree_tokens(root, top), root, q)
+            return self._next_draft(self._draft_tokens(slog, mx.array(root))[1], root, None)
         chain = self._lookup(self._room())
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
@@ -434,19 +427,20 @@ class Decoder:
         drafts = top[: len(self._levels), 0] if self.kmax == 1 else top[self._levels, self._ranks]
         return top, mx.concatenate([root.reshape(1), drafts])
 
-    def _next_draft(self, p: Pending, token: int, q) -> Draft:
-        """The next tree, rooted at ``token``: the static stream tree, an n-gram
-        chain, or both merged; shallower near ``max_tokens``."""
+    def _next_draft(self, next_tokens, token: int, q) -> Draft:
+        """The next tree, rooted at ``token``: the static tree's ``next_tokens``
+        (``None``: none), an n-gram chain, or both merged; shallower near
+        ``max_tokens``. ``q``: the distributions ``next_tokens`` were drawn from."""
         room = self._room()
-        depth = min(self.depth, room) if p.next_tokens is not None else 0
+        depth = min(self.depth, room) if next_tokens is not None else 0
         chain = self._lookup(room)
         if depth and q is not None:  # rejection: tokens drawn on the host
-            return self._restrict(Draft(self.layout, p.next_tokens, q), depth)
+            return self._restrict(Draft(self.layout, next_tokens, q), depth)
         if depth and not chain:
-            return self._restrict(Draft(self.layout, p.next_tokens), depth)
+            return self._restrict(Draft(self.layout, next_tokens), depth)
         if not depth:
             return Draft(layout_of([-1] + list(range(len(chain)))), [token] + chain)
-        tokens = p.next_tokens.tolist()  # streams + n-gram: merged on the host
+        tokens = next_tokens.tolist()  # streams + n-gram: merged on the host
         keep = depth_limited(self.tree.parents, depth)
         merged = merge_chain(
             [tokens[i] for i in keep], subtree_parents(self.tree.parents, keep), chain,
@@ -508,13 +502,20 @@ class Decoder:
                 slog = self._stream_logits(p.out, mx.array(last))
             else:
                 slog = self._drafter_logits(p.out, path, [tokens[a] for a in path], token)
-            q, top = self._draw(slog)
-            mx.eval(q, top)
-            top = np.array(top)
-        p.next_tokens = [token] + [
-            int(top[g, r]) for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])
-        ]
+            q, top = self._draw_now(slog)
+        p.next_tokens = self._tree_tokens(token, top)
         return path, token, q
+
+    def _draw_now(self, slog: mx.array):
+        """:meth:`_draw`, read to the host: ``q`` and the draws as a numpy array."""
+        q, top = self._draw(slog)
+        mx.eval(q, top)
+        return q, np.array(top)
+
+    def _tree_tokens(self, root: int, top) -> List[int]:
+        """The static tree's tokens under ``root``, from per-level draws ``top``
+        ``(levels, kmax)`` in draw order (host)."""
+        return [root] + [int(top[g, r]) for g, r in zip(self.tree.levels[1:], self.tree.ranks[1:])]
 
 
 def spec_generate_step(

@@ -61,7 +61,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
 from .cache import make_prompt_cache
@@ -386,9 +385,8 @@ class ModelService:
             mx.random.seed(args["seed"])
         cache, cached = self.prompt_cache.fetch(tokens, min_new=args.get("min_fed", 1))
         if cache is None:
-            cache, cached = make_prompt_cache(self.model), 0
-            if self.draft_model is not None:  # the model's layers, then the draft's (mlx-lm's)
-                cache = cache + mlx_lm_prompt_cache(self.draft_model)
+            # (with a draft model: the model's layers, then the draft's, as mlx-lm's)
+            cache, cached = make_prompt_cache(self.model, draft_model=self.draft_model), 0
         rest = tokens[cached:]
         kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
         if self.draft_model is not None:
