@@ -6,21 +6,22 @@
 # back to back carrying .gpu/pN and .gpu/bin; the last one, and every later run on the same
 # machine, is:
 #     bash benchmarks/gpu_checks.sh STAGE [STAGE ...]
-# STAGE: tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune. Stages
-# run in the order given and each copies its results to $OUT (the run's return folder) as it
-# ends, so a run stopped by its time limit still brings back the stages it finished.
+# STAGE: tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune |
+# recurrent. Stages run in the order given and each copies its results to $OUT (the run's
+# return folder) as it ends, so a run stopped by its time limit still brings back the stages
+# it finished.
 # With 15 minutes of device time a session gets the install and about two stages: pipeline
 # first (does launching step k + 1 before reading step k pay, and r(4)/r(16) both ways), then
 # tune (the shipped model's tree for this GPU), step_cost (r(n) for n = 1..16 with the
 # defaults), verifier (our loop against mlx-lm's on the same drafts), then tests, fidelity,
-# ngram, parity. So the third install run may well be:
+# ngram, parity, recurrent. So the third install run may well be:
 #     bash benchmarks/gpu_checks.sh pipeline tune step_cost
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stages="tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune"
+stages="tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | recurrent"
 [ $# -ge 1 ] || { echo "stages: $stages" >&2; exit 2; }
 for stage in "$@"; do
-  case "$stage" in tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune) ;;
+  case "$stage" in tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|recurrent) ;;
     *) echo "unknown stage: $stage (stages: $stages)" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +70,11 @@ run_stage() {
       python3 benchmarks/fidelity.py --models llama-8b --dtypes bf16,q4 \
         --prompts 8 --max-tokens 128 --tag gpu-8b
       cp benchmarks/results/fidelity-gpu-8b.* "$out/" ;;
+    recurrent)
+      # A prompt-lookup step on a hybrid model (Gated DeltaNet + attention), bf16 and 4-bit:
+      # r(n) against mlx-lm's per-token time, and the split mixers' cost o(n) (a minute).
+      python3 benchmarks/recurrent_step.py --models qwen3_next-0.6b --dtypes bf16,q4 --tag gpu
+      cp benchmarks/results/recurrent_step-gpu.* "$out/" ;;
     ngram)
       # Prompt lookup's speed, its lookup on long contexts, and a chain verified by the
       # plain pass against the same chain verified as a tree (fewer kernels per step).

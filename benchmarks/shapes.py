@@ -25,6 +25,29 @@ SHAPES = {
                      intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                      vocab_size=128256, rms_norm_eps=1e-5, rope_theta=5e5,
                      tie_word_embeddings=False),
+    # Hybrids: Qwen3-Next's layout (3 Gated DeltaNet layers to 1 attention layer) with
+    # dense MLPs, at Qwen3-0.6B's width and depth; and a small one for CPU runs.
+    "qwen3_next-0.6b": dict(model_type="qwen3_next", hidden_size=1024, num_hidden_layers=28,
+                            intermediate_size=3072, num_attention_heads=16,
+                            num_key_value_heads=8, head_dim=128, linear_num_value_heads=16,
+                            linear_num_key_heads=16, linear_key_head_dim=128,
+                            linear_value_head_dim=128, linear_conv_kernel_dim=4, num_experts=0,
+                            num_experts_per_tok=1, decoder_sparse_step=1,
+                            shared_expert_intermediate_size=0, mlp_only_layers=[],
+                            moe_intermediate_size=0, rms_norm_eps=1e-6, vocab_size=151936,
+                            rope_theta=1e7, partial_rotary_factor=0.25,
+                            max_position_embeddings=32768, full_attention_interval=4,
+                            tie_word_embeddings=True),
+    "qwen3_next-small": dict(model_type="qwen3_next", hidden_size=256, num_hidden_layers=8,
+                             intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=64, linear_num_value_heads=4, linear_num_key_heads=4,
+                             linear_key_head_dim=64, linear_value_head_dim=64,
+                             linear_conv_kernel_dim=4, num_experts=0, num_experts_per_tok=1,
+                             decoder_sparse_step=1, shared_expert_intermediate_size=0,
+                             mlp_only_layers=[], moe_intermediate_size=0, rms_norm_eps=1e-6,
+                             vocab_size=32000, rope_theta=1e7, partial_rotary_factor=0.25,
+                             max_position_embeddings=32768, full_attention_interval=4,
+                             tie_word_embeddings=True),
 }  # fmt: skip
 DTYPES = ("f32", "bf16", "f16", "q4")
 

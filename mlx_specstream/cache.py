@@ -427,12 +427,20 @@ def make_prompt_cache(
     return SpecPromptCache(cache)
 
 
+def cache_tokens(cache) -> Optional[int]:
+    """The tokens a list of layer caches holds: its first KV layer's offset
+    (``None`` when no layer counts them, as in a state-space model's)."""
+    return next((c.offset for c in cache if hasattr(c, "offset")), None)
+
+
 def trim_prompt_cache(cache, n: int) -> int:
     """Removes the last ``n`` tokens from every layer and from the drafter state.
 
     Returns:
         int: the number of tokens trimmed (as ``mlx_lm``'s ``trim_prompt_cache``).
     """
+    if n == 0:  # (also where a layer cannot be trimmed)
+        return 0
     n = min(n, cache[0].offset)
     for c in cache:
         c.trim(n)

@@ -42,6 +42,7 @@ from .draft_model import DraftModel, draft_model_tree, split_prompt_cache
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
 from .precision import on_gpu, warn_if_tf32
+from .recurrent import has_recurrent_layers, lookup_generate_step
 from .sample_utils import DistributionSampler
 from .settings import (
     ACCEPTANCE,
@@ -639,6 +640,17 @@ def spec_generate_step(
             f"draft={draft!r} with draft_model: the model's streams are off; pass None (the "
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
+    if getattr(model, "speculative_streams", None) is None and has_recurrent_layers(model):
+        yield from _on_recurrent_model(
+            prompt, model, speculative=speculative, draft=draft, draft_model=draft_model,
+            tree=(tree_top_k, tree_depth, prune_threshold, max_tree_nodes), acceptance=acceptance,
+            pipeline=pipeline, max_tokens=max_tokens, sampler=sampler,
+            logits_processors=logits_processors, prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size, num_draft_tokens=num_draft_tokens,
+            kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+            max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback,
+        )  # fmt: skip
+        return
     if draft == "ngram" or draft_model is not None:
         if getattr(model, "speculative_streams", None) is None:
             attach_verifier(model)
@@ -807,6 +819,54 @@ def spec_generate_step(
         if dm is not None and user_cache is not None:  # (a quantized layer is a new object)
             user_cache[:] = list(cache) + dm.cache
         rt.release()
+
+
+def _on_recurrent_model(
+    prompt, model, *, speculative, draft, draft_model, tree, acceptance, pipeline, **kw
+):
+    """:func:`spec_generate_step` on a model with recurrent layers: prompt lookup
+    (:func:`mlx_specstream.recurrent.lookup_generate_step`), or mlx-lm's plain
+    decoding with ``speculative=False``. Settings that need a tree or a KV cache
+    in every layer are refused, naming them."""
+    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
+    lookup = ("kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size")
+    if not speculative:
+        check_prompt(model, prompt)
+        kw.pop("num_draft_tokens")
+        for n, (token, logprobs) in enumerate(generate_step(prompt, model, **kw), start=1):
+            yield token, logprobs, False, n
+        return
+    why = "its recurrent layers read tokens in order and keep no row per token"
+    if draft != "ngram" or draft_model is not None:
+        raise ValueError(
+            f"Model type '{model_type}' has recurrent layers: only prompt lookup "
+            f"(draft='ngram') speculates on it, as {why}; got draft={draft!r}"
+            f"{' and a draft_model' if draft_model is not None else ''}."
+        )
+    named = dict(zip(("tree_top_k", "tree_depth", "prune_threshold", "max_tree_nodes"), tree))
+    named.update(pipeline=pipeline or None, kv_bits=kw["kv_bits"], max_kv_size=kw["max_kv_size"])
+    given = sorted(k for k, v in named.items() if v is not None)
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: not supported with prompt lookup on model type "
+            f"'{model_type}' (a chain verified in order, {why})."
+        )
+    if acceptance is not None and acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
+    if acceptance == "rejection" and not getattr(kw["sampler"], "greedy", True):
+        warnings.warn(
+            "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
+            "deterministic proposal, not a draw, so it is verified by "
+            "acceptance='target-sample' (also lossless).",
+            stacklevel=3,
+        )
+    check_prompt(model, prompt)
+    warn_if_tf32(model)
+    for k in lookup:
+        kw.pop(k)
+    if kw["num_draft_tokens"] is None:
+        kw["num_draft_tokens"] = NGRAM_DRAFT_TOKENS
+    yield from lookup_generate_step(prompt, model, **kw)
 
 
 def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_cache, **kwargs):

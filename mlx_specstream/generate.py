@@ -28,6 +28,7 @@ from .cli_args import (
 from .decode import ACCEPTANCE, spec_generate_step
 from .precision import device_key
 from .sample_utils import make_sampler, xtc_special_tokens
+from .streams import runtime_config
 
 DEFAULT_PROMPT = "def fibonacci(n):"
 DEFAULT_MAX_TOKENS = 100
@@ -376,7 +377,7 @@ def main(argv=None):
             f"--prompt-cache-file {args.prompt_cache_file} with --draft-model: the file holds "
             "the model's cache only, not the draft model's."
         )
-    config = model.speculative_streams.config
+    config = runtime_config(model)
     if prompt_cache is not None and getattr(config, "mode", None) == "shared":
         raise ValueError(
             f"--prompt-cache-file {args.prompt_cache_file}: {args.model} is a shared-mode stream "
@@ -530,7 +531,7 @@ def compare_with_plain(
     plain_text, last = "", None
     for last in mlx_stream_generate(model, tokenizer, mx.array(prompt), sampler=sampler, **kwargs):
         plain_text += last.text
-    rt = model.speculative_streams
+    config = runtime_config(model)
     print(
         f"Plain decoding (mlx-lm's loop, same weights): {last.generation_tokens} tokens, "
         f"{last.generation_tps:.3f} tokens-per-sec. This run: "
@@ -538,7 +539,7 @@ def compare_with_plain(
     )
     if args.temp > 0:
         print("Outputs: sampled (temp > 0), so they are not compared token for token")
-    elif rt.drafter is None and rt.config.mode == "shared":
+    elif config.mode == "shared":  # (a drafter's config is never shared mode)
         # Shared mode's main rows see their streams: mlx-lm's loop is not this model.
         ref = generate(
             model,

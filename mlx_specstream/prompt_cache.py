@@ -15,6 +15,9 @@ Like ``mlx_lm.server``'s ``LRUPromptCache``:
   deep-copied and the copy trimmed, so the longer conversation stays cached;
 * at least one prompt token is always left to feed, so an exact match is
   trimmed by one token;
+* a cache with recurrent layers (a hybrid model's) cannot be trimmed: it serves
+  only prompts that its whole key begins, and a state-space model's, whose
+  layers do not count their tokens, is not kept;
 * inserting an entry drops the entries whose keys are prefixes of its key
   (trimming the new one gives them back), then evicts the least recently used
   entries beyond ``max_size`` entries or ``max_bytes`` bytes.
@@ -34,7 +37,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from .cache import trim_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache
+
+from .cache import cache_tokens, trim_prompt_cache
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -119,6 +124,8 @@ class PromptCacheLRU:
         leaving at least ``min_new`` tokens to feed, and one token less when a
         pairing drafter's last kept row was built with another next token."""
         r = min(common_prefix(entry.key, tokens), len(tokens) - min_new)
+        if not can_trim_prompt_cache(entry.cache):  # recurrent layers: the whole key or nothing
+            return r if r == len(entry.key) else 0
         if r > 0 and pairs_next_token(entry.cache):
             if r == len(entry.key) and entry.cache.drafter_state.pending_hidden is not None:
                 return r  # its last token's state waits to be paired with tokens[r]
@@ -172,8 +179,10 @@ class PromptCacheLRU:
         key = list(key)
         if not key or self.max_size == 0:
             return
-        if cache[0].offset != len(key):
-            raise ValueError(f"the cache holds {cache[0].offset} tokens but its key has {len(key)}")
+        if cache_tokens(cache) != len(key):
+            raise ValueError(
+                f"the cache holds {cache_tokens(cache)} tokens but its key has {len(key)}"
+            )
         entry = Entry(key, cache, cache_nbytes(cache), next_token)
         with self._lock:
             for k in [k for k in self._entries if _is_prefix(k, key)]:
@@ -187,10 +196,11 @@ class PromptCacheLRU:
 
         The cache's offset says how many of them it holds (every generated
         token, as mlx-lm's loop leaves its cache, or fewer after an error). The
-        token after those is kept as :attr:`Entry.next_token`.
+        token after those is kept as :attr:`Entry.next_token`. A cache with no
+        KV layer (a state-space model) cannot say, and is not kept.
         """
-        n = cache[0].offset
-        if 0 < n <= len(sequence):
+        n = cache_tokens(cache)
+        if n is not None and 0 < n <= len(sequence):
             nxt = sequence[n] if n < len(sequence) else None
             self.insert(sequence[:n], cache, next_token=nxt)
 

@@ -74,6 +74,7 @@ from .cli_args import (
     load_model,
 )
 from .generate import SpeculativeUsage, stream_generate, untuned_note
+from .streams import runtime_config
 from .openai_api import (
     RequestError,
     add_reasoning_and_calls,
@@ -821,7 +822,7 @@ def main(argv=None):
     if args.use_default_chat_template and tokenizer.chat_template is None:
         tokenizer.chat_template = tokenizer.default_chat_template
     draft_model = load_draft_model(args, tokenizer)
-    note = untuned_note(model.speculative_streams.config, args.model)
+    note = untuned_note(runtime_config(model), args.model)
     if note is not None and draft_model is None:
         logger.info(note.removeprefix("[INFO] "))
     server = make_server(

@@ -867,6 +867,16 @@ def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambd
     mx.eval(module.parameters())
 
 
+def runtime_config(model):
+    """The model's speculative settings: its runtime's config, or a bare verifier's
+    (:class:`~mlx_specstream.config.VerifierConfig`) for a model that runs prompt
+    lookup without a runtime (one with recurrent layers, :mod:`mlx_specstream.recurrent`)."""
+    from .config import VerifierConfig
+
+    rt = getattr(model, "speculative_streams", None)
+    return VerifierConfig() if rt is None else rt.config
+
+
 def get_runtime(model) -> StreamRuntime:
     rt = getattr(model, "speculative_streams", None)
     if not isinstance(rt, StreamRuntime):

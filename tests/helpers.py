@@ -57,6 +57,49 @@ ARCH_ARGS = {
 }
 ARCHS = sorted(ARCH_ARGS)
 
+# Hybrid and state-space models: recurrent layers (ArraysCache) beside or instead of
+# attention layers; prompt lookup runs on them (mlx_specstream.recurrent).
+HYBRID_ARGS = {
+    "qwen3_next": dict(  # Gated DeltaNet layers, full attention every second layer
+        hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        num_experts=0, num_experts_per_tok=1, decoder_sparse_step=1,
+        shared_expert_intermediate_size=64, mlp_only_layers=[], moe_intermediate_size=64,
+        rms_norm_eps=1e-6, rope_theta=10000.0, partial_rotary_factor=0.5,
+        max_position_embeddings=512, full_attention_interval=2,
+    ),
+    "lfm2": dict(  # short convolutions, attention in layers 1 and 3
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
+        block_dim=64, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
+        block_auto_adjust_ff_dim=False, block_ff_dim=128, full_attn_idxs=[1, 3],
+    ),
+    "mamba2": dict(  # state-space layers only
+        num_heads=4, head_dim=16, hidden_size=32, intermediate_size=64, state_size=8,
+        num_hidden_layers=2, layer_norm_epsilon=1e-5, conv_kernel=4, n_groups=1,
+        use_bias=False, use_conv_bias=True, tie_word_embeddings=True,
+        time_step_limit=(0.0, float("inf")), time_step_rank=4,
+    ),
+}  # fmt: skip
+HYBRIDS = sorted(HYBRID_ARGS)
+
+
+def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **overrides):
+    """A random tiny mlx-lm model with recurrent layers (see ``tiny_model``)."""
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    params = {**HYBRID_ARGS[arch], "vocab_size": vocab_size, "model_type": arch, **overrides}
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(params))
+    model.update(
+        tree_map_with_path(
+            lambda path, w: w * weight_scale if _is_layer_matrix(path, w) else w,
+            model.parameters(),
+        )
+    )
+    mx.eval(model.parameters())
+    return model
+
 
 def tiny_model(
     arch="llama", vocab_size=64, seed=0, dtype=None, quant_bits=None, weight_scale=4.0, **overrides

@@ -61,3 +61,23 @@ def test_a_conversation_answers_as_mlx_lm_chat(model_dir, monkeypatch, capsys):
     monkeypatch.setattr(chat_mod, "stream_generate", one_short)
     got = converse(monkeypatch, lambda: chat_mod.main(argv + ["--tree-depth", "3"]))
     assert got[0] == want[0] and got[1:3] != want[1:3]
+
+
+def test_a_recurrent_model_converses_as_mlx_lm_chat(tmp_path, monkeypatch):
+    """A hybrid model (recurrent and attention layers) with ``--draft ngram``: the
+    same answers as mlx_lm.chat, turn after turn on one cache, reset included."""
+    import mlx_lm.chat
+    from helpers import HYBRID_ARGS, tiny_hybrid
+    from mlx_lm.utils import save_config, save_model
+
+    path = tmp_path / "hybrid"
+    path.mkdir()
+    save_model(path, tiny_hybrid("qwen3_next", vocab_size=V))
+    save_config({**HYBRID_ARGS["qwen3_next"], "vocab_size": V, "model_type": "qwen3_next"},
+                path / "config.json")  # fmt: skip
+    word_tokenizer(V, eos=V - 1, chat_template=TEMPLATE).save_pretrained(str(path))
+    argv = ["--model", str(path), "--max-tokens", "20"]
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.chat", *argv])
+    want = converse(monkeypatch, mlx_lm.chat.main)
+    assert len(want) == 4 and want[0] == want[3] and want[1] != want[2]
+    assert converse(monkeypatch, lambda: chat_mod.main(argv + ["--draft", "ngram"])) == want

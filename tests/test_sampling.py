@@ -90,8 +90,9 @@ def chi_square_pvalue(counts, exact, n):
         else:
             pool_o += counts.get(s, 0)
             pool_e += p * n
-    observed.append(pool_o)
-    expected.append(pool_e)
+    if pool_e > 0:  # (no pool when every cell is expected 5 times or more)
+        observed.append(pool_o)
+        expected.append(pool_e)
     return stats.chisquare(observed, np.array(expected) * sum(observed) / sum(expected)).pvalue
 
 

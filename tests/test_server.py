@@ -1094,3 +1094,41 @@ def test_n_choices_one_after_another(served):
         for c in ch.choices:
             streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
     assert [streamed[i] for i in range(3)] == texts
+
+
+def test_a_recurrent_model_is_served_with_prompt_lookup(serve, monkeypatch):
+    """A hybrid model (recurrent and attention layers) with ``draft="ngram"``: every
+    answer equals mlx-lm's plain decoding; a follow-up turn starts from the kept cache
+    (which holds its key exactly); a regenerated turn, whose kept cache runs past its
+    prompt and cannot be trimmed, starts cold. Control: with the trim guard off, that
+    request fails. A state-space model (no KV layer) is served without a prompt cache."""
+    from helpers import tiny_hybrid
+
+    import mlx_specstream.prompt_cache as pc
+
+    model, tok = tiny_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V)
+    client, _, server = serve(model, tok, draft="ngram")
+    m1 = [{"role": "user", "content": "t3 t9 t4 t3 t9 t4 t3"}]
+    p1 = chat_prompt(tok, m1)
+    r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+    text1 = r1.choices[0].message.content
+    assert text1 == reference(model, tok, p1, 12, speculative=False)
+    m2 = turn(m1, text1, "t20 t21 t3 t9")
+    p2 = chat_prompt(tok, m2)
+    r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    assert r2.choices[0].message.content == reference(model, tok, p2, 12, speculative=False)
+    assert r2.usage.prompt_tokens_details.cached_tokens == len(p1) + r1.usage.completion_tokens
+    again = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+    assert again.choices[0].message.content == text1
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    monkeypatch.setattr(pc, "can_trim_prompt_cache", lambda cache: True)
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="tiny", messages=m2[:1], max_tokens=12)
+    monkeypatch.undo()
+    ssm = tiny_hybrid("mamba2", vocab_size=V)
+    client, _, server = serve(ssm, tok, draft="ngram")
+    for _ in range(2):
+        r = client.completions.create(model="tiny", prompt="t3 t9 t4 t3 t9", max_tokens=10)
+        assert r.choices[0].text == reference(ssm, tok, "t3 t9 t4 t3 t9", 10, speculative=False)
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert service_of(server).prompt_cache.keys() == []

@@ -1,0 +1,115 @@
+"""What a prompt-lookup step costs on a model with recurrent layers, against plain decoding.
+
+    python benchmarks/recurrent_step.py [--models qwen3_next-small] [--dtypes f32] [--tag cpu]
+    MLX_ENABLE_TF32=0 python benchmarks/recurrent_step.py --models qwen3_next-0.6b --dtypes bf16,q4
+
+A step of :mod:`mlx_specstream.recurrent` feeds the pending tokens and n drafts in
+one pass whose recurrent mixers are called twice (split after the pending tokens),
+reads the tokens drawn at every row, and either keeps the drafts or rolls the
+caches back to the split. On random weights of a hybrid shape (tau is not the
+point: the step's cost is), for n = 0, 1, 3, 7, 10 drafts:
+
+* r(n) = one step (pass, verification, roll-back; synchronous) / mlx-lm's
+  per-token time (its pipelined ``generate_step``) on the same weights, in the
+  same run; the speedup a step can give is tau / r(n), printed for tau = 2, 3, 4;
+* o(n) = that step / one plain forward over the same n + 1 tokens (unsplit,
+  synchronous): the split mixers' second call and the step's own work;
+* c(n) = that plain forward / a plain forward over one token: MLX's width cost.
+
+The step times the roll-back path (every draft rejected, one token accepted), the
+dearer of the two. Results go to ``benchmarks/results/recurrent_step[-TAG].{md,json}``.
+"""
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_specstream.recurrent import ChainCache, verify_chain
+from report import heading, machine_info, time_after_first, write_results
+from shapes import random_model
+
+DRAFTS = (0, 1, 3, 7, 10)
+
+
+def median_seconds(fn, runs: int) -> float:
+    fn()  # (warm-up)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(model, prompt: list, runs: int, vocab: int) -> dict:
+    seconds, passes, _ = time_after_first(generate_step(mx.array(prompt), model, max_tokens=runs))
+    plain = seconds / passes
+    state = ChainCache(model, None)
+    state.tokens = list(prompt)
+    state.feed(len(prompt) - 1)
+    argmax = lambda x: mx.argmax(x, axis=-1)  # noqa: E731
+    rows = {}
+    for n in DRAFTS:
+        drafts = [(7 * i + 3) % vocab for i in range(n)]
+
+        def step():  # every draft rejected: one token accepted, the caches rolled back
+            logits = state.run(drafts)
+            a, new, _ = verify_chain(logits, drafts, state.tokens, argmax, [])
+            state.commit(a == len(drafts))
+            state.tokens += new
+
+        cache = make_prompt_cache(model)
+        model(mx.array(prompt)[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+        def forward(width):
+            def run():
+                mx.eval(model(mx.array(drafts[:width] + [1] * (width - len(drafts)))[None],
+                              cache=cache))  # fmt: skip
+
+            return run
+
+        ours = median_seconds(step, runs)
+        wide, one = median_seconds(forward(n + 1), runs), median_seconds(forward(1), runs)
+        rows[n] = dict(step_ms=ours * 1e3, r=ours / plain, o=ours / wide, c=wide / one)
+    return dict(plain_ms=plain * 1e3, rows=rows)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="qwen3_next-small")
+    p.add_argument("--dtypes", default="f32")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    info = machine_info(runs=args.runs, prompt_tokens=args.prompt_tokens)
+    results = {}
+    lines = [heading("A prompt-lookup step on a recurrent model, against plain decoding", info),
+             "", f"`{info['command']}`", "",
+             "| model | dtype | plain ms/token | drafts n | step ms | r(n) | o(n) | c(n + 1) "
+             "| bound tau=2 / 3 / 4 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            model = random_model(name, dtype, streams=False)
+            vocab = model.args.vocab_size
+            prompt = [(13 * i + 5) % vocab for i in range(args.prompt_tokens)]
+            res = results.setdefault(name, {})[dtype] = measure(model, prompt, args.runs, vocab)
+            for n, row in res["rows"].items():
+                bound = " / ".join(f"{tau / row['r']:.2f}x" for tau in (2, 3, 4))
+                lines.append(
+                    f"| {name} | {dtype} | {res['plain_ms']:.2f} | {n} | {row['step_ms']:.2f} | "
+                    f"{row['r']:.2f} | {row['o']:.2f} | {row['c']:.2f} | {bound} |"
+                )
+            del model
+            mx.clear_cache()
+    write_results("recurrent_step", args.tag, "\n".join(lines) + "\n",
+                  dict(info=info, results=results))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

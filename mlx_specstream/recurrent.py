@@ -1,0 +1,303 @@
+"""Prompt-lookup speculation on models with recurrent layers: mlx-lm's hybrid and
+state-space models (Qwen3-Next, Qwen3.5, LFM2, Mamba, ...).
+
+A recurrent layer (a Gated DeltaNet, a Mamba mixer, a short convolution) keeps one
+state in an ``ArraysCache``, not a row per token, so a rejected draft cannot be
+trimmed away as a KV cache's rows can; mlx-lm's draft-model decoding refuses these
+models for that reason. Here each pass feeds the tokens already accepted but not yet
+in the caches (``pending``: the last step's accepted drafts and its correction or
+bonus token), then a chain of drafts. Every recurrent mixer is called twice, on the
+pending tokens and then on the drafts, and the state between the two calls is kept
+aside. When a draft is rejected, each recurrent cache goes back to the state kept
+aside, each KV cache is trimmed to the same token, and the accepted tokens become
+the next pass's pending tokens. When every draft is accepted nothing is undone.
+
+Example: the caches hold ``[p0 p1]``, pending is ``[a]`` and the drafts are
+``[d1 d2 d3]``: the pass feeds ``[a d1 d2 d3]``, split after ``a``. With ``d1``
+accepted and ``x`` drawn instead of ``d2``, the caches go back to ``[p0 p1 a]`` and
+the next pass feeds ``[d1 x]`` and its drafts.
+
+A recurrent layer reads its tokens in order, so it verifies a chain, not a tree; the
+drafts are prompt lookup's (``draft="ngram"``). The cost over a plain pass: the
+recurrent mixers' weights are read twice per step, and the pending tokens ride
+along again (on a bandwidth-bound device, nearly free).
+"""
+
+import inspect
+from typing import Callable, Generator, List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
+
+from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
+from .streams import _swap_call
+
+
+class SplitPoint:
+    """Where the recurrent mixers split the current pass (``at`` tokens, then
+    the rest; ``None``: one call), and the states kept between the two calls."""
+
+    def __init__(self):
+        self.at: Optional[int] = None
+        self.kept: List[Tuple[ArraysCache, list]] = []
+
+
+def has_recurrent_layers(model: nn.Module) -> bool:
+    """Whether ``model``'s own cache (``model.make_cache()``) has a layer that is
+    not a KV cache (a recurrent state, or a container of several caches)."""
+    if not hasattr(model, "make_cache"):
+        return False
+    return any(not isinstance(c, KVCache) for c in model.make_cache())
+
+
+def _cache_param(module: nn.Module) -> Optional[inspect.Signature]:
+    """The signature of ``module``'s call when it takes a ``cache`` argument."""
+    sig = inspect.signature(type(module).__call__)
+    return sig if "cache" in sig.parameters else None
+
+
+def split_recurrent_mixers(model: nn.Module) -> SplitPoint:
+    """Makes every recurrent mixer of ``model`` split its call at the model's
+    :class:`SplitPoint` (done once; the model computes as before while ``at`` is
+    ``None``) and returns that point.
+
+    A recurrent layer's mixer is the one child of the decoder layer whose call
+    takes the cache (``linear_attn``, ``mixer``, ``conv``, ...).
+
+    Raises:
+        ValueError: naming the layer, when a layer's cache is neither a
+          ``KVCache`` nor an ``ArraysCache``, or its mixer cannot be told apart.
+    """
+    split = getattr(model, "recurrent_split", None)
+    if split is not None:
+        return split
+    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
+    mixers = []
+    for i, (layer, c) in enumerate(zip(model.layers, model.make_cache())):
+        if isinstance(c, KVCache):
+            continue
+        if not isinstance(c, ArraysCache):
+            raise ValueError(
+                f"Model type '{model_type}': layer {i} keeps a {type(c).__name__}; prompt "
+                "lookup on a recurrent model needs a KVCache or an ArraysCache per layer."
+            )
+        found = [m for m in layer.children().values() if isinstance(m, nn.Module)]
+        found = [m for m in found if _cache_param(m) is not None]
+        if len(found) != 1:
+            raise ValueError(
+                f"Model type '{model_type}': layer {i} ({type(layer).__name__}) has "
+                f"{len(found)} sub-modules that take its cache, not one recurrent mixer."
+            )
+        mixers.append(found[0])
+    split = SplitPoint()
+    for m in mixers:
+        _swap_call(m, lambda base: _split_call(base, _cache_param(m), split))
+    model.recurrent_split = split
+    return split
+
+
+def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) -> Callable:
+    """A mixer's call that, with ``split.at`` set, runs ``base_call`` on the
+    first ``at`` tokens, keeps the cache's state, then runs it on the rest."""
+    x_name = list(sig.parameters)[1]  # (after self)
+
+    def call(self, *args, **kwargs):
+        at = split.at
+        bound = sig.bind(self, *args, **kwargs)
+        x = bound.arguments[x_name]
+        if at is None or x.shape[1] <= at:
+            return base_call(self, *args, **kwargs)
+        if bound.arguments.get("mask") is not None:
+            raise ValueError("A split recurrent pass takes no mask (batch 1, no padding).")
+        cache = bound.arguments["cache"]
+        bound.arguments[x_name] = x[:, :at]
+        first = base_call(*bound.args, **bound.kwargs)
+        split.kept.append((cache, list(cache.cache)))  # the state after the pending tokens
+        bound.arguments[x_name] = x[:, at:]
+        return mx.concatenate([first, base_call(*bound.args, **bound.kwargs)], axis=1)
+
+    return call
+
+
+def check_recurrent_cache(cache: list) -> None:
+    """Raises ``ValueError`` naming the kinds of layer caches a recurrent model's
+    prompt lookup cannot roll back (only ``KVCache`` and ``ArraysCache``, batch 1)."""
+    bad = sorted({type(c).__name__ for c in cache if type(c) not in (KVCache, ArraysCache)})
+    if bad:
+        raise ValueError(
+            f"Prompt lookup on a recurrent model needs a KVCache or ArraysCache per layer, got "
+            f"{bad} (quantized (kv_bits) and rotating (max_kv_size) caches are not supported "
+            "there)."
+        )
+    batched = [c for c in cache if isinstance(c, ArraysCache) and c.left_padding is not None]
+    if batched or any(isinstance(c, ArraysCache) and c.lengths is not None for c in cache):
+        raise ValueError("A batched ArraysCache (left_padding or lengths set) is not supported.")
+
+
+def verify_chain(
+    logits: mx.array, drafts: List[int], history: List[int], sampler, processors
+) -> Tuple[int, List[int], mx.array]:
+    """Verifies a chain of drafts as mlx-lm's ``generate_step`` would decode.
+
+    Row ``i`` of ``logits`` predicts the token after ``history + drafts[:i]``. Each
+    row is processed and sampled as mlx-lm does one step (``processors`` with that
+    row's own history, log-softmax, ``sampler``), all rows at once, with one host
+    read; the drafts are accepted while each equals the token drawn before it. An
+    accepted token was drawn from the model's distribution given everything before
+    it, so the output is distributed as plain decoding's (greedy: identical).
+
+    Example: drafts ``[4, 7]`` and rows that draw ``[4, 9, 2]`` accept ``4`` and give
+    ``(1, [4, 9], logprobs)``; draws ``[4, 7, 2]`` give ``(2, [4, 7, 2], logprobs)``.
+
+    Returns:
+        tuple: the number of drafts accepted, the tokens to yield (those drafts and
+        the token drawn after them) and the ``(len(drafts) + 1, V)`` log-probabilities.
+    """
+    if processors:
+        rows = []
+        for i in range(len(drafts) + 1):
+            row, seen = logits[i : i + 1], mx.array(history + drafts[:i])
+            for p in processors:
+                row = p(seen, row)
+            rows.append(row)
+        logits = mx.concatenate(rows, axis=0)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    drawn = sampler(logprobs).tolist()
+    a = 0
+    while a < len(drafts) and drawn[a] == drafts[a]:
+        a += 1
+    return a, drafts[:a] + [drawn[a]], logprobs
+
+
+def lookup_generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[list] = None,
+    prompt_cache: Optional[list] = None,
+    prefill_step_size: int = 2048,
+    num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
+    """A generator of tokens decoded with prompt-lookup drafts on a model with
+    recurrent layers; what :func:`mlx_specstream.decode.spec_generate_step` runs
+    for such a model with ``draft="ngram"``.
+
+    Args:
+        prompt (mx.array): the prompt tokens (at least one).
+        model (nn.Module): an mlx-lm model whose cache mixes KV and recurrent
+          layers (or has recurrent layers only).
+        max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
+        sampler, logits_processors: mlx-lm's. Default: argmax, none.
+        prompt_cache (list, optional): mlx-lm's cache for ``model``, updated in
+          place. When the generator ends or is closed it holds the earlier
+          tokens, the prompt and every yielded token, as mlx-lm's loop leaves it.
+        prefill_step_size (int): prompt chunk size (the prompt's recurrent state
+          is computed in the same chunks as mlx-lm's). Default: ``2048``.
+        num_draft_tokens (int): the longest draft. Default: ``10``.
+        prompt_progress_callback (Callable, optional): as mlx-lm calls it.
+
+    Yields:
+        tuple: ``(token, logprobs, from_draft, forward_passes)``.
+    """
+    state = ChainCache(model, prompt_cache)
+    sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
+    processors = logits_processors or []
+    progress = prompt_progress_callback or (lambda *_: None)
+    tokens = state.tokens = prompt.tolist()
+    index = NgramIndex(tokens)
+    passes = yielded = 0
+    ended = False
+    try:
+        with mx.stream(generation_stream):
+            progress(0, len(tokens))
+            while len(tokens) - state.held > 1:  # as mlx-lm: all but the last token, chunked
+                state.feed(min(state.held + prefill_step_size, len(tokens) - 1))
+                progress(state.held, len(tokens))
+            while max_tokens < 0 or yielded < max_tokens:
+                room = num_draft_tokens if max_tokens < 0 else max_tokens - yielded - 1
+                drafts = index.draft(min(num_draft_tokens, room)) if room > 0 else []
+                logits = state.run(drafts)
+                passes += 1
+                a, new, logprobs = verify_chain(logits, drafts, tokens, sampler, processors)
+                state.commit(a == len(drafts))
+                if not yielded:
+                    progress(len(tokens), len(tokens))
+                tokens += new
+                index.extend(new)
+                for i, token in enumerate(new):
+                    yielded += 1
+                    yield token, logprobs[i], i < a, passes
+        ended = True
+    except GeneratorExit:
+        ended = True
+        raise
+    finally:
+        state.split.at = None
+        if ended and yielded:  # mlx-lm's loop has fed every yielded token
+            with mx.stream(generation_stream):
+                state.hold(len(prompt) + yielded)
+
+
+class ChainCache:
+    """A recurrent model's caches during one call, and the call's tokens.
+
+    ``tokens[:held]`` are in the caches; the rest (``pending``) are accepted and
+    go in with the next pass, ahead of its drafts.
+    """
+
+    def __init__(self, model: nn.Module, cache: Optional[list]):
+        self.model, self.split = model, split_recurrent_mixers(model)
+        self.cache = make_prompt_cache(model) if cache is None else cache
+        check_recurrent_cache(self.cache)
+        self.kv = [c for c in self.cache if isinstance(c, KVCache)]
+        self.tokens: List[int] = []
+        self.held = 0
+        self.pending_end = 0  # where the last pass's drafts began
+        self.drafted = 0  # the last pass's drafts, while they are in the caches
+
+    def feed(self, upto: int) -> None:
+        """Puts ``tokens[held:upto]`` in the caches, in one unsplit pass."""
+        self.split.at = None
+        self.model(mx.array(self.tokens[self.held : upto])[None], cache=self.cache)
+        mx.eval([c.state for c in self.cache])
+        self.held = upto
+
+    def run(self, drafts: List[int]) -> mx.array:
+        """One pass over the pending tokens and ``drafts``, split between them;
+        the logits of the last pending token and of every draft."""
+        pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
+        self.split.at, self.split.kept = (len(pending) if drafts else None), []
+        logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
+        self.split.at, self.drafted = None, len(drafts)
+        return logits[0, len(pending) - 1 :]
+
+    def commit(self, all_accepted: bool) -> None:
+        """After :meth:`run`: keeps every draft, or goes back to the state after
+        the pending tokens (the accepted drafts are then pending)."""
+        if all_accepted:
+            self.held = self.pending_end + self.drafted
+        else:
+            self.roll_back()
+        mx.eval([c.state for c in self.cache])
+
+    def roll_back(self) -> None:
+        """The caches as they were after the last pass's pending tokens."""
+        for c, state in self.split.kept:
+            c.cache = list(state)
+        for c in self.kv:
+            c.trim(self.drafted)
+        self.held, self.drafted = self.pending_end, 0
+
+    def hold(self, end: int) -> None:
+        """Leaves the caches holding ``tokens[:end]``: the last pass's drafts are
+        taken out if the consumer stopped before all were yielded, and the tokens
+        not yet in are fed."""
+        if self.held > end:  # inside a step whose drafts were all accepted
+            self.roll_back()
+        if self.held < end:
+            self.feed(end)

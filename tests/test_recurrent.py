@@ -1,0 +1,233 @@
+"""Prompt lookup on models with recurrent layers (mlx_specstream.recurrent): greedy
+output equal to mlx-lm's, the caches left as mlx-lm leaves them, sampling that keeps
+the distribution, and the refusals."""
+
+import importlib
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import HYBRIDS, plain_greedy, tiny_hybrid, word_tokenizer
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache, make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors
+from test_sampling import chi_square_pvalue
+
+import mlx_specstream.recurrent as recurrent
+from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.recurrent import SplitPoint, check_recurrent_cache, verify_chain
+from mlx_specstream.sample_utils import make_sampler
+
+PROMPTS = [[3, 1, 4, 1, 5, 2, 6, 3, 1, 4], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [7, 7, 2, 5, 7, 7, 2]]
+
+
+def lookup(model, prompt, max_tokens, **kwargs):
+    """Tokens and records of prompt lookup through the public generator."""
+    kwargs.setdefault("draft", "ngram")
+    out = list(spec_generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs))
+    return [int(o[0]) for o in out], out
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_lookup_on_a_recurrent_model_equals_plain(arch):
+    """Gated DeltaNet (qwen3_next), short-convolution (lfm2) and state-space (mamba2)
+    layers: mlx-lm's greedy output, in fewer passes than tokens."""
+    model = tiny_hybrid(arch)
+    accepted = 0
+    for prompt in PROMPTS:
+        got, records = lookup(model, prompt, 40, num_draft_tokens=6)
+        assert got == plain_greedy(model, prompt, 40)
+        accepted += sum(r[2] for r in records)
+        assert records[-1][3] == 40 - sum(r[2] for r in records)  # a pass per token not drafted
+    assert accepted > 10, "drafts were rarely accepted: the test has no power"
+
+
+def test_negative_control_recurrent_state_not_rolled_back():
+    """Mixers that do not split their call keep no state to go back to: the rejected
+    drafts stay in the recurrent layers, and the output changes."""
+    model = tiny_hybrid("qwen3_next")
+    model.recurrent_split = SplitPoint()  # (split_recurrent_mixers then wraps nothing)
+    assert any(lookup(model, p, 40)[0] != plain_greedy(model, p, 40) for p in PROMPTS)
+
+
+def test_logits_processors_see_each_row_s_own_history():
+    model = tiny_hybrid("lfm2")
+    processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=8)
+    for prompt in PROMPTS:
+        want = plain_greedy(model, prompt, 32, logits_processors=processors)
+        got, records = lookup(model, prompt, 32, logits_processors=processors)
+        assert got == want
+    # Control: the processors change the output here.
+    assert got != plain_greedy(model, prompt, 32)
+
+
+def state_of(cache):
+    """Every array a cache list holds, up to each KV cache's offset."""
+    out = []
+    for c in cache:
+        if isinstance(c, KVCache):
+            out += [c.keys[..., : c.offset, :], c.values[..., : c.offset, :]]
+        else:
+            out += list(c.cache)
+    return out
+
+
+def close_after(model, prompt, n, cache):
+    """Takes ``n`` tokens of prompt lookup on ``cache``, then closes the generator."""
+    gen = spec_generate_step(mx.array(prompt), model, draft="ngram", prompt_cache=cache)
+    for _ in range(n):
+        next(gen)
+    gen.close()
+
+
+def test_the_cache_holds_every_yielded_token_as_mlx_lm_leaves_it(monkeypatch):
+    """Closed after each number of tokens (inside steps whose drafts were all accepted,
+    or not), and then continued with a second prompt: the caches hold what mlx-lm's
+    loop leaves, array for array, and the follow-up equals mlx-lm's."""
+    model = tiny_hybrid("qwen3_next", weight_scale=0.5)  # (it accepts whole drafts here)
+    prompt, follow = PROMPTS[2], [5, 6, 5, 6]
+    inside, hold = [], recurrent.ChainCache.hold
+
+    def spy(self, end):
+        inside.append(self.held > end)
+        hold(self, end)
+
+    monkeypatch.setattr(recurrent.ChainCache, "hold", spy)
+    for n in range(1, 16):
+        ours, theirs = make_prompt_cache(model), make_prompt_cache(model)
+        close_after(model, prompt, n, ours)
+        ref = generate_step(mx.array(prompt), model, prompt_cache=theirs)
+        for _ in range(n):
+            next(ref)
+        ref.close()
+        assert ours[1].offset == theirs[1].offset == len(prompt) + n
+        for a, b in zip(state_of(ours), state_of(theirs)):
+            assert mx.array_equal(a, b), n
+        want = [t for t, _ in generate_step(mx.array(follow), model, max_tokens=12,
+                                            prompt_cache=theirs)]  # fmt: skip
+        assert lookup(model, follow, 12, prompt_cache=ours)[0] == want, n
+    assert sum(inside) >= 3, "no close fell inside a step's drafts: the test has no power"
+
+
+def test_negative_control_a_cache_left_past_the_yielded_tokens_differs(monkeypatch):
+    """Without the last step's roll-back on close, a cache closed inside a step whose
+    drafts were all accepted holds tokens that were never yielded."""
+
+    def feed_only(self, end):
+        if self.held < end:
+            self.feed(end)
+
+    monkeypatch.setattr(recurrent.ChainCache, "hold", feed_only)
+    model, prompt = tiny_hybrid("qwen3_next", weight_scale=0.5), PROMPTS[2]
+    offsets = []
+    for n in range(1, 16):
+        cache = make_prompt_cache(model)
+        close_after(model, prompt, n, cache)
+        offsets.append(cache[1].offset - len(prompt) - n)
+    assert max(offsets) > 0
+
+
+def test_sampling_keeps_the_distribution():
+    p, drafted = lookup_pvalue(tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0))
+    assert drafted > N_SAMPLES // 10, "drafts were rarely accepted: the test has no power"
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def test_negative_control_an_unchecked_first_draft_is_caught(monkeypatch):
+    def lenient(logits, drafts, history, sampler, processors):
+        a, new, logprobs = verify_chain(logits, drafts, history, sampler, processors)
+        if drafts and a == 0:  # the first draft accepted unchecked
+            a, new = 1, drafts[:1] + new[:0] + [int(sampler(logprobs[1:2]).item())]
+        return a, new, logprobs
+
+    monkeypatch.setattr(recurrent, "verify_chain", lenient)
+    p, _ = lookup_pvalue(tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0))
+    assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
+
+
+V, N_TOKENS, SAMPLE_PROMPT, N_SAMPLES = 6, 2, [1, 4, 2, 5, 1, 4], 1500
+
+
+def lookup_pvalue(model):
+    sampler = make_sampler(temp=1.0)
+    counts, drafted = {}, 0
+    for i in range(N_SAMPLES):
+        mx.random.seed(i)
+        _, out = lookup(model, SAMPLE_PROMPT, N_TOKENS, sampler=sampler)
+        key = tuple(int(o[0]) for o in out)
+        counts[key] = counts.get(key, 0) + 1
+        drafted += sum(o[2] for o in out)
+    seqs = list(itertools.product(range(V), repeat=N_TOKENS))
+    logits = model(mx.array([SAMPLE_PROMPT + list(s[:-1]) for s in seqs]))
+    probs = np.array(mx.softmax(logits[:, len(SAMPLE_PROMPT) - 1 :], axis=-1))
+    exact = {
+        s: float(np.prod([probs[i, t, tok] for t, tok in enumerate(s)])) for i, s in enumerate(seqs)
+    }
+    return chi_square_pvalue(counts, exact, N_SAMPLES), drafted
+
+
+def test_verify_chain_golden():
+    """The docstring's example: drafts [4, 7] against draws [4, 9, 2] and [4, 7, 2]."""
+
+    def rows(*tokens):
+        return mx.array(np.eye(10, dtype=np.float32)[list(tokens)] * 20)
+
+    argmax = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
+    a, new, logprobs = verify_chain(rows(4, 9, 2), [4, 7], [1], argmax, [])
+    assert (a, new, logprobs.shape) == (1, [4, 9], (3, 10))
+    assert verify_chain(rows(4, 7, 2), [4, 7], [1], argmax, [])[:2] == (2, [4, 7, 2])
+    assert verify_chain(rows(5), [], [1], argmax, [])[:2] == (0, [5])
+
+
+def test_plain_decoding_and_refusals():
+    model = tiny_hybrid("qwen3_next")
+    prompt = PROMPTS[0]
+    got, records = lookup(model, prompt, 16, draft=None, speculative=False)
+    assert got == plain_greedy(model, prompt, 16) and records[-1][3] == 16
+    for kwargs, match in [
+        (dict(draft=None), r"only prompt lookup \(draft='ngram'\).*got draft=None"),
+        (dict(draft="streams+ngram"), "got draft='streams\\+ngram'"),
+        (dict(draft_model=tiny_hybrid("qwen3_next")), "and a draft_model"),
+        (dict(kv_bits=4), "kv_bits: not supported"),
+        (dict(tree_top_k=2, max_tree_nodes=4), "max_tree_nodes, tree_top_k: not supported"),
+        (dict(pipeline=True), "pipeline: not supported"),
+        (dict(acceptance="greedy"), "acceptance='greedy'"),
+        (dict(prompt_cache=[QuantizedKVCache()] * 4), r"got \['QuantizedKVCache'\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lookup(model, prompt, 4, **{"draft": "ngram", **kwargs})
+    with pytest.raises(ValueError, match="left_padding or lengths"):
+        check_recurrent_cache([ArraysCache(2, left_padding=[1])])
+
+
+def test_mixers_that_cannot_be_told_apart_are_refused():
+    model = tiny_hybrid("qwen3_next")
+    model.layers[0].extra = tiny_hybrid("qwen3_next").layers[0].linear_attn
+    with pytest.raises(ValueError, match=r"layer 0 \(Qwen3NextDecoderLayer\) has 2 sub-modules"):
+        lookup(model, PROMPTS[0], 4)
+    model = tiny_hybrid("qwen3_next")
+    model.make_cache = lambda: [CacheList(KVCache(), ArraysCache(2))] * 4
+    with pytest.raises(ValueError, match="layer 0 keeps a CacheList"):
+        lookup(model, PROMPTS[0], 4)
+
+
+def test_the_generate_command_runs_a_recurrent_model_directory(tmp_path, capsys):
+    """``--draft ngram`` on a saved mlx-lm hybrid model: the CLI's own comparison with
+    mlx-lm's plain decoding says the output is identical."""
+    from helpers import HYBRID_ARGS
+    from mlx_lm.utils import save_config, save_model
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")
+    model, path = tiny_hybrid("lfm2", vocab_size=64), tmp_path / "lfm2"
+    path.mkdir()
+    save_model(path, model)
+    save_config({**HYBRID_ARGS["lfm2"], "vocab_size": 64, "model_type": "lfm2"},
+                path / "config.json")  # fmt: skip
+    word_tokenizer(64).save_pretrained(str(path))
+    prompt = " ".join(f"t{i}" for i in [3, 9, 4, 3, 9, 4, 3, 9])
+    gen_mod.main(["--model", str(path), "--draft", "ngram", "--prompt", prompt,
+                  "--max-tokens", "24", "--ignore-chat-template", "--compare-plain"])  # fmt: skip
+    assert "Output identical to plain decoding: yes" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="plain model.*--draft ngram"):  # (no streams)
+        gen_mod.main(["--model", str(path), "--draft", "streams", "--prompt", prompt])
