@@ -45,11 +45,13 @@ class SplitPoint:
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
-    """Whether ``model``'s own cache (``model.make_cache()``) has a layer that is
-    not a KV cache (a recurrent state, or a container of several caches)."""
-    if not hasattr(model, "make_cache"):
-        return False
-    return any(not isinstance(c, KVCache) for c in model.make_cache())
+    """Whether ``model``'s own cache (``model.make_cache()``) keeps a recurrent
+    state (an ``ArraysCache``) in some layer, alone or inside a ``CacheList``."""
+
+    def recurrent(c) -> bool:
+        return isinstance(c, ArraysCache) or any(map(recurrent, getattr(c, "caches", ())))
+
+    return hasattr(model, "make_cache") and any(map(recurrent, model.make_cache()))
 
 
 def _cache_param(module: nn.Module) -> Optional[inspect.Signature]:

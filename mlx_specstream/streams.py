@@ -780,8 +780,10 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         if kinds:
             raise ValueError(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
-                "needs a plain KVCache in every layer to roll back rejected drafts "
-                "(recurrent, hybrid and sliding-window caches cannot be rolled back)."
+                "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
+                "(recurrent, hybrid and sliding-window caches cannot be rolled back). A model "
+                "with recurrent layers runs prompt lookup (draft='ngram', --draft ngram), "
+                "verified as a chain."
             )
     for i, layer in enumerate(layers):
         attn = _attention(layer)

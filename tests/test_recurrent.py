@@ -10,13 +10,25 @@ import numpy as np
 import pytest
 from helpers import HYBRIDS, plain_greedy, tiny_hybrid, word_tokenizer
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache, make_prompt_cache
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
 from mlx_lm.sample_utils import make_logits_processors
 from test_sampling import chi_square_pvalue
 
 import mlx_specstream.recurrent as recurrent
 from mlx_specstream.decode import spec_generate_step
-from mlx_specstream.recurrent import SplitPoint, check_recurrent_cache, verify_chain
+from mlx_specstream.recurrent import (
+    SplitPoint,
+    check_recurrent_cache,
+    has_recurrent_layers,
+    verify_chain,
+)
 from mlx_specstream.sample_utils import make_sampler
 
 PROMPTS = [[3, 1, 4, 1, 5, 2, 6, 3, 1, 4], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [7, 7, 2, 5, 7, 7, 2]]
@@ -199,6 +211,20 @@ def test_plain_decoding_and_refusals():
             lookup(model, prompt, 4, **{"draft": "ngram", **kwargs})
     with pytest.raises(ValueError, match="left_padding or lengths"):
         check_recurrent_cache([ArraysCache(2, left_padding=[1])])
+
+
+def test_which_models_take_the_recurrent_path():
+    """Recurrent states, alone or inside a CacheList, take it; attention-only models,
+    sliding windows included, keep the tree verifier."""
+    from helpers import tiny_model
+
+    assert all(has_recurrent_layers(tiny_hybrid(arch)) for arch in HYBRIDS)
+    model = tiny_model("llama")
+    assert not has_recurrent_layers(model)
+    model.make_cache = lambda: [RotatingKVCache(max_size=8), KVCache()]
+    assert not has_recurrent_layers(model)
+    model.make_cache = lambda: [KVCache(), CacheList(KVCache(), ArraysCache(2))]
+    assert has_recurrent_layers(model)
 
 
 def test_mixers_that_cannot_be_told_apart_are_refused():
