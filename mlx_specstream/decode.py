@@ -42,7 +42,12 @@ from .draft_model import DraftModel, draft_model_tree, split_prompt_cache
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
 from .precision import on_gpu, warn_if_tf32
-from .recurrent import has_recurrent_layers, lookup_generate_step
+from .recurrent import (
+    DraftModelChain,
+    chain_generate_step,
+    has_recurrent_layers,
+    split_chain_cache,
+)
 from .sample_utils import DistributionSampler
 from .settings import (
     ACCEPTANCE,
@@ -555,7 +560,10 @@ def spec_generate_step(
     Args:
         prompt (mx.array): the prompt tokens (at least one).
         model (nn.Module): a model with streams or a drafter attached; with
-          ``draft="ngram"``, any supported mlx-lm model.
+          ``draft="ngram"`` or ``draft_model``, any supported mlx-lm model. Where
+          it (or the draft model) has recurrent layers, drafts are verified as
+          chains (:mod:`mlx_specstream.recurrent`; trees, streams and KV-cache
+          options are refused there).
         max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
         sampler (Callable, optional): mlx-lm sampler over ``(B, V)`` log
           probabilities. Default: argmax.
@@ -640,7 +648,10 @@ def spec_generate_step(
             f"draft={draft!r} with draft_model: the model's streams are off; pass None (the "
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
-    if getattr(model, "speculative_streams", None) is None and has_recurrent_layers(model):
+    plain_base = getattr(model, "speculative_streams", None) is None
+    if (plain_base and has_recurrent_layers(model)) or (
+        draft_model is not None and has_recurrent_layers(draft_model)
+    ):
         yield from _on_recurrent_model(
             prompt, model, speculative=speculative, draft=draft, draft_model=draft_model,
             tree=(tree_top_k, tree_depth, prune_threshold, max_tree_nodes), acceptance=acceptance,
@@ -824,49 +835,73 @@ def spec_generate_step(
 def _on_recurrent_model(
     prompt, model, *, speculative, draft, draft_model, tree, acceptance, pipeline, **kw
 ):
-    """:func:`spec_generate_step` on a model with recurrent layers: prompt lookup
-    (:func:`mlx_specstream.recurrent.lookup_generate_step`), or mlx-lm's plain
-    decoding with ``speculative=False``. Settings that need a tree or a KV cache
-    in every layer are refused, naming them."""
+    """:func:`spec_generate_step` where the model or its draft model has recurrent
+    layers: chains of drafts, from prompt lookup or the draft model
+    (:func:`mlx_specstream.recurrent.chain_generate_step`; with ``speculative=False``
+    the draft model's cache still follows the model's). Settings that need a tree,
+    streams or a KV cache in every layer are refused, naming them."""
     model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
-    lookup = ("kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size")
-    if not speculative:
-        check_prompt(model, prompt)
-        kw.pop("num_draft_tokens")
-        for n, (token, logprobs) in enumerate(generate_step(prompt, model, **kw), start=1):
-            yield token, logprobs, False, n
-        return
-    why = "its recurrent layers read tokens in order and keep no row per token"
-    if draft != "ngram" or draft_model is not None:
+    why = "recurrent layers read tokens in order and keep no row per token"
+    rt = getattr(model, "speculative_streams", None)
+    if rt is not None and rt.config.mode == "shared":
         raise ValueError(
-            f"Model type '{model_type}' has recurrent layers: only prompt lookup "
-            f"(draft='ngram') speculates on it, as {why}; got draft={draft!r}"
-            f"{' and a draft_model' if draft_model is not None else ''}."
+            "draft_model with recurrent layers on a shared-mode stream model: its plain "
+            "decoding is not the verifier's (use speculative=False without the draft model)."
+        )
+    if speculative and draft_model is None and draft != "ngram":
+        raise ValueError(
+            f"Model type '{model_type}' has recurrent layers: it speculates with prompt lookup "
+            f"(draft='ngram') or a draft model, verified as a chain, as {why}; got "
+            f"draft={draft!r}."
+        )
+    if speculative and draft_model is not None and draft not in (None, "streams"):
+        raise ValueError(
+            f"draft={draft!r} with a draft_model on recurrent layers: the draft model's chain "
+            "alone is verified (prompt lookup is not merged into it there)."
         )
     named = dict(zip(("tree_top_k", "tree_depth", "prune_threshold", "max_tree_nodes"), tree))
-    named.update(pipeline=pipeline or None, kv_bits=kw["kv_bits"], max_kv_size=kw["max_kv_size"])
-    given = sorted(k for k, v in named.items() if v is not None)
+    if speculative:  # (plain decoding takes mlx-lm's KV-cache options)
+        named.update(kv_bits=kw["kv_bits"], max_kv_size=kw["max_kv_size"])
+    given = sorted(k for k, v in {**named, "pipeline": pipeline or None}.items() if v is not None)
     if given:
         raise ValueError(
-            f"{', '.join(given)}: not supported with prompt lookup on model type "
-            f"'{model_type}' (a chain verified in order, {why})."
+            f"{', '.join(given)}: not supported with recurrent layers (model type "
+            f"'{model_type}'{' or its draft model' if draft_model is not None else ''}): a "
+            f"chain is verified in order, as {why}."
         )
     if acceptance is not None and acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
-    if acceptance == "rejection" and not getattr(kw["sampler"], "greedy", True):
+    if speculative and acceptance == "rejection" and not getattr(kw["sampler"], "greedy", True):
         warnings.warn(
-            "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
-            "deterministic proposal, not a draw, so it is verified by "
+            "acceptance='rejection' on recurrent layers: a chain of greedy or looked-up drafts "
+            "is one deterministic proposal, not a draw, so it is verified by "
             "acceptance='target-sample' (also lossless).",
             stacklevel=3,
         )
     check_prompt(model, prompt)
     warn_if_tf32(model)
-    for k in lookup:
-        kw.pop(k)
     if kw["num_draft_tokens"] is None:
-        kw["num_draft_tokens"] = NGRAM_DRAFT_TOKENS
-    yield from lookup_generate_step(prompt, model, **kw)
+        kw["num_draft_tokens"] = NGRAM_DRAFT_TOKENS if draft_model is None else 2
+    if speculative:
+        for k in ("kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size"):
+            kw.pop(k)
+        yield from chain_generate_step(prompt, model, draft_model=draft_model, **kw)
+        return
+    kw.pop("num_draft_tokens")
+    own, theirs = split_chain_cache(model, draft_model, kw.pop("prompt_cache"))
+    own = make_prompt_cache(model) if own is None else own
+    tokens = prompt.tolist()
+    try:
+        for n, (token, logprobs) in enumerate(
+            generate_step(prompt, model, prompt_cache=own, **kw), start=1
+        ):
+            tokens.append(int(token))
+            yield token, logprobs, False, n
+    finally:  # the draft model's cache follows: every yielded token, as the model's
+        if draft_model is not None:
+            follow = DraftModelChain(draft_model, theirs)
+            follow.tokens = tokens
+            follow.hold(len(tokens))
 
 
 def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_cache, **kwargs):

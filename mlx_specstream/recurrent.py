@@ -173,7 +173,7 @@ def verify_chain(
     return a, drafts[:a] + [drawn[a]], logprobs
 
 
-def lookup_generate_step(
+def chain_generate_step(
     prompt: mx.array,
     model: nn.Module,
     *,
@@ -183,11 +183,12 @@ def lookup_generate_step(
     prompt_cache: Optional[list] = None,
     prefill_step_size: int = 2048,
     num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
+    draft_model: Optional[nn.Module] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
-    """A generator of tokens decoded with prompt-lookup drafts on a model with
-    recurrent layers; what :func:`mlx_specstream.decode.spec_generate_step` runs
-    for such a model with ``draft="ngram"``.
+    """A generator of tokens decoded with chains of drafts on a model with recurrent
+    layers (or with a draft model that has them); what
+    :func:`mlx_specstream.decode.spec_generate_step` runs for such models.
 
     Args:
         prompt (mx.array): the prompt tokens (at least one).
@@ -195,42 +196,53 @@ def lookup_generate_step(
           layers (or has recurrent layers only).
         max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
         sampler, logits_processors: mlx-lm's. Default: argmax, none.
-        prompt_cache (list, optional): mlx-lm's cache for ``model``, updated in
-          place. When the generator ends or is closed it holds the earlier
-          tokens, the prompt and every yielded token, as mlx-lm's loop leaves it.
+        prompt_cache (list, optional): mlx-lm's cache for ``model`` (with a draft
+          model, followed by the draft model's), updated in place. When the
+          generator ends or is closed it holds the earlier tokens, the prompt and
+          every yielded token, as mlx-lm's loop leaves it.
         prefill_step_size (int): prompt chunk size (the prompt's recurrent state
           is computed in the same chunks as mlx-lm's). Default: ``2048``.
         num_draft_tokens (int): the longest draft. Default: ``10``.
+        draft_model (nn.Module, optional): drafts a greedy chain
+          (:class:`DraftModelChain`) instead of prompt lookup.
         prompt_progress_callback (Callable, optional): as mlx-lm calls it.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
     """
-    state = ChainCache(model, prompt_cache)
+    own, drafter = prompt_cache, None
+    if draft_model is not None:
+        own, theirs = split_chain_cache(model, draft_model, prompt_cache)
+        drafter = DraftModelChain(draft_model, theirs)
+    state = ChainCache(model, own)
+    drafter = drafter or LookupDrafts()
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
     progress = prompt_progress_callback or (lambda *_: None)
-    tokens = state.tokens = prompt.tolist()
-    index = NgramIndex(tokens)
+    tokens = state.tokens = drafter.tokens = prompt.tolist()
     passes = yielded = 0
     ended = False
     try:
         with mx.stream(generation_stream):
             progress(0, len(tokens))
             while len(tokens) - state.held > 1:  # as mlx-lm: all but the last token, chunked
-                state.feed(min(state.held + prefill_step_size, len(tokens) - 1))
+                upto = min(state.held + prefill_step_size, len(tokens) - 1)
+                state.feed(upto)
+                drafter.feed(upto)
                 progress(state.held, len(tokens))
             while max_tokens < 0 or yielded < max_tokens:
                 room = num_draft_tokens if max_tokens < 0 else max_tokens - yielded - 1
-                drafts = index.draft(min(num_draft_tokens, room)) if room > 0 else []
+                n = min(num_draft_tokens, room)
+                drafts = drafter.draft(n) if n > 0 else []
                 logits = state.run(drafts)
                 passes += 1
                 a, new, logprobs = verify_chain(logits, drafts, tokens, sampler, processors)
                 state.commit(a == len(drafts))
+                if n > 0:
+                    drafter.commit(a)
                 if not yielded:
                     progress(len(tokens), len(tokens))
                 tokens += new
-                index.extend(new)
                 for i, token in enumerate(new):
                     yielded += 1
                     yield token, logprobs[i], i < a, passes
@@ -243,6 +255,107 @@ def lookup_generate_step(
         if ended and yielded:  # mlx-lm's loop has fed every yielded token
             with mx.stream(generation_stream):
                 state.hold(len(prompt) + yielded)
+                drafter.hold(len(prompt) + yielded)
+
+
+class LookupDrafts:
+    """Prompt lookup's drafts for :func:`chain_generate_step` (an
+    :class:`~mlx_specstream.ngram.NgramIndex` over the call's tokens)."""
+
+    def __init__(self):
+        self.tokens: List[int] = []
+        self.index = NgramIndex()
+
+    def feed(self, upto: int) -> None:
+        pass
+
+    def draft(self, n: int) -> List[int]:
+        self.index.extend(self.tokens[len(self.index.tokens) :])
+        return self.index.draft(n)
+
+    def commit(self, accepted: int) -> None:
+        pass
+
+    def hold(self, end: int) -> None:
+        pass
+
+
+class DraftModelChain:
+    """A draft model's greedy chain for :func:`chain_generate_step`; its cache,
+    recurrent layers included, follows the model's.
+
+    It feeds the call's tokens not yet in its cache, then drafts one token per
+    call, keeping the state after each; after the verification it goes back to
+    the last accepted draft it fed (the last draft is never fed).
+
+    Example: holding ``[p0 p1]``, with tokens ``[p0 p1 a]`` and 3 drafts, it feeds
+    ``a`` (state s0), drafts ``d1``, feeds it (s1), ``d2`` (s2), drafts ``d3``.
+    With ``d1`` accepted it goes back to s1 (``[p0 p1 a d1]``); with all three,
+    it keeps s2 and feeds ``d3`` and the bonus token next time.
+    """
+
+    def __init__(self, model: nn.Module, cache: Optional[list]):
+        self.chain = ChainCache(model, cache)
+        self.tokens: List[int] = []
+        self.base = 0  # where the last chain's drafts begin in ``tokens``
+        self.states: List[list] = []  # recurrent states after tokens[: base + i]
+
+    def feed(self, upto: int) -> None:
+        self.chain.tokens = self.tokens
+        self.chain.feed(upto)
+
+    def draft(self, n: int) -> List[int]:
+        c = self.chain
+        c.tokens, c.split.at = self.tokens, None
+        recurrent = [x for x in c.cache if isinstance(x, ArraysCache)]
+        logits = c.model(mx.array(self.tokens[c.held :])[None], cache=c.cache)[0, -1]
+        self.base = c.held = len(self.tokens)
+        self.states, drafts = [[list(x.cache) for x in recurrent]], []
+        for i in range(n):
+            drafts.append(mx.argmax(logits, axis=-1).reshape(1))
+            if i < n - 1:  # (the last draft is not fed)
+                logits = c.model(drafts[-1][None], cache=c.cache)[0, -1]
+                self.states.append([list(x.cache) for x in recurrent])
+        c.drafted = max(n - 1, 0)
+        return mx.concatenate(drafts).tolist() if drafts else []
+
+    def commit(self, accepted: int) -> None:
+        self.back_to(self.base + min(accepted, len(self.states) - 1))
+
+    def back_to(self, end: int) -> None:
+        """Back to holding ``tokens[:end]``, for ``end`` from the last chain's start
+        to the last draft it fed (its states stay until the next chain)."""
+        c = self.chain
+        recurrent = [x for x in c.cache if isinstance(x, ArraysCache)]
+        for x, state in zip(recurrent, self.states[end - self.base]):
+            x.cache = list(state)
+        for x in c.kv:
+            x.trim(c.held + c.drafted - end)
+        c.held, c.drafted = end, 0
+        mx.eval([x.state for x in c.cache])
+
+    def hold(self, end: int) -> None:
+        c = self.chain
+        c.tokens = self.tokens
+        if c.held > end:
+            self.back_to(end)
+        if c.held < end:
+            c.feed(end)
+
+
+def split_chain_cache(model: nn.Module, draft_model: nn.Module, prompt_cache: Optional[list]):
+    """The model's caches and the draft model's from one reused ``prompt_cache``
+    (the model's layers first, as mlx-lm keeps them); ``(None, None)`` for none."""
+    if prompt_cache is None:
+        return None, None
+    n, nd = len(model.layers), len(draft_model.layers)
+    if len(prompt_cache) != n + nd:
+        raise ValueError(
+            f"prompt_cache holds {len(prompt_cache)} caches; with draft_model it must hold the "
+            f"model's {n} followed by the draft model's {nd} (mlx_lm.models.cache."
+            "make_prompt_cache(model) + make_prompt_cache(draft_model))."
+        )
+    return list(prompt_cache[:n]), list(prompt_cache[n:])
 
 
 class ChainCache:

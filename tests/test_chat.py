@@ -64,8 +64,9 @@ def test_a_conversation_answers_as_mlx_lm_chat(model_dir, monkeypatch, capsys):
 
 
 def test_a_recurrent_model_converses_as_mlx_lm_chat(tmp_path, monkeypatch):
-    """A hybrid model (recurrent and attention layers) with ``--draft ngram``: the
-    same answers as mlx_lm.chat, turn after turn on one cache, reset included."""
+    """A hybrid model (recurrent and attention layers) with ``--draft ngram`` or a draft
+    model (itself): the same answers as mlx_lm.chat, turn after turn on one cache, reset
+    included."""
     import mlx_lm.chat
     from helpers import HYBRID_ARGS, tiny_hybrid
     from mlx_lm.utils import save_config, save_model
@@ -80,4 +81,5 @@ def test_a_recurrent_model_converses_as_mlx_lm_chat(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["mlx_lm.chat", *argv])
     want = converse(monkeypatch, mlx_lm.chat.main)
     assert len(want) == 4 and want[0] == want[3] and want[1] != want[2]
-    assert converse(monkeypatch, lambda: chat_mod.main(argv + ["--draft", "ngram"])) == want
+    for extra in (["--draft", "ngram"], ["--draft-model", str(path)]):
+        assert converse(monkeypatch, lambda: chat_mod.main(argv + extra)) == want, extra

@@ -198,9 +198,9 @@ def test_plain_decoding_and_refusals():
     got, records = lookup(model, prompt, 16, draft=None, speculative=False)
     assert got == plain_greedy(model, prompt, 16) and records[-1][3] == 16
     for kwargs, match in [
-        (dict(draft=None), r"only prompt lookup \(draft='ngram'\).*got draft=None"),
+        (dict(draft=None), r"prompt lookup \(draft='ngram'\) or a draft model.*got draft=None"),
         (dict(draft="streams+ngram"), "got draft='streams\\+ngram'"),
-        (dict(draft_model=tiny_hybrid("qwen3_next")), "and a draft_model"),
+        (dict(draft_model=tiny_hybrid("qwen3_next")), "draft='ngram' with a draft_model"),
         (dict(kv_bits=4), "kv_bits: not supported"),
         (dict(tree_top_k=2, max_tree_nodes=4), "max_tree_nodes, tree_top_k: not supported"),
         (dict(pipeline=True), "pipeline: not supported"),
@@ -239,21 +239,118 @@ def test_mixers_that_cannot_be_told_apart_are_refused():
 
 
 def test_the_generate_command_runs_a_recurrent_model_directory(tmp_path, capsys):
-    """``--draft ngram`` on a saved mlx-lm hybrid model: the CLI's own comparison with
-    mlx-lm's plain decoding says the output is identical."""
+    """``--draft ngram`` and ``--draft-model`` on saved mlx-lm hybrid models: the CLI's own
+    comparison with mlx-lm's plain decoding says the output is identical."""
     from helpers import HYBRID_ARGS
     from mlx_lm.utils import save_config, save_model
 
     gen_mod = importlib.import_module("mlx_specstream.generate")
-    model, path = tiny_hybrid("lfm2", vocab_size=64), tmp_path / "lfm2"
-    path.mkdir()
-    save_model(path, model)
-    save_config({**HYBRID_ARGS["lfm2"], "vocab_size": 64, "model_type": "lfm2"},
-                path / "config.json")  # fmt: skip
-    word_tokenizer(64).save_pretrained(str(path))
+
+    def write(arch, seed):
+        path = tmp_path / arch
+        path.mkdir()
+        save_model(path, tiny_hybrid(arch, vocab_size=64, seed=seed))
+        save_config({**HYBRID_ARGS[arch], "vocab_size": 64, "model_type": arch},
+                    path / "config.json")  # fmt: skip
+        word_tokenizer(64).save_pretrained(str(path))
+        return path
+
+    path, small = write("lfm2", 0), write("qwen3_next", 1)
     prompt = " ".join(f"t{i}" for i in [3, 9, 4, 3, 9, 4, 3, 9])
-    gen_mod.main(["--model", str(path), "--draft", "ngram", "--prompt", prompt,
-                  "--max-tokens", "24", "--ignore-chat-template", "--compare-plain"])  # fmt: skip
-    assert "Output identical to plain decoding: yes" in capsys.readouterr().out
+    common = ["--prompt", prompt, "--max-tokens", "24", "--ignore-chat-template", "--compare-plain"]
+    for extra in (["--draft", "ngram"], ["--draft-model", str(small)]):
+        gen_mod.main(["--model", str(path), *extra, *common])
+        assert "Output identical to plain decoding: yes" in capsys.readouterr().out, extra
     with pytest.raises(ValueError, match="plain model.*--draft ngram"):  # (no streams)
         gen_mod.main(["--model", str(path), "--draft", "streams", "--prompt", prompt])
+
+
+# ---- a draft model's chain --------------------------------------------------------
+
+
+def test_a_copy_of_the_model_drafting_is_accepted_every_time():
+    """A draft model with the model's own weights: every draft is accepted, so each pass
+    yields num_draft_tokens + 1 tokens (control: the counts are exact)."""
+    model, copy = tiny_hybrid("qwen3_next"), tiny_hybrid("qwen3_next")
+    for k in (1, 3):
+        got, records = lookup(model, PROMPTS[0], 24, draft=None, draft_model=copy,
+                              num_draft_tokens=k)  # fmt: skip
+        assert got == plain_greedy(model, PROMPTS[0], 24)
+        assert records[-1][3] == -(-24 // (k + 1))
+        assert sum(r[2] for r in records) == 24 - records[-1][3]
+
+
+@pytest.mark.parametrize(
+    "target, drafter",
+    [("qwen3_next", "lfm2"), ("lfm2", "qwen3_next"), ("llama", "mamba2"), ("mamba2", "llama")],
+)
+def test_draft_model_chains_equal_plain(target, drafter):
+    """Hybrid, state-space and attention models drafting for each other (a model with
+    recurrent layers on either side takes the chain loop): mlx-lm's greedy output."""
+    from helpers import tiny_model
+
+    def make(arch, seed):
+        return tiny_hybrid(arch, seed=seed) if arch in HYBRIDS else tiny_model(arch, 8, seed)
+
+    model, small = make(target, 0), make(drafter, 1)
+    accepted = 0
+    for prompt in PROMPTS:
+        got, records = lookup(model, prompt, 32, draft=None, draft_model=small,
+                              num_draft_tokens=3)  # fmt: skip
+        assert got == plain_greedy(model, prompt, 32)
+        accepted += sum(r[2] for r in records)
+    assert accepted > 0, "no draft accepted: the test has no power"
+
+
+def test_negative_control_a_draft_model_state_left_past_the_accepted_drafts():
+    """Without going back to the last accepted draft, the draft model drafts from a state
+    that holds rejected tokens: its drafts then rarely match a copy of the model."""
+    model, copy = tiny_hybrid("qwen3_next"), tiny_hybrid("qwen3_next")
+    real = recurrent.DraftModelChain.back_to
+    _, records = lookup(model, PROMPTS[0], 24, draft=None, draft_model=copy, num_draft_tokens=3)
+    full = sum(r[2] for r in records)
+    recurrent.DraftModelChain.back_to = lambda self, end: None
+    try:
+        _, records = lookup(model, PROMPTS[0], 24, draft=None, draft_model=copy,
+                            num_draft_tokens=3)  # fmt: skip
+    finally:
+        recurrent.DraftModelChain.back_to = real
+    assert sum(r[2] for r in records) < full
+
+
+def test_both_caches_hold_every_yielded_token():
+    """Closed after each number of tokens: the model's cache as mlx-lm leaves it and the
+    draft model's holding the same tokens, array for array; a follow-up call on the
+    pair equals mlx-lm's."""
+    model, small = tiny_hybrid("qwen3_next"), tiny_hybrid("qwen3_next", seed=1)
+    prompt, follow = PROMPTS[2], [5, 6, 5, 6]
+    for n in range(1, 12):
+        pair = make_prompt_cache(model) + make_prompt_cache(small)
+        gen = spec_generate_step(mx.array(prompt), model, draft_model=small, prompt_cache=pair,
+                                 num_draft_tokens=3)  # fmt: skip
+        yielded = [int(next(gen)[0]) for _ in range(n)]
+        gen.close()
+        theirs = make_prompt_cache(model)
+        ref = generate_step(mx.array(prompt), model, prompt_cache=theirs)
+        for _ in range(n):
+            next(ref)
+        ref.close()
+        drafts = make_prompt_cache(small)
+        small(mx.array(prompt + yielded)[None], cache=drafts)
+        for a, b in zip(state_of(pair), state_of(theirs) + state_of(drafts)):
+            assert mx.array_equal(a, b), n
+        want = [t for t, _ in generate_step(mx.array(follow), model, max_tokens=12,
+                                            prompt_cache=theirs)]  # fmt: skip
+        got = lookup(model, follow, 12, draft=None, draft_model=small, prompt_cache=pair)[0]
+        assert got == want, n
+
+
+def test_plain_decoding_with_a_draft_model_keeps_its_cache_following():
+    model, small = tiny_hybrid("qwen3_next"), tiny_hybrid("lfm2", seed=1)
+    pair = make_prompt_cache(model) + make_prompt_cache(small)
+    got, records = lookup(model, PROMPTS[1], 10, draft=None, draft_model=small,
+                          speculative=False, prompt_cache=pair)  # fmt: skip
+    assert got == plain_greedy(model, PROMPTS[1], 10) and records[-1][3] == 10
+    assert pair[1].offset == pair[5].offset == len(PROMPTS[1]) + 10
+    with pytest.raises(ValueError, match="must hold the model's 4 followed by the draft model's 4"):
+        lookup(model, PROMPTS[1], 4, draft=None, draft_model=small, prompt_cache=pair[:4])

@@ -1101,7 +1101,8 @@ def test_a_recurrent_model_is_served_with_prompt_lookup(serve, monkeypatch):
     answer equals mlx-lm's plain decoding; a follow-up turn starts from the kept cache
     (which holds its key exactly); a regenerated turn, whose kept cache runs past its
     prompt and cannot be trimmed, starts cold. Control: with the trim guard off, that
-    request fails. A state-space model (no KV layer) is served without a prompt cache."""
+    request fails. A state-space model (no KV layer) is served without a prompt cache; a
+    hybrid draft model drafts for every request, its cache kept beside the model's."""
     from helpers import tiny_hybrid
 
     import mlx_specstream.prompt_cache as pc
@@ -1132,3 +1133,10 @@ def test_a_recurrent_model_is_served_with_prompt_lookup(serve, monkeypatch):
         assert r.choices[0].text == reference(ssm, tok, "t3 t9 t4 t3 t9", 10, speculative=False)
         assert r.usage.prompt_tokens_details.cached_tokens == 0
     assert service_of(server).prompt_cache.keys() == []
+    # A draft model for every request: both models' caches kept, and reused by the follow-up.
+    client, _, server = serve(model, tok, draft_model=tiny_hybrid("lfm2", vocab_size=V, seed=1))
+    r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+    assert r1.choices[0].message.content == text1
+    r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    assert r2.choices[0].message.content == reference(model, tok, p2, 12, speculative=False)
+    assert r2.usage.prompt_tokens_details.cached_tokens == len(p1) + r1.usage.completion_tokens
