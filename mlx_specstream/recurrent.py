@@ -82,8 +82,8 @@ def split_recurrent_mixers(model: nn.Module) -> SplitPoint:
             continue
         if not isinstance(c, ArraysCache):
             raise ValueError(
-                f"Model type '{model_type}': layer {i} keeps a {type(c).__name__}; prompt "
-                "lookup on a recurrent model needs a KVCache or an ArraysCache per layer."
+                f"Model type '{model_type}': layer {i} keeps a {type(c).__name__}; "
+                "speculation on a recurrent model needs a KVCache or an ArraysCache per layer."
             )
         found = [m for m in layer.children().values() if isinstance(m, nn.Module)]
         found = [m for m in found if _cache_param(m) is not None]
@@ -124,12 +124,12 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
 
 
 def check_recurrent_cache(cache: list) -> None:
-    """Raises ``ValueError`` naming the kinds of layer caches a recurrent model's
-    prompt lookup cannot roll back (only ``KVCache`` and ``ArraysCache``, batch 1)."""
+    """Raises ``ValueError`` naming the kinds of layer caches that a chain of drafts
+    cannot roll back (only ``KVCache`` and ``ArraysCache``, batch 1, are taken)."""
     bad = sorted({type(c).__name__ for c in cache if type(c) not in (KVCache, ArraysCache)})
     if bad:
         raise ValueError(
-            f"Prompt lookup on a recurrent model needs a KVCache or ArraysCache per layer, got "
+            f"Speculation on a recurrent model needs a KVCache or ArraysCache per layer, got "
             f"{bad} (quantized (kv_bits) and rotating (max_kv_size) caches are not supported "
             "there)."
         )
@@ -213,7 +213,7 @@ def chain_generate_step(
     own, drafter = prompt_cache, None
     if draft_model is not None:
         own, theirs = split_chain_cache(model, draft_model, prompt_cache)
-        drafter = DraftModelChain(draft_model, theirs)
+        drafter = DraftModelChain(draft_model, theirs, model.args.vocab_size)
     state = ChainCache(model, own)
     drafter = drafter or LookupDrafts()
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
@@ -294,8 +294,9 @@ class DraftModelChain:
     it keeps s2 and feeds ``d3`` and the bonus token next time.
     """
 
-    def __init__(self, model: nn.Module, cache: Optional[list]):
+    def __init__(self, model: nn.Module, cache: Optional[list], vocab_size: Optional[int] = None):
         self.chain = ChainCache(model, cache)
+        self.vocab_size = vocab_size  # the model's: larger draft vocabularies are cut to it
         self.tokens: List[int] = []
         self.base = 0  # where the last chain's drafts begin in ``tokens``
         self.states: List[list] = []  # recurrent states after tokens[: base + i]
@@ -312,7 +313,7 @@ class DraftModelChain:
         self.base = c.held = len(self.tokens)
         self.states, drafts = [[list(x.cache) for x in recurrent]], []
         for i in range(n):
-            drafts.append(mx.argmax(logits, axis=-1).reshape(1))
+            drafts.append(mx.argmax(logits[: self.vocab_size], axis=-1).reshape(1))
             if i < n - 1:  # (the last draft is not fed)
                 logits = c.model(drafts[-1][None], cache=c.cache)[0, -1]
                 self.states.append([list(x.cache) for x in recurrent])

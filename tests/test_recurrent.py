@@ -354,3 +354,26 @@ def test_plain_decoding_with_a_draft_model_keeps_its_cache_following():
     assert pair[1].offset == pair[5].offset == len(PROMPTS[1]) + 10
     with pytest.raises(ValueError, match="must hold the model's 4 followed by the draft model's 4"):
         lookup(model, PROMPTS[1], 4, draft=None, draft_model=small, prompt_cache=pair[:4])
+
+
+def test_drafts_from_a_larger_vocabulary_are_cut_to_the_model_s():
+    """A draft model with 16 tokens drafting for a model with 8 drafts ids below 8 only
+    (control: uncut, its drafts reach past the model's vocabulary)."""
+    small = tiny_hybrid("qwen3_next", vocab_size=16, seed=1)
+
+    def drafted(vocab_size):
+        drafter = recurrent.DraftModelChain(small, None, vocab_size)
+        drafter.tokens = list(PROMPTS[0])
+        out = []
+        for _ in range(10):
+            d = drafter.draft(3)
+            drafter.commit(1)
+            drafter.tokens += d[:1] + [0]
+            out += d
+        return out
+
+    assert max(drafted(8)) < 8
+    assert max(drafted(None)) >= 8
+    model = tiny_hybrid("qwen3_next")
+    got, _ = lookup(model, PROMPTS[0], 16, draft=None, draft_model=small)
+    assert got == plain_greedy(model, PROMPTS[0], 16)
