@@ -32,7 +32,19 @@ from typing import Any, Dict, List, Optional
 
 from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from mlx_lm.server import ToolCallFormatter
-from mlx_lm.tool_parsers import function_gemma, json_tools, pythonic, qwen3_coder
+from mlx_lm.tool_parsers import (
+    function_gemma,
+    gemma4,
+    json_tools,
+    kimi_k2,
+    kimi_k3,
+    minicpm5,
+    minimax_m2,
+    mistral,
+    muse_spark,
+    pythonic,
+    qwen3_coder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +83,15 @@ CALL_HEADS = {
     qwen3_coder.parse_tool_call: lambda name: f"\n<function={name}>\n",
     pythonic.parse_tool_call: lambda name: f"[{name}(",
     function_gemma.parse_tool_call: lambda name: f"call:{name}{{",
+    gemma4.parse_tool_call: lambda name: f"call:{name}{{",
+    mistral.parse_tool_call: lambda name: f"{name}[ARGS]",
+    kimi_k2.parse_tool_call: lambda name: (
+        f"<|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"
+    ),
+    kimi_k3.parse_tool_call: lambda name: f'<|open|>call tool="{name}"<|sep|>',
+    minimax_m2.parse_tool_call: lambda name: f'\n<invoke name="{name}">\n',
+    minicpm5.parse_tool_call: lambda name: f'"{name}">',
+    muse_spark.parse_tool_call: lambda name: f'<atem:invoke name="{name}">',
 }
 
 
@@ -79,7 +100,9 @@ def forced_call_text(tokenizer, initial: str, name: Optional[str] = None) -> str
     a reasoning block the template opened is closed, then the tool-call marker;
     for a named function (``name``) also the call's head, in the formats whose
     head is known (:data:`CALL_HEADS`: mlx-lm's ``json_tools``, ``{"name": ...,
-    "arguments": ``; ``qwen3_coder``, ``pythonic`` and ``function_gemma``).
+    "arguments": ``; ``qwen3_coder``, ``pythonic``, ``function_gemma``, ``gemma4``,
+    ``mistral``, ``kimi_k2``, ``kimi_k3``, ``minimax_m2``, ``minicpm5`` and
+    ``muse_spark``: every head ends where the name does).
     The model writes the rest, so what it writes is its own distribution given
     that start.
 
@@ -106,7 +129,9 @@ def forced_call_text(tokenizer, initial: str, name: Optional[str] = None) -> str
         raise ValueError(
             "a named 'tool_choice' needs a tool-call format whose call starts with its name "
             "that this server knows (mlx_lm.tool_parsers: json_tools, qwen3_coder, pythonic, "
-            "function_gemma); 'required' with only that tool in 'tools' forces a call"
+            "function_gemma, gemma4, mistral, kimi_k2, kimi_k3, minimax_m2, minicpm5, "
+            "muse_spark; not glm47, laguna or longcat, whose name runs into its arguments); "
+            "'required' with only that tool in 'tools' forces a call"
         )
     return text + head(name)
 

@@ -132,6 +132,11 @@ def test_a_forced_call_s_start_and_a_parser_that_starts_inside_it(tok):
     words = marker_tokenizer(dict(enumerate(MARKERS, start=1)), parser=word_call)
     with pytest.raises(ValueError, match="json_tools, qwen3_coder"):  # its head is not known
         forced_call_text(words, "normal", "weather")
+    from mlx_lm.tool_parsers import glm47
+
+    with pytest.raises(ValueError, match="not glm47"):  # its name runs into its arguments
+        forced_call_text(marker_tokenizer(fmt=glm47), "normal", "weather")
+    assert forced_call_text(marker_tokenizer(fmt=glm47), "normal") == glm47.tool_call_start
 
 
 # A named call as each format's template writes it: (tool parser module, the rest of
@@ -141,7 +146,17 @@ NAMED_CALLS = {
     "qwen3_coder": ("<parameter=city>\nParis\n</parameter>\n</function>\n", "</tool_call>"),
     "pythonic": ('city="Paris")]', "<|tool_call_end|>"),
     "function_gemma": ("city:<escape>Paris<escape>}", "<end_function_call>"),
-}
+    "gemma4": ('city:<|"|>Paris<|"|>}', "<tool_call|>"),
+    "mistral": ('{"city": "Paris"}', ""),
+    "kimi_k2": ('{"city": "Paris"}<|tool_call_end|>', "<|tool_calls_section_end|>"),
+    "kimi_k3": ('<|open|>json<|sep|>{"city": "Paris"}<|close|>json<|sep|><|close|>call<|sep|>',
+                "<|close|>tools<|sep|>"),
+    "minimax_m2": ('<parameter name="city">Paris</parameter>\n</invoke>\n',
+                   "</minimax:tool_call>"),
+    "minicpm5": ('<param name="city">Paris</param>', "</function>"),
+    "muse_spark": ('<atem:parameter name="city">"Paris"</atem:parameter></atem:invoke>',
+                   "</atem:function_calls>"),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("fmt", sorted(NAMED_CALLS))
