@@ -34,7 +34,9 @@ run_stage() {
   case "$stage" in
     tests)
       # scipy and openai are not installed there: the modules that need them are named here,
-      # not skipped silently; run them on a machine that has both. The equality tests run
+      # not skipped silently; run them on a machine that has both. (The chi-square tests of
+      # test_ngram.py and test_recurrent.py import scipy inside the test: they show as skipped
+      # in the log, and the rest of both modules runs.) The equality tests run
       # first, and each test's line goes straight to $OUT, so a run stopped by its time limit
       # (the suite takes 27 minutes in one process on 2 CPU cores) still brings back the tests
       # it finished. One process (-o addopts=): pytest-xdist is not installed there.

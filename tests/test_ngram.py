@@ -9,7 +9,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model
-from test_sampling import chi_square_pvalue
 
 import mlx_specstream.decode as decode
 import mlx_specstream.ngram as ngram
@@ -254,6 +253,8 @@ def exact_distribution(model, sampler):
 
 
 def ngram_pvalue(model, sampler, **kwargs):
+    from test_sampling import chi_square_pvalue  # (needs scipy)
+
     counts, drafted = {}, 0
     for i in range(N_SAMPLES):
         mx.random.seed(i)
