@@ -46,8 +46,9 @@ def tokens_per_second(
     """Median over prompts of greedy generation tokens/s, and the mean tau.
     ``stream_pass`` (``"fused"``/``"split"``, lossless streams only) and
     ``stream_logits_in_pass`` override the model's for this measurement."""
-    rt = get_runtime(model)
-    saved = rt.split_streams, rt.stream_logits_in_pass
+    # (a model with recurrent layers runs prompt lookup without a runtime)
+    rt = get_runtime(model) if hasattr(model, "speculative_streams") else None
+    saved = None if rt is None else (rt.split_streams, rt.stream_logits_in_pass)
     if stream_pass is not None:
         rt.split_streams = stream_pass == "split"
     if stream_logits_in_pass is not None:
@@ -62,7 +63,8 @@ def tokens_per_second(
             tps.append(r.generation_tps)
             taus.append(r.generation_tokens / r.forward_passes)
     finally:
-        rt.split_streams, rt.stream_logits_in_pass = saved
+        if rt is not None:
+            rt.split_streams, rt.stream_logits_in_pass = saved
     return statistics.median(tps), statistics.mean(taus)
 
 

@@ -4,6 +4,7 @@ the distribution, and the refusals."""
 
 import importlib
 import itertools
+import json
 
 import mlx.core as mx
 import numpy as np
@@ -241,7 +242,8 @@ def test_mixers_that_cannot_be_told_apart_are_refused():
 
 def test_the_generate_command_runs_a_recurrent_model_directory(tmp_path, capsys):
     """``--draft ngram`` and ``--draft-model`` on saved mlx-lm hybrid models: the CLI's own
-    comparison with mlx-lm's plain decoding says the output is identical."""
+    comparison with mlx-lm's plain decoding says the output is identical; ``tune`` times
+    prompt lookup on it."""
     from helpers import HYBRID_ARGS
     from mlx_lm.utils import save_config, save_model
 
@@ -262,6 +264,14 @@ def test_the_generate_command_runs_a_recurrent_model_directory(tmp_path, capsys)
     for extra in (["--draft", "ngram"], ["--draft-model", str(small)]):
         gen_mod.main(["--model", str(path), *extra, *common])
         assert "Output identical to plain decoding: yes" in capsys.readouterr().out, extra
+    # The tuner times prompt lookup's draft lengths against plain decoding on it too.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": prompt}) + "\n")
+    tune_mod = importlib.import_module("mlx_specstream.tune")
+    tune_mod.main(["--model", str(path), "--prompts", str(prompts), "--num-prompts", "1",
+                   "--max-tokens", "8", "--confirm-rounds", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "{'draft': 'ngram', 'num_draft_tokens': 10}" in out and "one token per pass" in out
     with pytest.raises(ValueError, match="plain model.*--draft ngram"):  # (no streams)
         gen_mod.main(["--model", str(path), "--draft", "streams", "--prompt", prompt])
 
