@@ -213,7 +213,8 @@ def chain_generate_step(
     own, drafter = prompt_cache, None
     if draft_model is not None:
         own, theirs = split_chain_cache(model, draft_model, prompt_cache)
-        drafter = DraftModelChain(draft_model, theirs, model.args.vocab_size)
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        drafter = DraftModelChain(draft_model, theirs, vocab)
     state = ChainCache(model, own)
     drafter = drafter or LookupDrafts()
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
@@ -260,7 +261,8 @@ def chain_generate_step(
 
 class LookupDrafts:
     """Prompt lookup's drafts for :func:`chain_generate_step` (an
-    :class:`~mlx_specstream.ngram.NgramIndex` over the call's tokens)."""
+    :class:`~mlx_specstream.ngram.NgramIndex` over the call's tokens). It keeps
+    no cache, so feeding, committing and holding leave it as it is."""
 
     def __init__(self):
         self.tokens: List[int] = []
