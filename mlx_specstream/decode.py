@@ -548,6 +548,7 @@ def spec_generate_step(
     max_kv_size: Optional[int] = None,
     pipeline: Optional[bool] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -581,6 +582,13 @@ def spec_generate_step(
         prompt_progress_callback (Callable[[int, int], None], optional): called
           with (processed, total) prompt tokens as mlx-lm calls it: at 0, after
           each prefill chunk, and at the total once the first token is ready.
+        prompt_checkpoint_callback (Callable[[list], None], optional): for a model
+          with recurrent layers (whose caches cannot be trimmed back), called
+          once the caches hold all but the prompt's last token, with their list
+          (the model's layers, then a draft model's), before anything is
+          generated; the server keeps a copy, so that a later prompt that
+          starts with this one, whatever followed it, is not prefilled again.
+          Refused for other models (their caches are trimmed back instead).
         speculative (bool): ``False`` decodes one token per pass (the baseline):
           plain mlx-lm decoding in lossless mode, the same model with its
           streams in shared mode. Default: ``True``.
@@ -660,8 +668,14 @@ def spec_generate_step(
             prefill_step_size=prefill_step_size, num_draft_tokens=num_draft_tokens,
             kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
             max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback,
+            prompt_checkpoint_callback=prompt_checkpoint_callback,
         )  # fmt: skip
         return
+    if prompt_checkpoint_callback is not None:
+        raise ValueError(
+            "prompt_checkpoint_callback is for models with recurrent layers, whose caches "
+            "cannot be trimmed back to a prompt; this model's can (trim_prompt_cache)."
+        )
     if draft == "ngram" or draft_model is not None:
         if getattr(model, "speculative_streams", None) is None:
             attach_verifier(model)
@@ -882,12 +896,20 @@ def _on_recurrent_model(
     warn_if_tf32(model)
     if kw["num_draft_tokens"] is None:
         kw["num_draft_tokens"] = NGRAM_DRAFT_TOKENS if draft_model is None else 2
-    if speculative:
+    if speculative or kw["prompt_checkpoint_callback"] is not None:
+        if kw["kv_bits"] is not None or kw["max_kv_size"] is not None:
+            raise ValueError(
+                "kv_bits and max_kv_size with prompt_checkpoint_callback: not supported on "
+                f"recurrent layers (model type '{model_type}')."
+            )
         for k in ("kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size"):
             kw.pop(k)
+        if not speculative:  # (the chain loop without drafts: plain decoding, with the hook)
+            kw["num_draft_tokens"] = 0
         yield from chain_generate_step(prompt, model, draft_model=draft_model, **kw)
         return
     kw.pop("num_draft_tokens")
+    kw.pop("prompt_checkpoint_callback")
     own, theirs = split_chain_cache(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own
     tokens = prompt.tolist()

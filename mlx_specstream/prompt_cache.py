@@ -16,8 +16,12 @@ Like ``mlx_lm.server``'s ``LRUPromptCache``:
 * at least one prompt token is always left to feed, so an exact match is
   trimmed by one token;
 * a cache with recurrent layers (a hybrid model's) cannot be trimmed: it serves
-  only prompts that its whole key begins, and a state-space model's, whose
-  layers do not count their tokens, is not kept;
+  only prompts that its whole key begins, so the entries whose keys are its
+  prefixes stay, and the server also keeps a copy taken when a prompt (all but
+  its last token) is in, which serves any later prompt that starts with it
+  (a regenerated answer, a follow-up whose history was rendered otherwise); a
+  state-space model's cache, whose layers do not count their tokens, is not
+  kept;
 * inserting an entry drops the entries whose keys are prefixes of its key
   (trimming the new one gives them back), then evicts the least recently used
   entries beyond ``max_size`` entries or ``max_bytes`` bytes.
@@ -172,9 +176,9 @@ class PromptCacheLRU:
     def insert(self, key: Sequence[int], cache, next_token: Optional[int] = None) -> None:
         """Keeps ``cache``, which holds exactly the tokens ``key``.
 
-        Entries whose keys are prefixes of ``key`` are dropped (this one,
-        trimmed, serves them), then the least recently used entries go until
-        the limits hold.
+        Entries whose keys are prefixes of ``key`` are dropped when ``cache``
+        can be trimmed (this one, trimmed, serves them), then the least recently
+        used entries go until the limits hold.
         """
         key = list(key)
         if not key or self.max_size == 0:
@@ -185,8 +189,10 @@ class PromptCacheLRU:
             )
         entry = Entry(key, cache, cache_nbytes(cache), next_token)
         with self._lock:
-            for k in [k for k in self._entries if _is_prefix(k, key)]:
-                del self._entries[k]
+            # (an untrimmable cache cannot give its prefixes back: they stay)
+            prefixes = [k for k in self._entries if _is_prefix(k, key)]
+            for k in prefixes if can_trim_prompt_cache(cache) else [tuple(key)]:
+                self._entries.pop(k, None)
             self._entries[tuple(key)] = entry
             self._evict()
 

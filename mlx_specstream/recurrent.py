@@ -185,6 +185,7 @@ def chain_generate_step(
     num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
     draft_model: Optional[nn.Module] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -206,6 +207,9 @@ def chain_generate_step(
         draft_model (nn.Module, optional): drafts a greedy chain
           (:class:`DraftModelChain`) instead of prompt lookup.
         prompt_progress_callback (Callable, optional): as mlx-lm calls it.
+        prompt_checkpoint_callback (Callable, optional): called with the caches
+          (the model's, then the draft model's) once they hold all but the
+          prompt's last token, before the first pass.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -231,6 +235,9 @@ def chain_generate_step(
                 state.feed(upto)
                 drafter.feed(upto)
                 progress(state.held, len(tokens))
+            if prompt_checkpoint_callback is not None:
+                theirs = drafter.chain.cache if isinstance(drafter, DraftModelChain) else []
+                prompt_checkpoint_callback(state.cache + theirs)
             while max_tokens < 0 or yielded < max_tokens:
                 room = num_draft_tokens if max_tokens < 0 else max_tokens - yielded - 1
                 n = min(num_draft_tokens, room)

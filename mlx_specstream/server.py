@@ -48,6 +48,7 @@ told otherwise.
 
 import argparse
 import atexit
+import copy
 import itertools
 import json
 import logging
@@ -61,9 +62,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
+from mlx_lm.models.cache import can_trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from .cache import make_prompt_cache
+from .cache import cache_tokens, make_prompt_cache
 from .cli_args import (
     DRAFT_MODEL_TOKENS,
     add_draft_args,
@@ -397,6 +399,11 @@ class ModelService:
         if d.kv_bits is not None:
             kwargs.update(kv_bits=d.kv_bits, kv_group_size=d.kv_group_size,
                           quantized_kv_start=d.quantized_kv_start)  # fmt: skip
+        if self.prompt_cache.max_size and not can_trim_prompt_cache(cache):
+            if cache_tokens(cache) is not None:  # (recurrent layers: keep the prompt's state)
+                kwargs["prompt_checkpoint_callback"] = lambda held: self.prompt_cache.insert(
+                    tokens[:-1], copy.deepcopy(held)
+                )
         gen = stream_generate(
             self.model,
             self.tokenizer,

@@ -388,3 +388,47 @@ def test_drafts_from_a_larger_vocabulary_are_cut_to_the_model_s():
     model = tiny_hybrid("qwen3_next")
     got, _ = lookup(model, PROMPTS[0], 16, draft=None, draft_model=small)
     assert got == plain_greedy(model, PROMPTS[0], 16)
+
+
+def test_the_prompt_checkpoint_holds_all_but_the_prompt_s_last_token():
+    """``prompt_checkpoint_callback`` gets the caches (with a draft model, both models')
+    once they hold the prompt but its last token, array for array as a cache fed just
+    those tokens; speculative or not. An attention model's caches are trimmed back
+    instead: it is refused there."""
+    import copy
+
+    from helpers import tiny_model
+
+    model, small = tiny_hybrid("qwen3_next"), tiny_hybrid("lfm2", seed=1)
+    prompt = PROMPTS[0]
+    want = make_prompt_cache(model) + make_prompt_cache(small)
+    model(mx.array(prompt[:-1])[None], cache=want[:4])
+    small(mx.array(prompt[:-1])[None], cache=want[4:])
+    for kwargs in (dict(), dict(draft=None, draft_model=small), dict(speculative=False)):
+        got = []
+        _, records = lookup(model, prompt, 8, **kwargs,
+                            prompt_checkpoint_callback=lambda c: got.append(copy.deepcopy(c)))  # fmt: skip
+        assert len(got) == 1
+        expected = want if "draft_model" in kwargs else want[:4]
+        assert len(got[0]) == len(expected)
+        for a, b in zip(state_of(got[0]), state_of(expected)):
+            assert mx.array_equal(a, b), kwargs
+    whole = make_prompt_cache(model)  # control: the whole prompt in differs
+    model(mx.array(prompt)[None], cache=whole)
+    assert not all(mx.array_equal(a, b) for a, b in zip(state_of(got[0]), state_of(whole)))
+    with pytest.raises(ValueError, match="prompt_checkpoint_callback is for models with"):
+        lookup(tiny_model("llama", 8), prompt, 4, prompt_checkpoint_callback=print)
+
+
+def test_the_lru_keeps_the_prefixes_of_an_untrimmable_cache():
+    from mlx_specstream.prompt_cache import PromptCacheLRU
+
+    model = tiny_hybrid("qwen3_next")
+    lru = PromptCacheLRU(max_size=4)
+    for n in (4, 8):
+        cache = make_prompt_cache(model)
+        model(mx.array(PROMPTS[1][:n])[None], cache=cache)
+        lru.insert(PROMPTS[1][:n], cache)
+    assert lru.keys() == [PROMPTS[1][:4], PROMPTS[1][:8]]
+    cache, n = lru.fetch(PROMPTS[1][:6] + [7, 7])
+    assert n == 4 and cache[1].offset == 4  # the shorter one, whole: the longer runs past

@@ -1099,32 +1099,48 @@ def test_n_choices_one_after_another(served):
 def test_a_recurrent_model_is_served_with_prompt_lookup(serve, monkeypatch):
     """A hybrid model (recurrent and attention layers) with ``draft="ngram"``: every
     answer equals mlx-lm's plain decoding; a follow-up turn starts from the kept cache
-    (which holds its key exactly); a regenerated turn, whose kept cache runs past its
-    prompt and cannot be trimmed, starts cold. Control: with the trim guard off, that
-    request fails. A state-space model (no KV layer) is served without a prompt cache; a
-    hybrid draft model drafts for every request, its cache kept beside the model's."""
+    (which holds its key exactly). A regenerated turn, and a follow-up whose history
+    holds another answer, start from the copy kept when the first prompt was in (its
+    cache that ran past the prompt cannot be trimmed). Controls: without that copy the
+    regenerated turn starts cold; with the trim guard off, a prompt that shares more with
+    the longer entry than with the copy fails. A state-space model (no KV layer) is
+    served without a prompt cache; a hybrid draft model drafts for every request, its
+    cache kept beside the model's."""
     from helpers import tiny_hybrid
 
     import mlx_specstream.prompt_cache as pc
 
     model, tok = tiny_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V)
     client, _, server = serve(model, tok, draft="ngram")
+
+    def ask(messages):
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+        want = reference(model, tok, chat_prompt(tok, messages), 12, speculative=False)
+        assert r.choices[0].message.content == want
+        return want, r.usage.prompt_tokens_details.cached_tokens
+
     m1 = [{"role": "user", "content": "t3 t9 t4 t3 t9 t4 t3"}]
     p1 = chat_prompt(tok, m1)
-    r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
-    text1 = r1.choices[0].message.content
-    assert text1 == reference(model, tok, p1, 12, speculative=False)
+    text1, cached = ask(m1)
+    assert cached == 0
     m2 = turn(m1, text1, "t20 t21 t3 t9")
-    p2 = chat_prompt(tok, m2)
-    r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
-    assert r2.choices[0].message.content == reference(model, tok, p2, 12, speculative=False)
-    assert r2.usage.prompt_tokens_details.cached_tokens == len(p1) + r1.usage.completion_tokens
-    again = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
-    assert again.choices[0].message.content == text1
-    assert again.usage.prompt_tokens_details.cached_tokens == 0
+    g1 = len(tok.encode(text1))
+    assert ask(m2)[1] == len(p1) + g1
+    assert ask(m1)[1] == len(p1) - 1  # regenerated: from the copy of the prompt
+    assert ask(turn(m1, "t7 t7", "t20"))[1] == len(p1) - 1  # another answer in its history
+    # Control: a server that keeps no copy of the prompt serves the regenerated turn cold.
+    plain, _, _ = serve(model, tok, draft="ngram")
+    monkeypatch.setattr(server_mod, "can_trim_prompt_cache", lambda cache: True)
+    for _ in range(2):
+        r = plain.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    monkeypatch.undo()
+    # Control: with the trim guard off, the entry that ran past the prompt gets trimmed.
     monkeypatch.setattr(pc, "can_trim_prompt_cache", lambda cache: True)
     with pytest.raises(openai.InternalServerError):
-        client.chat.completions.create(model="tiny", messages=m2[:1], max_tokens=12)
+        client.chat.completions.create(
+            model="tiny", messages=turn(m1, " ".join(text1.split()[:3]), "t20"), max_tokens=12
+        )
     monkeypatch.undo()
     ssm = tiny_hybrid("mamba2", vocab_size=V)
     client, _, server = serve(ssm, tok, draft="ngram")
@@ -1138,5 +1154,12 @@ def test_a_recurrent_model_is_served_with_prompt_lookup(serve, monkeypatch):
     r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
     assert r1.choices[0].message.content == text1
     r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+    p2 = chat_prompt(tok, m2)
     assert r2.choices[0].message.content == reference(model, tok, p2, 12, speculative=False)
     assert r2.usage.prompt_tokens_details.cached_tokens == len(p1) + r1.usage.completion_tokens
+    assert (
+        client.chat.completions.create(
+            model="tiny", messages=m1, max_tokens=12
+        ).usage.prompt_tokens_details.cached_tokens
+        == len(p1) - 1
+    )  # (the pair's copy)
