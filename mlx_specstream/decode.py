@@ -885,13 +885,24 @@ def _on_recurrent_model(
         )
     if acceptance is not None and acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
-    if speculative and acceptance == "rejection" and not getattr(kw["sampler"], "greedy", True):
+    sampler = kw["sampler"]  # (any sampler but ours says nothing of its temperature)
+    sampling = sampler not in (None, greedy) and not getattr(sampler, "greedy", False)
+    if speculative and sampling and draft_model is None and acceptance == "rejection":
         warnings.warn(
-            "acceptance='rejection' on recurrent layers: a chain of greedy or looked-up drafts "
-            "is one deterministic proposal, not a draw, so it is verified by "
+            "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
+            "deterministic proposal, not a draw, so it is verified by "
             "acceptance='target-sample' (also lossless).",
             stacklevel=3,
         )
+    if speculative and sampling and draft_model is not None:  # drafts drawn, or greedy
+        if acceptance is None:
+            acceptance = default_acceptance(sampler)
+        if acceptance == "rejection" and not isinstance(sampler, DistributionSampler):
+            raise ValueError(
+                "acceptance='rejection' needs the target distribution, not only samples: pass "
+                "a sampler from mlx_specstream.sample_utils.make_sampler."
+            )
+        kw["rejection"] = acceptance == "rejection"
     check_prompt(model, prompt)
     warn_if_tf32(model)
     if kw["num_draft_tokens"] is None:
@@ -910,6 +921,7 @@ def _on_recurrent_model(
         return
     kw.pop("num_draft_tokens")
     kw.pop("prompt_checkpoint_callback")
+    kw.pop("rejection", None)
     own, theirs = split_chain_cache(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own
     tokens = prompt.tolist()

@@ -28,10 +28,12 @@ from typing import Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
 
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
+from .tree import accept_by_rejection
 from .streams import _swap_call
 
 
@@ -157,6 +159,46 @@ def verify_chain(
         tuple: the number of drafts accepted, the tokens to yield (those drafts and
         the token drawn after them) and the ``(len(drafts) + 1, V)`` log-probabilities.
     """
+    logprobs = _row_logprobs(logits, drafts, history, processors)
+    drawn = sampler(logprobs).tolist()
+    a = 0
+    while a < len(drafts) and drawn[a] == drafts[a]:
+        a += 1
+    return a, drafts[:a] + [drawn[a]], logprobs
+
+
+def verify_chain_by_rejection(
+    logits: mx.array, drafts: List[int], q: mx.array, history: List[int], sampler, processors
+) -> Tuple[int, List[int], mx.array]:
+    """Verifies a chain of drafts drawn from the draft distributions ``q`` by
+    rejection sampling (:func:`~mlx_specstream.tree.accept_by_rejection` on a
+    chain): draft ``i`` is accepted with probability ``min(1, p_i(x) / q_i(x))``,
+    and the token after the last accepted one is drawn from the residual
+    ``max(p - q, 0)`` (or from ``p`` after the whole chain). Each yielded token is
+    distributed as plain decoding's; with ``q`` equal to the target's, every
+    draft is accepted. One host read (the distributions and the uniforms).
+
+    Args:
+        logits: ``(n + 1, V)`` as for :func:`verify_chain`.
+        drafts: the ``n`` drafts, draft ``i`` drawn from ``q[i]``.
+        q: ``(n, V)`` the draft distributions.
+        sampler: a :class:`~mlx_specstream.sample_utils.DistributionSampler`.
+
+    Returns:
+        tuple: as :func:`verify_chain`'s.
+    """
+    logprobs = _row_logprobs(logits, drafts, history, processors)
+    p, u = sampler.probs(logprobs), mx.random.uniform(shape=(len(drafts) + 2,))
+    mx.eval(p, q, u)
+    parents = list(range(-1, len(drafts)))
+    path, token = accept_by_rejection([-1] + drafts, parents, np.array(p), np.array(q), np.array(u))
+    a = len(path) - 1
+    return a, drafts[:a] + [token], logprobs
+
+
+def _row_logprobs(logits: mx.array, drafts: List[int], history: List[int], processors):
+    """Each row's log-probabilities as mlx-lm computes one step's: ``processors``
+    with the row's own history (``history + drafts[:i]``), then log-softmax."""
     if processors:
         rows = []
         for i in range(len(drafts) + 1):
@@ -165,12 +207,7 @@ def verify_chain(
                 row = p(seen, row)
             rows.append(row)
         logits = mx.concatenate(rows, axis=0)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    drawn = sampler(logprobs).tolist()
-    a = 0
-    while a < len(drafts) and drawn[a] == drafts[a]:
-        a += 1
-    return a, drafts[:a] + [drawn[a]], logprobs
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def chain_generate_step(
@@ -184,6 +221,7 @@ def chain_generate_step(
     prefill_step_size: int = 2048,
     num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
     draft_model: Optional[nn.Module] = None,
+    rejection: bool = False,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
@@ -204,8 +242,11 @@ def chain_generate_step(
         prefill_step_size (int): prompt chunk size (the prompt's recurrent state
           is computed in the same chunks as mlx-lm's). Default: ``2048``.
         num_draft_tokens (int): the longest draft. Default: ``10``.
-        draft_model (nn.Module, optional): drafts a greedy chain
-          (:class:`DraftModelChain`) instead of prompt lookup.
+        draft_model (nn.Module, optional): drafts a chain
+          (:class:`DraftModelChain`) instead of prompt lookup: greedy, or with
+          ``rejection`` drawn from its distributions under ``sampler`` (a
+          :class:`~mlx_specstream.sample_utils.DistributionSampler`) and verified
+          by rejection sampling (:func:`verify_chain_by_rejection`).
         prompt_progress_callback (Callable, optional): as mlx-lm calls it.
         prompt_checkpoint_callback (Callable, optional): called with the caches
           (the model's, then the draft model's) once they hold all but the
@@ -218,7 +259,7 @@ def chain_generate_step(
     if draft_model is not None:
         own, theirs = split_chain_cache(model, draft_model, prompt_cache)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
-        drafter = DraftModelChain(draft_model, theirs, vocab)
+        drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None)
     state = ChainCache(model, own)
     drafter = drafter or LookupDrafts()
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
@@ -244,7 +285,12 @@ def chain_generate_step(
                 drafts = drafter.draft(n) if n > 0 else []
                 logits = state.run(drafts)
                 passes += 1
-                a, new, logprobs = verify_chain(logits, drafts, tokens, sampler, processors)
+                if rejection and drafts:
+                    a, new, logprobs = verify_chain_by_rejection(
+                        logits, drafts, drafter.q, tokens, sampler, processors
+                    )
+                else:
+                    a, new, logprobs = verify_chain(logits, drafts, tokens, sampler, processors)
                 state.commit(a == len(drafts))
                 if n > 0:
                     drafter.commit(a)
@@ -290,8 +336,9 @@ class LookupDrafts:
 
 
 class DraftModelChain:
-    """A draft model's greedy chain for :func:`chain_generate_step`; its cache,
-    recurrent layers included, follows the model's.
+    """A draft model's chain for :func:`chain_generate_step` (greedy, or drawn
+    from its distributions under ``sampler``); its cache, recurrent layers
+    included, follows the model's.
 
     It feeds the call's tokens not yet in its cache, then drafts one token per
     call, keeping the state after each; after the verification it goes back to
@@ -303,9 +350,14 @@ class DraftModelChain:
     it keeps s2 and feeds ``d3`` and the bonus token next time.
     """
 
-    def __init__(self, model: nn.Module, cache: Optional[list], vocab_size: Optional[int] = None):
+    def __init__(
+        self, model: nn.Module, cache: Optional[list], vocab_size: Optional[int] = None,
+        sampler=None,
+    ):  # fmt: skip
         self.chain = ChainCache(model, cache)
         self.vocab_size = vocab_size  # the model's: larger draft vocabularies are cut to it
+        self.sampler = sampler  # drafts drawn from its distributions (else greedy)
+        self.q: Optional[mx.array] = None  # the last chain's draft distributions
         self.tokens: List[int] = []
         self.base = 0  # where the last chain's drafts begin in ``tokens``
         self.states: List[list] = []  # recurrent states after tokens[: base + i]
@@ -320,14 +372,27 @@ class DraftModelChain:
         recurrent = [x for x in c.cache if isinstance(x, ArraysCache)]
         logits = c.model(mx.array(self.tokens[c.held :])[None], cache=c.cache)[0, -1]
         self.base = c.held = len(self.tokens)
-        self.states, drafts = [[list(x.cache) for x in recurrent]], []
+        self.states, drafts, qs = [[list(x.cache) for x in recurrent]], [], []
         for i in range(n):
-            drafts.append(mx.argmax(logits[: self.vocab_size], axis=-1).reshape(1))
+            if self.sampler is None:
+                drafts.append(mx.argmax(logits[: self.vocab_size], axis=-1).reshape(1))
+            else:
+                qs.append(self._distribution(logits))
+                drafts.append(mx.random.categorical(mx.log(qs[-1])).reshape(1))
             if i < n - 1:  # (the last draft is not fed)
                 logits = c.model(drafts[-1][None], cache=c.cache)[0, -1]
                 self.states.append([list(x.cache) for x in recurrent])
         c.drafted = max(n - 1, 0)
+        self.q = mx.stack(qs) if qs else None
         return mx.concatenate(drafts).tolist() if drafts else []
+
+    def _distribution(self, logits: mx.array) -> mx.array:
+        """The sampler's distribution over the draft logits, on the model's vocabulary."""
+        logits = logits[None, : self.vocab_size].astype(mx.float32)
+        q = self.sampler.probs(logits - mx.logsumexp(logits, axis=-1, keepdims=True))[0]
+        if self.vocab_size is not None and q.shape[-1] < self.vocab_size:
+            q = mx.concatenate([q, mx.zeros((self.vocab_size - q.shape[-1],), q.dtype)])
+        return q
 
     def commit(self, accepted: int) -> None:
         self.back_to(self.base + min(accepted, len(self.states) - 1))

@@ -154,21 +154,21 @@ def test_negative_control_an_unchecked_first_draft_is_caught(monkeypatch):
         return a, new, logprobs
 
     monkeypatch.setattr(recurrent, "verify_chain", lenient)
-    p, _ = lookup_pvalue(tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0))
+    p, _ = lookup_pvalue(tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0), 500)
     assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
 
 
 V, N_TOKENS, SAMPLE_PROMPT, N_SAMPLES = 6, 2, [1, 4, 2, 5, 1, 4], 1500
 
 
-def lookup_pvalue(model):
+def lookup_pvalue(model, n_samples=N_SAMPLES, **kwargs):
     from test_sampling import chi_square_pvalue  # (needs scipy)
 
     sampler = make_sampler(temp=1.0)
     counts, drafted = {}, 0
-    for i in range(N_SAMPLES):
+    for i in range(n_samples):
         mx.random.seed(i)
-        _, out = lookup(model, SAMPLE_PROMPT, N_TOKENS, sampler=sampler)
+        _, out = lookup(model, SAMPLE_PROMPT, N_TOKENS, sampler=sampler, **kwargs)
         key = tuple(int(o[0]) for o in out)
         counts[key] = counts.get(key, 0) + 1
         drafted += sum(o[2] for o in out)
@@ -178,7 +178,7 @@ def lookup_pvalue(model):
     exact = {
         s: float(np.prod([probs[i, t, tok] for t, tok in enumerate(s)])) for i, s in enumerate(seqs)
     }
-    return chi_square_pvalue(counts, exact, N_SAMPLES), drafted
+    return chi_square_pvalue(counts, exact, n_samples), drafted
 
 
 def test_verify_chain_golden():
@@ -432,3 +432,43 @@ def test_the_lru_keeps_the_prefixes_of_an_untrimmable_cache():
     assert lru.keys() == [PROMPTS[1][:4], PROMPTS[1][:8]]
     cache, n = lru.fetch(PROMPTS[1][:6] + [7, 7])
     assert n == 4 and cache[1].offset == 4  # the shorter one, whole: the longer runs past
+
+
+def test_rejection_sampling_accepts_every_draft_of_a_copy_of_the_model():
+    """Drafts drawn from the draft model's distribution and verified by rejection
+    sampling: with the model's own weights drafting, p = q and every draft is accepted
+    at T = 1, in ceil(n / (k + 1)) passes. Drawn target tokens compared with greedy
+    drafts (``"target-sample"``) accept fewer on the same pair."""
+    model, copy = tiny_hybrid("qwen3_next"), tiny_hybrid("qwen3_next")
+    sampler = make_sampler(temp=1.0)
+    passes = {}
+    for acceptance in ("rejection", "target-sample"):
+        mx.random.seed(0)
+        _, records = lookup(model, PROMPTS[0], 24, draft=None, draft_model=copy, sampler=sampler,
+                            num_draft_tokens=3, acceptance=acceptance)  # fmt: skip
+        passes[acceptance] = records[-1][3]
+    assert passes["rejection"] == 6 < passes["target-sample"]
+    with pytest.raises(ValueError, match="needs the target distribution"):
+        from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
+
+        lookup(model, PROMPTS[0], 4, draft=None, draft_model=copy, acceptance="rejection",
+               sampler=mlx_lm_sampler(temp=1.0))  # fmt: skip
+
+
+def test_rejection_sampling_with_a_draft_model_keeps_the_distribution():
+    model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+    small = tiny_hybrid("lfm2", vocab_size=V, seed=1, weight_scale=1.0)
+    p, drafted = lookup_pvalue(model, draft=None, draft_model=small, num_draft_tokens=2)
+    assert drafted > N_SAMPLES // 10, "drafts were rarely accepted: the test has no power"
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def test_negative_control_rejection_that_accepts_every_draft_is_caught(monkeypatch):
+    def accept_all(tokens, parents, target_probs, draft_probs, uniforms):
+        return list(range(len(tokens))), int(np.argmax(target_probs[-1]))
+
+    monkeypatch.setattr(recurrent, "accept_by_rejection", accept_all)
+    model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+    small = tiny_hybrid("lfm2", vocab_size=V, seed=1, weight_scale=1.0)
+    p, _ = lookup_pvalue(model, 500, draft=None, draft_model=small, num_draft_tokens=2)
+    assert p < 1e-6, f"accepting every draft passed (p = {p:.2e}): the test has no power"
