@@ -931,8 +931,8 @@ def _on_recurrent_model(
         ):
             tokens.append(int(token))
             yield token, logprobs, False, n
-    finally:  # the draft model's cache follows: every yielded token, as the model's
-        if draft_model is not None:
+    finally:  # a reused draft cache follows: every yielded token, as the model's
+        if theirs is not None:
             follow = DraftModelChain(draft_model, theirs)
             follow.tokens = tokens
             follow.hold(len(tokens))
