@@ -368,7 +368,7 @@ class KVQuantizer:
         """
         if not any(hasattr(c, "to_quantized") for c in cache):
             return None
-        return max(1, self.quantized_kv_start - cache[0].offset)
+        return max(1, self.quantized_kv_start - cache_tokens(cache))
 
     def max_tree_depth(self, cache: list) -> Optional[int]:
         """The deepest tree (levels below the root) the next step may verify

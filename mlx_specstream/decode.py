@@ -563,8 +563,8 @@ def spec_generate_step(
         model (nn.Module): a model with streams or a drafter attached; with
           ``draft="ngram"`` or ``draft_model``, any supported mlx-lm model. Where
           it (or the draft model) has recurrent layers, drafts are verified as
-          chains (:mod:`mlx_specstream.recurrent`; trees, streams and KV-cache
-          options are refused there).
+          chains (:mod:`mlx_specstream.recurrent`; trees, streams and
+          ``max_kv_size`` are refused there).
         max_tokens (int): tokens to generate, ``-1`` for no limit. Default: ``256``.
         sampler (Callable, optional): mlx-lm sampler over ``(B, V)`` log
           probabilities. Default: argmax.
@@ -874,8 +874,8 @@ def _on_recurrent_model(
             "alone is verified (prompt lookup is not merged into it there)."
         )
     named = dict(zip(("tree_top_k", "tree_depth", "prune_threshold", "max_tree_nodes"), tree))
-    if speculative:  # (plain decoding takes mlx-lm's KV-cache options)
-        named.update(kv_bits=kw["kv_bits"], max_kv_size=kw["max_kv_size"])
+    if speculative:  # (plain decoding takes mlx-lm's rotating caches too)
+        named.update(max_kv_size=kw["max_kv_size"])
     given = sorted(k for k, v in {**named, "pipeline": pipeline or None}.items() if v is not None)
     if given:
         raise ValueError(
@@ -908,20 +908,22 @@ def _on_recurrent_model(
     if kw["num_draft_tokens"] is None:
         kw["num_draft_tokens"] = NGRAM_DRAFT_TOKENS if draft_model is None else 2
     if speculative or kw["prompt_checkpoint_callback"] is not None:
-        if kw["kv_bits"] is not None or kw["max_kv_size"] is not None:
+        if kw["max_kv_size"] is not None:
             raise ValueError(
-                "kv_bits and max_kv_size with prompt_checkpoint_callback: not supported on "
-                f"recurrent layers (model type '{model_type}')."
+                "max_kv_size with prompt_checkpoint_callback: not supported on recurrent "
+                f"layers (model type '{model_type}')."
             )
-        for k in ("kv_bits", "kv_group_size", "quantized_kv_start", "max_kv_size"):
-            kw.pop(k)
+        kw["quant"] = KVQuantizer.from_args(
+            kw.pop("kv_bits"), kw.pop("kv_group_size"), kw.pop("quantized_kv_start")
+        )
+        kw.pop("max_kv_size")
         if not speculative:  # (the chain loop without drafts: plain decoding, with the hook)
             kw["num_draft_tokens"] = 0
         yield from chain_generate_step(prompt, model, draft_model=draft_model, **kw)
         return
     kw.pop("num_draft_tokens")
     kw.pop("prompt_checkpoint_callback")
-    kw.pop("rejection", None)
+    kw.pop("rejection", None)  # (mlx-lm's plain loop; the draft cache follows unquantized)
     own, theirs = split_chain_cache(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own
     tokens = prompt.tolist()

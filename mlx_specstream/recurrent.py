@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import ArraysCache, KVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, make_prompt_cache
 
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import accept_by_rejection
@@ -127,13 +127,15 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
 
 def check_recurrent_cache(cache: list) -> None:
     """Raises ``ValueError`` naming the kinds of layer caches that a chain of drafts
-    cannot roll back (only ``KVCache`` and ``ArraysCache``, batch 1, are taken)."""
-    bad = sorted({type(c).__name__ for c in cache if type(c) not in (KVCache, ArraysCache)})
+    cannot roll back (taken: ``KVCache``, ``QuantizedKVCache`` and ``ArraysCache``,
+    batch 1)."""
+    ok = (KVCache, QuantizedKVCache, ArraysCache)
+    bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
     if bad:
         raise ValueError(
-            f"Speculation on a recurrent model needs a KVCache or ArraysCache per layer, got "
-            f"{bad} (quantized (kv_bits) and rotating (max_kv_size) caches are not supported "
-            "there)."
+            "Speculation on a recurrent model needs a KVCache (or QuantizedKVCache) or an "
+            f"ArraysCache per layer, got {bad} (rotating caches, max_kv_size, are not "
+            "supported there)."
         )
     batched = [c for c in cache if isinstance(c, ArraysCache) and c.left_padding is not None]
     if batched or any(isinstance(c, ArraysCache) and c.lengths is not None for c in cache):
@@ -222,6 +224,7 @@ def chain_generate_step(
     num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
     draft_model: Optional[nn.Module] = None,
     rejection: bool = False,
+    quant=None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
@@ -247,6 +250,9 @@ def chain_generate_step(
           ``rejection`` drawn from its distributions under ``sampler`` (a
           :class:`~mlx_specstream.sample_utils.DistributionSampler`) and verified
           by rejection sampling (:func:`verify_chain_by_rejection`).
+        quant (KVQuantizer, optional): mlx-lm's ``kv_bits``: the KV layers (the
+          draft model's too) convert at the moments mlx-lm's loop converts them,
+          and greedy output equals mlx-lm's with the same options.
         prompt_progress_callback (Callable, optional): as mlx-lm calls it.
         prompt_checkpoint_callback (Callable, optional): called with the caches
           (the model's, then the draft model's) once they hold all but the
@@ -259,8 +265,8 @@ def chain_generate_step(
     if draft_model is not None:
         own, theirs = split_chain_cache(model, draft_model, prompt_cache)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
-        drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None)
-    state = ChainCache(model, own)
+        drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
+    state = ChainCache(model, own, quant)
     drafter = drafter or LookupDrafts()
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
@@ -281,7 +287,7 @@ def chain_generate_step(
                 prompt_checkpoint_callback(state.cache + theirs)
             while max_tokens < 0 or yielded < max_tokens:
                 room = num_draft_tokens if max_tokens < 0 else max_tokens - yielded - 1
-                n = min(num_draft_tokens, room)
+                n = state.draft_room(min(num_draft_tokens, room))
                 drafts = drafter.draft(n) if n > 0 else []
                 logits = state.run(drafts)
                 passes += 1
@@ -310,6 +316,8 @@ def chain_generate_step(
             with mx.stream(generation_stream):
                 state.hold(len(prompt) + yielded)
                 drafter.hold(len(prompt) + yielded)
+        if draft_model is not None and prompt_cache is not None:  # (converted layers are new)
+            prompt_cache[:] = state.cache + drafter.chain.cache
 
 
 class LookupDrafts:
@@ -352,9 +360,9 @@ class DraftModelChain:
 
     def __init__(
         self, model: nn.Module, cache: Optional[list], vocab_size: Optional[int] = None,
-        sampler=None,
+        sampler=None, quant=None,
     ):  # fmt: skip
-        self.chain = ChainCache(model, cache)
+        self.chain = ChainCache(model, cache, quant)
         self.vocab_size = vocab_size  # the model's: larger draft vocabularies are cut to it
         self.sampler = sampler  # drafts drawn from its distributions (else greedy)
         self.q: Optional[mx.array] = None  # the last chain's draft distributions
@@ -407,7 +415,7 @@ class DraftModelChain:
         for x in c.kv:
             x.trim(c.held + c.drafted - end)
         c.held, c.drafted = end, 0
-        mx.eval([x.state for x in c.cache])
+        c._settle()
 
     def hold(self, end: int) -> None:
         c = self.chain
@@ -440,22 +448,44 @@ class ChainCache:
     go in with the next pass, ahead of its drafts.
     """
 
-    def __init__(self, model: nn.Module, cache: Optional[list]):
+    def __init__(self, model: nn.Module, cache: Optional[list], quant=None):
         self.model, self.split = model, split_recurrent_mixers(model)
         self.cache = make_prompt_cache(model) if cache is None else cache
         check_recurrent_cache(self.cache)
-        self.kv = [c for c in self.cache if isinstance(c, KVCache)]
+        self.quant = quant  # mlx-lm's kv_bits (a KVQuantizer), converting as mlx-lm does
         self.tokens: List[int] = []
         self.held = 0
         self.pending_end = 0  # where the last pass's drafts began
         self.drafted = 0  # the last pass's drafts, while they are in the caches
 
+    @property
+    def kv(self) -> list:
+        """The KV layers (``kv_bits`` replaces them when it converts them)."""
+        return [c for c in self.cache if not isinstance(c, ArraysCache)]
+
     def feed(self, upto: int) -> None:
         """Puts ``tokens[held:upto]`` in the caches, in one unsplit pass."""
         self.split.at = None
         self.model(mx.array(self.tokens[self.held : upto])[None], cache=self.cache)
-        mx.eval([c.state for c in self.cache])
         self.held = upto
+        self._settle()
+
+    def draft_room(self, n: int) -> int:
+        """How many of ``n`` drafts the next pass may carry. With ``kv_bits``, until
+        the KV layers convert, a pass must not reach past the position where
+        mlx-lm's one-token loop converts them (:class:`~mlx_specstream.cache.KVQuantizer`):
+        pending tokens beyond that are fed first, and the drafts are cut to fit."""
+        room = None if self.quant is None else self.quant.full_precision_room(self.cache)
+        while room is not None and len(self.tokens) - self.held > room:
+            self.feed(min(self.held + room, len(self.tokens) - 1))
+            room = self.quant.full_precision_room(self.cache)
+        return n if room is None else max(0, min(n, room - (len(self.tokens) - self.held)))
+
+    def _settle(self) -> None:
+        """Converts the KV layers where mlx-lm would now, and evaluates the caches."""
+        if self.quant is not None:
+            self.quant.maybe_quantize(self.cache)
+        mx.eval([c.state for c in self.cache])
 
     def run(self, drafts: List[int]) -> mx.array:
         """One pass over the pending tokens and ``drafts``, split between them;
@@ -473,7 +503,7 @@ class ChainCache:
             self.held = self.pending_end + self.drafted
         else:
             self.roll_back()
-        mx.eval([c.state for c in self.cache])
+        self._settle()
 
     def roll_back(self) -> None:
         """The caches as they were after the last pass's pending tokens."""

@@ -15,7 +15,6 @@ from mlx_lm.models.cache import (
     ArraysCache,
     CacheList,
     KVCache,
-    QuantizedKVCache,
     RotatingKVCache,
     make_prompt_cache,
 )
@@ -203,11 +202,11 @@ def test_plain_decoding_and_refusals():
         (dict(draft=None), r"prompt lookup \(draft='ngram'\) or a draft model.*got draft=None"),
         (dict(draft="streams+ngram"), "got draft='streams\\+ngram'"),
         (dict(draft_model=tiny_hybrid("qwen3_next")), "draft='ngram' with a draft_model"),
-        (dict(kv_bits=4), "kv_bits: not supported"),
         (dict(tree_top_k=2, max_tree_nodes=4), "max_tree_nodes, tree_top_k: not supported"),
         (dict(pipeline=True), "pipeline: not supported"),
         (dict(acceptance="greedy"), "acceptance='greedy'"),
-        (dict(prompt_cache=[QuantizedKVCache()] * 4), r"got \['QuantizedKVCache'\]"),
+        (dict(max_kv_size=64), "max_kv_size: not supported"),
+        (dict(prompt_cache=[RotatingKVCache(max_size=64)] * 4), r"got \['RotatingKVCache'\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             lookup(model, prompt, 4, **{"draft": "ngram", **kwargs})
@@ -472,3 +471,52 @@ def test_negative_control_rejection_that_accepts_every_draft_is_caught(monkeypat
     small = tiny_hybrid("lfm2", vocab_size=V, seed=1, weight_scale=1.0)
     p, _ = lookup_pvalue(model, 500, draft=None, draft_model=small, num_draft_tokens=2)
     assert p < 1e-6, f"accepting every draft passed (p = {p:.2e}): the test has no power"
+
+
+def kv_bits_runs(qs_values=(0, 3, 9, 11, 14, 20)):
+    """(tokens equal, largest log-probability difference) against mlx-lm's own loop with
+    the same ``kv_bits`` options, per quantized_kv_start, prompt and drafter."""
+    model = tiny_hybrid("qwen3_next", head_dim=32)  # (a head dimension a group divides)
+    small = tiny_hybrid("lfm2", seed=1, num_attention_heads=2, num_key_value_heads=1)
+    out = []
+    for qs in qs_values:
+        opts = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=qs, prefill_step_size=4)
+        for prompt in PROMPTS:
+            ref = list(generate_step(mx.array(prompt), model, max_tokens=24, **opts))
+            for kwargs in (dict(), dict(draft=None, draft_model=small, num_draft_tokens=3)):
+                got, records = lookup(model, prompt, 24, **kwargs, **opts)
+                diff = max(mx.abs(r[1] - lp).max().item() for r, (_, lp) in zip(records, ref))
+                out.append((got == [int(t) for t, _ in ref], diff, sum(r[2] for r in records)))
+    return out
+
+
+def test_kv_bits_converts_where_mlx_lm_does():
+    """``kv_bits`` on a hybrid model, with prompt lookup and a draft model: the KV layers
+    convert where mlx-lm's loop converts them (before, during and after the prompt,
+    prefilled in chunks of 4), so the tokens and every yielded log-probability equal
+    mlx-lm's exactly."""
+    runs = kv_bits_runs()
+    assert all(same for same, _, _ in runs) and max(d for _, d, _ in runs) == 0.0
+    assert sum(n for *_, n in runs) > 20, "drafts were rarely accepted: the test has no power"
+    # A reused pair of caches gets the converted layers back, and continues as mlx-lm's.
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    model = tiny_hybrid("qwen3_next", head_dim=32)
+    small = tiny_hybrid("lfm2", seed=1, num_attention_heads=2, num_key_value_heads=1)
+    opts = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=12)
+    pair, theirs = make_prompt_cache(model) + make_prompt_cache(small), make_prompt_cache(model)
+    for prompt in (PROMPTS[0], [5, 6, 5, 6]):
+        want = [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=10,
+                                                 prompt_cache=theirs, **opts)]  # fmt: skip
+        got = lookup(model, prompt, 10, draft=None, draft_model=small, prompt_cache=pair, **opts)
+        assert got[0] == want
+    assert isinstance(pair[1], QuantizedKVCache) and isinstance(pair[5], QuantizedKVCache)
+
+
+def test_negative_control_a_pass_across_the_conversion_differs(monkeypatch):
+    """Passes allowed to reach past the position where mlx-lm converts: some positions
+    then attend to a full-precision cache where mlx-lm's attend to a quantized one."""
+    from mlx_specstream.cache import KVQuantizer
+
+    monkeypatch.setattr(KVQuantizer, "full_precision_room", lambda self, cache: None)
+    assert max(d for _, d, _ in kv_bits_runs((11, 14))) > 1e-3
