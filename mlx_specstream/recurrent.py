@@ -1,5 +1,5 @@
-"""Prompt-lookup speculation on models with recurrent layers: mlx-lm's hybrid and
-state-space models (Qwen3-Next, Qwen3.5, LFM2, Mamba, ...).
+"""Speculation on models with recurrent layers: mlx-lm's hybrid and state-space
+models (Qwen3-Next, Qwen3.5, LFM2, Mamba, ...).
 
 A recurrent layer (a Gated DeltaNet, a Mamba mixer, a short convolution) keeps one
 state in an ``ArraysCache``, not a row per token, so a rejected draft cannot be
@@ -18,9 +18,12 @@ accepted and ``x`` drawn instead of ``d2``, the caches go back to ``[p0 p1 a]`` 
 the next pass feeds ``[d1 x]`` and its drafts.
 
 A recurrent layer reads its tokens in order, so it verifies a chain, not a tree; the
-drafts are prompt lookup's (``draft="ngram"``). The cost over a plain pass: the
-recurrent mixers' weights are read twice per step, and the pending tokens ride
-along again (on a bandwidth-bound device, nearly free).
+drafts are prompt lookup's (:class:`LookupDrafts`) or a draft model's
+(:class:`DraftModelChain`, itself recurrent or not, which keeps its state after each
+draft it feeds). The cost over a plain pass: the recurrent mixers' weights are read
+twice per step, and the pending tokens ride along again (on a bandwidth-bound
+device, nearly free). With ``kv_bits`` the KV layers convert where mlx-lm's loop
+converts them (:meth:`ChainCache.draft_room`).
 """
 
 import inspect
