@@ -17,7 +17,10 @@ point: the step's cost is), for n = 0, 1, 3, 7, 10 drafts:
 * c(n) = that plain forward / a plain forward over one token: MLX's width cost.
 
 The step times the roll-back path (every draft rejected, one token accepted), the
-dearer of the two. Results go to ``benchmarks/results/recurrent_step[-TAG].{md,json}``.
+dearer of the two; such steps alternate between one pending token (a pass that is not
+split) and two (a split pass). A second table times one pass over one pending token
+and n drafts both ways, whole and split after the token: what not splitting such a
+pass saves. Results go to ``benchmarks/results/recurrent_step[-TAG].{md,json}``.
 """
 
 import argparse
@@ -79,6 +82,32 @@ def measure(model, prompt: list, runs: int, vocab: int) -> dict:
     return dict(plain_ms=plain * 1e3, rows=rows)
 
 
+def split_cost(model, prompt: list, runs: int, vocab: int) -> dict:
+    """Median ms of one pass over one pending token and n drafts, whole and split
+    after the token (the KV rows are trimmed after each; the recurrent state runs
+    on, which does not change the time)."""
+    state = ChainCache(model, None)
+    state.tokens = list(prompt)
+    state.feed(len(prompt) - 1)
+    rows = {}
+    for n in DRAFTS[1:]:
+        x = mx.array(prompt[-1:] + [(7 * i + 3) % vocab for i in range(n)])[None]
+
+        def one_pass(at):
+            def run():
+                state.split.at, state.split.kept = at, []
+                mx.eval(model(x, cache=state.cache), [c.state for c in state.cache])
+                state.split.at = None
+                for c in state.kv:
+                    c.trim(n + 1)
+
+            return run
+
+        whole, split = median_seconds(one_pass(None), runs), median_seconds(one_pass(1), runs)
+        rows[n] = dict(whole_ms=whole * 1e3, split_ms=split * 1e3)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="qwen3_next-small")
@@ -99,6 +128,7 @@ def main():
             vocab = model.args.vocab_size
             prompt = [(13 * i + 5) % vocab for i in range(args.prompt_tokens)]
             res = results.setdefault(name, {})[dtype] = measure(model, prompt, args.runs, vocab)
+            res["split_cost"] = split_cost(model, prompt, args.runs, vocab)
             for n, row in res["rows"].items():
                 bound = " / ".join(f"{tau / row['r']:.2f}x" for tau in (2, 3, 4))
                 lines.append(
@@ -107,6 +137,16 @@ def main():
                 )
             del model
             mx.clear_cache()
+    lines += ["", "One pass over one pending token and n drafts, whole and split after the token:",
+              "", "| model | dtype | drafts n | whole ms | split ms | split / whole |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, by_dtype in results.items():
+        for dtype, res in by_dtype.items():
+            for n, row in res["split_cost"].items():
+                lines.append(
+                    f"| {name} | {dtype} | {n} | {row['whole_ms']:.2f} | {row['split_ms']:.2f} | "
+                    f"{row['split_ms'] / row['whole_ms']:.2f} |"
+                )
     write_results("recurrent_step", args.tag, "\n".join(lines) + "\n",
                   dict(info=info, results=results))  # fmt: skip
 

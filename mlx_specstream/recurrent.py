@@ -460,6 +460,7 @@ class ChainCache:
         self.held = 0
         self.pending_end = 0  # where the last pass's drafts began
         self.drafted = 0  # the last pass's drafts, while they are in the caches
+        self.back = (0, [])  # where a roll-back goes: tokens held, recurrent states
 
     @property
     def kv(self) -> list:
@@ -491,17 +492,27 @@ class ChainCache:
         mx.eval([c.state for c in self.cache])
 
     def run(self, drafts: List[int]) -> mx.array:
-        """One pass over the pending tokens and ``drafts``, split between them;
-        the logits of the last pending token and of every draft."""
+        """One pass over the pending tokens and ``drafts``; the logits of the last
+        pending token and of every draft.
+
+        The pass is split between the two parts, so that a rejection can go back
+        to the state after the pending tokens; except when a single token is
+        pending: then a rejection goes back to the state before it, and it rides
+        along again in the next pass (one more row there, where a split calls
+        every recurrent mixer twice; ``benchmarks/RESULTS.md``).
+        """
         pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
-        self.split.at, self.split.kept = (len(pending) if drafts else None), []
+        whole = len(pending) == 1  # not split: back to before the pending token
+        before = [(c, list(c.cache)) for c in self.cache if isinstance(c, ArraysCache)]
+        self.split.at, self.split.kept = (None if whole or not drafts else len(pending)), []
         logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
         self.split.at, self.drafted = None, len(drafts)
+        self.back = (self.held, before) if whole else (self.pending_end, self.split.kept)
         return logits[0, len(pending) - 1 :]
 
     def commit(self, all_accepted: bool) -> None:
-        """After :meth:`run`: keeps every draft, or goes back to the state after
-        the pending tokens (the accepted drafts are then pending)."""
+        """After :meth:`run`: keeps every draft, or goes back (:meth:`roll_back`;
+        the accepted drafts are then pending)."""
         if all_accepted:
             self.held = self.pending_end + self.drafted
         else:
@@ -509,12 +520,14 @@ class ChainCache:
         self._settle()
 
     def roll_back(self) -> None:
-        """The caches as they were after the last pass's pending tokens."""
-        for c, state in self.split.kept:
+        """The caches as they were after the last pass's pending tokens (or, when
+        it was not split, before its one pending token)."""
+        held, states = self.back
+        for c, state in states:
             c.cache = list(state)
         for c in self.kv:
-            c.trim(self.drafted)
-        self.held, self.drafted = self.pending_end, 0
+            c.trim(self.pending_end + self.drafted - held)
+        self.held, self.drafted = held, 0
 
     def hold(self, end: int) -> None:
         """Leaves the caches holding ``tokens[:end]``: the last pass's drafts are
