@@ -38,7 +38,7 @@ from .cache import (
     window_rows,
 )
 from .config import DRAFTS
-from .draft_model import DraftModel, draft_model_tree, split_prompt_cache
+from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
 from .precision import on_gpu, warn_if_tf32
@@ -46,7 +46,6 @@ from .recurrent import (
     DraftModelChain,
     chain_generate_step,
     has_recurrent_layers,
-    split_chain_cache,
 )
 from .sample_utils import DistributionSampler
 from .settings import (
@@ -924,20 +923,16 @@ def _on_recurrent_model(
     kw.pop("num_draft_tokens")
     kw.pop("prompt_checkpoint_callback")
     kw.pop("rejection", None)  # (mlx-lm's plain loop; the draft cache follows unquantized)
-    own, theirs = split_chain_cache(model, draft_model, kw.pop("prompt_cache"))
+    own, theirs = split_pair(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own
-    tokens = prompt.tolist()
-    try:
-        for n, (token, logprobs) in enumerate(
-            generate_step(prompt, model, prompt_cache=own, **kw), start=1
-        ):
-            tokens.append(int(token))
-            yield token, logprobs, False, n
-    finally:  # a reused draft cache follows: every yielded token, as the model's
+
+    def follow(tokens):  # a reused draft cache holds every yielded token, as the model's
         if theirs is not None:
-            follow = DraftModelChain(draft_model, theirs)
-            follow.tokens = tokens
-            follow.hold(len(tokens))
+            chain = DraftModelChain(draft_model, theirs)
+            chain.tokens = tokens
+            chain.hold(len(tokens))
+
+    yield from _plain_decoding(prompt, model, own, follow, **kw)
 
 
 def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_cache, **kwargs):
@@ -946,6 +941,19 @@ def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_ca
     usable; ``user_cache`` (both models' layers) gets the layers back."""
     start = prompt_cache[0].offset if prompt_cache else 0
     cache = make_prompt_cache(model) if prompt_cache is None else prompt_cache
+
+    def follow(history):
+        dm.hold(history, start, min(cache[0].offset, start + len(history)))
+        if user_cache is not None:  # (a quantized layer is a new object)
+            user_cache[:] = list(cache) + dm.cache
+
+    yield from _plain_decoding(prompt, model, cache, follow, **kwargs)
+
+
+def _plain_decoding(prompt, model, cache, follow: Callable[[List[int]], None], **kwargs):
+    """mlx-lm's ``generate_step`` on ``cache``, as our generators yield, then
+    ``follow(history)`` with the prompt and every yielded token (a draft model's
+    cache is brought to them), also when the consumer stops early."""
     history = prompt.tolist()
     try:
         for n, (token, logprobs) in enumerate(
@@ -954,9 +962,7 @@ def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_ca
             history.append(int(token))
             yield token, logprobs, False, n
     finally:
-        dm.hold(history, start, min(cache[0].offset, start + len(history)))
-        if user_cache is not None:  # (a quantized layer is a new object)
-            user_cache[:] = list(cache) + dm.cache
+        follow(history)
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

@@ -159,6 +159,25 @@ def draft_model_tree(num_draft_tokens: int, tree_top_k=None, max_tree_nodes=None
     return ks, k, 0.0, nodes
 
 
+def split_pair(model: nn.Module, draft_model: nn.Module, prompt_cache: Optional[list]):
+    """The model's caches and the draft model's from one reused ``prompt_cache``
+    (the model's layers first, as mlx-lm keeps them); ``(None, None)`` for none.
+
+    Raises:
+        ValueError: the cache does not hold both models' layers.
+    """
+    if prompt_cache is None:
+        return None, None
+    n, nd = len(model.layers), len(draft_model.layers)
+    if len(prompt_cache) != n + nd:
+        raise ValueError(
+            f"prompt_cache holds {len(prompt_cache)} caches; with draft_model it must hold the "
+            f"model's {n} followed by the draft model's {nd} (mlx_lm.models.cache."
+            "make_prompt_cache(model) + make_prompt_cache(draft_model))."
+        )
+    return list(prompt_cache[:n]), list(prompt_cache[n:])
+
+
 def split_prompt_cache(model: nn.Module, draft_model: nn.Module, prompt_cache):
     """The model's caches and the draft model's: a reused ``prompt_cache`` holds
     both, the model's layers first (as mlx-lm's draft-model decoding keeps them).
@@ -168,14 +187,7 @@ def split_prompt_cache(model: nn.Module, draft_model: nn.Module, prompt_cache):
     """
     if prompt_cache is None:
         return None, make_prompt_cache(draft_model)
-    n, nd = len(model.layers), len(draft_model.layers)
-    if len(prompt_cache) != n + nd:
-        raise ValueError(
-            f"prompt_cache holds {len(prompt_cache)} caches; with draft_model it must hold the "
-            f"model's {n} followed by the draft model's {nd} (mlx_lm.models.cache."
-            "make_prompt_cache(model) + make_prompt_cache(draft_model))."
-        )
-    base, draft = list(prompt_cache[:n]), list(prompt_cache[n:])
+    base, draft = split_pair(model, draft_model, prompt_cache)
     bad = sorted({type(c).__name__ for c in draft if type(c) not in (KVCache, QuantizedKVCache)})
     if bad:
         raise ValueError(

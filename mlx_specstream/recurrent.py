@@ -35,6 +35,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, make_prompt_cache
 
+from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import accept_by_rejection
 from .streams import _swap_call
@@ -112,9 +113,11 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
 
     def call(self, *args, **kwargs):
         at = split.at
+        if at is None:  # (every call outside a split pass, mlx-lm's own included)
+            return base_call(self, *args, **kwargs)
         bound = sig.bind(self, *args, **kwargs)
         x = bound.arguments[x_name]
-        if at is None or x.shape[1] <= at:
+        if x.shape[1] <= at:
             return base_call(self, *args, **kwargs)
         if bound.arguments.get("mask") is not None:
             raise ValueError("A split recurrent pass takes no mask (batch 1, no padding).")
@@ -266,7 +269,7 @@ def chain_generate_step(
     """
     own, drafter = prompt_cache, None
     if draft_model is not None:
-        own, theirs = split_chain_cache(model, draft_model, prompt_cache)
+        own, theirs = split_pair(model, draft_model, prompt_cache)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
         drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
     state = ChainCache(model, own, quant)
@@ -380,7 +383,7 @@ class DraftModelChain:
     def draft(self, n: int) -> List[int]:
         c = self.chain
         c.tokens, c.split.at = self.tokens, None
-        recurrent = [x for x in c.cache if isinstance(x, ArraysCache)]
+        recurrent = c.recurrent
         logits = c.model(mx.array(self.tokens[c.held :])[None], cache=c.cache)[0, -1]
         self.base = c.held = len(self.tokens)
         self.states, drafts, qs = [[list(x.cache) for x in recurrent]], [], []
@@ -412,8 +415,7 @@ class DraftModelChain:
         """Back to holding ``tokens[:end]``, for ``end`` from the last chain's start
         to the last draft it fed (its states stay until the next chain)."""
         c = self.chain
-        recurrent = [x for x in c.cache if isinstance(x, ArraysCache)]
-        for x, state in zip(recurrent, self.states[end - self.base]):
+        for x, state in zip(c.recurrent, self.states[end - self.base]):
             x.cache = list(state)
         for x in c.kv:
             x.trim(c.held + c.drafted - end)
@@ -427,21 +429,6 @@ class DraftModelChain:
             self.back_to(end)
         if c.held < end:
             c.feed(end)
-
-
-def split_chain_cache(model: nn.Module, draft_model: nn.Module, prompt_cache: Optional[list]):
-    """The model's caches and the draft model's from one reused ``prompt_cache``
-    (the model's layers first, as mlx-lm keeps them); ``(None, None)`` for none."""
-    if prompt_cache is None:
-        return None, None
-    n, nd = len(model.layers), len(draft_model.layers)
-    if len(prompt_cache) != n + nd:
-        raise ValueError(
-            f"prompt_cache holds {len(prompt_cache)} caches; with draft_model it must hold the "
-            f"model's {n} followed by the draft model's {nd} (mlx_lm.models.cache."
-            "make_prompt_cache(model) + make_prompt_cache(draft_model))."
-        )
-    return list(prompt_cache[:n]), list(prompt_cache[n:])
 
 
 class ChainCache:
@@ -466,6 +453,11 @@ class ChainCache:
     def kv(self) -> list:
         """The KV layers (``kv_bits`` replaces them when it converts them)."""
         return [c for c in self.cache if not isinstance(c, ArraysCache)]
+
+    @property
+    def recurrent(self) -> list:
+        """The recurrent layers' caches."""
+        return [c for c in self.cache if isinstance(c, ArraysCache)]
 
     def feed(self, upto: int) -> None:
         """Puts ``tokens[held:upto]`` in the caches, in one unsplit pass."""
@@ -503,11 +495,13 @@ class ChainCache:
         """
         pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
         whole = len(pending) == 1  # not split: back to before the pending token
-        before = [(c, list(c.cache)) for c in self.cache if isinstance(c, ArraysCache)]
+        if whole:
+            self.back = (self.held, [(c, list(c.cache)) for c in self.recurrent])
         self.split.at, self.split.kept = (None if whole or not drafts else len(pending)), []
         logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
         self.split.at, self.drafted = None, len(drafts)
-        self.back = (self.held, before) if whole else (self.pending_end, self.split.kept)
+        if not whole:
+            self.back = (self.pending_end, self.split.kept)
         return logits[0, len(pending) - 1 :]
 
     def commit(self, all_accepted: bool) -> None:
