@@ -60,6 +60,9 @@ class SpeculativeUsage:
       draft (``from_draft``); the others are the correction or bonus token of
       each pass.
     * ``tokens_per_pass``: generated tokens / forward passes (τ).
+    * ``batched_tokens``: generated tokens that came from a batched pass, one row of
+      several requests' (the server's :class:`~mlx_specstream.replies.Batch`); each
+      counts as a pass of its own.
 
     Generated tokens include the last one (an EOS token too), as
     ``generation_tokens`` counts them.
@@ -68,11 +71,19 @@ class SpeculativeUsage:
     generated_tokens: int = 0
     forward_passes: int = 0
     accepted_draft_tokens: int = 0
+    batched_tokens: int = 0
 
     def add(self, response: "SpecGenerationResponse") -> None:
+        """Takes a speculative generation's response (they come before any batched token)."""
         self.generated_tokens = response.generation_tokens
         self.forward_passes = getattr(response, "forward_passes", response.generation_tokens)
         self.accepted_draft_tokens += bool(response.from_draft)
+
+    def add_batched(self) -> None:
+        """Counts a token from a batched pass."""
+        self.generated_tokens += 1
+        self.forward_passes += 1
+        self.batched_tokens += 1
 
     @property
     def tokens_per_pass(self) -> float:
@@ -83,6 +94,7 @@ class SpeculativeUsage:
             "forward_passes": self.forward_passes,
             "accepted_draft_tokens": self.accepted_draft_tokens,
             "tokens_per_pass": round(self.tokens_per_pass, 4),
+            "batched_tokens": self.batched_tokens,
         }
 
 

@@ -321,6 +321,7 @@ def total_usage(usages: List[Dict[str, Any]]) -> Dict[str, Any]:
     first, generated = usages[0], sum(u["completion_tokens"] for u in usages)
     passes = sum(u["speculative"]["forward_passes"] for u in usages)
     accepted = sum(u["speculative"]["accepted_draft_tokens"] for u in usages)
+    batched = sum(u["speculative"]["batched_tokens"] for u in usages)
     return {
         **first,
         "completion_tokens": generated,
@@ -329,6 +330,7 @@ def total_usage(usages: List[Dict[str, Any]]) -> Dict[str, Any]:
             "forward_passes": passes,
             "accepted_draft_tokens": accepted,
             "tokens_per_pass": round(generated / max(passes, 1), 4),
+            "batched_tokens": batched,
         },
     }
 

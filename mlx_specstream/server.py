@@ -31,8 +31,13 @@ The request fields are validated and the responses formatted by
 Chat works on every model: with a chat template it is applied; without one the
 messages are joined as ``mlx_lm.server`` joins them (:func:`~mlx_specstream.openai_api.join_messages`).
 
-Speculative decoding is batch-1: requests are served one at a time, in arrival
-order. As in ``mlx_lm.server``, the KV caches of finished requests are kept in
+A request that is the only one waiting is decoded speculatively. Requests that
+wait together are decoded together, one row each, by ``mlx_lm``'s continuous
+batching, as ``mlx_lm.server`` decodes them; a request decoding alone when
+others arrive joins them there (:mod:`~mlx_specstream.replies`;
+``--decode-concurrency 1`` serves one at a time). Seeded requests, and every
+request with a draft model or ``--kv-bits`` (which mlx-lm does not batch), are
+served one at a time, in arrival order. As in ``mlx_lm.server``, the KV caches of finished requests are kept in
 an LRU (:class:`~mlx_specstream.prompt_cache.PromptCacheLRU`, bounded by
 ``--prompt-cache-size`` entries and ``--prompt-cache-bytes``), and a request
 starts from the one sharing the longest prefix with its prompt, so a
@@ -48,6 +53,7 @@ told otherwise.
 
 import argparse
 import atexit
+import collections
 import copy
 import itertools
 import json
@@ -75,7 +81,7 @@ from .cli_args import (
     load_draft_model,
     load_model,
 )
-from .generate import SpeculativeUsage, stream_generate, untuned_note
+from .generate import stream_generate, untuned_note
 from .streams import runtime_config
 from .openai_api import (
     RequestError,
@@ -84,13 +90,12 @@ from .openai_api import (
     finish_reason,
     format_logprobs,
     join_messages,
-    make_usage,
     parse_generation_args,
     parse_tool_args,
-    token_logprobs,
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
+from .replies import Batch, Reply, batching_fault
 from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
 
@@ -111,6 +116,7 @@ class Job:
 
     def __init__(self, tokens: List[int], args: Dict[str, Any]):
         self.tokens, self.args = tokens, args
+        self.choices = args.get("n", 1)
         self.cancelled = threading.Event()
         self._events: "queue.Queue" = queue.Queue()
 
@@ -123,7 +129,7 @@ class Job:
 
     def __iter__(self):
         """``(choice index, text, finish_reason, usage, logprobs)`` events (see
-        :meth:`ModelService.generate`); re-raises the generation's error."""
+        :class:`~mlx_specstream.replies.Reply`); re-raises the generation's error."""
         while True:
             event = self._events.get()
             if event is _END:
@@ -153,6 +159,11 @@ class ModelService:
       generation thread empties that cache (``mx.clear_streams``) before it
       ends, and :meth:`stop` (called by ``server_close`` and at exit) ends
       it before the interpreter finalizes.
+
+    A request served alone is decoded speculatively. Requests that wait together
+    are decoded together (:class:`~mlx_specstream.replies.Batch`), and one that is
+    running alone when others arrive joins them there, as ``mlx_lm.server``
+    batches every request it can.
     """
 
     def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace,
@@ -164,20 +175,23 @@ class ModelService:
             defaults,
         )
         self.draft_model = draft_model  # drafts every request (mlx-lm's --draft-model)
-        self.lock = threading.Lock()  # held while a generation runs
         self.prompt_cache = PromptCacheLRU(defaults.prompt_cache_size, defaults.prompt_cache_bytes)
         self.xtc_special_tokens = xtc_special_tokens(tokenizer)
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
+        self.batching = False  # set by the generation thread (see _can_batch)
+        self.served = {"alone": 0, "batched": 0, "handed_over": 0, "largest_batch": 0}
         mx.eval(_arrays_of(model) + ([] if draft_model is None else _arrays_of(draft_model)))
-        self._jobs: "queue.Queue" = queue.Queue()
+        self._waiting: "collections.deque[Job]" = collections.deque()
         self._pending = 0  # submitted and not finished
-        self._idle = threading.Condition()
+        self._state = threading.Condition()  # guards _waiting and _pending
         self._stopping = threading.Event()
+        self._ready = threading.Event()  # set once the thread knows whether it batches
         self._thread = threading.Thread(
             target=self._run, name="mlx-specstream-generation", daemon=True
         )
         self._thread.start()
+        self._ready.wait()
         _LIVE.add(self)
 
     # ---- the generation thread --------------------------------------------------
@@ -186,9 +200,10 @@ class ModelService:
         if not self._thread.is_alive():
             raise RuntimeError("the generation thread has stopped")
         job = Job(tokens, args)
-        with self._idle:
+        with self._state:
             self._pending += 1
-        self._jobs.put(job)
+            self._waiting.append(job)
+            self._state.notify_all()
         return job
 
     @property
@@ -198,60 +213,242 @@ class ModelService:
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Waits until every submitted request is finished (True) or ``timeout`` passes."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+        with self._state:
+            return self._state.wait_for(lambda: self._pending == 0, timeout)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Cancels what is queued, ends the generation thread and waits for it."""
         if not self._thread.is_alive():
             return
         self._stopping.set()
-        self._jobs.put(None)
+        with self._state:
+            self._state.notify_all()
         self._thread.join(timeout)
+
+    def _next_job(self) -> Optional[Job]:
+        """The next waiting job (blocks); ``None`` once the service stops."""
+        with self._state:
+            self._state.wait_for(lambda: self._waiting or self._stopping.is_set())
+            return None if self._stopping.is_set() else self._waiting.popleft()
+
+    def _take_batchable(self) -> Optional[Job]:
+        """The first waiting job, taken if it can be batched (else left first in line)."""
+        with self._state:
+            if self._waiting and self._batchable(self._waiting[0]):
+                return self._waiting.popleft()
+        return None
+
+    def _finish(self, job: Job) -> None:
+        job.put(_END)
+        with self._state:
+            self._pending -= 1
+            self._state.notify_all()
 
     def _run(self):
         try:
+            self.batching = self._can_batch()
+            self._ready.set()
             while True:
-                job = self._jobs.get()
+                job = self._next_job()
                 if job is None:
                     break
                 try:
                     if not (job.cancelled.is_set() or self._stopping.is_set()):
-                        self._serve(job)
+                        if self._batchable(job) and (job.choices > 1 or self._batchable_waits()):
+                            self._serve_batch(job)
+                        else:
+                            self._serve(job)
                 finally:
-                    job.put(_END)
-                    with self._idle:
-                        self._pending -= 1
-                        self._idle.notify_all()
+                    self._finish(job)
         finally:
-            while not self._jobs.empty():  # (after stop(): nothing more is served)
-                job = self._jobs.get_nowait()
-                if job is not None:
-                    job.put(_END)
-                    with self._idle:
-                        self._pending -= 1
-                        self._idle.notify_all()
+            self._ready.set()
+            with self._state:  # (after stop(): nothing more is served)
+                left, self._waiting = list(self._waiting), collections.deque()
+            for job in left:
+                self._finish(job)
             mx.clear_streams()  # empties this thread's compile cache (see the class doc)
 
+    def _can_batch(self) -> bool:
+        """Whether waiting requests are decoded together: as ``mlx_lm.server`` decides
+        (no draft model, no ``kv_bits``, caches that merge into a batch), and with
+        ``--decode-concurrency`` above 1. A batch is tried once here
+        (:func:`~mlx_specstream.replies.batching_fault`): a model whose batched
+        pass fails or is wrong (mlx-lm's gemma2) serves one request at a time, and
+        says so."""
+        d = self.defaults
+        if d.decode_concurrency <= 1 or self.draft_model is not None or d.kv_bits is not None:
+            return False
+        if not all(hasattr(c, "merge") for c in make_prompt_cache(self.model)):
+            return False
+        fault = batching_fault(self.model)
+        if fault is not None:
+            logger.warning(
+                f"requests are served one at a time: mlx-lm's batched decoding fails on this "
+                f"model ({fault})"
+            )
+            return False
+        return True
+
+    def _batchable(self, job: Job) -> bool:
+        """A seeded request is decoded alone, so that its output depends on its seed only."""
+        return self.batching and job.args["seed"] is None
+
+    def _batchable_waits(self) -> bool:
+        with self._state:
+            return bool(self._waiting) and self._batchable(self._waiting[0])
+
     def _serve(self, job: Job):
-        """Runs a request's ``n`` choices one after another, under one hold of the
-        lock (so that a seeded request is not interleaved with others); events go
-        out as ``(choice index, *event)``."""
-        with self.lock:
-            for index in range(job.args.get("n", 1)):
-                # Later choices continue the random stream the first one seeded.
-                args = job.args if index == 0 else {**job.args, "seed": None}
-                events = self.generate(job.tokens, args)
-                try:
-                    for event in events:
-                        job.put((index, *event))
-                        if job.cancelled.is_set() or self._stopping.is_set():
-                            return
-                except Exception as e:  # noqa: BLE001 - handed to the request's thread
-                    job.put(e)
-                    return
-                finally:
-                    events.close()
+        """Decodes a job's choices one after another, speculatively. When a request
+        that can be batched arrives meanwhile, the choice in progress and the
+        later ones go on in a batch with it (``job`` itself is not seeded)."""
+        self.served["alone"] += 1
+        for index in range(job.choices):
+            # Later choices continue the random stream the first one seeded.
+            args = job.args if index == 0 else {**job.args, "seed": None}
+            try:
+                handed = self._decode_alone(job, index, args)
+            except Exception as e:  # noqa: BLE001 - handed to the request's thread
+                job.put(e)
+                return
+            if job.cancelled.is_set() or self._stopping.is_set():
+                return
+            if handed is not None:
+                self.served["handed_over"] += 1
+                return self._serve_batch(job, handed)
+
+    def _decode_alone(self, job: Job, index: int, args: Dict[str, Any]):
+        """Decodes one choice speculatively and sends its events; returns ``(reply,
+        cache)`` when it stops to join a batch, else ``None``.
+
+        The choice starts from the cached entry sharing the longest prefix with
+        its prompt and feeds only the rest; when it ends, or is closed early,
+        its cache goes back into the LRU keyed by the tokens it holds.
+        """
+        tokens = job.tokens
+        if args["seed"] is not None:
+            mx.random.seed(args["seed"])
+        cache, cached = self.prompt_cache.fetch(tokens, min_new=args.get("min_fed", 1))
+        if cache is None:
+            # (with a draft model: the model's layers, then the draft's, as mlx-lm's)
+            cache, cached = make_prompt_cache(self.model, draft_model=self.draft_model), 0
+        kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
+        if self.draft_model is not None:
+            kwargs["draft_model"] = self.draft_model
+            kwargs.setdefault("num_draft_tokens", DRAFT_MODEL_TOKENS)
+        d = self.defaults
+        if d.kv_bits is not None:
+            kwargs.update(kv_bits=d.kv_bits, kv_group_size=d.kv_group_size,
+                          quantized_kv_start=d.quantized_kv_start)  # fmt: skip
+        trimmable = can_trim_prompt_cache(cache)
+        if self.prompt_cache.max_size and not trimmable:
+            if cache_tokens(cache) is not None:  # (recurrent layers: keep the prompt's state)
+                kwargs["prompt_checkpoint_callback"] = lambda held: self.prompt_cache.insert(
+                    tokens[:-1], copy.deepcopy(held)
+                )
+        gen = stream_generate(
+            self.model,
+            self.tokenizer,
+            tokens[cached:],
+            max_tokens=args["max_tokens"],
+            sampler=make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens),
+            prefill_step_size=d.prefill_step_size,
+            logits_processors=(
+                make_logits_processors(**args["processing"]) if args["processing"] else None
+            ),
+            speculative=args["speculative"],
+            acceptance=args["acceptance"],
+            prompt_cache=cache,
+            **kwargs,
+        )
+        reply = Reply(self.tokenizer, job, index, cached)
+        may_join = trimmable and self._batchable(job)
+        ended = handed = False  # ended: finished or closed, not failed (the cache is consistent)
+        try:
+            for r in gen:
+                event = reply.add(r.token, r.logprobs, r.finish_reason, r)
+                if event is not None:
+                    job.put(event)
+                if reply.finished or job.cancelled.is_set() or self._stopping.is_set():
+                    break
+                if may_join and self._batchable_waits():
+                    handed = True
+                    break
+            ended = True
+        finally:
+            gen.close()  # the cache now holds what mlx-lm's would
+            if ended and not handed:  # keyed by the tokens it holds (see insert_finished)
+                self.prompt_cache.insert_finished(reply.sequence, cache)
+        if reply.finished:
+            logger.debug("usage %s", json.dumps(reply.usage))
+        return (reply, cache) if handed else None
+
+    def _serve_batch(self, job: Job, handed=None):
+        """Decodes ``job``'s choices in a batch with the requests that wait, and with
+        those that arrive while it runs, for as long as the first one waiting can be
+        batched. ``handed``: ``(reply, cache)`` of the choice ``job`` was decoding
+        alone; the choices after it join too."""
+        d = self.defaults
+        batch = Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
+                      d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
+        open_choices: Dict[Job, int] = {}  # the jobs in the batch: their choices not done
+
+        def add(j: Job, first: int = 0):
+            open_choices[j] = j.choices - first
+            for index in range(first, j.choices):
+                cache, cached = self.prompt_cache.fetch(j.tokens, j.args.get("min_fed", 1))
+                batch.add(Reply(self.tokenizer, j, index, cached), cache)
+
+        def release(j: Job):
+            del open_choices[j]
+            if j is not job:  # (``job`` is finished by _run)
+                self._finish(j)
+
+        def keep(reply: Reply, cache):
+            """A choice is done, or its client left: its cache goes into the LRU."""
+            if reply.finished:
+                logger.debug("usage %s", json.dumps(reply.usage))
+            self.prompt_cache.insert_finished(reply.sequence, cache)
+            open_choices[reply.job] -= 1
+            if open_choices[reply.job] == 0:
+                release(reply.job)
+
+        self.served["batched"] += 1
+        try:
+            if handed is not None:
+                add(job, handed[0].index + 1)
+                open_choices[job] += 1
+                batch.add(*handed)
+            else:
+                add(job)
+            while open_choices and not self._stopping.is_set():
+                for j in iter(self._take_batchable, None):  # (those waiting now)
+                    if j.cancelled.is_set():
+                        self._finish(j)
+                        continue
+                    try:
+                        add(j)
+                    except Exception as e:  # noqa: BLE001 - handed to the request's thread
+                        j.put(e)
+                        batch.remove([r for r in batch.replies.values() if r.job is j])
+                        release(j)
+                for reply, cache in batch.remove(
+                    [r for r in batch.replies.values() if r.job.cancelled.is_set()]
+                ):
+                    keep(reply, cache)
+                self.served["largest_batch"] = max(self.served["largest_batch"], len(batch))
+                for reply, event, cache in batch.step():
+                    if event is not None:
+                        reply.job.put(event)
+                    if cache is not None:
+                        keep(reply, cache)
+        except Exception as e:  # noqa: BLE001 - a failed step: every request in it gets it
+            for j in list(open_choices):
+                j.put(e)
+                release(j)
+        finally:
+            batch.close()
+            for j in list(open_choices):  # (the service stops)
+                release(j)
 
     # ---- prompts ------------------------------------------------------------------
     def chat_messages(self, body: Dict[str, Any]) -> List[Dict[str, str]]:
@@ -372,88 +569,6 @@ class ModelService:
                 )
             return prompt
         raise RequestError("'prompt' must be a non-empty string or list of token ids", "prompt")
-
-    # ---- generation -----------------------------------------------------------------
-    def generate(self, tokens: List[int], args: Dict[str, Any]):
-        """Yields ``(text, finish_reason, usage, logprobs)``: ``usage`` with the last
-        piece only; ``logprobs``, when the request asks, those of the tokens generated
-        since the previous piece (:func:`~mlx_specstream.openai_api.token_logprobs`; all of them by the last
-        piece). Runs on the generation thread only.
-
-        The request starts from the cached entry sharing the longest prefix
-        with ``tokens`` and feeds only the rest; when it ends, or is closed
-        early, its cache goes back into the LRU keyed by the tokens it holds.
-        """
-        if args["seed"] is not None:
-            mx.random.seed(args["seed"])
-        cache, cached = self.prompt_cache.fetch(tokens, min_new=args.get("min_fed", 1))
-        if cache is None:
-            # (with a draft model: the model's layers, then the draft's, as mlx-lm's)
-            cache, cached = make_prompt_cache(self.model, draft_model=self.draft_model), 0
-        rest = tokens[cached:]
-        kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
-        if self.draft_model is not None:
-            kwargs["draft_model"] = self.draft_model
-            kwargs.setdefault("num_draft_tokens", DRAFT_MODEL_TOKENS)
-        d = self.defaults
-        if d.kv_bits is not None:
-            kwargs.update(kv_bits=d.kv_bits, kv_group_size=d.kv_group_size,
-                          quantized_kv_start=d.quantized_kv_start)  # fmt: skip
-        if self.prompt_cache.max_size and not can_trim_prompt_cache(cache):
-            if cache_tokens(cache) is not None:  # (recurrent layers: keep the prompt's state)
-                kwargs["prompt_checkpoint_callback"] = lambda held: self.prompt_cache.insert(
-                    tokens[:-1], copy.deepcopy(held)
-                )
-        gen = stream_generate(
-            self.model,
-            self.tokenizer,
-            rest,
-            max_tokens=args["max_tokens"],
-            sampler=make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens),
-            prefill_step_size=d.prefill_step_size,
-            logits_processors=(
-                make_logits_processors(**args["processing"]) if args["processing"] else None
-            ),
-            speculative=args["speculative"],
-            acceptance=args["acceptance"],
-            prompt_cache=cache,
-            **kwargs,
-        )
-        stops, text, emitted = args["stop"], "", 0
-        generated, spec, records, top, sent = [], SpeculativeUsage(), [], args.get("logprobs"), 0
-        ended = False  # finished or closed, not failed: the cache is consistent
-        try:
-            for r in gen:
-                generated.append(r.token)
-                spec.add(r)
-                if top is not None:
-                    records.append(token_logprobs(self.tokenizer, r.token, r.logprobs, top))
-                text += r.text
-                finish = r.finish_reason
-                hit = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    text, finish = text[:hit], "stop"
-                # Hold back a possible start of a stop string.
-                hold = max((len(s) - 1 for s in stops), default=0) if finish is None else 0
-                ready = len(text) - hold
-                if ready > emitted or finish is not None:
-                    usage = None
-                    if finish is not None:
-                        usage = make_usage(len(tokens), cached, len(generated), spec)
-                        logger.debug("usage %s", json.dumps(usage))
-                    new = None if top is None else records[sent:]
-                    yield text[emitted : max(ready, emitted)], finish, usage, new
-                    emitted, sent = max(ready, emitted), len(records)
-                if finish is not None:
-                    break
-            ended = True
-        except GeneratorExit:  # the client left
-            ended = True
-            raise
-        finally:
-            gen.close()  # the cache now holds what mlx-lm's would
-            if ended:  # keyed by the tokens it holds (see insert_finished)
-                self.prompt_cache.insert_finished(tokens + generated, cache)
 
 
 def _arrays_of(model) -> List[mx.array]:
@@ -704,8 +819,9 @@ def make_server(
     template; ``prefill_step_size``
     (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
     (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
-    ``prompt_cache_bytes`` (None: no byte limit); ``allowed_origins`` (``["*"]``). The service
-    (model, lock, prompt-cache LRU) is :func:`service_of` the server.
+    ``prompt_cache_bytes`` (None: no byte limit); ``allowed_origins`` (``["*"]``);
+    ``decode_concurrency`` (32) and ``prompt_concurrency`` (8), as in mlx-lm. The service
+    (model, prompt-cache LRU, generation thread) is :func:`service_of` the server.
 
     ``server_close()`` ends the generation thread (so does interpreter exit);
     :func:`wait_idle` waits for the requests already handed to it.
@@ -804,6 +920,19 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     )
     add_kv_quantization_args(p)
     p.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=32,
+        help="Most requests decoded together, in one batch, when several wait (1: one at a "
+        "time, each speculatively); as mlx_lm.server",
+    )
+    p.add_argument(
+        "--prompt-concurrency",
+        type=int,
+        default=8,
+        help="Most prompts of a batch prefilled together; as mlx_lm.server",
+    )
+    p.add_argument(
         "--verbose", action="store_true", help="Log requests and their usage (--log-level DEBUG)"
     )
     return p
@@ -814,6 +943,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.prompt_cache_size < 0:
         p.error("--prompt-cache-size must be >= 0")
+    for flag in ("decode_concurrency", "prompt_concurrency"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.draft_model is not None and args.draft == "streams+ngram":
         p.error(
             "--draft streams+ngram with --draft-model: the model's streams are off; --draft "
@@ -845,6 +977,7 @@ def main(argv=None):
                 "max_tokens", "temp", "top_p", "top_k", "min_p", "draft", "num_draft_tokens",
                 "chat_template_args", "prefill_step_size", "kv_bits", "kv_group_size",
                 "quantized_kv_start", "prompt_cache_size", "prompt_cache_bytes", "allowed_origins",
+                "decode_concurrency", "prompt_concurrency",
             )
         },  # fmt: skip
     )

@@ -30,6 +30,7 @@ def test_verbose_prints_the_counted_figures(capsys):
         "forward_passes": passes,
         "accepted_draft_tokens": accepted,
         "tokens_per_pass": round(len(rs) / passes, 4),
+        "batched_tokens": 0,
     }
     generate(model, tok, ids, max_tokens=24, verbose=True)
     line = (

@@ -595,6 +595,7 @@ def test_usage_matches_counted_tokens(serve):
             "forward_passes": passes,
             "accepted_draft_tokens": accepted,
             "tokens_per_pass": round(completion / passes, 4),
+            "batched_tokens": 0,  # (one request at a time: none from a batch)
         }
 
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24)

@@ -1,0 +1,221 @@
+"""The server's replies: one request's choice as the events the client gets
+(:class:`Reply`), and several choices decoded at once by mlx-lm's continuous
+batching (:class:`Batch`).
+
+A choice is decoded speculatively when it is the only one waiting, and in a batch
+when several are: then one plain pass over a row per choice serves them all, as
+``mlx_lm.server`` serves them, and a batch beats speculation for throughput. A
+choice can start alone and join a batch when other requests arrive
+(:meth:`Batch.add` with ``generated``); its reply goes on where it was.
+"""
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_logits_processors
+
+from .cache import cache_tokens, trim_prompt_cache
+from .generate import SpeculativeUsage
+from .openai_api import make_usage, token_logprobs
+from .sample_utils import make_sampler
+
+# (index, text, finish_reason, usage, logprobs): what a job's queue carries per piece
+Event = Tuple[int, str, Optional[str], Optional[Dict[str, Any]], Optional[List[dict]]]
+
+
+PROBE_TOLERANCE = 0.05  # most |p(batch) - p(alone)| of a next-token probability
+
+
+def batching_fault(model) -> Optional[str]:
+    """Why mlx-lm's batched decoding cannot serve ``model`` (``None``: it can).
+
+    Three prompts of different lengths are decoded by one ``BatchGenerator``,
+    left-padded to one width, and each alone; every row's next-token
+    probabilities must be its own to within :data:`PROBE_TOLERANCE` (on CPU
+    float32 rows differ by 1e-7, bfloat16 rows by 1e-3). mlx-lm 0.32's gemma2, for
+    one, fails: its mask is broadcast over the key-value heads, which raises with
+    three rows and silently attends across rows and padding with two (0.35-0.5).
+    """
+    vocab = model.args.vocab_size
+    prompts = [[(7 * i + 1) % vocab for i in range(n)] for n in (8, 3, 2)]
+    try:
+        generator = BatchGenerator(model, max_tokens=1)
+        uids, rows = generator.insert(prompts), {}
+        while responses := generator.next_generated():
+            rows.update((r.uid, r.logprobs) for r in responses)
+        generator.close()
+    except Exception as e:  # noqa: BLE001 - the reason is reported
+        return f"{type(e).__name__}: {e}"
+    for uid, prompt in zip(uids, prompts):
+        alone = mx.softmax(model(mx.array([prompt]))[0, -1].astype(mx.float32))
+        gap = mx.abs(mx.exp(rows[uid].astype(mx.float32)) - alone).max().item()
+        if gap > PROBE_TOLERANCE:
+            return (
+                f"a row of a batch differs from the same prompt alone by {gap:.2f} in a "
+                "next-token probability"
+            )
+    return None
+
+
+class Reply:
+    """One choice of a request: its generated tokens turned into events.
+
+    Fed one token at a time (:meth:`add`), from a speculative generation, from a
+    batch, or from one and then the other. The text is cut at the first stop
+    string, and the tail that could start one is held back until it cannot.
+
+    Example (tokens ``t1``, ``t2``, ``t5`` of a word tokenizer; stop string ``"t5"``,
+    so the text's last character is held back)::
+
+        reply.add(1, lp, None)  # "t1"       -> (0, "t", None, None, None)
+        reply.add(2, lp, None)  # "t1 t2"    -> (0, "1 t", None, None, None)
+        reply.add(5, lp, None)  # "t1 t2 t5" -> (0, "2 ", "stop", usage, None)
+
+    Args:
+        tokenizer: mlx-lm's ``TokenizerWrapper``.
+        job: where the events go (``put``), and whose ``args`` and ``tokens``
+          (the whole prompt) this choice answers.
+        index (int): the choice's index.
+        cached (int): prompt tokens that came from the prompt cache.
+    """
+
+    def __init__(self, tokenizer, job, index: int, cached: int):
+        self.tokenizer, self.job, self.index, self.cached = tokenizer, job, index, cached
+        args = job.args
+        self.stops, self.top, self.max_tokens = (
+            args["stop"],
+            args.get("logprobs"),
+            args["max_tokens"],
+        )
+        self.detokenizer = tokenizer.detokenizer
+        self.generated: List[int] = []
+        self.spec = SpeculativeUsage()
+        self.text, self.emitted, self.records, self.sent = "", 0, [], 0
+        self.finished = False
+        self.usage: Optional[Dict[str, Any]] = None  # once finished
+
+    def add(self, token: int, logprobs: mx.array, finish: Optional[str], response=None):
+        """Takes the next token (``finish``: mlx-lm's reason when it is the last;
+        ``response``: the speculative generation's, for its usage, ``None`` in a
+        batch); returns the event to send, or ``None`` while text is held back."""
+        self.generated.append(token)
+        if response is not None:
+            self.spec.add(response)
+        else:
+            self.spec.add_batched()
+        if self.top is not None:
+            self.records.append(token_logprobs(self.tokenizer, token, logprobs, self.top))
+        if not (finish == "stop" and token in self.tokenizer.eos_token_ids):
+            self.detokenizer.add_token(token)  # (an EOS token is not text, as in mlx-lm)
+        if finish is not None:
+            self.detokenizer.finalize()
+        self.text += self.detokenizer.last_segment
+        hit = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text, finish = self.text[:hit], "stop"
+        hold = max((len(s) - 1 for s in self.stops), default=0) if finish is None else 0
+        ready = max(len(self.text) - hold, self.emitted)
+        if ready == self.emitted and finish is None:
+            return None
+        if finish is not None:
+            self.finished = True
+            self.usage = make_usage(
+                len(self.job.tokens), self.cached, len(self.generated), self.spec
+            )
+        new = None if self.top is None else self.records[self.sent :]
+        event = (self.index, self.text[self.emitted : ready], finish, self.usage, new)
+        self.emitted, self.sent = ready, len(self.records)
+        return event
+
+    @property
+    def sequence(self) -> List[int]:
+        """The prompt, then the tokens generated so far."""
+        return list(self.job.tokens) + self.generated
+
+
+class Batch:
+    """Choices decoded together: mlx-lm's ``BatchGenerator`` (plain decoding, one
+    row per choice, rows joining and leaving between steps) feeding :class:`Reply`s.
+
+    Args:
+        model: the model (its streams and hooks are idle in a plain pass).
+        tokenizer: mlx-lm's ``TokenizerWrapper``; its EOS tokens end a row.
+        decode_concurrency (int): most rows decoded at once (``mlx_lm.server``'s
+          ``--decode-concurrency``).
+        prompt_concurrency (int): most prompts prefilled at once (its
+          ``--prompt-concurrency``).
+        prefill_step_size (int): prompt tokens per prefill pass.
+        xtc_special_tokens: the tokens XTC sampling never drops (as for one request).
+    """
+
+    def __init__(self, model, tokenizer, decode_concurrency: int, prompt_concurrency: int,
+                 prefill_step_size: int, xtc_special_tokens: Sequence[int] = ()):  # fmt: skip
+        self.tokenizer, self.xtc_special_tokens = tokenizer, xtc_special_tokens
+        self.generator = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=decode_concurrency,
+            prefill_batch_size=prompt_concurrency,
+            prefill_step_size=prefill_step_size,
+        )
+        self.replies: Dict[int, Reply] = {}  # by the generator's uid
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+    def add(self, reply: Reply, cache: Optional[list]) -> None:
+        """Adds a choice. ``cache`` holds the start of ``reply.sequence`` (``None``:
+        nothing); the rest is fed. A choice that has generated tokens (it ran
+        speculatively until now) goes on from its last one: a cache that already
+        holds that token gives it back (it must be trimmable) to compute what
+        follows."""
+        sequence = reply.sequence
+        held = 0 if cache is None else cache_tokens(cache)
+        if held == len(sequence):
+            held -= trim_prompt_cache(cache, 1)
+        args = reply.job.args
+        processing = args["processing"]
+        (uid,) = self.generator.insert_segments(
+            segments=[[sequence[held:]]],
+            max_tokens=[reply.max_tokens - len(reply.generated)],
+            caches=[None if cache is None else list(cache)],
+            all_tokens=[sequence[:held]],  # the logits processors' history
+            samplers=[make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens)],
+            logits_processors=[make_logits_processors(**processing) if processing else []],
+        )
+        self.replies[uid] = reply
+
+    def step(self) -> List[Tuple[Reply, Optional[Event], Optional[list]]]:
+        """One step of every row: ``(reply, event, cache)`` for each choice that got
+        a token, ``cache`` (holding the start of ``reply.sequence``) when the choice
+        is done, else ``None``."""
+        out = []
+        _, responses = self.generator.next()
+        for r in responses:
+            reply = self.replies[r.uid]
+            event = reply.add(r.token, r.logprobs, r.finish_reason)
+            cache = None
+            if reply.finished:
+                del self.replies[r.uid]
+                if r.finish_reason is None:  # (a stop string: the row is still there)
+                    cache = self._remove([r.uid])[0]
+                else:
+                    cache = r.prompt_cache
+            out.append((reply, event, cache))
+        return out
+
+    def remove(self, replies: Sequence[Reply]) -> List[Tuple[Reply, list]]:
+        """Takes ``replies`` out (their clients left); ``(reply, cache)`` of each."""
+        gone = set(map(id, replies))
+        uids = [uid for uid, reply in self.replies.items() if id(reply) in gone]
+        out = [self.replies.pop(uid) for uid in uids]
+        return list(zip(out, self._remove(uids)))
+
+    def _remove(self, uids: List[int]) -> List[list]:
+        """The rows' caches, in the order of ``uids``, once the rows are gone."""
+        caches = self.generator.remove(uids, return_prompt_caches=True)
+        return [caches[uid][0] for uid in uids]
+
+    def close(self) -> None:
+        self.generator.close()

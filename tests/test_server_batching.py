@@ -1,0 +1,332 @@
+"""The server decodes requests that wait together in one batch (mlx-lm's continuous
+batching), and a request decoding alone joins the batch when others arrive. Each
+answer equals what the request gets alone (greedy: plain decoding, token for token on
+CPU); sampled rows keep their own distribution; seeded requests, and models whose
+batched pass fails, are served one at a time."""
+
+import logging
+from collections import Counter
+
+import mlx.core as mx
+import pytest
+from helpers import tiny_hybrid, tiny_model, tiny_spec_model, word_tokenizer
+
+from mlx_specstream import replies
+from mlx_specstream.generate import stream_generate
+from mlx_specstream.openai_api import parse_generation_args
+from mlx_specstream.server import make_server, service_of
+
+V = 64
+
+
+@pytest.fixture
+def service():
+    """Starts model services (no HTTP: requests go to the generation thread as the
+    handler hands them over); stops them after the test."""
+    made = []
+
+    def start(model, tok=None, **defaults):
+        server = make_server(model, tok or word_tokenizer(V), "tiny", port=0, **defaults)
+        made.append(server)
+        return service_of(server)
+
+    yield start
+    for server in made:
+        server.server_close()
+
+
+def submit(svc, prompt, **body):
+    return svc.submit(prompt, parse_generation_args({"max_tokens": 16, **body}, svc.defaults))
+
+
+def submit_together(svc, requests):
+    """Queues every request before the generation thread can take the first (it waits
+    on the queue's condition, which this thread holds meanwhile)."""
+    with svc._state:
+        return [submit(svc, prompt, **body) for prompt, body in requests]
+
+
+def answer(job):
+    """Text, usage and log-probability records of each choice of a finished job."""
+    text, usage, records = {}, {}, {}
+    for index, piece, finish, u, new in job:
+        text[index] = text.get(index, "") + piece
+        if u is not None:
+            usage[index] = u
+        if new is not None:
+            records[index] = records.get(index, []) + new
+    return text, usage, records
+
+
+def alone(model, tok, prompt, n, **kwargs):
+    """Plain decoding's text and log-probabilities (mlx-lm's loop: speculative=False)."""
+    rs = list(stream_generate(model, tok, prompt, max_tokens=n, speculative=False, **kwargs))
+    return "".join(r.text for r in rs), [r.logprobs for r in rs]
+
+
+PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31, 30, 31, 30]]
+
+
+def test_waiting_requests_are_decoded_together_as_each_alone(service):
+    """Four requests waiting together run as one batch of four rows: each answer and
+    its log-probabilities equal plain decoding of that request alone, and its usage
+    says every token came from the batch. Control: rows whose replies are rotated
+    (each request gets its neighbour's tokens) do not."""
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    tok = word_tokenizer(V)
+    svc = service(model, tok)
+    jobs = submit_together(svc, [(p, {"logprobs": 2}) for p in PROMPTS])
+    got = [answer(j) for j in jobs]
+    assert svc.served["batched"] == 1 and svc.served["alone"] == 0
+    assert svc.served["largest_batch"] == 4
+    for p, (text, usage, records) in zip(PROMPTS, got):
+        want, logprobs = alone(model, tok, p, 16)
+        assert text[0] == want
+        n = usage[0]["completion_tokens"]
+        assert usage[0]["speculative"]["batched_tokens"] == n == len(logprobs) == len(records[0])
+        for rec, lp in zip(records[0], logprobs):
+            assert abs(rec["logprob"] - lp[rec["id"]].item()) < 1e-5
+
+    step = replies.Batch.step
+
+    def rotated(self):  # each row's event goes to the next row's request
+        out = step(self)
+        events = [e for _, e, _ in out[1:] + out[:1]]
+        return [(reply, e, cache) for (reply, _, cache), e in zip(out, events)]
+
+    svc = service(model, tok)
+    with pytest.MonkeyPatch().context() as mp:
+        mp.setattr(replies.Batch, "step", rotated)
+        jobs = submit_together(svc, [(p, {}) for p in PROMPTS])
+        texts = [answer(j)[0].get(0, "") for j in jobs]
+    assert texts != [alone(model, tok, p, 16)[0] for p in PROMPTS]
+
+
+def gated(monkeypatch, after: int):
+    """Holds the first request that generates ``after`` tokens until ``open`` is set
+    (``reached`` tells when it is held), so that others arrive while it runs alone."""
+    import threading
+
+    reached, gate, add = threading.Event(), threading.Event(), replies.Reply.add
+
+    def held(self, *args, **kwargs):
+        event = add(self, *args, **kwargs)
+        if len(self.generated) == after and not reached.is_set():
+            reached.set()
+            assert gate.wait(60)
+        return event
+
+    monkeypatch.setattr(replies.Reply, "add", held)
+    return reached, gate
+
+
+def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch):
+    """A request decoding alone, speculatively, when two others arrive hands its
+    cache over and goes on in a batch with them, from its next token: its answer,
+    and theirs, equal plain decoding; its usage counts the tokens before (some from
+    accepted drafts) and those after. Control: a hand-over that leaves its last
+    token out of the cache (an off-by-one) changes its answer."""
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    tok = word_tokenizer(V, eos=0)  # (a token this model never writes first: long answers)
+    a, others = [3, 4, 5, 3, 4], PROMPTS[1:3]
+
+    def run(svc, n_before):
+        reached, gate = gated(monkeypatch, n_before)
+        job = submit(svc, a, max_tokens=40)
+        assert reached.wait(60)
+        jobs = submit_together(svc, [(p, {}) for p in others])
+        gate.set()
+        got = [answer(j) for j in [job] + jobs]
+        monkeypatch.undo()
+        return got
+
+    svc = service(model, tok)
+    got = run(svc, 6)
+    assert svc.served == {"alone": 1, "batched": 1, "handed_over": 1, "largest_batch": 3}
+    for p, (text, usage, _), n in zip([a] + others, got, [40, 16, 16]):
+        assert text[0] == alone(model, tok, p, n)[0]
+    spec = got[0][1][0]["speculative"]
+    assert spec["batched_tokens"] == 40 - 6
+    assert spec["accepted_draft_tokens"] > 0 and spec["forward_passes"] < 40
+
+    trim = replies.trim_prompt_cache
+    monkeypatch.setattr(replies, "trim_prompt_cache", lambda cache, n: trim(cache, n + 1) - 1)
+    svc = service(model, tok)
+    reached, gate = gated(monkeypatch, 6)
+    monkeypatch.setattr(replies, "trim_prompt_cache", lambda cache, n: trim(cache, n + 1) - 1)
+    job = submit(svc, a, max_tokens=40)
+    assert reached.wait(60)
+    submit_together(svc, [(p, {}) for p in others])
+    gate.set()
+    assert answer(job)[0][0] != alone(model, tok, a, 40)[0]
+
+
+def test_sampled_rows_keep_their_own_distribution(service):
+    """At temperature 1, 320 choices of each of two prompts, decoded in batches of 32
+    rows that mix both: each prompt's first tokens fit its own distribution
+    (chi-square). Control: they do not fit the other prompt's."""
+    from test_sampling import chi_square_pvalue
+
+    model = tiny_model("llama", vocab_size=V, weight_scale=1.0)
+    tok = word_tokenizer(V)
+    svc = service(model, tok)
+    prompts = [[3, 4, 5], [40, 41]]
+    body = {"max_tokens": 1, "temperature": 1.0, "n": 16, "logprobs": 1}
+    mx.random.seed(0)  # (the generation thread draws from MLX's global key)
+    jobs = submit_together(svc, [(p, body) for _ in range(20) for p in prompts])
+    counts = [Counter(), Counter()]
+    for i, job in enumerate(jobs):
+        for records in answer(job)[2].values():
+            counts[i % 2][records[0]["id"]] += 1
+    assert svc.served["largest_batch"] == 640 and sum(counts[0].values()) == 320
+    exact = []
+    for p in prompts:
+        probs = mx.softmax(model(mx.array([p]))[0, -1].astype(mx.float32)).tolist()
+        exact.append(dict(enumerate(probs)))
+    assert chi_square_pvalue(counts[0], exact[0], 320) > 1e-3
+    assert chi_square_pvalue(counts[1], exact[1], 320) > 1e-3
+    assert chi_square_pvalue(counts[0], exact[1], 320) < 1e-6  # control
+    assert chi_square_pvalue(counts[1], exact[0], 320) < 1e-6
+
+
+def test_seeded_requests_are_served_one_at_a_time(service):
+    """Seeded requests waiting together are decoded one after another, each
+    speculatively, so an answer depends on its seed only: each equals the same
+    request served again alone. Control: the same requests unseeded are batched."""
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    svc = service(model)
+    body = {"temperature": 1.0, "seed": 5}
+    jobs = submit_together(svc, [(p, body) for p in PROMPTS[:3]])
+    texts = [answer(j)[0][0] for j in jobs]
+    assert svc.served == {"alone": 3, "batched": 0, "handed_over": 0, "largest_batch": 0}
+    again = [answer(submit(svc, p, **body))[0][0] for p in PROMPTS[:3]]
+    assert texts == again
+    submit_together(svc, [(p, {"temperature": 1.0}) for p in PROMPTS[:3]])
+    assert svc.wait_idle(60) and svc.served["batched"] == 1
+
+
+def test_one_at_a_time_where_batching_is_off(service, caplog):
+    """``decode_concurrency=1``, a draft model, or a model whose batched pass fails
+    (mlx-lm's gemma2 in MLX 0.32: its mask does not broadcast over a batch, which is
+    logged) serve requests waiting together one at a time: each answer equals plain
+    decoding. (Control: the batched case, in the tests above.)"""
+    llama = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    gemma = tiny_spec_model("gemma2", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    tok = word_tokenizer(V)
+    with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
+        cases = [
+            (llama, service(llama, tok, decode_concurrency=1)),
+            (llama, service(llama, tok, draft_model=tiny_model("llama", vocab_size=V, seed=3))),
+            (gemma, service(gemma, tok)),
+        ]
+    assert [r.message for r in caplog.records if "one at a time" in r.message] == [
+        "requests are served one at a time: mlx-lm's batched decoding fails on this model "
+        "(ValueError: [broadcast_shapes] Shapes (3,1,7,7) and (3,2,2,7,7) cannot be broadcast.)"
+    ]
+    for model, svc in cases:
+        assert not svc.batching
+        jobs = submit_together(svc, [(p, {}) for p in PROMPTS[:3]])
+        for p, job in zip(PROMPTS[:3], jobs):
+            assert answer(job)[0][0] == alone(model, tok, p, 16)[0]
+        assert svc.served["alone"] == 3 and svc.served["batched"] == 0
+
+
+def test_batching_fault_finds_a_wrong_batched_pass():
+    """The start-up probe: none for llama; gemma2's error; and, for a model whose
+    batched rows are wrong without raising (control: noise added to a batch's logits
+    only), the gap it finds."""
+    llama = tiny_model("llama", vocab_size=V)
+    assert replies.batching_fault(llama) is None
+    assert replies.batching_fault(tiny_model("gemma2", vocab_size=V)).startswith(
+        "ValueError: [broadcast_shapes]"
+    )
+
+    class Noisy(type(llama)):
+        def __call__(self, inputs, *args, **kwargs):
+            out = super().__call__(inputs, *args, **kwargs)
+            return out + 3.0 * mx.random.normal(out.shape) if inputs.shape[0] > 1 else out
+
+    llama.__class__ = Noisy
+    assert "differs from the same prompt alone by" in replies.batching_fault(llama)
+
+
+def test_a_hybrid_model_batches_waiting_requests_but_decodes_alone_to_the_end(service, monkeypatch):
+    """A model with recurrent layers: requests waiting together are batched (mlx-lm
+    merges their states), each answer equal to plain decoding; one decoding alone
+    with prompt lookup is not handed over (its state cannot be rewound to re-feed a
+    token), so it finishes alone and the others are batched after it."""
+    model, tok = tiny_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V, eos=0)
+    svc = service(model, tok, draft="ngram")
+    jobs = submit_together(svc, [(p, {}) for p in PROMPTS])
+    for p, job in zip(PROMPTS, jobs):
+        assert answer(job)[0][0] == alone(model, tok, p, 16)[0]
+    assert svc.served == {"alone": 0, "batched": 1, "handed_over": 0, "largest_batch": 4}
+    reached, gate = gated(monkeypatch, 3)
+    first = submit(svc, [3, 9, 4, 3, 9, 4, 3], max_tokens=24)
+    assert reached.wait(60)
+    jobs = submit_together(svc, [(p, {}) for p in PROMPTS[:2]])
+    gate.set()
+    text, usage, _ = answer(first)
+    assert text[0] == alone(model, tok, [3, 9, 4, 3, 9, 4, 3], 24)[0]
+    assert usage[0]["speculative"]["batched_tokens"] == 0
+    for p, job in zip(PROMPTS[:2], jobs):
+        assert answer(job)[0][0] == alone(model, tok, p, 16)[0]
+    assert svc.served == {"alone": 1, "batched": 2, "handed_over": 0, "largest_batch": 4}
+
+
+def test_a_client_leaving_a_batch(service):
+    """A client that leaves mid-batch: its row goes, its cache goes into the LRU
+    keyed by the tokens it holds (a follow-up with its prompt reuses it), and the
+    other answers still equal plain decoding. Control: the LRU is empty before."""
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    tok = word_tokenizer(V, eos=0)
+    svc = service(model, tok)
+    jobs = submit_together(svc, [(p, {"max_tokens": 40, "stream": True}) for p in PROMPTS[:3]])
+    assert len(svc.prompt_cache) == 0
+    leaving = iter(jobs[1])
+    next(leaving)
+    jobs[1].cancel()
+    list(leaving)
+    for p, job in zip([PROMPTS[0], PROMPTS[2]], [jobs[0], jobs[2]]):
+        assert answer(job)[0][0] == alone(model, tok, p, 40)[0]
+    want = alone(model, tok, PROMPTS[1], 40)[0].split()
+    kept = [e.key for e in svc.prompt_cache._entries.values() if e.key[:7] == PROMPTS[1]]
+    assert len(kept) == 1 and len(kept[0]) < len(PROMPTS[1]) + 40
+    assert [f"t{t}" for t in kept[0][7:]] == want[: len(kept[0]) - 7]
+    text, usage, _ = answer(submit(svc, PROMPTS[1], max_tokens=40))
+    assert text[0].split() == want
+    assert usage[0]["prompt_tokens_details"]["cached_tokens"] == len(PROMPTS[1]) - 1
+
+
+def test_reply_holds_back_a_possible_stop_string():
+    """A choice's events: text goes out once no stop string can start in it; the
+    answer is cut before the stop string, which ends it (``"stop"``, with usage);
+    an EOS token ends it without text. Control: without stop strings nothing is held."""
+    tok = word_tokenizer(V, eos=9)
+
+    class Job:
+        tokens = [1, 2]
+
+        def __init__(self, stop):
+            self.args = {"stop": stop, "logprobs": None, "max_tokens": 8}
+
+    lp = mx.zeros((V,))
+    reply = replies.Reply(tok, Job(["t5"]), 0, cached=1)
+    assert reply.add(1, lp, None) == (0, "t", None, None, None)  # (len("t5") - 1 chars held)
+    assert reply.add(2, lp, None) == (0, "1 t", None, None, None)
+    index, text, finish, usage, _ = reply.add(5, lp, None)
+    assert (index, text, finish) == (0, "2 ", "stop")  # "t1 t2 t5" cut before "t5"
+    assert usage["completion_tokens"] == 3 and usage["prompt_tokens_details"]["cached_tokens"] == 1
+    reply = replies.Reply(tok, Job([]), 1, cached=0)
+    assert [reply.add(t, lp, None) for t in (1, 2)] == [(1, "t1", None, None, None),
+                                                         (1, " t2", None, None, None)]  # fmt: skip
+    assert reply.add(9, lp, "stop")[1:3] == ("", "stop")
+    assert reply.sequence == [1, 2, 1, 2, 9] and reply.usage["completion_tokens"] == 3
+
+
+def test_concurrency_flags_are_checked():
+    from mlx_specstream.server import main
+
+    for flag in ("--decode-concurrency", "--prompt-concurrency"):
+        with pytest.raises(SystemExit):
+            main([flag, "0"])
