@@ -247,7 +247,7 @@ def parse_tool_args(body: Dict[str, Any], tokenizer, chat: bool):
 
 
 MAX_TOP_LOGPROBS = 20  # (OpenAI's limit)
-MAX_CHOICES = 16  # a request's most choices (n), generated one after another
+MAX_CHOICES = 16  # a request's most choices (n)
 
 
 def requested_logprobs(body: Dict[str, Any]) -> Optional[int]:

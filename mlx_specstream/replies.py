@@ -6,7 +6,8 @@ A choice is decoded speculatively when it is the only one waiting, and in a batc
 when several are: then one plain pass over a row per choice serves them all, as
 ``mlx_lm.server`` serves them, and a batch beats speculation for throughput. A
 choice can start alone and join a batch when other requests arrive
-(:meth:`Batch.add` with ``generated``); its reply goes on where it was.
+(:meth:`Batch.add` of a reply that has generated tokens); its reply goes on where
+it was.
 """
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -37,8 +38,7 @@ def batching_fault(model) -> Optional[str]:
     one, fails: its mask is broadcast over the key-value heads, which raises with
     three rows and silently attends across rows and padding with two (0.35-0.5).
     """
-    vocab = model.args.vocab_size
-    prompts = [[(7 * i + 1) % vocab for i in range(n)] for n in (8, 3, 2)]
+    prompts = [list(range(1, n + 1)) for n in (8, 3, 2)]
     try:
         generator = BatchGenerator(model, max_tokens=1)
         uids, rows = generator.insert(prompts), {}

@@ -10,7 +10,7 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 ``xtc_threshold``, ``stop``, ``seed``, ``logit_bias``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty`` (each with its ``*_context_size``),
 ``chat_template_kwargs``, ``role_mapping``, ``stream_options``, ``logprobs``,
-``top_logprobs``, ``n`` (choices generated one after another), and for chat ``tools``
+``top_logprobs``, ``n`` (choices batched, or one after another), and for chat ``tools``
 (shown to the model by its chat template), ``tool_choice`` (``"auto"``, ``"none"``, or a
 forced call: ``"required"`` or a named function, whose start the prompt then holds)
 and messages with ``tool_calls`` or the ``tool`` role, plus our ``speculative`` (bool),
@@ -37,8 +37,10 @@ batching, as ``mlx_lm.server`` decodes them; a request decoding alone when
 others arrive joins them there (:mod:`~mlx_specstream.replies`;
 ``--decode-concurrency 1`` serves one at a time). Seeded requests, and every
 request with a draft model or ``--kv-bits`` (which mlx-lm does not batch), are
-served one at a time, in arrival order. As in ``mlx_lm.server``, the KV caches of finished requests are kept in
-an LRU (:class:`~mlx_specstream.prompt_cache.PromptCacheLRU`, bounded by
+served one at a time, in arrival order.
+
+As in ``mlx_lm.server``, the KV caches of finished requests are kept in an LRU
+(:class:`~mlx_specstream.prompt_cache.PromptCacheLRU`, bounded by
 ``--prompt-cache-size`` entries and ``--prompt-cache-bytes``), and a request
 starts from the one sharing the longest prefix with its prompt, so a
 conversation's follow-up turn prefills only its new tokens.

@@ -29,8 +29,6 @@ OWN_DEFAULTS = {
     "--draft-model mlx-lm's 3",
 }
 SERVER_NOT_OURS = {
-    "--decode-concurrency": "speculative decoding here is batch-1 (requests in arrival order)",
-    "--prompt-concurrency": "speculative decoding here is batch-1 (requests in arrival order)",
     "--pipeline": "mlx-lm's distributed pipeline parallelism",
 }
 

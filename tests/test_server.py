@@ -1072,9 +1072,9 @@ def test_streamed_logprobs_are_the_whole_responses(served):
 
 
 def test_n_choices_one_after_another(served):
-    """``n`` choices are generated one after another: seeded, the first is the n=1
-    answer and the rest continue its random stream, so they differ; greedy, all are
-    the same; usage counts the prompt once and every choice's tokens. Streamed, each
+    """Seeded, ``n`` choices are generated one after another: the first is the n=1
+    answer and the rest continue its random stream, so they differ; greedy (and
+    batched), all are the same; usage counts the prompt once and every choice's tokens. Streamed, each
     chunk names its choice and the pieces rebuild the same texts."""
     model, tok, client, _ = served
     messages = [{"role": "user", "content": "t7 t8 t9"}]
