@@ -1,7 +1,7 @@
 """Throughput of the server with several clients at once: batched, one at a time, and mlx-lm.
 
-    python benchmarks/server_concurrency.py [--model DIR] [--clients 1,2,4,8] [--max-tokens 128]
-        [--tree-depth 3 --stream-pass fused] [--rounds 2] [--tag TAG]
+    python benchmarks/server_concurrency.py [--model DIR] [--dtype float32] [--clients 1,2,4,8]
+        [--max-tokens 128] [--tree-depth 3 --stream-pass fused] [--rounds 2] [--tag TAG]
 
 For each number of clients K, K different prompts (the default model's held-out
 prompts) are asked at once, greedily, for ``--max-tokens`` tokens each, and the
@@ -24,7 +24,9 @@ in every round, on the same weights:
 Every answer of ours is checked against mlx-lm's one-at-a-time text (the script
 says how many are identical). Also reported: the mean time from sending a
 request to its last token. Results go to
-``benchmarks/results/server_concurrency[-TAG].{md,json}``.
+``benchmarks/results/server_concurrency[-TAG].{md,json}``. Both models are cast to
+``--dtype`` (float32 by default, as ``mlx_specstream.benchmark``: MLX's CPU backend
+multiplies bfloat16 without BLAS, so that a verified row costs nearly a full pass).
 """
 
 import argparse
@@ -116,6 +118,7 @@ def mlx_lm_batched(model, tok, prompts, max_tokens):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_DIR))
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--clients", default="1,2,4,8")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--tree-depth", type=int, default=None, help="a chain of N stream drafts")
@@ -133,6 +136,9 @@ def main():
         changes.update(stream_pass=args.stream_pass)
     rt.config = dataclasses.replace(rt.config, **changes)
     plain, plain_tok = mlx_lm_load(args.model)
+    for m in (model, plain):
+        m.set_dtype(getattr(mx, args.dtype))
+        mx.eval(m.parameters())
     clients = [int(c) for c in args.clients.split(",")]
     prompts = held_out_prompts(args.model, max(clients))
     batched, batched_client = start_server(model, tok)
@@ -149,6 +155,7 @@ def main():
     ways["ours, one at a time"](prompts[:1])
     info = machine_info(
         max_tokens=args.max_tokens,
+        dtype=args.dtype,
         config={k: getattr(rt.config, k) for k in ("tree_depth", "top_k", "max_tree_nodes",
                                                    "stream_pass", "draft")},  # fmt: skip
     )
@@ -177,8 +184,8 @@ def main():
     lines = [
         heading("Server throughput with concurrent clients", info),
         "",
-        f"`{info['command']}`; greedy, {args.max_tokens} tokens a request, median of "
-        f"{args.rounds} rounds; settings {info['config']}.",
+        f"`{info['command']}`; {args.dtype}, greedy, {args.max_tokens} tokens a request, "
+        f"median of {args.rounds} rounds; settings {info['config']}.",
         "",
         "| clients | way | tokens/s (all clients) | x mlx-lm one at a time | mean latency (s) "
         "| identical to mlx-lm |",

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
-from typing import Generator, List, Optional, Union
+from dataclasses import dataclass, field
+from typing import Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -72,12 +72,18 @@ class SpeculativeUsage:
     forward_passes: int = 0
     accepted_draft_tokens: int = 0
     batched_tokens: int = 0
+    _before: Tuple[int, int] = field(default=(0, 0), repr=False, compare=False)
 
     def add(self, response: "SpecGenerationResponse") -> None:
-        """Takes a speculative generation's response (they come before any batched token)."""
-        self.generated_tokens = response.generation_tokens
-        self.forward_passes = getattr(response, "forward_passes", response.generation_tokens)
+        """Takes a speculative generation's response (its counts start at :meth:`resume`)."""
+        passes = getattr(response, "forward_passes", response.generation_tokens)
+        self.generated_tokens = self._before[0] + response.generation_tokens
+        self.forward_passes = self._before[1] + passes
         self.accepted_draft_tokens += bool(response.from_draft)
+
+    def resume(self) -> None:
+        """A new generation goes on from here (a server's choice back from a batch)."""
+        self._before = (self.generated_tokens, self.forward_passes)
 
     def add_batched(self) -> None:
         """Counts a token from a batched pass."""

@@ -77,10 +77,10 @@ class Reply:
         job: where the events go (``put``), and whose ``args`` and ``tokens``
           (the whole prompt) this choice answers.
         index (int): the choice's index.
-        cached (int): prompt tokens that came from the prompt cache.
+        cached (int): prompt tokens that came from the prompt cache (set once known).
     """
 
-    def __init__(self, tokenizer, job, index: int, cached: int):
+    def __init__(self, tokenizer, job, index: int, cached: int = 0):
         self.tokenizer, self.job, self.index, self.cached = tokenizer, job, index, cached
         args = job.args
         self.stops, self.top, self.max_tokens = (

@@ -73,7 +73,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from .cache import cache_tokens, make_prompt_cache
+from .cache import cache_tokens, make_prompt_cache, trim_prompt_cache
 from .cli_args import (
     DRAFT_MODEL_TOKENS,
     add_draft_args,
@@ -182,10 +182,14 @@ class ModelService:
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
         self.batching = False  # set by the generation thread (see _can_batch)
-        self.served = {"alone": 0, "batched": 0, "handed_over": 0, "largest_batch": 0}
+        # What the scheduler did: generations alone (started or resumed), batches, choices
+        # handed from alone to a batch and taken back, and the most choices in one batch.
+        self.served = dict(alone=0, batched=0, handed_over=0, taken_back=0, largest_batch=0)
+        self._trimmable = can_trim_prompt_cache(make_prompt_cache(model))
         mx.eval(_arrays_of(model) + ([] if draft_model is None else _arrays_of(draft_model)))
         self._waiting: "collections.deque[Job]" = collections.deque()
         self._pending = 0  # submitted and not finished
+        self._open: Dict[Job, int] = {}  # jobs taken from the queue: their choices not done
         self._state = threading.Condition()  # guards _waiting and _pending
         self._stopping = threading.Event()
         self._ready = threading.Event()  # set once the thread knows whether it batches
@@ -240,35 +244,102 @@ class ModelService:
                 return self._waiting.popleft()
         return None
 
+    def _batchable_waits(self) -> bool:
+        with self._state:
+            return bool(self._waiting) and self._batchable(self._waiting[0])
+
+    def _batchable(self, job: Job) -> bool:
+        """A seeded request is decoded alone, so that its output depends on its seed only."""
+        return self.batching and job.args["seed"] is None
+
     def _finish(self, job: Job) -> None:
+        """The job's last event; its request is no longer pending."""
+        self._open.pop(job, None)
         job.put(_END)
         with self._state:
             self._pending -= 1
             self._state.notify_all()
 
+    def _fail(self, job: Job, error: BaseException, batch: Optional[Batch] = None) -> None:
+        """Hands ``error`` to the job's request and ends it (its rows leave ``batch``)."""
+        job.put(error)
+        if batch is not None:
+            batch.remove([r for r in batch.replies.values() if r.job is job])
+        self._finish(job)
+
+    def _keep(self, reply: Reply, cache) -> None:
+        """A choice is done, or its client left: its cache goes into the LRU (keyed by
+        the tokens it holds), and the job ends with its last choice."""
+        if reply.finished:
+            logger.debug("usage %s", json.dumps(reply.usage))
+        self.prompt_cache.insert_finished(reply.sequence, cache)
+        if reply.job in self._open:
+            self._open[reply.job] -= 1
+            if self._open[reply.job] == 0 or reply.job.cancelled.is_set():
+                self._finish(reply.job)
+
     def _run(self):
+        """The scheduler. A choice runs alone (speculatively) while nothing else
+        waits, and a batch runs while several choices do. A choice alone hands its
+        cache to a new batch when a request that can be batched arrives; the last
+        row of a batch goes on alone once nobody waits to join it."""
         try:
             self.batching = self._can_batch()
             self._ready.set()
-            while True:
-                job = self._next_job()
-                if job is None:
-                    break
-                try:
-                    if not (job.cancelled.is_set() or self._stopping.is_set()):
-                        if self._batchable(job) and (job.choices > 1 or self._batchable_waits()):
-                            self._serve_batch(job)
-                        else:
-                            self._serve(job)
-                finally:
-                    self._finish(job)
+            batch: Optional[Batch] = None
+            alone = None  # (reply, cache): a choice to go on with alone
+            while not self._stopping.is_set():
+                if batch is not None:
+                    alone = self._batch_step(batch)
+                    if not len(batch):
+                        batch.close()
+                        batch = None
+                elif alone is not None:
+                    reply, cache = alone
+                    alone = None
+                    try:
+                        handed = self._decode_alone(reply, cache)
+                    except Exception as e:  # noqa: BLE001 - handed to the request's thread
+                        self._fail(reply.job, e)
+                        continue
+                    if handed is not None:
+                        self.served["handed_over"] += 1
+                        batch = self._new_batch()
+                        batch.add(*handed)
+                else:
+                    job = self._next_job()
+                    if job is None:
+                        break
+                    if job.cancelled.is_set():
+                        self._finish(job)
+                        continue
+                    self._open[job] = job.choices
+                    if self._batchable(job) and (job.choices > 1 or self._batchable_waits()):
+                        batch = self._new_batch()
+                        self._join(batch, job)
+                    else:
+                        alone = self._one_after_another(job)
         finally:
             self._ready.set()
             with self._state:  # (after stop(): nothing more is served)
                 left, self._waiting = list(self._waiting), collections.deque()
-            for job in left:
+            for job in list(self._open) + left:
                 self._finish(job)
             mx.clear_streams()  # empties this thread's compile cache (see the class doc)
+
+    def _one_after_another(self, job: Job):
+        """Decodes a job's choices alone, in turn (a job of several choices comes here
+        only when it cannot be batched); returns its last choice, to run as any
+        choice alone (:meth:`_decode_alone`), or ``None`` once the job has ended."""
+        for index in range(job.choices - 1):
+            reply = Reply(self.tokenizer, job, index)
+            try:
+                self._decode_alone(reply, None)  # (no batch to join: never handed over)
+            except Exception as e:  # noqa: BLE001 - handed to the request's thread
+                self._fail(job, e)
+            if job not in self._open or self._stopping.is_set():
+                return None
+        return Reply(self.tokenizer, job, job.choices - 1), None
 
     def _can_batch(self) -> bool:
         """Whether waiting requests are decoded together: as ``mlx_lm.server`` decides
@@ -291,48 +362,87 @@ class ModelService:
             return False
         return True
 
-    def _batchable(self, job: Job) -> bool:
-        """A seeded request is decoded alone, so that its output depends on its seed only."""
-        return self.batching and job.args["seed"] is None
+    def _new_batch(self) -> Batch:
+        d = self.defaults
+        self.served["batched"] += 1
+        return Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
+                     d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
 
-    def _batchable_waits(self) -> bool:
-        with self._state:
-            return bool(self._waiting) and self._batchable(self._waiting[0])
+    def _join(self, batch: Batch, job: Job) -> None:
+        """Adds every choice of ``job`` to ``batch``, each from the prompt cache."""
+        try:
+            for index in range(job.choices):
+                reply = Reply(self.tokenizer, job, index)
+                batch.add(reply, self._prompt_cache_for(reply))
+        except Exception as e:  # noqa: BLE001 - handed to the request's thread
+            self._fail(job, e, batch)
 
-    def _serve(self, job: Job):
-        """Decodes a job's choices one after another, speculatively. When a request
-        that can be batched arrives meanwhile, the choice in progress and the
-        later ones go on in a batch with it (``job`` itself is not seeded)."""
-        self.served["alone"] += 1
-        for index in range(job.choices):
-            # Later choices continue the random stream the first one seeded.
-            args = job.args if index == 0 else {**job.args, "seed": None}
-            try:
-                handed = self._decode_alone(job, index, args)
-            except Exception as e:  # noqa: BLE001 - handed to the request's thread
-                job.put(e)
-                return
-            if job.cancelled.is_set() or self._stopping.is_set():
-                return
-            if handed is not None:
-                self.served["handed_over"] += 1
-                return self._serve_batch(job, handed)
+    def _batch_step(self, batch: Batch):
+        """Adds the requests waiting (while the first of them can be batched), takes
+        out the rows whose clients left, and steps every row. Returns ``(reply,
+        cache)`` instead when one row is left and nobody waits to join it: it goes on
+        alone, speculatively, from where it is."""
+        for job in iter(self._take_batchable, None):
+            if job.cancelled.is_set():
+                self._finish(job)
+            else:
+                self._open[job] = job.choices
+                self._join(batch, job)
+        for reply, cache in batch.remove(
+            [r for r in batch.replies.values() if r.job.cancelled.is_set()]
+        ):
+            self._keep(reply, cache)
+        if len(batch) == 1 and self._trimmable and not self._batchable_waits():
+            self.served["taken_back"] += 1
+            ((reply, cache),) = batch.remove(list(batch.replies.values()))
+            return reply, cache
+        self.served["largest_batch"] = max(self.served["largest_batch"], len(batch))
+        try:
+            for reply, event, cache in batch.step():
+                if event is not None:
+                    reply.job.put(event)
+                if cache is not None:
+                    self._keep(reply, cache)
+        except Exception as e:  # noqa: BLE001 - a failed step: every request in it gets it
+            jobs = {r.job for r in batch.replies.values()}
+            batch.replies.clear()
+            for job in jobs:
+                self._fail(job, e)
+        return None
 
-    def _decode_alone(self, job: Job, index: int, args: Dict[str, Any]):
-        """Decodes one choice speculatively and sends its events; returns ``(reply,
-        cache)`` when it stops to join a batch, else ``None``.
-
-        The choice starts from the cached entry sharing the longest prefix with
-        its prompt and feeds only the rest; when it ends, or is closed early,
-        its cache goes back into the LRU keyed by the tokens it holds.
-        """
-        tokens = job.tokens
-        if args["seed"] is not None:
-            mx.random.seed(args["seed"])
-        cache, cached = self.prompt_cache.fetch(tokens, min_new=args.get("min_fed", 1))
+    def _prompt_cache_for(self, reply: Reply):
+        """A new choice's cache: the LRU's entry sharing the longest prefix with its
+        prompt (``reply.cached`` says how many tokens), or a fresh one (with a draft
+        model: the model's layers, then the draft's, as mlx-lm's)."""
+        job = reply.job
+        cache, reply.cached = self.prompt_cache.fetch(job.tokens, job.args.get("min_fed", 1))
         if cache is None:
-            # (with a draft model: the model's layers, then the draft's, as mlx-lm's)
-            cache, cached = make_prompt_cache(self.model, draft_model=self.draft_model), 0
+            cache = make_prompt_cache(self.model, draft_model=self.draft_model)
+        return cache
+
+    def _decode_alone(self, reply: Reply, cache):
+        """Decodes a choice speculatively from where it is, and sends its events;
+        returns ``(reply, cache)`` when it stops to join a batch (a request that can
+        be batched waits), else ``None``.
+
+        A new choice (``cache`` ``None``) starts from the prompt cache and feeds the
+        rest of its prompt. One back from a batch (``cache`` holding the start of its
+        tokens) feeds its last tokens again: one at least, and as many as its logits
+        processors read, so that they see what they would have. When the choice
+        ends, or is closed early, its cache goes back into the LRU.
+        """
+        job, args = reply.job, reply.job.args
+        sequence, fresh = reply.sequence, cache is None
+        self.served["alone"] += 1
+        if fresh:
+            if reply.index == 0 and args["seed"] is not None:
+                mx.random.seed(args["seed"])  # (later choices continue its random stream)
+            cache = self._prompt_cache_for(reply)
+            held = reply.cached
+        else:
+            held = cache_tokens(cache)
+            feed = max(args.get("min_fed", 1), 1)
+            held -= trim_prompt_cache(cache, max(held - (len(sequence) - feed), 0))
         kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
         if self.draft_model is not None:
             kwargs["draft_model"] = self.draft_model
@@ -341,17 +451,16 @@ class ModelService:
         if d.kv_bits is not None:
             kwargs.update(kv_bits=d.kv_bits, kv_group_size=d.kv_group_size,
                           quantized_kv_start=d.quantized_kv_start)  # fmt: skip
-        trimmable = can_trim_prompt_cache(cache)
-        if self.prompt_cache.max_size and not trimmable:
+        if fresh and self.prompt_cache.max_size and not self._trimmable:
             if cache_tokens(cache) is not None:  # (recurrent layers: keep the prompt's state)
                 kwargs["prompt_checkpoint_callback"] = lambda held: self.prompt_cache.insert(
-                    tokens[:-1], copy.deepcopy(held)
+                    job.tokens[:-1], copy.deepcopy(held)
                 )
         gen = stream_generate(
             self.model,
             self.tokenizer,
-            tokens[cached:],
-            max_tokens=args["max_tokens"],
+            sequence[held:],
+            max_tokens=reply.max_tokens - len(reply.generated),
             sampler=make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens),
             prefill_step_size=d.prefill_step_size,
             logits_processors=(
@@ -362,8 +471,8 @@ class ModelService:
             prompt_cache=cache,
             **kwargs,
         )
-        reply = Reply(self.tokenizer, job, index, cached)
-        may_join = trimmable and self._batchable(job)
+        may_join = self._trimmable and self._batchable(job)
+        reply.spec.resume()
         ended = handed = False  # ended: finished or closed, not failed (the cache is consistent)
         try:
             for r in gen:
@@ -378,79 +487,11 @@ class ModelService:
             ended = True
         finally:
             gen.close()  # the cache now holds what mlx-lm's would
-            if ended and not handed:  # keyed by the tokens it holds (see insert_finished)
-                self.prompt_cache.insert_finished(reply.sequence, cache)
-        if reply.finished:
-            logger.debug("usage %s", json.dumps(reply.usage))
-        return (reply, cache) if handed else None
-
-    def _serve_batch(self, job: Job, handed=None):
-        """Decodes ``job``'s choices in a batch with the requests that wait, and with
-        those that arrive while it runs, for as long as the first one waiting can be
-        batched. ``handed``: ``(reply, cache)`` of the choice ``job`` was decoding
-        alone; the choices after it join too."""
-        d = self.defaults
-        batch = Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
-                      d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
-        open_choices: Dict[Job, int] = {}  # the jobs in the batch: their choices not done
-
-        def add(j: Job, first: int = 0):
-            open_choices[j] = j.choices - first
-            for index in range(first, j.choices):
-                cache, cached = self.prompt_cache.fetch(j.tokens, j.args.get("min_fed", 1))
-                batch.add(Reply(self.tokenizer, j, index, cached), cache)
-
-        def release(j: Job):
-            del open_choices[j]
-            if j is not job:  # (``job`` is finished by _run)
-                self._finish(j)
-
-        def keep(reply: Reply, cache):
-            """A choice is done, or its client left: its cache goes into the LRU."""
-            if reply.finished:
-                logger.debug("usage %s", json.dumps(reply.usage))
-            self.prompt_cache.insert_finished(reply.sequence, cache)
-            open_choices[reply.job] -= 1
-            if open_choices[reply.job] == 0:
-                release(reply.job)
-
-        self.served["batched"] += 1
-        try:
-            if handed is not None:
-                add(job, handed[0].index + 1)
-                open_choices[job] += 1
-                batch.add(*handed)
-            else:
-                add(job)
-            while open_choices and not self._stopping.is_set():
-                for j in iter(self._take_batchable, None):  # (those waiting now)
-                    if j.cancelled.is_set():
-                        self._finish(j)
-                        continue
-                    try:
-                        add(j)
-                    except Exception as e:  # noqa: BLE001 - handed to the request's thread
-                        j.put(e)
-                        batch.remove([r for r in batch.replies.values() if r.job is j])
-                        release(j)
-                for reply, cache in batch.remove(
-                    [r for r in batch.replies.values() if r.job.cancelled.is_set()]
-                ):
-                    keep(reply, cache)
-                self.served["largest_batch"] = max(self.served["largest_batch"], len(batch))
-                for reply, event, cache in batch.step():
-                    if event is not None:
-                        reply.job.put(event)
-                    if cache is not None:
-                        keep(reply, cache)
-        except Exception as e:  # noqa: BLE001 - a failed step: every request in it gets it
-            for j in list(open_choices):
-                j.put(e)
-                release(j)
-        finally:
-            batch.close()
-            for j in list(open_choices):  # (the service stops)
-                release(j)
+        if handed:
+            return reply, cache
+        if ended and not self._stopping.is_set():
+            self._keep(reply, cache)
+        return None
 
     # ---- prompts ------------------------------------------------------------------
     def chat_messages(self, body: Dict[str, Any]) -> List[Dict[str, str]]:

@@ -1130,8 +1130,8 @@ def test_a_recurrent_model_is_served_with_prompt_lookup(serve, monkeypatch):
     assert ask(m1)[1] == len(p1) - 1  # regenerated: from the copy of the prompt
     assert ask(turn(m1, "t7 t7", "t20"))[1] == len(p1) - 1  # another answer in its history
     # Control: a server that keeps no copy of the prompt serves the regenerated turn cold.
-    plain, _, _ = serve(model, tok, draft="ngram")
     monkeypatch.setattr(server_mod, "can_trim_prompt_cache", lambda cache: True)
+    plain, _, _ = serve(model, tok, draft="ngram")
     for _ in range(2):
         r = plain.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
         assert r.usage.prompt_tokens_details.cached_tokens == 0

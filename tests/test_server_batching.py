@@ -69,23 +69,35 @@ PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31, 30, 31, 30]]
 
 def test_waiting_requests_are_decoded_together_as_each_alone(service):
     """Four requests waiting together run as one batch of four rows: each answer and
-    its log-probabilities equal plain decoding of that request alone, and its usage
-    says every token came from the batch. Control: rows whose replies are rotated
-    (each request gets its neighbour's tokens) do not."""
+    its log-probabilities equal plain decoding of that request alone (one row with a
+    repetition penalty, whose history is its own prompt and answer), and its usage
+    says every token came from the batch (but for a last row left alone, which goes on
+    alone). Control: rows whose replies are rotated (each request gets its
+    neighbour's tokens) do not."""
+    from mlx_lm.sample_utils import make_logits_processors
+
     model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
     tok = word_tokenizer(V)
     svc = service(model, tok)
-    jobs = submit_together(svc, [(p, {"logprobs": 2}) for p in PROMPTS])
+    penalty = {"repetition_penalty": 1.5, "repetition_context_size": 4}
+    bodies = [{"logprobs": 2, **(penalty if i == 3 else {})} for i in range(4)]
+    jobs = submit_together(svc, list(zip(PROMPTS, bodies)))
     got = [answer(j) for j in jobs]
-    assert svc.served["batched"] == 1 and svc.served["alone"] == 0
-    assert svc.served["largest_batch"] == 4
-    for p, (text, usage, records) in zip(PROMPTS, got):
-        want, logprobs = alone(model, tok, p, 16)
+    assert svc.served["batched"] == 1 and svc.served["largest_batch"] == 4
+    assert svc.served["alone"] == svc.served["taken_back"] <= 1
+    whole = []
+    for i, (p, (text, usage, records)) in enumerate(zip(PROMPTS, got)):
+        kwargs = {"logits_processors": make_logits_processors(**penalty)} if i == 3 else {}
+        want, logprobs = alone(model, tok, p, 16, **kwargs)
         assert text[0] == want
+        if i == 3:  # (the penalty changed this answer)
+            assert want != alone(model, tok, p, 16)[0]
         n = usage[0]["completion_tokens"]
-        assert usage[0]["speculative"]["batched_tokens"] == n == len(logprobs) == len(records[0])
+        assert n == len(logprobs) == len(records[0])
+        whole.append(usage[0]["speculative"]["batched_tokens"] == n)
         for rec, lp in zip(records[0], logprobs):
             assert abs(rec["logprob"] - lp[rec["id"]].item()) < 1e-5
+    assert whole.count(False) == svc.served["taken_back"]
 
     step = replies.Batch.step
 
@@ -142,11 +154,12 @@ def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatc
 
     svc = service(model, tok)
     got = run(svc, 6)
-    assert svc.served == {"alone": 1, "batched": 1, "handed_over": 1, "largest_batch": 3}
+    # (once the two others are done, it goes on alone again: see the next test)
+    assert svc.served == dict(alone=2, batched=1, handed_over=1, taken_back=1, largest_batch=3)
     for p, (text, usage, _), n in zip([a] + others, got, [40, 16, 16]):
         assert text[0] == alone(model, tok, p, n)[0]
     spec = got[0][1][0]["speculative"]
-    assert spec["batched_tokens"] == 40 - 6
+    assert 0 < spec["batched_tokens"] < 40 - 6
     assert spec["accepted_draft_tokens"] > 0 and spec["forward_passes"] < 40
 
     trim = replies.trim_prompt_cache
@@ -198,7 +211,7 @@ def test_seeded_requests_are_served_one_at_a_time(service):
     body = {"temperature": 1.0, "seed": 5}
     jobs = submit_together(svc, [(p, body) for p in PROMPTS[:3]])
     texts = [answer(j)[0][0] for j in jobs]
-    assert svc.served == {"alone": 3, "batched": 0, "handed_over": 0, "largest_batch": 0}
+    assert svc.served == dict(alone=3, batched=0, handed_over=0, taken_back=0, largest_batch=0)
     again = [answer(submit(svc, p, **body))[0][0] for p in PROMPTS[:3]]
     assert texts == again
     submit_together(svc, [(p, {"temperature": 1.0}) for p in PROMPTS[:3]])
@@ -260,7 +273,7 @@ def test_a_hybrid_model_batches_waiting_requests_but_decodes_alone_to_the_end(se
     jobs = submit_together(svc, [(p, {}) for p in PROMPTS])
     for p, job in zip(PROMPTS, jobs):
         assert answer(job)[0][0] == alone(model, tok, p, 16)[0]
-    assert svc.served == {"alone": 0, "batched": 1, "handed_over": 0, "largest_batch": 4}
+    assert svc.served == dict(alone=0, batched=1, handed_over=0, taken_back=0, largest_batch=4)
     reached, gate = gated(monkeypatch, 3)
     first = submit(svc, [3, 9, 4, 3, 9, 4, 3], max_tokens=24)
     assert reached.wait(60)
@@ -271,7 +284,7 @@ def test_a_hybrid_model_batches_waiting_requests_but_decodes_alone_to_the_end(se
     assert usage[0]["speculative"]["batched_tokens"] == 0
     for p, job in zip(PROMPTS[:2], jobs):
         assert answer(job)[0][0] == alone(model, tok, p, 16)[0]
-    assert svc.served == {"alone": 1, "batched": 2, "handed_over": 0, "largest_batch": 4}
+    assert svc.served == dict(alone=1, batched=2, handed_over=0, taken_back=0, largest_batch=4)
 
 
 def test_a_client_leaving_a_batch(service):
@@ -330,3 +343,33 @@ def test_concurrency_flags_are_checked():
     for flag in ("--decode-concurrency", "--prompt-concurrency"):
         with pytest.raises(SystemExit):
             main([flag, "0"])
+
+
+def test_the_last_row_of_a_batch_goes_on_alone(service):
+    """Two requests batched; once the short one is done, the long one, left alone
+    with nobody waiting, is taken out of the batch and goes on speculatively from
+    where it was: its answer equals plain decoding with its repetition penalty, its
+    usage counts tokens from the batch and drafts accepted after it. It feeds its last
+    tokens again, as many as the penalty reads (``min_fed``). Control: fed one token
+    only, the penalty sees a shorter history, and the answer changes."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    tok = word_tokenizer(V, eos=0)
+    penalty = {"repetition_penalty": 3.0, "repetition_context_size": 20}
+    a = [3, 4, 5, 3, 4]
+    want = alone(model, tok, a, 48, logits_processors=make_logits_processors(**penalty))[0]
+
+    def run(min_fed=None):
+        svc = service(model, tok)
+        long, short = submit_together(svc, [(a, {"max_tokens": 48, **penalty}), ([7, 8], {})])
+        if min_fed is not None:
+            long.args["min_fed"] = min_fed
+        (text, usage, _), (_, short_usage, _) = answer(long), answer(short)
+        return svc, text[0], usage[0]["speculative"], short_usage[0]["completion_tokens"]
+
+    svc, text, spec, together = run()
+    assert svc.served == dict(alone=1, batched=1, handed_over=0, taken_back=1, largest_batch=2)
+    assert text == want
+    assert spec["batched_tokens"] == together < 48 and spec["accepted_draft_tokens"] > 0
+    assert run(min_fed=1)[1] != want
