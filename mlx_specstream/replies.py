@@ -6,8 +6,8 @@ A choice is decoded speculatively when it is the only one waiting, and in a batc
 when several are: then one plain pass over a row per choice serves them all, as
 ``mlx_lm.server`` serves them, and a batch beats speculation for throughput. A
 choice can start alone and join a batch when other requests arrive
-(:meth:`Batch.add` of a reply that has generated tokens); its reply goes on where
-it was.
+(:meth:`Batch.add` of a reply that has generated tokens), and leave it to go on
+alone (:meth:`Batch.remove` gives its cache); its reply goes on where it was.
 """
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple

@@ -34,8 +34,8 @@ messages are joined as ``mlx_lm.server`` joins them (:func:`~mlx_specstream.open
 A request that is the only one waiting is decoded speculatively. Requests that
 wait together are decoded together, one row each, by ``mlx_lm``'s continuous
 batching, as ``mlx_lm.server`` decodes them; a request decoding alone when
-others arrive joins them there (:mod:`~mlx_specstream.replies`;
-``--decode-concurrency 1`` serves one at a time). Seeded requests, and every
+others arrive joins them there, and the last row of a batch goes on alone
+(:mod:`~mlx_specstream.replies`; ``--decode-concurrency 1`` serves one at a time). Seeded requests, and every
 request with a draft model or ``--kv-bits`` (which mlx-lm does not batch), are
 served one at a time, in arrival order.
 
@@ -163,9 +163,9 @@ class ModelService:
       it before the interpreter finalizes.
 
     A request served alone is decoded speculatively. Requests that wait together
-    are decoded together (:class:`~mlx_specstream.replies.Batch`), and one that is
-    running alone when others arrive joins them there, as ``mlx_lm.server``
-    batches every request it can.
+    are decoded together (:class:`~mlx_specstream.replies.Batch`), as
+    ``mlx_lm.server`` batches every request it can; one running alone when others
+    arrive joins them, and the last row of a batch goes on alone (:meth:`_run`).
     """
 
     def __init__(self, model, tokenizer, model_id: str, defaults: argparse.Namespace,
@@ -283,11 +283,11 @@ class ModelService:
         waits, and a batch runs while several choices do. A choice alone hands its
         cache to a new batch when a request that can be batched arrives; the last
         row of a batch goes on alone once nobody waits to join it."""
+        batch: Optional[Batch] = None
+        alone = None  # (reply, cache): a choice to go on with alone
         try:
             self.batching = self._can_batch()
             self._ready.set()
-            batch: Optional[Batch] = None
-            alone = None  # (reply, cache): a choice to go on with alone
             while not self._stopping.is_set():
                 if batch is not None:
                     alone = self._batch_step(batch)
@@ -305,7 +305,10 @@ class ModelService:
                     if handed is not None:
                         self.served["handed_over"] += 1
                         batch = self._new_batch()
-                        batch.add(*handed)
+                        try:
+                            batch.add(*handed)
+                        except Exception as e:  # noqa: BLE001 - handed to the request's thread
+                            self._fail(reply.job, e)
                 else:
                     job = self._next_job()
                     if job is None:
@@ -321,6 +324,8 @@ class ModelService:
                         alone = self._one_after_another(job)
         finally:
             self._ready.set()
+            if batch is not None:
+                batch.close()
             with self._state:  # (after stop(): nothing more is served)
                 left, self._waiting = list(self._waiting), collections.deque()
             for job in list(self._open) + left:
