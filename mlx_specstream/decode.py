@@ -62,7 +62,7 @@ from .tree import (
     accept_by_rejection,
     certified_argmax,
     depth_limited,
-    merge_chain,
+    merge_chains,
     path_to,
     static_tree,
     subtree_parents,
@@ -125,6 +125,8 @@ class Decoder:
           ``"ngram"`` or ``"streams+ngram"``.
         ngram_tokens (int): the longest prompt-lookup draft.
         max_tokens (int): tokens to generate, ``-1`` for no limit.
+        ngram_candidates (int): prompt-lookup drafts merged into each tree
+          (:meth:`~mlx_specstream.ngram.NgramIndex.drafts`).
         pipeline (bool, optional): launch each step before the previous one's
           host read (``None``: as the model's config says, else on a GPU;
           either only where the settings allow it).
@@ -132,7 +134,7 @@ class Decoder:
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
                  ngram_tokens, max_tokens, dstate=None, quant=None, pipeline=None,
-                 draft_model=None):  # fmt: skip
+                 draft_model=None, ngram_candidates=1):  # fmt: skip
         self.rt, self.cache, self.history = rt, cache, history
         self.quant = quant
         self.sampler, self.processors = sampler, processors
@@ -140,6 +142,7 @@ class Decoder:
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
         self.draft = draft
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
+        self.ngram_candidates = ngram_candidates
         self.max_tokens, self.dstate = max_tokens, dstate
         self.draft_model = draft_model  # a DraftModel drafting instead of the model's own
         own = self.depth > 0 and draft_model is None
@@ -192,7 +195,7 @@ class Decoder:
             # (uint32, as the targets' argmax: no casts between them and the history)
             self.device_history = (mx.array(history, dtype=mx.uint32), mx.array(len(history)))
         elif draft in ("ngram", "streams+ngram"):
-            self.ngrams = NgramIndex(history)
+            self.ngrams = NgramIndex(history, candidates=ngram_candidates)
 
     def _why_not_pipelined(self) -> Optional[str]:
         """Why the next tree cannot be launched before this step's host read (None: it can)."""
@@ -206,6 +209,8 @@ class Decoder:
                 "draft='streams+ngram', logits processors and acceptance='rejection' read the "
                 "host before the next tree exists."
             )
+        if self.ngram_candidates > 1:
+            return "several prompt-lookup drafts (ngram_candidates > 1) are merged on the host."
         if self.streams and (not self.all_streams or self.threshold > 0):
             return "the split stream pass and pruning (prune_threshold > 0) read the host mid-step."
         if self.quant is not None or any(type(c) is not KVCache for c in self.cache):
@@ -366,8 +371,7 @@ class Decoder:
                 q, top = self._draw_now(slog)
                 return self._next_draft(self._tree_tokens(root, top), root, q)
             return self._next_draft(self._draft_tokens(slog, mx.array(root))[1], root, None)
-        chain = self._lookup(self._room())
-        return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
+        return self._lookup_draft(root, self._lookup(self._room()))
 
     def _room(self) -> int:
         """How many draft levels the next tree may have: fewer near ``max_tokens``."""
@@ -378,9 +382,11 @@ class Decoder:
         return room if cap is None else min(room, cap)
 
     # ---- drafts -------------------------------------------------------------------
-    def _lookup(self, room: int) -> List[int]:
-        """The prompt-lookup chain for the next tree (empty without n-gram drafts)."""
-        return [] if self.ngrams is None else self.ngrams.draft(min(self.ngram_tokens, room))
+    def _lookup(self, room: int) -> List[List[int]]:
+        """The prompt-lookup chains for the next tree (none without n-gram drafts)."""
+        if self.ngrams is None:
+            return []
+        return [c for c in self.ngrams.drafts(min(self.ngram_tokens, room)) if c]
 
     def _history_room(self):
         """The device history and its length, its buffer grown (and kept) to hold
@@ -438,20 +444,28 @@ class Decoder:
         ``max_tokens``. ``q``: the distributions ``next_tokens`` were drawn from."""
         room = self._room()
         depth = min(self.depth, room) if next_tokens is not None else 0
-        chain = self._lookup(room)
+        chains = self._lookup(room)
         if depth and q is not None:  # rejection: tokens drawn on the host
             return self._restrict(Draft(self.layout, next_tokens, q), depth)
-        if depth and not chain:
+        if depth and not chains:
             return self._restrict(Draft(self.layout, next_tokens), depth)
         if not depth:
-            return Draft(layout_of([-1] + list(range(len(chain)))), [token] + chain)
+            return self._lookup_draft(token, chains)
         tokens = next_tokens.tolist()  # streams + n-gram: merged on the host
         keep = depth_limited(self.tree.parents, depth)
-        merged = merge_chain(
-            [tokens[i] for i in keep], subtree_parents(self.tree.parents, keep), chain,
+        merged = merge_chains(
+            [tokens[i] for i in keep], subtree_parents(self.tree.parents, keep), chains,
             self.max_nodes,
         )  # fmt: skip
         return Draft(layout_of(merged.parents), merged.tokens)
+
+    def _lookup_draft(self, root: int, chains: List[List[int]]) -> Draft:
+        """The tree of prompt-lookup drafts alone: a chain, or several merged."""
+        if len(chains) > 1:
+            merged = merge_chains([root], [-1], chains, self.max_nodes)
+            return Draft(layout_of(merged.parents), merged.tokens)
+        chain = chains[0] if chains else []
+        return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
     def _restrict(self, draft: Draft, depth: int) -> Draft:
         if depth == self.depth:
@@ -540,6 +554,7 @@ def spec_generate_step(
     acceptance: Optional[str] = None,
     draft: Optional[str] = None,
     num_draft_tokens: Optional[int] = None,
+    ngram_candidates: int = 1,
     draft_model: Optional[nn.Module] = None,
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
@@ -618,6 +633,13 @@ def spec_generate_step(
         num_draft_tokens (int, optional): the longest prompt-lookup draft
           (default ``10``), or with ``draft_model`` the draft chain's length
           (default ``2``, as mlx-lm's).
+        ngram_candidates (int): prompt-lookup drafts per tree: the tokens after
+          the latest occurrences of the text's last n tokens, distinct, merged
+          into one tree under ``max_tree_nodes`` (default ``1``: the latest
+          occurrence's, a chain, as transformers' prompt lookup drafts). More
+          raise the tokens per pass where text repeats with variations, and
+          cost tree rows; not pipelined, and not on models with recurrent
+          layers (chains only).
         draft_model (nn.Module, optional): a small mlx-lm model sharing the
           model's vocabulary that drafts a greedy chain, as in mlx-lm's
           draft-model decoding; ``tree_top_k`` widens each level into a tree,
@@ -659,6 +681,11 @@ def spec_generate_step(
     if (plain_base and has_recurrent_layers(model)) or (
         draft_model is not None and has_recurrent_layers(draft_model)
     ):
+        if ngram_candidates != 1:
+            raise ValueError(
+                f"ngram_candidates={ngram_candidates}: on a model with recurrent layers drafts "
+                "are verified as one chain (mlx_specstream.recurrent); pass 1."
+            )
         yield from _on_recurrent_model(
             prompt, model, speculative=speculative, draft=draft, draft_model=draft_model,
             tree=(tree_top_k, tree_depth, prune_threshold, max_tree_nodes), acceptance=acceptance,
@@ -688,6 +715,13 @@ def spec_generate_step(
         num_draft_tokens = NGRAM_DRAFT_TOKENS if draft_model is None else 2
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
+    if not (isinstance(ngram_candidates, int) and ngram_candidates >= 1):
+        raise ValueError(f"ngram_candidates={ngram_candidates!r} must be an integer >= 1.")
+    if ngram_candidates > 1 and draft not in ("ngram", "streams+ngram"):
+        raise ValueError(
+            f"ngram_candidates={ngram_candidates} is for prompt lookup: pass draft='ngram' or "
+            "'streams+ngram'."
+        )
     ngram_tokens = num_draft_tokens  # the longest prompt-lookup chain
     if draft_model is not None:  # its chain, as tree levels (the streams are off)
         if tree_depth not in (None, num_draft_tokens) or prune_threshold:
@@ -798,7 +832,7 @@ def spec_generate_step(
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
         (ks, depth, threshold, max_nodes), acceptance, draft, ngram_tokens, max_tokens, dstate,
-        quant, pipeline, dm,
+        quant, pipeline, dm, ngram_candidates,
     )  # fmt: skip
     yielded, ended = 0, False  # ended: finished or closed, not failed
     try:

@@ -57,8 +57,8 @@ def ngram_draft(
 
 
 class NgramIndex:
-    """The tokens so far and, for each n-gram of them, where the token after its
-    latest occurrence is: :func:`ngram_draft`'s drafts in O(``max_ngram``) per
+    """The tokens so far and, for each n-gram of them, where the tokens after its
+    latest occurrences are: :func:`ngram_draft`'s drafts in O(``max_ngram``) per
     appended token and per lookup, whatever the length of the history.
 
     Example:
@@ -68,36 +68,64 @@ class NgramIndex:
         [3, 4]
         >>> index.extend([7]); index.draft(3)   # "7" never occurred before
         []
+        >>> index = NgramIndex([1, 2, 3, 1, 2, 4, 1, 2], candidates=2)
+        >>> index.drafts(2)   # the latest two distinct continuations of "1 2"
+        [[4, 1], [3, 1]]
 
     Args:
         tokens (iterable): the history to start from (the prompt).
         max_ngram, min_ngram (int): suffix lengths tried, longest first.
+        candidates (int): the most drafts :meth:`drafts` gives; they are found
+          among the latest ``OCCURRENCES_PER_CANDIDATE * candidates`` occurrences
+          of each suffix.
     """
 
-    def __init__(self, tokens: Iterable[int] = (), max_ngram: int = NGRAM_MAX, min_ngram: int = 1):
+    OCCURRENCES_PER_CANDIDATE = 4
+
+    def __init__(self, tokens: Iterable[int] = (), max_ngram: int = NGRAM_MAX, min_ngram: int = 1,
+                 candidates: int = 1):  # fmt: skip
         self.tokens: List[int] = []
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        # _next[n][gram] = index of the token that followed gram's latest occurrence.
-        self._next: List[Dict[Tuple[int, ...], int]] = [{} for _ in range(max_ngram + 1)]
+        self.max_ngram, self.min_ngram, self.candidates = max_ngram, min_ngram, candidates
+        self._keep = candidates * self.OCCURRENCES_PER_CANDIDATE if candidates > 1 else 1
+        # _next[n][gram] = indices of the tokens that followed gram's latest occurrences
+        # (the latest last).
+        self._next: List[Dict[Tuple[int, ...], List[int]]] = [{} for _ in range(max_ngram + 1)]
         self.extend(tokens)
 
     def extend(self, tokens: Iterable[int]) -> None:
         """Appends ``tokens``; each one becomes the follower of the n-grams before it."""
-        h, nexts = self.tokens, self._next
+        h, nexts, keep = self.tokens, self._next, self._keep
         for t in tokens:
             i = len(h)
             for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
-                nexts[n][tuple(h[i - n : i])] = i
+                at = nexts[n].setdefault(tuple(h[i - n : i]), [])
+                at.append(i)
+                if len(at) > keep:
+                    del at[0]
             h.append(int(t))
 
     def draft(self, max_tokens: int = NGRAM_DRAFT_TOKENS) -> List[int]:
         """Equals ``ngram_draft(self.tokens, max_tokens, max_ngram, min_ngram)``."""
         h, end = self.tokens, len(self.tokens)
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
-            start = self._next[n].get(tuple(h[end - n :]))
-            if start is not None:
-                return h[start : start + max_tokens]
+            at = self._next[n].get(tuple(h[end - n :]))
+            if at:
+                return h[at[-1] : at[-1] + max_tokens]
         return []
+
+    def drafts(self, max_tokens: int = NGRAM_DRAFT_TOKENS) -> List[List[int]]:
+        """Up to ``candidates`` distinct drafts: the tokens after each kept occurrence
+        of the longest suffix that occurred before, the latest first, then those of
+        shorter suffixes. The first is :meth:`draft`'s."""
+        h, end, out = self.tokens, len(self.tokens), []
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
+            for start in reversed(self._next[n].get(tuple(h[end - n :]), ())):
+                chain = h[start : start + max_tokens]
+                if chain not in out:
+                    out.append(chain)
+                    if len(out) == self.candidates:
+                        return out
+        return out
 
 
 def device_lookup(history, length, max_tokens: int, max_ngram: int = NGRAM_MAX, min_ngram: int = 1):

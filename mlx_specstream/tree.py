@@ -506,25 +506,32 @@ def fold_destinations(parents: Sequence[int], rows: int) -> np.ndarray:
     return table
 
 
-def merge_chain(
-    tokens: Sequence[int], parents: Sequence[int], chain: Sequence[int], max_nodes: int
+def merge_chains(
+    tokens: Sequence[int],
+    parents: Sequence[int],
+    chains: Sequence[Sequence[int]],
+    max_nodes: int,
 ) -> DraftTree:
-    """A tree holding ``chain`` below the root first, then the nodes of the tree
-    ``(tokens, parents)`` that still fit in ``max_nodes``.
+    """A tree holding ``chains`` below the root first, in their order, then the
+    nodes of the tree ``(tokens, parents)`` that still fit in ``max_nodes``.
 
-    The chain (an n-gram draft) walks down the existing tree where a child
+    Each chain (an n-gram draft) walks down the tree built so far where a child
     already carries its next token and branches off where none does, so
-    siblings stay distinct, and the chain is a prefix of the node list. The
-    tree's own nodes then follow in their order;
-    one whose parent did not fit is dropped with its subtree.
+    siblings stay distinct; a chain stops where the cap is reached. The tree's
+    own nodes then follow in their order; one whose parent did not fit is
+    dropped with its subtree.
 
     Example:
-        >>> t = merge_chain([7, 1, 3, 2], [-1, 0, 1, 0], [1, 5, 6], 5)
+        >>> t = merge_chains([7, 1, 3, 2], [-1, 0, 1, 0], [[1, 5, 6]], 5)
         >>> t.tokens, t.parents
         ([7, 1, 5, 6, 3], [-1, 0, 1, 2, 1])
+        >>> t = merge_chains([7], [-1], [[1, 5, 6], [1, 8], [2]], 6)
+        >>> t.tokens, t.parents
+        ([7, 1, 5, 6, 8, 2], [-1, 0, 1, 2, 1, 0])
 
-    The chain 1-5-6 shares node 1 with the tree; 3 (under 1) still fits and
-    2 (under the root) does not.
+    In the first, the chain 1-5-6 shares node 1 with the tree; 3 (under 1) still
+    fits and 2 (under the root) does not. In the second, three chains from the
+    root alone: 1-8 shares node 1 with the first.
     """
     out_tokens, out_parents = [tokens[0]], [-1]
     children = {}  # (parent in the output, token) -> node in the output
@@ -539,11 +546,12 @@ def merge_chain(
             out_parents.append(parent)
         return children[key]
 
-    node = 0
-    for token in chain:
-        node = add(node, int(token))
-        if node is None:
-            break
+    for chain in chains:
+        node = 0
+        for token in chain:
+            node = add(node, int(token))
+            if node is None:
+                break
     where = {0: 0}
     for i in range(1, len(tokens)):
         if parents[i] in where:

@@ -14,7 +14,7 @@ import mlx_specstream.decode as decode
 import mlx_specstream.ngram as ngram
 from mlx_specstream.ngram import NgramIndex, ngram_draft
 from mlx_specstream.sample_utils import make_sampler
-from mlx_specstream.tree import merge_chain, static_tree
+from mlx_specstream.tree import merge_chains, static_tree
 
 # Repeats inside the prompt give the first step a draft already.
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
@@ -68,12 +68,72 @@ class EarliestMatchIndex(NgramIndex):
         for t in tokens:
             i = len(self.tokens)
             for n in range(self.min_ngram, min(self.max_ngram, i) + 1):
-                self._next[n].setdefault(tuple(self.tokens[i - n : i]), i)
+                self._next[n].setdefault(tuple(self.tokens[i - n : i]), [i])
             self.tokens.append(int(t))
 
 
 def test_negative_control_earliest_match_index_differs():
     assert index_mismatches(EarliestMatchIndex) > 0
+
+
+def ngram_drafts(history, max_tokens, candidates, max_ngram, min_ngram):
+    """The definition of :meth:`NgramIndex.drafts`, by rescanning: for each suffix
+    length, longest first, the tokens after its latest ``4 * candidates``
+    occurrences (``1`` for one candidate), latest first, distinct, at most
+    ``candidates``."""
+    keep = 4 * candidates if candidates > 1 else 1
+    out = []
+    for n in range(min(max_ngram, len(history) - 1), min_ngram - 1, -1):
+        suffix = history[len(history) - n :]
+        starts = [i + n for i in range(len(history) - n) if history[i : i + n] == suffix]
+        for start in reversed(starts[-keep:]):
+            chain = history[start : start + max_tokens]
+            if chain not in out:
+                out.append(chain)
+            if len(out) == candidates:
+                return out
+    return out
+
+
+def drafts_mismatches(index_type, trials=300):
+    """As :func:`index_mismatches`, for several drafts per lookup."""
+    rng, bad = random.Random(2), 0
+    for _ in range(trials):
+        vocab, (lo, hi) = rng.randint(2, 6), sorted(rng.sample(range(1, 5), 2))
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(0, 60))]
+        cut, m = rng.randint(0, len(tokens)), rng.randint(1, 4)
+        index = index_type(tokens[:cut], max_ngram=hi, min_ngram=lo, candidates=m)
+        for i in range(cut, len(tokens) + 1):
+            k = rng.randint(1, 6)
+            bad += index.drafts(k) != ngram_drafts(tokens[:i], k, m, hi, lo)
+            if i < len(tokens):
+                index.extend(tokens[i : i + 1])
+    return bad
+
+
+def test_ngram_index_drafts_equal_rescanning_lookup():
+    """Several drafts per lookup; the first is always :meth:`NgramIndex.draft`'s."""
+    assert drafts_mismatches(NgramIndex) == 0
+    index = NgramIndex([1, 2, 3, 1, 2, 4, 2, 5, 1, 2], candidates=3)
+    assert index.drafts(2) == [[4, 2], [3, 1], [5, 1]]  # "1 2" twice, then "2"
+    assert index.drafts(2)[0] == index.draft(2)
+
+
+class LongestSuffixOnlyIndex(NgramIndex):
+    """Negative control: drafts after the longest matching suffix only."""
+
+    def drafts(self, max_tokens=10):
+        out = super().drafts(max_tokens)
+        h = self.tokens
+        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+            if self._next[n].get(tuple(h[len(h) - n :])):
+                starts = self._next[n][tuple(h[len(h) - n :])]
+                return [c for c in out if any(h[s : s + max_tokens] == c for s in starts)]
+        return out
+
+
+def test_negative_control_longest_suffix_only_differs():
+    assert drafts_mismatches(LongestSuffixOnlyIndex) > 0
 
 
 def device_mismatches(lookup, trials=400):
@@ -116,15 +176,31 @@ def test_static_tree_golden():
     assert chain.parents == (-1, 0, 1, 2) and chain.ranks == (-1, 0, 0, 0)
 
 
-def test_merge_chain_golden():
+def test_merge_chains_golden():
     # tree: 7 -> {1 -> {3, 4}, 2}; chain 1 4 9 shares 1 and 4
-    t = merge_chain([7, 1, 3, 4, 2], [-1, 0, 1, 1, 0], [1, 4, 9], 16)
+    t = merge_chains([7, 1, 3, 4, 2], [-1, 0, 1, 1, 0], [[1, 4, 9]], 16)
     assert (t.tokens, t.parents) == ([7, 1, 4, 9, 3, 2], [-1, 0, 1, 2, 1, 0])
-    t = merge_chain([7, 1, 3], [-1, 0, 1], [5, 6], 3)  # the chain fills the cap
+    t = merge_chains([7, 1, 3], [-1, 0, 1], [[5, 6]], 3)  # the chain fills the cap
     assert (t.tokens, t.parents) == ([7, 5, 6], [-1, 0, 1])
+    # two chains, then the tree: 2-3 branches off 1-2? no: from the root; 1-4 shares 1
+    t = merge_chains([7, 1, 3, 4, 2], [-1, 0, 1, 1, 0], [[2, 3], [1, 4, 9]], 16)
+    assert (t.tokens, t.parents) == ([7, 2, 3, 1, 4, 9, 3], [-1, 0, 1, 0, 3, 4, 3])
+    t = merge_chains([7], [-1], [[2, 3], [1, 4, 9]], 5)  # the second chain is cut
+    assert (t.tokens, t.parents) == ([7, 2, 3, 1, 4], [-1, 0, 1, 0, 3])
 
 
-def test_merge_chain_properties():
+def path_of(t, chain):
+    """How many of ``chain``'s tokens are a path from the root of tree ``t``."""
+    node, n = 0, 0
+    for token in chain:
+        kids = [i for i, p in enumerate(t.parents) if p == node and t.tokens[i] == token]
+        if not kids:
+            break
+        node, n = kids[0], n + 1
+    return n
+
+
+def test_merge_chains_properties():
     rng = random.Random(0)
     for _ in range(300):
         n = rng.randint(1, 12)
@@ -135,9 +211,10 @@ def test_merge_chain_properties():
             free = [t for t in range(20) if t not in used.setdefault(parents[i], set())]
             tokens.append(rng.choice(free))
             used[parents[i]].add(tokens[-1])
-        chain = [rng.randrange(20) for _ in range(rng.randint(0, 6))]
+        chains = [[rng.randrange(20) for _ in range(rng.randint(0, 6))] for _ in range(3)]
+        chain = chains[0]
         cap = rng.randint(1, 16)
-        t = merge_chain(tokens, parents, chain, cap)
+        t = merge_chains(tokens, parents, chains, cap)
         assert len(t.tokens) <= max(cap, 1) and t.parents[0] == -1
         assert all(0 <= p < i for i, p in enumerate(t.parents) if i)
         kids = {}
@@ -148,6 +225,10 @@ def test_merge_chain_properties():
         m = min(len(chain), cap - 1)
         assert t.tokens[1 : m + 1] == chain[:m]
         assert t.parents[1 : m + 1] == list(range(m))
+        # every chain is a path from the root as far as it fit: the whole of it
+        # unless the cap was reached
+        for c in chains:
+            assert path_of(t, c) == len(c) or len(t.tokens) == cap
 
 
 # ---- lossless decoding ----------------------------------------------------------
@@ -173,6 +254,52 @@ def test_streams_plus_ngram_equals_plain(arch, stream_pass):
     got, records = spec_tokens(model, PROMPT, 48, draft="streams+ngram", max_tree_nodes=10)
     assert got == want
     assert sum(r[2] for r in records) > 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma2"])
+def test_several_lookup_drafts_equal_plain_in_fewer_passes(arch):
+    """``ngram_candidates=3``: the latest three distinct continuations, merged into
+    one tree, decode exactly as mlx-lm's greedy in fewer passes than the latest one
+    alone (a random model's text repeats with variations)."""
+    model = tiny_model(arch, vocab_size=8)
+    want = plain_greedy(model, PROMPT, 64)
+    one = spec_tokens(model, PROMPT, 64, draft="ngram", num_draft_tokens=6)
+    three = spec_tokens(model, PROMPT, 64, draft="ngram", num_draft_tokens=6, ngram_candidates=3)
+    assert one[0] == three[0] == want
+    assert three[1][-1][3] < one[1][-1][3]
+
+
+def test_several_lookup_drafts_merge_with_streams_and_a_draft_model():
+    """Several lookup drafts merged into a stream tree, and into a draft model's:
+    output equal to plain decoding."""
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=3, top_k=2)
+    want = plain_greedy(model, PROMPT, 48)
+    got, records = spec_tokens(
+        model, PROMPT, 48, draft="streams+ngram", max_tree_nodes=12, ngram_candidates=3
+    )
+    assert got == want and sum(r[2] for r in records) > 5
+    plain, drafter = tiny_model("llama", vocab_size=8), tiny_model("llama", vocab_size=8, seed=5)
+    got, _ = spec_tokens(
+        plain, PROMPT, 48, draft="ngram", draft_model=drafter, num_draft_tokens=2,
+        ngram_candidates=3,
+    )  # fmt: skip
+    assert got == plain_greedy(plain, PROMPT, 48)
+
+
+def test_ngram_candidates_errors():
+    """Named errors: not an integer >= 1, without prompt lookup, pipelined, and on a
+    model with recurrent layers (chains only)."""
+    from helpers import tiny_hybrid
+
+    model = tiny_spec_model("llama", vocab_size=8, num_streams=2, top_k=2)
+    with pytest.raises(ValueError, match="ngram_candidates=0 must be an integer >= 1"):
+        spec_tokens(model, PROMPT, 4, draft="ngram", ngram_candidates=0)
+    with pytest.raises(ValueError, match="ngram_candidates=2 is for prompt lookup"):
+        spec_tokens(model, PROMPT, 4, ngram_candidates=2)
+    with pytest.raises(ValueError, match="pipeline=True: several prompt-lookup drafts"):
+        spec_tokens(model, PROMPT, 4, draft="ngram", ngram_candidates=2, pipeline=True)
+    with pytest.raises(ValueError, match="recurrent layers drafts are verified as one chain"):
+        spec_tokens(tiny_hybrid(vocab_size=8), PROMPT, 4, draft="ngram", ngram_candidates=2)
 
 
 def test_ngram_with_a_drafter_model_and_shared_mode():
@@ -270,12 +397,15 @@ def ngram_pvalue(model, sampler, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "draft, temp, pipeline",
-    [("ngram", 1.0, False), ("streams+ngram", 0.7, False), ("ngram", 0.7, True)],
-    ids=["ngram-T1", "both-T0.7", "ngram-T0.7-pipelined"],
-)
-def test_ngram_sampling_matches_plain_distribution(small, draft, temp, pipeline):
-    p = ngram_pvalue(small, make_sampler(temp=temp), draft=draft, pipeline=pipeline)
+    "draft, temp, pipeline, candidates",
+    [("ngram", 1.0, False, 1), ("streams+ngram", 0.7, False, 1), ("ngram", 0.7, True, 1),
+     ("ngram", 1.0, False, 3)],
+    ids=["ngram-T1", "both-T0.7", "ngram-T0.7-pipelined", "ngram-3-candidates-T1"],
+)  # fmt: skip
+def test_ngram_sampling_matches_plain_distribution(small, draft, temp, pipeline, candidates):
+    p = ngram_pvalue(
+        small, make_sampler(temp=temp), draft=draft, pipeline=pipeline, ngram_candidates=candidates
+    )
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
