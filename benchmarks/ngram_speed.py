@@ -2,6 +2,8 @@
 
     python benchmarks/ngram_speed.py [--prompts 4] [--max-tokens 96] [--tag TAG]
     benchmarks/with_openblas.sh python benchmarks/ngram_speed.py --tag openblas
+    benchmarks/with_openblas.sh python benchmarks/ngram_speed.py --dtype float32 \
+        --candidates 1,2,3,4 --tag openblas-candidates
 
 Two tasks on the shipped model's held-out prompts, greedy:
 
@@ -14,7 +16,10 @@ Two tasks on the shipped model's held-out prompts, greedy:
 Same weights, same run: mlx-lm plain ``generate_step``, mlx-lm with the
 shipped draft model (``num_draft_tokens=3``), and ours with ``draft="ngram"``,
 with the model's streams (chain of 3), with both merged, with the same draft
-model, and with the draft model and prompt lookup merged. Every output is
+model, and with the draft model and prompt lookup merged; with ``--candidates``,
+also prompt lookup with that many drafts per tree (``ngram_candidates``) under a
+16-node cap (the shipped config's 4 nodes leave no room for a second draft).
+``--dtype`` casts both models (default: as shipped). Every output is
 checked against mlx-lm's greedy tokens. Reports tokens/s, speedup over mlx-lm
 plain and tau (tokens per forward pass). Writes
 ``benchmarks/results/ngram_speed[-TAG].{md,json}``.
@@ -65,10 +70,16 @@ def main():
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ap.add_argument("--candidates", default=None, help="e.g. 1,2,4: ngram_candidates runs")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args()
     model, tokenizer = mlx_specstream.load(None)
     draft_model, _ = mlx_lm.load(str(DRAFT_DIR))
+    if args.dtype is not None:
+        for m in (model, draft_model):
+            m.set_dtype(getattr(mx, args.dtype))
+            mx.eval(m.parameters())
     N = args.max_tokens
 
     def plain(x):
@@ -93,6 +104,10 @@ def main():
     runs["ours: draft model (3)+ngram"] = ours(
         dict(draft_model=draft_model, num_draft_tokens=3, draft="ngram")
     )
+    for k in [] if args.candidates is None else [int(c) for c in args.candidates.split(",")]:
+        runs[f"ours: ngram x{k} (16 nodes)"] = ours(
+            dict(draft="ngram", max_tree_nodes=16, ngram_candidates=k)
+        )
     rows, raw = [], {}
     for task, prompts in task_prompts(tokenizer, args.prompts, args.prompt_tokens).items():
         for run in runs.values():  # warm-up: compile and allocate once

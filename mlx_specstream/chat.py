@@ -96,7 +96,7 @@ def main(argv=None):
     )
     drafting = {
         k: getattr(args, k)
-        for k in ("draft", "num_draft_tokens", "tree_top_k", "tree_depth")
+        for k in ("draft", "num_draft_tokens", "ngram_candidates", "tree_top_k", "tree_depth")
         if getattr(args, k) is not None
     }
     if draft_model is not None:  # (mlx_lm.generate's default draft length)

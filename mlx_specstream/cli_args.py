@@ -37,8 +37,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
-    """``--draft`` and ``--num-draft-tokens``; for one generation (not a server's
-    requests) also ``--no-speculation``, ``--tree-top-k`` and ``--tree-depth``."""
+    """``--draft``, ``--draft-model``, ``--num-draft-tokens`` and ``--ngram-candidates``;
+    for one generation (not a server's requests) also ``--no-speculation``,
+    ``--tree-top-k`` and ``--tree-depth``."""
     scope = "Default of a request's 'draft' field: " if per_request else ""
     parser.add_argument(
         "--draft",
@@ -64,6 +65,14 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         "prompt_lookup_num_tokens), or with --draft-model the drafts per step (default: 3, "
         "as mlx_lm.generate)"
         + ("; a request's 'num_draft_tokens' overrides it" if per_request else ""),
+    )
+    parser.add_argument(
+        "--ngram-candidates",
+        type=int,
+        default=None,
+        help="Prompt-lookup drafts merged into each tree: the latest distinct continuations "
+        "of the text's last tokens (default: 1, a chain)"
+        + ("; a request's 'ngram_candidates' overrides it" if per_request else ""),
     )
     if per_request:
         return

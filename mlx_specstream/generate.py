@@ -134,7 +134,8 @@ def stream_generate(
           names, else its own drafts. Passed on only when set.
         kwargs: passed to :func:`mlx_specstream.decode.spec_generate_step`
           (``prompt_cache``, ``prefill_step_size``, ``tree_top_k``,
-          ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``, and mlx-lm's
+          ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``,
+          ``ngram_candidates``, and mlx-lm's
           ``draft_model``, ``num_draft_tokens``, ``kv_bits``, ``kv_group_size``,
           ``quantized_kv_start``, ``max_kv_size``).
 
@@ -444,6 +445,7 @@ def main(argv=None):
         draft=args.draft,
         draft_model=draft_model,
         num_draft_tokens=num_draft_tokens,
+        **({} if args.ngram_candidates is None else {"ngram_candidates": args.ngram_candidates}),
         prompt_cache=prompt_cache,
         prefill_step_size=args.prefill_step_size,
         max_kv_size=args.max_kv_size,

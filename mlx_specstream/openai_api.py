@@ -148,6 +148,10 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     if draft_tokens is not None:
         draft_tokens = _number({"num_draft_tokens": draft_tokens}, "num_draft_tokens", None,
                                lo=1, integer=True)  # fmt: skip
+    candidates = body.get("ngram_candidates", defaults.ngram_candidates)
+    if candidates is not None:
+        candidates = _number({"ngram_candidates": candidates}, "ngram_candidates", None, lo=1,
+                             integer=True)  # fmt: skip
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
@@ -177,6 +181,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         acceptance=acceptance,
         draft=draft,
         num_draft_tokens=draft_tokens,
+        ngram_candidates=candidates,
         stream=stream,
         logprobs=logprobs,
         n=n,

@@ -14,9 +14,9 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 (shown to the model by its chat template), ``tool_choice`` (``"auto"``, ``"none"``, or a
 forced call: ``"required"`` or a named function, whose start the prompt then holds)
 and messages with ``tool_calls`` or the ``tool`` role, plus our ``speculative`` (bool),
-``acceptance``, ``draft`` and ``num_draft_tokens``. Fields we do not support
-(``response_format``, ``best_of`` > 1, ...) are refused with a
-400 that names them.
+``acceptance``, ``draft``, ``num_draft_tokens`` and ``ngram_candidates``. Fields we do
+not support (``response_format``, ``best_of`` > 1, ...) are refused with a 400 that
+names them.
 
 A chat answer is split as ``mlx_lm.server`` splits it
 (:mod:`~mlx_specstream.response_parser`): the model's thinking into the message's
@@ -448,7 +448,11 @@ class ModelService:
             held = cache_tokens(cache)
             feed = max(args.get("min_fed", 1), 1)
             held -= trim_prompt_cache(cache, max(held - (len(sequence) - feed), 0))
-        kwargs = {k: args[k] for k in ("draft", "num_draft_tokens") if args.get(k) is not None}
+        kwargs = {
+            k: args[k]
+            for k in ("draft", "num_draft_tokens", "ngram_candidates")
+            if args.get(k) is not None
+        }
         if self.draft_model is not None:
             kwargs["draft_model"] = self.draft_model
             kwargs.setdefault("num_draft_tokens", DRAFT_MODEL_TOKENS)
@@ -862,8 +866,8 @@ def make_server(
     ``mlx_lm.server --draft-model`` does.
 
     ``defaults`` (those of the command's flags when not given): ``max_tokens`` (512),
-    ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None) and
-    ``num_draft_tokens`` (None) of a request; ``chat_template_args`` ({}) for every chat
+    ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None),
+    ``num_draft_tokens`` (None) and ``ngram_candidates`` (None) of a request; ``chat_template_args`` ({}) for every chat
     template; ``prefill_step_size``
     (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
     (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
@@ -1023,6 +1027,7 @@ def main(argv=None):
             k: getattr(args, k)
             for k in (
                 "max_tokens", "temp", "top_p", "top_k", "min_p", "draft", "num_draft_tokens",
+                "ngram_candidates",
                 "chat_template_args", "prefill_step_size", "kv_bits", "kv_group_size",
                 "quantized_kv_start", "prompt_cache_size", "prompt_cache_bytes", "allowed_origins",
                 "decode_concurrency", "prompt_concurrency",

@@ -102,7 +102,9 @@ def test_cli_runs_a_plain_mlx_lm_model_with_prompt_lookup(tmp_path, monkeypatch,
     args = ["--model", str(base), "--prompt", "t1 t2 t3 t1 t2", "--max-tokens", "4"]
     gen_mod.main(args + ["--draft", "ngram", "--num-draft-tokens", "4"])
     assert seen["draft"] == "ngram" and seen["num_draft_tokens"] == 4
-    assert seen["runtime"] == "VerifierConfig"
+    assert seen["runtime"] == "VerifierConfig" and "ngram_candidates" not in seen
+    gen_mod.main(args + ["--draft", "ngram", "--ngram-candidates", "3"])
+    assert seen["ngram_candidates"] == 3
     with pytest.raises(ValueError, match="--draft ngram"):
         gen_mod.main(args)
 

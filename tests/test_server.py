@@ -674,6 +674,34 @@ def test_num_draft_tokens_field(serve, monkeypatch):
     assert status == 400 and payload["error"]["param"] == "num_draft_tokens"
 
 
+def test_ngram_candidates_field(serve, monkeypatch):
+    """A request's ``ngram_candidates`` (or the server's default) reaches the decoder;
+    the text stays the plain one; a bad value is refused, naming the field."""
+    model, tok = spec_model(), word_tokenizer(V)
+    prompt = "t3 t4 t5 t6 t3 t4 t7 t6 t3 t4"
+    want = reference(model, tok, prompt, 16)
+    seen, real = [], server_mod.stream_generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("ngram_candidates"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_mod, "stream_generate", recording)
+    client, url, _ = serve(model, tok)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                  extra_body={"draft": "ngram", "ngram_candidates": 3})  # fmt: skip
+    assert r.choices[0].text == want and seen[-1] == 3
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=16)
+    assert seen[-1] is None  # (not set: the decoder's default)
+    client, url, _ = serve(model, tok, draft="ngram", ngram_candidates=2)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16)
+    assert r.choices[0].text == want and seen[-1] == 2
+    status, payload = post(
+        url + "/completions", json.dumps({"prompt": "t1", "ngram_candidates": 0}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == "ngram_candidates"
+
+
 # ---- concurrency with a bounded cache -----------------------------------------------------
 
 
