@@ -18,8 +18,9 @@ or ``draft`` then uses the stored ones, and on others the model's own settings
 (or what was tuned there) still apply.
 
 A plain mlx-lm model (no streams, no drafter) gets prompt lookup only, with
-several draft lengths (``--num-draft-tokens`` of the generate CLI). The
-tuner says which pays and does not write into that model's files.
+several draft lengths (``--num-draft-tokens`` of the generate CLI) and several
+drafts per tree (``--ngram-candidates``). The tuner says which pays and does
+not write into that model's files.
 """
 
 import argparse
@@ -238,6 +239,7 @@ def verify_cost_note(model, log=print) -> float:
 
 
 LOOKUP_LENGTHS = (2, 4, 6, 10)  # prompt-lookup draft lengths tried on a plain model
+LOOKUP_CANDIDATES = (2, 4)  # drafts per tree tried with the longest length (ngram_candidates)
 
 
 def tune_lookup(
@@ -249,22 +251,28 @@ def tune_lookup(
     log=print,
     confirm_rounds=CONFIRM_ROUNDS,
 ):
-    """Prompt lookup on a model with the verifier only: the fastest draft length,
-    or plain decoding when none beats it by ``min_gain``.
+    """Prompt lookup on a model with the verifier only: the fastest draft length
+    (and, at the longest, several drafts per tree), or plain decoding when none
+    beats it by ``min_gain``.
 
     Returns:
-        tuple: the choice (``{"draft": "ngram", "num_draft_tokens": n}`` or
-        ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
+        tuple: the choice (``{"draft": "ngram", "num_draft_tokens": n}``, with
+        ``"ngram_candidates"`` where more than one draft won, or ``{"tree_depth": 0}``),
+        its tokens/s and plain decoding's tokens/s.
     """
     trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="ngram")
     for n in LOOKUP_LENGTHS:
         trials.run(dict(draft="ngram", num_draft_tokens=n))
-    return trials.choice(
-        min_gain,
-        "Prompt lookup",
-        describe=lambda best: f"--draft ngram --num-draft-tokens {best['num_draft_tokens']}",
-        confirm_rounds=confirm_rounds,
-    )
+    for k in LOOKUP_CANDIDATES:
+        trials.run(dict(draft="ngram", num_draft_tokens=LOOKUP_LENGTHS[-1], ngram_candidates=k))
+
+    def describe(best):
+        k = best.get("ngram_candidates", 1)
+        more = f" --ngram-candidates {k}" if k > 1 else ""
+        return f"--draft ngram --num-draft-tokens {best['num_draft_tokens']}{more}"
+
+    return trials.choice(min_gain, "Prompt lookup", describe=describe,
+                         confirm_rounds=confirm_rounds)  # fmt: skip
 
 
 def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> dict:

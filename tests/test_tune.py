@@ -110,8 +110,9 @@ def test_bad_configured_draft_source():
 def test_tune_a_plain_mlx_lm_model_measures_lookup_lengths_and_writes_nothing(
     tmp_path, monkeypatch, capsys
 ):
-    """A plain mlx-lm model gets prompt lookup at several draft lengths; the tuner
-    reports the fastest and refuses to write into the model's files."""
+    """A plain mlx-lm model gets prompt lookup at several draft lengths, and several
+    drafts per tree; the tuner reports the fastest and refuses to write into the
+    model's files."""
     from test_train import write_base
 
     base = write_base(tmp_path / "plain")
@@ -125,7 +126,15 @@ def test_tune_a_plain_mlx_lm_model_measures_lookup_lengths_and_writes_nothing(
     tune.main(args)
     out = capsys.readouterr().out
     assert set(tune.LOOKUP_LENGTHS) <= {m.get("num_draft_tokens") for m in measured}
+    assert set(tune.LOOKUP_CANDIDATES) <= {m.get("ngram_candidates") for m in measured}
     assert "Best: --draft ngram --num-draft-tokens 4" in out
+    measured = fake_speeds(
+        monkeypatch, lambda tps, s: 1e6 if s.get("ngram_candidates") == 4 else 1.0
+    )
+    tune.main(args)
+    assert "Best: --draft ngram --num-draft-tokens 10 --ngram-candidates 4" in (
+        capsys.readouterr().out
+    )
     with pytest.raises(SystemExit):
         tune.main(args + ["--save"])
     assert "is a plain mlx-lm model" in capsys.readouterr().err
