@@ -38,6 +38,7 @@ from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
 from .precision import compute_dtype, device_key, on_gpu
+from .recurrent import has_recurrent_layers
 from .streams import get_runtime
 
 
@@ -252,8 +253,8 @@ def tune_lookup(
     confirm_rounds=CONFIRM_ROUNDS,
 ):
     """Prompt lookup on a model with the verifier only: the fastest draft length
-    (and, at the longest, several drafts per tree), or plain decoding when none
-    beats it by ``min_gain``.
+    (and, at the longest, several drafts per tree, but on a model with recurrent
+    layers), or plain decoding when none beats it by ``min_gain``.
 
     Returns:
         tuple: the choice (``{"draft": "ngram", "num_draft_tokens": n}``, with
@@ -263,8 +264,9 @@ def tune_lookup(
     trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="ngram")
     for n in LOOKUP_LENGTHS:
         trials.run(dict(draft="ngram", num_draft_tokens=n))
-    for k in LOOKUP_CANDIDATES:
-        trials.run(dict(draft="ngram", num_draft_tokens=LOOKUP_LENGTHS[-1], ngram_candidates=k))
+    if not has_recurrent_layers(model):  # (whose drafts are verified as one chain)
+        for k in LOOKUP_CANDIDATES:
+            trials.run(dict(draft="ngram", num_draft_tokens=LOOKUP_LENGTHS[-1], ngram_candidates=k))
 
     def describe(best):
         k = best.get("ngram_candidates", 1)
