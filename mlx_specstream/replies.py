@@ -164,14 +164,14 @@ class Batch:
     def __len__(self) -> int:
         return len(self.replies)
 
-    def add(self, reply: Reply, cache: Optional[list]) -> None:
-        """Adds a choice. ``cache`` holds the start of ``reply.sequence`` (``None``:
-        nothing); the rest is fed. A choice that has generated tokens (it ran
-        speculatively until now) goes on from its last one: a cache that already
-        holds that token gives it back (it must be trimmable) to compute what
-        follows."""
+    def add(self, reply: Reply, cache: list) -> None:
+        """Adds a choice; the tokens of ``reply.sequence`` that ``cache`` does not
+        hold are fed. A new choice's cache holds ``reply.cached`` prompt tokens. One
+        that has generated tokens (it ran speculatively until now) goes on from its
+        last one: a cache that already holds that token gives it back (it must be
+        trimmable) to compute what follows."""
         sequence = reply.sequence
-        held = 0 if cache is None else cache_tokens(cache)
+        held = cache_tokens(cache) if reply.generated else reply.cached
         if held == len(sequence):
             held -= trim_prompt_cache(cache, 1)
         args = reply.job.args
@@ -179,7 +179,7 @@ class Batch:
         (uid,) = self.generator.insert_segments(
             segments=[[sequence[held:]]],
             max_tokens=[reply.max_tokens - len(reply.generated)],
-            caches=[None if cache is None else list(cache)],
+            caches=[list(cache)],
             all_tokens=[sequence[:held]],  # the logits processors' history
             samplers=[make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens)],
             logits_processors=[make_logits_processors(**processing) if processing else []],

@@ -373,3 +373,34 @@ def test_the_last_row_of_a_batch_goes_on_alone(service):
     assert text == want
     assert spec["batched_tokens"] == together < 48 and spec["accepted_draft_tokens"] > 0
     assert run(min_fed=1)[1] != want
+
+
+def test_a_state_space_model_batches_with_its_penalties(service, monkeypatch):
+    """mamba2 (no KV layer, so its cache does not say how many tokens it holds):
+    waiting requests with a frequency penalty are batched, each answer equal to plain
+    decoding with that penalty; every row's logits processors see its prompt once,
+    then what it generated (recorded: the history grows by one token a step from the
+    prompt's length)."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tok = tiny_hybrid("mamba2", vocab_size=V), word_tokenizer(V, eos=0)
+    penalty = {"frequency_penalty": 1.5, "frequency_context_size": 20}
+    svc = service(model, tok)
+    jobs = submit_together(svc, [(p, penalty) for p in PROMPTS[:3]])
+    for p, job in zip(PROMPTS[:3], jobs):
+        want = alone(model, tok, p, 16, logits_processors=make_logits_processors(**penalty))[0]
+        assert answer(job)[0][0] == want
+    assert svc.served["batched"] == 1 and svc.served["largest_batch"] == 3
+    histories = {}
+
+    def per_row(**kwargs):
+        row = []
+        histories[len(histories)] = row
+        return [lambda tokens, logits: (row.append(tokens.tolist()), logits)[1]]
+
+    monkeypatch.setattr(replies, "make_logits_processors", per_row)
+    for job in submit_together(svc, [(p, penalty) for p in PROMPTS[:3]]):
+        answer(job)
+    for p, row in zip(PROMPTS[:3], histories.values()):
+        assert [h[: len(p)] for h in row] == [p] * len(row)
+        assert [len(h) for h in row] == list(range(len(p), len(p) + len(row)))
