@@ -642,64 +642,38 @@ def test_draft_field(serve):
     assert status == 400 and payload["error"]["param"] == "draft"
 
 
-def test_num_draft_tokens_field(serve, monkeypatch):
-    """A request's ``num_draft_tokens`` (or the server's default) reaches the decoder
-    with prompt lookup; the text stays the plain one; a bad value is refused."""
+@pytest.mark.parametrize(
+    "field, asked, default, prompt",
+    [
+        ("num_draft_tokens", (1, 10), 3, "t3 t4 t5 t6 t3 t4 t5 t6 t3"),
+        ("ngram_candidates", (3,), 2, "t3 t4 t5 t6 t3 t4 t7 t6 t3 t4"),
+    ],
+)
+def test_prompt_lookup_fields(serve, monkeypatch, field, asked, default, prompt):
+    """A request's ``num_draft_tokens`` or ``ngram_candidates`` (or the server's
+    default) reaches the decoder with prompt lookup; the text stays the plain one; a
+    bad value is refused, naming the field."""
     model, tok = spec_model(), word_tokenizer(V)
-    prompt = "t3 t4 t5 t6 t3 t4 t5 t6 t3"
     want = reference(model, tok, prompt, 16)
     seen, real = [], server_mod.stream_generate
 
     def recording(*args, **kwargs):
-        seen.append(kwargs.get("num_draft_tokens"))
+        seen.append(kwargs.get(field))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(server_mod, "stream_generate", recording)
     client, url, _ = serve(model, tok)
-    for n in (1, 10):
+    for n in asked:
         r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
-                                      extra_body={"draft": "ngram", "num_draft_tokens": n})  # fmt: skip
+                                      extra_body={"draft": "ngram", field: n})  # fmt: skip
         assert r.choices[0].text == want and seen[-1] == n
     client.completions.create(model="tiny", prompt=prompt, max_tokens=16)
     assert seen[-1] is None  # (not set: the decoder's default)
-    client, url, _ = serve(model, tok, draft="ngram", num_draft_tokens=3)
-    assert (
-        client.completions.create(model="tiny", prompt=prompt, max_tokens=16).choices[0].text
-        == want
-    )
-    assert seen[-1] == 3
-    status, payload = post(
-        url + "/completions", json.dumps({"prompt": "t1", "num_draft_tokens": 0}).encode()
-    )
-    assert status == 400 and payload["error"]["param"] == "num_draft_tokens"
-
-
-def test_ngram_candidates_field(serve, monkeypatch):
-    """A request's ``ngram_candidates`` (or the server's default) reaches the decoder;
-    the text stays the plain one; a bad value is refused, naming the field."""
-    model, tok = spec_model(), word_tokenizer(V)
-    prompt = "t3 t4 t5 t6 t3 t4 t7 t6 t3 t4"
-    want = reference(model, tok, prompt, 16)
-    seen, real = [], server_mod.stream_generate
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("ngram_candidates"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(server_mod, "stream_generate", recording)
-    client, url, _ = serve(model, tok)
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
-                                  extra_body={"draft": "ngram", "ngram_candidates": 3})  # fmt: skip
-    assert r.choices[0].text == want and seen[-1] == 3
-    client.completions.create(model="tiny", prompt=prompt, max_tokens=16)
-    assert seen[-1] is None  # (not set: the decoder's default)
-    client, url, _ = serve(model, tok, draft="ngram", ngram_candidates=2)
+    client, url, _ = serve(model, tok, draft="ngram", **{field: default})
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16)
-    assert r.choices[0].text == want and seen[-1] == 2
-    status, payload = post(
-        url + "/completions", json.dumps({"prompt": "t1", "ngram_candidates": 0}).encode()
-    )
-    assert status == 400 and payload["error"]["param"] == "ngram_candidates"
+    assert r.choices[0].text == want and seen[-1] == default
+    status, payload = post(url + "/completions", json.dumps({"prompt": "t1", field: 0}).encode())
+    assert status == 400 and payload["error"]["param"] == field
 
 
 # ---- concurrency with a bounded cache -----------------------------------------------------
