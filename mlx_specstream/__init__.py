@@ -14,6 +14,7 @@ _EXPORTS = {
     "SpecGenerationResponse": "generate",
     "attach_drafter": "drafters",
     "attach_streams": "streams",
+    "batch_generate": "batch",
     "generate": "generate",
     "load": "utils",
     "save": "utils",

@@ -1,0 +1,343 @@
+"""Batched decoding in which every row speculates: mlx-lm's ``batch_generate``,
+with each row drafting by prompt lookup and one pass verifying every row's draft.
+
+Each row drafts from its own prompt and output (:class:`~mlx_specstream.ngram.NgramIndex`)
+and a pass feeds every row its pending token and its draft. A row accepts the
+draft's longest prefix that matches its own choices, so rows advance by different
+numbers of tokens; their key-value caches drift apart
+(:class:`~mlx_specstream.ragged_cache.RaggedKVCache`) instead of being realigned.
+Greedy output equals each prompt decoded alone; sampled output keeps the model's
+distribution, since a lookup draft is a deterministic proposal, accepted where it
+equals the token the sampler drew.
+"""
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
+from .ragged_cache import RaggedKVCache
+
+DRAFTS = (None, "ngram")
+
+
+class RowTokens(NamedTuple):
+    """What one row got from one pass."""
+
+    row: int  # the prompt's index
+    tokens: List[int]  # accepted drafts, then the pass's own token
+    logprobs: List[float]  # each token's log-probability under the (processed) model
+    finish_reason: Optional[str]  # "stop" (the last token is a stop token), "length" or None
+
+
+@dataclass
+class _Row:
+    index: int
+    history: NgramIndex  # prompt + generated tokens (the last one not yet fed)
+    max_tokens: int
+    generated: int = 0
+
+
+def _check_model_cache(model) -> None:
+    for i, c in enumerate(make_prompt_cache(model)):
+        if type(c) is not KVCache:
+            raise ValueError(
+                f"batch_generate needs a plain key-value cache in every layer; layer {i} of "
+                f"this model has a {type(c).__name__} (sliding-window, recurrent and "
+                "state-space layers are not batched speculatively)"
+            )
+
+
+PROBE_TOLERANCE = 0.05  # most |p(batch) - p(alone)| of a next-token probability
+_PROBED = {}  # id(model) -> ragged_fault(model)
+
+
+def ragged_fault(model) -> Optional[str]:
+    """Why rows of different lengths in one batch pass do not each get what they
+    would get alone (``None``: they do); measured once per model.
+
+    Three prompts (8, 3 and 2 tokens) are cached, then one pass feeds each two
+    more tokens; every row's next-token probabilities must equal the same tokens'
+    alone to within :data:`PROBE_TOLERANCE` (on CPU float32 they differ by about
+    1e-7). mlx-lm 0.32's gemma2 fails: its attention broadcasts a batch mask over
+    its key-value heads.
+    """
+    if id(model) not in _PROBED:
+        _PROBED[id(model)] = _probe(model)
+        weakref.finalize(model, _PROBED.pop, id(model), None)
+    return _PROBED[id(model)]
+
+
+def _probe(model) -> Optional[str]:
+    prompts, fed = [list(range(1, n + 1)) for n in (8, 3, 2)], [5, 6]
+    try:
+        caches = [_prefill(model, p + fed[:1], len(p)) for p in prompts]
+        cache = [RaggedKVCache.merge(layer) for layer in zip(*caches)]
+        batched = model(mx.array([fed] * len(prompts)), cache=cache)
+    except Exception as e:  # noqa: BLE001 - the reason is reported
+        return f"{type(e).__name__}: {e}"
+    for b, p in enumerate(prompts):
+        alone = mx.softmax(model(mx.array([p + fed]))[0, -2:].astype(mx.float32), axis=-1)
+        gap = mx.abs(mx.softmax(batched[b].astype(mx.float32), axis=-1) - alone).max().item()
+        if gap > PROBE_TOLERANCE:
+            return (f"a row of a batch differs from the same tokens alone by {gap:.2f} in a "
+                    "next-token probability")  # fmt: skip
+    return None
+
+
+def _prefill(model, prompt: List[int], step: int) -> List[KVCache]:
+    """Each prompt alone, all but its last token (which the first pass feeds)."""
+    cache = make_prompt_cache(model)
+    for start in range(0, len(prompt) - 1, step):
+        model(mx.array([prompt[start : min(start + step, len(prompt) - 1)]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def batch_generate_step(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: Union[int, Sequence[int]] = 128,
+    stop_tokens: Sequence[int] = (),
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    draft: Optional[str] = "ngram",
+    num_draft_tokens: Optional[int] = None,
+    prefill_step_size: int = 2048,
+) -> Iterator[List[RowTokens]]:
+    """Decodes ``prompts`` together, each row with prompt-lookup drafts.
+
+    Every pass feeds each unfinished row its last token and a draft of up to
+    ``num_draft_tokens`` tokens (rows are padded to the longest draft; padding is
+    never accepted), then keeps in each row the draft's longest prefix that
+    equals the row's own choices, plus one token of the pass's.
+
+    Args:
+        model: an mlx-lm model whose layers all use a plain ``KVCache``.
+        prompts: token ids, one list per row (each at least one token).
+        max_tokens (int or list): tokens to generate, for all rows or per row.
+        stop_tokens: tokens that end a row (included in its tokens, with
+          ``finish_reason="stop"``).
+        sampler: mlx-lm sampler over ``(rows, vocab)`` log-probabilities (default:
+          greedy).
+        logits_processors: mlx-lm logits processors, applied to every row with that
+          row's own history.
+        draft (str or None): ``"ngram"`` (prompt lookup) or ``None`` (one token per
+          row per pass: plain batched decoding).
+        num_draft_tokens (int): the longest draft (default 10, as transformers').
+        prefill_step_size (int): prompt tokens per prefill pass.
+
+    Yields:
+        list of :class:`RowTokens`: per pass, what each row that was decoded got.
+    """
+    if draft not in DRAFTS:
+        raise ValueError(f"draft={draft!r}: batch_generate drafts with one of {DRAFTS}")
+    num_draft_tokens = NGRAM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+    if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
+        raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
+    limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} max_tokens for {len(prompts)} prompts")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+    _check_model_cache(model)
+    fault = ragged_fault(model)
+    if fault:
+        raise ValueError(
+            f"batch_generate cannot batch this {type(model).__module__} model: {fault}"
+        )
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    stop = set(stop_tokens)
+
+    per_row = [_prefill(model, list(p), prefill_step_size) for p in prompts]
+    cache = [RaggedKVCache.merge(layer) for layer in zip(*per_row)]
+    rows = [_Row(i, NgramIndex(p), n) for i, (p, n) in enumerate(zip(prompts, limits))]
+    keep = [r for r in rows if r.max_tokens > 0]
+    if len(keep) < len(rows):
+        _filter(cache, rows, keep)
+        rows = keep
+
+    while rows:
+        drafts = [r.history.draft(min(num_draft_tokens, r.max_tokens - r.generated - 1))
+                  if draft else [] for r in rows]  # fmt: skip
+        width = 1 + max(map(len, drafts))
+        fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
+        inputs = mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
+        logits = model(inputs, cache=cache)
+        if logits_processors:
+            logits = _process(logits, rows, fed, logits_processors)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = sampler(logprobs.reshape(-1, logprobs.shape[-1])).reshape(len(rows), width)
+        chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
+        chosen, chosen_lp = chosen.tolist(), chosen_lp.astype(mx.float32).tolist()
+
+        out, kept, done = [], [], []
+        for r, d, toks, lps in zip(rows, drafts, chosen, chosen_lp):
+            toks, finish = accepted(d, toks), None
+            kept.append(len(toks))
+            for j, t in enumerate(toks):
+                if t in stop or r.generated + j + 1 == r.max_tokens:
+                    toks, finish = toks[: j + 1], "stop" if t in stop else "length"
+                    break
+            r.generated += len(toks)
+            r.history.extend(toks)
+            out.append(RowTokens(r.index, toks, lps[: len(toks)], finish))
+            if finish is None:
+                done.append(r)
+        for c in cache:
+            c.advance(kept)
+        if len(done) < len(rows):
+            _filter(cache, rows, done)
+        rows = done
+        yield out
+
+
+def accepted(draft: Sequence[int], chosen: Sequence[int]) -> List[int]:
+    """The tokens a row keeps from a pass: its choices up to and including the first
+    one that is not the draft's next token (all of them when the whole draft is).
+
+    Example:
+        >>> accepted([5, 6, 7], [5, 6, 9, 2])   # 7 was not chosen: keep 5, 6, 9
+        [5, 6, 9]
+        >>> accepted([5, 6], [5, 6, 1])   # the whole draft, and the pass's next token
+        [5, 6, 1]
+        >>> accepted([], [4])
+        [4]
+    """
+    n = 1
+    while n <= len(draft) and draft[n - 1] == chosen[n - 1]:
+        n += 1
+    return list(chosen[:n])
+
+
+def _filter(cache: List[RaggedKVCache], rows: List[_Row], keep: List[_Row]) -> None:
+    at = {id(r): i for i, r in enumerate(rows)}
+    for c in cache:
+        c.filter([at[id(r)] for r in keep])
+
+
+def _process(logits: mx.array, rows, fed, processors) -> mx.array:
+    """Each row's processors at each fed position, with the history up to it."""
+    out = []
+    for b, (r, f) in enumerate(zip(rows, fed)):
+        history = mx.array(r.history.tokens[:-1] + f)
+        before = len(r.history.tokens)
+        for j in range(logits.shape[1]):
+            lg = logits[b, j][None]
+            for p in processors:
+                lg = p(history[: before + min(j, len(f) - 1)], lg)
+            out.append(lg)
+    return mx.concatenate(out).reshape(logits.shape)
+
+
+@dataclass
+class BatchStats:
+    """Counts and times of one :func:`batch_generate` call (mlx-lm's names)."""
+
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_time: float = 0.0
+    forward_passes: int = 0  # decode passes over the whole batch
+    row_passes: int = 0  # the rows those passes decoded, summed over passes
+    peak_memory: float = 0.0  # GB
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / max(self.prompt_time, 1e-9)
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / max(self.generation_time, 1e-9)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """τ: tokens a row got per pass that decoded it."""
+        return self.generation_tokens / max(self.row_passes, 1)
+
+
+@dataclass
+class BatchResponse:
+    """What :func:`batch_generate` returns (mlx-lm's ``BatchResponse`` fields)."""
+
+    texts: List[str]
+    stats: BatchStats
+    token_ids: Optional[List[List[int]]] = None
+    logprobs: Optional[List[List[float]]] = None
+    finish_reasons: List[Optional[str]] = field(default_factory=list)
+
+
+def batch_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: Union[int, Sequence[int]] = 128,
+    verbose: bool = False,
+    return_token_ids: bool = False,
+    return_logprobs: bool = False,
+    **kwargs,
+) -> BatchResponse:
+    """Generates a response to every prompt, in one batch whose rows speculate
+    with prompt lookup; as mlx-lm's ``batch_generate`` (a row's stop token is not
+    part of its text or token ids).
+
+    Args:
+        model: the model (every layer with a plain ``KVCache``).
+        tokenizer: mlx-lm's ``TokenizerWrapper``; its EOS tokens end a row.
+        prompts: token ids, one list per prompt.
+        max_tokens (int or list): tokens per response, for all or per prompt.
+        verbose (bool): print progress and speeds.
+        return_token_ids, return_logprobs (bool): also return each response's
+          token ids and their log-probabilities.
+        kwargs: :func:`batch_generate_step`'s options (``sampler``,
+          ``logits_processors``, ``draft``, ``num_draft_tokens``, ...).
+
+    Returns:
+        BatchResponse: texts in the order of ``prompts``, and the statistics.
+    """
+    stats = BatchStats(prompt_tokens=sum(len(p) for p in prompts))
+    tokens = [[] for _ in prompts]
+    logprobs = [[] for _ in prompts]
+    finish: List[Optional[str]] = [None] * len(prompts)
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    steps = batch_generate_step(
+        model, prompts, max_tokens=max_tokens, stop_tokens=tokenizer.eos_token_ids, **kwargs
+    )
+    for i, out in enumerate(steps):
+        if i == 0:  # the first pass ends the prompt's processing, as in mlx-lm's count
+            stats.prompt_time = time.perf_counter() - tic
+            tic = time.perf_counter()
+        stats.forward_passes += 1
+        stats.row_passes += len(out)
+        for r in out:
+            stats.generation_tokens += len(r.tokens)
+            end = len(r.tokens) - (r.finish_reason == "stop")
+            tokens[r.row] += r.tokens[:end]
+            logprobs[r.row] += r.logprobs[:end]
+            finish[r.row] = r.finish_reason
+            if verbose and r.finish_reason:
+                print(f"[batch_generate] Finished prompt {r.row}", end="\r")
+    stats.generation_time = time.perf_counter() - tic
+    stats.peak_memory = mx.get_peak_memory() / 1e9
+    texts = [tokenizer.decode(t) for t in tokens]
+    if verbose:
+        print(f"[batch_generate] Prompt: {stats.prompt_tokens} tokens, "
+              f"{stats.prompt_tps:.3f} tokens-per-sec")  # fmt: skip
+        print(f"[batch_generate] Generation: {stats.generation_tokens} tokens, "
+              f"{stats.generation_tps:.3f} tokens-per-sec, "
+              f"{stats.tokens_per_pass:.2f} tokens per row per pass")  # fmt: skip
+        print(f"[batch_generate] Peak memory: {stats.peak_memory:.3f} GB")
+    return BatchResponse(
+        texts,
+        stats,
+        tokens if return_token_ids else None,
+        logprobs if return_logprobs else None,
+        finish,
+    )

@@ -1,0 +1,148 @@
+"""A batch's key-value cache whose rows end at different positions.
+
+mlx-lm's ``BatchKVCache`` keeps every row's tokens ending at one shared index and
+pads rows on the left. A speculative batch accepts a different number of tokens
+in each row at every step, so its rows cannot stay aligned without moving every
+row's whole cache. :class:`RaggedKVCache` lets them drift apart instead: row
+``b`` holds its tokens at ``[0, ends[b])``; a pass writes each row's new tokens
+after its own end; and the mask lets a query see only its own row's tokens up
+to itself. Rejected drafts are dropped by not advancing over them, at no cost.
+
+Example (two rows, one pass over two tokens each; ``o``: a key a query sees)::
+
+    ends = [3, 1]   # row 0 holds 3 tokens, row 1 holds 1
+    # the pass writes row 0's tokens at 3, 4 and row 1's at 1, 2
+    # make_mask(2)[b, 0, j]:   keys 0 1 2 3 4
+    #   row 0, query 0            o o o o .
+    #   row 0, query 1            o o o o o
+    #   row 1, query 0            o o . . .
+    #   row 1, query 1            o o o . .
+    advance([2, 1])  # row 0 accepted both, row 1 only its first: ends = [5, 2]
+"""
+
+from typing import List, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import KVCache, _BaseCache
+
+
+class RaggedKVCache(_BaseCache):
+    """One attention layer's keys and values for a batch of rows of any lengths.
+
+    A pass over ``N`` tokens per row writes row ``b``'s at ``ends[b] ..
+    ends[b] + N - 1`` and leaves ``ends`` as they were: the caller says how many
+    of them each row keeps (:meth:`advance`), the same for every layer. The
+    model reads :attr:`offset` (each row's RoPE position, an array as
+    ``BatchKVCache``'s) and :meth:`make_mask`, as it does for mlx-lm's batch
+    caches.
+
+    Args:
+        ends (sequence of int): the tokens each row already holds (all zero for
+          an empty cache).
+    """
+
+    step = 256  # capacity grows in blocks, as mlx-lm's caches do
+
+    def __init__(self, ends: Sequence[int]):
+        self.keys = self.values = None
+        self.set_ends(ends)
+
+    def set_ends(self, ends: Sequence[int]) -> None:
+        self._ends = np.asarray(ends, dtype=np.int64)
+        self.offset = mx.array(self._ends, dtype=mx.int32)
+
+    @property
+    def ends(self) -> List[int]:
+        return self._ends.tolist()
+
+    def size(self) -> int:
+        return int(self._ends.max(initial=0))
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    def is_trimmable(self) -> bool:
+        return False  # rows shrink only by advancing less (a shared trim has no meaning)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Writes each row's ``N`` new keys and values after its end; returns every
+        position up to the longest row's last new token (the mask hides the rest)."""
+        B, _, N, _ = keys.shape
+        if B != len(self._ends):
+            raise ValueError(f"a pass over {B} rows for a cache of {len(self._ends)} rows")
+        width = self.size() + N
+        if self.keys is None or width > self.keys.shape[2]:
+            self._grow(keys, values, width)
+        if (self._ends == self._ends[0]).all():  # aligned rows: one slice, as mlx-lm writes
+            start = int(self._ends[0])
+            self.keys[..., start : start + N, :] = keys
+            self.values[..., start : start + N, :] = values
+        else:
+            at = (self.offset[:, None] + mx.arange(N, dtype=mx.int32))[:, None, :, None]
+            self.keys = mx.put_along_axis(self.keys, at, keys, axis=2)
+            self.values = mx.put_along_axis(self.values, at, values, axis=2)
+        return self.keys[..., :width, :], self.values[..., :width, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, width: int) -> None:
+        capacity = (width + self.step - 1) // self.step * self.step
+        B, H, _, Dk = keys.shape
+        new_k = mx.zeros((B, H, capacity, Dk), keys.dtype)
+        new_v = mx.zeros((B, H, capacity, values.shape[3]), values.dtype)
+        if self.keys is not None:
+            held = self.keys.shape[2]
+            new_k[..., :held, :] = self.keys
+            new_v[..., :held, :] = self.values
+        self.keys, self.values = new_k, new_v
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None, **kwargs):
+        """``(B, 1, N, ends.max() + N)``: query ``j`` of row ``b`` sees keys
+        ``0 .. ends[b] + j``."""
+        if window_size is not None:
+            raise ValueError(f"RaggedKVCache has no sliding window (window_size={window_size})")
+        queries = (self.offset[:, None] + mx.arange(N, dtype=mx.int32))[:, None, :, None]
+        return mx.arange(self.size() + N, dtype=mx.int32) <= queries
+
+    def advance(self, kept: Sequence[int]) -> None:
+        """Keeps the first ``kept[b]`` tokens of row ``b``'s last pass."""
+        kept = np.asarray(kept, dtype=np.int64)
+        if kept.shape != self._ends.shape or (kept < 0).any():
+            raise ValueError(f"advance({kept.tolist()}) for {len(self._ends)} rows")
+        self.set_ends(self._ends + kept)
+
+    def filter(self, rows: Sequence[int]) -> None:
+        """Keeps only ``rows`` (indices into the batch), in that order."""
+        rows = list(rows)
+        if self.keys is not None:
+            index = mx.array(rows, dtype=mx.int32)
+            self.keys, self.values = self.keys[index], self.values[index]
+        self.set_ends(self._ends[rows])
+
+    @classmethod
+    def merge(cls, caches: Sequence[KVCache]) -> "RaggedKVCache":
+        """One row per mlx-lm ``KVCache`` (the same layer of each row's cache)."""
+        ends = [c.offset for c in caches]
+        merged = cls(ends)
+        held = [c for c in caches if c.keys is not None]
+        if not held:
+            return merged
+        width = (max(ends) + cls.step - 1) // cls.step * cls.step
+        ref_k, ref_v = held[0].keys, held[0].values
+        shape_k, shape_v = list(ref_k.shape), list(ref_v.shape)
+        shape_k[0] = shape_v[0] = len(caches)
+        shape_k[2] = shape_v[2] = width
+        merged.keys = mx.zeros(shape_k, ref_k.dtype)
+        merged.values = mx.zeros(shape_v, ref_v.dtype)
+        for b, c in enumerate(caches):
+            if c.keys is not None and c.offset:
+                merged.keys[b : b + 1, :, : c.offset] = c.keys[..., : c.offset, :]
+                merged.values[b : b + 1, :, : c.offset] = c.values[..., : c.offset, :]
+        return merged
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

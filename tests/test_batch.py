@@ -1,0 +1,263 @@
+"""Batched decoding whose rows speculate with prompt lookup (mlx_specstream.batch):
+each row equals its prompt decoded alone (greedy: mlx-lm's plain decoding, token for
+token on CPU; sampled: the model's distribution), in fewer passes."""
+
+import doctest
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import plain_greedy, tiny_hybrid, tiny_model, tiny_spec_model, word_tokenizer
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.sample_utils import make_logits_processors
+
+from mlx_specstream import batch, ragged_cache
+from mlx_specstream.batch import batch_generate, batch_generate_step
+from mlx_specstream.ragged_cache import RaggedKVCache
+from mlx_specstream.sample_utils import make_sampler
+
+V = 16
+PROMPTS = [[3, 4, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 7, 8], [2], [1, 2, 1, 2, 1, 2, 1]]
+LIMITS = [24, 30, 17, 40]
+
+
+def decode(model, prompts=PROMPTS, limits=LIMITS, **kwargs):
+    """Each row's tokens, and the number of passes."""
+    tokens, passes = [[] for _ in prompts], 0
+    for out in batch_generate_step(model, prompts, max_tokens=limits, **kwargs):
+        passes += 1
+        for r in out:
+            tokens[r.row] += r.tokens
+    return tokens, passes
+
+
+def alone(model, prompts=PROMPTS, limits=LIMITS, **kwargs):
+    return [plain_greedy(model, p, n, **kwargs) for p, n in zip(prompts, limits)]
+
+
+def test_doc_examples():
+    assert doctest.testmod(batch).failed == 0
+
+
+def test_ragged_mask_golden():
+    """The module's worked example: rows holding 3 and 1 tokens, a pass over two."""
+    cache = RaggedKVCache([3, 1])
+    o, _ = True, False
+    want = [
+        [[o, o, o, o, _], [o, o, o, o, o]],
+        [[o, o, _, _, _], [o, o, o, _, _]],
+    ]
+    assert cache.make_mask(2)[:, 0].tolist() == want
+    assert cache.offset.tolist() == [3, 1]  # each row's RoPE position
+    cache.advance([2, 1])
+    assert cache.ends == [5, 2] and cache.offset.tolist() == [5, 2]
+
+
+def test_ragged_writes_land_after_each_row_end():
+    """A pass writes each row's keys after its own end; merge keeps each row's tokens."""
+    rows = []
+    for n in (3, 1):
+        c = KVCache()
+        c.update_and_fetch(mx.full((1, 1, n, 2), n, mx.float32), mx.zeros((1, 1, n, 2)))
+        rows.append(c)
+    cache = RaggedKVCache.merge(rows)
+    keys, _ = cache.update_and_fetch(mx.full((2, 1, 2, 2), 9.0), mx.zeros((2, 1, 2, 2)))
+    assert keys[:, 0, :, 0].tolist() == [[3, 3, 3, 9, 9], [1, 9, 9, 0, 0]]
+    cache.advance([1, 2])
+    keys, _ = cache.update_and_fetch(mx.full((2, 1, 1, 2), 7.0), mx.zeros((2, 1, 1, 2)))
+    assert keys[:, 0, :, 0].tolist() == [[3, 3, 3, 9, 7], [1, 9, 9, 7, 0]]
+    cache.filter([1])
+    assert cache.ends == [3] and cache.keys.shape[0] == 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "starcoder2", "gpt_neox"])
+def test_greedy_rows_equal_each_prompt_alone_in_fewer_passes(arch):
+    """Rows of different prompt lengths and limits: every row equals mlx-lm's greedy
+    decoding of its prompt alone, and drafts are accepted (fewer passes than the
+    longest row's tokens)."""
+    model = tiny_model(arch, vocab_size=V)
+    tokens, passes = decode(model, num_draft_tokens=4)
+    assert tokens == alone(model)
+    assert passes < max(LIMITS), f"{passes} passes for {max(LIMITS)} tokens: nothing accepted"
+
+
+def test_a_model_with_streams_decodes_as_its_base():
+    """The streams' hooks stay off: a stream model batches as the model it wraps."""
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    assert decode(model)[0] == alone(model)
+
+
+def test_without_drafts_one_token_per_row_per_pass():
+    model = tiny_model("llama", vocab_size=V)
+    tokens, passes = decode(model, draft=None)
+    assert tokens == alone(model) and passes == max(LIMITS)
+
+
+def test_negative_control_a_mask_blind_to_row_ends(monkeypatch):
+    """Every row's queries seeing up to the longest row's end (stale and foreign
+    positions) changes the output."""
+    model = tiny_model("llama", vocab_size=V)
+
+    def blind(self, N, return_array=False, window_size=None, **kwargs):
+        q = (self.size() + mx.arange(N))[None, None, :, None]
+        return mx.broadcast_to(
+            mx.arange(self.size() + N) <= q, (len(self.ends), 1, N, self.size() + N)
+        )
+
+    monkeypatch.setattr(RaggedKVCache, "make_mask", blind)
+    batch._PROBED[id(model)] = None  # (the probe would catch it first)
+    assert decode(model, num_draft_tokens=4)[0] != alone(model)
+
+
+def test_negative_control_one_draft_token_too_many(monkeypatch):
+    model = tiny_model("llama", vocab_size=V)
+    monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(_accepted(d, c))) + 1])
+    assert decode(model, num_draft_tokens=4)[0] != alone(model)
+
+
+_accepted = batch.accepted
+
+
+def test_logits_processors_see_each_row_history_with_its_draft(monkeypatch):
+    """A repetition and a frequency penalty (history-dependent) give each row what they
+    give it alone. Control: processors that see the history without the draft's
+    tokens before each position differ."""
+    model = tiny_model("llama", vocab_size=V)
+    procs = make_logits_processors(repetition_penalty=1.5, repetition_context_size=6)
+    want = alone(model, logits_processors=procs)
+    assert decode(model, logits_processors=procs)[0] == want
+
+    real = batch._process
+
+    def without_drafts(logits, rows, fed, processors):
+        return real(logits, rows, [f[:1] * len(f) for f in fed], processors)
+
+    monkeypatch.setattr(batch, "_process", without_drafts)
+    assert decode(model, logits_processors=procs)[0] != want
+
+
+def test_batch_generate_texts_stop_tokens_and_logprobs():
+    """As mlx-lm's batch_generate: an EOS ends a row and is not part of its text; each
+    token's log-probability is plain decoding's."""
+    model = tiny_model("llama", vocab_size=V)
+    tok = word_tokenizer(V, eos=5)
+    plain = alone(model)
+    res = batch_generate(model, tok, PROMPTS, max_tokens=LIMITS, return_token_ids=True,
+                         return_logprobs=True, num_draft_tokens=3)  # fmt: skip
+    for p, n, got, lps, reason, text in zip(
+        PROMPTS, LIMITS, res.token_ids, res.logprobs, res.finish_reasons, res.texts
+    ):
+        want = plain[PROMPTS.index(p)]
+        cut = want.index(5) if 5 in want else len(want)
+        assert got == want[:cut] and text == tok.decode(want[:cut])
+        assert reason == ("stop" if 5 in want else "length")
+        steps = generate_step(mx.array(p), model, max_tokens=cut)
+        plain_lps = [lp[t].item() for t, lp in steps]
+        assert np.allclose(lps, plain_lps, atol=1e-5)
+    assert any(r == "stop" for r in res.finish_reasons), "no row met the EOS: untested"
+    assert res.stats.tokens_per_pass > 1 and res.stats.forward_passes > 0
+
+
+PROMPT_A, PROMPT_B, N_TOKENS, ROWS = [1, 4, 2, 5, 1, 4], [3, 2, 3, 2, 3], 3, 1200
+
+
+def exact_distribution(model, prompt, sampler):
+    import itertools
+
+    seqs = list(itertools.product(range(6), repeat=N_TOKENS))
+    logits = model(mx.array([prompt + list(s[:-1]) for s in seqs]))[:, len(prompt) - 1 :]
+    logits = logits.astype(mx.float32)
+    probs = np.array(sampler.probs(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+    return {
+        s: float(np.prod([probs[i, t, k] for t, k in enumerate(s)])) for i, s in enumerate(seqs)
+    }
+
+
+def sampled_pvalues(model, sampler):
+    """Rows of two prompts, interleaved in one batch, sampled at T = 1: each prompt's
+    rows against its own exact distribution."""
+    from test_sampling import chi_square_pvalue  # (needs scipy)
+
+    mx.random.seed(0)
+    prompts = [PROMPT_A, PROMPT_B] * (ROWS // 2)
+    tokens, drafted = [[] for _ in prompts], 0
+    for out in batch_generate_step(model, prompts, max_tokens=N_TOKENS, sampler=sampler):
+        for r in out:
+            tokens[r.row] += r.tokens
+            drafted += len(r.tokens) - 1
+    assert drafted > ROWS // 10, "drafts were rarely accepted: the test has no power"
+    out = []
+    for k, prompt in enumerate((PROMPT_A, PROMPT_B)):
+        counts = {}
+        for t in tokens[k::2]:
+            counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+        out.append(chi_square_pvalue(counts, exact_distribution(model, prompt, sampler), ROWS // 2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def small():
+    return tiny_model("llama", vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
+
+
+def test_sampled_rows_keep_the_model_distribution(small):
+    p = sampled_pvalues(small, make_sampler(temp=1.0))
+    assert min(p) > 1e-3, f"chi-square p = {p}"
+
+
+def test_negative_control_unchecked_first_draft_token(small, monkeypatch):
+    """A verifier that keeps the draft's first token unchecked."""
+    monkeypatch.setattr(
+        batch, "accepted", lambda d, c: d[:1] + _accepted(d[1:], c[1:]) if d else c[:1]
+    )
+    p = sampled_pvalues(small, make_sampler(temp=1.0))
+    assert max(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
+
+
+def test_models_that_cannot_batch_get_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match="layer 0 of this model has a ArraysCache"):
+        decode(tiny_hybrid("qwen3_next", vocab_size=V))
+    model = tiny_model("llama", vocab_size=V)
+    monkeypatch.setattr(model, "make_cache", lambda: [RotatingKVCache(8) for _ in model.layers],
+                        raising=False)  # fmt: skip
+    with pytest.raises(ValueError, match="has a RotatingKVCache"):
+        decode(model)
+    # mlx-lm 0.32's gemma2 broadcasts a batch mask over its key-value heads
+    with pytest.raises(ValueError, match="cannot batch this mlx_lm.models.gemma2 model"):
+        decode(tiny_model("gemma2", vocab_size=V))
+
+
+def test_the_probe_catches_rows_that_are_wrong_without_raising(monkeypatch):
+    """Control for the probe: noise added to batched passes only."""
+    model = tiny_model("llama", vocab_size=V)
+    assert batch.ragged_fault(model) is None
+    real = RaggedKVCache.update_and_fetch
+
+    def noisy(self, keys, values):
+        k, v = real(self, keys, values)
+        return k + mx.random.normal(k.shape), v
+
+    monkeypatch.setattr(RaggedKVCache, "update_and_fetch", noisy)
+    assert "differs from the same tokens alone" in batch._probe(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(draft="streams"), "draft='streams'"),
+        (dict(num_draft_tokens=0), "num_draft_tokens=0"),
+        (dict(limits=[4]), "1 max_tokens for 4 prompts"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        decode(tiny_model("llama", vocab_size=V), **{"limits": LIMITS, **kwargs})
+
+
+def test_empty_prompt_and_zero_tokens():
+    model = tiny_model("llama", vocab_size=V)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        decode(model, [[1, 2], []], [4, 4])
+    tokens, _ = decode(model, PROMPTS[:2], [0, 6])
+    assert tokens == [[], alone(model, PROMPTS[1:2], [6])[0]]
