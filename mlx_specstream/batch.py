@@ -14,7 +14,7 @@ equals the token the sampler drew.
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
@@ -28,17 +28,26 @@ DRAFTS = (None, "ngram")
 class RowTokens(NamedTuple):
     """What one row got from one pass."""
 
-    row: int  # the prompt's index
+    uid: int  # the row's id (batch_generate_step: the prompt's index)
     tokens: List[int]  # accepted drafts, then the pass's own token
     logprobs: List[float]  # each token's log-probability under the (processed) model
     finish_reason: Optional[str]  # "stop" (the last token is a stop token), "length" or None
+    distributions: List[mx.array]  # each token's (vocab,) log-probabilities (lazy)
+    cache: Optional[List[KVCache]] = None  # a finished row's, with keep_caches
+
+    @property
+    def row(self) -> int:
+        return self.uid
 
 
 @dataclass
 class _Row:
-    index: int
-    history: NgramIndex  # prompt + generated tokens (the last one not yet fed)
+    uid: int
+    history: NgramIndex  # the prompt and generated tokens; the last one is not fed yet
     max_tokens: int
+    sampler: Optional[Callable]
+    processors: List[Callable]
+    draft_tokens: int  # the longest draft (0: none)
     generated: int = 0
 
 
@@ -98,6 +107,165 @@ def _prefill(model, prompt: List[int], step: int) -> List[KVCache]:
     return cache
 
 
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+class LookupBatcher:
+    """Rows decoded together, each drafting by prompt lookup, joining and leaving
+    between passes (continuous batching, as mlx-lm's ``BatchGenerator``).
+
+    A row joins with the tokens so far and, optionally, a cache holding a prefix of
+    them (its own ``KVCache`` per layer); the rest but the last token is prefilled
+    alone, then the row enters the batch. Each :meth:`step` is one pass over every
+    row: its last token and a draft of up to its ``num_draft_tokens`` tokens (rows
+    are padded to the longest draft; padding is never accepted). A row keeps the
+    draft's longest prefix that equals its own choices, plus the pass's next choice.
+
+    Args:
+        model: an mlx-lm model whose layers all use a plain ``KVCache``, and whose
+          batched rows equal the same tokens alone (:func:`ragged_fault`).
+        stop_tokens: tokens that end a row (the row's last token, ``"stop"``).
+        prefill_step_size (int): prompt tokens per prefill pass.
+        max_rows (int): most rows decoded at once; later ones wait their turn.
+        keep_caches (bool): give a finished row's cache (:attr:`RowTokens.cache`).
+    """
+
+    def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
+                 max_rows: Optional[int] = None, keep_caches: bool = False):  # fmt: skip
+        _check_model_cache(model)
+        fault = ragged_fault(model)
+        if fault:
+            raise ValueError(f"cannot batch this {type(model).__module__} model: {fault}")
+        self.model, self.stop = model, set(stop_tokens)
+        self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
+        self.keep_caches = keep_caches
+        self.rows: List[_Row] = []
+        self.cache: Optional[List[RaggedKVCache]] = None
+        self.waiting: List[Tuple[_Row, List[KVCache]]] = []
+        self._uid = 0
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.waiting)
+
+    def insert(self, tokens: Sequence[int], cache: Optional[List[KVCache]] = None, *,
+               max_tokens: int = 128, sampler: Optional[Callable] = None,
+               logits_processors: Optional[List[Callable]] = None,
+               num_draft_tokens: int = NGRAM_DRAFT_TOKENS) -> int:  # fmt: skip
+        """Adds a row; returns its uid.
+
+        Args:
+            tokens: the row's tokens so far (the prompt, then any generated); the
+              logits processors see them all.
+            cache: per layer, a ``KVCache`` holding the first tokens (fewer than all);
+              the row owns it from now on. ``None``: a new cache.
+            max_tokens (int): tokens to generate (at least 1).
+            sampler: mlx-lm sampler over ``(tokens, vocab)`` log-probabilities
+              (``None``: greedy).
+            logits_processors: mlx-lm logits processors for this row.
+            num_draft_tokens (int): the longest draft (0: no drafts).
+        """
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("a row needs at least one token")
+        if not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1.")
+        if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 0):
+            raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 0.")
+        cache = make_prompt_cache(self.model) if cache is None else list(cache)
+        for i, c in enumerate(cache):
+            if type(c) is not KVCache:
+                raise ValueError(f"layer {i} of the row's cache is a {type(c).__name__}")
+        held = cache[0].offset
+        if held >= len(tokens):
+            raise ValueError(f"the row's cache holds {held} of its {len(tokens)} tokens: "
+                             "it must leave the last one to feed")  # fmt: skip
+        for start in range(held, len(tokens) - 1, self.prefill_step_size):
+            end = min(start + self.prefill_step_size, len(tokens) - 1)
+            self.model(mx.array([tokens[start:end]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        self._uid += 1
+        row = _Row(self._uid, NgramIndex(tokens), max_tokens, sampler,
+                   list(logits_processors or []), num_draft_tokens)  # fmt: skip
+        self.waiting.append((row, cache))
+        return row.uid
+
+    def remove(self, uids: Sequence[int]) -> Dict[int, List[KVCache]]:
+        """Takes rows out; each one's cache (holding its tokens but the last)."""
+        gone, out = set(uids), {}
+        for row, cache in [w for w in self.waiting if w[0].uid in gone]:
+            out[row.uid] = cache
+        self.waiting = [w for w in self.waiting if w[0].uid not in gone]
+        keep = [r for r in self.rows if r.uid not in gone]
+        for b, row in enumerate(self.rows):
+            if row.uid in gone:
+                out[row.uid] = [c.extract(b) for c in self.cache]
+        self._keep(keep)
+        return out
+
+    def _keep(self, keep: List[_Row]) -> None:
+        if len(keep) < len(self.rows):
+            at = {r.uid: b for b, r in enumerate(self.rows)}
+            for c in self.cache:
+                c.filter([at[r.uid] for r in keep])
+            self.rows = keep
+
+    def _admit(self) -> None:
+        room = len(self.waiting) if self.max_rows is None else self.max_rows - len(self.rows)
+        if room <= 0 or not self.waiting:
+            return
+        joining, self.waiting = self.waiting[:room], self.waiting[room:]
+        new = [RaggedKVCache.merge(layer) for layer in zip(*(c for _, c in joining))]
+        self.cache = new if not self.rows else [a.extend(b) for a, b in zip(self.cache, new)]
+        self.rows += [row for row, _ in joining]
+
+    def step(self) -> List[RowTokens]:
+        """One pass over every row (rows waiting join first, up to ``max_rows``):
+        what each row got. Finished rows leave the batch."""
+        self._admit()
+        rows = self.rows
+        if not rows:
+            return []
+        drafts = [r.history.draft(min(r.draft_tokens, r.max_tokens - r.generated - 1))
+                  if r.draft_tokens else [] for r in rows]  # fmt: skip
+        width = 1 + max(map(len, drafts))
+        fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
+        inputs = mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
+        logits = self.model(inputs, cache=self.cache)
+        if any(r.processors for r in rows):
+            logits = _process(logits, rows, fed)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(r.sampler is None for r in rows):
+            chosen = _greedy(logprobs)
+        else:
+            chosen = mx.stack([(r.sampler or _greedy)(logprobs[b]) for b, r in enumerate(rows)])
+        chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
+        chosen, chosen_lp = chosen.tolist(), chosen_lp.astype(mx.float32).tolist()
+
+        out, kept, going = [], [], []
+        for b, (r, d, toks, lps) in enumerate(zip(rows, drafts, chosen, chosen_lp)):
+            toks, finish = accepted(d, toks), None
+            kept.append(len(toks))
+            for j, t in enumerate(toks):
+                if t in self.stop or r.generated + j + 1 == r.max_tokens:
+                    toks, finish = toks[: j + 1], "stop" if t in self.stop else "length"
+                    break
+            r.generated += len(toks)
+            r.history.extend(toks)
+            out.append([r.uid, toks, lps[: len(toks)], finish,
+                        [logprobs[b, j] for j in range(len(toks))], None])  # fmt: skip
+            if finish is None:
+                going.append(r)
+        for c in self.cache:
+            c.advance(kept)
+        if self.keep_caches:
+            for b, o in enumerate(out):
+                if o[3] is not None:
+                    o[5] = [c.extract(b) for c in self.cache]
+        self._keep(going)
+        return [RowTokens(*o) for o in out]
+
+
 def batch_generate_step(
     model,
     prompts: Sequence[Sequence[int]],
@@ -110,12 +278,8 @@ def batch_generate_step(
     num_draft_tokens: Optional[int] = None,
     prefill_step_size: int = 2048,
 ) -> Iterator[List[RowTokens]]:
-    """Decodes ``prompts`` together, each row with prompt-lookup drafts.
-
-    Every pass feeds each unfinished row its last token and a draft of up to
-    ``num_draft_tokens`` tokens (rows are padded to the longest draft; padding is
-    never accepted), then keeps in each row the draft's longest prefix that
-    equals the row's own choices, plus one token of the pass's.
+    """Decodes ``prompts`` together, each row with prompt-lookup drafts
+    (:class:`LookupBatcher`, every row from the start).
 
     Args:
         model: an mlx-lm model whose layers all use a plain ``KVCache``.
@@ -123,8 +287,8 @@ def batch_generate_step(
         max_tokens (int or list): tokens to generate, for all rows or per row.
         stop_tokens: tokens that end a row (included in its tokens, with
           ``finish_reason="stop"``).
-        sampler: mlx-lm sampler over ``(rows, vocab)`` log-probabilities (default:
-          greedy).
+        sampler: mlx-lm sampler over ``(tokens, vocab)`` log-probabilities (default:
+          greedy), the same for every row.
         logits_processors: mlx-lm logits processors, applied to every row with that
           row's own history.
         draft (str or None): ``"ngram"`` (prompt lookup) or ``None`` (one token per
@@ -133,7 +297,8 @@ def batch_generate_step(
         prefill_step_size (int): prompt tokens per prefill pass.
 
     Yields:
-        list of :class:`RowTokens`: per pass, what each row that was decoded got.
+        list of :class:`RowTokens`: per pass, what each row that was decoded got
+        (``uid``: the prompt's index).
     """
     if draft not in DRAFTS:
         raise ValueError(f"draft={draft!r}: batch_generate drafts with one of {DRAFTS}")
@@ -146,56 +311,15 @@ def batch_generate_step(
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
-    _check_model_cache(model)
-    fault = ragged_fault(model)
-    if fault:
-        raise ValueError(
-            f"batch_generate cannot batch this {type(model).__module__} model: {fault}"
-        )
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    stop = set(stop_tokens)
-
-    per_row = [_prefill(model, list(p), prefill_step_size) for p in prompts]
-    cache = [RaggedKVCache.merge(layer) for layer in zip(*per_row)]
-    rows = [_Row(i, NgramIndex(p), n) for i, (p, n) in enumerate(zip(prompts, limits))]
-    keep = [r for r in rows if r.max_tokens > 0]
-    if len(keep) < len(rows):
-        _filter(cache, rows, keep)
-        rows = keep
-
-    while rows:
-        drafts = [r.history.draft(min(num_draft_tokens, r.max_tokens - r.generated - 1))
-                  if draft else [] for r in rows]  # fmt: skip
-        width = 1 + max(map(len, drafts))
-        fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
-        inputs = mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
-        logits = model(inputs, cache=cache)
-        if logits_processors:
-            logits = _process(logits, rows, fed, logits_processors)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        chosen = sampler(logprobs.reshape(-1, logprobs.shape[-1])).reshape(len(rows), width)
-        chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
-        chosen, chosen_lp = chosen.tolist(), chosen_lp.astype(mx.float32).tolist()
-
-        out, kept, done = [], [], []
-        for r, d, toks, lps in zip(rows, drafts, chosen, chosen_lp):
-            toks, finish = accepted(d, toks), None
-            kept.append(len(toks))
-            for j, t in enumerate(toks):
-                if t in stop or r.generated + j + 1 == r.max_tokens:
-                    toks, finish = toks[: j + 1], "stop" if t in stop else "length"
-                    break
-            r.generated += len(toks)
-            r.history.extend(toks)
-            out.append(RowTokens(r.index, toks, lps[: len(toks)], finish))
-            if finish is None:
-                done.append(r)
-        for c in cache:
-            c.advance(kept)
-        if len(done) < len(rows):
-            _filter(cache, rows, done)
-        rows = done
-        yield out
+    batcher = LookupBatcher(model, stop_tokens, prefill_step_size)
+    index = {}
+    for i, (p, n) in enumerate(zip(prompts, limits)):
+        if n > 0:
+            uid = batcher.insert(p, max_tokens=n, sampler=sampler, logits_processors=logits_processors,
+                                 num_draft_tokens=num_draft_tokens if draft else 0)  # fmt: skip
+            index[uid] = i
+    while len(batcher):
+        yield [r._replace(uid=index[r.uid]) for r in batcher.step()]
 
 
 def accepted(draft: Sequence[int], chosen: Sequence[int]) -> List[int]:
@@ -216,13 +340,7 @@ def accepted(draft: Sequence[int], chosen: Sequence[int]) -> List[int]:
     return list(chosen[:n])
 
 
-def _filter(cache: List[RaggedKVCache], rows: List[_Row], keep: List[_Row]) -> None:
-    at = {id(r): i for i, r in enumerate(rows)}
-    for c in cache:
-        c.filter([at[id(r)] for r in keep])
-
-
-def _process(logits: mx.array, rows, fed, processors) -> mx.array:
+def _process(logits: mx.array, rows: List[_Row], fed: List[List[int]]) -> mx.array:
     """Each row's processors at each fed position, with the history up to it."""
     out = []
     for b, (r, f) in enumerate(zip(rows, fed)):
@@ -230,7 +348,7 @@ def _process(logits: mx.array, rows, fed, processors) -> mx.array:
         before = len(r.history.tokens)
         for j in range(logits.shape[1]):
             lg = logits[b, j][None]
-            for p in processors:
+            for p in r.processors:
                 lg = p(history[: before + min(j, len(f) - 1)], lg)
             out.append(lg)
     return mx.concatenate(out).reshape(logits.shape)

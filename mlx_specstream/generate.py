@@ -61,8 +61,9 @@ class SpeculativeUsage:
       each pass.
     * ``tokens_per_pass``: generated tokens / forward passes (τ).
     * ``batched_tokens``: generated tokens that came from a batched pass, one row of
-      several requests' (the server's :class:`~mlx_specstream.replies.Batch`); each
-      counts as a pass of its own.
+      several requests' (the server's :class:`~mlx_specstream.replies.Batch`, where
+      each counts as a pass of its own, or :class:`~mlx_specstream.replies.LookupBatch`,
+      whose rows accept prompt-lookup drafts).
 
     Generated tokens include the last one (an EOS token too), as
     ``generation_tokens`` counts them.
@@ -85,10 +86,12 @@ class SpeculativeUsage:
         """A new generation goes on from here (a server's choice back from a batch)."""
         self._before = (self.generated_tokens, self.forward_passes)
 
-    def add_batched(self) -> None:
-        """Counts a token from a batched pass."""
+    def add_batched(self, from_draft: bool = False) -> None:
+        """Counts a token from a batched pass: an accepted draft token (a row of a
+        speculative batch), or the row's own token, which ends its pass."""
         self.generated_tokens += 1
-        self.forward_passes += 1
+        self.forward_passes += not from_draft
+        self.accepted_draft_tokens += from_draft
         self.batched_tokens += 1
 
     @property

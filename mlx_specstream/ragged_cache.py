@@ -118,6 +118,33 @@ class RaggedKVCache(_BaseCache):
             self.keys, self.values = self.keys[index], self.values[index]
         self.set_ends(self._ends[rows])
 
+    def extract(self, row: int) -> KVCache:
+        """Row ``row`` as an mlx-lm ``KVCache`` holding exactly its tokens."""
+        cache, end = KVCache(), int(self._ends[row])
+        if end and self.keys is not None:
+            cache.keys = mx.contiguous(self.keys[row : row + 1, :, :end])
+            cache.values = mx.contiguous(self.values[row : row + 1, :, :end])
+            cache.offset = end
+        return cache
+
+    def extend(self, other: "RaggedKVCache") -> "RaggedKVCache":
+        """One cache of this batch's rows, then ``other``'s (both are left as they were)."""
+        out = RaggedKVCache(np.concatenate([self._ends, other._ends]))
+        held = [c for c in (self, other) if c.keys is not None]
+        if held:
+            width = max(c.keys.shape[2] for c in held)
+            for name in ("keys", "values"):
+                ref = getattr(held[0], name)
+                parts = []
+                for c in (self, other):
+                    a = getattr(c, name)
+                    if a is None:
+                        a = mx.zeros((len(c._ends), ref.shape[1], 0, ref.shape[3]), ref.dtype)
+                    pad = mx.zeros(a.shape[:2] + (width - a.shape[2], a.shape[3]), a.dtype)
+                    parts.append(mx.concatenate([a, pad], axis=2))
+                setattr(out, name, mx.concatenate(parts))
+        return out
+
     @classmethod
     def merge(cls, caches: Sequence[KVCache]) -> "RaggedKVCache":
         """One row per mlx-lm ``KVCache`` (the same layer of each row's cache)."""

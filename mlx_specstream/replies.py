@@ -16,8 +16,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_logits_processors
 
+from .batch import LookupBatcher
 from .cache import cache_tokens, trim_prompt_cache
 from .generate import SpeculativeUsage
+from .ngram import NGRAM_DRAFT_TOKENS
 from .openai_api import make_usage, token_logprobs
 from .sample_utils import make_sampler
 
@@ -95,15 +97,17 @@ class Reply:
         self.finished = False
         self.usage: Optional[Dict[str, Any]] = None  # once finished
 
-    def add(self, token: int, logprobs: mx.array, finish: Optional[str], response=None):
+    def add(self, token: int, logprobs: mx.array, finish: Optional[str], response=None,
+            from_draft: bool = False):  # fmt: skip
         """Takes the next token (``finish``: mlx-lm's reason when it is the last;
         ``response``: the speculative generation's, for its usage, ``None`` in a
-        batch); returns the event to send, or ``None`` while text is held back."""
+        batch, where ``from_draft`` says the token was an accepted draft's); returns
+        the event to send, or ``None`` while text is held back."""
         self.generated.append(token)
         if response is not None:
             self.spec.add(response)
         else:
-            self.spec.add_batched()
+            self.spec.add_batched(from_draft)
         if self.top is not None:
             self.records.append(token_logprobs(self.tokenizer, token, logprobs, self.top))
         if not (finish == "stop" and token in self.tokenizer.eos_token_ids):
@@ -219,3 +223,86 @@ class Batch:
 
     def close(self) -> None:
         self.generator.close()
+
+
+class LookupBatch:
+    """Choices decoded together, each row drafting by prompt lookup: a
+    :class:`~mlx_specstream.batch.LookupBatcher` feeding :class:`Reply`s, with
+    :class:`Batch`'s interface. A row drafts when its request's ``draft`` has
+    ``"ngram"`` (up to its ``num_draft_tokens``); other rows get one token per pass.
+
+    Args:
+        model: the model (every layer a plain ``KVCache``; see
+          :func:`~mlx_specstream.batch.ragged_fault`).
+        tokenizer: mlx-lm's ``TokenizerWrapper``; its EOS tokens end a row.
+        decode_concurrency (int): most rows decoded at once.
+        prefill_step_size (int): prompt tokens per prefill pass.
+        xtc_special_tokens: the tokens XTC sampling never drops.
+    """
+
+    def __init__(self, model, tokenizer, decode_concurrency: int, prefill_step_size: int,
+                 xtc_special_tokens: Sequence[int] = ()):  # fmt: skip
+        self.tokenizer, self.xtc_special_tokens = tokenizer, xtc_special_tokens
+        self.batcher = LookupBatcher(model, tokenizer.eos_token_ids, prefill_step_size,
+                                     max_rows=decode_concurrency, keep_caches=True)  # fmt: skip
+        self.replies: Dict[int, Reply] = {}  # by the batcher's uid
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+    def add(self, reply: Reply, cache: list) -> None:
+        """As :meth:`Batch.add` (``cache`` holds a prefix of ``reply.sequence``)."""
+        sequence, cache = reply.sequence, list(cache)
+        if cache_tokens(cache) == len(sequence):
+            trim_prompt_cache(cache, 1)
+        args = reply.job.args
+        drafts = "ngram" in (args.get("draft") or "") and args["speculative"]
+        uid = self.batcher.insert(
+            sequence,
+            cache,
+            max_tokens=reply.max_tokens - len(reply.generated),
+            sampler=make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens),
+            logits_processors=(
+                make_logits_processors(**args["processing"]) if args["processing"] else None
+            ),
+            num_draft_tokens=(args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS) if drafts else 0,
+        )
+        self.replies[uid] = reply
+
+    def step(self) -> List[Tuple[Reply, Optional[Event], Optional[list]]]:
+        """One pass over every row: ``(reply, event, cache)`` per token a choice got
+        (``cache``, holding the start of ``reply.sequence``, with its last one once
+        the choice is done)."""
+        out = []
+        for row in self.batcher.step():
+            reply = self.replies[row.uid]
+            last = len(row.tokens) - 1
+            for j, (token, logprobs) in enumerate(zip(row.tokens, row.distributions)):
+                finish = row.finish_reason if j == last else None
+                out.append([reply, reply.add(token, logprobs, finish, from_draft=j < last), None])
+                if reply.finished:
+                    break
+            if reply.finished:
+                del self.replies[row.uid]
+                cache = row.cache if row.finish_reason else self.batcher.remove([row.uid])[row.uid]
+                out[-1][2] = _held_by(cache, reply.sequence)
+        return [tuple(o) for o in out]
+
+    def remove(self, replies: Sequence[Reply]) -> List[Tuple[Reply, list]]:
+        """Takes ``replies`` out (their clients left); ``(reply, cache)`` of each."""
+        gone = set(map(id, replies))
+        uids = [uid for uid, reply in self.replies.items() if id(reply) in gone]
+        caches = self.batcher.remove(uids)
+        return [(self.replies.pop(uid), caches[uid]) for uid in uids]
+
+    def close(self) -> None:
+        pass
+
+
+def _held_by(cache: list, sequence: List[int]) -> list:
+    """``cache`` cut to at most ``sequence``'s tokens: a choice cut short by a stop
+    string ends before the accepted drafts its row fed."""
+    over = cache_tokens(cache) - len(sequence)
+    if over > 0:
+        trim_prompt_cache(cache, over)
+    return cache

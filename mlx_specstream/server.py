@@ -67,7 +67,7 @@ import uuid
 import weakref
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache
@@ -97,7 +97,8 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
-from .replies import Batch, Reply, batching_fault
+from .batch import LookupBatcher
+from .replies import Batch, LookupBatch, Reply, batching_fault
 from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
 
@@ -182,6 +183,7 @@ class ModelService:
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
         self.batching = False  # set by the generation thread (see _can_batch)
+        self.lookup_batching = False  # batched rows draft by prompt lookup (LookupBatch)
         # What the scheduler did: generations alone (started or resumed), batches, choices
         # handed from alone to a batch and taken back, and the most choices in one batch.
         self.served = dict(alone=0, batched=0, handed_over=0, taken_back=0, largest_batch=0)
@@ -352,7 +354,10 @@ class ModelService:
         ``--decode-concurrency`` above 1. A batch is tried once here
         (:func:`~mlx_specstream.replies.batching_fault`): a model whose batched
         pass fails or is wrong (mlx-lm's gemma2) serves one request at a time, and
-        says so."""
+        says so. With ``--draft ngram`` the rows draft too
+        (:class:`~mlx_specstream.replies.LookupBatch`) where every layer has a plain
+        KV cache and such rows pass their own probe; elsewhere the batch decodes
+        plainly, and says why."""
         d = self.defaults
         if d.decode_concurrency <= 1 or self.draft_model is not None or d.kv_bits is not None:
             return False
@@ -365,11 +370,20 @@ class ModelService:
                 f"model ({fault})"
             )
             return False
+        if "ngram" in (d.draft or ""):
+            try:
+                LookupBatcher(self.model)
+                self.lookup_batching = True
+            except ValueError as e:
+                logger.warning(f"requests decoded together do not draft: {e}")
         return True
 
-    def _new_batch(self) -> Batch:
+    def _new_batch(self) -> Union[Batch, LookupBatch]:
         d = self.defaults
         self.served["batched"] += 1
+        if self.lookup_batching:
+            return LookupBatch(self.model, self.tokenizer, d.decode_concurrency,
+                               d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
         return Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
                      d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
 

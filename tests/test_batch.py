@@ -12,7 +12,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.sample_utils import make_logits_processors
 
-from mlx_specstream import batch, ragged_cache
+from mlx_specstream import batch
 from mlx_specstream.batch import batch_generate, batch_generate_step
 from mlx_specstream.ragged_cache import RaggedKVCache
 from mlx_specstream.sample_utils import make_sampler
@@ -130,8 +130,8 @@ def test_logits_processors_see_each_row_history_with_its_draft(monkeypatch):
 
     real = batch._process
 
-    def without_drafts(logits, rows, fed, processors):
-        return real(logits, rows, [f[:1] * len(f) for f in fed], processors)
+    def without_drafts(logits, rows, fed):
+        return real(logits, rows, [f[:1] * len(f) for f in fed])
 
     monkeypatch.setattr(batch, "_process", without_drafts)
     assert decode(model, logits_processors=procs)[0] != want
@@ -261,3 +261,61 @@ def test_empty_prompt_and_zero_tokens():
         decode(model, [[1, 2], []], [4, 4])
     tokens, _ = decode(model, PROMPTS[:2], [0, 6])
     assert tokens == [[], alone(model, PROMPTS[1:2], [6])[0]]
+
+
+def test_rows_join_and_leave_between_passes():
+    """Continuous batching: with room for two rows, a third waits its turn; a fourth
+    joins mid-flight with a cache holding part of its prompt; a row taken out
+    mid-flight gives a cache from which mlx-lm's own loop goes on. Every row equals
+    its prompt decoded alone."""
+    model = tiny_model("llama", vocab_size=V)
+    batcher = batch.LookupBatcher(model, max_rows=2, keep_caches=True)
+    want = alone(model, PROMPTS, [30] * 4)
+    got = {}
+    uids = [batcher.insert(p, max_tokens=30, num_draft_tokens=4) for p in PROMPTS[:3]]
+    got.update({u: [] for u in uids})
+    for _ in range(3):
+        for r in batcher.step():
+            got[r.uid] += r.tokens
+    assert got[uids[2]] == [] and len(batcher.rows) == 2  # (waiting for room)
+    left = batcher.remove([uids[0]])[uids[0]]  # taken out mid-flight
+    n = len(got[uids[0]])
+    assert left[0].offset == len(PROMPTS[0]) + n - 1
+    rest = generate_step(mx.array(got[uids[0]][-1:]), model, prompt_cache=left, max_tokens=30 - n)
+    assert got[uids[0]] + [t for t, _ in rest] == want[0]
+    part = make_prompt_cache_with(model, PROMPTS[3][:4])
+    uids.append(batcher.insert(PROMPTS[3], part, max_tokens=30, num_draft_tokens=4))
+    got[uids[3]] = []
+    finished = {}
+    while len(batcher):
+        for r in batcher.step():
+            got[r.uid] += r.tokens
+            if r.finish_reason:
+                finished[r.uid] = r.cache
+    assert [got[u] for u in uids[1:]] == want[1:]
+    for u, p in zip(uids[1:], PROMPTS[1:]):  # a finished row's cache holds its tokens but the last
+        assert finished[u][0].offset == len(p) + 30 - 1
+
+
+def make_prompt_cache_with(model, tokens):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([tokens]), cache=cache)
+    return cache
+
+
+def test_rows_with_their_own_samplers_and_draft_lengths():
+    """Per-row settings: a greedy row, a row at temperature 0 through a sampler, and a
+    row that does not draft (one token per pass) each equal plain decoding."""
+    model = tiny_model("llama", vocab_size=V)
+    batcher = batch.LookupBatcher(model)
+    settings = [dict(), dict(sampler=make_sampler(temp=0.0)), dict(num_draft_tokens=0)]
+    uids = [batcher.insert(p, max_tokens=20, **s) for p, s in zip(PROMPTS, settings)]
+    got, passes = {u: [] for u in uids}, {u: 0 for u in uids}
+    while len(batcher):
+        for r in batcher.step():
+            got[r.uid] += r.tokens
+            passes[r.uid] += 1
+    assert [got[u] for u in uids] == alone(model, PROMPTS[:3], [20] * 3)
+    assert passes[uids[2]] == 20 and passes[uids[0]] < 20

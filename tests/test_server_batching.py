@@ -404,3 +404,116 @@ def test_a_state_space_model_batches_with_its_penalties(service, monkeypatch):
     for p, row in zip(PROMPTS[:3], histories.values()):
         assert [h[: len(p)] for h in row] == [p] * len(row)
         assert [len(h) for h in row] == list(range(len(p), len(p) + len(row)))
+
+
+def plain(model, tok, prompt, n, **kwargs):
+    """mlx-lm's own decoding (a plain mlx-lm model): its text and log-probabilities."""
+    from mlx_lm import stream_generate as mlx_lm_stream_generate
+
+    rs = list(mlx_lm_stream_generate(model, tok, prompt, max_tokens=n, **kwargs))
+    return "".join(r.text for r in rs), [r.logprobs for r in rs]
+
+
+def lookup_service(service, model, tok, **defaults):
+    svc = service(model, tok, draft="ngram", **defaults)
+    assert svc.wait_idle(60) and svc.lookup_batching
+    return svc
+
+
+def test_with_prompt_lookup_batched_rows_draft_and_equal_plain_decoding(service, monkeypatch):
+    """``--draft ngram``: requests waiting together are decoded in one batch whose rows
+    draft by prompt lookup (LookupBatch). Each answer and its log-probabilities equal
+    plain decoding alone (one row with a repetition penalty), in fewer passes than
+    tokens. Control: rows that keep one draft token more than they verified differ."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from mlx_specstream import batch
+
+    model, tok = tiny_model("llama", vocab_size=V), word_tokenizer(V, eos=0)
+    svc = lookup_service(service, model, tok)
+    penalty = {"repetition_penalty": 1.5, "repetition_context_size": 4}
+    bodies = [{"logprobs": 2, "max_tokens": 24, "num_draft_tokens": 4,
+               **(penalty if i == 3 else {})} for i in range(4)]  # fmt: skip
+    got = [answer(j) for j in submit_together(svc, list(zip(PROMPTS, bodies)))]
+    assert svc.served["batched"] == 1 and svc.served["largest_batch"] == 4
+    drafted = 0
+    for i, (p, (text, usage, records)) in enumerate(zip(PROMPTS, got)):
+        kwargs = {"logits_processors": make_logits_processors(**penalty)} if i == 3 else {}
+        want, logprobs = plain(model, tok, p, 24, **kwargs)
+        assert text[0] == want
+        n, spec = usage[0]["completion_tokens"], usage[0]["speculative"]
+        assert n == len(logprobs) == len(records[0])
+        for rec, lp in zip(records[0], logprobs):
+            assert abs(rec["logprob"] - lp[rec["id"]].item()) < 1e-5
+        assert spec["forward_passes"] + spec["accepted_draft_tokens"] == n
+        drafted += spec["accepted_draft_tokens"]
+    assert drafted > 0, "no row accepted a draft: the test has no power"
+
+    real = batch.accepted
+    monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(real(d, c))) + 1])
+    svc = lookup_service(service, model, tok)
+    jobs = submit_together(svc, list(zip(PROMPTS, bodies)))
+    assert [answer(j)[0][0] for j in jobs] != [plain(model, tok, p, 24)[0] for p in PROMPTS]
+
+
+def test_with_prompt_lookup_hand_over_and_take_back(service, monkeypatch):
+    """A request decoding alone (with prompt lookup) hands its cache to a lookup batch
+    when two others arrive, and goes on alone once they are done: every answer
+    equals plain decoding."""
+    model, tok = tiny_model("llama", vocab_size=V), word_tokenizer(V, eos=0)
+    svc = lookup_service(service, model, tok)
+    a, others = [3, 4, 5, 3, 4], PROMPTS[1:3]
+    reached, gate = gated(monkeypatch, 6)
+    job = submit(svc, a, max_tokens=40)
+    assert reached.wait(60)
+    jobs = submit_together(svc, [(p, {}) for p in others])
+    gate.set()
+    got = [answer(j) for j in [job] + jobs]
+    monkeypatch.undo()
+    assert svc.served == dict(alone=2, batched=1, handed_over=1, taken_back=1, largest_batch=3)
+    for p, (text, usage, _), n in zip([a] + others, got, [40, 16, 16]):
+        assert text[0] == plain(model, tok, p, n)[0]
+    assert 0 < got[0][1][0]["speculative"]["batched_tokens"] < 40 - 6
+
+
+def test_a_stop_string_inside_accepted_drafts_keeps_a_cache_of_the_answer(service, monkeypatch):
+    """A stop string met at the first of three tokens a row got in one pass (drafts
+    "t4 t29" accepted, then "t4"): the answer is cut there, and the row's cache, cut
+    to the answer's tokens, goes into the LRU. Control: the uncut cache holds a token
+    past the answer and is not kept."""
+    from mlx_specstream import replies as r
+
+    model, tok = tiny_model("llama", vocab_size=V), word_tokenizer(V, eos=0)
+    prompt, stop = [30, 31, 30, 31, 30], "t29 t4 t29 t4"
+    body = {"max_tokens": 24, "num_draft_tokens": 4, "stop": [stop]}
+    want = plain(model, tok, prompt, 24)[0]
+    assert stop in want
+
+    def kept(svc):
+        jobs = submit_together(svc, [(prompt, body), (PROMPTS[0], {"max_tokens": 24})])
+        text = answer(jobs[0])[0][0]
+        assert text == want[: want.index(stop)] and svc.wait_idle(60)
+        return [e.key for e in svc.prompt_cache._entries.values() if e.key[:5] == prompt]
+
+    keys = kept(lookup_service(service, model, tok))
+    assert len(keys) == 1 and keys[0][:5] == prompt
+    # the prompt, then every token the answer generated: up to the stop string's end
+    assert [f"t{t}" for t in keys[0][5:]] == (want[: want.index(stop)] + stop).split()
+    monkeypatch.setattr(r, "_held_by", lambda cache, sequence: cache)
+    assert kept(lookup_service(service, model, tok)) == []
+
+
+def test_with_prompt_lookup_models_that_cannot_draft_in_a_batch_say_so(service, caplog):
+    """A hybrid model (recurrent layers): its batch decodes plainly, with the reason
+    logged. Control: without ``--draft ngram`` nothing is logged."""
+    model, tok = tiny_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V, eos=0)
+    with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
+        svc = service(model, tok, draft="ngram")
+        assert svc.wait_idle(60) and svc.batching and not svc.lookup_batching
+        plain = service(model, tok)
+        assert plain.wait_idle(60) and plain.batching and not plain.lookup_batching
+    assert [r.message for r in caplog.records] == [
+        "requests decoded together do not draft: batch_generate needs a plain key-value cache "
+        "in every layer; layer 0 of this model has a ArraysCache (sliding-window, recurrent "
+        "and state-space layers are not batched speculatively)"
+    ]
