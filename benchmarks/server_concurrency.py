@@ -123,6 +123,13 @@ def main():
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--tree-depth", type=int, default=None, help="a chain of N stream drafts")
     p.add_argument("--stream-pass", choices=["fused", "split"], default=None)
+    p.add_argument(
+        "--draft",
+        choices=["ngram", "streams+ngram"],
+        default=None,
+        help="the server's drafts (batched rows draft by prompt lookup too)",
+    )
+    p.add_argument("--num-draft-tokens", type=int, default=None)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tag", default="")
     args = p.parse_args()
@@ -141,8 +148,10 @@ def main():
         mx.eval(m.parameters())
     clients = [int(c) for c in args.clients.split(",")]
     prompts = held_out_prompts(args.model, max(clients))
-    batched, batched_client = start_server(model, tok)
-    alone, alone_client = start_server(model, tok, decode_concurrency=1)
+    drafts = {k: v for k, v in [("draft", args.draft), ("num_draft_tokens", args.num_draft_tokens)]
+              if v is not None}  # fmt: skip
+    batched, batched_client = start_server(model, tok, **drafts)
+    alone, alone_client = start_server(model, tok, decode_concurrency=1, **drafts)
     ways = {
         "ours, batched": lambda ps: ask_at_once(batched_client, ps, args.max_tokens),
         "ours, one at a time": lambda ps: ask_at_once(alone_client, ps, args.max_tokens),
@@ -158,6 +167,7 @@ def main():
         dtype=args.dtype,
         config={k: getattr(rt.config, k) for k in ("tree_depth", "top_k", "max_tree_nodes",
                                                    "stream_pass", "draft")},  # fmt: skip
+        server_drafts=drafts,
     )
     rows, data = [], {"info": info, "results": []}
     for k in clients:
@@ -185,7 +195,7 @@ def main():
         heading("Server throughput with concurrent clients", info),
         "",
         f"`{info['command']}`; {args.dtype}, greedy, {args.max_tokens} tokens a request, "
-        f"median of {args.rounds} rounds; settings {info['config']}.",
+        f"median of {args.rounds} rounds; settings {info['config']}, server {drafts}.",
         "",
         "| clients | way | tokens/s (all clients) | x mlx-lm one at a time | mean latency (s) "
         "| identical to mlx-lm |",

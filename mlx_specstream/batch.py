@@ -235,10 +235,7 @@ class LookupBatcher:
         if any(r.processors for r in rows):
             logits = _process(logits, rows, fed)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if all(r.sampler is None for r in rows):
-            chosen = _greedy(logprobs)
-        else:
-            chosen = mx.stack([(r.sampler or _greedy)(logprobs[b]) for b, r in enumerate(rows)])
+        chosen = _sample(logprobs, rows)
         chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
         chosen, chosen_lp = chosen.tolist(), chosen_lp.astype(mx.float32).tolist()
 
@@ -264,6 +261,19 @@ class LookupBatcher:
                     o[5] = [c.extract(b) for c in self.cache]
         self._keep(going)
         return [RowTokens(*o) for o in out]
+
+
+def _sample(logprobs: mx.array, rows: List[_Row]) -> mx.array:
+    """``(rows, width)`` tokens: one argmax over greedy rows, one call of a sampler
+    that every row shares, else each row's own."""
+    greedy = [r.sampler is None or getattr(r.sampler, "greedy", False) for r in rows]
+    chosen = _greedy(logprobs)
+    if all(greedy):
+        return chosen
+    if len({id(r.sampler) for r in rows}) == 1:
+        return rows[0].sampler(logprobs.reshape(-1, logprobs.shape[-1])).reshape(chosen.shape)
+    return mx.stack([chosen[b] if g else r.sampler(logprobs[b])
+                     for b, (r, g) in enumerate(zip(rows, greedy))])  # fmt: skip
 
 
 def batch_generate_step(

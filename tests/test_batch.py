@@ -174,18 +174,24 @@ def exact_distribution(model, prompt, sampler):
     }
 
 
-def sampled_pvalues(model, sampler):
-    """Rows of two prompts, interleaved in one batch, sampled at T = 1: each prompt's
-    rows against its own exact distribution."""
+def sampled_pvalues(model, sampler, own=False):
+    """Rows of two prompts, interleaved in one batch, sampled: each prompt's rows
+    against its own exact distribution. ``own``: each row with a sampler of its own
+    (drawn row by row), else one shared (one draw over the batch)."""
     from test_sampling import chi_square_pvalue  # (needs scipy)
 
     mx.random.seed(0)
     prompts = [PROMPT_A, PROMPT_B] * (ROWS // 2)
-    tokens, drafted = [[] for _ in prompts], 0
-    for out in batch_generate_step(model, prompts, max_tokens=N_TOKENS, sampler=sampler):
-        for r in out:
-            tokens[r.row] += r.tokens
+    batcher = batch.LookupBatcher(model)
+    for p in prompts:
+        row_sampler = make_sampler(temp=sampler.temp) if own else sampler
+        batcher.insert(p, max_tokens=N_TOKENS, sampler=row_sampler)
+    tokens, drafted = {}, 0
+    while len(batcher):
+        for r in batcher.step():
+            tokens[r.uid] = tokens.get(r.uid, []) + r.tokens
             drafted += len(r.tokens) - 1
+    tokens = [tokens[u] for u in sorted(tokens)]
     assert drafted > ROWS // 10, "drafts were rarely accepted: the test has no power"
     out = []
     for k, prompt in enumerate((PROMPT_A, PROMPT_B)):
@@ -201,8 +207,9 @@ def small():
     return tiny_model("llama", vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
 
 
-def test_sampled_rows_keep_the_model_distribution(small):
-    p = sampled_pvalues(small, make_sampler(temp=1.0))
+@pytest.mark.parametrize("own", [False, True], ids=["shared-sampler", "own-samplers"])
+def test_sampled_rows_keep_the_model_distribution(small, own):
+    p = sampled_pvalues(small, make_sampler(temp=1.0), own)
     assert min(p) > 1e-3, f"chi-square p = {p}"
 
 
