@@ -82,6 +82,12 @@ def test_greedy_rows_equal_each_prompt_alone_in_fewer_passes(arch):
     assert passes < max(LIMITS), f"{passes} passes for {max(LIMITS)} tokens: nothing accepted"
 
 
+def test_a_4bit_model_rows_equal_each_prompt_alone():
+    """A quantized mlx-lm model (what most users hold), float32 activations."""
+    model = tiny_model("llama", vocab_size=V, quant_bits=4)
+    assert decode(model, num_draft_tokens=4)[0] == alone(model)
+
+
 def test_a_model_with_streams_decodes_as_its_base():
     """The streams' hooks stay off: a stream model batches as the model it wraps."""
     model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)

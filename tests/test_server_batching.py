@@ -132,6 +132,19 @@ def gated(monkeypatch, after: int):
     return reached, gate
 
 
+def arrive_while_alone(svc, monkeypatch, first, others, n_before):
+    """``first`` (40 tokens) decodes alone until ``n_before`` tokens, then ``others``
+    (16 tokens each) arrive together; every answer."""
+    reached, gate = gated(monkeypatch, n_before)
+    job = submit(svc, first, max_tokens=40)
+    assert reached.wait(60)
+    jobs = submit_together(svc, [(p, {}) for p in others])
+    gate.set()
+    got = [answer(j) for j in [job] + jobs]
+    monkeypatch.undo()
+    return got
+
+
 def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch):
     """A request decoding alone, speculatively, when two others arrive hands its
     cache over and goes on in a batch with them, from its next token: its answer,
@@ -142,18 +155,8 @@ def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatc
     tok = word_tokenizer(V, eos=0)  # (a token this model never writes first: long answers)
     a, others = [3, 4, 5, 3, 4], PROMPTS[1:3]
 
-    def run(svc, n_before):
-        reached, gate = gated(monkeypatch, n_before)
-        job = submit(svc, a, max_tokens=40)
-        assert reached.wait(60)
-        jobs = submit_together(svc, [(p, {}) for p in others])
-        gate.set()
-        got = [answer(j) for j in [job] + jobs]
-        monkeypatch.undo()
-        return got
-
     svc = service(model, tok)
-    got = run(svc, 6)
+    got = arrive_while_alone(svc, monkeypatch, a, others, 6)
     # (once the two others are done, it goes on alone again: see the next test)
     assert svc.served == dict(alone=2, batched=1, handed_over=1, taken_back=1, largest_batch=3)
     for p, (text, usage, _), n in zip([a] + others, got, [40, 16, 16]):
@@ -463,13 +466,7 @@ def test_with_prompt_lookup_hand_over_and_take_back(service, monkeypatch):
     model, tok = tiny_model("llama", vocab_size=V), word_tokenizer(V, eos=0)
     svc = lookup_service(service, model, tok)
     a, others = [3, 4, 5, 3, 4], PROMPTS[1:3]
-    reached, gate = gated(monkeypatch, 6)
-    job = submit(svc, a, max_tokens=40)
-    assert reached.wait(60)
-    jobs = submit_together(svc, [(p, {}) for p in others])
-    gate.set()
-    got = [answer(j) for j in [job] + jobs]
-    monkeypatch.undo()
+    got = arrive_while_alone(svc, monkeypatch, a, others, 6)
     assert svc.served == dict(alone=2, batched=1, handed_over=1, taken_back=1, largest_batch=3)
     for p, (text, usage, _), n in zip([a] + others, got, [40, 16, 16]):
         assert text[0] == plain(model, tok, p, n)[0]
