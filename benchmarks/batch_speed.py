@@ -14,7 +14,9 @@ Ways, interleaved in every round, on the same weights:
 * **mlx-lm draft model, one at a time**: its ``speculative_generate_step`` with the
   shipped draft model (3 drafts; mlx-lm's draft-model decoding is batch-1 only);
 * **ours, no drafts**: ``mlx_specstream.batch_generate(draft=None)``;
-* **ours, lookup D**: ``mlx_specstream.batch_generate`` with drafts of up to D tokens.
+* **ours, lookup D**: ``mlx_specstream.batch_generate`` with drafts of up to D tokens;
+* **ours, draft model (3)**: ``mlx_specstream.batch_generate`` with the shipped draft
+  model drafting 3 tokens in every row (mlx-lm has no batched draft-model decoding).
 
 Figures: generated tokens (up to each row's first EOS) per second of the whole batch (prefill included, as a
 user of ``batch_generate`` waits for it), each way's median over rounds, against
@@ -96,6 +98,9 @@ def main():
         ways[f"ours, lookup {d}"] = lambda ps, d=d: _ours(
             model, tokenizer, ps, N, num_draft_tokens=d
         )
+    ways["ours, draft model (3)"] = lambda ps: _ours(
+        model, tokenizer, ps, N, draft_model=draft_model, num_draft_tokens=3
+    )
     rows = []
     for task, every in task_prompts(tokenizer, Path(args.model), max(sizes)).items():
         for K in sizes:

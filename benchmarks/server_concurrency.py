@@ -41,7 +41,7 @@ import mlx.core as mx
 import openai
 from mlx_lm import batch_generate
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, speculative_generate_step
 
 from mlx_specstream.default_model import DEFAULT_DIR
 from mlx_specstream.server import make_server
@@ -93,11 +93,16 @@ def start_server(model, tok, **defaults):
     return server, openai.OpenAI(base_url=url, api_key="none", timeout=3600, max_retries=0)
 
 
-def mlx_lm_one_at_a_time(model, tok, prompts, max_tokens):
+def mlx_lm_one_at_a_time(model, tok, prompts, max_tokens, draft_model=None, **kwargs):
+    """mlx-lm's loop over each prompt in turn (its draft-model decoding with
+    ``draft_model``, as ``mlx_lm.server --draft-model`` serves requests)."""
     tic, texts, seconds, tokens = time.perf_counter(), [], [], 0
     for p in prompts:
-        out = []
-        for t, _ in generate_step(mx.array(tok.encode(p)), model, max_tokens=max_tokens):
+        out, x = [], mx.array(tok.encode(p))
+        steps = (generate_step(x, model, max_tokens=max_tokens) if draft_model is None else
+                 speculative_generate_step(x, model, draft_model, max_tokens=max_tokens,
+                                           **kwargs))  # fmt: skip
+        for t, *_ in steps:
             out.append(t)
             if t in tok.eos_token_ids:  # (counted, as mlx-lm counts it; not text)
                 break
@@ -130,6 +135,13 @@ def main():
         help="the server's drafts (batched rows draft by prompt lookup too)",
     )
     p.add_argument("--num-draft-tokens", type=int, default=None)
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="a draft model directory: our server drafts with it, batched rows too; "
+        "mlx-lm's way is its draft-model decoding one request at a time, as "
+        "mlx_lm.server serves --draft-model",
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tag", default="")
     args = p.parse_args()
@@ -150,8 +162,15 @@ def main():
     prompts = held_out_prompts(args.model, max(clients))
     drafts = {k: v for k, v in [("draft", args.draft), ("num_draft_tokens", args.num_draft_tokens)]
               if v is not None}  # fmt: skip
-    batched, batched_client = start_server(model, tok, **drafts)
-    alone, alone_client = start_server(model, tok, decode_concurrency=1, **drafts)
+    draft_model = None
+    if args.draft_model is not None:
+        draft_model, _ = mlx_lm_load(args.draft_model)
+        draft_model.set_dtype(getattr(mx, args.dtype))
+        mx.eval(draft_model.parameters())
+    batched, batched_client = start_server(model, tok, draft_model=draft_model, **drafts)
+    alone, alone_client = start_server(
+        model, tok, decode_concurrency=1, draft_model=draft_model, **drafts
+    )
     ways = {
         "ours, batched": lambda ps: ask_at_once(batched_client, ps, args.max_tokens),
         "ours, one at a time": lambda ps: ask_at_once(alone_client, ps, args.max_tokens),
@@ -160,6 +179,11 @@ def main():
             plain, plain_tok, ps, args.max_tokens
         ),
     }
+    if draft_model is not None:
+        k = args.num_draft_tokens or 3
+        ways["mlx-lm draft model, one at a time"] = lambda ps: mlx_lm_one_at_a_time(
+            plain, plain_tok, ps, args.max_tokens, draft_model=draft_model, num_draft_tokens=k
+        )
     ways["ours, batched"](prompts[:2])  # warm-up: compile, first-call costs
     ways["ours, one at a time"](prompts[:1])
     info = machine_info(
@@ -168,6 +192,7 @@ def main():
         config={k: getattr(rt.config, k) for k in ("tree_depth", "top_k", "max_tree_nodes",
                                                    "stream_pass", "draft")},  # fmt: skip
         server_drafts=drafts,
+        draft_model=args.draft_model,
     )
     rows, data = [], {"info": info, "results": []}
     for k in clients:

@@ -19,10 +19,11 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .ragged_cache import RaggedKVCache
 
-DRAFTS = (None, "ngram")
+DRAFTS = ("auto", "ngram", "draft_model", None)
 
 
 class RowTokens(NamedTuple):
@@ -51,12 +52,12 @@ class _Row:
     generated: int = 0
 
 
-def _check_model_cache(model) -> None:
+def _check_model_cache(model, name: str = "model") -> None:
     for i, c in enumerate(make_prompt_cache(model)):
         if type(c) is not KVCache:
             raise ValueError(
                 f"batch_generate needs a plain key-value cache in every layer; layer {i} of "
-                f"this model has a {type(c).__name__} (sliding-window, recurrent and "
+                f"this {name} has a {type(c).__name__} (sliding-window, recurrent and "
                 "state-space layers are not batched speculatively)"
             )
 
@@ -111,16 +112,23 @@ def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-class LookupBatcher:
-    """Rows decoded together, each drafting by prompt lookup, joining and leaving
-    between passes (continuous batching, as mlx-lm's ``BatchGenerator``).
+class SpecBatcher:
+    """Rows decoded together, each speculating, joining and leaving between passes
+    (continuous batching, as mlx-lm's ``BatchGenerator``).
 
     A row joins with the tokens so far and, optionally, a cache holding a prefix of
     them (its own ``KVCache`` per layer); the rest but the last token is prefilled
-    alone, then the row enters the batch. Each :meth:`step` is one pass over every
-    row: its last token and a draft of up to its ``num_draft_tokens`` tokens (rows
+    alone, then the row enters the batch. Each :meth:`step` drafts for every row,
+    by prompt lookup or with a draft model, then one pass of the model verifies
+    every row's last token and draft of up to its ``num_draft_tokens`` tokens (rows
     are padded to the longest draft; padding is never accepted). A row keeps the
     draft's longest prefix that equals its own choices, plus the pass's next choice.
+
+    With a draft model the rows draft together too: one pass feeds each row what
+    the draft model has not seen (its last accepted tokens), then one pass per
+    further draft token; each row's draft is the draft model's greedy chain, a
+    deterministic proposal, so the output is the model's own, greedy or sampled.
+    After the verification each row's draft cache keeps only its accepted tokens.
 
     Args:
         model: an mlx-lm model whose layers all use a plain ``KVCache``, and whose
@@ -129,27 +137,36 @@ class LookupBatcher:
         prefill_step_size (int): prompt tokens per prefill pass.
         max_rows (int): most rows decoded at once; later ones wait their turn.
         keep_caches (bool): give a finished row's cache (:attr:`RowTokens.cache`).
+        draft_model: an mlx-lm model with the same tokenizer (same conditions as
+          ``model``) that drafts every row; ``None``: prompt lookup.
     """
 
     def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
-                 max_rows: Optional[int] = None, keep_caches: bool = False):  # fmt: skip
-        _check_model_cache(model)
-        fault = ragged_fault(model)
-        if fault:
-            raise ValueError(f"cannot batch this {type(model).__module__} model: {fault}")
-        self.model, self.stop = model, set(stop_tokens)
+                 max_rows: Optional[int] = None, keep_caches: bool = False,
+                 draft_model=None):  # fmt: skip
+        for m, name in ((model, "model"), (draft_model, "draft model")):
+            if m is not None:
+                _check_model_cache(m, name)
+                fault = ragged_fault(m)
+                if fault:
+                    raise ValueError(f"cannot batch this {type(m).__module__} {name}: {fault}")
+        self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
         self.keep_caches = keep_caches
         self.rows: List[_Row] = []
         self.cache: Optional[List[RaggedKVCache]] = None
-        self.waiting: List[Tuple[_Row, List[KVCache]]] = []
+        self.draft_cache: Optional[List[RaggedKVCache]] = None
+        self.waiting: List[Tuple[_Row, List[KVCache], List[KVCache]]] = []
         self._uid = 0
+        # the model's vocabulary: a draft model's drafts stay inside it
+        self.vocab = model(mx.array([[0]])).shape[-1] if draft_model is not None else None
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.waiting)
 
     def insert(self, tokens: Sequence[int], cache: Optional[List[KVCache]] = None, *,
-               max_tokens: int = 128, sampler: Optional[Callable] = None,
+               draft_cache: Optional[List[KVCache]] = None, max_tokens: int = 128,
+               sampler: Optional[Callable] = None,
                logits_processors: Optional[List[Callable]] = None,
                num_draft_tokens: int = NGRAM_DRAFT_TOKENS) -> int:  # fmt: skip
         """Adds a row; returns its uid.
@@ -159,6 +176,7 @@ class LookupBatcher:
               logits processors see them all.
             cache: per layer, a ``KVCache`` holding the first tokens (fewer than all);
               the row owns it from now on. ``None``: a new cache.
+            draft_cache: the same for the draft model.
             max_tokens (int): tokens to generate (at least 1).
             sampler: mlx-lm sampler over ``(tokens, vocab)`` log-probabilities
               (``None``: greedy).
@@ -172,41 +190,53 @@ class LookupBatcher:
             raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1.")
         if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 0):
             raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 0.")
-        cache = make_prompt_cache(self.model) if cache is None else list(cache)
-        for i, c in enumerate(cache):
-            if type(c) is not KVCache:
-                raise ValueError(f"layer {i} of the row's cache is a {type(c).__name__}")
-        held = cache[0].offset
-        if held >= len(tokens):
-            raise ValueError(f"the row's cache holds {held} of its {len(tokens)} tokens: "
-                             "it must leave the last one to feed")  # fmt: skip
-        for start in range(held, len(tokens) - 1, self.prefill_step_size):
-            end = min(start + self.prefill_step_size, len(tokens) - 1)
-            self.model(mx.array([tokens[start:end]]), cache=cache)
-            mx.eval([c.state for c in cache])
+        cache = self._prefilled(self.model, cache, tokens, "cache")
+        if self.draft_model is not None:
+            draft_cache = self._prefilled(self.draft_model, draft_cache, tokens, "draft cache")
+        elif draft_cache is not None:
+            raise ValueError("a draft cache for a batch without a draft model")
         self._uid += 1
         row = _Row(self._uid, NgramIndex(tokens), max_tokens, sampler,
                    list(logits_processors or []), num_draft_tokens)  # fmt: skip
-        self.waiting.append((row, cache))
+        self.waiting.append((row, cache, draft_cache))
         return row.uid
 
+    def _prefilled(self, model, cache, tokens: List[int], name: str) -> List[KVCache]:
+        """``cache`` (or a new one) holding all of ``tokens`` but the last."""
+        cache = make_prompt_cache(model) if cache is None else list(cache)
+        for i, c in enumerate(cache):
+            if type(c) is not KVCache:
+                raise ValueError(f"layer {i} of the row's {name} is a {type(c).__name__}")
+        held = cache[0].offset
+        if held >= len(tokens):
+            raise ValueError(f"the row's {name} holds {held} of its {len(tokens)} tokens: "
+                             "it must leave the last one to feed")  # fmt: skip
+        for start in range(held, len(tokens) - 1, self.prefill_step_size):
+            end = min(start + self.prefill_step_size, len(tokens) - 1)
+            model(mx.array([tokens[start:end]]), cache=cache)
+            mx.eval([c.state for c in cache])
+        return cache
+
     def remove(self, uids: Sequence[int]) -> Dict[int, List[KVCache]]:
-        """Takes rows out; each one's cache (holding its tokens but the last)."""
+        """Takes rows out; each one's cache (holding its tokens but the last), then,
+        with a draft model, the draft model's (holding at most as many)."""
         gone, out = set(uids), {}
-        for row, cache in [w for w in self.waiting if w[0].uid in gone]:
-            out[row.uid] = cache
+        for row, cache, draft_cache in [w for w in self.waiting if w[0].uid in gone]:
+            out[row.uid] = cache + (draft_cache or [])
         self.waiting = [w for w in self.waiting if w[0].uid not in gone]
-        keep = [r for r in self.rows if r.uid not in gone]
         for b, row in enumerate(self.rows):
             if row.uid in gone:
-                out[row.uid] = [c.extract(b) for c in self.cache]
-        self._keep(keep)
+                out[row.uid] = self._extract(b)
+        self._keep([r for r in self.rows if r.uid not in gone])
         return out
+
+    def _extract(self, b: int) -> List[KVCache]:
+        return [c.extract(b) for c in self.cache + (self.draft_cache or [])]
 
     def _keep(self, keep: List[_Row]) -> None:
         if len(keep) < len(self.rows):
             at = {r.uid: b for b, r in enumerate(self.rows)}
-            for c in self.cache:
+            for c in self.cache + (self.draft_cache or []):
                 c.filter([at[r.uid] for r in keep])
             self.rows = keep
 
@@ -215,9 +245,12 @@ class LookupBatcher:
         if room <= 0 or not self.waiting:
             return
         joining, self.waiting = self.waiting[:room], self.waiting[room:]
-        new = [RaggedKVCache.merge(layer) for layer in zip(*(c for _, c in joining))]
-        self.cache = new if not self.rows else [a.extend(b) for a, b in zip(self.cache, new)]
-        self.rows += [row for row, _ in joining]
+        self.cache = _joined(self.cache if self.rows else None, [c for _, c, _ in joining])
+        if self.draft_model is not None:
+            self.draft_cache = _joined(
+                self.draft_cache if self.rows else None, [d for _, _, d in joining]
+            )
+        self.rows += [row for row, _, _ in joining]
 
     def step(self) -> List[RowTokens]:
         """One pass over every row (rows waiting join first, up to ``max_rows``):
@@ -226,8 +259,11 @@ class LookupBatcher:
         rows = self.rows
         if not rows:
             return []
-        drafts = [r.history.draft(min(r.draft_tokens, r.max_tokens - r.generated - 1))
-                  if r.draft_tokens else [] for r in rows]  # fmt: skip
+        lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
+        if self.draft_model is not None:
+            drafts = self._model_drafts(rows, lengths)
+        else:
+            drafts = [r.history.draft(n) if n else [] for r, n in zip(rows, lengths)]
         width = 1 + max(map(len, drafts))
         fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
         inputs = mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
@@ -255,12 +291,52 @@ class LookupBatcher:
                 going.append(r)
         for c in self.cache:
             c.advance(kept)
+        if self.draft_cache is not None:
+            self._settle_drafts(rows)
         if self.keep_caches:
             for b, o in enumerate(out):
                 if o[3] is not None:
-                    o[5] = [c.extract(b) for c in self.cache]
+                    o[5] = self._extract(b)
         self._keep(going)
         return [RowTokens(*o) for o in out]
+
+    def _settle_drafts(self, rows: List[_Row]) -> None:
+        """Each row's draft cache keeps only the tokens it fed that were accepted: at
+        most all of the row's tokens but the last (its rejected drafts are dropped)."""
+        for c in self.draft_cache:
+            c.set_ends([min(e, len(r.history.tokens) - 1) for e, r in zip(c.ends, rows)])
+
+    def _model_drafts(self, rows: List[_Row], lengths: List[int]) -> List[List[int]]:
+        """Each row's greedy chain of the draft model, ``lengths[b]`` tokens long. The
+        first pass feeds every row what its draft cache lacks (its last accepted
+        tokens, padded to the longest), the next ones each row's last draft token."""
+        most = max(lengths)
+        if most == 0:
+            return [[] for _ in rows]
+        held = self.draft_cache[0].ends
+        unfed = [r.history.tokens[e:] for r, e in zip(rows, held)]
+        width = max(map(len, unfed))
+        inputs = mx.array([u + [u[-1]] * (width - len(u)) for u in unfed])
+        logits = self.draft_model(inputs, cache=self.draft_cache)
+        last = mx.array([len(u) - 1 for u in unfed])
+        token = mx.argmax(logits[mx.arange(len(rows)), last, : self.vocab], axis=-1)
+        for c in self.draft_cache:
+            c.advance([len(u) for u in unfed])
+        chain = [token]
+        for _ in range(most - 1):
+            logits = self.draft_model(token[:, None], cache=self.draft_cache)
+            token = mx.argmax(logits[:, -1, : self.vocab], axis=-1)
+            for c in self.draft_cache:
+                c.advance([1] * len(rows))
+            chain.append(token)
+        drafts = mx.stack(chain, axis=1).tolist()
+        return [d[:n] for d, n in zip(drafts, lengths)]
+
+
+def _joined(cache: Optional[List[RaggedKVCache]], rows: List[List[KVCache]]):
+    """``cache``'s rows (if any), then one row per entry of ``rows``."""
+    new = [RaggedKVCache.merge(layer) for layer in zip(*rows)]
+    return new if cache is None else [a.extend(b) for a, b in zip(cache, new)]
 
 
 def _sample(logprobs: mx.array, rows: List[_Row]) -> mx.array:
@@ -284,12 +360,13 @@ def batch_generate_step(
     stop_tokens: Sequence[int] = (),
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable]] = None,
-    draft: Optional[str] = "ngram",
+    draft: Optional[str] = "auto",
+    draft_model=None,
     num_draft_tokens: Optional[int] = None,
     prefill_step_size: int = 2048,
 ) -> Iterator[List[RowTokens]]:
-    """Decodes ``prompts`` together, each row with prompt-lookup drafts
-    (:class:`LookupBatcher`, every row from the start).
+    """Decodes ``prompts`` together, each row speculating (:class:`SpecBatcher`,
+    every row from the start).
 
     Args:
         model: an mlx-lm model whose layers all use a plain ``KVCache``.
@@ -301,9 +378,14 @@ def batch_generate_step(
           greedy), the same for every row.
         logits_processors: mlx-lm logits processors, applied to every row with that
           row's own history.
-        draft (str or None): ``"ngram"`` (prompt lookup) or ``None`` (one token per
-          row per pass: plain batched decoding).
-        num_draft_tokens (int): the longest draft (default 10, as transformers').
+        draft (str or None): ``"ngram"`` (prompt lookup), ``"draft_model"`` (the
+          ``draft_model``'s greedy chain), ``"auto"`` (the draft model if given, else
+          prompt lookup) or ``None`` (one token per row per pass: plain batched
+          decoding). Rows draft from one source: lookup is not merged with a draft
+          model's chain in a batch.
+        draft_model: an mlx-lm model with the same tokenizer.
+        num_draft_tokens (int): the longest draft (default 10 for prompt lookup, as
+          transformers', 3 for a draft model, as ``mlx_lm.server``).
         prefill_step_size (int): prompt tokens per prefill pass.
 
     Yields:
@@ -312,7 +394,15 @@ def batch_generate_step(
     """
     if draft not in DRAFTS:
         raise ValueError(f"draft={draft!r}: batch_generate drafts with one of {DRAFTS}")
-    num_draft_tokens = NGRAM_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens
+    if draft == "auto":
+        draft = "ngram" if draft_model is None else "draft_model"
+    if (draft == "draft_model") != (draft_model is not None):
+        raise ValueError(
+            f"draft={draft!r} with draft_model={'a model' if draft_model else None}: "
+            "draft='draft_model' drafts with a draft model, and only it uses one"
+        )
+    if num_draft_tokens is None:
+        num_draft_tokens = DRAFT_MODEL_TOKENS if draft_model is not None else NGRAM_DRAFT_TOKENS
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
@@ -321,7 +411,7 @@ def batch_generate_step(
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
-    batcher = LookupBatcher(model, stop_tokens, prefill_step_size)
+    batcher = SpecBatcher(model, stop_tokens, prefill_step_size, draft_model=draft_model)
     index = {}
     for i, (p, n) in enumerate(zip(prompts, limits)):
         if n > 0:

@@ -62,7 +62,7 @@ class SpeculativeUsage:
     * ``tokens_per_pass``: generated tokens / forward passes (τ).
     * ``batched_tokens``: generated tokens that came from a batched pass, one row of
       several requests' (the server's :class:`~mlx_specstream.replies.Batch`, where
-      each counts as a pass of its own, or :class:`~mlx_specstream.replies.LookupBatch`,
+      each counts as a pass of its own, or :class:`~mlx_specstream.replies.SpecBatch`,
       whose rows accept prompt-lookup drafts).
 
     Generated tokens include the last one (an EOS token too), as

@@ -14,11 +14,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from .batch import LookupBatcher
+from .batch import SpecBatcher
 from .cache import cache_tokens, trim_prompt_cache
 from .generate import SpeculativeUsage
+from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS
 from .openai_api import make_usage, token_logprobs
 from .sample_utils import make_sampler
@@ -225,11 +227,13 @@ class Batch:
         self.generator.close()
 
 
-class LookupBatch:
-    """Choices decoded together, each row drafting by prompt lookup: a
-    :class:`~mlx_specstream.batch.LookupBatcher` feeding :class:`Reply`s, with
-    :class:`Batch`'s interface. A row drafts when its request's ``draft`` has
-    ``"ngram"`` (up to its ``num_draft_tokens``); other rows get one token per pass.
+class SpecBatch:
+    """Choices decoded together, each row speculating: a
+    :class:`~mlx_specstream.batch.SpecBatcher` feeding :class:`Reply`s, with
+    :class:`Batch`'s interface. With a draft model every speculative request's row
+    drafts with it (up to its ``num_draft_tokens``, 3 by default); without, a row
+    drafts by prompt lookup when its request's ``draft`` has ``"ngram"``. Other rows
+    get one token per pass.
 
     Args:
         model: the model (every layer a plain ``KVCache``; see
@@ -238,13 +242,17 @@ class LookupBatch:
         decode_concurrency (int): most rows decoded at once.
         prefill_step_size (int): prompt tokens per prefill pass.
         xtc_special_tokens: the tokens XTC sampling never drops.
+        draft_model: the server's draft model (a choice's cache then holds the
+          model's layers, then the draft model's, as the server's caches do).
     """
 
     def __init__(self, model, tokenizer, decode_concurrency: int, prefill_step_size: int,
-                 xtc_special_tokens: Sequence[int] = ()):  # fmt: skip
+                 xtc_special_tokens: Sequence[int] = (), draft_model=None):  # fmt: skip
         self.tokenizer, self.xtc_special_tokens = tokenizer, xtc_special_tokens
-        self.batcher = LookupBatcher(model, tokenizer.eos_token_ids, prefill_step_size,
-                                     max_rows=decode_concurrency, keep_caches=True)  # fmt: skip
+        self.batcher = SpecBatcher(model, tokenizer.eos_token_ids, prefill_step_size,
+                                   max_rows=decode_concurrency, keep_caches=True,
+                                   draft_model=draft_model)  # fmt: skip
+        self.layers = len(make_mlx_lm_cache(model))
         self.replies: Dict[int, Reply] = {}  # by the batcher's uid
 
     def __len__(self) -> int:
@@ -252,20 +260,23 @@ class LookupBatch:
 
     def add(self, reply: Reply, cache: list) -> None:
         """As :meth:`Batch.add` (``cache`` holds a prefix of ``reply.sequence``)."""
-        sequence, cache = reply.sequence, list(cache)
-        if cache_tokens(cache) == len(sequence):
-            trim_prompt_cache(cache, 1)
+        sequence, cache = reply.sequence, _held_by(list(cache), reply.sequence, 1)
         args = reply.job.args
-        drafts = "ngram" in (args.get("draft") or "") and args["speculative"]
+        if self.batcher.draft_model is not None:
+            n = (args.get("num_draft_tokens") or DRAFT_MODEL_TOKENS) if args["speculative"] else 0
+        else:
+            drafts = "ngram" in (args.get("draft") or "") and args["speculative"]
+            n = (args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS) if drafts else 0
         uid = self.batcher.insert(
             sequence,
-            cache,
+            cache[: self.layers],
+            draft_cache=cache[self.layers :] or None,
             max_tokens=reply.max_tokens - len(reply.generated),
             sampler=make_sampler(**args["sampling"], xtc_special_tokens=self.xtc_special_tokens),
             logits_processors=(
                 make_logits_processors(**args["processing"]) if args["processing"] else None
             ),
-            num_draft_tokens=(args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS) if drafts else 0,
+            num_draft_tokens=n,
         )
         self.replies[uid] = reply
 
@@ -293,16 +304,21 @@ class LookupBatch:
         gone = set(map(id, replies))
         uids = [uid for uid, reply in self.replies.items() if id(reply) in gone]
         caches = self.batcher.remove(uids)
-        return [(self.replies.pop(uid), caches[uid]) for uid in uids]
+        return [(r, _held_by(caches[uid], r.sequence)) for uid in uids
+                for r in [self.replies.pop(uid)]]  # fmt: skip
 
     def close(self) -> None:
         pass
 
 
-def _held_by(cache: list, sequence: List[int]) -> list:
-    """``cache`` cut to at most ``sequence``'s tokens: a choice cut short by a stop
-    string ends before the accepted drafts its row fed."""
-    over = cache_tokens(cache) - len(sequence)
-    if over > 0:
-        trim_prompt_cache(cache, over)
+def _held_by(cache: list, sequence: List[int], short: int = 0) -> list:
+    """``cache`` with every layer cut to one count, at most ``len(sequence) - short``
+    tokens: a choice cut short by a stop string ends before the accepted drafts its
+    row fed; a draft model's layers can hold fewer tokens than the model's (the
+    server's caches hold as many in both, as mlx-lm's draft-model decoding leaves
+    them); and a row joining a batch leaves its last token to feed."""
+    keep = min([c.offset for c in cache] + [len(sequence) - short])
+    for c in cache:
+        if c.offset > keep:
+            c.trim(c.offset - keep)
     return cache

@@ -97,8 +97,8 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
-from .batch import LookupBatcher
-from .replies import Batch, LookupBatch, Reply, batching_fault
+from .batch import SpecBatcher
+from .replies import Batch, SpecBatch, Reply, batching_fault
 from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
 
@@ -183,7 +183,7 @@ class ModelService:
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
         self.batching = False  # set by the generation thread (see _can_batch)
-        self.lookup_batching = False  # batched rows draft by prompt lookup (LookupBatch)
+        self.spec_batching = False  # batched rows speculate (SpecBatch)
         # What the scheduler did: generations alone (started or resumed), batches, choices
         # handed from alone to a batch and taken back, and the most choices in one batch.
         self.served = dict(alone=0, batched=0, handed_over=0, taken_back=0, largest_batch=0)
@@ -350,17 +350,26 @@ class ModelService:
 
     def _can_batch(self) -> bool:
         """Whether waiting requests are decoded together: as ``mlx_lm.server`` decides
-        (no draft model, no ``kv_bits``, caches that merge into a batch), and with
+        (no ``kv_bits``, caches that merge into a batch), and with
         ``--decode-concurrency`` above 1. A batch is tried once here
         (:func:`~mlx_specstream.replies.batching_fault`): a model whose batched
         pass fails or is wrong (mlx-lm's gemma2) serves one request at a time, and
-        says so. With ``--draft ngram`` the rows draft too
-        (:class:`~mlx_specstream.replies.LookupBatch`) where every layer has a plain
-        KV cache and such rows pass their own probe; elsewhere the batch decodes
-        plainly, and says why."""
+        says so. Rows speculate in a batch (:class:`~mlx_specstream.replies.SpecBatch`)
+        with ``--draft ngram`` or a ``--draft-model`` (which ``mlx_lm.server`` serves
+        one request at a time), where every layer of both models has a plain KV cache
+        and such rows pass their own probe; elsewhere a batch decodes plainly (a draft
+        model's requests one at a time), and the log says why."""
         d = self.defaults
-        if d.decode_concurrency <= 1 or self.draft_model is not None or d.kv_bits is not None:
+        if d.decode_concurrency <= 1 or d.kv_bits is not None:
             return False
+        if self.draft_model is not None:
+            try:
+                SpecBatcher(self.model, draft_model=self.draft_model)
+            except ValueError as e:
+                logger.warning(f"requests are served one at a time: {e}")
+                return False
+            self.spec_batching = True
+            return True
         if not all(hasattr(c, "merge") for c in make_prompt_cache(self.model)):
             return False
         fault = batching_fault(self.model)
@@ -372,18 +381,19 @@ class ModelService:
             return False
         if "ngram" in (d.draft or ""):
             try:
-                LookupBatcher(self.model)
-                self.lookup_batching = True
+                SpecBatcher(self.model)
+                self.spec_batching = True
             except ValueError as e:
                 logger.warning(f"requests decoded together do not draft: {e}")
         return True
 
-    def _new_batch(self) -> Union[Batch, LookupBatch]:
+    def _new_batch(self) -> Union[Batch, SpecBatch]:
         d = self.defaults
         self.served["batched"] += 1
-        if self.lookup_batching:
-            return LookupBatch(self.model, self.tokenizer, d.decode_concurrency,
-                               d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
+        if self.spec_batching:
+            return SpecBatch(self.model, self.tokenizer, d.decode_concurrency,
+                             d.prefill_step_size, self.xtc_special_tokens,
+                             self.draft_model)  # fmt: skip
         return Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
                      d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
 

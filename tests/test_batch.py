@@ -180,18 +180,19 @@ def exact_distribution(model, prompt, sampler):
     }
 
 
-def sampled_pvalues(model, sampler, own=False):
+def sampled_pvalues(model, sampler, own=False, draft_model=None):
     """Rows of two prompts, interleaved in one batch, sampled: each prompt's rows
     against its own exact distribution. ``own``: each row with a sampler of its own
-    (drawn row by row), else one shared (one draw over the batch)."""
+    (drawn row by row), else one shared (one draw over the batch). ``draft_model``
+    drafts instead of prompt lookup."""
     from test_sampling import chi_square_pvalue  # (needs scipy)
 
     mx.random.seed(0)
     prompts = [PROMPT_A, PROMPT_B] * (ROWS // 2)
-    batcher = batch.LookupBatcher(model)
+    batcher = batch.SpecBatcher(model, draft_model=draft_model)
     for p in prompts:
         row_sampler = make_sampler(temp=sampler.temp) if own else sampler
-        batcher.insert(p, max_tokens=N_TOKENS, sampler=row_sampler)
+        batcher.insert(p, max_tokens=N_TOKENS, sampler=row_sampler, num_draft_tokens=2)
     tokens, drafted = {}, 0
     while len(batcher):
         for r in batcher.step():
@@ -213,18 +214,30 @@ def small():
     return tiny_model("llama", vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64)
 
 
-@pytest.mark.parametrize("own", [False, True], ids=["shared-sampler", "own-samplers"])
-def test_sampled_rows_keep_the_model_distribution(small, own):
-    p = sampled_pvalues(small, make_sampler(temp=1.0), own)
+@pytest.fixture(scope="module")
+def small_draft():
+    return tiny_model("llama", vocab_size=6, weight_scale=1.0, hidden_size=32,
+                      intermediate_size=64, seed=2)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "own, drafter", [(False, "lookup"), (True, "lookup"), (False, "draft model")],
+    ids=["shared-sampler", "own-samplers", "draft-model"],
+)  # fmt: skip
+def test_sampled_rows_keep_the_model_distribution(small, small_draft, own, drafter):
+    draft_model = small_draft if drafter == "draft model" else None
+    p = sampled_pvalues(small, make_sampler(temp=1.0), own, draft_model)
     assert min(p) > 1e-3, f"chi-square p = {p}"
 
 
-def test_negative_control_unchecked_first_draft_token(small, monkeypatch):
+@pytest.mark.parametrize("drafter", ["lookup", "draft model"])
+def test_negative_control_unchecked_first_draft_token(small, small_draft, drafter, monkeypatch):
     """A verifier that keeps the draft's first token unchecked."""
     monkeypatch.setattr(
         batch, "accepted", lambda d, c: d[:1] + _accepted(d[1:], c[1:]) if d else c[:1]
     )
-    p = sampled_pvalues(small, make_sampler(temp=1.0))
+    draft_model = small_draft if drafter == "draft model" else None
+    p = sampled_pvalues(small, make_sampler(temp=1.0), draft_model=draft_model)
     assert max(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
 
 
@@ -261,6 +274,15 @@ def test_the_probe_catches_rows_that_are_wrong_without_raising(monkeypatch):
         (dict(draft="streams"), "draft='streams'"),
         (dict(num_draft_tokens=0), "num_draft_tokens=0"),
         (dict(limits=[4]), "1 max_tokens for 4 prompts"),
+        (dict(draft="draft_model"), "draft='draft_model' with draft_model=None"),
+        (
+            dict(draft="ngram", draft_model=tiny_model("llama", vocab_size=V, seed=3)),
+            "draft='ngram' with draft_model=a model",
+        ),
+        (
+            dict(draft_model=tiny_hybrid("qwen3_next", vocab_size=V)),
+            "layer 0 of this draft model has a ArraysCache",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -282,7 +304,7 @@ def test_rows_join_and_leave_between_passes():
     mid-flight gives a cache from which mlx-lm's own loop goes on. Every row equals
     its prompt decoded alone."""
     model = tiny_model("llama", vocab_size=V)
-    batcher = batch.LookupBatcher(model, max_rows=2, keep_caches=True)
+    batcher = batch.SpecBatcher(model, max_rows=2, keep_caches=True)
     want = alone(model, PROMPTS, [30] * 4)
     got = {}
     uids = [batcher.insert(p, max_tokens=30, num_draft_tokens=4) for p in PROMPTS[:3]]
@@ -322,7 +344,7 @@ def test_rows_with_their_own_samplers_and_draft_lengths():
     """Per-row settings: a greedy row, a row at temperature 0 through a sampler, and a
     row that does not draft (one token per pass) each equal plain decoding."""
     model = tiny_model("llama", vocab_size=V)
-    batcher = batch.LookupBatcher(model)
+    batcher = batch.SpecBatcher(model)
     settings = [dict(), dict(sampler=make_sampler(temp=0.0)), dict(num_draft_tokens=0)]
     uids = [batcher.insert(p, max_tokens=20, **s) for p, s in zip(PROMPTS, settings)]
     got, passes = {u: [] for u in uids}, {u: 0 for u in uids}
@@ -332,3 +354,68 @@ def test_rows_with_their_own_samplers_and_draft_lengths():
             passes[r.uid] += 1
     assert [got[u] for u in uids] == alone(model, PROMPTS[:3], [20] * 3)
     assert passes[uids[2]] == 20 and passes[uids[0]] < 20
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_copy_of_the_model_drafting_has_every_draft_accepted(k):
+    """The model itself as the draft model: every row's every draft is accepted, so
+    the longest row takes ceil(40 / (k + 1)) passes, and each row equals plain
+    decoding."""
+    model = tiny_model("llama", vocab_size=V)
+    tokens, passes = decode(model, draft_model=model, num_draft_tokens=k)
+    assert tokens == alone(model) and passes == -(-max(LIMITS) // (k + 1))
+
+
+def test_draft_models_of_other_weights_and_architectures():
+    """Random draft models (another seed; another architecture with a larger
+    vocabulary, whose drafts are cut to the model's): each row equals plain decoding."""
+    model = tiny_model("llama", vocab_size=V)
+    for draft_model in (tiny_model("llama", vocab_size=V, seed=3),
+                        tiny_model("qwen2", vocab_size=V + 4, seed=5)):  # fmt: skip
+        assert decode(model, draft_model=draft_model, num_draft_tokens=3)[0] == alone(model)
+
+
+def draft_cache_errors(model, draft_model, steps=12):
+    """After each pass, how far each row's draft cache is from the draft model's own
+    cache over the row's tokens but the last: (rows whose cache holds another count
+    than that, largest key difference)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    batcher = batch.SpecBatcher(model, draft_model=draft_model)
+    for p in PROMPTS:
+        batcher.insert(p, max_tokens=40, num_draft_tokens=3)
+    short, gap = 0, 0.0
+    for _ in range(steps):
+        batcher.step()
+        for b, row in enumerate(batcher.rows):
+            held = [c.extract(b) for c in batcher.draft_cache]
+            tokens = row.history.tokens[:-1]
+            short += held[0].offset != len(tokens)
+            n = min(held[0].offset, len(tokens))
+            if n == 0:
+                continue
+            own = make_prompt_cache(draft_model)
+            draft_model(mx.array([tokens[:n]]), cache=own)
+            gap = max(gap, mx.abs(held[0].keys[..., :n, :] - own[0].keys[..., :n, :]).max().item())
+    return short, gap
+
+
+def test_draft_caches_hold_the_accepted_tokens_after_every_pass(monkeypatch):
+    """A random draft model (drafts rejected): after every pass each row's draft cache
+    holds exactly the row's tokens but the last, as the draft model's own would.
+    Control: a roll-back that goes one token too far (the output stays right: the
+    token is fed again) leaves caches a token short."""
+    model = tiny_model("llama", vocab_size=V)
+    draft_model = tiny_model("llama", vocab_size=V, seed=3)
+    short, gap = draft_cache_errors(model, draft_model)
+    assert short == 0 and gap < 1e-5
+    settle = batch.SpecBatcher._settle_drafts
+
+    def too_far(self, rows):
+        settle(self, rows)
+        for c in self.draft_cache:
+            c.set_ends([max(e - 1, 0) for e in c.ends])
+
+    monkeypatch.setattr(batch.SpecBatcher, "_settle_drafts", too_far)
+    assert decode(model, draft_model=draft_model, num_draft_tokens=3)[0] == alone(model)
+    assert draft_cache_errors(model, draft_model)[0] > 0

@@ -222,17 +222,16 @@ def test_seeded_requests_are_served_one_at_a_time(service):
 
 
 def test_one_at_a_time_where_batching_is_off(service, caplog):
-    """``decode_concurrency=1``, a draft model, or a model whose batched pass fails
-    (mlx-lm's gemma2 in MLX 0.32: its mask does not broadcast over a batch, which is
-    logged) serve requests waiting together one at a time: each answer equals plain
-    decoding. (Control: the batched case, in the tests above.)"""
+    """``decode_concurrency=1``, or a model whose batched pass fails (mlx-lm's gemma2
+    in MLX 0.32: its mask does not broadcast over a batch, which is logged), serve
+    requests waiting together one at a time: each answer equals plain decoding.
+    (Control: the batched case, in the tests above.)"""
     llama = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
     gemma = tiny_spec_model("gemma2", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
     tok = word_tokenizer(V)
     with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
         cases = [
             (llama, service(llama, tok, decode_concurrency=1)),
-            (llama, service(llama, tok, draft_model=tiny_model("llama", vocab_size=V, seed=3))),
             (gemma, service(gemma, tok)),
         ]
     assert [r.message for r in caplog.records if "one at a time" in r.message] == [
@@ -419,13 +418,13 @@ def plain(model, tok, prompt, n, **kwargs):
 
 def lookup_service(service, model, tok, **defaults):
     svc = service(model, tok, draft="ngram", **defaults)
-    assert svc.wait_idle(60) and svc.lookup_batching
+    assert svc.wait_idle(60) and svc.spec_batching
     return svc
 
 
 def test_with_prompt_lookup_batched_rows_draft_and_equal_plain_decoding(service, monkeypatch):
     """``--draft ngram``: requests waiting together are decoded in one batch whose rows
-    draft by prompt lookup (LookupBatch). Each answer and its log-probabilities equal
+    draft by prompt lookup (SpecBatch). Each answer and its log-probabilities equal
     plain decoding alone (one row with a repetition penalty), in fewer passes than
     tokens. Control: rows that keep one draft token more than they verified differ."""
     from mlx_lm.sample_utils import make_logits_processors
@@ -496,7 +495,10 @@ def test_a_stop_string_inside_accepted_drafts_keeps_a_cache_of_the_answer(servic
     assert len(keys) == 1 and keys[0][:5] == prompt
     # the prompt, then every token the answer generated: up to the stop string's end
     assert [f"t{t}" for t in keys[0][5:]] == (want[: want.index(stop)] + stop).split()
-    monkeypatch.setattr(r, "_held_by", lambda cache, sequence: cache)
+    held_by = r._held_by  # (still cut when a row joins, not when it ends)
+    monkeypatch.setattr(
+        r, "_held_by", lambda c, seq, short=0: held_by(c, seq, short) if short else c
+    )
     assert kept(lookup_service(service, model, tok)) == []
 
 
@@ -506,11 +508,60 @@ def test_with_prompt_lookup_models_that_cannot_draft_in_a_batch_say_so(service, 
     model, tok = tiny_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V, eos=0)
     with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
         svc = service(model, tok, draft="ngram")
-        assert svc.wait_idle(60) and svc.batching and not svc.lookup_batching
+        assert svc.wait_idle(60) and svc.batching and not svc.spec_batching
         plain = service(model, tok)
-        assert plain.wait_idle(60) and plain.batching and not plain.lookup_batching
+        assert plain.wait_idle(60) and plain.batching and not plain.spec_batching
     assert [r.message for r in caplog.records] == [
         "requests decoded together do not draft: batch_generate needs a plain key-value cache "
         "in every layer; layer 0 of this model has a ArraysCache (sliding-window, recurrent "
         "and state-space layers are not batched speculatively)"
     ]
+
+
+def test_with_a_draft_model_requests_waiting_together_are_batched(service, monkeypatch):
+    """``mlx_lm.server`` serves ``--draft-model`` requests one at a time; these are
+    decoded together, every row drafting with the draft model (SpecBatch): answers
+    and log-probabilities equal plain decoding, with drafts accepted. A request
+    decoding alone hands both models' caches over when others arrive, and the LRU
+    keeps both models' caches of a batched answer."""
+    model, tok = tiny_model("llama", vocab_size=V), word_tokenizer(V, eos=0)
+    draft_model = tiny_model("llama", vocab_size=V)  # (the same weights: drafts accepted)
+    svc = service(model, tok, draft_model=draft_model)
+    assert svc.wait_idle(60) and svc.spec_batching
+    body = {"max_tokens": 24, "logprobs": 1}
+    got = [answer(j) for j in submit_together(svc, [(p, body) for p in PROMPTS])]
+    assert svc.served["batched"] == 1 and svc.served["largest_batch"] == 4
+    for p, (text, usage, records) in zip(PROMPTS, got):
+        want, logprobs = plain(model, tok, p, 24)
+        assert text[0] == want
+        for rec, lp in zip(records[0], logprobs):
+            assert abs(rec["logprob"] - lp[rec["id"]].item()) < 1e-5
+    assert sum(u[0]["speculative"]["accepted_draft_tokens"] for _, u, _ in got) > 0
+    counts = kept_counts(svc)  # (every layer of an entry holds as many tokens)
+    assert len(counts) == len(PROMPTS) and all(len(c) == 1 for c in counts)
+    got = arrive_while_alone(svc, monkeypatch, [3, 4, 5, 3, 4], PROMPTS[1:3], 6)
+    assert svc.served["handed_over"] == 1
+    for p, (text, _, _), n in zip([[3, 4, 5, 3, 4]] + PROMPTS[1:3], got, [40, 16, 16]):
+        assert text[0] == plain(model, tok, p, n)[0]
+
+    # control: caches whose layers are only cut to the answer keep the draft model's
+    # layers a token short of the model's (every draft accepted, then the bonus token)
+    from mlx_specstream import replies as r
+
+    def cut_only(cache, sequence, short=0):
+        for c in cache:
+            c.trim(max(c.offset - (len(sequence) - short), 0))
+        return cache
+
+    monkeypatch.setattr(r, "_held_by", cut_only)
+    svc = service(model, tok, draft_model=draft_model)
+    for j in submit_together(svc, [(p, body) for p in PROMPTS]):
+        answer(j)
+    assert any(len(counts) > 1 for counts in kept_counts(svc))
+
+
+def kept_counts(svc):
+    """The tokens each layer of each LRU entry holds (model's layers, then the draft
+    model's), as a set of distinct counts per entry."""
+    assert svc.wait_idle(60)
+    return {tuple(sorted({c.offset for c in e.cache})) for e in svc.prompt_cache._entries.values()}
