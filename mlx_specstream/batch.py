@@ -1,16 +1,19 @@
 """Batched decoding in which every row speculates: mlx-lm's ``batch_generate``,
-with each row drafting by prompt lookup and one pass verifying every row's draft.
+with each row drafting by prompt lookup or with a draft model, and one pass
+verifying every row's draft.
 
-Each row drafts from its own prompt and output (:class:`~mlx_specstream.ngram.NgramIndex`)
-and a pass feeds every row its pending token and its draft. A row accepts the
-draft's longest prefix that matches its own choices, so rows advance by different
-numbers of tokens; their key-value caches drift apart
+Each row drafts from its own prompt and output (:class:`~mlx_specstream.ngram.NgramIndex`),
+or a draft model drafts every row's greedy chain in batched passes of its own; then a
+pass feeds every row its pending token and its draft. A row accepts the draft's
+longest prefix that matches its own choices, so rows advance by different numbers
+of tokens; their key-value caches drift apart
 (:class:`~mlx_specstream.ragged_cache.RaggedKVCache`) instead of being realigned.
 Greedy output equals each prompt decoded alone; sampled output keeps the model's
-distribution, since a lookup draft is a deterministic proposal, accepted where it
+distribution, since either draft is a deterministic proposal, accepted where it
 equals the token the sampler drew.
 """
 
+import copy
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -49,7 +52,13 @@ class _Row:
     sampler: Optional[Callable]
     processors: List[Callable]
     draft_tokens: int  # the longest draft (0: none)
+    base: int = 0  # tokens the caches hold before ``history`` (a cache given with the prompt)
     generated: int = 0
+
+    @property
+    def fed(self) -> int:
+        """Tokens the model's cache holds: all but the last."""
+        return self.base + len(self.history.tokens) - 1
 
 
 def _check_model_cache(model, name: str = "model") -> None:
@@ -165,7 +174,8 @@ class SpecBatcher:
         return len(self.rows) + len(self.waiting)
 
     def insert(self, tokens: Sequence[int], cache: Optional[List[KVCache]] = None, *,
-               draft_cache: Optional[List[KVCache]] = None, max_tokens: int = 128,
+               draft_cache: Optional[List[KVCache]] = None, before: bool = False,
+               max_tokens: int = 128,
                sampler: Optional[Callable] = None,
                logits_processors: Optional[List[Callable]] = None,
                num_draft_tokens: int = NGRAM_DRAFT_TOKENS) -> int:  # fmt: skip
@@ -177,6 +187,10 @@ class SpecBatcher:
             cache: per layer, a ``KVCache`` holding the first tokens (fewer than all);
               the row owns it from now on. ``None``: a new cache.
             draft_cache: the same for the draft model.
+            before (bool): the caches hold context before ``tokens`` instead (as
+              many tokens in both; mlx-lm's ``prompt_caches``): all of ``tokens``
+              but the last are fed after it, and drafts and logits processors see
+              ``tokens`` and what follows.
             max_tokens (int): tokens to generate (at least 1).
             sampler: mlx-lm sampler over ``(tokens, vocab)`` log-probabilities
               (``None``: greedy).
@@ -190,24 +204,30 @@ class SpecBatcher:
             raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1.")
         if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 0):
             raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 0.")
-        cache = self._prefilled(self.model, cache, tokens, "cache")
+        base = cache[0].offset if before and cache else 0
+        cache = self._prefilled(self.model, cache, tokens, "cache", base)
         if self.draft_model is not None:
-            draft_cache = self._prefilled(self.draft_model, draft_cache, tokens, "draft cache")
+            if before and (draft_cache[0].offset if draft_cache else 0) != base:
+                raise ValueError("the row's cache and draft cache hold different numbers of "
+                                 "tokens before it")  # fmt: skip
+            draft_cache = self._prefilled(self.draft_model, draft_cache, tokens, "draft cache",
+                                          base)  # fmt: skip
         elif draft_cache is not None:
             raise ValueError("a draft cache for a batch without a draft model")
         self._uid += 1
         row = _Row(self._uid, NgramIndex(tokens), max_tokens, sampler,
-                   list(logits_processors or []), num_draft_tokens)  # fmt: skip
+                   list(logits_processors or []), num_draft_tokens, base)  # fmt: skip
         self.waiting.append((row, cache, draft_cache))
         return row.uid
 
-    def _prefilled(self, model, cache, tokens: List[int], name: str) -> List[KVCache]:
-        """``cache`` (or a new one) holding all of ``tokens`` but the last."""
+    def _prefilled(self, model, cache, tokens: List[int], name: str, base: int) -> List[KVCache]:
+        """``cache`` (or a new one) holding ``base`` tokens of context, then all of
+        ``tokens`` but the last."""
         cache = make_prompt_cache(model) if cache is None else list(cache)
         for i, c in enumerate(cache):
             if type(c) is not KVCache:
                 raise ValueError(f"layer {i} of the row's {name} is a {type(c).__name__}")
-        held = cache[0].offset
+        held = cache[0].offset - base
         if held >= len(tokens):
             raise ValueError(f"the row's {name} holds {held} of its {len(tokens)} tokens: "
                              "it must leave the last one to feed")  # fmt: skip
@@ -231,7 +251,20 @@ class SpecBatcher:
         return out
 
     def _extract(self, b: int) -> List[KVCache]:
-        return [c.extract(b) for c in self.cache + (self.draft_cache or [])]
+        """Row ``b``'s caches, the model's layers then the draft model's, both
+        holding exactly its tokens but the last (a draft cache that lags, after a
+        pass whose drafts were all accepted, is fed the tokens it lacks)."""
+        row, model_layers = self.rows[b], [c.extract(b) for c in self.cache]
+        for c in model_layers:  # (a row ended by a stop token fed the drafts after it)
+            c.trim(max(c.offset - row.fed, 0))
+        if self.draft_model is None:
+            return model_layers
+        draft_layers = [c.extract(b) for c in self.draft_cache]
+        lag = row.history.tokens[draft_layers[0].offset - row.base : row.fed - row.base]
+        if lag:
+            self.draft_model(mx.array([lag]), cache=draft_layers)
+            mx.eval([c.state for c in draft_layers])
+        return model_layers + draft_layers
 
     def _keep(self, keep: List[_Row]) -> None:
         if len(keep) < len(self.rows):
@@ -304,7 +337,7 @@ class SpecBatcher:
         """Each row's draft cache keeps only the tokens it fed that were accepted: at
         most all of the row's tokens but the last (its rejected drafts are dropped)."""
         for c in self.draft_cache:
-            c.set_ends([min(e, len(r.history.tokens) - 1) for e, r in zip(c.ends, rows)])
+            c.set_ends([min(e, r.fed) for e, r in zip(c.ends, rows)])
 
     def _model_drafts(self, rows: List[_Row], lengths: List[int]) -> List[List[int]]:
         """Each row's greedy chain of the draft model, ``lengths[b]`` tokens long. The
@@ -314,7 +347,7 @@ class SpecBatcher:
         if most == 0:
             return [[] for _ in rows]
         held = self.draft_cache[0].ends
-        unfed = [r.history.tokens[e:] for r, e in zip(rows, held)]
+        unfed = [r.history.tokens[e - r.base :] for r, e in zip(rows, held)]
         width = max(map(len, unfed))
         inputs = mx.array([u + [u[-1]] * (width - len(u)) for u in unfed])
         logits = self.draft_model(inputs, cache=self.draft_cache)
@@ -364,6 +397,8 @@ def batch_generate_step(
     draft_model=None,
     num_draft_tokens: Optional[int] = None,
     prefill_step_size: int = 2048,
+    prompt_caches: Optional[Sequence[list]] = None,
+    return_prompt_caches: bool = False,
 ) -> Iterator[List[RowTokens]]:
     """Decodes ``prompts`` together, each row speculating (:class:`SpecBatcher`,
     every row from the start).
@@ -387,6 +422,12 @@ def batch_generate_step(
         num_draft_tokens (int): the longest draft (default 10 for prompt lookup, as
           transformers', 3 for a draft model, as ``mlx_lm.server``).
         prefill_step_size (int): prompt tokens per prefill pass.
+        prompt_caches: per prompt, a cache holding context before it (the model's
+          ``KVCache`` layers, then the draft model's, holding as many tokens), as
+          mlx-lm's ``prompt_caches``: the prompt is fed after it. They are copied, not
+          updated in place.
+        return_prompt_caches (bool): a finished row's :attr:`RowTokens.cache` holds
+          its context, prompt and tokens but the last (the same layout).
 
     Yields:
         list of :class:`RowTokens`: per pass, what each row that was decoded got
@@ -411,11 +452,18 @@ def batch_generate_step(
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
-    batcher = SpecBatcher(model, stop_tokens, prefill_step_size, draft_model=draft_model)
+    if prompt_caches is not None and len(prompt_caches) != len(prompts):
+        raise ValueError(f"{len(prompt_caches)} prompt_caches for {len(prompts)} prompts")
+    batcher = SpecBatcher(model, stop_tokens, prefill_step_size,
+                          keep_caches=return_prompt_caches, draft_model=draft_model)  # fmt: skip
+    layers = len(make_prompt_cache(model))
     index = {}
     for i, (p, n) in enumerate(zip(prompts, limits)):
         if n > 0:
-            uid = batcher.insert(p, max_tokens=n, sampler=sampler, logits_processors=logits_processors,
+            given = copy.deepcopy(list(prompt_caches[i])) if prompt_caches else []
+            uid = batcher.insert(p, given[:layers] or None, draft_cache=given[layers:] or None,
+                                 before=bool(given), max_tokens=n, sampler=sampler,
+                                 logits_processors=logits_processors,
                                  num_draft_tokens=num_draft_tokens if draft else 0)  # fmt: skip
             index[uid] = i
     while len(batcher):
@@ -482,10 +530,12 @@ class BatchStats:
 
 @dataclass
 class BatchResponse:
-    """What :func:`batch_generate` returns (mlx-lm's ``BatchResponse`` fields)."""
+    """What :func:`batch_generate` returns (mlx-lm's ``BatchResponse`` fields, then the
+    finish reasons)."""
 
     texts: List[str]
     stats: BatchStats
+    caches: Optional[List[list]] = None
     token_ids: Optional[List[List[int]]] = None
     logprobs: Optional[List[List[float]]] = None
     finish_reasons: List[Optional[str]] = field(default_factory=list)
@@ -496,7 +546,9 @@ def batch_generate(
     tokenizer,
     prompts: Sequence[Sequence[int]],
     max_tokens: Union[int, Sequence[int]] = 128,
+    prompt_caches: Optional[Sequence[list]] = None,
     verbose: bool = False,
+    return_prompt_caches: bool = False,
     return_token_ids: bool = False,
     return_logprobs: bool = False,
     **kwargs,
@@ -510,7 +562,11 @@ def batch_generate(
         tokenizer: mlx-lm's ``TokenizerWrapper``; its EOS tokens end a row.
         prompts: token ids, one list per prompt.
         max_tokens (int or list): tokens per response, for all or per prompt.
+        prompt_caches: per prompt, a cache holding context before it (see
+          :func:`batch_generate_step`); copied, not updated in place.
         verbose (bool): print progress and speeds.
+        return_prompt_caches (bool): also return each response's cache (its
+          context, prompt and response but the last token).
         return_token_ids, return_logprobs (bool): also return each response's
           token ids and their log-probabilities.
         kwargs: :func:`batch_generate_step`'s options (``sampler``,
@@ -523,11 +579,13 @@ def batch_generate(
     tokens = [[] for _ in prompts]
     logprobs = [[] for _ in prompts]
     finish: List[Optional[str]] = [None] * len(prompts)
+    caches: List[Optional[list]] = [None] * len(prompts)
     mx.reset_peak_memory()
     tic = time.perf_counter()
     steps = batch_generate_step(
-        model, prompts, max_tokens=max_tokens, stop_tokens=tokenizer.eos_token_ids, **kwargs
-    )
+        model, prompts, max_tokens=max_tokens, stop_tokens=tokenizer.eos_token_ids,
+        prompt_caches=prompt_caches, return_prompt_caches=return_prompt_caches, **kwargs
+    )  # fmt: skip
     for i, out in enumerate(steps):
         if i == 0:  # the first pass ends the prompt's processing, as in mlx-lm's count
             stats.prompt_time = time.perf_counter() - tic
@@ -539,7 +597,7 @@ def batch_generate(
             end = len(r.tokens) - (r.finish_reason == "stop")
             tokens[r.row] += r.tokens[:end]
             logprobs[r.row] += r.logprobs[:end]
-            finish[r.row] = r.finish_reason
+            finish[r.row], caches[r.row] = r.finish_reason, r.cache
             if verbose and r.finish_reason:
                 print(f"[batch_generate] Finished prompt {r.row}", end="\r")
     stats.generation_time = time.perf_counter() - tic
@@ -555,6 +613,7 @@ def batch_generate(
     return BatchResponse(
         texts,
         stats,
+        caches if return_prompt_caches else None,
         tokens if return_token_ids else None,
         logprobs if return_logprobs else None,
         finish,

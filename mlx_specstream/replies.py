@@ -312,13 +312,11 @@ class SpecBatch:
 
 
 def _held_by(cache: list, sequence: List[int], short: int = 0) -> list:
-    """``cache`` with every layer cut to one count, at most ``len(sequence) - short``
-    tokens: a choice cut short by a stop string ends before the accepted drafts its
-    row fed; a draft model's layers can hold fewer tokens than the model's (the
-    server's caches hold as many in both, as mlx-lm's draft-model decoding leaves
-    them); and a row joining a batch leaves its last token to feed."""
-    keep = min([c.offset for c in cache] + [len(sequence) - short])
+    """``cache`` with every layer cut to at most ``len(sequence) - short`` tokens: a
+    choice cut short by a stop string ends before the accepted drafts its row fed,
+    and a row joining a batch leaves its last token to feed."""
     for c in cache:
-        if c.offset > keep:
-            c.trim(c.offset - keep)
+        over = c.offset - (len(sequence) - short)
+        if over > 0:
+            c.trim(over)
     return cache

@@ -419,3 +419,35 @@ def test_draft_caches_hold_the_accepted_tokens_after_every_pass(monkeypatch):
     monkeypatch.setattr(batch.SpecBatcher, "_settle_drafts", too_far)
     assert decode(model, draft_model=draft_model, num_draft_tokens=3)[0] == alone(model)
     assert draft_cache_errors(model, draft_model)[0] > 0
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "draft model"])
+def test_prompt_caches_carry_a_conversation_to_the_next_call(drafter):
+    """mlx-lm's ``prompt_caches`` / ``return_prompt_caches``: the caches a first call
+    returns (context, prompt and answer but its last token; both models' layers with
+    a draft model) carry each row into a second call, whose answers equal plain
+    decoding over the whole conversation. The caches passed in are not changed.
+    Control: the second call without its caches answers otherwise."""
+    model = tiny_model("llama", vocab_size=V)
+    kwargs = (
+        {"draft_model": tiny_model("llama", vocab_size=V, seed=3)} if drafter != "lookup" else {}
+    )
+    tok = word_tokenizer(V, eos=0)
+    first = batch_generate(model, tok, PROMPTS, max_tokens=10, return_token_ids=True,
+                           return_prompt_caches=True, num_draft_tokens=3, **kwargs)  # fmt: skip
+    # each row's tokens (its EOS too, which the text leaves out)
+    gens = [ids + [0] * (r == "stop") for ids, r in zip(first.token_ids, first.finish_reasons)]
+    assert "stop" in first.finish_reasons and "length" in first.finish_reasons
+    for p, gen, cache in zip(PROMPTS, gens, first.caches):
+        assert gen == alone(model, [p], [10])[0][: len(gen)]
+        assert {c.offset for c in cache} == {len(p) + len(gen) - 1}
+    turns = [[gen[-1], 9, 10] for gen in gens]
+    held = [[c.offset for c in cache] for cache in first.caches]
+    second = batch_generate(model, tok, turns, max_tokens=12, prompt_caches=first.caches,
+                            return_token_ids=True, num_draft_tokens=3, **kwargs)  # fmt: skip
+    assert [[c.offset for c in cache] for cache in first.caches] == held
+    whole = [p + gen[:-1] + t for p, gen, t in zip(PROMPTS, gens, turns)]
+    for w, ids in zip(whole, second.token_ids):
+        assert ids == alone(model, [w], [12])[0][: len(ids)]
+    cold = batch_generate(model, tok, turns, max_tokens=12, return_token_ids=True, **kwargs)
+    assert cold.token_ids != second.token_ids

@@ -544,16 +544,12 @@ def test_with_a_draft_model_requests_waiting_together_are_batched(service, monke
     for p, (text, _, _), n in zip([[3, 4, 5, 3, 4]] + PROMPTS[1:3], got, [40, 16, 16]):
         assert text[0] == plain(model, tok, p, n)[0]
 
-    # control: caches whose layers are only cut to the answer keep the draft model's
-    # layers a token short of the model's (every draft accepted, then the bonus token)
-    from mlx_specstream import replies as r
+    # control: rows' caches taken as they are keep the draft model's layers a token
+    # short of the model's (every draft accepted, then the bonus token)
+    from mlx_specstream.batch import SpecBatcher
 
-    def cut_only(cache, sequence, short=0):
-        for c in cache:
-            c.trim(max(c.offset - (len(sequence) - short), 0))
-        return cache
-
-    monkeypatch.setattr(r, "_held_by", cut_only)
+    monkeypatch.setattr(SpecBatcher, "_extract",
+                        lambda self, b: [c.extract(b) for c in self.cache + self.draft_cache])  # fmt: skip
     svc = service(model, tok, draft_model=draft_model)
     for j in submit_together(svc, [(p, body) for p in PROMPTS]):
         answer(j)
