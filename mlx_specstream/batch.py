@@ -92,7 +92,9 @@ def ragged_fault(model) -> Optional[str]:
 
 
 def _probe(model) -> Optional[str]:
-    prompts, fed = [list(range(1, n + 1)) for n in (8, 3, 2)], [5, 6]
+    vocab = model(mx.array([[0]])).shape[-1]  # (the probe's tokens stay inside it)
+    prompts = [[t % vocab for t in range(1, n + 1)] for n in (8, 3, 2)]
+    fed = [5 % vocab, 6 % vocab]
     try:
         caches = [_prefill(model, p + fed[:1], len(p)) for p in prompts]
         cache = [RaggedKVCache.merge(layer) for layer in zip(*caches)]
@@ -239,7 +241,7 @@ class SpecBatcher:
 
     def remove(self, uids: Sequence[int]) -> Dict[int, List[KVCache]]:
         """Takes rows out; each one's cache (holding its tokens but the last), then,
-        with a draft model, the draft model's (holding at most as many)."""
+        with a draft model, the draft model's (holding as many)."""
         gone, out = set(uids), {}
         for row, cache, draft_cache in [w for w in self.waiting if w[0].uid in gone]:
             out[row.uid] = cache + (draft_cache or [])

@@ -42,7 +42,8 @@ def batching_fault(model) -> Optional[str]:
     one, fails: its mask is broadcast over the key-value heads, which raises with
     three rows and silently attends across rows and padding with two (0.35-0.5).
     """
-    prompts = [list(range(1, n + 1)) for n in (8, 3, 2)]
+    vocab = model(mx.array([[0]])).shape[-1]  # (the probe's tokens stay inside it)
+    prompts = [[t % vocab for t in range(1, n + 1)] for n in (8, 3, 2)]
     try:
         generator = BatchGenerator(model, max_tokens=1)
         uids, rows = generator.insert(prompts), {}

@@ -112,7 +112,7 @@ def test_negative_control_a_mask_blind_to_row_ends(monkeypatch):
         )
 
     monkeypatch.setattr(RaggedKVCache, "make_mask", blind)
-    batch._PROBED[id(model)] = None  # (the probe would catch it first)
+    monkeypatch.setattr(batch, "ragged_fault", lambda m: None)  # (the probe would catch it)
     assert decode(model, num_draft_tokens=4)[0] != alone(model)
 
 
@@ -266,6 +266,26 @@ def test_the_probe_catches_rows_that_are_wrong_without_raising(monkeypatch):
 
     monkeypatch.setattr(RaggedKVCache, "update_and_fetch", noisy)
     assert "differs from the same tokens alone" in batch._probe(model)
+
+
+def test_the_probes_feed_tokens_inside_a_small_vocabulary():
+    """Both batching probes (mlx-lm's batch and ours) on a 6-token vocabulary: no token
+    id reaches past the embedding (an out-of-range id reads memory past it, and its
+    rows differ at random)."""
+    from mlx_specstream import replies
+
+    model = tiny_model("llama", vocab_size=6, weight_scale=1.0, hidden_size=32,
+                       intermediate_size=64, seed=2)  # fmt: skip
+    seen = []
+
+    class Checked(type(model)):
+        def __call__(self, inputs, *args, **kwargs):
+            seen.append(int(inputs.max().item()))
+            return super().__call__(inputs, *args, **kwargs)
+
+    model.__class__ = Checked
+    assert batch._probe(model) is None and replies.batching_fault(model) is None
+    assert seen and max(seen) < 6
 
 
 @pytest.mark.parametrize(
