@@ -39,10 +39,6 @@ class RowTokens(NamedTuple):
     distributions: List[mx.array]  # each token's (vocab,) log-probabilities (lazy)
     cache: Optional[List[KVCache]] = None  # a finished row's, with keep_caches
 
-    @property
-    def row(self) -> int:
-        return self.uid
-
 
 @dataclass
 class _Row:
@@ -61,14 +57,24 @@ class _Row:
         return self.base + len(self.history.tokens) - 1
 
 
-def _check_model_cache(model, name: str = "model") -> None:
+def output_size(model) -> int:
+    """The model's vocabulary: the size of its logits over one token."""
+    return model(mx.array([[0]])).shape[-1]
+
+
+def unbatchable(model, name: str = "model") -> Optional[str]:
+    """Why ``model`` cannot decode rows of a :class:`SpecBatcher` (``None``: it can):
+    a layer without a plain ``KVCache``, or rows that come out wrong
+    (:func:`ragged_fault`)."""
     for i, c in enumerate(make_prompt_cache(model)):
         if type(c) is not KVCache:
-            raise ValueError(
+            return (
                 f"batch_generate needs a plain key-value cache in every layer; layer {i} of "
                 f"this {name} has a {type(c).__name__} (sliding-window, recurrent and "
                 "state-space layers are not batched speculatively)"
             )
+    fault = ragged_fault(model)
+    return None if fault is None else f"cannot batch this {type(model).__module__} {name}: {fault}"
 
 
 PROBE_TOLERANCE = 0.05  # most |p(batch) - p(alone)| of a next-token probability
@@ -92,11 +98,13 @@ def ragged_fault(model) -> Optional[str]:
 
 
 def _probe(model) -> Optional[str]:
-    vocab = model(mx.array([[0]])).shape[-1]  # (the probe's tokens stay inside it)
+    vocab = output_size(model)  # (the probe's tokens stay inside it)
     prompts = [[t % vocab for t in range(1, n + 1)] for n in (8, 3, 2)]
     fed = [5 % vocab, 6 % vocab]
     try:
-        caches = [_prefill(model, p + fed[:1], len(p)) for p in prompts]
+        caches = [
+            _prefill(model, make_prompt_cache(model), p + fed[:1], 0, len(p)) for p in prompts
+        ]
         cache = [RaggedKVCache.merge(layer) for layer in zip(*caches)]
         batched = model(mx.array([fed] * len(prompts)), cache=cache)
     except Exception as e:  # noqa: BLE001 - the reason is reported
@@ -110,11 +118,11 @@ def _probe(model) -> Optional[str]:
     return None
 
 
-def _prefill(model, prompt: List[int], step: int) -> List[KVCache]:
-    """Each prompt alone, all but its last token (which the first pass feeds)."""
-    cache = make_prompt_cache(model)
-    for start in range(0, len(prompt) - 1, step):
-        model(mx.array([prompt[start : min(start + step, len(prompt) - 1)]]), cache=cache)
+def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: int):
+    """Feeds ``tokens[start:-1]`` to ``cache`` in chunks of ``step`` (the last token
+    is the one the next pass feeds); returns ``cache``."""
+    for i in range(start, len(tokens) - 1, step):
+        model(mx.array([tokens[i : min(i + step, len(tokens) - 1)]]), cache=cache)
         mx.eval([c.state for c in cache])
     return cache
 
@@ -156,11 +164,9 @@ class SpecBatcher:
                  max_rows: Optional[int] = None, keep_caches: bool = False,
                  draft_model=None):  # fmt: skip
         for m, name in ((model, "model"), (draft_model, "draft model")):
-            if m is not None:
-                _check_model_cache(m, name)
-                fault = ragged_fault(m)
-                if fault:
-                    raise ValueError(f"cannot batch this {type(m).__module__} {name}: {fault}")
+            why = None if m is None else unbatchable(m, name)
+            if why:
+                raise ValueError(why)
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
         self.keep_caches = keep_caches
@@ -170,7 +176,7 @@ class SpecBatcher:
         self.waiting: List[Tuple[_Row, List[KVCache], List[KVCache]]] = []
         self._uid = 0
         # the model's vocabulary: a draft model's drafts stay inside it
-        self.vocab = model(mx.array([[0]])).shape[-1] if draft_model is not None else None
+        self.vocab = output_size(model) if draft_model is not None else None
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.waiting)
@@ -233,11 +239,7 @@ class SpecBatcher:
         if held >= len(tokens):
             raise ValueError(f"the row's {name} holds {held} of its {len(tokens)} tokens: "
                              "it must leave the last one to feed")  # fmt: skip
-        for start in range(held, len(tokens) - 1, self.prefill_step_size):
-            end = min(start + self.prefill_step_size, len(tokens) - 1)
-            model(mx.array([tokens[start:end]]), cache=cache)
-            mx.eval([c.state for c in cache])
-        return cache
+        return _prefill(model, cache, tokens, held, self.prefill_step_size)
 
     def remove(self, uids: Sequence[int]) -> Dict[int, List[KVCache]]:
         """Takes rows out; each one's cache (holding its tokens but the last), then,
@@ -597,11 +599,11 @@ def batch_generate(
         for r in out:
             stats.generation_tokens += len(r.tokens)
             end = len(r.tokens) - (r.finish_reason == "stop")
-            tokens[r.row] += r.tokens[:end]
-            logprobs[r.row] += r.logprobs[:end]
-            finish[r.row], caches[r.row] = r.finish_reason, r.cache
+            tokens[r.uid] += r.tokens[:end]
+            logprobs[r.uid] += r.logprobs[:end]
+            finish[r.uid], caches[r.uid] = r.finish_reason, r.cache
             if verbose and r.finish_reason:
-                print(f"[batch_generate] Finished prompt {r.row}", end="\r")
+                print(f"[batch_generate] Finished prompt {r.uid}", end="\r")
     stats.generation_time = time.perf_counter() - tic
     stats.peak_memory = mx.get_peak_memory() / 1e9
     texts = [tokenizer.decode(t) for t in tokens]

@@ -63,7 +63,7 @@ class SpeculativeUsage:
     * ``batched_tokens``: generated tokens that came from a batched pass, one row of
       several requests' (the server's :class:`~mlx_specstream.replies.Batch`, where
       each counts as a pass of its own, or :class:`~mlx_specstream.replies.SpecBatch`,
-      whose rows accept prompt-lookup drafts).
+      whose rows accept drafts from prompt lookup or a draft model).
 
     Generated tokens include the last one (an EOS token too), as
     ``generation_tokens`` counts them.

@@ -17,10 +17,10 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from .batch import SpecBatcher
+from .batch import SpecBatcher, output_size
 from .cache import cache_tokens, trim_prompt_cache
-from .generate import SpeculativeUsage
 from .cli_args import DRAFT_MODEL_TOKENS
+from .generate import SpeculativeUsage
 from .ngram import NGRAM_DRAFT_TOKENS
 from .openai_api import make_usage, token_logprobs
 from .sample_utils import make_sampler
@@ -42,7 +42,7 @@ def batching_fault(model) -> Optional[str]:
     one, fails: its mask is broadcast over the key-value heads, which raises with
     three rows and silently attends across rows and padding with two (0.35-0.5).
     """
-    vocab = model(mx.array([[0]])).shape[-1]  # (the probe's tokens stay inside it)
+    vocab = output_size(model)  # (the probe's tokens stay inside it)
     prompts = [[t % vocab for t in range(1, n + 1)] for n in (8, 3, 2)]
     try:
         generator = BatchGenerator(model, max_tokens=1)

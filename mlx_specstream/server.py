@@ -35,9 +35,10 @@ A request that is the only one waiting is decoded speculatively. Requests that
 wait together are decoded together, one row each, by ``mlx_lm``'s continuous
 batching, as ``mlx_lm.server`` decodes them; a request decoding alone when
 others arrive joins them there, and the last row of a batch goes on alone
-(:mod:`~mlx_specstream.replies`; ``--decode-concurrency 1`` serves one at a time). Seeded requests, and every
-request with a draft model or ``--kv-bits`` (which mlx-lm does not batch), are
-served one at a time, in arrival order.
+(:mod:`~mlx_specstream.replies`; ``--decode-concurrency 1`` serves one at a time).
+With ``--draft ngram`` or a draft model the rows of a batch speculate too
+(:class:`~mlx_specstream.replies.SpecBatch`). Seeded requests, and every request
+with ``--kv-bits``, are served one at a time, in arrival order.
 
 As in ``mlx_lm.server``, the KV caches of finished requests are kept in an LRU
 (:class:`~mlx_specstream.prompt_cache.PromptCacheLRU`, bounded by
@@ -97,8 +98,8 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
-from .batch import SpecBatcher
-from .replies import Batch, SpecBatch, Reply, batching_fault
+from .batch import unbatchable
+from .replies import Batch, Reply, SpecBatch, batching_fault
 from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
 
@@ -363,10 +364,9 @@ class ModelService:
         if d.decode_concurrency <= 1 or d.kv_bits is not None:
             return False
         if self.draft_model is not None:
-            try:
-                SpecBatcher(self.model, draft_model=self.draft_model)
-            except ValueError as e:
-                logger.warning(f"requests are served one at a time: {e}")
+            why = unbatchable(self.model) or unbatchable(self.draft_model, "draft model")
+            if why:
+                logger.warning(f"requests are served one at a time: {why}")
                 return False
             self.spec_batching = True
             return True
@@ -380,11 +380,10 @@ class ModelService:
             )
             return False
         if "ngram" in (d.draft or ""):
-            try:
-                SpecBatcher(self.model)
-                self.spec_batching = True
-            except ValueError as e:
-                logger.warning(f"requests decoded together do not draft: {e}")
+            why = unbatchable(self.model)
+            if why:
+                logger.warning(f"requests decoded together do not draft: {why}")
+            self.spec_batching = not why
         return True
 
     def _new_batch(self) -> Union[Batch, SpecBatch]:

@@ -28,7 +28,7 @@ def decode(model, prompts=PROMPTS, limits=LIMITS, **kwargs):
     for out in batch_generate_step(model, prompts, max_tokens=limits, **kwargs):
         passes += 1
         for r in out:
-            tokens[r.row] += r.tokens
+            tokens[r.uid] += r.tokens
     return tokens, passes
 
 
