@@ -1,4 +1,5 @@
-"""Batched decoding with prompt lookup in every row, against mlx-lm's batched and
+"""Batched decoding whose rows speculate (the model's streams, prompt lookup or a
+draft model in every row), against mlx-lm's batched and
 one-at-a-time decoding on the same weights.
 
     python benchmarks/batch_speed.py [--model DIR] [--dtype float32] [--batch 1,2,4,8]
@@ -14,7 +15,11 @@ Ways, interleaved in every round, on the same weights:
 * **mlx-lm draft model, one at a time**: its ``speculative_generate_step`` with the
   shipped draft model (3 drafts; mlx-lm's draft-model decoding is batch-1 only);
 * **ours, no drafts**: ``mlx_specstream.batch_generate(draft=None)``;
-* **ours, lookup D**: ``mlx_specstream.batch_generate`` with drafts of up to D tokens;
+* **ours, streams (fused / split)**: ``mlx_specstream.batch_generate`` with each row
+  drafting the chain of the model's own (lossless-mode) streams, when it has them,
+  their rows in the verifying pass or in a second pass;
+* **ours, lookup D**: ``mlx_specstream.batch_generate`` with prompt-lookup drafts of up
+  to D tokens;
 * **ours, draft model (3)**: ``mlx_specstream.batch_generate`` with the shipped draft
   model drafting 3 tokens in every row (mlx-lm has no batched draft-model decoding).
 
@@ -36,7 +41,7 @@ from mlx_lm import batch_generate as mlx_lm_batch_generate
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step, speculative_generate_step
 
-from mlx_specstream.batch import batch_generate
+from mlx_specstream.batch import batch_generate, stream_runtime
 from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
 from mlx_specstream.utils import load
 from report import heading, machine_info, write_results
@@ -94,9 +99,14 @@ def main():
         "mlx-lm draft model (3), one at a time": mlx_lm_drafted,
         "ours, no drafts": lambda ps: _ours(model, tokenizer, ps, N, draft=None),
     }
+    if stream_runtime(model) is not None:
+        for how in ("fused", "split"):
+            ways[f"ours, streams ({how})"] = lambda ps, how=how: _ours(
+                model, tokenizer, ps, N, draft="streams", stream_pass=how
+            )
     for d in lengths:
         ways[f"ours, lookup {d}"] = lambda ps, d=d: _ours(
-            model, tokenizer, ps, N, num_draft_tokens=d
+            model, tokenizer, ps, N, draft="ngram", num_draft_tokens=d
         )
     ways["ours, draft model (3)"] = lambda ps: _ours(
         model, tokenizer, ps, N, draft_model=draft_model, num_draft_tokens=3
@@ -131,7 +141,7 @@ def main():
                       f"{row['vs_batch_generate']:.2f}x{tau}  identical={same[name]}", flush=True)  # fmt: skip
     info = machine_info(dtype=args.dtype, max_tokens=N, rounds=args.rounds)
     lines = [
-        heading("Batched decoding with prompt lookup", info),
+        heading("Batched decoding whose rows speculate", info),
         "",
         f"`{info['command']}`: K prompts x {N} tokens, greedy, {args.dtype}; tokens/s of the "
         "whole batch (prefill included), medians of the rounds; every output checked against "

@@ -26,7 +26,8 @@ from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .ragged_cache import RaggedKVCache
 
-DRAFTS = ("auto", "ngram", "draft_model", None)
+DRAFTS = ("auto", "streams", "ngram", "draft_model", None)
+STREAM_PASSES = ("fused", "split")
 
 
 class RowTokens(NamedTuple):
@@ -50,6 +51,7 @@ class _Row:
     draft_tokens: int  # the longest draft (0: none)
     base: int = 0  # tokens the caches hold before ``history`` (a cache given with the prompt)
     generated: int = 0
+    streams_draft: List[int] = field(default_factory=list)  # from the last pass's streams
 
     @property
     def fed(self) -> int:
@@ -127,6 +129,26 @@ def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: i
     return cache
 
 
+def stream_runtime(model):
+    """The model's :class:`~mlx_specstream.streams.StreamRuntime` if rows of a batch
+    can draft with its streams (lossless mode), else ``None``."""
+    rt = getattr(model, "speculative_streams", None)
+    if rt is None or getattr(rt, "streams", None) is None:
+        return None
+    return rt if rt.config.mode == "lossless" else None
+
+
+def streams_fault(model) -> Optional[str]:
+    """Why rows of a batch cannot draft with ``model``'s streams (``None``: they can)."""
+    rt = getattr(model, "speculative_streams", None)
+    if rt is None or getattr(rt, "streams", None) is None:
+        return "the model has no speculative streams"
+    if rt.config.mode != "lossless":
+        return (f"its streams are in {rt.config.mode} mode (rows of a batch draft with "
+                "lossless-mode streams, whose pass the main rows never read)")  # fmt: skip
+    return None
+
+
 def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
@@ -143,6 +165,13 @@ class SpecBatcher:
     are padded to the longest draft; padding is never accepted). A row keeps the
     draft's longest prefix that equals its own choices, plus the pass's next choice.
 
+    With ``streams`` (a lossless-mode stream model's), each row drafts the chain of
+    its streams' first choices at its last accepted token: the stream rows of every
+    token fed go through the verifying pass
+    (:meth:`~mlx_specstream.streams.StreamRuntime.rows_pass`), or a second pass
+    through the stream layers alone feeds every row's stream rows at its end
+    (``stream_pass="split"``, :meth:`~mlx_specstream.streams.StreamRuntime.rows_streams`).
+
     With a draft model the rows draft together too: one pass feeds each row what
     the draft model has not seen (its last accepted tokens), then one pass per
     further draft token; each row's draft is the draft model's greedy chain, a
@@ -158,15 +187,29 @@ class SpecBatcher:
         keep_caches (bool): give a finished row's cache (:attr:`RowTokens.cache`).
         draft_model: an mlx-lm model with the same tokenizer (same conditions as
           ``model``) that drafts every row; ``None``: prompt lookup.
+        streams (bool): rows draft with the model's own streams (lossless mode).
+        stream_pass (str): ``"fused"``: every fed token's stream rows go through
+          the verifying pass; ``"split"``: a second pass feeds the stream rows of
+          each row's last kept token alone.
     """
 
     def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
                  max_rows: Optional[int] = None, keep_caches: bool = False,
-                 draft_model=None):  # fmt: skip
+                 draft_model=None, streams: bool = False,
+                 stream_pass: str = "fused"):  # fmt: skip
         for m, name in ((model, "model"), (draft_model, "draft model")):
             why = None if m is None else unbatchable(m, name)
             if why:
                 raise ValueError(why)
+        if streams and draft_model is not None:
+            raise ValueError("rows draft with the model's streams or a draft model, not both")
+        why = streams_fault(model) if streams else None
+        if why:
+            raise ValueError(f"rows cannot draft with streams: {why}")
+        self.streams = stream_runtime(model) if streams else None
+        if stream_pass not in STREAM_PASSES:
+            raise ValueError(f"stream_pass={stream_pass!r}: one of {STREAM_PASSES}")
+        self.fused = stream_pass == "fused"
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
         self.keep_caches = keep_caches
@@ -299,12 +342,18 @@ class SpecBatcher:
         lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
         if self.draft_model is not None:
             drafts = self._model_drafts(rows, lengths)
+        elif self.streams is not None:
+            drafts = [r.streams_draft[:n] for r, n in zip(rows, lengths)]
         else:
             drafts = [r.history.draft(n) if n else [] for r, n in zip(rows, lengths)]
         width = 1 + max(map(len, drafts))
         fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
         inputs = mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
-        logits = self.model(inputs, cache=self.cache)
+        if self.streams is not None:
+            fused = self.fused and any(r.draft_tokens for r in rows)
+            logits = self.streams.rows_pass(inputs, self.cache, streams=fused)
+        else:
+            logits = self.model(inputs, cache=self.cache)
         if any(r.processors for r in rows):
             logits = _process(logits, rows, fed)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -334,8 +383,25 @@ class SpecBatcher:
             for b, o in enumerate(out):
                 if o[3] is not None:
                     o[5] = self._extract(b)
+        if self.streams is not None:
+            self._stream_drafts(rows, kept, going)
         self._keep(going)
+        if self.streams is not None and not self.rows:
+            self.streams.release()  # (nothing of the batch outlives it)
         return [RowTokens(*o) for o in out]
+
+    def _stream_drafts(self, rows: List[_Row], kept: List[int], going: List[_Row]) -> None:
+        """Each going row's next draft: its streams' first choices at the last token
+        it kept, from one pass of every row's stream rows (a row that leaves costs
+        its few rows there, less than taking the others' caches apart)."""
+        if any(r.draft_tokens for r in going):
+            nodes = mx.array([k - 1 for k in kept])
+            if self.fused:
+                slog = self.streams.fused_streams(nodes)
+            else:
+                slog = self.streams.rows_streams(nodes, self.cache)
+            for r, d in zip(rows, mx.argmax(slog, axis=-1).tolist()):
+                r.streams_draft = d if r.draft_tokens else []
 
     def _settle_drafts(self, rows: List[_Row]) -> None:
         """Each row's draft cache keeps only the tokens it fed that were accepted: at
@@ -400,6 +466,7 @@ def batch_generate_step(
     draft: Optional[str] = "auto",
     draft_model=None,
     num_draft_tokens: Optional[int] = None,
+    stream_pass: str = "fused",
     prefill_step_size: int = 2048,
     prompt_caches: Optional[Sequence[list]] = None,
     return_prompt_caches: bool = False,
@@ -417,14 +484,19 @@ def batch_generate_step(
           greedy), the same for every row.
         logits_processors: mlx-lm logits processors, applied to every row with that
           row's own history.
-        draft (str or None): ``"ngram"`` (prompt lookup), ``"draft_model"`` (the
-          ``draft_model``'s greedy chain), ``"auto"`` (the draft model if given, else
-          prompt lookup) or ``None`` (one token per row per pass: plain batched
-          decoding). Rows draft from one source: lookup is not merged with a draft
-          model's chain in a batch.
+        draft (str or None): ``"streams"`` (the chain of the model's lossless-mode
+          streams), ``"ngram"`` (prompt lookup), ``"draft_model"`` (the
+          ``draft_model``'s greedy chain), ``"auto"`` (the draft model if given,
+          else the model's streams if it has lossless-mode streams, else prompt
+          lookup) or ``None`` (one token per row per pass: plain batched
+          decoding). Rows draft from one source: a batch merges no drafts.
         draft_model: an mlx-lm model with the same tokenizer.
         num_draft_tokens (int): the longest draft (default 10 for prompt lookup, as
-          transformers', 3 for a draft model, as ``mlx_lm.server``).
+          transformers', 3 for a draft model, as ``mlx_lm.server``, and the number
+          of streams, its most, for streams).
+        stream_pass (str): with streams, ``"fused"`` (their rows go through the
+          verifying pass) or ``"split"`` (a second, shorter pass), as
+          :class:`SpecBatcher`.
         prefill_step_size (int): prompt tokens per prefill pass.
         prompt_caches: per prompt, a cache holding context before it (the model's
           ``KVCache`` layers, then the draft model's, holding as many tokens), as
@@ -440,16 +512,24 @@ def batch_generate_step(
     if draft not in DRAFTS:
         raise ValueError(f"draft={draft!r}: batch_generate drafts with one of {DRAFTS}")
     if draft == "auto":
-        draft = "ngram" if draft_model is None else "draft_model"
+        draft = "draft_model" if draft_model is not None else (
+            "streams" if stream_runtime(model) is not None else "ngram")  # fmt: skip
     if (draft == "draft_model") != (draft_model is not None):
         raise ValueError(
             f"draft={draft!r} with draft_model={'a model' if draft_model else None}: "
             "draft='draft_model' drafts with a draft model, and only it uses one"
         )
+    if draft == "streams" and streams_fault(model):
+        raise ValueError(f"draft='streams': {streams_fault(model)}")
+    streams = stream_runtime(model).config.num_streams if draft == "streams" else None
     if num_draft_tokens is None:
-        num_draft_tokens = DRAFT_MODEL_TOKENS if draft_model is not None else NGRAM_DRAFT_TOKENS
+        defaults = {"streams": streams, "draft_model": DRAFT_MODEL_TOKENS}
+        num_draft_tokens = defaults.get(draft, NGRAM_DRAFT_TOKENS)
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
+    if streams is not None and num_draft_tokens > streams:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens}: the model's streams draft "
+                         f"{streams} tokens")  # fmt: skip
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != len(prompts):
         raise ValueError(f"{len(limits)} max_tokens for {len(prompts)} prompts")
@@ -459,7 +539,8 @@ def batch_generate_step(
     if prompt_caches is not None and len(prompt_caches) != len(prompts):
         raise ValueError(f"{len(prompt_caches)} prompt_caches for {len(prompts)} prompts")
     batcher = SpecBatcher(model, stop_tokens, prefill_step_size,
-                          keep_caches=return_prompt_caches, draft_model=draft_model)  # fmt: skip
+                          keep_caches=return_prompt_caches, draft_model=draft_model,
+                          streams=draft == "streams", stream_pass=stream_pass)  # fmt: skip
     layers = len(make_prompt_cache(model))
     index = {}
     for i, (p, n) in enumerate(zip(prompts, limits)):

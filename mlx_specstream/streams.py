@@ -228,6 +228,7 @@ class StreamRuntime:
         self._head_on_streams = False
         self._lower_plain = self._upper_plain = False  # rows of a chain: a plain pass
         self._main_rows = 0
+        self._rows_fused = False  # a rows_pass with the streams' rows
         self._lora_calls = None  # the stream LoRA's calls in the first pass
         # MLX's CUDA backend turns a bool attention mask into an additive one in
         # every layer's call: there the step's masks go in additive, made once.
@@ -284,7 +285,9 @@ class StreamRuntime:
                         y = base_call(self, x.transpose(2, 1, 0, 3), offset=pos, **kwargs)
                         return y.transpose(2, 1, 0, 3)
                     y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-                    y = base_call(self, y, offset=mx.tile(pos, (B,)), **kwargs)
+                    # (every row's positions, or one set that each row shares)
+                    pos = pos if pos.size == B * L else mx.tile(pos, (B,))
+                    y = base_call(self, y, offset=pos, **kwargs)
                     return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
                 return __call__
@@ -300,6 +303,8 @@ class StreamRuntime:
                         return out
                     if rt.state == "tail":
                         return rt._tail_input if i == 0 else x
+                    if rt.state == "rows":  # rows of a batch (rows_pass)
+                        return rt._rows_layer(i, base_call, self, x, mask, cache, *args, **kwargs)
                     if rt.state == "streams":
                         # Stream rows of one node through the stream layers only.
                         if i < rt.first_top:
@@ -345,7 +350,7 @@ class StreamRuntime:
 
         def __call__(self, x):
             y = base_call(self, x)
-            if rt.state not in ("step", "streams"):
+            if rt.state not in ("step", "streams", "rows"):
                 return y
             # Stream rows follow the R main rows; only they get the LoRA delta.
             R = rt._main_rows
@@ -491,6 +496,8 @@ class StreamRuntime:
     def _positions(self, i):
         if self.state == "streams":
             return self._stream_pos
+        if self.state == "rows":
+            return self._upper_pos if self._rows_fused and i >= self.first_top else None
         if self.state != "step":
             return None
         if i >= self.first_top:
@@ -610,7 +617,7 @@ class StreamRuntime:
         """The model over ``(1, L)`` tokens with the hooks in ``state``. The first
         pass through the stream LoRA also tells which targets share an input."""
         self.state = state
-        if state in ("step", "streams") and not on_gpu():  # GPUs run RoPE as one kernel
+        if state in ("step", "streams", "rows") and not on_gpu():  # GPUs: RoPE is one kernel
             self._rope_tables = {}
         try:
             out = self.model(tokens, cache=cache)
@@ -696,6 +703,83 @@ class StreamRuntime:
         self._main_rows = 0
         return self._run("streams", mx.zeros((1, g), dtype=mx.int32), cache)[0]
 
+    # ---- rows of a batch (mlx_specstream.batch) --------------------------------
+    def rows_pass(self, tokens: mx.array, cache, streams: bool = False) -> mx.array:
+        """The model over ``(B, W)`` tokens, each row a chain after its cached tokens
+        (mlx-lm's own masks and positions, e.g. from
+        :class:`~mlx_specstream.ragged_cache.RaggedKVCache`): ``(B, W, V)`` logits.
+
+        Keeps each row's input to the first stream layer (for :meth:`rows_streams`).
+        With ``streams`` (lossless mode), every token's stream rows also go through
+        the stream layers, after the main rows (which never read them, so the
+        logits are the model's own): :meth:`fused_streams` then reads them. Their
+        keys and values are written after the main rows' and never kept.
+
+        Example: ``W = 2``, two streams; row ``b`` holds ``e`` tokens. The upper
+        layers' rows are ``[m0, m1, s0.1, s0.2, s1.1, s1.2]`` at columns ``e ..
+        e + 5``; ``m1`` sees columns ``< e`` and ``m0, m1``; ``s1.2`` sees those
+        and ``s1.1, s1.2`` (:func:`~mlx_specstream.tree.stream_attention_mask`).
+        """
+        self._rows_fused = streams
+        self._main_rows = tokens.shape[1]
+        if streams:
+            if self.config.mode != "lossless" or self.streams is None:
+                raise ValueError("Rows of a batch draft with streams in lossless mode only.")
+            W, g = tokens.shape[1], self.config.num_streams
+            chain = layout_of([-1] + list(range(W - 1)))
+            upper = cache[self.first_top]
+            self._upper_mask = rows_mask(chain.stream_mask(g, False), upper.offset, upper.size())
+            self._upper_pos = (upper.offset[:, None] + self._stream_positions(chain.depth_mx)[None]
+                               ).reshape(-1)  # fmt: skip
+            self._positions_end = upper.size() + W + g
+        return self._run("rows", tokens, cache)
+
+    def _rows_layer(self, i, base_call, layer, x, mask, cache, *args, **kwargs):
+        """One layer of :meth:`rows_pass`."""
+        if i == self.first_top:
+            self._upper_input = x
+            if self._rows_fused:
+                x = mx.concatenate([x, self.streams.make_streams(x)], axis=1)
+        if self._rows_fused and i >= self.first_top:
+            mask = self._attention_mask(self._upper_mask, x.dtype)
+        out = base_call(layer, x, mask, cache, *args, **kwargs)
+        if self._rows_fused and i == self.num_layers - 1:
+            self._stream_hidden = out[:, self._main_rows :]
+            out = out[:, : self._main_rows]
+        return out
+
+    def fused_streams(self, nodes: mx.array) -> mx.array:
+        """Logits ``(B, gamma, V)`` of the streams of each row's token ``nodes[b]``
+        of the last :meth:`rows_pass` with ``streams``."""
+        h = self._stream_hidden
+        B, g = h.shape[0], self.config.num_streams
+        h = h.reshape(B, -1, g, h.shape[-1])
+        return self.head(mx.take_along_axis(h, nodes[:, None, None, None], axis=1)[:, 0])
+
+    def rows_streams(self, nodes: mx.array, cache) -> mx.array:
+        """Logits ``(B, gamma, V)`` of the streams of each row's token ``nodes[b]``
+        of the last :meth:`rows_pass` (lossless mode).
+
+        Runs once the caches keep each row's tokens up to that node and no further
+        (``RaggedKVCache.advance``): the stream rows of row ``b`` go through the
+        stream layers at its end, attending to its cached tokens and to the streams
+        before them, as :meth:`draft_streams` for one sequence. Their keys and
+        values are written past the row's end and never kept.
+        """
+        if self.config.mode != "lossless" or self.streams is None:
+            raise ValueError("Rows of a batch draft with streams in lossless mode only.")
+        B, g = nodes.shape[0], self.config.num_streams
+        h = mx.take_along_axis(self._upper_input, nodes[:, None, None], axis=1)
+        self._stream_input = self.streams.make_streams(h)
+        upper = cache[self.first_top]
+        self._stream_mask = upper.make_mask(g)  # row b, stream j: its tokens and streams <= j
+        depth = mx.zeros((1,), dtype=mx.int32)  # the node is each row's last cached token
+        ends = upper.offset.astype(mx.int32) - 1
+        self._stream_pos = (ends[:, None] + self._stream_positions(depth)[None, 1:]).reshape(-1)
+        self._positions_end = upper.size() + g
+        self._main_rows = 0
+        return self._run("streams", mx.zeros((B, g), dtype=mx.int32), cache)
+
     # Arrays of the last pass: dropped by :meth:`release` when a generation ends.
     _STEP_ARRAYS = (
         "_join",
@@ -730,6 +814,23 @@ class StreamRuntime:
         if self._all_streams:
             self._stream_hidden = out[:, R:]
         return out if self._head_on_streams else out[:, :R]
+
+
+def rows_mask(block: mx.array, ends: mx.array, held: int) -> mx.array:
+    """``(B, 1, R, held + R)``: the mask of ``R`` rows per batch row written after
+    each row's ``ends[b]`` cached tokens (of ``held`` columns at most), which see
+    every cached token of their row and, among themselves, ``block`` ``(R, R)``.
+
+    Example: ``block = [[1, 0], [1, 1]]``, ``ends = [1, 0]``, ``held = 1``::
+
+        row 0:  [[1, 1, 0],     row 1:  [[1, 0, 0],
+                 [1, 1, 1]]              [1, 1, 0]]
+    """
+    R = block.shape[0]
+    rel = mx.arange(held + R, dtype=mx.int32)[None] - ends.astype(mx.int32)[:, None]
+    inside = mx.take(block, mx.clip(rel, 0, R - 1), axis=1)  # (R, B, C)
+    mask = (rel < 0)[None] | (inside & (rel < R)[None])
+    return mask.transpose(1, 0, 2)[:, None]
 
 
 def _embedding(model) -> nn.Module:

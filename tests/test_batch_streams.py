@@ -1,0 +1,195 @@
+"""Rows of a batch that draft with the model's own streams (lossless mode): each row's
+stream logits equal those its sequence gets alone (StreamRuntime.draft_streams), each
+row's output equals its prompt decoded alone, in the passes that decoding alone with
+a chain of the streams takes."""
+
+import mlx.core as mx
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_spec_model
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_specstream import batch
+from mlx_specstream.batch import SpecBatcher, batch_generate_step
+from mlx_specstream.streams import StreamRuntime
+
+PROMPTS = [[3, 4, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 7, 8], [2], [1, 2, 1, 2, 1, 2, 1]]
+LIMITS = [24, 30, 17, 40]
+STREAMS = dict(num_streams=3, mode="lossless", stream_lora_rank=4, num_stream_layers=2)
+# Streams at their node's position (the shipped model's) and at the positions they predict.
+POSITIONS = ["same", "offset"]
+PASSES = ["fused", "split"]
+
+
+def stream_model(arch="llama", positions="same", **kwargs):
+    return tiny_spec_model(arch, vocab_size=16, stream_positions=positions, **STREAMS, **kwargs)
+
+
+def alone_streams(model, context):
+    """``(gamma, V)``: the streams of ``context``'s last token, decoding it alone."""
+    rt = model.speculative_streams
+    cache = make_prompt_cache(model)
+    if len(context) > 1:
+        model(mx.array([context[:-1]]), cache=cache)
+    rt.forward([context[-1]], [-1], cache, all_streams=False)
+    return rt.draft_streams(mx.array(0), cache)
+
+
+def stream_gaps(model, stream_pass, passes=6, first_node=False):
+    """After each of ``passes`` passes over four rows: per row, the largest gap between
+    its stream logits in the batch and its sequence's alone (``first_node``: the
+    batch's of the first token each row fed instead of its last kept one)."""
+    rt = model.speculative_streams
+    batcher = SpecBatcher(model, streams=True, stream_pass=stream_pass)
+    for p, n in zip(PROMPTS, LIMITS):
+        batcher.insert(p, max_tokens=n, num_draft_tokens=3)
+    gaps, longest = [], 0
+    for _ in range(passes):
+        kept = [len(r.tokens) for r in batcher.step()]
+        longest = max(longest, *kept)
+        nodes = mx.array([0 if first_node else k - 1 for k in kept])
+        if stream_pass == "fused":  # (from the verifying pass just run)
+            got = rt.fused_streams(nodes)
+        else:
+            got = rt.rows_streams(nodes, batcher.cache)
+        for b, row in enumerate(batcher.rows):
+            want = alone_streams(model, row.history.tokens[:-1])  # its fed tokens
+            gaps.append(mx.abs(got[b] - want).max().item())
+    assert longest > 1, "no row kept a draft token: the test has no power"
+    return gaps
+
+
+@pytest.mark.parametrize("stream_pass", PASSES)
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt_neox"])
+def test_row_streams_equal_the_sequence_alone(arch, positions, stream_pass):
+    assert max(stream_gaps(stream_model(arch, positions), stream_pass)) < 1e-4
+
+
+@pytest.mark.parametrize("stream_pass", PASSES)
+@pytest.mark.parametrize("control", ["node", "positions", "mask"])
+def test_negative_controls_row_streams(control, stream_pass, monkeypatch):
+    """The streams of the wrong node, at positions one further, or seeing keys past
+    their row's end or other tokens' streams differ from the sequence's own."""
+    if control == "node":
+        assert max(stream_gaps(stream_model(), stream_pass, first_node=True)) > 1e-2
+        return
+    if control == "positions":  # (in the batch only: the sequence alone keeps its own)
+        positions, batch_pass = StreamRuntime._stream_positions, {"on": False}
+
+        def in_batch(method):
+            def call(self, *args, **kwargs):
+                batch_pass["on"] = True
+                try:
+                    return method(self, *args, **kwargs)
+                finally:
+                    batch_pass["on"] = False
+
+            return call
+
+        monkeypatch.setattr(StreamRuntime, "_stream_positions",
+                            lambda self, d: positions(self, d) + int(batch_pass["on"]))  # fmt: skip
+        for name in ("rows_pass", "rows_streams"):
+            monkeypatch.setattr(StreamRuntime, name, in_batch(getattr(StreamRuntime, name)))
+    elif stream_pass == "fused":
+        from mlx_specstream import streams
+
+        rows_mask = streams.rows_mask
+        monkeypatch.setattr(streams, "rows_mask",
+                            lambda block, *a: rows_mask(mx.ones_like(block), *a))  # fmt: skip
+    else:
+        from mlx_specstream.ragged_cache import RaggedKVCache
+
+        make_mask = RaggedKVCache.make_mask
+
+        def blind(self, N, *args, **kwargs):  # (the verifying pass's stays right)
+            mask = make_mask(self, N, *args, **kwargs)
+            return mask if N != 3 else mx.ones_like(mask)
+
+        monkeypatch.setattr(RaggedKVCache, "make_mask", blind)
+    assert max(stream_gaps(stream_model(), stream_pass)) > 1e-2
+
+
+@pytest.mark.parametrize("stream_pass", PASSES)
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize(
+    "arch, extra",
+    [("llama", {}), ("qwen2", {}), ("phi3", {}), ("starcoder2", {}), ("gpt_neox", {}),
+     ("llama", {"quant_bits": 4})],
+    ids=["llama", "qwen2", "phi3", "starcoder2", "gpt_neox", "llama-4bit"],
+)  # fmt: skip
+def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(
+    arch, extra, positions, stream_pass
+):
+    """Token for token mlx-lm's plain decoding, and each row in as many passes as
+    decoding it alone with a chain of the streams' first choices."""
+    model = stream_model(arch, positions, **extra)
+    tokens, passes = [[] for _ in PROMPTS], [0] * len(PROMPTS)
+    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
+                                   stream_pass=stream_pass):  # fmt: skip
+        for r in out:
+            tokens[r.uid] += r.tokens
+            passes[r.uid] += 1
+    assert sum(passes) < sum(LIMITS), "no draft token was ever accepted: the test has no power"
+    for p, n, got, k in zip(PROMPTS, LIMITS, tokens, passes):
+        assert got == plain_greedy(model, p, n)
+        _, records = spec_tokens(model, p, n, tree_top_k=1, tree_depth=3)
+        assert k == records[-1][3]
+
+
+def test_negative_control_an_unchecked_stream_draft(monkeypatch):
+    """A verifier that keeps one draft token unchecked changes the output."""
+    accepted = batch.accepted
+    monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(accepted(d, c))) + 1])
+    model = stream_model()
+    tokens = [[] for _ in PROMPTS]
+    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams"):
+        for r in out:
+            tokens[r.uid] += r.tokens
+    assert tokens != [plain_greedy(model, p, n) for p, n in zip(PROMPTS, LIMITS)]
+
+
+def test_auto_drafts_with_lossless_streams():
+    model = stream_model()
+    auto = list(batch_generate_step(model, PROMPTS, max_tokens=LIMITS))
+    streams = list(batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams"))
+    lookup = list(batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="ngram"))
+    kept = lambda passes: [[len(r.tokens) for r in out] for out in passes]  # noqa: E731
+    assert kept(auto) == kept(streams) != kept(lookup)
+
+
+def test_streams_that_cannot_draft_rows_get_a_clear_error():
+    shared = tiny_spec_model("llama", vocab_size=16, num_streams=2, mode="shared")
+    with pytest.raises(ValueError, match="shared mode"):
+        list(batch_generate_step(shared, PROMPTS, draft="streams"))
+    with pytest.raises(ValueError, match="draft 3 tokens"):
+        list(batch_generate_step(stream_model(), PROMPTS, draft="streams", num_draft_tokens=4))
+    from helpers import tiny_model
+
+    with pytest.raises(ValueError, match="no speculative streams"):
+        list(batch_generate_step(tiny_model("llama", vocab_size=16), PROMPTS, draft="streams"))
+    # auto on shared-mode streams: prompt lookup, the streams' pass being one the rows
+    # cannot split (their main rows read the streams)
+    assert batch.stream_runtime(shared) is None
+
+
+def test_the_runtime_holds_nothing_of_a_finished_batch():
+    model = stream_model()
+    list(batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams"))
+    rt = model.speculative_streams
+    assert rt._upper_input is None and rt._stream_input is None
+
+
+def test_default_model_rows_equal_each_prompt_alone():
+    from mlx_specstream.default_model import load_default
+
+    model, tokenizer = load_default()[:2]
+    texts = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def "]
+    prompts = [tokenizer.encode(t) for t in texts]
+    tokens, passes = [[] for _ in prompts], 0
+    for out in batch_generate_step(model, prompts, max_tokens=40):  # auto: its streams
+        passes += 1
+        for r in out:
+            tokens[r.uid] += r.tokens
+    for p, got in zip(prompts, tokens):
+        assert got == plain_greedy(model, p, 40)
+    assert passes < 40
