@@ -7,7 +7,7 @@
 # machine, is:
 #     bash benchmarks/gpu_checks.sh STAGE [STAGE ...]
 # STAGE: tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune |
-# recurrent. Stages run in the order given and each copies its results to $OUT (the run's
+# recurrent | batch. Stages run in the order given and each copies its results to $OUT (the run's
 # return folder) as it ends, so a run stopped by its time limit still brings back the stages
 # it finished.
 # With 15 minutes of device time a session gets the install and about two stages: pipeline
@@ -18,10 +18,10 @@
 #     bash benchmarks/gpu_checks.sh pipeline tune step_cost
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stages="tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | recurrent"
+stages="tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | recurrent | batch"
 [ $# -ge 1 ] || { echo "stages: $stages" >&2; exit 2; }
 for stage in "$@"; do
-  case "$stage" in tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|recurrent) ;;
+  case "$stage" in tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|recurrent|batch) ;;
     *) echo "unknown stage: $stage (stages: $stages)" >&2; exit 2 ;;
   esac
 done
@@ -91,6 +91,11 @@ run_stage() {
       python3 benchmarks/train_parity.py --work runs/train_parity_gpu --iters 1000 \
         --batch-size 32 --max-examples 8000 --distill-batch-size 128 --name train_parity-gpu
       cp benchmarks/results/train_parity-gpu.* "$out/" ;;
+    batch)
+      # Batches whose rows speculate (streams fused and split, lookup, draft model) against
+      # mlx-lm's batch_generate and its one-at-a-time loops, K = 1..16 (a few minutes).
+      python3 benchmarks/batch_speed.py --batch 1,4,16 --draft-tokens 2 --rounds 2 --tag gpu
+      cp benchmarks/results/batch_speed-gpu.* "$out/" ;;
     tune)
       # The shipped model's tree for this GPU, stored under its name in the config's "tuned"
       # (other devices keep theirs): commit the returned config.json into the package.

@@ -26,7 +26,8 @@ from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .ragged_cache import RaggedKVCache
 
-DRAFTS = ("auto", "streams", "ngram", "draft_model", None)
+DRAFTS = ("auto", "streams", "ngram", "streams+ngram", "draft_model", None)
+ROW_DRAFTS = ("streams", "ngram", "streams+ngram")  # a row's own source (no draft model)
 STREAM_PASSES = ("fused", "split")
 
 
@@ -51,7 +52,12 @@ class _Row:
     draft_tokens: int  # the longest draft (0: none)
     base: int = 0  # tokens the caches hold before ``history`` (a cache given with the prompt)
     generated: int = 0
+    draft: str = "ngram"  # where its drafts come from (ROW_DRAFTS), without a draft model
     streams_draft: List[int] = field(default_factory=list)  # from the last pass's streams
+
+    @property
+    def uses_streams(self) -> bool:
+        return self.draft_tokens > 0 and "streams" in self.draft
 
     @property
     def fed(self) -> int:
@@ -130,23 +136,25 @@ def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: i
 
 
 def stream_runtime(model):
-    """The model's :class:`~mlx_specstream.streams.StreamRuntime` if rows of a batch
-    can draft with its streams (lossless mode), else ``None``."""
+    """The model's :class:`~mlx_specstream.streams.StreamRuntime` if it has streams,
+    else ``None``."""
     rt = getattr(model, "speculative_streams", None)
-    if rt is None or getattr(rt, "streams", None) is None:
-        return None
-    return rt if rt.config.mode == "lossless" else None
+    return rt if rt is not None and getattr(rt, "streams", None) is not None else None
 
 
-def streams_fault(model) -> Optional[str]:
-    """Why rows of a batch cannot draft with ``model``'s streams (``None``: they can)."""
-    rt = getattr(model, "speculative_streams", None)
-    if rt is None or getattr(rt, "streams", None) is None:
-        return "the model has no speculative streams"
-    if rt.config.mode != "lossless":
-        return (f"its streams are in {rt.config.mode} mode (rows of a batch draft with "
-                "lossless-mode streams, whose pass the main rows never read)")  # fmt: skip
-    return None
+def reads_streams(model) -> bool:
+    """Whether the model's main rows read its streams (shared mode): every pass of its
+    own decoding carries them, so a batch of it must too."""
+    rt = stream_runtime(model)
+    return rt is not None and rt.config.mode == "shared"
+
+
+def tuned_depth(model) -> int:
+    """How many tokens the model's streams draft on this device: its config's
+    ``tree_depth`` as tuned here (0: the tuning found streams do not pay), else
+    its number of streams."""
+    cfg = stream_runtime(model).config
+    return cfg.num_streams if cfg.tree_depth is None else cfg.tree_depth
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -187,7 +195,9 @@ class SpecBatcher:
         keep_caches (bool): give a finished row's cache (:attr:`RowTokens.cache`).
         draft_model: an mlx-lm model with the same tokenizer (same conditions as
           ``model``) that drafts every row; ``None``: prompt lookup.
-        streams (bool): rows draft with the model's own streams (lossless mode).
+        streams (bool): rows may draft with the model's own streams. A shared-mode
+          model's rows always carry them (its main rows read them: its own
+          decoding), with or without drafts.
         stream_pass (str): ``"fused"``: every fed token's stream rows go through
           the verifying pass; ``"split"``: a second pass feeds the stream rows of
           each row's last kept token alone.
@@ -201,14 +211,22 @@ class SpecBatcher:
             why = None if m is None else unbatchable(m, name)
             if why:
                 raise ValueError(why)
-        if streams and draft_model is not None:
-            raise ValueError("rows draft with the model's streams or a draft model, not both")
-        why = streams_fault(model) if streams else None
-        if why:
-            raise ValueError(f"rows cannot draft with streams: {why}")
-        self.streams = stream_runtime(model) if streams else None
         if stream_pass not in STREAM_PASSES:
             raise ValueError(f"stream_pass={stream_pass!r}: one of {STREAM_PASSES}")
+        self.shared = reads_streams(model)  # its every pass carries the streams
+        if streams or self.shared:
+            if stream_runtime(model) is None:
+                raise ValueError("rows cannot draft with streams: the model has none")
+            if draft_model is not None:
+                raise ValueError(
+                    "a batch's rows draft with a draft model or carry the model's streams, not "
+                    "both" + (" (a shared-mode model's rows carry them in every pass)"
+                              if self.shared else "")  # fmt: skip
+                )
+            if self.shared and stream_pass == "split":
+                raise ValueError("stream_pass='split': a shared-mode model's main rows read "
+                                 "their streams, in the same pass")  # fmt: skip
+        self.streams = stream_runtime(model) if streams or self.shared else None
         self.fused = stream_pass == "fused"
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
@@ -229,7 +247,8 @@ class SpecBatcher:
                max_tokens: int = 128,
                sampler: Optional[Callable] = None,
                logits_processors: Optional[List[Callable]] = None,
-               num_draft_tokens: int = NGRAM_DRAFT_TOKENS) -> int:  # fmt: skip
+               num_draft_tokens: int = NGRAM_DRAFT_TOKENS,
+               draft: Optional[str] = None) -> int:  # fmt: skip
         """Adds a row; returns its uid.
 
         Args:
@@ -247,6 +266,12 @@ class SpecBatcher:
               (``None``: greedy).
             logits_processors: mlx-lm logits processors for this row.
             num_draft_tokens (int): the longest draft (0: no drafts).
+            draft (str): without a draft model, where the row's drafts come from:
+              ``"streams"`` (the chain of the model's streams, at most as many
+              tokens as it has streams), ``"ngram"`` (prompt lookup) or
+              ``"streams+ngram"`` (prompt lookup where the row's tokens have a
+              match, else the streams). Default: ``"streams"`` in a batch with
+              ``streams``, else ``"ngram"``.
         """
         tokens = list(tokens)
         if not tokens:
@@ -255,6 +280,15 @@ class SpecBatcher:
             raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1.")
         if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 0):
             raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 0.")
+        if draft is None:
+            draft = "streams" if self.streams is not None else "ngram"
+        if draft not in ROW_DRAFTS or (self.draft_model is not None and draft != "ngram"):
+            raise ValueError(f"draft={draft!r}: a row drafts with one of {ROW_DRAFTS} "
+                             "(with a draft model: the draft model's)")  # fmt: skip
+        if "streams" in draft and self.streams is None:
+            raise ValueError(
+                f"draft={draft!r} in a batch without streams (SpecBatcher(streams=True))"
+            )
         base = cache[0].offset if before and cache else 0
         cache = self._prefilled(self.model, cache, tokens, "cache", base)
         if self.draft_model is not None:
@@ -267,7 +301,7 @@ class SpecBatcher:
             raise ValueError("a draft cache for a batch without a draft model")
         self._uid += 1
         row = _Row(self._uid, NgramIndex(tokens), max_tokens, sampler,
-                   list(logits_processors or []), num_draft_tokens, base)  # fmt: skip
+                   list(logits_processors or []), num_draft_tokens, base, draft=draft)  # fmt: skip
         self.waiting.append((row, cache, draft_cache))
         return row.uid
 
@@ -342,15 +376,13 @@ class SpecBatcher:
         lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
         if self.draft_model is not None:
             drafts = self._model_drafts(rows, lengths)
-        elif self.streams is not None:
-            drafts = [r.streams_draft[:n] for r, n in zip(rows, lengths)]
         else:
-            drafts = [r.history.draft(n) if n else [] for r, n in zip(rows, lengths)]
+            drafts = [_row_draft(r, n) for r, n in zip(rows, lengths)]
         width = 1 + max(map(len, drafts))
         fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
         inputs = mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
         if self.streams is not None:
-            fused = self.fused and any(r.draft_tokens for r in rows)
+            fused = self.shared or self.fused and any(r.uses_streams for r in rows)
             logits = self.streams.rows_pass(inputs, self.cache, streams=fused)
         else:
             logits = self.model(inputs, cache=self.cache)
@@ -394,14 +426,14 @@ class SpecBatcher:
         """Each going row's next draft: its streams' first choices at the last token
         it kept, from one pass of every row's stream rows (a row that leaves costs
         its few rows there, less than taking the others' caches apart)."""
-        if any(r.draft_tokens for r in going):
+        if any(r.uses_streams for r in going):
             nodes = mx.array([k - 1 for k in kept])
             if self.fused:
                 slog = self.streams.fused_streams(nodes)
             else:
                 slog = self.streams.rows_streams(nodes, self.cache)
             for r, d in zip(rows, mx.argmax(slog, axis=-1).tolist()):
-                r.streams_draft = d if r.draft_tokens else []
+                r.streams_draft = d if r.uses_streams else []
 
     def _settle_drafts(self, rows: List[_Row]) -> None:
         """Each row's draft cache keeps only the tokens it fed that were accepted: at
@@ -434,6 +466,17 @@ class SpecBatcher:
             chain.append(token)
         drafts = mx.stack(chain, axis=1).tolist()
         return [d[:n] for d, n in zip(drafts, lengths)]
+
+
+def _row_draft(row: _Row, n: int) -> List[int]:
+    """Up to ``n`` tokens of ``row``'s draft from its own source."""
+    if not n:
+        return []
+    if row.draft != "streams":
+        lookup = row.history.draft(n)
+        if lookup or row.draft == "ngram":
+            return lookup
+    return row.streams_draft[:n]
 
 
 def _joined(cache: Optional[List[RaggedKVCache]], rows: List[List[KVCache]]):
@@ -484,16 +527,18 @@ def batch_generate_step(
           greedy), the same for every row.
         logits_processors: mlx-lm logits processors, applied to every row with that
           row's own history.
-        draft (str or None): ``"streams"`` (the chain of the model's lossless-mode
-          streams), ``"ngram"`` (prompt lookup), ``"draft_model"`` (the
+        draft (str or None): ``"streams"`` (the chain of the model's streams), ``"ngram"`` (prompt lookup), ``"streams+ngram"`` (a row's
+          lookup chain where its tokens have a match, else its streams' chain: a
+          batch verifies chains, not merged trees), ``"draft_model"`` (the
           ``draft_model``'s greedy chain), ``"auto"`` (the draft model if given,
-          else the model's streams if it has lossless-mode streams, else prompt
-          lookup) or ``None`` (one token per row per pass: plain batched
-          decoding). Rows draft from one source: a batch merges no drafts.
+          else the model's streams if it has streams that draft on this device (``tree_depth`` as tuned here is not 0), else prompt lookup) or ``None`` (one token per row per pass: plain batched
+          decoding).
         draft_model: an mlx-lm model with the same tokenizer.
         num_draft_tokens (int): the longest draft (default 10 for prompt lookup, as
-          transformers', 3 for a draft model, as ``mlx_lm.server``, and the number
-          of streams, its most, for streams).
+          transformers', also with ``"streams+ngram"``, whose streams' chains stop
+          at the number of streams; 3 for a draft model, as ``mlx_lm.server``; the
+          ``tree_depth`` tuned for this device, else the number of streams, its
+          most, for ``"streams"``).
         stream_pass (str): with streams, ``"fused"`` (their rows go through the
           verifying pass) or ``"split"`` (a second, shorter pass), as
           :class:`SpecBatcher`.
@@ -512,22 +557,25 @@ def batch_generate_step(
     if draft not in DRAFTS:
         raise ValueError(f"draft={draft!r}: batch_generate drafts with one of {DRAFTS}")
     if draft == "auto":
-        draft = "draft_model" if draft_model is not None else (
-            "streams" if stream_runtime(model) is not None else "ngram")  # fmt: skip
+        own = stream_runtime(model) is not None and tuned_depth(model) > 0
+        draft = "draft_model" if draft_model is not None else "streams" if own else "ngram"
     if (draft == "draft_model") != (draft_model is not None):
         raise ValueError(
             f"draft={draft!r} with draft_model={'a model' if draft_model else None}: "
             "draft='draft_model' drafts with a draft model, and only it uses one"
         )
-    if draft == "streams" and streams_fault(model):
-        raise ValueError(f"draft='streams': {streams_fault(model)}")
-    streams = stream_runtime(model).config.num_streams if draft == "streams" else None
+    uses_streams = draft in ("streams", "streams+ngram")
+    if uses_streams and stream_runtime(model) is None:
+        raise ValueError(f"draft={draft!r}: the model has no speculative streams")
+    streams = stream_runtime(model).config.num_streams if uses_streams else None
     if num_draft_tokens is None:
-        defaults = {"streams": streams, "draft_model": DRAFT_MODEL_TOKENS}
-        num_draft_tokens = defaults.get(draft, NGRAM_DRAFT_TOKENS)
+        if draft == "streams":
+            num_draft_tokens = tuned_depth(model) or streams
+        else:
+            num_draft_tokens = DRAFT_MODEL_TOKENS if draft_model is not None else NGRAM_DRAFT_TOKENS
     if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 1):
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1.")
-    if streams is not None and num_draft_tokens > streams:
+    if draft == "streams" and num_draft_tokens > streams:
         raise ValueError(f"num_draft_tokens={num_draft_tokens}: the model's streams draft "
                          f"{streams} tokens")  # fmt: skip
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
@@ -540,7 +588,7 @@ def batch_generate_step(
         raise ValueError(f"{len(prompt_caches)} prompt_caches for {len(prompts)} prompts")
     batcher = SpecBatcher(model, stop_tokens, prefill_step_size,
                           keep_caches=return_prompt_caches, draft_model=draft_model,
-                          streams=draft == "streams", stream_pass=stream_pass)  # fmt: skip
+                          streams=uses_streams, stream_pass=stream_pass)  # fmt: skip
     layers = len(make_prompt_cache(model))
     index = {}
     for i, (p, n) in enumerate(zip(prompts, limits)):
@@ -549,7 +597,8 @@ def batch_generate_step(
             uid = batcher.insert(p, given[:layers] or None, draft_cache=given[layers:] or None,
                                  before=bool(given), max_tokens=n, sampler=sampler,
                                  logits_processors=logits_processors,
-                                 num_draft_tokens=num_draft_tokens if draft else 0)  # fmt: skip
+                                 num_draft_tokens=num_draft_tokens if draft else 0,
+                                 draft=draft if draft in ROW_DRAFTS else None)  # fmt: skip
             index[uid] = i
     while len(batcher):
         yield [r._replace(uid=index[r.uid]) for r in batcher.step()]

@@ -17,7 +17,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from .batch import SpecBatcher, output_size
+from .batch import SpecBatcher, output_size, tuned_depth
 from .cache import cache_tokens, trim_prompt_cache
 from .cli_args import DRAFT_MODEL_TOKENS
 from .generate import SpeculativeUsage
@@ -232,7 +232,10 @@ class SpecBatch:
     """Choices decoded together, each row speculating: a
     :class:`~mlx_specstream.batch.SpecBatcher` feeding :class:`Reply`s, with
     :class:`Batch`'s interface. With a draft model every speculative request's row
-    drafts with it (up to its ``num_draft_tokens``, 3 by default); without, a row
+    drafts with it (up to its ``num_draft_tokens``, 3 by default). With ``streams``
+    (a model whose lossless-mode streams draft on this device) a speculative
+    request's row drafts with them, or as its ``draft`` says (``"ngram"``,
+    ``"streams+ngram"``: lookup where it matches, else the streams). Otherwise a row
     drafts by prompt lookup when its request's ``draft`` has ``"ngram"``. Other rows
     get one token per pass.
 
@@ -245,14 +248,18 @@ class SpecBatch:
         xtc_special_tokens: the tokens XTC sampling never drops.
         draft_model: the server's draft model (a choice's cache then holds the
           model's layers, then the draft model's, as the server's caches do).
+        streams (bool): rows may draft with the model's own streams.
+        stream_pass (str): how their rows are fed (:class:`SpecBatcher`).
     """
 
     def __init__(self, model, tokenizer, decode_concurrency: int, prefill_step_size: int,
-                 xtc_special_tokens: Sequence[int] = (), draft_model=None):  # fmt: skip
+                 xtc_special_tokens: Sequence[int] = (), draft_model=None,
+                 streams: bool = False, stream_pass: str = "fused"):  # fmt: skip
         self.tokenizer, self.xtc_special_tokens = tokenizer, xtc_special_tokens
         self.batcher = SpecBatcher(model, tokenizer.eos_token_ids, prefill_step_size,
                                    max_rows=decode_concurrency, keep_caches=True,
-                                   draft_model=draft_model)  # fmt: skip
+                                   draft_model=draft_model, streams=streams,
+                                   stream_pass=stream_pass)  # fmt: skip
         self.layers = len(make_mlx_lm_cache(model))
         self.replies: Dict[int, Reply] = {}  # by the batcher's uid
 
@@ -263,11 +270,19 @@ class SpecBatch:
         """As :meth:`Batch.add` (``cache`` holds a prefix of ``reply.sequence``)."""
         sequence, cache = reply.sequence, _held_by(list(cache), reply.sequence, 1)
         args = reply.job.args
+        draft = args.get("draft") or None
         if self.batcher.draft_model is not None:
             n = (args.get("num_draft_tokens") or DRAFT_MODEL_TOKENS) if args["speculative"] else 0
+            draft = None
+        elif self.batcher.streams is not None:
+            draft = draft or "streams"
+            n = tuned_depth(self.batcher.model) if draft == "streams" else (
+                args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS)  # fmt: skip
+            n = n if args["speculative"] else 0
         else:
-            drafts = "ngram" in (args.get("draft") or "") and args["speculative"]
+            drafts = "ngram" in (draft or "") and args["speculative"]
             n = (args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS) if drafts else 0
+            draft = "ngram"
         uid = self.batcher.insert(
             sequence,
             cache[: self.layers],
@@ -278,6 +293,7 @@ class SpecBatch:
                 make_logits_processors(**args["processing"]) if args["processing"] else None
             ),
             num_draft_tokens=n,
+            draft=draft,
         )
         self.replies[uid] = reply
 

@@ -98,7 +98,7 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
-from .batch import unbatchable
+from .batch import reads_streams, stream_runtime, tuned_depth, unbatchable
 from .replies import Batch, Reply, SpecBatch, batching_fault
 from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
@@ -183,8 +183,10 @@ class ModelService:
         self.xtc_special_tokens = xtc_special_tokens(tokenizer)
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
+        self.has_streams = rt is not None and getattr(rt, "streams", None) is not None
         self.batching = False  # set by the generation thread (see _can_batch)
         self.spec_batching = False  # batched rows speculate (SpecBatch)
+        self.stream_batching = False  # and may draft with the model's streams
         # What the scheduler did: generations alone (started or resumed), batches, choices
         # handed from alone to a batch and taken back, and the most choices in one batch.
         self.served = dict(alone=0, batched=0, handed_over=0, taken_back=0, largest_batch=0)
@@ -356,19 +358,32 @@ class ModelService:
         (:func:`~mlx_specstream.replies.batching_fault`): a model whose batched
         pass fails or is wrong (mlx-lm's gemma2) serves one request at a time, and
         says so. Rows speculate in a batch (:class:`~mlx_specstream.replies.SpecBatch`)
-        with ``--draft ngram`` or a ``--draft-model`` (which ``mlx_lm.server`` serves
-        one request at a time), where every layer of both models has a plain KV cache
-        and such rows pass their own probe; elsewhere a batch decodes plainly (a draft
-        model's requests one at a time), and the log says why."""
+        with the model's streams (where their tuning on this device leaves them on;
+        a shared-mode model's rows always carry them, its main rows reading them), ``--draft ngram`` or a ``--draft-model`` (which
+        ``mlx_lm.server`` serves one request at a time), where every layer of both
+        models has a plain KV cache and such rows pass their own probe; elsewhere a
+        batch decodes plainly (a draft model's requests one at a time), and the log
+        says why."""
         d = self.defaults
         if d.decode_concurrency <= 1 or d.kv_bits is not None:
             return False
+        shared = reads_streams(self.model)
         if self.draft_model is not None:
             why = unbatchable(self.model) or unbatchable(self.draft_model, "draft model")
+            if shared:  # (mlx-lm's batch would drop them, and ours carries no draft model)
+                why = "a shared-mode model's rows carry its streams, and a batch cannot also draft"
+                why += " with a draft model"
             if why:
                 logger.warning(f"requests are served one at a time: {why}")
                 return False
             self.spec_batching = True
+            return True
+        if shared:  # mlx-lm's batch would decode without the streams: another model
+            why = unbatchable(self.model)
+            if why:
+                logger.warning(f"requests are served one at a time: {why}")
+                return False
+            self.spec_batching = self.stream_batching = True
             return True
         if not all(hasattr(c, "merge") for c in make_prompt_cache(self.model)):
             return False
@@ -379,11 +394,19 @@ class ModelService:
                 f"model ({fault})"
             )
             return False
-        if "ngram" in (d.draft or ""):
+        if stream_runtime(self.model) is not None and tuned_depth(self.model) > 0:
+            why = unbatchable(self.model)
+            if why:
+                logger.warning(f"requests decoded together do not draft with the streams: {why}")
+            self.spec_batching = self.stream_batching = not why
+        elif "ngram" in (d.draft or ""):
             why = unbatchable(self.model)
             if why:
                 logger.warning(f"requests decoded together do not draft: {why}")
             self.spec_batching = not why
+        elif self.has_streams:
+            logger.warning("requests decoded together do not draft: the streams' tuning on this "
+                           "device has them off")  # fmt: skip
         return True
 
     def _new_batch(self) -> Union[Batch, SpecBatch]:
@@ -392,7 +415,7 @@ class ModelService:
         if self.spec_batching:
             return SpecBatch(self.model, self.tokenizer, d.decode_concurrency,
                              d.prefill_step_size, self.xtc_special_tokens,
-                             self.draft_model)  # fmt: skip
+                             self.draft_model, streams=self.stream_batching)  # fmt: skip
         return Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
                      d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
 

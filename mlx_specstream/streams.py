@@ -710,25 +710,31 @@ class StreamRuntime:
         :class:`~mlx_specstream.ragged_cache.RaggedKVCache`): ``(B, W, V)`` logits.
 
         Keeps each row's input to the first stream layer (for :meth:`rows_streams`).
-        With ``streams`` (lossless mode), every token's stream rows also go through
-        the stream layers, after the main rows (which never read them, so the
-        logits are the model's own): :meth:`fused_streams` then reads them. Their
-        keys and values are written after the main rows' and never kept.
+        With ``streams``, every token's stream rows also go through the stream
+        layers, after the main rows (which never read them in lossless mode, and
+        read their own token's in shared mode, as in the model's own decoding):
+        :meth:`fused_streams` then reads them. Their keys and values are written
+        after the main rows' and never kept. A shared-mode model's passes need them.
 
         Example: ``W = 2``, two streams; row ``b`` holds ``e`` tokens. The upper
         layers' rows are ``[m0, m1, s0.1, s0.2, s1.1, s1.2]`` at columns ``e ..
         e + 5``; ``m1`` sees columns ``< e`` and ``m0, m1``; ``s1.2`` sees those
         and ``s1.1, s1.2`` (:func:`~mlx_specstream.tree.stream_attention_mask`).
         """
+        shared = self.config.mode == "shared"
+        if not streams and shared:
+            raise ValueError("A shared-mode model's main rows read their streams: rows_pass "
+                             "needs streams=True.")  # fmt: skip
         self._rows_fused = streams
         self._main_rows = tokens.shape[1]
         if streams:
-            if self.config.mode != "lossless" or self.streams is None:
-                raise ValueError("Rows of a batch draft with streams in lossless mode only.")
+            if self.streams is None:
+                raise ValueError("This model has no streams to put in the rows' pass.")
             W, g = tokens.shape[1], self.config.num_streams
             chain = layout_of([-1] + list(range(W - 1)))
             upper = cache[self.first_top]
-            self._upper_mask = rows_mask(chain.stream_mask(g, False), upper.offset, upper.size())
+            block = chain.stream_mask(g, shared)
+            self._upper_mask = rows_mask(block, upper.offset, upper.size())
             self._upper_pos = (upper.offset[:, None] + self._stream_positions(chain.depth_mx)[None]
                                ).reshape(-1)  # fmt: skip
             self._positions_end = upper.size() + W + g

@@ -158,18 +158,44 @@ def test_auto_drafts_with_lossless_streams():
 
 
 def test_streams_that_cannot_draft_rows_get_a_clear_error():
-    shared = tiny_spec_model("llama", vocab_size=16, num_streams=2, mode="shared")
-    with pytest.raises(ValueError, match="shared mode"):
-        list(batch_generate_step(shared, PROMPTS, draft="streams"))
-    with pytest.raises(ValueError, match="draft 3 tokens"):
-        list(batch_generate_step(stream_model(), PROMPTS, draft="streams", num_draft_tokens=4))
     from helpers import tiny_model
 
+    with pytest.raises(ValueError, match="draft 3 tokens"):
+        list(batch_generate_step(stream_model(), PROMPTS, draft="streams", num_draft_tokens=4))
     with pytest.raises(ValueError, match="no speculative streams"):
         list(batch_generate_step(tiny_model("llama", vocab_size=16), PROMPTS, draft="streams"))
-    # auto on shared-mode streams: prompt lookup, the streams' pass being one the rows
-    # cannot split (their main rows read the streams)
-    assert batch.stream_runtime(shared) is None
+    with pytest.raises(ValueError, match="not both"):
+        SpecBatcher(stream_model(), streams=True, draft_model=tiny_model("llama", vocab_size=16))
+    shared = tiny_spec_model("llama", vocab_size=16, num_streams=2, mode="shared")
+    with pytest.raises(ValueError, match="shared-mode model's main rows read"):
+        SpecBatcher(shared, stream_pass="split")
+    with pytest.raises(ValueError, match="shared-mode model's rows carry them"):
+        SpecBatcher(shared, draft_model=tiny_model("llama", vocab_size=16))
+
+
+@pytest.mark.parametrize("draft", [None, "streams", "ngram"])
+def test_shared_mode_rows_equal_the_model_own_decoding(draft):
+    """A shared-mode model's main rows read their streams: every pass of a batch carries
+    them, with or without drafts, and each row equals the model's own plain decoding
+    (``speculative=False``). Control: mlx-lm's batch (no streams) decodes another model."""
+    from mlx_lm import batch_generate as mlx_lm_batch_generate
+
+    model = tiny_spec_model("llama", vocab_size=16, mode="shared", num_streams=3,
+                            num_stream_layers=2)  # fmt: skip
+    want = [spec_tokens(model, p, n, speculative=False)[0] for p, n in zip(PROMPTS, LIMITS)]
+    tokens, passes = [[] for _ in PROMPTS], 0
+    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft=draft):
+        passes += 1
+        for r in out:
+            tokens[r.uid] += r.tokens
+    assert tokens == want
+    if draft == "streams":
+        assert passes < max(LIMITS), "no draft token was ever accepted: the test has no power"
+    from helpers import word_tokenizer
+
+    plain = mlx_lm_batch_generate(model, word_tokenizer(16, eos=15), PROMPTS, max_tokens=LIMITS,
+                                  return_token_ids=True)  # fmt: skip
+    assert [list(t) for t in plain.token_ids] != want
 
 
 def test_the_runtime_holds_nothing_of_a_finished_batch():
@@ -186,10 +212,57 @@ def test_default_model_rows_equal_each_prompt_alone():
     texts = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def "]
     prompts = [tokenizer.encode(t) for t in texts]
     tokens, passes = [[] for _ in prompts], 0
-    for out in batch_generate_step(model, prompts, max_tokens=40):  # auto: its streams
+    for out in batch_generate_step(model, prompts, max_tokens=40, draft="streams"):
         passes += 1
         for r in out:
             tokens[r.uid] += r.tokens
     for p, got in zip(prompts, tokens):
         assert got == plain_greedy(model, p, 40)
     assert passes < 40
+
+
+def test_streams_and_lookup_rows_equal_plain_decoding():
+    """``"streams+ngram"``: a row drafts its lookup chain where its tokens have a match,
+    else its streams' chain; on prompts that repeat, fewer passes than the streams
+    alone; every row equals plain decoding. Rows of one batch may each draft from
+    their own source."""
+    model = stream_model()
+    repeat = [p * 3 for p in PROMPTS]
+
+    def run(draft):
+        tokens, passes = [[] for _ in repeat], 0
+        for out in batch_generate_step(model, repeat, max_tokens=LIMITS, draft=draft):
+            passes += 1
+            for r in out:
+                tokens[r.uid] += r.tokens
+        assert tokens == [plain_greedy(model, p, n) for p, n in zip(repeat, LIMITS)]
+        return passes
+
+    assert run("streams+ngram") < run("streams")
+    batcher = SpecBatcher(model, streams=True)
+    for p, n, d in zip(repeat, LIMITS, ["streams", "ngram", "streams+ngram", "streams"]):
+        batcher.insert(p, max_tokens=n, draft=d, num_draft_tokens=3)
+    tokens = [[] for _ in repeat]
+    while len(batcher):
+        for r in batcher.step():
+            tokens[r.uid - 1] += r.tokens
+    assert tokens == [plain_greedy(model, p, n) for p, n in zip(repeat, LIMITS)]
+
+
+def test_auto_follows_the_tuning_of_the_streams():
+    """Streams tuned off on this device (``tree_depth`` 0): ``"auto"`` drafts by prompt
+    lookup, and ``"streams"`` still drafts with them (all of them)."""
+    model = stream_model(tree_depth=0)
+    kept = lambda draft: [[len(r.tokens) for r in out]  # noqa: E731
+                          for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS,
+                                                         draft=draft)]  # fmt: skip
+    assert kept("auto") == kept("ngram") != kept("streams")
+    assert max(n for out in kept("streams") for n in out) == 4
+    assert batch.tuned_depth(model) == 0 and batch.tuned_depth(stream_model(tree_depth=2)) == 2
+
+
+def test_a_row_cannot_ask_for_streams_a_batch_has_not():
+    with pytest.raises(ValueError, match="in a batch without streams"):
+        SpecBatcher(stream_model()).insert([1, 2], draft="streams")
+    with pytest.raises(ValueError, match="one of"):
+        SpecBatcher(stream_model(), streams=True).insert([1, 2], draft="medusa")

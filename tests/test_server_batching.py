@@ -99,16 +99,18 @@ def test_waiting_requests_are_decoded_together_as_each_alone(service):
             assert abs(rec["logprob"] - lp[rec["id"]].item()) < 1e-5
     assert whole.count(False) == svc.served["taken_back"]
 
-    step = replies.Batch.step
+    def rotated(step):  # each row's event goes to the next row's request
+        def call(self):
+            out = step(self)
+            events = [e for _, e, _ in out[1:] + out[:1]]
+            return [(reply, e, cache) for (reply, _, cache), e in zip(out, events)]
 
-    def rotated(self):  # each row's event goes to the next row's request
-        out = step(self)
-        events = [e for _, e, _ in out[1:] + out[:1]]
-        return [(reply, e, cache) for (reply, _, cache), e in zip(out, events)]
+        return call
 
     svc = service(model, tok)
     with pytest.MonkeyPatch().context() as mp:
-        mp.setattr(replies.Batch, "step", rotated)
+        for kind in (replies.Batch, replies.SpecBatch):  # (the streams' rows: a SpecBatch)
+            mp.setattr(kind, "step", rotated(kind.step))
         jobs = submit_together(svc, [(p, {}) for p in PROMPTS])
         texts = [answer(j)[0].get(0, "") for j in jobs]
     assert texts != [alone(model, tok, p, 16)[0] for p in PROMPTS]
@@ -145,13 +147,23 @@ def arrive_while_alone(svc, monkeypatch, first, others, n_before):
     return got
 
 
-def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch):
+@pytest.mark.parametrize("batch", ["streams", "plain"])
+def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch, batch):
     """A request decoding alone, speculatively, when two others arrive hands its
     cache over and goes on in a batch with them, from its next token: its answer,
     and theirs, equal plain decoding; its usage counts the tokens before (some from
-    accepted drafts) and those after. Control: a hand-over that leaves its last
-    token out of the cache (an off-by-one) changes its answer."""
-    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    accepted drafts) and those after. The batch's rows draft with the model's streams,
+    or (a Medusa drafter) decode plainly in mlx-lm's batch. Controls: a hand-over to
+    mlx-lm's batch that leaves its last token out of the cache (an off-by-one)
+    changes its answer; one to ours that leaves it in is refused."""
+    if batch == "streams":
+        model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    else:
+        from mlx_specstream.config import DrafterConfig
+        from mlx_specstream.drafters import attach_drafter
+
+        model = tiny_model("llama", vocab_size=V)
+        attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2), seed=3)
     tok = word_tokenizer(V, eos=0)  # (a token this model never writes first: long answers)
     a, others = [3, 4, 5, 3, 4], PROMPTS[1:3]
 
@@ -165,16 +177,23 @@ def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatc
     assert 0 < spec["batched_tokens"] < 40 - 6
     assert spec["accepted_draft_tokens"] > 0 and spec["forward_passes"] < 40
 
-    trim = replies.trim_prompt_cache
-    monkeypatch.setattr(replies, "trim_prompt_cache", lambda cache, n: trim(cache, n + 1) - 1)
     svc = service(model, tok)
+    assert svc.wait_idle(60) and svc.stream_batching == (batch == "streams")
+    if batch == "plain":
+        trim = replies.trim_prompt_cache
+        monkeypatch.setattr(replies, "trim_prompt_cache", lambda cache, n: trim(cache, n + 1) - 1)
+    else:
+        monkeypatch.setattr(replies, "_held_by", lambda cache, sequence, short=0: cache)
     reached, gate = gated(monkeypatch, 6)
-    monkeypatch.setattr(replies, "trim_prompt_cache", lambda cache, n: trim(cache, n + 1) - 1)
     job = submit(svc, a, max_tokens=40)
     assert reached.wait(60)
     submit_together(svc, [(p, {}) for p in others])
     gate.set()
-    assert answer(job)[0][0] != alone(model, tok, a, 40)[0]
+    if batch == "plain":
+        assert answer(job)[0][0] != alone(model, tok, a, 40)[0]
+    else:
+        with pytest.raises(ValueError, match="must leave the last one to feed"):
+            answer(job)
 
 
 def test_sampled_rows_keep_their_own_distribution(service):
@@ -561,3 +580,69 @@ def kept_counts(svc):
     model's), as a set of distinct counts per entry."""
     assert svc.wait_idle(60)
     return {tuple(sorted({c.offset for c in e.cache})) for e in svc.prompt_cache._entries.values()}
+
+
+def test_a_stream_model_batches_rows_that_draft_with_its_streams(service, monkeypatch):
+    """A model whose lossless-mode streams draft on this device: requests waiting
+    together are decoded in one batch whose rows draft with the streams (and one row
+    by prompt lookup, as its request asks): answers and log-probabilities equal
+    plain decoding, with drafts accepted. Control: rows that keep one draft token
+    more than they verified differ."""
+    from mlx_specstream import batch
+
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, tree_depth=3,
+                            stream_lora_rank=4)  # fmt: skip
+    tok = word_tokenizer(V, eos=0)
+    svc = service(model, tok)
+    assert svc.wait_idle(60) and svc.spec_batching and svc.stream_batching
+    bodies = [{"max_tokens": 24, "logprobs": 1, **({"draft": "ngram"} if i == 3 else {})}
+              for i in range(4)]  # fmt: skip
+    rows = []
+    insert = batch.SpecBatcher.insert
+    monkeypatch.setattr(batch.SpecBatcher, "insert",
+                        lambda self, *a, **k: rows.append(k["draft"]) or insert(self, *a, **k))  # fmt: skip
+    got = [answer(j) for j in submit_together(svc, list(zip(PROMPTS, bodies)))]
+    assert svc.served["largest_batch"] == 4 and sorted(rows[:4]) == ["ngram"] + ["streams"] * 3
+    for p, (text, usage, records) in zip(PROMPTS, got):
+        want, logprobs = plain(model, tok, p, 24)
+        assert text[0] == want
+        for rec, lp in zip(records[0], logprobs):
+            assert abs(rec["logprob"] - lp[rec["id"]].item()) < 1e-5
+    assert sum(u[0]["speculative"]["accepted_draft_tokens"] for _, u, _ in got[:3]) > 0
+
+    real = batch.accepted
+    monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(real(d, c))) + 1])
+    svc = service(model, tok)
+    jobs = submit_together(svc, [(p, {"max_tokens": 24}) for p in PROMPTS])
+    assert [answer(j)[0][0] for j in jobs] != [plain(model, tok, p, 24)[0] for p in PROMPTS]
+
+
+def test_streams_that_do_not_draft_in_a_batch_say_so(service, caplog):
+    """Streams tuned off on this device (``tree_depth`` 0): the batch decodes plainly,
+    and the log says why."""
+    tok = word_tokenizer(V, eos=0)
+    off = tiny_spec_model("llama", vocab_size=V, num_streams=3, tree_depth=0)
+    with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
+        svc = service(off, tok)
+        assert svc.wait_idle(60) and svc.batching and not svc.spec_batching
+    assert [r.message for r in caplog.records] == [
+        "requests decoded together do not draft: the streams' tuning on this device has them off"
+    ]
+
+
+def test_a_shared_mode_model_batches_with_its_streams_in_every_pass(service):
+    """A shared-mode model's main rows read their streams, so mlx-lm's batch would decode
+    another model: its rows carry them in every pass (SpecBatch), and every answer
+    equals the model's own decoding alone, with drafts accepted. With a draft model
+    its requests are served one at a time, and the log says why."""
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, mode="shared", tree_depth=3)
+    tok = word_tokenizer(V, eos=0)
+    svc = service(model, tok)
+    assert svc.wait_idle(60) and svc.spec_batching and svc.stream_batching
+    got = [answer(j) for j in submit_together(svc, [(p, {"max_tokens": 24}) for p in PROMPTS])]
+    assert svc.served["largest_batch"] == 4
+    for p, (text, _, _) in zip(PROMPTS, got):
+        assert text[0] == alone(model, tok, p, 24)[0]  # (speculative=False: with its streams)
+    assert sum(u[0]["speculative"]["accepted_draft_tokens"] for _, u, _ in got) > 0
+    svc = service(model, tok, draft_model=tiny_model("llama", vocab_size=V))
+    assert svc.wait_idle(60) and not svc.batching
