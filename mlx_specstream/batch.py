@@ -11,6 +11,13 @@ of tokens; their key-value caches drift apart
 Greedy output equals each prompt decoded alone; sampled output keeps the model's
 distribution, since either draft is a deterministic proposal, accepted where it
 equals the token the sampler drew.
+
+Where every row's next input can be made on the device (rows drafting with the
+model's streams, or not at all, without logits processors), each pass is launched
+before the one before it is read, as mlx-lm's loop does: the device chooses each
+row's tokens, counts what it keeps, moves its cache's end and builds its next
+input (the token chosen at its last kept position, then the streams' chain there),
+while the host reads the pass before.
 """
 
 import copy
@@ -201,12 +208,16 @@ class SpecBatcher:
         stream_pass (str): ``"fused"``: every fed token's stream rows go through
           the verifying pass; ``"split"``: a second pass feeds the stream rows of
           each row's last kept token alone.
+        pipeline (bool): where every row's next input is known on the device (rows
+          that draft with the streams or not at all, without logits processors),
+          launch each pass before reading the one before it, as mlx-lm's loop does
+          (:meth:`_pipelined_step`).
     """
 
     def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
                  max_rows: Optional[int] = None, keep_caches: bool = False,
                  draft_model=None, streams: bool = False,
-                 stream_pass: str = "fused"):  # fmt: skip
+                 stream_pass: str = "fused", pipeline: bool = True):  # fmt: skip
         for m, name in ((model, "model"), (draft_model, "draft model")):
             why = None if m is None else unbatchable(m, name)
             if why:
@@ -236,6 +247,8 @@ class SpecBatcher:
         self.draft_cache: Optional[List[RaggedKVCache]] = None
         self.waiting: List[Tuple[_Row, List[KVCache], List[KVCache]]] = []
         self._uid = 0
+        self.pipeline = pipeline
+        self._flight: Optional[_Pass] = None  # launched, not read yet (_pipelined_step)
         # the model's vocabulary: a draft model's drafts stay inside it
         self.vocab = output_size(model) if draft_model is not None else None
 
@@ -335,7 +348,8 @@ class SpecBatcher:
         """Row ``b``'s caches, the model's layers then the draft model's, both
         holding exactly its tokens but the last (a draft cache that lags, after a
         pass whose drafts were all accepted, is fed the tokens it lacks)."""
-        row, model_layers = self.rows[b], [c.extract(b) for c in self.cache]
+        row = self.rows[b]
+        model_layers = [c.extract(b, row.fed) for c in self.cache]
         for c in model_layers:  # (a row ended by a stop token fed the drafts after it)
             c.trim(max(c.offset - row.fed, 0))
         if self.draft_model is None:
@@ -350,8 +364,11 @@ class SpecBatcher:
     def _keep(self, keep: List[_Row]) -> None:
         if len(keep) < len(self.rows):
             at = {r.uid: b for b, r in enumerate(self.rows)}
+            index = [at[r.uid] for r in keep]
             for c in self.cache + (self.draft_cache or []):
-                c.filter([at[r.uid] for r in keep])
+                c.filter(index)
+            if self._flight is not None:  # (its rows are the batch's, in order)
+                self._flight = self._flight.filter(index) if keep else None
             self.rows = keep
 
     def _admit(self) -> None:
@@ -373,6 +390,8 @@ class SpecBatcher:
         rows = self.rows
         if not rows:
             return []
+        if self._flight is not None or self._pipelines():
+            return self._pipelined_step()
         lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
         if self.draft_model is not None:
             drafts = self._model_drafts(rows, lengths)
@@ -422,6 +441,108 @@ class SpecBatcher:
             self.streams.release()  # (nothing of the batch outlives it)
         return [RowTokens(*o) for o in out]
 
+    # ---- pipelined passes ---------------------------------------------------------
+    def _pipelines(self) -> bool:
+        """Whether every row's next input can be made on the device: no draft model,
+        no logits processors, and drafts from the streams or none."""
+        return (
+            self.pipeline
+            and self.draft_model is None
+            and all(
+                not r.processors and (r.draft_tokens == 0 or r.draft == "streams")
+                for r in self.rows
+            )
+        )
+
+    def _pipelined_step(self) -> List[RowTokens]:
+        """Launches the next pass, then reads the one before it (mlx-lm's
+        ``mx.async_eval`` pipelining): the host's work on one pass overlaps the
+        device's on the next. Each pass's inputs come from the last one on the
+        device: the token it chose at each row's last kept position, then the
+        streams' chain there (:meth:`_launch`)."""
+        p = self._flight or self._launch(self._host_inputs())
+        self._flight = self._launch(self._inputs_after(p)) if self._pipelines() else None
+        return self._read(p)
+
+    def _host_inputs(self) -> Tuple[mx.array, List[int]]:
+        """Each row's pending token and the draft the host holds for it, padded."""
+        rows = self.rows
+        lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
+        drafts = [_row_draft(r, n) for r, n in zip(rows, lengths)]
+        width = 1 + max(map(len, drafts))
+        fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
+        return mx.array([f + [f[-1]] * (width - len(f)) for f in fed]), [len(d) for d in drafts]
+
+    def _inputs_after(self, p: "_Pass") -> Tuple[mx.array, List[int]]:
+        """The next pass's inputs from ``p``'s, on the device; rows that joined since
+        feed their pending token alone."""
+        inputs, joined = p.next_inputs, self.rows[len(p.rows) :]
+        if joined:
+            pad = [[r.history.tokens[-1]] * inputs.shape[1] for r in joined]
+            inputs = mx.concatenate([inputs, mx.array(pad, dtype=inputs.dtype)])
+        return inputs, p.next_drafts + [0] * len(joined)
+
+    def _launch(self, fed: Tuple[mx.array, List[int]]) -> "_Pass":
+        """One pass over every row, every output left on the device: what each row
+        keeps, the caches advanced over it, and the next pass's inputs."""
+        (inputs, drafts), rows = fed, list(self.rows)
+        B, W = inputs.shape
+        fused = self.streams is not None and (
+            self.shared or self.fused and any(r.uses_streams for r in rows))  # fmt: skip
+        if self.streams is not None:
+            logits = self.streams.rows_pass(inputs, self.cache, streams=fused)
+        else:
+            logits = self.model(inputs, cache=self.cache)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = _sample(logprobs, rows).astype(inputs.dtype)
+        chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
+        accepted = accepted_on_device(inputs, chosen, mx.array(drafts))
+        for c in self.cache:
+            c.advance_on_device(accepted + 1, W)
+        bonus = mx.take_along_axis(chosen, accepted[:, None], axis=1)
+        lengths = [min(r.draft_tokens, self.streams.config.num_streams) if r.uses_streams else 0
+                   for r in rows]  # fmt: skip
+        next_inputs = bonus
+        if max(lengths):
+            if fused:
+                slog = self.streams.fused_streams(accepted)
+            else:
+                slog = self.streams.rows_streams(accepted, self.cache)
+            chain = mx.argmax(slog[:, : max(lengths)], axis=-1).astype(bonus.dtype)
+            next_inputs = mx.concatenate([bonus, chain], axis=1)
+        mx.async_eval(chosen, chosen_lp, accepted, next_inputs)
+        return _Pass(rows, chosen, chosen_lp, logprobs, accepted, next_inputs, lengths)
+
+    def _read(self, p: "_Pass") -> List[RowTokens]:
+        """What each row of ``p`` got; the caches' ends settled; finished rows leave."""
+        chosen, lps = p.chosen.tolist(), p.chosen_lp.astype(mx.float32).tolist()
+        accepted, nxt = p.accepted.tolist(), p.next_inputs.tolist()
+        out, going = [], []
+        for b, r in enumerate(p.rows):
+            toks, finish = chosen[b][: accepted[b] + 1], None
+            for j, t in enumerate(toks):
+                if t in self.stop or r.generated + j + 1 == r.max_tokens:
+                    toks, finish = toks[: j + 1], "stop" if t in self.stop else "length"
+                    break
+            r.generated += len(toks)
+            r.history.extend(toks)
+            r.streams_draft = nxt[b][1 : 1 + p.next_drafts[b]]  # (for a step that reads it)
+            out.append([r.uid, toks, lps[b][: len(toks)], finish,
+                        [p.logprobs[b, j] for j in range(len(toks))], None])  # fmt: skip
+            if finish is None:
+                going.append(r)
+        joined = len(self.rows) - len(p.rows)  # (rows that joined after p kept nothing of it)
+        for c in self.cache:
+            c.settle([a + 1 for a in accepted] + [0] * joined)
+        if self.keep_caches:
+            for b, o in enumerate(out):
+                if o[3] is not None:
+                    o[5] = self._extract(b)
+        self._keep(going + self.rows[len(p.rows) :])
+        if self.streams is not None and not self.rows:
+            self.streams.release()
+        return [RowTokens(*o) for o in out]
+
     def _stream_drafts(self, rows: List[_Row], kept: List[int], going: List[_Row]) -> None:
         """Each going row's next draft: its streams' first choices at the last token
         it kept, from one pass of every row's stream rows (a row that leaves costs
@@ -468,6 +589,26 @@ class SpecBatcher:
         return [d[:n] for d, n in zip(drafts, lengths)]
 
 
+@dataclass
+class _Pass:
+    """A pass launched on the device (:meth:`SpecBatcher._launch`), read later."""
+
+    rows: List[_Row]  # the rows it fed, in order
+    chosen: mx.array  # (B, W) the token chosen at each fed position
+    chosen_lp: mx.array  # (B, W) their log-probabilities
+    logprobs: mx.array  # (B, W, V)
+    accepted: mx.array  # (B,) drafts each row kept (it keeps one token more)
+    next_inputs: mx.array  # (B, 1 + drafts) the next pass's: the bonus token, then drafts
+    next_drafts: List[int]  # the drafts each row feeds there
+
+    def filter(self, index: List[int]) -> "_Pass":
+        """The pass's rows ``index`` only (the batch's rows, in order)."""
+        at = mx.array(index, dtype=mx.int32)
+        return _Pass([self.rows[i] for i in index], self.chosen[at], self.chosen_lp[at],
+                     self.logprobs[at], self.accepted[at], self.next_inputs[at],
+                     [self.next_drafts[i] for i in index])  # fmt: skip
+
+
 def _row_draft(row: _Row, n: int) -> List[int]:
     """Up to ``n`` tokens of ``row``'s draft from its own source."""
     if not n:
@@ -510,6 +651,7 @@ def batch_generate_step(
     draft_model=None,
     num_draft_tokens: Optional[int] = None,
     stream_pass: str = "fused",
+    pipeline: bool = True,
     prefill_step_size: int = 2048,
     prompt_caches: Optional[Sequence[list]] = None,
     return_prompt_caches: bool = False,
@@ -542,6 +684,8 @@ def batch_generate_step(
         stream_pass (str): with streams, ``"fused"`` (their rows go through the
           verifying pass) or ``"split"`` (a second, shorter pass), as
           :class:`SpecBatcher`.
+        pipeline (bool): launch each pass before reading the last, where every
+          row's next input is known on the device (:class:`SpecBatcher`).
         prefill_step_size (int): prompt tokens per prefill pass.
         prompt_caches: per prompt, a cache holding context before it (the model's
           ``KVCache`` layers, then the draft model's, holding as many tokens), as
@@ -588,7 +732,8 @@ def batch_generate_step(
         raise ValueError(f"{len(prompt_caches)} prompt_caches for {len(prompts)} prompts")
     batcher = SpecBatcher(model, stop_tokens, prefill_step_size,
                           keep_caches=return_prompt_caches, draft_model=draft_model,
-                          streams=uses_streams, stream_pass=stream_pass)  # fmt: skip
+                          streams=uses_streams, stream_pass=stream_pass,
+                          pipeline=pipeline)  # fmt: skip
     layers = len(make_prompt_cache(model))
     index = {}
     for i, (p, n) in enumerate(zip(prompts, limits)):
@@ -602,6 +747,19 @@ def batch_generate_step(
             index[uid] = i
     while len(batcher):
         yield [r._replace(uid=index[r.uid]) for r in batcher.step()]
+
+
+def accepted_on_device(inputs: mx.array, chosen: mx.array, drafts: mx.array) -> mx.array:
+    """``(B,)``: how many drafts each row keeps (:func:`accepted`, on the device): those
+    before the first that is not the choice at the position before it. Row ``b`` fed
+    its pending token, then ``drafts[b]`` drafts, then padding.
+
+    Example: ``inputs = [[5, 6, 7, 9]]``, ``chosen = [[6, 7, 8, 1]]``, ``drafts =
+    [3]``: 6 and 7 are kept, 9 is not (the choice after 7 was 8): ``[2]``.
+    """
+    W = inputs.shape[1]
+    match = (chosen[:, :-1] == inputs[:, 1:]) & (mx.arange(W - 1) < drafts[:, None])
+    return mx.cumprod(match.astype(mx.int32), axis=1).sum(axis=1)
 
 
 def accepted(draft: Sequence[int], chosen: Sequence[int]) -> List[int]:

@@ -20,7 +20,7 @@ Example (two rows, one pass over two tokens each; ``o``: a key a query sees)::
     advance([2, 1])  # row 0 accepted both, row 1 only its first: ends = [5, 2]
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -51,13 +51,27 @@ class RaggedKVCache(_BaseCache):
     def set_ends(self, ends: Sequence[int]) -> None:
         self._ends = np.asarray(ends, dtype=np.int64)
         self.offset = mx.array(self._ends, dtype=mx.int32)
+        self._unread = []  # the most tokens each pass advanced by on the device alone
+
+    def advance_on_device(self, kept: mx.array, most: int) -> None:
+        """Keeps the first ``kept[b]`` (a device array, at most ``most``) tokens of row
+        ``b``'s last pass, before the host knows ``kept``: the next pass writes after
+        them. :attr:`ends` stays the host's until :meth:`settle`."""
+        self.offset = self.offset + kept.astype(mx.int32)
+        self._unread.append(most)
+
+    def settle(self, kept: Sequence[int]) -> None:
+        """The host reads the oldest pass advanced on the device: it kept ``kept``."""
+        self._ends = self._ends + np.asarray(kept, dtype=np.int64)
+        self._unread.pop(0)
 
     @property
     def ends(self) -> List[int]:
         return self._ends.tolist()
 
     def size(self) -> int:
-        return int(self._ends.max(initial=0))
+        """The longest row's end (or a bound of it while passes are unread)."""
+        return int(self._ends.max(initial=0)) + sum(self._unread)
 
     def empty(self) -> bool:
         return self.keys is None
@@ -74,7 +88,7 @@ class RaggedKVCache(_BaseCache):
         width = self.size() + N
         if self.keys is None or width > self.keys.shape[2]:
             self._grow(keys, values, width)
-        if (self._ends == self._ends[0]).all():  # aligned rows: one slice, as mlx-lm writes
+        if not self._unread and (self._ends == self._ends[0]).all():  # one slice, as mlx-lm
             start = int(self._ends[0])
             self.keys[..., start : start + N, :] = keys
             self.values[..., start : start + N, :] = values
@@ -108,19 +122,22 @@ class RaggedKVCache(_BaseCache):
         kept = np.asarray(kept, dtype=np.int64)
         if kept.shape != self._ends.shape or (kept < 0).any():
             raise ValueError(f"advance({kept.tolist()}) for {len(self._ends)} rows")
+        if self._unread:
+            raise ValueError("advance() while passes advanced on the device are unread")
         self.set_ends(self._ends + kept)
 
     def filter(self, rows: Sequence[int]) -> None:
         """Keeps only ``rows`` (indices into the batch), in that order."""
         rows = list(rows)
+        index = mx.array(rows, dtype=mx.int32)
         if self.keys is not None:
-            index = mx.array(rows, dtype=mx.int32)
             self.keys, self.values = self.keys[index], self.values[index]
-        self.set_ends(self._ends[rows])
+        self._ends, self.offset = self._ends[rows], self.offset[index]
 
-    def extract(self, row: int) -> KVCache:
-        """Row ``row`` as an mlx-lm ``KVCache`` holding exactly its tokens."""
-        cache, end = KVCache(), int(self._ends[row])
+    def extract(self, row: int, end: Optional[int] = None) -> KVCache:
+        """Row ``row`` as an mlx-lm ``KVCache`` holding exactly its tokens (its first
+        ``end``: what the host knows it kept, while passes are unread)."""
+        cache, end = KVCache(), int(self._ends[row] if end is None else end)
         if end and self.keys is not None:
             cache.keys = mx.contiguous(self.keys[row : row + 1, :, :end])
             cache.values = mx.contiguous(self.values[row : row + 1, :, :end])
@@ -130,6 +147,11 @@ class RaggedKVCache(_BaseCache):
     def extend(self, other: "RaggedKVCache") -> "RaggedKVCache":
         """One cache of this batch's rows, then ``other``'s (both are left as they were)."""
         out = RaggedKVCache(np.concatenate([self._ends, other._ends]))
+        if other._unread:
+            raise ValueError("rows that join a batch have no unread passes")
+        if self._unread:  # (its rows keep their device offsets; the new rows join at theirs)
+            out.offset = mx.concatenate([self.offset, other.offset])
+            out._unread = list(self._unread)
         held = [c for c in (self, other) if c.keys is not None]
         if held:
             width = max(c.keys.shape[2] for c in held)

@@ -4,6 +4,7 @@ row's output equals its prompt decoded alone, in the passes that decoding alone 
 a chain of the streams takes."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_spec_model
 from mlx_lm.models.cache import make_prompt_cache
@@ -39,7 +40,8 @@ def stream_gaps(model, stream_pass, passes=6, first_node=False):
     its stream logits in the batch and its sequence's alone (``first_node``: the
     batch's of the first token each row fed instead of its last kept one)."""
     rt = model.speculative_streams
-    batcher = SpecBatcher(model, streams=True, stream_pass=stream_pass)
+    # (unpipelined: the runtime then holds the pass just read)
+    batcher = SpecBatcher(model, streams=True, stream_pass=stream_pass, pipeline=False)
     for p, n in zip(PROMPTS, LIMITS):
         batcher.insert(p, max_tokens=n, num_draft_tokens=3)
     gaps, longest = [], 0
@@ -136,16 +138,27 @@ def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(
         assert k == records[-1][3]
 
 
-def test_negative_control_an_unchecked_stream_draft(monkeypatch):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_negative_control_an_unchecked_stream_draft(pipeline, monkeypatch):
     """A verifier that keeps one draft token unchecked changes the output."""
-    accepted = batch.accepted
+    accepted, on_device = batch.accepted, batch.accepted_on_device
     monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(accepted(d, c))) + 1])
+    monkeypatch.setattr(batch, "accepted_on_device",
+                        lambda i, c, d: mx.minimum(on_device(i, c, d) + 1, d))  # fmt: skip
     model = stream_model()
     tokens = [[] for _ in PROMPTS]
-    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams"):
+    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
+                                   pipeline=pipeline):  # fmt: skip
         for r in out:
             tokens[r.uid] += r.tokens
     assert tokens != [plain_greedy(model, p, n) for p, n in zip(PROMPTS, LIMITS)]
+
+
+def test_accepted_on_device_golden():
+    """The docstring's example, a row without drafts, and padding never kept."""
+    inputs = mx.array([[5, 6, 7, 9], [4, 4, 4, 4], [1, 2, 3, 3]])
+    chosen = mx.array([[6, 7, 8, 1], [4, 4, 4, 4], [2, 3, 3, 3]])
+    assert batch.accepted_on_device(inputs, chosen, mx.array([3, 0, 2])).tolist() == [2, 0, 2]
 
 
 def test_auto_drafts_with_lossless_streams():
@@ -266,3 +279,149 @@ def test_a_row_cannot_ask_for_streams_a_batch_has_not():
         SpecBatcher(stream_model()).insert([1, 2], draft="streams")
     with pytest.raises(ValueError, match="one of"):
         SpecBatcher(stream_model(), streams=True).insert([1, 2], draft="medusa")
+
+
+# ---- pipelined passes: each launched before the one before it is read -----------------
+
+
+def run_batcher(model, rows, pipeline, keep_caches=False, joining=(), sampler=None):
+    """Tokens, log-probabilities, finish reasons and passes per row of a SpecBatcher
+    (``rows``: (prompt, max_tokens, draft) each; ``joining``: rows inserted after the
+    third pass), and the caches of finished rows."""
+    batcher = SpecBatcher(model, stop_tokens=[15], streams=True, pipeline=pipeline,
+                          keep_caches=keep_caches)  # fmt: skip
+    got, flights = {}, 0
+
+    def insert(prompt, n, draft):
+        uid = batcher.insert(prompt, max_tokens=n, draft=draft, sampler=sampler,
+                             num_draft_tokens=3 if draft else 0)  # fmt: skip
+        got[uid] = dict(tokens=[], logprobs=[], passes=0)
+
+    for row in rows:
+        insert(*row)
+    step = 0
+    while len(batcher):
+        for r in batcher.step():
+            g = got[r.uid]
+            g["tokens"] += r.tokens
+            g["logprobs"] += [round(x, 4) for x in r.logprobs]
+            g["passes"] += 1
+            g["finish"] = r.finish_reason
+            if r.cache is not None:
+                g["cache"] = [np.array(c.state[0]) for c in r.cache]
+        flights += batcher._flight is not None
+        step += 1
+        if step == 3:
+            for row in joining:
+                insert(*row)
+    return got, flights
+
+
+ROWS = [(p, n, "streams") for p, n in zip(PROMPTS, LIMITS)]
+
+
+@pytest.mark.parametrize("stream_pass", PASSES)
+def test_pipelined_rows_equal_unpipelined(stream_pass):
+    """Rows drafting with streams, and rows without drafts, joining mid-flight and
+    leaving at a stop token or their length: tokens, log-probabilities, finish reasons,
+    passes and returned caches equal the unpipelined loop's; passes were in flight."""
+    model = stream_model()
+    rows = ROWS[:3] + [(PROMPTS[3], LIMITS[3], None)]
+    joining = [([5, 6, 7, 5, 6], 20, "streams"), ([9], 11, None)]
+    kwargs = dict(keep_caches=True, joining=joining)
+    want, none = run_batcher(model, rows, False, **kwargs)
+    got, flights = run_batcher(model, rows, True, **kwargs)
+    assert none == 0 and flights > 10
+    for uid in want:
+        for key in ("tokens", "logprobs", "passes", "finish"):
+            assert got[uid][key] == want[uid][key], (uid, key)
+        for a, b in zip(got[uid]["cache"], want[uid]["cache"]):
+            np.testing.assert_array_equal(a, b)
+    prompts = [r[0] for r in rows + joining]
+    limits = [r[1] for r in rows + joining]
+    for uid, p, n in zip(sorted(want), prompts, limits):
+        plain = plain_greedy(model, p, n)
+        cut = plain[: plain.index(15) + 1] if 15 in plain else plain
+        assert got[uid]["tokens"] == cut
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["pipelined", "control-unchecked"])
+def test_pipelined_sampled_rows_keep_the_model_distribution(control, monkeypatch):
+    """Rows of two prompts interleaved, sampled at T = 1, drafting with the streams in
+    pipelined passes: each prompt's rows against its exact distribution (chi-square).
+    Control: a device verifier that keeps the first draft token unchecked (the next
+    choice is then drawn after the draft, not after the drawn token)."""
+    from test_batch import N_TOKENS, PROMPT_A, PROMPT_B, ROWS, exact_distribution
+    from test_sampling import chi_square_pvalue  # (needs scipy)
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    if control:
+        on_device = batch.accepted_on_device
+        monkeypatch.setattr(batch, "accepted_on_device",
+                            lambda i, c, d: mx.maximum(on_device(i, c, d), mx.minimum(d, 1)))  # fmt: skip
+    model = tiny_spec_model("llama", vocab_size=6, weight_scale=4.0, num_streams=2,
+                            mode="lossless", model_args=dict(hidden_size=32, intermediate_size=64))  # fmt: skip
+    sampler = make_sampler(temp=1.0)
+    mx.random.seed(0)
+    batcher = SpecBatcher(model, streams=True)
+    for p in [PROMPT_A, PROMPT_B] * (ROWS // 2):
+        batcher.insert(p, max_tokens=N_TOKENS, sampler=sampler, num_draft_tokens=2)
+    tokens, drafted, flights = {}, 0, 0
+    while len(batcher):
+        for r in batcher.step():
+            tokens[r.uid] = tokens.get(r.uid, []) + r.tokens
+            drafted += len(r.tokens) - 1
+        flights += batcher._flight is not None
+    assert flights and drafted > ROWS // 10, "drafts were rarely accepted: no power"
+    tokens = [tokens[u] for u in sorted(tokens)]
+    p = []
+    for k, prompt in enumerate((PROMPT_A, PROMPT_B)):
+        counts = {}
+        for t in tokens[k::2]:
+            counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+        p.append(chi_square_pvalue(counts, exact_distribution(model, prompt, sampler), ROWS // 2))
+    if control:
+        # (it would fail the test below: a prompt's rows are off their distribution)
+        assert min(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
+    else:
+        assert min(p) > 1e-3, f"chi-square p = {p}"
+
+
+def test_a_lookup_row_joining_lands_the_flight():
+    """A row drafting by lookup cannot be pipelined: the pass in flight is read and the
+    batch goes on unpipelined, every row still equal to plain decoding."""
+    model = stream_model()
+    got, flights = run_batcher(model, ROWS[:2], True, joining=[(PROMPTS[3], 30, "ngram")])
+    assert flights >= 2
+    for g, (p, n) in zip(got.values(), [(PROMPTS[0], LIMITS[0]), (PROMPTS[1], LIMITS[1]),
+                                         (PROMPTS[3], 30)]):  # fmt: skip
+        plain = plain_greedy(model, p, n)
+        assert g["tokens"] == (plain[: plain.index(15) + 1] if 15 in plain else plain)
+
+
+def test_negative_control_a_pipelined_cache_advanced_one_too_far(monkeypatch):
+    from mlx_specstream.ragged_cache import RaggedKVCache
+
+    advance = RaggedKVCache.advance_on_device
+    monkeypatch.setattr(RaggedKVCache, "advance_on_device",
+                        lambda self, kept, most: advance(self, kept + 1, most + 1))  # fmt: skip
+    model = stream_model()
+    got, _ = run_batcher(model, ROWS, True)
+    assert [g["tokens"] for g in got.values()] != [
+        g["tokens"] for g in run_batcher(model, ROWS, False)[0].values()
+    ]
+
+
+def test_ragged_cache_advanced_on_the_device():
+    """Offsets move with the device's counts at once; the host's ends, when it reads
+    them; the size bounds the longest row meanwhile."""
+    from mlx_specstream.ragged_cache import RaggedKVCache
+
+    cache = RaggedKVCache([3, 1])
+    cache.advance_on_device(mx.array([2, 1]), 3)
+    assert cache.offset.tolist() == [5, 2] and cache.ends == [3, 1] and cache.size() == 6
+    with pytest.raises(ValueError, match="unread"):
+        cache.advance([1, 1])
+    cache.settle([2, 1])
+    assert cache.ends == [5, 2] and cache.size() == 5 and cache.offset.tolist() == [5, 2]
