@@ -392,19 +392,9 @@ class SpecBatcher:
             return []
         if self._flight is not None or self._pipelines():
             return self._pipelined_step()
-        lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
-        if self.draft_model is not None:
-            drafts = self._model_drafts(rows, lengths)
-        else:
-            drafts = [_row_draft(r, n) for r, n in zip(rows, lengths)]
-        width = 1 + max(map(len, drafts))
-        fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
-        inputs = mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
-        if self.streams is not None:
-            fused = self.shared or self.fused and any(r.uses_streams for r in rows)
-            logits = self.streams.rows_pass(inputs, self.cache, streams=fused)
-        else:
-            logits = self.model(inputs, cache=self.cache)
+        drafts = self._drafts()
+        fed, inputs = _padded(rows, drafts)
+        logits, _ = self._forward(inputs)
         if any(r.processors for r in rows):
             logits = _process(logits, rows, fed)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -414,12 +404,9 @@ class SpecBatcher:
 
         out, kept, going = [], [], []
         for b, (r, d, toks, lps) in enumerate(zip(rows, drafts, chosen, chosen_lp)):
-            toks, finish = accepted(d, toks), None
+            toks = accepted(d, toks)
             kept.append(len(toks))
-            for j, t in enumerate(toks):
-                if t in self.stop or r.generated + j + 1 == r.max_tokens:
-                    toks, finish = toks[: j + 1], "stop" if t in self.stop else "length"
-                    break
+            toks, finish = _cut(r, toks, self.stop)
             r.generated += len(toks)
             r.history.extend(toks)
             out.append([r.uid, toks, lps[: len(toks)], finish,
@@ -440,6 +427,22 @@ class SpecBatcher:
         if self.streams is not None and not self.rows:
             self.streams.release()  # (nothing of the batch outlives it)
         return [RowTokens(*o) for o in out]
+
+    def _drafts(self) -> List[List[int]]:
+        """Each row's draft for the next pass (shorter near its ``max_tokens``)."""
+        rows = self.rows
+        lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
+        if self.draft_model is not None:
+            return self._model_drafts(rows, lengths)
+        return [_row_draft(r, n) for r, n in zip(rows, lengths)]
+
+    def _forward(self, inputs: mx.array) -> Tuple[mx.array, bool]:
+        """The verifying pass over every row's inputs: its logits, and whether the
+        streams' rows went through it too (a shared-mode model's always do)."""
+        if self.streams is None:
+            return self.model(inputs, cache=self.cache), False
+        fused = self.shared or self.fused and any(r.uses_streams for r in self.rows)
+        return self.streams.rows_pass(inputs, self.cache, streams=fused), fused
 
     # ---- pipelined passes ---------------------------------------------------------
     def _pipelines(self) -> bool:
@@ -466,12 +469,8 @@ class SpecBatcher:
 
     def _host_inputs(self) -> Tuple[mx.array, List[int]]:
         """Each row's pending token and the draft the host holds for it, padded."""
-        rows = self.rows
-        lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
-        drafts = [_row_draft(r, n) for r, n in zip(rows, lengths)]
-        width = 1 + max(map(len, drafts))
-        fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
-        return mx.array([f + [f[-1]] * (width - len(f)) for f in fed]), [len(d) for d in drafts]
+        drafts = self._drafts()
+        return _padded(self.rows, drafts)[1], [len(d) for d in drafts]
 
     def _inputs_after(self, p: "_Pass") -> Tuple[mx.array, List[int]]:
         """The next pass's inputs from ``p``'s, on the device; rows that joined since
@@ -486,13 +485,8 @@ class SpecBatcher:
         """One pass over every row, every output left on the device: what each row
         keeps, the caches advanced over it, and the next pass's inputs."""
         (inputs, drafts), rows = fed, list(self.rows)
-        B, W = inputs.shape
-        fused = self.streams is not None and (
-            self.shared or self.fused and any(r.uses_streams for r in rows))  # fmt: skip
-        if self.streams is not None:
-            logits = self.streams.rows_pass(inputs, self.cache, streams=fused)
-        else:
-            logits = self.model(inputs, cache=self.cache)
+        W = inputs.shape[1]
+        logits, fused = self._forward(inputs)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         chosen = _sample(logprobs, rows).astype(inputs.dtype)
         chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
@@ -519,11 +513,7 @@ class SpecBatcher:
         accepted, nxt = p.accepted.tolist(), p.next_inputs.tolist()
         out, going = [], []
         for b, r in enumerate(p.rows):
-            toks, finish = chosen[b][: accepted[b] + 1], None
-            for j, t in enumerate(toks):
-                if t in self.stop or r.generated + j + 1 == r.max_tokens:
-                    toks, finish = toks[: j + 1], "stop" if t in self.stop else "length"
-                    break
+            toks, finish = _cut(r, chosen[b][: accepted[b] + 1], self.stop)
             r.generated += len(toks)
             r.history.extend(toks)
             r.streams_draft = nxt[b][1 : 1 + p.next_drafts[b]]  # (for a step that reads it)
@@ -607,6 +597,23 @@ class _Pass:
         return _Pass([self.rows[i] for i in index], self.chosen[at], self.chosen_lp[at],
                      self.logprobs[at], self.accepted[at], self.next_inputs[at],
                      [self.next_drafts[i] for i in index])  # fmt: skip
+
+
+def _cut(row: _Row, tokens: List[int], stop) -> Tuple[List[int], Optional[str]]:
+    """``tokens`` up to the row's first stop token or its ``max_tokens``, and why the
+    row ends there (``"stop"``, ``"length"``; ``None``: it goes on)."""
+    for j, t in enumerate(tokens):
+        if t in stop or row.generated + j + 1 == row.max_tokens:
+            return tokens[: j + 1], "stop" if t in stop else "length"
+    return tokens, None
+
+
+def _padded(rows: List[_Row], drafts: List[List[int]]) -> Tuple[List[List[int]], mx.array]:
+    """Each row's pending token and draft (``fed``), and the pass's ``(B, W)`` inputs:
+    them, padded with each row's last (padding is never kept)."""
+    fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
+    width = max(map(len, fed))
+    return fed, mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
 
 
 def _row_draft(row: _Row, n: int) -> List[int]:
