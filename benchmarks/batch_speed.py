@@ -21,7 +21,9 @@ Ways, interleaved in every round, on the same weights:
 * **ours, lookup D**: ``mlx_specstream.batch_generate`` with prompt-lookup drafts of up
   to D tokens;
 * **ours, draft model (3)**: ``mlx_specstream.batch_generate`` with the shipped draft
-  model drafting 3 tokens in every row (mlx-lm has no batched draft-model decoding).
+  model drafting 3 tokens in every row (mlx-lm has no batched draft-model decoding);
+* **ours, draft model (3) + lookup**: the same, each row drafting its lookup chain
+  where its tokens have a match instead (``draft="ngram"`` with ``draft_model=``).
 
 Figures: generated tokens (up to each row's first EOS) per second of the whole batch (prefill included, as a
 user of ``batch_generate`` waits for it), each way's median over rounds, against
@@ -110,6 +112,9 @@ def main():
         )
     ways["ours, draft model (3)"] = lambda ps: _ours(
         model, tokenizer, ps, N, draft_model=draft_model, num_draft_tokens=3
+    )
+    ways["ours, draft model (3) + lookup"] = lambda ps: _ours(
+        model, tokenizer, ps, N, draft_model=draft_model, draft="ngram", num_draft_tokens=3
     )
     rows = []
     for task, every in task_prompts(tokenizer, Path(args.model), max(sizes)).items():

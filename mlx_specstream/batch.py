@@ -34,7 +34,9 @@ from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .ragged_cache import RaggedKVCache
 
 DRAFTS = ("auto", "streams", "ngram", "streams+ngram", "draft_model", None)
-ROW_DRAFTS = ("streams", "ngram", "streams+ngram")  # a row's own source (no draft model)
+# A row's own source: without a draft model, then with one.
+ROW_DRAFTS = ("streams", "ngram", "streams+ngram")
+MODEL_ROW_DRAFTS = ("draft_model", "draft_model+ngram")
 STREAM_PASSES = ("fused", "split")
 
 
@@ -59,8 +61,11 @@ class _Row:
     draft_tokens: int  # the longest draft (0: none)
     base: int = 0  # tokens the caches hold before ``history`` (a cache given with the prompt)
     generated: int = 0
-    draft: str = "ngram"  # where its drafts come from (ROW_DRAFTS), without a draft model
+    draft: str = "ngram"  # where its drafts come from (ROW_DRAFTS, MODEL_ROW_DRAFTS)
     streams_draft: List[int] = field(default_factory=list)  # from the last pass's streams
+    # tokens its draft cache holds that are its own, when a lookup draft replaced the
+    # draft model's chain (which the draft cache was fed) in the last pass
+    draft_cache_end: Optional[int] = None
 
     @property
     def uses_streams(self) -> bool:
@@ -279,12 +284,14 @@ class SpecBatcher:
               (``None``: greedy).
             logits_processors: mlx-lm logits processors for this row.
             num_draft_tokens (int): the longest draft (0: no drafts).
-            draft (str): without a draft model, where the row's drafts come from:
-              ``"streams"`` (the chain of the model's streams, at most as many
-              tokens as it has streams), ``"ngram"`` (prompt lookup) or
-              ``"streams+ngram"`` (prompt lookup where the row's tokens have a
-              match, else the streams). Default: ``"streams"`` in a batch with
-              ``streams``, else ``"ngram"``.
+            draft (str): where the row's drafts come from: ``"streams"`` (the chain
+              of the model's streams, at most as many tokens as it has streams),
+              ``"ngram"`` (prompt lookup) or ``"streams+ngram"`` (prompt lookup where
+              the row's tokens have a match, else the streams); in a batch with a
+              draft model, ``"draft_model"`` (its greedy chain) or
+              ``"draft_model+ngram"`` (lookup where it matches, else that chain).
+              Default: ``"draft_model"`` with a draft model, ``"streams"`` in a batch
+              with ``streams``, else ``"ngram"``.
         """
         tokens = list(tokens)
         if not tokens:
@@ -294,10 +301,11 @@ class SpecBatcher:
         if not (isinstance(num_draft_tokens, int) and num_draft_tokens >= 0):
             raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 0.")
         if draft is None:
-            draft = "streams" if self.streams is not None else "ngram"
-        if draft not in ROW_DRAFTS or (self.draft_model is not None and draft != "ngram"):
-            raise ValueError(f"draft={draft!r}: a row drafts with one of {ROW_DRAFTS} "
-                             "(with a draft model: the draft model's)")  # fmt: skip
+            draft = "draft_model" if self.draft_model is not None else (
+                "streams" if self.streams is not None else "ngram")  # fmt: skip
+        allowed = ROW_DRAFTS if self.draft_model is None else MODEL_ROW_DRAFTS
+        if draft not in allowed:
+            raise ValueError(f"draft={draft!r}: a row of this batch drafts with one of {allowed}")
         if "streams" in draft and self.streams is None:
             raise ValueError(
                 f"draft={draft!r} in a batch without streams (SpecBatcher(streams=True))"
@@ -432,9 +440,13 @@ class SpecBatcher:
         """Each row's draft for the next pass (shorter near its ``max_tokens``)."""
         rows = self.rows
         lengths = [min(r.draft_tokens, r.max_tokens - r.generated - 1) for r in rows]
-        if self.draft_model is not None:
-            return self._model_drafts(rows, lengths)
-        return [_row_draft(r, n) for r, n in zip(rows, lengths)]
+        if self.draft_model is None:
+            return [_row_draft(r, n, r.streams_draft) for r, n in zip(rows, lengths)]
+        chains = self._model_drafts(rows, lengths)
+        drafts = [_row_draft(r, n, c) for r, n, c in zip(rows, lengths, chains)]
+        for r, d, c in zip(rows, drafts, chains):  # (the draft cache was fed the chain)
+            r.draft_cache_end = None if d == c[: len(d)] else r.fed + 1
+        return drafts
 
     def _forward(self, inputs: mx.array) -> Tuple[mx.array, bool]:
         """The verifying pass over every row's inputs: its logits, and whether the
@@ -548,9 +560,11 @@ class SpecBatcher:
 
     def _settle_drafts(self, rows: List[_Row]) -> None:
         """Each row's draft cache keeps only the tokens it fed that were accepted: at
-        most all of the row's tokens but the last (its rejected drafts are dropped)."""
+        most all of the row's tokens but the last (its rejected drafts are dropped),
+        and none of the draft model's chain where a lookup draft replaced it."""
+        ends = [r.fed if r.draft_cache_end is None else r.draft_cache_end for r in rows]
         for c in self.draft_cache:
-            c.set_ends([min(e, r.fed) for e, r in zip(c.ends, rows)])
+            c.set_ends([min(e, end) for e, end in zip(c.ends, ends)])
 
     def _model_drafts(self, rows: List[_Row], lengths: List[int]) -> List[List[int]]:
         """Each row's greedy chain of the draft model, ``lengths[b]`` tokens long. The
@@ -616,15 +630,17 @@ def _padded(rows: List[_Row], drafts: List[List[int]]) -> Tuple[List[List[int]],
     return fed, mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
 
 
-def _row_draft(row: _Row, n: int) -> List[int]:
-    """Up to ``n`` tokens of ``row``'s draft from its own source."""
+def _row_draft(row: _Row, n: int, chain: List[int]) -> List[int]:
+    """Up to ``n`` tokens of ``row``'s draft from its own source: its lookup chain
+    (``"ngram"``, and ``"...+ngram"`` where it has a match), else ``chain`` (its
+    streams' or the draft model's)."""
     if not n:
         return []
-    if row.draft != "streams":
+    if "ngram" in row.draft:
         lookup = row.history.draft(n)
         if lookup or row.draft == "ngram":
             return lookup
-    return row.streams_draft[:n]
+    return chain[:n]
 
 
 def _joined(cache: Optional[List[RaggedKVCache]], rows: List[List[KVCache]]):
@@ -676,12 +692,18 @@ def batch_generate_step(
           greedy), the same for every row.
         logits_processors: mlx-lm logits processors, applied to every row with that
           row's own history.
-        draft (str or None): ``"streams"`` (the chain of the model's streams), ``"ngram"`` (prompt lookup), ``"streams+ngram"`` (a row's
-          lookup chain where its tokens have a match, else its streams' chain: a
-          batch verifies chains, not merged trees), ``"draft_model"`` (the
-          ``draft_model``'s greedy chain), ``"auto"`` (the draft model if given,
-          else the model's streams if it has streams that draft on this device (``tree_depth`` as tuned here is not 0), else prompt lookup) or ``None`` (one token per row per pass: plain batched
-          decoding).
+        draft (str or None): where each row's drafts come from:
+
+          * ``"streams"``: the chain of the model's streams;
+          * ``"ngram"``: prompt lookup; with ``draft_model``, a row's lookup chain
+            where its tokens have a match, else the draft model's chain;
+          * ``"streams+ngram"``: the lookup chain where it matches, else the streams'
+            (a batch verifies chains, not merged trees);
+          * ``"draft_model"``: the ``draft_model``'s greedy chain;
+          * ``"auto"``: the draft model if given, else the model's streams if it has
+            streams that draft on this device (``tree_depth`` as tuned here is not
+            0), else prompt lookup;
+          * ``None``: one token per row per pass (plain batched decoding).
         draft_model: an mlx-lm model with the same tokenizer.
         num_draft_tokens (int): the longest draft (default 10 for prompt lookup, as
           transformers', also with ``"streams+ngram"``, whose streams' chains stop
@@ -710,10 +732,13 @@ def batch_generate_step(
     if draft == "auto":
         own = stream_runtime(model) is not None and tuned_depth(model) > 0
         draft = "draft_model" if draft_model is not None else "streams" if own else "ngram"
-    if (draft == "draft_model") != (draft_model is not None):
+    if draft_model is not None and draft == "ngram":  # lookup merged into its chains
+        draft = "draft_model+ngram"
+    if (draft in MODEL_ROW_DRAFTS) != (draft_model is not None):
         raise ValueError(
             f"draft={draft!r} with draft_model={'a model' if draft_model else None}: "
-            "draft='draft_model' drafts with a draft model, and only it uses one"
+            "draft='draft_model' (or 'ngram' merged in) drafts with a draft model, and only "
+            "they use one"
         )
     uses_streams = draft in ("streams", "streams+ngram")
     if uses_streams and stream_runtime(model) is None:
@@ -750,7 +775,7 @@ def batch_generate_step(
                                  before=bool(given), max_tokens=n, sampler=sampler,
                                  logits_processors=logits_processors,
                                  num_draft_tokens=num_draft_tokens if draft else 0,
-                                 draft=draft if draft in ROW_DRAFTS else None)  # fmt: skip
+                                 draft=draft if draft else None)  # fmt: skip
             index[uid] = i
     while len(batcher):
         yield [r._replace(uid=index[r.uid]) for r in batcher.step()]

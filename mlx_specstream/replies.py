@@ -232,7 +232,8 @@ class SpecBatch:
     """Choices decoded together, each row speculating: a
     :class:`~mlx_specstream.batch.SpecBatcher` feeding :class:`Reply`s, with
     :class:`Batch`'s interface. With a draft model every speculative request's row
-    drafts with it (up to its ``num_draft_tokens``, 3 by default). With ``streams``
+    drafts with it (up to its ``num_draft_tokens``, 3 by default; a request whose
+    ``draft`` has ``"ngram"`` drafts its lookup chain where it matches instead). With ``streams``
     (a model whose lossless-mode streams draft on this device) a speculative
     request's row drafts with them, or as its ``draft`` says (``"ngram"``,
     ``"streams+ngram"``: lookup where it matches, else the streams). Otherwise a row
@@ -273,7 +274,7 @@ class SpecBatch:
         draft = args.get("draft") or None
         if self.batcher.draft_model is not None:
             n = (args.get("num_draft_tokens") or DRAFT_MODEL_TOKENS) if args["speculative"] else 0
-            draft = None
+            draft = "draft_model+ngram" if "ngram" in (draft or "") else "draft_model"
         elif self.batcher.streams is not None:
             draft = draft or "streams"
             n = tuned_depth(self.batcher.model) if draft == "streams" else (

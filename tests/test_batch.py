@@ -296,8 +296,8 @@ def test_the_probes_feed_tokens_inside_a_small_vocabulary():
         (dict(limits=[4]), "1 max_tokens for 4 prompts"),
         (dict(draft="draft_model"), "draft='draft_model' with draft_model=None"),
         (
-            dict(draft="ngram", draft_model=tiny_model("llama", vocab_size=V, seed=3)),
-            "draft='ngram' with draft_model=a model",
+            dict(draft="streams", draft_model=tiny_model("llama", vocab_size=V, seed=3)),
+            "draft='streams' with draft_model=a model",
         ),
         (
             dict(draft_model=tiny_hybrid("qwen3_next", vocab_size=V)),
@@ -395,15 +395,15 @@ def test_draft_models_of_other_weights_and_architectures():
         assert decode(model, draft_model=draft_model, num_draft_tokens=3)[0] == alone(model)
 
 
-def draft_cache_errors(model, draft_model, steps=12):
+def draft_cache_errors(model, draft_model, steps=12, prompts=PROMPTS, draft=None):
     """After each pass, how far each row's draft cache is from the draft model's own
     cache over the row's tokens but the last: (rows whose cache holds another count
-    than that, largest key difference)."""
+    than that, largest key difference over the tokens it holds)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     batcher = batch.SpecBatcher(model, draft_model=draft_model)
-    for p in PROMPTS:
-        batcher.insert(p, max_tokens=40, num_draft_tokens=3)
+    for p in prompts:
+        batcher.insert(p, max_tokens=40, num_draft_tokens=3, draft=draft)
     short, gap = 0, 0.0
     for _ in range(steps):
         batcher.step()
@@ -471,3 +471,31 @@ def test_prompt_caches_carry_a_conversation_to_the_next_call(drafter):
         assert ids == alone(model, [w], [12])[0][: len(ids)]
     cold = batch_generate(model, tok, turns, max_tokens=12, return_token_ids=True, **kwargs)
     assert cold.token_ids != second.token_ids
+
+
+def test_a_draft_model_with_lookup_merged_in():
+    """``draft="ngram"`` with a draft model: each row drafts its lookup chain where its
+    tokens have a match, else the draft model's chain. On prompts that repeat, fewer
+    passes than the draft model alone, every row equal to plain decoding; the draft
+    caches hold only the rows' own tokens (a lookup draft's pass drops the chain the
+    draft model was fed). Control: keeping that chain leaves other tokens' keys there."""
+    model = tiny_model("llama", vocab_size=V)
+    draft_model = tiny_model("llama", vocab_size=V, seed=3)  # (its chains mostly rejected)
+    repeat = [p * 3 for p in PROMPTS]
+    merged, merged_passes = decode(model, repeat, draft_model=draft_model, draft="ngram",
+                                   num_draft_tokens=3)  # fmt: skip
+    chained, chained_passes = decode(model, repeat, draft_model=draft_model, num_draft_tokens=3)
+    assert merged == chained == alone(model, repeat) and merged_passes < chained_passes
+    _, gap = draft_cache_errors(model, draft_model, prompts=repeat, draft="draft_model+ngram")
+    assert gap < 1e-5
+    settle = batch.SpecBatcher._settle_drafts
+
+    def keeping_the_chain(self, rows):
+        for r in rows:
+            r.draft_cache_end = None
+        settle(self, rows)
+
+    with pytest.MonkeyPatch().context() as mp:
+        mp.setattr(batch.SpecBatcher, "_settle_drafts", keeping_the_chain)
+        _, gap = draft_cache_errors(model, draft_model, prompts=repeat, draft="draft_model+ngram")
+    assert gap > 1e-3

@@ -648,3 +648,24 @@ def test_a_shared_mode_model_batches_with_its_streams_in_every_pass(service):
     assert sum(u[0]["speculative"]["accepted_draft_tokens"] for _, u, _ in got) > 0
     svc = service(model, tok, draft_model=tiny_model("llama", vocab_size=V))
     assert svc.wait_idle(60) and not svc.batching
+
+
+def test_with_a_draft_model_a_request_asking_for_lookup_merges_it(service, monkeypatch):
+    """``--draft-model`` and a request's ``"draft": "ngram"``: its row drafts its lookup
+    chain where it matches, else the draft model's (as the server's requests alone merge
+    them); every answer equals plain decoding."""
+    from mlx_specstream import batch
+
+    model, tok = tiny_model("llama", vocab_size=V), word_tokenizer(V, eos=0)
+    svc = service(model, tok, draft_model=tiny_model("llama", vocab_size=V, seed=3))
+    assert svc.wait_idle(60) and svc.spec_batching
+    rows, insert = [], batch.SpecBatcher.insert
+    monkeypatch.setattr(batch.SpecBatcher, "insert",
+                        lambda self, *a, **k: rows.append(k["draft"]) or insert(self, *a, **k))  # fmt: skip
+    repeat = [p * 3 for p in PROMPTS]
+    bodies = [{"max_tokens": 24, **({"draft": "ngram"} if i % 2 else {})} for i in range(4)]
+    got = [answer(j) for j in submit_together(svc, list(zip(repeat, bodies)))]
+    assert svc.served["largest_batch"] == 4
+    assert sorted(rows[:4]) == ["draft_model"] * 2 + ["draft_model+ngram"] * 2
+    for p, (text, _, _) in zip(repeat, got):
+        assert text[0] == plain(model, tok, p, 24)[0]
