@@ -402,7 +402,7 @@ class SpecBatcher:
             return self._pipelined_step()
         drafts = self._drafts()
         fed, inputs = _padded(rows, drafts)
-        logits, _ = self._forward(inputs)
+        logits, fused = self._forward(inputs)
         if any(r.processors for r in rows):
             logits = _process(logits, rows, fed)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -410,31 +410,51 @@ class SpecBatcher:
         chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
         chosen, chosen_lp = chosen.tolist(), chosen_lp.astype(mx.float32).tolist()
 
-        out, kept, going = [], [], []
-        for b, (r, d, toks, lps) in enumerate(zip(rows, drafts, chosen, chosen_lp)):
-            toks = accepted(d, toks)
-            kept.append(len(toks))
-            toks, finish = _cut(r, toks, self.stop)
-            r.generated += len(toks)
-            r.history.extend(toks)
-            out.append([r.uid, toks, lps[: len(toks)], finish,
-                        [logprobs[b, j] for j in range(len(toks))], None])  # fmt: skip
-            if finish is None:
-                going.append(r)
+        tokens = [accepted(d, c) for d, c in zip(drafts, chosen)]
+        kept = [len(t) for t in tokens]
+        out = [self._emit(r, b, t, lps, logprobs)
+               for b, (r, t, lps) in enumerate(zip(rows, tokens, chosen_lp))]  # fmt: skip
         for c in self.cache:
             c.advance(kept)
         if self.draft_cache is not None:
             self._settle_drafts(rows)
+        if any(r.uses_streams and o[3] is None for r, o in zip(rows, out)):  # next drafts
+            chains = self._stream_chains(mx.array([k - 1 for k in kept]), fused)
+            for r, d in zip(rows, chains.tolist()):
+                r.streams_draft = d if r.uses_streams else []
+        return self._leave(out)
+
+    def _emit(self, r: _Row, b: int, tokens: List[int], lps: List[float], logprobs) -> list:
+        """Row ``r`` (the pass's row ``b``) gets ``tokens``, cut at a stop token or its
+        length: the fields of its :class:`RowTokens`."""
+        tokens, finish = _cut(r, tokens, self.stop)
+        r.generated += len(tokens)
+        r.history.extend(tokens)
+        return [r.uid, tokens, lps[: len(tokens)], finish,
+                [logprobs[b, j] for j in range(len(tokens))], None]  # fmt: skip
+
+    def _leave(self, out: List[list]) -> List[RowTokens]:
+        """The pass's :class:`RowTokens` (``out``, of the batch's first rows): finished
+        rows take their caches and leave the batch."""
         if self.keep_caches:
             for b, o in enumerate(out):
                 if o[3] is not None:
                     o[5] = self._extract(b)
-        if self.streams is not None:
-            self._stream_drafts(rows, kept, going)
-        self._keep(going)
+        done = {o[0] for o in out if o[3] is not None}
+        self._keep([r for r in self.rows if r.uid not in done])
         if self.streams is not None and not self.rows:
             self.streams.release()  # (nothing of the batch outlives it)
         return [RowTokens(*o) for o in out]
+
+    def _stream_chains(self, nodes: mx.array, fused: bool) -> mx.array:
+        """``(B, gamma)``: each row's streams' first choices at its token ``nodes[b]``
+        of the last pass (from that pass's stream rows if ``fused``, else a pass of
+        their own)."""
+        if fused:
+            slog = self.streams.fused_streams(nodes)
+        else:
+            slog = self.streams.rows_streams(nodes, self.cache)
+        return mx.argmax(slog, axis=-1)
 
     def _drafts(self) -> List[List[int]]:
         """Each row's draft for the next pass (shorter near its ``max_tokens``)."""
@@ -510,12 +530,8 @@ class SpecBatcher:
                    for r in rows]  # fmt: skip
         next_inputs = bonus
         if max(lengths):
-            if fused:
-                slog = self.streams.fused_streams(accepted)
-            else:
-                slog = self.streams.rows_streams(accepted, self.cache)
-            chain = mx.argmax(slog[:, : max(lengths)], axis=-1).astype(bonus.dtype)
-            next_inputs = mx.concatenate([bonus, chain], axis=1)
+            chain = self._stream_chains(accepted, fused)[:, : max(lengths)]
+            next_inputs = mx.concatenate([bonus, chain.astype(bonus.dtype)], axis=1)
         mx.async_eval(chosen, chosen_lp, accepted, next_inputs)
         return _Pass(rows, chosen, chosen_lp, logprobs, accepted, next_inputs, lengths)
 
@@ -523,40 +539,14 @@ class SpecBatcher:
         """What each row of ``p`` got; the caches' ends settled; finished rows leave."""
         chosen, lps = p.chosen.tolist(), p.chosen_lp.astype(mx.float32).tolist()
         accepted, nxt = p.accepted.tolist(), p.next_inputs.tolist()
-        out, going = [], []
+        out = []
         for b, r in enumerate(p.rows):
-            toks, finish = _cut(r, chosen[b][: accepted[b] + 1], self.stop)
-            r.generated += len(toks)
-            r.history.extend(toks)
+            out.append(self._emit(r, b, chosen[b][: accepted[b] + 1], lps[b], p.logprobs))
             r.streams_draft = nxt[b][1 : 1 + p.next_drafts[b]]  # (for a step that reads it)
-            out.append([r.uid, toks, lps[b][: len(toks)], finish,
-                        [p.logprobs[b, j] for j in range(len(toks))], None])  # fmt: skip
-            if finish is None:
-                going.append(r)
         joined = len(self.rows) - len(p.rows)  # (rows that joined after p kept nothing of it)
         for c in self.cache:
             c.settle([a + 1 for a in accepted] + [0] * joined)
-        if self.keep_caches:
-            for b, o in enumerate(out):
-                if o[3] is not None:
-                    o[5] = self._extract(b)
-        self._keep(going + self.rows[len(p.rows) :])
-        if self.streams is not None and not self.rows:
-            self.streams.release()
-        return [RowTokens(*o) for o in out]
-
-    def _stream_drafts(self, rows: List[_Row], kept: List[int], going: List[_Row]) -> None:
-        """Each going row's next draft: its streams' first choices at the last token
-        it kept, from one pass of every row's stream rows (a row that leaves costs
-        its few rows there, less than taking the others' caches apart)."""
-        if any(r.uses_streams for r in going):
-            nodes = mx.array([k - 1 for k in kept])
-            if self.fused:
-                slog = self.streams.fused_streams(nodes)
-            else:
-                slog = self.streams.rows_streams(nodes, self.cache)
-            for r, d in zip(rows, mx.argmax(slog, axis=-1).tolist()):
-                r.streams_draft = d if r.uses_streams else []
+        return self._leave(out)
 
     def _settle_drafts(self, rows: List[_Row]) -> None:
         """Each row's draft cache keeps only the tokens it fed that were accepted: at

@@ -233,8 +233,8 @@ class SpecBatch:
     :class:`~mlx_specstream.batch.SpecBatcher` feeding :class:`Reply`s, with
     :class:`Batch`'s interface. With a draft model every speculative request's row
     drafts with it (up to its ``num_draft_tokens``, 3 by default; a request whose
-    ``draft`` has ``"ngram"`` drafts its lookup chain where it matches instead). With ``streams``
-    (a model whose lossless-mode streams draft on this device) a speculative
+    ``draft`` has ``"ngram"`` drafts its lookup chain where it matches instead). With
+    ``streams`` (a model whose streams draft on this device) a speculative
     request's row drafts with them, or as its ``draft`` says (``"ngram"``,
     ``"streams+ngram"``: lookup where it matches, else the streams). Otherwise a row
     drafts by prompt lookup when its request's ``draft`` has ``"ngram"``. Other rows

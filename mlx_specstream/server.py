@@ -183,7 +183,6 @@ class ModelService:
         self.xtc_special_tokens = xtc_special_tokens(tokenizer)
         rt = getattr(model, "speculative_streams", None)
         self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
-        self.has_streams = rt is not None and getattr(rt, "streams", None) is not None
         self.batching = False  # set by the generation thread (see _can_batch)
         self.spec_batching = False  # batched rows speculate (SpecBatch)
         self.stream_batching = False  # and may draft with the model's streams
@@ -359,11 +358,11 @@ class ModelService:
         pass fails or is wrong (mlx-lm's gemma2) serves one request at a time, and
         says so. Rows speculate in a batch (:class:`~mlx_specstream.replies.SpecBatch`)
         with the model's streams (where their tuning on this device leaves them on;
-        a shared-mode model's rows always carry them, its main rows reading them), ``--draft ngram`` or a ``--draft-model`` (which
-        ``mlx_lm.server`` serves one request at a time), where every layer of both
-        models has a plain KV cache and such rows pass their own probe; elsewhere a
-        batch decodes plainly (a draft model's requests one at a time), and the log
-        says why."""
+        a shared-mode model's rows always carry them, its main rows reading them),
+        ``--draft ngram`` or a ``--draft-model`` (which ``mlx_lm.server`` serves one
+        request at a time), where every layer of both models has a plain KV cache and
+        such rows pass their own probe; elsewhere a batch decodes plainly (a draft
+        model's requests one at a time), and the log says why."""
         d = self.defaults
         if d.decode_concurrency <= 1 or d.kv_bits is not None:
             return False
@@ -394,17 +393,15 @@ class ModelService:
                 f"model ({fault})"
             )
             return False
-        if stream_runtime(self.model) is not None and tuned_depth(self.model) > 0:
+        has_streams = stream_runtime(self.model) is not None
+        streams_on = has_streams and tuned_depth(self.model) > 0
+        if streams_on or "ngram" in (d.draft or ""):
             why = unbatchable(self.model)
             if why:
-                logger.warning(f"requests decoded together do not draft with the streams: {why}")
-            self.spec_batching = self.stream_batching = not why
-        elif "ngram" in (d.draft or ""):
-            why = unbatchable(self.model)
-            if why:
-                logger.warning(f"requests decoded together do not draft: {why}")
-            self.spec_batching = not why
-        elif self.has_streams:
+                with_streams = " with the streams" if streams_on else ""
+                logger.warning(f"requests decoded together do not draft{with_streams}: {why}")
+            self.spec_batching, self.stream_batching = not why, streams_on and not why
+        elif has_streams:
             logger.warning("requests decoded together do not draft: the streams' tuning on this "
                            "device has them off")  # fmt: skip
         return True

@@ -180,26 +180,29 @@ def exact_distribution(model, prompt, sampler):
     }
 
 
-def sampled_pvalues(model, sampler, own=False, draft_model=None):
+def sampled_pvalues(model, sampler, own=False, draft_model=None, streams=False):
     """Rows of two prompts, interleaved in one batch, sampled: each prompt's rows
     against its own exact distribution. ``own``: each row with a sampler of its own
     (drawn row by row), else one shared (one draw over the batch). ``draft_model``
-    drafts instead of prompt lookup."""
+    drafts instead of prompt lookup; with ``streams`` the model's streams do, in
+    pipelined passes."""
     from test_sampling import chi_square_pvalue  # (needs scipy)
 
     mx.random.seed(0)
     prompts = [PROMPT_A, PROMPT_B] * (ROWS // 2)
-    batcher = batch.SpecBatcher(model, draft_model=draft_model)
+    batcher = batch.SpecBatcher(model, draft_model=draft_model, streams=streams)
     for p in prompts:
         row_sampler = make_sampler(temp=sampler.temp) if own else sampler
         batcher.insert(p, max_tokens=N_TOKENS, sampler=row_sampler, num_draft_tokens=2)
-    tokens, drafted = {}, 0
+    tokens, drafted, flights = {}, 0, 0
     while len(batcher):
         for r in batcher.step():
             tokens[r.uid] = tokens.get(r.uid, []) + r.tokens
             drafted += len(r.tokens) - 1
+        flights += batcher._flight is not None
     tokens = [tokens[u] for u in sorted(tokens)]
     assert drafted > ROWS // 10, "drafts were rarely accepted: the test has no power"
+    assert flights or not streams, "no pass was pipelined"
     out = []
     for k, prompt in enumerate((PROMPT_A, PROMPT_B)):
         counts = {}

@@ -351,8 +351,7 @@ def test_pipelined_sampled_rows_keep_the_model_distribution(control, monkeypatch
     pipelined passes: each prompt's rows against its exact distribution (chi-square).
     Control: a device verifier that keeps the first draft token unchecked (the next
     choice is then drawn after the draft, not after the drawn token)."""
-    from test_batch import N_TOKENS, PROMPT_A, PROMPT_B, ROWS, exact_distribution
-    from test_sampling import chi_square_pvalue  # (needs scipy)
+    from test_batch import sampled_pvalues
 
     from mlx_specstream.sample_utils import make_sampler
 
@@ -360,27 +359,9 @@ def test_pipelined_sampled_rows_keep_the_model_distribution(control, monkeypatch
         on_device = batch.accepted_on_device
         monkeypatch.setattr(batch, "accepted_on_device",
                             lambda i, c, d: mx.maximum(on_device(i, c, d), mx.minimum(d, 1)))  # fmt: skip
-    model = tiny_spec_model("llama", vocab_size=6, weight_scale=4.0, num_streams=2,
-                            mode="lossless", model_args=dict(hidden_size=32, intermediate_size=64))  # fmt: skip
-    sampler = make_sampler(temp=1.0)
-    mx.random.seed(0)
-    batcher = SpecBatcher(model, streams=True)
-    for p in [PROMPT_A, PROMPT_B] * (ROWS // 2):
-        batcher.insert(p, max_tokens=N_TOKENS, sampler=sampler, num_draft_tokens=2)
-    tokens, drafted, flights = {}, 0, 0
-    while len(batcher):
-        for r in batcher.step():
-            tokens[r.uid] = tokens.get(r.uid, []) + r.tokens
-            drafted += len(r.tokens) - 1
-        flights += batcher._flight is not None
-    assert flights and drafted > ROWS // 10, "drafts were rarely accepted: no power"
-    tokens = [tokens[u] for u in sorted(tokens)]
-    p = []
-    for k, prompt in enumerate((PROMPT_A, PROMPT_B)):
-        counts = {}
-        for t in tokens[k::2]:
-            counts[tuple(t)] = counts.get(tuple(t), 0) + 1
-        p.append(chi_square_pvalue(counts, exact_distribution(model, prompt, sampler), ROWS // 2))
+    model = tiny_spec_model("llama", vocab_size=6, weight_scale=4.0, num_streams=2, mode="lossless",
+                            model_args=dict(hidden_size=32, intermediate_size=64))  # fmt: skip
+    p = sampled_pvalues(model, make_sampler(temp=1.0), streams=True)
     if control:
         # (it would fail the test below: a prompt's rows are off their distribution)
         assert min(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
@@ -425,3 +406,15 @@ def test_ragged_cache_advanced_on_the_device():
         cache.advance([1, 1])
     cache.settle([2, 1])
     assert cache.ends == [5, 2] and cache.size() == 5 and cache.offset.tolist() == [5, 2]
+
+
+def test_rows_mask_golden():
+    """rows_mask's worked example: two rows holding 1 and 0 tokens, two rows each."""
+    from mlx_specstream.streams import rows_mask
+
+    got = rows_mask(mx.array([[True, False], [True, True]]), mx.array([1, 0]), 1)
+    assert got.shape == (2, 1, 2, 3)
+    assert got[:, 0].astype(mx.int32).tolist() == [
+        [[1, 1, 0], [1, 1, 1]],
+        [[1, 0, 0], [1, 1, 0]],
+    ]
