@@ -3,7 +3,8 @@ draft model in every row), against mlx-lm's batched and
 one-at-a-time decoding on the same weights.
 
     python benchmarks/batch_speed.py [--model DIR] [--dtype float32] [--batch 1,2,4,8]
-        [--draft-tokens 2,4] [--max-tokens 128] [--rounds 2] [--tag TAG]
+        [--draft-tokens 2,4] [--max-tokens 128] [--rounds 2] [--ways SUBSTRINGS]
+        [--pipeline-ab] [--tag TAG]
 
 For each batch size K, K prompts are decoded greedily for ``--max-tokens`` tokens
 each, in two tasks: **completion** (the shipped model's held-out prompts) and
@@ -24,6 +25,12 @@ Ways, interleaved in every round, on the same weights:
   model drafting 3 tokens in every row (mlx-lm has no batched draft-model decoding);
 * **ours, draft model (3) + lookup**: the same, each row drafting its lookup chain
   where its tokens have a match instead (``draft="ngram"`` with ``draft_model=``).
+
+``--pipeline-ab`` runs each of our ways that can pipeline its passes (no drafts,
+streams, lookup) twice more, with ``pipeline=True`` and ``pipeline=False`` (the
+default, ``None``, pipelines lookup rows on a GPU only); ``--ways`` keeps only the ways whose names
+contain one of its comma-separated substrings (mlx-lm's ``batch_generate``, the
+baseline, always runs).
 
 Figures: generated tokens (up to each row's first EOS) per second of the whole batch (prefill included, as a
 user of ``batch_generate`` waits for it), each way's median over rounds, against
@@ -67,6 +74,9 @@ def main():
     ap.add_argument("--draft-tokens", default="2,4")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ways", default=None, help="comma-separated substrings of way names")
+    ap.add_argument("--pipeline-ab", action="store_true",
+                    help="our ways that can pipeline, with pipeline=True and False too")  # fmt: skip
     ap.add_argument("--tag", default=None)
     args = ap.parse_args()
     model, tokenizer = load(args.model)
@@ -99,16 +109,16 @@ def main():
         "mlx-lm batch_generate": mlx_lm_batched,
         "mlx-lm one at a time": mlx_lm_plain,
         "mlx-lm draft model (3), one at a time": mlx_lm_drafted,
-        "ours, no drafts": lambda ps: _ours(model, tokenizer, ps, N, draft=None),
+        "ours, no drafts": lambda ps, **kw: _ours(model, tokenizer, ps, N, draft=None, **kw),
     }
     if stream_runtime(model) is not None:
         for how in ("fused", "split"):
-            ways[f"ours, streams ({how})"] = lambda ps, how=how: _ours(
-                model, tokenizer, ps, N, draft="streams", stream_pass=how
+            ways[f"ours, streams ({how})"] = lambda ps, how=how, **kw: _ours(
+                model, tokenizer, ps, N, draft="streams", stream_pass=how, **kw
             )
     for d in lengths:
-        ways[f"ours, lookup {d}"] = lambda ps, d=d: _ours(
-            model, tokenizer, ps, N, draft="ngram", num_draft_tokens=d
+        ways[f"ours, lookup {d}"] = lambda ps, d=d, **kw: _ours(
+            model, tokenizer, ps, N, draft="ngram", num_draft_tokens=d, **kw
         )
     ways["ours, draft model (3)"] = lambda ps: _ours(
         model, tokenizer, ps, N, draft_model=draft_model, num_draft_tokens=3
@@ -116,6 +126,15 @@ def main():
     ways["ours, draft model (3) + lookup"] = lambda ps: _ours(
         model, tokenizer, ps, N, draft_model=draft_model, draft="ngram", num_draft_tokens=3
     )
+    if args.pipeline_ab:  # (the draft-model ways are never pipelined)
+        for name, way in list(ways.items()):
+            if name.startswith("ours") and "draft model" not in name:
+                ways[name + ", pipelined"] = lambda ps, way=way: way(ps, pipeline=True)
+                ways[name + ", unpipelined"] = lambda ps, way=way: way(ps, pipeline=False)
+    if args.ways:
+        keep = args.ways.split(",")
+        ways = {n: w for n, w in ways.items()
+                if n == "mlx-lm batch_generate" or any(k in n for k in keep)}  # fmt: skip
     rows = []
     for task, every in task_prompts(tokenizer, Path(args.model), max(sizes)).items():
         for K in sizes:

@@ -12,12 +12,13 @@ Greedy output equals each prompt decoded alone; sampled output keeps the model's
 distribution, since either draft is a deterministic proposal, accepted where it
 equals the token the sampler drew.
 
-Where every row's next input can be made on the device (rows drafting with the
-model's streams, or not at all, without logits processors), each pass is launched
-before the one before it is read, as mlx-lm's loop does: the device chooses each
-row's tokens, counts what it keeps, moves its cache's end and builds its next
-input (the token chosen at its last kept position, then the streams' chain there),
-while the host reads the pass before.
+Where every row's next input can be made on the device (rows drafting by prompt
+lookup, with the model's streams or not at all, without logits processors or a
+draft model), each pass is launched before the one before it is read, as mlx-lm's
+loop does: the device chooses each row's tokens, counts what it keeps, moves its
+cache's end and builds its next input (the token chosen at its last kept position,
+then its draft: the streams' chain there, or its lookup in a copy of its tokens
+kept on the device), while the host reads the pass before.
 """
 
 import copy
@@ -30,7 +31,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .cli_args import DRAFT_MODEL_TOKENS
-from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
+from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
+from .precision import on_gpu
 from .ragged_cache import RaggedKVCache
 
 DRAFTS = ("auto", "streams", "ngram", "streams+ngram", "draft_model", None)
@@ -213,16 +215,19 @@ class SpecBatcher:
         stream_pass (str): ``"fused"``: every fed token's stream rows go through
           the verifying pass; ``"split"``: a second pass feeds the stream rows of
           each row's last kept token alone.
-        pipeline (bool): where every row's next input is known on the device (rows
-          that draft with the streams or not at all, without logits processors),
-          launch each pass before reading the one before it, as mlx-lm's loop does
-          (:meth:`_pipelined_step`).
+        pipeline (bool, optional): where every row's next input can be made on the
+          device (no draft model, no logits processors), launch each pass before
+          reading the one before it, as mlx-lm's loop does (:meth:`_pipelined_step`).
+          ``None`` (default): rows drafting by lookup take part on a GPU only (on a
+          CPU their fixed-width passes and the device's lookup cost more than the
+          overlap saves; rows with streams or no drafts always do); ``True``: every
+          row that can; ``False``: none.
     """
 
     def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
                  max_rows: Optional[int] = None, keep_caches: bool = False,
                  draft_model=None, streams: bool = False,
-                 stream_pass: str = "fused", pipeline: bool = True):  # fmt: skip
+                 stream_pass: str = "fused", pipeline: Optional[bool] = None):  # fmt: skip
         for m, name in ((model, "model"), (draft_model, "draft model")):
             why = None if m is None else unbatchable(m, name)
             if why:
@@ -252,8 +257,12 @@ class SpecBatcher:
         self.draft_cache: Optional[List[RaggedKVCache]] = None
         self.waiting: List[Tuple[_Row, List[KVCache], List[KVCache]]] = []
         self._uid = 0
-        self.pipeline = pipeline
+        self.pipeline = pipeline is not False
+        self.lookup_on_device = on_gpu() if pipeline is None else pipeline  # (lookup rows)
         self._flight: Optional[_Pass] = None  # launched, not read yet (_pipelined_step)
+        # while passes are pipelined and rows draft by lookup: each row's tokens so far
+        # on the device, (B, C), and how many there are, (B,) (_launch)
+        self._history: Optional[Tuple[mx.array, mx.array]] = None
         # the model's vocabulary: a draft model's drafts stay inside it
         self.vocab = output_size(model) if draft_model is not None else None
 
@@ -377,6 +386,9 @@ class SpecBatcher:
                 c.filter(index)
             if self._flight is not None:  # (its rows are the batch's, in order)
                 self._flight = self._flight.filter(index) if keep else None
+            if self._history is not None:
+                at = mx.array(index, dtype=mx.int32)
+                self._history = (self._history[0][at], self._history[1][at]) if keep else None
             self.rows = keep
 
     def _admit(self) -> None:
@@ -479,14 +491,15 @@ class SpecBatcher:
     # ---- pipelined passes ---------------------------------------------------------
     def _pipelines(self) -> bool:
         """Whether every row's next input can be made on the device: no draft model,
-        no logits processors, and drafts from the streams or none."""
+        no logits processors, and rows drafting by lookup only where they look up on
+        the device, which holds the rows' tokens from the start of a flight of passes."""
+        looks_up = any(_looks_up(r) for r in self.rows)
         return (
             self.pipeline
             and self.draft_model is None
-            and all(
-                not r.processors and (r.draft_tokens == 0 or r.draft == "streams")
-                for r in self.rows
-            )
+            and all(not r.processors for r in self.rows)
+            and (not looks_up or self.lookup_on_device
+                 and (self._flight is None or self._history is not None))  # fmt: skip
         )
 
     def _pipelined_step(self) -> List[RowTokens]:
@@ -497,23 +510,32 @@ class SpecBatcher:
         streams' chain there (:meth:`_launch`)."""
         p = self._flight or self._launch(self._host_inputs())
         self._flight = self._launch(self._inputs_after(p)) if self._pipelines() else None
+        if self._flight is None:
+            self._history = None  # (the host's tokens are the rows' again)
         return self._read(p)
 
-    def _host_inputs(self) -> Tuple[mx.array, List[int]]:
-        """Each row's pending token and the draft the host holds for it, padded."""
+    def _host_inputs(self) -> Tuple[mx.array, mx.array]:
+        """Each row's pending token and the draft the host holds for it, padded, and
+        the drafts' lengths; the rows' tokens copied to the device if any looks up."""
         drafts = self._drafts()
-        return _padded(self.rows, drafts)[1], [len(d) for d in drafts]
+        if any(_looks_up(r) for r in self.rows):
+            self._history = _device_history([r.history.tokens for r in self.rows])
+        return _padded(self.rows, drafts)[1], mx.array([len(d) for d in drafts])
 
-    def _inputs_after(self, p: "_Pass") -> Tuple[mx.array, List[int]]:
+    def _inputs_after(self, p: "_Pass") -> Tuple[mx.array, mx.array]:
         """The next pass's inputs from ``p``'s, on the device; rows that joined since
-        feed their pending token alone."""
-        inputs, joined = p.next_inputs, self.rows[len(p.rows) :]
+        feed their pending token alone (their tokens join the device's copy)."""
+        inputs, drafts, joined = p.next_inputs, p.next_drafts, self.rows[len(p.rows) :]
         if joined:
             pad = [[r.history.tokens[-1]] * inputs.shape[1] for r in joined]
             inputs = mx.concatenate([inputs, mx.array(pad, dtype=inputs.dtype)])
-        return inputs, p.next_drafts + [0] * len(joined)
+            drafts = mx.concatenate([drafts, mx.zeros(len(joined), dtype=drafts.dtype)])
+            if self._history is not None:
+                new = _device_history([r.history.tokens for r in joined])
+                self._history = _stacked(self._history, new)
+        return inputs, drafts
 
-    def _launch(self, fed: Tuple[mx.array, List[int]]) -> "_Pass":
+    def _launch(self, fed: Tuple[mx.array, mx.array]) -> "_Pass":
         """One pass over every row, every output left on the device: what each row
         keeps, the caches advanced over it, and the next pass's inputs."""
         (inputs, drafts), rows = fed, list(self.rows)
@@ -522,27 +544,56 @@ class SpecBatcher:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         chosen = _sample(logprobs, rows).astype(inputs.dtype)
         chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
-        accepted = accepted_on_device(inputs, chosen, mx.array(drafts))
+        accepted = accepted_on_device(inputs, chosen, drafts)
         for c in self.cache:
             c.advance_on_device(accepted + 1, W)
         bonus = mx.take_along_axis(chosen, accepted[:, None], axis=1)
-        lengths = [min(r.draft_tokens, self.streams.config.num_streams) if r.uses_streams else 0
-                   for r in rows]  # fmt: skip
-        next_inputs = bonus
-        if max(lengths):
-            chain = self._stream_chains(accepted, fused)[:, : max(lengths)]
-            next_inputs = mx.concatenate([bonus, chain.astype(bonus.dtype)], axis=1)
-        mx.async_eval(chosen, chosen_lp, accepted, next_inputs)
-        return _Pass(rows, chosen, chosen_lp, logprobs, accepted, next_inputs, lengths)
+        if self._history is not None:  # each row's kept tokens join its copy
+            self._history = _extended(self._history, chosen, accepted, rows)
+        stream_lengths = [min(r.draft_tokens, self.streams.config.num_streams)
+                          if r.uses_streams else 0 for r in rows]  # fmt: skip
+        chain = None
+        if max(stream_lengths):
+            chain = self._stream_chains(accepted, fused)[:, : max(stream_lengths)]
+        next_drafts, counts = self._next_drafts(rows, chain, stream_lengths)
+        next_inputs = mx.concatenate([bonus, next_drafts.astype(bonus.dtype)], axis=1)
+        mx.async_eval(chosen, chosen_lp, accepted, next_inputs, counts)
+        return _Pass(rows, chosen, chosen_lp, logprobs, accepted, next_inputs, counts, chain,
+                     stream_lengths)  # fmt: skip
+
+    def _next_drafts(self, rows: List[_Row], chain: Optional[mx.array],
+                     stream_lengths: List[int]) -> Tuple[mx.array, mx.array]:  # fmt: skip
+        """Each row's next draft on the device, ``(B, D)``, and its length, ``(B,)``:
+        its streams' ``chain``, or its lookup in the device's copy of its tokens
+        (``"streams+ngram"``: where that has a match)."""
+        B = len(rows)
+        counts = mx.array(stream_lengths, dtype=mx.int32)
+        lookup = [r.draft_tokens if _looks_up(r) else 0 for r in rows]
+        width = max(stream_lengths + lookup)
+        if width == 0:
+            return mx.zeros((B, 0), dtype=mx.int32), counts
+        drafts = mx.zeros((B, width), dtype=mx.int32) if chain is None else _widened(chain, width)
+        if max(lookup):
+            found, found_n = device_lookups(*self._history, max(lookup))
+            found_n = mx.minimum(found_n, mx.array(lookup, dtype=mx.int32))
+            # lookup rows take theirs; streams+ngram rows where it matched
+            take = mx.array([_looks_up(r) and r.draft == "ngram" for r in rows]) | (
+                (found_n > 0) & mx.array([_looks_up(r) for r in rows])
+            )
+            drafts = mx.where(take[:, None], _widened(found, width), drafts)
+            counts = mx.where(take, found_n, counts)
+        return drafts, counts
 
     def _read(self, p: "_Pass") -> List[RowTokens]:
         """What each row of ``p`` got; the caches' ends settled; finished rows leave."""
         chosen, lps = p.chosen.tolist(), p.chosen_lp.astype(mx.float32).tolist()
-        accepted, nxt = p.accepted.tolist(), p.next_inputs.tolist()
+        accepted = p.accepted.tolist()
+        chain = p.stream_chain.tolist() if p.stream_chain is not None else None
         out = []
         for b, r in enumerate(p.rows):
             out.append(self._emit(r, b, chosen[b][: accepted[b] + 1], lps[b], p.logprobs))
-            r.streams_draft = nxt[b][1 : 1 + p.next_drafts[b]]  # (for a step that reads it)
+            # (the streams' chain the next pass drafted from, for a step that reads it)
+            r.streams_draft = chain[b][: p.stream_lengths[b]] if chain else []
         joined = len(self.rows) - len(p.rows)  # (rows that joined after p kept nothing of it)
         for c in self.cache:
             c.settle([a + 1 for a in accepted] + [0] * joined)
@@ -593,14 +644,18 @@ class _Pass:
     logprobs: mx.array  # (B, W, V)
     accepted: mx.array  # (B,) drafts each row kept (it keeps one token more)
     next_inputs: mx.array  # (B, 1 + drafts) the next pass's: the bonus token, then drafts
-    next_drafts: List[int]  # the drafts each row feeds there
+    next_drafts: mx.array  # (B,) the drafts each row feeds there
+    stream_chain: Optional[mx.array]  # (B, S) the streams' chains at each row's last token
+    stream_lengths: List[int]  # how much of it each row drafts with
 
     def filter(self, index: List[int]) -> "_Pass":
         """The pass's rows ``index`` only (the batch's rows, in order)."""
         at = mx.array(index, dtype=mx.int32)
+        chain = None if self.stream_chain is None else self.stream_chain[at]
         return _Pass([self.rows[i] for i in index], self.chosen[at], self.chosen_lp[at],
                      self.logprobs[at], self.accepted[at], self.next_inputs[at],
-                     [self.next_drafts[i] for i in index])  # fmt: skip
+                     self.next_drafts[at], chain,
+                     [self.stream_lengths[i] for i in index])  # fmt: skip
 
 
 def _cut(row: _Row, tokens: List[int], stop) -> Tuple[List[int], Optional[str]]:
@@ -631,6 +686,51 @@ def _row_draft(row: _Row, n: int, chain: List[int]) -> List[int]:
         if lookup or row.draft == "ngram":
             return lookup
     return chain[:n]
+
+
+def _looks_up(row: _Row) -> bool:
+    """Whether ``row`` drafts by prompt lookup (alone or before its streams)."""
+    return row.draft_tokens > 0 and "ngram" in row.draft
+
+
+def _device_history(rows: List[List[int]], room: int = 256) -> Tuple[mx.array, mx.array]:
+    """The rows' tokens on the device, ``(B, C)`` with room after the longest, and
+    their numbers, ``(B,)``."""
+    width = max(map(len, rows)) + room
+    return (mx.array([r + [0] * (width - len(r)) for r in rows], dtype=mx.int32),
+            mx.array([len(r) for r in rows], dtype=mx.int32))  # fmt: skip
+
+
+def _stacked(a: Tuple[mx.array, mx.array], b: Tuple[mx.array, mx.array]):
+    """Two device histories' rows, ``a``'s then ``b``'s (the narrower one widened)."""
+    width = max(a[0].shape[1], b[0].shape[1])
+    pad = [mx.pad(h, [(0, 0), (0, width - h.shape[1])]) for h in (a[0], b[0])]
+    return mx.concatenate(pad), mx.concatenate([a[1], b[1]])
+
+
+def _extended(history: Tuple[mx.array, mx.array], chosen: mx.array, accepted: mx.array,
+              rows: List[_Row]) -> Tuple[mx.array, mx.array]:  # fmt: skip
+    """The device history with each row's pass's choices written at its end, of which
+    it keeps ``accepted[b] + 1`` (the rest is written over later). Its room grows
+    before a row's tokens could reach its end: the host's count, which lags by at most
+    the passes in flight, plus three passes' width."""
+    tokens, lengths = history
+    W = chosen.shape[1]
+    need = max(len(r.history.tokens) for r in rows) + 3 * (W + max(r.draft_tokens for r in rows))
+    if tokens.shape[1] < need:
+        tokens = mx.pad(tokens, [(0, 0), (0, need + 256 - tokens.shape[1])])
+    at = lengths[:, None] + mx.arange(W, dtype=mx.int32)
+    tokens = mx.put_along_axis(tokens, at, chosen.astype(tokens.dtype), axis=1)
+    return tokens, lengths + accepted.astype(lengths.dtype) + 1
+
+
+def _widened(drafts: mx.array, width: int) -> mx.array:
+    """``(B, width)``: ``drafts``' first ``width`` columns, padded with its last."""
+    have = drafts.shape[1]
+    if have >= width:
+        return drafts[:, :width].astype(mx.int32)
+    return mx.concatenate([drafts, mx.repeat(drafts[:, -1:], width - have, axis=1)],
+                          axis=1).astype(mx.int32)  # fmt: skip
 
 
 def _joined(cache: Optional[List[RaggedKVCache]], rows: List[List[KVCache]]):
@@ -664,7 +764,7 @@ def batch_generate_step(
     draft_model=None,
     num_draft_tokens: Optional[int] = None,
     stream_pass: str = "fused",
-    pipeline: bool = True,
+    pipeline: Optional[bool] = None,
     prefill_step_size: int = 2048,
     prompt_caches: Optional[Sequence[list]] = None,
     return_prompt_caches: bool = False,
@@ -703,8 +803,9 @@ def batch_generate_step(
         stream_pass (str): with streams, ``"fused"`` (their rows go through the
           verifying pass) or ``"split"`` (a second, shorter pass), as
           :class:`SpecBatcher`.
-        pipeline (bool): launch each pass before reading the last, where every
-          row's next input is known on the device (:class:`SpecBatcher`).
+        pipeline (bool, optional): launch each pass before reading the last, where
+          every row's next input can be made on the device; ``None``: rows drafting
+          by lookup only on a GPU (:class:`SpecBatcher`).
         prefill_step_size (int): prompt tokens per prefill pass.
         prompt_caches: per prompt, a cache holding context before it (the model's
           ``KVCache`` layers, then the draft model's, holding as many tokens), as

@@ -6,7 +6,8 @@ verifier keeps the output exact, greedy or sampled. :func:`ngram_draft` is the
 definition (it rescans the whole history); :class:`NgramIndex` gives the same
 drafts from an index updated per token, which the decoder uses so that a step's
 lookup does not grow with the context. :func:`device_lookup` gives them on the
-device, for pipelined steps whose history the host has not read yet.
+device, for pipelined steps whose history the host has not read yet, and
+:func:`device_lookups` for every row of a batch.
 """
 
 from typing import Dict, Iterable, List, Sequence, Tuple
@@ -157,25 +158,56 @@ def device_lookup(history, length, max_tokens: int, max_ngram: int = NGRAM_MAX, 
     Returns:
         tuple: ``(draft, count)``: ``(max_tokens,)`` tokens and a scalar.
     """
+    draft, count = device_lookups(history[None], length.reshape(1), max_tokens, max_ngram,
+                                  min_ngram)  # fmt: skip
+    return draft[0], count[0]
+
+
+def device_lookups(history, lengths, max_tokens: int, max_ngram: int = NGRAM_MAX,
+                   min_ngram: int = 1):  # fmt: skip
+    """:func:`device_lookup` for every row of a batch at once: row ``b`` of
+    ``history`` holds its tokens so far in its first ``lengths[b]`` entries.
+
+    Example:
+        >>> import mlx.core as mx
+        >>> h = mx.array([[5, 1, 2, 3, 4, 9, 1, 2], [1, 2, 7, 1, 2, 8, 1, 2]])
+        >>> drafts, counts = device_lookups(h, mx.array([8, 5]), 2)
+        >>> drafts.tolist(), counts.tolist()   # ngram_draft of [5, 1, 2, .., 1, 2], [1, 2, 7, 1, 2]
+        ([[3, 4], [7, 1]], [2, 2])
+
+    Args:
+        history (mx.array): ``(B, C)`` integer buffer.
+        lengths (mx.array): ``(B,)``, the number of tokens in each row.
+        max_tokens (int): the drafts' length.
+        max_ngram, min_ngram (int): suffix lengths tried, longest first.
+
+    Returns:
+        tuple: ``(drafts, counts)``: ``(B, max_tokens)`` tokens and ``(B,)``.
+    """
     import mlx.core as mx  # (the module's host index is numpy only)
 
     # Every suffix length at once, each window named by its last token e:
-    # agree[j, e] says history[e - j] == history[length - 1 - j], and a window of
-    # n tokens ending at e matches the suffix where agree[0 .. n - 1, e] all hold.
-    C, J = history.shape[0], min(max_ngram, history.shape[0])
+    # agree[b, j, e] says history[b, e - j] == history[b, length - 1 - j], and a window
+    # of n tokens ending at e matches the suffix where agree[b, 0 .. n - 1, e] all hold.
+    (B, C), J = history.shape, min(max_ngram, history.shape[1])
+    length = lengths.astype(mx.int32)[:, None, None]  # (B, 1, 1)
     e = mx.arange(C, dtype=mx.int32)
     j = mx.arange(J, dtype=mx.int32)[:, None]
-    at = e - j
-    suffix = mx.take(history, mx.maximum(length - 1 - j, 0))  # (J, 1), last token first
-    agree = (mx.take(history, mx.maximum(at, 0)) == suffix) & (at >= 0)
-    match = mx.cumprod(agree.astype(mx.int32), axis=0) > 0  # (J, C): n = j + 1 tokens
+    at = e - j  # (J, C)
+    last = mx.maximum(length[:, :, 0] - 1 - j[:, 0], 0)  # (B, J), the suffix, last token first
+    suffix = mx.take_along_axis(history, last, axis=1)[..., None]
+    windows = mx.take(history, mx.maximum(at, 0).reshape(-1), axis=1).reshape(B, J, C)
+    agree = (windows == suffix) & (at >= 0)
+    match = mx.cumprod(agree.astype(mx.int32), axis=1) > 0  # (B, J, C): n = j + 1 tokens
     # Windows followed by a token before the suffix, for n from min_ngram to length - 1.
     match = match & (e <= length - 2) & (j + 1 <= length - 1) & (j + 1 >= min_ngram)
     # The longest n that matched, then its latest window: one key per (n, e).
-    key = mx.max(mx.where(match, j * C + e, -1))
+    key = mx.max(mx.where(match, j * C + e, -1).reshape(B, -1), axis=1)
     found = key >= 0
     start = mx.where(found, key % C + 1, 0)  # the token after the match (no match: any)
+    length = length.reshape(B)
     period = mx.maximum(length - start, 1)  # tokens after the match, repeated past the end
-    draft = mx.take(history, start + mx.arange(max_tokens, dtype=mx.int32) % period)
-    count = mx.where(found, mx.minimum(max_tokens, length - start), 0)
-    return draft, count
+    steps = mx.arange(max_tokens, dtype=mx.int32)
+    drafts = mx.take_along_axis(history, start[:, None] + steps % period[:, None], axis=1)
+    counts = mx.where(found, mx.minimum(max_tokens, length - start), 0)
+    return drafts, counts

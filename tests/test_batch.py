@@ -116,13 +116,17 @@ def test_negative_control_a_mask_blind_to_row_ends(monkeypatch):
     assert decode(model, num_draft_tokens=4)[0] != alone(model)
 
 
-def test_negative_control_one_draft_token_too_many(monkeypatch):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_negative_control_one_draft_token_too_many(pipeline, monkeypatch):
+    """Each row keeps one draft token more than it matched (host and device verifier)."""
     model = tiny_model("llama", vocab_size=V)
     monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(_accepted(d, c))) + 1])
-    assert decode(model, num_draft_tokens=4)[0] != alone(model)
+    monkeypatch.setattr(batch, "accepted_on_device",
+                        lambda i, c, d: mx.minimum(_on_device(i, c, d) + 1, d))  # fmt: skip
+    assert decode(model, num_draft_tokens=4, pipeline=pipeline)[0] != alone(model)
 
 
-_accepted = batch.accepted
+_accepted, _on_device = batch.accepted, batch.accepted_on_device
 
 
 def test_logits_processors_see_each_row_history_with_its_draft(monkeypatch):
@@ -180,17 +184,19 @@ def exact_distribution(model, prompt, sampler):
     }
 
 
-def sampled_pvalues(model, sampler, own=False, draft_model=None, streams=False):
+def sampled_pvalues(model, sampler, own=False, draft_model=None, streams=False, pipeline=True):
     """Rows of two prompts, interleaved in one batch, sampled: each prompt's rows
     against its own exact distribution. ``own``: each row with a sampler of its own
     (drawn row by row), else one shared (one draw over the batch). ``draft_model``
-    drafts instead of prompt lookup; with ``streams`` the model's streams do, in
-    pipelined passes."""
+    drafts instead of prompt lookup; with ``streams`` the model's streams do. Rows
+    drafting by lookup or with the streams are verified in pipelined passes unless
+    ``pipeline`` is off."""
     from test_sampling import chi_square_pvalue  # (needs scipy)
 
     mx.random.seed(0)
     prompts = [PROMPT_A, PROMPT_B] * (ROWS // 2)
-    batcher = batch.SpecBatcher(model, draft_model=draft_model, streams=streams)
+    batcher = batch.SpecBatcher(model, draft_model=draft_model, streams=streams,
+                                pipeline=pipeline)  # fmt: skip
     for p in prompts:
         row_sampler = make_sampler(temp=sampler.temp) if own else sampler
         batcher.insert(p, max_tokens=N_TOKENS, sampler=row_sampler, num_draft_tokens=2)
@@ -202,7 +208,7 @@ def sampled_pvalues(model, sampler, own=False, draft_model=None, streams=False):
         flights += batcher._flight is not None
     tokens = [tokens[u] for u in sorted(tokens)]
     assert drafted > ROWS // 10, "drafts were rarely accepted: the test has no power"
-    assert flights or not streams, "no pass was pipelined"
+    assert bool(flights) == (pipeline and draft_model is None), f"{flights} passes in flight"
     out = []
     for k, prompt in enumerate((PROMPT_A, PROMPT_B)):
         counts = {}
@@ -224,24 +230,44 @@ def small_draft():
 
 
 @pytest.mark.parametrize(
-    "own, drafter", [(False, "lookup"), (True, "lookup"), (False, "draft model")],
-    ids=["shared-sampler", "own-samplers", "draft-model"],
+    "own, drafter, pipeline",
+    [(False, "lookup", True), (True, "lookup", True), (False, "lookup", False),
+     (True, "lookup", False), (False, "draft model", False)],
+    ids=["shared-sampler", "own-samplers", "shared-sampler-unpipelined",
+         "own-samplers-unpipelined", "draft-model"],
 )  # fmt: skip
-def test_sampled_rows_keep_the_model_distribution(small, small_draft, own, drafter):
+def test_sampled_rows_keep_the_model_distribution(small, small_draft, own, drafter, pipeline):
     draft_model = small_draft if drafter == "draft model" else None
-    p = sampled_pvalues(small, make_sampler(temp=1.0), own, draft_model)
+    p = sampled_pvalues(small, make_sampler(temp=1.0), own, draft_model, pipeline=pipeline)
     assert min(p) > 1e-3, f"chi-square p = {p}"
 
 
 @pytest.mark.parametrize("drafter", ["lookup", "draft model"])
 def test_negative_control_unchecked_first_draft_token(small, small_draft, drafter, monkeypatch):
-    """A verifier that keeps the draft's first token unchecked."""
+    """A host verifier that keeps the draft's first token unchecked."""
     monkeypatch.setattr(
         batch, "accepted", lambda d, c: d[:1] + _accepted(d[1:], c[1:]) if d else c[:1]
     )
     draft_model = small_draft if drafter == "draft model" else None
-    p = sampled_pvalues(small, make_sampler(temp=1.0), draft_model=draft_model)
+    p = sampled_pvalues(small, make_sampler(temp=1.0), draft_model=draft_model, pipeline=False)
     assert max(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["pipelined", "control-unchecked"])
+def test_pipelined_lookup_rows_keep_the_model_distribution(control, monkeypatch):
+    """Lookup rows verified on the device in pipelined passes, sampled at T = 1 (a
+    sharper model than ``small``, so that the control has power). Control: a device
+    verifier that keeps the first draft token unchecked."""
+    if control:
+        monkeypatch.setattr(batch, "accepted_on_device",
+                            lambda i, c, d: mx.maximum(_on_device(i, c, d), mx.minimum(d, 1)))  # fmt: skip
+    model = tiny_model("llama", vocab_size=6, weight_scale=4.0, hidden_size=32,
+                       intermediate_size=64)  # fmt: skip
+    p = sampled_pvalues(model, make_sampler(temp=1.0))
+    if control:
+        assert min(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
+    else:
+        assert min(p) > 1e-3, f"chi-square p = {p}"
 
 
 def test_models_that_cannot_batch_get_a_clear_error(monkeypatch):

@@ -6,7 +6,7 @@ a chain of the streams takes."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import plain_greedy, spec_tokens, tiny_spec_model
+from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_specstream import batch
@@ -284,11 +284,12 @@ def test_a_row_cannot_ask_for_streams_a_batch_has_not():
 # ---- pipelined passes: each launched before the one before it is read -----------------
 
 
-def run_batcher(model, rows, pipeline, keep_caches=False, joining=(), sampler=None):
+def run_batcher(model, rows, pipeline, keep_caches=False, joining=(), sampler=None,
+                streams=True):  # fmt: skip
     """Tokens, log-probabilities, finish reasons and passes per row of a SpecBatcher
     (``rows``: (prompt, max_tokens, draft) each; ``joining``: rows inserted after the
     third pass), and the caches of finished rows."""
-    batcher = SpecBatcher(model, stop_tokens=[15], streams=True, pipeline=pipeline,
+    batcher = SpecBatcher(model, stop_tokens=[15], streams=streams, pipeline=pipeline,
                           keep_caches=keep_caches)  # fmt: skip
     got, flights = {}, 0
 
@@ -370,13 +371,77 @@ def test_pipelined_sampled_rows_keep_the_model_distribution(control, monkeypatch
 
 
 def test_a_lookup_row_joining_lands_the_flight():
-    """A row drafting by lookup cannot be pipelined: the pass in flight is read and the
-    batch goes on unpipelined, every row still equal to plain decoding."""
+    """A row drafting by lookup that joins a flight of passes whose rows' tokens the
+    device does not hold (none looked up) lands it: the pass in flight is read, the
+    next is launched from the host with every row's tokens on the device, and every
+    row still equals plain decoding."""
     model = stream_model()
     got, flights = run_batcher(model, ROWS[:2], True, joining=[(PROMPTS[3], 30, "ngram")])
     assert flights >= 2
     for g, (p, n) in zip(got.values(), [(PROMPTS[0], LIMITS[0]), (PROMPTS[1], LIMITS[1]),
                                          (PROMPTS[3], 30)]):  # fmt: skip
+        plain = plain_greedy(model, p, n)
+        assert g["tokens"] == (plain[: plain.index(15) + 1] if 15 in plain else plain)
+
+
+def assert_pipelined_equals_unpipelined(model, rows, joining, streams):
+    """The pipelined loop's tokens, log-probabilities, passes, finish reasons and
+    caches equal the unpipelined loop's, with passes in flight, and equal plain
+    decoding; lookup saved passes. Returns the passes per row."""
+    kwargs = dict(keep_caches=True, joining=joining, streams=streams)
+    want, none = run_batcher(model, rows, False, **kwargs)
+    got, flights = run_batcher(model, rows, True, **kwargs)
+    assert none == 0 and flights > 10
+    for uid in want:
+        for key in ("tokens", "logprobs", "passes", "finish"):
+            assert got[uid][key] == want[uid][key], (uid, key)
+        for a, b in zip(got[uid]["cache"], want[uid]["cache"]):
+            np.testing.assert_array_equal(a, b)
+    everything = rows + joining
+    for uid, (p, n, _) in zip(sorted(want), everything):
+        plain = plain_greedy(model, p, n)
+        assert got[uid]["tokens"] == (plain[: plain.index(15) + 1] if 15 in plain else plain)
+    saved = [len(g["tokens"]) - g["passes"] for g, r in zip(got.values(), everything)
+             if r[2] and "ngram" in r[2]]  # fmt: skip
+    assert sum(saved) > 4, f"lookup saved {saved} passes: the test has no power"
+    return [got[u]["passes"] for u in sorted(got)]
+
+
+LOOKUP_PROMPTS = [[3, 4, 5, 3, 4, 5, 3], [7, 8, 9, 7, 8, 9, 7, 8], [2, 6, 2, 6], [1, 2, 1, 2, 1]]
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["plain-model", "stream-model"])
+def test_pipelined_lookup_rows_equal_unpipelined(streams):
+    """Rows drafting by prompt lookup on the device (a copy of each row's tokens there),
+    beside rows drafting with the streams (a stream model), both at once
+    (``streams+ngram``) or not at all; rows joining mid-flight and leaving: the
+    pipelined loop equals the unpipelined one, pass for pass."""
+    model = stream_model() if streams else tiny_model("llama", vocab_size=16)
+    drafts = [None, "streams", "streams+ngram", "ngram"] if streams else ["ngram"] * 3 + [None]
+    rows = [(p, n, d) for p, n, d in zip(LOOKUP_PROMPTS, [40, 30, 36, 25], drafts)]
+    joining = [([5, 6, 7, 5, 6], 28, "ngram"), ([9], 11, None)]
+    assert_pipelined_equals_unpipelined(model, rows, joining, streams)
+
+
+def test_negative_control_a_device_history_without_the_bonus_token(monkeypatch):
+    """Lookup on a device history that leaves out each pass's last token drafts
+    differently: the output stays plain decoding's (any draft is verified), but the
+    passes differ, which the equality test above catches."""
+    extended = batch._extended
+
+    def forgetful(history, chosen, accepted, rows):
+        tokens, lengths = extended(history, chosen, accepted, rows)
+        return tokens, lengths - 1
+
+    model = tiny_model("llama", vocab_size=16)
+    rows = [(p, n, "ngram") for p, n in zip(LOOKUP_PROMPTS, [40, 30, 36, 25])]
+    right = [g["passes"] for g in run_batcher(model, rows, True, streams=False)[0].values()]
+    monkeypatch.setattr(batch, "_extended", forgetful)
+    with pytest.raises(AssertionError, match="passes"):
+        assert_pipelined_equals_unpipelined(model, rows, [], streams=False)
+    wrong = run_batcher(model, rows, True, streams=False)[0]
+    assert [g["passes"] for g in wrong.values()] != right
+    for g, (p, n, _) in zip(wrong.values(), rows):
         plain = plain_greedy(model, p, n)
         assert g["tokens"] == (plain[: plain.index(15) + 1] if 15 in plain else plain)
 
