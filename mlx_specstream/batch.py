@@ -171,6 +171,14 @@ def tuned_depth(model) -> int:
     return cfg.num_streams if cfg.tree_depth is None else cfg.tree_depth
 
 
+def tuned_batch(model) -> Optional[dict]:
+    """How the model's batches draft on this device, as ``python -m mlx_specstream.tune
+    --batch-size K`` measured (:attr:`~mlx_specstream.config.SpecStreamConfig.batch`),
+    or ``None`` where that was not tuned."""
+    rt = stream_runtime(model)
+    return None if rt is None else rt.config.batch
+
+
 def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
@@ -763,7 +771,7 @@ def batch_generate_step(
     draft: Optional[str] = "auto",
     draft_model=None,
     num_draft_tokens: Optional[int] = None,
-    stream_pass: str = "fused",
+    stream_pass: Optional[str] = None,
     pipeline: Optional[bool] = None,
     prefill_step_size: int = 2048,
     prompt_caches: Optional[Sequence[list]] = None,
@@ -790,9 +798,11 @@ def batch_generate_step(
           * ``"streams+ngram"``: the lookup chain where it matches, else the streams'
             (a batch verifies chains, not merged trees);
           * ``"draft_model"``: the ``draft_model``'s greedy chain;
-          * ``"auto"``: the draft model if given, else the model's streams if it has
-            streams that draft on this device (``tree_depth`` as tuned here is not
-            0), else prompt lookup;
+          * ``"auto"``: the draft model if given, else what
+            ``python -m mlx_specstream.tune --batch-size K`` measured fastest for a
+            batch on this device (the config's ``batch``: its draft, draft length and
+            stream pass), else the model's streams if it has streams that draft on
+            this device (``tree_depth`` as tuned here is not 0), else prompt lookup;
           * ``None``: one token per row per pass (plain batched decoding).
         draft_model: an mlx-lm model with the same tokenizer.
         num_draft_tokens (int): the longest draft (default 10 for prompt lookup, as
@@ -800,9 +810,9 @@ def batch_generate_step(
           at the number of streams; 3 for a draft model, as ``mlx_lm.server``; the
           ``tree_depth`` tuned for this device, else the number of streams, its
           most, for ``"streams"``).
-        stream_pass (str): with streams, ``"fused"`` (their rows go through the
-          verifying pass) or ``"split"`` (a second, shorter pass), as
-          :class:`SpecBatcher`.
+        stream_pass (str, optional): with streams, ``"fused"`` (their rows go
+          through the verifying pass) or ``"split"`` (a second, shorter pass), as
+          :class:`SpecBatcher` (default: as tuned for batches here, else ``"fused"``).
         pipeline (bool, optional): launch each pass before reading the last, where
           every row's next input can be made on the device; ``None``: rows drafting
           by lookup only on a GPU (:class:`SpecBatcher`).
@@ -820,9 +830,16 @@ def batch_generate_step(
     """
     if draft not in DRAFTS:
         raise ValueError(f"draft={draft!r}: batch_generate drafts with one of {DRAFTS}")
-    if draft == "auto":
+    tuned = tuned_batch(model) if draft == "auto" and draft_model is None else None
+    if tuned is not None:
+        draft = tuned["draft"]
+        if num_draft_tokens is None:
+            num_draft_tokens = tuned["num_draft_tokens"] or None
+        stream_pass = stream_pass or tuned["stream_pass"]
+    elif draft == "auto":
         own = stream_runtime(model) is not None and tuned_depth(model) > 0
         draft = "draft_model" if draft_model is not None else "streams" if own else "ngram"
+    stream_pass = stream_pass or "fused"
     if draft_model is not None and draft == "ngram":  # lookup merged into its chains
         draft = "draft_model+ngram"
     if (draft in MODEL_ROW_DRAFTS) != (draft_model is not None):

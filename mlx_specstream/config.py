@@ -163,11 +163,19 @@ class SpecStreamConfig(_Section):
           weights per step) instead of a separate head call over the accepted
           node's stream rows. ``python -m mlx_specstream.tune`` stores what it
           measured faster. Default: ``None``, on a GPU only.
+        batch (dict, optional): how rows of a batch draft where a call leaves it
+          to the model (``batch_generate(draft="auto")``, the server's batches):
+          ``{"draft": "streams" | "ngram" | null, "num_draft_tokens": n,
+          "stream_pass": "fused" | "split", "rows": K}`` (``null``: no drafts;
+          ``rows``: the batch size it was measured at).
+          ``python -m mlx_specstream.tune --batch-size K`` stores the fastest.
+          Default: ``None``, the streams where ``tree_depth`` leaves them on.
         tuned (dict, optional): device name -> the settings above that
           ``python -m mlx_specstream.tune --save`` measured fastest on that
           device (``tree_depth``, ``top_k``, ``max_tree_nodes``,
           ``prune_threshold``, ``stream_pass``, ``draft``, ``pipeline``,
-          ``stream_logits_in_pass``), applied there only. Default: ``None``.
+          ``stream_logits_in_pass``, ``batch``), applied there only. Default:
+          ``None``.
     """
 
     SECTION = CONFIG_KEY
@@ -177,6 +185,7 @@ class SpecStreamConfig(_Section):
         "draft",
         "pipeline",
         "stream_logits_in_pass",
+        "batch",
     )
 
     num_streams: int = 3
@@ -196,6 +205,7 @@ class SpecStreamConfig(_Section):
     draft: Optional[str] = None
     pipeline: Optional[bool] = None
     stream_logits_in_pass: Optional[bool] = None
+    batch: Optional[dict] = None
     tuned: Optional[Dict[str, dict]] = None
 
     def __post_init__(self):
@@ -265,12 +275,38 @@ class SpecStreamConfig(_Section):
         )
         for name in ("pipeline", "stream_logits_in_pass"):
             require(getattr(self, name) in (None, True, False), name, "must be null, true or false")
+        require(self.batch is None or not batch_choice_fault(self.batch, self.num_streams),
+                "batch", str(batch_choice_fault(self.batch, self.num_streams)))  # fmt: skip
         require(
             self.stream_positions in STREAM_POSITIONS,
             "stream_positions",
             f"must be one of {STREAM_POSITIONS}",
         )
         self._check_tuned()
+
+
+BATCH_DRAFTS = ("streams", "ngram", None)
+
+
+def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
+    """Why ``choice`` is not a batch setting (:attr:`SpecStreamConfig.batch`), or
+    ``None``."""
+    if not isinstance(choice, dict):
+        return "must be a dict"
+    keys = {"draft", "num_draft_tokens", "stream_pass", "rows"}
+    if set(choice) != keys:
+        return f"must have exactly the keys {sorted(keys)}"
+    if choice["draft"] not in BATCH_DRAFTS:
+        return f"its draft must be one of {BATCH_DRAFTS}"
+    for key in ("num_draft_tokens", "rows"):
+        n = choice[key]
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 0):
+            return f"its {key} must be an integer >= 0"
+    if choice["draft"] == "streams" and not 1 <= choice["num_draft_tokens"] <= num_streams:
+        return f"with draft 'streams', its num_draft_tokens must be 1 to num_streams={num_streams}"
+    if choice["stream_pass"] not in STREAM_PASSES:
+        return f"its stream_pass must be one of {STREAM_PASSES}"
+    return None
 
 
 DRAFTER_KEY = "drafter"

@@ -251,12 +251,17 @@ class SpecBatch:
           model's layers, then the draft model's, as the server's caches do).
         streams (bool): rows may draft with the model's own streams.
         stream_pass (str): how their rows are fed (:class:`SpecBatcher`).
+        tuned (dict, optional): how the model's batches draft on this device
+          (:func:`~mlx_specstream.batch.tuned_batch`): a request that names no
+          ``draft`` drafts so, with its draft length.
     """
 
     def __init__(self, model, tokenizer, decode_concurrency: int, prefill_step_size: int,
                  xtc_special_tokens: Sequence[int] = (), draft_model=None,
-                 streams: bool = False, stream_pass: str = "fused"):  # fmt: skip
+                 streams: bool = False, stream_pass: str = "fused",
+                 tuned: Optional[dict] = None):  # fmt: skip
         self.tokenizer, self.xtc_special_tokens = tokenizer, xtc_special_tokens
+        self.tuned = tuned
         self.batcher = SpecBatcher(model, tokenizer.eos_token_ids, prefill_step_size,
                                    max_rows=decode_concurrency, keep_caches=True,
                                    draft_model=draft_model, streams=streams,
@@ -271,15 +276,24 @@ class SpecBatch:
         """As :meth:`Batch.add` (``cache`` holds a prefix of ``reply.sequence``)."""
         sequence, cache = reply.sequence, _held_by(list(cache), reply.sequence, 1)
         args = reply.job.args
-        draft = args.get("draft") or None
+        draft, tuned = args.get("draft") or None, self.tuned
+        if draft is not None or self.batcher.draft_model is not None:
+            tuned = None  # (the request's or the draft model's drafts, not the tuning's)
+        elif tuned is not None:
+            draft = tuned["draft"]
+            args = dict(args, num_draft_tokens=args.get("num_draft_tokens")
+                        or tuned["num_draft_tokens"] or None)  # fmt: skip
         if self.batcher.draft_model is not None:
             n = (args.get("num_draft_tokens") or DRAFT_MODEL_TOKENS) if args["speculative"] else 0
             draft = "draft_model+ngram" if "ngram" in (draft or "") else "draft_model"
         elif self.batcher.streams is not None:
+            plain = tuned is not None and draft is None  # (tuned: no drafts)
             draft = draft or "streams"
-            n = tuned_depth(self.batcher.model) if draft == "streams" else (
-                args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS)  # fmt: skip
-            n = n if args["speculative"] else 0
+            if draft == "streams":
+                n = tuned["num_draft_tokens"] if tuned else tuned_depth(self.batcher.model)
+            else:
+                n = args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS
+            n = n if args["speculative"] and not plain else 0
         else:
             drafts = "ngram" in (draft or "") and args["speculative"]
             n = (args.get("num_draft_tokens") or NGRAM_DRAFT_TOKENS) if drafts else 0

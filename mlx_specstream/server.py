@@ -98,7 +98,7 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
-from .batch import reads_streams, stream_runtime, tuned_depth, unbatchable
+from .batch import reads_streams, stream_runtime, tuned_batch, tuned_depth, unbatchable
 from .replies import Batch, Reply, SpecBatch, batching_fault
 from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
 from .sample_utils import make_sampler, xtc_special_tokens
@@ -357,9 +357,10 @@ class ModelService:
         (:func:`~mlx_specstream.replies.batching_fault`): a model whose batched
         pass fails or is wrong (mlx-lm's gemma2) serves one request at a time, and
         says so. Rows speculate in a batch (:class:`~mlx_specstream.replies.SpecBatch`)
-        with the model's streams (where their tuning on this device leaves them on;
-        a shared-mode model's rows always carry them, its main rows reading them),
-        ``--draft ngram`` or a ``--draft-model`` (which ``mlx_lm.server`` serves one
+        with the model's streams (where their tuning on this device leaves them on:
+        for batches, as ``python -m mlx_specstream.tune --batch-size K`` measured and
+        then as it chose, else the tree's tuning; a shared-mode model's rows always
+        carry them, its main rows reading them), ``--draft ngram`` or a ``--draft-model`` (which ``mlx_lm.server`` serves one
         request at a time), where every layer of both models has a plain KV cache and
         such rows pass their own probe; elsewhere a batch decodes plainly (a draft
         model's requests one at a time), and the log says why."""
@@ -394,25 +395,35 @@ class ModelService:
             )
             return False
         has_streams = stream_runtime(self.model) is not None
-        streams_on = has_streams and tuned_depth(self.model) > 0
-        if streams_on or "ngram" in (d.draft or ""):
+        tuned = tuned_batch(self.model) if d.draft is None else None
+        if tuned is not None:  # (measured for batches on this device: its drafts)
+            streams_on = tuned["draft"] == "streams"
+            lookup = tuned["draft"] == "ngram"
+        else:
+            streams_on = has_streams and tuned_depth(self.model) > 0
+            lookup = "ngram" in (d.draft or "")
+        if streams_on or lookup:
             why = unbatchable(self.model)
             if why:
                 with_streams = " with the streams" if streams_on else ""
                 logger.warning(f"requests decoded together do not draft{with_streams}: {why}")
             self.spec_batching, self.stream_batching = not why, streams_on and not why
         elif has_streams:
-            logger.warning("requests decoded together do not draft: the streams' tuning on this "
-                           "device has them off")  # fmt: skip
+            why = "for batches" if tuned is not None else "on this device"
+            logger.warning(f"requests decoded together do not draft: the streams' tuning {why} "
+                           "has them off")  # fmt: skip
         return True
 
     def _new_batch(self) -> Union[Batch, SpecBatch]:
         d = self.defaults
         self.served["batched"] += 1
         if self.spec_batching:
+            tuned = tuned_batch(self.model) if self.draft_model is None else None
             return SpecBatch(self.model, self.tokenizer, d.decode_concurrency,
                              d.prefill_step_size, self.xtc_special_tokens,
-                             self.draft_model, streams=self.stream_batching)  # fmt: skip
+                             self.draft_model, streams=self.stream_batching,
+                             stream_pass=tuned["stream_pass"] if tuned else "fused",
+                             tuned=tuned if d.draft is None else None)  # fmt: skip
         return Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
                      d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
 

@@ -1,6 +1,6 @@
 """Picks the draft tree that decodes fastest on this device.
 
-``python -m mlx_specstream.tune [--model DIR] [--save]``
+``python -m mlx_specstream.tune [--model DIR] [--batch-size K [--batch-only]] [--save]``
 
 Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
 trees (top-k per stream, depth, max nodes, then for the best shapes the
@@ -17,6 +17,13 @@ kept as ``config.json.before-tune``): on this device a call that names no tree
 or ``draft`` then uses the stored ones, and on others the model's own settings
 (or what was tuned there) still apply.
 
+``--batch-size K`` also measures batches of K rows (``batch_generate``, the server's
+batches): rows without drafts, prompt lookup of a few lengths and, with streams,
+their chain of each depth through either stream pass (:func:`tune_batch`); the
+choice is stored as the config's ``batch`` for this device, which
+``batch_generate(draft="auto")`` and the server then follow; ``--batch-only``
+tunes batches alone, keeping the device's other stored settings.
+
 A plain mlx-lm model (no streams, no drafter) gets prompt lookup only, with
 several draft lengths (``--num-draft-tokens`` of the generate CLI) and several
 drafts per tree (``--ngram-candidates``). The tuner says which pays and does
@@ -24,6 +31,7 @@ not write into that model's files.
 """
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -88,17 +96,30 @@ CONFIRM_ROUNDS = 3  # rounds timing the fastest trial against plain decoding bac
 
 class Trials:
     """Settings measured against one-token-per-pass decoding on the same prompts:
-    each one's tokens/s and tau, logged as it is measured."""
+    each one's tokens/s and tau, logged as it is measured.
 
-    def __init__(self, model, tokenizer, prompts, max_tokens, log, **warm_up):
-        self.args, self.log = (model, tokenizer, prompts, max_tokens), log
-        tokens_per_second(model, tokenizer, prompts[:1], 16, **warm_up)
-        self.base_tps, _ = tokens_per_second(*self.args, speculative=False)
+    Args:
+        measure: ``measure(model, tokenizer, prompts, max_tokens, **settings)`` gives
+          tokens/s and tau (default: :func:`tokens_per_second`).
+        plain (dict): the settings of one token per pass, and the choice when nothing
+          beats it (default: ``speculative=False``; the choice ``tree_depth=0``).
+        warm_up: settings of a short first run, not timed.
+    """
+
+    def __init__(self, model, tokenizer, prompts, max_tokens, log, measure=None,
+                 plain: Optional[dict] = None, **warm_up):  # fmt: skip
+        self.log, measure = log, measure or tokens_per_second
+        self.measure = lambda **s: measure(model, tokenizer, prompts, max_tokens, **s)
+        self.plain, self.plain_choice = (
+            (dict(speculative=False), {"tree_depth": 0}) if plain is None else (plain, plain)
+        )
+        measure(model, tokenizer, prompts[:1], 16, **warm_up)
+        self.base_tps, _ = self.measure(**self.plain)
         log(f"one token per pass: {self.base_tps:.1f} tokens/s")
         self.results = []  # (tokens/s, tau, settings)
 
     def run(self, settings: dict) -> None:
-        tps, tau = tokens_per_second(*self.args, **settings)
+        tps, tau = self.measure(**settings)
         self.results.append((tps, tau, settings))
         self.log(f"{settings}: {tps:.1f} tokens/s ({tps / self.base_tps:.2f}x), tau {tau:.2f}")
 
@@ -112,8 +133,8 @@ class Trials:
         speed can drift by a third between minutes, more than most trials differ."""
         pairs = []
         for _ in range(rounds):
-            base, _ = tokens_per_second(*self.args, speculative=False)
-            tps, _ = tokens_per_second(*self.args, **settings)
+            base, _ = self.measure(**self.plain)
+            tps, _ = self.measure(**settings)
             pairs.append((tps, base, tps / base))
         self.log(f"confirmed in {rounds} rounds: " + ", ".join(f"{r:.2f}x" for *_, r in pairs))
         return tuple(statistics.median(column) for column in zip(*pairs))
@@ -121,7 +142,7 @@ class Trials:
     def choice(
         self, min_gain: float, what: str, describe=str, confirm_rounds: int = CONFIRM_ROUNDS
     ):
-        """The fastest settings, or ``{"tree_depth": 0}`` (plain decoding) when they
+        """The fastest settings, or plain decoding's (``{"tree_depth": 0}``) when they
         beat it by less than ``min_gain``; with their tokens/s and plain's. With
         ``confirm_rounds``, that gain is the median of the fastest's ratio to plain
         decoding timed back to back in as many rounds, not its one trial's."""
@@ -135,7 +156,7 @@ class Trials:
                 f"vs {base:.1f} one token per pass ({gain:.2f}x < {min_gain}x). Choosing plain "
                 "decoding."
             )
-            return {"tree_depth": 0}, base, base
+            return dict(self.plain_choice), base, base
         self.log(
             f"Best: {describe(best)} at {best_tps:.1f} tokens/s ({gain:.2f}x), tau {best_tau:.2f}"
         )
@@ -277,6 +298,68 @@ def tune_lookup(
                          confirm_rounds=confirm_rounds)  # fmt: skip
 
 
+BATCH_LOOKUP_LENGTHS = (2, 4)  # prompt-lookup draft lengths tried in batches
+
+
+def batch_tokens_per_second(model, tokenizer, prompts, max_tokens, rows=4, **settings):
+    """Generated tokens/s of ``batch_generate`` over ``rows`` prompts at once (``prompts``
+    in turn), greedy, and tau (tokens a row got per pass)."""
+    from .batch import batch_generate
+
+    batch = [prompts[i % len(prompts)] for i in range(rows)]
+    stats = batch_generate(model, tokenizer, batch, max_tokens=max_tokens, **settings).stats
+    return stats.generation_tps, stats.tokens_per_pass
+
+
+def tune_batch(
+    model,
+    tokenizer,
+    prompts,
+    max_tokens=64,
+    rows=4,
+    min_gain=1.05,
+    log=print,
+    confirm_rounds=CONFIRM_ROUNDS,
+):
+    """How ``rows`` rows of a batch decode fastest on this device (``batch_generate``,
+    the server's batches): prompt lookup of a few lengths and, with streams, their
+    chain of each depth through either stream pass, against rows without drafts,
+    which win unless the fastest beats them by ``min_gain`` in ``confirm_rounds``
+    back-to-back rounds.
+
+    Returns:
+        tuple: the choice (:attr:`~mlx_specstream.config.SpecStreamConfig.batch`:
+        ``draft``, ``num_draft_tokens``, ``stream_pass``, ``rows``), its tokens/s and
+        those of rows without drafts.
+    """
+    from .batch import stream_runtime, unbatchable
+
+    why = unbatchable(model)
+    if why:
+        raise ValueError(f"the model cannot decode in batches: {why}")
+    measure = functools.partial(batch_tokens_per_second, rows=rows)
+    plain = dict(draft=None)
+    trials = Trials(model, tokenizer, prompts, max_tokens, log, measure=measure, plain=plain,
+                    draft=None)  # fmt: skip
+    for n in BATCH_LOOKUP_LENGTHS:
+        trials.run(dict(draft="ngram", num_draft_tokens=n))
+    rt = stream_runtime(model)
+    if rt is not None:
+        passes = ("fused",) if rt.config.mode == "shared" else ("fused", "split")
+        for n in range(1, rt.config.num_streams + 1):
+            for stream_pass in passes:
+                trials.run(dict(draft="streams", num_draft_tokens=n, stream_pass=stream_pass))
+
+    def describe(best):
+        return f"{rows} rows drafting with {best['draft']}, {best['num_draft_tokens']} tokens"
+
+    choice, tps, base = trials.choice(min_gain, f"Speculation in batches of {rows}",
+                                      describe=describe, confirm_rounds=confirm_rounds)  # fmt: skip
+    entry = dict(draft=choice["draft"], num_draft_tokens=choice.get("num_draft_tokens", 0),
+                 stream_pass=choice.get("stream_pass", "fused"), rows=rows)  # fmt: skip
+    return entry, tps, base
+
+
 def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> dict:
     """Stores the tuned settings for ``device`` (default: this one) in ``config.json``,
     atomically, keeping the old file.
@@ -309,7 +392,11 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
                 entry["pipeline"] = choice["pipeline"]
             # (None: the device's default)
             entry["stream_logits_in_pass"] = choice.get("stream_logits_in_pass")
+    if "batch" in choice:  # (tune_batch's, for batches)
+        entry["batch"] = choice["batch"]
     device = device_key() if device is None else device
+    if set(choice) == {"batch"}:  # (batches tuned alone: the device's other settings stay)
+        entry = dict((section.get("tuned") or {}).get(device) or {}, batch=choice["batch"])
     section["tuned"] = dict(section.get("tuned") or {}, **{device: entry})
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():
@@ -336,6 +423,18 @@ def main(argv=None):
         type=int,
         default=CONFIRM_ROUNDS,
         help="Rounds timing the fastest against plain decoding back to back (0: its one trial)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="Also tune how rows of a batch this size draft (batch_generate, the server's "
+        "--decode-concurrency); 0: not",
+    )
+    p.add_argument(
+        "--batch-only",
+        action="store_true",
+        help="Tune batches only; --save then keeps this device's other tuned settings",
     )
     p.add_argument(
         "--save", action="store_true", help="Write the choice into the model's config.json"
@@ -369,18 +468,34 @@ def main(argv=None):
                 f"Tune without --save, or convert the model to {args.dtype} first."
             )
         model.set_dtype(DTYPES[args.dtype])
+    if args.batch_size < 0:
+        p.error(f"--batch-size {args.batch_size}: rows of a batch, >= 0")
+    if args.batch_only and not args.batch_size:
+        p.error("--batch-only needs --batch-size K")
+    if args.batch_size > 0:
+        from .batch import unbatchable
+
+        why = unbatchable(model)
+        if why:
+            p.error(f"--batch-size: the model cannot decode in batches: {why}")
     verify_cost_note(model)
     prompts = load_prompts(prompts_file, tokenizer, args.num_prompts, args.prompt_tokens)
     tic = time.perf_counter()
-    run = tune_lookup if plain else tune
-    choice, tps, base = run(
-        model,
-        tokenizer,
-        prompts,
-        args.max_tokens,
-        args.min_gain,
-        confirm_rounds=args.confirm_rounds,
-    )
+    choice = {}
+    if not args.batch_only:
+        run = tune_lookup if plain else tune
+        choice, _, _ = run(
+            model,
+            tokenizer,
+            prompts,
+            args.max_tokens,
+            args.min_gain,
+            confirm_rounds=args.confirm_rounds,
+        )
+    if args.batch_size > 0:
+        batch, _, _ = tune_batch(model, tokenizer, prompts, args.max_tokens, args.batch_size,
+                                 args.min_gain, confirm_rounds=args.confirm_rounds)  # fmt: skip
+        choice = dict(choice, batch=batch)
     print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
     if args.save:
         entry = save_choice(Path(model_dir), choice)

@@ -632,6 +632,48 @@ def test_streams_that_do_not_draft_in_a_batch_say_so(service, caplog):
     ]
 
 
+@pytest.mark.parametrize("tuned", ["streams", "ngram", None])
+def test_the_batch_tuning_decides_how_rows_draft(service, monkeypatch, caplog, tuned):
+    """A stream model whose streams draft alone on this device (``tree_depth`` 3) but
+    whose tuning for batches (the config's ``batch``) chose the streams' chain of 2
+    through the split pass, lookup of 3, or no drafts: the server's batch rows draft
+    so, but for a request that names its draft; answers equal plain decoding."""
+    from mlx_specstream import batch
+
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, tree_depth=3,
+                            stream_lora_rank=4)  # fmt: skip
+    n = {"streams": 2, "ngram": 3, None: 0}[tuned]
+    model.speculative_streams.config.batch = dict(draft=tuned, num_draft_tokens=n,
+                                                  stream_pass="split", rows=4)  # fmt: skip
+    tok = word_tokenizer(V, eos=0)
+    with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
+        svc = service(model, tok)
+        assert svc.wait_idle(60) and svc.batching
+    assert svc.spec_batching == (tuned is not None)
+    assert svc.stream_batching == (tuned == "streams")
+    if tuned is None:
+        assert [r.message for r in caplog.records] == [
+            "requests decoded together do not draft: the streams' tuning for batches has them off"
+        ]
+    rows = []
+    insert = batch.SpecBatcher.insert
+
+    def record(self, *a, **k):
+        rows.append((k["draft"], k["num_draft_tokens"], self.streams is not None, self.fused))
+        return insert(self, *a, **k)
+
+    monkeypatch.setattr(batch.SpecBatcher, "insert", record)
+    bodies = [{"max_tokens": 20, **({"draft": "ngram"} if i == 3 else {})} for i in range(4)]
+    got = [answer(j) for j in submit_together(svc, list(zip(PROMPTS, bodies)))]
+    assert svc.served["largest_batch"] == 4
+    if tuned is not None:
+        streams = tuned == "streams"  # (through the tuned split pass)
+        assert rows[:3] == [(tuned, n, streams, False)] * 3
+        assert rows[3] == ("ngram", 10, streams, False)  # (its own draft, lookup's default)
+    for p, (text, _, _) in zip(PROMPTS, got):
+        assert text[0] == plain(model, tok, p, 20)[0]
+
+
 def test_a_shared_mode_model_batches_with_its_streams_in_every_pass(service):
     """A shared-mode model's main rows read their streams, so mlx-lm's batch would decode
     another model: its rows carry them in every pass (SpecBatch), and every answer

@@ -337,3 +337,104 @@ def test_plain_decoding_keeps_the_faster_stream_pass(tmp_path, monkeypatch, fast
     tune.save_choice(tmp_path, choice)
     saved = saved_config(tmp_path)
     assert saved.tree_depth == 0 and saved.stream_pass == faster
+
+
+# ---- batches: how rows of a batch draft (tune --batch-size K) ---------------------------
+
+
+def fake_batch_speeds(monkeypatch, speed):
+    """As :func:`fake_speeds`, for the batch measurements."""
+    measured, real = [], tune.batch_tokens_per_second
+
+    def fake(model, tokenizer, prompts, max_tokens, rows=4, **settings):
+        tps, tau = real(model, tokenizer, prompts, max_tokens, rows=rows, **settings)
+        measured.append(dict(settings, rows=rows))
+        return speed(tps, measured[-1]), tau
+
+    monkeypatch.setattr(tune, "batch_tokens_per_second", fake)
+    return measured
+
+
+BATCH_PROMPTS = [[1, 2, 3, 1, 2], [4, 5, 4, 5]]
+
+
+@pytest.mark.parametrize("winner", ["streams-split", "ngram", "none"])
+def test_tune_batch_measures_every_way_and_stores_the_fastest(tmp_path, monkeypatch, winner):
+    """Rows without drafts, lookup of each length, the streams' chain of each depth
+    through each pass; the fastest is stored as the config's ``batch`` and
+    batch_generate(draft="auto") follows it (each winner in turn, so a test of the
+    wrong one fails); rows without drafts win when nothing beats them."""
+    from mlx_specstream import batch as batch_module
+
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, mode="lossless",
+                            stream_lora_rank=4, num_stream_layers=2)  # fmt: skip
+    tokenizer = word_tokenizer(16, eos=15)
+
+    def speed(tps, s):
+        if winner == "streams-split" and s.get("stream_pass") == "split":
+            return 300.0 if s["num_draft_tokens"] == 2 else 200.0
+        if winner == "ngram" and s["draft"] == "ngram":
+            return 300.0 if s["num_draft_tokens"] == 4 else 200.0
+        return 100.0 if s["draft"] is None else 50.0
+
+    measured = fake_batch_speeds(monkeypatch, speed)
+    choice, tps, base = tune.tune_batch(model, tokenizer, BATCH_PROMPTS, max_tokens=6, rows=3,
+                                        log=lambda *a: None, confirm_rounds=1)  # fmt: skip
+    ways = {(m["draft"], m.get("num_draft_tokens"), m.get("stream_pass")) for m in measured}
+    assert {(None, None, None), ("ngram", 2, None), ("ngram", 4, None)} <= ways
+    assert {("streams", n, p) for n in (1, 2) for p in ("fused", "split")} <= ways
+    assert all(m["rows"] == 3 for m in measured)
+    want = {"streams-split": dict(draft="streams", num_draft_tokens=2, stream_pass="split"),
+            "ngram": dict(draft="ngram", num_draft_tokens=4, stream_pass="fused"),
+            "none": dict(draft=None, num_draft_tokens=0, stream_pass="fused")}[winner]  # fmt: skip
+    assert choice == dict(want, rows=3)
+    assert (tps, base) == ((300.0, 100.0) if winner != "none" else (100.0, 100.0))
+
+    config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    entry = tune.save_choice(tmp_path, {"tree_depth": 0, "batch": choice})
+    assert entry["batch"] == choice and saved_config(tmp_path).batch == choice
+    assert saved_config(tmp_path, "gpu:elsewhere").batch is None  # (only here)
+
+    # batch_generate(draft="auto") inserts its rows as the tuning chose.
+    model.speculative_streams.config.batch = choice
+    inserted = []
+    real_insert = batch_module.SpecBatcher.insert
+
+    def insert(self, tokens, *a, **kw):
+        inserted.append((self.streams is not None, self.fused, kw["draft"],
+                         kw["num_draft_tokens"]))  # fmt: skip
+        return real_insert(self, tokens, *a, **kw)
+
+    monkeypatch.setattr(batch_module.SpecBatcher, "insert", insert)
+    res = batch_module.batch_generate(model, tokenizer, BATCH_PROMPTS, max_tokens=8,
+                                      return_token_ids=True)  # fmt: skip
+    streams = want["draft"] == "streams"
+    fused = want["stream_pass"] == "fused"
+    n = want["num_draft_tokens"]
+    assert inserted == [(streams, fused, want["draft"], n)] * 2
+    for got, p in zip(res.token_ids, BATCH_PROMPTS):  # (up to the EOS, as mlx-lm's)
+        plain = plain_greedy(model, p, 8)
+        assert got == (plain[: plain.index(15)] if 15 in plain else plain)
+
+
+def test_tune_batch_on_a_plain_model_and_refusals(tmp_path):
+    """A plain mlx-lm model gets lookup against no drafts; a config's ``batch`` that is
+    not a tuning's is refused with its key named."""
+    from helpers import tiny_model
+
+    model = tiny_model("llama", vocab_size=16)
+    tokenizer = word_tokenizer(16, eos=15)
+    choice, _, _ = tune.tune_batch(model, tokenizer, BATCH_PROMPTS, max_tokens=4, rows=2,
+                                   log=lambda *a: None, confirm_rounds=0)  # fmt: skip
+    assert choice["draft"] in ("ngram", None) and choice["rows"] == 2
+    good = dict(draft="streams", num_draft_tokens=2, stream_pass="fused", rows=4)
+    assert SpecStreamConfig(batch=good).batch == good
+    for bad, match in [
+        (dict(good, draft="medusa"), "its draft must be"),
+        (dict(good, num_draft_tokens=4), "num_streams=3"),
+        (dict(good, stream_pass="both"), "stream_pass"),
+        ({"draft": "ngram"}, "exactly the keys"),
+    ]:
+        with pytest.raises(ValueError, match=f"speculative_streaming.batch=.*{match}"):
+            SpecStreamConfig(batch=bad)
