@@ -103,7 +103,9 @@ run_stage() {
     tune)
       # The shipped model's tree for this GPU, stored under its name in the config's "tuned"
       # (other devices keep theirs): commit the returned config.json into the package.
-      python3 -m mlx_specstream.tune --save --num-prompts 4 2>&1 | tee "$out/tune-gpu.log"
+      # --batch-size 8: also how the server's batches of 8 draft there (the config's "batch").
+      python3 -m mlx_specstream.tune --save --num-prompts 4 --batch-size 8 2>&1 \
+        | tee "$out/tune-gpu.log"
       cp mlx_specstream/models/default/config.json "$out/config.json" ;;
   esac
 }

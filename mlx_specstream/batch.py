@@ -123,11 +123,9 @@ def _probe(model) -> Optional[str]:
     vocab = output_size(model)  # (the probe's tokens stay inside it)
     prompts = [[t % vocab for t in range(1, n + 1)] for n in (8, 3, 2)]
     fed = [5 % vocab, 6 % vocab]
-    try:
-        caches = [
-            _prefill(model, make_prompt_cache(model), p + fed[:1], 0, len(p)) for p in prompts
-        ]
-        cache = [RaggedKVCache.merge(layer) for layer in zip(*caches)]
+    try:  # (prefilled together, padded to the longest, as rows joining a batch are)
+        cache = [RaggedKVCache([0] * len(prompts)) for _ in make_prompt_cache(model)]
+        _prefill_rows(model, cache, prompts, len(prompts[0]))
         batched = model(mx.array([fed] * len(prompts)), cache=cache)
     except Exception as e:  # noqa: BLE001 - the reason is reported
         return f"{type(e).__name__}: {e}"
@@ -138,6 +136,20 @@ def _probe(model) -> Optional[str]:
             return (f"a row of a batch differs from the same tokens alone by {gap:.2f} in a "
                     "next-token probability")  # fmt: skip
     return None
+
+
+def _prefill_rows(model, cache: List[RaggedKVCache], feeds: List[List[int]], step: int) -> None:
+    """Feeds row ``b`` of ``cache`` the tokens ``feeds[b]`` after its end, every row in
+    each pass (padded to the longest; the padding is not kept), ``step`` tokens in all
+    per pass (at least one per row)."""
+    step = max(step // len(feeds), 1)
+    for i in range(0, max(map(len, feeds), default=0), step):
+        chunks = [f[i : i + step] for f in feeds]
+        width = max(map(len, chunks))
+        model(mx.array([c + [c[-1] if c else 0] * (width - len(c)) for c in chunks]), cache=cache)
+        for c in cache:
+            c.advance([len(chunk) for chunk in chunks])
+        mx.eval([c.state for c in cache])
 
 
 def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: int):
@@ -188,8 +200,10 @@ class SpecBatcher:
     (continuous batching, as mlx-lm's ``BatchGenerator``).
 
     A row joins with the tokens so far and, optionally, a cache holding a prefix of
-    them (its own ``KVCache`` per layer); the rest but the last token is prefilled
-    alone, then the row enters the batch. Each :meth:`step` drafts for every row,
+    them (its own ``KVCache`` per layer); when it enters the batch, the rest but the
+    last token is prefilled together with the other rows joining then (up to
+    ``prefill_batch_size`` rows in each pass, padded to the longest, as mlx-lm's
+    batches prefill; ``prefill_step_size`` tokens in all a pass). Each :meth:`step` drafts for every row,
     by prompt lookup or with a draft model, then one pass of the model verifies
     every row's last token and draft of up to its ``num_draft_tokens`` tokens (rows
     are padded to the longest draft; padding is never accepted). A row keeps the
@@ -212,8 +226,11 @@ class SpecBatcher:
         model: an mlx-lm model whose layers all use a plain ``KVCache``, and whose
           batched rows equal the same tokens alone (:func:`ragged_fault`).
         stop_tokens: tokens that end a row (the row's last token, ``"stop"``).
-        prefill_step_size (int): prompt tokens per prefill pass.
+        prefill_step_size (int): prompt tokens per prefill pass (shared among the rows
+          prefilled together).
         max_rows (int): most rows decoded at once; later ones wait their turn.
+        prefill_batch_size (int): most rows prefilled in one pass (``None``: every
+          row joining at once).
         keep_caches (bool): give a finished row's cache (:attr:`RowTokens.cache`).
         draft_model: an mlx-lm model with the same tokenizer (same conditions as
           ``model``) that drafts every row; ``None``: prompt lookup.
@@ -235,7 +252,8 @@ class SpecBatcher:
     def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
                  max_rows: Optional[int] = None, keep_caches: bool = False,
                  draft_model=None, streams: bool = False,
-                 stream_pass: str = "fused", pipeline: Optional[bool] = None):  # fmt: skip
+                 stream_pass: str = "fused", pipeline: Optional[bool] = None,
+                 prefill_batch_size: Optional[int] = None):  # fmt: skip
         for m, name in ((model, "model"), (draft_model, "draft model")):
             why = None if m is None else unbatchable(m, name)
             if why:
@@ -259,6 +277,7 @@ class SpecBatcher:
         self.fused = stream_pass == "fused"
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
+        self.prefill_batch_size = prefill_batch_size
         self.keep_caches = keep_caches
         self.rows: List[_Row] = []
         self.cache: Optional[List[RaggedKVCache]] = None
@@ -328,13 +347,13 @@ class SpecBatcher:
                 f"draft={draft!r} in a batch without streams (SpecBatcher(streams=True))"
             )
         base = cache[0].offset if before and cache else 0
-        cache = self._prefilled(self.model, cache, tokens, "cache", base)
+        cache = self._checked(self.model, cache, tokens, "cache", base)
         if self.draft_model is not None:
             if before and (draft_cache[0].offset if draft_cache else 0) != base:
                 raise ValueError("the row's cache and draft cache hold different numbers of "
                                  "tokens before it")  # fmt: skip
-            draft_cache = self._prefilled(self.draft_model, draft_cache, tokens, "draft cache",
-                                          base)  # fmt: skip
+            draft_cache = self._checked(self.draft_model, draft_cache, tokens, "draft cache",
+                                        base)  # fmt: skip
         elif draft_cache is not None:
             raise ValueError("a draft cache for a batch without a draft model")
         self._uid += 1
@@ -343,9 +362,9 @@ class SpecBatcher:
         self.waiting.append((row, cache, draft_cache))
         return row.uid
 
-    def _prefilled(self, model, cache, tokens: List[int], name: str, base: int) -> List[KVCache]:
-        """``cache`` (or a new one) holding ``base`` tokens of context, then all of
-        ``tokens`` but the last."""
+    def _checked(self, model, cache, tokens: List[int], name: str, base: int) -> List[KVCache]:
+        """``cache`` (or a new one), holding ``base`` tokens of context and fewer than
+        all of ``tokens`` (the rest but the last are prefilled when the row joins)."""
         cache = make_prompt_cache(model) if cache is None else list(cache)
         for i, c in enumerate(cache):
             if type(c) is not KVCache:
@@ -354,13 +373,17 @@ class SpecBatcher:
         if held >= len(tokens):
             raise ValueError(f"the row's {name} holds {held} of its {len(tokens)} tokens: "
                              "it must leave the last one to feed")  # fmt: skip
-        return _prefill(model, cache, tokens, held, self.prefill_step_size)
+        return cache
 
     def remove(self, uids: Sequence[int]) -> Dict[int, List[KVCache]]:
         """Takes rows out; each one's cache (holding its tokens but the last), then,
         with a draft model, the draft model's (holding as many)."""
         gone, out = set(uids), {}
         for row, cache, draft_cache in [w for w in self.waiting if w[0].uid in gone]:
+            for m, c in ((self.model, cache), (self.draft_model, draft_cache)):
+                if m is not None:  # (prefilled alone: it never joined)
+                    _prefill(m, c, row.history.tokens, c[0].offset - row.base,
+                             self.prefill_step_size)  # fmt: skip
             out[row.uid] = cache + (draft_cache or [])
         self.waiting = [w for w in self.waiting if w[0].uid not in gone]
         for b, row in enumerate(self.rows):
@@ -404,12 +427,25 @@ class SpecBatcher:
         if room <= 0 or not self.waiting:
             return
         joining, self.waiting = self.waiting[:room], self.waiting[room:]
-        self.cache = _joined(self.cache if self.rows else None, [c for _, c, _ in joining])
+        rows = [row for row, _, _ in joining]
+        self.cache = self._joined(self.model, self.cache, rows, [c for _, c, _ in joining])
         if self.draft_model is not None:
-            self.draft_cache = _joined(
-                self.draft_cache if self.rows else None, [d for _, _, d in joining]
-            )
-        self.rows += [row for row, _, _ in joining]
+            self.draft_cache = self._joined(self.draft_model, self.draft_cache, rows,
+                                            [d for _, _, d in joining])  # fmt: skip
+        self.rows += rows
+
+    def _joined(self, model, cache: Optional[List[RaggedKVCache]], rows: List[_Row],
+                caches: List[List[KVCache]]) -> List[RaggedKVCache]:  # fmt: skip
+        """``cache``'s rows (if the batch has any), then the joining ``rows``, their
+        ``caches`` merged and prefilled together (``prefill_batch_size`` rows at a
+        time) with all of their tokens but the last."""
+        feeds = [r.history.tokens[c[0].offset - r.base : -1] for r, c in zip(rows, caches)]
+        size, new = self.prefill_batch_size or len(rows), None
+        for g in range(0, len(rows), size):
+            part = [RaggedKVCache.merge(layer) for layer in zip(*caches[g : g + size])]
+            _prefill_rows(model, part, feeds[g : g + size], self.prefill_step_size)
+            new = part if new is None else [a.extend(b) for a, b in zip(new, part)]
+        return new if cache is None or not self.rows else [a.extend(b) for a, b in zip(cache, new)]
 
     def step(self) -> List[RowTokens]:
         """One pass over every row (rows waiting join first, up to ``max_rows``):
@@ -741,12 +777,6 @@ def _widened(drafts: mx.array, width: int) -> mx.array:
                           axis=1).astype(mx.int32)  # fmt: skip
 
 
-def _joined(cache: Optional[List[RaggedKVCache]], rows: List[List[KVCache]]):
-    """``cache``'s rows (if any), then one row per entry of ``rows``."""
-    new = [RaggedKVCache.merge(layer) for layer in zip(*rows)]
-    return new if cache is None else [a.extend(b) for a, b in zip(cache, new)]
-
-
 def _sample(logprobs: mx.array, rows: List[_Row]) -> mx.array:
     """``(rows, width)`` tokens: one argmax over greedy rows, one call of a sampler
     that every row shares, else each row's own."""
@@ -774,6 +804,7 @@ def batch_generate_step(
     stream_pass: Optional[str] = None,
     pipeline: Optional[bool] = None,
     prefill_step_size: int = 2048,
+    prefill_batch_size: Optional[int] = None,
     prompt_caches: Optional[Sequence[list]] = None,
     return_prompt_caches: bool = False,
 ) -> Iterator[List[RowTokens]]:
@@ -816,7 +847,10 @@ def batch_generate_step(
         pipeline (bool, optional): launch each pass before reading the last, where
           every row's next input can be made on the device; ``None``: rows drafting
           by lookup only on a GPU (:class:`SpecBatcher`).
-        prefill_step_size (int): prompt tokens per prefill pass.
+        prefill_step_size (int): prompt tokens per prefill pass (shared among the rows
+          prefilled together).
+        prefill_batch_size (int, optional): most prompts prefilled in one pass (default:
+          all of them), as mlx-lm's.
         prompt_caches: per prompt, a cache holding context before it (the model's
           ``KVCache`` layers, then the draft model's, holding as many tokens), as
           mlx-lm's ``prompt_caches``: the prompt is fed after it. They are copied, not
@@ -873,7 +907,8 @@ def batch_generate_step(
     batcher = SpecBatcher(model, stop_tokens, prefill_step_size,
                           keep_caches=return_prompt_caches, draft_model=draft_model,
                           streams=uses_streams, stream_pass=stream_pass,
-                          pipeline=pipeline)  # fmt: skip
+                          pipeline=pipeline,
+                          prefill_batch_size=prefill_batch_size)  # fmt: skip
     layers = len(make_prompt_cache(model))
     index = {}
     for i, (p, n) in enumerate(zip(prompts, limits)):

@@ -528,3 +528,55 @@ def test_a_draft_model_with_lookup_merged_in():
         mp.setattr(batch.SpecBatcher, "_settle_drafts", keeping_the_chain)
         _, gap = draft_cache_errors(model, draft_model, prompts=repeat, draft="draft_model+ngram")
     assert gap > 1e-3
+
+
+def test_rows_joining_together_are_prefilled_together(monkeypatch):
+    """Rows that join at one pass are prefilled together, ``prefill_step_size`` tokens
+    a pass shared among them (each padded to the longest), not one row at a time, with
+    a row that brings a cache holding part of its prompt; every row equals its prompt
+    alone."""
+    model = tiny_model("llama", vocab_size=V)
+    batch.unbatchable(model)  # (the probe's passes, before counting)
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    batcher = batch.SpecBatcher(model, prefill_step_size=12)  # (3 tokens a row a pass)
+    part = make_prompt_cache_with(model, prompts[3][:2])
+    uids = [batcher.insert(p, max_tokens=12, num_draft_tokens=2) for p in prompts[:3]]
+    uids.append(batcher.insert(prompts[3], part, max_tokens=12, num_draft_tokens=2))
+    calls = []
+    real_call = type(model).__call__
+    monkeypatch.setattr(type(model), "__call__",
+                        lambda self, x, *a, **k: calls.append(x.shape) or real_call(self, x, *a, **k))  # fmt: skip
+    got = {u: [] for u in uids}
+    for r in batcher.step():
+        got[r.uid] += r.tokens
+    # 8 tokens to prefill for the longest row, 3 a pass: 3 passes of 4 rows, then the pass
+    assert calls[:3] == [(4, 3), (4, 3), (4, 2)] and len(calls) == 4
+    while len(batcher):
+        for r in batcher.step():
+            got[r.uid] += r.tokens
+    assert [got[u] for u in uids] == alone(model, prompts, [12] * 4)
+    # At most two rows a pass (mlx-lm's prefill_batch_size; the server's --prompt-concurrency)
+    batcher = batch.SpecBatcher(model, prefill_step_size=6, prefill_batch_size=2)
+    for p in prompts[:3]:
+        batcher.insert(p, max_tokens=12, num_draft_tokens=2)
+    calls.clear()
+    batcher.step()
+    assert calls == [(2, 3), (2, 3), (2, 2), (3, 3)]  # (the third row has nothing to prefill)
+
+
+def test_negative_control_a_prefill_that_keeps_its_padding(monkeypatch):
+    """Rows advanced over the padding of the prefill pass see tokens that are not theirs."""
+    model = tiny_model("llama", vocab_size=V)
+    advance, real = RaggedKVCache.advance, batch.SpecBatcher._joined
+
+    def padded(self, model, cache, rows, caches):
+        monkeypatch.setattr(RaggedKVCache, "advance",
+                            lambda self, kept: advance(self, [max(kept)] * len(kept)))  # fmt: skip
+        try:
+            return real(self, model, cache, rows, caches)
+        finally:
+            monkeypatch.setattr(RaggedKVCache, "advance", advance)
+
+    monkeypatch.setattr(batch.SpecBatcher, "_joined", padded)
+    monkeypatch.setattr(batch, "ragged_fault", lambda m: None)  # (the probe would catch it)
+    assert decode(model, num_draft_tokens=4)[0] != alone(model)
