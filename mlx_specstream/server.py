@@ -408,6 +408,11 @@ class ModelService:
                 with_streams = " with the streams" if streams_on else ""
                 logger.warning(f"requests decoded together do not draft{with_streams}: {why}")
             self.spec_batching, self.stream_batching = not why, streams_on and not why
+            if tuned is not None and not why:
+                source = "the streams' chain" if streams_on else "prompt lookup"
+                logger.info(f"requests decoded together draft with {source} of "
+                            f"{tuned['num_draft_tokens']} tokens, as tuned for batches of "
+                            f"{tuned['rows']} on this device")  # fmt: skip
         elif has_streams:
             why = "for batches" if tuned is not None else "on this device"
             logger.warning(f"requests decoded together do not draft: the streams' tuning {why} "

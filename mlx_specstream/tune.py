@@ -365,8 +365,10 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
     atomically, keeping the old file.
 
     They go under the section's ``tuned`` (see :class:`~mlx_specstream.config.SpecStreamConfig`),
-    replacing that device's earlier entry and keeping other devices' ones; the
-    section's own settings stay as they were and apply on untuned devices.
+    replacing that device's earlier entry (but its ``batch`` where ``choice`` has none,
+    and all of it but ``batch`` where ``choice`` has only that) and keeping other
+    devices' ones; the section's own settings stay as they were and apply on untuned
+    devices.
 
     Returns:
         dict: the entry stored for ``device``.
@@ -395,8 +397,11 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
     if "batch" in choice:  # (tune_batch's, for batches)
         entry["batch"] = choice["batch"]
     device = device_key() if device is None else device
+    before = (section.get("tuned") or {}).get(device) or {}
     if set(choice) == {"batch"}:  # (batches tuned alone: the device's other settings stay)
-        entry = dict((section.get("tuned") or {}).get(device) or {}, batch=choice["batch"])
+        entry = dict(before, batch=choice["batch"])
+    elif "batch" not in entry and "batch" in before:  # (and a tree tuned alone keeps them)
+        entry["batch"] = before["batch"]
     section["tuned"] = dict(section.get("tuned") or {}, **{device: entry})
     backup = model_dir / "config.json.before-tune"
     if not backup.exists():

@@ -646,15 +646,20 @@ def test_the_batch_tuning_decides_how_rows_draft(service, monkeypatch, caplog, t
     model.speculative_streams.config.batch = dict(draft=tuned, num_draft_tokens=n,
                                                   stream_pass="split", rows=4)  # fmt: skip
     tok = word_tokenizer(V, eos=0)
-    with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
+    with caplog.at_level(logging.INFO, logger="mlx_specstream.server"):
         svc = service(model, tok)
         assert svc.wait_idle(60) and svc.batching
     assert svc.spec_batching == (tuned is not None)
     assert svc.stream_batching == (tuned == "streams")
+    messages = [r.message for r in caplog.records if r.name == "mlx_specstream.server"]
     if tuned is None:
-        assert [r.message for r in caplog.records] == [
+        assert messages == [
             "requests decoded together do not draft: the streams' tuning for batches has them off"
         ]
+    else:
+        source = {"streams": "the streams' chain of 2", "ngram": "prompt lookup of 3"}[tuned]
+        assert messages == [f"requests decoded together draft with {source} tokens, as tuned "
+                            "for batches of 4 on this device"]  # fmt: skip
     rows = []
     insert = batch.SpecBatcher.insert
 

@@ -395,6 +395,13 @@ def test_tune_batch_measures_every_way_and_stores_the_fastest(tmp_path, monkeypa
     entry = tune.save_choice(tmp_path, {"tree_depth": 0, "batch": choice})
     assert entry["batch"] == choice and saved_config(tmp_path).batch == choice
     assert saved_config(tmp_path, "gpu:elsewhere").batch is None  # (only here)
+    # A tree tuned alone later keeps the batch tuning; batches tuned alone keep the tree.
+    tune.save_choice(tmp_path, dict(tree_depth=1, tree_top_k=2, max_tree_nodes=4,
+                                    prune_threshold=0.0))  # fmt: skip
+    assert saved_config(tmp_path).batch == choice and saved_config(tmp_path).tree_depth == 1
+    other = dict(choice, rows=8)
+    tune.save_choice(tmp_path, {"batch": other})
+    assert saved_config(tmp_path).batch == other and saved_config(tmp_path).tree_depth == 1
 
     # batch_generate(draft="auto") inserts its rows as the tuning chose.
     model.speculative_streams.config.batch = choice
