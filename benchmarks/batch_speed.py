@@ -26,9 +26,9 @@ Ways, interleaved in every round, on the same weights:
 * **ours, draft model (3) + lookup**: the same, each row drafting its lookup chain
   where its tokens have a match instead (``draft="ngram"`` with ``draft_model=``).
 
-``--pipeline-ab`` runs each of our ways that can pipeline its passes (no drafts,
-streams, lookup) twice more, with ``pipeline=True`` and ``pipeline=False`` (the
-default, ``None``, pipelines lookup rows on a GPU only); ``--ways`` keeps only the ways whose names
+``--pipeline-ab`` runs each of our ways twice more, with ``pipeline=True`` and
+``pipeline=False`` (the default, ``None``, pipelines rows drafting by lookup or with a
+draft model on a GPU only); ``--ways`` keeps only the ways whose names
 contain one of its comma-separated substrings (mlx-lm's ``batch_generate``, the
 baseline, always runs).
 
@@ -120,15 +120,15 @@ def main():
         ways[f"ours, lookup {d}"] = lambda ps, d=d, **kw: _ours(
             model, tokenizer, ps, N, draft="ngram", num_draft_tokens=d, **kw
         )
-    ways["ours, draft model (3)"] = lambda ps: _ours(
-        model, tokenizer, ps, N, draft_model=draft_model, num_draft_tokens=3
+    ways["ours, draft model (3)"] = lambda ps, **kw: _ours(
+        model, tokenizer, ps, N, draft_model=draft_model, num_draft_tokens=3, **kw
     )
-    ways["ours, draft model (3) + lookup"] = lambda ps: _ours(
-        model, tokenizer, ps, N, draft_model=draft_model, draft="ngram", num_draft_tokens=3
+    ways["ours, draft model (3) + lookup"] = lambda ps, **kw: _ours(
+        model, tokenizer, ps, N, draft_model=draft_model, draft="ngram", num_draft_tokens=3, **kw
     )
-    if args.pipeline_ab:  # (the draft-model ways are never pipelined)
+    if args.pipeline_ab:
         for name, way in list(ways.items()):
-            if name.startswith("ours") and "draft model" not in name:
+            if name.startswith("ours"):
                 ways[name + ", pipelined"] = lambda ps, way=way: way(ps, pipeline=True)
                 ways[name + ", unpipelined"] = lambda ps, way=way: way(ps, pipeline=False)
     if args.ways:

@@ -12,13 +12,13 @@ Greedy output equals each prompt decoded alone; sampled output keeps the model's
 distribution, since either draft is a deterministic proposal, accepted where it
 equals the token the sampler drew.
 
-Where every row's next input can be made on the device (rows drafting by prompt
-lookup, with the model's streams or not at all, without logits processors or a
-draft model), each pass is launched before the one before it is read, as mlx-lm's
+Where every row's next input can be made on the device (rows without logits
+processors), each pass is launched before the one before it is read, as mlx-lm's
 loop does: the device chooses each row's tokens, counts what it keeps, moves its
 cache's end and builds its next input (the token chosen at its last kept position,
-then its draft: the streams' chain there, or its lookup in a copy of its tokens
-kept on the device), while the host reads the pass before.
+then its draft: the streams' chain there, its lookup in a copy of its tokens kept on
+the device, or the draft model's chain, its draft cache settled and fed there),
+while the host reads the pass before.
 """
 
 import copy
@@ -241,12 +241,12 @@ class SpecBatcher:
           the verifying pass; ``"split"``: a second pass feeds the stream rows of
           each row's last kept token alone.
         pipeline (bool, optional): where every row's next input can be made on the
-          device (no draft model, no logits processors), launch each pass before
+          device (no logits processors), launch each pass before
           reading the one before it, as mlx-lm's loop does (:meth:`_pipelined_step`).
-          ``None`` (default): rows drafting by lookup take part on a GPU only (on a
-          CPU their fixed-width passes and the device's lookup cost more than the
-          overlap saves; rows with streams or no drafts always do); ``True``: every
-          row that can; ``False``: none.
+          ``None`` (default): rows drafting by lookup or with a draft model take part
+          on a GPU only (on a CPU their fixed-width passes and the device's lookup
+          cost more than the overlap saves; rows with streams or no drafts always
+          do); ``True``: every row that can; ``False``: none.
     """
 
     def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
@@ -285,7 +285,8 @@ class SpecBatcher:
         self.waiting: List[Tuple[_Row, List[KVCache], List[KVCache]]] = []
         self._uid = 0
         self.pipeline = pipeline is not False
-        self.lookup_on_device = on_gpu() if pipeline is None else pipeline  # (lookup rows)
+        # (rows drafting by lookup or with a draft model: their drafts made on the device)
+        self.drafts_on_device = on_gpu() if pipeline is None else pipeline
         self._flight: Optional[_Pass] = None  # launched, not read yet (_pipelined_step)
         # while passes are pipelined and rows draft by lookup: each row's tokens so far
         # on the device, (B, C), and how many there are, (B,) (_launch)
@@ -402,7 +403,8 @@ class SpecBatcher:
             c.trim(max(c.offset - row.fed, 0))
         if self.draft_model is None:
             return model_layers
-        draft_layers = [c.extract(b) for c in self.draft_cache]
+        # (a pipelined pass's draft cache may hold the chain drafted after the row's tokens)
+        draft_layers = [c.extract(b, min(c.ends[b], row.fed)) for c in self.draft_cache]
         lag = row.history.tokens[draft_layers[0].offset - row.base : row.fed - row.base]
         if lag:
             self.draft_model(mx.array([lag]), cache=draft_layers)
@@ -534,15 +536,16 @@ class SpecBatcher:
 
     # ---- pipelined passes ---------------------------------------------------------
     def _pipelines(self) -> bool:
-        """Whether every row's next input can be made on the device: no draft model,
-        no logits processors, and rows drafting by lookup only where they look up on
-        the device, which holds the rows' tokens from the start of a flight of passes."""
+        """Whether every row's next input can be made on the device: no logits
+        processors; rows drafting by lookup, and a draft model's, only where they draft
+        on the device (lookup rows from the start of a flight of passes, when the
+        device takes a copy of the rows' tokens)."""
         looks_up = any(_looks_up(r) for r in self.rows)
         return (
             self.pipeline
-            and self.draft_model is None
+            and (self.draft_model is None or self.drafts_on_device)
             and all(not r.processors for r in self.rows)
-            and (not looks_up or self.lookup_on_device
+            and (not looks_up or self.drafts_on_device
                  and (self._flight is None or self._history is not None))  # fmt: skip
         )
 
@@ -556,77 +559,137 @@ class SpecBatcher:
         self._flight = self._launch(self._inputs_after(p)) if self._pipelines() else None
         if self._flight is None:
             self._history = None  # (the host's tokens are the rows' again)
-        return self._read(p)
+        out = self._read(p)
+        if self._flight is None and self.draft_model is not None and self.rows:
+            for r in self.rows:  # (the draft caches drop the chain drafted for no pass)
+                r.draft_cache_end = None
+            self._settle_drafts(self.rows)
+        return out
 
-    def _host_inputs(self) -> Tuple[mx.array, mx.array]:
-        """Each row's pending token and the draft the host holds for it, padded, and
-        the drafts' lengths; the rows' tokens copied to the device if any looks up."""
+    def _host_inputs(self) -> Tuple[mx.array, mx.array, mx.array]:
+        """Each row's pending token and the draft the host holds for it, padded, the
+        drafts' lengths, and which rows' lookup replaced the draft model's chain; the
+        rows' tokens copied to the device if any looks up."""
         drafts = self._drafts()
         if any(_looks_up(r) for r in self.rows):
             self._history = _device_history([r.history.tokens for r in self.rows])
-        return _padded(self.rows, drafts)[1], mx.array([len(d) for d in drafts])
+        replaced = mx.array([r.draft_cache_end is not None for r in self.rows])
+        return _padded(self.rows, drafts)[1], mx.array([len(d) for d in drafts]), replaced
 
-    def _inputs_after(self, p: "_Pass") -> Tuple[mx.array, mx.array]:
+    def _inputs_after(self, p: "_Pass") -> Tuple[mx.array, mx.array, mx.array]:
         """The next pass's inputs from ``p``'s, on the device; rows that joined since
         feed their pending token alone (their tokens join the device's copy)."""
         inputs, drafts, joined = p.next_inputs, p.next_drafts, self.rows[len(p.rows) :]
+        replaced = p.next_replaced
         if joined:
             pad = [[r.history.tokens[-1]] * inputs.shape[1] for r in joined]
             inputs = mx.concatenate([inputs, mx.array(pad, dtype=inputs.dtype)])
             drafts = mx.concatenate([drafts, mx.zeros(len(joined), dtype=drafts.dtype)])
+            replaced = mx.concatenate([replaced, mx.zeros(len(joined), dtype=mx.bool_)])
             if self._history is not None:
                 new = _device_history([r.history.tokens for r in joined])
                 self._history = _stacked(self._history, new)
-        return inputs, drafts
+        return inputs, drafts, replaced
 
-    def _launch(self, fed: Tuple[mx.array, mx.array]) -> "_Pass":
+    def _launch(self, fed: Tuple[mx.array, mx.array, mx.array]) -> "_Pass":
         """One pass over every row, every output left on the device: what each row
         keeps, the caches advanced over it, and the next pass's inputs."""
-        (inputs, drafts), rows = fed, list(self.rows)
+        (inputs, drafts, replaced), rows = fed, list(self.rows)
         W = inputs.shape[1]
         logits, fused = self._forward(inputs)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         chosen = _sample(logprobs, rows).astype(inputs.dtype)
         chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
         accepted = accepted_on_device(inputs, chosen, drafts)
+        before = self.cache[0].offset
         for c in self.cache:
             c.advance_on_device(accepted + 1, W)
         bonus = mx.take_along_axis(chosen, accepted[:, None], axis=1)
         if self._history is not None:  # each row's kept tokens join its copy
             self._history = _extended(self._history, chosen, accepted, rows)
-        stream_lengths = [min(r.draft_tokens, self.streams.config.num_streams)
-                          if r.uses_streams else 0 for r in rows]  # fmt: skip
-        chain = None
-        if max(stream_lengths):
-            chain = self._stream_chains(accepted, fused)[:, : max(stream_lengths)]
-        next_drafts, counts = self._next_drafts(rows, chain, stream_lengths)
+        if self.draft_model is not None:
+            lengths = [r.draft_tokens for r in rows]
+            # (S: the row's tokens from its pending one on: the pass's first input, then
+            # its choices, of which the first accepted + 1 are the row's)
+            seq = mx.concatenate([inputs[:, :1], chosen], axis=1)
+            chain = self._model_drafts_on_device(rows, seq, accepted, before, replaced, lengths)
+        else:
+            lengths = [min(r.draft_tokens, self.streams.config.num_streams)
+                       if r.uses_streams else 0 for r in rows]  # fmt: skip
+            chain = None
+            if max(lengths):
+                chain = self._stream_chains(accepted, fused)[:, : max(lengths)]
+        next_drafts, counts, took = self._next_drafts(rows, chain, lengths)
         next_inputs = mx.concatenate([bonus, next_drafts.astype(bonus.dtype)], axis=1)
-        mx.async_eval(chosen, chosen_lp, accepted, next_inputs, counts)
-        return _Pass(rows, chosen, chosen_lp, logprobs, accepted, next_inputs, counts, chain,
-                     stream_lengths)  # fmt: skip
+        # (a draft model's rows whose lookup replaced its chain: their draft caches drop it)
+        next_replaced = took
+        if chain is not None and self.draft_model is not None:
+            width = next_drafts.shape[1]
+            differs = (next_drafts != _widened(chain, width)) & (mx.arange(width) < counts[:, None])
+            next_replaced = took & differs.any(axis=1)
+        mx.async_eval(chosen, chosen_lp, accepted, next_inputs, counts, next_replaced)
+        return _Pass(rows, chosen, chosen_lp, logprobs, accepted, next_inputs, counts,
+                     None if self.draft_model is not None else chain, lengths, replaced,
+                     next_replaced, max(lengths) if self.draft_model is not None else -1)  # fmt: skip
+
+    def _model_drafts_on_device(self, rows: List[_Row], seq: mx.array, accepted: mx.array,
+                                before: mx.array, replaced: mx.array,
+                                lengths: List[int]) -> Optional[mx.array]:  # fmt: skip
+        """:meth:`_settle_drafts` then :meth:`_model_drafts` on the device, before the
+        host reads the pass: each row's draft cache keeps the tokens it fed that the
+        pass accepted (none of the chain where its lookup ``replaced`` it), then is fed
+        the row's tokens it lacks, up to its pending one (``seq``'s, from the cache end
+        ``before`` the pass), and drafts the greedy chain, ``(B, max(lengths))``."""
+        old = self.draft_cache[0].offset
+        limit = mx.where(replaced, before + 1, before + accepted + 1)
+        kept = mx.minimum(old, limit) - old  # (0 or fewer)
+        for c in self.draft_cache:
+            c.advance_on_device(kept, 0)
+        most = max(lengths)
+        if most == 0:
+            return None
+        held = old + kept - before  # of the row's tokens in seq
+        unfed = accepted + 2 - held
+        width = seq.shape[1] if any(_looks_up(r) for r in rows) else 2
+        at = mx.minimum(held[:, None] + mx.arange(width), seq.shape[1] - 1)
+        logits = self.draft_model(mx.take_along_axis(seq, at, axis=1), cache=self.draft_cache)
+        last = mx.take_along_axis(logits, (unfed - 1)[:, None, None], axis=1)[:, 0]
+        token = mx.argmax(last[:, : self.vocab], axis=-1)
+        for c in self.draft_cache:
+            c.advance_on_device(unfed, width)
+        chain, one = [token], mx.ones(len(rows), dtype=mx.int32)
+        for _ in range(most - 1):
+            logits = self.draft_model(token[:, None], cache=self.draft_cache)
+            token = mx.argmax(logits[:, -1, : self.vocab], axis=-1)
+            for c in self.draft_cache:
+                c.advance_on_device(one, 1)
+            chain.append(token)
+        return mx.stack(chain, axis=1)
 
     def _next_drafts(self, rows: List[_Row], chain: Optional[mx.array],
-                     stream_lengths: List[int]) -> Tuple[mx.array, mx.array]:  # fmt: skip
-        """Each row's next draft on the device, ``(B, D)``, and its length, ``(B,)``:
-        its streams' ``chain``, or its lookup in the device's copy of its tokens
-        (``"streams+ngram"``: where that has a match)."""
+                     lengths: List[int]) -> Tuple[mx.array, mx.array, mx.array]:  # fmt: skip
+        """Each row's next draft on the device, ``(B, D)``, its length, ``(B,)``, and
+        whether it is its lookup: its streams' or the draft model's ``chain``
+        (``lengths[b]`` tokens of it), or its lookup in the device's copy of its tokens
+        (``"...+ngram"``: where that has a match)."""
         B = len(rows)
-        counts = mx.array(stream_lengths, dtype=mx.int32)
+        counts = mx.array(lengths, dtype=mx.int32)
+        took = mx.zeros(B, dtype=mx.bool_)
         lookup = [r.draft_tokens if _looks_up(r) else 0 for r in rows]
-        width = max(stream_lengths + lookup)
+        width = max(lengths + lookup)
         if width == 0:
-            return mx.zeros((B, 0), dtype=mx.int32), counts
+            return mx.zeros((B, 0), dtype=mx.int32), counts, took
         drafts = mx.zeros((B, width), dtype=mx.int32) if chain is None else _widened(chain, width)
         if max(lookup):
             found, found_n = device_lookups(*self._history, max(lookup))
             found_n = mx.minimum(found_n, mx.array(lookup, dtype=mx.int32))
-            # lookup rows take theirs; streams+ngram rows where it matched
-            take = mx.array([_looks_up(r) and r.draft == "ngram" for r in rows]) | (
+            # lookup rows take theirs; "...+ngram" rows where it matched
+            took = mx.array([_looks_up(r) and r.draft == "ngram" for r in rows]) | (
                 (found_n > 0) & mx.array([_looks_up(r) for r in rows])
             )
-            drafts = mx.where(take[:, None], _widened(found, width), drafts)
-            counts = mx.where(take, found_n, counts)
-        return drafts, counts
+            drafts = mx.where(took[:, None], _widened(found, width), drafts)
+            counts = mx.where(took, found_n, counts)
+        return drafts, counts, took
 
     def _read(self, p: "_Pass") -> List[RowTokens]:
         """What each row of ``p`` got; the caches' ends settled; finished rows leave."""
@@ -639,9 +702,30 @@ class SpecBatcher:
             # (the streams' chain the next pass drafted from, for a step that reads it)
             r.streams_draft = chain[b][: p.stream_lengths[b]] if chain else []
         joined = len(self.rows) - len(p.rows)  # (rows that joined after p kept nothing of it)
+        before = self.cache[0].ends[: len(p.rows)]
         for c in self.cache:
             c.settle([a + 1 for a in accepted] + [0] * joined)
+        if p.draft_ops >= 0:
+            self._settle_model_drafts(p, accepted, before, joined)
         return self._leave(out)
+
+    def _settle_model_drafts(self, p: "_Pass", accepted: List[int], before: List[int],
+                             joined: int) -> None:  # fmt: skip
+        """The host's ends of the draft caches after what :meth:`_model_drafts_on_device`
+        did on the device for pass ``p``, in the same order."""
+        old = self.draft_cache[0].ends[: len(p.rows)]
+        limit = [b + (1 if r else a + 1) for b, a, r in zip(before, accepted,
+                                                             p.fed_replaced.tolist())]  # fmt: skip
+        kept = [min(o, m) - o for o, m in zip(old, limit)]
+        held = [o + k - b for o, k, b in zip(old, kept, before)]
+        pad = [0] * joined
+        steps = [kept]
+        if p.draft_ops > 0:
+            steps.append([a + 2 - h for a, h in zip(accepted, held)])
+            steps += [[1] * len(p.rows)] * (p.draft_ops - 1)
+        for c in self.draft_cache:
+            for step in steps:
+                c.settle(step + pad)
 
     def _settle_drafts(self, rows: List[_Row]) -> None:
         """Each row's draft cache keeps only the tokens it fed that were accepted: at
@@ -691,6 +775,9 @@ class _Pass:
     next_drafts: mx.array  # (B,) the drafts each row feeds there
     stream_chain: Optional[mx.array]  # (B, S) the streams' chains at each row's last token
     stream_lengths: List[int]  # how much of it each row drafts with
+    fed_replaced: mx.array  # (B,) whether a row's lookup replaced the draft model's chain...
+    next_replaced: mx.array  # (B,) ...in the drafts it fed, and in its next ones
+    draft_ops: int  # the draft model's passes for the next drafts (-1: no draft model)
 
     def filter(self, index: List[int]) -> "_Pass":
         """The pass's rows ``index`` only (the batch's rows, in order)."""
@@ -698,8 +785,8 @@ class _Pass:
         chain = None if self.stream_chain is None else self.stream_chain[at]
         return _Pass([self.rows[i] for i in index], self.chosen[at], self.chosen_lp[at],
                      self.logprobs[at], self.accepted[at], self.next_inputs[at],
-                     self.next_drafts[at], chain,
-                     [self.stream_lengths[i] for i in index])  # fmt: skip
+                     self.next_drafts[at], chain, [self.stream_lengths[i] for i in index],
+                     self.fed_replaced[at], self.next_replaced[at], self.draft_ops)  # fmt: skip
 
 
 def _cut(row: _Row, tokens: List[int], stop) -> Tuple[List[int], Optional[str]]:

@@ -208,7 +208,7 @@ def sampled_pvalues(model, sampler, own=False, draft_model=None, streams=False, 
         flights += batcher._flight is not None
     tokens = [tokens[u] for u in sorted(tokens)]
     assert drafted > ROWS // 10, "drafts were rarely accepted: the test has no power"
-    assert bool(flights) == (pipeline and draft_model is None), f"{flights} passes in flight"
+    assert bool(flights) == pipeline, f"{flights} passes in flight"
     out = []
     for k, prompt in enumerate((PROMPT_A, PROMPT_B)):
         counts = {}
@@ -232,9 +232,9 @@ def small_draft():
 @pytest.mark.parametrize(
     "own, drafter, pipeline",
     [(False, "lookup", True), (True, "lookup", True), (False, "lookup", False),
-     (True, "lookup", False), (False, "draft model", False)],
+     (True, "lookup", False), (False, "draft model", False), (False, "draft model", True)],
     ids=["shared-sampler", "own-samplers", "shared-sampler-unpipelined",
-         "own-samplers-unpipelined", "draft-model"],
+         "own-samplers-unpipelined", "draft-model", "draft-model-pipelined"],
 )  # fmt: skip
 def test_sampled_rows_keep_the_model_distribution(small, small_draft, own, drafter, pipeline):
     draft_model = small_draft if drafter == "draft model" else None
@@ -424,20 +424,24 @@ def test_draft_models_of_other_weights_and_architectures():
         assert decode(model, draft_model=draft_model, num_draft_tokens=3)[0] == alone(model)
 
 
-def draft_cache_errors(model, draft_model, steps=12, prompts=PROMPTS, draft=None):
+def draft_cache_errors(model, draft_model, steps=12, prompts=PROMPTS, draft=None,
+                       pipeline=None):  # fmt: skip
     """After each pass, how far each row's draft cache is from the draft model's own
     cache over the row's tokens but the last: (rows whose cache holds another count
-    than that, largest key difference over the tokens it holds)."""
+    than that, largest key difference over the tokens it holds). Pipelined, a draft
+    cache also holds the next pass's chain after them: its first tokens are compared."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    batcher = batch.SpecBatcher(model, draft_model=draft_model)
+    batcher = batch.SpecBatcher(model, draft_model=draft_model, pipeline=pipeline)
     for p in prompts:
         batcher.insert(p, max_tokens=40, num_draft_tokens=3, draft=draft)
     short, gap = 0, 0.0
     for _ in range(steps):
         batcher.step()
         for b, row in enumerate(batcher.rows):
-            held = [c.extract(b) for c in batcher.draft_cache]
+            ends = batcher.draft_cache[0].ends[b]
+            end = min(ends, row.fed) if pipeline else ends
+            held = [c.extract(b, end) for c in batcher.draft_cache]
             tokens = row.history.tokens[:-1]
             short += held[0].offset != len(tokens)
             n = min(held[0].offset, len(tokens))
@@ -458,6 +462,9 @@ def test_draft_caches_hold_the_accepted_tokens_after_every_pass(monkeypatch):
     draft_model = tiny_model("llama", vocab_size=V, seed=3)
     short, gap = draft_cache_errors(model, draft_model)
     assert short == 0 and gap < 1e-5
+    for draft in ("draft_model", "draft_model+ngram"):  # pipelined: settled on the device
+        short, gap = draft_cache_errors(model, draft_model, draft=draft, pipeline=True)
+        assert short == 0 and gap < 1e-5, draft
     settle = batch.SpecBatcher._settle_drafts
 
     def too_far(self, rows):
@@ -580,3 +587,102 @@ def test_negative_control_a_prefill_that_keeps_its_padding(monkeypatch):
     monkeypatch.setattr(batch.SpecBatcher, "_joined", padded)
     monkeypatch.setattr(batch, "ragged_fault", lambda m: None)  # (the probe would catch it)
     assert decode(model, num_draft_tokens=4)[0] != alone(model)
+
+
+def run_rows(model, draft_model, draft, pipeline, replaced_ignored=False):
+    """Per row of a SpecBatcher drafting with ``draft_model`` (two rows joining after
+    the third pass): tokens, log-probabilities, finish reason, passes, and its caches'
+    keys (the model's layers, then the draft model's) when it finished."""
+    batcher = batch.SpecBatcher(model, stop_tokens=[15], draft_model=draft_model,
+                                pipeline=pipeline, keep_caches=True)  # fmt: skip
+    rows = [([3, 4, 5, 3, 4, 5, 3], 40), ([7, 8, 9, 7, 8, 9, 7, 8], 30), ([2, 6, 2, 6], 36),
+            ([1, 2, 1, 2, 1], 25)]  # fmt: skip
+    got, flights = {}, 0
+
+    def insert(p, n):
+        uid = batcher.insert(p, max_tokens=n, num_draft_tokens=3, draft=draft)
+        got[uid] = dict(tokens=[], logprobs=[], passes=0, joined=len(got) >= len(rows))
+
+    for p, n in rows:
+        insert(p, n)
+    step = 0
+    while len(batcher):
+        for r in batcher.step():
+            g = got[r.uid]
+            g["tokens"] += r.tokens
+            g["logprobs"] += [round(x, 4) for x in r.logprobs]
+            g["passes"] += 1
+            g["finish"] = r.finish_reason
+            if r.cache is not None:
+                g["cache"] = [np.array(c.keys[..., : c.offset, :]) for c in r.cache]
+        flights += batcher._flight is not None
+        step += 1
+        if step == 3:
+            insert([5, 6, 7, 5, 6], 28)
+            insert([9], 11)
+    return got, flights
+
+
+@pytest.mark.parametrize("draft", ["draft_model", "draft_model+ngram"])
+@pytest.mark.parametrize("which", ["copy", "other"])
+def test_pipelined_draft_model_rows_equal_unpipelined(draft, which):
+    """A draft model's rows in pipelined passes: each row's draft cache settled and fed
+    on the device, its chain drafted there (and its lookup, where it matches):
+    tokens, log-probabilities, finish reasons and returned caches (both models'
+    layers) equal the unpipelined loop's, and so do the passes of every row but those
+    that joined mid-flight (they feed their pending token alone in their first pass,
+    so their passes fall otherwise); with a copy of the model drafting, most drafts
+    are accepted."""
+    model = tiny_model("llama", vocab_size=V)
+    draft_model = (
+        model
+        if which == "copy"
+        else tiny_model("llama", vocab_size=V, seed=2, hidden_size=32, intermediate_size=64)
+    )
+    want, none = run_rows(model, draft_model, draft, pipeline=False)
+    got, flights = run_rows(model, draft_model, draft, pipeline=True)
+    assert none == 0 and flights >= 5
+    for uid, w in want.items():
+        g = got[uid]
+        for key in ("tokens", "logprobs", "finish"):
+            assert g[key] == w[key], (uid, key)
+        if not w["joined"]:
+            assert g["passes"] == w["passes"], uid
+        assert len(g["cache"]) == len(w["cache"])
+        for a, b in zip(g["cache"], w["cache"]):
+            np.testing.assert_array_equal(a, b)
+    if which == "copy":
+        assert sum(len(g["tokens"]) - g["passes"] for g in got.values()) > 40
+
+
+def test_negative_control_pipelined_drafts_that_keep_a_replaced_chain(monkeypatch):
+    """Draft caches that keep the draft model's chain where a row's lookup replaced it
+    (on the host and on the device alike) hold keys of tokens that are not the row's:
+    the output stays plain decoding's, but the caches returned differ from the
+    unpipelined loop's (the equality test above) and from the draft model's own."""
+    model = tiny_model("llama", vocab_size=V)
+    draft_model = tiny_model("llama", vocab_size=V, seed=3)
+    right = run_rows(model, draft_model, "draft_model+ngram", pipeline=True)[0]
+    launch = batch.SpecBatcher._launch
+
+    def forgetful(self, fed):
+        inputs, drafts, replaced = fed
+        return launch(self, (inputs, drafts, mx.zeros_like(replaced)))
+
+    monkeypatch.setattr(batch.SpecBatcher, "_launch", forgetful)
+    real_read = batch.SpecBatcher._settle_model_drafts
+
+    def read(self, p, accepted, before, joined):
+        p.fed_replaced = mx.zeros_like(p.fed_replaced)
+        return real_read(self, p, accepted, before, joined)
+
+    monkeypatch.setattr(batch.SpecBatcher, "_settle_model_drafts", read)
+    wrong = run_rows(model, draft_model, "draft_model+ngram", pipeline=True)[0]
+    assert [g["tokens"] for g in wrong.values()] == [g["tokens"] for g in right.values()]
+    assert any(
+        not np.array_equal(a, b)
+        for g, r in zip(wrong.values(), right.values())
+        for a, b in zip(g["cache"], r["cache"])
+    )
+    _, gap = draft_cache_errors(model, draft_model, draft="draft_model+ngram", pipeline=True)
+    assert gap > 1e-3
