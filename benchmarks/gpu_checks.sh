@@ -95,10 +95,10 @@ run_stage() {
       # Batches whose rows speculate (streams fused and split, lookup, draft model) against
       # mlx-lm's batch_generate and its one-at-a-time loops, K = 1..16 (a few minutes).
       python3 benchmarks/batch_speed.py --batch 1,4,16 --draft-tokens 2 --rounds 2 --tag gpu
-      # Lookup rows pipelined (drafts on the device) against unpipelined: the default
-      # pipelines them on a GPU only, unmeasured there.
+      # Lookup and draft-model rows pipelined (drafts on the device) against unpipelined:
+      # the default pipelines them on a GPU only, unmeasured there.
       python3 benchmarks/batch_speed.py --batch 1,4,16 --draft-tokens 2,4 --rounds 2 \
-        --ways "lookup 2,lookup 4" --pipeline-ab --tag gpu-lookup
+        --ways "lookup 2,lookup 4,draft model" --pipeline-ab --tag gpu-lookup
       cp benchmarks/results/batch_speed-gpu.* benchmarks/results/batch_speed-gpu-lookup.* "$out/" ;;
     tune)
       # The shipped model's tree for this GPU, stored under its name in the config's "tuned"
