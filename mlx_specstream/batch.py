@@ -918,8 +918,8 @@ def batch_generate_step(
           * ``"draft_model"``: the ``draft_model``'s greedy chain;
           * ``"auto"``: the draft model if given, else what
             ``python -m mlx_specstream.tune --batch-size K`` measured fastest for a
-            batch on this device (the config's ``batch``: its draft, draft length and
-            stream pass), else the model's streams if it has streams that draft on
+            batch on this device (the config's ``batch``: its draft, draft length,
+            stream pass and pipelining), else the model's streams if it has streams that draft on
             this device (``tree_depth`` as tuned here is not 0), else prompt lookup;
           * ``None``: one token per row per pass (plain batched decoding).
         draft_model: an mlx-lm model with the same tokenizer.
@@ -957,6 +957,7 @@ def batch_generate_step(
         if num_draft_tokens is None:
             num_draft_tokens = tuned["num_draft_tokens"] or None
         stream_pass = stream_pass or tuned["stream_pass"]
+        pipeline = tuned.get("pipeline") if pipeline is None else pipeline
     elif draft == "auto":
         own = stream_runtime(model) is not None and tuned_depth(model) > 0
         draft = "draft_model" if draft_model is not None else "streams" if own else "ngram"

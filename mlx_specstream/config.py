@@ -166,8 +166,9 @@ class SpecStreamConfig(_Section):
         batch (dict, optional): how rows of a batch draft where a call leaves it
           to the model (``batch_generate(draft="auto")``, the server's batches):
           ``{"draft": "streams" | "ngram" | null, "num_draft_tokens": n,
-          "stream_pass": "fused" | "split", "rows": K}`` (``null``: no drafts;
-          ``rows``: the batch size it was measured at).
+          "stream_pass": "fused" | "split", "rows": K, "pipeline": bool}``
+          (``null``: no drafts; ``rows``: the batch size it was measured at;
+          ``pipeline``, optional: whether its passes are pipelined).
           ``python -m mlx_specstream.tune --batch-size K`` stores the fastest.
           Default: ``None``, the streams where ``tree_depth`` leaves them on.
         tuned (dict, optional): device name -> the settings above that
@@ -294,8 +295,8 @@ def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
     if not isinstance(choice, dict):
         return "must be a dict"
     keys = {"draft", "num_draft_tokens", "stream_pass", "rows"}
-    if set(choice) != keys:
-        return f"must have exactly the keys {sorted(keys)}"
+    if not keys <= set(choice) <= keys | {"pipeline"}:
+        return f"must have the keys {sorted(keys)} (and optionally 'pipeline')"
     if choice["draft"] not in BATCH_DRAFTS:
         return f"its draft must be one of {BATCH_DRAFTS}"
     for key in ("num_draft_tokens", "rows"):
@@ -306,6 +307,8 @@ def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
         return f"with draft 'streams', its num_draft_tokens must be 1 to num_streams={num_streams}"
     if choice["stream_pass"] not in STREAM_PASSES:
         return f"its stream_pass must be one of {STREAM_PASSES}"
+    if choice.get("pipeline") not in (None, True, False):
+        return "its pipeline must be null, true or false"
     return None
 
 

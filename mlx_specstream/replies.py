@@ -252,6 +252,7 @@ class SpecBatch:
         streams (bool): rows may draft with the model's own streams.
         stream_pass (str): how their rows are fed (:class:`SpecBatcher`).
         prompt_concurrency (int, optional): most prompts prefilled at once.
+        pipeline (bool, optional): pipelined passes (:class:`SpecBatcher`).
         tuned (dict, optional): how the model's batches draft on this device
           (:func:`~mlx_specstream.batch.tuned_batch`): a request that names no
           ``draft`` drafts so, with its draft length.
@@ -260,13 +261,14 @@ class SpecBatch:
     def __init__(self, model, tokenizer, decode_concurrency: int, prefill_step_size: int,
                  xtc_special_tokens: Sequence[int] = (), draft_model=None,
                  streams: bool = False, stream_pass: str = "fused",
-                 tuned: Optional[dict] = None, prompt_concurrency: Optional[int] = None):  # fmt: skip
+                 tuned: Optional[dict] = None, prompt_concurrency: Optional[int] = None,
+                 pipeline: Optional[bool] = None):  # fmt: skip
         self.tokenizer, self.xtc_special_tokens = tokenizer, xtc_special_tokens
         self.tuned = tuned
         self.batcher = SpecBatcher(model, tokenizer.eos_token_ids, prefill_step_size,
                                    max_rows=decode_concurrency, keep_caches=True,
                                    draft_model=draft_model, streams=streams,
-                                   stream_pass=stream_pass,
+                                   stream_pass=stream_pass, pipeline=pipeline,
                                    prefill_batch_size=prompt_concurrency)  # fmt: skip
         self.layers = len(make_mlx_lm_cache(model))
         self.replies: Dict[int, Reply] = {}  # by the batcher's uid

@@ -429,7 +429,8 @@ class ModelService:
                              self.draft_model, streams=self.stream_batching,
                              stream_pass=tuned["stream_pass"] if tuned else "fused",
                              tuned=tuned if d.draft is None else None,
-                             prompt_concurrency=d.prompt_concurrency)  # fmt: skip
+                             prompt_concurrency=d.prompt_concurrency,
+                             pipeline=tuned.get("pipeline") if tuned else None)  # fmt: skip
         return Batch(self.model, self.tokenizer, d.decode_concurrency, d.prompt_concurrency,
                      d.prefill_step_size, self.xtc_special_tokens)  # fmt: skip
 

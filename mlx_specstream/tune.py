@@ -19,7 +19,8 @@ or ``draft`` then uses the stored ones, and on others the model's own settings
 
 ``--batch-size K`` also measures batches of K rows (``batch_generate``, the server's
 batches): rows without drafts, prompt lookup of a few lengths and, with streams,
-their chain of each depth through either stream pass (:func:`tune_batch`); the
+their chain of each depth through either stream pass, pipelined or not
+(:func:`tune_batch`); the
 choice is stored as the config's ``batch`` for this device, which
 ``batch_generate(draft="auto")`` and the server then follow; ``--batch-only``
 tunes batches alone, keeping the device's other stored settings.
@@ -323,14 +324,15 @@ def tune_batch(
 ):
     """How ``rows`` rows of a batch decode fastest on this device (``batch_generate``,
     the server's batches): prompt lookup of a few lengths and, with streams, their
-    chain of each depth through either stream pass, against rows without drafts,
+    chain of each depth through either stream pass, each in pipelined passes and
+    not, against rows without drafts,
     which win unless the fastest beats them by ``min_gain`` in ``confirm_rounds``
     back-to-back rounds.
 
     Returns:
         tuple: the choice (:attr:`~mlx_specstream.config.SpecStreamConfig.batch`:
-        ``draft``, ``num_draft_tokens``, ``stream_pass``, ``rows``), its tokens/s and
-        those of rows without drafts.
+        ``draft``, ``num_draft_tokens``, ``stream_pass``, ``rows``, ``pipeline``), its
+        tokens/s and those of rows without drafts.
     """
     from .batch import stream_runtime, unbatchable
 
@@ -341,14 +343,15 @@ def tune_batch(
     plain = dict(draft=None)
     trials = Trials(model, tokenizer, prompts, max_tokens, log, measure=measure, plain=plain,
                     draft=None)  # fmt: skip
-    for n in BATCH_LOOKUP_LENGTHS:
-        trials.run(dict(draft="ngram", num_draft_tokens=n))
+    ways = [dict(draft="ngram", num_draft_tokens=n) for n in BATCH_LOOKUP_LENGTHS]
     rt = stream_runtime(model)
     if rt is not None:
         passes = ("fused",) if rt.config.mode == "shared" else ("fused", "split")
-        for n in range(1, rt.config.num_streams + 1):
-            for stream_pass in passes:
-                trials.run(dict(draft="streams", num_draft_tokens=n, stream_pass=stream_pass))
+        ways += [dict(draft="streams", num_draft_tokens=n, stream_pass=stream_pass)
+                 for n in range(1, rt.config.num_streams + 1) for stream_pass in passes]  # fmt: skip
+    for way in ways:  # (each pipelined and not: which pays depends on the device)
+        for pipeline in (True, False):
+            trials.run(dict(way, pipeline=pipeline))
 
     def describe(best):
         return f"{rows} rows drafting with {best['draft']}, {best['num_draft_tokens']} tokens"
@@ -356,7 +359,8 @@ def tune_batch(
     choice, tps, base = trials.choice(min_gain, f"Speculation in batches of {rows}",
                                       describe=describe, confirm_rounds=confirm_rounds)  # fmt: skip
     entry = dict(draft=choice["draft"], num_draft_tokens=choice.get("num_draft_tokens", 0),
-                 stream_pass=choice.get("stream_pass", "fused"), rows=rows)  # fmt: skip
+                 stream_pass=choice.get("stream_pass", "fused"), rows=rows,
+                 pipeline=choice.get("pipeline"))  # fmt: skip
     return entry, tps, base
 
 

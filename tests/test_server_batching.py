@@ -636,15 +636,18 @@ def test_streams_that_do_not_draft_in_a_batch_say_so(service, caplog):
 def test_the_batch_tuning_decides_how_rows_draft(service, monkeypatch, caplog, tuned):
     """A stream model whose streams draft alone on this device (``tree_depth`` 3) but
     whose tuning for batches (the config's ``batch``) chose the streams' chain of 2
-    through the split pass, lookup of 3, or no drafts: the server's batch rows draft
-    so, but for a request that names its draft; answers equal plain decoding."""
+    through the split pass unpipelined, lookup of 3 pipelined, or no drafts: the
+    server's batch rows draft so, but for a request that names its draft; answers
+    equal plain decoding."""
     from mlx_specstream import batch
 
     model = tiny_spec_model("llama", vocab_size=V, num_streams=3, tree_depth=3,
                             stream_lora_rank=4)  # fmt: skip
     n = {"streams": 2, "ngram": 3, None: 0}[tuned]
+    pipelined = tuned == "ngram"  # (lookup rows pipelined here only as tuned so)
     model.speculative_streams.config.batch = dict(draft=tuned, num_draft_tokens=n,
-                                                  stream_pass="split", rows=4)  # fmt: skip
+                                                  stream_pass="split", rows=4,
+                                                  pipeline=pipelined)  # fmt: skip
     tok = word_tokenizer(V, eos=0)
     with caplog.at_level(logging.INFO, logger="mlx_specstream.server"):
         svc = service(model, tok)
@@ -664,7 +667,8 @@ def test_the_batch_tuning_decides_how_rows_draft(service, monkeypatch, caplog, t
     insert = batch.SpecBatcher.insert
 
     def record(self, *a, **k):
-        rows.append((k["draft"], k["num_draft_tokens"], self.streams is not None, self.fused))
+        rows.append((k["draft"], k["num_draft_tokens"], self.streams is not None, self.fused,
+                     self.pipeline, self.drafts_on_device))  # fmt: skip
         return insert(self, *a, **k)
 
     monkeypatch.setattr(batch.SpecBatcher, "insert", record)
@@ -673,8 +677,9 @@ def test_the_batch_tuning_decides_how_rows_draft(service, monkeypatch, caplog, t
     assert svc.served["largest_batch"] == 4
     if tuned is not None:
         streams = tuned == "streams"  # (through the tuned split pass)
-        assert rows[:3] == [(tuned, n, streams, False)] * 3
-        assert rows[3] == ("ngram", 10, streams, False)  # (its own draft, lookup's default)
+        assert rows[:3] == [(tuned, n, streams, False, pipelined, pipelined)] * 3
+        # (its own draft, lookup's default)
+        assert rows[3] == ("ngram", 10, streams, False, pipelined, pipelined)
     for p, (text, _, _) in zip(PROMPTS, got):
         assert text[0] == plain(model, tok, p, 20)[0]
 

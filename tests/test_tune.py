@@ -370,25 +370,31 @@ def test_tune_batch_measures_every_way_and_stores_the_fastest(tmp_path, monkeypa
                             stream_lora_rank=4, num_stream_layers=2)  # fmt: skip
     tokenizer = word_tokenizer(16, eos=15)
 
+    pipelined = {"streams-split": False, "ngram": True, "none": None}[winner]
+
     def speed(tps, s):
+        faster = 10.0 if s.get("pipeline") == pipelined else 0.0  # (pipelined or not)
         if winner == "streams-split" and s.get("stream_pass") == "split":
-            return 300.0 if s["num_draft_tokens"] == 2 else 200.0
+            return (300.0 if s["num_draft_tokens"] == 2 else 200.0) + faster
         if winner == "ngram" and s["draft"] == "ngram":
-            return 300.0 if s["num_draft_tokens"] == 4 else 200.0
+            return (300.0 if s["num_draft_tokens"] == 4 else 200.0) + faster
         return 100.0 if s["draft"] is None else 50.0
 
     measured = fake_batch_speeds(monkeypatch, speed)
     choice, tps, base = tune.tune_batch(model, tokenizer, BATCH_PROMPTS, max_tokens=6, rows=3,
                                         log=lambda *a: None, confirm_rounds=1)  # fmt: skip
-    ways = {(m["draft"], m.get("num_draft_tokens"), m.get("stream_pass")) for m in measured}
-    assert {(None, None, None), ("ngram", 2, None), ("ngram", 4, None)} <= ways
-    assert {("streams", n, p) for n in (1, 2) for p in ("fused", "split")} <= ways
+    ways = {(m["draft"], m.get("num_draft_tokens"), m.get("stream_pass"), m.get("pipeline"))
+            for m in measured}  # fmt: skip
+    assert (None, None, None, None) in ways
+    for on in (True, False):
+        assert {("ngram", 2, None, on), ("ngram", 4, None, on)} <= ways
+        assert {("streams", n, p, on) for n in (1, 2) for p in ("fused", "split")} <= ways
     assert all(m["rows"] == 3 for m in measured)
     want = {"streams-split": dict(draft="streams", num_draft_tokens=2, stream_pass="split"),
             "ngram": dict(draft="ngram", num_draft_tokens=4, stream_pass="fused"),
             "none": dict(draft=None, num_draft_tokens=0, stream_pass="fused")}[winner]  # fmt: skip
-    assert choice == dict(want, rows=3)
-    assert (tps, base) == ((300.0, 100.0) if winner != "none" else (100.0, 100.0))
+    assert choice == dict(want, rows=3, pipeline=pipelined)
+    assert (tps, base) == ((310.0, 100.0) if winner != "none" else (100.0, 100.0))
 
     config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -410,7 +416,7 @@ def test_tune_batch_measures_every_way_and_stores_the_fastest(tmp_path, monkeypa
 
     def insert(self, tokens, *a, **kw):
         inserted.append((self.streams is not None, self.fused, kw["draft"],
-                         kw["num_draft_tokens"]))  # fmt: skip
+                         kw["num_draft_tokens"], self.pipeline, self.drafts_on_device))  # fmt: skip
         return real_insert(self, tokens, *a, **kw)
 
     monkeypatch.setattr(batch_module.SpecBatcher, "insert", insert)
@@ -419,7 +425,8 @@ def test_tune_batch_measures_every_way_and_stores_the_fastest(tmp_path, monkeypa
     streams = want["draft"] == "streams"
     fused = want["stream_pass"] == "fused"
     n = want["num_draft_tokens"]
-    assert inserted == [(streams, fused, want["draft"], n)] * 2
+    on = (pipelined is not False, pipelined is True)  # (None: lookup rows on a GPU only)
+    assert inserted == [(streams, fused, want["draft"], n) + on] * 2
     for got, p in zip(res.token_ids, BATCH_PROMPTS):  # (up to the EOS, as mlx-lm's)
         plain = plain_greedy(model, p, 8)
         assert got == (plain[: plain.index(15)] if 15 in plain else plain)
@@ -441,7 +448,8 @@ def test_tune_batch_on_a_plain_model_and_refusals(tmp_path):
         (dict(good, draft="medusa"), "its draft must be"),
         (dict(good, num_draft_tokens=4), "num_streams=3"),
         (dict(good, stream_pass="both"), "stream_pass"),
-        ({"draft": "ngram"}, "exactly the keys"),
+        ({"draft": "ngram"}, "must have the keys"),
+        (dict(good, pipeline="yes"), "its pipeline"),
     ]:
         with pytest.raises(ValueError, match=f"speculative_streaming.batch=.*{match}"):
             SpecStreamConfig(batch=bad)
