@@ -539,11 +539,14 @@ class SpecBatcher:
         """Whether every row's next input can be made on the device: no logits
         processors; rows drafting by lookup, and a draft model's, only where they draft
         on the device (lookup rows from the start of a flight of passes, when the
-        device takes a copy of the rows' tokens)."""
+        device takes a copy of the rows' tokens; a draft model's while a row drafts,
+        since its cache is fed only then)."""
         looks_up = any(_looks_up(r) for r in self.rows)
         return (
             self.pipeline
-            and (self.draft_model is None or self.drafts_on_device)
+            # (a draft model's rows only while one drafts: its cache then never lags)
+            and (self.draft_model is None
+                 or self.drafts_on_device and any(r.draft_tokens for r in self.rows))
             and all(not r.processors for r in self.rows)
             and (not looks_up or self.drafts_on_device
                  and (self._flight is None or self._history is not None))  # fmt: skip

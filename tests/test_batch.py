@@ -686,3 +686,42 @@ def test_negative_control_pipelined_drafts_that_keep_a_replaced_chain(monkeypatc
     )
     _, gap = draft_cache_errors(model, draft_model, draft="draft_model+ngram", pipeline=True)
     assert gap > 1e-3
+
+
+def joining_a_batch_that_did_not_draft():
+    """Two rows that do not draft, then (at the fifth pass) one that does, with a copy
+    of the model drafting 3 tokens: every row's tokens, the drafting row's passes, and
+    which passes were in flight."""
+    model = tiny_model("llama", vocab_size=V)
+    batcher = batch.SpecBatcher(model, draft_model=model, pipeline=True)
+    uids = [batcher.insert(p, max_tokens=20, num_draft_tokens=0) for p in PROMPTS[:2]]
+    got, passes, flights = {u: [] for u in uids}, 0, []
+    while len(batcher) or len(flights) < 5:
+        if len(flights) == 4:
+            uids.append(batcher.insert(PROMPTS[3], max_tokens=20, num_draft_tokens=3))
+            got[uids[-1]] = []
+        for r in batcher.step():
+            got[r.uid] += r.tokens
+            passes += r.uid == uids[-1] and len(uids) == 3
+        flights.append(batcher._flight is not None)
+    return model, [got[u] for u in uids], passes, flights
+
+
+def test_pipelined_draft_model_rows_joining_a_batch_that_did_not_draft():
+    """Rows that do not draft (``num_draft_tokens=0``: the draft model is not fed for
+    them) pass unpipelined; a drafting row that joins starts the pipelined passes with
+    every draft cache brought up to date, so that every draft of the copy is accepted:
+    20 tokens in 5 passes of 4; every row equals its prompt alone."""
+    model, tokens, passes, flights = joining_a_batch_that_did_not_draft()
+    assert not any(flights[:4]) and any(flights[5:])
+    assert tokens == alone(model, PROMPTS[:2] + PROMPTS[3:], [20] * 3)
+    assert passes == 5
+
+
+def test_negative_control_pipelined_while_no_row_drafts(monkeypatch):
+    """Passes pipelined while no row drafts leave the draft caches behind the rows: the
+    joining row's first drafts come from a stale cache (the output stays right)."""
+    monkeypatch.setattr(batch.SpecBatcher, "_pipelines", lambda self: self.pipeline)
+    model, tokens, passes, flights = joining_a_batch_that_did_not_draft()
+    assert all(flights[:4]) and tokens == alone(model, PROMPTS[:2] + PROMPTS[3:], [20] * 3)
+    assert passes > 5
