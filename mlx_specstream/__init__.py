@@ -17,6 +17,7 @@ _EXPORTS = {
     "batch_generate": "batch",
     "generate": "generate",
     "load": "utils",
+    "make_prompt_cache": "cache",
     "save": "utils",
     "stream_generate": "generate",
 }

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache
 
+from .cache import model_caches
 from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
@@ -88,7 +89,7 @@ def unbatchable(model, name: str = "model") -> Optional[str]:
     """Why ``model`` cannot decode rows of a :class:`SpecBatcher` (``None``: it can):
     a layer without a plain ``KVCache``, or rows that come out wrong
     (:func:`ragged_fault`)."""
-    for i, c in enumerate(make_prompt_cache(model)):
+    for i, c in enumerate(model_caches(model)):
         if type(c) is not KVCache:
             return (
                 f"batch_generate needs a plain key-value cache in every layer; layer {i} of "
@@ -124,7 +125,7 @@ def _probe(model) -> Optional[str]:
     prompts = [[t % vocab for t in range(1, n + 1)] for n in (8, 3, 2)]
     fed = [5 % vocab, 6 % vocab]
     try:  # (prefilled together, padded to the longest, as rows joining a batch are)
-        cache = [RaggedKVCache([0] * len(prompts)) for _ in make_prompt_cache(model)]
+        cache = [RaggedKVCache([0] * len(prompts)) for _ in model_caches(model)]
         _prefill_rows(model, cache, prompts, len(prompts[0]))
         batched = model(mx.array([fed] * len(prompts)), cache=cache)
     except Exception as e:  # noqa: BLE001 - the reason is reported
@@ -366,7 +367,7 @@ class SpecBatcher:
     def _checked(self, model, cache, tokens: List[int], name: str, base: int) -> List[KVCache]:
         """``cache`` (or a new one), holding ``base`` tokens of context and fewer than
         all of ``tokens`` (the rest but the last are prefilled when the row joins)."""
-        cache = make_prompt_cache(model) if cache is None else list(cache)
+        cache = model_caches(model) if cache is None else list(cache)
         for i, c in enumerate(cache):
             if type(c) is not KVCache:
                 raise ValueError(f"layer {i} of the row's {name} is a {type(c).__name__}")
@@ -1000,7 +1001,7 @@ def batch_generate_step(
                           streams=uses_streams, stream_pass=stream_pass,
                           pipeline=pipeline,
                           prefill_batch_size=prefill_batch_size)  # fmt: skip
-    layers = len(make_prompt_cache(model))
+    layers = len(model_caches(model))
     index = {}
     for i, (p, n) in enumerate(zip(prompts, limits)):
         if n > 0:

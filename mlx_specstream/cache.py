@@ -7,6 +7,13 @@ mlx-lm's ``generate_step`` does, and tells the decode loop how deep a tree may
 be so that no step straddles that moment. A ``RotatingKVCache``
 (``max_kv_size``) is accepted only when its window provably never fills
 (:func:`window_rows`).
+
+A model's own sliding-window layers (Gemma 3, GPT-OSS, Ministral 3, OLMo 3, ...:
+``model.make_cache()`` gives them a ``RotatingKVCache`` of the window's size) keep
+every token in a plain ``KVCache`` instead (:func:`model_caches`), which a tree's
+rejected rows can be cut from; the window is then the masks' job: the model's own
+(``create_attention_mask(..., window_size=W)``) and the tree's
+(``StreamRuntime``'s, from :func:`sliding_windows`).
 """
 
 import weakref
@@ -53,14 +60,20 @@ def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = 
             f"Speculative Streaming needs a {' or '.join(t.__name__ for t in ok)} per layer, got "
             f"{bad}: {kinds} caches are not supported."
         )
-    sizes = [c.max_size for c in cache if type(c) is RotatingKVCache]
-    if sizes and min(sizes) < max_rows:
+    rotating = [c for c in cache if type(c) is RotatingKVCache]
+    small = min(rotating, key=lambda c: c.max_size, default=None)
+    if small is not None and small.max_size < max_rows:
+        fix = (
+            f"Use max_kv_size >= {max_rows}, fewer max_tokens, or leave max_kv_size unset."
+            if small.keep
+            else "A model's sliding-window layers need a cache that keeps every token: make "
+            "it with mlx_specstream.make_prompt_cache(model), not mlx-lm's."
+        )
         raise ValueError(
-            f"RotatingKVCache max_size={min(sizes)} (max_kv_size) is smaller than the "
-            f"{max_rows} rows this generation can hold (cached + prompt + max_tokens + one "
-            "tree pass): its window would rotate inside a step and rejected drafts could not "
-            f"be rolled back. Use max_kv_size >= {max_rows}, fewer max_tokens, or leave "
-            "max_kv_size unset."
+            f"RotatingKVCache max_size={small.max_size} is smaller than the {max_rows} rows "
+            "this generation can hold (cached + prompt + max_tokens + one tree pass): its "
+            f"window would rotate inside a step and rejected drafts could not be rolled back. "
+            + fix
         )
 
 
@@ -410,20 +423,70 @@ def keep_drafter_state(cache, state) -> None:
         _DRAFTER_STATES[cache[0]] = state
 
 
-def make_prompt_cache(
-    model, max_kv_size: Optional[int] = None, draft_model=None
-) -> SpecPromptCache:
-    """A prompt cache for ``model`` (mlx-lm's caches, and room for a drafter's state).
+def sliding_windows(model) -> List[Optional[int]]:
+    """Each layer cache's sliding window as the model makes it: the ``max_size`` of
+    a ``RotatingKVCache`` with nothing kept at its start (``keep=0``), else ``None``.
 
-    ``max_kv_size`` gives rotating caches, as in mlx-lm (see :func:`check_cache`).
-    With ``draft_model`` the draft model's plain caches follow the model's, as
-    mlx-lm's draft-model decoding keeps them.
+    Example: a Gemma 3 whose every second layer is global, window 512, gives
+    ``[512, None, 512, None, ...]``; a Llama without ``make_cache`` gives ``[]``.
+    """
+    if not hasattr(model, "make_cache"):
+        return []
+    return [
+        c.max_size if type(c) is RotatingKVCache and c.keep == 0 else None
+        for c in model.make_cache()
+    ]
+
+
+def refuse_quantized_windows(model, draft_model, kv_bits: int) -> None:
+    """Raises ``ValueError`` when ``kv_bits`` is asked of a model (or draft model)
+    with sliding-window layers: mlx-lm cannot quantize their ``RotatingKVCache``
+    (``to_quantized`` raises ``NotImplementedError``), so there is no plain decoding
+    with the same ``kv_bits`` for ours to equal."""
+    for name, m in (("model", model), ("draft model", draft_model)):
+        windows = [] if m is None else sliding_windows(m)
+        if any(w is not None for w in windows):
+            layers = [i for i, w in enumerate(windows) if w is not None]
+            raise ValueError(
+                f"kv_bits={kv_bits}: the {name}'s layers {layers} attend in a sliding "
+                f"window of {max(w for w in windows if w)} tokens, and mlx-lm does not "
+                "quantize their RotatingKVCache, so no plain decoding with this kv_bits "
+                "exists to equal; leave kv_bits unset for this model."
+            )
+
+
+def model_caches(model, max_kv_size: Optional[int] = None) -> list:
+    """mlx-lm's caches for ``model`` (``make_prompt_cache``), with every sliding-window
+    layer's ``RotatingKVCache`` replaced by a ``KVCache`` that keeps every token.
+
+    A rotating cache overwrites its oldest rows, so a tree's rejected rows could not
+    be cut from it once its window is full. The window stays exact: mlx-lm's models
+    ask the layer's cache for a mask with ``window_size`` (a ``KVCache`` gives one),
+    and the tree's masks apply it too. Memory then grows with the context in those
+    layers, as in a full-attention layer. ``max_kv_size`` is mlx-lm's: rotating
+    caches for models without ``make_cache``, which are not replaced.
     """
     from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 
     cache = make_mlx_lm_cache(model, max_kv_size=max_kv_size)
+    windows = sliding_windows(model)
+    if len(windows) == len(cache):
+        cache = [KVCache() if w is not None else c for c, w in zip(cache, windows)]
+    return cache
+
+
+def make_prompt_cache(
+    model, max_kv_size: Optional[int] = None, draft_model=None
+) -> SpecPromptCache:
+    """A prompt cache for ``model`` (:func:`model_caches`, and room for a drafter's state).
+
+    ``max_kv_size`` gives rotating caches, as in mlx-lm (see :func:`check_cache`).
+    With ``draft_model`` the draft model's caches follow the model's, as mlx-lm's
+    draft-model decoding keeps them.
+    """
+    cache = model_caches(model, max_kv_size)
     if draft_model is not None:
-        cache += make_mlx_lm_cache(draft_model)
+        cache += model_caches(draft_model)
     return SpecPromptCache(cache)
 
 

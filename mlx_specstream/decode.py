@@ -35,6 +35,8 @@ from .cache import (
     commit_path,
     drafter_state_of,
     keep_drafter_state,
+    model_caches,
+    refuse_quantized_windows,
     window_rows,
 )
 from .config import DRAFTS
@@ -744,6 +746,8 @@ def spec_generate_step(
     elif draft == "streams+ngram" and rt.drafter is not None:
         raise ValueError("draft='streams+ngram' needs a model with streams, not a drafter.")
     quant = KVQuantizer.from_args(kv_bits, kv_group_size, quantized_kv_start)
+    if quant is not None:
+        refuse_quantized_windows(model, draft_model, kv_bits)
     sampler = sampler or greedy
     asked = acceptance
     if acceptance is None:  # (without drafts there is nothing to accept)
@@ -814,7 +818,7 @@ def spec_generate_step(
             stacklevel=2,
         )
         threshold = 0.0
-    cache = make_prompt_cache(model, max_kv_size) if prompt_cache is None else prompt_cache
+    cache = model_caches(model, max_kv_size) if prompt_cache is None else prompt_cache
     max_rows = None
     if any(type(c) is RotatingKVCache for c in cache):  # accepted only while it never rotates
         gamma = getattr(rt.config, "num_streams", 0)  # (a drafter adds no rows)

@@ -12,7 +12,9 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+from .cache import model_caches
 
 
 class DraftModel:
@@ -186,7 +188,7 @@ def split_prompt_cache(model: nn.Module, draft_model: nn.Module, prompt_cache):
         ValueError: the cache does not hold both, or the two hold different tokens.
     """
     if prompt_cache is None:
-        return None, make_prompt_cache(draft_model)
+        return None, model_caches(draft_model)
     base, draft = split_pair(model, draft_model, prompt_cache)
     bad = sorted({type(c).__name__ for c in draft if type(c) not in (KVCache, QuantizedKVCache)})
     if bad:

@@ -111,11 +111,15 @@ class RaggedKVCache(_BaseCache):
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None, **kwargs):
         """``(B, 1, N, ends.max() + N)``: query ``j`` of row ``b`` sees keys
-        ``0 .. ends[b] + j``."""
-        if window_size is not None:
-            raise ValueError(f"RaggedKVCache has no sliding window (window_size={window_size})")
+        ``0 .. ends[b] + j``, or with ``window_size`` ``W`` (a sliding-window layer
+        that keeps every token) only the last ``W`` of them, as mlx-lm's
+        ``create_causal_mask`` does."""
         queries = (self.offset[:, None] + mx.arange(N, dtype=mx.int32))[:, None, :, None]
-        return mx.arange(self.size() + N, dtype=mx.int32) <= queries
+        keys = mx.arange(self.size() + N, dtype=mx.int32)
+        mask = keys <= queries
+        if window_size is not None:
+            mask = mask & (keys > queries - window_size)
+        return mask
 
     def advance(self, kept: Sequence[int]) -> None:
         """Keeps the first ``kept[b]`` tokens of row ``b``'s last pass."""

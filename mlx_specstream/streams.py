@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache import Fold, FoldingCache
+from .cache import Fold, FoldingCache, sliding_windows
 from .config import SpecStreamConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda, on_gpu
@@ -234,6 +234,10 @@ class StreamRuntime:
         # every layer's call: there the step's masks go in additive, made once.
         self.additive_masks = on_cuda()
         self._additive = None  # (bool mask, its additive form) of the last layer
+        # Each layer's sliding window (None: attends to every token): the caches keep
+        # every token there (cache.model_caches), and our masks apply the window.
+        self.windows = sliding_windows(model) or [None] * self.num_layers
+        self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
         # Lossless decoding may verify with main rows only, then draft from the
         # streams of the last accepted node (see draft_streams): config.stream_pass.
         self.split_streams = (
@@ -310,13 +314,14 @@ class StreamRuntime:
                         if i < rt.first_top:
                             return x
                         x = rt._stream_input if i == rt.first_top else x
-                        return base_call(self, x, rt._stream_mask, cache, *args, **kwargs)
+                        mask = rt._attention_mask(rt._windowed(i, rt._stream_mask), x.dtype)
+                        return base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.first_top:
                         x = rt._insert_streams(x)
                     upper = i >= rt.first_top
                     if not (rt._upper_plain if upper else rt._lower_plain):
-                        mask = rt._attention_mask(rt._upper_mask if upper else rt._lower_mask,
-                                                  x.dtype)  # fmt: skip
+                        mask = rt._upper_mask if upper else rt._lower_mask
+                        mask = rt._attention_mask(rt._windowed(i, mask), x.dtype)
                     out = base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.num_layers - 1:
                         out = rt._hold_back_streams(out)
@@ -332,6 +337,45 @@ class StreamRuntime:
                     submodule(self.model.layers[self.first_top + j], name),
                     lambda base, j=j, name=name: self._lora_call(base, j, name),
                 )
+
+    def _windowed(self, i: int, mask: mx.array) -> mx.array:
+        """``mask`` (bool, its last axis the cache's columns, which are positions)
+        cut to layer ``i``'s sliding window, if it has one: a row at position ``p``
+        sees no column ``<= p - W``, as mlx-lm's ``create_causal_mask`` with
+        ``window_size=W``. Columns past the committed ones (this pass's rows, at
+        or past their positions) are cut by the same rule, exact where
+        :meth:`_check_windows` says.
+
+        Example: ``W = 4``, prefix 6, a chain of two rows at positions 6 and 7:
+        row 6 sees columns 3..6, row 7 columns 4..7.
+        """
+        w = self.windows[i]
+        pos = None if w is None else self._positions(i)
+        if pos is None or mask.dtype != mx.bool_:
+            return mask
+        last = self._windowed_mask
+        if last is not None and last[0] is mask and last[1] == w:
+            return last[2]
+        rows = int(np.prod(mask.shape[:-1]))
+        pos = pos.reshape(*mask.shape[:-1], 1) if pos.size == rows else pos.reshape(-1, 1)
+        out = mask & (mx.arange(mask.shape[-1], dtype=mx.int32) > pos - w)
+        self._windowed_mask = (mask, w, out)
+        return out
+
+    def _check_windows(self, span: int) -> None:
+        """Raises ``ValueError`` if a tree pass whose rows lie up to ``span - 1``
+        positions past their prefix (the tree's depth, then its streams) reaches
+        across a sliding window. A tree's node ``k`` sits at column ``prefix + k``,
+        at or past its position, so :meth:`_windowed` is exact only while every
+        row's window holds the whole prefix's end; a chain's rows sit at their
+        positions, so it is exact for any chain."""
+        windows = [w for w in self.windows if w is not None]
+        if windows and span > min(windows):
+            raise ValueError(
+                f"A pass {span} positions deep (tree depth plus streams) is wider than the "
+                f"model's sliding window of {min(windows)} tokens: use a smaller tree "
+                "(max_tree_nodes, num_draft_tokens)."
+            )
 
     def _attention_mask(self, mask: mx.array, dtype) -> mx.array:
         """``mask`` as the layers take it: as is, or (``additive_masks``) 0 where
@@ -581,6 +625,10 @@ class StreamRuntime:
         # Every position of this pass lies below this (tree depth, streams' offsets).
         start = base + span if pipelined else prefix
         self._positions_end = start + len(layout) + getattr(self.config, "num_streams", 0)
+        if not layout.is_chain:  # (a chain's rows sit at their positions)
+            self._check_windows(
+                int(layout.depth.max()) + 1 + getattr(self.config, "num_streams", 0)
+            )
         # Rows that form a chain are a plain multi-token pass: the model's own
         # (causal) mask and RoPE offset, as mlx-lm computes them, no tree ops.
         self._lower_plain = self._upper_plain = layout.is_chain and not pipelined
@@ -747,7 +795,7 @@ class StreamRuntime:
             if self._rows_fused:
                 x = mx.concatenate([x, self.streams.make_streams(x)], axis=1)
         if self._rows_fused and i >= self.first_top:
-            mask = self._attention_mask(self._upper_mask, x.dtype)
+            mask = self._attention_mask(self._windowed(i, self._upper_mask), x.dtype)
         out = base_call(layer, x, mask, cache, *args, **kwargs)
         if self._rows_fused and i == self.num_layers - 1:
             self._stream_hidden = out[:, self._main_rows :]
@@ -804,6 +852,7 @@ class StreamRuntime:
         "_tail_input",
         "_last_product",
         "_additive",
+        "_windowed_mask",
     )
 
     def release(self) -> None:
@@ -883,12 +932,14 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             f"the model's {len(layers)} layers."
         )
     if hasattr(model, "make_cache"):
-        kinds = {type(c).__name__ for c in model.make_cache() if type(c) is not KVCache}
+        windows = sliding_windows(model)  # (their layers keep every token: cache.model_caches)
+        kinds = {type(c).__name__ for c, w in zip(model.make_cache(), windows)
+                 if type(c) is not KVCache and w is None}  # fmt: skip
         if kinds:
             raise ValueError(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
                 "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
-                "(recurrent, hybrid and sliding-window caches cannot be rolled back). A model "
+                "(recurrent and hybrid caches cannot be rolled back). A model "
                 "with recurrent layers runs prompt lookup (draft='ngram', --draft ngram), "
                 "verified as a chain."
             )
