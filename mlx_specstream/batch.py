@@ -93,8 +93,9 @@ def unbatchable(model, name: str = "model") -> Optional[str]:
         if type(c) is not KVCache:
             return (
                 f"batch_generate needs a plain key-value cache in every layer; layer {i} of "
-                f"this {name} has a {type(c).__name__} (sliding-window, recurrent and "
-                "state-space layers are not batched speculatively)"
+                f"this {name} has a {type(c).__name__} (rotating caches that keep "
+                "their first tokens, recurrent and state-space layers are not batched "
+                "speculatively)"
             )
     fault = ragged_fault(model)
     return None if fault is None else f"cannot batch this {type(model).__module__} {name}: {fault}"

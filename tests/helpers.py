@@ -57,6 +57,28 @@ ARCH_ARGS = {
 }
 ARCHS = sorted(ARCH_ARGS)
 
+# Models whose layers alternate a sliding window (8 tokens here) with full attention:
+# mlx-lm gives the window layers a RotatingKVCache (cache.model_caches replaces it).
+WINDOWED_ARGS = {
+    "gemma3_text": dict(
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=16.0, sliding_window=8, sliding_window_pattern=2,
+        rope_local_base_freq=10000.0, rope_global_base_freq=1000000.0,
+    ),
+    "gpt_oss": dict(
+        intermediate_size=64, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=8, rms_norm_eps=1e-5, rope_theta=150000,
+        layer_types=["sliding_attention", "full_attention"] * 2, rope_scaling=None,
+        swiglu_limit=7.0,
+    ),
+    "olmo3": dict(
+        intermediate_size=128, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        max_position_embeddings=512, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+}  # fmt: skip
+WINDOWED = sorted(WINDOWED_ARGS)
+
 # Hybrid and state-space models: recurrent layers (ArraysCache) beside or instead of
 # attention layers; prompt lookup runs on them (mlx_specstream.recurrent).
 HYBRID_ARGS = {
@@ -111,7 +133,8 @@ def tiny_model(
     output is varied, so drafts are sometimes right and sometimes wrong.
     """
     module = importlib.import_module(f"mlx_lm.models.{arch}")
-    params = {**BASE, **ARCH_ARGS[arch], "vocab_size": vocab_size, "model_type": arch, **overrides}
+    args = ARCH_ARGS[arch] if arch in ARCH_ARGS else WINDOWED_ARGS[arch]
+    params = {**BASE, **args, "vocab_size": vocab_size, "model_type": arch, **overrides}
     args = module.ModelArgs.from_dict(params)
     mx.random.seed(seed)
     model = module.Model(args)

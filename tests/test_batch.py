@@ -274,7 +274,7 @@ def test_models_that_cannot_batch_get_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="layer 0 of this model has a ArraysCache"):
         decode(tiny_hybrid("qwen3_next", vocab_size=V))
     model = tiny_model("llama", vocab_size=V)
-    monkeypatch.setattr(model, "make_cache", lambda: [RotatingKVCache(8) for _ in model.layers],
+    monkeypatch.setattr(model, "make_cache", lambda: [RotatingKVCache(8, keep=4) for _ in model.layers],
                         raising=False)  # fmt: skip
     with pytest.raises(ValueError, match="has a RotatingKVCache"):
         decode(model)

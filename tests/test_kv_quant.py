@@ -160,6 +160,9 @@ def test_a_rotating_cache_is_accepted_only_when_its_window_never_fills():
     assert need == 3 + 10 + 20 + 64
     check_cache([RotatingKVCache(max_size=need)], max_rows=need)
     with pytest.raises(ValueError, match=f"max_size={need - 1} .*max_kv_size >= {need}"):
+        check_cache([RotatingKVCache(max_size=need - 1, keep=4), KVCache()], max_rows=need)
+    # a model's own sliding window (nothing kept at its start): ours keeps every token
+    with pytest.raises(ValueError, match=r"mlx_specstream.make_prompt_cache\(model\)"):
         check_cache([RotatingKVCache(max_size=need - 1), KVCache()], max_rows=need)
     with pytest.raises(ValueError, match="max_tokens=-1"):
         window_rows(0, 10, -1, 64)

@@ -1,0 +1,180 @@
+"""Models whose layers attend in a sliding window (Gemma 3, GPT-OSS, OLMo 3): their
+window layers keep every token in a plain ``KVCache`` (``cache.model_caches``) and the
+masks apply the window, so lookup, stream trees, draft models and batches decode
+exactly as mlx-lm does with its rotating caches, long past the window (8 tokens here,
+then 48 generated)."""
+
+import mlx.core as mx
+import pytest
+from helpers import WINDOWED, plain_greedy, spec_tokens, tiny_model, tiny_spec_model
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
+
+import mlx_specstream.streams as streams
+from mlx_specstream import make_prompt_cache
+from mlx_specstream.batch import batch_generate_step
+from mlx_specstream.cache import model_caches, sliding_windows
+from mlx_specstream.ragged_cache import RaggedKVCache
+
+PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
+N = 48
+
+
+def blind_to_windows(monkeypatch):
+    """The negative control of every equality below: masks that ignore the window."""
+    kv, ragged = KVCache.make_mask, RaggedKVCache.make_mask
+
+    def kv_mask(self, N, return_array=False, window_size=None):
+        return kv(self, N, return_array=return_array, window_size=None)
+
+    def ragged_mask(self, N, return_array=False, window_size=None):
+        return ragged(self, N, return_array)
+
+    monkeypatch.setattr(KVCache, "make_mask", kv_mask)
+    monkeypatch.setattr(RaggedKVCache, "make_mask", ragged_mask)
+    monkeypatch.setattr(streams.StreamRuntime, "_windowed", lambda self, i, mask: mask)
+
+
+def test_window_layers_keep_every_token():
+    model = tiny_model("gemma3_text", vocab_size=8)
+    assert [type(c) for c in model.make_cache()] == [RotatingKVCache, KVCache] * 2
+    assert sliding_windows(model) == [8, None, 8, None]
+    assert [type(c) for c in model_caches(model)] == [KVCache] * 4
+    assert [type(c) for c in make_prompt_cache(model)] == [KVCache] * 4
+    assert sliding_windows(tiny_model("llama", vocab_size=8)) == [None] * 4
+    qwen2 = tiny_model("qwen2", vocab_size=8)  # (no make_cache: nothing to replace)
+    assert sliding_windows(qwen2) == []
+    kept = model_caches(qwen2, max_kv_size=32)  # mlx-lm's max_kv_size stays rotating
+    assert [(type(c), c.keep) for c in kept] == [(RotatingKVCache, 4)] * 4
+
+
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_whole_caches_decode_as_mlx_lm_rotating_ones(arch, monkeypatch):
+    """mlx-lm's own loop on caches that keep every token, the model's masks applying
+    the window, equals its loop on its rotating caches; blind to the window, not."""
+    model = tiny_model(arch, vocab_size=8)
+    want = plain_greedy(model, PROMPT, N)
+    assert plain_greedy(model, PROMPT, N, prompt_cache=model_caches(model)) == want
+    blind_to_windows(monkeypatch)
+    assert plain_greedy(model, PROMPT, N) == want  # (the rotating caches hold the window)
+    assert plain_greedy(model, PROMPT, N, prompt_cache=model_caches(model)) != want
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_lookup_drafts_equal_plain_past_the_window(arch, pipeline):
+    model = tiny_model(arch, vocab_size=8)
+    want = list(generate_step(mx.array(PROMPT), model, max_tokens=N))
+    got, records = spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4,
+                               pipeline=pipeline)  # fmt: skip
+    assert got == [int(t) for t, _ in want]
+    assert sum(r[2] for r in records) > 5, "no lookup draft accepted: the test has no power"
+    for (_, lp), r in zip(want, records):  # the same distributions, token by token
+        assert mx.allclose(lp, r[1], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "stream_pass, pipeline", [("fused", False), ("fused", True), ("split", False)]
+)
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_stream_trees_equal_plain_past_the_window(arch, stream_pass, pipeline):
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2, stream_pass=stream_pass)
+    want = plain_greedy(model, PROMPT, N)
+    got, records = spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline)
+    assert got == want
+    assert len({r[3] for r in records}) < N - 5  # (steps: drafts were accepted)
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_tree_nodes=6), dict(draft="ngram", pipeline=True)])
+def test_negative_control_tree_masks_blind_to_the_window(kwargs, monkeypatch):
+    """Our masks (trees; every pipelined pass) must cut the window themselves."""
+    model = tiny_spec_model("gpt_oss", vocab_size=8, num_streams=3, top_k=2)
+    want = plain_greedy(model, PROMPT, N)
+    assert spec_tokens(model, PROMPT, N, **kwargs)[0] == want
+    monkeypatch.setattr(streams.StreamRuntime, "_windowed", lambda self, i, mask: mask)
+    assert spec_tokens(model, PROMPT, N, **kwargs)[0] != want
+
+
+def test_a_chain_longer_than_the_window_is_exact_and_a_deep_tree_is_refused():
+    """A chain's rows sit at their positions: any length is exact. A tree's nodes
+    sit past theirs, so one deeper than the window (with its streams) is refused."""
+    model = tiny_spec_model("gemma3_text", vocab_size=8, num_streams=3, top_k=2)
+    want = plain_greedy(model, PROMPT, N)
+    got, _ = spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=10, pipeline=True)
+    assert got == want
+    with pytest.raises(ValueError, match="wider than the model's sliding window of 8"):
+        spec_tokens(model, PROMPT, N, draft="streams+ngram", num_draft_tokens=6,
+                    max_tree_nodes=12)  # fmt: skip
+
+
+@pytest.mark.parametrize("other", [False, True])
+def test_a_draft_model_with_a_window_drafts_for_one(other, monkeypatch):
+    model = tiny_model("gemma3_text", vocab_size=8)
+    draft = tiny_model("gemma3_text", vocab_size=8, seed=3) if other else model
+    want = plain_greedy(model, PROMPT, N)
+    got, records = spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)
+    assert got == want
+    if not other:  # a copy's drafts are all accepted: 4 tokens a step
+        assert len({r[3] for r in records}) == N // 4
+    blind_to_windows(monkeypatch)
+    assert spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)[0] != want
+
+
+PROMPTS = [[3, 4, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 7, 8], [2], [1, 2, 1, 2, 1, 2, 1]]
+LIMITS = [24, 30, 17, 40]
+
+
+def batch_tokens(model, **kwargs):
+    tokens, passes = [[] for _ in PROMPTS], 0
+    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, **kwargs):
+        passes += 1
+        for r in out:
+            tokens[r.uid] += r.tokens
+    return tokens, passes
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="ngram", num_draft_tokens=3, pipeline=False),
+        dict(draft="ngram", num_draft_tokens=3, pipeline=True),
+        dict(draft="streams", stream_pass="fused", pipeline=True),
+        dict(draft="streams", stream_pass="split", pipeline=False),
+    ],
+)
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt_oss"])
+def test_batch_rows_equal_each_prompt_alone(arch, kwargs, monkeypatch):
+    model = tiny_spec_model(arch, vocab_size=16, num_streams=3)
+    want = [plain_greedy(model, p, n) for p, n in zip(PROMPTS, LIMITS)]
+    got, passes = batch_tokens(model, **kwargs)
+    assert got == want
+    assert passes < max(LIMITS)
+    blind_to_windows(monkeypatch)
+    assert batch_tokens(model, **kwargs)[0] != want
+
+
+def test_mlx_lm_rotating_prompt_cache_past_its_window_gets_a_clear_error(monkeypatch):
+    model = tiny_model("olmo3", vocab_size=8)
+    want = plain_greedy(model, PROMPT, N)
+    with pytest.raises(ValueError, match=r"mlx_specstream.make_prompt_cache\(model\)"):
+        spec_tokens(model, PROMPT, N, draft="ngram", prompt_cache=mlx_lm_prompt_cache(model))
+    # ours, reused across two calls, goes on as the whole conversation decoded at once
+    cache = make_prompt_cache(model)
+    first, _ = spec_tokens(model, PROMPT, 20, draft="ngram", prompt_cache=cache)
+    assert first == want[:20]
+    rest, _ = spec_tokens(model, [5], N, draft="ngram", prompt_cache=cache)
+    whole = plain_greedy(model, PROMPT + first + [5], N)
+    assert rest == whole
+    blind_to_windows(monkeypatch)
+    cache = make_prompt_cache(model)
+    spec_tokens(model, PROMPT, 20, draft="ngram", prompt_cache=cache)
+    assert spec_tokens(model, [5], N, draft="ngram", prompt_cache=cache)[0] != whole
+
+
+def test_kv_bits_on_a_windowed_model_is_refused():
+    model = tiny_model("gemma3_text", vocab_size=8)
+    with pytest.raises(ValueError, match=r"kv_bits=4: the model's layers \[0, 2\] attend in a"):
+        spec_tokens(model, PROMPT, 8, draft="ngram", kv_bits=4)
+    with pytest.raises(ValueError, match="the draft model's layers"):
+        spec_tokens(tiny_model("llama", vocab_size=8), PROMPT, 8, draft_model=model, kv_bits=4)
