@@ -48,6 +48,20 @@ SHAPES = {
                              vocab_size=32000, rope_theta=1e7, partial_rotary_factor=0.25,
                              max_position_embeddings=32768, full_attention_interval=4,
                              tie_word_embeddings=True),
+    # Sliding-window attention: Gemma 3 270M's published shape (5 window layers of 512
+    # tokens to each global one), and a small one (window 128) for CPU runs.
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, num_hidden_layers=18,
+                        intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=256, vocab_size=262144, rms_norm_eps=1e-6,
+                        query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+                        rope_local_base_freq=10000.0, rope_global_base_freq=1000000.0,
+                        max_position_embeddings=32768),
+    "gemma3-small": dict(model_type="gemma3_text", hidden_size=256, num_hidden_layers=12,
+                         intermediate_size=704, num_attention_heads=4, num_key_value_heads=1,
+                         head_dim=64, vocab_size=32000, rms_norm_eps=1e-6,
+                         query_pre_attn_scalar=64, sliding_window=128, sliding_window_pattern=6,
+                         rope_local_base_freq=10000.0, rope_global_base_freq=1000000.0,
+                         max_position_embeddings=32768),
 }  # fmt: skip
 DTYPES = ("f32", "bf16", "f16", "q4")
 

@@ -532,8 +532,8 @@ def test_with_prompt_lookup_models_that_cannot_draft_in_a_batch_say_so(service, 
         assert plain.wait_idle(60) and plain.batching and not plain.spec_batching
     assert [r.message for r in caplog.records] == [
         "requests decoded together do not draft: batch_generate needs a plain key-value cache "
-        "in every layer; layer 0 of this model has a ArraysCache (sliding-window, recurrent "
-        "and state-space layers are not batched speculatively)"
+        "in every layer; layer 0 of this model has a ArraysCache (rotating caches that keep "
+        "their first tokens, recurrent and state-space layers are not batched speculatively)"
     ]
 
 
