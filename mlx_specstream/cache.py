@@ -48,6 +48,7 @@ def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = 
     ok = (KVCache, QuantizedKVCache) if allow_quantized else (KVCache,)
     if max_rows is not None:
         ok += (RotatingKVCache,)
+    ok += (WindowKVCache,)  # (ours, for a generation's own window layers: unnamed below)
     bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
     if bad:
         refused = [
@@ -57,7 +58,7 @@ def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = 
         ]
         kinds = refused[0] if len(refused) == 1 else f"{', '.join(refused[:-1])} and {refused[-1]}"
         raise ValueError(
-            f"Speculative Streaming needs a {' or '.join(t.__name__ for t in ok)} per layer, got "
+            f"Speculative Streaming needs a {' or '.join(t.__name__ for t in ok[:-1])} per layer, got "
             f"{bad}: {kinds} caches are not supported."
         )
     rotating = [c for c in cache if type(c) is RotatingKVCache]
@@ -131,16 +132,17 @@ def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequ
     for c, keep in zip(cache, keep_per_layer):
         keep = list(keep)
         if keep != list(range(len(keep))):
-            idx = mx.array(keep, dtype=mx.int32) + prefix
+            row = prefix - first_row(c)  # (a WindowKVCache's rows start past position 0)
+            idx = mx.array(keep, dtype=mx.int32) + row
             arrays = _arrays(c)
-            moves.append((arrays, len(keep), [mx.take(a, idx, axis=2) for a in arrays]))
+            moves.append((arrays, row, len(keep), [mx.take(a, idx, axis=2) for a in arrays]))
     if moves:
         # Evaluate the gathered rows first so the slice writes below update the
         # cache buffers in place instead of copying them.
-        mx.eval([rows for _, _, rows in moves])
-        for arrays, n, rows in moves:
+        mx.eval([rows for *_, rows in moves])
+        for arrays, row, n, rows in moves:
             for a, r in zip(arrays, rows):
-                a[..., prefix : prefix + n, :] = r
+                a[..., row : row + n, :] = r
     for c, keep in zip(cache, keep_per_layer):
         c.trim(c.offset - (prefix + len(keep)))
 
@@ -229,20 +231,21 @@ class FoldingCache:
     def __init__(self, cache: KVCache, fold: Optional[Fold], layer: int):
         self.cache, self.fold, self.layer = cache, fold, layer
         self.offset = cache.offset if fold is None else fold.prefix  # (RoPE is the hooks')
+        self.start = first_row(cache)  # the position of its first row
         self.rows = None  # (keys, values) this pass appends, for the next fold
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        c, fold = self.cache, self.fold
+        c, fold, first = self.cache, self.fold, self.start
         span = 0 if fold is None else fold.span
-        end = self.offset + span + keys.shape[2]
+        end = self.offset + span + keys.shape[2] - first  # (rows; the rest are positions)
         _reserve(c, keys, values, end)
         if fold is None:
-            start = mx.array([self.offset], dtype=mx.int32)
+            start = mx.array([self.offset - first], dtype=mx.int32)
         else:
-            start = fold.start
+            start = fold.start - first
             if not fold.chain:  # move the accepted rows (a chain's are in place)
                 k, v = fold.rows[self.layer]
-                to = fold.destinations(k.shape[2])
+                to = fold.destinations(k.shape[2]) - first
                 c.keys = mx.put_along_axis(c.keys, to, k, axis=2)
                 c.values = mx.put_along_axis(c.values, to, v, axis=2)
         c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))
@@ -438,6 +441,78 @@ def sliding_windows(model) -> List[Optional[int]]:
     ]
 
 
+class WindowKVCache(KVCache):
+    """A sliding-window layer's cache for one generation: a ``KVCache`` (``offset``
+    counts positions, so RoPE and the masks see every token's) whose rows start at
+    position ``start``, once the rows before it are out of every window to come.
+
+    After each step, :meth:`forget` drops the rows no query from then on can see,
+    keeping a whole window of slack behind the committed tokens (a generation's end
+    may step back a few tokens) and dropping a window's worth at a time (one copy
+    per ``window`` tokens). So the layer holds 2 to 3 windows of rows, not the whole
+    context; a rejected draft is still cut as from a ``KVCache``. The masks drop the
+    same columns: :meth:`make_mask` for the model's own, ``StreamRuntime._windowed``
+    for the tree's.
+
+    Example: window 4, 13 tokens committed, nothing dropped yet: ``forget(13)``
+    drops positions 0..4 (those below ``13 - 2 * 4``), so ``start`` is 5 and the
+    rows hold positions 5..12; a query at position 13 or later sees 10 and after.
+    """
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window, self.start = window, 0
+
+    def update_and_fetch(self, keys, values):
+        self.offset -= self.start  # (KVCache's own, on rows counted from start)
+        try:
+            return super().update_and_fetch(keys, values)
+        finally:
+            self.offset += self.start
+
+    @property
+    def state(self):
+        held = self.offset - self.start
+        return self.keys[..., :held, :], self.values[..., :held, :]
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        """mlx-lm's causal mask with the window (its own when the model passes none,
+        as a ``RotatingKVCache`` does), without the columns of dropped rows."""
+        from mlx_lm.models.base import create_causal_mask
+
+        mask = create_causal_mask(N, self.offset, window_size=window_size or self.window)
+        return mask[..., self.start :]
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset - self.start, n)
+        self.offset -= n
+        return n
+
+    def forget(self, committed: int) -> None:
+        """Drops the rows below ``committed - 2 * window`` once a window's worth of
+        them is there (``committed``: the generation's tokens in the cache; no query
+        from then on sits before ``committed - window``)."""
+        drop = committed - 2 * self.window - self.start
+        if self.keys is None or drop < self.window:
+            return
+        self.keys = mx.contiguous(self.keys[..., drop:, :])
+        self.values = mx.contiguous(self.values[..., drop:, :])
+        self.start += drop
+
+
+def first_row(c) -> int:
+    """The position of a layer cache's first row (0 unless a :class:`WindowKVCache`
+    dropped rows)."""
+    return getattr(c, "start", 0)
+
+
+def forget_past_windows(cache: list) -> None:
+    """Each :class:`WindowKVCache` of ``cache`` drops what no query to come can see."""
+    for c in cache:
+        if isinstance(c, WindowKVCache):
+            c.forget(c.offset)
+
+
 def refuse_quantized_windows(model, draft_model, kv_bits: int) -> None:
     """Raises ``ValueError`` when ``kv_bits`` is asked of a model (or draft model)
     with sliding-window layers: mlx-lm cannot quantize their ``RotatingKVCache``
@@ -455,7 +530,7 @@ def refuse_quantized_windows(model, draft_model, kv_bits: int) -> None:
             )
 
 
-def model_caches(model, max_kv_size: Optional[int] = None) -> list:
+def model_caches(model, max_kv_size: Optional[int] = None, bounded: bool = False) -> list:
     """mlx-lm's caches for ``model`` (``make_prompt_cache``), with every sliding-window
     layer's ``RotatingKVCache`` replaced by a ``KVCache`` that keeps every token.
 
@@ -463,15 +538,18 @@ def model_caches(model, max_kv_size: Optional[int] = None) -> list:
     be cut from it once its window is full. The window stays exact: mlx-lm's models
     ask the layer's cache for a mask with ``window_size`` (a ``KVCache`` gives one),
     and the tree's masks apply it too. Memory then grows with the context in those
-    layers, as in a full-attention layer. ``max_kv_size`` is mlx-lm's: rotating
-    caches for models without ``make_cache``, which are not replaced.
+    layers, as in a full-attention layer; with ``bounded`` (one generation's own
+    caches, never trimmed further back than a step) they are
+    :class:`WindowKVCache` instead, which hold 2 to 3 windows. ``max_kv_size`` is
+    mlx-lm's: rotating caches for models without ``make_cache``, not replaced.
     """
     from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 
     cache = make_mlx_lm_cache(model, max_kv_size=max_kv_size)
     windows = sliding_windows(model)
     if len(windows) == len(cache):
-        cache = [KVCache() if w is not None else c for c, w in zip(cache, windows)]
+        window = (lambda w: WindowKVCache(w)) if bounded else (lambda w: KVCache())
+        cache = [window(w) if w is not None else c for c, w in zip(cache, windows)]
     return cache
 
 

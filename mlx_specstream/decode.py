@@ -31,9 +31,11 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from .cache import (
     Fold,
     KVQuantizer,
+    WindowKVCache,
     check_cache,
     commit_path,
     drafter_state_of,
+    forget_past_windows,
     keep_drafter_state,
     model_caches,
     refuse_quantized_windows,
@@ -215,7 +217,9 @@ class Decoder:
             return "several prompt-lookup drafts (ngram_candidates > 1) are merged on the host."
         if self.streams and (not self.all_streams or self.threshold > 0):
             return "the split stream pass and pruning (prune_threshold > 0) read the host mid-step."
-        if self.quant is not None or any(type(c) is not KVCache for c in self.cache):
+        if self.quant is not None or any(
+            type(c) not in (KVCache, WindowKVCache) for c in self.cache
+        ):
             return "only plain KVCache layers are pipelined (no kv_bits, no max_kv_size)."
         return None
 
@@ -818,7 +822,8 @@ def spec_generate_step(
             stacklevel=2,
         )
         threshold = 0.0
-    cache = model_caches(model, max_kv_size) if prompt_cache is None else prompt_cache
+    # (a cache of its own: window layers keep only what windows to come can see)
+    cache = model_caches(model, max_kv_size, bounded=True) if prompt_cache is None else prompt_cache
     max_rows = None
     if any(type(c) is RotatingKVCache for c in cache):  # accepted only while it never rotates
         gamma = getattr(rt.config, "num_streams", 0)  # (a drafter adds no rows)
@@ -850,6 +855,7 @@ def spec_generate_step(
             while pending is not None:
                 ahead = dec.launch_ahead(pending)  # pipelined: before this step's host read
                 new, nxt = dec.finish(pending, folded=ahead is not None)
+                forget_past_windows(cache)
                 if nxt is None:  # done (a pass launched ahead is not counted)
                     pending, dec.passes = None, dec.passes - (ahead is not None)
                 else:  # launched before the yields, which overlap its device work

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache import Fold, FoldingCache, sliding_windows
+from .cache import Fold, FoldingCache, first_row, sliding_windows
 from .config import SpecStreamConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda, on_gpu
@@ -314,14 +314,14 @@ class StreamRuntime:
                         if i < rt.first_top:
                             return x
                         x = rt._stream_input if i == rt.first_top else x
-                        mask = rt._attention_mask(rt._windowed(i, rt._stream_mask), x.dtype)
+                        mask = rt._attention_mask(rt._windowed(i, rt._stream_mask, cache), x.dtype)
                         return base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.first_top:
                         x = rt._insert_streams(x)
                     upper = i >= rt.first_top
                     if not (rt._upper_plain if upper else rt._lower_plain):
                         mask = rt._upper_mask if upper else rt._lower_mask
-                        mask = rt._attention_mask(rt._windowed(i, mask), x.dtype)
+                        mask = rt._attention_mask(rt._windowed(i, mask, cache), x.dtype)
                     out = base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.num_layers - 1:
                         out = rt._hold_back_streams(out)
@@ -338,28 +338,20 @@ class StreamRuntime:
                     lambda base, j=j, name=name: self._lora_call(base, j, name),
                 )
 
-    def _windowed(self, i: int, mask: mx.array) -> mx.array:
-        """``mask`` (bool, its last axis the cache's columns, which are positions)
-        cut to layer ``i``'s sliding window, if it has one: a row at position ``p``
-        sees no column ``<= p - W``, as mlx-lm's ``create_causal_mask`` with
-        ``window_size=W``. Columns past the committed ones (this pass's rows, at
-        or past their positions) are cut by the same rule, exact where
-        :meth:`_check_windows` says.
-
-        Example: ``W = 4``, prefix 6, a chain of two rows at positions 6 and 7:
-        row 6 sees columns 3..6, row 7 columns 4..7.
-        """
+    def _windowed(self, i: int, mask: mx.array, cache) -> mx.array:
+        """``mask`` (bool, its last axis the cache's columns from position 0) cut to
+        layer ``i``'s sliding window, if it has one (:func:`window_cut`), without the
+        columns of rows its ``cache`` dropped (a
+        :class:`~mlx_specstream.cache.WindowKVCache`'s ``start``)."""
         w = self.windows[i]
         pos = None if w is None else self._positions(i)
         if pos is None or mask.dtype != mx.bool_:
             return mask
-        last = self._windowed_mask
-        if last is not None and last[0] is mask and last[1] == w:
+        first, last = first_row(cache), self._windowed_mask
+        if last is not None and last[0] is mask and last[1] == (w, first):
             return last[2]
-        rows = int(np.prod(mask.shape[:-1]))
-        pos = pos.reshape(*mask.shape[:-1], 1) if pos.size == rows else pos.reshape(-1, 1)
-        out = mask & (mx.arange(mask.shape[-1], dtype=mx.int32) > pos - w)
-        self._windowed_mask = (mask, w, out)
+        out = window_cut(mask, pos, w)[..., first:]
+        self._windowed_mask = (mask, (w, first), out)
         return out
 
     def _check_windows(self, span: int) -> None:
@@ -795,7 +787,7 @@ class StreamRuntime:
             if self._rows_fused:
                 x = mx.concatenate([x, self.streams.make_streams(x)], axis=1)
         if self._rows_fused and i >= self.first_top:
-            mask = self._attention_mask(self._windowed(i, self._upper_mask), x.dtype)
+            mask = self._attention_mask(self._windowed(i, self._upper_mask, cache), x.dtype)
         out = base_call(layer, x, mask, cache, *args, **kwargs)
         if self._rows_fused and i == self.num_layers - 1:
             self._stream_hidden = out[:, self._main_rows :]
@@ -869,6 +861,27 @@ class StreamRuntime:
         if self._all_streams:
             self._stream_hidden = out[:, R:]
         return out if self._head_on_streams else out[:, :R]
+
+
+def window_cut(mask: mx.array, positions: mx.array, window: int) -> mx.array:
+    """``mask`` with every column at or before ``position - window`` hidden from the
+    row at that position, as mlx-lm's ``create_causal_mask`` does with
+    ``window_size``: columns are positions (the cache's rows from 0, then the pass's
+    own rows, which sit at or past their positions). ``positions`` holds one per
+    row of ``mask`` (its axes but the last, flattened), or one set every batch row
+    shares.
+
+    Example: window 3, a cache of 4 tokens and a chain of 2 rows at positions 4
+    and 5 (``mask`` ``(2, 6)``, causal):
+
+    >>> causal = mx.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=mx.bool_)
+    >>> window_cut(causal, mx.array([4, 5]), 3).astype(mx.int32).tolist()
+    [[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+    """
+    rows = int(np.prod(mask.shape[:-1]))
+    pos = positions.reshape(*mask.shape[:-1], 1) if positions.size == rows else (
+        positions.reshape(-1, 1))  # fmt: skip
+    return mask & (mx.arange(mask.shape[-1], dtype=mx.int32) > pos - window)
 
 
 def rows_mask(block: mx.array, ends: mx.array, held: int) -> mx.array:

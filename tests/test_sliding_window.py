@@ -4,17 +4,20 @@ masks apply the window, so lookup, stream trees, draft models and batches decode
 exactly as mlx-lm does with its rotating caches, long past the window (8 tokens here,
 then 48 generated)."""
 
+import doctest
+
 import mlx.core as mx
 import pytest
 from helpers import WINDOWED, plain_greedy, spec_tokens, tiny_model, tiny_spec_model
 from mlx_lm.generate import generate_step
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.streams as streams
 from mlx_specstream import make_prompt_cache
 from mlx_specstream.batch import batch_generate_step
-from mlx_specstream.cache import model_caches, sliding_windows
+from mlx_specstream.cache import WindowKVCache, model_caches, sliding_windows
 from mlx_specstream.ragged_cache import RaggedKVCache
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
@@ -31,9 +34,13 @@ def blind_to_windows(monkeypatch):
     def ragged_mask(self, N, return_array=False, window_size=None):
         return ragged(self, N, return_array)
 
+    def bounded_mask(self, N, return_array=False, window_size=None):
+        return create_causal_mask(N, self.offset)[..., self.start :]
+
     monkeypatch.setattr(KVCache, "make_mask", kv_mask)
     monkeypatch.setattr(RaggedKVCache, "make_mask", ragged_mask)
-    monkeypatch.setattr(streams.StreamRuntime, "_windowed", lambda self, i, mask: mask)
+    monkeypatch.setattr(WindowKVCache, "make_mask", bounded_mask)
+    monkeypatch.setattr(streams, "window_cut", lambda mask, positions, window: mask)
 
 
 def test_window_layers_keep_every_token():
@@ -92,7 +99,7 @@ def test_negative_control_tree_masks_blind_to_the_window(kwargs, monkeypatch):
     model = tiny_spec_model("gpt_oss", vocab_size=8, num_streams=3, top_k=2)
     want = plain_greedy(model, PROMPT, N)
     assert spec_tokens(model, PROMPT, N, **kwargs)[0] == want
-    monkeypatch.setattr(streams.StreamRuntime, "_windowed", lambda self, i, mask: mask)
+    monkeypatch.setattr(streams, "window_cut", lambda mask, positions, window: mask)
     assert spec_tokens(model, PROMPT, N, **kwargs)[0] != want
 
 
@@ -178,3 +185,77 @@ def test_kv_bits_on_a_windowed_model_is_refused():
         spec_tokens(model, PROMPT, 8, draft="ngram", kv_bits=4)
     with pytest.raises(ValueError, match="the draft model's layers"):
         spec_tokens(tiny_model("llama", vocab_size=8), PROMPT, 8, draft_model=model, kv_bits=4)
+
+
+# ---- a generation's own window layers hold 2 to 3 windows, not the whole context ----
+
+
+def test_window_cut_doc_example():
+    assert doctest.testmod(streams).failed == 0
+
+
+def test_window_kv_cache_golden():
+    """Window 4, 13 tokens: ``forget(13)`` drops positions 0..4; the rows, the model's
+    mask and a trim then act on positions 5..12."""
+    c = WindowKVCache(4)
+    keys = mx.arange(13, dtype=mx.float32).reshape(1, 1, 13, 1)
+    c.update_and_fetch(keys, keys)
+    c.forget(11)  # (only 3 rows below 11 - 8: less than a window, kept)
+    assert (c.start, c.offset) == (0, 13)
+    c.forget(13)
+    assert (c.start, c.offset) == (5, 13)
+    assert c.state[0][0, 0, :, 0].tolist() == list(range(5, 13))
+    mask = c.make_mask(1)  # query at 13 sees 10, 11, 12 and itself
+    assert mask.astype(mx.int32).tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]]
+    k, _ = c.update_and_fetch(keys[..., :1, :] + 100, keys[..., :1, :])
+    assert k[0, 0, :, 0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 100] and c.offset == 14
+    assert c.trim(20) == 9 and c.offset == 5  # (never below its first row)
+
+
+@pytest.fixture
+def held_rows(monkeypatch):
+    """The rows each window layer held after every ``forget``, and its first position."""
+    seen, forget = [], WindowKVCache.forget
+
+    def spy(self, committed):
+        forget(self, committed)
+        seen.append((self.offset - self.start, self.start))
+
+    monkeypatch.setattr(WindowKVCache, "forget", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="ngram", num_draft_tokens=4, pipeline=False),
+        dict(draft="ngram", num_draft_tokens=4, pipeline=True),
+        dict(max_tree_nodes=6, pipeline=False),
+        dict(max_tree_nodes=6, pipeline=True),
+        dict(max_tree_nodes=6, stream_pass="split"),
+    ],
+)
+def test_window_layers_drop_what_no_window_can_see_and_stay_exact(kwargs, held_rows):
+    model = tiny_spec_model("gemma3_text", vocab_size=8, num_streams=3, top_k=2)
+    if kwargs.pop("stream_pass", None):
+        model.speculative_streams.split_streams = True
+    want = plain_greedy(model, PROMPT, 120)
+    assert spec_tokens(model, PROMPT, 120, **kwargs)[0] == want
+    assert max(start for _, start in held_rows) >= 100  # rows dropped all along
+    assert max(rows for rows, _ in held_rows) <= 3 * 8  # 2 to 3 windows held
+
+
+def test_negative_control_forgetting_rows_still_in_the_window(monkeypatch):
+    """Rows still inside the window dropped (half a window kept): not exact."""
+    model = tiny_model("gemma3_text", vocab_size=8)  # (its output varies: 7 tokens)
+    want = plain_greedy(model, PROMPT, 120)
+    assert spec_tokens(model, PROMPT, 120, draft="ngram", pipeline=True)[0] == want
+
+    def greedy_forget(self, committed):
+        drop = committed - self.window // 2 - self.start  # (half a window kept)
+        if self.keys is not None and drop > 0:
+            self.keys, self.values = self.keys[..., drop:, :], self.values[..., drop:, :]
+            self.start += drop
+
+    monkeypatch.setattr(WindowKVCache, "forget", greedy_forget)
+    assert spec_tokens(model, PROMPT, 120, draft="ngram", pipeline=True)[0] != want
