@@ -7,19 +7,22 @@
 Random weights of a Gemma 3 shape (window layers and global layers); the prompt is a
 random stretch of tokens repeated, longer than the window. The draft model is the
 model's own first six layers (one window pattern), embedding and head (a layer-skip
-draft: it agrees with the model often, not always). Every way decodes the same prompt in the same run:
+draft: it agrees with the model often, not always). Every way decodes the same prompt
+in the same run:
 
 * mlx-lm plain decoding (its rotating caches: a window layer holds its window only);
 * mlx-lm's draft-model decoding (``speculative_generate_step``): once a window layer's
   rotating cache is full, mlx-lm cannot trim it, so rejected drafts stay in every
   layer's cache and its output leaves plain decoding's;
 * ours with prompt lookup, with the same draft model, and with both: the window layers
-  keep every token (``mlx_specstream.cache.model_caches``), the masks apply the window.
+  keep every token a window to come can see (``mlx_specstream.cache.model_caches``),
+  the masks apply the window.
 
 For each: tokens/s after the first token and × mlx-lm plain, tokens per pass, whether
-the output is plain decoding's token for token (else where it first leaves it), and
-the bytes of the model's KV caches at the end (ours keep every token in the window
-layers: the memory this costs). Results go to
+the output is plain decoding's token for token (else where it first leaves it), the
+bytes of the model's KV caches at the end and the peak memory. A generation's own
+caches hold 2 to 3 windows in the window layers (``WindowKVCache``); a reusable prompt
+cache (``make_prompt_cache``, the last way) keeps the whole context there. Results go to
 ``benchmarks/results/sliding_window[-TAG].{md,json}``.
 """
 
@@ -31,10 +34,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
-from mlx_specstream.cache import make_prompt_cache
+import mlx_specstream.decode as decode
+from mlx_specstream.cache import make_prompt_cache, model_caches
 from mlx_specstream.decode import spec_generate_step
 from report import heading, machine_info, write_results
 from shapes import SHAPES, random_model
+
+LAYERS = None  # the model's layers (a cache list may hold the draft model's after them)
 
 
 def layer_skip_draft(model, shape: str, dtype: str, layers: int = 6):
@@ -48,16 +54,21 @@ def layer_skip_draft(model, shape: str, dtype: str, layers: int = 6):
 
 
 def run(gen, cache) -> dict:
-    """Tokens, seconds after the first, passes, and the KV bytes of ``cache`` at the end."""
+    """Tokens, seconds after the first, passes, the KV bytes of ``cache`` (the model's
+    layers; a list holding it: the generation's own) at the end, and the peak memory."""
     tokens, t0, passes = [], None, 0
+    mx.clear_cache()
+    mx.reset_peak_memory()
     for item in gen:
         tokens.append(int(item[0]))
         passes = item[3] if len(item) > 3 else passes + (1 if len(item) < 3 or not item[2] else 0)
         if t0 is None:
             t0, p0 = time.perf_counter(), passes
     seconds = time.perf_counter() - t0
-    kv = sum(c.nbytes for c in cache)
-    return dict(tokens=tokens, seconds=seconds, passes=passes - p0, kv_bytes=kv)
+    cache = cache[0] if cache and isinstance(cache[0], list) else cache
+    kv = sum(c.nbytes for c in cache[:LAYERS])
+    return dict(tokens=tokens, seconds=seconds, passes=passes - p0, kv_bytes=kv,
+                peak_bytes=mx.get_peak_memory())  # fmt: skip
 
 
 def main():
@@ -71,7 +82,9 @@ def main():
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
+    global LAYERS
     model = random_model(args.shape, args.dtype, streams=False)
+    LAYERS = len(model.layers)
     draft = layer_skip_draft(model, args.shape, args.dtype)
     window = SHAPES[args.shape]["sliding_window"]
     rng = mx.random.randint(0, SHAPES[args.shape]["vocab_size"], (96,), key=mx.random.key(1))
@@ -94,9 +107,15 @@ def main():
                 dict(draft_model=draft, draft="ngram", num_draft_tokens=k),
             ),
         ]:
-            c = make_prompt_cache(model, draft_model=kw.get("draft_model"))
-            gen = spec_generate_step(x, model, max_tokens=n, prompt_cache=c, **kw)
-            yield name, c[: len(model.layers)], gen
+            made = []  # (the generation's own caches, for their bytes)
+            decode.model_caches = lambda *a, **kw: made.append(model_caches(*a, **kw)) or made[-1]
+            yield name, made, spec_generate_step(x, model, max_tokens=n, **kw)
+        decode.model_caches = model_caches
+        c = make_prompt_cache(model)  # (reusable: window layers keep the whole context)
+        gen = spec_generate_step(
+            x, model, max_tokens=n, prompt_cache=c, draft="ngram", num_draft_tokens=k
+        )
+        yield "ours: lookup, a reusable prompt cache", c, gen
 
     results = {}
     for _ in range(args.rounds):
@@ -119,7 +138,7 @@ def main():
         rows.append(
             f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | "
             f"{r['per_pass']:.2f} | {'yes' if r['identical'] else f'no (token {differs})'} | "
-            f"{r['kv_bytes'] / 2**20:.1f} |"
+            f"{r['kv_bytes'] / 2**20:.1f} | {r['peak_bytes'] / 2**20:.0f} |"
         )
     info = machine_info(shape=args.shape, dtype=args.dtype, window=window,
                         prompt_tokens=args.prompt_tokens, max_tokens=n, num_draft_tokens=k)  # fmt: skip
@@ -130,8 +149,8 @@ def main():
             f"`{info['command']}`: {args.shape} ({args.dtype}, random weights, window {window}), "
             f"a {args.prompt_tokens}-token prompt, {n} tokens; draft model: its first 6 layers.",
             "",
-            "| way | tokens/s | × mlx-lm plain | tokens per pass | identical to plain | KV MiB at the end |",
-            "|---|---|---|---|---|---|",
+            "| way | tokens/s | × mlx-lm plain | tokens per pass | identical to plain | KV MiB at the end | peak MiB |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]

@@ -242,10 +242,11 @@ class FoldingCache:
         if fold is None:
             start = mx.array([self.offset - first], dtype=mx.int32)
         else:
-            start = fold.start - first
+            start = fold.start - first if first else fold.start
             if not fold.chain:  # move the accepted rows (a chain's are in place)
                 k, v = fold.rows[self.layer]
-                to = fold.destinations(k.shape[2]) - first
+                to = fold.destinations(k.shape[2])
+                to = to - first if first else to
                 c.keys = mx.put_along_axis(c.keys, to, k, axis=2)
                 c.values = mx.put_along_axis(c.values, to, v, axis=2)
         c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))

@@ -350,7 +350,8 @@ class StreamRuntime:
         first, last = first_row(cache), self._windowed_mask
         if last is not None and last[0] is mask and last[1] == (w, first):
             return last[2]
-        out = window_cut(mask, pos, w)[..., first:]
+        out = window_cut(mask, pos, w)
+        out = out[..., first:] if first else out
         self._windowed_mask = (mask, (w, first), out)
         return out
 
