@@ -1094,6 +1094,7 @@ def _prefill(
         rt.prefill(body[i : i + step], cache, keep_hidden)
         if quant is not None:
             quant.maybe_quantize(cache)
+        forget_past_windows(cache)  # (a long prompt's window layers stay bounded too)
         mx.eval([(c.keys, c.values) for c in cache])
         progress(min(i + step, body.size), prompt.size)
     pending = [] if dstate is None or dstate.pending_hidden is None else [dstate.pending_hidden]

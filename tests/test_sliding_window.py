@@ -259,3 +259,15 @@ def test_negative_control_forgetting_rows_still_in_the_window(monkeypatch):
 
     monkeypatch.setattr(WindowKVCache, "forget", greedy_forget)
     assert spec_tokens(model, PROMPT, 120, draft="ngram", pipeline=True)[0] != want
+
+
+def test_a_long_prompt_fills_no_window_layer_past_its_bound(held_rows):
+    """Prefilled in chunks of 16, a 100-token prompt's window layers drop rows between
+    chunks: no more than 3 windows and a chunk are ever held."""
+    model = tiny_model("gemma3_text", vocab_size=8)
+    prompt = (PROMPT * 10)[:100]
+    want = plain_greedy(model, prompt, 24)
+    got, _ = spec_tokens(model, prompt, 24, draft="ngram", prefill_step_size=16)
+    assert got == want
+    assert max(rows for rows, _ in held_rows) <= 3 * 8 + 16
+    assert any(start for _, start in held_rows[:14])  # dropped during the prefill (7 chunks)
