@@ -9,6 +9,7 @@ do not change, and while no step is running every hook defers to the
 original class, so ``mlx_lm.generate`` on the same object is plain decoding.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -958,6 +959,13 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "verified as a chain."
             )
     for i, layer in enumerate(layers):
+        takes = list(inspect.signature(type(layer).__call__).parameters)[1:]
+        if takes[1:3] != ["mask", "cache"]:
+            raise ValueError(
+                f"Model type '{model_type}': layer {i} ({type(layer).__name__}) takes "
+                f"({', '.join(takes)}); the tree's masks go to decoder layers called as "
+                "layer(x, mask, cache)."
+            )
         attn = _attention(layer)
         rope = None if attn is None else getattr(attn, "rope", None)
         if rope is None:
