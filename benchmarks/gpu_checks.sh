@@ -7,7 +7,7 @@
 # machine, is:
 #     bash benchmarks/gpu_checks.sh STAGE [STAGE ...]
 # STAGE: tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune |
-# recurrent | batch. Stages run in the order given and each copies its results to $OUT (the run's
+# recurrent | batch | window. Stages run in the order given and each copies its results to $OUT (the run's
 # return folder) as it ends, so a run stopped by its time limit still brings back the stages
 # it finished.
 # With 15 minutes of device time a session gets the install and about two stages: pipeline
@@ -18,10 +18,10 @@
 #     bash benchmarks/gpu_checks.sh pipeline tune step_cost
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stages="tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | recurrent | batch"
+stages="tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | recurrent | batch | window"
 [ $# -ge 1 ] || { echo "stages: $stages" >&2; exit 2; }
 for stage in "$@"; do
-  case "$stage" in tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|recurrent|batch) ;;
+  case "$stage" in tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|recurrent|batch|window) ;;
     *) echo "unknown stage: $stage (stages: $stages)" >&2; exit 2 ;;
   esac
 done
@@ -100,6 +100,12 @@ run_stage() {
       python3 benchmarks/batch_speed.py --batch 1,4,16 --draft-tokens 2,4 --rounds 2 \
         --ways "lookup 2,lookup 4,draft model" --pipeline-ab --tag gpu-lookup
       cp benchmarks/results/batch_speed-gpu.* benchmarks/results/batch_speed-gpu-lookup.* "$out/" ;;
+    window)
+      # A sliding-window model (Gemma 3 270M's shape, bf16) past its window: ours against
+      # mlx-lm plain and draft-model decoding, identity and KV memory (a few minutes).
+      python3 benchmarks/sliding_window.py --shape gemma3-270m --dtype bf16 \
+        --prompt-tokens 2048 --max-tokens 128 --rounds 2 --tag gpu
+      cp benchmarks/results/sliding_window-gpu.* "$out/" ;;
     tune)
       # The shipped model's tree for this GPU, stored under its name in the config's "tuned"
       # (other devices keep theirs): commit the returned config.json into the package.

@@ -555,15 +555,17 @@ def model_caches(model, max_kv_size: Optional[int] = None, bounded: bool = False
 
 
 def make_prompt_cache(
-    model, max_kv_size: Optional[int] = None, draft_model=None
+    model, max_kv_size: Optional[int] = None, draft_model=None, bounded: bool = False
 ) -> SpecPromptCache:
     """A prompt cache for ``model`` (:func:`model_caches`, and room for a drafter's state).
 
     ``max_kv_size`` gives rotating caches, as in mlx-lm (see :func:`check_cache`).
     With ``draft_model`` the draft model's caches follow the model's, as mlx-lm's
-    draft-model decoding keeps them.
+    draft-model decoding keeps them. ``bounded``: sliding-window layers hold 2 to 3
+    windows (:class:`WindowKVCache`), for a cache that only grows, as a chat's does
+    (it cannot be trimmed back past the window).
     """
-    cache = model_caches(model, max_kv_size)
+    cache = model_caches(model, max_kv_size, bounded)
     if draft_model is not None:
         cache += model_caches(draft_model)
     return SpecPromptCache(cache)

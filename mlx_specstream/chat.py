@@ -104,7 +104,8 @@ def main(argv=None):
         drafting.setdefault("num_draft_tokens", DRAFT_MODEL_TOKENS)
 
     def new_cache():  # the model's layers, then any draft model's (as mlx-lm keeps them)
-        return make_prompt_cache(model, args.max_kv_size, draft_model)
+        # (it only grows: sliding-window layers keep 2 to 3 windows, not the whole chat)
+        return make_prompt_cache(model, args.max_kv_size, draft_model, bounded=True)
 
     with SpecChatUI(args) as ui:
         # (after each answer the cache holds all of it, as mlx-lm's does)

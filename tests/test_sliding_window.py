@@ -288,3 +288,18 @@ def test_layers_called_with_more_than_mask_and_cache_are_refused_with_the_reason
     ))  # fmt: skip
     with pytest.raises(ValueError, match=r"takes \(x, attn_scale, mask, cache\)"):
         spec_tokens(ministral3.Model(args), PROMPT, 8, draft="ngram")
+
+
+def test_a_bounded_prompt_cache_goes_on_across_calls_as_a_chat_keeps_it(held_rows):
+    """``make_prompt_cache(model, bounded=True)`` (``chat``'s): three calls equal the
+    whole conversation decoded at once, and the window layers stay bounded."""
+    model = tiny_model("gemma3_text", vocab_size=8)
+    cache = make_prompt_cache(model, bounded=True)
+    assert [type(c) for c in cache] == [WindowKVCache, KVCache] * 2
+    history = []
+    for turn, prompt in enumerate([PROMPT, [5, 2], [6, 1, 4]]):
+        got, _ = spec_tokens(model, prompt, 40, draft="ngram", prompt_cache=cache,
+                             pipeline=turn == 1)  # fmt: skip
+        assert got == plain_greedy(model, history + prompt, 40)
+        history += prompt + got
+    assert max(rows for rows, _ in held_rows) <= 3 * 8 and cache[0].start > 60
