@@ -303,3 +303,39 @@ def test_a_bounded_prompt_cache_goes_on_across_calls_as_a_chat_keeps_it(held_row
         assert got == plain_greedy(model, history + prompt, 40)
         history += prompt + got
     assert max(rows for rows, _ in held_rows) <= 3 * 8 and cache[0].start > 60
+
+
+def test_the_server_serves_a_sliding_window_model_with_prompt_lookup(monkeypatch):
+    """``--draft ngram`` on a Gemma 3 shape: requests waiting together are batched with
+    rows that draft, a request alone decodes with its prompt cache, and each answer
+    equals mlx-lm's plain decoding with its rotating caches, long past the window.
+    Control: the server's masks blind to the window."""
+    from helpers import word_tokenizer
+    from mlx_lm import stream_generate as mlx_lm_stream_generate
+    from test_server_batching import V, answer, lookup_service, submit, submit_together
+
+    from mlx_specstream.server import make_server, service_of
+
+    model, tok = tiny_model("gemma3_text", vocab_size=V), word_tokenizer(V, eos=0)
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31] * 5]
+    body = {"max_tokens": 40, "num_draft_tokens": 3}
+    want = ["".join(r.text for r in mlx_lm_stream_generate(model, tok, p, max_tokens=40))
+            for p in prompts]  # fmt: skip
+    servers = []
+
+    def service(m, t, **defaults):
+        servers.append(make_server(m, t, "tiny", port=0, **defaults))
+        return service_of(servers[-1])
+
+    try:
+        svc = lookup_service(service, model, tok)
+        got = [answer(j)[0][0] for j in submit_together(svc, [(p, body) for p in prompts])]
+        assert svc.served["batched"] == 1 and got == want
+        assert answer(submit(svc, prompts[0], **body))[0][0] == want[0]  # (alone)
+        blind_to_windows(monkeypatch)
+        svc = lookup_service(service, model, tok)
+        got = [answer(j)[0][0] for j in submit_together(svc, [(p, body) for p in prompts])]
+        assert got != want
+    finally:
+        for s in servers:
+            s.server_close()
