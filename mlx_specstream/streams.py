@@ -316,14 +316,14 @@ class StreamRuntime:
                             return x
                         x = rt._stream_input if i == rt.first_top else x
                         mask = rt._attention_mask(rt._windowed(i, rt._stream_mask, cache), x.dtype)
-                        return base_call(self, x, mask, cache, *args, **kwargs)
+                        return _hidden(base_call(self, x, mask, cache, *args, **kwargs), self)
                     if i == rt.first_top:
                         x = rt._insert_streams(x)
                     upper = i >= rt.first_top
                     if not (rt._upper_plain if upper else rt._lower_plain):
                         mask = rt._upper_mask if upper else rt._lower_mask
                         mask = rt._attention_mask(rt._windowed(i, mask, cache), x.dtype)
-                    out = base_call(self, x, mask, cache, *args, **kwargs)
+                    out = _hidden(base_call(self, x, mask, cache, *args, **kwargs), self)
                     if i == rt.num_layers - 1:
                         out = rt._hold_back_streams(out)
                     return out
@@ -790,7 +790,7 @@ class StreamRuntime:
                 x = mx.concatenate([x, self.streams.make_streams(x)], axis=1)
         if self._rows_fused and i >= self.first_top:
             mask = self._attention_mask(self._windowed(i, self._upper_mask, cache), x.dtype)
-        out = base_call(layer, x, mask, cache, *args, **kwargs)
+        out = _hidden(base_call(layer, x, mask, cache, *args, **kwargs), layer)
         if self._rows_fused and i == self.num_layers - 1:
             self._stream_hidden = out[:, self._main_rows :]
             out = out[:, : self._main_rows]
@@ -863,6 +863,18 @@ class StreamRuntime:
         if self._all_streams:
             self._stream_hidden = out[:, R:]
         return out if self._head_on_streams else out[:, :R]
+
+
+def _hidden(out, layer) -> mx.array:
+    """A decoder layer's output, which the passes need to be its hidden states alone."""
+    if isinstance(out, tuple):
+        cls = type(layer).__mro__[1]  # (the model's own class, under our hook's)
+        raise ValueError(
+            f"{cls.__module__}.{cls.__name__} returns a tuple (hidden states "
+            "and more, as Gemma 4's layers pass keys and values on to the layers that share "
+            "them): the verifier needs decoder layers that return their hidden states."
+        )
+    return out
 
 
 def window_cut(mask: mx.array, positions: mx.array, window: int) -> mx.array:
@@ -945,6 +957,12 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         raise ValueError(
             f"speculative_streaming.num_stream_layers={config.num_stream_layers} exceeds "
             f"the model's {len(layers)} layers."
+        )
+    if hasattr(model, "make_cache") and len(model.make_cache()) != len(layers):
+        raise ValueError(
+            f"Model type '{model_type}' makes {len(model.make_cache())} caches for its "
+            f"{len(layers)} layers: layers that share another layer's keys and values (as "
+            "Gemma 4's) are not supported."
         )
     if hasattr(model, "make_cache"):
         windows = sliding_windows(model)  # (their layers keep every token: cache.model_caches)
