@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from mlx_specstream import benchmark
 from mlx_specstream.default_model import DEFAULT_DIR
 from mlx_specstream.precision import device_key
@@ -41,3 +43,20 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
         want = results["info"]["weight_bytes"] * v["tokens_per_s"] / 1e9
         assert abs(v["bandwidth_gbps"] - want) < 1e-9
     assert "bandwidth achieved (GB/s)" in summary
+
+
+def test_check_outputs_raises_for_ours_and_reports_mlx_lm():
+    """Ours must equal plain decoding; mlx-lm's own methods (its draft-model decoding
+    leaves plain decoding's output on sliding-window models) are reported, not fatal."""
+    from mlx_specstream.benchmark import check_outputs
+
+    plain = [1, 2, 3]
+    same = {"SS no speculation": plain, "SS tuned": plain, "mlx-lm draft model": plain}
+    assert check_outputs(same, 0, True) == []
+    theirs = {**same, "mlx-lm draft model": [1, 2, 4]}
+    assert check_outputs(theirs, 5, True) == [
+        "prompt 5: mlx-lm draft model leaves plain decoding's output at token 2"
+    ]
+    assert check_outputs(theirs, 5, False) == []  # (shared mode: another model than mlx-lm's)
+    with pytest.raises(AssertionError, match="prompt 1: 'SS tuned' output differs"):
+        check_outputs({**same, "SS tuned": [1, 3, 3]}, 1, False)
