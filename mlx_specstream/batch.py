@@ -583,13 +583,21 @@ class SpecBatcher:
 
     def _inputs_after(self, p: "_Pass") -> Tuple[mx.array, mx.array, mx.array]:
         """The next pass's inputs from ``p``'s, on the device; rows that joined since
-        feed their pending token alone (their tokens join the device's copy)."""
+        feed their pending token and the lookup draft the host finds in their tokens,
+        as wide as the pass allows (a draft model's rows: none, its cache not fed
+        yet); their tokens join the device's copy."""
         inputs, drafts, joined = p.next_inputs, p.next_drafts, self.rows[len(p.rows) :]
         replaced = p.next_replaced
         if joined:
-            pad = [[r.history.tokens[-1]] * inputs.shape[1] for r in joined]
+            W = inputs.shape[1]
+            room = [min(r.draft_tokens, r.max_tokens - r.generated - 1, W - 1) for r in joined]
+            host = [[] if self.draft_model is not None else _row_draft(r, n, r.streams_draft)
+                    for r, n in zip(joined, room)]  # fmt: skip
+            pad = [[r.history.tokens[-1], *d] + [r.history.tokens[-1]] * (W - 1 - len(d))
+                   for r, d in zip(joined, host)]  # fmt: skip
             inputs = mx.concatenate([inputs, mx.array(pad, dtype=inputs.dtype)])
-            drafts = mx.concatenate([drafts, mx.zeros(len(joined), dtype=drafts.dtype)])
+            found = mx.array([len(d) for d in host], dtype=drafts.dtype)
+            drafts = mx.concatenate([drafts, found])
             replaced = mx.concatenate([replaced, mx.zeros(len(joined), dtype=mx.bool_)])
             if self._history is not None:
                 new = _device_history([r.history.tokens for r in joined])

@@ -423,6 +423,32 @@ def test_pipelined_lookup_rows_equal_unpipelined(streams):
     assert_pipelined_equals_unpipelined(model, rows, joining, streams)
 
 
+@pytest.mark.parametrize("control", [False, True])
+def test_a_lookup_row_joining_a_flight_drafts_in_its_first_pass(control, monkeypatch):
+    """A row that joins passes in flight drafts in its first pass what the host's lookup
+    finds in its prompt (here the model's next three tokens: 4 tokens in one pass), as
+    the unpipelined loop does. Control: joining without that draft, one token."""
+    if control:
+        monkeypatch.setattr(batch, "_row_draft", lambda row, n, chain: [])
+    model = tiny_model("llama", vocab_size=16)
+    batcher = SpecBatcher(model, pipeline=True)
+    for p in LOOKUP_PROMPTS[:2]:
+        batcher.insert(p, max_tokens=40, draft="ngram", num_draft_tokens=3)
+    for _ in range(3):
+        batcher.step()
+    assert batcher._flight is not None  # (it joins a flight)
+    prompt = [1, 5, 9, 1, 0, 14, 4, 9, 9, 1]  # (lookup: 0 14 4, the model's next tokens)
+    uid = batcher.insert(prompt, max_tokens=12, draft="ngram", num_draft_tokens=3)
+    got, first = [], None
+    while len(batcher):
+        for r in batcher.step():
+            if r.uid == uid:
+                first = len(r.tokens) if first is None else first
+                got += r.tokens
+    assert got == plain_greedy(model, prompt, 12)
+    assert first == (1 if control else 4)
+
+
 def test_negative_control_a_device_history_without_the_bonus_token(monkeypatch):
     """Lookup on a device history that leaves out each pass's last token drafts
     differently: the output stays plain decoding's (any draft is verified), but the
