@@ -76,6 +76,10 @@ WINDOWED_ARGS = {
         max_position_embeddings=512, sliding_window=8,
         layer_types=["sliding_attention", "full_attention"] * 2,
     ),
+    "cohere2": dict(
+        head_dim=16, intermediate_size=128, num_key_value_heads=2, rope_theta=10000.0,
+        layer_norm_eps=1e-5, sliding_window=8, sliding_window_pattern=2,
+    ),
 }  # fmt: skip
 WINDOWED = sorted(WINDOWED_ARGS)
 
