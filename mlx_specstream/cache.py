@@ -8,12 +8,14 @@ be so that no step straddles that moment. A ``RotatingKVCache``
 (``max_kv_size``) is accepted only when its window provably never fills
 (:func:`window_rows`).
 
-A model's own sliding-window layers (Gemma 3, GPT-OSS, Ministral 3, OLMo 3, ...:
-``model.make_cache()`` gives them a ``RotatingKVCache`` of the window's size) keep
-every token in a plain ``KVCache`` instead (:func:`model_caches`), which a tree's
-rejected rows can be cut from; the window is then the masks' job: the model's own
+A model's own sliding-window layers (Gemma 3, GPT-OSS, OLMo 3, Cohere 2, ...:
+``model.make_cache()`` gives them a ``RotatingKVCache`` of the window's size) keep,
+instead, the tokens a window to come can still see in caches that a tree's rejected
+rows can be cut from (:func:`model_caches`): a :class:`WindowKVCache` for one
+generation (2 to 3 windows), a ``KVCache`` (the whole context) for a prompt cache
+that may be trimmed back. The window is then the masks' job: the model's own
 (``create_attention_mask(..., window_size=W)``) and the tree's
-(``StreamRuntime``'s, from :func:`sliding_windows`).
+(``StreamRuntime._windowed``, from :func:`sliding_windows`).
 """
 
 import weakref
@@ -432,7 +434,7 @@ def sliding_windows(model) -> List[Optional[int]]:
     a ``RotatingKVCache`` with nothing kept at its start (``keep=0``), else ``None``.
 
     Example: a Gemma 3 whose every second layer is global, window 512, gives
-    ``[512, None, 512, None, ...]``; a Llama without ``make_cache`` gives ``[]``.
+    ``[512, None, 512, None, ...]``; a model without ``make_cache`` (qwen2) gives ``[]``.
     """
     if not hasattr(model, "make_cache"):
         return []
