@@ -436,12 +436,14 @@ def sliding_windows(model) -> List[Optional[int]]:
     Example: a Gemma 3 whose every second layer is global, window 512, gives
     ``[512, None, 512, None, ...]``; a model without ``make_cache`` (qwen2) gives ``[]``.
     """
-    if not hasattr(model, "make_cache"):
-        return []
-    return [
-        c.max_size if type(c) is RotatingKVCache and c.keep == 0 else None
-        for c in model.make_cache()
-    ]
+    return [window_of(c) for c in model.make_cache()] if hasattr(model, "make_cache") else []
+
+
+def window_of(c) -> Optional[int]:
+    """The sliding window of a layer cache a model made: a ``RotatingKVCache``'s
+    ``max_size`` when it keeps nothing at its start (mlx-lm's ``max_kv_size`` caches
+    keep 4 tokens: those are not the model's windows), else ``None``."""
+    return c.max_size if type(c) is RotatingKVCache and c.keep == 0 else None
 
 
 class WindowKVCache(KVCache):
@@ -487,9 +489,7 @@ class WindowKVCache(KVCache):
         return mask[..., self.start :]
 
     def trim(self, n: int) -> int:
-        n = min(self.offset - self.start, n)
-        self.offset -= n
-        return n
+        return super().trim(min(self.offset - self.start, n))  # (never below its first row)
 
     def forget(self, committed: int) -> None:
         """Drops the rows below ``committed - 2 * window`` once a window's worth of
@@ -548,12 +548,9 @@ def model_caches(model, max_kv_size: Optional[int] = None, bounded: bool = False
     """
     from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 
+    window = (lambda w: WindowKVCache(w)) if bounded else (lambda w: KVCache())
     cache = make_mlx_lm_cache(model, max_kv_size=max_kv_size)
-    windows = sliding_windows(model)
-    if len(windows) == len(cache):
-        window = (lambda w: WindowKVCache(w)) if bounded else (lambda w: KVCache())
-        cache = [window(w) if w is not None else c for c, w in zip(cache, windows)]
-    return cache
+    return [c if window_of(c) is None else window(window_of(c)) for c in cache]
 
 
 def make_prompt_cache(

@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache import Fold, FoldingCache, first_row, sliding_windows
+from .cache import Fold, FoldingCache, first_row, sliding_windows, window_of
 from .config import SpecStreamConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda, on_gpu
@@ -958,16 +958,16 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             f"speculative_streaming.num_stream_layers={config.num_stream_layers} exceeds "
             f"the model's {len(layers)} layers."
         )
-    if hasattr(model, "make_cache") and len(model.make_cache()) != len(layers):
+    made = model.make_cache() if hasattr(model, "make_cache") else None
+    if made is not None and len(made) != len(layers):
         raise ValueError(
-            f"Model type '{model_type}' makes {len(model.make_cache())} caches for its "
-            f"{len(layers)} layers: layers that share another layer's keys and values (as "
-            "Gemma 4's) are not supported."
+            f"Model type '{model_type}' makes {len(made)} caches for its {len(layers)} "
+            "layers: layers that share another layer's keys and values (as Gemma 4's) are "
+            "not supported."
         )
-    if hasattr(model, "make_cache"):
-        windows = sliding_windows(model)  # (their layers keep every token: cache.model_caches)
-        kinds = {type(c).__name__ for c, w in zip(model.make_cache(), windows)
-                 if type(c) is not KVCache and w is None}  # fmt: skip
+    if made is not None:
+        # (sliding-window layers keep their tokens in caches of ours: cache.model_caches)
+        kinds = {type(c).__name__ for c in made if type(c) is not KVCache and window_of(c) is None}
         if kinds:
             raise ValueError(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "

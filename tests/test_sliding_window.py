@@ -9,6 +9,7 @@ import doctest
 import mlx.core as mx
 import pytest
 from helpers import WINDOWED, plain_greedy, spec_tokens, tiny_model, tiny_spec_model
+from test_batch import LIMITS, alone, decode
 from mlx_lm.generate import generate_step
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
@@ -16,7 +17,6 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.streams as streams
 from mlx_specstream import make_prompt_cache
-from mlx_specstream.batch import batch_generate_step
 from mlx_specstream.cache import WindowKVCache, model_caches, sliding_windows
 from mlx_specstream.ragged_cache import RaggedKVCache
 
@@ -128,19 +128,6 @@ def test_a_draft_model_with_a_window_drafts_for_one(other, monkeypatch):
     assert spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)[0] != want
 
 
-PROMPTS = [[3, 4, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 7, 8], [2], [1, 2, 1, 2, 1, 2, 1]]
-LIMITS = [24, 30, 17, 40]
-
-
-def batch_tokens(model, **kwargs):
-    tokens, passes = [[] for _ in PROMPTS], 0
-    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, **kwargs):
-        passes += 1
-        for r in out:
-            tokens[r.uid] += r.tokens
-    return tokens, passes
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -153,12 +140,12 @@ def batch_tokens(model, **kwargs):
 @pytest.mark.parametrize("arch", ["gemma3_text", "gpt_oss"])
 def test_batch_rows_equal_each_prompt_alone(arch, kwargs, monkeypatch):
     model = tiny_spec_model(arch, vocab_size=16, num_streams=3)
-    want = [plain_greedy(model, p, n) for p, n in zip(PROMPTS, LIMITS)]
-    got, passes = batch_tokens(model, **kwargs)
+    want = alone(model)  # (test_batch's prompts, each decoded alone)
+    got, passes = decode(model, **kwargs)
     assert got == want
     assert passes < max(LIMITS)
     blind_to_windows(monkeypatch)
-    assert batch_tokens(model, **kwargs)[0] != want
+    assert decode(model, **kwargs)[0] != want
 
 
 def test_mlx_lm_rotating_prompt_cache_past_its_window_gets_a_clear_error(monkeypatch):
