@@ -17,6 +17,7 @@ base model's exactly), then the drafter drafts the next tree's levels:
   pass; real rows stay.
 """
 
+import inspect
 from typing import List, Optional
 
 import mlx.core as mx
@@ -140,6 +141,12 @@ def new_decoder_layer(model) -> nn.Module:
     cls = type(model.layers[-1])
     while cls.__dict__.get("_spec_hook"):  # a class swapped in by StreamRuntime
         cls = cls.__mro__[1]
+    takes = list(inspect.signature(cls.__call__).parameters)[1:]
+    if takes[1:3] != ["mask", "cache"]:
+        raise ValueError(
+            f"Cannot build a ParallelSpec drafter layer: {cls.__module__}.{cls.__name__} "
+            f"takes ({', '.join(takes)}); the drafter calls its layer as layer(x, mask, cache)."
+        )
     try:
         return cls(model.args)
     except TypeError as e:

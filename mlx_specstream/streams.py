@@ -119,6 +119,26 @@ def _attention(layer):
     return None
 
 
+def _rope(layer):
+    """The RoPE module of a decoder layer's attention (EXAONE's sits one module
+    deeper, in ``attn.attention``), or None."""
+    attn = _attention(layer)
+    for module in (attn, None if attn is None else getattr(attn, "attention", None)):
+        rope = None if module is None else getattr(module, "rope", None)
+        if rope is not None:
+            return rope
+    return None
+
+
+def _no_positions(layer) -> bool:
+    """Whether a decoder layer's attention says it applies no RoPE (``use_rope``
+    False: the NoPE layers of EXAONE 4, Llama 4, ...). Such a layer sees
+    positions only through its mask and the other layers' states, so a tree
+    needs nothing of it beyond the mask."""
+    use_rope = getattr(_attention(layer), "use_rope", None)
+    return use_rope is not None and not use_rope
+
+
 def submodule(module, path: str):
     for part in path.split("."):
         module = module[part]
@@ -263,7 +283,8 @@ class StreamRuntime:
             self._row_factors = {}  # per (main rows, rows): the gathered product's picks
         # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
         # per layer, the key of its module's tables (None: a class without them).
-        self._rope_keys = [_rope_key(_attention(layer).rope) for layer in model.layers]
+        ropes = [_rope(layer) for layer in model.layers]
+        self._rope_keys = [None if r is None else _rope_key(r) for r in ropes]
         self._rope_tables = None  # during a CPU pass: {key: (positions, RopeTables)}
         self._full_rope_tables = {}  # positions 0 .. n - 1, per module settings and dtype
         self._install()
@@ -272,7 +293,6 @@ class StreamRuntime:
     def _install(self):
         rt = self
         for i, layer in enumerate(self.model.layers):
-            attn = _attention(layer)
 
             def rope_call(base_call, i=i):
                 def __call__(self, x, offset=0, **kwargs):
@@ -330,14 +350,47 @@ class StreamRuntime:
 
                 return __call__
 
-            _swap_call(attn.rope, rope_call)
-            _swap_call(layer, layer_call)
+            def scaled_layer_call(base_call, i=i):
+                # Ministral 3's layers take a per-position attention scale before the
+                # mask (Llama 4's): recomputed for the pass's rows at their positions.
+                def __call__(self, x, attn_scale=None, mask=None, cache=None):
+                    if rt.state is None:
+                        return base_call(self, x, attn_scale, mask, cache)
+
+                    def base(layer, x, mask=None, cache=None):
+                        scale = rt._attention_scale(i, layer, x, attn_scale)
+                        return base_call(layer, x, scale, mask, cache)
+
+                    return layer_call(base, i)(self, x, mask, cache)
+
+                return __call__
+
+            if _rope(layer) is not None:  # (None: a NoPE layer, see _no_positions)
+                _swap_call(_rope(layer), rope_call)
+            scaled = _layer_params(layer)[1:4] == ["attn_scale", "mask", "cache"]
+            _swap_call(layer, scaled_layer_call if scaled else layer_call)
         for j, targets in enumerate(self.lora_targets):
             for name in targets:
                 _swap_call(
                     submodule(self.model.layers[self.first_top + j], name),
                     lambda base, j=j, name=name: self._lora_call(base, j, name),
                 )
+
+    def _attention_scale(self, i: int, layer, x: mx.array, given):
+        """The attention scale of layer ``i``'s rows ``x`` for a layer called as
+        ``layer(x, attn_scale, mask, cache)``: the model's own (``given``) where
+        the rows sit at its positions, else :func:`llama4_attention_scale` at
+        theirs, shaped as the model shapes it (``(L, 1)``, or ``(B, 1, L, 1)``
+        for rows with positions of their own)."""
+        pos = self._positions(i)
+        if pos is None:
+            return given
+        attn = _attention(layer)
+        scale = llama4_attention_scale(
+            pos, attn.scaling_beta, attn.original_max_position_embeddings
+        ).astype(x.dtype)
+        B, L = x.shape[:2]
+        return scale.reshape(B, 1, L, 1) if scale.size == B * L and B > 1 else scale[:, None]
 
     def _windowed(self, i: int, mask: mx.array, cache) -> mx.array:
         """``mask`` (bool, its last axis the cache's columns from position 0) cut to
@@ -877,6 +930,20 @@ def _hidden(out, layer) -> mx.array:
     return out
 
 
+def llama4_attention_scale(positions: mx.array, beta: float, max_positions: int) -> mx.array:
+    """Llama 4's attention scale (Ministral 3 takes it), ``1 + beta * log(1 +
+    floor(p / max_positions))`` per position ``p``, in the operations' order of
+    mlx-lm's ``_get_llama_4_attn_scale`` (so the same floats).
+
+    Example (beta 0.5, 4 positions per step of the scale):
+
+    >>> s = llama4_attention_scale(mx.array([0, 3, 4, 9]), 0.5, 4)
+    >>> [round(v, 4) for v in s.tolist()]
+    [1.0, 1.0, 1.3466, 1.5493]
+    """
+    return 1 + beta * mx.log(1 + mx.floor(positions / max_positions))
+
+
 def window_cut(mask: mx.array, positions: mx.array, window: int) -> mx.array:
     """``mask`` with every column at or before ``position - window`` hidden from the
     row at that position, as mlx-lm's ``create_causal_mask`` does with
@@ -977,15 +1044,20 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "verified as a chain."
             )
     for i, layer in enumerate(layers):
-        takes = list(inspect.signature(type(layer).__call__).parameters)[1:]
-        if takes[1:3] != ["mask", "cache"]:
+        takes = _layer_params(layer)
+        scaled = takes[1:4] == ["attn_scale", "mask", "cache"] and all(
+            hasattr(_attention(layer), a)
+            for a in ("scaling_beta", "original_max_position_embeddings")
+        )
+        if takes[1:3] != ["mask", "cache"] and not scaled:
             raise ValueError(
                 f"Model type '{model_type}': layer {i} ({type(layer).__name__}) takes "
                 f"({', '.join(takes)}); the tree's masks go to decoder layers called as "
-                "layer(x, mask, cache)."
+                "layer(x, mask, cache), or layer(x, attn_scale, mask, cache) as Ministral 3's."
             )
-        attn = _attention(layer)
-        rope = None if attn is None else getattr(attn, "rope", None)
+        rope = _rope(layer)
+        if rope is None and _no_positions(layer):
+            continue
         if rope is None:
             raise ValueError(
                 f"Model type '{model_type}': layer {i} has no attention with a RoPE module; "
@@ -997,6 +1069,15 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 f"Model type '{model_type}' uses dynamic NTK RoPE scaling, which cannot take "
                 "per-token positions."
             )
+
+
+def _layer_params(layer) -> list:
+    """The names a decoder layer's call takes, ``self`` left out (the model's own
+    class, under any hook of ours)."""
+    cls = type(layer)
+    while cls.__dict__.get("_spec_hook"):
+        cls = cls.__mro__[1]
+    return list(inspect.signature(cls.__call__).parameters)[1:]
 
 
 def attach_streams(
@@ -1039,11 +1120,21 @@ def attach_verifier(model: nn.Module) -> "StreamRuntime":
 
 
 def hidden_size(model) -> int:
-    args = getattr(model, "args", None)
-    for name in ("hidden_size", "d_model", "n_embd", "dim"):
-        if hasattr(args, name):
-            return int(getattr(args, name))
-    raise ValueError("Cannot tell the model's hidden size from model.args.")
+    """The width of the model's hidden states: from its ``args``, its language
+    model's (mlx-lm's vision-language wrappers: Gemma 3, Mistral 3, ...), or the
+    width of its decoder layers' input norm."""
+    for owner in (model, getattr(model, "language_model", None)):
+        args = getattr(owner, "args", None)
+        for name in ("hidden_size", "d_model", "n_embd", "dim"):
+            if isinstance(getattr(args, name, None), int):
+                return int(getattr(args, name))
+    norm = getattr(model.layers[0], "input_layernorm", None) if model.layers else None
+    if getattr(norm, "weight", None) is not None and norm.weight.ndim == 1:
+        return int(norm.weight.shape[0])
+    raise ValueError(
+        f"Cannot tell the hidden size of {type(model).__module__}: its args have no "
+        "hidden_size and its layers no input_layernorm."
+    )
 
 
 def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambda name, p: None):

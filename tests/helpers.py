@@ -83,6 +83,89 @@ WINDOWED_ARGS = {
 }  # fmt: skip
 WINDOWED = sorted(WINDOWED_ARGS)
 
+# More of mlx-lm's architectures (tests/test_architectures.py): mixtures of experts,
+# latent attention, NoPE layers, Ministral 3's position-scaled attention, and the
+# vision-language wrappers whose language model mlx-lm loads (Gemma 3, Mistral 3).
+MINISTRAL3 = dict(
+    model_type="ministral3",
+    hidden_size=64,
+    num_hidden_layers=4,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    vocab_size=64,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    # (the attention scale steps every 8 positions here, every 16,384 in Ministral 3)
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "llama_4_scaling_beta": 0.1,
+        "original_max_position_embeddings": 8,
+    },
+)
+MORE_ARGS = {
+    "qwen3_moe": dict(
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True,
+    ),
+    "mixtral": dict(intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "deepseek_v3": dict(  # multi-head latent attention
+        intermediate_size=128, num_key_value_heads=2, moe_intermediate_size=32,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16,
+        q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        first_k_dense_replace=1, n_group=1, topk_group=1, max_position_embeddings=512,
+    ),
+    "glm4_moe": dict(
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=1, topk_group=1, max_position_embeddings=512, rms_norm_eps=1e-5,
+        rope_theta=10000.0, attention_bias=False, tie_word_embeddings=False, norm_topk_prob=True,
+        partial_rotary_factor=0.5, use_qk_norm=True, rope_scaling=None, routed_scaling_factor=1.0,
+    ),
+    "granite": dict(
+        intermediate_size=128, num_key_value_heads=2, max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=10000.0, attention_bias=False, mlp_bias=False,
+        logits_scaling=1.0, attention_multiplier=0.25, embedding_multiplier=1.0,
+        residual_multiplier=1.0,
+    ),
+    "smollm3": dict(  # layer 3 is a NoPE layer (its RoPE module passes its input on)
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+    ),
+    "olmo2": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=512, rms_norm_eps=1e-5),
+    "cohere": dict(intermediate_size=128, num_key_value_heads=2),
+    "exaone": dict(  # RoPE inside attn.attention
+        num_layers=4, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, rope_theta=10000.0, layer_norm_epsilon=1e-5,
+    ),
+    "exaone4": dict(  # three window layers with RoPE, then a global layer without
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False,
+        rope_scaling=None, sliding_window=8, sliding_window_pattern="LLLG",
+    ),
+    "llama4_text": dict(  # layer 3 without RoPE; experts in layers 1 and 3
+        intermediate_size=128, intermediate_size_mlp=128, num_key_value_heads=2,
+        rms_norm_eps=1e-5, rope_theta=10000.0, head_dim=16, tie_word_embeddings=False,
+        no_rope_layers=[1, 1, 1, 0], use_qk_norm=True, num_local_experts=2,
+        num_experts_per_tok=1, interleave_moe_layer_step=2, moe_layers=[1, 3],
+    ),
+    "ministral3": {  # window layers beside full ones
+        **MINISTRAL3, "layer_types": ["sliding_attention", "full_attention"] * 2,
+        "sliding_window": 8,
+    },
+    "mistral3": dict(text_config=MINISTRAL3),  # (Ministral 3, Devstral 2 checkpoints)
+    "gemma3": dict(text_config={**BASE, **WINDOWED_ARGS["gemma3_text"],
+                                "model_type": "gemma3_text"}),
+}  # fmt: skip
+MORE = sorted(MORE_ARGS)
+
 # Hybrid and state-space models: recurrent layers (ArraysCache) beside or instead of
 # attention layers; prompt lookup runs on them (mlx_specstream.recurrent).
 HYBRID_ARGS = {
@@ -101,6 +184,14 @@ HYBRID_ARGS = {
         block_dim=64, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
         block_auto_adjust_ff_dim=False, block_ff_dim=128, full_attn_idxs=[1, 3],
     ),
+    "qwen3_5": dict(text_config=dict(  # Qwen 3.5: qwen3_next's mixers in a vision-language wrapper
+        model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, full_attention_interval=2,
+        rope_parameters={"type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000,
+                         "partial_rotary_factor": 0.5},
+    )),
     "mamba2": dict(  # state-space layers only
         num_heads=4, head_dim=16, hidden_size=32, intermediate_size=64, state_size=8,
         num_hidden_layers=2, layer_norm_epsilon=1e-5, conv_kernel=4, n_groups=1,
@@ -115,6 +206,8 @@ def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **ove
     """A random tiny mlx-lm model with recurrent layers (see ``tiny_model``)."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     params = {**HYBRID_ARGS[arch], "vocab_size": vocab_size, "model_type": arch, **overrides}
+    if "text_config" in params:  # a vision-language wrapper: its language model's args
+        params["text_config"] = {**params["text_config"], "vocab_size": vocab_size}
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(params))
     model.update(
@@ -137,8 +230,10 @@ def tiny_model(
     output is varied, so drafts are sometimes right and sometimes wrong.
     """
     module = importlib.import_module(f"mlx_lm.models.{arch}")
-    args = ARCH_ARGS[arch] if arch in ARCH_ARGS else WINDOWED_ARGS[arch]
+    args = {**ARCH_ARGS, **WINDOWED_ARGS, **MORE_ARGS}[arch]
     params = {**BASE, **args, "vocab_size": vocab_size, "model_type": arch, **overrides}
+    if "text_config" in params:  # a vision-language wrapper: its language model's args
+        params["text_config"] = {**params["text_config"], "vocab_size": vocab_size}
     args = module.ModelArgs.from_dict(params)
     mx.random.seed(seed)
     model = module.Model(args)

@@ -260,23 +260,6 @@ def test_a_long_prompt_fills_no_window_layer_past_its_bound(held_rows):
     assert any(start for _, start in held_rows[:14])  # dropped during the prefill (7 chunks)
 
 
-def test_layers_called_with_more_than_mask_and_cache_are_refused_with_the_reason():
-    """Ministral 3's decoder layers take an attention scale before the mask: the tree's
-    masks cannot be handed over by position, so it is refused at load, naming why."""
-    from mlx_lm.models import ministral3
-
-    args = ministral3.ModelArgs.from_dict(dict(
-        model_type="ministral3", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
-        vocab_size=8, max_position_embeddings=512, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_parameters={"rope_theta": 1e4, "llama_4_scaling_beta": 0.1,
-                         "original_max_position_embeddings": 16, "rope_type": "default"},
-    ))  # fmt: skip
-    with pytest.raises(ValueError, match=r"takes \(x, attn_scale, mask, cache\)"):
-        spec_tokens(ministral3.Model(args), PROMPT, 8, draft="ngram")
-
-
 def test_a_bounded_prompt_cache_goes_on_across_calls_as_a_chat_keeps_it(held_rows):
     """``make_prompt_cache(model, bounded=True)`` (``chat``'s): three calls equal the
     whole conversation decoded at once, and the window layers stay bounded."""

@@ -1,0 +1,129 @@
+"""More of mlx-lm's architectures decode exactly through the verifier: mixtures of
+experts (Qwen3-MoE, Mixtral, GLM-4.5, Llama 4), latent attention (DeepSeek V3),
+layers without RoPE beside layers with it (SmolLM3, EXAONE 4, Llama 4), RoPE one
+module deeper (EXAONE), Ministral 3's position-scaled attention, and the
+vision-language wrappers whose language model mlx-lm loads (Gemma 3, Mistral 3)."""
+
+import mlx.core as mx
+import pytest
+from helpers import MORE, plain_greedy, spec_tokens, tiny_model, tiny_spec_model
+from test_batch import LIMITS, alone, decode
+from mlx_lm.models import ministral3
+
+import mlx_specstream.streams as streams
+from mlx_specstream import DrafterConfig, attach_drafter
+from mlx_specstream.streams import hidden_size, llama4_attention_scale
+
+PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
+N = 48  # (past position 8, where the tiny Ministral 3's attention scale first steps)
+
+
+@pytest.mark.parametrize("arch", MORE)
+def test_lookup_drafts_equal_plain(arch):
+    model = tiny_model(arch, vocab_size=8)
+    want = plain_greedy(model, PROMPT, N)
+    got, records = spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4,
+                               pipeline=True)  # fmt: skip
+    assert got == want
+    assert sum(r[2] for r in records) > 5, "no lookup draft accepted: the test has no power"
+
+
+@pytest.mark.parametrize("arch", MORE)
+def test_stream_trees_equal_plain(arch):
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2)
+    want = plain_greedy(model, PROMPT, N)
+    got, records = spec_tokens(model, PROMPT, N, max_tree_nodes=6)
+    assert got == want
+    assert len({r[3] for r in records}) < N - 5, "no draft accepted: the test has no power"
+
+
+def test_the_wrappers_hidden_size_is_their_language_models():
+    assert hidden_size(tiny_model("gemma3", vocab_size=8)) == 64
+    assert hidden_size(tiny_model("mistral3", vocab_size=8)) == 64
+
+
+def test_llama4_attention_scale_is_mlx_lms_floats():
+    """(Its worked example runs with the module's, in test_sliding_window.)"""
+    pos = mx.arange(0, 70000, 7, dtype=mx.int32)
+    want = ministral3._get_llama_4_attn_scale(1, pos, 0.1, 16384).reshape(-1)
+    assert mx.array_equal(llama4_attention_scale(pos, 0.1, 16384), want)
+
+
+@pytest.mark.parametrize("arch", ["ministral3", "mistral3"])
+@pytest.mark.parametrize("kwargs", [dict(max_tree_nodes=6), dict(max_tree_nodes=6, pipeline=True)])
+def test_negative_control_trees_with_the_models_own_attention_scale(arch, kwargs, monkeypatch):
+    """Tree rows sit past their positions: scaled at the pass's row indices, as the
+    model scales them, the output changes."""
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2)
+    want = plain_greedy(model, PROMPT, N)
+    assert spec_tokens(model, PROMPT, N, **kwargs)[0] == want
+    monkeypatch.setattr(
+        streams.StreamRuntime, "_attention_scale",
+        lambda self, i, layer, x, given: mx.ones((x.shape[1], 1), x.dtype),
+    )  # fmt: skip
+    assert spec_tokens(model, PROMPT, N, **kwargs)[0] != want
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="ngram", num_draft_tokens=3, pipeline=True),
+        dict(draft="streams", stream_pass="fused", pipeline=True),
+        dict(draft="streams", stream_pass="split", pipeline=False),
+    ],
+)
+def test_ministral3_batch_rows_equal_each_prompt_alone(kwargs, monkeypatch):
+    model = tiny_spec_model("ministral3", vocab_size=16, seed=1, num_streams=3)
+    want = alone(model)  # (test_batch's prompts, each decoded alone)
+    got, passes = decode(model, **kwargs)
+    assert got == want
+    assert passes < max(LIMITS)
+    if kwargs["draft"] == "streams":  # (stream rows sit past the model's positions)
+        monkeypatch.setattr(
+            streams.StreamRuntime, "_attention_scale",
+            lambda self, i, layer, x, given: mx.ones((x.shape[1], 1), x.dtype),
+        )  # fmt: skip
+        assert decode(model, **kwargs)[0] != want
+
+
+def test_ministral3_target_and_draft_model():
+    model = tiny_model("ministral3", vocab_size=8)
+    draft = tiny_model("ministral3", vocab_size=8, seed=3)
+    want = plain_greedy(model, PROMPT, N)
+    assert spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)[0] == want
+    got, records = spec_tokens(model, PROMPT, N, draft_model=model, num_draft_tokens=3)
+    assert got == want and len({r[3] for r in records}) == N // 4  # (a copy: all accepted)
+
+
+def test_layers_without_rope_that_do_not_say_so_are_refused():
+    """A layer without a RoPE module is a NoPE layer only if its attention says
+    ``use_rope`` False; otherwise positions could come from elsewhere (gpt2's
+    position embeddings), which a tree cannot set."""
+    model = tiny_model("exaone4", vocab_size=8)
+    attn = model.layers[3].self_attn
+    assert attn.use_rope is False and "rope" not in attn
+    del attn.use_rope
+    with pytest.raises(ValueError, match="layer 3 has no attention with a RoPE module"):
+        spec_tokens(model, PROMPT, 4, draft="ngram")
+
+
+def test_parallelspec_on_position_scaled_layers_is_refused_with_the_reason():
+    model = tiny_model("ministral3", vocab_size=8)
+    with pytest.raises(ValueError, match=r"takes \(x, attn_scale, mask, cache\)"):
+        attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=3))
+
+
+def test_layers_called_with_other_arguments_before_the_mask_are_refused_with_the_reason():
+    """The tree's masks go to a layer by position: a layer taking something else
+    before its mask, other than Ministral 3's attention scale, is refused at load."""
+    model = tiny_model("llama", vocab_size=8)
+    base = type(model.layers[0])
+
+    class Layer(base):
+        def __call__(self, x, gate=None, mask=None, cache=None):
+            return base.__call__(self, x, mask, cache)
+
+    for layer in model.layers:
+        layer.__class__ = Layer
+    with pytest.raises(ValueError, match=r"layer 0 \(Layer\) takes \(x, gate, mask, cache\)"):
+        spec_tokens(model, PROMPT, 8, draft="ngram")
