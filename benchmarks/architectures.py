@@ -32,7 +32,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm.models
-from mlx.utils import tree_map_with_path
 from mlx_lm.generate import generate_step
 
 from report import heading, machine_info, write_results
@@ -85,20 +84,13 @@ def tests_config(arch):
 
 def generic_model(arch):
     """A tiny random model from ``arch``'s ModelArgs: size fields small, required ones filled."""
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    fields = dataclasses.fields(module.ModelArgs)
+    fields = dataclasses.fields(importlib.import_module(f"mlx_lm.models.{arch}").ModelArgs)
     required = {f.name for f in fields if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING}  # fmt: skip
-    params = {"model_type": arch}
-    params.update({k: v for k, v in SIZES.items() if k in {f.name for f in fields}})
+    params = {k: v for k, v in SIZES.items() if k in {f.name for f in fields}}
     params.update({k: v for k, v in REQUIRED.items() if k in required})
-    mx.random.seed(0)
-    model = module.Model(module.ModelArgs.from_dict(params))
-    # (scaled up, as the tests' models: random tiny models otherwise repeat one token)
-    model.update(tree_map_with_path(
-        lambda path, w: w * 4.0 if w.ndim == 2 and (".layers." in path or ".h." in path) else w,
-        model.parameters(),
-    ))  # fmt: skip
+    # (layer matrices scaled up, as the tests' models: else they repeat one token)
+    model = helpers.random_model(arch, params, vocab_size=SIZES["vocab_size"])
     mx.eval(model.parameters())
     return model
 

@@ -17,7 +17,6 @@ base model's exactly), then the drafter drafts the next tree's levels:
   pass; real rows stay.
 """
 
-import inspect
 from typing import List, Optional
 
 import mlx.core as mx
@@ -26,7 +25,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from .config import DrafterConfig
-from .streams import hidden_size
+from .streams import hidden_size, layer_params, own_class
 
 
 class ResBlock(nn.Module):
@@ -138,10 +137,8 @@ class DrafterState:
 
 def new_decoder_layer(model) -> nn.Module:
     """A fresh decoder layer of the model's own (unhooked) layer class."""
-    cls = type(model.layers[-1])
-    while cls.__dict__.get("_spec_hook"):  # a class swapped in by StreamRuntime
-        cls = cls.__mro__[1]
-    takes = list(inspect.signature(cls.__call__).parameters)[1:]
+    cls = own_class(model.layers[-1])
+    takes = layer_params(model.layers[-1])
     if takes[1:3] != ["mask", "cache"]:
         raise ValueError(
             f"Cannot build a ParallelSpec drafter layer: {cls.__module__}.{cls.__name__} "

@@ -365,10 +365,10 @@ class StreamRuntime:
 
                 return __call__
 
-            if _rope(layer) is not None:  # (None: a NoPE layer, see _no_positions)
-                _swap_call(_rope(layer), rope_call)
-            scaled = _layer_params(layer)[1:4] == ["attn_scale", "mask", "cache"]
-            _swap_call(layer, scaled_layer_call if scaled else layer_call)
+            rope = _rope(layer)
+            if rope is not None:  # (None: a NoPE layer, see _no_positions)
+                _swap_call(rope, rope_call)
+            _swap_call(layer, scaled_layer_call if _scaled_attention(layer) else layer_call)
         for j, targets in enumerate(self.lora_targets):
             for name in targets:
                 _swap_call(
@@ -921,7 +921,7 @@ class StreamRuntime:
 def _hidden(out, layer) -> mx.array:
     """A decoder layer's output, which the passes need to be its hidden states alone."""
     if isinstance(out, tuple):
-        cls = type(layer).__mro__[1]  # (the model's own class, under our hook's)
+        cls = own_class(layer)
         raise ValueError(
             f"{cls.__module__}.{cls.__name__} returns a tuple (hidden states "
             "and more, as Gemma 4's layers pass keys and values on to the layers that share "
@@ -1044,12 +1044,8 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "verified as a chain."
             )
     for i, layer in enumerate(layers):
-        takes = _layer_params(layer)
-        scaled = takes[1:4] == ["attn_scale", "mask", "cache"] and all(
-            hasattr(_attention(layer), a)
-            for a in ("scaling_beta", "original_max_position_embeddings")
-        )
-        if takes[1:3] != ["mask", "cache"] and not scaled:
+        takes = layer_params(layer)
+        if takes[1:3] != ["mask", "cache"] and not _scaled_attention(layer):
             raise ValueError(
                 f"Model type '{model_type}': layer {i} ({type(layer).__name__}) takes "
                 f"({', '.join(takes)}); the tree's masks go to decoder layers called as "
@@ -1071,13 +1067,26 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             )
 
 
-def _layer_params(layer) -> list:
-    """The names a decoder layer's call takes, ``self`` left out (the model's own
-    class, under any hook of ours)."""
-    cls = type(layer)
+def own_class(module: nn.Module) -> type:
+    """The model's own class of ``module``, under any hook class of ours (``_swap_call``)."""
+    cls = type(module)
     while cls.__dict__.get("_spec_hook"):
         cls = cls.__mro__[1]
-    return list(inspect.signature(cls.__call__).parameters)[1:]
+    return cls
+
+
+def layer_params(layer) -> list:
+    """The names a decoder layer's call takes, ``self`` left out (its own class's call)."""
+    return list(inspect.signature(own_class(layer).__call__).parameters)[1:]
+
+
+def _scaled_attention(layer) -> bool:
+    """Whether a decoder layer is called as ``layer(x, attn_scale, mask, cache)`` with
+    Llama 4's attention scale (Ministral 3's), which its attention's settings give."""
+    attn = _attention(layer)
+    return layer_params(layer)[1:4] == ["attn_scale", "mask", "cache"] and all(
+        hasattr(attn, a) for a in ("scaling_beta", "original_max_position_embeddings")
+    )
 
 
 def attach_streams(

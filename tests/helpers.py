@@ -202,10 +202,12 @@ HYBRID_ARGS = {
 HYBRIDS = sorted(HYBRID_ARGS)
 
 
-def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **overrides):
-    """A random tiny mlx-lm model with recurrent layers (see ``tiny_model``)."""
+def random_model(arch, args, vocab_size, seed=0, weight_scale=4.0, **overrides):
+    """mlx-lm's ``arch`` model from ``args`` (a vision-language wrapper's
+    ``text_config`` gets the vocabulary too), random in ``seed``, its decoder layers'
+    matrices multiplied by ``weight_scale`` (see ``tiny_model``); not evaluated."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
-    params = {**HYBRID_ARGS[arch], "vocab_size": vocab_size, "model_type": arch, **overrides}
+    params = {**args, "vocab_size": vocab_size, "model_type": arch, **overrides}
     if "text_config" in params:  # a vision-language wrapper: its language model's args
         params["text_config"] = {**params["text_config"], "vocab_size": vocab_size}
     mx.random.seed(seed)
@@ -216,6 +218,12 @@ def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **ove
             model.parameters(),
         )
     )
+    return model
+
+
+def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **overrides):
+    """A random tiny mlx-lm model with recurrent layers (see ``tiny_model``)."""
+    model = random_model(arch, HYBRID_ARGS[arch], vocab_size, seed, weight_scale, **overrides)
     mx.eval(model.parameters())
     return model
 
@@ -229,20 +237,8 @@ def tiny_model(
     init, random tiny models fall into one-token loops; scaled up, their greedy
     output is varied, so drafts are sometimes right and sometimes wrong.
     """
-    module = importlib.import_module(f"mlx_lm.models.{arch}")
-    args = {**ARCH_ARGS, **WINDOWED_ARGS, **MORE_ARGS}[arch]
-    params = {**BASE, **args, "vocab_size": vocab_size, "model_type": arch, **overrides}
-    if "text_config" in params:  # a vision-language wrapper: its language model's args
-        params["text_config"] = {**params["text_config"], "vocab_size": vocab_size}
-    args = module.ModelArgs.from_dict(params)
-    mx.random.seed(seed)
-    model = module.Model(args)
-    model.update(
-        tree_map_with_path(
-            lambda path, w: w * weight_scale if _is_layer_matrix(path, w) else w,
-            model.parameters(),
-        )
-    )
+    args = {**BASE, **{**ARCH_ARGS, **WINDOWED_ARGS, **MORE_ARGS}[arch]}
+    model = random_model(arch, args, vocab_size, seed, weight_scale, **overrides)
     if dtype is not None:
         model.set_dtype(dtype)
     if quant_bits is not None:
