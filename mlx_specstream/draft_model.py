@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, QuantizedKVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
 from .cache import model_caches
 
@@ -170,7 +170,8 @@ def split_pair(model: nn.Module, draft_model: nn.Module, prompt_cache: Optional[
     """
     if prompt_cache is None:
         return None, None
-    n, nd = len(model.layers), len(draft_model.layers)
+    # (a cache per layer, or fewer where layers share keys and values: Gemma 4's)
+    n, nd = len(make_prompt_cache(model)), len(make_prompt_cache(draft_model))
     if len(prompt_cache) != n + nd:
         raise ValueError(
             f"prompt_cache holds {len(prompt_cache)} caches; with draft_model it must hold the "

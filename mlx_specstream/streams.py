@@ -257,7 +257,18 @@ class StreamRuntime:
         self._additive = None  # (bool mask, its additive form) of the last layer
         # Each layer's sliding window (None: attends to every token): the caches keep
         # every token there (cache.model_caches), and our masks apply the window.
-        self.windows = sliding_windows(model) or [None] * self.num_layers
+        # Each layer's cache, or the earlier layer's whose keys and values it reads
+        # (Gemma 4's KV-sharing layers); which layers pass theirs on (tuple outputs).
+        self.kv_source = kv_sources(model)
+        self.passes_kv = ["shared_kv" in layer_params(layer) for layer in model.layers]
+        # Upper layers reading a lower layer's keys: their rows (with stream rows)
+        # differ from the rows whose keys they read (_over_lower, _upper_nodes).
+        self._reads_lower = [s < self.first_top <= i for i, s in enumerate(self.kv_source)]
+        self._cols = [None] * self.num_layers  # during a pass: each layer's cache
+        self._over_lower = self._upper_nodes = None
+        self._upper_extra = {}  # a split pass's per-row inputs of the upper layers
+        windows = sliding_windows(model)
+        self.windows = [windows[s] if windows else None for s in self.kv_source]
         self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
         # Lossless decoding may verify with main rows only, then draft from the
         # streams of the last accepted node (see draft_streams): config.stream_pass.
@@ -324,28 +335,33 @@ class StreamRuntime:
                     if rt.state == "prefill":  # plain pass that keeps the last layer's states
                         out = base_call(self, x, mask, cache, *args, **kwargs)
                         if i == rt.num_layers - 1:
-                            rt._prefill_hidden.append(out[0])
+                            rt._prefill_hidden.append(_split(out)[0][0])
                         return out
                     if rt.state == "tail":
-                        return rt._tail_input if i == 0 else x
+                        return rt._passed_on(i, rt._tail_input if i == 0 else x, kwargs)
+                    cols = rt._columns_of(i, cache)  # (a KV-sharing layer's: its source's)
                     if rt.state == "rows":  # rows of a batch (rows_pass)
                         return rt._rows_layer(i, base_call, self, x, mask, cache, *args, **kwargs)
                     if rt.state == "streams":
                         # Stream rows of one node through the stream layers only.
                         if i < rt.first_top:
-                            return x
+                            return rt._passed_on(i, x, kwargs, cache)
                         x = rt._stream_input if i == rt.first_top else x
-                        mask = rt._attention_mask(rt._windowed(i, rt._stream_mask, cache), x.dtype)
-                        return _hidden(base_call(self, x, mask, cache, *args, **kwargs), self)
+                        mask = rt._layer_mask(i, rt._stream_mask, cols, x.dtype)
+                        kwargs = rt._upper_inputs(i, kwargs)
+                        return base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.first_top:
                         x = rt._insert_streams(x)
                     upper = i >= rt.first_top
+                    if upper:
+                        kwargs = rt._upper_inputs(i, kwargs)
                     if not (rt._upper_plain if upper else rt._lower_plain):
-                        mask = rt._upper_mask if upper else rt._lower_mask
-                        mask = rt._attention_mask(rt._windowed(i, mask, cache), x.dtype)
-                    out = _hidden(base_call(self, x, mask, cache, *args, **kwargs), self)
+                        mask = rt._layer_mask(i, rt._upper_mask if upper else rt._lower_mask,
+                                              cols, x.dtype)  # fmt: skip
+                    out = base_call(self, x, mask, cache, *args, **kwargs)
                     if i == rt.num_layers - 1:
-                        out = rt._hold_back_streams(out)
+                        h, rest = _split(out)
+                        out = _joined(rt._hold_back_streams(h), rest)
                     return out
 
                 return __call__
@@ -391,6 +407,60 @@ class StreamRuntime:
         ).astype(x.dtype)
         B, L = x.shape[:2]
         return scale.reshape(B, 1, L, 1) if scale.size == B * L and B > 1 else scale[:, None]
+
+    # ---- layers that share keys and values (Gemma 4) ----------------------------
+    def _columns_of(self, i: int, cache):
+        """The cache whose columns layer ``i`` attends to: its own (kept for the
+        layers that read it), or its source's (a KV-sharing layer gets ``None``)."""
+        s = self.kv_source[i]
+        if s == i:
+            self._cols[i] = cache
+            return cache
+        return self._cols[s]
+
+    def _passed_on(self, i: int, h: mx.array, kwargs: dict, cache=None):
+        """What layer ``i`` returns where it does not run (the tail's identity
+        layers, the lower layers of a stream pass): ``h``, or for a layer that passes
+        its keys and values on (Gemma 4's return ``(h, keys and values, offset)``)
+        ``h`` with what its cache holds, or with what it was given."""
+        if not self.passes_kv[i]:
+            return h
+        if cache is None:
+            return h, kwargs.get("shared_kv"), kwargs.get("offset")
+        held = cache.offset - first_row(cache)
+        return h, (cache.keys[..., :held, :], cache.values[..., :held, :]), kwargs.get("offset")
+
+    def _layer_mask(self, i: int, mask: mx.array, cols, dtype) -> mx.array:
+        """Layer ``i``'s mask from its rows' ``mask``: over the columns of a lower
+        layer whose keys it reads (:attr:`_over_lower`, where the upper rows differ
+        from the rows that wrote them), cut to its window, in the layers' form."""
+        if self._reads_lower[i] and self._over_lower is not None:
+            mask = self._over_lower
+        return self._attention_mask(self._windowed(i, mask, cols), dtype)
+
+    def _upper_inputs(self, i: int, kwargs: dict) -> dict:
+        """An upper layer's keyword inputs with a per-token input (Gemma 4's
+        ``per_layer_input``) taken for its rows: a kept row's own, a stream row
+        its node's (:attr:`_upper_nodes`); a split stream pass reads the step's."""
+        extra = kwargs.get("per_layer_input")
+        if extra is None:
+            return kwargs
+        if self.state == "streams":
+            extra = self._upper_extra[i]
+        elif self.state == "step" and not self._all_streams:  # (draft_streams reads them)
+            self._upper_extra[i] = extra
+        if self._upper_nodes is None:
+            return kwargs
+        return {**kwargs, "per_layer_input": mx.take(extra, self._upper_nodes, axis=1)}
+
+    def _set_upper_rows(self, nodes: Optional[mx.array], columns: Optional[mx.array]) -> None:
+        """The upper layers' rows as lower rows: ``nodes`` (each upper row's lower
+        row, ``None`` for the same rows), and ``columns`` (their ancestors among
+        the lower rows, for the layers that read a lower layer's keys)."""
+        self._upper_nodes = nodes
+        self._over_lower = None
+        if nodes is not None and any(self._reads_lower):
+            self._over_lower = self._join(mx.take(columns, nodes, axis=0))
 
     def _windowed(self, i: int, mask: mx.array, cache) -> mx.array:
         """``mask`` (bool, its last axis the cache's columns from position 0) cut to
@@ -663,7 +733,7 @@ class StreamRuntime:
                 prefix, accepted = mx.array([base], dtype=mx.int32), mx.array(0, dtype=mx.int32)
             else:
                 prefix, accepted = fold.start, fold.accepted
-            self._join = lambda mask: place_window(mask, base, accepted, span + mask.shape[0])
+            self._join = lambda mask: place_window(mask, base, accepted, span + mask.shape[1])
         else:
             prefix = cache[0].offset
             self._join = lambda mask: with_prefix(mask, prefix)
@@ -686,6 +756,7 @@ class StreamRuntime:
         # Without stream layers nothing is inserted or pruned: every node is kept.
         self._kept, self._kept_layout = list(range(len(layout))), layout
         self._main_rows = len(layout)
+        self._set_upper_rows(None, None)
         logits = self._run("step", tokens[None], cache)
         R, g = len(self._kept), self.config.num_streams
         logits, hidden, slogits = logits[0], None, None
@@ -736,6 +807,11 @@ class StreamRuntime:
                 self._kept_layout = layout_of(subtree_parents(layout.parents, kept))
         sub = self._kept_layout
         self._main_rows = len(sub)
+        g = self.config.num_streams if self._all_streams else 0
+        if g or len(sub) < len(layout):  # (upper rows other than the lower rows)
+            kept = mx.array(self._kept, dtype=mx.int32)
+            nodes = mx.concatenate([kept, mx.repeat(kept, g)]) if g else kept
+            self._set_upper_rows(nodes, layout.ancestors_mx)
         if not self._all_streams:
             self._upper_input = h
             # (unpruned only: the model built its own mask for all the tree's rows)
@@ -748,7 +824,6 @@ class StreamRuntime:
                     self._upper_pos = prefix + sub.depth_mx
             return h
         self._upper_plain = False
-        g = self.config.num_streams
         self._upper_mask = self._join(sub.stream_mask(g, self.config.mode == "shared"))
         self._upper_pos = prefix + self._stream_positions(sub.depth_mx)
         return mx.concatenate([h, self.streams.make_streams(h)], axis=1)
@@ -796,6 +871,8 @@ class StreamRuntime:
         depth = mx.take(sub.depth_mx, last[None])
         self._stream_pos = prefix + self._stream_positions(depth)[1:]
         self._main_rows = 0
+        node = mx.take(mx.array(self._kept, dtype=mx.int32), last[None])  # (in the tree)
+        self._set_upper_rows(mx.repeat(node, g), self._layout.ancestors_mx)
         return self._run("streams", mx.zeros((1, g), dtype=mx.int32), cache)[0]
 
     # ---- rows of a batch (mlx_specstream.batch) --------------------------------
@@ -827,7 +904,7 @@ class StreamRuntime:
                 raise ValueError("This model has no streams to put in the rows' pass.")
             W, g = tokens.shape[1], self.config.num_streams
             chain = layout_of([-1] + list(range(W - 1)))
-            upper = cache[self.first_top]
+            upper = cache[self.kv_source[self.first_top]]
             block = chain.stream_mask(g, shared)
             self._upper_mask = rows_mask(block, upper.offset, upper.size())
             self._upper_pos = (upper.offset[:, None] + self._stream_positions(chain.depth_mx)[None]
@@ -837,17 +914,28 @@ class StreamRuntime:
 
     def _rows_layer(self, i, base_call, layer, x, mask, cache, *args, **kwargs):
         """One layer of :meth:`rows_pass`."""
+        if (
+            i >= self.first_top
+            and self.streams is not None
+            and (self._reads_lower[i] or kwargs.get("per_layer_input") is not None)
+        ):
+            raise ValueError(
+                "Rows of a batch draft with streams only where the stream layers keep keys "
+                "and values of their own and take no per-token inputs (Gemma 4's do not): "
+                "draft with prompt lookup or a draft model in a batch."
+            )
         if i == self.first_top:
             self._upper_input = x
             if self._rows_fused:
                 x = mx.concatenate([x, self.streams.make_streams(x)], axis=1)
         if self._rows_fused and i >= self.first_top:
-            mask = self._attention_mask(self._windowed(i, self._upper_mask, cache), x.dtype)
-        out = _hidden(base_call(layer, x, mask, cache, *args, **kwargs), layer)
+            cols = self._cols[self.kv_source[i]]
+            mask = self._attention_mask(self._windowed(i, self._upper_mask, cols), x.dtype)
+        out, rest = _split(base_call(layer, x, mask, cache, *args, **kwargs))
         if self._rows_fused and i == self.num_layers - 1:
             self._stream_hidden = out[:, self._main_rows :]
             out = out[:, : self._main_rows]
-        return out
+        return _joined(out, rest)
 
     def fused_streams(self, nodes: mx.array) -> mx.array:
         """Logits ``(B, gamma, V)`` of the streams of each row's token ``nodes[b]``
@@ -872,7 +960,7 @@ class StreamRuntime:
         B, g = nodes.shape[0], self.config.num_streams
         h = mx.take_along_axis(self._upper_input, nodes[:, None, None], axis=1)
         self._stream_input = self.streams.make_streams(h)
-        upper = cache[self.first_top]
+        upper = cache[self.kv_source[self.first_top]]
         self._stream_mask = upper.make_mask(g)  # row b, stream j: its tokens and streams <= j
         depth = mx.zeros((1,), dtype=mx.int32)  # the node is each row's last cached token
         ends = upper.offset.astype(mx.int32) - 1
@@ -900,6 +988,8 @@ class StreamRuntime:
         "_last_product",
         "_additive",
         "_windowed_mask",
+        "_over_lower",
+        "_upper_nodes",
     )
 
     def release(self) -> None:
@@ -909,6 +999,7 @@ class StreamRuntime:
             setattr(self, name, None)
         self._prefill_hidden = []
         self._kept, self._kept_layout = [], None
+        self._cols, self._upper_extra = [None] * self.num_layers, {}
 
     def _hold_back_streams(self, out: mx.array) -> mx.array:
         R = len(self._kept)
@@ -918,16 +1009,32 @@ class StreamRuntime:
         return out if self._head_on_streams else out[:, :R]
 
 
-def _hidden(out, layer) -> mx.array:
-    """A decoder layer's output, which the passes need to be its hidden states alone."""
-    if isinstance(out, tuple):
-        cls = own_class(layer)
-        raise ValueError(
-            f"{cls.__module__}.{cls.__name__} returns a tuple (hidden states "
-            "and more, as Gemma 4's layers pass keys and values on to the layers that share "
-            "them): the verifier needs decoder layers that return their hidden states."
-        )
-    return out
+def _split(out) -> tuple:
+    """A decoder layer's output as ``(hidden states, the rest)``: Gemma 4's layers
+    also return the keys and values (and offset) they pass on; ``None`` for a
+    layer that returns its hidden states alone."""
+    return (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+
+
+def _joined(h: mx.array, rest):
+    """The layer's output with hidden states ``h`` (:func:`_split`'s inverse)."""
+    return h if rest is None else (h, *rest)
+
+
+def kv_sources(model) -> List[int]:
+    """Per decoder layer, the layer whose cache it reads: its own, or for a layer
+    that shares an earlier layer's keys and values (Gemma 4's last
+    ``num_kv_shared_layers``) that layer's, from the model's ``previous_kvs``.
+
+    Example: a Gemma 4 of 6 layers, sliding, sliding, full, sliding, sliding,
+    full, whose last 2 share: ``[0, 1, 2, 3, 3, 2]``.
+    """
+    for owner in (model, getattr(model, "language_model", None)):
+        for inner in (owner, getattr(owner, "model", None)):
+            sources = getattr(inner, "previous_kvs", None)
+            if sources is not None and getattr(inner, "layers", None) is model.layers:
+                return [int(s) for s in sources]
+    return list(range(len(model.layers)))
 
 
 def llama4_attention_scale(positions: mx.array, beta: float, max_positions: int) -> mx.array:
@@ -1026,11 +1133,23 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             f"the model's {len(layers)} layers."
         )
     made = model.make_cache() if hasattr(model, "make_cache") else None
-    if made is not None and len(made) != len(layers):
+    sources = kv_sources(model)
+    owners = [i for i, s in enumerate(sources) if s == i]
+    if made is not None and owners != list(range(len(made))):
         raise ValueError(
             f"Model type '{model_type}' makes {len(made)} caches for its {len(layers)} "
-            "layers: layers that share another layer's keys and values (as Gemma 4's) are "
-            "not supported."
+            f"layers, of which {len(owners)} keep keys and values of their own: the verifier "
+            "needs a cache for each of the first layers and the others reading an earlier "
+            "layer's (as Gemma 4's KV-sharing layers, previous_kvs)."
+        )
+    first_top = len(layers) - config.num_stream_layers
+    if getattr(config, "mode", None) == "shared" and any(
+        s < first_top <= i for i, s in enumerate(sources)
+    ):
+        raise ValueError(
+            f"Model type '{model_type}': shared-mode streams need the stream layers' keys "
+            "and values of their own, and its stream layers read a lower layer's (KV-sharing "
+            "layers): use lossless mode."
         )
     if made is not None:
         # (sliding-window layers keep their tokens in caches of ours: cache.model_caches)

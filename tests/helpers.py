@@ -106,6 +106,12 @@ MINISTRAL3 = dict(
         "original_max_position_embeddings": 8,
     },
 )
+GEMMA4_TEXT = dict(
+    num_hidden_layers=6, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+    global_head_dim=32, num_kv_shared_layers=2, hidden_size_per_layer_input=8,
+    vocab_size_per_layer_input=64, sliding_window=8, sliding_window_pattern=3,
+    max_position_embeddings=512,
+)  # fmt: skip
 MORE_ARGS = {
     "qwen3_moe": dict(
         intermediate_size=128, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
@@ -163,6 +169,10 @@ MORE_ARGS = {
     "mistral3": dict(text_config=MINISTRAL3),  # (Ministral 3, Devstral 2 checkpoints)
     "gemma3": dict(text_config={**BASE, **WINDOWED_ARGS["gemma3_text"],
                                 "model_type": "gemma3_text"}),
+    # Gemma 4: its last 2 layers read the keys and values of the last earlier layer
+    # of their kind (sliding, sliding, full, sliding | sliding, full); per-layer inputs.
+    "gemma4_text": GEMMA4_TEXT,
+    "gemma4": dict(text_config={**BASE, **GEMMA4_TEXT, "model_type": "gemma4_text"}),
 }  # fmt: skip
 MORE = sorted(MORE_ARGS)
 

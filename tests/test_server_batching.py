@@ -218,8 +218,11 @@ def test_sampled_rows_keep_their_own_distribution(service):
     for p in prompts:
         probs = mx.softmax(model(mx.array([p]))[0, -1].astype(mx.float32)).tolist()
         exact.append(dict(enumerate(probs)))
-    assert chi_square_pvalue(counts[0], exact[0], 320) > 1e-3
-    assert chi_square_pvalue(counts[1], exact[1], 320) > 1e-3
+    # (The generation thread shares MLX's global key with other threads, so the draws
+    # are not fixed by the seed under load: over 40 seeds the p-values spread evenly
+    # over (0.008, 0.99); 1e-4 keeps the chance of a false failure at 2 in 10,000.)
+    assert chi_square_pvalue(counts[0], exact[0], 320) > 1e-4
+    assert chi_square_pvalue(counts[1], exact[1], 320) > 1e-4
     assert chi_square_pvalue(counts[0], exact[1], 320) < 1e-6  # control
     assert chi_square_pvalue(counts[1], exact[0], 320) < 1e-6
 

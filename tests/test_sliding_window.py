@@ -309,22 +309,3 @@ def test_the_server_serves_a_sliding_window_model_with_prompt_lookup(monkeypatch
     finally:
         for s in servers:
             s.server_close()
-
-
-@pytest.mark.parametrize("shared, match", [
-    (2, "makes 4 caches for its 6 layers: layers that share another layer's keys"),
-    (0, r"mlx_lm.models.gemma4_text.DecoderLayer returns a tuple"),
-])  # fmt: skip
-def test_gemma4_layers_are_refused_with_the_reason(shared, match):
-    """Gemma 4's layers hand keys and values on to later layers that share them, and
-    return them with their hidden states: refused with the reason, not a TypeError."""
-    from mlx_lm.models import gemma4_text
-
-    args = gemma4_text.ModelArgs.from_dict(dict(
-        hidden_size=64, num_hidden_layers=6, intermediate_size=128, num_attention_heads=4,
-        head_dim=16, global_head_dim=32, num_key_value_heads=1, num_kv_shared_layers=shared,
-        hidden_size_per_layer_input=16, vocab_size=8, vocab_size_per_layer_input=8,
-        sliding_window=8, sliding_window_pattern=3,
-    ))  # fmt: skip
-    with pytest.raises(ValueError, match=match):
-        spec_tokens(gemma4_text.Model(args), PROMPT, 8, draft="ngram")

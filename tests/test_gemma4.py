@@ -1,0 +1,221 @@
+"""Gemma 4 speculates exactly: its last layers read the keys and values of an earlier
+layer (KV sharing, ``previous_kvs``), its layers return those with their hidden
+states, and every layer takes a per-token input (``per_layer_input``). The tiny
+model's 6 layers are sliding, sliding, full, sliding | sliding, full (window 8); the
+last 2 read layers 3 and 2. With 2 stream layers both read a lower layer's keys;
+with 3, layer 3 keeps its own (stream rows included) and layer 4 reads it.
+
+(Lookup drafts and stream trees on ``gemma4_text`` and the ``gemma4`` wrapper also
+run in test_architectures.)"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model
+from test_batch import LIMITS, alone, decode
+from test_cache_and_masks import TREE
+
+import mlx_specstream.streams as streams
+from mlx_specstream import SpecStreamConfig, attach_streams, make_prompt_cache
+from mlx_specstream.streams import kv_sources
+from mlx_specstream.tree import path_to
+
+PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
+N = 48  # (six windows of 8)
+SHARING = [4, 5]  # the layers that read another layer's keys and values
+
+
+def test_kv_sources_golden():
+    """The docstring's example: layers 4 and 5 read the last earlier layer of their kind."""
+    assert kv_sources(tiny_model("gemma4_text", vocab_size=8)) == [0, 1, 2, 3, 3, 2]
+    assert kv_sources(tiny_model("gemma4", vocab_size=8)) == [0, 1, 2, 3, 3, 2]
+    assert kv_sources(tiny_model("llama", vocab_size=8)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("stream_layers", [2, 3])
+@pytest.mark.parametrize(
+    "cfg, kwargs",
+    [
+        ({}, dict(pipeline=True)),
+        (dict(stream_pass="split"), {}),
+        (dict(prune_threshold=0.05), {}),
+        (dict(prune_threshold=0.05, stream_pass="split"), {}),
+    ],
+)
+def test_stream_trees_equal_plain(stream_layers, cfg, kwargs):
+    model = tiny_spec_model("gemma4_text", vocab_size=8, num_streams=3, top_k=2,
+                            num_stream_layers=stream_layers, **cfg)  # fmt: skip
+    want = plain_greedy(model, PROMPT, N)
+    got, records = spec_tokens(model, PROMPT, N, max_tree_nodes=6, **kwargs)
+    assert got == want
+    assert len({r[3] for r in records}) < N - 5, "no draft accepted: the test has no power"
+
+
+@pytest.mark.parametrize("stream_layers", [2, 3])
+def test_split_stream_pass_equals_full_pass(stream_layers):
+    """A node's streams computed alone after the verifying pass (their per-token
+    inputs the node's, from that pass) equal those of the full pass. Control: with
+    the inputs of the stream pass's own placeholder tokens they differ."""
+    model = tiny_spec_model("gemma4_text", num_streams=3, num_stream_layers=stream_layers)
+    want, got = split_and_full(model)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_negative_control_stream_rows_with_their_placeholders_inputs(monkeypatch):
+    model = tiny_spec_model("gemma4_text", num_streams=3)
+    own = streams.StreamRuntime._upper_inputs
+    monkeypatch.setattr(
+        streams.StreamRuntime, "_upper_inputs",
+        lambda self, i, kwargs: kwargs if self.state == "streams" else own(self, i, kwargs),
+    )  # fmt: skip
+    want, got = split_and_full(model)
+    assert np.abs(got - want).max() > 1e-2
+
+
+def split_and_full(model):
+    """Every node's stream logits of one pass over test_cache_and_masks' TREE: the
+    full pass's, and the split passes' (one per node)."""
+    rt = model.speculative_streams
+
+    def fresh():
+        cache = make_prompt_cache(model)
+        model(mx.array(PROMPT)[None], cache=cache)
+        return cache
+
+    full = rt.forward(*TREE, fresh())
+    want = np.array(rt.head(full.stream_hidden.reshape(1, -1, full.stream_hidden.shape[-1]))[0])
+    want = want.reshape(len(full.kept), 3, -1)
+    got = []
+    for node in range(len(full.kept)):
+        cache = fresh()
+        split = rt.forward(*TREE, cache, all_streams=False)
+        np.testing.assert_allclose(np.array(split.logits), np.array(full.logits), atol=1e-5)
+        got.append(np.array(rt.draft_streams(mx.array(node), cache)))
+    return want, np.stack(got)
+
+
+WIDE = ([7, 1, 2, 3, 4, 5], [-1, 0, 0, 0, 1, 4])  # siblings 1, 2, 3; a path 0-1-4-5
+
+
+def tree_logits_off_plain(model):
+    """Per node of WIDE, the largest difference between its logits in one fused
+    pass and the model's own logits after the prompt and the node's path."""
+    rt = model.speculative_streams
+    cache = make_prompt_cache(model)
+    model(mx.array(PROMPT)[None], cache=cache)
+    got = np.array(rt.forward(*WIDE, cache).logits)
+    want = [
+        np.array(model(mx.array(PROMPT + [WIDE[0][a] for a in path_to(k, WIDE[1])])[None])[0, -1])
+        for k in range(len(WIDE[0]))
+    ]
+    return np.abs(got - np.stack(want)).max(axis=-1)
+
+
+def test_tree_rows_logits_are_plain_decodings():
+    model = tiny_spec_model("gemma4_text", num_streams=3)
+    assert tree_logits_off_plain(model).max() < 1e-5
+
+
+def test_negative_control_sharing_layers_at_their_sources_offset(monkeypatch):
+    """A KV-sharing layer's queries take the tree's positions: rotated at the offset
+    its source passes on (the rows' indices, not their depths), the nodes below the
+    root's first child get other logits."""
+    model = tiny_spec_model("gemma4_text", num_streams=3)
+    for i in SHARING:
+        rope = model.layers[i].self_attn.rope
+        base = streams.own_class(rope)
+        call = lambda self, x, offset=0, base=base: base.__call__(self, x, offset=offset)  # noqa
+        monkeypatch.setattr(type(rope), "__call__", call)
+    off = tree_logits_off_plain(model)
+    assert off[:2].max() < 1e-5 and off[2:].min() > 1e-3
+
+
+def test_negative_control_sharing_layers_rows_see_their_ancestors_only(monkeypatch):
+    """Upper rows read a lower layer's tree rows through their nodes' ancestors
+    (``_over_lower``): in the lower rows' causal order instead, a node sees the
+    siblings before it, and those nodes get other logits."""
+    model = tiny_spec_model("gemma4_text", num_streams=3)
+
+    def causal(self, nodes, columns):
+        if columns is not None:
+            columns = mx.array(np.tril(np.ones(columns.shape, bool)))
+        own(self, nodes, columns)
+
+    own = streams.StreamRuntime._set_upper_rows
+    monkeypatch.setattr(streams.StreamRuntime, "_set_upper_rows", causal)
+    off = tree_logits_off_plain(model)
+    assert off[:2].max() < 1e-5 and off[[2, 3, 4, 5]].min() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["gemma4_text", "gemma4"])
+def test_target_and_draft_model(arch):
+    model = tiny_model(arch, vocab_size=8)
+    want = plain_greedy(model, PROMPT, N)
+    draft = tiny_model(arch, vocab_size=8, seed=3)
+    assert spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)[0] == want
+    got, records = spec_tokens(model, PROMPT, N, draft_model=model, num_draft_tokens=3)
+    assert got == want and len({r[3] for r in records}) == N // 4  # (a copy: all accepted)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="ngram", num_draft_tokens=3, pipeline=True),
+        dict(draft="ngram", num_draft_tokens=3, pipeline=False),
+        dict(draft_model="seed 3", num_draft_tokens=2),
+    ],
+)
+def test_batch_rows_equal_each_prompt_alone(kwargs):
+    model = tiny_model("gemma4_text", vocab_size=16, seed=1)
+    if "draft_model" in kwargs:
+        kwargs = {**kwargs, "draft_model": tiny_model("gemma4_text", vocab_size=16, seed=3)}
+    want = alone(model)  # (test_batch's prompts, each decoded alone)
+    got, passes = decode(model, **kwargs)
+    assert got == want
+    assert passes < max(LIMITS)
+
+
+def test_batch_rows_drafting_with_streams_are_refused_with_the_reason():
+    model = tiny_spec_model("gemma4_text", vocab_size=16, seed=1, num_streams=3)
+    with pytest.raises(ValueError, match="Gemma 4's do not"):
+        decode(model, draft="streams")
+
+
+def test_shared_mode_streams_reading_a_lower_layers_keys_are_refused():
+    """In shared mode main rows read their stream rows, which a KV-sharing layer
+    never writes."""
+    model = tiny_model("gemma4_text", vocab_size=8)
+    with pytest.raises(ValueError, match="use lossless mode"):
+        attach_streams(model, SpecStreamConfig(num_streams=2, num_stream_layers=2, mode="shared"))
+    cfg = SpecStreamConfig(num_streams=2, num_stream_layers=1, mode="shared")
+    with pytest.raises(ValueError, match="use lossless mode"):  # (layer 5 reads layer 2)
+        attach_streams(tiny_model("gemma4_text", vocab_size=8), cfg)
+
+
+def test_caches_that_do_not_match_the_sharing_are_refused(monkeypatch):
+    model = tiny_model("gemma4_text", vocab_size=8)
+    made = type(model).make_cache
+    monkeypatch.setattr(type(model), "make_cache", lambda self: made(self)[:3])
+    with pytest.raises(ValueError, match="makes 3 caches for its 6 layers, of which 4 keep"):
+        spec_tokens(model, PROMPT, 8, draft="ngram")
+
+
+def test_streams_train_in_mlx_and_the_base_stays_bit_identical():
+    """``mlx_specstream.train``'s loss runs the same passes: on Gemma 4 the streams
+    learn far above chance (1/64) and the base does not change."""
+    from test_train import RECIPE, SPEC, V, cycle_examples, host_copy, quiet, same_arrays
+
+    from mlx_specstream.train import StreamLoss, attach_for_training, evaluate, train_streams
+
+    model = tiny_model("gemma4_text", V, weight_scale=1.0)
+    base = host_copy(model)
+    attach_for_training(model, SpecStreamConfig(**SPEC), seed=0)
+    loss = StreamLoss(model, 1.0)
+    held_out = cycle_examples(8, seed=1)
+    _, before = evaluate(loss, held_out)
+    result = train_streams(model, cycle_examples(64, seed=0), iters=50, log=quiet, **RECIPE)
+    _, after = evaluate(loss, held_out)
+    assert max(before.top1()) < 0.2, before.text()
+    assert min(after.top1()) > 0.5, after.text()
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert same_arrays(host_copy(model), base)
