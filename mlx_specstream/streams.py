@@ -902,6 +902,7 @@ class StreamRuntime:
         if streams:
             if self.streams is None:
                 raise ValueError("This model has no streams to put in the rows' pass.")
+            self._refuse_batch_streams()
             W, g = tokens.shape[1], self.config.num_streams
             chain = layout_of([-1] + list(range(W - 1)))
             upper = cache[self.kv_source[self.first_top]]
@@ -914,16 +915,6 @@ class StreamRuntime:
 
     def _rows_layer(self, i, base_call, layer, x, mask, cache, *args, **kwargs):
         """One layer of :meth:`rows_pass`."""
-        if (
-            i >= self.first_top
-            and self.streams is not None
-            and (self._reads_lower[i] or kwargs.get("per_layer_input") is not None)
-        ):
-            raise ValueError(
-                "Rows of a batch draft with streams only where the stream layers keep keys "
-                "and values of their own and take no per-token inputs (Gemma 4's do not): "
-                "draft with prompt lookup or a draft model in a batch."
-            )
         if i == self.first_top:
             self._upper_input = x
             if self._rows_fused:
@@ -936,6 +927,11 @@ class StreamRuntime:
             self._stream_hidden = out[:, self._main_rows :]
             out = out[:, : self._main_rows]
         return _joined(out, rest)
+
+    def _refuse_batch_streams(self) -> None:
+        why = batch_streams_refusal(self.model)
+        if why:
+            raise ValueError(f"Rows of a batch cannot draft with streams on this model: {why}.")
 
     def fused_streams(self, nodes: mx.array) -> mx.array:
         """Logits ``(B, gamma, V)`` of the streams of each row's token ``nodes[b]``
@@ -957,6 +953,7 @@ class StreamRuntime:
         """
         if self.config.mode != "lossless" or self.streams is None:
             raise ValueError("Rows of a batch draft with streams in lossless mode only.")
+        self._refuse_batch_streams()
         B, g = nodes.shape[0], self.config.num_streams
         h = mx.take_along_axis(self._upper_input, nodes[:, None, None], axis=1)
         self._stream_input = self.streams.make_streams(h)
@@ -1019,6 +1016,19 @@ def _split(out) -> tuple:
 def _joined(h: mx.array, rest):
     """The layer's output with hidden states ``h`` (:func:`_split`'s inverse)."""
     return h if rest is None else (h, *rest)
+
+
+def batch_streams_refusal(model) -> Optional[str]:
+    """Why a batch's rows of ``model`` cannot draft with its streams (``None``: they
+    can, or it has none): its layers pass keys and values on (Gemma 4's), whose
+    stream rows in a batch of rows of their own lengths are not built."""
+    rt = getattr(model, "speculative_streams", None)
+    if isinstance(rt, StreamRuntime) and rt.streams is not None and any(rt.passes_kv):
+        return (
+            "its layers pass keys and values on to the layers that share them (Gemma 4); "
+            "a batch's rows draft with prompt lookup or a draft model there"
+        )
+    return None
 
 
 def kv_sources(model) -> List[int]:

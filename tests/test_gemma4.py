@@ -8,16 +8,18 @@ with 3, layer 3 keeps its own (stream rows included) and layer 4 reads it.
 (Lookup drafts and stream trees on ``gemma4_text`` and the ``gemma4`` wrapper also
 run in test_architectures.)"""
 
+import logging
+
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model
+from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
 from test_batch import LIMITS, alone, decode
 from test_cache_and_masks import TREE
 
 import mlx_specstream.streams as streams
 from mlx_specstream import SpecStreamConfig, attach_streams, make_prompt_cache
-from mlx_specstream.streams import kv_sources
+from mlx_specstream.streams import batch_streams_refusal, kv_sources
 from mlx_specstream.tree import path_to
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
@@ -175,10 +177,21 @@ def test_batch_rows_equal_each_prompt_alone(kwargs):
     assert passes < max(LIMITS)
 
 
-def test_batch_rows_drafting_with_streams_are_refused_with_the_reason():
+def test_batch_rows_drafting_with_streams_are_refused_with_the_reason(caplog):
+    """Asked for, a batch's stream drafts are refused with the reason; chosen by
+    default (``draft="auto"``), the rows draft with prompt lookup, and the log says
+    why. Control: a Llama's rows draft with its streams by default."""
     model = tiny_spec_model("gemma4_text", vocab_size=16, seed=1, num_streams=3)
-    with pytest.raises(ValueError, match="Gemma 4's do not"):
+    with pytest.raises(ValueError, match="cannot draft with streams on this model: its layers"):
         decode(model, draft="streams")
+    with caplog.at_level(logging.WARNING, logger="mlx_specstream.batch"):
+        got, passes = decode(model)
+    assert got == alone(model) and passes < max(LIMITS)
+    warned = [r.message for r in caplog.records if "not the streams" in r.message]
+    assert warned == ["batch rows draft with prompt lookup, not the streams: its layers pass "
+                      "keys and values on to the layers that share them (Gemma 4); a batch's "
+                      "rows draft with prompt lookup or a draft model there"]  # fmt: skip
+    assert batch_streams_refusal(tiny_spec_model("llama", num_streams=3)) is None
 
 
 def test_shared_mode_streams_reading_a_lower_layers_keys_are_refused():
@@ -219,3 +232,30 @@ def test_streams_train_in_mlx_and_the_base_stays_bit_identical():
     assert min(after.top1()) > 0.5, after.text()
     assert result.losses[-1] < 0.5 * result.losses[0]
     assert same_arrays(host_copy(model), base)
+
+
+def test_the_server_decodes_waiting_requests_together_without_stream_drafts(caplog):
+    """A Gemma 4 with streams served to clients at once: the requests are batched,
+    each answer equals plain decoding alone, and the log says why the rows do not
+    draft with the streams."""
+    from test_server_batching import PROMPTS, alone, answer, submit_together
+
+    from mlx_specstream.server import make_server, service_of
+
+    model = tiny_spec_model("gemma4_text", vocab_size=64, num_streams=3, top_k=2, tree_depth=3)
+    tok = word_tokenizer(64)
+    with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
+        server = make_server(model, tok, "tiny", port=0)
+    try:
+        svc = service_of(server)
+        jobs = submit_together(svc, [(p, {}) for p in PROMPTS])
+        got = [answer(j)[0][0] for j in jobs]
+        assert svc.served["batched"] == 1 and svc.served["largest_batch"] == 4
+    finally:
+        server.server_close()
+    assert got == [alone(model, tok, p, 16)[0] for p in PROMPTS]
+    assert [r.message for r in caplog.records if "do not draft" in r.message] == [
+        "requests decoded together do not draft with the streams: its layers pass keys and "
+        "values on to the layers that share them (Gemma 4); a batch's rows draft with prompt "
+        "lookup or a draft model there"
+    ]
