@@ -84,21 +84,26 @@ def split_recurrent_mixers(model: nn.Module) -> SplitPoint:
     model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
     mixers = []
     for i, (layer, c) in enumerate(zip(model.layers, model.make_cache())):
-        if isinstance(c, KVCache):
+        kinds = layer_caches(c)
+        if all(isinstance(k, KVCache) for k in kinds):
             continue
-        if not isinstance(c, ArraysCache):
+        if not all(isinstance(k, (KVCache, ArraysCache)) for k in kinds):
             raise ValueError(
                 f"Model type '{model_type}': layer {i} keeps a {type(c).__name__}; "
-                "speculation on a recurrent model needs a KVCache or an ArraysCache per layer."
+                "speculation on a recurrent model needs a KVCache or an ArraysCache per layer "
+                "(or a CacheList of them)."
             )
         found = [m for m in layer.children().values() if isinstance(m, nn.Module)]
         found = [m for m in found if _cache_param(m) is not None]
-        if len(found) != 1:
+        # One sub-module per cache: a CacheList's go to a mixer and an attention side
+        # by side (Falcon-H1); the one whose cache is an ArraysCache splits its call.
+        if len(found) != len(kinds):
             raise ValueError(
                 f"Model type '{model_type}': layer {i} ({type(layer).__name__}) has "
-                f"{len(found)} sub-modules that take its cache, not one recurrent mixer."
+                f"{len(found)} sub-modules that take its cache, not one per cache it keeps "
+                f"({len(kinds)})."
             )
-        mixers.append(found[0])
+        mixers.extend(found)
     split = SplitPoint()
     for m in mixers:
         _swap_call(m, lambda base: _split_call(base, _cache_param(m), split))
@@ -117,8 +122,8 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
             return base_call(self, *args, **kwargs)
         bound = sig.bind(self, *args, **kwargs)
         x = bound.arguments[x_name]
-        if x.shape[1] <= at:
-            return base_call(self, *args, **kwargs)
+        if x.shape[1] <= at or not isinstance(bound.arguments.get("cache"), ArraysCache):
+            return base_call(self, *args, **kwargs)  # (an attention beside a mixer: whole)
         if bound.arguments.get("mask") is not None:
             raise ValueError("A split recurrent pass takes no mask (batch 1, no padding).")
         cache = bound.arguments["cache"]
@@ -131,11 +136,19 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
     return call
 
 
+def layer_caches(c) -> list:
+    """The caches one layer keeps: ``c``, or the members of a ``CacheList`` (Falcon-H1's
+    layers keep a mixer's ``ArraysCache`` and an attention's ``KVCache`` side by side)."""
+    members = getattr(c, "caches", None)
+    return list(members) if isinstance(members, (list, tuple)) else [c]
+
+
 def check_recurrent_cache(cache: list) -> None:
     """Raises ``ValueError`` naming the kinds of layer caches that a chain of drafts
     cannot roll back (taken: ``KVCache``, ``QuantizedKVCache`` and ``ArraysCache``,
     batch 1)."""
     ok = (KVCache, QuantizedKVCache, ArraysCache)
+    cache = [k for c in cache for k in layer_caches(c)]
     bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
     if bad:
         raise ValueError(
@@ -452,12 +465,12 @@ class ChainCache:
     @property
     def kv(self) -> list:
         """The KV layers (``kv_bits`` replaces them when it converts them)."""
-        return [c for c in self.cache if not isinstance(c, ArraysCache)]
+        return [k for c in self.cache for k in layer_caches(c) if not isinstance(k, ArraysCache)]
 
     @property
     def recurrent(self) -> list:
         """The recurrent layers' caches."""
-        return [c for c in self.cache if isinstance(c, ArraysCache)]
+        return [k for c in self.cache for k in layer_caches(c) if isinstance(k, ArraysCache)]
 
     def feed(self, upto: int) -> None:
         """Puts ``tokens[held:upto]`` in the caches, in one unsplit pass."""

@@ -202,6 +202,12 @@ HYBRID_ARGS = {
         rope_parameters={"type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000,
                          "partial_rotary_factor": 0.5},
     )),
+    "falcon_h1": dict(  # a Mamba-2 mixer and an attention side by side in every layer
+        hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+        mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=16,
+        max_position_embeddings=512, rope_theta=10000.0,
+    ),
     "mamba2": dict(  # state-space layers only
         num_heads=4, head_dim=16, hidden_size=32, intermediate_size=64, state_size=8,
         num_hidden_layers=2, layer_norm_epsilon=1e-5, conv_kernel=4, n_groups=1,

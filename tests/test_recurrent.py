@@ -228,6 +228,17 @@ def test_which_models_take_the_recurrent_path():
     assert has_recurrent_layers(model)
 
 
+def test_negative_control_falcon_h1_mixer_states_not_rolled_back(monkeypatch):
+    """Falcon-H1 keeps each layer's mixer state in a CacheList beside its attention's
+    KV cache: a roll-back blind to the states inside (the layers' own caches only)
+    leaves the rejected drafts in the mixers, and the output changes."""
+    model = tiny_hybrid("falcon_h1")
+    assert all(type(c).__name__ == "CacheList" for c in model.make_cache())
+    blind = property(lambda self: [c for c in self.cache if isinstance(c, ArraysCache)])
+    monkeypatch.setattr(recurrent.ChainCache, "recurrent", blind)
+    assert any(lookup(model, p, 40)[0] != plain_greedy(model, p, 40) for p in PROMPTS)
+
+
 def test_mixers_that_cannot_be_told_apart_are_refused():
     model = tiny_hybrid("qwen3_next")
     model.layers[0].extra = tiny_hybrid("qwen3_next").layers[0].linear_attn
@@ -235,6 +246,9 @@ def test_mixers_that_cannot_be_told_apart_are_refused():
         lookup(model, PROMPTS[0], 4)
     model = tiny_hybrid("qwen3_next")
     model.make_cache = lambda: [CacheList(KVCache(), ArraysCache(2))] * 4
+    with pytest.raises(ValueError, match=r"has 1 sub-modules .* not one per cache it keeps \(2\)"):
+        lookup(model, PROMPTS[0], 4)
+    model.make_cache = lambda: [CacheList(RotatingKVCache(8), ArraysCache(2))] * 4
     with pytest.raises(ValueError, match="layer 0 keeps a CacheList"):
         lookup(model, PROMPTS[0], 4)
 
@@ -292,8 +306,9 @@ def test_a_copy_of_the_model_drafting_is_accepted_every_time():
 
 @pytest.mark.parametrize(
     "target, drafter",
-    [("qwen3_next", "lfm2"), ("lfm2", "qwen3_next"), ("llama", "mamba2"), ("mamba2", "llama")],
-)
+    [("qwen3_next", "lfm2"), ("lfm2", "qwen3_next"), ("llama", "mamba2"), ("mamba2", "llama"),
+     ("falcon_h1", "qwen3_next"), ("llama", "falcon_h1")],
+)  # fmt: skip
 def test_draft_model_chains_equal_plain(target, drafter):
     """Hybrid, state-space and attention models drafting for each other (a model with
     recurrent layers on either side takes the chain loop): mlx-lm's greedy output."""
