@@ -77,7 +77,8 @@ def tests_config(arch):
     """The tests' tiny model of ``arch`` (``tests/helpers.py``), or None."""
     if arch in helpers.HYBRID_ARGS:
         return lambda: helpers.tiny_hybrid(arch, vocab_size=8)
-    if arch in {**helpers.ARCH_ARGS, **helpers.WINDOWED_ARGS, **helpers.MORE_ARGS}:
+    configs = {**helpers.ARCH_ARGS, **helpers.WINDOWED_ARGS, **helpers.MORE_ARGS}
+    if arch in configs or arch == "gemma3n":  # (Gemma 3n: helpers.GEMMA3N)
         return lambda: helpers.tiny_model(arch, vocab_size=8)
     return None
 

@@ -136,7 +136,9 @@ def _probe(model) -> Optional[str]:
     except Exception as e:  # noqa: BLE001 - the reason is reported
         return f"{type(e).__name__}: {e}"
     for b, p in enumerate(prompts):
-        alone = mx.softmax(model(mx.array([p + fed]))[0, -2:].astype(mx.float32), axis=-1)
+        # (with caches, as decoding runs it: Gemma 3n's KV-sharing layers need theirs)
+        alone = model(mx.array([p + fed]), cache=model_caches(model))[0, -2:]
+        alone = mx.softmax(alone.astype(mx.float32), axis=-1)
         gap = mx.abs(mx.softmax(batched[b].astype(mx.float32), axis=-1) - alone).max().item()
         if gap > PROBE_TOLERANCE:
             return (f"a row of a batch differs from the same tokens alone by {gap:.2f} in a "

@@ -235,6 +235,7 @@ class FoldingCache:
         self.offset = cache.offset if fold is None else fold.prefix  # (RoPE is the hooks')
         self.start = first_row(cache)  # the position of its first row
         self.rows = None  # (keys, values) this pass appends, for the next fold
+        self.fetched = None  # the view its update_and_fetch returned
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         c, fold, first = self.cache, self.fold, self.start
@@ -254,7 +255,12 @@ class FoldingCache:
         c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))
         c.values = mx.slice_update(c.values, values, start, axes=(2,))
         self.rows = (keys, values)
-        return c.keys[..., :end, :], c.values[..., :end, :]
+        self.fetched = (c.keys[..., :end, :], c.values[..., :end, :])
+        return self.fetched
+
+    def keys_and_values(self):
+        """What this pass's write returned: Gemma 3n's KV-sharing layers read it."""
+        return self.fetched
 
 
 def _reserve(c: KVCache, keys: mx.array, values: mx.array, rows: int) -> None:
@@ -471,12 +477,17 @@ class WindowKVCache(KVCache):
     def update_and_fetch(self, keys, values):
         self.offset -= self.start  # (KVCache's own, on rows counted from start)
         try:
-            return super().update_and_fetch(keys, values)
+            super().update_and_fetch(keys, values)
         finally:
             self.offset += self.start
+        return self.keys_and_values()
 
     @property
     def state(self):
+        return self.keys_and_values()
+
+    def keys_and_values(self):
+        """The rows held (Gemma 3n's KV-sharing layers read their source's)."""
         held = self.offset - self.start
         return self.keys[..., :held, :], self.values[..., :held, :]
 

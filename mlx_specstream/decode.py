@@ -60,7 +60,7 @@ from .settings import (
     greedy,
     resolve_tree_settings,
 )
-from .streams import StepOutput, StreamRuntime, attach_verifier, get_runtime
+from .streams import StepOutput, StreamRuntime, attach_verifier, get_runtime, vocab_size
 from .tree import (
     accept,
     accept_by_rejection,
@@ -372,7 +372,7 @@ class Decoder:
             draft, _ = device_lookup(*self._history_room(), self.ngram_tokens)
             return Draft(self.layout, mx.concatenate([mx.array([root], dtype=draft.dtype), draft]))
         if self.draft_model is not None and self._room() > 0:
-            slog = self.draft_model.first_draft(self.rt.model.args.vocab_size)
+            slog = self.draft_model.first_draft(vocab_size(self.rt.model))
             if self.by_rejection:  # drawn from the draft distributions, as every step's
                 q, top = self._draw_now(slog)
                 return self._next_draft(self._tree_tokens(root, top), root, q)

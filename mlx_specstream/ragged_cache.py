@@ -46,6 +46,7 @@ class RaggedKVCache(_BaseCache):
 
     def __init__(self, ends: Sequence[int]):
         self.keys = self.values = None
+        self._width = 0  # the columns the last write returned
         self.set_ends(ends)
 
     def set_ends(self, ends: Sequence[int]) -> None:
@@ -96,7 +97,12 @@ class RaggedKVCache(_BaseCache):
             at = (self.offset[:, None] + mx.arange(N, dtype=mx.int32))[:, None, :, None]
             self.keys = mx.put_along_axis(self.keys, at, keys, axis=2)
             self.values = mx.put_along_axis(self.values, at, values, axis=2)
-        return self.keys[..., :width, :], self.values[..., :width, :]
+        self._width = width
+        return self.keys_and_values()
+
+    def keys_and_values(self):
+        """What the last write returned (Gemma 3n's KV-sharing layers read it)."""
+        return self.keys[..., : self._width, :], self.values[..., : self._width, :]
 
     def _grow(self, keys: mx.array, values: mx.array, width: int) -> None:
         capacity = (width + self.step - 1) // self.step * self.step

@@ -85,7 +85,7 @@ from .cli_args import (
     load_model,
 )
 from .generate import stream_generate, untuned_note
-from .streams import batch_streams_refusal, runtime_config
+from .streams import batch_streams_refusal, runtime_config, vocab_size
 from .openai_api import (
     RequestError,
     add_reasoning_and_calls,
@@ -674,7 +674,7 @@ class ModelService:
             and prompt
             and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
         ):
-            vocab = self.model.args.vocab_size
+            vocab = vocab_size(self.model)
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise RequestError(

@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache import Fold, FoldingCache, first_row, sliding_windows, window_of
-from .config import SpecStreamConfig
+from .config import SpecStreamConfig, VerifierConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda, on_gpu
 from .rope import rope_settings, rotate, tables
@@ -1039,9 +1039,12 @@ def kv_sources(model) -> List[int]:
     Example: a Gemma 4 of 6 layers, sliding, sliding, full, sliding, sliding,
     full, whose last 2 share: ``[0, 1, 2, 3, 3, 2]``.
     """
-    for owner in (model, getattr(model, "language_model", None)):
-        for inner in (owner, getattr(owner, "model", None)):
-            sources = getattr(inner, "previous_kvs", None)
+    models = [model, getattr(model, "language_model", None), getattr(model, "model", None)]
+    models += [getattr(m, name, None) for m in models[1:] for name in ("model", "language_model")]
+    for inner in models:
+        # (Gemma 3n's layers get their source's cache: ``layer_idx_to_cache_idx``)
+        for name in ("previous_kvs", "layer_idx_to_cache_idx"):
+            sources = getattr(inner, name, None)
             if sources is not None and getattr(inner, "layers", None) is model.layers:
                 return [int(s) for s in sources]
     return list(range(len(model.layers)))
@@ -1100,7 +1103,9 @@ def rows_mask(block: mx.array, ends: mx.array, held: int) -> mx.array:
 
 
 def _embedding(model) -> nn.Module:
-    for path in ("model.embed_tokens", "embed_tokens", "model.wte", "gpt_neox.embed_in"):
+    paths = ("model.embed_tokens", "embed_tokens", "model.wte", "gpt_neox.embed_in",
+             "language_model.model.embed_tokens", "model.language_model.embed_tokens")  # fmt: skip
+    for path in paths:
         try:
             return submodule(model, path)
         except (KeyError, AttributeError, TypeError):
@@ -1151,6 +1156,12 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             f"layers, of which {len(owners)} keep keys and values of their own: the verifier "
             "needs a cache for each of the first layers and the others reading an earlier "
             "layer's (as Gemma 4's KV-sharing layers, previous_kvs)."
+        )
+    if not isinstance(config, VerifierConfig) and any("altup" in layer for layer in layers):
+        raise ValueError(
+            f"Model type '{model_type}': its layers pass several hidden states per token, "
+            "stacked (Gemma 3n's AltUp); streams and drafters need one. Prompt lookup "
+            "(draft='ngram') and draft models run on it."
         )
     first_top = len(layers) - config.num_stream_layers
     if getattr(config, "mode", None) == "shared" and any(
@@ -1250,8 +1261,6 @@ def attach_verifier(model: nn.Module) -> "StreamRuntime":
     """Puts the tree verifier alone on a model loaded with ``mlx_lm.load`` (no
     streams, no drafter), for drafts from outside the model such as prompt
     lookup. The hooks do nothing outside a step, as for streams."""
-    from .config import VerifierConfig
-
     check_supported(model, VerifierConfig())
     model.speculative_streams = StreamRuntime(model, VerifierConfig())
     return model.speculative_streams
@@ -1273,6 +1282,20 @@ def hidden_size(model) -> int:
         f"Cannot tell the hidden size of {type(model).__module__}: its args have no "
         "hidden_size and its layers no input_layernorm."
     )
+
+
+def vocab_size(model) -> int:
+    """The model's vocabulary: from its ``args``, its ``text_config`` or its language
+    model's (vision-language wrappers: Gemma 3n's args hold only the text config), or
+    the rows of its input embedding."""
+    for owner in (model, getattr(model, "language_model", None)):
+        args = getattr(owner, "args", None)
+        if isinstance(getattr(args, "vocab_size", None), int):
+            return int(args.vocab_size)
+        text = getattr(args, "text_config", None)
+        if isinstance(text, dict) and isinstance(text.get("vocab_size"), int):
+            return int(text["vocab_size"])
+    return int(_embedding(model).weight.shape[0])
 
 
 def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambda name, p: None):
@@ -1300,8 +1323,6 @@ def runtime_config(model):
     """The model's speculative settings: its runtime's config, or a bare verifier's
     (:class:`~mlx_specstream.config.VerifierConfig`) for a model that runs prompt
     lookup without a runtime (one with recurrent layers, :mod:`mlx_specstream.recurrent`)."""
-    from .config import VerifierConfig
-
     rt = getattr(model, "speculative_streams", None)
     return VerifierConfig() if rt is None else rt.config
 

@@ -112,6 +112,18 @@ GEMMA4_TEXT = dict(
     vocab_size_per_layer_input=64, sliding_window=8, sliding_window_pattern=3,
     max_position_embeddings=512,
 )  # fmt: skip
+# Gemma 3n (its AltUp stacks 4 hidden states per token): the last 2 of its 6 layers
+# are handed the cache of the last earlier layer of their kind.
+GEMMA3N = dict(text_config=dict(
+    model_type="gemma3n_text", hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+    num_attention_heads=4, head_dim=16, rms_norm_eps=1e-6, num_key_value_heads=2,
+    num_kv_shared_layers=2, vocab_size_per_layer_input=64, sliding_window=8,
+    max_position_embeddings=512, rope_local_base_freq=10000.0, rope_theta=1000000.0,
+    final_logit_softcapping=30.0,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    activation_sparsity_pattern=[0.0] * 6, hidden_size_per_layer_input=8, altup_num_inputs=4,
+    altup_coef_clip=120.0, altup_correct_scale=True, altup_active_idx=0, laurel_rank=8,
+))  # fmt: skip
 MORE_ARGS = {
     "qwen3_moe": dict(
         intermediate_size=128, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
@@ -253,7 +265,7 @@ def tiny_model(
     init, random tiny models fall into one-token loops; scaled up, their greedy
     output is varied, so drafts are sometimes right and sometimes wrong.
     """
-    args = {**BASE, **{**ARCH_ARGS, **WINDOWED_ARGS, **MORE_ARGS}[arch]}
+    args = {**BASE, **{**ARCH_ARGS, **WINDOWED_ARGS, **MORE_ARGS, "gemma3n": GEMMA3N}[arch]}
     model = random_model(arch, args, vocab_size, seed, weight_scale, **overrides)
     if dtype is not None:
         model.set_dtype(dtype)

@@ -1,12 +1,18 @@
-"""Gemma 4 speculates exactly: its last layers read the keys and values of an earlier
-layer (KV sharing, ``previous_kvs``), its layers return those with their hidden
-states, and every layer takes a per-token input (``per_layer_input``). The tiny
-model's 6 layers are sliding, sliding, full, sliding | sliding, full (window 8); the
-last 2 read layers 3 and 2. With 2 stream layers both read a lower layer's keys;
-with 3, layer 3 keeps its own (stream rows included) and layer 4 reads it.
+"""Models whose last layers read the keys and values of an earlier layer (KV sharing)
+speculate exactly.
 
-(Lookup drafts and stream trees on ``gemma4_text`` and the ``gemma4`` wrapper also
-run in test_architectures.)"""
+Gemma 4: its KV-sharing layers get their source's keys and values from the layer loop
+(``previous_kvs``), its layers return them with their hidden states, and every layer
+takes a per-token input (``per_layer_input``). The tiny model's 6 layers are sliding,
+sliding, full, sliding | sliding, full (window 8); the last 2 read layers 3 and 2.
+With 2 stream layers both read a lower layer's keys; with 3, layer 3 keeps its own
+(stream rows included) and layer 4 reads it. (Lookup drafts and stream trees on
+``gemma4_text`` and the ``gemma4`` wrapper also run in test_architectures.)
+
+Gemma 3n: its KV-sharing layers are handed their source's cache and read what it
+holds (``keys_and_values``), and its AltUp stacks 4 hidden states per token: prompt
+lookup and draft models run on it, streams and drafters are refused.
+"""
 
 import logging
 
@@ -18,7 +24,16 @@ from test_batch import LIMITS, alone, decode
 from test_cache_and_masks import TREE
 
 import mlx_specstream.streams as streams
-from mlx_specstream import SpecStreamConfig, attach_streams, make_prompt_cache
+from mlx_lm.models.cache import KVCache
+
+from mlx_specstream import (
+    DrafterConfig,
+    SpecStreamConfig,
+    attach_drafter,
+    attach_streams,
+    make_prompt_cache,
+)
+from mlx_specstream.cache import WindowKVCache
 from mlx_specstream.streams import batch_streams_refusal, kv_sources
 from mlx_specstream.tree import path_to
 
@@ -99,17 +114,18 @@ def split_and_full(model):
 WIDE = ([7, 1, 2, 3, 4, 5], [-1, 0, 0, 0, 1, 4])  # siblings 1, 2, 3; a path 0-1-4-5
 
 
-def tree_logits_off_plain(model):
-    """Per node of WIDE, the largest difference between its logits in one fused
-    pass and the model's own logits after the prompt and the node's path."""
-    rt = model.speculative_streams
+def tree_logits_off_plain(model, rt=None):
+    """Per node of WIDE, the largest difference between its logits in one pass
+    (fused, with streams) and the model's own logits after the prompt and the
+    node's path (with caches, as decoding runs it)."""
+    rt = rt or model.speculative_streams
     cache = make_prompt_cache(model)
     model(mx.array(PROMPT)[None], cache=cache)
     got = np.array(rt.forward(*WIDE, cache).logits)
-    want = [
-        np.array(model(mx.array(PROMPT + [WIDE[0][a] for a in path_to(k, WIDE[1])])[None])[0, -1])
-        for k in range(len(WIDE[0]))
-    ]
+    want = []
+    for k in range(len(WIDE[0])):
+        path = PROMPT + [WIDE[0][a] for a in path_to(k, WIDE[1])]
+        want.append(np.array(model(mx.array(path)[None], cache=make_prompt_cache(model))[0, -1]))
     return np.abs(got - np.stack(want)).max(axis=-1)
 
 
@@ -259,3 +275,79 @@ def test_the_server_decodes_waiting_requests_together_without_stream_drafts(capl
         "values on to the layers that share them (Gemma 4); a batch's rows draft with prompt "
         "lookup or a draft model there"
     ]
+
+
+# ---- Gemma 3n ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="ngram", num_draft_tokens=4),
+        dict(draft="ngram", num_draft_tokens=4, pipeline=True),
+        dict(draft="ngram", num_draft_tokens=3, ngram_candidates=3),  # (trees)
+    ],
+)
+def test_gemma3n_lookup_equals_plain(kwargs):
+    model = tiny_model("gemma3n", vocab_size=8)
+    got, records = spec_tokens(model, PROMPT, N, **kwargs)
+    assert got == plain_greedy(model, PROMPT, N)
+    assert sum(r[2] for r in records) > 10, "drafts were rarely accepted: the test has no power"
+
+
+def test_gemma3n_target_and_draft_model():
+    model = tiny_model("gemma3n", vocab_size=8)
+    want = plain_greedy(model, PROMPT, N)
+    draft = tiny_model("gemma3n", vocab_size=8, seed=3)
+    assert spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)[0] == want
+    got, records = spec_tokens(model, PROMPT, N, draft_model=model, num_draft_tokens=3)
+    assert got == want and len({r[3] for r in records}) == N // 4  # (a copy: all accepted)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_gemma3n_batch_rows_equal_each_prompt_alone(pipeline):
+    model = tiny_model("gemma3n", vocab_size=16, seed=1)
+    got, passes = decode(model, draft="ngram", num_draft_tokens=3, pipeline=pipeline)
+    assert got == alone(model)
+    assert passes < max(LIMITS)
+
+
+def test_gemma3n_tree_rows_logits_are_plain_decodings(monkeypatch):
+    """Each node of a tree gets the model's own logits after its path; control: the
+    KV-sharing layers' queries at the pass's offset (the rows' indices) change the
+    logits of the nodes past the root's first child."""
+    model = tiny_model("gemma3n", vocab_size=64)
+    rt = streams.attach_verifier(model)
+    assert tree_logits_off_plain(model, rt).max() < 1e-5
+    for i in SHARING:
+        rope = model.layers[i].self_attn.rope
+        base = streams.own_class(rope)
+        call = lambda self, x, offset=0, base=base: base.__call__(self, x, offset=offset)  # noqa
+        monkeypatch.setattr(type(rope), "__call__", call)
+    off = tree_logits_off_plain(model, rt)
+    assert off[:2].max() < 1e-5 and off[2:].min() > 1e-3
+
+
+def test_gemma3n_window_caches_hand_over_the_rows_they_hold():
+    """A window layer's cache drops rows as the generation goes (WindowKVCache): what
+    it hands a KV-sharing layer starts at its first row. Control: mlx-lm's KVCache
+    reading of it (rows counted from position 0) does not fit the mask."""
+    model = tiny_model("gemma3n", vocab_size=8)
+    want = plain_greedy(model, PROMPT, N)
+    assert spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4)[0] == want
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WindowKVCache, "keys_and_values", KVCache.keys_and_values)
+        with pytest.raises(ValueError, match="broadcast"):
+            spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "attach",
+    [
+        lambda m: attach_streams(m, SpecStreamConfig(num_streams=3, num_stream_layers=2)),
+        lambda m: attach_drafter(m, DrafterConfig(kind="medusa", num_draft_tokens=3)),
+    ],
+)
+def test_gemma3n_streams_and_drafters_are_refused_with_the_reason(attach):
+    with pytest.raises(ValueError, match="stacked \\(Gemma 3n's AltUp\\); streams and drafters"):
+        attach(tiny_model("gemma3n", vocab_size=8))
