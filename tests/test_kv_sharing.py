@@ -388,3 +388,27 @@ def test_gemma4_train_cli_writes_a_model_that_loads_and_decodes_losslessly(tmp_p
         assert [r.token for r in got] == want
         passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
     assert passes < tokens  # drafts were accepted
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs",
+    [
+        ("gemma4_text", dict(quant_bits=4, model_args=dict(hidden_size_per_layer_input=32))),
+        ("gemma4_text", dict(dtype=mx.bfloat16)),
+        ("gemma3n", dict(dtype=mx.bfloat16)),
+    ],
+)
+def test_low_precision_and_4_bit_weights_decode_as_plain_on_cpu(arch, kwargs):
+    """As users hold them: bfloat16 and 4-bit weights (groups of 32: the per-layer
+    inputs widened to 32), prompt lookup and (Gemma 4) stream trees, token for token."""
+    kwargs = dict(kwargs)
+    args = kwargs.pop("model_args", {})
+    model = tiny_model(arch, vocab_size=8, **kwargs, **args)
+    got, records = spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4, pipeline=True)
+    assert got == plain_greedy(model, PROMPT, N) and sum(r[2] for r in records) > 10
+    if arch == "gemma4_text":
+        model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2, model_args=args,
+                                **kwargs)  # fmt: skip
+        got, records = spec_tokens(model, PROMPT, N, max_tree_nodes=6)
+        assert got == plain_greedy(model, PROMPT, N)
+        assert len({r[3] for r in records}) < N - 5, "no draft accepted: the test has no power"
