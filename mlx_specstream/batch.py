@@ -22,7 +22,6 @@ while the host reads the pass before.
 """
 
 import copy
-import logging
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -36,9 +35,6 @@ from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
 from .ragged_cache import RaggedKVCache
-from .streams import batch_streams_refusal
-
-logger = logging.getLogger(__name__)
 
 DRAFTS = ("auto", "streams", "ngram", "streams+ngram", "draft_model", None)
 # A row's own source: without a draft model, then with one.
@@ -979,11 +975,7 @@ def batch_generate_step(
         pipeline = tuned.get("pipeline") if pipeline is None else pipeline
     elif draft == "auto":
         own = stream_runtime(model) is not None and tuned_depth(model) > 0
-        why = batch_streams_refusal(model) if own and draft_model is None else None
-        if why:
-            logger.warning(f"batch rows draft with prompt lookup, not the streams: {why}")
-        draft = "draft_model" if draft_model is not None else "streams" if own and not why else (
-            "ngram")  # fmt: skip
+        draft = "draft_model" if draft_model is not None else "streams" if own else "ngram"
     stream_pass = stream_pass or "fused"
     if draft_model is not None and draft == "ngram":  # lookup merged into its chains
         draft = "draft_model+ngram"

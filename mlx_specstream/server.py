@@ -85,7 +85,7 @@ from .cli_args import (
     load_model,
 )
 from .generate import stream_generate, untuned_note
-from .streams import batch_streams_refusal, runtime_config, vocab_size
+from .streams import runtime_config, vocab_size
 from .openai_api import (
     RequestError,
     add_reasoning_and_calls,
@@ -379,7 +379,7 @@ class ModelService:
             self.spec_batching = True
             return True
         if shared:  # mlx-lm's batch would decode without the streams: another model
-            why = unbatchable(self.model) or batch_streams_refusal(self.model)
+            why = unbatchable(self.model)
             if why:
                 logger.warning(f"requests are served one at a time: {why}")
                 return False
@@ -403,7 +403,7 @@ class ModelService:
             streams_on = has_streams and tuned_depth(self.model) > 0
             lookup = "ngram" in (d.draft or "")
         if streams_on or lookup:
-            why = unbatchable(self.model) or (streams_on and batch_streams_refusal(self.model))
+            why = unbatchable(self.model)
             if why:
                 with_streams = " with the streams" if streams_on else ""
                 logger.warning(f"requests decoded together do not draft{with_streams}: {why}")

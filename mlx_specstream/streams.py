@@ -22,6 +22,7 @@ from .cache import Fold, FoldingCache, first_row, sliding_windows, window_of
 from .config import SpecStreamConfig, VerifierConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda, on_gpu
+from .ragged_cache import RaggedKVCache
 from .rope import rope_settings, rotate, tables
 from .tree import prune_subtrees, subtree_parents
 
@@ -427,7 +428,8 @@ class StreamRuntime:
             return h
         if cache is None:
             return h, kwargs.get("shared_kv"), kwargs.get("offset")
-        held = cache.offset - first_row(cache)
+        ragged = isinstance(cache, RaggedKVCache)  # (a batch's: rows to the longest's end)
+        held = cache.size() if ragged else cache.offset - first_row(cache)
         return h, (cache.keys[..., :held, :], cache.values[..., :held, :]), kwargs.get("offset")
 
     def _layer_mask(self, i: int, mask: mx.array, cols, dtype) -> mx.array:
@@ -447,11 +449,14 @@ class StreamRuntime:
             return kwargs
         if self.state == "streams":
             extra = self._upper_extra[i]
-        elif self.state == "step" and not self._all_streams:  # (draft_streams reads them)
-            self._upper_extra[i] = extra
-        if self._upper_nodes is None:
+        elif not (self._all_streams if self.state == "step" else self._rows_fused):
+            self._upper_extra[i] = extra  # (draft_streams, rows_streams read them)
+        nodes = self._upper_nodes
+        if nodes is None:
             return kwargs
-        return {**kwargs, "per_layer_input": mx.take(extra, self._upper_nodes, axis=1)}
+        if nodes.ndim == 2:  # (a node per batch row: rows_streams)
+            return {**kwargs, "per_layer_input": mx.take_along_axis(extra, nodes[..., None], 1)}
+        return {**kwargs, "per_layer_input": mx.take(extra, nodes, axis=1)}
 
     def _set_upper_rows(self, nodes: Optional[mx.array], columns: Optional[mx.array]) -> None:
         """The upper layers' rows as lower rows: ``nodes`` (each upper row's lower
@@ -899,15 +904,21 @@ class StreamRuntime:
                              "needs streams=True.")  # fmt: skip
         self._rows_fused = streams
         self._main_rows = tokens.shape[1]
+        self._upper_nodes = self._over_lower = None
         if streams:
             if self.streams is None:
                 raise ValueError("This model has no streams to put in the rows' pass.")
-            self._refuse_batch_streams()
             W, g = tokens.shape[1], self.config.num_streams
             chain = layout_of([-1] + list(range(W - 1)))
             upper = cache[self.kv_source[self.first_top]]
             block = chain.stream_mask(g, shared)
             self._upper_mask = rows_mask(block, upper.offset, upper.size())
+            # (each stream row's token, for per-token inputs and lower layers' rows)
+            row = mx.arange(W, dtype=mx.int32)
+            self._upper_nodes = mx.concatenate([row, mx.repeat(row, g)])
+            if any(self._reads_lower):
+                over = mx.take(chain.ancestors_mx, self._upper_nodes, axis=0)
+                self._over_lower = rows_mask(over, upper.offset, upper.size())
             self._upper_pos = (upper.offset[:, None] + self._stream_positions(chain.depth_mx)[None]
                                ).reshape(-1)  # fmt: skip
             self._positions_end = upper.size() + W + g
@@ -919,19 +930,16 @@ class StreamRuntime:
             self._upper_input = x
             if self._rows_fused:
                 x = mx.concatenate([x, self.streams.make_streams(x)], axis=1)
+        if i >= self.first_top and self.streams is not None:
+            kwargs = self._upper_inputs(i, kwargs)
         if self._rows_fused and i >= self.first_top:
             cols = self._cols[self.kv_source[i]]
-            mask = self._attention_mask(self._windowed(i, self._upper_mask, cols), x.dtype)
+            mask = self._layer_mask(i, self._upper_mask, cols, x.dtype)
         out, rest = _split(base_call(layer, x, mask, cache, *args, **kwargs))
         if self._rows_fused and i == self.num_layers - 1:
             self._stream_hidden = out[:, self._main_rows :]
             out = out[:, : self._main_rows]
         return _joined(out, rest)
-
-    def _refuse_batch_streams(self) -> None:
-        why = batch_streams_refusal(self.model)
-        if why:
-            raise ValueError(f"Rows of a batch cannot draft with streams on this model: {why}.")
 
     def fused_streams(self, nodes: mx.array) -> mx.array:
         """Logits ``(B, gamma, V)`` of the streams of each row's token ``nodes[b]``
@@ -953,12 +961,16 @@ class StreamRuntime:
         """
         if self.config.mode != "lossless" or self.streams is None:
             raise ValueError("Rows of a batch draft with streams in lossless mode only.")
-        self._refuse_batch_streams()
         B, g = nodes.shape[0], self.config.num_streams
         h = mx.take_along_axis(self._upper_input, nodes[:, None, None], axis=1)
         self._stream_input = self.streams.make_streams(h)
         upper = cache[self.kv_source[self.first_top]]
         self._stream_mask = upper.make_mask(g)  # row b, stream j: its tokens and streams <= j
+        self._upper_nodes = mx.repeat(nodes[:, None], g, axis=1)  # (per row: its node's inputs)
+        self._over_lower = None
+        if any(self._reads_lower):  # (a lower layer's rows: each row's tokens, to its node)
+            seen = mx.arange(upper.size(), dtype=mx.int32)[None] < upper.offset[:, None]
+            self._over_lower = mx.broadcast_to(seen[:, None, None], (B, 1, g, upper.size()))
         depth = mx.zeros((1,), dtype=mx.int32)  # the node is each row's last cached token
         ends = upper.offset.astype(mx.int32) - 1
         self._stream_pos = (ends[:, None] + self._stream_positions(depth)[None, 1:]).reshape(-1)
@@ -1018,19 +1030,6 @@ def _joined(h: mx.array, rest):
     return h if rest is None else (h, *rest)
 
 
-def batch_streams_refusal(model) -> Optional[str]:
-    """Why a batch's rows of ``model`` cannot draft with its streams (``None``: they
-    can, or it has none): its layers pass keys and values on (Gemma 4's), whose
-    stream rows in a batch of rows of their own lengths are not built."""
-    rt = getattr(model, "speculative_streams", None)
-    if isinstance(rt, StreamRuntime) and rt.streams is not None and any(rt.passes_kv):
-        return (
-            "its layers pass keys and values on to the layers that share them (Gemma 4); "
-            "a batch's rows draft with prompt lookup or a draft model there"
-        )
-    return None
-
-
 def kv_sources(model) -> List[int]:
     """Per decoder layer, the layer whose cache it reads: its own, or for a layer
     that shares an earlier layer's keys and values (Gemma 4's last
@@ -1086,19 +1085,21 @@ def window_cut(mask: mx.array, positions: mx.array, window: int) -> mx.array:
 
 
 def rows_mask(block: mx.array, ends: mx.array, held: int) -> mx.array:
-    """``(B, 1, R, held + R)``: the mask of ``R`` rows per batch row written after
-    each row's ``ends[b]`` cached tokens (of ``held`` columns at most), which see
-    every cached token of their row and, among themselves, ``block`` ``(R, R)``.
+    """``(B, 1, R, held + C)``: the mask of ``R`` rows per batch row over the columns
+    of ``C`` rows written after each row's ``ends[b]`` cached tokens (of ``held``
+    columns at most): they see every cached token of their row and, among those
+    ``C``, ``block`` ``(R, C)`` (square where the rows are the ones written; a
+    KV-sharing layer's rows read the ``C`` rows of a lower layer).
 
     Example: ``block = [[1, 0], [1, 1]]``, ``ends = [1, 0]``, ``held = 1``::
 
         row 0:  [[1, 1, 0],     row 1:  [[1, 0, 0],
                  [1, 1, 1]]              [1, 1, 0]]
     """
-    R = block.shape[0]
-    rel = mx.arange(held + R, dtype=mx.int32)[None] - ends.astype(mx.int32)[:, None]
-    inside = mx.take(block, mx.clip(rel, 0, R - 1), axis=1)  # (R, B, C)
-    mask = (rel < 0)[None] | (inside & (rel < R)[None])
+    C = block.shape[1]
+    rel = mx.arange(held + C, dtype=mx.int32)[None] - ends.astype(mx.int32)[:, None]
+    inside = mx.take(block, mx.clip(rel, 0, C - 1), axis=1)  # (R, B, held + C)
+    mask = (rel < 0)[None] | (inside & (rel < C)[None])
     return mask.transpose(1, 0, 2)[:, None]
 
 

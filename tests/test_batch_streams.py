@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_specstream.cache import make_prompt_cache
 
 from mlx_specstream import batch
 from mlx_specstream.batch import SpecBatcher, batch_generate_step
@@ -28,7 +28,7 @@ def stream_model(arch="llama", positions="same", **kwargs):
 def alone_streams(model, context):
     """``(gamma, V)``: the streams of ``context``'s last token, decoding it alone."""
     rt = model.speculative_streams
-    cache = make_prompt_cache(model)
+    cache = make_prompt_cache(model)  # (ours: window layers keep every token)
     if len(context) > 1:
         model(mx.array([context[:-1]]), cache=cache)
     rt.forward([context[-1]], [-1], cache, all_streams=False)

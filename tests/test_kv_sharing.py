@@ -34,7 +34,7 @@ from mlx_specstream import (
     make_prompt_cache,
 )
 from mlx_specstream.cache import WindowKVCache
-from mlx_specstream.streams import batch_streams_refusal, kv_sources
+from mlx_specstream.streams import kv_sources
 from mlx_specstream.tree import path_to
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
@@ -193,21 +193,72 @@ def test_batch_rows_equal_each_prompt_alone(kwargs):
     assert passes < max(LIMITS)
 
 
-def test_batch_rows_drafting_with_streams_are_refused_with_the_reason(caplog):
-    """Asked for, a batch's stream drafts are refused with the reason; chosen by
-    default (``draft="auto"``), the rows draft with prompt lookup, and the log says
-    why. Control: a Llama's rows draft with its streams by default."""
-    model = tiny_spec_model("gemma4_text", vocab_size=16, seed=1, num_streams=3)
-    with pytest.raises(ValueError, match="cannot draft with streams on this model: its layers"):
-        decode(model, draft="streams")
-    with caplog.at_level(logging.WARNING, logger="mlx_specstream.batch"):
-        got, passes = decode(model)
-    assert got == alone(model) and passes < max(LIMITS)
-    warned = [r.message for r in caplog.records if "not the streams" in r.message]
-    assert warned == ["batch rows draft with prompt lookup, not the streams: its layers pass "
-                      "keys and values on to the layers that share them (Gemma 4); a batch's "
-                      "rows draft with prompt lookup or a draft model there"]  # fmt: skip
-    assert batch_streams_refusal(tiny_spec_model("llama", num_streams=3)) is None
+@pytest.mark.parametrize("stream_layers", [2, 3])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="streams", stream_pass="fused", pipeline=True),
+        dict(draft="streams", stream_pass="fused", pipeline=False),
+        dict(draft="streams", stream_pass="split", pipeline=True),
+        dict(draft="streams", stream_pass="split", pipeline=False),
+        dict(draft="streams+ngram", stream_pass="fused"),
+    ],
+)
+def test_batch_rows_drafting_with_streams_equal_each_prompt_alone(stream_layers, kwargs):
+    model = tiny_spec_model("gemma4_text", vocab_size=16, seed=1, num_streams=3,
+                            num_stream_layers=stream_layers)  # fmt: skip
+    got, passes = decode(model, **kwargs)
+    assert got == alone(model)
+    assert passes < max(LIMITS)
+
+
+def batch_stream_gaps(stream_pass, positions="same"):
+    """test_batch_streams' gaps between each row's stream logits in a batch and its
+    sequence's alone, over 4 passes (before the first row ends)."""
+    from test_batch_streams import stream_gaps, stream_model
+
+    return max(stream_gaps(stream_model("gemma4_text", positions), stream_pass, passes=4))
+
+
+@pytest.mark.parametrize("positions", ["same", "offset"])
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
+def test_batch_row_streams_equal_the_sequence_alone(stream_pass, positions):
+    assert batch_stream_gaps(stream_pass, positions) < 1e-4
+
+
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
+@pytest.mark.parametrize("control", ["inputs", "columns"])
+def test_negative_controls_batch_row_streams(stream_pass, control, monkeypatch):
+    """A batch's stream rows with the per-token inputs of another token (the row's
+    first, or the placeholder tokens of the split pass), or seeing every row of the
+    lower layer whose keys they read, differ from the sequence's own."""
+    rt = streams.StreamRuntime
+    if control == "inputs":
+        own = rt._upper_inputs
+
+        def other(self, i, kwargs):  # (the batch's passes only)
+            nodes = self._upper_nodes
+            if self.state == "streams" and nodes is not None and nodes.ndim == 2:
+                return kwargs
+            if self.state == "rows" and nodes is not None:
+                self._upper_nodes = mx.zeros_like(nodes)
+            try:
+                return own(self, i, kwargs)
+            finally:
+                self._upper_nodes = nodes
+
+        monkeypatch.setattr(rt, "_upper_inputs", other)
+    else:
+        own = rt._layer_mask
+
+        def blind(self, i, mask, cols, dtype):
+            if self._reads_lower[i] and self._over_lower is not None and self.state != "step":
+                if self.state == "rows" or self._upper_nodes.ndim == 2:
+                    self._over_lower = mx.ones_like(self._over_lower)
+            return own(self, i, mask, cols, dtype)
+
+        monkeypatch.setattr(rt, "_layer_mask", blind)
+    assert batch_stream_gaps(stream_pass) > 1e-2
 
 
 def test_shared_mode_streams_reading_a_lower_layers_keys_are_refused():
@@ -250,31 +301,27 @@ def test_streams_train_in_mlx_and_the_base_stays_bit_identical():
     assert same_arrays(host_copy(model), base)
 
 
-def test_the_server_decodes_waiting_requests_together_without_stream_drafts(caplog):
+def test_the_server_decodes_waiting_requests_together_with_stream_drafts(caplog):
     """A Gemma 4 with streams served to clients at once: the requests are batched,
-    each answer equals plain decoding alone, and the log says why the rows do not
-    draft with the streams."""
+    their rows draft with the streams, and each answer equals plain decoding alone."""
     from test_server_batching import PROMPTS, alone, answer, submit_together
 
     from mlx_specstream.server import make_server, service_of
 
     model = tiny_spec_model("gemma4_text", vocab_size=64, num_streams=3, top_k=2, tree_depth=3)
     tok = word_tokenizer(64)
-    with caplog.at_level(logging.WARNING, logger="mlx_specstream.server"):
+    with caplog.at_level(logging.INFO, logger="mlx_specstream.server"):
         server = make_server(model, tok, "tiny", port=0)
     try:
         svc = service_of(server)
+        assert svc.stream_batching
         jobs = submit_together(svc, [(p, {}) for p in PROMPTS])
         got = [answer(j)[0][0] for j in jobs]
         assert svc.served["batched"] == 1 and svc.served["largest_batch"] == 4
     finally:
         server.server_close()
     assert got == [alone(model, tok, p, 16)[0] for p in PROMPTS]
-    assert [r.message for r in caplog.records if "do not draft" in r.message] == [
-        "requests decoded together do not draft with the streams: its layers pass keys and "
-        "values on to the layers that share them (Gemma 4); a batch's rows draft with prompt "
-        "lookup or a draft model there"
-    ]
+    assert not [r.message for r in caplog.records if "do not draft" in r.message]
 
 
 # ---- Gemma 3n ---------------------------------------------------------------------
