@@ -71,42 +71,21 @@ def split_recurrent_mixers(model: nn.Module) -> SplitPoint:
     :class:`SplitPoint` (done once; the model computes as before while ``at`` is
     ``None``) and returns that point.
 
-    A recurrent layer's mixer is the one child of the decoder layer whose call
-    takes the cache (``linear_attn``, ``mixer``, ``conv``, ...).
-
-    Raises:
-        ValueError: naming the layer, when a layer's cache is neither a
-          ``KVCache`` nor an ``ArraysCache``, or its mixer cannot be told apart.
+    A recurrent mixer is a child of a decoder layer whose call takes a cache and
+    is handed an ``ArraysCache`` (``linear_attn``, ``mixer``, ``conv``, ...). Which
+    layers keep which cache is the model's own affair (Nemotron-H's MLP layers keep
+    none, so its caches are not one per layer; Falcon-H1's keep two in a
+    ``CacheList``): every such child is wrapped, and splits its call when the cache
+    it gets is an ``ArraysCache``; an attention beside it runs whole.
     """
     split = getattr(model, "recurrent_split", None)
     if split is not None:
         return split
-    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
-    mixers = []
-    for i, (layer, c) in enumerate(zip(model.layers, model.make_cache())):
-        kinds = layer_caches(c)
-        if all(isinstance(k, KVCache) for k in kinds):
-            continue
-        if not all(isinstance(k, (KVCache, ArraysCache)) for k in kinds):
-            raise ValueError(
-                f"Model type '{model_type}': layer {i} keeps a {type(c).__name__}; "
-                "speculation on a recurrent model needs a KVCache or an ArraysCache per layer "
-                "(or a CacheList of them)."
-            )
-        found = [m for m in layer.children().values() if isinstance(m, nn.Module)]
-        found = [m for m in found if _cache_param(m) is not None]
-        # One sub-module per cache: a CacheList's go to a mixer and an attention side
-        # by side (Falcon-H1); the one whose cache is an ArraysCache splits its call.
-        if len(found) != len(kinds):
-            raise ValueError(
-                f"Model type '{model_type}': layer {i} ({type(layer).__name__}) has "
-                f"{len(found)} sub-modules that take its cache, not one per cache it keeps "
-                f"({len(kinds)})."
-            )
-        mixers.extend(found)
     split = SplitPoint()
-    for m in mixers:
-        _swap_call(m, lambda base: _split_call(base, _cache_param(m), split))
+    for layer in model.layers:
+        for m in layer.children().values():
+            if isinstance(m, nn.Module) and _cache_param(m) is not None:
+                _swap_call(m, lambda base, sig=_cache_param(m): _split_call(base, sig, split))
     model.recurrent_split = split
     return split
 
@@ -127,6 +106,11 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
         if bound.arguments.get("mask") is not None:
             raise ValueError("A split recurrent pass takes no mask (batch 1, no padding).")
         cache = bound.arguments["cache"]
+        if any(c is cache for c, _ in split.kept):
+            raise ValueError(
+                f"{type(self).__name__}: a recurrent state written twice in one pass (two "
+                "mixers share one ArraysCache), which a split pass cannot roll back."
+            )
         bound.arguments[x_name] = x[:, :at]
         first = base_call(*bound.args, **bound.kwargs)
         split.kept.append((cache, list(cache.cache)))  # the state after the pending tokens

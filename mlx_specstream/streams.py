@@ -1149,6 +1149,17 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             f"the model's {len(layers)} layers."
         )
     made = model.make_cache() if hasattr(model, "make_cache") else None
+    if made is not None:
+        # (sliding-window layers keep their tokens in caches of ours: cache.model_caches)
+        kinds = {type(c).__name__ for c in made if type(c) is not KVCache and window_of(c) is None}
+        if kinds:
+            raise ValueError(
+                f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
+                "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
+                "(recurrent and hybrid caches cannot be rolled back). A model "
+                "with recurrent layers runs prompt lookup (draft='ngram', --draft ngram), "
+                "verified as a chain."
+            )
     sources = kv_sources(model)
     owners = [i for i, s in enumerate(sources) if s == i]
     if made is not None and owners != list(range(len(made))):
@@ -1173,17 +1184,6 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             "and values of their own, and its stream layers read a lower layer's (KV-sharing "
             "layers): use lossless mode."
         )
-    if made is not None:
-        # (sliding-window layers keep their tokens in caches of ours: cache.model_caches)
-        kinds = {type(c).__name__ for c in made if type(c) is not KVCache and window_of(c) is None}
-        if kinds:
-            raise ValueError(
-                f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
-                "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
-                "(recurrent and hybrid caches cannot be rolled back). A model "
-                "with recurrent layers runs prompt lookup (draft='ngram', --draft ngram), "
-                "verified as a chain."
-            )
     for i, layer in enumerate(layers):
         takes = layer_params(layer)
         if takes[1:3] != ["mask", "cache"] and not _scaled_attention(layer):

@@ -183,6 +183,12 @@ MORE_ARGS = {
                                 "model_type": "gemma3_text"}),
     # Gemma 4: its last 2 layers read the keys and values of the last earlier layer
     # of their kind (sliding, sliding, full, sliding | sliding, full); per-layer inputs.
+    "qwen3_vl": dict(text_config=dict(  # Qwen3-VL's language model (multimodal RoPE)
+        model_type="qwen3_vl_text", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
+    )),
     "gemma4_text": GEMMA4_TEXT,
     "gemma4": dict(text_config={**BASE, **GEMMA4_TEXT, "model_type": "gemma4_text"}),
 }  # fmt: skip
@@ -219,6 +225,38 @@ HYBRID_ARGS = {
         num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
         mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=16,
         max_position_embeddings=512, rope_theta=10000.0,
+    ),
+    "qwen3_5_moe": dict(text_config=dict(  # Qwen 3.5's hybrid with experts
+        model_type="qwen3_5_moe_text", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
+        max_position_embeddings=512, full_attention_interval=2, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+    )),
+    "granitemoehybrid": dict(  # Granite 4: Mamba-2 and attention layers, experts
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=False,
+        embedding_multiplier=1.0, attention_multiplier=0.25, logits_scaling=1.0,
+        residual_multiplier=1.0, layer_types=["mamba", "attention", "mamba", "attention"],
+        rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=64, mamba_n_heads=4, mamba_d_head=16, mamba_proj_bias=False,
+        mamba_d_state=8, mamba_d_conv=4, mamba_n_groups=1, mamba_conv_bias=True,
+    ),
+    "nemotron_h": dict(  # an MLP layer (no cache) first: caches are not one per layer
+        hidden_size=64, intermediate_size=128, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, attention_bias=False, mamba_num_heads=4,
+        mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=8, conv_kernel=4, n_groups=1,
+        mlp_bias=False, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
+        hybrid_override_pattern="-M*M", num_hidden_layers=4, head_dim=16,
+        time_step_limit=(0.0, float("inf")),
+    ),
+    "lfm2_moe": dict(  # LFM2's short convolutions, experts past the first layer
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, use_expert_bias=True,
+        num_dense_layers=1, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
+        full_attn_idxs=[1, 3],
     ),
     "mamba2": dict(  # state-space layers only
         num_heads=4, head_dim=16, hidden_size=32, intermediate_size=64, state_size=8,
