@@ -304,6 +304,8 @@ class StreamRuntime:
     # ---- hooks --------------------------------------------------------------
     def _install(self):
         rt = self
+        # (Llama 4's attention scale of the layers that take it: Ministral 3, Mistral 4)
+        self._scale_settings = [llama4_scale_settings(self.model, l) for l in self.model.layers]
         for i, layer in enumerate(self.model.layers):
 
             def rope_call(base_call, i=i):
@@ -385,7 +387,8 @@ class StreamRuntime:
             rope = _rope(layer)
             if rope is not None:  # (None: a NoPE layer, see _no_positions)
                 _swap_call(rope, rope_call)
-            _swap_call(layer, scaled_layer_call if _scaled_attention(layer) else layer_call)
+            scaled = self._scale_settings[i] is not None
+            _swap_call(layer, scaled_layer_call if scaled else layer_call)
         for j, targets in enumerate(self.lora_targets):
             for name in targets:
                 _swap_call(
@@ -402,10 +405,7 @@ class StreamRuntime:
         pos = self._positions(i)
         if pos is None:
             return given
-        attn = _attention(layer)
-        scale = llama4_attention_scale(
-            pos, attn.scaling_beta, attn.original_max_position_embeddings
-        ).astype(x.dtype)
+        scale = llama4_attention_scale(pos, *self._scale_settings[i]).astype(x.dtype)
         B, L = x.shape[:2]
         return scale.reshape(B, 1, L, 1) if scale.size == B * L and B > 1 else scale[:, None]
 
@@ -1186,7 +1186,7 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         )
     for i, layer in enumerate(layers):
         takes = layer_params(layer)
-        if takes[1:3] != ["mask", "cache"] and not _scaled_attention(layer):
+        if takes[1:3] != ["mask", "cache"] and not _scaled_attention(model, layer):
             raise ValueError(
                 f"Model type '{model_type}': layer {i} ({type(layer).__name__}) takes "
                 f"({', '.join(takes)}); the tree's masks go to decoder layers called as "
@@ -1221,13 +1221,26 @@ def layer_params(layer) -> list:
     return list(inspect.signature(own_class(layer).__call__).parameters)[1:]
 
 
-def _scaled_attention(layer) -> bool:
-    """Whether a decoder layer is called as ``layer(x, attn_scale, mask, cache)`` with
-    Llama 4's attention scale (Ministral 3's), which its attention's settings give."""
+def llama4_scale_settings(model, layer) -> Optional[tuple]:
+    """``(beta, max_positions)`` of the Llama 4 attention scale a decoder layer takes,
+    from its attention (Ministral 3's) or the model's ``rope_parameters`` (Mistral 4's);
+    ``None`` for a layer not called as ``layer(x, attn_scale, mask, cache)``."""
+    if layer_params(layer)[1:4] != ["attn_scale", "mask", "cache"]:
+        return None
     attn = _attention(layer)
-    return layer_params(layer)[1:4] == ["attn_scale", "mask", "cache"] and all(
-        hasattr(attn, a) for a in ("scaling_beta", "original_max_position_embeddings")
-    )
+    if all(hasattr(attn, a) for a in ("scaling_beta", "original_max_position_embeddings")):
+        return attn.scaling_beta, attn.original_max_position_embeddings
+    for owner in (model, getattr(model, "language_model", None)):
+        rope = getattr(getattr(owner, "args", None), "rope_parameters", None)
+        if isinstance(rope, dict) and "llama_4_scaling_beta" in rope:
+            return rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"]
+    return None
+
+
+def _scaled_attention(model, layer) -> bool:
+    """Whether a decoder layer is called as ``layer(x, attn_scale, mask, cache)`` with
+    Llama 4's attention scale (:func:`llama4_scale_settings`)."""
+    return llama4_scale_settings(model, layer) is not None
 
 
 def attach_streams(

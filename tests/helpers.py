@@ -124,21 +124,52 @@ GEMMA3N = dict(text_config=dict(
     activation_sparsity_pattern=[0.0] * 6, hidden_size_per_layer_input=8, altup_num_inputs=4,
     altup_coef_clip=120.0, altup_correct_scale=True, altup_active_idx=0, laurel_rank=8,
 ))  # fmt: skip
+_QWEN3_MOE = dict(
+    intermediate_size=128,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    num_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    norm_topk_prob=True,
+)
+_DEEPSEEK_V3 = dict(  # multi-head latent attention
+    intermediate_size=128,
+    num_key_value_heads=2,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    kv_lora_rank=16,
+    q_lora_rank=32,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    max_position_embeddings=512,
+)
+_YARN = {
+    "type": "yarn",
+    "factor": 1.0,
+    "original_max_position_embeddings": 512,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 0,
+}
 MORE_ARGS = {
-    "qwen3_moe": dict(
-        intermediate_size=128, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
-        num_experts=4, num_experts_per_tok=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[],
-        norm_topk_prob=True,
-    ),
+    "qwen3_moe": _QWEN3_MOE,
     "mixtral": dict(intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
                     num_experts_per_tok=2),
-    "deepseek_v3": dict(  # multi-head latent attention
-        intermediate_size=128, num_key_value_heads=2, moe_intermediate_size=32,
-        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16,
-        q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-        first_k_dense_replace=1, n_group=1, topk_group=1, max_position_embeddings=512,
-    ),
+    "deepseek_v3": _DEEPSEEK_V3,
     "glm4_moe": dict(
         intermediate_size=128, num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
         n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
@@ -189,6 +220,23 @@ MORE_ARGS = {
         rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
     )),
+    "qwen3_vl_moe": dict(text_config={**BASE, **_QWEN3_MOE, "model_type": "qwen3_moe"}),
+    "pixtral": dict(text_config={**BASE, **ARCH_ARGS["llama"], "model_type": "llama"}),
+    "kimi_vl": dict(text_config={**BASE, **_DEEPSEEK_V3, "model_type": "deepseek_v3"}),
+    "deepseek_v2": {**_DEEPSEEK_V3, "rope_scaling": _YARN, "topk_method": "greedy"},
+    "minicpm3": dict(  # latent attention, LongRoPE
+        dim_model_base=64, intermediate_size=128, rms_norm_eps=1e-5, num_key_value_heads=4,
+        q_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, kv_lora_rank=16,
+        scale_depth=1.4, scale_emb=12, max_position_embeddings=512,
+        rope_scaling={"type": "longrope", "original_max_position_embeddings": 512,
+                      "short_factor": [1.0] * 4, "long_factor": [1.0] * 4},
+    ),
+    "mistral4": {  # latent attention, experts, Llama 4's attention scale (every 8 positions)
+        **_DEEPSEEK_V3, "num_key_value_heads": 4, "routed_scaling_factor": 1.0,
+        "norm_topk_prob": True, "rms_norm_eps": 1e-5,
+        "rope_parameters": {**_YARN, "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+                            "original_max_position_embeddings": 8},
+    },
     "gemma4_text": GEMMA4_TEXT,
     "gemma4": dict(text_config={**BASE, **GEMMA4_TEXT, "model_type": "gemma4_text"}),
 }  # fmt: skip
@@ -196,6 +244,12 @@ MORE = sorted(MORE_ARGS)
 
 # Hybrid and state-space models: recurrent layers (ArraysCache) beside or instead of
 # attention layers; prompt lookup runs on them (mlx_specstream.recurrent).
+HYBRID_LFM2 = dict(  # short convolutions, attention in layers 1 and 3
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=512, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
+    block_dim=64, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
+    block_auto_adjust_ff_dim=False, block_ff_dim=128, full_attn_idxs=[1, 3],
+)  # fmt: skip
 HYBRID_ARGS = {
     "qwen3_next": dict(  # Gated DeltaNet layers, full attention every second layer
         hidden_size=64, num_hidden_layers=4, intermediate_size=128, num_attention_heads=4,
@@ -206,12 +260,7 @@ HYBRID_ARGS = {
         rms_norm_eps=1e-6, rope_theta=10000.0, partial_rotary_factor=0.5,
         max_position_embeddings=512, full_attention_interval=2,
     ),
-    "lfm2": dict(  # short convolutions, attention in layers 1 and 3
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
-        block_dim=64, block_multiple_of=16, block_ffn_dim_multiplier=1.0,
-        block_auto_adjust_ff_dim=False, block_ff_dim=128, full_attn_idxs=[1, 3],
-    ),
+    "lfm2": HYBRID_LFM2,
     "qwen3_5": dict(text_config=dict(  # Qwen 3.5: qwen3_next's mixers in a vision-language wrapper
         model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4,
@@ -257,6 +306,13 @@ HYBRID_ARGS = {
         num_key_value_heads=2, max_position_embeddings=512, use_expert_bias=True,
         num_dense_layers=1, norm_eps=1e-5, conv_bias=False, conv_L_cache=3,
         full_attn_idxs=[1, 3],
+    ),
+    "lfm2-vl": dict(text_config={**HYBRID_LFM2, "model_type": "lfm2"}),  # LFM2-VL's
+    "jamba": dict(  # Mamba layers, attention every second layer, experts
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1,
+        expert_layer_period=2, mamba_d_conv=4, mamba_d_state=8, mamba_expand=2, num_experts=4,
+        num_experts_per_tok=2, rms_norm_eps=1e-6, max_position_embeddings=512,
     ),
     "mamba2": dict(  # state-space layers only
         num_heads=4, head_dim=16, hidden_size=32, intermediate_size=64, state_size=8,

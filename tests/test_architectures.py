@@ -1,8 +1,9 @@
 """More of mlx-lm's architectures decode exactly through the verifier: mixtures of
-experts (Qwen3-MoE, Mixtral, GLM-4.5, Llama 4), latent attention (DeepSeek V3),
-layers without RoPE beside layers with it (SmolLM3, EXAONE 4, Llama 4), RoPE one
-module deeper (EXAONE), Ministral 3's position-scaled attention, and the
-vision-language wrappers whose language model mlx-lm loads (Gemma 3, Mistral 3)."""
+experts (Qwen3-MoE, Mixtral, GLM-4.5, Llama 4), latent attention (DeepSeek V2/V3,
+MiniCPM3, Mistral 4), layers without RoPE beside layers with it (SmolLM3, EXAONE 4,
+Llama 4), RoPE one module deeper (EXAONE), the position-scaled attention of Ministral
+3 and Mistral 4, and the vision-language wrappers whose language model mlx-lm loads
+(Gemma 3, Mistral 3, Pixtral, Qwen3-VL, Kimi-VL)."""
 
 import mlx.core as mx
 import pytest
@@ -49,7 +50,7 @@ def test_llama4_attention_scale_is_mlx_lms_floats():
     assert mx.array_equal(llama4_attention_scale(pos, 0.1, 16384), want)
 
 
-@pytest.mark.parametrize("arch", ["ministral3", "mistral3"])
+@pytest.mark.parametrize("arch", ["ministral3", "mistral3", "mistral4"])
 @pytest.mark.parametrize("kwargs", [dict(max_tree_nodes=6), dict(max_tree_nodes=6, pipeline=True)])
 def test_negative_control_trees_with_the_models_own_attention_scale(arch, kwargs, monkeypatch):
     """Tree rows sit past their positions: scaled at the pass's row indices, as the
