@@ -283,22 +283,13 @@ def test_caches_that_do_not_match_the_sharing_are_refused(monkeypatch):
 def test_streams_train_in_mlx_and_the_base_stays_bit_identical():
     """``mlx_specstream.train``'s loss runs the same passes: on Gemma 4 the streams
     learn far above chance (1/64) and the base does not change."""
-    from test_train import RECIPE, SPEC, V, cycle_examples, host_copy, quiet, same_arrays
+    from test_train import train_tiny
 
-    from mlx_specstream.train import StreamLoss, attach_for_training, evaluate, train_streams
-
-    model = tiny_model("gemma4_text", V, weight_scale=1.0)
-    base = host_copy(model)
-    attach_for_training(model, SpecStreamConfig(**SPEC), seed=0)
-    loss = StreamLoss(model, 1.0)
-    held_out = cycle_examples(8, seed=1)
-    _, before = evaluate(loss, held_out)
-    result = train_streams(model, cycle_examples(64, seed=0), iters=50, log=quiet, **RECIPE)
-    _, after = evaluate(loss, held_out)
+    before, after, result, unchanged = train_tiny("gemma4_text")
     assert max(before.top1()) < 0.2, before.text()
     assert min(after.top1()) > 0.5, after.text()
     assert result.losses[-1] < 0.5 * result.losses[0]
-    assert same_arrays(host_copy(model), base)
+    assert unchanged
 
 
 def test_the_server_decodes_waiting_requests_together_with_stream_drafts(caplog):
