@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .cache import model_caches
+from .cache import ChunkKVCache, model_caches
 from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
@@ -90,6 +90,11 @@ def unbatchable(model, name: str = "model") -> Optional[str]:
     a layer without a plain ``KVCache``, or rows that come out wrong
     (:func:`ragged_fault`)."""
     for i, c in enumerate(model_caches(model)):
+        if isinstance(c, ChunkKVCache):  # (mlx-lm's batch caches have no chunks either)
+            return (
+                f"layer {i} of this {name} attends in chunks of {c.chunk} tokens (Llama 4's "
+                "chunked attention), which batch_generate does not apply to rows of a batch"
+            )
         if type(c) is not KVCache:
             return (
                 f"batch_generate needs a plain key-value cache in every layer; layer {i} of "

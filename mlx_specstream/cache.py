@@ -16,6 +16,11 @@ generation (2 to 3 windows), a ``KVCache`` (the whole context) for a prompt cach
 that may be trimmed back. The window is then the masks' job: the model's own
 (``create_attention_mask(..., window_size=W)``) and the tree's
 (``StreamRuntime._windowed``, from :func:`sliding_windows`).
+
+Llama 4's chunked-attention layers (mlx-lm's ``ChunkedKVCache``: a query sees only
+its own chunk of ``attention_chunk_size`` positions) keep their rows the same way,
+in a :class:`ChunkKVCache`; the tree's masks apply the chunks by position
+(``StreamRuntime._windowed``, :func:`attention_chunks`).
 """
 
 import weakref
@@ -24,7 +29,7 @@ from functools import cached_property
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import ChunkedKVCache, KVCache, QuantizedKVCache, RotatingKVCache
 
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts for affine quantization
 KV_GROUP_SIZES = (32, 64, 128)
@@ -50,8 +55,15 @@ def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = 
     ok = (KVCache, QuantizedKVCache) if allow_quantized else (KVCache,)
     if max_rows is not None:
         ok += (RotatingKVCache,)
-    ok += (WindowKVCache,)  # (ours, for a generation's own window layers: unnamed below)
+    named = ok
+    ok += (WindowKVCache, ChunkKVCache)  # (ours, for window and chunk layers: unnamed below)
     bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
+    if "ChunkedKVCache" in bad:
+        raise ValueError(
+            "Got mlx-lm's ChunkedKVCache (Llama 4's chunked-attention layers): it drops the "
+            "rows before the last chunk, so a rejected draft could not be rolled back. Make "
+            "the prompt cache with mlx_specstream.make_prompt_cache(model), not mlx-lm's."
+        )
     if bad:
         refused = [
             *([] if allow_quantized else ["quantized (kv_bits)"]),
@@ -60,7 +72,7 @@ def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = 
         ]
         kinds = refused[0] if len(refused) == 1 else f"{', '.join(refused[:-1])} and {refused[-1]}"
         raise ValueError(
-            f"Speculative Streaming needs a {' or '.join(t.__name__ for t in ok[:-1])} per layer, got "
+            f"Speculative Streaming needs a {' or '.join(t.__name__ for t in named)} per layer, got "
             f"{bad}: {kinds} caches are not supported."
         )
     rotating = [c for c in cache if type(c) is RotatingKVCache]
@@ -261,6 +273,14 @@ class FoldingCache:
     def keys_and_values(self):
         """What this pass's write returned: Gemma 3n's KV-sharing layers read it."""
         return self.fetched
+
+    # (Llama 4 reads these of its chunked layers' caches; the pass's masks are ours)
+    @property
+    def start_position(self) -> int:
+        return self.start
+
+    def maybe_trim_front(self) -> None:
+        """Nothing: a pass never drops rows (:class:`ChunkKVCache`)."""
 
 
 def _reserve(c: KVCache, keys: mx.array, values: mx.array, rows: int) -> None:
@@ -514,6 +534,63 @@ class WindowKVCache(KVCache):
         self.start += drop
 
 
+def attention_chunks(model) -> List[Optional[int]]:
+    """Each layer cache's attention chunk as the model makes it: the ``chunk_size`` of
+    a ``ChunkedKVCache`` (Llama 4's chunked layers), else ``None``.
+
+    Example: Llama 4 (chunks of 8192, every fourth layer global) gives
+    ``[8192, 8192, 8192, None, 8192, ...]``; a model without ``make_cache`` gives ``[]``.
+    """
+    made = model.make_cache() if hasattr(model, "make_cache") else []
+    return [c.chunk_size if type(c) is ChunkedKVCache else None for c in made]
+
+
+class ChunkKVCache(WindowKVCache):
+    """A chunked-attention layer's cache (Llama 4's): a query at position ``p``
+    sees the positions ``(p // chunk) * chunk .. p``. In place of mlx-lm's
+    ``ChunkedKVCache``, which keeps the last ``chunk`` rows before each call, so a
+    rejected draft could not be cut from it once past a chunk.
+
+    Rows are kept as in a :class:`WindowKVCache` of ``chunk`` tokens: with
+    ``bounded`` (one generation's own caches) :meth:`forget` drops those before
+    ``committed - 2 * chunk`` (no query to come sees them), else every row is
+    kept (a prompt cache that may be trimmed back). The model reads
+    ``start_position`` (its first row) and calls :meth:`maybe_trim_front`
+    before each pass, as on mlx-lm's; mlx-lm's own mask from them is then right.
+
+    Like mlx-lm's ``ChunkedKVCache`` it has no ``to_quantized``: mlx-lm's
+    ``kv_bits`` leaves these layers at full precision, and so does ours.
+
+    Example: chunk 4, rows of positions 0..9 held: a query at position 9 sees
+    8 and 9 (``make_mask(1)``); with ``bounded``, ``forget(14)`` drops 0..5.
+    """
+
+    def __init__(self, chunk: int, bounded: bool = False):
+        super().__init__(chunk)
+        self.chunk, self.bounded = chunk, bounded
+
+    @property
+    def start_position(self) -> int:
+        return self.start
+
+    def maybe_trim_front(self) -> None:
+        """Nothing: rows are dropped between steps (:meth:`forget`), never inside one."""
+
+    @property
+    def to_quantized(self):
+        raise AttributeError("a chunked layer's cache stays at full precision, as mlx-lm's")
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        """The chunked causal mask of ``N`` queries over the rows held."""
+        pos = mx.arange(self.offset, self.offset + N)[:, None]
+        cols = mx.arange(self.start, self.offset + N)
+        return (cols <= pos) & (cols >= (pos // self.chunk) * self.chunk)
+
+    def forget(self, committed: int) -> None:
+        if self.bounded:
+            super().forget(committed)
+
+
 def first_row(c) -> int:
     """The position of a layer cache's first row (0 unless a :class:`WindowKVCache`
     dropped rows)."""
@@ -546,7 +623,8 @@ def refuse_quantized_windows(model, draft_model, kv_bits: int) -> None:
 
 def model_caches(model, max_kv_size: Optional[int] = None, bounded: bool = False) -> list:
     """mlx-lm's caches for ``model`` (``make_prompt_cache``), with every sliding-window
-    layer's ``RotatingKVCache`` replaced by a ``KVCache`` that keeps every token.
+    layer's ``RotatingKVCache`` replaced by a ``KVCache`` that keeps every token
+    (and every chunked layer's ``ChunkedKVCache`` by a :class:`ChunkKVCache`).
 
     A rotating cache overwrites its oldest rows, so a tree's rejected rows could not
     be cut from it once its window is full. The window stays exact: mlx-lm's models
@@ -561,6 +639,7 @@ def model_caches(model, max_kv_size: Optional[int] = None, bounded: bool = False
 
     window = (lambda w: WindowKVCache(w)) if bounded else (lambda w: KVCache())
     cache = make_mlx_lm_cache(model, max_kv_size=max_kv_size)
+    cache = [ChunkKVCache(c.chunk_size, bounded) if type(c) is ChunkedKVCache else c for c in cache]
     return [c if window_of(c) is None else window(window_of(c)) for c in cache]
 
 

@@ -29,6 +29,7 @@ from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .cache import (
+    ChunkKVCache,
     Fold,
     KVQuantizer,
     WindowKVCache,
@@ -218,7 +219,7 @@ class Decoder:
         if self.streams and (not self.all_streams or self.threshold > 0):
             return "the split stream pass and pruning (prune_threshold > 0) read the host mid-step."
         if self.quant is not None or any(
-            type(c) not in (KVCache, WindowKVCache) for c in self.cache
+            type(c) not in (KVCache, WindowKVCache, ChunkKVCache) for c in self.cache
         ):
             return "only plain KVCache layers are pipelined (no kv_bits, no max_kv_size)."
         return None

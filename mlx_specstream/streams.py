@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache import Fold, FoldingCache, first_row, sliding_windows, window_of
+from .cache import Fold, FoldingCache, attention_chunks, first_row, sliding_windows, window_of
 from .config import SpecStreamConfig, VerifierConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda, on_gpu
@@ -114,9 +114,12 @@ class StepOutput:
 
 
 def _attention(layer):
-    for name in ("self_attn", "attention", "attn"):
-        if name in layer:
-            return layer[name]
+    """A decoder layer's attention module (DBRX's sits one module deeper, in
+    ``norm_attn_norm.attn``), or None."""
+    for module in (layer, layer.get("norm_attn_norm")):
+        for name in ("self_attn", "attention", "attn"):
+            if module is not None and name in module:
+                return module[name]
     return None
 
 
@@ -136,7 +139,10 @@ def _no_positions(layer) -> bool:
     False: the NoPE layers of EXAONE 4, Llama 4, ...). Such a layer sees
     positions only through its mask and the other layers' states, so a tree
     needs nothing of it beyond the mask."""
-    use_rope = getattr(_attention(layer), "use_rope", None)
+    attn = _attention(layer)
+    if getattr(attn, "is_local_attention", None) is False and getattr(attn, "rope", 0) is None:
+        return True  # (AFMoE's full layers: no RoPE module, rope set to None)
+    use_rope = getattr(attn, "use_rope", None)
     return use_rope is not None and not use_rope
 
 
@@ -270,6 +276,10 @@ class StreamRuntime:
         self._upper_extra = {}  # a split pass's per-row inputs of the upper layers
         windows = sliding_windows(model)
         self.windows = [windows[s] if windows else None for s in self.kv_source]
+        # Each layer's attention chunk (Llama 4's chunked layers; None: not chunked).
+        chunks = attention_chunks(model)
+        self.chunks = [chunks[s] if chunks else None for s in self.kv_source]
+        self._stream_cols = None  # a split stream pass's columns' positions (_windowed)
         self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
         # Lossless decoding may verify with main rows only, then draft from the
         # streams of the last accepted node (see draft_streams): config.stream_pass.
@@ -395,6 +405,48 @@ class StreamRuntime:
                     submodule(self.model.layers[self.first_top + j], name),
                     lambda base, j=j, name=name: self._lora_call(base, j, name),
                 )
+        # Llama 4's NoPE layers scale their queries by position: at the rows' own
+        # (outside the stream LoRA, which adds to the queries the model scales).
+        self._temperature = [llama4_query_temperature(layer) for layer in self.model.layers]
+        self._query_scale = None  # during such a layer's call: its rows' scales
+        for i, layer in enumerate(self.model.layers):
+            if self._temperature[i] is not None:
+                attn = _attention(layer)
+                _swap_call(attn, lambda base, i=i: self._tempered_call(base, i))
+                _swap_call(attn.q_proj, self._scaled_queries_call)
+
+    def _tempered_call(self, base_call, i: int):
+        """Layer ``i``'s attention, its queries scaled at the rows' positions where
+        they are not the model's own (:func:`llama4_query_scale`), by
+        :meth:`_scaled_queries_call` in place of the model's own scaling."""
+        rt = self
+
+        def __call__(self, x, mask=None, cache=None):
+            pos = None if rt.state is None else rt._positions(i)
+            if pos is None:
+                return base_call(self, x, mask, cache)
+            tuning, self.attn_temperature_tuning = self.attn_temperature_tuning, 0
+            rt._query_scale = llama4_query_scale(pos, *rt._temperature[i])
+            try:
+                return base_call(self, x, mask, cache)
+            finally:
+                self.attn_temperature_tuning, rt._query_scale = tuning, None
+
+        return __call__
+
+    def _scaled_queries_call(self, base_call):
+        rt = self
+
+        def __call__(self, x):
+            y = base_call(self, x)
+            scale = rt._query_scale
+            if scale is None:
+                return y
+            B, L = y.shape[:2]  # (the model's own products: (B, H, L, D) by (L, 1))
+            scale = scale.reshape(B, L, 1) if scale.size == B * L and B > 1 else scale[:, None]
+            return (y * scale).astype(y.dtype)
+
+        return __call__
 
     def _attention_scale(self, i: int, layer, x: mx.array, given):
         """The attention scale of layer ``i``'s rows ``x`` for a layer called as
@@ -469,19 +521,26 @@ class StreamRuntime:
 
     def _windowed(self, i: int, mask: mx.array, cache) -> mx.array:
         """``mask`` (bool, its last axis the cache's columns from position 0) cut to
-        layer ``i``'s sliding window, if it has one (:func:`window_cut`), without the
-        columns of rows its ``cache`` dropped (a
-        :class:`~mlx_specstream.cache.WindowKVCache`'s ``start``)."""
-        w = self.windows[i]
-        pos = None if w is None else self._positions(i)
+        layer ``i``'s sliding window (:func:`window_cut`) or attention chunk
+        (:func:`chunk_cut`), if it has one, without the columns of rows its ``cache``
+        dropped (a :class:`~mlx_specstream.cache.WindowKVCache`'s ``start``)."""
+        w, chunk = self.windows[i], self.chunks[i]
+        pos = None if w is None and chunk is None else self._positions(i)
         if pos is None or mask.dtype != mx.bool_:
             return mask
         first, last = first_row(cache), self._windowed_mask
-        if last is not None and last[0] is mask and last[1] == (w, first):
+        key = (w, chunk, first)
+        if last is not None and last[0] is mask and last[1] == key:
             return last[2]
-        out = window_cut(mask, pos, w)
+        if chunk is None:
+            out = window_cut(mask, pos, w)
+        else:  # (by the columns' positions: a tree's rows sit past theirs)
+            if self.state == "rows":
+                raise ValueError("Rows of a batch are not cut to attention chunks.")
+            own = self._stream_cols if self.state == "streams" else pos
+            out = chunk_cut(mask, pos, column_positions(mask.shape[-1], self._prefix, own), chunk)
         out = out[..., first:] if first else out
-        self._windowed_mask = (mask, (w, first), out)
+        self._windowed_mask = (mask, key, out)
         return out
 
     def _check_windows(self, span: int) -> None:
@@ -875,6 +934,8 @@ class StreamRuntime:
         )
         depth = mx.take(sub.depth_mx, last[None])
         self._stream_pos = prefix + self._stream_positions(depth)[1:]
+        if any(self.chunks):  # (the columns: the tree's kept rows, then these)
+            self._stream_cols = mx.concatenate([prefix + sub.depth_mx, self._stream_pos])
         self._main_rows = 0
         node = mx.take(mx.array(self._kept, dtype=mx.int32), last[None])  # (in the tree)
         self._set_upper_rows(mx.repeat(node, g), self._layout.ancestors_mx)
@@ -991,6 +1052,7 @@ class StreamRuntime:
         "_stream_input",
         "_stream_mask",
         "_stream_pos",
+        "_stream_cols",
         "_main_hidden",
         "_stream_hidden",
         "_tail_input",
@@ -1063,6 +1125,32 @@ def llama4_attention_scale(positions: mx.array, beta: float, max_positions: int)
     return 1 + beta * mx.log(1 + mx.floor(positions / max_positions))
 
 
+def llama4_query_scale(positions: mx.array, floor_scale: int, attn_scale: float) -> mx.array:
+    """The query scale of Llama 4's NoPE layers (``attn_temperature_tuning``),
+    ``log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1`` per position ``p``,
+    in the operations' order of mlx-lm's ``llama4.Attention`` (so the same floats).
+
+    Example (4 positions per step of the scale, ``attn_scale`` 0.5):
+
+    >>> s = llama4_query_scale(mx.array([0, 2, 3, 8]), 4, 0.5)
+    >>> [round(v, 4) for v in s.tolist()]
+    [1.0, 1.0, 1.3466, 1.5493]
+    """
+    return mx.log(mx.floor((positions + 1) / floor_scale) + 1.0) * attn_scale + 1.0
+
+
+def llama4_query_temperature(layer) -> Optional[tuple]:
+    """``(floor_scale, attn_scale)`` of a decoder layer whose attention scales its
+    queries by position without RoPE (Llama 4's NoPE layers with
+    ``attn_temperature_tuning``), else ``None``."""
+    attn = _attention(layer)
+    if not (_no_positions(layer) and getattr(attn, "attn_temperature_tuning", 0)):
+        return None
+    if not all(hasattr(attn, a) for a in ("floor_scale", "attn_scale", "q_proj")):
+        return None
+    return attn.floor_scale, attn.attn_scale
+
+
 def window_cut(mask: mx.array, positions: mx.array, window: int) -> mx.array:
     """``mask`` with every column at or before ``position - window`` hidden from the
     row at that position, as mlx-lm's ``create_causal_mask`` does with
@@ -1082,6 +1170,45 @@ def window_cut(mask: mx.array, positions: mx.array, window: int) -> mx.array:
     pos = positions.reshape(*mask.shape[:-1], 1) if positions.size == rows else (
         positions.reshape(-1, 1))  # fmt: skip
     return mask & (mx.arange(mask.shape[-1], dtype=mx.int32) > pos - window)
+
+
+def column_positions(width: int, rows_at, rows: mx.array) -> mx.array:
+    """``(width,)``: the position of each column of a pass's mask: the cache's rows
+    at their positions (column ``c`` at ``c``), then, from column ``rows_at`` (an int
+    or a device scalar), the pass's own rows at theirs (``rows``); columns past
+    them (stale rows of a pipelined pass, hidden by the mask) at their index.
+
+    Example: 3 cached tokens, a tree whose root has two children (positions 3, 4,
+    4), a view 7 columns long:
+
+    >>> column_positions(7, 3, mx.array([3, 4, 4])).tolist()
+    [0, 1, 2, 3, 4, 4, 6]
+    """
+    idx = mx.arange(width, dtype=mx.int32)
+    k = idx - rows_at
+    n = rows.shape[0]
+    own = mx.take(rows, mx.clip(k, 0, n - 1).reshape(-1))
+    return mx.where((k >= 0) & (k < n), own, idx)
+
+
+def chunk_cut(mask: mx.array, positions: mx.array, columns: mx.array, chunk: int) -> mx.array:
+    """``mask`` with every column before its row's chunk hidden: a row at position
+    ``p`` sees the columns at positions ``(p // chunk) * chunk`` and after (Llama 4's
+    chunked attention, as mlx-lm's chunk mask). ``positions`` holds one per row of
+    ``mask``; ``columns`` one per column (:func:`column_positions`).
+
+    Example: chunks of 4, 3 cached tokens, a root (position 3) with two children
+    (position 4: the next chunk, which sees no earlier column but its own):
+
+    >>> tree = mx.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1]])
+    >>> cols = column_positions(6, 3, mx.array([3, 4, 4]))
+    >>> chunk_cut(tree.astype(mx.bool_), mx.array([3, 4, 4]), cols, 4).astype(mx.int32).tolist()
+    [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]]
+    """
+    rows = int(np.prod(mask.shape[:-1]))
+    pos = positions.reshape(*mask.shape[:-1], 1) if positions.size == rows else (
+        positions.reshape(-1, 1))  # fmt: skip
+    return mask & (columns >= (pos // chunk) * chunk)
 
 
 def rows_mask(block: mx.array, ends: mx.array, held: int) -> mx.array:
@@ -1137,7 +1264,7 @@ def _lower_triangle(n: int) -> mx.array:
 
 def check_supported(model: nn.Module, config: SpecStreamConfig):
     """Raises ``ValueError`` saying why ``model`` cannot run Speculative Streaming."""
-    from mlx_lm.models.cache import KVCache
+    from mlx_lm.models.cache import ChunkedKVCache, KVCache
 
     model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
     layers = getattr(model, "layers", None)
@@ -1151,7 +1278,11 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
     made = model.make_cache() if hasattr(model, "make_cache") else None
     if made is not None:
         # (sliding-window layers keep their tokens in caches of ours: cache.model_caches)
-        kinds = {type(c).__name__ for c in made if type(c) is not KVCache and window_of(c) is None}
+        kinds = {
+            type(c).__name__
+            for c in made
+            if type(c) not in (KVCache, ChunkedKVCache) and window_of(c) is None
+        }
         if kinds:
             raise ValueError(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "

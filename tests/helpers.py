@@ -165,6 +165,37 @@ _YARN = {
     "mscale": 1.0,
     "mscale_all_dim": 0,
 }
+# Llama 4's language model: layers 0-2 attend in chunks of 8 positions (RoPE, llama3
+# scaling), layer 3 to every token without RoPE, its queries scaled by position (a step
+# every 4 positions); experts (top-1) in layers 1 and 3.
+LLAMA4_TEXT = dict(
+    model_type="llama4_text",
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=64,
+    intermediate_size_mlp=128,
+    attention_bias=False,
+    attention_chunk_size=8,
+    interleave_moe_layer_step=2,
+    max_position_embeddings=512,
+    num_experts_per_tok=1,
+    num_local_experts=2,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    use_qk_norm=True,
+    floor_scale=4,
+    attn_scale=0.5,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+)
 MORE_ARGS = {
     "qwen3_moe": _QWEN3_MOE,
     "mixtral": dict(intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
@@ -239,7 +270,47 @@ MORE_ARGS = {
     },
     "gemma4_text": GEMMA4_TEXT,
     "gemma4": dict(text_config={**BASE, **GEMMA4_TEXT, "model_type": "gemma4_text"}),
+    "llama4": dict(text_config=LLAMA4_TEXT),
+    # MiniMax M1/M2: experts in every layer (scaled too: see random_model), partial RoPE
+    "minimax": dict(intermediate_size=64, num_key_value_heads=2, max_position_embeddings=512,
+                    num_experts_per_tok=2, num_local_experts=4, shared_intermediate_size=0,
+                    rms_norm_eps=1e-5, rope_theta=10000.0, rotary_dim=8, head_dim=16),
+    # Step 3.5: window layers (their own head counts, half RoPE) beside full ones
+    "step3p5": dict(num_attention_groups=2, head_dim=16, intermediate_size=128, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"] * 2,
+                    partial_rotary_factors=[0.5, 1.0, 0.5, 1.0],
+                    attention_other_setting={"num_attention_heads": 4, "num_attention_groups": 2},
+                    moe_num_experts=4, moe_top_k=2, moe_intermediate_size=32,
+                    share_expert_dim=32, moe_layers_enum="1,3", max_position_embeddings=512),
+    # Arcee's AFMoE (Trinity): RoPE window layers, NoPE full layers (rope None), gated
+    "afmoe": dict(layer_types=["sliding_attention", "full_attention"] * 2, intermediate_size=128,
+                  moe_intermediate_size=32, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=512, num_experts=4, num_experts_per_tok=2,
+                  num_shared_experts=1, num_dense_layers=1, sliding_window=8),
+    # MiMo-V2-Flash: window layers with attention sinks beside full ones, other head sizes
+    "mimo_v2_flash": dict(
+        num_experts_per_tok=2, hybrid_layer_pattern=[1, 0, 1, 0], moe_layer_freq=[0, 1, 0, 1],
+        add_swa_attention_sink_bias=True, add_full_attention_sink_bias=False,
+        sliding_window_size=8, intermediate_size=128, moe_intermediate_size=32,
+        num_key_value_heads=2, n_shared_experts=None, n_routed_experts=4,
+        routed_scaling_factor=1.0, topk_method="noaux_tc", scoring_func="sigmoid",
+        norm_topk_prob=True, n_group=1, topk_group=1, max_position_embeddings=512,
+        layernorm_epsilon=1e-5, rope_theta=10000.0, swa_rope_theta=10000.0,
+        swa_num_attention_heads=4, swa_num_key_value_heads=2, head_dim=16, v_head_dim=16,
+        swa_head_dim=16, swa_v_head_dim=16, partial_rotary_factor=0.5),
+    # K-EXAONE (exaone_moe): three window layers, then a full one; experts after layer 0
+    "exaone_moe": dict(intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=2,
+                       head_dim=16, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                       rms_norm_eps=1e-5, max_position_embeddings=512, sliding_window=8,
+                       layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                       is_moe_layer=[False, True, True, True]),
+    # DBRX: attention one module deeper (norm_attn_norm.attn), clipped QKV
+    "dbrx": dict(d_model=64, n_layers=4, n_heads=4,
+                 ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+                 attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0}),
 }  # fmt: skip
+# Models whose feed-forward layers are mostly experts (3-D matrices): those are scaled too.
+SCALED_EXPERTS = {"minimax", "afmoe", "dbrx"}
 MORE = sorted(MORE_ARGS)
 
 # Hybrid and state-space models: recurrent layers (ArraysCache) beside or instead of
@@ -336,7 +407,7 @@ def random_model(arch, args, vocab_size, seed=0, weight_scale=4.0, **overrides):
     model = module.Model(module.ModelArgs.from_dict(params))
     model.update(
         tree_map_with_path(
-            lambda path, w: w * weight_scale if _is_layer_matrix(path, w) else w,
+            lambda path, w: w * weight_scale if _is_layer_matrix(path, w, arch) else w,
             model.parameters(),
         )
     )
@@ -369,8 +440,9 @@ def tiny_model(
     return model
 
 
-def _is_layer_matrix(path, w):
-    return w.ndim == 2 and (".layers." in path or ".h." in path)
+def _is_layer_matrix(path, w, arch=None):
+    experts = arch in SCALED_EXPERTS and w.ndim == 3
+    return (w.ndim == 2 or experts) and any(f".{n}." in path for n in ("layers", "h", "blocks"))
 
 
 def tiny_spec_model(
