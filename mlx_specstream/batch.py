@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .cache import ChunkKVCache, model_caches
+from .cache import ChunkKVCache, KVCacheList, model_caches
 from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
@@ -94,6 +94,12 @@ def unbatchable(model, name: str = "model") -> Optional[str]:
             return (
                 f"layer {i} of this {name} attends in chunks of {c.chunk} tokens (Llama 4's "
                 "chunked attention), which batch_generate does not apply to rows of a batch"
+            )
+        if isinstance(c, KVCacheList):  # (mlx-lm's BatchKVCache members hold them)
+            return (
+                f"layer {i} of this {name} keeps two key caches (DeepSeek V3.2's sparse "
+                "attention: its latent keys and its indexer's), which the rows of a "
+                "speculative batch do not hold; mlx-lm's batch_generate decodes them"
             )
         if type(c) is not KVCache:
             return (

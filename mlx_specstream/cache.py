@@ -29,7 +29,13 @@ from functools import cached_property
 from typing import List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import ChunkedKVCache, KVCache, QuantizedKVCache, RotatingKVCache
+from mlx_lm.models.cache import (
+    CacheList,
+    ChunkedKVCache,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+)
 
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts for affine quantization
 KV_GROUP_SIZES = (32, 64, 128)
@@ -56,7 +62,7 @@ def check_cache(cache, allow_quantized: bool = False, max_rows: Optional[int] = 
     if max_rows is not None:
         ok += (RotatingKVCache,)
     named = ok
-    ok += (WindowKVCache, ChunkKVCache)  # (ours, for window and chunk layers: unnamed below)
+    ok += (WindowKVCache, ChunkKVCache, KVCacheList)  # (ours: unnamed below)
     bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
     if "ChunkedKVCache" in bad:
         raise ValueError(
@@ -120,10 +126,18 @@ def window_rows(cached: int, prompt: int, max_tokens: int, step_rows: int) -> in
 
 def _arrays(c) -> list:
     """The arrays of one layer's cache that carry the token axis (axis 2):
-    keys and values, or the packed data, scales and biases of both."""
+    keys and values, or the packed data, scales and biases of both (of each
+    member of a :class:`KVCacheList`)."""
+    if isinstance(c, KVCacheList):
+        return [a for member in c.caches for a in _arrays(member)]
     if isinstance(c.keys, (tuple, list)):  # QuantizedKVCache
         return [*c.keys, *c.values]
     return [c.keys, c.values]
+
+
+def cache_arrays(cache: list) -> list:
+    """Every array of a list of layer caches that holds rows (to evaluate them)."""
+    return [a for c in cache for a in _arrays(c) if a is not None]
 
 
 def commit_path(cache: List[KVCache], prefix: int, keep_per_layer: Sequence[Sequence[int]]) -> None:
@@ -240,10 +254,12 @@ class FoldingCache:
         fold (Fold, optional): the previous step (``None``: nothing to fold,
           this pass's rows follow ``cache.offset``).
         layer (int): this layer's index in ``fold.rows``.
+        member (int, optional): the member's index, for a member of a
+          :class:`KVCacheList` (:class:`FoldingCacheList`).
     """
 
-    def __init__(self, cache: KVCache, fold: Optional[Fold], layer: int):
-        self.cache, self.fold, self.layer = cache, fold, layer
+    def __init__(self, cache: KVCache, fold: Optional[Fold], layer: int, member=None):
+        self.cache, self.fold, self.layer, self.member = cache, fold, layer, member
         self.offset = cache.offset if fold is None else fold.prefix  # (RoPE is the hooks')
         self.start = first_row(cache)  # the position of its first row
         self.rows = None  # (keys, values) this pass appends, for the next fold
@@ -259,7 +275,8 @@ class FoldingCache:
         else:
             start = fold.start - first if first else fold.start
             if not fold.chain:  # move the accepted rows (a chain's are in place)
-                k, v = fold.rows[self.layer]
+                rows = fold.rows[self.layer]  # (a KVCacheList's: one per member)
+                k, v = rows if self.member is None else rows[self.member]
                 to = fold.destinations(k.shape[2])
                 to = to - first if first else to
                 c.keys = mx.put_along_axis(c.keys, to, k, axis=2)
@@ -274,6 +291,23 @@ class FoldingCache:
         """What this pass's write returned: Gemma 3n's KV-sharing layers read it."""
         return self.fetched
 
+    # (DeepSeek V3.2's attention reads and sets the rows of its KVCacheList's members)
+    @property
+    def keys(self):
+        return self.cache.keys
+
+    @keys.setter
+    def keys(self, a):
+        self.cache.keys = a
+
+    @property
+    def values(self):
+        return self.cache.values
+
+    @values.setter
+    def values(self, a):
+        self.cache.values = a
+
     # (Llama 4 reads these of its chunked layers' caches; the pass's masks are ours)
     @property
     def start_position(self) -> int:
@@ -281,6 +315,40 @@ class FoldingCache:
 
     def maybe_trim_front(self) -> None:
         """Nothing: a pass never drops rows (:class:`ChunkKVCache`)."""
+
+
+class FoldingCacheList:
+    """A :class:`KVCacheList` as a pipelined pass sees it: a :class:`FoldingCache`
+    per member, each folding that member's rows of the previous step."""
+
+    def __init__(self, cache: "KVCacheList", fold: Optional[Fold], layer: int):
+        self.caches = [FoldingCache(c, fold, layer, j) for j, c in enumerate(cache.caches)]
+
+    def __getitem__(self, j: int) -> FoldingCache:
+        return self.caches[j]
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset
+
+    @property
+    def rows(self) -> list:
+        """Per member, the ``(keys, values)`` rows this pass appended."""
+        return [c.rows for c in self.caches]
+
+
+def folding_cache(cache, fold: Optional[Fold], layer: int):
+    """Layer ``layer``'s cache as a pipelined pass sees it (:class:`FoldingCache`)."""
+    if isinstance(cache, KVCacheList):
+        return FoldingCacheList(cache, fold, layer)
+    return FoldingCache(cache, fold, layer)
+
+
+def appended_rows(rows) -> int:
+    """How many rows one layer's entry of :attr:`Fold.rows` holds: ``(keys, values)``,
+    or a list of them (one per member of a :class:`KVCacheList`)."""
+    keys = rows[0][0] if isinstance(rows, list) else rows[0]
+    return keys.shape[2]
 
 
 def _reserve(c: KVCache, keys: mx.array, values: mx.array, rows: int) -> None:
@@ -591,6 +659,42 @@ class ChunkKVCache(WindowKVCache):
             super().forget(committed)
 
 
+class KVCacheList(CacheList):
+    """mlx-lm's ``CacheList`` of ``KVCache`` members that grow together, one row per
+    token: DeepSeek V3.2's (and GLM-5's) attention keeps its latent keys in the first
+    and its indexer's keys in the second. Counts its tokens (``offset``, the first
+    member's) so that the step and :func:`commit_path` treat it as one layer cache,
+    whose rows are moved in every member at once.
+
+    Like mlx-lm's ``CacheList`` it has no ``to_quantized``: mlx-lm's ``kv_bits``
+    leaves such layers at full precision, and so does ours.
+    """
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset
+
+    @offset.setter
+    def offset(self, n: int) -> None:  # (after a pipelined step, as a KVCache's)
+        for c in self.caches:
+            c.offset = n
+
+
+def kv_lists(c) -> bool:
+    """Whether a layer cache a model made is a ``CacheList`` of plain ``KVCache``s."""
+    members = getattr(c, "caches", None) if type(c) is CacheList else None
+    return bool(members) and all(type(m) is KVCache for m in members)
+
+
+def adopt_kv_lists(cache: list) -> None:
+    """Replaces, in place, each mlx-lm ``CacheList`` of plain ``KVCache``s in ``cache``
+    by a :class:`KVCacheList` over the same members (so their rows stay where they
+    are): mlx-lm's own prompt caches, and those its batches hand back, as ours."""
+    for i, c in enumerate(cache):
+        if kv_lists(c):
+            cache[i] = KVCacheList(*c.caches)
+
+
 def first_row(c) -> int:
     """The position of a layer cache's first row (0 unless a :class:`WindowKVCache`
     dropped rows)."""
@@ -640,6 +744,7 @@ def model_caches(model, max_kv_size: Optional[int] = None, bounded: bool = False
     window = (lambda w: WindowKVCache(w)) if bounded else (lambda w: KVCache())
     cache = make_mlx_lm_cache(model, max_kv_size=max_kv_size)
     cache = [ChunkKVCache(c.chunk_size, bounded) if type(c) is ChunkedKVCache else c for c in cache]
+    cache = [KVCacheList(*c.caches) if kv_lists(c) else c for c in cache]
     return [c if window_of(c) is None else window(window_of(c)) for c in cache]
 
 

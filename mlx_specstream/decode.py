@@ -30,6 +30,10 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
 from .cache import (
     ChunkKVCache,
+    KVCacheList,
+    appended_rows,
+    adopt_kv_lists,
+    cache_arrays,
     Fold,
     KVQuantizer,
     WindowKVCache,
@@ -219,7 +223,7 @@ class Decoder:
         if self.streams and (not self.all_streams or self.threshold > 0):
             return "the split stream pass and pruning (prune_threshold > 0) read the host mid-step."
         if self.quant is not None or any(
-            type(c) not in (KVCache, WindowKVCache, ChunkKVCache) for c in self.cache
+            type(c) not in (KVCache, WindowKVCache, ChunkKVCache, KVCacheList) for c in self.cache
         ):
             return "only plain KVCache layers are pipelined (no kv_bits, no max_kv_size)."
         return None
@@ -235,7 +239,7 @@ class Decoder:
             layout, rows = after.out.layout, after.out.rows
             moves = None
             if not layout.is_chain:  # where each row goes: one row of the fold table
-                table = layout.fold_table(max(keys.shape[2] for keys, _ in rows))
+                table = layout.fold_table(max(map(appended_rows, rows)))
                 moves = mx.take(table, after.last, axis=0)
             fold = Fold(prefix, after.depth + 1, after.path, rows, layout.is_chain, moves)
         tokens = draft.tokens
@@ -313,8 +317,8 @@ class Decoder:
         # Pipelined passes leave the offsets at the committed prefix: set them here.
         prefix = self.cache[0].offset if self.pipelined else p.prefix
         if self.pipelined:
-            for c, (keys, _) in zip(self.cache, p.out.rows):
-                c.offset = prefix + (len(path) if folded else keys.shape[2])
+            for c, rows in zip(self.cache, p.out.rows):
+                c.offset = prefix + (len(path) if folded else appended_rows(rows))
         if not folded:
             commit_path(
                 self.cache,
@@ -825,6 +829,7 @@ def spec_generate_step(
         threshold = 0.0
     # (a cache of its own: window layers keep only what windows to come can see)
     cache = model_caches(model, max_kv_size, bounded=True) if prompt_cache is None else prompt_cache
+    adopt_kv_lists(cache)  # (mlx-lm's CacheList of KVCaches: DeepSeek V3.2's, one per layer)
     max_rows = None
     if any(type(c) is RotatingKVCache for c in cache):  # accepted only while it never rotates
         gamma = getattr(rt.config, "num_streams", 0)  # (a drafter adds no rows)
@@ -1067,7 +1072,7 @@ def hold_yielded(rt: StreamRuntime, cache, end: int, last: int, dstate, quant=No
         rt._prefill_hidden = []
     if quant is not None:
         quant.maybe_quantize(cache)
-    mx.eval([(c.keys, c.values) for c in cache])
+    mx.eval(cache_arrays(cache))
 
 
 def rewind(cache, end: int) -> None:
@@ -1096,7 +1101,7 @@ def _prefill(
         if quant is not None:
             quant.maybe_quantize(cache)
         forget_past_windows(cache)  # (a long prompt's window layers stay bounded too)
-        mx.eval([(c.keys, c.values) for c in cache])
+        mx.eval(cache_arrays(cache))
         progress(min(i + step, body.size), prompt.size)
     pending = [] if dstate is None or dstate.pending_hidden is None else [dstate.pending_hidden]
     if keep_hidden and (body.size or pending):

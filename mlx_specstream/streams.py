@@ -18,7 +18,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .cache import Fold, FoldingCache, attention_chunks, first_row, sliding_windows, window_of
+from .cache import (
+    Fold,
+    attention_chunks,
+    folding_cache,
+    first_row,
+    kv_lists,
+    sliding_windows,
+    window_of,
+)
 from .config import SpecStreamConfig, VerifierConfig
 from .layout import TreeLayout, layout_of, place_window, with_prefix
 from .precision import on_cuda, on_gpu
@@ -132,6 +140,15 @@ def _rope(layer):
         if rope is not None:
             return rope
     return None
+
+
+def _ropes(layer) -> list:
+    """Every RoPE module of a decoder layer's attention: :func:`_rope`'s, and a
+    sparse attention's indexer's (DeepSeek V3.2's, GLM-5's ``indexer.rope``)."""
+    rope = _rope(layer)
+    indexer = getattr(_attention(layer), "indexer", None)
+    extra = getattr(indexer, "rope", None)
+    return [r for r in (rope, extra) if r is not None]
 
 
 def _no_positions(layer) -> bool:
@@ -260,7 +277,12 @@ class StreamRuntime:
         self._lora_calls = None  # the stream LoRA's calls in the first pass
         # MLX's CUDA backend turns a bool attention mask into an additive one in
         # every layer's call: there the step's masks go in additive, made once.
-        self.additive_masks = on_cuda()
+        # (not where a layer reads the mask as bool: a sparse attention's indexer)
+        sparse = any(
+            getattr(_attention(layer), "indexer", None) is not None for layer in model.layers
+        )
+        self.additive_masks = on_cuda() and not sparse
+        self.masks_4d = sparse
         self._additive = None  # (bool mask, its additive form) of the last layer
         # Each layer's sliding window (None: attends to every token): the caches keep
         # every token there (cache.model_caches), and our masks apply the window.
@@ -305,8 +327,9 @@ class StreamRuntime:
             self._row_factors = {}  # per (main rows, rows): the gathered product's picks
         # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
         # per layer, the key of its module's tables (None: a class without them).
-        ropes = [_rope(layer) for layer in model.layers]
-        self._rope_keys = [None if r is None else _rope_key(r) for r in ropes]
+        # (per module: a DeepSeek V3.2 indexer's RoPE may differ from its attention's)
+        ropes = [r for layer in model.layers for r in _ropes(layer)]
+        self._rope_keys = {id(r): _rope_key(r) for r in ropes}
         self._rope_tables = None  # during a CPU pass: {key: (positions, RopeTables)}
         self._full_rope_tables = {}  # positions 0 .. n - 1, per module settings and dtype
         self._install()
@@ -394,8 +417,7 @@ class StreamRuntime:
 
                 return __call__
 
-            rope = _rope(layer)
-            if rope is not None:  # (None: a NoPE layer, see _no_positions)
+            for rope in _ropes(layer):  # (none: a NoPE layer, see _no_positions)
                 _swap_call(rope, rope_call)
             scaled = self._scale_settings[i] is not None
             _swap_call(layer, scaled_layer_call if scaled else layer_call)
@@ -561,7 +583,11 @@ class StreamRuntime:
     def _attention_mask(self, mask: mx.array, dtype) -> mx.array:
         """``mask`` as the layers take it: as is, or (``additive_masks``) 0 where
         it is True and -inf elsewhere, in ``dtype``, made once for all layers.
-        Visible scores are unchanged (``s + 0 == s``), hidden ones weigh 0."""
+        Visible scores are unchanged (``s + 0 == s``), hidden ones weigh 0.
+        A sparse attention's indexer gathers a one-row mask along its key picks:
+        its layers take masks with the batch and head axes (``(1, 1, R, C)``)."""
+        if self.masks_4d and mask.ndim == 2:
+            mask = mask[None, None]
         if not self.additive_masks or mask.dtype != mx.bool_:
             return mask
         last = self._additive
@@ -682,7 +708,7 @@ class StreamRuntime:
         from the module's table of positions ``0 .. n - 1`` (the host knows a
         bound of the pass's positions), or past :data:`MAX_ROPE_TABLE` read from
         the module for them."""
-        key = self._rope_keys[i]
+        key = self._rope_keys[id(rope)]
         pos = self._positions(i)
         if key is None or (pos is None and not isinstance(offset, int)):
             return None
@@ -791,7 +817,7 @@ class StreamRuntime:
         if pipelined:  # the tree starts where the device says the last step's path ends
             if prune_threshold > 0:
                 raise ValueError("A pipelined pass cannot prune (pruning reads the host).")
-            cache = [FoldingCache(c, fold, i) for i, c in enumerate(cache)]
+            cache = [folding_cache(c, fold, i) for i, c in enumerate(cache)]
             base, span = cache[0].offset, 0 if fold is None else fold.span
             if fold is None:
                 prefix, accepted = mx.array([base], dtype=mx.int32), mx.array(0, dtype=mx.int32)
@@ -1281,7 +1307,7 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         kinds = {
             type(c).__name__
             for c in made
-            if type(c) not in (KVCache, ChunkedKVCache) and window_of(c) is None
+            if type(c) not in (KVCache, ChunkedKVCache) and window_of(c) is None and not kv_lists(c)
         }
         if kinds:
             raise ValueError(

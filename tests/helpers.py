@@ -309,6 +309,17 @@ MORE_ARGS = {
                  ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
                  attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0}),
 }  # fmt: skip
+# DeepSeek V3.2's sparse attention (DSA): an indexer picks each query's top 6 keys
+# (past 6 tokens the attention is sparse), its keys cached beside the latent ones.
+_DSA = dict(_DEEPSEEK_V3, index_head_dim=16, index_n_heads=2, index_topk=6)
+MORE_ARGS["deepseek_v32"] = _DSA
+MORE_ARGS["glm_moe_dsa"] = dict(  # GLM-5: the same attention, its RoPE in rope_parameters
+    {k: v for k, v in _DSA.items() if k != "max_position_embeddings"},
+    routed_scaling_factor=1.0, topk_method="noaux_tc", scoring_func="sigmoid",
+    norm_topk_prob=True, moe_layer_freq=1, max_position_embeddings=512, rms_norm_eps=1e-5,
+    rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, attention_bias=False,
+)  # fmt: skip
+MORE = sorted(MORE_ARGS)
 # Models whose feed-forward layers are mostly experts (3-D matrices): those are scaled too.
 SCALED_EXPERTS = {"minimax", "afmoe", "dbrx"}
 MORE = sorted(MORE_ARGS)

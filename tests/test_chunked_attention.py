@@ -322,3 +322,15 @@ def test_train_cli_writes_a_model_that_loads_and_decodes_losslessly(tmp_path):
         assert [r.token for r in got] == want
         passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
     assert passes < tokens  # drafts were accepted
+
+
+def test_a_long_prompt_fills_no_chunked_layer_past_its_bound(held_rows):
+    """Prefilled in pieces of 16, a 100-token prompt's chunked layers drop rows between
+    pieces: no more than 3 chunks and a piece are ever held."""
+    model = tiny_model("llama4", vocab_size=8)
+    prompt = (PROMPT * 10)[:100]
+    want = plain_greedy(model, prompt, 24)
+    got, _ = spec_tokens(model, prompt, 24, draft="ngram", prefill_step_size=16)
+    assert got == want
+    assert max(rows for rows, _ in held_rows) <= 3 * 8 + 16
+    assert any(start for _, start in held_rows[:14])  # (dropped during the prefill)

@@ -86,7 +86,7 @@ def _step_pass(model, with_tables: bool):
     rt = model.speculative_streams
     keys = rt._rope_keys
     if not with_tables:
-        rt._rope_keys = [None] * len(keys)
+        rt._rope_keys = dict.fromkeys(keys)  # (per RoPE module)
     try:
         cache = make_prompt_cache(model)
         mx.eval(model(mx.arange(1, 9)[None], cache=cache))
@@ -169,7 +169,7 @@ def test_a_kept_table_grows_to_cover_the_positions():
     model = tiny_spec_model("qwen2", num_stream_layers=2, num_streams=2)
     rt = model.speculative_streams
     layer = model.layers[0].self_attn.rope
-    key, call = rt._rope_keys[0], nn.RoPE.__call__
+    key, call = rt._rope_keys[id(layer)], nn.RoPE.__call__
     first = rt._full_rope_table(key, layer, call, 16, mx.float32, 10)
     grown = rt._full_rope_table(key, layer, call, 16, mx.float32, 700)
     assert (first.cos.shape[0], grown.cos.shape[0]) == (512, 1024)
