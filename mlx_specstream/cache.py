@@ -767,7 +767,9 @@ def make_prompt_cache(
 
 def cache_tokens(cache) -> Optional[int]:
     """The tokens a list of layer caches holds: its first KV layer's offset
-    (``None`` when no layer counts them, as in a state-space model's)."""
+    (``None`` when no layer counts them, as in a state-space model's). mlx-lm's
+    ``CacheList`` of ``KVCache``s (a batch hands them back) is taken over in place."""
+    adopt_kv_lists(cache)
     return next((c.offset for c in cache if hasattr(c, "offset")), None)
 
 
@@ -779,6 +781,7 @@ def trim_prompt_cache(cache, n: int) -> int:
     """
     if n == 0:  # (also where a layer cannot be trimmed)
         return 0
+    adopt_kv_lists(cache)
     n = min(n, cache[0].offset)
     for c in cache:
         c.trim(n)

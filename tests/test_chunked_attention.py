@@ -334,3 +334,31 @@ def test_a_long_prompt_fills_no_chunked_layer_past_its_bound(held_rows):
     assert got == want
     assert max(rows for rows, _ in held_rows) <= 3 * 8 + 16
     assert any(start for _, start in held_rows[:14])  # (dropped during the prefill)
+
+
+def test_the_server_serves_it_with_prompt_lookup():
+    """``--draft ngram``: requests waiting together, then a follow-up reusing the prompt
+    cache, each answer equal to mlx-lm's plain decoding (the batch refusal logged:
+    requests served as mlx-lm's batches serve them, or one at a time)."""
+    from mlx_lm import stream_generate as mlx_lm_stream_generate
+    from test_server_batching import V, answer, submit, submit_together
+
+    from mlx_specstream.server import make_server, service_of
+
+    model, tok = tiny_model("llama4", vocab_size=V), word_tokenizer(V, eos=0)
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31] * 5]
+    prompts.append(prompts[0] + [1, 2])  # (a follow-up: its start is in the prompt cache)
+
+    def plain(p):
+        return "".join(r.text for r in mlx_lm_stream_generate(model, tok, p, max_tokens=30))
+
+    server = make_server(model, tok, "tiny", port=0, draft="ngram")
+    try:
+        svc = service_of(server)
+        assert svc.wait_idle(60) and not svc.spec_batching
+        body = {"max_tokens": 30, "num_draft_tokens": 3}
+        jobs = submit_together(svc, [(p, body) for p in prompts[:4]])
+        assert [answer(j)[0][0] for j in jobs] == [plain(p) for p in prompts[:4]]
+        assert answer(submit(svc, prompts[4], **body))[0][0] == plain(prompts[4])
+    finally:
+        server.server_close()
