@@ -151,6 +151,16 @@ def _ropes(layer) -> list:
     return [r for r in (rope, extra) if r is not None]
 
 
+def position_embedding(model) -> Optional[nn.Module]:
+    """The learned absolute position embedding the model adds to its inputs
+    (``wpe``: GPT-2, StarCoder's gpt_bigcode), or ``None``."""
+    for owner in (model, getattr(model, "model", None), getattr(model, "transformer", None)):
+        wpe = getattr(owner, "wpe", None)
+        if isinstance(wpe, nn.Embedding):
+            return wpe
+    return None
+
+
 def _no_positions(layer) -> bool:
     """Whether a decoder layer's attention says it applies no RoPE (``use_rope``
     False: the NoPE layers of EXAONE 4, Llama 4, ...). Such a layer sees
@@ -427,6 +437,10 @@ class StreamRuntime:
                     submodule(self.model.layers[self.first_top + j], name),
                     lambda base, j=j, name=name: self._lora_call(base, j, name),
                 )
+        # GPT-2's and StarCoder's absolute position embeddings: at the tree's positions.
+        wpe = position_embedding(self.model)
+        if wpe is not None:
+            _swap_call(wpe, self._positions_call)
         # Llama 4's NoPE layers scale their queries by position: at the rows' own
         # (outside the stream LoRA, which adds to the queries the model scales).
         self._temperature = [llama4_query_temperature(layer) for layer in self.model.layers]
@@ -453,6 +467,17 @@ class StreamRuntime:
                 return base_call(self, x, mask, cache)
             finally:
                 self.attn_temperature_tuning, rt._query_scale = tuning, None
+
+        return __call__
+
+    def _positions_call(self, base_call):
+        """The model's position embedding (``wpe``) of the lower rows' positions in a
+        step (the model's own ``offset + i`` everywhere else)."""
+        rt = self
+
+        def __call__(self, ids):
+            pos = rt._positions(0) if rt.state == "step" else None
+            return base_call(self, ids if pos is None else pos)
 
         return __call__
 
@@ -1350,8 +1375,8 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "layer(x, mask, cache), or layer(x, attn_scale, mask, cache) as Ministral 3's."
             )
         rope = _rope(layer)
-        if rope is None and _no_positions(layer):
-            continue
+        if rope is None and (_no_positions(layer) or position_embedding(model) is not None):
+            continue  # (positions from the model's inputs: position_embedding)
         if rope is None:
             raise ValueError(
                 f"Model type '{model_type}': layer {i} has no attention with a RoPE module; "

@@ -319,6 +319,11 @@ MORE_ARGS["glm_moe_dsa"] = dict(  # GLM-5: the same attention, its RoPE in rope_
     norm_topk_prob=True, moe_layer_freq=1, max_position_embeddings=512, rms_norm_eps=1e-5,
     rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, attention_bias=False,
 )  # fmt: skip
+# Absolute position embeddings added to the inputs (wpe): GPT-2, StarCoder (gpt_bigcode).
+MORE_ARGS["gpt2"] = dict(n_ctx=512, n_embd=64, n_head=4, n_layer=4, n_positions=512,
+                         layer_norm_epsilon=1e-5)  # fmt: skip
+MORE_ARGS["gpt_bigcode"] = dict(n_embd=64, n_layer=4, n_inner=128, n_head=4, n_positions=512,
+                                layer_norm_epsilon=1e-5)  # fmt: skip
 MORE = sorted(MORE_ARGS)
 # Models whose feed-forward layers are mostly experts (3-D matrices): those are scaled too.
 SCALED_EXPERTS = {"minimax", "afmoe", "dbrx"}

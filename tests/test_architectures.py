@@ -2,7 +2,7 @@
 experts (Qwen3-MoE, Mixtral, GLM-4.5, Llama 4), latent attention (DeepSeek V2/V3,
 MiniCPM3, Mistral 4), layers without RoPE beside layers with it (SmolLM3, EXAONE 4,
 Llama 4), RoPE one module deeper (EXAONE), the position-scaled attention of Ministral
-3 and Mistral 4, and the vision-language wrappers whose language model mlx-lm loads
+3 and Mistral 4, absolute position embeddings (GPT-2, StarCoder), and the vision-language wrappers whose language model mlx-lm loads
 (Gemma 3, Mistral 3, Pixtral, Qwen3-VL, Kimi-VL)."""
 
 import mlx.core as mx
@@ -98,14 +98,34 @@ def test_ministral3_target_and_draft_model():
 
 def test_layers_without_rope_that_do_not_say_so_are_refused():
     """A layer without a RoPE module is a NoPE layer only if its attention says
-    ``use_rope`` False; otherwise positions could come from elsewhere (gpt2's
-    position embeddings), which a tree cannot set."""
+    ``use_rope`` False (or the model adds position embeddings to its inputs, as
+    GPT-2's, which the tree sets); otherwise positions could come from elsewhere."""
     model = tiny_model("exaone4", vocab_size=8)
     attn = model.layers[3].self_attn
     assert attn.use_rope is False and "rope" not in attn
     del attn.use_rope
     with pytest.raises(ValueError, match="layer 3 has no attention with a RoPE module"):
         spec_tokens(model, PROMPT, 4, draft="ngram")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode"])
+def test_negative_control_absolute_positions_of_the_rows_indices(arch, monkeypatch):
+    """GPT-2's and StarCoder's position embeddings take the tree's positions: at the
+    model's own (the rows' indices past the offset), trees decode otherwise."""
+    monkeypatch.setattr(streams.StreamRuntime, "_positions_call", lambda self, base: base)
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2)
+    want = plain_greedy(model, PROMPT, N)
+    assert spec_tokens(model, PROMPT, N, max_tree_nodes=6)[0] != want
+
+
+@pytest.mark.parametrize("kwargs", [dict(draft="ngram", num_draft_tokens=3),
+                                    dict(draft="streams", stream_pass="fused")])  # fmt: skip
+def test_gpt2_batch_rows_equal_each_prompt_alone(kwargs):
+    """A batch's rows sit at their own offsets: GPT-2 embeds each row's positions
+    itself (its offsets an array), and the rows' drafts are verified as chains."""
+    model = tiny_spec_model("gpt2", vocab_size=16, seed=1, num_streams=3)
+    got, passes = decode(model, **kwargs)
+    assert got == alone(model) and passes < max(LIMITS)
 
 
 def test_parallelspec_on_position_scaled_layers_is_refused_with_the_reason():
