@@ -92,7 +92,12 @@ def split_recurrent_mixers(model: nn.Module) -> SplitPoint:
 
 def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) -> Callable:
     """A mixer's call that, with ``split.at`` set, runs ``base_call`` on the
-    first ``at`` tokens, keeps the cache's state, then runs it on the rest."""
+    first ``at`` tokens, keeps the cache's state, then runs it on the rest.
+
+    Its other per-token inputs (arrays over the same tokens, as RWKV-7's
+    ``v_first``) are split with them, a position ``offset`` (Ling's linear
+    attention applies RoPE from it) moves on by ``at`` for the rest, and the two
+    outputs are joined along the tokens (each element of a tuple)."""
     x_name = list(sig.parameters)[1]  # (after self)
 
     def call(self, *args, **kwargs):
@@ -111,13 +116,44 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
                 f"{type(self).__name__}: a recurrent state written twice in one pass (two "
                 "mixers share one ArraysCache), which a split pass cannot roll back."
             )
-        bound.arguments[x_name] = x[:, :at]
+        rest = split_inputs(bound.arguments, x_name, at)
         first = base_call(*bound.args, **bound.kwargs)
         split.kept.append((cache, list(cache.cache)))  # the state after the pending tokens
-        bound.arguments[x_name] = x[:, at:]
-        return mx.concatenate([first, base_call(*bound.args, **bound.kwargs)], axis=1)
+        bound.arguments.update(rest)
+        return _joined_outputs(first, base_call(*bound.args, **bound.kwargs))
 
     return call
+
+
+def split_inputs(arguments: dict, x_name: str, at: int) -> dict:
+    """Cuts a mixer call's inputs after ``at`` tokens: ``arguments`` keep the first
+    part; returns the rest's (the tokens ``x_name`` and every other array over the
+    same tokens; a position ``offset`` moved on by ``at``).
+
+    Example: ``x`` ``(1, 5, D)``, ``v_first`` ``(1, 5, D)``, ``offset=7``, ``at=2``:
+    the first call takes 2 tokens of each at offset 7, the rest 3 at offset 9.
+    """
+    x = arguments[x_name]
+    rest = {x_name: x[:, at:]}
+    arguments[x_name] = x[:, :at]
+    for name, value in list(arguments.items()):
+        if name == x_name:
+            continue
+        if isinstance(value, mx.array) and value.ndim >= 2 and value.shape[:2] == x.shape[:2]:
+            arguments[name], rest[name] = value[:, :at], value[:, at:]
+        elif name == "offset" and value is not None:
+            rest[name] = value + at
+    return rest
+
+
+def _joined_outputs(first, rest):
+    """Two calls' outputs over consecutive tokens as one call's: arrays joined on
+    the token axis, each element of a tuple so (``None`` stays ``None``)."""
+    if isinstance(first, tuple):
+        return tuple(_joined_outputs(a, b) for a, b in zip(first, rest))
+    if first is None:
+        return None
+    return mx.concatenate([first, rest], axis=1)
 
 
 def layer_caches(c) -> list:
@@ -492,14 +528,24 @@ class ChainCache:
         """
         pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
         whole = len(pending) == 1  # not split: back to before the pending token
-        if whole:
-            self.back = (self.held, [(c, list(c.cache)) for c in self.recurrent])
+        before = (self.held, [(c, list(c.cache)) for c in self.recurrent])
         self.split.at, self.split.kept = (None if whole or not drafts else len(pending)), []
+        split = self.split.at is not None
         logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
         self.split.at, self.drafted = None, len(drafts)
-        if not whole:
+        if whole or (split and self.unsplit_states()):
+            self.back = before
+        else:
             self.back = (self.pending_end, self.split.kept)
         return logits[0, len(pending) - 1 :]
+
+    def unsplit_states(self) -> bool:
+        """Whether the last split pass left a recurrent state that no split mixer kept
+        (one written outside the layers' mixers, as LongCat's n-gram context, or
+        inside an attention's ``CacheList``, as Baichuan-M1's): a rejection then goes
+        back to before the pending tokens, which ride along again."""
+        kept = {id(c) for c, _ in self.split.kept}
+        return any(id(c) not in kept for c in self.recurrent)
 
     def commit(self, all_accepted: bool) -> None:
         """After :meth:`run`: keeps every draft, or goes back (:meth:`roll_back`;

@@ -312,6 +312,7 @@ class StreamRuntime:
         chunks = attention_chunks(model)
         self.chunks = [chunks[s] if chunks else None for s in self.kv_source]
         self._stream_cols = None  # a split stream pass's columns' positions (_windowed)
+        self._extra_outputs = {}  # per layer: outputs after h (_outputs_after_h)
         self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
         # Lossless decoding may verify with main rows only, then draft from the
         # streams of the last accepted node (see draft_streams): config.stream_pass.
@@ -374,24 +375,28 @@ class StreamRuntime:
 
                 return __call__
 
-            def layer_call(base_call, i=i):
-                def __call__(self, x, mask=None, cache=None, *args, **kwargs):
+            def layer_call(base_call, i=i, first=layer_params(layer)[0]):
+                def __call__(self, x=None, mask=None, cache=None, *args, **kwargs):
+                    if x is None:  # (GPT-J's model passes its input by name: inputs=)
+                        x = kwargs.pop(first)
                     if rt.state is None:
                         return base_call(self, x, mask, cache, *args, **kwargs)
                     if rt.state == "prefill":  # plain pass that keeps the last layer's states
                         out = base_call(self, x, mask, cache, *args, **kwargs)
+                        rt._note_outputs(i, out)
                         if i == rt.num_layers - 1:
                             rt._prefill_hidden.append(_split(out)[0][0])
                         return out
                     if rt.state == "tail":
-                        return rt._passed_on(i, rt._tail_input if i == 0 else x, kwargs)
+                        h = rt._tail_input if i == 0 else x
+                        return rt._passed_on(i, h, kwargs, layer=self, args=args)
                     cols = rt._columns_of(i, cache)  # (a KV-sharing layer's: its source's)
                     if rt.state == "rows":  # rows of a batch (rows_pass)
                         return rt._rows_layer(i, base_call, self, x, mask, cache, *args, **kwargs)
                     if rt.state == "streams":
                         # Stream rows of one node through the stream layers only.
                         if i < rt.first_top:
-                            return rt._passed_on(i, x, kwargs, cache)
+                            return rt._passed_on(i, x, kwargs, cache, self, args)
                         x = rt._stream_input if i == rt.first_top else x
                         mask = rt._layer_mask(i, rt._stream_mask, cols, x.dtype)
                         kwargs = rt._upper_inputs(i, kwargs)
@@ -405,6 +410,7 @@ class StreamRuntime:
                         mask = rt._layer_mask(i, rt._upper_mask if upper else rt._lower_mask,
                                               cols, x.dtype)  # fmt: skip
                     out = base_call(self, x, mask, cache, *args, **kwargs)
+                    rt._note_outputs(i, out)
                     if i == rt.num_layers - 1:
                         h, rest = _split(out)
                         out = _joined(rt._hold_back_streams(h), rest)
@@ -518,18 +524,40 @@ class StreamRuntime:
             return cache
         return self._cols[s]
 
-    def _passed_on(self, i: int, h: mx.array, kwargs: dict, cache=None):
+    def _passed_on(self, i: int, h: mx.array, kwargs: dict, cache=None, layer=None, args=()):
         """What layer ``i`` returns where it does not run (the tail's identity
         layers, the lower layers of a stream pass): ``h``, or for a layer that passes
         its keys and values on (Gemma 4's return ``(h, keys and values, offset)``)
-        ``h`` with what its cache holds, or with what it was given."""
+        ``h`` with what its cache holds, or with what it was given; for another layer
+        that returns a tuple (Hunyuan's ``(h, key and value projections)``), ``h``
+        and ``None`` for the rest (:meth:`_outputs_after_h`)."""
         if not self.passes_kv[i]:
-            return h
+            extra = self._outputs_after_h(i, layer, h, args, kwargs)
+            return (h, *[None] * extra) if extra else h
         if cache is None:
             return h, kwargs.get("shared_kv"), kwargs.get("offset")
         ragged = isinstance(cache, RaggedKVCache)  # (a batch's: rows to the longest's end)
         held = cache.size() if ragged else cache.offset - first_row(cache)
         return h, (cache.keys[..., :held, :], cache.values[..., :held, :]), kwargs.get("offset")
+
+    def _note_outputs(self, i: int, out) -> None:
+        """Keeps how many outputs layer ``i`` returned after its hidden states."""
+        if i not in self._extra_outputs:
+            self._extra_outputs[i] = len(out) - 1 if isinstance(out, tuple) else 0
+
+    def _outputs_after_h(self, i: int, layer, h: mx.array, args, kwargs) -> int:
+        """How many outputs layer ``i`` returns after its hidden states (0: it returns
+        them alone): as a step or prefill saw it (:meth:`_note_outputs`), else found
+        once by calling it on one row without mask or cache (a layer
+        that cannot run so, as Ministral 3's without its attention scale, returns
+        them alone; one that returns more would then fail loudly where it is read)."""
+        if i not in self._extra_outputs:
+            try:
+                out = own_class(layer).__call__(layer, h[:, :1], None, None, *args, **kwargs)
+            except Exception:  # noqa: BLE001 - see the docstring
+                out = None
+            self._extra_outputs[i] = len(out) - 1 if isinstance(out, tuple) else 0
+        return self._extra_outputs[i]
 
     def _layer_mask(self, i: int, mask: mx.array, cols, dtype) -> mx.array:
         """Layer ``i``'s mask from its rows' ``mask``: over the columns of a lower
@@ -1342,6 +1370,21 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "with recurrent layers runs prompt lookup (draft='ngram', --draft ngram), "
                 "verified as a chain."
             )
+    for i, c in enumerate(made or []):
+        attn = _attention(layers[i]) if i < len(layers) else None
+        if kv_lists(c) and getattr(attn, "indexer", None) is None:
+            raise ValueError(
+                f"Model type '{model_type}': layer {i} keeps several key caches (a "
+                "CacheList) for an attention other than DeepSeek V3.2's sparse one, whose "
+                "key picks could not follow a tree (MiniMax M3's block-sparse attention "
+                "places its queries by cache slot); it is not supported."
+            )
+    if type(model).__module__.endswith(".phi3small"):
+        raise ValueError(
+            f"Model type '{model_type}': mlx-lm's block-sparse attention adds its boolean "
+            "causal mask to the scores (mlx-lm 0.32.2), so a pass over several tokens does "
+            "not give one-token decoding's logits; no speculation can equal its decoding."
+        )
     sources = kv_sources(model)
     owners = [i for i, s in enumerate(sources) if s == i]
     if made is not None and owners != list(range(len(made))):
@@ -1350,6 +1393,13 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             f"layers, of which {len(owners)} keep keys and values of their own: the verifier "
             "needs a cache for each of the first layers and the others reading an earlier "
             "layer's (as Gemma 4's KV-sharing layers, previous_kvs)."
+        )
+    if not isinstance(config, VerifierConfig) and getattr(model_args(model), "use_cla", False):
+        raise ValueError(
+            f"Model type '{model_type}': its odd layers read the key and value projections "
+            "of the layer below (cross-layer attention, use_cla), which stream rows do not "
+            "have there; streams and drafters need each layer's own. Prompt lookup "
+            "(draft='ngram') and draft models run on it."
         )
     if not isinstance(config, VerifierConfig) and any("altup" in layer for layer in layers):
         raise ValueError(
@@ -1388,6 +1438,12 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 f"Model type '{model_type}' uses dynamic NTK RoPE scaling, which cannot take "
                 "per-token positions."
             )
+
+
+def model_args(model):
+    """The model's ``args`` (its language model's, for a vision-language wrapper)."""
+    args = getattr(model, "args", None)
+    return getattr(args, "text_config", None) or args
 
 
 def own_class(module: nn.Module) -> type:

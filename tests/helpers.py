@@ -319,14 +319,49 @@ MORE_ARGS["glm_moe_dsa"] = dict(  # GLM-5: the same attention, its RoPE in rope_
     norm_topk_prob=True, moe_layer_freq=1, max_position_embeddings=512, rms_norm_eps=1e-5,
     rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, attention_bias=False,
 )  # fmt: skip
+MORE_ARGS.update({  # (session 29: more of mlx-lm's modules)
+    # Kimi K2.5: DeepSeek V3's language model (latent attention, experts) in a VL wrapper
+    "kimi_k25": dict(text_config={**BASE, **_DEEPSEEK_V3, "model_type": "deepseek_v3"}),
+    # Qwen2-VL: a Qwen2 language model in a VL wrapper
+    "qwen2_vl": dict(text_config={**BASE, **ARCH_ARGS["qwen2"], "model_type": "qwen2"}),
+    # Lille 130M: fused QKV, norms inside attention and MLP (MLP width 256 from n_embd 64)
+    "lille-130m": dict(block_size=512, layer_norm_eps=1e-5, n_embd=64, n_head=4, n_kv_heads=2,
+                       n_layer=4, rope_theta=10000.0),
+    # Mellum: experts in every layer (scaled), window layers beside full ones
+    "mellum": dict(
+        intermediate_size=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        rms_norm_eps=1e-6, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        max_position_embeddings=512, norm_topk_prob=True, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+                         "sliding_attention": {"rope_theta": 10000.0}},
+    ),
+    # Spark 2.5: three window layers (half RoPE) then a full one; fused QKV, head-wise
+    # sigmoid output gates
+    "spark2_5": dict(
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        max_position_embeddings=512,
+        rope_parameters={"sliding_attention": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                         "full_attention": {"rope_theta": 1000000.0}},
+    ),
+})  # fmt: skip
+# Hunyuan (without cross-layer attention: see test_architectures), experts, NTK-alpha RoPE;
+# GPT-J (its model passes each layer's input by name, inputs=), partial interleaved RoPE
+_HUNYUAN = dict(
+    intermediate_size=64, num_key_value_heads=2, attention_bias=False, moe_topk=2,
+    num_experts=4, num_shared_expert=1, use_mixed_mlp_moe=True, use_qk_norm=True,
+    rms_norm_eps=1e-5, rope_theta=10000.0, use_cla=False, cla_share_factor=2,
+    moe_intermediate_size=32, rope_scaling={"alpha": 1.0, "factor": 1.0, "type": "dynamic"},
+)  # fmt: skip
+MORE_ARGS["hunyuan"] = _HUNYUAN
+MORE_ARGS["gptj"] = dict(n_embd=64, n_head=4, n_layer=4, rotary_dim=8, n_positions=512)
 # Absolute position embeddings added to the inputs (wpe): GPT-2, StarCoder (gpt_bigcode).
 MORE_ARGS["gpt2"] = dict(n_ctx=512, n_embd=64, n_head=4, n_layer=4, n_positions=512,
                          layer_norm_epsilon=1e-5)  # fmt: skip
 MORE_ARGS["gpt_bigcode"] = dict(n_embd=64, n_layer=4, n_inner=128, n_head=4, n_positions=512,
                                 layer_norm_epsilon=1e-5)  # fmt: skip
-MORE = sorted(MORE_ARGS)
 # Models whose feed-forward layers are mostly experts (3-D matrices): those are scaled too.
-SCALED_EXPERTS = {"minimax", "afmoe", "dbrx"}
+SCALED_EXPERTS = {"minimax", "afmoe", "dbrx", "mellum"}
 MORE = sorted(MORE_ARGS)
 
 # Hybrid and state-space models: recurrent layers (ArraysCache) beside or instead of
@@ -408,6 +443,88 @@ HYBRID_ARGS = {
         time_step_limit=(0.0, float("inf")), time_step_rank=4,
     ),
 }  # fmt: skip
+_MORE_HYBRIDS = {  # (session 29; BASE's sizes under each)
+    # Gear: short-convolution key/value mixers (recurrent) beside full attention layers
+    # (untied head: tied, the random model repeats one token)
+    "gear": dict(
+        intermediate_size=128, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        layer_types=["conv_mixer", "full_attention"] * 2, tie_word_embeddings=False,
+        max_position_embeddings=512, sliding_window=8, rope_theta=10000.0,
+    ),
+    # Mamba (v1): selective state-space layers only
+    "mamba": dict(intermediate_size=128, state_size=8, conv_kernel=4, use_bias=False,
+                  use_conv_bias=True, time_step_rank=4),
+    # Kimi Linear: Kimi delta attention (recurrent) in layers 0 and 2, NoPE latent
+    # attention in 1 and 3, experts after layer 0
+    "kimi_linear": dict(
+        num_key_value_heads=4, intermediate_size=128, head_dim=16, rope_theta=10000.0,
+        rms_norm_eps=1e-5, model_max_length=512, num_experts=4, moe_intermediate_size=32,
+        linear_attn_config={"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16,
+                            "short_conv_kernel_size": 4},
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        mla_use_nope=True, num_experts_per_token=2, num_shared_experts=1,
+        first_k_dense_replace=1,
+    ),
+    # OLMo hybrid: Gated DeltaNet layers beside full attention (every second layer)
+    "olmo_hybrid": dict(
+        intermediate_size=128, num_key_value_heads=2, rms_norm_eps=1e-6,
+        max_position_embeddings=512, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        linear_allow_neg_eigval=True, tie_word_embeddings=False, attention_bias=False,
+        head_dim=16, layer_types=["linear_attention", "full_attention"] * 2,
+    ),
+    # Ling hybrid (bailing_hybrid): linear attention (gated, recurrent) in layers 0 and 2,
+    # latent attention with half RoPE in 1 and 3; experts after layer 0
+    "bailing_hybrid": dict(
+        intermediate_size=128, moe_intermediate_size=32, num_key_value_heads=4, num_experts=4,
+        num_experts_per_tok=2, num_shared_experts=1, n_group=1, topk_group=1,
+        first_k_dense_replace=1, layer_group_size=2, group_norm_size=4, rms_norm_eps=1e-6,
+        rope_theta=10000.0, max_position_embeddings=512, routed_scaling_factor=1.0,
+        head_dim=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        q_lora_rank=32,
+    ),
+    # Ling linear (bailing_moe_linear): linear attention (recurrent) in layers 0 and 2,
+    # softmax attention with half RoPE in 1 and 3; experts after layer 0
+    "bailing_moe_linear": dict(
+        intermediate_size=128, max_position_embeddings=512, moe_intermediate_size=32,
+        num_experts=4, num_shared_experts=1, norm_topk_prob=True, num_experts_per_tok=2,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, first_k_dense_replace=1,
+        layer_group_size=2, group_norm_size=4, use_qk_norm=True, partial_rotary_factor=0.5,
+        head_dim=16, topk_group=1,
+    ),
+    # Baichuan-M1: keys and values mixed with the previous token's (a 2-tap convolution,
+    # its state in an ArraysCache beside each KV cache); full attention only (with window
+    # layers it is refused: VARIANTS).
+    # (conv_k, conv_v start as zeros, which zero the keys and values: see INIT)
+    "baichuan_m1": dict(
+        intermediate_size=128, num_key_value_heads=2, rope_theta=10000.0, sliding_window=8,
+        sliding_window_layers=[], conv_window=2, rms_norm_eps=1e-6,
+    ),
+    # LongCat-Flash with n-gram embeddings: the input embedding adds hashed embeddings of
+    # the 2- and 3-grams ending at each token (the last 2 tokens kept in an ArraysCache
+    # ahead of the layers' caches)
+    "longcat_flash_ngram": dict(
+        ffn_hidden_size=128, moe_topk=2, expert_ffn_hidden_size=32, n_routed_experts=4,
+        zero_expert_num=2, num_layers=2, max_position_embeddings=512, kv_lora_rank=16,
+        q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        routed_scaling_factor=1.0, rms_norm_eps=1e-5, rope_theta=10000.0,
+        mla_scale_q_lora=True, mla_scale_kv_lora=True, ngram_vocab_size_ratio=4,
+        emb_neighbor_num=3, emb_split_num=2,
+    ),
+}  # fmt: skip
+HYBRID_ARGS.update({arch: {**BASE, **args} for arch, args in _MORE_HYBRIDS.items()})
+
+
+def _random_convolutions(model):
+    """Baichuan-M1's 2-tap key/value convolutions, random (mlx-lm starts them at zero,
+    which zeroes the keys and values)."""
+    for layer in model.layers:
+        attn = layer.self_attn
+        attn.conv_k = mx.random.uniform(-1, 1, attn.conv_k.shape)
+        attn.conv_v = mx.random.uniform(-1, 1, attn.conv_v.shape)
+
+
+HYBRID_INIT = {"baichuan_m1": _random_convolutions}
 HYBRIDS = sorted(HYBRID_ARGS)
 
 
@@ -433,6 +550,7 @@ def random_model(arch, args, vocab_size, seed=0, weight_scale=4.0, **overrides):
 def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **overrides):
     """A random tiny mlx-lm model with recurrent layers (see ``tiny_model``)."""
     model = random_model(arch, HYBRID_ARGS[arch], vocab_size, seed, weight_scale, **overrides)
+    HYBRID_INIT.get(arch, lambda m: None)(model)
     mx.eval(model.parameters())
     return model
 

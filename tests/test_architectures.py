@@ -128,6 +128,47 @@ def test_gpt2_batch_rows_equal_each_prompt_alone(kwargs):
     assert got == alone(model) and passes < max(LIMITS)
 
 
+def test_hunyuan_with_cross_layer_attention_looks_up_and_refuses_streams():
+    """Hunyuan's odd layers reading the layer below's key and value projections (CLA):
+    prompt lookup gives mlx-lm's tokens, and streams are refused with the reason."""
+    model = tiny_model("hunyuan", vocab_size=8, use_cla=True)
+    got, records = spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4)
+    assert got == plain_greedy(model, PROMPT, N) and sum(r[2] for r in records) > 5
+    with pytest.raises(ValueError, match="cross-layer attention"):
+        tiny_spec_model("hunyuan", vocab_size=8, model_args=dict(use_cla=True))
+
+
+@pytest.mark.parametrize(
+    "arch, message",
+    [("phi3small", "adds its boolean causal mask"), ("minimax_m3_vl", "places its queries")],
+)
+def test_models_whose_passes_cannot_equal_their_decoding_are_refused(arch, message):
+    from mlx_specstream.streams import attach_verifier
+
+    args = dict(
+        phi3small=dict(
+            dense_attention_every_n_layers=2, ff_intermediate_size=64, gegelu_limit=20.0,
+            layer_norm_epsilon=1e-5, num_key_value_heads=2, blocksparse_block_size=32,
+            blocksparse_num_local_blocks=1, blocksparse_vert_stride=2,
+        ),
+        minimax_m3_vl=dict(text_config=dict(
+            hidden_size=64, intermediate_size=32, dense_intermediate_size=128,
+            shared_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=512, rope_theta=10000.0, head_dim=16, rotary_dim=8,
+            routed_scaling_factor=1.0, moe_layer_freq=[0, 1, 1, 1],
+            sparse_attention_freq=[0, 1, 0, 1], index_n_heads=2, index_head_dim=16,
+            index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+        )),
+    )[arch]  # fmt: skip
+    from helpers import BASE, random_model
+
+    # (Phi-3-small's head writes at its tokenizer's dummy ids: a vocabulary past them)
+    model = random_model(arch, {**BASE, **args}, 100352 if arch == "phi3small" else 8)
+    with pytest.raises(ValueError, match=message):
+        attach_verifier(model)
+
+
 def test_parallelspec_on_position_scaled_layers_is_refused_with_the_reason():
     model = tiny_model("ministral3", vocab_size=8)
     with pytest.raises(ValueError, match=r"takes \(x, attn_scale, mask, cache\)"):

@@ -54,11 +54,42 @@ def test_lookup_on_a_recurrent_model_equals_plain(arch):
     assert accepted > 10, "drafts were rarely accepted: the test has no power"
 
 
-def test_negative_control_recurrent_state_not_rolled_back():
+def test_negative_control_recurrent_state_not_rolled_back(monkeypatch):
     """Mixers that do not split their call keep no state to go back to: the rejected
-    drafts stay in the recurrent layers, and the output changes."""
+    drafts stay in the recurrent layers, and the output changes (unless the pass goes
+    back to before its pending tokens, as it does for states no split mixer keeps)."""
     model = tiny_hybrid("qwen3_next")
     model.recurrent_split = SplitPoint()  # (split_recurrent_mixers then wraps nothing)
+    assert all(lookup(model, p, 40)[0] == plain_greedy(model, p, 40) for p in PROMPTS)
+    monkeypatch.setattr(recurrent.ChainCache, "unsplit_states", lambda self: False)
+    assert any(lookup(model, p, 40)[0] != plain_greedy(model, p, 40) for p in PROMPTS)
+
+
+@pytest.mark.parametrize("arch", ["longcat_flash_ngram", "baichuan_m1"])
+def test_negative_control_states_no_split_mixer_keeps(arch, monkeypatch):
+    """LongCat's n-gram context (an ArraysCache its embedding writes, ahead of the
+    layers') and Baichuan-M1's key/value convolutions (an ArraysCache inside the
+    attention's CacheList) are no split mixer's: a rejection goes back to before the
+    pending tokens. Control: treated as kept, the rejected drafts stay in them."""
+    model = tiny_hybrid(arch)
+    monkeypatch.setattr(recurrent.ChainCache, "unsplit_states", lambda self: False)
+    assert any(lookup(model, p, 40)[0] != plain_greedy(model, p, 40) for p in PROMPTS)
+
+
+def test_negative_control_split_inputs_that_keep_the_offset(monkeypatch):
+    """Ling's linear attention applies RoPE from an ``offset`` its layer passes: the
+    second part of a split call starts ``at`` tokens later. Control: the same offset
+    for both parts changes the output."""
+    model = tiny_hybrid("bailing_moe_linear")
+    assert all(lookup(model, p, 40)[0] == plain_greedy(model, p, 40) for p in PROMPTS)
+    split = recurrent.split_inputs
+
+    def same_offset(arguments, x_name, at):
+        rest = split(arguments, x_name, at)
+        rest.pop("offset", None)
+        return rest
+
+    monkeypatch.setattr(recurrent, "split_inputs", same_offset)
     assert any(lookup(model, p, 40)[0] != plain_greedy(model, p, 40) for p in PROMPTS)
 
 
