@@ -133,12 +133,13 @@ def _attention(layer):
 
 def _rope(layer):
     """The RoPE module of a decoder layer's attention (EXAONE's sits one module
-    deeper, in ``attn.attention``), or None."""
+    deeper, in ``attn.attention``; Qwen's and PLaMo's is ``rotary_emb``), or None."""
     attn = _attention(layer)
     for module in (attn, None if attn is None else getattr(attn, "attention", None)):
-        rope = None if module is None else getattr(module, "rope", None)
-        if rope is not None:
-            return rope
+        for name in ("rope", "rotary_emb"):
+            rope = None if module is None else getattr(module, name, None)
+            if isinstance(rope, nn.Module):
+                return rope
     return None
 
 
@@ -375,10 +376,12 @@ class StreamRuntime:
 
                 return __call__
 
-            def layer_call(base_call, i=i, first=layer_params(layer)[0]):
+            def layer_call(base_call, i=i, names=layer_params(layer)[:2]):
                 def __call__(self, x=None, mask=None, cache=None, *args, **kwargs):
                     if x is None:  # (GPT-J's model passes its input by name: inputs=)
-                        x = kwargs.pop(first)
+                        x = kwargs.pop(names[0])
+                    if mask is None and names[1] in kwargs:  # (attention_mask=, ...)
+                        mask = kwargs.pop(names[1])
                     if rt.state is None:
                         return base_call(self, x, mask, cache, *args, **kwargs)
                     if rt.state == "prefill":  # plain pass that keeps the last layer's states
@@ -1375,9 +1378,10 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         if kv_lists(c) and getattr(attn, "indexer", None) is None:
             raise ValueError(
                 f"Model type '{model_type}': layer {i} keeps several key caches (a "
-                "CacheList) for an attention other than DeepSeek V3.2's sparse one, whose "
-                "key picks could not follow a tree (MiniMax M3's block-sparse attention "
-                "places its queries by cache slot); it is not supported."
+                "CacheList) for attention other than DeepSeek V3.2's sparse one (MiniMax "
+                "M3's block-sparse attention places its queries by cache slot, which a "
+                "tree's rows do not follow; LongCat-Flash runs two attentions per layer); "
+                "it is not supported."
             )
     if type(model).__module__.endswith(".phi3small"):
         raise ValueError(
@@ -1390,7 +1394,12 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
     if made is not None and owners != list(range(len(made))):
         raise ValueError(
             f"Model type '{model_type}' makes {len(made)} caches for its {len(layers)} "
-            f"layers, of which {len(owners)} keep keys and values of their own: the verifier "
+            + (
+                f"layers, of which {len(owners)} keep keys and values of their own: "
+                if owners != list(range(len(layers)))
+                else "layers: "
+            )
+            + "the verifier "
             "needs a cache for each of the first layers and the others reading an earlier "
             "layer's (as Gemma 4's KV-sharing layers, previous_kvs)."
         )
@@ -1418,7 +1427,8 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         )
     for i, layer in enumerate(layers):
         takes = layer_params(layer)
-        if takes[1:3] != ["mask", "cache"] and not _scaled_attention(model, layer):
+        plain = len(takes) >= 3 and "mask" in takes[1] and takes[2] == "cache"
+        if not plain and not _scaled_attention(model, layer):
             raise ValueError(
                 f"Model type '{model_type}': layer {i} ({type(layer).__name__}) takes "
                 f"({', '.join(takes)}); the tree's masks go to decoder layers called as "
@@ -1524,7 +1534,7 @@ def hidden_size(model) -> int:
     width of its decoder layers' input norm."""
     for owner in (model, getattr(model, "language_model", None)):
         args = getattr(owner, "args", None)
-        for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        for name in ("hidden_size", "d_model", "n_embd", "dim", "model_dim"):
             if isinstance(getattr(args, name, None), int):
                 return int(getattr(args, name))
     norm = getattr(model.layers[0], "input_layernorm", None) if model.layers else None

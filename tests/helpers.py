@@ -354,6 +354,15 @@ _HUNYUAN = dict(
     moe_intermediate_size=32, rope_scaling={"alpha": 1.0, "factor": 1.0, "type": "dynamic"},
 )  # fmt: skip
 MORE_ARGS["hunyuan"] = _HUNYUAN
+# Qwen (v1) and PLaMo: RoPE named rotary_emb (PLaMo's layers take attention_mask=);
+# OpenELM: per-layer head counts, its width named model_dim
+MORE_ARGS["qwen"] = dict(kv_channels=16, intermediate_size=128, max_position_embeddings=512)
+MORE_ARGS["plamo"] = dict(intermediate_size=128, rms_norm_eps=1e-6, n_shared_head=2)
+MORE_ARGS["openelm"] = dict(
+    head_dim=16, num_transformer_layers=4, model_dim=64, ffn_dim_divisor=16,
+    num_query_heads=[4, 4, 4, 4], num_kv_heads=[2, 2, 1, 1],
+    ffn_multipliers=[1.0, 1.5, 2.0, 2.0],
+)  # fmt: skip
 MORE_ARGS["gptj"] = dict(n_embd=64, n_head=4, n_layer=4, rotary_dim=8, n_positions=512)
 # Absolute position embeddings added to the inputs (wpe): GPT-2, StarCoder (gpt_bigcode).
 MORE_ARGS["gpt2"] = dict(n_ctx=512, n_embd=64, n_head=4, n_layer=4, n_positions=512,
