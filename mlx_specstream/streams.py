@@ -1383,6 +1383,12 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "tree's rows do not follow; LongCat-Flash runs two attentions per layer); "
                 "it is not supported."
             )
+    if type(model).__module__.endswith(".muse_spark"):
+        raise ValueError(
+            f"Model type '{model_type}': its attention rotates queries and keys in a fused "
+            "Metal kernel from the cache's offset (qk_norm_rope), not through its RoPE "
+            "module, so a tree's positions cannot reach it; it is not supported."
+        )
     if type(model).__module__.endswith(".phi3small"):
         raise ValueError(
             f"Model type '{model_type}': mlx-lm's block-sparse attention adds its boolean "

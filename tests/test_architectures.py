@@ -140,7 +140,11 @@ def test_hunyuan_with_cross_layer_attention_looks_up_and_refuses_streams():
 
 @pytest.mark.parametrize(
     "arch, message",
-    [("phi3small", "adds its boolean causal mask"), ("minimax_m3_vl", "places its queries")],
+    [
+        ("phi3small", "adds its boolean causal mask"),
+        ("minimax_m3_vl", "places its queries"),
+        ("muse_spark", "fused Metal kernel"),
+    ],
 )
 def test_models_whose_passes_cannot_equal_their_decoding_are_refused(arch, message):
     from mlx_specstream.streams import attach_verifier
@@ -159,6 +163,15 @@ def test_models_whose_passes_cannot_equal_their_decoding_are_refused(arch, messa
             routed_scaling_factor=1.0, moe_layer_freq=[0, 1, 1, 1],
             sparse_attention_freq=[0, 1, 0, 1], index_n_heads=2, index_head_dim=16,
             index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+        )),
+        muse_spark=dict(text_config=dict(  # (window, full and NoPE layers, experts)
+            hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            num_hidden_layers=4, rms_norm_eps=1e-6, post_norm_eps=1e-6,
+            rope_parameters={"rope_theta": 10000.0},
+            layer_rope_theta=[10000.0, 10000.0, 10000.0, 0],
+            layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=8,
+            final_logit_softcapping=30.0, output_multiplier=1.0, num_local_experts=4,
+            num_experts_per_tok=2, moe_hidden_size=32, moe_intermediate_size=32,
         )),
     )[arch]  # fmt: skip
     from helpers import BASE, random_model
