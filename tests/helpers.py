@@ -638,3 +638,38 @@ def spec_tokens(model, prompt, max_tokens, **kwargs):
 
     out = list(spec_generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs))
     return [o[0] for o in out], out
+
+
+def tree_logits_off_plain(model, prompt, tree, rt=None):
+    """Per node of ``tree`` (``(tokens, parents)``), the largest difference between its
+    logits in one pass after ``prompt`` (the model's runtime, or ``rt``) and the
+    model's own logits after the prompt and the node's path (with caches, as decoding
+    runs it)."""
+    import numpy as np
+
+    from mlx_specstream import make_prompt_cache
+    from mlx_specstream.tree import path_to
+
+    rt = rt or model.speculative_streams
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt)[None], cache=cache)
+    got = np.array(rt.forward(*tree, cache).logits)
+    want = []
+    for k in range(len(tree[0])):
+        path = prompt + [tree[0][a] for a in path_to(k, tree[1])]
+        want.append(np.array(model(mx.array(path)[None], cache=make_prompt_cache(model))[0, -1]))
+    return np.abs(got - np.stack(want)).max(axis=-1)
+
+
+def assert_lookup_equals_mlx_lm(model, prompt, max_tokens, **kwargs):
+    """Prompt lookup (4 draft tokens, ``kwargs`` to our loop) gives mlx-lm's greedy
+    tokens and log-probabilities, with drafts accepted (the test has power)."""
+    from mlx_lm.generate import generate_step
+
+    want = list(generate_step(mx.array(prompt), model, max_tokens=max_tokens))
+    got, records = spec_tokens(model, prompt, max_tokens, draft="ngram", num_draft_tokens=4,
+                               **kwargs)  # fmt: skip
+    assert got == [int(t) for t, _ in want]
+    assert sum(r[2] for r in records) > 5, "no lookup draft accepted: the test has no power"
+    for (_, lp), r in zip(want, records):  # the same distributions, token by token
+        assert mx.allclose(lp, r[1], atol=1e-4)

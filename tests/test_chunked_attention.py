@@ -13,9 +13,10 @@ with its own ``ChunkedKVCache``.
 import doctest
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from helpers import (
+    tree_logits_off_plain,
+    assert_lookup_equals_mlx_lm,
     LLAMA4_TEXT,
     plain_greedy,
     spec_tokens,
@@ -32,7 +33,6 @@ from mlx_specstream import batch_generate, make_prompt_cache
 from mlx_specstream.cache import ChunkKVCache, attention_chunks, model_caches
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.streams import attach_verifier
-from mlx_specstream.tree import path_to
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
 N = 48
@@ -89,13 +89,7 @@ def test_chunk_kv_cache_golden():
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_lookup_drafts_equal_plain_across_chunks(pipeline):
     model = tiny_model("llama4", vocab_size=8)
-    want = list(generate_step(mx.array(PROMPT), model, max_tokens=N))
-    got, records = spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4,
-                               pipeline=pipeline)  # fmt: skip
-    assert got == [int(t) for t, _ in want]
-    assert sum(r[2] for r in records) > 5, "no lookup draft accepted: the test has no power"
-    for (_, lp), r in zip(want, records):  # the same distributions, token by token
-        assert mx.allclose(lp, r[1], atol=1e-4)
+    assert_lookup_equals_mlx_lm(model, PROMPT, N, pipeline=pipeline)
 
 
 @pytest.mark.parametrize(
@@ -109,19 +103,6 @@ def test_stream_trees_equal_plain_across_chunks(stream_pass, pipeline):
     assert len({r[3] for r in records}) < N - 5  # (steps: drafts were accepted)
 
 
-def tree_logits_off_plain(model):
-    """Per node of STRADDLE, the largest difference between its logits in one pass and
-    the model's own after PREFIX and the node's path (its own caches)."""
-    cache = make_prompt_cache(model)
-    model(mx.array(PREFIX)[None], cache=cache)
-    got = np.array(model.speculative_streams.forward(*STRADDLE, cache).logits)
-    want = []
-    for k in range(len(STRADDLE[0])):
-        path = PREFIX + [STRADDLE[0][a] for a in path_to(k, STRADDLE[1])]
-        want.append(np.array(model(mx.array(path)[None])[0, -1]))
-    return np.abs(got - np.stack(want)).max(axis=-1)
-
-
 def verifier_model():
     model = tiny_model("llama4")
     attach_verifier(model)
@@ -132,7 +113,7 @@ def verifier_model():
 def test_tree_rows_logits_are_plain_decodings(make):
     """Every node of a tree across a chunk boundary, in the lower layers alone
     (verifier) and in stream layers beside stream rows (a chunked and the global one)."""
-    assert tree_logits_off_plain(make()).max() < 1e-5
+    assert tree_logits_off_plain(make(), PREFIX, STRADDLE).max() < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -153,7 +134,7 @@ def test_negative_controls_tree_rows(control, differs, monkeypatch):
         monkeypatch.setattr(streams, "column_positions", lambda width, at, rows: mx.arange(width))
     else:
         monkeypatch.setattr(streams, "llama4_query_temperature", lambda layer: None)
-    off = tree_logits_off_plain(verifier_model())
+    off = tree_logits_off_plain(verifier_model(), PREFIX, STRADDLE)
     same = [k for k in range(8) if k not in differs]
     assert off[list(differs)].min() > 1e-3, off
     assert not same or off[same].max() < 1e-5, off
@@ -289,39 +270,11 @@ def test_streams_train_in_mlx_and_the_base_stays_bit_identical():
 
 
 def test_train_cli_writes_a_model_that_loads_and_decodes_losslessly(tmp_path):
-    """A Mac user's three lines on a Llama 4 directory: ``mlx_specstream.train``, then
-    ``load`` and generate: the base model's greedy tokens, with drafts accepted."""
-    import random
+    """A Mac user's three lines on a Llama 4 directory (``test_train``'s check)."""
+    from test_train import V, assert_train_cli_decodes_losslessly
 
-    import mlx_lm
-    from mlx_lm.utils import save_config, save_model
-    from test_train import CLI_RECIPE, V, cycle_ids, write_cycle_jsonl
-
-    from mlx_specstream import load, stream_generate
-    from mlx_specstream.train import main as train_main
-
-    base, out = tmp_path / "base", tmp_path / "out"
-    base.mkdir()
-    save_model(base, tiny_model("llama4", V, weight_scale=1.0))
     config = {"model_type": "llama4", "text_config": {**LLAMA4_TEXT, "vocab_size": V}}
-    save_config(config, base / "config.json")
-    word_tokenizer(V).save_pretrained(str(base))
-    data = write_cycle_jsonl(tmp_path / "data.jsonl")
-    train_main(["--model", str(base), "--data", str(data), "--out", str(out), "--iters", "60",
-                "--no-tune", *CLI_RECIPE])  # fmt: skip
-    model, tokenizer = load(str(out))
-    plain, _ = mlx_lm.load(str(base))
-    rng, passes, tokens = random.Random(5), 0, 0
-    for _ in range(3):
-        prompt = cycle_ids(rng, 4)
-        got = list(stream_generate(model, tokenizer, prompt, max_tokens=24, tree_depth=3,
-                                   tree_top_k=2))  # fmt: skip
-        want = plain_greedy(plain, prompt, 24)
-        if tokenizer.eos_token_id in want:  # generation stops at EOS
-            want = want[: want.index(tokenizer.eos_token_id) + 1]
-        assert [r.token for r in got] == want
-        passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
-    assert passes < tokens  # drafts were accepted
+    assert_train_cli_decodes_losslessly(tmp_path, "llama4", config)
 
 
 def test_a_long_prompt_fills_no_chunked_layer_past_its_bound(held_rows):
@@ -337,28 +290,8 @@ def test_a_long_prompt_fills_no_chunked_layer_past_its_bound(held_rows):
 
 
 def test_the_server_serves_it_with_prompt_lookup():
-    """``--draft ngram``: requests waiting together, then a follow-up reusing the prompt
-    cache, each answer equal to mlx-lm's plain decoding (the batch refusal logged:
-    requests served as mlx-lm's batches serve them, or one at a time)."""
-    from mlx_lm import stream_generate as mlx_lm_stream_generate
-    from test_server_batching import V, answer, submit, submit_together
+    """``--draft ngram``: requests waiting together and a follow-up, each answer equal
+    to mlx-lm's plain decoding (``test_server_batching.assert_served_alone_like_mlx_lm``)."""
+    from test_server_batching import V, assert_served_alone_like_mlx_lm
 
-    from mlx_specstream.server import make_server, service_of
-
-    model, tok = tiny_model("llama4", vocab_size=V), word_tokenizer(V, eos=0)
-    prompts = [[3, 4, 5, 3, 4, 5, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31] * 5]
-    prompts.append(prompts[0] + [1, 2])  # (a follow-up: its start is in the prompt cache)
-
-    def plain(p):
-        return "".join(r.text for r in mlx_lm_stream_generate(model, tok, p, max_tokens=30))
-
-    server = make_server(model, tok, "tiny", port=0, draft="ngram")
-    try:
-        svc = service_of(server)
-        assert svc.wait_idle(60) and not svc.spec_batching
-        body = {"max_tokens": 30, "num_draft_tokens": 3}
-        jobs = submit_together(svc, [(p, body) for p in prompts[:4]])
-        assert [answer(j)[0][0] for j in jobs] == [plain(p) for p in prompts[:4]]
-        assert answer(submit(svc, prompts[4], **body))[0][0] == plain(prompts[4])
-    finally:
-        server.server_close()
+    assert_served_alone_like_mlx_lm(tiny_model("llama4", vocab_size=V), word_tokenizer(V, eos=0))

@@ -16,6 +16,8 @@ lookup and draft models run on it, streams and drafters are refused.
 
 import logging
 
+import helpers
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -35,7 +37,6 @@ from mlx_specstream import (
 )
 from mlx_specstream.cache import WindowKVCache
 from mlx_specstream.streams import kv_sources
-from mlx_specstream.tree import path_to
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
 N = 48  # (six windows of 8)
@@ -115,18 +116,9 @@ WIDE = ([7, 1, 2, 3, 4, 5], [-1, 0, 0, 0, 1, 4])  # siblings 1, 2, 3; a path 0-1
 
 
 def tree_logits_off_plain(model, rt=None):
-    """Per node of WIDE, the largest difference between its logits in one pass
-    (fused, with streams) and the model's own logits after the prompt and the
-    node's path (with caches, as decoding runs it)."""
-    rt = rt or model.speculative_streams
-    cache = make_prompt_cache(model)
-    model(mx.array(PROMPT)[None], cache=cache)
-    got = np.array(rt.forward(*WIDE, cache).logits)
-    want = []
-    for k in range(len(WIDE[0])):
-        path = PROMPT + [WIDE[0][a] for a in path_to(k, WIDE[1])]
-        want.append(np.array(model(mx.array(path)[None], cache=make_prompt_cache(model))[0, -1]))
-    return np.abs(got - np.stack(want)).max(axis=-1)
+    """Per node of WIDE, its logits' largest difference from the model's own after the
+    prompt and the node's path (``helpers.tree_logits_off_plain``)."""
+    return helpers.tree_logits_off_plain(model, PROMPT, WIDE, rt)
 
 
 def test_tree_rows_logits_are_plain_decodings():
@@ -392,40 +384,12 @@ def test_gemma3n_streams_and_drafters_are_refused_with_the_reason(attach):
 
 
 def test_gemma4_train_cli_writes_a_model_that_loads_and_decodes_losslessly(tmp_path):
-    """A Mac user's three lines on a Gemma 4 directory: ``mlx_specstream.train``,
-    then ``load`` and generate: the base model's greedy tokens, with drafts accepted."""
-    import random
-
-    import mlx_lm
-    from mlx_lm.utils import save_config, save_model
-    from test_train import BASE, CLI_RECIPE, V, cycle_ids, write_cycle_jsonl
-
-    from mlx_specstream import load, stream_generate
-    from mlx_specstream.train import main as train_main
+    """A Mac user's three lines on a Gemma 4 directory (``test_train``'s check)."""
     from helpers import GEMMA4_TEXT
+    from test_train import BASE, V, assert_train_cli_decodes_losslessly
 
-    base, out = tmp_path / "base", tmp_path / "out"
-    base.mkdir()
-    save_model(base, tiny_model("gemma4_text", V, weight_scale=1.0))
-    save_config({**BASE, **GEMMA4_TEXT, "vocab_size": V, "model_type": "gemma4_text"},
-                base / "config.json")  # fmt: skip
-    word_tokenizer(V).save_pretrained(str(base))
-    data = write_cycle_jsonl(tmp_path / "data.jsonl")
-    train_main(["--model", str(base), "--data", str(data), "--out", str(out), "--iters", "60",
-                "--no-tune", *CLI_RECIPE])  # fmt: skip
-    model, tokenizer = load(str(out))
-    plain, _ = mlx_lm.load(str(base))
-    rng, passes, tokens = random.Random(5), 0, 0
-    for _ in range(3):
-        prompt = cycle_ids(rng, 4)
-        got = list(stream_generate(model, tokenizer, prompt, max_tokens=24, tree_depth=3,
-                                   tree_top_k=2))  # fmt: skip
-        want = plain_greedy(plain, prompt, 24)
-        if tokenizer.eos_token_id in want:  # generation stops at EOS
-            want = want[: want.index(tokenizer.eos_token_id) + 1]
-        assert [r.token for r in got] == want
-        passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
-    assert passes < tokens  # drafts were accepted
+    config = {**BASE, **GEMMA4_TEXT, "vocab_size": V, "model_type": "gemma4_text"}
+    assert_train_cli_decodes_losslessly(tmp_path, "gemma4_text", config)
 
 
 @pytest.mark.parametrize(

@@ -724,3 +724,29 @@ def test_with_a_draft_model_a_request_asking_for_lookup_merges_it(service, monke
     assert sorted(rows[:4]) == ["draft_model"] * 2 + ["draft_model+ngram"] * 2
     for p, (text, _, _) in zip(repeat, got):
         assert text[0] == plain(model, tok, p, 24)[0]
+
+
+def assert_served_alone_like_mlx_lm(model, tok):
+    """``--draft ngram`` on a model whose rows are not batched speculatively: requests
+    waiting together, then a follow-up reusing the prompt cache, each answer equal to
+    mlx-lm's plain decoding (served as mlx-lm's batches serve them, or one at a time)."""
+    from mlx_lm import stream_generate as mlx_lm_stream_generate
+
+    from mlx_specstream.server import make_server, service_of
+
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31] * 5]
+    prompts.append(prompts[0] + [1, 2])  # (a follow-up: its start is in the prompt cache)
+
+    def plain(p):
+        return "".join(r.text for r in mlx_lm_stream_generate(model, tok, p, max_tokens=30))
+
+    server = make_server(model, tok, "tiny", port=0, draft="ngram")
+    try:
+        svc = service_of(server)
+        assert svc.wait_idle(60) and not svc.spec_batching
+        body = {"max_tokens": 30, "num_draft_tokens": 3}
+        jobs = submit_together(svc, [(p, body) for p in prompts[:4]])
+        assert [answer(j)[0][0] for j in jobs] == [plain(p) for p in prompts[:4]]
+        assert answer(submit(svc, prompts[4], **body))[0][0] == plain(prompts[4])
+    finally:
+        server.server_close()

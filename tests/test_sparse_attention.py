@@ -11,20 +11,26 @@ both members (``FoldingCacheList``); batches are refused with the reason.
 import dataclasses
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
+from helpers import (
+    tree_logits_off_plain,
+    assert_lookup_equals_mlx_lm,
+    plain_greedy,
+    spec_tokens,
+    tiny_model,
+    tiny_spec_model,
+    word_tokenizer,
+)
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import CacheList, KVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.cache as cache_module
 import mlx_specstream.streams as streams
-from mlx_specstream import batch_generate, make_prompt_cache
+from mlx_specstream import batch_generate
 from mlx_specstream.cache import KVCacheList, model_caches
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.streams import attach_verifier
-from mlx_specstream.tree import path_to
 
 ARCHS = ["deepseek_v32", "glm_moe_dsa"]
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
@@ -55,13 +61,7 @@ def test_the_indexer_is_sparse_in_these_tests():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lookup_drafts_equal_plain(arch, pipeline):
     model = tiny_model(arch, vocab_size=8)
-    want = list(generate_step(mx.array(PROMPT), model, max_tokens=N))
-    got, records = spec_tokens(model, PROMPT, N, draft="ngram", num_draft_tokens=4,
-                               pipeline=pipeline)  # fmt: skip
-    assert got == [int(t) for t, _ in want]
-    assert sum(r[2] for r in records) > 5, "no lookup draft accepted: the test has no power"
-    for (_, lp), r in zip(want, records):  # the same distributions, token by token
-        assert mx.allclose(lp, r[1], atol=1e-4)
+    assert_lookup_equals_mlx_lm(model, PROMPT, N, pipeline=pipeline)
 
 
 @pytest.mark.parametrize(
@@ -76,19 +76,6 @@ def test_stream_trees_equal_plain(arch, stream_pass, pipeline):
     assert len({r[3] for r in records}) < N - 5  # (steps: drafts were accepted)
 
 
-def tree_logits_off_plain(model):
-    """Per node of TREE, the largest difference between its logits in one pass and the
-    model's own after PREFIX and the node's path."""
-    cache = make_prompt_cache(model)
-    model(mx.array(PREFIX)[None], cache=cache)
-    got = np.array(model.speculative_streams.forward(*TREE, cache).logits)
-    want = []
-    for k in range(len(TREE[0])):
-        path = PREFIX + [TREE[0][a] for a in path_to(k, TREE[1])]
-        want.append(np.array(model(mx.array(path)[None])[0, -1]))
-    return np.abs(got - np.stack(want)).max(axis=-1)
-
-
 def verifier_model(arch="deepseek_v32"):
     model = tiny_model(arch)
     attach_verifier(model)
@@ -100,7 +87,7 @@ def verifier_model(arch="deepseek_v32"):
              lambda: tiny_spec_model("deepseek_v32")],  # fmt: skip
 )
 def test_tree_rows_logits_are_plain_decodings(make):
-    assert tree_logits_off_plain(make()).max() < 1e-5
+    assert tree_logits_off_plain(make(), PREFIX, TREE).max() < 1e-5
 
 
 def test_negative_control_the_indexers_rope_at_the_offset(monkeypatch):
@@ -108,7 +95,7 @@ def test_negative_control_the_indexers_rope_at_the_offset(monkeypatch):
     past the root's first child, whose positions are not their indices, differ."""
     ropes = streams._ropes
     monkeypatch.setattr(streams, "_ropes", lambda layer: ropes(layer)[:1])
-    off = tree_logits_off_plain(verifier_model())
+    off = tree_logits_off_plain(verifier_model(), PREFIX, TREE)
     assert off[:2].max() < 1e-5 and off[2:].min() > 1e-3, off
 
 
@@ -165,28 +152,10 @@ def test_batches_are_refused_with_the_reason():
 
 
 def test_the_server_serves_it_with_prompt_lookup():
-    """``--draft ngram``: requests waiting together, then a follow-up reusing the prompt
-    cache, each answer equal to mlx-lm's plain decoding (the batch refusal logged:
-    requests served as mlx-lm's batches serve them, or one at a time)."""
-    from mlx_lm import stream_generate as mlx_lm_stream_generate
-    from test_server_batching import V, answer, submit, submit_together
+    """``--draft ngram``: requests waiting together and a follow-up, each answer equal
+    to mlx-lm's plain decoding (``test_server_batching.assert_served_alone_like_mlx_lm``)."""
+    from test_server_batching import V, assert_served_alone_like_mlx_lm
 
-    from mlx_specstream.server import make_server, service_of
-
-    model, tok = tiny_model("deepseek_v32", vocab_size=V), word_tokenizer(V, eos=0)
-    prompts = [[3, 4, 5, 3, 4, 5, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31] * 5]
-    prompts.append(prompts[0] + [1, 2])  # (a follow-up: its start is in the prompt cache)
-
-    def plain(p):
-        return "".join(r.text for r in mlx_lm_stream_generate(model, tok, p, max_tokens=30))
-
-    server = make_server(model, tok, "tiny", port=0, draft="ngram")
-    try:
-        svc = service_of(server)
-        assert svc.wait_idle(60) and not svc.spec_batching
-        body = {"max_tokens": 30, "num_draft_tokens": 3}
-        jobs = submit_together(svc, [(p, body) for p in prompts[:4]])
-        assert [answer(j)[0][0] for j in jobs] == [plain(p) for p in prompts[:4]]
-        assert answer(submit(svc, prompts[4], **body))[0][0] == plain(prompts[4])
-    finally:
-        server.server_close()
+    assert_served_alone_like_mlx_lm(
+        tiny_model("deepseek_v32", vocab_size=V), word_tokenizer(V, eos=0)
+    )

@@ -632,3 +632,38 @@ def test_held_out_evaluation_every_steps_per_eval(base_dir, data_file, tmp_path,
         train_main(args[:4] + out + args[6:])
     with pytest.raises(ValueError, match="--optimizer 'sgd', not 'adam'"):
         train_main(args[:4] + out + args[6:] + ["--resume", "--optimizer", "adam"])
+
+
+def assert_train_cli_decodes_losslessly(tmp_path, arch, config):
+    """A Mac user's three lines on a saved tiny ``arch`` directory (``config`` its
+    config.json): ``mlx_specstream.train``, then ``load`` and generate: the base
+    model's greedy tokens, with drafts accepted."""
+    import random
+
+    import mlx_lm
+    from helpers import plain_greedy, tiny_model, word_tokenizer
+    from mlx_lm.utils import save_config, save_model
+
+    from mlx_specstream import load, stream_generate
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir()
+    save_model(base, tiny_model(arch, V, weight_scale=1.0))
+    save_config(config, base / "config.json")
+    word_tokenizer(V).save_pretrained(str(base))
+    data = write_cycle_jsonl(tmp_path / "data.jsonl")
+    train_main(["--model", str(base), "--data", str(data), "--out", str(out), "--iters", "60",
+                "--no-tune", *CLI_RECIPE])  # fmt: skip
+    model, tokenizer = load(str(out))
+    plain, _ = mlx_lm.load(str(base))
+    rng, passes, tokens = random.Random(5), 0, 0
+    for _ in range(3):
+        prompt = cycle_ids(rng, 4)
+        got = list(stream_generate(model, tokenizer, prompt, max_tokens=24, tree_depth=3,
+                                   tree_top_k=2))  # fmt: skip
+        want = plain_greedy(plain, prompt, 24)
+        if tokenizer.eos_token_id in want:  # generation stops at EOS
+            want = want[: want.index(tokenizer.eos_token_id) + 1]
+        assert [r.token for r in got] == want
+        passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
+    assert passes < tokens  # drafts were accepted
