@@ -634,8 +634,12 @@ class ChunkKVCache(WindowKVCache):
     """
 
     def __init__(self, chunk: int, bounded: bool = False):
-        super().__init__(chunk)
-        self.chunk, self.bounded = chunk, bounded
+        super().__init__(chunk)  # (the window of rows kept: a chunk's)
+        self.bounded = bounded
+
+    @property
+    def chunk(self) -> int:
+        return self.window
 
     @property
     def start_position(self) -> int:
