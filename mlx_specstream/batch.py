@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .cache import ChunkKVCache, KVCacheList, model_caches
+from .cache import ChunkKVCache, KVCacheList, bounded_windows, model_caches, whole_windows
 from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
@@ -380,8 +380,9 @@ class SpecBatcher:
 
     def _checked(self, model, cache, tokens: List[int], name: str, base: int) -> List[KVCache]:
         """``cache`` (or a new one), holding ``base`` tokens of context and fewer than
-        all of ``tokens`` (the rest but the last are prefilled when the row joins)."""
-        cache = model_caches(model) if cache is None else list(cache)
+        all of ``tokens`` (the rest but the last are prefilled when the row joins); a
+        bounded prompt cache's window layers get a row for every position back."""
+        cache = model_caches(model) if cache is None else whole_windows(list(cache))
         for i, c in enumerate(cache):
             if type(c) is not KVCache:
                 raise ValueError(f"layer {i} of the row's {name} is a {type(c).__name__}")
@@ -409,13 +410,14 @@ class SpecBatcher:
         return out
 
     def _extract(self, b: int) -> List[KVCache]:
-        """Row ``b``'s caches, the model's layers then the draft model's, both
-        holding exactly its tokens but the last (a draft cache that lags, after a
+        """Row ``b``'s caches, the model's layers (bounded where they attend in a
+        window) then the draft model's, both holding exactly its tokens but the last (a draft cache that lags, after a
         pass whose drafts were all accepted, is fed the tokens it lacks)."""
         row = self.rows[b]
         model_layers = [c.extract(b, row.fed) for c in self.cache]
         for c in model_layers:  # (a row ended by a stop token fed the drafts after it)
             c.trim(max(c.offset - row.fed, 0))
+        bounded_windows(model_layers, self.model)  # (window layers: what windows to come see)
         if self.draft_model is None:
             return model_layers
         # (a pipelined pass's draft cache may hold the chain drafted after the row's tokens)

@@ -587,8 +587,20 @@ class WindowKVCache(KVCache):
         mask = create_causal_mask(N, self.offset, window_size=window_size or self.window)
         return mask[..., self.start :]
 
+    def trimmable(self) -> int:
+        """The most tokens :meth:`trim` takes off: every one until rows were dropped,
+        then as many as leave a query at the new end its whole window (the
+        ``window - 1`` positions before it).
+
+        Example: window 4, rows of positions 5..12 (``offset`` 13): 5 (down to
+        position 8, whose window 5..8 is held); before any drop, 13.
+        """
+        if self.start == 0:
+            return self.offset
+        return max(self.offset - self.start - self.window + 1, 0)
+
     def trim(self, n: int) -> int:
-        return super().trim(min(self.offset - self.start, n))  # (never below its first row)
+        return super().trim(min(self.trimmable(), n))  # (never into a window it lacks)
 
     def forget(self, committed: int) -> None:
         """Drops the rows below ``committed - 2 * window`` once a window's worth of
@@ -658,6 +670,14 @@ class ChunkKVCache(WindowKVCache):
         cols = mx.arange(self.start, self.offset + N)
         return (cols <= pos) & (cols >= (pos // self.chunk) * self.chunk)
 
+    def trimmable(self) -> int:
+        """As a window's, to the start of the first chunk whose rows are all held.
+
+        Example: chunk 4, rows of positions 6..13 (``offset`` 14): 6 (down to 8)."""
+        if self.start == 0:
+            return self.offset
+        return max(self.offset - -(-self.start // self.chunk) * self.chunk, 0)
+
     def forget(self, committed: int) -> None:
         if self.bounded:
             super().forget(committed)
@@ -697,6 +717,43 @@ def adopt_kv_lists(cache: list) -> None:
     for i, c in enumerate(cache):
         if kv_lists(c):
             cache[i] = KVCacheList(*c.caches)
+
+
+def whole_windows(cache: list) -> list:
+    """Replaces, in place, each :class:`WindowKVCache` of ``cache`` (not a chunked
+    layer's) by a ``KVCache`` with a row for every position, for batches, whose rows
+    hold every token (mlx-lm's and ours): the rows it dropped come back as zeros,
+    which no query to come sees (every mask drops the columns past its window).
+
+    Example: window 4, rows of positions 5..12: a ``KVCache`` of 13 rows, the first
+    5 zeros. Returns ``cache``.
+    """
+    for i, c in enumerate(cache):
+        if type(c) is WindowKVCache:
+            whole = KVCache()
+            if c.keys is not None:
+                gap = lambda a: mx.zeros((*a.shape[:-2], c.start, a.shape[-1]), a.dtype)
+                k, v = c.keys_and_values()
+                whole.keys = mx.concatenate([gap(k), k], axis=-2)
+                whole.values = mx.concatenate([gap(v), v], axis=-2)
+                whole.offset = c.offset
+            cache[i] = whole
+    return cache
+
+
+def bounded_windows(cache: list, model) -> list:
+    """Replaces, in place, the ``KVCache`` of each sliding-window layer of ``model``
+    (among the first layers of ``cache``, the model's) by a :class:`WindowKVCache`
+    over the same rows, then has every window layer drop the rows no window to come
+    sees: a cache kept to be reused (a batch row's, one plain decoding filled).
+    Returns ``cache``."""
+    for i, w in enumerate(sliding_windows(model)):
+        if w is not None and type(cache[i]) is KVCache:
+            c = WindowKVCache(w)
+            c.keys, c.values, c.offset = cache[i].keys, cache[i].values, cache[i].offset
+            cache[i] = c
+    forget_past_windows(cache)
+    return cache
 
 
 def first_row(c) -> int:
@@ -753,15 +810,18 @@ def model_caches(model, max_kv_size: Optional[int] = None, bounded: bool = False
 
 
 def make_prompt_cache(
-    model, max_kv_size: Optional[int] = None, draft_model=None, bounded: bool = False
+    model, max_kv_size: Optional[int] = None, draft_model=None, bounded: bool = True
 ) -> SpecPromptCache:
     """A prompt cache for ``model`` (:func:`model_caches`, and room for a drafter's state).
 
     ``max_kv_size`` gives rotating caches, as in mlx-lm (see :func:`check_cache`).
     With ``draft_model`` the draft model's caches follow the model's, as mlx-lm's
-    draft-model decoding keeps them. ``bounded``: sliding-window layers hold 2 to 3
-    windows (:class:`WindowKVCache`), for a cache that only grows, as a chat's does
-    (it cannot be trimmed back past the window).
+    draft-model decoding keeps them. ``bounded`` (the default): sliding-window and
+    chunked layers hold 2 to 3 windows (:class:`WindowKVCache`), as mlx-lm's rotating
+    caches hold one, and :func:`trim_prompt_cache` takes off no more tokens than
+    leave each window whole (a window and more once rows were dropped; mlx-lm's
+    cannot be trimmed at all once full). ``bounded=False``: every token is kept, and
+    the cache can be trimmed back to any of them.
     """
     cache = model_caches(model, max_kv_size, bounded)
     if draft_model is not None:
@@ -777,16 +837,25 @@ def cache_tokens(cache) -> Optional[int]:
     return next((c.offset for c in cache if hasattr(c, "offset")), None)
 
 
+def trimmable_tokens(cache) -> int:
+    """The most tokens :func:`trim_prompt_cache` can take off every layer of ``cache``:
+    all it holds, but no more than a :class:`WindowKVCache` (a bounded prompt
+    cache's window layer) gives back with each window to come whole."""
+    adopt_kv_lists(cache)
+    n = cache[0].offset
+    return min([n] + [c.trimmable() for c in cache if isinstance(c, WindowKVCache)])
+
+
 def trim_prompt_cache(cache, n: int) -> int:
-    """Removes the last ``n`` tokens from every layer and from the drafter state.
+    """Removes the last ``n`` tokens from every layer and from the drafter state (as
+    many as :func:`trimmable_tokens` allows: fewer where window layers dropped rows).
 
     Returns:
         int: the number of tokens trimmed (as ``mlx_lm``'s ``trim_prompt_cache``).
     """
     if n == 0:  # (also where a layer cannot be trimmed)
         return 0
-    adopt_kv_lists(cache)
-    n = min(n, cache[0].offset)
+    n = min(n, trimmable_tokens(cache))
     for c in cache:
         c.trim(n)
     state = drafter_state_of(cache)

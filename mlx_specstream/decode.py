@@ -800,7 +800,7 @@ def spec_generate_step(
                 )  # fmt: skip
                 return
             for n, (token, logprobs) in enumerate(
-                generate_step(
+                bounded_generate_step(
                     prompt,
                     model,
                     max_tokens=max_tokens,
@@ -1007,12 +1007,32 @@ def _plain_decoding(prompt, model, cache, follow: Callable[[List[int]], None], *
     history = prompt.tolist()
     try:
         for n, (token, logprobs) in enumerate(
-            generate_step(prompt, model, prompt_cache=cache, **kwargs), start=1
+            bounded_generate_step(prompt, model, prompt_cache=cache, **kwargs), start=1
         ):
             history.append(int(token))
             yield token, logprobs, False, n
     finally:
         follow(history)
+
+
+def bounded_generate_step(prompt: mx.array, model, prompt_cache=None, **kwargs):
+    """mlx-lm's ``generate_step``, whose window layers of ours (a bounded prompt
+    cache's :class:`~mlx_specstream.cache.WindowKVCache`) drop the rows no window to
+    come sees after each prompt chunk and each token, as in our own loop."""
+    progress = kwargs.pop("prompt_progress_callback", None) or (lambda *_: None)
+    windows = prompt_cache is not None and any(isinstance(c, WindowKVCache) for c in prompt_cache)
+
+    def chunked(done: int, total: int) -> None:  # (after each prompt chunk is evaluated)
+        if windows:
+            forget_past_windows(prompt_cache)
+        progress(done, total)
+
+    gen = generate_step(prompt, model, prompt_cache=prompt_cache,
+                        prompt_progress_callback=chunked, **kwargs)  # fmt: skip
+    for out in gen:
+        yield out
+        if windows:  # (the next token's pass is built: its rows are in)
+            forget_past_windows(prompt_cache)
 
 
 def _log_softmax(logits: mx.array) -> mx.array:

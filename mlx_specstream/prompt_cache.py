@@ -43,7 +43,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from mlx_lm.models.cache import can_trim_prompt_cache
 
-from .cache import cache_tokens, trim_prompt_cache
+from .cache import cache_tokens, trim_prompt_cache, trimmable_tokens
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -126,7 +126,8 @@ class PromptCacheLRU:
     def reusable(entry: Entry, tokens: Sequence[int], min_new: int = 1) -> int:
         """How many of ``tokens`` the entry can serve: the common prefix, but
         leaving at least ``min_new`` tokens to feed, and one token less when a
-        pairing drafter's last kept row was built with another next token."""
+        pairing drafter's last kept row was built with another next token; none
+        when its window layers cannot be trimmed back that far."""
         r = min(common_prefix(entry.key, tokens), len(tokens) - min_new)
         if not can_trim_prompt_cache(entry.cache):  # recurrent layers: the whole key or nothing
             return r if r == len(entry.key) else 0
@@ -136,6 +137,8 @@ class PromptCacheLRU:
             old_next = entry.key[r] if r < len(entry.key) else entry.next_token
             if old_next != tokens[r]:
                 r -= 1
+        if len(entry.key) - r > trimmable_tokens(entry.cache):
+            return 0  # (window layers that dropped rows: not that far back)
         return max(r, 0)
 
     def fetch(self, tokens: Sequence[int], min_new: int = 1) -> Tuple[Optional[list], int]:
@@ -177,8 +180,8 @@ class PromptCacheLRU:
         """Keeps ``cache``, which holds exactly the tokens ``key``.
 
         Entries whose keys are prefixes of ``key`` are dropped when ``cache``
-        can be trimmed (this one, trimmed, serves them), then the least recently
-        used entries go until the limits hold.
+        can be trimmed back to them (this one, trimmed, serves them), then the least
+        recently used entries go until the limits hold.
         """
         key = list(key)
         if not key or self.max_size == 0:
@@ -189,10 +192,12 @@ class PromptCacheLRU:
             )
         entry = Entry(key, cache, cache_nbytes(cache), next_token)
         with self._lock:
-            # (an untrimmable cache cannot give its prefixes back: they stay)
-            prefixes = [k for k in self._entries if _is_prefix(k, key)]
-            for k in prefixes if can_trim_prompt_cache(cache) else [tuple(key)]:
-                self._entries.pop(k, None)
+            # (a cache that cannot be trimmed back to a prefix cannot give it back: it stays)
+            back = trimmable_tokens(cache) if can_trim_prompt_cache(cache) else 0
+            for k in [k for k in self._entries if _is_prefix(k, key)]:
+                if len(key) - len(k) <= back:
+                    self._entries.pop(k)
+            self._entries.pop(tuple(key), None)
             self._entries[tuple(key)] = entry
             self._evict()
 

@@ -18,7 +18,7 @@ from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
 from mlx_lm.sample_utils import make_logits_processors
 
 from .batch import SpecBatcher, output_size, tuned_depth
-from .cache import cache_tokens, trim_prompt_cache
+from .cache import cache_tokens, trim_prompt_cache, whole_windows
 from .cli_args import DRAFT_MODEL_TOKENS
 from .generate import SpeculativeUsage
 from .ngram import NGRAM_DRAFT_TOKENS
@@ -177,7 +177,7 @@ class Batch:
         that has generated tokens (it ran speculatively until now) goes on from its
         last one: a cache that already holds that token gives it back (it must be
         trimmable) to compute what follows."""
-        sequence = reply.sequence
+        sequence, cache = reply.sequence, whole_windows(cache)  # (a batch's rows hold every row)
         held = cache_tokens(cache) if reply.generated else reply.cached
         if held == len(sequence):
             held -= trim_prompt_cache(cache, 1)
@@ -278,7 +278,7 @@ class SpecBatch:
 
     def add(self, reply: Reply, cache: list) -> None:
         """As :meth:`Batch.add` (``cache`` holds a prefix of ``reply.sequence``)."""
-        sequence, cache = reply.sequence, _held_by(list(cache), reply.sequence, 1)
+        sequence, cache = reply.sequence, _held_by(whole_windows(list(cache)), reply.sequence, 1)
         args = reply.job.args
         draft, tuned = args.get("draft") or None, self.tuned
         if draft is not None or self.batcher.draft_model is not None:

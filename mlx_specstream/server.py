@@ -74,7 +74,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import can_trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from .cache import cache_tokens, make_prompt_cache, trim_prompt_cache
+from .cache import bounded_windows, cache_tokens, make_prompt_cache, trim_prompt_cache
 from .cli_args import (
     DRAFT_MODEL_TOKENS,
     add_draft_args,
@@ -276,7 +276,8 @@ class ModelService:
         the tokens it holds), and the job ends with its last choice."""
         if reply.finished:
             logger.debug("usage %s", json.dumps(reply.usage))
-        self.prompt_cache.insert_finished(reply.sequence, cache)
+        # (a batch's row keeps its window layers whole: kept, they hold 2 to 3 windows)
+        self.prompt_cache.insert_finished(reply.sequence, bounded_windows(cache, self.model))
         if reply.job in self._open:
             self._open[reply.job] -= 1
             if self._open[reply.job] == 0 or reply.job.cancelled.is_set():

@@ -57,7 +57,8 @@ def test_chunked_layers_keep_their_rows_in_caches_of_ours():
     ours = model_caches(model, bounded=True)
     assert [type(c) for c in ours] == [ChunkKVCache] * 3 + [KVCache]
     assert all(c.bounded for c in ours[:3])
-    assert not any(c.bounded for c in make_prompt_cache(model)[:3])  # (trimmed back: kept)
+    assert all(c.bounded for c in make_prompt_cache(model)[:3])
+    assert not any(c.bounded for c in make_prompt_cache(model, bounded=False)[:3])
     # mlx-lm's own loop on them equals its loop on its ChunkedKVCache.
     want = plain_greedy(model, PROMPT, N)
     assert plain_greedy(model, PROMPT, N, prompt_cache=model_caches(model, bounded=True)) == want
@@ -232,16 +233,19 @@ def test_negative_control_forgetting_rows_of_the_current_chunk(monkeypatch):
     assert spec_tokens(model, PROMPT, 120, draft="ngram", pipeline=True)[0] != want
 
 
-def test_a_prompt_cache_reused_across_calls_keeps_every_row():
+@pytest.mark.parametrize("bounded", [True, False])
+def test_a_prompt_cache_reused_across_calls_answers_as_mlx_lm(bounded):
     """mlx-lm's multi-turn pattern (each call feeds its new tokens to the same cache):
-    ours, from ``make_prompt_cache`` (a server's, a chat's), keeps every row and answers
-    each turn as mlx-lm's ``generate_step`` does with its own ChunkedKVCache."""
+    ours, from ``make_prompt_cache`` (a server's, a chat's), answers each turn as
+    mlx-lm's ``generate_step`` does with its own ChunkedKVCache; its chunked layers
+    drop the rows no chunk to come sees (``bounded=False``: it keeps every row)."""
     model = tiny_model("llama4", vocab_size=8)
-    ours, theirs = make_prompt_cache(model), mlx_lm_prompt_cache(model)
+    ours, theirs = make_prompt_cache(model, bounded=bounded), mlx_lm_prompt_cache(model)
     for prompt in (PROMPT, [5, 2], [1]):
         got, _ = spec_tokens(model, prompt, 20, draft="ngram", prompt_cache=ours)
         assert got == plain_greedy(model, prompt, 20, prompt_cache=theirs)
-    assert ours[0].offset == theirs[0].offset == 73 and ours[0].start_position == 0
+    assert ours[0].offset == theirs[0].offset == 73
+    assert ours[0].start_position >= (73 - 3 * 8 if bounded else 0)
 
 
 def test_mlx_lm_chunked_prompt_cache_gets_a_clear_error():

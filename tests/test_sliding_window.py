@@ -54,7 +54,8 @@ def test_window_layers_keep_every_token():
     assert [type(c) for c in model.make_cache()] == [RotatingKVCache, KVCache] * 2
     assert sliding_windows(model) == [8, None, 8, None]
     assert [type(c) for c in model_caches(model)] == [KVCache] * 4
-    assert [type(c) for c in make_prompt_cache(model)] == [KVCache] * 4
+    assert [type(c) for c in make_prompt_cache(model, bounded=False)] == [KVCache] * 4
+    assert [type(c) for c in make_prompt_cache(model)] == [WindowKVCache, KVCache] * 2
     assert sliding_windows(tiny_model("llama", vocab_size=8)) == [None] * 4
     qwen2 = tiny_model("qwen2", vocab_size=8)  # (no make_cache: nothing to replace)
     assert sliding_windows(qwen2) == []
@@ -183,7 +184,8 @@ def test_window_cut_doc_example():
 
 def test_window_kv_cache_golden():
     """Window 4, 13 tokens: ``forget(13)`` drops positions 0..4; the rows, the model's
-    mask and a trim then act on positions 5..12."""
+    mask and a trim then act on positions 5..12, and a trim stops where a query would
+    lack a row of its window."""
     c = WindowKVCache(4)
     keys = mx.arange(13, dtype=mx.float32).reshape(1, 1, 13, 1)
     c.update_and_fetch(keys, keys)
@@ -196,7 +198,12 @@ def test_window_kv_cache_golden():
     assert mask.astype(mx.int32).tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]]
     k, _ = c.update_and_fetch(keys[..., :1, :] + 100, keys[..., :1, :])
     assert k[0, 0, :, 0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 100] and c.offset == 14
-    assert c.trim(20) == 9 and c.offset == 5  # (never below its first row)
+    # (down to 8 at most: a query at 8 sees 5..8, the first rows held)
+    assert c.trimmable() == 6 and c.trim(20) == 6 and c.offset == 8
+    assert c.trimmable() == 0 and c.trim(1) == 0
+    fresh = WindowKVCache(4)
+    fresh.update_and_fetch(keys, keys)
+    assert fresh.trimmable() == 13 and fresh.trim(20) == 13  # (nothing dropped: all)
 
 
 @pytest.fixture

@@ -1,0 +1,231 @@
+"""Reused prompt caches of sliding-window and chunked models stay bounded, as mlx-lm's
+rotating caches do: ``make_prompt_cache`` gives their window layers a ``WindowKVCache``
+that drops the rows no window to come sees, ``trim_prompt_cache`` takes off no more
+tokens than leave each window whole, the server's LRU reuses an entry only as far
+back as it can be trimmed, and a batch's rows get their dropped rows back as zeros
+(``whole_windows``) and leave bounded again (``bounded_windows``). Tiny Gemma 3 shape,
+window 8."""
+
+import mlx.core as mx
+import pytest
+from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
+from mlx_lm.models.cache import KVCache
+
+import mlx_specstream.batch as batch
+import mlx_specstream.replies as replies
+from mlx_specstream import make_prompt_cache
+from mlx_specstream.cache import (
+    ChunkKVCache,
+    WindowKVCache,
+    bounded_windows,
+    cache_tokens,
+    trim_prompt_cache,
+    trimmable_tokens,
+    whole_windows,
+)
+from mlx_specstream.prompt_cache import Entry, PromptCacheLRU
+
+PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
+W = 8  # the tiny gemma3_text's window
+
+
+def _rows(n: int) -> mx.array:
+    return mx.arange(n, dtype=mx.float32).reshape(1, 1, n, 1)
+
+
+def test_trimmable_golden():
+    """Chunks of 4, rows of positions 6..13: a trim stops at 8, the first chunk whose
+    rows are all held; nothing dropped: every token."""
+    c = ChunkKVCache(4, bounded=True)
+    c.update_and_fetch(_rows(14), _rows(14))
+    c.forget(14)
+    assert (c.start, c.offset, c.trimmable()) == (6, 14, 6)
+    assert c.trim(9) == 6 and c.offset == 8
+    kept = ChunkKVCache(4)
+    kept.update_and_fetch(_rows(14), _rows(14))
+    kept.forget(14)
+    assert (kept.start, kept.trimmable()) == (0, 14)
+
+
+def test_whole_and_bounded_windows_golden():
+    """Window 4, rows of positions 5..12: ``whole_windows`` gives a ``KVCache`` of 13
+    rows, the first 5 zeros; ``bounded_windows`` gives the window layer of a model
+    back its bound (rows of positions 5..12 from a whole cache of 13)."""
+    c = WindowKVCache(4)
+    c.update_and_fetch(_rows(13) + 1, _rows(13) + 1)
+    c.forget(13)
+    cache = [c, KVCache()]
+    assert whole_windows(cache) is cache and [type(x) for x in cache] == [KVCache] * 2
+    k, v = cache[0].keys, cache[0].values
+    assert k[0, 0, :, 0].tolist() == [0] * 5 + list(range(6, 14)) and cache[0].offset == 13
+    assert v.tolist() == k.tolist()
+
+    model = tiny_model("gemma3_text", vocab_size=8)  # (window 8 in layers 0 and 2)
+    whole = [KVCache() for _ in range(4)]
+    for x in whole:
+        x.update_and_fetch(_rows(30), _rows(30))
+    bounded_windows(whole, model)
+    assert [type(x) for x in whole] == [WindowKVCache, KVCache] * 2
+    assert (whole[0].start, whole[0].offset, whole[1].offset) == (14, 30, 30)
+    assert whole[0].state[0][0, 0, :, 0].tolist() == list(range(14, 30))
+
+
+def test_a_reused_cache_trims_only_as_far_as_its_windows_allow_and_answers_as_plain(
+    monkeypatch,
+):
+    """A cache that dropped rows, trimmed by far more than it can give back: every layer
+    gives back as many tokens (``trimmable_tokens``), and a follow-up from there equals
+    plain decoding of the conversation so far. Control: a window layer trimmed back to
+    its first row (a query's window then lacks rows): not plain."""
+    model = tiny_model("gemma3_text", vocab_size=8)
+
+    def follow_up():
+        cache = make_prompt_cache(model)
+        got, _ = spec_tokens(model, PROMPT, 60, draft="ngram", prompt_cache=cache)
+        assert cache[0].start > 0 and cache[2].start > 0  # (rows dropped)
+        back = trimmable_tokens(cache)
+        assert W < back < 60 and trim_prompt_cache(cache, 1000) == back
+        held = cache_tokens(cache)
+        assert [c.offset for c in cache] == [held] * 4
+        conversation = (PROMPT + got)[:held]
+        mine, _ = spec_tokens(model, [5, 2], 30, draft="ngram", prompt_cache=cache)
+        return mine, plain_greedy(model, conversation + [5, 2], 30)
+
+    mine, want = follow_up()
+    assert mine == want
+    monkeypatch.setattr(WindowKVCache, "trimmable", lambda self: self.offset - self.start)
+    mine, want = follow_up()
+    assert mine != want
+
+
+def test_the_lru_reuses_a_bounded_cache_only_as_far_back_as_it_can_be_trimmed():
+    """An entry whose window layers dropped rows serves a prompt sharing nearly all of
+    its key (trimmed a few tokens), not one sharing only its start; inserted, it drops
+    the entries it can serve and keeps those it cannot."""
+    model = tiny_model("gemma3_text", vocab_size=8)
+    cache = make_prompt_cache(model)
+    got, _ = spec_tokens(model, PROMPT, 60, draft="ngram", prompt_cache=cache)
+    key = (PROMPT + got)[: cache_tokens(cache)]
+    back = trimmable_tokens(cache)
+    entry = Entry(key, cache, 0)
+    near = key[: len(key) - back] + [7, 7]
+    far = key[: len(key) - back - 1] + [7, 7]
+    assert PromptCacheLRU.reusable(entry, near) == len(key) - back
+    assert PromptCacheLRU.reusable(entry, far) == 0
+    assert PromptCacheLRU.reusable(entry, key + [1]) == len(key)
+
+    lru = PromptCacheLRU()
+    for n in (len(key) - back, len(key) - back - 1):
+        short = make_prompt_cache(model)
+        model(mx.array([key[:n]]), cache=short)
+        lru.insert(key[:n], short)
+    lru.insert(key, cache)
+    assert sorted(map(len, lru.keys())) == [len(key) - back - 1, len(key)]
+    fetched, n = lru.fetch(near)
+    assert n == len(key) - back and cache_tokens(fetched) == n
+
+
+@pytest.mark.parametrize("draft", ["ngram", None])
+def test_the_server_keeps_bounded_caches_and_answers_as_mlx_lm(draft, monkeypatch):
+    """A long answer's cache goes into the LRU bounded; its follow-up joins a batch (our
+    rows that draft, or mlx-lm's plain batch) with the others waiting, its dropped rows
+    back as zeros; every answer equals mlx-lm's, and the batch's caches go back into
+    the LRU bounded. Control: rows joining a batch as they are (no ``whole_windows``):
+    refused (ours) or other tokens (mlx-lm's batch reads the rows from the first)."""
+    from mlx_lm import stream_generate as mlx_lm_stream_generate
+    from test_server_batching import answer, submit, submit_together
+
+    from mlx_specstream.server import make_server, service_of
+
+    V = 64
+    if draft:
+        model = tiny_model("gemma3_text", vocab_size=V)
+    else:  # (streams tuned off, no --draft: mlx-lm's plain batches)
+        model = tiny_spec_model("gemma3_text", V, num_streams=3, mode="lossless", tree_depth=0)
+    tok = word_tokenizer(V)  # (the first answer runs its 40 tokens)
+
+    def plain(p, n):
+        rs = list(mlx_lm_stream_generate(model, tok, p, max_tokens=n))
+        return "".join(r.text for r in rs), [r.token for r in rs]
+
+    first = [3, 4, 5, 3, 4, 5, 3, 4, 5, 6]
+    text, tokens = plain(first, 40)
+    follow = first + tokens + [9, 9]
+    others = [[7, 8, 9, 10, 11, 12, 13], [20], [30, 31] * 5]
+    want = [plain(p, 20)[0] for p in [follow] + others]
+    body = {"max_tokens": 20, "num_draft_tokens": 3}
+    if draft is None:
+        body = {"max_tokens": 20}
+
+    def serve():
+        server = make_server(model, tok, "tiny", port=0, **({"draft": draft} if draft else {}))
+        svc = service_of(server)
+        assert svc.wait_idle(60) and svc.batching and svc.spec_batching == (draft is not None)
+        try:
+            assert answer(submit(svc, first, **{**body, "max_tokens": 40}))[0][0] == text
+            (entry,) = svc.prompt_cache._entries.values()
+            assert entry.cache[0].start > 0  # (bounded: rows dropped)
+            jobs = submit_together(svc, [(p, body) for p in [follow] + others])
+            got = [answer(j)[0][0] for j in jobs]
+            assert svc.served["batched"] >= 1
+            windows = [e.cache[0] for e in svc.prompt_cache._entries.values()]
+            assert all(type(c) is WindowKVCache for c in windows)
+            assert max(c.offset - c.start for c in windows) <= 3 * W
+            return got
+        finally:
+            server.server_close()
+
+    assert serve() == want
+    for module in (replies, batch):
+        monkeypatch.setattr(module, "whole_windows", lambda cache: cache)
+    try:
+        got = serve()
+    except Exception as e:  # noqa: BLE001 - the control's refusal
+        assert draft is not None and "WindowKVCache" in str(e)
+    else:
+        assert got != want
+
+
+def test_plain_decoding_on_a_bounded_cache_keeps_it_bounded(monkeypatch):
+    """``speculative=False`` runs mlx-lm's loop on the cache: its window layers drop rows
+    after each prompt chunk and each token as ours do, and the tokens are mlx-lm's."""
+    held, forget = [], WindowKVCache.forget
+
+    def spy(self, committed):
+        held.append(self.offset - self.start)  # (before: what was held since the last)
+        forget(self, committed)
+
+    monkeypatch.setattr(WindowKVCache, "forget", spy)
+    model = tiny_spec_model("gemma3_text", 8, num_streams=3, mode="lossless")
+    prompt = (PROMPT * 10)[:100]
+    cache = make_prompt_cache(model)
+    got, _ = spec_tokens(model, prompt, 40, speculative=False, prompt_cache=cache,
+                         prefill_step_size=16)  # fmt: skip
+    assert got == plain_greedy(model, prompt, 40)
+    assert cache[0].start > 100 and max(held) <= 3 * W + 16  # (a prompt chunk at most)
+
+
+def test_batch_rows_take_bounded_caches_and_give_them_back_bounded():
+    """``batch_generate``'s ``prompt_caches``: a bounded cache that dropped rows (a
+    generation's), then the caches it returns (bounded too, holding all but the last
+    token), each continued by the next call as plain decoding continues the whole
+    conversation."""
+    from mlx_specstream import batch_generate
+
+    model, tok = tiny_model("gemma3_text", vocab_size=8), word_tokenizer(8)  # (EOS 7)
+    cache = make_prompt_cache(model)
+    got, _ = spec_tokens(model, PROMPT, 40, draft="ngram", prompt_cache=cache)
+    assert cache[0].start > 0
+    conversation = (PROMPT + got)[: cache_tokens(cache)]
+    turns = [[5, 2], [6]]
+    kwargs = dict(return_token_ids=True, draft="ngram", num_draft_tokens=3)
+    first = batch_generate(model, tok, turns, max_tokens=30, prompt_caches=[cache, cache],
+                           return_prompt_caches=True, **kwargs)  # fmt: skip
+    gens = [ids + [7] * (r == "stop") for ids, r in zip(first.token_ids, first.finish_reasons)]
+    for t, gen, c in zip(turns, gens, first.caches):
+        assert gen == plain_greedy(model, conversation + t, 30)[: len(gen)]
+        assert type(c[0]) is WindowKVCache and c[0].offset - c[0].start <= 3 * W
+    second = batch_generate(model, tok, [[gen[-1], 1] for gen in gens], max_tokens=20,
+                            prompt_caches=first.caches, **kwargs)  # fmt: skip
+    for t, gen, ids in zip(turns, gens, second.token_ids):
+        assert ids == plain_greedy(model, conversation + t + gen + [1], 20)[: len(ids)]
