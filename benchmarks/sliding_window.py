@@ -21,8 +21,9 @@ in the same run:
 For each: tokens/s after the first token and × mlx-lm plain, tokens per pass, whether
 the output is plain decoding's token for token (else where it first leaves it), the
 bytes of the model's KV caches at the end and the peak memory. A generation's own
-caches hold 2 to 3 windows in the window layers (``WindowKVCache``); a reusable prompt
-cache (``make_prompt_cache``, the last way) keeps the whole context there. Results go to
+caches hold 2 to 3 windows in the window layers (``WindowKVCache``), and so does a
+reusable prompt cache (``make_prompt_cache``); one made with ``bounded=False`` (the last
+way) keeps the whole context there. Results go to
 ``benchmarks/results/sliding_window[-TAG].{md,json}``.
 """
 
@@ -111,11 +112,12 @@ def main():
             decode.model_caches = lambda *a, **kw: made.append(model_caches(*a, **kw)) or made[-1]
             yield name, made, spec_generate_step(x, model, max_tokens=n, **kw)
         decode.model_caches = model_caches
-        c = make_prompt_cache(model)  # (reusable: window layers keep the whole context)
-        gen = spec_generate_step(
-            x, model, max_tokens=n, prompt_cache=c, draft="ngram", num_draft_tokens=k
-        )
-        yield "ours: lookup, a reusable prompt cache", c, gen
+        for name, bounded in [("", True), (", bounded=False", False)]:
+            c = make_prompt_cache(model, bounded=bounded)  # (False: keeps the whole context)
+            gen = spec_generate_step(
+                x, model, max_tokens=n, prompt_cache=c, draft="ngram", num_draft_tokens=k
+            )
+            yield f"ours: lookup, a reusable prompt cache{name}", c, gen
 
     results = {}
     for _ in range(args.rounds):

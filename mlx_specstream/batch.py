@@ -422,6 +422,7 @@ class SpecBatcher:
             return model_layers
         # (a pipelined pass's draft cache may hold the chain drafted after the row's tokens)
         draft_layers = [c.extract(b, min(c.ends[b], row.fed)) for c in self.draft_cache]
+        bounded_windows(draft_layers, self.draft_model)
         lag = row.history.tokens[draft_layers[0].offset - row.base : row.fed - row.base]
         if lag:
             self.draft_model(mx.array([lag]), cache=draft_layers)

@@ -741,17 +741,24 @@ def whole_windows(cache: list) -> list:
     return cache
 
 
-def bounded_windows(cache: list, model) -> list:
+def bounded_windows(cache: list, model, draft_model=None) -> list:
     """Replaces, in place, the ``KVCache`` of each sliding-window layer of ``model``
-    (among the first layers of ``cache``, the model's) by a :class:`WindowKVCache`
-    over the same rows, then has every window layer drop the rows no window to come
-    sees: a cache kept to be reused (a batch row's, one plain decoding filled).
-    Returns ``cache``."""
-    for i, w in enumerate(sliding_windows(model)):
-        if w is not None and type(cache[i]) is KVCache:
-            c = WindowKVCache(w)
-            c.keys, c.values, c.offset = cache[i].keys, cache[i].values, cache[i].offset
-            cache[i] = c
+    (the first layers of ``cache``) and of ``draft_model`` (the layers after them) by
+    a :class:`WindowKVCache` over the same rows, then has every window layer drop the
+    rows no window to come sees: a cache kept to be reused (a batch row's, one plain
+    decoding filled). Returns ``cache``."""
+    from mlx_lm.models.cache import make_prompt_cache as make_mlx_lm_cache
+
+    start = 0
+    for m in (model, draft_model):
+        if m is None:
+            continue
+        for i, w in enumerate(sliding_windows(m), start):
+            if w is not None and type(cache[i]) is KVCache:
+                c = WindowKVCache(w)
+                c.keys, c.values, c.offset = cache[i].keys, cache[i].values, cache[i].offset
+                cache[i] = c
+        start += len(make_mlx_lm_cache(m))
     forget_past_windows(cache)
     return cache
 
@@ -825,7 +832,7 @@ def make_prompt_cache(
     """
     cache = model_caches(model, max_kv_size, bounded)
     if draft_model is not None:
-        cache += model_caches(draft_model)
+        cache += model_caches(draft_model, bounded=bounded)
     return SpecPromptCache(cache)
 
 

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
-from .cache import model_caches
+from .cache import ChunkKVCache, WindowKVCache, forget_past_windows, model_caches
 
 
 class DraftModel:
@@ -44,6 +44,7 @@ class DraftModel:
         """Feeds context tokens in chunks of ``step`` (a prompt's body)."""
         for i in range(0, len(tokens), step):
             self._feed(mx.array(tokens[i : i + step]))
+            forget_past_windows(self.cache)  # (only committed tokens in it)
             mx.eval([c.state for c in self.cache])
         self.fed += len(tokens)
 
@@ -82,7 +83,15 @@ class DraftModel:
             fed.append(mx.argmax(levels[-1]).reshape(1))
             levels.append(self._step(fed[-1]))
         self.drafts = mx.concatenate(fed) if fed else None
+        self._forget()
         return _fit(mx.stack(levels), vocab_size)
+
+    def _forget(self) -> None:
+        """Window layers drop the rows no window after the committed tokens sees (the
+        drafts fed after them stay cut as from a ``KVCache``)."""
+        for c in self.cache:
+            if isinstance(c, WindowKVCache):
+                c.forget(self.fed)
 
     def _step(self, tokens: mx.array) -> mx.array:
         """The logits after ``tokens`` (fed to the cache), float32."""
@@ -110,6 +119,7 @@ class DraftModel:
         if end > self.fed:
             self._feed(mx.array(history[self.fed - start : end - start]))
             self.fed = end
+        self._forget()
         mx.eval([c.state for c in self.cache])
 
     def rewind(self, n: int) -> None:
@@ -189,9 +199,10 @@ def split_prompt_cache(model: nn.Module, draft_model: nn.Module, prompt_cache):
         ValueError: the cache does not hold both, or the two hold different tokens.
     """
     if prompt_cache is None:
-        return None, model_caches(draft_model)
+        return None, model_caches(draft_model, bounded=True)
     base, draft = split_pair(model, draft_model, prompt_cache)
-    bad = sorted({type(c).__name__ for c in draft if type(c) not in (KVCache, QuantizedKVCache)})
+    ok = (KVCache, QuantizedKVCache, WindowKVCache, ChunkKVCache)  # (the last two: ours)
+    bad = sorted({type(c).__name__ for c in draft if type(c) not in ok})
     if bad:
         raise ValueError(
             f"prompt_cache: the draft model's layers need a KVCache (or QuantizedKVCache) each, "

@@ -35,6 +35,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, make_prompt_cache
 
+from .cache import WindowKVCache
 from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import accept_by_rejection
@@ -167,7 +168,7 @@ def check_recurrent_cache(cache: list) -> None:
     """Raises ``ValueError`` naming the kinds of layer caches that a chain of drafts
     cannot roll back (taken: ``KVCache``, ``QuantizedKVCache`` and ``ArraysCache``,
     batch 1)."""
-    ok = (KVCache, QuantizedKVCache, ArraysCache)
+    ok = (KVCache, QuantizedKVCache, ArraysCache, WindowKVCache)  # (a bounded draft cache's)
     cache = [k for c in cache for k in layer_caches(c)]
     bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
     if bad:

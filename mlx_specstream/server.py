@@ -277,7 +277,8 @@ class ModelService:
         if reply.finished:
             logger.debug("usage %s", json.dumps(reply.usage))
         # (a batch's row keeps its window layers whole: kept, they hold 2 to 3 windows)
-        self.prompt_cache.insert_finished(reply.sequence, bounded_windows(cache, self.model))
+        bounded_windows(cache, self.model, self.draft_model)
+        self.prompt_cache.insert_finished(reply.sequence, cache)
         if reply.job in self._open:
             self._open[reply.job] -= 1
             if self._open[reply.job] == 0 or reply.job.cancelled.is_set():

@@ -125,13 +125,14 @@ def test_the_lru_reuses_a_bounded_cache_only_as_far_back_as_it_can_be_trimmed():
     assert n == len(key) - back and cache_tokens(fetched) == n
 
 
-@pytest.mark.parametrize("draft", ["ngram", None])
+@pytest.mark.parametrize("draft", ["ngram", "draft_model", None])
 def test_the_server_keeps_bounded_caches_and_answers_as_mlx_lm(draft, monkeypatch):
     """A long answer's cache goes into the LRU bounded; its follow-up joins a batch (our
-    rows that draft, or mlx-lm's plain batch) with the others waiting, its dropped rows
-    back as zeros; every answer equals mlx-lm's, and the batch's caches go back into
-    the LRU bounded. Control: rows joining a batch as they are (no ``whole_windows``):
-    refused (ours) or other tokens (mlx-lm's batch reads the rows from the first)."""
+    rows that draft by lookup or with a windowed draft model, or mlx-lm's plain batch)
+    with the others waiting, its dropped rows back as zeros; every answer equals
+    mlx-lm's, and the batch's caches (a draft model's too) go back into the LRU
+    bounded. Control: rows joining a batch as they are (no ``whole_windows``): refused
+    (ours) or other tokens (mlx-lm's batch reads the rows from the first)."""
     from mlx_lm import stream_generate as mlx_lm_stream_generate
     from test_server_batching import answer, submit, submit_together
 
@@ -157,8 +158,12 @@ def test_the_server_keeps_bounded_caches_and_answers_as_mlx_lm(draft, monkeypatc
     if draft is None:
         body = {"max_tokens": 20}
 
+    flags = {"draft": draft} if draft == "ngram" else {}
+    if draft == "draft_model":
+        flags = {"draft_model": tiny_model("gemma3_text", vocab_size=V, seed=3)}
+
     def serve():
-        server = make_server(model, tok, "tiny", port=0, **({"draft": draft} if draft else {}))
+        server = make_server(model, tok, "tiny", port=0, **flags)
         svc = service_of(server)
         assert svc.wait_idle(60) and svc.batching and svc.spec_batching == (draft is not None)
         try:
@@ -168,7 +173,8 @@ def test_the_server_keeps_bounded_caches_and_answers_as_mlx_lm(draft, monkeypatc
             jobs = submit_together(svc, [(p, body) for p in [follow] + others])
             got = [answer(j)[0][0] for j in jobs]
             assert svc.served["batched"] >= 1
-            windows = [e.cache[0] for e in svc.prompt_cache._entries.values()]
+            layers = [0, 4] if draft == "draft_model" else [0]
+            windows = [e.cache[i] for e in svc.prompt_cache._entries.values() for i in layers]
             assert all(type(c) is WindowKVCache for c in windows)
             assert max(c.offset - c.start for c in windows) <= 3 * W
             return got
@@ -229,3 +235,88 @@ def test_batch_rows_take_bounded_caches_and_give_them_back_bounded():
                             prompt_caches=first.caches, **kwargs)  # fmt: skip
     for t, gen, ids in zip(turns, gens, second.token_ids):
         assert ids == plain_greedy(model, conversation + t + gen + [1], 20)[: len(ids)]
+
+
+@pytest.fixture
+def window_rows(monkeypatch):
+    """Every window layer's rows before each ``forget``, by the layer's cache; and each
+    trim a window bound cut short (none must be, inside a generation)."""
+    held, cut = {}, []
+    forget, trim = WindowKVCache.forget, WindowKVCache.trim
+
+    def spy_forget(self, committed):
+        held.setdefault(id(self), []).append(self.offset - self.start)
+        forget(self, committed)
+
+    def spy_trim(self, n):
+        if n > self.trimmable():
+            cut.append((n, self.trimmable()))
+        return trim(self, n)
+
+    monkeypatch.setattr(WindowKVCache, "forget", spy_forget)
+    monkeypatch.setattr(WindowKVCache, "trim", spy_trim)
+    return held, cut
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_a_windowed_draft_models_cache_stays_bounded_across_calls(speculative, window_rows):
+    """A Gemma 3 shape drafting for another, both caches in one reused prompt cache over
+    three calls (mlx-lm's convention): each call equals plain decoding of the whole
+    conversation, and the draft model's window layers drop rows as the model's do
+    (``speculative=False``: its cache takes in each call's tokens at the end)."""
+    held, cut = window_rows
+    model = tiny_spec_model("gemma3_text", 8, num_streams=3, mode="lossless")
+    draft = tiny_model("gemma3_text", vocab_size=8, seed=3)
+    cache = make_prompt_cache(model, draft_model=draft)
+    assert [type(c) for c in cache] == [WindowKVCache, KVCache] * 4
+    history = []
+    for prompt in (PROMPT, [5, 2], [6, 1, 4]):
+        got, _ = spec_tokens(model, prompt, 40, draft_model=draft, num_draft_tokens=3,
+                             prompt_cache=cache, speculative=speculative)  # fmt: skip
+        assert got == plain_greedy(model, history + prompt, 40)
+        history += prompt + got
+        assert cache_tokens(cache[4:]) == cache_tokens(cache) == len(history)
+    assert cache[4].start > 60 and cache[6].start > 60  # (the draft model's windows)
+    bound = 3 * W + (40 + 3 if not speculative else 8)  # (a step's; plain: a call's at once)
+    assert max(max(rows) for rows in held.values()) <= bound and not cut
+
+
+def test_a_generation_never_cuts_a_trim_short_at_a_window_bound(window_rows):
+    """Chains longer than the window, pipelined or not, trees, a draft model: every
+    trim inside a generation takes off all it asks (a bound that cut one would leave
+    rejected rows in the cache); each output is plain decoding's."""
+    held, cut = window_rows
+    model = tiny_spec_model("gemma3_text", 8, num_streams=3, top_k=2)
+    want = plain_greedy(model, PROMPT, 120)
+    for kwargs in [
+        dict(draft="ngram", num_draft_tokens=30, pipeline=True),
+        dict(draft="ngram", num_draft_tokens=12, pipeline=False),
+        dict(max_tree_nodes=6, pipeline=True),
+        dict(max_tree_nodes=6, pipeline=False),
+        dict(draft_model=tiny_model("gemma3_text", vocab_size=8, seed=3), num_draft_tokens=6),
+    ]:
+        assert spec_tokens(model, PROMPT, 120, **kwargs)[0] == want
+    assert len(held) >= 10 and not cut
+
+
+def test_batch_rows_with_a_windowed_draft_model_take_and_give_back_bounded_caches():
+    """``batch_generate`` with a Gemma 3 shape drafting: each row's cache (the model's
+    layers, then the draft model's, both having dropped rows) joins the batch, and both
+    come back bounded; the rows equal plain decoding of the conversation."""
+    from mlx_specstream import batch_generate
+
+    model, tok = tiny_model("gemma3_text", vocab_size=8), word_tokenizer(8)  # (EOS 7)
+    draft = tiny_model("gemma3_text", vocab_size=8, seed=3)
+    cache = make_prompt_cache(model, draft_model=draft)
+    got, _ = spec_tokens(model, PROMPT, 40, draft_model=draft, num_draft_tokens=3,
+                         prompt_cache=cache)  # fmt: skip
+    assert cache[0].start > 0 and cache[4].start > 0
+    conversation = PROMPT + got
+    turns = [[5, 2], [6]]
+    out = batch_generate(model, tok, turns, max_tokens=30, prompt_caches=[cache, cache],
+                         return_prompt_caches=True, return_token_ids=True,
+                         draft_model=draft, num_draft_tokens=3)  # fmt: skip
+    for t, ids, c in zip(turns, out.token_ids, out.caches):
+        assert ids == plain_greedy(model, conversation + t, 30)[: len(ids)]
+        assert [type(x) for x in c] == [WindowKVCache, KVCache] * 4
+        assert all(x.offset - x.start <= 3 * W for x in c[::2])
