@@ -8,7 +8,7 @@ window 8."""
 
 import mlx.core as mx
 import pytest
-from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
+from helpers import WINDOWED, plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
 from mlx_lm.models.cache import KVCache
 
 import mlx_specstream.batch as batch
@@ -320,3 +320,21 @@ def test_batch_rows_with_a_windowed_draft_model_take_and_give_back_bounded_cache
         assert ids == plain_greedy(model, conversation + t, 30)[: len(ids)]
         assert [type(x) for x in c] == [WindowKVCache, KVCache] * 4
         assert all(x.offset - x.start <= 3 * W for x in c[::2])
+
+
+@pytest.mark.parametrize("arch", WINDOWED + ["gemma4_text", "gemma3n", "llama4"])
+def test_reused_caches_trimmed_back_and_continued_equal_plain(arch):
+    """On every windowed shape (Gemma 4's and 3n's KV-sharing layers read a window
+    layer's rows; Llama 4's chunked layers): a cache reused over two calls, trimmed by
+    more than it can give back, continues as plain decoding of what it holds."""
+    model = tiny_model(arch, vocab_size=8)
+    cache, history = make_prompt_cache(model), []
+    for prompt in (PROMPT, [5, 2]):
+        got, _ = spec_tokens(model, prompt, 40, draft="ngram", prompt_cache=cache)
+        history += prompt + got
+    assert any(getattr(c, "start", 0) > 0 for c in cache)  # (rows dropped)
+    n = trim_prompt_cache(cache, 1000)
+    held = cache_tokens(cache)
+    assert 0 < n < len(history) and held == len(history) - n
+    got, _ = spec_tokens(model, [6, 1, 4], 30, draft="ngram", prompt_cache=cache)
+    assert got == plain_greedy(model, history[:held] + [6, 1, 4], 30)
