@@ -307,11 +307,16 @@ class StreamRuntime:
         self._cols = [None] * self.num_layers  # during a pass: each layer's cache
         self._over_lower = self._upper_nodes = None
         self._upper_extra = {}  # a split pass's per-row inputs of the upper layers
+        # Each layer's cache in the model's list (None: a layer without attention).
+        self.cache_slot = cache_slots(model)
+        attending = [c for c in self.cache_slot[self.first_top :] if c is not None]
+        # (a cache the stream layers' rows end at: every cache holds the same tokens)
+        self.upper_slot = (attending or [c for c in self.cache_slot if c is not None])[0]
         windows = sliding_windows(model)
-        self.windows = [windows[s] if windows else None for s in self.kv_source]
+        self.windows = [windows[c] if windows and c is not None else None for c in self.cache_slot]
         # Each layer's attention chunk (Llama 4's chunked layers; None: not chunked).
         chunks = attention_chunks(model)
-        self.chunks = [chunks[s] if chunks else None for s in self.kv_source]
+        self.chunks = [chunks[c] if chunks and c is not None else None for c in self.cache_slot]
         self._stream_cols = None  # a split stream pass's columns' positions (_windowed)
         self._extra_outputs = {}  # per layer: outputs after h (_outputs_after_h)
         self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
@@ -1053,7 +1058,7 @@ class StreamRuntime:
                 raise ValueError("This model has no streams to put in the rows' pass.")
             W, g = tokens.shape[1], self.config.num_streams
             chain = layout_of([-1] + list(range(W - 1)))
-            upper = cache[self.kv_source[self.first_top]]
+            upper = cache[self.upper_slot]
             block = chain.stream_mask(g, shared)
             self._upper_mask = rows_mask(block, upper.offset, upper.size())
             # (each stream row's token, for per-token inputs and lower layers' rows)
@@ -1107,7 +1112,7 @@ class StreamRuntime:
         B, g = nodes.shape[0], self.config.num_streams
         h = mx.take_along_axis(self._upper_input, nodes[:, None, None], axis=1)
         self._stream_input = self.streams.make_streams(h)
-        upper = cache[self.kv_source[self.first_top]]
+        upper = cache[self.upper_slot]
         self._stream_mask = upper.make_mask(g)  # row b, stream j: its tokens and streams <= j
         self._upper_nodes = mx.repeat(nodes[:, None], g, axis=1)  # (per row: its node's inputs)
         self._over_lower = None
@@ -1191,6 +1196,25 @@ def kv_sources(model) -> List[int]:
             if sources is not None and getattr(inner, "layers", None) is model.layers:
                 return [int(s) for s in sources]
     return list(range(len(model.layers)))
+
+
+def cache_slots(model) -> List[Optional[int]]:
+    """Per decoder layer, the index in the model's cache list of the cache it attends
+    over (``None``: it has no attention): :func:`kv_sources` (each layer its own, or
+    the earlier layer's it shares), but where the model makes caches only for its
+    layers that attend (Nemotron-NAS: ``self_attn`` is ``None`` elsewhere), those
+    layers' in order.
+
+    Example: a Nemotron-NAS of 4 layers, the second and fourth without attention
+    (2 caches): ``[0, None, 1, None]``; a Gemma 4 of 6 layers whose last 2 share:
+    ``[0, 1, 2, 3, 3, 2]``.
+    """
+    made = model.make_cache() if hasattr(model, "make_cache") else None
+    attends = [getattr(layer, "self_attn", True) is not None for layer in model.layers]
+    if made is not None and len(made) == sum(attends) < len(attends):
+        slots = iter(range(len(made)))
+        return [next(slots) if a else None for a in attends]
+    return kv_sources(model)
 
 
 def llama4_attention_scale(positions: mx.array, beta: float, max_positions: int) -> mx.array:
@@ -1373,8 +1397,19 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "with recurrent layers runs prompt lookup (draft='ngram', --draft ngram), "
                 "verified as a chain."
             )
+    slots = cache_slots(model)
+    linear = [i for i, layer in enumerate(layers)
+              if type(getattr(layer, "self_attn", None)).__name__ == "LinearSubblockReplacement"]  # fmt: skip
+    if linear:
+        raise ValueError(
+            f"Model type '{model_type}': layers {linear} replace their attention by a linear "
+            "map (Nemotron-NAS's replace_with_linear), which never writes the KVCache the "
+            "model hands it, so that cache does not count the tokens as the others do; "
+            "it is not supported (layers without attention, no_op, are)."
+        )
     for i, c in enumerate(made or []):
-        attn = _attention(layers[i]) if i < len(layers) else None
+        at = slots.index(i) if i in slots else i  # (the first layer that reads cache i)
+        attn = _attention(layers[at]) if at < len(layers) else None
         if kv_lists(c) and getattr(attn, "indexer", None) is None:
             raise ValueError(
                 f"Model type '{model_type}': layer {i} keeps several key caches (a "
@@ -1397,7 +1432,8 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         )
     sources = kv_sources(model)
     owners = [i for i, s in enumerate(sources) if s == i]
-    if made is not None and owners != list(range(len(made))):
+    no_attention = [i for i, c in enumerate(slots) if c is None]
+    if made is not None and owners != list(range(len(made))) and not no_attention:
         raise ValueError(
             f"Model type '{model_type}' makes {len(made)} caches for its {len(layers)} "
             + (
@@ -1443,6 +1479,8 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         rope = _rope(layer)
         if rope is None and (_no_positions(layer) or position_embedding(model) is not None):
             continue  # (positions from the model's inputs: position_embedding)
+        if slots[i] is None:
+            continue  # (no attention: Nemotron-NAS's no_op layers)
         if rope is None:
             raise ValueError(
                 f"Model type '{model_type}': layer {i} has no attention with a RoPE module; "

@@ -196,7 +196,14 @@ LLAMA4_TEXT = dict(
         "original_max_position_embeddings": 16,
     },
 )
+_NAS_BLOCKS = [  # (Nemotron-NAS: layers 1 and 3 without attention, 2 without an MLP)
+    dict(attention=dict(n_heads_in_group=2), ffn=dict(ffn_mult=1.0)),
+    dict(attention=dict(no_op=True), ffn=dict(ffn_mult=1.5)),
+    dict(attention=dict(n_heads_in_group=4), ffn=dict(no_op=True)),
+    dict(attention=dict(no_op=True), ffn=dict(ffn_mult=1.0)),
+]
 MORE_ARGS = {
+    "nemotron-nas": dict(block_configs=_NAS_BLOCKS),
     "qwen3_moe": _QWEN3_MOE,
     "mixtral": dict(intermediate_size=128, num_key_value_heads=2, num_local_experts=4,
                     num_experts_per_tok=2),

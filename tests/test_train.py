@@ -634,10 +634,10 @@ def test_held_out_evaluation_every_steps_per_eval(base_dir, data_file, tmp_path,
         train_main(args[:4] + out + args[6:] + ["--resume", "--optimizer", "adam"])
 
 
-def assert_train_cli_decodes_losslessly(tmp_path, arch, config):
+def assert_train_cli_decodes_losslessly(tmp_path, arch, config, extra=()):
     """A Mac user's three lines on a saved tiny ``arch`` directory (``config`` its
-    config.json): ``mlx_specstream.train``, then ``load`` and generate: the base
-    model's greedy tokens, with drafts accepted."""
+    config.json): ``mlx_specstream.train`` (with the flags ``extra``), then ``load``
+    and generate: the base model's greedy tokens, with drafts accepted."""
     import random
 
     import mlx_lm
@@ -653,7 +653,7 @@ def assert_train_cli_decodes_losslessly(tmp_path, arch, config):
     word_tokenizer(V).save_pretrained(str(base))
     data = write_cycle_jsonl(tmp_path / "data.jsonl")
     train_main(["--model", str(base), "--data", str(data), "--out", str(out), "--iters", "60",
-                "--no-tune", *CLI_RECIPE])  # fmt: skip
+                "--no-tune", *CLI_RECIPE, *extra])  # fmt: skip
     model, tokenizer = load(str(out))
     plain, _ = mlx_lm.load(str(base))
     rng, passes, tokens = random.Random(5), 0, 0
