@@ -17,8 +17,10 @@ _EXPORTS = {
     "batch_generate": "batch",
     "generate": "generate",
     "load": "utils",
+    "load_prompt_cache": "cache_file",
     "make_prompt_cache": "cache",
     "save": "utils",
+    "save_prompt_cache": "cache_file",
     "stream_generate": "generate",
 }
 

@@ -730,15 +730,21 @@ def whole_windows(cache: list) -> list:
     """
     for i, c in enumerate(cache):
         if type(c) is WindowKVCache:
-            whole = KVCache()
-            if c.keys is not None:
-                gap = lambda a: mx.zeros((*a.shape[:-2], c.start, a.shape[-1]), a.dtype)
-                k, v = c.keys_and_values()
-                whole.keys = mx.concatenate([gap(k), k], axis=-2)
-                whole.values = mx.concatenate([gap(v), v], axis=-2)
-                whole.offset = c.offset
-            cache[i] = whole
+            cache[i] = whole_rows(c)
     return cache
+
+
+def whole_rows(c: WindowKVCache) -> KVCache:
+    """A ``KVCache`` with a row for every position of ``c`` (window or chunked): zeros
+    before its first row (``c.start``), then its rows."""
+    whole = KVCache()
+    if c.keys is not None:
+        gap = lambda a: mx.zeros((*a.shape[:-2], c.start, a.shape[-1]), a.dtype)
+        k, v = c.keys_and_values()
+        whole.keys = mx.concatenate([gap(k), k], axis=-2)
+        whole.values = mx.concatenate([gap(v), v], axis=-2)
+        whole.offset = c.offset
+    return whole
 
 
 def bounded_windows(cache: list, model, draft_model=None) -> list:

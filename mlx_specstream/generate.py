@@ -480,7 +480,9 @@ def main(argv=None):
 def load_cache_file(path: str, args):
     """``(prompt_cache, metadata)`` of an ``mlx_lm.cache_prompt`` file, checked against
     the command's ``--model`` and KV quantization flags as ``mlx_lm.generate`` checks them."""
-    from mlx_lm.models.cache import QuantizedKVCache, load_prompt_cache
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from .cache_file import load_prompt_cache  # (mlx-lm's files, and ours: bounded again)
 
     cache, metadata = load_prompt_cache(path, return_metadata=True)
     if args.model is not None and metadata.get("model") not in (None, args.model):
