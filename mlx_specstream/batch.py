@@ -30,11 +30,19 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from .cache import ChunkKVCache, KVCacheList, bounded_windows, model_caches, whole_windows
+from .cache import (
+    ChunkKVCache,
+    KVCacheList,
+    adopt_kv_lists,
+    bounded_windows,
+    cache_tokens,
+    model_caches,
+    whole_windows,
+)
 from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
-from .ragged_cache import RaggedKVCache
+from .ragged_cache import RaggedKVCache, empty_ragged, ragged
 
 DRAFTS = ("auto", "streams", "ngram", "streams+ngram", "draft_model", None)
 # A row's own source: without a draft model, then with one.
@@ -95,13 +103,7 @@ def unbatchable(model, name: str = "model") -> Optional[str]:
                 f"layer {i} of this {name} attends in chunks of {c.chunk} tokens (Llama 4's "
                 "chunked attention), which batch_generate does not apply to rows of a batch"
             )
-        if isinstance(c, KVCacheList):  # (mlx-lm's BatchKVCache members hold them)
-            return (
-                f"layer {i} of this {name} keeps two key caches (DeepSeek V3.2's sparse "
-                "attention: its latent keys and its indexer's), which the rows of a "
-                "speculative batch do not hold; mlx-lm's batch_generate decodes them"
-            )
-        if type(c) is not KVCache:
+        if type(c) is not KVCache and not isinstance(c, KVCacheList):  # (the last: in pairs)
             return (
                 f"batch_generate needs a plain key-value cache in every layer; layer {i} of "
                 f"this {name} has a {type(c).__name__} (rotating caches that keep "
@@ -137,7 +139,7 @@ def _probe(model) -> Optional[str]:
     prompts = [[t % vocab for t in range(1, n + 1)] for n in (8, 3, 2)]
     fed = [5 % vocab, 6 % vocab]
     try:  # (prefilled together, padded to the longest, as rows joining a batch are)
-        cache = [RaggedKVCache([0] * len(prompts)) for _ in model_caches(model)]
+        cache = [empty_ragged(c, len(prompts)) for c in model_caches(model)]
         _prefill_rows(model, cache, prompts, len(prompts[0]))
         batched = model(mx.array([fed] * len(prompts)), cache=cache)
     except Exception as e:  # noqa: BLE001 - the reason is reported
@@ -362,7 +364,7 @@ class SpecBatcher:
             raise ValueError(
                 f"draft={draft!r} in a batch without streams (SpecBatcher(streams=True))"
             )
-        base = cache[0].offset if before and cache else 0
+        base = cache_tokens(cache) if before and cache else 0
         cache = self._checked(self.model, cache, tokens, "cache", base)
         if self.draft_model is not None:
             if before and (draft_cache[0].offset if draft_cache else 0) != base:
@@ -383,8 +385,9 @@ class SpecBatcher:
         all of ``tokens`` (the rest but the last are prefilled when the row joins); a
         bounded prompt cache's window layers get a row for every position back."""
         cache = model_caches(model) if cache is None else whole_windows(list(cache))
+        adopt_kv_lists(cache)  # (mlx-lm's CacheList of KVCaches: DeepSeek V3.2's pairs)
         for i, c in enumerate(cache):
-            if type(c) is not KVCache:
+            if type(c) is not KVCache and type(c) is not KVCacheList:
                 raise ValueError(f"layer {i} of the row's {name} is a {type(c).__name__}")
         held = cache[0].offset - base
         if held >= len(tokens):
@@ -462,7 +465,7 @@ class SpecBatcher:
         feeds = [r.history.tokens[c[0].offset - r.base : -1] for r, c in zip(rows, caches)]
         size, new = self.prefill_batch_size or len(rows), None
         for g in range(0, len(rows), size):
-            part = [RaggedKVCache.merge(layer) for layer in zip(*caches[g : g + size])]
+            part = [ragged(layer) for layer in zip(*caches[g : g + size])]
             _prefill_rows(model, part, feeds[g : g + size], self.prefill_step_size)
             new = part if new is None else [a.extend(b) for a, b in zip(new, part)]
         return new if cache is None or not self.rows else [a.extend(b) for a, b in zip(cache, new)]

@@ -24,7 +24,9 @@ from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, _BaseCache
+from mlx_lm.models.cache import CacheList, KVCache, _BaseCache
+
+from .cache import KVCacheList
 
 
 class RaggedKVCache(_BaseCache):
@@ -205,3 +207,89 @@ class RaggedKVCache(_BaseCache):
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class RaggedKVCacheList(CacheList):
+    """A batch's pair of key caches for DeepSeek V3.2's (and GLM-5's) sparse attention:
+    a :class:`RaggedKVCache` for its latent keys and one for its indexer's keys, whose
+    rows grow together. It answers as one :class:`RaggedKVCache` (the first member's
+    ends, size and mask), and moves every member's rows at once.
+
+    Example: ``RaggedKVCacheList.merge([KVCacheList(a0, i0), KVCacheList(a1, i1)])``
+    holds rows ``a0, a1`` in its first member and ``i0, i1`` in its second;
+    ``extract(1)`` gives ``KVCacheList(a1, i1)`` back.
+    """
+
+    @property
+    def offset(self) -> mx.array:
+        return self.caches[0].offset
+
+    @offset.setter
+    def offset(self, v) -> None:
+        for c in self.caches:
+            c.offset = v
+
+    @property
+    def ends(self) -> List[int]:
+        return self.caches[0].ends
+
+    def size(self) -> int:
+        return self.caches[0].size()
+
+    def empty(self) -> bool:
+        return self.caches[0].empty()
+
+    def make_mask(self, *args, **kwargs):
+        return self.caches[0].make_mask(*args, **kwargs)
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def set_ends(self, ends: Sequence[int]) -> None:
+        for c in self.caches:
+            c.set_ends(ends)
+
+    def advance(self, kept: Sequence[int]) -> None:
+        for c in self.caches:
+            c.advance(kept)
+
+    def advance_on_device(self, kept: mx.array, most: int) -> None:
+        for c in self.caches:
+            c.advance_on_device(kept, most)
+
+    def settle(self, kept: Sequence[int]) -> None:
+        for c in self.caches:
+            c.settle(kept)
+
+    def filter(self, rows: Sequence[int]) -> None:
+        for c in self.caches:
+            c.filter(rows)
+
+    def extract(self, row: int, end: Optional[int] = None) -> KVCacheList:
+        return KVCacheList(*[c.extract(row, end) for c in self.caches])
+
+    def extend(self, other: "RaggedKVCacheList") -> "RaggedKVCacheList":
+        return RaggedKVCacheList(*[a.extend(b) for a, b in zip(self.caches, other.caches)])
+
+    @classmethod
+    def merge(cls, caches: Sequence[CacheList]) -> "RaggedKVCacheList":
+        """One row per ``KVCacheList`` (the same layer of each row's cache)."""
+        return cls(*[RaggedKVCache.merge(m) for m in zip(*[c.caches for c in caches])])
+
+    @classmethod
+    def empty_rows(cls, members: int, rows: int) -> "RaggedKVCacheList":
+        return cls(*[RaggedKVCache([0] * rows) for _ in range(members)])
+
+
+def ragged(layer: Sequence) -> _BaseCache:
+    """The rows ``layer`` (one layer cache per row: ``KVCache``, or a ``CacheList`` of
+    them) merged into a batch's layer cache."""
+    lists = isinstance(layer[0], CacheList)
+    return (RaggedKVCacheList if lists else RaggedKVCache).merge(layer)
+
+
+def empty_ragged(c, rows: int) -> _BaseCache:
+    """An empty batch layer cache of ``rows`` rows, shaped as the layer cache ``c``."""
+    if isinstance(c, CacheList):
+        return RaggedKVCacheList.empty_rows(len(c.caches), rows)
+    return RaggedKVCache([0] * rows)

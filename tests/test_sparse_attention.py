@@ -5,7 +5,8 @@ sparse attention (DSA) keeps each layer's latent keys and its indexer's keys in 
 
 The tiny models' indexer picks each query's top 6 keys, so past 6 tokens every layer
 attends sparsely (the output differs from a dense indexer's). A pipelined pass folds
-both members (``FoldingCacheList``); batches are refused with the reason.
+both members (``FoldingCacheList``); a batch pairs a ragged cache for each member
+(``RaggedKVCacheList``).
 """
 
 import dataclasses
@@ -22,14 +23,16 @@ from helpers import (
     word_tokenizer,
 )
 from mlx_lm.generate import generate_step
+from test_batch import LIMITS, alone, decode
 from mlx_lm.models.cache import CacheList, KVCache
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.cache as cache_module
 import mlx_specstream.streams as streams
 from mlx_specstream import batch_generate
-from mlx_specstream.cache import KVCacheList, model_caches
+from mlx_specstream.cache import KVCacheList, make_prompt_cache, model_caches
 from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.ragged_cache import RaggedKVCacheList
 from mlx_specstream.streams import attach_verifier
 
 ARCHS = ["deepseek_v32", "glm_moe_dsa"]
@@ -37,6 +40,7 @@ PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the firs
 N = 48
 TREE = ([1, 2, 3, 4, 5, 6, 7, 1], [-1, 0, 0, 1, 2, 3, 4, 4])
 PREFIX = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4, 1, 5, 2]  # (13 tokens: past the indexer's top 6)
+BATCH = [PROMPT, [5, 2, 6], [1, 4, 1, 4, 1], [7]]
 
 
 def test_their_cache_lists_are_kept_as_one_layer_cache():
@@ -145,17 +149,98 @@ def test_mlx_lm_prompt_caches_are_taken_and_kv_bits_leaves_them_as_mlx_lm_does()
     assert all(type(c) is CacheList for c in theirs) and theirs[0][0].offset == 61
 
 
-def test_batches_are_refused_with_the_reason():
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="ngram"),
+        dict(draft="ngram", pipeline=True),
+        dict(draft="streams", num_draft_tokens=2),
+        dict(draft="streams", num_draft_tokens=2, stream_pass="split"),
+        dict(draft="streams", num_draft_tokens=2, pipeline=True),
+    ],
+)
+def test_batch_rows_equal_each_prompt_alone(arch, kwargs):
+    """A batch's layer caches pair a ragged cache for the latent keys with one for the
+    indexer's (``RaggedKVCacheList``): every row drafts and gives its prompt's tokens
+    alone, the attention sparse past 6 keys."""
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2)
+    tokens, passes = decode(model, BATCH, **kwargs)
+    assert tokens == alone(model, BATCH)
+    assert passes < max(LIMITS), "no draft accepted: the test has no power"
+
+
+def test_batch_rows_with_a_draft_model_equal_each_prompt_alone():
     model = tiny_model("deepseek_v32", vocab_size=8)
-    with pytest.raises(ValueError, match="two key caches"):
-        batch_generate(model, word_tokenizer(8), [PROMPT, PROMPT[:4]], max_tokens=8)
+    draft = tiny_model("glm_moe_dsa", vocab_size=8, seed=3)  # (sparse too)
+    tokens, _ = decode(model, BATCH, draft_model=draft, num_draft_tokens=2)
+    assert tokens == alone(model, BATCH)
+    tokens, passes = decode(model, BATCH, draft_model=model, num_draft_tokens=2)
+    assert tokens == alone(model, BATCH) and passes < max(LIMITS)
 
 
-def test_the_server_serves_it_with_prompt_lookup():
-    """``--draft ngram``: requests waiting together and a follow-up, each answer equal
-    to mlx-lm's plain decoding (``test_server_batching.assert_served_alone_like_mlx_lm``)."""
-    from test_server_batching import V, assert_served_alone_like_mlx_lm
+def test_negative_control_the_indexers_rows_one_position_off(monkeypatch):
+    """The two members moved apart (the indexer's keys written, and rotated, one
+    position past the latent keys' after each pass): not exact."""
+    model = tiny_model("deepseek_v32", vocab_size=8)
+    want = alone(model, BATCH)
+    assert decode(model, BATCH, draft="ngram")[0] == want
+    advance = RaggedKVCacheList.advance
 
-    assert_served_alone_like_mlx_lm(
-        tiny_model("deepseek_v32", vocab_size=V), word_tokenizer(V, eos=0)
-    )
+    def apart(self, kept):
+        advance(self, kept)
+        self.caches[1].offset = self.caches[1].offset + 1
+
+    monkeypatch.setattr(RaggedKVCacheList, "advance", apart)
+    assert decode(model, BATCH, draft="ngram")[0] != want
+
+
+def test_batch_generate_takes_and_gives_back_their_prompt_caches():
+    """``prompt_caches``: ours (``KVCacheList``) after a generation, and mlx-lm's own
+    (``CacheList``); the caches it returns are ``KVCacheList``s, and a second call
+    goes on from them as plain decoding of each whole conversation."""
+    model, tok = tiny_model("deepseek_v32", vocab_size=8), word_tokenizer(8)  # (EOS 7)
+    ours, theirs = make_prompt_cache(model), mlx_lm_prompt_cache(model)
+    got, _ = spec_tokens(model, PROMPT, 20, draft="ngram", prompt_cache=ours)
+    held = PROMPT + got  # (both caches hold it)
+    model(mx.array([held]), cache=theirs)
+    turns = [[5, 2], [6]]
+    kwargs = dict(return_token_ids=True, draft="ngram", num_draft_tokens=3)
+    first = batch_generate(model, tok, turns, max_tokens=20, prompt_caches=[ours, theirs],
+                           return_prompt_caches=True, **kwargs)  # fmt: skip
+    gens = [ids + [7] * (r == "stop") for ids, r in zip(first.token_ids, first.finish_reasons)]
+    for t, gen, c in zip(turns, gens, first.caches):
+        assert gen == plain_greedy(model, held + t, 20)[: len(gen)]
+        assert all(type(layer) is KVCacheList for layer in c)
+    second = batch_generate(model, tok, [[gen[-1], 1] for gen in gens], max_tokens=12,
+                            prompt_caches=first.caches, **kwargs)  # fmt: skip
+    for t, gen, ids in zip(turns, gens, second.token_ids):
+        assert ids == plain_greedy(model, held + t + gen + [1], 12)[: len(ids)]
+
+
+def test_the_server_batches_their_requests_with_prompt_lookup():
+    """``--draft ngram``: requests waiting together are decoded in a batch whose rows
+    draft, a follow-up reuses its cache, each answer equal to mlx-lm's plain decoding."""
+    from mlx_lm import stream_generate as mlx_lm_stream_generate
+    from test_server_batching import V, answer, submit, submit_together
+
+    from mlx_specstream.server import make_server, service_of
+
+    model, tok = tiny_model("glm_moe_dsa", vocab_size=V), word_tokenizer(V, eos=0)
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12, 13], [20], [30, 31] * 5]
+
+    def plain(p):
+        return "".join(r.text for r in mlx_lm_stream_generate(model, tok, p, max_tokens=30))
+
+    server = make_server(model, tok, "tiny", port=0, draft="ngram")
+    try:
+        svc = service_of(server)
+        assert svc.wait_idle(60) and svc.spec_batching
+        body = {"max_tokens": 30, "num_draft_tokens": 3}
+        jobs = submit_together(svc, [(p, body) for p in prompts])
+        assert [answer(j)[0][0] for j in jobs] == [plain(p) for p in prompts]
+        assert svc.served["batched"] == 1
+        follow = prompts[0] + [1, 2]
+        assert answer(submit(svc, follow, **body))[0][0] == plain(follow)
+    finally:
+        server.server_close()
