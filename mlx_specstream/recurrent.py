@@ -26,16 +26,18 @@ device, nearly free). With ``kv_bits`` the KV layers convert where mlx-lm's loop
 converts them (:meth:`ChainCache.draft_room`).
 """
 
+import ast
 import inspect
+import textwrap
 from typing import Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
-from .cache import WindowKVCache
+from .cache import WindowKVCache, model_caches
 from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import accept_by_rejection
@@ -67,6 +69,24 @@ def _cache_param(module: nn.Module) -> Optional[inspect.Signature]:
     return sig if "cache" in sig.parameters else None
 
 
+def reads_mask(module: nn.Module) -> bool:
+    """Whether ``module``'s call reads its ``mask`` argument (RecurrentGemma's recurrent
+    blocks are handed the attention's mask and never read it); ``True`` when its source
+    cannot be read.
+
+    Example: a call ``def __call__(self, x, cache=None, mask=None): return x`` gives
+    ``False``; one that multiplies ``x`` by ``mask`` gives ``True``.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).__call__)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    return any(
+        isinstance(n, ast.Name) and n.id == "mask" and isinstance(n.ctx, ast.Load)
+        for n in ast.walk(tree)
+    )
+
+
 def split_recurrent_mixers(model: nn.Module) -> SplitPoint:
     """Makes every recurrent mixer of ``model`` split its call at the model's
     :class:`SplitPoint` (done once; the model computes as before while ``at`` is
@@ -86,19 +106,28 @@ def split_recurrent_mixers(model: nn.Module) -> SplitPoint:
     for layer in model.layers:
         for m in layer.children().values():
             if isinstance(m, nn.Module) and _cache_param(m) is not None:
-                _swap_call(m, lambda base, sig=_cache_param(m): _split_call(base, sig, split))
+                masked = reads_mask(m)
+                _swap_call(
+                    m,
+                    lambda base, sig=_cache_param(m), masked=masked: _split_call(
+                        base, sig, split, masked
+                    ),
+                )
     model.recurrent_split = split
     return split
 
 
-def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) -> Callable:
+def _split_call(
+    base_call: Callable, sig: inspect.Signature, split: SplitPoint, reads_mask: bool = True
+) -> Callable:
     """A mixer's call that, with ``split.at`` set, runs ``base_call`` on the
     first ``at`` tokens, keeps the cache's state, then runs it on the rest.
 
     Its other per-token inputs (arrays over the same tokens, as RWKV-7's
     ``v_first``) are split with them, a position ``offset`` (Ling's linear
     attention applies RoPE from it) moves on by ``at`` for the rest, and the two
-    outputs are joined along the tokens (each element of a tuple)."""
+    outputs are joined along the tokens (each element of a tuple). A mask is
+    refused unless the mixer never reads it (``reads_mask``)."""
     x_name = list(sig.parameters)[1]  # (after self)
 
     def call(self, *args, **kwargs):
@@ -109,7 +138,7 @@ def _split_call(base_call: Callable, sig: inspect.Signature, split: SplitPoint) 
         x = bound.arguments[x_name]
         if x.shape[1] <= at or not isinstance(bound.arguments.get("cache"), ArraysCache):
             return base_call(self, *args, **kwargs)  # (an attention beside a mixer: whole)
-        if bound.arguments.get("mask") is not None:
+        if reads_mask and bound.arguments.get("mask") is not None:
             raise ValueError("A split recurrent pass takes no mask (batch 1, no padding).")
         cache = bound.arguments["cache"]
         if any(c is cache for c, _ in split.kept):
@@ -175,7 +204,8 @@ def check_recurrent_cache(cache: list) -> None:
         raise ValueError(
             "Speculation on a recurrent model needs a KVCache (or QuantizedKVCache) or an "
             f"ArraysCache per layer, got {bad} (rotating caches, max_kv_size, are not "
-            "supported there)."
+            "supported there; for a model's sliding window pass a prompt cache made by "
+            "mlx_specstream.make_prompt_cache(model), whose window layers can roll back)."
         )
     batched = [c for c in cache if isinstance(c, ArraysCache) and c.left_padding is not None]
     if batched or any(isinstance(c, ArraysCache) and c.lengths is not None for c in cache):
@@ -474,7 +504,8 @@ class ChainCache:
 
     def __init__(self, model: nn.Module, cache: Optional[list], quant=None):
         self.model, self.split = model, split_recurrent_mixers(model)
-        self.cache = make_prompt_cache(model) if cache is None else cache
+        # (window layers: a WindowKVCache, whose rejected rows can be cut)
+        self.cache = model_caches(model, bounded=True) if cache is None else cache
         check_recurrent_cache(self.cache)
         self.quant = quant  # mlx-lm's kv_bits (a KVQuantizer), converting as mlx-lm does
         self.tokens: List[int] = []
@@ -482,6 +513,7 @@ class ChainCache:
         self.pending_end = 0  # where the last pass's drafts began
         self.drafted = 0  # the last pass's drafts, while they are in the caches
         self.back = (0, [])  # where a roll-back goes: tokens held, recurrent states
+        self.floor = 0  # the fewest tokens a roll-back may leave held (windows keep theirs)
 
     @property
     def kv(self) -> list:
@@ -497,7 +529,7 @@ class ChainCache:
         """Puts ``tokens[held:upto]`` in the caches, in one unsplit pass."""
         self.split.at = None
         self.model(mx.array(self.tokens[self.held : upto])[None], cache=self.cache)
-        self.held = upto
+        self.held = self.floor = upto
         self._settle()
 
     def draft_room(self, n: int) -> int:
@@ -512,9 +544,13 @@ class ChainCache:
         return n if room is None else max(0, min(n, room - (len(self.tokens) - self.held)))
 
     def _settle(self) -> None:
-        """Converts the KV layers where mlx-lm would now, and evaluates the caches."""
+        """Converts the KV layers where mlx-lm would now, has window layers drop the rows
+        no window after a roll-back's point sees, and evaluates the caches."""
         if self.quant is not None:
             self.quant.maybe_quantize(self.cache)
+        for c in self.kv:
+            if isinstance(c, WindowKVCache):
+                c.forget(min(self.held, self.floor))
         mx.eval([c.state for c in self.cache])
 
     def run(self, drafts: List[int]) -> mx.array:
@@ -538,6 +574,7 @@ class ChainCache:
             self.back = before
         else:
             self.back = (self.pending_end, self.split.kept)
+        self.floor = self.back[0]
         return logits[0, len(pending) - 1 :]
 
     def unsplit_states(self) -> bool:

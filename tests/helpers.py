@@ -460,6 +460,12 @@ HYBRID_ARGS = {
     ),
 }  # fmt: skip
 _MORE_HYBRIDS = {  # (session 29; BASE's sizes under each)
+    # RecurrentGemma (session 30): RG-LRU blocks and a local-attention block, window 8
+    "recurrent_gemma": dict(
+        attention_bias=False, conv1d_width=4, intermediate_size=128, logits_soft_cap=30.0,
+        num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=10000.0, attention_window_size=8,
+        block_types=["recurrent", "recurrent", "attention"],
+    ),
     # Gear: short-convolution key/value mixers (recurrent) beside full attention layers
     # (untied head: tied, the random model repeats one token)
     "gear": dict(

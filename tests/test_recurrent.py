@@ -577,3 +577,55 @@ def test_negative_control_a_pass_across_the_conversion_differs(monkeypatch):
 
     monkeypatch.setattr(KVQuantizer, "full_precision_room", lambda self, cache: None)
     assert max(d for _, d, _ in kv_bits_runs((11, 14))) > 1e-3
+
+
+# ---- RecurrentGemma: a local-attention window beside recurrent blocks -------------------
+
+
+def test_reads_mask_golden():
+    """RecurrentGemma's recurrent blocks are handed the attention's mask and never read
+    it; Mamba 2's mixer reads its mask."""
+    gemma, mamba = tiny_hybrid("recurrent_gemma"), tiny_hybrid("mamba2")
+    blocks = [layer.temporal_block for layer in gemma.layers]
+    assert [recurrent.reads_mask(b) for b in blocks] == [False, False, True, False]
+    assert recurrent.reads_mask(mamba.layers[0].mixer)
+
+
+@pytest.mark.parametrize("num_draft_tokens", [4, 12])
+def test_recurrent_gemma_window_layer_drops_rows_and_stays_exact(num_draft_tokens, monkeypatch):
+    """Its window layer keeps a ``WindowKVCache`` (mlx-lm's rotating cache could not be
+    cut): lookup chains shorter and longer than the window equal plain decoding past
+    it, the layer holds at most 3 windows, and no trim is cut short at its bound.
+    Control: masks blind to the window."""
+    from test_sliding_window import blind_to_windows
+
+    from mlx_specstream.cache import WindowKVCache
+
+    cut, trim = [], WindowKVCache.trim
+
+    def spy(self, n):
+        if n > self.trimmable():
+            cut.append(n)
+        return trim(self, n)
+
+    monkeypatch.setattr(WindowKVCache, "trim", spy)
+    model = tiny_hybrid("recurrent_gemma")
+    for prompt in PROMPTS:
+        from mlx_specstream import make_prompt_cache as ours
+
+        cache = ours(model)
+        got, _ = lookup(model, prompt, 60, num_draft_tokens=num_draft_tokens, prompt_cache=cache)
+        assert got == plain_greedy(model, prompt, 60)
+        window = cache[2]
+        assert type(window) is WindowKVCache and window.start > 0
+        assert window.offset - window.start <= 3 * 8 and not cut
+    blind_to_windows(monkeypatch)
+    assert lookup(model, PROMPTS[0], 60)[0] != plain_greedy(model, PROMPTS[0], 60)
+
+
+def test_recurrent_gemma_mixers_that_read_a_mask_are_still_refused(monkeypatch):
+    """Control of ``reads_mask``: taken to read it, the recurrent blocks refuse the split
+    pass, as mixers that read a padding mask do."""
+    monkeypatch.setattr(recurrent, "reads_mask", lambda module: True)
+    with pytest.raises(ValueError, match="takes no mask"):
+        lookup(tiny_hybrid("recurrent_gemma", seed=7), PROMPTS[0], 20)
