@@ -37,6 +37,7 @@ from .cache import (
     bounded_windows,
     cache_tokens,
     model_caches,
+    sliding_windows,
     whole_windows,
 )
 from .cli_args import DRAFT_MODEL_TOKENS
@@ -468,12 +469,21 @@ class SpecBatcher:
             part = [ragged(layer) for layer in zip(*caches[g : g + size])]
             _prefill_rows(model, part, feeds[g : g + size], self.prefill_step_size)
             new = part if new is None else [a.extend(b) for a, b in zip(new, part)]
+        for c, w in zip(new, sliding_windows(model)):  # (window layers: see RaggedKVCache)
+            if isinstance(c, RaggedKVCache):
+                c.window = w
         return new if cache is None or not self.rows else [a.extend(b) for a, b in zip(cache, new)]
 
     def step(self) -> List[RowTokens]:
         """One pass over every row (rows waiting join first, up to ``max_rows``):
         what each row got. Finished rows leave the batch."""
         self._admit()
+        for c in self.cache or []:  # (window layers drop what no row's window sees)
+            if isinstance(c, RaggedKVCache):
+                c.forget()
+        for c in self.draft_cache or []:
+            if isinstance(c, RaggedKVCache):
+                c.forget()
         rows = self.rows
         if not rows:
             return []

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import CacheList, KVCache, _BaseCache
 
-from .cache import KVCacheList
+from .cache import KVCacheList, WindowKVCache
 
 
 class RaggedKVCache(_BaseCache):
@@ -46,9 +46,13 @@ class RaggedKVCache(_BaseCache):
 
     step = 256  # capacity grows in blocks, as mlx-lm's caches do
 
-    def __init__(self, ends: Sequence[int]):
+    def __init__(self, ends: Sequence[int], window: Optional[int] = None):
         self.keys = self.values = None
-        self._width = 0  # the columns the last write returned
+        self._width = 0  # the positions the last write returned (from position 0)
+        # A sliding-window layer's (window: its size): the rows' first ``start``
+        # positions are dropped once no window to come sees them (forget); the
+        # arrays' column j holds position start + j of every row.
+        self.window, self.start = window, 0
         self.set_ends(ends)
 
     def set_ends(self, ends: Sequence[int]) -> None:
@@ -89,14 +93,15 @@ class RaggedKVCache(_BaseCache):
         if B != len(self._ends):
             raise ValueError(f"a pass over {B} rows for a cache of {len(self._ends)} rows")
         width = self.size() + N
-        if self.keys is None or width > self.keys.shape[2]:
-            self._grow(keys, values, width)
+        if self.keys is None or width - self.start > self.keys.shape[2]:
+            self._grow(keys, values, width - self.start)
         if not self._unread and (self._ends == self._ends[0]).all():  # one slice, as mlx-lm
-            start = int(self._ends[0])
-            self.keys[..., start : start + N, :] = keys
-            self.values[..., start : start + N, :] = values
+            at = int(self._ends[0]) - self.start
+            self.keys[..., at : at + N, :] = keys
+            self.values[..., at : at + N, :] = values
         else:
-            at = (self.offset[:, None] + mx.arange(N, dtype=mx.int32))[:, None, :, None]
+            at = self.offset[:, None] - self.start + mx.arange(N, dtype=mx.int32)
+            at = at[:, None, :, None]
             self.keys = mx.put_along_axis(self.keys, at, keys, axis=2)
             self.values = mx.put_along_axis(self.values, at, values, axis=2)
         self._width = width
@@ -104,7 +109,35 @@ class RaggedKVCache(_BaseCache):
 
     def keys_and_values(self):
         """What the last write returned (Gemma 3n's KV-sharing layers read it)."""
-        return self.keys[..., : self._width, :], self.values[..., : self._width, :]
+        held = self._width - self.start
+        return self.keys[..., :held, :], self.values[..., :held, :]
+
+    def forget(self) -> None:
+        """A window layer's: drops the columns below ``min(ends) - 2 * window`` once a
+        window's worth of them is there, as a
+        :class:`~mlx_specstream.cache.WindowKVCache` does for one row (no query from
+        then on sits before its row's end, nor a window before it).
+
+        Example: window 4, ends ``[13, 20]``: positions 0..4 go (below ``13 - 8``);
+        ``start`` is 5.
+        """
+        if self.window is None or self.keys is None or not len(self._ends):
+            return
+        drop = int(self._ends.min()) - 2 * self.window - self.start
+        if drop < self.window:
+            return
+        self.keys = mx.contiguous(self.keys[..., drop:, :])
+        self.values = mx.contiguous(self.values[..., drop:, :])
+        self.start += drop
+
+    def _rebased(self, start: int) -> tuple:
+        """The arrays from position ``start`` (at most :attr:`start`): zeros before it."""
+        gap = self.start - start
+        if self.keys is None or gap == 0:
+            return self.keys, self.values
+        pad = lambda a: mx.zeros((*a.shape[:2], gap, a.shape[3]), a.dtype)
+        return (mx.concatenate([pad(self.keys), self.keys], axis=2),
+                mx.concatenate([pad(self.values), self.values], axis=2))  # fmt: skip
 
     def _grow(self, keys: mx.array, values: mx.array, width: int) -> None:
         capacity = (width + self.step - 1) // self.step * self.step
@@ -123,7 +156,7 @@ class RaggedKVCache(_BaseCache):
         that keeps every token) only the last ``W`` of them, as mlx-lm's
         ``create_causal_mask`` does."""
         queries = (self.offset[:, None] + mx.arange(N, dtype=mx.int32))[:, None, :, None]
-        keys = mx.arange(self.size() + N, dtype=mx.int32)
+        keys = mx.arange(self.start, self.size() + N, dtype=mx.int32)  # (the columns held)
         mask = keys <= queries
         if window_size is not None:
             mask = mask & (keys > queries - window_size)
@@ -148,17 +181,23 @@ class RaggedKVCache(_BaseCache):
 
     def extract(self, row: int, end: Optional[int] = None) -> KVCache:
         """Row ``row`` as an mlx-lm ``KVCache`` holding exactly its tokens (its first
-        ``end``: what the host knows it kept, while passes are unread)."""
-        cache, end = KVCache(), int(self._ends[row] if end is None else end)
+        ``end``: what the host knows it kept, while passes are unread); a
+        :class:`~mlx_specstream.cache.WindowKVCache` from :attr:`start` where a window
+        layer dropped its first positions."""
+        end = int(self._ends[row] if end is None else end)
+        cache = WindowKVCache(self.window) if self.start else KVCache()
         if end and self.keys is not None:
-            cache.keys = mx.contiguous(self.keys[row : row + 1, :, :end])
-            cache.values = mx.contiguous(self.values[row : row + 1, :, :end])
+            cache.keys = mx.contiguous(self.keys[row : row + 1, :, : end - self.start])
+            cache.values = mx.contiguous(self.values[row : row + 1, :, : end - self.start])
             cache.offset = end
+        if self.start:  # (its rows from position start: a bounded window layer's cache)
+            cache.start = self.start
         return cache
 
     def extend(self, other: "RaggedKVCache") -> "RaggedKVCache":
         """One cache of this batch's rows, then ``other``'s (both are left as they were)."""
-        out = RaggedKVCache(np.concatenate([self._ends, other._ends]))
+        out = RaggedKVCache(np.concatenate([self._ends, other._ends]), self.window)
+        out.start = min(self.start, other.start)  # (the other's rows from there: zeros)
         if other._unread:
             raise ValueError("rows that join a batch have no unread passes")
         if self._unread:  # (its rows keep their device offsets; the new rows join at theirs)
@@ -166,12 +205,13 @@ class RaggedKVCache(_BaseCache):
             out._unread = list(self._unread)
         held = [c for c in (self, other) if c.keys is not None]
         if held:
-            width = max(c.keys.shape[2] for c in held)
+            arrays = {id(c): dict(zip(("keys", "values"), c._rebased(out.start))) for c in held}
+            width = max(arrays[id(c)]["keys"].shape[2] for c in held)
             for name in ("keys", "values"):
-                ref = getattr(held[0], name)
+                ref = arrays[id(held[0])][name]
                 parts = []
                 for c in (self, other):
-                    a = getattr(c, name)
+                    a = arrays[id(c)][name] if c.keys is not None else None
                     if a is None:
                         a = mx.zeros((len(c._ends), ref.shape[1], 0, ref.shape[3]), ref.dtype)
                     pad = mx.zeros(a.shape[:2] + (width - a.shape[2], a.shape[3]), a.dtype)

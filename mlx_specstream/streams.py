@@ -545,7 +545,7 @@ class StreamRuntime:
         if cache is None:
             return h, kwargs.get("shared_kv"), kwargs.get("offset")
         ragged = isinstance(cache, RaggedKVCache)  # (a batch's: rows to the longest's end)
-        held = cache.size() if ragged else cache.offset - first_row(cache)
+        held = (cache.size() if ragged else cache.offset) - first_row(cache)
         return h, (cache.keys[..., :held, :], cache.values[..., :held, :]), kwargs.get("offset")
 
     def _note_outputs(self, i: int, out) -> None:
@@ -1114,6 +1114,9 @@ class StreamRuntime:
         self._stream_input = self.streams.make_streams(h)
         upper = cache[self.upper_slot]
         self._stream_mask = upper.make_mask(g)  # row b, stream j: its tokens and streams <= j
+        if first_row(upper):  # (from position 0, as the other masks: cut per layer)
+            gap = mx.zeros((*self._stream_mask.shape[:-1], first_row(upper)), mx.bool_)
+            self._stream_mask = mx.concatenate([gap, self._stream_mask], axis=-1)
         self._upper_nodes = mx.repeat(nodes[:, None], g, axis=1)  # (per row: its node's inputs)
         self._over_lower = None
         if any(self._reads_lower):  # (a lower layer's rows: each row's tokens, to its node)

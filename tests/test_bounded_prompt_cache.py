@@ -338,3 +338,99 @@ def test_reused_caches_trimmed_back_and_continued_equal_plain(arch):
     assert 0 < n < len(history) and held == len(history) - n
     got, _ = spec_tokens(model, [6, 1, 4], 30, draft="ngram", prompt_cache=cache)
     assert got == plain_greedy(model, history[:held] + [6, 1, 4], 30)
+
+
+# ---- a batch's window layers ------------------------------------------------------------
+
+
+def test_ragged_window_cache_golden():
+    """Window 4, two rows ending at 13 and 20: ``forget`` drops positions 0..4 (below
+    ``13 - 8``); the model's mask then starts at column 5; row 1 comes out as a
+    ``WindowKVCache`` from position 5; a row joining from position 0 gets zeros."""
+    from mlx_specstream.ragged_cache import RaggedKVCache
+
+    rows = mx.concatenate([_rows(20), _rows(20) + 100])  # (2, 1, 20, 1)
+    c = RaggedKVCache([0, 0], window=4)
+    c.update_and_fetch(rows, rows)
+    c.advance([13, 20])
+    c.forget()
+    assert c.start == 5 and c.keys.shape[2] >= 15
+    assert c.make_mask(1).shape[-1] == 21 - 5  # (columns 5 .. 20)
+    assert c.make_mask(1, window_size=4)[1, 0, 0].tolist() == [False] * 12 + [True] * 4
+    out = c.extract(1)
+    assert type(out) is WindowKVCache and (out.start, out.offset) == (5, 20)
+    assert out.keys[0, 0, :, 0].tolist() == [105 + i for i in range(15)]
+    new = RaggedKVCache([0], window=4)
+    new.update_and_fetch(_rows(3), _rows(3))
+    new.advance([3])
+    both = c.extend(new)
+    assert both.start == 0 and both.ends == [13, 20, 3]
+    assert both.keys[1, 0, :20, 0].tolist() == [0] * 5 + [105 + i for i in range(15)]
+    assert both.keys[2, 0, :3, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(draft="ngram", num_draft_tokens=3, pipeline=False),
+        dict(draft="ngram", num_draft_tokens=3, pipeline=True),
+        dict(draft="streams", stream_pass="fused", pipeline=True),
+        dict(draft="streams", stream_pass="split", pipeline=False),
+    ],
+)
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt_oss"])
+def test_a_batchs_window_layers_drop_rows_and_stay_exact(arch, kwargs, monkeypatch):
+    """Rows of 80 tokens: the batch's window layers drop the columns no row's window
+    to come sees (at most 3 windows and a pass behind the shortest row), and every row
+    equals its prompt alone. Control: columns still in a window dropped."""
+    from test_batch import decode
+
+    from mlx_specstream.ragged_cache import RaggedKVCache
+
+    held, forget = [], RaggedKVCache.forget
+
+    def spy(self):
+        forget(self)
+        if self.window is not None and self.keys is not None:
+            held.append((self.start, int(self._ends.min()) - self.start))
+
+    monkeypatch.setattr(RaggedKVCache, "forget", spy)
+    model = tiny_spec_model(arch, vocab_size=16, num_streams=3)
+    prompts, limits = [PROMPT, [5, 2, 6], [1, 4, 1, 4, 1]], [80, 80, 80]
+    want = [plain_greedy(model, p, n) for p, n in zip(prompts, limits)]
+    got, _ = decode(model, prompts, limits, **kwargs)
+    assert got == want
+    assert max(s for s, _ in held) > 40 and max(r for _, r in held) <= 3 * W
+
+    def greedy(self):  # (half a window kept behind the shortest row)
+        if self.window is None or self.keys is None:
+            return
+        drop = int(self._ends.min()) - self.window // 2 - self.start
+        if drop > 0:
+            self.keys, self.values = self.keys[..., drop:, :], self.values[..., drop:, :]
+            self.start += drop
+
+    monkeypatch.setattr(RaggedKVCache, "forget", greedy)
+    assert decode(model, prompts, limits, **kwargs)[0] != want
+
+
+def test_a_batchs_windowed_draft_model_drops_rows_too(monkeypatch):
+    """Batch rows drafting with a Gemma 3 shape: its window layers' columns drop as
+    the model's, and every row equals its prompt alone."""
+    from test_batch import decode
+
+    from mlx_specstream.ragged_cache import RaggedKVCache
+
+    starts, forget = {}, RaggedKVCache.forget
+
+    def spy(self):
+        forget(self)
+        starts[id(self)] = max(starts.get(id(self), 0), self.start)
+
+    monkeypatch.setattr(RaggedKVCache, "forget", spy)
+    model = tiny_model("gemma3_text", vocab_size=16)
+    draft = tiny_model("gemma3_text", vocab_size=16, seed=3)
+    prompts, limits = [PROMPT, [5, 2, 6], [1, 4, 1, 4, 1]], [80, 80, 80]
+    got, _ = decode(model, prompts, limits, draft_model=draft, num_draft_tokens=2)
+    assert got == [plain_greedy(model, p, n) for p, n in zip(prompts, limits)]
+    assert sum(s > 40 for s in starts.values()) >= 4  # (2 window layers in each model)
