@@ -686,3 +686,24 @@ def assert_lookup_equals_mlx_lm(model, prompt, max_tokens, **kwargs):
     assert sum(r[2] for r in records) > 5, "no lookup draft accepted: the test has no power"
     for (_, lp), r in zip(want, records):  # the same distributions, token by token
         assert mx.allclose(lp, r[1], atol=1e-4)
+
+
+def assert_prompt_caches_carried(model, tok, caches, held, check_cache, eos=7, n=20):
+    """``batch_generate`` from ``caches`` (each holding the tokens ``held``) over two
+    turns, then again from the caches it returns: each row's tokens equal plain
+    decoding of its whole conversation; ``check_cache`` is called on each returned
+    cache (which holds all but its row's last token)."""
+    from mlx_specstream import batch_generate
+
+    turns = [[5, 2], [6]]
+    kwargs = dict(return_token_ids=True, draft="ngram", num_draft_tokens=3)
+    first = batch_generate(model, tok, turns, max_tokens=n, prompt_caches=caches,
+                           return_prompt_caches=True, **kwargs)  # fmt: skip
+    gens = [ids + [eos] * (r == "stop") for ids, r in zip(first.token_ids, first.finish_reasons)]
+    for t, gen, c in zip(turns, gens, first.caches):
+        assert gen == plain_greedy(model, held + t, n)[: len(gen)]
+        check_cache(c)
+    second = batch_generate(model, tok, [[gen[-1], 1] for gen in gens], max_tokens=n,
+                            prompt_caches=first.caches, **kwargs)  # fmt: skip
+    for t, gen, ids in zip(turns, gens, second.token_ids):
+        assert ids == plain_greedy(model, held + t + gen + [1], n)[: len(ids)]

@@ -8,7 +8,15 @@ window 8."""
 
 import mlx.core as mx
 import pytest
-from helpers import WINDOWED, plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word_tokenizer
+from helpers import (
+    WINDOWED,
+    assert_prompt_caches_carried,
+    plain_greedy,
+    spec_tokens,
+    tiny_model,
+    tiny_spec_model,
+    word_tokenizer,
+)
 from mlx_lm.models.cache import KVCache
 
 import mlx_specstream.batch as batch
@@ -24,6 +32,7 @@ from mlx_specstream.cache import (
     whole_windows,
 )
 from mlx_specstream.prompt_cache import Entry, PromptCacheLRU
+from test_sliding_window import BATCH_WAYS
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
 W = 8  # the tiny gemma3_text's window
@@ -216,25 +225,16 @@ def test_batch_rows_take_bounded_caches_and_give_them_back_bounded():
     generation's), then the caches it returns (bounded too, holding all but the last
     token), each continued by the next call as plain decoding continues the whole
     conversation."""
-    from mlx_specstream import batch_generate
-
     model, tok = tiny_model("gemma3_text", vocab_size=8), word_tokenizer(8)  # (EOS 7)
     cache = make_prompt_cache(model)
     got, _ = spec_tokens(model, PROMPT, 40, draft="ngram", prompt_cache=cache)
     assert cache[0].start > 0
-    conversation = (PROMPT + got)[: cache_tokens(cache)]
-    turns = [[5, 2], [6]]
-    kwargs = dict(return_token_ids=True, draft="ngram", num_draft_tokens=3)
-    first = batch_generate(model, tok, turns, max_tokens=30, prompt_caches=[cache, cache],
-                           return_prompt_caches=True, **kwargs)  # fmt: skip
-    gens = [ids + [7] * (r == "stop") for ids, r in zip(first.token_ids, first.finish_reasons)]
-    for t, gen, c in zip(turns, gens, first.caches):
-        assert gen == plain_greedy(model, conversation + t, 30)[: len(gen)]
+
+    def bounded(c):
         assert type(c[0]) is WindowKVCache and c[0].offset - c[0].start <= 3 * W
-    second = batch_generate(model, tok, [[gen[-1], 1] for gen in gens], max_tokens=20,
-                            prompt_caches=first.caches, **kwargs)  # fmt: skip
-    for t, gen, ids in zip(turns, gens, second.token_ids):
-        assert ids == plain_greedy(model, conversation + t + gen + [1], 20)[: len(ids)]
+
+    held = (PROMPT + got)[: cache_tokens(cache)]
+    assert_prompt_caches_carried(model, tok, [cache, cache], held, bounded, n=30)
 
 
 @pytest.fixture
@@ -369,15 +369,7 @@ def test_ragged_window_cache_golden():
     assert both.keys[2, 0, :3, 0].tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(draft="ngram", num_draft_tokens=3, pipeline=False),
-        dict(draft="ngram", num_draft_tokens=3, pipeline=True),
-        dict(draft="streams", stream_pass="fused", pipeline=True),
-        dict(draft="streams", stream_pass="split", pipeline=False),
-    ],
-)
+@pytest.mark.parametrize("kwargs", BATCH_WAYS)
 @pytest.mark.parametrize("arch", ["gemma3_text", "gpt_oss"])
 def test_a_batchs_window_layers_drop_rows_and_stay_exact(arch, kwargs, monkeypatch):
     """Rows of 80 tokens: the batch's window layers drop the columns no row's window

@@ -129,15 +129,15 @@ def test_a_draft_model_with_a_window_drafts_for_one(other, monkeypatch):
     assert spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)[0] != want
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(draft="ngram", num_draft_tokens=3, pipeline=False),
-        dict(draft="ngram", num_draft_tokens=3, pipeline=True),
-        dict(draft="streams", stream_pass="fused", pipeline=True),
-        dict(draft="streams", stream_pass="split", pipeline=False),
-    ],
-)
+BATCH_WAYS = [  # how a batch's rows draft, in the batch tests of windowed models
+    dict(draft="ngram", num_draft_tokens=3, pipeline=False),
+    dict(draft="ngram", num_draft_tokens=3, pipeline=True),
+    dict(draft="streams", stream_pass="fused", pipeline=True),
+    dict(draft="streams", stream_pass="split", pipeline=False),
+]
+
+
+@pytest.mark.parametrize("kwargs", BATCH_WAYS)
 @pytest.mark.parametrize("arch", ["gemma3_text", "gpt_oss"])
 def test_batch_rows_equal_each_prompt_alone(arch, kwargs, monkeypatch):
     model = tiny_spec_model(arch, vocab_size=16, num_streams=3)

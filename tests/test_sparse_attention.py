@@ -14,6 +14,7 @@ import dataclasses
 import mlx.core as mx
 import pytest
 from helpers import (
+    assert_prompt_caches_carried,
     tree_logits_off_plain,
     assert_lookup_equals_mlx_lm,
     plain_greedy,
@@ -29,7 +30,6 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.cache as cache_module
 import mlx_specstream.streams as streams
-from mlx_specstream import batch_generate
 from mlx_specstream.cache import KVCacheList, make_prompt_cache, model_caches
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.ragged_cache import RaggedKVCacheList
@@ -204,18 +204,11 @@ def test_batch_generate_takes_and_gives_back_their_prompt_caches():
     got, _ = spec_tokens(model, PROMPT, 20, draft="ngram", prompt_cache=ours)
     held = PROMPT + got  # (both caches hold it)
     model(mx.array([held]), cache=theirs)
-    turns = [[5, 2], [6]]
-    kwargs = dict(return_token_ids=True, draft="ngram", num_draft_tokens=3)
-    first = batch_generate(model, tok, turns, max_tokens=20, prompt_caches=[ours, theirs],
-                           return_prompt_caches=True, **kwargs)  # fmt: skip
-    gens = [ids + [7] * (r == "stop") for ids, r in zip(first.token_ids, first.finish_reasons)]
-    for t, gen, c in zip(turns, gens, first.caches):
-        assert gen == plain_greedy(model, held + t, 20)[: len(gen)]
+
+    def pairs(c):
         assert all(type(layer) is KVCacheList for layer in c)
-    second = batch_generate(model, tok, [[gen[-1], 1] for gen in gens], max_tokens=12,
-                            prompt_caches=first.caches, **kwargs)  # fmt: skip
-    for t, gen, ids in zip(turns, gens, second.token_ids):
-        assert ids == plain_greedy(model, held + t + gen + [1], 12)[: len(ids)]
+
+    assert_prompt_caches_carried(model, tok, [ours, theirs], held, pairs)
 
 
 def test_the_server_batches_their_requests_with_prompt_lookup():
