@@ -426,3 +426,17 @@ def test_a_batchs_windowed_draft_model_drops_rows_too(monkeypatch):
     got, _ = decode(model, prompts, limits, draft_model=draft, num_draft_tokens=2)
     assert got == [plain_greedy(model, p, n) for p, n in zip(prompts, limits)]
     assert sum(s > 40 for s in starts.values()) >= 4  # (2 window layers in each model)
+
+
+def test_negative_control_plain_decoding_through_mlx_lms_loop_alone(monkeypatch):
+    """``speculative=False`` straight through mlx-lm's ``generate_step`` (no
+    ``bounded_generate_step``): the tokens are the same, but no row is dropped."""
+    import mlx_specstream.decode as decode
+    from mlx_lm.generate import generate_step
+
+    monkeypatch.setattr(decode, "bounded_generate_step", generate_step)
+    model = tiny_spec_model("gemma3_text", 8, num_streams=3, mode="lossless")
+    prompt = (PROMPT * 10)[:100]
+    cache = make_prompt_cache(model)
+    got, _ = spec_tokens(model, prompt, 40, speculative=False, prompt_cache=cache)
+    assert got == plain_greedy(model, prompt, 40) and cache[0].start == 0
