@@ -478,11 +478,8 @@ class SpecBatcher:
         """One pass over every row (rows waiting join first, up to ``max_rows``):
         what each row got. Finished rows leave the batch."""
         self._admit()
-        for c in self.cache or []:  # (window layers drop what no row's window sees)
-            if isinstance(c, RaggedKVCache):
-                c.forget()
-        for c in self.draft_cache or []:
-            if isinstance(c, RaggedKVCache):
+        for c in (self.cache or []) + (self.draft_cache or []):
+            if isinstance(c, RaggedKVCache):  # (window layers: columns no window sees go)
                 c.forget()
         rows = self.rows
         if not rows:

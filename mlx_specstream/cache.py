@@ -606,12 +606,30 @@ class WindowKVCache(KVCache):
         """Drops the rows below ``committed - 2 * window`` once a window's worth of
         them is there (``committed``: the generation's tokens in the cache; no query
         from then on sits before ``committed - window``)."""
-        drop = committed - 2 * self.window - self.start
-        if self.keys is None or drop < self.window:
-            return
-        self.keys = mx.contiguous(self.keys[..., drop:, :])
-        self.values = mx.contiguous(self.values[..., drop:, :])
-        self.start += drop
+        forget_rows(self, committed)
+
+
+def forget_rows(c, committed: int) -> None:
+    """Drops the first rows of a window layer's cache ``c`` (its ``keys`` and ``values``
+    hold positions ``c.start`` on, on their second-to-last axis) below ``committed -
+    2 * c.window``, once a window's worth of them is there: a
+    :class:`WindowKVCache`'s, or a batch's ``RaggedKVCache`` (``committed``: its
+    shortest row's end).
+
+    Example: window 4, rows from position 0, ``committed`` 13: positions 0..4 go
+    (``start`` 5); ``committed`` 14 then drops nothing (1 row below 14 - 8).
+    """
+    drop = committed - 2 * c.window - c.start
+    if c.keys is None or drop < c.window:
+        return
+    c.keys = mx.contiguous(c.keys[..., drop:, :])
+    c.values = mx.contiguous(c.values[..., drop:, :])
+    c.start += drop
+
+
+def zeros_before(a: mx.array, n: int) -> mx.array:
+    """``a`` with ``n`` rows of zeros before its rows (its second-to-last axis)."""
+    return mx.concatenate([mx.zeros((*a.shape[:-2], n, a.shape[-1]), a.dtype), a], axis=-2)
 
 
 def attention_chunks(model) -> List[Optional[int]]:
@@ -739,10 +757,8 @@ def whole_rows(c: WindowKVCache) -> KVCache:
     before its first row (``c.start``), then its rows."""
     whole = KVCache()
     if c.keys is not None:
-        gap = lambda a: mx.zeros((*a.shape[:-2], c.start, a.shape[-1]), a.dtype)
         k, v = c.keys_and_values()
-        whole.keys = mx.concatenate([gap(k), k], axis=-2)
-        whole.values = mx.concatenate([gap(v), v], axis=-2)
+        whole.keys, whole.values = zeros_before(k, c.start), zeros_before(v, c.start)
         whole.offset = c.offset
     return whole
 
@@ -759,12 +775,13 @@ def bounded_windows(cache: list, model, draft_model=None) -> list:
     for m in (model, draft_model):
         if m is None:
             continue
-        for i, w in enumerate(sliding_windows(m), start):
+        made = make_mlx_lm_cache(m)  # (its layer caches: their windows and their count)
+        for i, w in enumerate(map(window_of, made), start):
             if w is not None and type(cache[i]) is KVCache:
                 c = WindowKVCache(w)
                 c.keys, c.values, c.offset = cache[i].keys, cache[i].values, cache[i].offset
                 cache[i] = c
-        start += len(make_mlx_lm_cache(m))
+        start += len(made)
     forget_past_windows(cache)
     return cache
 

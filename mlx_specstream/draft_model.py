@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
-from .cache import ChunkKVCache, WindowKVCache, forget_past_windows, model_caches
+from .cache import ChunkKVCache, WindowKVCache, model_caches
 
 
 class DraftModel:
@@ -43,10 +43,11 @@ class DraftModel:
     def prefill(self, tokens: List[int], step: int) -> None:
         """Feeds context tokens in chunks of ``step`` (a prompt's body)."""
         for i in range(0, len(tokens), step):
-            self._feed(mx.array(tokens[i : i + step]))
-            forget_past_windows(self.cache)  # (only committed tokens in it)
+            chunk = tokens[i : i + step]
+            self._feed(mx.array(chunk))
+            self.fed += len(chunk)
+            self._forget()
             mx.eval([c.state for c in self.cache])
-        self.fed += len(tokens)
 
     def extend(self, tokens: List[int]) -> None:
         """Context tokens to feed with the next draft (a prompt's last token)."""

@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import CacheList, KVCache, _BaseCache
 
-from .cache import KVCacheList, WindowKVCache
+from .cache import KVCacheList, WindowKVCache, forget_rows, zeros_before
 
 
 class RaggedKVCache(_BaseCache):
@@ -121,23 +121,15 @@ class RaggedKVCache(_BaseCache):
         Example: window 4, ends ``[13, 20]``: positions 0..4 go (below ``13 - 8``);
         ``start`` is 5.
         """
-        if self.window is None or self.keys is None or not len(self._ends):
-            return
-        drop = int(self._ends.min()) - 2 * self.window - self.start
-        if drop < self.window:
-            return
-        self.keys = mx.contiguous(self.keys[..., drop:, :])
-        self.values = mx.contiguous(self.values[..., drop:, :])
-        self.start += drop
+        if self.window is not None and len(self._ends):
+            forget_rows(self, int(self._ends.min()))
 
     def _rebased(self, start: int) -> tuple:
         """The arrays from position ``start`` (at most :attr:`start`): zeros before it."""
         gap = self.start - start
         if self.keys is None or gap == 0:
             return self.keys, self.values
-        pad = lambda a: mx.zeros((*a.shape[:2], gap, a.shape[3]), a.dtype)
-        return (mx.concatenate([pad(self.keys), self.keys], axis=2),
-                mx.concatenate([pad(self.values), self.values], axis=2))  # fmt: skip
+        return zeros_before(self.keys, gap), zeros_before(self.values, gap)
 
     def _grow(self, keys: mx.array, values: mx.array, width: int) -> None:
         capacity = (width + self.step - 1) // self.step * self.step
