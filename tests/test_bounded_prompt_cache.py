@@ -295,8 +295,12 @@ def test_a_generation_never_cuts_a_trim_short_at_a_window_bound(window_rows):
         dict(max_tree_nodes=6, pipeline=False),
         dict(draft_model=tiny_model("gemma3_text", vocab_size=8, seed=3), num_draft_tokens=6),
     ]:
+        held.clear()
         assert spec_tokens(model, PROMPT, 120, **kwargs)[0] == want
-    assert len(held) >= 10 and not cut
+        # (forget ran on every window layer of the run: the model's two, and the draft
+        # model's two; caches are told apart by id while the run holds them all)
+        layers = 4 if "draft_model" in kwargs else 2
+        assert len(held) >= layers and not cut
 
 
 def test_batch_rows_with_a_windowed_draft_model_take_and_give_back_bounded_caches():
