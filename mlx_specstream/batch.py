@@ -44,6 +44,7 @@ from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
 from .ragged_cache import RaggedKVCache, empty_ragged, ragged
+from .recurrent import has_recurrent_layers, tree_refusal
 
 DRAFTS = ("auto", "streams", "ngram", "streams+ngram", "draft_model", None)
 # A row's own source: without a draft model, then with one.
@@ -97,7 +98,10 @@ def output_size(model) -> int:
 def unbatchable(model, name: str = "model") -> Optional[str]:
     """Why ``model`` cannot decode rows of a :class:`SpecBatcher` (``None``: it can):
     a layer without a plain ``KVCache``, or rows that come out wrong
-    (:func:`ragged_fault`)."""
+    (:func:`ragged_fault`), or a model the tree verifier cannot take."""
+    why = tree_refusal(model)
+    if why is not None and not has_recurrent_layers(model):
+        return f"batch rows need the tree verifier's per-row positions and masks; {why}"
     for i, c in enumerate(model_caches(model)):
         if isinstance(c, ChunkKVCache):  # (mlx-lm's batch caches have no chunks either)
             return (

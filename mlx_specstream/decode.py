@@ -55,6 +55,7 @@ from .recurrent import (
     DraftModelChain,
     chain_generate_step,
     has_recurrent_layers,
+    tree_refusal,
 )
 from .sample_utils import DistributionSampler
 from .settings import (
@@ -65,7 +66,13 @@ from .settings import (
     greedy,
     resolve_tree_settings,
 )
-from .streams import StepOutput, StreamRuntime, attach_verifier, get_runtime, vocab_size
+from .streams import (
+    StepOutput,
+    StreamRuntime,
+    attach_verifier,
+    get_runtime,
+    vocab_size,
+)
 from .tree import (
     accept,
     accept_by_rejection,
@@ -689,15 +696,15 @@ def spec_generate_step(
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
     plain_base = getattr(model, "speculative_streams", None) is None
-    if (plain_base and has_recurrent_layers(model)) or (
+    if (plain_base and (has_recurrent_layers(model) or tree_refusal(model))) or (
         draft_model is not None and has_recurrent_layers(draft_model)
     ):
         if ngram_candidates != 1:
             raise ValueError(
-                f"ngram_candidates={ngram_candidates}: on a model with recurrent layers drafts "
-                "are verified as one chain (mlx_specstream.recurrent); pass 1."
+                f"ngram_candidates={ngram_candidates}: on this model drafts are verified as "
+                "one chain (mlx_specstream.recurrent); pass 1."
             )
-        yield from _on_recurrent_model(
+        yield from _on_chain_model(
             prompt, model, speculative=speculative, draft=draft, draft_model=draft_model,
             tree=(tree_top_k, tree_depth, prune_threshold, max_tree_nodes), acceptance=acceptance,
             pipeline=pipeline, max_tokens=max_tokens, sampler=sampler,
@@ -895,16 +902,29 @@ def spec_generate_step(
         rt.release()
 
 
-def _on_recurrent_model(
+def _on_chain_model(
     prompt, model, *, speculative, draft, draft_model, tree, acceptance, pipeline, **kw
 ):
     """:func:`spec_generate_step` where the model or its draft model has recurrent
-    layers: chains of drafts, from prompt lookup or the draft model
-    (:func:`mlx_specstream.recurrent.chain_generate_step`; with ``speculative=False``
-    the draft model's cache still follows the model's). Settings that need a tree,
-    streams or a KV cache in every layer are refused, naming them."""
+    layers, or the tree verifier cannot take the model (:func:`~.recurrent.tree_refusal`):
+    chains of drafts, from prompt lookup or the draft model, verified through the
+    model's own passes (:func:`mlx_specstream.recurrent.chain_generate_step`; with
+    ``speculative=False`` the draft model's cache still follows the model's). Settings
+    that need a tree, streams or a KV cache in every layer are refused, naming them."""
     model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
-    why = "recurrent layers read tokens in order and keep no row per token"
+    recurrent = has_recurrent_layers(model) or (
+        draft_model is not None and has_recurrent_layers(draft_model)
+    )
+    if recurrent:
+        what, why = "has recurrent layers", "as recurrent layers read tokens in order"
+        why += " and keep no row per token"
+    else:
+        reason = tree_refusal(model).removeprefix(f"Model type '{model_type}': ").rstrip(".")
+        what, why = (
+            "takes no tree",
+            f"through its own passes, as the tree verifier cannot take it ({reason})",
+        )
+    where = "recurrent layers" if recurrent else "chains"
     rt = getattr(model, "speculative_streams", None)
     if rt is not None and rt.config.mode == "shared":
         raise ValueError(
@@ -913,14 +933,14 @@ def _on_recurrent_model(
         )
     if speculative and draft_model is None and draft != "ngram":
         raise ValueError(
-            f"Model type '{model_type}' has recurrent layers: it speculates with prompt lookup "
-            f"(draft='ngram') or a draft model, verified as a chain, as {why}; got "
+            f"Model type '{model_type}' {what}: it speculates with prompt lookup "
+            f"(draft='ngram') or a draft model, verified as a chain {why}; got "
             f"draft={draft!r}."
         )
     if speculative and draft_model is not None and draft not in (None, "streams"):
         raise ValueError(
-            f"draft={draft!r} with a draft_model on recurrent layers: the draft model's chain "
-            "alone is verified (prompt lookup is not merged into it there)."
+            f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
+            "verified (prompt lookup is not merged into it there)."
         )
     named = dict(zip(("tree_top_k", "tree_depth", "prune_threshold", "max_tree_nodes"), tree))
     if speculative:  # (plain decoding takes mlx-lm's rotating caches too)
@@ -928,9 +948,10 @@ def _on_recurrent_model(
     given = sorted(k for k, v in {**named, "pipeline": pipeline or None}.items() if v is not None)
     if given:
         raise ValueError(
-            f"{', '.join(given)}: not supported with recurrent layers (model type "
+            f"{', '.join(given)}: not supported "
+            f"{'with ' if recurrent else 'on '}{where} (model type "
             f"'{model_type}'{' or its draft model' if draft_model is not None else ''}): a "
-            f"chain is verified in order, as {why}."
+            f"chain is verified in order {why}."
         )
     if acceptance is not None and acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")

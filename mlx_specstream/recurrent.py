@@ -29,6 +29,7 @@ converts them (:meth:`ChainCache.draft_room`).
 import ast
 import inspect
 import textwrap
+import weakref
 from typing import Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
@@ -41,7 +42,8 @@ from .cache import WindowKVCache, model_caches
 from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import accept_by_rejection
-from .streams import _swap_call
+from .config import VerifierConfig
+from .streams import CHAIN_NOTE, TreeUnsupported, _swap_call, check_supported
 
 
 class SplitPoint:
@@ -193,13 +195,50 @@ def layer_caches(c) -> list:
     return list(members) if isinstance(members, (list, tuple)) else [c]
 
 
+CHAIN_CACHES = (KVCache, QuantizedKVCache, ArraysCache, WindowKVCache)  # (a bounded window's)
+
+
+def chain_cache_refusal(model: nn.Module) -> Optional[str]:
+    """The kinds of layer caches of ``model`` that a chain cannot roll back, named
+    (``None``: every layer keeps caches of :data:`CHAIN_CACHES`, alone or in a
+    ``CacheList``)."""
+    made = model_caches(model, bounded=True)
+    bad = sorted({type(k).__name__ for c in made for k in layer_caches(c)
+                  if type(k) not in CHAIN_CACHES})  # fmt: skip
+    return f"its layers keep {bad} caches" if bad else None
+
+
+def tree_refusal(model: nn.Module) -> Optional[str]:
+    """Why the tree verifier cannot take ``model`` while chains through its own passes
+    can (:class:`~.streams.TreeUnsupported`: its recurrent layers, its positions out of
+    reach, its layers' calls), else ``None``; judged once per model.
+
+    Example: nanochat rotates its queries in a function, not a RoPE module, so a
+    tree's positions cannot reach it: prompt lookup runs on it as chains, and
+    ``tree_refusal`` says why; for a Llama it is ``None``.
+    """
+    if id(model) not in _TREE_REFUSALS:
+        try:
+            check_supported(model, VerifierConfig())
+            why = None
+        except TreeUnsupported as e:
+            why = None if chain_cache_refusal(model) else str(e).replace(CHAIN_NOTE, "")
+        except ValueError:
+            why = None  # (refused outright: attach_verifier says why)
+        _TREE_REFUSALS[id(model)] = why
+        weakref.finalize(model, _TREE_REFUSALS.pop, id(model), None)
+    return _TREE_REFUSALS[id(model)]
+
+
+_TREE_REFUSALS = {}  # id(model) -> tree_refusal(model)
+
+
 def check_recurrent_cache(cache: list) -> None:
     """Raises ``ValueError`` naming the kinds of layer caches that a chain of drafts
     cannot roll back (taken: ``KVCache``, ``QuantizedKVCache`` and ``ArraysCache``,
     batch 1)."""
-    ok = (KVCache, QuantizedKVCache, ArraysCache, WindowKVCache)  # (a bounded draft cache's)
     cache = [k for c in cache for k in layer_caches(c)]
-    bad = sorted({type(c).__name__ for c in cache if type(c) not in ok})
+    bad = sorted({type(c).__name__ for c in cache if type(c) not in CHAIN_CACHES})
     if bad:
         raise ValueError(
             "Speculation on a recurrent model needs a KVCache (or QuantizedKVCache) or an "

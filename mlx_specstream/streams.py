@@ -1371,10 +1371,68 @@ def _lower_triangle(n: int) -> mx.array:
     return mx.array(np.tril(np.ones((n, n), bool)))
 
 
+class TreeUnsupported(ValueError):
+    """The tree verifier cannot take the model, but its own passes over a chain of
+    tokens decode as it does, one token at a time: prompt lookup and draft models
+    run on it, verified as chains (:func:`mlx_specstream.recurrent.chain_generate_step`),
+    as mlx-lm's draft-model decoding runs."""
+
+
+CHAIN_NOTE = (
+    " Prompt lookup (draft='ngram') and draft models run on it, their drafts verified "
+    "as chains through the model's own passes."
+)
+
+
+def check_chains(model: nn.Module) -> None:
+    """Raises ``ValueError`` when the model's own pass over several tokens does not
+    decode as it does one token at a time, or cannot be run here, so that no drafts
+    can be verified on it at all."""
+    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
+    if type(model).__module__.endswith(".muse_spark"):
+        raise ValueError(
+            f"Model type '{model_type}': its attention rotates queries and keys in a fused "
+            "Metal kernel from the cache's offset (qk_norm_rope), not through its RoPE "
+            "module, so a tree's positions cannot reach it, and chains of it cannot be "
+            "tested off Apple silicon; it is not supported."
+        )
+    if type(model).__module__.endswith(".phi3small"):
+        raise ValueError(
+            f"Model type '{model_type}': mlx-lm's block-sparse attention adds its boolean "
+            "causal mask to the scores (mlx-lm 0.32.2), so a pass over several tokens does "
+            "not give one-token decoding's logits; no speculation can equal its decoding."
+        )
+    layers = getattr(model, "layers", None) or []
+    if type(model).__module__.endswith(".plamo3") and not all(layer.full_attn for layer in layers):
+        raise ValueError(
+            f"Model type '{model_type}': over several tokens its sliding-window layers mask a "
+            "window of window_size + 1 keys, one token at a time its rotating cache holds "
+            "window_size (mlx-lm 0.32.2), so a pass over several tokens does not give "
+            "one-token decoding's logits; no speculation can equal its decoding."
+        )
+    linear = [i for i, layer in enumerate(layers)
+              if type(getattr(layer, "self_attn", None)).__name__ == "LinearSubblockReplacement"]  # fmt: skip
+    if linear:
+        raise ValueError(
+            f"Model type '{model_type}': layers {linear} replace their attention by a linear "
+            "map (Nemotron-NAS's replace_with_linear), which never writes the KVCache the "
+            "model hands it, so that cache does not count the tokens as the others do; "
+            "it is not supported (layers without attention, no_op, are)."
+        )
+    for layer in layers:
+        if type(_rope(layer)).__name__ == "DynamicNTKScalingRoPE":
+            raise ValueError(
+                f"Model type '{model_type}' uses dynamic NTK RoPE scaling, which cannot take "
+                "per-token positions."
+            )
+
+
 def check_supported(model: nn.Module, config: SpecStreamConfig):
-    """Raises ``ValueError`` saying why ``model`` cannot run Speculative Streaming."""
+    """Raises ``ValueError`` saying why ``model`` cannot run Speculative Streaming
+    (:class:`TreeUnsupported` where chains of drafts still run on it)."""
     from mlx_lm.models.cache import ChunkedKVCache, KVCache
 
+    check_chains(model)
     model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
     layers = getattr(model, "layers", None)
     if not layers:
@@ -1393,7 +1451,7 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             if type(c) not in (KVCache, ChunkedKVCache) and window_of(c) is None and not kv_lists(c)
         }
         if kinds:
-            raise ValueError(
+            raise TreeUnsupported(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
                 "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
                 "(recurrent and hybrid caches cannot be rolled back). A model "
@@ -1401,43 +1459,22 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 "verified as a chain."
             )
     slots = cache_slots(model)
-    linear = [i for i, layer in enumerate(layers)
-              if type(getattr(layer, "self_attn", None)).__name__ == "LinearSubblockReplacement"]  # fmt: skip
-    if linear:
-        raise ValueError(
-            f"Model type '{model_type}': layers {linear} replace their attention by a linear "
-            "map (Nemotron-NAS's replace_with_linear), which never writes the KVCache the "
-            "model hands it, so that cache does not count the tokens as the others do; "
-            "it is not supported (layers without attention, no_op, are)."
-        )
     for i, c in enumerate(made or []):
         at = slots.index(i) if i in slots else i  # (the first layer that reads cache i)
         attn = _attention(layers[at]) if at < len(layers) else None
         if kv_lists(c) and getattr(attn, "indexer", None) is None:
-            raise ValueError(
+            raise TreeUnsupported(
                 f"Model type '{model_type}': layer {i} keeps several key caches (a "
                 "CacheList) for attention other than DeepSeek V3.2's sparse one (MiniMax "
                 "M3's block-sparse attention places its queries by cache slot, which a "
                 "tree's rows do not follow; LongCat-Flash runs two attentions per layer); "
-                "it is not supported."
+                "the tree verifier does not take it." + CHAIN_NOTE
             )
-    if type(model).__module__.endswith(".muse_spark"):
-        raise ValueError(
-            f"Model type '{model_type}': its attention rotates queries and keys in a fused "
-            "Metal kernel from the cache's offset (qk_norm_rope), not through its RoPE "
-            "module, so a tree's positions cannot reach it; it is not supported."
-        )
-    if type(model).__module__.endswith(".phi3small"):
-        raise ValueError(
-            f"Model type '{model_type}': mlx-lm's block-sparse attention adds its boolean "
-            "causal mask to the scores (mlx-lm 0.32.2), so a pass over several tokens does "
-            "not give one-token decoding's logits; no speculation can equal its decoding."
-        )
     sources = kv_sources(model)
     owners = [i for i, s in enumerate(sources) if s == i]
     no_attention = [i for i, c in enumerate(slots) if c is None]
     if made is not None and owners != list(range(len(made))) and not no_attention:
-        raise ValueError(
+        raise TreeUnsupported(
             f"Model type '{model_type}' makes {len(made)} caches for its {len(layers)} "
             + (
                 f"layers, of which {len(owners)} keep keys and values of their own: "
@@ -1446,8 +1483,9 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             )
             + "the verifier "
             "needs a cache for each of the first layers and the others reading an earlier "
-            "layer's (as Gemma 4's KV-sharing layers, previous_kvs)."
+            "layer's (as Gemma 4's KV-sharing layers, previous_kvs)." + CHAIN_NOTE
         )
+
     if not isinstance(config, VerifierConfig) and getattr(model_args(model), "use_cla", False):
         raise ValueError(
             f"Model type '{model_type}': its odd layers read the key and value projections "
@@ -1474,10 +1512,11 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         takes = layer_params(layer)
         plain = len(takes) >= 3 and "mask" in takes[1] and takes[2] == "cache"
         if not plain and not _scaled_attention(model, layer):
-            raise ValueError(
+            raise TreeUnsupported(
                 f"Model type '{model_type}': layer {i} ({type(layer).__name__}) takes "
                 f"({', '.join(takes)}); the tree's masks go to decoder layers called as "
                 "layer(x, mask, cache), or layer(x, attn_scale, mask, cache) as Ministral 3's."
+                + CHAIN_NOTE
             )
         rope = _rope(layer)
         if rope is None and (_no_positions(layer) or position_embedding(model) is not None):
@@ -1485,15 +1524,9 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
         if slots[i] is None:
             continue  # (no attention: Nemotron-NAS's no_op layers)
         if rope is None:
-            raise ValueError(
+            raise TreeUnsupported(
                 f"Model type '{model_type}': layer {i} has no attention with a RoPE module; "
-                "tree positions need rotary embeddings applied inside attention "
-                "(absolute-position and recurrent models are not supported)."
-            )
-        if type(rope).__name__ == "DynamicNTKScalingRoPE":
-            raise ValueError(
-                f"Model type '{model_type}' uses dynamic NTK RoPE scaling, which cannot take "
-                "per-token positions."
+                "tree positions need rotary embeddings applied inside attention." + CHAIN_NOTE
             )
 
 

@@ -4,7 +4,7 @@ import importlib
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_map, tree_map_with_path
 
 from mlx_specstream import SpecStreamConfig, attach_streams
 
@@ -548,6 +548,41 @@ def _random_convolutions(model):
 
 HYBRID_INIT = {"baichuan_m1": _random_convolutions}
 HYBRIDS = sorted(HYBRID_ARGS)
+
+# Models the tree verifier cannot take (mlx_specstream.recurrent.tree_refusal), whose own
+# passes verify chains: their positions out of its reach (nanochat: RoPE in a function;
+# talkie: layers called with its embeddings too), a cache per layer pass
+# (IQuest-Loop-Coder), several key caches a layer (MiniMax M3's block-sparse attention).
+CHAIN_ARGS = {
+    "nanochat": dict(intermediate_size=128, num_key_value_heads=2),
+    "talkie": dict(intermediate_size=128, head_dim=16),
+    "iquestloopcoder": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                            rms_norm_eps=1e-5),
+    "minimax_m3_vl": dict(text_config=dict(
+        hidden_size=64, intermediate_size=32, dense_intermediate_size=128,
+        shared_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=512, rope_theta=10000.0, head_dim=16, rotary_dim=8,
+        routed_scaling_factor=1.0, moe_layer_freq=[0, 1, 1, 1],
+        sparse_attention_freq=[0, 1, 0, 1], index_n_heads=2, index_head_dim=16,
+        index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+    )),
+}  # fmt: skip
+CHAIN_MODELS = sorted(CHAIN_ARGS)
+
+
+def tiny_chain_model(arch, vocab_size=32, seed=0):
+    """A random tiny model of ``CHAIN_ARGS``; parameters mlx-lm starts at zero (talkie's
+    head) drawn at random, else every token is the same."""
+    model = random_model(arch, {**BASE, **CHAIN_ARGS[arch]}, vocab_size, seed)
+    mx.random.seed(seed + 1)
+    model.update(tree_map(
+        lambda w: mx.random.normal(w.shape) * (0.5 if w.ndim == 1 else 1.0)
+        if w.size and not mx.any(w).item() else w,
+        model.parameters(),
+    ))  # fmt: skip
+    mx.eval(model.parameters())
+    return model
 
 
 def random_model(arch, args, vocab_size, seed=0, weight_scale=4.0, **overrides):

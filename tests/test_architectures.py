@@ -13,7 +13,12 @@ from mlx_lm.models import ministral3
 
 import mlx_specstream.streams as streams
 from mlx_specstream import DrafterConfig, attach_drafter
-from mlx_specstream.streams import hidden_size, llama4_attention_scale
+from mlx_specstream.streams import (
+    TreeUnsupported,
+    attach_verifier,
+    hidden_size,
+    llama4_attention_scale,
+)
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
 N = 48  # (past position 8, where the tiny Ministral 3's attention scale first steps)
@@ -104,8 +109,8 @@ def test_layers_without_rope_that_do_not_say_so_are_refused():
     attn = model.layers[3].self_attn
     assert attn.use_rope is False and "rope" not in attn
     del attn.use_rope
-    with pytest.raises(ValueError, match="layer 3 has no attention with a RoPE module"):
-        spec_tokens(model, PROMPT, 4, draft="ngram")
+    with pytest.raises(TreeUnsupported, match="layer 3 has no attention with a RoPE module"):
+        attach_verifier(model)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_bigcode"])
@@ -190,7 +195,8 @@ def test_parallelspec_on_position_scaled_layers_is_refused_with_the_reason():
 
 def test_layers_called_with_other_arguments_before_the_mask_are_refused_with_the_reason():
     """The tree's masks go to a layer by position: a layer taking something else
-    before its mask, other than Ministral 3's attention scale, is refused at load."""
+    before its mask, other than Ministral 3's attention scale, is refused by the tree
+    verifier."""
     model = tiny_model("llama", vocab_size=8)
     base = type(model.layers[0])
 
@@ -200,5 +206,5 @@ def test_layers_called_with_other_arguments_before_the_mask_are_refused_with_the
 
     for layer in model.layers:
         layer.__class__ = Layer
-    with pytest.raises(ValueError, match=r"layer 0 \(Layer\) takes \(x, gate, mask, cache\)"):
-        spec_tokens(model, PROMPT, 8, draft="ngram")
+    with pytest.raises(TreeUnsupported, match=r"layer 0 \(Layer\) takes \(x, gate, mask, cache\)"):
+        attach_verifier(model)

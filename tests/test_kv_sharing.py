@@ -36,7 +36,7 @@ from mlx_specstream import (
     make_prompt_cache,
 )
 from mlx_specstream.cache import WindowKVCache
-from mlx_specstream.streams import kv_sources
+from mlx_specstream.streams import TreeUnsupported, attach_verifier, kv_sources
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
 N = 48  # (six windows of 8)
@@ -268,8 +268,8 @@ def test_caches_that_do_not_match_the_sharing_are_refused(monkeypatch):
     model = tiny_model("gemma4_text", vocab_size=8)
     made = type(model).make_cache
     monkeypatch.setattr(type(model), "make_cache", lambda self: made(self)[:3])
-    with pytest.raises(ValueError, match="makes 3 caches for its 6 layers, of which 4 keep"):
-        spec_tokens(model, PROMPT, 8, draft="ngram")
+    with pytest.raises(TreeUnsupported, match="makes 3 caches for its 6 layers, of which 4 keep"):
+        attach_verifier(model)
 
 
 def test_streams_train_in_mlx_and_the_base_stays_bit_identical():

@@ -10,7 +10,7 @@ from helpers import plain_greedy, spec_tokens, tiny_model, tiny_spec_model, word
 from test_batch import LIMITS, alone, decode
 
 import mlx_specstream.streams as streams
-from mlx_specstream.streams import cache_slots
+from mlx_specstream.streams import TreeUnsupported, attach_verifier, cache_slots
 
 ARCH = "nemotron-nas"
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
@@ -125,5 +125,5 @@ def test_negative_control_caches_paired_with_layers_by_index(monkeypatch):
     """Without the mapping (each layer taken to read the cache of its index) the model
     is refused, not decoded wrongly."""
     monkeypatch.setattr(streams, "cache_slots", streams.kv_sources)
-    with pytest.raises(ValueError, match="makes 2 caches for its 4 layers"):
-        spec_tokens(tiny_model(ARCH, vocab_size=8), PROMPT, 8, draft="ngram")
+    with pytest.raises(TreeUnsupported, match="makes 2 caches for its 4 layers"):
+        attach_verifier(tiny_model(ARCH, vocab_size=8))
