@@ -77,6 +77,8 @@ def tests_config(arch):
     """The tests' tiny model of ``arch`` (``tests/helpers.py``), or None."""
     if arch in helpers.HYBRID_ARGS:
         return lambda: helpers.tiny_hybrid(arch, vocab_size=8)
+    if arch in helpers.CHAIN_ARGS:  # (random where mlx-lm starts at zero)
+        return lambda: helpers.tiny_chain_model(arch)
     configs = {**helpers.ARCH_ARGS, **helpers.WINDOWED_ARGS, **helpers.MORE_ARGS}
     if arch in configs or arch == "gemma3n":  # (Gemma 3n: helpers.GEMMA3N)
         return lambda: helpers.tiny_model(arch, vocab_size=8)
