@@ -53,6 +53,7 @@ class SplitPoint:
     def __init__(self):
         self.at: Optional[int] = None
         self.kept: List[Tuple[ArraysCache, list]] = []
+        self.wrote: dict = {}  # id(cache) -> the slots the mixers split so far wrote
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
@@ -143,18 +144,43 @@ def _split_call(
         if reads_mask and bound.arguments.get("mask") is not None:
             raise ValueError("A split recurrent pass takes no mask (batch 1, no padding).")
         cache = bound.arguments["cache"]
-        if any(c is cache for c, _ in split.kept):
-            raise ValueError(
-                f"{type(self).__name__}: a recurrent state written twice in one pass (two "
-                "mixers share one ArraysCache), which a split pass cannot roll back."
-            )
         rest = split_inputs(bound.arguments, x_name, at)
+        before = list(cache.cache)
         first = base_call(*bound.args, **bound.kwargs)
-        split.kept.append((cache, list(cache.cache)))  # the state after the pending tokens
+        keep_slots(split, cache, before, self)  # the state after the pending tokens
         bound.arguments.update(rest)
         return _joined_outputs(first, base_call(*bound.args, **bound.kwargs))
 
     return call
+
+
+def keep_slots(split: SplitPoint, cache: ArraysCache, before: list, mixer) -> None:
+    """Keeps aside the slots of ``cache`` that a mixer's first call wrote (those whose
+    array changed from ``before``). Mixers that share one cache keep their own slots
+    (RWKV-7's time mix writes slots 0 and 1, its channel mix slot 2); a slot written
+    by two mixers in one pass cannot be rolled back, and is refused.
+
+    Example: slots ``[a, b, c]``; the time mix writes ``[a', b', c]`` (keeps 0, 1),
+    then the channel mix ``[a'', b'', c']`` on the rest and the next part: kept
+    ``[a', b', c']``, the state after the pending tokens in every slot.
+    """
+    now = list(cache.cache)
+    wrote = {i for i, (a, b) in enumerate(zip(before, now)) if a is not b}
+    entry = next((i for i, (c, _) in enumerate(split.kept) if c is cache), None)
+    if entry is None:
+        split.kept.append((cache, now))
+        split.wrote[id(cache)] = wrote
+        return
+    if wrote & split.wrote[id(cache)]:
+        raise ValueError(
+            f"{type(mixer).__name__}: a recurrent state written twice in one pass (two "
+            "mixers write one slot of an ArraysCache), which a split pass cannot roll back."
+        )
+    kept = list(split.kept[entry][1])
+    for i in wrote:
+        kept[i] = now[i]
+    split.kept[entry] = (cache, kept)
+    split.wrote[id(cache)] |= wrote
 
 
 def split_inputs(arguments: dict, x_name: str, at: int) -> dict:
@@ -198,13 +224,38 @@ def layer_caches(c) -> list:
 CHAIN_CACHES = (KVCache, QuantizedKVCache, ArraysCache, WindowKVCache)  # (a bounded window's)
 
 
+def _kept_aside(c) -> bool:
+    return isinstance(c, ArraysCache) or kept_whole(c)
+
+
+def kept_whole(c) -> bool:
+    """Whether ``c`` is a layer cache that a chain keeps aside whole, as it is before a
+    pass: one that cannot be trimmed, and whose every update assigns new arrays to its
+    attributes, never writing into one (DeepSeek V4.1's ``LayerCache``: its window,
+    compressed groups and open group)."""
+    return type(c).__name__ == "LayerCache" and type(c).__module__.endswith(".deepseek_v41")
+
+
+def state_of(c) -> object:
+    """What restores a recurrent or whole-kept layer cache (:func:`set_state`)."""
+    return dict(vars(c)) if kept_whole(c) else list(c.cache)
+
+
+def set_state(c, state) -> None:
+    """Puts back a state from :func:`state_of` (arrays are never written into)."""
+    if kept_whole(c):
+        vars(c).update(state)
+    else:
+        c.cache = list(state)
+
+
 def chain_cache_refusal(model: nn.Module) -> Optional[str]:
     """The kinds of layer caches of ``model`` that a chain cannot roll back, named
     (``None``: every layer keeps caches of :data:`CHAIN_CACHES`, alone or in a
     ``CacheList``)."""
     made = model_caches(model, bounded=True)
     bad = sorted({type(k).__name__ for c in made for k in layer_caches(c)
-                  if type(k) not in CHAIN_CACHES})  # fmt: skip
+                  if type(k) not in CHAIN_CACHES and not kept_whole(k)})  # fmt: skip
     return f"its layers keep {bad} caches" if bad else None
 
 
@@ -238,7 +289,8 @@ def check_recurrent_cache(cache: list) -> None:
     cannot roll back (taken: ``KVCache``, ``QuantizedKVCache`` and ``ArraysCache``,
     batch 1)."""
     cache = [k for c in cache for k in layer_caches(c)]
-    bad = sorted({type(c).__name__ for c in cache if type(c) not in CHAIN_CACHES})
+    bad = sorted({type(c).__name__ for c in cache if type(c) not in CHAIN_CACHES
+                  and not kept_whole(c)})  # fmt: skip
     if bad:
         raise ValueError(
             "Speculation on a recurrent model needs a KVCache (or QuantizedKVCache) or an "
@@ -489,7 +541,7 @@ class DraftModelChain:
         recurrent = c.recurrent
         logits = c.model(mx.array(self.tokens[c.held :])[None], cache=c.cache)[0, -1]
         self.base = c.held = len(self.tokens)
-        self.states, drafts, qs = [[list(x.cache) for x in recurrent]], [], []
+        self.states, drafts, qs = [[state_of(x) for x in recurrent]], [], []
         for i in range(n):
             if self.sampler is None:
                 drafts.append(mx.argmax(logits[: self.vocab_size], axis=-1).reshape(1))
@@ -498,7 +550,7 @@ class DraftModelChain:
                 drafts.append(mx.random.categorical(mx.log(qs[-1])).reshape(1))
             if i < n - 1:  # (the last draft is not fed)
                 logits = c.model(drafts[-1][None], cache=c.cache)[0, -1]
-                self.states.append([list(x.cache) for x in recurrent])
+                self.states.append([state_of(x) for x in recurrent])
         c.drafted = max(n - 1, 0)
         self.q = mx.stack(qs) if qs else None
         return mx.concatenate(drafts).tolist() if drafts else []
@@ -519,7 +571,7 @@ class DraftModelChain:
         to the last draft it fed (its states stay until the next chain)."""
         c = self.chain
         for x, state in zip(c.recurrent, self.states[end - self.base]):
-            x.cache = list(state)
+            set_state(x, state)
         for x in c.kv:
             x.trim(c.held + c.drafted - end)
         c.held, c.drafted = end, 0
@@ -557,12 +609,13 @@ class ChainCache:
     @property
     def kv(self) -> list:
         """The KV layers (``kv_bits`` replaces them when it converts them)."""
-        return [k for c in self.cache for k in layer_caches(c) if not isinstance(k, ArraysCache)]
+        return [k for c in self.cache for k in layer_caches(c) if not _kept_aside(k)]
 
     @property
     def recurrent(self) -> list:
-        """The recurrent layers' caches."""
-        return [k for c in self.cache for k in layer_caches(c) if isinstance(k, ArraysCache)]
+        """The caches a roll-back puts back as they were: the recurrent layers', and
+        those kept whole (:func:`kept_whole`)."""
+        return [k for c in self.cache for k in layer_caches(c) if _kept_aside(k)]
 
     def feed(self, upto: int) -> None:
         """Puts ``tokens[held:upto]`` in the caches, in one unsplit pass."""
@@ -604,8 +657,9 @@ class ChainCache:
         """
         pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
         whole = len(pending) == 1  # not split: back to before the pending token
-        before = (self.held, [(c, list(c.cache)) for c in self.recurrent])
-        self.split.at, self.split.kept = (None if whole or not drafts else len(pending)), []
+        before = (self.held, [(c, state_of(c)) for c in self.recurrent])
+        self.split.at = None if whole or not drafts else len(pending)
+        self.split.kept, self.split.wrote = [], {}
         split = self.split.at is not None
         logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
         self.split.at, self.drafted = None, len(drafts)
@@ -638,7 +692,7 @@ class ChainCache:
         it was not split, before its one pending token)."""
         held, states = self.back
         for c, state in states:
-            c.cache = list(state)
+            set_state(c, state)
         for c in self.kv:
             c.trim(self.pending_end + self.drafted - held)
         self.held, self.drafted = held, 0

@@ -534,6 +534,31 @@ _MORE_HYBRIDS = {  # (session 29; BASE's sizes under each)
         emb_neighbor_num=3, emb_split_num=2,
     ),
 }  # fmt: skip
+_MORE_HYBRIDS.update({  # (session 31)
+    # RWKV-7: a time mix (WKV state, token shift) and a channel mix (its own token shift)
+    # in every layer, writing slots 0-1 and 2 of one ArraysCache; heads of 32 (mlx-lm's
+    # Metal WKV kernel takes multiples of 32)
+    "rwkv7": dict(
+        intermediate_size=128, norm_eps=1e-5, head_dim=32, a_low_rank_dim=8, v_low_rank_dim=8,
+        gate_low_rank_dim=8, decay_low_rank_dim=8, tie_word_embeddings=False,
+    ),
+    # Kimi K3: delta attention (recurrent, short convolution) in layers 0 and 2, NoPE
+    # latent attention with an output gate in 1 and 3; grouped experts through a normed
+    # latent after layer 0; attention residuals over blocks of 2 layers
+    "kimi_k3": dict(text_config=dict(
+        **BASE, model_type="kimi_k3", num_key_value_heads=4, intermediate_size=128,
+        rms_norm_eps=1e-5, max_position_embeddings=512,
+        linear_attn_config=dict(kda_layers=[1, 3], num_heads=2, head_dim=32,
+                                short_conv_kernel_size=4),
+        activation_situ_beta=1.0, attn_res_block_size=2, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, mla_use_nope=True,
+        mla_use_output_gate=True, num_experts=4, num_experts_per_token=2,
+        num_shared_experts=1, moe_intermediate_size=32, routed_scaling_factor=1.0,
+        first_k_dense_replace=1, moe_layer_freq=1, use_grouped_topk=True,
+        num_expert_group=2, topk_group=1, routed_expert_hidden_size=32,
+        latent_moe_use_norm=True, tie_word_embeddings=False,
+    )),
+})  # fmt: skip
 HYBRID_ARGS.update({arch: {**BASE, **args} for arch, args in _MORE_HYBRIDS.items()})
 
 
@@ -546,7 +571,25 @@ def _random_convolutions(model):
         attn.conv_v = mx.random.uniform(-1, 1, attn.conv_v.shape)
 
 
-HYBRID_INIT = {"baichuan_m1": _random_convolutions}
+def _uniform(a, lo, hi):
+    return mx.random.uniform(lo, hi, a.shape).astype(a.dtype)
+
+
+def _random_rwkv7_mixes(model):
+    """RWKV-7's token-shift mixes, k_k, k_a, r_k and output norm, random (mlx-lm starts
+    them at zero, and the zero norm zeroes every time mix)."""
+    for layer in model.layers:
+        att = layer.attn
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+            setattr(att, name, _uniform(getattr(att, name), 0.0, 1.0))
+        att.k_k, att.k_a = _uniform(att.k_k, 0.5, 1.5), _uniform(att.k_a, 0.0, 1.0)
+        att.r_k = _uniform(att.r_k, -1.0, 1.0)
+        att.g_norm.weight = _uniform(att.g_norm.weight, 0.5, 1.5)
+        att.g_norm.bias = _uniform(att.g_norm.bias, -0.1, 0.1)
+        layer.ffn.x_k = _uniform(layer.ffn.x_k, 0.0, 1.0)
+
+
+HYBRID_INIT = {"baichuan_m1": _random_convolutions, "rwkv7": _random_rwkv7_mixes}
 HYBRIDS = sorted(HYBRID_ARGS)
 
 # Models the tree verifier cannot take (mlx_specstream.recurrent.tree_refusal), whose own
@@ -567,13 +610,42 @@ CHAIN_ARGS = {
         sparse_attention_freq=[0, 1, 0, 1], index_n_heads=2, index_head_dim=16,
         index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
     )),
+    # LongCat-Flash: two latent attentions a layer (a CacheList of two KVCaches), two
+    # dense MLPs and a shortcut MoE with identity experts; 2 layers, 4 attentions
+    "longcat_flash": dict(
+        attention_method="MLA", zero_expert_type="identity", ffn_hidden_size=128, moe_topk=2,
+        expert_ffn_hidden_size=32, n_routed_experts=4, zero_expert_num=2, num_layers=2,
+        max_position_embeddings=512, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=1.0, rms_norm_eps=1e-5,
+        rope_theta=10000.0, mla_scale_q_lora=True, mla_scale_kv_lora=True,
+        attention_bias=False,
+    ),
+    # Apple's AFM 7: 2 layers with caches, 2 attending to the last one's keys and values
+    "afm7": dict(
+        hidden_dim=64, num_layers=4, num_kv_reuse_layers=2, num_heads=4, num_kv_heads=2,
+        hidden_dim_scale_factor=2.0, rope_theta=10000.0, rms_norm_eps=1e-5,
+    ),
+    # DeepSeek V4.1 (its release's layout in 5 layers): a window of 8 rows, groups of 2
+    # compressed in layers 1-2, every token in 3-4, an indexer keeping 4, layers reading
+    # earlier ones' latents and candidate blocks, 4 hyper-connection streams; its
+    # LayerCache cannot be trimmed, and a chain keeps it aside whole
+    "deepseek_v41": dict(
+        num_hidden_layers=5, head_dim=32, q_lora_rank=32, qk_rope_head_dim=8, o_groups=2,
+        o_lora_rank=16, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+        rms_norm_eps=1e-6, sliding_window=8, compress_ratios=[0, 2, 2, 1, 1],
+        kv_source_layer_ids=[1, 3], index_source_layer_ids=[1, 3, 4],
+        candidate_source_layer_id=3, candidate_topk_blocks=2, candidate_block_size=2,
+        index_n_heads=2, index_head_dim=32, index_topk=4, compress_rope_theta=10000.0,
+        rope_theta=10000.0, max_position_embeddings=512, hc_mult=4, hc_sinkhorn_iters=5,
+    ),
 }  # fmt: skip
 CHAIN_MODELS = sorted(CHAIN_ARGS)
 
 
-def tiny_chain_model(arch, vocab_size=32, seed=0):
+def tiny_chain_model(arch, vocab_size=16, seed=0):
     """A random tiny model of ``CHAIN_ARGS``; parameters mlx-lm starts at zero (talkie's
-    head) drawn at random, else every token is the same."""
+    head, DeepSeek V4.1's routers and hyper-connection mixes) drawn at random, else
+    every token is the same."""
     model = random_model(arch, {**BASE, **CHAIN_ARGS[arch]}, vocab_size, seed)
     mx.random.seed(seed + 1)
     model.update(tree_map(

@@ -1,7 +1,9 @@
 """Models the tree verifier cannot take whose own passes verify chains of drafts
 (mlx_specstream.recurrent.tree_refusal): prompt lookup and draft models give mlx-lm's
-greedy tokens on nanochat, talkie, IQuest-Loop-Coder and MiniMax M3, sampling keeps
-the distribution, and what needs a tree is refused with the reason."""
+greedy tokens on nanochat, talkie, IQuest-Loop-Coder, MiniMax M3, LongCat-Flash, AFM 7
+and DeepSeek V4.1 (whose caches are kept aside whole), sampling keeps the
+distribution, and what needs a tree is refused with the reason. RWKV-7's two mixers
+sharing one recurrent cache (test_recurrent runs it with the other hybrids)."""
 
 import importlib
 import json
@@ -55,7 +57,7 @@ def test_draft_model_chains_equal_plain(target, drafter):
     model drafting for a Llama (the tree verifier's draft model needs only its passes)."""
 
     def make(arch, seed):
-        return tiny_model(arch, 32, seed) if arch == "llama" else tiny_chain_model(arch, seed=seed)
+        return tiny_model(arch, 16, seed) if arch == "llama" else tiny_chain_model(arch, seed=seed)
 
     model, small = make(target, 0), make(drafter, 1)
     accepted = 0
@@ -65,6 +67,56 @@ def test_draft_model_chains_equal_plain(target, drafter):
         assert got == plain_greedy(model, prompt, 32)
         accepted += sum(r[2] for r in records)
     assert accepted > 0, "no draft accepted: the test has no power"
+
+
+def test_negative_control_deepseek_v41_caches_not_put_back(monkeypatch):
+    """DeepSeek V4.1's LayerCache left as the rejected drafts made it (its window,
+    compressed groups and open group) decodes otherwise."""
+    put = recurrent.set_state
+    monkeypatch.setattr(recurrent, "set_state",
+                        lambda c, s: None if recurrent.kept_whole(c) else put(c, s))  # fmt: skip
+    model = tiny_chain_model("deepseek_v41")
+    assert any(lookup(model, p, 40, num_draft_tokens=6)[0] != plain_greedy(model, p, 40)
+               for p in PROMPTS)  # fmt: skip
+
+
+def test_keep_slots_golden():
+    """The docstring's example: two mixers of one cache keep their own slots; a slot
+    written by both is refused."""
+    from mlx_lm.models.cache import ArraysCache
+
+    from mlx_specstream.recurrent import SplitPoint, keep_slots
+
+    a, b, c, a1, b1, c1, a2 = (mx.array([i]) for i in range(7))
+    cache, split = ArraysCache(3), SplitPoint()
+    cache.cache = [a, b, c]
+    before = list(cache.cache)
+    cache[0], cache[1] = a1, b1  # the time mix's first call
+    keep_slots(split, cache, before, None)
+    cache[0], cache[1] = a2, a2  # its call on the rest
+    before = list(cache.cache)
+    cache[2] = c1  # the channel mix's first call
+    keep_slots(split, cache, before, None)
+    assert split.kept == [(cache, [a1, b1, c1])] and split.wrote[id(cache)] == {0, 1, 2}
+    before = list(cache.cache)
+    cache[1] = a  # a third mixer writing slot 1 again
+    with pytest.raises(ValueError, match="written twice in one pass"):
+        keep_slots(split, cache, before, None)
+
+
+def test_negative_control_rwkv7_channel_mix_state_not_kept(monkeypatch):
+    """RWKV-7 with only the first mixer's slots kept (the channel mix's token shift goes
+    back to before the pass) decodes otherwise."""
+    keep = recurrent.keep_slots
+
+    def first_only(split, cache, before, mixer):
+        if not any(c is cache for c, _ in split.kept):
+            keep(split, cache, before, mixer)
+
+    monkeypatch.setattr(recurrent, "keep_slots", first_only)
+    model = tiny_hybrid("rwkv7")
+    assert any(lookup(model, p, 40, num_draft_tokens=6)[0] != plain_greedy(model, p, 40)
+               for p in PROMPTS)  # fmt: skip
 
 
 def test_sampling_keeps_the_distribution():
@@ -98,6 +150,9 @@ def test_tree_refusal_golden():
         "talkie": r"layer 0 \(TransformerBlock\) takes \(e_x, x, mask, cache\)",
         "iquestloopcoder": "makes 8 caches for its 4 layers",
         "minimax_m3_vl": "layer 0 keeps several key caches",
+        "longcat_flash": "layer 0 keeps several key caches",
+        "afm7": "makes 2 caches for its 4 layers",
+        "deepseek_v41": r"uses \['LayerCache'\] caches",
     }
     import re
 

@@ -282,8 +282,9 @@ def test_nemotron_h_layers_without_a_cache_leave_every_mixer_split(pattern):
 
 def test_a_recurrent_state_written_twice_in_a_pass_is_refused():
     """Mixers are found by the cache they are handed (the layers' caches need not be
-    one per layer: Nemotron-H's MLP layers keep none); two mixers writing one state
-    could not be rolled back, and are refused. Control: the model's own caches run."""
+    one per layer: Nemotron-H's MLP layers keep none); two mixers writing one slot of a
+    state could not be rolled back, and are refused (RWKV-7's two mixers write slots of
+    their own: test_chain_models). Control: the model's own caches run."""
     model = tiny_hybrid("qwen3_next")  # (layers 0 and 2 recurrent)
     assert lookup(model, PROMPTS[0], 8)[0] == plain_greedy(model, PROMPTS[0], 8)
     shared = ArraysCache(2)
