@@ -1454,9 +1454,7 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             raise TreeUnsupported(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
                 "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
-                "(recurrent and hybrid caches cannot be rolled back). A model "
-                "with recurrent layers runs prompt lookup (draft='ngram', --draft ngram), "
-                "verified as a chain."
+                "(recurrent and hybrid caches cannot be rolled back)." + CHAIN_NOTE
             )
     slots = cache_slots(model)
     for i, c in enumerate(made or []):
