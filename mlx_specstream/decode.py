@@ -701,8 +701,9 @@ def spec_generate_step(
     ):
         if ngram_candidates != 1:
             raise ValueError(
-                f"ngram_candidates={ngram_candidates}: on this model drafts are verified as "
-                "one chain (mlx_specstream.recurrent); pass 1."
+                f"ngram_candidates={ngram_candidates}: this model's drafts are verified as one "
+                "chain (recurrent layers, or a model the tree verifier cannot take: "
+                "mlx_specstream.recurrent); pass 1."
             )
         yield from _on_chain_model(
             prompt, model, speculative=speculative, draft=draft, draft_model=draft_model,

@@ -186,7 +186,7 @@ def test_what_needs_a_tree_is_refused_with_the_reason():
         lookup(model, PROMPTS[0], 8, max_tree_nodes=6)
     with pytest.raises(ValueError, match="takes no tree: it speculates with prompt lookup"):
         lookup(model, PROMPTS[0], 8, draft=None)
-    with pytest.raises(ValueError, match="ngram_candidates=2: on this model drafts"):
+    with pytest.raises(ValueError, match="ngram_candidates=2: this model.s drafts are verified as one chain"):
         lookup(model, PROMPTS[0], 8, ngram_candidates=2)
     with pytest.raises(TreeUnsupported, match="Prompt lookup .* run on it"):
         attach_streams(model, SpecStreamConfig(num_stream_layers=1))
