@@ -635,15 +635,18 @@ class ChainCache:
             room = self.quant.full_precision_room(self.cache)
         return n if room is None else max(0, min(n, room - (len(self.tokens) - self.held)))
 
-    def _settle(self) -> None:
+    def _settle(self, evaluate: bool = True) -> None:
         """Converts the KV layers where mlx-lm would now, has window layers drop the rows
-        no window after a roll-back's point sees, and evaluates the caches."""
+        no window after a roll-back's point sees, and evaluates the caches (not after a
+        pass: :meth:`run` evaluated their new states with its logits, and a roll-back
+        puts back states computed then)."""
         if self.quant is not None:
             self.quant.maybe_quantize(self.cache)
         for c in self.kv:
             if isinstance(c, WindowKVCache):
                 c.forget(min(self.held, self.floor))
-        mx.eval([c.state for c in self.cache])
+        if evaluate:
+            mx.eval([c.state for c in self.cache])
 
     def run(self, drafts: List[int]) -> mx.array:
         """One pass over the pending tokens and ``drafts``; the logits of the last
@@ -668,7 +671,10 @@ class ChainCache:
         else:
             self.back = (self.pending_end, self.split.kept)
         self.floor = self.back[0]
-        return logits[0, len(pending) - 1 :]
+        rows = logits[0, len(pending) - 1 :]
+        # (the caches' new states go with the logits: one evaluation, one wait, a step)
+        mx.async_eval(rows, [c.state for c in self.cache])
+        return rows
 
     def unsplit_states(self) -> bool:
         """Whether the last split pass left a recurrent state that no split mixer kept
@@ -685,7 +691,7 @@ class ChainCache:
             self.held = self.pending_end + self.drafted
         else:
             self.roll_back()
-        self._settle()
+        self._settle(evaluate=False)
 
     def roll_back(self) -> None:
         """The caches as they were after the last pass's pending tokens (or, when
