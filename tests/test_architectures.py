@@ -7,7 +7,7 @@ Llama 4), RoPE one module deeper (EXAONE), the position-scaled attention of Mini
 
 import mlx.core as mx
 import pytest
-from helpers import MORE, plain_greedy, spec_tokens, tiny_model, tiny_spec_model
+from helpers import CHAIN_ARGS, MORE, plain_greedy, spec_tokens, tiny_model, tiny_spec_model
 from test_batch import LIMITS, alone, decode
 from mlx_lm.models import ministral3
 
@@ -160,15 +160,7 @@ def test_models_whose_passes_cannot_equal_their_decoding_are_refused(arch, messa
             layer_norm_epsilon=1e-5, num_key_value_heads=2, blocksparse_block_size=32,
             blocksparse_num_local_blocks=1, blocksparse_vert_stride=2,
         ),
-        minimax_m3_vl=dict(text_config=dict(
-            hidden_size=64, intermediate_size=32, dense_intermediate_size=128,
-            shared_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2,
-            num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
-            max_position_embeddings=512, rope_theta=10000.0, head_dim=16, rotary_dim=8,
-            routed_scaling_factor=1.0, moe_layer_freq=[0, 1, 1, 1],
-            sparse_attention_freq=[0, 1, 0, 1], index_n_heads=2, index_head_dim=16,
-            index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
-        )),
+        minimax_m3_vl=CHAIN_ARGS["minimax_m3_vl"],
         muse_spark=dict(text_config=dict(  # (window, full and NoPE layers, experts)
             hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             num_hidden_layers=4, rms_norm_eps=1e-6, post_norm_eps=1e-6,

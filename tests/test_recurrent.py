@@ -9,7 +9,14 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import HYBRIDS, plain_greedy, tiny_hybrid, word_tokenizer
+from helpers import (
+    CHAIN_MODELS,
+    HYBRIDS,
+    plain_greedy,
+    tiny_chain_model,
+    tiny_hybrid,
+    word_tokenizer,
+)
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import (
     ArraysCache,
@@ -40,11 +47,12 @@ def lookup(model, prompt, max_tokens, **kwargs):
     return [int(o[0]) for o in out], out
 
 
-@pytest.mark.parametrize("arch", HYBRIDS)
+@pytest.mark.parametrize("arch", HYBRIDS + CHAIN_MODELS)
 def test_lookup_on_a_recurrent_model_equals_plain(arch):
     """Gated DeltaNet (qwen3_next), short-convolution (lfm2) and state-space (mamba2)
-    layers: mlx-lm's greedy output, in fewer passes than tokens."""
-    model = tiny_hybrid(arch)
+    layers, and models the tree verifier cannot take (test_chain_models): mlx-lm's
+    greedy output, in fewer passes than tokens."""
+    model = tiny_hybrid(arch) if arch in HYBRIDS else tiny_chain_model(arch)
     accepted = 0
     for prompt in PROMPTS:
         got, records = lookup(model, prompt, 40, num_draft_tokens=6)
@@ -170,21 +178,30 @@ def test_negative_control_a_cache_left_past_the_yielded_tokens_differs(monkeypat
     assert max(offsets) > 0
 
 
-def test_sampling_keeps_the_distribution():
-    p, drafted = lookup_pvalue(tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0))
+# A hybrid model, and one the tree verifier cannot take (test_chain_models).
+SAMPLED = {
+    "qwen3_next": lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+    "nanochat": lambda: tiny_chain_model("nanochat", vocab_size=V),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(SAMPLED))
+def test_sampling_keeps_the_distribution(arch):
+    p, drafted = lookup_pvalue(SAMPLED[arch]())
     assert drafted > N_SAMPLES // 10, "drafts were rarely accepted: the test has no power"
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
-def test_negative_control_an_unchecked_first_draft_is_caught(monkeypatch):
+@pytest.mark.parametrize("arch", sorted(SAMPLED))
+def test_negative_control_an_unchecked_first_draft_is_caught(arch, monkeypatch):
     def lenient(logits, drafts, history, sampler, processors):
         a, new, logprobs = verify_chain(logits, drafts, history, sampler, processors)
         if drafts and a == 0:  # the first draft accepted unchecked
-            a, new = 1, drafts[:1] + new[:0] + [int(sampler(logprobs[1:2]).item())]
+            a, new = 1, drafts[:1] + [int(sampler(logprobs[1:2]).item())]
         return a, new, logprobs
 
     monkeypatch.setattr(recurrent, "verify_chain", lenient)
-    p, _ = lookup_pvalue(tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0), 500)
+    p, _ = lookup_pvalue(SAMPLED[arch](), 500)
     assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
 
 
@@ -296,25 +313,30 @@ def test_a_recurrent_state_written_twice_in_a_pass_is_refused():
         lookup(model, PROMPTS[0], 4)
 
 
-def test_the_generate_command_runs_a_recurrent_model_directory(tmp_path, capsys):
-    """``--draft ngram`` and ``--draft-model`` on saved mlx-lm hybrid models: the CLI's own
-    comparison with mlx-lm's plain decoding says the output is identical; ``tune`` times
-    prompt lookup on it."""
-    from helpers import HYBRID_ARGS
+@pytest.mark.parametrize("arch, drafter", [("lfm2", "qwen3_next"), ("nanochat", "nanochat")])
+def test_the_generate_command_runs_a_recurrent_model_directory(arch, drafter, tmp_path, capsys):
+    """``--draft ngram`` and ``--draft-model`` on saved mlx-lm hybrid models, and on a
+    model the tree verifier cannot take (nanochat, refused at load before session 31):
+    the CLI's own comparison with mlx-lm's plain decoding says the output is identical;
+    ``tune`` times prompt lookup's chains on it (no drafts per tree)."""
+    from helpers import BASE, CHAIN_ARGS, HYBRID_ARGS
     from mlx_lm.utils import save_config, save_model
 
     gen_mod = importlib.import_module("mlx_specstream.generate")
 
     def write(arch, seed):
-        path = tmp_path / arch
+        path = tmp_path / f"{arch}-{seed}"
         path.mkdir()
-        save_model(path, tiny_hybrid(arch, vocab_size=64, seed=seed))
-        save_config({**HYBRID_ARGS[arch], "vocab_size": 64, "model_type": arch},
-                    path / "config.json")  # fmt: skip
+        if arch in CHAIN_ARGS:
+            model, args = tiny_chain_model(arch, 64, seed), {**BASE, **CHAIN_ARGS[arch]}
+        else:
+            model, args = tiny_hybrid(arch, vocab_size=64, seed=seed), HYBRID_ARGS[arch]
+        save_model(path, model)
+        save_config({**args, "vocab_size": 64, "model_type": arch}, path / "config.json")
         word_tokenizer(64).save_pretrained(str(path))
         return path
 
-    path, small = write("lfm2", 0), write("qwen3_next", 1)
+    path, small = write(arch, 0), write(drafter, 1)
     prompt = " ".join(f"t{i}" for i in [3, 9, 4, 3, 9, 4, 3, 9])
     common = ["--prompt", prompt, "--max-tokens", "24", "--ignore-chat-template", "--compare-plain"]
     for extra in (["--draft", "ngram"], ["--draft-model", str(small)]):
@@ -328,6 +350,7 @@ def test_the_generate_command_runs_a_recurrent_model_directory(tmp_path, capsys)
                    "--max-tokens", "8", "--confirm-rounds", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "{'draft': 'ngram', 'num_draft_tokens': 10}" in out and "one token per pass" in out
+    assert "ngram_candidates" not in out
     with pytest.raises(ValueError, match="plain model.*--draft ngram"):  # (no streams)
         gen_mod.main(["--model", str(path), "--draft", "streams", "--prompt", prompt])
 
@@ -350,14 +373,19 @@ def test_a_copy_of_the_model_drafting_is_accepted_every_time():
 @pytest.mark.parametrize(
     "target, drafter",
     [("qwen3_next", "lfm2"), ("lfm2", "qwen3_next"), ("llama", "mamba2"), ("mamba2", "llama"),
-     ("falcon_h1", "qwen3_next"), ("llama", "falcon_h1")],
+     ("falcon_h1", "qwen3_next"), ("llama", "falcon_h1"), ("nanochat", "llama"),
+     ("llama", "nanochat"), ("talkie", "nanochat")],
 )  # fmt: skip
 def test_draft_model_chains_equal_plain(target, drafter):
     """Hybrid, state-space and attention models drafting for each other (a model with
-    recurrent layers on either side takes the chain loop): mlx-lm's greedy output."""
-    from helpers import tiny_model
+    recurrent layers on either side takes the chain loop, and so does a target the tree
+    verifier cannot take; as a draft model it needs only its passes): mlx-lm's greedy
+    output."""
+    from helpers import CHAIN_ARGS, tiny_model
 
     def make(arch, seed):
+        if arch in CHAIN_ARGS:
+            return tiny_chain_model(arch, vocab_size=8, seed=seed)
         return tiny_hybrid(arch, seed=seed) if arch in HYBRIDS else tiny_model(arch, 8, seed)
 
     model, small = make(target, 0), make(drafter, 1)
