@@ -1,5 +1,8 @@
-"""Speculation on models with recurrent layers: mlx-lm's hybrid and state-space
-models (Qwen3-Next, Qwen3.5, LFM2, Mamba, ...).
+"""Speculation verified as chains through the model's own passes: on models with
+recurrent layers (mlx-lm's hybrid and state-space models: Qwen3-Next, Qwen3.5, LFM2,
+Mamba, RWKV-7, ...) and on models the tree verifier cannot take (:func:`tree_refusal`:
+nanochat, talkie, MiniMax M3, LongCat-Flash, AFM 7, DeepSeek V4.1, ...), whose own
+RoPE, masks and caches then serve, as in mlx-lm's draft-model decoding.
 
 A recurrent layer (a Gated DeltaNet, a Mamba mixer, a short convolution) keeps one
 state in an ``ArraysCache``, not a row per token, so a rejected draft cannot be
@@ -10,7 +13,9 @@ bonus token), then a chain of drafts. Every recurrent mixer is called twice, on 
 pending tokens and then on the drafts, and the state between the two calls is kept
 aside. When a draft is rejected, each recurrent cache goes back to the state kept
 aside, each KV cache is trimmed to the same token, and the accepted tokens become
-the next pass's pending tokens. When every draft is accepted nothing is undone.
+the next pass's pending tokens. When every draft is accepted nothing is undone. A
+layer cache that cannot be trimmed but whose updates only assign new arrays
+(:func:`kept_whole`: DeepSeek V4.1's) is kept aside whole before each pass.
 
 Example: the caches hold ``[p0 p1]``, pending is ``[a]`` and the drafts are
 ``[d1 d2 d3]``: the pass feeds ``[a d1 d2 d3]``, split after ``a``. With ``d1``

@@ -642,11 +642,11 @@ CHAIN_ARGS = {
 CHAIN_MODELS = sorted(CHAIN_ARGS)
 
 
-def tiny_chain_model(arch, vocab_size=16, seed=0):
+def tiny_chain_model(arch, vocab_size=16, seed=0, **overrides):
     """A random tiny model of ``CHAIN_ARGS``; parameters mlx-lm starts at zero (talkie's
     head, DeepSeek V4.1's routers and hyper-connection mixes) drawn at random, else
     every token is the same."""
-    model = random_model(arch, {**BASE, **CHAIN_ARGS[arch]}, vocab_size, seed)
+    model = random_model(arch, {**BASE, **CHAIN_ARGS[arch], **overrides}, vocab_size, seed)
     mx.random.seed(seed + 1)
     model.update(tree_map(
         lambda w: mx.random.normal(w.shape) * (0.5 if w.ndim == 1 else 1.0)

@@ -209,3 +209,24 @@ def test_served_with_prompt_lookup_alone_and_together(caplog):
         server.shutdown()
         server.server_close()
     assert "do not draft" in caplog.text and "per-row positions" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["nanochat", "talkie"])
+def test_kv_bits_equals_mlx_lm_s_own_loop(arch):
+    """mlx-lm's ``kv_bits`` through the chains, before, during and after the prompt:
+    tokens and every yielded log-probability equal mlx-lm's own loop with the same
+    options. (mlx-lm quantizes neither LongCat-Flash's CacheList nor DeepSeek V4.1's
+    LayerCache, and its AFM 7 fails on quantized caches.)"""
+    from mlx_lm.generate import generate_step
+
+    heads = dict(nanochat=dict(num_attention_heads=2), talkie=dict(head_dim=32))  # (32 a head)
+    model, accepted = tiny_chain_model(arch, **heads[arch]), 0
+    for qs in (0, 9, 20):
+        opts = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=qs, prefill_step_size=4)
+        for prompt in PROMPTS:
+            ref = list(generate_step(mx.array(prompt), model, max_tokens=24, **opts))
+            got, records = lookup(model, prompt, 24, num_draft_tokens=4, **opts)
+            assert got == [int(t) for t, _ in ref], (qs, prompt)
+            assert max(mx.abs(r[1] - lp).max().item() for r, (_, lp) in zip(records, ref)) == 0
+            accepted += sum(r[2] for r in records)
+    assert accepted > 10, "drafts were rarely accepted: the test has no power"
