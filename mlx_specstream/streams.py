@@ -123,9 +123,9 @@ class StepOutput:
 
 def _attention(layer):
     """A decoder layer's attention module (DBRX's sits one module deeper, in
-    ``norm_attn_norm.attn``), or None."""
+    ``norm_attn_norm.attn``; Phixtral's is its ``mixer``), or None."""
     for module in (layer, layer.get("norm_attn_norm")):
-        for name in ("self_attn", "attention", "attn"):
+        for name in ("self_attn", "attention", "attn", "mixer"):
             if module is not None and name in module:
                 return module[name]
     return None

@@ -1,6 +1,7 @@
 """Tiny random mlx-lm models and tokenizers for the tests."""
 
 import importlib
+import inspect
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -363,6 +364,9 @@ _HUNYUAN = dict(
 MORE_ARGS["hunyuan"] = _HUNYUAN
 # Qwen (v1) and PLaMo: RoPE named rotary_emb (PLaMo's layers take attention_mask=);
 # OpenELM: per-layer head counts, its width named model_dim
+# Phixtral: its attention is the layer's ``mixer``; its width named model_dim
+MORE_ARGS["phixtral"] = dict(model_dim=64, num_heads=4, num_layers=4, rotary_dim=8,
+                             num_experts_per_tok=2, num_local_experts=4)  # fmt: skip
 MORE_ARGS["qwen"] = dict(kv_channels=16, intermediate_size=128, max_position_embeddings=512)
 MORE_ARGS["plamo"] = dict(intermediate_size=128, rms_norm_eps=1e-6, n_shared_head=2)
 MORE_ARGS["openelm"] = dict(
@@ -663,6 +667,8 @@ def random_model(arch, args, vocab_size, seed=0, weight_scale=4.0, **overrides):
     matrices multiplied by ``weight_scale`` (see ``tiny_model``); not evaluated."""
     module = importlib.import_module(f"mlx_lm.models.{arch}")
     params = {**args, "vocab_size": vocab_size, "model_type": arch, **overrides}
+    if "num_vocab" in inspect.signature(module.ModelArgs).parameters:  # (Phixtral's name)
+        params["num_vocab"] = vocab_size
     if "text_config" in params:  # a vision-language wrapper: its language model's args
         params["text_config"] = {**params["text_config"], "vocab_size": vocab_size}
     mx.random.seed(seed)

@@ -200,3 +200,17 @@ def test_layers_called_with_other_arguments_before_the_mask_are_refused_with_the
         layer.__class__ = Layer
     with pytest.raises(TreeUnsupported, match=r"layer 0 \(Layer\) takes \(x, gate, mask, cache\)"):
         attach_verifier(model)
+
+
+def test_negative_control_phixtral_trees_with_positions_one_further(monkeypatch):
+    """Phixtral's attention is its layers' ``mixer``: its RoPE takes the tree's positions
+    (test_stream_trees_equal_plain). Control: positions one further decode otherwise."""
+    positions = streams.StreamRuntime._positions
+
+    def shifted(self, i):
+        pos = positions(self, i)
+        return None if pos is None else pos + 1
+
+    monkeypatch.setattr(streams.StreamRuntime, "_positions", shifted)
+    model = tiny_spec_model("phixtral", vocab_size=8, num_streams=3, top_k=2)
+    assert spec_tokens(model, PROMPT, N, max_tree_nodes=6)[0] != plain_greedy(model, PROMPT, N)
