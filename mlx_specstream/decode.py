@@ -696,8 +696,10 @@ def spec_generate_step(
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
     plain_base = getattr(model, "speculative_streams", None) is None
-    if (plain_base and (has_recurrent_layers(model) or tree_refusal(model))) or (
-        draft_model is not None and has_recurrent_layers(draft_model)
+    if (
+        has_recurrent_layers(model)
+        or (plain_base and tree_refusal(model))
+        or (draft_model is not None and has_recurrent_layers(draft_model))
     ):
         if ngram_candidates != 1:
             raise ValueError(
@@ -903,6 +905,32 @@ def spec_generate_step(
         rt.release()
 
 
+def chain_length(config, tree: tuple, num_draft_tokens: Optional[int]) -> int:
+    """The length of the streams' chain on a model with recurrent layers:
+    ``num_draft_tokens``, else ``tree_depth``, else the config's (tuned) depth, else
+    every stream; ``0`` decodes one token per pass. A tree's other settings are
+    refused: a chain takes the streams' top token each.
+
+    Example: 3 streams, nothing given and an untuned config give 3; ``tree_depth=2``
+    gives 2; a config tuned to ``tree_depth`` 0 gives 0.
+    """
+    top_k, depth, threshold, nodes = tree
+    gamma = config.num_streams
+    if top_k is not None and any(k != 1 for k in np.atleast_1d(top_k)):
+        raise ValueError(f"tree_top_k={top_k!r}: the streams draft a chain here (top-1 each).")
+    given = [n for n, v in (("prune_threshold", threshold), ("max_tree_nodes", nodes)) if v]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the streams draft a chain here, not a tree.")
+    n = num_draft_tokens if num_draft_tokens is not None else depth
+    n = n if n is not None else (gamma if config.tree_depth is None else config.tree_depth)
+    if not (isinstance(n, int) and 0 <= n <= gamma):
+        raise ValueError(
+            f"num_draft_tokens / tree_depth = {n!r}: an integer in [0, {gamma}] (the model "
+            "has that many streams)."
+        )
+    return n
+
+
 def _on_chain_model(
     prompt, model, *, speculative, draft, draft_model, tree, acceptance, pipeline, **kw
 ):
@@ -932,12 +960,26 @@ def _on_chain_model(
             "draft_model with recurrent layers on a shared-mode stream model: its plain "
             "decoding is not the verifier's (use speculative=False without the draft model)."
         )
-    if speculative and draft_model is None and draft != "ngram":
+    # (lossless streams on a model with recurrent layers: their chain, on_chains)
+    own_streams = getattr(rt, "streams", None) is not None and draft_model is None
+    if (
+        speculative
+        and draft_model is None
+        and draft != "ngram"
+        and not (own_streams and draft in (None, "streams"))
+    ):
         raise ValueError(
             f"Model type '{model_type}' {what}: it speculates with prompt lookup "
-            f"(draft='ngram') or a draft model, verified as a chain {why}; got "
-            f"draft={draft!r}."
+            f"(draft='ngram'), a draft model or its lossless-mode streams, verified as a "
+            f"chain {why}; got draft={draft!r}."
         )
+    if own_streams and draft is None:  # the source the model's config names (tuned)
+        draft = getattr(rt.config, "draft", None)
+    streams = speculative and own_streams and draft != "ngram"
+    if streams:  # (a chain of the streams: its length is the tree's depth, tuned or given)
+        streams_chain = chain_length(rt.config, tree, kw["num_draft_tokens"])
+        tree, kw["num_draft_tokens"] = (None, None, None, None), streams_chain
+        streams = speculative = streams_chain > 0
     if speculative and draft_model is not None and draft not in (None, "streams"):
         raise ValueError(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
@@ -960,9 +1002,9 @@ def _on_chain_model(
     sampling = sampler not in (None, greedy) and not getattr(sampler, "greedy", False)
     if speculative and sampling and draft_model is None and acceptance == "rejection":
         warnings.warn(
-            "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
-            "deterministic proposal, not a draw, so it is verified by "
-            "acceptance='target-sample' (also lossless).",
+            f"acceptance='rejection' with {'stream' if streams else 'prompt-lookup'} drafts: "
+            "a chain of greedy drafts is one deterministic proposal, not a draw, so it is "
+            "verified by acceptance='target-sample' (also lossless).",
             stacklevel=3,
         )
     if speculative and sampling and draft_model is not None:  # drafts drawn, or greedy
@@ -990,7 +1032,9 @@ def _on_chain_model(
         kw.pop("max_kv_size")
         if not speculative:  # (the chain loop without drafts: plain decoding, with the hook)
             kw["num_draft_tokens"] = 0
-        yield from chain_generate_step(prompt, model, draft_model=draft_model, **kw)
+        yield from chain_generate_step(
+            prompt, model, draft_model=draft_model, streams=streams, **kw
+        )
         return
     kw.pop("num_draft_tokens")
     kw.pop("prompt_checkpoint_callback")

@@ -48,7 +48,15 @@ from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import accept_by_rejection
 from .config import VerifierConfig
-from .streams import CHAIN_NOTE, TreeUnsupported, _swap_call, check_supported
+from .layout import layout_of
+from .streams import (
+    CHAIN_NOTE,
+    TreeUnsupported,
+    _swap_call,
+    check_supported,
+    get_runtime,
+    vocab_size,
+)
 
 
 class SplitPoint:
@@ -393,6 +401,7 @@ def chain_generate_step(
     quant=None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
+    streams: bool = False,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -423,6 +432,8 @@ def chain_generate_step(
         prompt_checkpoint_callback (Callable, optional): called with the caches
           (the model's, then the draft model's) once they hold all but the
           prompt's last token, before the first pass.
+        streams (bool): the model's own lossless-mode streams draft the chains
+          (:class:`StreamDrafts`; each pass keeps its stream layers' inputs).
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -432,8 +443,8 @@ def chain_generate_step(
         own, theirs = split_pair(model, draft_model, prompt_cache)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
         drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
-    state = ChainCache(model, own, quant)
-    drafter = drafter or LookupDrafts()
+    state = ChainCache(model, own, quant, get_runtime(model) if streams else None)
+    drafter = drafter or (StreamDrafts(state) if streams else LookupDrafts())
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
     progress = prompt_progress_callback or (lambda *_: None)
@@ -463,6 +474,8 @@ def chain_generate_step(
                     )
                 else:
                     a, new, logprobs = verify_chain(logits, drafts, tokens, sampler, processors)
+                if max_tokens < 0 or yielded + len(new) < max_tokens:
+                    drafter.after_pass(a)  # (before the caches drop the rejected drafts)
                 state.commit(a == len(drafts))
                 if n > 0:
                     drafter.commit(a)
@@ -484,6 +497,8 @@ def chain_generate_step(
                 drafter.hold(len(prompt) + yielded)
         if draft_model is not None and prompt_cache is not None:  # (converted layers are new)
             prompt_cache[:] = state.cache + drafter.chain.cache
+        if state.runtime is not None:
+            state.runtime.release()
 
 
 class LookupDrafts:
@@ -501,6 +516,9 @@ class LookupDrafts:
     def draft(self, n: int) -> List[int]:
         self.index.extend(self.tokens[len(self.index.tokens) :])
         return self.index.draft(n)
+
+    def after_pass(self, accepted: int) -> None:
+        pass
 
     def commit(self, accepted: int) -> None:
         pass
@@ -568,6 +586,9 @@ class DraftModelChain:
             q = mx.concatenate([q, mx.zeros((self.vocab_size - q.shape[-1],), q.dtype)])
         return q
 
+    def after_pass(self, accepted: int) -> None:
+        pass
+
     def commit(self, accepted: int) -> None:
         self.back_to(self.base + min(accepted, len(self.states) - 1))
 
@@ -591,6 +612,54 @@ class DraftModelChain:
             c.feed(end)
 
 
+class StreamDrafts:
+    """The model's own lossless-mode streams drafting for :func:`chain_generate_step`
+    on a model with recurrent layers whose stream layers attend
+    (:func:`~mlx_specstream.streams.on_chains`).
+
+    Each pass keeps its rows' inputs to the first stream layer
+    (:meth:`ChainCache.run` runs the runtime's chain pass, whose lower layers are the
+    model's own). After the verification, the last accepted row's stream rows go
+    through the stream layers over the caches, still as the pass left them (its
+    rejected rows masked out): stream ``j`` there predicts the token ``j + 1`` after
+    the one drawn from that row, so their greedy tokens are the next chain. The
+    stream rows' keys and values are then cut from the stream layers' caches.
+
+    Example: a pass over ``[a d1 d2 d3]`` accepts ``d1`` and draws ``x`` from
+    ``d1``'s row: the streams of row 1 draft ``[y1 y2 y3]``, and the next pass feeds
+    ``[d1 x y1 y2 y3]`` (``d1`` and ``x`` pending).
+    """
+
+    def __init__(self, state: "ChainCache"):
+        self.state, self.rt = state, state.runtime
+        self.tokens: List[int] = []
+        self.next: Optional[mx.array] = None  # the next chain, on the device
+        self.vocab = vocab_size(state.model)
+        layers = range(self.rt.first_top, self.rt.num_layers)
+        self.upper = sorted({self.rt.cache_slot[i] for i in layers})  # (one cache each)
+
+    def feed(self, upto: int) -> None:
+        pass
+
+    def draft(self, n: int) -> List[int]:
+        return [] if self.next is None else self.next[:n].tolist()
+
+    def after_pass(self, accepted: int) -> None:
+        s, g = self.state, self.rt.config.num_streams
+        row = mx.array(s.first_row + accepted, dtype=mx.int32)
+        logits = self.rt.draft_streams(row, s.cache)
+        for i in self.upper:
+            s.cache[i].trim(g)
+        self.next = mx.argmax(logits[:, : self.vocab], axis=-1)
+        mx.async_eval(self.next)
+
+    def commit(self, accepted: int) -> None:
+        pass
+
+    def hold(self, end: int) -> None:
+        pass
+
+
 class ChainCache:
     """A recurrent model's caches during one call, and the call's tokens.
 
@@ -598,8 +667,10 @@ class ChainCache:
     go in with the next pass, ahead of its drafts.
     """
 
-    def __init__(self, model: nn.Module, cache: Optional[list], quant=None):
+    def __init__(self, model: nn.Module, cache: Optional[list], quant=None, runtime=None):
         self.model, self.split = model, split_recurrent_mixers(model)
+        self.runtime = runtime  # (a StreamRuntime: passes keep the stream layers' inputs)
+        self.first_row = 0  # the last pass's row of its last pending token
         # (window layers: a WindowKVCache, whose rejected rows can be cut)
         self.cache = model_caches(model, bounded=True) if cache is None else cache
         check_recurrent_cache(self.cache)
@@ -669,8 +740,15 @@ class ChainCache:
         self.split.at = None if whole or not drafts else len(pending)
         self.split.kept, self.split.wrote = [], {}
         split = self.split.at is not None
-        logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
+        if self.runtime is None:
+            logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
+        else:  # (a chain's rows: the model's own masks and positions below the streams)
+            width = len(pending) + len(drafts)
+            chain = layout_of([-1] + list(range(width - 1)))
+            logits = self.runtime.forward(pending + drafts, chain, self.cache, all_streams=False)
+            logits = logits.logits[None]
         self.split.at, self.drafted = None, len(drafts)
+        self.first_row = len(pending) - 1
         if whole or (split and self.unsplit_states()):
             self.back = before
         else:

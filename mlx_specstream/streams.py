@@ -886,7 +886,7 @@ class StreamRuntime:
                 prefix, accepted = fold.start, fold.accepted
             self._join = lambda mask: place_window(mask, base, accepted, span + mask.shape[1])
         else:
-            prefix = cache[0].offset
+            prefix = cache[self.upper_slot].offset  # (a KV layer: recurrent ones keep none)
             self._join = lambda mask: with_prefix(mask, prefix)
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
         self._layout, self._prefix = layout, prefix
@@ -1427,6 +1427,27 @@ def check_chains(model: nn.Module) -> None:
             )
 
 
+def on_chains(model: nn.Module, config, made: list) -> bool:
+    """Whether lossless-mode streams on a model with recurrent layers can draft for
+    chains (:mod:`mlx_specstream.recurrent`): every stream layer keeps a ``KVCache``
+    of its own, so the stream rows run through attention layers only, over the main
+    rows' keys; the lower layers' passes are the model's own.
+
+    Example: Qwen3-Next with full attention every 4th layer and 48 layers takes one
+    stream layer (layer 47 attends; layer 46 is a Gated DeltaNet), not two.
+    """
+    from mlx_lm.models.cache import KVCache
+
+    if isinstance(config, VerifierConfig) or getattr(config, "mode", None) != "lossless":
+        return False
+    layers, slots = model.layers, cache_slots(model)
+    top = range(len(layers) - config.num_stream_layers, len(layers))
+    return all(
+        slots[i] is not None and slots[i] < len(made) and type(made[slots[i]]) is KVCache
+        for i in top
+    )
+
+
 def check_supported(model: nn.Module, config: SpecStreamConfig):
     """Raises ``ValueError`` saying why ``model`` cannot run Speculative Streaming
     (:class:`TreeUnsupported` where chains of drafts still run on it)."""
@@ -1450,12 +1471,15 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             for c in made
             if type(c) not in (KVCache, ChunkedKVCache) and window_of(c) is None and not kv_lists(c)
         }
-        if kinds:
+        if kinds and not on_chains(model, config, made):
             raise TreeUnsupported(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
                 "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
                 "(recurrent and hybrid caches cannot be rolled back)." + CHAIN_NOTE
+                + " Lossless-mode streams run on it, verified as chains, where every stream "
+                "layer keeps a KVCache (num_stream_layers within its top attention layers)."
             )
+    chained = made is not None and on_chains(model, config, made)
     slots = cache_slots(model)
     for i, c in enumerate(made or []):
         at = slots.index(i) if i in slots else i  # (the first layer that reads cache i)
@@ -1507,6 +1531,8 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             "layers): use lossless mode."
         )
     for i, layer in enumerate(layers):
+        if chained and i < first_top:
+            continue  # (lower layers of a chain pass run as the model's own: no tree ops)
         takes = layer_params(layer)
         plain = len(takes) >= 3 and "mask" in takes[1] and takes[2] == "cache"
         if not plain and not _scaled_attention(model, layer):

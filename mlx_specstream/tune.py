@@ -184,6 +184,9 @@ def tune(
         plain decoding's tokens/s.
     """
     rt = get_runtime(model)
+    if has_recurrent_layers(model):  # (streams drafting chains: recurrent.StreamDrafts)
+        return tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log,
+                                  confirm_rounds)  # fmt: skip
     has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
     trials = Trials(model, tokenizer, prompts, max_tokens, log)
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
@@ -234,6 +237,29 @@ def tune(
         fastest = trials.fastest(len(trials.results))
         choice["stream_pass"] = next(t["stream_pass"] for t in fastest if "stream_pass" in t)
     return choice, tps, base
+
+
+def tune_stream_chains(
+    model,
+    tokenizer,
+    prompts,
+    max_tokens=64,
+    min_gain=1.05,
+    log=print,
+    confirm_rounds=CONFIRM_ROUNDS,
+):
+    """Lossless streams on a model with recurrent layers, whose drafts are verified as
+    one chain a pass: the fastest chain length (``tree_depth`` 1 to ``num_streams``),
+    or plain decoding when none beats it by ``min_gain``.
+
+    Returns:
+        tuple: the choice (``{"draft": "streams", "tree_depth": n}`` or
+        ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
+    """
+    trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="streams")
+    for depth in range(1, get_runtime(model).config.num_streams + 1):
+        trials.run(dict(draft="streams", tree_depth=depth))
+    return trials.choice(min_gain, "The streams' chains", confirm_rounds=confirm_rounds)
 
 
 def verify_cost_note(model, log=print) -> float:

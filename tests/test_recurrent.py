@@ -208,18 +208,18 @@ def test_negative_control_an_unchecked_first_draft_is_caught(arch, monkeypatch):
 V, N_TOKENS, SAMPLE_PROMPT, N_SAMPLES = 6, 2, [1, 4, 2, 5, 1, 4], 1500
 
 
-def lookup_pvalue(model, n_samples=N_SAMPLES, **kwargs):
+def lookup_pvalue(model, n_samples=N_SAMPLES, n_tokens=N_TOKENS, **kwargs):
     from test_sampling import chi_square_pvalue  # (needs scipy)
 
     sampler = make_sampler(temp=1.0)
     counts, drafted = {}, 0
     for i in range(n_samples):
         mx.random.seed(i)
-        _, out = lookup(model, SAMPLE_PROMPT, N_TOKENS, sampler=sampler, **kwargs)
+        _, out = lookup(model, SAMPLE_PROMPT, n_tokens, sampler=sampler, **kwargs)
         key = tuple(int(o[0]) for o in out)
         counts[key] = counts.get(key, 0) + 1
         drafted += sum(o[2] for o in out)
-    seqs = list(itertools.product(range(V), repeat=N_TOKENS))
+    seqs = list(itertools.product(range(V), repeat=n_tokens))
     logits = model(mx.array([SAMPLE_PROMPT + list(s[:-1]) for s in seqs]))
     probs = np.array(mx.softmax(logits[:, len(SAMPLE_PROMPT) - 1 :], axis=-1))
     exact = {

@@ -1,0 +1,217 @@
+"""Lossless-mode streams on models with recurrent layers (Qwen3-Next, Qwen 3.5, LFM2,
+Granite 4, ...), drafting chains (mlx_specstream.recurrent.StreamDrafts): greedy
+output equal to mlx-lm's, each chain the streams a full multi-stream pass computes
+at that token, sampling that keeps the distribution, training in MLX, the tuner,
+and the refusals."""
+
+import json
+import random
+
+import mlx.core as mx
+import pytest
+from helpers import HYBRID_ARGS, plain_greedy, tiny_hybrid, word_tokenizer
+from mlx_lm.models.cache import make_prompt_cache
+from test_recurrent import PROMPTS, lookup, lookup_pvalue
+
+import mlx_specstream.recurrent as recurrent
+from mlx_specstream import SpecStreamConfig, attach_streams
+from mlx_specstream.streams import TreeUnsupported, get_runtime
+
+# Hybrids whose top layer attends (a KVCache): one stream layer there.
+STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehybrid", "lfm2",
+                  "lfm2-vl", "lfm2_moe", "olmo_hybrid", "qwen3_5", "qwen3_5_moe", "qwen3_next"]  # fmt: skip
+
+
+def stream_hybrid(arch="qwen3_next", vocab_size=8, **kwargs):
+    model = tiny_hybrid(arch, vocab_size=vocab_size, **kwargs)
+    attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=1), seed=1)
+    return model
+
+
+@pytest.mark.parametrize("arch", STREAM_HYBRIDS)
+def test_stream_chains_equal_plain(arch):
+    """mlx-lm's greedy tokens, in fewer passes than tokens (random streams: some of
+    their drafts are right)."""
+    model, accepted = stream_hybrid(arch), 0
+    for prompt in PROMPTS:
+        got, records = lookup(model, prompt, 40, draft=None)
+        assert got == plain_greedy(model, prompt, 40)
+        accepted += sum(r[2] for r in records)
+        assert records[-1][3] == 40 - sum(r[2] for r in records)  # a pass per token not drafted
+    assert accepted > 0, "no draft accepted: the test has no power"
+
+
+def stream_drafts_against_the_full_pass(model, prompt, n, row_shift=0, monkeypatch=None):
+    """Each chain's stream logits (at the last accepted token) beside those a full
+    multi-stream pass over the whole output computes at that token: the largest
+    difference, and whether every chain is their greedy tokens."""
+    seen = []
+    after_pass = recurrent.StreamDrafts.after_pass
+
+    def spy(self, accepted):
+        state = self.state
+        position = state.held + state.first_row + accepted
+        draft_streams = self.rt.draft_streams
+
+        def keep(row, cache):
+            logits = draft_streams(row + row_shift if row_shift else row, cache)
+            seen.append((position, logits))
+            return logits
+
+        self.rt.draft_streams = keep
+        try:
+            after_pass(self, accepted)
+        finally:
+            del self.rt.draft_streams
+
+    monkeypatch.setattr(recurrent.StreamDrafts, "after_pass", spy)
+    got, _ = lookup(model, prompt, n, draft=None)
+    monkeypatch.undo()
+    sequence = prompt + got
+    full = get_runtime(model).forward(mx.array(sequence), [-1] + list(range(len(sequence) - 1)),
+                                      make_prompt_cache(model), stream_logits=True)  # fmt: skip
+    diff = max(mx.abs(full.stream_logits[p] - logits).max().item() for p, logits in seen)
+    same = all(
+        full.stream_logits[p].argmax(-1).tolist() == logits.argmax(-1).tolist()
+        for p, logits in seen
+    )
+    return diff, same, len(seen)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "lfm2"])
+def test_each_chain_is_the_streams_of_a_full_pass(arch, monkeypatch):
+    """The streams of the last accepted token, computed after the verification over
+    the caches as the pass left them, equal a full multi-stream pass's over the whole
+    sequence at that token (Gated DeltaNet and short-convolution layers below)."""
+    model = stream_hybrid(arch, vocab_size=16)
+    diff, same, chains = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24,
+                                                             monkeypatch=monkeypatch)  # fmt: skip
+    assert chains > 5 and same and diff < 1e-4
+
+
+def test_negative_control_streams_of_the_row_before(monkeypatch):
+    model = stream_hybrid("qwen3_next", vocab_size=16)
+    diff, same, _ = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24, row_shift=-1,
+                                                        monkeypatch=monkeypatch)  # fmt: skip
+    assert diff > 1e-2 and not same
+
+
+def test_the_stream_rows_leave_no_keys_behind():
+    """A reused prompt cache holds what mlx-lm's loop leaves (no stream row's keys),
+    and the next call continues as plain decoding does."""
+    model = stream_hybrid("qwen3_next")
+    ours, theirs = make_prompt_cache(model), make_prompt_cache(model)
+    got, _ = lookup(model, PROMPTS[1], 13, draft=None, prompt_cache=ours)
+    assert got == plain_greedy(model, PROMPTS[1], 13, prompt_cache=theirs)
+    for a, b in zip(ours, theirs):
+        if hasattr(b, "offset"):
+            assert a.offset == b.offset
+    nxt = [got[-1], 5, 6]
+    want = plain_greedy(model, nxt, 20, prompt_cache=theirs)
+    assert lookup(model, nxt, 20, draft=None, prompt_cache=ours)[0] == want
+
+
+def test_sampling_keeps_the_distribution():
+    from test_recurrent import N_SAMPLES, V
+
+    model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+    # (3 tokens: the first pass drafts nothing, the streams of its token draft the next)
+    p, drafted = lookup_pvalue(model, n_tokens=3, draft="streams")
+    assert drafted > N_SAMPLES // 20, "drafts were rarely accepted: the test has no power"
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+
+
+def test_negative_control_an_unchecked_first_draft_is_caught(monkeypatch):
+    from test_recurrent import V
+
+    verify = recurrent.verify_chain
+
+    def lenient(logits, drafts, history, sampler, processors):
+        a, new, logprobs = verify(logits, drafts, history, sampler, processors)
+        if drafts and a == 0:  # the first draft accepted unchecked
+            a, new = 1, drafts[:1] + [int(sampler(logprobs[1:2]).item())]
+        return a, new, logprobs
+
+    monkeypatch.setattr(recurrent, "verify_chain", lenient)
+    model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+    p, _ = lookup_pvalue(model, 500, n_tokens=3, draft="streams")
+    assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
+
+
+def test_chain_length_and_refusals():
+    """The chain's length: every stream, ``tree_depth`` or ``num_draft_tokens`` (0: one
+    token per pass); a tree's settings, more tokens than streams, shared mode and a
+    stream layer without a KV cache are refused with the reason."""
+    model = stream_hybrid("qwen3_next")
+    want = plain_greedy(model, PROMPTS[0], 24)
+    for kwargs, longest in ((dict(), 3), (dict(tree_depth=2), 2), (dict(num_draft_tokens=1), 1)):
+        got, records = lookup(model, PROMPTS[0], 24, draft=None, **kwargs)
+        assert got == want
+        runs = [sum(1 for r in records if r[3] == k and r[2]) for k in {r[3] for r in records}]
+        assert max(runs) <= longest
+    got, records = lookup(model, PROMPTS[0], 24, draft=None, tree_depth=0)
+    assert got == want and records[-1][3] == 24
+    with pytest.raises(ValueError, match="in \\[0, 3\\]"):
+        lookup(model, PROMPTS[0], 4, draft=None, num_draft_tokens=4)
+    with pytest.raises(ValueError, match="tree_top_k=2: the streams draft a chain"):
+        lookup(model, PROMPTS[0], 4, draft=None, tree_top_k=2)
+    with pytest.raises(ValueError, match="max_tree_nodes: the streams draft a chain"):
+        lookup(model, PROMPTS[0], 4, draft=None, max_tree_nodes=6)
+    with pytest.raises(TreeUnsupported, match="Lossless-mode streams run on it"):
+        attach_streams(tiny_hybrid("qwen3_next"), SpecStreamConfig(num_stream_layers=1,
+                                                                   mode="shared"))  # fmt: skip
+    with pytest.raises(TreeUnsupported, match="every stream layer keeps a KVCache"):
+        attach_streams(tiny_hybrid("qwen3_next"), SpecStreamConfig(num_stream_layers=2))
+    # Prompt lookup on the same model: chains of lookup drafts, streams left out.
+    assert lookup(model, PROMPTS[0], 24, draft="ngram")[0] == want
+
+
+def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
+    """A Mac user's three lines on a saved Qwen3-Next-shaped directory: train streams
+    (self-distilled), load, generate: mlx-lm's greedy tokens, with most of the streams'
+    drafts accepted on the prompts they learned; the tuner times the chain lengths."""
+    import mlx_lm
+    from mlx_lm.utils import save_config, save_model
+    from test_train import V, write_cycle_jsonl
+
+    from mlx_specstream import load, stream_generate
+    from mlx_specstream.train import main as train_main
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir()
+    save_model(base, tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0))
+    save_config({**HYBRID_ARGS["qwen3_next"], "vocab_size": V, "model_type": "qwen3_next"},
+                base / "config.json")  # fmt: skip
+    tokenizer = word_tokenizer(V)
+    tokenizer.save_pretrained(str(base))
+    data = write_cycle_jsonl(tmp_path / "data.jsonl")
+    train_main(["--model", str(base), "--data", str(data), "--out", str(out), "--iters", "60",
+                "--no-tune", "--self-distill", "--batch-size", "4", "--learning-rate", "1e-2",
+                "--num-stream-layers", "1", "--stream-lora-rank", "8", "--max-seq-length", "16",
+                "--window-prompt", "2", "--steps-per-report", "30"])  # fmt: skip
+    model, tok = load(str(out))
+    plain, _ = mlx_lm.load(str(base))
+    passes = tokens = 0
+    for line in list(open(data))[:4]:
+        prompt = tok.encode(json.loads(line)["text"])[:2]  # (a self-distilled window's start)
+        got = list(stream_generate(model, tok, prompt, max_tokens=16))
+        want = plain_greedy(plain, prompt, 16)
+        assert [r.token for r in got] == want[: len(got)]
+        passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
+    assert tokens / passes > 1.4, f"tau {tokens / passes:.2f}: the trained streams rarely drafted"
+    from mlx_specstream.tune import tune
+
+    log = []
+    choice, _, _ = tune(model, tok, [[3, 9, 4, 3]], max_tokens=8, log=log.append,
+                        confirm_rounds=0)  # fmt: skip
+    assert sum("'tree_depth': " in line for line in log) == 3  # (chains of 1, 2 and 3)
+    assert choice in ({"tree_depth": 0},) or choice.get("draft") == "streams"
+
+
+def test_untrained_prompts_still_decode_as_plain():
+    """(Whatever the streams draft, the output is mlx-lm's: random prompts.)"""
+    model = stream_hybrid("lfm2", vocab_size=16)
+    rng = random.Random(3)
+    for _ in range(3):
+        prompt = [rng.randrange(16) for _ in range(6)]
+        assert lookup(model, prompt, 20, draft=None)[0] == plain_greedy(model, prompt, 20)
