@@ -247,7 +247,10 @@ def test_plain_decoding_and_refusals():
     got, records = lookup(model, prompt, 16, draft=None, speculative=False)
     assert got == plain_greedy(model, prompt, 16) and records[-1][3] == 16
     for kwargs, match in [
-        (dict(draft=None), r"prompt lookup \(draft='ngram'\) or a draft model.*got draft=None"),
+        (
+            dict(draft=None),
+            r"prompt lookup \(draft='ngram'\), a draft model or its lossless-mode streams.*got draft=None",
+        ),
         (dict(draft="streams+ngram"), "got draft='streams\\+ngram'"),
         (dict(draft_model=tiny_hybrid("qwen3_next")), "draft='ngram' with a draft_model"),
         (dict(tree_top_k=2, max_tree_nodes=4), "max_tree_nodes, tree_top_k: not supported"),
