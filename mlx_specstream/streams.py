@@ -1410,8 +1410,11 @@ def check_chains(model: nn.Module) -> None:
             "window_size (mlx-lm 0.32.2), so a pass over several tokens does not give "
             "one-token decoding's logits; no speculation can equal its decoding."
         )
-    linear = [i for i, layer in enumerate(layers)
-              if type(getattr(layer, "self_attn", None)).__name__ == "LinearSubblockReplacement"]  # fmt: skip
+    linear = [
+        i
+        for i, layer in enumerate(layers)
+        if type(getattr(layer, "self_attn", None)).__name__ == "LinearSubblockReplacement"
+    ]
     if linear:
         raise ValueError(
             f"Model type '{model_type}': layers {linear} replace their attention by a linear "
@@ -1475,7 +1478,8 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             raise TreeUnsupported(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
                 "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
-                "(recurrent and hybrid caches cannot be rolled back)." + CHAIN_NOTE
+                "(recurrent and hybrid caches cannot be rolled back)."
+                + CHAIN_NOTE
                 + " Lossless-mode streams run on it, verified as chains, where every stream "
                 "layer keeps a KVCache (num_stream_layers within its top attention layers)."
             )

@@ -18,8 +18,9 @@ from mlx_specstream import SpecStreamConfig, attach_streams
 from mlx_specstream.streams import TreeUnsupported, get_runtime
 
 # Hybrids whose top layer attends (a KVCache): one stream layer there.
-STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehybrid", "lfm2",
-                  "lfm2-vl", "lfm2_moe", "olmo_hybrid", "qwen3_5", "qwen3_5_moe", "qwen3_next"]  # fmt: skip
+STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehybrid",
+                  "lfm2", "lfm2-vl", "lfm2_moe", "olmo_hybrid", "qwen3_5", "qwen3_5_moe",
+                  "qwen3_next"]  # fmt: skip
 
 
 def stream_hybrid(arch="qwen3_next", vocab_size=8, **kwargs):

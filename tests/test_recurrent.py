@@ -249,7 +249,8 @@ def test_plain_decoding_and_refusals():
     for kwargs, match in [
         (
             dict(draft=None),
-            r"prompt lookup \(draft='ngram'\), a draft model or its lossless-mode streams.*got draft=None",
+            r"prompt lookup \(draft='ngram'\), a draft model or its lossless-mode streams"
+            r".*got draft=None",
         ),
         (dict(draft="streams+ngram"), "got draft='streams\\+ngram'"),
         (dict(draft_model=tiny_hybrid("qwen3_next")), "draft='ngram' with a draft_model"),
