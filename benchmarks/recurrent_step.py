@@ -16,6 +16,13 @@ point: the step's cost is), for n = 0, 1, 3, 7, 10 drafts:
   synchronous): the split mixers' second call and the step's own work;
 * c(n) = that plain forward / a plain forward over one token: MLX's width cost.
 
+With ``--streams``, random lossless streams go on the model's top layer (an
+attention layer) and a second column times their step (session 31): the same pass
+through the runtime (it keeps the stream layer's inputs), then the accepted token's
+stream rows through the top layer and the head (:class:`~mlx_specstream.recurrent.StreamDrafts`),
+for n up to the 3 streams: r_s(n), and r_s(n) / r(n), what drafting from the streams
+adds to a step.
+
 The step times the roll-back path (every draft rejected, one token accepted), the
 dearer of the two; such steps alternate between one pending token (a pass that is not
 split) and two (a split pass). A second table times one pass over one pending token
@@ -31,7 +38,9 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_specstream.recurrent import ChainCache, verify_chain
+from mlx_specstream import SpecStreamConfig, attach_streams
+from mlx_specstream.recurrent import ChainCache, StreamDrafts, verify_chain
+from mlx_specstream.streams import get_runtime
 from report import heading, machine_info, time_after_first, write_results
 from shapes import random_model
 
@@ -48,22 +57,34 @@ def median_seconds(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def measure(model, prompt: list, runs: int, vocab: int) -> dict:
+def measure(model, prompt: list, runs: int, vocab: int, streams: bool = False) -> dict:
     seconds, passes, _ = time_after_first(generate_step(mx.array(prompt), model, max_tokens=runs))
     plain = seconds / passes
-    state = ChainCache(model, None)
-    state.tokens = list(prompt)
-    state.feed(len(prompt) - 1)
+
+    def chain_state(runtime=None):
+        state = ChainCache(model, None, runtime=runtime)
+        state.tokens = list(prompt)
+        state.feed(len(prompt) - 1)
+        return state
+
+    state = chain_state()
     argmax = lambda x: mx.argmax(x, axis=-1)  # noqa: E731
     rows = {}
     for n in DRAFTS:
         drafts = [(7 * i + 3) % vocab for i in range(n)]
 
-        def step():  # every draft rejected: one token accepted, the caches rolled back
-            logits = state.run(drafts)
-            a, new, _ = verify_chain(logits, drafts, state.tokens, argmax, [])
-            state.commit(a == len(drafts))
-            state.tokens += new
+        def stepper(state, drafter=None):
+            def step():  # every draft rejected: one token accepted, the caches rolled back
+                logits = state.run(drafts)
+                a, new, _ = verify_chain(logits, drafts, state.tokens, argmax, [])
+                if drafter is not None:
+                    drafter.after_pass(a)
+                state.commit(a == len(drafts))
+                state.tokens += new
+
+            return step
+
+        step = stepper(state)
 
         cache = make_prompt_cache(model)
         model(mx.array(prompt)[None], cache=cache)
@@ -79,6 +100,10 @@ def measure(model, prompt: list, runs: int, vocab: int) -> dict:
         ours = median_seconds(step, runs)
         wide, one = median_seconds(forward(n + 1), runs), median_seconds(forward(1), runs)
         rows[n] = dict(step_ms=ours * 1e3, r=ours / plain, o=ours / wide, c=wide / one)
+        if streams and n <= get_runtime(model).config.num_streams:
+            with_streams = chain_state(get_runtime(model))
+            ms = median_seconds(stepper(with_streams, StreamDrafts(with_streams)), runs)
+            rows[n].update(streams_step_ms=ms * 1e3, r_s=ms / plain)
     return dict(plain_ms=plain * 1e3, rows=rows)
 
 
@@ -114,26 +139,33 @@ def main():
     p.add_argument("--dtypes", default="f32")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--streams", action="store_true", help="also time the streams' step")
     p.add_argument("--tag", default="")
     args = p.parse_args()
-    info = machine_info(runs=args.runs, prompt_tokens=args.prompt_tokens)
+    info = machine_info(runs=args.runs, prompt_tokens=args.prompt_tokens, streams=args.streams)
     results = {}
     lines = [heading("A prompt-lookup step on a recurrent model, against plain decoding", info),
              "", f"`{info['command']}`", "",
              "| model | dtype | plain ms/token | drafts n | step ms | r(n) | o(n) | c(n + 1) "
-             "| bound tau=2 / 3 / 4 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| bound tau=2 / 3 / 4 | streams' step ms | r_s(n) | r_s / r |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             model = random_model(name, dtype, streams=False)
+            if args.streams:  # (one stream layer: the top layer attends)
+                attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=1))
             vocab = model.args.vocab_size
             prompt = [(13 * i + 5) % vocab for i in range(args.prompt_tokens)]
-            res = results.setdefault(name, {})[dtype] = measure(model, prompt, args.runs, vocab)
+            res = results.setdefault(name, {})[dtype] = measure(model, prompt, args.runs, vocab,
+                                                                args.streams)  # fmt: skip
             res["split_cost"] = split_cost(model, prompt, args.runs, vocab)
             for n, row in res["rows"].items():
                 bound = " / ".join(f"{tau / row['r']:.2f}x" for tau in (2, 3, 4))
+                s = (f"{row['streams_step_ms']:.2f} | {row['r_s']:.2f} | {row['r_s'] / row['r']:.2f}"
+                     if "r_s" in row else "- | - | -")  # fmt: skip
                 lines.append(
                     f"| {name} | {dtype} | {res['plain_ms']:.2f} | {n} | {row['step_ms']:.2f} | "
-                    f"{row['r']:.2f} | {row['o']:.2f} | {row['c']:.2f} | {bound} |"
+                    f"{row['r']:.2f} | {row['o']:.2f} | {row['c']:.2f} | {bound} | {s} |"
                 )
             del model
             mx.clear_cache()

@@ -623,7 +623,10 @@ class StreamDrafts:
     through the stream layers over the caches, still as the pass left them (its
     rejected rows masked out): stream ``j`` there predicts the token ``j + 1`` after
     the one drawn from that row, so their greedy tokens are the next chain. The
-    stream rows' keys and values are then cut from the stream layers' caches.
+    stream rows' keys and values are then cut from the stream layers' caches. With
+    the fused stream pass (``stream_pass="fused"``, the config's default) every row's
+    stream rows ride in the verifying pass instead, and the accepted row's are read
+    from it: no second pass, one read of the stream layers' and head's weights.
 
     Example: a pass over ``[a d1 d2 d3]`` accepts ``d1`` and draws ``x`` from
     ``d1``'s row: the streams of row 1 draft ``[y1 y2 y3]``, and the next pass feeds
@@ -634,9 +637,8 @@ class StreamDrafts:
         self.state, self.rt = state, state.runtime
         self.tokens: List[int] = []
         self.next: Optional[mx.array] = None  # the next chain, on the device
+        self.logits: Optional[mx.array] = None  # its stream logits
         self.vocab = vocab_size(state.model)
-        layers = range(self.rt.first_top, self.rt.num_layers)
-        self.upper = sorted({self.rt.cache_slot[i] for i in layers})  # (one cache each)
 
     def feed(self, upto: int) -> None:
         pass
@@ -645,11 +647,13 @@ class StreamDrafts:
         return [] if self.next is None else self.next[:n].tolist()
 
     def after_pass(self, accepted: int) -> None:
-        s, g = self.state, self.rt.config.num_streams
-        row = mx.array(s.first_row + accepted, dtype=mx.int32)
-        logits = self.rt.draft_streams(row, s.cache)
-        for i in self.upper:
-            s.cache[i].trim(g)
+        s, row = self.state, self.state.first_row + accepted
+        if s.stream_logits is not None:  # (the fused pass: every row's streams)
+            logits = s.stream_logits[row]
+        else:
+            logits = self.rt.draft_streams(mx.array(row, dtype=mx.int32), s.cache)
+            s.cut_stream_rows(self.rt.config.num_streams)
+        self.logits = logits  # (gamma, V): the chain's stream logits
         self.next = mx.argmax(logits[:, : self.vocab], axis=-1)
         mx.async_eval(self.next)
 
@@ -671,6 +675,10 @@ class ChainCache:
         self.model, self.split = model, split_recurrent_mixers(model)
         self.runtime = runtime  # (a StreamRuntime: passes keep the stream layers' inputs)
         self.first_row = 0  # the last pass's row of its last pending token
+        self.stream_logits: Optional[mx.array] = None  # a fused pass's, (rows, gamma, V)
+        if runtime is not None:  # the stream layers' caches, one each
+            layers = range(runtime.first_top, runtime.num_layers)
+            self.upper = sorted({runtime.cache_slot[i] for i in layers})
         # (window layers: a WindowKVCache, whose rejected rows can be cut)
         self.cache = model_caches(model, bounded=True) if cache is None else cache
         check_recurrent_cache(self.cache)
@@ -743,10 +751,14 @@ class ChainCache:
         if self.runtime is None:
             logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
         else:  # (a chain's rows: the model's own masks and positions below the streams)
-            width = len(pending) + len(drafts)
+            width, fused = len(pending) + len(drafts), not self.runtime.split_streams
             chain = layout_of([-1] + list(range(width - 1)))
-            logits = self.runtime.forward(pending + drafts, chain, self.cache, all_streams=False)
-            logits = logits.logits[None]
+            out = self.runtime.forward(
+                pending + drafts, chain, self.cache, all_streams=fused, stream_logits=fused
+            )
+            logits, self.stream_logits = out.logits[None], out.stream_logits
+            if fused:  # (written after the main rows: cut before anything else)
+                self.cut_stream_rows(width * self.runtime.config.num_streams)
         self.split.at, self.drafted = None, len(drafts)
         self.first_row = len(pending) - 1
         if whole or (split and self.unsplit_states()):
@@ -758,6 +770,11 @@ class ChainCache:
         # (the caches' new states go with the logits: one evaluation, one wait, a step)
         mx.async_eval(rows, [c.state for c in self.cache])
         return rows
+
+    def cut_stream_rows(self, n: int) -> None:
+        """Cuts the last ``n`` rows, stream rows, from the stream layers' caches."""
+        for i in self.upper:
+            self.cache[i].trim(n)
 
     def unsplit_states(self) -> bool:
         """Whether the last split pass left a recurrent state that no split mixer kept

@@ -249,16 +249,20 @@ def tune_stream_chains(
     confirm_rounds=CONFIRM_ROUNDS,
 ):
     """Lossless streams on a model with recurrent layers, whose drafts are verified as
-    one chain a pass: the fastest chain length (``tree_depth`` 1 to ``num_streams``),
-    or plain decoding when none beats it by ``min_gain``.
+    one chain a pass: the fastest chain length (``tree_depth`` 1 to ``num_streams``)
+    and stream pass (fused or split), or plain decoding when none beats it by
+    ``min_gain``.
 
     Returns:
-        tuple: the choice (``{"draft": "streams", "tree_depth": n}`` or
-        ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
+        tuple: the choice (``{"draft": "streams", "tree_depth": n, "stream_pass": ...}``
+        or ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
     """
     trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="streams")
     for depth in range(1, get_runtime(model).config.num_streams + 1):
-        trials.run(dict(draft="streams", tree_depth=depth))
+        trials.run(dict(draft="streams", tree_depth=depth, stream_pass="fused"))
+    # Every row's streams in the verifying pass, or the accepted row's in a pass of their own.
+    for chain in trials.fastest(2):
+        trials.run(dict(chain, stream_pass="split"))
     return trials.choice(min_gain, "The streams' chains", confirm_rounds=confirm_rounds)
 
 

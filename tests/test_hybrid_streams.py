@@ -29,11 +29,13 @@ def stream_hybrid(arch="qwen3_next", vocab_size=8, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("arch", STREAM_HYBRIDS)
+@pytest.mark.parametrize("arch", STREAM_HYBRIDS + ["qwen3_5 split", "lfm2 split"])
 def test_stream_chains_equal_plain(arch):
     """mlx-lm's greedy tokens, in fewer passes than tokens (random streams: some of
-    their drafts are right)."""
+    their drafts are right), with the fused stream pass and the split one."""
+    arch, _, split = arch.partition(" ")
     model, accepted = stream_hybrid(arch), 0
+    get_runtime(model).split_streams = bool(split)
     for prompt in PROMPTS:
         got, records = lookup(model, prompt, 40, draft=None)
         assert got == plain_greedy(model, prompt, 40)
@@ -42,28 +44,19 @@ def test_stream_chains_equal_plain(arch):
     assert accepted > 0, "no draft accepted: the test has no power"
 
 
-def stream_drafts_against_the_full_pass(model, prompt, n, row_shift=0, monkeypatch=None):
+def stream_drafts_against_the_full_pass(model, prompt, n, monkeypatch, row_shift=0):
     """Each chain's stream logits (at the last accepted token) beside those a full
     multi-stream pass over the whole output computes at that token: the largest
-    difference, and whether every chain is their greedy tokens."""
+    difference, whether every chain is their greedy tokens, and how many chains.
+    ``row_shift=-1`` takes the streams of the token before (where there is one)."""
     seen = []
     after_pass = recurrent.StreamDrafts.after_pass
 
     def spy(self, accepted):
         state = self.state
-        position = state.held + state.first_row + accepted
-        draft_streams = self.rt.draft_streams
-
-        def keep(row, cache):
-            logits = draft_streams(row + row_shift if row_shift else row, cache)
-            seen.append((position, logits))
-            return logits
-
-        self.rt.draft_streams = keep
-        try:
-            after_pass(self, accepted)
-        finally:
-            del self.rt.draft_streams
+        shift = row_shift if state.first_row + accepted + row_shift >= 0 else 0
+        after_pass(self, accepted + shift)
+        seen.append((state.held + state.first_row + accepted, self.logits))
 
     monkeypatch.setattr(recurrent.StreamDrafts, "after_pass", spy)
     got, _ = lookup(model, prompt, n, draft=None)
@@ -79,21 +72,24 @@ def stream_drafts_against_the_full_pass(model, prompt, n, row_shift=0, monkeypat
     return diff, same, len(seen)
 
 
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
 @pytest.mark.parametrize("arch", ["qwen3_next", "lfm2"])
-def test_each_chain_is_the_streams_of_a_full_pass(arch, monkeypatch):
-    """The streams of the last accepted token, computed after the verification over
-    the caches as the pass left them, equal a full multi-stream pass's over the whole
-    sequence at that token (Gated DeltaNet and short-convolution layers below)."""
+def test_each_chain_is_the_streams_of_a_full_pass(arch, stream_pass, monkeypatch):
+    """The streams of the last accepted token, read from the verifying pass (fused) or
+    computed after it over the caches as it left them (split), equal a full
+    multi-stream pass's over the whole sequence at that token (Gated DeltaNet and
+    short-convolution layers below)."""
     model = stream_hybrid(arch, vocab_size=16)
-    diff, same, chains = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24,
-                                                             monkeypatch=monkeypatch)  # fmt: skip
+    get_runtime(model).split_streams = stream_pass == "split"
+    diff, same, chains = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24, monkeypatch)
     assert chains > 5 and same and diff < 1e-4
 
 
-def test_negative_control_streams_of_the_row_before(monkeypatch):
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
+def test_negative_control_streams_of_the_row_before(stream_pass, monkeypatch):
     model = stream_hybrid("qwen3_next", vocab_size=16)
-    diff, same, _ = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24, row_shift=-1,
-                                                        monkeypatch=monkeypatch)  # fmt: skip
+    get_runtime(model).split_streams = stream_pass == "split"
+    diff, same, _ = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24, monkeypatch, -1)
     assert diff > 1e-2 and not same
 
 
@@ -205,7 +201,9 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
     log = []
     choice, _, _ = tune(model, tok, [[3, 9, 4, 3]], max_tokens=8, log=log.append,
                         confirm_rounds=0)  # fmt: skip
-    assert sum("'tree_depth': " in line for line in log) == 3  # (chains of 1, 2 and 3)
+    # (chains of 1, 2 and 3 with the fused stream pass, the two fastest split)
+    assert sum("'stream_pass': 'fused'" in line for line in log) == 3
+    assert sum("'stream_pass': 'split'" in line for line in log) == 2
     assert choice in ({"tree_depth": 0},) or choice.get("draft") == "streams"
 
 
