@@ -17,11 +17,11 @@ point: the step's cost is), for n = 0, 1, 3, 7, 10 drafts:
 * c(n) = that plain forward / a plain forward over one token: MLX's width cost.
 
 With ``--streams``, random lossless streams go on the model's top layer (an
-attention layer) and a second column times their step (session 31): the same pass
-through the runtime (it keeps the stream layer's inputs), then the accepted token's
-stream rows through the top layer and the head (:class:`~mlx_specstream.recurrent.StreamDrafts`),
-for n up to the 3 streams: r_s(n), and r_s(n) / r(n), what drafting from the streams
-adds to a step.
+attention layer) and two more columns time their step (session 31,
+:class:`~mlx_specstream.recurrent.StreamDrafts`), for n up to the 3 streams: r_s(n)
+with the fused stream pass (every row's stream rows ride in the verifying pass) and
+with the split one (the accepted token's stream rows through the top layer and the
+head in a pass of their own, after the verification).
 
 The step times the roll-back path (every draft rejected, one token accepted), the
 dearer of the two; such steps alternate between one pending token (a pass that is not
@@ -100,10 +100,12 @@ def measure(model, prompt: list, runs: int, vocab: int, streams: bool = False) -
         ours = median_seconds(step, runs)
         wide, one = median_seconds(forward(n + 1), runs), median_seconds(forward(1), runs)
         rows[n] = dict(step_ms=ours * 1e3, r=ours / plain, o=ours / wide, c=wide / one)
-        if streams and n <= get_runtime(model).config.num_streams:
-            with_streams = chain_state(get_runtime(model))
+        rt = get_runtime(model) if streams else None
+        for stream_pass in ("fused", "split") if streams and n <= rt.config.num_streams else ():
+            rt.split_streams = stream_pass == "split"
+            with_streams = chain_state(rt)
             ms = median_seconds(stepper(with_streams, StreamDrafts(with_streams)), runs)
-            rows[n].update(streams_step_ms=ms * 1e3, r_s=ms / plain)
+            rows[n].update({f"{stream_pass}_ms": ms * 1e3, f"r_{stream_pass}": ms / plain})
     return dict(plain_ms=plain * 1e3, rows=rows)
 
 
@@ -147,8 +149,8 @@ def main():
     lines = [heading("A prompt-lookup step on a recurrent model, against plain decoding", info),
              "", f"`{info['command']}`", "",
              "| model | dtype | plain ms/token | drafts n | step ms | r(n) | o(n) | c(n + 1) "
-             "| bound tau=2 / 3 / 4 | streams' step ms | r_s(n) | r_s / r |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| bound tau=2 / 3 / 4 | streams' step ms, fused / split | r_s(n) fused / split |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             model = random_model(name, dtype, streams=False)
@@ -161,8 +163,9 @@ def main():
             res["split_cost"] = split_cost(model, prompt, args.runs, vocab)
             for n, row in res["rows"].items():
                 bound = " / ".join(f"{tau / row['r']:.2f}x" for tau in (2, 3, 4))
-                s = (f"{row['streams_step_ms']:.2f} | {row['r_s']:.2f} | {row['r_s'] / row['r']:.2f}"
-                     if "r_s" in row else "- | - | -")  # fmt: skip
+                s = (f"{row['fused_ms']:.2f} / {row['split_ms']:.2f} | "
+                     f"{row['r_fused']:.2f} / {row['r_split']:.2f}"
+                     if "r_fused" in row else "- | -")  # fmt: skip
                 lines.append(
                     f"| {name} | {dtype} | {res['plain_ms']:.2f} | {n} | {row['step_ms']:.2f} | "
                     f"{row['r']:.2f} | {row['o']:.2f} | {row['c']:.2f} | {bound} | {s} |"
