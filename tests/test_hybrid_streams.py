@@ -214,3 +214,54 @@ def test_untrained_prompts_still_decode_as_plain():
     for _ in range(3):
         prompt = [rng.randrange(16) for _ in range(6)]
         assert lookup(model, prompt, 20, draft=None)[0] == plain_greedy(model, prompt, 20)
+
+
+def test_served_alone_and_together():
+    """The server on a Qwen3-Next shape with streams: a request alone drafts with the
+    streams' chains, a follow-up turn starts from the kept cache, requests that wait
+    together go to mlx-lm's batches; every answer equals mlx-lm's plain decoding."""
+    import threading
+
+    import openai
+    from test_server import chat_prompt, reference, turn
+
+    from mlx_specstream.server import make_server
+
+    V = 32
+    model, tok = stream_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V)
+    server = make_server(model, tok, "tiny", port=0, max_tokens=12)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    client = openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
+    try:
+        m1 = [{"role": "user", "content": "t3 t9 t4 t3 t9 t4 t3"}]
+        r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+        text1 = r1.choices[0].message.content
+        assert text1 == reference(model, tok, chat_prompt(tok, m1), 12, speculative=False)
+        m2 = turn(m1, text1, "t20 t21 t3 t9")
+        r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+        assert r2.choices[0].message.content == reference(
+            model, tok, chat_prompt(tok, m2), 12, speculative=False
+        )
+        assert r2.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(tok, m1)) - 1
+        prompts = [f"t{i} t{i + 1} t{i} t{i + 1}" for i in range(3, 8)]
+        got, errors = {}, []
+
+        def worker(p):
+            try:
+                got[p] = client.completions.create(model="tiny", prompt=p, max_tokens=12)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors
+        for p in prompts:
+            assert got[p].choices[0].text == reference(model, tok, p, 12, speculative=False)
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
