@@ -239,19 +239,11 @@ def tune(
     return choice, tps, base
 
 
-def tune_stream_chains(
-    model,
-    tokenizer,
-    prompts,
-    max_tokens=64,
-    min_gain=1.05,
-    log=print,
-    confirm_rounds=CONFIRM_ROUNDS,
-):
+def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, confirm_rounds):
     """Lossless streams on a model with recurrent layers, whose drafts are verified as
-    one chain a pass: the fastest chain length (``tree_depth`` 1 to ``num_streams``)
-    and stream pass (fused or split), or plain decoding when none beats it by
-    ``min_gain``.
+    one chain a pass (what :func:`tune` runs for them, with its arguments): the
+    fastest chain length (``tree_depth`` 1 to ``num_streams``) and stream pass (fused
+    or split), or plain decoding when none beats it by ``min_gain``.
 
     Returns:
         tuple: the choice (``{"draft": "streams", "tree_depth": n, "stream_pass": ...}``

@@ -690,6 +690,14 @@ def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **ove
     return model
 
 
+def stream_hybrid(arch="qwen3_next", vocab_size=8, **kwargs):
+    """A tiny model with recurrent layers and random lossless streams on its top layer
+    (an attention layer: ``streams.on_chains``)."""
+    model = tiny_hybrid(arch, vocab_size=vocab_size, **kwargs)
+    attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=1), seed=1)
+    return model
+
+
 def tiny_model(
     arch="llama", vocab_size=64, seed=0, dtype=None, quant_bits=None, weight_scale=4.0, **overrides
 ):

@@ -13,7 +13,6 @@ from helpers import (
     tiny_chain_model,
     tiny_hybrid,
     tiny_model,
-    word_tokenizer,
 )
 from test_recurrent import PROMPTS, lookup
 
@@ -163,51 +162,9 @@ def test_served_with_prompt_lookup_alone_and_together(caplog):
     the model's passes and a follow-up turn reuses the kept cache; requests that wait
     together go to mlx-lm's batches (ours need the tree verifier), the log says why;
     every answer equals mlx-lm's plain decoding."""
-    import threading
+    from test_server import assert_served_alone_and_together
 
-    import openai
-    from test_server import chat_prompt, reference, turn
-
-    from mlx_specstream.server import make_server
-
-    V = 32
-    model, tok = tiny_chain_model("nanochat", vocab_size=V), word_tokenizer(V)
-    server = make_server(model, tok, "tiny", port=0, max_tokens=12, draft="ngram")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    client = openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
-    try:
-        m1 = [{"role": "user", "content": "t3 t9 t4 t3 t9 t4 t3"}]
-        r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
-        text1 = r1.choices[0].message.content
-        assert text1 == reference(model, tok, chat_prompt(tok, m1), 12, speculative=False)
-        m2 = turn(m1, text1, "t20 t21 t3 t9")
-        r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
-        assert r2.choices[0].message.content == reference(
-            model, tok, chat_prompt(tok, m2), 12, speculative=False
-        )
-        assert r2.usage.prompt_tokens_details.cached_tokens > len(chat_prompt(tok, m1)) - 1
-        prompts = [f"t{i} t{i + 1} t{i} t{i + 1}" for i in range(3, 9)]
-        got, errors = {}, []
-
-        def worker(p):
-            try:
-                got[p] = client.completions.create(model="tiny", prompt=p, max_tokens=12)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors
-        for p in prompts:
-            assert got[p].choices[0].text == reference(model, tok, p, 12, speculative=False)
-    finally:
-        client.close()
-        server.shutdown()
-        server.server_close()
+    assert_served_alone_and_together(tiny_chain_model("nanochat", vocab_size=32), 32, draft="ngram")
     assert "do not draft" in caplog.text and "per-row positions" in caplog.text
 
 

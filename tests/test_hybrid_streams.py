@@ -1,17 +1,17 @@
 """Lossless-mode streams on models with recurrent layers (Qwen3-Next, Qwen 3.5, LFM2,
 Granite 4, ...), drafting chains (mlx_specstream.recurrent.StreamDrafts): greedy
 output equal to mlx-lm's, each chain the streams a full multi-stream pass computes
-at that token, sampling that keeps the distribution, training in MLX, the tuner,
-and the refusals."""
+at that token, training in MLX, the tuner, the server and the refusals (sampling:
+test_recurrent's chi-square tests)."""
 
 import json
 import random
 
 import mlx.core as mx
 import pytest
-from helpers import HYBRID_ARGS, plain_greedy, tiny_hybrid, word_tokenizer
+from helpers import HYBRID_ARGS, plain_greedy, stream_hybrid, tiny_hybrid, word_tokenizer
 from mlx_lm.models.cache import make_prompt_cache
-from test_recurrent import PROMPTS, lookup, lookup_pvalue
+from test_recurrent import PROMPTS, lookup
 
 import mlx_specstream.recurrent as recurrent
 from mlx_specstream import SpecStreamConfig, attach_streams
@@ -21,12 +21,6 @@ from mlx_specstream.streams import TreeUnsupported, get_runtime
 STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehybrid",
                   "lfm2", "lfm2-vl", "lfm2_moe", "olmo_hybrid", "qwen3_5", "qwen3_5_moe",
                   "qwen3_next"]  # fmt: skip
-
-
-def stream_hybrid(arch="qwen3_next", vocab_size=8, **kwargs):
-    model = tiny_hybrid(arch, vocab_size=vocab_size, **kwargs)
-    attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=1), seed=1)
-    return model
 
 
 @pytest.mark.parametrize("arch", STREAM_HYBRIDS + ["qwen3_5 split", "lfm2 split"])
@@ -106,33 +100,6 @@ def test_the_stream_rows_leave_no_keys_behind():
     nxt = [got[-1], 5, 6]
     want = plain_greedy(model, nxt, 20, prompt_cache=theirs)
     assert lookup(model, nxt, 20, draft=None, prompt_cache=ours)[0] == want
-
-
-def test_sampling_keeps_the_distribution():
-    from test_recurrent import N_SAMPLES, V
-
-    model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
-    # (3 tokens: the first pass drafts nothing, the streams of its token draft the next)
-    p, drafted = lookup_pvalue(model, n_tokens=3, draft="streams")
-    assert drafted > N_SAMPLES // 20, "drafts were rarely accepted: the test has no power"
-    assert p > 1e-3, f"chi-square p = {p:.2e}"
-
-
-def test_negative_control_an_unchecked_first_draft_is_caught(monkeypatch):
-    from test_recurrent import V
-
-    verify = recurrent.verify_chain
-
-    def lenient(logits, drafts, history, sampler, processors):
-        a, new, logprobs = verify(logits, drafts, history, sampler, processors)
-        if drafts and a == 0:  # the first draft accepted unchecked
-            a, new = 1, drafts[:1] + [int(sampler(logprobs[1:2]).item())]
-        return a, new, logprobs
-
-    monkeypatch.setattr(recurrent, "verify_chain", lenient)
-    model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
-    p, _ = lookup_pvalue(model, 500, n_tokens=3, draft="streams")
-    assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
 
 
 def test_chain_length_and_refusals():
@@ -220,48 +187,6 @@ def test_served_alone_and_together():
     """The server on a Qwen3-Next shape with streams: a request alone drafts with the
     streams' chains, a follow-up turn starts from the kept cache, requests that wait
     together go to mlx-lm's batches; every answer equals mlx-lm's plain decoding."""
-    import threading
+    from test_server import assert_served_alone_and_together
 
-    import openai
-    from test_server import chat_prompt, reference, turn
-
-    from mlx_specstream.server import make_server
-
-    V = 32
-    model, tok = stream_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V)
-    server = make_server(model, tok, "tiny", port=0, max_tokens=12)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    client = openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
-    try:
-        m1 = [{"role": "user", "content": "t3 t9 t4 t3 t9 t4 t3"}]
-        r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
-        text1 = r1.choices[0].message.content
-        assert text1 == reference(model, tok, chat_prompt(tok, m1), 12, speculative=False)
-        m2 = turn(m1, text1, "t20 t21 t3 t9")
-        r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
-        assert r2.choices[0].message.content == reference(
-            model, tok, chat_prompt(tok, m2), 12, speculative=False
-        )
-        assert r2.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(tok, m1)) - 1
-        prompts = [f"t{i} t{i + 1} t{i} t{i + 1}" for i in range(3, 8)]
-        got, errors = {}, []
-
-        def worker(p):
-            try:
-                got[p] = client.completions.create(model="tiny", prompt=p, max_tokens=12)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors
-        for p in prompts:
-            assert got[p].choices[0].text == reference(model, tok, p, 12, speculative=False)
-    finally:
-        client.close()
-        server.shutdown()
-        server.server_close()
+    assert_served_alone_and_together(stream_hybrid("qwen3_next", vocab_size=32), 32)

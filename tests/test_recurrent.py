@@ -13,6 +13,7 @@ from helpers import (
     CHAIN_MODELS,
     HYBRIDS,
     plain_greedy,
+    stream_hybrid,
     tiny_chain_model,
     tiny_hybrid,
     word_tokenizer,
@@ -178,17 +179,23 @@ def test_negative_control_a_cache_left_past_the_yielded_tokens_differs(monkeypat
     assert max(offsets) > 0
 
 
-# A hybrid model, and one the tree verifier cannot take (test_chain_models).
+# A hybrid model, one the tree verifier cannot take (test_chain_models), and a hybrid's
+# streams (test_hybrid_streams: 3 tokens, as the first pass drafts nothing).
 SAMPLED = {
-    "qwen3_next": lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
-    "nanochat": lambda: tiny_chain_model("nanochat", vocab_size=V),
+    "qwen3_next": (lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0), {}),
+    "nanochat": (lambda: tiny_chain_model("nanochat", vocab_size=V), {}),
+    "qwen3_next streams": (
+        lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        dict(n_tokens=3, draft="streams"),
+    ),
 }
 
 
 @pytest.mark.parametrize("arch", sorted(SAMPLED))
 def test_sampling_keeps_the_distribution(arch):
-    p, drafted = lookup_pvalue(SAMPLED[arch]())
-    assert drafted > N_SAMPLES // 10, "drafts were rarely accepted: the test has no power"
+    make, kwargs = SAMPLED[arch]
+    p, drafted = lookup_pvalue(make(), **kwargs)
+    assert drafted > N_SAMPLES // 20, "drafts were rarely accepted: the test has no power"
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
@@ -201,7 +208,8 @@ def test_negative_control_an_unchecked_first_draft_is_caught(arch, monkeypatch):
         return a, new, logprobs
 
     monkeypatch.setattr(recurrent, "verify_chain", lenient)
-    p, _ = lookup_pvalue(SAMPLED[arch](), 500)
+    make, kwargs = SAMPLED[arch]
+    p, _ = lookup_pvalue(make(), 500, **kwargs)
     assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
 
 

@@ -1166,3 +1166,46 @@ def test_a_recurrent_model_is_served_with_prompt_lookup(serve, monkeypatch):
         ).usage.prompt_tokens_details.cached_tokens
         == len(p1) - 1
     )  # (the pair's copy)
+
+
+def assert_served_alone_and_together(model, vocab_size, **defaults):
+    """A server on ``model`` (``defaults`` its settings): a request alone, a follow-up
+    turn that starts from the kept cache, then requests that wait together; every
+    answer equals mlx-lm's plain decoding of its prompt."""
+    tok = word_tokenizer(vocab_size)
+    server = make_server(model, tok, "tiny", port=0, max_tokens=12, **defaults)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    client = openai.OpenAI(base_url=url, api_key="unused", timeout=60, max_retries=0)
+    try:
+        m1 = [{"role": "user", "content": "t3 t9 t4 t3 t9 t4 t3"}]
+        r1 = client.chat.completions.create(model="tiny", messages=m1, max_tokens=12)
+        text1 = r1.choices[0].message.content
+        assert text1 == reference(model, tok, chat_prompt(tok, m1), 12, speculative=False)
+        m2 = turn(m1, text1, "t20 t21 t3 t9")
+        r2 = client.chat.completions.create(model="tiny", messages=m2, max_tokens=12)
+        assert r2.choices[0].message.content == reference(
+            model, tok, chat_prompt(tok, m2), 12, speculative=False
+        )
+        assert r2.usage.prompt_tokens_details.cached_tokens >= len(chat_prompt(tok, m1)) - 1
+        prompts = [f"t{i} t{i + 1} t{i} t{i + 1}" for i in range(3, 8)]
+        got, errors = {}, []
+
+        def worker(p):
+            try:
+                got[p] = client.completions.create(model="tiny", prompt=p, max_tokens=12)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors
+        for p in prompts:
+            assert got[p].choices[0].text == reference(model, tok, p, 12, speculative=False)
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
