@@ -9,7 +9,9 @@ do not change, and while no step is running every hook defers to the
 original class, so ``mlx_lm.generate`` on the same object is plain decoding.
 """
 
+import ast
 import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -163,15 +165,47 @@ def position_embedding(model) -> Optional[nn.Module]:
 
 
 def _no_positions(layer) -> bool:
-    """Whether a decoder layer's attention says it applies no RoPE (``use_rope``
-    False: the NoPE layers of EXAONE 4, Llama 4, ...). Such a layer sees
-    positions only through its mask and the other layers' states, so a tree
-    needs nothing of it beyond the mask."""
+    """Whether a decoder layer's attention applies no positions: it says so
+    (``use_rope`` False: the NoPE layers of EXAONE 4, Llama 4, ...), or it holds no
+    RoPE module and its call reads no position (:func:`reads_positions`: Jamba's,
+    Kimi Linear's). Such a layer sees positions only through its mask and the other
+    layers' states, so a tree needs nothing of it beyond the mask."""
     attn = _attention(layer)
     if getattr(attn, "is_local_attention", None) is False and getattr(attn, "rope", 0) is None:
         return True  # (AFMoE's full layers: no RoPE module, rope set to None)
     use_rope = getattr(attn, "use_rope", None)
-    return use_rope is not None and not use_rope
+    if use_rope is not None:
+        return not use_rope
+    return attn is not None and _rope(layer) is None and not reads_positions(attn)
+
+
+POSITION_CALLS = ("rope", "rotary", "alibi", "position")  # (names of calls that place tokens)
+
+
+def reads_positions(module: nn.Module) -> bool:
+    """Whether ``module``'s call may apply positions itself: it reads an ``offset``
+    (a cache's, or its own argument), or calls something named after RoPE, rotary
+    embeddings, ALiBi or positions; ``True`` when its source cannot be read.
+
+    Example: Jamba's attention (projections, the cache, the attention) gives
+    ``False``; nanochat's, which calls ``apply_rotary_emb(queries,
+    offset=cache.offset)``, gives ``True``.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(own_class(module).__call__)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    for n in ast.walk(tree):
+        if (isinstance(n, ast.Attribute) and n.attr == "offset") or (
+            isinstance(n, ast.Name) and n.id == "offset"
+        ):
+            return True
+        if isinstance(n, ast.Call):
+            f = n.func
+            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if any(word in name.lower() for word in POSITION_CALLS):
+                return True
+    return False
 
 
 def submodule(module, path: str):
@@ -1518,6 +1552,14 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             "of the layer below (cross-layer attention, use_cla), which stream rows do not "
             "have there; streams and drafters need each layer's own. Prompt lookup "
             "(draft='ngram') and draft models run on it."
+        )
+    if not isinstance(config, VerifierConfig) and getattr(
+        model_args(model), "attn_res_block_size", None
+    ):
+        raise ValueError(
+            f"Model type '{model_type}': its layers mix in earlier blocks' states, one per "
+            "token (Kimi K3's attention residuals), which stream rows do not have; streams "
+            "are not supported. Prompt lookup (draft='ngram') and draft models run on it."
         )
     if not isinstance(config, VerifierConfig) and any("altup" in layer for layer in layers):
         raise ValueError(

@@ -18,9 +18,10 @@ from mlx_specstream import SpecStreamConfig, attach_streams
 from mlx_specstream.streams import TreeUnsupported, get_runtime
 
 # Hybrids whose top layer attends (a KVCache): one stream layer there.
-STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehybrid",
-                  "lfm2", "lfm2-vl", "lfm2_moe", "olmo_hybrid", "qwen3_5", "qwen3_5_moe",
-                  "qwen3_next"]  # fmt: skip
+# (Jamba's and Kimi Linear's attention applies no positions: streams.reads_positions)
+STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehybrid", "jamba",
+                  "kimi_linear", "lfm2", "lfm2-vl", "lfm2_moe", "olmo_hybrid", "qwen3_5",
+                  "qwen3_5_moe", "qwen3_next"]  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", STREAM_HYBRIDS + ["qwen3_5 split", "lfm2 split"])
@@ -190,3 +191,33 @@ def test_served_alone_and_together():
     from test_server import assert_served_alone_and_together
 
     assert_served_alone_and_together(stream_hybrid("qwen3_next", vocab_size=32), 32)
+
+
+def test_reads_positions_golden():
+    """Attention calls that may place tokens (an ``offset`` read, a RoPE-named call)
+    against those that cannot (Jamba's, Kimi Linear's: no RoPE at all)."""
+    import mlx.nn as nn
+    from helpers import tiny_chain_model, tiny_model
+
+    from mlx_specstream.streams import _attention, reads_positions
+
+    assert not reads_positions(_attention(tiny_hybrid("jamba").layers[3]))
+    assert not reads_positions(_attention(tiny_hybrid("kimi_linear").layers[3]))
+    assert reads_positions(_attention(tiny_chain_model("nanochat").layers[0]))  # (a function)
+    assert reads_positions(_attention(tiny_model("llama", 8).layers[0]))  # (self.rope)
+
+    class Shifted(nn.Module):  # (positions from the cache's offset, by no RoPE name)
+        def __call__(self, x, mask=None, cache=None):
+            return x * cache.offset
+
+    class Unreadable(nn.Module):
+        pass
+
+    Unreadable.__call__ = eval("lambda self, x, mask=None, cache=None: x")
+    assert reads_positions(Shifted()) and reads_positions(Unreadable())
+
+
+def test_streams_on_kimi_k3_are_refused_with_the_reason():
+    """Its layers mix in earlier blocks' states per token (attention residuals)."""
+    with pytest.raises(ValueError, match="attention residuals"):
+        stream_hybrid("kimi_k3")
