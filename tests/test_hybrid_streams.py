@@ -221,3 +221,20 @@ def test_streams_on_kimi_k3_are_refused_with_the_reason():
     """Its layers mix in earlier blocks' states per token (attention residuals)."""
     with pytest.raises(ValueError, match="attention residuals"):
         stream_hybrid("kimi_k3")
+
+
+def test_kv_bits_equals_mlx_lm_s_own_loop():
+    """mlx-lm's ``kv_bits`` with the streams' chains, before, during and after the
+    prompt: tokens and every yielded log-probability equal mlx-lm's own loop."""
+    from mlx_lm.generate import generate_step
+
+    model, accepted = stream_hybrid("qwen3_next", head_dim=32), 0  # (a group divides 32)
+    for qs in (0, 9, 20):
+        opts = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=qs, prefill_step_size=4)
+        for prompt in PROMPTS:
+            ref = list(generate_step(mx.array(prompt), model, max_tokens=24, **opts))
+            got, records = lookup(model, prompt, 24, draft=None, **opts)
+            assert got == [int(t) for t, _ in ref], (qs, prompt)
+            assert max(mx.abs(r[1] - lp).max().item() for r, (_, lp) in zip(records, ref)) == 0
+            accepted += sum(r[2] for r in records)
+    assert accepted > 5, "drafts were rarely accepted: the test has no power"
