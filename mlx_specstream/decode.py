@@ -1000,14 +1000,15 @@ def _on_chain_model(
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
     sampler = kw["sampler"]  # (any sampler but ours says nothing of its temperature)
     sampling = sampler not in (None, greedy) and not getattr(sampler, "greedy", False)
-    if speculative and sampling and draft_model is None and acceptance == "rejection":
-        warnings.warn(
-            f"acceptance='rejection' with {'stream' if streams else 'prompt-lookup'} drafts: "
-            "a chain of greedy drafts is one deterministic proposal, not a draw, so it is "
-            "verified by acceptance='target-sample' (also lossless).",
-            stacklevel=3,
-        )
-    if speculative and sampling and draft_model is not None:  # drafts drawn, or greedy
+    if speculative and sampling and draft_model is None and not streams:
+        if acceptance == "rejection":
+            warnings.warn(
+                "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
+                "deterministic proposal, not a draw, so it is verified by "
+                "acceptance='target-sample' (also lossless).",
+                stacklevel=3,
+            )
+    if speculative and sampling and (draft_model is not None or streams):  # drawn, or greedy
         if acceptance is None:
             acceptance = default_acceptance(sampler)
         if acceptance == "rejection" and not isinstance(sampler, DistributionSampler):

@@ -433,7 +433,9 @@ def chain_generate_step(
           (the model's, then the draft model's) once they hold all but the
           prompt's last token, before the first pass.
         streams (bool): the model's own lossless-mode streams draft the chains
-          (:class:`StreamDrafts`; each pass keeps its stream layers' inputs).
+          (:class:`StreamDrafts`; each pass keeps its stream layers' inputs): greedy,
+          or with ``rejection`` drawn from their distributions under ``sampler`` and
+          verified by rejection sampling.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -444,7 +446,9 @@ def chain_generate_step(
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
         drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
     state = ChainCache(model, own, quant, get_runtime(model) if streams else None)
-    drafter = drafter or (StreamDrafts(state) if streams else LookupDrafts())
+    if streams:
+        drafter = StreamDrafts(state, sampler if rejection else None)
+    drafter = drafter or LookupDrafts()
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
     progress = prompt_progress_callback or (lambda *_: None)
@@ -628,23 +632,34 @@ class StreamDrafts:
     stream rows ride in the verifying pass instead, and the accepted row's are read
     from it: no second pass, one read of the stream layers' and head's weights.
 
+    With a ``sampler`` (a :class:`~mlx_specstream.sample_utils.DistributionSampler`)
+    each stream's draft is drawn from its distribution under that sampler, kept as
+    ``q`` for rejection sampling (:func:`verify_chain_by_rejection`): stream ``j``'s
+    distribution depends on the tokens up to the accepted one only, a proposal as
+    valid as any, so the output keeps the model's distribution.
+
     Example: a pass over ``[a d1 d2 d3]`` accepts ``d1`` and draws ``x`` from
     ``d1``'s row: the streams of row 1 draft ``[y1 y2 y3]``, and the next pass feeds
     ``[d1 x y1 y2 y3]`` (``d1`` and ``x`` pending).
     """
 
-    def __init__(self, state: "ChainCache"):
-        self.state, self.rt = state, state.runtime
+    def __init__(self, state: "ChainCache", sampler=None):
+        self.state, self.rt, self.sampler = state, state.runtime, sampler
         self.tokens: List[int] = []
         self.next: Optional[mx.array] = None  # the next chain, on the device
         self.logits: Optional[mx.array] = None  # its stream logits
+        self.q: Optional[mx.array] = None  # the drafts' distributions (drawn drafts)
         self.vocab = vocab_size(state.model)
 
     def feed(self, upto: int) -> None:
         pass
 
     def draft(self, n: int) -> List[int]:
-        return [] if self.next is None else self.next[:n].tolist()
+        if self.next is None:
+            return []
+        if self.sampler is not None:
+            self.q = self._q[:n]
+        return self.next[:n].tolist()
 
     def after_pass(self, accepted: int) -> None:
         s, row = self.state, self.state.first_row + accepted
@@ -654,7 +669,12 @@ class StreamDrafts:
             logits = self.rt.draft_streams(mx.array(row, dtype=mx.int32), s.cache)
             s.cut_stream_rows(self.rt.config.num_streams)
         self.logits = logits  # (gamma, V): the chain's stream logits
-        self.next = mx.argmax(logits[:, : self.vocab], axis=-1)
+        if self.sampler is None:
+            self.next = mx.argmax(logits[:, : self.vocab], axis=-1)
+        else:
+            lp = logits[:, : self.vocab].astype(mx.float32)
+            self._q = self.sampler.probs(lp - mx.logsumexp(lp, axis=-1, keepdims=True))
+            self.next = mx.random.categorical(mx.log(self._q))
         mx.async_eval(self.next)
 
     def commit(self, accepted: int) -> None:

@@ -184,9 +184,9 @@ def test_negative_control_a_cache_left_past_the_yielded_tokens_differs(monkeypat
 SAMPLED = {
     "qwen3_next": (lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0), {}),
     "nanochat": (lambda: tiny_chain_model("nanochat", vocab_size=V), {}),
-    "qwen3_next streams": (
+    "qwen3_next streams": (  # (greedy stream drafts; drawn ones: the rejection tests)
         lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
-        dict(n_tokens=3, draft="streams"),
+        dict(n_tokens=3, draft="streams", acceptance="target-sample"),
     ),
 }
 
@@ -552,22 +552,33 @@ def test_rejection_sampling_accepts_every_draft_of_a_copy_of_the_model():
                sampler=mlx_lm_sampler(temp=1.0))  # fmt: skip
 
 
-def test_rejection_sampling_with_a_draft_model_keeps_the_distribution():
+def drawn_drafts(drafter: str):
+    """A hybrid and the settings of chains drawn from a distribution: a draft model's,
+    or (3 tokens: the first pass drafts nothing) its own streams' (test_hybrid_streams)."""
+    if drafter == "streams":
+        model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+        return model, dict(n_tokens=3, draft="streams")
     model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
     small = tiny_hybrid("lfm2", vocab_size=V, seed=1, weight_scale=1.0)
-    p, drafted = lookup_pvalue(model, draft=None, draft_model=small, num_draft_tokens=2)
-    assert drafted > N_SAMPLES // 10, "drafts were rarely accepted: the test has no power"
+    return model, dict(draft=None, draft_model=small, num_draft_tokens=2)
+
+
+@pytest.mark.parametrize("drafter", ["draft model", "streams"])
+def test_rejection_sampling_keeps_the_distribution(drafter):
+    model, kwargs = drawn_drafts(drafter)
+    p, drafted = lookup_pvalue(model, **kwargs)
+    assert drafted > N_SAMPLES // 20, "drafts were rarely accepted: the test has no power"
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
-def test_negative_control_rejection_that_accepts_every_draft_is_caught(monkeypatch):
+@pytest.mark.parametrize("drafter", ["draft model", "streams"])
+def test_negative_control_rejection_that_accepts_every_draft_is_caught(drafter, monkeypatch):
     def accept_all(tokens, parents, target_probs, draft_probs, uniforms):
         return list(range(len(tokens))), int(np.argmax(target_probs[-1]))
 
     monkeypatch.setattr(recurrent, "accept_by_rejection", accept_all)
-    model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
-    small = tiny_hybrid("lfm2", vocab_size=V, seed=1, weight_scale=1.0)
-    p, _ = lookup_pvalue(model, 500, draft=None, draft_model=small, num_draft_tokens=2)
+    model, kwargs = drawn_drafts(drafter)
+    p, _ = lookup_pvalue(model, 500, **kwargs)
     assert p < 1e-6, f"accepting every draft passed (p = {p:.2e}): the test has no power"
 
 
