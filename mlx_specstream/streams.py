@@ -1485,6 +1485,26 @@ def on_chains(model: nn.Module, config, made: list) -> bool:
     )
 
 
+def attending_top_layers(model: nn.Module) -> int:
+    """How many of the model's top layers in a row keep a ``KVCache`` of their own: the
+    most stream layers a model with recurrent layers takes (:func:`on_chains`).
+
+    Example: Qwen3-Next with full attention every 4th layer gives 1 (its top layer
+    attends, the one below keeps a recurrent state); a Llama gives all its layers.
+    """
+    from mlx_lm.models.cache import KVCache
+
+    made = model.make_cache() if hasattr(model, "make_cache") else None
+    if made is None:
+        return len(model.layers)
+    slots, n = cache_slots(model), 0
+    for i in reversed(range(len(model.layers))):
+        if slots[i] is None or slots[i] >= len(made) or type(made[slots[i]]) is not KVCache:
+            break
+        n += 1
+    return n
+
+
 def check_supported(model: nn.Module, config: SpecStreamConfig):
     """Raises ``ValueError`` saying why ``model`` cannot run Speculative Streaming
     (:class:`TreeUnsupported` where chains of drafts still run on it)."""

@@ -48,7 +48,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import CONFIG_KEY, DRAFTER_KEY, SpecStreamConfig
-from .streams import attach_streams, check_supported, get_runtime
+from .recurrent import has_recurrent_layers
+from .streams import attach_streams, attending_top_layers, check_supported, get_runtime
 from .train_data import Example, load_examples, self_distill, subset
 
 TRAINING_DIR = "training"
@@ -67,6 +68,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
 
 # ---- the streams to train --------------------------------------------------------------
+
+
+DEFAULT_STREAM_LAYERS = 4  # (the paper's N_s)
 
 
 def attach_for_training(model, config: SpecStreamConfig, seed: int, source: str = "the model"):
@@ -539,7 +543,13 @@ def setup_arg_parser():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=5e-4)
     p.add_argument("--num-streams", type=int, default=3, help="gamma")
-    p.add_argument("--num-stream-layers", type=int, default=4, help="N_s")
+    p.add_argument(
+        "--num-stream-layers",
+        type=int,
+        default=None,
+        help="N_s (default 4; on a model with recurrent layers, its top layers that attend, "
+        "at most 4)",
+    )
     p.add_argument("--stream-lora-rank", type=int, default=16, help="0: no stream-only LoRA")
     p.add_argument("--stream-lora-alpha", type=float, default=32.0)
     p.add_argument(
@@ -754,20 +764,27 @@ def main(argv=None):
 
     args = setup_arg_parser().parse_args(argv)
     model_path = resolve_model_path(args.model)
+    out = Path(args.out)
+    check_out(args)
+    model, tokenizer = mlx_lm.load(
+        str(model_path), tokenizer_config={"trust_remote_code": args.trust_remote_code}
+    )
+    layers = args.num_stream_layers
+    if layers is None:
+        layers = DEFAULT_STREAM_LAYERS
+        if has_recurrent_layers(model):  # (stream layers attend: streams.on_chains)
+            layers = min(DEFAULT_STREAM_LAYERS, attending_top_layers(model))
+            print(f"[INFO] the model has recurrent layers: {layers} stream layer(s), its top "
+                  "layers that attend (--num-stream-layers)")  # fmt: skip
     spec = SpecStreamConfig(
         num_streams=args.num_streams,
-        num_stream_layers=args.num_stream_layers,
+        num_stream_layers=layers,
         top_k=args.top_k,
         max_tree_nodes=args.max_tree_nodes,
         mode="lossless",
         stream_lora_rank=args.stream_lora_rank,
         stream_lora_alpha=args.stream_lora_alpha,
         stream_lora_targets=args.stream_lora_targets,
-    )
-    out = Path(args.out)
-    check_out(args)
-    model, tokenizer = mlx_lm.load(
-        str(model_path), tokenizer_config={"trust_remote_code": args.trust_remote_code}
     )
     attach_for_training(model, spec, args.seed, source=f"--model {model_path}")
     train, valid = prepare_data(args, model, tokenizer)

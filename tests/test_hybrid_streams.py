@@ -152,9 +152,11 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
     data = write_cycle_jsonl(tmp_path / "data.jsonl")
     train_main(["--model", str(base), "--data", str(data), "--out", str(out), "--iters", "60",
                 "--no-tune", "--self-distill", "--batch-size", "4", "--learning-rate", "1e-2",
-                "--num-stream-layers", "1", "--stream-lora-rank", "8", "--max-seq-length", "16",
+                "--stream-lora-rank", "8", "--max-seq-length", "16",
                 "--window-prompt", "2", "--steps-per-report", "30"])  # fmt: skip
     model, tok = load(str(out))
+    # (no --num-stream-layers: its top layers that attend, here the top one)
+    assert get_runtime(model).config.num_stream_layers == 1
     plain, _ = mlx_lm.load(str(base))
     passes = tokens = 0
     for line in list(open(data))[:4]:
@@ -191,6 +193,18 @@ def test_served_alone_and_together():
     from test_server import assert_served_alone_and_together
 
     assert_served_alone_and_together(stream_hybrid("qwen3_next", vocab_size=32), 32)
+
+
+def test_attending_top_layers_golden():
+    """The top layers in a row with a KVCache: Qwen3-Next's tiny shape attends every
+    second layer (1), a Llama in all (4), Mamba 2 in none (0)."""
+    from helpers import tiny_model
+
+    from mlx_specstream.streams import attending_top_layers
+
+    assert attending_top_layers(tiny_hybrid("qwen3_next")) == 1
+    assert attending_top_layers(tiny_model("llama", 8)) == 4
+    assert attending_top_layers(tiny_hybrid("mamba2")) == 0
 
 
 def test_reads_positions_golden():
