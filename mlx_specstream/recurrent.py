@@ -297,6 +297,13 @@ def tree_refusal(model: nn.Module) -> Optional[str]:
 _TREE_REFUSALS = {}  # id(model) -> tree_refusal(model)
 
 
+def chains_only(model: nn.Module) -> bool:
+    """Whether drafts for ``model`` are verified as chains through its own passes
+    (:func:`chain_generate_step`): it has recurrent layers, or the tree verifier
+    cannot take it (:func:`tree_refusal`)."""
+    return has_recurrent_layers(model) or tree_refusal(model) is not None
+
+
 def check_recurrent_cache(cache: list) -> None:
     """Raises ``ValueError`` naming the kinds of layer caches that a chain of drafts
     cannot roll back (taken: ``KVCache``, ``QuantizedKVCache`` and ``ArraysCache``,

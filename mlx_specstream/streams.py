@@ -1467,34 +1467,30 @@ def check_chains(model: nn.Module) -> None:
 def on_chains(model: nn.Module, config, made: list) -> bool:
     """Whether lossless-mode streams on a model with recurrent layers can draft for
     chains (:mod:`mlx_specstream.recurrent`): every stream layer keeps a ``KVCache``
-    of its own, so the stream rows run through attention layers only, over the main
-    rows' keys; the lower layers' passes are the model's own.
+    of its own (:func:`attending_top_layers`), so the stream rows run through
+    attention layers only, over the main rows' keys; the lower layers' passes are the
+    model's own.
 
     Example: Qwen3-Next with full attention every 4th layer and 48 layers takes one
     stream layer (layer 47 attends; layer 46 is a Gated DeltaNet), not two.
     """
-    from mlx_lm.models.cache import KVCache
-
     if isinstance(config, VerifierConfig) or getattr(config, "mode", None) != "lossless":
         return False
-    layers, slots = model.layers, cache_slots(model)
-    top = range(len(layers) - config.num_stream_layers, len(layers))
-    return all(
-        slots[i] is not None and slots[i] < len(made) and type(made[slots[i]]) is KVCache
-        for i in top
-    )
+    return config.num_stream_layers <= attending_top_layers(model, made)
 
 
-def attending_top_layers(model: nn.Module) -> int:
-    """How many of the model's top layers in a row keep a ``KVCache`` of their own: the
-    most stream layers a model with recurrent layers takes (:func:`on_chains`).
+def attending_top_layers(model: nn.Module, made: Optional[list] = None) -> int:
+    """How many of the model's top layers in a row keep a ``KVCache`` of their own
+    (``made``: its caches, made here when not given): the most stream layers a model
+    with recurrent layers takes (:func:`on_chains`).
 
     Example: Qwen3-Next with full attention every 4th layer gives 1 (its top layer
     attends, the one below keeps a recurrent state); a Llama gives all its layers.
     """
     from mlx_lm.models.cache import KVCache
 
-    made = model.make_cache() if hasattr(model, "make_cache") else None
+    if made is None:
+        made = model.make_cache() if hasattr(model, "make_cache") else None
     if made is None:
         return len(model.layers)
     slots, n = cache_slots(model), 0
@@ -1521,6 +1517,7 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             f"the model's {len(layers)} layers."
         )
     made = model.make_cache() if hasattr(model, "make_cache") else None
+    chained = made is not None and on_chains(model, config, made)
     if made is not None:
         # (sliding-window layers keep their tokens in caches of ours: cache.model_caches)
         kinds = {
@@ -1528,7 +1525,7 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             for c in made
             if type(c) not in (KVCache, ChunkedKVCache) and window_of(c) is None and not kv_lists(c)
         }
-        if kinds and not on_chains(model, config, made):
+        if kinds and not chained:
             raise TreeUnsupported(
                 f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
                 "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
@@ -1537,7 +1534,6 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
                 + " Lossless-mode streams run on it, verified as chains, where every stream "
                 "layer keeps a KVCache (num_stream_layers within its top attention layers)."
             )
-    chained = made is not None and on_chains(model, config, made)
     slots = cache_slots(model)
     for i, c in enumerate(made or []):
         at = slots.index(i) if i in slots else i  # (the first layer that reads cache i)
@@ -1565,7 +1561,6 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             "needs a cache for each of the first layers and the others reading an earlier "
             "layer's (as Gemma 4's KV-sharing layers, previous_kvs)." + CHAIN_NOTE
         )
-
     if not isinstance(config, VerifierConfig) and getattr(model_args(model), "use_cla", False):
         raise ValueError(
             f"Model type '{model_type}': its odd layers read the key and value projections "

@@ -47,7 +47,7 @@ from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
 from .precision import compute_dtype, device_key, on_gpu
-from .recurrent import has_recurrent_layers, tree_refusal
+from .recurrent import chains_only, has_recurrent_layers
 from .streams import get_runtime
 
 
@@ -308,7 +308,7 @@ def tune_lookup(
     trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="ngram")
     for n in LOOKUP_LENGTHS:
         trials.run(dict(draft="ngram", num_draft_tokens=n))
-    if not (has_recurrent_layers(model) or tree_refusal(model)):  # (else one chain a pass)
+    if not chains_only(model):  # (else one chain a pass)
         for k in LOOKUP_CANDIDATES:
             trials.run(dict(draft="ngram", num_draft_tokens=LOOKUP_LENGTHS[-1], ngram_candidates=k))
 

@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
 from .drafters import attach_drafter
 from .precision import device_key
-from .recurrent import has_recurrent_layers, split_recurrent_mixers, tree_refusal
+from .recurrent import chains_only, split_recurrent_mixers
 from .streams import STREAMS_FILE, attach_streams, attach_verifier, get_runtime
 
 ALLOW_PATTERNS = [
@@ -179,7 +179,7 @@ def load(
     model_path = resolve_model_path(path_or_hf_repo, revision)
     if allow_plain and drafter is None and is_plain(model_path):
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
-        if has_recurrent_layers(model) or tree_refusal(model):  # chains, without the verifier
+        if chains_only(model):  # (chains through its own passes, without the verifier)
             split_recurrent_mixers(model)
         else:
             attach_verifier(model)
