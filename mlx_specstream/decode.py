@@ -54,7 +54,6 @@ from .precision import on_gpu, warn_if_tf32
 from .recurrent import (
     DraftModelChain,
     chain_generate_step,
-    chains_only,
     has_recurrent_layers,
     tree_refusal,
 )
@@ -696,7 +695,13 @@ def spec_generate_step(
             f"draft={draft!r} with draft_model: the model's streams are off; pass None (the "
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
-    if chains_only(model) or (draft_model is not None and has_recurrent_layers(draft_model)):
+    # (a model that took streams or a drafter took the verifier: only a plain base is judged)
+    plain_base = getattr(model, "speculative_streams", None) is None
+    if (
+        has_recurrent_layers(model)
+        or (plain_base and tree_refusal(model))
+        or (draft_model is not None and has_recurrent_layers(draft_model))
+    ):
         if ngram_candidates != 1:
             raise ValueError(
                 f"ngram_candidates={ngram_candidates}: this model's drafts are verified as one "
