@@ -71,6 +71,7 @@ from .streams import (
     StreamRuntime,
     attach_verifier,
     get_runtime,
+    tree_on_chains_refusal,
     vocab_size,
 )
 from .tree import (
@@ -906,30 +907,57 @@ def spec_generate_step(
         rt.release()
 
 
-def chain_length(config, tree: tuple, num_draft_tokens: Optional[int]) -> int:
-    """The length of the streams' chain on a model with recurrent layers:
-    ``num_draft_tokens``, else ``tree_depth``, else the config's (tuned) depth, else
-    every stream; ``0`` decodes one token per pass. A tree's other settings are
-    refused: a chain takes the streams' top token each.
+def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
+    """What the streams draft on a model with recurrent layers: a chain of
+    ``num_draft_tokens`` (their top tokens, one each) when given, else the tree that
+    the settings give on any model (:func:`resolve_tree_settings`: the call's, else the
+    config's, tuned), verified as :meth:`~.recurrent.ChainCache.run` verifies trees
+    where the model takes them (:func:`~.streams.tree_on_chains_refusal`).
 
-    Example: 3 streams, nothing given and an untuned config give 3; ``tree_depth=2``
-    gives 2; a config tuned to ``tree_depth`` 0 gives 0.
+    Example: 3 streams and an untuned config (``top_k`` 3, 16 nodes) give the static
+    tree of 16 nodes, 3 levels; ``num_draft_tokens=2`` a chain of 2; ``tree_depth=0``
+    plain decoding.
+
+    Returns:
+        tuple: ``(tree, levels)``: the :class:`~.tree.StaticTree` (``None``: a
+        chain) and how many levels it drafts (0: one token per pass).
     """
     top_k, depth, threshold, nodes = tree
-    gamma = config.num_streams
-    if top_k is not None and any(k != 1 for k in np.atleast_1d(top_k)):
-        raise ValueError(f"tree_top_k={top_k!r}: the streams draft a chain here (top-1 each).")
-    given = [n for n, v in (("prune_threshold", threshold), ("max_tree_nodes", nodes)) if v]
-    if given:
-        raise ValueError(f"{', '.join(given)}: the streams draft a chain here, not a tree.")
-    n = num_draft_tokens if num_draft_tokens is not None else depth
-    n = n if n is not None else (gamma if config.tree_depth is None else config.tree_depth)
-    if not (isinstance(n, int) and 0 <= n <= gamma):
+    gamma = rt.config.num_streams
+    if threshold:
         raise ValueError(
-            f"num_draft_tokens / tree_depth = {n!r}: an integer in [0, {gamma}] (the model "
-            "has that many streams)."
+            f"prune_threshold={threshold!r}: not with recurrent layers (pruning reads the "
+            "host between the layers of a pass)."
         )
-    return n
+    if num_draft_tokens is not None:  # (a chain of that many: top-1 each)
+        if not (isinstance(num_draft_tokens, int) and 0 <= num_draft_tokens <= gamma):
+            raise ValueError(
+                f"num_draft_tokens={num_draft_tokens!r}: an integer in [0, {gamma}] (the "
+                "model has that many streams)."
+            )
+        given = [n for n, v in (("tree_top_k", top_k), ("max_tree_nodes", nodes)) if v]
+        if given:
+            raise ValueError(
+                f"num_draft_tokens={num_draft_tokens} sets a chain of the streams' top "
+                f"tokens, {' and '.join(given)} a tree: pass one or the other."
+            )
+        return None, num_draft_tokens
+    asked = top_k is not None or nodes is not None  # (a tree the call names, not the config)
+    ks, depth, _, nodes = resolve_tree_settings(rt, top_k, depth, None, nodes)
+    shape = static_tree(ks, depth, nodes)
+    if depth == 0 or layout_of(shape.parents).is_chain:
+        return None, min(depth, len(shape) - 1)
+    why = tree_on_chains_refusal(model)
+    if why is not None:
+        if asked:
+            raise ValueError(f"tree_top_k / max_tree_nodes: no tree of drafts here: {why}.")
+        warnings.warn(
+            f"The model's config drafts a tree (top_k {ks}), which this model cannot take "
+            f"({why}): its streams draft a chain of {depth}.",
+            stacklevel=4,
+        )
+        return None, depth
+    return shape, depth
 
 
 def _on_chain_model(
@@ -977,10 +1005,10 @@ def _on_chain_model(
     if own_streams and draft is None:  # the source the model's config names (tuned)
         draft = getattr(rt.config, "draft", None)
     streams = speculative and own_streams and draft != "ngram"
-    if streams:  # (a chain of the streams: its length is the tree's depth, tuned or given)
-        streams_chain = chain_length(rt.config, tree, kw["num_draft_tokens"])
-        tree, kw["num_draft_tokens"] = (None, None, None, None), streams_chain
-        streams = speculative = streams_chain > 0
+    if streams:  # (the streams' chain or tree: the settings', tuned or given)
+        kw["stream_tree"], levels = streams_on_chains(rt, model, tree, kw["num_draft_tokens"])
+        tree, kw["num_draft_tokens"] = (None, None, None, None), levels
+        streams = speculative = levels > 0
     if speculative and draft_model is not None and draft not in (None, "streams"):
         raise ValueError(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
@@ -1040,6 +1068,7 @@ def _on_chain_model(
         return
     kw.pop("num_draft_tokens")
     kw.pop("prompt_checkpoint_callback")
+    kw.pop("stream_tree", None)
     kw.pop("rejection", None)  # (mlx-lm's plain loop; the draft cache follows unquantized)
     own, theirs = split_pair(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own

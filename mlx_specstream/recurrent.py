@@ -32,6 +32,7 @@ converts them (:meth:`ChainCache.draft_room`).
 """
 
 import ast
+import copy
 import inspect
 import textwrap
 import weakref
@@ -46,8 +47,17 @@ from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 from .cache import WindowKVCache, model_caches
 from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
-from .tree import accept_by_rejection
+from .tree import (
+    StaticTree,
+    accept_by_rejection,
+    children_of,
+    depth_limited,
+    path_rows,
+    subtree_parents,
+    top_k_desc,
+)
 from .config import VerifierConfig
+from .settings import apply_processors
 from .layout import layout_of
 from .streams import (
     CHAIN_NOTE,
@@ -67,6 +77,9 @@ class SplitPoint:
         self.at: Optional[int] = None
         self.kept: List[Tuple[ArraysCache, list]] = []
         self.wrote: dict = {}  # id(cache) -> the slots the mixers split so far wrote
+        # A tree after the split: the rest runs as a batch of its root-to-leaf paths
+        # (tree.path_rows, as device arrays), from copies of the state kept aside.
+        self.paths: Optional[Tuple[mx.array, mx.array, mx.array]] = None
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
@@ -162,9 +175,46 @@ def _split_call(
         first = base_call(*bound.args, **bound.kwargs)
         keep_slots(split, cache, before, self)  # the state after the pending tokens
         bound.arguments.update(rest)
+        if split.paths is not None:  # (a tree: the rest along its paths, the cache kept)
+            return _joined_outputs(first, _along_paths(base_call, bound, x_name, split.paths))
         return _joined_outputs(first, base_call(*bound.args, **bound.kwargs))
 
     return call
+
+
+def _along_paths(base_call: Callable, bound: inspect.BoundArguments, x_name: str, paths):
+    """A mixer's call over a tree's nodes (the rest of a split pass, ``(1, n, ...)``)
+    as a batch of the tree's root-to-leaf paths (:func:`~.tree.path_rows`): each
+    row starts from the state the cache holds (broadcast, never written: the
+    cache stays at the state after the pending tokens) and reads its path in
+    order; each node's output is read back from the first path through it.
+
+    Example: nodes ``[d1 d2 e1]``, ``d2`` under ``d1``, ``e1`` beside ``d1``: rows
+    ``[d1 d2]`` and ``[e1 e1]`` from the same state; the outputs of ``d1``, ``d2``
+    are row 0's, ``e1``'s row 1's first.
+    """
+    rows_of, row, col = paths
+    n, batch = bound.arguments[x_name].shape[1], rows_of.shape[0]
+    for name, value in list(bound.arguments.items()):
+        if isinstance(value, mx.array) and value.ndim >= 2 and value.shape[:2] == (1, n):
+            bound.arguments[name] = value[0][rows_of]  # (paths, depth, ...)
+    cache = bound.arguments["cache"]
+    tiled = copy.copy(cache)
+    tiled.cache = [
+        None if a is None else mx.broadcast_to(a, (batch,) + a.shape[1:]) for a in cache.cache
+    ]
+    bound.arguments["cache"] = tiled
+    return _on_nodes(base_call(*bound.args, **bound.kwargs), row, col, rows_of.shape)
+
+
+def _on_nodes(out, row: mx.array, col: mx.array, shape: tuple):
+    """A call's outputs over a batch of paths ``shape`` read back per node, as
+    ``(1, n, ...)`` arrays (each element of a tuple; anything else as it is)."""
+    if isinstance(out, tuple):
+        return tuple(_on_nodes(a, row, col, shape) for a in out)
+    if isinstance(out, mx.array) and out.ndim >= 2 and out.shape[:2] == shape:
+        return out[row, col][None]
+    return out
 
 
 def keep_slots(split: SplitPoint, cache: ArraysCache, before: list, mixer) -> None:
@@ -379,6 +429,54 @@ def verify_chain_by_rejection(
     return a, drafts[:a] + [token], logprobs
 
 
+def verify_tree(
+    logits: mx.array,
+    drafts: List[int],
+    parents: List[int],
+    history: List[int],
+    sampler,
+    processors,
+    q: Optional[mx.array] = None,
+) -> Tuple[List[int], List[int], mx.array]:
+    """Verifies a tree of drafts as :func:`verify_chain` verifies a chain: node ``0``
+    is the last token of ``history``, node ``i > 0`` carries ``drafts[i - 1]``, and
+    row ``i`` of ``logits`` predicts the token after node ``i``'s path.
+
+    Each row is processed and sampled as mlx-lm does one step, with its own path as
+    history; the walk goes down to the child carrying the token drawn at its node
+    (siblings carry distinct tokens, so at most one does). With ``q`` (``(depth,
+    V)``: each level's draft distribution, siblings drawn from it without
+    replacement in their order) it accepts by recursive rejection sampling
+    (:func:`~mlx_specstream.tree.accept_by_rejection`) instead. Either way each
+    yielded token is distributed as plain decoding's (greedy: identical).
+
+    Example: drafts ``[4, 7, 5]`` with parents ``[-1, 0, 1, 0]`` (4 then 7, and 5
+    beside 4); rows that draw ``[5, 1, 3, 2]`` accept node 3 (token 5) and give
+    ``([0, 3], [5, 2], logprobs)``.
+
+    Returns:
+        tuple: the accepted path (node 0 first), the tokens to yield (the accepted
+        drafts and the token drawn after them) and their rows' log-probabilities.
+    """
+    tokens = [history[-1]] + list(drafts)
+    if processors:
+        logits = apply_processors(processors, history, tokens, parents, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if q is not None:
+        p, u = sampler.probs(logprobs), mx.random.uniform(shape=(len(tokens) + 1,))
+        mx.eval(p, q, u)
+        path, token = accept_by_rejection(tokens, parents, np.array(p), np.array(q), np.array(u))
+    else:
+        drawn, kids, path = sampler(logprobs).tolist(), children_of(parents), [0]
+        while True:
+            child = next((c for c in kids[path[-1]] if tokens[c] == drawn[path[-1]]), None)
+            if child is None:
+                break
+            path.append(child)
+        token = drawn[path[-1]]
+    return path, [tokens[i] for i in path[1:]] + [token], logprobs[mx.array(path)]
+
+
 def _row_logprobs(logits: mx.array, drafts: List[int], history: List[int], processors):
     """Each row's log-probabilities as mlx-lm computes one step's: ``processors``
     with the row's own history (``history + drafts[:i]``), then log-softmax."""
@@ -409,6 +507,7 @@ def chain_generate_step(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
     streams: bool = False,
+    stream_tree: Optional[StaticTree] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -443,6 +542,11 @@ def chain_generate_step(
           (:class:`StreamDrafts`; each pass keeps its stream layers' inputs): greedy,
           or with ``rejection`` drawn from their distributions under ``sampler`` and
           verified by rejection sampling.
+        stream_tree (StaticTree, optional): with ``streams``, the streams' top tokens
+          form this tree (``num_draft_tokens`` levels at most) instead of a chain: the
+          attention layers verify it through the tree verifier's masks, the
+          recurrent mixers along its paths (:meth:`ChainCache.run`), by
+          :func:`verify_tree`.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -454,7 +558,7 @@ def chain_generate_step(
         drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
     state = ChainCache(model, own, quant, get_runtime(model) if streams else None)
     if streams:
-        drafter = StreamDrafts(state, sampler if rejection else None)
+        drafter = StreamDrafts(state, sampler if rejection else None, stream_tree)
     drafter = drafter or LookupDrafts()
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
@@ -477,16 +581,28 @@ def chain_generate_step(
                 room = num_draft_tokens if max_tokens < 0 else max_tokens - yielded - 1
                 n = state.draft_room(min(num_draft_tokens, room))
                 drafts = drafter.draft(n) if n > 0 else []
-                logits = state.run(drafts)
+                parents = getattr(drafter, "parents", None) if drafts else None
+                if parents is not None:  # a tree: its nodes must fit too (kv_bits)
+                    fit = state.draft_room(len(drafts))
+                    drafts, parents = drafts[:fit], parents[: fit + 1]  # (parents first)
+                logits = state.run(drafts, parents)
                 passes += 1
-                if rejection and drafts:
-                    a, new, logprobs = verify_chain_by_rejection(
-                        logits, drafts, drafter.q, tokens, sampler, processors
+                q = drafter.q if rejection and drafts else None
+                if parents is not None:
+                    path, new, logprobs = verify_tree(
+                        logits, drafts, parents, tokens, sampler, processors, q
                     )
+                    node, a = path[-1], len(path) - 1
+                elif q is not None:
+                    a, new, logprobs = verify_chain_by_rejection(
+                        logits, drafts, q, tokens, sampler, processors
+                    )
+                    node = a
                 else:
                     a, new, logprobs = verify_chain(logits, drafts, tokens, sampler, processors)
+                    node = a
                 if max_tokens < 0 or yielded + len(new) < max_tokens:
-                    drafter.after_pass(a)  # (before the caches drop the rejected drafts)
+                    drafter.after_pass(node)  # (before the caches drop the rejected drafts)
                 state.commit(a == len(drafts))
                 if n > 0:
                     drafter.commit(a)
@@ -650,26 +766,38 @@ class StreamDrafts:
     ``[d1 x y1 y2 y3]`` (``d1`` and ``x`` pending).
     """
 
-    def __init__(self, state: "ChainCache", sampler=None):
+    def __init__(self, state: "ChainCache", sampler=None, tree: Optional[StaticTree] = None):
         self.state, self.rt, self.sampler = state, state.runtime, sampler
         self.tokens: List[int] = []
-        self.next: Optional[mx.array] = None  # the next chain, on the device
+        self.next: Optional[mx.array] = None  # the next chain (tree: its nodes), on the device
         self.logits: Optional[mx.array] = None  # its stream logits
         self.q: Optional[mx.array] = None  # the drafts' distributions (drawn drafts)
         self.vocab = vocab_size(state.model)
+        # A static tree of the streams' top tokens (None, or a chain: top-1 each).
+        self.tree = None if tree is None or layout_of(tree.parents).is_chain else tree
+        self.parents: Optional[List[int]] = None  # the last draft's tree (None: a chain)
 
     def feed(self, upto: int) -> None:
         pass
 
     def draft(self, n: int) -> List[int]:
+        """The next drafts, at most ``n`` levels deep: a chain, or with a tree its
+        nodes but the root (``parents`` then says the tree, root first)."""
         if self.next is None:
             return []
         if self.sampler is not None:
             self.q = self._q[:n]
-        return self.next[:n].tolist()
+        if self.tree is None:
+            return self.next[:n].tolist()
+        keep = depth_limited(self.tree.parents, n)
+        self.parents = subtree_parents(self.tree.parents, keep)
+        tokens = self.next.tolist()
+        return [tokens[i - 1] for i in keep[1:]]
 
-    def after_pass(self, accepted: int) -> None:
-        s, row = self.state, self.state.first_row + accepted
+    def after_pass(self, node: int) -> None:
+        """Drafts from the streams of the accepted ``node`` of the pass's drafts (0:
+        the last pending token), the pass's caches still holding its rows."""
+        s, row = self.state, self.state.first_row + node
         if s.stream_logits is not None:  # (the fused pass: every row's streams)
             logits = s.stream_logits[row]
         else:
@@ -677,11 +805,18 @@ class StreamDrafts:
             s.cut_stream_rows(self.rt.config.num_streams)
         self.logits = logits  # (gamma, V): the chain's stream logits
         if self.sampler is None:
-            self.next = mx.argmax(logits[:, : self.vocab], axis=-1)
+            scores = logits[:, : self.vocab]
         else:
             lp = logits[:, : self.vocab].astype(mx.float32)
             self._q = self.sampler.probs(lp - mx.logsumexp(lp, axis=-1, keepdims=True))
-            self.next = mx.random.categorical(mx.log(self._q))
+            # (a tree's siblings: drawn without replacement, Gumbel top-k)
+            scores = mx.log(self._q) + mx.random.gumbel(self._q.shape)
+        if self.tree is None:
+            self.next = mx.argmax(scores, axis=-1)
+        else:  # the static tree's nodes: rank r of level g (tree.levels, tree.ranks)
+            top = top_k_desc(scores, max(self.tree.ranks) + 1)
+            t = self.tree
+            self.next = top[mx.array(t.levels[1:]), mx.array(t.ranks[1:])]
         mx.async_eval(self.next)
 
     def commit(self, accepted: int) -> None:
@@ -714,6 +849,7 @@ class ChainCache:
         self.held = 0
         self.pending_end = 0  # where the last pass's drafts began
         self.drafted = 0  # the last pass's drafts, while they are in the caches
+        self.tree = False  # whether they were a tree (then always rolled back)
         self.back = (0, [])  # where a roll-back goes: tokens held, recurrent states
         self.floor = 0  # the fewest tokens a roll-back may leave held (windows keep theirs)
 
@@ -759,36 +895,54 @@ class ChainCache:
         if evaluate:
             mx.eval([c.state for c in self.cache])
 
-    def run(self, drafts: List[int]) -> mx.array:
+    def run(self, drafts: List[int], parents: Optional[List[int]] = None) -> mx.array:
         """One pass over the pending tokens and ``drafts``; the logits of the last
         pending token and of every draft.
 
         The pass is split between the two parts, so that a rejection can go back
         to the state after the pending tokens; except when a single token is
-        pending: then a rejection goes back to the state before it, and it rides
-        along again in the next pass (one more row there, where a split calls
-        every recurrent mixer twice; ``benchmarks/RESULTS.md``).
+        pending before a chain: then a rejection goes back to the state before it,
+        and it rides along again in the next pass (one more row there, where a
+        split calls every recurrent mixer twice; ``benchmarks/RESULTS.md``).
+
+        With ``parents`` (a tree whose root, node 0, is the last pending token and
+        whose other nodes carry ``drafts``; a stream model's only), the drafts are a
+        tree: the attention layers see it through the tree verifier's masks and
+        positions, the recurrent mixers run it as a batch of its paths
+        (:func:`_along_paths`), and the caches are always rolled back after it.
         """
         pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
-        whole = len(pending) == 1  # not split: back to before the pending token
+        tree = parents is not None and not layout_of(parents).is_chain
+        whole = len(pending) == 1 and not tree  # not split: back to before the pending token
         before = (self.held, [(c, state_of(c)) for c in self.recurrent])
         self.split.at = None if whole or not drafts else len(pending)
         self.split.kept, self.split.wrote = [], {}
+        if tree:
+            if self.runtime is None:
+                raise ValueError("A tree of drafts needs the tree verifier's masks (streams).")
+            self.split.paths = tuple(mx.array(a) for a in path_rows(parents))
         split = self.split.at is not None
-        if self.runtime is None:
-            logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
-        else:  # (a chain's rows: the model's own masks and positions below the streams)
-            width, fused = len(pending) + len(drafts), not self.runtime.split_streams
-            chain = layout_of([-1] + list(range(width - 1)))
-            out = self.runtime.forward(
-                pending + drafts, chain, self.cache, all_streams=fused, stream_logits=fused
-            )
-            logits, self.stream_logits = out.logits[None], out.stream_logits
-            if fused:  # (written after the main rows: cut before anything else)
-                self.cut_stream_rows(width * self.runtime.config.num_streams)
-        self.split.at, self.drafted = None, len(drafts)
+        try:
+            if self.runtime is None:
+                logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
+            else:  # (a chain's rows: the model's own masks and positions below the streams)
+                width, fused = len(pending) + len(drafts), not self.runtime.split_streams
+                below = list(range(-1, len(pending) - 1))  # (the pending chain, then the drafts)
+                above = range(len(drafts)) if parents is None else parents[1:]
+                rows = layout_of(below + [len(pending) - 1 + q for q in above])
+                out = self.runtime.forward(
+                    pending + drafts, rows, self.cache, all_streams=fused, stream_logits=fused
+                )
+                logits, self.stream_logits = out.logits[None], out.stream_logits
+                if fused:  # (written after the main rows: cut before anything else)
+                    self.cut_stream_rows(width * self.runtime.config.num_streams)
+        finally:
+            self.split.at, self.split.paths = None, None
+        self.drafted, self.tree = len(drafts), tree
         self.first_row = len(pending) - 1
         if whole or (split and self.unsplit_states()):
+            if tree:
+                raise ValueError("A tree pass left a recurrent state no split mixer kept.")
             self.back = before
         else:
             self.back = (self.pending_end, self.split.kept)
@@ -814,7 +968,7 @@ class ChainCache:
     def commit(self, all_accepted: bool) -> None:
         """After :meth:`run`: keeps every draft, or goes back (:meth:`roll_back`;
         the accepted drafts are then pending)."""
-        if all_accepted:
+        if all_accepted and not self.tree:  # (a tree's rows are not a path: rolled back)
             self.held = self.pending_end + self.drafted
         else:
             self.roll_back()

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import ArraysCache
 
 from .cache import (
     Fold,
@@ -432,6 +433,8 @@ class StreamRuntime:
                     if rt.state == "tail":
                         h = rt._tail_input if i == 0 else x
                         return rt._passed_on(i, h, kwargs, layer=self, args=args)
+                    if rt.state == "step" and isinstance(cache, ArraysCache):
+                        return rt._own_layer(i, base_call, self, x, mask, cache, args, kwargs)
                     cols = rt._columns_of(i, cache)  # (a KV-sharing layer's: its source's)
                     if rt.state == "rows":  # rows of a batch (rows_pass)
                         return rt._rows_layer(i, base_call, self, x, mask, cache, *args, **kwargs)
@@ -498,6 +501,18 @@ class StreamRuntime:
                 attn = _attention(layer)
                 _swap_call(attn, lambda base, i=i: self._tempered_call(base, i))
                 _swap_call(attn.q_proj, self._scaled_queries_call)
+
+    def _own_layer(self, i, base_call, layer, x, mask, cache, args, kwargs):
+        """A recurrent layer of a pass (its cache an ``ArraysCache``), as the model
+        calls it: its own mask and positions, none of the tree's. Its mixers read a
+        tree's tokens along the tree's paths (:mod:`mlx_specstream.recurrent`)."""
+        self.state = "own"  # (the RoPE hooks then read the model's offset)
+        try:
+            out = base_call(layer, x, mask, cache, *args, **kwargs)
+        finally:
+            self.state = "step"
+        self._note_outputs(i, out)
+        return out
 
     def _tempered_call(self, base_call, i: int):
         """Layer ``i``'s attention, its queries scaled at the rows' positions where
@@ -1594,25 +1609,64 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
     for i, layer in enumerate(layers):
         if chained and i < first_top:
             continue  # (lower layers of a chain pass run as the model's own: no tree ops)
-        takes = layer_params(layer)
-        plain = len(takes) >= 3 and "mask" in takes[1] and takes[2] == "cache"
-        if not plain and not _scaled_attention(model, layer):
-            raise TreeUnsupported(
-                f"Model type '{model_type}': layer {i} ({type(layer).__name__}) takes "
-                f"({', '.join(takes)}); the tree's masks go to decoder layers called as "
-                "layer(x, mask, cache), or layer(x, attn_scale, mask, cache) as Ministral 3's."
-                + CHAIN_NOTE
+        why = _layer_refusal(model, i, layer, slots)
+        if why is not None:
+            raise TreeUnsupported(f"Model type '{model_type}': {why}" + CHAIN_NOTE)
+
+
+def _layer_refusal(model: nn.Module, i: int, layer, slots: list) -> Optional[str]:
+    """Why the tree verifier cannot take decoder layer ``i`` (``None``: it can): the
+    tree's masks go in through the layer's call, its positions through a RoPE module."""
+    takes = layer_params(layer)
+    plain = len(takes) >= 3 and "mask" in takes[1] and takes[2] == "cache"
+    if not plain and not _scaled_attention(model, layer):
+        return (
+            f"layer {i} ({type(layer).__name__}) takes ({', '.join(takes)}); the tree's "
+            "masks go to decoder layers called as layer(x, mask, cache), or "
+            "layer(x, attn_scale, mask, cache) as Ministral 3's."
+        )
+    rope = _rope(layer)
+    if rope is None and (_no_positions(layer) or position_embedding(model) is not None):
+        return None  # (positions from the model's inputs: position_embedding)
+    if slots[i] is None or rope is not None:
+        return None  # (no attention: Nemotron-NAS's no_op layers)
+    return (
+        f"layer {i} has no attention with a RoPE module; tree positions need rotary "
+        "embeddings applied inside attention."
+    )
+
+
+def tree_on_chains_refusal(model: nn.Module) -> Optional[str]:
+    """Why lossless streams on a model with recurrent layers (:func:`on_chains`)
+    cannot draft trees (``None``: they can). A tree pass runs each recurrent layer
+    as the model's own call, its mixers reading the tree along its paths
+    (:mod:`mlx_specstream.recurrent`), and every other layer through the tree
+    verifier's masks and positions, which each must take (:func:`_layer_refusal`).
+
+    Example: Qwen3-Next (Gated DeltaNet layers, and attention with RoPE) gives
+    ``None``; Falcon-H1, whose layers keep a mixer's state and an attention's keys
+    side by side (a ``CacheList``), gives the reason.
+    """
+    made, slots = model.make_cache(), cache_slots(model)
+    if max((c for c in slots if c is not None), default=-1) >= len(made):
+        return (
+            f"its {len(made)} caches are not one per layer, nor one per layer that attends "
+            "(cache_slots), so which layers are recurrent is not known"
+        )
+    for i, layer in enumerate(model.layers):
+        c = None if slots[i] is None else made[slots[i]]
+        if isinstance(c, ArraysCache):
+            continue  # (a recurrent layer: its own call)
+        if any(isinstance(k, ArraysCache) for k in getattr(c, "caches", None) or ()):
+            return (
+                f"layer {i} keeps a recurrent state beside an attention's keys (a "
+                "CacheList): its call mixes both, so its attention cannot take the tree's "
+                "masks apart from its mixer"
             )
-        rope = _rope(layer)
-        if rope is None and (_no_positions(layer) or position_embedding(model) is not None):
-            continue  # (positions from the model's inputs: position_embedding)
-        if slots[i] is None:
-            continue  # (no attention: Nemotron-NAS's no_op layers)
-        if rope is None:
-            raise TreeUnsupported(
-                f"Model type '{model_type}': layer {i} has no attention with a RoPE module; "
-                "tree positions need rotary embeddings applied inside attention." + CHAIN_NOTE
-            )
+        why = _layer_refusal(model, i, layer, slots)
+        if why is not None:
+            return why
+    return None
 
 
 def model_args(model):

@@ -10,7 +10,7 @@ follows it, the accepted path needs no cache gather.
 """
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -457,6 +457,35 @@ def path_to(node: int, parents: Sequence[int]) -> List[int]:
     while path[-1] > 0:
         path.append(parents[path[-1]])
     return path[::-1]
+
+
+def path_rows(parents: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The tree below its root as rows of a batch, one per root-to-leaf path: what a
+    layer that reads its tokens in order (a recurrent mixer) runs a tree as.
+
+    Node ``i > 0`` is item ``i - 1`` of the rows' input (the root is not in it). Row
+    ``r`` lists leaf ``r``'s path below the root, padded by repeating its last node up
+    to the deepest path; node ``i`` is read back from row ``row[i - 1]`` at column
+    ``col[i - 1]`` (the first leaf's path through it). The padding's outputs are
+    never read, and a padded row's final state is not a path's.
+
+    Example:
+        >>> paths, row, col = path_rows([-1, 0, 1, 0])
+        >>> paths.tolist(), row.tolist(), col.tolist()
+        ([[0, 1], [2, 2]], [0, 0, 1], [0, 1, 0])
+
+    Nodes 1 and 2 form the first path (items 0, 1), node 3 alone the second, padded.
+    """
+    kids = children_of(parents)
+    leaves = [n for n in range(1, len(parents)) if not kids[n]]
+    rows = [path_to(leaf, parents)[1:] for leaf in leaves]
+    span = max(len(r) for r in rows)
+    paths = np.array([[n - 1 for n in r + [r[-1]] * (span - len(r))] for r in rows], np.int32)
+    row, col = np.zeros(len(parents) - 1, np.int32), np.zeros(len(parents) - 1, np.int32)
+    for r in reversed(range(len(rows))):  # (the first path through a node wins)
+        for c, n in enumerate(rows[r]):
+            row[n - 1], col[n - 1] = r, c
+    return paths, row, col
 
 
 def path_table(parents: Sequence[int]) -> np.ndarray:

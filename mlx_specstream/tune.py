@@ -48,7 +48,7 @@ from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
 from .precision import compute_dtype, device_key, on_gpu
 from .recurrent import chains_only, has_recurrent_layers
-from .streams import get_runtime
+from .streams import get_runtime, tree_on_chains_refusal
 
 
 def tokens_per_second(
@@ -240,22 +240,28 @@ def tune(
 
 
 def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, confirm_rounds):
-    """Lossless streams on a model with recurrent layers, whose drafts are verified as
-    one chain a pass (what :func:`tune` runs for them, with its arguments): the
-    fastest chain length (``tree_depth`` 1 to ``num_streams``) and stream pass (fused
-    or split), or plain decoding when none beats it by ``min_gain``.
+    """Lossless streams on a model with recurrent layers (what :func:`tune` runs for
+    them, with its arguments): the fastest tree of :func:`candidate_trees` (chains,
+    ``tree_top_k`` 1, and where the model takes them trees, whose nodes its recurrent
+    mixers read along their paths) with the fused stream pass, then the split one on
+    the two fastest; plain decoding when none beats it by ``min_gain``.
 
     Returns:
-        tuple: the choice (``{"draft": "streams", "tree_depth": n, "stream_pass": ...}``
-        or ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
+        tuple: the choice (``{"draft": "streams", "tree_depth": n, "tree_top_k": k,
+        "max_tree_nodes": m, "prune_threshold": 0.0, "stream_pass": ...}`` or
+        ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
     """
     trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="streams")
-    for depth in range(1, get_runtime(model).config.num_streams + 1):
-        trials.run(dict(draft="streams", tree_depth=depth, stream_pass="fused"))
+    trees = tree_on_chains_refusal(model) is None
+    if not trees:
+        log(f"[INFO] chains only: {tree_on_chains_refusal(model)}")
+    for shape in candidate_trees(get_runtime(model).config.num_streams, False):
+        if trees or shape["tree_top_k"] == 1:
+            trials.run(dict(shape, draft="streams", stream_pass="fused"))
     # Every row's streams in the verifying pass, or the accepted row's in a pass of their own.
-    for chain in trials.fastest(2):
-        trials.run(dict(chain, stream_pass="split"))
-    return trials.choice(min_gain, "The streams' chains", confirm_rounds=confirm_rounds)
+    for shape in trials.fastest(2):
+        trials.run(dict(shape, stream_pass="split"))
+    return trials.choice(min_gain, "The streams' drafts", confirm_rounds=confirm_rounds)
 
 
 def verify_cost_note(model, log=print) -> float:

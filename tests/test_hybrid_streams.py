@@ -16,6 +16,7 @@ from test_recurrent import PROMPTS, lookup
 import mlx_specstream.recurrent as recurrent
 from mlx_specstream import SpecStreamConfig, attach_streams
 from mlx_specstream.streams import TreeUnsupported, get_runtime
+from mlx_specstream.tree import path_to
 
 # Hybrids whose top layer attends (a KVCache): one stream layer there.
 # (Jamba's and Kimi Linear's attention applies no positions: streams.reads_positions)
@@ -24,22 +25,39 @@ STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehyb
                   "qwen3_5_moe", "qwen3_next"]  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", STREAM_HYBRIDS + ["qwen3_5 split", "lfm2 split"])
-def test_stream_chains_equal_plain(arch):
+@pytest.mark.parametrize(
+    "arch",
+    STREAM_HYBRIDS + [f"{a} chain" for a in STREAM_HYBRIDS]
+    + ["qwen3_5 split", "lfm2 split", "qwen3_5 split chain", "lfm2 split chain"],
+)  # fmt: skip
+def test_stream_trees_and_chains_equal_plain(arch, monkeypatch):
     """mlx-lm's greedy tokens, in fewer passes than tokens (random streams: some of
-    their drafts are right), with the fused stream pass and the split one."""
-    arch, _, split = arch.partition(" ")
-    model, accepted = stream_hybrid(arch), 0
-    get_runtime(model).split_streams = bool(split)
+    their drafts are right), with the fused stream pass and the split one, from the
+    config's tree (16 nodes: the recurrent mixers read it along its paths) or a chain
+    of the streams' top tokens."""
+    arch, split, chain = arch.split(" ")[0], " split" in arch, arch.endswith("chain")
+    model, accepted, trees = stream_hybrid(arch), 0, []
+    get_runtime(model).split_streams = split
+    run = recurrent.ChainCache.run
+
+    def spy(self, drafts, parents=None):
+        out = run(self, drafts, parents)
+        trees.append(self.tree)
+        return out
+
+    monkeypatch.setattr(recurrent.ChainCache, "run", spy)
     for prompt in PROMPTS:
-        got, records = lookup(model, prompt, 40, draft=None)
+        got, records = lookup(
+            model, prompt, 40, draft=None, **(dict(tree_top_k=1) if chain else {})
+        )
         assert got == plain_greedy(model, prompt, 40)
         accepted += sum(r[2] for r in records)
         assert records[-1][3] == 40 - sum(r[2] for r in records)  # a pass per token not drafted
     assert accepted > 0, "no draft accepted: the test has no power"
+    assert any(trees) != chain and (all(not t for t in trees) if chain else sum(trees) > 10)
 
 
-def stream_drafts_against_the_full_pass(model, prompt, n, monkeypatch, row_shift=0):
+def stream_drafts_against_the_full_pass(model, prompt, n, monkeypatch, row_shift=0, **kwargs):
     """Each chain's stream logits (at the last accepted token) beside those a full
     multi-stream pass over the whole output computes at that token: the largest
     difference, whether every chain is their greedy tokens, and how many chains.
@@ -47,15 +65,18 @@ def stream_drafts_against_the_full_pass(model, prompt, n, monkeypatch, row_shift
     seen = []
     after_pass = recurrent.StreamDrafts.after_pass
 
-    def spy(self, accepted):
+    def spy(self, node):
         state = self.state
-        shift = row_shift if state.first_row + accepted + row_shift >= 0 else 0
-        after_pass(self, accepted + shift)
-        seen.append((state.held + state.first_row + accepted, self.logits))
+        parents = self.parents if state.tree else None
+        depth = node if parents is None else len(path_to(node, parents)) - 1
+        shift = row_shift if state.first_row + node + row_shift >= 0 else 0
+        after_pass(self, node + shift)
+        seen.append((state.held + state.first_row + depth, self.logits))
 
     monkeypatch.setattr(recurrent.StreamDrafts, "after_pass", spy)
-    got, _ = lookup(model, prompt, n, draft=None)
+    got, records = lookup(model, prompt, n, draft=None, **kwargs)
     monkeypatch.undo()
+    assert sum(r[2] for r in records) > 0, "no draft accepted: the test has no power"
     sequence = prompt + got
     full = get_runtime(model).forward(mx.array(sequence), [-1] + list(range(len(sequence) - 1)),
                                       make_prompt_cache(model), stream_logits=True)  # fmt: skip
@@ -67,24 +88,32 @@ def stream_drafts_against_the_full_pass(model, prompt, n, monkeypatch, row_shift
     return diff, same, len(seen)
 
 
+@pytest.mark.parametrize("shape", ["tree", "chain"])
 @pytest.mark.parametrize("stream_pass", ["fused", "split"])
 @pytest.mark.parametrize("arch", ["qwen3_next", "lfm2"])
-def test_each_chain_is_the_streams_of_a_full_pass(arch, stream_pass, monkeypatch):
+def test_each_chain_is_the_streams_of_a_full_pass(arch, stream_pass, shape, monkeypatch):
     """The streams of the last accepted token, read from the verifying pass (fused) or
     computed after it over the caches as it left them (split), equal a full
     multi-stream pass's over the whole sequence at that token (Gated DeltaNet and
-    short-convolution layers below)."""
+    short-convolution layers below), after a chain or a tree of drafts."""
     model = stream_hybrid(arch, vocab_size=16)
     get_runtime(model).split_streams = stream_pass == "split"
-    diff, same, chains = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24, monkeypatch)
+    kwargs = dict(tree_top_k=1) if shape == "chain" else {}
+    diff, same, chains = stream_drafts_against_the_full_pass(
+        model, PROMPTS[2], 24, monkeypatch, **kwargs
+    )
     assert chains > 5 and same and diff < 1e-4
 
 
+@pytest.mark.parametrize("shape", ["tree", "chain"])
 @pytest.mark.parametrize("stream_pass", ["fused", "split"])
-def test_negative_control_streams_of_the_row_before(stream_pass, monkeypatch):
+def test_negative_control_streams_of_the_row_before(stream_pass, shape, monkeypatch):
     model = stream_hybrid("qwen3_next", vocab_size=16)
     get_runtime(model).split_streams = stream_pass == "split"
-    diff, same, _ = stream_drafts_against_the_full_pass(model, PROMPTS[0], 24, monkeypatch, -1)
+    kwargs = dict(tree_top_k=1) if shape == "chain" else {}
+    diff, same, _ = stream_drafts_against_the_full_pass(
+        model, PROMPTS[2], 24, monkeypatch, -1, **kwargs
+    )
     assert diff > 1e-2 and not same
 
 
@@ -103,25 +132,40 @@ def test_the_stream_rows_leave_no_keys_behind():
     assert lookup(model, nxt, 20, draft=None, prompt_cache=ours)[0] == want
 
 
-def test_chain_length_and_refusals():
-    """The chain's length: every stream, ``tree_depth`` or ``num_draft_tokens`` (0: one
-    token per pass); a tree's settings, more tokens than streams, shared mode and a
-    stream layer without a KV cache are refused with the reason."""
+def test_stream_shapes_and_refusals(monkeypatch):
+    """What the streams draft: the config's tree (top_k 3, 16 nodes, 3 levels), a tree
+    the call sets, ``tree_depth`` levels of it, a chain of ``num_draft_tokens`` (0: one
+    token per pass). Refused with the reason: more levels than streams, a chain and a
+    tree at once, pruning, a tree where the model takes none (the config's: a warning,
+    and a chain), shared mode, a stream layer without a KV cache."""
+    import mlx_specstream.decode as decode
+
     model = stream_hybrid("qwen3_next")
     want = plain_greedy(model, PROMPTS[0], 24)
-    for kwargs, longest in ((dict(), 3), (dict(tree_depth=2), 2), (dict(num_draft_tokens=1), 1)):
+    for kwargs, longest in ((dict(), 3), (dict(tree_depth=2), 2), (dict(num_draft_tokens=1), 1),
+                            (dict(tree_top_k=2, max_tree_nodes=5), 3)):  # fmt: skip
         got, records = lookup(model, PROMPTS[0], 24, draft=None, **kwargs)
         assert got == want
         runs = [sum(1 for r in records if r[3] == k and r[2]) for k in {r[3] for r in records}]
         assert max(runs) <= longest
+    rt = get_runtime(model)
+    assert decode.streams_on_chains(rt, model, (None,) * 4, None)[0].parents == tuple(
+        __import__("mlx_specstream.tree", fromlist=["x"]).static_tree([3] * 3, 3, 16).parents
+    )
+    assert decode.streams_on_chains(rt, model, (2, 2, None, 3), None) == (None, 2)  # (a chain)
     got, records = lookup(model, PROMPTS[0], 24, draft=None, tree_depth=0)
     assert got == want and records[-1][3] == 24
     with pytest.raises(ValueError, match="in \\[0, 3\\]"):
         lookup(model, PROMPTS[0], 4, draft=None, num_draft_tokens=4)
-    with pytest.raises(ValueError, match="tree_top_k=2: the streams draft a chain"):
+    with pytest.raises(ValueError, match="tree_top_k a tree: pass one or the other"):
+        lookup(model, PROMPTS[0], 4, draft=None, tree_top_k=2, num_draft_tokens=2)
+    with pytest.raises(ValueError, match="prune_threshold=0.1: not with recurrent layers"):
+        lookup(model, PROMPTS[0], 4, draft=None, prune_threshold=0.1)
+    monkeypatch.setattr(decode, "tree_on_chains_refusal", lambda m: "a reason")
+    with pytest.warns(UserWarning, match="cannot take \\(a reason\\): its streams draft a chain"):
+        assert lookup(model, PROMPTS[0], 24, draft=None)[0] == want
+    with pytest.raises(ValueError, match="no tree of drafts here: a reason"):
         lookup(model, PROMPTS[0], 4, draft=None, tree_top_k=2)
-    with pytest.raises(ValueError, match="max_tree_nodes: the streams draft a chain"):
-        lookup(model, PROMPTS[0], 4, draft=None, max_tree_nodes=6)
     with pytest.raises(TreeUnsupported, match="Lossless-mode streams run on it"):
         attach_streams(tiny_hybrid("qwen3_next"), SpecStreamConfig(num_stream_layers=1,
                                                                    mode="shared"))  # fmt: skip
@@ -129,6 +173,36 @@ def test_chain_length_and_refusals():
         attach_streams(tiny_hybrid("qwen3_next"), SpecStreamConfig(num_stream_layers=2))
     # Prompt lookup on the same model: chains of lookup drafts, streams left out.
     assert lookup(model, PROMPTS[0], 24, draft="ngram")[0] == want
+
+
+def test_negative_control_a_tree_read_in_one_order_by_the_mixers(monkeypatch):
+    """The recurrent mixers reading a tree's nodes as one sequence (every node after
+    the one before, siblings included) instead of along its paths: the output differs."""
+    import numpy as np
+
+    def one_row(parents):
+        n = len(parents) - 1
+        return (
+            np.arange(n, dtype=np.int32)[None],
+            np.zeros(n, np.int32),
+            np.arange(n, dtype=np.int32),
+        )
+
+    monkeypatch.setattr(recurrent, "path_rows", one_row)
+    model = stream_hybrid("qwen3_next")
+    assert any(lookup(model, p, 40, draft=None)[0] != plain_greedy(model, p, 40) for p in PROMPTS)
+
+
+def test_tree_on_chains_refusal_golden():
+    """Hybrids whose stream trees the verifier takes, and those it refuses with the
+    reason: a layer keeping a mixer's state beside keys (Falcon-H1), a layer called
+    otherwise than layer(x, mask, cache) (RecurrentGemma)."""
+    from mlx_specstream.streams import tree_on_chains_refusal
+
+    for arch in STREAM_HYBRIDS:
+        assert tree_on_chains_refusal(tiny_hybrid(arch)) is None, arch
+    assert "beside an attention's keys" in tree_on_chains_refusal(tiny_hybrid("falcon_h1"))
+    assert "takes (x, cache, mask)" in tree_on_chains_refusal(tiny_hybrid("recurrent_gemma"))
 
 
 def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
@@ -166,14 +240,16 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
         assert [r.token for r in got] == want[: len(got)]
         passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
     assert tokens / passes > 1.4, f"tau {tokens / passes:.2f}: the trained streams rarely drafted"
-    from mlx_specstream.tune import tune
+    from mlx_specstream.tune import candidate_trees, tune
 
     log = []
     choice, _, _ = tune(model, tok, [[3, 9, 4, 3]], max_tokens=8, log=log.append,
                         confirm_rounds=0)  # fmt: skip
-    # (chains of 1, 2 and 3 with the fused stream pass, the two fastest split)
-    assert sum("'stream_pass': 'fused'" in line for line in log) == 3
+    # (every candidate tree, chains and trees, with the fused stream pass; the two
+    # fastest split)
+    assert sum("'stream_pass': 'fused'" in line for line in log) == len(candidate_trees(3, False))
     assert sum("'stream_pass': 'split'" in line for line in log) == 2
+    assert any("'tree_top_k': 3" in line for line in log)  # (trees, not only chains)
     assert choice in ({"tree_depth": 0},) or choice.get("draft") == "streams"
 
 

@@ -35,6 +35,7 @@ from mlx_specstream.recurrent import (
     check_recurrent_cache,
     has_recurrent_layers,
     verify_chain,
+    verify_tree,
 )
 from mlx_specstream.sample_utils import make_sampler
 
@@ -188,6 +189,10 @@ SAMPLED = {
         lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
         dict(n_tokens=3, draft="streams", acceptance="target-sample"),
     ),
+    "qwen3_next stream chain": (  # (the streams' top tokens as a chain; above, a tree)
+        lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        dict(n_tokens=3, draft="streams", acceptance="target-sample", tree_top_k=1),
+    ),
 }
 
 
@@ -207,7 +212,15 @@ def test_negative_control_an_unchecked_first_draft_is_caught(arch, monkeypatch):
             a, new = 1, drafts[:1] + [int(sampler(logprobs[1:2]).item())]
         return a, new, logprobs
 
+    def lenient_tree(logits, drafts, parents, history, sampler, processors, q=None):
+        path, new, logprobs = verify_tree(logits, drafts, parents, history, sampler, processors)
+        if len(path) == 1 and len(parents) > 1:  # the first child accepted unchecked
+            lp = logits[1:2] - mx.logsumexp(logits[1:2], axis=-1, keepdims=True)
+            path, new = [0, 1], drafts[:1] + [int(sampler(lp).item())]
+        return path, new, logprobs
+
     monkeypatch.setattr(recurrent, "verify_chain", lenient)
+    monkeypatch.setattr(recurrent, "verify_tree", lenient_tree)
     make, kwargs = SAMPLED[arch]
     p, _ = lookup_pvalue(make(), 500, **kwargs)
     assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
@@ -247,6 +260,30 @@ def test_verify_chain_golden():
     assert (a, new, logprobs.shape) == (1, [4, 9], (3, 10))
     assert verify_chain(rows(4, 7, 2), [4, 7], [1], argmax, [])[:2] == (2, [4, 7, 2])
     assert verify_chain(rows(5), [], [1], argmax, [])[:2] == (0, [5])
+
+
+def test_verify_tree_golden():
+    """The docstring's example: drafts [4, 7, 5], 4 then 7 and 5 beside 4, against
+    draws [5, 1, 3, 2] accept node 3; [4, 7, 3, 2] the path 0-1-2; a leaf's draw is
+    the bonus token. Logits processors see each node's own path."""
+
+    def rows(*tokens):
+        return mx.array(np.eye(10, dtype=np.float32)[list(tokens)] * 20)
+
+    argmax = lambda lp: mx.argmax(lp, axis=-1)  # noqa: E731
+    parents = [-1, 0, 1, 0]
+    path, new, logprobs = verify_tree(rows(5, 1, 3, 2), [4, 7, 5], parents, [1], argmax, [])
+    assert (path, new, logprobs.shape) == ([0, 3], [5, 2], (2, 10))
+    assert verify_tree(rows(4, 7, 3, 2), [4, 7, 5], parents, [1], argmax, [])[:2] == (
+        [0, 1, 2], [4, 7, 3])  # fmt: skip
+    seen = []
+
+    def spy(history, logits):
+        seen.append(history.tolist())
+        return logits
+
+    verify_tree(rows(4, 7, 3, 2), [4, 7, 5], parents, [9, 1], argmax, [spy])
+    assert seen == [[9, 1], [9, 1, 4], [9, 1, 4, 7], [9, 1, 5]]
 
 
 def test_plain_decoding_and_refusals():
@@ -555,15 +592,16 @@ def test_rejection_sampling_accepts_every_draft_of_a_copy_of_the_model():
 def drawn_drafts(drafter: str):
     """A hybrid and the settings of chains drawn from a distribution: a draft model's,
     or (3 tokens: the first pass drafts nothing) its own streams' (test_hybrid_streams)."""
-    if drafter == "streams":
+    if drafter.startswith("stream"):  # (a tree of drawn drafts, or a chain)
         model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
-        return model, dict(n_tokens=3, draft="streams")
+        chain = dict(tree_top_k=1) if drafter == "stream chain" else {}
+        return model, dict(n_tokens=3, draft="streams", **chain)
     model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
     small = tiny_hybrid("lfm2", vocab_size=V, seed=1, weight_scale=1.0)
     return model, dict(draft=None, draft_model=small, num_draft_tokens=2)
 
 
-@pytest.mark.parametrize("drafter", ["draft model", "streams"])
+@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain"])
 def test_rejection_sampling_keeps_the_distribution(drafter):
     model, kwargs = drawn_drafts(drafter)
     p, drafted = lookup_pvalue(model, **kwargs)
@@ -571,10 +609,13 @@ def test_rejection_sampling_keeps_the_distribution(drafter):
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
-@pytest.mark.parametrize("drafter", ["draft model", "streams"])
+@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain"])
 def test_negative_control_rejection_that_accepts_every_draft_is_caught(drafter, monkeypatch):
     def accept_all(tokens, parents, target_probs, draft_probs, uniforms):
-        return list(range(len(tokens))), int(np.argmax(target_probs[-1]))
+        path = [0]  # (down the first child of each node: a chain's every node)
+        while path[-1] + 1 < len(parents) and parents[path[-1] + 1] == path[-1]:
+            path.append(path[-1] + 1)
+        return path, int(np.argmax(target_probs[path[-1]]))
 
     monkeypatch.setattr(recurrent, "accept_by_rejection", accept_all)
     model, kwargs = drawn_drafts(drafter)
