@@ -80,6 +80,8 @@ class SplitPoint:
         # A tree after the split: the rest runs as a batch of its root-to-leaf paths
         # (tree.path_rows, as device arrays), from copies of the state kept aside.
         self.paths: Optional[Tuple[mx.array, mx.array, mx.array]] = None
+        # Per mixer call along paths: its cache, and the slots it wrote, one row a path.
+        self.path_states: List[Tuple[ArraysCache, dict]] = []
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
@@ -176,13 +178,13 @@ def _split_call(
         keep_slots(split, cache, before, self)  # the state after the pending tokens
         bound.arguments.update(rest)
         if split.paths is not None:  # (a tree: the rest along its paths, the cache kept)
-            return _joined_outputs(first, _along_paths(base_call, bound, x_name, split.paths))
+            return _joined_outputs(first, _along_paths(base_call, bound, x_name, split))
         return _joined_outputs(first, base_call(*bound.args, **bound.kwargs))
 
     return call
 
 
-def _along_paths(base_call: Callable, bound: inspect.BoundArguments, x_name: str, paths):
+def _along_paths(base_call: Callable, bound: inspect.BoundArguments, x_name: str, split):
     """A mixer's call over a tree's nodes (the rest of a split pass, ``(1, n, ...)``)
     as a batch of the tree's root-to-leaf paths (:func:`~.tree.path_rows`): each
     row starts from the state the cache holds (broadcast, never written: the
@@ -191,9 +193,10 @@ def _along_paths(base_call: Callable, bound: inspect.BoundArguments, x_name: str
 
     Example: nodes ``[d1 d2 e1]``, ``d2`` under ``d1``, ``e1`` beside ``d1``: rows
     ``[d1 d2]`` and ``[e1 e1]`` from the same state; the outputs of ``d1``, ``d2``
-    are row 0's, ``e1``'s row 1's first.
+    are row 0's, ``e1``'s row 1's first. The slots the call wrote (each path's
+    final state) go to ``split.path_states``.
     """
-    rows_of, row, col = paths
+    rows_of, row, col = split.paths
     n, batch = bound.arguments[x_name].shape[1], rows_of.shape[0]
     for name, value in list(bound.arguments.items()):
         if isinstance(value, mx.array) and value.ndim >= 2 and value.shape[:2] == (1, n):
@@ -204,7 +207,11 @@ def _along_paths(base_call: Callable, bound: inspect.BoundArguments, x_name: str
         None if a is None else mx.broadcast_to(a, (batch,) + a.shape[1:]) for a in cache.cache
     ]
     bound.arguments["cache"] = tiled
-    return _on_nodes(base_call(*bound.args, **bound.kwargs), row, col, rows_of.shape)
+    given = list(tiled.cache)
+    out = base_call(*bound.args, **bound.kwargs)
+    wrote = {i: a for i, (a, b) in enumerate(zip(tiled.cache, given)) if a is not b}
+    split.path_states.append((cache, wrote))
+    return _on_nodes(out, row, col, rows_of.shape)
 
 
 def _on_nodes(out, row: mx.array, col: mx.array, shape: tuple):
@@ -603,7 +610,7 @@ def chain_generate_step(
                     node = a
                 if max_tokens < 0 or yielded + len(new) < max_tokens:
                     drafter.after_pass(node)  # (before the caches drop the rejected drafts)
-                state.commit(a == len(drafts))
+                state.commit(a == len(drafts), path if parents is not None else None)
                 if n > 0:
                     drafter.commit(a)
                 if not yielded:
@@ -849,7 +856,8 @@ class ChainCache:
         self.held = 0
         self.pending_end = 0  # where the last pass's drafts began
         self.drafted = 0  # the last pass's drafts, while they are in the caches
-        self.tree = False  # whether they were a tree (then always rolled back)
+        self.tree = False  # whether they were a tree
+        self.first_path: Optional[List[int]] = None  # its first path, if kept when accepted
         self.back = (0, [])  # where a roll-back goes: tokens held, recurrent states
         self.floor = 0  # the fewest tokens a roll-back may leave held (windows keep theirs)
 
@@ -909,18 +917,26 @@ class ChainCache:
         whose other nodes carry ``drafts``; a stream model's only), the drafts are a
         tree: the attention layers see it through the tree verifier's masks and
         positions, the recurrent mixers run it as a batch of its paths
-        (:func:`_along_paths`), and the caches are always rolled back after it.
+        (:func:`_along_paths`), and after it the caches keep the tree's first path
+        where it was accepted whole (:meth:`commit`), else are rolled back.
         """
         pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
         tree = parents is not None and not layout_of(parents).is_chain
         whole = len(pending) == 1 and not tree  # not split: back to before the pending token
         before = (self.held, [(c, state_of(c)) for c in self.recurrent])
         self.split.at = None if whole or not drafts else len(pending)
-        self.split.kept, self.split.wrote = [], {}
+        self.split.kept, self.split.wrote, self.split.path_states = [], {}, []
+        self.first_path = None
         if tree:
             if self.runtime is None:
                 raise ValueError("A tree of drafts needs the tree verifier's masks (streams).")
-            self.split.paths = tuple(mx.array(a) for a in path_rows(parents))
+            rows = path_rows(parents)
+            self.split.paths = tuple(mx.array(a) for a in rows)
+            # The first path, kept whole when accepted whole: its rows must follow the
+            # pending ones, unpadded (a static tree's: depth-first, best child first).
+            first = [0] + [int(n) + 1 for n in dict.fromkeys(rows[0][0].tolist())]
+            if first == list(range(len(first))) and len(first) - 1 == rows[0].shape[1]:
+                self.first_path = first
         split = self.split.at is not None
         try:
             if self.runtime is None:
@@ -965,10 +981,21 @@ class ChainCache:
         kept = {id(c) for c, _ in self.split.kept}
         return any(id(c) not in kept for c in self.recurrent)
 
-    def commit(self, all_accepted: bool) -> None:
+    def commit(self, all_accepted: bool, path: Optional[List[int]] = None) -> None:
         """After :meth:`run`: keeps every draft, or goes back (:meth:`roll_back`;
-        the accepted drafts are then pending)."""
-        if all_accepted and not self.tree:  # (a tree's rows are not a path: rolled back)
+        the accepted drafts are then pending). After a tree, ``path`` is the
+        accepted one: kept when it is the tree's first path whole (its rows follow
+        the pending ones; each recurrent state is that path's), else rolled back."""
+        if self.tree and path is not None and path == self.first_path:
+            for c, wrote in self.split.path_states:
+                for i, a in wrote.items():
+                    c.cache[i] = a[:1]
+            kept = len(path) - 1
+            for c in self.kv:
+                c.trim(self.drafted - kept)
+            self.drafted = kept
+            self.held = self.pending_end + kept
+        elif all_accepted and not self.tree:
             self.held = self.pending_end + self.drafted
         else:
             self.roll_back()

@@ -328,3 +328,53 @@ def test_kv_bits_equals_mlx_lm_s_own_loop():
             assert max(mx.abs(r[1] - lp).max().item() for r, (_, lp) in zip(records, ref)) == 0
             accepted += sum(r[2] for r in records)
     assert accepted > 5, "drafts were rarely accepted: the test has no power"
+
+
+def oracle_trees(model, prompt, n, monkeypatch, wrong_row=False):
+    """Decodes with each tree's first path set to mlx-lm's greedy continuation (the
+    other nodes the streams'), so that the first path is accepted whole and kept
+    (``ChainCache.commit``): the tokens, mlx-lm's, and how many trees kept it.
+    ``wrong_row`` keeps the recurrent states of the second path instead."""
+    want = plain_greedy(model, prompt, n + 8)
+    draft, commit, kept = recurrent.StreamDrafts.draft, recurrent.ChainCache.commit, []
+
+    def oracle(self, levels):
+        drafts = draft(self, levels)
+        if self.tree is not None and drafts:
+            at = len(self.tokens) - len(prompt)
+            for i in range(1, len(self.parents)):
+                if self.parents[i] != i - 1:
+                    break  # (the first path: nodes 1, 2, ... each under the one before)
+                drafts[i - 1] = want[at + i - 1]
+        return drafts
+
+    def spy(self, all_accepted, path=None):
+        if self.tree and path == self.first_path:
+            kept.append(path)
+            if wrong_row:
+                for c, wrote in self.split.path_states:
+                    for i, a in wrote.items():
+                        wrote[i] = a[1:2]
+        return commit(self, all_accepted, path)
+
+    monkeypatch.setattr(recurrent.StreamDrafts, "draft", oracle)
+    monkeypatch.setattr(recurrent.ChainCache, "commit", spy)
+    got, records = lookup(model, prompt, n, draft=None)
+    monkeypatch.undo()
+    return got, want[:n], len(kept)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "lfm2", "jamba", "bailing_moe_linear"])
+def test_a_tree_s_first_path_accepted_whole_is_kept(arch, monkeypatch):
+    """The tree's first path accepted whole: the caches keep its rows and its
+    recurrent states (no pending tokens ride along again), and decoding goes on as
+    mlx-lm's greedy loop."""
+    model = stream_hybrid(arch)
+    got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch)
+    assert got == want and kept >= 5
+
+
+def test_negative_control_the_states_of_another_path_kept(monkeypatch):
+    model = stream_hybrid("qwen3_next")
+    got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch, wrong_row=True)
+    assert kept >= 1 and got != want
