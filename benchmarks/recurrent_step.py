@@ -1,6 +1,7 @@
 """What a prompt-lookup step costs on a model with recurrent layers, against plain decoding.
 
     python benchmarks/recurrent_step.py [--models qwen3_next-small] [--dtypes f32] [--tag cpu]
+    python benchmarks/recurrent_step.py --streams --trees [--models qwen3_next-small]
     MLX_ENABLE_TF32=0 python benchmarks/recurrent_step.py --models qwen3_next-0.6b --dtypes bf16,q4
 
 A step of :mod:`mlx_specstream.recurrent` feeds the pending tokens and n drafts in
@@ -23,6 +24,12 @@ with the fused stream pass (every row's stream rows ride in the verifying pass) 
 with the split one (the accepted token's stream rows through the top layer and the
 head in a pass of their own, after the verification).
 
+With ``--trees`` (and ``--streams``), a third table times a step over the streams'
+static trees (session 32: top-2 and top-3 per level, 3 levels, 8 and 16 nodes), whose
+recurrent mixers read the tree as a batch of its root-to-leaf paths
+(:meth:`~mlx_specstream.recurrent.ChainCache.run`), both stream passes, against a chain
+of 3 and against a plain forward over as many tokens (o_s).
+
 The step times the roll-back path (every draft rejected, one token accepted), the
 dearer of the two; such steps alternate between one pending token (a pass that is not
 split) and two (a split pass). A second table times one pass over one pending token
@@ -39,12 +46,14 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_specstream import SpecStreamConfig, attach_streams
-from mlx_specstream.recurrent import ChainCache, StreamDrafts, verify_chain
+from mlx_specstream.recurrent import ChainCache, StreamDrafts, verify_chain, verify_tree
 from mlx_specstream.streams import get_runtime
+from mlx_specstream.tree import static_tree
 from report import heading, machine_info, time_after_first, write_results
 from shapes import random_model
 
 DRAFTS = (0, 1, 3, 7, 10)
+TREES = ((2, 8), (3, 16))  # (top-k per level, nodes) of 3-level stream trees (--trees)
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -109,6 +118,46 @@ def measure(model, prompt: list, runs: int, vocab: int, streams: bool = False) -
     return dict(plain_ms=plain * 1e3, rows=rows)
 
 
+def tree_steps(model, prompt: list, runs: int, vocab: int, plain: float) -> dict:
+    """Median ms of a stream-tree step (every draft rejected: rolled back) per tree
+    shape and stream pass, with r_s against mlx-lm's per-token time ``plain`` (ms)
+    and o_s against a plain forward over the tree's nodes and one pending token."""
+    rt, argmax, rows = get_runtime(model), (lambda x: mx.argmax(x, axis=-1)), {}
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    for k, nodes in TREES:
+        tree = static_tree([k] * 3, 3, nodes)
+        parents, drafts = list(tree.parents), [(7 * i + 3) % vocab for i in range(nodes - 1)]
+
+        def wide():
+            mx.eval(model(mx.array([1] + drafts)[None], cache=cache))
+            for c in cache:
+                if hasattr(c, "trim"):
+                    c.trim(nodes)
+
+        row = dict(wide_ms=median_seconds(wide, runs) * 1e3)
+        for stream_pass in ("fused", "split"):
+            rt.split_streams = stream_pass == "split"
+            state = ChainCache(model, None, runtime=rt)
+            state.tokens = list(prompt)
+            state.feed(len(prompt) - 1)
+            drafter = StreamDrafts(state, None, tree)
+
+            def step():
+                logits = state.run(drafts, parents)
+                path, new, _ = verify_tree(logits, drafts, parents, state.tokens, argmax, [])
+                drafter.after_pass(path[-1])
+                state.commit(False, path)
+                state.tokens += new
+
+            ms = median_seconds(step, runs) * 1e3
+            row.update({f"{stream_pass}_ms": ms, f"r_{stream_pass}": ms / plain,
+                        f"o_{stream_pass}": ms / row["wide_ms"]})  # fmt: skip
+        rows[f"top-{k}, {nodes} nodes"] = row
+    return rows
+
+
 def split_cost(model, prompt: list, runs: int, vocab: int) -> dict:
     """Median ms of one pass over one pending token and n drafts, whole and split
     after the token (the KV rows are trimmed after each; the recurrent state runs
@@ -142,6 +191,7 @@ def main():
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--streams", action="store_true", help="also time the streams' step")
+    p.add_argument("--trees", action="store_true", help="with --streams: their trees' steps")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     info = machine_info(runs=args.runs, prompt_tokens=args.prompt_tokens, streams=args.streams)
@@ -161,6 +211,8 @@ def main():
             res = results.setdefault(name, {})[dtype] = measure(model, prompt, args.runs, vocab,
                                                                 args.streams)  # fmt: skip
             res["split_cost"] = split_cost(model, prompt, args.runs, vocab)
+            if args.trees:
+                res["trees"] = tree_steps(model, prompt, args.runs, vocab, res["plain_ms"])
             for n, row in res["rows"].items():
                 bound = " / ".join(f"{tau / row['r']:.2f}x" for tau in (2, 3, 4))
                 s = (f"{row['fused_ms']:.2f} / {row['split_ms']:.2f} | "
@@ -182,6 +234,21 @@ def main():
                     f"| {name} | {dtype} | {n} | {row['whole_ms']:.2f} | {row['split_ms']:.2f} | "
                     f"{row['split_ms'] / row['whole_ms']:.2f} |"
                 )
+    if args.trees:
+        lines += ["", "A step over the streams' tree (3 levels; every draft rejected), both "
+                  "stream passes, against a chain of 3 (above) and a plain forward over as "
+                  "many tokens (o_s):", "",
+                  "| model | dtype | tree | plain forward ms | step ms fused / split "
+                  "| r_s fused / split | o_s fused / split |", "|---|---|---|---|---|---|---|"]
+        for name, by_dtype in results.items():
+            for dtype, res in by_dtype.items():
+                for shape, row in res["trees"].items():
+                    lines.append(
+                        f"| {name} | {dtype} | {shape} | {row['wide_ms']:.2f} | "
+                        f"{row['fused_ms']:.2f} / {row['split_ms']:.2f} | "
+                        f"{row['r_fused']:.2f} / {row['r_split']:.2f} | "
+                        f"{row['o_fused']:.2f} / {row['o_split']:.2f} |"
+                    )
     write_results("recurrent_step", args.tag, "\n".join(lines) + "\n",
                   dict(info=info, results=results))  # fmt: skip
 

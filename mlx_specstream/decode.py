@@ -46,13 +46,14 @@ from .cache import (
     refuse_quantized_windows,
     window_rows,
 )
-from .config import DRAFTS
+from .config import DRAFTS, VerifierConfig
 from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
 from .layout import TreeLayout, layout_of
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
 from .precision import on_gpu, warn_if_tf32
 from .recurrent import (
     DraftModelChain,
+    attends,
     chain_generate_step,
     has_recurrent_layers,
     tree_refusal,
@@ -69,6 +70,7 @@ from .settings import (
 from .streams import (
     StepOutput,
     StreamRuntime,
+    attach_chain_verifier,
     attach_verifier,
     get_runtime,
     tree_on_chains_refusal,
@@ -703,11 +705,12 @@ def spec_generate_step(
         or (plain_base and tree_refusal(model))
         or (draft_model is not None and has_recurrent_layers(draft_model))
     ):
-        if ngram_candidates != 1:
+        lookup_trees = draft == "ngram" and draft_model is None and has_recurrent_layers(model)
+        if ngram_candidates != 1 and not lookup_trees:
             raise ValueError(
                 f"ngram_candidates={ngram_candidates}: this model's drafts are verified as one "
-                "chain (recurrent layers, or a model the tree verifier cannot take: "
-                "mlx_specstream.recurrent); pass 1."
+                "chain (recurrent layers with a draft model, or a model the tree verifier "
+                "cannot take: mlx_specstream.recurrent); pass 1."
             )
         yield from _on_chain_model(
             prompt, model, speculative=speculative, draft=draft, draft_model=draft_model,
@@ -718,6 +721,7 @@ def spec_generate_step(
             kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
             max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback,
             prompt_checkpoint_callback=prompt_checkpoint_callback,
+            ngram_candidates=ngram_candidates,
         )  # fmt: skip
         return
     if prompt_checkpoint_callback is not None:
@@ -950,10 +954,12 @@ def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
     why = tree_on_chains_refusal(model)
     if why is not None:
         if asked:
-            raise ValueError(f"tree_top_k / max_tree_nodes: no tree of drafts here: {why}.")
+            raise ValueError(
+                f"tree_top_k / max_tree_nodes: no tree of drafts here: {why.rstrip('.')}."
+            )
         warnings.warn(
             f"The model's config drafts a tree (top_k {ks}), which this model cannot take "
-            f"({why}): its streams draft a chain of {depth}.",
+            f"({why.rstrip('.')}): its streams draft a chain of {depth}.",
             stacklevel=4,
         )
         return None, depth
@@ -1014,6 +1020,16 @@ def _on_chain_model(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
             "verified (prompt lookup is not merged into it there)."
         )
+    candidates = kw["ngram_candidates"]
+    if not (isinstance(candidates, int) and candidates >= 1):
+        raise ValueError(f"ngram_candidates={candidates!r} must be an integer >= 1.")
+    if speculative and candidates > 1:  # (several lookup drafts merged into a tree)
+        if rt is None and attends(model):  # (the verifier alone: its trees' masks, positions)
+            rt = attach_chain_verifier(model)
+        nodes = tree[3] if tree[3] is not None else VerifierConfig.max_tree_nodes
+        if not (isinstance(nodes, int) and nodes >= 2):
+            raise ValueError(f"max_tree_nodes={tree[3]!r} must be an integer >= 2 here.")
+        kw["max_tree_nodes"], tree = nodes, tree[:3] + (None,)
     named = dict(zip(("tree_top_k", "tree_depth", "prune_threshold", "max_tree_nodes"), tree))
     if speculative:  # (plain decoding takes mlx-lm's rotating caches too)
         named.update(max_kv_size=kw["max_kv_size"])
@@ -1069,6 +1085,8 @@ def _on_chain_model(
     kw.pop("num_draft_tokens")
     kw.pop("prompt_checkpoint_callback")
     kw.pop("stream_tree", None)
+    kw.pop("ngram_candidates")
+    kw.pop("max_tree_nodes", None)
     kw.pop("rejection", None)  # (mlx-lm's plain loop; the draft cache follows unquantized)
     own, theirs = split_pair(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own

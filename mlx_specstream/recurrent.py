@@ -22,10 +22,13 @@ Example: the caches hold ``[p0 p1]``, pending is ``[a]`` and the drafts are
 accepted and ``x`` drawn instead of ``d2``, the caches go back to ``[p0 p1 a]`` and
 the next pass feeds ``[d1 x]`` and its drafts.
 
-A recurrent layer reads its tokens in order, so it verifies a chain, not a tree; the
-drafts are prompt lookup's (:class:`LookupDrafts`) or a draft model's
-(:class:`DraftModelChain`, itself recurrent or not, which keeps its state after each
-draft it feeds). The cost over a plain pass: the recurrent mixers' weights are read
+A recurrent layer reads its tokens in order, so it verifies a chain; the drafts are
+prompt lookup's (:class:`LookupDrafts`) or a draft model's (:class:`DraftModelChain`,
+itself recurrent or not, which keeps its state after each draft it feeds). The model's
+own lossless streams (:class:`StreamDrafts`) draft chains or trees: a tree goes through
+the attention layers with the tree verifier's masks and positions, and each recurrent
+mixer reads it after the split as a batch of its root-to-leaf paths, each from the state
+after the pending tokens (:func:`_along_paths`). The cost over a plain pass: the recurrent mixers' weights are read
 twice per step, and the pending tokens ride along again (on a bandwidth-bound
 device, nearly free). With ``kv_bits`` the KV layers convert where mlx-lm's loop
 converts them (:meth:`ChainCache.draft_room`).
@@ -52,6 +55,7 @@ from .tree import (
     accept_by_rejection,
     children_of,
     depth_limited,
+    merge_chains,
     path_rows,
     subtree_parents,
     top_k_desc,
@@ -65,6 +69,7 @@ from .streams import (
     _swap_call,
     check_supported,
     get_runtime,
+    tree_on_chains_refusal,
     vocab_size,
 )
 
@@ -82,6 +87,14 @@ class SplitPoint:
         self.paths: Optional[Tuple[mx.array, mx.array, mx.array]] = None
         # Per mixer call along paths: its cache, and the slots it wrote, one row a path.
         self.path_states: List[Tuple[ArraysCache, dict]] = []
+
+
+def attends(model: nn.Module) -> bool:
+    """Whether some layer of ``model`` keeps keys and values (a cache other than a
+    recurrent ``ArraysCache``), alone or in a ``CacheList``: Mamba's and RWKV-7's
+    layers do not, so a tree of drafts needs no attention mask there."""
+    made = model.make_cache() if hasattr(model, "make_cache") else [None]
+    return any(not isinstance(k, ArraysCache) for c in made for k in layer_caches(c))
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
@@ -361,6 +374,16 @@ def chains_only(model: nn.Module) -> bool:
     return has_recurrent_layers(model) or tree_refusal(model) is not None
 
 
+def lookup_tree_refusal(model: nn.Module) -> Optional[str]:
+    """Why several prompt-lookup drafts merged into a tree (``ngram_candidates > 1``)
+    cannot be verified on ``model`` (``None``: they can): a model the tree verifier
+    cannot take, or one with recurrent layers whose layers it cannot take apart
+    (:func:`~mlx_specstream.streams.tree_on_chains_refusal`; none without attention)."""
+    if not has_recurrent_layers(model):
+        return tree_refusal(model)
+    return tree_on_chains_refusal(model) if attends(model) else None
+
+
 def check_recurrent_cache(cache: list) -> None:
     """Raises ``ValueError`` naming the kinds of layer caches that a chain of drafts
     cannot roll back (taken: ``KVCache``, ``QuantizedKVCache`` and ``ArraysCache``,
@@ -515,6 +538,8 @@ def chain_generate_step(
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
     streams: bool = False,
     stream_tree: Optional[StaticTree] = None,
+    ngram_candidates: int = 1,
+    max_tree_nodes: int = 16,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -554,6 +579,9 @@ def chain_generate_step(
           attention layers verify it through the tree verifier's masks, the
           recurrent mixers along its paths (:meth:`ChainCache.run`), by
           :func:`verify_tree`.
+        ngram_candidates (int): prompt lookup's drafts merged into one tree of at most
+          ``max_tree_nodes`` nodes (:class:`LookupDrafts`; the model's runtime, a
+          verifier alone without streams, verifies it as it verifies the streams').
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -563,10 +591,13 @@ def chain_generate_step(
         own, theirs = split_pair(model, draft_model, prompt_cache)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
         drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
-    state = ChainCache(model, own, quant, get_runtime(model) if streams else None)
+    # (lookup trees: the tree verifier alone, streams.attach_chain_verifier; a model
+    # without attention takes them without it)
+    runtime = get_runtime(model) if streams or ngram_candidates > 1 and attends(model) else None
+    state = ChainCache(model, own, quant, runtime, streams)
     if streams:
         drafter = StreamDrafts(state, sampler if rejection else None, stream_tree)
-    drafter = drafter or LookupDrafts()
+    drafter = drafter or LookupDrafts(ngram_candidates, max_tree_nodes)
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
     progress = prompt_progress_callback or (lambda *_: None)
@@ -638,18 +669,37 @@ def chain_generate_step(
 class LookupDrafts:
     """Prompt lookup's drafts for :func:`chain_generate_step` (an
     :class:`~mlx_specstream.ngram.NgramIndex` over the call's tokens). It keeps
-    no cache, so feeding, committing and holding leave it as it is."""
+    no cache, so feeding, committing and holding leave it as it is.
 
-    def __init__(self):
+    With ``candidates > 1``, up to that many drafts (the tokens after several earlier
+    occurrences) merged into one tree of at most ``max_nodes`` nodes, root included
+    (:func:`~mlx_specstream.tree.merge_chains`); :attr:`parents` then says the tree
+    (``None``: a chain).
+
+    Example: tokens ``[1 2 3 9 1 2 4 1 2]`` and two candidates give the drafts
+    ``[4 1 2]`` and ``[3 9 1]``: a tree whose root (the last ``2``) has two children.
+    """
+
+    def __init__(self, candidates: int = 1, max_nodes: int = 16):
         self.tokens: List[int] = []
-        self.index = NgramIndex()
+        self.index = NgramIndex(candidates=candidates)
+        self.max_nodes = max_nodes
+        self.parents: Optional[List[int]] = None
 
     def feed(self, upto: int) -> None:
         pass
 
     def draft(self, n: int) -> List[int]:
         self.index.extend(self.tokens[len(self.index.tokens) :])
-        return self.index.draft(n)
+        self.parents = None
+        if self.index.candidates == 1:
+            return self.index.draft(n)
+        chains = self.index.drafts(min(n, self.max_nodes - 1))
+        if len(chains) < 2:
+            return chains[0] if chains else []
+        merged = merge_chains([self.tokens[-1]], [-1], chains, self.max_nodes)
+        self.parents = merged.parents
+        return merged.tokens[1:]
 
     def after_pass(self, accepted: int) -> None:
         pass
@@ -768,6 +818,11 @@ class StreamDrafts:
     distribution depends on the tokens up to the accepted one only, a proposal as
     valid as any, so the output keeps the model's distribution.
 
+    With a ``tree`` (a :class:`~mlx_specstream.tree.StaticTree`), node ``i`` carries
+    the token of rank ``ranks[i]`` of stream ``levels[i]`` (greedy: by logits; drawn:
+    without replacement, Gumbel top-k, so that the siblings are draws in order for
+    recursive rejection sampling), and :attr:`parents` says the tree.
+
     Example: a pass over ``[a d1 d2 d3]`` accepts ``d1`` and draws ``x`` from
     ``d1``'s row: the streams of row 1 draft ``[y1 y2 y3]``, and the next pass feeds
     ``[d1 x y1 y2 y3]`` (``d1`` and ``x`` pending).
@@ -840,9 +895,13 @@ class ChainCache:
     go in with the next pass, ahead of its drafts.
     """
 
-    def __init__(self, model: nn.Module, cache: Optional[list], quant=None, runtime=None):
+    def __init__(
+        self, model: nn.Module, cache: Optional[list], quant=None, runtime=None, streams=True
+    ):
         self.model, self.split = model, split_recurrent_mixers(model)
-        self.runtime = runtime  # (a StreamRuntime: passes keep the stream layers' inputs)
+        # (a StreamRuntime: its passes take trees; with ``streams``, they keep the stream
+        # layers' inputs, and the fused stream pass's rows)
+        self.runtime, self.streams = runtime, streams
         self.first_row = 0  # the last pass's row of its last pending token
         self.stream_logits: Optional[mx.array] = None  # a fused pass's, (rows, gamma, V)
         if runtime is not None:  # the stream layers' caches, one each
@@ -928,8 +987,8 @@ class ChainCache:
         self.split.kept, self.split.wrote, self.split.path_states = [], {}, []
         self.first_path = None
         if tree:
-            if self.runtime is None:
-                raise ValueError("A tree of drafts needs the tree verifier's masks (streams).")
+            if self.runtime is None and self.kv:  # (without attention: no mask to make)
+                raise ValueError("A tree of drafts needs the tree verifier's masks here.")
             rows = path_rows(parents)
             self.split.paths = tuple(mx.array(a) for a in rows)
             # The first path, kept whole when accepted whole: its rows must follow the
@@ -942,7 +1001,8 @@ class ChainCache:
             if self.runtime is None:
                 logits = self.model(mx.array(pending + drafts)[None], cache=self.cache)
             else:  # (a chain's rows: the model's own masks and positions below the streams)
-                width, fused = len(pending) + len(drafts), not self.runtime.split_streams
+                width = len(pending) + len(drafts)
+                fused = self.streams and not self.runtime.split_streams
                 below = list(range(-1, len(pending) - 1))  # (the pending chain, then the drafts)
                 above = range(len(drafts)) if parents is None else parents[1:]
                 rows = layout_of(below + [len(pending) - 1 + q for q in above])

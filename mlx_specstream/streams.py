@@ -345,6 +345,13 @@ class StreamRuntime:
         # Each layer's cache in the model's list (None: a layer without attention).
         self.cache_slot = cache_slots(model)
         attending = [c for c in self.cache_slot[self.first_top :] if c is not None]
+        if not attending:  # (a verifier alone: the first KV cache, not a recurrent layer's)
+            made = model.make_cache() if hasattr(model, "make_cache") else []
+            attending = [
+                c
+                for c in self.cache_slot
+                if c is not None and not (c < len(made) and isinstance(made[c], ArraysCache))
+            ]
         # (a cache the stream layers' rows end at: every cache holds the same tokens)
         self.upper_slot = (attending or [c for c in self.cache_slot if c is not None])[0]
         windows = sliding_windows(model)
@@ -1743,6 +1750,20 @@ def attach_verifier(model: nn.Module) -> "StreamRuntime":
     streams, no drafter), for drafts from outside the model such as prompt
     lookup. The hooks do nothing outside a step, as for streams."""
     check_supported(model, VerifierConfig())
+    model.speculative_streams = StreamRuntime(model, VerifierConfig())
+    return model.speculative_streams
+
+
+def attach_chain_verifier(model: nn.Module) -> "StreamRuntime":
+    """The tree verifier alone on a model with recurrent layers, for trees of drafts
+    from outside the model (several prompt-lookup drafts merged): its attention
+    layers take the tree's masks and positions, its recurrent mixers read the tree
+    along its paths (:mod:`mlx_specstream.recurrent`). Refused with the reason where
+    the model's layers do not allow it (:func:`tree_on_chains_refusal`)."""
+    why = tree_on_chains_refusal(model)
+    if why is not None:
+        model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
+        raise ValueError(f"Model type '{model_type}': no tree of drafts here: {why.rstrip('.')}.")
     model.speculative_streams = StreamRuntime(model, VerifierConfig())
     return model.speculative_streams
 

@@ -47,7 +47,7 @@ from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
 from .precision import compute_dtype, device_key, on_gpu
-from .recurrent import chains_only, has_recurrent_layers
+from .recurrent import has_recurrent_layers, lookup_tree_refusal
 from .streams import get_runtime, tree_on_chains_refusal
 
 
@@ -303,8 +303,9 @@ def tune_lookup(
     confirm_rounds=CONFIRM_ROUNDS,
 ):
     """Prompt lookup on a model with the verifier only: the fastest draft length
-    (and, at the longest, several drafts per tree, but on a model with recurrent
-    layers), or plain decoding when none beats it by ``min_gain``.
+    (and, at the longest, several drafts per tree where the model takes trees:
+    :func:`~mlx_specstream.recurrent.lookup_tree_refusal`), or plain decoding when
+    none beats it by ``min_gain``.
 
     Returns:
         tuple: the choice (``{"draft": "ngram", "num_draft_tokens": n}``, with
@@ -314,7 +315,7 @@ def tune_lookup(
     trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="ngram")
     for n in LOOKUP_LENGTHS:
         trials.run(dict(draft="ngram", num_draft_tokens=n))
-    if not chains_only(model):  # (else one chain a pass)
+    if lookup_tree_refusal(model) is None:  # (else one chain a pass)
         for k in LOOKUP_CANDIDATES:
             trials.run(dict(draft="ngram", num_draft_tokens=LOOKUP_LENGTHS[-1], ngram_candidates=k))
 

@@ -64,6 +64,72 @@ def test_lookup_on_a_recurrent_model_equals_plain(arch):
     assert accepted > 10, "drafts were rarely accepted: the test has no power"
 
 
+# Hybrids whose layers the tree verifier cannot take apart (streams.tree_on_chains_refusal):
+# a mixer's state beside keys in one layer, RoPE out of reach, caches not one per layer,
+# a layer called as layer(x, cache, mask).
+NO_LOOKUP_TREES = {"baichuan_m1", "falcon_h1", "longcat_flash_ngram", "nemotron_h",
+                   "recurrent_gemma"}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_lookup_trees_on_a_recurrent_model_equal_plain(arch, monkeypatch):
+    """Several prompt-lookup drafts merged into one tree (``ngram_candidates=3``): the
+    attention layers take the tree verifier's masks, the recurrent mixers read the
+    tree along its paths (a model without attention needs no verifier); mlx-lm's
+    greedy output. Where the layers do not allow a tree, refused with the reason."""
+    model = tiny_hybrid(arch)
+    prompts = [p + p[:4] + p for p in PROMPTS]  # (repeats: several earlier occurrences)
+    if arch in NO_LOOKUP_TREES:
+        with pytest.raises(ValueError, match="no tree of drafts here: "):
+            lookup(model, prompts[0], 8, ngram_candidates=3)
+        return
+    run, trees = recurrent.ChainCache.run, []
+
+    def spy(self, drafts, parents=None):
+        out = run(self, drafts, parents)
+        trees.append(self.tree)
+        return out
+
+    monkeypatch.setattr(recurrent.ChainCache, "run", spy)
+    for prompt in prompts:
+        got, records = lookup(model, prompt, 40, ngram_candidates=3, max_tree_nodes=12)
+        assert got == plain_greedy(model, prompt, 40)
+        assert records[-1][3] == 40 - sum(r[2] for r in records)
+    assert sum(trees) > 10, "few trees: the test has no power"
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "mamba2"])
+def test_negative_control_lookup_trees_read_in_one_order(arch, monkeypatch):
+    """The mixers reading a lookup tree's nodes as one sequence: the output differs
+    (with attention, and without: Mamba 2 needs no verifier)."""
+
+    def one_row(parents):
+        n = len(parents) - 1
+        return (
+            np.arange(n, dtype=np.int32)[None],
+            np.zeros(n, np.int32),
+            np.arange(n, dtype=np.int32),
+        )
+
+    monkeypatch.setattr(recurrent, "path_rows", one_row)
+    model = tiny_hybrid(arch)
+    prompts = [p + p[:4] + p for p in PROMPTS]
+    assert any(
+        lookup(model, p, 40, ngram_candidates=3)[0] != plain_greedy(model, p, 40) for p in prompts
+    )
+
+
+def test_lookup_drafts_golden():
+    """The docstring's example: two drafts after the last ``1 2``, merged under it."""
+    drafts = recurrent.LookupDrafts(candidates=2, max_nodes=16)
+    drafts.tokens = [1, 2, 3, 9, 1, 2, 4, 1, 2]
+    assert drafts.draft(3) == [4, 1, 2, 3, 9, 1] and drafts.parents == [-1, 0, 1, 2, 0, 4, 5]
+    assert recurrent.LookupDrafts().draft(3) == [] and recurrent.LookupDrafts().parents is None
+    one = recurrent.LookupDrafts(candidates=2)
+    one.tokens = [5, 1, 2, 7, 1, 2]  # (one earlier occurrence: a chain)
+    assert one.draft(3) == [7, 1, 2] and one.parents is None
+
+
 def test_negative_control_recurrent_state_not_rolled_back(monkeypatch):
     """Mixers that do not split their call keep no state to go back to: the rejected
     drafts stay in the recurrent layers, and the output changes (unless the pass goes
@@ -189,6 +255,10 @@ SAMPLED = {
         lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
         dict(n_tokens=3, draft="streams", acceptance="target-sample"),
     ),
+    "qwen3_next lookup tree": (  # ("1 4" twice before the end: two drafts, a tree)
+        lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        dict(ngram_candidates=3, prompt=[1, 4, 2, 5, 1, 4, 3, 1, 4]),
+    ),
     "qwen3_next stream chain": (  # (the streams' top tokens as a chain; above, a tree)
         lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
         dict(n_tokens=3, draft="streams", acceptance="target-sample", tree_top_k=1),
@@ -229,20 +299,20 @@ def test_negative_control_an_unchecked_first_draft_is_caught(arch, monkeypatch):
 V, N_TOKENS, SAMPLE_PROMPT, N_SAMPLES = 6, 2, [1, 4, 2, 5, 1, 4], 1500
 
 
-def lookup_pvalue(model, n_samples=N_SAMPLES, n_tokens=N_TOKENS, **kwargs):
+def lookup_pvalue(model, n_samples=N_SAMPLES, n_tokens=N_TOKENS, prompt=SAMPLE_PROMPT, **kwargs):
     from test_sampling import chi_square_pvalue  # (needs scipy)
 
     sampler = make_sampler(temp=1.0)
     counts, drafted = {}, 0
     for i in range(n_samples):
         mx.random.seed(i)
-        _, out = lookup(model, SAMPLE_PROMPT, n_tokens, sampler=sampler, **kwargs)
+        _, out = lookup(model, prompt, n_tokens, sampler=sampler, **kwargs)
         key = tuple(int(o[0]) for o in out)
         counts[key] = counts.get(key, 0) + 1
         drafted += sum(o[2] for o in out)
     seqs = list(itertools.product(range(V), repeat=n_tokens))
-    logits = model(mx.array([SAMPLE_PROMPT + list(s[:-1]) for s in seqs]))
-    probs = np.array(mx.softmax(logits[:, len(SAMPLE_PROMPT) - 1 :], axis=-1))
+    logits = model(mx.array([prompt + list(s[:-1]) for s in seqs]))
+    probs = np.array(mx.softmax(logits[:, len(prompt) - 1 :], axis=-1))
     exact = {
         s: float(np.prod([probs[i, t, tok] for t, tok in enumerate(s)])) for i, s in enumerate(seqs)
     }
@@ -367,7 +437,7 @@ def test_the_generate_command_runs_a_recurrent_model_directory(arch, drafter, tm
     """``--draft ngram`` and ``--draft-model`` on saved mlx-lm hybrid models, and on a
     model the tree verifier cannot take (nanochat, refused at load before session 31):
     the CLI's own comparison with mlx-lm's plain decoding says the output is identical;
-    ``tune`` times prompt lookup's chains on it (no drafts per tree)."""
+    ``tune`` times prompt lookup on it (drafts per tree on LFM2, not on nanochat)."""
     from helpers import BASE, CHAIN_ARGS, HYBRID_ARGS
     from mlx_lm.utils import save_config, save_model
 
@@ -399,7 +469,8 @@ def test_the_generate_command_runs_a_recurrent_model_directory(arch, drafter, tm
                    "--max-tokens", "8", "--confirm-rounds", "0"])  # fmt: skip
     out = capsys.readouterr().out
     assert "{'draft': 'ngram', 'num_draft_tokens': 10}" in out and "one token per pass" in out
-    assert "ngram_candidates" not in out
+    # (drafts per tree: on LFM2, a tree through the verifier; nanochat takes chains only)
+    assert ("ngram_candidates" in out) == (arch == "lfm2")
     with pytest.raises(ValueError, match="plain model.*--draft ngram"):  # (no streams)
         gen_mod.main(["--model", str(path), "--draft", "streams", "--prompt", prompt])
 
@@ -625,7 +696,8 @@ def test_negative_control_rejection_that_accepts_every_draft_is_caught(drafter, 
 
 def kv_bits_runs(qs_values=(0, 3, 9, 11, 14, 20)):
     """(tokens equal, largest log-probability difference) against mlx-lm's own loop with
-    the same ``kv_bits`` options, per quantized_kv_start, prompt and drafter."""
+    the same ``kv_bits`` options, per quantized_kv_start, prompt and drafter (lookup
+    chains, a draft model, lookup trees)."""
     model = tiny_hybrid("qwen3_next", head_dim=32)  # (a head dimension a group divides)
     small = tiny_hybrid("lfm2", seed=1, num_attention_heads=2, num_key_value_heads=1)
     out = []
@@ -633,7 +705,8 @@ def kv_bits_runs(qs_values=(0, 3, 9, 11, 14, 20)):
         opts = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=qs, prefill_step_size=4)
         for prompt in PROMPTS:
             ref = list(generate_step(mx.array(prompt), model, max_tokens=24, **opts))
-            for kwargs in (dict(), dict(draft=None, draft_model=small, num_draft_tokens=3)):
+            for kwargs in (dict(), dict(draft=None, draft_model=small, num_draft_tokens=3),
+                           dict(ngram_candidates=3, max_tree_nodes=8)):  # fmt: skip
                 got, records = lookup(model, prompt, 24, **kwargs, **opts)
                 diff = max(mx.abs(r[1] - lp).max().item() for r, (_, lp) in zip(records, ref))
                 out.append((got == [int(t) for t, _ in ref], diff, sum(r[2] for r in records)))

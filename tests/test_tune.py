@@ -453,3 +453,23 @@ def test_tune_batch_on_a_plain_model_and_refusals(tmp_path):
     ]:
         with pytest.raises(ValueError, match=f"speculative_streaming.batch=.*{match}"):
             SpecStreamConfig(batch=bad)
+
+
+def test_tune_lookup_on_a_hybrid_tries_lookup_trees(monkeypatch):
+    """On a model with recurrent layers whose layers take trees (Qwen3-Next's shape),
+    the lookup tuner also times several drafts per tree, and a winning tree is the
+    choice; on one whose layers do not (Falcon-H1), chains only."""
+    from helpers import tiny_hybrid
+
+    tokenizer = word_tokenizer(16, eos=15)
+    prompts = [[1, 2, 3, 4, 1, 2, 5, 1, 2]]
+    for arch, trees in (("qwen3_next", True), ("falcon_h1", False)):
+        measured = fake_speeds(
+            monkeypatch, lambda tps, s: 1e6 if s.get("ngram_candidates") == 4 else 1.0
+        )
+        model = tiny_hybrid(arch, vocab_size=16)
+        choice, _, _ = tune.tune_lookup(model, tokenizer, prompts, max_tokens=8, log=lambda m: None,
+                                        confirm_rounds=0)  # fmt: skip
+        tried = {m.get("ngram_candidates") for m in measured}
+        assert (set(tune.LOOKUP_CANDIDATES) <= tried) == trees
+        assert (choice.get("ngram_candidates") == 4) == trees
