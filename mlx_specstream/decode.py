@@ -705,7 +705,8 @@ def spec_generate_step(
         or (plain_base and tree_refusal(model))
         or (draft_model is not None and has_recurrent_layers(draft_model))
     ):
-        lookup_trees = draft == "ngram" and draft_model is None and has_recurrent_layers(model)
+        lookup_trees = draft in ("ngram", "streams+ngram") and draft_model is None
+        lookup_trees = lookup_trees and has_recurrent_layers(model)
         if ngram_candidates != 1 and not lookup_trees:
             raise ValueError(
                 f"ngram_candidates={ngram_candidates}: this model's drafts are verified as one "
@@ -1001,20 +1002,32 @@ def _on_chain_model(
         speculative
         and draft_model is None
         and draft != "ngram"
-        and not (own_streams and draft in (None, "streams"))
+        and not (own_streams and draft in (None, "streams", "streams+ngram"))
     ):
         raise ValueError(
             f"Model type '{model_type}' {what}: it speculates with prompt lookup "
-            f"(draft='ngram'), a draft model or its lossless-mode streams, verified as a "
-            f"chain {why}; got draft={draft!r}."
+            f"(draft='ngram'), a draft model or its lossless-mode streams (with prompt "
+            f"lookup merged in: 'streams+ngram'), verified {why}; got draft={draft!r}."
         )
     if own_streams and draft is None:  # the source the model's config names (tuned)
         draft = getattr(rt.config, "draft", None)
     streams = speculative and own_streams and draft != "ngram"
+    merged = streams and draft == "streams+ngram"  # (lookup's drafts merged in, first)
     if streams:  # (the streams' chain or tree: the settings', tuned or given)
-        kw["stream_tree"], levels = streams_on_chains(rt, model, tree, kw["num_draft_tokens"])
+        lookup_tokens = kw["num_draft_tokens"] if merged else None  # (as on any model)
+        kw["stream_tree"], levels = streams_on_chains(rt, model, tree, None if merged else
+                                                      kw["num_draft_tokens"])  # fmt: skip
+        nodes = tree[3] if tree[3] is not None else rt.config.max_tree_nodes
         tree, kw["num_draft_tokens"] = (None, None, None, None), levels
-        streams = speculative = levels > 0
+        streams = speculative = levels > 0 or merged
+        if merged:
+            if kw["stream_tree"] is None:  # (a chain of ``levels``: as a tree of one path)
+                kw["stream_tree"] = static_tree([1] * levels, levels, levels + 1)
+            lookup_tokens = NGRAM_DRAFT_TOKENS if lookup_tokens is None else lookup_tokens
+            if not (isinstance(lookup_tokens, int) and lookup_tokens >= 1):
+                raise ValueError(f"num_draft_tokens={lookup_tokens!r}: an integer >= 1.")
+            kw["lookup"] = (lookup_tokens, kw["ngram_candidates"], nodes)
+            kw["num_draft_tokens"] = max(levels, min(lookup_tokens, nodes - 1))
     if speculative and draft_model is not None and draft not in (None, "streams"):
         raise ValueError(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
@@ -1023,7 +1036,7 @@ def _on_chain_model(
     candidates = kw["ngram_candidates"]
     if not (isinstance(candidates, int) and candidates >= 1):
         raise ValueError(f"ngram_candidates={candidates!r} must be an integer >= 1.")
-    if speculative and candidates > 1:  # (several lookup drafts merged into a tree)
+    if speculative and candidates > 1 and not merged:  # (several lookup drafts, a tree)
         if rt is None and attends(model):  # (the verifier alone: its trees' masks, positions)
             rt = attach_chain_verifier(model)
         nodes = tree[3] if tree[3] is not None else VerifierConfig.max_tree_nodes
@@ -1045,7 +1058,7 @@ def _on_chain_model(
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
     sampler = kw["sampler"]  # (any sampler but ours says nothing of its temperature)
     sampling = sampler not in (None, greedy) and not getattr(sampler, "greedy", False)
-    if speculative and sampling and draft_model is None and not streams:
+    if speculative and sampling and draft_model is None and (merged or not streams):
         if acceptance == "rejection":
             warnings.warn(
                 "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
@@ -1053,7 +1066,7 @@ def _on_chain_model(
                 "acceptance='target-sample' (also lossless).",
                 stacklevel=3,
             )
-    if speculative and sampling and (draft_model is not None or streams):  # drawn, or greedy
+    if speculative and sampling and (draft_model is not None or streams and not merged):
         if acceptance is None:
             acceptance = default_acceptance(sampler)
         if acceptance == "rejection" and not isinstance(sampler, DistributionSampler):
@@ -1087,6 +1100,7 @@ def _on_chain_model(
     kw.pop("stream_tree", None)
     kw.pop("ngram_candidates")
     kw.pop("max_tree_nodes", None)
+    kw.pop("lookup", None)
     kw.pop("rejection", None)  # (mlx-lm's plain loop; the draft cache follows unquantized)
     own, theirs = split_pair(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own

@@ -540,6 +540,7 @@ def chain_generate_step(
     stream_tree: Optional[StaticTree] = None,
     ngram_candidates: int = 1,
     max_tree_nodes: int = 16,
+    lookup: Optional[Tuple[int, int, int]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -582,6 +583,10 @@ def chain_generate_step(
         ngram_candidates (int): prompt lookup's drafts merged into one tree of at most
           ``max_tree_nodes`` nodes (:class:`LookupDrafts`; the model's runtime, a
           verifier alone without streams, verifies it as it verifies the streams').
+        lookup (tuple, optional): with ``streams``, ``draft="streams+ngram"``: prompt
+          lookup's drafts (``(tokens, candidates, max_nodes)``: at most ``tokens`` long,
+          ``candidates`` of them) merged into the streams' drafts, first, in a tree of at
+          most ``max_nodes`` nodes.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -596,7 +601,10 @@ def chain_generate_step(
     runtime = get_runtime(model) if streams or ngram_candidates > 1 and attends(model) else None
     state = ChainCache(model, own, quant, runtime, streams)
     if streams:
-        drafter = StreamDrafts(state, sampler if rejection else None, stream_tree)
+        tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
+        index = None if lookup is None else NgramIndex(candidates=candidates)
+        drafter = StreamDrafts(state, sampler if rejection else None, stream_tree, index,
+                               tokens, nodes)  # fmt: skip
     drafter = drafter or LookupDrafts(ngram_candidates, max_tree_nodes)
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
@@ -828,7 +836,11 @@ class StreamDrafts:
     ``[d1 x y1 y2 y3]`` (``d1`` and ``x`` pending).
     """
 
-    def __init__(self, state: "ChainCache", sampler=None, tree: Optional[StaticTree] = None):
+    def __init__(
+        self, state: "ChainCache", sampler=None, tree: Optional[StaticTree] = None,
+        lookup: Optional[NgramIndex] = None, lookup_tokens: int = NGRAM_DRAFT_TOKENS,
+        max_nodes: int = 16,
+    ):  # fmt: skip
         self.state, self.rt, self.sampler = state, state.runtime, sampler
         self.tokens: List[int] = []
         self.next: Optional[mx.array] = None  # the next chain (tree: its nodes), on the device
@@ -837,6 +849,10 @@ class StreamDrafts:
         self.vocab = vocab_size(state.model)
         # A static tree of the streams' top tokens (None, or a chain: top-1 each).
         self.tree = None if tree is None or layout_of(tree.parents).is_chain else tree
+        # (a chain's length: the given tree's, else as long as the call asks)
+        self.levels = len(tree.parents) - 1 if tree is not None else self.rt.config.num_streams
+        # draft="streams+ngram": prompt lookup's drafts merged in, up to max_nodes nodes.
+        self.lookup, self.lookup_tokens, self.max_nodes = lookup, lookup_tokens, max_nodes
         self.parents: Optional[List[int]] = None  # the last draft's tree (None: a chain)
 
     def feed(self, upto: int) -> None:
@@ -844,17 +860,30 @@ class StreamDrafts:
 
     def draft(self, n: int) -> List[int]:
         """The next drafts, at most ``n`` levels deep: a chain, or with a tree its
-        nodes but the root (``parents`` then says the tree, root first)."""
-        if self.next is None:
-            return []
-        if self.sampler is not None:
-            self.q = self._q[:n]
-        if self.tree is None:
-            return self.next[:n].tolist()
-        keep = depth_limited(self.tree.parents, n)
-        self.parents = subtree_parents(self.tree.parents, keep)
-        tokens = self.next.tolist()
-        return [tokens[i - 1] for i in keep[1:]]
+        nodes but the root (``parents`` then says the tree, root first); with
+        prompt lookup, its drafts (at most ``lookup_tokens``) merged in first
+        (:func:`~mlx_specstream.tree.merge_chains`)."""
+        tokens, parents = [], None
+        if self.next is not None:
+            if self.sampler is not None:
+                self.q = self._q[:n]
+            if self.tree is None:
+                tokens = self.next[: min(n, self.levels)].tolist()
+            else:
+                keep = depth_limited(self.tree.parents, n)
+                parents = subtree_parents(self.tree.parents, keep)
+                nodes = self.next.tolist()
+                tokens = [nodes[i - 1] for i in keep[1:]]
+        if self.lookup is not None:
+            self.lookup.extend(self.tokens[len(self.lookup.tokens) :])
+            chains = [c for c in self.lookup.drafts(min(n, self.lookup_tokens)) if c]
+            if chains:
+                parents = parents or list(range(-1, len(tokens)))
+                merged = merge_chains([self.tokens[-1]] + tokens, parents, chains, self.max_nodes)
+                tokens, parents = merged.tokens[1:], merged.parents
+                parents = None if layout_of(parents).is_chain else parents
+        self.parents = parents
+        return tokens
 
     def after_pass(self, node: int) -> None:
         """Drafts from the streams of the accepted ``node`` of the pass's drafts (0:

@@ -247,9 +247,15 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
                         confirm_rounds=0)  # fmt: skip
     # (every candidate tree, chains and trees, with the fused stream pass; the two
     # fastest split)
-    assert sum("'stream_pass': 'fused'" in line for line in log) == len(candidate_trees(3, False))
-    assert sum("'stream_pass': 'split'" in line for line in log) == 2
+    streams_only = [line for line in log if "'draft': 'streams'," in line]
+    assert sum("'stream_pass': 'fused'" in line for line in streams_only) == len(
+        candidate_trees(3, False)
+    )
+    assert sum("'stream_pass': 'split'" in line for line in streams_only) == 2
     assert any("'tree_top_k': 3" in line for line in log)  # (trees, not only chains)
+    # (prompt lookup alone, and merged with the fastest)
+    assert sum(line.startswith("{'draft': 'ngram'}") for line in log) == 1
+    assert sum("'draft': 'streams+ngram'" in line for line in log) == 1
     assert choice in ({"tree_depth": 0},) or choice.get("draft") == "streams"
 
 
@@ -378,3 +384,29 @@ def test_negative_control_the_states_of_another_path_kept(monkeypatch):
     model = stream_hybrid("qwen3_next")
     got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch, wrong_row=True)
     assert kept >= 1 and got != want
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "lfm2", "jamba"])
+def test_streams_with_prompt_lookup_merged_equal_plain(arch, monkeypatch):
+    """``draft="streams+ngram"``: prompt lookup's drafts merged into the streams' tree
+    (or chain), first, under ``max_tree_nodes``: mlx-lm's greedy output; the merged
+    draft's first path is lookup's draft wherever lookup found one."""
+    model = stream_hybrid(arch)
+    draft, merged = recurrent.StreamDrafts.draft, []
+
+    def spy(self, n):
+        out = draft(self, n)
+        found = [c for c in self.lookup.drafts(min(n, self.lookup_tokens)) if c]
+        if found:
+            first = found[0][: len(out)]
+            merged.append(out[: len(first)] == first)
+        return out
+
+    monkeypatch.setattr(recurrent.StreamDrafts, "draft", spy)
+    for kwargs in (dict(), dict(tree_top_k=1, num_draft_tokens=4), dict(ngram_candidates=3)):
+        for prompt in PROMPTS:
+            prompt = prompt + prompt[:4] + prompt
+            got, records = lookup(model, prompt, 40, draft="streams+ngram", **kwargs)
+            assert got == plain_greedy(model, prompt, 40)
+            assert records[-1][3] == 40 - sum(r[2] for r in records)
+    assert len(merged) > 20 and all(merged)

@@ -259,6 +259,10 @@ SAMPLED = {
         lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
         dict(ngram_candidates=3, prompt=[1, 4, 2, 5, 1, 4, 3, 1, 4]),
     ),
+    "qwen3_next streams+ngram": (  # (lookup merged into the streams' tree: target-sample)
+        lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        dict(n_tokens=3, draft="streams+ngram", prompt=[1, 4, 2, 5, 1, 4, 3, 1, 4]),
+    ),
     "qwen3_next stream chain": (  # (the streams' top tokens as a chain; above, a tree)
         lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
         dict(n_tokens=3, draft="streams", acceptance="target-sample", tree_top_k=1),
