@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 from helpers import HYBRID_ARGS, plain_greedy, stream_hybrid, tiny_hybrid, word_tokenizer
 from mlx_lm.models.cache import make_prompt_cache
-from test_recurrent import PROMPTS, lookup
+from test_recurrent import PROMPTS, lookup, one_order_rows
 
 import mlx_specstream.recurrent as recurrent
 from mlx_specstream import SpecStreamConfig, attach_streams
@@ -178,17 +178,7 @@ def test_stream_shapes_and_refusals(monkeypatch):
 def test_negative_control_a_tree_read_in_one_order_by_the_mixers(monkeypatch):
     """The recurrent mixers reading a tree's nodes as one sequence (every node after
     the one before, siblings included) instead of along its paths: the output differs."""
-    import numpy as np
-
-    def one_row(parents):
-        n = len(parents) - 1
-        return (
-            np.arange(n, dtype=np.int32)[None],
-            np.zeros(n, np.int32),
-            np.arange(n, dtype=np.int32),
-        )
-
-    monkeypatch.setattr(recurrent, "path_rows", one_row)
+    monkeypatch.setattr(recurrent, "path_rows", one_order_rows)
     model = stream_hybrid("qwen3_next")
     assert any(lookup(model, p, 40, draft=None)[0] != plain_greedy(model, p, 40) for p in PROMPTS)
 

@@ -98,20 +98,18 @@ def test_lookup_trees_on_a_recurrent_model_equal_plain(arch, monkeypatch):
     assert sum(trees) > 10, "few trees: the test has no power"
 
 
+def one_order_rows(parents):
+    """A control's ``tree.path_rows``: the tree's nodes as one row, each after the one
+    before (siblings included), as a chain would be read."""
+    n = len(parents) - 1
+    return np.arange(n, dtype=np.int32)[None], np.zeros(n, np.int32), np.arange(n, dtype=np.int32)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_next", "mamba2"])
 def test_negative_control_lookup_trees_read_in_one_order(arch, monkeypatch):
     """The mixers reading a lookup tree's nodes as one sequence: the output differs
     (with attention, and without: Mamba 2 needs no verifier)."""
-
-    def one_row(parents):
-        n = len(parents) - 1
-        return (
-            np.arange(n, dtype=np.int32)[None],
-            np.zeros(n, np.int32),
-            np.arange(n, dtype=np.int32),
-        )
-
-    monkeypatch.setattr(recurrent, "path_rows", one_row)
+    monkeypatch.setattr(recurrent, "path_rows", one_order_rows)
     model = tiny_hybrid(arch)
     prompts = [p + p[:4] + p for p in PROMPTS]
     assert any(
