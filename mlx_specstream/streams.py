@@ -1265,7 +1265,8 @@ def cache_slots(model) -> List[Optional[int]]:
     layers' in order.
 
     Example: a Nemotron-NAS of 4 layers, the second and fourth without attention
-    (2 caches): ``[0, None, 1, None]``; a Gemma 4 of 6 layers whose last 2 share:
+    (2 caches): ``[0, None, 1, None]``; a Nemotron-H of pattern ``M-*-`` (2 caches,
+    its MLP layers keep none) the same; a Gemma 4 of 6 layers whose last 2 share:
     ``[0, 1, 2, 3, 3, 2]``.
     """
     made = model.make_cache() if hasattr(model, "make_cache") else None
@@ -1273,7 +1274,23 @@ def cache_slots(model) -> List[Optional[int]]:
     if made is not None and len(made) == sum(attends) < len(attends):
         slots = iter(range(len(made)))
         return [next(slots) if a else None for a in attends]
+    # (Nemotron-H: caches for its mixer and attention layers only, in order; its MLP and
+    # MoE layers hold no module that takes a cache)
+    takes = [any(_takes_cache(m) for m in layer.children().values()) for layer in model.layers]
+    if made is not None and len(made) == sum(takes) < len(takes):
+        slots = iter(range(len(made)))
+        return [next(slots) if t else None for t in takes]
     return kv_sources(model)
+
+
+def _takes_cache(module) -> bool:
+    """Whether ``module`` is a module whose call takes a ``cache`` argument."""
+    if not isinstance(module, nn.Module):
+        return False
+    try:
+        return "cache" in inspect.signature(type(module).__call__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def llama4_attention_scale(positions: mx.array, beta: float, max_positions: int) -> mx.array:

@@ -65,10 +65,9 @@ def test_lookup_on_a_recurrent_model_equals_plain(arch):
 
 
 # Hybrids whose layers the tree verifier cannot take apart (streams.tree_on_chains_refusal):
-# a mixer's state beside keys in one layer, RoPE out of reach, caches not one per layer,
-# a layer called as layer(x, cache, mask).
-NO_LOOKUP_TREES = {"baichuan_m1", "falcon_h1", "longcat_flash_ngram", "nemotron_h",
-                   "recurrent_gemma"}  # fmt: skip
+# a mixer's state beside keys in one layer, RoPE out of reach, a layer called as
+# layer(x, cache, mask). (Nemotron-H's caches pair with its mixer and attention layers.)
+NO_LOOKUP_TREES = {"baichuan_m1", "falcon_h1", "longcat_flash_ngram", "recurrent_gemma"}
 
 
 @pytest.mark.parametrize("arch", HYBRIDS)
@@ -797,3 +796,14 @@ def test_recurrent_gemma_mixers_that_read_a_mask_are_still_refused(monkeypatch):
     monkeypatch.setattr(recurrent, "reads_mask", lambda module: True)
     with pytest.raises(ValueError, match="takes no mask"):
         lookup(tiny_hybrid("recurrent_gemma", seed=7), PROMPTS[0], 20)
+
+
+def test_nemotron_h_caches_pair_with_its_mixer_and_attention_layers():
+    """Nemotron-H makes caches for its Mamba and attention layers only (pattern
+    ``-M*M``: 3 caches for 4 layers); ``cache_slots`` pairs them in order, so the
+    tree verifier knows which layers are recurrent (lookup trees run on it)."""
+    from mlx_specstream.streams import cache_slots, tree_on_chains_refusal
+
+    model = tiny_hybrid("nemotron_h")
+    assert [layer.block_type for layer in model.layers] == ["-", "M", "*", "M"]
+    assert cache_slots(model) == [None, 0, 1, 2] and tree_on_chains_refusal(model) is None
