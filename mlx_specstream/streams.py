@@ -1275,9 +1275,10 @@ def cache_slots(model) -> List[Optional[int]]:
         slots = iter(range(len(made)))
         return [next(slots) if a else None for a in attends]
     # (Nemotron-H: caches for its mixer and attention layers only, in order; its MLP and
-    # MoE layers hold no module that takes a cache)
+    # MoE layers are handed none and hold no module that takes one)
     takes = [any(_takes_cache(m) for m in layer.children().values()) for layer in model.layers]
-    if made is not None and len(made) == sum(takes) < len(takes):
+    handed = all("cache" in layer_params(layer) for layer in model.layers)
+    if made is not None and handed and len(made) == sum(takes) < len(takes):
         slots = iter(range(len(made)))
         return [next(slots) if t else None for t in takes]
     return kv_sources(model)
