@@ -28,10 +28,12 @@ itself recurrent or not, which keeps its state after each draft it feeds). The m
 own lossless streams (:class:`StreamDrafts`) draft chains or trees: a tree goes through
 the attention layers with the tree verifier's masks and positions, and each recurrent
 mixer reads it after the split as a batch of its root-to-leaf paths, each from the state
-after the pending tokens (:func:`_along_paths`). The cost over a plain pass: the recurrent mixers' weights are read
-twice per step, and the pending tokens ride along again (on a bandwidth-bound
-device, nearly free). With ``kv_bits`` the KV layers convert where mlx-lm's loop
-converts them (:meth:`ChainCache.draft_room`).
+after the pending tokens (:func:`_along_paths`).
+
+The cost over a plain pass: the recurrent mixers' weights are read twice per step,
+the pending tokens ride along again, and a tree's paths repeat their shared nodes in
+the mixers (on a bandwidth-bound device, rows are nearly free). With ``kv_bits`` the KV
+layers convert where mlx-lm's loop converts them (:meth:`ChainCache.draft_room`).
 """
 
 import ast
@@ -891,6 +893,8 @@ class StreamDrafts:
         s, row = self.state, self.state.first_row + node
         if s.stream_logits is not None:  # (the fused pass: every row's streams)
             logits = s.stream_logits[row]
+        elif s.stream_hidden is not None:  # (the fused pass, the head after it)
+            logits = self.rt.head(s.stream_hidden[row][None])[0]
         else:
             logits = self.rt.draft_streams(mx.array(row, dtype=mx.int32), s.cache)
             s.cut_stream_rows(self.rt.config.num_streams)
@@ -933,6 +937,7 @@ class ChainCache:
         self.runtime, self.streams = runtime, streams
         self.first_row = 0  # the last pass's row of its last pending token
         self.stream_logits: Optional[mx.array] = None  # a fused pass's, (rows, gamma, V)
+        self.stream_hidden: Optional[mx.array] = None  # or its stream rows' states (rows, gamma, D)
         if runtime is not None:  # the stream layers' caches, one each
             layers = range(runtime.first_top, runtime.num_layers)
             self.upper = sorted({runtime.cache_slot[i] for i in layers})
@@ -1032,13 +1037,18 @@ class ChainCache:
             else:  # (a chain's rows: the model's own masks and positions below the streams)
                 width = len(pending) + len(drafts)
                 fused = self.streams and not self.runtime.split_streams
+                # Every row's stream logits from the pass's own head call (one read of the
+                # head: the default, measured faster here on a CPU too, benchmarks/RESULTS.md),
+                # or the accepted row's from the head after it (StreamDrafts.after_pass).
+                in_pass = fused and self.runtime.stream_logits_in_pass is not False
                 below = list(range(-1, len(pending) - 1))  # (the pending chain, then the drafts)
                 above = range(len(drafts)) if parents is None else parents[1:]
                 rows = layout_of(below + [len(pending) - 1 + q for q in above])
                 out = self.runtime.forward(
-                    pending + drafts, rows, self.cache, all_streams=fused, stream_logits=fused
+                    pending + drafts, rows, self.cache, all_streams=fused, stream_logits=in_pass
                 )
                 logits, self.stream_logits = out.logits[None], out.stream_logits
+                self.stream_hidden = out.stream_hidden if fused and not in_pass else None
                 if fused:  # (written after the main rows: cut before anything else)
                     self.cut_stream_rows(width * self.runtime.config.num_streams)
         finally:

@@ -244,8 +244,9 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
     them, with its arguments): the fastest tree of :func:`candidate_trees` (chains,
     ``tree_top_k`` 1, and where the model takes them trees, whose nodes its recurrent
     mixers read along their paths) with the fused stream pass, then the split one on
-    the two fastest, then prompt lookup alone and merged with the fastest; plain
-    decoding when none beats it by ``min_gain``.
+    the two fastest, where the stream logits are computed on the two fastest fused,
+    then prompt lookup alone and merged with the fastest; plain decoding when none
+    beats it by ``min_gain``.
 
     Returns:
         tuple: the choice (``{"draft": "streams", "tree_depth": n, "tree_top_k": k,
@@ -262,6 +263,11 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
     # Every row's streams in the verifying pass, or the accepted row's in a pass of their own.
     for shape in trials.fastest(2):
         trials.run(dict(shape, stream_pass="split"))
+    # Every row's stream logits from the pass's own head call (the default here), or
+    # the accepted row's after it: on the two fastest fused, the latter.
+    fused = [t for t in trials.fastest(len(trials.results)) if t["stream_pass"] == "fused"]
+    for shape in fused[:2]:
+        trials.run(dict(shape, stream_logits_in_pass=False))
     # Prompt lookup, alone and merged with the fastest tree (as on any model).
     trials.run(dict(draft="ngram"))
     trials.run(dict(trials.fastest(1)[0], draft="streams+ngram"))

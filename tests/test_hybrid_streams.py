@@ -89,15 +89,18 @@ def stream_drafts_against_the_full_pass(model, prompt, n, monkeypatch, row_shift
 
 
 @pytest.mark.parametrize("shape", ["tree", "chain"])
-@pytest.mark.parametrize("stream_pass", ["fused", "split"])
+@pytest.mark.parametrize("stream_pass", ["fused", "fused, head after the pass", "split"])
 @pytest.mark.parametrize("arch", ["qwen3_next", "lfm2"])
 def test_each_chain_is_the_streams_of_a_full_pass(arch, stream_pass, shape, monkeypatch):
-    """The streams of the last accepted token, read from the verifying pass (fused) or
-    computed after it over the caches as it left them (split), equal a full
-    multi-stream pass's over the whole sequence at that token (Gated DeltaNet and
-    short-convolution layers below), after a chain or a tree of drafts."""
+    """The streams of the last accepted token, read from the verifying pass (fused:
+    every row's stream logits from the pass's own head call, or the accepted row's
+    stream states through the head after it) or computed after it over the caches
+    as it left them (split), equal a full multi-stream pass's over the whole sequence
+    at that token (Gated DeltaNet and short-convolution layers below), after a chain
+    or a tree of drafts."""
     model = stream_hybrid(arch, vocab_size=16)
     get_runtime(model).split_streams = stream_pass == "split"
+    get_runtime(model).stream_logits_in_pass = stream_pass != "fused, head after the pass"
     kwargs = dict(tree_top_k=1) if shape == "chain" else {}
     diff, same, chains = stream_drafts_against_the_full_pass(
         model, PROMPTS[2], 24, monkeypatch, **kwargs
@@ -238,9 +241,9 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
     # (every candidate tree, chains and trees, with the fused stream pass; the two
     # fastest split)
     streams_only = [line for line in log if "'draft': 'streams'," in line]
-    assert sum("'stream_pass': 'fused'" in line for line in streams_only) == len(
-        candidate_trees(3, False)
-    )
+    assert sum("'stream_pass': 'fused'" in line and "stream_logits_in_pass" not in line
+               for line in streams_only) == len(candidate_trees(3, False))  # fmt: skip
+    assert sum("'stream_logits_in_pass': False" in line for line in streams_only) == 2
     assert sum("'stream_pass': 'split'" in line for line in streams_only) == 2
     assert any("'tree_top_k': 3" in line for line in log)  # (trees, not only chains)
     # (prompt lookup alone, and merged with the fastest)
