@@ -156,6 +156,12 @@ def test_stream_shapes_and_refusals(monkeypatch):
         __import__("mlx_specstream.tree", fromlist=["x"]).static_tree([3] * 3, 3, 16).parents
     )
     assert decode.streams_on_chains(rt, model, (2, 2, None, 3), None) == (None, 2)  # (a chain)
+    import dataclasses  # (a config tuned to a chain: top_k 1)
+
+    config = rt.config
+    rt.config = dataclasses.replace(config, top_k=1, tree_depth=2)
+    assert decode.streams_on_chains(rt, model, (None,) * 4, None) == (None, 2)
+    rt.config = config
     got, records = lookup(model, PROMPTS[0], 24, draft=None, tree_depth=0)
     assert got == want and records[-1][3] == 24
     with pytest.raises(ValueError, match="in \\[0, 3\\]"):
