@@ -204,10 +204,11 @@ def test_tree_on_chains_refusal_golden():
     assert "takes (x, cache, mask)" in tree_on_chains_refusal(tiny_hybrid("recurrent_gemma"))
 
 
-def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
+def test_train_in_mlx_then_load_and_generate_faster(tmp_path, capsys):
     """A Mac user's three lines on a saved Qwen3-Next-shaped directory: train streams
     (self-distilled), load, generate: mlx-lm's greedy tokens, with most of the streams'
-    drafts accepted on the prompts they learned; the tuner times the chain lengths."""
+    drafts accepted on the prompts they learned; the tuner times trees and chains; the
+    generate command takes tree flags and ``--draft streams+ngram`` there."""
     import mlx_lm
     from mlx_lm.utils import save_config, save_model
     from test_train import V, write_cycle_jsonl
@@ -255,7 +256,19 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path):
     # (prompt lookup alone, and merged with the fastest)
     assert sum(line.startswith("{'draft': 'ngram'}") for line in log) == 1
     assert sum("'draft': 'streams+ngram'" in line for line in log) == 1
-    assert choice in ({"tree_depth": 0},) or choice.get("draft") == "streams"
+    assert choice == {"tree_depth": 0} or choice.get("draft") in ("streams", "ngram",
+                                                                   "streams+ngram")  # fmt: skip
+    # The generate command on the written directory: a tree the flags set, and lookup
+    # merged into the streams' tree, each identical to plain decoding.
+    import importlib
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")
+    prompt = " ".join(json.loads(next(open(data)))["text"].split()[:2])
+    common = ["--model", str(out), "--prompt", prompt, "--max-tokens", "16",
+              "--ignore-chat-template", "--compare-plain"]  # fmt: skip
+    for extra in (["--tree-top-k", "2", "--max-tree-nodes", "6"], ["--draft", "streams+ngram"]):
+        gen_mod.main([*common, *extra])
+        assert "Output identical to plain decoding: yes" in capsys.readouterr().out, extra
 
 
 def test_untrained_prompts_still_decode_as_plain():
