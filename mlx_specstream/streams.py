@@ -485,10 +485,28 @@ class StreamRuntime:
 
                 return __call__
 
+            def attn_mask_layer_call(base_call, i=i):
+                # Falcon-H1's layers: (h, cache, attn_mask, mamba_mask), a mixer beside the
+                # attention; the tree's mask goes to the attention's, the mixer's stays.
+                def __call__(self, h, cache=None, attn_mask=None, **kwargs):
+                    if rt.state is None:
+                        return base_call(self, h, cache=cache, attn_mask=attn_mask, **kwargs)
+
+                    def base(layer, x, mask=None, cache=None, **rest):
+                        return base_call(layer, x, cache=cache, attn_mask=mask, **rest)
+
+                    return layer_call(base, i)(self, h, attn_mask, cache, **kwargs)
+
+                return __call__
+
             for rope in _ropes(layer):  # (none: a NoPE layer, see _no_positions)
                 _swap_call(rope, rope_call)
             scaled = self._scale_settings[i] is not None
-            _swap_call(layer, scaled_layer_call if scaled else layer_call)
+            apart = _attention_mask_apart(layer)
+            _swap_call(
+                layer,
+                scaled_layer_call if scaled else attn_mask_layer_call if apart else layer_call,
+            )
         for j, targets in enumerate(self.lora_targets):
             for name in targets:
                 _swap_call(
@@ -942,7 +960,7 @@ class StreamRuntime:
                 prefix, accepted = fold.start, fold.accepted
             self._join = lambda mask: place_window(mask, base, accepted, span + mask.shape[1])
         else:
-            prefix = cache[self.upper_slot].offset  # (a KV layer: recurrent ones keep none)
+            prefix = kv_offset(cache[self.upper_slot])  # (a KV layer: recurrent ones keep none)
             self._join = lambda mask: with_prefix(mask, prefix)
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
         self._layout, self._prefix = layout, prefix
@@ -1639,11 +1657,27 @@ def check_supported(model: nn.Module, config: SpecStreamConfig):
             raise TreeUnsupported(f"Model type '{model_type}': {why}" + CHAIN_NOTE)
 
 
+def _attention_mask_apart(layer) -> bool:
+    """Whether decoder ``layer`` is called as ``layer(h, cache, attn_mask, ...)``, its
+    attention's mask apart from its mixer's (Falcon-H1's, beside a Mamba mixer)."""
+    takes = layer_params(layer)
+    return len(takes) >= 3 and takes[1] == "cache" and takes[2] == "attn_mask"
+
+
+def kv_offset(c) -> int:
+    """The tokens a layer's cache holds: its offset, or for a ``CacheList`` (Falcon-H1's
+    mixer state beside its keys) its first member that has one."""
+    if hasattr(c, "offset"):
+        return c.offset
+    return next(k.offset for k in c.caches if hasattr(k, "offset"))
+
+
 def _layer_refusal(model: nn.Module, i: int, layer, slots: list) -> Optional[str]:
     """Why the tree verifier cannot take decoder layer ``i`` (``None``: it can): the
     tree's masks go in through the layer's call, its positions through a RoPE module."""
     takes = layer_params(layer)
     plain = len(takes) >= 3 and "mask" in takes[1] and takes[2] == "cache"
+    plain = plain or _attention_mask_apart(layer)
     if not plain and not _scaled_attention(model, layer):
         return (
             f"layer {i} ({type(layer).__name__}) takes ({', '.join(takes)}); the tree's "
@@ -1682,7 +1716,8 @@ def tree_on_chains_refusal(model: nn.Module) -> Optional[str]:
         c = None if slots[i] is None else made[slots[i]]
         if isinstance(c, ArraysCache):
             continue  # (a recurrent layer: its own call)
-        if any(isinstance(k, ArraysCache) for k in getattr(c, "caches", None) or ()):
+        members = getattr(c, "caches", None) or ()
+        if any(isinstance(k, ArraysCache) for k in members) and not _attention_mask_apart(layer):
             return (
                 f"layer {i} keeps a recurrent state beside an attention's keys (a "
                 "CacheList): its call mixes both, so its attention cannot take the tree's "

@@ -194,13 +194,15 @@ def test_negative_control_a_tree_read_in_one_order_by_the_mixers(monkeypatch):
 
 def test_tree_on_chains_refusal_golden():
     """Hybrids whose stream trees the verifier takes, and those it refuses with the
-    reason: a layer keeping a mixer's state beside keys (Falcon-H1), a layer called
+    reason: a layer keeping a mixer's state inside its attention (Baichuan-M1), a layer called
     otherwise than layer(x, mask, cache) (RecurrentGemma)."""
     from mlx_specstream.streams import tree_on_chains_refusal
 
     for arch in STREAM_HYBRIDS:
         assert tree_on_chains_refusal(tiny_hybrid(arch)) is None, arch
-    assert "beside an attention's keys" in tree_on_chains_refusal(tiny_hybrid("falcon_h1"))
+    assert "beside an attention's keys" in tree_on_chains_refusal(tiny_hybrid("baichuan_m1"))
+    # (Falcon-H1's layers take the attention's mask apart from the mixer's: trees run)
+    assert tree_on_chains_refusal(tiny_hybrid("falcon_h1")) is None
     assert "takes (x, cache, mask)" in tree_on_chains_refusal(tiny_hybrid("recurrent_gemma"))
 
 

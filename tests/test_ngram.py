@@ -288,7 +288,7 @@ def test_several_lookup_drafts_merge_with_streams_and_a_draft_model():
 
 def test_ngram_candidates_errors():
     """Named errors: not an integer >= 1, without prompt lookup, pipelined, on a model
-    with recurrent layers whose layers take no tree (Falcon-H1), and with a draft
+    with recurrent layers whose layers take no tree (Baichuan-M1), and with a draft
     model on recurrent layers (chains only)."""
     from helpers import tiny_hybrid
 
@@ -300,7 +300,7 @@ def test_ngram_candidates_errors():
     with pytest.raises(ValueError, match="pipeline=True: several prompt-lookup drafts"):
         spec_tokens(model, PROMPT, 4, draft="ngram", ngram_candidates=2, pipeline=True)
     with pytest.raises(ValueError, match="no tree of drafts here: layer 0 keeps a recurrent"):
-        hybrid = tiny_hybrid("falcon_h1", vocab_size=8)
+        hybrid = tiny_hybrid("baichuan_m1", vocab_size=8)
         spec_tokens(hybrid, PROMPT, 4, draft="ngram", ngram_candidates=2)
     with pytest.raises(ValueError, match="drafts are verified as one chain .recurrent layers"):
         hybrid, small = tiny_hybrid(vocab_size=8), tiny_hybrid(vocab_size=8, seed=1)

@@ -458,12 +458,12 @@ def test_tune_batch_on_a_plain_model_and_refusals(tmp_path):
 def test_tune_lookup_on_a_hybrid_tries_lookup_trees(monkeypatch):
     """On a model with recurrent layers whose layers take trees (Qwen3-Next's shape),
     the lookup tuner also times several drafts per tree, and a winning tree is the
-    choice; on one whose layers do not (Falcon-H1), chains only."""
+    choice; on one whose layers do not (Baichuan-M1), chains only."""
     from helpers import tiny_hybrid
 
     tokenizer = word_tokenizer(16, eos=15)
     prompts = [[1, 2, 3, 4, 1, 2, 5, 1, 2]]
-    for arch, trees in (("qwen3_next", True), ("falcon_h1", False)):
+    for arch, trees in (("qwen3_next", True), ("baichuan_m1", False)):
         measured = fake_speeds(
             monkeypatch, lambda tps, s: 1e6 if s.get("ngram_candidates") == 4 else 1.0
         )
