@@ -1088,7 +1088,7 @@ class ChainCache:
         if self.tree and path is not None and path == self.first_path:
             for c, wrote in self.split.path_states:
                 for i, a in wrote.items():
-                    c.cache[i] = a[:1]
+                    c.cache[i] = mx.contiguous(a[:1])  # (a copy: not a view of every path's)
             kept = len(path) - 1
             for c in self.kv:
                 c.trim(self.drafted - kept)
@@ -1098,6 +1098,7 @@ class ChainCache:
             self.held = self.pending_end + self.drafted
         else:
             self.roll_back()
+        self.split.path_states = []  # (every path's states: let them go)
         self._settle(evaluate=False)
 
     def roll_back(self) -> None:
