@@ -49,7 +49,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
-from .cache import WindowKVCache, model_caches
+from .cache import WindowKVCache, commit_path, model_caches
 from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import (
@@ -950,7 +950,9 @@ class ChainCache:
         self.pending_end = 0  # where the last pass's drafts began
         self.drafted = 0  # the last pass's drafts, while they are in the caches
         self.tree = False  # whether they were a tree
-        self.first_path: Optional[List[int]] = None  # its first path, if kept when accepted
+        # Its root-to-leaf paths that a commit keeps when accepted whole (the deepest):
+        # path (node 0 first) -> its row of the mixers' batched states.
+        self.whole_paths: dict = {}
         self.back = (0, [])  # where a roll-back goes: tokens held, recurrent states
         self.floor = 0  # the fewest tokens a roll-back may leave held (windows keep theirs)
 
@@ -1010,8 +1012,8 @@ class ChainCache:
         whose other nodes carry ``drafts``; a stream model's only), the drafts are a
         tree: the attention layers see it through the tree verifier's masks and
         positions, the recurrent mixers run it as a batch of its paths
-        (:func:`_along_paths`), and after it the caches keep the tree's first path
-        where it was accepted whole (:meth:`commit`), else are rolled back.
+        (:func:`_along_paths`), and after it the caches keep a deepest path of the
+        tree where it was accepted whole (:meth:`commit`), else are rolled back.
         """
         pending, self.pending_end = self.tokens[self.held :], len(self.tokens)
         tree = parents is not None and not layout_of(parents).is_chain
@@ -1019,17 +1021,17 @@ class ChainCache:
         before = (self.held, [(c, state_of(c)) for c in self.recurrent])
         self.split.at = None if whole or not drafts else len(pending)
         self.split.kept, self.split.wrote, self.split.path_states = [], {}, []
-        self.first_path = None
+        self.whole_paths = {}
         if tree:
             if self.runtime is None and self.kv:  # (without attention: no mask to make)
                 raise ValueError("A tree of drafts needs the tree verifier's masks here.")
             rows = path_rows(parents)
             self.split.paths = tuple(mx.array(a) for a in rows)
-            # The first path, kept whole when accepted whole: its rows must follow the
-            # pending ones, unpadded (a static tree's: depth-first, best child first).
-            first = [0] + [int(n) + 1 for n in dict.fromkeys(rows[0][0].tolist())]
-            if first == list(range(len(first))) and len(first) - 1 == rows[0].shape[1]:
-                self.first_path = first
+            # The paths kept when accepted whole: the unpadded ones (every row's final
+            # state is that path's), whose KV rows a commit gathers (cache.commit_path).
+            for r, row in enumerate(rows[0].tolist()):
+                if len(set(row)) == len(row):
+                    self.whole_paths[tuple([0] + [n + 1 for n in row])] = r
         split = self.split.at is not None
         try:
             if self.runtime is None:
@@ -1083,15 +1085,16 @@ class ChainCache:
     def commit(self, all_accepted: bool, path: Optional[List[int]] = None) -> None:
         """After :meth:`run`: keeps every draft, or goes back (:meth:`roll_back`;
         the accepted drafts are then pending). After a tree, ``path`` is the
-        accepted one: kept when it is the tree's first path whole (its rows follow
-        the pending ones; each recurrent state is that path's), else rolled back."""
-        if self.tree and path is not None and path == self.first_path:
+        accepted one: kept when it is one of the tree's deepest paths whole (its KV
+        rows gathered after the pending ones, a plain trim for the first path; each
+        recurrent state is that path's row), else rolled back."""
+        r = self.whole_paths.get(tuple(path)) if self.tree and path is not None else None
+        if r is not None:
             for c, wrote in self.split.path_states:
                 for i, a in wrote.items():
-                    c.cache[i] = mx.contiguous(a[:1])  # (a copy: not a view of every path's)
+                    c.cache[i] = mx.contiguous(a[r : r + 1])  # (a copy, not a view of all)
             kept = len(path) - 1
-            for c in self.kv:
-                c.trim(self.drafted - kept)
+            commit_path(self.kv, self.pending_end, [[n - 1 for n in path[1:]]] * len(self.kv))
             self.drafted = kept
             self.held = self.pending_end + kept
         elif all_accepted and not self.tree:

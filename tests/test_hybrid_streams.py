@@ -350,38 +350,46 @@ def test_kv_bits_equals_mlx_lm_s_own_loop():
     assert accepted > 5, "drafts were rarely accepted: the test has no power"
 
 
-def oracle_trees(model, prompt, n, monkeypatch, wrong_row=False):
-    """Decodes with each tree's first path set to mlx-lm's greedy continuation (the
-    other nodes the streams'), so that the first path is accepted whole and kept
-    (``ChainCache.commit``): the tokens, mlx-lm's, and how many trees kept it.
-    ``wrong_row`` keeps the recurrent states of the second path instead."""
+def oracle_trees(model, prompt, n, monkeypatch, wrong_row=False, last=False):
+    """Decodes with one path of each tree (its first; with ``last``, its last leaf's)
+    set to mlx-lm's greedy continuation (the other nodes the streams', the first
+    path's first node kept off it), so that path is accepted whole and kept
+    (``ChainCache.commit``): the tokens, mlx-lm's, and how many trees kept their path.
+    ``wrong_row`` keeps the recurrent states of another path instead."""
     want = plain_greedy(model, prompt, n + 8)
     draft, commit, kept = recurrent.StreamDrafts.draft, recurrent.ChainCache.commit, []
 
     def oracle(self, levels):
         drafts = draft(self, levels)
         if self.tree is not None and drafts:
-            at = len(self.tokens) - len(prompt)
-            for i in range(1, len(self.parents)):
-                if self.parents[i] != i - 1:
-                    break  # (the first path: nodes 1, 2, ... each under the one before)
-                drafts[i - 1] = want[at + i - 1]
+            at, parents = len(self.tokens) - len(prompt), self.parents
+            depths = [len(path_to(i, parents)) for i in range(len(parents))]
+            deepest = max(i for i, d in enumerate(depths) if d == max(depths))  # (the last)
+            path = path_to(deepest if last else 1, parents)[1:]
+            while not last and path[-1] + 1 < len(parents) and parents[path[-1] + 1] == path[-1]:
+                path.append(path[-1] + 1)  # (the first path: each node under the one before)
+            if last and len(path) > 1 and path[0] != 1:  # (node 1 off the oracle's token)
+                drafts[0] = (want[at] + 1) % model.args.vocab_size
+            for depth, node in enumerate(path):
+                drafts[node - 1] = want[at + depth]
         return drafts
 
     def spy(self, all_accepted, path=None):
-        if self.tree and path == self.first_path:
+        if self.tree and path is not None and tuple(path) in self.whole_paths:
             kept.append(path)
             if wrong_row:
+                r = self.whole_paths[tuple(path)]
                 for c, wrote in self.split.path_states:
-                    for i, a in wrote.items():
-                        wrote[i] = a[1:2]
+                    for i, a in wrote.items():  # (the next row's, or the one before)
+                        other = r + 1 if r + 1 < a.shape[0] else r - 1
+                        wrote[i] = mx.concatenate([a[other : other + 1]] * a.shape[0])
         return commit(self, all_accepted, path)
 
     monkeypatch.setattr(recurrent.StreamDrafts, "draft", oracle)
     monkeypatch.setattr(recurrent.ChainCache, "commit", spy)
     got, records = lookup(model, prompt, n, draft=None)
     monkeypatch.undo()
-    return got, want[:n], len(kept)
+    return got, want[:n], kept
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "lfm2", "jamba", "bailing_moe_linear"])
@@ -391,13 +399,24 @@ def test_a_tree_s_first_path_accepted_whole_is_kept(arch, monkeypatch):
     mlx-lm's greedy loop."""
     model = stream_hybrid(arch)
     got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch)
-    assert got == want and kept >= 5
+    assert got == want and len(kept) >= 5
 
 
-def test_negative_control_the_states_of_another_path_kept(monkeypatch):
+@pytest.mark.parametrize("arch", ["qwen3_next", "lfm2"])
+def test_another_deepest_path_accepted_whole_is_kept(arch, monkeypatch):
+    """The tree's last path accepted whole (not the first): its KV rows are gathered
+    after the pending ones (cache.commit_path) and its row of the mixers' states kept;
+    decoding goes on as mlx-lm's greedy loop."""
+    model = stream_hybrid(arch)
+    got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch, last=True)
+    assert got == want and sum(p[1] != 1 for p in kept) >= 5
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_negative_control_the_states_of_another_path_kept(last, monkeypatch):
     model = stream_hybrid("qwen3_next")
-    got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch, wrong_row=True)
-    assert kept >= 1 and got != want
+    got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch, wrong_row=True, last=last)
+    assert kept and got != want
 
 
 @pytest.mark.parametrize("arch", ["qwen3_next", "lfm2", "jamba"])
