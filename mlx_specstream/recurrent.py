@@ -1093,8 +1093,10 @@ class ChainCache:
             for c, wrote in self.split.path_states:
                 for i, a in wrote.items():
                     c.cache[i] = mx.contiguous(a[r : r + 1])  # (a copy, not a view of all)
-            kept = len(path) - 1
-            commit_path(self.kv, self.pending_end, [[n - 1 for n in path[1:]]] * len(self.kv))
+            kept, kv = len(path) - 1, self.kv
+            if kv:  # (the tree's rows follow what the caches held before: a reused cache's too)
+                prefix = kv[0].offset - self.drafted
+                commit_path(kv, prefix, [[n - 1 for n in path[1:]]] * len(kv))
             self.drafted = kept
             self.held = self.pending_end + kept
         elif all_accepted and not self.tree:

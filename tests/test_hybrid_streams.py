@@ -350,13 +350,15 @@ def test_kv_bits_equals_mlx_lm_s_own_loop():
     assert accepted > 5, "drafts were rarely accepted: the test has no power"
 
 
-def oracle_trees(model, prompt, n, monkeypatch, wrong_row=False, last=False):
+def oracle_trees(model, prompt, n, monkeypatch, wrong_row=False, last=False, caches=None):
     """Decodes with one path of each tree (its first; with ``last``, its last leaf's)
     set to mlx-lm's greedy continuation (the other nodes the streams', the first
     path's first node kept off it), so that path is accepted whole and kept
     (``ChainCache.commit``): the tokens, mlx-lm's, and how many trees kept their path.
-    ``wrong_row`` keeps the recurrent states of another path instead."""
-    want = plain_greedy(model, prompt, n + 8)
+    ``wrong_row`` keeps the recurrent states of another path instead. ``caches``:
+    ours and mlx-lm's, reused (holding the same earlier tokens)."""
+    ours, theirs = caches or (None, None)
+    want = plain_greedy(model, prompt, n + 8, prompt_cache=theirs)
     draft, commit, kept = recurrent.StreamDrafts.draft, recurrent.ChainCache.commit, []
 
     def oracle(self, levels):
@@ -387,7 +389,7 @@ def oracle_trees(model, prompt, n, monkeypatch, wrong_row=False, last=False):
 
     monkeypatch.setattr(recurrent.StreamDrafts, "draft", oracle)
     monkeypatch.setattr(recurrent.ChainCache, "commit", spy)
-    got, records = lookup(model, prompt, n, draft=None)
+    got, records = lookup(model, prompt, n, draft=None, prompt_cache=ours)
     monkeypatch.undo()
     return got, want[:n], kept
 
@@ -409,6 +411,14 @@ def test_another_deepest_path_accepted_whole_is_kept(arch, monkeypatch):
     decoding goes on as mlx-lm's greedy loop."""
     model = stream_hybrid(arch)
     got, want, kept = oracle_trees(model, PROMPTS[0], 30, monkeypatch, last=True)
+    assert got == want and sum(p[1] != 1 for p in kept) >= 5
+    # A reused cache (holding earlier tokens): the rows gathered are the tree's own.
+    ours, theirs = make_prompt_cache(model), make_prompt_cache(model)
+    assert lookup(model, PROMPTS[1], 9, draft=None, prompt_cache=ours)[0] == plain_greedy(
+        model, PROMPTS[1], 9, prompt_cache=theirs
+    )
+    got, want, kept = oracle_trees(model, [5, 6], 30, monkeypatch, last=True,
+                                   caches=(ours, theirs))  # fmt: skip
     assert got == want and sum(p[1] != 1 for p in kept) >= 5
 
 
