@@ -1688,7 +1688,7 @@ def _layer_refusal(model: nn.Module, i: int, layer, slots: list) -> Optional[str
     if rope is None and (_no_positions(layer) or position_embedding(model) is not None):
         return None  # (positions from the model's inputs: position_embedding)
     if slots[i] is None or rope is not None:
-        return None  # (no attention: Nemotron-NAS's no_op layers)
+        return None  # (RoPE, or no attention: Nemotron-NAS's no_op layers)
     return (
         f"layer {i} has no attention with a RoPE module; tree positions need rotary "
         "embeddings applied inside attention."
@@ -1703,8 +1703,10 @@ def tree_on_chains_refusal(model: nn.Module) -> Optional[str]:
     verifier's masks and positions, which each must take (:func:`_layer_refusal`).
 
     Example: Qwen3-Next (Gated DeltaNet layers, and attention with RoPE) gives
-    ``None``; Falcon-H1, whose layers keep a mixer's state and an attention's keys
-    side by side (a ``CacheList``), gives the reason.
+    ``None``, and so does Falcon-H1, whose layers run a Mamba mixer beside the
+    attention and take the attention's mask apart; Baichuan-M1, whose attention keeps
+    convolution states beside its keys (a ``CacheList`` its call mixes), gives the
+    reason.
     """
     made, slots = model.make_cache(), cache_slots(model)
     if max((c for c in slots if c is not None), default=-1) >= len(made):

@@ -254,9 +254,10 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
         ``{"tree_depth": 0}``), its tokens/s and plain decoding's tokens/s.
     """
     trials = Trials(model, tokenizer, prompts, max_tokens, log, draft="streams")
-    trees = tree_on_chains_refusal(model) is None
+    why = tree_on_chains_refusal(model)
+    trees = why is None
     if not trees:
-        log(f"[INFO] chains only: {tree_on_chains_refusal(model)}")
+        log(f"[INFO] chains only: {why}")
     for shape in candidate_trees(get_runtime(model).config.num_streams, False):
         if trees or shape["tree_top_k"] == 1:
             trials.run(dict(shape, draft="streams", stream_pass="fused"))
