@@ -29,7 +29,7 @@ from mlx_lm.generate import generate_step, speculative_generate_step
 import mlx_specstream
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.default_model import DRAFT_DIR
-from report import heading, machine_info, time_after_first, write_results
+from report import heading, machine_info, shipped_dtype, time_after_first, write_results
 from shapes import SHAPES, random_model
 
 
@@ -103,7 +103,7 @@ def main():
     k, rows = args.num_draft_tokens, []
     for name in args.models.split(","):
         if name == "shipped":
-            cases = [("float32", lambda: (mlx_specstream.load()[0], mlx_specstream.load()[0]))]
+            cases = [(None, lambda: (mlx_specstream.load()[0], mlx_specstream.load()[0]))]
         elif name in SHAPES:
             cases = [
                 (d, lambda d=d: (random_model(name, d, False), random_model(name, d, False)))
@@ -113,6 +113,7 @@ def main():
             p.error(f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}")
         for dtype, build in cases:
             model, copy = build()
+            dtype = dtype or shipped_dtype(model)
             vocab = model.args.vocab_size
             prompts = [mx.random.randint(0, vocab, (args.prompt_tokens,), key=mx.random.key(i))
                        for i in range(args.prompts)]  # fmt: skip

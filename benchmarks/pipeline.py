@@ -26,7 +26,7 @@ from mlx_lm.generate import generate_step
 
 import mlx_specstream
 from mlx_specstream.decode import spec_generate_step
-from report import heading, machine_info, time_after_first, write_results
+from report import heading, machine_info, shipped_dtype, time_after_first, write_results
 from shapes import SHAPES, random_model
 
 TREES = {
@@ -103,7 +103,8 @@ def main():
     results = []
     for name in args.models.split(","):
         if name == "shipped":
-            model, dtype = mlx_specstream.load()[0], "float32"
+            model = mlx_specstream.load()[0]
+            dtype = shipped_dtype(model)
         elif name in SHAPES:
             model, dtype = random_model(name, args.dtype), args.dtype
         else:

@@ -20,6 +20,14 @@ def machine_info(**extra) -> dict:
                 **extra)  # fmt: skip
 
 
+def shipped_dtype(model) -> str:
+    """The dtype the embedded model computes in as loaded here (float32 on a CPU; on a GPU
+    its stored bfloat16), read from its embedding."""
+    from mlx.utils import tree_flatten
+
+    return str(tree_flatten(model.parameters())[0][1].dtype).split(".")[-1]
+
+
 def heading(title: str, info: dict) -> str:
     """A results file's first line: the title, device, versions and machine."""
     return f"# {title} ({info['device']}, MLX {info['mlx']}, mlx-lm {info['mlx_lm']}, {info['machine']})"

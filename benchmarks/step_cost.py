@@ -33,7 +33,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_specstream
 from mlx_specstream.decode import spec_generate_step
-from report import heading, machine_info, time_after_first, write_results
+from report import heading, machine_info, shipped_dtype, time_after_first, write_results
 from shapes import SHAPES, random_model
 
 # n tree nodes, root included: a root alone, a chain of 3, top-2 and top-3 trees of depth 3.
@@ -129,13 +129,14 @@ def main():
     results = []
     for name in args.models.split(","):
         if name == "shipped":
-            cases = [("float32", lambda: mlx_specstream.load()[0])]
+            cases = [(None, lambda: mlx_specstream.load()[0])]
         elif name in SHAPES:
             cases = [(d, lambda d=d: random_model(name, d)) for d in args.dtypes.split(",")]
         else:
             p.error(f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}")
         for dtype, build in cases:
             model = build()
+            dtype = dtype or shipped_dtype(model)
             vocab = model.args.vocab_size
             prompts = [mx.random.randint(0, vocab, (args.prompt_tokens,), key=mx.random.key(i))
                        for i in range(args.prompts)]  # fmt: skip

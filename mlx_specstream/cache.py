@@ -37,6 +37,8 @@ from mlx_lm.models.cache import (
     RotatingKVCache,
 )
 
+from .layout import bucketed
+
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts for affine quantization
 KV_GROUP_SIZES = (32, 64, 128)
 
@@ -258,8 +260,11 @@ class FoldingCache:
           :class:`KVCacheList` (:class:`FoldingCacheList`).
     """
 
-    def __init__(self, cache: KVCache, fold: Optional[Fold], layer: int, member=None):
+    def __init__(
+        self, cache: KVCache, fold: Optional[Fold], layer: int, member=None, bucket: int = 0
+    ):
         self.cache, self.fold, self.layer, self.member = cache, fold, layer, member
+        self.bucket = bucket  # the view's columns: a multiple of this (layout.pad_hidden)
         self.offset = cache.offset if fold is None else fold.prefix  # (RoPE is the hooks')
         self.start = first_row(cache)  # the position of its first row
         self.rows = None  # (keys, values) this pass appends, for the next fold
@@ -269,6 +274,7 @@ class FoldingCache:
         c, fold, first = self.cache, self.fold, self.start
         span = 0 if fold is None else fold.span
         end = self.offset + span + keys.shape[2] - first  # (rows; the rest are positions)
+        end = bucketed(end, self.bucket)
         _reserve(c, keys, values, end)
         if fold is None:
             start = mx.array([self.offset - first], dtype=mx.int32)
@@ -337,11 +343,12 @@ class FoldingCacheList:
         return [c.rows for c in self.caches]
 
 
-def folding_cache(cache, fold: Optional[Fold], layer: int):
-    """Layer ``layer``'s cache as a pipelined pass sees it (:class:`FoldingCache`)."""
+def folding_cache(cache, fold: Optional[Fold], layer: int, bucket: int = 0):
+    """Layer ``layer``'s cache as a pipelined pass sees it (:class:`FoldingCache`;
+    ``bucket``: its view's columns rounded up to a multiple of this)."""
     if isinstance(cache, KVCacheList):
         return FoldingCacheList(cache, fold, layer)
-    return FoldingCache(cache, fold, layer)
+    return FoldingCache(cache, fold, layer, bucket=bucket)
 
 
 def appended_rows(rows) -> int:

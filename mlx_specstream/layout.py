@@ -157,3 +157,41 @@ def place_window(mask: mx.array, base: int, accepted: mx.array, width: int) -> m
     """
     window = mx.take(window_table(mask, width), accepted.reshape(()), axis=0)
     return with_prefix(window, base)
+
+
+def bucketed(columns: int, bucket: int) -> int:
+    """``columns`` rounded up to a multiple of ``bucket`` (``0``: as is).
+
+    Example: ``bucketed(300, 256)`` is 512, ``bucketed(512, 256)`` 512,
+    ``bucketed(300, 0)`` 300.
+    """
+    return -(-columns // bucket) * bucket if bucket else columns
+
+
+_HIDDEN = {}  # rows -> an evaluated all-False (rows, n) array, grown as needed
+
+
+def pad_hidden(mask: mx.array, bucket: int) -> mx.array:
+    """``(R, bucketed(C, bucket))``: bool ``mask`` ``(R, C)`` followed by hidden
+    columns up to the next multiple of ``bucket`` (``0``: as is).
+
+    A pass whose cache view is that many columns long (its rows past the
+    pass's own hold zeros or stale rows) attends exactly as over ``C``
+    columns, and its attention's shapes change once per ``bucket`` tokens, not
+    every step: MLX's CUDA backend builds a cuDNN attention graph for each new
+    shape (its one-row decoding kernel avoids that the same way).
+
+    Example: ``mask = [[1, 0, 0], [1, 1, 0]]``, ``bucket = 4``::
+
+        [[1, 0, 0, 0],
+         [1, 1, 0, 0]]
+    """
+    rows, cols = mask.shape
+    extra = bucketed(cols, bucket) - cols
+    if extra == 0:
+        return mask
+    hidden = _HIDDEN.get(rows)
+    if hidden is None or hidden.shape[1] < extra:
+        hidden = _HIDDEN[rows] = mx.zeros((rows, max(2 * extra, 256)), dtype=mx.bool_)
+        mx.eval(hidden)
+    return mx.concatenate([mask, hidden[:, :extra]], axis=1)

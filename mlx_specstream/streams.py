@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 
 from .cache import (
     Fold,
@@ -31,7 +31,7 @@ from .cache import (
     window_of,
 )
 from .config import SpecStreamConfig, VerifierConfig
-from .layout import TreeLayout, layout_of, place_window, with_prefix
+from .layout import TreeLayout, layout_of, pad_hidden, place_window, with_prefix
 from .precision import on_cuda, on_gpu
 from .ragged_cache import RaggedKVCache
 from .rope import rope_settings, rotate, tables
@@ -328,6 +328,9 @@ class StreamRuntime:
             getattr(_attention(layer), "indexer", None) is not None for layer in model.layers
         )
         self.additive_masks = on_cuda() and not sparse
+        # A pipelined pass's cache views and masks in columns rounded up to a multiple
+        # of this (layout.pad_hidden): None decides per pass (_pass_bucket), 0 never.
+        self.kv_bucket: Optional[int] = None
         self.masks_4d = sparse
         self._additive = None  # (bool mask, its additive form) of the last layer
         # Each layer's sliding window (None: attends to every token): the caches keep
@@ -952,13 +955,16 @@ class StreamRuntime:
         if pipelined:  # the tree starts where the device says the last step's path ends
             if prune_threshold > 0:
                 raise ValueError("A pipelined pass cannot prune (pruning reads the host).")
-            cache = [folding_cache(c, fold, i) for i, c in enumerate(cache)]
+            b = self._pass_bucket(cache)
+            cache = [folding_cache(c, fold, i, b) for i, c in enumerate(cache)]
             base, span = cache[0].offset, 0 if fold is None else fold.span
             if fold is None:
                 prefix, accepted = mx.array([base], dtype=mx.int32), mx.array(0, dtype=mx.int32)
             else:
                 prefix, accepted = fold.start, fold.accepted
-            self._join = lambda mask: place_window(mask, base, accepted, span + mask.shape[1])
+            self._join = lambda mask: pad_hidden(
+                place_window(mask, base, accepted, span + mask.shape[1]), b
+            )
         else:
             prefix = kv_offset(cache[self.upper_slot])  # (a KV layer: recurrent ones keep none)
             self._join = lambda mask: with_prefix(mask, prefix)
@@ -998,6 +1004,34 @@ class StreamRuntime:
             hidden=self._main_hidden[0] if self.drafter is not None else None,
             rows=[c.rows for c in cache] if pipelined else None,
         )
+
+    def _pass_bucket(self, cache) -> int:
+        """The column bucket of a pipelined pass over ``cache`` (:attr:`kv_bucket`).
+
+        By default 256 (mlx-lm's cache step) on MLX's CUDA backend in float16
+        and bfloat16, where attention over several rows is cuDNN's, built once
+        per shape: a pass at a cache length met for the first time cost tens of
+        milliseconds on an H200 (benchmarks/RESULTS.md, "The first GPU run").
+        Elsewhere, and for caches other than plain ``KVCache``s of layers
+        without windows, chunks or shared keys, 0. A bucket set on
+        :attr:`kv_bucket` for such caches raises ``ValueError``.
+        """
+        fits = (
+            all(type(c) is KVCache for c in cache)
+            and all(w is None for w in self.windows)
+            and all(c is None for c in self.chunks)
+            and not any(self._reads_lower)
+            and self.kv_source == list(range(self.num_layers))
+        )
+        if self.kv_bucket is not None:
+            if self.kv_bucket and not fits:
+                raise ValueError(
+                    f"kv_bucket={self.kv_bucket}: column buckets need plain KVCache layers "
+                    "without sliding windows, attention chunks or shared keys."
+                )
+            return self.kv_bucket
+        keys = cache[0].keys if fits else None
+        return 256 if keys is not None and on_cuda() and keys.dtype != mx.float32 else 0
 
     def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False):
         """A plain pass over prompt tokens into ``cache``; with ``keep_hidden`` the

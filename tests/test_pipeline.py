@@ -13,7 +13,16 @@ from mlx_lm.models.cache import KVCache
 
 import mlx_specstream.decode as decode_module
 from mlx_specstream.cache import Fold, FoldingCache, make_prompt_cache
-from mlx_specstream.layout import layout_of, place_mask, place_window, window_table, with_prefix
+import mlx_specstream.streams as streams_module
+from mlx_specstream.layout import (
+    bucketed,
+    layout_of,
+    pad_hidden,
+    place_mask,
+    place_window,
+    window_table,
+    with_prefix,
+)
 from mlx_specstream.sample_utils import make_sampler
 from mlx_specstream.tree import fold_destinations, path_table, path_to, stream_attention_mask
 
@@ -325,6 +334,114 @@ def test_default_is_pipelined_on_a_gpu_only(monkeypatch):
     seen.clear()  # settings that read the host: not pipelined, and no error
     run(model, [1, 2], draft="streams+ngram")
     assert seen and not any(seen)
+
+
+# ---- column buckets: a pipelined pass's shapes change once per bucket ------------------
+def test_bucketed_and_pad_hidden_golden():
+    assert [bucketed(c, 256) for c in (1, 255, 256, 300, 512)] == [256, 256, 256, 512, 512]
+    assert bucketed(300, 0) == 300
+    mask = mx.array([[1, 0, 0], [1, 1, 0]]).astype(mx.bool_)
+    assert pad_hidden(mask, 4).astype(mx.int32).tolist() == [[1, 0, 0, 0], [1, 1, 0, 0]]
+    assert pad_hidden(mask, 3) is mask and pad_hidden(mask, 0) is mask
+    wide = pad_hidden(mx.ones((2, 300), dtype=mx.bool_), 256)  # (more than the kept zeros)
+    assert wide.shape == (2, 512) and wide[:, :300].all().item() and not wide[:, 300:].any().item()
+
+
+def test_folding_cache_bucketed_view():
+    """The worked example's first pass with 8-column buckets: 9 rows written, a view of 16
+    whose last 7 columns are the buffer's zeros; the rows appended are the pass's own."""
+    row = lambda v: mx.full((1, 1, 1, 2), float(v))  # noqa: E731
+    c = KVCache()
+    c.update_and_fetch(mx.concatenate([row(i + 1) for i in range(5)], 2), mx.zeros((1, 1, 5, 2)))
+    tree = mx.concatenate([row(v) for v in (10, 11, 12, 13)], axis=2)
+    cache = FoldingCache(c, None, 0, bucket=8)
+    keys, values = cache.update_and_fetch(tree, tree)
+    assert keys.shape[2] == values.shape[2] == 16
+    assert keys[0, 0, :, 0].tolist() == [1, 2, 3, 4, 5, 10, 11, 12, 13] + [0] * 7
+    assert cache.rows[0].shape[2] == 4 and c.offset == 5
+    assert FoldingCache(c, None, 0).update_and_fetch(tree, tree)[0].shape[2] == 9  # control
+
+
+def bucket_widths(monkeypatch):
+    """Records the width of every view a pipelined pass's caches return."""
+    widths = []
+    real = FoldingCache.update_and_fetch
+
+    def spy(self, keys, values):
+        out = real(self, keys, values)
+        widths.append(out[0].shape[2])
+        return out
+
+    monkeypatch.setattr(FoldingCache, "update_and_fetch", spy)
+    return widths
+
+
+@pytest.mark.parametrize("bucket", [4, 16, 256])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bucketed_pipelined_equals_mlx_lm(arch, bucket, monkeypatch):
+    """With the views' columns rounded up to a multiple of ``bucket`` (and the masks
+    hiding the columns past each pass's rows), output equals mlx-lm's, and every view
+    the passes read was that wide."""
+    widths = bucket_widths(monkeypatch)
+    for shape in ("chain-g1-k1", "g2-k3"):
+        model = tiny_spec_model(arch, vocab_size=8, mode="lossless", **SHAPES[shape])
+        model.speculative_streams.kv_bucket = bucket
+        for prompt in PROMPTS:
+            assert run(model, prompt, pipeline=True)[0] == plain_greedy(model, prompt, MAX_TOKENS)
+    assert widths and all(w % bucket == 0 for w in widths)
+    assert len(set(widths)) < len(widths) // 4  # shapes repeat: few widths over many passes
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bucketed_pipelined_prompt_lookup_equals_mlx_lm(arch, monkeypatch):
+    """Prompt lookup on any mlx-lm model (the verifier's runtime) takes buckets too."""
+    from helpers import tiny_model
+
+    widths = bucket_widths(monkeypatch)
+    model = tiny_model(arch, 8, weight_scale=1.0)
+    want = plain_greedy(model, LOOP_PROMPT, MAX_TOKENS)
+    assert run(model, LOOP_PROMPT, draft="ngram", pipeline=True)[0] == want  # (attaches)
+    model.speculative_streams.kv_bucket = 16
+    widths.clear()
+    assert run(model, LOOP_PROMPT, draft="ngram", pipeline=True)[0] == want
+    assert widths and all(w % 16 == 0 for w in widths)
+
+
+def test_negative_control_bucket_columns_visible(monkeypatch):
+    """Padding the masks with visible columns (the buffer's zeros and stale rows
+    attended) must change the output."""
+    visible = lambda mask, b: mx.logical_not(pad_hidden(mx.logical_not(mask), b))  # noqa: E731
+    monkeypatch.setattr(streams_module, "pad_hidden", visible)
+    model = tiny_spec_model("llama", vocab_size=8, mode="lossless", **SHAPES["g2-k3"])
+    model.speculative_streams.kv_bucket = 16
+    prompt = PROMPTS[1]
+    assert run(model, prompt, pipeline=True)[0] != plain_greedy(model, prompt, MAX_TOKENS)
+
+
+def test_bucket_default_on_cuda_in_half_precision_only(monkeypatch):
+    """By default: 256 on MLX's CUDA backend in bfloat16/float16, 0 in float32 and
+    on other devices; a bucket asked for over caches it cannot take is refused."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    rt = tiny_spec_model("llama", vocab_size=8).speculative_streams
+    cache = [KVCache() for _ in range(rt.num_layers)]
+    for c in cache:
+        c.update_and_fetch(mx.zeros((1, 2, 3, 8), mx.bfloat16), mx.zeros((1, 2, 3, 8), mx.bfloat16))
+    assert rt._pass_bucket(cache) == 0  # (this CPU)
+    monkeypatch.setattr(streams_module, "on_cuda", lambda: True)
+    assert rt._pass_bucket(cache) == 256
+    f32 = [KVCache() for _ in range(rt.num_layers)]
+    for c in f32:
+        c.update_and_fetch(mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 3, 8)))
+    assert rt._pass_bucket(f32) == 0
+    quantized = cache[:-1] + [QuantizedKVCache()]
+    assert rt._pass_bucket(quantized) == 0
+    rt.kv_bucket = 0
+    assert rt._pass_bucket(cache) == 0
+    rt.kv_bucket = 64
+    assert rt._pass_bucket(cache) == 64
+    with pytest.raises(ValueError, match="kv_bucket=64: column buckets need plain KVCache"):
+        rt._pass_bucket(quantized)
 
 
 # ---- prompt lookup, pipelined: the history and the lookup on the device ----------------
