@@ -3,9 +3,9 @@
     python benchmarks/cold_shapes.py [--dtypes f32,bf16] [--lengths 24] [--tag TAG]
     MLX_ENABLE_TF32=0 python benchmarks/cold_shapes.py --tag gpu
 
-On the GPU (session 33) a step of ours on a prompt it had not seen cost tens of
-milliseconds where the same step repeated over the same cache lengths cost
-1.3 ms, while mlx-lm's one-token passes cost 0.8 ms either way. Every decode
+On the GPU (session 33) a step of ours on a prompt it had not seen cost 25-58
+ms where the same step repeated over the same cache lengths cost 2.8-3.5 ms,
+while mlx-lm's one-token passes cost 0.8 ms either way. Every decode
 step meets a new cache length, so only the cold figure is what a user gets.
 This script finds which operation carries that cost:
 

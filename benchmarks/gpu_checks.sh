@@ -17,7 +17,7 @@
 #
 # Session 33 (15 minutes of device time: machine start, install, one 9-minute run) ran
 # step_cost:180 pipeline:100 tune:80 benchmark:50 tests: a step met for the first time with a
-# cache length costs tens of ms there, the same step repeated 1.3 ms (benchmarks/RESULTS.md,
+# cache length costs 25-58 ms there, the same step repeated 3 ms (benchmarks/RESULTS.md,
 # "The first GPU run"). So the next session's run starts with `cold` (a minute: which
 # operation carries that cost, and whether 256-column buckets cure it), e.g.
 #     GPU_DEADLINE=500 bash benchmarks/gpu_checks.sh cold:120 step_cost:200 pipeline:120 tests

@@ -2,10 +2,15 @@
 
     MLX_ENABLE_TF32=0 python benchmarks/gpu_diag.py
 
-1. Where our greedy output first differs from mlx-lm's (float32), the plain
-   model's top-2 log-probability gap there: a near-tie (~1e-5) or a bug.
+1. Where our greedy output first differs from mlx-lm's (the model as loaded:
+   bfloat16 on a GPU), the plain model's top-2 log-probability gap there: a
+   near-tie or a bug.
 2. Whether a step's time depends on seeing new shapes: the same generation run
-   twice on a prompt length not seen before, per-step times of both runs.
+   twice on a prompt length not seen before, per-item times of both runs
+   (``benchmarks/cold_shapes.py`` asks this one more closely).
+
+Session 33's run: ``results/gpu-s33-diag.log`` (stopped at its time limit
+during question 2).
 """
 
 import statistics
