@@ -343,6 +343,38 @@ class FoldingCacheList:
         return [c.rows for c in self.caches]
 
 
+class BucketedCache:
+    """One layer's ``KVCache`` as an unpipelined pass in column buckets sees it.
+
+    Its ``update_and_fetch`` writes the pass's rows after ``offset`` as the
+    cache's own does (the offset grows by them), into buffers first grown to
+    hold a view whose columns run to the next multiple of ``bucket``, and
+    returns that view: the columns past the pass's rows hold zeros or stale
+    rows, which the pass's mask hides (:func:`~mlx_specstream.layout.pad_hidden`).
+    Everything else is the cache's.
+
+    Example: offset 5, a pass of 4 rows, ``bucket = 8``: rows 5-8 are
+    written, ``offset`` becomes 9, and the view is 16 columns long.
+    """
+
+    def __init__(self, cache: KVCache, bucket: int):
+        self.cache, self.bucket = cache, bucket
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        c = self.cache
+        width = bucketed(c.offset + keys.shape[2], self.bucket)
+        _reserve(c, keys, values, width)  # (then the cache writes in place)
+        c.update_and_fetch(keys, values)
+        return c.keys[..., :width, :], c.values[..., :width, :]
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
 def folding_cache(cache, fold: Optional[Fold], layer: int, bucket: int = 0):
     """Layer ``layer``'s cache as a pipelined pass sees it (:class:`FoldingCache`;
     ``bucket``: its view's columns rounded up to a multiple of this)."""

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import ArraysCache, KVCache
 
 from .cache import (
+    BucketedCache,
     Fold,
     attention_chunks,
     folding_cache,
@@ -328,8 +329,8 @@ class StreamRuntime:
             getattr(_attention(layer), "indexer", None) is not None for layer in model.layers
         )
         self.additive_masks = on_cuda() and not sparse
-        # A pipelined pass's cache views and masks in columns rounded up to a multiple
-        # of this (layout.pad_hidden): None decides per pass (_pass_bucket), 0 never.
+        # A pass's cache views and masks in columns rounded up to a multiple of this
+        # (layout.pad_hidden): None decides per pass (_pass_bucket), 0 never.
         self.kv_bucket: Optional[int] = None
         self.masks_4d = sparse
         self._additive = None  # (bool mask, its additive form) of the last layer
@@ -967,7 +968,9 @@ class StreamRuntime:
             )
         else:
             prefix = kv_offset(cache[self.upper_slot])  # (a KV layer: recurrent ones keep none)
-            self._join = lambda mask: with_prefix(mask, prefix)
+            b = self._pass_bucket(cache)
+            cache = [BucketedCache(c, b) for c in cache] if b else cache
+            self._join = lambda mask: pad_hidden(with_prefix(mask, prefix), b)
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
         self._layout, self._prefix = layout, prefix
         # Every position of this pass lies below this (tree depth, streams' offsets).
@@ -979,7 +982,8 @@ class StreamRuntime:
             )
         # Rows that form a chain are a plain multi-token pass: the model's own
         # (causal) mask and RoPE offset, as mlx-lm computes them, no tree ops.
-        self._lower_plain = self._upper_plain = layout.is_chain and not pipelined
+        # (In column buckets a chain takes our masks too: padded as its cache views are.)
+        self._lower_plain = self._upper_plain = layout.is_chain and not pipelined and not b
         if not self._lower_plain:
             self._lower_mask = self._join(layout.ancestors_mx)
             self._lower_pos = prefix + layout.depth_mx
@@ -1006,7 +1010,7 @@ class StreamRuntime:
         )
 
     def _pass_bucket(self, cache) -> int:
-        """The column bucket of a pipelined pass over ``cache`` (:attr:`kv_bucket`).
+        """The column bucket of a pass over ``cache`` (:attr:`kv_bucket`).
 
         By default 256 (mlx-lm's cache step) on MLX's CUDA backend in float16
         and bfloat16, where attention over several rows is cuDNN's, built once
@@ -1016,6 +1020,8 @@ class StreamRuntime:
         without windows, chunks or shared keys, 0. A bucket set on
         :attr:`kv_bucket` for such caches raises ``ValueError``.
         """
+        if self.kv_bucket is None and not on_cuda():
+            return 0
         fits = (
             all(type(c) is KVCache for c in cache)
             and all(w is None for w in self.windows)

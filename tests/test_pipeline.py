@@ -12,7 +12,7 @@ from helpers import ARCHS, plain_greedy, spec_tokens, tiny_spec_model
 from mlx_lm.models.cache import KVCache
 
 import mlx_specstream.decode as decode_module
-from mlx_specstream.cache import Fold, FoldingCache, make_prompt_cache
+from mlx_specstream.cache import BucketedCache, Fold, FoldingCache, make_prompt_cache
 import mlx_specstream.streams as streams_module
 from mlx_specstream.layout import (
     bucketed,
@@ -407,7 +407,82 @@ def test_bucketed_pipelined_prompt_lookup_equals_mlx_lm(arch, monkeypatch):
     assert widths and all(w % 16 == 0 for w in widths)
 
 
-def test_negative_control_bucket_columns_visible(monkeypatch):
+def test_bucketed_cache_view():
+    """BucketedCache's example: offset 5, 4 rows, 8-column buckets: a view of 16 columns,
+    the offset grown by 4 (as the cache's own update), the rest the buffer's zeros."""
+    row = lambda v: mx.full((1, 1, 1, 2), float(v))  # noqa: E731
+    c = KVCache()
+    c.update_and_fetch(mx.concatenate([row(i + 1) for i in range(5)], 2), mx.zeros((1, 1, 5, 2)))
+    rows = mx.concatenate([row(v) for v in (10, 11, 12, 13)], axis=2)
+    view = BucketedCache(c, 8)
+    assert view.offset == 5
+    keys, values = view.update_and_fetch(rows, rows)
+    assert keys.shape[2] == values.shape[2] == 16 and c.offset == view.offset == 9
+    assert keys[0, 0, :, 0].tolist() == [1, 2, 3, 4, 5, 10, 11, 12, 13] + [0] * 7
+    assert view.step == c.step  # (everything else is the cache's)
+
+
+def unpipelined_widths(monkeypatch):
+    """Records the width of every view an unpipelined pass's bucketed caches return."""
+    widths = []
+    real = BucketedCache.update_and_fetch
+
+    def spy(self, keys, values):
+        out = real(self, keys, values)
+        widths.append(out[0].shape[2])
+        return out
+
+    monkeypatch.setattr(BucketedCache, "update_and_fetch", spy)
+    return widths
+
+
+UNPIPELINED = {  # (stream pass, tree): chains take our masks in buckets, pruned trees too
+    "fused chain": ("fused", SHAPES["chain-g1-k1"]),
+    "split tree": ("split", SHAPES["g2-k3"]),
+    "fused pruned tree": ("fused", dict(num_streams=3, top_k=2, prune_threshold=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNPIPELINED))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bucketed_unpipelined_equals_mlx_lm(arch, case, monkeypatch):
+    widths = unpipelined_widths(monkeypatch)
+    stream_pass, shape = UNPIPELINED[case]
+    model = tiny_spec_model(arch, vocab_size=8, mode="lossless", **shape)
+    rt = model.speculative_streams
+    rt.split_streams, rt.kv_bucket = stream_pass == "split", 16
+    for prompt in PROMPTS:
+        assert run(model, prompt, pipeline=False)[0] == plain_greedy(model, prompt, MAX_TOKENS)
+    assert widths and all(w % 16 == 0 for w in widths)
+
+
+def test_bucketed_unpipelined_lookup_and_sampling(monkeypatch):
+    """Prompt lookup through the verifier's runtime equals mlx-lm's in buckets; sampled
+    tokens (rejection sampling, same seed) are those drawn without buckets."""
+    from helpers import tiny_model
+
+    from mlx_specstream.decode import spec_generate_step
+
+    widths = unpipelined_widths(monkeypatch)
+    model = tiny_model("qwen3", 8, weight_scale=1.0)
+    want = plain_greedy(model, LOOP_PROMPT, MAX_TOKENS)
+    assert run(model, LOOP_PROMPT, draft="ngram", pipeline=False)[0] == want  # (attaches)
+    model.speculative_streams.kv_bucket = 16
+    assert run(model, LOOP_PROMPT, draft="ngram", pipeline=False)[0] == want
+    assert widths
+    spec = tiny_spec_model("llama", vocab_size=8, **SHAPES["g2-k3"])
+    got = []
+    for bucket in (0, 16):
+        spec.speculative_streams.kv_bucket = bucket
+        mx.random.seed(3)
+        gen = spec_generate_step(mx.array([1, 2, 3]), spec, max_tokens=MAX_TOKENS,
+                                 sampler=make_sampler(temp=0.8), acceptance="rejection")  # fmt: skip
+        got.append([t for t, *_ in gen])
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_negative_control_bucket_columns_visible(monkeypatch, pipeline):
     """Padding the masks with visible columns (the buffer's zeros and stale rows
     attended) must change the output."""
     visible = lambda mask, b: mx.logical_not(pad_hidden(mx.logical_not(mask), b))  # noqa: E731
@@ -415,7 +490,7 @@ def test_negative_control_bucket_columns_visible(monkeypatch):
     model = tiny_spec_model("llama", vocab_size=8, mode="lossless", **SHAPES["g2-k3"])
     model.speculative_streams.kv_bucket = 16
     prompt = PROMPTS[1]
-    assert run(model, prompt, pipeline=True)[0] != plain_greedy(model, prompt, MAX_TOKENS)
+    assert run(model, prompt, pipeline=pipeline)[0] != plain_greedy(model, prompt, MAX_TOKENS)
 
 
 def test_bucket_default_on_cuda_in_half_precision_only(monkeypatch):
