@@ -17,8 +17,9 @@ This script finds which operation carries that cost:
   the shapes then change once per 256 tokens), and the matmul and softmax the
   attention runs as when it has no fused kernel (float32);
 * whole generations of the shipped model on a prompt length never used before,
-  then the same generation again: mlx-lm's plain and draft-model decoding and
-  ours (a chain of 3, a 16-node tree), with the runtime's default column
+  then the same generation again (``--models``: the shipped model, or random
+  ones of real shapes in bfloat16): mlx-lm's plain and draft-model decoding and
+  ours (a chain of 3 pipelined and not, a 16-node tree), with the runtime's default column
   buckets (``StreamRuntime.kv_bucket``: 256 on CUDA in bfloat16) and without,
   milliseconds per token;
 * with ``--no-graphs``, the primitives again in a child process with
@@ -44,6 +45,7 @@ import mlx_specstream
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.default_model import DRAFT_DIR
 from report import heading, machine_info, write_results
+from shapes import SHAPES, random_model
 
 DTYPES = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}
 HEADS, HEAD_DIM, BUCKET = 8, 64, 256
@@ -120,19 +122,35 @@ def primitives(dtypes, count: int) -> list:
     return rows
 
 
-def ms_per_token(gen) -> float:
-    """Milliseconds per token a generator yields after its first (prefill excluded)."""
-    count, first = -1, None
-    for _ in gen:
-        count += 1
-        first = first or time.perf_counter()
-    return 1e3 * (time.perf_counter() - first) / max(count, 1)
+def timing(gen) -> tuple:
+    """Milliseconds per token and per pass after a generator's first item (prefill
+    excluded). Items: mlx-lm's ``(token, logprobs)`` (a pass each) or
+    ``(token, logprobs, from_draft)`` (a pass per token not from a draft), ours
+    ``(token, logprobs, from_draft, passes so far)``."""
+    tokens = passes = 0
+    first = None
+    for item in gen:
+        if first is None:
+            first = time.perf_counter()
+            p0 = item[3] if len(item) > 3 else 0
+            continue
+        tokens += 1
+        if len(item) > 3:
+            passes = item[3] - p0
+        else:
+            passes += not (len(item) > 2 and item[2])
+    ms = 1e3 * (time.perf_counter() - first)
+    return ms / max(tokens, 1), ms / max(passes, 1)
 
 
-def generations(max_tokens: int) -> list:
-    """The shipped model on a prompt length never used before, then the same run again."""
-    model = mlx_specstream.load()[0]
-    draft = mlx_lm.load(str(DRAFT_DIR))[0]
+def generations(name: str, max_tokens: int) -> list:
+    """A model on a prompt length never used before, then the same run again: the
+    shipped one (its draft model for mlx-lm's), or a random one of a real shape in
+    bfloat16 with random streams (a copy of its base drafting for mlx-lm)."""
+    if name == "shipped":
+        model, draft = mlx_specstream.load()[0], mlx_lm.load(str(DRAFT_DIR))[0]
+    else:
+        model, draft = random_model(name, "bf16"), random_model(name, "bf16", streams=False)
     vocab = model.args.vocab_size
     chain = dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4)
     tree = dict(tree_top_k=3, tree_depth=3, max_tree_nodes=16)
@@ -145,6 +163,8 @@ def generations(max_tokens: int) -> list:
             x, model, draft, num_draft_tokens=3, max_tokens=n), None),
         "ours, chain of 3": (ours(**chain), None),
         "ours, chain of 3, no column buckets": (ours(**chain), 0),
+        "ours, chain of 3, unpipelined": (ours(pipeline=False, **chain), None),
+        "ours, chain of 3, unpipelined, no column buckets": (ours(pipeline=False, **chain), 0),
         "ours, 16-node tree": (ours(**tree), None),
         "ours, 16-node tree, no column buckets": (ours(**tree), 0),
     }  # fmt: skip
@@ -154,9 +174,13 @@ def generations(max_tokens: int) -> list:
         for _ in run(warm_up, 8):  # the kernels each loop compiles once, not timed
             pass
         x = mx.random.randint(0, vocab, (41 + 13 * i,), key=mx.random.key(1 + i))
-        cold, warm = ms_per_token(run(x, max_tokens)), ms_per_token(run(x, max_tokens))
-        rows.append(dict(case=case, prompt_tokens=x.size, cold_ms=cold, warm_ms=warm))
-        print(f"{case}: cold {cold:.2f} ms/token, warm {warm:.2f}", flush=True)
+        (cold, cold_pass), (warm, warm_pass) = timing(run(x, max_tokens)), timing(
+            run(x, max_tokens)
+        )
+        rows.append(dict(model=name, case=case, prompt_tokens=x.size, cold_ms=cold, warm_ms=warm,
+                         cold_pass_ms=cold_pass, warm_pass_ms=warm_pass))  # fmt: skip
+        print(f"{name}, {case}: cold {cold:.2f} ms/token ({cold_pass:.2f} ms/pass), warm "
+              f"{warm:.2f} ({warm_pass:.2f})", flush=True)  # fmt: skip
     rt.kv_bucket = None
     return rows
 
@@ -166,6 +190,8 @@ def main():
     p.add_argument("--dtypes", default="f32,bf16", help=f"comma-separated: {', '.join(DTYPES)}")
     p.add_argument("--lengths", type=int, default=24, help="new cache lengths per case")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--models", default="shipped",
+                   help=f"whole generations: shipped and/or a shape of {list(SHAPES)}")  # fmt: skip
     p.add_argument(
         "--no-graphs",
         action="store_true",
@@ -177,11 +203,14 @@ def main():
     for name in args.dtypes.split(","):
         if name not in DTYPES:
             p.error(f"--dtypes: unknown dtype {name!r}; choose from {list(DTYPES)}")
+    for name in args.models.split(","):
+        if name != "shipped" and name not in SHAPES:
+            p.error(f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}")
     if args.primitives_only:  # the child of --no-graphs: its rows as JSON on the last line
         print(json.dumps(primitives(args.dtypes.split(","), args.lengths)))
         return
     prim = primitives(args.dtypes.split(","), args.lengths)
-    gens = generations(args.max_tokens)
+    gens = [row for name in args.models.split(",") for row in generations(name, args.max_tokens)]
     no_graphs = None
     if args.no_graphs:
         env = dict(os.environ, MLX_USE_CUDA_GRAPHS="0")
@@ -211,16 +240,22 @@ def main():
         )
     lines += [
         "",
-        f"The shipped model, greedy, {args.max_tokens} tokens after a prompt of a length no "
-        "earlier run used (each loop warmed up once on another prompt): ms per generated "
-        "token after the first, in the first run (cold) and in the same run again (warm).",
+        f"Whole generations (`--models {args.models}`), greedy, {args.max_tokens} tokens after "
+        "a prompt of a length no "
+        "earlier run used (each loop warmed up once on another prompt), each loop on its own "
+        "prompt: ms per generated token and per pass after the first, in the first run "
+        "(cold) and in the same run again (warm). Loops on different prompts accept "
+        "different numbers of drafts: compare a loop's cold and warm figures, and passes "
+        "across loops.",
         "",
-        "| loop | prompt tokens | cold ms/token | warm ms/token | cold / warm |",
-        "|---|---|---|---|---|",
+        "| model | loop | prompt tokens | cold ms/token | warm ms/token | cold ms/pass "
+        "| warm ms/pass | cold / warm (pass) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in gens:
-        lines.append(f"| {r['case']} | {r['prompt_tokens']} | {r['cold_ms']:.2f} "
-                     f"| {r['warm_ms']:.2f} | {r['cold_ms'] / r['warm_ms']:.2f} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['case']} | {r['prompt_tokens']} | {r['cold_ms']:.2f} "
+                     f"| {r['warm_ms']:.2f} | {r['cold_pass_ms']:.2f} | {r['warm_pass_ms']:.2f} "
+                     f"| {r['cold_pass_ms'] / r['warm_pass_ms']:.2f} |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     write_results(
         "cold_shapes",

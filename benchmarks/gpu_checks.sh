@@ -18,9 +18,9 @@
 # Session 33 (15 minutes of device time: machine start, install, one 9-minute run) ran
 # step_cost:180 pipeline:100 tune:80 benchmark:50 tests: a step met for the first time with a
 # cache length costs 25-58 ms there, the same step repeated 3 ms (benchmarks/RESULTS.md,
-# "The first GPU run"). So the next session's run starts with `cold` (a minute: which
+# "The first GPU run"). So the next session's run starts with `cold` (two minutes: which
 # operation carries that cost, and whether 256-column buckets cure it), e.g.
-#     GPU_DEADLINE=500 bash benchmarks/gpu_checks.sh cold:120 step_cost:200 pipeline:120 tests
+#     GPU_DEADLINE=500 bash benchmarks/gpu_checks.sh cold:150 step_cost:180 pipeline:100 tests
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
 stages="cold | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | window"
@@ -44,7 +44,8 @@ run_stage() {
     cold)
       # A first pass at a new cache length against the same pass again: primitives (with and
       # without CUDA graphs) and whole generations of the shipped model (about a minute).
-      python3 benchmarks/cold_shapes.py --no-graphs --tag gpu ;;
+      python3 benchmarks/cold_shapes.py --no-graphs --models shipped,qwen2-0.5b --max-tokens 32 \
+        --tag gpu ;;
     tests)
       # scipy and openai are not installed there: the modules that need them are named here,
       # not skipped silently; run them on a machine that has both. (The chi-square tests of
@@ -62,9 +63,10 @@ run_stage() {
         --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1 || true
       tail -5 "$out/gpu_tests.log" ;;
     step_cost)
-      python3 benchmarks/step_cost.py --models shipped,qwen2-0.5b,llama-8b,llama-3b \
-        --dtypes bf16,q4 \
-        --stream-pass both --tag gpu ;;
+      # Real shapes first, the fused pass (a GPU's default): session 33's 180 s reached only
+      # the shipped model and the 0.5B shape in bf16 with both passes.
+      python3 benchmarks/step_cost.py --models qwen2-0.5b,llama-8b,shipped,llama-3b \
+        --dtypes bf16,q4 --stream-pass fused --tag gpu ;;
     pipeline)
       # The pipelined step against the unpipelined one and mlx-lm: r(4) and r(16) both ways.
       # Then the kernels each step launches, as the GPU builds them (a few seconds).

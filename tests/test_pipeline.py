@@ -362,17 +362,18 @@ def test_folding_cache_bucketed_view():
     assert FoldingCache(c, None, 0).update_and_fetch(tree, tree)[0].shape[2] == 9  # control
 
 
-def bucket_widths(monkeypatch):
-    """Records the width of every view a pipelined pass's caches return."""
+def view_widths(monkeypatch, cls=FoldingCache):
+    """Records the width of every view ``cls``'s ``update_and_fetch`` returns: a pipelined
+    pass's caches (:class:`FoldingCache`), or an unpipelined one's in buckets."""
     widths = []
-    real = FoldingCache.update_and_fetch
+    real = cls.update_and_fetch
 
     def spy(self, keys, values):
         out = real(self, keys, values)
         widths.append(out[0].shape[2])
         return out
 
-    monkeypatch.setattr(FoldingCache, "update_and_fetch", spy)
+    monkeypatch.setattr(cls, "update_and_fetch", spy)
     return widths
 
 
@@ -382,7 +383,7 @@ def test_bucketed_pipelined_equals_mlx_lm(arch, bucket, monkeypatch):
     """With the views' columns rounded up to a multiple of ``bucket`` (and the masks
     hiding the columns past each pass's rows), output equals mlx-lm's, and every view
     the passes read was that wide."""
-    widths = bucket_widths(monkeypatch)
+    widths = view_widths(monkeypatch)
     for shape in ("chain-g1-k1", "g2-k3"):
         model = tiny_spec_model(arch, vocab_size=8, mode="lossless", **SHAPES[shape])
         model.speculative_streams.kv_bucket = bucket
@@ -397,7 +398,7 @@ def test_bucketed_pipelined_prompt_lookup_equals_mlx_lm(arch, monkeypatch):
     """Prompt lookup on any mlx-lm model (the verifier's runtime) takes buckets too."""
     from helpers import tiny_model
 
-    widths = bucket_widths(monkeypatch)
+    widths = view_widths(monkeypatch)
     model = tiny_model(arch, 8, weight_scale=1.0)
     want = plain_greedy(model, LOOP_PROMPT, MAX_TOKENS)
     assert run(model, LOOP_PROMPT, draft="ngram", pipeline=True)[0] == want  # (attaches)
@@ -422,20 +423,6 @@ def test_bucketed_cache_view():
     assert view.step == c.step  # (everything else is the cache's)
 
 
-def unpipelined_widths(monkeypatch):
-    """Records the width of every view an unpipelined pass's bucketed caches return."""
-    widths = []
-    real = BucketedCache.update_and_fetch
-
-    def spy(self, keys, values):
-        out = real(self, keys, values)
-        widths.append(out[0].shape[2])
-        return out
-
-    monkeypatch.setattr(BucketedCache, "update_and_fetch", spy)
-    return widths
-
-
 UNPIPELINED = {  # (stream pass, tree): chains take our masks in buckets, pruned trees too
     "fused chain": ("fused", SHAPES["chain-g1-k1"]),
     "split tree": ("split", SHAPES["g2-k3"]),
@@ -446,7 +433,7 @@ UNPIPELINED = {  # (stream pass, tree): chains take our masks in buckets, pruned
 @pytest.mark.parametrize("case", sorted(UNPIPELINED))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bucketed_unpipelined_equals_mlx_lm(arch, case, monkeypatch):
-    widths = unpipelined_widths(monkeypatch)
+    widths = view_widths(monkeypatch, BucketedCache)
     stream_pass, shape = UNPIPELINED[case]
     model = tiny_spec_model(arch, vocab_size=8, mode="lossless", **shape)
     rt = model.speculative_streams
@@ -463,7 +450,7 @@ def test_bucketed_unpipelined_lookup_and_sampling(monkeypatch):
 
     from mlx_specstream.decode import spec_generate_step
 
-    widths = unpipelined_widths(monkeypatch)
+    widths = view_widths(monkeypatch, BucketedCache)
     model = tiny_model("qwen3", 8, weight_scale=1.0)
     want = plain_greedy(model, LOOP_PROMPT, MAX_TOKENS)
     assert run(model, LOOP_PROMPT, draft="ngram", pipeline=False)[0] == want  # (attaches)
