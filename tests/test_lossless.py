@@ -13,12 +13,18 @@ first leave plain decoding's only at a near-tie (:mod:`mlx_specstream.fidelity`,
 
 import mlx.core as mx
 import pytest
-from helpers import ARCHS, plain_greedy, spec_tokens, tiny_spec_model
+from helpers import (
+    ARCHS,
+    assert_lossless,
+    near_ties_allowed,
+    plain_greedy,
+    spec_tokens,
+    tiny_spec_model,
+)
 
 import mlx_specstream.decode as decode_module
 import mlx_specstream.layout as layout_module
 from mlx_specstream import precision
-from mlx_specstream.fidelity import first_divergence
 
 PROMPTS = [[5], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]]
 MAX_TOKENS = 64
@@ -41,30 +47,12 @@ def check_equal(got, want):
     ), f"first difference at token {first}: {got[first:first+5]} vs {want[first:first+5]}"
 
 
-def near_ties_allowed(model) -> bool:
-    """On a GPU, in bfloat16 or float16 or with quantized weights (see the module's text)."""
-    from mlx.utils import tree_flatten
-
-    low = precision.compute_dtype(model) != mx.float32
-    quantized = any(v.dtype == mx.uint32 for _, v in tree_flatten(model.parameters()))
-    return precision.on_gpu() and (low or quantized)
-
-
-def check_lossless(model, prompt, got, want):
-    """``got`` equals ``want`` (plain decoding's), or first leaves it at a near-tie where
-    :func:`near_ties_allowed`."""
-    if not near_ties_allowed(model):
-        return check_equal(got, want)
-    d = first_divergence(model, prompt, got, want)
-    assert d is None or d.near_tie, f"prompt {prompt}: {d} is not a near-tie"
-
-
 def run_case(model, vocab, shape_name, reference):
     drafted = 0
     for prompt in PROMPTS:
         prompt = [t % vocab for t in prompt]
         toks, records = spec_tokens(model, prompt, MAX_TOKENS)
-        check_lossless(model, prompt, toks, reference(model, prompt))
+        assert_lossless(model, prompt, toks, reference(model, prompt))
         passes = records[-1][3]
         drafted += sum(r[2] for r in records)
         assert passes <= len(toks)
@@ -145,7 +133,7 @@ def test_dtypes_shared(dtype):
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_check_lossless_on_each_device(monkeypatch, gpu):
+def test_assert_lossless_on_each_device(monkeypatch, gpu):
     """The GPU's rule in bfloat16, run here: identical output passes; a token changed
     where plain decoding's choice is clear fails it, as it fails exact equality."""
     monkeypatch.setattr(precision, "on_gpu", lambda: gpu)
@@ -155,11 +143,11 @@ def test_check_lossless_on_each_device(monkeypatch, gpu):
     assert not near_ties_allowed(f32)
     prompt = [t % 8 for t in PROMPTS[1]]
     want = plain_greedy(model, prompt, MAX_TOKENS)
-    check_lossless(model, prompt, spec_tokens(model, prompt, MAX_TOKENS)[0], want)
+    assert_lossless(model, prompt, spec_tokens(model, prompt, MAX_TOKENS)[0], want)
     logits = model(mx.array(prompt)[None])[0, -1].astype(mx.float32)
     worst = int(mx.argmin(logits).item())  # far from a tie with the argmax
     with pytest.raises(AssertionError):
-        check_lossless(model, prompt, [worst] + want[1:], want)
+        assert_lossless(model, prompt, [worst] + want[1:], want)
 
 
 def test_negative_control_wrong_tree_mask(monkeypatch, fresh_layouts):
