@@ -27,6 +27,8 @@ import numpy as np
 from mlx_lm.models.cache import CacheList, KVCache, _BaseCache
 
 from .cache import KVCacheList, WindowKVCache, forget_rows, zeros_before
+from .layout import bucketed
+from .precision import on_cuda
 
 
 class RaggedKVCache(_BaseCache):
@@ -45,6 +47,9 @@ class RaggedKVCache(_BaseCache):
     """
 
     step = 256  # capacity grows in blocks, as mlx-lm's caches do
+    # A pass's columns rounded up to a multiple of this, the mask hiding the rest, so
+    # attention's shapes change once per bucket: None decides (:meth:`column_bucket`).
+    bucket: Optional[int] = None
 
     def __init__(self, ends: Sequence[int], window: Optional[int] = None):
         self.keys = self.values = None
@@ -86,13 +91,31 @@ class RaggedKVCache(_BaseCache):
     def is_trimmable(self) -> bool:
         return False  # rows shrink only by advancing less (a shared trim has no meaning)
 
+    def column_bucket(self) -> int:
+        """What a pass's columns are rounded up to a multiple of: :attr:`bucket` where
+        set; by default 256 on MLX's CUDA backend once the cache holds float16 or
+        bfloat16 keys, outside sliding-window layers (cuDNN's attention over several
+        rows builds a graph per shape: ``StreamRuntime._pass_bucket``), else 0. It
+        depends on what the cache held before the pass only, so a pass's mask and its
+        write agree."""
+        if self.bucket is not None:
+            return self.bucket
+        if self.window is not None or self.keys is None or self.keys.dtype == mx.float32:
+            return 0
+        return 256 if on_cuda() else 0
+
+    def pass_width(self, N: int) -> int:
+        """The positions (from 0) a pass over ``N`` tokens per row reads: up to the
+        longest row's last new token, rounded up to :meth:`column_bucket`."""
+        return bucketed(self.size() + N, self.column_bucket())
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Writes each row's ``N`` new keys and values after its end; returns every
-        position up to the longest row's last new token (the mask hides the rest)."""
+        position up to :meth:`pass_width` (the mask hides those past each row's own)."""
         B, _, N, _ = keys.shape
         if B != len(self._ends):
             raise ValueError(f"a pass over {B} rows for a cache of {len(self._ends)} rows")
-        width = self.size() + N
+        width = self.pass_width(N)
         if self.keys is None or width - self.start > self.keys.shape[2]:
             self._grow(keys, values, width - self.start)
         if not self._unread and (self._ends == self._ends[0]).all():  # one slice, as mlx-lm
@@ -143,12 +166,12 @@ class RaggedKVCache(_BaseCache):
         self.keys, self.values = new_k, new_v
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None, **kwargs):
-        """``(B, 1, N, ends.max() + N)``: query ``j`` of row ``b`` sees keys
-        ``0 .. ends[b] + j``, or with ``window_size`` ``W`` (a sliding-window layer
-        that keeps every token) only the last ``W`` of them, as mlx-lm's
-        ``create_causal_mask`` does."""
+        """``(B, 1, N, pass_width(N))`` (at least ``ends.max() + N``): query ``j`` of
+        row ``b`` sees keys ``0 .. ends[b] + j``, or with ``window_size`` ``W`` (a
+        sliding-window layer that keeps every token) only the last ``W`` of them, as
+        mlx-lm's ``create_causal_mask`` does."""
         queries = (self.offset[:, None] + mx.arange(N, dtype=mx.int32))[:, None, :, None]
-        keys = mx.arange(self.start, self.size() + N, dtype=mx.int32)  # (the columns held)
+        keys = mx.arange(self.start, self.pass_width(N), dtype=mx.int32)  # (the columns read)
         mask = keys <= queries
         if window_size is not None:
             mask = mask & (keys > queries - window_size)
@@ -252,6 +275,11 @@ class RaggedKVCacheList(CacheList):
     ``extract(1)`` gives ``KVCacheList(a1, i1)`` back.
     """
 
+    def __init__(self, *caches):
+        super().__init__(*caches)
+        for c in self.caches:  # (a sparse attention's indexer picks among the columns)
+            c.bucket = 0
+
     @property
     def offset(self) -> mx.array:
         return self.caches[0].offset
@@ -267,6 +295,9 @@ class RaggedKVCacheList(CacheList):
 
     def size(self) -> int:
         return self.caches[0].size()
+
+    def pass_width(self, N: int) -> int:
+        return self.caches[0].pass_width(N)
 
     def empty(self) -> bool:
         return self.caches[0].empty()

@@ -363,6 +363,15 @@ class StreamRuntime:
         # Each layer's attention chunk (Llama 4's chunked layers; None: not chunked).
         chunks = attention_chunks(model)
         self.chunks = [chunks[c] if chunks and c is not None else None for c in self.cache_slot]
+        # Whether a pass's columns may run past its rows in buckets (_pass_bucket): every
+        # layer attends to its own cache's columns, unwindowed, unchunked, densely.
+        self._bucketable = (
+            all(w is None for w in self.windows)
+            and all(c is None for c in self.chunks)
+            and not any(self._reads_lower)
+            and self.kv_source == list(range(self.num_layers))
+            and not sparse
+        )
         self._stream_cols = None  # a split stream pass's columns' positions (_windowed)
         self._extra_outputs = {}  # per layer: outputs after h (_outputs_after_h)
         self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
@@ -1017,18 +1026,14 @@ class StreamRuntime:
         per shape: a pass at a cache length met for the first time cost tens of
         milliseconds on an H200 (benchmarks/RESULTS.md, "The first GPU run").
         Elsewhere, and for caches other than plain ``KVCache``s of layers
-        without windows, chunks or shared keys, 0. A bucket set on
-        :attr:`kv_bucket` for such caches raises ``ValueError``.
+        without windows, chunks, shared keys or sparse attention, 0. A bucket set
+        on :attr:`kv_bucket` for such caches raises ``ValueError``. (A batch's
+        rows round theirs in ``RaggedKVCache.column_bucket``; :meth:`rows_pass`
+        keeps that at 0 for models whose layers cannot take buckets.)
         """
         if self.kv_bucket is None and not on_cuda():
             return 0
-        fits = (
-            all(type(c) is KVCache for c in cache)
-            and all(w is None for w in self.windows)
-            and all(c is None for c in self.chunks)
-            and not any(self._reads_lower)
-            and self.kv_source == list(range(self.num_layers))
-        )
+        fits = self._bucketable and all(type(c) is KVCache for c in cache)
         if self.kv_bucket is not None:
             if self.kv_bucket and not fits:
                 raise ValueError(
@@ -1166,6 +1171,7 @@ class StreamRuntime:
                              "needs streams=True.")  # fmt: skip
         self._rows_fused = streams
         self._main_rows = tokens.shape[1]
+        self._hold_row_buckets(cache)
         self._upper_nodes = self._over_lower = None
         if streams:
             if self.streams is None:
@@ -1174,17 +1180,26 @@ class StreamRuntime:
             chain = layout_of([-1] + list(range(W - 1)))
             upper = cache[self.upper_slot]
             block = chain.stream_mask(g, shared)
-            self._upper_mask = rows_mask(block, upper.offset, upper.size())
+            held = upper.pass_width(block.shape[1]) - block.shape[1]  # (its columns' bucket)
+            self._upper_mask = rows_mask(block, upper.offset, held)
             # (each stream row's token, for per-token inputs and lower layers' rows)
             row = mx.arange(W, dtype=mx.int32)
             self._upper_nodes = mx.concatenate([row, mx.repeat(row, g)])
             if any(self._reads_lower):
                 over = mx.take(chain.ancestors_mx, self._upper_nodes, axis=0)
-                self._over_lower = rows_mask(over, upper.offset, upper.size())
+                self._over_lower = rows_mask(over, upper.offset, held)
             self._upper_pos = (upper.offset[:, None] + self._stream_positions(chain.depth_mx)[None]
                                ).reshape(-1)  # fmt: skip
             self._positions_end = upper.size() + W + g
         return self._run("rows", tokens, cache)
+
+    def _hold_row_buckets(self, cache) -> None:
+        """Keeps a batch's caches from rounding their columns (``RaggedKVCache.bucket``
+        0) where this model's layers cannot take buckets (:meth:`_pass_bucket`)."""
+        if not self._bucketable:
+            for c in cache:
+                if isinstance(c, RaggedKVCache):
+                    c.bucket = 0
 
     def _rows_layer(self, i, base_call, layer, x, mask, cache, *args, **kwargs):
         """One layer of :meth:`rows_pass`."""
@@ -1227,6 +1242,7 @@ class StreamRuntime:
         h = mx.take_along_axis(self._upper_input, nodes[:, None, None], axis=1)
         self._stream_input = self.streams.make_streams(h)
         upper = cache[self.upper_slot]
+        self._hold_row_buckets(cache)
         self._stream_mask = upper.make_mask(g)  # row b, stream j: its tokens and streams <= j
         if first_row(upper):  # (from position 0, as the other masks: cut per layer)
             gap = mx.zeros((*self._stream_mask.shape[:-1], first_row(upper)), mx.bool_)
