@@ -12,6 +12,7 @@ from test_batch import alone, decode
 from test_batch_streams import PROMPTS as STREAM_PROMPTS
 from test_batch_streams import LIMITS as STREAM_LIMITS
 from test_batch_streams import stream_model
+from test_pipeline import view_widths
 
 from mlx_specstream import precision
 from mlx_specstream.batch import batch_generate_step
@@ -21,15 +22,7 @@ from mlx_specstream.ragged_cache import RaggedKVCache
 @pytest.fixture
 def widths(monkeypatch):
     """Forces 16-column buckets and records the width of every view a pass reads."""
-    seen = []
-    real = RaggedKVCache.update_and_fetch
-
-    def spy(self, keys, values):
-        out = real(self, keys, values)
-        seen.append(out[0].shape[2])
-        return out
-
-    monkeypatch.setattr(RaggedKVCache, "update_and_fetch", spy)
+    seen = view_widths(monkeypatch, RaggedKVCache)
     monkeypatch.setattr(RaggedKVCache, "bucket", 16)
     return seen
 
