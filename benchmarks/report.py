@@ -22,10 +22,10 @@ def machine_info(**extra) -> dict:
 
 def shipped_dtype(model) -> str:
     """The dtype the embedded model computes in as loaded here (float32 on a CPU; on a GPU
-    its stored bfloat16), read from its embedding."""
-    from mlx.utils import tree_flatten
+    its stored bfloat16), as ``"float32"``."""
+    from mlx_specstream.precision import compute_dtype
 
-    return str(tree_flatten(model.parameters())[0][1].dtype).split(".")[-1]
+    return str(compute_dtype(model)).split(".")[-1]
 
 
 def heading(title: str, info: dict) -> str:

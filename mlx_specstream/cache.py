@@ -38,6 +38,7 @@ from mlx_lm.models.cache import (
 )
 
 from .layout import bucketed
+from .precision import on_cuda
 
 KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize accepts for affine quantization
 KV_GROUP_SIZES = (32, 64, 128)
@@ -343,6 +344,15 @@ class FoldingCacheList:
         return [c.rows for c in self.caches]
 
 
+def default_bucket(keys: Optional[mx.array]) -> int:
+    """The column bucket a pass over a cache holding ``keys`` takes by default: 256
+    (mlx-lm's cache step) on MLX's CUDA backend in float16 and bfloat16, where
+    attention over several rows is cuDNN's, whose graph is built per shape (a pass at
+    a cache length met for the first time cost tens of milliseconds on an H200:
+    benchmarks/RESULTS.md, "The first GPU run"); else 0, also before any keys."""
+    return 256 if keys is not None and keys.dtype != mx.float32 and on_cuda() else 0
+
+
 class BucketedCache:
     """One layer's ``KVCache`` as an unpipelined pass in column buckets sees it.
 
@@ -351,7 +361,7 @@ class BucketedCache:
     hold a view whose columns run to the next multiple of ``bucket``, and
     returns that view: the columns past the pass's rows hold zeros or stale
     rows, which the pass's mask hides (:func:`~mlx_specstream.layout.pad_hidden`).
-    Everything else is the cache's.
+    Everything else (``offset`` too) is the cache's.
 
     Example: offset 5, a pass of 4 rows, ``bucket = 8``: rows 5-8 are
     written, ``offset`` becomes 9, and the view is 16 columns long.
@@ -359,10 +369,6 @@ class BucketedCache:
 
     def __init__(self, cache: KVCache, bucket: int):
         self.cache, self.bucket = cache, bucket
-
-    @property
-    def offset(self) -> int:
-        return self.cache.offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         c = self.cache

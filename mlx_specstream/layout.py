@@ -75,7 +75,17 @@ def layout_of(parents: Sequence[int]) -> TreeLayout:
     return _layout(tuple(int(p) for p in parents))
 
 
-_ONES = {}  # rows -> an evaluated all-True (rows, n) array, grown as contexts grow
+_COLUMNS = {}  # (rows, value) -> an evaluated (rows, n) bool array, grown as needed
+
+
+def kept_columns(rows: int, count: int, value: bool) -> mx.array:
+    """``(rows, count)`` bool columns all ``value``: a view of an array kept per
+    ``(rows, value)`` and grown as contexts grow, so a step's graph holds no fill."""
+    kept = _COLUMNS.get((rows, value))
+    if kept is None or kept.shape[1] < count:
+        kept = _COLUMNS[(rows, value)] = mx.full((rows, max(2 * count, 256)), value, mx.bool_)
+        mx.eval(kept)
+    return kept[:, :count]
 
 
 def with_prefix(mask: mx.array, prefix: int) -> mx.array:
@@ -85,12 +95,7 @@ def with_prefix(mask: mx.array, prefix: int) -> mx.array:
     step's graph holds one concatenation per mask, not also a fill."""
     if prefix == 0:
         return mask
-    rows = mask.shape[0]
-    ones = _ONES.get(rows)
-    if ones is None or ones.shape[1] < prefix:
-        ones = _ONES[rows] = mx.ones((rows, max(2 * prefix, 256)), dtype=mx.bool_)
-        mx.eval(ones)
-    return mx.concatenate([ones[:, :prefix], mask], axis=1)
+    return mx.concatenate([kept_columns(mask.shape[0], prefix, True), mask], axis=1)
 
 
 def place_mask(mask: mx.array, start: mx.array, length: int) -> mx.array:
@@ -168,9 +173,6 @@ def bucketed(columns: int, bucket: int) -> int:
     return -(-columns // bucket) * bucket if bucket else columns
 
 
-_HIDDEN = {}  # rows -> an evaluated all-False (rows, n) array, grown as needed
-
-
 def pad_hidden(mask: mx.array, bucket: int) -> mx.array:
     """``(R, bucketed(C, bucket))``: bool ``mask`` ``(R, C)`` followed by hidden
     columns up to the next multiple of ``bucket`` (``0``: as is).
@@ -190,8 +192,4 @@ def pad_hidden(mask: mx.array, bucket: int) -> mx.array:
     extra = bucketed(cols, bucket) - cols
     if extra == 0:
         return mask
-    hidden = _HIDDEN.get(rows)
-    if hidden is None or hidden.shape[1] < extra:
-        hidden = _HIDDEN[rows] = mx.zeros((rows, max(2 * extra, 256)), dtype=mx.bool_)
-        mx.eval(hidden)
-    return mx.concatenate([mask, hidden[:, :extra]], axis=1)
+    return mx.concatenate([mask, kept_columns(rows, extra, False)], axis=1)

@@ -26,9 +26,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import CacheList, KVCache, _BaseCache
 
-from .cache import KVCacheList, WindowKVCache, forget_rows, zeros_before
+from .cache import KVCacheList, WindowKVCache, default_bucket, forget_rows, zeros_before
 from .layout import bucketed
-from .precision import on_cuda
 
 
 class RaggedKVCache(_BaseCache):
@@ -93,16 +92,12 @@ class RaggedKVCache(_BaseCache):
 
     def column_bucket(self) -> int:
         """What a pass's columns are rounded up to a multiple of: :attr:`bucket` where
-        set; by default 256 on MLX's CUDA backend once the cache holds float16 or
-        bfloat16 keys, outside sliding-window layers (cuDNN's attention over several
-        rows builds a graph per shape: ``StreamRuntime._pass_bucket``), else 0. It
-        depends on what the cache held before the pass only, so a pass's mask and its
-        write agree."""
+        set; by default :func:`~mlx_specstream.cache.default_bucket` of the keys held
+        (0 in sliding-window layers). It depends on what the cache held before the
+        pass only, so a pass's mask and its write agree."""
         if self.bucket is not None:
             return self.bucket
-        if self.window is not None or self.keys is None or self.keys.dtype == mx.float32:
-            return 0
-        return 256 if on_cuda() else 0
+        return 0 if self.window is not None else default_bucket(self.keys)
 
     def pass_width(self, N: int) -> int:
         """The positions (from 0) a pass over ``N`` tokens per row reads: up to the

@@ -25,6 +25,7 @@ from .cache import (
     BucketedCache,
     Fold,
     attention_chunks,
+    default_bucket,
     folding_cache,
     first_row,
     kv_lists,
@@ -962,10 +963,10 @@ class StreamRuntime:
         tokens = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
         self._all_streams = all_streams
         self._head_on_streams = stream_logits and all_streams and self.streams is not None
+        b = self._pass_bucket(cache)  # (0: views and masks end at the pass's rows)
         if pipelined:  # the tree starts where the device says the last step's path ends
             if prune_threshold > 0:
                 raise ValueError("A pipelined pass cannot prune (pruning reads the host).")
-            b = self._pass_bucket(cache)
             cache = [folding_cache(c, fold, i, b) for i, c in enumerate(cache)]
             base, span = cache[0].offset, 0 if fold is None else fold.span
             if fold is None:
@@ -977,7 +978,6 @@ class StreamRuntime:
             )
         else:
             prefix = kv_offset(cache[self.upper_slot])  # (a KV layer: recurrent ones keep none)
-            b = self._pass_bucket(cache)
             cache = [BucketedCache(c, b) for c in cache] if b else cache
             self._join = lambda mask: pad_hidden(with_prefix(mask, prefix), b)
         self._tree = (tokens, layout.parents, layout.depth, layout.ancestors, prefix)
@@ -1019,30 +1019,26 @@ class StreamRuntime:
         )
 
     def _pass_bucket(self, cache) -> int:
-        """The column bucket of a pass over ``cache`` (:attr:`kv_bucket`).
-
-        By default 256 (mlx-lm's cache step) on MLX's CUDA backend in float16
-        and bfloat16, where attention over several rows is cuDNN's, built once
-        per shape: a pass at a cache length met for the first time cost tens of
-        milliseconds on an H200 (benchmarks/RESULTS.md, "The first GPU run").
-        Elsewhere, and for caches other than plain ``KVCache``s of layers
-        without windows, chunks, shared keys or sparse attention, 0. A bucket set
-        on :attr:`kv_bucket` for such caches raises ``ValueError``. (A batch's
-        rows round theirs in ``RaggedKVCache.column_bucket``; :meth:`rows_pass`
-        keeps that at 0 for models whose layers cannot take buckets.)
+        """The column bucket of a pass over ``cache`` (:attr:`kv_bucket`): by default
+        :func:`~mlx_specstream.cache.default_bucket` (256 on CUDA in half precision),
+        for plain ``KVCache``s of layers without windows, chunks, shared keys or
+        sparse attention; 0 for other caches, where a bucket set on :attr:`kv_bucket`
+        raises ``ValueError``. (A batch's rows round theirs in
+        ``RaggedKVCache.column_bucket``; :meth:`rows_pass` keeps that at 0 for models
+        whose layers cannot take buckets.)
         """
-        if self.kv_bucket is None and not on_cuda():
+        if self.kv_bucket is None and not on_cuda():  # (skips the checks on other devices)
             return 0
         fits = self._bucketable and all(type(c) is KVCache for c in cache)
         if self.kv_bucket is not None:
             if self.kv_bucket and not fits:
                 raise ValueError(
                     f"kv_bucket={self.kv_bucket}: column buckets need plain KVCache layers "
-                    "without sliding windows, attention chunks or shared keys."
+                    "without sliding windows, attention chunks, shared keys or sparse "
+                    "attention."
                 )
             return self.kv_bucket
-        keys = cache[0].keys if fits else None
-        return 256 if keys is not None and on_cuda() and keys.dtype != mx.float32 else 0
+        return default_bucket(cache[0].keys) if fits else 0
 
     def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False):
         """A plain pass over prompt tokens into ``cache``; with ``keep_hidden`` the

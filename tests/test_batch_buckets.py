@@ -79,7 +79,7 @@ def test_default_bucket(monkeypatch):
     assert c.column_bucket() == 0  # (no keys yet)
     c.update_and_fetch(mx.zeros((2, 1, 3, 4), mx.bfloat16), mx.zeros((2, 1, 3, 4), mx.bfloat16))
     assert c.column_bucket() == 0  # (this CPU)
-    monkeypatch.setattr("mlx_specstream.ragged_cache.on_cuda", lambda: True)
+    monkeypatch.setattr("mlx_specstream.cache.on_cuda", lambda: True)  # (default_bucket's)
     assert c.column_bucket() == 256 and c.pass_width(2) == 256
     f32 = RaggedKVCache([0])
     f32.update_and_fetch(mx.zeros((1, 1, 3, 4)), mx.zeros((1, 1, 3, 4)))

@@ -491,6 +491,7 @@ def test_bucket_default_on_cuda_in_half_precision_only(monkeypatch):
         c.update_and_fetch(mx.zeros((1, 2, 3, 8), mx.bfloat16), mx.zeros((1, 2, 3, 8), mx.bfloat16))
     assert rt._pass_bucket(cache) == 0  # (this CPU)
     monkeypatch.setattr(streams_module, "on_cuda", lambda: True)
+    monkeypatch.setattr("mlx_specstream.cache.on_cuda", lambda: True)  # (default_bucket's)
     assert rt._pass_bucket(cache) == 256
     f32 = [KVCache() for _ in range(rt.num_layers)]
     for c in f32:
