@@ -24,7 +24,12 @@ This script finds which operation carries that cost:
   milliseconds per token;
 * with ``--no-graphs``, the primitives again in a child process with
   ``MLX_USE_CUDA_GRAPHS=0`` (MLX's CUDA backend replays each evaluation's
-  kernels as a CUDA graph, cached by its shape of nodes).
+  kernels as a CUDA graph, cached by its shape of nodes);
+* with ``--no-cudnn``, the primitives and the first of ``--models``' generations
+  again in a child process with ``MLX_CUDA_USE_CUDNN_SDPA=0``: attention over
+  several rows then runs as MLX's unfused matmul and softmax, whose kernels do
+  not depend on the shapes; if the cold cost is cuDNN's graph building, it
+  goes away there.
 
 Writes ``benchmarks/results/cold_shapes[-TAG].{md,json}``.
 """
@@ -197,7 +202,14 @@ def main():
         action="store_true",
         help="also the primitives with MLX_USE_CUDA_GRAPHS=0 (a child process)",
     )
+    p.add_argument(
+        "--no-cudnn",
+        action="store_true",
+        help="also the primitives and the first model's generations with "
+        "MLX_CUDA_USE_CUDNN_SDPA=0 (a child process)",
+    )
     p.add_argument("--primitives-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-models", default="", help=argparse.SUPPRESS)
     p.add_argument("--tag", default="")
     args = p.parse_args()
     for name in args.dtypes.split(","):
@@ -206,18 +218,37 @@ def main():
     for name in args.models.split(","):
         if name != "shipped" and name not in SHAPES:
             p.error(f"--models: unknown model {name!r}; choose shipped or one of {list(SHAPES)}")
-    if args.primitives_only:  # the child of --no-graphs: its rows as JSON on the last line
-        print(json.dumps(primitives(args.dtypes.split(","), args.lengths)))
+    if args.primitives_only:  # a child: its rows as JSON on the last line
+        models = [m for m in args.child_models.split(",") if m]
+        gens = [row for name in models for row in generations(name, args.max_tokens)]
+        print(json.dumps(dict(primitives=primitives(args.dtypes.split(","), args.lengths),
+                              generations=gens)))  # fmt: skip
         return
     prim = primitives(args.dtypes.split(","), args.lengths)
     gens = [row for name in args.models.split(",") for row in generations(name, args.max_tokens)]
-    no_graphs = None
-    if args.no_graphs:
-        env = dict(os.environ, MLX_USE_CUDA_GRAPHS="0")
+
+    def child(variable: str, models: str = "") -> dict:
+        """The primitives (and ``models``' generations) in a child process with
+        ``variable=0``; its lines are printed as they come."""
+        print(f"-- again with {variable}=0", flush=True)
         cmd = [sys.executable, __file__, "--primitives-only", "--dtypes", args.dtypes,
-               "--lengths", str(args.lengths)]  # fmt: skip
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        no_graphs = json.loads(done.stdout.strip().splitlines()[-1])
+               "--lengths", str(args.lengths), "--max-tokens", str(args.max_tokens),
+               "--child-models", models]  # fmt: skip
+        env = dict(os.environ, **{variable: "0"})
+        lines = []
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) as proc:
+            for line in proc.stdout:  # (streamed: a stage stopped mid-child keeps its lines)
+                lines.append(line.rstrip("\n"))
+                if not line.startswith("{"):
+                    print(lines[-1], flush=True)
+        if proc.returncode:
+            raise SystemExit(f"{variable}=0 child exited {proc.returncode}")
+        return json.loads(lines[-1])
+
+    no_graphs = child("MLX_USE_CUDA_GRAPHS")["primitives"] if args.no_graphs else None
+    no_cudnn = (
+        child("MLX_CUDA_USE_CUDNN_SDPA", args.models.split(",")[0]) if args.no_cudnn else None
+    )
     info = machine_info(lengths=args.lengths, max_tokens=args.max_tokens,
                         tf32=os.environ.get("MLX_ENABLE_TF32"))  # fmt: skip
     lines = [
@@ -228,12 +259,16 @@ def main():
         "(warm), each call evaluated alone.",
         "",
         "| dtype | case | cold ms | warm ms | cold / warm | worst cold ms |"
-        + (" no graphs: cold / warm ms |" if no_graphs else ""),
-        "|---|---|---|---|---|---|" + ("---|" if no_graphs else ""),
+        + (" no graphs: cold / warm ms |" if no_graphs else "")
+        + (" no cuDNN: cold / warm ms |" if no_cudnn else ""),
+        "|---|---|---|---|---|---|" + ("---|" if no_graphs else "") + ("---|" if no_cudnn else ""),
     ]
     for i, r in enumerate(prim):
-        extra = (f" {no_graphs[i]['cold_ms']:.3f} / {no_graphs[i]['warm_ms']:.3f} |"
-                 if no_graphs else "")  # fmt: skip
+        extra = "".join(
+            f" {other[i]['cold_ms']:.3f} / {other[i]['warm_ms']:.3f} |"
+            for other in (no_graphs, no_cudnn and no_cudnn["primitives"])
+            if other
+        )
         lines.append(
             f"| {r['dtype']} | {r['case']} | {r['cold_ms']:.3f} | {r['warm_ms']:.3f} "
             f"| {r['cold_ms'] / r['warm_ms']:.2f} | {r['cold_max_ms']:.1f} |{extra}"
@@ -252,7 +287,9 @@ def main():
         "| warm ms/pass | cold / warm (pass) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in gens:
+    for r in gens + [
+        dict(g, case=g["case"] + ", no cuDNN") for g in (no_cudnn or {}).get("generations", [])
+    ]:
         lines.append(f"| {r['model']} | {r['case']} | {r['prompt_tokens']} | {r['cold_ms']:.2f} "
                      f"| {r['warm_ms']:.2f} | {r['cold_pass_ms']:.2f} | {r['warm_pass_ms']:.2f} "
                      f"| {r['cold_pass_ms'] / r['warm_pass_ms']:.2f} |")  # fmt: skip
@@ -261,7 +298,7 @@ def main():
         "cold_shapes",
         args.tag,
         text,
-        dict(info=info, primitives=prim, generations=gens, no_graphs=no_graphs),
+        dict(info=info, primitives=prim, generations=gens, no_graphs=no_graphs, no_cudnn=no_cudnn),
     )
 
 

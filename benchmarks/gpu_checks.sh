@@ -7,7 +7,7 @@
 # There, two runs in one message, carrying .gpu/p1 and .gpu/bin, then .gpu/p2 and .gpu/bin; the
 # second, and every later run on the same machine, is:
 #     bash .gpu/bin/install.sh && bash benchmarks/gpu_checks.sh STAGE[:SECONDS] ...
-# STAGE: cold | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity |
+# STAGE: cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity |
 # tune | benchmark | recurrent | batch | window. Stages run in the order given.
 # GPU_DEADLINE=SECONDS (default 540) bounds the whole run: each stage is stopped when it is
 # reached, or after its own SECONDS when given as STAGE:SECONDS. Everything comes back as two
@@ -20,13 +20,15 @@
 # cache length costs 25-58 ms there, the same step repeated 3 ms (benchmarks/RESULTS.md,
 # "The first GPU run"). So the next session's run starts with `cold` (two minutes: which
 # operation carries that cost, and whether 256-column buckets cure it), e.g.
-#     GPU_DEADLINE=500 bash benchmarks/gpu_checks.sh cold:150 step_cost:180 pipeline:100 tests
+#     GPU_DEADLINE=500 bash benchmarks/gpu_checks.sh cold:150 phases:90 step_cost:150 pipeline:80 tests
+# (`phases` then says which part of a warm step costs the device time that session 33's warm
+# steps spent beyond their kernel count: r = 1.8-2.2 plain tokens for 1.15-1.3x the kernels.)
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stages="cold | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | window"
+stages="cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | window"
 [ $# -ge 1 ] || { echo "stages: $stages" >&2; exit 2; }
 for arg in "$@"; do
-  case "${arg%%:*}" in cold|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|window) ;;
+  case "${arg%%:*}" in cold|phases|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|window) ;;
     *) echo "unknown stage: ${arg%%:*} (stages: $stages)" >&2; exit 2 ;;
   esac
 done
@@ -43,9 +45,21 @@ run_stage() {
   case "$stage" in
     cold)
       # A first pass at a new cache length against the same pass again: primitives (with and
-      # without CUDA graphs) and whole generations of the shipped model (about a minute).
-      python3 benchmarks/cold_shapes.py --no-graphs --models shipped,qwen2-0.5b --max-tokens 32 \
-        --tag gpu ;;
+      # without CUDA graphs, with and without cuDNN's attention) and whole generations of the
+      # shipped model and a 0.5B shape, with and without buckets (about two minutes).
+      python3 benchmarks/cold_shapes.py --no-graphs --no-cudnn --models shipped,qwen2-0.5b \
+        --max-tokens 32 --tag gpu ;;
+    phases)
+      # One warm step's phases, each evaluated alone, with the host's share (graph building)
+      # apart: the pass against plain passes over 1 and n tokens, acceptance, draft, commit.
+      for tree in chain3 k3x3-16; do
+        python3 benchmarks/step_phases.py --shape qwen2-0.5b --dtype bfloat16 --tree $tree \
+          --reps 20 --tag gpu-0.5b-$tree
+      done
+      python3 benchmarks/step_phases.py --dtype bfloat16 --tree chain3 --reps 20 \
+        --tag gpu-shipped-chain3
+      python3 benchmarks/step_phases.py --shape llama-8b --dtype bfloat16 --tree chain3 \
+        --reps 10 --tag gpu-8b-chain3 ;;
     tests)
       # scipy and openai are not installed there: the modules that need them are named here,
       # not skipped silently; run them on a machine that has both. (The chi-square tests of
