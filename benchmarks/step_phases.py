@@ -82,13 +82,13 @@ def main():
         for c in cache:
             c.trim(c.offset - prefix)
 
-    times, builds = {}, {}
+    times, builds, hosts = {}, {}, {}
 
     def timed(fn, row, phase):
         """``fn``'s result, its arrays evaluated; records the seconds it took in
         all and to build its graph."""
         mx.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = fn()
         t1 = time.perf_counter()
         if hasattr(out, "logits"):  # a pass's StepOutput
@@ -98,6 +98,7 @@ def main():
         mx.eval([a for a in arrays if a is not None])
         add(row, phase, time.perf_counter() - t0)
         builds.setdefault(row, {}).setdefault(phase, []).append(t1 - t0)
+        hosts.setdefault(row, {}).setdefault(phase, []).append(time.thread_time() - c0)
         return out
 
     def add(row, phase, seconds):
@@ -133,7 +134,11 @@ def main():
         med = {k: statistics.median(v) * 1e3 for k, v in phases.items()}
         med.setdefault("total", sum(med.values()))
         build = {k: statistics.median(v) * 1e3 for k, v in builds[row].items()}
-        table.append(dict(row=row, **med, build=sum(build.values()), builds=build))
+        host_by = {k: statistics.median(v) * 1e3 for k, v in hosts[row].items()}
+        host = sum(host_by.values())
+        table.append(
+            dict(row=row, **med, build=sum(build.values()), builds=build, host=host, hosts=host_by)
+        )
     info = machine_info(tree=args.tree, nodes=n, reps=args.reps, shape=args.shape,
                         tf32=os.environ.get("MLX_ENABLE_TF32"))  # fmt: skip
     lines = [
@@ -149,15 +154,19 @@ def main():
         + f" ({compute_dtype(model)}), tree {args.tree} ({n} nodes) after a 96-token "
         f"prompt, each phase evaluated on its own, medians of {args.reps} (ms); host build: "
         "the time to build the graphs of the pass, acceptance and draft, before their "
-        "evaluation (plain: the forward's).",
+        "evaluation (plain: the forward's); host CPU: the main thread's CPU time for the "
+        "same phases, building and evaluating (MLX's CPU backend computes on other threads: "
+        "there it is the host's whole share; on a GPU it includes any spinning wait).",
         "",
-        "| step | pass | accept | draft | commit | total | host build |",
-        "|---|---|---|---|---|---|---|",
+        "| step | pass | accept | draft | commit | total | host build | host CPU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         cells = [f"{r[k]:.2f}" if k in r else "" for k in ("pass", "accept", "draft", "commit")]
         lines.append(
-            f"| {r['row']} | " + " | ".join(cells) + f" | {r['total']:.2f} | {r['build']:.2f} |"
+            f"| {r['row']} | "
+            + " | ".join(cells)
+            + f" | {r['total']:.2f} | {r['build']:.2f} | {r['host']:.2f} |"
         )
     text = "\n".join(lines) + "\n"
     write_results("step_phases", args.tag, text, dict(info=info, table=table))
