@@ -6,6 +6,8 @@ plain decoding token for token, its caches must end as the unpipelined
 loop's do, and a wrong accepted length or path must break it (controls).
 """
 
+import traceback
+
 import mlx.core as mx
 import pytest
 from helpers import ARCHS, plain_greedy, spec_tokens, tiny_spec_model
@@ -334,6 +336,78 @@ def test_default_is_pipelined_on_a_gpu_only(monkeypatch):
     seen.clear()  # settings that read the host: not pipelined, and no error
     run(model, [1, 2], draft="streams+ngram")
     assert seen and not any(seen)
+
+
+# ---- a pipelined launch never waits for the device -----------------------------------
+# Tables kept between steps (built once, or grown by doubling): evaluated when made.
+GROWN = {"kept_columns", "_full_rope_table", "window_table"}
+
+
+def launch_reads(monkeypatch, model, prompt, **kwargs) -> list:
+    """The host reads (``item``, ``tolist``, ``mx.eval``, ``mx.synchronize``) made while
+    the pipelined generator launches a step ahead of its predecessor's host read, as
+    ``(kind, function)`` pairs, followed by the number of such launches; a read there
+    would make the host wait for the device."""
+    reads, inside, launches = [], [False], [0]
+
+    def spy(kind, real):
+        def call(*args, **kw):
+            if inside[0]:
+                frame = traceback.extract_stack(limit=2)[0]
+                reads.append((kind, frame.name))
+            return real(*args, **kw)
+
+        return call
+
+    for name in ("item", "tolist"):
+        monkeypatch.setattr(mx.array, name, spy(name, getattr(mx.array, name)))
+    for name in ("eval", "synchronize"):
+        monkeypatch.setattr(mx, name, spy(name, getattr(mx, name)))
+    real = decode_module.Decoder.launch_ahead
+
+    def launch_ahead(dec, p):
+        inside[0] = True
+        launches[0] += 1
+        try:
+            return real(dec, p)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(decode_module.Decoder, "launch_ahead", launch_ahead)
+    toks, records = spec_tokens(model, prompt, 120, pipeline=True, **kwargs)
+    assert toks == plain_greedy(model, prompt, 120)
+    assert launches[0] > 10, "too few launches ahead: the test is empty"
+    return reads + [launches[0]]
+
+
+@pytest.mark.parametrize("bucket", [0, 16])
+@pytest.mark.parametrize("case", ["chain", "tree", "lookup"])
+def test_pipelined_launch_reads_nothing(case, bucket, monkeypatch):
+    """Launching step k + 1 builds its graph from step k's device outputs alone: no host
+    read, so the device never idles for it (tables built once or grown by doubling aside)."""
+    shape = {"chain": "chain-g1-k1", "tree": "g2-k3", "lookup": "g2-k3"}[case]
+    model = tiny_spec_model("llama", vocab_size=8, **SHAPES[shape])
+    model.speculative_streams.kv_bucket = bucket
+    kwargs = dict(draft="ngram", num_draft_tokens=3) if case == "lookup" else {}
+    reads = launch_reads(monkeypatch, model, PROMPTS[1], **kwargs)
+    launches = reads.pop()
+    assert [r for r in reads if r[1] not in GROWN] == []
+    assert len(reads) < launches / 5  # (each table built once, or grown by doubling)
+
+
+def test_launch_reads_control(monkeypatch):
+    """Control: a launch that reads its tree's tokens back is caught."""
+    model = tiny_spec_model("llama", vocab_size=8, **SHAPES["g2-k3"])
+    real = decode_module.Decoder.launch
+
+    def reading_launch(dec, draft, after=None):
+        p = real(dec, draft, after)
+        p.tokens.tolist()
+        return p
+
+    monkeypatch.setattr(decode_module.Decoder, "launch", reading_launch)
+    reads = launch_reads(monkeypatch, model, PROMPTS[1])
+    assert ("tolist", "reading_launch") in reads[:-1]
 
 
 # ---- column buckets: a pipelined pass's shapes change once per bucket ------------------
