@@ -274,8 +274,8 @@ class FoldingCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         c, fold, first = self.cache, self.fold, self.start
         span = 0 if fold is None else fold.span
-        end = self.offset + span + keys.shape[2] - first  # (rows; the rest are positions)
-        end = bucketed(end, self.bucket)
+        # (rows; the rest are positions: the bucket's end is a position, as the mask's)
+        end = bucketed(self.offset + span + keys.shape[2], self.bucket) - first
         _reserve(c, keys, values, end)
         if fold is None:
             start = mx.array([self.offset - first], dtype=mx.int32)
@@ -364,7 +364,9 @@ class BucketedCache:
     Everything else (``offset`` too) is the cache's.
 
     Example: offset 5, a pass of 4 rows, ``bucket = 8``: rows 5-8 are
-    written, ``offset`` becomes 9, and the view is 16 columns long.
+    written, ``offset`` becomes 9, and the view is 16 columns long. A
+    :class:`WindowKVCache` whose rows start at position 3 gives a view of its
+    rows up to position 15: 13 rows.
     """
 
     def __init__(self, cache: KVCache, bucket: int):
@@ -372,7 +374,8 @@ class BucketedCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         c = self.cache
-        width = bucketed(c.offset + keys.shape[2], self.bucket)
+        # (in positions: a WindowKVCache's rows start at its first row's, as its mask's do)
+        width = bucketed(c.offset + keys.shape[2], self.bucket) - first_row(c)
         _reserve(c, keys, values, width)  # (then the cache writes in place)
         c.update_and_fetch(keys, values)
         return c.keys[..., :width, :], c.values[..., :width, :]

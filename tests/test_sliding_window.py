@@ -23,7 +23,14 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.streams as streams
 from mlx_specstream import make_prompt_cache
-from mlx_specstream.cache import WindowKVCache, model_caches, sliding_windows
+from mlx_specstream.cache import (
+    BucketedCache,
+    FoldingCache,
+    WindowKVCache,
+    first_row,
+    model_caches,
+    sliding_windows,
+)
 from mlx_specstream.ragged_cache import RaggedKVCache
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
@@ -127,6 +134,77 @@ def test_a_draft_model_with_a_window_drafts_for_one(other, monkeypatch):
         assert len({r[3] for r in records}) == N // 4
     blind_to_windows(monkeypatch)
     assert spec_tokens(model, PROMPT, N, draft_model=draft, num_draft_tokens=3)[0] != want
+
+
+BUCKET_WAYS = {  # (stream pass, pipelined, tree settings or lookup)
+    "fused tree, pipelined": ("fused", True, dict(max_tree_nodes=6)),
+    "fused chain": ("fused", False, dict(tree_top_k=1, max_tree_nodes=4)),
+    "split tree": ("split", False, dict(max_tree_nodes=6)),
+    "lookup, pipelined": ("fused", True, dict(draft="ngram", num_draft_tokens=3)),
+}
+
+
+def bucket_views(monkeypatch) -> list:
+    """Records ``(columns, first row's position)`` of every view a pass's caches in
+    buckets return (pipelined or not)."""
+    views = []
+    for cls in (FoldingCache, BucketedCache):
+        real = cls.update_and_fetch
+
+        def spy(self, keys, values, real=real):
+            out = real(self, keys, values)
+            views.append((out[0].shape[2], first_row(self.cache)))
+            return out
+
+        monkeypatch.setattr(cls, "update_and_fetch", spy)
+    return views
+
+
+@pytest.mark.parametrize("bucket", [4, 16])
+@pytest.mark.parametrize("way", sorted(BUCKET_WAYS))
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_column_buckets_past_the_window(arch, way, bucket, monkeypatch):
+    """Passes in column buckets (as on CUDA in half precision, here forced): a window
+    layer's view and mask end at the bucket too, less the rows its cache dropped, and
+    the output is mlx-lm's long past the window; its caches dropped rows meanwhile."""
+    stream_pass, pipeline, settings = BUCKET_WAYS[way]
+    model = tiny_spec_model(arch, vocab_size=8, num_streams=3, top_k=2, stream_pass=stream_pass)
+    model.speculative_streams.kv_bucket = bucket
+    views = bucket_views(monkeypatch)
+    got, records = spec_tokens(model, PROMPT, N, pipeline=pipeline, **settings)
+    assert got == plain_greedy(model, PROMPT, N)
+    assert len({r[3] for r in records}) < N - 5  # (steps: drafts were accepted)
+    assert views and all((w + first) % bucket == 0 for w, first in views)
+    assert any(first > 0 for _, first in views)  # (window layers dropped rows)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_column_buckets_control_blind_to_the_window(pipeline, monkeypatch):
+    """Control: in buckets too, tree masks that ignore the window change the output."""
+    model = tiny_spec_model("gpt_oss", vocab_size=8, num_streams=3, top_k=2)
+    model.speculative_streams.kv_bucket = 16
+    want = plain_greedy(model, PROMPT, N)
+    assert spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline)[0] == want
+    monkeypatch.setattr(streams, "window_cut", lambda mask, positions, window: mask)
+    assert spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline)[0] != want
+
+
+def test_column_bucket_default_with_windows(monkeypatch):
+    """On CUDA in half precision a windowed model's passes take 256-column buckets by
+    default (its batch rows do not: RaggedKVCache keeps 0 in window layers)."""
+    model = tiny_spec_model("gemma3_text", vocab_size=8, num_streams=3, top_k=2)
+    rt = model.speculative_streams
+    cache = make_prompt_cache(model)
+    assert {type(c) for c in cache} == {WindowKVCache, KVCache}
+    for c in cache:
+        c.update_and_fetch(
+            mx.zeros((1, 2, 3, 16), mx.bfloat16), mx.zeros((1, 2, 3, 16), mx.bfloat16)
+        )
+    assert rt._pass_bucket(cache) == 0  # (this CPU)
+    monkeypatch.setattr(streams, "on_cuda", lambda: True)
+    monkeypatch.setattr("mlx_specstream.cache.on_cuda", lambda: True)  # (default_bucket's)
+    assert rt._pass_bucket(cache) == 256
+    assert not rt._rows_bucketable and tiny_spec_model("llama").speculative_streams._rows_bucketable
 
 
 BATCH_WAYS = [  # how a batch's rows draft, in the batch tests of windowed models
