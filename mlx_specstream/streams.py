@@ -23,6 +23,7 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 
 from .cache import (
     BucketedCache,
+    ChunkKVCache,
     Fold,
     WindowKVCache,
     attention_chunks,
@@ -43,6 +44,8 @@ from .tree import prune_subtrees, subtree_parents
 STREAMS_FILE = "speculative_streams.safetensors"
 # Positions covered by a kept RoPE table (beyond: tables for each pass's own positions).
 MAX_ROPE_TABLE = 32768
+# The layer caches a pass may read in column buckets (StreamRuntime._pass_bucket).
+BUCKETABLE = (KVCache, WindowKVCache, ChunkKVCache)
 
 
 class LowRankAdapter(nn.Module):
@@ -366,16 +369,17 @@ class StreamRuntime:
         chunks = attention_chunks(model)
         self.chunks = [chunks[c] if chunks and c is not None else None for c in self.cache_slot]
         # Whether a pass's columns may run past its rows in buckets (_pass_bucket): every
-        # layer attends to its own cache's columns, unchunked, densely (a window layer's
+        # layer attends to its own cache's columns, densely (a window or chunk layer's
         # view and mask both end at the bucket, less the rows its cache dropped); a
-        # batch's rows (RaggedKVCache.column_bucket) also without sliding windows.
+        # batch's rows (RaggedKVCache.column_bucket) also without windows or chunks.
         self._bucketable = (
-            all(c is None for c in self.chunks)
-            and not any(self._reads_lower)
+            not any(self._reads_lower)
             and self.kv_source == list(range(self.num_layers))
             and not sparse
         )
-        self._rows_bucketable = self._bucketable and all(w is None for w in self.windows)
+        self._rows_bucketable = self._bucketable and all(
+            w is None and c is None for w, c in zip(self.windows, self.chunks)
+        )
         self._stream_cols = None  # a split stream pass's columns' positions (_windowed)
         self._extra_outputs = {}  # per layer: outputs after h (_outputs_after_h)
         self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
@@ -1024,21 +1028,22 @@ class StreamRuntime:
     def _pass_bucket(self, cache) -> int:
         """The column bucket of a pass over ``cache`` (:attr:`kv_bucket`): by default
         :func:`~mlx_specstream.cache.default_bucket` (256 on CUDA in half precision),
-        for plain ``KVCache``s and sliding-window layers' ``WindowKVCache``s, of layers
-        without chunks, shared keys or sparse attention; 0 for other caches, where a
-        bucket set on :attr:`kv_bucket` raises ``ValueError``. (A batch's rows round theirs in
+        for plain ``KVCache``s and the ``WindowKVCache``s and ``ChunkKVCache``s of
+        sliding-window and chunked layers, of models without shared keys or sparse
+        attention; 0 for other caches, where a bucket set on :attr:`kv_bucket` raises
+        ``ValueError``. (A batch's rows round theirs in
         ``RaggedKVCache.column_bucket``; :meth:`rows_pass` keeps that at 0 for models
         whose layers cannot take buckets.)
         """
         if self.kv_bucket is None and not on_cuda():  # (skips the checks on other devices)
             return 0
-        fits = self._bucketable and all(type(c) in (KVCache, WindowKVCache) for c in cache)
+        fits = self._bucketable and all(type(c) in BUCKETABLE for c in cache)
         if self.kv_bucket is not None:
             if self.kv_bucket and not fits:
                 raise ValueError(
                     f"kv_bucket={self.kv_bucket}: column buckets need plain KVCache layers "
-                    "(or a sliding window's WindowKVCache) without attention chunks, shared "
-                    "keys or sparse attention."
+                    "(or a sliding window's WindowKVCache, a chunk's ChunkKVCache) without "
+                    "shared keys or sparse attention."
                 )
             return self.kv_bucket
         return default_bucket(cache[0].keys) if fits else 0

@@ -31,7 +31,14 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.streams as streams
 from mlx_specstream import batch_generate, make_prompt_cache
-from mlx_specstream.cache import ChunkKVCache, attention_chunks, model_caches
+from mlx_specstream.cache import (
+    BucketedCache,
+    ChunkKVCache,
+    FoldingCache,
+    attention_chunks,
+    first_row,
+    model_caches,
+)
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.streams import attach_verifier
 
@@ -103,6 +110,35 @@ def test_stream_trees_equal_plain_across_chunks(stream_pass, pipeline):
     got, records = spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline)
     assert got == want
     assert len({r[3] for r in records}) < N - 5  # (steps: drafts were accepted)
+
+
+@pytest.mark.parametrize("bucket", [4, 16])
+@pytest.mark.parametrize(
+    "stream_pass, pipeline", [("fused", False), ("fused", True), ("split", False)]
+)
+def test_stream_trees_in_column_buckets_across_chunks(stream_pass, pipeline, bucket, monkeypatch):
+    """Passes in column buckets (as on CUDA in half precision, here forced): a chunked
+    layer's view and mask end at the bucket too, less the rows its cache dropped, and
+    the padded columns stay hidden from the chunk cut; output is mlx-lm's. Control:
+    blind to chunks, it is not."""
+    model = tiny_spec_model("llama4", vocab_size=8, num_streams=3, top_k=2, stream_pass=stream_pass)
+    model.speculative_streams.kv_bucket = bucket
+    views = []
+    for cls in (FoldingCache, BucketedCache):
+        real = cls.update_and_fetch
+
+        def spy(self, keys, values, real=real):
+            out = real(self, keys, values)
+            views.append((out[0].shape[2], first_row(self.cache)))
+            return out
+
+        monkeypatch.setattr(cls, "update_and_fetch", spy)
+    want = plain_greedy(model, PROMPT, N)
+    assert spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline)[0] == want
+    assert views and all((w + first) % bucket == 0 for w, first in views)
+    assert any(first > 0 for _, first in views)  # (chunked layers dropped rows)
+    monkeypatch.setattr(streams, "chunk_cut", lambda mask, positions, columns, chunk: mask)
+    assert spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline)[0] != want
 
 
 def verifier_model():
