@@ -298,6 +298,12 @@ class FoldingCache:
         """What this pass's write returned: Gemma 3n's KV-sharing layers read it."""
         return self.fetched
 
+    def release(self) -> None:
+        """Drops the view this pass's write returned, once the pass is built. Held
+        longer, it shares the buffers the next pass writes into, and MLX then copies
+        every layer's cache on each write instead of updating it in place."""
+        self.fetched = None
+
     # (DeepSeek V3.2's attention reads and sets the rows of its KVCacheList's members)
     @property
     def keys(self):
@@ -342,6 +348,10 @@ class FoldingCacheList:
     def rows(self) -> list:
         """Per member, the ``(keys, values)`` rows this pass appended."""
         return [c.rows for c in self.caches]
+
+    def release(self) -> None:
+        for c in self.caches:
+            c.release()
 
 
 def default_bucket(keys: Optional[mx.array]) -> int:

@@ -410,6 +410,43 @@ def test_launch_reads_control(monkeypatch):
     assert ("tolist", "reading_launch") in reads[:-1]
 
 
+# ---- a pipelined pass writes the caches in place --------------------------------------
+WIDE_KV = dict(num_attention_heads=8, num_key_value_heads=8, head_dim=128)  # 4 MiB a layer array
+
+
+def step_peak_mib(model, **kwargs) -> float:
+    """MiB a pipelined generation's steps allocate above what is live after its first
+    token (the caches: 4 layers, keys and values, 4 MiB each at 1024 rows, which 900
+    prompt tokens and 24 more never outgrow)."""
+    prompt = mx.random.randint(0, 32, (900,), key=mx.random.key(0))
+    gen = decode_module.spec_generate_step(prompt, model, max_tokens=24, pipeline=True, **kwargs)
+    next(gen)
+    mx.synchronize()
+    active = mx.get_active_memory()
+    mx.reset_peak_memory()
+    assert len(list(gen)) == 23
+    return (mx.get_peak_memory() - active) / 2**20
+
+
+@pytest.mark.parametrize("draft", ["streams", "ngram"])
+def test_pipelined_writes_update_the_caches_in_place(draft, monkeypatch):
+    """Each pipelined pass writes its rows into the cache buffers in place: its steps
+    allocate far less than one layer's keys. Control: the views a pass's writes return,
+    kept past the pass (no FoldingCache.release), share those buffers, and every write
+    then copies every layer's cache."""
+    from helpers import tiny_model
+
+    if draft == "streams":
+        model = tiny_spec_model("llama", vocab_size=32, num_streams=2, top_k=2, model_args=WIDE_KV)
+        kwargs = dict(max_tree_nodes=5)
+    else:
+        model = tiny_model("llama", 32, max_position_embeddings=4096, **WIDE_KV)
+        kwargs = dict(draft="ngram", num_draft_tokens=3)
+    assert step_peak_mib(model, **kwargs) < 4
+    monkeypatch.setattr(FoldingCache, "release", lambda self: None)
+    assert step_peak_mib(model, **kwargs) > 16
+
+
 # ---- column buckets: a pipelined pass's shapes change once per bucket ------------------
 def test_bucketed_and_pad_hidden_golden():
     assert [bucketed(c, 256) for c in (1, 255, 256, 300, 512)] == [256, 256, 256, 512, 512]
