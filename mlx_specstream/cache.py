@@ -300,8 +300,9 @@ class FoldingCache:
 
     def release(self) -> None:
         """Drops the view this pass's write returned, once the pass is built. Held
-        longer, it shares the buffers the next pass writes into, and MLX then copies
-        every layer's cache on each write instead of updating it in place."""
+        longer, it shares the buffers the next pass writes into while steps overlap, so
+        MLX cannot update them in place: the writes allocate new buffers, and a
+        generation's peak memory held every layer's cache twice."""
         self.fetched = None
 
     # (DeepSeek V3.2's attention reads and sets the rows of its KVCacheList's members)

@@ -432,8 +432,8 @@ def step_peak_mib(model, **kwargs) -> float:
 def test_pipelined_writes_update_the_caches_in_place(draft, monkeypatch):
     """Each pipelined pass writes its rows into the cache buffers in place: its steps
     allocate far less than one layer's keys. Control: the views a pass's writes return,
-    kept past the pass (no FoldingCache.release), share those buffers, and every write
-    then copies every layer's cache."""
+    kept past the pass (no FoldingCache.release), share those buffers while the steps
+    overlap, and the writes then allocate new ones: the peak holds the caches twice."""
     from helpers import tiny_model
 
     if draft == "streams":
