@@ -860,3 +860,21 @@ def assert_prompt_caches_carried(model, tok, caches, held, check_cache, eos=7, n
                             prompt_caches=first.caches, **kwargs)  # fmt: skip
     for t, gen, ids in zip(turns, gens, second.token_ids):
         assert ids == plain_greedy(model, held + t + gen + [1], n)[: len(ids)]
+
+
+def bucket_views(monkeypatch) -> list:
+    """Records ``(columns, first row's position)`` of every view a pass's caches in
+    buckets return (pipelined or not)."""
+    from mlx_specstream.cache import BucketedCache, FoldingCache, first_row
+
+    views = []
+    for cls in (FoldingCache, BucketedCache):
+        real = cls.update_and_fetch
+
+        def spy(self, keys, values, real=real):
+            out = real(self, keys, values)
+            views.append((out[0].shape[2], first_row(self.cache)))
+            return out
+
+        monkeypatch.setattr(cls, "update_and_fetch", spy)
+    return views

@@ -15,6 +15,7 @@ import doctest
 import mlx.core as mx
 import pytest
 from helpers import (
+    bucket_views,
     tree_logits_off_plain,
     assert_lookup_equals_mlx_lm,
     assert_lossless,
@@ -31,14 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.streams as streams
 from mlx_specstream import batch_generate, make_prompt_cache
-from mlx_specstream.cache import (
-    BucketedCache,
-    ChunkKVCache,
-    FoldingCache,
-    attention_chunks,
-    first_row,
-    model_caches,
-)
+from mlx_specstream.cache import ChunkKVCache, attention_chunks, model_caches
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.streams import attach_verifier
 
@@ -123,16 +117,7 @@ def test_stream_trees_in_column_buckets_across_chunks(stream_pass, pipeline, buc
     blind to chunks, it is not."""
     model = tiny_spec_model("llama4", vocab_size=8, num_streams=3, top_k=2, stream_pass=stream_pass)
     model.speculative_streams.kv_bucket = bucket
-    views = []
-    for cls in (FoldingCache, BucketedCache):
-        real = cls.update_and_fetch
-
-        def spy(self, keys, values, real=real):
-            out = real(self, keys, values)
-            views.append((out[0].shape[2], first_row(self.cache)))
-            return out
-
-        monkeypatch.setattr(cls, "update_and_fetch", spy)
+    views = bucket_views(monkeypatch)
     want = plain_greedy(model, PROMPT, N)
     assert spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline)[0] == want
     assert views and all((w + first) % bucket == 0 for w, first in views)

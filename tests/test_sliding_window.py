@@ -10,6 +10,7 @@ import mlx.core as mx
 import pytest
 from helpers import (
     assert_lookup_equals_mlx_lm,
+    bucket_views,
     WINDOWED,
     plain_greedy,
     spec_tokens,
@@ -23,14 +24,7 @@ from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 import mlx_specstream.streams as streams
 from mlx_specstream import make_prompt_cache
-from mlx_specstream.cache import (
-    BucketedCache,
-    FoldingCache,
-    WindowKVCache,
-    first_row,
-    model_caches,
-    sliding_windows,
-)
+from mlx_specstream.cache import WindowKVCache, model_caches, sliding_windows
 from mlx_specstream.ragged_cache import RaggedKVCache
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
@@ -142,22 +136,6 @@ BUCKET_WAYS = {  # (stream pass, pipelined, tree settings or lookup)
     "split tree": ("split", False, dict(max_tree_nodes=6)),
     "lookup, pipelined": ("fused", True, dict(draft="ngram", num_draft_tokens=3)),
 }
-
-
-def bucket_views(monkeypatch) -> list:
-    """Records ``(columns, first row's position)`` of every view a pass's caches in
-    buckets return (pipelined or not)."""
-    views = []
-    for cls in (FoldingCache, BucketedCache):
-        real = cls.update_and_fetch
-
-        def spy(self, keys, values, real=real):
-            out = real(self, keys, values)
-            views.append((out[0].shape[2], first_row(self.cache)))
-            return out
-
-        monkeypatch.setattr(cls, "update_and_fetch", spy)
-    return views
 
 
 @pytest.mark.parametrize("bucket", [4, 16])
