@@ -1036,7 +1036,7 @@ class StreamRuntime:
         attention; 0 for other caches, where a bucket set on :attr:`kv_bucket` raises
         ``ValueError``. (A batch's rows round theirs in
         ``RaggedKVCache.column_bucket``; :meth:`rows_pass` keeps that at 0 for models
-        whose layers cannot take buckets.)
+        whose layers cannot take buckets or have sliding windows or chunks.)
         """
         if self.kv_bucket is None and not on_cuda():  # (skips the checks on other devices)
             return 0
@@ -1202,7 +1202,8 @@ class StreamRuntime:
 
     def _hold_row_buckets(self, cache) -> None:
         """Keeps a batch's caches from rounding their columns (``RaggedKVCache.bucket``
-        0) where this model's layers cannot take buckets (:meth:`_pass_bucket`)."""
+        0) where this model's layers cannot take buckets (:meth:`_pass_bucket`) or
+        have sliding windows or attention chunks."""
         if not self._rows_bucketable:
             for c in cache:
                 if isinstance(c, RaggedKVCache):

@@ -157,6 +157,18 @@ def test_column_buckets_past_the_window(arch, way, bucket, monkeypatch):
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
+def test_column_buckets_over_a_prompt_cache_that_keeps_every_token(pipeline):
+    """A user's prompt cache whose window layers keep every token (plain KVCaches, the
+    masks applying the window) takes the buckets as well."""
+    model = tiny_spec_model("gpt_oss", vocab_size=8, num_streams=3, top_k=2)
+    model.speculative_streams.kv_bucket = 16
+    cache = make_prompt_cache(model, bounded=False)
+    assert {type(c) for c in cache} == {KVCache}
+    got = spec_tokens(model, PROMPT, N, max_tree_nodes=6, pipeline=pipeline, prompt_cache=cache)
+    assert got[0] == plain_greedy(model, PROMPT, N)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
 def test_column_buckets_control_blind_to_the_window(pipeline, monkeypatch):
     """Control: in buckets too, tree masks that ignore the window change the output."""
     model = tiny_spec_model("gpt_oss", vocab_size=8, num_streams=3, top_k=2)
