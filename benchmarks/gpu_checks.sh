@@ -46,9 +46,10 @@ run_stage() {
     cold)
       # A first pass at a new cache length against the same pass again: primitives (with and
       # without CUDA graphs, with and without cuDNN's attention) and whole generations of the
-      # shipped model and a 0.5B shape, with and without buckets (about two minutes).
-      python3 benchmarks/cold_shapes.py --no-graphs --no-cudnn --models shipped,qwen2-0.5b \
-        --max-tokens 32 --tag gpu ;;
+      # shipped model, a 0.5B shape and gpt-oss's windowed layout, with and without buckets
+      # (about two minutes).
+      python3 benchmarks/cold_shapes.py --no-graphs --no-cudnn \
+        --models shipped,qwen2-0.5b,gpt_oss-small --max-tokens 32 --tag gpu ;;
     phases)
       # One warm step's phases, each evaluated alone, with the host's share (graph building)
       # apart: the pass against plain passes over 1 and n tokens, acceptance, draft, commit.

@@ -62,6 +62,15 @@ SHAPES = {
                          query_pre_attn_scalar=64, sliding_window=128, sliding_window_pattern=6,
                          rope_local_base_freq=10000.0, rope_global_base_freq=1000000.0,
                          max_position_embeddings=32768),
+    # gpt-oss's layout (sliding windows of 128 on every other layer, heads of 64, attention
+    # sinks, experts) at a small width: its head size takes cuDNN's attention on CUDA in
+    # half precision, as Gemma 3's 256 does not.
+    "gpt_oss-small": dict(model_type="gpt_oss", hidden_size=512, num_hidden_layers=8,
+                          intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
+                          head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+                          sliding_window=128, rms_norm_eps=1e-5, rope_theta=150000,
+                          layer_types=["sliding_attention", "full_attention"] * 4,
+                          rope_scaling=None, swiglu_limit=7.0, vocab_size=32000),
 }  # fmt: skip
 DTYPES = ("f32", "bf16", "f16", "q4")
 
