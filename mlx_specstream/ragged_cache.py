@@ -93,11 +93,12 @@ class RaggedKVCache(_BaseCache):
     def column_bucket(self) -> int:
         """What a pass's columns are rounded up to a multiple of: :attr:`bucket` where
         set; by default :func:`~mlx_specstream.cache.default_bucket` of the keys held
-        (0 in sliding-window layers). It depends on what the cache held before the
-        pass only, so a pass's mask and its write agree."""
+        (a sliding-window layer's view then ends at the bucket less the positions it
+        dropped, as its mask does). It depends on what the cache held before the pass
+        only, so a pass's mask and its write agree."""
         if self.bucket is not None:
             return self.bucket
-        return 0 if self.window is not None else default_bucket(self.keys)
+        return default_bucket(self.keys)
 
     def pass_width(self, N: int) -> int:
         """The positions (from 0) a pass over ``N`` tokens per row reads: up to the

@@ -371,15 +371,13 @@ class StreamRuntime:
         # Whether a pass's columns may run past its rows in buckets (_pass_bucket): every
         # layer attends to its own cache's columns, densely (a window or chunk layer's
         # view and mask both end at the bucket, less the rows its cache dropped); a
-        # batch's rows (RaggedKVCache.column_bucket) also without windows or chunks.
+        # batch's rows (RaggedKVCache.column_bucket) also without chunks.
         self._bucketable = (
             not any(self._reads_lower)
             and self.kv_source == list(range(self.num_layers))
             and not sparse
         )
-        self._rows_bucketable = self._bucketable and all(
-            w is None and c is None for w, c in zip(self.windows, self.chunks)
-        )
+        self._rows_bucketable = self._bucketable and all(c is None for c in self.chunks)
         self._stream_cols = None  # a split stream pass's columns' positions (_windowed)
         self._extra_outputs = {}  # per layer: outputs after h (_outputs_after_h)
         self._windowed_mask = None  # (mask, window, its windowed form) of the last layer
@@ -1036,7 +1034,7 @@ class StreamRuntime:
         attention; 0 for other caches, where a bucket set on :attr:`kv_bucket` raises
         ``ValueError``. (A batch's rows round theirs in
         ``RaggedKVCache.column_bucket``; :meth:`rows_pass` keeps that at 0 for models
-        whose layers cannot take buckets or have sliding windows or chunks.)
+        whose layers cannot take buckets or have attention chunks.)
         """
         if self.kv_bucket is None and not on_cuda():  # (skips the checks on other devices)
             return 0
@@ -1203,7 +1201,7 @@ class StreamRuntime:
     def _hold_row_buckets(self, cache) -> None:
         """Keeps a batch's caches from rounding their columns (``RaggedKVCache.bucket``
         0) where this model's layers cannot take buckets (:meth:`_pass_bucket`) or
-        have sliding windows or attention chunks."""
+        have attention chunks."""
         if not self._rows_bucketable:
             for c in cache:
                 if isinstance(c, RaggedKVCache):

@@ -73,8 +73,9 @@ def test_negative_control_padded_columns_seen(monkeypatch, widths):
 
 
 def test_default_bucket(monkeypatch):
-    """0 on this CPU and in float32, in window layers and before any keys; 256 on CUDA
-    in bfloat16; a model whose layers cannot take buckets keeps its rows at 0."""
+    """0 on this CPU and in float32 and before any keys; 256 on CUDA in bfloat16, in
+    sliding-window layers too; a model whose layers cannot take buckets keeps its rows
+    at 0."""
     c = RaggedKVCache([0, 0])
     assert c.column_bucket() == 0  # (no keys yet)
     c.update_and_fetch(mx.zeros((2, 1, 3, 4), mx.bfloat16), mx.zeros((2, 1, 3, 4), mx.bfloat16))
@@ -88,5 +89,5 @@ def test_default_bucket(monkeypatch):
     window.update_and_fetch(
         mx.zeros((2, 1, 3, 4), mx.bfloat16), mx.zeros((2, 1, 3, 4), mx.bfloat16)
     )
-    assert window.column_bucket() == 0
+    assert window.column_bucket() == 256 and window.pass_width(2) == 256
     assert precision.on_gpu() is False  # (the rest of this module ran unforced here)

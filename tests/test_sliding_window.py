@@ -181,7 +181,8 @@ def test_column_buckets_control_blind_to_the_window(pipeline, monkeypatch):
 
 def test_column_bucket_default_with_windows(monkeypatch):
     """On CUDA in half precision a windowed model's passes take 256-column buckets by
-    default (its batch rows do not: RaggedKVCache keeps 0 in window layers)."""
+    default, its batch rows too (a chunked model's rows do not: its batches are
+    refused anyway)."""
     model = tiny_spec_model("gemma3_text", vocab_size=8, num_streams=3, top_k=2)
     rt = model.speculative_streams
     cache = make_prompt_cache(model)
@@ -194,7 +195,9 @@ def test_column_bucket_default_with_windows(monkeypatch):
     monkeypatch.setattr(streams, "on_cuda", lambda: True)
     monkeypatch.setattr("mlx_specstream.cache.on_cuda", lambda: True)  # (default_bucket's)
     assert rt._pass_bucket(cache) == 256
-    assert not rt._rows_bucketable and tiny_spec_model("llama").speculative_streams._rows_bucketable
+    assert (
+        rt._rows_bucketable and not tiny_spec_model("llama4").speculative_streams._rows_bucketable
+    )
 
 
 BATCH_WAYS = [  # how a batch's rows draft, in the batch tests of windowed models
@@ -213,6 +216,32 @@ def test_batch_rows_equal_each_prompt_alone(arch, kwargs, monkeypatch):
     got, passes = decode(model, **kwargs)
     assert got == want
     assert passes < max(LIMITS)
+    blind_to_windows(monkeypatch)
+    assert decode(model, **kwargs)[0] != want
+
+
+@pytest.mark.parametrize("kwargs", BATCH_WAYS)
+@pytest.mark.parametrize("arch", ["gemma3_text", "gpt_oss"])
+def test_batch_rows_in_column_buckets_past_the_window(arch, kwargs, monkeypatch):
+    """A batch's rows in column buckets (as on CUDA in half precision, here forced to 16):
+    a window layer's view ends at the bucket less the positions it dropped, as its mask
+    does, and every row equals its prompt decoded alone (the batch's probe would refuse
+    a mask seeing the padded columns). Control: blind to the window, not."""
+    model = tiny_spec_model(arch, vocab_size=16, num_streams=3)
+    want = alone(model)
+    views = []
+    real = RaggedKVCache.update_and_fetch
+
+    def spy(self, keys, values):
+        out = real(self, keys, values)
+        views.append((out[0].shape[2], self.start, self.window))
+        return out
+
+    monkeypatch.setattr(RaggedKVCache, "update_and_fetch", spy)
+    monkeypatch.setattr(RaggedKVCache, "bucket", 16)
+    assert decode(model, **kwargs)[0] == want
+    assert views and all((w + start) % 16 == 0 for w, start, _ in views)
+    assert any(window is not None for *_, window in views)
     blind_to_windows(monkeypatch)
     assert decode(model, **kwargs)[0] != want
 
