@@ -1,14 +1,14 @@
 """Pipelined cache writes in place, against writes that allocate new buffers (before session 34).
 
-    python benchmarks/pipeline_copies.py [--contexts 1024,4096] [--tag TAG]
+    python benchmarks/pipeline_copies.py [--contexts 900,3900] [--tag TAG]
 
 Until session 34 a pipelined pass kept the views its cache writes returned
 (``FoldingCache.fetched``) past the pass. They share the cache buffers, so
 while steps overlap the next pass's writes could not update them in place:
 MLX allocated new buffers, and a generation's peak memory held every layer's
-keys and values twice. ``FoldingCache.release`` now drops them once the pass
-is built. This script
-times both in one process (the old behaviour by making ``release`` do nothing)
+keys and values twice. A ``FoldingCache`` now keeps only where the view ends.
+This script times both in one process (the old behaviour by keeping the views
+on the ``FoldingCache`` again)
 on a random model with Llama 3 8B's KV layout (8 KV heads of 128, here 4
 layers of small width, so that the copies are not hidden by the rest), greedy,
 after prompts of ``--contexts`` tokens: ms per pass and the memory the
@@ -68,7 +68,12 @@ def main():
     args = p.parse_args()
     model = random_model("small", args.dtype, streams=False, **KV_LAYOUT)
     attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=1), seed=1)
-    release = FoldingCache.release
+    writes = FoldingCache.update_and_fetch
+
+    def keeping_views(self, keys, values):  # (the behaviour before session 34)
+        self.kept = writes(self, keys, values)
+        return self.kept
+
     rows = []
     for context in map(int, args.contexts.split(",")):
         prompt = mx.random.randint(0, KV_LAYOUT["vocab_size"], (context,), key=mx.random.key(0))
@@ -82,13 +87,13 @@ def main():
             for label, pipeline, keep in (("pipelined, views released", True, False),
                                           ("pipelined, views kept (before)", True, True),
                                           ("unpipelined", False, False)):  # fmt: skip
-                FoldingCache.release = (lambda self: None) if keep else release
+                FoldingCache.update_and_fetch = keeping_views if keep else writes
                 try:
                     gen = spec_generate_step(prompt, model, max_tokens=args.max_tokens,
                                              pipeline=pipeline, **settings)  # fmt: skip
                     ms, peak, got = measure(gen)
                 finally:
-                    FoldingCache.release = release
+                    FoldingCache.update_and_fetch = writes
                 rows.append(dict(context=context, way=f"{way}, {label}", ms=ms, peak=peak,
                                  identical=got == want, array_mib=array_mib))  # fmt: skip
         for r in rows[-7:]:

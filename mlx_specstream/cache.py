@@ -269,7 +269,10 @@ class FoldingCache:
         self.offset = cache.offset if fold is None else fold.prefix  # (RoPE is the hooks')
         self.start = first_row(cache)  # the position of its first row
         self.rows = None  # (keys, values) this pass appends, for the next fold
-        self.fetched = None  # the view its update_and_fetch returned
+        # The rows its write's view ends at. (The view itself is not kept: held past the
+        # pass, it would share the buffers the next pass writes into while steps overlap,
+        # and MLX would allocate new ones: the peak would hold every layer's cache twice.)
+        self.end = None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         c, fold, first = self.cache, self.fold, self.start
@@ -290,20 +293,13 @@ class FoldingCache:
                 c.values = mx.put_along_axis(c.values, to, v, axis=2)
         c.keys = mx.slice_update(c.keys, keys, start, axes=(2,))
         c.values = mx.slice_update(c.values, values, start, axes=(2,))
-        self.rows = (keys, values)
-        self.fetched = (c.keys[..., :end, :], c.values[..., :end, :])
-        return self.fetched
+        self.rows, self.end = (keys, values), end
+        return self.keys_and_values()
 
     def keys_and_values(self):
         """What this pass's write returned: Gemma 3n's KV-sharing layers read it."""
-        return self.fetched
-
-    def release(self) -> None:
-        """Drops the view this pass's write returned, once the pass is built. Held
-        longer, it shares the buffers the next pass writes into while steps overlap, so
-        MLX cannot update them in place: the writes allocate new buffers, and a
-        generation's peak memory held every layer's cache twice."""
-        self.fetched = None
+        c = self.cache
+        return c.keys[..., : self.end, :], c.values[..., : self.end, :]
 
     # (DeepSeek V3.2's attention reads and sets the rows of its KVCacheList's members)
     @property
@@ -349,10 +345,6 @@ class FoldingCacheList:
     def rows(self) -> list:
         """Per member, the ``(keys, values)`` rows this pass appended."""
         return [c.rows for c in self.caches]
-
-    def release(self) -> None:
-        for c in self.caches:
-            c.release()
 
 
 def default_bucket(keys: Optional[mx.array]) -> int:

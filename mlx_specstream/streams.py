@@ -1007,9 +1007,6 @@ class StreamRuntime:
         self._main_rows = len(layout)
         self._set_upper_rows(None, None)
         logits = self._run("step", tokens[None], cache)
-        if pipelined:  # (views kept past the pass keep the next writes from the buffers)
-            for c in cache:
-                c.release()
         R, g = len(self._kept), self.config.num_streams
         logits, hidden, slogits = logits[0], None, None
         if all_streams and self.streams is not None:

@@ -432,7 +432,7 @@ def step_peak_mib(model, **kwargs) -> float:
 def test_pipelined_writes_update_the_caches_in_place(draft, monkeypatch):
     """Each pipelined pass writes its rows into the cache buffers in place: its steps
     allocate far less than one layer's keys. Control: the views a pass's writes return,
-    kept past the pass (no FoldingCache.release), share those buffers while the steps
+    kept past the pass (on the FoldingCache, as before session 34), share those buffers while the steps
     overlap, and the writes then allocate new ones: the peak holds the caches twice."""
     from helpers import tiny_model
 
@@ -443,7 +443,13 @@ def test_pipelined_writes_update_the_caches_in_place(draft, monkeypatch):
         model = tiny_model("llama", 32, max_position_embeddings=4096, **WIDE_KV)
         kwargs = dict(draft="ngram", num_draft_tokens=3)
     assert step_peak_mib(model, **kwargs) < 4
-    monkeypatch.setattr(FoldingCache, "release", lambda self: None)
+    real = FoldingCache.update_and_fetch
+
+    def keeping_views(self, keys, values):
+        self.kept = real(self, keys, values)
+        return self.kept
+
+    monkeypatch.setattr(FoldingCache, "update_and_fetch", keeping_views)
     assert step_peak_mib(model, **kwargs) > 16
 
 
