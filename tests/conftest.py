@@ -31,6 +31,13 @@ import sys
 # first matmul): the equality tests need full float32. No effect on the CPU.
 os.environ["MLX_ENABLE_TF32"] = "0"
 
+# pytest-xdist runs one worker per core. PyTorch's OpenMP threads (one per core)
+# spin-wait on each other, so beside another busy worker a torch test ran 5-8x
+# slower (test_finetune.py: 38 s alone, 186 s beside test_sampling.py, 54 s with
+# one thread). Each worker, and the processes it starts, takes one thread.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 _status = {}
