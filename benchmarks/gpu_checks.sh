@@ -62,20 +62,21 @@ run_stage() {
       python3 benchmarks/step_phases.py --shape llama-8b --dtype bfloat16 --tree chain3 \
         --reps 10 --tag gpu-8b-chain3 ;;
     tests)
-      # scipy and openai are not installed there: the modules that need them are named here,
-      # not skipped silently; run them on a machine that has both. (The chi-square tests of
-      # test_ngram.py and test_recurrent.py import scipy inside the test: they show as skipped
-      # in the log, and the rest of both modules runs.) The equality tests run
-      # first, and their log is tarred into $OUT after the stage, so a run stopped by its deadline
-      # (the suite takes 27 minutes in one process on 2 CPU cores) still brings back the tests
-      # it finished. One process (-o addopts=): pytest-xdist is not installed there.
+      # The whole suite but the two modules that drive the server with the openai client,
+      # which is not installed there (named here, not skipped silently; run them on a machine
+      # that has it). pytest-xdist is installed there (session 33's log: xdist-3.8.0): one
+      # file per worker, GPU_TEST_WORKERS (default 8) processes sharing the GPU; the suite is
+      # about 2,000 s of one CPU core here. The equality tests' files go out first, and the
+      # log is tarred into $OUT after the stage, so a run stopped by its deadline still
+      # brings back every test it finished (the junit XML only when the suite ends).
       local first="tests/test_lossless.py tests/test_cache_and_masks.py tests/test_near_tie.py
-        tests/test_precision.py tests/test_kv_quant.py tests/test_ngram.py"
+        tests/test_precision.py tests/test_kv_quant.py tests/test_ngram.py tests/test_sampling.py"
       local files
       files="$first $(ls tests/test_*.py | grep -vxF "$(printf '%s\n' $first \
-        tests/test_sampling.py tests/test_server.py tests/test_tool_calls.py)")"
-      python3 -m pytest -o addopts= -v $files --durations=20 -p no:cacheprovider \
-        --junitxml="$out/gpu_tests.xml" > "$out/gpu_tests.log" 2>&1 || true
+        tests/test_server.py tests/test_tool_calls.py)")"
+      python3 -m pytest -o addopts= -n "${GPU_TEST_WORKERS:-8}" --dist loadfile -v $files \
+        --durations=20 -p no:cacheprovider --junitxml="$out/gpu_tests.xml" \
+        > "$out/gpu_tests.log" 2>&1 || true
       tail -5 "$out/gpu_tests.log" ;;
     step_cost)
       # Real shapes first, the fused pass (a GPU's default): session 33's 180 s reached only

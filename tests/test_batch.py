@@ -199,7 +199,7 @@ def sampled_pvalues(model, sampler, own=False, draft_model=None, streams=False, 
     drafts instead of prompt lookup; with ``streams`` the model's streams do. Rows
     drafting by lookup or with the streams are verified in pipelined passes unless
     ``pipeline`` is off."""
-    from test_sampling import chi_square_pvalue  # (needs scipy)
+    from chi_square import chi_square_pvalue
 
     mx.random.seed(0)
     prompts = [PROMPT_A, PROMPT_B] * (ROWS // 2)

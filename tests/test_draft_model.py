@@ -205,7 +205,8 @@ def test_draft_model_tree_golden():
 def draft_model_pvalue(n):
     """Chi-square p-value of ``n`` rejection-sampled generations with a draft model
     against the model's exact distribution (vocabulary of 6, 3 tokens)."""
-    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts
 
     from mlx_specstream.sample_utils import make_sampler
 
@@ -230,7 +231,8 @@ def test_sampling_with_prompt_lookup_merged_in_keeps_the_distribution():
     """The draft model's tree with a lookup chain merged in, verified by target
     sampling (a lookup chain is a deterministic proposal); the vocabulary of 6
     makes the lookup find a match most steps. Control: drafts accepted unchecked."""
-    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts
 
     from mlx_specstream.sample_utils import make_sampler
 

@@ -162,7 +162,8 @@ def test_drafter_levels_shift_with_the_text(monkeypatch):
 
 
 def test_sampling_with_drafters_keeps_the_distribution():
-    from test_sampling import chi_square_pvalue, exact_distribution, sample_counts
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts
 
     from mlx_specstream.sample_utils import make_sampler
 
@@ -186,8 +187,8 @@ def test_medusa_rejection_drawn_at_every_node_keeps_the_distribution(monkeypatch
     next drafts are drawn at every node before the walk: no draft after it (one
     host read), and the distribution is the model's. Control: the same draws
     verified against the next level's draft distribution fail."""
+    from chi_square import chi_square_pvalue
     from test_sampling import (
-        chi_square_pvalue,
         exact_distribution,
         sample_counts,
         verify_against_the_next_level_s_q,

@@ -385,7 +385,7 @@ def exact_distribution(model, sampler):
 
 
 def ngram_pvalue(model, sampler, **kwargs):
-    from test_sampling import chi_square_pvalue  # (needs scipy)
+    from chi_square import chi_square_pvalue
 
     counts, drafted = {}, 0
     for i in range(N_SAMPLES):

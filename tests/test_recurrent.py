@@ -302,7 +302,7 @@ V, N_TOKENS, SAMPLE_PROMPT, N_SAMPLES = 6, 2, [1, 4, 2, 5, 1, 4], 1500
 
 
 def lookup_pvalue(model, n_samples=N_SAMPLES, n_tokens=N_TOKENS, prompt=SAMPLE_PROMPT, **kwargs):
-    from test_sampling import chi_square_pvalue  # (needs scipy)
+    from chi_square import chi_square_pvalue
 
     sampler = make_sampler(temp=1.0)
     counts, drafted = {}, 0

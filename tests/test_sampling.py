@@ -11,14 +11,13 @@ import itertools
 import mlx.core as mx
 import numpy as np
 import pytest
+from chi_square import chi_square_pvalue, chisquare
 from helpers import tiny_spec_model
 
 import mlx_specstream.decode as decode
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.sample_utils import make_sampler
 from mlx_specstream.tree import children_of, draw, tree_depths
-
-stats = pytest.importorskip("scipy.stats")
 
 V, N_TOKENS, PROMPT = 6, 3, [1, 4, 2, 5]
 
@@ -78,22 +77,6 @@ def sample_counts(model, sampler, n, **kwargs):
         )
         counts[toks] = counts.get(toks, 0) + 1
     return counts
-
-
-def chi_square_pvalue(counts, exact, n):
-    """Goodness of fit; cells expected below 5 are pooled."""
-    observed, expected, pool_o, pool_e = [], [], 0, 0.0
-    for s, p in exact.items():
-        if p * n >= 5:
-            observed.append(counts.get(s, 0))
-            expected.append(p * n)
-        else:
-            pool_o += counts.get(s, 0)
-            pool_e += p * n
-    if pool_e > 0:  # (no pool when every cell is expected 5 times or more)
-        observed.append(pool_o)
-        expected.append(pool_e)
-    return stats.chisquare(observed, np.array(expected) * sum(observed) / sum(expected)).pvalue
 
 
 # XTC at even odds, with a threshold that the tiny model's top tokens pass.
@@ -223,7 +206,7 @@ def test_xtc_distribution_is_mlx_lm_samplers(model):
         counts = np.bincount(draws, minlength=V)
         kept = want > 0
         assert counts[~kept].sum() == 0
-        p = stats.chisquare(counts[kept], want[kept] * 3000).pvalue
+        p = chisquare(counts[kept], want[kept] * 3000)[1]
         assert p > 1e-3, f"special {special}: chi-square p = {p:.2e}"
 
 

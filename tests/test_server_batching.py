@@ -200,7 +200,7 @@ def test_sampled_rows_keep_their_own_distribution(service):
     """At temperature 1, 320 choices of each of two prompts, decoded in batches of 32
     rows that mix both: each prompt's first tokens fit its own distribution
     (chi-square). Control: they do not fit the other prompt's."""
-    from test_sampling import chi_square_pvalue
+    from chi_square import chi_square_pvalue
 
     model = tiny_model("llama", vocab_size=V, weight_scale=1.0)
     tok = word_tokenizer(V)
