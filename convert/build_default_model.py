@@ -110,19 +110,26 @@ def make_prompts(eval_jsonl: Path, out: Path, per_file=2, chars=320):
                 f.write(json.dumps({"prompt": text[s : s + chars]}) + "\n")
 
 
-def mean_tau(model_dir: Path, prompts: Path, n=8, max_tokens=96):
-    """Tokens per forward pass with the paper's tree (greedy), on held-out prompts."""
-    code = (
-        "import json,sys;import mlx.core as mx;from mlx_specstream import load, stream_generate;"
-        f"m,t=load('{model_dir}');m.set_dtype(mx.float32);taus=[]\n"
-        f"for l in list(open('{prompts}'))[:{n}]:\n"
-        "  p=t.encode(json.loads(l)['prompt'])\n"
-        f"  for r in stream_generate(m,t,p,max_tokens={max_tokens},tree_top_k=3,max_tree_nodes=40): pass\n"
-        "  taus.append(r.generation_tokens/r.forward_passes)\n"
-        "print(sum(taus)/len(taus))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def mean_tau(model_dir: Path, prompts: Path, n=8, max_tokens=96) -> float:
+    """Tokens per forward pass with the paper's tree (greedy), on held-out prompts.
+
+    MLX is imported here: the training stages run where it is not installed yet.
+    """
+    import mlx.core as mx
+
+    from mlx_specstream import load, stream_generate
+
+    model, tokenizer = load(str(model_dir))
+    model.set_dtype(mx.float32)
+    taus = []
+    for line in list(open(prompts))[:n]:
+        ids = tokenizer.encode(json.loads(line)["prompt"])
+        for r in stream_generate(
+            model, tokenizer, ids, max_tokens=max_tokens, tree_top_k=3, max_tree_nodes=40
+        ):
+            pass
+        taus.append(r.generation_tokens / r.forward_passes)
+    return sum(taus) / len(taus)
 
 
 def main_stream_loss(model_dir: Path, eval_jsonl: Path, n=8, tokens=256) -> float:
@@ -132,20 +139,23 @@ def main_stream_loss(model_dir: Path, eval_jsonl: Path, n=8, tokens=256) -> floa
     from one multi-stream pass over each text (a chain tree), as it decodes. In
     lossless mode it is the base model's own loss.
     """
-    code = (
-        "import json;import mlx.core as mx\n"
-        "from mlx_specstream import load\nfrom mlx_lm.models.cache import make_prompt_cache\n"
-        f"m,t=load('{model_dir}');m.set_dtype(mx.float32);rt=m.speculative_streams;losses=[]\n"
-        f"for l in list(open('{eval_jsonl}'))[:{n}]:\n"
-        "  r=json.loads(l);ids=t.encode(r.get('text') or r['prompt']+r.get('completion',''))"
-        f"[:{tokens}]\n"
-        "  out=rt.forward(ids,[-1]+list(range(len(ids)-1)),make_prompt_cache(m))\n"
-        "  lp=out.logits.astype(mx.float32);lp=lp-mx.logsumexp(lp,-1,keepdims=True)\n"
-        "  losses.append(-mx.take_along_axis(lp[:-1],mx.array(ids[1:])[:,None],-1).mean().item())\n"
-        "print(sum(losses)/len(losses))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_specstream import load
+
+    model, tokenizer = load(str(model_dir))
+    model.set_dtype(mx.float32)
+    losses = []
+    for line in list(open(eval_jsonl))[:n]:
+        r = json.loads(line)
+        ids = tokenizer.encode(r.get("text") or r["prompt"] + r.get("completion", ""))[:tokens]
+        chain = [-1] + list(range(len(ids) - 1))  # (each row's parent: the one before)
+        out = model.speculative_streams.forward(ids, chain, make_prompt_cache(model))
+        lp = out.logits.astype(mx.float32)
+        lp = lp - mx.logsumexp(lp, -1, keepdims=True)
+        losses.append(-mx.take_along_axis(lp[:-1], mx.array(ids[1:])[:, None], -1).mean().item())
+    return sum(losses) / len(losses)
 
 
 # A mode may change the model's output (shared mode fine-tunes the base) by at
