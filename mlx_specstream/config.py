@@ -314,7 +314,7 @@ def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
 
 DRAFTER_KEY = "drafter"
 DRAFTER_FILE = "drafter.safetensors"
-DRAFTER_KINDS = ("medusa", "parallelspec")
+DRAFTER_KINDS = ("medusa", "parallelspec", "mtp")
 
 
 @dataclass
@@ -329,6 +329,8 @@ class DrafterConfig(_Section):
           base's architecture over (hidden state, next-token embedding) pairs
           plus ``num_draft_tokens - 1`` trainable [MASK] embeddings, drafting
           all levels in one pass; it shares the base's final norm and LM head.
+          ``"mtp"``: a checkpoint's own multi-token prediction layer
+          (:mod:`mlx_specstream.mtp`), run again on its output for each deeper level.
         num_draft_tokens (int): k, the draft tree's levels per step (Medusa
           heads, or ParallelSpec's last real row plus its masks). Default: ``3``.
         top_k, max_tree_nodes, tree_depth: the draft tree, as in

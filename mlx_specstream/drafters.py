@@ -82,18 +82,7 @@ class ParallelSpecDrafter(nn.Module):
         self.layer = new_decoder_layer(model)
 
     def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
-        """Continues ``previous`` (the state kept with a reused prompt cache) when it
-        covers the cached tokens: all of them, or all but the last with that token's
-        state kept to pair with the next prompt's first token (as a generation leaves
-        it); otherwise starts without the older context (RoPE only sees relative
-        positions, so it drafts from less history)."""
-        if previous is not None and previous.cache is not None:
-            offset = previous.cache.offset
-            if offset == prompt_cache_offset and previous.pending_hidden is None:
-                return previous
-            if offset == prompt_cache_offset - 1 and previous.pending_hidden is not None:
-                return previous
-        return DrafterState(needs_prompt=True, cache=KVCache())
+        return continue_or_start(prompt_cache_offset, previous)
 
     def draft(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
         feats = mx.take(hidden, mx.array(path), axis=0)
@@ -109,6 +98,22 @@ class ParallelSpecDrafter(nn.Module):
         state.cache.trim(self.masks.shape[0])  # [MASK] K/V never stay
         k = self.masks.shape[0] + 1
         return rt.head(out[:, -k:])[0]
+
+
+def continue_or_start(prompt_cache_offset: int, previous=None) -> "DrafterState":
+    """The state of a drafter with its own KV cache (ParallelSpec, MTP) for a new
+    generation. Continues ``previous`` (the state kept with a reused prompt
+    cache) when it covers the cached tokens: all of them, or all but the last
+    with that token's state kept to pair with the next prompt's first token (as a
+    generation leaves it); otherwise starts without the older context (RoPE only
+    sees relative positions, so it drafts from less history)."""
+    if previous is not None and previous.cache is not None:
+        offset = previous.cache.offset
+        if offset == prompt_cache_offset and previous.pending_hidden is None:
+            return previous
+        if offset == prompt_cache_offset - 1 and previous.pending_hidden is not None:
+            return previous
+    return DrafterState(needs_prompt=True, cache=KVCache())
 
 
 DRAFTERS = {"medusa": MedusaHeads, "parallelspec": ParallelSpecDrafter}
@@ -154,6 +159,10 @@ def new_decoder_layer(model) -> nn.Module:
 
 
 def make_drafter(config: DrafterConfig, model: nn.Module) -> nn.Module:
+    if config.kind == "mtp":  # (a checkpoint's MTP layer: mtp.py builds on this module)
+        from .mtp import MTPDrafter
+
+        return MTPDrafter(config, model)
     return DRAFTERS[config.kind](config, model)
 
 

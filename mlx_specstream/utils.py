@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
 from .drafters import attach_drafter
+from .mtp import MTPDrafter, attach_mtp, has_mtp_weights, mtp_layers_in_config
 from .precision import device_key
 from .recurrent import chains_only, split_recurrent_mixers
 from .streams import STREAMS_FILE, attach_streams, attach_verifier, get_runtime
@@ -89,11 +90,18 @@ def read_stream_config(model_path: Path) -> Union[SpecStreamConfig, DrafterConfi
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{config_file}: {e}") from e
     if not found:
+        mtp = ""
+        if mtp_layers_in_config(config):  # (declared, but not in its safetensors)
+            mtp = (
+                f" Its config declares {config['num_nextn_predict_layers']} MTP layer(s), but "
+                "its safetensors hold none (mlx_lm.convert drops them): pass the original "
+                "checkpoint as drafter= (--drafter) to draft with its MTP layer."
+            )
         raise ValueError(
             f"{model_path} is a plain model: {config_file} has no '{CONFIG_KEY}' or "
             f"'{DRAFTER_KEY}' section. Convert a model with streams or a drafter, train streams "
             "(python -m mlx_specstream.train), or decode it with prompt lookup (--draft ngram, "
-            "draft='ngram') or a draft model (--draft-model DIR, draft_model=)."
+            "draft='ngram') or a draft model (--draft-model DIR, draft_model=)." + mtp
         )
     if len(found) > 1:
         raise ValueError(
@@ -177,6 +185,13 @@ def load(
         return (model, tokenizer, config) if return_config else (model, tokenizer)
 
     model_path = resolve_model_path(path_or_hf_repo, revision)
+    source = model_path if drafter is None else resolve_model_path(drafter, revision)
+    if is_plain(source) and has_mtp_weights(source):  # the checkpoint's own MTP layer
+        if drafter is not None:
+            _check_drafter_base(model_path, source)
+        model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
+        attach_mtp(model, source, quantization=config.get("quantization"))
+        return finish(model, tokenizer, config)
     if allow_plain and drafter is None and is_plain(model_path):
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
         if chains_only(model):  # (chains through its own passes, without the verifier)
@@ -184,27 +199,31 @@ def load(
         else:
             attach_verifier(model)
         return finish(model, tokenizer, config)
-    source = model_path if drafter is None else resolve_model_path(drafter, revision)
     # The settings tuned on this device, where the config has some.
     spec = read_stream_config(source).for_device(device_key())
     if drafter is not None:
-        if (model_path / "config.json").exists() and _base_fingerprint(
-            model_path / "config.json"
-        ) != _base_fingerprint(source / "config.json"):
-            raise ValueError(
-                f"The drafter in {source} was trained on a different base: "
-                f"{_base_fingerprint(source / 'config.json')} in its config.json, "
-                f"{_base_fingerprint(model_path / 'config.json')} in {model_path}."
-            )
-        own = json.loads((model_path / "config.json").read_text()).get(CONFIG_KEY) or {}
-        if own.get("mode") == "shared":
-            raise ValueError(
-                f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
-                f"streams, so the drafter in {source} would not match it."
-            )
+        _check_drafter_base(model_path, source)
     model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
     _attach(model, source, spec)
     return finish(model, tokenizer, config)
+
+
+def _check_drafter_base(model_path: Path, source: Path) -> None:
+    """Refuses a drafter from ``source`` for the base in ``model_path`` when they differ."""
+    if (model_path / "config.json").exists() and _base_fingerprint(
+        model_path / "config.json"
+    ) != _base_fingerprint(source / "config.json"):
+        raise ValueError(
+            f"The drafter in {source} was trained on a different base: "
+            f"{_base_fingerprint(source / 'config.json')} in its config.json, "
+            f"{_base_fingerprint(model_path / 'config.json')} in {model_path}."
+        )
+    own = json.loads((model_path / "config.json").read_text()).get(CONFIG_KEY) or {}
+    if own.get("mode") == "shared":
+        raise ValueError(
+            f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
+            f"streams, so the drafter in {source} would not match it."
+        )
 
 
 def save_streams(path: Union[str, Path], model: nn.Module) -> None:
@@ -212,6 +231,14 @@ def save_streams(path: Union[str, Path], model: nn.Module) -> None:
     drafter, ``drafter.safetensors``) into ``path``."""
     rt = get_runtime(model)
     module, file = (rt.streams, STREAMS_FILE) if rt.drafter is None else (rt.drafter, DRAFTER_FILE)
+    if isinstance(module, MTPDrafter) and any(
+        k.endswith(".scales") for k, _ in tree_flatten(module.parameters())
+    ):
+        raise ValueError(
+            "This model's MTP layer was quantized with its base when it was loaded; write it "
+            "from the float model (load the checkpoint unquantized), or load the quantized base "
+            "with drafter=<the checkpoint> each time."
+        )
     weights = dict(tree_flatten(module.parameters()))
     mx.save_safetensors(str(Path(path) / file), weights, metadata={"format": "mlx"})
 

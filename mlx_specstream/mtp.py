@@ -1,0 +1,285 @@
+"""A checkpoint's own multi-token prediction (MTP) layer as a drafter.
+
+DeepSeek-V3, GLM-4.5 and MiMo checkpoints ship an MTP layer beside the model,
+trained with it to predict the token after next; ``mlx_lm.load`` drops it. Here
+it drafts for the same tree verifier as streams, so output stays the base
+model's. One MTP step (row ``i`` pairs token ``i``'s last hidden state ``h``
+with the embedding of token ``i + 1``, on its own KV cache)::
+
+    x = proj([hidden_norm(h); embed_norm(e)])     # MiMo: hidden first
+    x = proj([embed_norm(e); hidden_norm(h)])     # DeepSeek-V3, GLM-4.5
+    o = layer(x)                                  # one decoder layer of the base's class
+    logits = lm_head(final_norm(o))               # the base's LM head
+
+The rows of the accepted path go into the cache; the last one (the last
+accepted node and the bonus token) gives draft level 1. Deeper levels run the
+same layer again on its own output and the previous level's argmax (as vLLM
+does), rows trimmed after. The conventions per family follow vLLM's
+``mimo_mtp.py`` and ``deepseek_mtp.py``: MiMo reads the hidden state before the
+base's final norm and recurses on ``final_norm(o)``; DeepSeek-V3 and GLM-4.5
+read it after the final norm and recurse on ``o``; both zero the embedding of
+the row at position 0.
+
+Example:
+    >>> model, tok = load("MiMo-7B-RL")                  # its MTP layer drafts
+    >>> model, tok = load("MiMo-7B-RL-4bit", drafter="MiMo-7B-RL")  # from the original
+"""
+
+import glob
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from .config import DrafterConfig
+from .drafters import DrafterState, continue_or_start
+from .streams import _embedding, hidden_size, own_class
+
+
+@dataclass(frozen=True)
+class MTPLayout:
+    """Where a family's checkpoint keeps its MTP layer, and how the layer runs.
+
+    ``prefix`` is formatted with ``n`` (the base's ``num_hidden_layers``); the
+    decoder layer's tensors sit under it with the base layers' names.
+    """
+
+    prefix: str
+    embed_norm: str
+    hidden_norm: str
+    proj: str
+    final_norm: str
+    hidden_first: bool  # the projection's input is [hidden; embedding]
+    normed_hidden: bool  # reads the base's hidden state after its final norm
+    skip: tuple = ()  # the layer's copies of the base's tensors (embeddings, head)
+
+
+_DEEPSEEK = MTPLayout(
+    prefix="model.layers.{n}.",
+    embed_norm="enorm",
+    hidden_norm="hnorm",
+    proj="eh_proj",
+    final_norm="shared_head.norm",
+    hidden_first=False,
+    normed_hidden=True,
+    skip=("embed_tokens.", "shared_head.head."),
+)
+FAMILIES = {
+    "mimo": MTPLayout(
+        prefix="model.mtp_layers.0.",
+        embed_norm="token_layernorm",
+        hidden_norm="hidden_layernorm",
+        proj="input_proj",
+        final_norm="final_layernorm",
+        hidden_first=True,
+        normed_hidden=False,
+    ),
+    "deepseek_v3": _DEEPSEEK,
+    "glm4_moe": _DEEPSEEK,
+}
+# A chain: deeper levels are drafted from the first level's argmax only.
+MTP_DEFAULTS = dict(num_draft_tokens=3, top_k=1, max_tree_nodes=4)
+
+
+def mtp_layout(model_type: str) -> MTPLayout:
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} has no MTP layout here; MTP layers are read for "
+            f"{sorted(FAMILIES)}."
+        )
+    return FAMILIES[model_type]
+
+
+def _final_norm(model) -> nn.Module:
+    return model.model.norm
+
+
+def _lm_head(model):
+    """The base's LM head without its final norm (``lm_head``, or tied embeddings)."""
+    if "lm_head" in model:
+        return model.lm_head
+    return _embedding(model).as_linear
+
+
+def mtp_decoder_layer(model) -> nn.Module:
+    """A fresh decoder layer of the base's own class, built as the layer after the
+    last one (DeepSeek-V3's and GLM-4.5's MTP layers are mixture-of-experts layers)."""
+    cls = own_class(model.layers[-1])
+    takes = list(inspect.signature(cls.__init__).parameters)[1:]
+    args = (model.args, model.args.num_hidden_layers)[: len(takes)]
+    return cls(*args)
+
+
+class MTPDrafter(nn.Module):
+    """``embed_norm``, ``hidden_norm``, ``proj`` ``(D, 2D)``, ``layer.*`` and
+    ``final_norm``: a checkpoint's first MTP layer (:func:`read_mtp_weights`)."""
+
+    def __init__(self, config: DrafterConfig, model: nn.Module):
+        super().__init__()
+        self._layout = mtp_layout(model.args.model_type)
+        D, eps = hidden_size(model), model.args.rms_norm_eps
+        self.embed_norm = nn.RMSNorm(D, eps=eps)
+        self.hidden_norm = nn.RMSNorm(D, eps=eps)
+        self.proj = nn.Linear(2 * D, D, bias=False)
+        self.layer = mtp_decoder_layer(model)
+        self.final_norm = nn.RMSNorm(D, eps=eps)
+        self._levels = config.num_draft_tokens
+
+    def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
+        return continue_or_start(prompt_cache_offset, previous)
+
+    def step(self, hidden: mx.array, emb: mx.array, cache) -> mx.array:
+        """The layer's output ``(L, D)`` over rows pairing ``hidden`` ``(L, D)`` with
+        next-token embeddings ``emb``, appended to ``cache``."""
+        h, e = self.hidden_norm(hidden), self.embed_norm(emb)
+        x = mx.concatenate([h, e] if self._layout.hidden_first else [e, h], axis=-1)
+        x = self.proj(x.astype(self.embed_norm.weight.dtype))[None]
+        return self.layer(x, create_attention_mask(x, cache, return_array=True), cache)[0]
+
+    def logits(self, model, out: mx.array) -> mx.array:
+        return _lm_head(model)(self.final_norm(out))
+
+    def draft(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
+        """``(k, V)`` logits of the next tree's levels from the accepted path."""
+        feats = mx.take(hidden, mx.array(path), axis=0)
+        nxt = list(path_tokens[1:]) + [token]
+        if state.prompt_hidden is not None:  # the first step also feeds the prompt
+            feats = mx.concatenate([state.prompt_hidden, feats], axis=0)
+            nxt = state.prompt_next + nxt
+            state.prompt_hidden, state.prompt_next = None, None
+        if self._layout.normed_hidden:
+            feats = _final_norm(rt.model)(feats)
+        emb = rt.embed(mx.array(nxt))
+        if state.cache.offset == 0:  # the row at position 0 reads no embedding
+            emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
+        out = self.step(feats, emb, state.cache)[-1:]
+        levels = [self.logits(rt.model, out)]
+        for _ in range(self._levels - 1):  # deeper levels: the layer on its own output
+            nxt = mx.argmax(levels[-1], axis=-1)
+            prev = out if self._layout.normed_hidden else self.final_norm(out)
+            out = self.step(prev, rt.embed(nxt), state.cache)
+            levels.append(self.logits(rt.model, out))
+        state.cache.trim(self._levels - 1)  # the recursion's rows never stay
+        return mx.concatenate(levels, axis=0)
+
+
+# ---- reading a checkpoint's MTP layer --------------------------------------------
+def mtp_layers_in_config(config: dict) -> int:
+    """How many MTP layers ``config.json`` declares (0 for a family without them)."""
+    if config.get("model_type") not in FAMILIES:
+        return 0
+    return int(config.get("num_nextn_predict_layers") or 0)
+
+
+def _shards(path: Path, prefix: str) -> List[Path]:
+    """The safetensors files of ``path`` that may hold keys under ``prefix``."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({path / f for k, f in weight_map.items() if k.startswith(prefix)})
+    return [Path(f) for f in sorted(glob.glob(str(path / "*.safetensors")))]
+
+
+def has_mtp_weights(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint whose config declares MTP layers and whose
+    safetensors hold the first one."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        return False
+    config = json.loads(config_file.read_text())
+    if not mtp_layers_in_config(config):
+        return False
+    prefix = FAMILIES[config["model_type"]].prefix.format(n=config["num_hidden_layers"])
+    return any(any(k.startswith(prefix) for k in mx.load(str(f))) for f in _shards(path, prefix))
+
+
+def read_mtp_weights(path: Path, model: nn.Module) -> Dict[str, mx.array]:
+    """The first MTP layer's tensors in ``path``'s safetensors, named as
+    :class:`MTPDrafter`'s parameters. The decoder layer's tensors go through the
+    base model's own ``sanitize`` (experts stacked, FP8 dequantized) as its layer 0.
+
+    Raises:
+        ValueError: naming the file and key of what is missing.
+    """
+    path = Path(path)
+    layout = mtp_layout(model.args.model_type)
+    prefix = layout.prefix.format(n=model.args.num_hidden_layers)
+    found = {}
+    for f in _shards(path, prefix):
+        found.update(
+            {k[len(prefix) :]: v for k, v in mx.load(str(f)).items() if k.startswith(prefix)}
+        )
+    if not found:
+        raise ValueError(
+            f"{path}: no tensors under '{prefix}' in its safetensors: the MTP layer is not "
+            "there (mlx_lm.convert drops it; load the original checkpoint, or pass it as "
+            "drafter=)."
+        )
+    weights = {}
+    for ours, theirs in (
+        ("embed_norm.weight", layout.embed_norm),
+        ("hidden_norm.weight", layout.hidden_norm),
+        ("proj.weight", layout.proj),
+        ("final_norm.weight", layout.final_norm),
+    ):
+        key = theirs + ".weight"
+        if key not in found:
+            raise ValueError(f"{path}: the MTP layer has no '{prefix}{key}'.")
+        weights[ours] = found.pop(key)
+    found = {k: v for k, v in found.items() if not k.startswith(layout.skip)}
+    block = {f"model.layers.0.{k}": v for k, v in found.items()}
+    if hasattr(model, "sanitize"):
+        block = model.sanitize(block)
+    lead = "model.layers.0."
+    weights.update({"layer." + k[len(lead) :]: v for k, v in block.items() if k.startswith(lead)})
+    return weights
+
+
+def attach_mtp(
+    model: nn.Module,
+    checkpoint: Path,
+    config: Optional[DrafterConfig] = None,
+    quantization: Optional[dict] = None,
+) -> MTPDrafter:
+    """Puts ``checkpoint``'s first MTP layer on ``model`` as its drafter.
+
+    Args:
+        model (nn.Module): an mlx-lm model of the checkpoint's base (any
+          quantization), without streams or drafter.
+        checkpoint (Path): a Hugging Face checkpoint directory with its MTP layer.
+        config (DrafterConfig, optional): the draft tree. Default: a chain of 3.
+        quantization (dict, optional): ``{"group_size", "bits"}`` of a quantized
+          base: the layer's matrices are quantized the same way.
+
+    Returns:
+        MTPDrafter: the drafter (also ``model.speculative_streams.drafter``).
+    """
+    from .streams import StreamRuntime, check_supported
+
+    if getattr(model, "speculative_streams", None) is not None:
+        raise ValueError("This model already has speculative streams or a drafter attached.")
+    config = config or DrafterConfig(kind="mtp", **MTP_DEFAULTS)
+    check_supported(model, config)
+    drafter = MTPDrafter(config, model)
+    weights = read_mtp_weights(checkpoint, model)
+    try:
+        drafter.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: its MTP layer does not fit this model: {e}") from e
+    if quantization:
+        nn.quantize(
+            drafter,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda p, m: hasattr(m, "to_quantized")
+            and m.weight.shape[-1] % quantization["group_size"] == 0,
+        )
+    mx.eval(drafter.parameters())
+    model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
+    return drafter

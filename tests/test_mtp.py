@@ -1,0 +1,260 @@
+"""A checkpoint's own MTP layer as a drafter (mlx_specstream.mtp): read from the
+Hugging Face layout of MiMo, DeepSeek-V3 and GLM-4.5 checkpoints, its draft levels
+equal a from-scratch computation from the raw tensors at every step (with
+controls: the other concatenation order, the other hidden state), greedy output
+equals plain decoding, and a quantized base takes the layer from the original
+checkpoint."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from helpers import ARCH_ARGS, BASE, MORE_ARGS, random_model, spec_tokens, word_tokenizer
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import load as mlx_lm_load
+
+import mlx_specstream.mtp as mtp
+from mlx_specstream import load
+from mlx_specstream.utils import save
+
+V = 64
+ARGS = {
+    "mimo": {**BASE, **ARCH_ARGS["qwen2"]},
+    # (mlx-lm's sanitize drops DeepSeek-V3's MTP layer by its real index, 61)
+    "deepseek_v3": {**BASE, **MORE_ARGS["deepseek_v3"], "num_hidden_layers": 61},
+    "glm4_moe": {**BASE, **MORE_ARGS["glm4_moe"]},
+}
+# The layer's own tensors (besides the decoder layer) under each family's names.
+OWN = {
+    "mimo": ("token_layernorm", "hidden_layernorm", "input_proj", "final_layernorm"),
+    "deepseek_v3": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
+    "glm4_moe": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
+}
+
+
+def _scaled(layer, scale):
+    layer.update(
+        tree_map_with_path(lambda p, w: w * scale if w.ndim >= 2 else w, layer.parameters())
+    )
+
+
+def _hf_block(arch, layer) -> dict:
+    """The decoder layer's tensors as a Hugging Face checkpoint names them: experts
+    one by one (mlx-lm's ``sanitize`` stacks them on load)."""
+    out = {}
+    for k, w in tree_flatten(layer.parameters()):
+        if ".switch_mlp." in k:
+            for e in range(w.shape[0]):
+                out[k.replace(".switch_mlp.", f".experts.{e}.")] = w[e]
+        else:
+            out[k] = w
+    return out
+
+
+def write_checkpoint(path, arch, seed=0, drop=()):
+    """A tiny random ``arch`` checkpoint with one MTP layer in its family's layout.
+    Returns the raw MTP pieces the reference computation uses."""
+    args = ARGS[arch]
+    base = random_model(arch, args, V, seed=seed, weight_scale=4.0)
+    mx.random.seed(seed + 1)
+    D = args["hidden_size"]
+    # (a final norm of ones would make its input and output alike to the MTP's own norm)
+    base.model.norm.weight = 1 + 0.5 * mx.random.normal((D,))
+    block = mtp.mtp_decoder_layer(base)
+    _scaled(block, 4.0)
+    names = OWN[arch]
+    own = {
+        names[0]: 1 + 0.1 * mx.random.normal((D,)),
+        names[1]: 1 + 0.1 * mx.random.normal((D,)),
+        names[2]: mx.random.normal((D, 2 * D)) * (2 * D) ** -0.5 * 4,
+        names[3]: 1 + 0.1 * mx.random.normal((D,)),
+    }
+    prefix = mtp.FAMILIES[arch].prefix.format(n=args["num_hidden_layers"])
+    weights = dict(tree_flatten(base.parameters()))
+    weights.update({f"{prefix}{n}.weight": w for n, w in own.items()})
+    weights.update({prefix + k: w for k, w in _hf_block(arch, block).items()})
+    if arch != "mimo":  # the layer's copies of the embeddings and head (not read)
+        weights[prefix + "embed_tokens.weight"] = mx.zeros((V, D))
+        weights[prefix + "shared_head.head.weight"] = mx.zeros((V, D))
+    for k in drop:
+        weights.pop(prefix + k)
+    path.mkdir(parents=True)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = {**args, "model_type": arch, "vocab_size": V, "num_nextn_predict_layers": 1}
+    (path / "config.json").write_text(json.dumps(config))
+    word_tokenizer(V)._tokenizer.save_pretrained(str(path))
+    layout = mtp.FAMILIES[arch]
+    return dict(
+        norms=(own[names[0]], own[names[1]], own[names[3]]),
+        proj=own[names[2]],
+        block=block,
+        hidden_first=layout.hidden_first,
+        normed_hidden=layout.normed_hidden,
+    )
+
+
+def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False):
+    """From the raw tensors and mlx-lm's own modules, from scratch: the MTP rows
+    0..a over ``text`` (row i: token i's last hidden state, token i + 1's
+    embedding, zeroed at position 0), level 1 at row a, then the layer again on its
+    own output and each level's argmax. ``swap`` / ``other_hidden`` are the
+    controls: the other concatenation order, the other side of the final norm."""
+    eps = plain.args.rms_norm_eps
+    e_w, h_w, f_w = ref["norms"]
+    inner = plain.model
+    h = inner.embed_tokens(mx.array(text[: a + 1])[None])
+    mask = create_attention_mask(h, None, return_array=True)
+    for layer in inner.layers:
+        h = layer(h, mask, None)
+    hid = h[0]
+    if ref["normed_hidden"] != other_hidden:
+        hid = inner.norm(hid)
+    head = plain.lm_head if "lm_head" in plain else inner.embed_tokens.as_linear
+
+    def rows(hidden, emb, cache):
+        pair = [mx.fast.rms_norm(hidden, h_w, eps), mx.fast.rms_norm(emb, e_w, eps)]
+        if ref["hidden_first"] == swap:
+            pair = pair[::-1]
+        x = (mx.concatenate(pair, axis=-1) @ ref["proj"].T)[None]
+        return ref["block"](x, create_attention_mask(x, cache, return_array=True), cache)[0, -1:]
+
+    emb = inner.embed_tokens(mx.array(text[1 : a + 2]))
+    emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
+    cache = KVCache()
+    out = rows(hid, emb, cache)
+    logits = [head(mx.fast.rms_norm(out, f_w, eps))]
+    for _ in range(levels - 1):
+        t = mx.argmax(logits[-1], axis=-1)
+        prev = out if ref["normed_hidden"] else mx.fast.rms_norm(out, f_w, eps)
+        out = rows(prev, inner.embed_tokens(t), cache)
+        logits.append(head(mx.fast.rms_norm(out, f_w, eps)))
+    return np.array(mx.concatenate(logits).astype(mx.float32))
+
+
+@pytest.mark.parametrize("arch", sorted(ARGS))
+def test_every_draft_equals_the_raw_tensors_from_scratch(arch, tmp_path, monkeypatch):
+    """Each step's draft levels (the cached MTP rows of the accepted text, the
+    recursion's rows trimmed after) equal a from-scratch computation from the
+    checkpoint's raw tensors; the other concatenation order and the other hidden
+    state (before/after the base's final norm) do not."""
+    ref = write_checkpoint(tmp_path / "ckpt", arch)
+    model, _ = load(str(tmp_path / "ckpt"))
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    drafter = model.speculative_streams.drafter
+    assert isinstance(drafter, mtp.MTPDrafter)
+    seen = []
+    real_draft = mtp.MTPDrafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token)
+        a = rt._tree[4] + len(path) - 1  # committed prefix + accepted nodes - 1
+        seen.append((np.array(logits.astype(mx.float32)), a, token, state.cache.offset))
+        return logits
+
+    monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
+    prompt = [4, 8, 15, 16, 23]
+    toks, _ = spec_tokens(model, prompt, 24)
+    monkeypatch.undo()
+    text = prompt + toks
+    checked = 0
+    for logits, a, token, offset in seen:
+        if a + 1 >= len(text):
+            continue  # the drafts of the very last step go unused
+        assert text[a + 1] == token and offset == a + 1  # real rows 0..a only
+        want = reference_levels(plain, ref, text, a, logits.shape[0])
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+        checked += 1
+    assert checked >= 5
+    logits, a, _, _ = seen[1]
+    for control in (dict(swap=True), dict(other_hidden=True)):
+        wrong = reference_levels(plain, ref, text, a, logits.shape[0], **control)
+        assert not np.allclose(logits, wrong, atol=1e-2), control
+
+
+@pytest.mark.parametrize("arch", sorted(ARGS))
+def test_greedy_equals_plain_decoding(arch, tmp_path):
+    write_checkpoint(tmp_path / "ckpt", arch, seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    for prompt in ([3], [1, 5, 9, 3, 7, 2, 11]):
+        from mlx_lm.generate import generate_step
+
+        want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(40))]
+        got, _ = spec_tokens(model, prompt, 40)
+        assert got == want
+
+
+def test_negative_control_a_wrong_verifier_is_caught(tmp_path, monkeypatch):
+    """Accepting every draft unchecked changes the output: the equality above can fail."""
+    import mlx_specstream.decode as decode
+
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    plain_toks, _ = spec_tokens(model, [1, 5, 9], 30)
+
+    def accept_all(tokens, parents, ancestors, targets, depth):
+        return None, mx.array(tokens.shape[0] - 1)
+
+    monkeypatch.setattr(decode, "_accept", accept_all)
+    wrong, _ = spec_tokens(model, [1, 5, 9], 30)
+    assert wrong != plain_toks
+
+
+def test_quantized_base_takes_the_layer_from_the_checkpoint(tmp_path):
+    """A 4-bit copy of the base (mlx_lm.convert's output: no MTP tensors) refuses
+    to load alone, naming the way out; with ``drafter=`` the checkpoint, its MTP
+    layer is quantized like the base and decoding equals the 4-bit base's own."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import save_config, save_model
+
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
+    base, tok, config = mlx_lm_load(str(tmp_path / "ckpt"), return_config=True)
+    nn.quantize(base, group_size=32, bits=4)
+    q = tmp_path / "q4"
+    q.mkdir()
+    save_model(q, base)
+    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, q / "config.json")
+    tok.save_pretrained(str(q))
+    with pytest.raises(ValueError, match="declares 1 MTP layer.*drafter="):
+        load(str(q))
+    model, _ = load(str(q), drafter=str(tmp_path / "ckpt"))
+    drafter = model.speculative_streams.drafter
+    assert isinstance(drafter.proj, nn.QuantizedLinear)
+    plain, _ = mlx_lm_load(str(q))
+    prompt = [1, 5, 9, 3, 7, 2, 11]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(40))]
+    got, _ = spec_tokens(model, prompt, 40)
+    assert got == want
+    with pytest.raises(ValueError, match="quantized"):
+        save(tmp_path / "out", model, tok)
+
+
+def test_save_writes_a_directory_that_loads_back(tmp_path):
+    write_checkpoint(tmp_path / "ckpt", "deepseek_v3", seed=3)
+    model, tok = load(str(tmp_path / "ckpt"))
+    save(tmp_path / "out", model, tok)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["drafter"]["kind"] == "mtp"
+    again, _ = load(str(tmp_path / "out"))
+    a = dict(tree_flatten(model.speculative_streams.drafter.parameters()))
+    b = dict(tree_flatten(again.speculative_streams.drafter.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    prompt = [1, 5, 9]
+    assert spec_tokens(again, prompt, 30)[0] == spec_tokens(model, prompt, 30)[0]
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    write_checkpoint(tmp_path / "no_proj", "mimo", drop=("input_proj.weight",))
+    with pytest.raises(ValueError, match=r"no 'model\.mtp_layers\.0\.input_proj\.weight'"):
+        load(str(tmp_path / "no_proj"))
+    write_checkpoint(tmp_path / "no_mlp", "mimo", drop=("mlp.down_proj.weight",))
+    with pytest.raises(
+        ValueError, match="(?s)no_mlp: its MTP layer does not fit.*layer.mlp.down_proj"
+    ):
+        load(str(tmp_path / "no_mlp"))
+    with pytest.raises(ValueError, match="model_type 'llama' has no MTP layout"):
+        mtp.mtp_layout("llama")
