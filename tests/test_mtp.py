@@ -55,11 +55,11 @@ def _hf_block(arch, layer) -> dict:
     return out
 
 
-def write_checkpoint(path, arch, seed=0, drop=()):
+def write_checkpoint(path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0):
     """A tiny random ``arch`` checkpoint with one MTP layer in its family's layout.
     Returns the raw MTP pieces the reference computation uses."""
-    args = ARGS[arch]
-    base = random_model(arch, args, V, seed=seed, weight_scale=4.0)
+    args, V = ARGS[arch], vocab_size
+    base = random_model(arch, args, V, seed=seed, weight_scale=weight_scale)
     mx.random.seed(seed + 1)
     D = args["hidden_size"]
     # (a final norm of ones would make its input and output alike to the MTP's own norm)
@@ -258,3 +258,25 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         load(str(tmp_path / "no_mlp"))
     with pytest.raises(ValueError, match="model_type 'llama' has no MTP layout"):
         mtp.mtp_layout("llama")
+
+
+def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
+    """Recursive rejection over MTP drafts (levels past the first drawn from logits
+    that followed the first level's argmax) samples the model's distribution;
+    control: each level verified against the next level's draft distribution."""
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts, verify_against_the_next_level_s_q
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=5, vocab_size=6, weight_scale=1.0)
+    model, _ = load(str(tmp_path / "ckpt"))
+    sampler, n = make_sampler(temp=1.0), 1500
+    exact = exact_distribution(model, sampler)
+    kwargs = dict(acceptance="rejection", tree_top_k=2, max_tree_nodes=6)
+    counts = sample_counts(model, sampler, n, **kwargs)
+    p = chi_square_pvalue(counts, exact, n)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    verify_against_the_next_level_s_q(monkeypatch)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
