@@ -56,7 +56,8 @@ class MTPLayout:
     final_norm: str
     hidden_first: bool  # the projection's input is [hidden; embedding]
     normed_hidden: bool  # reads the base's hidden state after its final norm
-    skip: tuple = ()  # the layer's copies of the base's tensors (embeddings, head)
+    skip: tuple = ()  # the layer's copies of the base's tensors (its embeddings)
+    head: str = ""  # the layer's own LM head, read where it differs from the base's
 
 
 _DEEPSEEK = MTPLayout(
@@ -67,7 +68,8 @@ _DEEPSEEK = MTPLayout(
     final_norm="shared_head.norm",
     hidden_first=False,
     normed_hidden=True,
-    skip=("embed_tokens.", "shared_head.head."),
+    skip=("embed_tokens.",),
+    head="shared_head.head",
 )
 FAMILIES = {
     "mimo": MTPLayout(
@@ -142,7 +144,19 @@ class MTPDrafter(nn.Module):
         return self.layer(x, create_attention_mask(x, cache, return_array=True), cache)[0]
 
     def logits(self, model, out: mx.array) -> mx.array:
-        return _lm_head(model)(self.final_norm(out))
+        head = self.head if "head" in self else _lm_head(model)
+        return head(self.final_norm(out))
+
+    def load_weights(self, file_or_weights, strict: bool = True):
+        """As ``nn.Module.load_weights``; weights with ``head.*`` (a checkpoint whose
+        MTP head differs from the base's) give the layer a head of its own first."""
+        weights = file_or_weights
+        if isinstance(weights, str):
+            weights = list(mx.load(weights).items())
+        head = [w for k, w in weights if k == "head.weight"]
+        if head and "head" not in self:
+            self.head = nn.Linear(head[0].shape[1], head[0].shape[0], bias=False)
+        return super().load_weights(weights, strict=strict)
 
     def draft(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
         """``(k, V)`` logits of the next tree's levels from the accepted path."""
@@ -174,6 +188,22 @@ def mtp_layers_in_config(config: dict) -> int:
     if config.get("model_type") not in FAMILIES:
         return 0
     return int(config.get("num_nextn_predict_layers") or 0)
+
+
+def _same_as_base_head(model, head: mx.array) -> bool:
+    """Whether ``head`` ``(V, D)`` is the base's LM head: equal, or for a quantized base
+    equal once quantized the same way."""
+    base = model.lm_head if "lm_head" in model else _embedding(model)
+    if base.weight.shape != head.shape and "scales" not in base:
+        return False
+    if "scales" in base:
+        q = mx.quantize(head, group_size=base.group_size, bits=base.bits)
+        mine = dict(zip(("weight", "scales", "biases"), q))
+        return all(
+            k in base and base[k].shape == v.shape and mx.array_equal(base[k], v).item()
+            for k, v in mine.items()
+        )
+    return mx.array_equal(base.weight, head.astype(base.weight.dtype)).item()
 
 
 def _shards(path: Path, prefix: str) -> List[Path]:
@@ -232,6 +262,13 @@ def read_mtp_weights(path: Path, model: nn.Module) -> Dict[str, mx.array]:
         if key not in found:
             raise ValueError(f"{path}: the MTP layer has no '{prefix}{key}'.")
         weights[ours] = found.pop(key)
+    if layout.head:
+        key = layout.head + ".weight"
+        if key not in found:
+            raise ValueError(f"{path}: the MTP layer has no '{prefix}{key}'.")
+        head = found.pop(key)
+        if not _same_as_base_head(model, head):  # (DeepSeek-V3's is a copy: not kept)
+            weights["head.weight"] = head
     found = {k: v for k, v in found.items() if not k.startswith(layout.skip)}
     block = {f"model.layers.0.{k}": v for k, v in found.items()}
     if hasattr(model, "sanitize"):

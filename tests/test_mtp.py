@@ -55,9 +55,12 @@ def _hf_block(arch, layer) -> dict:
     return out
 
 
-def write_checkpoint(path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0):
-    """A tiny random ``arch`` checkpoint with one MTP layer in its family's layout.
-    Returns the raw MTP pieces the reference computation uses."""
+def write_checkpoint(
+    path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0, own_head=False, base_only=False
+):
+    """A tiny random ``arch`` checkpoint with one MTP layer in its family's layout (the
+    DeepSeek layout's ``shared_head.head`` a copy of the base's LM head, or with
+    ``own_head`` a head of its own). Returns the raw MTP pieces the reference uses."""
     args, V = ARGS[arch], vocab_size
     base = random_model(arch, args, V, seed=seed, weight_scale=weight_scale)
     mx.random.seed(seed + 1)
@@ -77,9 +80,11 @@ def write_checkpoint(path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0
     weights = dict(tree_flatten(base.parameters()))
     weights.update({f"{prefix}{n}.weight": w for n, w in own.items()})
     weights.update({prefix + k: w for k, w in _hf_block(arch, block).items()})
-    if arch != "mimo":  # the layer's copies of the embeddings and head (not read)
-        weights[prefix + "embed_tokens.weight"] = mx.zeros((V, D))
-        weights[prefix + "shared_head.head.weight"] = mx.zeros((V, D))
+    head = None
+    if arch != "mimo":  # the layer's copy of the embeddings (not read), and its head
+        weights[prefix + "embed_tokens.weight"] = base.model.embed_tokens.weight
+        head = mx.random.normal((V, D)) * D**-0.5 if own_head else base.lm_head.weight
+        weights[prefix + "shared_head.head.weight"] = head
     for k in drop:
         weights.pop(prefix + k)
     path.mkdir(parents=True)
@@ -94,6 +99,7 @@ def write_checkpoint(path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0
         block=block,
         hidden_first=layout.hidden_first,
         normed_hidden=layout.normed_hidden,
+        head=head if own_head else None,
     )
 
 
@@ -114,6 +120,8 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     if ref["normed_hidden"] != other_hidden:
         hid = inner.norm(hid)
     head = plain.lm_head if "lm_head" in plain else inner.embed_tokens.as_linear
+    if ref["head"] is not None:  # the layer's own head
+        head = lambda x, w=ref["head"]: x @ w.T  # noqa: E731
 
     def rows(hidden, emb, cache):
         pair = [mx.fast.rms_norm(hidden, h_w, eps), mx.fast.rms_norm(emb, e_w, eps)]
@@ -135,17 +143,22 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     return np.array(mx.concatenate(logits).astype(mx.float32))
 
 
-@pytest.mark.parametrize("arch", sorted(ARGS))
-def test_every_draft_equals_the_raw_tensors_from_scratch(arch, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "arch,own_head",
+    [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)],
+)
+def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_path, monkeypatch):
     """Each step's draft levels (the cached MTP rows of the accepted text, the
     recursion's rows trimmed after) equal a from-scratch computation from the
     checkpoint's raw tensors; the other concatenation order and the other hidden
-    state (before/after the base's final norm) do not."""
-    ref = write_checkpoint(tmp_path / "ckpt", arch)
+    state (before/after the base's final norm) do not. A head of the layer's own is
+    used; a copy of the base's is not kept."""
+    ref = write_checkpoint(tmp_path / "ckpt", arch, own_head=own_head)
     model, _ = load(str(tmp_path / "ckpt"))
     plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
     drafter = model.speculative_streams.drafter
     assert isinstance(drafter, mtp.MTPDrafter)
+    assert ("head" in drafter) == own_head
     seen = []
     real_draft = mtp.MTPDrafter.draft
 
@@ -233,13 +246,48 @@ def test_quantized_base_takes_the_layer_from_the_checkpoint(tmp_path):
         save(tmp_path / "out", model, tok)
 
 
-def test_save_writes_a_directory_that_loads_back(tmp_path):
-    write_checkpoint(tmp_path / "ckpt", "deepseek_v3", seed=3)
-    model, tok = load(str(tmp_path / "ckpt"))
-    save(tmp_path / "out", model, tok)
+def _quantized_copy(ckpt, out):
+    """``out``: the base of ``ckpt`` in 4 bits, as mlx_lm.convert writes it (no MTP layer)."""
+    from mlx_lm.utils import save_config, save_model
+
+    base, tok, config = mlx_lm_load(str(ckpt), return_config=True)
+    nn.quantize(base, group_size=32, bits=4)
+    out.mkdir()
+    save_model(out, base)
+    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, out / "config.json")
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("own_head", [False, True])
+def test_the_layers_head_quantized_base(own_head, tmp_path):
+    """With a 4-bit base, a copy of the base's head is recognised once quantized the
+    same way (not kept); a head of the layer's own is kept, quantized like the base;
+    decoding equals the 4-bit base's own either way."""
+    from mlx_lm.generate import generate_step
+
+    write_checkpoint(tmp_path / "ckpt", "glm4_moe", seed=3, own_head=own_head)
+    q = _quantized_copy(tmp_path / "ckpt", tmp_path / "q4")
+    model, _ = load(str(q), drafter=str(tmp_path / "ckpt"))
+    drafter = model.speculative_streams.drafter
+    assert ("head" in drafter) == own_head
+    if own_head:
+        assert isinstance(drafter.head, nn.QuantizedLinear)
+    plain, _ = mlx_lm_load(str(q))
+    prompt = [1, 5, 9, 3, 7, 2, 11]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(30))]
+    assert spec_tokens(model, prompt, 30)[0] == want
+
+
+@pytest.mark.parametrize("arch,own_head", [("deepseek_v3", False), ("glm4_moe", True)])
+def test_save_writes_a_directory_that_loads_back(arch, own_head, tmp_path):
+    write_checkpoint(tmp_path / "ckpt", arch, seed=3, own_head=own_head)
+    model, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
+    save(tmp_path / "out", model, tok, config=config)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["drafter"]["kind"] == "mtp"
     again, _ = load(str(tmp_path / "out"))
+    assert ("head" in again.speculative_streams.drafter) == own_head
     a = dict(tree_flatten(model.speculative_streams.drafter.parameters()))
     b = dict(tree_flatten(again.speculative_streams.drafter.parameters()))
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
