@@ -328,3 +328,26 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     verify_against_the_next_level_s_q(monkeypatch)
     p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
     assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+
+
+def test_the_command_line_takes_the_layer_from_the_checkpoint(tmp_path, capsys):
+    """``mlx_specstream.generate --model Q4 --drafter CHECKPOINT`` drafts with the
+    checkpoint's MTP layer (drafted tokens reported) and prints the 4-bit base's text."""
+    from mlx_lm.generate import generate as mlx_lm_generate
+
+    import importlib
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")  # (not the function so named)
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
+    q = _quantized_copy(tmp_path / "ckpt", tmp_path / "q4")
+    prompt = "t1 t5 t9 t3"
+    argv = ["--model", str(q), "--drafter", str(tmp_path / "ckpt"), "--prompt", prompt,
+            "--max-tokens", "24", "--ignore-chat-template", "--verbose", "True"]  # fmt: skip
+    gen_mod.main(argv)
+    out = capsys.readouterr().out
+    plain, tok = mlx_lm_load(str(q))
+    assert mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=24) in out
+    other = tmp_path / "other"
+    write_checkpoint(other, "glm4_moe")
+    with pytest.raises(ValueError, match="different base"):
+        load(str(q), drafter=str(other))
