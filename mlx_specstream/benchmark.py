@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 
 from .config import SpecStreamConfig
 from .generate import stream_generate
-from .streams import get_runtime
+from .streams import attach_verifier, get_runtime
 
 DEFAULT_TREE = "SS default tree (k=3, 16 nodes)"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -287,9 +287,15 @@ def main(argv=None):
         methods["mlx-lm draft model"] = lambda p: run_mlx_lm(
             plain, tokenizer, p, args.max_tokens, draft, args.num_draft_tokens
         )
-        # The same drafts through our tree verifier: its cost against mlx-lm's loop.
+        # The same drafts through our tree verifier: its cost against mlx-lm's loop (on
+        # the base alone where the model has a drafter of its own: Medusa, MTP, ...).
+        verifier = model
+        if rt.drafter is not None:
+            verifier, _ = mlx_lm.load(str(model_dir))
+            verifier.set_dtype(dtype)
+            attach_verifier(verifier)
         methods["SS verifier, same draft model"] = lambda p: run_specstream(
-            model, tokenizer, p, args.max_tokens, draft_model=draft,
+            verifier, tokenizer, p, args.max_tokens, draft_model=draft,
             num_draft_tokens=args.num_draft_tokens,
         )  # fmt: skip
 

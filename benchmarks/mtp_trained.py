@@ -1,0 +1,274 @@
+"""A checkpoint's MTP layer, trained: what MTP drafting gives on this machine.
+
+    python benchmarks/mtp_trained.py --work runs/mtp [--iters 1000] [--tag cpu]
+    benchmarks/with_openblas.sh python benchmarks/mtp_trained.py --work runs/mtp --tag cpu-openblas
+
+No checkpoint with an MTP layer can be downloaded here, so this builds one the way MiMo
+was built, at the shipped model's size. Its base is the shipped base (a 6.5M Llama)
+written as a MiMo checkpoint: MiMo's decoder layers are Qwen2's, so the Llama's weights
+with zero q/k/v biases compute the same logits (checked). Its MTP layer, in MiMo's
+layout, is trained with the base frozen on self-distilled stdlib windows (the base's own
+greedy continuations, from the modules the shipped model trained on): row ``i`` reads
+token ``i``'s last hidden state and token ``i + 1``'s embedding and learns token
+``i + 2``. The layer starts as a copy of the base's last decoder layer. Stages resume
+from ``--work``.
+
+Then, on the default model's held-out prompts, greedy, float32: the MTP layer's top-1
+on held-out windows; tau of MTP chains of 1-3 levels (the deeper levels are the layer
+run again on its own output, never trained for it) and whether every output equals
+mlx-lm's; and ``mlx_specstream.benchmark``'s tokens/s against mlx-lm's plain and
+draft-model decoding on the same weights (the embedded 2.4M draft model), in the same run. Writes
+``benchmarks/results/mtp_trained[-TAG].{md,json}``.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+from report import heading, machine_info, write_results
+
+from mlx_specstream.config import DrafterConfig
+from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+from mlx_specstream.mtp import FAMILIES, MTP_DEFAULTS, MTPDrafter
+
+WINDOW, PROMPT = 160, 32  # training windows: 32 stdlib tokens, 128 of the base's
+
+
+def mimo_base(work: Path):
+    """The shipped base as a MiMo model (float32) and its tokenizer, written once to
+    ``work/base`` without an MTP layer; its logits are checked against the Llama's."""
+    import mlx_lm
+    from mlx_lm.utils import load_model
+
+    out = work / "base"
+    llama, tok = mlx_lm.load(str(DEFAULT_DIR))
+    llama.set_dtype(mx.float32)
+    if not (out / "config.json").exists():
+        a = llama.args
+        config = dict(
+            model_type="mimo", hidden_size=a.hidden_size, num_hidden_layers=a.num_hidden_layers,
+            intermediate_size=a.intermediate_size, num_attention_heads=a.num_attention_heads,
+            num_key_value_heads=a.num_key_value_heads, rms_norm_eps=a.rms_norm_eps,
+            vocab_size=a.vocab_size, max_position_embeddings=a.max_position_embeddings,
+            rope_theta=a.rope_theta, tie_word_embeddings=True, num_nextn_predict_layers=1,
+        )  # fmt: skip
+        weights = dict(tree_flatten(llama.parameters()))
+        for i, layer in enumerate(llama.model.layers):  # Qwen2's q/k/v biases, zero
+            for name in ("q_proj", "k_proj", "v_proj"):
+                rows = getattr(layer.self_attn, name).weight.shape[0]
+                weights[f"model.layers.{i}.self_attn.{name}.bias"] = mx.zeros((rows,))
+        tmp = work / "base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        tok.save_pretrained(str(tmp))
+        tmp.rename(out)
+    mimo, _ = load_model(out)
+    ids = mx.array(tok.encode(json.loads(open(DEFAULT_DIR / "prompts.jsonl").readline())["prompt"]))
+    gap = mx.abs(mimo(ids[None]) - llama(ids[None])).max().item()
+    assert gap < 1e-4, f"the MiMo copy's logits differ from the Llama's by {gap}"
+    return mimo, tok, gap
+
+
+def windows(work: Path, model, tok, n: int, split: str):
+    """``n`` self-distilled stdlib windows of ``split`` (``train`` or ``eval``), cached."""
+    from mlx_specstream.train_data import load_examples, self_distill, subset
+
+    cache = work / f"windows-{split}-{n}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    corpus = work / "corpus"
+    if not (corpus / "train.jsonl").exists():
+        subprocess.run([sys.executable, "-m", "convert.corpus", "--out", str(corpus)], check=True)
+    examples, _, _ = load_examples([str(corpus / f"{split}.jsonl")], tok, WINDOW, PROMPT)
+    rows = [ex["input_ids"] for ex in self_distill(model, tok, subset(examples, n, 0))]
+    cache.write_text(json.dumps(rows))
+    return rows
+
+
+def full(rows):
+    """The windows of the full length (a file's last window can be shorter)."""
+    return [r for r in rows if len(r) == WINDOW]
+
+
+def hidden_states(model, ids: mx.array) -> mx.array:
+    """The base's last decoder layer's output (before the final norm: MiMo's MTP input)."""
+    h = model.model.embed_tokens(ids)
+    for layer in model.model.layers:
+        h = layer(h, "causal", None)
+    return h
+
+
+def mtp_loss(drafter, model, h, ids):
+    """Cross-entropy of token i + 2 from row i (token i's state, token i + 1's embedding)."""
+    emb = model.model.embed_tokens(ids[:, 1:-1])
+    emb = mx.concatenate([mx.zeros_like(emb[:, :1]), emb[:, 1:]], axis=1)  # position 0
+    x = drafter.proj(
+        mx.concatenate([drafter.hidden_norm(h[:, :-2]), drafter.embed_norm(emb)], axis=-1)
+    )
+    out = drafter.layer(x, "causal", None)
+    logits = drafter.logits(model, out)
+    return nn.losses.cross_entropy(logits, ids[:, 2:], reduction="mean"), logits
+
+
+def train(model, rows, iters: int, batch: int, lr: float, log_every: int = 100):
+    """The MTP layer, the base frozen; starts from a copy of the base's last layer."""
+    drafter = MTPDrafter(DrafterConfig(kind="mtp", **MTP_DEFAULTS), model)
+    drafter.layer.update(model.model.layers[-1].parameters())
+    D = model.args.hidden_size
+    eye = mx.eye(D)
+    drafter.proj.weight = mx.concatenate([eye, eye], axis=1) * 0.5  # [h; e] averaged
+    model.freeze()
+    opt = optim.AdamW(learning_rate=optim.cosine_decay(lr, iters), weight_decay=0.0)
+    grad = nn.value_and_grad(drafter, lambda d, h, ids: mtp_loss(d, model, h, ids)[0])
+    data = mx.array(rows)
+    t0 = time.perf_counter()
+    hidden = []  # the frozen base's states of every window, once
+    for i in range(0, len(rows), 64):
+        hidden.append(hidden_states(model, data[i : i + 64]))
+        mx.eval(hidden[-1])
+    hidden = mx.concatenate(hidden)
+    rng = np.random.default_rng(0)
+    losses = []
+    for it in range(iters):
+        pick = mx.array(rng.choice(len(rows), batch, replace=False))
+        loss, g = grad(drafter, hidden[pick], data[pick])
+        opt.update(drafter, g)
+        mx.eval(drafter.parameters(), opt.state, loss)
+        losses.append(loss.item())
+        if (it + 1) % log_every == 0:
+            print(f"iter {it + 1}: loss {np.mean(losses[-log_every:]):.3f}", flush=True)
+    return drafter, dict(seconds=time.perf_counter() - t0, loss_last=float(np.mean(losses[-50:])))
+
+
+def top1(drafter, model, rows) -> float:
+    """The MTP layer's top-1 on held-out windows' continuations (token i + 2)."""
+    ids = mx.array(rows)
+    _, logits = mtp_loss(drafter, model, hidden_states(model, ids), ids)
+    hit = (mx.argmax(logits, axis=-1) == ids[:, 2:])[:, PROMPT - 1 :]
+    return hit.astype(mx.float32).mean().item()
+
+
+def write_checkpoint(work: Path, drafter) -> Path:
+    """``work/ckpt``: the MiMo base plus the MTP layer under MiMo's names."""
+    out = work / "ckpt"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(work / "base", out)
+    layout = FAMILIES["mimo"]
+    names = dict(embed_norm=layout.embed_norm, hidden_norm=layout.hidden_norm,
+                 proj=layout.proj, final_norm=layout.final_norm)  # fmt: skip
+    weights = dict(mx.load(str(out / "model.safetensors")))
+    for k, w in tree_flatten(drafter.parameters()):
+        head, rest = k.split(".", 1)
+        name = rest if head == "layer" else f"{names[head]}.{rest}"
+        weights[layout.prefix + name] = w
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    shutil.copy(DEFAULT_DIR / "prompts.jsonl", out)
+    return out
+
+
+def tau_and_identity(ckpt: Path, prompts, max_tokens: int, trees: dict) -> dict:
+    """Greedy tau per tree on ``prompts``, and whether each output equals mlx-lm's."""
+    import mlx_lm
+    from mlx_lm.generate import generate_step
+
+    from mlx_specstream import load
+    from mlx_specstream.decode import spec_generate_step
+
+    model, tok = load(str(ckpt))
+    plain, _ = mlx_lm.load(str(ckpt))
+    want = []
+    for p in prompts:
+        steps = generate_step(mx.array(tok.encode(p)), plain, max_tokens=max_tokens)
+        want.append([t for t, _ in steps])
+    out = {}
+    for name, tree in trees.items():
+        tokens = passes = 0
+        same = True
+        for p, w in zip(prompts, want):
+            got = list(spec_generate_step(mx.array(tok.encode(p)), model, max_tokens=max_tokens,
+                                          **tree))  # fmt: skip
+            same &= [g[0] for g in got] == w
+            tokens, passes = tokens + len(got), passes + got[-1][3]
+        out[name] = dict(tau=tokens / passes, identical=bool(same))
+        print(f"{name}: tau {tokens / passes:.3f}, identical {same}", flush=True)
+    return out
+
+
+def chain(depth: int) -> dict:
+    return dict(tree_top_k=1, tree_depth=depth, max_tree_nodes=depth + 1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="runs/mtp")
+    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--examples", type=int, default=2000)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--skip-benchmark", action="store_true")
+    p.add_argument("--bench-depth", type=int, default=2, help="the benchmark's tuned MTP chain")
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model, tok, gap = mimo_base(work)
+    info = machine_info(iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
+                        examples=args.examples, llama_mimo_logit_gap=gap)  # fmt: skip
+    rows = full(windows(work, model, tok, args.examples, "train"))
+    held = full(windows(work, model, tok, 64, "eval"))
+    weights = work / f"mtp-{args.iters}.safetensors"
+    if weights.exists():
+        drafter = MTPDrafter(DrafterConfig(kind="mtp", **MTP_DEFAULTS), model)
+        drafter.load_weights(str(weights))
+        trained = json.loads(weights.with_suffix(".json").read_text())
+    else:
+        drafter, trained = train(model, rows, args.iters, args.batch_size, args.learning_rate)
+        drafter.save_weights(str(weights))
+        weights.with_suffix(".json").write_text(json.dumps(trained))
+    acc = top1(drafter, model, held)
+    print(f"held-out top-1 (token i + 2): {acc:.3f}", flush=True)
+    ckpt = write_checkpoint(work, drafter)
+    prompts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
+    taus = tau_and_identity(ckpt, prompts, args.max_tokens,
+                            {f"chain of {d}": chain(d) for d in (1, 2, 3)})  # fmt: skip
+    bench = {}
+    if not args.skip_benchmark:
+        d = args.bench_depth
+        cmd = [sys.executable, "-m", "mlx_specstream.benchmark", "--model", str(ckpt),
+               "--draft-model", str(DRAFT_DIR), "--dtype", "float32", "--tuned-top-k", "1", "--tuned-depth", str(d),
+               "--tuned-max-tree-nodes", str(d + 1), "--max-tokens", str(args.max_tokens),
+               "--output-dir", str(work / "bench"), "--name", f"mtp{args.tag}"]  # fmt: skip
+        subprocess.run(cmd, check=True)
+        bench = json.loads((work / "bench" / f"mtp{args.tag}.json").read_text())
+        bench["command"] = " ".join(cmd[1:])
+    lines = [heading("A trained MTP layer (MiMo layout) on the shipped base", info), ""]
+    lines.append(f"`{info['command']}`: the shipped base as a MiMo checkpoint (logits within "
+                 f"{gap:.1e} of the Llama's), its MTP layer trained {args.iters} steps x "
+                 f"{args.batch_size} self-distilled windows of {WINDOW} tokens "
+                 f"({trained['seconds']:.0f} s, last loss {trained['loss_last']:.3f}).")  # fmt: skip
+    lines += ["", f"Held-out top-1 of token i + 2 (64 self-distilled eval windows): {acc:.3f}", ""]
+    lines += ["| tree | tau | identical to mlx-lm |", "|---|---|---|"]
+    lines += [f"| {k} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
+              for k, v in taus.items()]  # fmt: skip
+    if bench:
+        lines += ["", f"`python {bench['command']}`:", ""]
+        lines.append((work / "bench" / f"mtp{args.tag}.md").read_text())
+    write_results("mtp_trained", args.tag,
+                  "\n".join(lines) + "\n", dict(info=info, trained=trained, top1=acc, tau=taus,
+                                                benchmark=bench))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
