@@ -448,7 +448,9 @@ class Decoder:
     def _drafter_logits(self, out, path, path_tokens, token) -> mx.array:
         if self.draft_model is not None:
             return self.draft_model.draft(path_tokens, token, out.logits.shape[-1])
-        draft = self.rt.drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token)
+        draft = self.rt.drafter.draft(
+            self.rt, self.dstate, out.hidden, path, path_tokens, token, levels=self.depth
+        )
         return draft.astype(mx.float32)
 
     def _draft_tokens(self, slog: mx.array, root: mx.array):

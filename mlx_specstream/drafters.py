@@ -50,8 +50,11 @@ class MedusaHeads(nn.Module):
     def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
         return DrafterState(needs_prompt=False)
 
-    def draft(self, rt, state, hidden: mx.array, path: List[int], path_tokens, token) -> mx.array:
-        """``(k, V)`` logits of the draft levels from the last accepted node."""
+    def draft(
+        self, rt, state, hidden: mx.array, path: List[int], path_tokens, token, levels=None
+    ) -> mx.array:
+        """``(k, V)`` logits of the draft levels from the last accepted node (all ``k``:
+        one batch, whatever the tree's ``levels``)."""
         return self.draft_at(rt, hidden, mx.array(path[-1]))
 
     def draft_at(self, rt, hidden: mx.array, node: mx.array) -> mx.array:
@@ -84,7 +87,8 @@ class ParallelSpecDrafter(nn.Module):
     def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
         return continue_or_start(prompt_cache_offset, previous)
 
-    def draft(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
+    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
+        """``(k, V)`` logits of the draft levels (all ``k``: one pass, whatever ``levels``)."""
         feats = mx.take(hidden, mx.array(path), axis=0)
         nxt = list(path_tokens[1:]) + [token]
         if state.prompt_hidden is not None:  # the first step also feeds the prompt

@@ -158,8 +158,10 @@ class MTPDrafter(nn.Module):
             self.head = nn.Linear(head[0].shape[1], head[0].shape[0], bias=False)
         return super().load_weights(weights, strict=strict)
 
-    def draft(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
-        """``(k, V)`` logits of the next tree's levels from the accepted path."""
+    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
+        """``(levels, V)`` logits of the next tree's levels from the accepted path (each
+        level one more run of the layer: only as many as the tree has)."""
+        levels = self._levels if levels is None else min(levels, self._levels)
         feats = mx.take(hidden, mx.array(path), axis=0)
         nxt = list(path_tokens[1:]) + [token]
         if state.prompt_hidden is not None:  # the first step also feeds the prompt
@@ -172,14 +174,14 @@ class MTPDrafter(nn.Module):
         if state.cache.offset == 0:  # the row at position 0 reads no embedding
             emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
         out = self.step(feats, emb, state.cache)[-1:]
-        levels = [self.logits(rt.model, out)]
-        for _ in range(self._levels - 1):  # deeper levels: the layer on its own output
-            nxt = mx.argmax(levels[-1], axis=-1)
+        logits = [self.logits(rt.model, out)]
+        for _ in range(levels - 1):  # deeper levels: the layer on its own output
+            nxt = mx.argmax(logits[-1], axis=-1)
             prev = out if self._layout.normed_hidden else self.final_norm(out)
             out = self.step(prev, rt.embed(nxt), state.cache)
-            levels.append(self.logits(rt.model, out))
-        state.cache.trim(self._levels - 1)  # the recursion's rows never stay
-        return mx.concatenate(levels, axis=0)
+            logits.append(self.logits(rt.model, out))
+        state.cache.trim(levels - 1)  # the recursion's rows never stay
+        return mx.concatenate(logits, axis=0)
 
 
 # ---- reading a checkpoint's MTP layer --------------------------------------------

@@ -117,8 +117,8 @@ def test_cached_drafts_equal_from_scratch_drafts(kind, monkeypatch):
     seen = []
     real_draft = type(model.speculative_streams.drafter).draft
 
-    def recording(self, rt, state, hidden, path, path_tokens, token):
-        logits = real_draft(self, rt, state, hidden, path, path_tokens, token)
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
         a = rt._tree[4] + len(path) - 1  # committed prefix + accepted nodes - 1
         offset = None if state.cache is None else state.cache.offset
         seen.append((np.array(logits.astype(mx.float32)), a, token, offset))

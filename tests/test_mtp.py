@@ -162,8 +162,8 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
     seen = []
     real_draft = mtp.MTPDrafter.draft
 
-    def recording(self, rt, state, hidden, path, path_tokens, token):
-        logits = real_draft(self, rt, state, hidden, path, path_tokens, token)
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
         a = rt._tree[4] + len(path) - 1  # committed prefix + accepted nodes - 1
         seen.append((np.array(logits.astype(mx.float32)), a, token, state.cache.offset))
         return logits
@@ -351,3 +351,22 @@ def test_the_command_line_takes_the_layer_from_the_checkpoint(tmp_path, capsys):
     write_checkpoint(other, "glm4_moe")
     with pytest.raises(ValueError, match="different base"):
         load(str(q), drafter=str(other))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_only_the_trees_levels_are_drafted(depth, tmp_path, monkeypatch):
+    """Each level is one more run of the layer: a tree of ``depth`` levels runs it
+    ``depth`` times per step (the first step also over the prompt's rows)."""
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    runs, real = [], mtp.MTPDrafter.step
+    monkeypatch.setattr(
+        mtp.MTPDrafter, "step", lambda self, *a: runs.append(a[0].shape[0]) or real(self, *a)
+    )
+    drafts = []
+    real_draft = mtp.MTPDrafter.draft
+    monkeypatch.setattr(
+        mtp.MTPDrafter, "draft", lambda self, *a, **k: drafts.append(1) or real_draft(self, *a, **k)
+    )
+    spec_tokens(model, [1, 5, 9, 3], 20, tree_top_k=1, tree_depth=depth, max_tree_nodes=depth + 1)
+    assert len(runs) == depth * len(drafts) and len(drafts) > 3
