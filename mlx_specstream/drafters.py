@@ -89,12 +89,7 @@ class ParallelSpecDrafter(nn.Module):
 
     def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
         """``(k, V)`` logits of the draft levels (all ``k``: one pass, whatever ``levels``)."""
-        feats = mx.take(hidden, mx.array(path), axis=0)
-        nxt = list(path_tokens[1:]) + [token]
-        if state.prompt_hidden is not None:  # the first step also feeds the prompt
-            feats = mx.concatenate([state.prompt_hidden, feats], axis=0)
-            nxt = state.prompt_next + nxt
-            state.prompt_hidden, state.prompt_next = None, None
+        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
         emb = rt.embed(mx.array(nxt)).astype(feats.dtype)
         real = self.fc(mx.concatenate([feats, emb], axis=-1).astype(self.fc.weight.dtype))
         x = mx.concatenate([real, self.masks.astype(real.dtype)], axis=0)[None]
@@ -102,6 +97,20 @@ class ParallelSpecDrafter(nn.Module):
         state.cache.trim(self.masks.shape[0])  # [MASK] K/V never stay
         k = self.masks.shape[0] + 1
         return rt.head(out[:, -k:])[0]
+
+
+def new_rows(state: "DrafterState", hidden: mx.array, path: List[int], path_tokens, token):
+    """The rows a drafter with its own KV cache (ParallelSpec, MTP) appends after a
+    step: the accepted path's last hidden states ``(L, D)`` and, for each, the token
+    after it (the last one: the bonus ``token``); on the first step the prompt's rows
+    come first (and are consumed from ``state``)."""
+    feats = mx.take(hidden, mx.array(path), axis=0)
+    nxt = list(path_tokens[1:]) + [token]
+    if state.prompt_hidden is not None:
+        feats = mx.concatenate([state.prompt_hidden, feats], axis=0)
+        nxt = state.prompt_next + nxt
+        state.prompt_hidden, state.prompt_next = None, None
+    return feats, nxt
 
 
 def continue_or_start(prompt_cache_offset: int, previous=None) -> "DrafterState":

@@ -37,7 +37,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from .config import DrafterConfig
-from .drafters import DrafterState, continue_or_start
+from .drafters import DrafterState, continue_or_start, new_rows
 from .streams import _embedding, hidden_size, own_class
 
 
@@ -162,12 +162,7 @@ class MTPDrafter(nn.Module):
         """``(levels, V)`` logits of the next tree's levels from the accepted path (each
         level one more run of the layer: only as many as the tree has)."""
         levels = self._levels if levels is None else min(levels, self._levels)
-        feats = mx.take(hidden, mx.array(path), axis=0)
-        nxt = list(path_tokens[1:]) + [token]
-        if state.prompt_hidden is not None:  # the first step also feeds the prompt
-            feats = mx.concatenate([state.prompt_hidden, feats], axis=0)
-            nxt = state.prompt_next + nxt
-            state.prompt_hidden, state.prompt_next = None, None
+        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
         if self._layout.normed_hidden:
             feats = _final_norm(rt.model)(feats)
         emb = rt.embed(mx.array(nxt))
