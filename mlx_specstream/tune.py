@@ -455,6 +455,7 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
 
 
 def main(argv=None):
+    from .mtp import has_mtp_weights
     from .utils import is_plain, load, resolve_model_path
 
     p = argparse.ArgumentParser(description="Pick the fastest draft tree for this device.")
@@ -492,7 +493,9 @@ def main(argv=None):
     from .default_model import DEFAULT_DIR, load_default
 
     model_dir = DEFAULT_DIR if args.model is None else resolve_model_path(args.model)
-    plain = is_plain(model_dir)
+    # (a checkpoint whose own MTP layer drafts: tuned as a drafter, never written into)
+    mtp = is_plain(model_dir) and has_mtp_weights(model_dir)
+    plain = is_plain(model_dir) and not mtp
     prompts_file = Path(args.prompts or Path(model_dir) / "prompts.jsonl")
     if not prompts_file.exists():
         p.error(
@@ -503,6 +506,12 @@ def main(argv=None):
             f"--save: {model_dir} is a plain mlx-lm model (no '{CONFIG_KEY}' or '{DRAFTER_KEY}' "
             "section); the tuner does not write into its files. Run without --save and pass the "
             "reported --draft ngram --num-draft-tokens N when generating."
+        )
+    if mtp and args.save:
+        p.error(
+            f"--save: {model_dir} is a checkpoint whose own MTP layer drafts; the tuner does not "
+            "write into its files. Write it as a model directory first (mlx_specstream.save), or "
+            "pass the reported tree (--tree-top-k, --tree-depth, --max-tree-nodes) when generating."
         )
     if Path(model_dir).resolve() == DEFAULT_DIR.resolve():
         model, tokenizer = load_default()  # in the dtype it generates in (float32 on a CPU)
@@ -552,6 +561,8 @@ def main(argv=None):
             f"[INFO] saved into {Path(model_dir) / 'config.json'} for this device "
             f"({device_key()}): {json.dumps(entry)}"
         )
+    elif mtp:
+        print("[INFO] not saved (a checkpoint's files are not written; see --save)")
     elif not plain:
         print("[INFO] not saved (pass --save to write it into the model's config.json)")
 

@@ -370,3 +370,24 @@ def test_only_the_trees_levels_are_drafted(depth, tmp_path, monkeypatch):
     )
     spec_tokens(model, [1, 5, 9, 3], 20, tree_top_k=1, tree_depth=depth, max_tree_nodes=depth + 1)
     assert len(runs) == depth * len(drafts) and len(drafts) > 3
+
+
+def test_the_tuner_tries_the_layers_trees_and_never_writes_into_the_checkpoint(tmp_path, capsys):
+    """``mlx_specstream.tune`` on a checkpoint tunes its MTP layer's trees (not only
+    prompt lookup, as for a plain model) and refuses ``--save``: the checkpoint's files
+    are the user's."""
+    import importlib
+
+    tune = importlib.import_module("mlx_specstream.tune")
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
+    (tmp_path / "ckpt" / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
+    before = (tmp_path / "ckpt" / "config.json").read_text()
+    argv = ["--model", str(tmp_path / "ckpt"), "--num-prompts", "1", "--max-tokens", "8",
+            "--confirm-rounds", "0", "--batch-size", "0"]  # fmt: skip
+    tune.main(argv)
+    out = capsys.readouterr().out
+    assert "tree_depth" in out and "a checkpoint's files are not written" in out
+    with pytest.raises(SystemExit):
+        tune.main(argv + ["--save"])
+    assert "MTP layer drafts" in capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "config.json").read_text() == before
