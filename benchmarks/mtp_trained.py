@@ -113,11 +113,7 @@ def mtp_loss(drafter, model, h, ids):
     """Cross-entropy of token i + 2 from row i (token i's state, token i + 1's embedding)."""
     emb = model.model.embed_tokens(ids[:, 1:-1])
     emb = mx.concatenate([mx.zeros_like(emb[:, :1]), emb[:, 1:]], axis=1)  # position 0
-    x = drafter.proj(
-        mx.concatenate([drafter.hidden_norm(h[:, :-2]), drafter.embed_norm(emb)], axis=-1)
-    )
-    out = drafter.layer(x, "causal", None)
-    logits = drafter.logits(model, out)
+    logits = drafter.logits(model, drafter.step(h[:, :-2], emb))
     return nn.losses.cross_entropy(logits, ids[:, 2:], reduction="mean"), logits
 
 

@@ -101,11 +101,15 @@ def _final_norm(model) -> nn.Module:
     return model.model.norm
 
 
+def _head_module(model) -> nn.Module:
+    """The module holding the base's LM head: ``lm_head``, or the tied embeddings."""
+    return model.lm_head if "lm_head" in model else _embedding(model)
+
+
 def _lm_head(model):
     """The base's LM head without its final norm (``lm_head``, or tied embeddings)."""
-    if "lm_head" in model:
-        return model.lm_head
-    return _embedding(model).as_linear
+    head = _head_module(model)
+    return head if "lm_head" in model else head.as_linear
 
 
 def mtp_decoder_layer(model) -> nn.Module:
@@ -135,13 +139,16 @@ class MTPDrafter(nn.Module):
     def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
         return continue_or_start(prompt_cache_offset, previous)
 
-    def step(self, hidden: mx.array, emb: mx.array, cache) -> mx.array:
-        """The layer's output ``(L, D)`` over rows pairing ``hidden`` ``(L, D)`` with
-        next-token embeddings ``emb``, appended to ``cache``."""
+    def step(self, hidden: mx.array, emb: mx.array, cache=None) -> mx.array:
+        """The layer's output over rows pairing ``hidden`` ``(L, D)`` (or a batch,
+        ``(B, L, D)``) with next-token embeddings ``emb``, causal, appended to
+        ``cache`` (``None``: none, as in training)."""
         h, e = self.hidden_norm(hidden), self.embed_norm(emb)
         x = mx.concatenate([h, e] if self._layout.hidden_first else [e, h], axis=-1)
-        x = self.proj(x.astype(self.embed_norm.weight.dtype))[None]
-        return self.layer(x, create_attention_mask(x, cache, return_array=True), cache)[0]
+        x = self.proj(x.astype(self.embed_norm.weight.dtype))
+        x = x if x.ndim == 3 else x[None]
+        out = self.layer(x, create_attention_mask(x, cache, return_array=True), cache)
+        return out if hidden.ndim == 3 else out[0]
 
     def logits(self, model, out: mx.array) -> mx.array:
         head = self.head if "head" in self else _lm_head(model)
@@ -190,16 +197,11 @@ def mtp_layers_in_config(config: dict) -> int:
 def _same_as_base_head(model, head: mx.array) -> bool:
     """Whether ``head`` ``(V, D)`` is the base's LM head: equal, or for a quantized base
     equal once quantized the same way."""
-    base = model.lm_head if "lm_head" in model else _embedding(model)
-    if base.weight.shape != head.shape and "scales" not in base:
-        return False
+    base = _head_module(model)
     if "scales" in base:
         q = mx.quantize(head, group_size=base.group_size, bits=base.bits)
         mine = dict(zip(("weight", "scales", "biases"), q))
-        return all(
-            k in base and base[k].shape == v.shape and mx.array_equal(base[k], v).item()
-            for k, v in mine.items()
-        )
+        return all(k in base and mx.array_equal(base[k], v).item() for k, v in mine.items())
     return mx.array_equal(base.weight, head.astype(base.weight.dtype)).item()
 
 

@@ -494,8 +494,9 @@ def main(argv=None):
 
     model_dir = DEFAULT_DIR if args.model is None else resolve_model_path(args.model)
     # (a checkpoint whose own MTP layer drafts: tuned as a drafter, never written into)
-    mtp = is_plain(model_dir) and has_mtp_weights(model_dir)
-    plain = is_plain(model_dir) and not mtp
+    plain = is_plain(model_dir)
+    mtp = plain and has_mtp_weights(model_dir)
+    plain = plain and not mtp
     prompts_file = Path(args.prompts or Path(model_dir) / "prompts.jsonl")
     if not prompts_file.exists():
         p.error(
