@@ -1000,17 +1000,27 @@ def _on_chain_model(
         )
     # (lossless streams on a model with recurrent layers: their chain, on_chains)
     own_streams = getattr(rt, "streams", None) is not None and draft_model is None
+    # (an attached drafter, its MTP layer, ParallelSpec or Medusa heads: chains of its levels)
+    own_drafter = getattr(rt, "drafter", None) is not None and draft_model is None
     if (
         speculative
         and draft_model is None
         and draft != "ngram"
         and not (own_streams and draft in (None, "streams", "streams+ngram"))
+        and not (own_drafter and draft in (None, "streams"))
     ):
         raise ValueError(
             f"Model type '{model_type}' {what}: it speculates with prompt lookup "
-            f"(draft='ngram'), a draft model or its lossless-mode streams (with prompt "
-            f"lookup merged in: 'streams+ngram'), verified {why}; got draft={draft!r}."
+            f"(draft='ngram'), a draft model, its lossless-mode streams (with prompt "
+            f"lookup merged in: 'streams+ngram') or its attached drafter (its MTP layer), "
+            f"verified {why}; got draft={draft!r}."
         )
+    if speculative and own_drafter and draft != "ngram":  # (each level's first choice)
+        levels = resolve_tree_settings(rt, None, None, None, None)[1]
+        kw["drafter_levels"] = levels if kw["num_draft_tokens"] is None else min(
+            levels, kw["num_draft_tokens"]
+        )  # fmt: skip
+        kw["num_draft_tokens"] = kw["drafter_levels"]
     if own_streams and draft is None:  # the source the model's config names (tuned)
         draft = getattr(rt.config, "draft", None)
     streams = speculative and own_streams and draft != "ngram"

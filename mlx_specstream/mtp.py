@@ -1,13 +1,13 @@
 """A checkpoint's own multi-token prediction (MTP) layer as a drafter.
 
-DeepSeek-V3, GLM-4.5 and MiMo checkpoints ship an MTP layer beside the model,
+DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next and Qwen3.5 checkpoints ship an MTP layer beside the model,
 trained with it to predict the token after next; ``mlx_lm.load`` drops it. Here
 it drafts for the same tree verifier as streams, so output stays the base
 model's. One MTP step (row ``i`` pairs token ``i``'s last hidden state ``h``
 with the embedding of token ``i + 1``, on its own KV cache)::
 
     x = proj([hidden_norm(h); embed_norm(e)])     # MiMo: hidden first
-    x = proj([embed_norm(e); hidden_norm(h)])     # DeepSeek-V3, GLM-4.5
+    x = proj([embed_norm(e); hidden_norm(h)])     # DeepSeek-V3, GLM-4.5, Qwen3-Next/3.5
     o = layer(x)                                  # one decoder layer of the base's class
     logits = lm_head(final_norm(o))               # the base's LM head
 
@@ -15,22 +15,29 @@ The rows of the accepted path go into the cache; the last one (the last
 accepted node and the bonus token) gives draft level 1. Deeper levels run the
 same layer again on its own output and the previous level's argmax (as vLLM
 does), rows trimmed after. The conventions per family follow vLLM's
-``mimo_mtp.py`` and ``deepseek_mtp.py``: MiMo reads the hidden state before the
-base's final norm and recurses on ``final_norm(o)``; DeepSeek-V3 and GLM-4.5
-read it after the final norm and recurse on ``o``; both zero the embedding of
-the row at position 0.
+``mimo_mtp.py``, ``deepseek_mtp.py`` and ``qwen3_5_mtp.py``: MiMo reads the hidden
+state before the base's final norm and recurses on ``final_norm(o)``; DeepSeek-V3
+and GLM-4.5 read it after the final norm and recurse on ``o``; Qwen3-Next and
+Qwen3.5 read it after the final norm and recurse on ``final_norm(o)``. All zero the
+embedding of the row at position 0. Qwen3-Next and Qwen3.5 are hybrids (Gated
+DeltaNet layers): their drafts are verified as chains
+(:mod:`mlx_specstream.recurrent`), and their checkpoints store every RMSNorm
+weight less one, as mlx-lm reads them.
 
 Example:
     >>> model, tok = load("MiMo-7B-RL")                  # its MTP layer drafts
     >>> model, tok = load("MiMo-7B-RL-4bit", drafter="MiMo-7B-RL")  # from the original
+    >>> model, tok = load("Qwen3.5-9B")                   # a hybrid: chains of its drafts
 """
 
 import glob
 import inspect
 import json
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,7 +53,7 @@ class MTPLayout:
     """Where a family's checkpoint keeps its MTP layer, and how the layer runs.
 
     ``prefix`` is formatted with ``n`` (the base's ``num_hidden_layers``); the
-    decoder layer's tensors sit under it with the base layers' names.
+    decoder layer's tensors sit under ``prefix + layer`` with the base layers' names.
     """
 
     prefix: str
@@ -56,8 +63,13 @@ class MTPLayout:
     final_norm: str
     hidden_first: bool  # the projection's input is [hidden; embedding]
     normed_hidden: bool  # reads the base's hidden state after its final norm
+    recurse_normed: bool  # deeper levels read final_norm(o), not o
     skip: tuple = ()  # the layer's copies of the base's tensors (its embeddings)
     head: str = ""  # the layer's own LM head, read where it differs from the base's
+    layer: str = ""  # where the decoder layer's tensors sit under prefix
+    # Whether a checkpoint (its safetensors headers: key -> shape) stores every RMSNorm
+    # weight less one, as mlx-lm's sanitize then reads the base (None: never).
+    norms_less_one: Optional[Callable[[Dict[str, list]], bool]] = None
 
 
 _DEEPSEEK = MTPLayout(
@@ -68,9 +80,37 @@ _DEEPSEEK = MTPLayout(
     final_norm="shared_head.norm",
     hidden_first=False,
     normed_hidden=True,
+    recurse_normed=False,
     skip=("embed_tokens.",),
     head="shared_head.head",
 )
+
+
+def _expert_per_key(shapes: Dict[str, list]) -> bool:
+    """mlx-lm's Qwen3-Next rule: a checkpoint with experts one by one is Hugging Face's."""
+    return any(re.search(r"layers\.\d+\.mlp\.experts\.0\.up_proj\.weight$", k) for k in shapes)
+
+
+def _unsanitized_conv1d(shapes: Dict[str, list]) -> bool:
+    """mlx-lm's Qwen3.5 rule: a convolution not yet moved to MLX's layout is Hugging Face's."""
+    return any("conv1d.weight" in k and s[-1] != 1 for k, s in shapes.items())
+
+
+def _qwen(norms_less_one) -> MTPLayout:
+    return MTPLayout(
+        prefix="mtp.",
+        embed_norm="pre_fc_norm_embedding",
+        hidden_norm="pre_fc_norm_hidden",
+        proj="fc",
+        final_norm="norm",
+        hidden_first=False,
+        normed_hidden=True,
+        recurse_normed=True,
+        layer="layers.0.",
+        norms_less_one=norms_less_one,
+    )
+
+
 FAMILIES = {
     "mimo": MTPLayout(
         prefix="model.mtp_layers.0.",
@@ -80,10 +120,17 @@ FAMILIES = {
         final_norm="final_layernorm",
         hidden_first=True,
         normed_hidden=False,
+        recurse_normed=True,
     ),
     "deepseek_v3": _DEEPSEEK,
     "glm4_moe": _DEEPSEEK,
+    "qwen3_next": _qwen(_expert_per_key),
+    "qwen3_5": _qwen(_unsanitized_conv1d),
+    "qwen3_5_moe": _qwen(_unsanitized_conv1d),
 }
+# The decoder layer's RMSNorm weights that mlx-lm's Qwen3-Next/3.5 sanitize adds one to.
+_LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
+                "k_norm.weight")  # fmt: skip
 # A chain: deeper levels are drafted from the first level's argmax only.
 MTP_DEFAULTS = dict(num_draft_tokens=3, top_k=1, max_tree_nodes=4)
 
@@ -97,28 +144,43 @@ def mtp_layout(model_type: str) -> MTPLayout:
     return FAMILIES[model_type]
 
 
+def _text_model(model) -> nn.Module:
+    """The language model of a vision-language wrapper (Qwen3.5's), else the model."""
+    return getattr(model, "language_model", None) or model
+
+
+def text_args(model):
+    """The language model's ``ModelArgs`` (Qwen3.5's ``TextModelArgs``)."""
+    return _text_model(model).args
+
+
 def _final_norm(model) -> nn.Module:
     return model.model.norm
 
 
 def _head_module(model) -> nn.Module:
     """The module holding the base's LM head: ``lm_head``, or the tied embeddings."""
-    return model.lm_head if "lm_head" in model else _embedding(model)
+    text = _text_model(model)
+    return text.lm_head if "lm_head" in text else _embedding(model)
 
 
 def _lm_head(model):
     """The base's LM head without its final norm (``lm_head``, or tied embeddings)."""
     head = _head_module(model)
-    return head if "lm_head" in model else head.as_linear
+    return head if "lm_head" in _text_model(model) else head.as_linear
 
 
 def mtp_decoder_layer(model) -> nn.Module:
     """A fresh decoder layer of the base's own class, built as the layer after the
-    last one (DeepSeek-V3's and GLM-4.5's MTP layers are mixture-of-experts layers)."""
-    cls = own_class(model.layers[-1])
+    last one (DeepSeek-V3's and GLM-4.5's MTP layers are mixture-of-experts layers);
+    on a hybrid (Qwen3-Next, Qwen3.5) as a full-attention layer, as vLLM builds it."""
+    cls, args = own_class(model.layers[-1]), text_args(model)
     takes = list(inspect.signature(cls.__init__).parameters)[1:]
-    args = (model.args, model.args.num_hidden_layers)[: len(takes)]
-    return cls(*args)
+    index = args.num_hidden_layers
+    interval = getattr(args, "full_attention_interval", None)
+    if interval:  # (layer i attends where (i + 1) % interval == 0)
+        index = interval - 1
+    return cls(*(args, index)[: len(takes)])
 
 
 class MTPDrafter(nn.Module):
@@ -128,7 +190,7 @@ class MTPDrafter(nn.Module):
     def __init__(self, config: DrafterConfig, model: nn.Module):
         super().__init__()
         self._layout = mtp_layout(model.args.model_type)
-        D, eps = hidden_size(model), model.args.rms_norm_eps
+        D, eps = hidden_size(model), text_args(model).rms_norm_eps
         self.embed_norm = nn.RMSNorm(D, eps=eps)
         self.hidden_norm = nn.RMSNorm(D, eps=eps)
         self.proj = nn.Linear(2 * D, D, bias=False)
@@ -179,7 +241,7 @@ class MTPDrafter(nn.Module):
         logits = [self.logits(rt.model, out)]
         for _ in range(levels - 1):  # deeper levels: the layer on its own output
             nxt = mx.argmax(logits[-1], axis=-1)
-            prev = out if self._layout.normed_hidden else self.final_norm(out)
+            prev = self.final_norm(out) if self._layout.recurse_normed else out
             out = self.step(prev, rt.embed(nxt), state.cache)
             logits.append(self.logits(rt.model, out))
         state.cache.trim(levels - 1)  # the recursion's rows never stay
@@ -188,10 +250,20 @@ class MTPDrafter(nn.Module):
 
 # ---- reading a checkpoint's MTP layer --------------------------------------------
 def mtp_layers_in_config(config: dict) -> int:
-    """How many MTP layers ``config.json`` declares (0 for a family without them)."""
+    """How many MTP layers ``config.json`` declares (0 for a family without them):
+    ``num_nextn_predict_layers``, or Qwen3.5's ``mtp_num_hidden_layers`` (in its
+    ``text_config``)."""
     if config.get("model_type") not in FAMILIES:
         return 0
-    return int(config.get("num_nextn_predict_layers") or 0)
+    for section in (config, config.get("text_config") or {}):
+        for key in ("num_nextn_predict_layers", "mtp_num_hidden_layers"):
+            if section.get(key):
+                return int(section[key])
+    return 0
+
+
+def _num_layers(config: dict) -> int:
+    return (config.get("text_config") or config)["num_hidden_layers"]
 
 
 def _same_as_base_head(model, head: mx.array) -> bool:
@@ -214,6 +286,17 @@ def _shards(path: Path, prefix: str) -> List[Path]:
     return [Path(f) for f in sorted(glob.glob(str(path / "*.safetensors")))]
 
 
+def _headers(path: Path, files: List[Path]) -> Dict[str, list]:
+    """Key -> shape of the tensors in ``files``, read from their safetensors headers
+    (the data is not read)."""
+    shapes = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
 def has_mtp_weights(path: Path) -> bool:
     """Whether ``path`` is a checkpoint whose config declares MTP layers and whose
     safetensors hold the first one."""
@@ -224,21 +307,23 @@ def has_mtp_weights(path: Path) -> bool:
     config = json.loads(config_file.read_text())
     if not mtp_layers_in_config(config):
         return False
-    prefix = FAMILIES[config["model_type"]].prefix.format(n=config["num_hidden_layers"])
-    return any(any(k.startswith(prefix) for k in mx.load(str(f))) for f in _shards(path, prefix))
+    prefix = FAMILIES[config["model_type"]].prefix.format(n=_num_layers(config))
+    return any(k.startswith(prefix) for k in _headers(path, _shards(path, prefix)))
 
 
 def read_mtp_weights(path: Path, model: nn.Module) -> Dict[str, mx.array]:
     """The first MTP layer's tensors in ``path``'s safetensors, named as
     :class:`MTPDrafter`'s parameters. The decoder layer's tensors go through the
     base model's own ``sanitize`` (experts stacked, FP8 dequantized) as its layer 0.
+    Where the checkpoint stores RMSNorm weights less one (Qwen3-Next's and Qwen3.5's
+    Hugging Face layout, told as mlx-lm tells it), each of the layer's gets one added.
 
     Raises:
         ValueError: naming the file and key of what is missing.
     """
     path = Path(path)
     layout = mtp_layout(model.args.model_type)
-    prefix = layout.prefix.format(n=model.args.num_hidden_layers)
+    prefix = layout.prefix.format(n=text_args(model).num_hidden_layers)
     found = {}
     for f in _shards(path, prefix):
         found.update(
@@ -269,11 +354,23 @@ def read_mtp_weights(path: Path, model: nn.Module) -> Dict[str, mx.array]:
         if not _same_as_base_head(model, head):  # (DeepSeek-V3's is a copy: not kept)
             weights["head.weight"] = head
     found = {k: v for k, v in found.items() if not k.startswith(layout.skip)}
-    block = {f"model.layers.0.{k}": v for k, v in found.items()}
+    other = sorted(k for k in found if not k.startswith(layout.layer))
+    if other:
+        raise ValueError(f"{path}: the MTP layer has tensors not read here: {prefix}{other[0]}.")
+    block = {f"model.layers.0.{k[len(layout.layer):]}": v for k, v in found.items()}
+    norms = {}
+    if layout.norms_less_one is not None:  # (set aside: sanitize adds one to some only)
+        norms = {k: block.pop(k) for k in list(block) if k.endswith(_LAYER_NORMS)}
     if hasattr(model, "sanitize"):
         block = model.sanitize(block)
-    lead = "model.layers.0."
-    weights.update({"layer." + k[len(lead) :]: v for k, v in block.items() if k.startswith(lead)})
+    lead = "model.layers.0."  # (a wrapper's sanitize puts its language model's name first)
+    weights.update({"layer." + k.split(lead, 1)[1]: v for k, v in block.items() if lead in k})
+    weights.update({"layer." + k[len(lead) :]: v for k, v in norms.items()})
+    if norms and layout.norms_less_one(_headers(path, _shards(path, ""))):
+        for k in ["embed_norm.weight", "hidden_norm.weight", "final_norm.weight"] + [
+            "layer." + k[len(lead) :] for k in norms
+        ]:
+            weights[k] = weights[k] + 1.0
     return weights
 
 

@@ -49,7 +49,13 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import ArraysCache, KVCache, QuantizedKVCache
 
-from .cache import WindowKVCache, commit_path, model_caches
+from .cache import (
+    WindowKVCache,
+    commit_path,
+    drafter_state_of,
+    keep_drafter_state,
+    model_caches,
+)
 from .draft_model import split_pair
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import (
@@ -543,6 +549,7 @@ def chain_generate_step(
     ngram_candidates: int = 1,
     max_tree_nodes: int = 16,
     lookup: Optional[Tuple[int, int, int]] = None,
+    drafter_levels: int = 0,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -589,6 +596,11 @@ def chain_generate_step(
           lookup's drafts (``(tokens, candidates, max_nodes)``: at most ``tokens`` long,
           ``candidates`` of them) merged into the streams' drafts, first, in a tree of at
           most ``max_nodes`` nodes.
+        drafter_levels (int): the model's attached drafter (its MTP layer, ParallelSpec
+          or Medusa heads) drafts chains of at most this many levels
+          (:class:`DrafterChains`): greedy, or with ``rejection`` drawn under ``sampler``
+          and verified by rejection sampling. Its state stays with ``prompt_cache``
+          for the next call.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -601,7 +613,14 @@ def chain_generate_step(
     # (lookup trees: the tree verifier alone, streams.attach_chain_verifier; a model
     # without attention takes them without it)
     runtime = get_runtime(model) if streams or ngram_candidates > 1 and attends(model) else None
+    runtime = get_runtime(model) if drafter_levels else runtime
     state = ChainCache(model, own, quant, runtime, streams)
+    if drafter_levels:  # (its state continues a call's before on the same cache)
+        offset = next((c.offset for c in state.kv), 0)
+        dstate = runtime.drafter.start(offset, None if own is None else drafter_state_of(own))
+        if own is not None:
+            keep_drafter_state(own, dstate)
+        drafter = DrafterChains(state, dstate, sampler if rejection else None, drafter_levels)
     if streams:
         tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
         index = None if lookup is None else NgramIndex(candidates=candidates)
@@ -806,6 +825,112 @@ class DraftModelChain:
             c.feed(end)
 
 
+def level_scores(logits: mx.array, sampler=None) -> Tuple[mx.array, Optional[mx.array]]:
+    """Scores of each draft level's tokens whose argmax is its draft, and the levels'
+    distributions ``q`` under ``sampler`` (a
+    :class:`~mlx_specstream.sample_utils.DistributionSampler`; ``None``: greedy, the
+    logits themselves): with a sampler the scores are ``log q`` plus Gumbel noise, so
+    each level's argmax is a draw from ``q`` (its top k, draws without replacement)."""
+    if sampler is None:
+        return logits, None
+    lp = logits.astype(mx.float32)
+    q = sampler.probs(lp - mx.logsumexp(lp, axis=-1, keepdims=True))
+    return mx.log(q) + mx.random.gumbel(q.shape), q
+
+
+class DrafterChains:
+    """An attached drafter (a checkpoint's MTP layer, ParallelSpec or Medusa heads:
+    :mod:`mlx_specstream.drafters`) drafting chains for :func:`chain_generate_step`,
+    each level's first choice (a hybrid's recurrent layers verify chains).
+
+    The drafter reads the model's last hidden states: row ``p`` pairs token ``p``'s
+    state with token ``p + 1``'s embedding (:func:`~mlx_specstream.drafters.new_rows`).
+    The :class:`ChainCache` hands every pass's and prompt chunk's states to
+    :meth:`take`, by position; a later pass over the same positions (the pending
+    tokens after a rejection) replaces the states of rejected drafts. Before each
+    pass the states whose next token is known go into the drafter's cache, and the
+    last one, the last accepted token paired with the pass's correction or bonus
+    token, drafts the chain.
+
+    Example: the caches hold ``[p0 p1 p2]`` and the drafter's rows 0-1; a pass over
+    ``[p2 d1 d2]`` accepts ``d1`` and draws ``x``: rows 2 (``p2``, ``d1``) and 3
+    (``d1``, ``x``) go in, and row 3 drafts the chain after ``x``.
+
+    With a ``sampler`` each level's draft is drawn from its distribution under it,
+    kept as ``q`` for :func:`verify_chain_by_rejection` (a level's distribution
+    depends on the accepted tokens only: a valid proposal).
+    """
+
+    def __init__(self, state: "ChainCache", dstate, sampler=None, levels: int = 3):
+        self.state, self.rt, self.dstate, self.sampler = state, state.runtime, dstate, sampler
+        self.drafter, self.levels = state.runtime.drafter, levels
+        self.vocab = vocab_size(state.model)
+        self.tokens: List[int] = []
+        self.q: Optional[mx.array] = None
+        # States of positions [start, start + len(rows)) not yet in the drafter's cache,
+        # counted from the call's first prompt token: -1 is the state a call before
+        # kept (it pairs with that token).
+        self.rows: Optional[mx.array] = dstate.pending_hidden
+        self.start = 0 if self.rows is None else -1
+        dstate.pending_hidden = None
+        # (the row of position 0 in the drafter's cache)
+        self.base = (dstate.cache.offset if dstate.cache is not None else 0) - self.start
+        state.hidden_sink = self.take
+
+    def take(self, start: int, hidden: mx.array) -> None:
+        """The model's last hidden states ``(L, D)`` of positions ``start`` on."""
+        if start < self.start:  # (positions already in the drafter's cache)
+            hidden, start = hidden[self.start - start :], self.start
+        keep = start - self.start
+        if keep and (self.rows is None or keep > len(self.rows)):
+            raise ValueError(f"DrafterChains: no states for positions {self.start}-{start}.")
+        if len(hidden):
+            self.rows = hidden if not keep else mx.concatenate([self.rows[:keep], hidden])
+
+    def _append(self, end: int, levels: int) -> Optional[mx.array]:
+        """Puts the rows of positions before ``end - 1`` (their next token known) into
+        the drafter's cache; the ``(levels, V)`` logits the last one drafts."""
+        k = 0 if self.rows is None else min(len(self.rows), end - 1 - self.start)
+        if k <= 0:
+            return None
+        p = self.start  # (row i pairs the state of p + i with token p + i + 1)
+        logits = self.drafter.draft(
+            self.rt, self.dstate, self.rows[:k], list(range(k)),
+            [None] + self.tokens[p + 1 : p + k], self.tokens[p + k], levels=levels,
+        )  # fmt: skip
+        self.start += k
+        self.rows = self.rows[k:] if k < len(self.rows) else None
+        return logits
+
+    def feed(self, upto: int) -> None:
+        pass
+
+    def draft(self, n: int) -> List[int]:
+        """The next chain, at most ``n`` (and the drafter's levels) long."""
+        logits = self._append(len(self.tokens), min(n, self.levels))
+        if logits is None:
+            return []
+        scores, q = level_scores(logits[: min(n, self.levels), : self.vocab], self.sampler)
+        self.q = q
+        return mx.argmax(scores, axis=-1).tolist()
+
+    def after_pass(self, node: int) -> None:
+        pass
+
+    def commit(self, accepted: int) -> None:
+        pass
+
+    def hold(self, end: int) -> None:
+        """After the caches hold ``tokens[:end]``: the drafter's cache holds the rows
+        of positions before ``end - 1``, and the state of position ``end - 1`` is kept
+        to pair with the next call's first prompt token."""
+        self._append(end, 1)
+        self.dstate.trim_to(self.base + end - 1)
+        if self.start == end - 1 and self.rows is not None:
+            self.dstate.pending_hidden = self.rows[:1]
+        self.state.hidden_sink = None
+
+
 class StreamDrafts:
     """The model's own lossless-mode streams drafting for :func:`chain_generate_step`
     on a model with recurrent layers whose stream layers attend
@@ -899,13 +1024,7 @@ class StreamDrafts:
             logits = self.rt.draft_streams(mx.array(row, dtype=mx.int32), s.cache)
             s.cut_stream_rows(self.rt.config.num_streams)
         self.logits = logits  # (gamma, V): the chain's stream logits
-        if self.sampler is None:
-            scores = logits[:, : self.vocab]
-        else:
-            lp = logits[:, : self.vocab].astype(mx.float32)
-            self._q = self.sampler.probs(lp - mx.logsumexp(lp, axis=-1, keepdims=True))
-            # (a tree's siblings: drawn without replacement, Gumbel top-k)
-            scores = mx.log(self._q) + mx.random.gumbel(self._q.shape)
+        scores, self._q = level_scores(logits[:, : self.vocab], self.sampler)
         if self.tree is None:
             self.next = mx.argmax(scores, axis=-1)
         else:  # the static tree's nodes: rank r of level g (tree.levels, tree.ranks)
@@ -955,6 +1074,9 @@ class ChainCache:
         self.whole_paths: dict = {}
         self.back = (0, [])  # where a roll-back goes: tokens held, recurrent states
         self.floor = 0  # the fewest tokens a roll-back may leave held (windows keep theirs)
+        # Called with (position, the model's last hidden states (L, D)) after each pass
+        # and prompt chunk (an attached drafter's: DrafterChains.take), or None.
+        self.hidden_sink: Optional[Callable[[int, mx.array], None]] = None
 
     @property
     def kv(self) -> list:
@@ -970,7 +1092,14 @@ class ChainCache:
     def feed(self, upto: int) -> None:
         """Puts ``tokens[held:upto]`` in the caches, in one unsplit pass."""
         self.split.at = None
-        self.model(mx.array(self.tokens[self.held : upto])[None], cache=self.cache)
+        tokens = mx.array(self.tokens[self.held : upto])
+        if self.hidden_sink is None:
+            self.model(tokens[None], cache=self.cache)
+        else:  # (the last layer's states kept: runtime.prefill)
+            self.runtime._prefill_hidden = []
+            self.runtime.prefill(tokens, self.cache, keep_hidden=True)
+            self.hidden_sink(self.held, mx.concatenate(self.runtime._prefill_hidden))
+            self.runtime._prefill_hidden = []
         self.held = self.floor = upto
         self._settle()
 
@@ -1051,6 +1180,8 @@ class ChainCache:
                 )
                 logits, self.stream_logits = out.logits[None], out.stream_logits
                 self.stream_hidden = out.stream_hidden if fused and not in_pass else None
+                if self.hidden_sink is not None:  # (an attached drafter's: every row's)
+                    self.hidden_sink(self.held, out.hidden)
                 if fused:  # (written after the main rows: cut before anything else)
                     self.cut_stream_rows(width * self.runtime.config.num_streams)
         finally:

@@ -1,5 +1,6 @@
 """A checkpoint's own MTP layer as a drafter (mlx_specstream.mtp): read from the
-Hugging Face layout of MiMo, DeepSeek-V3 and GLM-4.5 checkpoints, its draft levels
+Hugging Face layout of MiMo, DeepSeek-V3, GLM-4.5, Qwen3-Next and Qwen3.5 checkpoints
+(norms stored less one, experts one by one or fused), its draft levels
 equal a from-scratch computation from the raw tensors at every step (with
 controls: the other concatenation order, the other hidden state), greedy output
 equals plain decoding, and a quantized base takes the layer from the original
@@ -11,7 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from helpers import ARCH_ARGS, BASE, MORE_ARGS, random_model, spec_tokens, word_tokenizer
+from helpers import (
+    ARCH_ARGS,
+    BASE,
+    HYBRID_ARGS,
+    MORE_ARGS,
+    random_model,
+    spec_tokens,
+    word_tokenizer,
+)
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
@@ -27,13 +36,24 @@ ARGS = {
     # (mlx-lm's sanitize drops DeepSeek-V3's MTP layer by its real index, 61)
     "deepseek_v3": {**BASE, **MORE_ARGS["deepseek_v3"], "num_hidden_layers": 61},
     "glm4_moe": {**BASE, **MORE_ARGS["glm4_moe"]},
+    # (hybrids: Gated DeltaNet layers, full attention every second layer; Qwen3-Next's
+    # real checkpoints have experts, which is how mlx-lm tells their layout)
+    "qwen3_next": {**HYBRID_ARGS["qwen3_next"], "num_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_5": HYBRID_ARGS["qwen3_5"],
+    "qwen3_5_moe": HYBRID_ARGS["qwen3_5_moe"],
 }
+HYBRIDS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+_QWEN_OWN = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc", "norm")
 # The layer's own tensors (besides the decoder layer) under each family's names.
 OWN = {
     "mimo": ("token_layernorm", "hidden_layernorm", "input_proj", "final_layernorm"),
     "deepseek_v3": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
     "glm4_moe": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
+    **{arch: _QWEN_OWN for arch in HYBRIDS},
 }
+# The RMSNorm weights Qwen3-Next/3.5 checkpoints store less one (mlx-lm adds it back).
+_LESS_ONE = (".input_layernorm.weight", ".post_attention_layernorm.weight",
+             "model.norm.weight", ".q_norm.weight", ".k_norm.weight")  # fmt: skip
 
 
 def _scaled(layer, scale):
@@ -44,10 +64,34 @@ def _scaled(layer, scale):
 
 def _hf_block(arch, layer) -> dict:
     """The decoder layer's tensors as a Hugging Face checkpoint names them: experts
-    one by one (mlx-lm's ``sanitize`` stacks them on load)."""
+    one by one (mlx-lm's ``sanitize`` stacks them on load); see :func:`_hf_tensors`."""
+    return _hf_tensors(arch, dict(tree_flatten(layer.parameters())))
+
+
+def _hf_tensors(arch, weights) -> dict:
+    """MLX-named tensors as a Hugging Face checkpoint stores them: experts one by one
+    (Qwen3.5's fused: ``experts.gate_up_proj``, ``experts.down_proj``); for the Qwen
+    hybrids RMSNorm weights less one and convolutions ``(C, 1, K)``, and Qwen3.5's
+    language model under ``model.language_model``."""
     out = {}
-    for k, w in tree_flatten(layer.parameters()):
-        if ".switch_mlp." in k:
+    for name, w in weights.items():
+        k = name
+        if arch in HYBRIDS:
+            if ("." + k).endswith(_LESS_ONE) and w.ndim == 1:
+                w = w - 1.0
+            if "conv1d.weight" in k:
+                w = w.moveaxis(2, 1)
+            k = k.replace("language_model.model.", "model.language_model.")
+            k = k.replace("language_model.lm_head.", "lm_head.")
+        if ".switch_mlp." in k and arch == "qwen3_5_moe":
+            if ".gate_proj." in k:  # (gate and up fused, gate first)
+                up = weights[name.replace(".gate_proj.", ".up_proj.")]
+                out[k.split(".switch_mlp.")[0] + ".experts.gate_up_proj"] = mx.concatenate(
+                    [w, up], axis=-2
+                )
+            elif ".down_proj." in k:
+                out[k.split(".switch_mlp.")[0] + ".experts.down_proj"] = w
+        elif ".switch_mlp." in k:
             for e in range(w.shape[0]):
                 out[k.replace(".switch_mlp.", f".experts.{e}.")] = w[e]
         else:
@@ -64,7 +108,7 @@ def write_checkpoint(
     args, V = ARGS[arch], vocab_size
     base = random_model(arch, args, V, seed=seed, weight_scale=weight_scale)
     mx.random.seed(seed + 1)
-    D = args["hidden_size"]
+    D = mtp.text_args(base).hidden_size
     # (a final norm of ones would make its input and output alike to the MTP's own norm)
     base.model.norm.weight = 1 + 0.5 * mx.random.normal((D,))
     block = mtp.mtp_decoder_layer(base)
@@ -76,12 +120,20 @@ def write_checkpoint(
         names[2]: mx.random.normal((D, 2 * D)) * (2 * D) ** -0.5 * 4,
         names[3]: 1 + 0.1 * mx.random.normal((D,)),
     }
-    prefix = mtp.FAMILIES[arch].prefix.format(n=args["num_hidden_layers"])
-    weights = dict(tree_flatten(base.parameters()))
-    weights.update({f"{prefix}{n}.weight": w for n, w in own.items()})
-    weights.update({prefix + k: w for k, w in _hf_block(arch, block).items()})
+    layout = mtp.FAMILIES[arch]
+    prefix = layout.prefix.format(n=mtp.text_args(base).num_hidden_layers)
+    weights = _hf_tensors(arch, dict(tree_flatten(base.parameters())))
+    if arch in HYBRIDS:  # (its checkpoint's layout: read back as mlx-lm reads it)
+        back = base.sanitize(dict(weights))
+        want = dict(tree_flatten(base.parameters()))
+        assert back.keys() == want.keys(), sorted(set(back) ^ set(want))
+        assert all(np.allclose(back[k], want[k], atol=1e-6) for k in want)
+    less_one = 1.0 if arch in HYBRIDS else 0.0  # (stored less one)
+    weights.update({f"{prefix}{n}.weight": w - less_one * (w.ndim == 1) for n, w in own.items()})
+    block_prefix = prefix + layout.layer
+    weights.update({block_prefix + k: w for k, w in _hf_block(arch, block).items()})
     head = None
-    if arch != "mimo":  # the layer's copy of the embeddings (not read), and its head
+    if layout.head:  # the layer's copy of the embeddings (not read), and its head
         weights[prefix + "embed_tokens.weight"] = base.model.embed_tokens.weight
         head = mx.random.normal((V, D)) * D**-0.5 if own_head else base.lm_head.weight
         weights[prefix + "shared_head.head.weight"] = head
@@ -90,15 +142,19 @@ def write_checkpoint(
     path.mkdir(parents=True)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = {**args, "model_type": arch, "vocab_size": V, "num_nextn_predict_layers": 1}
+    if "text_config" in args:  # (Qwen3.5: its count in the language model's config)
+        config.pop("num_nextn_predict_layers")
+        text = {**args["text_config"], "vocab_size": V, "mtp_num_hidden_layers": 1}
+        config["text_config"] = text
     (path / "config.json").write_text(json.dumps(config))
     word_tokenizer(V)._tokenizer.save_pretrained(str(path))
-    layout = mtp.FAMILIES[arch]
     return dict(
         norms=(own[names[0]], own[names[1]], own[names[3]]),
         proj=own[names[2]],
         block=block,
         hidden_first=layout.hidden_first,
         normed_hidden=layout.normed_hidden,
+        recurse_normed=layout.recurse_normed,
         head=head if own_head else None,
     )
 
@@ -109,17 +165,17 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     embedding, zeroed at position 0), level 1 at row a, then the layer again on its
     own output and each level's argmax. ``swap`` / ``other_hidden`` are the
     controls: the other concatenation order, the other side of the final norm."""
-    eps = plain.args.rms_norm_eps
+    eps = mtp.text_args(plain).rms_norm_eps
     e_w, h_w, f_w = ref["norms"]
     inner = plain.model
-    h = inner.embed_tokens(mx.array(text[: a + 1])[None])
-    mask = create_attention_mask(h, None, return_array=True)
-    for layer in inner.layers:
-        h = layer(h, mask, None)
-    hid = h[0]
+    norm, inner.norm = inner.norm, lambda x: x  # (the base's pass, before its final norm)
+    try:
+        hid = inner(mx.array(text[: a + 1])[None])[0]
+    finally:
+        inner.norm = norm
     if ref["normed_hidden"] != other_hidden:
         hid = inner.norm(hid)
-    head = plain.lm_head if "lm_head" in plain else inner.embed_tokens.as_linear
+    head = mtp._lm_head(plain)
     if ref["head"] is not None:  # the layer's own head
         head = lambda x, w=ref["head"]: x @ w.T  # noqa: E731
 
@@ -137,7 +193,7 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     logits = [head(mx.fast.rms_norm(out, f_w, eps))]
     for _ in range(levels - 1):
         t = mx.argmax(logits[-1], axis=-1)
-        prev = out if ref["normed_hidden"] else mx.fast.rms_norm(out, f_w, eps)
+        prev = mx.fast.rms_norm(out, f_w, eps) if ref["recurse_normed"] else out
         out = rows(prev, inner.embed_tokens(t), cache)
         logits.append(head(mx.fast.rms_norm(out, f_w, eps)))
     return np.array(mx.concatenate(logits).astype(mx.float32))
@@ -145,14 +201,17 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
 
 @pytest.mark.parametrize(
     "arch,own_head",
-    [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)],
+    [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)]
+    + [(arch, False) for arch in HYBRIDS],
 )
 def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_path, monkeypatch):
     """Each step's draft levels (the cached MTP rows of the accepted text, the
     recursion's rows trimmed after) equal a from-scratch computation from the
     checkpoint's raw tensors; the other concatenation order and the other hidden
     state (before/after the base's final norm) do not. A head of the layer's own is
-    used; a copy of the base's is not kept."""
+    used; a copy of the base's is not kept. On the hybrids (chains through the
+    model's own passes: recurrent.DrafterChains) the rows come from each pass and
+    prompt chunk by position."""
     ref = write_checkpoint(tmp_path / "ckpt", arch, own_head=own_head)
     model, _ = load(str(tmp_path / "ckpt"))
     plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
@@ -164,7 +223,8 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
 
     def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
         logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
-        a = rt._tree[4] + len(path) - 1  # committed prefix + accepted nodes - 1
+        # (the tree verifier: committed prefix + accepted nodes - 1; chains: the last row)
+        a = state.cache.offset - 1 if arch in HYBRIDS else rt._tree[4] + len(path) - 1
         seen.append((np.array(logits.astype(mx.float32)), a, token, state.cache.offset))
         return logits
 
