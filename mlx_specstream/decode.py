@@ -1070,7 +1070,9 @@ def _on_chain_model(
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
     sampler = kw["sampler"]  # (any sampler but ours says nothing of its temperature)
     sampling = sampler not in (None, greedy) and not getattr(sampler, "greedy", False)
-    if speculative and sampling and draft_model is None and (merged or not streams):
+    drafted = bool(kw.get("drafter_levels"))  # (the attached drafter's chains: drawn)
+    lookup_only = draft_model is None and (merged or not streams) and not drafted
+    if speculative and sampling and lookup_only:
         if acceptance == "rejection":
             warnings.warn(
                 "acceptance='rejection' with prompt-lookup drafts: a lookup chain is one "
@@ -1078,7 +1080,7 @@ def _on_chain_model(
                 "acceptance='target-sample' (also lossless).",
                 stacklevel=3,
             )
-    if speculative and sampling and (draft_model is not None or streams and not merged):
+    if speculative and sampling and (draft_model is not None or streams and not merged or drafted):
         if acceptance is None:
             acceptance = default_acceptance(sampler)
         if acceptance == "rejection" and not isinstance(sampler, DistributionSampler):

@@ -17,6 +17,7 @@ base model's exactly), then the drafter drafts the next tree's levels:
   pass; real rows stay.
 """
 
+import inspect
 from typing import List, Optional
 
 import mlx.core as mx
@@ -153,21 +154,34 @@ class DrafterState:
             self.pending_hidden = None  # (its token is gone, or already paired)
 
 
+def text_args(model):
+    """The language model's ``ModelArgs`` (a vision-language wrapper's, as Qwen3.5's
+    ``TextModelArgs``; else the model's own)."""
+    return (getattr(model, "language_model", None) or model).args
+
+
 def new_decoder_layer(model) -> nn.Module:
-    """A fresh decoder layer of the model's own (unhooked) layer class."""
-    cls = own_class(model.layers[-1])
+    """A fresh decoder layer of the model's own (unhooked) layer class, built as the
+    layer after the last one (DeepSeek-V3's would be a mixture-of-experts layer); on a
+    hybrid (Qwen3-Next, Qwen3.5: ``full_attention_interval``) as an attention layer."""
+    cls, args = own_class(model.layers[-1]), text_args(model)
     takes = layer_params(model.layers[-1])
     if takes[1:3] != ["mask", "cache"]:
         raise ValueError(
-            f"Cannot build a ParallelSpec drafter layer: {cls.__module__}.{cls.__name__} "
+            f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__} "
             f"takes ({', '.join(takes)}); the drafter calls its layer as layer(x, mask, cache)."
         )
+    index = getattr(args, "num_hidden_layers", 0)
+    interval = getattr(args, "full_attention_interval", None)
+    if interval:  # (layer i attends where (i + 1) % interval == 0)
+        index = interval - 1
+    n = len(list(inspect.signature(cls.__init__).parameters)) - 1
     try:
-        return cls(model.args)
+        return cls(*(args, index)[:n])
     except TypeError as e:
         raise ValueError(
-            f"Cannot build a ParallelSpec drafter layer: {cls.__module__}.{cls.__name__}"
-            f"(args) failed ({e})."
+            f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__}"
+            f"(args{', layer_idx' if n > 1 else ''}) failed ({e})."
         ) from e
 
 

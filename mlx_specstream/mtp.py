@@ -31,7 +31,6 @@ Example:
 """
 
 import glob
-import inspect
 import json
 import re
 import struct
@@ -44,8 +43,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
 from .config import DrafterConfig
-from .drafters import DrafterState, continue_or_start, new_rows
-from .streams import _embedding, hidden_size, own_class
+from .drafters import DrafterState, continue_or_start, new_decoder_layer, new_rows, text_args
+from .streams import _embedding, hidden_size
 
 
 @dataclass(frozen=True)
@@ -149,11 +148,6 @@ def _text_model(model) -> nn.Module:
     return getattr(model, "language_model", None) or model
 
 
-def text_args(model):
-    """The language model's ``ModelArgs`` (Qwen3.5's ``TextModelArgs``)."""
-    return _text_model(model).args
-
-
 def _final_norm(model) -> nn.Module:
     return model.model.norm
 
@@ -170,17 +164,9 @@ def _lm_head(model):
     return head if "lm_head" in _text_model(model) else head.as_linear
 
 
-def mtp_decoder_layer(model) -> nn.Module:
-    """A fresh decoder layer of the base's own class, built as the layer after the
-    last one (DeepSeek-V3's and GLM-4.5's MTP layers are mixture-of-experts layers);
-    on a hybrid (Qwen3-Next, Qwen3.5) as a full-attention layer, as vLLM builds it."""
-    cls, args = own_class(model.layers[-1]), text_args(model)
-    takes = list(inspect.signature(cls.__init__).parameters)[1:]
-    index = args.num_hidden_layers
-    interval = getattr(args, "full_attention_interval", None)
-    if interval:  # (layer i attends where (i + 1) % interval == 0)
-        index = interval - 1
-    return cls(*(args, index)[: len(takes)])
+# (DeepSeek-V3's and GLM-4.5's MTP layers are mixture-of-experts layers; Qwen3-Next's
+# and Qwen3.5's attend, as vLLM builds them)
+mtp_decoder_layer = new_decoder_layer
 
 
 class MTPDrafter(nn.Module):

@@ -93,7 +93,7 @@ def read_stream_config(model_path: Path) -> Union[SpecStreamConfig, DrafterConfi
         mtp = ""
         if mtp_layers_in_config(config):  # (declared, but not in its safetensors)
             mtp = (
-                f" Its config declares {config['num_nextn_predict_layers']} MTP layer(s), but "
+                f" Its config declares {mtp_layers_in_config(config)} MTP layer(s), but "
                 "its safetensors hold none (mlx_lm.convert drops them): pass the original "
                 "checkpoint as drafter= (--drafter) to draft with its MTP layer."
             )

@@ -366,8 +366,8 @@ def test_plain_decoding_and_refusals():
     for kwargs, match in [
         (
             dict(draft=None),
-            r"prompt lookup \(draft='ngram'\), a draft model or its lossless-mode streams"
-            r".*got draft=None",
+            r"prompt lookup \(draft='ngram'\), a draft model, its lossless-mode streams"
+            r".*or its attached drafter \(its MTP layer\).*got draft=None",
         ),
         (dict(draft="streams+ngram"), "got draft='streams\\+ngram'"),
         (dict(draft_model=tiny_hybrid("qwen3_next")), "draft='ngram' with a draft_model"),
@@ -664,7 +664,15 @@ def test_rejection_sampling_accepts_every_draft_of_a_copy_of_the_model():
 
 def drawn_drafts(drafter: str):
     """A hybrid and the settings of chains drawn from a distribution: a draft model's,
-    or (3 tokens: the first pass drafts nothing) its own streams' (test_hybrid_streams)."""
+    (3 tokens: the first pass drafts nothing) its own streams' (test_hybrid_streams), or
+    an attached drafter's (a random ParallelSpec layer: recurrent.DrafterChains)."""
+    if drafter == "attached drafter":
+        from mlx_specstream.config import DrafterConfig
+        from mlx_specstream.drafters import attach_drafter
+
+        model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+        attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=2), seed=1)
+        return model, dict(n_tokens=3, draft=None)
     if drafter.startswith("stream"):  # (a tree of drawn drafts, or a chain)
         model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
         chain = dict(tree_top_k=1) if drafter == "stream chain" else {}
@@ -674,7 +682,7 @@ def drawn_drafts(drafter: str):
     return model, dict(draft=None, draft_model=small, num_draft_tokens=2)
 
 
-@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain"])
+@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain", "attached drafter"])
 def test_rejection_sampling_keeps_the_distribution(drafter):
     model, kwargs = drawn_drafts(drafter)
     p, drafted = lookup_pvalue(model, **kwargs)
@@ -682,7 +690,7 @@ def test_rejection_sampling_keeps_the_distribution(drafter):
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
-@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain"])
+@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain", "attached drafter"])
 def test_negative_control_rejection_that_accepts_every_draft_is_caught(drafter, monkeypatch):
     def accept_all(tokens, parents, target_probs, draft_probs, uniforms):
         path = [0]  # (down the first child of each node: a chain's every node)

@@ -1,0 +1,166 @@
+"""Attached drafters on models with recurrent layers (recurrent.DrafterChains): a
+checkpoint's MTP layer (Qwen3-Next, Qwen3.5), ParallelSpec and Medusa heads draft
+chains verified through the model's own passes. Greedy output equals mlx-lm's, a
+reused prompt cache keeps the drafter's rows (its drafts then equal a from-scratch
+computation over the whole text), and settings that need a tree are refused."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import tiny_hybrid
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load as mlx_lm_load
+from test_mtp import _quantized_copy, reference_levels, write_checkpoint
+
+import mlx_specstream.mtp as mtp
+import mlx_specstream.recurrent as recurrent
+from mlx_specstream import load
+from mlx_specstream.cache import drafter_state_of
+from mlx_specstream.config import DrafterConfig
+from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.drafters import attach_drafter
+
+PROMPTS = [[3], [1, 5, 9, 3, 7, 2, 11, 4, 6], [2, 2, 4, 4, 2, 2, 4, 4, 2, 2, 4]]
+
+
+def run(model, prompt, max_tokens, **kwargs):
+    out = list(spec_generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs))
+    return [int(o[0]) for o in out], out
+
+
+def plain(model, prompt, max_tokens, **kwargs):
+    steps = generate_step(mx.array(prompt), model, max_tokens=max_tokens, **kwargs)
+    return [int(t) for t, _ in steps]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["parallelspec", "medusa"])
+def test_attached_drafters_equal_mlx_lm(arch, kind):
+    """Random ParallelSpec and Medusa drafters on hybrids, prompts fed in chunks of
+    4 tokens: mlx-lm's greedy tokens, some of them drafted."""
+    model = tiny_hybrid(arch, vocab_size=16)
+    attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=3), seed=2)
+    plain_model = tiny_hybrid(arch, vocab_size=16)
+    drafted = 0
+    for prompt in PROMPTS:
+        got, out = run(model, prompt, 32, prefill_step_size=4)
+        assert got == plain(plain_model, prompt, 32, prefill_step_size=4), prompt
+        drafted += sum(o[2] for o in out)
+    assert drafted > 0
+
+
+def test_negative_control_a_verifier_that_accepts_every_draft_is_caught(monkeypatch):
+    model = tiny_hybrid("qwen3_next", vocab_size=16)
+    attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=3), seed=2)
+    want = run(model, PROMPTS[1], 32)[0]
+    real = recurrent.verify_chain
+
+    def accept_all(logits, drafts, history, sampler, processors):
+        _, new, logprobs = real(logits, drafts, history, sampler, processors)
+        return len(drafts), drafts + new[-1:], logprobs
+
+    monkeypatch.setattr(recurrent, "verify_chain", accept_all)
+    assert run(model, PROMPTS[1], 32)[0] != want
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5_moe"])
+def test_a_reused_prompt_cache_keeps_the_mtp_rows(arch, tmp_path, monkeypatch):
+    """Two calls on one prompt cache (a conversation's turns), as with mlx-lm: its
+    tokens, and the second call's drafts continue the first's MTP rows (no row
+    again, none missing): each equals a from-scratch computation over the whole text."""
+    ref = write_checkpoint(tmp_path / "ckpt", arch, seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    base, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    turns = [PROMPTS[1], [4, 6, 1]]
+    theirs, text_theirs = make_prompt_cache(base), []
+    for t in turns:
+        text_theirs += t
+        text_theirs += plain(base, t, 12, prompt_cache=theirs)
+    seen = []
+    real_draft = mtp.MTPDrafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        seen.append((np.array(logits.astype(mx.float32)), state.cache.offset - 1, token))
+        return logits
+
+    monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
+    ours, text = make_prompt_cache(model), []
+    for i, t in enumerate(turns):
+        text += t
+        text += run(model, t, 12, prompt_cache=ours)[0]
+        state = drafter_state_of(ours)
+        # (every token's row but the last, whose state waits for the next prompt)
+        assert state.cache.offset == len(text) - 1 and state.pending_hidden is not None
+    monkeypatch.undo()
+    assert text == text_theirs
+    checked = 0
+    for logits, a, token in seen:
+        if a + 1 >= len(text) or logits.shape[0] < 2:
+            continue  # (a call's last drafts, unused; hold's row feeds)
+        assert text[a + 1] == token
+        want = reference_levels(base, ref, text, a, logits.shape[0])
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+        checked += a >= len(turns[0]) + 12  # (the second call's)
+    assert checked >= 3
+
+
+def test_the_chain_is_as_long_as_asked(tmp_path, monkeypatch):
+    """``num_draft_tokens`` caps the chain (the config's levels by default); the MTP
+    layer runs once per level of each chain."""
+    write_checkpoint(tmp_path / "ckpt", "qwen3_5", seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    events = []
+    real_step, real_verify = mtp.MTPDrafter.step, recurrent.verify_chain
+
+    def step(self, *args, **kwargs):
+        events.append("step")
+        return real_step(self, *args, **kwargs)
+
+    def verify(logits, drafts, *args):
+        events.append(len(drafts))
+        return real_verify(logits, drafts, *args)
+
+    monkeypatch.setattr(mtp.MTPDrafter, "step", step)
+    monkeypatch.setattr(recurrent, "verify_chain", verify)
+    for n in (None, 1, 2):
+        events.clear()
+        run(model, PROMPTS[1], 16, **({} if n is None else dict(num_draft_tokens=n)))
+        levels = mtp.MTP_DEFAULTS["num_draft_tokens"] if n is None else n
+        chains = [e for e in events if e != "step"]
+        assert chains[0] == max(chains) == levels  # (the last ones: as many as tokens left)
+        steps = 0
+        for e in events:  # (each chain: that many runs of the layer just before it)
+            if e == "step":
+                steps += 1
+            else:
+                assert steps == e
+                steps = 0
+
+
+def test_settings_that_need_a_tree_are_refused(tmp_path):
+    write_checkpoint(tmp_path / "ckpt", "qwen3_next", seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="tree_top_k: not supported with recurrent layers"):
+        run(model, PROMPTS[1], 4, tree_top_k=2)
+    with pytest.raises(ValueError, match="its attached drafter.*got draft='streams\\+ngram'"):
+        run(model, PROMPTS[1], 4, draft="streams+ngram")
+    got, out = run(model, PROMPTS[2], 16, draft="ngram")  # (lookup instead: as on any model)
+    assert got == plain(mlx_lm_load(str(tmp_path / "ckpt"))[0], PROMPTS[2], 16)
+
+
+def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(tmp_path):
+    """A 4-bit copy of a Qwen3.5 (no MTP tensors) with ``drafter=`` the checkpoint:
+    the layer quantized like the base, the 4-bit base's own tokens."""
+    import mlx.nn as nn
+
+    write_checkpoint(tmp_path / "ckpt", "qwen3_5", seed=3)
+    q = _quantized_copy(tmp_path / "ckpt", tmp_path / "q4")
+    with pytest.raises(ValueError, match="drafter="):
+        load(str(q))
+    model, _ = load(str(q), drafter=str(tmp_path / "ckpt"))
+    assert isinstance(model.speculative_streams.drafter.proj, nn.QuantizedLinear)
+    base, _ = mlx_lm_load(str(q))
+    for prompt in PROMPTS[1:]:
+        assert run(model, prompt, 24)[0] == plain(base, prompt, 24)
