@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten
 
 from .config import SpecStreamConfig
 from .generate import stream_generate
+from .recurrent import has_recurrent_layers
 from .streams import attach_verifier, get_runtime
 
 DEFAULT_TREE = "SS default tree (k=3, 16 nodes)"
@@ -273,15 +274,23 @@ def main(argv=None):
     # The tuned setting is the config's, whose draft source may be prompt lookup.
     source = getattr(cfg, "draft", None) or "streams"
     tuned_name = "SS tuned tree" if source == "streams" else f"SS tuned (draft={source})"
+    default_name = DEFAULT_TREE
+    chains = has_recurrent_layers(model) and rt.drafter is not None
+    if chains:  # (a drafter on recurrent layers drafts chains: every level, or the tuned)
+        default_tree = {"num_draft_tokens": cfg.num_streams}
+        default_name, tuned_name = f"SS chain of {cfg.num_streams}", "SS tuned chain"
+    run_tuned = tuned
+    if chains:
+        run_tuned = {} if args.tuned_depth is None else {"num_draft_tokens": args.tuned_depth}
     methods = {
         "mlx-lm plain": lambda p: run_mlx_lm(plain, tokenizer, p, args.max_tokens),
         "SS no speculation": lambda p: run_specstream(
             model, tokenizer, p, args.max_tokens, speculative=False
         ),
-        DEFAULT_TREE: lambda p: run_specstream(
+        default_name: lambda p: run_specstream(
             model, tokenizer, p, args.max_tokens, **default_tree
         ),
-        tuned_name: lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **tuned),
+        tuned_name: lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **run_tuned),
     }
     if draft is not None:
         methods["mlx-lm draft model"] = lambda p: run_mlx_lm(
@@ -293,7 +302,8 @@ def main(argv=None):
         if rt.drafter is not None:
             verifier, _ = mlx_lm.load(str(model_dir))
             verifier.set_dtype(dtype)
-            attach_verifier(verifier)
+            if not has_recurrent_layers(verifier):  # (else chains through its own passes)
+                attach_verifier(verifier)
         methods["SS verifier, same draft model"] = lambda p: run_specstream(
             verifier, tokenizer, p, args.max_tokens, draft_model=draft,
             num_draft_tokens=args.num_draft_tokens,
@@ -332,9 +342,9 @@ def main(argv=None):
     # Sampling uses the tuned tree, or the default one when tuning chose plain decoding.
     tuned_depth = cfg.tree_depth if tuned["tree_depth"] is None else tuned["tree_depth"]
     sampling_tree, tree = (
-        (DEFAULT_TREE, default_tree)
+        (default_name, default_tree)
         if tuned_depth == 0 and source == "streams"
-        else (tuned_name, tuned)
+        else (tuned_name, run_tuned)
     )
     sampling = sampling_table(model, tokenizer, prompts, args, tree)
     curve = verify_cost_curve(model)

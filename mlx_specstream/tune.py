@@ -184,9 +184,9 @@ def tune(
         plain decoding's tokens/s.
     """
     rt = get_runtime(model)
-    if has_recurrent_layers(model):  # (streams drafting chains: recurrent.StreamDrafts)
-        return tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log,
-                                  confirm_rounds)  # fmt: skip
+    if has_recurrent_layers(model):  # (streams or a drafter drafting chains: recurrent)
+        run = tune_stream_chains if rt.drafter is None else tune_drafter_chains
+        return run(model, tokenizer, prompts, max_tokens, min_gain, log, confirm_rounds)
     has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
     trials = Trials(model, tokenizer, prompts, max_tokens, log)
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
@@ -273,6 +273,32 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
     trials.run(dict(draft="ngram"))
     trials.run(dict(trials.fastest(1)[0], draft="streams+ngram"))
     return trials.choice(min_gain, "The streams' drafts", confirm_rounds=confirm_rounds)
+
+
+def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, confirm_rounds):
+    """An attached drafter (its MTP layer, ParallelSpec or Medusa heads) on a model with
+    recurrent layers (what :func:`tune` runs for it, with its arguments): its chains
+    of every length (:class:`~mlx_specstream.recurrent.DrafterChains`); plain decoding
+    when none beats it by ``min_gain``.
+
+    Returns:
+        tuple: the choice (``{"tree_depth": n, "tree_top_k": 1, "max_tree_nodes": n + 1}``:
+        chains of ``n``, or ``{"tree_depth": 0}``), its tokens/s and plain decoding's.
+    """
+    trials = Trials(model, tokenizer, prompts, max_tokens, log)
+    for n in range(1, get_runtime(model).config.num_streams + 1):
+        trials.run(dict(num_draft_tokens=n))
+
+    def describe(best):
+        return (
+            f"chains of {best['num_draft_tokens']} (--num-draft-tokens {best['num_draft_tokens']})"
+        )
+
+    best, tps, base = trials.choice(min_gain, "Drafting chains", describe, confirm_rounds)
+    if "num_draft_tokens" in best:
+        n = best["num_draft_tokens"]
+        best = dict(tree_depth=n, tree_top_k=1, max_tree_nodes=n + 1)
+    return best, tps, base
 
 
 def verify_cost_note(model, log=print) -> float:
@@ -512,7 +538,8 @@ def main(argv=None):
         p.error(
             f"--save: {model_dir} is a checkpoint whose own MTP layer drafts; the tuner does not "
             "write into its files. Write it as a model directory first (mlx_specstream.save), or "
-            "pass the reported tree (--tree-top-k, --tree-depth, --max-tree-nodes) when generating."
+            "pass the reported tree (--tree-top-k, --tree-depth, --max-tree-nodes; on a model "
+            "with recurrent layers its chain, --num-draft-tokens) when generating."
         )
     if Path(model_dir).resolve() == DEFAULT_DIR.resolve():
         model, tokenizer = load_default()  # in the dtype it generates in (float32 on a CPU)

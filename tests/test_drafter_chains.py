@@ -164,3 +164,62 @@ def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(tmp_path):
     base, _ = mlx_lm_load(str(q))
     for prompt in PROMPTS[1:]:
         assert run(model, prompt, 24)[0] == plain(base, prompt, 24)
+
+
+def test_the_tuner_times_each_chain_length_and_stores_the_fastest(tmp_path, capsys, monkeypatch):
+    """``mlx_specstream.tune --save`` on a saved Qwen3-Next with its MTP layer times
+    chains of 1-3 (no trees: they are refused here) and stores the fastest, which the
+    next load drafts."""
+    import importlib
+    import json
+
+    from mlx_specstream.precision import device_key
+    from mlx_specstream.utils import save
+
+    tune = importlib.import_module("mlx_specstream.tune")
+    write_checkpoint(tmp_path / "ckpt", "qwen3_next", seed=3)
+    model, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
+    out = tmp_path / "out"
+    save(out, model, tok, config=config)
+    (out / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
+    tune.main(["--model", str(out), "--num-prompts", "1", "--max-tokens", "8", "--confirm-rounds",
+               "0", "--batch-size", "0", "--min-gain", "0", "--save"])  # fmt: skip
+    log = capsys.readouterr().out
+    assert all(f"{{'num_draft_tokens': {n}}}" in log for n in (1, 2, 3))
+    entry = json.loads((out / "config.json").read_text())["drafter"]["tuned"][device_key()]
+    n = entry["tree_depth"]
+    assert 1 <= n <= 3 and entry["top_k"] == 1 and entry["max_tree_nodes"] == n + 1
+    chains, real = [], recurrent.verify_chain
+    monkeypatch.setattr(
+        recurrent, "verify_chain", lambda lg, d, *a: chains.append(len(d)) or real(lg, d, *a)
+    )
+    run(load(str(out))[0], PROMPTS[1], 12)
+    assert chains[0] == max(chains) == n
+
+
+def test_the_benchmark_runs_the_drafters_chains(tmp_path, monkeypatch):
+    """``python -m mlx_specstream.benchmark`` on a Qwen3-Next checkpoint with its MTP layer:
+    rows of chains (every level; the tuned length), no tree settings; every output
+    identical to plain decoding (check_outputs raises otherwise)."""
+    import json
+
+    from mlx_specstream import benchmark
+
+    write_checkpoint(tmp_path / "ckpt", "qwen3_next", seed=3)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
+    settings, real = [], benchmark.run_specstream
+
+    def recording(model, tokenizer, prompt, max_tokens, **kwargs):
+        settings.append(kwargs)
+        return real(model, tokenizer, prompt, max_tokens, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_specstream", recording)
+    benchmark.main(
+        ["--model", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--max-tokens",
+         "12", "--runs", "1", "--sampling-temps", "--output-dir", str(tmp_path / "out"),
+         "--name", "t", "--tuned-depth", "2"]
+    )  # fmt: skip
+    assert {"num_draft_tokens": 3} in settings and {"num_draft_tokens": 2} in settings
+    assert not any(k.startswith("tree_") for s in settings for k in s)
+    summary = (tmp_path / "out" / "t.md").read_text()
+    assert "SS chain of 3" in summary and "SS tuned chain" in summary
