@@ -392,12 +392,22 @@ def attach_mtp(
     except ValueError as e:
         raise ValueError(f"{checkpoint}: its MTP layer does not fit this model: {e}") from e
     if quantization:
+        # (as mlx_lm.convert quantized the base: its model's own rule, e.g. Qwen3.5-MoE's
+        # routers in 8 bits)
+        rule = getattr(model, "quant_predicate", None)
+
+        def quantizes(path, module):
+            if not hasattr(module, "to_quantized"):
+                return False
+            if module.weight.shape[-1] % quantization["group_size"]:
+                return False
+            return True if rule is None else rule(path, module)
+
         nn.quantize(
             drafter,
             group_size=quantization["group_size"],
             bits=quantization["bits"],
-            class_predicate=lambda p, m: hasattr(m, "to_quantized")
-            and m.weight.shape[-1] % quantization["group_size"] == 0,
+            class_predicate=quantizes,
         )
     mx.eval(drafter.parameters())
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)

@@ -150,17 +150,22 @@ def test_settings_that_need_a_tree_are_refused(tmp_path):
     assert got == plain(mlx_lm_load(str(tmp_path / "ckpt"))[0], PROMPTS[2], 16)
 
 
-def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(arch, tmp_path):
     """A 4-bit copy of a Qwen3.5 (no MTP tensors) with ``drafter=`` the checkpoint:
-    the layer quantized like the base, the 4-bit base's own tokens."""
+    the layer quantized as mlx_lm.convert quantizes the base (Qwen3.5-MoE's router in 8
+    bits, its model's rule), the 4-bit base's own tokens."""
     import mlx.nn as nn
 
-    write_checkpoint(tmp_path / "ckpt", "qwen3_5", seed=3)
+    write_checkpoint(tmp_path / "ckpt", arch, seed=3)
     q = _quantized_copy(tmp_path / "ckpt", tmp_path / "q4")
     with pytest.raises(ValueError, match="drafter="):
         load(str(q))
     model, _ = load(str(q), drafter=str(tmp_path / "ckpt"))
-    assert isinstance(model.speculative_streams.drafter.proj, nn.QuantizedLinear)
+    drafter = model.speculative_streams.drafter
+    assert isinstance(drafter.proj, nn.QuantizedLinear) and drafter.proj.bits == 4
+    if arch == "qwen3_5_moe":
+        assert drafter.layer.mlp.gate.bits == 8
     base, _ = mlx_lm_load(str(q))
     for prompt in PROMPTS[1:]:
         assert run(model, prompt, 24)[0] == plain(base, prompt, 24)

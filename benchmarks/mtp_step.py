@@ -1,0 +1,135 @@
+"""What a step of a checkpoint's MTP layer drafting chains costs on a hybrid (Qwen3-Next,
+Qwen3.5: Gated DeltaNet layers), against mlx-lm's plain decoding of the same weights.
+
+    python benchmarks/mtp_step.py [--models qwen3_next-small,qwen3_next-0.6b] [--tag cpu]
+    MLX_ENABLE_TF32=0 python benchmarks/mtp_step.py --dtypes bf16,q4 --tag gpu
+
+Random weights of the shape, a random MTP layer in Qwen3-Next's layout (one attention
+layer, the base's head): its drafts are all rejected, so each step yields one token
+and takes the dearer path (the recurrent states rolled back). Tau is not the point
+here; the step's cost is:
+
+* r(n) = our time per token with chains of n drafts / mlx-lm's per-token time (its
+  pipelined ``generate_step``), same weights, same run: the tau a chain of n needs
+  to break even (at tau, the speedup is about tau / r(n); accepted steps skip the
+  roll-back and cost a little less);
+* draft = the MTP layer's share of a step: n runs of its layer and of the base's LM
+  head (timed with the step's own host read of the chain);
+* r(0): our chain loop without drafts.
+
+Results go to ``benchmarks/results/mtp_step[-TAG].{md,json}``.
+"""
+
+import argparse
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step
+
+from mlx_specstream.config import DrafterConfig
+from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.mtp import MTPDrafter
+from mlx_specstream.streams import StreamRuntime
+from report import heading, machine_info, time_after_first, write_results
+from shapes import random_model
+
+CHAINS = (1, 2, 3)
+
+
+def with_random_mtp(model, dtype: str, seed: int = 1):
+    """``model`` with a random MTP layer drafting (as ``mtp.attach_mtp`` puts a
+    checkpoint's), its matrices quantized as the base's are for ``q4``."""
+    config = DrafterConfig(kind="mtp", num_draft_tokens=max(CHAINS), top_k=1, max_tree_nodes=4)
+    mx.random.seed(seed)
+    drafter = MTPDrafter(config, model)
+    drafter.set_dtype(mx.float32 if dtype == "f32" else mx.bfloat16)
+    if dtype == "q4":
+        nn.quantize(drafter, group_size=64, bits=4)
+    mx.eval(drafter.parameters())
+    model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
+    return drafter
+
+
+def measure(model, prompt, max_tokens: int, runs: int) -> dict:
+    """ms per token of mlx-lm's loop, of ours without drafts and with chains of n
+    (medians of ``runs``), and each chain step's drafting ms."""
+    drafted = []
+    real = MTPDrafter.draft
+
+    def timed(self, *args, **kwargs):  # (the step reads the chain at once: evaluated here)
+        t0 = time.perf_counter()
+        out = real(self, *args, **kwargs)
+        mx.eval(out)
+        drafted.append(time.perf_counter() - t0)
+        return out
+
+    def per_token(make):
+        times = []
+        for _ in range(runs + 1):  # (the first: warm-up)
+            seconds, passes, tokens = time_after_first(make())
+            times.append((seconds / max(1, len(tokens) - 1), (len(tokens) - 1) / max(1, passes)))
+        times = sorted(times[1:])
+        return times[len(times) // 2]
+
+    p = mx.array(prompt)
+    plain, _ = per_token(lambda: generate_step(p, model, max_tokens=max_tokens))
+    rows = {}
+    ours, _ = per_token(lambda: spec_generate_step(p, model, max_tokens=max_tokens,
+                                                   speculative=False))  # fmt: skip
+    rows[0] = dict(ms=ours * 1e3, r=ours / plain, tau=1.0, draft_ms=0.0)
+    MTPDrafter.draft = timed
+    try:
+        for n in CHAINS:
+            drafted.clear()
+            ms, tau = per_token(
+                lambda: spec_generate_step(p, model, max_tokens=max_tokens, num_draft_tokens=n)
+            )
+            drafted.sort()
+            rows[n] = dict(ms=ms * 1e3, r=ms / plain, tau=tau,
+                           draft_ms=drafted[len(drafted) // 2] * 1e3)  # fmt: skip
+    finally:
+        MTPDrafter.draft = real
+    return dict(plain_ms=plain * 1e3, rows=rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="qwen3_next-small,qwen3_next-0.6b")
+    ap.add_argument("--dtypes", default="f32")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tag", default="cpu")
+    args = ap.parse_args()
+    info = machine_info(**vars(args))
+    lines = [heading("A checkpoint's MTP layer drafting chains on a hybrid: the step's cost", info)]
+    lines.append(f"\nCommand: `{info['command']}`\n")
+    lines.append(
+        "r(n): our ms per token with chains of n (every draft rejected: one token a step) / "
+        "mlx-lm's per-token ms, same weights, same run; a chain of n breaks even at "
+        "tau = r(n). draft: the MTP layer's ms a step (n runs of its layer and the head).\n"
+    )
+    data = {}
+    for shape in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            model = random_model(shape, dtype, streams=False)
+            with_random_mtp(model, dtype)
+            vocab = model.args.vocab_size
+            prompt = [(31 * i + 7) % vocab for i in range(args.prompt_tokens)]
+            res = measure(model, prompt, args.max_tokens, args.runs)
+            data[f"{shape}-{dtype}"] = res
+            lines.append(f"\n### {shape}, {dtype}: mlx-lm {res['plain_ms']:.2f} ms/token\n")
+            lines.append("| chain of n | ours ms/token | r(n) | draft ms a step | tau |")
+            lines.append("|---|---|---|---|---|")
+            for n, row in res["rows"].items():
+                lines.append(f"| {n} | {row['ms']:.2f} | {row['r']:.2f} | {row['draft_ms']:.2f} "
+                             f"| {row['tau']:.2f} |")  # fmt: skip
+            print("\n".join(lines[-(len(res["rows"]) + 3) :]), flush=True)
+            del model
+    path = write_results("mtp_step", args.tag, "\n".join(lines) + "\n", dict(info=info, **data))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
