@@ -8,7 +8,7 @@
 # second, and every later run on the same machine, is:
 #     bash .gpu/bin/install.sh && bash benchmarks/gpu_checks.sh STAGE[:SECONDS] ...
 # STAGE: cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity |
-# tune | benchmark | recurrent | batch | window | mtp. Stages run in the order given.
+# tune | benchmark | recurrent | batch | window | mtp | mtp_step. Stages run in the order given.
 # GPU_DEADLINE=SECONDS (default 540) bounds the whole run: each stage is stopped when it is
 # reached, or after its own SECONDS when given as STAGE:SECONDS. Everything comes back as two
 # files, so a stopped stage costs only its own results: $OUT/gpu.log (every stage's output)
@@ -25,10 +25,10 @@
 # steps spent beyond their kernel count: r = 1.8-2.2 plain tokens for 1.15-1.3x the kernels.)
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stages="cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | window | mtp"
+stages="cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | window | mtp | mtp_step"
 [ $# -ge 1 ] || { echo "stages: $stages" >&2; exit 2; }
 for arg in "$@"; do
-  case "${arg%%:*}" in cold|phases|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|window|mtp) ;;
+  case "${arg%%:*}" in cold|phases|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|window|mtp|mtp_step) ;;
     *) echo "unknown stage: ${arg%%:*} (stages: $stages)" >&2; exit 2 ;;
   esac
 done
@@ -133,6 +133,12 @@ run_stage() {
       # of 1-3 and mlx_specstream.benchmark against mlx-lm plain and draft-model decoding.
       # (its work folder, corpus and checkpoints, stays out of what comes back)
       python3 benchmarks/mtp_trained.py --work "$(mktemp -d)/mtp" --tag gpu ;;
+    mtp_step)
+      # An MTP layer drafting chains on a hybrid (session 37: Qwen3-Next's layout at the 0.6B
+      # shape), bf16 and 4-bit: r(n) of chains of 1-3 against mlx-lm's per-token time, and
+      # the drafting's share of a step (each level reads the LM head again; a minute or two).
+      (cd benchmarks && python3 mtp_step.py --models qwen3_next-0.6b --dtypes bf16,q4 \
+        --max-tokens 64 --runs 3 --tag gpu) ;;
     tune)
       # The shipped model's tree for this GPU, stored under its name in the config's "tuned"
       # (other devices keep theirs): commit the returned config.json into the package.

@@ -34,6 +34,7 @@ import glob
 import json
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -297,12 +298,50 @@ def has_mtp_weights(path: Path) -> bool:
     return any(k.startswith(prefix) for k in _headers(path, _shards(path, prefix)))
 
 
-def read_mtp_weights(path: Path, model: nn.Module) -> Dict[str, mx.array]:
+def fetch_mtp_checkpoint(repo: str, revision: Optional[str] = None):
+    """For ``drafter=`` a Hugging Face repo whose config declares an MTP layer: a
+    snapshot of its JSON files and of the safetensors shards that hold the layer only
+    (not the whole checkpoint: a 4-bit copy's user needs only these), and every tensor's shape, read
+    from the shards' headers on the Hub (the layer's norms follow the checkpoint's
+    layout, :attr:`MTPLayout.norms_less_one`).
+
+    Returns:
+        tuple: ``(local directory, {key: shape})``, or ``None`` when the repo's config
+        declares no MTP layer, or its headers cannot be read on the Hub (offline: it is
+        then fetched whole, as any model, from the local cache too).
+    """
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download, snapshot_download
+
+    config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
+    if not mtp_layers_in_config(config):
+        return None
+    prefix = FAMILIES[config["model_type"]].prefix.format(n=_num_layers(config))
+    try:
+        meta = get_safetensors_metadata(repo, revision=revision)
+    except Exception as e:  # (offline, or headers the Hub cannot read: all of it, as any model)
+        warnings.warn(f"{repo}: its safetensors headers could not be read on the Hub ({e}); "
+                      "fetching the whole checkpoint for its MTP layer.", stacklevel=3)  # fmt: skip
+        return None
+    files = sorted({f for k, f in meta.weight_map.items() if k.startswith(prefix)})
+    if not files:
+        raise ValueError(
+            f"{repo}: its config declares {mtp_layers_in_config(config)} MTP layer(s), but its "
+            f"safetensors hold no tensor under '{prefix}'."
+        )
+    path = snapshot_download(repo, revision=revision, allow_patterns=["*.json", *files])
+    shapes = {k: list(t.shape) for f in meta.files_metadata.values() for k, t in f.tensors.items()}
+    return Path(path), shapes
+
+
+def read_mtp_weights(
+    path: Path, model: nn.Module, shapes: Optional[Dict[str, list]] = None
+) -> Dict[str, mx.array]:
     """The first MTP layer's tensors in ``path``'s safetensors, named as
     :class:`MTPDrafter`'s parameters. The decoder layer's tensors go through the
     base model's own ``sanitize`` (experts stacked, FP8 dequantized) as its layer 0.
     Where the checkpoint stores RMSNorm weights less one (Qwen3-Next's and Qwen3.5's
-    Hugging Face layout, told as mlx-lm tells it), each of the layer's gets one added.
+    Hugging Face layout, told as mlx-lm tells it from ``shapes``, every tensor's shape:
+    by default read from ``path``'s headers), each of the layer's gets one added.
 
     Raises:
         ValueError: naming the file and key of what is missing.
@@ -352,7 +391,8 @@ def read_mtp_weights(path: Path, model: nn.Module) -> Dict[str, mx.array]:
     lead = "model.layers.0."  # (a wrapper's sanitize puts its language model's name first)
     weights.update({"layer." + k.split(lead, 1)[1]: v for k, v in block.items() if lead in k})
     weights.update({"layer." + k[len(lead) :]: v for k, v in norms.items()})
-    if norms and layout.norms_less_one(_headers(path, _shards(path, ""))):
+    shapes = _headers(path, _shards(path, "")) if shapes is None else shapes
+    if norms and layout.norms_less_one(shapes):
         for k in ["embed_norm.weight", "hidden_norm.weight", "final_norm.weight"] + [
             "layer." + k[len(lead) :] for k in norms
         ]:
@@ -365,6 +405,7 @@ def attach_mtp(
     checkpoint: Path,
     config: Optional[DrafterConfig] = None,
     quantization: Optional[dict] = None,
+    shapes: Optional[Dict[str, list]] = None,
 ) -> MTPDrafter:
     """Puts ``checkpoint``'s first MTP layer on ``model`` as its drafter.
 
@@ -375,6 +416,8 @@ def attach_mtp(
         config (DrafterConfig, optional): the draft tree. Default: a chain of 3.
         quantization (dict, optional): ``{"group_size", "bits"}`` of a quantized
           base: the layer's matrices are quantized the same way.
+        shapes (dict, optional): every tensor's shape in the checkpoint, where some of
+          its shards are not on disk (:func:`fetch_mtp_checkpoint`).
 
     Returns:
         MTPDrafter: the drafter (also ``model.speculative_streams.drafter``).
@@ -386,7 +429,7 @@ def attach_mtp(
     config = config or DrafterConfig(kind="mtp", **MTP_DEFAULTS)
     check_supported(model, config)
     drafter = MTPDrafter(config, model)
-    weights = read_mtp_weights(checkpoint, model)
+    weights = read_mtp_weights(checkpoint, model, shapes)
     try:
         drafter.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

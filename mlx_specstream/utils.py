@@ -12,7 +12,13 @@ from mlx.utils import tree_flatten
 
 from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
 from .drafters import attach_drafter
-from .mtp import MTPDrafter, attach_mtp, has_mtp_weights, mtp_layers_in_config
+from .mtp import (
+    MTPDrafter,
+    attach_mtp,
+    fetch_mtp_checkpoint,
+    has_mtp_weights,
+    mtp_layers_in_config,
+)
 from .precision import device_key
 from .recurrent import chains_only, split_recurrent_mixers
 from .streams import STREAMS_FILE, attach_streams, attach_verifier, get_runtime
@@ -36,16 +42,21 @@ def resolve_model_path(path_or_hf_repo: str, revision: Optional[str] = None) -> 
         if not path.is_dir():
             raise ValueError(f"{path} is a file; expected a model directory.")
         return path
-    if (
-        path.is_absolute()
-        or path_or_hf_repo.startswith((".", "~"))
-        or path_or_hf_repo.count("/") > 1
-    ):
+    if not is_hub_id(path_or_hf_repo):
         raise FileNotFoundError(f"Model directory {path} does not exist.")
     from huggingface_hub import snapshot_download
 
     return Path(
         snapshot_download(path_or_hf_repo, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    )
+
+
+def is_hub_id(path_or_hf_repo: str) -> bool:
+    """Whether a path that does not exist reads as a Hugging Face repo (``owner/name``)."""
+    return not (
+        Path(path_or_hf_repo).is_absolute()
+        or path_or_hf_repo.startswith((".", "~"))
+        or path_or_hf_repo.count("/") > 1
     )
 
 
@@ -120,8 +131,9 @@ def _attach(model, model_path: Path, config):
 
 def _base_fingerprint(config_file: Path) -> dict:
     config = json.loads(config_file.read_text())
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
-    return {k: config.get(k) for k in keys}
+    text = {**config, **(config.get("text_config") or {})}  # (Qwen3.5's: its language model's)
+    keys = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    return {"model_type": config.get("model_type"), **{k: text.get(k) for k in keys}}
 
 
 def load(
@@ -185,12 +197,16 @@ def load(
         return (model, tokenizer, config) if return_config else (model, tokenizer)
 
     model_path = resolve_model_path(path_or_hf_repo, revision)
-    source = model_path if drafter is None else resolve_model_path(drafter, revision)
+    source, shapes = model_path, None
+    if drafter is not None:  # (a Hub checkpoint's MTP layer: its shards only, not all of it)
+        remote = not Path(drafter).exists() and is_hub_id(drafter)
+        fetched = fetch_mtp_checkpoint(drafter, revision) if remote else None
+        source, shapes = fetched or (resolve_model_path(drafter, revision), None)
     if is_plain(source) and has_mtp_weights(source):  # the checkpoint's own MTP layer
         if drafter is not None:
             _check_drafter_base(model_path, source)
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
-        attach_mtp(model, source, quantization=config.get("quantization"))
+        attach_mtp(model, source, quantization=config.get("quantization"), shapes=shapes)
         return finish(model, tokenizer, config)
     if allow_plain and drafter is None and is_plain(model_path):
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)

@@ -878,3 +878,18 @@ def bucket_views(monkeypatch) -> list:
 
         monkeypatch.setattr(cls, "update_and_fetch", spy)
     return views
+
+
+def benchmark_settings(monkeypatch) -> list:
+    """The keyword arguments of every ``mlx_specstream.benchmark.run_specstream`` call
+    from now on (each row's settings), appended as the calls come."""
+    from mlx_specstream import benchmark
+
+    settings, real = [], benchmark.run_specstream
+
+    def recording(model, tokenizer, prompt, max_tokens, **kwargs):
+        settings.append(kwargs)
+        return real(model, tokenizer, prompt, max_tokens, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_specstream", recording)
+    return settings

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from helpers import benchmark_settings
 
 from mlx_specstream import benchmark
 from mlx_specstream.default_model import DEFAULT_DIR
@@ -20,13 +21,7 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
     config = json.loads((model_dir / "config.json").read_text())
     config["speculative_streaming"]["tuned"][device_key()] = {"draft": "ngram"}
     (model_dir / "config.json").write_text(json.dumps(config))
-    settings, real = [], benchmark.run_specstream
-
-    def recording(model, tokenizer, prompt, max_tokens, **kwargs):
-        settings.append(kwargs)
-        return real(model, tokenizer, prompt, max_tokens, **kwargs)
-
-    monkeypatch.setattr(benchmark, "run_specstream", recording)
+    settings = benchmark_settings(monkeypatch)
     benchmark.main(
         ["--model", str(model_dir), "--num-prompts", "1", "--max-tokens", "12", "--runs", "1",
          "--sampling-temps", "--output-dir", str(tmp_path / "out"), "--name", "t"]

@@ -7,7 +7,7 @@ computation over the whole text), and settings that need a tree are refused."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import tiny_hybrid
+from helpers import benchmark_settings, tiny_hybrid
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load as mlx_lm_load
@@ -212,13 +212,7 @@ def test_the_benchmark_runs_the_drafters_chains(tmp_path, monkeypatch):
 
     write_checkpoint(tmp_path / "ckpt", "qwen3_next", seed=3)
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
-    settings, real = [], benchmark.run_specstream
-
-    def recording(model, tokenizer, prompt, max_tokens, **kwargs):
-        settings.append(kwargs)
-        return real(model, tokenizer, prompt, max_tokens, **kwargs)
-
-    monkeypatch.setattr(benchmark, "run_specstream", recording)
+    settings = benchmark_settings(monkeypatch)
     benchmark.main(
         ["--model", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.jsonl"), "--max-tokens",
          "12", "--runs", "1", "--sampling-temps", "--output-dir", str(tmp_path / "out"),

@@ -451,3 +451,71 @@ def test_the_tuner_tries_the_layers_trees_and_never_writes_into_the_checkpoint(t
         tune.main(argv + ["--save"])
     assert "MTP layer drafts" in capsys.readouterr().err
     assert (tmp_path / "ckpt" / "config.json").read_text() == before
+
+
+def test_a_hub_checkpoint_gives_only_the_shards_of_its_mtp_layer(tmp_path, monkeypatch):
+    """``drafter=`` a Hub repo (a 4-bit copy's user has the base already): only its JSON
+    files and the shard holding the MTP layer are downloaded, not the base's shards; the
+    norms follow the layout told from every shard's header (read on the Hub, here a
+    local folder), so the layer equals the one read from the whole checkpoint."""
+    import fnmatch
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from mlx_lm.generate import generate_step
+
+    repo = tmp_path / "hub"  # the repo on the Hub: the base in one shard, the MTP layer in another
+    write_checkpoint(repo, "qwen3_5", seed=3)
+    weights = mx.load(str(repo / "model.safetensors"))
+    (repo / "model.safetensors").unlink()
+    weight_map = {k: f"model-0000{1 + k.startswith('mtp.')}-of-00002.safetensors" for k in weights}
+    for f in set(weight_map.values()):
+        mine = {k: v for k, v in weights.items() if weight_map[k] == f}
+        mx.save_safetensors(str(repo / f), mine, metadata={"format": "pt"})
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, revision=None, **kwargs):
+        assert repo_id == "org/ckpt"
+        return str(repo / filename)
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        out = tmp_path / "snapshot"
+        out.mkdir(exist_ok=True)
+        for f in sorted(repo.iterdir()):
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, out / f.name)
+                fetched.append(f.name)
+        return str(out)
+
+    def get_safetensors_metadata(repo_id, revision=None, **kwargs):
+        tensors = {f: mx.load(str(repo / f)) for f in set(weight_map.values())}
+        shapes = {f: SimpleNamespace(tensors={k: SimpleNamespace(shape=list(v.shape))
+                                              for k, v in t.items()}) for f, t in tensors.items()}  # fmt: skip
+        return SimpleNamespace(weight_map=weight_map, files_metadata=shapes)
+
+    for name, fake in [("hf_hub_download", hf_hub_download), ("snapshot_download", snapshot_download),
+                       ("get_safetensors_metadata", get_safetensors_metadata)]:  # fmt: skip
+        monkeypatch.setattr(huggingface_hub, name, fake)
+    q = _quantized_copy(repo, tmp_path / "q4")
+    model, _ = load(str(q), drafter="org/ckpt")
+    assert "model-00001-of-00002.safetensors" not in fetched
+    assert "model-00002-of-00002.safetensors" in fetched
+    whole, _ = load(str(q), drafter=str(repo))
+    a = dict(tree_flatten(model.speculative_streams.drafter.parameters()))
+    b = dict(tree_flatten(whole.speculative_streams.drafter.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    plain, _ = mlx_lm_load(str(q))
+    prompt = [1, 5, 9, 3, 7, 2, 11]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(24))]
+    assert spec_tokens(model, prompt, 24)[0] == want
+    # Offline (the headers cannot be read on the Hub): the whole checkpoint, as any model.
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))  # fmt: skip
+    fetched.clear()
+    with pytest.warns(UserWarning, match="fetching the whole checkpoint"):
+        again, _ = load(str(q), drafter="org/ckpt")
+    assert "model-00001-of-00002.safetensors" in fetched
+    c = dict(tree_flatten(again.speculative_streams.drafter.parameters()))
+    assert all(mx.array_equal(a[k], c[k]) for k in a)
