@@ -222,3 +222,46 @@ def test_the_benchmark_runs_the_drafters_chains(tmp_path, monkeypatch):
     assert not any(k.startswith("tree_") for s in settings for k in s)
     summary = (tmp_path / "out" / "t.md").read_text()
     assert "SS chain of 3" in summary and "SS tuned chain" in summary
+
+
+def test_served_alone_and_together(tmp_path, monkeypatch):
+    """The server with a Qwen3-Next checkpoint's MTP layer: a request alone drafts with
+    it (two turns on the server's prompt cache), requests together decode in a batch;
+    every answer is mlx-lm's greedy text."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlx_lm
+
+    from mlx_specstream.server import make_server, wait_idle
+
+    openai = pytest.importorskip("openai")
+    write_checkpoint(tmp_path / "ckpt", "qwen3_next", seed=3)
+    model, tok = load(str(tmp_path / "ckpt"))
+    base, base_tok = mlx_lm_load(str(tmp_path / "ckpt"))
+    server = make_server(model, tok, "tiny", port=0, max_tokens=16)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    client = openai.OpenAI(base_url=url, api_key="unused", timeout=120, max_retries=0)
+    try:
+
+        def ask(prompt):
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+            return r.choices[0].text
+
+        drafts, real = [], mtp.MTPDrafter.draft
+        monkeypatch.setattr(
+            mtp.MTPDrafter, "draft", lambda *a, **k: drafts.append(1) or real(*a, **k)
+        )
+        prompts = ["t1 t5 t9 t3", "t1 t5 t9 t3 t7 t2", "t4 t6 t1"]
+        for p in prompts[:2]:  # (the second extends the first: the cache across turns)
+            assert ask(p) == mlx_lm.generate(base, base_tok, p, max_tokens=16)
+        assert drafts  # (alone: the MTP layer drafted)
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(ask, prompts))
+        assert got == [mlx_lm.generate(base, base_tok, p, max_tokens=16) for p in prompts]
+    finally:
+        client.close()
+        server.shutdown()
+        assert wait_idle(server)
+        server.server_close()
