@@ -265,3 +265,19 @@ def test_served_alone_and_together(tmp_path, monkeypatch):
         server.shutdown()
         assert wait_idle(server)
         server.server_close()
+
+
+def test_kv_bits_equals_mlx_lm_s_own_loop(tmp_path):
+    """``kv_bits`` with a Qwen3-Next checkpoint's MTP layer drafting: the KV layers
+    convert where mlx-lm's loop converts them (before, during and after the prompt,
+    fed in chunks of 4), and the tokens are mlx-lm's with the same options."""
+    write_checkpoint(tmp_path / "ckpt", "qwen3_next", seed=3, head_dim=32)  # (a group's width)
+    model, _ = load(str(tmp_path / "ckpt"))
+    base, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    for qs in (0, 4, 12, 40):
+        opts = dict(kv_bits=4, kv_group_size=32, quantized_kv_start=qs, prefill_step_size=4)
+        for prompt in PROMPTS:
+            assert run(model, prompt, 24, **opts)[0] == plain(base, prompt, 24, **opts), (
+                qs,
+                prompt,
+            )

@@ -100,12 +100,13 @@ def _hf_tensors(arch, weights) -> dict:
 
 
 def write_checkpoint(
-    path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0, own_head=False, base_only=False
+    path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0, own_head=False, **overrides
 ):
     """A tiny random ``arch`` checkpoint with one MTP layer in its family's layout (the
     DeepSeek layout's ``shared_head.head`` a copy of the base's LM head, or with
-    ``own_head`` a head of its own). Returns the raw MTP pieces the reference uses."""
-    args, V = ARGS[arch], vocab_size
+    ``own_head`` a head of its own), its config ``ARGS[arch]`` with ``overrides``.
+    Returns the raw MTP pieces the reference uses."""
+    args, V = {**ARGS[arch], **overrides}, vocab_size
     base = random_model(arch, args, V, seed=seed, weight_scale=weight_scale)
     mx.random.seed(seed + 1)
     D = mtp.text_args(base).hidden_size
