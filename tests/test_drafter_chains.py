@@ -281,3 +281,31 @@ def test_kv_bits_equals_mlx_lm_s_own_loop(tmp_path):
                 qs,
                 prompt,
             )
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
+def test_chains_accepted_whole_keep_the_rows_in_step(arch, tmp_path, monkeypatch):
+    """The MTP layer's drafts replaced by the right tokens (its own computation still
+    run, on its rows): every chain is accepted whole, so the states are never rolled
+    back and each pass yields its chain and a bonus token; output equals mlx-lm's,
+    and the layer's own levels still equal the from-scratch computation each step."""
+    ref = write_checkpoint(tmp_path / "ckpt", arch, seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    base, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    prompt, n = PROMPTS[1], 25
+    text = prompt + plain(base, prompt, n + 4)
+    real_draft, checked = mtp.MTPDrafter.draft, []
+
+    def oracle(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        a = state.cache.offset - 1  # (the last row: token a's state, token a + 1)
+        want = reference_levels(base, ref, text, a, logits.shape[0])
+        np.testing.assert_allclose(np.array(logits.astype(mx.float32)), want, atol=2e-4, rtol=2e-4)
+        checked.append(a)
+        right = mx.array(text[a + 2 : a + 2 + logits.shape[0]])
+        return (mx.arange(logits.shape[-1])[None] == right[:, None]).astype(logits.dtype) * 30
+
+    monkeypatch.setattr(mtp.MTPDrafter, "draft", oracle)
+    got, out = run(model, prompt, n)
+    assert got == text[len(prompt) : len(prompt) + n]
+    assert out[-1][3] == -(-n // 4) and len(checked) >= out[-1][3] - 1  # (chains of 3, whole)
