@@ -852,9 +852,10 @@ class DrafterChains:
     last one, the last accepted token paired with the pass's correction or bonus
     token, drafts the chain.
 
-    Example: the caches hold ``[p0 p1 p2]`` and the drafter's rows 0-1; a pass over
-    ``[p2 d1 d2]`` accepts ``d1`` and draws ``x``: rows 2 (``p2``, ``d1``) and 3
-    (``d1``, ``x``) go in, and row 3 drafts the chain after ``x``.
+    Example: the caches hold ``[p0 p1]``, ``p2`` is pending and the drafter's cache
+    holds rows 0-1 (``p0`` with ``p1``, ``p1`` with ``p2``); a pass over ``[p2 d1 d2]``
+    accepts ``d1`` and draws ``x``: rows 2 (``p2``, ``d1``) and 3 (``d1``, ``x``) go in,
+    and row 3 drafts the chain after ``x``.
 
     With a ``sampler`` each level's draft is drawn from its distribution under it,
     kept as ``q`` for :func:`verify_chain_by_rejection` (a level's distribution
