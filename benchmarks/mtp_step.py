@@ -15,7 +15,10 @@ here; the step's cost is:
   roll-back and cost a little less);
 * draft = the MTP layer's share of a step: n runs of its layer and of the base's LM
   head (timed with the step's own host read of the chain);
-* r(0): our chain loop without drafts.
+* r(0): our chain loop without drafts;
+* every draft right: the same chains with the layer's drafts replaced by the right
+  tokens (the layer still runs, its cost kept), so every chain is accepted whole: tau
+  n + 1 and the most a chain of n gives on this device, against mlx-lm.
 
 Results go to ``benchmarks/results/mtp_step[-TAG].{md,json}``.
 """
@@ -31,7 +34,7 @@ from mlx_specstream.config import DrafterConfig
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.mtp import MTPDrafter
 from mlx_specstream.streams import StreamRuntime
-from report import heading, machine_info, time_after_first, write_results
+from report import heading, machine_info, write_results
 from shapes import random_model
 
 CHAINS = (1, 2, 3)
@@ -53,9 +56,19 @@ def with_random_mtp(model, dtype: str, seed: int = 1):
 
 def measure(model, prompt, max_tokens: int, runs: int) -> dict:
     """ms per token of mlx-lm's loop, of ours without drafts and with chains of n
-    (medians of ``runs``), and each chain step's drafting ms."""
+    (medians of ``runs``), and each chain step's drafting ms; then the same chains with
+    the layer's drafts replaced by the right tokens (the layer still runs), every chain
+    accepted whole: the best a chain of n gives on this device."""
     drafted = []
     real = MTPDrafter.draft
+    text = list(prompt) + [int(t) for t, _ in generate_step(mx.array(prompt), model,
+                                                            max_tokens=max_tokens + 8)]  # fmt: skip
+
+    def right(self, rt, state, *args, **kwargs):  # (the layer's work, then the right tokens)
+        logits = real(self, rt, state, *args, **kwargs)
+        a = state.cache.offset - 1  # (its last row: token a's state with token a + 1)
+        want = mx.array(text[a + 2 : a + 2 + logits.shape[0]])
+        return (mx.arange(logits.shape[-1])[None] == want[:, None]).astype(logits.dtype) * 30
 
     def timed(self, *args, **kwargs):  # (the step reads the chain at once: evaluated here)
         t0 = time.perf_counter()
@@ -65,10 +78,18 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
         return out
 
     def per_token(make):
+        """(seconds per token, tau) after the first pass (prefill and first pass out),
+        counting only the tokens of the later passes; median of the runs."""
         times = []
         for _ in range(runs + 1):  # (the first: warm-up)
-            seconds, passes, tokens = time_after_first(make())
-            times.append((seconds / max(1, len(tokens) - 1), (len(tokens) - 1) / max(1, passes)))
+            t0, p0, n = None, 0, 0
+            for i, item in enumerate(make()):
+                passes = item[3] if len(item) > 3 else i + 1
+                if t0 is None:
+                    t0, p0 = time.perf_counter(), passes
+                n += passes > p0
+            seconds = time.perf_counter() - t0
+            times.append((seconds / max(1, n), n / max(1, passes - p0)))
         times = sorted(times[1:])
         return times[len(times) // 2]
 
@@ -88,6 +109,12 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
             drafted.sort()
             rows[n] = dict(ms=ms * 1e3, r=ms / plain, tau=tau,
                            draft_ms=drafted[len(drafted) // 2] * 1e3)  # fmt: skip
+        MTPDrafter.draft = right
+        for n in CHAINS:
+            ms, tau = per_token(
+                lambda: spec_generate_step(p, model, max_tokens=max_tokens, num_draft_tokens=n)
+            )
+            rows[n].update(right_ms=ms * 1e3, right_speedup=plain / ms, right_tau=tau)
     finally:
         MTPDrafter.draft = real
     return dict(plain_ms=plain * 1e3, rows=rows)
@@ -108,7 +135,9 @@ def main():
     lines.append(
         "r(n): our ms per token with chains of n (every draft rejected: one token a step) / "
         "mlx-lm's per-token ms, same weights, same run; a chain of n breaks even at "
-        "tau = r(n). draft: the MTP layer's ms a step (n runs of its layer and the head).\n"
+        "tau = r(n). draft: the MTP layer's ms a step (n runs of its layer and the head). "
+        "Every draft right: the layer's drafts replaced by the right tokens (the layer still "
+        "runs), every chain accepted whole: the most a chain of n gives here.\n"
     )
     data = {}
     for shape in args.models.split(","):
@@ -120,11 +149,14 @@ def main():
             res = measure(model, prompt, args.max_tokens, args.runs)
             data[f"{shape}-{dtype}"] = res
             lines.append(f"\n### {shape}, {dtype}: mlx-lm {res['plain_ms']:.2f} ms/token\n")
-            lines.append("| chain of n | ours ms/token | r(n) | draft ms a step | tau |")
-            lines.append("|---|---|---|---|---|")
+            lines.append("| chain of n | ours ms/token | r(n) | draft ms a step | tau | every "
+                         "draft right: ms/token | tau | vs mlx-lm |")  # fmt: skip
+            lines.append("|---|---|---|---|---|---|---|---|")
             for n, row in res["rows"].items():
+                best = ("| | | " if not n else f"| {row['right_ms']:.2f} | {row['right_tau']:.2f} | "
+                        f"{row['right_speedup']:.2f}x |")  # fmt: skip
                 lines.append(f"| {n} | {row['ms']:.2f} | {row['r']:.2f} | {row['draft_ms']:.2f} "
-                             f"| {row['tau']:.2f} |")  # fmt: skip
+                             f"| {row['tau']:.2f} {best}")  # fmt: skip
             print("\n".join(lines[-(len(res["rows"]) + 3) :]), flush=True)
             del model
     path = write_results("mtp_step", args.tag, "\n".join(lines) + "\n", dict(info=info, **data))
