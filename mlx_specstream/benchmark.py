@@ -274,13 +274,11 @@ def main(argv=None):
     # The tuned setting is the config's, whose draft source may be prompt lookup.
     source = getattr(cfg, "draft", None) or "streams"
     tuned_name = "SS tuned tree" if source == "streams" else f"SS tuned (draft={source})"
-    default_name = DEFAULT_TREE
-    chains = has_recurrent_layers(model) and rt.drafter is not None
-    if chains:  # (a drafter on recurrent layers drafts chains: every level, or the tuned)
+    default_name, run_tuned = DEFAULT_TREE, tuned
+    if has_recurrent_layers(model) and rt.drafter is not None:
+        # (a drafter on recurrent layers drafts chains: every level, or the tuned length)
         default_tree = {"num_draft_tokens": cfg.num_streams}
         default_name, tuned_name = f"SS chain of {cfg.num_streams}", "SS tuned chain"
-    run_tuned = tuned
-    if chains:
         run_tuned = {} if args.tuned_depth is None else {"num_draft_tokens": args.tuned_depth}
     methods = {
         "mlx-lm plain": lambda p: run_mlx_lm(plain, tokenizer, p, args.max_tokens),

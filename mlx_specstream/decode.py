@@ -1017,10 +1017,9 @@ def _on_chain_model(
         )
     if speculative and own_drafter and draft != "ngram":  # (each level's first choice)
         levels = resolve_tree_settings(rt, None, None, None, None)[1]
-        kw["drafter_levels"] = levels if kw["num_draft_tokens"] is None else min(
-            levels, kw["num_draft_tokens"]
-        )  # fmt: skip
-        kw["num_draft_tokens"] = kw["drafter_levels"]
+        if kw["num_draft_tokens"] is not None:
+            levels = min(levels, kw["num_draft_tokens"])
+        kw["num_draft_tokens"], kw["attached_drafter"] = levels, levels > 0
     if own_streams and draft is None:  # the source the model's config names (tuned)
         draft = getattr(rt.config, "draft", None)
     streams = speculative and own_streams and draft != "ngram"
@@ -1070,7 +1069,7 @@ def _on_chain_model(
         raise ValueError(f"acceptance={acceptance!r}: choose one of {ACCEPTANCE}")
     sampler = kw["sampler"]  # (any sampler but ours says nothing of its temperature)
     sampling = sampler not in (None, greedy) and not getattr(sampler, "greedy", False)
-    drafted = bool(kw.get("drafter_levels"))  # (the attached drafter's chains: drawn)
+    drafted = kw.get("attached_drafter", False)  # (the attached drafter's chains: drawn)
     lookup_only = draft_model is None and (merged or not streams) and not drafted
     if speculative and sampling and lookup_only:
         if acceptance == "rejection":
@@ -1228,11 +1227,9 @@ def hold_yielded(rt: StreamRuntime, cache, end: int, last: int, dstate, quant=No
             dstate.pending_hidden = None
     else:
         keep = dstate is not None and dstate.needs_prompt
-        rt._prefill_hidden = []
-        rt.prefill(mx.array([last]), cache, keep)
+        hidden = rt.prefill(mx.array([last]), cache, keep)
         if keep:
-            dstate.pending_hidden = rt._prefill_hidden[-1]
-        rt._prefill_hidden = []
+            dstate.pending_hidden = hidden
     if quant is not None:
         quant.maybe_quantize(cache)
     mx.eval(cache_arrays(cache))
@@ -1255,12 +1252,14 @@ def _prefill(
     ``progress(processed, total)`` at 0 and after each chunk. A drafter that
     reads the prompt gets (state, next token) pairs of those tokens too."""
     keep_hidden = dstate is not None and dstate.needs_prompt
-    rt._prefill_hidden = []
+    kept = []  # (the prompt's states, chunk by chunk, for a drafter that reads them)
     body = prompt[:-1]
     progress = progress or (lambda *_: None)
     progress(0, prompt.size)
     for i in range(0, body.size, step):
-        rt.prefill(body[i : i + step], cache, keep_hidden)
+        hidden = rt.prefill(body[i : i + step], cache, keep_hidden)
+        if keep_hidden:
+            kept.append(hidden)
         if quant is not None:
             quant.maybe_quantize(cache)
         forget_past_windows(cache)  # (a long prompt's window layers stay bounded too)
@@ -1269,7 +1268,6 @@ def _prefill(
     pending = [] if dstate is None or dstate.pending_hidden is None else [dstate.pending_hidden]
     if keep_hidden and (body.size or pending):
         # (the last generation's last token pairs with this prompt's first one)
-        dstate.prompt_hidden = mx.concatenate(pending + rt._prefill_hidden, axis=0)
+        dstate.prompt_hidden = mx.concatenate(pending + kept, axis=0)
         dstate.prompt_next = prompt.tolist()[1 - len(pending) :]
         dstate.pending_hidden = None
-    rt._prefill_hidden = []

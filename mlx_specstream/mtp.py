@@ -165,11 +165,6 @@ def _lm_head(model):
     return head if "lm_head" in _text_model(model) else head.as_linear
 
 
-# (DeepSeek-V3's and GLM-4.5's MTP layers are mixture-of-experts layers; Qwen3-Next's
-# and Qwen3.5's attend, as vLLM builds them)
-mtp_decoder_layer = new_decoder_layer
-
-
 class MTPDrafter(nn.Module):
     """``embed_norm``, ``hidden_norm``, ``proj`` ``(D, 2D)``, ``layer.*`` and
     ``final_norm``: a checkpoint's first MTP layer (:func:`read_mtp_weights`)."""
@@ -181,7 +176,9 @@ class MTPDrafter(nn.Module):
         self.embed_norm = nn.RMSNorm(D, eps=eps)
         self.hidden_norm = nn.RMSNorm(D, eps=eps)
         self.proj = nn.Linear(2 * D, D, bias=False)
-        self.layer = mtp_decoder_layer(model)
+        # (DeepSeek-V3's and GLM-4.5's are mixture-of-experts layers; Qwen3-Next's and
+        # Qwen3.5's attend, as vLLM builds them)
+        self.layer = new_decoder_layer(model)
         self.final_norm = nn.RMSNorm(D, eps=eps)
         self._levels = config.num_draft_tokens
 
@@ -249,8 +246,10 @@ def mtp_layers_in_config(config: dict) -> int:
     return 0
 
 
-def _num_layers(config: dict) -> int:
-    return (config.get("text_config") or config)["num_hidden_layers"]
+def _mtp_prefix(config: dict) -> str:
+    """Where ``config.json``'s family keeps its first MTP layer's tensors."""
+    layers = (config.get("text_config") or config)["num_hidden_layers"]
+    return FAMILIES[config["model_type"]].prefix.format(n=layers)
 
 
 def _same_as_base_head(model, head: mx.array) -> bool:
@@ -273,7 +272,7 @@ def _shards(path: Path, prefix: str) -> List[Path]:
     return [Path(f) for f in sorted(glob.glob(str(path / "*.safetensors")))]
 
 
-def _headers(path: Path, files: List[Path]) -> Dict[str, list]:
+def _headers(files: List[Path]) -> Dict[str, list]:
     """Key -> shape of the tensors in ``files``, read from their safetensors headers
     (the data is not read)."""
     shapes = {}
@@ -294,15 +293,15 @@ def has_mtp_weights(path: Path) -> bool:
     config = json.loads(config_file.read_text())
     if not mtp_layers_in_config(config):
         return False
-    prefix = FAMILIES[config["model_type"]].prefix.format(n=_num_layers(config))
-    return any(k.startswith(prefix) for k in _headers(path, _shards(path, prefix)))
+    prefix = _mtp_prefix(config)
+    return any(k.startswith(prefix) for k in _headers(_shards(path, prefix)))
 
 
 def fetch_mtp_checkpoint(repo: str, revision: Optional[str] = None):
     """For ``drafter=`` a Hugging Face repo whose config declares an MTP layer: a
     snapshot of its JSON files and of the safetensors shards that hold the layer only
-    (not the whole checkpoint: a 4-bit copy's user needs only these), and every tensor's shape, read
-    from the shards' headers on the Hub (the layer's norms follow the checkpoint's
+    (not the whole checkpoint: a 4-bit copy's user needs only these), and every
+    tensor's shape, read from the shards' headers on the Hub (the layer's norms follow the checkpoint's
     layout, :attr:`MTPLayout.norms_less_one`).
 
     Returns:
@@ -315,7 +314,7 @@ def fetch_mtp_checkpoint(repo: str, revision: Optional[str] = None):
     config = json.loads(Path(hf_hub_download(repo, "config.json", revision=revision)).read_text())
     if not mtp_layers_in_config(config):
         return None
-    prefix = FAMILIES[config["model_type"]].prefix.format(n=_num_layers(config))
+    prefix = _mtp_prefix(config)
     try:
         meta = get_safetensors_metadata(repo, revision=revision)
     except Exception as e:  # (offline, or headers the Hub cannot read: all of it, as any model)
@@ -391,8 +390,7 @@ def read_mtp_weights(
     lead = "model.layers.0."  # (a wrapper's sanitize puts its language model's name first)
     weights.update({"layer." + k.split(lead, 1)[1]: v for k, v in block.items() if lead in k})
     weights.update({"layer." + k[len(lead) :]: v for k, v in norms.items()})
-    shapes = _headers(path, _shards(path, "")) if shapes is None else shapes
-    if norms and layout.norms_less_one(shapes):
+    if norms and layout.norms_less_one(_headers(_shards(path, "")) if shapes is None else shapes):
         for k in ["embed_norm.weight", "hidden_norm.weight", "final_norm.weight"] + [
             "layer." + k[len(lead) :] for k in norms
         ]:

@@ -549,7 +549,7 @@ def chain_generate_step(
     ngram_candidates: int = 1,
     max_tree_nodes: int = 16,
     lookup: Optional[Tuple[int, int, int]] = None,
-    drafter_levels: int = 0,
+    attached_drafter: bool = False,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -596,8 +596,8 @@ def chain_generate_step(
           lookup's drafts (``(tokens, candidates, max_nodes)``: at most ``tokens`` long,
           ``candidates`` of them) merged into the streams' drafts, first, in a tree of at
           most ``max_nodes`` nodes.
-        drafter_levels (int): the model's attached drafter (its MTP layer, ParallelSpec
-          or Medusa heads) drafts chains of at most this many levels
+        attached_drafter (bool): the model's attached drafter (its MTP layer,
+          ParallelSpec or Medusa heads) drafts chains of at most ``num_draft_tokens`` levels
           (:class:`DrafterChains`): greedy, or with ``rejection`` drawn under ``sampler``
           and verified by rejection sampling. Its state stays with ``prompt_cache``
           for the next call.
@@ -612,15 +612,15 @@ def chain_generate_step(
         drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
     # (lookup trees: the tree verifier alone, streams.attach_chain_verifier; a model
     # without attention takes them without it)
-    runtime = get_runtime(model) if streams or ngram_candidates > 1 and attends(model) else None
-    runtime = get_runtime(model) if drafter_levels else runtime
+    needs_runtime = streams or attached_drafter or ngram_candidates > 1 and attends(model)
+    runtime = get_runtime(model) if needs_runtime else None
     state = ChainCache(model, own, quant, runtime, streams)
-    if drafter_levels:  # (its state continues a call's before on the same cache)
+    if attached_drafter:  # (its state continues a call's before on the same cache)
         offset = next((c.offset for c in state.kv), 0)
         dstate = runtime.drafter.start(offset, None if own is None else drafter_state_of(own))
         if own is not None:
             keep_drafter_state(own, dstate)
-        drafter = DrafterChains(state, dstate, sampler if rejection else None, drafter_levels)
+        drafter = DrafterChains(state, dstate, sampler if rejection else None, num_draft_tokens)
     if streams:
         tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
         index = None if lookup is None else NgramIndex(candidates=candidates)
@@ -1097,10 +1097,7 @@ class ChainCache:
         if self.hidden_sink is None:
             self.model(tokens[None], cache=self.cache)
         else:  # (the last layer's states kept: runtime.prefill)
-            self.runtime._prefill_hidden = []
-            self.runtime.prefill(tokens, self.cache, keep_hidden=True)
-            self.hidden_sink(self.held, mx.concatenate(self.runtime._prefill_hidden))
-            self.runtime._prefill_hidden = []
+            self.hidden_sink(self.held, self.runtime.prefill(tokens, self.cache, keep_hidden=True))
         self.held = self.floor = upto
         self._settle()
 

@@ -1046,10 +1046,13 @@ class StreamRuntime:
             return self.kv_bucket
         return default_bucket(cache[0].keys) if fits else 0
 
-    def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False):
-        """A plain pass over prompt tokens into ``cache``; with ``keep_hidden`` the
-        last layer's states are appended to :attr:`_prefill_hidden`."""
+    def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False) -> Optional[mx.array]:
+        """A plain pass over prompt tokens ``(L,)`` into ``cache``; with ``keep_hidden``
+        it returns the last layer's states ``(L, D)`` (a drafter's rows), else ``None``."""
+        self._prefill_hidden = []
         self._run("prefill" if keep_hidden else None, tokens[None], cache)
+        kept, self._prefill_hidden = self._prefill_hidden, []
+        return mx.concatenate(kept) if keep_hidden else None
 
     def _run(self, state: Optional[str], tokens: mx.array, cache) -> mx.array:
         """The model over ``(1, L)`` tokens with the hooks in ``state``. The first

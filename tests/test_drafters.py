@@ -94,10 +94,7 @@ def standalone_levels(model, ids, a):
     real rows ``0..a`` (row ``i`` paired with ``ids[i + 1]``) and the masks."""
     rt = model.speculative_streams
     d = rt.drafter
-    rt._prefill_hidden = []
-    rt.prefill(mx.array(ids[: a + 1]), None, keep_hidden=True)
-    h = rt._prefill_hidden[0]
-    rt._prefill_hidden = []
+    h = rt.prefill(mx.array(ids[: a + 1]), None, keep_hidden=True)
     if isinstance(d, drafters.MedusaHeads):
         return rt.head(mx.concatenate([head(h[a][None]) for head in d.heads])[None])[0]
     emb = rt.embed(mx.array(ids[1 : a + 2])).astype(h.dtype)

@@ -27,6 +27,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load as mlx_lm_load
 
 import mlx_specstream.mtp as mtp
+from mlx_specstream.drafters import new_decoder_layer
 from mlx_specstream import load
 from mlx_specstream.utils import save
 
@@ -112,7 +113,7 @@ def write_checkpoint(
     D = mtp.text_args(base).hidden_size
     # (a final norm of ones would make its input and output alike to the MTP's own norm)
     base.model.norm.weight = 1 + 0.5 * mx.random.normal((D,))
-    block = mtp.mtp_decoder_layer(base)
+    block = new_decoder_layer(base)
     _scaled(block, 4.0)
     names = OWN[arch]
     own = {
