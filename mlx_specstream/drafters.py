@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from .cache import KVCacheList
 from .config import DrafterConfig
 from .streams import hidden_size, layer_params, own_class
 
@@ -86,7 +87,7 @@ class ParallelSpecDrafter(nn.Module):
         self.layer = new_decoder_layer(model)
 
     def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
-        return continue_or_start(prompt_cache_offset, previous)
+        return continue_or_start(prompt_cache_offset, previous, self.layer)
 
     def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
         """``(k, V)`` logits of the draft levels (all ``k``: one pass, whatever ``levels``)."""
@@ -94,7 +95,7 @@ class ParallelSpecDrafter(nn.Module):
         emb = rt.embed(mx.array(nxt)).astype(feats.dtype)
         real = self.fc(mx.concatenate([feats, emb], axis=-1).astype(self.fc.weight.dtype))
         x = mx.concatenate([real, self.masks.astype(real.dtype)], axis=0)[None]
-        out = self.layer(x, create_attention_mask(x, state.cache), state.cache)
+        out = self.layer(x, layer_mask(x, state.cache), state.cache)
         state.cache.trim(self.masks.shape[0])  # [MASK] K/V never stay
         k = self.masks.shape[0] + 1
         return rt.head(out[:, -k:])[0]
@@ -114,10 +115,28 @@ def new_rows(state: "DrafterState", hidden: mx.array, path: List[int], path_toke
     return feats, nxt
 
 
-def continue_or_start(prompt_cache_offset: int, previous=None) -> "DrafterState":
-    """The state of a drafter with its own KV cache (ParallelSpec, MTP) for a new
-    generation. Continues ``previous`` (the state kept with a reused prompt
-    cache) when it covers the cached tokens: all of them, or all but the last
+def new_layer_cache(layer: nn.Module):
+    """An empty cache for a drafter's decoder ``layer``, of the kind its model keeps:
+    for DeepSeek V3.2's and GLM-5's sparse attention a :class:`KVCacheList` of two
+    (latent keys, the indexer's keys), else a ``KVCache``."""
+    if "indexer" in getattr(layer, "self_attn", {}):
+        return KVCacheList(KVCache(), KVCache())
+    return KVCache()
+
+
+def layer_mask(x: mx.array, cache, return_array: bool = False):
+    """The causal mask of rows ``x`` over ``cache`` (mlx-lm's ``create_attention_mask``);
+    over a :class:`KVCacheList` the first member's, as an array (the indexer of
+    DeepSeek V3.2's sparse attention takes no ``"causal"``)."""
+    if isinstance(cache, KVCacheList):
+        return create_attention_mask(x, cache[0], return_array=True)
+    return create_attention_mask(x, cache, return_array=return_array)
+
+
+def continue_or_start(prompt_cache_offset: int, previous, layer: nn.Module) -> "DrafterState":
+    """The state of a drafter with its own decoder ``layer`` and KV cache (ParallelSpec,
+    MTP) for a new generation. Continues ``previous`` (the state kept with a reused
+    prompt cache) when it covers the cached tokens: all of them, or all but the last
     with that token's state kept to pair with the next prompt's first token (as a
     generation leaves it); otherwise starts without the older context (RoPE only
     sees relative positions, so it drafts from less history)."""
@@ -127,7 +146,7 @@ def continue_or_start(prompt_cache_offset: int, previous=None) -> "DrafterState"
             return previous
         if offset == prompt_cache_offset - 1 and previous.pending_hidden is not None:
             return previous
-    return DrafterState(needs_prompt=True, cache=KVCache())
+    return DrafterState(needs_prompt=True, cache=new_layer_cache(layer))
 
 
 DRAFTERS = {"medusa": MedusaHeads, "parallelspec": ParallelSpecDrafter}

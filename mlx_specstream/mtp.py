@@ -41,10 +41,16 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
 
 from .config import DrafterConfig
-from .drafters import DrafterState, continue_or_start, new_decoder_layer, new_rows, text_args
+from .drafters import (
+    DrafterState,
+    continue_or_start,
+    layer_mask,
+    new_decoder_layer,
+    new_rows,
+    text_args,
+)
 from .streams import _embedding, hidden_size
 
 
@@ -124,6 +130,9 @@ FAMILIES = {
     ),
     "deepseek_v3": _DEEPSEEK,
     "glm4_moe": _DEEPSEEK,
+    "glm4_moe_lite": _DEEPSEEK,  # GLM-4.7-Flash (latent attention)
+    "deepseek_v32": _DEEPSEEK,  # (sparse attention: the layer keeps its indexer's keys too)
+    "glm_moe_dsa": _DEEPSEEK,  # GLM-5
     "qwen3_next": _qwen(_expert_per_key),
     "qwen3_5": _qwen(_unsanitized_conv1d),
     "qwen3_5_moe": _qwen(_unsanitized_conv1d),
@@ -183,7 +192,7 @@ class MTPDrafter(nn.Module):
         self._levels = config.num_draft_tokens
 
     def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
-        return continue_or_start(prompt_cache_offset, previous)
+        return continue_or_start(prompt_cache_offset, previous, self.layer)
 
     def step(self, hidden: mx.array, emb: mx.array, cache=None) -> mx.array:
         """The layer's output over rows pairing ``hidden`` ``(L, D)`` (or a batch,
@@ -193,7 +202,7 @@ class MTPDrafter(nn.Module):
         x = mx.concatenate([h, e] if self._layout.hidden_first else [e, h], axis=-1)
         x = self.proj(x.astype(self.embed_norm.weight.dtype))
         x = x if x.ndim == 3 else x[None]
-        out = self.layer(x, create_attention_mask(x, cache, return_array=True), cache)
+        out = self.layer(x, layer_mask(x, cache, return_array=True), cache)
         return out if hidden.ndim == 3 else out[0]
 
     def logits(self, model, out: mx.array) -> mx.array:

@@ -22,12 +22,11 @@ from helpers import (
     word_tokenizer,
 )
 from mlx.utils import tree_flatten, tree_map_with_path
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.utils import load as mlx_lm_load
 
 import mlx_specstream.mtp as mtp
-from mlx_specstream.drafters import new_decoder_layer
+from mlx_specstream.drafters import new_decoder_layer, new_layer_cache
 from mlx_specstream import load
 from mlx_specstream.utils import save
 
@@ -37,6 +36,11 @@ ARGS = {
     # (mlx-lm's sanitize drops DeepSeek-V3's MTP layer by its real index, 61)
     "deepseek_v3": {**BASE, **MORE_ARGS["deepseek_v3"], "num_hidden_layers": 61},
     "glm4_moe": {**BASE, **MORE_ARGS["glm4_moe"]},
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and experts under GLM's names
+    "glm4_moe_lite": {**BASE, **MORE_ARGS["deepseek_v3"], "routed_scaling_factor": 1.0},
+    # DeepSeek V3.2 and GLM-5: sparse attention (each query's top 6 keys)
+    "deepseek_v32": {**BASE, **MORE_ARGS["deepseek_v32"]},
+    "glm_moe_dsa": {**BASE, **MORE_ARGS["glm_moe_dsa"]},
     # (hybrids: Gated DeltaNet layers, full attention every second layer; Qwen3-Next's
     # real checkpoints have experts, which is how mlx-lm tells their layout)
     "qwen3_next": {**HYBRID_ARGS["qwen3_next"], "num_experts": 4, "num_experts_per_tok": 2},
@@ -50,6 +54,10 @@ OWN = {
     "mimo": ("token_layernorm", "hidden_layernorm", "input_proj", "final_layernorm"),
     "deepseek_v3": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
     "glm4_moe": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
+    **{
+        arch: ("enorm", "hnorm", "eh_proj", "shared_head.norm")
+        for arch in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
+    },
     **{arch: _QWEN_OWN for arch in HYBRIDS},
 }
 # The RMSNorm weights Qwen3-Next/3.5 checkpoints store less one (mlx-lm adds it back).
@@ -186,11 +194,13 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
         if ref["hidden_first"] == swap:
             pair = pair[::-1]
         x = (mx.concatenate(pair, axis=-1) @ ref["proj"].T)[None]
-        return ref["block"](x, create_attention_mask(x, cache, return_array=True), cache)[0, -1:]
+        n = x.shape[1]  # (one row: no mask, as mlx-lm's models pass it)
+        mask = create_causal_mask(n, offset=cache.offset) if n > 1 else None
+        return ref["block"](x, mask, cache)[0, -1:]
 
     emb = inner.embed_tokens(mx.array(text[1 : a + 2]))
     emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
-    cache = KVCache()
+    cache = new_layer_cache(ref["block"])  # (DeepSeek V3.2's: latent and indexer keys)
     out = rows(hid, emb, cache)
     logits = [head(mx.fast.rms_norm(out, f_w, eps))]
     for _ in range(levels - 1):
@@ -204,6 +214,7 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
 @pytest.mark.parametrize(
     "arch,own_head",
     [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)]
+    + [(arch, False) for arch in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")]
     + [(arch, False) for arch in HYBRIDS],
 )
 def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_path, monkeypatch):
