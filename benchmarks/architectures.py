@@ -13,7 +13,10 @@ for memory costs that row only), greedy, 40 tokens after a prompt that repeats i
 * ours with prompt lookup merging 3 drafts into a tree (``ngram_candidates=3``,
   session 32; on a model with recurrent layers its mixers read the tree along its paths);
 * ours with random streams drafting trees (3 streams, top-2, 6 nodes); on a model with
-  recurrent layers, on its top layer (chains of 3 in session 31, trees since 32).
+  recurrent layers, on its top layer (chains of 3 in session 31, trees since 32);
+* ours with a random ParallelSpec drafter (session 38: one decoder layer of the model's
+  own class, built as the layer after the last), 3 levels, top-2 trees of 6 nodes; on a
+  model with recurrent layers, chains of 3.
 
 A row says ``exact`` when our tokens equal mlx-lm's, with the drafts accepted (tokens
 that came from drafts) so a row with none is seen to prove little, else the error our
@@ -122,6 +125,8 @@ def outcome(want, run):
 
 def survey_one(arch) -> dict:
     from mlx_specstream import SpecStreamConfig, attach_streams
+    from mlx_specstream.config import DrafterConfig
+    from mlx_specstream.drafters import attach_drafter
     from mlx_specstream.recurrent import has_recurrent_layers
 
     made = tests_config(arch)
@@ -149,6 +154,15 @@ def survey_one(arch) -> dict:
         return ours(m, max_tree_nodes=6)
 
     row["streams"] = outcome(want, streams)
+
+    def parallelspec():
+        m = make()
+        trees = not has_recurrent_layers(m)
+        config = DrafterConfig(kind="parallelspec", num_draft_tokens=3, top_k=2 if trees else 1)
+        attach_drafter(m, config, seed=1)
+        return ours(m, **(dict(max_tree_nodes=6) if trees else {}))
+
+    row["parallelspec"] = outcome(want, parallelspec)
     return row
 
 
@@ -196,25 +210,29 @@ def main():
     built = [r for r in rows if r.get("built") == "yes"]
     exact = lambda r, k: r.get(k, "").startswith("exact")  # noqa: E731
     differs = [r["arch"] for r in built
-               if "DIFFERS" in r["lookup"] + r.get("lookup_trees", "") + r["streams"]]  # fmt: skip
+               if "DIFFERS" in r["lookup"] + r.get("lookup_trees", "") + r["streams"]
+               + r.get("parallelspec", "")]  # fmt: skip
     lines = [
         heading("mlx-lm's architectures through our verifier", info), "",
         f"`{info['command']}`", "",
         f"{len(rows)} model modules; {len(built)} built as tiny random models; "
         f"prompt lookup exact on {sum(exact(r, 'lookup') for r in built)}, lookup trees "
         f"on {sum(exact(r, 'lookup_trees') for r in built)}, stream trees exact on "
-        f"{sum(exact(r, 'streams') for r in built)}; output different from "
+        f"{sum(exact(r, 'streams') for r in built)}, ParallelSpec exact on "
+        f"{sum(exact(r, 'parallelspec') for r in built)}; output different from "
         f"mlx-lm's on {len(differs)}{': ' + ', '.join(differs) if differs else ''}.", "",
-        "| architecture | tiny config | prompt lookup | lookup trees | stream trees |",
-        "|---|---|---|---|---|",
+        "| architecture | tiny config | prompt lookup | lookup trees | stream trees | "
+        "ParallelSpec |",
+        "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         if r.get("built") != "yes":
             lines.append(f"| {r['arch']} | {r.get('config', 'generic')} | not built: "
-                         f"{r['built']} | | |")  # fmt: skip
+                         f"{r['built']} | | | |")  # fmt: skip
         else:
             lines.append(f"| {r['arch']} | {r['config']} | {r['lookup']} | "
-                         f"{r.get('lookup_trees', '-')} | {r['streams']} |")  # fmt: skip
+                         f"{r.get('lookup_trees', '-')} | {r['streams']} | "
+                         f"{r.get('parallelspec', '-')} |")  # fmt: skip
     write_results("architectures", args.tag, "\n".join(lines) + "\n", {"info": info, "rows": rows})
 
 

@@ -23,11 +23,12 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 
-from .cache import KVCacheList
+from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
-from .streams import hidden_size, layer_params, own_class
+from .recurrent import has_recurrent_layers
+from .streams import hidden_size, layer_params, own_class, text_args
 
 
 class ResBlock(nn.Module):
@@ -95,7 +96,7 @@ class ParallelSpecDrafter(nn.Module):
         emb = rt.embed(mx.array(nxt)).astype(feats.dtype)
         real = self.fc(mx.concatenate([feats, emb], axis=-1).astype(self.fc.weight.dtype))
         x = mx.concatenate([real, self.masks.astype(real.dtype)], axis=0)[None]
-        out = self.layer(x, layer_mask(x, state.cache), state.cache)
+        out = run_layer(self.layer, x, state.cache)
         state.cache.trim(self.masks.shape[0])  # [MASK] K/V never stay
         k = self.masks.shape[0] + 1
         return rt.head(out[:, -k:])[0]
@@ -119,18 +120,24 @@ def new_layer_cache(layer: nn.Module):
     """An empty cache for a drafter's decoder ``layer``, of the kind its model keeps:
     for DeepSeek V3.2's and GLM-5's sparse attention a :class:`KVCacheList` of two
     (latent keys, the indexer's keys), else a ``KVCache``."""
-    if "indexer" in getattr(layer, "self_attn", {}):
+    attention = getattr(layer, "self_attn", None)  # (None: Nemotron-NAS's layers without)
+    if attention is not None and "indexer" in attention:
         return KVCacheList(KVCache(), KVCache())
     return KVCache()
 
 
-def layer_mask(x: mx.array, cache, return_array: bool = False):
-    """The causal mask of rows ``x`` over ``cache`` (mlx-lm's ``create_attention_mask``);
-    over a :class:`KVCacheList` the first member's, as an array (the indexer of
-    DeepSeek V3.2's sparse attention takes no ``"causal"``)."""
-    if isinstance(cache, KVCacheList):
-        return create_attention_mask(x, cache[0], return_array=True)
-    return create_attention_mask(x, cache, return_array=return_array)
+def layer_mask(x: mx.array, cache) -> Optional[mx.array]:
+    """The causal mask of rows ``x`` over ``cache`` as an array (DeepSeek V3's latent
+    attention and V3.2's indexer take no ``"causal"``); over a :class:`KVCacheList` the
+    first member's."""
+    first = cache[0] if isinstance(cache, KVCacheList) else cache
+    return create_attention_mask(x, first, return_array=True)
+
+
+def run_layer(layer: nn.Module, x: mx.array, cache) -> mx.array:
+    """A drafter's decoder ``layer`` over rows ``x`` ``(B, L, D)``, causal over ``cache``."""
+    out = layer(x, layer_mask(x, cache), cache)
+    return out[0] if isinstance(out, tuple) else out  # (Hunyuan's hands on its keys too)
 
 
 def continue_or_start(prompt_cache_offset: int, previous, layer: nn.Module) -> "DrafterState":
@@ -173,16 +180,50 @@ class DrafterState:
             self.pending_hidden = None  # (its token is gone, or already paired)
 
 
-def text_args(model):
-    """The language model's ``ModelArgs`` (a vision-language wrapper's, as Qwen3.5's
-    ``TextModelArgs``; else the model's own)."""
-    return (getattr(model, "language_model", None) or model).args
+# A decoder layer's constructor arguments, by parameter name, for a drafter's layer (one
+# that attends to every key: no window, RoPE on); the index's names; others keep defaults.
+_LAYER_ARGUMENTS = {
+    "layer_type": "attention",  # (Jamba's and Granite 4's hybrids)
+    "block_type": "*",  # (Nemotron-H's attention block)
+    "kv_proj": True,  # (Hunyuan: keys and values of its own, not shared from below)
+    "use_sliding": False,  # (AFMoE)
+    "is_local": False,  # (EXAONE 4)
+    "is_sliding_window": False,  # (MiMo-V2-Flash)
+    "is_moe": False,  # (MiMo-V2-Flash)
+    "use_rope": True,  # (Llama 4)
+}
+_INDEX_NAMES = ("layer_idx", "layer_id", "layer_index", "idx")
+
+
+def _attention_index(model) -> Optional[int]:
+    """Where a hybrid's drafter layer sits: an attention layer's index (Qwen3-Next's,
+    Qwen3.5's ``full_attention_interval``; else the last layer whose cache keeps keys);
+    None for a model without recurrent layers."""
+    args = text_args(model)
+    if getattr(args, "full_attention_interval", None):  # (layer i attends at (i + 1) % n == 0)
+        return args.full_attention_interval - 1
+    if getattr(args, "num_kv_shared_layers", 0):  # (Gemma 4: the last layer with keys of its own)
+        return len(model.layers) - args.num_kv_shared_layers - 1
+    if not has_recurrent_layers(model):
+        return None
+    made = model.make_cache()
+    keeps_keys = [i for i, c in enumerate(made) if not isinstance(c, ArraysCache)]
+    if len(made) != len(model.layers) or not keeps_keys:
+        raise ValueError(
+            f"Cannot build a drafter's decoder layer for {type(model).__module__}: no layer "
+            "of its own keeps keys and values (one cache per layer)."
+        )
+    return keeps_keys[-1]
 
 
 def new_decoder_layer(model) -> nn.Module:
-    """A fresh decoder layer of the model's own (unhooked) layer class, built as the
-    layer after the last one (DeepSeek-V3's would be a mixture-of-experts layer); on a
-    hybrid (Qwen3-Next, Qwen3.5: ``full_attention_interval``) as an attention layer."""
+    """A fresh decoder layer of the model's own (unhooked) layer class, that attends.
+
+    Built as the layer after the last one (index ``len(model.layers)``: DeepSeek-V3's
+    would be a mixture-of-experts layer), or, where the config's per-layer settings
+    (``layer_types``, ...) end at the last layer, as a twin of the last one; on a
+    hybrid, at an attention layer's index (:func:`_attention_index`).
+    """
     cls, args = own_class(model.layers[-1]), text_args(model)
     takes = layer_params(model.layers[-1])
     if takes[1:3] != ["mask", "cache"]:
@@ -190,17 +231,41 @@ def new_decoder_layer(model) -> nn.Module:
             f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__} "
             f"takes ({', '.join(takes)}); the drafter calls its layer as layer(x, mask, cache)."
         )
-    index = getattr(args, "num_hidden_layers", 0)
-    interval = getattr(args, "full_attention_interval", None)
-    if interval:  # (layer i attends where (i + 1) % interval == 0)
-        index = interval - 1
-    n = len(list(inspect.signature(cls.__init__).parameters)) - 1
+    signature = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    params = [p.name for p in signature]
+    unknown = [p.name for p in signature[1:] if p.default is inspect.Parameter.empty
+               and p.name not in (*_LAYER_ARGUMENTS, *_INDEX_NAMES)]  # fmt: skip
+    if unknown:
+        raise ValueError(
+            f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__} takes "
+            f"({', '.join(params)}); its {unknown[0]!r} is not known here."
+        )
+
+    def build(index):
+        given = {**_LAYER_ARGUMENTS, **dict.fromkeys(_INDEX_NAMES, index)}
+        return cls(args, **{p: given[p] for p in params[1:] if p in given})
+
+    made = model.make_cache() if hasattr(model, "make_cache") else []
+    n = len(model.layers)  # (Nemotron-H's block: its type says it attends, at any index)
+    index = _attention_index(model) if set(params) & set(_INDEX_NAMES) else None
+    own = made[n - 1 if index is None else index] if len(made) == n else None
+    if isinstance(own, CacheList) and not kv_lists(own):
+        raise ValueError(
+            f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__} keeps its "
+            "keys beside other state in one cache (a CacheList); a drafter's cache rolls back "
+            "keys only."
+        )
     try:
-        return cls(*(args, index)[:n])
-    except TypeError as e:
+        if index is not None:
+            return build(index)
+        try:
+            return build(n)
+        except IndexError:  # (per-layer settings that end at the last layer: its twin)
+            return build(n - 1)
+    except (TypeError, IndexError, KeyError) as e:
         raise ValueError(
             f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__}"
-            f"(args{', layer_idx' if n > 1 else ''}) failed ({e})."
+            f"({', '.join(params)}) failed ({type(e).__name__}: {e})."
         ) from e
 
 

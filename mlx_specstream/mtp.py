@@ -46,12 +46,11 @@ from .config import DrafterConfig
 from .drafters import (
     DrafterState,
     continue_or_start,
-    layer_mask,
     new_decoder_layer,
     new_rows,
-    text_args,
+    run_layer,
 )
-from .streams import _embedding, hidden_size
+from .streams import _embedding, hidden_size, text_args
 
 
 @dataclass(frozen=True)
@@ -202,7 +201,7 @@ class MTPDrafter(nn.Module):
         x = mx.concatenate([h, e] if self._layout.hidden_first else [e, h], axis=-1)
         x = self.proj(x.astype(self.embed_norm.weight.dtype))
         x = x if x.ndim == 3 else x[None]
-        out = self.layer(x, layer_mask(x, cache, return_array=True), cache)
+        out = run_layer(self.layer, x, cache)
         return out if hidden.ndim == 3 else out[0]
 
     def logits(self, model, out: mx.array) -> mx.array:

@@ -556,6 +556,9 @@ class StreamRuntime:
         finally:
             self.state = "step"
         self._note_outputs(i, out)
+        if i == self.num_layers - 1:  # (a drafter's states: Nemotron-H's last layer is Mamba)
+            h, rest = _split(out)
+            out = _joined(self._hold_back_streams(h), rest)
         return out
 
     def _tempered_call(self, base_call, i: int):
@@ -1493,6 +1496,16 @@ def rows_mask(block: mx.array, ends: mx.array, held: int) -> mx.array:
     return mask.transpose(1, 0, 2)[:, None]
 
 
+def text_args(model):
+    """The language model's ``ModelArgs``: a vision-language wrapper's (Qwen3.5's
+    ``TextModelArgs``), the model's own, or its inner model's (Baichuan-M1's)."""
+    for owner in (getattr(model, "language_model", None), model, getattr(model, "model", None)):
+        for name in ("args", "config"):  # (Youtu-LLM's: config)
+            if owner is not None and hasattr(owner, name):
+                return getattr(owner, name)
+    raise ValueError(f"Cannot find the ModelArgs of {type(model).__module__}.")
+
+
 def _embedding(model) -> nn.Module:
     paths = ("model.embed_tokens", "embed_tokens", "model.wte", "gpt_neox.embed_in",
              "language_model.model.embed_tokens", "model.language_model.embed_tokens")  # fmt: skip
@@ -1501,7 +1514,18 @@ def _embedding(model) -> nn.Module:
             return submodule(model, path)
         except (KeyError, AttributeError, TypeError):
             continue
-    raise ValueError(f"Cannot find the input embedding of {type(model).__module__}.")
+    # (else the model's one token embedding, whatever its name: wte, word_embeddings, ...)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)) and ".layers." not in name]  # fmt: skip
+    if len(found) > 1:  # (GPT-BigCode's also embeds positions: the one of the vocabulary)
+        rows = getattr(text_args(model), "vocab_size", None)
+        found = [(name, m) for name, m in found if m.weight.shape[0] == rows]
+    if len(found) == 1:
+        return found[0][1]
+    raise ValueError(
+        f"Cannot find the input embedding of {type(model).__module__}"
+        + (f": several ({', '.join(n for n, _ in found)})." if found else ".")
+    )
 
 
 def _rope_key(rope) -> Optional[tuple]:
@@ -1926,6 +1950,9 @@ def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambd
         keys = mx.random.split(mx.random.key(seed), len(params))
         new = []
         for key, (name, p) in zip(keys, params):
+            if p.ndim == 0:  # (a scalar setting, as Apertus's activation's: as built)
+                new.append((name, p))
+                continue
             scale = std(name, p)
             scale = p.shape[-1] ** -0.5 if scale is None else scale
             new.append((name, scale * mx.random.normal(p.shape, key=key)))

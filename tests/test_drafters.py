@@ -312,3 +312,59 @@ def test_a_tuned_drafter_tree_is_stored_for_this_device_and_loads_there(tmp_path
     monkeypatch.setattr(utils, "device_key", lambda: "gpu:elsewhere")
     there, _ = load(str(path))
     assert there.speculative_streams.config.top_k == 2  # the model's own
+
+
+# One architecture per kind of decoder layer a ParallelSpec drafter's layer is built from
+# (drafters.new_decoder_layer), each once failing: latent attention and soft-capping
+# (an array mask), other layer counts and embedding names (DBRX, Qwen), constructor flags
+# (EXAONE 4, AFMoE, Llama 4, MiMo-V2-Flash), per-layer settings that end at the last
+# layer (Step 3.5), shared keys (Gemma 4), a layer that hands on its keys (Hunyuan), a
+# last layer without attention (Nemotron-NAS), and hybrids (their attention layer; chains).
+SWEEP = ["deepseek_v3", "gemma2", "dbrx", "qwen", "exaone4", "afmoe", "llama4_text",
+         "mimo_v2_flash", "step3p5", "gemma4_text", "hunyuan", "nemotron-nas"]  # fmt: skip
+HYBRID_SWEEP = ["lfm2", "jamba", "granitemoehybrid", "nemotron_h", "kimi_linear"]
+
+
+@pytest.mark.parametrize("arch", SWEEP + HYBRID_SWEEP)
+def test_parallelspec_builds_its_layer_on_every_kind_of_model(arch):
+    from helpers import HYBRID_ARGS, tiny_hybrid
+    from mlx_lm.generate import generate_step
+
+    make = tiny_hybrid if arch in HYBRID_ARGS else tiny_model
+    model, plain = make(arch, vocab_size=8), make(arch, vocab_size=8)
+    hybrid = arch in HYBRID_SWEEP
+    config = DrafterConfig(kind="parallelspec", num_draft_tokens=3, top_k=1 if hybrid else 2)
+    drafter = attach_drafter(model, config, seed=1)
+    if hybrid:  # (its layer is one of the model's attention layers)
+        assert not any("mamba" in k or "conv" in k for k, _ in tree_flatten(drafter.parameters()))
+    prompt = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
+    want = [int(t) for t, _ in generate_step(mx.array(prompt), plain, max_tokens=40)]
+    got, _ = spec_tokens(model, prompt, 40, **({} if hybrid else dict(max_tree_nodes=6)))
+    assert [int(t) for t in got] == want
+
+
+@pytest.mark.parametrize(
+    "arch,refusal",
+    [("baichuan_m1", "beside other state in one cache"), ("ministral3", "attn_scale")],
+)
+def test_parallelspec_refuses_a_layer_it_cannot_build_and_says_why(arch, refusal):
+    from helpers import HYBRID_ARGS, tiny_hybrid
+
+    model = (tiny_hybrid if arch in HYBRID_ARGS else tiny_model)(arch, vocab_size=8)
+    with pytest.raises(ValueError, match=refusal):
+        attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=3))
+
+
+def test_a_layer_constructor_argument_not_known_is_named(monkeypatch):
+    """A decoder layer whose constructor takes a required argument not known here is
+    refused by that argument's name, not built with a guess."""
+    from mlx_lm.models import llama
+
+    model, real = tiny_model("llama"), llama.TransformerBlock.__init__
+
+    def init(self, args, use_sliding=False, *, mystery):
+        real(self, args, use_sliding)
+
+    monkeypatch.setattr(llama.TransformerBlock, "__init__", init)
+    with pytest.raises(ValueError, match="'mystery' is not known"):
+        attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=3))
