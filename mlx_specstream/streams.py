@@ -482,10 +482,7 @@ class StreamRuntime:
                                               cols, x.dtype)  # fmt: skip
                     out = base_call(self, x, mask, cache, *args, **kwargs)
                     rt._note_outputs(i, out)
-                    if i == rt.num_layers - 1:
-                        h, rest = _split(out)
-                        out = _joined(rt._hold_back_streams(h), rest)
-                    return out
+                    return rt._held_back(i, out)
 
                 return __call__
 
@@ -556,10 +553,7 @@ class StreamRuntime:
         finally:
             self.state = "step"
         self._note_outputs(i, out)
-        if i == self.num_layers - 1:  # (a drafter's states: Nemotron-H's last layer is Mamba)
-            h, rest = _split(out)
-            out = _joined(self._hold_back_streams(h), rest)
-        return out
+        return self._held_back(i, out)  # (a drafter's states: Nemotron-H's last layer is Mamba)
 
     def _tempered_call(self, base_call, i: int):
         """Layer ``i``'s attention, its queries scaled at the rows' positions where
@@ -1300,6 +1294,14 @@ class StreamRuntime:
         self._prefill_hidden = []
         self._kept, self._kept_layout = [], None
         self._cols, self._upper_extra = [None] * self.num_layers, {}
+
+    def _held_back(self, i: int, out):
+        """Layer ``i``'s output; after the last layer, with the stream rows held back
+        (:meth:`_hold_back_streams`) and the main rows' states kept."""
+        if i != self.num_layers - 1:
+            return out
+        h, rest = _split(out)
+        return _joined(self._hold_back_streams(h), rest)
 
     def _hold_back_streams(self, out: mx.array) -> mx.array:
         R = len(self._kept)
