@@ -126,17 +126,18 @@ def new_layer_cache(layer: nn.Module):
     return KVCache()
 
 
-def layer_mask(x: mx.array, cache) -> Optional[mx.array]:
+def layer_mask(x: mx.array, cache, window: Optional[int] = None) -> Optional[mx.array]:
     """The causal mask of rows ``x`` over ``cache`` as an array (DeepSeek V3's latent
     attention and V3.2's indexer take no ``"causal"``); over a :class:`KVCacheList` the
-    first member's."""
+    first member's. With ``window``, each row sees its last ``window`` keys only."""
     first = cache[0] if isinstance(cache, KVCacheList) else cache
-    return create_attention_mask(x, first, return_array=True)
+    return create_attention_mask(x, first, window_size=window, return_array=True)
 
 
-def run_layer(layer: nn.Module, x: mx.array, cache) -> mx.array:
-    """A drafter's decoder ``layer`` over rows ``x`` ``(B, L, D)``, causal over ``cache``."""
-    out = layer(x, layer_mask(x, cache), cache)
+def run_layer(layer: nn.Module, x: mx.array, cache, window: Optional[int] = None) -> mx.array:
+    """A drafter's decoder ``layer`` over rows ``x`` ``(B, L, D)``, causal over ``cache``
+    (within ``window`` keys, where given)."""
+    out = layer(x, layer_mask(x, cache, window), cache)
     return out[0] if isinstance(out, tuple) else out  # (Hunyuan's hands on its keys too)
 
 
@@ -216,15 +217,17 @@ def _attention_index(model) -> Optional[int]:
     return keeps_keys[-1]
 
 
-def new_decoder_layer(model) -> nn.Module:
+def new_decoder_layer(model, args=None, **arguments) -> nn.Module:
     """A fresh decoder layer of the model's own (unhooked) layer class, that attends.
 
     Built as the layer after the last one (index ``len(model.layers)``: DeepSeek-V3's
     would be a mixture-of-experts layer), or, where the config's per-layer settings
     (``layer_types``, ...) end at the last layer, as a twin of the last one; on a
-    hybrid, at an attention layer's index (:func:`_attention_index`).
+    hybrid, at an attention layer's index (:func:`_attention_index`). ``args`` (the
+    model's ``ModelArgs`` by default) and ``arguments`` (over ``_LAYER_ARGUMENTS``) are
+    for a layer of other settings (a checkpoint's MTP layer: ``mtp.py``).
     """
-    cls, args = own_class(model.layers[-1]), text_args(model)
+    cls, args = own_class(model.layers[-1]), args or text_args(model)
     takes = layer_params(model.layers[-1])
     if takes[1:3] != ["mask", "cache"]:
         raise ValueError(
@@ -234,7 +237,7 @@ def new_decoder_layer(model) -> nn.Module:
     signature = list(inspect.signature(cls.__init__).parameters.values())[1:]
     params = [p.name for p in signature]
     unknown = [p.name for p in signature[1:] if p.default is inspect.Parameter.empty
-               and p.name not in (*_LAYER_ARGUMENTS, *_INDEX_NAMES)]  # fmt: skip
+               and p.name not in (*_LAYER_ARGUMENTS, *arguments, *_INDEX_NAMES)]  # fmt: skip
     if unknown:
         raise ValueError(
             f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__} takes "
@@ -242,7 +245,7 @@ def new_decoder_layer(model) -> nn.Module:
         )
 
     def build(index):
-        given = {**_LAYER_ARGUMENTS, **dict.fromkeys(_INDEX_NAMES, index)}
+        given = {**_LAYER_ARGUMENTS, **arguments, **dict.fromkeys(_INDEX_NAMES, index)}
         return cls(args, **{p: given[p] for p in params[1:] if p in given})
 
     made = model.make_cache() if hasattr(model, "make_cache") else []

@@ -1,7 +1,8 @@
 """A checkpoint's own multi-token prediction (MTP) layer as a drafter.
 
-DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next and Qwen3.5 checkpoints ship an MTP layer beside the model,
-trained with it to predict the token after next; ``mlx_lm.load`` drops it. Here
+DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next, Qwen3.5, Step 3.5, MiMo-V2-Flash and K-EXAONE
+checkpoints (:data:`FAMILIES`) ship an MTP layer beside the model, trained with it to
+predict the token after next; ``mlx_lm.load`` drops it. Here
 it drafts for the same tree verifier as streams, so output stays the base
 model's. One MTP step (row ``i`` pairs token ``i``'s last hidden state ``h``
 with the embedding of token ``i + 1``, on its own KV cache)::
@@ -18,8 +19,11 @@ does), rows trimmed after. The conventions per family follow vLLM's
 ``mimo_mtp.py``, ``deepseek_mtp.py`` and ``qwen3_5_mtp.py``: MiMo reads the hidden
 state before the base's final norm and recurses on ``final_norm(o)``; DeepSeek-V3
 and GLM-4.5 read it after the final norm and recurse on ``o``; Qwen3-Next and
-Qwen3.5 read it after the final norm and recurse on ``final_norm(o)``. All zero the
-embedding of the row at position 0. Qwen3-Next and Qwen3.5 are hybrids (Gated
+Qwen3.5 read it after the final norm and recurse on ``final_norm(o)``. These zero the
+embedding of the row at position 0. Step 3.5 (``step3p5_mtp.py``) reads the hidden
+state before the final norm, recurses on ``o`` and has a head of its own; MiMo-V2-Flash
+and K-EXAONE follow Qwen3.5's rule; their MTP layers are built as their engines build
+them (:attr:`MTPLayout.block`: window layers, dense MLPs, K-EXAONE's without RoPE). Qwen3-Next and Qwen3.5 are hybrids (Gated
 DeltaNet layers): their drafts are verified as chains
 (:mod:`mlx_specstream.recurrent`), and their checkpoints store every RMSNorm
 weight less one, as mlx-lm reads them.
@@ -35,7 +39,7 @@ import json
 import re
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -75,6 +79,13 @@ class MTPLayout:
     # Whether a checkpoint (its safetensors headers: key -> shape) stores every RMSNorm
     # weight less one, as mlx-lm's sanitize then reads the base (None: never).
     norms_less_one: Optional[Callable[[Dict[str, list]], bool]] = None
+    zero_first: bool = True  # the row at position 0 reads no embedding (DeepSeek's rule)
+    renames: tuple = ()  # (theirs, ours): the decoder layer's tensor names, by prefix
+    # The decoder layer's settings where they are not the base's next layer's: ModelArgs
+    # -> (ModelArgs, constructor arguments) for drafters.new_decoder_layer
+    block: Optional[Callable] = None
+    undeclared: int = 0  # the layer count of a family whose configs may not declare it
+    expects: tuple = ()  # (config key, the only value read here where the key is present)
 
 
 _DEEPSEEK = MTPLayout(
@@ -116,6 +127,37 @@ def _qwen(norms_less_one) -> MTPLayout:
     )
 
 
+def _extended(args, n: int, **fill):
+    """``args`` with its per-layer lists ``fill`` (name -> value) reaching index ``n``
+    (a list that ends at the base's last layer gets ``value`` for the MTP layer)."""
+    lists = {}
+    for name, value in fill.items():
+        have = getattr(args, name, None)
+        if isinstance(have, list) and len(have) <= n:
+            lists[name] = have + [value] * (n + 1 - len(have))
+    return replace(args, **lists) if lists else args
+
+
+def _step_block(args):
+    """Step 3.5's MTP layers (index 45+): a window layer with a dense MLP, as vLLM builds
+    them; the per-layer lists of configs that end at layer 44 are read as NeMo fills them."""
+    n = args.num_hidden_layers
+    fill = dict(layer_types="sliding_attention", rope_theta=10000.0)
+    return _extended(args, n, **fill), {}
+
+
+def _mimo_v2_block(args):
+    """MiMo-V2-Flash's MTP layer: a window layer (its head counts, sinks) with a dense MLP."""
+    return args, dict(is_sliding_window=True, is_moe=False)
+
+
+def _exaone_block(args):
+    """K-EXAONE's MTP layer: full attention without RoPE and a dense MLP (its config's
+    ``mtp_layer_types: ["full_attention"]``, as vLLM, SGLang and TensorRT-LLM build it)."""
+    n = args.num_hidden_layers
+    return _extended(args, n, layer_types="full_attention", is_moe_layer=False), {}
+
+
 FAMILIES = {
     "mimo": MTPLayout(
         prefix="model.mtp_layers.0.",
@@ -135,12 +177,86 @@ FAMILIES = {
     "qwen3_next": _qwen(_expert_per_key),
     "qwen3_5": _qwen(_unsanitized_conv1d),
     "qwen3_5_moe": _qwen(_unsanitized_conv1d),
+    # Step 3.5 (Step-3.5-Flash): 3 MTP layers, each with its own head (the first read);
+    # every norm zero-centred (stored less one); the base's hidden state before its norm
+    "step3p5": MTPLayout(
+        prefix="model.layers.{n}.",
+        embed_norm="enorm",
+        hidden_norm="hnorm",
+        proj="eh_proj",
+        final_norm="shared_head.norm",
+        hidden_first=False,
+        normed_hidden=False,
+        recurse_normed=False,
+        skip=("embed_tokens.",),
+        head="shared_head.output",
+        norms_less_one=lambda shapes: True,
+        zero_first=False,
+        renames=(("transformer.", ""),),  # (some checkpoints nest the layer one deeper)
+        block=_step_block,
+    ),
+    # MiMo-V2-Flash: 3 MTP layers (the first read), its config declares none
+    "mimo_v2_flash": MTPLayout(
+        prefix="model.mtp.layers.0.",
+        embed_norm="enorm",
+        hidden_norm="hnorm",
+        proj="eh_proj",
+        final_norm="final_layernorm",
+        hidden_first=False,
+        normed_hidden=True,
+        recurse_normed=True,
+        zero_first=False,
+        renames=(("pre_mlp_layernorm.", "post_attention_layernorm."),),
+        block=_mimo_v2_block,
+        undeclared=1,
+    ),
+    # K-EXAONE: Qwen3-Next's names, plain norms, the layer full attention without RoPE
+    "exaone_moe": MTPLayout(
+        prefix="mtp.",
+        embed_norm="pre_fc_norm_embedding",
+        hidden_norm="pre_fc_norm_hidden",
+        proj="fc",
+        final_norm="norm",
+        hidden_first=False,
+        normed_hidden=True,
+        recurse_normed=True,
+        layer="layers.0.",
+        zero_first=False,
+        block=_exaone_block,
+        undeclared=1,
+        expects=(("mtp_layer_types", ["full_attention"]),),
+    ),
 }
 # The decoder layer's RMSNorm weights that mlx-lm's Qwen3-Next/3.5 sanitize adds one to.
 _LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
                 "k_norm.weight")  # fmt: skip
 # A chain: deeper levels are drafted from the first level's argmax only.
 MTP_DEFAULTS = dict(num_draft_tokens=3, top_k=1, max_tree_nodes=4)
+
+
+def _norm_eps(args) -> float:
+    """The RMSNorm epsilon (MiMo-V2-Flash's named ``layernorm_epsilon``)."""
+    eps = getattr(args, "rms_norm_eps", None)
+    return getattr(args, "layernorm_epsilon", 1e-6) if eps is None else eps
+
+
+def mtp_decoder_layer(model) -> nn.Module:
+    """A fresh decoder layer as the family's MTP layer is built: the base's next layer,
+    or the settings of :attr:`MTPLayout.block`."""
+    layout = mtp_layout(model.args.model_type)
+    args, arguments = layout.block(text_args(model)) if layout.block else (None, {})
+    return new_decoder_layer(model, args, **arguments)
+
+
+def layer_window(layer: nn.Module, args) -> Optional[int]:
+    """How many keys a window ``layer`` sees (the base's ``sliding_window``: Step 3.5's,
+    MiMo-V2-Flash's MTP layers); None for a layer that sees every key."""
+    if not (getattr(layer, "is_sliding", False) or getattr(layer, "is_sliding_window", False)):
+        return None
+    for name in ("sliding_window", "sliding_window_size"):
+        if getattr(args, name, None):
+            return getattr(args, name)
+    raise ValueError(f"{args.model_type}: a window layer, but no sliding_window in its config.")
 
 
 def mtp_layout(model_type: str) -> MTPLayout:
@@ -180,15 +296,17 @@ class MTPDrafter(nn.Module):
     def __init__(self, config: DrafterConfig, model: nn.Module):
         super().__init__()
         self._layout = mtp_layout(model.args.model_type)
-        D, eps = hidden_size(model), text_args(model).rms_norm_eps
+        args = text_args(model)
+        D, eps = hidden_size(model), _norm_eps(args)
         self.embed_norm = nn.RMSNorm(D, eps=eps)
         self.hidden_norm = nn.RMSNorm(D, eps=eps)
         self.proj = nn.Linear(2 * D, D, bias=False)
         # (DeepSeek-V3's and GLM-4.5's are mixture-of-experts layers; Qwen3-Next's and
         # Qwen3.5's attend, as vLLM builds them)
-        self.layer = new_decoder_layer(model)
+        self.layer = mtp_decoder_layer(model)
         self.final_norm = nn.RMSNorm(D, eps=eps)
         self._levels = config.num_draft_tokens
+        self._window = layer_window(self.layer, args)
 
     def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
         return continue_or_start(prompt_cache_offset, previous, self.layer)
@@ -201,7 +319,7 @@ class MTPDrafter(nn.Module):
         x = mx.concatenate([h, e] if self._layout.hidden_first else [e, h], axis=-1)
         x = self.proj(x.astype(self.embed_norm.weight.dtype))
         x = x if x.ndim == 3 else x[None]
-        out = run_layer(self.layer, x, cache)
+        out = run_layer(self.layer, x, cache, self._window)
         return out if hidden.ndim == 3 else out[0]
 
     def logits(self, model, out: mx.array) -> mx.array:
@@ -227,7 +345,7 @@ class MTPDrafter(nn.Module):
         if self._layout.normed_hidden:
             feats = _final_norm(rt.model)(feats)
         emb = rt.embed(mx.array(nxt))
-        if state.cache.offset == 0:  # the row at position 0 reads no embedding
+        if self._layout.zero_first and state.cache.offset == 0:  # (position 0: no embedding)
             emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
         out = self.step(feats, emb, state.cache)[-1:]
         logits = [self.logits(rt.model, out)]
@@ -241,17 +359,18 @@ class MTPDrafter(nn.Module):
 
 
 # ---- reading a checkpoint's MTP layer --------------------------------------------
-def mtp_layers_in_config(config: dict) -> int:
+def mtp_layers_in_config(config: dict, declared_only: bool = False) -> int:
     """How many MTP layers ``config.json`` declares (0 for a family without them):
     ``num_nextn_predict_layers``, or Qwen3.5's ``mtp_num_hidden_layers`` (in its
-    ``text_config``)."""
+    ``text_config``); for a family whose configs may declare none (MiMo-V2-Flash, early
+    K-EXAONE), the family's count (its safetensors then tell), or with ``declared_only`` 0."""
     if config.get("model_type") not in FAMILIES:
         return 0
     for section in (config, config.get("text_config") or {}):
         for key in ("num_nextn_predict_layers", "mtp_num_hidden_layers"):
-            if section.get(key):
-                return int(section[key])
-    return 0
+            if key in section:
+                return int(section[key] or 0)
+    return 0 if declared_only else FAMILIES[config["model_type"]].undeclared
 
 
 def _mtp_prefix(config: dict) -> str:
@@ -356,11 +475,34 @@ def read_mtp_weights(
     path = Path(path)
     layout = mtp_layout(model.args.model_type)
     prefix = layout.prefix.format(n=text_args(model).num_hidden_layers)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else {}
+    for key, value in layout.expects:  # (settings of the layer that are not read here)
+        if key in config and config[key] != value:
+            raise ValueError(
+                f"{config_file}: {key} is {config[key]!r}; the MTP layer is read here as "
+                f"{value!r} only."
+            )
     found = {}
     for f in _shards(path, prefix):
         found.update(
             {k[len(prefix) :]: v for k, v in mx.load(str(f)).items() if k.startswith(prefix)}
         )
+    for theirs, ours in layout.renames:  # (the decoder layer's tensors under other names)
+        lead = layout.layer + theirs
+        found = {layout.layer + ours + k[len(lead) :] if k.startswith(lead) else k: v
+                 for k, v in found.items()}  # fmt: skip
+    for name in (layout.proj, layout.head):  # an FP8 matrix: the base's sanitize dequantizes
+        scale = f"{name}.weight_scale_inv"
+        if name and scale in found and f"{name}.weight" in found:
+            pair = {f"model.layers.0.{k}": found.pop(k) for k in (f"{name}.weight", scale)}
+            pair = model.sanitize(pair) if hasattr(model, "sanitize") else pair
+            if f"model.layers.0.{scale}" in pair:
+                raise ValueError(
+                    f"{path}: '{prefix}{name}.weight' is stored in FP8 with its "
+                    f"'{scale}', which {model.args.model_type}'s sanitize does not dequantize."
+                )
+            found[f"{name}.weight"] = pair[f"model.layers.0.{name}.weight"]
     if not found:
         raise ValueError(
             f"{path}: no tensors under '{prefix}' in its safetensors: the MTP layer is not "

@@ -103,10 +103,14 @@ def read_stream_config(model_path: Path) -> Union[SpecStreamConfig, DrafterConfi
     if not found:
         mtp = ""
         if mtp_layers_in_config(config):  # (declared, but not in its safetensors)
+            n = mtp_layers_in_config(config)
+            said = "Its config declares" if mtp_layers_in_config(config, True) else (
+                f"Checkpoints of {config['model_type']} have"
+            )  # fmt: skip
             mtp = (
-                f" Its config declares {mtp_layers_in_config(config)} MTP layer(s), but "
-                "its safetensors hold none (mlx_lm.convert drops them): pass the original "
-                "checkpoint as drafter= (--drafter) to draft with its MTP layer."
+                f" {said} {n} MTP layer(s), but its safetensors hold "
+                "none (mlx_lm.convert drops them): pass the original checkpoint as drafter= "
+                "(--drafter) to draft with its MTP layer."
             )
         raise ValueError(
             f"{model_path} is a plain model: {config_file} has no '{CONFIG_KEY}' or "

@@ -26,7 +26,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.utils import load as mlx_lm_load
 
 import mlx_specstream.mtp as mtp
-from mlx_specstream.drafters import new_decoder_layer, new_layer_cache
+from mlx_specstream.drafters import new_layer_cache
 from mlx_specstream import load
 from mlx_specstream.utils import save
 
@@ -46,8 +46,14 @@ ARGS = {
     "qwen3_next": {**HYBRID_ARGS["qwen3_next"], "num_experts": 4, "num_experts_per_tok": 2},
     "qwen3_5": HYBRID_ARGS["qwen3_5"],
     "qwen3_5_moe": HYBRID_ARGS["qwen3_5_moe"],
+    # window layers beside full ones (window 8, so that the MTP layer's window slides)
+    "step3p5": {**BASE, **MORE_ARGS["step3p5"]},
+    "mimo_v2_flash": {**BASE, **MORE_ARGS["mimo_v2_flash"]},
+    "exaone_moe": {**BASE, **MORE_ARGS["exaone_moe"]},
 }
 HYBRIDS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+# Families whose MTP layer attends within the base's window
+WINDOWED = ("step3p5", "mimo_v2_flash")
 _QWEN_OWN = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc", "norm")
 # The layer's own tensors (besides the decoder layer) under each family's names.
 OWN = {
@@ -59,6 +65,9 @@ OWN = {
         for arch in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")
     },
     **{arch: _QWEN_OWN for arch in HYBRIDS},
+    "step3p5": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
+    "mimo_v2_flash": ("enorm", "hnorm", "eh_proj", "final_layernorm"),
+    "exaone_moe": _QWEN_OWN,
 }
 # The RMSNorm weights Qwen3-Next/3.5 checkpoints store less one (mlx-lm adds it back).
 _LESS_ONE = (".input_layernorm.weight", ".post_attention_layernorm.weight",
@@ -71,10 +80,19 @@ def _scaled(layer, scale):
     )
 
 
-def _hf_block(arch, layer) -> dict:
+def _hf_block(arch, layer, nested=False) -> dict:
     """The decoder layer's tensors as a Hugging Face checkpoint names them: experts
-    one by one (mlx-lm's ``sanitize`` stacks them on load); see :func:`_hf_tensors`."""
-    return _hf_tensors(arch, dict(tree_flatten(layer.parameters())))
+    one by one (mlx-lm's ``sanitize`` stacks them on load), see :func:`_hf_tensors`;
+    Step 3.5's norms less one (``nested``: one level deeper, as some of its checkpoints
+    keep them), MiMo-V2-Flash's post-attention norm named ``pre_mlp_layernorm``."""
+    out = _hf_tensors(arch, dict(tree_flatten(layer.parameters())))
+    if arch == "step3p5":
+        out = {k: w - 1.0 if k.endswith(mtp._LAYER_NORMS) else w for k, w in out.items()}
+        out = {("transformer." if nested else "") + k: w for k, w in out.items()}
+    if arch == "mimo_v2_flash":
+        out = {k.replace("post_attention_layernorm.", "pre_mlp_layernorm."): w
+               for k, w in out.items()}  # fmt: skip
+    return out
 
 
 def _hf_tensors(arch, weights) -> dict:
@@ -100,7 +118,7 @@ def _hf_tensors(arch, weights) -> dict:
                 )
             elif ".down_proj." in k:
                 out[k.split(".switch_mlp.")[0] + ".experts.down_proj"] = w
-        elif ".switch_mlp." in k:
+        elif ".switch_mlp." in k and arch != "step3p5":  # (Step 3.5's: stacked, as MLX's)
             for e in range(w.shape[0]):
                 out[k.replace(".switch_mlp.", f".experts.{e}.")] = w[e]
         else:
@@ -109,8 +127,9 @@ def _hf_tensors(arch, weights) -> dict:
 
 
 def write_checkpoint(
-    path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0, own_head=False, **overrides
-):
+    path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0, own_head=False, nested=False,
+    **overrides,
+):  # fmt: skip
     """A tiny random ``arch`` checkpoint with one MTP layer in its family's layout (the
     DeepSeek layout's ``shared_head.head`` a copy of the base's LM head, or with
     ``own_head`` a head of its own), its config ``ARGS[arch]`` with ``overrides``.
@@ -121,7 +140,7 @@ def write_checkpoint(
     D = mtp.text_args(base).hidden_size
     # (a final norm of ones would make its input and output alike to the MTP's own norm)
     base.model.norm.weight = 1 + 0.5 * mx.random.normal((D,))
-    block = new_decoder_layer(base)
+    block = mtp.mtp_decoder_layer(base)
     _scaled(block, 4.0)
     names = OWN[arch]
     own = {
@@ -138,20 +157,24 @@ def write_checkpoint(
         want = dict(tree_flatten(base.parameters()))
         assert back.keys() == want.keys(), sorted(set(back) ^ set(want))
         assert all(np.allclose(back[k], want[k], atol=1e-6) for k in want)
-    less_one = 1.0 if arch in HYBRIDS else 0.0  # (stored less one)
+    less_one = 1.0 if arch in (*HYBRIDS, "step3p5") else 0.0  # (stored less one)
     weights.update({f"{prefix}{n}.weight": w - less_one * (w.ndim == 1) for n, w in own.items()})
     block_prefix = prefix + layout.layer
-    weights.update({block_prefix + k: w for k, w in _hf_block(arch, block).items()})
+    weights.update({block_prefix + k: w for k, w in _hf_block(arch, block, nested).items()})
     head = None
     if layout.head:  # the layer's copy of the embeddings (not read), and its head
         weights[prefix + "embed_tokens.weight"] = base.model.embed_tokens.weight
         head = mx.random.normal((V, D)) * D**-0.5 if own_head else base.lm_head.weight
-        weights[prefix + "shared_head.head.weight"] = head
+        weights[prefix + layout.head + ".weight"] = head
     for k in drop:
         weights.pop(prefix + k)
     path.mkdir(parents=True)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     config = {**args, "model_type": arch, "vocab_size": V, "num_nextn_predict_layers": 1}
+    if arch == "mimo_v2_flash":  # (its config declares none: its safetensors tell)
+        config.pop("num_nextn_predict_layers")
+    if arch == "exaone_moe":
+        config.setdefault("mtp_layer_types", ["full_attention"])
     if "text_config" in args:  # (Qwen3.5: its count in the language model's config)
         config.pop("num_nextn_predict_layers")
         text = {**args["text_config"], "vocab_size": V, "mtp_num_hidden_layers": 1}
@@ -165,17 +188,20 @@ def write_checkpoint(
         hidden_first=layout.hidden_first,
         normed_hidden=layout.normed_hidden,
         recurse_normed=layout.recurse_normed,
+        zero_first=layout.zero_first,
+        window=mtp.layer_window(block, mtp.text_args(base)),
         head=head if own_head else None,
     )
 
 
-def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False):
+def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False, no_window=False):
     """From the raw tensors and mlx-lm's own modules, from scratch: the MTP rows
     0..a over ``text`` (row i: token i's last hidden state, token i + 1's
-    embedding, zeroed at position 0), level 1 at row a, then the layer again on its
-    own output and each level's argmax. ``swap`` / ``other_hidden`` are the
-    controls: the other concatenation order, the other side of the final norm."""
-    eps = mtp.text_args(plain).rms_norm_eps
+    embedding, zeroed at position 0 where the family does), level 1 at row a, then the
+    layer again on its own output and each level's argmax; a window layer's rows see
+    their last ``window`` keys. ``swap`` / ``other_hidden`` / ``no_window`` are the
+    controls: the other concatenation order, the other side of the final norm, every key."""
+    eps = mtp._norm_eps(mtp.text_args(plain))
     e_w, h_w, f_w = ref["norms"]
     inner = plain.model
     norm, inner.norm = inner.norm, lambda x: x  # (the base's pass, before its final norm)
@@ -194,12 +220,14 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
         if ref["hidden_first"] == swap:
             pair = pair[::-1]
         x = (mx.concatenate(pair, axis=-1) @ ref["proj"].T)[None]
-        n = x.shape[1]  # (one row: no mask, as mlx-lm's models pass it)
-        mask = create_causal_mask(n, offset=cache.offset) if n > 1 else None
-        return ref["block"](x, mask, cache)[0, -1:]
+        n, window = x.shape[1], None if no_window else ref["window"]
+        mask = create_causal_mask(n, offset=cache.offset, window_size=window)
+        out = ref["block"](x, mask if n > 1 or window else None, cache)
+        return (out[0] if isinstance(out, tuple) else out)[0, -1:]
 
     emb = inner.embed_tokens(mx.array(text[1 : a + 2]))
-    emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
+    if ref["zero_first"]:
+        emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
     cache = new_layer_cache(ref["block"])  # (DeepSeek V3.2's: latent and indexer keys)
     out = rows(hid, emb, cache)
     logits = [head(mx.fast.rms_norm(out, f_w, eps))]
@@ -215,7 +243,8 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     "arch,own_head",
     [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)]
     + [(arch, False) for arch in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")]
-    + [(arch, False) for arch in HYBRIDS],
+    + [(arch, False) for arch in HYBRIDS]
+    + [("step3p5", True), ("step3p5", "nested"), ("mimo_v2_flash", False), ("exaone_moe", False)],
 )
 def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_path, monkeypatch):
     """Each step's draft levels (the cached MTP rows of the accepted text, the
@@ -225,7 +254,8 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
     used; a copy of the base's is not kept. On the hybrids (chains through the
     model's own passes: recurrent.DrafterChains) the rows come from each pass and
     prompt chunk by position."""
-    ref = write_checkpoint(tmp_path / "ckpt", arch, own_head=own_head)
+    nested, own_head = own_head == "nested", bool(own_head)  # (Step 3.5's deeper layer)
+    ref = write_checkpoint(tmp_path / "ckpt", arch, own_head=own_head, nested=nested)
     model, _ = load(str(tmp_path / "ckpt"))
     plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
     drafter = model.speculative_streams.drafter
@@ -256,7 +286,11 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
         checked += 1
     assert checked >= 5
     logits, a, _, _ = seen[1]
-    for control in (dict(swap=True), dict(other_hidden=True)):
+    controls = [dict(swap=True), dict(other_hidden=True)]
+    if arch in WINDOWED:  # (a step past the window's first slide)
+        logits, a, _, _ = next(x for x in seen if x[1] + 1 > ref["window"] + 2)
+        controls.append(dict(no_window=True))
+    for control in controls:
         wrong = reference_levels(plain, ref, text, a, logits.shape[0], **control)
         assert not np.allclose(logits, wrong, atol=1e-2), control
 
@@ -532,3 +566,80 @@ def test_a_hub_checkpoint_gives_only_the_shards_of_its_mtp_layer(tmp_path, monke
     assert "model-00001-of-00002.safetensors" in fetched
     c = dict(tree_flatten(again.speculative_streams.drafter.parameters()))
     assert all(mx.array_equal(a[k], c[k]) for k in a)
+
+
+def test_the_layers_are_built_as_the_engines_build_them():
+    """Step 3.5's MTP layer (index 45+, past its config's per-layer lists) attends within
+    the window with a dense MLP; MiMo-V2-Flash's within the window with its sinks, dense;
+    K-EXAONE's to every key without RoPE, dense; the drafter's mask follows the window."""
+    from mlx_lm.models import exaone_moe, mimo_v2_flash, step3p5
+
+    from mlx_specstream.config import DrafterConfig
+
+    def made(arch):
+        base = random_model(arch, ARGS[arch], V)
+        layer = mtp.mtp_decoder_layer(base)
+        drafter = mtp.MTPDrafter(DrafterConfig(kind="mtp", **mtp.MTP_DEFAULTS), base)
+        return layer, drafter._window
+
+    layer, window = made("step3p5")  # (its layer_types end at layer 3: read as NeMo fills them)
+    assert layer.is_sliding and not layer.is_moe_layer and window == 8
+    assert isinstance(layer.mlp, step3p5.Step3p5MLP)
+    layer, window = made("mimo_v2_flash")
+    assert layer.is_sliding_window and window == 8 and isinstance(layer.mlp, mimo_v2_flash.MLP)
+    assert layer.self_attn.attention_sink_bias is not None
+    layer, window = made("exaone_moe")
+    assert not layer.is_sliding_window and window is None
+    assert not layer.self_attn.use_rope and isinstance(layer.mlp, exaone_moe.MLP)
+    layer, window = made("glm4_moe")  # (DeepSeek's layout: the base's next layer, as before)
+    assert window is None and "switch_mlp" in layer.mlp
+
+
+def test_a_layer_of_other_settings_is_refused_by_name(tmp_path):
+    write_checkpoint(tmp_path / "ckpt", "exaone_moe", mtp_layer_types=["sliding_attention"])
+    with pytest.raises(
+        ValueError, match=r"config.json: mtp_layer_types is \['sliding_attention'\]"
+    ):
+        load(str(tmp_path / "ckpt"))
+
+
+def test_an_fp8_projection_is_dequantized_by_the_base_s_sanitize(tmp_path):
+    """MiMo-V2-Flash's checkpoints are FP8 with 128 x 128 block scales: the MTP layer's
+    projection and decoder layer are read dequantized (scales of 0.5 and 2: not ones)."""
+    ref = write_checkpoint(tmp_path / "ckpt", "mimo_v2_flash", seed=3)
+    file = tmp_path / "ckpt" / "model.safetensors"
+    weights = dict(mx.load(str(file)))
+    want = {}
+    for key, scale in (("model.mtp.layers.0.eh_proj.weight", 0.5),
+                       ("model.mtp.layers.0.self_attn.q_proj.weight", 2.0)):  # fmt: skip
+        w = weights[key]
+        stored = mx.to_fp8(w / scale)
+        weights[key] = stored
+        weights[key + "_scale_inv"] = mx.full(((w.shape[0] + 127) // 128, 1), scale)
+        want[key] = mx.from_fp8(stored, dtype=mx.bfloat16) * scale
+    mx.save_safetensors(str(file), weights, metadata={"format": "mlx"})
+    model, _ = load(str(tmp_path / "ckpt"))
+    drafter = model.speculative_streams.drafter
+    proj = want["model.mtp.layers.0.eh_proj.weight"]
+    assert mx.array_equal(drafter.proj.weight, proj.astype(mx.bfloat16))
+    unscaled = mx.from_fp8(mx.to_fp8(ref["proj"] / 0.5), dtype=mx.bfloat16)  # (scale not applied)
+    assert not mx.allclose(drafter.proj.weight, unscaled, atol=1e-3).item()
+    q = want["model.mtp.layers.0.self_attn.q_proj.weight"].astype(mx.bfloat16)
+    assert mx.array_equal(drafter.layer.self_attn.q_proj.weight, q)
+
+
+def test_a_family_whose_config_declares_no_layer(tmp_path):
+    """MiMo-V2-Flash's config declares no MTP layer: its safetensors tell. A 4-bit copy
+    (none there) is refused naming drafter=; with it, decoding equals the 4-bit base's."""
+    from mlx_lm.generate import generate_step
+
+    write_checkpoint(tmp_path / "ckpt", "mimo_v2_flash", seed=3)
+    q = _quantized_copy(tmp_path / "ckpt", tmp_path / "q4")
+    with pytest.raises(ValueError, match="Checkpoints of mimo_v2_flash have 1 MTP layer.*drafter="):
+        load(str(q))
+    model, _ = load(str(q), drafter=str(tmp_path / "ckpt"))
+    assert isinstance(model.speculative_streams.drafter.proj, nn.QuantizedLinear)
+    plain, _ = mlx_lm_load(str(q))
+    prompt = [1, 5, 9, 3, 7, 2, 11]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(30))]
+    assert spec_tokens(model, prompt, 30)[0] == want
