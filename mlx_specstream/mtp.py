@@ -1,7 +1,7 @@
 """A checkpoint's own multi-token prediction (MTP) layer as a drafter.
 
-DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next, Qwen3.5, Step 3.5, MiMo-V2-Flash and K-EXAONE
-checkpoints (:data:`FAMILIES`) ship an MTP layer beside the model, trained with it to
+DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next, Qwen3.5, Step 3.5, MiMo-V2-Flash, K-EXAONE and
+Nemotron 3 checkpoints (:data:`FAMILIES`) ship an MTP layer beside the model, trained with it to
 predict the token after next; ``mlx_lm.load`` drops it. Here
 it drafts for the same tree verifier as streams, so output stays the base
 model's. One MTP step (row ``i`` pairs token ``i``'s last hidden state ``h``
@@ -22,8 +22,9 @@ and GLM-4.5 read it after the final norm and recurse on ``o``; Qwen3-Next and
 Qwen3.5 read it after the final norm and recurse on ``final_norm(o)``. These zero the
 embedding of the row at position 0. Step 3.5 (``step3p5_mtp.py``) reads the hidden
 state before the final norm, recurses on ``o`` and has a head of its own; MiMo-V2-Flash
-and K-EXAONE follow Qwen3.5's rule; their MTP layers are built as their engines build
-them (:attr:`MTPLayout.block`: window layers, dense MLPs, K-EXAONE's without RoPE). Qwen3-Next and Qwen3.5 are hybrids (Gated
+K-EXAONE and Nemotron 3 follow Qwen3.5's rule; their MTP layers are built as their
+engines build them (:attr:`MTPLayout.block`: window layers, dense MLPs, K-EXAONE's
+without RoPE, Nemotron 3's an attention block and an experts block). Qwen3-Next and Qwen3.5 are hybrids (Gated
 DeltaNet layers): their drafts are verified as chains
 (:mod:`mlx_specstream.recurrent`), and their checkpoints store every RMSNorm
 weight less one, as mlx-lm reads them.
@@ -52,6 +53,7 @@ from .drafters import (
     continue_or_start,
     new_decoder_layer,
     new_rows,
+    own_class,
     run_layer,
 )
 from .streams import _embedding, hidden_size, text_args
@@ -81,9 +83,11 @@ class MTPLayout:
     norms_less_one: Optional[Callable[[Dict[str, list]], bool]] = None
     zero_first: bool = True  # the row at position 0 reads no embedding (DeepSeek's rule)
     renames: tuple = ()  # (theirs, ours): the decoder layer's tensor names, by prefix
-    # The decoder layer's settings where they are not the base's next layer's: ModelArgs
-    # -> (ModelArgs, constructor arguments) for drafters.new_decoder_layer
-    block: Optional[Callable] = None
+    # The decoder layer where it is not the base's next layer: model -> a fresh layer
+    block: Optional[Callable[[nn.Module], nn.Module]] = None
+    # The name the decoder layer's tensors are sanitized under: the base's layer 0 (for
+    # Nemotron-H's two blocks, layers.0 and layers.1: the base's layers 0 and 1)
+    sanitized_as: str = "model.layers.0."
     undeclared: int = 0  # the layer count of a family whose configs may not declare it
     expects: tuple = ()  # (config key, the only value read here where the key is present)
 
@@ -138,24 +142,45 @@ def _extended(args, n: int, **fill):
     return replace(args, **lists) if lists else args
 
 
-def _step_block(args):
+def _step_block(model) -> nn.Module:
     """Step 3.5's MTP layers (index 45+): a window layer with a dense MLP, as vLLM builds
     them; the per-layer lists of configs that end at layer 44 are read as NeMo fills them."""
-    n = args.num_hidden_layers
+    args = text_args(model)
     fill = dict(layer_types="sliding_attention", rope_theta=10000.0)
-    return _extended(args, n, **fill), {}
+    return new_decoder_layer(model, _extended(args, args.num_hidden_layers, **fill))
 
 
-def _mimo_v2_block(args):
+def _mimo_v2_block(model) -> nn.Module:
     """MiMo-V2-Flash's MTP layer: a window layer (its head counts, sinks) with a dense MLP."""
-    return args, dict(is_sliding_window=True, is_moe=False)
+    return new_decoder_layer(model, is_sliding_window=True, is_moe=False)
 
 
-def _exaone_block(args):
+def _exaone_block(model) -> nn.Module:
     """K-EXAONE's MTP layer: full attention without RoPE and a dense MLP (its config's
     ``mtp_layer_types: ["full_attention"]``, as vLLM, SGLang and TensorRT-LLM build it)."""
-    n = args.num_hidden_layers
-    return _extended(args, n, layer_types="full_attention", is_moe_layer=False), {}
+    args = text_args(model)
+    fill = dict(layer_types="full_attention", is_moe_layer=False)
+    return new_decoder_layer(model, _extended(args, args.num_hidden_layers, **fill))
+
+
+class BlockSequence(nn.Module):
+    """Blocks run in turn as one decoder layer (Nemotron-H's MTP layer: an attention block,
+    on the layer's KV cache, then an experts block)."""
+
+    def __init__(self, blocks: List[nn.Module]):
+        super().__init__()
+        self.layers = blocks
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        for block in self.layers:
+            x = block(x, mask, cache) if block.block_type == "*" else block(x)
+        return x
+
+
+def _nemotron_blocks(model) -> nn.Module:
+    """Nemotron-H's MTP layer: its pattern ``"*E"`` (the released one, which vLLM builds)."""
+    cls, args = own_class(model.layers[-1]), text_args(model)
+    return BlockSequence([cls(args, "*"), cls(args, "E")])
 
 
 FAMILIES = {
@@ -210,6 +235,23 @@ FAMILIES = {
         block=_mimo_v2_block,
         undeclared=1,
     ),
+    # Nemotron-H (Nemotron 3): the layer is two blocks, mtp.layers.0 (attention, with the
+    # projection) and mtp.layers.1 (experts, with the final norm); a hybrid: chains
+    "nemotron_h": MTPLayout(
+        prefix="mtp.",
+        embed_norm="layers.0.enorm",
+        hidden_norm="layers.0.hnorm",
+        proj="layers.0.eh_proj",
+        final_norm="layers.1.final_layernorm",
+        hidden_first=False,
+        normed_hidden=True,
+        recurse_normed=True,
+        zero_first=False,
+        block=_nemotron_blocks,
+        sanitized_as="backbone.",  # (the blocks' tensors: backbone.layers.{0, 1}.*)
+        expects=(("mtp_hybrid_override_pattern", "*E"),
+                 ("mtp_layers_block_type", ["attention", "moe"])),  # fmt: skip
+    ),
     # K-EXAONE: Qwen3-Next's names, plain norms, the layer full attention without RoPE
     "exaone_moe": MTPLayout(
         prefix="mtp.",
@@ -235,17 +277,19 @@ MTP_DEFAULTS = dict(num_draft_tokens=3, top_k=1, max_tree_nodes=4)
 
 
 def _norm_eps(args) -> float:
-    """The RMSNorm epsilon (MiMo-V2-Flash's named ``layernorm_epsilon``)."""
-    eps = getattr(args, "rms_norm_eps", None)
-    return getattr(args, "layernorm_epsilon", 1e-6) if eps is None else eps
+    """The RMSNorm epsilon (MiMo-V2-Flash's named ``layernorm_epsilon``, Nemotron-H's
+    ``layer_norm_epsilon``)."""
+    for name in ("rms_norm_eps", "layernorm_epsilon", "layer_norm_epsilon"):
+        if getattr(args, name, None) is not None:
+            return getattr(args, name)
+    raise ValueError(f"{args.model_type}: no RMSNorm epsilon in its config.")
 
 
 def mtp_decoder_layer(model) -> nn.Module:
     """A fresh decoder layer as the family's MTP layer is built: the base's next layer,
     or the settings of :attr:`MTPLayout.block`."""
     layout = mtp_layout(model.args.model_type)
-    args, arguments = layout.block(text_args(model)) if layout.block else (None, {})
-    return new_decoder_layer(model, args, **arguments)
+    return layout.block(model) if layout.block else new_decoder_layer(model)
 
 
 def layer_window(layer: nn.Module, args) -> Optional[int]:
@@ -274,7 +318,10 @@ def _text_model(model) -> nn.Module:
 
 
 def _final_norm(model) -> nn.Module:
-    return model.model.norm
+    inner = (
+        model.model if hasattr(model, "model") else model.backbone
+    )  # (Nemotron-H's: backbone.norm_f)
+    return inner.norm if "norm" in inner else inner.norm_f
 
 
 def _head_module(model) -> nn.Module:
@@ -531,13 +578,13 @@ def read_mtp_weights(
     other = sorted(k for k in found if not k.startswith(layout.layer))
     if other:
         raise ValueError(f"{path}: the MTP layer has tensors not read here: {prefix}{other[0]}.")
-    block = {f"model.layers.0.{k[len(layout.layer):]}": v for k, v in found.items()}
+    lead = layout.sanitized_as  # (a wrapper's sanitize puts its language model's name first)
+    block = {f"{lead}{k[len(layout.layer):]}": v for k, v in found.items()}
     norms = {}
     if layout.norms_less_one is not None:  # (set aside: sanitize adds one to some only)
         norms = {k: block.pop(k) for k in list(block) if k.endswith(_LAYER_NORMS)}
     if hasattr(model, "sanitize"):
         block = model.sanitize(block)
-    lead = "model.layers.0."  # (a wrapper's sanitize puts its language model's name first)
     weights.update({"layer." + k.split(lead, 1)[1]: v for k, v in block.items() if lead in k})
     weights.update({"layer." + k[len(lead) :]: v for k, v in norms.items()})
     if norms and layout.norms_less_one(_headers(_shards(path, "")) if shapes is None else shapes):

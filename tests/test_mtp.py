@@ -50,8 +50,23 @@ ARGS = {
     "step3p5": {**BASE, **MORE_ARGS["step3p5"]},
     "mimo_v2_flash": {**BASE, **MORE_ARGS["mimo_v2_flash"]},
     "exaone_moe": {**BASE, **MORE_ARGS["exaone_moe"]},
+    # Nemotron 3: Mamba layers and experts; its MTP layer an attention block and experts
+    "nemotron_h": {
+        **HYBRID_ARGS["nemotron_h"],
+        "hybrid_override_pattern": "-M*E",
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "moe_shared_expert_intermediate_size": 32,
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.0,
+    },
 }
 HYBRIDS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+CHAINS = (*HYBRIDS, "nemotron_h")  # (recurrent layers: the drafts verified as chains)
 # Families whose MTP layer attends within the base's window
 WINDOWED = ("step3p5", "mimo_v2_flash")
 _QWEN_OWN = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc", "norm")
@@ -68,6 +83,12 @@ OWN = {
     "step3p5": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
     "mimo_v2_flash": ("enorm", "hnorm", "eh_proj", "final_layernorm"),
     "exaone_moe": _QWEN_OWN,
+    "nemotron_h": (
+        "layers.0.enorm",
+        "layers.0.hnorm",
+        "layers.0.eh_proj",
+        "layers.1.final_layernorm",
+    ),
 }
 # The RMSNorm weights Qwen3-Next/3.5 checkpoints store less one (mlx-lm adds it back).
 _LESS_ONE = (".input_layernorm.weight", ".post_attention_layernorm.weight",
@@ -119,6 +140,8 @@ def _hf_tensors(arch, weights) -> dict:
             elif ".down_proj." in k:
                 out[k.split(".switch_mlp.")[0] + ".experts.down_proj"] = w
         elif ".switch_mlp." in k and arch != "step3p5":  # (Step 3.5's: stacked, as MLX's)
+            if arch == "nemotron_h":  # (its experts' up_proj and down_proj)
+                k = k.replace(".fc1.", ".up_proj.").replace(".fc2.", ".down_proj.")
             for e in range(w.shape[0]):
                 out[k.replace(".switch_mlp.", f".experts.{e}.")] = w[e]
         else:
@@ -139,7 +162,7 @@ def write_checkpoint(
     mx.random.seed(seed + 1)
     D = mtp.text_args(base).hidden_size
     # (a final norm of ones would make its input and output alike to the MTP's own norm)
-    base.model.norm.weight = 1 + 0.5 * mx.random.normal((D,))
+    mtp._final_norm(base).weight = 1 + 0.5 * mx.random.normal((D,))
     block = mtp.mtp_decoder_layer(base)
     _scaled(block, 4.0)
     names = OWN[arch]
@@ -203,14 +226,17 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     controls: the other concatenation order, the other side of the final norm, every key."""
     eps = mtp._norm_eps(mtp.text_args(plain))
     e_w, h_w, f_w = ref["norms"]
-    inner = plain.model
-    norm, inner.norm = inner.norm, lambda x: x  # (the base's pass, before its final norm)
+    inner = plain.model if hasattr(plain, "model") else plain.backbone  # (Nemotron-H's names)
+    norm_name = "norm" if "norm" in inner else "norm_f"
+    embed = inner.embed_tokens if "embed_tokens" in inner else inner.embeddings
+    norm = inner[norm_name]
+    setattr(inner, norm_name, lambda x: x)  # (the base's pass, before its final norm)
     try:
         hid = inner(mx.array(text[: a + 1])[None])[0]
     finally:
-        inner.norm = norm
+        setattr(inner, norm_name, norm)
     if ref["normed_hidden"] != other_hidden:
-        hid = inner.norm(hid)
+        hid = norm(hid)
     head = mtp._lm_head(plain)
     if ref["head"] is not None:  # the layer's own head
         head = lambda x, w=ref["head"]: x @ w.T  # noqa: E731
@@ -225,7 +251,7 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
         out = ref["block"](x, mask if n > 1 or window else None, cache)
         return (out[0] if isinstance(out, tuple) else out)[0, -1:]
 
-    emb = inner.embed_tokens(mx.array(text[1 : a + 2]))
+    emb = embed(mx.array(text[1 : a + 2]))
     if ref["zero_first"]:
         emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
     cache = new_layer_cache(ref["block"])  # (DeepSeek V3.2's: latent and indexer keys)
@@ -234,7 +260,7 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     for _ in range(levels - 1):
         t = mx.argmax(logits[-1], axis=-1)
         prev = mx.fast.rms_norm(out, f_w, eps) if ref["recurse_normed"] else out
-        out = rows(prev, inner.embed_tokens(t), cache)
+        out = rows(prev, embed(t), cache)
         logits.append(head(mx.fast.rms_norm(out, f_w, eps)))
     return np.array(mx.concatenate(logits).astype(mx.float32))
 
@@ -244,7 +270,8 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)]
     + [(arch, False) for arch in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")]
     + [(arch, False) for arch in HYBRIDS]
-    + [("step3p5", True), ("step3p5", "nested"), ("mimo_v2_flash", False), ("exaone_moe", False)],
+    + [("step3p5", True), ("step3p5", "nested"), ("mimo_v2_flash", False), ("exaone_moe", False)]
+    + [("nemotron_h", False)],
 )
 def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_path, monkeypatch):
     """Each step's draft levels (the cached MTP rows of the accepted text, the
@@ -267,7 +294,7 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
     def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
         logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
         # (the tree verifier: committed prefix + accepted nodes - 1; chains: the last row)
-        a = state.cache.offset - 1 if arch in HYBRIDS else rt._tree[4] + len(path) - 1
+        a = state.cache.offset - 1 if arch in CHAINS else rt._tree[4] + len(path) - 1
         seen.append((np.array(logits.astype(mx.float32)), a, token, state.cache.offset))
         return logits
 
@@ -591,6 +618,8 @@ def test_the_layers_are_built_as_the_engines_build_them():
     layer, window = made("exaone_moe")
     assert not layer.is_sliding_window and window is None
     assert not layer.self_attn.use_rope and isinstance(layer.mlp, exaone_moe.MLP)
+    layer, window = made("nemotron_h")  # (an attention block, then an experts block)
+    assert [b.block_type for b in layer.layers] == ["*", "E"] and window is None
     layer, window = made("glm4_moe")  # (DeepSeek's layout: the base's next layer, as before)
     assert window is None and "switch_mlp" in layer.mlp
 
