@@ -630,6 +630,9 @@ def test_a_layer_of_other_settings_is_refused_by_name(tmp_path):
         ValueError, match=r"config.json: mtp_layer_types is \['sliding_attention'\]"
     ):
         load(str(tmp_path / "ckpt"))
+    write_checkpoint(tmp_path / "nemo", "nemotron_h", mtp_hybrid_override_pattern="*-")
+    with pytest.raises(ValueError, match="mtp_hybrid_override_pattern is '\\*-'"):
+        load(str(tmp_path / "nemo"))
 
 
 def test_an_fp8_projection_is_dequantized_by_the_base_s_sanitize(tmp_path):
