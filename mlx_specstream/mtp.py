@@ -1,7 +1,7 @@
 """A checkpoint's own multi-token prediction (MTP) layer as a drafter.
 
-DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next, Qwen3.5, Step 3.5, MiMo-V2-Flash, K-EXAONE and
-Nemotron 3 checkpoints (:data:`FAMILIES`) ship an MTP layer beside the model, trained with it to
+DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next, Qwen3.5, Step 3.5, MiMo-V2-Flash, K-EXAONE,
+Nemotron 3 and ERNIE 4.5 MoE checkpoints (:data:`FAMILIES`) ship an MTP layer beside the model, trained with it to
 predict the token after next; ``mlx_lm.load`` drops it. Here
 it drafts for the same tree verifier as streams, so output stays the base
 model's. One MTP step (row ``i`` pairs token ``i``'s last hidden state ``h``
@@ -22,7 +22,8 @@ and GLM-4.5 read it after the final norm and recurse on ``o``; Qwen3-Next and
 Qwen3.5 read it after the final norm and recurse on ``final_norm(o)``. These zero the
 embedding of the row at position 0. Step 3.5 (``step3p5_mtp.py``) reads the hidden
 state before the final norm, recurses on ``o`` and has a head of its own; MiMo-V2-Flash
-K-EXAONE and Nemotron 3 follow Qwen3.5's rule; their MTP layers are built as their
+K-EXAONE, Nemotron 3 and ERNIE 4.5 (whose layer has no final norm of its own: the base's,
+as Baidu's FastDeploy runs it) follow Qwen3.5's rule; their MTP layers are built as their
 engines build them (:attr:`MTPLayout.block`: window layers, dense MLPs, K-EXAONE's
 without RoPE, Nemotron 3's an attention block and an experts block). Qwen3-Next and Qwen3.5 are hybrids (Gated
 DeltaNet layers): their drafts are verified as chains
@@ -71,7 +72,7 @@ class MTPLayout:
     embed_norm: str
     hidden_norm: str
     proj: str
-    final_norm: str
+    final_norm: str  # ("": none of its own, the base's final norm)
     hidden_first: bool  # the projection's input is [hidden; embedding]
     normed_hidden: bool  # reads the base's hidden state after its final norm
     recurse_normed: bool  # deeper levels read final_norm(o), not o
@@ -163,6 +164,12 @@ def _exaone_block(model) -> nn.Module:
     return new_decoder_layer(model, _extended(args, args.num_hidden_layers, **fill))
 
 
+def _ernie_block(model) -> nn.Module:
+    """ERNIE 4.5's MTP layer: a dense layer (its experts end at the base's last layer)."""
+    args = text_args(model)
+    return new_decoder_layer(model, replace(args, moe_layer_end_index=args.num_hidden_layers - 1))
+
+
 class BlockSequence(nn.Module):
     """Blocks run in turn as one decoder layer (Nemotron-H's MTP layer: an attention block,
     on the layer's KV cache, then an experts block)."""
@@ -251,6 +258,21 @@ FAMILIES = {
         sanitized_as="backbone.",  # (the blocks' tensors: backbone.layers.{0, 1}.*)
         expects=(("mtp_hybrid_override_pattern", "*E"),
                  ("mtp_layers_block_type", ["attention", "moe"])),  # fmt: skip
+    ),
+    # ERNIE 4.5 MoE: model.mtp_{emb_norm, hidden_norm, linear_proj, block}.0, no final norm
+    # of its own (Baidu's FastDeploy applies the base's, and recurses on its output)
+    "ernie4_5_moe": MTPLayout(
+        prefix="model.mtp_",
+        embed_norm="emb_norm.0",
+        hidden_norm="hidden_norm.0",
+        proj="linear_proj.0",
+        final_norm="",
+        hidden_first=False,
+        normed_hidden=True,
+        recurse_normed=True,
+        layer="block.0.",
+        zero_first=False,
+        block=_ernie_block,
     ),
     # K-EXAONE: Qwen3-Next's names, plain norms, the layer full attention without RoPE
     "exaone_moe": MTPLayout(
@@ -557,12 +579,16 @@ def read_mtp_weights(
             "drafter=)."
         )
     weights = {}
+    if not layout.final_norm:  # (a copy of the base's)
+        weights["final_norm.weight"] = _final_norm(model).weight
     for ours, theirs in (
         ("embed_norm.weight", layout.embed_norm),
         ("hidden_norm.weight", layout.hidden_norm),
         ("proj.weight", layout.proj),
         ("final_norm.weight", layout.final_norm),
     ):
+        if not theirs:
+            continue
         key = theirs + ".weight"
         if key not in found:
             raise ValueError(f"{path}: the MTP layer has no '{prefix}{key}'.")

@@ -50,6 +50,23 @@ ARGS = {
     "step3p5": {**BASE, **MORE_ARGS["step3p5"]},
     "mimo_v2_flash": {**BASE, **MORE_ARGS["mimo_v2_flash"]},
     "exaone_moe": {**BASE, **MORE_ARGS["exaone_moe"]},
+    # ERNIE 4.5 MoE (21B-A3B's shape): experts past layer 0, tied embeddings, interleaved RoPE
+    "ernie4_5_moe": {
+        **BASE,
+        "intermediate_size": 128,
+        "max_position_embeddings": 512,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "use_bias": False,
+        "tie_word_embeddings": True,
+        "moe_num_experts": 4,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_layer_start_index": 1,
+        "moe_num_shared_experts": 1,
+        "head_dim": 16,
+    },
     # Nemotron 3: Mamba layers and experts; its MTP layer an attention block and experts
     "nemotron_h": {
         **HYBRID_ARGS["nemotron_h"],
@@ -83,6 +100,7 @@ OWN = {
     "step3p5": ("enorm", "hnorm", "eh_proj", "shared_head.norm"),
     "mimo_v2_flash": ("enorm", "hnorm", "eh_proj", "final_layernorm"),
     "exaone_moe": _QWEN_OWN,
+    "ernie4_5_moe": ("emb_norm.0", "hidden_norm.0", "linear_proj.0", None),  # (base's norm)
     "nemotron_h": (
         "layers.0.enorm",
         "layers.0.hnorm",
@@ -172,6 +190,8 @@ def write_checkpoint(
         names[2]: mx.random.normal((D, 2 * D)) * (2 * D) ** -0.5 * 4,
         names[3]: 1 + 0.1 * mx.random.normal((D,)),
     }
+    if names[3] is None:  # (no final norm of its own: the base's)
+        own[None] = mtp._final_norm(base).weight
     layout = mtp.FAMILIES[arch]
     prefix = layout.prefix.format(n=mtp.text_args(base).num_hidden_layers)
     weights = _hf_tensors(arch, dict(tree_flatten(base.parameters())))
@@ -181,7 +201,8 @@ def write_checkpoint(
         assert back.keys() == want.keys(), sorted(set(back) ^ set(want))
         assert all(np.allclose(back[k], want[k], atol=1e-6) for k in want)
     less_one = 1.0 if arch in (*HYBRIDS, "step3p5") else 0.0  # (stored less one)
-    weights.update({f"{prefix}{n}.weight": w - less_one * (w.ndim == 1) for n, w in own.items()})
+    weights.update({f"{prefix}{n}.weight": w - less_one * (w.ndim == 1)
+                    for n, w in own.items() if n is not None})  # fmt: skip
     block_prefix = prefix + layout.layer
     weights.update({block_prefix + k: w for k, w in _hf_block(arch, block, nested).items()})
     head = None
@@ -271,7 +292,7 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     + [(arch, False) for arch in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")]
     + [(arch, False) for arch in HYBRIDS]
     + [("step3p5", True), ("step3p5", "nested"), ("mimo_v2_flash", False), ("exaone_moe", False)]
-    + [("nemotron_h", False)],
+    + [("nemotron_h", False), ("ernie4_5_moe", False)],
 )
 def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_path, monkeypatch):
     """Each step's draft levels (the cached MTP rows of the accepted text, the
@@ -599,7 +620,7 @@ def test_the_layers_are_built_as_the_engines_build_them():
     """Step 3.5's MTP layer (index 45+, past its config's per-layer lists) attends within
     the window with a dense MLP; MiMo-V2-Flash's within the window with its sinks, dense;
     K-EXAONE's to every key without RoPE, dense; the drafter's mask follows the window."""
-    from mlx_lm.models import exaone_moe, mimo_v2_flash, step3p5
+    from mlx_lm.models import ernie4_5_moe, exaone_moe, mimo_v2_flash, step3p5
 
     from mlx_specstream.config import DrafterConfig
 
@@ -620,6 +641,8 @@ def test_the_layers_are_built_as_the_engines_build_them():
     assert not layer.self_attn.use_rope and isinstance(layer.mlp, exaone_moe.MLP)
     layer, window = made("nemotron_h")  # (an attention block, then an experts block)
     assert [b.block_type for b in layer.layers] == ["*", "E"] and window is None
+    layer, window = made("ernie4_5_moe")  # (past the experts' last layer: dense)
+    assert isinstance(layer.mlp, ernie4_5_moe.Ernie4_5_MLP) and window is None
     layer, window = made("glm4_moe")  # (DeepSeek's layout: the base's next layer, as before)
     assert window is None and "switch_mlp" in layer.mlp
 
