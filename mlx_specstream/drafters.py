@@ -28,7 +28,14 @@ from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
 from .recurrent import has_recurrent_layers
-from .streams import hidden_size, layer_params, own_class, text_args
+from .streams import (
+    hidden_size,
+    layer_params,
+    llama4_attention_scale,
+    llama4_scale_settings,
+    own_class,
+    text_args,
+)
 
 
 class ResBlock(nn.Module):
@@ -86,6 +93,7 @@ class ParallelSpecDrafter(nn.Module):
         self.fc = nn.Linear(2 * D, D, bias=False)
         self.masks = mx.zeros((config.num_draft_tokens - 1, D))
         self.layer = new_decoder_layer(model)
+        self._scale = attention_scale_settings(model)  # (Ministral 3's attention scale)
 
     def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
         return continue_or_start(prompt_cache_offset, previous, self.layer)
@@ -96,7 +104,7 @@ class ParallelSpecDrafter(nn.Module):
         emb = rt.embed(mx.array(nxt)).astype(feats.dtype)
         real = self.fc(mx.concatenate([feats, emb], axis=-1).astype(self.fc.weight.dtype))
         x = mx.concatenate([real, self.masks.astype(real.dtype)], axis=0)[None]
-        out = run_layer(self.layer, x, state.cache)
+        out = run_layer(self.layer, x, state.cache, scale=self._scale)
         state.cache.trim(self.masks.shape[0])  # [MASK] K/V never stay
         k = self.masks.shape[0] + 1
         return rt.head(out[:, -k:])[0]
@@ -134,11 +142,31 @@ def layer_mask(x: mx.array, cache, window: Optional[int] = None) -> Optional[mx.
     return create_attention_mask(x, first, window_size=window, return_array=True)
 
 
-def run_layer(layer: nn.Module, x: mx.array, cache, window: Optional[int] = None) -> mx.array:
+def run_layer(
+    layer: nn.Module, x: mx.array, cache, window: Optional[int] = None, scale=None
+) -> mx.array:
     """A drafter's decoder ``layer`` over rows ``x`` ``(B, L, D)``, causal over ``cache``
-    (within ``window`` keys, where given)."""
-    out = layer(x, layer_mask(x, cache, window), cache)
+    (within ``window`` keys, where given). ``scale``: ``(beta, max_positions)`` of Llama
+    4's attention scale, for a layer called as ``layer(x, attn_scale, mask, cache)``
+    (Ministral 3, Mistral 4: :func:`attention_scale_settings`), at the rows' positions."""
+    mask = layer_mask(x, cache, window)
+    if scale is None:
+        out = layer(x, mask, cache)
+    else:
+        first = cache[0] if isinstance(cache, KVCacheList) else cache
+        start = 0 if first is None else first.offset
+        positions = mx.arange(start, start + x.shape[1])
+        out = layer(
+            x, llama4_attention_scale(positions, *scale).astype(x.dtype)[:, None], mask, cache
+        )
     return out[0] if isinstance(out, tuple) else out  # (Hunyuan's hands on its keys too)
+
+
+def attention_scale_settings(model) -> Optional[tuple]:
+    """``(beta, max_positions)`` of the Llama 4 attention scale a drafter's decoder layer
+    takes (the model's layers are called as ``layer(x, attn_scale, mask, cache)``), else
+    None."""
+    return llama4_scale_settings(model, model.layers[-1])
 
 
 def continue_or_start(prompt_cache_offset: int, previous, layer: nn.Module) -> "DrafterState":
@@ -229,10 +257,12 @@ def new_decoder_layer(model, args=None, **arguments) -> nn.Module:
     """
     cls, args = own_class(model.layers[-1]), args or text_args(model)
     takes = layer_params(model.layers[-1])
-    if takes[1:3] != ["mask", "cache"]:
+    scaled = attention_scale_settings(model) is not None  # (x, attn_scale, mask, cache)
+    if takes[1:3] != ["mask", "cache"] and not scaled:
         raise ValueError(
             f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__} "
-            f"takes ({', '.join(takes)}); the drafter calls its layer as layer(x, mask, cache)."
+            f"takes ({', '.join(takes)}); the drafter calls its layer as layer(x, mask, cache) "
+            "or layer(x, attn_scale, mask, cache)."
         )
     signature = list(inspect.signature(cls.__init__).parameters.values())[1:]
     params = [p.name for p in signature]

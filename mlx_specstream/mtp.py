@@ -51,6 +51,7 @@ import mlx.nn as nn
 from .config import DrafterConfig
 from .drafters import (
     DrafterState,
+    attention_scale_settings,
     continue_or_start,
     new_decoder_layer,
     new_rows,
@@ -376,6 +377,7 @@ class MTPDrafter(nn.Module):
         self.final_norm = nn.RMSNorm(D, eps=eps)
         self._levels = config.num_draft_tokens
         self._window = layer_window(self.layer, args)
+        self._scale = attention_scale_settings(model)
 
     def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
         return continue_or_start(prompt_cache_offset, previous, self.layer)
@@ -388,7 +390,7 @@ class MTPDrafter(nn.Module):
         x = mx.concatenate([h, e] if self._layout.hidden_first else [e, h], axis=-1)
         x = self.proj(x.astype(self.embed_norm.weight.dtype))
         x = x if x.ndim == 3 else x[None]
-        out = run_layer(self.layer, x, cache, self._window)
+        out = run_layer(self.layer, x, cache, self._window, self._scale)
         return out if hidden.ndim == 3 else out[0]
 
     def logits(self, model, out: mx.array) -> mx.array:

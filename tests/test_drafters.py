@@ -319,9 +319,12 @@ def test_a_tuned_drafter_tree_is_stored_for_this_device_and_loads_there(tmp_path
 # (an array mask), other layer counts and embedding names (DBRX, Qwen), constructor flags
 # (EXAONE 4, AFMoE, Llama 4, MiMo-V2-Flash), per-layer settings that end at the last
 # layer (Step 3.5), shared keys (Gemma 4), a layer that hands on its keys (Hunyuan), a
-# last layer without attention (Nemotron-NAS), and hybrids (their attention layer; chains).
+# last layer without attention (Nemotron-NAS), Llama 4's attention scale by position
+# (Ministral 3 and its Mistral 3 wrapper, Mistral 4: tiny models' scale steps every 8
+# positions), and hybrids (their attention layer; chains).
 SWEEP = ["deepseek_v3", "gemma2", "dbrx", "qwen", "exaone4", "afmoe", "llama4_text",
-         "mimo_v2_flash", "step3p5", "gemma4_text", "hunyuan", "nemotron-nas"]  # fmt: skip
+         "mimo_v2_flash", "step3p5", "gemma4_text", "hunyuan", "nemotron-nas",
+         "ministral3", "mistral3", "mistral4"]  # fmt: skip
 HYBRID_SWEEP = ["lfm2", "jamba", "granitemoehybrid", "nemotron_h", "kimi_linear"]
 
 
@@ -345,7 +348,7 @@ def test_parallelspec_builds_its_layer_on_every_kind_of_model(arch):
 
 @pytest.mark.parametrize(
     "arch,refusal",
-    [("baichuan_m1", "beside other state in one cache"), ("ministral3", "attn_scale")],
+    [("baichuan_m1", "beside other state in one cache"), ("falcon_h1", "takes \\(h, cache")],
 )
 def test_parallelspec_refuses_a_layer_it_cannot_build_and_says_why(arch, refusal):
     from helpers import HYBRID_ARGS, tiny_hybrid
@@ -368,3 +371,27 @@ def test_a_layer_constructor_argument_not_known_is_named(monkeypatch):
     monkeypatch.setattr(llama.TransformerBlock, "__init__", init)
     with pytest.raises(ValueError, match="'mystery' is not known"):
         attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=3))
+
+
+def test_a_drafter_layer_takes_llama4_s_attention_scale_at_its_rows_positions():
+    """Ministral 3's layer computes its own attention scale from its cache's offset when
+    given none: the drafter's explicit scale (run_layer) gives the same rows at positions
+    past the scale's first step (8 in the tiny model); a scale of one does not."""
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_specstream.drafters import attention_scale_settings, new_decoder_layer, run_layer
+
+    model = tiny_model("ministral3", vocab_size=8)
+    layer, settings = new_decoder_layer(model), attention_scale_settings(model)
+    assert settings == (0.1, 8)
+    mx.random.seed(0)
+    past, x = mx.random.normal((1, 12, 64)), mx.random.normal((1, 3, 64))
+    caches = [KVCache() for _ in range(3)]  # (the scale is the queries': same keys in each)
+    for c in caches:
+        run_layer(layer, past, c, scale=settings)
+    ours = run_layer(layer, x, caches[0], scale=settings)
+    mask = create_causal_mask(3, offset=12)
+    own = layer(x, None, mask, caches[1])  # (its attention's own scale at offset 12)
+    assert mx.allclose(ours, own, atol=1e-5).item()
+    unscaled = layer(x, mx.ones((3, 1)), mask, caches[2])
+    assert not mx.allclose(ours, unscaled, atol=1e-3).item()
