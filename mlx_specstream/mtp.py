@@ -74,9 +74,9 @@ class MTPLayout:
     hidden_norm: str
     proj: str
     final_norm: str  # ("": none of its own, the base's final norm)
-    hidden_first: bool  # the projection's input is [hidden; embedding]
-    normed_hidden: bool  # reads the base's hidden state after its final norm
-    recurse_normed: bool  # deeper levels read final_norm(o), not o
+    hidden_first: bool = False  # the projection's input is [hidden; embedding]
+    normed_hidden: bool = True  # reads the base's hidden state after its final norm
+    recurse_normed: bool = True  # deeper levels read final_norm(o), not o
     skip: tuple = ()  # the layer's copies of the base's tensors (its embeddings)
     head: str = ""  # the layer's own LM head, read where it differs from the base's
     layer: str = ""  # where the decoder layer's tensors sit under prefix
@@ -218,7 +218,6 @@ FAMILIES = {
         hidden_norm="hnorm",
         proj="eh_proj",
         final_norm="shared_head.norm",
-        hidden_first=False,
         normed_hidden=False,
         recurse_normed=False,
         skip=("embed_tokens.",),
@@ -235,9 +234,6 @@ FAMILIES = {
         hidden_norm="hnorm",
         proj="eh_proj",
         final_norm="final_layernorm",
-        hidden_first=False,
-        normed_hidden=True,
-        recurse_normed=True,
         zero_first=False,
         renames=(("pre_mlp_layernorm.", "post_attention_layernorm."),),
         block=_mimo_v2_block,
@@ -251,9 +247,6 @@ FAMILIES = {
         hidden_norm="layers.0.hnorm",
         proj="layers.0.eh_proj",
         final_norm="layers.1.final_layernorm",
-        hidden_first=False,
-        normed_hidden=True,
-        recurse_normed=True,
         zero_first=False,
         block=_nemotron_blocks,
         sanitized_as="backbone.",  # (the blocks' tensors: backbone.layers.{0, 1}.*)
@@ -268,24 +261,13 @@ FAMILIES = {
         hidden_norm="hidden_norm.0",
         proj="linear_proj.0",
         final_norm="",
-        hidden_first=False,
-        normed_hidden=True,
-        recurse_normed=True,
         layer="block.0.",
         zero_first=False,
         block=_ernie_block,
     ),
     # K-EXAONE: Qwen3-Next's names, plain norms, the layer full attention without RoPE
-    "exaone_moe": MTPLayout(
-        prefix="mtp.",
-        embed_norm="pre_fc_norm_embedding",
-        hidden_norm="pre_fc_norm_hidden",
-        proj="fc",
-        final_norm="norm",
-        hidden_first=False,
-        normed_hidden=True,
-        recurse_normed=True,
-        layer="layers.0.",
+    "exaone_moe": replace(
+        _qwen(None),
         zero_first=False,
         block=_exaone_block,
         undeclared=1,
