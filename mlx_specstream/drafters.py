@@ -258,7 +258,11 @@ def new_decoder_layer(model, args=None, **arguments) -> nn.Module:
     cls, args = own_class(model.layers[-1]), args or text_args(model)
     takes = layer_params(model.layers[-1])
     scaled = attention_scale_settings(model) is not None  # (x, attn_scale, mask, cache)
-    if takes[1:3] != ["mask", "cache"] and not scaled:
+    # (by position: PLaMo's names its mask attention_mask)
+    if (
+        not (takes[1:2] in (["mask"], ["attention_mask"]) and takes[2:3] == ["cache"])
+        and not scaled
+    ):
         raise ValueError(
             f"Cannot build a drafter's decoder layer: {cls.__module__}.{cls.__name__} "
             f"takes ({', '.join(takes)}); the drafter calls its layer as layer(x, mask, cache) "

@@ -321,10 +321,11 @@ def test_a_tuned_drafter_tree_is_stored_for_this_device_and_loads_there(tmp_path
 # layer (Step 3.5), shared keys (Gemma 4), a layer that hands on its keys (Hunyuan), a
 # last layer without attention (Nemotron-NAS), Llama 4's attention scale by position
 # (Ministral 3 and its Mistral 3 wrapper, Mistral 4: tiny models' scale steps every 8
-# positions), and hybrids (their attention layer; chains).
+# positions), a mask by another name (PLaMo's attention_mask), and hybrids (their
+# attention layer; chains).
 SWEEP = ["deepseek_v3", "gemma2", "dbrx", "qwen", "exaone4", "afmoe", "llama4_text",
          "mimo_v2_flash", "step3p5", "gemma4_text", "hunyuan", "nemotron-nas",
-         "ministral3", "mistral3", "mistral4"]  # fmt: skip
+         "ministral3", "mistral3", "mistral4", "plamo"]  # fmt: skip
 HYBRID_SWEEP = ["lfm2", "jamba", "granitemoehybrid", "nemotron_h", "kimi_linear"]
 
 
