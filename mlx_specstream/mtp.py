@@ -1,14 +1,14 @@
 """A checkpoint's own multi-token prediction (MTP) layer as a drafter.
 
 DeepSeek-V3, GLM-4.5, MiMo, Qwen3-Next, Qwen3.5, Step 3.5, MiMo-V2-Flash, K-EXAONE,
-Nemotron 3 and ERNIE 4.5 MoE checkpoints (:data:`FAMILIES`) ship an MTP layer beside the model, trained with it to
-predict the token after next; ``mlx_lm.load`` drops it. Here
+Nemotron 3 and ERNIE 4.5 MoE checkpoints (:data:`FAMILIES`) ship an MTP layer beside the
+model, trained with it to predict the token after next; ``mlx_lm.load`` drops it. Here
 it drafts for the same tree verifier as streams, so output stays the base
 model's. One MTP step (row ``i`` pairs token ``i``'s last hidden state ``h``
 with the embedding of token ``i + 1``, on its own KV cache)::
 
     x = proj([hidden_norm(h); embed_norm(e)])     # MiMo: hidden first
-    x = proj([embed_norm(e); hidden_norm(h)])     # DeepSeek-V3, GLM-4.5, Qwen3-Next/3.5
+    x = proj([embed_norm(e); hidden_norm(h)])     # the others
     o = layer(x)                                  # one decoder layer of the base's class
     logits = lm_head(final_norm(o))               # the base's LM head
 
@@ -21,14 +21,14 @@ state before the base's final norm and recurses on ``final_norm(o)``; DeepSeek-V
 and GLM-4.5 read it after the final norm and recurse on ``o``; Qwen3-Next and
 Qwen3.5 read it after the final norm and recurse on ``final_norm(o)``. These zero the
 embedding of the row at position 0. Step 3.5 (``step3p5_mtp.py``) reads the hidden
-state before the final norm, recurses on ``o`` and has a head of its own; MiMo-V2-Flash
+state before the final norm, recurses on ``o`` and has a head of its own; MiMo-V2-Flash,
 K-EXAONE, Nemotron 3 and ERNIE 4.5 (whose layer has no final norm of its own: the base's,
-as Baidu's FastDeploy runs it) follow Qwen3.5's rule; their MTP layers are built as their
-engines build them (:attr:`MTPLayout.block`: window layers, dense MLPs, K-EXAONE's
-without RoPE, Nemotron 3's an attention block and an experts block). Qwen3-Next and Qwen3.5 are hybrids (Gated
-DeltaNet layers): their drafts are verified as chains
-(:mod:`mlx_specstream.recurrent`), and their checkpoints store every RMSNorm
-weight less one, as mlx-lm reads them.
+as Baidu's FastDeploy runs it) follow Qwen3.5's rule; their MTP layers are built as
+their engines build them (:attr:`MTPLayout.block`: window layers, dense MLPs, K-EXAONE's
+without RoPE, Nemotron 3's an attention block and an experts block). Qwen3-Next,
+Qwen3.5 and Nemotron 3 are hybrids (Gated DeltaNet, Mamba-2 layers): their drafts are
+verified as chains (:mod:`mlx_specstream.recurrent`). Qwen3-Next's, Qwen3.5's and
+Step 3.5's checkpoints store every RMSNorm weight less one, as mlx-lm reads them.
 
 Example:
     >>> model, tok = load("MiMo-7B-RL")                  # its MTP layer drafts
@@ -323,9 +323,7 @@ def _text_model(model) -> nn.Module:
 
 
 def _final_norm(model) -> nn.Module:
-    inner = (
-        model.model if hasattr(model, "model") else model.backbone
-    )  # (Nemotron-H's: backbone.norm_f)
+    inner = model.model if hasattr(model, "model") else model.backbone  # (Nemotron-H's)
     return inner.norm if "norm" in inner else inner.norm_f
 
 
