@@ -58,7 +58,7 @@ from .drafters import (
     own_class,
     run_layer,
 )
-from .streams import _embedding, hidden_size, text_args
+from .streams import _embedding, hidden_size, quantize_like, text_args
 
 
 @dataclass(frozen=True)
@@ -385,7 +385,9 @@ class MTPDrafter(nn.Module):
             weights = list(mx.load(weights).items())
         head = [w for k, w in weights if k == "head.weight"]
         if head and "head" not in self:
-            self.head = nn.Linear(head[0].shape[1], head[0].shape[0], bias=False)
+            D = self.embed_norm.weight.shape[0]  # (a quantized head's weight is packed)
+            self.head = nn.Linear(D, head[0].shape[0], bias=False)
+            quantize_like(self, dict(weights))  # (the head as it was saved)
         return super().load_weights(weights, strict=strict)
 
     def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:

@@ -13,7 +13,7 @@ import ast
 import inspect
 import textwrap
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -1961,10 +1961,28 @@ def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambd
         module.update(tree_unflatten(new))
     else:
         try:
-            module.load_weights(str(weights), strict=True)
+            loaded = mx.load(str(weights))
+            quantize_like(module, loaded)
+            module.load_weights(list(loaded.items()), strict=True)
         except ValueError as e:
             raise ValueError(f"{weights}: {e}") from e
     mx.eval(module.parameters())
+
+
+def quantize_like(module: nn.Module, weights: Dict[str, mx.array]) -> None:
+    """Quantizes the layers of ``module`` that ``weights`` store quantized (a
+    ``.scales`` beside the weight), each with the bits and group size its shapes
+    tell (a 4-bit base's MTP layer, its routers in 8 bits); others stay as they are."""
+
+    def settings(path, layer):
+        if f"{path}.scales" not in weights or not hasattr(layer, "to_quantized"):
+            return False
+        dims = layer.weight.shape[-1]
+        bits = weights[f"{path}.weight"].shape[-1] * 32 // dims
+        return {"bits": bits, "group_size": dims // weights[f"{path}.scales"].shape[-1]}
+
+    if any(k.endswith(".scales") for k in weights):
+        nn.quantize(module, class_predicate=settings)
 
 
 def runtime_config(model):

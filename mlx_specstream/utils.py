@@ -13,7 +13,6 @@ from mlx.utils import tree_flatten
 from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
 from .drafters import attach_drafter
 from .mtp import (
-    MTPDrafter,
     attach_mtp,
     fetch_mtp_checkpoint,
     has_mtp_weights,
@@ -251,14 +250,7 @@ def save_streams(path: Union[str, Path], model: nn.Module) -> None:
     drafter, ``drafter.safetensors``) into ``path``."""
     rt = get_runtime(model)
     module, file = (rt.streams, STREAMS_FILE) if rt.drafter is None else (rt.drafter, DRAFTER_FILE)
-    if isinstance(module, MTPDrafter) and any(
-        k.endswith(".scales") for k, _ in tree_flatten(module.parameters())
-    ):
-        raise ValueError(
-            "This model's MTP layer was quantized with its base when it was loaded; write it "
-            "from the float model (load the checkpoint unquantized), or load the quantized base "
-            "with drafter=<the checkpoint> each time."
-        )
+    # (an MTP layer quantized with its base is written so: streams.quantize_like reads it)
     weights = dict(tree_flatten(module.parameters()))
     mx.save_safetensors(str(Path(path) / file), weights, metadata={"format": "mlx"})
 

@@ -375,7 +375,8 @@ def test_negative_control_a_wrong_verifier_is_caught(tmp_path, monkeypatch):
 def test_quantized_base_takes_the_layer_from_the_checkpoint(tmp_path):
     """A 4-bit copy of the base (mlx_lm.convert's output: no MTP tensors) refuses
     to load alone, naming the way out; with ``drafter=`` the checkpoint, its MTP
-    layer is quantized like the base and decoding equals the 4-bit base's own."""
+    layer is quantized like the base and decoding equals the 4-bit base's own; saved into
+    one directory with its quantized layer, it loads back equal without the checkpoint."""
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import save_config, save_model
 
@@ -397,8 +398,19 @@ def test_quantized_base_takes_the_layer_from_the_checkpoint(tmp_path):
     want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(40))]
     got, _ = spec_tokens(model, prompt, 40)
     assert got == want
-    with pytest.raises(ValueError, match="quantized"):
-        save(tmp_path / "out", model, tok)
+    # Saved with its quantized layer (one directory, no checkpoint needed): loads back equal
+    save(
+        tmp_path / "out",
+        model,
+        tok,
+        config={**config, "quantization": {"group_size": 32, "bits": 4}},
+    )
+    again, _ = load(str(tmp_path / "out"))
+    a = dict(tree_flatten(drafter.parameters()))
+    b = dict(tree_flatten(again.speculative_streams.drafter.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    assert isinstance(again.speculative_streams.drafter.proj, nn.QuantizedLinear)
+    assert spec_tokens(again, prompt, 40)[0] == want
 
 
 def _quantized_copy(ckpt, out):
@@ -428,10 +440,16 @@ def test_the_layers_head_quantized_base(own_head, tmp_path):
     assert ("head" in drafter) == own_head
     if own_head:
         assert isinstance(drafter.head, nn.QuantizedLinear)
-    plain, _ = mlx_lm_load(str(q))
+    plain, tok, config = mlx_lm_load(str(q), return_config=True)
     prompt = [1, 5, 9, 3, 7, 2, 11]
     want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(30))]
     assert spec_tokens(model, prompt, 30)[0] == want
+    save(tmp_path / "out", model, tok, config=config)  # (the quantized head saved and read back)
+    again = load(str(tmp_path / "out"))[0].speculative_streams.drafter
+    assert ("head" in again) == own_head
+    assert not own_head or isinstance(again.head, nn.QuantizedLinear)
+    a, b = dict(tree_flatten(drafter.parameters())), dict(tree_flatten(again.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("arch,own_head", [("deepseek_v3", False), ("glm4_moe", True)])
@@ -698,3 +716,20 @@ def test_a_family_whose_config_declares_no_layer(tmp_path):
     prompt = [1, 5, 9, 3, 7, 2, 11]
     want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(30))]
     assert spec_tokens(model, prompt, 30)[0] == want
+
+
+def test_a_quantized_layer_of_mixed_bits_is_saved_and_read_back(tmp_path):
+    """Qwen3.5-MoE's rule quantizes its routers in 8 bits and the rest in 4: the drafter's
+    layer saved into one directory reads back with each module's own bits and group size
+    (told by its shapes), every tensor equal."""
+    write_checkpoint(tmp_path / "ckpt", "qwen3_5_moe", seed=3)
+    q = _quantized_copy(tmp_path / "ckpt", tmp_path / "q4")
+    model, tok, config = load(str(q), drafter=str(tmp_path / "ckpt"), return_config=True)
+    drafter = model.speculative_streams.drafter
+    assert (drafter.layer.mlp.gate.bits, drafter.proj.bits) == (8, 4)
+    save(tmp_path / "out", model, tok, config=config)
+    again = load(str(tmp_path / "out"))[0].speculative_streams.drafter
+    assert (again.layer.mlp.gate.bits, again.layer.mlp.gate.group_size) == (8, 64)
+    assert (again.proj.bits, again.proj.group_size) == (4, 32)
+    a, b = dict(tree_flatten(drafter.parameters())), dict(tree_flatten(again.parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
