@@ -12,7 +12,6 @@ from test_batch import LIMITS, alone, decode
 from mlx_lm.models import ministral3
 
 import mlx_specstream.streams as streams
-from mlx_specstream import DrafterConfig, attach_drafter
 from mlx_specstream.streams import (
     TreeUnsupported,
     attach_verifier,
@@ -177,12 +176,6 @@ def test_models_whose_passes_cannot_equal_their_decoding_are_refused(arch, messa
     model = random_model(arch, {**BASE, **args}, 100352 if arch == "phi3small" else 8)
     with pytest.raises(ValueError, match=message):
         attach_verifier(model)
-
-
-def test_parallelspec_on_position_scaled_layers_is_refused_with_the_reason():
-    model = tiny_model("ministral3", vocab_size=8)
-    with pytest.raises(ValueError, match=r"takes \(x, attn_scale, mask, cache\)"):
-        attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=3))
 
 
 def test_layers_called_with_other_arguments_before_the_mask_are_refused_with_the_reason():
