@@ -18,7 +18,8 @@ same layer again on its own output and the previous level's argmax (as vLLM
 does), rows trimmed after. The conventions per family follow vLLM's
 ``mimo_mtp.py``, ``deepseek_mtp.py`` and ``qwen3_5_mtp.py``: MiMo reads the hidden
 state before the base's final norm and recurses on ``final_norm(o)``; DeepSeek-V3
-and GLM-4.5 read it after the final norm and recurse on ``o``; Qwen3-Next and
+reads it after the final norm and recurses on ``o``, GLM-4.5 and GLM-5 on
+``final_norm(o)`` (as SGLang runs them); Qwen3-Next and
 Qwen3.5 read it after the final norm and recurse on ``final_norm(o)``. These zero the
 embedding of the row at position 0. Step 3.5 (``step3p5_mtp.py``) reads the hidden
 state before the final norm, recurses on ``o`` and has a head of its own; MiMo-V2-Flash,
@@ -79,6 +80,7 @@ class MTPLayout:
     recurse_normed: bool = True  # deeper levels read final_norm(o), not o
     skip: tuple = ()  # the layer's copies of the base's tensors (its embeddings)
     head: str = ""  # the layer's own LM head, read where it differs from the base's
+    head_optional: bool = False  # a checkpoint without it: the base's head
     layer: str = ""  # where the decoder layer's tensors sit under prefix
     # Whether a checkpoint (its safetensors headers: key -> shape) stores every RMSNorm
     # weight less one, as mlx-lm's sanitize then reads the base (None: never).
@@ -105,7 +107,11 @@ _DEEPSEEK = MTPLayout(
     recurse_normed=False,
     skip=("embed_tokens.",),
     head="shared_head.head",
+    head_optional=True,  # (GLM-5's checkpoints store none: the base's, as vLLM shares it)
 )
+# GLM's NextN layers (GLM-4.5, GLM-4.7-Flash, GLM-5): DeepSeek's layout, deeper levels on
+# final_norm(o), as SGLang runs them (vLLM's o collapses GLM-5's acceptance past level 1)
+_GLM = replace(_DEEPSEEK, recurse_normed=True)
 
 
 def _expert_per_key(shapes: Dict[str, list]) -> bool:
@@ -203,10 +209,10 @@ FAMILIES = {
         recurse_normed=True,
     ),
     "deepseek_v3": _DEEPSEEK,
-    "glm4_moe": _DEEPSEEK,
-    "glm4_moe_lite": _DEEPSEEK,  # GLM-4.7-Flash (latent attention)
+    "glm4_moe": _GLM,
+    "glm4_moe_lite": _GLM,  # GLM-4.7-Flash (latent attention)
     "deepseek_v32": _DEEPSEEK,  # (sparse attention: the layer keeps its indexer's keys too)
-    "glm_moe_dsa": _DEEPSEEK,  # GLM-5
+    "glm_moe_dsa": _GLM,  # GLM-5
     "qwen3_next": _qwen(_expert_per_key),
     "qwen3_5": _qwen(_unsanitized_conv1d),
     "qwen3_5_moe": _qwen(_unsanitized_conv1d),
@@ -577,10 +583,10 @@ def read_mtp_weights(
         if key not in found:
             raise ValueError(f"{path}: the MTP layer has no '{prefix}{key}'.")
         weights[ours] = found.pop(key)
-    if layout.head:
-        key = layout.head + ".weight"
-        if key not in found:
-            raise ValueError(f"{path}: the MTP layer has no '{prefix}{key}'.")
+    key = layout.head + ".weight"
+    if layout.head and key not in found and not layout.head_optional:
+        raise ValueError(f"{path}: the MTP layer has no '{prefix}{key}'.")
+    if layout.head and key in found:
         head = found.pop(key)
         if not _same_as_base_head(model, head):  # (DeepSeek-V3's is a copy: not kept)
             weights["head.weight"] = head

@@ -238,13 +238,17 @@ def write_checkpoint(
     )
 
 
-def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False, no_window=False):
+def reference_levels(
+    plain, ref, text, a, levels, swap=False, other_hidden=False, no_window=False,
+    other_recursion=False,
+):  # fmt: skip
     """From the raw tensors and mlx-lm's own modules, from scratch: the MTP rows
     0..a over ``text`` (row i: token i's last hidden state, token i + 1's
     embedding, zeroed at position 0 where the family does), level 1 at row a, then the
     layer again on its own output and each level's argmax; a window layer's rows see
     their last ``window`` keys. ``swap`` / ``other_hidden`` / ``no_window`` are the
-    controls: the other concatenation order, the other side of the final norm, every key."""
+    controls: the other concatenation order, the other side of the final norm, every key;
+    ``other_recursion``: deeper levels on the other side of the layer's final norm."""
     eps = mtp._norm_eps(mtp.text_args(plain))
     e_w, h_w, f_w = ref["norms"]
     inner = plain.model if hasattr(plain, "model") else plain.backbone  # (Nemotron-H's names)
@@ -280,7 +284,7 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     logits = [head(mx.fast.rms_norm(out, f_w, eps))]
     for _ in range(levels - 1):
         t = mx.argmax(logits[-1], axis=-1)
-        prev = mx.fast.rms_norm(out, f_w, eps) if ref["recurse_normed"] else out
+        prev = mx.fast.rms_norm(out, f_w, eps) if ref["recurse_normed"] != other_recursion else out
         out = rows(prev, embed(t), cache)
         logits.append(head(mx.fast.rms_norm(out, f_w, eps)))
     return np.array(mx.concatenate(logits).astype(mx.float32))
@@ -290,6 +294,7 @@ def reference_levels(plain, ref, text, a, levels, swap=False, other_hidden=False
     "arch,own_head",
     [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)]
     + [(arch, False) for arch in ("glm4_moe_lite", "deepseek_v32", "glm_moe_dsa")]
+    + [("glm_moe_dsa", "no head")]
     + [(arch, False) for arch in HYBRIDS]
     + [("step3p5", True), ("step3p5", "nested"), ("mimo_v2_flash", False), ("exaone_moe", False)]
     + [("nemotron_h", False), ("ernie4_5_moe", False)],
@@ -302,8 +307,11 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
     used; a copy of the base's is not kept. On the hybrids (chains through the
     model's own passes: recurrent.DrafterChains) the rows come from each pass and
     prompt chunk by position."""
-    nested, own_head = own_head == "nested", bool(own_head)  # (Step 3.5's deeper layer)
-    ref = write_checkpoint(tmp_path / "ckpt", arch, own_head=own_head, nested=nested)
+    # (Step 3.5's layer one level deeper; GLM-5's checkpoints without the layer's head)
+    nested, absent = own_head == "nested", own_head == "no head"
+    own_head = own_head is True or nested
+    drop = ("shared_head.head.weight",) if absent else ()
+    ref = write_checkpoint(tmp_path / "ckpt", arch, own_head=own_head, nested=nested, drop=drop)
     model, _ = load(str(tmp_path / "ckpt"))
     plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
     drafter = model.speculative_streams.drafter
@@ -334,7 +342,7 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
         checked += 1
     assert checked >= 5
     logits, a, _, _ = seen[1]
-    controls = [dict(swap=True), dict(other_hidden=True)]
+    controls = [dict(swap=True), dict(other_hidden=True), dict(other_recursion=True)]
     if arch in WINDOWED:  # (a step past the window's first slide)
         logits, a, _, _ = next(x for x in seen if x[1] + 1 > ref["window"] + 2)
         controls.append(dict(no_window=True))
@@ -479,6 +487,11 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         load(str(tmp_path / "no_mlp"))
     with pytest.raises(ValueError, match="model_type 'llama' has no MTP layout"):
         mtp.mtp_layout("llama")
+    # (Step 3.5's layers have heads of their own: one missing is not the base's)
+    write_checkpoint(tmp_path / "no_head", "step3p5", own_head=True,
+                     drop=("shared_head.output.weight",))  # fmt: skip
+    with pytest.raises(ValueError, match=r"no 'model\.layers\.4\.shared_head\.output\.weight'"):
+        load(str(tmp_path / "no_head"))
 
 
 def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
