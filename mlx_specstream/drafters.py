@@ -138,8 +138,12 @@ def layer_mask(x: mx.array, cache, window: Optional[int] = None) -> Optional[mx.
     """The causal mask of rows ``x`` over ``cache`` as an array (DeepSeek V3's latent
     attention and V3.2's indexer take no ``"causal"``); over a :class:`KVCacheList` the
     first member's. With ``window``, each row sees its last ``window`` keys only."""
-    first = cache[0] if isinstance(cache, KVCacheList) else cache
-    return create_attention_mask(x, first, window_size=window, return_array=True)
+    return create_attention_mask(x, _keys_cache(cache), window_size=window, return_array=True)
+
+
+def _keys_cache(cache):
+    """The cache whose offset is the rows' position: a :class:`KVCacheList`'s first."""
+    return cache[0] if isinstance(cache, KVCacheList) else cache
 
 
 def run_layer(
@@ -153,8 +157,7 @@ def run_layer(
     if scale is None:
         out = layer(x, mask, cache)
     else:
-        first = cache[0] if isinstance(cache, KVCacheList) else cache
-        start = 0 if first is None else first.offset
+        start = 0 if cache is None else _keys_cache(cache).offset
         positions = mx.arange(start, start + x.shape[1])
         out = layer(
             x, llama4_attention_scale(positions, *scale).astype(x.dtype)[:, None], mask, cache

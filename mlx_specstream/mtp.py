@@ -44,7 +44,7 @@ import struct
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -83,8 +83,8 @@ class MTPLayout:
     head_optional: bool = False  # a checkpoint without it: the base's head
     layer: str = ""  # where the decoder layer's tensors sit under prefix
     # Whether a checkpoint (its safetensors headers: key -> shape) stores every RMSNorm
-    # weight less one, as mlx-lm's sanitize then reads the base (None: never).
-    norms_less_one: Optional[Callable[[Dict[str, list]], bool]] = None
+    # weight less one, as mlx-lm's sanitize then reads the base (None: never; True: always).
+    norms_less_one: Union[None, bool, Callable[[Dict[str, list]], bool]] = None
     zero_first: bool = True  # the row at position 0 reads no embedding (DeepSeek's rule)
     renames: tuple = ()  # (theirs, ours): the decoder layer's tensor names, by prefix
     # The decoder layer where it is not the base's next layer: model -> a fresh layer
@@ -228,7 +228,7 @@ FAMILIES = {
         recurse_normed=False,
         skip=("embed_tokens.",),
         head="shared_head.output",
-        norms_less_one=lambda shapes: True,
+        norms_less_one=True,
         zero_first=False,
         renames=(("transformer.", ""),),  # (some checkpoints nest the layer one deeper)
         block=_step_block,
@@ -551,17 +551,18 @@ def read_mtp_weights(
         lead = layout.layer + theirs
         found = {layout.layer + ours + k[len(lead) :] if k.startswith(lead) else k: v
                  for k, v in found.items()}  # fmt: skip
+    lead = layout.sanitized_as  # (a wrapper's sanitize puts its language model's name first)
     for name in (layout.proj, layout.head):  # an FP8 matrix: the base's sanitize dequantizes
         scale = f"{name}.weight_scale_inv"
         if name and scale in found and f"{name}.weight" in found:
-            pair = {f"model.layers.0.{k}": found.pop(k) for k in (f"{name}.weight", scale)}
+            pair = {lead + k: found.pop(k) for k in (f"{name}.weight", scale)}
             pair = model.sanitize(pair) if hasattr(model, "sanitize") else pair
-            if f"model.layers.0.{scale}" in pair:
+            if lead + scale in pair:
                 raise ValueError(
                     f"{path}: '{prefix}{name}.weight' is stored in FP8 with its "
                     f"'{scale}', which {model.args.model_type}'s sanitize does not dequantize."
                 )
-            found[f"{name}.weight"] = pair[f"model.layers.0.{name}.weight"]
+            found[f"{name}.weight"] = pair[f"{lead}{name}.weight"]
     if not found:
         raise ValueError(
             f"{path}: no tensors under '{prefix}' in its safetensors: the MTP layer is not "
@@ -594,7 +595,6 @@ def read_mtp_weights(
     other = sorted(k for k in found if not k.startswith(layout.layer))
     if other:
         raise ValueError(f"{path}: the MTP layer has tensors not read here: {prefix}{other[0]}.")
-    lead = layout.sanitized_as  # (a wrapper's sanitize puts its language model's name first)
     block = {f"{lead}{k[len(layout.layer):]}": v for k, v in found.items()}
     norms = {}
     if layout.norms_less_one is not None:  # (set aside: sanitize adds one to some only)
@@ -603,7 +603,8 @@ def read_mtp_weights(
         block = model.sanitize(block)
     weights.update({"layer." + k.split(lead, 1)[1]: v for k, v in block.items() if lead in k})
     weights.update({"layer." + k[len(lead) :]: v for k, v in norms.items()})
-    if norms and layout.norms_less_one(_headers(_shards(path, "")) if shapes is None else shapes):
+    rule = layout.norms_less_one  # (True: no headers to read)
+    if norms and (rule is True or rule(_headers(_shards(path, "")) if shapes is None else shapes)):
         for k in ["embed_norm.weight", "hidden_norm.weight", "final_norm.weight"] + [
             "layer." + k[len(lead) :] for k in norms
         ]:
