@@ -338,6 +338,9 @@ class DrafterConfig(_Section):
         tuned (dict, optional): device name -> the tree settings
           ``python -m mlx_specstream.tune --save`` measured fastest on that
           device, applied there only. Default: ``None``.
+        num_mtp_layers (int): for ``"mtp"``, how many of the checkpoint's MTP layers
+          draft: layer ``k`` drafts level ``k`` (Step 3.5's and MiMo-V2-Flash's three),
+          the last one also every deeper level. At most ``num_draft_tokens``. Default: ``1``.
     """
 
     SECTION = DRAFTER_KEY
@@ -348,6 +351,7 @@ class DrafterConfig(_Section):
     max_tree_nodes: int = 16
     tree_depth: Optional[int] = None
     tuned: Optional[Dict[str, dict]] = None
+    num_mtp_layers: int = 1
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -385,6 +389,16 @@ class DrafterConfig(_Section):
             ),
             "tree_depth",
             f"must be null or an integer in [0, num_draft_tokens={self.num_draft_tokens}]",
+        )
+        n = self.num_mtp_layers
+        require(
+            isinstance(n, int)
+            and not isinstance(n, bool)
+            and 1 <= n <= self.num_draft_tokens
+            and (n == 1 or self.kind == "mtp"),
+            "num_mtp_layers",
+            f"must be an integer in [1, num_draft_tokens={self.num_draft_tokens}] (above 1 "
+            "for kind 'mtp' only)",
         )
         self._check_tuned()
 

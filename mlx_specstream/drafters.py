@@ -180,7 +180,7 @@ def continue_or_start(prompt_cache_offset: int, previous, layer: nn.Module) -> "
     generation leaves it); otherwise starts without the older context (RoPE only
     sees relative positions, so it drafts from less history)."""
     if previous is not None and previous.cache is not None:
-        offset = previous.cache.offset
+        offset = previous.offset
         if offset == prompt_cache_offset and previous.pending_hidden is None:
             return previous
         if offset == prompt_cache_offset - 1 and previous.pending_hidden is not None:
@@ -202,6 +202,11 @@ class DrafterState:
         # (1, D): the state of the last token a generation fed, whose next token
         # is the following call's first prompt token
         self.pending_hidden: Optional[mx.array] = None
+
+    @property
+    def offset(self) -> int:
+        """The tokens whose rows the drafter has (row ``i``: token ``i`` and ``i + 1``)."""
+        return 0 if self.cache is None else self.cache.offset
 
     def trim_to(self, offset: int):
         """Keeps the rows of the first ``offset`` tokens: row ``i`` pairs token

@@ -15,7 +15,12 @@ with the embedding of token ``i + 1``, on its own KV cache)::
 The rows of the accepted path go into the cache; the last one (the last
 accepted node and the bonus token) gives draft level 1. Deeper levels run the
 same layer again on its own output and the previous level's argmax (as vLLM
-does), rows trimmed after. The conventions per family follow vLLM's
+does), rows trimmed after. A checkpoint with several MTP layers (Step 3.5's and
+MiMo-V2-Flash's three) drafts level ``k`` with its layer ``k``, run as DeepSeek-V3
+trains its MTP modules: layer ``k``'s row ``i`` reads layer ``k - 1``'s output at ``i``
+(MiMo-V2-Flash's layers: the base's state, as SGLang runs them) and token ``i + k``,
+drafted where not yet known (:meth:`MTPDrafter._draft_depths`, :class:`DepthsState`).
+The conventions per family follow vLLM's
 ``mimo_mtp.py``, ``deepseek_mtp.py`` and ``qwen3_5_mtp.py``: MiMo reads the hidden
 state before the base's final norm and recurses on ``final_norm(o)``; DeepSeek-V3
 reads it after the final norm and recurses on ``o``, GLM-4.5 and GLM-5 on
@@ -35,6 +40,7 @@ Example:
     >>> model, tok = load("MiMo-7B-RL")                  # its MTP layer drafts
     >>> model, tok = load("MiMo-7B-RL-4bit", drafter="MiMo-7B-RL")  # from the original
     >>> model, tok = load("Qwen3.5-9B")                   # a hybrid: chains of its drafts
+    >>> model, tok = load("Step-3.5-Flash")               # its three MTP layers draft in turn
 """
 
 import glob
@@ -49,16 +55,19 @@ from typing import Callable, Dict, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cache import KVCacheList
 from .config import DrafterConfig
 from .drafters import (
     DrafterState,
     attention_scale_settings,
     continue_or_start,
     new_decoder_layer,
+    new_layer_cache,
     new_rows,
     own_class,
     run_layer,
 )
+from .recurrent import has_recurrent_layers
 from .streams import _embedding, hidden_size, quantize_like, text_args
 
 
@@ -66,7 +75,8 @@ from .streams import _embedding, hidden_size, quantize_like, text_args
 class MTPLayout:
     """Where a family's checkpoint keeps its MTP layer, and how the layer runs.
 
-    ``prefix`` is formatted with ``n`` (the base's ``num_hidden_layers``); the
+    ``prefix`` is formatted with ``n`` (the layer's index after the base's: the base's
+    ``num_hidden_layers`` for the first) and ``d`` (0 for the first MTP layer); the
     decoder layer's tensors sit under ``prefix + layer`` with the base layers' names.
     """
 
@@ -93,6 +103,9 @@ class MTPLayout:
     # Nemotron-H's two blocks, layers.0 and layers.1: the base's layers 0 and 1)
     sanitized_as: str = "model.layers.0."
     undeclared: int = 0  # the layer count of a family whose configs may not declare it
+    # With several MTP layers: layer k reads layer k - 1's output (DeepSeek-V3's modules,
+    # Step 3.5's), or every layer the base's state (MiMo-V2-Flash's, as SGLang runs them)
+    chain_layers: bool = True
     expects: tuple = ()  # (config key, the only value read here where the key is present)
 
 
@@ -199,7 +212,7 @@ def _nemotron_blocks(model) -> nn.Module:
 
 FAMILIES = {
     "mimo": MTPLayout(
-        prefix="model.mtp_layers.0.",
+        prefix="model.mtp_layers.{d}.",
         embed_norm="token_layernorm",
         hidden_norm="hidden_layernorm",
         proj="input_proj",
@@ -216,7 +229,7 @@ FAMILIES = {
     "qwen3_next": _qwen(_expert_per_key),
     "qwen3_5": _qwen(_unsanitized_conv1d),
     "qwen3_5_moe": _qwen(_unsanitized_conv1d),
-    # Step 3.5 (Step-3.5-Flash): 3 MTP layers, each with its own head (the first read);
+    # Step 3.5 (Step-3.5-Flash): 3 MTP layers, each with its own head;
     # every norm zero-centred (stored less one); the base's hidden state before its norm
     "step3p5": MTPLayout(
         prefix="model.layers.{n}.",
@@ -233,9 +246,9 @@ FAMILIES = {
         renames=(("transformer.", ""),),  # (some checkpoints nest the layer one deeper)
         block=_step_block,
     ),
-    # MiMo-V2-Flash: 3 MTP layers (the first read), its config declares none
+    # MiMo-V2-Flash: 3 MTP layers, its config declares none
     "mimo_v2_flash": MTPLayout(
-        prefix="model.mtp.layers.0.",
+        prefix="model.mtp.layers.{d}.",
         embed_norm="enorm",
         hidden_norm="hnorm",
         proj="eh_proj",
@@ -244,6 +257,7 @@ FAMILIES = {
         renames=(("pre_mlp_layernorm.", "post_attention_layernorm."),),
         block=_mimo_v2_block,
         undeclared=1,
+        chain_layers=False,
     ),
     # Nemotron-H (Nemotron 3): the layer is two blocks, mtp.layers.0 (attention, with the
     # projection) and mtp.layers.1 (experts, with the final norm); a hybrid: chains
@@ -345,11 +359,12 @@ def _lm_head(model):
     return head if "lm_head" in _text_model(model) else head.as_linear
 
 
-class MTPDrafter(nn.Module):
+class MTPDepth(nn.Module):
     """``embed_norm``, ``hidden_norm``, ``proj`` ``(D, 2D)``, ``layer.*`` and
-    ``final_norm``: a checkpoint's first MTP layer (:func:`read_mtp_weights`)."""
+    ``final_norm`` (and ``head`` where the checkpoint's differs from the base's): one
+    of a checkpoint's MTP layers (:func:`read_mtp_weights`)."""
 
-    def __init__(self, config: DrafterConfig, model: nn.Module):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self._layout = mtp_layout(model.args.model_type)
         args = text_args(model)
@@ -361,12 +376,8 @@ class MTPDrafter(nn.Module):
         # Qwen3.5's attend, as vLLM builds them)
         self.layer = mtp_decoder_layer(model)
         self.final_norm = nn.RMSNorm(D, eps=eps)
-        self._levels = config.num_draft_tokens
         self._window = layer_window(self.layer, args)
         self._scale = attention_scale_settings(model)
-
-    def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
-        return continue_or_start(prompt_cache_offset, previous, self.layer)
 
     def step(self, hidden: mx.array, emb: mx.array, cache=None) -> mx.array:
         """The layer's output over rows pairing ``hidden`` ``(L, D)`` (or a batch,
@@ -383,38 +394,196 @@ class MTPDrafter(nn.Module):
         head = self.head if "head" in self else _lm_head(model)
         return head(self.final_norm(out))
 
+    def passed_on(self, out: mx.array) -> mx.array:
+        """What the next run reads of this layer's output ``o``: ``final_norm(o)`` or ``o``."""
+        return self.final_norm(out) if self._layout.recurse_normed else out
+
+
+class MTPDrafter(MTPDepth):
+    """A checkpoint's MTP layers as a drafter: the first one's parameters, and the
+    others' in ``depths`` (``config.num_mtp_layers - 1`` of them). With one layer,
+    each deeper level runs it again on its own output (as vLLM does); with ``K``,
+    layer ``k`` drafts level ``k`` (:meth:`draft`), the last one also the levels past
+    ``K``."""
+
+    def __init__(self, config: DrafterConfig, model: nn.Module):
+        super().__init__(model)
+        self._levels = config.num_draft_tokens
+        if config.num_mtp_layers > 1:
+            self._check_depths(model)
+            self.depths = [MTPDepth(model) for _ in range(config.num_mtp_layers - 1)]
+
+    @staticmethod
+    def _check_depths(model):
+        if not multi_depth(mtp_layout(model.args.model_type)):
+            raise ValueError(
+                f"{model.args.model_type}: its checkpoints' MTP layers are read one only "
+                "(num_mtp_layers=1)."
+            )
+        if has_recurrent_layers(model):
+            raise ValueError(
+                f"{model.args.model_type}: several MTP layers (num_mtp_layers > 1) draft "
+                "for attention-only models; this one has recurrent layers."
+            )
+
+    @property
+    def all_depths(self) -> List[MTPDepth]:
+        return [self] + list(getattr(self, "depths", []))
+
+    def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
+        if "depths" not in self:
+            return continue_or_start(prompt_cache_offset, previous, self.layer)
+        if isinstance(previous, DepthsState) and len(previous.cache.caches) == len(self.all_depths):
+            state = continue_or_start(prompt_cache_offset, previous, self.layer)
+            if state is previous:
+                return state
+        # (states kept for trims: a generation's end drops at most a step's tokens and
+        # the bonus, a follow-up one more)
+        caches = [new_layer_cache(d.layer) for d in self.all_depths]
+        return DepthsState(caches, back=self._levels + 3)
+
     def load_weights(self, file_or_weights, strict: bool = True):
         """As ``nn.Module.load_weights``; weights with ``head.*`` (a checkpoint whose
-        MTP head differs from the base's) give the layer a head of its own first."""
+        MTP head differs from the base's), at any depth, give that layer a head of its
+        own first."""
         weights = file_or_weights
         if isinstance(weights, str):
             weights = list(mx.load(weights).items())
-        head = [w for k, w in weights if k == "head.weight"]
-        if head and "head" not in self:
-            D = self.embed_norm.weight.shape[0]  # (a quantized head's weight is packed)
-            self.head = nn.Linear(D, head[0].shape[0], bias=False)
-            quantize_like(self, dict(weights))  # (the head as it was saved)
+        D = self.embed_norm.weight.shape[0]  # (a quantized head's weight is packed)
+        for key, w in weights:
+            if not key.endswith("head.weight"):
+                continue
+            lead = key[: -len("head.weight")]
+            depth = self if not lead else self.all_depths[int(lead.split(".")[1]) + 1]
+            if "head" not in depth:
+                depth.head = nn.Linear(D, w.shape[0], bias=False)
+        quantize_like(self, dict(weights))  # (the heads as they were saved)
         return super().load_weights(weights, strict=strict)
 
     def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
         """``(levels, V)`` logits of the next tree's levels from the accepted path (each
-        level one more run of the layer: only as many as the tree has)."""
+        level one more run of a layer: only as many as the tree has)."""
         levels = self._levels if levels is None else min(levels, self._levels)
         feats, nxt = new_rows(state, hidden, path, path_tokens, token)
         if self._layout.normed_hidden:
             feats = _final_norm(rt.model)(feats)
+        if isinstance(state, DepthsState):
+            return self._draft_depths(rt, state, feats, nxt, levels)
         emb = rt.embed(mx.array(nxt))
         if self._layout.zero_first and state.cache.offset == 0:  # (position 0: no embedding)
             emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
         out = self.step(feats, emb, state.cache)[-1:]
         logits = [self.logits(rt.model, out)]
-        for _ in range(levels - 1):  # deeper levels: the layer on its own output
-            nxt = mx.argmax(logits[-1], axis=-1)
-            prev = self.final_norm(out) if self._layout.recurse_normed else out
-            out = self.step(prev, rt.embed(nxt), state.cache)
-            logits.append(self.logits(rt.model, out))
+        self._recurse(rt, logits, out, state.cache, levels - 1)
         state.cache.trim(levels - 1)  # the recursion's rows never stay
         return mx.concatenate(logits, axis=0)
+
+    def _recurse(self, rt, logits: list, out: mx.array, cache, n: int):
+        """``n`` deeper levels: the last layer on its own output (``out``, its last row)
+        and the previous level's argmax, appended to ``cache`` (trimmed by the caller)."""
+        last = self.all_depths[-1]
+        for _ in range(n):
+            nxt = mx.argmax(logits[-1], axis=-1)
+            out = last.step(last.passed_on(out), rt.embed(nxt), cache)
+            logits.append(last.logits(rt.model, out))
+
+    def _draft_depths(self, rt, state: "DepthsState", feats, nxt, levels) -> mx.array:
+        """Layers ``1..K`` over the rows of positions ``[P, N)``: the held ones and the
+        new ones, their base states ``feats`` and next tokens ``nxt``. Layer ``k``'s row
+        ``i`` reads layer ``k - 1``'s output at ``i`` (MiMo-V2-Flash's: the base's state,
+        :attr:`MTPLayout.chain_layers`) and the embedding of token ``i + k``; tokens past
+        ``N`` are the levels drafted so far. Rows whose tokens are all known (all but the
+        last ``K - 1``) stay in the caches; the others are trimmed and held."""
+        if state.held_next:
+            feats = mx.concatenate([state.held_hidden, feats], axis=0)
+            nxt = state.held_next + nxt
+        depths, caches, P = self.all_depths, state.cache.caches, state.cache.offset
+        M, lag = len(nxt), len(self.all_depths) - 1
+        keep = max(0, M - lag)  # (rows that stay: positions [P, P + keep))
+        emb = rt.embed(mx.array(nxt))  # (tokens P + 1 .. N)
+        drafted, logits, h = [], [], feats
+        for k, (depth, cache) in enumerate(zip(depths, caches)):
+            rows = M if k < levels else keep  # (a layer past the levels: its kept rows)
+            if rows == 0:
+                break
+            e = mx.concatenate([emb] + drafted, axis=0)[k : k + rows]
+            if self._layout.zero_first and cache.offset == 0:
+                e = mx.concatenate([mx.zeros_like(e[:1]), e[1:]])
+            out = depth.step(h[:rows], e, cache)
+            if k < levels:
+                logits.append(depth.logits(rt.model, out[-1:]))
+                drafted.append(rt.embed(mx.argmax(logits[-1], axis=-1)))
+            if k == len(depths) - 1 and levels > len(depths):
+                self._recurse(rt, logits, out[-1:], cache, levels - len(depths))
+            cache.trim(cache.offset - P - keep)  # (the drafting rows never stay)
+            h = depth.passed_on(out) if self._layout.chain_layers else feats
+        state.advance(feats, nxt, keep)
+        return mx.concatenate(logits, axis=0)
+
+
+class DepthsState(DrafterState):
+    """What an MTP drafter with ``K`` layers keeps during one generation.
+
+    Layer ``k``'s row ``i`` needs token ``i + k``, known ``k - 1`` tokens after layer
+    1's: every layer's cache holds the rows of the same positions ``[0, P)`` (a
+    :class:`~mlx_specstream.cache.KVCacheList` of theirs), those of the last ``K - 1``
+    positions are run again with each step's new rows, from the base's states held
+    here with their next tokens. The states of up to ``back`` positions before ``P`` are
+    kept too, so that a trim by a few tokens (a generation's end, a follow-up that edits
+    the last token) leaves every row reading the tokens before the trim point only.
+
+    Example: ``K = 3``, rows of positions 0..9 seen (tokens 1..10 known): the caches hold
+    positions 0..7 (layer 3's row 7 read token 10), positions 8 and 9 are held. Trimmed to
+    8 tokens (``offset`` 8: token 8 is the last whose row may be read), the caches keep
+    0..5 and positions 6, 7 are held again.
+    """
+
+    def __init__(self, caches: list, back: int = 0):
+        super().__init__(needs_prompt=True, cache=KVCacheList(*caches))
+        self.lag, self.most_back = len(caches) - 1, back
+        self.states: Optional[mx.array] = None  # (positions [P - back, offset), D)
+        self.next_tokens: List[int] = []  # (each one's next token)
+        self.back = 0
+
+    @property
+    def offset(self) -> int:
+        return self.cache.offset + len(self.next_tokens) - self.back
+
+    @property
+    def held_hidden(self) -> Optional[mx.array]:
+        return self.states[self.back :] if self.held_next else None
+
+    @property
+    def held_next(self) -> List[int]:
+        return self.next_tokens[self.back :]
+
+    def advance(self, states: mx.array, next_tokens: List[int], kept: int):
+        """After a step: ``states`` ``(M, D)`` of the held and new positions, and their
+        next tokens; the first ``kept`` went into the caches."""
+        if self.back:
+            states = mx.concatenate([self.states[: self.back], states], axis=0)
+            next_tokens = self.next_tokens[: self.back] + next_tokens
+        held = len(next_tokens) - self.back - kept
+        self.back = min(self.most_back, self.back + kept)
+        first = len(next_tokens) - self.back - held
+        self.states, self.next_tokens = states[first:], next_tokens[first:]
+
+    def trim_to(self, offset: int):
+        """Keeps rows that read the first ``offset + 1`` tokens only (``offset`` as a
+        one-layer drafter's: the rows of the first ``offset`` positions)."""
+        if offset < self.offset:
+            P = self.cache.offset
+            target = max(0, offset - self.lag)  # (its rows read tokens up to ``offset``)
+            if P - target > self.back:  # (their states are gone: start again)
+                self.cache.trim(P)
+                self.states, self.next_tokens, self.back = None, [], 0
+            else:
+                self.cache.trim(P - target)
+                self.back -= P - target
+                n = self.back + offset - target
+                self.states, self.next_tokens = self.states[:n], self.next_tokens[:n]
+        if self.offset != offset - 1:
+            self.pending_hidden = None
 
 
 # ---- reading a checkpoint's MTP layer --------------------------------------------
@@ -432,10 +601,35 @@ def mtp_layers_in_config(config: dict, declared_only: bool = False) -> int:
     return 0 if declared_only else FAMILIES[config["model_type"]].undeclared
 
 
-def _mtp_prefix(config: dict) -> str:
-    """Where ``config.json``'s family keeps its first MTP layer's tensors."""
+def multi_depth(layout: MTPLayout) -> bool:
+    """Whether a family's MTP layers after the first are read (each under a prefix of
+    its own: DeepSeek's layout, MiMo's, MiMo-V2-Flash's)."""
+    return "{n}" in layout.prefix or "{d}" in layout.prefix
+
+
+def depth_prefix(layout: MTPLayout, num_hidden_layers: int, depth: int = 0) -> str:
+    """Where MTP layer ``depth`` (0: the first) keeps its tensors."""
+    return layout.prefix.format(n=num_hidden_layers + depth, d=depth)
+
+
+def _mtp_prefix(config: dict, depth: int = 0) -> str:
+    """Where ``config.json``'s family keeps its MTP layer ``depth``'s tensors."""
     layers = (config.get("text_config") or config)["num_hidden_layers"]
-    return FAMILIES[config["model_type"]].prefix.format(n=layers)
+    return depth_prefix(FAMILIES[config["model_type"]], layers, depth)
+
+
+def mtp_layers_present(config: dict, keys, most: int) -> int:
+    """How many of ``config.json``'s MTP layers (at most ``most``, and as many as it
+    declares) hold tensors among ``keys``, counted from the first."""
+    layout = FAMILIES[config["model_type"]]
+    declared = mtp_layers_in_config(config, declared_only=True) or most
+    n = 0
+    while n < min(most, declared) and (n == 0 or multi_depth(layout)):
+        prefix = _mtp_prefix(config, n)
+        if not any(k.startswith(prefix) for k in keys):
+            break
+        n += 1
+    return n
 
 
 def _same_as_base_head(model, head: mx.array) -> bool:
@@ -467,6 +661,14 @@ def _headers(files: List[Path]) -> Dict[str, list]:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
         shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     return shapes
+
+
+def _checkpoint_keys(path: Path) -> List[str]:
+    """Every tensor name in ``path``'s safetensors (its index's, else the headers')."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    return list(_headers(_shards(path, "")))
 
 
 def has_mtp_weights(path: Path) -> bool:
@@ -507,7 +709,9 @@ def fetch_mtp_checkpoint(repo: str, revision: Optional[str] = None):
         warnings.warn(f"{repo}: its safetensors headers could not be read on the Hub ({e}); "
                       "fetching the whole checkpoint for its MTP layer.", stacklevel=3)  # fmt: skip
         return None
-    files = sorted({f for k, f in meta.weight_map.items() if k.startswith(prefix)})
+    n = mtp_layers_present(config, meta.weight_map, MTP_DEFAULTS["num_draft_tokens"])
+    prefixes = tuple(_mtp_prefix(config, d) for d in range(max(n, 1)))
+    files = sorted({f for k, f in meta.weight_map.items() if k.startswith(prefixes)})
     if not files:
         raise ValueError(
             f"{repo}: its config declares {mtp_layers_in_config(config)} MTP layer(s), but its "
@@ -519,10 +723,10 @@ def fetch_mtp_checkpoint(repo: str, revision: Optional[str] = None):
 
 
 def read_mtp_weights(
-    path: Path, model: nn.Module, shapes: Optional[Dict[str, list]] = None
+    path: Path, model: nn.Module, shapes: Optional[Dict[str, list]] = None, depth: int = 0
 ) -> Dict[str, mx.array]:
-    """The first MTP layer's tensors in ``path``'s safetensors, named as
-    :class:`MTPDrafter`'s parameters. The decoder layer's tensors go through the
+    """MTP layer ``depth``'s tensors (0: the first) in ``path``'s safetensors, named as
+    :class:`MTPDepth`'s parameters. The decoder layer's tensors go through the
     base model's own ``sanitize`` (experts stacked, FP8 dequantized) as its layer 0.
     Where the checkpoint stores RMSNorm weights less one (Qwen3-Next's and Qwen3.5's
     Hugging Face layout, told as mlx-lm tells it from ``shapes``, every tensor's shape:
@@ -533,7 +737,7 @@ def read_mtp_weights(
     """
     path = Path(path)
     layout = mtp_layout(model.args.model_type)
-    prefix = layout.prefix.format(n=text_args(model).num_hidden_layers)
+    prefix = depth_prefix(layout, text_args(model).num_hidden_layers, depth)
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
     for key, value in layout.expects:  # (settings of the layer that are not read here)
@@ -619,13 +823,15 @@ def attach_mtp(
     quantization: Optional[dict] = None,
     shapes: Optional[Dict[str, list]] = None,
 ) -> MTPDrafter:
-    """Puts ``checkpoint``'s first MTP layer on ``model`` as its drafter.
+    """Puts ``checkpoint``'s MTP layers on ``model`` as its drafter.
 
     Args:
         model (nn.Module): an mlx-lm model of the checkpoint's base (any
           quantization), without streams or drafter.
         checkpoint (Path): a Hugging Face checkpoint directory with its MTP layer.
-        config (DrafterConfig, optional): the draft tree. Default: a chain of 3.
+        config (DrafterConfig, optional): the draft tree and the MTP layers read
+          (``num_mtp_layers``). Default: a chain of 3, drafted by as many of the
+          checkpoint's layers as it has (at most 3).
         quantization (dict, optional): ``{"group_size", "bits"}`` of a quantized
           base: the layer's matrices are quantized the same way.
         shapes (dict, optional): every tensor's shape in the checkpoint, where some of
@@ -638,10 +844,18 @@ def attach_mtp(
 
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")
-    config = config or DrafterConfig(kind="mtp", **MTP_DEFAULTS)
+    if config is None:
+        with open(Path(checkpoint) / "config.json") as f:
+            keys = shapes if shapes is not None else _checkpoint_keys(Path(checkpoint))
+            n = mtp_layers_present(json.load(f), keys, MTP_DEFAULTS["num_draft_tokens"])
+        config = DrafterConfig(kind="mtp", num_mtp_layers=max(n, 1), **MTP_DEFAULTS)
     check_supported(model, config)
     drafter = MTPDrafter(config, model)
-    weights = read_mtp_weights(checkpoint, model, shapes)
+    weights = {}
+    for d in range(config.num_mtp_layers):
+        lead = f"depths.{d - 1}." if d else ""
+        layer = read_mtp_weights(checkpoint, model, shapes, depth=d)
+        weights.update({lead + k: v for k, v in layer.items()})
     try:
         drafter.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

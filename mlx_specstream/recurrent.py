@@ -875,7 +875,7 @@ class DrafterChains:
         self.start = 0 if self.rows is None else -1
         dstate.pending_hidden = None
         # (the row of position 0 in the drafter's cache)
-        self.base = (dstate.cache.offset if dstate.cache is not None else 0) - self.start
+        self.base = dstate.offset - self.start
         state.hidden_sink = self.take
 
     def take(self, start: int, hidden: mx.array) -> None:

@@ -7,6 +7,7 @@ equals plain decoding, and a quantized base takes the layer from the original
 checkpoint."""
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +27,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.utils import load as mlx_lm_load
 
 import mlx_specstream.mtp as mtp
+from mlx_specstream.config import DrafterConfig
 from mlx_specstream.drafters import new_layer_cache
 from mlx_specstream import load
 from mlx_specstream.utils import save
@@ -169,52 +171,69 @@ def _hf_tensors(arch, weights) -> dict:
 
 def write_checkpoint(
     path, arch, seed=0, drop=(), vocab_size=V, weight_scale=4.0, own_head=False, nested=False,
-    **overrides,
+    depths=1, **overrides,
 ):  # fmt: skip
-    """A tiny random ``arch`` checkpoint with one MTP layer in its family's layout (the
-    DeepSeek layout's ``shared_head.head`` a copy of the base's LM head, or with
+    """A tiny random ``arch`` checkpoint with ``depths`` MTP layers in its family's layout
+    (the DeepSeek layout's ``shared_head.head`` a copy of the base's LM head, or with
     ``own_head`` a head of its own), its config ``ARGS[arch]`` with ``overrides``.
-    Returns the raw MTP pieces the reference uses."""
+    Returns the raw MTP pieces the reference uses (the first layer's; the others' in
+    ``"deeper"``)."""
     args, V = {**ARGS[arch], **overrides}, vocab_size
     base = random_model(arch, args, V, seed=seed, weight_scale=weight_scale)
     mx.random.seed(seed + 1)
     D = mtp.text_args(base).hidden_size
     # (a final norm of ones would make its input and output alike to the MTP's own norm)
     mtp._final_norm(base).weight = 1 + 0.5 * mx.random.normal((D,))
-    block = mtp.mtp_decoder_layer(base)
-    _scaled(block, 4.0)
-    names = OWN[arch]
-    own = {
-        names[0]: 1 + 0.1 * mx.random.normal((D,)),
-        names[1]: 1 + 0.1 * mx.random.normal((D,)),
-        names[2]: mx.random.normal((D, 2 * D)) * (2 * D) ** -0.5 * 4,
-        names[3]: 1 + 0.1 * mx.random.normal((D,)),
-    }
-    if names[3] is None:  # (no final norm of its own: the base's)
-        own[None] = mtp._final_norm(base).weight
     layout = mtp.FAMILIES[arch]
-    prefix = layout.prefix.format(n=mtp.text_args(base).num_hidden_layers)
     weights = _hf_tensors(arch, dict(tree_flatten(base.parameters())))
     if arch in HYBRIDS:  # (its checkpoint's layout: read back as mlx-lm reads it)
         back = base.sanitize(dict(weights))
         want = dict(tree_flatten(base.parameters()))
         assert back.keys() == want.keys(), sorted(set(back) ^ set(want))
         assert all(np.allclose(back[k], want[k], atol=1e-6) for k in want)
-    less_one = 1.0 if arch in (*HYBRIDS, "step3p5") else 0.0  # (stored less one)
-    weights.update({f"{prefix}{n}.weight": w - less_one * (w.ndim == 1)
-                    for n, w in own.items() if n is not None})  # fmt: skip
-    block_prefix = prefix + layout.layer
-    weights.update({block_prefix + k: w for k, w in _hf_block(arch, block, nested).items()})
-    head = None
-    if layout.head:  # the layer's copy of the embeddings (not read), and its head
-        weights[prefix + "embed_tokens.weight"] = base.model.embed_tokens.weight
-        head = mx.random.normal((V, D)) * D**-0.5 if own_head else base.lm_head.weight
-        weights[prefix + layout.head + ".weight"] = head
-    for k in drop:
-        weights.pop(prefix + k)
+    refs = []
+    for d in range(depths):
+        block = mtp.mtp_decoder_layer(base)
+        _scaled(block, 4.0)
+        names = OWN[arch]
+        own = {
+            names[0]: 1 + 0.1 * mx.random.normal((D,)),
+            names[1]: 1 + 0.1 * mx.random.normal((D,)),
+            names[2]: mx.random.normal((D, 2 * D)) * (2 * D) ** -0.5 * 4,
+            names[3]: 1 + 0.1 * mx.random.normal((D,)),
+        }
+        if names[3] is None:  # (no final norm of its own: the base's)
+            own[None] = mtp._final_norm(base).weight
+        prefix = mtp.depth_prefix(layout, mtp.text_args(base).num_hidden_layers, d)
+        less_one = 1.0 if arch in (*HYBRIDS, "step3p5") else 0.0  # (stored less one)
+        weights.update({f"{prefix}{n}.weight": w - less_one * (w.ndim == 1)
+                        for n, w in own.items() if n is not None})  # fmt: skip
+        block_prefix = prefix + layout.layer
+        weights.update({block_prefix + k: w for k, w in _hf_block(arch, block, nested).items()})
+        head = None
+        if layout.head:  # the layer's copy of the embeddings (not read), and its head
+            weights[prefix + "embed_tokens.weight"] = base.model.embed_tokens.weight
+            head = mx.random.normal((V, D)) * D**-0.5 if own_head else base.lm_head.weight
+            weights[prefix + layout.head + ".weight"] = head
+        for k in drop if d == 0 else ():
+            weights.pop(prefix + k)
+        refs.append(
+            dict(
+                norms=(own[names[0]], own[names[1]], own[names[3]]),
+                proj=own[names[2]],
+                block=block,
+                hidden_first=layout.hidden_first,
+                normed_hidden=layout.normed_hidden,
+                recurse_normed=layout.recurse_normed,
+                chain_layers=layout.chain_layers,
+                zero_first=layout.zero_first,
+                window=mtp.layer_window(block, mtp.text_args(base)),
+                head=head if own_head else None,
+            )
+        )
     path.mkdir(parents=True)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
-    config = {**args, "model_type": arch, "vocab_size": V, "num_nextn_predict_layers": 1}
+    config = {**args, "model_type": arch, "vocab_size": V, "num_nextn_predict_layers": depths}
     if arch == "mimo_v2_flash":  # (its config declares none: its safetensors tell)
         config.pop("num_nextn_predict_layers")
     if arch == "exaone_moe":
@@ -225,17 +244,7 @@ def write_checkpoint(
         config["text_config"] = text
     (path / "config.json").write_text(json.dumps(config))
     word_tokenizer(V)._tokenizer.save_pretrained(str(path))
-    return dict(
-        norms=(own[names[0]], own[names[1]], own[names[3]]),
-        proj=own[names[2]],
-        block=block,
-        hidden_first=layout.hidden_first,
-        normed_hidden=layout.normed_hidden,
-        recurse_normed=layout.recurse_normed,
-        zero_first=layout.zero_first,
-        window=mtp.layer_window(block, mtp.text_args(base)),
-        head=head if own_head else None,
-    )
+    return {**refs[0], "deeper": refs[1:]}
 
 
 def reference_levels(
@@ -349,6 +358,133 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
     for control in controls:
         wrong = reference_levels(plain, ref, text, a, logits.shape[0], **control)
         assert not np.allclose(logits, wrong, atol=1e-2), control
+
+
+def reference_depths(
+    plain, ref, text, a, levels, unshifted=False, one_layer=False, other_chain=False
+):
+    """From scratch, with the rows the layers were trained on: MTP layer ``k`` (1..K)
+    over rows 0..a, row ``i`` reading layer ``k - 1``'s output at ``i`` (on the side of
+    its final norm the family passes on; layer 1: the base's state) and token ``i + k``'s
+    embedding, the tokens past ``a + 1`` the levels drafted so far; level ``k`` at row
+    ``a``; the levels past K the last layer again on its own output. Controls:
+    ``unshifted`` (every layer reads token ``i + 1``), ``one_layer`` (the first layer
+    alone, run again for each level), ``other_chain`` (every layer reading the base's
+    state where the family chains them, and the other way round)."""
+    eps = mtp._norm_eps(mtp.text_args(plain))
+    inner = plain.model
+    norm = inner.norm
+    inner.norm = lambda x: x
+    try:
+        hid = inner(mx.array(text[: a + 1])[None])[0]
+    finally:
+        inner.norm = norm
+    hid = norm(hid) if ref["normed_hidden"] else hid
+    depths = [ref] if one_layer else [ref] + ref["deeper"]
+
+    def run(r, hidden, emb, cache):
+        pair = [mx.fast.rms_norm(hidden, r["norms"][1], eps),
+                mx.fast.rms_norm(emb, r["norms"][0], eps)]  # fmt: skip
+        x = mx.concatenate(pair[::-1] if not r["hidden_first"] else pair, -1) @ r["proj"].T
+        n = x.shape[0]
+        mask = create_causal_mask(n, offset=cache.offset, window_size=r["window"])
+        out = r["block"](x[None], mask if n > 1 or r["window"] else None, cache)
+        return (out[0] if isinstance(out, tuple) else out)[0]
+
+    def logits_of(r, out):
+        head = mtp._lm_head(plain) if r["head"] is None else (lambda x: x @ r["head"].T)
+        return head(mx.fast.rms_norm(out, r["norms"][2], eps))
+
+    def passed(r, out):
+        return mx.fast.rms_norm(out, r["norms"][2], eps) if r["recurse_normed"] else out
+
+    known = inner.embed_tokens(mx.array(text[1 : a + 2]))  # (tokens 1 .. a + 1)
+    drafted, logits, h = [], [], hid
+    for k, r in enumerate(depths[:levels]):
+        shift = 0 if unshifted else k
+        e = mx.concatenate([known] + drafted)[shift : shift + a + 1]
+        if r["zero_first"]:
+            e = mx.concatenate([mx.zeros_like(e[:1]), e[1:]])
+        cache = new_layer_cache(r["block"])
+        out = run(r, h, e, cache)
+        logits.append(logits_of(r, out[-1:]))
+        drafted.append(inner.embed_tokens(mx.argmax(logits[-1], axis=-1)))
+        h = passed(r, out) if r["chain_layers"] != other_chain else hid
+    last = depths[-1]
+    while len(logits) < levels:  # (the last layer, at the next positions)
+        out = run(last, passed(last, out[-1:]), drafted[-1], cache)
+        logits.append(logits_of(last, out))
+        drafted.append(inner.embed_tokens(mx.argmax(logits[-1], axis=-1)))
+    return np.array(mx.concatenate(logits).astype(mx.float32))
+
+
+def _attach_depths(path, levels, layers=3):
+    """An mlx-lm model of ``path`` with ``layers`` of its MTP layers drafting a chain of
+    ``levels``."""
+    model, _ = mlx_lm_load(str(path))
+    config = DrafterConfig(kind="mtp", num_draft_tokens=max(levels, layers),
+                           num_mtp_layers=layers, top_k=1, max_tree_nodes=levels + 1)  # fmt: skip
+    mtp.attach_mtp(model, path, config)
+    return model
+
+
+@pytest.mark.parametrize(
+    "arch,own_head,levels",
+    [("step3p5", True, 3), ("mimo_v2_flash", False, 3), ("mimo", False, 3)]
+    + [("step3p5", True, 2), ("step3p5", True, 4), ("mimo", False, 5)],
+)
+def test_several_mtp_layers_draft_as_they_were_trained(arch, own_head, levels, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    """With three MTP layers (Step 3.5's, MiMo-V2-Flash's), every step's levels equal the
+    layers run from scratch over the accepted text, layer ``k``'s row ``i`` reading layer
+    ``k - 1``'s output (MiMo-V2-Flash's: the base's state) and token ``i + k`` (drafted
+    where not yet known), as DeepSeek-V3's MTP modules are trained; levels past the third
+    run the last layer again. Controls: the first layer alone run again (one layer's
+    drafts), every layer reading token ``i + 1``, and the other chaining. ``load`` takes
+    all three by default, and the output is mlx-lm's."""
+    ref = write_checkpoint(tmp_path / "ckpt", arch, own_head=own_head, depths=3)
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    model = _attach_depths(tmp_path / "ckpt", levels)
+    drafter = model.speculative_streams.drafter
+    assert len(drafter.all_depths) == 3
+    assert all(("head" in d) == own_head for d in drafter.all_depths)
+    seen, real_draft = [], mtp.MTPDrafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        a = rt._tree[4] + len(path) - 1  # (committed prefix + accepted nodes - 1)
+        seen.append((np.array(logits.astype(mx.float32)), a, token, state.offset))
+        assert all(c.offset == state.cache.offset for c in state.cache.caches)
+        assert state.cache.offset == max(0, state.offset - 2)  # (two rows held)
+        return logits
+
+    monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
+    prompt = [4, 8, 15, 16, 23]
+    toks, _ = spec_tokens(model, prompt, 24, tree_top_k=1, tree_depth=levels,
+                          max_tree_nodes=levels + 1)  # fmt: skip
+    monkeypatch.undo()
+    text = prompt + toks
+    checked = 0
+    for logits, a, token, offset in seen:
+        if a + 1 >= len(text):
+            continue  # the drafts of the very last step go unused
+        assert text[a + 1] == token and offset == a + 1 and logits.shape[0] == levels
+        want = reference_depths(plain, ref, text, a, levels)
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+        checked += 1
+    assert checked >= 5
+    logits, a, _, _ = next(x for x in seen if x[1] >= 8)
+    for control in (dict(one_layer=True), dict(unshifted=True), dict(other_chain=True)):
+        wrong = reference_depths(plain, ref, text, a, levels, **control)
+        assert not np.allclose(logits[1:], wrong[1:], atol=1e-2), control
+    from mlx_lm.generate import generate_step
+
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(24))]
+    assert toks == want
+    if levels == 3:  # (load: every layer the checkpoint has)
+        loaded, _ = load(str(tmp_path / "ckpt"))
+        assert len(loaded.speculative_streams.drafter.all_depths) == 3
+        assert loaded.speculative_streams.config.num_mtp_layers == 3
 
 
 @pytest.mark.parametrize("arch", sorted(ARGS))
@@ -579,23 +715,19 @@ def test_the_tuner_tries_the_layers_trees_and_never_writes_into_the_checkpoint(t
     assert (tmp_path / "ckpt" / "config.json").read_text() == before
 
 
-def test_a_hub_checkpoint_gives_only_the_shards_of_its_mtp_layer(tmp_path, monkeypatch):
-    """``drafter=`` a Hub repo (a 4-bit copy's user has the base already): only its JSON
-    files and the shard holding the MTP layer are downloaded, not the base's shards; the
-    norms follow the layout told from every shard's header (read on the Hub, here a
-    local folder), so the layer equals the one read from the whole checkpoint."""
+def _on_a_fake_hub(repo, shard_of, tmp_path, monkeypatch) -> list:
+    """Puts checkpoint ``repo`` on a fake Hub as ``org/ckpt``, each tensor in shard
+    ``shard_of(key)`` (1, 2, ...) of an index; returns the list of the files downloaded."""
     import fnmatch
     import shutil
     from types import SimpleNamespace
 
     import huggingface_hub
-    from mlx_lm.generate import generate_step
 
-    repo = tmp_path / "hub"  # the repo on the Hub: the base in one shard, the MTP layer in another
-    write_checkpoint(repo, "qwen3_5", seed=3)
     weights = mx.load(str(repo / "model.safetensors"))
     (repo / "model.safetensors").unlink()
-    weight_map = {k: f"model-0000{1 + k.startswith('mtp.')}-of-00002.safetensors" for k in weights}
+    n = max(shard_of(k) for k in weights)
+    weight_map = {k: f"model-{shard_of(k):05d}-of-{n:05d}.safetensors" for k in weights}
     for f in set(weight_map.values()):
         mine = {k: v for k, v in weights.items() if weight_map[k] == f}
         mx.save_safetensors(str(repo / f), mine, metadata={"format": "pt"})
@@ -624,6 +756,20 @@ def test_a_hub_checkpoint_gives_only_the_shards_of_its_mtp_layer(tmp_path, monke
     for name, fake in [("hf_hub_download", hf_hub_download), ("snapshot_download", snapshot_download),
                        ("get_safetensors_metadata", get_safetensors_metadata)]:  # fmt: skip
         monkeypatch.setattr(huggingface_hub, name, fake)
+    return fetched
+
+
+def test_a_hub_checkpoint_gives_only_the_shards_of_its_mtp_layer(tmp_path, monkeypatch):
+    """``drafter=`` a Hub repo (a 4-bit copy's user has the base already): only its JSON
+    files and the shard holding the MTP layer are downloaded, not the base's shards; the
+    norms follow the layout told from every shard's header (read on the Hub, here a
+    local folder), so the layer equals the one read from the whole checkpoint."""
+    import huggingface_hub
+    from mlx_lm.generate import generate_step
+
+    repo = tmp_path / "hub"  # the repo on the Hub: the base in one shard, the MTP layer in another
+    write_checkpoint(repo, "qwen3_5", seed=3)
+    fetched = _on_a_fake_hub(repo, lambda k: 1 + k.startswith("mtp."), tmp_path, monkeypatch)
     q = _quantized_copy(repo, tmp_path / "q4")
     model, _ = load(str(q), drafter="org/ckpt")
     assert "model-00001-of-00002.safetensors" not in fetched
@@ -746,3 +892,172 @@ def test_a_quantized_layer_of_mixed_bits_is_saved_and_read_back(tmp_path):
     assert (again.proj.bits, again.proj.group_size) == (4, 32)
     a, b = dict(tree_flatten(drafter.parameters())), dict(tree_flatten(again.parameters()))
     assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def test_several_layers_from_the_hub_on_a_quantized_base_saved_and_read_back(tmp_path,
+                                                                            monkeypatch):  # fmt: skip
+    """MiMo-V2-Flash (its config declares no MTP layer) with its three layers in three
+    shards on the Hub: ``drafter=`` the repo downloads those shards and not the base's,
+    and counts the layers from the headers; on a 4-bit copy each layer is quantized as the
+    base, decoding equals the 4-bit base's, and ``save`` writes one directory that reads
+    back every layer equal (``num_mtp_layers`` in its config) and decodes the same.
+    Control: the layers' tensors differ from one another (no layer read twice)."""
+    from mlx_lm.generate import generate_step
+
+    repo = tmp_path / "hub"
+    write_checkpoint(repo, "mimo_v2_flash", seed=3, depths=3)
+    layer = re.compile(r"model\.mtp\.layers\.(\d)\.")
+    fetched = _on_a_fake_hub(
+        repo, lambda k: 2 + int(layer.match(k)[1]) if layer.match(k) else 1, tmp_path, monkeypatch
+    )
+    q = _quantized_copy(repo, tmp_path / "q4")
+    model, tok, config = load(str(q), drafter="org/ckpt", return_config=True)
+    shards = sorted(f for f in fetched if f.endswith(".safetensors"))
+    assert shards == [f"model-0000{i}-of-00004.safetensors" for i in (2, 3, 4)]
+    drafter = model.speculative_streams.drafter
+    assert model.speculative_streams.config.num_mtp_layers == 3
+    assert all(isinstance(d.proj, nn.QuantizedLinear) for d in drafter.all_depths)
+    projs = [np.array(d.proj.weight) for d in drafter.all_depths]
+    assert not np.array_equal(projs[0], projs[1]) and not np.array_equal(projs[1], projs[2])
+    plain, _ = mlx_lm_load(str(q))
+    prompt = [1, 5, 9, 3, 7, 2, 11]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(30))]
+    assert spec_tokens(model, prompt, 30)[0] == want
+    save(tmp_path / "out", model, tok, config=config)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["drafter"][
+        "num_mtp_layers"] == 3  # fmt: skip
+    again, _ = load(str(tmp_path / "out"))
+    a, b = dict(tree_flatten(drafter.parameters())), dict(
+        tree_flatten(again.speculative_streams.drafter.parameters())
+    )
+    assert any(k.startswith("depths.1.") for k in a)
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    assert spec_tokens(again, prompt, 30)[0] == want
+
+
+def test_several_layers_refused_where_they_cannot_be_read(tmp_path):
+    """``num_mtp_layers`` above one: refused for a drafter other than MTP layers, for a
+    family whose checkpoints keep one layer's tensors only (Qwen3.5), and past the layers a
+    checkpoint has (naming where the missing one would be)."""
+    with pytest.raises(ValueError, match="num_mtp_layers=2.*kind 'mtp' only"):
+        DrafterConfig(kind="parallelspec", num_mtp_layers=2)
+    with pytest.raises(ValueError, match=r"num_mtp_layers=4.*\[1, num_draft_tokens=3\]"):
+        DrafterConfig(kind="mtp", num_mtp_layers=4)
+    write_checkpoint(tmp_path / "qwen", "qwen3_5", seed=3)
+    with pytest.raises(ValueError, match="qwen3_5: its checkpoints' MTP layers are read one only"):
+        _attach_depths(tmp_path / "qwen", 3, layers=2)
+    write_checkpoint(tmp_path / "two", "step3p5", seed=3, depths=2)
+    with pytest.raises(ValueError, match=r"no tensors under 'model\.layers\.6\.'"):
+        _attach_depths(tmp_path / "two", 3, layers=3)
+    model, _ = load(str(tmp_path / "two"))  # (by default: the two it has)
+    assert model.speculative_streams.config.num_mtp_layers == 2
+
+
+def test_several_layers_state_trims_its_caches_and_held_rows():
+    """:class:`mtp.DepthsState` of three layers (golden values): every layer's cache holds
+    the same positions, the last two wait as held rows, and the states of a few positions
+    before stay; trimmed to ``n`` tokens its rows read tokens up to ``n`` only (the
+    caches keep ``n - 2`` positions, two are held again from the states kept), and past
+    the states kept it starts again."""
+    from mlx_lm.models.cache import KVCache
+
+    caches = [KVCache() for _ in range(3)]
+    state = mtp.DepthsState(caches, back=3)
+    for c in caches:  # (a step put positions 0..5 into the caches, 6 and 7 are held)
+        c.update_and_fetch(mx.zeros((1, 1, 6, 4)), mx.zeros((1, 1, 6, 4)))
+    state.advance(mx.arange(8)[:, None] * mx.ones((1, 4)), list(range(1, 9)), kept=6)
+    assert (state.offset, state.cache.offset, state.back, state.held_next) == (8, 6, 3, [7, 8])
+    assert state.states[:, 0].tolist() == [3, 4, 5, 6, 7]
+    state.trim_to(7)
+    assert (state.offset, state.cache.offset, state.back, state.held_next) == (7, 5, 2, [6, 7])
+    assert state.held_hidden[:, 0].tolist() == [5, 6]
+    state.pending_hidden = mx.zeros((1, 4))
+    state.trim_to(8)  # (the token after the last row: its state kept to pair)
+    assert state.pending_hidden is not None and state.offset == 7
+    state.trim_to(5)
+    assert (state.offset, state.cache.offset, state.back, state.held_next) == (5, 3, 0, [4, 5])
+    assert state.pending_hidden is None
+    state.trim_to(4)  # (position 2's state is gone: the caches start again)
+    assert (state.offset, [c.offset for c in caches], state.held_next) == (0, [0, 0, 0], [])
+
+
+def test_several_layers_context_is_rebuilt_exactly_for_a_follow_up(tmp_path):
+    """Step 3.5's three layers over a conversation: a finished generation keeps its
+    caches, held rows and last token's state; a follow-up from the prompt-cache LRU
+    answers as a cold run of the whole conversation, and every layer's KV cache and the
+    held rows then equal the cold run's, row for row, also where the follow-up edits the
+    last token (one token less reused). Control: without that step back, a stale row
+    stays in the layers' caches."""
+    import mlx_specstream.prompt_cache as pc
+    from mlx_specstream.cache import make_prompt_cache
+    from mlx_specstream.decode import spec_generate_step
+    from mlx_specstream.prompt_cache import PromptCacheLRU
+
+    write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+
+    def run(prompt, cache, n):
+        gen = spec_generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=cache)
+        return [t for t, *_ in gen]
+
+    def rows(state):  # every layer's keys, and the held rows
+        keys = [np.array(c.keys[..., : c.offset, :]) for c in state.cache.caches]
+        return keys, state.held_next, np.array(state.held_hidden)
+
+    def same(a, b):
+        (ka, na, ha), (kb, nb, hb) = a, b
+        return (na == nb and ha.shape == hb.shape and np.allclose(ha, hb, atol=1e-4)
+                and all(x.shape == y.shape and np.allclose(x, y, atol=1e-4)
+                        for x, y in zip(ka, kb)))  # fmt: skip
+
+    P1, follow = [3, 9, 4, 17, 5, 8, 22, 6], [21, 30, 2, 14]
+    cache = make_prompt_cache(model)
+    gen1 = run(P1, cache, 8)
+    key = P1 + gen1
+    state = cache.drafter_state
+    assert isinstance(state, mtp.DepthsState) and state.pending_hidden is not None
+    assert cache[0].offset == len(key) and state.offset == len(key) - 1
+    other = (gen1[-1] + 1) % V
+
+    def cold(p2):
+        c = make_prompt_cache(model)
+        return run(p2, c, 12), rows(c.drafter_state)
+
+    def follow_up(p2):
+        lru, c = PromptCacheLRU(4), make_prompt_cache(model)
+        assert run(P1, c, 8) == gen1
+        lru.insert_finished(P1 + gen1, c)
+        c, reused = lru.fetch(p2)
+        return run(p2[reused:], c, 12), reused, rows(c.drafter_state)
+
+    for p2, reuses in ((key + follow, len(key)), (key[:-1] + [other] + follow, len(key) - 2)):
+        want, want_rows = cold(p2)
+        out, reused, got_rows = follow_up(p2)
+        assert reused == reuses and out == want
+        assert same(got_rows, want_rows)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pc, "pairs_next_token", lambda cache: False)
+        out, reused, got_rows = follow_up(key[:-1] + [other] + follow)
+    assert reused == len(key) - 1 and out == want
+    assert not same(got_rows, want_rows)
+
+
+def test_the_mtp_layers_a_checkpoint_has_are_counted_from_its_tensor_names():
+    """Golden counts: the layers under consecutive prefixes, as many as the config
+    declares (all, where it declares none), at most ``most``; one for a family whose
+    checkpoints keep one layer's tensors (Qwen3.5)."""
+    step = {"model_type": "step3p5", "num_hidden_layers": 45, "num_nextn_predict_layers": 3}
+    keys = [f"model.layers.{i}.enorm.weight" for i in (44, 45, 46, 47)]
+    assert mtp.mtp_layers_present(step, keys, 3) == 3
+    assert mtp.mtp_layers_present(step, keys, 2) == 2
+    assert mtp.mtp_layers_present({**step, "num_nextn_predict_layers": 1}, keys, 3) == 1
+    assert mtp.mtp_layers_present(step, keys[:2] + keys[3:], 3) == 1  # (46 missing: 47 not read)
+    mimo_v2 = {"model_type": "mimo_v2_flash", "num_hidden_layers": 48}  # (declares none)
+    keys = [f"model.mtp.layers.{d}.eh_proj.weight" for d in (0, 1, 2)]
+    assert mtp.mtp_layers_present(mimo_v2, keys, 3) == 3
+    assert mtp.mtp_layers_present(mimo_v2, [], 3) == 0
+    qwen = {"model_type": "qwen3_5", "text_config": {"num_hidden_layers": 4,
+                                                     "mtp_num_hidden_layers": 2}}  # fmt: skip
+    assert mtp.mtp_layers_present(qwen, ["mtp.fc.weight", "mtp.layers.1.x"], 3) == 1
+    assert mtp.depth_prefix(mtp.FAMILIES["step3p5"], 45, 2) == "model.layers.47."
+    assert mtp.depth_prefix(mtp.FAMILIES["mimo"], 36, 1) == "model.mtp_layers.1."
