@@ -38,7 +38,7 @@ from report import heading, machine_info, write_results
 
 from mlx_specstream.config import DrafterConfig
 from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
-from mlx_specstream.mtp import FAMILIES, MTP_DEFAULTS, MTPDrafter
+from mlx_specstream.mtp import FAMILIES, MTP_DEFAULTS, MTPDrafter, attach_mtp, depth_prefix
 
 WINDOW, PROMPT = 160, 32  # training windows: 32 stdlib tokens, 128 of the base's
 
@@ -110,20 +110,34 @@ def hidden_states(model, ids: mx.array) -> mx.array:
 
 
 def mtp_loss(drafter, model, h, ids):
-    """Cross-entropy of token i + 2 from row i (token i's state, token i + 1's embedding)."""
-    emb = model.model.embed_tokens(ids[:, 1:-1])
-    emb = mx.concatenate([mx.zeros_like(emb[:, :1]), emb[:, 1:]], axis=1)  # position 0
-    logits = drafter.logits(model, drafter.step(h[:, :-2], emb))
-    return nn.losses.cross_entropy(logits, ids[:, 2:], reduction="mean"), logits
+    """Cross-entropy of token i + 2 from row i (token i's state, token i + 1's embedding);
+    with several MTP layers, their mean, as DeepSeek-V3 trains its MTP modules: layer k's
+    row i reads layer k - 1's output at i and token i + k's embedding, and learns token
+    i + k + 1. Returns the loss and each layer's logits."""
+    losses, logits = [], []
+    for k, depth in enumerate(drafter.all_depths):
+        n = ids.shape[1] - 2 - k
+        emb = model.model.embed_tokens(ids[:, k + 1 : k + 1 + n])
+        emb = mx.concatenate([mx.zeros_like(emb[:, :1]), emb[:, 1:]], axis=1)  # position 0
+        out = depth.step(h[:, :n], emb)
+        logits.append(depth.logits(model, out))
+        losses.append(nn.losses.cross_entropy(logits[-1], ids[:, k + 2 :], reduction="mean"))
+        h = depth.passed_on(out)
+    return sum(losses) / len(losses), logits
 
 
-def train(model, rows, iters: int, batch: int, lr: float, log_every: int = 100):
-    """The MTP layer, the base frozen; starts from a copy of the base's last layer."""
-    drafter = MTPDrafter(DrafterConfig(kind="mtp", **MTP_DEFAULTS), model)
-    drafter.layer.update(model.model.layers[-1].parameters())
+def new_drafter(model, depths: int) -> MTPDrafter:
+    return MTPDrafter(DrafterConfig(kind="mtp", num_mtp_layers=depths, **MTP_DEFAULTS), model)
+
+
+def train(model, rows, iters: int, batch: int, lr: float, depths: int = 1, log_every: int = 100):
+    """The MTP layers, the base frozen; each starts from a copy of the base's last layer."""
+    drafter = new_drafter(model, depths)
     D = model.args.hidden_size
     eye = mx.eye(D)
-    drafter.proj.weight = mx.concatenate([eye, eye], axis=1) * 0.5  # [h; e] averaged
+    for depth in drafter.all_depths:
+        depth.layer.update(model.model.layers[-1].parameters())
+        depth.proj.weight = mx.concatenate([eye, eye], axis=1) * 0.5  # [h; e] averaged
     model.freeze()
     opt = optim.AdamW(learning_rate=optim.cosine_decay(lr, iters), weight_decay=0.0)
     grad = nn.value_and_grad(drafter, lambda d, h, ids: mtp_loss(d, model, h, ids)[0])
@@ -147,41 +161,54 @@ def train(model, rows, iters: int, batch: int, lr: float, log_every: int = 100):
     return drafter, dict(seconds=time.perf_counter() - t0, loss_last=float(np.mean(losses[-50:])))
 
 
-def top1(drafter, model, rows) -> float:
-    """The MTP layer's top-1 on held-out windows' continuations (token i + 2)."""
+def top1(drafter, model, rows) -> list:
+    """Each MTP layer's top-1 on held-out windows' continuations (layer k: token i + k + 1,
+    from the true tokens before it)."""
     ids = mx.array(rows)
     _, logits = mtp_loss(drafter, model, hidden_states(model, ids), ids)
-    hit = (mx.argmax(logits, axis=-1) == ids[:, 2:])[:, PROMPT - 1 :]
-    return hit.astype(mx.float32).mean().item()
+    hits = [(mx.argmax(lg, axis=-1) == ids[:, k + 2 :])[:, PROMPT - 1 :]
+            for k, lg in enumerate(logits)]  # fmt: skip
+    return [h.astype(mx.float32).mean().item() for h in hits]
 
 
-def write_checkpoint(work: Path, drafter) -> Path:
-    """``work/ckpt``: the MiMo base plus the MTP layer under MiMo's names."""
-    out = work / "ckpt"
+def write_checkpoint(work: Path, drafter, name: str = "ckpt") -> Path:
+    """``work/name``: the MiMo base plus the MTP layers under MiMo's names."""
+    out = work / name
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(work / "base", out)
     layout = FAMILIES["mimo"]
     names = dict(embed_norm=layout.embed_norm, hidden_norm=layout.hidden_norm,
                  proj=layout.proj, final_norm=layout.final_norm)  # fmt: skip
     weights = dict(mx.load(str(out / "model.safetensors")))
-    for k, w in tree_flatten(drafter.parameters()):
-        head, rest = k.split(".", 1)
-        name = rest if head == "layer" else f"{names[head]}.{rest}"
-        weights[layout.prefix + name] = w
+    for d, depth in enumerate(drafter.all_depths):
+        prefix = depth_prefix(layout, drafter_base_layers(work), d)
+        for k, w in tree_flatten(depth.parameters()):
+            head, rest = k.split(".", 1)
+            if head == "depths":
+                continue
+            weights[prefix + (rest if head == "layer" else f"{names[head]}.{rest}")] = w
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config = json.loads((out / "config.json").read_text())
+    config["num_nextn_predict_layers"] = len(drafter.all_depths)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     shutil.copy(DEFAULT_DIR / "prompts.jsonl", out)
     return out
 
 
-def tau_and_identity(ckpt: Path, prompts, max_tokens: int, trees: dict) -> dict:
-    """Greedy tau per tree on ``prompts``, and whether each output equals mlx-lm's."""
+def drafter_base_layers(work: Path) -> int:
+    return json.loads((work / "base" / "config.json").read_text())["num_hidden_layers"]
+
+
+def tau_and_identity(ckpt: Path, prompts, max_tokens: int, trees: dict, layers: int = 1) -> dict:
+    """Greedy tau per tree on ``prompts`` with ``layers`` of the checkpoint's MTP layers,
+    and whether each output equals mlx-lm's."""
     import mlx_lm
     from mlx_lm.generate import generate_step
 
-    from mlx_specstream import load
     from mlx_specstream.decode import spec_generate_step
 
-    model, tok = load(str(ckpt))
+    model, tok = mlx_lm.load(str(ckpt))
+    attach_mtp(model, ckpt, DrafterConfig(kind="mtp", num_mtp_layers=layers, **MTP_DEFAULTS))
     plain, _ = mlx_lm.load(str(ckpt))
     want = []
     for p in prompts:
@@ -215,30 +242,43 @@ def main():
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--skip-benchmark", action="store_true")
     p.add_argument("--bench-depth", type=int, default=2, help="the benchmark's tuned MTP chain")
+    p.add_argument(
+        "--depths",
+        type=int,
+        default=1,
+        help="MTP layers trained (DeepSeek-V3's sequential modules); with more "
+        "than one, tau is measured with the first alone and with all",
+    )
     p.add_argument("--tag", default="")
     args = p.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model, tok, gap = mimo_base(work)
     info = machine_info(iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
-                        examples=args.examples, llama_mimo_logit_gap=gap)  # fmt: skip
+                        examples=args.examples, llama_mimo_logit_gap=gap,
+                        depths=args.depths)  # fmt: skip
     rows = full(windows(work, model, tok, args.examples, "train"))
     held = full(windows(work, model, tok, 64, "eval"))
-    weights = work / f"mtp-{args.iters}.safetensors"
+    depths = "" if args.depths == 1 else f"-d{args.depths}"
+    weights = work / f"mtp-{args.iters}{depths}.safetensors"
     if weights.exists():
-        drafter = MTPDrafter(DrafterConfig(kind="mtp", **MTP_DEFAULTS), model)
+        drafter = new_drafter(model, args.depths)
         drafter.load_weights(str(weights))
         trained = json.loads(weights.with_suffix(".json").read_text())
     else:
-        drafter, trained = train(model, rows, args.iters, args.batch_size, args.learning_rate)
+        drafter, trained = train(model, rows, args.iters, args.batch_size, args.learning_rate,
+                                 args.depths)  # fmt: skip
         drafter.save_weights(str(weights))
         weights.with_suffix(".json").write_text(json.dumps(trained))
     acc = top1(drafter, model, held)
-    print(f"held-out top-1 (token i + 2): {acc:.3f}", flush=True)
-    ckpt = write_checkpoint(work, drafter)
+    print(f"held-out top-1 per layer (token i + k + 1): {acc}", flush=True)
+    ckpt = write_checkpoint(work, drafter, f"ckpt{depths}")
     prompts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
-    taus = tau_and_identity(ckpt, prompts, args.max_tokens,
-                            {f"chain of {d}": chain(d) for d in (1, 2, 3)})  # fmt: skip
+    taus = {}
+    for layers in sorted({1, args.depths}):
+        trees = {f"chain of {d}": chain(d) for d in (1, 2, 3)}
+        tau = tau_and_identity(ckpt, prompts, args.max_tokens, trees, layers)
+        taus.update({f"{k}, {layers} MTP layer(s)": v for k, v in tau.items()})
     bench = {}
     if not args.skip_benchmark:
         d = args.bench_depth
@@ -249,12 +289,14 @@ def main():
         subprocess.run(cmd, check=True)
         bench = json.loads((work / "bench" / f"mtp{args.tag}.json").read_text())
         bench["command"] = " ".join(cmd[1:])
-    lines = [heading("A trained MTP layer (MiMo layout) on the shipped base", info), ""]
+    what = "layer" if args.depths == 1 else f"{args.depths} layers"
+    lines = [heading(f"Trained MTP {what} (MiMo layout) on the shipped base", info), ""]
     lines.append(f"`{info['command']}`: the shipped base as a MiMo checkpoint (logits within "
-                 f"{gap:.1e} of the Llama's), its MTP layer trained {args.iters} steps x "
+                 f"{gap:.1e} of the Llama's), its MTP {what} trained {args.iters} steps x "
                  f"{args.batch_size} self-distilled windows of {WINDOW} tokens "
                  f"({trained['seconds']:.0f} s, last loss {trained['loss_last']:.3f}).")  # fmt: skip
-    lines += ["", f"Held-out top-1 of token i + 2 (64 self-distilled eval windows): {acc:.3f}", ""]
+    per = ", ".join(f"layer {k + 1} (token i + {k + 2}) {a:.3f}" for k, a in enumerate(acc))
+    lines += ["", f"Held-out top-1 (64 self-distilled eval windows): {per}", ""]
     lines += ["| tree | tau | identical to mlx-lm |", "|---|---|---|"]
     lines += [f"| {k} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
               for k, v in taus.items()]  # fmt: skip
