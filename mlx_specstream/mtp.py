@@ -687,8 +687,8 @@ def has_mtp_weights(path: Path) -> bool:
 
 def fetch_mtp_checkpoint(repo: str, revision: Optional[str] = None):
     """For ``drafter=`` a Hugging Face repo whose config declares an MTP layer: a
-    snapshot of its JSON files and of the safetensors shards that hold the layer only
-    (not the whole checkpoint: a 4-bit copy's user needs only these), and every
+    snapshot of its JSON files and of the safetensors shards that hold its MTP layers only
+    (at most three; not the whole checkpoint: a 4-bit copy's user needs only these), and every
     tensor's shape, read from the shards' headers on the Hub (the layer's norms follow the checkpoint's
     layout, :attr:`MTPLayout.norms_less_one`).
 

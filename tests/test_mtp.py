@@ -299,6 +299,42 @@ def reference_levels(
     return np.array(mx.concatenate(logits).astype(mx.float32))
 
 
+def _drafts_of_each_step(model, monkeypatch, chains=False, check_state=None, **tree):
+    """The greedy text of a fixed prompt and 24 tokens, and for each step's draft: the
+    levels' logits, the last row ``a`` of the accepted text, the bonus token and the rows
+    the drafter has (``check_state(state)`` runs on its state after each draft)."""
+    seen, real_draft = [], mtp.MTPDrafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        # (the tree verifier: committed prefix + accepted nodes - 1; chains: the last row)
+        a = state.offset - 1 if chains else rt._tree[4] + len(path) - 1
+        seen.append((np.array(logits.astype(mx.float32)), a, token, state.offset))
+        if check_state is not None:
+            check_state(state)
+        return logits
+
+    monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
+    prompt = [4, 8, 15, 16, 23]
+    toks, _ = spec_tokens(model, prompt, 24, **tree)
+    monkeypatch.undo()
+    return prompt + toks, seen
+
+
+def _check_each_step(text, seen, reference, levels=None):
+    """Each step's levels (but the last step's, unused) equal ``reference(a, levels)``."""
+    checked = 0
+    for logits, a, token, offset in seen:
+        if a + 1 >= len(text):
+            continue  # the drafts of the very last step go unused
+        assert text[a + 1] == token and offset == a + 1  # real rows 0..a only
+        assert levels is None or logits.shape[0] == levels
+        want = reference(a, logits.shape[0])
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+        checked += 1
+    assert checked >= 5
+
+
 @pytest.mark.parametrize(
     "arch,own_head",
     [("mimo", False), ("deepseek_v3", False), ("glm4_moe", False), ("glm4_moe", True)]
@@ -326,30 +362,8 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
     drafter = model.speculative_streams.drafter
     assert isinstance(drafter, mtp.MTPDrafter)
     assert ("head" in drafter) == own_head
-    seen = []
-    real_draft = mtp.MTPDrafter.draft
-
-    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
-        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
-        # (the tree verifier: committed prefix + accepted nodes - 1; chains: the last row)
-        a = state.cache.offset - 1 if arch in CHAINS else rt._tree[4] + len(path) - 1
-        seen.append((np.array(logits.astype(mx.float32)), a, token, state.cache.offset))
-        return logits
-
-    monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
-    prompt = [4, 8, 15, 16, 23]
-    toks, _ = spec_tokens(model, prompt, 24)
-    monkeypatch.undo()
-    text = prompt + toks
-    checked = 0
-    for logits, a, token, offset in seen:
-        if a + 1 >= len(text):
-            continue  # the drafts of the very last step go unused
-        assert text[a + 1] == token and offset == a + 1  # real rows 0..a only
-        want = reference_levels(plain, ref, text, a, logits.shape[0])
-        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
-        checked += 1
-    assert checked >= 5
+    text, seen = _drafts_of_each_step(model, monkeypatch, chains=arch in CHAINS)
+    _check_each_step(text, seen, lambda a, levels: reference_levels(plain, ref, text, a, levels))
     logits, a, _, _ = seen[1]
     controls = [dict(swap=True), dict(other_hidden=True), dict(other_recursion=True)]
     if arch in WINDOWED:  # (a step past the window's first slide)
@@ -448,31 +462,15 @@ def test_several_mtp_layers_draft_as_they_were_trained(arch, own_head, levels, t
     drafter = model.speculative_streams.drafter
     assert len(drafter.all_depths) == 3
     assert all(("head" in d) == own_head for d in drafter.all_depths)
-    seen, real_draft = [], mtp.MTPDrafter.draft
 
-    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
-        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
-        a = rt._tree[4] + len(path) - 1  # (committed prefix + accepted nodes - 1)
-        seen.append((np.array(logits.astype(mx.float32)), a, token, state.offset))
+    def check_state(state):
         assert all(c.offset == state.cache.offset for c in state.cache.caches)
         assert state.cache.offset == max(0, state.offset - 2)  # (two rows held)
-        return logits
 
-    monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
-    prompt = [4, 8, 15, 16, 23]
-    toks, _ = spec_tokens(model, prompt, 24, tree_top_k=1, tree_depth=levels,
-                          max_tree_nodes=levels + 1)  # fmt: skip
-    monkeypatch.undo()
-    text = prompt + toks
-    checked = 0
-    for logits, a, token, offset in seen:
-        if a + 1 >= len(text):
-            continue  # the drafts of the very last step go unused
-        assert text[a + 1] == token and offset == a + 1 and logits.shape[0] == levels
-        want = reference_depths(plain, ref, text, a, levels)
-        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
-        checked += 1
-    assert checked >= 5
+    tree = dict(tree_top_k=1, tree_depth=levels, max_tree_nodes=levels + 1)
+    text, seen = _drafts_of_each_step(model, monkeypatch, check_state=check_state, **tree)
+    _check_each_step(text, seen, lambda a, n: reference_depths(plain, ref, text, a, n), levels)
+    toks, prompt = text[5:], text[:5]
     logits, a, _, _ = next(x for x in seen if x[1] >= 8)
     for control in (dict(one_layer=True), dict(unshifted=True), dict(other_chain=True)):
         wrong = reference_depths(plain, ref, text, a, levels, **control)
