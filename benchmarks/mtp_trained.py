@@ -180,8 +180,9 @@ def write_checkpoint(work: Path, drafter, name: str = "ckpt") -> Path:
     names = dict(embed_norm=layout.embed_norm, hidden_norm=layout.hidden_norm,
                  proj=layout.proj, final_norm=layout.final_norm)  # fmt: skip
     weights = dict(mx.load(str(out / "model.safetensors")))
+    layers = json.loads((work / "base" / "config.json").read_text())["num_hidden_layers"]
     for d, depth in enumerate(drafter.all_depths):
-        prefix = depth_prefix(layout, drafter_base_layers(work), d)
+        prefix = depth_prefix(layout, layers, d)
         for k, w in tree_flatten(depth.parameters()):
             head, rest = k.split(".", 1)
             if head == "depths":
@@ -193,10 +194,6 @@ def write_checkpoint(work: Path, drafter, name: str = "ckpt") -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=1))
     shutil.copy(DEFAULT_DIR / "prompts.jsonl", out)
     return out
-
-
-def drafter_base_layers(work: Path) -> int:
-    return json.loads((work / "base" / "config.json").read_text())["num_hidden_layers"]
 
 
 def tau_and_identity(ckpt: Path, prompts, max_tokens: int, trees: dict, layers: int = 1) -> dict:

@@ -469,14 +469,19 @@ class MTPDrafter(MTPDepth):
             feats = _final_norm(rt.model)(feats)
         if isinstance(state, DepthsState):
             return self._draft_depths(rt, state, feats, nxt, levels)
-        emb = rt.embed(mx.array(nxt))
-        if self._layout.zero_first and state.cache.offset == 0:  # (position 0: no embedding)
-            emb = mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
+        emb = self._from_position_0(rt.embed(mx.array(nxt)), state.cache)
         out = self.step(feats, emb, state.cache)[-1:]
         logits = [self.logits(rt.model, out)]
         self._recurse(rt, logits, out, state.cache, levels - 1)
         state.cache.trim(levels - 1)  # the recursion's rows never stay
         return mx.concatenate(logits, axis=0)
+
+    def _from_position_0(self, emb: mx.array, cache) -> mx.array:
+        """``emb``, the embeddings of rows appended to ``cache``, with the row at position 0
+        zeroed where the family reads no embedding there (DeepSeek's rule)."""
+        if self._layout.zero_first and cache.offset == 0:
+            return mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
+        return emb
 
     def _recurse(self, rt, logits: list, out: mx.array, cache, n: int):
         """``n`` deeper levels: the last layer on its own output (``out``, its last row)
@@ -507,9 +512,7 @@ class MTPDrafter(MTPDepth):
             if rows == 0:
                 break
             e = mx.concatenate([emb] + drafted, axis=0)[k : k + rows]
-            if self._layout.zero_first and cache.offset == 0:
-                e = mx.concatenate([mx.zeros_like(e[:1]), e[1:]])
-            out = depth.step(h[:rows], e, cache)
+            out = depth.step(h[:rows], self._from_position_0(e, cache), cache)
             if k < levels:
                 logits.append(depth.logits(rt.model, out[-1:]))
                 drafted.append(rt.embed(mx.argmax(logits[-1], axis=-1)))
