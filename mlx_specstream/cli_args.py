@@ -12,7 +12,8 @@ DEFAULT_XTC_THRESHOLD = 0.1
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--adapter-path``, ``--drafter`` and ``--trust-remote-code``."""
+    """``--model``, ``--adapter-path``, ``--drafter``, ``--num-mtp-layers`` and
+    ``--trust-remote-code``."""
     parser.add_argument(
         "--model",
         type=str,
@@ -31,8 +32,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="Model directory whose drafter (streams, Medusa heads or ParallelSpec) replaces the "
         "model's own; it must have been trained on the same base. Default: the model's own.",
     )
+    add_num_mtp_layers_arg(parser)
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
+    )
+
+
+def add_num_mtp_layers_arg(parser: argparse.ArgumentParser) -> None:
+    """``--num-mtp-layers``: how many of a checkpoint's MTP layers draft."""
+    parser.add_argument(
+        "--num-mtp-layers",
+        type=int,
+        default=None,
+        help="Where the drafter is a checkpoint's MTP layers, how many of them draft (the "
+        "first ones). Default: every layer it has (at most 3), or the model's tuned count.",
     )
 
 
@@ -141,6 +154,7 @@ def load_model(args, tokenizer_config: Optional[Dict[str, Any]] = None):
         tokenizer_config={**(tokenizer_config or {}), "trust_remote_code": args.trust_remote_code},
         adapter_path=args.adapter_path,
         drafter=args.drafter,
+        num_mtp_layers=args.num_mtp_layers,
         allow_plain=args.draft == "ngram" or getattr(args, "draft_model", None) is not None,
     )
 

@@ -335,15 +335,18 @@ class DrafterConfig(_Section):
           heads, or ParallelSpec's last real row plus its masks). Default: ``3``.
         top_k, max_tree_nodes, tree_depth: the draft tree, as in
           :class:`SpecStreamConfig` (``tree_depth`` counts levels).
-        tuned (dict, optional): device name -> the tree settings
+        tuned (dict, optional): device name -> the tree settings (and for
+          ``"mtp"`` the layers that draft, ``num_mtp_layers``, at most the section's)
           ``python -m mlx_specstream.tune --save`` measured fastest on that
           device, applied there only. Default: ``None``.
         num_mtp_layers (int): for ``"mtp"``, how many of the checkpoint's MTP layers
           draft: layer ``k`` drafts level ``k`` (Step 3.5's and MiMo-V2-Flash's three),
-          the last one also every deeper level. At most ``num_draft_tokens``. Default: ``1``.
+          the last one also every deeper level. At most ``num_draft_tokens``. In a
+          model directory's config: the layers it holds. Default: ``1``.
     """
 
     SECTION = DRAFTER_KEY
+    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers",)
 
     kind: str = "medusa"
     num_draft_tokens: int = 3
@@ -401,6 +404,20 @@ class DrafterConfig(_Section):
             "for kind 'mtp' only)",
         )
         self._check_tuned()
+
+    @classmethod
+    def from_dict(cls, params: dict):
+        """As :meth:`_Section.from_dict`; refuses a device's tuned ``num_mtp_layers``
+        above the layers the section holds."""
+        config = super().from_dict(params)
+        for device, entry in (config.tuned or {}).items():
+            n = entry.get("num_mtp_layers", 1)
+            if n > config.num_mtp_layers:
+                raise ValueError(
+                    f"{DRAFTER_KEY}.tuned[{device!r}].num_mtp_layers={n}: more MTP layers "
+                    f"than the section's num_mtp_layers={config.num_mtp_layers} holds"
+                )
+        return config
 
     @property
     def num_streams(self) -> int:

@@ -401,17 +401,22 @@ class MTPDepth(nn.Module):
 
 class MTPDrafter(MTPDepth):
     """A checkpoint's MTP layers as a drafter: the first one's parameters, and the
-    others' in ``depths`` (``config.num_mtp_layers - 1`` of them). With one layer,
-    each deeper level runs it again on its own output (as vLLM does); with ``K``,
-    layer ``k`` drafts level ``k`` (:meth:`draft`), the last one also the levels past
-    ``K``."""
+    others' in ``depths``. With one layer, each deeper level runs it again on its own
+    output (as vLLM does); with ``K``, layer ``k`` drafts level ``k`` (:meth:`draft`),
+    the last one also the levels past ``K``.
+
+    It holds the layers of the config as stored (``config.stored``, where a tuning
+    applied) and drafts with the first ``config.num_mtp_layers`` of them
+    (:meth:`use_layers` changes that)."""
 
     def __init__(self, config: DrafterConfig, model: nn.Module):
         super().__init__(model)
         self._levels = config.num_draft_tokens
-        if config.num_mtp_layers > 1:
+        held = (config.stored or config).num_mtp_layers
+        if held > 1:
             self._check_depths(model)
-            self.depths = [MTPDepth(model) for _ in range(config.num_mtp_layers - 1)]
+            self.depths = [MTPDepth(model) for _ in range(held - 1)]
+        self.use_layers(config.num_mtp_layers)
 
     @staticmethod
     def _check_depths(model):
@@ -427,11 +432,33 @@ class MTPDrafter(MTPDepth):
             )
 
     @property
-    def all_depths(self) -> List[MTPDepth]:
+    def held_depths(self) -> List[MTPDepth]:
+        """Every layer held, the first one first."""
         return [self] + list(getattr(self, "depths", []))
 
+    @property
+    def all_depths(self) -> List[MTPDepth]:
+        """The layers that draft: the first :attr:`num_layers` held."""
+        return self.held_depths[: self.num_layers]
+
+    @property
+    def num_layers(self) -> int:
+        """How many of the held layers draft."""
+        return self._used
+
+    def use_layers(self, n: int) -> None:
+        """Drafts with the first ``n`` layers held from the next generation on (a
+        generation's state of another count is not continued)."""
+        held = len(self.held_depths)
+        if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= held):
+            raise ValueError(
+                f"num_mtp_layers={n!r}: this drafter holds {held} MTP layer(s); give 1 to {held}"
+            )
+        self._used = n
+
     def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
-        if "depths" not in self:
+        if self.num_layers == 1:
+            previous = None if isinstance(previous, DepthsState) else previous
             return continue_or_start(prompt_cache_offset, previous, self.layer)
         if isinstance(previous, DepthsState) and len(previous.cache.caches) == len(self.all_depths):
             state = continue_or_start(prompt_cache_offset, previous, self.layer)
@@ -454,7 +481,7 @@ class MTPDrafter(MTPDepth):
             if not key.endswith("head.weight"):
                 continue
             lead = key[: -len("head.weight")]
-            depth = self if not lead else self.all_depths[int(lead.split(".")[1]) + 1]
+            depth = self if not lead else self.held_depths[int(lead.split(".")[1]) + 1]
             if "head" not in depth:
                 depth.head = nn.Linear(D, w.shape[0], bias=False)
         quantize_like(self, dict(weights))  # (the heads as they were saved)
@@ -819,6 +846,30 @@ def read_mtp_weights(
     return weights
 
 
+def mtp_config(
+    checkpoint: Path, num_mtp_layers: Optional[int] = None, shapes: Optional[Dict[str, list]] = None
+) -> DrafterConfig:
+    """The drafter settings of ``checkpoint``'s MTP layers: a chain of 3, drafted by its
+    first ``num_mtp_layers`` layers (default: as many as it has, at most 3).
+
+    Raises:
+        ValueError: naming the checkpoint and how many it has, where it has fewer.
+    """
+    with open(Path(checkpoint) / "config.json") as f:
+        keys = shapes if shapes is not None else _checkpoint_keys(Path(checkpoint))
+        n = max(mtp_layers_present(json.load(f), keys, MTP_DEFAULTS["num_draft_tokens"]), 1)
+    if num_mtp_layers is not None and not (
+        isinstance(num_mtp_layers, int)
+        and not isinstance(num_mtp_layers, bool)
+        and 1 <= num_mtp_layers <= n
+    ):
+        raise ValueError(
+            f"num_mtp_layers={num_mtp_layers!r}: {checkpoint} has {n} MTP layer(s) that draft "
+            f"(at most {MTP_DEFAULTS['num_draft_tokens']} are read); give 1 to {n}"
+        )
+    return DrafterConfig(kind="mtp", num_mtp_layers=num_mtp_layers or n, **MTP_DEFAULTS)
+
+
 def attach_mtp(
     model: nn.Module,
     checkpoint: Path,
@@ -847,11 +898,7 @@ def attach_mtp(
 
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")
-    if config is None:
-        with open(Path(checkpoint) / "config.json") as f:
-            keys = shapes if shapes is not None else _checkpoint_keys(Path(checkpoint))
-            n = mtp_layers_present(json.load(f), keys, MTP_DEFAULTS["num_draft_tokens"])
-        config = DrafterConfig(kind="mtp", num_mtp_layers=max(n, 1), **MTP_DEFAULTS)
+    config = mtp_config(checkpoint, shapes=shapes) if config is None else config
     check_supported(model, config)
     drafter = MTPDrafter(config, model)
     weights = {}
@@ -884,3 +931,26 @@ def attach_mtp(
     mx.eval(drafter.parameters())
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
     return drafter
+
+
+def use_mtp_layers(model: nn.Module, n: int) -> None:
+    """Drafts with the first ``n`` of ``model``'s MTP layers (as ``load(...,
+    num_mtp_layers=n)`` does): fewer layers cost less a step and may draft less well.
+    The layers held stay, so ``save`` still writes all of them.
+
+    Raises:
+        ValueError: naming the model's drafter where it is not MTP layers, or the
+          count where it holds fewer.
+    """
+    rt = getattr(model, "speculative_streams", None)
+    drafter = None if rt is None else rt.drafter
+    if not isinstance(drafter, MTPDrafter):
+        what = type(drafter).__name__ if drafter is not None else "no drafter"
+        what = "its speculative streams" if rt is not None and rt.streams is not None else what
+        raise ValueError(
+            f"num_mtp_layers={n}: the model drafts with {what}, not a checkpoint's MTP layers"
+        )
+    drafter.use_layers(n)
+    stored, tuned_on = rt.config.stored or rt.config, rt.config.tuned_on
+    rt.config = replace(rt.config, num_mtp_layers=n)
+    rt.config.stored, rt.config.tuned_on = stored, tuned_on

@@ -46,17 +46,26 @@ import mlx.nn as nn
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
+from .mtp import MTPDrafter
 from .precision import compute_dtype, device_key, on_gpu
 from .recurrent import has_recurrent_layers, lookup_tree_refusal
 from .streams import get_runtime, tree_on_chains_refusal
 
 
 def tokens_per_second(
-    model, tokenizer, prompts, max_tokens, stream_pass=None, stream_logits_in_pass=None, **tree
+    model,
+    tokenizer,
+    prompts,
+    max_tokens,
+    stream_pass=None,
+    stream_logits_in_pass=None,
+    num_mtp_layers=None,
+    **tree,
 ):
     """Median over prompts of greedy generation tokens/s, and the mean tau.
-    ``stream_pass`` (``"fused"``/``"split"``, lossless streams only) and
-    ``stream_logits_in_pass`` override the model's for this measurement."""
+    ``stream_pass`` (``"fused"``/``"split"``, lossless streams only),
+    ``stream_logits_in_pass`` and ``num_mtp_layers`` (the MTP layers that draft)
+    override the model's for this measurement."""
     # (a model with recurrent layers runs prompt lookup without a runtime)
     rt = get_runtime(model) if hasattr(model, "speculative_streams") else None
     saved = None if rt is None else (rt.split_streams, rt.stream_logits_in_pass)
@@ -64,6 +73,9 @@ def tokens_per_second(
         rt.split_streams = stream_pass == "split"
     if stream_logits_in_pass is not None:
         rt.stream_logits_in_pass = stream_logits_in_pass
+    layers = None if num_mtp_layers is None else rt.drafter.num_layers
+    if num_mtp_layers is not None:
+        rt.drafter.use_layers(num_mtp_layers)
     tps, taus = [], []
     try:
         for prompt in prompts:
@@ -76,6 +88,8 @@ def tokens_per_second(
     finally:
         if rt is not None:
             rt.split_streams, rt.stream_logits_in_pass = saved
+        if layers is not None:
+            rt.drafter.use_layers(layers)
     return statistics.median(tps), statistics.mean(taus)
 
 
@@ -175,9 +189,10 @@ def tune(
 ):
     """The fastest way to decode ``model`` greedily on this device: a grid of stream
     (or drafter) trees, then for the best ones the stream pass, where the stream
-    logits are computed, pruning thresholds and pipelined steps, then prompt
-    lookup alone and merged with the best tree; plain decoding when nothing beats
-    it by ``min_gain`` in ``confirm_rounds`` back-to-back rounds.
+    logits are computed, pruning thresholds and pipelined steps (or, for a drafter
+    of several MTP layers, fewer of them), then prompt lookup alone and merged with
+    the best tree; plain decoding when nothing beats it by ``min_gain`` in
+    ``confirm_rounds`` back-to-back rounds.
 
     Returns:
         tuple: the choice (what :func:`save_choice` stores), its tokens/s and
@@ -190,12 +205,20 @@ def tune(
     has_adapter = rt.streams is not None and "prune_adapter" in rt.streams
     trials = Trials(model, tokenizer, prompts, max_tokens, log)
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
+    # (a drafter of several MTP layers: the trees drafted by all of them)
+    held = len(rt.drafter.held_depths) if isinstance(rt.drafter, MTPDrafter) else 1
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
         # (not the draft source or pipelining a previous tuning stored)
         tree.update(draft="streams", pipeline=False)
         if lossless_streams:
             tree["stream_pass"] = "fused"
+        if held > 1:
+            tree["num_mtp_layers"] = held
         trials.run(tree)
+    # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees.
+    for tree in trials.fastest(3) if held > 1 else []:
+        for n in range(1, held):
+            trials.run(dict(tree, num_mtp_layers=n))
     if lossless_streams:
         # The stream pass: streams of every node inside the verify pass, or a
         # second pass for the accepted node's only; measured on the best shapes.
@@ -464,6 +487,8 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
                 entry["pipeline"] = choice["pipeline"]
             # (None: the device's default)
             entry["stream_logits_in_pass"] = choice.get("stream_logits_in_pass")
+        elif "num_mtp_layers" in choice:  # (MTP layers: how many of those held draft)
+            entry["num_mtp_layers"] = choice["num_mtp_layers"]
     if "batch" in choice:  # (tune_batch's, for batches)
         entry["batch"] = choice["batch"]
     device = device_key() if device is None else device
@@ -538,8 +563,9 @@ def main(argv=None):
         p.error(
             f"--save: {model_dir} is a checkpoint whose own MTP layer drafts; the tuner does not "
             "write into its files. Write it as a model directory first (mlx_specstream.save), or "
-            "pass the reported tree (--tree-top-k, --tree-depth, --max-tree-nodes; on a model "
-            "with recurrent layers its chain, --num-draft-tokens) when generating."
+            "pass the reported tree (--tree-top-k, --tree-depth, --max-tree-nodes, and where "
+            "reported --num-mtp-layers; on a model with recurrent layers its chain, "
+            "--num-draft-tokens) when generating."
         )
     if Path(model_dir).resolve() == DEFAULT_DIR.resolve():
         model, tokenizer = load_default()  # in the dtype it generates in (float32 on a CPU)

@@ -16,7 +16,9 @@ from .mtp import (
     attach_mtp,
     fetch_mtp_checkpoint,
     has_mtp_weights,
+    mtp_config,
     mtp_layers_in_config,
+    use_mtp_layers,
 )
 from .precision import device_key
 from .recurrent import chains_only, split_recurrent_mixers
@@ -150,6 +152,7 @@ def load(
     trust_remote_code: bool = False,
     drafter: Optional[str] = None,
     allow_plain: bool = False,
+    num_mtp_layers: Optional[int] = None,
 ) -> Union[Tuple[nn.Module, Any], Tuple[nn.Module, Any, Dict[str, Any]]]:
     """Loads a model with speculative streams (or another drafter) and its tokenizer.
 
@@ -178,6 +181,10 @@ def load(
         allow_plain (bool): load a plain mlx-lm model (no streams, no drafter)
           with the tree verifier only, for prompt lookup (``draft="ngram"``),
           instead of refusing it. Default: ``False``.
+        num_mtp_layers (int, optional): where the drafter is a checkpoint's MTP
+          layers, how many of them draft (the first ones; from a checkpoint only
+          those are read). Default: every layer the checkpoint has (at most 3), or
+          as the model directory's config says (or its tuning for this device).
 
     Returns:
         tuple: ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
@@ -193,7 +200,10 @@ def load(
     if path_or_hf_repo is None:
         from .default_model import load_default
 
-        return load_default(drafter, return_config=return_config, **mlx_lm_args)
+        loaded = load_default(drafter, return_config=return_config, **mlx_lm_args)
+        if num_mtp_layers is not None:
+            use_mtp_layers(loaded[0], num_mtp_layers)
+        return loaded
     from mlx_lm.utils import load as mlx_lm_load
 
     def finish(model, tokenizer, config):
@@ -209,8 +219,14 @@ def load(
         if drafter is not None:
             _check_drafter_base(model_path, source)
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
-        attach_mtp(model, source, quantization=config.get("quantization"), shapes=shapes)
+        attach_mtp(model, source, mtp_config(source, num_mtp_layers, shapes),
+                   quantization=config.get("quantization"), shapes=shapes)  # fmt: skip
         return finish(model, tokenizer, config)
+    if num_mtp_layers is not None and drafter is None and is_plain(model_path):
+        raise ValueError(
+            f"num_mtp_layers={num_mtp_layers}: {model_path} has no MTP layer (no drafter of "
+            "its own, no MTP tensors in its safetensors)"
+        )
     if allow_plain and drafter is None and is_plain(model_path):
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
         if chains_only(model):  # (chains through its own passes, without the verifier)
@@ -224,6 +240,8 @@ def load(
         _check_drafter_base(model_path, source)
     model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
     _attach(model, source, spec)
+    if num_mtp_layers is not None:
+        use_mtp_layers(model, num_mtp_layers)
     return finish(model, tokenizer, config)
 
 

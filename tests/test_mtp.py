@@ -375,7 +375,7 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_pat
 
 
 def reference_depths(
-    plain, ref, text, a, levels, unshifted=False, one_layer=False, other_chain=False
+    plain, ref, text, a, levels, unshifted=False, one_layer=False, other_chain=False, layers=None
 ):
     """From scratch, with the rows the layers were trained on: MTP layer ``k`` (1..K)
     over rows 0..a, row ``i`` reading layer ``k - 1``'s output at ``i`` (on the side of
@@ -384,7 +384,8 @@ def reference_depths(
     ``a``; the levels past K the last layer again on its own output. Controls:
     ``unshifted`` (every layer reads token ``i + 1``), ``one_layer`` (the first layer
     alone, run again for each level), ``other_chain`` (every layer reading the base's
-    state where the family chains them, and the other way round)."""
+    state where the family chains them, and the other way round). ``layers``: the first
+    ones only (default: all)."""
     eps = mtp._norm_eps(mtp.text_args(plain))
     inner = plain.model
     norm = inner.norm
@@ -394,7 +395,7 @@ def reference_depths(
     finally:
         inner.norm = norm
     hid = norm(hid) if ref["normed_hidden"] else hid
-    depths = [ref] if one_layer else [ref] + ref["deeper"]
+    depths = ([ref] + ref["deeper"])[: 1 if one_layer else layers]
 
     def run(r, hidden, emb, cache):
         pair = [mx.fast.rms_norm(hidden, r["norms"][1], eps),
@@ -1059,3 +1060,201 @@ def test_the_mtp_layers_a_checkpoint_has_are_counted_from_its_tensor_names():
     assert mtp.mtp_layers_present(qwen, ["mtp.fc.weight", "mtp.layers.1.x"], 3) == 1
     assert mtp.depth_prefix(mtp.FAMILIES["step3p5"], 45, 2) == "model.layers.47."
     assert mtp.depth_prefix(mtp.FAMILIES["mimo"], 36, 1) == "model.mtp_layers.1."
+
+
+def _layers_drafting(monkeypatch) -> list:
+    """How many MTP layers drafted each generation (recorded at its start)."""
+    counts, real = [], mtp.MTPDrafter.start
+    monkeypatch.setattr(
+        mtp.MTPDrafter, "start", lambda self, *a: counts.append(self.num_layers) or real(self, *a)
+    )
+    return counts
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_fewer_of_a_checkpoint_s_layers_draft_as_the_first_ones_alone(n, tmp_path, monkeypatch):
+    """``load(..., num_mtp_layers=n)`` on Step 3.5's three layers reads and runs the first
+    ``n``: every step's levels equal those ``n`` layers from scratch (the last one run
+    again for the deeper levels), and the output is mlx-lm's. Control: the three layers'
+    drafts differ."""
+    ref = write_checkpoint(tmp_path / "ckpt", "step3p5", own_head=True, depths=3)
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    model, _ = load(str(tmp_path / "ckpt"), num_mtp_layers=n)
+    drafter = model.speculative_streams.drafter
+    assert len(drafter.held_depths) == n and drafter.num_layers == n  # (only n read)
+    assert model.speculative_streams.config.num_mtp_layers == n
+    text, seen = _drafts_of_each_step(model, monkeypatch)
+    _check_each_step(text, seen, lambda a, k: reference_depths(plain, ref, text, a, k, layers=n))
+    logits, a, _, _ = next(x for x in seen if x[1] >= 8)
+    assert not np.allclose(logits[1:], reference_depths(plain, ref, text, a, 3)[1:], atol=1e-2)
+    from mlx_lm.generate import generate_step
+
+    want = [t for (t, _), _ in zip(generate_step(mx.array(text[:5]), plain), range(24))]
+    assert text[5:] == want
+
+
+def test_a_directory_holding_three_layers_drafts_with_fewer_and_saves_all(tmp_path, monkeypatch):
+    """A model directory saved with three MTP layers, loaded with ``num_mtp_layers=2``:
+    it holds the three and drafts with the first two (levels equal theirs from scratch);
+    ``use_mtp_layers`` switches back to three from the next generation on (their drafts);
+    ``save`` writes all three again, with the count the directory holds."""
+    ref = write_checkpoint(tmp_path / "ckpt", "mimo_v2_flash", seed=3, depths=3)
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    full, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
+    save(tmp_path / "dir", full, tok, config=config)
+    model, tok, config = load(str(tmp_path / "dir"), num_mtp_layers=2, return_config=True)
+    drafter = model.speculative_streams.drafter
+    assert len(drafter.held_depths) == 3 and drafter.num_layers == 2
+    text, seen = _drafts_of_each_step(model, monkeypatch)
+    _check_each_step(text, seen, lambda a, k: reference_depths(plain, ref, text, a, k, layers=2))
+    logits, a, _, _ = next(x for x in seen if x[1] >= 8)
+    assert not np.allclose(logits[1:], reference_depths(plain, ref, text, a, 3)[1:], atol=1e-2)
+    mtp.use_mtp_layers(model, 3)
+    text3, seen = _drafts_of_each_step(model, monkeypatch)
+    assert text3 == text
+    _check_each_step(text, seen, lambda a, k: reference_depths(plain, ref, text, a, k))
+    mtp.use_mtp_layers(model, 2)
+    save(tmp_path / "again", model, tok, config=config)
+    section = json.loads((tmp_path / "again" / "config.json").read_text())["drafter"]
+    assert section["num_mtp_layers"] == 3
+    again, _ = load(str(tmp_path / "again"))
+    assert again.speculative_streams.drafter.num_layers == 3
+    a, b = (dict(tree_flatten(m.speculative_streams.drafter.parameters())) for m in (full, again))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_tuned_count_of_layers_applies_on_its_device_only(tmp_path, monkeypatch):
+    """``num_mtp_layers`` in a device's tuned entry (``tune.save_choice``): that device
+    drafts with as many layers (the directory still holds all), mlx-lm's output; another
+    device, and an explicit ``num_mtp_layers``, with theirs. A tuned count above the
+    layers held is refused naming the entry."""
+    from mlx_lm.generate import generate_step
+
+    from mlx_specstream.precision import device_key
+    from mlx_specstream.tune import save_choice
+
+    write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
+    full, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
+    save(tmp_path / "dir", full, tok, config=config)
+    tree = dict(tree_depth=3, tree_top_k=1, max_tree_nodes=4, num_mtp_layers=1)
+    entry = save_choice(tmp_path / "dir", tree)
+    assert entry == dict(tree_depth=3, top_k=1, max_tree_nodes=4, num_mtp_layers=1)
+    save_choice(tmp_path / "dir", dict(tree, num_mtp_layers=2), device="other:device")
+    counts = _layers_drafting(monkeypatch)
+    model, _ = load(str(tmp_path / "dir"))
+    rt = model.speculative_streams
+    assert rt.config.tuned_on == device_key() and rt.config.num_mtp_layers == 1
+    assert len(rt.drafter.held_depths) == 3
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    prompt = [1, 5, 9, 3, 7, 2, 11]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(24))]
+    assert spec_tokens(model, prompt, 24)[0] == want and counts == [1]
+    monkeypatch.setattr("mlx_specstream.utils.device_key", lambda: "other:device")
+    assert load(str(tmp_path / "dir"))[0].speculative_streams.drafter.num_layers == 2
+    assert (
+        load(str(tmp_path / "dir"), num_mtp_layers=3)[0].speculative_streams.drafter.num_layers == 3
+    )
+    cfg = json.loads((tmp_path / "dir" / "config.json").read_text())
+    cfg["drafter"]["num_mtp_layers"] = 2
+    cfg["drafter"]["tuned"]["other:device"]["num_mtp_layers"] = 3
+    (tmp_path / "dir" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tuned\['other:device'\]\.num_mtp_layers=3: more MTP "
+                                         r"layers than the section's num_mtp_layers=2"):  # fmt: skip
+        load(str(tmp_path / "dir"))
+
+
+def test_a_count_of_layers_that_cannot_draft_gets_a_clear_error(tmp_path):
+    """``num_mtp_layers`` past the layers a checkpoint has, past those a directory holds,
+    on a model whose drafts are streams, and on a plain model: each refused by name."""
+    write_checkpoint(tmp_path / "two", "step3p5", seed=3, depths=2)
+    with pytest.raises(ValueError, match=r"num_mtp_layers=3: .*two has 2 MTP layer\(s\)"):
+        load(str(tmp_path / "two"), num_mtp_layers=3)
+    with pytest.raises(ValueError, match=r"num_mtp_layers=0: .*give 1 to 2"):
+        load(str(tmp_path / "two"), num_mtp_layers=0)
+    model, tok, config = load(str(tmp_path / "two"), return_config=True)
+    save(tmp_path / "dir", model, tok, config=config)
+    with pytest.raises(ValueError, match=r"num_mtp_layers=3: this drafter holds 2 MTP layer"):
+        load(str(tmp_path / "dir"), num_mtp_layers=3)
+    with pytest.raises(ValueError, match="num_mtp_layers=2: the model drafts with its "
+                                         "speculative streams, not a checkpoint's MTP layers"):  # fmt: skip
+        load(None, num_mtp_layers=2)
+    plain_dir = tmp_path / "plain"
+    plain_dir.mkdir()
+    for f in (tmp_path / "two").iterdir():
+        if f.name.endswith(".json") or f.name.startswith("tokenizer"):
+            (plain_dir / f.name).write_bytes(f.read_bytes())
+    base, _ = mlx_lm_load(str(tmp_path / "two"))
+    mx.save_safetensors(str(plain_dir / "model.safetensors"), dict(tree_flatten(base.parameters())))
+    with pytest.raises(ValueError, match="num_mtp_layers=1: .*plain has no MTP layer"):
+        load(str(plain_dir), num_mtp_layers=1, allow_plain=True)
+
+
+def test_the_tuner_tries_fewer_layers_on_its_fastest_trees_and_stores_the_count(tmp_path,
+                                                                              monkeypatch):  # fmt: skip
+    """On a directory holding three MTP layers, the tuner's grid drafts with all three,
+    then its three fastest trees with one and two; the fastest count is stored for this
+    device and applies at the next load (timings from a fake measure: one layer fastest on
+    the deepest chain). A real measurement drafts with the count asked for and restores
+    the model's after."""
+    import importlib
+
+    tune = importlib.import_module("mlx_specstream.tune")
+    write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
+    full, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
+    save(tmp_path / "dir", full, tok, config=config)
+    (tmp_path / "dir" / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
+    tried = []
+
+    def fake(model, tokenizer, prompts, max_tokens, **s):
+        tried.append(s)
+        if s.get("speculative") is False or "tree_depth" not in s:
+            return 100.0, 1.0
+        one = s.get("num_mtp_layers") == 1 and s["tree_depth"] == 3 and s["tree_top_k"] == 1
+        return 100.0 + 10 * s["tree_depth"] - 5 * s["tree_top_k"] + 40 * one, 2.0
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tune, "tokens_per_second", fake)
+        tune.main(["--model", str(tmp_path / "dir"), "--num-prompts", "1", "--confirm-rounds", "0",
+                   "--save"])  # fmt: skip
+    trees = [s for s in tried if "tree_depth" in s and s.get("draft") == "streams"]
+    grid = [s for s in trees if s["num_mtp_layers"] == 3]
+    fewer = [s for s in trees if s["num_mtp_layers"] != 3]
+    assert len(grid) > 6 and len(fewer) == 6
+    assert sorted(s["num_mtp_layers"] for s in fewer) == [1, 1, 1, 2, 2, 2]
+    assert all(s["tree_depth"] == 3 for s in fewer)  # (the fastest grid trees here)
+    from mlx_specstream.precision import device_key
+
+    section = json.loads((tmp_path / "dir" / "config.json").read_text())["drafter"]
+    assert section["tuned"][device_key()]["num_mtp_layers"] == 1
+    assert section["tuned"][device_key()]["top_k"] == 1
+    model, tok = load(str(tmp_path / "dir"))
+    assert model.speculative_streams.drafter.num_layers == 1
+    mtp.use_mtp_layers(model, 3)
+    counts = _layers_drafting(monkeypatch)
+    prompts = [tok.encode("t1 t5 t9 t3")]
+    tune.tokens_per_second(model, tok, prompts, 8, num_mtp_layers=2, tree_depth=3, tree_top_k=1,
+                           max_tree_nodes=4)  # fmt: skip
+    assert counts == [2] and model.speculative_streams.drafter.num_layers == 3
+
+
+def test_the_command_lines_take_the_count_of_layers(tmp_path, capsys, monkeypatch):
+    """``--num-mtp-layers`` in generate (the first layers draft, mlx-lm's text), and in the
+    server's, chat's and the benchmark's flags."""
+    import importlib
+
+    from mlx_lm.generate import generate as mlx_lm_generate
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")
+    write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
+    counts = _layers_drafting(monkeypatch)
+    prompt = "t1 t5 t9 t3"
+    gen_mod.main(["--model", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-tokens", "16",
+                  "--ignore-chat-template", "--num-mtp-layers", "2"])  # fmt: skip
+    plain, tok = mlx_lm_load(str(tmp_path / "ckpt"))
+    assert mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=16) in (
+        capsys.readouterr().out
+    )
+    assert counts == [2]
+    for name in ("server", "chat", "benchmark"):
+        parser = importlib.import_module(f"mlx_specstream.{name}").setup_arg_parser()
+        assert parser.parse_args(["--num-mtp-layers", "2"]).num_mtp_layers == 2
