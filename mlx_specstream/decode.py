@@ -860,7 +860,7 @@ def spec_generate_step(
     if draft_model is not None:
         dm = DraftModel(draft_model, draft_cache, depth, quant)
     if rt.drafter is not None and depth:
-        dstate = rt.drafter.start(start, drafter_state_of(cache))
+        dstate = rt.drafter.start(start, drafter_state_of(cache), levels=depth)
         keep_drafter_state(cache, dstate)  # (for the next call on this cache)
     prompt_list = prompt.tolist()
     dec = Decoder(

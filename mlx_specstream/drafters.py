@@ -57,7 +57,9 @@ class MedusaHeads(nn.Module):
         D = hidden_size(model)
         self.heads = [ResBlock(D) for _ in range(config.num_draft_tokens)]
 
-    def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
+    def start(self, prompt_cache_offset: int, previous=None, levels=None) -> "DrafterState":
+        """The state of a generation (``previous``: the one kept with a reused prompt
+        cache; ``levels``: the tree's, where the drafter's cost depends on them)."""
         return DrafterState(needs_prompt=False)
 
     def draft(
@@ -95,7 +97,7 @@ class ParallelSpecDrafter(nn.Module):
         self.layer = new_decoder_layer(model)
         self._scale = attention_scale_settings(model)  # (Ministral 3's attention scale)
 
-    def start(self, prompt_cache_offset: int, previous=None) -> "DrafterState":
+    def start(self, prompt_cache_offset: int, previous=None, levels=None) -> "DrafterState":
         return continue_or_start(prompt_cache_offset, previous, self.layer)
 
     def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:

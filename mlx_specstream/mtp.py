@@ -456,17 +456,21 @@ class MTPDrafter(MTPDepth):
             )
         self._used = n
 
-    def start(self, prompt_cache_offset: int, previous=None) -> DrafterState:
-        if self.num_layers == 1:
+    def start(self, prompt_cache_offset: int, previous=None, levels=None) -> DrafterState:
+        """A generation's state: one layer's, or the first ``n`` layers' where a tree of
+        ``levels`` (default: all) reads ``n`` of them (no layer past the levels runs).
+        ``previous`` (kept with a reused prompt cache) continues where it has as many."""
+        n = self.num_layers if levels is None else max(1, min(self.num_layers, levels))
+        if n == 1:
             previous = None if isinstance(previous, DepthsState) else previous
             return continue_or_start(prompt_cache_offset, previous, self.layer)
-        if isinstance(previous, DepthsState) and len(previous.cache.caches) == len(self.all_depths):
+        if isinstance(previous, DepthsState) and len(previous.cache.caches) == n:
             state = continue_or_start(prompt_cache_offset, previous, self.layer)
             if state is previous:
                 return state
         # (states kept for trims: a generation's end drops at most a step's tokens and
         # the bonus, a follow-up one more)
-        caches = [new_layer_cache(d.layer) for d in self.all_depths]
+        caches = [new_layer_cache(d.layer) for d in self.all_depths[:n]]
         return DepthsState(caches, back=self._levels + 3)
 
     def load_weights(self, file_or_weights, strict: bool = True):
@@ -529,8 +533,9 @@ class MTPDrafter(MTPDepth):
         if state.held_next:
             feats = mx.concatenate([state.held_hidden, feats], axis=0)
             nxt = state.held_next + nxt
-        depths, caches, P = self.all_depths, state.cache.caches, state.cache.offset
-        M, lag = len(nxt), len(self.all_depths) - 1
+        caches, P = state.cache.caches, state.cache.offset
+        depths = self.all_depths[: len(caches)]  # (the generation's: see start)
+        M, lag = len(nxt), len(depths) - 1
         keep = max(0, M - lag)  # (rows that stay: positions [P, P + keep))
         emb = rt.embed(mx.array(nxt))  # (tokens P + 1 .. N)
         drafted, logits, h = [], [], feats

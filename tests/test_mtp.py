@@ -464,9 +464,10 @@ def test_several_mtp_layers_draft_as_they_were_trained(arch, own_head, levels, t
     assert len(drafter.all_depths) == 3
     assert all(("head" in d) == own_head for d in drafter.all_depths)
 
-    def check_state(state):
+    def check_state(state):  # (the layers a tree of these levels reads: min(3, levels))
+        assert len(state.cache.caches) == min(3, levels)
         assert all(c.offset == state.cache.offset for c in state.cache.caches)
-        assert state.cache.offset == max(0, state.offset - 2)  # (two rows held)
+        assert state.cache.offset == max(0, state.offset - min(2, levels - 1))  # (rows held)
 
     tree = dict(tree_top_k=1, tree_depth=levels, max_tree_nodes=levels + 1)
     text, seen = _drafts_of_each_step(model, monkeypatch, check_state=check_state, **tree)
@@ -1066,7 +1067,9 @@ def _layers_drafting(monkeypatch) -> list:
     """How many MTP layers drafted each generation (recorded at its start)."""
     counts, real = [], mtp.MTPDrafter.start
     monkeypatch.setattr(
-        mtp.MTPDrafter, "start", lambda self, *a: counts.append(self.num_layers) or real(self, *a)
+        mtp.MTPDrafter,
+        "start",
+        lambda self, *a, **k: counts.append(self.num_layers) or real(self, *a, **k),
     )
     return counts
 
@@ -1258,3 +1261,29 @@ def test_the_command_lines_take_the_count_of_layers(tmp_path, capsys, monkeypatc
     for name in ("server", "chat", "benchmark"):
         parser = importlib.import_module(f"mlx_specstream.{name}").setup_arg_parser()
         assert parser.parse_args(["--num-mtp-layers", "2"]).num_mtp_layers == 2
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_no_layer_past_the_trees_levels_runs(depth, tmp_path, monkeypatch):
+    """With three MTP layers and a tree of ``depth`` levels, only the first ``depth``
+    layers run (a deeper one's drafts would go unread), each over every step; the drafts
+    equal those layers' from scratch and the output is mlx-lm's. Control: the spy sees
+    the three layers run for a tree of three levels."""
+    from mlx_lm.generate import generate_step
+
+    ref = write_checkpoint(tmp_path / "ckpt", "step3p5", own_head=True, depths=3)
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    model = _attach_depths(tmp_path / "ckpt", 3)
+    drafter = model.speculative_streams.drafter
+    ran, real = [], mtp.MTPDepth.step
+    monkeypatch.setattr(
+        mtp.MTPDepth, "step", lambda self, *a: ran.append(id(self)) or real(self, *a)
+    )
+    tree = dict(tree_top_k=1, tree_depth=depth, max_tree_nodes=depth + 1)
+    text, seen = _drafts_of_each_step(model, monkeypatch, **tree)
+    _check_each_step(text, seen, lambda a, n: reference_depths(plain, ref, text, a, n), depth)
+    ids = [id(d) for d in drafter.all_depths]
+    steps = len(seen)
+    assert [ran.count(i) for i in ids] == [steps] * depth + [0] * (3 - depth)
+    want = [t for (t, _), _ in zip(generate_step(mx.array(text[:5]), plain), range(24))]
+    assert text[5:] == want
