@@ -215,9 +215,11 @@ def tune(
         if held > 1:
             tree["num_mtp_layers"] = held
         trials.run(tree)
-    # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees.
-    for tree in trials.fastest(3) if held > 1 else []:
-        for n in range(1, held):
+    # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees that read
+    # more than one (a tree of d levels runs the first d only).
+    deep = [t for t in trials.fastest(len(trials.results)) if t["tree_depth"] > 1]
+    for tree in deep[:3] if held > 1 else []:
+        for n in range(1, min(held, tree["tree_depth"])):
             trials.run(dict(tree, num_mtp_layers=n))
     if lossless_streams:
         # The stream pass: streams of every node inside the verify pass, or a
