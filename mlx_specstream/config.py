@@ -343,10 +343,15 @@ class DrafterConfig(_Section):
           draft: layer ``k`` drafts level ``k`` (Step 3.5's and MiMo-V2-Flash's three),
           the last one also every deeper level. At most ``num_draft_tokens``. In a
           model directory's config: the layers it holds. Default: ``1``.
+        draft (str, optional): the draft source used when a call names none:
+          ``"streams"`` (the drafter's tree), ``"ngram"`` (prompt lookup) or
+          ``"streams+ngram"`` (lookup merged into the drafter's tree).
+          ``python -m mlx_specstream.tune`` stores the fastest. Default: ``None``,
+          the drafter's tree.
     """
 
     SECTION = DRAFTER_KEY
-    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers",)
+    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers", "draft")
 
     kind: str = "medusa"
     num_draft_tokens: int = 3
@@ -355,6 +360,7 @@ class DrafterConfig(_Section):
     tree_depth: Optional[int] = None
     tuned: Optional[Dict[str, dict]] = None
     num_mtp_layers: int = 1
+    draft: Optional[str] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -402,6 +408,9 @@ class DrafterConfig(_Section):
             "num_mtp_layers",
             f"must be an integer in [1, num_draft_tokens={self.num_draft_tokens}] (above 1 "
             "for kind 'mtp' only)",
+        )
+        require(
+            self.draft is None or self.draft in DRAFTS, "draft", f"must be null or one of {DRAFTS}"
         )
         self._check_tuned()
 

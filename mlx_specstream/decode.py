@@ -139,6 +139,8 @@ class Decoder:
         history (list): the prompt tokens.
         sampler, processors: mlx-lm sampler and logits processors.
         tree (tuple): ``(ks, depth, prune_threshold, max_nodes)``.
+        tree_nodes (int, optional): the cap of the model's own tree, where a tree
+          with prompt lookup merged in may hold more (``max_nodes``). Default: ``max_nodes``.
         acceptance (str): one of :data:`ACCEPTANCE`.
         draft (str, optional): ``None`` (the model's streams or drafter),
           ``"ngram"`` or ``"streams+ngram"``.
@@ -153,7 +155,7 @@ class Decoder:
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
                  ngram_tokens, max_tokens, dstate=None, quant=None, pipeline=None,
-                 draft_model=None, ngram_candidates=1):  # fmt: skip
+                 draft_model=None, ngram_candidates=1, tree_nodes=None):  # fmt: skip
         self.rt, self.cache, self.history = rt, cache, history
         self.quant = quant
         self.sampler, self.processors = sampler, processors
@@ -185,8 +187,8 @@ class Decoder:
         self.draws_at_every_node = self.by_rejection and (
             self.head_on_streams or (self.heads and in_pass)
         )
-        if self.depth:
-            self.tree = static_tree(ks, self.depth, self.max_nodes)
+        if self.depth:  # (tree_nodes: the model's own tree's cap, below a merged tree's)
+            self.tree = static_tree(ks, self.depth, tree_nodes or self.max_nodes)
             self.layout = layout_of(self.tree.parents)
             self.kmax = max(ks[: self.depth])
             self._levels = mx.array(self.tree.levels[1:], dtype=mx.int32)
@@ -648,7 +650,9 @@ def spec_generate_step(
           with a warning.
         draft (str, optional): ``"streams"``: the model's streams or drafter.
           ``"ngram"``: prompt lookup only (any model). ``"streams+ngram"``:
-          both, merged into one tree under ``max_tree_nodes``. Default
+          both, merged into one tree under ``max_tree_nodes`` (with an attached
+          drafter, its MTP layers or heads: their tree under ``max_tree_nodes``
+          and a lookup chain of up to ``num_draft_tokens`` beside it). Default
           (``None``): the source the model's config names (``draft``, stored
           by ``mlx_specstream.tune``), else ``"streams"``. With ``draft_model``:
           ``None`` (its drafts) or ``"ngram"`` (its drafts and a prompt-lookup
@@ -769,10 +773,12 @@ def spec_generate_step(
         ks, depth, threshold, max_nodes = resolve_tree_settings(
             rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
         )
+    tree_nodes = max_nodes
+    if draft == "streams+ngram" and rt.drafter is not None:
+        # An attached drafter's tree (max_tree_nodes) and a lookup chain beside it.
+        max_nodes += ngram_tokens
     if draft == "ngram":
         depth = 0  # the model's own drafts are off
-    elif draft == "streams+ngram" and rt.drafter is not None:
-        raise ValueError("draft='streams+ngram' needs a model with streams, not a drafter.")
     quant = KVQuantizer.from_args(kv_bits, kv_group_size, quantized_kv_start)
     if quant is not None:
         refuse_quantized_windows(model, draft_model, kv_bits)
@@ -866,7 +872,7 @@ def spec_generate_step(
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
         (ks, depth, threshold, max_nodes), acceptance, draft, ngram_tokens, max_tokens, dstate,
-        quant, pipeline, dm, ngram_candidates,
+        quant, pipeline, dm, ngram_candidates, tree_nodes,
     )  # fmt: skip
     yielded, ended = 0, False  # ended: finished or closed, not failed
     try:

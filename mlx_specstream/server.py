@@ -98,6 +98,7 @@ from .openai_api import (
     total_usage,
 )
 from .prompt_cache import PromptCacheLRU
+from .recurrent import has_recurrent_layers
 from .batch import reads_streams, stream_runtime, tuned_batch, tuned_depth, unbatchable
 from .replies import Batch, Reply, SpecBatch, batching_fault
 from .response_parser import Parts, ResponseParser, forced_call_text, initial_state
@@ -182,7 +183,12 @@ class ModelService:
         self.prompt_cache = PromptCacheLRU(defaults.prompt_cache_size, defaults.prompt_cache_bytes)
         self.xtc_special_tokens = xtc_special_tokens(tokenizer)
         rt = getattr(model, "speculative_streams", None)
-        self.has_drafter = rt is not None and getattr(rt, "drafter", None) is not None
+        # (an attached drafter on recurrent layers drafts chains, without lookup merged in)
+        self.drafter_chains = (
+            rt is not None
+            and getattr(rt, "drafter", None) is not None
+            and has_recurrent_layers(model)
+        )
         self.batching = False  # set by the generation thread (see _can_batch)
         self.spec_batching = False  # batched rows speculate (SpecBatch)
         self.stream_batching = False  # and may draft with the model's streams
@@ -795,9 +801,11 @@ class Handler(BaseHTTPRequestHandler):
                     raise RequestError(str(e), "tool_choice") from e
                 tokens = tokens + tok.encode(forced_text, add_special_tokens=False)
             args = parse_generation_args(body, self.service.defaults)
-            if args["draft"] == "streams+ngram" and self.service.has_drafter:
+            if args["draft"] == "streams+ngram" and self.service.drafter_chains:
                 raise RequestError(
-                    "'draft'='streams+ngram' needs a model with streams, not a drafter", "draft"
+                    "'draft'='streams+ngram': this model's drafter drafts chains through its "
+                    "recurrent layers, with no lookup merged in; pass 'streams' or 'ngram'",
+                    "draft",
                 )
             if args["draft"] == "streams+ngram" and self.service.draft_model is not None:
                 raise RequestError(

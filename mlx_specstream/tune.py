@@ -251,11 +251,10 @@ def tune(
         ]
         for tree in can[:3]:
             trials.run(dict(tree, pipeline=True))  # fmt: skip
-    if rt.streams is not None:
-        # Prompt lookup, alone and merged with the fastest tree.
-        best_tree = {k: v for k, v in trials.fastest(1)[0].items() if k != "pipeline"}
-        for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
-            trials.run(drafts)
+    # Prompt lookup, alone and merged with the fastest tree (the streams' or the drafter's).
+    best_tree = {k: v for k, v in trials.fastest(1)[0].items() if k != "pipeline"}
+    for drafts in (dict(draft="ngram"), dict(best_tree, draft="streams+ngram")):
+        trials.run(drafts)
     choice, tps, base = trials.choice(min_gain, "Speculation", confirm_rounds=confirm_rounds)
     if lossless_streams and choice == {"tree_depth": 0}:
         # Plain decoding: a call that turns speculation on still gets the faster stream pass.
@@ -473,7 +472,7 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
     streams = CONFIG_KEY in config
     section = config[CONFIG_KEY if streams else DRAFTER_KEY]
     entry = {}
-    if streams:  # (None: the model's own drafts; drafters are never merged with lookup)
+    if streams or "draft" in choice:  # (None: the model's own drafts)
         draft = choice.get("draft", "streams")
         entry["draft"] = None if draft == "streams" else draft
     if "tree_depth" in choice:  # (prompt lookup alone leaves the tree settings as they are)

@@ -286,9 +286,9 @@ def test_one_drafter_pass_per_step_whatever_k(monkeypatch):
 
 def test_a_tuned_drafter_tree_is_stored_for_this_device_and_loads_there(tmp_path, monkeypatch):
     """The tuner's choice for a Medusa model goes under the drafter section's
-    ``tuned`` for this device, with the tree settings only (a drafter neither
-    pipelines nor merges prompt lookup); loading applies it here and not on
-    another device (the control)."""
+    ``tuned`` for this device, with the tree settings and the draft source (``None``:
+    the drafter's tree; a drafter does not pipeline); loading applies it here and not
+    on another device (the control)."""
     import mlx_specstream.utils as utils
     from helpers import word_tokenizer
 
@@ -305,7 +305,8 @@ def test_a_tuned_drafter_tree_is_stored_for_this_device_and_loads_there(tmp_path
     assert choice["tree_top_k"] == 1
     path = save(tmp_path / "m", model, tok)
     entry = tune.save_choice(path, choice)
-    assert set(entry) == {"tree_depth", "top_k", "max_tree_nodes"} and entry["top_k"] == 1
+    assert set(entry) == {"tree_depth", "top_k", "max_tree_nodes", "draft"}
+    assert entry["top_k"] == 1 and entry["draft"] is None
     here, _ = load(str(path))
     assert here.speculative_streams.config.top_k == 1
     assert here.speculative_streams.config.tuned_on == device_key()
@@ -396,3 +397,73 @@ def test_a_drafter_layer_takes_llama4_s_attention_scale_at_its_rows_positions():
     assert mx.allclose(ours, own, atol=1e-5).item()
     unscaled = layer(x, mx.ones((3, 1)), mask, caches[2])
     assert not mx.allclose(ours, unscaled, atol=1e-3).item()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_lookup_merged_into_the_drafters_tree(kind, monkeypatch):
+    """``draft="streams+ngram"`` with Medusa heads or ParallelSpec: prompt lookup's chains
+    merged into the drafter's tree (room made beside its nodes). Greedy output equals plain
+    decoding with real lookup on a model that repeats itself; with lookup proposing the true
+    continuation, steps accept more tokens than the drafter's levels and the bonus (with the
+    drafter alone, never) and the output is still plain decoding's."""
+    import mlx_specstream.decode as decode
+
+    model = drafter_model(kind, weight_scale=1.0, top_k=2, max_tree_nodes=6)
+    prompt = [4, 8, 15, 16, 23]
+    ref = plain_greedy(model, prompt, 40)
+    full = prompt + ref
+
+    def per_pass(draft):  # (the tokens each pass gave)
+        toks, out = spec_tokens(model, prompt, 40, draft=draft, num_draft_tokens=6)
+        assert toks == ref
+        return [sum(o[3] == n for o in out) for n in sorted({o[3] for o in out})]
+
+    per_pass("streams+ngram")  # (real lookup: plain decoding's output)
+    alone = per_pass("streams")
+    assert max(alone) <= 4  # (3 levels and the bonus)
+    monkeypatch.setattr(decode.Decoder, "_lookup", lambda self, room: [
+        full[len(self.history): len(self.history) + min(self.ngram_tokens, room)]
+    ])  # fmt: skip
+    merged = per_pass("streams+ngram")
+    assert max(merged) > 4 and len(merged) < len(alone)
+
+
+def test_the_tuner_tries_prompt_lookup_with_a_drafter_and_stores_it(tmp_path, monkeypatch):
+    """The tuner times prompt lookup alone and merged into the drafter's fastest tree;
+    the merged choice (fake timings: the fastest) is stored as ``draft`` for this device,
+    and a call that names no draft source then merges lookup in (its lookup runs), giving
+    plain decoding's output. Control: on another device, no lookup runs."""
+    import mlx_specstream.decode as decode
+    import mlx_specstream.utils as utils
+    from helpers import word_tokenizer
+
+    from mlx_specstream import tune
+
+    model = drafter_model("parallelspec")
+    tok = word_tokenizer(model.args.vocab_size)
+    tried = []
+
+    def fake(m, t, p, n, **s):
+        tried.append(s)
+        return (1e6 if s.get("draft") == "streams+ngram" else 1.0 + s.get("tree_depth", 0)), 2.0
+
+    monkeypatch.setattr(tune, "tokens_per_second", fake)
+    choice, _, _ = tune.tune(model, tok, [[1, 2, 3]], max_tokens=4, log=lambda *a: None)
+    assert {"draft": "ngram"} in tried and choice["draft"] == "streams+ngram"
+    assert choice["tree_depth"] == 3  # (the fastest tree's, lookup merged in)
+    path = save(tmp_path / "m", model, tok)
+    assert tune.save_choice(path, choice)["draft"] == "streams+ngram"
+    lookups, real = [], decode.Decoder._lookup
+    monkeypatch.setattr(
+        decode.Decoder,
+        "_lookup",
+        lambda self, room: lookups.append(self.ngrams is not None) or real(self, room),
+    )
+    here, _ = load(str(path))
+    prompt = [1, 5, 9, 3, 7, 2, 11]
+    assert spec_tokens(here, prompt, 24)[0] == plain_greedy(here, prompt, 24) and all(lookups)
+    monkeypatch.setattr(utils, "device_key", lambda: "gpu:elsewhere")
+    lookups.clear()
+    there, _ = load(str(path))
+    assert spec_tokens(there, prompt, 24)[0] == plain_greedy(there, prompt, 24)
+    assert lookups and not any(lookups)

@@ -299,7 +299,8 @@ def reference_levels(
     return np.array(mx.concatenate(logits).astype(mx.float32))
 
 
-def _drafts_of_each_step(model, monkeypatch, chains=False, check_state=None, **tree):
+def _drafts_of_each_step(model, monkeypatch, chains=False, check_state=None, prompt=None,
+                         **tree):  # fmt: skip
     """The greedy text of a fixed prompt and 24 tokens, and for each step's draft: the
     levels' logits, the last row ``a`` of the accepted text, the bonus token and the rows
     the drafter has (``check_state(state)`` runs on its state after each draft)."""
@@ -315,7 +316,7 @@ def _drafts_of_each_step(model, monkeypatch, chains=False, check_state=None, **t
         return logits
 
     monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
-    prompt = [4, 8, 15, 16, 23]
+    prompt = [4, 8, 15, 16, 23] if prompt is None else prompt
     toks, _ = spec_tokens(model, prompt, 24, **tree)
     monkeypatch.undo()
     return prompt + toks, seen
@@ -1245,7 +1246,8 @@ def test_the_tuner_tries_fewer_layers_on_its_fastest_trees_and_stores_the_count(
 
 def test_the_command_lines_take_the_count_of_layers(tmp_path, capsys, monkeypatch):
     """``--num-mtp-layers`` in generate (the first layers draft, mlx-lm's text), and in the
-    server's, chat's and the benchmark's flags."""
+    server's, chat's and the benchmark's flags; ``--draft streams+ngram`` with the layers
+    (mlx-lm's text)."""
     import importlib
 
     from mlx_lm.generate import generate as mlx_lm_generate
@@ -1261,6 +1263,24 @@ def test_the_command_lines_take_the_count_of_layers(tmp_path, capsys, monkeypatc
         capsys.readouterr().out
     )
     assert counts == [2]
+    gen_mod.main(
+        [
+            "--model",
+            str(tmp_path / "ckpt"),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "16",
+            "--ignore-chat-template",
+            "--draft",
+            "streams+ngram",
+            "--num-draft-tokens",
+            "4",
+        ]
+    )  # fmt: skip  (the tiny window of 8 holds 8 nodes)
+    assert mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=16) in (
+        capsys.readouterr().out
+    )
     for name in ("server", "chat", "benchmark"):
         parser = importlib.import_module(f"mlx_specstream.{name}").setup_arg_parser()
         assert parser.parse_args(["--num-mtp-layers", "2"]).num_mtp_layers == 2
@@ -1290,3 +1310,55 @@ def test_no_layer_past_the_trees_levels_runs(depth, tmp_path, monkeypatch):
     assert [ran.count(i) for i in ids] == [steps] * depth + [0] * (3 - depth)
     want = [t for (t, _), _ in zip(generate_step(mx.array(text[:5]), plain), range(24))]
     assert text[5:] == want
+
+
+@pytest.mark.parametrize("arch,depths", [("mimo", 1), ("step3p5", 3)])
+def test_prompt_lookup_merged_into_the_layers_tree(arch, depths, tmp_path, monkeypatch):
+    """``draft="streams+ngram"`` on a checkpoint's MTP layers: prompt lookup's chains are
+    merged into the layers' tree, beside the layers' chain of 3. With lookup proposing the
+    text's true continuation (so that its nodes are accepted), steps accept more tokens
+    than the layers' levels and the bonus (with the layers alone, never), every step's
+    drafts still equal the layers from scratch over the accepted text (also after a step
+    that took a lookup chain), and the output is mlx-lm's, as with real lookup. Control:
+    the drafts differ from the first layer alone's (Step 3.5) or from the other
+    concatenation order's (MiMo)."""
+    from mlx_lm.generate import generate_step
+
+    import mlx_specstream.decode as decode
+
+    ref = write_checkpoint(tmp_path / "ckpt", arch, seed=1, depths=depths)
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    model, _ = load(str(tmp_path / "ckpt"))
+    prompt = [4, 8, 15, 16, 23]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(40))]
+    full = prompt + want
+
+    def steps(draft, oracle=False):  # (the drafts of each step, and the tokens each accepted)
+        if oracle:  # (the true continuation, every third step)
+            monkeypatch.setattr(
+                decode.Decoder, "_lookup", lambda self, room: [
+                    full[len(self.history): len(self.history) + min(self.ngram_tokens, room)]
+                ] if len(self.history) % 3 == 0 else [],
+            )  # fmt: skip
+        # (lookup chains of 4: the merged tree's 8 nodes fit Step 3.5's tiny window of 8)
+        text, seen = _drafts_of_each_step(model, monkeypatch, prompt=prompt, draft=draft,
+                                          num_draft_tokens=4)  # fmt: skip
+        assert text == full[: len(text)]
+        offsets = [o for *_, o in seen]
+        return text, seen, [b - a for a, b in zip(offsets, offsets[1:])]
+
+    assert steps("streams+ngram")[0][len(prompt) :] == want[:24]  # (real lookup)
+    _, _, alone = steps("streams")
+    assert max(alone) <= 4  # (a chain of 3 and the bonus)
+    text, seen, merged = steps("streams+ngram", oracle=True)
+    assert max(merged) > 4 and len(merged) < len(alone)
+
+    def reference(a, n, **control):
+        if depths == 1:
+            return reference_levels(plain, ref, text, a, n, **control)
+        return reference_depths(plain, ref, text, a, n, **control)
+
+    _check_each_step(text, seen, reference)
+    control = dict(swap=True) if depths == 1 else dict(one_layer=True)
+    logits, a, _, _ = next(x for x in seen if x[1] >= 8)
+    assert not np.allclose(logits[1:], reference(a, 3, **control)[1:], atol=1e-2)

@@ -308,14 +308,15 @@ def test_ngram_candidates_errors():
 
 
 def test_ngram_with_a_drafter_model_and_shared_mode():
-    """Prompt lookup alone on a Medusa model, and streams + n-gram in shared mode."""
+    """Prompt lookup alone and merged into the heads' tree on a Medusa model, and
+    streams + n-gram in shared mode."""
     from mlx_specstream import DrafterConfig, attach_drafter
 
     model = tiny_model("qwen2", vocab_size=8)
     attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2))
-    assert spec_tokens(model, PROMPT, 40, draft="ngram")[0] == plain_greedy(model, PROMPT, 40)
-    with pytest.raises(ValueError, match="streams\\+ngram.*not a drafter"):
-        spec_tokens(model, PROMPT, 4, draft="streams+ngram")
+    want = plain_greedy(model, PROMPT, 40)
+    assert spec_tokens(model, PROMPT, 40, draft="ngram")[0] == want
+    assert spec_tokens(model, PROMPT, 40, draft="streams+ngram")[0] == want
     shared = tiny_spec_model("llama", vocab_size=8, mode="shared", num_streams=2, top_k=2)
     want = spec_tokens(shared, PROMPT, 40, speculative=False)[0]
     assert spec_tokens(shared, PROMPT, 40, draft="streams+ngram")[0] == want

@@ -565,10 +565,11 @@ def test_prompt_cache_with_attached_drafters(serve, kind):
         # Its last token's state waits to be paired with the next prompt's first token.
         assert cache.drafter_state.cache.offset == cache[0].offset - 1
         assert cache.drafter_state.pending_hidden is not None
-    status, payload = post(
-        url + "/completions", json.dumps({"prompt": "t1", "draft": "streams+ngram"}).encode()
+    # Prompt lookup merged into the drafter's tree: the model's own text.
+    r3 = client.completions.create(
+        model="tiny", prompt="t3 t4 t5 t3 t4", max_tokens=12, extra_body={"draft": "streams+ngram"}
     )
-    assert status == 400 and payload["error"]["param"] == "draft"
+    assert r3.choices[0].text == reference(model, tok, "t3 t4 t5 t3 t4", 12, speculative=False)
 
 
 # ---- usage --------------------------------------------------------------------------------
@@ -1209,3 +1210,23 @@ def assert_served_alone_and_together(model, vocab_size, **defaults):
         client.close()
         server.shutdown()
         server.server_close()
+
+
+def test_lookup_is_not_merged_into_a_hybrid_s_drafter_chains(serve):
+    """A drafter on a hybrid model drafts chains through its recurrent layers, with no
+    lookup merged in: ``"draft": "streams+ngram"`` gets a 400 naming ``draft``, while its
+    own chains (``"streams"``) answer as plain decoding does."""
+    from helpers import tiny_hybrid
+
+    model, tok = tiny_hybrid("qwen3_next", vocab_size=V), word_tokenizer(V)
+    attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=1), seed=0)
+    client, url, _ = serve(model, tok)
+    status, payload = post(
+        url + "/completions", json.dumps({"prompt": "t1", "draft": "streams+ngram"}).encode()
+    )
+    assert status == 400 and payload["error"]["param"] == "draft"
+    assert "recurrent layers" in payload["error"]["message"]
+    r = client.completions.create(
+        model="tiny", prompt="t3 t4 t5", max_tokens=12, extra_body={"draft": "streams"}
+    )
+    assert r.choices[0].text == reference(model, tok, "t3 t4 t5", 12, speculative=False)
