@@ -19,7 +19,9 @@ with the model's streams (chain of 3), with both merged, with the same draft
 model, and with the draft model and prompt lookup merged; with ``--candidates``,
 also prompt lookup with that many drafts per tree (``ngram_candidates``) under a
 16-node cap (the shipped config's 4 nodes leave no room for a second draft).
-``--dtype`` casts both models (default: as shipped). Every output is
+``--model DIR`` runs another model on the same prompts (a checkpoint with its MTP
+layers, ``--num-mtp-layers`` of them: the "own drafts" rows are then theirs, named by
+the drafter's kind). ``--dtype`` casts both models (default: as shipped). Every output is
 checked against mlx-lm's greedy tokens. Reports tokens/s, speedup over mlx-lm
 plain and tau (tokens per forward pass). Writes
 ``benchmarks/results/ngram_speed[-TAG].{md,json}``.
@@ -40,11 +42,14 @@ import mlx_specstream
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
 
-OURS = {
-    "ours: ngram": dict(draft="ngram"),
-    "ours: streams (chain 3)": dict(tree_top_k=1, tree_depth=3),
-    "ours: streams+ngram": dict(draft="streams+ngram", tree_top_k=1, tree_depth=3),
-}
+
+def ours_settings(own: str) -> dict:
+    """Our ways, ``own`` naming the model's own drafts (``streams``, ``mtp``, ...)."""
+    return {
+        "ours: ngram": dict(draft="ngram"),
+        f"ours: {own} (chain 3)": dict(tree_top_k=1, tree_depth=3),
+        f"ours: {own}+ngram": dict(draft="streams+ngram", tree_top_k=1, tree_depth=3),
+    }
 
 
 def task_prompts(tokenizer, n, prompt_tokens):
@@ -67,6 +72,8 @@ def timed(run, prompts):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="Model directory (default: the shipped one)")
+    ap.add_argument("--num-mtp-layers", type=int, default=None)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=96)
     ap.add_argument("--max-tokens", type=int, default=96)
@@ -74,10 +81,14 @@ def main():
     ap.add_argument("--candidates", default=None, help="e.g. 1,2,4: ngram_candidates runs")
     ap.add_argument("--tag", default=None)
     args = ap.parse_args()
-    model, tokenizer = mlx_specstream.load(None)
+    model, tokenizer = mlx_specstream.load(args.model, num_mtp_layers=args.num_mtp_layers)
+    rt = model.speculative_streams
+    own = "streams" if rt.drafter is None else rt.config.kind
     draft_model, _ = mlx_lm.load(str(DRAFT_DIR))
+    # (a model with a drafter attached takes no draft model: its base, loaded again, does)
+    base = model if rt.drafter is None else mlx_lm.load(args.model)[0]
     if args.dtype is not None:
-        for m in (model, draft_model):
+        for m in {id(m): m for m in (model, draft_model, base)}.values():
             m.set_dtype(getattr(mx, args.dtype))
             mx.eval(m.parameters())
     N = args.max_tokens
@@ -92,14 +103,16 @@ def main():
         return [r.token for r in rs], sum(not r.from_draft for r in rs)
 
     def ours(settings):
+        target = base if "draft_model" in settings else model
+
         def run(x):
-            out = list(spec_generate_step(x, model, max_tokens=N, **settings))
+            out = list(spec_generate_step(x, target, max_tokens=N, **settings))
             return [t for t, *_ in out], out[-1][3]
 
         return run
 
     runs = {"mlx-lm plain": plain, "mlx-lm draft model (3)": drafted}
-    runs.update({name: ours(s) for name, s in OURS.items()})
+    runs.update({name: ours(s) for name, s in ours_settings(own).items()})
     runs["ours: draft model (3)"] = ours(dict(draft_model=draft_model, num_draft_tokens=3))
     runs["ours: draft model (3)+ngram"] = ours(
         dict(draft_model=draft_model, num_draft_tokens=3, draft="ngram")
@@ -133,7 +146,8 @@ def main():
         f"# Prompt-lookup drafting ({mx.default_device()}, {versions}, {platform.machine()})",
         "",
         f"`{cmd}`: {args.prompts} prompts x {N} tokens, greedy, outputs checked against "
-        "mlx-lm's. tau = tokens per forward pass of the large model.",
+        "mlx-lm's. tau = tokens per forward pass of the large model. Model: "
+        f"{args.model or 'the shipped one'}.",
         "",
         "| task | method | tokens/s | speedup vs mlx-lm plain | tau |",
         "|---|---|---|---|---|",
