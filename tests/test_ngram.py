@@ -415,6 +415,33 @@ def test_ngram_sampling_matches_plain_distribution(small, draft, temp, pipeline,
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
+@pytest.fixture(scope="module")
+def small_with_heads():
+    """``small``'s shape with Medusa heads at zero (each drafts the model's own next
+    token, often right on this low-weight model) instead of streams."""
+    from mlx.utils import tree_map
+
+    from mlx_specstream import DrafterConfig, attach_drafter
+
+    model = tiny_model("llama", vocab_size=V, weight_scale=1.0, hidden_size=32,
+                       intermediate_size=64)  # fmt: skip
+    drafter = attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2))
+    drafter.update(tree_map(mx.zeros_like, drafter.parameters()))
+    return model
+
+
+def test_lookup_merged_into_a_drafter_s_tree_keeps_the_distribution(small_with_heads,
+                                                                   monkeypatch):  # fmt: skip
+    """Sampling (T = 0.7) with prompt lookup merged into Medusa heads' tree keeps the
+    model's distribution (verified by target sampling); control: a verifier that accepts
+    the first child unchecked does not."""
+    p = ngram_pvalue(small_with_heads, make_sampler(temp=0.7), draft="streams+ngram")
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    monkeypatch.setattr(decode, "_accept", lenient_accept)
+    p = ngram_pvalue(small_with_heads, make_sampler(temp=0.7), draft="streams+ngram")
+    assert p < 1e-6, f"the lenient verifier passed (p = {p:.2e}): the test has no power"
+
+
 def test_negative_control_unchecked_ngram_draft_is_rejected(small, monkeypatch):
     monkeypatch.setattr(decode, "_accept", lenient_accept)
     p = ngram_pvalue(small, make_sampler(temp=1.0), draft="ngram")
