@@ -506,6 +506,32 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
     return entry
 
 
+def choice_flags(choice: dict) -> str:
+    """The command-line flags (generate, chat, server) that decode as ``choice`` says: a
+    tuning that is not stored (a checkpoint's, a plain model's trees).
+
+    Example:
+        >>> choice_flags({"tree_depth": 2, "tree_top_k": 3, "max_tree_nodes": 8,
+        ...               "draft": "streams", "num_mtp_layers": 1})
+        '--tree-top-k 3 --tree-depth 2 --max-tree-nodes 8 --num-mtp-layers 1'
+        >>> choice_flags({"draft": "ngram"})
+        '--draft ngram'
+        >>> choice_flags({"tree_depth": 0})
+        '--no-speculation'
+    """
+    if choice.get("tree_depth") == 0:
+        return "--no-speculation"
+    flags = []
+    if choice.get("draft", "streams") != "streams":
+        flags += ["--draft", choice["draft"]]
+    if choice.get("tree_depth"):
+        flags += ["--tree-top-k", choice["tree_top_k"], "--tree-depth", choice["tree_depth"],
+                  "--max-tree-nodes", choice["max_tree_nodes"]]  # fmt: skip
+    if "num_mtp_layers" in choice:
+        flags += ["--num-mtp-layers", choice["num_mtp_layers"]]
+    return " ".join(str(f) for f in flags)
+
+
 def main(argv=None):
     from .mtp import has_mtp_weights
     from .utils import is_plain, load, resolve_model_path
@@ -617,7 +643,8 @@ def main(argv=None):
             f"({device_key()}): {json.dumps(entry)}"
         )
     elif mtp:
-        print("[INFO] not saved (a checkpoint's files are not written; see --save)")
+        print("[INFO] not saved (a checkpoint's files are not written; see --save); to decode "
+              f"so, pass: {choice_flags(choice)}")  # fmt: skip
     elif not plain:
         print("[INFO] not saved (pass --save to write it into the model's config.json)")
 

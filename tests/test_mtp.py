@@ -710,6 +710,7 @@ def test_the_tuner_tries_the_layers_trees_and_never_writes_into_the_checkpoint(t
     tune.main(argv)
     out = capsys.readouterr().out
     assert "tree_depth" in out and "a checkpoint's files are not written" in out
+    assert re.search(r"to decode so, pass: (--no-speculation|--draft ngram|.*--tree-depth \d)", out)
     with pytest.raises(SystemExit):
         tune.main(argv + ["--save"])
     assert "MTP layer drafts" in capsys.readouterr().err

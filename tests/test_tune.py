@@ -473,3 +473,14 @@ def test_tune_lookup_on_a_hybrid_tries_lookup_trees(monkeypatch):
         tried = {m.get("ngram_candidates") for m in measured}
         assert (set(tune.LOOKUP_CANDIDATES) <= tried) == trees
         assert (choice.get("ngram_candidates") == 4) == trees
+
+
+def test_the_flags_of_a_choice_not_stored_golden():
+    """:func:`tune.choice_flags`, the flags printed for a checkpoint's tuning: its
+    docstring's examples (golden)."""
+    import doctest
+
+    from mlx_specstream import tune
+
+    results = doctest.testmod(tune)
+    assert results.failed == 0 and results.attempted >= 3
