@@ -1,8 +1,13 @@
-"""What a step of a checkpoint's MTP layer drafting chains costs on a hybrid (Qwen3-Next,
-Qwen3.5: Gated DeltaNet layers), against mlx-lm's plain decoding of the same weights.
+"""What a step of a checkpoint's MTP layers drafting chains costs on a hybrid (Qwen3-Next,
+Qwen3.5: Gated DeltaNet layers) or an attention model (MiMo's layout, several layers),
+against mlx-lm's plain decoding of the same weights.
 
     python benchmarks/mtp_step.py [--models qwen3_next-small,qwen3_next-0.6b] [--tag cpu]
+    python benchmarks/mtp_step.py --models mimo-0.5b --layers 1,3 --tag cpu-mimo
     MLX_ENABLE_TF32=0 python benchmarks/mtp_step.py --dtypes bf16,q4 --tag gpu
+
+``--layers K`` gives the drafter K MTP layers, layer k drafting level k (attention models
+only; the hybrids' checkpoints keep one).
 
 Random weights of the shape, a random MTP layer in Qwen3-Next's layout (one attention
 layer, the base's head): its drafts are all rejected, so each step yields one token
@@ -33,6 +38,7 @@ from mlx_lm.generate import generate_step
 from mlx_specstream.config import DrafterConfig
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.mtp import MTPDrafter
+from mlx_specstream.recurrent import has_recurrent_layers
 from mlx_specstream.streams import StreamRuntime
 from report import heading, machine_info, write_results
 from shapes import random_model
@@ -40,10 +46,11 @@ from shapes import random_model
 CHAINS = (1, 2, 3)
 
 
-def with_random_mtp(model, dtype: str, seed: int = 1):
-    """``model`` with a random MTP layer drafting (as ``mtp.attach_mtp`` puts a
-    checkpoint's), its matrices quantized as the base's are for ``q4``."""
-    config = DrafterConfig(kind="mtp", num_draft_tokens=max(CHAINS), top_k=1, max_tree_nodes=4)
+def with_random_mtp(model, dtype: str, seed: int = 1, layers: int = 1):
+    """``model`` with ``layers`` random MTP layers drafting (as ``mtp.attach_mtp`` puts a
+    checkpoint's), their matrices quantized as the base's are for ``q4``."""
+    config = DrafterConfig(kind="mtp", num_draft_tokens=max(CHAINS), top_k=1, max_tree_nodes=4,
+                           num_mtp_layers=layers)  # fmt: skip
     mx.random.seed(seed)
     drafter = MTPDrafter(config, model)
     drafter.set_dtype(mx.float32 if dtype == "f32" else mx.bfloat16)
@@ -66,7 +73,7 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
 
     def right(self, rt, state, *args, **kwargs):  # (the layer's work, then the right tokens)
         logits = real(self, rt, state, *args, **kwargs)
-        a = state.cache.offset - 1  # (its last row: token a's state with token a + 1)
+        a = state.offset - 1  # (its last row: token a's state with token a + 1)
         want = mx.array(text[a + 2 : a + 2 + logits.shape[0]])
         return (mx.arange(logits.shape[-1])[None] == want[:, None]).astype(logits.dtype) * 30
 
@@ -93,6 +100,11 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
         times = sorted(times[1:])
         return times[len(times) // 2]
 
+    def chain(n):  # (a hybrid's drafter drafts chains of n; elsewhere, a tree of one path)
+        if has_recurrent_layers(model):
+            return dict(num_draft_tokens=n)
+        return dict(tree_top_k=1, tree_depth=n, max_tree_nodes=n + 1)
+
     p = mx.array(prompt)
     plain, _ = per_token(lambda: generate_step(p, model, max_tokens=max_tokens))
     rows = {}
@@ -104,7 +116,7 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
         for n in CHAINS:
             drafted.clear()
             ms, tau = per_token(
-                lambda: spec_generate_step(p, model, max_tokens=max_tokens, num_draft_tokens=n)
+                lambda: spec_generate_step(p, model, max_tokens=max_tokens, **chain(n))
             )
             drafted.sort()
             rows[n] = dict(ms=ms * 1e3, r=ms / plain, tau=tau,
@@ -112,7 +124,7 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
         MTPDrafter.draft = right
         for n in CHAINS:
             ms, tau = per_token(
-                lambda: spec_generate_step(p, model, max_tokens=max_tokens, num_draft_tokens=n)
+                lambda: spec_generate_step(p, model, max_tokens=max_tokens, **chain(n))
             )
             rows[n].update(right_ms=ms * 1e3, right_speedup=plain / ms, right_tau=tau)
     finally:
@@ -127,10 +139,11 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--layers", default="1", help="MTP layers drafting, e.g. 1,3")
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args()
     info = machine_info(**vars(args))
-    lines = [heading("A checkpoint's MTP layer drafting chains on a hybrid: the step's cost", info)]
+    lines = [heading("A checkpoint's MTP layers drafting chains: the step's cost", info)]
     lines.append(f"\nCommand: `{info['command']}`\n")
     lines.append(
         "r(n): our ms per token with chains of n (every draft rejected: one token a step) / "
@@ -140,25 +153,28 @@ def main():
         "runs), every chain accepted whole: the most a chain of n gives here.\n"
     )
     data = {}
-    for shape in args.models.split(","):
-        for dtype in args.dtypes.split(","):
-            model = random_model(shape, dtype, streams=False)
-            with_random_mtp(model, dtype)
-            vocab = model.args.vocab_size
-            prompt = [(31 * i + 7) % vocab for i in range(args.prompt_tokens)]
-            res = measure(model, prompt, args.max_tokens, args.runs)
-            data[f"{shape}-{dtype}"] = res
-            lines.append(f"\n### {shape}, {dtype}: mlx-lm {res['plain_ms']:.2f} ms/token\n")
-            lines.append("| chain of n | ours ms/token | r(n) | draft ms a step | tau | every "
-                         "draft right: ms/token | tau | vs mlx-lm |")  # fmt: skip
-            lines.append("|---|---|---|---|---|---|---|---|")
-            for n, row in res["rows"].items():
-                best = ("| | | " if not n else f"| {row['right_ms']:.2f} | {row['right_tau']:.2f} | "
-                        f"{row['right_speedup']:.2f}x |")  # fmt: skip
-                lines.append(f"| {n} | {row['ms']:.2f} | {row['r']:.2f} | {row['draft_ms']:.2f} "
-                             f"| {row['tau']:.2f} {best}")  # fmt: skip
-            print("\n".join(lines[-(len(res["rows"]) + 3) :]), flush=True)
-            del model
+    runs = [(shape, dtype, int(k)) for shape in args.models.split(",")
+            for dtype in args.dtypes.split(",") for k in args.layers.split(",")]  # fmt: skip
+    for shape, dtype, layers in runs:
+        model = random_model(shape, dtype, streams=False)
+        with_random_mtp(model, dtype, layers=layers)
+        vocab = model.args.vocab_size
+        prompt = [(31 * i + 7) % vocab for i in range(args.prompt_tokens)]
+        res = measure(model, prompt, args.max_tokens, args.runs)
+        name = f"{shape}-{dtype}" + (f"-{layers}layers" if layers > 1 else "")
+        data[name] = res
+        lines.append(f"\n### {shape}, {dtype}, {layers} MTP layer(s): mlx-lm "
+                     f"{res['plain_ms']:.2f} ms/token\n")  # fmt: skip
+        lines.append("| chain of n | ours ms/token | r(n) | draft ms a step | tau | every "
+                     "draft right: ms/token | tau | vs mlx-lm |")  # fmt: skip
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for n, row in res["rows"].items():
+            best = ("| | | " if not n else f"| {row['right_ms']:.2f} | {row['right_tau']:.2f} | "
+                    f"{row['right_speedup']:.2f}x |")  # fmt: skip
+            lines.append(f"| {n} | {row['ms']:.2f} | {row['r']:.2f} | {row['draft_ms']:.2f} "
+                         f"| {row['tau']:.2f} {best}")  # fmt: skip
+        print("\n".join(lines[-(len(res["rows"]) + 3) :]), flush=True)
+        del model
     path = write_results("mtp_step", args.tag, "\n".join(lines) + "\n", dict(info=info, **data))
     print(f"wrote {path}")
 
