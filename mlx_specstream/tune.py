@@ -73,8 +73,9 @@ def tokens_per_second(
         rt.split_streams = stream_pass == "split"
     if stream_logits_in_pass is not None:
         rt.stream_logits_in_pass = stream_logits_in_pass
-    layers = None if num_mtp_layers is None else rt.drafter.num_layers
+    layers = None
     if num_mtp_layers is not None:
+        layers = rt.drafter.num_layers
         rt.drafter.use_layers(num_mtp_layers)
     tps, taus = [], []
     try:
@@ -215,12 +216,13 @@ def tune(
         if held > 1:
             tree["num_mtp_layers"] = held
         trials.run(tree)
-    # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees that read
-    # more than one (a tree of d levels runs the first d only).
-    deep = [t for t in trials.fastest(len(trials.results)) if t["tree_depth"] > 1]
-    for tree in deep[:3] if held > 1 else []:
-        for n in range(1, min(held, tree["tree_depth"])):
-            trials.run(dict(tree, num_mtp_layers=n))
+    if held > 1:
+        # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees that
+        # read more than one (a tree of d levels runs the first d only).
+        deep = [t for t in trials.fastest(len(trials.results)) if t["tree_depth"] > 1]
+        for tree in deep[:3]:
+            for n in range(1, min(held, tree["tree_depth"])):
+                trials.run(dict(tree, num_mtp_layers=n))
     if lossless_streams:
         # The stream pass: streams of every node inside the verify pass, or a
         # second pass for the accepted node's only; measured on the best shapes.
