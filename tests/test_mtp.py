@@ -1098,6 +1098,14 @@ def test_fewer_of_a_checkpoint_s_layers_draft_as_the_first_ones_alone(n, tmp_pat
     assert text[5:] == want
 
 
+def _saved_directory(ckpt, out) -> nn.Module:
+    """``load(ckpt)`` (every MTP layer it has) written by ``save`` as a model directory
+    ``out``; returns the loaded model."""
+    model, tok, config = load(str(ckpt), return_config=True)
+    save(out, model, tok, config=config)
+    return model
+
+
 def test_a_directory_holding_three_layers_drafts_with_fewer_and_saves_all(tmp_path, monkeypatch):
     """A model directory saved with three MTP layers, loaded with ``num_mtp_layers=2``:
     it holds the three and drafts with the first two (levels equal theirs from scratch);
@@ -1105,8 +1113,7 @@ def test_a_directory_holding_three_layers_drafts_with_fewer_and_saves_all(tmp_pa
     ``save`` writes all three again, with the count the directory holds."""
     ref = write_checkpoint(tmp_path / "ckpt", "mimo_v2_flash", seed=3, depths=3)
     plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
-    full, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
-    save(tmp_path / "dir", full, tok, config=config)
+    full = _saved_directory(tmp_path / "ckpt", tmp_path / "dir")
     model, tok, config = load(str(tmp_path / "dir"), num_mtp_layers=2, return_config=True)
     drafter = model.speculative_streams.drafter
     assert len(drafter.held_depths) == 3 and drafter.num_layers == 2
@@ -1139,8 +1146,7 @@ def test_a_tuned_count_of_layers_applies_on_its_device_only(tmp_path, monkeypatc
     from mlx_specstream.tune import save_choice
 
     write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
-    full, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
-    save(tmp_path / "dir", full, tok, config=config)
+    _saved_directory(tmp_path / "ckpt", tmp_path / "dir")
     tree = dict(tree_depth=3, tree_top_k=1, max_tree_nodes=4, num_mtp_layers=1)
     entry = save_choice(tmp_path / "dir", tree)
     assert entry == dict(tree_depth=3, top_k=1, max_tree_nodes=4, num_mtp_layers=1)
@@ -1176,8 +1182,7 @@ def test_a_count_of_layers_that_cannot_draft_gets_a_clear_error(tmp_path):
         load(str(tmp_path / "two"), num_mtp_layers=3)
     with pytest.raises(ValueError, match=r"num_mtp_layers=0: .*give 1 to 2"):
         load(str(tmp_path / "two"), num_mtp_layers=0)
-    model, tok, config = load(str(tmp_path / "two"), return_config=True)
-    save(tmp_path / "dir", model, tok, config=config)
+    _saved_directory(tmp_path / "two", tmp_path / "dir")
     with pytest.raises(ValueError, match=r"num_mtp_layers=3: this drafter holds 2 MTP layer"):
         load(str(tmp_path / "dir"), num_mtp_layers=3)
     with pytest.raises(ValueError, match="num_mtp_layers=2: the model drafts with its "
@@ -1206,8 +1211,7 @@ def test_the_tuner_tries_fewer_layers_on_its_fastest_trees_and_stores_the_count(
 
     tune = importlib.import_module("mlx_specstream.tune")
     write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
-    full, tok, config = load(str(tmp_path / "ckpt"), return_config=True)
-    save(tmp_path / "dir", full, tok, config=config)
+    _saved_directory(tmp_path / "ckpt", tmp_path / "dir")
     (tmp_path / "dir" / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
     tried = []
 
