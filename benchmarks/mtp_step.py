@@ -4,10 +4,12 @@ against mlx-lm's plain decoding of the same weights.
 
     python benchmarks/mtp_step.py [--models qwen3_next-small,qwen3_next-0.6b] [--tag cpu]
     python benchmarks/mtp_step.py --models mimo-0.5b --layers 1,3 --tag cpu-mimo
+    python benchmarks/mtp_step.py --models mimo-0.5b --layers 3 --draft-vocab 0,32768
     MLX_ENABLE_TF32=0 python benchmarks/mtp_step.py --dtypes bf16,q4 --tag gpu
 
 ``--layers K`` gives the drafter K MTP layers, layer k drafting level k (attention models
-only; the hybrids' checkpoints keep one).
+only; the hybrids' checkpoints keep one). ``--draft-vocab K`` makes their head rank K
+tokens only (:mod:`mlx_specstream.draft_vocab`).
 
 Random weights of the shape, a random MTP layer in Qwen3-Next's layout (one attention
 layer, the base's head): its drafts are all rejected, so each step yields one token
@@ -33,10 +35,12 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.generate import generate_step
 
 from mlx_specstream.config import DrafterConfig
 from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.draft_vocab import use_draft_vocab
 from mlx_specstream.mtp import MTPDrafter
 from mlx_specstream.recurrent import has_recurrent_layers
 from mlx_specstream.streams import StreamRuntime
@@ -140,6 +144,11 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layers", default="1", help="MTP layers drafting, e.g. 1,3")
+    ap.add_argument(
+        "--draft-vocab",
+        default="0",
+        help="draft vocabulary sizes, e.g. 0,32768 (0: every token; else a random set)",
+    )
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args()
     info = machine_info(**vars(args))
@@ -153,17 +162,22 @@ def main():
         "runs), every chain accepted whole: the most a chain of n gives here.\n"
     )
     data = {}
-    runs = [(shape, dtype, int(k)) for shape in args.models.split(",")
-            for dtype in args.dtypes.split(",") for k in args.layers.split(",")]  # fmt: skip
-    for shape, dtype, layers in runs:
+    runs = [(shape, dtype, int(k), int(v)) for shape in args.models.split(",")
+            for dtype in args.dtypes.split(",") for k in args.layers.split(",")
+            for v in args.draft_vocab.split(",")]  # fmt: skip
+    for shape, dtype, layers, size in runs:
         model = random_model(shape, dtype, streams=False)
         with_random_mtp(model, dtype, layers=layers)
         vocab = model.args.vocab_size
+        if size:  # (which tokens does not change the cost: a seeded random set)
+            use_draft_vocab(model, np.random.default_rng(0).choice(vocab, size, replace=False))
         prompt = [(31 * i + 7) % vocab for i in range(args.prompt_tokens)]
         res = measure(model, prompt, args.max_tokens, args.runs)
-        name = f"{shape}-{dtype}" + (f"-{layers}layers" if layers > 1 else "")
+        name = (f"{shape}-{dtype}" + (f"-{layers}layers" if layers > 1 else "")
+                + (f"-vocab{size}" if size else ""))  # fmt: skip
         data[name] = res
-        lines.append(f"\n### {shape}, {dtype}, {layers} MTP layer(s): mlx-lm "
+        ranks = f", drafts rank {size} of {vocab} tokens" if size else ""
+        lines.append(f"\n### {shape}, {dtype}, {layers} MTP layer(s){ranks}: mlx-lm "
                      f"{res['plain_ms']:.2f} ms/token\n")  # fmt: skip
         lines.append("| chain of n | ours ms/token | r(n) | draft ms a step | tau | every "
                      "draft right: ms/token | tau | vs mlx-lm |")  # fmt: skip

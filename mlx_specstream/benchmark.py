@@ -33,7 +33,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cli_args import add_num_mtp_layers_arg
+from .cli_args import add_draft_vocab_arg, add_num_mtp_layers_arg
 from .config import SpecStreamConfig
 from .generate import stream_generate
 from .recurrent import has_recurrent_layers
@@ -208,6 +208,7 @@ def setup_arg_parser():
     p = argparse.ArgumentParser(description="Benchmark Speculative Streaming against mlx-lm.")
     p.add_argument("--model", default=None, help="Model directory (default: the embedded model)")
     add_num_mtp_layers_arg(p)
+    add_draft_vocab_arg(p)
     p.add_argument(
         "--draft-model", default=None, help="mlx-lm draft model (default: the embedded draft)"
     )
@@ -253,7 +254,9 @@ def main(argv=None):
     else:
         model_dir, draft_dir = resolve_model_path(args.model), args.draft_model
     dtype = DTYPES[args.dtype]
-    model, tokenizer = load(str(model_dir), num_mtp_layers=args.num_mtp_layers)
+    model, tokenizer = load(
+        str(model_dir), num_mtp_layers=args.num_mtp_layers, draft_vocab=args.draft_vocab
+    )
     model.set_dtype(dtype)
     plain, _ = mlx_lm.load(str(model_dir))
     plain.set_dtype(dtype)

@@ -12,8 +12,8 @@ DEFAULT_XTC_THRESHOLD = 0.1
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--adapter-path``, ``--drafter``, ``--num-mtp-layers`` and
-    ``--trust-remote-code``."""
+    """``--model``, ``--adapter-path``, ``--drafter``, ``--num-mtp-layers``,
+    ``--draft-vocab`` and ``--trust-remote-code``."""
     parser.add_argument(
         "--model",
         type=str,
@@ -33,6 +33,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "model's own; it must have been trained on the same base. Default: the model's own.",
     )
     add_num_mtp_layers_arg(parser)
+    add_draft_vocab_arg(parser)
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="Enable trusting remote code for tokenizer"
     )
@@ -47,6 +48,23 @@ def add_num_mtp_layers_arg(parser: argparse.ArgumentParser) -> None:
         help="Where the drafter is a checkpoint's MTP layers, how many of them draft (the "
         "first ones). Default: every layer it has (at most 3), or the model's tuned count.",
     )
+
+
+def add_draft_vocab_arg(parser: argparse.ArgumentParser) -> None:
+    """``--draft-vocab FILE|none``: the tokens a drafter's head ranks."""
+    parser.add_argument(
+        "--draft-vocab",
+        type=draft_vocab_value,
+        default=None,
+        help="A draft vocabulary (python -m mlx_specstream.draft_vocab): the drafter ranks "
+        "only its tokens, which costs less on a large vocabulary and stays lossless; 'none': "
+        "every token. Default: the drafter directory's draft_vocab.safetensors, if any.",
+    )
+
+
+def draft_vocab_value(value: str):
+    """``--draft-vocab``'s value as :func:`mlx_specstream.load` takes it."""
+    return False if value.lower() == "none" else value
 
 
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
@@ -155,6 +173,7 @@ def load_model(args, tokenizer_config: Optional[Dict[str, Any]] = None):
         adapter_path=args.adapter_path,
         drafter=args.drafter,
         num_mtp_layers=args.num_mtp_layers,
+        draft_vocab=args.draft_vocab,
         allow_plain=args.draft == "ngram" or getattr(args, "draft_model", None) is not None,
     )
 

@@ -438,7 +438,7 @@ class Decoder:
         if out.stream_logits is not None:  # computed by the pass's own head
             slog = mx.take(out.stream_logits, node, axis=0)
         elif self.all_streams:
-            slog = self.rt.head(mx.take(out.stream_hidden, node, axis=0)[None])[0]
+            slog = self.rt.head(mx.take(out.stream_hidden, node, axis=0)[None], draft=True)[0]
         else:
             slog = self.rt.draft_streams(node, self.cache)
         return slog

@@ -73,11 +73,11 @@ class MedusaHeads(nn.Module):
         """The same from node ``node`` (a device index): no host read."""
         h = mx.take(hidden, node.reshape(1), axis=0)
         states = mx.concatenate([head(h) for head in self.heads], axis=0)
-        return rt.head(states[None])[0]
+        return rt.head(states[None], draft=True)[0]
 
     def draft_at_every(self, rt, hidden: mx.array) -> mx.array:
         """``(R, k, V)`` logits of the draft levels from each of the ``R`` nodes."""
-        return rt.head(mx.stack([head(hidden) for head in self.heads], axis=1))
+        return rt.head(mx.stack([head(hidden) for head in self.heads], axis=1), draft=True)
 
 
 class ParallelSpecDrafter(nn.Module):
@@ -109,7 +109,7 @@ class ParallelSpecDrafter(nn.Module):
         out = run_layer(self.layer, x, state.cache, scale=self._scale)
         state.cache.trim(self.masks.shape[0])  # [MASK] K/V never stay
         k = self.masks.shape[0] + 1
-        return rt.head(out[:, -k:])[0]
+        return rt.head(out[:, -k:], draft=True)[0]
 
 
 def new_rows(state: "DrafterState", hidden: mx.array, path: List[int], path_tokens, token):

@@ -390,9 +390,20 @@ class MTPDepth(nn.Module):
         out = run_layer(self.layer, x, cache, self._window, self._scale)
         return out if hidden.ndim == 3 else out[0]
 
-    def logits(self, model, out: mx.array) -> mx.array:
-        head = self.head if "head" in self else _lm_head(model)
-        return head(self.final_norm(out))
+    def logits(self, model, out: mx.array, vocab=None) -> mx.array:
+        """The layer's logits over ``out``: its final norm, then its own head or the
+        base's; only ``vocab``'s tokens where a draft vocabulary is given (``-inf``
+        elsewhere: :class:`~mlx_specstream.draft_vocab.DraftVocab`)."""
+        if vocab is None:
+            head = self.head if "head" in self else _lm_head(model)
+            return head(self.final_norm(out))
+        if "head" in self:
+            head = vocab.restrict(self.head)
+        else:
+            tied = "lm_head" not in _text_model(model)
+            head = vocab.restrict(_head_module(model))
+            head = head.as_linear if tied else head
+        return vocab.widen(head(self.final_norm(out)))
 
     def passed_on(self, out: mx.array) -> mx.array:
         """What the next run reads of this layer's output ``o``: ``final_norm(o)`` or ``o``."""
@@ -502,7 +513,7 @@ class MTPDrafter(MTPDepth):
             return self._draft_depths(rt, state, feats, nxt, levels)
         emb = self._from_position_0(rt.embed(mx.array(nxt)), state.cache)
         out = self.step(feats, emb, state.cache)[-1:]
-        logits = [self.logits(rt.model, out)]
+        logits = [self.logits(rt.model, out, rt.draft_vocab)]
         self._recurse(rt, logits, out, state.cache, levels - 1)
         state.cache.trim(levels - 1)  # the recursion's rows never stay
         return mx.concatenate(logits, axis=0)
@@ -521,7 +532,7 @@ class MTPDrafter(MTPDepth):
         for _ in range(n):
             nxt = mx.argmax(logits[-1], axis=-1)
             out = last.step(last.passed_on(out), rt.embed(nxt), cache)
-            logits.append(last.logits(rt.model, out))
+            logits.append(last.logits(rt.model, out, rt.draft_vocab))
 
     def _draft_depths(self, rt, state: "DepthsState", feats, nxt, levels) -> mx.array:
         """Layers ``1..K`` over the rows of positions ``[P, N)``: the held ones and the
@@ -546,7 +557,7 @@ class MTPDrafter(MTPDepth):
             e = mx.concatenate([emb] + drafted, axis=0)[k : k + rows]
             out = depth.step(h[:rows], self._from_position_0(e, cache), cache)
             if k < levels:
-                logits.append(depth.logits(rt.model, out[-1:]))
+                logits.append(depth.logits(rt.model, out[-1:], rt.draft_vocab))
                 drafted.append(rt.embed(mx.argmax(logits[-1], axis=-1)))
             if k == len(depths) - 1 and levels > len(depths):
                 self._recurse(rt, logits, out[-1:], cache, levels - len(depths))

@@ -1020,7 +1020,7 @@ class StreamDrafts:
         if s.stream_logits is not None:  # (the fused pass: every row's streams)
             logits = s.stream_logits[row]
         elif s.stream_hidden is not None:  # (the fused pass, the head after it)
-            logits = self.rt.head(s.stream_hidden[row][None])[0]
+            logits = self.rt.head(s.stream_hidden[row][None], draft=True)[0]
         else:
             logits = self.rt.draft_streams(mx.array(row, dtype=mx.int32), s.cache)
             s.cut_stream_rows(self.rt.config.num_streams)

@@ -316,6 +316,7 @@ class StreamRuntime:
         self.config = config
         self.streams = streams
         self.drafter = drafter
+        self.draft_vocab = None  # the tokens drafts rank (mlx_specstream.draft_vocab): all
         self._prefill_hidden: List[mx.array] = []
         self.num_layers = len(model.layers)
         self.first_top = self.num_layers - config.num_stream_layers
@@ -907,19 +908,31 @@ class StreamRuntime:
         return None if self._lower_plain else self._lower_pos
 
     # ---- the model's own tail (final norm, head, soft-capping, ...) ---------
-    def head(self, h: mx.array) -> mx.array:
+    def head(self, h: mx.array, draft: bool = False) -> mx.array:
         """Applies the model's final norm and LM head to hidden states ``(B, L, D)``.
 
         Runs the model with every layer replaced by the identity and the
         hidden states injected at layer 0, so each architecture's own
-        norm, head, tied embeddings and logit soft-capping are used.
+        norm, head, tied embeddings and logit soft-capping are used. With
+        ``draft`` (drafting rows), the head ranks only the draft vocabulary's
+        tokens, if one is set (:mod:`mlx_specstream.draft_vocab`).
         """
         saved = self.state, getattr(self, "_tail_input", None)
         self.state, self._tail_input = "tail", h
         try:
-            return self.model(mx.zeros(h.shape[:2], dtype=mx.int32))
+            return self._drafting(lambda: self.model(mx.zeros(h.shape[:2], dtype=mx.int32)), draft)
         finally:
             self.state, self._tail_input = saved
+
+    def _drafting(self, run, draft: bool = True) -> mx.array:
+        """``run()``'s logits, its head restricted to the draft vocabulary where
+        ``draft`` and one is set (``(..., V)``, ``-inf`` outside it)."""
+        vocab = self.draft_vocab if draft else None
+        if vocab is None:
+            return run()
+        with vocab.in_model(self.model):
+            logits = run()
+        return vocab.checked(logits, self.model)
 
     # ---- one step --------------------------------------------------------------
     def forward(
@@ -1010,6 +1023,8 @@ class StreamRuntime:
             hidden = self._stream_hidden[0].reshape(R, g, -1)
         if self._head_on_streams:  # rows [main R | streams R * g], node-major
             logits, slogits = logits[:R], logits[R:].reshape(R, g, -1)
+            if self.draft_vocab is not None:  # (one head product with the main rows)
+                slogits = self.draft_vocab.mask(slogits)
         return StepOutput(
             logits=logits,
             stream_hidden=hidden,
@@ -1147,7 +1162,7 @@ class StreamRuntime:
         self._main_rows = 0
         node = mx.take(mx.array(self._kept, dtype=mx.int32), last[None])  # (in the tree)
         self._set_upper_rows(mx.repeat(node, g), self._layout.ancestors_mx)
-        return self._run("streams", mx.zeros((1, g), dtype=mx.int32), cache)[0]
+        return self._drafting(lambda: self._run("streams", mx.zeros((1, g), dtype=mx.int32), cache))[0]
 
     # ---- rows of a batch (mlx_specstream.batch) --------------------------------
     def rows_pass(self, tokens: mx.array, cache, streams: bool = False) -> mx.array:
@@ -1227,7 +1242,9 @@ class StreamRuntime:
         h = self._stream_hidden
         B, g = h.shape[0], self.config.num_streams
         h = h.reshape(B, -1, g, h.shape[-1])
-        return self.head(mx.take_along_axis(h, nodes[:, None, None, None], axis=1)[:, 0])
+        return self.head(
+            mx.take_along_axis(h, nodes[:, None, None, None], axis=1)[:, 0], draft=True
+        )
 
     def rows_streams(self, nodes: mx.array, cache) -> mx.array:
         """Logits ``(B, gamma, V)`` of the streams of each row's token ``nodes[b]``
@@ -1260,7 +1277,7 @@ class StreamRuntime:
         self._stream_pos = (ends[:, None] + self._stream_positions(depth)[None, 1:]).reshape(-1)
         self._positions_end = upper.size() + g
         self._main_rows = 0
-        return self._run("streams", mx.zeros((B, g), dtype=mx.int32), cache)
+        return self._drafting(lambda: self._run("streams", mx.zeros((B, g), dtype=mx.int32), cache))
 
     # Arrays of the last pass: dropped by :meth:`release` when a generation ends.
     _STEP_ARRAYS = (

@@ -11,6 +11,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecStreamConfig
+from .draft_vocab import FILE as DRAFT_VOCAB_FILE
+from .draft_vocab import drafts_by_head, save_draft_vocab, use_draft_vocab
 from .drafters import attach_drafter
 from .mtp import (
     attach_mtp,
@@ -29,6 +31,7 @@ ALLOW_PATTERNS = [
     "model*.safetensors",
     STREAMS_FILE,
     DRAFTER_FILE,
+    DRAFT_VOCAB_FILE,
     "tokenizer.model",
     "*.tiktoken",
     "*.txt",
@@ -153,6 +156,7 @@ def load(
     drafter: Optional[str] = None,
     allow_plain: bool = False,
     num_mtp_layers: Optional[int] = None,
+    draft_vocab: Union[None, bool, str, Path] = None,
 ) -> Union[Tuple[nn.Module, Any], Tuple[nn.Module, Any, Dict[str, Any]]]:
     """Loads a model with speculative streams (or another drafter) and its tokenizer.
 
@@ -185,6 +189,11 @@ def load(
           layers, how many of them draft (the first ones; from a checkpoint only
           those are read). Default: every layer the checkpoint has (at most 3), or
           as the model directory's config says (or its tuning for this device).
+        draft_vocab (str or bool, optional): a draft vocabulary file
+          (``python -m mlx_specstream.draft_vocab``): the drafter's head ranks only
+          its tokens, which costs less a level on a large vocabulary and stays
+          lossless. Default (``None``): the drafter directory's own
+          ``draft_vocab.safetensors``, if it has one. ``False``: every token.
 
     Returns:
         tuple: ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
@@ -200,13 +209,16 @@ def load(
     if path_or_hf_repo is None:
         from .default_model import load_default
 
-        loaded = load_default(drafter, return_config=return_config, **mlx_lm_args)
+        loaded = load_default(
+            drafter, return_config=return_config, draft_vocab=draft_vocab, **mlx_lm_args
+        )
         if num_mtp_layers is not None:
             use_mtp_layers(loaded[0], num_mtp_layers)
         return loaded
     from mlx_lm.utils import load as mlx_lm_load
 
     def finish(model, tokenizer, config):
+        _use_draft_vocab(model, source, draft_vocab)
         return (model, tokenizer, config) if return_config else (model, tokenizer)
 
     model_path = resolve_model_path(path_or_hf_repo, revision)
@@ -243,6 +255,22 @@ def load(
     if num_mtp_layers is not None:
         use_mtp_layers(model, num_mtp_layers)
     return finish(model, tokenizer, config)
+
+
+def _use_draft_vocab(model, source, draft_vocab) -> None:
+    """Sets the draft vocabulary ``load`` was given, or the drafter directory's own."""
+    if draft_vocab is False:
+        return
+    own = Path(source) / DRAFT_VOCAB_FILE
+    if draft_vocab is None and not own.is_file():
+        return
+    if getattr(model, "speculative_streams", None) is None or not drafts_by_head(model):
+        raise ValueError(
+            f"draft_vocab={str(draft_vocab or own)!r}: this model has no drafter whose head "
+            "ranks tokens (no streams, MTP layers, Medusa heads or ParallelSpec): "
+            "a draft vocabulary applies to those."
+        )
+    use_draft_vocab(model, own if draft_vocab is None else draft_vocab)
 
 
 def _check_drafter_base(model_path: Path, source: Path) -> None:
@@ -283,7 +311,8 @@ def save(
     """Writes a complete model directory that :func:`load` reads back.
 
     The directory is an ordinary mlx-lm model (``mlx_lm.load`` loads the base
-    model from it) plus the stream file and config section. It is written to
+    model from it) plus the stream file and config section, and the draft
+    vocabulary the drafter ranks, if one is set. It is written to
     a temporary directory first and moved into place, and an existing
     ``path`` is never overwritten.
 
@@ -312,6 +341,8 @@ def save(
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         save_streams(tmp, model)
+        if runtime.draft_vocab is not None:  # (load reads it back from the directory)
+            save_draft_vocab(tmp / DRAFT_VOCAB_FILE, runtime.draft_vocab.ids, {"format": "mlx"})
         tokenizer.save_pretrained(str(tmp))
         for f in extra_files:
             shutil.copy(f, tmp)
