@@ -77,6 +77,7 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
 
     def right(self, rt, state, *args, **kwargs):  # (the layer's work, then the right tokens)
         logits = real(self, rt, state, *args, **kwargs)
+        mx.eval(logits)  # (else nothing reads the last level's head: never computed)
         a = state.offset - 1  # (its last row: token a's state with token a + 1)
         want = mx.array(text[a + 2 : a + 2 + logits.shape[0]])
         return (mx.arange(logits.shape[-1])[None] == want[:, None]).astype(logits.dtype) * 30

@@ -175,8 +175,13 @@ class SpecStreamConfig(_Section):
           ``python -m mlx_specstream.tune --save`` measured fastest on that
           device (``tree_depth``, ``top_k``, ``max_tree_nodes``,
           ``prune_threshold``, ``stream_pass``, ``draft``, ``pipeline``,
-          ``stream_logits_in_pass``, ``batch``), applied there only. Default:
-          ``None``.
+          ``stream_logits_in_pass``, ``batch``, ``draft_vocab``), applied there
+          only. Default: ``None``.
+        draft_vocab (bool, optional): ``false``: the streams rank every token,
+          though the directory has a draft vocabulary (``draft_vocab.safetensors``,
+          :mod:`mlx_specstream.draft_vocab`). ``python -m mlx_specstream.tune``
+          stores it where every token measured faster. Default: ``None``, the
+          draft vocabulary where the directory has one.
     """
 
     SECTION = CONFIG_KEY
@@ -187,6 +192,7 @@ class SpecStreamConfig(_Section):
         "pipeline",
         "stream_logits_in_pass",
         "batch",
+        "draft_vocab",
     )
 
     num_streams: int = 3
@@ -208,6 +214,7 @@ class SpecStreamConfig(_Section):
     stream_logits_in_pass: Optional[bool] = None
     batch: Optional[dict] = None
     tuned: Optional[Dict[str, dict]] = None
+    draft_vocab: Optional[bool] = None
 
     def __post_init__(self):
         def require(ok, name, why):
@@ -274,7 +281,7 @@ class SpecStreamConfig(_Section):
         require(
             self.draft is None or self.draft in DRAFTS, "draft", f"must be null or one of {DRAFTS}"
         )
-        for name in ("pipeline", "stream_logits_in_pass"):
+        for name in ("pipeline", "stream_logits_in_pass", "draft_vocab"):
             require(getattr(self, name) in (None, True, False), name, "must be null, true or false")
         require(self.batch is None or not batch_choice_fault(self.batch, self.num_streams),
                 "batch", str(batch_choice_fault(self.batch, self.num_streams)))  # fmt: skip
@@ -348,10 +355,11 @@ class DrafterConfig(_Section):
           ``"streams+ngram"`` (lookup merged into the drafter's tree).
           ``python -m mlx_specstream.tune`` stores the fastest. Default: ``None``,
           the drafter's tree.
+        draft_vocab (bool, optional): as in :class:`SpecStreamConfig`.
     """
 
     SECTION = DRAFTER_KEY
-    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers", "draft")
+    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers", "draft", "draft_vocab")
 
     kind: str = "medusa"
     num_draft_tokens: int = 3
@@ -361,6 +369,7 @@ class DrafterConfig(_Section):
     tuned: Optional[Dict[str, dict]] = None
     num_mtp_layers: int = 1
     draft: Optional[str] = None
+    draft_vocab: Optional[bool] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -411,6 +420,9 @@ class DrafterConfig(_Section):
         )
         require(
             self.draft is None or self.draft in DRAFTS, "draft", f"must be null or one of {DRAFTS}"
+        )
+        require(
+            self.draft_vocab in (None, True, False), "draft_vocab", "must be null, true or false"
         )
         self._check_tuned()
 

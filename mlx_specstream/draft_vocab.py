@@ -310,34 +310,48 @@ def main(argv=None):
         draft_vocab=False,
     )
     rows = head_rows(model)
-    if not 0 < args.size < rows:
+    check_size(args.size, rows, "--size")
+    train, valid, _ = load_examples(args.data, tokenizer, WINDOW, 0)
+    ids, shares, text = vocab_of_examples(train, valid, tokenizer, rows, args.size)
+    if not shares["tokens_counted"]:
+        raise DataError(f"--data {' '.join(args.data)}: no token to count.")
+    save_draft_vocab(out, ids, {"vocab_size": rows, **shares})
+    print(text)
+    print(f"Wrote {out}. Use it: --draft-vocab {out} (or load(..., draft_vocab=...)).")
+
+
+def check_size(size: int, rows: int, flag: str) -> None:
+    """Refuses a draft vocabulary of ``size`` tokens for a head of ``rows``."""
+    if not 0 < size < rows:
         raise ValueError(
-            f"--size {args.size}: a draft vocabulary holds fewer tokens than the model's "
+            f"{flag} {size}: a draft vocabulary holds fewer tokens than the model's "
             f"{rows} (and at least 1)."
         )
-    train, valid, _ = load_examples(args.data, tokenizer, WINDOW, 0)
-    completions = [e["input_ids"][e["prompt_len"] :] for e in train]  # (what drafts predict)
-    counts = count_tokens(completions, rows)
-    if not counts.sum():
-        raise DataError(f"--data {' '.join(args.data)}: no token to count.")
-    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
-    ids = frequent_tokens(counts, args.size, keep=[t for t in eos if t is not None and t < rows])
-    shares = {"coverage": coverage(counts, ids)}
+
+
+def vocab_of_examples(train, valid, tokenizer, rows: int, size: int):
+    """The ``size`` tokens most frequent in the completions of ``train`` examples (what
+    drafts predict), the tokenizer's EOS among them; their coverage of ``train``'s and
+    ``valid``'s completions, and a line saying so.
+
+    Returns:
+        tuple: ``(ids, shares, text)``: ``shares`` has ``tokens_counted``,
+        ``coverage`` and, with ``valid``, ``held_out_coverage``.
+    """
+    counts = count_tokens([e["input_ids"][e["prompt_len"] :] for e in train], rows)
+    eos = getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id]
+    ids = frequent_tokens(counts, size, keep=[t for t in eos if t is not None and t < rows])
+    shares = {"tokens_counted": int(counts.sum()), "coverage": coverage(counts, ids)}
     if valid:
         held = count_tokens([e["input_ids"][e["prompt_len"] :] for e in valid], rows)
         shares["held_out_coverage"] = coverage(held, ids)
-    save_draft_vocab(
-        out,
-        ids,
-        {"vocab_size": rows, "tokens_counted": int(counts.sum()), **shares},
-    )
-    print(
+    text = (
         f"Counted {int(counts.sum()):,} tokens ({int((counts > 0).sum()):,} distinct of "
         f"{rows:,}); the {len(ids):,} kept cover {100 * shares['coverage']:.2f}% of them"
-        + (f", {100 * shares['held_out_coverage']:.2f}% of the held-out set's" if valid else "")
-        + "."
     )
-    print(f"Wrote {out}. Use it: --draft-vocab {out} (or load(..., draft_vocab=...)).")
+    if valid:
+        text += f", {100 * shares['held_out_coverage']:.2f}% of the held-out set's"
+    return ids, shares, text + "."
 
 
 if __name__ == "__main__":

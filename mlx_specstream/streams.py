@@ -1162,7 +1162,9 @@ class StreamRuntime:
         self._main_rows = 0
         node = mx.take(mx.array(self._kept, dtype=mx.int32), last[None])  # (in the tree)
         self._set_upper_rows(mx.repeat(node, g), self._layout.ancestors_mx)
-        return self._drafting(lambda: self._run("streams", mx.zeros((1, g), dtype=mx.int32), cache))[0]
+        return self._drafting(
+            lambda: self._run("streams", mx.zeros((1, g), dtype=mx.int32), cache)
+        )[0]
 
     # ---- rows of a batch (mlx_specstream.batch) --------------------------------
     def rows_pass(self, tokens: mx.array, cache, streams: bool = False) -> mx.array:

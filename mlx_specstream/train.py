@@ -48,6 +48,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import CONFIG_KEY, DRAFTER_KEY, SpecStreamConfig
+from .draft_vocab import check_size, head_rows, use_draft_vocab, vocab_of_examples
 from .recurrent import has_recurrent_layers
 from .streams import attach_streams, attending_top_layers, check_supported, get_runtime
 from .train_data import Example, load_examples, self_distill, subset
@@ -616,6 +617,13 @@ def setup_arg_parser():
         action="store_true",
         help="Continue the training checkpointed in --out (starts afresh if --out does not exist)",
     )
+    p.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=None,
+        help="Also write a draft vocabulary: the streams then rank only this many tokens, "
+        "the most frequent in the (self-distilled) training completions (default: every token)",
+    )
     p.add_argument("--no-tune", action="store_true", help="Do not tune the draft tree at the end")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -786,6 +794,8 @@ def main(argv=None):
         stream_lora_alpha=args.stream_lora_alpha,
         stream_lora_targets=args.stream_lora_targets,
     )
+    if args.draft_vocab_size is not None:  # (refused before anything is trained)
+        check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
     attach_for_training(model, spec, args.seed, source=f"--model {model_path}")
     train, valid = prepare_data(args, model, tokenizer)
     training = out / TRAINING_DIR
@@ -815,6 +825,11 @@ def main(argv=None):
     if valid:
         val_loss, acc = evaluate(StreamLoss(model, args.stream_loss_weight), valid)
         print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
+    if args.draft_vocab_size is not None:  # (written with the model: save writes it)
+        ids, _, text = vocab_of_examples(train, valid, tokenizer, head_rows(model),
+                                         args.draft_vocab_size)  # fmt: skip
+        use_draft_vocab(model, ids)
+        print(f"[INFO] draft vocabulary: {text}")
     prompts = prompt_ids(valid or train, 3)
     write_model(
         out, model, tokenizer, base_config(model_path), [tokenizer.decode(p) for p in prompts]

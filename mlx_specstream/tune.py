@@ -60,11 +60,13 @@ def tokens_per_second(
     stream_pass=None,
     stream_logits_in_pass=None,
     num_mtp_layers=None,
+    draft_vocab=None,
     **tree,
 ):
     """Median over prompts of greedy generation tokens/s, and the mean tau.
     ``stream_pass`` (``"fused"``/``"split"``, lossless streams only),
-    ``stream_logits_in_pass`` and ``num_mtp_layers`` (the MTP layers that draft)
+    ``stream_logits_in_pass``, ``num_mtp_layers`` (the MTP layers that draft) and
+    ``draft_vocab=False`` (every token ranked, not the model's draft vocabulary)
     override the model's for this measurement."""
     # (a model with recurrent layers runs prompt lookup without a runtime)
     rt = get_runtime(model) if hasattr(model, "speculative_streams") else None
@@ -77,6 +79,9 @@ def tokens_per_second(
     if num_mtp_layers is not None:
         layers = rt.drafter.num_layers
         rt.drafter.use_layers(num_mtp_layers)
+    vocab = None if rt is None else rt.draft_vocab
+    if draft_vocab is False:
+        rt.draft_vocab = None
     tps, taus = [], []
     try:
         for prompt in prompts:
@@ -91,6 +96,8 @@ def tokens_per_second(
             rt.split_streams, rt.stream_logits_in_pass = saved
         if layers is not None:
             rt.drafter.use_layers(layers)
+        if rt is not None:
+            rt.draft_vocab = vocab
     return statistics.median(tps), statistics.mean(taus)
 
 
@@ -215,6 +222,8 @@ def tune(
             tree["stream_pass"] = "fused"
         if held > 1:
             tree["num_mtp_layers"] = held
+        if rt.draft_vocab is not None:
+            tree["draft_vocab"] = True
         trials.run(tree)
     if held > 1:
         # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees that
@@ -223,6 +232,11 @@ def tune(
         for tree in deep[:3]:
             for n in range(1, min(held, tree["tree_depth"])):
                 trials.run(dict(tree, num_mtp_layers=n))
+    if rt.draft_vocab is not None:
+        # Every token ranked instead of the draft vocabulary's (drafts more often right,
+        # each level dearer): on the fastest trees.
+        for tree in [t for t in trials.fastest(len(trials.results)) if t["tree_depth"]][:3]:
+            trials.run(dict(tree, draft_vocab=False))
     if lossless_streams:
         # The stream pass: streams of every node inside the verify pass, or a
         # second pass for the accepted node's only; measured on the best shapes.
@@ -492,6 +506,8 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
             entry["stream_logits_in_pass"] = choice.get("stream_logits_in_pass")
         elif "num_mtp_layers" in choice:  # (MTP layers: how many of those held draft)
             entry["num_mtp_layers"] = choice["num_mtp_layers"]
+        if "draft_vocab" in choice:  # (the model's draft vocabulary, or every token)
+            entry["draft_vocab"] = choice["draft_vocab"]
     if "batch" in choice:  # (tune_batch's, for batches)
         entry["batch"] = choice["batch"]
     device = device_key() if device is None else device
@@ -518,6 +534,9 @@ def choice_flags(choice: dict) -> str:
         '--tree-top-k 3 --tree-depth 2 --max-tree-nodes 8 --num-mtp-layers 1'
         >>> choice_flags({"draft": "ngram"})
         '--draft ngram'
+        >>> choice_flags({"tree_depth": 1, "tree_top_k": 4, "max_tree_nodes": 5,
+        ...               "draft_vocab": False})
+        '--tree-top-k 4 --tree-depth 1 --max-tree-nodes 5 --draft-vocab none'
         >>> choice_flags({"tree_depth": 0})
         '--no-speculation'
     """
@@ -531,6 +550,8 @@ def choice_flags(choice: dict) -> str:
                   "--max-tree-nodes", choice["max_tree_nodes"]]  # fmt: skip
     if "num_mtp_layers" in choice:
         flags += ["--num-mtp-layers", choice["num_mtp_layers"]]
+    if choice.get("draft_vocab") is False:
+        flags += ["--draft-vocab", "none"]
     return " ".join(str(f) for f in flags)
 
 

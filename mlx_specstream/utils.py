@@ -264,6 +264,9 @@ def _use_draft_vocab(model, source, draft_vocab) -> None:
     own = Path(source) / DRAFT_VOCAB_FILE
     if draft_vocab is None and not own.is_file():
         return
+    config = getattr(getattr(model, "speculative_streams", None), "config", None)
+    if draft_vocab is None and getattr(config, "draft_vocab", None) is False:
+        return  # (every token measured faster on this device, or the config says so)
     if getattr(model, "speculative_streams", None) is None or not drafts_by_head(model):
         raise ValueError(
             f"draft_vocab={str(draft_vocab or own)!r}: this model has no drafter whose head "

@@ -667,3 +667,29 @@ def assert_train_cli_decodes_losslessly(tmp_path, arch, config, extra=()):
         assert [r.token for r in got] == want
         passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
     assert passes < tokens  # drafts were accepted
+
+
+def test_cli_writes_a_draft_vocabulary_of_the_training_completions(base_dir, data_file, tmp_path,
+                                                                  capsys):  # fmt: skip
+    """``--draft-vocab-size 8``: the five tokens of the data and the EOS, then the lowest
+    ids uncounted; the directory loads with it and decodes as plain decoding. A size
+    that cuts nothing is refused before anything is written."""
+    import mlx_lm
+
+    out = tmp_path / "out"
+    train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
+                "--iters", "3", "--no-tune", "--draft-vocab-size", "8", *CLI_RECIPE])  # fmt: skip
+    assert "[INFO] draft vocabulary: Counted" in capsys.readouterr().out
+    ids = np.array(mx.load(str(out / "draft_vocab.safetensors"))["token_ids"]).tolist()
+    assert ids == sorted(CYCLE + [0, 1, V - 1])
+    model, tokenizer = load(str(out))
+    assert np.array(get_runtime(model).draft_vocab.ids).tolist() == ids
+    base, _ = mlx_lm.load(str(base_dir))
+    prompt = cycle_ids(random.Random(2), 4)
+    got = [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=12,
+                                            tree_depth=3, tree_top_k=2)]  # fmt: skip
+    assert got == plain_greedy(base, prompt, 12)[: len(got)]
+    with pytest.raises(ValueError, match=f"--draft-vocab-size {V}: a draft vocabulary holds"):
+        train_main(["--model", str(base_dir), "--data", str(data_file),
+                    "--out", str(tmp_path / "big"), "--draft-vocab-size", str(V)])  # fmt: skip
+    assert not (tmp_path / "big").exists()

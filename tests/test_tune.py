@@ -484,3 +484,55 @@ def test_the_flags_of_a_choice_not_stored_golden():
 
     results = doctest.testmod(tune)
     assert results.failed == 0 and results.attempted >= 3
+
+
+@pytest.mark.parametrize("every_token_faster", [True, False])
+def test_tune_times_every_token_against_the_draft_vocabulary_and_stores_it(
+    every_token_faster, tmp_path, monkeypatch
+):
+    """A model with a draft vocabulary: its trials keep it (``draft_vocab`` True), the
+    fastest trees are timed again ranking every token, and the faster way is stored for
+    this device; ``load`` there then takes the directory's file, or not (another
+    device: it does). Control: a model without one gets no such trials."""
+    import numpy as np
+
+    from mlx_specstream import load
+    from mlx_specstream.draft_vocab import FILE, use_draft_vocab
+    from mlx_specstream.utils import save
+
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
+    tokenizer = word_tokenizer(16, eos=15)
+    use_draft_vocab(model, list(range(10)))
+
+    def speed(tps, s):
+        if s.get("draft", "streams") != "streams" or not s.get("tree_depth"):
+            return 1.0
+        return 1e6 if (s.get("draft_vocab") is False) == every_token_faster else 1e5
+
+    measured = fake_speeds(monkeypatch, speed)
+    choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    every = [m for m in measured if m.get("draft_vocab") is False]
+    # (three trials; where every token wins, the later trials grow from them)
+    assert all(m["tree_depth"] for m in every)
+    assert len(every) == 3 if not every_token_faster else len(every) > 3
+    assert all(m.get("draft_vocab") in (True, False) for m in measured if m.get("tree_depth"))
+    assert choice["draft_vocab"] is (not every_token_faster)
+    assert model.speculative_streams.draft_vocab is not None  # (restored after each trial)
+
+    path = save(tmp_path / "m", model, tokenizer)
+    assert (path / FILE).exists()
+    tune.save_choice(path, choice)
+    assert saved_config(path).draft_vocab is (not every_token_faster)
+    loaded = load(str(path))[0].speculative_streams.draft_vocab
+    assert (loaded is None) == every_token_faster
+    monkeypatch.setattr("mlx_specstream.utils.device_key", lambda: "gpu:elsewhere")
+    assert load(str(path))[0].speculative_streams.draft_vocab is not None
+    assert load(str(path), draft_vocab=False)[0].speculative_streams.draft_vocab is None
+
+    plain = tiny_spec_model("llama", vocab_size=16, num_streams=2, top_k=2, prune_adapter_rank=0)
+    measured.clear()
+    tune.tune(plain, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    assert not any("draft_vocab" in m for m in measured)
+    assert np.array_equal(np.array(model.speculative_streams.draft_vocab.ids), np.arange(10))
+    with pytest.raises(ValueError, match="speculative_streaming.draft_vocab='yes'"):
+        SpecStreamConfig(draft_vocab="yes")
