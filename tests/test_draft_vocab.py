@@ -274,3 +274,45 @@ def test_the_generate_flag(tmp_path, capsys):
     generate_main(["--model", str(path), "--prompt", "t4 t8 t15", "--max-tokens", "8",
                    "--draft-vocab", str(vocab), "--tree-depth", "2"])  # fmt: skip
     assert "Generation: 8 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
+def test_a_batch_s_rows_draft_from_the_vocabulary_and_equal_each_prompt_alone(
+    stream_pass, monkeypatch
+):
+    """Rows of a batch drafting with streams: every stream logit they draft from is
+    ``-inf`` outside the vocabulary, and each row's tokens equal its prompt decoded
+    alone. Control: without one, the rows' stream logits are finite everywhere."""
+    from mlx_specstream.batch import batch_generate_step
+
+    prompts, limits = [[3, 4, 5, 3, 4], [7, 8, 9, 10, 11, 7, 8], [2]], [20, 24, 16]
+    model = tiny_spec_model("llama", vocab_size=V, num_streams=3, num_stream_layers=2,
+                            stream_lora_rank=4)  # fmt: skip
+    want = [plain_greedy(model, p, n) for p, n in zip(prompts, limits)]
+    seen = []
+    for name in ("fused_streams", "rows_streams"):
+        real = getattr(StreamRuntime, name)
+
+        def recording(self, *args, real=real, **kwargs):
+            out = real(self, *args, **kwargs)
+            seen.append(np.array(out.astype(mx.float32)))
+            return out
+
+        monkeypatch.setattr(StreamRuntime, name, recording)
+
+    def run():
+        seen.clear()
+        tokens = [[] for _ in prompts]
+        for out in batch_generate_step(model, prompts, max_tokens=limits, draft="streams",
+                                       stream_pass=stream_pass, pipeline=False):  # fmt: skip
+            for r in out:
+                tokens[r.uid] += r.tokens
+        return tokens
+
+    assert run() == want and seen
+    assert all(np.isfinite(s).all() for s in seen)  # (the control: every token ranked)
+    ids = _ids()
+    dv.use_draft_vocab(model, ids)
+    assert run() == want and seen
+    others = np.setdiff1d(np.arange(V), ids)
+    assert all(np.isneginf(s[..., others]).all() and np.isfinite(s[..., ids]).all() for s in seen)
