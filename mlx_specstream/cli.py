@@ -5,7 +5,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = ("benchmark", "chat", "generate", "quantize", "server", "train", "tune")
+COMMANDS = ("benchmark", "chat", "draft_vocab", "generate", "quantize", "server", "train", "tune")
 
 
 def main(argv: Optional[List[str]] = None):

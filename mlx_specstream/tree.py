@@ -349,10 +349,23 @@ def accept_by_rejection(tokens, parents, target_probs, draft_probs, uniforms):
     accepted, or at a leaf, the next token is drawn from the current ``p``.
     Every emitted token is then distributed exactly as the target.
 
+    A child drawn once ``q`` has no mass left (more siblings than tokens the
+    draft distribution allows: a sampler's top-k or top-p, a draft vocabulary)
+    is no draw from it but fixed by the draws before it: it is verified as a
+    fixed proposal, accepted with probability ``p(x)``, ``x`` then removed from
+    ``p`` on rejection.
+
     Example (one child, token 1, with p = q: always accepted; then a leaf):
         >>> p = np.array([[0.5, 0.5], [0.9, 0.1]]); q = np.array([[0.5, 0.5]])
         >>> accept_by_rejection([0, 1], [-1, 0], p, q, [0.99, 0.95])
         ([0, 1], 1)
+
+    Example (q's one token 0 rejected, then token 2 past its mass: the residual
+    gives it 0.625, so u = 0.7 rejects it and token 1 is drawn from what is left):
+        >>> p = np.array([[0.2, 0.3, 0.5]] + [[1.0, 0.0, 0.0]] * 2)
+        >>> q = np.array([[1.0, 0.0, 0.0]])
+        >>> accept_by_rejection([9, 0, 2], [-1, 0, 0], p, q, [0.9, 0.7, 0.5])
+        ([0], 1)
 
     Args:
         tokens, parents: the tree (node 0 is the root).
@@ -371,11 +384,16 @@ def accept_by_rejection(tokens, parents, target_probs, draft_probs, uniforms):
             q = np.array(draft_probs[depth[cur]], dtype=np.float64)
         for c in kids[cur]:
             x = tokens[c]
-            if next(u) * q[x] < p[x]:
+            fixed = q[x] <= 0.0  # (drawn past q's mass: a fixed proposal)
+            if next(u) * (1.0 if fixed else q[x]) < p[x]:
                 cur = c
                 path.append(c)
                 break
-            residual = np.maximum(p - q, 0.0)
+            if fixed:
+                residual = p.copy()
+                residual[x] = 0.0
+            else:
+                residual = np.maximum(p - q, 0.0)
             if residual.sum() > 0:  # zero only if p == q, where x is always accepted
                 p = residual / residual.sum()
             q[x] = 0.0

@@ -184,6 +184,59 @@ def test_negative_control_naive_per_path_acceptance_is_rejected(model, monkeypat
     assert p < 1e-6, f"the naive rule passed the test (p = {p:.2e}): the test has no power"
 
 
+def past_q_always_accepted(tokens, parents, target_probs, draft_probs, uniforms):
+    """The rule before session 42: a draft drawn past q's mass (q(x) = 0) is accepted
+    whenever p(x) > 0, since u * 0 < p(x)."""
+    kids, depth, u = children_of(parents), tree_depths(parents), iter(uniforms)
+    cur, path = 0, [0]
+    while True:
+        p = np.asarray(target_probs[cur], dtype=np.float64)
+        if kids[cur]:
+            q = np.array(draft_probs[depth[cur]], dtype=np.float64)
+        for c in kids[cur]:
+            x = tokens[c]
+            if next(u) * q[x] < p[x]:
+                cur = c
+                path.append(c)
+                break
+            residual = np.maximum(p - q, 0.0)
+            if residual.sum() > 0:
+                p = residual / residual.sum()
+            q[x] = 0.0
+            if q.sum() > 0:
+                q = q / q.sum()
+        else:
+            return path, draw(p, next(u))
+
+
+@pytest.fixture(scope="module")
+def two_token_drafts():
+    """Streams whose drafts rank two tokens (a draft vocabulary), three a level: the
+    third is drawn past q's mass, and the target often allows it."""
+    from mlx_specstream.draft_vocab import use_draft_vocab
+
+    m = disagreeing_model()
+    use_draft_vocab(m, [1, 4])
+    return m
+
+
+@pytest.mark.parametrize("rule", ["fixed proposal", "accepted unchecked"])
+def test_a_draft_past_q_s_mass_is_verified_as_a_fixed_proposal(two_token_drafts, rule,
+                                                                monkeypatch):  # fmt: skip
+    """Recursive rejection with more siblings than q has tokens keeps the distribution;
+    control: the rule before session 42, which accepted such a draft whenever p(x) > 0."""
+    if rule == "accepted unchecked":
+        monkeypatch.setattr(decode, "accept_by_rejection", past_q_always_accepted)
+    sampler = make_sampler(temp=1.0)
+    counts = sample_counts(two_token_drafts, sampler, N_SAMPLES, acceptance="rejection",
+                           tree_top_k=3)  # fmt: skip
+    p = chi_square_pvalue(counts, exact_distribution(two_token_drafts, sampler), N_SAMPLES)
+    if rule == "fixed proposal":
+        assert p > 1e-3, f"chi-square p = {p:.2e}"
+    else:
+        assert p < 1e-6, f"the old rule passed the test (p = {p:.2e}): the test has no power"
+
+
 def test_xtc_distribution_is_mlx_lm_samplers(model):
     """Our XTC mixture is the distribution mlx-lm's own sampler draws from (its
     draws, chi-square), and our mask is its ``apply_xtc``'s when the coin says so."""
