@@ -33,7 +33,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .streams import _embedding, submodule, vocab_size
+from .streams import _embedding, submodule
+from .streams import vocab_size as model_vocab_size
 
 FILE = "draft_vocab.safetensors"
 KEY = "token_ids"
@@ -73,7 +74,7 @@ def frequent_tokens(counts: np.ndarray, size: int, keep: Sequence[int] = ()) -> 
     if len(keep) > size:
         raise ValueError(f"size {size} cannot hold the {len(keep)} tokens always kept.")
     order = np.lexsort((np.arange(counts.shape[0]), -counts))  # most counted, then lower id
-    rest = [int(i) for i in order if int(i) not in set(keep)][: size - len(keep)]
+    rest = order[~np.isin(order, keep)][: size - len(keep)].tolist()
     return np.array(sorted(keep + rest), dtype=np.int32)
 
 
@@ -176,7 +177,7 @@ def head_path(model: nn.Module) -> Tuple[str, ...]:
     if "lm_head" in text:
         target = text["lm_head"]
     else:
-        rows = vocab_size(model)
+        rows = model_vocab_size(model)
         found = [m for name, m in model.named_modules()
                  if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and m.weight.shape[0] == rows
                  and not any(f".{n}." in f".{name}." for n in ("layers", "h", "blocks"))]  # fmt: skip

@@ -316,3 +316,32 @@ def test_a_batch_s_rows_draft_from_the_vocabulary_and_equal_each_prompt_alone(
     assert run() == want and seen
     others = np.setdiff1d(np.arange(V), ids)
     assert all(np.isneginf(s[..., others]).all() and np.isfinite(s[..., ids]).all() for s in seen)
+
+
+def test_on_a_hybrid_the_mtp_layer_s_chains_come_from_the_vocabulary(tmp_path, monkeypatch):
+    """Qwen3-Next's MTP layer drafting chains (recurrent layers verify chains): every
+    level it drafts is ``-inf`` outside the vocabulary, and greedy output equals mlx-lm's.
+    Control: without one, every level is finite."""
+    import mlx_specstream.mtp as mtp
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load as mlx_lm_load
+
+    model = _mtp_model(tmp_path, "qwen3_next", False)
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    prompt = [4, 8, 15, 16, 23]
+    want = [t for (t, _), _ in zip(generate_step(mx.array(prompt), plain), range(24))]
+    seen, real = [], mtp.MTPDrafter.draft
+
+    def recording(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        seen.append(np.array(out.astype(mx.float32)))
+        return out
+
+    monkeypatch.setattr(mtp.MTPDrafter, "draft", recording)
+    assert spec_tokens(model, prompt, 24, num_draft_tokens=2)[0] == want and seen
+    assert all(np.isfinite(s).all() for s in seen)
+    seen.clear()
+    dv.use_draft_vocab(model, _ids())
+    assert spec_tokens(model, prompt, 24, num_draft_tokens=2)[0] == want and seen
+    others = np.setdiff1d(np.arange(V), _ids())
+    assert all(np.isneginf(s[:, others]).all() and np.isfinite(s[:, _ids()]).all() for s in seen)
