@@ -222,9 +222,7 @@ def tune(
             tree["stream_pass"] = "fused"
         if held > 1:
             tree["num_mtp_layers"] = held
-        if rt.draft_vocab is not None:
-            tree["draft_vocab"] = True
-        trials.run(tree)
+        trials.run(dict(tree, **with_vocab(rt)))
     if held > 1:
         # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees that
         # read more than one (a tree of d levels runs the first d only).
@@ -232,11 +230,7 @@ def tune(
         for tree in deep[:3]:
             for n in range(1, min(held, tree["tree_depth"])):
                 trials.run(dict(tree, num_mtp_layers=n))
-    if rt.draft_vocab is not None:
-        # Every token ranked instead of the draft vocabulary's (drafts more often right,
-        # each level dearer): on the fastest trees.
-        for tree in [t for t in trials.fastest(len(trials.results)) if t["tree_depth"]][:3]:
-            trials.run(dict(tree, draft_vocab=False))
+    try_every_token(trials, rt)
     if lossless_streams:
         # The stream pass: streams of every node inside the verify pass, or a
         # second pass for the accepted node's only; measured on the best shapes.
@@ -279,6 +273,23 @@ def tune(
     return choice, tps, base
 
 
+def with_vocab(rt) -> dict:
+    """What a trial says of the draft vocabulary: ``{"draft_vocab": True}`` where the
+    model has one (the choice then stores it), else nothing."""
+    return {} if rt.draft_vocab is None else {"draft_vocab": True}
+
+
+def try_every_token(trials: "Trials", rt, n: int = 3) -> None:
+    """With a draft vocabulary, the ``n`` fastest trials that draft again with every token
+    ranked (drafts right more often, each level dearer)."""
+    if rt.draft_vocab is None:
+        return
+    drafting = [t for t in trials.fastest(len(trials.results))
+                if t.get("tree_depth") or t.get("num_draft_tokens")]  # fmt: skip
+    for settings in drafting[:n]:
+        trials.run(dict(settings, draft_vocab=False))
+
+
 def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, confirm_rounds):
     """Lossless streams on a model with recurrent layers (what :func:`tune` runs for
     them, with its arguments): the fastest tree of :func:`candidate_trees` (chains,
@@ -298,9 +309,10 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
     trees = why is None
     if not trees:
         log(f"[INFO] chains only: {why}")
-    for shape in candidate_trees(get_runtime(model).config.num_streams, False):
+    rt = get_runtime(model)
+    for shape in candidate_trees(rt.config.num_streams, False):
         if trees or shape["tree_top_k"] == 1:
-            trials.run(dict(shape, draft="streams", stream_pass="fused"))
+            trials.run(dict(shape, draft="streams", stream_pass="fused", **with_vocab(rt)))
     # Every row's streams in the verifying pass, or the accepted row's in a pass of their own.
     for shape in trials.fastest(2):
         trials.run(dict(shape, stream_pass="split"))
@@ -309,6 +321,7 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
     fused = [t for t in trials.fastest(len(trials.results)) if t["stream_pass"] == "fused"]
     for shape in fused[:2]:
         trials.run(dict(shape, stream_logits_in_pass=False))
+    try_every_token(trials, rt, 2)
     # Prompt lookup, alone and merged with the fastest tree (as on any model).
     trials.run(dict(draft="ngram"))
     trials.run(dict(trials.fastest(1)[0], draft="streams+ngram"))
@@ -325,9 +338,10 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
         tuple: the choice (``{"tree_depth": n, "tree_top_k": 1, "max_tree_nodes": n + 1}``:
         chains of ``n``, or ``{"tree_depth": 0}``), its tokens/s and plain decoding's.
     """
-    trials = Trials(model, tokenizer, prompts, max_tokens, log)
-    for n in range(1, get_runtime(model).config.num_streams + 1):
-        trials.run(dict(num_draft_tokens=n))
+    trials, rt = Trials(model, tokenizer, prompts, max_tokens, log), get_runtime(model)
+    for n in range(1, rt.config.num_streams + 1):
+        trials.run(dict(num_draft_tokens=n, **with_vocab(rt)))
+    try_every_token(trials, rt, 2)
 
     def describe(best):
         return (
@@ -337,7 +351,8 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
     best, tps, base = trials.choice(min_gain, "Drafting chains", describe, confirm_rounds)
     if "num_draft_tokens" in best:
         n = best["num_draft_tokens"]
-        best = dict(tree_depth=n, tree_top_k=1, max_tree_nodes=n + 1)
+        vocab = {k: best[k] for k in ("draft_vocab",) if k in best}
+        best = dict(tree_depth=n, tree_top_k=1, max_tree_nodes=n + 1, **vocab)
     return best, tps, base
 
 

@@ -536,3 +536,41 @@ def test_tune_times_every_token_against_the_draft_vocabulary_and_stores_it(
     assert np.array_equal(np.array(model.speculative_streams.draft_vocab.ids), np.arange(10))
     with pytest.raises(ValueError, match="speculative_streaming.draft_vocab='yes'"):
         SpecStreamConfig(draft_vocab="yes")
+
+
+@pytest.mark.parametrize("drafts", ["streams", "mtp"])
+def test_on_a_hybrid_the_tuner_times_every_token_too(drafts, tmp_path, monkeypatch):
+    """Streams or an MTP layer drafting chains on Qwen3-Next's shape: the two fastest
+    drafting trials run again with every token ranked, and the choice carries
+    ``draft_vocab`` either way (what ``save_choice`` stores)."""
+    from helpers import stream_hybrid
+
+    from mlx_specstream import load
+    from mlx_specstream.draft_vocab import use_draft_vocab
+
+    if drafts == "streams":
+        model, vocab = stream_hybrid(vocab_size=16), 16
+    else:
+        from test_mtp import write_checkpoint
+
+        write_checkpoint(tmp_path / "ckpt", "qwen3_next")
+        model, vocab = load(str(tmp_path / "ckpt"))[0], 64
+    use_draft_vocab(model, list(range(vocab // 2)))
+    tokenizer = word_tokenizer(vocab, eos=vocab - 1)
+    for every_token_faster in (True, False):
+
+        def speed(tps, s):
+            if s.get("draft", "streams") != "streams" or not (
+                s.get("tree_depth") or s.get("num_draft_tokens")
+            ):
+                return 1.0
+            return 1e6 if (s.get("draft_vocab") is False) == every_token_faster else 1e5
+
+        measured = fake_speeds(monkeypatch, speed)
+        choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6,
+                                 log=lambda *a: None, confirm_rounds=0)  # fmt: skip
+        every = [m for m in measured if m.get("draft_vocab") is False]
+        assert len(every) >= 2 and (every_token_faster or len(every) == 2)
+        assert choice["draft_vocab"] is (not every_token_faster) and choice["tree_depth"]
+        assert model.speculative_streams.draft_vocab is not None
+        monkeypatch.undo()
