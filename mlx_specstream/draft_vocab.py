@@ -118,6 +118,11 @@ class DraftVocab:
         """A copy of ``head`` (a linear or embedding module, quantized or not, whose
         rows are the vocabulary) keeping only the rows of these ids; built once per
         head and kept while the head's weight is the same array."""
+        if not isinstance(head.get("weight"), mx.array):  # (e.g. a LoRA-adapted head)
+            raise ValueError(
+                f"{self.source}: a draft vocabulary keeps rows of a linear or embedding head; "
+                f"this head is a {type(head).__name__} with no weight of its own."
+            )
         kept = self._restricted.get(id(head))
         if kept is not None and kept[0] is head["weight"]:
             return kept[1]

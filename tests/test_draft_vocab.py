@@ -224,6 +224,16 @@ def test_bad_vocabularies_are_refused_by_name(tmp_path):
     assert get_runtime(load(str(plain), allow_plain=True)[0]).draft_vocab is None
 
 
+def test_a_head_without_a_weight_of_its_own_is_refused_by_name():
+    """A head wrapped by an adapter (mlx-lm's LoRA on ``lm_head``) has no rows to keep."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    vocab = dv.DraftVocab([1, 2], V, source="v.safetensors")
+    lora = LoRALinear.from_base(tiny_model("llama", vocab_size=V).lm_head, r=4)
+    with pytest.raises(ValueError, match="v.safetensors: .* this head is a LoRALinear"):
+        vocab.restrict(lora)
+
+
 def test_a_model_whose_logits_bypass_the_head_found_is_refused(monkeypatch):
     """Where the module swapped is not where the logits come from, they have every
     token's width: refused by name, never used unrestricted."""
