@@ -355,3 +355,32 @@ def test_on_a_hybrid_the_mtp_layer_s_chains_come_from_the_vocabulary(tmp_path, m
     assert spec_tokens(model, prompt, 24, num_draft_tokens=2)[0] == want and seen
     others = np.setdiff1d(np.arange(V), _ids())
     assert all(np.isneginf(s[:, others]).all() and np.isfinite(s[:, _ids()]).all() for s in seen)
+
+
+@pytest.mark.parametrize("stream_pass", ["fused", "split"])
+def test_on_a_hybrid_the_streams_chains_come_from_the_vocabulary(stream_pass, monkeypatch):
+    """Lossless streams on Qwen3-Next's shape (chains): every stream logit a chain is
+    drafted from is ``-inf`` outside the vocabulary, and greedy output equals mlx-lm's.
+    Control: without one, every logit is finite."""
+    import mlx_specstream.recurrent as recurrent
+    from helpers import stream_hybrid
+
+    model = stream_hybrid(vocab_size=16)
+    model.speculative_streams.split_streams = stream_pass == "split"
+    prompt = [1, 2, 3, 4, 1, 2]
+    want = plain_greedy(model, prompt, 20)
+    seen, real = [], recurrent.level_scores
+
+    def recording(logits, *args, **kwargs):
+        seen.append(np.array(logits.astype(mx.float32)))
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(recurrent, "level_scores", recording)
+    assert spec_tokens(model, prompt, 20, num_draft_tokens=3)[0] == want and seen
+    assert all(np.isfinite(s).all() for s in seen)
+    seen.clear()
+    ids = np.arange(0, 16, 2)
+    dv.use_draft_vocab(model, ids)
+    assert spec_tokens(model, prompt, 20, num_draft_tokens=3)[0] == want and seen
+    odd = np.arange(1, 16, 2)
+    assert all(np.isneginf(s[..., odd]).all() and np.isfinite(s[..., ids]).all() for s in seen)
