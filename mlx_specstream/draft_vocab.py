@@ -33,7 +33,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .streams import _embedding, submodule
+from .streams import _embedding, get_runtime, submodule
 from .streams import vocab_size as model_vocab_size
 
 FILE = "draft_vocab.safetensors"
@@ -110,6 +110,7 @@ class DraftVocab:
         self.source = source
         self._restricted: Dict[int, Tuple[mx.array, nn.Module]] = {}
         self._member: Optional[mx.array] = None  # (V,) bool, for mask
+        self._owner: Optional[tuple] = None  # (model, module holding its head, key)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -154,7 +155,9 @@ class DraftVocab:
         """Runs ``model``'s own head restricted to the ids (its final norm, soft-capping
         and scaling unchanged): the module holding the head is swapped for the
         restricted copy inside the block."""
-        parent, key = head_owner(model)
+        if self._owner is None or self._owner[0] is not model:  # (found once per model)
+            self._owner = (model, *head_owner(model))
+        _, parent, key = self._owner
         head = parent[key]
         parent[key] = self.restrict(head)
         try:
@@ -239,20 +242,19 @@ def use_draft_vocab(model: nn.Module, vocab: Union[None, str, Path, Sequence[int
     Raises:
         ValueError: a model without speculative streams or a drafter attached.
     """
-    from .streams import get_runtime
-
     rt = get_runtime(model)
-    if vocab is not None and not isinstance(vocab, DraftVocab):
-        rows = head_rows(model)
-        vocab = (
-            read_draft_vocab(vocab, rows)
-            if isinstance(vocab, (str, Path))
-            else DraftVocab(vocab, rows)
-        )
-    if vocab is not None and vocab.vocab_size != head_rows(model):
+    if vocab is None:
+        rt.draft_vocab = None
+        return None
+    rows = head_rows(model)
+    if isinstance(vocab, (str, Path)):
+        vocab = read_draft_vocab(vocab, rows)
+    elif not isinstance(vocab, DraftVocab):
+        vocab = DraftVocab(vocab, rows)
+    elif vocab.vocab_size != rows:
         raise ValueError(
             f"{vocab.source}: made for logits of {vocab.vocab_size} tokens; this model's "
-            f"have {head_rows(model)}."
+            f"have {rows}."
         )
     rt.draft_vocab = vocab
     return vocab
@@ -262,12 +264,6 @@ def drafts_by_head(model: nn.Module) -> bool:
     """Whether ``model`` has streams or a drafter whose head ranks tokens."""
     rt = getattr(model, "speculative_streams", None)
     return rt is not None and (rt.streams is not None or rt.drafter is not None)
-
-
-def draft_vocab_of(model: nn.Module) -> Optional[DraftVocab]:
-    """The draft vocabulary ``model``'s drafter ranks, or None (every token)."""
-    rt = getattr(model, "speculative_streams", None)
-    return getattr(rt, "draft_vocab", None)
 
 
 # ---- python -m mlx_specstream.draft_vocab -------------------------------------------

@@ -353,9 +353,11 @@ def _head_module(model) -> nn.Module:
     return text.lm_head if "lm_head" in text else _embedding(model)
 
 
-def _lm_head(model):
-    """The base's LM head without its final norm (``lm_head``, or tied embeddings)."""
+def _lm_head(model, vocab=None):
+    """The base's LM head without its final norm (``lm_head``, or tied embeddings);
+    with a draft ``vocab``, restricted to its tokens' rows."""
     head = _head_module(model)
+    head = head if vocab is None else vocab.restrict(head)
     return head if "lm_head" in _text_model(model) else head.as_linear
 
 
@@ -394,16 +396,12 @@ class MTPDepth(nn.Module):
         """The layer's logits over ``out``: its final norm, then its own head or the
         base's; only ``vocab``'s tokens where a draft vocabulary is given (``-inf``
         elsewhere: :class:`~mlx_specstream.draft_vocab.DraftVocab`)."""
-        if vocab is None:
-            head = self.head if "head" in self else _lm_head(model)
-            return head(self.final_norm(out))
-        if "head" in self:
-            head = vocab.restrict(self.head)
+        if "head" not in self:
+            head = _lm_head(model, vocab)
         else:
-            tied = "lm_head" not in _text_model(model)
-            head = vocab.restrict(_head_module(model))
-            head = head.as_linear if tied else head
-        return vocab.widen(head(self.final_norm(out)))
+            head = self.head if vocab is None else vocab.restrict(self.head)
+        logits = head(self.final_norm(out))
+        return logits if vocab is None else vocab.widen(logits)
 
     def passed_on(self, out: mx.array) -> mx.array:
         """What the next run reads of this layer's output ``o``: ``final_norm(o)`` or ``o``."""

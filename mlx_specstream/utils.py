@@ -267,7 +267,7 @@ def _use_draft_vocab(model, source, draft_vocab) -> None:
     config = getattr(getattr(model, "speculative_streams", None), "config", None)
     if draft_vocab is None and getattr(config, "draft_vocab", None) is False:
         return  # (every token measured faster on this device, or the config says so)
-    if getattr(model, "speculative_streams", None) is None or not drafts_by_head(model):
+    if not drafts_by_head(model):
         raise ValueError(
             f"draft_vocab={str(draft_vocab or own)!r}: this model has no drafter whose head "
             "ranks tokens (no streams, MTP layers, Medusa heads or ParallelSpec): "
