@@ -56,6 +56,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCacheList
+from .draft_vocab import head_owner
 from .config import DrafterConfig
 from .drafters import (
     DrafterState,
@@ -348,17 +349,18 @@ def _final_norm(model) -> nn.Module:
 
 
 def _head_module(model) -> nn.Module:
-    """The module holding the base's LM head: ``lm_head``, or the tied embeddings."""
-    text = _text_model(model)
-    return text.lm_head if "lm_head" in text else _embedding(model)
+    """The module holding the base's LM head (:func:`~mlx_specstream.draft_vocab.head_path`:
+    ``lm_head``, GPT-NeoX's ``embed_out``, or the tied embeddings)."""
+    parent, key = head_owner(model)
+    return parent[key]
 
 
 def _lm_head(model, vocab=None):
-    """The base's LM head without its final norm (``lm_head``, or tied embeddings);
-    with a draft ``vocab``, restricted to its tokens' rows."""
+    """The base's LM head without its final norm (a linear head, or tied embeddings'
+    ``as_linear``); with a draft ``vocab``, restricted to its tokens' rows."""
     head = _head_module(model)
     head = head if vocab is None else vocab.restrict(head)
-    return head if "lm_head" in _text_model(model) else head.as_linear
+    return head.as_linear if isinstance(head, (nn.Embedding, nn.QuantizedEmbedding)) else head
 
 
 class MTPDepth(nn.Module):
