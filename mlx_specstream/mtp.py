@@ -69,7 +69,7 @@ from .drafters import (
     run_layer,
 )
 from .recurrent import has_recurrent_layers
-from .streams import _embedding, hidden_size, quantize_like, text_args
+from .streams import hidden_size, quantize_like, text_args
 
 
 @dataclass(frozen=True)
