@@ -184,10 +184,31 @@ def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: i
 
 
 def stream_runtime(model):
-    """The model's :class:`~mlx_specstream.streams.StreamRuntime` if it has streams,
-    else ``None``."""
+    """The model's :class:`~mlx_specstream.streams.StreamRuntime` if its own drafter
+    drafts a batch's rows: streams, or Medusa heads (from each row's last layer's
+    state in the verifying pass); else ``None``."""
     rt = getattr(model, "speculative_streams", None)
-    return rt if rt is not None and getattr(rt, "streams", None) is not None else None
+    if rt is None or getattr(rt, "streams", None) is None and not drafts_rows(rt.drafter):
+        return None
+    return rt
+
+
+def drafts_rows(drafter) -> bool:
+    """Whether an attached ``drafter`` drafts from the verifying pass's states alone
+    (Medusa heads): MTP layers and ParallelSpec keep KV caches of their own, not
+    batched here."""
+    return getattr(drafter, "drafts_from_last_node", False)
+
+
+def no_own_drafts(model) -> str:
+    """Why ``model``'s rows cannot draft with its own drafter in a batch."""
+    rt = getattr(model, "speculative_streams", None)
+    drafter = getattr(rt, "drafter", None)
+    if drafter is None:
+        return "the model has no speculative streams or Medusa heads"
+    return (f"the model's drafter ({type(drafter).__name__}) keeps a KV cache of its own, "
+            "which a batch's rows do not carry (streams and Medusa heads draft rows); "
+            "draft='ngram' drafts them by prompt lookup")  # fmt: skip
 
 
 def reads_streams(model) -> bool:
@@ -209,8 +230,8 @@ def tuned_batch(model) -> Optional[dict]:
     """How the model's batches draft on this device, as ``python -m mlx_specstream.tune
     --batch-size K`` measured (:attr:`~mlx_specstream.config.SpecStreamConfig.batch`),
     or ``None`` where that was not tuned."""
-    rt = stream_runtime(model)
-    return None if rt is None else rt.config.batch
+    rt = getattr(model, "speculative_streams", None)
+    return None if rt is None else getattr(rt.config, "batch", None)
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -237,6 +258,9 @@ class SpecBatcher:
     (:meth:`~mlx_specstream.streams.StreamRuntime.rows_pass`), or a second pass
     through the stream layers alone feeds every row's stream rows at its end
     (``stream_pass="split"``, :meth:`~mlx_specstream.streams.StreamRuntime.rows_streams`).
+    A model with Medusa heads drafts the same way: the chain of its heads' first
+    choices over the verifying pass's last-layer state at that token
+    (:meth:`~mlx_specstream.streams.StreamRuntime.rows_heads`).
 
     With a draft model the rows draft together too: one pass feeds each row what
     the draft model has not seen (its last accepted tokens), then one pass per
@@ -256,7 +280,8 @@ class SpecBatcher:
         keep_caches (bool): give a finished row's cache (:attr:`RowTokens.cache`).
         draft_model: an mlx-lm model with the same tokenizer (same conditions as
           ``model``) that drafts every row; ``None``: prompt lookup.
-        streams (bool): rows may draft with the model's own streams. A shared-mode
+        streams (bool): rows may draft with the model's own streams (or Medusa
+          heads: :func:`stream_runtime`). A shared-mode
           model's rows always carry them (its main rows read them: its own
           decoding), with or without drafts.
         stream_pass (str): ``"fused"``: every fed token's stream rows go through
@@ -285,7 +310,8 @@ class SpecBatcher:
         self.shared = reads_streams(model)  # its every pass carries the streams
         if streams or self.shared:
             if stream_runtime(model) is None:
-                raise ValueError("rows cannot draft with streams: the model has none")
+                raise ValueError(f"rows cannot draft with the model's own drafter: "
+                                 f"{no_own_drafts(model)}")  # fmt: skip
             if draft_model is not None:
                 raise ValueError(
                     "a batch's rows draft with a draft model or carry the model's streams, not "
@@ -296,6 +322,11 @@ class SpecBatcher:
                 raise ValueError("stream_pass='split': a shared-mode model's main rows read "
                                  "their streams, in the same pass")  # fmt: skip
         self.streams = stream_runtime(model) if streams or self.shared else None
+        # (Medusa heads: each row's chain from the verifying pass's states, no stream rows)
+        self.heads = self.streams is not None and self.streams.streams is None
+        if self.heads and stream_pass == "split":
+            raise ValueError("stream_pass='split': Medusa heads draft from the verifying "
+                             "pass's states, with no pass of their own")  # fmt: skip
         self.fused = stream_pass == "fused"
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
@@ -540,7 +571,9 @@ class SpecBatcher:
         """``(B, gamma)``: each row's streams' first choices at its token ``nodes[b]``
         of the last pass (from that pass's stream rows if ``fused``, else a pass of
         their own)."""
-        if fused:
+        if self.heads:
+            slog = self.streams.rows_heads(nodes)
+        elif fused:
             slog = self.streams.fused_streams(nodes)
         else:
             slog = self.streams.rows_streams(nodes, self.cache)
@@ -563,7 +596,9 @@ class SpecBatcher:
         streams' rows went through it too (a shared-mode model's always do)."""
         if self.streams is None:
             return self.model(inputs, cache=self.cache), False
-        fused = self.shared or self.fused and any(r.uses_streams for r in self.rows)
+        fused = (
+            self.shared or self.fused and not self.heads and any(r.uses_streams for r in self.rows)
+        )
         return self.streams.rows_pass(inputs, self.cache, streams=fused), fused
 
     # ---- pipelined passes ---------------------------------------------------------
@@ -953,7 +988,7 @@ def batch_generate_step(
           row's own history.
         draft (str or None): where each row's drafts come from:
 
-          * ``"streams"``: the chain of the model's streams;
+          * ``"streams"``: the chain of the model's streams (or Medusa heads);
           * ``"ngram"``: prompt lookup; with ``draft_model``, a row's lookup chain
             where its tokens have a match, else the draft model's chain;
           * ``"streams+ngram"``: the lookup chain where it matches, else the streams'
@@ -1015,7 +1050,7 @@ def batch_generate_step(
         )
     uses_streams = draft in ("streams", "streams+ngram")
     if uses_streams and stream_runtime(model) is None:
-        raise ValueError(f"draft={draft!r}: the model has no speculative streams")
+        raise ValueError(f"draft={draft!r}: {no_own_drafts(model)}")
     streams = stream_runtime(model).config.num_streams if uses_streams else None
     if num_draft_tokens is None:
         if draft == "streams":

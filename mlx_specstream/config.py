@@ -356,10 +356,13 @@ class DrafterConfig(_Section):
           ``python -m mlx_specstream.tune`` stores the fastest. Default: ``None``,
           the drafter's tree.
         draft_vocab (bool, optional): as in :class:`SpecStreamConfig`.
+        batch (dict, optional): as in :class:`SpecStreamConfig`, for Medusa heads
+          (``"streams"``: the heads' chain; the other drafters' rows draft by lookup
+          or not at all).
     """
 
     SECTION = DRAFTER_KEY
-    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers", "draft", "draft_vocab")
+    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers", "draft", "draft_vocab", "batch")
 
     kind: str = "medusa"
     num_draft_tokens: int = 3
@@ -370,6 +373,7 @@ class DrafterConfig(_Section):
     num_mtp_layers: int = 1
     draft: Optional[str] = None
     draft_vocab: Optional[bool] = None
+    batch: Optional[dict] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -424,6 +428,10 @@ class DrafterConfig(_Section):
         require(
             self.draft_vocab in (None, True, False), "draft_vocab", "must be null, true or false"
         )
+        fault = None if self.batch is None else batch_choice_fault(self.batch, self.num_streams)
+        require(fault is None, "batch", str(fault))
+        if self.batch is not None and self.batch["draft"] == "streams":
+            require(self.kind == "medusa", "batch", "only Medusa heads draft a batch's rows")
         self._check_tuned()
 
     @classmethod

@@ -513,7 +513,7 @@ class Decoder:
             slog = (
                 out.stream_logits
                 if self.streams
-                else self.rt.drafter.draft_at_every(self.rt, out.hidden)
+                else self.rt.drafter.draft_rows(self.rt, out.hidden)
             )
             p.draws = self._draw(slog)
         arrays = [p.probs, p.uniforms, p.draft.q] + list(p.draws or ())

@@ -75,8 +75,9 @@ class MedusaHeads(nn.Module):
         states = mx.concatenate([head(h) for head in self.heads], axis=0)
         return rt.head(states[None], draft=True)[0]
 
-    def draft_at_every(self, rt, hidden: mx.array) -> mx.array:
-        """``(R, k, V)`` logits of the draft levels from each of the ``R`` nodes."""
+    def draft_rows(self, rt, hidden: mx.array) -> mx.array:
+        """``(R, k, V)`` logits of the draft levels from each of ``R`` hidden states
+        ``(R, D)`` (a tree's nodes, or a batch's rows)."""
         return rt.head(mx.stack([head(hidden) for head in self.heads], axis=1), draft=True)
 
 

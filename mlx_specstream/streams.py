@@ -1236,6 +1236,8 @@ class StreamRuntime:
         if self._rows_fused and i == self.num_layers - 1:
             self._stream_hidden = out[:, self._main_rows :]
             out = out[:, : self._main_rows]
+        if self.drafter is not None and i == self.num_layers - 1:  # (Medusa heads read them)
+            self._main_hidden = out
         return _joined(out, rest)
 
     def fused_streams(self, nodes: mx.array) -> mx.array:
@@ -1247,6 +1249,12 @@ class StreamRuntime:
         return self.head(
             mx.take_along_axis(h, nodes[:, None, None, None], axis=1)[:, 0], draft=True
         )
+
+    def rows_heads(self, nodes: mx.array) -> mx.array:
+        """Logits ``(B, k, V)`` of the Medusa heads at each row's token ``nodes[b]`` of
+        the last :meth:`rows_pass` (from its last layer's states)."""
+        h = mx.take_along_axis(self._main_hidden, nodes[:, None, None], axis=1)[:, 0]
+        return self.drafter.draft_rows(self, h)
 
     def rows_streams(self, nodes: mx.array, cache) -> mx.array:
         """Logits ``(B, gamma, V)`` of the streams of each row's token ``nodes[b]``

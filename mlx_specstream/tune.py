@@ -445,7 +445,8 @@ def tune_batch(
 ):
     """How ``rows`` rows of a batch decode fastest on this device (``batch_generate``,
     the server's batches): prompt lookup of a few lengths and, with streams, their
-    chain of each depth through either stream pass, each in pipelined passes and
+    chain of each depth through either stream pass (Medusa heads: their chain of each
+    depth), each in pipelined passes and
     not, against rows without drafts,
     which win unless the fastest beats them by ``min_gain`` in ``confirm_rounds``
     back-to-back rounds.
@@ -467,7 +468,9 @@ def tune_batch(
     ways = [dict(draft="ngram", num_draft_tokens=n) for n in BATCH_LOOKUP_LENGTHS]
     rt = stream_runtime(model)
     if rt is not None:
-        passes = ("fused",) if rt.config.mode == "shared" else ("fused", "split")
+        # (a shared-mode model's stream rows go with its main rows; Medusa heads read them)
+        split = rt.config.mode == "lossless" and rt.streams is not None
+        passes = ("fused", "split") if split else ("fused",)
         ways += [dict(draft="streams", num_draft_tokens=n, stream_pass=stream_pass)
                  for n in range(1, rt.config.num_streams + 1) for stream_pass in passes]  # fmt: skip
     for way in ways:  # (each pipelined and not: which pays depends on the device)

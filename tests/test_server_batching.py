@@ -147,23 +147,25 @@ def arrive_while_alone(svc, monkeypatch, first, others, n_before):
     return got
 
 
-@pytest.mark.parametrize("batch", ["streams", "plain"])
+@pytest.mark.parametrize("batch", ["streams", "medusa", "plain"])
 def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch, batch):
     """A request decoding alone, speculatively, when two others arrive hands its
     cache over and goes on in a batch with them, from its next token: its answer,
     and theirs, equal plain decoding; its usage counts the tokens before (some from
-    accepted drafts) and those after. The batch's rows draft with the model's streams,
-    or (a Medusa drafter) decode plainly in mlx-lm's batch. Controls: a hand-over to
-    mlx-lm's batch that leaves its last token out of the cache (an off-by-one)
-    changes its answer; one to ours that leaves it in is refused."""
+    accepted drafts) and those after. The batch's rows draft with the model's streams
+    or Medusa heads, or (a ParallelSpec drafter, whose KV cache rows do not carry)
+    decode plainly in mlx-lm's batch. Controls: a hand-over to mlx-lm's batch that
+    leaves its last token out of the cache (an off-by-one) changes its answer; one to
+    ours that leaves it in is refused."""
     if batch == "streams":
         model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
     else:
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
 
+        kind = "medusa" if batch == "medusa" else "parallelspec"
         model = tiny_model("llama", vocab_size=V)
-        attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2), seed=3)
+        attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=2, top_k=2), seed=3)
     tok = word_tokenizer(V, eos=0)  # (a token this model never writes first: long answers)
     a, others = [3, 4, 5, 3, 4], PROMPTS[1:3]
 
@@ -175,10 +177,11 @@ def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatc
         assert text[0] == alone(model, tok, p, n)[0]
     spec = got[0][1][0]["speculative"]
     assert 0 < spec["batched_tokens"] < 40 - 6
-    assert spec["accepted_draft_tokens"] > 0 and spec["forward_passes"] < 40
+    if batch != "plain":  # (this random ParallelSpec layer's drafts are never right)
+        assert spec["accepted_draft_tokens"] > 0 and spec["forward_passes"] < 40
 
     svc = service(model, tok)
-    assert svc.wait_idle(60) and svc.stream_batching == (batch == "streams")
+    assert svc.wait_idle(60) and svc.stream_batching == (batch != "plain")
     if batch == "plain":
         trim = replies.trim_prompt_cache
         monkeypatch.setattr(replies, "trim_prompt_cache", lambda cache, n: trim(cache, n + 1) - 1)
