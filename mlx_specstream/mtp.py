@@ -101,7 +101,8 @@ class MTPLayout:
     # The decoder layer where it is not the base's next layer: model -> a fresh layer
     block: Optional[Callable[[nn.Module], nn.Module]] = None
     # The name the decoder layer's tensors are sanitized under: the base's layer 0 (for
-    # Nemotron-H's two blocks, layers.0 and layers.1: the base's layers 0 and 1)
+    # Nemotron-H's two blocks, layers.0 and layers.1: the base's layers 0 and 1); "{last}"
+    # is the base's last layer (Ling's sanitize stacks experts of its MoE layers only)
     sanitized_as: str = "model.layers.0."
     undeclared: int = 0  # the layer count of a family whose configs may not declare it
     # With several MTP layers: layer k reads layer k - 1's output (DeepSeek-V3's modules,
@@ -205,6 +206,14 @@ class BlockSequence(nn.Module):
         return x
 
 
+def _bailing_block(model) -> nn.Module:
+    """Ling's MTP layer (Ling 2.5's and Ling 3's): the layer after the base's last, latent
+    attention and experts, as vLLM builds it (never the linear attention of a group's
+    first layers)."""
+    cls, args = own_class(model.layers[-1]), text_args(model)
+    return cls(args, args.num_hidden_layers)
+
+
 def _nemotron_blocks(model) -> nn.Module:
     """Nemotron-H's MTP layer: its pattern ``"*E"`` (the released one, which vLLM builds)."""
     cls, args = own_class(model.layers[-1]), text_args(model)
@@ -286,6 +295,21 @@ FAMILIES = {
         zero_first=False,
         block=_ernie_block,
     ),
+    # Ling 2.5 (bailing_hybrid, BailingMoeV2_5ForCausalLM): DeepSeek's names, the layer
+    # after the base's; its output normed (final_layernorm) for the next level, as vLLM
+    # runs it; the embedding at position 0 zeroed (vLLM's V2.5)
+    "bailing_hybrid": MTPLayout(
+        prefix="model.layers.{n}.",
+        embed_norm="enorm",
+        hidden_norm="hnorm",
+        proj="eh_proj",
+        final_norm="final_layernorm",
+        skip=("embed_tokens.",),
+        head="shared_head.head",
+        head_optional=True,  # (vLLM loads the base's lm_head there)
+        block=_bailing_block,
+        sanitized_as="model.layers.{last}.",
+    ),
     # K-EXAONE: Qwen3-Next's names, plain norms, the layer full attention without RoPE
     "exaone_moe": replace(
         _qwen(None),
@@ -295,6 +319,9 @@ FAMILIES = {
         expects=(("mtp_layer_types", ["full_attention"]),),
     ),
 }
+# Ling 3 (a bailing_hybrid config of BailingMoeV3ForCausalLM, mlx-lm's bailing_moe_v3):
+# Ling 2.5's layout, no embedding zeroed (vLLM's V3)
+FAMILIES["bailing_moe_v3"] = replace(FAMILIES["bailing_hybrid"], zero_first=False)
 # The decoder layer's RMSNorm weights that mlx-lm's Qwen3-Next/3.5 sanitize adds one to.
 _LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
                 "k_norm.weight")  # fmt: skip
@@ -314,7 +341,7 @@ def _norm_eps(args) -> float:
 def mtp_decoder_layer(model) -> nn.Module:
     """A fresh decoder layer as the family's MTP layer is built: the base's next layer,
     or the settings of :attr:`MTPLayout.block`."""
-    layout = mtp_layout(model.args.model_type)
+    layout = mtp_layout(model_family(model))
     return layout.block(model) if layout.block else new_decoder_layer(model)
 
 
@@ -327,6 +354,14 @@ def layer_window(layer: nn.Module, args) -> Optional[int]:
         if getattr(args, name, None):
             return getattr(args, name)
     raise ValueError(f"{args.model_type}: a window layer, but no sliding_window in its config.")
+
+
+def model_family(model) -> str:
+    """``model``'s MTP family: its config's ``model_type``, or the mlx-lm module it loads
+    into where that is a family of its own (Ling 3's ``bailing_hybrid`` configs load into
+    ``bailing_moe_v3``)."""
+    module = type(model).__module__.rsplit(".", 1)[-1]
+    return module if module in FAMILIES else model.args.model_type
 
 
 def mtp_layout(model_type: str) -> MTPLayout:
@@ -370,7 +405,7 @@ class MTPDepth(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self._layout = mtp_layout(model.args.model_type)
+        self._layout = mtp_layout(model_family(model))
         args = text_args(model)
         D, eps = hidden_size(model), _norm_eps(args)
         self.embed_norm = nn.RMSNorm(D, eps=eps)
@@ -431,7 +466,7 @@ class MTPDrafter(MTPDepth):
 
     @staticmethod
     def _check_depths(model):
-        if not multi_depth(mtp_layout(model.args.model_type)):
+        if not multi_depth(mtp_layout(model_family(model))):
             raise ValueError(
                 f"{model.args.model_type}: its checkpoints' MTP layers are read one only "
                 "(num_mtp_layers=1)."
@@ -782,7 +817,7 @@ def read_mtp_weights(
         ValueError: naming the file and key of what is missing.
     """
     path = Path(path)
-    layout = mtp_layout(model.args.model_type)
+    layout = mtp_layout(model_family(model))
     prefix = depth_prefix(layout, text_args(model).num_hidden_layers, depth)
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.exists() else {}
@@ -801,7 +836,8 @@ def read_mtp_weights(
         lead = layout.layer + theirs
         found = {layout.layer + ours + k[len(lead) :] if k.startswith(lead) else k: v
                  for k, v in found.items()}  # fmt: skip
-    lead = layout.sanitized_as  # (a wrapper's sanitize puts its language model's name first)
+    # (a wrapper's sanitize puts its language model's name first)
+    lead = layout.sanitized_as.format(last=text_args(model).num_hidden_layers - 1)
     for name in (layout.proj, layout.head):  # an FP8 matrix: the base's sanitize dequantizes
         scale = f"{name}.weight_scale_inv"
         if name and scale in found and f"{name}.weight" in found:

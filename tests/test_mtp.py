@@ -83,9 +83,35 @@ ARGS = {
         "norm_topk_prob": True,
         "routed_scaling_factor": 1.0,
     },
+    "bailing_hybrid": HYBRID_ARGS["bailing_hybrid"],
+    "bailing_moe_v3": {
+        **BASE,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 32,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.0,
+        "layer_group_size": 2,
+        "head_dim": 16,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 512,
+    },
 }
 HYBRIDS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
-CHAINS = (*HYBRIDS, "nemotron_h")  # (recurrent layers: the drafts verified as chains)
+# Ling 2.5 and Ling 3: linear attention in layers 0 and 2 (Ling 3's KDA), latent
+# attention in 1 and 3, experts after layer 0; the MTP layer latent attention and experts
+BAILING = ("bailing_hybrid", "bailing_moe_v3")
+CHAINS = (*HYBRIDS, "nemotron_h", *BAILING)  # (recurrent layers: drafts verified as chains)
 # Families whose MTP layer attends within the base's window
 WINDOWED = ("step3p5", "mimo_v2_flash")
 _QWEN_OWN = ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "fc", "norm")
@@ -103,6 +129,7 @@ OWN = {
     "mimo_v2_flash": ("enorm", "hnorm", "eh_proj", "final_layernorm"),
     "exaone_moe": _QWEN_OWN,
     "ernie4_5_moe": ("emb_norm.0", "hidden_norm.0", "linear_proj.0", None),  # (base's norm)
+    **{arch: ("enorm", "hnorm", "eh_proj", "final_layernorm") for arch in BAILING},
     "nemotron_h": (
         "layers.0.enorm",
         "layers.0.hnorm",
@@ -151,6 +178,20 @@ def _hf_tensors(arch, weights) -> dict:
                 w = w.moveaxis(2, 1)
             k = k.replace("language_model.model.", "model.language_model.")
             k = k.replace("language_model.lm_head.", "lm_head.")
+        if arch in BAILING:
+            if k.endswith(".attention.unembed_out.weight"):  # (latent attention's, fused)
+                continue
+            if k.endswith(".attention.embed_q.weight"):
+                out_w = weights[name.replace(".embed_q.", ".unembed_out.")]
+                H, r = w.shape[0], w.shape[1]
+                fused = mx.concatenate([w.swapaxes(-1, -2), out_w], axis=1).reshape(-1, r)
+                out[k.replace(".embed_q.", ".kv_b_proj.")] = fused
+                assert fused.shape[0] % H == 0
+                continue
+            if arch == "bailing_hybrid":  # (its router as the checkpoint names it)
+                k = k.replace(".mlp.gate.gate_proj.", ".mlp.gate.")
+            if "_conv1d.weight" in k:  # (Ling 3's short convolutions, (C, 1, K))
+                w = w.moveaxis(1, 2)
         if ".switch_mlp." in k and arch == "qwen3_5_moe":
             if ".gate_proj." in k:  # (gate and up fused, gate first)
                 up = weights[name.replace(".gate_proj.", ".up_proj.")]
@@ -186,7 +227,7 @@ def write_checkpoint(
     mtp._final_norm(base).weight = 1 + 0.5 * mx.random.normal((D,))
     layout = mtp.FAMILIES[arch]
     weights = _hf_tensors(arch, dict(tree_flatten(base.parameters())))
-    if arch in HYBRIDS:  # (its checkpoint's layout: read back as mlx-lm reads it)
+    if arch in (*HYBRIDS, *BAILING):  # (its checkpoint's layout: read back as mlx-lm reads it)
         back = base.sanitize(dict(weights))
         want = dict(tree_flatten(base.parameters()))
         assert back.keys() == want.keys(), sorted(set(back) ^ set(want))
@@ -211,7 +252,8 @@ def write_checkpoint(
         block_prefix = prefix + layout.layer
         weights.update({block_prefix + k: w for k, w in _hf_block(arch, block, nested).items()})
         head = None
-        if layout.head:  # the layer's copy of the embeddings (not read), and its head
+        if layout.head and arch not in BAILING:  # the layer's copy of the embeddings (not
+            # read), and its head (Ling's checkpoints store neither: vLLM shares the base's)
             weights[prefix + "embed_tokens.weight"] = base.model.embed_tokens.weight
             head = mx.random.normal((V, D)) * D**-0.5 if own_head else base.lm_head.weight
             weights[prefix + layout.head + ".weight"] = head
@@ -238,6 +280,8 @@ def write_checkpoint(
         config.pop("num_nextn_predict_layers")
     if arch == "exaone_moe":
         config.setdefault("mtp_layer_types", ["full_attention"])
+    if arch == "bailing_moe_v3":  # (Ling 3's config: mlx-lm loads it as bailing_moe_v3)
+        config.update(model_type="bailing_hybrid", architectures=["BailingMoeV3ForCausalLM"])
     if "text_config" in args:  # (Qwen3.5: its count in the language model's config)
         config.pop("num_nextn_predict_layers")
         text = {**args["text_config"], "vocab_size": V, "mtp_num_hidden_layers": 1}
@@ -262,7 +306,7 @@ def reference_levels(
     e_w, h_w, f_w = ref["norms"]
     inner = plain.model if hasattr(plain, "model") else plain.backbone  # (Nemotron-H's names)
     norm_name = "norm" if "norm" in inner else "norm_f"
-    embed = inner.embed_tokens if "embed_tokens" in inner else inner.embeddings
+    embed = next(inner[n] for n in ("embed_tokens", "embeddings", "word_embeddings") if n in inner)
     norm = inner[norm_name]
     setattr(inner, norm_name, lambda x: x)  # (the base's pass, before its final norm)
     try:
@@ -343,7 +387,8 @@ def _check_each_step(text, seen, reference, levels=None):
     + [("glm_moe_dsa", "no head")]
     + [(arch, False) for arch in HYBRIDS]
     + [("step3p5", True), ("step3p5", "nested"), ("mimo_v2_flash", False), ("exaone_moe", False)]
-    + [("nemotron_h", False), ("ernie4_5_moe", False)],
+    + [("nemotron_h", False), ("ernie4_5_moe", False)]
+    + [(arch, False) for arch in BAILING],
 )
 def test_every_draft_equals_the_raw_tensors_from_scratch(arch, own_head, tmp_path, monkeypatch):
     """Each step's draft levels (the cached MTP rows of the accepted text, the
@@ -824,6 +869,31 @@ def test_the_layers_are_built_as_the_engines_build_them():
     assert isinstance(layer.mlp, ernie4_5_moe.Ernie4_5_MLP) and window is None
     layer, window = made("glm4_moe")  # (DeepSeek's layout: the base's next layer, as before)
     assert window is None and "switch_mlp" in layer.mlp
+    # Ling 2.5 and Ling 3 (their last base layers linear attention in a group of 2 with
+    # layer 3 latent): latent attention and experts, as vLLM builds them
+    from mlx_lm.models import bailing_hybrid, bailing_moe_v3
+
+    layer, window = made("bailing_hybrid")
+    assert layer.is_global and isinstance(layer.attention, bailing_hybrid.MultiLatentAttention)
+    assert isinstance(layer.mlp, bailing_hybrid.SparseMoeBlock) and window is None
+    layer, window = made("bailing_moe_v3")
+    assert not layer.is_linear and isinstance(layer.attention, bailing_moe_v3.BailingMLA)
+    assert isinstance(layer.mlp, bailing_moe_v3.BailingSparseMoE) and window is None
+
+
+def test_ling_2_5_zeroes_the_first_embedding_and_ling_3_does_not(tmp_path):
+    """vLLM's Ling 2.5 MTP layer reads no embedding at position 0, its Ling 3 layer does:
+    a Ling 3 config (``bailing_hybrid``, BailingMoeV3ForCausalLM) loads into mlx-lm's
+    ``bailing_moe_v3`` and takes that family's layout; both normalize the layer's output
+    for the next level (vLLM's MTP layers return final_layernorm's)."""
+    write_checkpoint(tmp_path / "v3", "bailing_moe_v3")
+    model, _ = load(str(tmp_path / "v3"))
+    assert type(model).__module__ == "mlx_lm.models.bailing_moe_v3"
+    assert model.args.model_type == "bailing_hybrid" and mtp.model_family(model) == "bailing_moe_v3"
+    layouts = {arch: mtp.FAMILIES[arch] for arch in BAILING}
+    assert layouts["bailing_hybrid"].zero_first and not layouts["bailing_moe_v3"].zero_first
+    assert all(layout.recurse_normed and layout.normed_hidden for layout in layouts.values())
+    assert model.speculative_streams.drafter._layout == layouts["bailing_moe_v3"]
 
 
 def test_a_layer_of_other_settings_is_refused_by_name(tmp_path):
