@@ -298,15 +298,11 @@ FAMILIES = {
     # Ling 2.5 (bailing_hybrid, BailingMoeV2_5ForCausalLM): DeepSeek's names, the layer
     # after the base's; its output normed (final_layernorm) for the next level, as vLLM
     # runs it; the embedding at position 0 zeroed (vLLM's V2.5)
-    "bailing_hybrid": MTPLayout(
-        prefix="model.layers.{n}.",
-        embed_norm="enorm",
-        hidden_norm="hnorm",
-        proj="eh_proj",
+    # (no head of its own either: vLLM loads the base's lm_head there)
+    "bailing_hybrid": replace(
+        _DEEPSEEK,
         final_norm="final_layernorm",
-        skip=("embed_tokens.",),
-        head="shared_head.head",
-        head_optional=True,  # (vLLM loads the base's lm_head there)
+        recurse_normed=True,
         block=_bailing_block,
         sanitized_as="model.layers.{last}.",
     ),
