@@ -43,6 +43,8 @@ from .cache import (
 from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
+from .batch_mtp import MTPRows
+from .mtp import MTPDrafter
 from .ragged_cache import RaggedKVCache, empty_ragged, ragged
 from .recurrent import has_recurrent_layers, tree_refusal
 
@@ -160,15 +162,22 @@ def _probe(model) -> Optional[str]:
     return None
 
 
-def _prefill_rows(model, cache: List[RaggedKVCache], feeds: List[List[int]], step: int) -> None:
+def _prefill_rows(model, cache: List[RaggedKVCache], feeds: List[List[int]], step: int,
+                  rows_hidden: Optional[Callable] = None) -> None:  # fmt: skip
     """Feeds row ``b`` of ``cache`` the tokens ``feeds[b]`` after its end, every row in
     each pass (padded to the longest; the padding is not kept), ``step`` tokens in all
-    per pass (at least one per row)."""
+    per pass (at least one per row). With ``rows_hidden``, each pass keeps the last
+    layer's states ``(B, w, D)``, given to ``rows_hidden(states, i, chunks)`` (the pass
+    fed ``feeds[b][i : i + len(chunks[b])]``)."""
     step = max(step // len(feeds), 1)
     for i in range(0, max(map(len, feeds), default=0), step):
         chunks = [f[i : i + step] for f in feeds]
         width = max(map(len, chunks))
-        model(mx.array([c + [c[-1] if c else 0] * (width - len(c)) for c in chunks]), cache=cache)
+        tokens = mx.array([c + [c[-1] if c else 0] * (width - len(c)) for c in chunks])
+        if rows_hidden is None:
+            model(tokens, cache=cache)
+        else:
+            rows_hidden(model.speculative_streams.prefill_rows(tokens, cache), i, chunks)
         for c in cache:
             c.advance([len(chunk) for chunk in chunks])
         mx.eval([c.state for c in cache])
@@ -185,8 +194,9 @@ def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: i
 
 def stream_runtime(model):
     """The model's :class:`~mlx_specstream.streams.StreamRuntime` if its own drafter
-    drafts a batch's rows: streams, or Medusa heads (from each row's last layer's
-    state in the verifying pass); else ``None``."""
+    drafts a batch's rows: streams, Medusa heads (from each row's last layer's state in
+    the verifying pass) or a checkpoint's MTP layers (:func:`drafts_rows`); else
+    ``None``."""
     rt = getattr(model, "speculative_streams", None)
     if rt is None or getattr(rt, "streams", None) is None and not drafts_rows(rt.drafter):
         return None
@@ -194,10 +204,11 @@ def stream_runtime(model):
 
 
 def drafts_rows(drafter) -> bool:
-    """Whether an attached ``drafter`` drafts from the verifying pass's states alone
-    (Medusa heads): MTP layers and ParallelSpec keep KV caches of their own, not
-    batched here."""
-    return getattr(drafter, "drafts_from_last_node", False)
+    """Whether an attached ``drafter`` drafts a batch's rows: Medusa heads (from the
+    verifying pass's states alone) and a checkpoint's MTP layers (their rows in a ragged
+    cache of their own: :mod:`~mlx_specstream.batch_mtp`); not ParallelSpec, whose
+    [MASK] rows are not batched here."""
+    return getattr(drafter, "drafts_from_last_node", False) or isinstance(drafter, MTPDrafter)
 
 
 def no_own_drafts(model) -> str:
@@ -205,10 +216,10 @@ def no_own_drafts(model) -> str:
     rt = getattr(model, "speculative_streams", None)
     drafter = getattr(rt, "drafter", None)
     if drafter is None:
-        return "the model has no speculative streams or Medusa heads"
-    return (f"the model's drafter ({type(drafter).__name__}) keeps a KV cache of its own, "
-            "which a batch's rows do not carry (streams and Medusa heads draft rows); "
-            "draft='ngram' drafts them by prompt lookup")  # fmt: skip
+        return "the model has no speculative streams, Medusa heads or MTP layers"
+    return (f"the model's drafter ({type(drafter).__name__}) does not draft a batch's rows "
+            "(streams, Medusa heads and MTP layers do); draft='ngram' drafts them by prompt "
+            "lookup")  # fmt: skip
 
 
 def reads_streams(model) -> bool:
@@ -260,7 +271,9 @@ class SpecBatcher:
     (``stream_pass="split"``, :meth:`~mlx_specstream.streams.StreamRuntime.rows_streams`).
     A model with Medusa heads drafts the same way: the chain of its heads' first
     choices over the verifying pass's last-layer state at that token
-    (:meth:`~mlx_specstream.streams.StreamRuntime.rows_heads`).
+    (:meth:`~mlx_specstream.streams.StreamRuntime.rows_heads`); one with a checkpoint's
+    MTP layer, the layer's chain from its rows of each row's tokens
+    (:class:`~mlx_specstream.batch_mtp.MTPRows`, fed on the host's step: not pipelined).
 
     With a draft model the rows draft together too: one pass feeds each row what
     the draft model has not seen (its last accepted tokens), then one pass per
@@ -322,11 +335,13 @@ class SpecBatcher:
                 raise ValueError("stream_pass='split': a shared-mode model's main rows read "
                                  "their streams, in the same pass")  # fmt: skip
         self.streams = stream_runtime(model) if streams or self.shared else None
-        # (Medusa heads: each row's chain from the verifying pass's states, no stream rows)
+        # (Medusa heads, MTP layers: each row's chain from the verifying pass's states)
         self.heads = self.streams is not None and self.streams.streams is None
         if self.heads and stream_pass == "split":
-            raise ValueError("stream_pass='split': Medusa heads draft from the verifying "
-                             "pass's states, with no pass of their own")  # fmt: skip
+            raise ValueError("stream_pass='split': Medusa heads and MTP layers draft from "
+                             "the verifying pass's states, with no pass of their own")  # fmt: skip
+        mtp = self.heads and isinstance(self.streams.drafter, MTPDrafter)
+        self.mtp = MTPRows(self.streams) if mtp else None
         self.fused = stream_pass == "fused"
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
@@ -474,6 +489,8 @@ class SpecBatcher:
             index = [at[r.uid] for r in keep]
             for c in self.cache + (self.draft_cache or []):
                 c.filter(index)
+            if self.mtp is not None:
+                self.mtp.filter(index)
             if self._flight is not None:  # (its rows are the batch's, in order)
                 self._flight = self._flight.filter(index) if keep else None
             if self._history is not None:
@@ -498,16 +515,39 @@ class SpecBatcher:
         """``cache``'s rows (if the batch has any), then the joining ``rows``, their
         ``caches`` merged and prefilled together (``prefill_batch_size`` rows at a
         time) with all of their tokens but the last."""
-        feeds = [r.history.tokens[c[0].offset - r.base : -1] for r, c in zip(rows, caches)]
-        size, new = self.prefill_batch_size or len(rows), None
+        starts = [c[0].offset - r.base for r, c in zip(rows, caches)]
+        feeds = [r.history.tokens[s:-1] for r, s in zip(rows, starts)]
+        size, new, mtp_new = self.prefill_batch_size or len(rows), None, None
+        mtp = self.mtp if model is self.model else None
         for g in range(0, len(rows), size):
             part = [ragged(layer) for layer in zip(*caches[g : g + size])]
-            _prefill_rows(model, part, feeds[g : g + size], self.prefill_step_size)
+            layer_part, hidden_to = None, None
+            if mtp is not None:  # (the MTP layer's rows of the tokens prefilled)
+                layer_part, hidden_to = self._mtp_rows(rows[g : g + size], starts[g : g + size])
+            _prefill_rows(model, part, feeds[g : g + size], self.prefill_step_size, hidden_to)
             new = part if new is None else [a.extend(b) for a, b in zip(new, part)]
+            if mtp is not None:
+                mtp_new = layer_part if mtp_new is None else mtp_new.extend(layer_part)
+        if mtp is not None:
+            joined = mtp.cache is None or not self.rows
+            mtp.cache = mtp_new if joined else mtp.cache.extend(mtp_new)
         for c, w in zip(new, sliding_windows(model)):  # (window layers: see RaggedKVCache)
             if isinstance(c, RaggedKVCache):
                 c.window = w
         return new if cache is None or not self.rows else [a.extend(b) for a, b in zip(cache, new)]
+
+    def _mtp_rows(self, rows: List[_Row], starts: List[int]):
+        """An empty MTP layer cache for ``rows`` joining, and the prefill's callback that
+        feeds it each pass's states paired with the tokens after those fed (each row's
+        tokens from ``starts[b]``: a cache given with it holds the ones before)."""
+        part = self.mtp.empty(len(rows))
+        nexts = [r.history.tokens[s + 1 :] for r, s in zip(rows, starts)]
+
+        def hidden_to(hidden, i, chunks):
+            nxt = [t[i : i + len(c)] for t, c in zip(nexts, chunks)]
+            self.mtp.join(part, hidden, nxt, [len(c) for c in chunks])
+
+        return part, hidden_to
 
     def step(self) -> List[RowTokens]:
         """One pass over every row (rows waiting join first, up to ``max_rows``):
@@ -529,6 +569,7 @@ class SpecBatcher:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         chosen = _sample(logprobs, rows)
         chosen_lp = mx.take_along_axis(logprobs, chosen[..., None], axis=-1)[..., 0]
+        chosen_on_device = chosen
         chosen, chosen_lp = chosen.tolist(), chosen_lp.astype(mx.float32).tolist()
 
         tokens = [accepted(d, c) for d, c in zip(drafts, chosen)]
@@ -537,10 +578,13 @@ class SpecBatcher:
                for b, (r, t, lps) in enumerate(zip(rows, tokens, chosen_lp))]  # fmt: skip
         for c in self.cache:
             c.advance(kept)
+        if self.mtp is not None:  # (the MTP layer's rows of what each row kept)
+            self.mtp.step(self.streams._main_hidden, chosen_on_device, kept)
         if self.draft_cache is not None:
             self._settle_drafts(rows)
         if any(r.uses_streams and o[3] is None for r, o in zip(rows, out)):  # next drafts
-            chains = self._stream_chains(mx.array([k - 1 for k in kept]), fused)
+            n = max(min(r.draft_tokens, self.streams.config.num_streams) for r in rows)
+            chains = self._stream_chains(mx.array([k - 1 for k in kept]), fused, n)
             for r, d in zip(rows, chains.tolist()):
                 r.streams_draft = d if r.uses_streams else []
         return self._leave(out)
@@ -567,10 +611,13 @@ class SpecBatcher:
             self.streams.release()  # (nothing of the batch outlives it)
         return [RowTokens(*o) for o in out]
 
-    def _stream_chains(self, nodes: mx.array, fused: bool) -> mx.array:
+    def _stream_chains(self, nodes: mx.array, fused: bool, n: Optional[int] = None) -> mx.array:
         """``(B, gamma)``: each row's streams' first choices at its token ``nodes[b]``
         of the last pass (from that pass's stream rows if ``fused``, else a pass of
-        their own)."""
+        their own); MTP layers: each row's chain of ``n`` levels from its last kept
+        token (``nodes``: the MTP rows' own, kept at the pass)."""
+        if self.mtp is not None:
+            return self.mtp.chains(n)
         if self.heads:
             slog = self.streams.rows_heads(nodes)
         elif fused:
@@ -611,6 +658,7 @@ class SpecBatcher:
         looks_up = any(_looks_up(r) for r in self.rows)
         return (
             self.pipeline
+            and self.mtp is None  # (an MTP layer's rows are fed on the host's step)
             # (a draft model's rows only while one drafts: its cache then never lags)
             and (self.draft_model is None
                  or self.drafts_on_device and any(r.draft_tokens for r in self.rows))

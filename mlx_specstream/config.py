@@ -431,7 +431,8 @@ class DrafterConfig(_Section):
         fault = None if self.batch is None else batch_choice_fault(self.batch, self.num_streams)
         require(fault is None, "batch", str(fault))
         if self.batch is not None and self.batch["draft"] == "streams":
-            require(self.kind == "medusa", "batch", "only Medusa heads draft a batch's rows")
+            require(self.kind in ("medusa", "mtp"), "batch",
+                    "only Medusa heads and MTP layers draft a batch's rows")  # fmt: skip
         self._check_tuned()
 
     @classmethod

@@ -455,7 +455,7 @@ class StreamRuntime:
                         out = base_call(self, x, mask, cache, *args, **kwargs)
                         rt._note_outputs(i, out)
                         if i == rt.num_layers - 1:
-                            rt._prefill_hidden.append(_split(out)[0][0])
+                            rt._prefill_hidden.append(_split(out)[0])
                         return out
                     if rt.state == "tail":
                         h = rt._tail_input if i == 0 else x
@@ -1061,10 +1061,18 @@ class StreamRuntime:
     def prefill(self, tokens: mx.array, cache, keep_hidden: bool = False) -> Optional[mx.array]:
         """A plain pass over prompt tokens ``(L,)`` into ``cache``; with ``keep_hidden``
         it returns the last layer's states ``(L, D)`` (a drafter's rows), else ``None``."""
+        if not keep_hidden:
+            self._run(None, tokens[None], cache)
+            return None
+        return self.prefill_rows(tokens[None], cache)[0]
+
+    def prefill_rows(self, tokens: mx.array, cache) -> mx.array:
+        """A plain pass over ``(B, L)`` tokens into ``cache`` (a batch's, with mlx-lm's
+        own masks and positions); returns the last layer's states ``(B, L, D)``."""
         self._prefill_hidden = []
-        self._run("prefill" if keep_hidden else None, tokens[None], cache)
+        self._run("prefill", tokens, cache)
         kept, self._prefill_hidden = self._prefill_hidden, []
-        return mx.concatenate(kept) if keep_hidden else None
+        return mx.concatenate(kept, axis=1)
 
     def _run(self, state: Optional[str], tokens: mx.array, cache) -> mx.array:
         """The model over ``(1, L)`` tokens with the hooks in ``state``. The first

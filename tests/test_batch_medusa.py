@@ -146,16 +146,16 @@ def test_auto_drafts_with_the_heads_and_follows_their_batch_tuning():
     cfg.batch = None
 
 
-def test_drafters_with_caches_of_their_own_and_a_split_pass_are_refused():
+def test_parallelspec_and_a_split_pass_are_refused():
     for kind in ("parallelspec",):
         model = drafter_model(kind)
-        with pytest.raises(ValueError, match="ParallelSpecDrafter.*KV cache of its own"):
+        with pytest.raises(ValueError, match="ParallelSpecDrafter.*does not draft a batch's"):
             list(batch_generate_step(model, PROMPTS, draft="streams"))
-        with pytest.raises(ValueError, match="KV cache of its own"):
+        with pytest.raises(ValueError, match="does not draft a batch's rows"):
             SpecBatcher(model, streams=True)
-    with pytest.raises(ValueError, match="no speculative streams or Medusa heads"):
+    with pytest.raises(ValueError, match="no speculative streams, Medusa heads or MTP"):
         list(batch_generate_step(tiny_model("llama"), PROMPTS, draft="streams"))
-    with pytest.raises(ValueError, match="Medusa heads draft from the verifying pass"):
+    with pytest.raises(ValueError, match="Medusa heads and MTP layers draft from the verifying"):
         SpecBatcher(medusa_model(), streams=True, stream_pass="split")
     with pytest.raises(ValueError, match="draft 3 tokens"):
         list(batch_generate_step(medusa_model(), PROMPTS, draft="streams", num_draft_tokens=4))
@@ -166,7 +166,8 @@ def test_a_drafter_config_s_batch_setting_is_checked():
     assert DrafterConfig(kind="medusa", batch=good).batch == good
     lookup = dict(good, draft="ngram")
     assert DrafterConfig(kind="mtp", batch=lookup).batch == lookup
-    with pytest.raises(ValueError, match="drafter.batch=.*only Medusa heads"):
+    assert DrafterConfig(kind="mtp", batch=good).batch == good
+    with pytest.raises(ValueError, match="drafter.batch=.*only Medusa heads and MTP layers"):
         DrafterConfig(kind="parallelspec", batch=good)
     with pytest.raises(ValueError, match="drafter.batch=.*num_streams=3"):
         DrafterConfig(kind="medusa", batch=dict(good, num_draft_tokens=4))

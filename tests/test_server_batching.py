@@ -147,18 +147,26 @@ def arrive_while_alone(svc, monkeypatch, first, others, n_before):
     return got
 
 
-@pytest.mark.parametrize("batch", ["streams", "medusa", "plain"])
-def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch, batch):
+@pytest.mark.parametrize("batch", ["streams", "medusa", "mtp", "plain"])
+def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch, batch,
+                                                             tmp_path):  # fmt: skip
     """A request decoding alone, speculatively, when two others arrive hands its
     cache over and goes on in a batch with them, from its next token: its answer,
     and theirs, equal plain decoding; its usage counts the tokens before (some from
-    accepted drafts) and those after. The batch's rows draft with the model's streams
-    or Medusa heads, or (a ParallelSpec drafter, whose KV cache rows do not carry)
-    decode plainly in mlx-lm's batch. Controls: a hand-over to mlx-lm's batch that
+    accepted drafts) and those after. The batch's rows draft with the model's streams,
+    Medusa heads or MTP layer (its rows starting at the hand-over), or (a ParallelSpec
+    drafter, which rows of a batch do not carry) decode plainly in mlx-lm's batch. Controls: a hand-over to mlx-lm's batch that
     leaves its last token out of the cache (an off-by-one) changes its answer; one to
     ours that leaves it in is refused."""
     if batch == "streams":
         model = tiny_spec_model("llama", vocab_size=V, num_streams=3, top_k=2, tree_depth=3)
+    elif batch == "mtp":
+        from test_mtp import write_checkpoint
+
+        from mlx_specstream import load
+
+        write_checkpoint(tmp_path / "ckpt", "mimo", seed=3, vocab_size=V)
+        model, _ = load(str(tmp_path / "ckpt"))
     else:
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
@@ -177,7 +185,7 @@ def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatc
         assert text[0] == alone(model, tok, p, n)[0]
     spec = got[0][1][0]["speculative"]
     assert 0 < spec["batched_tokens"] < 40 - 6
-    if batch != "plain":  # (this random ParallelSpec layer's drafts are never right)
+    if batch in ("streams", "medusa"):  # (these random layers' drafts are rarely right)
         assert spec["accepted_draft_tokens"] > 0 and spec["forward_passes"] < 40
 
     svc = service(model, tok)

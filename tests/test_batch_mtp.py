@@ -1,0 +1,125 @@
+"""Rows of a batch that draft with a checkpoint's own MTP layer (mlx_specstream.batch_mtp):
+after every pass, each row's draft levels equal a from-scratch computation from the
+checkpoint's raw tensors over that row's text (test_mtp.reference_levels), rows joining
+mid-way and rows whose lookup drafts were kept included; each row's output equals its
+prompt decoded alone, in the passes decoding alone with the layer's chain takes."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import plain_greedy, spec_tokens
+from mlx_lm.utils import load as mlx_lm_load
+from test_mtp import reference_levels, write_checkpoint
+
+import mlx_specstream.mtp as mtp
+from mlx_specstream import batch, load
+from mlx_specstream.batch import SpecBatcher, batch_generate_step
+
+PROMPTS = [[3, 4, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 7, 8], [2], [1, 2, 1, 2, 1, 2, 1]]
+LIMITS = [24, 30, 17, 40]
+JOINING = ([5, 6, 7, 5, 6, 7, 5], 20)
+
+
+def checkpoint(tmp_path, arch):
+    ref = write_checkpoint(tmp_path / "ckpt", arch, seed=3, weight_scale=1.0)
+    model, _ = load(str(tmp_path / "ckpt"))
+    plain, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    return model, plain, ref
+
+
+def levels_of_each_pass(model, monkeypatch, lookup=True):
+    """Decodes the prompts together (odd rows merging lookup in, a row joining after the
+    third pass); per pass, each row's text then and its levels' logits ``(n, V)``."""
+    seen, real = [], mtp.MTPDepth.logits
+
+    def recording(self, model_, out, vocab=None):
+        logits = real(self, model_, out, vocab)
+        seen.append(np.array(logits.astype(mx.float32))[:, 0])  # (B, V) of one level
+        return logits
+
+    monkeypatch.setattr(mtp.MTPDepth, "logits", recording)
+    batcher = SpecBatcher(model, streams=True)
+    for k, (p, n) in enumerate(zip(PROMPTS, LIMITS)):
+        draft = "streams+ngram" if lookup and k % 2 else "streams"
+        batcher.insert(p, max_tokens=n, num_draft_tokens=3, draft=draft)
+    passes, kept_more, step = [], 0, 0
+    while len(batcher):
+        seen.clear()
+        out = batcher.step()
+        kept_more += sum(len(r.tokens) > 1 for r in out)
+        rows = {r.uid: r for r in batcher.rows}  # (those still decoding: they drafted)
+        if seen:
+            levels = np.stack(seen, axis=1)  # (B, n, V), the pass's rows in order
+            for b, r in enumerate(out):
+                if r.uid in rows:
+                    passes.append((list(rows[r.uid].history.tokens), levels[b]))
+        step += 1
+        if step == 3:
+            batcher.insert(JOINING[0], max_tokens=JOINING[1], num_draft_tokens=3)
+    monkeypatch.undo()
+    return passes, kept_more
+
+
+@pytest.mark.parametrize(
+    "arch", ["mimo", "deepseek_v3", "glm4_moe", "step3p5", "deepseek_v32", "ernie4_5_moe"]
+)
+def test_each_row_s_levels_equal_the_raw_tensors_from_scratch(arch, tmp_path, monkeypatch):
+    """Every pass's levels of every row equal the layer run from scratch over the row's
+    text (rows 0..a: each token's hidden state and the next token's embedding, level 1
+    at the last fed token a, deeper levels by the layer again). Controls: the other
+    concatenation order and the other side of the base's final norm differ."""
+    model, plain, ref = checkpoint(tmp_path, arch)
+    passes, kept_more = levels_of_each_pass(model, monkeypatch)
+    assert kept_more >= 3, "rows rarely kept a draft: the ragged rows are not exercised"
+    assert len(passes) >= 20
+    for text, levels in passes:
+        a = len(text) - 2  # (the row's last fed token; the next one is pending)
+        want = reference_levels(plain, ref, text, a, levels.shape[0])
+        np.testing.assert_allclose(levels, want, atol=2e-4, rtol=2e-4)
+    text, levels = passes[len(passes) // 2]
+    for control in (dict(swap=True), dict(other_hidden=True)):
+        wrong = reference_levels(plain, ref, text, len(text) - 2, levels.shape[0], **control)
+        assert not np.allclose(levels, wrong, atol=1e-2), control
+
+
+@pytest.mark.parametrize("arch", ["mimo", "deepseek_v3"])
+def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(arch, tmp_path):
+    """mlx-lm's greedy tokens, in as many passes as decoding each prompt alone with the
+    layer's chain of 3."""
+    model, plain, _ = checkpoint(tmp_path, arch)
+    tokens, passes = [[] for _ in PROMPTS], [0] * len(PROMPTS)
+    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams"):
+        for r in out:
+            tokens[r.uid] += r.tokens
+            passes[r.uid] += 1
+    for p, n, got, k in zip(PROMPTS, LIMITS, tokens, passes):
+        assert got == plain_greedy(plain, p, n)
+        _, records = spec_tokens(model, p, n, tree_top_k=1, tree_depth=3)
+        assert k == records[-1][3]
+
+
+def test_a_row_joining_with_a_cache_of_earlier_context(tmp_path):
+    """A prompt cache holding context before the prompt: the layer's rows start at the
+    prompt (as one sequence's do with a reused cache), and the output is mlx-lm's."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, plain, _ = checkpoint(tmp_path, "mimo")
+    context, prompt = [9, 8, 7, 9, 8, 7], [9, 8]
+    cache = make_prompt_cache(plain)
+    plain(mx.array([context]), cache=cache)
+    steps = batch_generate_step(model, [prompt], max_tokens=20, draft="streams",
+                                prompt_caches=[cache])  # fmt: skip
+    got = [t for out in steps for r in out for t in r.tokens]
+    assert got == plain_greedy(plain, context + prompt, 20)
+
+
+def test_negative_control_an_unchecked_layer_draft(tmp_path, monkeypatch):
+    """A verifier that keeps one draft token unchecked changes the output."""
+    accepted = batch.accepted
+    monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(accepted(d, c))) + 1])
+    model, plain, _ = checkpoint(tmp_path, "mimo")
+    tokens = [[] for _ in PROMPTS]
+    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams"):
+        for r in out:
+            tokens[r.uid] += r.tokens
+    assert tokens != [plain_greedy(plain, p, n) for p, n in zip(PROMPTS, LIMITS)]
