@@ -346,32 +346,44 @@ def test_pipelined_rows_equal_unpipelined(stream_pass):
         assert got[uid]["tokens"] == cut
 
 
-@pytest.mark.parametrize("drafter", ["streams", "medusa"])
+@pytest.mark.parametrize("drafter", ["streams", "medusa", "mtp"])
 @pytest.mark.parametrize("control", [False, True], ids=["pipelined", "control-unchecked"])
-def test_pipelined_sampled_rows_keep_the_model_distribution(control, drafter, monkeypatch):
+def test_pipelined_sampled_rows_keep_the_model_distribution(control, drafter, monkeypatch,
+                                                            tmp_path):  # fmt: skip
     """Rows of two prompts interleaved, sampled at T = 1, drafting with the streams (or
-    Medusa heads) in pipelined passes: each prompt's rows against its exact distribution
-    (chi-square). Control: a device verifier that keeps the first draft token unchecked
-    (the next choice is then drawn after the draft, not after the drawn token)."""
+    Medusa heads) in pipelined passes (an MTP layer's: unpipelined): each prompt's rows
+    against its exact distribution (chi-square). Control: a verifier that keeps the first
+    draft token unchecked (the next choice is then drawn after the draft, not after the
+    drawn token)."""
     from test_batch import sampled_pvalues
 
     from mlx_specstream.sample_utils import make_sampler
 
     if control:
-        on_device = batch.accepted_on_device
+        on_device, on_host = batch.accepted_on_device, batch.accepted
         monkeypatch.setattr(batch, "accepted_on_device",
                             lambda i, c, d: mx.maximum(on_device(i, c, d), mx.minimum(d, 1)))  # fmt: skip
+        monkeypatch.setattr(batch, "accepted",
+                            lambda d, c: on_host(d, c) if on_host(d, c)[:-1] or not d
+                            else c[:2])  # fmt: skip
     shape = dict(hidden_size=32, intermediate_size=64)
     if drafter == "streams":
         model = tiny_spec_model("llama", vocab_size=6, weight_scale=4.0, num_streams=2,
                                 mode="lossless", model_args=shape)  # fmt: skip
-    else:
+    elif drafter == "medusa":
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
 
         model = tiny_model("llama", vocab_size=6, weight_scale=4.0, **shape)
         attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2), seed=3)
-    p = sampled_pvalues(model, make_sampler(temp=1.0), streams=True)
+    else:
+        from test_mtp import write_checkpoint
+
+        from mlx_specstream import load
+
+        write_checkpoint(tmp_path / "ckpt", "mimo", seed=3, vocab_size=6)
+        model, _ = load(str(tmp_path / "ckpt"))
+    p = sampled_pvalues(model, make_sampler(temp=1.0), streams=True, pipeline=drafter != "mtp")
     if control:
         # (it would fail the test below: a prompt's rows are off their distribution)
         assert min(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
