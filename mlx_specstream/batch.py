@@ -293,8 +293,8 @@ class SpecBatcher:
         keep_caches (bool): give a finished row's cache (:attr:`RowTokens.cache`).
         draft_model: an mlx-lm model with the same tokenizer (same conditions as
           ``model``) that drafts every row; ``None``: prompt lookup.
-        streams (bool): rows may draft with the model's own streams (or Medusa
-          heads: :func:`stream_runtime`). A shared-mode
+        streams (bool): rows may draft with the model's own streams (or Medusa heads,
+          or an MTP layer: :func:`stream_runtime`). A shared-mode
           model's rows always carry them (its main rows read them: its own
           decoding), with or without drafts.
         stream_pass (str): ``"fused"``: every fed token's stream rows go through
@@ -1036,7 +1036,8 @@ def batch_generate_step(
           row's own history.
         draft (str or None): where each row's drafts come from:
 
-          * ``"streams"``: the chain of the model's streams (or Medusa heads);
+          * ``"streams"``: the chain of the model's streams (or Medusa heads, or MTP
+            layer);
           * ``"ngram"``: prompt lookup; with ``draft_model``, a row's lookup chain
             where its tokens have a match, else the draft model's chain;
           * ``"streams+ngram"``: the lookup chain where it matches, else the streams'
