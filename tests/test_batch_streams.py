@@ -138,14 +138,21 @@ def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(
         assert k == records[-1][3]
 
 
+@pytest.mark.parametrize("drafter", ["streams", "medusa"])
 @pytest.mark.parametrize("pipeline", [False, True])
-def test_negative_control_an_unchecked_stream_draft(pipeline, monkeypatch):
-    """A verifier that keeps one draft token unchecked changes the output."""
+def test_negative_control_an_unchecked_stream_draft(pipeline, drafter, monkeypatch):
+    """A verifier that keeps one draft token unchecked changes the output (rows drafting
+    with streams, or with Medusa heads)."""
     accepted, on_device = batch.accepted, batch.accepted_on_device
     monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(accepted(d, c))) + 1])
     monkeypatch.setattr(batch, "accepted_on_device",
                         lambda i, c, d: mx.minimum(on_device(i, c, d) + 1, d))  # fmt: skip
-    model = stream_model()
+    if drafter == "streams":
+        model = stream_model()
+    else:
+        from test_drafters import drafter_model
+
+        model = drafter_model("medusa")
     tokens = [[] for _ in PROMPTS]
     for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
                                    pipeline=pipeline):  # fmt: skip
