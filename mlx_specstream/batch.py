@@ -45,7 +45,7 @@ from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
 from .batch_mtp import MTPRows
 from .mtp import MTPDrafter
-from .ragged_cache import RaggedKVCache, empty_ragged, ragged
+from .ragged_cache import RaggedKVCache, empty_ragged, padded_rows, ragged
 from .recurrent import has_recurrent_layers, tree_refusal
 
 DRAFTS = ("auto", "streams", "ngram", "streams+ngram", "draft_model", None)
@@ -172,8 +172,7 @@ def _prefill_rows(model, cache: List[RaggedKVCache], feeds: List[List[int]], ste
     step = max(step // len(feeds), 1)
     for i in range(0, max(map(len, feeds), default=0), step):
         chunks = [f[i : i + step] for f in feeds]
-        width = max(map(len, chunks))
-        tokens = mx.array([c + [c[-1] if c else 0] * (width - len(c)) for c in chunks])
+        tokens = padded_rows(chunks)
         if rows_hidden is None:
             model(tokens, cache=cache)
         else:
@@ -335,12 +334,13 @@ class SpecBatcher:
                 raise ValueError("stream_pass='split': a shared-mode model's main rows read "
                                  "their streams, in the same pass")  # fmt: skip
         self.streams = stream_runtime(model) if streams or self.shared else None
-        # (Medusa heads, MTP layers: each row's chain from the verifying pass's states)
-        self.heads = self.streams is not None and self.streams.streams is None
-        if self.heads and stream_pass == "split":
+        # (an attached drafter, Medusa heads or an MTP layer: each row's chain from the
+        # verifying pass's states, no stream rows)
+        self.attached = self.streams is not None and self.streams.streams is None
+        if self.attached and stream_pass == "split":
             raise ValueError("stream_pass='split': Medusa heads and MTP layers draft from "
                              "the verifying pass's states, with no pass of their own")  # fmt: skip
-        mtp = self.heads and isinstance(self.streams.drafter, MTPDrafter)
+        mtp = self.attached and isinstance(self.streams.drafter, MTPDrafter)
         self.mtp = MTPRows(self.streams) if mtp else None
         self.fused = stream_pass == "fused"
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
@@ -618,7 +618,7 @@ class SpecBatcher:
         token (``nodes``: the MTP rows' own, kept at the pass)."""
         if self.mtp is not None:
             return self.mtp.chains(n)
-        if self.heads:
+        if self.attached:  # (Medusa heads)
             slog = self.streams.rows_heads(nodes)
         elif fused:
             slog = self.streams.fused_streams(nodes)
@@ -644,7 +644,10 @@ class SpecBatcher:
         if self.streams is None:
             return self.model(inputs, cache=self.cache), False
         fused = (
-            self.shared or self.fused and not self.heads and any(r.uses_streams for r in self.rows)
+            self.shared
+            or self.fused
+            and not self.attached
+            and any(r.uses_streams for r in self.rows)
         )
         return self.streams.rows_pass(inputs, self.cache, streams=fused), fused
 
@@ -928,8 +931,7 @@ def _padded(rows: List[_Row], drafts: List[List[int]]) -> Tuple[List[List[int]],
     """Each row's pending token and draft (``fed``), and the pass's ``(B, W)`` inputs:
     them, padded with each row's last (padding is never kept)."""
     fed = [[r.history.tokens[-1]] + d for r, d in zip(rows, drafts)]
-    width = max(map(len, fed))
-    return fed, mx.array([f + [f[-1]] * (width - len(f)) for f in fed])
+    return fed, padded_rows(fed)
 
 
 def _row_draft(row: _Row, n: int, chain: List[int]) -> List[int]:

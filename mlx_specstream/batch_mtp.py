@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from .drafters import new_layer_cache
 from .mtp import MTPDrafter, _final_norm
-from .ragged_cache import empty_ragged
+from .ragged_cache import empty_ragged, padded_rows
 
 
 class MTPRows:
@@ -87,9 +87,7 @@ class MTPRows:
     def join(self, cache, hidden: mx.array, nxt: List[List[int]], kept: List[int]) -> None:
         """Rows joining: a prefill pass's states ``hidden`` ``(B, w, D)`` of their tokens
         and each one's next tokens ``nxt`` (padded to ``w``), ``kept[b]`` of them real."""
-        width = hidden.shape[1]
-        pad = [t + [t[-1] if t else 0] * (width - len(t)) for t in nxt]
-        self.feed(cache, hidden, mx.array(pad, dtype=mx.int32), kept)
+        self.feed(cache, hidden, padded_rows(nxt, hidden.shape[1]), kept)
         mx.eval(cache.state)
 
     def filter(self, index: List[int]) -> None:

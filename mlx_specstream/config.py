@@ -356,8 +356,8 @@ class DrafterConfig(_Section):
           ``python -m mlx_specstream.tune`` stores the fastest. Default: ``None``,
           the drafter's tree.
         draft_vocab (bool, optional): as in :class:`SpecStreamConfig`.
-        batch (dict, optional): as in :class:`SpecStreamConfig`, for Medusa heads
-          (``"streams"``: the heads' chain; the other drafters' rows draft by lookup
+        batch (dict, optional): as in :class:`SpecStreamConfig` (``"streams"``: the
+          chain of Medusa heads or of MTP layers; ParallelSpec's rows draft by lookup
           or not at all).
     """
 

@@ -369,11 +369,6 @@ def mtp_layout(model_type: str) -> MTPLayout:
     return FAMILIES[model_type]
 
 
-def _text_model(model) -> nn.Module:
-    """The language model of a vision-language wrapper (Qwen3.5's), else the model."""
-    return getattr(model, "language_model", None) or model
-
-
 def _final_norm(model) -> nn.Module:
     inner = model.model if hasattr(model, "model") else model.backbone  # (Nemotron-H's)
     return inner.norm if "norm" in inner else inner.norm_f

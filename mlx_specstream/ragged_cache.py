@@ -340,6 +340,14 @@ class RaggedKVCacheList(CacheList):
         return cls(*[RaggedKVCache([0] * rows) for _ in range(members)])
 
 
+def padded_rows(rows: Sequence[Sequence[int]], width: Optional[int] = None) -> mx.array:
+    """Token rows of different lengths as one ``(B, width)`` array (``width``: the
+    longest row's by default), each padded with its last token (an empty row with 0);
+    a batch's pass never keeps what its padding writes."""
+    width = max(map(len, rows)) if width is None else width
+    return mx.array([list(r) + [r[-1] if len(r) else 0] * (width - len(r)) for r in rows])
+
+
 def ragged(layer: Sequence) -> _BaseCache:
     """The rows ``layer`` (one layer cache per row: ``KVCache``, or a ``CacheList`` of
     them) merged into a batch's layer cache."""

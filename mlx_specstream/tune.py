@@ -445,8 +445,8 @@ def tune_batch(
 ):
     """How ``rows`` rows of a batch decode fastest on this device (``batch_generate``,
     the server's batches): prompt lookup of a few lengths and, with streams, their
-    chain of each depth through either stream pass (Medusa heads: their chain of each
-    depth), each in pipelined passes and
+    chain of each depth through either stream pass (Medusa heads, MTP layers: their
+    chain of each depth, one pass), each in pipelined passes and
     not, against rows without drafts,
     which win unless the fastest beats them by ``min_gain`` in ``confirm_rounds``
     back-to-back rounds.
@@ -468,7 +468,8 @@ def tune_batch(
     ways = [dict(draft="ngram", num_draft_tokens=n) for n in BATCH_LOOKUP_LENGTHS]
     rt = stream_runtime(model)
     if rt is not None:
-        # (a shared-mode model's stream rows go with its main rows; Medusa heads read them)
+        # (a shared-mode model's stream rows go with its main rows; an attached drafter
+        # reads the verifying pass's states)
         split = rt.config.mode == "lossless" and rt.streams is not None
         passes = ("fused", "split") if split else ("fused",)
         ways += [dict(draft="streams", num_draft_tokens=n, stream_pass=stream_pass)
