@@ -43,8 +43,7 @@ from .cache import (
 from .cli_args import DRAFT_MODEL_TOKENS
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookups
 from .precision import on_gpu
-from .batch_mtp import MTPRows
-from .mtp import MTPDrafter
+from .batch_drafters import layer_rows
 from .ragged_cache import RaggedKVCache, empty_ragged, padded_rows, ragged
 from .recurrent import has_recurrent_layers, tree_refusal
 
@@ -192,33 +191,21 @@ def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: i
 
 
 def stream_runtime(model):
-    """The model's :class:`~mlx_specstream.streams.StreamRuntime` if its own drafter
-    drafts a batch's rows: streams, Medusa heads (from each row's last layer's state in
-    the verifying pass) or a checkpoint's MTP layers (:func:`drafts_rows`); else
-    ``None``."""
+    """The model's :class:`~mlx_specstream.streams.StreamRuntime` if it drafts a batch's
+    rows with its own drafter: streams, or an attached drafter (Medusa heads, from each
+    row's last layer's state in the verifying pass; a checkpoint's MTP layers and the
+    ParallelSpec drafter, from their layer's rows: :mod:`~mlx_specstream.batch_drafters`);
+    else ``None``."""
     rt = getattr(model, "speculative_streams", None)
-    if rt is None or getattr(rt, "streams", None) is None and not drafts_rows(rt.drafter):
+    if rt is None or getattr(rt, "streams", None) is None and rt.drafter is None:
         return None
     return rt
 
 
-def drafts_rows(drafter) -> bool:
-    """Whether an attached ``drafter`` drafts a batch's rows: Medusa heads (from the
-    verifying pass's states alone) and a checkpoint's MTP layers (their rows in a ragged
-    cache of their own: :mod:`~mlx_specstream.batch_mtp`); not ParallelSpec, whose
-    [MASK] rows are not batched here."""
-    return getattr(drafter, "drafts_from_last_node", False) or isinstance(drafter, MTPDrafter)
-
-
 def no_own_drafts(model) -> str:
     """Why ``model``'s rows cannot draft with its own drafter in a batch."""
-    rt = getattr(model, "speculative_streams", None)
-    drafter = getattr(rt, "drafter", None)
-    if drafter is None:
-        return "the model has no speculative streams, Medusa heads or MTP layers"
-    return (f"the model's drafter ({type(drafter).__name__}) does not draft a batch's rows "
-            "(streams, Medusa heads and MTP layers do); draft='ngram' drafts them by prompt "
-            "lookup")  # fmt: skip
+    return ("the model has no speculative streams or attached drafter (Medusa heads, MTP "
+            "layers, ParallelSpec); draft='ngram' drafts its rows by prompt lookup")  # fmt: skip
 
 
 def reads_streams(model) -> bool:
@@ -271,8 +258,9 @@ class SpecBatcher:
     A model with Medusa heads drafts the same way: the chain of its heads' first
     choices over the verifying pass's last-layer state at that token
     (:meth:`~mlx_specstream.streams.StreamRuntime.rows_heads`); one with a checkpoint's
-    MTP layer, the layer's chain from its rows of each row's tokens
-    (:class:`~mlx_specstream.batch_mtp.MTPRows`, fed on the host's step: not pipelined).
+    MTP layer or a ParallelSpec drafter, the layer's chain from its rows of each row's
+    tokens (:mod:`~mlx_specstream.batch_drafters`, fed on the host's step: not
+    pipelined).
 
     With a draft model the rows draft together too: one pass feeds each row what
     the draft model has not seen (its last accepted tokens), then one pass per
@@ -293,7 +281,7 @@ class SpecBatcher:
         draft_model: an mlx-lm model with the same tokenizer (same conditions as
           ``model``) that drafts every row; ``None``: prompt lookup.
         streams (bool): rows may draft with the model's own streams (or Medusa heads,
-          or an MTP layer: :func:`stream_runtime`). A shared-mode
+          an MTP layer or a ParallelSpec drafter: :func:`stream_runtime`). A shared-mode
           model's rows always carry them (its main rows read them: its own
           decoding), with or without drafts.
         stream_pass (str): ``"fused"``: every fed token's stream rows go through
@@ -334,14 +322,15 @@ class SpecBatcher:
                 raise ValueError("stream_pass='split': a shared-mode model's main rows read "
                                  "their streams, in the same pass")  # fmt: skip
         self.streams = stream_runtime(model) if streams or self.shared else None
-        # (an attached drafter, Medusa heads or an MTP layer: each row's chain from the
+        # (an attached drafter, Medusa heads or a layer of its own: each row's chain from the
         # verifying pass's states, no stream rows)
         self.attached = self.streams is not None and self.streams.streams is None
         if self.attached and stream_pass == "split":
-            raise ValueError("stream_pass='split': Medusa heads and MTP layers draft from "
-                             "the verifying pass's states, with no pass of their own")  # fmt: skip
-        mtp = self.attached and isinstance(self.streams.drafter, MTPDrafter)
-        self.mtp = MTPRows(self.streams) if mtp else None
+            raise ValueError("stream_pass='split': attached drafters (Medusa heads, MTP "
+                             "layers, ParallelSpec) draft from the verifying pass's states, "
+                             "with no pass of their own")  # fmt: skip
+        # (MTP, ParallelSpec: the drafter's layer keeps rows of its own)
+        self.layer_rows = layer_rows(self.streams) if self.attached else None
         self.fused = stream_pass == "fused"
         self.model, self.draft_model, self.stop = model, draft_model, set(stop_tokens)
         self.prefill_step_size, self.max_rows = prefill_step_size, max_rows
@@ -489,8 +478,8 @@ class SpecBatcher:
             index = [at[r.uid] for r in keep]
             for c in self.cache + (self.draft_cache or []):
                 c.filter(index)
-            if self.mtp is not None:
-                self.mtp.filter(index)
+            if self.layer_rows is not None:
+                self.layer_rows.filter(index)
             if self._flight is not None:  # (its rows are the batch's, in order)
                 self._flight = self._flight.filter(index) if keep else None
             if self._history is not None:
@@ -517,35 +506,35 @@ class SpecBatcher:
         time) with all of their tokens but the last."""
         starts = [c[0].offset - r.base for r, c in zip(rows, caches)]
         feeds = [r.history.tokens[s:-1] for r, s in zip(rows, starts)]
-        size, new, mtp_new = self.prefill_batch_size or len(rows), None, None
-        mtp = self.mtp if model is self.model else None
+        size, new, layer_new = self.prefill_batch_size or len(rows), None, None
+        drafter = self.layer_rows if model is self.model else None
         for g in range(0, len(rows), size):
             part = [ragged(layer) for layer in zip(*caches[g : g + size])]
             layer_part, hidden_to = None, None
-            if mtp is not None:  # (the MTP layer's rows of the tokens prefilled)
-                layer_part, hidden_to = self._mtp_rows(rows[g : g + size], starts[g : g + size])
+            if drafter is not None:  # (the drafter layer's rows of the tokens prefilled)
+                layer_part, hidden_to = self._layer_rows(rows[g : g + size], starts[g : g + size])
             _prefill_rows(model, part, feeds[g : g + size], self.prefill_step_size, hidden_to)
             new = part if new is None else [a.extend(b) for a, b in zip(new, part)]
-            if mtp is not None:
-                mtp_new = layer_part if mtp_new is None else mtp_new.extend(layer_part)
-        if mtp is not None:
-            joined = mtp.cache is None or not self.rows
-            mtp.cache = mtp_new if joined else mtp.cache.extend(mtp_new)
+            if drafter is not None:
+                layer_new = layer_part if layer_new is None else layer_new.extend(layer_part)
+        if drafter is not None:
+            joined = drafter.cache is None or not self.rows
+            drafter.cache = layer_new if joined else drafter.cache.extend(layer_new)
         for c, w in zip(new, sliding_windows(model)):  # (window layers: see RaggedKVCache)
             if isinstance(c, RaggedKVCache):
                 c.window = w
         return new if cache is None or not self.rows else [a.extend(b) for a, b in zip(cache, new)]
 
-    def _mtp_rows(self, rows: List[_Row], starts: List[int]):
-        """An empty MTP layer cache for ``rows`` joining, and the prefill's callback that
+    def _layer_rows(self, rows: List[_Row], starts: List[int]):
+        """An empty drafter layer cache for ``rows`` joining, and the prefill's callback that
         feeds it each pass's states paired with the tokens after those fed (each row's
         tokens from ``starts[b]``: a cache given with it holds the ones before)."""
-        part = self.mtp.empty(len(rows))
+        part = self.layer_rows.empty(len(rows))
         nexts = [r.history.tokens[s + 1 :] for r, s in zip(rows, starts)]
 
         def hidden_to(hidden, i, chunks):
             nxt = [t[i : i + len(c)] for t, c in zip(nexts, chunks)]
-            self.mtp.join(part, hidden, nxt, [len(c) for c in chunks])
+            self.layer_rows.join(part, hidden, nxt, [len(c) for c in chunks])
 
         return part, hidden_to
 
@@ -578,8 +567,8 @@ class SpecBatcher:
                for b, (r, t, lps) in enumerate(zip(rows, tokens, chosen_lp))]  # fmt: skip
         for c in self.cache:
             c.advance(kept)
-        if self.mtp is not None:  # (the MTP layer's rows of what each row kept)
-            self.mtp.step(self.streams._main_hidden, chosen_on_device, kept)
+        if self.layer_rows is not None:  # (the drafter layer's rows of what each row kept)
+            self.layer_rows.step(self.streams._main_hidden, chosen_on_device, kept)
         if self.draft_cache is not None:
             self._settle_drafts(rows)
         if any(r.uses_streams and o[3] is None for r, o in zip(rows, out)):  # next drafts
@@ -614,10 +603,11 @@ class SpecBatcher:
     def _stream_chains(self, nodes: mx.array, fused: bool, n: Optional[int] = None) -> mx.array:
         """``(B, gamma)``: each row's streams' first choices at its token ``nodes[b]``
         of the last pass (from that pass's stream rows if ``fused``, else a pass of
-        their own); MTP layers: each row's chain of ``n`` levels from its last kept
-        token (``nodes``: the MTP rows' own, kept at the pass)."""
-        if self.mtp is not None:
-            return self.mtp.chains(n)
+        their own); a drafter with a layer of its own (MTP, ParallelSpec): each row's
+        chain of ``n`` levels from its last kept token (``nodes``: the layer's own rows,
+        kept at the pass)."""
+        if self.layer_rows is not None:
+            return self.layer_rows.chains(n)
         if self.attached:  # (Medusa heads)
             slog = self.streams.rows_heads(nodes)
         elif fused:
@@ -661,7 +651,7 @@ class SpecBatcher:
         looks_up = any(_looks_up(r) for r in self.rows)
         return (
             self.pipeline
-            and self.mtp is None  # (an MTP layer's rows are fed on the host's step)
+            and self.layer_rows is None  # (a drafter layer's rows are fed on the host's step)
             # (a draft model's rows only while one drafts: its cache then never lags)
             and (self.draft_model is None
                  or self.drafts_on_device and any(r.draft_tokens for r in self.rows))

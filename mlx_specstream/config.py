@@ -357,8 +357,7 @@ class DrafterConfig(_Section):
           the drafter's tree.
         draft_vocab (bool, optional): as in :class:`SpecStreamConfig`.
         batch (dict, optional): as in :class:`SpecStreamConfig` (``"streams"``: the
-          chain of Medusa heads or of MTP layers; ParallelSpec's rows draft by lookup
-          or not at all).
+          drafter's chain).
     """
 
     SECTION = DRAFTER_KEY
@@ -430,9 +429,6 @@ class DrafterConfig(_Section):
         )
         fault = None if self.batch is None else batch_choice_fault(self.batch, self.num_streams)
         require(fault is None, "batch", str(fault))
-        if self.batch is not None and self.batch["draft"] == "streams":
-            require(self.kind in ("medusa", "mtp"), "batch",
-                    "only Medusa heads and MTP layers draft a batch's rows")  # fmt: skip
         self._check_tuned()
 
     @classmethod

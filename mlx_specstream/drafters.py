@@ -161,10 +161,13 @@ def run_layer(
         out = layer(x, mask, cache)
     else:
         start = 0 if cache is None else _keys_cache(cache).offset
-        positions = mx.arange(start, start + x.shape[1])
-        out = layer(
-            x, llama4_attention_scale(positions, *scale).astype(x.dtype)[:, None], mask, cache
-        )
+        if isinstance(start, mx.array):  # (a batch's ragged cache: (B, 1, L, 1), as mlx-lm's)
+            positions = start[:, None] + mx.arange(x.shape[1])
+            attn_scale = llama4_attention_scale(positions, *scale)[:, None, :, None]
+        else:
+            positions = mx.arange(start, start + x.shape[1])
+            attn_scale = llama4_attention_scale(positions, *scale)[:, None]
+        out = layer(x, attn_scale.astype(x.dtype), mask, cache)
     return out[0] if isinstance(out, tuple) else out  # (Hunyuan's hands on its keys too)
 
 

@@ -1244,7 +1244,7 @@ class StreamRuntime:
         if self._rows_fused and i == self.num_layers - 1:
             self._stream_hidden = out[:, self._main_rows :]
             out = out[:, : self._main_rows]
-        if self.drafter is not None and i == self.num_layers - 1:  # (Medusa heads, MTP rows)
+        if self.drafter is not None and i == self.num_layers - 1:  # (an attached drafter's)
             self._main_hidden = out
         return _joined(out, rest)
 

@@ -445,9 +445,9 @@ def tune_batch(
 ):
     """How ``rows`` rows of a batch decode fastest on this device (``batch_generate``,
     the server's batches): prompt lookup of a few lengths and, with streams, their
-    chain of each depth through either stream pass (Medusa heads, MTP layers: their
-    chain of each depth, one pass), each in pipelined passes and
-    not, against rows without drafts,
+    chain of each depth through either stream pass (an attached drafter: its chain of
+    each depth, one pass), each in pipelined passes and
+    not (MTP's and ParallelSpec's chains: not), against rows without drafts,
     which win unless the fastest beats them by ``min_gain`` in ``confirm_rounds``
     back-to-back rounds.
 
@@ -457,6 +457,7 @@ def tune_batch(
         tokens/s and those of rows without drafts.
     """
     from .batch import stream_runtime, unbatchable
+    from .batch_drafters import keeps_layer_rows
 
     why = unbatchable(model)
     if why:
@@ -474,8 +475,11 @@ def tune_batch(
         passes = ("fused", "split") if split else ("fused",)
         ways += [dict(draft="streams", num_draft_tokens=n, stream_pass=stream_pass)
                  for n in range(1, rt.config.num_streams + 1) for stream_pass in passes]  # fmt: skip
+    # (a drafter layer's rows, MTP's or ParallelSpec's, are fed on the host's step: never
+    # pipelined)
+    layer = rt is not None and keeps_layer_rows(rt.drafter)
     for way in ways:  # (each pipelined and not: which pays depends on the device)
-        for pipeline in (True, False):
+        for pipeline in (False,) if layer and way["draft"] == "streams" else (True, False):
             trials.run(dict(way, pipeline=pipeline))
 
     def describe(best):

@@ -2,7 +2,8 @@
 verifying pass's last-layer state at its last kept token, and give the logits its
 sequence gets alone; each row's output equals its prompt decoded alone, in the passes
 that decoding alone with a chain of the heads takes (sampled rows keeping the model's
-distribution: tests/test_batch_streams.py). MTP layers and ParallelSpec (KV caches of their own) are refused by name.
+distribution: tests/test_batch_streams.py). A model without a drafter, and a split pass,
+are refused by name.
 """
 
 import json
@@ -134,17 +135,15 @@ def test_auto_drafts_with_the_heads_and_follows_their_batch_tuning():
     cfg.batch = None
 
 
-def test_parallelspec_and_a_split_pass_are_refused():
-    for kind in ("parallelspec",):
-        model = drafter_model(kind)
-        with pytest.raises(ValueError, match="ParallelSpecDrafter.*does not draft a batch's"):
-            list(batch_generate_step(model, PROMPTS, draft="streams"))
-        with pytest.raises(ValueError, match="does not draft a batch's rows"):
-            SpecBatcher(model, streams=True)
-    with pytest.raises(ValueError, match="no speculative streams, Medusa heads or MTP"):
-        list(batch_generate_step(tiny_model("llama"), PROMPTS, draft="streams"))
-    with pytest.raises(ValueError, match="Medusa heads and MTP layers draft from the verifying"):
-        SpecBatcher(medusa_model(), streams=True, stream_pass="split")
+def test_a_model_without_a_drafter_and_a_split_pass_are_refused():
+    plain = tiny_model("llama")
+    with pytest.raises(ValueError, match="no speculative streams or attached drafter"):
+        list(batch_generate_step(plain, PROMPTS, draft="streams"))
+    with pytest.raises(ValueError, match="no speculative streams or attached drafter"):
+        SpecBatcher(plain, streams=True)
+    for model in (medusa_model(), drafter_model("parallelspec")):
+        with pytest.raises(ValueError, match="attached drafters .* draft from the verifying"):
+            SpecBatcher(model, streams=True, stream_pass="split")
     with pytest.raises(ValueError, match="draft 3 tokens"):
         list(batch_generate_step(medusa_model(), PROMPTS, draft="streams", num_draft_tokens=4))
 
@@ -155,23 +154,24 @@ def test_a_drafter_config_s_batch_setting_is_checked():
     lookup = dict(good, draft="ngram")
     assert DrafterConfig(kind="mtp", batch=lookup).batch == lookup
     assert DrafterConfig(kind="mtp", batch=good).batch == good
-    with pytest.raises(ValueError, match="drafter.batch=.*only Medusa heads and MTP layers"):
-        DrafterConfig(kind="parallelspec", batch=good)
+    assert DrafterConfig(kind="parallelspec", batch=good).batch == good
     with pytest.raises(ValueError, match="drafter.batch=.*num_streams=3"):
         DrafterConfig(kind="medusa", batch=dict(good, num_draft_tokens=4))
     with pytest.raises(ValueError, match=r"drafter.tuned\['cpu:x'\]: drafter.batch"):
         DrafterConfig(kind="medusa", tuned={"cpu:x": {"batch": dict(good, rows="4")}})
 
 
-def test_tune_batch_times_the_heads_chains_and_stores_them_for_the_drafter(tmp_path, monkeypatch):
-    """The heads' chain of each depth (one pass: no split), lookup and no drafts, each
-    pipelined and not; the fastest goes into the drafter section's tuned entry, which
-    loads and which ``draft="auto"`` then follows."""
+@pytest.mark.parametrize("kind", ["medusa", "parallelspec"])
+def test_tune_batch_times_the_drafter_s_chains_and_stores_them(kind, tmp_path, monkeypatch):
+    """The heads' (or ParallelSpec's) chain of each depth (one pass: no split), lookup
+    and no drafts, each pipelined and not; the fastest goes into the drafter section's
+    tuned entry, which loads and which ``draft="auto"`` then follows."""
     from test_tune import BATCH_PROMPTS, fake_batch_speeds
 
     model = tiny_model("llama", vocab_size=16, weight_scale=1.0)
-    attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2), seed=3)
-    zero_drafter(model)
+    attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=2, top_k=2), seed=3)
+    if kind == "medusa":
+        zero_drafter(model)
     tokenizer = word_tokenizer(16, eos=15)
 
     def speed(tps, s):
@@ -185,10 +185,13 @@ def test_tune_batch_times_the_heads_chains_and_stores_them_for_the_drafter(tmp_p
     ways = {(m["draft"], m.get("num_draft_tokens"), m.get("stream_pass")) for m in measured}
     assert {("streams", n, "fused") for n in (1, 2)} <= ways
     assert not any(m.get("stream_pass") == "split" for m in measured)
+    # (ParallelSpec's rows are fed on the host's step: its chains are never pipelined)
+    pipelined = kind == "medusa"
+    assert any(m.get("pipeline") for m in measured if m["draft"] == "streams") == pipelined
     assert choice == dict(draft="streams", num_draft_tokens=2, stream_pass="fused", rows=3,
-                          pipeline=True)  # fmt: skip
+                          pipeline=pipelined)  # fmt: skip
 
-    config = {"model_type": "llama", "drafter": DrafterConfig().to_dict()}
+    config = {"model_type": "llama", "drafter": DrafterConfig(kind=kind).to_dict()}
     (tmp_path / "config.json").write_text(json.dumps(config))
     tune.save_choice(tmp_path, {"batch": choice})
     section = json.loads((tmp_path / "config.json").read_text())["drafter"]

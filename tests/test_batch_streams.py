@@ -138,11 +138,11 @@ def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(
         assert k == records[-1][3]
 
 
-@pytest.mark.parametrize("drafter", ["streams", "medusa"])
+@pytest.mark.parametrize("drafter", ["streams", "medusa", "parallelspec"])
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_negative_control_an_unchecked_stream_draft(pipeline, drafter, monkeypatch):
     """A verifier that keeps one draft token unchecked changes the output (rows drafting
-    with streams, or with Medusa heads)."""
+    with streams, Medusa heads or a ParallelSpec drafter)."""
     accepted, on_device = batch.accepted, batch.accepted_on_device
     monkeypatch.setattr(batch, "accepted", lambda d, c: c[: min(len(d), len(accepted(d, c))) + 1])
     monkeypatch.setattr(batch, "accepted_on_device",
@@ -152,7 +152,7 @@ def test_negative_control_an_unchecked_stream_draft(pipeline, drafter, monkeypat
     else:
         from test_drafters import drafter_model
 
-        model = drafter_model("medusa")
+        model = drafter_model(drafter)
     tokens = [[] for _ in PROMPTS]
     for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
                                    pipeline=pipeline):  # fmt: skip
@@ -353,12 +353,13 @@ def test_pipelined_rows_equal_unpipelined(stream_pass):
         assert got[uid]["tokens"] == cut
 
 
-@pytest.mark.parametrize("drafter", ["streams", "medusa", "mtp"])
+@pytest.mark.parametrize("drafter", ["streams", "medusa", "mtp", "parallelspec"])
 @pytest.mark.parametrize("control", [False, True], ids=["pipelined", "control-unchecked"])
 def test_pipelined_sampled_rows_keep_the_model_distribution(control, drafter, monkeypatch,
                                                             tmp_path):  # fmt: skip
     """Rows of two prompts interleaved, sampled at T = 1, drafting with the streams (or
-    Medusa heads) in pipelined passes (an MTP layer's: unpipelined): each prompt's rows
+    Medusa heads) in pipelined passes (an MTP layer's or a ParallelSpec drafter's:
+    unpipelined): each prompt's rows
     against its exact distribution (chi-square). Control: a verifier that keeps the first
     draft token unchecked (the next choice is then drawn after the draft, not after the
     drawn token)."""
@@ -377,12 +378,16 @@ def test_pipelined_sampled_rows_keep_the_model_distribution(control, drafter, mo
     if drafter == "streams":
         model = tiny_spec_model("llama", vocab_size=6, weight_scale=4.0, num_streams=2,
                                 mode="lossless", model_args=shape)  # fmt: skip
-    elif drafter == "medusa":
+    elif drafter in ("medusa", "parallelspec"):
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
 
         model = tiny_model("llama", vocab_size=6, weight_scale=4.0, **shape)
-        attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2), seed=3)
+        # (the control's power depends on what the random drafter drafts: ParallelSpec's
+        # seed 3 leaves it at p = 7e-6, seeds 4 and 6 at 2e-13 and 5e-12)
+        seed = 4 if drafter == "parallelspec" else 3
+        config = DrafterConfig(kind=drafter, num_draft_tokens=2, top_k=2)
+        attach_drafter(model, config, seed=seed)
     else:
         from test_mtp import write_checkpoint
 
@@ -390,7 +395,8 @@ def test_pipelined_sampled_rows_keep_the_model_distribution(control, drafter, mo
 
         write_checkpoint(tmp_path / "ckpt", "mimo", seed=3, vocab_size=6)
         model, _ = load(str(tmp_path / "ckpt"))
-    p = sampled_pvalues(model, make_sampler(temp=1.0), streams=True, pipeline=drafter != "mtp")
+    pipelined = drafter in ("streams", "medusa")
+    p = sampled_pvalues(model, make_sampler(temp=1.0), streams=True, pipeline=pipelined)
     if control:
         # (it would fail the test below: a prompt's rows are off their distribution)
         assert min(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"

@@ -147,15 +147,16 @@ def arrive_while_alone(svc, monkeypatch, first, others, n_before):
     return got
 
 
-@pytest.mark.parametrize("batch", ["streams", "medusa", "mtp", "plain"])
+@pytest.mark.parametrize("batch", ["streams", "medusa", "mtp", "parallelspec", "plain"])
 def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch, batch,
                                                              tmp_path):  # fmt: skip
     """A request decoding alone, speculatively, when two others arrive hands its
     cache over and goes on in a batch with them, from its next token: its answer,
     and theirs, equal plain decoding; its usage counts the tokens before (some from
     accepted drafts) and those after. The batch's rows draft with the model's streams,
-    Medusa heads or MTP layer (its rows starting at the hand-over), or (a ParallelSpec
-    drafter, which rows of a batch do not carry) decode plainly in mlx-lm's batch. Controls: a hand-over to mlx-lm's batch that
+    Medusa heads, MTP layer or ParallelSpec drafter (the last two: their layer's rows
+    starting at the hand-over), or (Medusa heads whose batch tuning has drafts off)
+    decode plainly in mlx-lm's batch. Controls: a hand-over to mlx-lm's batch that
     leaves its last token out of the cache (an off-by-one) changes its answer; one to
     ours that leaves it in is refused."""
     if batch == "streams":
@@ -171,9 +172,13 @@ def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatc
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
 
-        kind = "medusa" if batch == "medusa" else "parallelspec"
+        kind = "parallelspec" if batch == "parallelspec" else "medusa"
         model = tiny_model("llama", vocab_size=V)
         attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=2, top_k=2), seed=3)
+        if batch == "plain":  # (measured for batches on this device: no drafts)
+            model.speculative_streams.config.batch = dict(
+                draft=None, num_draft_tokens=0, stream_pass="fused", rows=4
+            )
     tok = word_tokenizer(V, eos=0)  # (a token this model never writes first: long answers)
     a, others = [3, 4, 5, 3, 4], PROMPTS[1:3]
 
