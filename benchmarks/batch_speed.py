@@ -18,7 +18,8 @@ Ways, interleaved in every round, on the same weights:
 * **ours, no drafts**: ``mlx_specstream.batch_generate(draft=None)``;
 * **ours, streams (fused / split)**: ``mlx_specstream.batch_generate`` with each row
   drafting the chain of the model's own (lossless-mode) streams, when it has them,
-  their rows in the verifying pass or in a second pass (Medusa heads: fused only);
+  their rows in the verifying pass or in a second pass (an attached drafter, Medusa
+  heads, an MTP layer or ParallelSpec: its chain, one pass);
 * **ours, lookup D**: ``mlx_specstream.batch_generate`` with prompt-lookup drafts of up
   to D tokens;
 * **ours, draft model (3)**: ``mlx_specstream.batch_generate`` with the shipped draft
@@ -112,7 +113,7 @@ def main():
         "ours, no drafts": lambda ps, **kw: _ours(model, tokenizer, ps, N, draft=None, **kw),
     }
     rt = stream_runtime(model)
-    if rt is not None:  # (Medusa heads: one pass, no split)
+    if rt is not None:  # (an attached drafter: one pass, no split)
         for how in ("fused", "split") if rt.streams is not None else ("fused",):
             ways[f"ours, streams ({how})"] = lambda ps, how=how, **kw: _ours(
                 model, tokenizer, ps, N, draft="streams", stream_pass=how, **kw

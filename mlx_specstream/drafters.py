@@ -25,13 +25,13 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 
+from .attention_masks import llama4_attention_scale
 from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
 from .recurrent import has_recurrent_layers
 from .streams import (
     hidden_size,
     layer_params,
-    llama4_attention_scale,
     llama4_scale_settings,
     own_class,
     text_args,

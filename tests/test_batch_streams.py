@@ -535,7 +535,7 @@ def test_ragged_cache_advanced_on_the_device():
 
 def test_rows_mask_golden():
     """rows_mask's worked example: two rows holding 1 and 0 tokens, two rows each."""
-    from mlx_specstream.streams import rows_mask
+    from mlx_specstream.attention_masks import rows_mask
 
     got = rows_mask(mx.array([[True, False], [True, True]]), mx.array([1, 0]), 1)
     assert got.shape == (2, 1, 2, 3)

@@ -46,8 +46,12 @@ PREFIX = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4, 1, 5, 2]
 
 
 def test_doc_examples():
-    for f in (streams.column_positions, streams.chunk_cut, streams.llama4_query_scale):
-        assert doctest.run_docstring_examples(f, {"mx": mx}) is None
+    """The worked examples of the mask functions (column_positions, chunk_cut,
+    llama4_query_scale, ...: attention_masks) and of streams."""
+    import mlx_specstream.attention_masks as masks
+
+    result = doctest.testmod(masks)
+    assert result.failed == 0 and result.attempted >= 10, result
     assert doctest.testmod(streams).failed == 0
 
 
