@@ -37,7 +37,8 @@ def test_ngram_draft(history, kwargs, want):
 
 
 def test_ngram_doc_examples():
-    assert doctest.testmod(ngram).failed == 0
+    result = doctest.testmod(ngram)
+    assert result.failed == 0 and result.attempted > 0, result
 
 
 def index_mismatches(index_type, trials=400):
