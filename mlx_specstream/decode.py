@@ -67,15 +67,9 @@ from .settings import (
     greedy,
     resolve_tree_settings,
 )
-from .streams import (
-    StepOutput,
-    StreamRuntime,
-    attach_chain_verifier,
-    attach_verifier,
-    get_runtime,
-    tree_on_chains_refusal,
-    vocab_size,
-)
+from .model_parts import vocab_size
+from .streams import attach_chain_verifier, attach_verifier, get_runtime, StepOutput, StreamRuntime
+from .support import tree_on_chains_refusal
 from .tree import (
     accept,
     accept_by_rejection,
@@ -925,7 +919,7 @@ def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
     ``num_draft_tokens`` (their top tokens, one each) when given, else the tree that
     the settings give on any model (:func:`resolve_tree_settings`: the call's, else the
     config's, tuned), verified as :meth:`~.recurrent.ChainCache.run` verifies trees
-    where the model takes them (:func:`~.streams.tree_on_chains_refusal`).
+    where the model takes them (:func:`~.support.tree_on_chains_refusal`).
 
     Example: 3 streams and an untuned config (``top_k`` 3, 16 nodes) give the static
     tree of 16 nodes, 3 levels; ``num_draft_tokens=2`` a chain of 2; ``tree_depth=0``

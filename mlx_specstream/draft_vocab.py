@@ -33,8 +33,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .streams import _embedding, get_runtime, submodule
-from .streams import vocab_size as model_vocab_size
+from .model_parts import embedding_of, submodule
+from .streams import get_runtime
+from .model_parts import vocab_size as model_vocab_size
 
 FILE = "draft_vocab.safetensors"
 KEY = "token_ids"
@@ -189,7 +190,7 @@ def head_path(model: nn.Module) -> Tuple[str, ...]:
         found = [m for name, m in model.named_modules()
                  if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and m.weight.shape[0] == rows
                  and not any(f".{n}." in f".{name}." for n in ("layers", "h", "blocks"))]  # fmt: skip
-        target = found[0] if len(found) == 1 else _embedding(model)
+        target = found[0] if len(found) == 1 else embedding_of(model)
     for name, module in model.named_modules():
         if module is target:
             return tuple(name.split("."))

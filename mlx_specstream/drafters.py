@@ -29,13 +29,7 @@ from .attention_masks import llama4_attention_scale
 from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
 from .recurrent import has_recurrent_layers
-from .streams import (
-    hidden_size,
-    layer_params,
-    llama4_scale_settings,
-    own_class,
-    text_args,
-)
+from .model_parts import hidden_size, layer_params, llama4_scale_settings, own_class, text_args
 
 
 class ResBlock(nn.Module):
@@ -345,7 +339,8 @@ def attach_drafter(
     Returns:
         nn.Module: the drafter (also ``model.speculative_streams.drafter``).
     """
-    from .streams import StreamRuntime, check_supported, init_or_load
+    from .streams import init_or_load, StreamRuntime
+    from .support import check_supported
 
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")

@@ -69,7 +69,8 @@ from .drafters import (
     run_layer,
 )
 from .recurrent import has_recurrent_layers
-from .streams import hidden_size, quantize_like, text_args
+from .model_parts import hidden_size, text_args
+from .streams import quantize_like
 
 
 @dataclass(frozen=True)
@@ -937,7 +938,8 @@ def attach_mtp(
     Returns:
         MTPDrafter: the drafter (also ``model.speculative_streams.drafter``).
     """
-    from .streams import StreamRuntime, check_supported
+    from .streams import StreamRuntime
+    from .support import check_supported
 
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")

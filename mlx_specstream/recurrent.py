@@ -71,15 +71,9 @@ from .tree import (
 from .config import VerifierConfig
 from .settings import apply_processors
 from .layout import layout_of
-from .streams import (
-    CHAIN_NOTE,
-    TreeUnsupported,
-    _swap_call,
-    check_supported,
-    get_runtime,
-    tree_on_chains_refusal,
-    vocab_size,
-)
+from .model_parts import vocab_size
+from .streams import _swap_call, get_runtime
+from .support import CHAIN_NOTE, check_supported, tree_on_chains_refusal, TreeUnsupported
 
 
 class SplitPoint:
@@ -352,7 +346,7 @@ def chain_cache_refusal(model: nn.Module) -> Optional[str]:
 
 def tree_refusal(model: nn.Module) -> Optional[str]:
     """Why the tree verifier cannot take ``model`` while chains through its own passes
-    can (:class:`~.streams.TreeUnsupported`: its recurrent layers, its positions out of
+    can (:class:`~.support.TreeUnsupported`: its recurrent layers, its positions out of
     reach, its layers' calls), else ``None``; judged once per model.
 
     Example: nanochat rotates its queries in a function, not a RoPE module, so a
@@ -386,7 +380,7 @@ def lookup_tree_refusal(model: nn.Module) -> Optional[str]:
     """Why several prompt-lookup drafts merged into a tree (``ngram_candidates > 1``)
     cannot be verified on ``model`` (``None``: they can): a model the tree verifier
     cannot take, or one with recurrent layers whose layers it cannot take apart
-    (:func:`~mlx_specstream.streams.tree_on_chains_refusal`; none without attention)."""
+    (:func:`~mlx_specstream.support.tree_on_chains_refusal`; none without attention)."""
     if not has_recurrent_layers(model):
         return tree_refusal(model)
     return tree_on_chains_refusal(model) if attends(model) else None
@@ -935,7 +929,7 @@ class DrafterChains:
 class StreamDrafts:
     """The model's own lossless-mode streams drafting for :func:`chain_generate_step`
     on a model with recurrent layers whose stream layers attend
-    (:func:`~mlx_specstream.streams.on_chains`).
+    (:func:`~mlx_specstream.support.on_chains`).
 
     Each pass keeps its rows' inputs to the first stream layer
     (:meth:`ChainCache.run` runs the runtime's chain pass, whose lower layers are the

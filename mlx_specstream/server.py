@@ -85,7 +85,8 @@ from .cli_args import (
     load_model,
 )
 from .generate import stream_generate, untuned_note
-from .streams import runtime_config, vocab_size
+from .model_parts import vocab_size
+from .streams import runtime_config
 from .openai_api import (
     RequestError,
     add_reasoning_and_calls,

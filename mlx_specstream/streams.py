@@ -9,9 +9,6 @@ do not change, and while no step is running every hook defers to the
 original class, so ``mlx_lm.generate`` on the same object is plain decoding.
 """
 
-import ast
-import inspect
-import textwrap
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -38,15 +35,32 @@ from .cache import (
     default_bucket,
     folding_cache,
     first_row,
-    kv_lists,
     sliding_windows,
-    window_of,
 )
 from .config import SpecStreamConfig, VerifierConfig
 from .layout import TreeLayout, layout_of, pad_hidden, place_window, with_prefix
+from .model_parts import (
+    attention_mask_apart,
+    attention_of,
+    cache_slots,
+    embedding_of,
+    hidden_size,
+    kv_offset,
+    kv_sources,
+    layer_params,
+    linear_modules,
+    linear_shape,
+    llama4_query_temperature,
+    llama4_scale_settings,
+    own_class,
+    position_embedding,
+    ropes_of,
+    submodule,
+)
 from .precision import on_cuda, on_gpu
 from .ragged_cache import RaggedKVCache
 from .rope import rope_settings, rotate, tables
+from .support import check_supported, tree_on_chains_refusal
 from .tree import prune_subtrees, subtree_parents
 
 STREAMS_FILE = "speculative_streams.safetensors"
@@ -138,124 +152,6 @@ class StepOutput:
         return self.layout.ancestors
 
 
-def _attention(layer):
-    """A decoder layer's attention module (DBRX's sits one module deeper, in
-    ``norm_attn_norm.attn``; Phixtral's is its ``mixer``), or None."""
-    for module in (layer, layer.get("norm_attn_norm")):
-        for name in ("self_attn", "attention", "attn", "mixer"):
-            if module is not None and name in module:
-                return module[name]
-    return None
-
-
-def _rope(layer):
-    """The RoPE module of a decoder layer's attention (EXAONE's sits one module
-    deeper, in ``attn.attention``; Qwen's and PLaMo's is ``rotary_emb``), or None."""
-    attn = _attention(layer)
-    for module in (attn, None if attn is None else getattr(attn, "attention", None)):
-        for name in ("rope", "rotary_emb"):
-            rope = None if module is None else getattr(module, name, None)
-            if isinstance(rope, nn.Module):
-                return rope
-    return None
-
-
-def _ropes(layer) -> list:
-    """Every RoPE module of a decoder layer's attention: :func:`_rope`'s, and a
-    sparse attention's indexer's (DeepSeek V3.2's, GLM-5's ``indexer.rope``)."""
-    rope = _rope(layer)
-    indexer = getattr(_attention(layer), "indexer", None)
-    extra = getattr(indexer, "rope", None)
-    return [r for r in (rope, extra) if r is not None]
-
-
-def position_embedding(model) -> Optional[nn.Module]:
-    """The learned absolute position embedding the model adds to its inputs
-    (``wpe``: GPT-2, StarCoder's gpt_bigcode), or ``None``."""
-    for owner in (model, getattr(model, "model", None), getattr(model, "transformer", None)):
-        wpe = getattr(owner, "wpe", None)
-        if isinstance(wpe, nn.Embedding):
-            return wpe
-    return None
-
-
-def _no_positions(layer) -> bool:
-    """Whether a decoder layer's attention applies no positions: it says so
-    (``use_rope`` False: the NoPE layers of EXAONE 4, Llama 4, ...), or it holds no
-    RoPE module and its call reads no position (:func:`reads_positions`: Jamba's,
-    Kimi Linear's). Such a layer sees positions only through its mask and the other
-    layers' states, so a tree needs nothing of it beyond the mask."""
-    attn = _attention(layer)
-    if getattr(attn, "is_local_attention", None) is False and getattr(attn, "rope", 0) is None:
-        return True  # (AFMoE's full layers: no RoPE module, rope set to None)
-    use_rope = getattr(attn, "use_rope", None)
-    if use_rope is not None:
-        return not use_rope
-    return attn is not None and _rope(layer) is None and not reads_positions(attn)
-
-
-POSITION_CALLS = ("rope", "rotary", "alibi", "position")  # (names of calls that place tokens)
-
-
-def reads_positions(module: nn.Module) -> bool:
-    """Whether ``module``'s call may apply positions itself: it reads an ``offset``
-    (a cache's, or its own argument), or calls something named after RoPE, rotary
-    embeddings, ALiBi or positions; ``True`` when its source cannot be read.
-
-    Example: Jamba's attention (projections, the cache, the attention) gives
-    ``False``; nanochat's, which calls ``apply_rotary_emb(queries,
-    offset=cache.offset)``, gives ``True``.
-    """
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(own_class(module).__call__)))
-    except (OSError, TypeError, SyntaxError):
-        return True
-    for n in ast.walk(tree):
-        if (isinstance(n, ast.Attribute) and n.attr == "offset") or (
-            isinstance(n, ast.Name) and n.id == "offset"
-        ):
-            return True
-        if isinstance(n, ast.Call):
-            f = n.func
-            name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-            if any(word in name.lower() for word in POSITION_CALLS):
-                return True
-    return False
-
-
-def submodule(module, path: str):
-    for part in path.split("."):
-        module = module[part]
-    return module
-
-
-def _is_linear(module) -> bool:
-    return isinstance(module, (nn.Linear, nn.QuantizedLinear)) or is_adapter(module)
-
-
-def is_adapter(module) -> bool:
-    """Whether ``module`` is an mlx-lm LoRA or DoRA adapter around a linear module
-    (``mlx_lm.load(..., adapter_path=...)``): it stands for that module, and the
-    stream LoRA goes around it, so stream rows see the adapted layer too."""
-    return hasattr(module, "lora_a") and isinstance(
-        getattr(module, "linear", None), (nn.Linear, nn.QuantizedLinear)
-    )
-
-
-def linear_modules(layer) -> List[str]:
-    """The paths of ``layer``'s linear modules, an adapter counting as the module it wraps.
-
-    Example: a layer whose ``mlp.up_proj`` is an adapter around ``mlp.up_proj.linear``
-    lists ``mlp.up_proj`` only.
-    """
-    modules = dict(layer.named_modules())
-    return sorted(
-        n
-        for n, m in modules.items()
-        if _is_linear(m) and not is_adapter(modules.get(n.rpartition(".")[0]))
-    )
-
-
 def lora_targets(model, config: SpecStreamConfig) -> List[List[str]]:
     """Per stream layer, the linear module paths that get stream LoRA."""
     first = len(model.layers) - config.num_stream_layers
@@ -283,16 +179,6 @@ def lora_shapes(model, config: SpecStreamConfig):
         {name: linear_shape(submodule(model.layers[first + j], name)) for name in targets}
         for j, targets in enumerate(lora_targets(model, config))
     ]
-
-
-def linear_shape(module):
-    """``(in, out)`` of a float or quantized linear module, or of an adapter's."""
-    if is_adapter(module):
-        module = module.linear
-    out_dims, cols = module.weight.shape
-    if isinstance(module, nn.QuantizedLinear):
-        return cols * 32 // module.bits, out_dims
-    return cols, out_dims
 
 
 def _swap_call(obj, make_call):
@@ -340,7 +226,7 @@ class StreamRuntime:
         # every layer's call: there the step's masks go in additive, made once.
         # (not where a layer reads the mask as bool: a sparse attention's indexer)
         sparse = any(
-            getattr(_attention(layer), "indexer", None) is not None for layer in model.layers
+            getattr(attention_of(layer), "indexer", None) is not None for layer in model.layers
         )
         self.additive_masks = on_cuda() and not sparse
         # A pass's cache views and masks in columns rounded up to a multiple of this
@@ -415,7 +301,7 @@ class StreamRuntime:
         # On the CPU, RoPE from tables read once per pass (mlx_specstream.rope):
         # per layer, the key of its module's tables (None: a class without them).
         # (per module: a DeepSeek V3.2 indexer's RoPE may differ from its attention's)
-        ropes = [r for layer in model.layers for r in _ropes(layer)]
+        ropes = [r for layer in model.layers for r in ropes_of(layer)]
         self._rope_keys = {id(r): _rope_key(r) for r in ropes}
         self._rope_tables = None  # during a CPU pass: {key: (positions, RopeTables)}
         self._full_rope_tables = {}  # positions 0 .. n - 1, per module settings and dtype
@@ -524,10 +410,10 @@ class StreamRuntime:
 
                 return __call__
 
-            for rope in _ropes(layer):  # (none: a NoPE layer, see _no_positions)
+            for rope in ropes_of(layer):  # (none: a NoPE layer, see no_positions)
                 _swap_call(rope, rope_call)
             scaled = self._scale_settings[i] is not None
-            apart = _attention_mask_apart(layer)
+            apart = attention_mask_apart(layer)
             _swap_call(
                 layer,
                 scaled_layer_call if scaled else attn_mask_layer_call if apart else layer_call,
@@ -548,7 +434,7 @@ class StreamRuntime:
         self._query_scale = None  # during such a layer's call: its rows' scales
         for i, layer in enumerate(self.model.layers):
             if self._temperature[i] is not None:
-                attn = _attention(layer)
+                attn = attention_of(layer)
                 _swap_call(attn, lambda base, i=i: self._tempered_call(base, i))
                 _swap_call(attn.q_proj, self._scaled_queries_call)
 
@@ -1098,7 +984,7 @@ class StreamRuntime:
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The base model's input embeddings of ``tokens``."""
-        return _embedding(self.model)(tokens)
+        return embedding_of(self.model)(tokens)
 
     def _insert_streams(self, h: mx.array) -> mx.array:
         layout, prefix = self._layout, self._prefix
@@ -1366,106 +1252,6 @@ def _joined(h: mx.array, rest):
     return h if rest is None else (h, *rest)
 
 
-def kv_sources(model) -> List[int]:
-    """Per decoder layer, the layer whose cache it reads: its own, or for a layer
-    that shares an earlier layer's keys and values (Gemma 4's last
-    ``num_kv_shared_layers``) that layer's, from the model's ``previous_kvs``.
-
-    Example: a Gemma 4 of 6 layers, sliding, sliding, full, sliding, sliding,
-    full, whose last 2 share: ``[0, 1, 2, 3, 3, 2]``.
-    """
-    models = [model, getattr(model, "language_model", None), getattr(model, "model", None)]
-    models += [getattr(m, name, None) for m in models[1:] for name in ("model", "language_model")]
-    for inner in models:
-        # (Gemma 3n's layers get their source's cache: ``layer_idx_to_cache_idx``)
-        for name in ("previous_kvs", "layer_idx_to_cache_idx"):
-            sources = getattr(inner, name, None)
-            if sources is not None and getattr(inner, "layers", None) is model.layers:
-                return [int(s) for s in sources]
-    return list(range(len(model.layers)))
-
-
-def cache_slots(model) -> List[Optional[int]]:
-    """Per decoder layer, the index in the model's cache list of the cache it attends
-    over (``None``: it has no attention): :func:`kv_sources` (each layer its own, or
-    the earlier layer's it shares), but where the model makes caches only for its
-    layers that attend (Nemotron-NAS: ``self_attn`` is ``None`` elsewhere), those
-    layers' in order.
-
-    Example: a Nemotron-NAS of 4 layers, the second and fourth without attention
-    (2 caches): ``[0, None, 1, None]``; a Nemotron-H of pattern ``M-*-`` (2 caches,
-    its MLP layers keep none) the same; a Gemma 4 of 6 layers whose last 2 share:
-    ``[0, 1, 2, 3, 3, 2]``.
-    """
-    made = model.make_cache() if hasattr(model, "make_cache") else None
-    attends = [getattr(layer, "self_attn", True) is not None for layer in model.layers]
-    if made is not None and len(made) == sum(attends) < len(attends):
-        slots = iter(range(len(made)))
-        return [next(slots) if a else None for a in attends]
-    # (Nemotron-H: caches for its mixer and attention layers only, in order; its MLP and
-    # MoE layers are handed none and hold no module that takes one)
-    takes = [any(_takes_cache(m) for m in layer.children().values()) for layer in model.layers]
-    handed = all("cache" in layer_params(layer) for layer in model.layers)
-    if made is not None and handed and len(made) == sum(takes) < len(takes):
-        slots = iter(range(len(made)))
-        return [next(slots) if t else None for t in takes]
-    return kv_sources(model)
-
-
-def _takes_cache(module) -> bool:
-    """Whether ``module`` is a module whose call takes a ``cache`` argument."""
-    if not isinstance(module, nn.Module):
-        return False
-    try:
-        return "cache" in inspect.signature(type(module).__call__).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def llama4_query_temperature(layer) -> Optional[tuple]:
-    """``(floor_scale, attn_scale)`` of a decoder layer whose attention scales its
-    queries by position without RoPE (Llama 4's NoPE layers with
-    ``attn_temperature_tuning``), else ``None``."""
-    attn = _attention(layer)
-    if not (_no_positions(layer) and getattr(attn, "attn_temperature_tuning", 0)):
-        return None
-    if not all(hasattr(attn, a) for a in ("floor_scale", "attn_scale", "q_proj")):
-        return None
-    return attn.floor_scale, attn.attn_scale
-
-
-def text_args(model):
-    """The language model's ``ModelArgs``: a vision-language wrapper's (Qwen3.5's
-    ``TextModelArgs``), the model's own, or its inner model's (Baichuan-M1's)."""
-    for owner in (getattr(model, "language_model", None), model, getattr(model, "model", None)):
-        for name in ("args", "config"):  # (Youtu-LLM's: config)
-            if owner is not None and hasattr(owner, name):
-                return getattr(owner, name)
-    raise ValueError(f"Cannot find the ModelArgs of {type(model).__module__}.")
-
-
-def _embedding(model) -> nn.Module:
-    paths = ("model.embed_tokens", "embed_tokens", "model.wte", "gpt_neox.embed_in",
-             "language_model.model.embed_tokens", "model.language_model.embed_tokens")  # fmt: skip
-    for path in paths:
-        try:
-            return submodule(model, path)
-        except (KeyError, AttributeError, TypeError):
-            continue
-    # (else the model's one token embedding, whatever its name: wte, word_embeddings, ...)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)) and ".layers." not in name]  # fmt: skip
-    if len(found) > 1:  # (GPT-BigCode's also embeds positions: the one of the vocabulary)
-        rows = getattr(text_args(model), "vocab_size", None)
-        found = [(name, m) for name, m in found if m.weight.shape[0] == rows]
-    if len(found) == 1:
-        return found[0][1]
-    raise ValueError(
-        f"Cannot find the input embedding of {type(model).__module__}"
-        + (f": several ({', '.join(n for n, _ in found)})." if found else ".")
-    )
-
-
 def _rope_key(rope) -> Optional[tuple]:
     """``(key, (dims, traditional))`` of a RoPE module whose tables can be read: the
     key holds every setting its rotation depends on, so that layers whose modules
@@ -1485,315 +1271,6 @@ def _in_dtype(a: mx.array, dtype) -> mx.array:
 
 def _lower_triangle(n: int) -> mx.array:
     return mx.array(np.tril(np.ones((n, n), bool)))
-
-
-class TreeUnsupported(ValueError):
-    """The tree verifier cannot take the model, but its own passes over a chain of
-    tokens decode as it does, one token at a time: prompt lookup and draft models
-    run on it, verified as chains (:func:`mlx_specstream.recurrent.chain_generate_step`),
-    as mlx-lm's draft-model decoding runs."""
-
-
-CHAIN_NOTE = (
-    " Prompt lookup (draft='ngram') and draft models run on it, their drafts verified "
-    "as chains through the model's own passes."
-)
-
-
-def check_chains(model: nn.Module) -> None:
-    """Raises ``ValueError`` when the model's own pass over several tokens does not
-    decode as it does one token at a time, or cannot be run here, so that no drafts
-    can be verified on it at all."""
-    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
-    if type(model).__module__.endswith(".muse_spark"):
-        raise ValueError(
-            f"Model type '{model_type}': its attention rotates queries and keys in a fused "
-            "Metal kernel from the cache's offset (qk_norm_rope), not through its RoPE "
-            "module, so a tree's positions cannot reach it, and chains of it cannot be "
-            "tested off Apple silicon; it is not supported."
-        )
-    if type(model).__module__.endswith(".phi3small"):
-        raise ValueError(
-            f"Model type '{model_type}': mlx-lm's block-sparse attention adds its boolean "
-            "causal mask to the scores (mlx-lm 0.32.2), so a pass over several tokens does "
-            "not give one-token decoding's logits; no speculation can equal its decoding."
-        )
-    layers = getattr(model, "layers", None) or []
-    if type(model).__module__.endswith(".plamo3") and not all(layer.full_attn for layer in layers):
-        raise ValueError(
-            f"Model type '{model_type}': over several tokens its sliding-window layers mask a "
-            "window of window_size + 1 keys, one token at a time its rotating cache holds "
-            "window_size (mlx-lm 0.32.2), so a pass over several tokens does not give "
-            "one-token decoding's logits; no speculation can equal its decoding."
-        )
-    linear = [
-        i
-        for i, layer in enumerate(layers)
-        if type(getattr(layer, "self_attn", None)).__name__ == "LinearSubblockReplacement"
-    ]
-    if linear:
-        raise ValueError(
-            f"Model type '{model_type}': layers {linear} replace their attention by a linear "
-            "map (Nemotron-NAS's replace_with_linear), which never writes the KVCache the "
-            "model hands it, so that cache does not count the tokens as the others do; "
-            "it is not supported (layers without attention, no_op, are)."
-        )
-    for layer in layers:
-        if type(_rope(layer)).__name__ == "DynamicNTKScalingRoPE":
-            raise ValueError(
-                f"Model type '{model_type}' uses dynamic NTK RoPE scaling, which cannot take "
-                "per-token positions."
-            )
-
-
-def on_chains(model: nn.Module, config, made: list) -> bool:
-    """Whether lossless-mode streams on a model with recurrent layers can draft for
-    chains (:mod:`mlx_specstream.recurrent`): every stream layer keeps a ``KVCache``
-    of its own (:func:`attending_top_layers`), so the stream rows run through
-    attention layers only, over the main rows' keys; the lower layers' passes are the
-    model's own.
-
-    Example: Qwen3-Next with full attention every 4th layer and 48 layers takes one
-    stream layer (layer 47 attends; layer 46 is a Gated DeltaNet), not two.
-    """
-    if isinstance(config, VerifierConfig) or getattr(config, "mode", None) != "lossless":
-        return False
-    return config.num_stream_layers <= attending_top_layers(model, made)
-
-
-def attending_top_layers(model: nn.Module, made: Optional[list] = None) -> int:
-    """How many of the model's top layers in a row keep a ``KVCache`` of their own
-    (``made``: its caches, made here when not given): the most stream layers a model
-    with recurrent layers takes (:func:`on_chains`).
-
-    Example: Qwen3-Next with full attention every 4th layer gives 1 (its top layer
-    attends, the one below keeps a recurrent state); a Llama gives all its layers.
-    """
-    from mlx_lm.models.cache import KVCache
-
-    if made is None:
-        made = model.make_cache() if hasattr(model, "make_cache") else None
-    if made is None:
-        return len(model.layers)
-    slots, n = cache_slots(model), 0
-    for i in reversed(range(len(model.layers))):
-        if slots[i] is None or slots[i] >= len(made) or type(made[slots[i]]) is not KVCache:
-            break
-        n += 1
-    return n
-
-
-def check_supported(model: nn.Module, config: SpecStreamConfig):
-    """Raises ``ValueError`` saying why ``model`` cannot run Speculative Streaming
-    (:class:`TreeUnsupported` where chains of drafts still run on it)."""
-    from mlx_lm.models.cache import ChunkedKVCache, KVCache
-
-    check_chains(model)
-    model_type = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
-    layers = getattr(model, "layers", None)
-    if not layers:
-        raise ValueError(f"Model type '{model_type}' exposes no decoder layers (model.layers).")
-    if config.num_stream_layers > len(layers):
-        raise ValueError(
-            f"speculative_streaming.num_stream_layers={config.num_stream_layers} exceeds "
-            f"the model's {len(layers)} layers."
-        )
-    made = model.make_cache() if hasattr(model, "make_cache") else None
-    chained = made is not None and on_chains(model, config, made)
-    if made is not None:
-        # (sliding-window layers keep their tokens in caches of ours: cache.model_caches)
-        kinds = {
-            type(c).__name__
-            for c in made
-            if type(c) not in (KVCache, ChunkedKVCache) and window_of(c) is None and not kv_lists(c)
-        }
-        if kinds and not chained:
-            raise TreeUnsupported(
-                f"Model type '{model_type}' uses {sorted(kinds)} caches; Speculative Streaming "
-                "needs a plain KVCache in every layer to roll back rejected drafts of a tree "
-                "(recurrent and hybrid caches cannot be rolled back)."
-                + CHAIN_NOTE
-                + " Lossless-mode streams run on it, verified as chains, where every stream "
-                "layer keeps a KVCache (num_stream_layers within its top attention layers)."
-            )
-    slots = cache_slots(model)
-    for i, c in enumerate(made or []):
-        at = slots.index(i) if i in slots else i  # (the first layer that reads cache i)
-        attn = _attention(layers[at]) if at < len(layers) else None
-        if kv_lists(c) and getattr(attn, "indexer", None) is None:
-            raise TreeUnsupported(
-                f"Model type '{model_type}': layer {i} keeps several key caches (a "
-                "CacheList) for attention other than DeepSeek V3.2's sparse one (MiniMax "
-                "M3's block-sparse attention places its queries by cache slot, which a "
-                "tree's rows do not follow; LongCat-Flash runs two attentions per layer); "
-                "the tree verifier does not take it." + CHAIN_NOTE
-            )
-    sources = kv_sources(model)
-    owners = [i for i, s in enumerate(sources) if s == i]
-    no_attention = [i for i, c in enumerate(slots) if c is None]
-    if made is not None and owners != list(range(len(made))) and not no_attention:
-        raise TreeUnsupported(
-            f"Model type '{model_type}' makes {len(made)} caches for its {len(layers)} "
-            + (
-                f"layers, of which {len(owners)} keep keys and values of their own: "
-                if owners != list(range(len(layers)))
-                else "layers: "
-            )
-            + "the verifier "
-            "needs a cache for each of the first layers and the others reading an earlier "
-            "layer's (as Gemma 4's KV-sharing layers, previous_kvs)." + CHAIN_NOTE
-        )
-    if not isinstance(config, VerifierConfig) and getattr(model_args(model), "use_cla", False):
-        raise ValueError(
-            f"Model type '{model_type}': its odd layers read the key and value projections "
-            "of the layer below (cross-layer attention, use_cla), which stream rows do not "
-            "have there; streams and drafters need each layer's own. Prompt lookup "
-            "(draft='ngram') and draft models run on it."
-        )
-    if not isinstance(config, VerifierConfig) and getattr(
-        model_args(model), "attn_res_block_size", None
-    ):
-        raise ValueError(
-            f"Model type '{model_type}': its layers mix in earlier blocks' states, one per "
-            "token (Kimi K3's attention residuals), which stream rows do not have; streams "
-            "are not supported. Prompt lookup (draft='ngram') and draft models run on it."
-        )
-    if not isinstance(config, VerifierConfig) and any("altup" in layer for layer in layers):
-        raise ValueError(
-            f"Model type '{model_type}': its layers pass several hidden states per token, "
-            "stacked (Gemma 3n's AltUp); streams and drafters need one. Prompt lookup "
-            "(draft='ngram') and draft models run on it."
-        )
-    first_top = len(layers) - config.num_stream_layers
-    if getattr(config, "mode", None) == "shared" and any(
-        s < first_top <= i for i, s in enumerate(sources)
-    ):
-        raise ValueError(
-            f"Model type '{model_type}': shared-mode streams need the stream layers' keys "
-            "and values of their own, and its stream layers read a lower layer's (KV-sharing "
-            "layers): use lossless mode."
-        )
-    for i, layer in enumerate(layers):
-        if chained and i < first_top:
-            continue  # (lower layers of a chain pass run as the model's own: no tree ops)
-        why = _layer_refusal(model, i, layer, slots)
-        if why is not None:
-            raise TreeUnsupported(f"Model type '{model_type}': {why}" + CHAIN_NOTE)
-
-
-def _attention_mask_apart(layer) -> bool:
-    """Whether decoder ``layer`` is called as ``layer(h, cache, attn_mask, ...)``, its
-    attention's mask apart from its mixer's (Falcon-H1's, beside a Mamba mixer)."""
-    takes = layer_params(layer)
-    return len(takes) >= 3 and takes[1] == "cache" and takes[2] == "attn_mask"
-
-
-def kv_offset(c) -> int:
-    """The tokens a layer's cache holds: its offset, or for a ``CacheList`` (Falcon-H1's
-    mixer state beside its keys) its first member that has one."""
-    if hasattr(c, "offset"):
-        return c.offset
-    return next(k.offset for k in c.caches if hasattr(k, "offset"))
-
-
-def _layer_refusal(model: nn.Module, i: int, layer, slots: list) -> Optional[str]:
-    """Why the tree verifier cannot take decoder layer ``i`` (``None``: it can): the
-    tree's masks go in through the layer's call, its positions through a RoPE module."""
-    takes = layer_params(layer)
-    plain = len(takes) >= 3 and "mask" in takes[1] and takes[2] == "cache"
-    plain = plain or _attention_mask_apart(layer)
-    if not plain and not _scaled_attention(model, layer):
-        return (
-            f"layer {i} ({type(layer).__name__}) takes ({', '.join(takes)}); the tree's "
-            "masks go to decoder layers called as layer(x, mask, cache), or "
-            "layer(x, attn_scale, mask, cache) as Ministral 3's."
-        )
-    rope = _rope(layer)
-    if rope is None and (_no_positions(layer) or position_embedding(model) is not None):
-        return None  # (positions from the model's inputs: position_embedding)
-    if slots[i] is None or rope is not None:
-        return None  # (RoPE, or no attention: Nemotron-NAS's no_op layers)
-    return (
-        f"layer {i} has no attention with a RoPE module; tree positions need rotary "
-        "embeddings applied inside attention."
-    )
-
-
-def tree_on_chains_refusal(model: nn.Module) -> Optional[str]:
-    """Why lossless streams on a model with recurrent layers (:func:`on_chains`)
-    cannot draft trees (``None``: they can). A tree pass runs each recurrent layer
-    as the model's own call, its mixers reading the tree along its paths
-    (:mod:`mlx_specstream.recurrent`), and every other layer through the tree
-    verifier's masks and positions, which each must take (:func:`_layer_refusal`).
-
-    Example: Qwen3-Next (Gated DeltaNet layers, and attention with RoPE) gives
-    ``None``, and so does Falcon-H1, whose layers run a Mamba mixer beside the
-    attention and take the attention's mask apart; Baichuan-M1, whose attention keeps
-    convolution states beside its keys (a ``CacheList`` its call mixes), gives the
-    reason.
-    """
-    made, slots = model.make_cache(), cache_slots(model)
-    if max((c for c in slots if c is not None), default=-1) >= len(made):
-        return (
-            f"its {len(made)} caches are not one per layer, nor one per layer that attends "
-            "(cache_slots), so which layers are recurrent is not known"
-        )
-    for i, layer in enumerate(model.layers):
-        c = None if slots[i] is None else made[slots[i]]
-        if isinstance(c, ArraysCache):
-            continue  # (a recurrent layer: its own call)
-        members = getattr(c, "caches", None) or ()
-        if any(isinstance(k, ArraysCache) for k in members) and not _attention_mask_apart(layer):
-            return (
-                f"layer {i} keeps a recurrent state beside an attention's keys (a "
-                "CacheList): its call mixes both, so its attention cannot take the tree's "
-                "masks apart from its mixer"
-            )
-        why = _layer_refusal(model, i, layer, slots)
-        if why is not None:
-            return why
-    return None
-
-
-def model_args(model):
-    """The model's ``args`` (its language model's, for a vision-language wrapper)."""
-    args = getattr(model, "args", None)
-    return getattr(args, "text_config", None) or args
-
-
-def own_class(module: nn.Module) -> type:
-    """The model's own class of ``module``, under any hook class of ours (``_swap_call``)."""
-    cls = type(module)
-    while cls.__dict__.get("_spec_hook"):
-        cls = cls.__mro__[1]
-    return cls
-
-
-def layer_params(layer) -> list:
-    """The names a decoder layer's call takes, ``self`` left out (its own class's call)."""
-    return list(inspect.signature(own_class(layer).__call__).parameters)[1:]
-
-
-def llama4_scale_settings(model, layer) -> Optional[tuple]:
-    """``(beta, max_positions)`` of the Llama 4 attention scale a decoder layer takes,
-    from its attention (Ministral 3's) or the model's ``rope_parameters`` (Mistral 4's);
-    ``None`` for a layer not called as ``layer(x, attn_scale, mask, cache)``."""
-    if layer_params(layer)[1:4] != ["attn_scale", "mask", "cache"]:
-        return None
-    attn = _attention(layer)
-    if all(hasattr(attn, a) for a in ("scaling_beta", "original_max_position_embeddings")):
-        return attn.scaling_beta, attn.original_max_position_embeddings
-    for owner in (model, getattr(model, "language_model", None)):
-        rope = getattr(getattr(owner, "args", None), "rope_parameters", None)
-        if isinstance(rope, dict) and "llama_4_scaling_beta" in rope:
-            return rope["llama_4_scaling_beta"], rope["original_max_position_embeddings"]
-    return None
-
-
-def _scaled_attention(model, layer) -> bool:
-    """Whether a decoder layer is called as ``layer(x, attn_scale, mask, cache)`` with
-    Llama 4's attention scale (:func:`llama4_scale_settings`)."""
-    return llama4_scale_settings(model, layer) is not None
 
 
 def attach_streams(
@@ -1845,38 +1322,6 @@ def attach_chain_verifier(model: nn.Module) -> "StreamRuntime":
         raise ValueError(f"Model type '{model_type}': no tree of drafts here: {why.rstrip('.')}.")
     model.speculative_streams = StreamRuntime(model, VerifierConfig())
     return model.speculative_streams
-
-
-def hidden_size(model) -> int:
-    """The width of the model's hidden states: from its ``args``, its language
-    model's (mlx-lm's vision-language wrappers: Gemma 3, Mistral 3, ...), or the
-    width of its decoder layers' input norm."""
-    for owner in (model, getattr(model, "language_model", None)):
-        args = getattr(owner, "args", None)
-        for name in ("hidden_size", "d_model", "n_embd", "dim", "model_dim"):
-            if isinstance(getattr(args, name, None), int):
-                return int(getattr(args, name))
-    norm = getattr(model.layers[0], "input_layernorm", None) if model.layers else None
-    if getattr(norm, "weight", None) is not None and norm.weight.ndim == 1:
-        return int(norm.weight.shape[0])
-    raise ValueError(
-        f"Cannot tell the hidden size of {type(model).__module__}: its args have no "
-        "hidden_size and its layers no input_layernorm."
-    )
-
-
-def vocab_size(model) -> int:
-    """The model's vocabulary: from its ``args``, its ``text_config`` or its language
-    model's (vision-language wrappers: Gemma 3n's args hold only the text config), or
-    the rows of its input embedding."""
-    for owner in (model, getattr(model, "language_model", None)):
-        args = getattr(owner, "args", None)
-        if isinstance(getattr(args, "vocab_size", None), int):
-            return int(args.vocab_size)
-        text = getattr(args, "text_config", None)
-        if isinstance(text, dict) and isinstance(text.get("vocab_size"), int):
-            return int(text["vocab_size"])
-    return int(_embedding(model).weight.shape[0])
 
 
 def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambda name, p: None):

@@ -50,7 +50,8 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .config import CONFIG_KEY, DRAFTER_KEY, SpecStreamConfig
 from .draft_vocab import check_size, head_rows, use_draft_vocab, vocab_of_examples
 from .recurrent import has_recurrent_layers
-from .streams import attach_streams, attending_top_layers, check_supported, get_runtime
+from .streams import attach_streams, get_runtime
+from .support import attending_top_layers, check_supported
 from .train_data import Example, load_examples, self_distill, subset
 
 TRAINING_DIR = "training"
@@ -780,7 +781,7 @@ def main(argv=None):
     layers = args.num_stream_layers
     if layers is None:
         layers = DEFAULT_STREAM_LAYERS
-        if has_recurrent_layers(model):  # (stream layers attend: streams.on_chains)
+        if has_recurrent_layers(model):  # (stream layers attend: support.on_chains)
             layers = min(DEFAULT_STREAM_LAYERS, attending_top_layers(model))
             print(f"[INFO] the model has recurrent layers: {layers} stream layer(s), its top "
                   "layers that attend (--num-stream-layers)")  # fmt: skip

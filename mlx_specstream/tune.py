@@ -49,7 +49,8 @@ from .generate import stream_generate
 from .mtp import MTPDrafter
 from .precision import compute_dtype, device_key, on_gpu
 from .recurrent import has_recurrent_layers, lookup_tree_refusal
-from .streams import get_runtime, tree_on_chains_refusal
+from .streams import get_runtime
+from .support import tree_on_chains_refusal
 
 
 def tokens_per_second(

@@ -692,7 +692,7 @@ def tiny_hybrid(arch="qwen3_next", vocab_size=8, seed=0, weight_scale=4.0, **ove
 
 def stream_hybrid(arch="qwen3_next", vocab_size=8, **kwargs):
     """A tiny model with recurrent layers and random lossless streams on its top layer
-    (an attention layer: ``streams.on_chains``)."""
+    (an attention layer: ``support.on_chains``)."""
     model = tiny_hybrid(arch, vocab_size=vocab_size, **kwargs)
     attach_streams(model, SpecStreamConfig(num_streams=3, num_stream_layers=1), seed=1)
     return model

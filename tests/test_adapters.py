@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlx_specstream import load, save
 from mlx_specstream.generate import generate
-from mlx_specstream.streams import linear_modules
+from mlx_specstream.model_parts import linear_modules
 
 V = 48
 PROMPT = " ".join(f"t{i}" for i in (3, 17, 9, 30, 12))

@@ -13,7 +13,9 @@ from mlx_lm.models import ministral3
 
 import mlx_specstream.streams as streams
 from mlx_specstream.attention_masks import llama4_attention_scale
-from mlx_specstream.streams import TreeUnsupported, attach_verifier, hidden_size
+from mlx_specstream.model_parts import hidden_size
+from mlx_specstream.streams import attach_verifier
+from mlx_specstream.support import TreeUnsupported
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
 N = 48  # (past position 8, where the tiny Ministral 3's attention scale first steps)

@@ -34,10 +34,19 @@ def levels_of_each_pass(model, monkeypatch, lookup=True):
 
     def recording(self, model_, out, vocab=None):
         logits = real(self, model_, out, vocab)
-        seen.append(np.array(logits.astype(mx.float32))[:, 0])  # (B, V) of one level
+        seen.append(np.array(logits.astype(mx.float32)))  # (B, 1, V): one level
         return logits
 
     monkeypatch.setattr(mtp.MTPDepth, "logits", recording)
+    try:
+        return each_pass_levels(model, seen, lookup)
+    finally:
+        monkeypatch.undo()
+
+
+def each_pass_levels(model, seen, lookup=True):
+    """:func:`levels_of_each_pass`'s loop, for a drafter whose levels' logits ``(B, k, V)``
+    a recording appends to ``seen`` as a pass drafts them."""
     batcher = SpecBatcher(model, streams=True)
     for k, (p, n) in enumerate(zip(PROMPTS, LIMITS)):
         draft = "streams+ngram" if lookup and k % 2 else "streams"
@@ -49,14 +58,13 @@ def levels_of_each_pass(model, monkeypatch, lookup=True):
         kept_more += sum(len(r.tokens) > 1 for r in out)
         rows = {r.uid: r for r in batcher.rows}  # (those still decoding: they drafted)
         if seen:
-            levels = np.stack(seen, axis=1)  # (B, n, V), the pass's rows in order
+            levels = np.concatenate(seen, axis=1)  # (B, n, V), the pass's rows in order
             for b, r in enumerate(out):
                 if r.uid in rows:
                     passes.append((list(rows[r.uid].history.tokens), levels[b]))
         step += 1
         if step == 3:
             batcher.insert(JOINING[0], max_tokens=JOINING[1], num_draft_tokens=3)
-    monkeypatch.undo()
     return passes, kept_more
 
 
@@ -101,9 +109,15 @@ def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(arch, tmp_
 def test_a_row_joining_with_a_cache_of_earlier_context(tmp_path):
     """A prompt cache holding context before the prompt: the layer's rows start at the
     prompt (as one sequence's do with a reused cache), and the output is mlx-lm's."""
+    model, plain, _ = checkpoint(tmp_path, "mimo")
+    assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, plain)
+
+
+def assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, plain):
+    """``model``'s row joining with a cache of ``plain``'s over earlier context gives
+    ``plain``'s greedy tokens after context and prompt."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, plain, _ = checkpoint(tmp_path, "mimo")
     context, prompt = [9, 8, 7, 9, 8, 7], [9, 8]
     cache = make_prompt_cache(plain)
     plain(mx.array([context]), cache=cache)

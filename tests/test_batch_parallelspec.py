@@ -9,6 +9,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import plain_greedy, spec_tokens
+from test_batch_mtp import (
+    LIMITS,
+    PROMPTS,
+    assert_a_row_with_earlier_context_decodes_as_mlx_lm,
+    each_pass_levels,
+)
 from test_drafters import drafter_model
 
 from mlx_specstream.batch import SpecBatcher, batch_generate_step
@@ -16,10 +22,6 @@ from mlx_specstream.batch_drafters import ParallelSpecRows
 from mlx_specstream.draft_vocab import use_draft_vocab
 from mlx_specstream.drafters import run_layer
 from mlx_specstream.streams import StreamRuntime
-
-PROMPTS = [[3, 4, 5, 3, 4], [7, 8, 9, 10, 11, 12, 13, 7, 8], [2], [1, 2, 1, 2, 1, 2, 1]]
-LIMITS = [24, 30, 17, 40]
-JOINING = ([5, 6, 7, 5, 6, 7, 5], 20)
 
 
 def levels_from_scratch(model, text, a, n, shift=0, normed=False):
@@ -41,8 +43,8 @@ def levels_from_scratch(model, text, a, n, shift=0, normed=False):
 
 
 def levels_of_each_pass(model, monkeypatch):
-    """Decodes the prompts together (odd rows merging lookup in, a row joining after the
-    third pass); per pass, each row's text then and its levels' logits ``(n, V)``."""
+    """As test_batch_mtp's: per pass, each row's text then and its levels' logits
+    ``(n, V)`` (the drafter's head over its last real row and its masks)."""
     seen, real = [], StreamRuntime.head
 
     def recording(self, h, draft=False):
@@ -52,26 +54,10 @@ def levels_of_each_pass(model, monkeypatch):
         return logits
 
     monkeypatch.setattr(StreamRuntime, "head", recording)
-    batcher = SpecBatcher(model, streams=True)
-    for k, (p, n) in enumerate(zip(PROMPTS, LIMITS)):
-        batcher.insert(p, max_tokens=n, num_draft_tokens=3,
-                       draft="streams+ngram" if k % 2 else "streams")  # fmt: skip
-    passes, kept_more, step = [], 0, 0
-    while len(batcher):
-        seen.clear()
-        out = batcher.step()
-        kept_more += sum(len(r.tokens) > 1 for r in out)
-        rows = {r.uid: r for r in batcher.rows}  # (those still decoding: they drafted)
-        if seen:
-            (levels,) = seen  # (B, n, V): one head call a pass
-            for b, r in enumerate(out):
-                if r.uid in rows:
-                    passes.append((list(rows[r.uid].history.tokens), levels[b]))
-        step += 1
-        if step == 3:
-            batcher.insert(JOINING[0], max_tokens=JOINING[1], num_draft_tokens=3)
-    monkeypatch.undo()
-    return passes, kept_more
+    try:
+        return each_pass_levels(model, seen)
+    finally:
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("arch", ["llama", "deepseek_v32", "ministral3"])
@@ -118,16 +104,8 @@ def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(arch, bits
 def test_a_row_joining_with_a_cache_of_earlier_context():
     """A prompt cache holding context before the prompt: the layer's rows start at the
     prompt (as one sequence's do with a reused cache), and the output is mlx-lm's."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     model = drafter_model("parallelspec", weight_scale=1.0, top_k=1)
-    context, prompt = [9, 8, 7, 9, 8, 7], [9, 8]
-    cache = make_prompt_cache(model)
-    model(mx.array([context]), cache=cache)
-    steps = batch_generate_step(model, [prompt], max_tokens=20, draft="streams",
-                                prompt_caches=[cache])  # fmt: skip
-    got = [t for out in steps for r in out for t in r.tokens]
-    assert got == plain_greedy(model, context + prompt, 20)
+    assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, model)
 
 
 def test_rows_rank_the_draft_vocabulary_only(monkeypatch):

@@ -20,7 +20,8 @@ import mlx_specstream.recurrent as recurrent
 from mlx_specstream import SpecStreamConfig, attach_streams
 from mlx_specstream.batch import unbatchable
 from mlx_specstream.recurrent import ChainCache, tree_refusal
-from mlx_specstream.streams import TreeUnsupported, attach_verifier
+from mlx_specstream.streams import attach_verifier
+from mlx_specstream.support import TreeUnsupported
 
 
 @pytest.mark.parametrize("arch", ["nanochat", "minimax_m3_vl"])

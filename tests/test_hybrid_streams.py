@@ -15,11 +15,12 @@ from test_recurrent import PROMPTS, lookup, one_order_rows
 
 import mlx_specstream.recurrent as recurrent
 from mlx_specstream import SpecStreamConfig, attach_streams
-from mlx_specstream.streams import TreeUnsupported, get_runtime
+from mlx_specstream.streams import get_runtime
+from mlx_specstream.support import TreeUnsupported
 from mlx_specstream.tree import path_to
 
 # Hybrids whose top layer attends (a KVCache): one stream layer there.
-# (Jamba's and Kimi Linear's attention applies no positions: streams.reads_positions)
+# (Jamba's and Kimi Linear's attention applies no positions: model_parts.reads_positions)
 STREAM_HYBRIDS = ["bailing_hybrid", "bailing_moe_linear", "gear", "granitemoehybrid", "jamba",
                   "kimi_linear", "lfm2", "lfm2-vl", "lfm2_moe", "olmo_hybrid", "qwen3_5",
                   "qwen3_5_moe", "qwen3_next"]  # fmt: skip
@@ -196,7 +197,7 @@ def test_tree_on_chains_refusal_golden():
     """Hybrids whose stream trees the verifier takes, and those it refuses with the
     reason: a layer keeping a mixer's state inside its attention (Baichuan-M1), a layer called
     otherwise than layer(x, mask, cache) (RecurrentGemma)."""
-    from mlx_specstream.streams import tree_on_chains_refusal
+    from mlx_specstream.support import tree_on_chains_refusal
 
     for arch in STREAM_HYBRIDS:
         assert tree_on_chains_refusal(tiny_hybrid(arch)) is None, arch
@@ -296,7 +297,7 @@ def test_attending_top_layers_golden():
     second layer (1), a Llama in all (4), Mamba 2 in none (0)."""
     from helpers import tiny_model
 
-    from mlx_specstream.streams import attending_top_layers
+    from mlx_specstream.support import attending_top_layers
 
     assert attending_top_layers(tiny_hybrid("qwen3_next")) == 1
     assert attending_top_layers(tiny_model("llama", 8)) == 4
@@ -309,12 +310,12 @@ def test_reads_positions_golden():
     import mlx.nn as nn
     from helpers import tiny_chain_model, tiny_model
 
-    from mlx_specstream.streams import _attention, reads_positions
+    from mlx_specstream.model_parts import attention_of, reads_positions
 
-    assert not reads_positions(_attention(tiny_hybrid("jamba").layers[3]))
-    assert not reads_positions(_attention(tiny_hybrid("kimi_linear").layers[3]))
-    assert reads_positions(_attention(tiny_chain_model("nanochat").layers[0]))  # (a function)
-    assert reads_positions(_attention(tiny_model("llama", 8).layers[0]))  # (self.rope)
+    assert not reads_positions(attention_of(tiny_hybrid("jamba").layers[3]))
+    assert not reads_positions(attention_of(tiny_hybrid("kimi_linear").layers[3]))
+    assert reads_positions(attention_of(tiny_chain_model("nanochat").layers[0]))  # (a function)
+    assert reads_positions(attention_of(tiny_model("llama", 8).layers[0]))  # (self.rope)
 
     class Shifted(nn.Module):  # (positions from the cache's offset, by no RoPE name)
         def __call__(self, x, mask=None, cache=None):

@@ -43,7 +43,9 @@ from mlx_specstream import (
     make_prompt_cache,
 )
 from mlx_specstream.cache import WindowKVCache
-from mlx_specstream.streams import TreeUnsupported, attach_verifier, kv_sources
+from mlx_specstream.model_parts import kv_sources, own_class
+from mlx_specstream.streams import attach_verifier
+from mlx_specstream.support import TreeUnsupported
 
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]  # (repeats: lookup drafts from the first step)
 N = 48  # (six windows of 8)
@@ -140,7 +142,7 @@ def test_negative_control_sharing_layers_at_their_sources_offset(monkeypatch):
     model = tiny_spec_model("gemma4_text", num_streams=3)
     for i in SHARING:
         rope = model.layers[i].self_attn.rope
-        base = streams.own_class(rope)
+        base = own_class(rope)
         call = lambda self, x, offset=0, base=base: base.__call__(self, x, offset=offset)  # noqa
         monkeypatch.setattr(type(rope), "__call__", call)
     off = tree_logits_off_plain(model)
@@ -358,7 +360,7 @@ def test_gemma3n_tree_rows_logits_are_plain_decodings(monkeypatch):
     assert tree_logits_off_plain(model, rt).max() < 1e-5
     for i in SHARING:
         rope = model.layers[i].self_attn.rope
-        base = streams.own_class(rope)
+        base = own_class(rope)
         call = lambda self, x, offset=0, base=base: base.__call__(self, x, offset=offset)  # noqa
         monkeypatch.setattr(type(rope), "__call__", call)
     off = tree_logits_off_plain(model, rt)

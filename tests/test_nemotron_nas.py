@@ -1,6 +1,6 @@
 """Nemotron-NAS (Llama-3.1/3.3-Nemotron Super and Ultra): layers whose attention is
 removed (``no_op``) get no cache from the model, so its cache list is shorter than its
-layers; ``streams.cache_slots`` maps each layer to its cache. Tiny config: 4 layers,
+layers; ``model_parts.cache_slots`` maps each layer to its cache. Tiny config: 4 layers,
 the second and fourth without attention (the fourth is a stream layer), the third
 without an MLP. Its ``test_architectures`` entries check lookup and stream trees."""
 
@@ -16,8 +16,10 @@ from helpers import (
 )
 from test_batch import LIMITS, alone, decode
 
-import mlx_specstream.streams as streams
-from mlx_specstream.streams import TreeUnsupported, attach_verifier, cache_slots
+import mlx_specstream.support as support
+from mlx_specstream.model_parts import cache_slots, kv_sources
+from mlx_specstream.streams import attach_verifier
+from mlx_specstream.support import TreeUnsupported
 
 ARCH = "nemotron-nas"
 PROMPT = [3, 1, 4, 1, 5, 2, 6, 3, 1, 4]
@@ -131,6 +133,6 @@ def test_attention_replaced_by_a_linear_map_is_refused():
 def test_negative_control_caches_paired_with_layers_by_index(monkeypatch):
     """Without the mapping (each layer taken to read the cache of its index) the model
     is refused, not decoded wrongly."""
-    monkeypatch.setattr(streams, "cache_slots", streams.kv_sources)
+    monkeypatch.setattr(support, "cache_slots", kv_sources)
     with pytest.raises(TreeUnsupported, match="makes 2 caches for its 4 layers"):
         attach_verifier(tiny_model(ARCH, vocab_size=8))

@@ -64,7 +64,7 @@ def test_lookup_on_a_recurrent_model_equals_plain(arch):
     assert accepted > 10, "drafts were rarely accepted: the test has no power"
 
 
-# Hybrids whose layers the tree verifier cannot take apart (streams.tree_on_chains_refusal):
+# Hybrids whose layers the tree verifier cannot take apart (support.tree_on_chains_refusal):
 # a mixer's state inside an attention, RoPE out of reach, a layer called as
 # layer(x, cache, mask). (Nemotron-H's caches pair with its mixer and attention layers;
 # Falcon-H1's layers take the attention's mask apart from the mixer's.)
@@ -811,7 +811,8 @@ def test_nemotron_h_caches_pair_with_its_mixer_and_attention_layers():
     """Nemotron-H makes caches for its Mamba and attention layers only (pattern
     ``-M*M``: 3 caches for 4 layers); ``cache_slots`` pairs them in order, so the
     tree verifier knows which layers are recurrent (lookup trees run on it)."""
-    from mlx_specstream.streams import cache_slots, tree_on_chains_refusal
+    from mlx_specstream.model_parts import cache_slots
+    from mlx_specstream.support import tree_on_chains_refusal
 
     model = tiny_hybrid("nemotron_h")
     assert [layer.block_type for layer in model.layers] == ["-", "M", "*", "M"]

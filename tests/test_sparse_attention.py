@@ -97,8 +97,8 @@ def test_tree_rows_logits_are_plain_decodings(make):
 def test_negative_control_the_indexers_rope_at_the_offset(monkeypatch):
     """The indexer's RoPE left at the model's offset (the rows' indices): the nodes
     past the root's first child, whose positions are not their indices, differ."""
-    ropes = streams._ropes
-    monkeypatch.setattr(streams, "_ropes", lambda layer: ropes(layer)[:1])
+    ropes = streams.ropes_of
+    monkeypatch.setattr(streams, "ropes_of", lambda layer: ropes(layer)[:1])
     off = tree_logits_off_plain(verifier_model(), PREFIX, TREE)
     assert off[:2].max() < 1e-5 and off[2:].min() > 1e-3, off
 
