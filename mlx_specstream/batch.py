@@ -259,8 +259,8 @@ class SpecBatcher:
     choices over the verifying pass's last-layer state at that token
     (:meth:`~mlx_specstream.streams.StreamRuntime.rows_heads`); one with a checkpoint's
     MTP layer or a ParallelSpec drafter, the layer's chain from its rows of each row's
-    tokens (:mod:`~mlx_specstream.batch_drafters`, fed on the host's step: not
-    pipelined).
+    tokens (:mod:`~mlx_specstream.batch_drafters`; in pipelined passes its rows are fed
+    and kept on the device too).
 
     With a draft model the rows draft together too: one pass feeds each row what
     the draft model has not seen (its last accepted tokens), then one pass per
@@ -290,10 +290,11 @@ class SpecBatcher:
         pipeline (bool, optional): where every row's next input can be made on the
           device (no logits processors), launch each pass before
           reading the one before it, as mlx-lm's loop does (:meth:`_pipelined_step`).
-          ``None`` (default): rows drafting by lookup or with a draft model take part
-          on a GPU only (on a CPU their fixed-width passes and the device's lookup
-          cost more than the overlap saves; rows with streams or no drafts always
-          do); ``True``: every row that can; ``False``: none.
+          ``None`` (default): rows drafting by lookup, with a draft model, or with a
+          drafter layer's chain (MTP, ParallelSpec) take part on a GPU only (on a CPU
+          their fixed-width passes and the device's drafting cost more than the
+          overlap saves; rows with streams, Medusa heads or no drafts always do);
+          ``True``: every row that can; ``False``: none.
     """
 
     def __init__(self, model, stop_tokens: Sequence[int] = (), prefill_step_size: int = 2048,
@@ -651,7 +652,8 @@ class SpecBatcher:
         looks_up = any(_looks_up(r) for r in self.rows)
         return (
             self.pipeline
-            and self.layer_rows is None  # (a drafter layer's rows are fed on the host's step)
+            # (a drafter layer's rows, fed and settled on the device: on a GPU by default)
+            and (self.layer_rows is None or self.drafts_on_device)
             # (a draft model's rows only while one drafts: its cache then never lags)
             and (self.draft_model is None
                  or self.drafts_on_device and any(r.draft_tokens for r in self.rows))
@@ -735,9 +737,11 @@ class SpecBatcher:
         else:
             lengths = [min(r.draft_tokens, self.streams.config.num_streams)
                        if r.uses_streams else 0 for r in rows]  # fmt: skip
+            if self.layer_rows is not None:  # (the drafter layer's rows of what each kept)
+                self.layer_rows.step(self.streams._main_hidden, chosen, accepted + 1)
             chain = None
             if max(lengths):
-                chain = self._stream_chains(accepted, fused)[:, : max(lengths)]
+                chain = self._stream_chains(accepted, fused, max(lengths))[:, : max(lengths)]
         next_drafts, counts, took = self._next_drafts(rows, chain, lengths)
         next_inputs = mx.concatenate([bonus, next_drafts.astype(bonus.dtype)], axis=1)
         # (a draft model's rows whose lookup replaced its chain: their draft caches drop it)
@@ -824,6 +828,8 @@ class SpecBatcher:
         before = self.cache[0].ends[: len(p.rows)]
         for c in self.cache:
             c.settle([a + 1 for a in accepted] + [0] * joined)
+        if self.layer_rows is not None:
+            self.layer_rows.settle([a + 1 for a in accepted], joined)
         if p.draft_ops >= 0:
             self._settle_model_drafts(p, accepted, before, joined)
         return self._leave(out)
@@ -1052,7 +1058,7 @@ def batch_generate_step(
           :class:`SpecBatcher` (default: as tuned for batches here, else ``"fused"``).
         pipeline (bool, optional): launch each pass before reading the last, where
           every row's next input can be made on the device; ``None``: rows drafting
-          by lookup only on a GPU (:class:`SpecBatcher`).
+          by lookup, a draft model or a drafter layer only on a GPU (:class:`SpecBatcher`).
         prefill_step_size (int): prompt tokens per prefill pass (shared among the rows
           prefilled together).
         prefill_batch_size (int, optional): most prompts prefilled in one pass (default:

@@ -53,7 +53,10 @@ class LayerRows:
         self.rt, self.drafter = rt, rt.drafter
         self.cache = None  # the layer's ragged cache, one row per batch row
         self._out = None  # (B, W, D): the layer's outputs over the last rows fed
-        self._kept: List[int] = []
+        self._kept = []  # what each row kept of them: the host's list, or a device array
+        # Per pipelined pass not yet read: the levels its chain ran the layer again (MTP's
+        # recursion), whose advances on the device the host replays (settle).
+        self._unread: List[int] = []
 
     def empty(self, rows: int):
         """An empty cache of the layer for ``rows`` rows joining the batch."""
@@ -70,16 +73,32 @@ class LayerRows:
     def _rows(self, cache, hidden: mx.array, nxt: mx.array) -> mx.array:
         raise NotImplementedError
 
-    def step(self, hidden: mx.array, chosen: mx.array, kept: List[int]) -> None:
+    def step(self, hidden: mx.array, chosen: mx.array, kept) -> None:
         """After a verifying pass: each row's states over its inputs ``hidden`` ``(B, W,
         D)`` paired with the pass's choices ``chosen`` ``(B, W)`` (its tokens after
-        them), ``kept[b]`` of them kept."""
-        self._out = self.feed(self.cache, hidden, chosen, kept)
+        them), ``kept[b]`` of them kept: a list, or in a pipelined pass a device array
+        (the cache advances on the device; the host settles it: :meth:`settle`)."""
+        if isinstance(kept, mx.array):
+            self._out = self._rows(self.cache, hidden, chosen)
+            self.cache.advance_on_device(kept, hidden.shape[1])
+            self._unread.append(0)
+        else:
+            self._out = self.feed(self.cache, hidden, chosen, kept)
         self._kept = kept
+
+    def settle(self, kept: List[int], joined: int) -> None:
+        """The host reads the oldest pipelined pass: its rows kept ``kept`` (rows that
+        joined since: none); the advances of its chain's levels, undone on the device,
+        are replayed."""
+        levels, pad = self._unread.pop(0), [0] * joined
+        self.cache.settle(kept + pad)
+        for step in [[1] * len(kept)] * levels + ([[-levels] * len(kept)] if levels else []):
+            self.cache.settle(step + pad)
 
     def _last_kept(self) -> mx.array:
         """``(B, 1, D)``: the layer's output at each row's last kept row."""
-        at = mx.array([k - 1 for k in self._kept], dtype=mx.int32)[:, None, None]
+        kept = self._kept if isinstance(self._kept, mx.array) else mx.array(self._kept)
+        at = (kept.astype(mx.int32) - 1)[:, None, None]
         return mx.take_along_axis(self._out, at, axis=1)
 
     def join(self, cache, hidden: mx.array, nxt: List[List[int]], kept: List[int]) -> None:
@@ -114,15 +133,24 @@ class MTPRows(LayerRows):
         """``(B, n)``: each row's chain of ``n`` levels from its last kept row of the last
         :meth:`step` (the recursion's rows are dropped after)."""
         rt, layer, cache = self.rt, self.drafter, self.cache
+        on_device = isinstance(self._kept, mx.array)
         out = self._last_kept()
         token = mx.argmax(layer.logits(rt.model, out, rt.draft_vocab), axis=-1)
-        chain, ends, one = [token], cache.ends, [1] * len(self._kept)
+        chain, ends, B = [token], cache.ends, out.shape[0]
         for _ in range(n - 1):
             out = layer.step(layer.passed_on(out), rt.embed(token), cache)
-            cache.advance(one)
+            if on_device:
+                cache.advance_on_device(mx.ones(B, dtype=mx.int32), 1)
+            else:
+                cache.advance([1] * B)
             token = mx.argmax(layer.logits(rt.model, out, rt.draft_vocab), axis=-1)
             chain.append(token)
-        cache.set_ends(ends)  # (the recursion's rows never stay)
+        # (the recursion's rows never stay)
+        if on_device and n > 1:
+            cache.advance_on_device(mx.full(B, 1 - n, dtype=mx.int32), 0)
+            self._unread[-1] = n - 1
+        elif not on_device:
+            cache.set_ends(ends)
         return mx.concatenate(chain, axis=1)
 
 
@@ -157,18 +185,9 @@ class ParallelSpecRows(LayerRows):
         return mx.argmax(self.rt.head(out, draft=True), axis=-1)
 
 
-ROWS = (MTPRows, ParallelSpecRows)
-
-
-def keeps_layer_rows(drafter) -> bool:
-    """Whether ``drafter`` keeps a decoder layer with a KV cache of its own (MTP,
-    ParallelSpec): a batch then keeps its rows (:func:`layer_rows`)."""
-    return any(isinstance(drafter, rows.kind) for rows in ROWS)
-
-
 def layer_rows(rt):
     """The rows of ``rt``'s drafter if it keeps a layer of its own, else ``None``."""
-    for rows in ROWS:
+    for rows in (MTPRows, ParallelSpecRows):
         if isinstance(rt.drafter, rows.kind):
             return rows(rt)
     return None

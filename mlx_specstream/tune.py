@@ -448,7 +448,7 @@ def tune_batch(
     the server's batches): prompt lookup of a few lengths and, with streams, their
     chain of each depth through either stream pass (an attached drafter: its chain of
     each depth, one pass), each in pipelined passes and
-    not (MTP's and ParallelSpec's chains: not), against rows without drafts,
+    not, against rows without drafts,
     which win unless the fastest beats them by ``min_gain`` in ``confirm_rounds``
     back-to-back rounds.
 
@@ -458,7 +458,6 @@ def tune_batch(
         tokens/s and those of rows without drafts.
     """
     from .batch import stream_runtime, unbatchable
-    from .batch_drafters import keeps_layer_rows
 
     why = unbatchable(model)
     if why:
@@ -476,11 +475,8 @@ def tune_batch(
         passes = ("fused", "split") if split else ("fused",)
         ways += [dict(draft="streams", num_draft_tokens=n, stream_pass=stream_pass)
                  for n in range(1, rt.config.num_streams + 1) for stream_pass in passes]  # fmt: skip
-    # (a drafter layer's rows, MTP's or ParallelSpec's, are fed on the host's step: never
-    # pipelined)
-    layer = rt is not None and keeps_layer_rows(rt.drafter)
     for way in ways:  # (each pipelined and not: which pays depends on the device)
-        for pipeline in (False,) if layer and way["draft"] == "streams" else (True, False):
+        for pipeline in (True, False):
             trials.run(dict(way, pipeline=pipeline))
 
     def describe(best):

@@ -151,3 +151,66 @@ def test_a_chain_longer_than_the_drafter_s_levels_is_refused():
     with pytest.raises(ValueError, match="a chain of 3: the ParallelSpec drafter drafts 2"):
         batcher.layer_rows.chains(3)
     assert isinstance(batcher.layer_rows, ParallelSpecRows)
+
+
+def layer_model(kind, tmp_path):
+    if kind == "parallelspec":
+        return drafter_model("parallelspec", weight_scale=1.0, top_k=1)
+    from test_batch_mtp import checkpoint
+
+    return checkpoint(tmp_path, "mimo")[0]
+
+
+def chains_by_row(model, rows, joining, pipeline, monkeypatch):
+    """Each row's chains of the drafter layer, pass by pass (the batch's rows at each
+    call, both loops drafting once a pass), and the run's rows' results."""
+    from test_batch_streams import run_batcher
+
+    seen, real = {}, SpecBatcher._stream_chains
+
+    def recording(self, nodes, fused, n=None):
+        chain = real(self, nodes, fused, n)
+        for r, c in zip(self.rows, np.array(chain).tolist()):
+            seen.setdefault(r.uid, []).append(c)
+        return chain
+
+    monkeypatch.setattr(SpecBatcher, "_stream_chains", recording)
+    got, flights = run_batcher(model, rows, pipeline, joining=joining)
+    monkeypatch.setattr(SpecBatcher, "_stream_chains", real)
+    return seen, got, flights
+
+
+@pytest.mark.parametrize("control", [False, True], ids=["pipelined", "control-rows-unkept"])
+@pytest.mark.parametrize("kind", ["parallelspec", "mtp"])
+def test_pipelined_layer_rows_equal_unpipelined(kind, control, tmp_path, monkeypatch):
+    """A drafter layer's rows (ParallelSpec's, an MTP layer's) fed and kept on the device
+    in pipelined passes, its chain drafted there (MTP's recursion undone there): rows
+    drafting with it, merging lookup in or not drafting, joining mid-flight and leaving,
+    draft the unpipelined loop's chains pass for pass, and give its tokens,
+    log-probabilities, passes and caches. Control: pipelined rows that keep every row
+    they fed, rejected ones too, draft other chains."""
+    from test_batch_streams import assert_pipelined_equals_unpipelined
+
+    from mlx_specstream import batch_drafters
+
+    model = layer_model(kind, tmp_path)
+    drafts = ["streams", "streams+ngram", "streams", None]
+    rows = [(p, n, d) for p, n, d in zip(PROMPTS, LIMITS, drafts)]
+    joining = [([5, 6, 7, 5, 6], 20, "streams"), ([9], 11, None)]
+    if not control:
+        assert_pipelined_equals_unpipelined(model, rows, joining, True)
+    want, _, _ = chains_by_row(model, rows, joining, False, monkeypatch)
+    if control:
+        real = batch_drafters.LayerRows.step
+
+        def keeping_all(self, hidden, chosen, kept):
+            if isinstance(kept, mx.array):
+                kept = mx.full(kept.shape, hidden.shape[1], dtype=kept.dtype)
+            return real(self, hidden, chosen, kept)
+
+        monkeypatch.setattr(batch_drafters.LayerRows, "step", keeping_all)
+    got, _, flights = chains_by_row(model, rows, joining, True, monkeypatch)
+    assert flights > 10 and sum(map(len, want.values())) > 60
+    # (a pipelined row may draft once more: a pass launched before it was read as done)
+    same = all(got[u][: len(w)] == w for u, w in want.items())
+    assert same != control

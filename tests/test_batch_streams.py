@@ -358,8 +358,8 @@ def test_pipelined_rows_equal_unpipelined(stream_pass):
 def test_pipelined_sampled_rows_keep_the_model_distribution(control, drafter, monkeypatch,
                                                             tmp_path):  # fmt: skip
     """Rows of two prompts interleaved, sampled at T = 1, drafting with the streams (or
-    Medusa heads) in pipelined passes (an MTP layer's or a ParallelSpec drafter's:
-    unpipelined): each prompt's rows
+    Medusa heads, an MTP layer or a ParallelSpec drafter) in pipelined passes: each
+    prompt's rows
     against its exact distribution (chi-square). Control: a verifier that keeps the first
     draft token unchecked (the next choice is then drawn after the draft, not after the
     drawn token)."""
@@ -395,8 +395,7 @@ def test_pipelined_sampled_rows_keep_the_model_distribution(control, drafter, mo
 
         write_checkpoint(tmp_path / "ckpt", "mimo", seed=3, vocab_size=6)
         model, _ = load(str(tmp_path / "ckpt"))
-    pipelined = drafter in ("streams", "medusa")
-    p = sampled_pvalues(model, make_sampler(temp=1.0), streams=True, pipeline=pipelined)
+    p = sampled_pvalues(model, make_sampler(temp=1.0), streams=True, pipeline=True)
     if control:
         # (it would fail the test below: a prompt's rows are off their distribution)
         assert min(p) < 1e-6, f"the lenient verifier passed (p = {p}): the test has no power"
