@@ -28,10 +28,10 @@ Ways, interleaved in every round, on the same weights:
   where its tokens have a match instead (``draft="ngram"`` with ``draft_model=``).
 
 ``--pipeline-ab`` runs each of our ways twice more, with ``pipeline=True`` and
-``pipeline=False`` (the default, ``None``, pipelines rows drafting by lookup or with a
-draft model on a GPU only); ``--ways`` keeps only the ways whose names
-contain one of its comma-separated substrings (mlx-lm's ``batch_generate``, the
-baseline, always runs).
+``pipeline=False`` (the default, ``None``, pipelines rows drafting by lookup, with a
+draft model or a drafter layer (MTP, ParallelSpec) on a GPU only); ``--ways`` keeps
+only the ways whose names contain one of its comma-separated substrings (mlx-lm's
+``batch_generate``, the baseline, always runs).
 
 Figures: generated tokens (up to each row's first EOS) per second of the whole batch (prefill included, as a
 user of ``batch_generate`` waits for it), each way's median over rounds, against
