@@ -45,12 +45,12 @@ class LayerRows:
     """
 
     kind = None  # the drafter class whose layer these rows are
-    layer = None  # (the drafter's decoder layer)
 
     def __init__(self, rt):
         if not isinstance(rt.drafter, self.kind):
             raise ValueError(f"{type(rt.drafter).__name__} is not a {self.kind.__name__}")
         self.rt, self.drafter = rt, rt.drafter
+        self.layer = rt.drafter.layer  # (the drafter's decoder layer; MTP: its first's)
         self.cache = None  # the layer's ragged cache, one row per batch row
         self._out = None  # (B, W, D): the layer's outputs over the last rows fed
         self._kept = []  # what each row kept of them: the host's list, or a device array
@@ -116,10 +116,6 @@ class MTPRows(LayerRows):
 
     kind = MTPDrafter
 
-    def __init__(self, rt):
-        super().__init__(rt)
-        self.layer = self.drafter.layer
-
     def _rows(self, cache, hidden: mx.array, nxt: mx.array) -> mx.array:
         layout, model = self.drafter._layout, self.rt.model
         h = _final_norm(model)(hidden) if layout.normed_hidden else hidden
@@ -159,10 +155,6 @@ class ParallelSpecRows(LayerRows):
     cache, and ``n - 1`` [MASK] rows after each row's last kept one for a chain."""
 
     kind = ParallelSpecDrafter
-
-    def __init__(self, rt):
-        super().__init__(rt)
-        self.layer = self.drafter.layer
 
     def _rows(self, cache, hidden: mx.array, nxt: mx.array) -> mx.array:
         d = self.drafter
