@@ -132,7 +132,8 @@ class MTPRows(LayerRows):
         on_device = isinstance(self._kept, mx.array)
         out = self._last_kept()
         token = mx.argmax(layer.logits(rt.model, out, rt.draft_vocab), axis=-1)
-        chain, ends, B = [token], cache.ends, out.shape[0]
+        chain, B = [token], out.shape[0]
+        ends = None if on_device else cache.ends
         for _ in range(n - 1):
             out = layer.step(layer.passed_on(out), rt.embed(token), cache)
             if on_device:

@@ -49,6 +49,7 @@ from .cache import (
 from .config import DRAFTS, VerifierConfig
 from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
 from .layout import TreeLayout, layout_of
+from .model_parts import vocab_size
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
 from .precision import on_gpu, warn_if_tf32
 from .recurrent import (
@@ -67,8 +68,7 @@ from .settings import (
     greedy,
     resolve_tree_settings,
 )
-from .model_parts import vocab_size
-from .streams import attach_chain_verifier, attach_verifier, get_runtime, StepOutput, StreamRuntime
+from .streams import StepOutput, StreamRuntime, attach_chain_verifier, attach_verifier, get_runtime
 from .support import tree_on_chains_refusal
 from .tree import (
     accept,

@@ -34,8 +34,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .model_parts import embedding_of, submodule
-from .streams import get_runtime
 from .model_parts import vocab_size as model_vocab_size
+from .streams import get_runtime
 
 FILE = "draft_vocab.safetensors"
 KEY = "token_ids"

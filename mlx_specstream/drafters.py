@@ -28,8 +28,8 @@ from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 from .attention_masks import llama4_attention_scale
 from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
-from .recurrent import has_recurrent_layers
 from .model_parts import hidden_size, layer_params, llama4_scale_settings, own_class, text_args
+from .recurrent import has_recurrent_layers
 
 
 class ResBlock(nn.Module):
@@ -339,7 +339,7 @@ def attach_drafter(
     Returns:
         nn.Module: the drafter (also ``model.speculative_streams.drafter``).
     """
-    from .streams import init_or_load, StreamRuntime
+    from .streams import StreamRuntime, init_or_load
     from .support import check_supported
 
     if getattr(model, "speculative_streams", None) is not None:

@@ -68,8 +68,8 @@ from .drafters import (
     own_class,
     run_layer,
 )
-from .recurrent import has_recurrent_layers
 from .model_parts import hidden_size, text_args
+from .recurrent import has_recurrent_layers
 from .streams import quantize_like
 
 

@@ -73,7 +73,7 @@ from .settings import apply_processors
 from .layout import layout_of
 from .model_parts import vocab_size
 from .streams import _swap_call, get_runtime
-from .support import CHAIN_NOTE, check_supported, tree_on_chains_refusal, TreeUnsupported
+from .support import CHAIN_NOTE, TreeUnsupported, check_supported, tree_on_chains_refusal
 
 
 class SplitPoint:
