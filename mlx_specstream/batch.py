@@ -519,8 +519,7 @@ class SpecBatcher:
             if drafter is not None:
                 layer_new = layer_part if layer_new is None else layer_new.extend(layer_part)
         if drafter is not None:
-            joined = drafter.cache is None or not self.rows
-            drafter.cache = layer_new if joined else drafter.cache.extend(layer_new)
+            drafter.admit(layer_new, alone=not self.rows)
         for c, w in zip(new, sliding_windows(model)):  # (window layers: see RaggedKVCache)
             if isinstance(c, RaggedKVCache):
                 c.window = w

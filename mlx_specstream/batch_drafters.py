@@ -12,8 +12,10 @@ its chain from the last one:
 
 * MTP: level 1 from the row pairing its last kept token with the pass's own next token,
   each deeper level by the layer again on its own output and the previous level's argmax
-  (those rows are dropped after). With several MTP layers held, the first drafts every
-  level.
+  (those rows are dropped after).
+* Several MTP layers (:class:`MTPDepthRows`): layer ``k`` drafts level ``k`` as one
+  sequence's do (:class:`~mlx_specstream.mtp.DepthsState`): its row ``i`` reads token
+  ``i + k``, so each row holds its last ``K - 1`` positions until their tokens are known.
 * ParallelSpec: level 1 from the same row, levels ``2..n`` from ``n - 1`` [MASK] rows run
   after each row's last kept row in one pass (dropped after, as one sequence drops them).
 
@@ -27,9 +29,10 @@ rows ``(h5, d1), (h_d1, x), (h_d2, y)`` and keeps the first two; level 1 is draf
 ``(h_d1, x)``'s output, the token after ``x``.
 """
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .drafters import ParallelSpecDrafter, new_layer_cache, run_layer
 from .mtp import MTPDrafter, _final_norm
@@ -110,6 +113,11 @@ class LayerRows:
     def filter(self, index: List[int]) -> None:
         self.cache.filter(index)
 
+    def admit(self, part, alone: bool = False) -> None:
+        """Rows that joined (``part``, from :meth:`empty` and :meth:`join`) after the
+        batch's, or in their place where ``alone`` (the batch had none left)."""
+        self.cache = part if self.cache is None or alone else self.cache.extend(part)
+
 
 class MTPRows(LayerRows):
     """A checkpoint's MTP layer's rows (the first layer held: an ``MTPDepth``)."""
@@ -178,8 +186,226 @@ class ParallelSpecRows(LayerRows):
         return mx.argmax(self.rt.head(out, draft=True), axis=-1)
 
 
+class HeldRows:
+    """Several MTP layers' rows of a batch: a ragged cache per layer, all ending at the
+    same positions, and each row's positions held after them (at most ``lag``: those
+    whose tokens a deeper layer still lacks), their base states and next tokens.
+
+    Args:
+        caches: the layers' ragged caches, the first layer's first.
+        lag (int): the most positions a row holds (the layers less one).
+    """
+
+    def __init__(self, caches: list, lag: int):
+        B = len(caches[0].ends)
+        self.caches, self.lag = caches, lag
+        self.states: Optional[mx.array] = None  # (B, lag, D): the base's, left-aligned
+        self.tokens = mx.zeros((B, lag), dtype=mx.int32)  # (each position's next token)
+        self.count = mx.zeros(B, dtype=mx.int32)  # the positions each row holds
+        self.held = np.zeros(B, dtype=np.int64)  # the same, as the host knows it
+
+    def filter(self, rows: Sequence[int]) -> None:
+        index = mx.array(list(rows), dtype=mx.int32)
+        for c in self.caches:
+            c.filter(rows)
+        if self.states is not None:
+            self.states = self.states[index]
+        self.tokens, self.count, self.held = (
+            self.tokens[index],
+            self.count[index],
+            self.held[list(rows)],
+        )
+
+    def extend(self, other: "HeldRows") -> "HeldRows":
+        """One of this batch's rows, then ``other``'s (both are left as they were)."""
+        out = HeldRows([a.extend(b) for a, b in zip(self.caches, other.caches)], self.lag)
+        if self.states is not None or other.states is not None:
+            like = self.states if self.states is not None else other.states
+            parts = [c.states if c.states is not None
+                     else mx.zeros((len(c.held),) + like.shape[1:], like.dtype)
+                     for c in (self, other)]  # fmt: skip
+            out.states = mx.concatenate(parts)
+        out.tokens = mx.concatenate([self.tokens, other.tokens])
+        out.count = mx.concatenate([self.count, other.count])
+        out.held = np.concatenate([self.held, other.held])
+        return out
+
+    @property
+    def state(self):
+        return [c.state for c in self.caches] + [self.states, self.tokens, self.count]
+
+
+class MTPDepthRows(LayerRows):
+    """A checkpoint's ``K > 1`` MTP layers' rows: layer ``k`` (1..K) drafts level ``k``
+    of each row's chain, the last one also the levels past ``K``, as one sequence's
+    layers do (:meth:`~mlx_specstream.mtp.MTPDrafter._draft_depths`).
+
+    Layer ``k``'s row ``i`` reads layer ``k - 1``'s output at ``i`` (or the base's
+    state: MiMo-V2-Flash's) and token ``i + k``'s embedding. A row's last ``K - 1``
+    positions lack a token for the deeper layers, so every layer's cache holds the rows
+    of the same positions before them, and those positions are held (:class:`HeldRows`)
+    and run again with the next pass's rows. A chain runs each layer once over the held
+    and new rows, the tokens past the last known being the levels drafted so far;
+    those rows are dropped after.
+
+    Example: ``K = 3``; the caches hold positions 0..7 and a row holds 8, 9 (tokens up
+    to 10 known). It feeds 2 tokens and keeps both (tokens 11, 12 known): each layer
+    runs rows 8..11 and keeps 8, 9; positions 10, 11 are held. At row 11, layer 1 reads
+    token 12 and drafts level 1 (token 13), layer 2 reads level 1 and drafts level 2,
+    layer 3 reads level 2 and drafts level 3; layer 3's row 10 reads level 1.
+
+    A generation drafts with every layer the drafter uses (``num_mtp_layers``), however
+    short a row's chain.
+    """
+
+    kind = MTPDrafter
+
+    def __init__(self, rt):
+        super().__init__(rt)
+        self.depths = rt.drafter.all_depths
+        self.lag = len(self.depths) - 1
+        # The last step's rows not run yet (run when a chain is drafted, or with none
+        # before anything else reads the cache): (cache, hidden, next tokens, kept)
+        self._pending = None
+
+    def empty(self, rows: int) -> HeldRows:
+        caches = [empty_ragged(new_layer_cache(d.layer), rows) for d in self.depths]
+        return HeldRows(caches, self.lag)
+
+    def feed(self, cache, hidden: mx.array, nxt: mx.array, kept: Sequence[int]) -> None:
+        self._run(cache, hidden, nxt, kept)
+
+    def step(self, hidden: mx.array, chosen: mx.array, kept) -> None:
+        self._flush()
+        self._pending = (self.cache, hidden, chosen, kept)
+
+    def chains(self, n: int) -> mx.array:
+        """``(B, n)``: each row's chain of ``n`` levels from its last kept row of the last
+        :meth:`step`."""
+        cache, hidden, chosen, kept = self._pending
+        self._pending = None
+        return mx.concatenate(self._run(cache, hidden, chosen, kept, n), axis=1)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self._run(*self._pending)
+            self._pending = None
+
+    def settle(self, kept: List[int], joined: int) -> None:
+        self._flush()
+        cache, pad = self.cache, [0] * joined
+        levels = self._unread.pop(0)
+        n = cache.held[: len(kept)]
+        M = n + np.asarray(kept, dtype=np.int64)
+        keep = np.maximum(M - self.lag, 0)
+        for c in cache.caches[:-1]:
+            c.settle(list(keep) + pad)
+        last = cache.caches[-1]
+        if levels:  # (every row, the recursion's rows, then back to what stays)
+            last.settle(list(M) + pad)
+            for _ in range(levels):
+                last.settle([1] * len(kept) + pad)
+            last.settle(list(keep - M - levels) + pad)
+        else:
+            last.settle(list(keep) + pad)
+        cache.held[: len(kept)] = M - keep
+
+    def filter(self, index: List[int]) -> None:
+        self._flush()
+        super().filter(index)
+
+    def admit(self, part, alone: bool = False) -> None:
+        self._flush()
+        super().admit(part, alone)
+
+    def _run(self, cache: HeldRows, hidden, nxt, kept, levels: int = 0) -> List[mx.array]:
+        """Each layer over each row's held positions then its first ``kept[b]`` new ones
+        (states ``hidden`` ``(B, W, D)``, next tokens ``nxt`` ``(B, W)``); the rows whose
+        tokens every layer has stay, the last ``K - 1`` are held. Returns the first
+        ``levels`` levels' tokens ``(B, 1)`` each, drafted at each row's last row."""
+        rt, layout, H = self.rt, self.drafter._layout, self.lag
+        on_device = isinstance(kept, mx.array)
+        B, W = nxt.shape
+        kb = (kept if on_device else mx.array(list(kept))).astype(mx.int32)
+        n = cache.count
+        if cache.states is None:
+            cache.states = mx.zeros((B, H, hidden.shape[-1]), hidden.dtype)
+        # (each row's held positions, then its new ones: left-aligned, then padding)
+        c = mx.arange(H + W, dtype=mx.int32)[None]
+        at = mx.minimum(mx.where(c < n[:, None], c, c + H - n[:, None]), H + W - 1)
+        states = mx.take_along_axis(
+            mx.concatenate([cache.states, hidden.astype(cache.states.dtype)], 1), at[..., None], 1
+        )
+        tokens = mx.take_along_axis(mx.concatenate([cache.tokens, nxt.astype(mx.int32)], 1), at, 1)
+        M = n + kb  # (the real rows; those past M are written past each row's end)
+        keep = mx.maximum(M - H, 0)
+        feats = _final_norm(rt.model)(states) if layout.normed_hidden else states
+        last = (M - 1)[:, None]
+        drafted, h = [], feats
+        if on_device:
+            self._unread.append(max(0, levels - len(self.depths)))
+        else:  # (the host's counts: each layer keeps the rows that stay)
+            M_host = cache.held + np.asarray(list(kept), dtype=np.int64)
+            keep_host = np.maximum(M_host - H, 0)
+        for k, (depth, lc) in enumerate(zip(self.depths, cache.caches)):
+            j = c + k  # (row c reads token c + k: a level drafted so far past M)
+            tok = mx.take_along_axis(tokens, mx.minimum(j, H + W - 1), 1)
+            if drafted:
+                ahead = mx.concatenate(drafted, axis=1)
+                ahead = mx.take_along_axis(ahead, mx.clip(j - M[:, None], 0, len(drafted) - 1), 1)
+                tok = mx.where(j < M[:, None], tok, ahead)
+            emb = rt.embed(tok)
+            if layout.zero_first:  # (a row at position 0 reads no embedding)
+                pos = lc.offset[:, None] + c
+                emb = mx.where((pos == 0)[..., None], mx.zeros_like(emb), emb)
+            out = depth.step(h, emb.astype(h.dtype), lc)
+            o = None
+            if k < levels:
+                o = mx.take_along_axis(out, last[..., None], axis=1)  # (B, 1, D)
+                drafted.append(mx.argmax(depth.logits(rt.model, o, rt.draft_vocab), axis=-1))
+            more = levels - len(self.depths) if k == H else 0
+            if more > 0:  # (the last layer again past K, after every row of this run)
+                self._advance(lc, M, H + W, None if on_device else M_host)
+                drafted += self._again(depth, lc, o, drafted[-1], more, on_device)
+                gone = M + more  # (the rows past those that stay)
+                self._advance(lc, keep - gone, 0, None if on_device else keep_host - M_host - more)
+            else:
+                self._advance(lc, keep, H + W, None if on_device else keep_host)
+            h = depth.passed_on(out) if layout.chain_layers else feats
+        # (the positions held now: the last M - keep of the run's rows)
+        at = mx.minimum(keep[:, None] + mx.arange(H, dtype=mx.int32), H + W - 1)
+        cache.states = mx.take_along_axis(states, at[..., None], 1)
+        cache.tokens = mx.take_along_axis(tokens, at, 1)
+        cache.count = M - keep
+        if not on_device:
+            cache.held = M_host - keep_host
+        return drafted
+
+    def _again(self, depth, cache, o: mx.array, token: mx.array, n: int, on_device: bool):
+        """``n`` levels by the last layer ``depth`` again on its own output ``o`` ``(B,
+        1, D)`` and the previous level ``token``, each row appended to ``cache``."""
+        rt, B, drafted = self.rt, o.shape[0], []
+        for _ in range(n):
+            o = depth.step(depth.passed_on(o), rt.embed(token).astype(o.dtype), cache)
+            self._advance(cache, mx.ones(B, dtype=mx.int32), 1, None if on_device else [1] * B)
+            token = mx.argmax(depth.logits(rt.model, o, rt.draft_vocab), axis=-1)
+            drafted.append(token)
+        return drafted
+
+    @staticmethod
+    def _advance(cache, kept: mx.array, most: int, host=None) -> None:
+        """``cache`` keeps ``kept`` more (or fewer) rows: the host's ``host`` where it
+        knows them, else on the device (:meth:`settle` replays it)."""
+        if host is None:
+            cache.advance_on_device(kept, most)
+        else:
+            cache.set_ends(np.asarray(cache.ends) + np.asarray(host))
+
+
 def layer_rows(rt):
     """The rows of ``rt``'s drafter if it keeps a layer of its own, else ``None``."""
+    if isinstance(rt.drafter, MTPDrafter) and rt.drafter.num_layers > 1:
+        return MTPDepthRows(rt)
     for rows in (MTPRows, ParallelSpecRows):
         if isinstance(rt.drafter, rows.kind):
             return rows(rt)

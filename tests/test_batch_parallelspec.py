@@ -156,61 +156,74 @@ def test_a_chain_longer_than_the_drafter_s_levels_is_refused():
 def layer_model(kind, tmp_path):
     if kind == "parallelspec":
         return drafter_model("parallelspec", weight_scale=1.0, top_k=1)
-    from test_batch_mtp import checkpoint
+    from test_batch_mtp import checkpoint, several_layers
 
+    if kind == "mtp-3-layers":  # (drafting chains of 4: the last layer once more)
+        return several_layers(tmp_path, "mimo", 4)[0]
     return checkpoint(tmp_path, "mimo")[0]
 
 
-def chains_by_row(model, rows, joining, pipeline, monkeypatch):
-    """Each row's chains of the drafter layer, pass by pass (the batch's rows at each
-    call, both loops drafting once a pass), and the run's rows' results."""
+def chains_by_row(model, rows, joining, pipeline, monkeypatch, draft_tokens=3):
+    """Each row's chains of the drafter layer by the tokens the layer's rows then held
+    (the batch's rows at each call, both loops drafting once a pass), and the run's rows'
+    results."""
     from test_batch_streams import run_batcher
+
+    from mlx_specstream.batch_drafters import HeldRows
 
     seen, real = {}, SpecBatcher._stream_chains
 
     def recording(self, nodes, fused, n=None):
         chain = real(self, nodes, fused, n)
-        for r, c in zip(self.rows, np.array(chain).tolist()):
-            seen.setdefault(r.uid, []).append(c)
+        c = self.layer_rows.cache
+        held = c.caches[0].offset + c.count if isinstance(c, HeldRows) else c.offset
+        for r, c, at in zip(self.rows, np.array(chain).tolist(), np.array(held).tolist()):
+            seen.setdefault(r.uid, {})[at] = c
         return chain
 
     monkeypatch.setattr(SpecBatcher, "_stream_chains", recording)
-    got, flights = run_batcher(model, rows, pipeline, joining=joining)
+    got, flights = run_batcher(model, rows, pipeline, joining=joining, draft_tokens=draft_tokens)
     monkeypatch.setattr(SpecBatcher, "_stream_chains", real)
     return seen, got, flights
 
 
 @pytest.mark.parametrize("control", [False, True], ids=["pipelined", "control-rows-unkept"])
-@pytest.mark.parametrize("kind", ["parallelspec", "mtp"])
+@pytest.mark.parametrize("kind", ["parallelspec", "mtp", "mtp-3-layers"])
 def test_pipelined_layer_rows_equal_unpipelined(kind, control, tmp_path, monkeypatch):
-    """A drafter layer's rows (ParallelSpec's, an MTP layer's) fed and kept on the device
-    in pipelined passes, its chain drafted there (MTP's recursion undone there): rows
-    drafting with it, merging lookup in or not drafting, joining mid-flight and leaving,
-    draft the unpipelined loop's chains pass for pass, and give its tokens,
-    log-probabilities, passes and caches. Control: pipelined rows that keep every row
-    they fed, rejected ones too, draft other chains."""
+    """A drafter layer's rows (ParallelSpec's, an MTP layer's, three MTP layers' with
+    their held positions) fed and kept on the device in pipelined passes, its chain
+    drafted there (MTP's recursion undone there): rows drafting with it, merging lookup
+    in or not drafting, joining mid-flight and leaving, draft the unpipelined loop's
+    chains pass for pass, and give its tokens, log-probabilities, passes and caches.
+    Control: pipelined rows that keep every row they fed, rejected ones too, draft other
+    chains."""
     from test_batch_streams import assert_pipelined_equals_unpipelined
 
     from mlx_specstream import batch_drafters
 
     model = layer_model(kind, tmp_path)
+    levels = 4 if kind == "mtp-3-layers" else 3
     drafts = ["streams", "streams+ngram", "streams", None]
     rows = [(p, n, d) for p, n, d in zip(PROMPTS, LIMITS, drafts)]
     joining = [([5, 6, 7, 5, 6], 20, "streams"), ([9], 11, None)]
     if not control:
-        assert_pipelined_equals_unpipelined(model, rows, joining, True)
-    want, _, _ = chains_by_row(model, rows, joining, False, monkeypatch)
+        assert_pipelined_equals_unpipelined(model, rows, joining, True, draft_tokens=levels)
+    want, _, _ = chains_by_row(model, rows, joining, False, monkeypatch, levels)
     if control:
-        real = batch_drafters.LayerRows.step
+        cls = batch_drafters.MTPDepthRows if kind == "mtp-3-layers" else batch_drafters.LayerRows
+        real = cls.step
 
         def keeping_all(self, hidden, chosen, kept):
             if isinstance(kept, mx.array):
                 kept = mx.full(kept.shape, hidden.shape[1], dtype=kept.dtype)
             return real(self, hidden, chosen, kept)
 
-        monkeypatch.setattr(batch_drafters.LayerRows, "step", keeping_all)
-    got, _, flights = chains_by_row(model, rows, joining, True, monkeypatch)
+        monkeypatch.setattr(cls, "step", keeping_all)
+    got, _, flights = chains_by_row(model, rows, joining, True, monkeypatch, levels)
     assert flights > 10 and sum(map(len, want.values())) > 60
-    # (a pipelined row may draft once more: a pass launched before it was read as done)
-    same = all(got[u][: len(w)] == w for u, w in want.items())
+    # (near its max_tokens a row drafts fewer tokens, but a pipelined pass launched
+    # before the host cut its draft feeds them all: its last chains may be at other tokens)
+    common = [(u, at) for u, w in want.items() for at in w if at in got[u]]
+    same = all(got[u][at] == want[u][at] for u, at in common)
+    same &= len(common) >= sum(map(len, want.values())) - 2 * len(want)
     assert same != control

@@ -292,17 +292,17 @@ def test_a_row_cannot_ask_for_streams_a_batch_has_not():
 
 
 def run_batcher(model, rows, pipeline, keep_caches=False, joining=(), sampler=None,
-                streams=True):  # fmt: skip
+                streams=True, draft_tokens=3):  # fmt: skip
     """Tokens, log-probabilities, finish reasons and passes per row of a SpecBatcher
-    (``rows``: (prompt, max_tokens, draft) each; ``joining``: rows inserted after the
-    third pass), and the caches of finished rows."""
+    (``rows``: (prompt, max_tokens, draft) each, drafting ``draft_tokens``; ``joining``:
+    rows inserted after the third pass), and the caches of finished rows."""
     batcher = SpecBatcher(model, stop_tokens=[15], streams=streams, pipeline=pipeline,
                           keep_caches=keep_caches)  # fmt: skip
     got, flights = {}, 0
 
     def insert(prompt, n, draft):
         uid = batcher.insert(prompt, max_tokens=n, draft=draft, sampler=sampler,
-                             num_draft_tokens=3 if draft else 0)  # fmt: skip
+                             num_draft_tokens=draft_tokens if draft else 0)  # fmt: skip
         got[uid] = dict(tokens=[], logprobs=[], passes=0)
 
     for row in rows:
@@ -417,11 +417,11 @@ def test_a_lookup_row_joining_lands_the_flight():
         assert g["tokens"] == (plain[: plain.index(15) + 1] if 15 in plain else plain)
 
 
-def assert_pipelined_equals_unpipelined(model, rows, joining, streams):
+def assert_pipelined_equals_unpipelined(model, rows, joining, streams, draft_tokens=3):
     """The pipelined loop's tokens, log-probabilities, passes, finish reasons and
     caches equal the unpipelined loop's, with passes in flight, and equal plain
     decoding; lookup saved passes. Returns the passes per row."""
-    kwargs = dict(keep_caches=True, joining=joining, streams=streams)
+    kwargs = dict(keep_caches=True, joining=joining, streams=streams, draft_tokens=draft_tokens)
     want, none = run_batcher(model, rows, False, **kwargs)
     got, flights = run_batcher(model, rows, True, **kwargs)
     assert none == 0 and flights > 10
