@@ -19,7 +19,8 @@ Ways, interleaved in every round, on the same weights:
 * **ours, streams (fused / split)**: ``mlx_specstream.batch_generate`` with each row
   drafting the chain of the model's own (lossless-mode) streams, when it has them,
   their rows in the verifying pass or in a second pass (an attached drafter, Medusa
-  heads, an MTP layer or ParallelSpec: its chain, one pass);
+  heads, an MTP layer or ParallelSpec: its chain, one pass); with several MTP layers,
+  also the first one alone drafting every level (``first MTP layer alone``);
 * **ours, lookup D**: ``mlx_specstream.batch_generate`` with prompt-lookup drafts of up
   to D tokens;
 * **ours, draft model (3)**: ``mlx_specstream.batch_generate`` with the shipped draft
@@ -53,6 +54,7 @@ from mlx_lm.generate import generate_step, speculative_generate_step
 
 from mlx_specstream.batch import batch_generate, stream_runtime
 from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+from mlx_specstream.mtp import use_mtp_layers
 from mlx_specstream.utils import load
 from report import heading, machine_info, write_results
 
@@ -118,6 +120,11 @@ def main():
             ways[f"ours, streams ({how})"] = lambda ps, how=how, **kw: _ours(
                 model, tokenizer, ps, N, draft="streams", stream_pass=how, **kw
             )
+    layers = getattr(rt.drafter, "num_layers", 1) if rt is not None else 1
+    if layers > 1:  # (several MTP layers: the first alone drafting every level, as before)
+        ways["ours, streams (fused), first MTP layer alone"] = lambda ps, **kw: _first_layer(
+            model, tokenizer, ps, N, layers, **kw
+        )
     for d in lengths:
         ways[f"ours, lookup {d}"] = lambda ps, d=d, **kw: _ours(
             model, tokenizer, ps, N, draft="ngram", num_draft_tokens=d, **kw
@@ -197,6 +204,15 @@ def _until_eos(tokenizer):
 def _ours(model, tokenizer, prompts, N, **kwargs):
     res = batch_generate(model, tokenizer, prompts, max_tokens=N, return_token_ids=True, **kwargs)
     return res.token_ids, res.stats.tokens_per_pass
+
+
+def _first_layer(model, tokenizer, prompts, N, layers, **kwargs):
+    """Rows drafting with the first of a drafter's ``layers`` MTP layers alone."""
+    use_mtp_layers(model, 1)
+    try:
+        return _ours(model, tokenizer, prompts, N, draft="streams", **kwargs)
+    finally:
+        use_mtp_layers(model, layers)
 
 
 if __name__ == "__main__":

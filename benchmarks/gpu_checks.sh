@@ -8,7 +8,8 @@
 # second, and every later run on the same machine, is:
 #     bash .gpu/bin/install.sh && bash benchmarks/gpu_checks.sh STAGE[:SECONDS] ...
 # STAGE: cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity |
-# tune | benchmark | recurrent | batch | window | mtp | mtp_step. Stages run in the order given.
+# tune | benchmark | recurrent | batch | batch_mtp | window | mtp | mtp_step. Stages run in the
+# order given.
 # GPU_DEADLINE=SECONDS (default 540) bounds the whole run: each stage is stopped when it is
 # reached, or after its own SECONDS when given as STAGE:SECONDS. Everything comes back as two
 # files, so a stopped stage costs only its own results: $OUT/gpu.log (every stage's output)
@@ -25,10 +26,10 @@
 # steps spent beyond their kernel count: r = 1.8-2.2 plain tokens for 1.15-1.3x the kernels.)
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stages="cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | window | mtp | mtp_step"
+stages="cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | batch_mtp | window | mtp | mtp_step"
 [ $# -ge 1 ] || { echo "stages: $stages" >&2; exit 2; }
 for arg in "$@"; do
-  case "${arg%%:*}" in cold|phases|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|window|mtp|mtp_step) ;;
+  case "${arg%%:*}" in cold|phases|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|batch_mtp|window|mtp|mtp_step) ;;
     *) echo "unknown stage: ${arg%%:*} (stages: $stages)" >&2; exit 2 ;;
   esac
 done
@@ -122,6 +123,18 @@ run_stage() {
       # the default pipelines them on a GPU only, unmeasured there.
       python3 benchmarks/batch_speed.py --batch 1,4,16 --draft-tokens 2,4 --rounds 2 \
         --ways "lookup 2,lookup 4,draft model" --pipeline-ab --tag gpu-lookup ;;
+    batch_mtp)
+      # A batch's rows drafting with three trained MTP layers, and with the first alone
+      # (sessions 43-45): pipelined (the layers' rows fed and drafted on the device, the
+      # GPU's default, unmeasured there) against unpipelined, and against mlx-lm's
+      # batch_generate. The checkpoint (the shipped base as MiMo, its layers trained on
+      # self-distilled stdlib windows) is built there first: on this CPU that takes about
+      # 40 minutes, most of it training; its work folder stays out of what comes back.
+      local work; work="$(mktemp -d)/mtp"
+      python3 benchmarks/mtp_trained.py --work "$work" --depths 3 --skip-benchmark \
+        --tag gpu-build-d3
+      (cd benchmarks && python3 batch_speed.py --model "$work/ckpt-d3" --batch 1,4,16 \
+        --draft-tokens 2 --rounds 2 --ways "streams,lookup 2" --pipeline-ab --tag gpu-mtp-d3) ;;
     window)
       # A sliding-window model (Gemma 3 270M's shape, bf16) past its window: ours against
       # mlx-lm plain and draft-model decoding, identity and KV memory (a few minutes).
