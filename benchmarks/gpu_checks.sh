@@ -128,8 +128,8 @@ run_stage() {
       # (sessions 43-45): pipelined (the layers' rows fed and drafted on the device, the
       # GPU's default, unmeasured there) against unpipelined, and against mlx-lm's
       # batch_generate. The checkpoint (the shipped base as MiMo, its layers trained on
-      # self-distilled stdlib windows) is built there first: on this CPU that takes about
-      # 40 minutes, most of it training; its work folder stays out of what comes back.
+      # self-distilled stdlib windows) is built there first: on this CPU the windows take
+      # 4 minutes and the 1,000 steps about 50; its work folder stays out of what comes back.
       local work; work="$(mktemp -d)/mtp"
       python3 benchmarks/mtp_trained.py --work "$work" --depths 3 --skip-benchmark \
         --tag gpu-build-d3
