@@ -205,16 +205,14 @@ class HeldRows:
         self.held = np.zeros(B, dtype=np.int64)  # the same, as the host knows it
 
     def filter(self, rows: Sequence[int]) -> None:
-        index = mx.array(list(rows), dtype=mx.int32)
+        """Keeps only ``rows`` (indices into the batch), in that order."""
+        rows = list(rows)
+        index = mx.array(rows, dtype=mx.int32)
         for c in self.caches:
             c.filter(rows)
         if self.states is not None:
             self.states = self.states[index]
-        self.tokens, self.count, self.held = (
-            self.tokens[index],
-            self.count[index],
-            self.held[list(rows)],
-        )
+        self.tokens, self.count, self.held = self.tokens[index], self.count[index], self.held[rows]
 
     def extend(self, other: "HeldRows") -> "HeldRows":
         """One of this batch's rows, then ``other``'s (both are left as they were)."""
