@@ -140,16 +140,8 @@ class MTPRows(LayerRows):
         on_device = isinstance(self._kept, mx.array)
         out = self._last_kept()
         token = mx.argmax(layer.logits(rt.model, out, rt.draft_vocab), axis=-1)
-        chain, B = [token], out.shape[0]
-        ends = None if on_device else cache.ends
-        for _ in range(n - 1):
-            out = layer.step(layer.passed_on(out), rt.embed(token), cache)
-            if on_device:
-                cache.advance_on_device(mx.ones(B, dtype=mx.int32), 1)
-            else:
-                cache.advance([1] * B)
-            token = mx.argmax(layer.logits(rt.model, out, rt.draft_vocab), axis=-1)
-            chain.append(token)
+        B, ends = out.shape[0], None if on_device else cache.ends
+        chain = [token] + _levels_again(rt, layer, cache, out, token, n - 1, on_device)
         # (the recursion's rows never stay)
         if on_device and n > 1:
             cache.advance_on_device(mx.full(B, 1 - n, dtype=mx.int32), 0)
@@ -157,6 +149,22 @@ class MTPRows(LayerRows):
         elif not on_device:
             cache.set_ends(ends)
         return mx.concatenate(chain, axis=1)
+
+
+def _levels_again(rt, depth, cache, out: mx.array, token: mx.array, n: int, on_device: bool):
+    """``n`` more levels ``(B, 1)`` each: MTP layer ``depth`` again on its own output
+    ``out`` ``(B, 1, D)`` and the previous level ``token``, each row written at ``cache``'s
+    ends and kept (on the device, or the host's ends; the caller drops them after)."""
+    B, levels = out.shape[0], []
+    for _ in range(n):
+        out = depth.step(depth.passed_on(out), rt.embed(token), cache)
+        if on_device:
+            cache.advance_on_device(mx.ones(B, dtype=mx.int32), 1)
+        else:
+            cache.advance([1] * B)
+        token = mx.argmax(depth.logits(rt.model, out, rt.draft_vocab), axis=-1)
+        levels.append(token)
+    return levels
 
 
 class ParallelSpecRows(LayerRows):
@@ -293,9 +301,7 @@ class MTPDepthRows(LayerRows):
         self._flush()
         cache, pad = self.cache, [0] * joined
         levels = self._unread.pop(0)
-        n = cache.held[: len(kept)]
-        M = n + np.asarray(kept, dtype=np.int64)
-        keep = np.maximum(M - self.lag, 0)
+        M, keep = self._ran_and_kept(cache.held[: len(kept)], kept)
         for c in cache.caches[:-1]:
             c.settle(list(keep) + pad)
         last = cache.caches[-1]
@@ -340,11 +346,11 @@ class MTPDepthRows(LayerRows):
         feats = _final_norm(rt.model)(states) if layout.normed_hidden else states
         last = (M - 1)[:, None]
         drafted, h = [], feats
+        more = max(0, levels - len(self.depths))  # (levels by the last layer again)
         if on_device:
-            self._unread.append(max(0, levels - len(self.depths)))
+            self._unread.append(more)
         else:  # (the host's counts: each layer keeps the rows that stay)
-            M_host = cache.held + np.asarray(list(kept), dtype=np.int64)
-            keep_host = np.maximum(M_host - H, 0)
+            M_host, keep_host = self._ran_and_kept(cache.held, kept)
         for k, (depth, lc) in enumerate(zip(self.depths, cache.caches)):
             j = c + k  # (row c reads token c + k: a level drafted so far past M)
             tok = mx.take_along_axis(tokens, mx.minimum(j, H + W - 1), 1)
@@ -361,12 +367,11 @@ class MTPDepthRows(LayerRows):
             if k < levels:
                 o = mx.take_along_axis(out, last[..., None], axis=1)  # (B, 1, D)
                 drafted.append(mx.argmax(depth.logits(rt.model, o, rt.draft_vocab), axis=-1))
-            more = levels - len(self.depths) if k == H else 0
-            if more > 0:  # (the last layer again past K, after every row of this run)
+            if k == H and more:  # (the last layer again past K, after every row of this run)
                 self._advance(lc, M, H + W, None if on_device else M_host)
-                drafted += self._again(depth, lc, o, drafted[-1], more, on_device)
-                gone = M + more  # (the rows past those that stay)
-                self._advance(lc, keep - gone, 0, None if on_device else keep_host - M_host - more)
+                drafted += _levels_again(rt, depth, lc, o, drafted[-1], more, on_device)
+                back = None if on_device else keep_host - M_host - more  # (to the rows that stay)
+                self._advance(lc, keep - M - more, 0, back)
             else:
                 self._advance(lc, keep, H + W, None if on_device else keep_host)
             h = depth.passed_on(out) if layout.chain_layers else feats
@@ -379,16 +384,11 @@ class MTPDepthRows(LayerRows):
             cache.held = M_host - keep_host
         return drafted
 
-    def _again(self, depth, cache, o: mx.array, token: mx.array, n: int, on_device: bool):
-        """``n`` levels by the last layer ``depth`` again on its own output ``o`` ``(B,
-        1, D)`` and the previous level ``token``, each row appended to ``cache``."""
-        rt, B, drafted = self.rt, o.shape[0], []
-        for _ in range(n):
-            o = depth.step(depth.passed_on(o), rt.embed(token).astype(o.dtype), cache)
-            self._advance(cache, mx.ones(B, dtype=mx.int32), 1, None if on_device else [1] * B)
-            token = mx.argmax(depth.logits(rt.model, o, rt.draft_vocab), axis=-1)
-            drafted.append(token)
-        return drafted
+    def _ran_and_kept(self, held: np.ndarray, kept: Sequence[int]):
+        """The host's count of each row's rows in a run (its ``held`` positions and the
+        ``kept`` new ones) and of those that stay in the caches."""
+        ran = held + np.asarray(list(kept), dtype=np.int64)
+        return ran, np.maximum(ran - self.lag, 0)
 
     @staticmethod
     def _advance(cache, kept: mx.array, most: int, host=None) -> None:
