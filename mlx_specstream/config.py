@@ -321,7 +321,14 @@ def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
 
 DRAFTER_KEY = "drafter"
 DRAFTER_FILE = "drafter.safetensors"
-DRAFTER_KINDS = ("medusa", "parallelspec", "mtp")
+DRAFTER_KINDS = ("medusa", "parallelspec", "mtp", "eagle3")
+# What an EAGLE-3 drafter's section holds of its checkpoint (mlx_specstream.eagle).
+EAGLE_KEYS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "attention_bias",
+    "mlp_bias", "draft_vocab_size", "target_hidden_size", "norm_before_residual",
+    "feature_layers", "own_embeddings",
+)  # fmt: skip
 
 
 @dataclass
@@ -338,6 +345,8 @@ class DrafterConfig(_Section):
           all levels in one pass; it shares the base's final norm and LM head.
           ``"mtp"``: a checkpoint's own multi-token prediction layer
           (:mod:`mlx_specstream.mtp`), run again on its output for each deeper level.
+          ``"eagle3"``: an EAGLE-3 drafter (:mod:`mlx_specstream.eagle`): one decoder
+          layer of its own over three of the base's layers' states, fused.
         num_draft_tokens (int): k, the draft tree's levels per step (Medusa
           heads, or ParallelSpec's last real row plus its masks). Default: ``3``.
         top_k, max_tree_nodes, tree_depth: the draft tree, as in
@@ -358,6 +367,10 @@ class DrafterConfig(_Section):
         draft_vocab (bool, optional): as in :class:`SpecStreamConfig`.
         batch (dict, optional): as in :class:`SpecStreamConfig` (``"streams"``: the
           drafter's chain).
+        eagle (dict, optional): for ``"eagle3"`` (and only there), its layer's settings
+          as read from its checkpoint (:data:`EAGLE_KEYS`): its Llama layer's shape,
+          its draft vocabulary's size, and ``feature_layers``, the base's layers whose
+          inputs it reads (``len(model.layers)``: the last layer's output).
     """
 
     SECTION = DRAFTER_KEY
@@ -373,6 +386,7 @@ class DrafterConfig(_Section):
     draft: Optional[str] = None
     draft_vocab: Optional[bool] = None
     batch: Optional[dict] = None
+    eagle: Optional[dict] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -429,6 +443,12 @@ class DrafterConfig(_Section):
         )
         fault = None if self.batch is None else batch_choice_fault(self.batch, self.num_streams)
         require(fault is None, "batch", str(fault))
+        require(
+            (self.eagle is None) == (self.kind != "eagle3")
+            and (self.eagle is None or sorted(self.eagle) == sorted(EAGLE_KEYS)),
+            "eagle",
+            f"kind 'eagle3' (and no other) needs a dict of {list(EAGLE_KEYS)}",
+        )
         self._check_tuned()
 
     @classmethod

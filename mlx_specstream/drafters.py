@@ -319,6 +319,10 @@ def make_drafter(config: DrafterConfig, model: nn.Module) -> nn.Module:
         from .mtp import MTPDrafter
 
         return MTPDrafter(config, model)
+    if config.kind == "eagle3":  # (an EAGLE-3 checkpoint's layer: eagle.py)
+        from .eagle import Eagle3Drafter
+
+        return Eagle3Drafter(config, model)
     return DRAFTERS[config.kind](config, model)
 
 

@@ -213,6 +213,9 @@ class StreamRuntime:
         self.draft_vocab = None  # the tokens drafts rank (mlx_specstream.draft_vocab): all
         self._prefill_hidden: List[mx.array] = []
         self.num_layers = len(model.layers)
+        # The layers whose inputs an EAGLE-3 drafter reads, and during a pass those inputs.
+        self._feature_at = set(getattr(drafter, "feature_layers", None) or [])
+        self._features: dict = {}
         self.first_top = self.num_layers - config.num_stream_layers
         self.state: Optional[str] = None  # None (plain model), "step" or "tail"
         self.prune_threshold = 0.0
@@ -345,11 +348,13 @@ class StreamRuntime:
                         mask = kwargs.pop(names[1])
                     if rt.state is None:
                         return base_call(self, x, mask, cache, *args, **kwargs)
+                    if i in rt._feature_at and rt.state in ("prefill", "step", "rows"):
+                        rt._features[i] = x  # (an EAGLE-3 drafter reads this layer's input)
                     if rt.state == "prefill":  # plain pass that keeps the last layer's states
                         out = base_call(self, x, mask, cache, *args, **kwargs)
                         rt._note_outputs(i, out)
                         if i == rt.num_layers - 1:
-                            rt._prefill_hidden.append(_split(out)[0])
+                            rt._prefill_hidden.append(rt._drafter_states(_split(out)[0]))
                         return out
                     if rt.state == "tail":
                         h = rt._tail_input if i == 0 else x
@@ -1139,7 +1144,7 @@ class StreamRuntime:
             self._stream_hidden = out[:, self._main_rows :]
             out = out[:, : self._main_rows]
         if self.drafter is not None and i == self.num_layers - 1:  # (an attached drafter's)
-            self._main_hidden = out
+            self._main_hidden = self._drafter_states(out)
         return _joined(out, rest)
 
     def fused_streams(self, nodes: mx.array) -> mx.array:
@@ -1220,7 +1225,7 @@ class StreamRuntime:
         generation outlives it (the model holds this runtime)."""
         for name in self._STEP_ARRAYS:
             setattr(self, name, None)
-        self._prefill_hidden = []
+        self._prefill_hidden, self._features = [], {}
         self._kept, self._kept_layout = [], None
         self._cols, self._upper_extra = [None] * self.num_layers, {}
 
@@ -1232,9 +1237,19 @@ class StreamRuntime:
         h, rest = _split(out)
         return _joined(self._hold_back_streams(h), rest)
 
+    def _drafter_states(self, out: mx.array) -> mx.array:
+        """What a drafter reads of a pass's rows: the last layer's output ``out``, or for
+        an EAGLE-3 drafter its feature layers' inputs side by side (``(..., 3 D)``; the
+        index ``num_layers``: ``out``)."""
+        layers = getattr(self.drafter, "feature_layers", None)
+        if layers is None:
+            return out
+        parts = [out if i == self.num_layers else self._features[i] for i in layers]
+        return mx.concatenate(parts, axis=-1)
+
     def _hold_back_streams(self, out: mx.array) -> mx.array:
         R = len(self._kept)
-        self._main_hidden = out[:, :R]
+        self._main_hidden = self._drafter_states(out)[:, :R]
         if self._all_streams:
             self._stream_hidden = out[:, R:]
         return out if self._head_on_streams else out[:, :R]
@@ -1333,7 +1348,8 @@ def init_or_load(module: nn.Module, seed: int, weights: Optional[str], std=lambd
         keys = mx.random.split(mx.random.key(seed), len(params))
         new = []
         for key, (name, p) in zip(keys, params):
-            if p.ndim == 0:  # (a scalar setting, as Apertus's activation's: as built)
+            if p.ndim == 0 or not mx.issubdtype(p.dtype, mx.floating):
+                # (a scalar setting, as Apertus's activation's; ids, EAGLE-3's d2t: as built)
                 new.append((name, p))
                 continue
             scale = std(name, p)

@@ -14,6 +14,7 @@ from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecSt
 from .draft_vocab import FILE as DRAFT_VOCAB_FILE
 from .draft_vocab import drafts_by_head, save_draft_vocab, use_draft_vocab
 from .drafters import attach_drafter
+from .eagle import attach_eagle, is_eagle_checkpoint
 from .mtp import (
     attach_mtp,
     fetch_mtp_checkpoint,
@@ -227,6 +228,11 @@ def load(
         remote = not Path(drafter).exists() and is_hub_id(drafter)
         fetched = fetch_mtp_checkpoint(drafter, revision) if remote else None
         source, shapes = fetched or (resolve_model_path(drafter, revision), None)
+    if drafter is not None and is_eagle_checkpoint(source):  # an EAGLE-3 drafter's checkpoint
+        _check_eagle_base(model_path, source)
+        model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
+        attach_eagle(model, source)
+        return finish(model, tokenizer, config)
     if is_plain(source) and has_mtp_weights(source):  # the checkpoint's own MTP layer
         if drafter is not None:
             _check_drafter_base(model_path, source)
@@ -274,6 +280,16 @@ def _use_draft_vocab(model, source, draft_vocab) -> None:
             "a draft vocabulary applies to those."
         )
     use_draft_vocab(model, own if draft_vocab is None else draft_vocab)
+
+
+def _check_eagle_base(model_path: Path, source: Path) -> None:
+    """Refuses an EAGLE-3 drafter for a shared-mode stream model (its base was changed)."""
+    own = json.loads((model_path / "config.json").read_text()).get(CONFIG_KEY) or {}
+    if own.get("mode") == "shared":
+        raise ValueError(
+            f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
+            f"streams, so the EAGLE-3 drafter in {source} would not match it."
+        )
 
 
 def _check_drafter_base(model_path: Path, source: Path) -> None:

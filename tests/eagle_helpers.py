@@ -1,0 +1,162 @@
+"""Tiny EAGLE-3 checkpoints, as EAGLE's and the speculators' code write them, and the
+drafter's levels computed from their raw tensors from scratch (tests of eagle.py)."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+from helpers import ARCH_ARGS, BASE, tiny_model, word_tokenizer
+
+EAGLE_LAYER = dict(
+    hidden_size=BASE["hidden_size"], num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=96, rms_norm_eps=1e-5, rope_theta=10000.0,
+)  # fmt: skip
+
+
+def write_base(path, vocab_size=64, seed=0, layers=6):
+    """A tiny Llama directory, as ``mlx_lm.load`` reads it."""
+    from mlx_lm.utils import save_config, save_model
+
+    model = tiny_model("llama", vocab_size, seed=seed, num_hidden_layers=layers)
+    path.mkdir(parents=True)
+    save_model(path, model)
+    config = {**BASE, **ARCH_ARGS["llama"], "vocab_size": vocab_size, "model_type": "llama",
+              "num_hidden_layers": layers}  # fmt: skip
+    save_config(config, path / "config.json")
+    word_tokenizer(vocab_size).save_pretrained(str(path))
+    return path
+
+
+def write_eagle(
+    path, vocab_size=64, draft_vocab=None, seed=1, style="eagle", own_embeddings=False,
+    norm_before_residual=None, layer_ids=None, scale=3.0, **overrides,
+):  # fmt: skip
+    """A random EAGLE-3 checkpoint for a base of ``vocab_size`` tokens: EAGLE's layout
+    (``midlayer.*``) or the speculators' (``layers.0.*``, ``transformer_layer_config``).
+    ``draft_vocab``: the base ids its head ranks (sorted; default every token).
+    Returns the raw tensors (names as EAGLE's) and settings the reference reads."""
+    mx.random.seed(seed)
+    D, layer = EAGLE_LAYER["hidden_size"], {**EAGLE_LAYER, **overrides}
+    H, KV = layer["num_attention_heads"], layer["num_key_value_heads"]
+    hd, F = D // H, layer["intermediate_size"]
+    ids = np.arange(vocab_size) if draft_vocab is None else np.asarray(draft_vocab)
+    Vd = len(ids)
+
+    def matrix(rows, cols):
+        return mx.random.normal((rows, cols)) * cols**-0.5 * scale
+
+    def norm():
+        return 1 + 0.3 * mx.random.normal((D,))
+
+    w = {
+        "fc.weight": matrix(D, 3 * D),
+        "midlayer.self_attn.q_proj.weight": matrix(H * hd, 2 * D),
+        "midlayer.self_attn.k_proj.weight": matrix(KV * hd, 2 * D),
+        "midlayer.self_attn.v_proj.weight": matrix(KV * hd, 2 * D),
+        "midlayer.self_attn.o_proj.weight": matrix(D, H * hd),
+        "midlayer.mlp.gate_proj.weight": matrix(F, D),
+        "midlayer.mlp.up_proj.weight": matrix(F, D),
+        "midlayer.mlp.down_proj.weight": matrix(D, F),
+        "midlayer.input_layernorm.weight": norm(),
+        "midlayer.hidden_norm.weight": norm(),
+        "midlayer.post_attention_layernorm.weight": norm(),
+        "norm.weight": norm(),
+        "lm_head.weight": matrix(Vd, D) / scale,
+        "d2t": mx.array(ids - np.arange(Vd), dtype=mx.int64),
+        "t2d": mx.array(np.isin(np.arange(vocab_size), ids)),
+    }
+    if own_embeddings:
+        w["embed_tokens.weight"] = mx.random.normal((vocab_size, D))
+    stored = dict(w)
+    config = {"vocab_size": vocab_size, "draft_vocab_size": Vd, "num_hidden_layers": 1,
+              "hidden_act": "silu", "max_position_embeddings": 2048}  # fmt: skip
+    if style == "eagle":
+        config.update(architectures=["LlamaForCausalLMEagle3"], **layer)
+    else:
+        stored = {k.replace("midlayer.", "layers.0."): v for k, v in w.items()}
+        config.update(
+            architectures=["Eagle3Speculator"], speculators_model_type="eagle3",
+            transformer_layer_config={**layer, "vocab_size": vocab_size, "model_type": "llama"},
+        )  # fmt: skip
+    if norm_before_residual is not None:
+        config["norm_before_residual"] = norm_before_residual
+    if layer_ids is not None:
+        config["eagle_aux_hidden_state_layer_ids"] = layer_ids
+    path.mkdir(parents=True)
+    mx.save_safetensors(str(path / "model.safetensors"), stored)
+    (path / "config.json").write_text(json.dumps(config))
+    return dict(w=w, layer=layer, ids=ids, norm_first=bool(norm_before_residual))
+
+
+def base_features(plain, text, layer_ids):
+    """``(L, 3 D)``: the inputs of the base's layers ``layer_ids`` over ``text`` (the
+    index ``N``: the last layer's output), one pass of mlx-lm's own layers."""
+    inner = plain.model
+    h = inner.embed_tokens(mx.array(text)[None])
+    inputs = []
+    for layer in inner.layers:
+        inputs.append(h)
+        h = layer(h, "causal" if h.shape[1] > 1 else None, None)
+    inputs.append(h)
+    return mx.concatenate([inputs[i][0] for i in layer_ids], axis=-1)
+
+
+def _attention(w, ref, x):
+    """Causal attention of EAGLE-3's layer over all rows ``x`` ``(L, 2 D)``, by hand."""
+    layer = ref["layer"]
+    H, KV = layer["num_attention_heads"], layer["num_key_value_heads"]
+    L, hd = x.shape[0], layer["hidden_size"] // H
+    p = "midlayer.self_attn."
+
+    def heads(name, n):
+        y = (x @ w[p + name].T).reshape(L, n, hd).transpose(1, 0, 2)[None]
+        return (
+            y
+            if name == "v_proj.weight"
+            else mx.fast.rope(
+                y, hd, traditional=False, base=layer["rope_theta"], scale=1.0, offset=0
+            )
+        )
+
+    q, k, v = heads("q_proj.weight", H), heads("k_proj.weight", KV), heads("v_proj.weight", KV)
+    k, v = mx.repeat(k, H // KV, axis=1), mx.repeat(v, H // KV, axis=1)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * hd**-0.5
+    scores = mx.where(mx.tril(mx.ones((L, L), dtype=mx.bool_)), scores, -mx.inf)
+    out = (mx.softmax(scores, axis=-1) @ v)[0].transpose(1, 0, 2).reshape(L, -1)
+    return out @ w[p + "o_proj.weight"].T
+
+
+def reference_levels(plain, ref, text, a, levels, layer_ids, through_fc=False,
+                     normed_recursion=False, norm_first=None):  # fmt: skip
+    """The drafter's levels from rows ``0..a`` of ``text`` (row i: the base's features
+    of token i and the embedding of token i + 1), then its own output and argmax for
+    each deeper level: every row recomputed from the raw tensors. Controls:
+    ``through_fc`` (deeper levels' hidden through ``fc`` again, tiled),
+    ``normed_recursion`` (the final norm's output passed on), ``norm_first`` (the other
+    residual)."""
+    w, eps = ref["w"], ref["layer"]["rms_norm_eps"]
+    norm_first = ref["norm_first"] if norm_first is None else norm_first
+    embed = w.get("embed_tokens.weight", plain.model.embed_tokens.weight)
+    hidden = base_features(plain, text[: a + 1], layer_ids) @ w["fc.weight"].T
+    tokens = list(text[1 : a + 2])
+    p = "midlayer."
+    wide = np.full((levels, plain.model.embed_tokens.weight.shape[0]), -np.inf, np.float32)
+    for level in range(levels):
+        e = mx.fast.rms_norm(embed[mx.array(tokens)], w[p + "input_layernorm.weight"], eps)
+        h = mx.fast.rms_norm(hidden, w[p + "hidden_norm.weight"], eps)
+        x = mx.concatenate([e, h], axis=-1)
+        r = (h if norm_first else hidden) + _attention(w, ref, x)
+        m = mx.fast.rms_norm(r, w[p + "post_attention_layernorm.weight"], eps)
+        mlp = (mx.sigmoid(m @ w[p + "mlp.gate_proj.weight"].T) * (m @ w[p + "mlp.gate_proj.weight"].T)
+               * (m @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T  # fmt: skip
+        out = (r + mlp)[-1:]
+        normed = mx.fast.rms_norm(out, w["norm.weight"], eps)
+        small = np.array((normed @ w["lm_head.weight"].T)[0])
+        wide[level, ref["ids"]] = small
+        nxt = ref["ids"][int(np.argmax(small))]
+        passed = normed if normed_recursion else out
+        if through_fc:
+            passed = mx.concatenate([passed] * 3, axis=-1) @ w["fc.weight"].T
+        hidden = mx.concatenate([hidden, passed])
+        tokens.append(int(nxt))
+    return wide

@@ -1,0 +1,162 @@
+"""EAGLE-3 drafters (mlx_specstream.eagle): their levels equal the raw checkpoint's
+computed from scratch, decoding equals mlx-lm's, both checkpoint formats load, and bad
+checkpoints get clear errors."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from eagle_helpers import reference_levels, write_base, write_eagle
+from helpers import plain_greedy, spec_tokens
+from mlx_lm import load as mlx_lm_load
+
+from mlx_specstream import eagle, load
+from mlx_specstream.utils import save
+
+V = 64
+PROMPT = [4, 8, 15, 16, 23]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("eagle") / "base", V)
+
+
+def drafts_of_each_step(model, monkeypatch, max_tokens=24, **tree):
+    """The greedy text of ``PROMPT`` and, for each step's draft: its levels' logits, the
+    last row ``a`` of the accepted text, the bonus token and the drafter's rows."""
+    seen, real_draft = [], eagle.Eagle3Drafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        a = rt._tree[4] + len(path) - 1  # (committed prefix + accepted nodes - 1)
+        seen.append((np.array(logits.astype(mx.float32)), a, token, state.offset))
+        return logits
+
+    monkeypatch.setattr(eagle.Eagle3Drafter, "draft", recording)
+    toks, _ = spec_tokens(model, PROMPT, max_tokens, **tree)
+    monkeypatch.undo()
+    return PROMPT + toks, seen
+
+
+@pytest.mark.parametrize(
+    "style,layer_ids,options",
+    [
+        ("eagle", None, {}),  # (the default layers: 2, N // 2, N - 3)
+        ("eagle", [0, 3, 6], dict(draft_vocab=list(range(1, V, 3)))),  # (embeddings, output)
+        ("speculators", [1, 3, 4], dict(norm_before_residual=True, own_embeddings=True)),
+    ],
+)
+def test_every_draft_equals_the_raw_tensors_from_scratch(style, layer_ids, options, base_dir,
+                                                         tmp_path, monkeypatch):  # fmt: skip
+    """Each step's levels (the drafter's cached rows of the accepted text, its
+    recursion's rows trimmed after) equal every row recomputed from the checkpoint's
+    raw tensors and mlx-lm's base layers. Controls: other feature layers, deeper levels
+    through ``fc`` or from the final norm's output, the other residual."""
+    ref = write_eagle(tmp_path / "eagle", V, style=style, layer_ids=layer_ids, **options)
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    ids = layer_ids or [2, 3, 3]
+    assert model.speculative_streams.drafter.feature_layers == ids
+    text, seen = drafts_of_each_step(model, monkeypatch)
+    assert text == PROMPT + plain_greedy(plain, PROMPT, 24)
+    checked = 0
+    for logits, a, token, offset in seen:
+        if a + 1 >= len(text):
+            continue  # (the last step's drafts go unused)
+        assert text[a + 1] == token and offset == a + 1  # real rows 0..a only
+        want = reference_levels(plain, ref, text, a, logits.shape[0], ids)
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+        outside = np.setdiff1d(np.arange(V), ref["ids"])
+        assert np.all(np.isneginf(logits[:, outside]))
+        checked += 1
+    assert checked >= 5 and seen[0][0].shape[0] == 3
+    logits, a, _, _ = seen[2]
+    other = [i for i in range(7) if i not in ids][:1] + ids[1:]
+    controls = [dict(layer_ids=other), dict(through_fc=True), dict(normed_recursion=True),
+                dict(norm_first=not ref["norm_first"])]  # fmt: skip
+    for control in controls:
+        kw = {"layer_ids": ids, **control}
+        wrong = reference_levels(plain, ref, text, a, logits.shape[0], **{"layer_ids": ids, **kw})
+        assert not np.allclose(logits, wrong, atol=1e-2), control
+
+
+def test_greedy_equals_plain_decoding_and_drafts_are_taken(base_dir, tmp_path):
+    """Chains and trees of the drafter's levels give mlx-lm's greedy tokens; control: a
+    verifier accepting every draft unchecked changes them."""
+    write_eagle(tmp_path / "eagle", V, draft_vocab=list(range(0, V, 2)), layer_ids=[0, 3, 6])
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    for prompt in ([3], PROMPT):
+        want = plain_greedy(plain, prompt, 40)
+        for tree in ({}, dict(tree_top_k=2, max_tree_nodes=8)):
+            got, _ = spec_tokens(model, prompt, 40, **tree)
+            assert got == want, tree
+
+
+def test_negative_control_a_wrong_verifier_is_caught(base_dir, tmp_path, monkeypatch):
+    import mlx_specstream.decode as decode
+
+    write_eagle(tmp_path / "eagle", V, layer_ids=[0, 3, 6])
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
+    right, _ = spec_tokens(model, PROMPT, 30)
+
+    def accept_all(tokens, parents, ancestors, targets, depth):
+        return None, mx.array(tokens.shape[0] - 1)
+
+    monkeypatch.setattr(decode, "_accept", accept_all)
+    wrong, _ = spec_tokens(model, PROMPT, 30)
+    assert wrong != right
+
+
+def test_save_writes_a_directory_that_loads_back(base_dir, tmp_path, monkeypatch):
+    """``save`` writes the base, ``drafter.safetensors`` and a drafter section that
+    holds the layer's settings; loaded back, it drafts the same levels."""
+    write_eagle(tmp_path / "eagle", V, style="speculators", layer_ids=[1, 3, 5],
+                draft_vocab=list(range(2, V, 2)), own_embeddings=True)  # fmt: skip
+    model, tok, config = load(str(base_dir), drafter=str(tmp_path / "eagle"), return_config=True)
+    save(tmp_path / "saved", model, tok, config=config)
+    section = json.loads((tmp_path / "saved" / "config.json").read_text())["drafter"]
+    assert section["kind"] == "eagle3" and section["eagle"]["feature_layers"] == [1, 3, 5]
+    assert section["eagle"]["own_embeddings"] is True
+    again, _ = load(str(tmp_path / "saved"))
+    for a, b in zip(drafts_of_each_step(model, monkeypatch)[1],
+                    drafts_of_each_step(again, monkeypatch)[1]):  # fmt: skip
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
+    def broken(name, edit=None, config=None, **options):
+        path = tmp_path / name
+        write_eagle(path, V, **options)
+        if edit is not None:
+            weights = dict(mx.load(str(path / "model.safetensors")))
+            edit(weights)
+            mx.save_safetensors(str(path / "model.safetensors"), weights)
+        if config is not None:
+            data = json.loads((path / "config.json").read_text())
+            data.update(config)
+            (path / "config.json").write_text(json.dumps(data))
+        return str(path)
+
+    def torch_only(path):
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "config.json").write_text((Path(path) / "config.json").read_text())
+        (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+        return str(tmp_path / "bin")
+
+    cases = [
+        (broken("ids", layer_ids=[0, 3, 9]), r"eagle_aux_hidden_state_layer_ids=\[0, 3, 9\]"),
+        (broken("two", config=dict(num_hidden_layers=2)), "num_hidden_layers=2"),
+        (broken("wide", config=dict(target_hidden_size=128)), "target_hidden_size=128"),
+        (broken("vocab", config=dict(vocab_size=65)), "vocab_size=65"),
+        (broken("d2t", edit=lambda w: w.update(d2t=w["d2t"] + 200)), "d2t maps to token"),
+        (broken("gone", edit=lambda w: w.pop("fc.weight")), "does not fit this model"),
+        (torch_only(broken("fine")), "pytorch_model.bin"),
+    ]
+    for drafter, match in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            load(str(base_dir), drafter=drafter)
+        assert drafter in str(info.value)
