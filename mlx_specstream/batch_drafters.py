@@ -1,6 +1,7 @@
 """Attached drafters with a decoder layer and a KV cache of their own drafting the rows of
 a batch (:class:`~mlx_specstream.batch.SpecBatcher`): a checkpoint's MTP layer
-(:class:`MTPRows`) and the ParallelSpec drafter (:class:`ParallelSpecRows`).
+(:class:`MTPRows`), the ParallelSpec drafter (:class:`ParallelSpecRows`) and an
+EAGLE-3 drafter (:class:`EagleRows`).
 
 The layer keeps a KV cache of its own, one row per token each batch row fed: row ``i``
 pairs token ``i``'s last hidden state with token ``i + 1``'s embedding, as the drafter
@@ -35,6 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from .drafters import ParallelSpecDrafter, new_layer_cache, run_layer
+from .eagle import Eagle3Drafter
 from .mtp import MTPDrafter, _final_norm
 from .ragged_cache import empty_ragged, padded_rows
 
@@ -139,7 +141,7 @@ class MTPRows(LayerRows):
         rt, layer, cache = self.rt, self.drafter, self.cache
         on_device = isinstance(self._kept, mx.array)
         out = self._last_kept()
-        token = mx.argmax(layer.logits(rt.model, out, rt.draft_vocab), axis=-1)
+        token = mx.argmax(layer.level_logits(rt, out), axis=-1)
         B, ends = out.shape[0], None if on_device else cache.ends
         chain = [token] + _levels_again(rt, layer, cache, out, token, n - 1, on_device)
         # (the recursion's rows never stay)
@@ -152,19 +154,31 @@ class MTPRows(LayerRows):
 
 
 def _levels_again(rt, depth, cache, out: mx.array, token: mx.array, n: int, on_device: bool):
-    """``n`` more levels ``(B, 1)`` each: MTP layer ``depth`` again on its own output
-    ``out`` ``(B, 1, D)`` and the previous level ``token``, each row written at ``cache``'s
-    ends and kept (on the device, or the host's ends; the caller drops them after)."""
+    """``n`` more levels ``(B, 1)`` each: MTP layer ``depth`` (or an EAGLE-3 drafter) again
+    on its own output ``out`` ``(B, 1, D)`` and the previous level ``token``, each row
+    written at ``cache``'s ends and kept (on the device, or the host's ends; the caller
+    drops them after)."""
     B, levels = out.shape[0], []
     for _ in range(n):
-        out = depth.step(depth.passed_on(out), rt.embed(token), cache)
+        out = depth.again(rt, out, token, cache)
         if on_device:
             cache.advance_on_device(mx.ones(B, dtype=mx.int32), 1)
         else:
             cache.advance([1] * B)
-        token = mx.argmax(depth.logits(rt.model, out, rt.draft_vocab), axis=-1)
+        token = mx.argmax(depth.level_logits(rt, out), axis=-1)
         levels.append(token)
     return levels
+
+
+class EagleRows(MTPRows):
+    """An EAGLE-3 drafter's rows: ``fc`` of the base's feature layers' states (the pass
+    keeps them side by side) with each next token, in its layer's cache; deeper levels
+    its layer again on its own output, as MTP's."""
+
+    kind = Eagle3Drafter
+
+    def _rows(self, cache, hidden: mx.array, nxt: mx.array) -> mx.array:
+        return self.drafter.step(self.rt, hidden, nxt, cache)
 
 
 class ParallelSpecRows(LayerRows):
@@ -404,7 +418,7 @@ def layer_rows(rt):
     """The rows of ``rt``'s drafter if it keeps a layer of its own, else ``None``."""
     if isinstance(rt.drafter, MTPDrafter) and rt.drafter.num_layers > 1:
         return MTPDepthRows(rt)
-    for rows in (MTPRows, ParallelSpecRows):
+    for rows in (MTPRows, ParallelSpecRows, EagleRows):
         if isinstance(rt.drafter, rows.kind):
             return rows(rt)
     return None

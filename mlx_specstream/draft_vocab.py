@@ -247,6 +247,11 @@ def use_draft_vocab(model: nn.Module, vocab: Union[None, str, Path, Sequence[int
     if vocab is None:
         rt.draft_vocab = None
         return None
+    if getattr(rt.drafter, "own_draft_vocab", False):
+        raise ValueError(
+            f"draft_vocab={vocab if isinstance(vocab, (str, Path)) else '...'!s}: this model's "
+            f"{type(rt.drafter).__name__} ranks a draft vocabulary of its own (its d2t)."
+        )
     rows = head_rows(model)
     if isinstance(vocab, (str, Path)):
         vocab = read_draft_vocab(vocab, rows)

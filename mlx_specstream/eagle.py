@@ -46,8 +46,8 @@ from .config import EAGLE_KEYS, DrafterConfig
 from .drafters import DrafterState, continue_or_start, layer_mask, new_rows
 from .model_parts import hidden_size, text_args
 
-# A chain of 3 by default, as for a checkpoint's MTP layer.
-EAGLE_DEFAULTS = dict(num_draft_tokens=3, top_k=1, max_tree_nodes=4)
+# A chain of 3 by default (as for a checkpoint's MTP layer); up to 5 levels where a tree asks.
+EAGLE_DEFAULTS = dict(num_draft_tokens=5, tree_depth=3, top_k=1, max_tree_nodes=4)
 
 
 def is_eagle_checkpoint(path: Path) -> bool:
@@ -197,6 +197,8 @@ class Eagle3Drafter(nn.Module):
     """``fc`` ``(D, 3 D_base)``, ``layer.*``, ``norm``, ``lm_head`` ``(V_draft, D)``,
     ``d2t`` ``(V_draft,)`` (and ``embed_tokens`` where the checkpoint has its own)."""
 
+    own_draft_vocab = True  # (its head ranks its d2t's tokens: no other draft vocabulary)
+
     def __init__(self, config: DrafterConfig, model: nn.Module):
         super().__init__()
         eagle = config.eagle
@@ -238,6 +240,14 @@ class Eagle3Drafter(nn.Module):
         batched = h.ndim == 3
         out = self.layer(e if batched else e[None], h if batched else h[None], cache)
         return out if batched else out[0]
+
+    def again(self, rt, out: mx.array, token: mx.array, cache) -> mx.array:
+        """A deeper level's row: the layer on its own output and the previous level."""
+        return self.recur(rt, out, token, cache)
+
+    def level_logits(self, rt, out: mx.array) -> mx.array:
+        """A level's logits (its own draft vocabulary: ``rt``'s is refused)."""
+        return self.logits(out)
 
     def logits(self, out: mx.array) -> mx.array:
         """``(..., V)`` logits of the base's tokens from the layer's output, ``-inf``

@@ -436,6 +436,15 @@ class MTPDepth(nn.Module):
         """What the next run reads of this layer's output ``o``: ``final_norm(o)`` or ``o``."""
         return self.final_norm(out) if self._layout.recurse_normed else out
 
+    def again(self, rt, out: mx.array, token: mx.array, cache) -> mx.array:
+        """The layer once more on its own output ``out`` and the previous level's
+        ``token`` (a deeper level), appended to ``cache``."""
+        return self.step(self.passed_on(out), rt.embed(token), cache)
+
+    def level_logits(self, rt, out: mx.array) -> mx.array:
+        """A level's logits from the layer's output, under ``rt``'s draft vocabulary."""
+        return self.logits(rt.model, out, rt.draft_vocab)
+
 
 class MTPDrafter(MTPDepth):
     """A checkpoint's MTP layers as a drafter: the first one's parameters, and the
@@ -558,8 +567,8 @@ class MTPDrafter(MTPDepth):
         last = self.all_depths[-1]
         for _ in range(n):
             nxt = mx.argmax(logits[-1], axis=-1)
-            out = last.step(last.passed_on(out), rt.embed(nxt), cache)
-            logits.append(last.logits(rt.model, out, rt.draft_vocab))
+            out = last.again(rt, out, nxt, cache)
+            logits.append(last.level_logits(rt, out))
 
     def _draft_depths(self, rt, state: "DepthsState", feats, nxt, levels) -> mx.array:
         """Layers ``1..K`` over the rows of positions ``[P, N)``: the held ones and the

@@ -160,3 +160,83 @@ def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
         with pytest.raises(ValueError, match=match) as info:
             load(str(base_dir), drafter=drafter)
         assert drafter in str(info.value)
+
+
+SMALL_V = 24  # (a vocabulary where this random drafter's drafts are often right)
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("eagle-small") / "base", SMALL_V)
+
+
+def eagle_model(base_dir, tmp_path, **options):
+    """The base with a random EAGLE-3 drafter (features: the embeddings, layer 3's input,
+    the last output), mlx-lm's base and the drafter's raw tensors."""
+    ref = write_eagle(tmp_path / "eagle", SMALL_V, layer_ids=[0, 3, 6], scale=1.0, **options)
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    return model, plain, ref
+
+
+def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(small_base, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """In a batch (odd rows merging lookup in, a row joining mid-way), every pass's levels
+    of every row equal the drafter from scratch over the row's text; control: other
+    feature layers."""
+    from test_batch_mtp import each_pass_levels
+
+    model, plain, ref = eagle_model(small_base, tmp_path, draft_vocab=list(range(1, SMALL_V, 2)))
+    seen, real = [], eagle.Eagle3Drafter.logits
+
+    def recording(self, out):
+        logits = real(self, out)
+        seen.append(np.array(logits.astype(mx.float32)))  # (B, 1, V): one level
+        return logits
+
+    monkeypatch.setattr(eagle.Eagle3Drafter, "logits", recording)
+    passes, kept_more = each_pass_levels(model, seen)
+    monkeypatch.undo()
+    assert kept_more >= 3, "rows rarely kept a draft: the ragged rows are not exercised"
+    assert len(passes) >= 20
+    for text, levels in passes:
+        a = len(text) - 2  # (the row's last fed token; the next one is pending)
+        want = reference_levels(plain, ref, text, a, levels.shape[0], [0, 3, 6])
+        np.testing.assert_allclose(levels, want, atol=2e-4, rtol=2e-4)
+    text, levels = passes[len(passes) // 2]
+    wrong = reference_levels(plain, ref, text, len(text) - 2, levels.shape[0], [1, 3, 6])
+    assert not np.allclose(levels, wrong, atol=1e-2)
+
+
+def test_batch_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(small_base, tmp_path):
+    """``batch_generate`` rows drafting with the drafter: mlx-lm's greedy tokens, in as
+    many passes as decoding each prompt alone with its chain of 3, pipelined or not; a
+    row joining with a cache of earlier context too."""
+    from test_batch_mtp import LIMITS, PROMPTS, assert_a_row_with_earlier_context_decodes_as_mlx_lm
+
+    from mlx_specstream.batch import batch_generate_step
+
+    model, plain, _ = eagle_model(small_base, tmp_path)
+    alone = [spec_tokens(model, p, n, tree_top_k=1, tree_depth=3)[1][-1][3]
+             for p, n in zip(PROMPTS, LIMITS)]  # fmt: skip
+    for pipeline in (False, True):
+        tokens, passes = [[] for _ in PROMPTS], [0] * len(PROMPTS)
+        steps = batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
+                                    pipeline=pipeline)  # fmt: skip
+        for out in steps:
+            for r in out:
+                tokens[r.uid] += r.tokens
+                passes[r.uid] += 1
+        assert tokens == [plain_greedy(plain, p, n) for p, n in zip(PROMPTS, LIMITS)]
+        assert passes == alone, pipeline
+    assert sum(LIMITS) > sum(alone) + 10, alone  # (drafts were taken)
+    assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, plain)
+
+
+def test_a_draft_vocabulary_of_another_source_is_refused(small_base, tmp_path):
+    """The drafter ranks its own d2t's tokens: another draft vocabulary is refused."""
+    from mlx_specstream.draft_vocab import use_draft_vocab
+
+    model, _, _ = eagle_model(small_base, tmp_path)
+    with pytest.raises(ValueError, match="d2t"):
+        use_draft_vocab(model, list(range(10)))
