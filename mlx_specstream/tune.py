@@ -1,6 +1,7 @@
 """Picks the draft tree that decodes fastest on this device.
 
-``python -m mlx_specstream.tune [--model DIR] [--batch-size K [--batch-only]] [--save]``
+``python -m mlx_specstream.tune [--model DIR [--drafter DIR]] [--batch-size K [--batch-only]]
+[--save]``
 
 Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
 trees (top-k per stream, depth, max nodes, then for the best shapes the
@@ -581,6 +582,12 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description="Pick the fastest draft tree for this device.")
     p.add_argument("--model", default=None, help="Model directory (default: the embedded model)")
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help="A drafter for --model from another directory (an EAGLE-3 checkpoint, MTP "
+        "layers, ...), as generate's --drafter; its files and the model's are not written",
+    )
     p.add_argument("--prompts", default=None, help="JSONL with a 'prompt' per line")
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=96)
@@ -615,7 +622,7 @@ def main(argv=None):
 
     model_dir = DEFAULT_DIR if args.model is None else resolve_model_path(args.model)
     # (a checkpoint whose own MTP layer drafts: tuned as a drafter, never written into)
-    plain = is_plain(model_dir)
+    plain = is_plain(model_dir) and args.drafter is None
     mtp = plain and has_mtp_weights(model_dir)
     plain = plain and not mtp
     prompts_file = Path(args.prompts or Path(model_dir) / "prompts.jsonl")
@@ -637,7 +644,15 @@ def main(argv=None):
             "reported --num-mtp-layers; on a model with recurrent layers its chain, "
             "--num-draft-tokens) when generating."
         )
-    if Path(model_dir).resolve() == DEFAULT_DIR.resolve():
+    if args.drafter is not None and args.save:
+        p.error(
+            f"--save with --drafter: the tuner writes neither {model_dir} nor {args.drafter}. "
+            "Write them as one model directory first (mlx_specstream.save), or pass the "
+            "reported tree (--tree-top-k, --tree-depth, --max-tree-nodes) when generating."
+        )
+    if args.drafter is not None:
+        model, tokenizer = load(str(model_dir), drafter=args.drafter)
+    elif Path(model_dir).resolve() == DEFAULT_DIR.resolve():
         model, tokenizer = load_default()  # in the dtype it generates in (float32 on a CPU)
     else:
         model, tokenizer = load(str(model_dir), allow_plain=True)
@@ -685,7 +700,7 @@ def main(argv=None):
             f"[INFO] saved into {Path(model_dir) / 'config.json'} for this device "
             f"({device_key()}): {json.dumps(entry)}"
         )
-    elif mtp:
+    elif mtp or args.drafter is not None:
         print("[INFO] not saved (a checkpoint's files are not written; see --save); to decode "
               f"so, pass: {choice_flags(choice)}")  # fmt: skip
     elif not plain:

@@ -13,11 +13,12 @@ EAGLE_LAYER = dict(
 )  # fmt: skip
 
 
-def write_base(path, vocab_size=64, seed=0, layers=6):
+def write_base(path, vocab_size=64, seed=0, layers=6, weight_scale=4.0):
     """A tiny Llama directory, as ``mlx_lm.load`` reads it."""
     from mlx_lm.utils import save_config, save_model
 
-    model = tiny_model("llama", vocab_size, seed=seed, num_hidden_layers=layers)
+    model = tiny_model("llama", vocab_size, seed=seed, num_hidden_layers=layers,
+                       weight_scale=weight_scale)  # fmt: skip
     path.mkdir(parents=True)
     save_model(path, model)
     config = {**BASE, **ARCH_ARGS["llama"], "vocab_size": vocab_size, "model_type": "llama",
@@ -29,7 +30,7 @@ def write_base(path, vocab_size=64, seed=0, layers=6):
 
 def write_eagle(
     path, vocab_size=64, draft_vocab=None, seed=1, style="eagle", own_embeddings=False,
-    norm_before_residual=None, layer_ids=None, scale=3.0, **overrides,
+    norm_before_residual=None, layer_ids=None, scale=3.0, head_scale=1.0, **overrides,
 ):  # fmt: skip
     """A random EAGLE-3 checkpoint for a base of ``vocab_size`` tokens: EAGLE's layout
     (``midlayer.*``) or the speculators' (``layers.0.*``, ``transformer_layer_config``).
@@ -61,7 +62,7 @@ def write_eagle(
         "midlayer.hidden_norm.weight": norm(),
         "midlayer.post_attention_layernorm.weight": norm(),
         "norm.weight": norm(),
-        "lm_head.weight": matrix(Vd, D) / scale,
+        "lm_head.weight": matrix(Vd, D) / scale * head_scale,
         "d2t": mx.array(ids - np.arange(Vd), dtype=mx.int64),
         "t2d": mx.array(np.isin(np.arange(vocab_size), ids)),
     }

@@ -240,3 +240,61 @@ def test_a_draft_vocabulary_of_another_source_is_refused(small_base, tmp_path):
     model, _, _ = eagle_model(small_base, tmp_path)
     with pytest.raises(ValueError, match="d2t"):
         use_draft_vocab(model, list(range(10)))
+
+
+def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
+    """Recursive rejection over the drafter's trees (drafts outside its draft vocabulary
+    impossible: ``q = 0`` there) samples the base's distribution; control: each level
+    verified against the next level's draft distribution."""
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts, verify_against_the_next_level_s_q
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    base = write_base(tmp_path / "base", 6, weight_scale=1.0)
+    write_eagle(tmp_path / "eagle", 6, draft_vocab=[0, 2, 3, 5], layer_ids=[0, 3, 6], scale=1.0,
+                head_scale=4.0)  # fmt: skip
+    model, _ = load(str(base), drafter=str(tmp_path / "eagle"))
+    sampler, n = make_sampler(temp=1.0), 1500
+    exact = exact_distribution(model, sampler)
+    kwargs = dict(acceptance="rejection", tree_top_k=2, tree_depth=2, max_tree_nodes=6)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    verify_against_the_next_level_s_q(monkeypatch)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+
+
+def test_the_command_lines_take_the_drafter_on_a_4_bit_base(small_base, tmp_path, capsys):
+    """``mlx_specstream.generate --model Q4 --drafter EAGLE`` prints the 4-bit base's
+    greedy text (mlx-lm's); ``mlx_specstream.tune --model Q4 --drafter EAGLE`` times the
+    drafter's trees and writes neither directory (``--save`` refused)."""
+    import importlib
+
+    from mlx_lm.generate import generate as mlx_lm_generate
+    from test_mtp import _quantized_copy
+
+    q4 = _quantized_copy(small_base, tmp_path / "q4")
+    write_eagle(tmp_path / "eagle", SMALL_V, layer_ids=[0, 3, 6], scale=1.0)
+    prompt = "t1 t5 t9 t3"
+    gen = importlib.import_module("mlx_specstream.generate")  # (not the function so named)
+    gen.main(["--model", str(q4), "--drafter", str(tmp_path / "eagle"), "--prompt", prompt,
+              "--max-tokens", "24", "--ignore-chat-template"])  # fmt: skip
+    plain, tok = mlx_lm_load(str(q4))
+    assert (
+        mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=24)
+        in capsys.readouterr().out
+    )
+    tune = importlib.import_module("mlx_specstream.tune")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    before = [(d / "config.json").read_text() for d in (q4, tmp_path / "eagle")]
+    argv = ["--model", str(q4), "--drafter", str(tmp_path / "eagle"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--num-prompts", "1", "--max-tokens", "8",
+            "--confirm-rounds", "0"]  # fmt: skip
+    tune.main(argv)
+    out = capsys.readouterr().out
+    assert "tree_depth" in out and "a checkpoint's files are not written" in out
+    with pytest.raises(SystemExit):
+        tune.main(argv + ["--save"])
+    assert "--save with --drafter" in capsys.readouterr().err
+    assert [(d / "config.json").read_text() for d in (q4, tmp_path / "eagle")] == before
