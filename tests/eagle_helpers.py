@@ -89,16 +89,33 @@ def write_eagle(
     return dict(w=w, layer=layer, ids=ids, norm_first=bool(norm_before_residual))
 
 
+class _Recorded:
+    """A decoder layer that records its input and output (anything else: the layer's)."""
+
+    def __init__(self, layer, inputs: list, outputs: list):
+        self.layer, self.inputs, self.outputs = layer, inputs, outputs
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+    def __call__(self, x, *args, **kwargs):
+        self.inputs.append(x)
+        out = self.layer(x, *args, **kwargs)
+        self.outputs.append(out[0] if isinstance(out, tuple) else out)
+        return out
+
+
 def base_features(plain, text, layer_ids):
     """``(L, 3 D)``: the inputs of the base's layers ``layer_ids`` over ``text`` (the
-    index ``N``: the last layer's output), one pass of mlx-lm's own layers."""
-    inner = plain.model
-    h = inner.embed_tokens(mx.array(text)[None])
-    inputs = []
-    for layer in inner.layers:
-        inputs.append(h)
-        h = layer(h, "causal" if h.shape[1] > 1 else None, None)
-    inputs.append(h)
+    index ``N``: the last layer's output), one pass of mlx-lm's own model."""
+    inner, inputs, outputs = plain.model, [], []
+    layers = inner.layers
+    inner.layers = [_Recorded(layer, inputs, outputs) for layer in layers]
+    try:
+        plain(mx.array(text)[None])
+    finally:
+        inner.layers = layers
+    inputs.append(outputs[-1])
     return mx.concatenate([inputs[i][0] for i in layer_ids], axis=-1)
 
 

@@ -298,3 +298,71 @@ def test_the_command_lines_take_the_drafter_on_a_4_bit_base(small_base, tmp_path
         tune.main(argv + ["--save"])
     assert "--save with --drafter" in capsys.readouterr().err
     assert [(d / "config.json").read_text() for d in (q4, tmp_path / "eagle")] == before
+
+
+def test_a_hybrid_s_chains_draft_from_the_raw_tensors_from_scratch(tmp_path, monkeypatch):
+    """Qwen3-Next (Gated DeltaNet and attention layers; chains through its own passes):
+    each step's levels equal the drafter from scratch over the accepted text, and the
+    output equals mlx-lm's; control: other feature layers."""
+    from helpers import tiny_hybrid
+
+    model, plain = tiny_hybrid("qwen3_next", SMALL_V), tiny_hybrid("qwen3_next", SMALL_V)
+    ref = write_eagle(tmp_path / "eagle", SMALL_V, layer_ids=[0, 2, 4], scale=1.0)
+    eagle.attach_eagle(model, tmp_path / "eagle")
+    seen, real_draft = [], eagle.Eagle3Drafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        seen.append((np.array(logits.astype(mx.float32)), state.offset - 1, token))
+        return logits
+
+    monkeypatch.setattr(eagle.Eagle3Drafter, "draft", recording)
+    toks, records = spec_tokens(model, PROMPT, 24)
+    monkeypatch.undo()
+    text = PROMPT + toks
+    assert toks == plain_greedy(plain, PROMPT, 24) and records[-1][3] < 24
+    checked = 0
+    for logits, a, token in seen:
+        if a + 1 < len(text):
+            assert text[a + 1] == token
+            want = reference_levels(plain, ref, text, a, logits.shape[0], [0, 2, 4])
+            np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+            checked += 1
+    assert checked >= 5
+    logits, a, _ = seen[2]
+    wrong = reference_levels(plain, ref, text, a, logits.shape[0], [1, 2, 4])
+    assert not np.allclose(logits, wrong, atol=1e-2)
+
+
+def test_a_pytorch_checkpoint_converts_and_drafts_as_its_safetensors(base_dir, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """``python -m convert.eagle3`` rewrites a ``pytorch_model.bin`` (as EAGLE's code saves
+    one: int64 ``d2t``, bool ``t2d``) as safetensors: every tensor kept bit for bit, and
+    the drafter drafts as the same tensors written as safetensors do; ``--out`` is never
+    overwritten."""
+    torch = pytest.importorskip("torch")
+    from convert.eagle3 import main as convert_main
+
+    write_eagle(tmp_path / "st", V, layer_ids=[0, 3, 6], draft_vocab=list(range(3, V, 2)))
+    src = tmp_path / "pt"
+    src.mkdir()
+    (src / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    raw = {
+        k: torch.from_numpy(np.array(v))
+        for k, v in mx.load(str(tmp_path / "st" / "model.safetensors")).items()
+    }
+    torch.save(raw, src / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
+        load(str(base_dir), drafter=str(src))
+    convert_main(["--src", str(src), "--out", str(tmp_path / "converted")])
+    back = mx.load(str(tmp_path / "converted" / "model.safetensors"))
+    assert back.keys() == raw.keys()
+    assert all(np.array_equal(np.array(back[k]), raw[k].numpy()) for k in raw)
+    with pytest.raises(FileExistsError, match="converted"):
+        convert_main(["--src", str(src), "--out", str(tmp_path / "converted")])
+    drafts = []
+    for d in ("st", "converted"):
+        model, _ = load(str(base_dir), drafter=str(tmp_path / d))
+        drafts.append(drafts_of_each_step(model, monkeypatch)[1])
+    for a, b in zip(*drafts):
+        np.testing.assert_array_equal(a[0], b[0])

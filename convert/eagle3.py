@@ -1,0 +1,74 @@
+"""``python -m convert.eagle3 --src DIR --out DIR``: an EAGLE-3 drafter saved by PyTorch
+(``pytorch_model.bin``, or its shards and index) rewritten as ``model.safetensors``, which
+``mlx_specstream.load(base, drafter=OUT)`` reads.
+
+EAGLE's own checkpoints (yuhuili/EAGLE3-*, lmsys, AngelSlim's) are PyTorch pickles; the
+runtime reads safetensors only (no torch). Every tensor is kept, under its name and in
+its dtype; ``config.json`` is copied as it is. ``OUT`` must not exist.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Dict
+
+
+def _pickles(src: Path):
+    """The checkpoint's ``.bin`` files: the index's shards, else ``pytorch_model.bin``."""
+    index = src / "pytorch_model.bin.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [src / n for n in names]
+    single = src / "pytorch_model.bin"
+    if not single.exists():
+        raise FileNotFoundError(f"{src}: no pytorch_model.bin (nor its index) to convert")
+    return [single]
+
+
+def read_tensors(src: Path) -> Dict[str, "object"]:
+    """Every tensor of the checkpoint's pickles (``weights_only``: no code runs)."""
+    import torch
+
+    tensors = {}
+    for file in _pickles(src):
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+        for key, value in state.items():
+            if key in tensors:
+                raise ValueError(f"{file}: tensor {key!r} is in two shards")
+            tensors[key] = value.contiguous()
+    return tensors
+
+
+def convert_eagle3(src, out) -> Path:
+    """Writes ``out``: ``src``'s ``config.json`` and its tensors as ``model.safetensors``.
+
+    Raises:
+        FileExistsError: ``out`` exists.
+        FileNotFoundError: ``src`` has no ``config.json`` or no ``pytorch_model.bin``.
+    """
+    from safetensors.torch import save_file
+
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; refusing to overwrite it.")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src / 'config.json'} does not exist")
+    tensors = read_tensors(src)
+    out.mkdir(parents=True)
+    shutil.copy(src / "config.json", out / "config.json")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--src", required=True, help="The EAGLE-3 checkpoint's directory")
+    p.add_argument("--out", required=True, help="Output directory (must not exist)")
+    args = p.parse_args(argv)
+    out = convert_eagle3(args.src, args.out)
+    print(f"[INFO] wrote {out} (use it as drafter=, --drafter)")
+
+
+if __name__ == "__main__":
+    main()
