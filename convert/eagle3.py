@@ -1,4 +1,4 @@
-"""``python -m convert.eagle3 --src DIR --out DIR``: an EAGLE-3 drafter saved by PyTorch
+"""``python -m convert.eagle3 --src DIR_OR_REPO --out DIR``: an EAGLE-3 drafter saved by PyTorch
 (``pytorch_model.bin``, or its shards and index) rewritten as ``model.safetensors``, which
 ``mlx_specstream.load(base, drafter=OUT)`` reads.
 
@@ -52,6 +52,10 @@ def convert_eagle3(src, out) -> Path:
     src, out = Path(src), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; refusing to overwrite it.")
+    if not src.exists():  # (a Hub repo: its JSON files and pickles only)
+        from huggingface_hub import snapshot_download
+
+        src = Path(snapshot_download(str(src), allow_patterns=["*.json", "*.bin"]))
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src / 'config.json'} does not exist")
     tensors = read_tensors(src)
@@ -63,7 +67,7 @@ def convert_eagle3(src, out) -> Path:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--src", required=True, help="The EAGLE-3 checkpoint's directory")
+    p.add_argument("--src", required=True, help="The EAGLE-3 checkpoint's directory or Hub repo")
     p.add_argument("--out", required=True, help="Output directory (must not exist)")
     args = p.parse_args(argv)
     out = convert_eagle3(args.src, args.out)

@@ -131,8 +131,8 @@ def eagle_weight_files(path: Path) -> List[Path]:
         found = sorted(p.name for p in Path(path).iterdir() if p.is_file())
         raise ValueError(
             f"{path}: no *.safetensors file (found {found}). A PyTorch checkpoint "
-            "(pytorch_model.bin) converts with: python -m convert.eagle3 --src "
-            f"{path} --out DIR"
+            "(pytorch_model.bin, as EAGLE's own are) converts with: python -m convert.eagle3 "
+            "--src DIR_OR_HUB_REPO --out DIR"
         )
     return files
 

@@ -366,3 +366,37 @@ def test_a_pytorch_checkpoint_converts_and_drafts_as_its_safetensors(base_dir, t
         drafts.append(drafts_of_each_step(model, monkeypatch)[1])
     for a, b in zip(*drafts):
         np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_a_follow_up_on_the_same_prompt_cache_continues_the_drafter_s_rows(small_base, tmp_path):
+    """A finished generation keeps the drafter's rows and its last token's features (all
+    three layers'); a follow-up on the same cache answers as a cold run of the whole
+    conversation, with the drafter's KV cache equal to the cold run's row for row.
+    Control: the last token's features dropped, the rows start anew."""
+    from mlx_specstream.cache import make_prompt_cache
+    from mlx_specstream.decode import spec_generate_step
+
+    model, plain, _ = eagle_model(small_base, tmp_path)
+
+    def run(prompt, cache, n):
+        gen = spec_generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=cache)
+        return [t for t, *_ in gen]
+
+    first, follow = [3, 9, 4, 17, 5, 8, 22, 6], [21, 2, 14]
+    cache = make_prompt_cache(model)
+    out1 = run(first, cache, 8)
+    state = cache.drafter_state
+    assert state.pending_hidden.shape == (1, 3 * 64) and state.offset == len(first) + 7
+    out2 = run(follow, cache, 12)
+    cold_cache = make_prompt_cache(model)
+    assert out2 == run(first + out1 + follow, cold_cache, 12)
+    assert out2 == plain_greedy(plain, first + out1 + follow, 12)
+    a, b = cache.drafter_state.cache, cold_cache.drafter_state.cache
+    assert a.offset == b.offset
+    np.testing.assert_allclose(np.array(a.keys[..., : a.offset, :]),
+                               np.array(b.keys[..., : b.offset, :]), atol=1e-4)  # fmt: skip
+    # Control: without the last token's features kept, the drafter starts its rows anew.
+    cache = make_prompt_cache(model)
+    run(first, cache, 8)
+    cache.drafter_state.pending_hidden = None
+    assert run(follow, cache, 12) == out2 and cache.drafter_state.cache.offset != b.offset
