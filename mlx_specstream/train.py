@@ -64,8 +64,10 @@ RESUME_KEYS = (
     "stream_lora_rank", "stream_lora_alpha", "stream_lora_targets", "stream_loss_weight",
     "self_distill",
     "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip", "optimizer",
-    "grad_accumulation_steps",
+    "grad_accumulation_steps", "drafter", "ttt_steps", "eagle_layers",
 )  # fmt: skip
+# (keys added later: a checkpoint written before them holds their defaults)
+RESUME_DEFAULTS = {"drafter": "streams", "ttt_steps": 3, "eagle_layers": None}
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
 
@@ -371,6 +373,7 @@ class Accuracy:
     """Running top-1 hits and counts per stream (and of the early exit)."""
 
     gamma: int
+    label: str = "stream"  # (what each entry is: a stream, an EAGLE-3 step)
     hits: List[float] = field(default_factory=list)
     counts: List[int] = field(default_factory=list)
     early_hits: float = 0.0
@@ -394,19 +397,26 @@ class Accuracy:
         return self.early_hits / self.early_count if self.early_count else 0.0
 
     def text(self) -> str:
-        streams = "/".join(f"{a:.3f}" for a in self.top1())
-        return f"stream top-1 {streams}, early exit {self.early_top1():.3f}"
+        each = "/".join(f"{a:.3f}" for a in self.top1())
+        if self.label != "stream":
+            return f"{self.label} top-1 {each}"
+        return f"stream top-1 {each}, early exit {self.early_top1():.3f}"
 
 
 def evaluate(loss: StreamLoss, examples: List[Example], batch_size: int = 8):
     """Mean loss and per-stream top-1 accuracy on ``examples`` (no training)."""
-    acc, total, batches = Accuracy(loss.gamma), 0.0, 0
+    acc, total, batches = _accuracy(loss), 0.0, 0
     for i in range(0, len(examples), batch_size):
         value, metrics = loss(examples[i : i + batch_size])
         mx.eval(value, metrics["hits"])
         acc.add(metrics)
         total, batches = total + value.item(), batches + 1
     return total / max(batches, 1), acc
+
+
+def _accuracy(loss) -> Accuracy:
+    """An empty :class:`Accuracy` for ``loss``'s streams (or EAGLE-3 steps)."""
+    return Accuracy(loss.gamma, label=getattr(loss, "label", "stream"))
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -441,8 +451,11 @@ def train_streams(
     steps_per_eval: int = 200,
     val_batches: int = 25,
     grad_checkpoint: bool = False,
+    loss: Optional[StreamLoss] = None,
 ) -> TrainResult:
-    """Trains the streams of ``model`` (attached with :func:`attach_for_training`).
+    """Trains the streams of ``model`` (attached with :func:`attach_for_training`), or
+    its EAGLE-3 drafter (:func:`~mlx_specstream.eagle_training.attach_eagle_for_training`,
+    with ``loss`` its :class:`~mlx_specstream.eagle_training.EagleLoss`).
 
     Args:
         model: the model with streams.
@@ -469,6 +482,7 @@ def train_streams(
         grad_checkpoint (bool): mlx-lm's memory-saving option, here a batch's
           backward pass taken a window at a time (:func:`make_step`): the same
           step in the memory of one window.
+        loss (optional): the loss; default :class:`StreamLoss` (``stream_weight``).
 
     Returns:
         TrainResult: the steps done, accuracy over the last report window and
@@ -478,16 +492,18 @@ def train_streams(
 
     if not (isinstance(grad_accumulation_steps, int) and grad_accumulation_steps >= 1):
         raise ValueError(f"--grad-accumulation-steps {grad_accumulation_steps}: must be >= 1.")
-    streams = get_runtime(model).streams
+    rt = get_runtime(model)
+    streams = rt.streams if rt.streams is not None else rt.drafter  # (what is checkpointed)
     trainable = streams if trainable is None else trainable
-    loss = StreamLoss(model, stream_weight)
+    loss = StreamLoss(model, stream_weight) if loss is None else loss
     opt = make_optimizer(learning_rate, iters, optimizer)
     start = load_checkpoint(training_dir, streams, opt) if training_dir else 0
     step_fn = make_step(loss, trainable, opt, grad_clip, window_at_a_time=grad_checkpoint)
     k = grad_accumulation_steps
     held_out = (valid or [])[: None if val_batches < 0 else val_batches * batch_size]
-    window, reported, losses = Accuracy(loss.gamma), None, []
-    bar = tqdm(total=iters, initial=start, desc="training streams", unit="step")
+    window, reported, losses = _accuracy(loss), None, []
+    what = "streams" if rt.streams is not None else "the drafter"
+    bar = tqdm(total=iters, initial=start, desc=f"training {what}", unit="step")
     log = log or bar.write
     if start:
         log(f"[INFO] resuming from step {start} ({training_dir / CHECKPOINT_DIR})")
@@ -516,7 +532,7 @@ def train_streams(
                 f"Iter {done}: loss {np.mean(losses[-steps_per_report:]):.3f}, "
                 f"{window.text()}, {rate:.2f} steps/s"
             )
-            reported, window = window, Accuracy(loss.gamma)
+            reported, window = window, _accuracy(loss)
         if held_out and done % steps_per_eval == 0 and done < iters:
             val_loss, acc = evaluate(loss, held_out, batch_size)
             log(f"Iter {done}: val loss {val_loss:.3f}, {acc.text()}")
@@ -533,6 +549,27 @@ def setup_arg_parser():
         description="Train lossless-mode speculative streams for an mlx-lm model (base frozen).",
     )
     p.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
+    p.add_argument(
+        "--drafter",
+        choices=("streams", "eagle3"),
+        default="streams",
+        help="What to train: lossless-mode speculative streams, or an EAGLE-3 drafter (one "
+        "layer of its own over three of the base's layers; --ttt-steps, --eagle-layers)",
+    )
+    p.add_argument(
+        "--ttt-steps",
+        type=int,
+        default=3,
+        help="EAGLE-3: steps of its training-time test (levels trained on its own outputs)",
+    )
+    p.add_argument(
+        "--eagle-layers",
+        type=int,
+        nargs=3,
+        default=None,
+        help="EAGLE-3: the base's layers whose inputs it reads (N: the last output; default "
+        "2, N // 2, N - 3)",
+    )
     p.add_argument(
         "--data",
         nargs="+",
@@ -623,7 +660,8 @@ def setup_arg_parser():
         type=int,
         default=None,
         help="Also write a draft vocabulary: the streams then rank only this many tokens, "
-        "the most frequent in the (self-distilled) training completions (default: every token)",
+        "the most frequent in the (self-distilled) training completions (default: every token); "
+        "EAGLE-3: its head's own tokens (its d2t), chosen so before training",
     )
     p.add_argument("--no-tune", action="store_true", help="Do not tune the draft tree at the end")
     p.add_argument("--seed", type=int, default=0)
@@ -662,7 +700,7 @@ def check_out(args) -> bool:
             )
         saved, now = json.loads(settings_file.read_text()), _settings(args)
         for key in RESUME_KEYS:
-            if saved.get(key) != now[key]:
+            if saved.get(key, RESUME_DEFAULTS.get(key)) != now[key]:
                 flag = "--" + key.replace("_", "-")
                 raise ValueError(
                     f"--resume: {settings_file} was written with {flag} {saved.get(key)!r}, "
@@ -765,11 +803,54 @@ def prompt_ids(examples: List[Example], n: int) -> List[List[int]]:
     return out[:n]
 
 
+def train_eagle(args, model, tokenizer, model_path: Path) -> None:
+    """``--drafter eagle3``: an EAGLE-3 drafter on the frozen base, trained on the same
+    (self-distilled) windows with its training-time test, written as a model directory
+    (``drafter.safetensors``) and tuned."""
+    from .eagle_training import EagleLoss, attach_eagle_for_training, check_layers
+
+    out = Path(args.out)
+    check_layers(model, args.eagle_layers)  # (refused before anything is written)
+    if args.ttt_steps < 1:
+        raise ValueError(f"--ttt-steps {args.ttt_steps}: at least 1")
+    if args.draft_vocab_size is not None:
+        check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
+    train, valid = prepare_data(args, model, tokenizer)
+    ids = None
+    if args.draft_vocab_size is not None:  # (its head's rows: chosen before training)
+        ids, _, text = vocab_of_examples(train, valid, tokenizer, head_rows(model),
+                                         args.draft_vocab_size)  # fmt: skip
+        print(f"[INFO] the drafter's own draft vocabulary (d2t): {text}")
+    tree = dict(top_k=args.top_k) if args.top_k != 3 else None
+    drafter = attach_eagle_for_training(model, args.eagle_layers, ids, tree, args.seed)
+    loss = EagleLoss(model, args.ttt_steps)
+    trainable = sum(p.size for _, p in tree_flatten(drafter.trainable_parameters()))
+    print(f"[INFO] {len(train)} training examples, {len(valid)} held out; an EAGLE-3 drafter "
+          f"reading layers {drafter.feature_layers}, {trainable:,} trainable parameters; the "
+          "base is frozen")  # fmt: skip
+    result = train_streams(
+        model, train, args.iters, args.batch_size, args.learning_rate, seed=args.seed,
+        grad_clip=args.grad_clip, training_dir=out / TRAINING_DIR, save_every=args.save_every,
+        steps_per_report=args.steps_per_report, optimizer=args.optimizer,
+        grad_accumulation_steps=args.grad_accumulation_steps, valid=valid,
+        steps_per_eval=args.steps_per_eval, val_batches=args.val_batches,
+        grad_checkpoint=bool(args.grad_checkpoint), loss=loss,
+    )  # fmt: skip
+    print(f"[INFO] training: {result.accuracy.text()} (last {args.steps_per_report} steps)")
+    if valid:
+        val_loss, acc = evaluate(loss, valid)
+        print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
+    prompts = prompt_ids(valid or train, 3)
+    write_model(
+        out, model, tokenizer, base_config(model_path), [tokenizer.decode(p) for p in prompts]
+    )
+    finish(args, out, prompts)
+
+
 def main(argv=None):
     import mlx_lm
 
-    from .tune import save_choice, tune
-    from .utils import load, resolve_model_path
+    from .utils import resolve_model_path
 
     args = setup_arg_parser().parse_args(argv)
     model_path = resolve_model_path(args.model)
@@ -778,6 +859,8 @@ def main(argv=None):
     model, tokenizer = mlx_lm.load(
         str(model_path), tokenizer_config={"trust_remote_code": args.trust_remote_code}
     )
+    if args.drafter == "eagle3":
+        return train_eagle(args, model, tokenizer, model_path)
     layers = args.num_stream_layers
     if layers is None:
         layers = DEFAULT_STREAM_LAYERS
@@ -835,6 +918,14 @@ def main(argv=None):
     write_model(
         out, model, tokenizer, base_config(model_path), [tokenizer.decode(p) for p in prompts]
     )
+    finish(args, out, prompts)
+
+
+def finish(args, out: Path, prompts: List[List[int]]) -> None:
+    """Loads the model written in ``out`` and tunes its draft tree for this device."""
+    from .tune import save_choice, tune
+    from .utils import load
+
     print(f"[INFO] wrote {out}")
     model, tokenizer = load(str(out))
     if args.no_tune or not prompts:

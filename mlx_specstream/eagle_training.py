@@ -1,0 +1,258 @@
+"""Training an EAGLE-3 drafter for an mlx-lm model, in MLX (``mlx_specstream.train
+--drafter eagle3``): its first weights, and EAGLE-3's "training-time test" loss.
+
+The base is frozen: its features come from its own pass through the runtime's hooks
+(:meth:`~mlx_specstream.streams.StreamRuntime.prefill_rows`, the states the drafter
+reads when it drafts), never differentiated. Over ``K`` steps (``--ttt-steps``)::
+
+    step 0, row i: h = fc(features of token i), token i + 1      -> learns token i + 2
+    step k, row i: h = step k - 1's output at i, token i + k + 1 -> learns token i + k + 2
+
+Step ``k``'s row ``i`` sits at position ``i + k`` and attends to step 0's rows up to
+``i`` and to its own earlier steps' rows at ``i``: exactly what the drafter's deeper
+levels attend to when it drafts from position ``i`` (the real rows up to it, then its
+own rows). Losses are weighted ``0.8 ** k`` (EAGLE-3's), over rows from the last prompt
+token on whose target lies in the window and in the draft vocabulary.
+
+Example (a step and a window of 6 tokens ``t0..t5``, ``K = 2``: rows ``i = 0..2``)::
+
+    step 0: (f0, t1) (f1, t2) (f2, t3)  -> t2 t3 t4   causal over step 0
+    step 1: (o0, t2) (o1, t3) (o2, t4)  -> t3 t4 t5   row i: step 0's rows <= i, itself
+"""
+
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import DrafterConfig
+from .eagle import EAGLE_DEFAULTS, Eagle3Drafter
+from .model_parts import hidden_size, text_args
+from .streams import StreamRuntime, get_runtime
+
+STEP_WEIGHT = 0.8  # (EAGLE-3's per-step loss weight, to the power of the step)
+
+
+def default_layers(num_layers: int) -> List[int]:
+    """EAGLE-3's feature layers for a base of ``num_layers``: the inputs of layers ``2``,
+    ``N // 2`` and ``N - 3`` (as vLLM and SGLang pick them)."""
+    return [min(2, num_layers), num_layers // 2, max(num_layers - 3, 0)]
+
+
+def eagle_settings_for(model, layers: Sequence[int], draft_vocab_size: int) -> dict:
+    """The drafter section's ``eagle`` settings of a drafter for ``model``: a layer of the
+    base's width, heads and MLP (the base's own ``ModelArgs``' values)."""
+    a = text_args(model)
+    D = hidden_size(model)
+    heads = a.num_attention_heads
+    return dict(
+        hidden_size=D, num_attention_heads=heads,
+        num_key_value_heads=getattr(a, "num_key_value_heads", None) or heads,
+        head_dim=getattr(a, "head_dim", None) or D // heads,
+        intermediate_size=a.intermediate_size, rms_norm_eps=getattr(a, "rms_norm_eps", 1e-6),
+        rope_theta=float(getattr(a, "rope_theta", 10000.0)), rope_scaling=None,
+        max_position_embeddings=getattr(a, "max_position_embeddings", None),
+        attention_bias=False, mlp_bias=False, draft_vocab_size=draft_vocab_size,
+        target_hidden_size=D, norm_before_residual=False, feature_layers=list(layers),
+        own_embeddings=False,
+    )  # fmt: skip
+
+
+def check_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
+    """The feature layers (EAGLE-3's default where ``None``), checked against ``model``.
+
+    Raises:
+        ValueError: naming ``--eagle-layers``, unless three indices in ``[0, N]``.
+    """
+    N = len(model.layers)
+    layers = default_layers(N) if layers is None else list(layers)
+    if len(layers) != 3 or not all(0 <= i <= N for i in layers):
+        raise ValueError(f"--eagle-layers {layers}: three layer indices in [0, {N}]")
+    return layers
+
+
+def attach_eagle_for_training(
+    model,
+    layers: Optional[Sequence[int]] = None,
+    draft_ids=None,
+    tree: Optional[dict] = None,
+    seed: int = 0,
+) -> Eagle3Drafter:
+    """Puts a fresh EAGLE-3 drafter on ``model`` (an mlx-lm model without a drafter).
+
+    Its first weights: ``fc`` averaging the three feature layers, the base's final norm,
+    its LM head's rows of ``draft_ids`` (default every token) as the head, and where the
+    base's last layer is a Llama-like one of the same shapes, its MLP and output
+    projection; the rest random (MLX's own initialisation, drawn after seeding with ``seed``).
+
+    Raises:
+        ValueError: a feature layer outside ``[0, N]``.
+    """
+    from .draft_vocab import head_owner
+    from .mtp import _final_norm
+
+    if getattr(model, "speculative_streams", None) is not None:
+        raise ValueError("This model already has speculative streams or a drafter attached.")
+    layers = check_layers(model, layers)
+    owner, key = head_owner(model)
+    weight = _float_weight(owner[key])
+    V = weight.shape[0]
+    ids = mx.arange(V, dtype=mx.int32) if draft_ids is None else mx.array(draft_ids, mx.int32)
+    config = DrafterConfig(
+        kind="eagle3",
+        eagle=eagle_settings_for(model, layers, int(ids.shape[0])),
+        **{**EAGLE_DEFAULTS, **(tree or {})},
+    )
+    mx.random.seed(seed)
+    drafter = Eagle3Drafter(config, model)
+    last = model.layers[-1]
+    for name in ("mlp", "self_attn.o_proj"):
+        try:
+            ours, theirs = drafter.layer, last
+            for part in name.split("."):
+                ours, theirs = ours[part], theirs[part]
+            ours.update(theirs.parameters())  # (same names and shapes, or left random)
+            mx.eval(ours.parameters())
+        except (KeyError, AttributeError, ValueError):
+            pass
+    final_norm = _final_norm(model)
+    if isinstance(final_norm, nn.RMSNorm) and final_norm.weight.shape == drafter.norm.weight.shape:
+        drafter.norm.weight = final_norm.weight.astype(mx.float32)
+    drafter.lm_head.weight = mx.take(weight, ids, axis=0).astype(mx.float32)
+    drafter.d2t = ids - mx.arange(ids.shape[0], dtype=mx.int32)
+    D = hidden_size(model)
+    drafter.fc.weight = mx.concatenate([mx.eye(D)] * 3, axis=1) / 3
+    drafter.freeze(keys=["d2t"], recurse=False)  # (ids, never trained)
+    mx.eval(drafter.parameters())
+    model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
+    return drafter
+
+
+def _float_weight(head: nn.Module) -> mx.array:
+    """The rows of a (possibly quantized) linear or embedding head, in float."""
+    if not isinstance(head.get("weight"), mx.array):
+        raise ValueError(
+            f"an EAGLE-3 drafter's head starts from the base's LM head: a linear or "
+            f"embedding, not a {type(head).__name__}"
+        )
+    if "scales" not in head:
+        return head["weight"]
+    return mx.dequantize(head["weight"], head["scales"], head.get("biases"),
+                         group_size=head.group_size, bits=head.bits,
+                         mode=getattr(head, "mode", "affine"))  # fmt: skip
+
+
+def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps: int):
+    """The training-time test's logits over its draft vocabulary: one ``(B, n, V_draft)``
+    per step, rows ``i < n = L - steps - 1`` of ``feats`` ``(B, L, 3 D)`` and ``ids``
+    ``(B, L)`` (see the module's docstring)."""
+    layer, attn = drafter.layer, drafter.layer.self_attn
+    B, L = ids.shape
+    n = L - steps - 1
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    h = drafter.fc(feats[:, :n].astype(drafter.fc.weight.dtype))
+    causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
+    keys, values, logits = [], [], []
+    for k in range(steps):
+        e = drafter.embed(rt, ids[:, k + 1 : k + 1 + n]).astype(h.dtype)
+        hn = layer.hidden_norm(h)
+        x = mx.concatenate([layer.input_layernorm(e), hn], axis=-1)
+
+        def heads(proj, count, rope=True):
+            y = proj(x).reshape(B, n, count, hd).transpose(0, 2, 1, 3)
+            y = attn.rope(y, offset=k) if rope else y  # (step k's rows at positions i + k)
+            return mx.repeat(y, H // count, axis=1)
+
+        q = heads(attn.q_proj, H)
+        keys.append(heads(attn.k_proj, KV))
+        values.append(heads(attn.v_proj, KV, rope=False))
+        first = (q @ keys[0].transpose(0, 1, 3, 2)) * attn.scale
+        first = mx.where(causal, first, mx.array(-mx.inf, first.dtype))
+        own = [(q * kk).sum(-1, keepdims=True) * attn.scale for kk in keys[1:]]
+        p = mx.softmax(mx.concatenate([first] + own, axis=-1), axis=-1, precise=True)
+        out = p[..., :n] @ values[0]
+        for m, vv in enumerate(values[1:]):
+            out = out + p[..., n + m : n + m + 1] * vv
+        residual = hn if layer._norm_first else h
+        a = residual + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, n, H * hd))
+        h = a + layer.mlp(layer.post_attention_layernorm(a))
+        logits.append(drafter.lm_head(drafter.norm(h)))
+    return logits
+
+
+class EagleLoss:
+    """The training-time test loss of ``model``'s EAGLE-3 drafter, with
+    :class:`~mlx_specstream.train.StreamLoss`'s interface (``gamma``: the steps).
+
+    Args:
+        model: a model with an EAGLE-3 drafter attached.
+        steps (int): ``K``, the training-time test's steps.
+    """
+
+    label = "step"  # (each accuracy entry: a step of the training-time test)
+
+    def __init__(self, model, steps: int = 3):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        if steps < 1:
+            raise ValueError(f"--ttt-steps {steps}: at least 1")
+        self.rt = get_runtime(model)
+        self.drafter = self.rt.drafter
+        self.gamma = steps
+        self._make_cache = lambda: make_prompt_cache(model)
+        d = self.drafter
+        V = d._vocab
+        ids = (mx.arange(d.d2t.shape[0], dtype=mx.int32) + d.d2t).tolist()
+        to_draft = [-1] * V
+        for j, i in enumerate(ids):
+            to_draft[i] = j
+        self._to_draft = mx.array(to_draft, dtype=mx.int32)  # (base id -> draft id, -1: none)
+
+    def features(self, ids: mx.array) -> mx.array:
+        """``(L, 3 D)``: the drafter's features of a window, from the base's own pass."""
+        return mx.stop_gradient(self.rt.prefill_rows(ids[None], self._make_cache()))[0]
+
+    def span(self, length: int, prompt_len: int):
+        """The rows ``[lo, n)`` of a window that every step supervises: from the last
+        prompt token on, while every step's target lies in the window."""
+        n = length - self.gamma - 1
+        return max(prompt_len - 1, 0), n
+
+    def normalizers(self, batch):
+        """The batch's supervised rows per step (targets outside the draft vocabulary
+        left out), and no early exit."""
+        counts = [0] * self.gamma
+        for ex in batch:
+            lo, n = self.span(len(ex["input_ids"]), int(ex["prompt_len"]))
+            for k in range(self.gamma):
+                if n > lo:
+                    targets = mx.array(ex["input_ids"][lo + k + 2 : n + k + 2], dtype=mx.int32)
+                    counts[k] += int((self._to_draft[targets] >= 0).sum().item())
+        return counts, 0
+
+    def __call__(self, batch, normalizers=None):
+        """``(loss, metrics)`` of a batch, as :class:`~mlx_specstream.train.StreamLoss`."""
+        counts, _ = self.normalizers(batch)
+        ce_sum, hits = [0.0] * self.gamma, [0.0] * self.gamma
+        for ex in batch:
+            ids = mx.array(ex["input_ids"], dtype=mx.int32)
+            lo, n = self.span(ids.shape[0], int(ex["prompt_len"]))
+            if n <= lo:
+                continue
+            logits = ttt_logits(self.drafter, self.rt, self.features(ids)[None], ids[None],
+                                self.gamma)  # fmt: skip
+            for k, z in enumerate(logits):
+                z = z[0, lo:n].astype(mx.float32)
+                y = self._to_draft[ids[lo + k + 2 : n + k + 2]]
+                known = y >= 0
+                ce = nn.losses.cross_entropy(z, mx.maximum(y, 0), reduction="none")
+                ce_sum[k] = ce_sum[k] + mx.where(known, ce, 0.0).sum()
+                hits[k] = hits[k] + ((mx.argmax(z, axis=-1) == y) & known).sum()
+        divide = (normalizers or (counts, 0))[0]
+        loss = mx.array(0.0)
+        for k in range(self.gamma):
+            if counts[k]:
+                loss = loss + STEP_WEIGHT**k * ce_sum[k] / divide[k]
+        metrics = {"hits": [mx.array(h) for h in hits], "counts": counts,
+                   "early_hits": mx.array(0.0), "early_count": 0}  # fmt: skip
+        return loss, metrics

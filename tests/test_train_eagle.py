@@ -1,0 +1,157 @@
+"""``python -m mlx_specstream.train --drafter eagle3``: EAGLE-3 drafters trained in MLX
+(mlx_specstream.eagle_training) on tiny random models and predictable (cyclic) data: the
+training-time test computes what the drafter computes when it drafts, the drafter learns
+far above chance, the base never changes, the written directory decodes losslessly with
+drafts taken, an interrupted run resumes to the same drafter."""
+
+import json
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import plain_greedy, tiny_model
+from mlx_lm.models.cache import KVCache
+from test_train import V, cycle_examples, cycle_ids, host_copy, quiet, same_arrays, write_base
+
+import mlx_specstream.train as train_module
+from mlx_specstream import load, stream_generate
+from mlx_specstream.eagle_training import EagleLoss, attach_eagle_for_training, ttt_logits
+from mlx_specstream.streams import get_runtime
+from mlx_specstream.train import evaluate, train_streams
+from mlx_specstream.train import main as train_main
+
+RECIPE = dict(batch_size=4, learning_rate=1e-2)
+# fmt: off
+CLI = ["--drafter", "eagle3", "--batch-size", "4", "--learning-rate", "1e-2",
+       "--max-seq-length", "16", "--window-prompt", "2", "--steps-per-report", "5"]
+# fmt: on
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("base") / "llama")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from test_train import write_cycle_jsonl
+
+    return write_cycle_jsonl(tmp_path_factory.mktemp("data") / "cycle.jsonl")
+
+
+def test_the_training_time_test_computes_what_drafting_computes():
+    """Step 0's and step 1's logits at a row equal the drafter's own: its ``step`` over
+    the real rows up to that row on a cache, then ``recur`` on its output (the level
+    after, at the next position); control: step 1 through ``fc`` again."""
+    model = tiny_model("llama", V, weight_scale=1.0, num_hidden_layers=6)
+    drafter = attach_eagle_for_training(model, [1, 3, 6])
+    mx.random.seed(3)  # (away from its first weights: a random drafter)
+    drafter.fc.weight = mx.random.normal(drafter.fc.weight.shape) * 0.1
+    rt = get_runtime(model)
+    ids = mx.array(cycle_ids(random.Random(1), 16))
+    feats = rt.prefill_rows(ids[None], model.make_cache() if hasattr(model, "make_cache")
+                            else [KVCache() for _ in model.layers])  # fmt: skip
+    logits = ttt_logits(drafter, rt, feats, ids[None], 2)
+    for i in (0, 5, 11):
+        cache = KVCache()
+        out = drafter.step(rt, feats[0, : i + 1], ids[1 : i + 2], cache)[-1:]
+        first = drafter.lm_head(drafter.norm(out))
+        np.testing.assert_allclose(first[0], logits[0][0, i], atol=1e-4)
+        again = drafter.recur(rt, out, ids[i + 2 : i + 3], cache)
+        np.testing.assert_allclose(drafter.lm_head(drafter.norm(again))[0], logits[1][0, i],
+                                   atol=1e-4)  # fmt: skip
+        cache = KVCache()
+        out = drafter.step(rt, feats[0, : i + 1], ids[1 : i + 2], cache)[-1:]
+        wrong = drafter.step(rt, mx.concatenate([out] * 3, axis=-1), ids[i + 2 : i + 3], cache)
+        assert not np.allclose(drafter.lm_head(drafter.norm(wrong))[0], logits[1][0, i], atol=1e-2)
+
+
+def test_it_learns_far_above_chance_and_the_base_stays_bit_identical():
+    model = tiny_model("llama", V, weight_scale=1.0)
+    base = host_copy(model)
+    attach_eagle_for_training(model)
+    loss = EagleLoss(model, 3)
+    held_out = cycle_examples(8, seed=1)
+    _, before = evaluate(loss, held_out)
+    result = train_streams(model, cycle_examples(64, seed=0), iters=40, log=quiet, loss=loss,
+                           **RECIPE)  # fmt: skip
+    _, after = evaluate(loss, held_out)
+    assert max(before.top1()) < 0.3, before.text()  # (chance: 1/64)
+    assert min(after.top1()) > 0.8, after.text()
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    base_now = {k: v for k, v in host_copy(model).items() if not k.startswith("speculative")}
+    assert same_arrays(base_now, base)
+
+
+def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(base_dir, data_file, tmp_path,
+                                                                    capsys):  # fmt: skip
+    """The written directory holds the base bit for bit, ``drafter.safetensors`` and an
+    ``eagle3`` section (its own draft vocabulary of ``--draft-vocab-size`` tokens);
+    loaded, it gives the base's greedy tokens in fewer passes than tokens, and it is tuned."""
+    import mlx_lm
+
+    out = tmp_path / "out"
+    train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
+                "--iters", "30", "--self-distill", "--draft-vocab-size", "20", *CLI])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "step top-1" in printed and "tuned the draft tree" in printed
+    section = json.loads((out / "config.json").read_text())["drafter"]
+    assert section["kind"] == "eagle3" and section["eagle"]["draft_vocab_size"] == 20
+    src, dst = mx.load(str(base_dir / "model.safetensors")), mx.load(str(out / "model.safetensors"))
+    assert src.keys() == dst.keys() and all(mx.array_equal(src[k], dst[k]).item() for k in src)
+    model, tokenizer = load(str(out))
+    base, _ = mlx_lm.load(str(base_dir))
+    rng, passes, tokens = random.Random(5), 0, 0
+    for _ in range(3):
+        prompt = cycle_ids(rng, 4)
+        got = list(stream_generate(model, tokenizer, prompt, max_tokens=24, tree_depth=3))
+        want = plain_greedy(base, prompt, 24)
+        if tokenizer.eos_token_id in want:
+            want = want[: want.index(tokenizer.eos_token_id) + 1]
+        assert [r.token for r in got] == want
+        passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
+    assert passes < tokens, (passes, tokens)  # (drafts were taken)
+
+
+def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkeypatch, capsys):
+    def run(out, *extra):
+        train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
+                    "--iters", "6", "--save-every", "2", "--no-tune", *CLI, *extra])  # fmt: skip
+
+    run(tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    save = train_module.save_checkpoint
+
+    def save_then_die(training_dir, step, module, optimizer):
+        save(training_dir, step, module, optimizer)
+        if step == 4:
+            raise Killed
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    with pytest.raises(ValueError, match="--ttt-steps 3, not 2"):
+        run(tmp_path / "resumed", "--resume", "--ttt-steps", "2")
+    capsys.readouterr()
+    run(tmp_path / "resumed", "--resume")
+    assert "resuming from step 4" in capsys.readouterr().out
+    a = mx.load(str(tmp_path / "straight" / "drafter.safetensors"))
+    b = mx.load(str(tmp_path / "resumed" / "drafter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7)
+
+
+def test_bad_eagle_options_are_refused_by_name_before_anything_is_written(base_dir, data_file,
+                                                                         tmp_path):  # fmt: skip
+    for flags, match in ((["--eagle-layers", "0", "1", "9"], r"--eagle-layers \[0, 1, 9\]"),
+                         (["--ttt-steps", "0"], "--ttt-steps 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            train_main(["--model", str(base_dir), "--data", str(data_file), "--out",
+                        str(tmp_path / "out"), *flags, *CLI])  # fmt: skip
+        assert not (tmp_path / "out").exists()
