@@ -43,8 +43,9 @@ import mlx.nn as nn
 from mlx_lm.models import llama
 
 from .config import EAGLE_KEYS, DrafterConfig
+from .draft_vocab import head_rows
 from .drafters import DrafterState, continue_or_start, layer_mask, new_rows
-from .model_parts import hidden_size, text_args
+from .model_parts import hidden_size
 
 # A chain of 3 by default (as for a checkpoint's MTP layer); up to 5 levels where a tree asks.
 EAGLE_DEFAULTS = dict(num_draft_tokens=5, tree_depth=3, top_k=1, max_tree_nodes=4)
@@ -79,9 +80,8 @@ def eagle_settings(path: Path, model: nn.Module) -> dict:
         fail(f"num_hidden_layers={layer['num_hidden_layers']}: EAGLE-3 drafters of one layer only")
     if layer.get("hidden_act", "silu") != "silu":
         fail(f"hidden_act={layer['hidden_act']!r}: the drafter's layer is Llama's (silu)")
-    args = text_args(model)
     N, D = len(model.layers), hidden_size(model)
-    vocab = getattr(args, "vocab_size", None)
+    vocab = head_rows(model)
     if layer.get("vocab_size", vocab) != vocab:
         fail(f"vocab_size={layer['vocab_size']}: the base's logits have {vocab} tokens")
     target = config.get("target_hidden_size") or layer.get("target_hidden_size") or D
@@ -204,7 +204,7 @@ class Eagle3Drafter(nn.Module):
         eagle = config.eagle
         args = layer_args(eagle)
         D, V = args.hidden_size, eagle["draft_vocab_size"]
-        base_vocab = getattr(text_args(model), "vocab_size", None)
+        base_vocab = head_rows(model)  # (the width of the base's logits)
         if eagle["own_embeddings"]:
             self.embed_tokens = nn.Embedding(base_vocab, D)
         elif hidden_size(model) != D:
