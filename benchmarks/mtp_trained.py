@@ -200,13 +200,20 @@ def tau_and_identity(ckpt: Path, prompts, max_tokens: int, trees: dict, layers: 
     """Greedy tau per tree on ``prompts`` with ``layers`` of the checkpoint's MTP layers,
     and whether each output equals mlx-lm's."""
     import mlx_lm
-    from mlx_lm.generate import generate_step
-
-    from mlx_specstream.decode import spec_generate_step
 
     model, tok = mlx_lm.load(str(ckpt))
     attach_mtp(model, ckpt, DrafterConfig(kind="mtp", num_mtp_layers=layers, **MTP_DEFAULTS))
     plain, _ = mlx_lm.load(str(ckpt))
+    return taus_against_mlx_lm(model, tok, plain, prompts, max_tokens, trees)
+
+
+def taus_against_mlx_lm(model, tok, plain, prompts, max_tokens: int, trees: dict) -> dict:
+    """Greedy tau of ``model`` per tree on ``prompts``, and whether each output equals
+    mlx-lm's greedy decoding of ``plain``."""
+    from mlx_lm.generate import generate_step
+
+    from mlx_specstream.decode import spec_generate_step
+
     want = []
     for p in prompts:
         steps = generate_step(mx.array(tok.encode(p)), plain, max_tokens=max_tokens)

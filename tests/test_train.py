@@ -256,6 +256,15 @@ def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkey
         train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
                     "--iters", "6", "--save-every", "2", "--no-tune", *CLI_RECIPE, *extra])  # fmt: skip
 
+    other = (["--learning-rate", "1e-3"], "--learning-rate 0.01, not 0.001")
+    assert_resumes_as_straight(run, tmp_path, monkeypatch, capsys, other,
+                               "speculative_streams.safetensors")  # fmt: skip
+
+
+def assert_resumes_as_straight(run, tmp_path, monkeypatch, capsys, other, weights):
+    """``run(out, *flags)`` straight, then killed after its step-4 checkpoint and resumed:
+    the ``weights`` file written equals the straight run's; ``OUT`` is refused without
+    ``--resume`` and with ``other``'s flags (``(flags, message)``)."""
     run(tmp_path / "straight")
 
     class Killed(Exception):
@@ -263,8 +272,8 @@ def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkey
 
     save = train_module.save_checkpoint
 
-    def save_then_die(training_dir, step, streams, optimizer):
-        save(training_dir, step, streams, optimizer)
+    def save_then_die(training_dir, step, module, optimizer):
+        save(training_dir, step, module, optimizer)
         if step == 4:
             raise Killed
 
@@ -274,13 +283,13 @@ def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkey
     monkeypatch.setattr(train_module, "save_checkpoint", save)
     with pytest.raises(FileExistsError, match="pass --resume"):
         run(tmp_path / "resumed")
-    with pytest.raises(ValueError, match="--learning-rate 0.01, not 0.001"):
-        run(tmp_path / "resumed", "--resume", "--learning-rate", "1e-3")
+    with pytest.raises(ValueError, match=other[1]):
+        run(tmp_path / "resumed", "--resume", *other[0])
     capsys.readouterr()
     run(tmp_path / "resumed", "--resume")
     assert "resuming from step 4" in capsys.readouterr().out
-    a = mx.load(str(tmp_path / "straight" / "speculative_streams.safetensors"))
-    b = mx.load(str(tmp_path / "resumed" / "speculative_streams.safetensors"))
+    a = mx.load(str(tmp_path / "straight" / weights))
+    b = mx.load(str(tmp_path / "resumed" / weights))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7)

@@ -14,7 +14,6 @@ from helpers import plain_greedy, tiny_model
 from mlx_lm.models.cache import KVCache
 from test_train import V, cycle_examples, cycle_ids, host_copy, quiet, same_arrays, write_base
 
-import mlx_specstream.train as train_module
 from mlx_specstream import load, stream_generate
 from mlx_specstream.eagle_training import EagleLoss, attach_eagle_for_training, ttt_logits
 from mlx_specstream.streams import get_runtime
@@ -115,36 +114,14 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(base_dir, da
 
 
 def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkeypatch, capsys):
+    from test_train import assert_resumes_as_straight
+
     def run(out, *extra):
         train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
                     "--iters", "6", "--save-every", "2", "--no-tune", *CLI, *extra])  # fmt: skip
 
-    run(tmp_path / "straight")
-
-    class Killed(Exception):
-        pass
-
-    save = train_module.save_checkpoint
-
-    def save_then_die(training_dir, step, module, optimizer):
-        save(training_dir, step, module, optimizer)
-        if step == 4:
-            raise Killed
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run(tmp_path / "resumed")
-    monkeypatch.setattr(train_module, "save_checkpoint", save)
-    with pytest.raises(ValueError, match="--ttt-steps 3, not 2"):
-        run(tmp_path / "resumed", "--resume", "--ttt-steps", "2")
-    capsys.readouterr()
-    run(tmp_path / "resumed", "--resume")
-    assert "resuming from step 4" in capsys.readouterr().out
-    a = mx.load(str(tmp_path / "straight" / "drafter.safetensors"))
-    b = mx.load(str(tmp_path / "resumed" / "drafter.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-5, atol=1e-7)
+    other = (["--ttt-steps", "2"], "--ttt-steps 3, not 2")
+    assert_resumes_as_straight(run, tmp_path, monkeypatch, capsys, other, "drafter.safetensors")
 
 
 def test_bad_eagle_options_are_refused_by_name_before_anything_is_written(base_dir, data_file,
