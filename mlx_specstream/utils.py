@@ -353,7 +353,11 @@ def save(
         # Unset (None) fields would not validate as a transformers config.
         config = {k: v for k, v in vars(model.args).items() if v is not None}
     config = dict(config)
-    config[CONFIG_KEY if runtime.drafter is None else DRAFTER_KEY] = runtime.config.to_dict()
+    # (one drafting section: a base whose directory had streams, saved with a drafter, or
+    # the other way round, keeps only the one that drafts)
+    own, other = (CONFIG_KEY, DRAFTER_KEY) if runtime.drafter is None else (DRAFTER_KEY, CONFIG_KEY)
+    config.pop(other, None)
+    config[own] = runtime.config.to_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

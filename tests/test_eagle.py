@@ -113,12 +113,15 @@ def test_negative_control_a_wrong_verifier_is_caught(base_dir, tmp_path, monkeyp
 
 def test_save_writes_a_directory_that_loads_back(base_dir, tmp_path, monkeypatch):
     """``save`` writes the base, ``drafter.safetensors`` and a drafter section that
-    holds the layer's settings; loaded back, it drafts the same levels."""
+    holds the layer's settings, and drops a streams section the base's config had (a
+    stream model's base with another drafter); loaded back, it drafts the same levels."""
     write_eagle(tmp_path / "eagle", V, style="speculators", layer_ids=[1, 3, 5],
                 draft_vocab=list(range(2, V, 2)), own_embeddings=True)  # fmt: skip
     model, tok, config = load(str(base_dir), drafter=str(tmp_path / "eagle"), return_config=True)
-    save(tmp_path / "saved", model, tok, config=config)
-    section = json.loads((tmp_path / "saved" / "config.json").read_text())["drafter"]
+    save(tmp_path / "saved", model, tok, config={**config, "speculative_streaming": {}})
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    section = saved["drafter"]
+    assert "speculative_streaming" not in saved
     assert section["kind"] == "eagle3" and section["eagle"]["feature_layers"] == [1, 3, 5]
     assert section["eagle"]["own_embeddings"] is True
     again, _ = load(str(tmp_path / "saved"))
