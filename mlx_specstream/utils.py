@@ -229,7 +229,11 @@ def load(
         fetched = fetch_mtp_checkpoint(drafter, revision) if remote else None
         source, shapes = fetched or (resolve_model_path(drafter, revision), None)
     if drafter is not None and is_eagle_checkpoint(source):  # an EAGLE-3 drafter's checkpoint
-        _check_eagle_base(model_path, source)
+        if num_mtp_layers is not None:
+            raise ValueError(
+                f"num_mtp_layers={num_mtp_layers}: {source} holds an EAGLE-3 drafter, not MTP layers"
+            )
+        _refuse_shared_base(model_path, source)
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
         attach_eagle(model, source)
         return finish(model, tokenizer, config)
@@ -282,13 +286,14 @@ def _use_draft_vocab(model, source, draft_vocab) -> None:
     use_draft_vocab(model, own if draft_vocab is None else draft_vocab)
 
 
-def _check_eagle_base(model_path: Path, source: Path) -> None:
-    """Refuses an EAGLE-3 drafter for a shared-mode stream model (its base was changed)."""
+def _refuse_shared_base(model_path: Path, source: Path) -> None:
+    """Refuses a drafter from ``source`` for a shared-mode stream model (its base was
+    fine-tuned with its streams)."""
     own = json.loads((model_path / "config.json").read_text()).get(CONFIG_KEY) or {}
     if own.get("mode") == "shared":
         raise ValueError(
             f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
-            f"streams, so the EAGLE-3 drafter in {source} would not match it."
+            f"streams, so the drafter in {source} would not match it."
         )
 
 
@@ -302,12 +307,7 @@ def _check_drafter_base(model_path: Path, source: Path) -> None:
             f"{_base_fingerprint(source / 'config.json')} in its config.json, "
             f"{_base_fingerprint(model_path / 'config.json')} in {model_path}."
         )
-    own = json.loads((model_path / "config.json").read_text()).get(CONFIG_KEY) or {}
-    if own.get("mode") == "shared":
-        raise ValueError(
-            f"{model_path} is a shared-mode stream model: its base was fine-tuned with the "
-            f"streams, so the drafter in {source} would not match it."
-        )
+    _refuse_shared_base(model_path, source)
 
 
 def save_streams(path: Union[str, Path], model: nn.Module) -> None:

@@ -3,6 +3,7 @@ computed from scratch, decoding equals mlx-lm's, both checkpoint formats load, a
 checkpoints get clear errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -163,6 +164,16 @@ def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
         with pytest.raises(ValueError, match=match) as info:
             load(str(base_dir), drafter=drafter)
         assert drafter in str(info.value)
+    fine = str(tmp_path / "fine")
+    with pytest.raises(ValueError, match="holds an EAGLE-3 drafter, not MTP layers"):
+        load(str(base_dir), drafter=fine, num_mtp_layers=1)
+    shared = tmp_path / "shared"  # (a shared-mode stream model: its base was fine-tuned)
+    shutil.copytree(base_dir, shared)
+    config = json.loads((shared / "config.json").read_text())
+    (shared / "config.json").write_text(json.dumps({**config, "speculative_streaming": {
+        "mode": "shared"}}))  # fmt: skip
+    with pytest.raises(ValueError, match="shared-mode stream model"):
+        load(str(shared), drafter=fine)
 
 
 SMALL_V = 24  # (a vocabulary where this random drafter's drafts are often right)
