@@ -209,8 +209,9 @@ class EagleLoss:
         self._to_draft = mx.array(to_draft, dtype=mx.int32)  # (base id -> draft id, -1: none)
 
     def features(self, ids: mx.array) -> mx.array:
-        """``(L, 3 D)``: the drafter's features of a window, from the base's own pass."""
-        return mx.stop_gradient(self.rt.prefill_rows(ids[None], self._make_cache()))[0]
+        """``(B, L, 3 D)``: the drafter's features of windows ``ids`` ``(B, L)``, from the
+        base's own pass."""
+        return mx.stop_gradient(self.rt.prefill_rows(ids, self._make_cache()))
 
     def span(self, length: int, prompt_len: int):
         """The rows ``[lo, n)`` of a window that every step supervises: from the last
@@ -231,19 +232,24 @@ class EagleLoss:
         return counts, 0
 
     def __call__(self, batch, normalizers=None):
-        """``(loss, metrics)`` of a batch, as :class:`~mlx_specstream.train.StreamLoss`."""
+        """``(loss, metrics)`` of a batch, as :class:`~mlx_specstream.train.StreamLoss`;
+        windows of one length and prompt length run together (one pass of the base and
+        of each step over all of them)."""
         counts, _ = self.normalizers(batch)
         ce_sum, hits = [0.0] * self.gamma, [0.0] * self.gamma
+        groups = {}
         for ex in batch:
-            ids = mx.array(ex["input_ids"], dtype=mx.int32)
-            lo, n = self.span(ids.shape[0], int(ex["prompt_len"]))
+            key = (len(ex["input_ids"]), int(ex["prompt_len"]))
+            groups.setdefault(key, []).append(ex["input_ids"])
+        for (length, prompt_len), rows in groups.items():
+            lo, n = self.span(length, prompt_len)
             if n <= lo:
                 continue
-            logits = ttt_logits(self.drafter, self.rt, self.features(ids)[None], ids[None],
-                                self.gamma)  # fmt: skip
+            ids = mx.array(rows, dtype=mx.int32)
+            logits = ttt_logits(self.drafter, self.rt, self.features(ids), ids, self.gamma)
             for k, z in enumerate(logits):
-                z = z[0, lo:n].astype(mx.float32)
-                y = self._to_draft[ids[lo + k + 2 : n + k + 2]]
+                z = z[:, lo:n].astype(mx.float32)
+                y = self._to_draft[ids[:, lo + k + 2 : n + k + 2]]
                 known = y >= 0
                 ce = nn.losses.cross_entropy(z, mx.maximum(y, 0), reduction="none")
                 ce_sum[k] = ce_sum[k] + mx.where(known, ce, 0.0).sum()

@@ -132,3 +132,22 @@ def test_bad_eagle_options_are_refused_by_name_before_anything_is_written(base_d
             train_main(["--model", str(base_dir), "--data", str(data_file), "--out",
                         str(tmp_path / "out"), *flags, *CLI])  # fmt: skip
         assert not (tmp_path / "out").exists()
+
+
+def test_windows_of_one_length_run_together_and_give_each_window_s_share():
+    """A batch of windows of two lengths: its loss is the sum of each window's share
+    (computed alone, with the batch's normalizers), as ``--grad-checkpoint`` needs;
+    control: with another batch's normalizers the shares add up to another loss."""
+    model = tiny_model("llama", V, weight_scale=1.0)
+    attach_eagle_for_training(model)
+    loss = EagleLoss(model, 3)
+    batch = cycle_examples(2, seed=4)[:5] + [dict(input_ids=cycle_ids(random.Random(9), 12),
+                                                  prompt_len=3)]  # fmt: skip
+    assert len({len(ex["input_ids"]) for ex in batch}) == 2
+    whole, metrics = loss(batch)
+    norm = loss.normalizers(batch)
+    shares = sum(loss([ex], norm)[0] for ex in batch)
+    np.testing.assert_allclose(whole.item(), shares.item(), rtol=1e-5)
+    assert sum(metrics["counts"]) == sum(norm[0])
+    other = loss.normalizers(batch[:2])
+    assert not np.isclose(sum(loss([ex], other)[0] for ex in batch).item(), whole.item(), rtol=1e-3)
