@@ -20,20 +20,15 @@ on the same weights (the embedded 2.4M draft model), in the same run. Writes
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten
-from mtp_trained import full, taus_against_mlx_lm, windows
+from mtp_trained import benchmark_chain, fit, full, result_lines, taus_against_mlx_lm, windows
 from report import heading, machine_info, write_results
 
-from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+from mlx_specstream.default_model import DEFAULT_DIR
 from mlx_specstream.eagle_training import STEP_WEIGHT, attach_eagle_for_training, eagle_settings_for
 from mlx_specstream.eagle_training import ttt_logits
 from mlx_specstream.streams import get_runtime
@@ -68,29 +63,9 @@ def weighted_loss(drafter, model, feats, ids, steps: int):
 def train(model, rows, layers, iters: int, batch: int, lr: float, steps: int):
     drafter = attach_eagle_for_training(model, layers)
     model.freeze()
-    opt = optim.AdamW(learning_rate=optim.cosine_decay(lr, iters), weight_decay=0.0)
-    grad = nn.value_and_grad(drafter, lambda d, f, ids: weighted_loss(d, model, f, ids, steps)[0])
-    data = mx.array(rows)
-    t0 = time.perf_counter()
-    feats = []  # the frozen base's features of every window, once
-    for i in range(0, len(rows), 64):
-        feats.append(features(model, data[i : i + 64]))
-        mx.eval(feats[-1])
-    feats = mx.concatenate(feats)
-    rng = np.random.default_rng(0)
-    losses = []
-    for it in range(iters):
-        pick = mx.array(rng.choice(len(rows), batch, replace=False))
-        loss, g = grad(drafter, feats[pick], data[pick])
-        opt.update(drafter, g)
-        mx.eval(drafter.parameters(), opt.state, loss)
-        losses.append(loss.item())
-        if (it + 1) % 50 == 0:
-            rate = (time.perf_counter() - t0) / (it + 1)
-            print(
-                f"iter {it + 1}: loss {np.mean(losses[-50:]):.3f} ({rate:.2f} s/iter)", flush=True
-            )
-    return drafter, dict(seconds=time.perf_counter() - t0, loss_last=float(np.mean(losses[-50:])))
+    trained = fit(drafter, lambda d, f, ids: weighted_loss(d, model, f, ids, steps)[0],
+                  lambda ids: features(model, ids), rows, iters, batch, lr, log_every=50)  # fmt: skip
+    return drafter, trained
 
 
 def top1(drafter, model, rows, steps: int) -> list:
@@ -192,29 +167,15 @@ def main():
     taus = tau_and_identity(ckpt, prompts, args.max_tokens, trees)
     bench = {}
     if not args.skip_benchmark:
-        d = args.bench_depth
         model_dir = saved_directory(work, ckpt)
-        cmd = [sys.executable, "-m", "mlx_specstream.benchmark", "--model", str(model_dir),
-               "--draft-model", str(DRAFT_DIR), "--dtype", "float32", "--tuned-top-k", "1",
-               "--tuned-depth", str(d), "--tuned-max-tree-nodes", str(d + 1), "--max-tokens",
-               str(args.max_tokens), "--output-dir", str(work / "bench"),
-               "--name", f"eagle{args.tag}"]  # fmt: skip
-        subprocess.run(cmd, check=True)
-        bench = json.loads((work / "bench" / f"eagle{args.tag}.json").read_text())
-        bench["command"] = " ".join(cmd[1:])
+        bench = benchmark_chain(model_dir, work, f"eagle{args.tag}", args.bench_depth,
+                                args.max_tokens)  # fmt: skip
     lines = [heading("Trained EAGLE-3 drafter on the shipped base", info), ""]
     lines.append(f"`{info['command']}`: a drafter reading the inputs of the base's layers "
                  f"{layers} (6: its last output), trained {args.iters} steps x "
                  f"{args.batch_size} self-distilled windows, {args.ttt_steps} training-time-test "
                  f"steps ({trained['seconds']:.0f} s, last loss {trained['loss_last']:.3f}).")  # fmt: skip
-    per = ", ".join(f"level {k + 1} (token i + {k + 2}) {a:.3f}" for k, a in enumerate(acc))
-    lines += ["", f"Held-out top-1 (64 self-distilled eval windows): {per}", ""]
-    lines += ["| tree | tau | identical to mlx-lm |", "|---|---|---|"]
-    lines += [f"| {k} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
-              for k, v in taus.items()]  # fmt: skip
-    if bench:
-        lines += ["", f"`python {bench['command']}`:", ""]
-        lines.append((work / "bench" / f"eagle{args.tag}.md").read_text())
+    lines += result_lines("level", acc, taus, bench, work / "bench" / f"eagle{args.tag}.md")
     write_results("eagle_trained", args.tag, "\n".join(lines) + "\n",
                   dict(info=info, trained=trained, top1=acc, tau=taus, benchmark=bench))  # fmt: skip
 

@@ -139,26 +139,37 @@ def train(model, rows, iters: int, batch: int, lr: float, depths: int = 1, log_e
         depth.layer.update(model.model.layers[-1].parameters())
         depth.proj.weight = mx.concatenate([eye, eye], axis=1) * 0.5  # [h; e] averaged
     model.freeze()
+    trained = fit(drafter, lambda d, h, ids: mtp_loss(d, model, h, ids)[0],
+                  lambda ids: hidden_states(model, ids), rows, iters, batch, lr, log_every)  # fmt: skip
+    return drafter, trained
+
+
+def fit(drafter, loss_of, states_of, rows, iters: int, batch: int, lr: float, log_every=100):
+    """Trains ``drafter`` on windows ``rows``: ``batch`` windows a step (a seeded draw),
+    AdamW with a cosine decay from ``lr``, the loss ``loss_of(drafter, states, ids)``; the
+    frozen base's ``states_of(ids)`` of every window computed once, first."""
     opt = optim.AdamW(learning_rate=optim.cosine_decay(lr, iters), weight_decay=0.0)
-    grad = nn.value_and_grad(drafter, lambda d, h, ids: mtp_loss(d, model, h, ids)[0])
+    grad = nn.value_and_grad(drafter, loss_of)
     data = mx.array(rows)
     t0 = time.perf_counter()
-    hidden = []  # the frozen base's states of every window, once
+    states = []
     for i in range(0, len(rows), 64):
-        hidden.append(hidden_states(model, data[i : i + 64]))
-        mx.eval(hidden[-1])
-    hidden = mx.concatenate(hidden)
+        states.append(states_of(data[i : i + 64]))
+        mx.eval(states[-1])
+    states = mx.concatenate(states)
     rng = np.random.default_rng(0)
     losses = []
     for it in range(iters):
         pick = mx.array(rng.choice(len(rows), batch, replace=False))
-        loss, g = grad(drafter, hidden[pick], data[pick])
+        loss, g = grad(drafter, states[pick], data[pick])
         opt.update(drafter, g)
         mx.eval(drafter.parameters(), opt.state, loss)
         losses.append(loss.item())
         if (it + 1) % log_every == 0:
-            print(f"iter {it + 1}: loss {np.mean(losses[-log_every:]):.3f}", flush=True)
-    return drafter, dict(seconds=time.perf_counter() - t0, loss_last=float(np.mean(losses[-50:])))
+            rate = (time.perf_counter() - t0) / (it + 1)
+            print(f"iter {it + 1}: loss {np.mean(losses[-log_every:]):.3f} ({rate:.2f} s/iter)",
+                  flush=True)  # fmt: skip
+    return dict(seconds=time.perf_counter() - t0, loss_last=float(np.mean(losses[-50:])))
 
 
 def top1(drafter, model, rows) -> list:
@@ -232,6 +243,33 @@ def taus_against_mlx_lm(model, tok, plain, prompts, max_tokens: int, trees: dict
     return out
 
 
+def benchmark_chain(model_dir: Path, work: Path, name: str, depth: int, max_tokens: int) -> dict:
+    """``mlx_specstream.benchmark`` on ``model_dir`` with a tuned chain of ``depth``, against
+    mlx-lm's plain and draft-model decoding (the embedded draft model), float32; its
+    results, written to ``work/bench/NAME.{md,json}``, with the command."""
+    cmd = [sys.executable, "-m", "mlx_specstream.benchmark", "--model", str(model_dir),
+           "--draft-model", str(DRAFT_DIR), "--dtype", "float32", "--tuned-top-k", "1",
+           "--tuned-depth", str(depth), "--tuned-max-tree-nodes", str(depth + 1),
+           "--max-tokens", str(max_tokens), "--output-dir", str(work / "bench"),
+           "--name", name]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    bench = json.loads((work / "bench" / f"{name}.json").read_text())
+    bench["command"] = " ".join(cmd[1:])
+    return bench
+
+
+def result_lines(what: str, acc, taus: dict, bench: dict, bench_md: Path) -> list:
+    """A results file's held-out top-1 per ``what`` (layer, level), tau table and benchmark."""
+    per = ", ".join(f"{what} {k + 1} (token i + {k + 2}) {a:.3f}" for k, a in enumerate(acc))
+    lines = ["", f"Held-out top-1 (64 self-distilled eval windows): {per}", ""]
+    lines += ["| tree | tau | identical to mlx-lm |", "|---|---|---|"]
+    lines += [f"| {k} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
+              for k, v in taus.items()]  # fmt: skip
+    if bench:
+        lines += ["", f"`python {bench['command']}`:", "", bench_md.read_text()]
+    return lines
+
+
 def chain(depth: int) -> dict:
     return dict(tree_top_k=1, tree_depth=depth, max_tree_nodes=depth + 1)
 
@@ -285,28 +323,14 @@ def main():
         taus.update({f"{k}, {layers} MTP layer(s)": v for k, v in tau.items()})
     bench = {}
     if not args.skip_benchmark:
-        d = args.bench_depth
-        cmd = [sys.executable, "-m", "mlx_specstream.benchmark", "--model", str(ckpt),
-               "--draft-model", str(DRAFT_DIR), "--dtype", "float32", "--tuned-top-k", "1", "--tuned-depth", str(d),
-               "--tuned-max-tree-nodes", str(d + 1), "--max-tokens", str(args.max_tokens),
-               "--output-dir", str(work / "bench"), "--name", f"mtp{args.tag}"]  # fmt: skip
-        subprocess.run(cmd, check=True)
-        bench = json.loads((work / "bench" / f"mtp{args.tag}.json").read_text())
-        bench["command"] = " ".join(cmd[1:])
+        bench = benchmark_chain(ckpt, work, f"mtp{args.tag}", args.bench_depth, args.max_tokens)
     what = "layer" if args.depths == 1 else f"{args.depths} layers"
     lines = [heading(f"Trained MTP {what} (MiMo layout) on the shipped base", info), ""]
     lines.append(f"`{info['command']}`: the shipped base as a MiMo checkpoint (logits within "
                  f"{gap:.1e} of the Llama's), its MTP {what} trained {args.iters} steps x "
                  f"{args.batch_size} self-distilled windows of {WINDOW} tokens "
                  f"({trained['seconds']:.0f} s, last loss {trained['loss_last']:.3f}).")  # fmt: skip
-    per = ", ".join(f"layer {k + 1} (token i + {k + 2}) {a:.3f}" for k, a in enumerate(acc))
-    lines += ["", f"Held-out top-1 (64 self-distilled eval windows): {per}", ""]
-    lines += ["| tree | tau | identical to mlx-lm |", "|---|---|---|"]
-    lines += [f"| {k} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
-              for k, v in taus.items()]  # fmt: skip
-    if bench:
-        lines += ["", f"`python {bench['command']}`:", ""]
-        lines.append((work / "bench" / f"mtp{args.tag}.md").read_text())
+    lines += result_lines("layer", acc, taus, bench, work / "bench" / f"mtp{args.tag}.md")
     write_results("mtp_trained", args.tag,
                   "\n".join(lines) + "\n", dict(info=info, trained=trained, top1=acc, tau=taus,
                                                 benchmark=bench))  # fmt: skip

@@ -13,6 +13,7 @@ import pytest
 from helpers import plain_greedy, tiny_model
 from mlx_lm.models.cache import KVCache
 from test_train import V, cycle_examples, cycle_ids, host_copy, quiet, same_arrays, write_base
+from test_train import write_cycle_jsonl
 
 from mlx_specstream import load, stream_generate
 from mlx_specstream.eagle_training import EagleLoss, attach_eagle_for_training, ttt_logits
@@ -28,15 +29,10 @@ CLI = ["--drafter", "eagle3", "--batch-size", "4", "--learning-rate", "1e-2",
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("base") / "llama")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    from test_train import write_cycle_jsonl
-
-    return write_cycle_jsonl(tmp_path_factory.mktemp("data") / "cycle.jsonl")
+def inputs(tmp_path_factory):
+    """test_train's tiny base directory and cyclic data file."""
+    root = tmp_path_factory.mktemp("eagle-train")
+    return write_base(root / "llama"), write_cycle_jsonl(root / "cycle.jsonl")
 
 
 def test_the_training_time_test_computes_what_drafting_computes():
@@ -83,12 +79,13 @@ def test_it_learns_far_above_chance_and_the_base_stays_bit_identical():
     assert same_arrays(base_now, base)
 
 
-def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(base_dir, data_file, tmp_path,
-                                                                    capsys):  # fmt: skip
+def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_path, capsys):
     """The written directory holds the base bit for bit, ``drafter.safetensors`` and an
     ``eagle3`` section (its own draft vocabulary of ``--draft-vocab-size`` tokens);
     loaded, it gives the base's greedy tokens in fewer passes than tokens, and it is tuned."""
     import mlx_lm
+
+    base_dir, data_file = inputs
 
     out = tmp_path / "out"
     train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
@@ -113,7 +110,8 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(base_dir, da
     assert passes < tokens, (passes, tokens)  # (drafts were taken)
 
 
-def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkeypatch, capsys):
+def test_resume_continues_where_it_stopped(inputs, tmp_path, monkeypatch, capsys):
+    base_dir, data_file = inputs
     from test_train import assert_resumes_as_straight
 
     def run(out, *extra):
@@ -124,8 +122,8 @@ def test_resume_continues_where_it_stopped(base_dir, data_file, tmp_path, monkey
     assert_resumes_as_straight(run, tmp_path, monkeypatch, capsys, other, "drafter.safetensors")
 
 
-def test_bad_eagle_options_are_refused_by_name_before_anything_is_written(base_dir, data_file,
-                                                                         tmp_path):  # fmt: skip
+def test_bad_eagle_options_are_refused_by_name_before_anything_is_written(inputs, tmp_path):
+    base_dir, data_file = inputs
     for flags, match in ((["--eagle-layers", "0", "1", "9"], r"--eagle-layers \[0, 1, 9\]"),
                          (["--ttt-steps", "0"], "--ttt-steps 0")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
