@@ -25,7 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mtp_trained import benchmark_chain, fit, full, result_lines, taus_against_mlx_lm, windows
+from mtp_trained import benchmark_chain, fit, full, result_lines, tau_table, taus_against_mlx_lm
+from mtp_trained import windows
 from report import heading, machine_info, write_results
 
 from mlx_specstream.default_model import DEFAULT_DIR
@@ -125,6 +126,38 @@ def saved_directory(work: Path, ckpt: Path) -> Path:
     return work / "model"
 
 
+def trees() -> dict:
+    """The chains and the tree whose tau is measured."""
+    out = {f"chain of {d}": dict(tree_top_k=1, tree_depth=d, max_tree_nodes=d + 1)
+           for d in (1, 2, 3, 4)}  # fmt: skip
+    out["top-2 x 4, 8 nodes"] = dict(tree_top_k=2, tree_depth=4, max_tree_nodes=8)
+    return out
+
+
+def measure_trained(model_dir: Path, max_tokens: int, tag: str) -> None:
+    """``--trained DIR``: tau of the directory's drafter on the default model's held-out
+    prompts, each output checked against mlx-lm's."""
+    import mlx_lm
+
+    from mlx_specstream import load
+
+    info = machine_info(trained=str(model_dir))
+    model, tok = load(str(model_dir))
+    model.set_dtype(mx.float32)
+    plain, _ = mlx_lm.load(str(DEFAULT_DIR))
+    plain.set_dtype(mx.float32)
+    taus = taus_against_mlx_lm(model, tok, plain, prompts(), max_tokens, trees())
+    lines = [heading("EAGLE-3 drafter trained by mlx_specstream.train", info), "",
+             f"`{info['command']}`: the drafter in `{model_dir}`, on the default model's "
+             "held-out prompts, greedy, float32.", ""]  # fmt: skip
+    lines += tau_table(taus)
+    write_results("eagle_trained", tag, "\n".join(lines) + "\n", dict(info=info, tau=taus))
+
+
+def prompts() -> list:
+    return [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="runs/eagle")
@@ -137,8 +170,16 @@ def main():
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--bench-depth", type=int, default=3, help="the benchmark's tuned chain")
     p.add_argument("--skip-benchmark", action="store_true")
+    p.add_argument(
+        "--trained",
+        default=None,
+        help="Measure instead the tau of a model directory written by python -m "
+        "mlx_specstream.train --drafter eagle3 on the shipped base (nothing is trained)",
+    )
     p.add_argument("--tag", default="")
     args = p.parse_args()
+    if args.trained:
+        return measure_trained(Path(args.trained), args.max_tokens, args.tag)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     layers = [int(x) for x in args.layers.split(",")]
@@ -160,11 +201,7 @@ def main():
     acc = top1(drafter, model, held, 4)
     print(f"held-out top-1 per step (token i + k + 2): {acc}", flush=True)
     ckpt = write_checkpoint(work, drafter, model)
-    prompts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
-    trees = {f"chain of {d}": dict(tree_top_k=1, tree_depth=d, max_tree_nodes=d + 1)
-             for d in (1, 2, 3, 4)}  # fmt: skip
-    trees["top-2 x 4, 8 nodes"] = dict(tree_top_k=2, tree_depth=4, max_tree_nodes=8)
-    taus = tau_and_identity(ckpt, prompts, args.max_tokens, trees)
+    taus = tau_and_identity(ckpt, prompts(), args.max_tokens, trees())
     bench = {}
     if not args.skip_benchmark:
         model_dir = saved_directory(work, ckpt)

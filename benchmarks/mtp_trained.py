@@ -261,13 +261,17 @@ def benchmark_chain(model_dir: Path, work: Path, name: str, depth: int, max_toke
 def result_lines(what: str, acc, taus: dict, bench: dict, bench_md: Path) -> list:
     """A results file's held-out top-1 per ``what`` (layer, level), tau table and benchmark."""
     per = ", ".join(f"{what} {k + 1} (token i + {k + 2}) {a:.3f}" for k, a in enumerate(acc))
-    lines = ["", f"Held-out top-1 (64 self-distilled eval windows): {per}", ""]
-    lines += ["| tree | tau | identical to mlx-lm |", "|---|---|---|"]
-    lines += [f"| {k} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
-              for k, v in taus.items()]  # fmt: skip
+    lines = ["", f"Held-out top-1 (64 self-distilled eval windows): {per}", ""] + tau_table(taus)
     if bench:
         lines += ["", f"`python {bench['command']}`:", "", bench_md.read_text()]
     return lines
+
+
+def tau_table(taus: dict) -> list:
+    """The lines of a table of tau per tree, and whether each output equals mlx-lm's."""
+    return ["| tree | tau | identical to mlx-lm |", "|---|---|---|"] + [
+        f"| {k} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |" for k, v in taus.items()
+    ]
 
 
 def chain(depth: int) -> dict:
