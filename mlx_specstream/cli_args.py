@@ -29,8 +29,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drafter",
         default=None,
-        help="Model directory whose drafter (streams, Medusa heads or ParallelSpec) replaces the "
-        "model's own; it must have been trained on the same base. Default: the model's own.",
+        help="Model directory whose drafter (streams, Medusa heads, ParallelSpec) replaces the "
+        "model's own; it must have been trained on the same base. Also a checkpoint's MTP "
+        "layers, or an EAGLE-3 drafter's checkpoint. Default: the model's own.",
     )
     add_num_mtp_layers_arg(parser)
     add_draft_vocab_arg(parser)
