@@ -31,7 +31,7 @@ from report import heading, machine_info, write_results
 
 from mlx_specstream.default_model import DEFAULT_DIR
 from mlx_specstream.eagle_training import STEP_WEIGHT, attach_eagle_for_training, eagle_settings_for
-from mlx_specstream.eagle_training import ttt_logits
+from mlx_specstream.eagle_training import drafter_features, ttt_logits
 from mlx_specstream.streams import get_runtime
 
 
@@ -42,13 +42,6 @@ def base():
     model, tok = mlx_lm.load(str(DEFAULT_DIR))
     model.set_dtype(mx.float32)
     return model, tok
-
-
-def features(model, ids: mx.array) -> mx.array:
-    """``(B, L, 3 D)``: the drafter's features of windows ``ids``, from the base's own pass."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    return get_runtime(model).prefill_rows(ids, make_prompt_cache(model))
 
 
 def weighted_loss(drafter, model, feats, ids, steps: int):
@@ -65,14 +58,14 @@ def train(model, rows, layers, iters: int, batch: int, lr: float, steps: int):
     drafter = attach_eagle_for_training(model, layers)
     model.freeze()
     trained = fit(drafter, lambda d, f, ids: weighted_loss(d, model, f, ids, steps)[0],
-                  lambda ids: features(model, ids), rows, iters, batch, lr, log_every=50)  # fmt: skip
+                  lambda ids: drafter_features(model, ids), rows, iters, batch, lr, log_every=50)  # fmt: skip
     return drafter, trained
 
 
 def top1(drafter, model, rows, steps: int) -> list:
     """Each step's top-1 on held-out windows' continuations (step k: token i + k + 2)."""
     ids = mx.array(rows)
-    _, logits = weighted_loss(drafter, model, features(model, ids), ids, steps)
+    _, logits = weighted_loss(drafter, model, drafter_features(model, ids), ids, steps)
     n = logits[0].shape[1]
     hits = [(mx.argmax(lg, axis=-1) == ids[:, k + 2 : k + 2 + n])[:, 32:]
             for k, lg in enumerate(logits)]  # fmt: skip

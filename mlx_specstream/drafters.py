@@ -107,6 +107,15 @@ class ParallelSpecDrafter(nn.Module):
         return rt.head(out[:, -k:], draft=True)[0]
 
 
+def levels_again(rt, depth, logits: list, out: mx.array, cache, n: int) -> None:
+    """``n`` deeper levels appended to ``logits``: ``depth`` (an MTP layer, an EAGLE-3
+    drafter) again on its own output ``out`` (its last row) and the previous level's
+    argmax, each row appended to ``cache`` (trimmed by the caller)."""
+    for _ in range(n):
+        out = depth.again(rt, out, mx.argmax(logits[-1], axis=-1), cache)
+        logits.append(depth.level_logits(rt, out))
+
+
 def new_rows(state: "DrafterState", hidden: mx.array, path: List[int], path_tokens, token):
     """The rows a drafter with its own KV cache (ParallelSpec, MTP) appends after a
     step: the accepted path's last hidden states ``(L, D)`` and, for each, the token

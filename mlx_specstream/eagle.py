@@ -44,7 +44,7 @@ from mlx_lm.models import llama
 
 from .config import EAGLE_KEYS, DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import DrafterState, continue_or_start, layer_mask, new_rows
+from .drafters import DrafterState, continue_or_start, layer_mask, levels_again, new_rows
 from .model_parts import hidden_size
 
 # A chain of 3 by default (as for a checkpoint's MTP layer); up to 5 levels where a tree asks.
@@ -61,9 +61,10 @@ def is_eagle_checkpoint(path: Path) -> bool:
     return "Eagle3" in names or config.get("speculators_model_type") == "eagle3"
 
 
-def eagle_settings(path: Path, model: nn.Module) -> dict:
+def eagle_settings(path: Path, model: nn.Module, own_embeddings: bool) -> dict:
     """The drafter section's ``eagle`` dict (:data:`~mlx_specstream.config.EAGLE_KEYS`)
-    read from ``path/config.json``, checked against ``model``, the base.
+    read from ``path/config.json``, checked against ``model``, the base
+    (``own_embeddings``: whether its tensors hold ``embed_tokens``).
 
     Raises:
         ValueError: naming the file and key, for a layer this module cannot build or
@@ -115,7 +116,7 @@ def eagle_settings(path: Path, model: nn.Module) -> dict:
         "target_hidden_size": target,
         "norm_before_residual": bool(config.get("norm_before_residual", False)),
         "feature_layers": ids,
-        "own_embeddings": False,
+        "own_embeddings": own_embeddings,
     }
     return settings
 
@@ -232,18 +233,15 @@ class Eagle3Drafter(nn.Module):
         """The layer's output over rows pairing the base's fused ``feats`` ``(L, 3 D)``
         (a batch: ``(B, L, 3 D)``) with ``tokens``' embeddings, appended to ``cache``."""
         h = self.fc(feats.astype(self.fc.weight.dtype))
-        return self.recur(rt, h, tokens, cache)
+        return self.again(rt, h, tokens, cache)
 
-    def recur(self, rt, h: mx.array, tokens: mx.array, cache) -> mx.array:
-        """The layer over its own earlier outputs ``h`` (or ``fc``'s) and ``tokens``."""
+    def again(self, rt, h: mx.array, tokens: mx.array, cache) -> mx.array:
+        """The layer over ``h``, ``fc``'s output or its own earlier output (a deeper
+        level's row), and ``tokens``' embeddings, appended to ``cache``."""
         e = self.embed(rt, tokens).astype(h.dtype)
         batched = h.ndim == 3
         out = self.layer(e if batched else e[None], h if batched else h[None], cache)
         return out if batched else out[0]
-
-    def again(self, rt, out: mx.array, token: mx.array, cache) -> mx.array:
-        """A deeper level's row: the layer on its own output and the previous level."""
-        return self.recur(rt, out, token, cache)
 
     def level_logits(self, rt, out: mx.array) -> mx.array:
         """A level's logits (its own draft vocabulary: ``rt``'s is refused)."""
@@ -268,19 +266,15 @@ class Eagle3Drafter(nn.Module):
         feats, nxt = new_rows(state, hidden, path, path_tokens, token)
         out = self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
         logits = [self.logits(out)]
-        for _ in range(levels - 1):
-            out = self.recur(rt, out, mx.argmax(logits[-1], axis=-1), state.cache)
-            logits.append(self.logits(out))
+        levels_again(rt, self, logits, out, state.cache, levels - 1)
         state.cache.trim(levels - 1)  # (the recursion's rows never stay)
         return mx.concatenate(logits, axis=0)
 
 
-def eagle_config(checkpoint: Path, model: nn.Module, **tree) -> DrafterConfig:
-    """The drafter section of ``checkpoint``'s EAGLE-3 drafter on ``model`` (a chain of
-    3 unless ``tree`` says otherwise)."""
-    eagle = eagle_settings(checkpoint, model)
-    keys = [k for k in read_eagle_weights(checkpoint) if k == "embed_tokens.weight"]
-    eagle["own_embeddings"] = bool(keys)
+def eagle_config(checkpoint: Path, model: nn.Module, weights: dict, **tree) -> DrafterConfig:
+    """The drafter section of ``checkpoint``'s EAGLE-3 drafter (its tensors ``weights``,
+    :func:`read_eagle_weights`) on ``model`` (a chain of 3 unless ``tree`` says otherwise)."""
+    eagle = eagle_settings(checkpoint, model, "embed_tokens.weight" in weights)
     assert sorted(eagle) == sorted(EAGLE_KEYS)
     return DrafterConfig(kind="eagle3", eagle=eagle, **{**EAGLE_DEFAULTS, **tree})
 
@@ -300,10 +294,10 @@ def attach_eagle(model: nn.Module, checkpoint: Path, config: Optional[DrafterCon
 
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")
-    config = eagle_config(checkpoint, model) if config is None else config
+    weights = read_eagle_weights(checkpoint)
+    config = eagle_config(checkpoint, model, weights) if config is None else config
     check_supported(model, config)
     drafter = Eagle3Drafter(config, model)
-    weights = read_eagle_weights(checkpoint)
     try:
         drafter.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

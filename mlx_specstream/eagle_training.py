@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import DrafterConfig
 from .eagle import EAGLE_DEFAULTS, Eagle3Drafter
@@ -180,6 +181,20 @@ def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps
     return logits
 
 
+def drafter_features(model, ids: mx.array) -> mx.array:
+    """``(B, L, 3 D)``: the features ``model``'s EAGLE-3 drafter reads of windows ``ids``
+    ``(B, L)``, from the base's own pass through the runtime's hooks."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return get_runtime(model).prefill_rows(ids, make_prompt_cache(model))
+
+
+def check_steps(steps: int) -> None:
+    """Refuses a training-time test of fewer than one step, naming ``--ttt-steps``."""
+    if steps < 1:
+        raise ValueError(f"--ttt-steps {steps}: at least 1")
+
+
 class EagleLoss:
     """The training-time test loss of ``model``'s EAGLE-3 drafter, with
     :class:`~mlx_specstream.train.StreamLoss`'s interface (``gamma``: the steps).
@@ -192,26 +207,20 @@ class EagleLoss:
     label = "step"  # (each accuracy entry: a step of the training-time test)
 
     def __init__(self, model, steps: int = 3):
-        from mlx_lm.models.cache import make_prompt_cache
-
-        if steps < 1:
-            raise ValueError(f"--ttt-steps {steps}: at least 1")
+        check_steps(steps)
+        self.model = model
         self.rt = get_runtime(model)
         self.drafter = self.rt.drafter
         self.gamma = steps
-        self._make_cache = lambda: make_prompt_cache(model)
         d = self.drafter
-        V = d._vocab
-        ids = (mx.arange(d.d2t.shape[0], dtype=mx.int32) + d.d2t).tolist()
-        to_draft = [-1] * V
-        for j, i in enumerate(ids):
-            to_draft[i] = j
-        self._to_draft = mx.array(to_draft, dtype=mx.int32)  # (base id -> draft id, -1: none)
+        to_draft = np.full(d._vocab, -1, dtype=np.int32)  # (base id -> draft id, -1: none)
+        to_draft[np.arange(d.d2t.shape[0]) + np.array(d.d2t)] = np.arange(d.d2t.shape[0])
+        self._known = to_draft >= 0  # (on the host: the normalizers read no device)
+        self._to_draft = mx.array(to_draft)
 
     def features(self, ids: mx.array) -> mx.array:
-        """``(B, L, 3 D)``: the drafter's features of windows ``ids`` ``(B, L)``, from the
-        base's own pass."""
-        return mx.stop_gradient(self.rt.prefill_rows(ids, self._make_cache()))
+        """:func:`drafter_features` of windows ``ids``, never differentiated."""
+        return mx.stop_gradient(drafter_features(self.model, ids))
 
     def span(self, length: int, prompt_len: int):
         """The rows ``[lo, n)`` of a window that every step supervises: from the last
@@ -227,8 +236,7 @@ class EagleLoss:
             lo, n = self.span(len(ex["input_ids"]), int(ex["prompt_len"]))
             for k in range(self.gamma):
                 if n > lo:
-                    targets = mx.array(ex["input_ids"][lo + k + 2 : n + k + 2], dtype=mx.int32)
-                    counts[k] += int((self._to_draft[targets] >= 0).sum().item())
+                    counts[k] += int(self._known[ex["input_ids"][lo + k + 2 : n + k + 2]].sum())
         return counts, 0
 
     def __call__(self, batch, normalizers=None):

@@ -61,6 +61,7 @@ from .config import DrafterConfig
 from .drafters import (
     DrafterState,
     attention_scale_settings,
+    levels_again,
     continue_or_start,
     new_decoder_layer,
     new_layer_cache,
@@ -550,7 +551,7 @@ class MTPDrafter(MTPDepth):
         emb = self._from_position_0(rt.embed(mx.array(nxt)), state.cache)
         out = self.step(feats, emb, state.cache)[-1:]
         logits = [self.logits(rt.model, out, rt.draft_vocab)]
-        self._recurse(rt, logits, out, state.cache, levels - 1)
+        levels_again(rt, self.all_depths[-1], logits, out, state.cache, levels - 1)
         state.cache.trim(levels - 1)  # the recursion's rows never stay
         return mx.concatenate(logits, axis=0)
 
@@ -560,15 +561,6 @@ class MTPDrafter(MTPDepth):
         if self._layout.zero_first and cache.offset == 0:
             return mx.concatenate([mx.zeros_like(emb[:1]), emb[1:]])
         return emb
-
-    def _recurse(self, rt, logits: list, out: mx.array, cache, n: int):
-        """``n`` deeper levels: the last layer on its own output (``out``, its last row)
-        and the previous level's argmax, appended to ``cache`` (trimmed by the caller)."""
-        last = self.all_depths[-1]
-        for _ in range(n):
-            nxt = mx.argmax(logits[-1], axis=-1)
-            out = last.again(rt, out, nxt, cache)
-            logits.append(last.level_logits(rt, out))
 
     def _draft_depths(self, rt, state: "DepthsState", feats, nxt, levels) -> mx.array:
         """Layers ``1..K`` over the rows of positions ``[P, N)``: the held ones and the
@@ -596,7 +588,7 @@ class MTPDrafter(MTPDepth):
                 logits.append(depth.logits(rt.model, out[-1:], rt.draft_vocab))
                 drafted.append(rt.embed(mx.argmax(logits[-1], axis=-1)))
             if k == len(depths) - 1 and levels > len(depths):
-                self._recurse(rt, logits, out[-1:], cache, levels - len(depths))
+                levels_again(rt, self.all_depths[-1], logits, out[-1:], cache, levels - len(depths))
             cache.trim(cache.offset - P - keep)  # (the drafting rows never stay)
             h = depth.passed_on(out) if self._layout.chain_layers else feats
         state.advance(feats, nxt, keep)

@@ -214,7 +214,8 @@ class StreamRuntime:
         self._prefill_hidden: List[mx.array] = []
         self.num_layers = len(model.layers)
         # The layers whose inputs an EAGLE-3 drafter reads, and during a pass those inputs.
-        self._feature_at = set(getattr(drafter, "feature_layers", None) or [])
+        self._feature_layers = getattr(drafter, "feature_layers", None)
+        self._feature_at = set(self._feature_layers or [])
         self._features: dict = {}
         self.first_top = self.num_layers - config.num_stream_layers
         self.state: Optional[str] = None  # None (plain model), "step" or "tail"
@@ -1241,10 +1242,9 @@ class StreamRuntime:
         """What a drafter reads of a pass's rows: the last layer's output ``out``, or for
         an EAGLE-3 drafter its feature layers' inputs side by side (``(..., 3 D)``; the
         index ``num_layers``: ``out``)."""
-        layers = getattr(self.drafter, "feature_layers", None)
-        if layers is None:
+        if self._feature_layers is None:
             return out
-        parts = [out if i == self.num_layers else self._features[i] for i in layers]
+        parts = [out if i == self.num_layers else self._features[i] for i in self._feature_layers]
         return mx.concatenate(parts, axis=-1)
 
     def _hold_back_streams(self, out: mx.array) -> mx.array:

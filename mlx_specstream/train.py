@@ -611,7 +611,12 @@ def setup_arg_parser():
         "--window-prompt", type=int, default=32, help="Prompt tokens of each text window"
     )
     p.add_argument("--max-examples", type=int, default=None, help="A seeded random subset")
-    p.add_argument("--top-k", type=int, default=3, help="Draft width stored in the config")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="Draft width stored in the config (default: 3 for streams, EAGLE-3's chain, 1)",
+    )
     p.add_argument("--max-tree-nodes", type=int, default=16)
     p.add_argument("--grad-clip", type=float, default=1.0, help="Gradient norm clip (0: off)")
     p.add_argument(
@@ -807,12 +812,11 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
     """``--drafter eagle3``: an EAGLE-3 drafter on the frozen base, trained on the same
     (self-distilled) windows with its training-time test, written as a model directory
     (``drafter.safetensors``) and tuned."""
-    from .eagle_training import EagleLoss, attach_eagle_for_training, check_layers
+    from .eagle_training import EagleLoss, attach_eagle_for_training, check_layers, check_steps
 
     out = Path(args.out)
     check_layers(model, args.eagle_layers)  # (refused before anything is written)
-    if args.ttt_steps < 1:
-        raise ValueError(f"--ttt-steps {args.ttt_steps}: at least 1")
+    check_steps(args.ttt_steps)
     if args.draft_vocab_size is not None:
         check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
     train, valid = prepare_data(args, model, tokenizer)
@@ -821,7 +825,7 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
         ids, _, text = vocab_of_examples(train, valid, tokenizer, head_rows(model),
                                          args.draft_vocab_size)  # fmt: skip
         print(f"[INFO] the drafter's own draft vocabulary (d2t): {text}")
-    tree = dict(top_k=args.top_k) if args.top_k != 3 else None
+    tree = None if args.top_k is None else dict(top_k=args.top_k)
     drafter = attach_eagle_for_training(model, args.eagle_layers, ids, tree, args.seed)
     loss = EagleLoss(model, args.ttt_steps)
     trainable = sum(p.size for _, p in tree_flatten(drafter.trainable_parameters()))
@@ -871,7 +875,7 @@ def main(argv=None):
     spec = SpecStreamConfig(
         num_streams=args.num_streams,
         num_stream_layers=layers,
-        top_k=args.top_k,
+        top_k=3 if args.top_k is None else args.top_k,
         max_tree_nodes=args.max_tree_nodes,
         mode="lossless",
         stream_lora_rank=args.stream_lora_rank,

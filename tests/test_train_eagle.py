@@ -37,7 +37,7 @@ def inputs(tmp_path_factory):
 
 def test_the_training_time_test_computes_what_drafting_computes():
     """Step 0's and step 1's logits at a row equal the drafter's own: its ``step`` over
-    the real rows up to that row on a cache, then ``recur`` on its output (the level
+    the real rows up to that row on a cache, then ``again`` on its output (the level
     after, at the next position); control: step 1 through ``fc`` again."""
     model = tiny_model("llama", V, weight_scale=1.0, num_hidden_layers=6)
     drafter = attach_eagle_for_training(model, [1, 3, 6])
@@ -53,7 +53,7 @@ def test_the_training_time_test_computes_what_drafting_computes():
         out = drafter.step(rt, feats[0, : i + 1], ids[1 : i + 2], cache)[-1:]
         first = drafter.lm_head(drafter.norm(out))
         np.testing.assert_allclose(first[0], logits[0][0, i], atol=1e-4)
-        again = drafter.recur(rt, out, ids[i + 2 : i + 3], cache)
+        again = drafter.again(rt, out, ids[i + 2 : i + 3], cache)
         np.testing.assert_allclose(drafter.lm_head(drafter.norm(again))[0], logits[1][0, i],
                                    atol=1e-4)  # fmt: skip
         cache = KVCache()
