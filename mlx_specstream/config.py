@@ -321,13 +321,21 @@ def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
 
 DRAFTER_KEY = "drafter"
 DRAFTER_FILE = "drafter.safetensors"
-DRAFTER_KINDS = ("medusa", "parallelspec", "mtp", "eagle3")
+DRAFTER_KINDS = ("medusa", "parallelspec", "mtp", "eagle3", "dflash")
 # What an EAGLE-3 drafter's section holds of its checkpoint (mlx_specstream.eagle).
 EAGLE_KEYS = (
     "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
     "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "attention_bias",
     "mlp_bias", "draft_vocab_size", "target_hidden_size", "norm_before_residual",
     "feature_layers", "own_embeddings",
+)  # fmt: skip
+# What a DFlash drafter's section holds of its checkpoint (mlx_specstream.dflash).
+DFLASH_KEYS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "max_position_embeddings", "layer_types", "sliding_window", "is_causal", "block_size",
+    "mask_token_id", "feature_layers", "input_embedding_scale", "output_multiplier",
+    "final_logit_softcapping",
 )  # fmt: skip
 
 
@@ -347,6 +355,9 @@ class DrafterConfig(_Section):
           (:mod:`mlx_specstream.mtp`), run again on its output for each deeper level.
           ``"eagle3"``: an EAGLE-3 drafter (:mod:`mlx_specstream.eagle`): one decoder
           layer of its own over three of the base's layers' states, fused.
+          ``"dflash"``: a DFlash drafter (:mod:`mlx_specstream.dflash`): a few layers of
+          its own drafting a block of masks in one pass, over several of the base's
+          layers' states.
         num_draft_tokens (int): k, the draft tree's levels per step (Medusa
           heads, or ParallelSpec's last real row plus its masks). Default: ``3``.
         top_k, max_tree_nodes, tree_depth: the draft tree, as in
@@ -371,6 +382,10 @@ class DrafterConfig(_Section):
           as read from its checkpoint (:data:`EAGLE_KEYS`): its Llama layer's shape,
           its draft vocabulary's size, and ``feature_layers``, the base's layers whose
           inputs it reads (``len(model.layers)``: the last layer's output).
+        dflash (dict, optional): for ``"dflash"`` (and only there), its settings as
+          read from its checkpoint (:data:`DFLASH_KEYS`): its layers' shape and
+          attention, ``block_size``, ``mask_token_id`` and ``feature_layers`` (the
+          base's layers whose inputs it reads).
     """
 
     SECTION = DRAFTER_KEY
@@ -387,6 +402,7 @@ class DrafterConfig(_Section):
     draft_vocab: Optional[bool] = None
     batch: Optional[dict] = None
     eagle: Optional[dict] = None
+    dflash: Optional[dict] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -448,6 +464,12 @@ class DrafterConfig(_Section):
             and (self.eagle is None or sorted(self.eagle) == sorted(EAGLE_KEYS)),
             "eagle",
             f"kind 'eagle3' (and no other) needs a dict of {list(EAGLE_KEYS)}",
+        )
+        require(
+            (self.dflash is None) == (self.kind != "dflash")
+            and (self.dflash is None or sorted(self.dflash) == sorted(DFLASH_KEYS)),
+            "dflash",
+            f"kind 'dflash' (and no other) needs a dict of {list(DFLASH_KEYS)}",
         )
         self._check_tuned()
 

@@ -181,9 +181,11 @@ def attention_scale_settings(model) -> Optional[tuple]:
     return llama4_scale_settings(model, model.layers[-1])
 
 
-def continue_or_start(prompt_cache_offset: int, previous, layer: nn.Module) -> "DrafterState":
+def continue_or_start(
+    prompt_cache_offset: int, previous, layer: Optional[nn.Module] = None, make_cache=None
+) -> "DrafterState":
     """The state of a drafter with its own decoder ``layer`` and KV cache (ParallelSpec,
-    MTP) for a new generation. Continues ``previous`` (the state kept with a reused
+    MTP; or the cache ``make_cache()`` builds: DFlash's layers) for a new generation. Continues ``previous`` (the state kept with a reused
     prompt cache) when it covers the cached tokens: all of them, or all but the last
     with that token's state kept to pair with the next prompt's first token (as a
     generation leaves it); otherwise starts without the older context (RoPE only
@@ -194,7 +196,8 @@ def continue_or_start(prompt_cache_offset: int, previous, layer: nn.Module) -> "
             return previous
         if offset == prompt_cache_offset - 1 and previous.pending_hidden is not None:
             return previous
-    return DrafterState(needs_prompt=True, cache=new_layer_cache(layer))
+    cache = make_cache() if make_cache is not None else new_layer_cache(layer)
+    return DrafterState(needs_prompt=True, cache=cache)
 
 
 DRAFTERS = {"medusa": MedusaHeads, "parallelspec": ParallelSpecDrafter}
@@ -332,6 +335,10 @@ def make_drafter(config: DrafterConfig, model: nn.Module) -> nn.Module:
         from .eagle import Eagle3Drafter
 
         return Eagle3Drafter(config, model)
+    if config.kind == "dflash":  # (a DFlash checkpoint's layers: dflash.py)
+        from .dflash import DFlashDrafter
+
+        return DFlashDrafter(config, model)
     return DRAFTERS[config.kind](config, model)
 
 

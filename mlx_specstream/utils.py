@@ -14,6 +14,7 @@ from .config import CONFIG_KEY, DRAFTER_FILE, DRAFTER_KEY, DrafterConfig, SpecSt
 from .draft_vocab import FILE as DRAFT_VOCAB_FILE
 from .draft_vocab import drafts_by_head, save_draft_vocab, use_draft_vocab
 from .drafters import attach_drafter
+from .dflash import attach_dflash, is_dflash_checkpoint
 from .eagle import attach_eagle, is_eagle_checkpoint
 from .mtp import (
     attach_mtp,
@@ -180,7 +181,8 @@ def load(
         revision (str, optional): hub revision.
         trust_remote_code (bool): passed to mlx-lm's loader. Default: ``False``.
         drafter (str, optional): a model directory (or repo) whose drafter
-          (streams, Medusa heads or ParallelSpec) replaces the model's own. It
+          (streams, Medusa heads, ParallelSpec, MTP layers), or an EAGLE-3 or DFlash
+          checkpoint, replaces the model's own. It
           must have been trained on this base: the base is used as it is, so a
           shared-mode stream model (whose base was fine-tuned) is refused.
         allow_plain (bool): load a plain mlx-lm model (no streams, no drafter)
@@ -228,14 +230,16 @@ def load(
         remote = not Path(drafter).exists() and is_hub_id(drafter)
         fetched = fetch_mtp_checkpoint(drafter, revision) if remote else None
         source, shapes = fetched or (resolve_model_path(drafter, revision), None)
-    if drafter is not None and is_eagle_checkpoint(source):  # an EAGLE-3 drafter's checkpoint
+    own = _own_format_drafter(source) if drafter is not None else None
+    if own is not None:  # an EAGLE-3 or DFlash drafter's checkpoint
+        name, attach = own
         if num_mtp_layers is not None:
             raise ValueError(
-                f"num_mtp_layers={num_mtp_layers}: {source} holds an EAGLE-3 drafter, not MTP layers"
+                f"num_mtp_layers={num_mtp_layers}: {source} holds {name} drafter, not MTP layers"
             )
         _refuse_shared_base(model_path, source)
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
-        attach_eagle(model, source)
+        attach(model, source)
         return finish(model, tokenizer, config)
     if is_plain(source) and has_mtp_weights(source):  # the checkpoint's own MTP layer
         if drafter is not None:
@@ -265,6 +269,16 @@ def load(
     if num_mtp_layers is not None:
         use_mtp_layers(model, num_mtp_layers)
     return finish(model, tokenizer, config)
+
+
+def _own_format_drafter(source: Path):
+    """``(what it is, its attach function)`` where ``source`` is a drafter checkpoint of
+    its own format (EAGLE-3's, DFlash's), else ``None``."""
+    if is_eagle_checkpoint(source):
+        return "an EAGLE-3", attach_eagle
+    if is_dflash_checkpoint(source):
+        return "a DFlash", attach_dflash
+    return None
 
 
 def _use_draft_vocab(model, source, draft_vocab) -> None:

@@ -1,0 +1,326 @@
+"""DFlash drafters (mlx_specstream.dflash): their levels equal the raw checkpoint's
+computed from scratch, decoding equals mlx-lm's, batches draft by lookup, and bad
+checkpoints get clear errors."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from dflash_helpers import reference_levels, write_dflash
+from eagle_helpers import write_base
+from helpers import plain_greedy, spec_tokens
+from mlx_lm import load as mlx_lm_load
+
+from mlx_specstream import dflash, load
+from mlx_specstream.utils import save
+
+V = 64
+PROMPT = [4, 8, 15, 16, 23, 42, 7, 30, 11, 2]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("dflash") / "base", V)
+
+
+def test_block_mask_is_exact():
+    """Golden masks: the docstring's example, a window both ways, and none at all."""
+    T, F = True, False
+    got = dflash.block_mask(3, 2, causal=True, window=3)
+    assert got.tolist() == [[T, T, T, F, F], [F, T, T, T, F], [F, F, T, T, T]]
+    got = dflash.block_mask(2, 3, causal=False, window=2)
+    assert got.tolist() == [[F, F, T, T, T], [F, F, F, T, T]]
+    assert dflash.block_mask(4, 9, causal=False, window=None) is None
+
+
+def drafts_of_each_step(model, monkeypatch, prompt=PROMPT, max_tokens=24, **tree):
+    """The greedy text of ``prompt`` and, for each step's draft: its levels' logits, the
+    last row ``a`` of the accepted text, the bonus token and the drafter's rows."""
+    seen, real_draft = [], dflash.DFlashDrafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        a = rt._tree[4] + len(path) - 1  # (committed prefix + accepted nodes - 1)
+        seen.append((np.array(logits.astype(mx.float32)), a, token, state.offset))
+        return logits
+
+    monkeypatch.setattr(dflash.DFlashDrafter, "draft", recording)
+    toks, _ = spec_tokens(model, prompt, max_tokens, **tree)
+    monkeypatch.undo()
+    return prompt + toks, seen
+
+
+@pytest.mark.parametrize(
+    "options,tree",
+    [
+        ({}, {}),  # (a chain of 3, full-attention layers)
+        (dict(top_level=True, target_layer_ids=(1, 4), block_size=4), dict(tree_depth=3)),
+        (dict(window=4, layers=3), dict(tree_top_k=2, tree_depth=2, max_tree_nodes=5)),
+    ],
+)
+def test_every_draft_equals_the_raw_tensors_from_scratch(options, tree, base_dir, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+    """Each step's levels (the drafter's context rows of the accepted text in its cache,
+    the block of the bonus token and masks) equal every row recomputed from the
+    checkpoint's raw tensors over mlx-lm's base layers; a sliding layer (causal, its
+    window) too. Controls: the features' other offset (HF's hidden_states index as
+    ours), another mask, the context through the input norm, a context row missing."""
+    ref = write_dflash(tmp_path / "df", V, **options)
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "df"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    assert model.speculative_streams.drafter.feature_layers == ref["ids"]
+    text, seen = drafts_of_each_step(model, monkeypatch, **tree)
+    assert text == PROMPT + plain_greedy(plain, PROMPT, 24)
+    checked = 0
+    for logits, a, token, offset in seen:
+        if a + 1 >= len(text):
+            continue  # (the last step's drafts go unused)
+        assert text[a + 1] == token and offset == a + 1  # context rows 0..a only
+        want = reference_levels(plain, ref, text, a, logits.shape[0])
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+        checked += 1
+    assert checked >= 5 and seen[0][0].shape[0] == tree.get("tree_depth", 3)
+    logits, a, _, _ = seen[2]
+    other_masks = [(not c, 2 if w is None else None) for c, w in ref["masks"]]
+    controls = [dict(layer_ids=[i - 1 for i in ref["ids"]]), dict(masks=other_masks),
+                dict(normed_context=True), dict(last_context=1)]  # fmt: skip
+    for control in controls:
+        wrong = reference_levels(plain, ref, text, a, logits.shape[0], **control)
+        assert not np.allclose(logits, wrong, atol=1e-2), control
+
+
+def test_greedy_equals_plain_decoding_and_a_wrong_verifier_is_caught(base_dir, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """Chains and trees of the drafter's levels give mlx-lm's greedy tokens, a one-token
+    prompt too; control: a verifier accepting every draft unchecked changes them."""
+    import mlx_specstream.decode as decode
+
+    write_dflash(tmp_path / "df", V, block_size=6)
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "df"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    for prompt in ([3], PROMPT):
+        want = plain_greedy(plain, prompt, 40)
+        for tree in ({}, dict(tree_top_k=2, max_tree_nodes=8), dict(tree_depth=5)):
+            got, _ = spec_tokens(model, prompt, 40, **tree)
+            assert got == want, tree
+    right, _ = spec_tokens(model, PROMPT, 30)
+
+    def accept_all(tokens, parents, ancestors, targets, depth):
+        return None, mx.array(tokens.shape[0] - 1)
+
+    monkeypatch.setattr(decode, "_accept", accept_all)
+    wrong, _ = spec_tokens(model, PROMPT, 30)
+    assert wrong != right
+
+
+def test_save_writes_a_directory_that_loads_back(base_dir, tmp_path, monkeypatch):
+    """``save`` writes the base, ``drafter.safetensors`` and a drafter section holding
+    the checkpoint's settings (a base's streams section dropped); loaded back, it
+    drafts the same levels."""
+    ref = write_dflash(tmp_path / "df", V, window=4, layers=2, target_layer_ids=(2, 3))
+    model, tok, config = load(str(base_dir), drafter=str(tmp_path / "df"), return_config=True)
+    save(tmp_path / "saved", model, tok, config={**config, "speculative_streaming": {}})
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    section = saved["drafter"]
+    assert "speculative_streaming" not in saved
+    assert section["kind"] == "dflash" and section["dflash"]["feature_layers"] == [3, 4]
+    assert section["num_draft_tokens"] == 4 and section["dflash"]["mask_token_id"] == ref["mask"]
+    assert section["dflash"]["layer_types"][0] == "sliding_attention"
+    again, _ = load(str(tmp_path / "saved"))
+    for a, b in zip(drafts_of_each_step(model, monkeypatch)[1],
+                    drafts_of_each_step(again, monkeypatch)[1]):  # fmt: skip
+        np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
+    def broken(name, edit=None, config=None, **options):
+        path = tmp_path / name
+        write_dflash(path, V, **options)
+        if edit is not None:
+            weights = dict(mx.load(str(path / "model.safetensors")))
+            edit(weights)
+            mx.save_safetensors(str(path / "model.safetensors"), weights)
+        if config is not None:
+            data = json.loads((path / "config.json").read_text())
+            for key, value in config.items():
+                (data["dflash_config"] if key in ("mask_token_id", "block_size") else data)[
+                    key
+                ] = value
+            (path / "config.json").write_text(json.dumps(data))
+        return str(path)
+
+    def torch_only(path):
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "config.json").write_text((tmp_path / path / "config.json").read_text())
+        (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+        return str(tmp_path / "bin")
+
+    cases = [
+        (broken("v2", config=dict(architectures=["DFlash2DraftModel"])), "DFlash-2"),
+        (broken("last", target_layer_ids=(1, 5)), r"target_layer_ids=\[1, 5\]"),
+        (broken("wide", config=dict(hidden_size=128)), "hidden_size=128"),
+        (broken("vocab", config=dict(vocab_size=65)), "vocab_size=65"),
+        (broken("mask", config=dict(mask_token_id=64)), "mask_token_id=64"),
+        (broken("block", config=dict(block_size=1)), "block_size=1"),
+        (broken("bias", config=dict(attention_bias=True)), "attention_bias"),
+        (broken("slide", config=dict(layer_types=["sliding_attention"] * 2)), "sliding_window"),
+        (broken("gone", edit=lambda w: w.pop("hidden_norm.weight")), "does not fit this model"),
+        (torch_only(broken("fine").split("/")[-1]), "no \\*.safetensors"),
+    ]
+    for drafter, match in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            load(str(base_dir), drafter=drafter)
+        assert drafter in str(info.value)
+    fine = str(tmp_path / "fine")
+    with pytest.raises(ValueError, match="holds a DFlash drafter, not MTP layers"):
+        load(str(base_dir), drafter=fine, num_mtp_layers=1)
+    shared = tmp_path / "shared"  # (a shared-mode stream model: its base was fine-tuned)
+    shutil.copytree(base_dir, shared)
+    config = json.loads((shared / "config.json").read_text())
+    (shared / "config.json").write_text(json.dumps({**config, "speculative_streaming": {
+        "mode": "shared"}}))  # fmt: skip
+    with pytest.raises(ValueError, match="shared-mode stream model"):
+        load(str(shared), drafter=fine)
+
+
+SMALL_V = 24  # (a vocabulary where a random drafter's drafts are sometimes right)
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("dflash-small") / "base", SMALL_V)
+
+
+def test_batches_draft_by_lookup_and_the_drafter_is_refused_by_name(small_base, tmp_path):
+    """A batch's rows cannot draft with a DFlash drafter: ``draft="auto"`` drafts them by
+    prompt lookup (mlx-lm's tokens), ``draft="streams"`` is refused naming it."""
+    from mlx_specstream.batch import batch_generate_step
+
+    write_dflash(tmp_path / "df", SMALL_V, scale=1.0)
+    model, _ = load(str(small_base), drafter=str(tmp_path / "df"))
+    plain, _ = mlx_lm_load(str(small_base))
+    prompts, limits = [[3, 9, 4, 3, 9], [7, 1, 7, 1, 7, 1]], [16, 12]
+    tokens = [[] for _ in prompts]
+    for out in batch_generate_step(model, prompts, max_tokens=limits, draft="auto"):
+        for r in out:
+            tokens[r.uid] += r.tokens
+    assert tokens == [plain_greedy(plain, p, n) for p, n in zip(prompts, limits)]
+    with pytest.raises(ValueError, match="DFlash drafter drafts one sequence only"):
+        list(batch_generate_step(model, prompts, max_tokens=limits, draft="streams"))
+
+
+def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
+    """Recursive rejection over the drafter's trees samples the base's distribution;
+    control: each level verified against the next level's draft distribution."""
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts, verify_against_the_next_level_s_q
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    base = write_base(tmp_path / "base", 6, weight_scale=1.0)
+    write_dflash(tmp_path / "df", 6, scale=2.0, window=64)  # (a causal layer: levels differ)
+    data = json.loads((tmp_path / "df" / "config.json").read_text())
+    data["dflash_config"].update(output_multiplier=4.0)
+    (tmp_path / "df" / "config.json").write_text(json.dumps(data))
+    model, _ = load(str(base), drafter=str(tmp_path / "df"))
+    sampler, n = make_sampler(temp=1.0), 1500
+    exact = exact_distribution(model, sampler)
+    kwargs = dict(acceptance="rejection", tree_top_k=2, tree_depth=2, max_tree_nodes=6)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    verify_against_the_next_level_s_q(monkeypatch)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+
+
+def test_the_command_line_takes_the_drafter_on_a_4_bit_base(small_base, tmp_path, capsys):
+    """``mlx_specstream.generate --model Q4 --drafter DFLASH`` prints the 4-bit base's
+    greedy text (mlx-lm's)."""
+    import importlib
+
+    from mlx_lm.generate import generate as mlx_lm_generate
+    from test_mtp import _quantized_copy
+
+    q4 = _quantized_copy(small_base, tmp_path / "q4")
+    write_dflash(tmp_path / "df", SMALL_V, scale=1.0)
+    prompt = "t1 t5 t9 t3"
+    gen = importlib.import_module("mlx_specstream.generate")  # (not the function so named)
+    gen.main(["--model", str(q4), "--drafter", str(tmp_path / "df"), "--prompt", prompt,
+              "--max-tokens", "24", "--ignore-chat-template"])  # fmt: skip
+    plain, tok = mlx_lm_load(str(q4))
+    want = mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=24)
+    assert want in capsys.readouterr().out
+
+
+def test_a_hybrid_s_chains_draft_from_the_raw_tensors_from_scratch(tmp_path, monkeypatch):
+    """Qwen3-Next (Gated DeltaNet and attention layers; chains through its own passes),
+    as z-lab's Qwen3.5 drafters run: each step's levels equal the drafter from scratch
+    over the accepted text, and the output equals mlx-lm's; control: other layers."""
+    from helpers import tiny_hybrid
+
+    model, plain = tiny_hybrid("qwen3_next", SMALL_V), tiny_hybrid("qwen3_next", SMALL_V)
+    ref = write_dflash(tmp_path / "df", SMALL_V, target_layer_ids=(0, 2), scale=1.0)
+    dflash.attach_dflash(model, tmp_path / "df")
+    seen, real_draft = [], dflash.DFlashDrafter.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        seen.append((np.array(logits.astype(mx.float32)), state.offset - 1, token))
+        return logits
+
+    monkeypatch.setattr(dflash.DFlashDrafter, "draft", recording)
+    prompt = [p % SMALL_V for p in PROMPT]
+    toks, _ = spec_tokens(model, prompt, 24)
+    monkeypatch.undo()
+    text = prompt + toks
+    assert toks == plain_greedy(plain, prompt, 24)
+    checked = 0
+    for logits, a, token in seen:
+        if a + 1 < len(text):
+            assert text[a + 1] == token
+            want = reference_levels(plain, ref, text, a, logits.shape[0])
+            np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+            checked += 1
+    assert checked >= 5
+    logits, a, _ = seen[2]
+    wrong = reference_levels(plain, ref, text, a, logits.shape[0], layer_ids=[2, 3])
+    assert not np.allclose(logits, wrong, atol=1e-2)
+
+
+def test_a_follow_up_on_the_same_prompt_cache_continues_the_drafter_s_context(small_base,
+                                                                             tmp_path):  # fmt: skip
+    """A finished generation keeps the drafter's context rows and its last token's
+    features; a follow-up on the same cache answers as a cold run of the whole
+    conversation, with every layer's context keys equal to the cold run's. Control:
+    the last token's features dropped, the context starts anew."""
+    from mlx_specstream.cache import make_prompt_cache
+    from mlx_specstream.decode import spec_generate_step
+
+    write_dflash(tmp_path / "df", SMALL_V, scale=1.0)
+    model, _ = load(str(small_base), drafter=str(tmp_path / "df"))
+    plain, _ = mlx_lm_load(str(small_base))
+
+    def run(prompt, cache, n):
+        gen = spec_generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=cache)
+        return [t for t, *_ in gen]
+
+    first, follow = [3, 9, 4, 17, 5, 8, 22, 6], [21, 2, 14]
+    cache = make_prompt_cache(model)
+    out1 = run(first, cache, 8)
+    state = cache.drafter_state
+    assert state.pending_hidden.shape == (1, 3 * 64) and state.offset == len(first) + 7
+    out2 = run(follow, cache, 12)
+    cold_cache = make_prompt_cache(model)
+    assert out2 == run(first + out1 + follow, cold_cache, 12)
+    assert out2 == plain_greedy(plain, first + out1 + follow, 12)
+    for a, b in zip(cache.drafter_state.cache.caches, cold_cache.drafter_state.cache.caches):
+        assert a.offset == b.offset
+        np.testing.assert_allclose(np.array(a.keys[..., : a.offset, :]),
+                                   np.array(b.keys[..., : b.offset, :]), atol=1e-4)  # fmt: skip
+    cache = make_prompt_cache(model)
+    run(first, cache, 8)
+    cache.drafter_state.pending_hidden = None
+    assert run(follow, cache, 12) == out2
+    assert cache.drafter_state.cache.offset != cold_cache.drafter_state.cache.offset
