@@ -24,6 +24,9 @@ read the stream rows, stream ``j`` of position ``t`` reads the main rows up
 to ``t`` and streams ``1..j`` of ``t``. Stream logits come from the model's
 own final norm and head.
 
+``--drafter eagle3`` trains an EAGLE-3 drafter instead (:mod:`.eagle_training`), and
+``--drafter dflash`` a DFlash drafter (:mod:`.dflash_training`), on the same data.
+
 ``OUT`` must not exist; while training it holds ``OUT/training`` (settings,
 the self-distilled data, the newest checkpoint), which ``--resume`` continues
 from. At the end ``OUT`` becomes a model directory that
@@ -64,10 +67,12 @@ RESUME_KEYS = (
     "stream_lora_rank", "stream_lora_alpha", "stream_lora_targets", "stream_loss_weight",
     "self_distill",
     "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip", "optimizer",
-    "grad_accumulation_steps", "drafter", "ttt_steps", "eagle_layers",
+    "grad_accumulation_steps", "drafter", "ttt_steps", "eagle_layers", "block_size",
+    "draft_layers", "target_layer_ids", "blocks_per_window",
 )  # fmt: skip
 # (keys added later: a checkpoint written before them holds their defaults)
-RESUME_DEFAULTS = {"drafter": "streams", "ttt_steps": 3, "eagle_layers": None}
+RESUME_DEFAULTS = {"drafter": "streams", "ttt_steps": 3, "eagle_layers": None, "block_size": 8,
+                   "draft_layers": 2, "target_layer_ids": None, "blocks_per_window": 16}  # fmt: skip
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
 
@@ -551,10 +556,12 @@ def setup_arg_parser():
     p.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
     p.add_argument(
         "--drafter",
-        choices=("streams", "eagle3"),
+        choices=("streams", "eagle3", "dflash"),
         default="streams",
-        help="What to train: lossless-mode speculative streams, or an EAGLE-3 drafter (one "
-        "layer of its own over three of the base's layers; --ttt-steps, --eagle-layers)",
+        help="What to train: lossless-mode speculative streams, an EAGLE-3 drafter (one "
+        "layer of its own over three of the base's layers; --ttt-steps, --eagle-layers), or "
+        "a DFlash drafter (layers of its own drafting a block of masks in one pass; "
+        "--block-size, --draft-layers, --target-layer-ids, --blocks-per-window)",
     )
     p.add_argument(
         "--ttt-steps",
@@ -569,6 +576,27 @@ def setup_arg_parser():
         default=None,
         help="EAGLE-3: the base's layers whose inputs it reads (N: the last output; default "
         "2, N // 2, N - 3)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=8,
+        help="DFlash: rows of its block, the bonus token and its masks (levels: one fewer)",
+    )
+    p.add_argument("--draft-layers", type=int, default=2, help="DFlash: its decoder layers")
+    p.add_argument(
+        "--target-layer-ids",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DFlash: the base's layers whose outputs it reads (default: as many as "
+        "--draft-layers, spread from layer 1 to N - 3, as z-lab's)",
+    )
+    p.add_argument(
+        "--blocks-per-window",
+        type=int,
+        default=16,
+        help="DFlash: blocks trained per window, their starts spread over its completion",
     )
     p.add_argument(
         "--data",
@@ -851,6 +879,69 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
     finish(args, out, prompts)
 
 
+def train_dflash(args, model, tokenizer, model_path: Path) -> None:
+    """``--drafter dflash``: a DFlash drafter on the frozen base, trained on the same
+    (self-distilled) windows with its block loss, written as a model directory
+    (``drafter.safetensors``) and tuned."""
+    from .dflash import model_vocab
+    from .dflash_training import (
+        DFlashLoss,
+        attach_dflash_for_training,
+        check_block,
+        check_layers,
+        rarest_token,
+    )
+
+    out = Path(args.out)
+    check_block(args.block_size, args.draft_layers)  # (refused before anything is written)
+    check_layers(model, args.target_layer_ids, args.draft_layers)
+    if args.blocks_per_window < 1:
+        raise ValueError(f"--blocks-per-window {args.blocks_per_window}: at least 1")
+    if args.draft_vocab_size is not None:
+        check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
+    train, valid = prepare_data(args, model, tokenizer)
+    mask = rarest_token(train + valid, model_vocab(model))
+    print(f"[INFO] the mask token: id {mask} ({tokenizer.decode([mask])!r}), the rarest in "
+          "the training windows")  # fmt: skip
+    tree = None if args.top_k is None else dict(top_k=args.top_k)
+    drafter = attach_dflash_for_training(model, args.target_layer_ids, args.draft_layers,
+                                         args.block_size, mask, tree, args.seed)  # fmt: skip
+    loss = DFlashLoss(model, args.blocks_per_window)
+    trainable = sum(p.size for _, p in tree_flatten(drafter.trainable_parameters()))
+    print(f"[INFO] {len(train)} training examples, {len(valid)} held out; a DFlash drafter of "
+          f"{args.draft_layers} layer(s) reading layers {[i - 1 for i in drafter.feature_layers]}"
+          f"' outputs, blocks of {args.block_size}, {trainable:,} trainable parameters; the base "
+          "is frozen")  # fmt: skip
+    result = train_streams(
+        model, train, args.iters, args.batch_size, args.learning_rate, seed=args.seed,
+        grad_clip=args.grad_clip, training_dir=out / TRAINING_DIR, save_every=args.save_every,
+        steps_per_report=args.steps_per_report, optimizer=args.optimizer,
+        grad_accumulation_steps=args.grad_accumulation_steps, valid=valid,
+        steps_per_eval=args.steps_per_eval, val_batches=args.val_batches,
+        grad_checkpoint=bool(args.grad_checkpoint), loss=loss,
+    )  # fmt: skip
+    print(f"[INFO] training: {result.accuracy.text()} (last {args.steps_per_report} steps)")
+    if valid:
+        val_loss, acc = evaluate(loss, valid)
+        print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
+    write_trained(args, out, model, tokenizer, model_path, train, valid)
+
+
+def write_trained(args, out: Path, model, tokenizer, model_path: Path, train, valid) -> None:
+    """Sets the draft vocabulary ``--draft-vocab-size`` asks for (the most frequent tokens
+    of the training completions), writes the model directory and tunes it."""
+    if args.draft_vocab_size is not None:  # (written with the model: save writes it)
+        ids, _, text = vocab_of_examples(train, valid, tokenizer, head_rows(model),
+                                         args.draft_vocab_size)  # fmt: skip
+        use_draft_vocab(model, ids)
+        print(f"[INFO] draft vocabulary: {text}")
+    prompts = prompt_ids(valid or train, 3)
+    write_model(
+        out, model, tokenizer, base_config(model_path), [tokenizer.decode(p) for p in prompts]
+    )
+    finish(args, out, prompts)
+
+
 def main(argv=None):
     import mlx_lm
 
@@ -865,6 +956,8 @@ def main(argv=None):
     )
     if args.drafter == "eagle3":
         return train_eagle(args, model, tokenizer, model_path)
+    if args.drafter == "dflash":
+        return train_dflash(args, model, tokenizer, model_path)
     layers = args.num_stream_layers
     if layers is None:
         layers = DEFAULT_STREAM_LAYERS
@@ -913,16 +1006,7 @@ def main(argv=None):
     if valid:
         val_loss, acc = evaluate(StreamLoss(model, args.stream_loss_weight), valid)
         print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
-    if args.draft_vocab_size is not None:  # (written with the model: save writes it)
-        ids, _, text = vocab_of_examples(train, valid, tokenizer, head_rows(model),
-                                         args.draft_vocab_size)  # fmt: skip
-        use_draft_vocab(model, ids)
-        print(f"[INFO] draft vocabulary: {text}")
-    prompts = prompt_ids(valid or train, 3)
-    write_model(
-        out, model, tokenizer, base_config(model_path), [tokenizer.decode(p) for p in prompts]
-    )
-    finish(args, out, prompts)
+    write_trained(args, out, model, tokenizer, model_path, train, valid)
 
 
 def finish(args, out: Path, prompts: List[List[int]]) -> None:
