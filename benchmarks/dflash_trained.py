@@ -30,6 +30,7 @@ from mtp_trained import windows
 from report import heading, machine_info, write_results
 
 from mlx_specstream.default_model import DEFAULT_DIR
+from mlx_specstream.dflash import DFlashDrafter
 from mlx_specstream.dflash_training import DFlashLoss, attach_dflash_for_training, rarest_token
 
 
@@ -107,15 +108,23 @@ def main():
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--bench-depth", type=int, default=4, help="the benchmark's tuned chain")
     p.add_argument("--skip-benchmark", action="store_true")
+    p.add_argument(
+        "--full-block",
+        action="store_true",
+        help="draft every mask of the trained block each step (DFlashDrafter.full_block), "
+        "keeping the levels the tree asks for",
+    )
     p.add_argument("--tag", default="")
     args = p.parse_args()
+    DFlashDrafter.full_block = args.full_block
     args.layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model, tok = base()
     info = machine_info(iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
                         examples=args.examples, layers=args.layers, blocks=args.blocks,
-                        block_size=args.block_size, draft_layers=args.draft_layers)  # fmt: skip
+                        block_size=args.block_size, draft_layers=args.draft_layers,
+                        full_block=args.full_block)  # fmt: skip
     rows = full(windows(work, model, tok, args.examples, "train"))
     held = full(windows(work, model, tok, 64, "eval"))
     name = f"dflash-b{args.block_size}-l{args.draft_layers}-{args.iters}"
@@ -155,7 +164,9 @@ def main():
                  f"the base's layers {ids}, blocks of {args.block_size} (mask token {mask}), "
                  f"trained {args.iters} steps x {args.batch_size} self-distilled windows x "
                  f"{args.blocks} blocks ({trained['seconds']:.0f} s, last loss "
-                 f"{trained['loss_last']:.3f}).")  # fmt: skip
+                 f"{trained['loss_last']:.3f}). Each step drafts "
+                 + ("every mask of the block" if args.full_block else "as many masks as the "
+                    "tree has levels") + ".")  # fmt: skip
     lines += result_lines("level", acc, taus, bench, work / "bench" / f"dflash{args.tag}.md")
     write_results("dflash_trained", args.tag, "\n".join(lines) + "\n",
                   dict(info=info, trained=trained, top1=acc, tau=taus, benchmark=bench))  # fmt: skip

@@ -251,6 +251,7 @@ class DFlashDrafter(nn.Module):
 
     name = "DFlash"
     one_sequence_only = True  # (a batch's rows draft by lookup: batch.stream_runtime)
+    full_block = False  # (True: every mask of its block, as trained; the levels asked kept)
 
     def __init__(self, config: DrafterConfig, model: nn.Module):
         super().__init__()
@@ -313,9 +314,10 @@ class DFlashDrafter(nn.Module):
         rows (the prompt's too, on the first step) go into the cache, then one pass over
         the bonus ``token`` and ``levels`` masks."""
         levels = self._levels if levels is None else max(1, min(levels, self._levels))
+        masks = self._settings["block_size"] - 1 if self.full_block else levels
         feats, _ = new_rows(state, hidden, path, path_tokens, token)
-        out = self.run(self.block(rt, token, levels), self.context(feats)[None], state.cache)
-        return self.level_logits(rt, out[0, 1:])
+        out = self.run(self.block(rt, token, masks), self.context(feats)[None], state.cache)
+        return self.level_logits(rt, out[0, 1 : levels + 1])
 
 
 def dflash_config(checkpoint: Path, model: nn.Module, **tree) -> DrafterConfig:

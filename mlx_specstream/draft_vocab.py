@@ -181,7 +181,19 @@ class DraftVocab:
 def head_path(model: nn.Module) -> Tuple[str, ...]:
     """Where ``model``'s LM head is: its ``lm_head``, else its one linear module outside
     the layers with a row per token (GPT-NeoX's ``embed_out``), else its tied input
-    embedding."""
+    embedding. Found once per attached runtime (a drafter reading the base's head asks
+    at every level; the search walks every module)."""
+    rt = getattr(model, "speculative_streams", None)
+    known = getattr(rt, "_head_path", None)
+    if known is not None:
+        return known
+    path = _find_head_path(model)
+    if rt is not None:
+        rt._head_path = path
+    return path
+
+
+def _find_head_path(model: nn.Module) -> Tuple[str, ...]:
     text = getattr(model, "language_model", None) or model  # (a vision-language wrapper's)
     if "lm_head" in text:
         target = text["lm_head"]

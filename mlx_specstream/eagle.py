@@ -61,6 +61,13 @@ def is_eagle_checkpoint(path: Path) -> bool:
     return "Eagle3" in names or config.get("speculators_model_type") == "eagle3"
 
 
+def default_layers(num_layers: int) -> List[int]:
+    """EAGLE-3's feature layers for a base of ``num_layers``: the inputs of layers ``2``,
+    ``N // 2`` and ``N - 3`` (as vLLM and SGLang pick them), kept inside ``[0, N]`` on a
+    base of under 3 layers."""
+    return [min(2, num_layers), num_layers // 2, max(num_layers - 3, 0)]
+
+
 def eagle_settings(path: Path, model: nn.Module, own_embeddings: bool) -> dict:
     """The drafter section's ``eagle`` dict (:data:`~mlx_specstream.config.EAGLE_KEYS`)
     read from ``path/config.json``, checked against ``model``, the base
@@ -92,7 +99,7 @@ def eagle_settings(path: Path, model: nn.Module, own_embeddings: bool) -> dict:
     ids = config.get("eagle_aux_hidden_state_layer_ids") or eagle.get(
         "eagle_aux_hidden_state_layer_ids"
     )
-    ids = list(ids) if ids else [2, N // 2, N - 3]
+    ids = list(ids) if ids else default_layers(N)
     if len(ids) != 3 or not all(isinstance(i, int) and 0 <= i <= N for i in ids):
         fail(
             f"eagle_aux_hidden_state_layer_ids={ids}: three layer indices in [0, {N}] "

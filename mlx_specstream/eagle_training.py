@@ -27,17 +27,11 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import DrafterConfig
-from .eagle import EAGLE_DEFAULTS, Eagle3Drafter
+from .eagle import EAGLE_DEFAULTS, Eagle3Drafter, default_layers
 from .model_parts import hidden_size, text_args
 from .streams import StreamRuntime, get_runtime
 
 STEP_WEIGHT = 0.8  # (EAGLE-3's per-step loss weight, to the power of the step)
-
-
-def default_layers(num_layers: int) -> List[int]:
-    """EAGLE-3's feature layers for a base of ``num_layers``: the inputs of layers ``2``,
-    ``N // 2`` and ``N - 3`` (as vLLM and SGLang pick them)."""
-    return [min(2, num_layers), num_layers // 2, max(num_layers - 3, 0)]
 
 
 def eagle_settings_for(model, layers: Sequence[int], draft_vocab_size: int) -> dict:

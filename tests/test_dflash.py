@@ -91,6 +91,23 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(options, tree, base_dir
         assert not np.allclose(logits, wrong, atol=1e-2), control
 
 
+def test_a_full_block_drafts_every_mask_and_keeps_the_levels_asked(base_dir, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """``full_block``: each step runs every mask of the trained block (4 here) and keeps
+    the tree's 2 levels: those of the reference with 4 masks; control: with 2 masks."""
+    ref = write_dflash(tmp_path / "df", V)
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "df"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    monkeypatch.setattr(dflash.DFlashDrafter, "full_block", True)
+    text, seen = drafts_of_each_step(model, monkeypatch, tree_depth=2)
+    assert text == PROMPT + plain_greedy(plain, PROMPT, 24)
+    for logits, a, _, _ in seen[:4]:
+        assert logits.shape[0] == 2
+        want = reference_levels(plain, ref, text, a, 4)[:2]
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+        assert not np.allclose(logits, reference_levels(plain, ref, text, a, 2), atol=1e-3)
+
+
 def test_greedy_equals_plain_decoding_and_a_wrong_verifier_is_caught(base_dir, tmp_path,
                                                                      monkeypatch):  # fmt: skip
     """Chains and trees of the drafter's levels give mlx-lm's greedy tokens, a one-token
@@ -235,9 +252,10 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
 
 
-def test_the_command_line_takes_the_drafter_on_a_4_bit_base(small_base, tmp_path, capsys):
+def test_the_command_lines_take_the_drafter_on_a_4_bit_base(small_base, tmp_path, capsys):
     """``mlx_specstream.generate --model Q4 --drafter DFLASH`` prints the 4-bit base's
-    greedy text (mlx-lm's)."""
+    greedy text (mlx-lm's); ``mlx_specstream.tune --model Q4 --drafter DFLASH`` times the
+    drafter's trees and writes neither directory."""
     import importlib
 
     from mlx_lm.generate import generate as mlx_lm_generate
@@ -252,6 +270,15 @@ def test_the_command_line_takes_the_drafter_on_a_4_bit_base(small_base, tmp_path
     plain, tok = mlx_lm_load(str(q4))
     want = mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=24)
     assert want in capsys.readouterr().out
+    tune = importlib.import_module("mlx_specstream.tune")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    before = [(d / "config.json").read_text() for d in (q4, tmp_path / "df")]
+    tune.main(["--model", str(q4), "--drafter", str(tmp_path / "df"), "--prompts",
+               str(tmp_path / "prompts.jsonl"), "--num-prompts", "1", "--max-tokens", "8",
+               "--confirm-rounds", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "tree_depth" in out and "a checkpoint's files are not written" in out
+    assert [(d / "config.json").read_text() for d in (q4, tmp_path / "df")] == before
 
 
 def test_a_hybrid_s_chains_draft_from_the_raw_tensors_from_scratch(tmp_path, monkeypatch):
