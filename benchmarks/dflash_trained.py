@@ -128,6 +128,7 @@ def main():
     rows = full(windows(work, model, tok, args.examples, "train"))
     held = full(windows(work, model, tok, 64, "eval"))
     name = f"dflash-b{args.block_size}-l{args.draft_layers}-{args.iters}"
+    name += "" if args.blocks == 16 else f"-k{args.blocks}"
     weights = work / f"{name}.safetensors"
     if weights.exists():
         trained = json.loads(weights.with_suffix(".json").read_text())

@@ -43,7 +43,7 @@ from mlx_lm.models.cache import KVCache
 from .cache import KVCacheList
 from .config import DFLASH_KEYS, DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import DrafterState, continue_or_start, new_rows
+from .drafters import DrafterState, attach_checkpoint_drafter, continue_or_start, new_rows
 from .model_parts import embedding_of, hidden_size
 from .mtp import _lm_head
 
@@ -341,19 +341,8 @@ def attach_dflash(model: nn.Module, checkpoint: Path, config: Optional[DrafterCo
     Raises:
         ValueError: naming the checkpoint, where its tensors do not fit.
     """
-    from .streams import StreamRuntime
-    from .support import check_supported
-
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")
     config = dflash_config(checkpoint, model) if config is None else config
     weights = read_dflash_weights(checkpoint)
-    check_supported(model, config)
-    drafter = DFlashDrafter(config, model)
-    try:
-        drafter.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise ValueError(f"{checkpoint}: its DFlash drafter does not fit this model: {e}") from e
-    mx.eval(drafter.parameters())
-    model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
-    return drafter
+    return attach_checkpoint_drafter(model, config, weights, checkpoint, "DFlash")

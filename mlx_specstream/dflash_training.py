@@ -29,7 +29,7 @@ from mlx.utils import tree_map
 
 from .config import DrafterConfig
 from .dflash import DFLASH_DEFAULTS, DFlashDrafter
-from .eagle_training import _float_weight, drafter_features
+from .eagle_training import copy_parts, drafter_features
 from .model_parts import hidden_size, text_args
 from .streams import StreamRuntime, get_runtime
 
@@ -125,20 +125,11 @@ def attach_dflash_for_training(
     mx.random.seed(seed)
     drafter = DFlashDrafter(config, model)
     top = model.layers[len(model.layers) - draft_layers :]
+    parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+             "post_attention_layernorm")  # fmt: skip
     for ours, theirs in zip(drafter.layers[-len(top) :], top):
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "self_attn.o_proj", "mlp", "input_layernorm", "post_attention_layernorm"):  # fmt: skip
-            mine, base = ours, theirs
-            try:
-                for part in name.split("."):
-                    mine, base = mine[part], base[part]
-                if "scales" in base:  # (a quantized base: its weights in float)
-                    mine.weight = _float_weight(base).astype(mx.float32)
-                else:
-                    mine.update(base.parameters())  # (same names and shapes, or left random)
-                mx.eval(mine.parameters())
-            except (KeyError, AttributeError, ValueError):
-                pass
+        copy_parts(ours, theirs, parts)
     final_norm = _final_norm(model)
     if isinstance(final_norm, nn.RMSNorm) and final_norm.weight.shape == drafter.norm.weight.shape:
         drafter.norm.weight = final_norm.weight.astype(mx.float32)

@@ -369,3 +369,28 @@ def attach_drafter(
     init_or_load(drafter, seed, weights)
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
     return drafter
+
+
+def attach_checkpoint_drafter(
+    model: nn.Module, config: DrafterConfig, weights: dict, source, what: str, check=None
+) -> nn.Module:
+    """Puts the drafter ``config`` describes on ``model`` with a checkpoint's tensors
+    ``weights`` (every one, strictly), ``check(drafter)`` run first where given.
+
+    Raises:
+        ValueError: naming ``source`` and ``what`` drafter it is, where the tensors do not fit.
+    """
+    from .streams import StreamRuntime
+    from .support import check_supported
+
+    check_supported(model, config)
+    drafter = make_drafter(config, model)
+    try:
+        drafter.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ValueError(f"{source}: its {what} drafter does not fit this model: {e}") from e
+    if check is not None:
+        check(drafter)
+    mx.eval(drafter.parameters())
+    model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
+    return drafter

@@ -44,7 +44,14 @@ from mlx_lm.models import llama
 
 from .config import EAGLE_KEYS, DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import DrafterState, continue_or_start, layer_mask, levels_again, new_rows
+from .drafters import (
+    DrafterState,
+    attach_checkpoint_drafter,
+    continue_or_start,
+    layer_mask,
+    levels_again,
+    new_rows,
+)
 from .model_parts import hidden_size
 
 # A chain of 3 by default (as for a checkpoint's MTP layer); up to 5 levels where a tree asks.
@@ -296,23 +303,12 @@ def attach_eagle(model: nn.Module, checkpoint: Path, config: Optional[DrafterCon
     Raises:
         ValueError: naming the checkpoint, where its tensors do not fit.
     """
-    from .streams import StreamRuntime
-    from .support import check_supported
-
     if getattr(model, "speculative_streams", None) is not None:
         raise ValueError("This model already has speculative streams or a drafter attached.")
     weights = read_eagle_weights(checkpoint)
     config = eagle_config(checkpoint, model, weights) if config is None else config
-    check_supported(model, config)
-    drafter = Eagle3Drafter(config, model)
-    try:
-        drafter.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise ValueError(f"{checkpoint}: its EAGLE-3 drafter does not fit this model: {e}") from e
-    check_d2t(drafter, str(checkpoint))
-    mx.eval(drafter.parameters())
-    model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
-    return drafter
+    return attach_checkpoint_drafter(model, config, weights, checkpoint, "EAGLE-3",
+                                     check=lambda d: check_d2t(d, str(checkpoint)))  # fmt: skip
 
 
 def check_d2t(drafter: Eagle3Drafter, source: str) -> None:

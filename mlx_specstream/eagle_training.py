@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
 from .config import DrafterConfig
 from .eagle import EAGLE_DEFAULTS, Eagle3Drafter, default_layers
@@ -100,16 +101,7 @@ def attach_eagle_for_training(
     )
     mx.random.seed(seed)
     drafter = Eagle3Drafter(config, model)
-    last = model.layers[-1]
-    for name in ("mlp", "self_attn.o_proj"):
-        try:
-            ours, theirs = drafter.layer, last
-            for part in name.split("."):
-                ours, theirs = ours[part], theirs[part]
-            ours.update(theirs.parameters())  # (same names and shapes, or left random)
-            mx.eval(ours.parameters())
-        except (KeyError, AttributeError, ValueError):
-            pass
+    copy_parts(drafter.layer, model.layers[-1], ("mlp", "self_attn.o_proj"))
     final_norm = _final_norm(model)
     if isinstance(final_norm, nn.RMSNorm) and final_norm.weight.shape == drafter.norm.weight.shape:
         drafter.norm.weight = final_norm.weight.astype(mx.float32)
@@ -121,6 +113,26 @@ def attach_eagle_for_training(
     mx.eval(drafter.parameters())
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
     return drafter
+
+
+def copy_parts(ours: nn.Module, theirs: nn.Module, names) -> None:
+    """Copies the parameters of ``theirs``' submodules ``names`` (dotted paths) into
+    ``ours``' where every name and shape agrees (a quantized linear's weight dequantized);
+    any other stays as it was."""
+    for name in names:
+        mine, base = ours, theirs
+        try:
+            for part in name.split("."):
+                mine, base = mine[part], base[part]
+            new = {"weight": _float_weight(base)} if "scales" in base else base.parameters()
+            have = dict(tree_flatten(mine.parameters()))
+            given = dict(tree_flatten(new))
+            if given.keys() != have.keys() or any(given[k].shape != have[k].shape for k in have):
+                continue
+            mine.update(tree_map(lambda w: w.astype(mx.float32), new))
+            mx.eval(mine.parameters())
+        except (KeyError, AttributeError, ValueError):
+            continue
 
 
 def _float_weight(head: nn.Module) -> mx.array:

@@ -842,7 +842,6 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
     (``drafter.safetensors``) and tuned."""
     from .eagle_training import EagleLoss, attach_eagle_for_training, check_layers, check_steps
 
-    out = Path(args.out)
     check_layers(model, args.eagle_layers)  # (refused before anything is written)
     check_steps(args.ttt_steps)
     if args.draft_vocab_size is not None:
@@ -860,23 +859,7 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
     print(f"[INFO] {len(train)} training examples, {len(valid)} held out; an EAGLE-3 drafter "
           f"reading layers {drafter.feature_layers}, {trainable:,} trainable parameters; the "
           "base is frozen")  # fmt: skip
-    result = train_streams(
-        model, train, args.iters, args.batch_size, args.learning_rate, seed=args.seed,
-        grad_clip=args.grad_clip, training_dir=out / TRAINING_DIR, save_every=args.save_every,
-        steps_per_report=args.steps_per_report, optimizer=args.optimizer,
-        grad_accumulation_steps=args.grad_accumulation_steps, valid=valid,
-        steps_per_eval=args.steps_per_eval, val_batches=args.val_batches,
-        grad_checkpoint=bool(args.grad_checkpoint), loss=loss,
-    )  # fmt: skip
-    print(f"[INFO] training: {result.accuracy.text()} (last {args.steps_per_report} steps)")
-    if valid:
-        val_loss, acc = evaluate(loss, valid)
-        print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
-    prompts = prompt_ids(valid or train, 3)
-    write_model(
-        out, model, tokenizer, base_config(model_path), [tokenizer.decode(p) for p in prompts]
-    )
-    finish(args, out, prompts)
+    fit_and_write(args, model, tokenizer, model_path, train, valid, loss, vocab=False)
 
 
 def train_dflash(args, model, tokenizer, model_path: Path) -> None:
@@ -892,7 +875,6 @@ def train_dflash(args, model, tokenizer, model_path: Path) -> None:
         rarest_token,
     )
 
-    out = Path(args.out)
     check_block(args.block_size, args.draft_layers)  # (refused before anything is written)
     check_layers(model, args.target_layer_ids, args.draft_layers)
     if args.blocks_per_window < 1:
@@ -912,6 +894,15 @@ def train_dflash(args, model, tokenizer, model_path: Path) -> None:
           f"{args.draft_layers} layer(s) reading layers {[i - 1 for i in drafter.feature_layers]}"
           f"' outputs, blocks of {args.block_size}, {trainable:,} trainable parameters; the base "
           "is frozen")  # fmt: skip
+    fit_and_write(args, model, tokenizer, model_path, train, valid, loss)
+
+
+def fit_and_write(args, model, tokenizer, model_path: Path, train, valid, loss, vocab=True):
+    """Trains ``model``'s streams or drafter with ``loss`` as ``args`` say, reports the
+    held-out accuracy, sets the draft vocabulary ``--draft-vocab-size`` asks for where
+    ``vocab`` (the most frequent tokens of the training completions), writes the model
+    directory into ``--out`` and tunes it."""
+    out = Path(args.out)
     result = train_streams(
         model, train, args.iters, args.batch_size, args.learning_rate, seed=args.seed,
         grad_clip=args.grad_clip, training_dir=out / TRAINING_DIR, save_every=args.save_every,
@@ -924,13 +915,7 @@ def train_dflash(args, model, tokenizer, model_path: Path) -> None:
     if valid:
         val_loss, acc = evaluate(loss, valid)
         print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
-    write_trained(args, out, model, tokenizer, model_path, train, valid)
-
-
-def write_trained(args, out: Path, model, tokenizer, model_path: Path, train, valid) -> None:
-    """Sets the draft vocabulary ``--draft-vocab-size`` asks for (the most frequent tokens
-    of the training completions), writes the model directory and tunes it."""
-    if args.draft_vocab_size is not None:  # (written with the model: save writes it)
+    if vocab and args.draft_vocab_size is not None:  # (written with the model: save writes it)
         ids, _, text = vocab_of_examples(train, valid, tokenizer, head_rows(model),
                                          args.draft_vocab_size)  # fmt: skip
         use_draft_vocab(model, ids)
@@ -949,7 +934,6 @@ def main(argv=None):
 
     args = setup_arg_parser().parse_args(argv)
     model_path = resolve_model_path(args.model)
-    out = Path(args.out)
     check_out(args)
     model, tokenizer = mlx_lm.load(
         str(model_path), tokenizer_config={"trust_remote_code": args.trust_remote_code}
@@ -979,34 +963,11 @@ def main(argv=None):
         check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
     attach_for_training(model, spec, args.seed, source=f"--model {model_path}")
     train, valid = prepare_data(args, model, tokenizer)
-    training = out / TRAINING_DIR
     trainable = sum(p.size for _, p in tree_flatten(get_runtime(model).streams.parameters()))
     print(f"[INFO] {len(train)} training examples, {len(valid)} held out; "
           f"{trainable:,} trainable parameters; the base is frozen")  # fmt: skip
-    result = train_streams(
-        model,
-        train,
-        args.iters,
-        args.batch_size,
-        args.learning_rate,
-        args.stream_loss_weight,
-        args.seed,
-        args.grad_clip,
-        training,
-        args.save_every,
-        args.steps_per_report,
-        optimizer=args.optimizer,
-        grad_accumulation_steps=args.grad_accumulation_steps,
-        valid=valid,
-        steps_per_eval=args.steps_per_eval,
-        val_batches=args.val_batches,
-        grad_checkpoint=bool(args.grad_checkpoint),
-    )
-    print(f"[INFO] training: {result.accuracy.text()} (last {args.steps_per_report} steps)")
-    if valid:
-        val_loss, acc = evaluate(StreamLoss(model, args.stream_loss_weight), valid)
-        print(f"[INFO] held out: loss {val_loss:.3f}, {acc.text()}")
-    write_trained(args, out, model, tokenizer, model_path, train, valid)
+    loss = StreamLoss(model, args.stream_loss_weight)
+    fit_and_write(args, model, tokenizer, model_path, train, valid, loss)
 
 
 def finish(args, out: Path, prompts: List[List[int]]) -> None:
