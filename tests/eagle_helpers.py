@@ -178,3 +178,48 @@ def reference_levels(plain, ref, text, a, levels, layer_ids, through_fc=False,
         hidden = mx.concatenate([hidden, passed])
         tokens.append(int(nxt))
     return wide
+
+
+def assert_checkpoints_refused(base_dir, tmp_path, cases, fine: str, what: str) -> None:
+    """Each ``(drafter directory, message)`` of ``cases`` is refused by ``load`` with that
+    message and the directory's name; ``fine`` (a good checkpoint of ``what`` drafter)
+    with ``num_mtp_layers``, and for a shared-mode stream model's base, too."""
+    import shutil
+
+    import pytest
+
+    from mlx_specstream import load
+
+    for drafter, match in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            load(str(base_dir), drafter=drafter)
+        assert drafter in str(info.value)
+    with pytest.raises(ValueError, match=f"holds {what} drafter, not MTP layers"):
+        load(str(base_dir), drafter=fine, num_mtp_layers=1)
+    shared = tmp_path / "shared"  # (a shared-mode stream model: its base was fine-tuned)
+    shutil.copytree(base_dir, shared)
+    config = json.loads((shared / "config.json").read_text())
+    (shared / "config.json").write_text(json.dumps({**config, "speculative_streaming": {
+        "mode": "shared"}}))  # fmt: skip
+    with pytest.raises(ValueError, match="shared-mode stream model"):
+        load(str(shared), drafter=fine)
+
+
+def recorded_drafts(model, monkeypatch, drafter_class, prompt, max_tokens=24, **tree):
+    """The greedy text of ``prompt`` and, for each step's draft by ``model``'s drafter (of
+    ``drafter_class``): its levels' logits, the last row ``a`` of the accepted text, the
+    bonus token and the drafter's rows."""
+    from helpers import spec_tokens
+
+    seen, real_draft = [], drafter_class.draft
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        a = rt._tree[4] + len(path) - 1  # (committed prefix + accepted nodes - 1)
+        seen.append((np.array(logits.astype(mx.float32)), a, token, state.offset))
+        return logits
+
+    monkeypatch.setattr(drafter_class, "draft", recording)
+    toks, _ = spec_tokens(model, prompt, max_tokens, **tree)
+    monkeypatch.undo()
+    return prompt + toks, seen

@@ -3,13 +3,13 @@ computed from scratch, decoding equals mlx-lm's, both checkpoint formats load, a
 checkpoints get clear errors."""
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from eagle_helpers import reference_levels, write_base, write_eagle
+from eagle_helpers import assert_checkpoints_refused, recorded_drafts, reference_levels
+from eagle_helpers import write_base, write_eagle
 from helpers import plain_greedy, spec_tokens
 from mlx_lm import load as mlx_lm_load
 
@@ -25,21 +25,9 @@ def base_dir(tmp_path_factory):
     return write_base(tmp_path_factory.mktemp("eagle") / "base", V)
 
 
-def drafts_of_each_step(model, monkeypatch, max_tokens=24, **tree):
-    """The greedy text of ``PROMPT`` and, for each step's draft: its levels' logits, the
-    last row ``a`` of the accepted text, the bonus token and the drafter's rows."""
-    seen, real_draft = [], eagle.Eagle3Drafter.draft
-
-    def recording(self, rt, state, hidden, path, path_tokens, token, levels=None):
-        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
-        a = rt._tree[4] + len(path) - 1  # (committed prefix + accepted nodes - 1)
-        seen.append((np.array(logits.astype(mx.float32)), a, token, state.offset))
-        return logits
-
-    monkeypatch.setattr(eagle.Eagle3Drafter, "draft", recording)
-    toks, _ = spec_tokens(model, PROMPT, max_tokens, **tree)
-    monkeypatch.undo()
-    return PROMPT + toks, seen
+def drafts_of_each_step(model, monkeypatch, **tree):
+    """:func:`eagle_helpers.recorded_drafts` of ``PROMPT`` by the model's drafter."""
+    return recorded_drafts(model, monkeypatch, eagle.Eagle3Drafter, PROMPT, **tree)
 
 
 @pytest.mark.parametrize(
@@ -160,20 +148,7 @@ def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
         (broken("gone", edit=lambda w: w.pop("fc.weight")), "does not fit this model"),
         (torch_only(broken("fine")), "pytorch_model.bin"),
     ]
-    for drafter, match in cases:
-        with pytest.raises(ValueError, match=match) as info:
-            load(str(base_dir), drafter=drafter)
-        assert drafter in str(info.value)
-    fine = str(tmp_path / "fine")
-    with pytest.raises(ValueError, match="holds an EAGLE-3 drafter, not MTP layers"):
-        load(str(base_dir), drafter=fine, num_mtp_layers=1)
-    shared = tmp_path / "shared"  # (a shared-mode stream model: its base was fine-tuned)
-    shutil.copytree(base_dir, shared)
-    config = json.loads((shared / "config.json").read_text())
-    (shared / "config.json").write_text(json.dumps({**config, "speculative_streaming": {
-        "mode": "shared"}}))  # fmt: skip
-    with pytest.raises(ValueError, match="shared-mode stream model"):
-        load(str(shared), drafter=fine)
+    assert_checkpoints_refused(base_dir, tmp_path, cases, str(tmp_path / "fine"), "an EAGLE-3")
 
 
 SMALL_V = 24  # (a vocabulary where this random drafter's drafts are often right)
