@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from eagle_trained import base, prompts, saved_directory
+from eagle_trained import base, measure_trained, prompts, saved_directory
 from mlx.utils import tree_flatten
 from mtp_trained import PROMPT, benchmark_chain, fit, full, result_lines, taus_against_mlx_lm
 from mtp_trained import windows
@@ -114,9 +114,18 @@ def main():
         help="draft every mask of the trained block each step (DFlashDrafter.full_block), "
         "keeping the levels the tree asks for",
     )
+    p.add_argument(
+        "--trained",
+        default=None,
+        help="Measure instead the tau of a model directory written by python -m "
+        "mlx_specstream.train --drafter dflash on the shipped base (nothing is trained)",
+    )
     p.add_argument("--tag", default="")
     args = p.parse_args()
     DFlashDrafter.full_block = args.full_block
+    if args.trained:
+        measured = trees(args.block_size - 1)
+        return measure_trained(Path(args.trained), args.max_tokens, args.tag, measured)
     args.layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

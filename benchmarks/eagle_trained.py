@@ -127,24 +127,30 @@ def trees() -> dict:
     return out
 
 
-def measure_trained(model_dir: Path, max_tokens: int, tag: str) -> None:
-    """``--trained DIR``: tau of the directory's drafter on the default model's held-out
-    prompts, each output checked against mlx-lm's."""
+def measure_trained(model_dir: Path, max_tokens: int, tag: str, measured=None) -> None:
+    """``--trained DIR``: tau of the directory's drafter (EAGLE-3's or DFlash's) on the
+    default model's held-out prompts over the trees ``measured`` (default :func:`trees`),
+    each output checked against mlx-lm's; written as ``eagle_trained-TAG`` or
+    ``dflash_trained-TAG``."""
     import mlx_lm
 
     from mlx_specstream import load
 
+    kind = json.loads((model_dir / "config.json").read_text())["drafter"]["kind"]
+    name, file = {"eagle3": ("EAGLE-3", "eagle_trained"), "dflash": ("DFlash", "dflash_trained")}[
+        kind
+    ]
     info = machine_info(trained=str(model_dir))
     model, tok = load(str(model_dir))
     model.set_dtype(mx.float32)
     plain, _ = mlx_lm.load(str(DEFAULT_DIR))
     plain.set_dtype(mx.float32)
-    taus = taus_against_mlx_lm(model, tok, plain, prompts(), max_tokens, trees())
-    lines = [heading("EAGLE-3 drafter trained by mlx_specstream.train", info), "",
+    taus = taus_against_mlx_lm(model, tok, plain, prompts(), max_tokens, measured or trees())
+    lines = [heading(f"{name} drafter trained by mlx_specstream.train", info), "",
              f"`{info['command']}`: the drafter in `{model_dir}`, on the default model's "
              "held-out prompts, greedy, float32.", ""]  # fmt: skip
     lines += tau_table(taus)
-    write_results("eagle_trained", tag, "\n".join(lines) + "\n", dict(info=info, tau=taus))
+    write_results(file, tag, "\n".join(lines) + "\n", dict(info=info, tau=taus))
 
 
 def prompts() -> list:
