@@ -30,7 +30,6 @@ Example:
     >>> model, tok = load("mlx-community/Qwen3-8B-4bit", drafter="z-lab/Qwen3-8B-DFlash-b16")
 """
 
-import glob
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -43,8 +42,15 @@ from mlx_lm.models.cache import KVCache
 from .cache import KVCacheList
 from .config import DFLASH_KEYS, DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import DrafterState, attach_checkpoint_drafter, continue_or_start, new_rows
-from .model_parts import embedding_of, hidden_size
+from .drafters import (
+    DrafterState,
+    attach_checkpoint_drafter,
+    checkpoint_files,
+    continue_or_start,
+    new_rows,
+    refuse_attached,
+)
+from .model_parts import hidden_size, vocab_size
 from .mtp import _lm_head
 
 # A chain of 3 by default (as for EAGLE-3); deeper where a tuning or a call asks.
@@ -147,8 +153,8 @@ def dflash_settings(path: Path, model: nn.Module) -> dict:
     if "sliding_attention" in types and not isinstance(window, int):
         fail(f"sliding_window={window!r}: its sliding layers need a window")
     mask, block = value("mask_token_id"), value("block_size", 16)
-    if not isinstance(mask, int) or not 0 <= mask < model_vocab(model):
-        fail(f"mask_token_id={mask!r}: a token of the base's {model_vocab(model)} embeddings")
+    if not isinstance(mask, int) or not 0 <= mask < vocab_size(model):
+        fail(f"mask_token_id={mask!r}: a token of the base's {vocab_size(model)} embeddings")
     if not isinstance(block, int) or block < 2:
         fail(f"block_size={block!r}: an integer >= 2 (the bonus token and its masks)")
     causal = value("is_causal")
@@ -178,29 +184,10 @@ def dflash_settings(path: Path, model: nn.Module) -> dict:
     }
 
 
-def model_vocab(model: nn.Module) -> int:
-    """How many rows the base's input embeddings have."""
-    return int(embedding_of(model).weight.shape[0])
-
-
-def dflash_weight_files(path: Path) -> List[Path]:
-    """The checkpoint's safetensors files.
-
-    Raises:
-        ValueError: where it has none.
-    """
-    files = sorted(Path(p) for p in glob.glob(str(Path(path) / "*.safetensors")))
-    if not files:
-        found = sorted(p.name for p in Path(path).iterdir() if p.is_file())
-        raise ValueError(f"{path}: no *.safetensors file (found {found}): DFlash drafters "
-                         "are read from safetensors")  # fmt: skip
-    return files
-
-
 def read_dflash_weights(path: Path) -> Dict[str, mx.array]:
     """The drafter's tensors, names as stored (``model.`` dropped where a writer added it)."""
     weights = {}
-    for file in dflash_weight_files(path):
+    for file in checkpoint_files(path, "DFlash drafters are read from safetensors."):
         for key, value in mx.load(str(file)).items():
             weights[key[len("model.") :] if key.startswith("model.") else key] = value
     return weights
@@ -220,29 +207,44 @@ def layer_args(settings: dict) -> qwen3.ModelArgs:
     )
 
 
-def block_layer(layer: qwen3.TransformerBlock, x, context, cache, causal, window, head_dim):
-    """One of the drafter's layers (mlx-lm's Qwen3 block, its weights) over the block
-    ``x`` ``(1, L, D)``: its queries from the block, its keys and values from the new
-    context rows ``context`` ``(1, S, D)`` (appended to ``cache``) and the block."""
+def context_keys(layer: qwen3.TransformerBlock, context: mx.array, head_dim: int, offset=0):
+    """A layer's keys and values ``(B, H_kv, S, head_dim)`` of context rows ``(B, S, D)``
+    at positions from ``offset`` (they read no input norm: ``hidden_norm`` came first)."""
+    attn = layer.self_attn
+    B, S, _ = context.shape
+    k = attn.k_proj(context).reshape(B, S, attn.n_kv_heads, head_dim).transpose(0, 2, 1, 3)
+    v = attn.v_proj(context).reshape(B, S, attn.n_kv_heads, head_dim).transpose(0, 2, 1, 3)
+    return attn.rope(attn.k_norm(k), offset=offset), v
+
+
+def block_attend(layer, x: mx.array, keys, values, offset, mask, head_dim: int) -> mx.array:
+    """One of the drafter's layers (mlx-lm's Qwen3 block, its weights) over blocks ``x``
+    ``(B, L, D)`` at positions from ``offset`` (an int, or one per block): queries from
+    the block; keys and values of the context (``keys``, ``values``, as
+    :func:`context_keys` gives them) then of the block, seen where ``mask`` says."""
     attn = layer.self_attn
     B, L, _ = x.shape
-    S, start = context.shape[1], cache.offset
 
     def heads(y, n):
-        return y.reshape(B, y.shape[1], n, head_dim).transpose(0, 2, 1, 3)
+        return y.reshape(B, L, n, head_dim).transpose(0, 2, 1, 3)
 
     h = layer.input_layernorm(x)
-    q = attn.rope(attn.q_norm(heads(attn.q_proj(h), attn.n_heads)), offset=start + S)
-    ck = attn.rope(attn.k_norm(heads(attn.k_proj(context), attn.n_kv_heads)), offset=start)
-    keys, values = cache.update_and_fetch(ck, heads(attn.v_proj(context), attn.n_kv_heads))
-    T = keys.shape[2]  # (every context row so far)
-    bk = attn.rope(attn.k_norm(heads(attn.k_proj(h), attn.n_kv_heads)), offset=start + S)
+    q = attn.rope(attn.q_norm(heads(attn.q_proj(h), attn.n_heads)), offset=offset)
+    bk = attn.rope(attn.k_norm(heads(attn.k_proj(h), attn.n_kv_heads)), offset=offset)
     keys = mx.concatenate([keys, bk], axis=2)
     values = mx.concatenate([values, heads(attn.v_proj(h), attn.n_kv_heads)], axis=2)
-    mask = block_mask(L, T, causal, window)
     out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
     a = x + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
     return a + layer.mlp(layer.post_attention_layernorm(a))
+
+
+def block_layer(layer: qwen3.TransformerBlock, x, context, cache, causal, window, head_dim):
+    """:func:`block_attend` over the block ``x`` ``(1, L, D)`` after the new context rows
+    ``context`` ``(1, S, D)``, whose keys and values are appended to ``cache``."""
+    start = cache.offset
+    keys, values = cache.update_and_fetch(*context_keys(layer, context, head_dim, start))
+    mask = block_mask(x.shape[1], keys.shape[2], causal, window)  # (every context row so far)
+    return block_attend(layer, x, keys, values, start + context.shape[1], mask, head_dim)
 
 
 class DFlashDrafter(nn.Module):
@@ -341,8 +343,7 @@ def attach_dflash(model: nn.Module, checkpoint: Path, config: Optional[DrafterCo
     Raises:
         ValueError: naming the checkpoint, where its tensors do not fit.
     """
-    if getattr(model, "speculative_streams", None) is not None:
-        raise ValueError("This model already has speculative streams or a drafter attached.")
+    refuse_attached(model)
     config = dflash_config(checkpoint, model) if config is None else config
     weights = read_dflash_weights(checkpoint)
     return attach_checkpoint_drafter(model, config, weights, checkpoint, "DFlash")

@@ -28,7 +28,8 @@ import numpy as np
 from mlx.utils import tree_map
 
 from .config import DrafterConfig
-from .dflash import DFLASH_DEFAULTS, DFlashDrafter
+from .dflash import DFLASH_DEFAULTS, DFlashDrafter, block_attend, context_keys
+from .drafters import refuse_attached
 from .eagle_training import copy_parts, drafter_features
 from .model_parts import hidden_size, text_args
 from .streams import StreamRuntime, get_runtime
@@ -60,12 +61,14 @@ def check_layers(model, layers: Optional[Sequence[int]], count: int) -> List[int
     return layers
 
 
-def check_block(block_size: int, draft_layers: int) -> None:
-    """Refuses a block of under 2 rows or no layers, naming the option."""
+def check_block(block_size: int, draft_layers: int = 1, blocks: int = 1) -> None:
+    """Refuses a block of under 2 rows, no layers or no blocks a window, naming the option."""
     if block_size < 2:
         raise ValueError(f"--block-size {block_size}: at least 2 (the bonus token and a mask)")
     if draft_layers < 1:
         raise ValueError(f"--draft-layers {draft_layers}: at least 1")
+    if blocks < 1:
+        raise ValueError(f"--blocks-per-window {blocks}: at least 1")
 
 
 def dflash_settings_for(model, layers, draft_layers: int, block_size: int, mask: int) -> dict:
@@ -114,8 +117,7 @@ def attach_dflash_for_training(
     """
     from .mtp import _final_norm
 
-    if getattr(model, "speculative_streams", None) is not None:
-        raise ValueError("This model already has speculative streams or a drafter attached.")
+    refuse_attached(model)
     check_block(block_size, draft_layers)
     layers = check_layers(model, layers, draft_layers)
     settings = dflash_settings_for(model, layers, draft_layers, block_size, mask)
@@ -175,33 +177,12 @@ def block_logits(drafter: DFlashDrafter, rt, feats: mx.array, ids: mx.array, sta
     )[
         :, None, None, :
     ]  # (each block: the context before its start, and itself)
-    for layer in drafter.layers:
-        x = _train_layer(layer, x, context, p, seen, drafter._head_dim)
+    hd = drafter._head_dim
+    for layer in drafter.layers:  # (the context at positions 0 .. L - 1, each block at its own)
+        keys, values = context_keys(layer, context, hd)
+        x = block_attend(layer, x, keys, values, p, seen, hd)
     out = drafter.norm(x)[:, 1:]
     return drafter.level_logits(rt, out)
-
-
-def _train_layer(layer, x, context, starts, seen, head_dim):
-    """:func:`~mlx_specstream.dflash.block_layer` over a batch of blocks, each at its own
-    start, the context at positions ``0 .. L - 1`` and masked past each block's start."""
-    attn = layer.self_attn
-    N, size, _ = x.shape
-
-    def heads(y, n):
-        return y.reshape(N, y.shape[1], n, head_dim).transpose(0, 2, 1, 3)
-
-    h = layer.input_layernorm(x)
-    q = attn.rope(attn.q_norm(heads(attn.q_proj(h), attn.n_heads)), offset=starts)
-    ck = attn.rope(attn.k_norm(heads(attn.k_proj(context), attn.n_kv_heads)))
-    bk = attn.rope(attn.k_norm(heads(attn.k_proj(h), attn.n_kv_heads)), offset=starts)
-    keys = mx.concatenate([ck, bk], axis=2)
-    values = mx.concatenate(
-        [heads(attn.v_proj(context), attn.n_kv_heads), heads(attn.v_proj(h), attn.n_kv_heads)],
-        axis=2,
-    )
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=seen)
-    a = x + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(N, size, -1))
-    return a + layer.mlp(layer.post_attention_layernorm(a))
 
 
 def decay_for(block_size: int) -> float:
@@ -221,11 +202,10 @@ class DFlashLoss:
     label = "level"  # (each accuracy entry: a mask row of the block)
 
     def __init__(self, model, blocks: int = 16):
-        if blocks < 1:
-            raise ValueError(f"--blocks-per-window {blocks}: at least 1")
         self.model, self.rt = model, get_runtime(model)
         self.drafter = self.rt.drafter
         self.gamma = self.drafter._settings["block_size"] - 1
+        check_block(self.gamma + 1, blocks=blocks)
         self.blocks = blocks
         decay = decay_for(self.gamma + 1)
         self.weights = [math.exp(-j / decay) for j in range(self.gamma)]

@@ -17,7 +17,9 @@ base model's exactly), then the drafter drafts the next tree's levels:
   pass; real rows stay.
 """
 
+import glob
 import inspect
+from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
@@ -362,13 +364,31 @@ def attach_drafter(
     from .streams import StreamRuntime, init_or_load
     from .support import check_supported
 
-    if getattr(model, "speculative_streams", None) is not None:
-        raise ValueError("This model already has speculative streams or a drafter attached.")
+    refuse_attached(model)
     check_supported(model, config)
     drafter = make_drafter(config, model)
     init_or_load(drafter, seed, weights)
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
     return drafter
+
+
+def refuse_attached(model: nn.Module) -> None:
+    """Refuses a model that already has streams or a drafter attached."""
+    if getattr(model, "speculative_streams", None) is not None:
+        raise ValueError("This model already has speculative streams or a drafter attached.")
+
+
+def checkpoint_files(path, hint: str) -> List[Path]:
+    """A drafter checkpoint's ``*.safetensors`` files, sorted.
+
+    Raises:
+        ValueError: where ``path`` has none, naming the files it has and ``hint``.
+    """
+    files = sorted(Path(p) for p in glob.glob(str(Path(path) / "*.safetensors")))
+    if not files:
+        found = sorted(p.name for p in Path(path).iterdir() if p.is_file())
+        raise ValueError(f"{path}: no *.safetensors file (found {found}). {hint}")
+    return files
 
 
 def attach_checkpoint_drafter(

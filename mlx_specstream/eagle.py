@@ -33,7 +33,6 @@ Example:
     ...                   drafter="yuhuili/EAGLE3-LLaMA3.1-Instruct-8B")
 """
 
-import glob
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -47,10 +46,12 @@ from .draft_vocab import head_rows
 from .drafters import (
     DrafterState,
     attach_checkpoint_drafter,
+    checkpoint_files,
     continue_or_start,
     layer_mask,
     levels_again,
     new_rows,
+    refuse_attached,
 )
 from .model_parts import hidden_size
 
@@ -135,28 +136,15 @@ def eagle_settings(path: Path, model: nn.Module, own_embeddings: bool) -> dict:
     return settings
 
 
-def eagle_weight_files(path: Path) -> List[Path]:
-    """The checkpoint's safetensors files.
-
-    Raises:
-        ValueError: where it has none (a ``pytorch_model.bin``: convert it first).
-    """
-    files = sorted(Path(p) for p in glob.glob(str(Path(path) / "*.safetensors")))
-    if not files:
-        found = sorted(p.name for p in Path(path).iterdir() if p.is_file())
-        raise ValueError(
-            f"{path}: no *.safetensors file (found {found}). A PyTorch checkpoint "
-            "(pytorch_model.bin, as EAGLE's own are) converts with: python -m convert.eagle3 "
-            "--src DIR_OR_HUB_REPO --out DIR"
-        )
-    return files
-
-
 def read_eagle_weights(path: Path) -> Dict[str, mx.array]:
     """The drafter's tensors under this module's names: ``midlayer.`` and ``layers.0.``
     become ``layer.``; ``t2d`` (the inverse map) is dropped."""
     weights = {}
-    for file in eagle_weight_files(path):
+    hint = (
+        "A PyTorch checkpoint (pytorch_model.bin, as EAGLE's own are) converts with: "
+        "python -m convert.eagle3 --src DIR_OR_HUB_REPO --out DIR"
+    )
+    for file in checkpoint_files(path, hint):
         for key, value in mx.load(str(file)).items():
             if key == "t2d":
                 continue
@@ -303,8 +291,7 @@ def attach_eagle(model: nn.Module, checkpoint: Path, config: Optional[DrafterCon
     Raises:
         ValueError: naming the checkpoint, where its tensors do not fit.
     """
-    if getattr(model, "speculative_streams", None) is not None:
-        raise ValueError("This model already has speculative streams or a drafter attached.")
+    refuse_attached(model)
     weights = read_eagle_weights(checkpoint)
     config = eagle_config(checkpoint, model, weights) if config is None else config
     return attach_checkpoint_drafter(model, config, weights, checkpoint, "EAGLE-3",

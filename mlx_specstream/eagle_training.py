@@ -28,6 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .config import DrafterConfig
+from .drafters import refuse_attached
 from .eagle import EAGLE_DEFAULTS, Eagle3Drafter, default_layers
 from .model_parts import hidden_size, text_args
 from .streams import StreamRuntime, get_runtime
@@ -87,8 +88,7 @@ def attach_eagle_for_training(
     from .draft_vocab import head_owner
     from .mtp import _final_norm
 
-    if getattr(model, "speculative_streams", None) is not None:
-        raise ValueError("This model already has speculative streams or a drafter attached.")
+    refuse_attached(model)
     layers = check_layers(model, layers)
     owner, key = head_owner(model)
     weight = _float_weight(owner[key])
@@ -188,8 +188,8 @@ def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps
 
 
 def drafter_features(model, ids: mx.array) -> mx.array:
-    """``(B, L, 3 D)``: the features ``model``'s EAGLE-3 drafter reads of windows ``ids``
-    ``(B, L)``, from the base's own pass through the runtime's hooks."""
+    """``(B, L, m D)``: the features ``model``'s drafter (EAGLE-3's, DFlash's) reads of
+    windows ``ids`` ``(B, L)``, from the base's own pass through the runtime's hooks."""
     from mlx_lm.models.cache import make_prompt_cache
 
     return get_runtime(model).prefill_rows(ids, make_prompt_cache(model))

@@ -67,6 +67,7 @@ from .drafters import (
     new_layer_cache,
     new_rows,
     own_class,
+    refuse_attached,
     run_layer,
 )
 from .model_parts import hidden_size, text_args
@@ -942,8 +943,7 @@ def attach_mtp(
     from .streams import StreamRuntime
     from .support import check_supported
 
-    if getattr(model, "speculative_streams", None) is not None:
-        raise ValueError("This model already has speculative streams or a drafter attached.")
+    refuse_attached(model)
     config = mtp_config(checkpoint, shapes=shapes) if config is None else config
     check_supported(model, config)
     drafter = MTPDrafter(config, model)

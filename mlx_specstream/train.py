@@ -52,6 +52,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import CONFIG_KEY, DRAFTER_KEY, SpecStreamConfig
 from .draft_vocab import check_size, head_rows, use_draft_vocab, vocab_of_examples
+from .model_parts import vocab_size
 from .recurrent import has_recurrent_layers
 from .streams import attach_streams, get_runtime
 from .support import attending_top_layers, check_supported
@@ -866,7 +867,6 @@ def train_dflash(args, model, tokenizer, model_path: Path) -> None:
     """``--drafter dflash``: a DFlash drafter on the frozen base, trained on the same
     (self-distilled) windows with its block loss, written as a model directory
     (``drafter.safetensors``) and tuned."""
-    from .dflash import model_vocab
     from .dflash_training import (
         DFlashLoss,
         attach_dflash_for_training,
@@ -875,14 +875,13 @@ def train_dflash(args, model, tokenizer, model_path: Path) -> None:
         rarest_token,
     )
 
-    check_block(args.block_size, args.draft_layers)  # (refused before anything is written)
+    # (refused before anything is written)
+    check_block(args.block_size, args.draft_layers, args.blocks_per_window)
     check_layers(model, args.target_layer_ids, args.draft_layers)
-    if args.blocks_per_window < 1:
-        raise ValueError(f"--blocks-per-window {args.blocks_per_window}: at least 1")
     if args.draft_vocab_size is not None:
         check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
     train, valid = prepare_data(args, model, tokenizer)
-    mask = rarest_token(train + valid, model_vocab(model))
+    mask = rarest_token(train + valid, vocab_size(model))
     print(f"[INFO] the mask token: id {mask} ({tokenizer.decode([mask])!r}), the rarest in "
           "the training windows")  # fmt: skip
     tree = None if args.top_k is None else dict(top_k=args.top_k)

@@ -223,3 +223,21 @@ def recorded_drafts(model, monkeypatch, drafter_class, prompt, max_tokens=24, **
     toks, _ = spec_tokens(model, prompt, max_tokens, **tree)
     monkeypatch.undo()
     return prompt + toks, seen
+
+
+def saved_and_loaded_back(base_dir, drafter_dir, path, drafts_of) -> dict:
+    """Loads ``base_dir`` with the drafter in ``drafter_dir`` and saves it into ``path``
+    with a streams section in its config (one the base's directory had), which the saved
+    config must drop; loaded back alone, the directory drafts what the model drafted
+    (``drafts_of(model)``: its recorded drafts). Returns the saved drafter section."""
+    from mlx_specstream import load
+    from mlx_specstream.utils import save
+
+    model, tok, config = load(str(base_dir), drafter=str(drafter_dir), return_config=True)
+    save(path, model, tok, config={**config, "speculative_streaming": {}})
+    saved = json.loads((path / "config.json").read_text())
+    assert "speculative_streaming" not in saved
+    again, _ = load(str(path))
+    for a, b in zip(drafts_of(model)[1], drafts_of(again)[1]):
+        np.testing.assert_array_equal(a[0], b[0])
+    return saved["drafter"]

@@ -8,12 +8,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from dflash_helpers import reference_levels, write_dflash
-from eagle_helpers import assert_checkpoints_refused, recorded_drafts, write_base
+from eagle_helpers import (
+    assert_checkpoints_refused,
+    recorded_drafts,
+    saved_and_loaded_back,
+    write_base,
+)
 from helpers import plain_greedy, spec_tokens
 from mlx_lm import load as mlx_lm_load
 
 from mlx_specstream import dflash, load
-from mlx_specstream.utils import save
 
 V = 64
 PROMPT = [4, 8, 15, 16, 23, 42, 7, 30, 11, 2]
@@ -124,18 +128,11 @@ def test_save_writes_a_directory_that_loads_back(base_dir, tmp_path, monkeypatch
     the checkpoint's settings (a base's streams section dropped); loaded back, it
     drafts the same levels."""
     ref = write_dflash(tmp_path / "df", V, window=4, layers=2, target_layer_ids=(2, 3))
-    model, tok, config = load(str(base_dir), drafter=str(tmp_path / "df"), return_config=True)
-    save(tmp_path / "saved", model, tok, config={**config, "speculative_streaming": {}})
-    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    section = saved["drafter"]
-    assert "speculative_streaming" not in saved
+    section = saved_and_loaded_back(base_dir, tmp_path / "df", tmp_path / "saved",
+                                    lambda m: drafts_of_each_step(m, monkeypatch))  # fmt: skip
     assert section["kind"] == "dflash" and section["dflash"]["feature_layers"] == [3, 4]
     assert section["num_draft_tokens"] == 4 and section["dflash"]["mask_token_id"] == ref["mask"]
     assert section["dflash"]["layer_types"][0] == "sliding_attention"
-    again, _ = load(str(tmp_path / "saved"))
-    for a, b in zip(drafts_of_each_step(model, monkeypatch)[1],
-                    drafts_of_each_step(again, monkeypatch)[1]):  # fmt: skip
-        np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):

@@ -8,13 +8,17 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from eagle_helpers import assert_checkpoints_refused, recorded_drafts, reference_levels
+from eagle_helpers import (
+    assert_checkpoints_refused,
+    recorded_drafts,
+    saved_and_loaded_back,
+    reference_levels,
+)
 from eagle_helpers import write_base, write_eagle
 from helpers import plain_greedy, spec_tokens
 from mlx_lm import load as mlx_lm_load
 
 from mlx_specstream import eagle, load
-from mlx_specstream.utils import save
 
 V = 64
 PROMPT = [4, 8, 15, 16, 23]
@@ -106,17 +110,10 @@ def test_save_writes_a_directory_that_loads_back(base_dir, tmp_path, monkeypatch
     stream model's base with another drafter); loaded back, it drafts the same levels."""
     write_eagle(tmp_path / "eagle", V, style="speculators", layer_ids=[1, 3, 5],
                 draft_vocab=list(range(2, V, 2)), own_embeddings=True)  # fmt: skip
-    model, tok, config = load(str(base_dir), drafter=str(tmp_path / "eagle"), return_config=True)
-    save(tmp_path / "saved", model, tok, config={**config, "speculative_streaming": {}})
-    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    section = saved["drafter"]
-    assert "speculative_streaming" not in saved
+    section = saved_and_loaded_back(base_dir, tmp_path / "eagle", tmp_path / "saved",
+                                    lambda m: drafts_of_each_step(m, monkeypatch))  # fmt: skip
     assert section["kind"] == "eagle3" and section["eagle"]["feature_layers"] == [1, 3, 5]
     assert section["eagle"]["own_embeddings"] is True
-    again, _ = load(str(tmp_path / "saved"))
-    for a, b in zip(drafts_of_each_step(model, monkeypatch)[1],
-                    drafts_of_each_step(again, monkeypatch)[1]):  # fmt: skip
-        np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):

@@ -10,12 +10,13 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import plain_greedy, tiny_model
+from helpers import tiny_model
 from mlx_lm.models.cache import KVCache
-from test_train import V, cycle_examples, cycle_ids, host_copy, quiet, same_arrays, write_base
+from test_train import V, cycle_ids, host_copy, write_base
 from test_train import write_cycle_jsonl
+from test_train_eagle import assert_decodes_as_the_base_with_drafts_taken
+from test_train_eagle import assert_learns_with_the_base_unchanged, assert_window_shares_add_up
 
-from mlx_specstream import load, stream_generate
 from mlx_specstream.cache import KVCacheList
 from mlx_specstream.dflash_training import (
     DFlashLoss,
@@ -25,10 +26,8 @@ from mlx_specstream.dflash_training import (
     default_layers,
 )
 from mlx_specstream.streams import get_runtime
-from mlx_specstream.train import evaluate, train_streams
 from mlx_specstream.train import main as train_main
 
-RECIPE = dict(batch_size=4, learning_rate=1e-2)
 # fmt: off
 CLI = ["--drafter", "dflash", "--batch-size", "4", "--learning-rate", "1e-2", "--block-size",
        "5", "--max-seq-length", "16", "--window-prompt", "2", "--steps-per-report", "5"]
@@ -82,25 +81,13 @@ def test_it_learns_far_above_chance_and_the_base_stays_bit_identical():
     model = tiny_model("llama", V, weight_scale=1.0)
     base = host_copy(model)
     attach_dflash_for_training(model, None, 2, 4, mask=V - 1)
-    loss = DFlashLoss(model, 8)
-    held_out = cycle_examples(8, seed=1)
-    _, before = evaluate(loss, held_out)
-    result = train_streams(model, cycle_examples(64, seed=0), iters=40, log=quiet, loss=loss,
-                           **RECIPE)  # fmt: skip
-    _, after = evaluate(loss, held_out)
-    assert max(before.top1()) < 0.3, before.text()  # (chance: 1/64)
-    assert min(after.top1()) > 0.8, after.text()
-    assert result.losses[-1] < 0.5 * result.losses[0]
-    base_now = {k: v for k, v in host_copy(model).items() if not k.startswith("speculative")}
-    assert same_arrays(base_now, base)
+    assert_learns_with_the_base_unchanged(model, base, DFlashLoss(model, 8))
 
 
 def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_path, capsys):
     """The written directory holds the base bit for bit, ``drafter.safetensors`` and a
     ``dflash`` section (with a draft vocabulary of ``--draft-vocab-size`` tokens); loaded,
     it gives the base's greedy tokens in fewer passes than tokens, and it is tuned."""
-    import mlx_lm
-
     base_dir, data_file = inputs
     out = tmp_path / "out"
     train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
@@ -111,21 +98,8 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_
     section = json.loads((out / "config.json").read_text())["drafter"]
     assert section["kind"] == "dflash" and section["dflash"]["block_size"] == 5
     assert section["num_draft_tokens"] == 4 and (out / "draft_vocab.safetensors").is_file()
-    src, dst = mx.load(str(base_dir / "model.safetensors")), mx.load(str(out / "model.safetensors"))
-    assert src.keys() == dst.keys() and all(mx.array_equal(src[k], dst[k]).item() for k in src)
-    model, tokenizer = load(str(out))
+    model = assert_decodes_as_the_base_with_drafts_taken(out, base_dir)
     assert model.speculative_streams.draft_vocab is not None
-    base, _ = mlx_lm.load(str(base_dir))
-    rng, passes, tokens = random.Random(5), 0, 0
-    for _ in range(3):
-        prompt = cycle_ids(rng, 4)
-        got = list(stream_generate(model, tokenizer, prompt, max_tokens=24, tree_depth=3))
-        want = plain_greedy(base, prompt, 24)
-        if tokenizer.eos_token_id in want:
-            want = want[: want.index(tokenizer.eos_token_id) + 1]
-        assert [r.token for r in got] == want
-        passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
-    assert passes < tokens, (passes, tokens)  # (drafts were taken)
 
 
 def test_resume_continues_where_it_stopped(inputs, tmp_path, monkeypatch, capsys):
@@ -153,20 +127,7 @@ def test_bad_dflash_options_are_refused_by_name_before_anything_is_written(input
 
 
 def test_windows_of_one_length_run_together_and_give_each_window_s_share():
-    """A batch of windows of two lengths: its loss is the sum of each window's share
-    (computed alone, with the batch's normalizers), as ``--grad-checkpoint`` needs;
-    control: with another batch's normalizers the shares add up to another loss."""
+    """As ``--grad-checkpoint`` needs (:func:`test_train_eagle.assert_window_shares_add_up`)."""
     model = tiny_model("llama", V, weight_scale=1.0)
     attach_dflash_for_training(model, None, 1, 4, mask=V - 1)
-    loss = DFlashLoss(model, 4)
-    batch = cycle_examples(2, seed=4)[:5] + [dict(input_ids=cycle_ids(random.Random(9), 12),
-                                                  prompt_len=3)]  # fmt: skip
-    assert len({len(ex["input_ids"]) for ex in batch}) == 2
-    whole, metrics = loss(batch)
-    norm = loss.normalizers(batch)
-    shares = sum(loss([ex], norm)[0] for ex in batch)
-    np.testing.assert_allclose(whole.item(), shares.item(), rtol=1e-5)
-    assert sum(metrics["counts"]) == sum(norm[0])
-    other = loss.normalizers(batch[:2])
-    wrong = sum(loss([ex], other)[0] for ex in batch)
-    assert not np.isclose(whole.item(), wrong.item(), rtol=1e-3)
+    assert_window_shares_add_up(DFlashLoss(model, 4))

@@ -66,13 +66,19 @@ def test_it_learns_far_above_chance_and_the_base_stays_bit_identical():
     model = tiny_model("llama", V, weight_scale=1.0)
     base = host_copy(model)
     attach_eagle_for_training(model)
-    loss = EagleLoss(model, 3)
+    assert_learns_with_the_base_unchanged(model, base, EagleLoss(model, 3))
+
+
+def assert_learns_with_the_base_unchanged(model, base: dict, loss) -> None:
+    """40 steps of ``loss`` on cyclic data take every level's held-out top-1 from below 0.3
+    (chance: 1/64) to above 0.8, halve the loss, and leave the base (``base``, its
+    :func:`host_copy` before the drafter was attached) bit for bit."""
     held_out = cycle_examples(8, seed=1)
     _, before = evaluate(loss, held_out)
     result = train_streams(model, cycle_examples(64, seed=0), iters=40, log=quiet, loss=loss,
                            **RECIPE)  # fmt: skip
     _, after = evaluate(loss, held_out)
-    assert max(before.top1()) < 0.3, before.text()  # (chance: 1/64)
+    assert max(before.top1()) < 0.3, before.text()
     assert min(after.top1()) > 0.8, after.text()
     assert result.losses[-1] < 0.5 * result.losses[0]
     base_now = {k: v for k, v in host_copy(model).items() if not k.startswith("speculative")}
@@ -83,7 +89,6 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_
     """The written directory holds the base bit for bit, ``drafter.safetensors`` and an
     ``eagle3`` section (its own draft vocabulary of ``--draft-vocab-size`` tokens);
     loaded, it gives the base's greedy tokens in fewer passes than tokens, and it is tuned."""
-    import mlx_lm
 
     base_dir, data_file = inputs
 
@@ -94,6 +99,14 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_
     assert "step top-1" in printed and "tuned the draft tree" in printed
     section = json.loads((out / "config.json").read_text())["drafter"]
     assert section["kind"] == "eagle3" and section["eagle"]["draft_vocab_size"] == 20
+    assert_decodes_as_the_base_with_drafts_taken(out, base_dir)
+
+
+def assert_decodes_as_the_base_with_drafts_taken(out, base_dir):
+    """The directory ``out`` holds ``base_dir``'s weights bit for bit and gives its greedy
+    tokens on three cyclic prompts, in fewer passes than tokens; returns the loaded model."""
+    import mlx_lm
+
     src, dst = mx.load(str(base_dir / "model.safetensors")), mx.load(str(out / "model.safetensors"))
     assert src.keys() == dst.keys() and all(mx.array_equal(src[k], dst[k]).item() for k in src)
     model, tokenizer = load(str(out))
@@ -108,6 +121,7 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_
         assert [r.token for r in got] == want
         passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
     assert passes < tokens, (passes, tokens)  # (drafts were taken)
+    return model
 
 
 def test_resume_continues_where_it_stopped(inputs, tmp_path, monkeypatch, capsys):
@@ -138,7 +152,13 @@ def test_windows_of_one_length_run_together_and_give_each_window_s_share():
     control: with another batch's normalizers the shares add up to another loss."""
     model = tiny_model("llama", V, weight_scale=1.0)
     attach_eagle_for_training(model)
-    loss = EagleLoss(model, 3)
+    assert_window_shares_add_up(EagleLoss(model, 3))
+
+
+def assert_window_shares_add_up(loss) -> None:
+    """A batch of windows of two lengths: ``loss`` of it is the sum of each window's
+    share (computed alone, with the batch's normalizers); control: with another
+    batch's normalizers the shares add up to another loss."""
     batch = cycle_examples(2, seed=4)[:5] + [dict(input_ids=cycle_ids(random.Random(9), 12),
                                                   prompt_len=3)]  # fmt: skip
     assert len({len(ex["input_ids"]) for ex in batch}) == 2
