@@ -386,6 +386,10 @@ class DrafterConfig(_Section):
           read from its checkpoint (:data:`DFLASH_KEYS`): its layers' shape and
           attention, ``block_size``, ``mask_token_id`` and ``feature_layers`` (the
           base's layers whose inputs it reads).
+        dynamic_tree (bool, optional): for ``"eagle3"``, whether its trees are grown
+          from its own drafts (:mod:`mlx_specstream.dynamic_tree`); ``false``: the
+          static tree of its levels. Default: ``None``, grown wherever the tree is
+          wider than a chain.
     """
 
     SECTION = DRAFTER_KEY
@@ -403,6 +407,7 @@ class DrafterConfig(_Section):
     batch: Optional[dict] = None
     eagle: Optional[dict] = None
     dflash: Optional[dict] = None
+    dynamic_tree: Optional[bool] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -456,6 +461,12 @@ class DrafterConfig(_Section):
         )
         require(
             self.draft_vocab in (None, True, False), "draft_vocab", "must be null, true or false"
+        )
+        require(
+            self.dynamic_tree in (None, False)
+            or (self.dynamic_tree is True and self.kind == "eagle3"),
+            "dynamic_tree",
+            "must be null or false, or true for kind 'eagle3' (whose trees grow from its drafts)",
         )
         fault = None if self.batch is None else batch_choice_fault(self.batch, self.num_streams)
         require(fault is None, "batch", str(fault))

@@ -48,6 +48,7 @@ from .cache import (
 )
 from .config import DRAFTS, VerifierConfig
 from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
+from .dynamic_tree import draft_tree
 from .layout import TreeLayout, layout_of
 from .model_parts import vocab_size
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
@@ -65,12 +66,14 @@ from .settings import (
     apply_processors,
     check_prompt,
     default_acceptance,
+    dynamic_tree_setting,
     greedy,
     resolve_tree_settings,
 )
 from .streams import StepOutput, StreamRuntime, attach_chain_verifier, attach_verifier, get_runtime
 from .support import tree_on_chains_refusal
 from .tree import (
+    DraftTree,
     accept,
     accept_by_rejection,
     certified_argmax,
@@ -110,6 +113,7 @@ class Pending:
     last: Optional[mx.array] = None  # the deepest accepted node
     top: Optional[mx.array] = None  # (depth, k) next draft tokens per level, best first
     next_tokens: Optional[mx.array] = None  # (T,) the next static tree's tokens, root first
+    next_tree: Optional[DraftTree] = None  # the next dynamic tree (a drafter's, on the host)
     path: Optional[mx.array] = None  # pipelined: the padded path to ``last`` (paths_mx row)
     depth: Optional[mx.array] = None  # pipelined: the depth of ``last``
     probs: Optional[mx.array] = None  # rejection: (R, V) target distributions
@@ -145,11 +149,14 @@ class Decoder:
         pipeline (bool, optional): launch each step before the previous one's
           host read (``None``: as the model's config says, else on a GPU;
           either only where the settings allow it).
+        dynamic (bool): the drafter grows each tree from its own drafts
+          (:mod:`mlx_specstream.dynamic_tree`) instead of filling the static tree.
     """
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
                  ngram_tokens, max_tokens, dstate=None, quant=None, pipeline=None,
-                 draft_model=None, ngram_candidates=1, tree_nodes=None):  # fmt: skip
+                 draft_model=None, ngram_candidates=1, tree_nodes=None,
+                 dynamic=False):  # fmt: skip
         self.rt, self.cache, self.history = rt, cache, history
         self.quant = quant
         self.sampler, self.processors = sampler, processors
@@ -181,12 +188,16 @@ class Decoder:
         self.draws_at_every_node = self.by_rejection and (
             self.head_on_streams or (self.heads and in_pass)
         )
-        if self.depth:  # (tree_nodes: the model's own tree's cap, below a merged tree's)
-            self.tree = static_tree(ks, self.depth, tree_nodes or self.max_nodes)
+        self.tree_nodes = tree_nodes or self.max_nodes  # (the own tree's, below a merged one's)
+        self.dynamic = dynamic and self.depth > 0
+        if self.depth:
+            self.tree = static_tree(ks, self.depth, self.tree_nodes)
             self.layout = layout_of(self.tree.parents)
             self.kmax = max(ks[: self.depth])
             self._levels = mx.array(self.tree.levels[1:], dtype=mx.int32)
             self._ranks = mx.array(self.tree.ranks[1:], dtype=mx.int32)
+        # The levels a drafter drafts: those its tree holds (fewer where max_nodes caps).
+        self.levels = max(self.tree.levels) + 1 if self.depth else 0
         self.emitted = self.passes = 0
         why_not = self._why_not_pipelined()
         if pipeline and why_not:
@@ -348,12 +359,18 @@ class Decoder:
         done = self.emitted == self.max_tokens
         drafter = self.dstate is not None or (self.draft_model is not None and not done)
         if drafter and not (self.by_rejection or self.heads):
-            slog = self._drafter_logits(out, path, [tokens[a] for a in path], token)
-            p.top, p.next_tokens = self._draft_tokens(slog, mx.array(token))
+            path_tokens = [tokens[a] for a in path]
+            if self.dynamic:
+                p.next_tree = self._dynamic_tree(out, path, path_tokens, token)
+            else:
+                slog = self._drafter_logits(out, path, path_tokens, token)
+                p.top, p.next_tokens = self._draft_tokens(slog, mx.array(token))
         if done:
             return new, None
         if folded:  # already launched: the whole tree the device drafted
             return new, Draft(self.layout, p.next_tokens)
+        if p.next_tree is not None:
+            return new, self._grown_draft(p.next_tree)
         return new, self._next_draft(p.next_tokens, token, q)
 
     def _uncertified(self, p: Pending) -> int:
@@ -445,9 +462,29 @@ class Decoder:
         if self.draft_model is not None:
             return self.draft_model.draft(path_tokens, token, out.logits.shape[-1])
         draft = self.rt.drafter.draft(
-            self.rt, self.dstate, out.hidden, path, path_tokens, token, levels=self.depth
+            self.rt, self.dstate, out.hidden, path, path_tokens, token, levels=max(1, self.levels)
         )
         return draft.astype(mx.float32)
+
+    def _dynamic_tree(self, out, path, path_tokens, token: int) -> DraftTree:
+        """The drafter's dynamic tree rooted at ``token``, no deeper than the next
+        tree may be (one level where none may: the drafter's context still grows)."""
+        depth = max(1, min(self.depth, self._room(), self.tree_nodes - 1))
+        candidates = self.rt.drafter.draft_tree(
+            self.rt, self.dstate, out.hidden, path, path_tokens, token, self.kmax, depth
+        )
+        return draft_tree(candidates, token, self.tree_nodes)
+
+    def _grown_draft(self, tree: DraftTree) -> Draft:
+        """The next tree from a dynamic one, with any n-gram chains merged in (the
+        lookup alone where no draft level fits)."""
+        room = self._room()
+        chains = self._lookup(room)
+        if room <= 0:
+            return self._lookup_draft(tree.tokens[0], chains)
+        if chains:
+            tree = merge_chains(tree.tokens, tree.parents, chains, self.max_nodes)
+        return Draft(layout_of(tree.parents), tree.tokens)
 
     def _draft_tokens(self, slog: mx.array, root: mx.array):
         """Per-level top-k and the static tree's tokens under ``root``, on the device
@@ -582,6 +619,7 @@ def spec_generate_step(
     pipeline: Optional[bool] = None,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
+    dynamic_tree: Optional[bool] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -627,6 +665,15 @@ def spec_generate_step(
           streams in shared mode. Default: ``True``.
         tree_top_k, tree_depth, prune_threshold, max_tree_nodes: per-call
           overrides of the model's tree settings.
+        dynamic_tree (bool, optional): an EAGLE-3 drafter grows each tree from its
+          own drafts (EAGLE-2's dynamic trees, :mod:`mlx_specstream.dynamic_tree`):
+          ``tree_top_k`` children for each of the ``tree_top_k`` best nodes of a
+          level, ``tree_depth`` levels, the best ``max_tree_nodes`` kept. Greedy
+          decoding and ``"target-sample"`` only: with ``"rejection"`` a tree asked
+          for is verified by ``"target-sample"`` (with a warning), else the static
+          tree is drawn. Refused for drafts that fill static trees. Default
+          (``None``): the model's config (``dynamic_tree``), else wherever the
+          drafter grows them and the tree is wider than a chain.
         acceptance (str): how drafts are verified when sampling; both keep the
           model's distribution exactly. ``"target-sample"``: deterministic
           top-k drafts, a target token drawn at every node, walk while a child
@@ -707,6 +754,11 @@ def spec_generate_step(
     ):
         lookup_trees = draft in ("ngram", "streams+ngram") and draft_model is None
         lookup_trees = lookup_trees and has_recurrent_layers(model)
+        if dynamic_tree:
+            raise ValueError(
+                "dynamic_tree=True: this model's drafts are verified as one chain "
+                "(mlx_specstream.recurrent), not as a tree."
+            )
         if ngram_candidates != 1 and not lookup_trees:
             raise ValueError(
                 f"ngram_candidates={ngram_candidates}: this model's drafts are verified as one "
@@ -767,6 +819,7 @@ def spec_generate_step(
         ks, depth, threshold, max_nodes = resolve_tree_settings(
             rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
         )
+    dynamic, asked_dynamic = dynamic_tree_setting(rt, dynamic_tree, draft_model, ks, depth)
     tree_nodes = max_nodes
     if draft == "streams+ngram" and rt.drafter is not None:
         # An attached drafter's tree (max_tree_nodes) and a lookup chain beside it.
@@ -800,6 +853,18 @@ def spec_generate_step(
                 stacklevel=2,
             )
         acceptance = "target-sample"
+    if dynamic and acceptance == "rejection" and not getattr(sampler, "greedy", True):
+        if not asked_dynamic:  # (rejection draws the static tree from the drafter's levels)
+            dynamic = False
+        else:  # A dynamic tree's drafts are the drafter's top-k, not draws.
+            if speculative:
+                warnings.warn(
+                    "acceptance='rejection' with dynamic_tree=True: a dynamic tree holds the "
+                    "drafter's most likely drafts, not draws from it, so it is verified by "
+                    "acceptance='target-sample' (also lossless).",
+                    stacklevel=2,
+                )
+            acceptance = "target-sample"
     check_prompt(model, prompt)
     warn_if_tf32(model)  # float32 on a GPU: token identity needs MLX_ENABLE_TF32=0
     draft_cache, user_cache = None, prompt_cache
@@ -866,7 +931,7 @@ def spec_generate_step(
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
         (ks, depth, threshold, max_nodes), acceptance, draft, ngram_tokens, max_tokens, dstate,
-        quant, pipeline, dm, ngram_candidates, tree_nodes,
+        quant, pipeline, dm, ngram_candidates, tree_nodes, dynamic,
     )  # fmt: skip
     yielded, ended = 0, False  # ended: finished or closed, not failed
     try:

@@ -53,6 +53,8 @@ from .drafters import (
     new_rows,
     refuse_attached,
 )
+from .dynamic_tree import grow
+from .layout import with_prefix
 from .model_parts import hidden_size
 
 # A chain of 3 by default (as for a checkpoint's MTP layer); up to 5 levels where a tree asks.
@@ -173,13 +175,36 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(D, eps=args.rms_norm_eps)
         self._norm_first = norm_before_residual
 
-    def __call__(self, emb: mx.array, hidden: mx.array, cache) -> mx.array:
+    def __call__(self, emb: mx.array, hidden: mx.array, cache, at=None) -> mx.array:
         """The layer's output (before the final norm) over rows ``(B, L, D)``, causal
-        over ``cache``."""
+        over ``cache``; ``at``: ``(position, mask)``, the rows of one level of a dynamic
+        tree instead (:func:`attend_at`)."""
         h = self.hidden_norm(hidden)
         x = mx.concatenate([self.input_layernorm(emb), h], axis=-1)
-        a = (h if self._norm_first else hidden) + self.self_attn(x, layer_mask(x, cache), cache)
+        if at is None:
+            attended = self.self_attn(x, layer_mask(x, cache), cache)
+        else:
+            attended = attend_at(self.self_attn, x, cache, *at)
+        a = (h if self._norm_first else hidden) + attended
         return a + self.mlp(self.post_attention_layernorm(a))
+
+
+def attend_at(attn: llama.Attention, x: mx.array, cache, position: int, mask: mx.array):
+    """mlx-lm's Llama attention (its weights, its RoPE) over rows ``x`` ``(1, L, C)`` all
+    at one ``position`` (a dynamic tree's level: siblings share it), seeing the keys of
+    ``cache`` and of the rows (appended to it) where ``mask`` ``(L, S)`` says."""
+    L = x.shape[1]
+
+    def heads(proj, n):  # (L, n, 1, hd): a row per batch entry, each at `position`
+        return proj(x).reshape(L, 1, n, -1).transpose(0, 2, 1, 3)
+
+    q = attn.rope(heads(attn.q_proj, attn.n_heads), offset=position).transpose(2, 1, 0, 3)
+    k = attn.rope(heads(attn.k_proj, attn.n_kv_heads), offset=position).transpose(2, 1, 0, 3)
+    keys, values = cache.update_and_fetch(
+        k, heads(attn.v_proj, attn.n_kv_heads).transpose(2, 1, 0, 3)
+    )
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(1, L, -1))
 
 
 def layer_args(eagle: dict) -> llama.ModelArgs:
@@ -253,12 +278,21 @@ class Eagle3Drafter(nn.Module):
         """``(..., V)`` logits of the base's tokens from the layer's output, ``-inf``
         outside the draft vocabulary."""
         small = self.lm_head(self.norm(out))
+        wide = mx.full(small.shape[:-1] + (self._vocab,), -float("inf"), dtype=small.dtype)
+        wide[..., self.draft_ids()] = small
+        return wide
+
+    def draft_ids(self) -> mx.array:
+        """``(V_draft,)`` the base's token of each draft id (``d2t``'s, kept per ``d2t``)."""
         if self._targets is None or self._targets[0] is not self.d2t:
             ids = mx.arange(self.d2t.shape[0], dtype=mx.int32) + self.d2t.astype(mx.int32)
             self._targets = (self.d2t, ids)
-        wide = mx.full(small.shape[:-1] + (self._vocab,), -float("inf"), dtype=small.dtype)
-        wide[..., self._targets[1]] = small
-        return wide
+        return self._targets[1]
+
+    def draft_logprobs(self, out: mx.array) -> mx.array:
+        """``(..., V_draft)`` float32 log-probabilities over the draft ids."""
+        small = self.lm_head(self.norm(out)).astype(mx.float32)
+        return small - mx.logsumexp(small, axis=-1, keepdims=True)
 
     def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
         """``(levels, V)`` logits of the next tree's levels from the accepted path: the
@@ -271,6 +305,26 @@ class Eagle3Drafter(nn.Module):
         levels_again(rt, self, logits, out, state.cache, levels - 1)
         state.cache.trim(levels - 1)  # (the recursion's rows never stay)
         return mx.concatenate(logits, axis=0)
+
+    def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
+        """The candidates of the next dynamic tree (:func:`mlx_specstream.dynamic_tree.grow`:
+        ``k`` wide, ``depth`` levels) from the accepted path: the new rows as for
+        :meth:`draft`, then one pass of the layer per deeper level over the ``k`` best
+        nodes of the level above, each row at its level's position and seeing its own
+        ancestors' rows (trimmed after)."""
+        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
+        out = self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
+        start = state.cache.offset
+
+        def expand(level, h, tokens, mask):
+            e = self.embed(rt, tokens).astype(h.dtype)
+            at = (start + level - 2, with_prefix(mask, start))
+            o = self.layer(e[None], h[None], state.cache, at=at)[0]
+            return o, self.draft_logprobs(o)
+
+        candidates = grow(out, self.draft_logprobs(out), expand, k, depth, self.draft_ids())
+        state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
+        return candidates
 
 
 def eagle_config(checkpoint: Path, model: nn.Module, weights: dict, **tree) -> DrafterConfig:

@@ -137,7 +137,7 @@ def stream_generate(
           names, else its own drafts. Passed on only when set.
         kwargs: passed to :func:`mlx_specstream.decode.spec_generate_step`
           (``prompt_cache``, ``prefill_step_size``, ``tree_top_k``,
-          ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``,
+          ``tree_depth``, ``prune_threshold``, ``max_tree_nodes``, ``dynamic_tree``,
           ``ngram_candidates``, and mlx-lm's
           ``draft_model``, ``num_draft_tokens``, ``kv_bits``, ``kv_group_size``,
           ``quantized_kv_start``, ``max_kv_size``).
@@ -358,6 +358,14 @@ def setup_arg_parser():
     parser.add_argument("--prune-threshold", type=float, default=None)
     parser.add_argument("--max-tree-nodes", type=int, default=None)
     parser.add_argument(
+        "--dynamic-tree",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="An EAGLE-3 drafter grows each tree from its own drafts (EAGLE-2's dynamic "
+        "trees: --tree-top-k children of the --tree-top-k best nodes of each level, the best "
+        "--max-tree-nodes kept). Default: wherever the tree is wider than a chain",
+    )
+    parser.add_argument(
         "--acceptance",
         choices=ACCEPTANCE,
         default=None,
@@ -444,6 +452,7 @@ def main(argv=None):
         tree_depth=args.tree_depth,
         prune_threshold=args.prune_threshold,
         max_tree_nodes=args.max_tree_nodes,
+        **({} if args.dynamic_tree is None else {"dynamic_tree": args.dynamic_tree}),
         acceptance=args.acceptance,
         draft=args.draft,
         draft_model=draft_model,

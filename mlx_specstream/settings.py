@@ -69,6 +69,36 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth: int):
+    """Whether this call's drafter grows dynamic trees (:mod:`mlx_specstream.dynamic_tree`),
+    and whether that was asked for (by the call, else by the model's config).
+
+    ``None`` (the call's and the config's) means: where the drafter can grow them (an
+    EAGLE-3 drafter) and the tree is wider than a chain. Asked for where the drafts
+    cannot grow one (streams, Medusa heads, MTP layers, a draft model), it is refused.
+
+    Returns:
+        tuple: ``(dynamic, asked)``.
+    """
+    if dynamic_tree not in (None, True, False):
+        raise ValueError(f"dynamic_tree={dynamic_tree!r}: pass True, False or None.")
+    drafter = None if draft_model is not None else rt.drafter
+    asked = getattr(rt.config, "dynamic_tree", None) if dynamic_tree is None else dynamic_tree
+    if asked and not hasattr(drafter, "draft_tree"):
+        if draft_model is not None:
+            what = "a draft_model's drafts fill"
+        elif drafter is None:
+            what = "the model's speculative streams fill"
+        else:
+            what = f"its {getattr(rt.config, 'kind', 'attached')} drafter fills"
+        raise ValueError(
+            f"dynamic_tree=True: {what} static trees; dynamic trees are grown by drafters "
+            "that run again on their own output, one node at a time (EAGLE-3's)."
+        )
+    wide = depth > 0 and max(ks[:depth]) > 1
+    return bool(asked is not False and hasattr(drafter, "draft_tree") and wide), bool(asked)
+
+
 def default_acceptance(sampler) -> str:
     if sampler is greedy or isinstance(sampler, DistributionSampler):
         return "rejection"

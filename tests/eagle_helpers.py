@@ -119,21 +119,25 @@ def base_features(plain, text, layer_ids):
     return mx.concatenate([inputs[i][0] for i in layer_ids], axis=-1)
 
 
-def _attention(w, ref, x):
-    """Causal attention of EAGLE-3's layer over all rows ``x`` ``(L, 2 D)``, by hand."""
+def _attention(w, ref, x, context=None, shift=0):
+    """Causal attention of EAGLE-3's layer over all rows ``x`` ``(L, 2 D)``, by hand;
+    the rows past the first ``context`` ones ``shift`` positions later (a control)."""
     layer = ref["layer"]
     H, KV = layer["num_attention_heads"], layer["num_key_value_heads"]
     L, hd = x.shape[0], layer["hidden_size"] // H
     p = "midlayer.self_attn."
+    context = L if context is None else context
+
+    def rope(y, offset):
+        return mx.fast.rope(y, hd, traditional=False, base=layer["rope_theta"], scale=1.0,
+                            offset=offset)  # fmt: skip
 
     def heads(name, n):
         y = (x @ w[p + name].T).reshape(L, n, hd).transpose(1, 0, 2)[None]
-        return (
-            y
-            if name == "v_proj.weight"
-            else mx.fast.rope(
-                y, hd, traditional=False, base=layer["rope_theta"], scale=1.0, offset=0
-            )
+        if name == "v_proj.weight":
+            return y
+        return mx.concatenate(
+            [rope(y[:, :, :context], 0), rope(y[:, :, context:], context + shift)], axis=2
         )
 
     q, k, v = heads("q_proj.weight", H), heads("k_proj.weight", KV), heads("v_proj.weight", KV)
@@ -145,13 +149,14 @@ def _attention(w, ref, x):
 
 
 def reference_levels(plain, ref, text, a, levels, layer_ids, through_fc=False,
-                     normed_recursion=False, norm_first=None):  # fmt: skip
+                     normed_recursion=False, norm_first=None, path=None, shift=0):  # fmt: skip
     """The drafter's levels from rows ``0..a`` of ``text`` (row i: the base's features
     of token i and the embedding of token i + 1), then its own output and argmax for
-    each deeper level: every row recomputed from the raw tensors. Controls:
-    ``through_fc`` (deeper levels' hidden through ``fc`` again, tiled),
-    ``normed_recursion`` (the final norm's output passed on), ``norm_first`` (the other
-    residual)."""
+    each deeper level (``path``: those tokens instead, a dynamic tree's node): every
+    row recomputed from the raw tensors. Controls: ``through_fc`` (deeper levels'
+    hidden through ``fc`` again, tiled), ``normed_recursion`` (the final norm's output
+    passed on), ``norm_first`` (the other residual), ``shift`` (the deeper levels' rows
+    that many positions later)."""
     w, eps = ref["w"], ref["layer"]["rms_norm_eps"]
     norm_first = ref["norm_first"] if norm_first is None else norm_first
     embed = w.get("embed_tokens.weight", plain.model.embed_tokens.weight)
@@ -163,7 +168,7 @@ def reference_levels(plain, ref, text, a, levels, layer_ids, through_fc=False,
         e = mx.fast.rms_norm(embed[mx.array(tokens)], w[p + "input_layernorm.weight"], eps)
         h = mx.fast.rms_norm(hidden, w[p + "hidden_norm.weight"], eps)
         x = mx.concatenate([e, h], axis=-1)
-        r = (h if norm_first else hidden) + _attention(w, ref, x)
+        r = (h if norm_first else hidden) + _attention(w, ref, x, a + 1, shift)
         m = mx.fast.rms_norm(r, w[p + "post_attention_layernorm.weight"], eps)
         mlp = (mx.sigmoid(m @ w[p + "mlp.gate_proj.weight"].T) * (m @ w[p + "mlp.gate_proj.weight"].T)
                * (m @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T  # fmt: skip
@@ -171,7 +176,9 @@ def reference_levels(plain, ref, text, a, levels, layer_ids, through_fc=False,
         normed = mx.fast.rms_norm(out, w["norm.weight"], eps)
         small = np.array((normed @ w["lm_head.weight"].T)[0])
         wide[level, ref["ids"]] = small
-        nxt = ref["ids"][int(np.argmax(small))]
+        nxt = (
+            ref["ids"][int(np.argmax(small))] if path is None or level >= len(path) else path[level]
+        )
         passed = normed if normed_recursion else out
         if through_fc:
             passed = mx.concatenate([passed] * 3, axis=-1) @ w["fc.weight"].T

@@ -1,0 +1,132 @@
+"""Dynamic draft trees (EAGLE-2's) against the static tree of the same drafter's levels.
+
+    cd benchmarks && ./with_openblas.sh python dynamic_trees.py --model ../runs/eagle/model --tag cpu-openblas
+
+An EAGLE-3 drafter's static tree puts level ``j``'s top-k, drafted along the top-1 chain,
+under every node of level ``j - 1``; a dynamic tree (:mod:`mlx_specstream.dynamic_tree`)
+drafts each expanded node's children from that node's own path and keeps the best paths.
+On the default model's 19 held-out prompts, greedy, float32, with the directory's drafter
+(``eagle_trained.py`` writes one trained on the shipped base to ``runs/eagle/model``):
+
+* tau of chains and of each tree shape (top-k x depth, node cap), static and dynamic,
+  every output checked against mlx-lm's greedy tokens;
+* tokens/s on the first ``--speed-prompts`` prompts: mlx-lm plain, mlx-lm's draft-model
+  decoding (the embedded draft model, 3 tokens), ours with a chain of 3 and with
+  ``--speed-trees``, the same weights in one run, rounds interleaved (median).
+
+Writes ``benchmarks/results/dynamic_trees[-TAG].{md,json}``.
+"""
+
+import argparse
+import json
+import statistics
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.generate import generate_step, speculative_generate_step
+from mtp_trained import taus_against_mlx_lm
+from report import heading, machine_info, time_after_first, write_results
+
+from mlx_specstream import load
+from mlx_specstream.decode import spec_generate_step
+from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+
+CHAINS = (3, 4)
+SHAPES = ((2, 4, 8), (3, 4, 12), (4, 5, 16), (8, 5, 32))  # (top-k, depth, nodes)
+
+
+def shape_name(k: int, depth: int, nodes: int, dynamic: bool) -> str:
+    return f"top-{k} x {depth}, {nodes} nodes, {'dynamic' if dynamic else 'static'}"
+
+
+def trees() -> dict:
+    out = {f"chain of {d}": dict(tree_top_k=1, tree_depth=d, max_tree_nodes=d + 1)
+           for d in CHAINS}  # fmt: skip
+    for k, depth, nodes in SHAPES:
+        for dynamic in (False, True):
+            out[shape_name(k, depth, nodes, dynamic)] = dict(
+                tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic
+            )
+    return out
+
+
+def speeds(model, plain, draft, prompts, max_tokens: int, ways: dict, rounds: int) -> dict:
+    """Median tokens/s (after each prompt's first token) of mlx-lm plain, mlx-lm's
+    draft-model decoding and each of ``ways``, rounds interleaved."""
+
+    def run(name, prompt):
+        p = mx.array(prompt)
+        if name == "mlx-lm plain":
+            return generate_step(p, plain, max_tokens=max_tokens)
+        if name == "mlx-lm draft model (3)":
+            return speculative_generate_step(p, plain, draft, num_draft_tokens=3,
+                                             max_tokens=max_tokens)  # fmt: skip
+        return spec_generate_step(p, model, max_tokens=max_tokens, **ways[name])
+
+    names = ["mlx-lm plain", "mlx-lm draft model (3)"] + list(ways)
+    for name in names:  # (warm-up)
+        time_after_first(run(name, prompts[0]))
+    per = {n: [] for n in names}
+    for _ in range(rounds):
+        for name in names:
+            tokens = seconds = 0.0
+            for prompt in prompts:
+                s, _, toks = time_after_first(run(name, prompt))
+                tokens, seconds = tokens + len(toks) - 1, seconds + s
+            per[name].append(tokens / seconds)
+    return {n: statistics.median(v) for n, v in per.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="runs/eagle/model", help="the base with its drafter")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--speed-prompts", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--speed-trees",
+        default="2,4,8;4,5,16",
+        help="top-k,depth,nodes;... timed static and dynamic (beside the chain of 3)",
+    )
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    info = machine_info(model=args.model, max_tokens=args.max_tokens)
+    model, tok = load(args.model)
+    model.set_dtype(mx.float32)
+    plain, _ = mlx_lm.load(str(DEFAULT_DIR))
+    plain.set_dtype(mx.float32)
+    texts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
+    taus = taus_against_mlx_lm(model, tok, plain, texts, args.max_tokens, trees())
+    lines = [heading("Dynamic draft trees against static ones", info), "",
+             f"`{info['command']}`: the drafter of `{args.model}` on the default model's "
+             f"{len(texts)} held-out prompts, greedy, float32, {args.max_tokens} tokens.", "",
+             "| tree | tau | identical to mlx-lm |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {n} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
+              for n, v in taus.items()]  # fmt: skip
+    data = dict(info=info, tau=taus)
+    if not args.skip_speed:
+        draft, _ = mlx_lm.load(str(DRAFT_DIR))
+        draft.set_dtype(mx.float32)
+        ways = {"ours: chain of 3": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4)}
+        for spec in args.speed_trees.split(";"):
+            k, depth, nodes = map(int, spec.split(","))
+            for dynamic in (False, True):
+                ways[f"ours: {shape_name(k, depth, nodes, dynamic)}"] = dict(
+                    tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic
+                )
+        prompts = [tok.encode(t) for t in texts[: args.speed_prompts]]
+        tps = speeds(model, plain, draft, prompts, args.max_tokens, ways, args.rounds)
+        base = tps["mlx-lm plain"]
+        lines += ["", f"Tokens/s on the first {len(prompts)} prompts, median of {args.rounds} "
+                  "interleaved rounds (after each prompt's first token):", "",
+                  "| way | tokens/s | vs mlx-lm plain | vs mlx-lm draft model |",
+                  "|---|---|---|---|"]  # fmt: skip
+        dm = tps["mlx-lm draft model (3)"]
+        lines += [f"| {n} | {v:.1f} | {v / base:.2f}x | {v / dm:.2f}x |" for n, v in tps.items()]
+        data["tokens_per_s"] = tps
+    write_results("dynamic_trees", args.tag, "\n".join(lines) + "\n", data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Dynamic draft trees (EAGLE-2, Li et al., arXiv 2406.16858) for drafters that run
+again on their own output: each node's children are drafted from that node's own
+context, and the tree grows where its path is most likely.
+
+A static tree takes level ``j``'s candidates from one distribution, drafted along the
+top-1 chain, and puts them under every node of level ``j - 1``: a second-ranked
+node's children are then the top-1 node's. Here (:func:`grow`, on the device):
+
+* level 1 is the top-``k`` of the drafter's first logits;
+* each deeper level expands the ``k`` candidates of the level above whose path score
+  (the sum of the draft log-probabilities along the path) is highest: one row each,
+  in one pass of the drafter's layer, each row seeing the context and its own
+  ancestors' rows (:func:`expand_mask`), each giving its top-``k`` children.
+
+Then :func:`select_nodes` (host) keeps the ``max_nodes - 1`` candidates of the highest
+path score: a child never scores above its parent, so the kept set holds every kept
+node's ancestors. The tree is laid out depth-first, the best child first, as the
+verifier's static trees are.
+"""
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from .tree import DraftTree, top_k_desc
+
+
+def select_nodes(
+    root: int,
+    tokens: Sequence[int],
+    parents: Sequence[int],
+    scores: Sequence[float],
+    max_nodes: int,
+) -> DraftTree:
+    """The draft tree of the ``max_nodes - 1`` best candidates, depth-first, best first.
+
+    Candidate ``0`` is the root (its token and score unused); candidate ``i > 0`` has
+    token ``tokens[i]``, parent ``parents[i] < i`` and path score ``scores[i]``, never
+    above its parent's. Candidates scoring ``-inf`` (drafts of no probability) are never
+    kept. Ties go to the shallower candidate, then to the earlier one.
+
+    Example:
+        >>> t = select_nodes(7, [-1, 4, 5, 6, 8], [-1, 0, 0, 1, 1],
+        ...                  [0., -.2, -1., -.5, -.3], 4)
+        >>> t.tokens, t.parents
+        ([7, 4, 8, 6], [-1, 0, 1, 1])
+
+    Candidates 1 (-0.2), 4 (-0.3) and 3 (-0.5) are kept and 2 (-1.0) is not; both kept
+    children hang under candidate 1, the better one (token 8) first.
+
+    Args:
+        root (int): the root's token.
+        tokens, parents, scores: the candidates, as :func:`grow` gives them.
+        max_nodes (int): the cap on the tree's nodes, root included.
+
+    Returns:
+        DraftTree: the tree.
+    """
+    depth = [0] * len(parents)
+    for i in range(1, len(parents)):
+        depth[i] = depth[parents[i]] + 1
+    finite = [i for i in range(1, len(parents)) if scores[i] > float("-inf")]
+    kept = set(sorted(finite, key=lambda i: (-scores[i], depth[i], i))[: max_nodes - 1])
+    kids = {0: []}
+    for i in sorted(kept):
+        assert parents[i] == 0 or parents[i] in kept, "a child scored above its parent"
+        kids.setdefault(parents[i], []).append(i)
+    out_tokens, out_parents = [root], [-1]
+
+    def place(node, at):
+        for c in sorted(kids.get(node, []), key=lambda i: (-scores[i], i)):
+            out_tokens.append(int(tokens[c]))
+            out_parents.append(at)
+            place(c, len(out_tokens) - 1)
+
+    place(0, 0)
+    return DraftTree(out_tokens, out_parents)
+
+
+def expand_mask(rows_mask: Optional[mx.array], parent_rows: Optional[mx.array], k: int) -> mx.array:
+    """Which tree rows each of the next level's ``k`` rows sees: its parent row's
+    ancestors, the parent row itself, and itself (``rows_mask`` ``(k, R)``: what each
+    of the last level's rows sees; ``None`` before any tree row, ``parent_rows`` then
+    unused).
+
+    Example:
+        >>> m = expand_mask(None, mx.array([0, 0]), 2)
+        >>> m.tolist()
+        [[True, False], [False, True]]
+        >>> expand_mask(m, mx.array([1, 1]), 2).tolist()
+        [[False, True, True, False], [False, True, False, True]]
+
+    The first level's rows see themselves only; the next two both expand children of
+    row 1, so each sees row 1 and itself.
+    """
+    eye = mx.eye(k, dtype=mx.bool_)
+    if rows_mask is None:
+        return eye
+    return mx.concatenate([mx.take(rows_mask, parent_rows, axis=0), eye], axis=1)
+
+
+def top_children(logprobs: mx.array, k: int, ids: Optional[mx.array] = None):
+    """The top-``k`` tokens of each row of ``logprobs`` ``(R, V')`` and their
+    log-probabilities, clipped at 0 (a child never scores above its parent); ``ids``
+    maps a column to its token where ``V'`` is a draft vocabulary."""
+    cols = top_k_desc(logprobs, k).astype(mx.int32)
+    lp = mx.minimum(mx.take_along_axis(logprobs, cols, axis=-1), 0.0)
+    return (cols if ids is None else mx.take(ids, cols).astype(mx.int32)), lp
+
+
+Expand = Callable[[int, mx.array, mx.array, mx.array], Tuple[mx.array, mx.array]]
+
+
+def grow(
+    first_out: mx.array,
+    first_logprobs: mx.array,
+    expand: Expand,
+    k: int,
+    depth: int,
+    ids: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array, mx.array]:
+    """Grows the candidates of a dynamic tree on the device.
+
+    Args:
+        first_out (mx.array): ``(1, D)`` the drafter's output that drafted level 1.
+        first_logprobs (mx.array): ``(1, V')`` its log-probabilities (float32).
+        expand: ``expand(level, h, tokens, mask) -> (out, logprobs)``: the drafter over
+          ``k`` rows pairing its outputs ``h`` ``(k, D)`` with the frontier's ``tokens``
+          ``(k,)``, the rows of tree level ``level - 1`` at position ``level - 2`` past
+          the context, seeing the context and the earlier tree rows where ``mask``
+          ``(k, R)`` says (``R``: the tree rows, these included); it appends them to
+          its cache (the caller trims them) and returns their outputs ``(k, D)`` and
+          log-probabilities ``(k, V')``.
+        k (int): children per expanded node, and nodes expanded per level.
+        depth (int): the tree's levels.
+        ids (mx.array, optional): the token of each of the ``V'`` columns.
+
+    Returns:
+        tuple: device arrays ``tokens``, ``parents`` and ``scores`` of the
+        ``1 + k + (depth - 1) k^2`` candidates (candidate 0: the root), as
+        :func:`select_nodes` takes them.
+    """
+    toks, lps = top_children(first_logprobs, k, ids)  # (1, k)
+    tokens, scores = [mx.array([-1], dtype=mx.int32), toks[0]], [mx.zeros(1), lps[0]]
+    parents = [mx.array([-1, *([0] * k)], dtype=mx.int32)]
+    frontier = mx.arange(1, k + 1, dtype=mx.int32)  # (the candidates expanded next)
+    front_tok, front_score = toks[0], lps[0]
+    h, first = mx.repeat(first_out, k, axis=0), 1 + k
+    mask = rows = None  # (what the last level's rows see; whose children the frontier are)
+    for level in range(2, depth + 1):
+        mask = expand_mask(mask, rows, k)
+        out, logprobs = expand(level, h, front_tok, mask)
+        child_tok, child_lp = top_children(logprobs, k, ids)  # (k, k)
+        child_score = (front_score[:, None] + child_lp).reshape(-1)
+        tokens.append(child_tok.reshape(-1))
+        scores.append(child_score)
+        parents.append(mx.repeat(frontier, k))
+        best = top_k_desc(child_score[None], k)[0].astype(mx.int32)  # (k,) of k * k
+        rows = best // k  # (the rows whose children they are)
+        frontier = first + best
+        front_tok, front_score = mx.take(tokens[-1], best), mx.take(child_score, best)
+        h, first = mx.take(out, rows, axis=0), first + k * k
+    return mx.concatenate(tokens), mx.concatenate(parents), mx.concatenate(scores)
+
+
+def draft_tree(candidates, root: int, max_nodes: int) -> DraftTree:
+    """:func:`select_nodes` over :func:`grow`'s device arrays (the one host read)."""
+    tokens, parents, scores = candidates
+    mx.eval(tokens, parents, scores)
+    return select_nodes(root, tokens.tolist(), parents.tolist(), scores.tolist(), max_nodes)
+
+
+__all__: List[str] = ["draft_tree", "expand_mask", "grow", "select_nodes", "top_children"]

@@ -1,0 +1,285 @@
+"""Dynamic draft trees (EAGLE-2's, mlx_specstream.dynamic_tree) for EAGLE-3 drafters:
+golden selections and masks, every node's children recomputed from the raw tensors
+along that node's own path, greedy output equal to mlx-lm's, sampling that keeps the
+distribution, and the settings' refusals."""
+
+import doctest
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from eagle_helpers import reference_levels, write_base, write_eagle
+from helpers import plain_greedy, spec_tokens
+from mlx_lm import load as mlx_lm_load
+
+import mlx_specstream.decode as decode
+import mlx_specstream.dynamic_tree as dynamic_tree
+from mlx_specstream import eagle, load
+from mlx_specstream.dynamic_tree import expand_mask, select_nodes
+from mlx_specstream.tree import path_to, tree_depths
+
+V = 64
+PROMPT = [4, 8, 15, 16, 23]
+LAYERS = [0, 3, 6]
+
+
+def test_the_docstrings_examples_hold():
+    result = doctest.testmod(dynamic_tree)
+    assert result.attempted >= 4 and result.failed == 0
+
+
+def test_select_nodes_keeps_the_best_paths_depth_first():
+    """Golden trees: the cap, ties to the shallower then earlier candidate, ``-inf``
+    dropped, the best child first. Candidates: 1, 2 under the root; 3, 4 under 1; 5
+    under 2; 6 under 3."""
+    tokens = [-1, 10, 20, 30, 40, 50, 60]
+    parents = [-1, 0, 0, 1, 1, 2, 3]
+    scores = [0.0, -0.1, -0.4, -0.4, -0.3, -float("inf"), -0.9]
+    t = select_nodes(9, tokens, parents, scores, 7)  # (all finite ones: 6 nodes)
+    assert (t.tokens, t.parents) == ([9, 10, 40, 30, 60, 20], [-1, 0, 1, 1, 3, 0])
+    t = select_nodes(9, tokens, parents, scores, 4)  # 1, 4, then 2 and 3 tie: 2 is shallower
+    assert (t.tokens, t.parents) == ([9, 10, 40, 20], [-1, 0, 1, 0])
+    t = select_nodes(9, tokens, parents, scores, 1)
+    assert (t.tokens, t.parents) == ([9], [-1])
+    with pytest.raises(AssertionError, match="above its parent"):  # (control: a bad input)
+        select_nodes(9, [-1, 1, 2], [-1, 0, 1], [0.0, -0.5, -0.1], 2)
+
+
+def test_expand_mask_follows_each_row_s_ancestors():
+    m2 = expand_mask(None, None, 3)
+    m3 = expand_mask(m2, mx.array([2, 2, 0]), 3)
+    m4 = expand_mask(m3, mx.array([1, 0, 0]), 3)
+    want = np.zeros((3, 9), bool)
+    want[:, 6:] = np.eye(3, dtype=bool)
+    want[0, [2, 4]] = True  # (row 1 of level 3: under row 2 of level 2)
+    want[1, [2, 3]] = want[2, [2, 3]] = True  # (row 0 of level 3: under row 2)
+    assert (np.array(m4) == want).all()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("dynamic") / "base", V)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base_dir):
+    return write_eagle(base_dir.parent / "eagle", V, layer_ids=LAYERS,
+                       draft_vocab=list(range(0, V, 2)) + [V - 1])  # fmt: skip
+
+
+def recorded_candidates(model, monkeypatch, prompt, max_tokens=24, **tree):
+    """The greedy text and, for each step's dynamic tree, its candidates (tokens,
+    parents, scores), the last row ``a`` of the accepted text and the bonus token."""
+    seen, real = [], eagle.Eagle3Drafter.draft_tree
+
+    def recording(self, rt, state, hidden, path, path_tokens, token, k, depth):
+        cands = real(self, rt, state, hidden, path, path_tokens, token, k, depth)
+        a = rt._tree[4] + len(path) - 1
+        seen.append(([np.array(c) for c in cands], a, token))
+        return cands
+
+    monkeypatch.setattr(eagle.Eagle3Drafter, "draft_tree", recording)
+    toks, _ = spec_tokens(model, prompt, max_tokens, **tree)
+    monkeypatch.undo()
+    return prompt + toks, seen
+
+
+def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max()
+    return x - m - np.log(np.exp(x - m).sum())
+
+
+def assert_children_from_their_own_paths(plain, ref, text, seen, k, shift=0):
+    """Every expanded candidate's children are the top-``k`` of the drafter's levels
+    recomputed from the raw tensors along that candidate's own path (positions one
+    later with ``shift``), scored by their path's log-probabilities."""
+    checked = 0
+    for (tokens, parents, scores), a, token in seen:
+        if a + 1 >= len(text):
+            continue
+        kids = {}
+        for c in range(1, len(parents)):
+            kids.setdefault(int(parents[c]), []).append(c)
+        for node, children in kids.items():
+            path = [int(tokens[n]) for n in path_to(node, [int(p) for p in parents])[1:]]
+            wide = reference_levels(plain, ref, text, a, len(path) + 1, LAYERS, path=path,
+                                    shift=shift)  # fmt: skip
+            lp = log_softmax(wide[-1])
+            want = np.argsort(-lp, kind="stable")[:k]
+            assert sorted(int(tokens[c]) for c in children) == sorted(want.tolist()), node
+            for c in children:
+                np.testing.assert_allclose(scores[c], scores[node] + min(lp[tokens[c]], 0.0),
+                                           atol=2e-4)  # fmt: skip
+            checked += 1
+    return checked
+
+
+def test_each_node_s_children_are_drafted_from_its_own_path(base_dir, checkpoint, monkeypatch):
+    """At each step, every expanded node's children and scores equal the drafter's top-k
+    recomputed from scratch (mlx-lm's base layers, the checkpoint's raw tensors) along
+    that node's path: its tokens at positions ``a + 1, a + 2, ...``, each row seeing
+    the context and its own ancestors only. Controls: the rows one position later; a
+    mask that lets every tree row see every other (the recorded drafts then differ)."""
+    model, _ = load(str(base_dir), drafter=str(base_dir.parent / "eagle"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    tree = dict(tree_top_k=3, tree_depth=3, max_tree_nodes=10)
+    text, seen = recorded_candidates(model, monkeypatch, PROMPT, **tree)
+    assert text == PROMPT + plain_greedy(plain, PROMPT, 24)
+    assert all(len(s[0][0]) == 1 + 3 + 2 * 9 for s in seen[:4])  # (later: near max_tokens)
+    checked = assert_children_from_their_own_paths(plain, checkpoint, text, seen[:4], 3)
+    assert checked >= 4 * 7  # (the root, 3 nodes of level 1, 3 of level 2: each step)
+    with pytest.raises(AssertionError):
+        assert_children_from_their_own_paths(plain, checkpoint, text, seen[:2], 3, shift=1)
+
+    def every_row(rows_mask, parent_rows, k):
+        m = expand_mask(rows_mask, parent_rows, k)
+        return mx.ones(m.shape, dtype=mx.bool_)
+
+    monkeypatch.setattr(dynamic_tree, "expand_mask", every_row)
+    text2, wrong = recorded_candidates(model, monkeypatch, PROMPT, **tree)
+    with pytest.raises(AssertionError):
+        assert_children_from_their_own_paths(plain, checkpoint, text2, wrong[:2], 3)
+
+
+def test_a_dynamic_chain_drafts_what_the_static_chain_drafts(base_dir, checkpoint, monkeypatch):
+    """With ``top_k = 1`` the dynamic tree is the argmax chain: the same tokens as the
+    drafter's levels (control: another drafter's chain differs)."""
+    model, _ = load(str(base_dir), drafter=str(base_dir.parent / "eagle"))
+    rt = model.speculative_streams
+    state = rt.drafter.start(0)
+    feats = mx.random.normal((len(PROMPT), rt.drafter.fc.weight.shape[1]))
+    levels = rt.drafter.draft(rt, state, feats, list(range(len(PROMPT))), PROMPT, 7, levels=4)
+    chain = [int(t) for t in mx.argmax(levels, axis=-1).tolist()]
+    state.trim_to(0)
+    cands = rt.drafter.draft_tree(rt, state, feats, list(range(len(PROMPT))), PROMPT, 7, 1, 4)
+    tree = dynamic_tree.draft_tree(cands, 7, 5)
+    assert tree.parents == [-1, 0, 1, 2, 3] and tree.tokens == [7] + chain
+    assert state.offset == len(PROMPT)  # (the tree's rows trimmed)
+    state.trim_to(0)
+    other = rt.drafter.draft_tree(rt, state, feats * 3, list(range(len(PROMPT))), PROMPT, 7, 1, 4)
+    assert dynamic_tree.draft_tree(other, 7, 5).tokens != tree.tokens
+
+
+@pytest.mark.parametrize("tree", [dict(tree_top_k=2, tree_depth=4, max_tree_nodes=8),
+                                  dict(tree_top_k=4, tree_depth=5, max_tree_nodes=16),
+                                  dict(tree_top_k=3, tree_depth=2, max_tree_nodes=4)])  # fmt: skip
+def test_greedy_equals_plain_decoding(base_dir, checkpoint, tree):
+    model, _ = load(str(base_dir), drafter=str(base_dir.parent / "eagle"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    for prompt in ([3], PROMPT):
+        want = plain_greedy(plain, prompt, 40)
+        got, _ = spec_tokens(model, prompt, 40, **tree)
+        assert got == want, (tree, prompt)
+    got, _ = spec_tokens(model, PROMPT, 40, draft="streams+ngram", **tree)
+    assert got == plain_greedy(plain, PROMPT, 40)
+
+
+def test_negative_control_a_wrong_verifier_is_caught(base_dir, checkpoint, monkeypatch):
+    model, _ = load(str(base_dir), drafter=str(base_dir.parent / "eagle"))
+    tree = dict(tree_top_k=2, tree_depth=4, max_tree_nodes=8)
+    right, _ = spec_tokens(model, PROMPT, 30, **tree)
+
+    def accept_all(tokens, parents, ancestors, targets, depth):
+        return None, mx.array(tokens.shape[0] - 1)
+
+    monkeypatch.setattr(decode, "_accept", accept_all)
+    wrong, _ = spec_tokens(model, PROMPT, 30, **tree)
+    assert wrong != right
+
+
+def test_dynamic_trees_are_used_by_default_and_can_be_turned_off(base_dir, checkpoint,
+                                                                 monkeypatch):  # fmt: skip
+    """Trees of ``top_k > 1`` are dynamic unless ``dynamic_tree=False`` (or the config's
+    ``dynamic_tree: false``); chains are drafted as levels either way."""
+    model, _ = load(str(base_dir), drafter=str(base_dir.parent / "eagle"))
+    tree = dict(tree_top_k=2, tree_depth=3, max_tree_nodes=6)
+    _, seen = recorded_candidates(model, monkeypatch, PROMPT, **tree)
+    assert seen
+    _, seen = recorded_candidates(model, monkeypatch, PROMPT, dynamic_tree=False, **tree)
+    assert not seen
+    _, seen = recorded_candidates(model, monkeypatch, PROMPT, tree_top_k=1, tree_depth=3)
+    assert not seen
+    model.speculative_streams.config.dynamic_tree = False
+    _, seen = recorded_candidates(model, monkeypatch, PROMPT, **tree)
+    assert not seen
+    _, seen = recorded_candidates(model, monkeypatch, PROMPT, dynamic_tree=True, **tree)
+    assert seen
+
+
+def test_dynamic_trees_are_refused_where_a_drafter_cannot_grow_them(base_dir, checkpoint):
+    from helpers import tiny_spec_model
+
+    streams = tiny_spec_model("llama", vocab_size=V, num_streams=2, num_stream_layers=1)
+    with pytest.raises(ValueError, match="dynamic_tree=True: .*speculative streams"):
+        spec_tokens(streams, [1, 2], 4, dynamic_tree=True, tree_top_k=2)
+    with pytest.raises(ValueError, match="dynamic_tree=True: .*draft_model"):
+        spec_tokens(streams, [1, 2], 4, dynamic_tree=True, draft_model=streams)
+    with pytest.raises(ValueError, match="dynamic_tree='yes'"):
+        spec_tokens(streams, [1, 2], 4, dynamic_tree="yes")
+
+
+def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
+    """Target sampling over dynamic trees samples the base's distribution (chi-square);
+    asked for by ``acceptance="rejection"``, it warns and verifies by target sampling.
+    Control: a walk that takes a node's first child whatever the target is rejected."""
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    base = write_base(tmp_path / "base", 6, weight_scale=1.0)
+    write_eagle(tmp_path / "eagle", 6, layer_ids=LAYERS, scale=1.0, head_scale=4.0)
+    model, _ = load(str(base), drafter=str(tmp_path / "eagle"))
+    sampler, n = make_sampler(temp=1.0), 1500
+    exact = exact_distribution(model, sampler)
+    tree = dict(tree_top_k=2, tree_depth=2, max_tree_nodes=5, dynamic_tree=True)
+    with pytest.warns(UserWarning, match="dynamic"):
+        counts = sample_counts(model, sampler, n, acceptance="rejection", **tree)
+    p = chi_square_pvalue(counts, exact, n)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    real = decode._accept
+
+    def first_child_taken(tokens, parents, ancestors, targets, depth):
+        _, last = real(tokens, parents, ancestors, targets, depth)
+        return None, mx.minimum(mx.maximum(last, 1), tokens.shape[0] - 1)  # (node 1 taken)
+
+    monkeypatch.setattr(decode, "_accept", first_child_taken)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, acceptance="target-sample", **tree),
+                          exact, n)  # fmt: skip
+    assert p < 1e-6, f"a biased walk passed (p = {p:.2e}): no power"
+
+
+def test_the_generate_command_takes_the_flag(base_dir, checkpoint, capsys, monkeypatch):
+    """``--dynamic-tree`` / ``--no-dynamic-tree``: the same text, trees grown or not."""
+    from mlx_specstream.generate import main
+
+    grown, real = [], eagle.Eagle3Drafter.draft_tree
+
+    def counted(self, *args):
+        grown.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(eagle.Eagle3Drafter, "draft_tree", counted)
+
+    args = ["--model", str(base_dir), "--drafter", str(base_dir.parent / "eagle"), "--prompt",
+            "w1 w2", "--max-tokens", "12", "--tree-top-k", "2", "--max-tree-nodes", "6",
+            "--ignore-chat-template"]  # fmt: skip
+    texts, counts = [], []
+    for flag in ("--no-dynamic-tree", "--dynamic-tree"):
+        main(args + [flag])
+        texts.append(capsys.readouterr().out.split("==========")[1].strip())
+        counts.append(len(grown))
+    assert texts[0] and texts[0] == texts[1]
+    assert counts[0] == 0 and counts[1] >= 5
+
+
+def test_tree_depths_of_a_dynamic_tree_stay_within_its_depth(base_dir, checkpoint, monkeypatch):
+    model, _ = load(str(base_dir), drafter=str(base_dir.parent / "eagle"))
+    _, seen = recorded_candidates(model, monkeypatch, PROMPT, tree_top_k=3, tree_depth=2,
+                                  max_tree_nodes=16)  # fmt: skip
+    full = [s for s in seen if len(s[0][0]) == 1 + 3 + 9]  # (not near max_tokens: one level)
+    assert len(full) >= 4
+    for (tokens, parents, scores), _, token in full:
+        tree = select_nodes(token, tokens.tolist(), parents.tolist(), scores.tolist(), 16)
+        assert max(tree_depths(tree.parents)) == 2 and len(tree.tokens) == 1 + 3 + 9
