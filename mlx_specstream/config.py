@@ -363,7 +363,8 @@ class DrafterConfig(_Section):
         top_k, max_tree_nodes, tree_depth: the draft tree, as in
           :class:`SpecStreamConfig` (``tree_depth`` counts levels).
         tuned (dict, optional): device name -> the tree settings (and for
-          ``"mtp"`` the layers that draft, ``num_mtp_layers``, at most the section's)
+          ``"mtp"`` the layers that draft, ``num_mtp_layers``, at most the section's;
+          for ``"eagle3"`` whether its tree grows, ``dynamic_tree``)
           ``python -m mlx_specstream.tune --save`` measured fastest on that
           device, applied there only. Default: ``None``.
         num_mtp_layers (int): for ``"mtp"``, how many of the checkpoint's MTP layers
@@ -393,7 +394,9 @@ class DrafterConfig(_Section):
     """
 
     SECTION = DRAFTER_KEY
-    TUNED_FIELDS = _Section.TUNED_FIELDS + ("num_mtp_layers", "draft", "draft_vocab", "batch")
+    TUNED_FIELDS = _Section.TUNED_FIELDS + (
+        "num_mtp_layers", "draft", "draft_vocab", "batch", "dynamic_tree",
+    )  # fmt: skip
 
     kind: str = "medusa"
     num_draft_tokens: int = 3

@@ -217,6 +217,7 @@ def tune(
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
     # (a drafter of several MTP layers: the trees drafted by all of them)
     held = len(rt.drafter.held_depths) if isinstance(rt.drafter, MTPDrafter) else 1
+    grows = hasattr(rt.drafter, "draft_tree")  # (an EAGLE-3 drafter: dynamic trees)
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
         # (not the draft source or pipelining a previous tuning stored)
         tree.update(draft="streams", pipeline=False)
@@ -224,7 +225,14 @@ def tune(
             tree["stream_pass"] = "fused"
         if held > 1:
             tree["num_mtp_layers"] = held
+        if grows and tree["tree_top_k"] > 1:  # (not the way a previous tuning stored)
+            tree["dynamic_tree"] = True
         trials.run(dict(tree, **with_vocab(rt)))
+    if grows:
+        # The static tree of the drafter's levels: fewer rows a step, fewer drafts right.
+        dynamic = [t for t in trials.fastest(len(trials.results)) if t.get("dynamic_tree")]
+        for tree in dynamic[:3]:
+            trials.run(dict(tree, dynamic_tree=False))
     if held > 1:
         # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees that
         # read more than one (a tree of d levels runs the first d only).
@@ -527,6 +535,8 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
             entry["stream_logits_in_pass"] = choice.get("stream_logits_in_pass")
         elif "num_mtp_layers" in choice:  # (MTP layers: how many of those held draft)
             entry["num_mtp_layers"] = choice["num_mtp_layers"]
+        if "dynamic_tree" in choice:  # (an EAGLE-3 drafter's tree: grown, or static)
+            entry["dynamic_tree"] = choice["dynamic_tree"]
         if "draft_vocab" in choice:  # (the model's draft vocabulary, or every token)
             entry["draft_vocab"] = choice["draft_vocab"]
     if "batch" in choice:  # (tune_batch's, for batches)
@@ -560,6 +570,9 @@ def choice_flags(choice: dict) -> str:
         '--tree-top-k 4 --tree-depth 1 --max-tree-nodes 5 --draft-vocab none'
         >>> choice_flags({"tree_depth": 0})
         '--no-speculation'
+        >>> choice_flags({"tree_depth": 3, "tree_top_k": 2, "max_tree_nodes": 8,
+        ...               "dynamic_tree": False})
+        '--tree-top-k 2 --tree-depth 3 --max-tree-nodes 8 --no-dynamic-tree'
     """
     if choice.get("tree_depth") == 0:
         return "--no-speculation"
@@ -571,6 +584,8 @@ def choice_flags(choice: dict) -> str:
                   "--max-tree-nodes", choice["max_tree_nodes"]]  # fmt: skip
     if "num_mtp_layers" in choice:
         flags += ["--num-mtp-layers", choice["num_mtp_layers"]]
+    if "dynamic_tree" in choice and choice.get("tree_depth"):
+        flags += ["--dynamic-tree" if choice["dynamic_tree"] else "--no-dynamic-tree"]
     if choice.get("draft_vocab") is False:
         flags += ["--draft-vocab", "none"]
     return " ".join(str(f) for f in flags)

@@ -283,3 +283,43 @@ def test_tree_depths_of_a_dynamic_tree_stay_within_its_depth(base_dir, checkpoin
     for (tokens, parents, scores), _, token in full:
         tree = select_nodes(token, tokens.tolist(), parents.tolist(), scores.tolist(), 16)
         assert max(tree_depths(tree.parents)) == 2 and len(tree.tokens) == 1 + 3 + 9
+
+
+@pytest.mark.parametrize("static_faster", [True, False])
+def test_the_tuner_times_static_trees_too_and_stores_the_choice(static_faster, base_dir,
+                                                                checkpoint, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    """Trees wider than a chain are timed grown (``dynamic_tree=True``), the three
+    fastest again static; the faster way is stored for this device, and the saved
+    directory then drafts that way there (another device: grown, the default)."""
+    from test_tune import fake_speeds
+
+    from mlx_specstream import tune
+    from mlx_specstream.utils import save
+
+    model, tok, config = load(str(base_dir), drafter=str(base_dir.parent / "eagle"),
+                              return_config=True)  # fmt: skip
+
+    def speed(tps, s):
+        if s.get("draft", "streams") != "streams" or s.get("tree_top_k", 1) < 2:
+            return 1.0
+        return 1e6 if (s.get("dynamic_tree") is False) == static_faster else 1e5
+
+    measured = fake_speeds(monkeypatch, speed)
+    choice, _, _ = tune.tune(model, tok, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    static = [m for m in measured if m.get("dynamic_tree") is False]
+    assert all(m["tree_top_k"] > 1 for m in measured if "dynamic_tree" in m)
+    assert len(static) == 3 if not static_faster else len(static) >= 3
+    assert choice["dynamic_tree"] is (not static_faster) and choice["tree_top_k"] > 1
+    path = save(tmp_path / "m", model, tok, config=config)
+    entry = tune.save_choice(path, choice)
+    assert entry["dynamic_tree"] is (not static_faster)
+    monkeypatch.undo()
+    loaded, _ = load(str(path))
+    _, seen = recorded_candidates(loaded, monkeypatch, PROMPT, max_tokens=8)
+    assert bool(seen) is (not static_faster)
+    monkeypatch.setattr("mlx_specstream.utils.device_key", lambda: "gpu:elsewhere")
+    loaded, _ = load(str(path))
+    _, seen = recorded_candidates(loaded, monkeypatch, PROMPT, max_tokens=8,
+                                  **{k: choice[k] for k in ("tree_top_k", "max_tree_nodes")})  # fmt: skip
+    assert seen
