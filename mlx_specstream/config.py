@@ -321,13 +321,19 @@ def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
 
 DRAFTER_KEY = "drafter"
 DRAFTER_FILE = "drafter.safetensors"
-DRAFTER_KINDS = ("medusa", "parallelspec", "mtp", "eagle3", "dflash")
+DRAFTER_KINDS = ("medusa", "parallelspec", "mtp", "eagle3", "dflash", "eagle")
 # What an EAGLE-3 drafter's section holds of its checkpoint (mlx_specstream.eagle).
 EAGLE_KEYS = (
     "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
     "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "attention_bias",
     "mlp_bias", "draft_vocab_size", "target_hidden_size", "norm_before_residual",
     "feature_layers", "own_embeddings",
+)  # fmt: skip
+# What an EAGLE-1 drafter's section holds of its checkpoint (mlx_specstream.eagle1).
+EAGLE1_KEYS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+    "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "fc_bias",
+    "own_embeddings",
 )  # fmt: skip
 # What a DFlash drafter's section holds of its checkpoint (mlx_specstream.dflash).
 DFLASH_KEYS = (
@@ -357,7 +363,8 @@ class DrafterConfig(_Section):
           layer of its own over three of the base's layers' states, fused.
           ``"dflash"``: a DFlash drafter (:mod:`mlx_specstream.dflash`): a few layers of
           its own drafting a block of masks in one pass, over several of the base's
-          layers' states.
+          layers' states. ``"eagle"``: an EAGLE-1 drafter (:mod:`mlx_specstream.eagle1`,
+          EAGLE-2's checkpoints): one Llama layer of its own over the base's last state.
         num_draft_tokens (int): k, the draft tree's levels per step (Medusa
           heads, or ParallelSpec's last real row plus its masks). Default: ``3``.
         top_k, max_tree_nodes, tree_depth: the draft tree, as in
@@ -379,7 +386,8 @@ class DrafterConfig(_Section):
         draft_vocab (bool, optional): as in :class:`SpecStreamConfig`.
         batch (dict, optional): as in :class:`SpecStreamConfig` (``"streams"``: the
           drafter's chain).
-        eagle (dict, optional): for ``"eagle3"`` (and only there), its layer's settings
+        eagle (dict, optional): for ``"eagle3"`` and ``"eagle"`` (and only there), its
+          layer's settings (for ``"eagle"``: :data:`EAGLE1_KEYS`, the rest below)
           as read from its checkpoint (:data:`EAGLE_KEYS`): its Llama layer's shape,
           its draft vocabulary's size, and ``feature_layers``, the base's layers whose
           inputs it reads (``len(model.layers)``: the last layer's output).
@@ -387,7 +395,7 @@ class DrafterConfig(_Section):
           read from its checkpoint (:data:`DFLASH_KEYS`): its layers' shape and
           attention, ``block_size``, ``mask_token_id`` and ``feature_layers`` (the
           base's layers whose inputs it reads).
-        dynamic_tree (bool, optional): for ``"eagle3"``, whether its trees are grown
+        dynamic_tree (bool, optional): for ``"eagle3"`` and ``"eagle"``, whether its trees are grown
           from its own drafts (:mod:`mlx_specstream.dynamic_tree`); ``false``: the
           static tree of its levels. Default: ``None``, grown wherever the tree is
           wider than a chain.
@@ -467,17 +475,23 @@ class DrafterConfig(_Section):
         )
         require(
             self.dynamic_tree in (None, False)
-            or (self.dynamic_tree is True and self.kind == "eagle3"),
+            or (self.dynamic_tree is True and self.kind in ("eagle3", "eagle")),
             "dynamic_tree",
-            "must be null or false, or true for kind 'eagle3' (whose trees grow from its drafts)",
+            "must be null or false, or true for kinds 'eagle3' and 'eagle' (whose trees grow "
+            "from their drafts)",
         )
         fault = None if self.batch is None else batch_choice_fault(self.batch, self.num_streams)
         require(fault is None, "batch", str(fault))
         require(
-            (self.eagle is None) == (self.kind != "eagle3")
-            and (self.eagle is None or sorted(self.eagle) == sorted(EAGLE_KEYS)),
+            (self.eagle is None) == (self.kind not in ("eagle3", "eagle"))
+            and (
+                self.eagle is None
+                or sorted(self.eagle)
+                == sorted(EAGLE_KEYS if self.kind == "eagle3" else EAGLE1_KEYS)
+            ),
             "eagle",
-            f"kind 'eagle3' (and no other) needs a dict of {list(EAGLE_KEYS)}",
+            f"kind 'eagle3' needs a dict of {list(EAGLE_KEYS)}, kind 'eagle' one of "
+            f"{list(EAGLE1_KEYS)}, no other kind one",
         )
         require(
             (self.dflash is None) == (self.kind != "dflash")

@@ -337,6 +337,10 @@ def make_drafter(config: DrafterConfig, model: nn.Module) -> nn.Module:
         from .eagle import Eagle3Drafter
 
         return Eagle3Drafter(config, model)
+    if config.kind == "eagle":  # (an EAGLE-1 checkpoint's layer: eagle1.py)
+        from .eagle1 import Eagle1Drafter
+
+        return Eagle1Drafter(config, model)
     if config.kind == "dflash":  # (a DFlash checkpoint's layers: dflash.py)
         from .dflash import DFlashDrafter
 

@@ -22,6 +22,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from .drafters import new_rows
+from .layout import with_prefix
 from .tree import DraftTree, top_k_desc
 
 
@@ -163,6 +165,29 @@ def grow(
     return mx.concatenate(tokens), mx.concatenate(parents), mx.concatenate(scores)
 
 
+def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
+    """:func:`grow`'s candidates for a drafter with a KV cache of its own that runs again
+    on its own output (EAGLE's): the accepted path's new rows as its ``draft`` appends
+    them (``drafter.step``), then one pass per deeper level over the ``k`` best nodes of
+    the level above (``drafter.rows_at(rt, h, tokens, cache, (position, mask))``), each
+    row at its level's position and seeing the context and its own ancestors' rows
+    (trimmed after); ``drafter.tree_logprobs(rt, out)`` ranks the children, over the
+    tokens ``drafter.tree_ids()`` (``None``: every token)."""
+    feats, nxt = new_rows(state, hidden, path, path_tokens, token)
+    out = drafter.step(rt, feats, mx.array(nxt), state.cache)[-1:]
+    start = state.cache.offset
+
+    def expand(level, h, tokens, mask):
+        at = (start + level - 2, with_prefix(mask, start))
+        o = drafter.rows_at(rt, h, tokens, state.cache, at)
+        return o, drafter.tree_logprobs(rt, o)
+
+    first = drafter.tree_logprobs(rt, out)
+    candidates = grow(out, first, expand, k, depth, drafter.tree_ids())
+    state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
+    return candidates
+
+
 def draft_tree(candidates, root: int, max_nodes: int) -> DraftTree:
     """:func:`select_nodes` over :func:`grow`'s device arrays (the one host read)."""
     tokens, parents, scores = candidates
@@ -170,4 +195,6 @@ def draft_tree(candidates, root: int, max_nodes: int) -> DraftTree:
     return select_nodes(root, tokens.tolist(), parents.tolist(), scores.tolist(), max_nodes)
 
 
-__all__: List[str] = ["draft_tree", "expand_mask", "grow", "select_nodes", "top_children"]
+__all__: List[str] = [
+    "draft_tree", "expand_mask", "grow", "grown_candidates", "select_nodes", "top_children",
+]  # fmt: skip

@@ -53,8 +53,7 @@ from .drafters import (
     new_rows,
     refuse_attached,
 )
-from .dynamic_tree import grow
-from .layout import with_prefix
+from .dynamic_tree import grown_candidates
 from .model_parts import hidden_size
 
 # A chain of 3 by default (as for a checkpoint's MTP layer); up to 5 levels where a tree asks.
@@ -307,24 +306,21 @@ class Eagle3Drafter(nn.Module):
         return mx.concatenate(logits, axis=0)
 
     def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
-        """The candidates of the next dynamic tree (:func:`mlx_specstream.dynamic_tree.grow`:
-        ``k`` wide, ``depth`` levels) from the accepted path: the new rows as for
-        :meth:`draft`, then one pass of the layer per deeper level over the ``k`` best
-        nodes of the level above, each row at its level's position and seeing its own
-        ancestors' rows (trimmed after)."""
-        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
-        out = self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
-        start = state.cache.offset
+        """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep
+        (:func:`~mlx_specstream.dynamic_tree.grown_candidates`)."""
+        return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth)
 
-        def expand(level, h, tokens, mask):
-            e = self.embed(rt, tokens).astype(h.dtype)
-            at = (start + level - 2, with_prefix(mask, start))
-            o = self.layer(e[None], h[None], state.cache, at=at)[0]
-            return o, self.draft_logprobs(o)
+    def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
+        """The layer over rows pairing its own outputs ``h`` ``(k, D)`` with ``tokens``'
+        embeddings, at ``at`` = ``(position, mask)`` (:func:`attend_at`)."""
+        e = self.embed(rt, tokens).astype(h.dtype)
+        return self.layer(e[None], h[None], cache, at=at)[0]
 
-        candidates = grow(out, self.draft_logprobs(out), expand, k, depth, self.draft_ids())
-        state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
-        return candidates
+    def tree_logprobs(self, rt, out: mx.array) -> mx.array:
+        return self.draft_logprobs(out)
+
+    def tree_ids(self) -> mx.array:
+        return self.draft_ids()
 
 
 def eagle_config(checkpoint: Path, model: nn.Module, weights: dict, **tree) -> DrafterConfig:

@@ -16,6 +16,7 @@ from .draft_vocab import drafts_by_head, save_draft_vocab, use_draft_vocab
 from .drafters import attach_drafter
 from .dflash import attach_dflash, is_dflash_checkpoint
 from .eagle import attach_eagle, is_eagle_checkpoint
+from .eagle1 import attach_eagle1, is_eagle1_checkpoint
 from .mtp import (
     attach_mtp,
     fetch_mtp_checkpoint,
@@ -273,11 +274,13 @@ def load(
 
 def _own_format_drafter(source: Path):
     """``(what it is, its attach function)`` where ``source`` is a drafter checkpoint of
-    its own format (EAGLE-3's, DFlash's), else ``None``."""
+    its own format (EAGLE-3's, DFlash's, EAGLE-1's), else ``None``."""
     if is_eagle_checkpoint(source):
         return "an EAGLE-3", attach_eagle
     if is_dflash_checkpoint(source):
         return "a DFlash", attach_dflash
+    if is_eagle1_checkpoint(source):
+        return "an EAGLE-1", attach_eagle1
     return None
 
 
