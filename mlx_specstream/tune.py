@@ -600,7 +600,7 @@ def main(argv=None):
     p.add_argument(
         "--drafter",
         default=None,
-        help="A drafter for --model from another directory (an EAGLE-3 or DFlash checkpoint, MTP "
+        help="A drafter for --model from another directory (an EAGLE-3, EAGLE-1 or DFlash checkpoint, MTP "
         "layers, ...), as generate's --drafter; its files and the model's are not written",
     )
     p.add_argument("--prompts", default=None, help="JSONL with a 'prompt' per line")

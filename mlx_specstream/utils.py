@@ -182,7 +182,7 @@ def load(
         revision (str, optional): hub revision.
         trust_remote_code (bool): passed to mlx-lm's loader. Default: ``False``.
         drafter (str, optional): a model directory (or repo) whose drafter
-          (streams, Medusa heads, ParallelSpec, MTP layers), or an EAGLE-3 or DFlash
+          (streams, Medusa heads, ParallelSpec, MTP layers), or an EAGLE-3, EAGLE-1 or DFlash
           checkpoint, replaces the model's own. It
           must have been trained on this base: the base is used as it is, so a
           shared-mode stream model (whose base was fine-tuned) is refused.
@@ -232,7 +232,7 @@ def load(
         fetched = fetch_mtp_checkpoint(drafter, revision) if remote else None
         source, shapes = fetched or (resolve_model_path(drafter, revision), None)
     own = _own_format_drafter(source) if drafter is not None else None
-    if own is not None:  # an EAGLE-3 or DFlash drafter's checkpoint
+    if own is not None:  # an EAGLE-3, DFlash or EAGLE-1 drafter's checkpoint
         name, attach = own
         if num_mtp_layers is not None:
             raise ValueError(

@@ -248,3 +248,40 @@ def saved_and_loaded_back(base_dir, drafter_dir, path, drafts_of) -> dict:
     for a, b in zip(drafts_of(model)[1], drafts_of(again)[1]):
         np.testing.assert_array_equal(a[0], b[0])
     return saved["drafter"]
+
+
+def assert_rejection_keeps_the_distribution(model, monkeypatch, n=1500) -> None:
+    """Recursive rejection over ``model``'s drafter's trees (top-2, 2 levels, 6 nodes;
+    temperature 1) samples the base's distribution (chi-square); control: each level
+    verified against the next level's draft distribution fails the same test."""
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts, verify_against_the_next_level_s_q
+
+    from mlx_specstream.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=1.0)
+    exact = exact_distribution(model, sampler)
+    kwargs = dict(acceptance="rejection", tree_top_k=2, tree_depth=2, max_tree_nodes=6)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    verify_against_the_next_level_s_q(monkeypatch)
+    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+
+
+def assert_batches_draft_by_lookup(model, plain, name: str) -> None:
+    """A batch's rows cannot draft with ``model``'s drafter (``name``): ``draft="auto"``
+    drafts them by prompt lookup (mlx-lm's tokens), ``draft="streams"`` is refused naming it."""
+    import pytest
+    from helpers import plain_greedy
+
+    from mlx_specstream.batch import batch_generate_step
+
+    prompts, limits = [[3, 9, 4, 3, 9], [7, 1, 7, 1, 7, 1]], [16, 12]
+    tokens = [[] for _ in prompts]
+    for out in batch_generate_step(model, prompts, max_tokens=limits, draft="auto"):
+        for r in out:
+            tokens[r.uid] += r.tokens
+    assert tokens == [plain_greedy(plain, p, n) for p, n in zip(prompts, limits)]
+    with pytest.raises(ValueError, match=f"{name} drafter drafts one sequence only"):
+        list(batch_generate_step(model, prompts, max_tokens=limits, draft="streams"))

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from dflash_helpers import reference_levels, write_dflash
 from eagle_helpers import (
+    assert_batches_draft_by_lookup,
     assert_checkpoints_refused,
+    assert_rejection_keeps_the_distribution,
     recorded_drafts,
     saved_and_loaded_back,
     write_base,
@@ -184,43 +186,21 @@ def small_base(tmp_path_factory):
 def test_batches_draft_by_lookup_and_the_drafter_is_refused_by_name(small_base, tmp_path):
     """A batch's rows cannot draft with a DFlash drafter: ``draft="auto"`` drafts them by
     prompt lookup (mlx-lm's tokens), ``draft="streams"`` is refused naming it."""
-    from mlx_specstream.batch import batch_generate_step
-
     write_dflash(tmp_path / "df", SMALL_V, scale=1.0)
     model, _ = load(str(small_base), drafter=str(tmp_path / "df"))
-    plain, _ = mlx_lm_load(str(small_base))
-    prompts, limits = [[3, 9, 4, 3, 9], [7, 1, 7, 1, 7, 1]], [16, 12]
-    tokens = [[] for _ in prompts]
-    for out in batch_generate_step(model, prompts, max_tokens=limits, draft="auto"):
-        for r in out:
-            tokens[r.uid] += r.tokens
-    assert tokens == [plain_greedy(plain, p, n) for p, n in zip(prompts, limits)]
-    with pytest.raises(ValueError, match="DFlash drafter drafts one sequence only"):
-        list(batch_generate_step(model, prompts, max_tokens=limits, draft="streams"))
+    assert_batches_draft_by_lookup(model, mlx_lm_load(str(small_base))[0], "DFlash")
 
 
 def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     """Recursive rejection over the drafter's trees samples the base's distribution;
     control: each level verified against the next level's draft distribution."""
-    from chi_square import chi_square_pvalue
-    from test_sampling import exact_distribution, sample_counts, verify_against_the_next_level_s_q
-
-    from mlx_specstream.sample_utils import make_sampler
-
     base = write_base(tmp_path / "base", 6, weight_scale=1.0)
     write_dflash(tmp_path / "df", 6, scale=2.0, window=64)  # (a causal layer: levels differ)
     data = json.loads((tmp_path / "df" / "config.json").read_text())
     data["dflash_config"].update(output_multiplier=4.0)
     (tmp_path / "df" / "config.json").write_text(json.dumps(data))
     model, _ = load(str(base), drafter=str(tmp_path / "df"))
-    sampler, n = make_sampler(temp=1.0), 1500
-    exact = exact_distribution(model, sampler)
-    kwargs = dict(acceptance="rejection", tree_top_k=2, tree_depth=2, max_tree_nodes=6)
-    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
-    assert p > 1e-3, f"chi-square p = {p:.2e}"
-    verify_against_the_next_level_s_q(monkeypatch)
-    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
-    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+    assert_rejection_keeps_the_distribution(model, monkeypatch)
 
 
 def test_the_command_lines_take_the_drafter_on_a_4_bit_base(small_base, tmp_path, capsys):

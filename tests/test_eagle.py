@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from eagle_helpers import (
     assert_checkpoints_refused,
+    assert_rejection_keeps_the_distribution,
     recorded_drafts,
     saved_and_loaded_back,
     reference_levels,
@@ -232,23 +233,11 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     """Recursive rejection over the drafter's trees (drafts outside its draft vocabulary
     impossible: ``q = 0`` there) samples the base's distribution; control: each level
     verified against the next level's draft distribution."""
-    from chi_square import chi_square_pvalue
-    from test_sampling import exact_distribution, sample_counts, verify_against_the_next_level_s_q
-
-    from mlx_specstream.sample_utils import make_sampler
-
     base = write_base(tmp_path / "base", 6, weight_scale=1.0)
     write_eagle(tmp_path / "eagle", 6, draft_vocab=[0, 2, 3, 5], layer_ids=[0, 3, 6], scale=1.0,
                 head_scale=4.0)  # fmt: skip
     model, _ = load(str(base), drafter=str(tmp_path / "eagle"))
-    sampler, n = make_sampler(temp=1.0), 1500
-    exact = exact_distribution(model, sampler)
-    kwargs = dict(acceptance="rejection", tree_top_k=2, tree_depth=2, max_tree_nodes=6)
-    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
-    assert p > 1e-3, f"chi-square p = {p:.2e}"
-    verify_against_the_next_level_s_q(monkeypatch)
-    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
-    assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
+    assert_rejection_keeps_the_distribution(model, monkeypatch)
 
 
 def test_the_command_lines_take_the_drafter_on_a_4_bit_base(small_base, tmp_path, capsys):

@@ -7,7 +7,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from eagle_helpers import write_base
+from eagle_helpers import (
+    assert_batches_draft_by_lookup,
+    assert_rejection_keeps_the_distribution,
+    write_base,
+)
 from helpers import plain_greedy, spec_tokens
 from mlx_lm import load as mlx_lm_load
 
@@ -205,6 +209,21 @@ def test_greedy_equals_plain_decoding(tree, base_dir, tmp_path):
     for prompt in ([3], PROMPT):
         got, _ = spec_tokens(model, prompt, 40, **tree)
         assert got == plain_greedy(plain, prompt, 40), (tree, prompt)
+
+
+def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
+    """Recursive rejection over the drafter's (static) trees samples the base's
+    distribution; control: each level verified against the next level's ``q``."""
+    base = write_base(tmp_path / "base", 6, weight_scale=1.0)
+    write_eagle1(tmp_path / "eagle", 6, scale=1.0, own_embeddings=True)
+    model, _ = load(str(base), drafter=str(tmp_path / "eagle"))
+    assert_rejection_keeps_the_distribution(model, monkeypatch)
+
+
+def test_batches_draft_by_lookup_and_the_drafter_is_refused_by_name(base_dir, tmp_path):
+    write_eagle1(tmp_path / "eagle")
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
+    assert_batches_draft_by_lookup(model, mlx_lm_load(str(base_dir))[0], "EAGLE-1")
 
 
 def test_negative_control_a_wrong_verifier_is_caught(base_dir, tmp_path, monkeypatch):
