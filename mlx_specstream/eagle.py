@@ -220,7 +220,38 @@ def layer_args(eagle: dict) -> llama.ModelArgs:
     )
 
 
-class Eagle3Drafter(nn.Module):
+class EagleDrafting(nn.Module):
+    """What EAGLE's drafters (EAGLE-3's, EAGLE-1's) share: a layer of their own on a KV
+    cache that the accepted path's rows stay in, run again on its own output for each
+    deeper level (``step``, ``again``, ``level_logits``), or over a dynamic tree's nodes
+    (``rows_at``, ``tree_logprobs``, ``tree_ids``)."""
+
+    def start(self, prompt_cache_offset: int, previous=None, levels=None) -> DrafterState:
+        return continue_or_start(prompt_cache_offset, previous, self.layer)
+
+    def embed(self, rt, tokens: mx.array) -> mx.array:
+        """Token embeddings: the drafter's own, else the base's."""
+        return self.embed_tokens(tokens) if "embed_tokens" in self else rt.embed(tokens)
+
+    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
+        """``(levels, V)`` logits of the next tree's levels from the accepted path: the
+        new rows, then the layer again on its own output for each deeper level (those
+        rows trimmed after)."""
+        levels = self._levels if levels is None else min(levels, self._levels)
+        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
+        out = self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
+        logits = [self.level_logits(rt, out)]
+        levels_again(rt, self, logits, out, state.cache, levels - 1)
+        state.cache.trim(levels - 1)  # (the recursion's rows never stay)
+        return mx.concatenate(logits, axis=0)
+
+    def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
+        """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep
+        (:func:`~mlx_specstream.dynamic_tree.grown_candidates`)."""
+        return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth)
+
+
+class Eagle3Drafter(EagleDrafting):
     """``fc`` ``(D, 3 D_base)``, ``layer.*``, ``norm``, ``lm_head`` ``(V_draft, D)``,
     ``d2t`` ``(V_draft,)`` (and ``embed_tokens`` where the checkpoint has its own)."""
 
@@ -247,13 +278,6 @@ class Eagle3Drafter(nn.Module):
         self.feature_layers = list(eagle["feature_layers"])
         self._vocab, self._levels = base_vocab, config.num_draft_tokens
         self._targets = None  # (d2t it was made from, the base's ids of the draft ids)
-
-    def start(self, prompt_cache_offset: int, previous=None, levels=None) -> DrafterState:
-        return continue_or_start(prompt_cache_offset, previous, self.layer)
-
-    def embed(self, rt, tokens: mx.array) -> mx.array:
-        """Token embeddings: the drafter's own, else the base's."""
-        return self.embed_tokens(tokens) if "embed_tokens" in self else rt.embed(tokens)
 
     def step(self, rt, feats: mx.array, tokens: mx.array, cache) -> mx.array:
         """The layer's output over rows pairing the base's fused ``feats`` ``(L, 3 D)``
@@ -292,23 +316,6 @@ class Eagle3Drafter(nn.Module):
         """``(..., V_draft)`` float32 log-probabilities over the draft ids."""
         small = self.lm_head(self.norm(out)).astype(mx.float32)
         return small - mx.logsumexp(small, axis=-1, keepdims=True)
-
-    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
-        """``(levels, V)`` logits of the next tree's levels from the accepted path: the
-        new rows through ``fc`` and the layer, then the layer again on its own output
-        for each deeper level (those rows trimmed after)."""
-        levels = self._levels if levels is None else min(levels, self._levels)
-        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
-        out = self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
-        logits = [self.logits(out)]
-        levels_again(rt, self, logits, out, state.cache, levels - 1)
-        state.cache.trim(levels - 1)  # (the recursion's rows never stay)
-        return mx.concatenate(logits, axis=0)
-
-    def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
-        """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep
-        (:func:`~mlx_specstream.dynamic_tree.grown_candidates`)."""
-        return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth)
 
     def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
         """The layer over rows pairing its own outputs ``h`` ``(k, D)`` with ``tokens``'

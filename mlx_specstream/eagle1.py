@@ -37,18 +37,8 @@ from mlx_lm.models import llama
 
 from .config import EAGLE1_KEYS, DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import (
-    DrafterState,
-    attach_checkpoint_drafter,
-    checkpoint_files,
-    continue_or_start,
-    levels_again,
-    new_rows,
-    refuse_attached,
-    run_layer,
-)
-from .dynamic_tree import grown_candidates
-from .eagle import attend_at
+from .drafters import attach_checkpoint_drafter, checkpoint_files, refuse_attached, run_layer
+from .eagle import EagleDrafting, attend_at
 from .model_parts import hidden_size
 from .mtp import _final_norm, _lm_head
 
@@ -164,7 +154,7 @@ def layer_at(layer: llama.TransformerBlock, x: mx.array, cache, at) -> mx.array:
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-class Eagle1Drafter(nn.Module):
+class Eagle1Drafter(EagleDrafting):
     """``fc`` ``(D, 2 D)``, ``layer.*`` (Llama's block, no input norm) and
     ``embed_tokens`` where the checkpoint has its own; the base's final norm (on its
     features) and LM head."""
@@ -185,13 +175,6 @@ class Eagle1Drafter(nn.Module):
         self.layer = llama.TransformerBlock(layer_args(eagle, head_rows(model)))
         self.layer.input_layernorm = nn.Identity()  # (EAGLE drops the first layer's)
         self._levels = config.num_draft_tokens
-
-    def start(self, prompt_cache_offset: int, previous=None, levels=None) -> DrafterState:
-        return continue_or_start(prompt_cache_offset, previous, self.layer)
-
-    def embed(self, rt, tokens: mx.array) -> mx.array:
-        """Token embeddings: the drafter's own, else the base's."""
-        return self.embed_tokens(tokens) if "embed_tokens" in self else rt.embed(tokens)
 
     def _rows(self, rt, h: mx.array, tokens: mx.array) -> mx.array:
         """``fc([e; h])`` of rows pairing ``h`` ``(L, D)`` with ``tokens``' embeddings."""
@@ -214,23 +197,6 @@ class Eagle1Drafter(nn.Module):
         vocab = rt.draft_vocab
         logits = _lm_head(rt.model, vocab)(out)
         return logits if vocab is None else vocab.widen(logits)
-
-    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
-        """``(levels, V)`` logits of the next tree's levels from the accepted path: the
-        new rows, then the layer again on its own output for each deeper level (those
-        rows trimmed after)."""
-        levels = self._levels if levels is None else min(levels, self._levels)
-        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
-        out = self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
-        logits = [self.level_logits(rt, out)]
-        levels_again(rt, self, logits, out, state.cache, levels - 1)
-        state.cache.trim(levels - 1)  # (the recursion's rows never stay)
-        return mx.concatenate(logits, axis=0)
-
-    def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
-        """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep
-        (:func:`~mlx_specstream.dynamic_tree.grown_candidates`)."""
-        return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth)
 
     def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
         return layer_at(self.layer, self._rows(rt, h, tokens)[None], cache, at)[0]

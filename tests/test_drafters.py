@@ -242,8 +242,10 @@ def test_save_load_roundtrip_and_drafter_flag(kind, tmp_path):
 def test_bad_drafter_configs_are_refused(tmp_path):
     from helpers import word_tokenizer
 
-    with pytest.raises(ValueError, match="drafter.kind='eagle'"):
-        DrafterConfig(kind="eagle")
+    with pytest.raises(ValueError, match="drafter.kind='hydra'"):
+        DrafterConfig(kind="hydra")
+    with pytest.raises(ValueError, match="drafter.eagle=None: .*kind 'eagle' one of"):
+        DrafterConfig(kind="eagle")  # (an EAGLE-1 drafter: its layer's settings needed)
     with pytest.raises(ValueError, match="Unknown key"):
         DrafterConfig.from_dict({"kind": "medusa", "heads": 3})
     with pytest.raises(ValueError, match="tree_depth"):
