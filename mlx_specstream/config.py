@@ -371,7 +371,7 @@ class DrafterConfig(_Section):
           :class:`SpecStreamConfig` (``tree_depth`` counts levels).
         tuned (dict, optional): device name -> the tree settings (and for
           ``"mtp"`` the layers that draft, ``num_mtp_layers``, at most the section's;
-          for ``"eagle3"`` whether its tree grows, ``dynamic_tree``)
+          for ``"eagle3"`` and ``"eagle"`` whether its tree grows, ``dynamic_tree``)
           ``python -m mlx_specstream.tune --save`` measured fastest on that
           device, applied there only. Default: ``None``.
         num_mtp_layers (int): for ``"mtp"``, how many of the checkpoint's MTP layers
@@ -395,8 +395,8 @@ class DrafterConfig(_Section):
           read from its checkpoint (:data:`DFLASH_KEYS`): its layers' shape and
           attention, ``block_size``, ``mask_token_id`` and ``feature_layers`` (the
           base's layers whose inputs it reads).
-        dynamic_tree (bool, optional): for ``"eagle3"`` and ``"eagle"``, whether its trees are grown
-          from its own drafts (:mod:`mlx_specstream.dynamic_tree`); ``false``: the
+        dynamic_tree (bool, optional): for ``"eagle3"`` and ``"eagle"``, whether its trees
+          are grown from its own drafts (:mod:`mlx_specstream.dynamic_tree`); ``false``: the
           static tree of its levels. Default: ``None``, grown wherever the tree is
           wider than a chain.
     """

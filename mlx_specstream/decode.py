@@ -665,7 +665,7 @@ def spec_generate_step(
           streams in shared mode. Default: ``True``.
         tree_top_k, tree_depth, prune_threshold, max_tree_nodes: per-call
           overrides of the model's tree settings.
-        dynamic_tree (bool, optional): an EAGLE-3 drafter grows each tree from its
+        dynamic_tree (bool, optional): an EAGLE drafter grows each tree from its
           own drafts (EAGLE-2's dynamic trees, :mod:`mlx_specstream.dynamic_tree`):
           ``tree_top_k`` children for each of the ``tree_top_k`` best nodes of a
           level, ``tree_depth`` levels, the best ``max_tree_nodes`` kept. Greedy

@@ -171,8 +171,8 @@ def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: in
     them (``drafter.step``), then one pass per deeper level over the ``k`` best nodes of
     the level above (``drafter.rows_at(rt, h, tokens, cache, (position, mask))``), each
     row at its level's position and seeing the context and its own ancestors' rows
-    (trimmed after); ``drafter.tree_logprobs(rt, out)`` ranks the children, over the
-    tokens ``drafter.tree_ids()`` (``None``: every token)."""
+    (trimmed after); ``drafter.tree_logits(rt, out)``, normalized here, ranks the
+    children, over the tokens ``drafter.tree_ids()`` (``None``: every token)."""
     feats, nxt = new_rows(state, hidden, path, path_tokens, token)
     out = drafter.step(rt, feats, mx.array(nxt), state.cache)[-1:]
     start = state.cache.offset
@@ -180,12 +180,18 @@ def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: in
     def expand(level, h, tokens, mask):
         at = (start + level - 2, with_prefix(mask, start))
         o = drafter.rows_at(rt, h, tokens, state.cache, at)
-        return o, drafter.tree_logprobs(rt, o)
+        return o, log_softmax(drafter.tree_logits(rt, o))
 
-    first = drafter.tree_logprobs(rt, out)
+    first = log_softmax(drafter.tree_logits(rt, out))
     candidates = grow(out, first, expand, k, depth, drafter.tree_ids())
     state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
     return candidates
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """Float32 log-probabilities of ``logits`` over their last axis."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def draft_tree(candidates, root: int, max_nodes: int) -> DraftTree:

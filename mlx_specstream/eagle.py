@@ -56,6 +56,11 @@ from .drafters import (
 from .dynamic_tree import grown_candidates
 from .model_parts import hidden_size
 
+# What a drafter checkpoint saved by PyTorch needs before it is read here.
+PICKLE_HINT = (
+    "A PyTorch checkpoint (pytorch_model.bin, as EAGLE's own are) converts with: "
+    "python -m convert.eagle3 --src DIR_OR_HUB_REPO --out DIR"
+)
 # A chain of 3 by default (as for a checkpoint's MTP layer); up to 5 levels where a tree asks.
 EAGLE_DEFAULTS = dict(num_draft_tokens=5, tree_depth=3, top_k=1, max_tree_nodes=4)
 
@@ -139,13 +144,10 @@ def eagle_settings(path: Path, model: nn.Module, own_embeddings: bool) -> dict:
 
 def read_eagle_weights(path: Path) -> Dict[str, mx.array]:
     """The drafter's tensors under this module's names: ``midlayer.`` and ``layers.0.``
-    become ``layer.``; ``t2d`` (the inverse map) is dropped."""
+    become ``layer.``, vLLM's ``model.`` prefix is dropped; ``t2d`` (the inverse map) is
+    dropped. EAGLE-1's checkpoints (:mod:`mlx_specstream.eagle1`) are read so too."""
     weights = {}
-    hint = (
-        "A PyTorch checkpoint (pytorch_model.bin, as EAGLE's own are) converts with: "
-        "python -m convert.eagle3 --src DIR_OR_HUB_REPO --out DIR"
-    )
-    for file in checkpoint_files(path, hint):
+    for file in checkpoint_files(path, PICKLE_HINT):
         for key, value in mx.load(str(file)).items():
             if key == "t2d":
                 continue
@@ -224,7 +226,7 @@ class EagleDrafting(nn.Module):
     """What EAGLE's drafters (EAGLE-3's, EAGLE-1's) share: a layer of their own on a KV
     cache that the accepted path's rows stay in, run again on its own output for each
     deeper level (``step``, ``again``, ``level_logits``), or over a dynamic tree's nodes
-    (``rows_at``, ``tree_logprobs``, ``tree_ids``)."""
+    (``rows_at``, ``tree_logits``, ``tree_ids``)."""
 
     def start(self, prompt_cache_offset: int, previous=None, levels=None) -> DrafterState:
         return continue_or_start(prompt_cache_offset, previous, self.layer)
@@ -312,19 +314,15 @@ class Eagle3Drafter(EagleDrafting):
             self._targets = (self.d2t, ids)
         return self._targets[1]
 
-    def draft_logprobs(self, out: mx.array) -> mx.array:
-        """``(..., V_draft)`` float32 log-probabilities over the draft ids."""
-        small = self.lm_head(self.norm(out)).astype(mx.float32)
-        return small - mx.logsumexp(small, axis=-1, keepdims=True)
-
     def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
         """The layer over rows pairing its own outputs ``h`` ``(k, D)`` with ``tokens``'
         embeddings, at ``at`` = ``(position, mask)`` (:func:`attend_at`)."""
         e = self.embed(rt, tokens).astype(h.dtype)
         return self.layer(e[None], h[None], cache, at=at)[0]
 
-    def tree_logprobs(self, rt, out: mx.array) -> mx.array:
-        return self.draft_logprobs(out)
+    def tree_logits(self, rt, out: mx.array) -> mx.array:
+        """``(..., V_draft)`` logits over the draft ids (:meth:`tree_ids`)."""
+        return self.lm_head(self.norm(out))
 
     def tree_ids(self) -> mx.array:
         return self.draft_ids()

@@ -29,7 +29,7 @@ Example:
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,25 +37,13 @@ from mlx_lm.models import llama
 
 from .config import EAGLE1_KEYS, DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import attach_checkpoint_drafter, checkpoint_files, refuse_attached, run_layer
-from .eagle import EagleDrafting, attend_at
+from .drafters import attach_checkpoint_drafter, refuse_attached, run_layer
+from .eagle import EagleDrafting, attend_at, read_eagle_weights
 from .model_parts import hidden_size
-from .mtp import _final_norm, _lm_head
+from .mtp import _checkpoint_keys, _final_norm, head_logits
 
 # A chain of 3 by default, as for EAGLE-3; up to 5 levels where a tree asks (EAGLE-2: 5-6).
 EAGLE1_DEFAULTS = dict(num_draft_tokens=5, tree_depth=3, top_k=1, max_tree_nodes=4)
-_HINT = (
-    "A PyTorch checkpoint (pytorch_model.bin, as EAGLE's own are) converts with: "
-    "python -m convert.eagle3 --src DIR_OR_HUB_REPO --out DIR"
-)
-
-
-def _names(path: Path) -> list:
-    """The tensor names of ``path``'s safetensors (headers only)."""
-    from .mtp import _headers
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    return list(_headers(files)) if files else []
 
 
 def is_eagle1_checkpoint(path: Path) -> bool:
@@ -74,25 +62,13 @@ def is_eagle1_checkpoint(path: Path) -> bool:
         return True
     if config.get("num_hidden_layers") != 1:
         return False
-    keys = {k[len("model.") :] if k.startswith("model.") else k for k in _names(path)}
+    keys = {k[len("model.") :] if k.startswith("model.") else k for k in _checkpoint_keys(path)}
     if keys:
-        return "fc.weight" in keys and "lm_head.weight" not in keys and "midlayer" not in str(keys)
+        eagle3 = any(k.startswith("midlayer.") for k in keys)
+        return "fc.weight" in keys and "lm_head.weight" not in keys and not eagle3
     return (path / "pytorch_model.bin").is_file() or (
         path / "pytorch_model.bin.index.json"
     ).exists()
-
-
-def read_eagle1_weights(path: Path) -> Dict[str, mx.array]:
-    """The drafter's tensors under this module's names: ``layers.0.`` becomes ``layer.``,
-    vLLM's ``model.`` prefix is dropped."""
-    weights = {}
-    for file in checkpoint_files(path, _HINT):
-        for key, value in mx.load(str(file)).items():
-            key = key[len("model.") :] if key.startswith("model.") else key
-            if key.startswith("layers.0."):
-                key = "layer." + key[len("layers.0.") :]
-            weights[key] = value
-    return weights
 
 
 def eagle1_settings(path: Path, model: nn.Module, weights: dict) -> dict:
@@ -194,16 +170,13 @@ class Eagle1Drafter(EagleDrafting):
     def level_logits(self, rt, out: mx.array) -> mx.array:
         """A level's logits: the base's LM head on the output (under ``rt``'s draft
         vocabulary, ``-inf`` elsewhere)."""
-        vocab = rt.draft_vocab
-        logits = _lm_head(rt.model, vocab)(out)
-        return logits if vocab is None else vocab.widen(logits)
+        return head_logits(rt.model, out, rt.draft_vocab)
 
     def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
         return layer_at(self.layer, self._rows(rt, h, tokens)[None], cache, at)[0]
 
-    def tree_logprobs(self, rt, out: mx.array) -> mx.array:
-        logits = self.level_logits(rt, out).astype(mx.float32)
-        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    def tree_logits(self, rt, out: mx.array) -> mx.array:
+        return self.level_logits(rt, out)
 
     def tree_ids(self) -> None:
         return None
@@ -211,7 +184,8 @@ class Eagle1Drafter(EagleDrafting):
 
 def eagle1_config(checkpoint: Path, model: nn.Module, weights: dict, **tree) -> DrafterConfig:
     """The drafter section of ``checkpoint``'s EAGLE-1 drafter (its tensors ``weights``,
-    :func:`read_eagle1_weights`) on ``model`` (a chain of 3 unless ``tree`` says)."""
+    :func:`~mlx_specstream.eagle.read_eagle_weights`) on ``model`` (a chain of 3 unless ``tree`` says).
+    """
     eagle = eagle1_settings(checkpoint, model, weights)
     assert sorted(eagle) == sorted(EAGLE1_KEYS)
     return DrafterConfig(kind="eagle", eagle=eagle, **{**EAGLE1_DEFAULTS, **tree})
@@ -228,6 +202,6 @@ def attach_eagle1(model: nn.Module, checkpoint: Path, config: Optional[DrafterCo
         ValueError: naming the checkpoint, where its tensors do not fit.
     """
     refuse_attached(model)
-    weights = read_eagle1_weights(checkpoint)
+    weights = read_eagle_weights(checkpoint)
     config = eagle1_config(checkpoint, model, weights) if config is None else config
     return attach_checkpoint_drafter(model, config, weights, checkpoint, "EAGLE-1")

@@ -361,7 +361,7 @@ def setup_arg_parser():
         "--dynamic-tree",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="An EAGLE-3 drafter grows each tree from its own drafts (EAGLE-2's dynamic "
+        help="An EAGLE drafter grows each tree from its own drafts (EAGLE-2's dynamic "
         "trees: --tree-top-k children of the --tree-top-k best nodes of each level, the best "
         "--max-tree-nodes kept). Default: wherever the tree is wider than a chain",
     )

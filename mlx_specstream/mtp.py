@@ -392,6 +392,14 @@ def _lm_head(model, vocab=None):
     return head.as_linear if isinstance(head, (nn.Embedding, nn.QuantizedEmbedding)) else head
 
 
+def head_logits(model, x: mx.array, vocab=None) -> mx.array:
+    """The base's LM head (without its final norm) on ``x``; only ``vocab``'s tokens where
+    a draft vocabulary is given (``-inf`` elsewhere:
+    :class:`~mlx_specstream.draft_vocab.DraftVocab`)."""
+    logits = _lm_head(model, vocab)(x)
+    return logits if vocab is None else vocab.widen(logits)
+
+
 class MTPDepth(nn.Module):
     """``embed_norm``, ``hidden_norm``, ``proj`` ``(D, 2D)``, ``layer.*`` and
     ``final_norm`` (and ``head`` where the checkpoint's differs from the base's): one
@@ -428,9 +436,8 @@ class MTPDepth(nn.Module):
         base's; only ``vocab``'s tokens where a draft vocabulary is given (``-inf``
         elsewhere: :class:`~mlx_specstream.draft_vocab.DraftVocab`)."""
         if "head" not in self:
-            head = _lm_head(model, vocab)
-        else:
-            head = self.head if vocab is None else vocab.restrict(self.head)
+            return head_logits(model, self.final_norm(out), vocab)
+        head = self.head if vocab is None else vocab.restrict(self.head)
         logits = head(self.final_norm(out))
         return logits if vocab is None else vocab.widen(logits)
 

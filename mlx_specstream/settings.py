@@ -74,7 +74,7 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
     and whether that was asked for (by the call, else by the model's config).
 
     ``None`` (the call's and the config's) means: where the drafter can grow them (an
-    EAGLE-3 drafter) and the tree is wider than a chain. Asked for where the drafts
+    EAGLE drafter: EAGLE-3's, EAGLE-1's) and the tree is wider than a chain. Asked for where the drafts
     cannot grow one (streams, Medusa heads, MTP layers, a draft model), it is refused.
 
     Returns:
@@ -93,7 +93,7 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
             what = f"its {getattr(rt.config, 'kind', 'attached')} drafter fills"
         raise ValueError(
             f"dynamic_tree=True: {what} static trees; dynamic trees are grown by drafters "
-            "that run again on their own output, one node at a time (EAGLE-3's)."
+            "that run again on their own output, one node at a time (EAGLE's)."
         )
     wide = depth > 0 and max(ks[:depth]) > 1
     return bool(asked is not False and hasattr(drafter, "draft_tree") and wide), bool(asked)

@@ -217,7 +217,7 @@ def tune(
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
     # (a drafter of several MTP layers: the trees drafted by all of them)
     held = len(rt.drafter.held_depths) if isinstance(rt.drafter, MTPDrafter) else 1
-    grows = hasattr(rt.drafter, "draft_tree")  # (an EAGLE-3 drafter: dynamic trees)
+    grows = hasattr(rt.drafter, "draft_tree")  # (an EAGLE drafter: dynamic trees)
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
         # (not the draft source or pipelining a previous tuning stored)
         tree.update(draft="streams", pipeline=False)
@@ -535,7 +535,7 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
             entry["stream_logits_in_pass"] = choice.get("stream_logits_in_pass")
         elif "num_mtp_layers" in choice:  # (MTP layers: how many of those held draft)
             entry["num_mtp_layers"] = choice["num_mtp_layers"]
-        if "dynamic_tree" in choice:  # (an EAGLE-3 drafter's tree: grown, or static)
+        if "dynamic_tree" in choice:  # (an EAGLE drafter's tree: grown, or static)
             entry["dynamic_tree"] = choice["dynamic_tree"]
         if "draft_vocab" in choice:  # (the model's draft vocabulary, or every token)
             entry["draft_vocab"] = choice["draft_vocab"]
@@ -600,8 +600,9 @@ def main(argv=None):
     p.add_argument(
         "--drafter",
         default=None,
-        help="A drafter for --model from another directory (an EAGLE-3, EAGLE-1 or DFlash checkpoint, MTP "
-        "layers, ...), as generate's --drafter; its files and the model's are not written",
+        help="A drafter for --model from another directory (an EAGLE-3, EAGLE-1 or DFlash "
+        "checkpoint, MTP layers, ...), as generate's --drafter; its files and the model's are "
+        "not written",
     )
     p.add_argument("--prompts", default=None, help="JSONL with a 'prompt' per line")
     p.add_argument("--num-prompts", type=int, default=3)
