@@ -152,7 +152,7 @@ class Eagle1Drafter(EagleDrafting):
         self.layer.input_layernorm = nn.Identity()  # (EAGLE drops the first layer's)
         self._levels = config.num_draft_tokens
 
-    def _rows(self, rt, h: mx.array, tokens: mx.array) -> mx.array:
+    def inputs(self, rt, h: mx.array, tokens: mx.array) -> mx.array:
         """``fc([e; h])`` of rows pairing ``h`` ``(L, D)`` with ``tokens``' embeddings."""
         e = self.embed(rt, tokens).astype(h.dtype)
         return self.fc(mx.concatenate([e, h], axis=-1).astype(self.fc.weight.dtype))
@@ -165,7 +165,7 @@ class Eagle1Drafter(EagleDrafting):
     def again(self, rt, h: mx.array, tokens: mx.array, cache) -> mx.array:
         """The layer over rows pairing ``h`` (normed features, or its own earlier output:
         a deeper level's row) with ``tokens``' embeddings, appended to ``cache``."""
-        return run_layer(self.layer, self._rows(rt, h, tokens)[None], cache)[0]
+        return run_layer(self.layer, self.inputs(rt, h, tokens)[None], cache)[0]
 
     def level_logits(self, rt, out: mx.array) -> mx.array:
         """A level's logits: the base's LM head on the output (under ``rt``'s draft
@@ -173,7 +173,7 @@ class Eagle1Drafter(EagleDrafting):
         return head_logits(rt.model, out, rt.draft_vocab)
 
     def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
-        return layer_at(self.layer, self._rows(rt, h, tokens)[None], cache, at)[0]
+        return layer_at(self.layer, self.inputs(rt, h, tokens)[None], cache, at)[0]
 
     def tree_logits(self, rt, out: mx.array) -> mx.array:
         return self.level_logits(rt, out)

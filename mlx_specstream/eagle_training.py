@@ -117,14 +117,14 @@ def attach_eagle_for_training(
 
 def copy_parts(ours: nn.Module, theirs: nn.Module, names) -> None:
     """Copies the parameters of ``theirs``' submodules ``names`` (dotted paths) into
-    ``ours``' where every name and shape agrees (a quantized linear's weight dequantized);
-    any other stays as it was."""
+    ``ours``' where every name and shape agrees (quantized linears' weights dequantized,
+    inside a submodule too); any other stays as it was."""
     for name in names:
         mine, base = ours, theirs
         try:
             for part in name.split("."):
                 mine, base = mine[part], base[part]
-            new = {"weight": _float_weight(base)} if "scales" in base else base.parameters()
+            new = _float_parameters(base)
             have = dict(tree_flatten(mine.parameters()))
             given = dict(tree_flatten(new))
             if given.keys() != have.keys() or any(given[k].shape != have[k].shape for k in have):
@@ -133,6 +133,23 @@ def copy_parts(ours: nn.Module, theirs: nn.Module, names) -> None:
             mx.eval(mine.parameters())
         except (KeyError, AttributeError, ValueError):
             continue
+
+
+def _float_parameters(module: nn.Module) -> dict:
+    """``module``'s parameters with every quantized linear's or embedding's weight
+    dequantized (its scales and biases gone)."""
+    if "scales" in module:
+        bias = {"bias": module["bias"]} if "bias" in module else {}
+        return {"weight": _float_weight(module), **bias}
+    out = {}
+    for k, v in module.items():
+        if isinstance(v, nn.Module):
+            out[k] = _float_parameters(v)
+        elif isinstance(v, list) and v and all(isinstance(m, nn.Module) for m in v):
+            out[k] = [_float_parameters(m) for m in v]
+        elif isinstance(v, mx.array):
+            out[k] = v
+    return out
 
 
 def _float_weight(head: nn.Module) -> mx.array:
@@ -153,17 +170,34 @@ def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps
     """The training-time test's logits over its draft vocabulary: one ``(B, n, V_draft)``
     per step, rows ``i < n = L - steps - 1`` of ``feats`` ``(B, L, 3 D)`` and ``ids``
     ``(B, L)`` (see the module's docstring)."""
-    layer, attn = drafter.layer, drafter.layer.self_attn
-    B, L = ids.shape
-    n = L - steps - 1
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    layer = drafter.layer
+    n = ids.shape[1] - steps - 1
     h = drafter.fc(feats[:, :n].astype(drafter.fc.weight.dtype))
-    causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
-    keys, values, logits = [], [], []
-    for k in range(steps):
+
+    def layer_input(k, h):
         e = drafter.embed(rt, ids[:, k + 1 : k + 1 + n]).astype(h.dtype)
         hn = layer.hidden_norm(h)
         x = mx.concatenate([layer.input_layernorm(e), hn], axis=-1)
+        return x, hn if layer._norm_first else h
+
+    states = ttt_states(layer, h, steps, layer_input)
+    return [drafter.lm_head(drafter.norm(s)) for s in states]
+
+
+def ttt_states(layer, h: mx.array, steps: int, layer_input) -> List[mx.array]:
+    """A drafter layer's outputs over ``steps`` steps of the training-time test, rows
+    ``(B, n, D)`` each: step ``k`` runs ``layer`` (its ``self_attn``, ``mlp`` and
+    ``post_attention_layernorm``) on ``layer_input(k, h)`` = ``(x, residual)``, ``x``
+    the attention's input from the previous step's output ``h`` (step 0: ``h`` given),
+    its rows at positions ``i + k``, each attending to step 0's rows up to ``i`` and to
+    its own earlier steps' rows at ``i`` (see the module's docstring)."""
+    attn = layer.self_attn
+    B, n = h.shape[:2]
+    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
+    keys, values, states = [], [], []
+    for k in range(steps):
+        x, residual = layer_input(k, h)
 
         def heads(proj, count, rope=True):
             y = proj(x).reshape(B, n, count, hd).transpose(0, 2, 1, 3)
@@ -180,11 +214,10 @@ def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps
         out = p[..., :n] @ values[0]
         for m, vv in enumerate(values[1:]):
             out = out + p[..., n + m : n + m + 1] * vv
-        residual = hn if layer._norm_first else h
         a = residual + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, n, H * hd))
         h = a + layer.mlp(layer.post_attention_layernorm(a))
-        logits.append(drafter.lm_head(drafter.norm(h)))
-    return logits
+        states.append(h)
+    return states
 
 
 def drafter_features(model, ids: mx.array) -> mx.array:
@@ -218,11 +251,16 @@ class EagleLoss:
         self.rt = get_runtime(model)
         self.drafter = self.rt.drafter
         self.gamma = steps
-        d = self.drafter
-        to_draft = np.full(d._vocab, -1, dtype=np.int32)  # (base id -> draft id, -1: none)
-        to_draft[np.arange(d.d2t.shape[0]) + np.array(d.d2t)] = np.arange(d.d2t.shape[0])
+        to_draft = self._base_to_draft()
         self._known = to_draft >= 0  # (on the host: the normalizers read no device)
         self._to_draft = mx.array(to_draft)
+
+    def _base_to_draft(self) -> np.ndarray:
+        """Each base token's id in the drafter's head (its d2t's), ``-1`` where it has none."""
+        d = self.drafter
+        to_draft = np.full(d._vocab, -1, dtype=np.int32)
+        to_draft[np.arange(d.d2t.shape[0]) + np.array(d.d2t)] = np.arange(d.d2t.shape[0])
+        return to_draft
 
     def features(self, ids: mx.array) -> mx.array:
         """:func:`drafter_features` of windows ``ids``, never differentiated."""
@@ -250,7 +288,7 @@ class EagleLoss:
         windows of one length and prompt length run together (one pass of the base and
         of each step over all of them)."""
         counts, _ = self.normalizers(batch)
-        ce_sum, hits = [0.0] * self.gamma, [0.0] * self.gamma
+        sums, hits = [0.0] * self.gamma, [0.0] * self.gamma
         groups = {}
         for ex in batch:
             key = (len(ex["input_ids"]), int(ex["prompt_len"]))
@@ -259,20 +297,32 @@ class EagleLoss:
             lo, n = self.span(length, prompt_len)
             if n <= lo:
                 continue
-            ids = mx.array(rows, dtype=mx.int32)
-            logits = ttt_logits(self.drafter, self.rt, self.features(ids), ids, self.gamma)
-            for k, z in enumerate(logits):
-                z = z[:, lo:n].astype(mx.float32)
-                y = self._to_draft[ids[:, lo + k + 2 : n + k + 2]]
-                known = y >= 0
-                ce = nn.losses.cross_entropy(z, mx.maximum(y, 0), reduction="none")
-                ce_sum[k] = ce_sum[k] + mx.where(known, ce, 0.0).sum()
-                hits[k] = hits[k] + ((mx.argmax(z, axis=-1) == y) & known).sum()
+            for k, (s, h) in enumerate(self.step_sums(rows, lo, n)):
+                sums[k], hits[k] = sums[k] + s, hits[k] + h
         divide = (normalizers or (counts, 0))[0]
         loss = mx.array(0.0)
         for k in range(self.gamma):
             if counts[k]:
-                loss = loss + STEP_WEIGHT**k * ce_sum[k] / divide[k]
+                loss = loss + STEP_WEIGHT**k * sums[k] / divide[k]
         metrics = {"hits": [mx.array(h) for h in hits], "counts": counts,
                    "early_hits": mx.array(0.0), "early_count": 0}  # fmt: skip
         return loss, metrics
+
+    def step_sums(self, rows: List[List[int]], lo: int, n: int):
+        """Each step's summed loss and top-1 hits over rows ``[lo, n)`` of windows
+        ``rows`` (of one length): cross-entropy over the draft vocabulary."""
+        ids = mx.array(rows, dtype=mx.int32)
+        logits = ttt_logits(self.drafter, self.rt, self.features(ids), ids, self.gamma)
+        out = []
+        for k, z in enumerate(logits):
+            out.append(self.token_sums(z[:, lo:n], ids[:, lo + k + 2 : n + k + 2]))
+        return out
+
+    def token_sums(self, z: mx.array, targets: mx.array):
+        """Summed cross-entropy and top-1 hits of logits ``z`` over the base's token ids
+        ``targets``, those outside the draft vocabulary left out."""
+        z = z.astype(mx.float32)
+        y = self._to_draft[targets]
+        known = y >= 0
+        ce = nn.losses.cross_entropy(z, mx.maximum(y, 0), reduction="none")
+        return mx.where(known, ce, 0.0).sum(), ((mx.argmax(z, axis=-1) == y) & known).sum()

@@ -24,8 +24,9 @@ read the stream rows, stream ``j`` of position ``t`` reads the main rows up
 to ``t`` and streams ``1..j`` of ``t``. Stream logits come from the model's
 own final norm and head.
 
-``--drafter eagle3`` trains an EAGLE-3 drafter instead (:mod:`.eagle_training`), and
-``--drafter dflash`` a DFlash drafter (:mod:`.dflash_training`), on the same data.
+``--drafter eagle3`` trains an EAGLE-3 drafter instead (:mod:`.eagle_training`),
+``--drafter eagle`` an EAGLE-1 drafter (:mod:`.eagle1_training`), and ``--drafter
+dflash`` a DFlash drafter (:mod:`.dflash_training`), on the same data.
 
 ``OUT`` must not exist; while training it holds ``OUT/training`` (settings,
 the self-distilled data, the newest checkpoint), which ``--resume`` continues
@@ -331,6 +332,19 @@ def make_step(
     return step
 
 
+def at_step(loss, step: int, step_fn, batches):
+    """``step_fn(batches)`` with ``loss.train_step`` set to ``step`` where the loss has one
+    (a loss that draws noise while training draws it from the step: a resumed run draws the
+    same), ``None`` again after (evaluation draws none)."""
+    if not hasattr(loss, "train_step"):
+        return step_fn(batches)
+    loss.train_step = step
+    try:
+        return step_fn(batches)
+    finally:
+        loss.train_step = None
+
+
 def add_metrics(a, b):
     """The metrics (:class:`StreamLoss`) of two batches together."""
     return {
@@ -379,7 +393,7 @@ class Accuracy:
     """Running top-1 hits and counts per stream (and of the early exit)."""
 
     gamma: int
-    label: str = "stream"  # (what each entry is: a stream, an EAGLE-3 step)
+    label: str = "stream"  # (what each entry is: a stream, an EAGLE-3 step, a level)
     hits: List[float] = field(default_factory=list)
     counts: List[int] = field(default_factory=list)
     early_hits: float = 0.0
@@ -421,7 +435,7 @@ def evaluate(loss: StreamLoss, examples: List[Example], batch_size: int = 8):
 
 
 def _accuracy(loss) -> Accuracy:
-    """An empty :class:`Accuracy` for ``loss``'s streams (or EAGLE-3 steps)."""
+    """An empty :class:`Accuracy` for ``loss``'s streams (or a drafter's steps, levels)."""
     return Accuracy(loss.gamma, label=getattr(loss, "label", "stream"))
 
 
@@ -460,8 +474,8 @@ def train_streams(
     loss: Optional[StreamLoss] = None,
 ) -> TrainResult:
     """Trains the streams of ``model`` (attached with :func:`attach_for_training`), or
-    its EAGLE-3 drafter (:func:`~mlx_specstream.eagle_training.attach_eagle_for_training`,
-    with ``loss`` its :class:`~mlx_specstream.eagle_training.EagleLoss`).
+    its drafter (EAGLE-3's, EAGLE-1's or DFlash's, with ``loss`` its loss:
+    :class:`~mlx_specstream.eagle_training.EagleLoss`, ...).
 
     Args:
         model: the model with streams.
@@ -520,7 +534,7 @@ def train_streams(
             [examples[i] for i in batch_indices(step * k + m, len(examples), batch_size, seed)]
             for m in range(k)
         ]
-        value, metrics = step_fn(batches)
+        value, metrics = at_step(loss, step, step_fn, batches)
         losses.append(value.item())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"step {step + 1}: the loss is {losses[-1]}")
@@ -557,18 +571,20 @@ def setup_arg_parser():
     p.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
     p.add_argument(
         "--drafter",
-        choices=("streams", "eagle3", "dflash"),
+        choices=("streams", "eagle3", "eagle", "dflash"),
         default="streams",
         help="What to train: lossless-mode speculative streams, an EAGLE-3 drafter (one "
-        "layer of its own over three of the base's layers; --ttt-steps, --eagle-layers), or "
+        "layer of its own over three of the base's layers; --ttt-steps, --eagle-layers), an "
+        "EAGLE-1 drafter (one layer of its own over the base's last state; --ttt-steps), or "
         "a DFlash drafter (layers of its own drafting a block of masks in one pass; "
         "--block-size, --draft-layers, --target-layer-ids, --blocks-per-window)",
     )
     p.add_argument(
         "--ttt-steps",
         type=int,
-        default=3,
-        help="EAGLE-3: steps of its training-time test (levels trained on its own outputs)",
+        default=None,
+        help="EAGLE-3 and EAGLE-1: levels trained, each deeper one on the drafter's own "
+        "outputs (default: 3 for EAGLE-3, its training-time test; 1 for EAGLE-1, its recipe)",
     )
     p.add_argument(
         "--eagle-layers",
@@ -644,7 +660,8 @@ def setup_arg_parser():
         "--top-k",
         type=int,
         default=None,
-        help="Draft width stored in the config (default: 3 for streams, EAGLE-3's chain, 1)",
+        help="Draft width stored in the config (default: 3 for streams, 1 for EAGLE's and "
+        "DFlash's chains)",
     )
     p.add_argument("--max-tree-nodes", type=int, default=16)
     p.add_argument("--grad-clip", type=float, default=1.0, help="Gradient norm clip (0: off)")
@@ -863,6 +880,27 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
     fit_and_write(args, model, tokenizer, model_path, train, valid, loss, vocab=False)
 
 
+def train_eagle1(args, model, tokenizer, model_path: Path) -> None:
+    """``--drafter eagle``: an EAGLE-1 drafter on the frozen base, trained on the same
+    (self-distilled) windows with EAGLE-1's loss, written as a model directory
+    (``drafter.safetensors``) and tuned."""
+    from .eagle1_training import Eagle1Loss, attach_eagle1_for_training
+    from .eagle_training import check_steps
+
+    check_steps(args.ttt_steps)  # (refused before anything is written)
+    if args.draft_vocab_size is not None:
+        check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
+    tree = None if args.top_k is None else dict(top_k=args.top_k)
+    drafter = attach_eagle1_for_training(model, tree, args.seed)
+    train, valid = prepare_data(args, model, tokenizer)
+    loss = Eagle1Loss(model, args.ttt_steps)
+    trainable = sum(p.size for _, p in tree_flatten(drafter.trainable_parameters()))
+    print(f"[INFO] {len(train)} training examples, {len(valid)} held out; an EAGLE-1 drafter "
+          f"over the base's last state, {trainable:,} trainable parameters, {args.ttt_steps} "
+          "level(s) trained; the base is frozen")  # fmt: skip
+    fit_and_write(args, model, tokenizer, model_path, train, valid, loss)
+
+
 def train_dflash(args, model, tokenizer, model_path: Path) -> None:
     """``--drafter dflash``: a DFlash drafter on the frozen base, trained on the same
     (self-distilled) windows with its block loss, written as a model directory
@@ -932,6 +970,8 @@ def main(argv=None):
     from .utils import resolve_model_path
 
     args = setup_arg_parser().parse_args(argv)
+    if args.ttt_steps is None:
+        args.ttt_steps = 1 if args.drafter == "eagle" else 3
     model_path = resolve_model_path(args.model)
     check_out(args)
     model, tokenizer = mlx_lm.load(
@@ -941,6 +981,8 @@ def main(argv=None):
         return train_eagle(args, model, tokenizer, model_path)
     if args.drafter == "dflash":
         return train_dflash(args, model, tokenizer, model_path)
+    if args.drafter == "eagle":
+        return train_eagle1(args, model, tokenizer, model_path)
     layers = args.num_stream_layers
     if layers is None:
         layers = DEFAULT_STREAM_LAYERS
