@@ -193,8 +193,9 @@ def _prefill(model, cache: List[KVCache], tokens: List[int], start: int, step: i
 def stream_runtime(model):
     """The model's :class:`~mlx_specstream.streams.StreamRuntime` if it drafts a batch's
     rows with its own drafter: streams, or an attached drafter (Medusa heads, from each
-    row's last layer's state in the verifying pass; a checkpoint's MTP layers and the
-    ParallelSpec drafter, from their layer's rows: :mod:`~mlx_specstream.batch_drafters`);
+    row's last layer's state in the verifying pass; a checkpoint's MTP layers, the
+    ParallelSpec drafter and EAGLE drafters, from their layer's rows:
+    :mod:`~mlx_specstream.batch_drafters`);
     else ``None`` (a DFlash drafter drafts one sequence only)."""
     rt = getattr(model, "speculative_streams", None)
     if rt is None or getattr(rt, "streams", None) is None and rt.drafter is None:

@@ -1,7 +1,7 @@
 """Attached drafters with a decoder layer and a KV cache of their own drafting the rows of
 a batch (:class:`~mlx_specstream.batch.SpecBatcher`): a checkpoint's MTP layer
 (:class:`MTPRows`), the ParallelSpec drafter (:class:`ParallelSpecRows`) and an
-EAGLE-3 drafter (:class:`EagleRows`).
+EAGLE-3 or EAGLE-1 drafter (:class:`EagleRows`).
 
 The layer keeps a KV cache of its own, one row per token each batch row fed: row ``i``
 pairs token ``i``'s last hidden state with token ``i + 1``'s embedding, as the drafter
@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from .drafters import ParallelSpecDrafter, new_layer_cache, run_layer
-from .eagle import Eagle3Drafter
+from .eagle import EagleDrafting
 from .mtp import MTPDrafter, _final_norm
 from .ragged_cache import empty_ragged, padded_rows
 
@@ -154,7 +154,7 @@ class MTPRows(LayerRows):
 
 
 def _levels_again(rt, depth, cache, out: mx.array, token: mx.array, n: int, on_device: bool):
-    """``n`` more levels ``(B, 1)`` each: MTP layer ``depth`` (or an EAGLE-3 drafter) again
+    """``n`` more levels ``(B, 1)`` each: MTP layer ``depth`` (or an EAGLE drafter) again
     on its own output ``out`` ``(B, 1, D)`` and the previous level ``token``, each row
     written at ``cache``'s ends and kept (on the device, or the host's ends; the caller
     drops them after)."""
@@ -171,11 +171,12 @@ def _levels_again(rt, depth, cache, out: mx.array, token: mx.array, n: int, on_d
 
 
 class EagleRows(MTPRows):
-    """An EAGLE-3 drafter's rows: ``fc`` of the base's feature layers' states (the pass
-    keeps them side by side) with each next token, in its layer's cache; deeper levels
-    its layer again on its own output, as MTP's."""
+    """An EAGLE drafter's rows: EAGLE-3's ``fc`` of the base's feature layers' states (the
+    pass keeps them side by side), EAGLE-1's ``fc`` of the last state after the final
+    norm, with each next token, in its layer's cache; deeper levels its layer again on its
+    own output, as MTP's."""
 
-    kind = Eagle3Drafter
+    kind = EagleDrafting
 
     def _rows(self, cache, hidden: mx.array, nxt: mx.array) -> mx.array:
         return self.drafter.step(self.rt, hidden, nxt, cache)

@@ -14,7 +14,8 @@ Row ``i`` pairs the feature of token ``i`` with the embedding of token ``i + 1``
 accepted path's rows stay in the cache. Each deeper level runs the layer on
 ``fc([e; o])``: its own output in place of the feature and the embedding of the token
 drafted from it, rows trimmed after. Trees wider than a chain grow from each node's own
-path (:mod:`mlx_specstream.dynamic_tree`), as EAGLE-2 drafts them.
+path (:mod:`mlx_specstream.dynamic_tree`), as EAGLE-2 drafts them. A batch's rows draft their
+chains with it (:class:`~mlx_specstream.batch_drafters.EagleRows`), as EAGLE-3's do.
 
 Checkpoints read (``load(base, drafter=DIR)``, safetensors; EAGLE's own are PyTorch
 pickles: ``python -m convert.eagle3`` rewrites them, as for EAGLE-3): ``fc.weight``
@@ -136,7 +137,6 @@ class Eagle1Drafter(EagleDrafting):
     features) and LM head."""
 
     name = "EAGLE-1"
-    one_sequence_only = True  # (a batch's rows draft by lookup: batch.stream_runtime)
 
     def __init__(self, config: DrafterConfig, model: nn.Module):
         super().__init__()
@@ -153,19 +153,24 @@ class Eagle1Drafter(EagleDrafting):
         self._levels = config.num_draft_tokens
 
     def inputs(self, rt, h: mx.array, tokens: mx.array) -> mx.array:
-        """``fc([e; h])`` of rows pairing ``h`` ``(L, D)`` with ``tokens``' embeddings."""
+        """``fc([e; h])`` of rows pairing ``h`` ``(L, D)`` (a batch's: ``(B, L, D)``) with
+        ``tokens``' embeddings."""
         e = self.embed(rt, tokens).astype(h.dtype)
         return self.fc(mx.concatenate([e, h], axis=-1).astype(self.fc.weight.dtype))
 
     def step(self, rt, feats: mx.array, tokens: mx.array, cache) -> mx.array:
         """The layer's output over rows pairing the base's last states ``feats`` ``(L, D)``
-        (through its final norm: what its LM head reads) with ``tokens``' embeddings."""
+        (a batch's: ``(B, L, D)``; through its final norm: what its LM head reads) with
+        ``tokens``' embeddings, appended to ``cache``."""
         return self.again(rt, _final_norm(rt.model)(feats), tokens, cache)
 
     def again(self, rt, h: mx.array, tokens: mx.array, cache) -> mx.array:
         """The layer over rows pairing ``h`` (normed features, or its own earlier output:
         a deeper level's row) with ``tokens``' embeddings, appended to ``cache``."""
-        return run_layer(self.layer, self.inputs(rt, h, tokens)[None], cache)[0]
+        x = self.inputs(rt, h, tokens)
+        batched = x.ndim == 3
+        out = run_layer(self.layer, x if batched else x[None], cache)
+        return out if batched else out[0]
 
     def level_logits(self, rt, out: mx.array) -> mx.array:
         """A level's logits: the base's LM head on the output (under ``rt``'s draft

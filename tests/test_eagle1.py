@@ -8,7 +8,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from eagle_helpers import (
-    assert_batches_draft_by_lookup,
     assert_rejection_keeps_the_distribution,
     write_base,
 )
@@ -220,12 +219,6 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     assert_rejection_keeps_the_distribution(model, monkeypatch)
 
 
-def test_batches_draft_by_lookup_and_the_drafter_is_refused_by_name(base_dir, tmp_path):
-    write_eagle1(tmp_path / "eagle")
-    model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
-    assert_batches_draft_by_lookup(model, mlx_lm_load(str(base_dir))[0], "EAGLE-1")
-
-
 def test_negative_control_a_wrong_verifier_is_caught(base_dir, tmp_path, monkeypatch):
     write_eagle1(tmp_path / "eagle")
     model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
@@ -300,3 +293,68 @@ def test_the_command_line_takes_the_drafter_on_a_4_bit_base(base_dir, tmp_path, 
     plain, tok = mlx_lm_load(str(q4))
     want = mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=24)
     assert want and want in capsys.readouterr().out
+
+
+SMALL_V = 24  # (a vocabulary where this random drafter's drafts are often right)
+
+
+def small_eagle1(tmp_path):
+    """A base of ``SMALL_V`` tokens with a random EAGLE-1 drafter, mlx-lm's base and the
+    drafter's raw tensors."""
+    base = write_base(tmp_path / "base", SMALL_V, weight_scale=1.0)
+    ref = write_eagle1(tmp_path / "eagle", SMALL_V, scale=1.0)
+    model, _ = load(str(base), drafter=str(tmp_path / "eagle"))
+    return model, mlx_lm_load(str(base))[0], ref
+
+
+def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(tmp_path, monkeypatch):
+    """In a batch (odd rows merging lookup in, a row joining mid-way), every pass's levels
+    of every row equal the drafter from scratch over the row's text; control: the
+    features and embeddings swapped in ``fc``."""
+    from test_batch_mtp import each_pass_levels
+
+    model, plain, ref = small_eagle1(tmp_path)
+    seen, real = [], eagle1.Eagle1Drafter.level_logits
+
+    def recording(self, rt, out):
+        logits = real(self, rt, out)
+        seen.append(np.array(logits.astype(mx.float32)))  # (B, 1, V): one level
+        return logits
+
+    monkeypatch.setattr(eagle1.Eagle1Drafter, "level_logits", recording)
+    passes, kept_more = each_pass_levels(model, seen)
+    monkeypatch.undo()
+    assert kept_more >= 3, "rows rarely kept a draft: the ragged rows are not exercised"
+    assert len(passes) >= 20
+    for text, levels in passes:
+        a = len(text) - 2  # (the row's last fed token; the next one is pending)
+        want = reference_levels(plain, ref, text, a, levels.shape[0])
+        np.testing.assert_allclose(levels, want, atol=2e-4, rtol=2e-4)
+    text, levels = passes[len(passes) // 2]
+    wrong = reference_levels(plain, ref, text, len(text) - 2, levels.shape[0], swap=True)
+    assert not np.allclose(levels, wrong, atol=1e-2)
+
+
+def test_batch_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(tmp_path):
+    """``batch_generate`` rows drafting with the drafter: mlx-lm's greedy tokens, in as
+    many passes as decoding each prompt alone with its chain of 3, pipelined or not; a
+    row joining with a cache of earlier context too."""
+    from test_batch_mtp import LIMITS, PROMPTS, assert_a_row_with_earlier_context_decodes_as_mlx_lm
+
+    from mlx_specstream.batch import batch_generate_step
+
+    model, plain, _ = small_eagle1(tmp_path)
+    alone = [spec_tokens(model, p, n, tree_top_k=1, tree_depth=3)[1][-1][3]
+             for p, n in zip(PROMPTS, LIMITS)]  # fmt: skip
+    for pipeline in (False, True):
+        tokens, passes = [[] for _ in PROMPTS], [0] * len(PROMPTS)
+        steps = batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
+                                    pipeline=pipeline)  # fmt: skip
+        for out in steps:
+            for r in out:
+                tokens[r.uid] += r.tokens
+                passes[r.uid] += 1
+        assert tokens == [plain_greedy(plain, p, n) for p, n in zip(PROMPTS, LIMITS)]
+        assert passes == alone, pipeline
+    assert sum(LIMITS) > sum(alone) + 10, alone  # (drafts were taken)
+    assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, plain)
