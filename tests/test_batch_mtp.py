@@ -80,6 +80,39 @@ def each_pass_levels(model, seen, lookup=True, draft_tokens=3):
     return passes, kept_more
 
 
+def assert_levels_from_scratch(passes, kept_more, reference, controls=()) -> None:
+    """``passes`` (:func:`each_pass_levels`, rows often keeping drafts): every row's levels
+    equal ``reference(text, a, levels)`` (``a``: the row's last fed token; the next one
+    is pending), and at a pass midway each of ``controls`` (the same signature) differs."""
+    assert kept_more >= 3, "rows rarely kept a draft: the ragged rows are not exercised"
+    assert len(passes) >= 20
+    for text, levels in passes:
+        want = reference(text, len(text) - 2, levels.shape[0])
+        np.testing.assert_allclose(levels, want, atol=2e-4, rtol=2e-4)
+    text, levels = passes[len(passes) // 2]
+    for control in controls:
+        assert not np.allclose(levels, control(text, len(text) - 2, levels.shape[0]), atol=1e-2)
+
+
+def assert_rows_decode_as_alone(model, plain, pipelines=(False,), depth: int = 3) -> list:
+    """``batch_generate`` rows of ``PROMPTS`` drafting with ``model``'s drafter give
+    ``plain``'s greedy tokens, in as many passes as decoding each prompt alone with a chain
+    of ``depth`` (each way of ``pipelines``); returns those passes."""
+    alone = [spec_tokens(model, p, n, tree_top_k=1, tree_depth=depth, max_tree_nodes=depth + 1)
+             [1][-1][3] for p, n in zip(PROMPTS, LIMITS)]  # fmt: skip
+    for pipeline in pipelines:
+        tokens, passes = [[] for _ in PROMPTS], [0] * len(PROMPTS)
+        steps = batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
+                                    num_draft_tokens=depth, pipeline=pipeline)  # fmt: skip
+        for out in steps:
+            for r in out:
+                tokens[r.uid] += r.tokens
+                passes[r.uid] += 1
+        assert tokens == [plain_greedy(plain, p, n) for p, n in zip(PROMPTS, LIMITS)]
+        assert passes == alone, pipeline
+    return alone
+
+
 @pytest.mark.parametrize(
     "arch", ["mimo", "deepseek_v3", "glm4_moe", "step3p5", "deepseek_v32", "ernie4_5_moe"]
 )
@@ -90,16 +123,12 @@ def test_each_row_s_levels_equal_the_raw_tensors_from_scratch(arch, tmp_path, mo
     concatenation order and the other side of the base's final norm differ."""
     model, plain, ref = checkpoint(tmp_path, arch)
     passes, kept_more = levels_of_each_pass(model, monkeypatch)
-    assert kept_more >= 3, "rows rarely kept a draft: the ragged rows are not exercised"
-    assert len(passes) >= 20
-    for text, levels in passes:
-        a = len(text) - 2  # (the row's last fed token; the next one is pending)
-        want = reference_levels(plain, ref, text, a, levels.shape[0])
-        np.testing.assert_allclose(levels, want, atol=2e-4, rtol=2e-4)
-    text, levels = passes[len(passes) // 2]
-    for control in (dict(swap=True), dict(other_hidden=True)):
-        wrong = reference_levels(plain, ref, text, len(text) - 2, levels.shape[0], **control)
-        assert not np.allclose(levels, wrong, atol=1e-2), control
+
+    def levels(**control):
+        return lambda text, a, n: reference_levels(plain, ref, text, a, n, **control)
+
+    controls = (levels(swap=True), levels(other_hidden=True))
+    assert_levels_from_scratch(passes, kept_more, levels(), controls)
 
 
 @pytest.mark.parametrize("arch", ["mimo", "deepseek_v3"])
@@ -107,15 +136,7 @@ def test_greedy_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(arch, tmp_
     """mlx-lm's greedy tokens, in as many passes as decoding each prompt alone with the
     layer's chain of 3."""
     model, plain, _ = checkpoint(tmp_path, arch)
-    tokens, passes = [[] for _ in PROMPTS], [0] * len(PROMPTS)
-    for out in batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams"):
-        for r in out:
-            tokens[r.uid] += r.tokens
-            passes[r.uid] += 1
-    for p, n, got, k in zip(PROMPTS, LIMITS, tokens, passes):
-        assert got == plain_greedy(plain, p, n)
-        _, records = spec_tokens(model, p, n, tree_top_k=1, tree_depth=3)
-        assert k == records[-1][3]
+    assert_rows_decode_as_alone(model, plain)
 
 
 def test_a_row_joining_with_a_cache_of_earlier_context(tmp_path):

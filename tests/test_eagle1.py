@@ -311,7 +311,7 @@ def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(tmp_path, mo
     """In a batch (odd rows merging lookup in, a row joining mid-way), every pass's levels
     of every row equal the drafter from scratch over the row's text; control: the
     features and embeddings swapped in ``fc``."""
-    from test_batch_mtp import each_pass_levels
+    from test_batch_mtp import assert_levels_from_scratch, each_pass_levels
 
     model, plain, ref = small_eagle1(tmp_path)
     seen, real = [], eagle1.Eagle1Drafter.level_logits
@@ -324,37 +324,21 @@ def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(tmp_path, mo
     monkeypatch.setattr(eagle1.Eagle1Drafter, "level_logits", recording)
     passes, kept_more = each_pass_levels(model, seen)
     monkeypatch.undo()
-    assert kept_more >= 3, "rows rarely kept a draft: the ragged rows are not exercised"
-    assert len(passes) >= 20
-    for text, levels in passes:
-        a = len(text) - 2  # (the row's last fed token; the next one is pending)
-        want = reference_levels(plain, ref, text, a, levels.shape[0])
-        np.testing.assert_allclose(levels, want, atol=2e-4, rtol=2e-4)
-    text, levels = passes[len(passes) // 2]
-    wrong = reference_levels(plain, ref, text, len(text) - 2, levels.shape[0], swap=True)
-    assert not np.allclose(levels, wrong, atol=1e-2)
+
+    def levels(**control):
+        return lambda text, a, n: reference_levels(plain, ref, text, a, n, **control)
+
+    assert_levels_from_scratch(passes, kept_more, levels(), [levels(swap=True)])
 
 
 def test_batch_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(tmp_path):
     """``batch_generate`` rows drafting with the drafter: mlx-lm's greedy tokens, in as
     many passes as decoding each prompt alone with its chain of 3, pipelined or not; a
     row joining with a cache of earlier context too."""
-    from test_batch_mtp import LIMITS, PROMPTS, assert_a_row_with_earlier_context_decodes_as_mlx_lm
-
-    from mlx_specstream.batch import batch_generate_step
+    from test_batch_mtp import LIMITS, assert_a_row_with_earlier_context_decodes_as_mlx_lm
+    from test_batch_mtp import assert_rows_decode_as_alone
 
     model, plain, _ = small_eagle1(tmp_path)
-    alone = [spec_tokens(model, p, n, tree_top_k=1, tree_depth=3)[1][-1][3]
-             for p, n in zip(PROMPTS, LIMITS)]  # fmt: skip
-    for pipeline in (False, True):
-        tokens, passes = [[] for _ in PROMPTS], [0] * len(PROMPTS)
-        steps = batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
-                                    pipeline=pipeline)  # fmt: skip
-        for out in steps:
-            for r in out:
-                tokens[r.uid] += r.tokens
-                passes[r.uid] += 1
-        assert tokens == [plain_greedy(plain, p, n) for p, n in zip(PROMPTS, LIMITS)]
-        assert passes == alone, pipeline
+    alone = assert_rows_decode_as_alone(model, plain, pipelines=(False, True))
     assert sum(LIMITS) > sum(alone) + 10, alone  # (drafts were taken)
     assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, plain)

@@ -69,10 +69,10 @@ def test_it_learns_far_above_chance_and_the_base_stays_bit_identical():
     assert_learns_with_the_base_unchanged(model, base, EagleLoss(model, 3))
 
 
-def assert_learns_with_the_base_unchanged(model, base: dict, loss) -> None:
+def assert_learns_with_the_base_unchanged(model, base: dict, loss, drop: float = 0.5) -> None:
     """40 steps of ``loss`` on cyclic data take every level's held-out top-1 from below 0.3
-    (chance: 1/64) to above 0.8, halve the loss, and leave the base (``base``, its
-    :func:`host_copy` before the drafter was attached) bit for bit."""
+    (chance: 1/64) to above 0.8, the loss below ``drop`` times its first, and leave the
+    base (``base``, its :func:`host_copy` before the drafter was attached) bit for bit."""
     held_out = cycle_examples(8, seed=1)
     _, before = evaluate(loss, held_out)
     result = train_streams(model, cycle_examples(64, seed=0), iters=40, log=quiet, loss=loss,
@@ -80,7 +80,7 @@ def assert_learns_with_the_base_unchanged(model, base: dict, loss) -> None:
     _, after = evaluate(loss, held_out)
     assert max(before.top1()) < 0.3, before.text()
     assert min(after.top1()) > 0.8, after.text()
-    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert result.losses[-1] < drop * result.losses[0]
     base_now = {k: v for k, v in host_copy(model).items() if not k.startswith("speculative")}
     assert same_arrays(base_now, base)
 
