@@ -194,23 +194,19 @@ def stream_runtime(model):
     """The model's :class:`~mlx_specstream.streams.StreamRuntime` if it drafts a batch's
     rows with its own drafter: streams, or an attached drafter (Medusa heads, from each
     row's last layer's state in the verifying pass; a checkpoint's MTP layers, the
-    ParallelSpec drafter and EAGLE drafters, from their layer's rows:
-    :mod:`~mlx_specstream.batch_drafters`);
-    else ``None`` (a DFlash drafter drafts one sequence only)."""
+    ParallelSpec drafter, EAGLE's and DFlash's drafters, from their layers' rows:
+    :mod:`~mlx_specstream.batch_drafters`); else ``None``."""
     rt = getattr(model, "speculative_streams", None)
     if rt is None or getattr(rt, "streams", None) is None and rt.drafter is None:
         return None
-    return None if getattr(rt.drafter, "one_sequence_only", False) else rt
+    return rt
 
 
 def no_own_drafts(model) -> str:
     """Why ``model``'s rows cannot draft with its own drafter in a batch."""
-    rt = getattr(model, "speculative_streams", None)
-    if getattr(getattr(rt, "drafter", None), "one_sequence_only", False):
-        return (f"its {rt.drafter.name} drafter drafts one sequence only; draft='ngram' "
-                "drafts a batch's rows by prompt lookup")  # fmt: skip
     return ("the model has no speculative streams or attached drafter (Medusa heads, MTP "
-            "layers, ParallelSpec); draft='ngram' drafts its rows by prompt lookup")  # fmt: skip
+            "layers, ParallelSpec, EAGLE, DFlash); draft='ngram' drafts its rows by prompt "
+            "lookup")  # fmt: skip
 
 
 def reads_streams(model) -> bool:

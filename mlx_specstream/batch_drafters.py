@@ -1,7 +1,7 @@
 """Attached drafters with a decoder layer and a KV cache of their own drafting the rows of
 a batch (:class:`~mlx_specstream.batch.SpecBatcher`): a checkpoint's MTP layer
-(:class:`MTPRows`), the ParallelSpec drafter (:class:`ParallelSpecRows`) and an
-EAGLE-3 or EAGLE-1 drafter (:class:`EagleRows`).
+(:class:`MTPRows`), the ParallelSpec drafter (:class:`ParallelSpecRows`), an EAGLE-3
+or EAGLE-1 drafter (:class:`EagleRows`) and a DFlash drafter (:class:`DFlashRows`).
 
 The layer keeps a KV cache of its own, one row per token each batch row fed: row ``i``
 pairs token ``i``'s last hidden state with token ``i + 1``'s embedding, as the drafter
@@ -35,10 +35,11 @@ from typing import List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .dflash import DFlashDrafter, block_attend, context_keys, ragged_block_mask
 from .drafters import ParallelSpecDrafter, new_layer_cache, run_layer
 from .eagle import EagleDrafting
 from .mtp import MTPDrafter, _final_norm
-from .ragged_cache import empty_ragged, padded_rows
+from .ragged_cache import RaggedKVCacheList, empty_ragged, padded_rows
 
 
 class LayerRows:
@@ -55,7 +56,8 @@ class LayerRows:
         if not isinstance(rt.drafter, self.kind):
             raise ValueError(f"{type(rt.drafter).__name__} is not a {self.kind.__name__}")
         self.rt, self.drafter = rt, rt.drafter
-        self.layer = rt.drafter.layer  # (the drafter's decoder layer; MTP: its first's)
+        # (the drafter's decoder layer; MTP: its first's; DFlash's: its layers')
+        self.layer = getattr(rt.drafter, "layer", None)
         self.cache = None  # the layer's ragged cache, one row per batch row
         self._out = None  # (B, W, D): the layer's outputs over the last rows fed
         self._kept = []  # what each row kept of them: the host's list, or a device array
@@ -207,6 +209,47 @@ class ParallelSpecRows(LayerRows):
             masks = mx.broadcast_to(masks, (out.shape[0],) + masks.shape)
             out = mx.concatenate([out, run_layer(d.layer, masks, cache, scale=d._scale)], 1)
         return mx.argmax(self.rt.head(out, draft=True), axis=-1)
+
+
+class DFlashRows(LayerRows):
+    """A DFlash drafter's rows: each of its layers keeps in a ragged cache the keys and
+    values of every batch row's context rows (``hidden_norm(fc(features))`` of each token
+    kept, at its position); a chain is one pass of its layers over each row's block (the
+    token after its last kept row, then masks) at the row's own positions, seeing its own
+    context (:func:`~mlx_specstream.dflash.ragged_block_mask`); the blocks never stay."""
+
+    kind = DFlashDrafter
+
+    def empty(self, rows: int):
+        return RaggedKVCacheList.empty_rows(len(self.drafter.layers), rows)
+
+    def _rows(self, cache, hidden: mx.array, nxt: mx.array) -> mx.array:
+        d = self.drafter
+        context = d.context(hidden)
+        for i, layer in enumerate(d.layers):
+            c = cache[i]
+            c.update_and_fetch(*context_keys(layer, context, d._head_dim, c.offset))
+        return nxt[..., None]  # (what a chain reads at a row's last kept row: the token after)
+
+    def chains(self, n: int) -> mx.array:
+        """``(B, n)``: each row's chain of ``n`` levels (at most the block's masks: the
+        batch refuses more), one pass of the drafter's layers over each row's block from
+        the last :meth:`step`."""
+        d, rt, s = self.drafter, self.rt, self.drafter._settings
+        masks = s["block_size"] - 1 if d.full_block else n
+        bonus = self._last_kept()[..., 0].astype(mx.int32)  # (B, 1)
+        block = mx.concatenate([bonus, mx.full((bonus.shape[0], masks), s["mask_token_id"])], 1)
+        x = (rt.embed(block.astype(mx.int32)) * s["input_embedding_scale"]).astype(
+            d.fc.weight.dtype
+        )
+        ends = self.cache[0].offset  # (each row's context rows: on the device if pipelined)
+        for i, layer in enumerate(d.layers):
+            c = self.cache[i]
+            held = min(c.pass_width(0), c.keys.shape[2])
+            keys, values = c.keys[..., :held, :], c.values[..., :held, :]
+            mask = ragged_block_mask(ends, held, masks + 1, d._causal[i], d._windows[i])
+            x = block_attend(layer, x, keys, values, ends, mask, d._head_dim)
+        return mx.argmax(d.level_logits(rt, d.norm(x)[:, 1 : n + 1]), axis=-1)
 
 
 class HeldRows:
@@ -419,7 +462,7 @@ def layer_rows(rt):
     """The rows of ``rt``'s drafter if it keeps a layer of its own, else ``None``."""
     if isinstance(rt.drafter, MTPDrafter) and rt.drafter.num_layers > 1:
         return MTPDepthRows(rt)
-    for rows in (MTPRows, ParallelSpecRows, EagleRows):
+    for rows in (MTPRows, ParallelSpecRows, EagleRows, DFlashRows):
         if isinstance(rt.drafter, rows.kind):
             return rows(rt)
     return None

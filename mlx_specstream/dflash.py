@@ -98,6 +98,39 @@ def block_mask(block: int, context: int, causal: bool, window: Optional[int]):
     return seen
 
 
+def ragged_block_mask(ends: mx.array, width: int, block: int, causal: bool, window):
+    """Which keys each row's block sees in a batch (:class:`~mlx_specstream.batch_drafters.
+    DFlashRows`): ``width`` context columns (row ``b``'s first ``ends[b]`` its own context,
+    positions ``0 .. ends[b] - 1``; the rest not its own), then its block's ``block`` rows
+    at positions ``ends[b] ..``; causal and sliding as :func:`block_mask`.
+
+    Example: ``ragged_block_mask([2, 1], 3, 2, causal=True, window=None)[:, 0]``::
+
+        keys:    c0 c1 c2 b0 b1
+        row 0 b0  1  1  0  1  0
+              b1  1  1  0  1  1
+        row 1 b0  1  0  0  1  0
+              b1  1  0  0  1  1
+
+    Returns:
+        mx.array: ``(B, 1, block, width + block)`` booleans.
+    """
+    ends = mx.array(ends).astype(mx.int32)[:, None]
+    query = ends + mx.arange(block)[None]  # (B, block): each block row's position
+    key = mx.concatenate([mx.broadcast_to(mx.arange(width)[None], (ends.shape[0], width)),
+                          query], axis=1)  # fmt: skip
+    own = mx.concatenate([key[:, :width] < ends, mx.ones(query.shape, mx.bool_)], axis=1)
+    seen = mx.broadcast_to(own[:, None], (ends.shape[0], block, width + block))
+    query, key = query[:, :, None], key[:, None]
+    if causal:
+        seen = seen & (key <= query)
+    if window is not None:
+        seen = seen & (query - key < window)
+        if not causal:
+            seen = seen & (key - query < window)
+    return seen[:, None]
+
+
 def _layer_types(config: dict, n: int) -> List[str]:
     """Each layer's attention, as transformers' Qwen3 config gives it: ``layer_types``,
     else sliding from ``max_window_layers`` on where ``use_sliding_window``."""
@@ -252,7 +285,6 @@ class DFlashDrafter(nn.Module):
     ``norm``; the base's embeddings and LM head."""
 
     name = "DFlash"
-    one_sequence_only = True  # (a batch's rows draft by lookup: batch.stream_runtime)
     full_block = False  # (True: every mask of its block, as trained; the levels asked kept)
 
     def __init__(self, config: DrafterConfig, model: nn.Module):

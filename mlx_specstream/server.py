@@ -101,7 +101,6 @@ from .openai_api import (
 from .prompt_cache import PromptCacheLRU
 from .recurrent import has_recurrent_layers
 from .batch import (
-    no_own_drafts,
     reads_streams,
     stream_runtime,
     tuned_batch,
@@ -433,8 +432,6 @@ class ModelService:
             why = "for batches" if tuned is not None else "on this device"
             logger.warning(f"requests decoded together do not draft: the streams' tuning {why} "
                            "has them off")  # fmt: skip
-        elif getattr(self.model, "speculative_streams", None) is not None:  # (DFlash's)
-            logger.warning(f"requests decoded together do not draft: {no_own_drafts(self.model)}")
         return True
 
     def _new_batch(self) -> Union[Batch, SpecBatch]:

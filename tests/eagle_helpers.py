@@ -267,21 +267,3 @@ def assert_rejection_keeps_the_distribution(model, monkeypatch, n=1500) -> None:
     verify_against_the_next_level_s_q(monkeypatch)
     p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
     assert p < 1e-6, f"mismatched draft distributions passed (p = {p:.2e}): no power"
-
-
-def assert_batches_draft_by_lookup(model, plain, name: str) -> None:
-    """A batch's rows cannot draft with ``model``'s drafter (``name``): ``draft="auto"``
-    drafts them by prompt lookup (mlx-lm's tokens), ``draft="streams"`` is refused naming it."""
-    import pytest
-    from helpers import plain_greedy
-
-    from mlx_specstream.batch import batch_generate_step
-
-    prompts, limits = [[3, 9, 4, 3, 9], [7, 1, 7, 1, 7, 1]], [16, 12]
-    tokens = [[] for _ in prompts]
-    for out in batch_generate_step(model, prompts, max_tokens=limits, draft="auto"):
-        for r in out:
-            tokens[r.uid] += r.tokens
-    assert tokens == [plain_greedy(plain, p, n) for p, n in zip(prompts, limits)]
-    with pytest.raises(ValueError, match=f"{name} drafter drafts one sequence only"):
-        list(batch_generate_step(model, prompts, max_tokens=limits, draft="streams"))

@@ -1,5 +1,5 @@
 """DFlash drafters (mlx_specstream.dflash): their levels equal the raw checkpoint's
-computed from scratch, decoding equals mlx-lm's, batches draft by lookup, and bad
+computed from scratch, one sequence's and a batch's rows', decoding equals mlx-lm's, and bad
 checkpoints get clear errors."""
 
 import json
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from dflash_helpers import reference_levels, write_dflash
 from eagle_helpers import (
-    assert_batches_draft_by_lookup,
     assert_checkpoints_refused,
     assert_rejection_keeps_the_distribution,
     recorded_drafts,
@@ -183,12 +182,74 @@ def small_base(tmp_path_factory):
     return write_base(tmp_path_factory.mktemp("dflash-small") / "base", SMALL_V)
 
 
-def test_batches_draft_by_lookup_and_the_drafter_is_refused_by_name(small_base, tmp_path):
-    """A batch's rows cannot draft with a DFlash drafter: ``draft="auto"`` drafts them by
-    prompt lookup (mlx-lm's tokens), ``draft="streams"`` is refused naming it."""
-    write_dflash(tmp_path / "df", SMALL_V, scale=1.0)
+def test_ragged_block_mask_is_exact():
+    """Golden: the docstring's example; and each row's mask is :func:`block_mask`'s over
+    its own context (the columns past it hidden), causal or not, sliding or not."""
+    T, F = True, False
+    got = dflash.ragged_block_mask(mx.array([2, 1]), 3, 2, causal=True, window=None)[:, 0]
+    assert got.tolist() == [[[T, T, F, T, F], [T, T, F, T, T]],
+                            [[T, F, F, T, F], [T, F, F, T, T]]]  # fmt: skip
+    ends, width, block = [5, 0, 3], 6, 3
+    for causal, window in ((True, None), (False, 2), (True, 3), (False, None)):
+        got = np.array(dflash.ragged_block_mask(mx.array(ends), width, block, causal, window))
+        for b, end in enumerate(ends):
+            want = dflash.block_mask(block, end, causal, window)
+            want = np.ones((block, end + block), bool) if want is None else np.array(want)
+            row = got[b, 0]
+            assert not row[:, end:width].any(), (causal, window, b)
+            assert (row[:, :end] == want[:, :end]).all() and (row[:, width:] == want[:, end:]).all()
+
+
+@pytest.mark.parametrize("options", [{}, dict(window=3, layers=3)], ids=["full", "sliding"])
+def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(options, small_base,
+                                                                    tmp_path, monkeypatch):  # fmt: skip
+    """In a batch (odd rows merging lookup in, a row joining mid-way), every pass's levels
+    of every row equal the drafter from scratch over the row's text (its context rows, its
+    block at its own positions), a sliding causal layer too; controls: the other masks, a
+    context row missing."""
+    from test_batch_mtp import assert_levels_from_scratch, each_pass_levels
+
+    ref = write_dflash(tmp_path / "df", SMALL_V, scale=1.0, **options)
     model, _ = load(str(small_base), drafter=str(tmp_path / "df"))
-    assert_batches_draft_by_lookup(model, mlx_lm_load(str(small_base))[0], "DFlash")
+    plain, _ = mlx_lm_load(str(small_base))
+    seen, real = [], dflash.DFlashDrafter.level_logits
+
+    def recording(self, rt, out):
+        logits = real(self, rt, out)
+        seen.append(np.array(logits.astype(mx.float32)))  # (B, n, V): the pass's levels
+        return logits
+
+    monkeypatch.setattr(dflash.DFlashDrafter, "level_logits", recording)
+    passes, kept_more = each_pass_levels(model, seen)
+    monkeypatch.undo()
+
+    def levels(**control):
+        return lambda text, a, n: reference_levels(plain, ref, text, a, n, **control)
+
+    other_masks = [(not c, 2 if w is None else None) for c, w in ref["masks"]]
+    controls = [levels(masks=other_masks), levels(last_context=1)]
+    assert_levels_from_scratch(passes, kept_more, levels(), controls)
+
+
+def test_batch_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(small_base, tmp_path):
+    """``batch_generate`` rows drafting with the drafter: mlx-lm's greedy tokens, in as
+    many passes as decoding each prompt alone with its chain of 3, pipelined or not; a
+    row joining with a cache of earlier context too; a chain longer than the block's
+    masks refused."""
+    from test_batch_mtp import LIMITS, PROMPTS, assert_a_row_with_earlier_context_decodes_as_mlx_lm
+    from test_batch_mtp import assert_rows_decode_as_alone
+
+    from mlx_specstream.batch import batch_generate_step
+
+    write_dflash(tmp_path / "df", SMALL_V, scale=0.3)  # (a random drafter often right here)
+    model, _ = load(str(small_base), drafter=str(tmp_path / "df"))
+    plain, _ = mlx_lm_load(str(small_base))
+    alone = assert_rows_decode_as_alone(model, plain, pipelines=(False, True))
+    assert sum(LIMITS) > sum(alone) + 10, alone  # (drafts were taken)
+    assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, plain)
+    with pytest.raises(ValueError, match="num_draft_tokens=5: the model's streams draft 4 tokens"):
+        list(batch_generate_step(model, PROMPTS, max_tokens=LIMITS, draft="streams",
+                                 num_draft_tokens=5))  # fmt: skip
 
 
 def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
