@@ -250,7 +250,8 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path, capsys):
                         confirm_rounds=0)  # fmt: skip
     # (every candidate tree, chains and trees, with the fused stream pass; the two
     # fastest split)
-    streams_only = [line for line in log if "'draft': 'streams'," in line]
+    # (the trials' own lines: where speculation pays, a "Best: {...}" line names one again)
+    streams_only = [line for line in log if line.startswith("{'") and "'draft': 'streams'," in line]
     assert sum("'stream_pass': 'fused'" in line and "stream_logits_in_pass" not in line
                for line in streams_only) == len(candidate_trees(3, False))  # fmt: skip
     assert sum("'stream_logits_in_pass': False" in line for line in streams_only) == 2
