@@ -86,23 +86,14 @@ def block_mask(block: int, context: int, causal: bool, window: Optional[int]):
     """
     if not causal and window is None:
         return None
-    query = context + mx.arange(block)[:, None]
-    key = mx.arange(context + block)[None]
-    seen = mx.ones((block, context + block), dtype=mx.bool_)
-    if causal:
-        seen = seen & (key <= query)
-    if window is not None:
-        seen = seen & (query - key < window)
-        if not causal:
-            seen = seen & (key - query < window)
-    return seen
+    return ragged_block_mask(mx.array([context]), context, block, causal, window)[0, 0]
 
 
 def ragged_block_mask(ends: mx.array, width: int, block: int, causal: bool, window):
     """Which keys each row's block sees in a batch (:class:`~mlx_specstream.batch_drafters.
     DFlashRows`): ``width`` context columns (row ``b``'s first ``ends[b]`` its own context,
     positions ``0 .. ends[b] - 1``; the rest not its own), then its block's ``block`` rows
-    at positions ``ends[b] ..``; causal and sliding as :func:`block_mask`.
+    at positions ``ends[b] ..``: :func:`block_mask` for each row, its context padded.
 
     Example: ``ragged_block_mask([2, 1], 3, 2, causal=True, window=None)[:, 0]``::
 

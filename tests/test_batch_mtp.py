@@ -80,6 +80,23 @@ def each_pass_levels(model, seen, lookup=True, draft_tokens=3):
     return passes, kept_more
 
 
+def levels_recorded(model, monkeypatch, drafter_class, method: str = "level_logits"):
+    """:func:`each_pass_levels` of ``model``, its drafter's levels' logits recorded from
+    ``drafter_class.method`` (patched for the loop only)."""
+    seen, real = [], getattr(drafter_class, method)
+
+    def recording(self, *args):
+        logits = real(self, *args)
+        seen.append(np.array(logits.astype(mx.float32)))  # (B, levels, V)
+        return logits
+
+    monkeypatch.setattr(drafter_class, method, recording)
+    try:
+        return each_pass_levels(model, seen)
+    finally:
+        monkeypatch.undo()
+
+
 def assert_levels_from_scratch(passes, kept_more, reference, controls=()) -> None:
     """``passes`` (:func:`each_pass_levels`, rows often keeping drafts): every row's levels
     equal ``reference(text, a, levels)`` (``a``: the row's last fed token; the next one

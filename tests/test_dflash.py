@@ -207,21 +207,12 @@ def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(options, sma
     of every row equal the drafter from scratch over the row's text (its context rows, its
     block at its own positions), a sliding causal layer too; controls: the other masks, a
     context row missing."""
-    from test_batch_mtp import assert_levels_from_scratch, each_pass_levels
+    from test_batch_mtp import assert_levels_from_scratch, levels_recorded
 
     ref = write_dflash(tmp_path / "df", SMALL_V, scale=1.0, **options)
     model, _ = load(str(small_base), drafter=str(tmp_path / "df"))
     plain, _ = mlx_lm_load(str(small_base))
-    seen, real = [], dflash.DFlashDrafter.level_logits
-
-    def recording(self, rt, out):
-        logits = real(self, rt, out)
-        seen.append(np.array(logits.astype(mx.float32)))  # (B, n, V): the pass's levels
-        return logits
-
-    monkeypatch.setattr(dflash.DFlashDrafter, "level_logits", recording)
-    passes, kept_more = each_pass_levels(model, seen)
-    monkeypatch.undo()
+    passes, kept_more = levels_recorded(model, monkeypatch, dflash.DFlashDrafter)
 
     def levels(**control):
         return lambda text, a, n: reference_levels(plain, ref, text, a, n, **control)

@@ -171,19 +171,10 @@ def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(small_base, 
     """In a batch (odd rows merging lookup in, a row joining mid-way), every pass's levels
     of every row equal the drafter from scratch over the row's text; control: other
     feature layers."""
-    from test_batch_mtp import assert_levels_from_scratch, each_pass_levels
+    from test_batch_mtp import assert_levels_from_scratch, levels_recorded
 
     model, plain, ref = eagle_model(small_base, tmp_path, draft_vocab=list(range(1, SMALL_V, 2)))
-    seen, real = [], eagle.Eagle3Drafter.logits
-
-    def recording(self, out):
-        logits = real(self, out)
-        seen.append(np.array(logits.astype(mx.float32)))  # (B, 1, V): one level
-        return logits
-
-    monkeypatch.setattr(eagle.Eagle3Drafter, "logits", recording)
-    passes, kept_more = each_pass_levels(model, seen)
-    monkeypatch.undo()
+    passes, kept_more = levels_recorded(model, monkeypatch, eagle.Eagle3Drafter, "logits")
 
     def levels(layers):
         return lambda text, a, n: reference_levels(plain, ref, text, a, n, layers)

@@ -311,19 +311,10 @@ def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(tmp_path, mo
     """In a batch (odd rows merging lookup in, a row joining mid-way), every pass's levels
     of every row equal the drafter from scratch over the row's text; control: the
     features and embeddings swapped in ``fc``."""
-    from test_batch_mtp import assert_levels_from_scratch, each_pass_levels
+    from test_batch_mtp import assert_levels_from_scratch, levels_recorded
 
     model, plain, ref = small_eagle1(tmp_path)
-    seen, real = [], eagle1.Eagle1Drafter.level_logits
-
-    def recording(self, rt, out):
-        logits = real(self, rt, out)
-        seen.append(np.array(logits.astype(mx.float32)))  # (B, 1, V): one level
-        return logits
-
-    monkeypatch.setattr(eagle1.Eagle1Drafter, "level_logits", recording)
-    passes, kept_more = each_pass_levels(model, seen)
-    monkeypatch.undo()
+    passes, kept_more = levels_recorded(model, monkeypatch, eagle1.Eagle1Drafter)
 
     def levels(**control):
         return lambda text, a, n: reference_levels(plain, ref, text, a, n, **control)
