@@ -128,18 +128,17 @@ def trees() -> dict:
 
 
 def measure_trained(model_dir: Path, max_tokens: int, tag: str, measured=None) -> None:
-    """``--trained DIR``: tau of the directory's drafter (EAGLE-3's or DFlash's) on the
+    """``--trained DIR``: tau of the directory's drafter (EAGLE-3's, EAGLE-1's or DFlash's) on the
     default model's held-out prompts over the trees ``measured`` (default :func:`trees`),
-    each output checked against mlx-lm's; written as ``eagle_trained-TAG`` or
-    ``dflash_trained-TAG``."""
+    each output checked against mlx-lm's; written as ``eagle_trained-TAG``,
+    ``eagle1_trained-TAG`` or ``dflash_trained-TAG``."""
     import mlx_lm
 
     from mlx_specstream import load
 
     kind = json.loads((model_dir / "config.json").read_text())["drafter"]["kind"]
-    name, file = {"eagle3": ("EAGLE-3", "eagle_trained"), "dflash": ("DFlash", "dflash_trained")}[
-        kind
-    ]
+    name, file = {"eagle3": ("EAGLE-3", "eagle_trained"), "dflash": ("DFlash", "dflash_trained"),
+                  "eagle": ("EAGLE-1", "eagle1_trained")}[kind]  # fmt: skip
     info = machine_info(trained=str(model_dir))
     model, tok = load(str(model_dir))
     model.set_dtype(mx.float32)
