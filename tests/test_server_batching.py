@@ -147,15 +147,17 @@ def arrive_while_alone(svc, monkeypatch, first, others, n_before):
     return got
 
 
-@pytest.mark.parametrize("batch", ["streams", "medusa", "mtp", "parallelspec", "plain"])
+@pytest.mark.parametrize(
+    "batch", ["streams", "medusa", "mtp", "parallelspec", "eagle1", "dflash", "plain"]
+)
 def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatch, batch,
                                                              tmp_path):  # fmt: skip
     """A request decoding alone, speculatively, when two others arrive hands its
     cache over and goes on in a batch with them, from its next token: its answer,
     and theirs, equal plain decoding; its usage counts the tokens before (some from
     accepted drafts) and those after. The batch's rows draft with the model's streams,
-    Medusa heads, MTP layer or ParallelSpec drafter (the last two: their layer's rows
-    starting at the hand-over), or (Medusa heads whose batch tuning has drafts off)
+    Medusa heads, MTP layer, ParallelSpec, EAGLE-1 or DFlash drafter (the last four: their
+    layers' rows starting at the hand-over), or (Medusa heads whose batch tuning has drafts off)
     decode plainly in mlx-lm's batch. Controls: a hand-over to mlx-lm's batch that
     leaves its last token out of the cache (an off-by-one) changes its answer; one to
     ours that leaves it in is refused."""
@@ -168,6 +170,17 @@ def test_a_request_decoding_alone_joins_requests_that_arrive(service, monkeypatc
 
         write_checkpoint(tmp_path / "ckpt", "mimo", seed=3, vocab_size=V)
         model, _ = load(str(tmp_path / "ckpt"))
+    elif batch in ("eagle1", "dflash"):
+        from dflash_helpers import write_dflash
+        from eagle_helpers import write_base
+        from test_eagle1 import write_eagle1
+
+        from mlx_specstream import load
+
+        base = write_base(tmp_path / "base", V, weight_scale=1.0)
+        write = write_eagle1 if batch == "eagle1" else write_dflash
+        write(tmp_path / "drafter", V, scale=1.0)
+        model, _ = load(str(base), drafter=str(tmp_path / "drafter"))
     else:
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
