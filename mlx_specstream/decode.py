@@ -483,7 +483,7 @@ class Decoder:
         if room <= 0:
             return self._lookup_draft(tree.tokens[0], chains)
         if chains:
-            tree = merge_chains(tree.tokens, tree.parents, chains, self.max_nodes)
+            return self._merged(tree.tokens, tree.parents, chains)
         return Draft(layout_of(tree.parents), tree.tokens)
 
     def _draft_tokens(self, slog: mx.array, root: mx.array):
@@ -509,17 +509,19 @@ class Decoder:
             return self._lookup_draft(token, chains)
         tokens = next_tokens.tolist()  # streams + n-gram: merged on the host
         keep = depth_limited(self.tree.parents, depth)
-        merged = merge_chains(
-            [tokens[i] for i in keep], subtree_parents(self.tree.parents, keep), chains,
-            self.max_nodes,
-        )  # fmt: skip
+        return self._merged([tokens[i] for i in keep], subtree_parents(self.tree.parents, keep),
+                            chains)  # fmt: skip
+
+    def _merged(self, tokens: List[int], parents: List[int], chains: List[List[int]]) -> Draft:
+        """The tree of ``tokens`` and ``parents`` with the n-gram ``chains`` merged in,
+        under the node cap."""
+        merged = merge_chains(tokens, parents, chains, self.max_nodes)
         return Draft(layout_of(merged.parents), merged.tokens)
 
     def _lookup_draft(self, root: int, chains: List[List[int]]) -> Draft:
         """The tree of prompt-lookup drafts alone: a chain, or several merged."""
         if len(chains) > 1:
-            merged = merge_chains([root], [-1], chains, self.max_nodes)
-            return Draft(layout_of(merged.parents), merged.tokens)
+            return self._merged([root], [-1], chains)
         chain = chains[0] if chains else []
         return Draft(layout_of([-1] + list(range(len(chain)))), [root] + chain)
 
