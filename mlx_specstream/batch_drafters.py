@@ -235,13 +235,9 @@ class DFlashRows(LayerRows):
         """``(B, n)``: each row's chain of ``n`` levels (at most the block's masks: the
         batch refuses more), one pass of the drafter's layers over each row's block from
         the last :meth:`step`."""
-        d, rt, s = self.drafter, self.rt, self.drafter._settings
-        masks = s["block_size"] - 1 if d.full_block else n
-        bonus = self._last_kept()[..., 0].astype(mx.int32)  # (B, 1)
-        block = mx.concatenate([bonus, mx.full((bonus.shape[0], masks), s["mask_token_id"])], 1)
-        x = (rt.embed(block.astype(mx.int32)) * s["input_embedding_scale"]).astype(
-            d.fc.weight.dtype
-        )
+        d, rt = self.drafter, self.rt
+        masks = d._settings["block_size"] - 1 if d.full_block else n
+        x = d.block(rt, self._last_kept()[:, 0, 0], masks)  # (the token after each kept row)
         ends = self.cache[0].offset  # (each row's context rows: on the device if pipelined)
         for i, layer in enumerate(d.layers):
             c = self.cache[i]

@@ -309,11 +309,12 @@ class DFlashDrafter(nn.Module):
         return self.hidden_norm(self.fc(feats.astype(self.fc.weight.dtype)))
 
     def block(self, rt, token, levels: int) -> mx.array:
-        """``(1, levels + 1, D)``: the embeddings of ``token`` and ``levels`` masks."""
-        ids = mx.concatenate([mx.array(token).reshape(1),
-                              mx.full((levels,), self._settings["mask_token_id"])])  # fmt: skip
-        x = rt.embed(ids.astype(mx.int32)) * self._settings["input_embedding_scale"]
-        return x.astype(self.fc.weight.dtype)[None]
+        """``(B, levels + 1, D)``: the embeddings of each block, its first token (``token``:
+        one, or ``(B,)`` of them) then ``levels`` masks."""
+        first = mx.array(token).reshape(-1, 1).astype(mx.int32)
+        masks = mx.full((first.shape[0], levels), self._settings["mask_token_id"], mx.int32)
+        x = rt.embed(mx.concatenate([first, masks], axis=1))
+        return (x * self._settings["input_embedding_scale"]).astype(self.fc.weight.dtype)
 
     def run(self, x: mx.array, context: mx.array, cache: KVCacheList) -> mx.array:
         """The layers over the block ``x``, the new ``context`` rows appended to each

@@ -165,12 +165,7 @@ def block_logits(drafter: DFlashDrafter, rt, feats: mx.array, ids: mx.array, sta
     size = drafter._settings["block_size"]
     p = mx.array(np.asarray(starts, dtype=np.int32).reshape(-1))  # (B * A,)
     first = mx.take_along_axis(ids, mx.array(np.asarray(starts, np.int32)), axis=1).reshape(-1)
-    block = mx.concatenate(
-        [first[:, None], mx.full((B * A, size - 1), drafter._settings["mask_token_id"])], axis=1
-    )
-    x = (rt.embed(block.astype(mx.int32)) * drafter._settings["input_embedding_scale"]).astype(
-        drafter.fc.weight.dtype
-    )
+    x = drafter.block(rt, first, size - 1)
     context = mx.repeat(drafter.context(feats), A, axis=0)  # (B * A, L, D)
     seen = mx.concatenate(
         [mx.arange(L)[None] < p[:, None], mx.ones((B * A, size), dtype=mx.bool_)], axis=1
