@@ -29,8 +29,8 @@ from .config import DrafterConfig
 from .draft_vocab import head_rows
 from .drafters import refuse_attached
 from .eagle1 import EAGLE1_DEFAULTS, Eagle1Drafter
-from .eagle_training import EagleLoss, copy_parts, ttt_states
-from .model_parts import hidden_size, text_args
+from .eagle_training import EagleLoss, base_layer_settings, copy_parts, ttt_states
+from .model_parts import hidden_size
 from .mtp import _final_norm, head_logits
 from .streams import StreamRuntime
 
@@ -43,18 +43,9 @@ COPIED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn
 
 def eagle1_settings_for(model) -> dict:
     """The drafter section's ``eagle`` settings of an EAGLE-1 drafter for ``model``: a
-    Llama layer of the base's width, heads and MLP, ``fc`` with a bias (EAGLE's)."""
-    a = text_args(model)
-    heads = a.num_attention_heads
-    return dict(
-        hidden_size=hidden_size(model), num_attention_heads=heads,
-        num_key_value_heads=getattr(a, "num_key_value_heads", None) or heads,
-        head_dim=getattr(a, "head_dim", None), intermediate_size=a.intermediate_size,
-        rms_norm_eps=getattr(a, "rms_norm_eps", 1e-6),
-        rope_theta=float(getattr(a, "rope_theta", 10000.0)), rope_scaling=None,
-        max_position_embeddings=getattr(a, "max_position_embeddings", None), fc_bias=True,
-        own_embeddings=False,
-    )  # fmt: skip
+    layer of the base's shape (:func:`~mlx_specstream.eagle_training.base_layer_settings`),
+    ``fc`` with a bias (EAGLE's)."""
+    return dict(base_layer_settings(model), fc_bias=True, own_embeddings=False)
 
 
 def attach_eagle1_for_training(model, tree: Optional[dict] = None, seed: int = 0) -> Eagle1Drafter:
@@ -118,7 +109,7 @@ class Eagle1Loss(EagleLoss):
 
     def features(self, ids: mx.array) -> mx.array:
         """The base's last states of windows ``ids`` after its final norm, never differentiated."""
-        return mx.stop_gradient(_final_norm(self.model)(super().features(ids)))
+        return _final_norm(self.model)(super().features(ids))  # (the norm's weight: the base's)
 
     def step_sums(self, rows: List[List[int]], lo: int, n: int):
         """Each step's summed loss (the feature's smooth L1, mean over the width, plus

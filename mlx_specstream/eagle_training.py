@@ -36,9 +36,9 @@ from .streams import StreamRuntime, get_runtime
 STEP_WEIGHT = 0.8  # (EAGLE-3's per-step loss weight, to the power of the step)
 
 
-def eagle_settings_for(model, layers: Sequence[int], draft_vocab_size: int) -> dict:
-    """The drafter section's ``eagle`` settings of a drafter for ``model``: a layer of the
-    base's width, heads and MLP (the base's own ``ModelArgs``' values)."""
+def base_layer_settings(model) -> dict:
+    """A Llama layer of ``model``'s width, heads and MLP (the base's own ``ModelArgs``'
+    values): what an EAGLE drafter's layer trained here is shaped as."""
     a = text_args(model)
     D = hidden_size(model)
     heads = a.num_attention_heads
@@ -49,9 +49,16 @@ def eagle_settings_for(model, layers: Sequence[int], draft_vocab_size: int) -> d
         intermediate_size=a.intermediate_size, rms_norm_eps=getattr(a, "rms_norm_eps", 1e-6),
         rope_theta=float(getattr(a, "rope_theta", 10000.0)), rope_scaling=None,
         max_position_embeddings=getattr(a, "max_position_embeddings", None),
-        attention_bias=False, mlp_bias=False, draft_vocab_size=draft_vocab_size,
-        target_hidden_size=D, norm_before_residual=False, feature_layers=list(layers),
-        own_embeddings=False,
+    )  # fmt: skip
+
+
+def eagle_settings_for(model, layers: Sequence[int], draft_vocab_size: int) -> dict:
+    """The drafter section's ``eagle`` settings of an EAGLE-3 drafter for ``model``: a
+    layer of the base's shape (:func:`base_layer_settings`)."""
+    return dict(
+        base_layer_settings(model), attention_bias=False, mlp_bias=False,
+        draft_vocab_size=draft_vocab_size, target_hidden_size=hidden_size(model),
+        norm_before_residual=False, feature_layers=list(layers), own_embeddings=False,
     )  # fmt: skip
 
 
