@@ -14,6 +14,15 @@ On the default model's 19 held-out prompts, greedy, float32, with the directory'
   decoding (the embedded draft model, 3 tokens), ours with a chain of 3 and with
   ``--speed-trees``, the same weights in one run, rounds interleaved (median).
 
+With ``--temp T,...``, sampling instead (``make_sampler(temp=T)``): per tree shape, tau
+of the static tree drawn from the drafter's levels and of the drawn dynamic tree, both by
+recursive rejection, and of the dynamic (top-k) tree by target sampling, over every
+prompt with ``--seeds`` seeds; then tokens/s against mlx-lm's plain and draft-model
+decoding with the same sampler. Sampling keeps the distribution (tests/test_drawn_tree.py,
+tests/test_dynamic_tree.py), so no output is compared here.
+
+    cd benchmarks && ./with_openblas.sh python dynamic_trees.py --model ../runs/eagle/eagle1-model --temp 0.7,1.0 --tag eagle1-sampling-cpu-openblas
+
 Writes ``benchmarks/results/dynamic_trees[-TAG].{md,json}``.
 """
 
@@ -24,12 +33,14 @@ import statistics
 import mlx.core as mx
 import mlx_lm
 from mlx_lm.generate import generate_step, speculative_generate_step
+from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 from mtp_trained import taus_against_mlx_lm
 from report import heading, machine_info, time_after_first, write_results
 
 from mlx_specstream import load
 from mlx_specstream.decode import spec_generate_step
 from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+from mlx_specstream.sample_utils import make_sampler
 
 CHAINS = (3, 4)
 SHAPES = ((2, 4, 8), (3, 4, 12), (4, 5, 16), (8, 5, 32))  # (top-k, depth, nodes)
@@ -50,18 +61,57 @@ def trees() -> dict:
     return out
 
 
-def speeds(model, plain, draft, prompts, max_tokens: int, ways: dict, rounds: int) -> dict:
+SAMPLED = {  # (name, acceptance, dynamic_tree)
+    "static, rejection": ("rejection", False),
+    "drawn dynamic, rejection": ("rejection", True),
+    "dynamic, target-sample": ("target-sample", True),
+}
+
+
+def sampled_trees() -> dict:
+    out = {f"chain of {d}, rejection": dict(tree_top_k=1, tree_depth=d, max_tree_nodes=d + 1,
+                                            acceptance="rejection") for d in CHAINS}  # fmt: skip
+    for k, depth, nodes in SHAPES:
+        for way, (acceptance, dynamic) in SAMPLED.items():
+            out[f"top-{k} x {depth}, {nodes} nodes, {way}"] = dict(
+                tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic,
+                acceptance=acceptance,
+            )  # fmt: skip
+    return out
+
+
+def sampled_taus(model, prompts, max_tokens: int, trees: dict, temp: float, seeds: int) -> dict:
+    """Tokens per pass of each tree when sampling at ``temp``: every prompt, each seed."""
+    out = {}
+    for name, tree in trees.items():
+        tokens = passes = 0
+        for prompt in prompts:
+            for seed in range(seeds):
+                mx.random.seed(seed)
+                got = list(spec_generate_step(mx.array(prompt), model, max_tokens=max_tokens,
+                                              sampler=make_sampler(temp=temp), **tree))  # fmt: skip
+                tokens, passes = tokens + len(got), passes + got[-1][3]
+        out[name] = dict(tau=tokens / passes)
+        print(f"T={temp} {name}: tau {tokens / passes:.3f}", flush=True)
+    return out
+
+
+def speeds(model, plain, draft, prompts, max_tokens: int, ways: dict, rounds: int,
+           temp: float = 0.0) -> dict:  # fmt: skip
     """Median tokens/s (after each prompt's first token) of mlx-lm plain, mlx-lm's
-    draft-model decoding and each of ``ways``, rounds interleaved."""
+    draft-model decoding and each of ``ways``, rounds interleaved; sampling at ``temp``
+    (mlx-lm's sampler for mlx-lm, ours for ours)."""
 
     def run(name, prompt):
         p = mx.array(prompt)
+        kw = {} if not temp else dict(sampler=mlx_lm_sampler(temp=temp))
         if name == "mlx-lm plain":
-            return generate_step(p, plain, max_tokens=max_tokens)
+            return generate_step(p, plain, max_tokens=max_tokens, **kw)
         if name == "mlx-lm draft model (3)":
             return speculative_generate_step(p, plain, draft, num_draft_tokens=3,
-                                             max_tokens=max_tokens)  # fmt: skip
-        return spec_generate_step(p, model, max_tokens=max_tokens, **ways[name])
+                                             max_tokens=max_tokens, **kw)  # fmt: skip
+        kw = {} if not temp else dict(sampler=make_sampler(temp=temp))
+        return spec_generate_step(p, model, max_tokens=max_tokens, **kw, **ways[name])
 
     names = ["mlx-lm plain", "mlx-lm draft model (3)"] + list(ways)
     for name in names:  # (warm-up)
@@ -89,6 +139,8 @@ def main():
         help="top-k,depth,nodes;... timed static and dynamic (beside the chain of 3)",
     )
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--temp", default="", help="T,...: sampling at these temperatures instead")
+    p.add_argument("--seeds", type=int, default=2, help="sampling: seeds per prompt")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     info = machine_info(model=args.model, max_tokens=args.max_tokens)
@@ -97,6 +149,8 @@ def main():
     plain, _ = mlx_lm.load(str(DEFAULT_DIR))
     plain.set_dtype(mx.float32)
     texts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
+    if args.temp:
+        return sampling(args, info, model, tok, plain, texts)
     taus = taus_against_mlx_lm(model, tok, plain, texts, args.max_tokens, trees())
     lines = [heading("Dynamic draft trees against static ones", info), "",
              f"`{info['command']}`: the drafter of `{args.model}` on the default model's "
@@ -125,6 +179,46 @@ def main():
         dm = tps["mlx-lm draft model (3)"]
         lines += [f"| {n} | {v:.1f} | {v / base:.2f}x | {v / dm:.2f}x |" for n, v in tps.items()]
         data["tokens_per_s"] = tps
+    write_results("dynamic_trees", args.tag, "\n".join(lines) + "\n", data)
+
+
+def sampling(args, info, model, tok, plain, texts) -> None:
+    """``--temp``: tau of static, drawn and top-k dynamic trees when sampling, then speed."""
+    temps = [float(t) for t in args.temp.split(",")]
+    prompts = [tok.encode(t) for t in texts]
+    lines = [heading("Dynamic draft trees when sampling", info), "",
+             f"`{info['command']}`: the drafter of `{args.model}` on the default model's "
+             f"{len(texts)} held-out prompts x {args.seeds} seeds, float32, "
+             f"{args.max_tokens} tokens, `make_sampler(temp=T)`.", "",
+             "| T | tree | tau |", "|---|---|---|"]  # fmt: skip
+    data = dict(info=info, tau={}, tokens_per_s={})
+    for temp in temps:
+        taus = sampled_taus(model, prompts, args.max_tokens, sampled_trees(), temp, args.seeds)
+        lines += [f"| {temp} | {n} | {v['tau']:.3f} |" for n, v in taus.items()]
+        data["tau"][str(temp)] = taus
+    if not args.skip_speed:
+        draft, _ = mlx_lm.load(str(DRAFT_DIR))
+        draft.set_dtype(mx.float32)
+        ways = {"ours: chain of 3, rejection": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4)}
+        for spec in args.speed_trees.split(";"):
+            k, depth, nodes = map(int, spec.split(","))
+            for way, (acceptance, dynamic) in SAMPLED.items():
+                ways[f"ours: top-{k} x {depth}, {nodes} nodes, {way}"] = dict(
+                    tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic,
+                    acceptance=acceptance,
+                )  # fmt: skip
+        lines += ["", f"Tokens/s on the first {args.speed_prompts} prompts, median of "
+                  f"{args.rounds} interleaved rounds (after each prompt's first token):", "",
+                  "| T | way | tokens/s | vs mlx-lm plain | vs mlx-lm draft model |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for temp in temps:
+            mx.random.seed(0)
+            tps = speeds(model, plain, draft, prompts[: args.speed_prompts], args.max_tokens,
+                         ways, args.rounds, temp)  # fmt: skip
+            base, dm = tps["mlx-lm plain"], tps["mlx-lm draft model (3)"]
+            lines += [f"| {temp} | {n} | {v:.1f} | {v / base:.2f}x | {v / dm:.2f}x |"
+                      for n, v in tps.items()]  # fmt: skip
+            data["tokens_per_s"][str(temp)] = tps
     write_results("dynamic_trees", args.tag, "\n".join(lines) + "\n", data)
 
 

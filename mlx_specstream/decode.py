@@ -48,7 +48,7 @@ from .cache import (
 )
 from .config import DRAFTS, VerifierConfig
 from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
-from .dynamic_tree import draft_tree
+from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .layout import TreeLayout, layout_of
 from .model_parts import vocab_size
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex, device_lookup
@@ -96,6 +96,7 @@ class Draft:
     layout: TreeLayout
     tokens: Union[List[int], mx.array]
     q: Optional[mx.array] = None  # rejection: (levels, V) draft distributions
+    q_rows: Optional[List[int]] = None  # rejection, a drawn tree: each node's row of q
 
 
 @dataclass
@@ -370,7 +371,7 @@ class Decoder:
         if folded:  # already launched: the whole tree the device drafted
             return new, Draft(self.layout, p.next_tokens)
         if p.next_tree is not None:
-            return new, self._grown_draft(p.next_tree)
+            return new, self._grown_draft(p.next_tree, q)
         return new, self._next_draft(p.next_tokens, token, q)
 
     def _uncertified(self, p: Pending) -> int:
@@ -475,13 +476,30 @@ class Decoder:
         )
         return draft_tree(candidates, token, self.tree_nodes)
 
-    def _grown_draft(self, tree: DraftTree) -> Draft:
+    def _drawn_tree(self, out, path, path_tokens, token: int):
+        """The drafter's drawn dynamic tree rooted at ``token`` (rejection sampling:
+        :func:`~mlx_specstream.dynamic_tree.grow_drawn`), as deep as
+        :meth:`_dynamic_tree`'s, each level as wide as the static tree's; with its
+        draft distributions and each node's row of them."""
+        depth = max(1, min(self.depth, self._room(), self.tree_nodes - 1))
+        drawn = (level_budgets(self.kmax, depth, self.tree_nodes), self.sampler.probs,
+                 out.logits.shape[-1])  # fmt: skip
+        candidates = self.rt.drafter.draft_tree(
+            self.rt, self.dstate, out.hidden, path, path_tokens, token, self.kmax, depth, drawn
+        )
+        tree, q, rows = drawn_tree(candidates, token, self.kmax)
+        return tree, (q, rows)
+
+    def _grown_draft(self, tree: DraftTree, q=None) -> Draft:
         """The next tree from a dynamic one, with any n-gram chains merged in (the
-        lookup alone where no draft level fits)."""
+        lookup alone where no draft level fits); ``q``: a drawn tree's distributions
+        and each node's row of them."""
         room = self._room()
         chains = self._lookup(room)
         if room <= 0:
             return self._lookup_draft(tree.tokens[0], chains)
+        if q is not None:  # (rejection: no lookup chains)
+            return Draft(layout_of(tree.parents), tree.tokens, *q)
         if chains:
             return self._merged(tree.tokens, tree.parents, chains)
         return Draft(layout_of(tree.parents), tree.tokens)
@@ -567,10 +585,13 @@ class Decoder:
         tokens, parents = p.tokens.tolist(), p.out.kept_parents
         q = None if p.draft.q is None else np.array(p.draft.q)
         path, token = accept_by_rejection(
-            tokens, parents, np.array(p.probs), q, np.array(p.uniforms)
+            tokens, parents, np.array(p.probs), q, np.array(p.uniforms), p.draft.q_rows
         )
         if not self.depth or (self.max_tokens >= 0 and self.emitted + len(path) >= self.max_tokens):
             return path, token, None
+        if self.dynamic:  # each node's children drawn from its own distribution
+            p.next_tree, q = self._drawn_tree(p.out, path, [tokens[a] for a in path], token)
+            return path, token, q
         last = path[-1]
         if p.draws is not None:
             q, top = p.draws[0][last], np.array(p.draws[1][last])
@@ -670,10 +691,11 @@ def spec_generate_step(
         dynamic_tree (bool, optional): an EAGLE drafter grows each tree from its
           own drafts (EAGLE-2's dynamic trees, :mod:`mlx_specstream.dynamic_tree`):
           ``tree_top_k`` children for each of the ``tree_top_k`` best nodes of a
-          level, ``tree_depth`` levels, the best ``max_tree_nodes`` kept. Greedy
-          decoding and ``"target-sample"`` only: with ``"rejection"`` a tree asked
-          for is verified by ``"target-sample"`` (with a warning), else the static
-          tree is drawn. Refused for drafts that fill static trees. Default
+          level, ``tree_depth`` levels, the best ``max_tree_nodes`` kept. With
+          ``"rejection"``, each node's children are draws from its own distribution
+          instead, as many on each level as the static tree has
+          (:func:`~mlx_specstream.dynamic_tree.grow_drawn`). Refused for drafts that
+          fill static trees. Default
           (``None``): the model's config (``dynamic_tree``), else wherever the
           drafter grows them and the tree is wider than a chain.
         acceptance (str): how drafts are verified when sampling; both keep the
@@ -821,7 +843,7 @@ def spec_generate_step(
         ks, depth, threshold, max_nodes = resolve_tree_settings(
             rt, tree_top_k, tree_depth, prune_threshold, max_tree_nodes
         )
-    dynamic, asked_dynamic = dynamic_tree_setting(rt, dynamic_tree, draft_model, ks, depth)
+    dynamic = dynamic_tree_setting(rt, dynamic_tree, draft_model, ks, depth)
     tree_nodes = max_nodes
     if draft == "streams+ngram" and rt.drafter is not None:
         # An attached drafter's tree (max_tree_nodes) and a lookup chain beside it.
@@ -855,18 +877,6 @@ def spec_generate_step(
                 stacklevel=2,
             )
         acceptance = "target-sample"
-    if dynamic and acceptance == "rejection" and not getattr(sampler, "greedy", True):
-        if not asked_dynamic:  # (rejection draws the static tree from the drafter's levels)
-            dynamic = False
-        else:  # A dynamic tree's drafts are the drafter's top-k, not draws.
-            if speculative:
-                warnings.warn(
-                    "acceptance='rejection' with dynamic_tree=True: a dynamic tree holds the "
-                    "drafter's most likely drafts, not draws from it, so it is verified by "
-                    "acceptance='target-sample' (also lossless).",
-                    stacklevel=2,
-                )
-            acceptance = "target-sample"
     check_prompt(model, prompt)
     warn_if_tf32(model)  # float32 on a GPU: token identity needs MLX_ENABLE_TF32=0
     draft_cache, user_cache = None, prompt_cache

@@ -16,6 +16,12 @@ Then :func:`select_nodes` (host) keeps the ``max_nodes - 1`` candidates of the h
 path score: a child never scores above its parent, so the kept set holds every kept
 node's ancestors. The tree is laid out depth-first, the best child first, as the
 verifier's static trees are.
+
+Sampling with ``acceptance="rejection"`` grows a *drawn* tree (:func:`grow_drawn`):
+each node's children are draws without replacement from that node's own draft
+distribution, so recursive rejection sampling verifies every node against its own
+distribution (:func:`~mlx_specstream.tree.accept_by_rejection`'s ``draft_rows``). How
+many children a node keeps is decided before they are drawn, never by their values.
 """
 
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -24,7 +30,7 @@ import mlx.core as mx
 
 from .drafters import new_rows
 from .layout import with_prefix
-from .tree import DraftTree, top_k_desc
+from .tree import DraftTree, static_tree, top_k_desc
 
 
 def select_nodes(
@@ -165,27 +171,48 @@ def grow(
     return mx.concatenate(tokens), mx.concatenate(parents), mx.concatenate(scores)
 
 
-def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
+def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
+                     drawn=None):  # fmt: skip
     """:func:`grow`'s candidates for a drafter with a KV cache of its own that runs again
     on its own output (EAGLE's): the accepted path's new rows as its ``draft`` appends
     them (``drafter.step``), then one pass per deeper level over the ``k`` best nodes of
     the level above (``drafter.rows_at(rt, h, tokens, cache, (position, mask))``), each
     row at its level's position and seeing the context and its own ancestors' rows
     (trimmed after); ``drafter.tree_logits(rt, out)``, normalized here, ranks the
-    children, over the tokens ``drafter.tree_ids()`` (``None``: every token)."""
+    children, over the tokens ``drafter.tree_ids()`` (``None``: every token).
+
+    ``drawn`` ``(budgets, probs, width)``: :func:`grow_drawn`'s candidates instead, each
+    node's distribution ``probs(logprobs)`` of its log-probabilities over the base's
+    ``width`` tokens (``-inf`` outside the drafter's)."""
     feats, nxt = new_rows(state, hidden, path, path_tokens, token)
     out = drafter.step(rt, feats, mx.array(nxt), state.cache)[-1:]
-    start = state.cache.offset
+    start, ids = state.cache.offset, drafter.tree_ids()
+
+    def dist(o):  # (the ranked log-probabilities; a drawn tree's distributions)
+        logprobs = log_softmax(drafter.tree_logits(rt, o))
+        return logprobs if drawn is None else drawn[1](widened(logprobs, ids, drawn[2]))
 
     def expand(level, h, tokens, mask):
         at = (start + level - 2, with_prefix(mask, start))
         o = drafter.rows_at(rt, h, tokens, state.cache, at)
-        return o, log_softmax(drafter.tree_logits(rt, o))
+        return o, dist(o)
 
-    first = log_softmax(drafter.tree_logits(rt, out))
-    candidates = grow(out, first, expand, k, depth, drafter.tree_ids())
+    if drawn is None:
+        candidates = grow(out, dist(out), expand, k, depth, ids)
+    else:
+        candidates = grow_drawn(out, dist(out), expand, k, drawn[0])
     state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
     return candidates
+
+
+def widened(logprobs: mx.array, ids: Optional[mx.array], width: int) -> mx.array:
+    """``logprobs`` ``(R, V')`` over the draft ids ``ids`` as ``(R, width)`` over the
+    base's tokens, ``-inf`` elsewhere (``ids`` ``None``: already so)."""
+    if ids is None:
+        return logprobs
+    wide = mx.full(logprobs.shape[:-1] + (width,), -mx.inf, dtype=logprobs.dtype)
+    wide[..., ids] = logprobs
+    return wide
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -201,6 +228,165 @@ def draft_tree(candidates, root: int, max_nodes: int) -> DraftTree:
     return select_nodes(root, tokens.tolist(), parents.tolist(), scores.tolist(), max_nodes)
 
 
+# ---- drawn trees: dynamic trees under recursive rejection sampling -------------------
+#
+# Rejection sampling (tree.accept_by_rejection) needs each node's children to be draws
+# without replacement, in draw order, from the distribution the verifier is given for
+# that node; which children exist may depend on anything drawn before them (their
+# ancestors, other nodes' draws) but never on their own values. A dynamic tree that
+# keeps its best candidates breaks that: it drops a draw for being unlikely. So a drawn
+# tree decides, level by level, how many children each node gets from the node's own
+# score and the shape of its distribution (its sorted probabilities, never its draws),
+# then draws them; which nodes are expanded may depend on their own values, as only
+# their children's existence depends on it.
+
+
+def level_budgets(k: int, depth: int, max_nodes: int) -> List[int]:
+    """Nodes per level of a drawn tree: the static tree's of ``k`` ranks per level
+    (:func:`~mlx_specstream.tree.static_tree`'s rank prior), at most ``k`` on level 1
+    and ``k * k`` deeper (``k`` nodes expanded per level).
+
+    Example:
+        >>> level_budgets(4, 5, 16)
+        [3, 3, 4, 4, 1]
+        >>> level_budgets(2, 3, 16)
+        [2, 4, 4]
+    """
+    counts = [0] * depth
+    for level in static_tree([k] * depth, depth, max_nodes).levels[1:]:
+        counts[level] += 1
+    return [min(c, k if level == 0 else k * k) for level, c in enumerate(counts)]
+
+
+def draws_of(q: mx.array, k: int):
+    """``k`` draws without replacement from each row of ``q`` ``(R, V)`` (Gumbel top-k),
+    in draw order, with their log-probabilities, and each row's ``k`` largest
+    log-probabilities, the keys of its ``k`` child slots (all ``(R, k)``)."""
+    logq = mx.log(q)
+    tokens = top_k_desc(logq + mx.random.gumbel(q.shape), k).astype(mx.int32)
+    slots = mx.take_along_axis(logq, top_k_desc(logq, k), axis=-1)
+    return tokens, mx.take_along_axis(logq, tokens, axis=-1), slots
+
+
+def kept_slots(keys: mx.array, budget: int) -> mx.array:
+    """Which of each row's child slots a level keeps: the ``budget`` best ``keys``
+    ``(R, k)`` over the level, as a prefix of each row's slots (a row's keys decrease
+    along it; ties kept as the counts say), never a key of ``-inf``.
+
+    Example:
+        >>> keys = mx.array([[-1., -3.], [-2., -2.]])
+        >>> kept_slots(keys, 3).tolist()
+        [[True, False], [True, True]]
+    """
+    R, k = keys.shape
+    best = top_k_desc(keys.reshape(1, -1), budget)[0] if budget else mx.zeros((0,), mx.int32)
+    counts = (best[:, None] // k == mx.arange(R)[None]).sum(axis=0)
+    return (mx.arange(k)[None] < counts[:, None]) & (keys > -mx.inf)
+
+
+def grow_drawn(first_out: mx.array, first_q: mx.array, expand: Expand, k: int,
+               budgets: Sequence[int]):  # fmt: skip
+    """Grows a drawn tree's candidates on the device (see above).
+
+    Level 1 keeps the first ``budgets[0]`` of ``k`` draws from ``first_q``. Each deeper
+    level expands the ``k`` kept candidates of the level above whose path score (the sum
+    of ``log q`` of its draws) is highest, draws ``k`` children at each, and keeps
+    ``budgets[level - 1]`` of them by :func:`kept_slots`, a slot's key being its node's
+    path score plus the slot's rank's log-probability in its node's distribution.
+
+    Args:
+        first_out (mx.array): ``(1, D)`` the drafter's output that drafted level 1.
+        first_q (mx.array): ``(1, V)`` its draft distribution.
+        expand: as :func:`grow`'s, but returning each row's distribution ``(k, V)``.
+        k (int): draws per expanded node, and nodes expanded per level.
+        budgets (list): nodes kept per level (:func:`level_budgets`): the tree's depth.
+
+    Returns:
+        tuple: device arrays ``tokens``, ``parents`` and ``kept`` of the
+        ``1 + k + (depth - 1) k^2`` candidates (candidate 0: the root), the draft
+        distributions ``q`` ``(1 + (depth - 1) k, V)`` (row 0: the root's; then each
+        level's expanded nodes') and ``expanded`` ``(depth - 1, k)``, the candidate each
+        of those rows is, as :func:`drawn_tree` takes them.
+    """
+    toks, lq, slots = draws_of(first_q, k)  # (1, k)
+    kept = kept_slots(slots, budgets[0])[0]
+    tokens, parents = [mx.array([-1], dtype=mx.int32), toks[0]], [mx.array([-1] + [0] * k)]
+    keeps, qs, expanded = [mx.array([True]), kept], [first_q], []
+    level_tok, level_score = toks[0], mx.where(kept, lq[0], -mx.inf)
+    frontier, first = mx.arange(1, k + 1, dtype=mx.int32), 1 + k
+    h, rows, mask = mx.repeat(first_out, k, axis=0), None, None
+    for level in range(2, len(budgets) + 1):
+        mask = expand_mask(mask, rows, k)
+        out, q = expand(level, h, level_tok, mask)
+        expanded.append(frontier)
+        qs.append(q)
+        toks, lq, slots = draws_of(q, k)  # (k, k)
+        kept = kept_slots(level_score[:, None] + slots, budgets[level - 1])
+        score = mx.where(kept, level_score[:, None] + lq, -mx.inf).reshape(-1)
+        tokens.append(toks.reshape(-1))
+        parents.append(mx.repeat(frontier, k))
+        keeps.append(kept.reshape(-1))
+        best = top_k_desc(score[None], k)[0].astype(mx.int32)  # (the next level's frontier)
+        rows, frontier = best // k, first + best
+        level_tok, level_score = mx.take(tokens[-1], best), mx.take(score, best)
+        h, first = mx.take(out, rows, axis=0), first + k * k
+    expanded = mx.stack(expanded) if expanded else mx.zeros((0, k), dtype=mx.int32)
+    return (mx.concatenate(tokens), mx.concatenate(parents).astype(mx.int32),
+            mx.concatenate(keeps), mx.concatenate(qs, axis=0), expanded)  # fmt: skip
+
+
+def place_drawn(root: int, tokens: Sequence[int], parents: Sequence[int],
+                kept: Sequence[bool], row_of: dict) -> Tuple[DraftTree, List[int]]:  # fmt: skip
+    """The drawn tree of the ``kept`` candidates, depth-first, each node's children in
+    draw order (candidate order), and each node's row of the draft distributions
+    (``row_of[candidate]``; ``-1`` for a leaf).
+
+    Example:
+        >>> t, rows = place_drawn(7, [-1, 4, 5, 6, 8], [-1, 0, 0, 1, 1],
+        ...                       [True, True, True, False, True], {0: 0, 1: 1, 2: 2})
+        >>> t.tokens, t.parents, rows
+        ([7, 4, 8, 5], [-1, 0, 1, 0], [0, 1, -1, -1])
+
+    Candidate 3 (token 6) is not kept, so candidate 4 (token 8), the second draw
+    under candidate 1, is its only child; candidate 2 was expanded but kept no child.
+    """
+    kids = {}
+    for i in range(1, len(parents)):
+        if kept[i]:
+            assert parents[i] == 0 or kept[parents[i]], f"candidate {i}: its parent is not kept"
+            kids.setdefault(parents[i], []).append(i)
+    out_tokens, out_parents, rows = [root], [-1], [row_of[0] if kids.get(0) else -1]
+
+    def place(node, at):
+        for c in kids.get(node, []):
+            out_tokens.append(int(tokens[c]))
+            out_parents.append(at)
+            rows.append(row_of[c] if kids.get(c) else -1)
+            place(c, len(out_tokens) - 1)
+
+    place(0, 0)
+    return DraftTree(out_tokens, out_parents), rows
+
+
+def drawn_tree(candidates, root: int, k: int):
+    """:func:`place_drawn` over :func:`grow_drawn`'s device arrays (one host read).
+
+    Returns:
+        tuple: the :class:`DraftTree`, the draft distributions ``q`` (device) and each
+        node's row of them, as :func:`~mlx_specstream.tree.accept_by_rejection` takes them.
+    """
+    tokens, parents, kept, q, expanded = candidates
+    mx.eval(tokens, parents, kept, expanded, q)
+    row_of = {0: 0}
+    for d, level in enumerate(expanded.tolist()):
+        for r, c in enumerate(level):
+            row_of[c] = 1 + d * k + r
+    tree, rows = place_drawn(root, tokens.tolist(), parents.tolist(), kept.tolist(), row_of)
+    return tree, q, rows
+
+
 __all__: List[str] = [
-    "draft_tree", "expand_mask", "grow", "grown_candidates", "select_nodes", "top_children",
+    "draft_tree", "draws_of", "drawn_tree", "expand_mask", "grow", "grow_drawn",
+    "grown_candidates", "kept_slots", "level_budgets", "place_drawn", "select_nodes",
+    "top_children",
 ]  # fmt: skip

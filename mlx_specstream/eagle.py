@@ -247,10 +247,12 @@ class EagleDrafting(nn.Module):
         state.cache.trim(levels - 1)  # (the recursion's rows never stay)
         return mx.concatenate(logits, axis=0)
 
-    def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int):
-        """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep
-        (:func:`~mlx_specstream.dynamic_tree.grown_candidates`)."""
-        return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth)
+    def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
+                   drawn=None):  # fmt: skip
+        """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep,
+        or of a drawn one (:func:`~mlx_specstream.dynamic_tree.grown_candidates`)."""
+        return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth,
+                                drawn)  # fmt: skip
 
 
 class Eagle3Drafter(EagleDrafting):

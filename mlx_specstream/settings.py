@@ -69,16 +69,13 @@ def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth: int):
-    """Whether this call's drafter grows dynamic trees (:mod:`mlx_specstream.dynamic_tree`),
-    and whether that was asked for (by the call, else by the model's config).
+def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth: int) -> bool:
+    """Whether this call's drafter grows dynamic trees (:mod:`mlx_specstream.dynamic_tree`):
+    as the call asks, else as the model's config does.
 
     ``None`` (the call's and the config's) means: where the drafter can grow them (an
     EAGLE drafter: EAGLE-3's, EAGLE-1's) and the tree is wider than a chain. Asked for where the drafts
     cannot grow one (streams, Medusa heads, MTP layers, a draft model), it is refused.
-
-    Returns:
-        tuple: ``(dynamic, asked)``.
     """
     if dynamic_tree not in (None, True, False):
         raise ValueError(f"dynamic_tree={dynamic_tree!r}: pass True, False or None.")
@@ -96,7 +93,7 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
             "that run again on their own output, one node at a time (EAGLE's)."
         )
     wide = depth > 0 and max(ks[:depth]) > 1
-    return bool(asked is not False and hasattr(drafter, "draft_tree") and wide), bool(asked)
+    return bool(asked is not False and hasattr(drafter, "draft_tree") and wide)
 
 
 def default_acceptance(sampler) -> str:

@@ -336,11 +336,12 @@ def draw(probs: np.ndarray, u: float) -> int:
     return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(probs) - 1))
 
 
-def accept_by_rejection(tokens, parents, target_probs, draft_probs, uniforms):
+def accept_by_rejection(tokens, parents, target_probs, draft_probs, uniforms, draft_rows=None):
     """Recursive rejection sampling down a draft tree (lossless, multi-draft).
 
     Siblings must be draws *without replacement*, in draw order, from the
-    draft distribution of their level, ``draft_probs[depth of parent]``. At a
+    draft distribution of their parent, ``draft_probs[draft_rows[parent]]``
+    (default: of their level, ``draft_probs[depth of parent]``). At a
     node with target distribution ``p``, each child ``x`` in turn is accepted
     with probability ``min(1, p(x) / q(x))``; on rejection ``p`` becomes the
     normalised residual ``max(p - q, 0)`` and ``x`` is removed from ``q``
@@ -370,18 +371,22 @@ def accept_by_rejection(tokens, parents, target_probs, draft_probs, uniforms):
     Args:
         tokens, parents: the tree (node 0 is the root).
         target_probs: ``(T, V)`` target distribution after each node's path.
-        draft_probs: ``(depth, V)`` draft distribution of each tree level.
+        draft_probs: ``(depth, V)`` draft distribution of each tree level, or of
+          each node with children where ``draft_rows`` is given.
         uniforms: at least ``T + 1`` numbers in [0, 1), consumed in order.
+        draft_rows (list, optional): ``(T,)`` each node's row of ``draft_probs``
+          (a drawn dynamic tree's: :func:`~mlx_specstream.dynamic_tree.grow_drawn`).
 
     Returns:
         tuple: ``(path, token)``, the accepted nodes from the root and the next token.
     """
-    kids, depth, u = children_of(parents), tree_depths(parents), iter(uniforms)
+    kids, u = children_of(parents), iter(uniforms)
+    rows = tree_depths(parents) if draft_rows is None else draft_rows
     cur, path = 0, [0]
     while True:
         p = np.asarray(target_probs[cur], dtype=np.float64)
         if kids[cur]:
-            q = np.array(draft_probs[depth[cur]], dtype=np.float64)
+            q = np.array(draft_probs[rows[cur]], dtype=np.float64)
         for c in kids[cur]:
             x = tokens[c]
             fixed = q[x] <= 0.0  # (drawn past q's mass: a fixed proposal)

@@ -220,9 +220,10 @@ def test_dynamic_trees_are_refused_where_a_drafter_cannot_grow_them(base_dir, ch
 
 
 def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
-    """Target sampling over dynamic trees samples the base's distribution (chi-square);
-    asked for by ``acceptance="rejection"``, it warns and verifies by target sampling.
-    Control: a walk that takes a node's first child whatever the target is rejected."""
+    """Recursive rejection over drawn dynamic trees, and target sampling over dynamic
+    trees, sample the base's distribution (chi-square). Controls: each node verified
+    against the root's distribution instead of its own; a walk that takes a node's first
+    child whatever the target is."""
     from chi_square import chi_square_pvalue
     from test_sampling import exact_distribution, sample_counts
 
@@ -234,8 +235,26 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     sampler, n = make_sampler(temp=1.0), 1500
     exact = exact_distribution(model, sampler)
     tree = dict(tree_top_k=2, tree_depth=2, max_tree_nodes=5, dynamic_tree=True)
-    with pytest.warns(UserWarning, match="dynamic"):
-        counts = sample_counts(model, sampler, n, acceptance="rejection", **tree)
+    real_walk, walked = decode.accept_by_rejection, []
+
+    def recording(tokens, parents, target, q, uniforms, rows=None):
+        walked.append((list(parents), rows))
+        return real_walk(tokens, parents, target, q, uniforms, rows)
+
+    monkeypatch.setattr(decode, "accept_by_rejection", recording)
+    counts = sample_counts(model, sampler, n, acceptance="rejection", **tree)
+    p = chi_square_pvalue(counts, exact, n)
+    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    grown = [rows for parents, rows in walked if rows is not None and len(parents) > 2]
+    assert len(grown) > n // 2 and any(max(rows) > 1 for rows in grown)  # (several nodes' rows)
+    monkeypatch.setattr(decode, "accept_by_rejection",
+                        lambda tokens, parents, target, q, uniforms, rows=None:
+                        real_walk(tokens, parents, target, q, uniforms, [0] * len(tokens)))  # fmt: skip
+    p = chi_square_pvalue(sample_counts(model, sampler, 800, acceptance="rejection", **tree),
+                          exact, 800)  # fmt: skip
+    assert p < 1e-6, f"another node's distribution passed (p = {p:.2e}): no power"
+    monkeypatch.undo()
+    counts = sample_counts(model, sampler, n, acceptance="target-sample", **tree)
     p = chi_square_pvalue(counts, exact, n)
     assert p > 1e-3, f"chi-square p = {p:.2e}"
     real = decode._accept

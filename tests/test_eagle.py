@@ -205,9 +205,10 @@ def test_a_draft_vocabulary_of_another_source_is_refused(small_base, tmp_path):
 
 
 def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
-    """Recursive rejection over the drafter's trees (drafts outside its draft vocabulary
-    impossible: ``q = 0`` there) samples the base's distribution; control: each level
-    verified against the next level's draft distribution."""
+    """Recursive rejection over the drafter's drawn dynamic trees and its static trees
+    (drafts outside its draft vocabulary impossible: ``q = 0`` there) samples the base's
+    distribution; controls: drawn drafts verified as if drawn uniformly, each static
+    level verified against the next level's draft distribution."""
     base = write_base(tmp_path / "base", 6, weight_scale=1.0)
     write_eagle(tmp_path / "eagle", 6, draft_vocab=[0, 2, 3, 5], layer_ids=[0, 3, 6], scale=1.0,
                 head_scale=4.0)  # fmt: skip
