@@ -250,11 +250,12 @@ def saved_and_loaded_back(base_dir, drafter_dir, path, drafts_of) -> dict:
     return saved["drafter"]
 
 
-def assert_rejection_keeps_the_distribution(model, monkeypatch, n=1500, static=True) -> None:
+def assert_rejection_keeps_the_distribution(model, monkeypatch, n=1500, drawn=True,
+                                            static=True) -> None:  # fmt: skip
     """Recursive rejection over ``model``'s drafter's trees (top-2, 2 levels, 6 nodes;
-    temperature 1) samples the base's distribution (chi-square): the drawn dynamic tree
-    (the default; control: its drafts verified as if drawn uniformly), and with
-    ``static`` the static tree drawn from the drafter's levels (control: each level
+    temperature 1) samples the base's distribution (chi-square): with ``drawn``, the drawn
+    dynamic tree (the default; control: its drafts verified as if drawn uniformly); with
+    ``static``, the static tree drawn from the drafter's levels (control: each level
     verified against the next level's draft distribution)."""
     import mlx_specstream.decode as decode
     from chi_square import chi_square_pvalue
@@ -265,22 +266,23 @@ def assert_rejection_keeps_the_distribution(model, monkeypatch, n=1500, static=T
     sampler = make_sampler(temp=1.0)
     exact = exact_distribution(model, sampler)
     kwargs = dict(acceptance="rejection", tree_top_k=2, tree_depth=2, max_tree_nodes=6)
-    p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
-    assert p > 1e-3, f"drawn dynamic trees: chi-square p = {p:.2e}"
-    real = decode.accept_by_rejection
+    if drawn:
+        p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
+        assert p > 1e-3, f"drawn dynamic trees: chi-square p = {p:.2e}"
+        real = decode.accept_by_rejection
 
-    def as_if_uniform(tokens, parents, target, q, uniforms, rows=None):
-        assert q is None or rows is not None  # (a drawn tree)
-        q = q if q is None else np.full_like(q, 1.0 / q.shape[-1])
-        return real(tokens, parents, target, q, uniforms, rows)
+        def as_if_uniform(tokens, parents, target, q, uniforms, rows=None):
+            assert q is None or rows is not None  # (a drawn tree)
+            q = q if q is None else np.full_like(q, 1.0 / q.shape[-1])
+            return real(tokens, parents, target, q, uniforms, rows)
 
-    monkeypatch.setattr(decode, "accept_by_rejection", as_if_uniform)
-    p = chi_square_pvalue(sample_counts(model, sampler, 600, **kwargs), exact, 600)
-    assert p < 1e-6, f"drafts verified as uniform draws passed (p = {p:.2e}): no power"
-    monkeypatch.undo()
+        monkeypatch.setattr(decode, "accept_by_rejection", as_if_uniform)
+        p = chi_square_pvalue(sample_counts(model, sampler, 600, **kwargs), exact, 600)
+        assert p < 1e-6, f"drafts verified as uniform draws passed (p = {p:.2e}): no power"
+        monkeypatch.undo()
+        kwargs["dynamic_tree"] = False
     if not static:
         return
-    kwargs["dynamic_tree"] = False
     p = chi_square_pvalue(sample_counts(model, sampler, n, **kwargs), exact, n)
     assert p > 1e-3, f"static trees: chi-square p = {p:.2e}"
     verify_against_the_next_level_s_q(monkeypatch)

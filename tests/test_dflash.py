@@ -252,7 +252,7 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     data["dflash_config"].update(output_multiplier=4.0)
     (tmp_path / "df" / "config.json").write_text(json.dumps(data))
     model, _ = load(str(base), drafter=str(tmp_path / "df"))
-    assert_rejection_keeps_the_distribution(model, monkeypatch)
+    assert_rejection_keeps_the_distribution(model, monkeypatch, drawn=False)
 
 
 def test_the_command_lines_take_the_drafter_on_a_4_bit_base(small_base, tmp_path, capsys):

@@ -158,9 +158,10 @@ def test_negative_control_drafts_verified_against_another_level_s_q_are_rejected
     assert p < 1e-6, f"mismatched draft distributions passed the test (p = {p:.2e}): no power"
 
 
-def naive_per_path(tokens, parents, target_probs, draft_probs, uniforms):
+def naive_per_path(tokens, parents, target_probs, draft_probs, uniforms, draft_rows=None):
     """Single-draft rejection applied to each sibling independently (no residual
     between siblings): the per-path rule that is not lossless for k > 1."""
+    assert draft_rows is None  # (static trees: one distribution per level)
     kids, depth, u = children_of(parents), tree_depths(parents), iter(uniforms)
     cur, path = 0, [0]
     while True:
@@ -184,9 +185,10 @@ def test_negative_control_naive_per_path_acceptance_is_rejected(model, monkeypat
     assert p < 1e-6, f"the naive rule passed the test (p = {p:.2e}): the test has no power"
 
 
-def past_q_always_accepted(tokens, parents, target_probs, draft_probs, uniforms):
+def past_q_always_accepted(tokens, parents, target_probs, draft_probs, uniforms, draft_rows=None):
     """The rule before session 42: a draft drawn past q's mass (q(x) = 0) is accepted
     whenever p(x) > 0, since u * 0 < p(x)."""
+    assert draft_rows is None  # (static trees: one distribution per level)
     kids, depth, u = children_of(parents), tree_depths(parents), iter(uniforms)
     cur, path = 0, [0]
     while True:
