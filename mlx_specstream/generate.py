@@ -363,7 +363,8 @@ def setup_arg_parser():
         default=None,
         help="An EAGLE drafter grows each tree from its own drafts (EAGLE-2's dynamic "
         "trees: --tree-top-k children of the --tree-top-k best nodes of each level, the best "
-        "--max-tree-nodes kept). Default: wherever the tree is wider than a chain",
+        "--max-tree-nodes kept; when sampling, each node's children drawn from its own "
+        "distribution). Default: wherever the tree is wider than a chain",
     )
     parser.add_argument(
         "--acceptance",

@@ -139,8 +139,9 @@ def stand_in(seed):
 def test_grow_drawn_draws_each_node_s_children_from_its_own_distribution():
     """Every expanded node's row of ``q`` is its token's distribution; the level's
     budget holds; each node keeps a prefix of its draws, distinct tokens; deeper levels
-    expand the best kept candidates by path score; the root's first draw follows its
-    distribution (chi-square over seeds)."""
+    expand the best kept candidates by path score (draw ``i`` scoring its parent's
+    ``i``-th largest log-probability); the root's first draw follows its distribution
+    (chi-square over seeds)."""
     table, expand = stand_in(0)
     first_q, rows = table[3][None], np.array(table)
     budgets, firsts = [3, 5, 4, 2], {}
@@ -152,10 +153,11 @@ def test_grow_drawn_draws_each_node_s_children_from_its_own_distribution():
         firsts[int(tokens[1])] = firsts.get(int(tokens[1]), 0) + 1
         level = np.array([0] + [1] * 4 + sum([[d] * 16 for d in range(2, 5)], []))
         assert all(kept[level == d].sum() <= b for d, b in zip(range(1, 5), budgets))
-        score = np.zeros(len(tokens))
+        score = np.zeros(len(tokens))  # (draw i scores the i-th largest log q: by rank)
         for c in range(1, len(tokens)):
             parent_q = rows[3] if parents[c] == 0 else rows[tokens[parents[c]]]
-            score[c] = score[parents[c]] + np.log(parent_q[tokens[c]])
+            rank = c - np.flatnonzero(parents == parents[c])[0]
+            score[c] = score[parents[c]] + np.log(np.sort(parent_q)[::-1][rank])
         for d, nodes in enumerate(expanded):
             np.testing.assert_allclose(q[1 + 4 * d: 5 + 4 * d], rows[tokens[nodes]],
                                        rtol=1e-6)  # fmt: skip
