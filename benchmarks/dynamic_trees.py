@@ -141,6 +141,7 @@ def main():
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--temp", default="", help="T,...: sampling at these temperatures instead")
     p.add_argument("--seeds", type=int, default=2, help="sampling: seeds per prompt")
+    p.add_argument("--skip-tau", action="store_true", help="sampling: speed only")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     info = machine_info(model=args.model, max_tokens=args.max_tokens)
@@ -187,12 +188,13 @@ def sampling(args, info, model, tok, plain, texts) -> None:
     temps = [float(t) for t in args.temp.split(",")]
     prompts = [tok.encode(t) for t in texts]
     lines = [heading("Dynamic draft trees when sampling", info), "",
-             f"`{info['command']}`: the drafter of `{args.model}` on the default model's "
-             f"{len(texts)} held-out prompts x {args.seeds} seeds, float32, "
-             f"{args.max_tokens} tokens, `make_sampler(temp=T)`.", "",
-             "| T | tree | tau |", "|---|---|---|"]  # fmt: skip
+             f"`{info['command']}`: the drafter of `{args.model}`, float32, "
+             f"{args.max_tokens} tokens, `make_sampler(temp=T)`."]  # fmt: skip
+    if not args.skip_tau:
+        lines += ["", f"Tau on the default model's {len(texts)} held-out prompts x {args.seeds} "
+                  "seeds:", "", "| T | tree | tau |", "|---|---|---|"]  # fmt: skip
     data = dict(info=info, tau={}, tokens_per_s={})
-    for temp in temps:
+    for temp in [] if args.skip_tau else temps:
         taus = sampled_taus(model, prompts, args.max_tokens, sampled_trees(), temp, args.seeds)
         lines += [f"| {temp} | {n} | {v['tau']:.3f} |" for n, v in taus.items()]
         data["tau"][str(temp)] = taus
