@@ -96,6 +96,19 @@ def sampled_taus(model, prompts, max_tokens: int, trees: dict, temp: float, seed
     return out
 
 
+def timed_ways(speed_trees: str, chain: str, variants: dict) -> dict:
+    """The ways timed: our chain of 3 (named with ``chain``), then each ``top-k,depth,nodes``
+    shape of ``speed_trees`` in each of ``variants`` (name: settings)."""
+    ways = {f"ours: chain of 3{chain}": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4)}
+    for spec in speed_trees.split(";"):
+        k, depth, nodes = map(int, spec.split(","))
+        for way, settings in variants.items():
+            ways[f"ours: top-{k} x {depth}, {nodes} nodes, {way}"] = dict(
+                tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, **settings
+            )
+    return ways
+
+
 def speeds(model, plain, draft, prompts, max_tokens: int, ways: dict, rounds: int,
            temp: float = 0.0) -> dict:  # fmt: skip
     """Median tokens/s (after each prompt's first token) of mlx-lm plain, mlx-lm's
@@ -163,13 +176,8 @@ def main():
     if not args.skip_speed:
         draft, _ = mlx_lm.load(str(DRAFT_DIR))
         draft.set_dtype(mx.float32)
-        ways = {"ours: chain of 3": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4)}
-        for spec in args.speed_trees.split(";"):
-            k, depth, nodes = map(int, spec.split(","))
-            for dynamic in (False, True):
-                ways[f"ours: {shape_name(k, depth, nodes, dynamic)}"] = dict(
-                    tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic
-                )
+        ways = timed_ways(args.speed_trees, "", {"static": dict(dynamic_tree=False),
+                                                 "dynamic": dict(dynamic_tree=True)})  # fmt: skip
         prompts = [tok.encode(t) for t in texts[: args.speed_prompts]]
         tps = speeds(model, plain, draft, prompts, args.max_tokens, ways, args.rounds)
         base = tps["mlx-lm plain"]
@@ -201,14 +209,9 @@ def sampling(args, info, model, tok, plain, texts) -> None:
     if not args.skip_speed:
         draft, _ = mlx_lm.load(str(DRAFT_DIR))
         draft.set_dtype(mx.float32)
-        ways = {"ours: chain of 3, rejection": dict(tree_top_k=1, tree_depth=3, max_tree_nodes=4)}
-        for spec in args.speed_trees.split(";"):
-            k, depth, nodes = map(int, spec.split(","))
-            for way, (acceptance, dynamic) in SAMPLED.items():
-                ways[f"ours: top-{k} x {depth}, {nodes} nodes, {way}"] = dict(
-                    tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic,
-                    acceptance=acceptance,
-                )  # fmt: skip
+        ways = timed_ways(args.speed_trees, ", rejection",
+                          {way: dict(acceptance=a, dynamic_tree=d)
+                           for way, (a, d) in SAMPLED.items()})  # fmt: skip
         lines += ["", f"Tokens/s on the first {args.speed_prompts} prompts, median of "
                   f"{args.rounds} interleaved rounds (after each prompt's first token):", "",
                   "| T | way | tokens/s | vs mlx-lm plain | vs mlx-lm draft model |",
