@@ -371,20 +371,24 @@ def place_drawn(root: int, tokens: Sequence[int], parents: Sequence[int],
 
 
 def drawn_tree(candidates, root: int, k: int):
-    """:func:`place_drawn` over :func:`grow_drawn`'s device arrays (one host read).
+    """:func:`place_drawn` over :func:`grow_drawn`'s device arrays (one host read), with
+    the distributions of the tree's nodes that have children only (what the walk reads).
 
     Returns:
-        tuple: the :class:`DraftTree`, the draft distributions ``q`` (device) and each
+        tuple: the :class:`DraftTree`, those draft distributions ``q`` (device) and each
         node's row of them, as :func:`~mlx_specstream.tree.accept_by_rejection` takes them.
     """
     tokens, parents, kept, q, expanded = candidates
-    mx.eval(tokens, parents, kept, expanded, q)
+    mx.eval(tokens, parents, kept, expanded)
     row_of = {0: 0}
     for d, level in enumerate(expanded.tolist()):
         for r, c in enumerate(level):
             row_of[c] = 1 + d * k + r
     tree, rows = place_drawn(root, tokens.tolist(), parents.tolist(), kept.tolist(), row_of)
-    return tree, q, rows
+    used = sorted({r for r in rows if r >= 0})
+    index = {r: i for i, r in enumerate(used)}
+    q = mx.take(q, mx.array(used, dtype=mx.int32), axis=0)
+    return tree, q, [index.get(r, -1) for r in rows]
 
 
 __all__: List[str] = [

@@ -11,6 +11,7 @@ import pytest
 from chi_square import chi_square_pvalue
 
 from mlx_specstream.dynamic_tree import (
+    drawn_tree,
     grow_drawn,
     kept_slots,
     level_budgets,
@@ -55,6 +56,22 @@ def test_place_drawn_lays_out_the_kept_candidates_in_draw_order():
     assert tree.tokens == [9, 20, 50, 60] and rows == [0, 2, -1, -1]
     with pytest.raises(AssertionError, match="parent"):  # (control: a bad input)
         place_drawn(9, tokens, parents, [True, False, False, True, False, False, False], {0: 0})
+
+
+def test_drawn_tree_keeps_the_distributions_of_nodes_with_children_only():
+    """The walk reads the rows of nodes with children only, renumbered (candidate 1 has
+    no child kept, so the table's row 1 is left out and row 2 becomes row 1; control: row
+    1 of the full table is another node's distribution)."""
+    tokens = mx.array([-1, 10, 20, 30, 40, 50, 60])
+    parents = mx.array([-1, 0, 0, 1, 1, 2, 2])
+    kept = mx.array([True, True, True, False, False, True, False])
+    q = mx.arange(5 * 3, dtype=mx.float32).reshape(5, 3)  # (row r: 3r, 3r + 1, 3r + 2)
+    expanded = mx.array([[1, 2]])  # (rows 1 and 2: candidates 1 and 2)
+    tree, got, rows = drawn_tree((tokens, parents, kept, q, expanded), 9, 2)
+    assert tree.tokens == [9, 10, 20, 50] and tree.parents == [-1, 0, 0, 2]
+    assert rows == [0, -1, 1, -1]
+    assert np.array(got).tolist() == [[0, 1, 2], [6, 7, 8]]
+    assert np.array(q)[rows[2]].tolist() != np.array(got)[rows[2]].tolist()
 
 
 # ---- the walk over drawn trees, on the host: exact targets, simulated draws ----------
