@@ -78,6 +78,7 @@ from .tree import (
     accept_by_rejection,
     certified_argmax,
     depth_limited,
+    gumbel_top_k,
     merge_chains,
     path_to,
     static_tree,
@@ -362,7 +363,7 @@ class Decoder:
         if drafter and not (self.by_rejection or self.heads):
             path_tokens = [tokens[a] for a in path]
             if self.dynamic:
-                p.next_tree = self._dynamic_tree(out, path, path_tokens, token)
+                p.next_tree, _ = self._dynamic_tree(out, path, path_tokens, token)
             else:
                 slog = self._drafter_logits(out, path, path_tokens, token)
                 p.top, p.next_tokens = self._draft_tokens(slog, mx.array(token))
@@ -467,26 +468,21 @@ class Decoder:
         )
         return draft.astype(mx.float32)
 
-    def _dynamic_tree(self, out, path, path_tokens, token: int) -> DraftTree:
+    def _dynamic_tree(self, out, path, path_tokens, token: int):
         """The drafter's dynamic tree rooted at ``token``, no deeper than the next
-        tree may be (one level where none may: the drafter's context still grows)."""
+        tree may be (one level where none may: the drafter's context still grows).
+        Sampling by rejection, a drawn one (:func:`~mlx_specstream.dynamic_tree.grow_drawn`,
+        each level as wide as the static tree's) with its draft distributions and each
+        node's row of them; else ``None`` for those."""
         depth = max(1, min(self.depth, self._room(), self.tree_nodes - 1))
-        candidates = self.rt.drafter.draft_tree(
-            self.rt, self.dstate, out.hidden, path, path_tokens, token, self.kmax, depth
-        )
-        return draft_tree(candidates, token, self.tree_nodes)
-
-    def _drawn_tree(self, out, path, path_tokens, token: int):
-        """The drafter's drawn dynamic tree rooted at ``token`` (rejection sampling:
-        :func:`~mlx_specstream.dynamic_tree.grow_drawn`), as deep as
-        :meth:`_dynamic_tree`'s, each level as wide as the static tree's; with its
-        draft distributions and each node's row of them."""
-        depth = max(1, min(self.depth, self._room(), self.tree_nodes - 1))
-        drawn = (level_budgets(self.kmax, depth, self.tree_nodes), self.sampler.probs,
-                 out.logits.shape[-1])  # fmt: skip
+        drawn = None
+        if self.by_rejection:
+            drawn = (level_budgets(self.kmax, depth, self.tree_nodes), self.sampler.probs)
         candidates = self.rt.drafter.draft_tree(
             self.rt, self.dstate, out.hidden, path, path_tokens, token, self.kmax, depth, drawn
         )
+        if drawn is None:
+            return draft_tree(candidates, token, self.tree_nodes), None
         tree, q, rows = drawn_tree(candidates, token, self.kmax)
         return tree, (q, rows)
 
@@ -576,7 +572,7 @@ class Decoder:
         the ``(..., levels, kmax)`` tokens in draw order."""
         logprobs = _log_softmax(slog[..., : self.depth, :].astype(mx.float32))
         q = self.sampler.probs(logprobs.reshape(-1, logprobs.shape[-1])).reshape(logprobs.shape)
-        return q, top_k_desc(mx.log(q) + mx.random.gumbel(q.shape), self.kmax)
+        return q, gumbel_top_k(q, self.kmax)
 
     def _walk_by_rejection(self, p: Pending):
         """Recursive rejection sampling on the host, then the next drafts, drawn
@@ -590,7 +586,7 @@ class Decoder:
         if not self.depth or (self.max_tokens >= 0 and self.emitted + len(path) >= self.max_tokens):
             return path, token, None
         if self.dynamic:  # each node's children drawn from its own distribution
-            p.next_tree, q = self._drawn_tree(p.out, path, [tokens[a] for a in path], token)
+            p.next_tree, q = self._dynamic_tree(p.out, path, [tokens[a] for a in path], token)
             return path, token, q
         last = path[-1]
         if p.draws is not None:

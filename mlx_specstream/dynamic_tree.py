@@ -31,7 +31,7 @@ import mlx.core as mx
 
 from .drafters import new_rows
 from .layout import with_prefix
-from .tree import DraftTree, static_tree, top_k_desc
+from .tree import DraftTree, gumbel_top_k, static_tree, top_k_desc
 
 
 def select_nodes(
@@ -182,16 +182,17 @@ def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: in
     (trimmed after); ``drafter.tree_logits(rt, out)``, normalized here, ranks the
     children, over the tokens ``drafter.tree_ids()`` (``None``: every token).
 
-    ``drawn`` ``(budgets, probs, width)``: :func:`grow_drawn`'s candidates instead, each
-    node's distribution ``probs(logprobs)`` of its log-probabilities over the base's
-    ``width`` tokens (``-inf`` outside the drafter's)."""
+    ``drawn`` ``(budgets, probs)``: :func:`grow_drawn`'s candidates instead, each node's
+    distribution ``probs(logprobs)`` of the log-probabilities of its level logits over
+    the base's tokens (``drafter.level_logits(rt, out)``, as the static tree's levels)."""
     feats, nxt = new_rows(state, hidden, path, path_tokens, token)
     out = drafter.step(rt, feats, mx.array(nxt), state.cache)[-1:]
     start, ids = state.cache.offset, drafter.tree_ids()
 
     def dist(o):  # (the ranked log-probabilities; a drawn tree's distributions)
-        logprobs = log_softmax(drafter.tree_logits(rt, o))
-        return logprobs if drawn is None else drawn[1](widened(logprobs, ids, drawn[2]))
+        if drawn is None:
+            return log_softmax(drafter.tree_logits(rt, o))
+        return drawn[1](log_softmax(drafter.level_logits(rt, o)))
 
     def expand(level, h, tokens, mask):
         at = (start + level - 2, with_prefix(mask, start))
@@ -204,16 +205,6 @@ def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: in
         candidates = grow_drawn(out, dist(out), expand, k, drawn[0])
     state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
     return candidates
-
-
-def widened(logprobs: mx.array, ids: Optional[mx.array], width: int) -> mx.array:
-    """``logprobs`` ``(R, V')`` over the draft ids ``ids`` as ``(R, width)`` over the
-    base's tokens, ``-inf`` elsewhere (``ids`` ``None``: already so)."""
-    if ids is None:
-        return logprobs
-    wide = mx.full(logprobs.shape[:-1] + (width,), -mx.inf, dtype=logprobs.dtype)
-    wide[..., ids] = logprobs
-    return wide
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -265,8 +256,7 @@ def draws_of(q: mx.array, k: int):
     in draw order, and each row's ``k`` largest log-probabilities, the scores of its
     ``k`` child slots, draw ``i`` in slot ``i`` (both ``(R, k)``)."""
     logq = mx.log(q)
-    tokens = top_k_desc(logq + mx.random.gumbel(q.shape), k).astype(mx.int32)
-    return tokens, mx.take_along_axis(logq, top_k_desc(logq, k), axis=-1)
+    return gumbel_top_k(q, k).astype(mx.int32), mx.take_along_axis(logq, top_k_desc(logq, k), -1)
 
 
 def kept_slots(keys: mx.array, budget: int) -> mx.array:

@@ -316,6 +316,14 @@ def top_k_desc(scores, k: int):
     return mx.take_along_axis(idx, order, axis=-1)
 
 
+def gumbel_top_k(q, k: int):
+    """``k`` draws without replacement from each row of the distributions ``q``
+    ``(..., V)``, in draw order (Gumbel top-k): the siblings rejection sampling takes."""
+    import mlx.core as mx
+
+    return top_k_desc(mx.log(q) + mx.random.gumbel(q.shape), k)
+
+
 def children_of(parents: Sequence[int]) -> List[List[int]]:
     """Child lists, in node order.
 

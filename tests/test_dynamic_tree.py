@@ -72,8 +72,8 @@ def recorded_candidates(model, monkeypatch, prompt, max_tokens=24, **tree):
     parents, scores), the last row ``a`` of the accepted text and the bonus token."""
     seen, real = [], eagle.Eagle3Drafter.draft_tree
 
-    def recording(self, rt, state, hidden, path, path_tokens, token, k, depth):
-        cands = real(self, rt, state, hidden, path, path_tokens, token, k, depth)
+    def recording(self, rt, state, hidden, path, path_tokens, token, k, depth, drawn=None):
+        cands = real(self, rt, state, hidden, path, path_tokens, token, k, depth, drawn)
         a = rt._tree[4] + len(path) - 1
         seen.append(([np.array(c) for c in cands], a, token))
         return cands
