@@ -26,26 +26,29 @@ def _pickles(src: Path):
     return [single]
 
 
-def read_tensors(src: Path) -> Dict[str, "object"]:
-    """Every tensor of the checkpoint's pickles (``weights_only``: no code runs)."""
+def read_tensors(files) -> Dict[str, "object"]:
+    """Every tensor of the pickles ``files`` (``weights_only``: no code runs), each its
+    own copy (a module saved twice under two names shares its storage)."""
     import torch
 
     tensors = {}
-    for file in _pickles(src):
+    for file in files:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
         for key, value in state.items():
             if key in tensors:
                 raise ValueError(f"{file}: tensor {key!r} is in two shards")
-            tensors[key] = value.contiguous()
+            tensors[key] = value.clone().contiguous()
     return tensors
 
 
-def convert_eagle3(src, out) -> Path:
-    """Writes ``out``: ``src``'s ``config.json`` and its tensors as ``model.safetensors``.
+def rewrite_pickles(src, out, pickles, written: str, patterns) -> Path:
+    """Writes ``out``: ``src``'s ``config.json`` and the tensors of its pickles
+    (``pickles(src)``) as one safetensors file named ``written``; ``src`` may be a Hub
+    repo (its files matching ``patterns`` are fetched).
 
     Raises:
         FileExistsError: ``out`` exists.
-        FileNotFoundError: ``src`` has no ``config.json`` or no ``pytorch_model.bin``.
+        FileNotFoundError: ``src`` has no ``config.json`` or no pickle.
     """
     from safetensors.torch import save_file
 
@@ -55,14 +58,20 @@ def convert_eagle3(src, out) -> Path:
     if not src.exists():  # (a Hub repo: its JSON files and pickles only)
         from huggingface_hub import snapshot_download
 
-        src = Path(snapshot_download(str(src), allow_patterns=["*.json", "*.bin"]))
+        src = Path(snapshot_download(str(src), allow_patterns=list(patterns)))
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src / 'config.json'} does not exist")
-    tensors = read_tensors(src)
+    tensors = read_tensors(pickles(src))
     out.mkdir(parents=True)
     shutil.copy(src / "config.json", out / "config.json")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out / written), metadata={"format": "pt"})
     return out
+
+
+def convert_eagle3(src, out) -> Path:
+    """Writes ``out``: ``src``'s ``config.json`` and its tensors as ``model.safetensors``
+    (:func:`rewrite_pickles`)."""
+    return rewrite_pickles(src, out, _pickles, "model.safetensors", ["*.json", "*.bin"])
 
 
 def main(argv=None):

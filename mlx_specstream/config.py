@@ -296,6 +296,26 @@ class SpecStreamConfig(_Section):
 BATCH_DRAFTS = ("streams", "ngram", None)
 
 
+def medusa_fault(medusa, num_heads: int) -> Optional[str]:
+    """What is wrong with a drafter section's ``medusa`` dict (:data:`MEDUSA_KEYS`) for
+    ``num_heads`` heads, or ``None``."""
+
+    def count(v, least):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    if not isinstance(medusa, dict) or sorted(medusa) != sorted(MEDUSA_KEYS):
+        return f"keys {sorted(medusa) if isinstance(medusa, dict) else medusa!r}"
+    if not count(medusa["layers_per_head"], 1):
+        return f"layers_per_head={medusa['layers_per_head']!r} (an integer >= 1)"
+    if medusa["lm_heads"] not in (1, num_heads):
+        return f"lm_heads={medusa['lm_heads']!r} (1, shared, or one per head: {num_heads})"
+    if medusa["fc_bias"] not in (True, False):
+        return f"fc_bias={medusa['fc_bias']!r} (true or false)"
+    if medusa["token_map_size"] is not None and not count(medusa["token_map_size"], 1):
+        return f"token_map_size={medusa['token_map_size']!r} (null or an integer >= 1)"
+    return None
+
+
 def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
     """Why ``choice`` is not a batch setting (:attr:`SpecStreamConfig.batch`), or
     ``None``."""
@@ -335,6 +355,8 @@ EAGLE1_KEYS = (
     "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "fc_bias",
     "own_embeddings",
 )  # fmt: skip
+# What a released Medusa checkpoint's heads are (mlx_specstream.medusa).
+MEDUSA_KEYS = ("layers_per_head", "lm_heads", "fc_bias", "token_map_size")
 # What a DFlash drafter's section holds of its checkpoint (mlx_specstream.dflash).
 DFLASH_KEYS = (
     "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -395,6 +417,11 @@ class DrafterConfig(_Section):
           read from its checkpoint (:data:`DFLASH_KEYS`): its layers' shape and
           attention, ``block_size``, ``mask_token_id`` and ``feature_layers`` (the
           base's layers whose inputs it reads).
+        medusa (dict, optional): for ``"medusa"`` heads read from a released checkpoint
+          (:mod:`mlx_specstream.medusa`; ``None``: heads trained here), their shape
+          (:data:`MEDUSA_KEYS`): residual blocks per head, how many LM heads of their own
+          (one per head, or one shared), whether the blocks have biases, and the size of
+          the vocabulary their heads rank (``None``: every token).
         dynamic_tree (bool, optional): for ``"eagle3"`` and ``"eagle"``, whether its trees
           are grown from its own drafts (:mod:`mlx_specstream.dynamic_tree`); ``false``: the
           static tree of its levels. Default: ``None``, grown wherever the tree is
@@ -419,6 +446,7 @@ class DrafterConfig(_Section):
     eagle: Optional[dict] = None
     dflash: Optional[dict] = None
     dynamic_tree: Optional[bool] = None
+    medusa: Optional[dict] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -499,6 +527,9 @@ class DrafterConfig(_Section):
             "dflash",
             f"kind 'dflash' (and no other) needs a dict of {list(DFLASH_KEYS)}",
         )
+        fault = None if self.medusa is None else medusa_fault(self.medusa, self.num_draft_tokens)
+        fault = "kind 'medusa' only" if self.medusa is not None and self.kind != "medusa" else fault
+        require(fault is None, "medusa", f"null, or a dict of {list(MEDUSA_KEYS)}: {fault}")
         self._check_tuned()
 
     @classmethod

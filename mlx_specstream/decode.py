@@ -457,8 +457,9 @@ class Decoder:
         return slog
 
     def _heads_logits(self, out: StepOutput, p: Pending) -> mx.array:
-        """``(k, V)`` logits of Medusa heads at the accepted node (on the device)."""
-        return self.rt.drafter.draft_at(self.rt, out.hidden, p.last)
+        """``(levels, V)`` logits of the Medusa heads the tree reads, at the accepted node
+        (on the device)."""
+        return self.rt.drafter.draft_at(self.rt, out.hidden, p.last, max(1, self.levels))
 
     def _drafter_logits(self, out, path, path_tokens, token) -> mx.array:
         if self.draft_model is not None:
@@ -560,7 +561,7 @@ class Decoder:
             slog = (
                 out.stream_logits
                 if self.streams
-                else self.rt.drafter.draft_rows(self.rt, out.hidden)
+                else self.rt.drafter.draft_rows(self.rt, out.hidden, max(1, self.levels))
             )
             p.draws = self._draw(slog)
         arrays = [p.probs, p.uniforms, p.draft.q] + list(p.draws or ())

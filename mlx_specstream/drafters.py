@@ -35,9 +35,9 @@ from .recurrent import has_recurrent_layers
 
 
 class ResBlock(nn.Module):
-    def __init__(self, dims: int):
+    def __init__(self, dims: int, bias: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dims, dims)
+        self.linear = nn.Linear(dims, dims, bias=bias)
 
     def __call__(self, x):
         return x + nn.silu(self.linear(x))
@@ -61,20 +61,19 @@ class MedusaHeads(nn.Module):
     def draft(
         self, rt, state, hidden: mx.array, path: List[int], path_tokens, token, levels=None
     ) -> mx.array:
-        """``(k, V)`` logits of the draft levels from the last accepted node (all ``k``:
-        one batch, whatever the tree's ``levels``)."""
-        return self.draft_at(rt, hidden, mx.array(path[-1]))
+        """``(levels, V)`` logits of the draft levels from the last accepted node (every
+        head's where ``levels`` is ``None``)."""
+        return self.draft_at(rt, hidden, mx.array(path[-1]), levels)
 
-    def draft_at(self, rt, hidden: mx.array, node: mx.array) -> mx.array:
+    def draft_at(self, rt, hidden: mx.array, node: mx.array, levels=None) -> mx.array:
         """The same from node ``node`` (a device index): no host read."""
-        h = mx.take(hidden, node.reshape(1), axis=0)
-        states = mx.concatenate([head(h) for head in self.heads], axis=0)
-        return rt.head(states[None], draft=True)[0]
+        return self.draft_rows(rt, mx.take(hidden, node.reshape(1), axis=0), levels)[0]
 
-    def draft_rows(self, rt, hidden: mx.array) -> mx.array:
-        """``(R, k, V)`` logits of the draft levels from each of ``R`` hidden states
-        ``(R, D)`` (a tree's nodes, or a batch's rows)."""
-        return rt.head(mx.stack([head(hidden) for head in self.heads], axis=1), draft=True)
+    def draft_rows(self, rt, hidden: mx.array, levels=None) -> mx.array:
+        """``(R, levels, V)`` logits of the first ``levels`` heads (all by default) from
+        each of ``R`` hidden states ``(R, D)`` (a tree's nodes, or a batch's rows)."""
+        heads = self.heads[:levels]
+        return rt.head(mx.stack([head(hidden) for head in heads], axis=1), draft=True)
 
 
 class ParallelSpecDrafter(nn.Module):
@@ -345,6 +344,10 @@ def make_drafter(config: DrafterConfig, model: nn.Module) -> nn.Module:
         from .dflash import DFlashDrafter
 
         return DFlashDrafter(config, model)
+    if config.medusa is not None:  # (a released checkpoint's heads: medusa.py)
+        from .medusa import MedusaCheckpointHeads
+
+        return MedusaCheckpointHeads(config, model)
     return DRAFTERS[config.kind](config, model)
 
 

@@ -17,6 +17,7 @@ from .drafters import attach_drafter
 from .dflash import attach_dflash, is_dflash_checkpoint
 from .eagle import attach_eagle, is_eagle_checkpoint
 from .eagle1 import attach_eagle1, is_eagle1_checkpoint
+from .medusa import attach_medusa, is_medusa_checkpoint
 from .mtp import (
     attach_mtp,
     fetch_mtp_checkpoint,
@@ -232,7 +233,7 @@ def load(
         fetched = fetch_mtp_checkpoint(drafter, revision) if remote else None
         source, shapes = fetched or (resolve_model_path(drafter, revision), None)
     own = _own_format_drafter(source) if drafter is not None else None
-    if own is not None:  # an EAGLE-3, DFlash or EAGLE-1 drafter's checkpoint
+    if own is not None:  # an EAGLE-3, DFlash, EAGLE-1 or Medusa drafter's checkpoint
         name, attach = own
         if num_mtp_layers is not None:
             raise ValueError(
@@ -274,7 +275,9 @@ def load(
 
 def _own_format_drafter(source: Path):
     """``(what it is, its attach function)`` where ``source`` is a drafter checkpoint of
-    its own format (EAGLE-3's, DFlash's, EAGLE-1's), else ``None``."""
+    its own format (EAGLE-3's, DFlash's, EAGLE-1's, released Medusa heads), else ``None``."""
+    if is_medusa_checkpoint(source):
+        return "a Medusa", attach_medusa
     if is_eagle_checkpoint(source):
         return "an EAGLE-3", attach_eagle
     if is_dflash_checkpoint(source):
