@@ -7,12 +7,13 @@ plain decoding of the same weights.
         --tag cpu-openblas
     MLX_ENABLE_TF32=0 python benchmarks/medusa_step.py --dtypes bf16,q4 --tag gpu
 
-Random weights of the shape and random heads: every draft is rejected, so each step
-yields one token. Tau is not the point here; the step's cost is:
+Random weights of the shape and random heads. Tau is not the point here (random models
+repeat themselves, so some drafts are right: it is reported); the step's cost is:
 
-* r(n) = our ms per token with a chain of n drafts (or the 16-node tree of top-3 over
-  every head) / mlx-lm's per-token ms (its pipelined ``generate_step``), same weights,
-  same run: the tau that way needs to break even (at tau, the speedup is about tau / r);
+* r = our ms per step (its pass and drafting) with a chain of n drafts (or the 16-node
+  tree of top-3 over every head) / mlx-lm's per-token ms (its pipelined
+  ``generate_step``), same weights, same run: the tau that way needs to break even (at
+  tau, the speedup is about tau / r);
 * heads ms: the heads the tree reads, run alone over one state (evaluated), median.
 
 A released head's LM head is as large as the base's (``V x D``), so each level drafted
@@ -66,18 +67,19 @@ def with_heads(model, dtype: str, heads: int, released: bool, seed: int = 1):
     return drafter
 
 
-def per_token(make, runs: int) -> float:
-    """Seconds per token after the first pass (prefill out), median of ``runs`` after
-    a warm-up."""
+def per_token(make, runs: int):
+    """(seconds per token, tokens per pass) after the first pass (prefill out), the median
+    run of ``runs`` after a warm-up."""
     times = []
     for _ in range(runs + 1):
-        t0, n = None, 0
-        for item in make():
+        t0, p0, n = None, 0, 0
+        for i, item in enumerate(make()):
+            passes = item[3] if len(item) > 3 else i + 1
             if t0 is None:
-                t0 = time.perf_counter()
+                t0, p0 = time.perf_counter(), passes
                 continue
             n += 1
-        times.append((time.perf_counter() - t0) / max(1, n))
+        times.append(((time.perf_counter() - t0) / max(1, n), n / max(1, passes - p0)))
     times = sorted(times[1:])
     return times[len(times) // 2]
 
@@ -111,11 +113,12 @@ def main():
     lines = [heading("Medusa heads: a step's cost, trained here's against released ones", info)]
     lines.append(f"\nCommand: `{info['command']}`\n")
     lines.append(
-        "r: our ms per token (random heads: every draft rejected, one token a step) / "
-        "mlx-lm's per-token ms, same weights, same run: the tau that way needs to break "
-        "even. heads ms: the heads the tree reads, alone over one state. Trained here: one "
-        "block each and the base's LM head (one product for all levels); released: an LM "
-        "head of their own each (one product per level).\n"
+        "step ms: our ms per step (a pass and its drafting); r: that / mlx-lm's per-token "
+        "ms, same weights, same run: the tau that way needs to break even. heads ms: the "
+        "heads the tree reads, alone over one state. tau: tokens per pass (random weights "
+        "repeat themselves, so some drafts are right), and our tokens/s against mlx-lm's. "
+        "Trained here: one block each and the base's LM head (one product for all "
+        "levels); released: an LM head of their own each (one product per level).\n"
     )
     data = {}
     for shape in args.models.split(","):
@@ -128,24 +131,26 @@ def main():
                 kinds.append((f"released, drafts rank {args.draft_vocab}", True, args.draft_vocab))
             lines.append(f"\n### {shape}, {dtype}: {args.heads} heads, vocabulary {vocab}\n")
             lines.append("| heads | mlx-lm ms/token | " + " | ".join(
-                f"{w}: ms/token, r, heads ms" for w in WAYS) + " |")  # fmt: skip
+                f"{w}: step ms, r, heads ms, tau, vs mlx-lm" for w in WAYS) + " |")  # fmt: skip
             lines.append("|---|---|" + "---|" * len(WAYS))
             for name, released, size in kinds:
                 with_heads(model, dtype, args.heads, released)
                 if size:  # (which tokens does not change the cost: a seeded random set)
                     ids = np.random.default_rng(0).choice(vocab, size, replace=False)
                     use_draft_vocab(model, ids)
-                plain = per_token(lambda: generate_step(prompt, model,
-                                                        max_tokens=args.max_tokens), args.runs)  # fmt: skip
+                plain, _ = per_token(lambda: generate_step(
+                    prompt, model, max_tokens=args.max_tokens), args.runs)  # fmt: skip
                 row = dict(plain_ms=plain * 1e3)
                 for way, tree in WAYS.items():
-                    ms = per_token(lambda: spec_generate_step(
+                    ms, tau = per_token(lambda: spec_generate_step(
                         prompt, model, max_tokens=args.max_tokens, **tree), args.runs)  # fmt: skip
                     levels = tree.get("tree_depth", args.heads)
-                    row[way] = dict(ms=ms * 1e3, r=ms / plain, heads_ms=heads_ms(model, levels))
+                    row[way] = dict(step_ms=ms * tau * 1e3, r=ms * tau / plain, tau=tau,
+                                    speedup=plain / ms, heads_ms=heads_ms(model, levels))  # fmt: skip
                 data[f"{shape}-{dtype}-{name}"] = row
-                cells = " | ".join(f"{row[w]['ms']:.2f}, {row[w]['r']:.2f}, "
-                                   f"{row[w]['heads_ms']:.2f}" for w in WAYS)  # fmt: skip
+                cells = " | ".join(f"{row[w]['step_ms']:.1f}, {row[w]['r']:.2f}, "
+                                   f"{row[w]['heads_ms']:.1f}, {row[w]['tau']:.2f}, "
+                                   f"{row[w]['speedup']:.2f}x" for w in WAYS)  # fmt: skip
                 lines.append(f"| {name} | {row['plain_ms']:.2f} | {cells} |")
                 print(lines[-1], flush=True)
                 model.speculative_streams = None

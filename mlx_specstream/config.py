@@ -307,12 +307,14 @@ def medusa_fault(medusa, num_heads: int) -> Optional[str]:
         return f"keys {sorted(medusa) if isinstance(medusa, dict) else medusa!r}"
     if not count(medusa["layers_per_head"], 1):
         return f"layers_per_head={medusa['layers_per_head']!r} (an integer >= 1)"
-    if medusa["lm_heads"] not in (1, num_heads):
-        return f"lm_heads={medusa['lm_heads']!r} (1, shared, or one per head: {num_heads})"
+    if medusa["lm_heads"] not in (0, 1, num_heads):
+        return (f"lm_heads={medusa['lm_heads']!r} (0: the base's, 1: one shared, or one per "
+                f"head: {num_heads})")  # fmt: skip
     if medusa["fc_bias"] not in (True, False):
         return f"fc_bias={medusa['fc_bias']!r} (true or false)"
-    if medusa["token_map_size"] is not None and not count(medusa["token_map_size"], 1):
-        return f"token_map_size={medusa['token_map_size']!r} (null or an integer >= 1)"
+    size = medusa["token_map_size"]
+    if size is not None and not (count(size, 1) and medusa["lm_heads"]):
+        return f"token_map_size={size!r} (null, or an integer >= 1 with LM heads of their own)"
     return None
 
 
@@ -420,8 +422,8 @@ class DrafterConfig(_Section):
         medusa (dict, optional): for ``"medusa"`` heads read from a released checkpoint
           (:mod:`mlx_specstream.medusa`; ``None``: heads trained here), their shape
           (:data:`MEDUSA_KEYS`): residual blocks per head, how many LM heads of their own
-          (one per head, or one shared), whether the blocks have biases, and the size of
-          the vocabulary their heads rank (``None``: every token).
+          (one per head, one shared, or none: the base's), whether the blocks have
+          biases, and the size of the vocabulary their heads rank (``None``: every token).
         dynamic_tree (bool, optional): for ``"eagle3"`` and ``"eagle"``, whether its trees
           are grown from its own drafts (:mod:`mlx_specstream.dynamic_tree`); ``false``: the
           static tree of its levels. Default: ``None``, grown wherever the tree is

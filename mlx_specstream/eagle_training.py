@@ -163,8 +163,8 @@ def _float_weight(head: nn.Module) -> mx.array:
     """The rows of a (possibly quantized) linear or embedding head, in float."""
     if not isinstance(head.get("weight"), mx.array):
         raise ValueError(
-            f"an EAGLE-3 drafter's head starts from the base's LM head: a linear or "
-            f"embedding, not a {type(head).__name__}"
+            f"a drafter's head starts from the base's LM head: a linear or embedding, "
+            f"not a {type(head).__name__}"
         )
     if "scales" not in head:
         return head["weight"]

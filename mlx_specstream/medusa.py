@@ -17,8 +17,12 @@ Checkpoints read (``load(base, drafter=DIR)``; safetensors only):
   same): ``{j}.{l}.linear.{weight,bias}`` and ``{j}.{L}.weight`` (the head's LM head,
   after its ``L`` blocks), with ``medusa_num_heads`` and ``medusa_num_layers`` in
   ``config.json``. FasterDecoding's uploaded configs may name fewer heads than the file
-  holds (its own loader then asks for 5): the heads in the tensors are read.
-  ``medusa_lm_head.pt`` (a PyTorch pickle) converts with ``python -m convert.medusa``.
+  holds (its own loader then asks for 5): the heads in the tensors are read. Without
+  the ``{j}.{L}.weight`` heads (TGI's second layout), the base's LM head ranks each
+  head's output. ``medusa_lm_head.pt`` (a PyTorch pickle) converts with
+  ``python -m convert.medusa``. Such heads beside a model's own weights (a model's
+  ``config.json`` with ``medusa_num_heads``: TGI's Medusa models) are that model's:
+  ``load(DIR)`` drafts with them.
 * vLLM's (``model_type: "medusa"``): ``blocks.{j}.layers.{l}.{weight,bias}``,
   ``lm_heads.{j}.weight`` (one shared head where ``original_lm_head``), and
   ``token_map`` where ``truncated_vocab_size`` is below the vocabulary: the heads rank
@@ -42,8 +46,9 @@ from .draft_vocab import head_rows
 from .drafters import MedusaHeads, ResBlock, attach_checkpoint_drafter, checkpoint_files
 from .drafters import refuse_attached
 from .model_parts import hidden_size
-from .mtp import _final_norm
+from .mtp import _final_norm, head_logits
 
+HEADS_FILE, PICKLE = "medusa_lm_head.safetensors", "medusa_lm_head.pt"
 PICKLE_HINT = (
     "FasterDecoding's Medusa heads are a PyTorch pickle (medusa_lm_head.pt); rewrite them "
     "as safetensors with: python -m convert.medusa --src DIR_OR_HUB_REPO --out DIR"
@@ -55,15 +60,32 @@ _VLLM_HEAD = re.compile(r"lm_heads\.(\d+)\.weight")
 
 
 def is_medusa_checkpoint(path: Path) -> bool:
-    """Whether ``path/config.json`` describes released Medusa heads (FasterDecoding's
-    ``medusa_num_heads`` without a model's own settings, or vLLM's ``"medusa"``)."""
-    file = Path(path) / "config.json"
+    """Whether ``path`` holds released Medusa heads: alone (FasterDecoding's config with
+    ``medusa_num_heads`` and no model's settings, or vLLM's ``"medusa"``), or beside the
+    weights of the model they draft for (a model's config with ``medusa_num_heads`` and
+    ``medusa_lm_head.safetensors``, as TGI's Medusa models keep them)."""
+    path = Path(path)
+    file = path / "config.json"
     if not file.is_file():
         return False
     config = json.loads(file.read_text())
     if config.get("model_type") == "medusa":
         return True
-    return "medusa_num_heads" in config and "num_attention_heads" not in config
+    if "medusa_num_heads" not in config:
+        return False
+    return "num_attention_heads" not in config or any(
+        (path / name).is_file() for name in (HEADS_FILE, PICKLE)
+    )
+
+
+def _heads_files(path: Path):
+    """``medusa_lm_head.safetensors`` where there is one (beside a model's weights too),
+    else every safetensors file (vLLM's heads alone)."""
+    if (Path(path) / HEADS_FILE).is_file():
+        return [Path(path) / HEADS_FILE]
+    if (Path(path) / PICKLE).is_file():
+        raise ValueError(f"{path}: its heads are {PICKLE} only. {PICKLE_HINT}")
+    return checkpoint_files(path, PICKLE_HINT)
 
 
 def read_medusa_weights(path: Path) -> Dict[str, mx.array]:
@@ -74,7 +96,7 @@ def read_medusa_weights(path: Path) -> Dict[str, mx.array]:
         ValueError: naming the file and tensor, for a name neither format has.
     """
     weights = {}
-    for file in checkpoint_files(path, PICKLE_HINT):
+    for file in _heads_files(path):
         for key, value in mx.load(str(file)).items():
             name = key
             for prefix in ("medusa_heads.", "medusa_head.", "model."):
@@ -125,12 +147,16 @@ def medusa_layout(path: Path, model: nn.Module, weights: dict) -> Tuple[int, dic
     for j, ls in blocks.items():
         if sorted(ls) != list(range(layers)):
             fail(f"head {j} has blocks {sorted(ls)}, head 0 has {layers}")
-    said = config.get("medusa_num_layers", config.get("num_hidden_layers", layers))
+    vllm = config.get("model_type") == "medusa"  # (vLLM's names; else FasterDecoding's)
+    names = (
+        ("num_hidden_layers", "num_heads") if vllm else ("medusa_num_layers", "medusa_num_heads")
+    )
+    said = config.get(names[0], layers)
     if said != layers:
-        fail(f"medusa_num_layers={said}: its tensors hold {layers} block(s) per head")
-    said = config.get("medusa_num_heads", config.get("num_heads", k))
+        fail(f"{names[0]}={said}: its tensors hold {layers} block(s) per head")
+    said = config.get(names[1], k)
     if said > k:
-        fail(f"medusa_num_heads={said}: its tensors hold {k} head(s)")
+        fail(f"{names[1]}={said}: its tensors hold {k} head(s)")
     for name, size in (("hidden_size", D), ("vocab_size", vocab)):
         if config.get(name, size) != size:
             fail(f"{name}={config[name]}: the base's is {size}")
@@ -143,18 +169,20 @@ def medusa_layout(path: Path, model: nn.Module, weights: dict) -> Tuple[int, dic
             key = f"lm_heads.{parts[1]}.weight"
         out[key] = value
     heads = sorted(int(key.split(".")[1]) for key in out if key.startswith("lm_heads."))
-    if heads not in ([0], list(range(k))):
-        fail(f"LM heads {heads} for {k} heads: one per head, or one shared")
+    if heads not in ([], [0], list(range(k))):
+        fail(f"LM heads {heads} for {k} heads: one per head, one shared, or none (the base's)")
     if config.get("original_lm_head") and len(heads) > 1:
         fail(f"original_lm_head=true (one LM head for all, as vLLM reads it): its tensors "
              f"hold {len(heads)}")  # fmt: skip
     biases = sum(key.endswith(".bias") for key in out if key.startswith("heads."))
     if biases not in (0, k * layers):
         fail(f"{biases} of its {k * layers} residual blocks have biases")
-    if biases and config.get("model_type") == "medusa" and not config.get("medusa_fc_bias"):
+    if biases and vllm and not config.get("medusa_fc_bias"):
         fail("medusa_fc_bias is not true, so vLLM reads its blocks without the biases its "
              "tensors hold")  # fmt: skip
     token_map = out.get("token_map")
+    if token_map is not None and not heads:
+        fail("a token_map without LM heads of its own (the base's ranks every token)")
     said = config.get("truncated_vocab_size") or vocab
     if (token_map is None) != (said >= vocab) or (token_map is not None and token_map.size != said):
         fail(f"truncated_vocab_size={said} with "
@@ -199,6 +227,7 @@ class MedusaCheckpointHeads(MedusaHeads):
         ]
         V = medusa["token_map_size"] or head_rows(model)
         self.lm_heads = [nn.Linear(D, V, bias=False) for _ in range(medusa["lm_heads"])]
+        self._own_heads = medusa["lm_heads"] > 0
         if medusa["token_map_size"] is not None:
             self.token_map = mx.arange(V, dtype=mx.int32)
             self.own_draft_vocab = True  # (its heads rank the token map's ids: no other)
@@ -210,14 +239,17 @@ class MedusaCheckpointHeads(MedusaHeads):
         its own LM head (over a draft vocabulary, where one is set, or the token map's
         ids; ``-inf`` elsewhere). Heads past ``levels`` never run: each reads an LM head."""
         x, vocab = _final_norm(rt.model)(hidden), rt.draft_vocab
-        rows = []
-        for j, blocks in enumerate(self.heads[:levels]):
+        states = []
+        for blocks in self.heads[:levels]:
             y = x
             for block in blocks:
                 y = block(y)
-            head = self.lm_heads[j % len(self.lm_heads)]
-            rows.append((head if vocab is None else vocab.restrict(head))(y))
-        logits = mx.stack(rows, axis=1)
+            states.append(y)
+        if not self._own_heads:  # (TGI's layout: the base's LM head, one product for all)
+            return head_logits(rt.model, mx.stack(states, axis=1), vocab)
+        heads = [self.lm_heads[j % len(self.lm_heads)] for j in range(len(states))]
+        logits = mx.stack([(h if vocab is None else vocab.restrict(h))(y)
+                           for h, y in zip(heads, states)], axis=1)  # fmt: skip
         if vocab is not None:
             return vocab.widen(logits)
         if "token_map" not in self:

@@ -25,8 +25,9 @@ to ``t`` and streams ``1..j`` of ``t``. Stream logits come from the model's
 own final norm and head.
 
 ``--drafter eagle3`` trains an EAGLE-3 drafter instead (:mod:`.eagle_training`),
-``--drafter eagle`` an EAGLE-1 drafter (:mod:`.eagle1_training`), and ``--drafter
-dflash`` a DFlash drafter (:mod:`.dflash_training`), on the same data.
+``--drafter eagle`` an EAGLE-1 drafter (:mod:`.eagle1_training`), ``--drafter
+dflash`` a DFlash drafter (:mod:`.dflash_training`), and ``--drafter medusa`` Medusa-1
+heads (:mod:`.medusa_training`), on the same data.
 
 ``OUT`` must not exist; while training it holds ``OUT/training`` (settings,
 the self-distilled data, the newest checkpoint), which ``--resume`` continues
@@ -70,11 +71,13 @@ RESUME_KEYS = (
     "self_distill",
     "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip", "optimizer",
     "grad_accumulation_steps", "drafter", "ttt_steps", "eagle_layers", "block_size",
-    "draft_layers", "target_layer_ids", "blocks_per_window",
+    "draft_layers", "target_layer_ids", "blocks_per_window", "medusa_num_layers",
+    "medusa_lm_heads",
 )  # fmt: skip
 # (keys added later: a checkpoint written before them holds their defaults)
 RESUME_DEFAULTS = {"drafter": "streams", "ttt_steps": 3, "eagle_layers": None, "block_size": 8,
-                   "draft_layers": 2, "target_layer_ids": None, "blocks_per_window": 16}  # fmt: skip
+                   "draft_layers": 2, "target_layer_ids": None, "blocks_per_window": 16,
+                   "medusa_num_layers": 1, "medusa_lm_heads": "own"}  # fmt: skip
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
 
@@ -571,13 +574,27 @@ def setup_arg_parser():
     p.add_argument("--model", required=True, help="mlx-lm model directory or Hugging Face repo")
     p.add_argument(
         "--drafter",
-        choices=("streams", "eagle3", "eagle", "dflash"),
+        choices=("streams", "eagle3", "eagle", "dflash", "medusa"),
         default="streams",
         help="What to train: lossless-mode speculative streams, an EAGLE-3 drafter (one "
         "layer of its own over three of the base's layers; --ttt-steps, --eagle-layers), an "
-        "EAGLE-1 drafter (one layer of its own over the base's last state; --ttt-steps), or "
+        "EAGLE-1 drafter (one layer of its own over the base's last state; --ttt-steps), "
         "a DFlash drafter (layers of its own drafting a block of masks in one pass; "
-        "--block-size, --draft-layers, --target-layer-ids, --blocks-per-window)",
+        "--block-size, --draft-layers, --target-layer-ids, --blocks-per-window), or Medusa-1 "
+        "heads (--num-streams heads; --medusa-num-layers, --medusa-lm-heads)",
+    )
+    p.add_argument(
+        "--medusa-num-layers",
+        type=int,
+        default=1,
+        help="Medusa: residual blocks per head (FasterDecoding's medusa_num_layers)",
+    )
+    p.add_argument(
+        "--medusa-lm-heads",
+        choices=("own", "base"),
+        default="own",
+        help="Medusa: an LM head of its own per head, started from the base's (Medusa-1's "
+        "recipe), or the base's LM head for every head (a step reads no extra head)",
     )
     p.add_argument(
         "--ttt-steps",
@@ -626,7 +643,7 @@ def setup_arg_parser():
     p.add_argument("--iters", type=int, default=1000, help="Training steps")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--num-streams", type=int, default=3, help="gamma")
+    p.add_argument("--num-streams", type=int, default=3, help="gamma (Medusa: its heads)")
     p.add_argument(
         "--num-stream-layers",
         type=int,
@@ -934,6 +951,24 @@ def train_dflash(args, model, tokenizer, model_path: Path) -> None:
     fit_and_write(args, model, tokenizer, model_path, train, valid, loss)
 
 
+def train_medusa(args, model, tokenizer, model_path: Path) -> None:
+    """``--drafter medusa``: Medusa-1 heads on the frozen base, trained on the same
+    (self-distilled) windows with Medusa-1's loss, written as a model directory
+    (``drafter.safetensors``, the released heads' layout) and tuned."""
+    from .medusa_training import MedusaLoss, attach_medusa_for_training, trainable_summary
+
+    if args.draft_vocab_size is not None:  # (refused before anything is written)
+        check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
+    tree = dict(max_tree_nodes=args.max_tree_nodes, **({} if args.top_k is None else
+                                                       dict(top_k=args.top_k)))  # fmt: skip
+    drafter = attach_medusa_for_training(model, args.num_streams, args.medusa_num_layers,
+                                         args.medusa_lm_heads, tree)  # fmt: skip
+    train, valid = prepare_data(args, model, tokenizer)
+    print(f"[INFO] {len(train)} training examples, {len(valid)} held out; "
+          f"{trainable_summary(drafter)}; the base is frozen")  # fmt: skip
+    fit_and_write(args, model, tokenizer, model_path, train, valid, MedusaLoss(model))
+
+
 def fit_and_write(args, model, tokenizer, model_path: Path, train, valid, loss, vocab=True):
     """Trains ``model``'s streams or drafter with ``loss`` as ``args`` say, reports the
     held-out accuracy, sets the draft vocabulary ``--draft-vocab-size`` asks for where
@@ -983,6 +1018,8 @@ def main(argv=None):
         return train_dflash(args, model, tokenizer, model_path)
     if args.drafter == "eagle":
         return train_eagle1(args, model, tokenizer, model_path)
+    if args.drafter == "medusa":
+        return train_medusa(args, model, tokenizer, model_path)
     layers = args.num_stream_layers
     if layers is None:
         layers = DEFAULT_STREAM_LAYERS

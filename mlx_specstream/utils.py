@@ -233,6 +233,8 @@ def load(
         fetched = fetch_mtp_checkpoint(drafter, revision) if remote else None
         source, shapes = fetched or (resolve_model_path(drafter, revision), None)
     own = _own_format_drafter(source) if drafter is not None else None
+    if drafter is None and is_plain(model_path) and is_medusa_checkpoint(model_path):
+        own = "a Medusa", attach_medusa  # (heads beside its own weights: TGI's Medusa models)
     if own is not None:  # an EAGLE-3, DFlash, EAGLE-1 or Medusa drafter's checkpoint
         name, attach = own
         if num_mtp_layers is not None:

@@ -30,12 +30,15 @@ def base_head(base_dir) -> mx.array:
 
 def write_medusa(path, heads=3, layers=1, style="faster", bias=True, shared=False,
                  token_map=None, full_rows=False, seed=1, scale=2.0, like_base=None,
-                 config=None, extra=None, vocab=V, width=D):  # fmt: skip
+                 config=None, extra=None, vocab=V, width=D, lm=True):  # fmt: skip
     """Random Medusa heads as FasterDecoding's code saves them (``{j}.{l}.linear.*``,
     ``{j}.{L}.weight``) or vLLM's (``blocks.*``, ``lm_heads.*``, ``token_map``);
-    ``like_base``: zero blocks and LM heads copied from it (how Medusa's training starts).
-    Returns the raw blocks, LM heads (cut to the token map) and token map."""
+    ``like_base``: zero blocks and LM heads copied from it (how Medusa's training starts);
+    ``lm=False``: no LM heads (TGI's second layout: the base's ranks).
+    Returns the raw blocks, LM heads (cut to the token map; ``None``: the base's) and
+    token map."""
     mx.random.seed(seed)
+    lm_heads = lm
     rows = len(token_map) if token_map is not None and not full_rows else vocab
     blocks = [
         [(mx.random.normal((width, width)) * width**-0.5 * scale,
@@ -54,7 +57,7 @@ def write_medusa(path, heads=3, layers=1, style="faster", bias=True, shared=Fals
             w[stem + "weight"] = W
             if b is not None:
                 w[stem + "bias"] = b
-    for j, W in enumerate(lm):
+    for j, W in enumerate(lm if lm_heads else []):
         w[f"{j}.{layers}.weight" if style == "faster" else f"lm_heads.{j}.weight"] = W
     if token_map is not None:
         w["token_map"] = mx.array(token_map, dtype=mx.int64)
@@ -72,7 +75,7 @@ def write_medusa(path, heads=3, layers=1, style="faster", bias=True, shared=Fals
     mx.save_safetensors(str(path / name), w)
     (path / "config.json").write_text(json.dumps({**settings, **(config or {})}))
     cut = [W if token_map is None or not full_rows else W[mx.array(token_map)] for W in lm]
-    return dict(blocks=blocks, lm=cut, token_map=token_map)
+    return dict(blocks=blocks, lm=cut if lm_heads else None, token_map=token_map)
 
 
 def reference_levels(plain, raw, text, a, before_norm=False) -> np.ndarray:
@@ -123,6 +126,7 @@ def recorded(model, monkeypatch, prompt=PROMPT, max_tokens=24, **tree):
 LAYOUTS = {
     "faster, 2 blocks a head": dict(layers=2),
     "faster, no biases": dict(bias=False),
+    "faster, no LM heads (TGI's second layout)": dict(lm=False),
     "vllm": dict(style="vllm", bias=False),
     "vllm, shared head, 2 blocks": dict(style="vllm", shared=True, layers=2),
     "vllm, token map": dict(style="vllm", token_map=list(range(60, 2, -3))),
@@ -136,6 +140,7 @@ def test_every_level_equals_the_raw_tensors_from_scratch(layout, base_dir, tmp_p
     raw = write_medusa(tmp_path / "heads", **LAYOUTS[layout])
     model, _ = load(str(base_dir), drafter=str(tmp_path / "heads"))
     plain, _ = mlx_lm_load(str(base_dir))
+    raw["lm"] = raw["lm"] or [base_head(base_dir)]  # (no LM heads of their own: the base's)
     text, seen = recorded(model, monkeypatch, tree_top_k=2, max_tree_nodes=8)
     checked = 0
     for logits, a in seen:
@@ -237,6 +242,32 @@ def test_save_writes_a_directory_that_loads_back(base_dir, tmp_path, monkeypatch
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_model_with_heads_beside_its_weights_drafts_with_them(base_dir, tmp_path, monkeypatch):
+    """A model directory whose config names ``medusa_num_heads`` and which holds
+    ``medusa_lm_head.safetensors`` beside its weights (TGI's Medusa models): ``load(DIR)``
+    drafts with those heads, as ``load(base, drafter=DIR)`` does; output mlx-lm's."""
+    import shutil
+
+    own = tmp_path / "own"
+    shutil.copytree(base_dir, own)
+    raw = write_medusa(tmp_path / "heads", layers=2)
+    shutil.copy(tmp_path / "heads" / "medusa_lm_head.safetensors", own)
+    config = json.loads((own / "config.json").read_text())
+    config.update(medusa_num_heads=3)  # (no medusa_num_layers: not the base's 6 layers)
+    (own / "config.json").write_text(json.dumps(config))
+    plain, _ = mlx_lm_load(str(base_dir))
+    for model, _ in (load(str(own)), load(str(base_dir), drafter=str(own))):
+        assert isinstance(model.speculative_streams.drafter, MedusaCheckpointHeads)
+        text, seen = recorded(model, monkeypatch)
+        assert text[len(PROMPT) :] == plain_greedy(plain, PROMPT, 24)
+        logits, a = seen[2]
+        want = reference_levels(plain, raw, text, a)[: logits.shape[0]]
+        np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
+    (own / "medusa_lm_head.safetensors").unlink()  # (control: a model's config alone)
+    with pytest.raises(ValueError, match="is a plain model"):
+        load(str(own))
+
+
 def test_more_heads_in_the_file_than_its_config_names_are_read(base_dir, tmp_path):
     """FasterDecoding's uploaded configs name 2 heads where the file holds 5 (its own
     loader asks for 5): every head in the tensors drafts a level."""
@@ -260,6 +291,7 @@ def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
         (bad("vocab", style="vllm", vocab=80), "vocab_size=80"),
         (bad("said", config={"medusa_num_heads": 4}), "medusa_num_heads=4"),
         (bad("layers", config={"medusa_num_layers": 2}), "medusa_num_layers=2"),
+        (bad("vllm_said", style="vllm", config={"num_heads": 5}), "num_heads=5"),
         (bad("name", extra={"3.0.mlp.weight": mx.zeros((2,))}), "'3.0.mlp.weight'"),
         (bad("gap", extra={"4.0.linear.weight": mx.zeros((D, D))}), "heads \\[0, 1, 2, 4\\]"),
         (bad("map", style="vllm", token_map=[1, 1, 2]), "token_map"),
