@@ -376,7 +376,8 @@ class DrafterConfig(_Section):
 
     Args:
         kind (str): ``"medusa"``: Medusa-1 heads, one residual block per head
-          over the last hidden state, sharing the base's final norm and LM head.
+          over the last hidden state, sharing the base's final norm and LM head (a
+          released checkpoint's heads, with ``medusa``: :mod:`mlx_specstream.medusa`).
           ``"parallelspec"``: a ParallelSpec drafter, one decoder layer of the
           base's architecture over (hidden state, next-token embedding) pairs
           plus ``num_draft_tokens - 1`` trainable [MASK] embeddings, drafting

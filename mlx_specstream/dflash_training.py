@@ -114,10 +114,17 @@ def attach_dflash_for_training(
     where the base's top ``draft_layers`` layers are Llama-like of the same shapes, their
     attention projections, MLPs and norms (``q_norm``, ``k_norm`` at one); the rest
     random (MLX's own initialisation, drawn after seeding with ``seed``).
+
+    Raises:
+        ValueError: a base this drafter cannot run on (refused before training, as
+          loading the result would: :func:`~mlx_specstream.support.check_supported`).
     """
     from .mtp import _final_norm
+    from .config import VerifierConfig
+    from .support import check_supported
 
     refuse_attached(model)
+    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
     check_block(block_size, draft_layers)
     layers = check_layers(model, layers, draft_layers)
     settings = dflash_settings_for(model, layers, draft_layers, block_size, mask)

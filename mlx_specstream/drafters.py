@@ -398,11 +398,38 @@ def checkpoint_files(path, hint: str) -> List[Path]:
     return files
 
 
+def quantize_as_base(drafter: nn.Module, model: nn.Module, quantization: Optional[dict]) -> None:
+    """Quantizes ``drafter``'s matrices as ``mlx_lm.convert`` quantized its base
+    (``quantization``: the base config's ``{"group_size", "bits"}``; ``None``: a float base,
+    nothing done), by the model's own rule where it has one (e.g. Qwen3.5-MoE's routers in
+    8 bits); a matrix whose width the group size does not divide stays float."""
+    if not quantization:
+        return
+    rule = getattr(model, "quant_predicate", None)
+
+    def quantizes(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if module.weight.shape[-1] % quantization["group_size"]:
+            return False
+        return True if rule is None else rule(path, module)
+
+    nn.quantize(drafter, group_size=quantization["group_size"], bits=quantization["bits"],
+                class_predicate=quantizes)  # fmt: skip
+
+
 def attach_checkpoint_drafter(
-    model: nn.Module, config: DrafterConfig, weights: dict, source, what: str, check=None
+    model: nn.Module,
+    config: DrafterConfig,
+    weights: dict,
+    source,
+    what: str,
+    check=None,
+    quantization: Optional[dict] = None,
 ) -> nn.Module:
     """Puts the drafter ``config`` describes on ``model`` with a checkpoint's tensors
-    ``weights`` (every one, strictly), ``check(drafter)`` run first where given.
+    ``weights`` (every one, strictly), ``check(drafter)`` run first where given, then
+    quantized as the base is where ``quantization`` says (:func:`quantize_as_base`).
 
     Raises:
         ValueError: naming ``source`` and ``what`` drafter it is, where the tensors do not fit.
@@ -418,6 +445,7 @@ def attach_checkpoint_drafter(
         raise ValueError(f"{source}: its {what} drafter does not fit this model: {e}") from e
     if check is not None:
         check(drafter)
+    quantize_as_base(drafter, model, quantization)
     mx.eval(drafter.parameters())
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
     return drafter

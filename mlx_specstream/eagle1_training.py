@@ -59,13 +59,14 @@ def attach_eagle1_for_training(model, tree: Optional[dict] = None, seed: int = 0
     Raises:
         ValueError: a base this drafter cannot run on (:func:`~mlx_specstream.support.check_supported`).
     """
+    from .config import VerifierConfig
     from .support import check_supported
 
     refuse_attached(model)
+    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
     config = DrafterConfig(
         kind="eagle", eagle=eagle1_settings_for(model), **{**EAGLE1_DEFAULTS, **(tree or {})}
     )
-    check_supported(model, config)
     mx.random.seed(seed)
     drafter = Eagle1Drafter(config, model)
     copy_parts(drafter.layer, model.layers[-1], COPIED)

@@ -90,12 +90,17 @@ def attach_eagle_for_training(
     projection; the rest random (MLX's own initialisation, drawn after seeding with ``seed``).
 
     Raises:
-        ValueError: a feature layer outside ``[0, N]``.
+        ValueError: a feature layer outside ``[0, N]``, or a base this drafter cannot run
+          on (refused before training, as loading the result would:
+          :func:`~mlx_specstream.support.check_supported`).
     """
     from .draft_vocab import head_owner
     from .mtp import _final_norm
+    from .config import VerifierConfig
+    from .support import check_supported
 
     refuse_attached(model)
+    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
     layers = check_layers(model, layers)
     owner, key = head_owner(model)
     weight = _float_weight(owner[key])

@@ -267,9 +267,12 @@ def medusa_config(checkpoint: Path, model: nn.Module, weights: dict) -> Tuple[Dr
     return DrafterConfig(kind="medusa", num_draft_tokens=k, medusa=medusa), weights
 
 
-def attach_medusa(model: nn.Module, checkpoint: Path, config: Optional[DrafterConfig] = None):
+def attach_medusa(model: nn.Module, checkpoint: Path, config: Optional[DrafterConfig] = None,
+                  quantization: Optional[dict] = None):  # fmt: skip
     """Puts ``checkpoint``'s released Medusa heads on ``model`` (an mlx-lm model of
-    their base, any quantization; the heads' weights stay as stored).
+    their base, any quantization), their matrices quantized as the base's are where
+    ``quantization`` (the base config's) says, as a checkpoint's MTP layers are: each LM
+    head of their own is as large as the base's.
 
     Returns:
         MedusaCheckpointHeads: the drafter (also ``model.speculative_streams.drafter``).
@@ -279,4 +282,5 @@ def attach_medusa(model: nn.Module, checkpoint: Path, config: Optional[DrafterCo
     """
     refuse_attached(model)
     own, weights = medusa_config(checkpoint, model, read_medusa_weights(checkpoint))
-    return attach_checkpoint_drafter(model, config or own, weights, checkpoint, "Medusa")
+    return attach_checkpoint_drafter(model, config or own, weights, checkpoint, "Medusa",
+                                     quantization=quantization)  # fmt: skip

@@ -48,15 +48,16 @@ def attach_medusa_for_training(model, heads: int, layers: int = 1, lm_heads: str
     Raises:
         ValueError: a base these heads cannot run on (:func:`~mlx_specstream.support.check_supported`).
     """
+    from .config import VerifierConfig
     from .support import check_supported
 
     check_heads(heads, layers, lm_heads)
     refuse_attached(model)
+    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
     own = lm_heads == "own"
     medusa = dict(layers_per_head=layers, lm_heads=heads if own else 0, fc_bias=True,
                   token_map_size=None)  # fmt: skip
     config = DrafterConfig(kind="medusa", num_draft_tokens=heads, medusa=medusa, **(tree or {}))
-    check_supported(model, config)
     drafter = MedusaCheckpointHeads(config, model)
     drafter.update({"heads": tree_map(mx.zeros_like, drafter.parameters()["heads"])})
     if own:

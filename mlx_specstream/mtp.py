@@ -61,6 +61,7 @@ from .config import DrafterConfig
 from .drafters import (
     DrafterState,
     attention_scale_settings,
+    quantize_as_base,
     levels_again,
     continue_or_start,
     new_decoder_layer,
@@ -963,24 +964,7 @@ def attach_mtp(
         drafter.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise ValueError(f"{checkpoint}: its MTP layer does not fit this model: {e}") from e
-    if quantization:
-        # (as mlx_lm.convert quantized the base: its model's own rule, e.g. Qwen3.5-MoE's
-        # routers in 8 bits)
-        rule = getattr(model, "quant_predicate", None)
-
-        def quantizes(path, module):
-            if not hasattr(module, "to_quantized"):
-                return False
-            if module.weight.shape[-1] % quantization["group_size"]:
-                return False
-            return True if rule is None else rule(path, module)
-
-        nn.quantize(
-            drafter,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            class_predicate=quantizes,
-        )
+    quantize_as_base(drafter, model, quantization)
     mx.eval(drafter.parameters())
     model.speculative_streams = StreamRuntime(model, config, drafter=drafter)
     return drafter

@@ -243,7 +243,9 @@ def load(
             )
         _refuse_shared_base(model_path, source)
         model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
-        attach(model, source)
+        # (Medusa heads quantized as the base is, as a checkpoint's MTP layers are)
+        quantized = {"quantization": config.get("quantization")} if attach is attach_medusa else {}
+        attach(model, source, **quantized)
         return finish(model, tokenizer, config)
     if is_plain(source) and has_mtp_weights(source):  # the checkpoint's own MTP layer
         if drafter is not None:

@@ -342,9 +342,11 @@ def test_a_pytorch_pickle_converts_and_drafts_as_its_safetensors(base_dir, tmp_p
         np.testing.assert_allclose(logits, want, atol=2e-4, rtol=2e-4)
 
 
-def test_the_command_line_takes_the_heads_on_a_4_bit_base(base_dir, tmp_path, capsys):
+def test_the_command_line_takes_the_heads_on_a_4_bit_base(base_dir, tmp_path, capsys,
+                                                          monkeypatch):  # fmt: skip
     """``mlx_specstream.generate --model Q4 --drafter HEADS`` prints the 4-bit base's
-    greedy text (mlx-lm's)."""
+    greedy text (mlx-lm's); the heads' matrices are quantized as the base's (4 bits, groups
+    of 32; on a float base they stay float), and a saved directory drafts the same."""
     import importlib
 
     from mlx_lm.generate import generate as mlx_lm_generate
@@ -359,6 +361,22 @@ def test_the_command_line_takes_the_heads_on_a_4_bit_base(base_dir, tmp_path, ca
     plain, tok = mlx_lm_load(str(q4))
     want = mlx_lm_generate(plain, tok, prompt=tok.encode(prompt), max_tokens=24)
     assert want and want in capsys.readouterr().out
+    from mlx_specstream.utils import save
+
+    model, tok, config = load(str(q4), drafter=str(tmp_path / "heads"), return_config=True)
+    drafter = model.speculative_streams.drafter
+    q = config["quantization"]
+    for layer in (drafter.lm_heads[0], drafter.heads[1][1].linear):
+        assert isinstance(layer, nn.QuantizedLinear)
+        assert (layer.bits, layer.group_size) == (q["bits"], q["group_size"]) == (4, 32)
+    floats, _ = load(str(base_dir), drafter=str(tmp_path / "heads"))
+    assert type(floats.speculative_streams.drafter.lm_heads[0]) is nn.Linear
+    _, before = recorded(model, monkeypatch)
+    again, _ = load(str(save(tmp_path / "saved", model, tok, config=config)))
+    _, after = recorded(again, monkeypatch)
+    assert len(before) == len(after) > 5
+    for (x, _), (y, _) in zip(before, after):
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("pipeline", [False, True])

@@ -137,3 +137,25 @@ def test_bad_options_are_refused_by_name_before_anything_is_written(inputs, tmp_
             train_main(["--model", str(base_dir), "--data", str(data_file), "--out",
                         str(tmp_path / "out"), *flags, *CLI])  # fmt: skip
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("drafter", ["eagle3", "eagle", "dflash", "medusa"])
+def test_each_drafter_s_training_refuses_a_base_it_cannot_run_on(drafter):
+    """Phi-3-small's passes cannot equal its one-token decoding: every drafter's training
+    refuses it with the reason before anything is trained, as loading the result would."""
+    from helpers import BASE, random_model
+
+    from mlx_specstream.dflash_training import attach_dflash_for_training
+    from mlx_specstream.eagle1_training import attach_eagle1_for_training
+    from mlx_specstream.eagle_training import attach_eagle_for_training
+
+    args = dict(dense_attention_every_n_layers=2, ff_intermediate_size=64, gegelu_limit=20.0,
+                layer_norm_epsilon=1e-5, num_key_value_heads=2, blocksparse_block_size=32,
+                blocksparse_num_local_blocks=1, blocksparse_vert_stride=2)  # fmt: skip
+    model = random_model("phi3small", {**BASE, **args}, 100352)  # (past its dummy ids)
+    attach = dict(eagle3=attach_eagle_for_training, eagle=attach_eagle1_for_training,
+                  dflash=attach_dflash_for_training,
+                  medusa=lambda m: attach_medusa_for_training(m, 3))[drafter]  # fmt: skip
+    with pytest.raises(ValueError, match="adds its boolean causal mask"):
+        attach(model)
+    assert getattr(model, "speculative_streams", None) is None
