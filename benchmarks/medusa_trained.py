@@ -23,26 +23,15 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+from eagle1_trained import base, examples, top1
 from mlx.utils import tree_flatten
-from mtp_trained import PROMPT, benchmark_chain, fit, full, tau_table, taus_against_mlx_lm
+from mtp_trained import benchmark_chain, fit, full, tau_table, taus_against_mlx_lm
 from mtp_trained import windows
 from report import heading, machine_info, write_results
 
 from mlx_specstream import load
 from mlx_specstream.default_model import DEFAULT_DIR
 from mlx_specstream.medusa_training import MedusaLoss, attach_medusa_for_training
-
-
-def base():
-    import mlx_lm
-
-    model, tok = mlx_lm.load(str(DEFAULT_DIR))
-    model.set_dtype(mx.float32)
-    return model, tok
-
-
-def examples(rows):
-    return [{"input_ids": r, "prompt_len": PROMPT} for r in rows]
 
 
 def train(model, rows, args, lm_heads: str):
@@ -63,16 +52,6 @@ def train(model, rows, args, lm_heads: str):
     trained = fit(drafter, loss_of, states_of, rows, args.iters, args.batch_size,
                   args.learning_rate, log_every=50)  # fmt: skip
     return drafter, loss, trained
-
-
-def top1(loss, rows) -> list:
-    """Each head's top-1 on held-out windows, from the last prompt token on."""
-    from mlx_specstream.train import _accuracy
-
-    acc = _accuracy(loss)
-    for i in range(0, len(rows), 16):
-        acc.add(loss(examples(rows[i : i + 16]))[1])
-    return acc.top1()
 
 
 def write_checkpoint(out: Path, drafter) -> Path:

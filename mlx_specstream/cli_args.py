@@ -31,7 +31,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Model directory whose drafter (streams, Medusa heads, ParallelSpec) replaces the "
         "model's own; it must have been trained on the same base. Also a checkpoint's MTP "
-        "layers, or an EAGLE-3, EAGLE-1 or DFlash drafter's checkpoint. Default: the model's own.",
+        "layers, or an EAGLE-3, EAGLE-1, DFlash or released Medusa drafter's checkpoint. Default: "
+        "the model's own.",
     )
     add_num_mtp_layers_arg(parser)
     add_draft_vocab_arg(parser)

@@ -183,8 +183,9 @@ def load(
         revision (str, optional): hub revision.
         trust_remote_code (bool): passed to mlx-lm's loader. Default: ``False``.
         drafter (str, optional): a model directory (or repo) whose drafter
-          (streams, Medusa heads, ParallelSpec, MTP layers), or an EAGLE-3, EAGLE-1 or DFlash
-          checkpoint, replaces the model's own. It
+          (streams, Medusa heads, ParallelSpec, MTP layers), or an EAGLE-3, EAGLE-1,
+          DFlash or released Medusa checkpoint (FasterDecoding's, vLLM's, TGI's heads),
+          replaces the model's own. It
           must have been trained on this base: the base is used as it is, so a
           shared-mode stream model (whose base was fine-tuned) is refused.
         allow_plain (bool): load a plain mlx-lm model (no streams, no drafter)
