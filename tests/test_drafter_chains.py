@@ -34,13 +34,20 @@ def plain(model, prompt, max_tokens, **kwargs):
     return [int(t) for t, _ in steps]
 
 
+RELEASED = dict(layers_per_head=2, lm_heads=3, fc_bias=True, token_map_size=None)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
-@pytest.mark.parametrize("kind", ["parallelspec", "medusa"])
+@pytest.mark.parametrize("kind", ["parallelspec", "medusa", "released medusa"])
 def test_attached_drafters_equal_mlx_lm(arch, kind):
-    """Random ParallelSpec and Medusa drafters on hybrids, prompts fed in chunks of
-    4 tokens: mlx-lm's greedy tokens, some of them drafted."""
+    """Random ParallelSpec and Medusa drafters (heads trained here, and a released
+    checkpoint's: LM heads of their own) on hybrids, prompts fed in chunks of 4 tokens:
+    mlx-lm's greedy tokens, some of them drafted."""
     model = tiny_hybrid(arch, vocab_size=16)
-    attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=3), seed=2)
+    released = kind.startswith("released")
+    config = DrafterConfig(kind=kind.split()[-1], num_draft_tokens=3,
+                           medusa=RELEASED if released else None)  # fmt: skip
+    attach_drafter(model, config, seed=2)
     plain_model = tiny_hybrid(arch, vocab_size=16)
     drafted = 0
     for prompt in PROMPTS:
