@@ -8,8 +8,8 @@
 # second, and every later run on the same machine, is:
 #     bash .gpu/bin/install.sh && bash benchmarks/gpu_checks.sh STAGE[:SECONDS] ...
 # STAGE: cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity |
-# tune | benchmark | recurrent | batch | batch_mtp | window | mtp | mtp_step. Stages run in the
-# order given.
+# tune | benchmark | recurrent | batch | batch_mtp | window | mtp | mtp_step | medusa_step.
+# Stages run in the order given.
 # GPU_DEADLINE=SECONDS (default 540) bounds the whole run: each stage is stopped when it is
 # reached, or after its own SECONDS when given as STAGE:SECONDS. Everything comes back as two
 # files, so a stopped stage costs only its own results: $OUT/gpu.log (every stage's output)
@@ -26,10 +26,10 @@
 # steps spent beyond their kernel count: r = 1.8-2.2 plain tokens for 1.15-1.3x the kernels.)
 # float32 equality needs full-precision matmuls, so TF32 is turned off for every stage.
 set -euo pipefail
-stages="cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | batch_mtp | window | mtp | mtp_step"
+stages="cold | phases | tests | step_cost | pipeline | verifier | fidelity | fidelity-8b | ngram | parity | tune | benchmark | recurrent | batch | batch_mtp | window | mtp | mtp_step | medusa_step"
 [ $# -ge 1 ] || { echo "stages: $stages" >&2; exit 2; }
 for arg in "$@"; do
-  case "${arg%%:*}" in cold|phases|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|batch_mtp|window|mtp|mtp_step) ;;
+  case "${arg%%:*}" in cold|phases|tests|step_cost|pipeline|verifier|fidelity|fidelity-8b|ngram|parity|tune|benchmark|recurrent|batch|batch_mtp|window|mtp|mtp_step|medusa_step) ;;
     *) echo "unknown stage: ${arg%%:*} (stages: $stages)" >&2; exit 2 ;;
   esac
 done
@@ -152,6 +152,13 @@ run_stage() {
       # the drafting's share of a step (each level reads the LM head again; a minute or two).
       (cd benchmarks && python3 mtp_step.py --models qwen3_next-0.6b --dtypes bf16,q4 \
         --max-tokens 64 --runs 3 --tag gpu) ;;
+    medusa_step)
+      # Medusa heads (session 51): heads sharing the base's LM head against released ones
+      # (an LM head of their own each), and those ranking a 32,768-token draft vocabulary,
+      # at the 0.5B and 8B shapes in bf16 and 4-bit (the heads quantized as the base: not
+      # measurable on the CPU, whose quantized products are slower than float ones).
+      (cd benchmarks && python3 medusa_step.py --models qwen2-0.5b,llama-8b --dtypes bf16,q4 \
+        --max-tokens 48 --runs 3 --tag gpu) ;;
     tune)
       # The shipped model's tree for this GPU, stored under its name in the config's "tuned"
       # (other devices keep theirs): commit the returned config.json into the package.
