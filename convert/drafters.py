@@ -7,6 +7,9 @@ Parameter names equal the MLX ones (``mlx_specstream/drafters.py``), so a
 
 * Medusa: ``heads.{j}.linear.{weight,bias}``; head ``j`` (0-based) maps the
   state at position ``t`` to ``x + SiLU(W x + b)`` and predicts ``x[t + 2 + j]``.
+  With ``--medusa-lm-heads own`` or ``base``, heads in the released checkpoints' layout
+  instead (``mlx_specstream.medusa``): blocks over the normed state, then LM heads of
+  their own (``lm_heads.{j}.weight``, copies of the base's) or the base's.
 * ParallelSpec: ``fc.weight`` ``(D, 2D)`` maps (hidden state at ``i``,
   embedding of ``x[i + 1]``) to a real row that predicts ``x[i + 2]``;
   ``masks`` ``(k - 1, D)`` are the [MASK] rows, mask ``m`` after anchor ``a``
@@ -30,22 +33,40 @@ IGNORE = -100
 class ResBlock(nn.Module):
     """``x + SiLU(linear(x))``, starting as the identity (zero weights, as Medusa)."""
 
-    def __init__(self, dims: int):
+    def __init__(self, dims: int, bias: bool = True):
         super().__init__()
-        self.linear = nn.Linear(dims, dims)
+        self.linear = nn.Linear(dims, dims, bias=bias)
         nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+        if bias:
+            nn.init.zeros_(self.linear.bias)
 
     def forward(self, x):
         return x + nn.functional.silu(self.linear(x))
 
 
 class MedusaHeads(nn.Module):
+    """Heads trained here (``heads.{j}.linear.*``: one block over the state before the final
+    norm, then the base's norm and head), or with ``config.medusa`` a released
+    checkpoint's (``heads.{j}.{l}.linear.*`` over the normed state, then ``lm_heads.{j}``
+    copied from the base's head, or none: the base's head; ``mlx_specstream.medusa``)."""
+
     def __init__(self, config: DrafterConfig, model):
         super().__init__()
+        D, medusa = model.config.hidden_size, config.medusa
+        if medusa is None:
+            self.heads = nn.ModuleList(ResBlock(D) for _ in range(config.num_draft_tokens))
+            return
         self.heads = nn.ModuleList(
-            ResBlock(model.config.hidden_size) for _ in range(config.num_draft_tokens)
+            nn.ModuleList(ResBlock(D, medusa["fc_bias"]) for _ in range(medusa["layers_per_head"]))
+            for _ in range(config.num_draft_tokens)
         )
+        base = model.get_output_embeddings().weight
+        self.lm_heads = nn.ModuleList(
+            nn.Linear(D, base.shape[0], bias=False) for _ in range(medusa["lm_heads"])
+        )
+        with torch.no_grad():  # (Medusa-1's start: every head drafts the base's next token)
+            for head in self.lm_heads:
+                head.weight.copy_(base)
 
 
 class ParallelSpecDrafter(nn.Module):
@@ -115,12 +136,26 @@ class DrafterTrainingModel(nn.Module):
     def _keep_features(self, module, args, output):
         self._features = output[0] if isinstance(output, tuple) else output
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         from .msa import NORM_NAMES
 
         base = decoder(self.model)
-        norm = next(getattr(base, n) for n in NORM_NAMES if hasattr(base, n))
-        return self.model.get_output_embeddings()(norm(h))
+        return next(getattr(base, n) for n in NORM_NAMES if hasattr(base, n))(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(self.final_norm(h))
+
+    def released_medusa_logits(self, f: torch.Tensor) -> torch.Tensor:
+        """``(B, T, k, V)`` of released heads: each over the normed state, its blocks,
+        then its own LM head (or the base's, without the norm again)."""
+        x, d, out = self.final_norm(f), self.drafter, []
+        for j, blocks in enumerate(d.heads):
+            y = x
+            for block in blocks:
+                y = block(y)
+            own = d.lm_heads[j % len(d.lm_heads)] if len(d.lm_heads) else None
+            out.append(own(y) if own is not None else self.model.get_output_embeddings()(y))
+        return torch.stack(out, dim=2)
 
     def features(self, input_ids):
         """Last-layer outputs of the frozen base, ``(B, T, D)`` (right padding
@@ -132,6 +167,8 @@ class DrafterTrainingModel(nn.Module):
     def level_logits(self, input_ids, lengths) -> torch.Tensor:
         """``(B, T, k, V)``: level ``l`` at position ``t`` predicts ``y[t + 2 + l]``."""
         f = self.features(input_ids)
+        if self.config.kind == "medusa" and self.config.medusa is not None:
+            return self.released_medusa_logits(f)
         if self.config.kind == "medusa":
             return torch.stack([self.head(h(f)) for h in self.drafter.heads], dim=2)
         return self.parallelspec_logits(f, input_ids, lengths)

@@ -31,6 +31,21 @@ def setup_arg_parser():
     p.add_argument("--eval-data", nargs="*", default=None, help="Held-out JSONL or text files")
     p.add_argument("--out", required=True, help="Output HF model directory (must not exist)")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="Draft levels k")
+    p.add_argument(
+        "--medusa-lm-heads",
+        choices=["shared", "own", "base"],
+        default="shared",
+        help="Medusa: 'shared' (one block per head over the state before the final norm, "
+        "then the base's norm and head), or the released checkpoints' layout over the normed "
+        "state: 'own' (an LM head of its own per head, Medusa-1's recipe) or 'base' (the "
+        "base's head)",
+    )
+    p.add_argument(
+        "--medusa-num-layers",
+        type=int,
+        default=1,
+        help="Medusa with --medusa-lm-heads own or base: residual blocks per head",
+    )
     p.add_argument("--top-k", type=int, default=3, help="Draft width stored in the config")
     p.add_argument("--max-tree-nodes", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
@@ -53,6 +68,7 @@ def main(argv=None):
         num_draft_tokens=args.num_draft_tokens,
         top_k=args.top_k,
         max_tree_nodes=args.max_tree_nodes,
+        medusa=medusa_layout(args),
     )
     if spec.kind == "parallelspec" and spec.num_draft_tokens < 2:
         raise ValueError("--num-draft-tokens must be >= 2 for parallelspec (1 real row + masks).")
@@ -74,6 +90,28 @@ def main(argv=None):
         save_output(out, wrapped, tokenizer, Path(args.model))
         (out / "metrics.json").write_text(json.dumps(trainer.final_metrics, indent=2))
         print(f"[INFO] wrote {out}")
+
+
+def medusa_layout(args):
+    """The drafter section's ``medusa`` dict for ``--medusa-lm-heads own`` or ``base``
+    (the released layout), else ``None``.
+
+    Raises:
+        ValueError: Medusa flags given for ParallelSpec, or blocks per head below 1 or
+          above 1 for the heads trained here.
+    """
+    released = args.medusa_lm_heads != "shared"
+    if args.kind != "medusa" and (released or args.medusa_num_layers != 1):
+        raise ValueError("--medusa-lm-heads and --medusa-num-layers are for --kind medusa")
+    if args.medusa_num_layers < 1 or (not released and args.medusa_num_layers != 1):
+        raise ValueError(
+            f"--medusa-num-layers {args.medusa_num_layers}: at least 1, and above 1 only with "
+            "--medusa-lm-heads own or base"
+        )
+    if not released:
+        return None
+    return dict(layers_per_head=args.medusa_num_layers, fc_bias=True, token_map_size=None,
+                lm_heads=args.num_draft_tokens if args.medusa_lm_heads == "own" else 0)  # fmt: skip
 
 
 def save_output(out: Path, wrapped: DrafterTrainingModel, tokenizer, base_dir: Path = None):

@@ -115,9 +115,19 @@ def test_padding_does_not_change_valid_rows():
     torch.testing.assert_close(both[1, :5], alone[0, :5], atol=1e-5, rtol=1e-5)
 
 
-def test_medusa_heads_start_as_the_base_head_and_train():
+RELEASED = {
+    "own": dict(layers_per_head=2, lm_heads=3, fc_bias=True, token_map_size=None),
+    "base": dict(layers_per_head=1, lm_heads=0, fc_bias=True, token_map_size=None),
+}
+
+
+@pytest.mark.parametrize("layout", ["shared", "own", "base"])
+def test_medusa_heads_start_as_the_base_head_and_train(layout):
+    """Heads trained here and in the released layout (LM heads of their own copied from
+    the base's, or the base's) start as the base's next-token head and train."""
     model = hf_model("llama", weight_scale=1.0).requires_grad_(False)
-    wrapped = DrafterTrainingModel(model, DrafterConfig(kind="medusa", num_draft_tokens=2))
+    config = DrafterConfig(kind="medusa", num_draft_tokens=3, medusa=RELEASED.get(layout))
+    wrapped = DrafterTrainingModel(model, config)
     ids = torch.randint(0, 64, (2, 12))
     lengths, prompt_lens = torch.tensor([12, 12]), torch.tensor([1, 1])
     with torch.no_grad():
@@ -136,7 +146,8 @@ def test_medusa_heads_start_as_the_base_head_and_train():
 
 
 @pytest.mark.parametrize("kind,arch", [("medusa", "llama"), ("parallelspec", "llama"),
-                                       ("parallelspec", "qwen2")])  # fmt: skip
+                                       ("parallelspec", "qwen2"), ("medusa own", "llama"),
+                                       ("medusa base", "qwen2")])  # fmt: skip
 def test_converted_drafter_matches_reference(kind, arch, tmp_path):
     from hf_helpers import hf_tokenizer
     from test_drafters import standalone_levels
@@ -147,7 +158,9 @@ def test_converted_drafter_matches_reference(kind, arch, tmp_path):
 
     model = hf_model(arch, weight_scale=1.0).requires_grad_(False)
     torch.manual_seed(1)
-    wrapped = DrafterTrainingModel(model, DrafterConfig(kind=kind, num_draft_tokens=3)).eval()
+    config = DrafterConfig(kind=kind.split()[0], num_draft_tokens=3,
+                           medusa=RELEASED.get(kind.split()[-1]))  # fmt: skip
+    wrapped = DrafterTrainingModel(model, config).eval()
     with torch.no_grad():
         for p in wrapped.drafter.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -187,7 +200,7 @@ def test_converter_names_bad_drafter_tensors(tmp_path):
 # ---- the recipe end to end: train, convert, decode losslessly with accepted drafts ------
 
 
-@pytest.mark.parametrize("kind", ["medusa", "parallelspec"])
+@pytest.mark.parametrize("kind", ["medusa", "parallelspec", "medusa own"])
 def test_train_convert_decode(kind, tmp_path):
     import json
     import random
@@ -214,12 +227,17 @@ def test_train_convert_decode(kind, tmp_path):
     distill(["--model", str(tmp_path / "base"), "--data", str(tmp_path / "train.jsonl"),
              "--out", str(tmp_path / "distilled.jsonl"), "--max-length", "48",
              "--window-prompt", "8"])  # fmt: skip
+    layout = ["--medusa-lm-heads", "own", "--medusa-num-layers", "2"] if "own" in kind else []
+    kind = kind.split()[0]
     train_drafter(
         ["--kind", kind, "--model", str(tmp_path / "base"),
          "--data", str(tmp_path / "distilled.jsonl"),
          "--out", str(tmp_path / "hf"), "--max-steps", "60", "--batch-size", "8",
-         "--learning-rate", "3e-3", "--max-length", "48", "--save-steps", "1000"]
+         "--learning-rate", "3e-3", "--max-length", "48", "--save-steps", "1000", *layout]
     )  # fmt: skip
+    if layout:  # (the released layout: a medusa section the MLX side reads)
+        section = json.loads((tmp_path / "hf" / "config.json").read_text())["drafter"]
+        assert section["medusa"]["lm_heads"] == 3 and section["medusa"]["layers_per_head"] == 2
     with pytest.raises(FileExistsError):
         train_drafter(["--kind", kind, "--model", str(tmp_path / "base"),
                        "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "hf")])  # fmt: skip
@@ -232,3 +250,20 @@ def test_train_convert_decode(kind, tmp_path):
     assert toks == ref
     # The drafter learned the base's own continuations: most drafts are accepted.
     assert len(toks) / out[-1][3] > 1.5
+
+
+def test_medusa_layout_flags_are_checked_before_training(tmp_path):
+    """``--medusa-lm-heads``/``--medusa-num-layers`` for ParallelSpec, or several blocks for
+    the heads trained here, are refused by name before anything is read or written."""
+    from convert.train_drafter import main as train_drafter
+
+    for flags, match in (
+        (["--kind", "parallelspec", "--medusa-lm-heads", "own"], "for --kind medusa"),
+        (["--kind", "medusa", "--medusa-num-layers", "2"], "--medusa-num-layers 2"),
+        (["--kind", "medusa", "--medusa-lm-heads", "own", "--medusa-num-layers", "0"],
+         "--medusa-num-layers 0"),  # fmt: skip
+    ):
+        with pytest.raises(ValueError, match=match):
+            train_drafter([*flags, "--model", str(tmp_path / "none"), "--data", "x.jsonl",
+                           "--out", str(tmp_path / "out")])  # fmt: skip
+        assert not (tmp_path / "out").exists()

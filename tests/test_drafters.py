@@ -96,6 +96,8 @@ def standalone_levels(model, ids, a):
     rt = model.speculative_streams
     d = rt.drafter
     h = rt.prefill(mx.array(ids[: a + 1]), None, keep_hidden=True)
+    if getattr(rt.config, "medusa", None) is not None:  # (a released checkpoint's heads)
+        return d.draft_rows(rt, h[a][None])[0]
     if isinstance(d, drafters.MedusaHeads):
         return rt.head(mx.concatenate([head(h[a][None]) for head in d.heads])[None])[0]
     emb = rt.embed(mx.array(ids[1 : a + 2])).astype(h.dtype)
