@@ -29,7 +29,7 @@ from mlx.utils import tree_map
 
 from .config import DrafterConfig
 from .dflash import DFLASH_DEFAULTS, DFlashDrafter, block_attend, context_keys
-from .drafters import refuse_attached
+from .drafters import check_drafter_base
 from .eagle_training import copy_parts, drafter_features
 from .model_parts import hidden_size, text_args
 from .streams import StreamRuntime, get_runtime
@@ -117,14 +117,11 @@ def attach_dflash_for_training(
 
     Raises:
         ValueError: a base this drafter cannot run on (refused before training, as
-          loading the result would: :func:`~mlx_specstream.support.check_supported`).
+          loading the result would: :func:`~mlx_specstream.drafters.check_drafter_base`).
     """
     from .mtp import _final_norm
-    from .config import VerifierConfig
-    from .support import check_supported
 
-    refuse_attached(model)
-    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
+    check_drafter_base(model)
     check_block(block_size, draft_layers)
     layers = check_layers(model, layers, draft_layers)
     settings = dflash_settings_for(model, layers, draft_layers, block_size, mask)

@@ -140,9 +140,7 @@ class DraftVocab:
     def widen(self, logits: mx.array) -> mx.array:
         """``(..., K)`` logits of the ids as ``(..., V)`` logits, ``-inf`` elsewhere."""
         assert logits.shape[-1] == len(self), f"{logits.shape[-1]} logits for {len(self)} ids"
-        out = mx.full(logits.shape[:-1] + (self.vocab_size,), -float("inf"), dtype=logits.dtype)
-        out[..., self.ids] = logits
-        return out
+        return widened(logits, self.ids, self.vocab_size)
 
     def mask(self, logits: mx.array) -> mx.array:
         """Full ``(..., V)`` logits with ``-inf`` outside the ids (where the head's
@@ -176,6 +174,15 @@ class DraftVocab:
                 "cannot restrict them."
             )
         return self.widen(logits)
+
+
+def widened(logits: mx.array, ids: mx.array, width: int) -> mx.array:
+    """``(..., K)`` logits of the tokens ``ids`` ``(K,)`` (in any order: a draft vocabulary,
+    EAGLE-3's ``d2t`` targets, a Medusa ``token_map``) as ``(..., width)`` logits over every
+    token, ``-inf`` elsewhere."""
+    out = mx.full(logits.shape[:-1] + (width,), -float("inf"), dtype=logits.dtype)
+    out[..., ids] = logits
+    return out
 
 
 def head_path(model: nn.Module) -> Tuple[str, ...]:

@@ -385,6 +385,17 @@ def refuse_attached(model: nn.Module) -> None:
         raise ValueError("This model already has speculative streams or a drafter attached.")
 
 
+def check_drafter_base(model: nn.Module) -> None:
+    """Refuses a base a fresh drafter cannot go on: one with streams or a drafter attached,
+    or whose passes the tree verifier cannot run (what every drafter needs; checked
+    before a drafter's settings are read from the base, e.g. before training one)."""
+    from .config import VerifierConfig
+    from .support import check_supported
+
+    refuse_attached(model)
+    check_supported(model, VerifierConfig())
+
+
 def checkpoint_files(path, hint: str) -> List[Path]:
     """A drafter checkpoint's ``*.safetensors`` files, sorted.
 

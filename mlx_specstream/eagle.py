@@ -42,7 +42,7 @@ import mlx.nn as nn
 from mlx_lm.models import llama
 
 from .config import EAGLE_KEYS, DrafterConfig
-from .draft_vocab import head_rows
+from .draft_vocab import head_rows, widened
 from .drafters import (
     DrafterState,
     attach_checkpoint_drafter,
@@ -304,10 +304,7 @@ class Eagle3Drafter(EagleDrafting):
     def logits(self, out: mx.array) -> mx.array:
         """``(..., V)`` logits of the base's tokens from the layer's output, ``-inf``
         outside the draft vocabulary."""
-        small = self.lm_head(self.norm(out))
-        wide = mx.full(small.shape[:-1] + (self._vocab,), -float("inf"), dtype=small.dtype)
-        wide[..., self.draft_ids()] = small
-        return wide
+        return widened(self.lm_head(self.norm(out)), self.draft_ids(), self._vocab)
 
     def draft_ids(self) -> mx.array:
         """``(V_draft,)`` the base's token of each draft id (``d2t``'s, kept per ``d2t``)."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from .config import DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import refuse_attached
+from .drafters import check_drafter_base
 from .eagle1 import EAGLE1_DEFAULTS, Eagle1Drafter
 from .eagle_training import EagleLoss, base_layer_settings, copy_parts, ttt_states
 from .model_parts import hidden_size
@@ -57,13 +57,9 @@ def attach_eagle1_for_training(model, tree: Optional[dict] = None, seed: int = 0
     drawn after seeding with ``seed``.
 
     Raises:
-        ValueError: a base this drafter cannot run on (:func:`~mlx_specstream.support.check_supported`).
+        ValueError: a base this drafter cannot run on (:func:`~mlx_specstream.drafters.check_drafter_base`).
     """
-    from .config import VerifierConfig
-    from .support import check_supported
-
-    refuse_attached(model)
-    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
+    check_drafter_base(model)
     config = DrafterConfig(
         kind="eagle", eagle=eagle1_settings_for(model), **{**EAGLE1_DEFAULTS, **(tree or {})}
     )

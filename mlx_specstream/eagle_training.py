@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .config import DrafterConfig
-from .drafters import refuse_attached
+from .drafters import check_drafter_base
 from .eagle import EAGLE_DEFAULTS, Eagle3Drafter, default_layers
 from .model_parts import hidden_size, text_args
 from .streams import StreamRuntime, get_runtime
@@ -92,15 +92,12 @@ def attach_eagle_for_training(
     Raises:
         ValueError: a feature layer outside ``[0, N]``, or a base this drafter cannot run
           on (refused before training, as loading the result would:
-          :func:`~mlx_specstream.support.check_supported`).
+          :func:`~mlx_specstream.drafters.check_drafter_base`).
     """
     from .draft_vocab import head_owner
     from .mtp import _final_norm
-    from .config import VerifierConfig
-    from .support import check_supported
 
-    refuse_attached(model)
-    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
+    check_drafter_base(model)
     layers = check_layers(model, layers)
     owner, key = head_owner(model)
     weight = _float_weight(owner[key])

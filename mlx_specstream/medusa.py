@@ -42,7 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import MEDUSA_KEYS, DrafterConfig
-from .draft_vocab import head_rows
+from .draft_vocab import head_rows, widened
 from .drafters import MedusaHeads, ResBlock, attach_checkpoint_drafter, checkpoint_files
 from .drafters import refuse_attached
 from .model_parts import hidden_size
@@ -252,11 +252,7 @@ class MedusaCheckpointHeads(MedusaHeads):
                            for h, y in zip(heads, states)], axis=1)  # fmt: skip
         if vocab is not None:
             return vocab.widen(logits)
-        if "token_map" not in self:
-            return logits
-        wide = mx.full(logits.shape[:-1] + (self._vocab,), -float("inf"), dtype=logits.dtype)
-        wide[..., self.token_map] = logits
-        return wide
+        return widened(logits, self.token_map, self._vocab) if "token_map" in self else logits
 
 
 def medusa_config(checkpoint: Path, model: nn.Module, weights: dict) -> Tuple[DrafterConfig, dict]:

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .config import DrafterConfig
 from .draft_vocab import head_rows
-from .drafters import refuse_attached
+from .drafters import check_drafter_base
 from .eagle_training import EagleLoss, _float_weight
 from .medusa import MedusaCheckpointHeads
 from .mtp import _head_module
@@ -46,14 +46,11 @@ def attach_medusa_for_training(model, heads: int, layers: int = 1, lm_heads: str
     the base's (``lm_heads="own"``) or none (``"base"``), in float32.
 
     Raises:
-        ValueError: a base these heads cannot run on (:func:`~mlx_specstream.support.check_supported`).
+        ValueError: a base these heads cannot run on (:func:`~mlx_specstream.drafters.check_drafter_base`).
     """
-    from .config import VerifierConfig
-    from .support import check_supported
 
     check_heads(heads, layers, lm_heads)
-    refuse_attached(model)
-    check_supported(model, VerifierConfig())  # (what a drafter's base needs, before it is read)
+    check_drafter_base(model)
     own = lm_heads == "own"
     medusa = dict(layers_per_head=layers, lm_heads=heads if own else 0, fc_bias=True,
                   token_map_size=None)  # fmt: skip
