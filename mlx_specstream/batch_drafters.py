@@ -180,6 +180,11 @@ class EagleRows(MTPRows):
 
     kind = EagleDrafting
 
+    def empty(self, rows: int):
+        """An empty cache of the drafter's layers (EAGLE-3's several: one member each)."""
+        new_cache = getattr(self.drafter, "new_cache", None)
+        return super().empty(rows) if new_cache is None else empty_ragged(new_cache(), rows)
+
     def _rows(self, cache, hidden: mx.array, nxt: mx.array) -> mx.array:
         return self.drafter.step(self.rt, hidden, nxt, cache)
 

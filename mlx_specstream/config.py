@@ -296,6 +296,22 @@ class SpecStreamConfig(_Section):
 BATCH_DRAFTS = ("streams", "ngram", None)
 
 
+def eagle_fault(eagle: dict) -> Optional[str]:
+    """What is wrong with an EAGLE-3 section's layers and norms (:data:`EAGLE_KEYS`), or
+    ``None``."""
+    n = eagle["num_layers"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"num_layers={n!r} (an integer >= 1)"
+    if eagle["layer_type"] not in EAGLE_LAYER_TYPES:
+        return f"layer_type={eagle['layer_type']!r} (one of {EAGLE_LAYER_TYPES})"
+    if eagle["norm_before_fc"] and eagle["fc_norm"]:
+        return "norm_before_fc and fc_norm both true (one norm of the features or the other)"
+    ids = eagle["feature_layers"]
+    if not isinstance(ids, list) or not ids:
+        return f"feature_layers={ids!r} (a list of the base's layers)"
+    return None
+
+
 def medusa_fault(medusa, num_heads: int) -> Optional[str]:
     """What is wrong with a drafter section's ``medusa`` dict (:data:`MEDUSA_KEYS`) for
     ``num_heads`` heads, or ``None``."""
@@ -349,8 +365,16 @@ EAGLE_KEYS = (
     "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
     "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings", "attention_bias",
     "mlp_bias", "draft_vocab_size", "target_hidden_size", "norm_before_residual",
-    "feature_layers", "own_embeddings",
+    "feature_layers", "own_embeddings", "num_layers", "layer_type", "norm_before_fc",
+    "fc_norm", "norm_output",
 )  # fmt: skip
+# The EAGLE-3 settings a section written before they were read lacks, with what it meant:
+# one Llama layer, no norm of the features before ``fc``, its output passed on unnormed.
+EAGLE_LATER_KEYS = dict(
+    num_layers=1, layer_type="llama", norm_before_fc=False, fc_norm=False, norm_output=False
+)
+# The decoder layers an EAGLE-3 drafter may be made of (their mlx-lm modules' names).
+EAGLE_LAYER_TYPES = ("llama", "qwen3")
 # What an EAGLE-1 drafter's section holds of its checkpoint (mlx_specstream.eagle1).
 EAGLE1_KEYS = (
     "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
@@ -384,8 +408,8 @@ class DrafterConfig(_Section):
           all levels in one pass; it shares the base's final norm and LM head.
           ``"mtp"``: a checkpoint's own multi-token prediction layer
           (:mod:`mlx_specstream.mtp`), run again on its output for each deeper level.
-          ``"eagle3"``: an EAGLE-3 drafter (:mod:`mlx_specstream.eagle`): one decoder
-          layer of its own over three of the base's layers' states, fused.
+          ``"eagle3"``: an EAGLE-3 drafter (:mod:`mlx_specstream.eagle`): a decoder
+          layer of its own (or several) over the base's layers' states, fused.
           ``"dflash"``: a DFlash drafter (:mod:`mlx_specstream.dflash`): a few layers of
           its own drafting a block of masks in one pass, over several of the base's
           layers' states. ``"eagle"``: an EAGLE-1 drafter (:mod:`mlx_specstream.eagle1`,
@@ -413,9 +437,12 @@ class DrafterConfig(_Section):
           drafter's chain).
         eagle (dict, optional): for ``"eagle3"`` and ``"eagle"`` (and only there), its
           layer's settings (for ``"eagle"``: :data:`EAGLE1_KEYS`, the rest below)
-          as read from its checkpoint (:data:`EAGLE_KEYS`): its Llama layer's shape,
-          its draft vocabulary's size, and ``feature_layers``, the base's layers whose
-          inputs it reads (``len(model.layers)``: the last layer's output).
+          as read from its checkpoint (:data:`EAGLE_KEYS`): its layers' shape, count
+          and kind (``num_layers``, ``layer_type``: Llama's or Qwen3's), its draft
+          vocabulary's size, ``feature_layers``, the base's layers whose inputs it reads
+          (``len(model.layers)``: the last layer's output), and the speculators' norms
+          (``norm_before_fc``, ``fc_norm``, ``norm_output``); a section without the
+          last five means one Llama layer and none of those norms.
         dflash (dict, optional): for ``"dflash"`` (and only there), its settings as
           read from its checkpoint (:data:`DFLASH_KEYS`): its layers' shape and
           attention, ``block_size``, ``mask_token_id`` and ``feature_layers`` (the
@@ -464,6 +491,8 @@ class DrafterConfig(_Section):
                 raise ValueError(f"{DRAFTER_KEY}.{name}={getattr(self, name)!r}: {why}")
 
         require(self.kind in DRAFTER_KINDS, "kind", f"must be one of {DRAFTER_KINDS}")
+        if self.kind == "eagle3" and isinstance(self.eagle, dict):  # (an older section's)
+            self.eagle = {**EAGLE_LATER_KEYS, **self.eagle}
         for name in ("num_draft_tokens", "max_tree_nodes"):
             value = getattr(self, name)
             require(
@@ -524,6 +553,8 @@ class DrafterConfig(_Section):
             f"kind 'eagle3' needs a dict of {list(EAGLE_KEYS)}, kind 'eagle' one of "
             f"{list(EAGLE1_KEYS)}, no other kind one",
         )
+        fault = eagle_fault(self.eagle) if self.kind == "eagle3" else None
+        require(fault is None, "eagle", str(fault))
         require(
             (self.dflash is None) == (self.kind != "dflash")
             and (self.dflash is None or sorted(self.dflash) == sorted(DFLASH_KEYS)),

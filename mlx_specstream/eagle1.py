@@ -39,7 +39,7 @@ from mlx_lm.models import llama
 from .config import EAGLE1_KEYS, DrafterConfig
 from .draft_vocab import head_rows
 from .drafters import attach_checkpoint_drafter, refuse_attached, run_layer
-from .eagle import EagleDrafting, attend_at, read_eagle_weights
+from .eagle import EagleDrafting, block_at, read_eagle_weights
 from .model_parts import hidden_size
 from .mtp import _checkpoint_keys, _final_norm, head_logits
 
@@ -124,13 +124,6 @@ def layer_args(eagle: dict, vocab: int) -> llama.ModelArgs:
                            **{k: eagle[k] for k in keys})  # fmt: skip
 
 
-def layer_at(layer: llama.TransformerBlock, x: mx.array, cache, at) -> mx.array:
-    """mlx-lm's Llama block over rows ``x`` ``(1, L, D)`` at ``at`` = ``(position, mask)``
-    (:func:`~mlx_specstream.eagle.attend_at`), its weights and its order."""
-    h = x + attend_at(layer.self_attn, layer.input_layernorm(x), cache, *at)
-    return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
 class Eagle1Drafter(EagleDrafting):
     """``fc`` ``(D, 2 D)``, ``layer.*`` (Llama's block, no input norm) and
     ``embed_tokens`` where the checkpoint has its own; the base's final norm (on its
@@ -178,7 +171,7 @@ class Eagle1Drafter(EagleDrafting):
         return head_logits(rt.model, out, rt.draft_vocab)
 
     def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
-        return layer_at(self.layer, self.inputs(rt, h, tokens)[None], cache, at)[0]
+        return block_at(self.layer, self.inputs(rt, h, tokens)[None], cache, at)[0]
 
     def tree_logits(self, rt, out: mx.array) -> mx.array:
         return self.level_logits(rt, out)

@@ -178,7 +178,18 @@ def _float_weight(head: nn.Module) -> mx.array:
 def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps: int):
     """The training-time test's logits over its draft vocabulary: one ``(B, n, V_draft)``
     per step, rows ``i < n = L - steps - 1`` of ``feats`` ``(B, L, 3 D)`` and ``ids``
-    ``(B, L)`` (see the module's docstring)."""
+    ``(B, L)`` (see the module's docstring). The drafter is of the shape trained here
+    (one Llama layer over three features, as :func:`attach_eagle_for_training` makes it).
+
+    Raises:
+        ValueError: for a drafter of another shape (a released one of several layers,
+          Qwen3's layer or the speculators' norms).
+    """
+    other = drafter.upper or "q_norm" in drafter.layer.self_attn or drafter._norm_output
+    if other or "input_norm" in drafter or "fc_norm" in drafter:
+        raise ValueError("EAGLE-3's training-time test here trains one Llama layer without the "
+                         "speculators' norms (num_layers 1, norm_output, norm_before_fc and "
+                         "fc_norm off)")  # fmt: skip
     layer = drafter.layer
     n = ids.shape[1] - steps - 1
     h = drafter.fc(feats[:, :n].astype(drafter.fc.weight.dtype))

@@ -142,6 +142,24 @@ def test_each_node_s_children_are_drafted_from_its_own_path(base_dir, checkpoint
         assert_children_from_their_own_paths(plain, checkpoint, text2, wrong[:2], 3)
 
 
+def test_a_drafter_of_several_qwen3_layers_grows_each_node_from_its_own_path(base_dir, tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """The speculators' later layout (two Qwen3 layers with biases, the final norm's
+    output passed on): every level of the tree runs both layers at its nodes (each layer
+    on its own cache), and every expanded node's children equal the drafter from scratch
+    along its path; control: the rows one position later."""
+    ref = write_eagle(tmp_path / "eagle", V, style="speculators", layer_ids=LAYERS, num_layers=2,
+                      layer_type="qwen3", attention_bias=True, norm_output=True)  # fmt: skip
+    model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
+    plain, _ = mlx_lm_load(str(base_dir))
+    tree = dict(tree_top_k=2, tree_depth=3, max_tree_nodes=8)
+    text, seen = recorded_candidates(model, monkeypatch, PROMPT, max_tokens=12, **tree)
+    assert text == PROMPT + plain_greedy(plain, PROMPT, 12)
+    assert assert_children_from_their_own_paths(plain, ref, text, seen[:3], 2) >= 3 * 4
+    with pytest.raises(AssertionError):
+        assert_children_from_their_own_paths(plain, ref, text, seen[:2], 2, shift=1)
+
+
 def test_a_dynamic_chain_drafts_what_the_static_chain_drafts(base_dir, checkpoint, monkeypatch):
     """With ``top_k = 1`` the dynamic tree is the argmax chain: the same tokens as the
     drafter's levels (control: another drafter's chain differs)."""

@@ -41,6 +41,21 @@ def drafts_of_each_step(model, monkeypatch, **tree):
         ("eagle", None, {}),  # (the default layers: 2, N // 2, N - 3)
         ("eagle", [0, 3, 6], dict(draft_vocab=list(range(1, V, 3)))),  # (embeddings, output)
         ("speculators", [1, 3, 4], dict(norm_before_residual=True, own_embeddings=True)),
+        # (the speculators' later settings: several layers, four features normed, EAGLE 3.1)
+        ("speculators", [1, 3, 4, 6], dict(num_layers=2, norm_before_fc=True, norm_output=True)),
+        (
+            "speculators",
+            [0, 2, 5],
+            dict(
+                num_layers=3,
+                layer_type="qwen3",
+                fc_norm=True,
+                head_dim=8,
+                attention_bias=True,
+                norm_before_residual=True,
+            ),
+        ),
+        ("eagle", None, dict(layer_type="qwen3")),  # (SpecForge's Qwen3ForCausalLMEagle3)
     ],
 )
 def test_every_draft_equals_the_raw_tensors_from_scratch(style, layer_ids, options, base_dir,
@@ -48,7 +63,9 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(style, layer_ids, optio
     """Each step's levels (the drafter's cached rows of the accepted text, its
     recursion's rows trimmed after) equal every row recomputed from the checkpoint's
     raw tensors and mlx-lm's base layers. Controls: other feature layers, deeper levels
-    through ``fc`` or from the final norm's output, the other residual."""
+    through ``fc`` or from the other side of the final norm, the other residual; where
+    the checkpoint has them, its first layer alone, no norms of Qwen3's queries and keys,
+    no norm of the features."""
     ref = write_eagle(tmp_path / "eagle", V, style=style, layer_ids=layer_ids, **options)
     model, _ = load(str(base_dir), drafter=str(tmp_path / "eagle"))
     plain, _ = mlx_lm_load(str(base_dir))
@@ -69,8 +86,13 @@ def test_every_draft_equals_the_raw_tensors_from_scratch(style, layer_ids, optio
     assert checked >= 5 and seen[0][0].shape[0] == 3
     logits, a, _, _ = seen[2]
     other = [i for i in range(7) if i not in ids][:1] + ids[1:]
-    controls = [dict(layer_ids=other), dict(through_fc=True), dict(normed_recursion=True),
+    controls = [dict(layer_ids=other), dict(through_fc=True),
+                dict(normed_recursion=not ref["norm_output"]),
                 dict(norm_first=not ref["norm_first"])]  # fmt: skip
+    controls += [dict(upper=False)] if ref["num_layers"] > 1 else []
+    controls += [dict(qk_norm=False)] if options.get("layer_type") == "qwen3" else []
+    controls += [dict(feature_norm=False)] if "input_norm.weight" in ref["w"] else []
+    controls += [dict(feature_norm=False)] if "fc_norm.0.weight" in ref["w"] else []
     for control in controls:
         kw = {"layer_ids": ids, **control}
         wrong = reference_levels(plain, ref, text, a, logits.shape[0], **{"layer_ids": ids, **kw})
@@ -115,6 +137,42 @@ def test_save_writes_a_directory_that_loads_back(base_dir, tmp_path, monkeypatch
                                     lambda m: drafts_of_each_step(m, monkeypatch))  # fmt: skip
     assert section["kind"] == "eagle3" and section["eagle"]["feature_layers"] == [1, 3, 5]
     assert section["eagle"]["own_embeddings"] is True
+    assert section["eagle"]["num_layers"] == 1 and section["eagle"]["layer_type"] == "llama"
+
+
+def test_a_drafter_of_several_qwen3_layers_saves_and_loads_back(base_dir, tmp_path, monkeypatch):
+    """The speculators' later settings survive ``save``: the section holds them, the
+    tensors keep every layer, and the directory loaded back drafts the same levels."""
+    write_eagle(tmp_path / "eagle", V, style="speculators", layer_ids=[1, 2, 3, 5], num_layers=3,
+                layer_type="qwen3", fc_norm=True, norm_output=True)  # fmt: skip
+    section = saved_and_loaded_back(base_dir, tmp_path / "eagle", tmp_path / "saved",
+                                    lambda m: drafts_of_each_step(m, monkeypatch))  # fmt: skip
+    e = section["eagle"]
+    assert (e["num_layers"], e["layer_type"], e["fc_norm"], e["norm_output"]) == (
+        3,
+        "qwen3",
+        True,
+        True,
+    )
+    keys = mx.load(str(tmp_path / "saved" / "drafter.safetensors")).keys()
+    assert {"upper.1.self_attn.q_norm.weight", "fc_norm.3.weight"} <= set(keys)
+
+
+def test_a_section_written_before_the_later_settings_means_one_llama_layer():
+    """A drafter section saved before the speculators' later settings were read (its
+    ``eagle`` dict without them) loads as one Llama layer without their norms; a wrong
+    value of one of them is refused by name."""
+    from mlx_specstream.config import EAGLE_KEYS, EAGLE_LATER_KEYS, DrafterConfig
+
+    old = {k: None for k in EAGLE_KEYS if k not in EAGLE_LATER_KEYS}
+    old["feature_layers"] = [2, 3, 3]
+    config = DrafterConfig.from_dict({"kind": "eagle3", "eagle": old})
+    assert {k: config.eagle[k] for k in EAGLE_LATER_KEYS} == EAGLE_LATER_KEYS
+    for bad, match in ((dict(num_layers=0), "num_layers=0"),
+                       (dict(layer_type="gemma"), "layer_type='gemma'"),
+                       (dict(norm_before_fc=True, fc_norm=True), "norm_before_fc and fc_norm")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            DrafterConfig.from_dict({"kind": "eagle3", "eagle": {**old, **bad}})
 
 
 def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
@@ -127,9 +185,12 @@ def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
             mx.save_safetensors(str(path / "model.safetensors"), weights)
         if config is not None:
             data = json.loads((path / "config.json").read_text())
-            data.update(config)
+            data.update(config) if isinstance(config, dict) else config(data)
             (path / "config.json").write_text(json.dumps(data))
         return str(path)
+
+    def nested(**edits):  # (the speculators' transformer_layer_config)
+        return lambda data: data["transformer_layer_config"].update(edits)
 
     def torch_only(path):
         (tmp_path / "bin").mkdir()
@@ -139,7 +200,37 @@ def test_bad_checkpoints_get_clear_errors(base_dir, tmp_path):
 
     cases = [
         (broken("ids", layer_ids=[0, 3, 9]), r"eagle_aux_hidden_state_layer_ids=\[0, 3, 9\]"),
-        (broken("two", config=dict(num_hidden_layers=2)), "num_hidden_layers=2"),
+        (
+            broken("two", config=dict(num_hidden_layers=2)),
+            "num_hidden_layers=2, but its tensors " r"hold 1 layer\(s\)",
+        ),
+        (
+            broken("one", style="speculators", num_layers=2, config=nested(num_hidden_layers=1)),
+            r"num_hidden_layers=1, but its tensors hold 2 layer\(s\)",
+        ),
+        (
+            broken("window", style="speculators", config=nested(layer_types=["sliding_attention"])),
+            r"layer_types=\['sliding_attention'\]",
+        ),
+        (
+            broken("kind", style="speculators", config=nested(model_type="mistral")),
+            "transformer_layer_config.model_type: a 'mistral' layer",
+        ),
+        (broken("act", config=dict(hidden_act="gelu")), "hidden_act='gelu'"),
+        (broken("rope", config=dict(partial_rotary_factor=0.5)), "partial_rotary_factor=0.5"),
+        (
+            broken("noaux", config=dict(eagle_config={"use_aux_hidden_state": False})),
+            "use_aux_hidden_state=false",
+        ),
+        (
+            broken("norms", style="speculators", config=dict(norm_before_fc=True, fc_norm=True)),
+            "norm_before_fc and fc_norm",
+        ),
+        (broken("bias", layer_type="qwen3", config=dict(mlp_bias=True)), "mlp_bias=true"),
+        (
+            broken("unnormed", style="speculators", config=dict(norm_before_fc=True)),
+            "(?s)does not fit this model.*input_norm",
+        ),
         (broken("wide", config=dict(target_hidden_size=128)), "target_hidden_size=128"),
         (broken("vocab", config=dict(vocab_size=65)), "vocab_size=65"),
         (broken("d2t", edit=lambda w: w.update(d2t=w["d2t"] + 200)), "d2t maps to token"),
@@ -166,14 +257,16 @@ def eagle_model(base_dir, tmp_path, **options):
     return model, plain, ref
 
 
+@pytest.mark.parametrize("options", [{}, dict(style="speculators", num_layers=2, norm_output=True)])
 def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(small_base, tmp_path,
-                                                                    monkeypatch):  # fmt: skip
+                                                                    monkeypatch, options):  # fmt: skip
     """In a batch (odd rows merging lookup in, a row joining mid-way), every pass's levels
-    of every row equal the drafter from scratch over the row's text; control: other
-    feature layers."""
+    of every row equal the drafter from scratch over the row's text (a drafter of two
+    layers: each on its own ragged cache); control: other feature layers."""
     from test_batch_mtp import assert_levels_from_scratch, levels_recorded
 
-    model, plain, ref = eagle_model(small_base, tmp_path, draft_vocab=list(range(1, SMALL_V, 2)))
+    model, plain, ref = eagle_model(small_base, tmp_path, draft_vocab=list(range(1, SMALL_V, 2)),
+                                    **options)  # fmt: skip
     passes, kept_more = levels_recorded(model, monkeypatch, eagle.Eagle3Drafter, "logits")
 
     def levels(layers):
@@ -182,14 +275,15 @@ def test_each_batch_row_s_levels_equal_the_raw_tensors_from_scratch(small_base, 
     assert_levels_from_scratch(passes, kept_more, levels([0, 3, 6]), [levels([1, 3, 6])])
 
 
-def test_batch_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(small_base, tmp_path):
-    """``batch_generate`` rows drafting with the drafter: mlx-lm's greedy tokens, in as
-    many passes as decoding each prompt alone with its chain of 3, pipelined or not; a
-    row joining with a cache of earlier context too."""
+@pytest.mark.parametrize("options", [{}, dict(style="speculators", num_layers=2)])
+def test_batch_rows_equal_each_prompt_alone_in_the_passes_of_a_chain(small_base, tmp_path, options):
+    """``batch_generate`` rows drafting with the drafter (of one layer or two):
+    mlx-lm's greedy tokens, in as many passes as decoding each prompt alone with its
+    chain of 3, pipelined or not; a row joining with a cache of earlier context too."""
     from test_batch_mtp import LIMITS, assert_a_row_with_earlier_context_decodes_as_mlx_lm
     from test_batch_mtp import assert_rows_decode_as_alone
 
-    model, plain, _ = eagle_model(small_base, tmp_path)
+    model, plain, _ = eagle_model(small_base, tmp_path, **options)
     alone = assert_rows_decode_as_alone(model, plain, pipelines=(False, True))
     assert sum(LIMITS) > sum(alone) + 10, alone  # (drafts were taken)
     assert_a_row_with_earlier_context_decodes_as_mlx_lm(model, plain)
@@ -319,15 +413,17 @@ def test_a_pytorch_checkpoint_converts_and_drafts_as_its_safetensors(base_dir, t
         np.testing.assert_array_equal(a[0], b[0])
 
 
-def test_a_follow_up_on_the_same_prompt_cache_continues_the_drafter_s_rows(small_base, tmp_path):
-    """A finished generation keeps the drafter's rows and its last token's features (all
-    three layers'); a follow-up on the same cache answers as a cold run of the whole
-    conversation, with the drafter's KV cache equal to the cold run's row for row.
-    Control: the last token's features dropped, the rows start anew."""
+@pytest.mark.parametrize("options", [{}, dict(style="speculators", num_layers=2)])
+def test_a_follow_up_on_the_same_prompt_cache_continues_the_drafter_s_rows(small_base, tmp_path,
+                                                                          options):  # fmt: skip
+    """A finished generation keeps the drafter's rows (each of its layers') and its last
+    token's features (all three layers'); a follow-up on the same cache answers as a cold
+    run of the whole conversation, with the drafter's KV caches equal to the cold run's
+    row for row. Control: the last token's features dropped, the rows start anew."""
     from mlx_specstream.cache import make_prompt_cache
     from mlx_specstream.decode import spec_generate_step
 
-    model, plain, _ = eagle_model(small_base, tmp_path)
+    model, plain, _ = eagle_model(small_base, tmp_path, **options)
 
     def run(prompt, cache, n):
         gen = spec_generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=cache)
@@ -344,8 +440,11 @@ def test_a_follow_up_on_the_same_prompt_cache_continues_the_drafter_s_rows(small
     assert out2 == plain_greedy(plain, first + out1 + follow, 12)
     a, b = cache.drafter_state.cache, cold_cache.drafter_state.cache
     assert a.offset == b.offset
-    np.testing.assert_allclose(np.array(a.keys[..., : a.offset, :]),
-                               np.array(b.keys[..., : b.offset, :]), atol=1e-4)  # fmt: skip
+    layers = getattr(a, "caches", [a])
+    assert len(layers) == options.get("num_layers", 1)
+    for a, b in zip(layers, getattr(b, "caches", [b])):
+        np.testing.assert_allclose(np.array(a.keys[..., : a.offset, :]),
+                                   np.array(b.keys[..., : b.offset, :]), atol=1e-4)  # fmt: skip
     # Control: without the last token's features kept, the drafter starts its rows anew.
     cache = make_prompt_cache(model)
     run(first, cache, 8)

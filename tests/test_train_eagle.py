@@ -62,6 +62,26 @@ def test_the_training_time_test_computes_what_drafting_computes():
         assert not np.allclose(drafter.lm_head(drafter.norm(wrong))[0], logits[1][0, i], atol=1e-2)
 
 
+def test_a_drafter_of_another_shape_is_refused_by_the_training_time_test(tmp_path):
+    """The training-time test here runs one Llama layer: a released drafter of several
+    layers, of Qwen3's layer or with the speculators' norms is refused, not trained as
+    another model."""
+    from eagle_helpers import write_base, write_eagle
+
+    from mlx_specstream import load
+
+    base = write_base(tmp_path / "base", V)
+    for name, options in (("two", dict(num_layers=2)), ("qwen3", dict(layer_type="qwen3")),
+                          ("normed", dict(norm_output=True)), ("fc", dict(fc_norm=True))):  # fmt: skip
+        write_eagle(tmp_path / name, V, style="speculators", layer_ids=[1, 3, 6], **options)
+        model, _ = load(str(base), drafter=str(tmp_path / name))
+        rt = get_runtime(model)
+        ids = mx.array(cycle_ids(random.Random(1), 12))
+        feats = rt.prefill_rows(ids[None], [KVCache() for _ in model.layers])
+        with pytest.raises(ValueError, match="trains one Llama layer"):
+            ttt_logits(rt.drafter, rt, feats, ids[None], 2)
+
+
 def test_it_learns_far_above_chance_and_the_base_stays_bit_identical():
     model = tiny_model("llama", V, weight_scale=1.0)
     base = host_copy(model)
