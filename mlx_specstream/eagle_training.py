@@ -1,5 +1,7 @@
 """Training an EAGLE-3 drafter for an mlx-lm model, in MLX (``mlx_specstream.train
---drafter eagle3``): its first weights, and EAGLE-3's "training-time test" loss.
+--drafter eagle3``): its first weights, and EAGLE-3's "training-time test" loss, run
+through every layer of the drafter (``--eagle-num-layers``; a released drafter's
+layers, norms and kind run as they draft).
 
 The base is frozen: its features come from its own pass through the runtime's hooks
 (:meth:`~mlx_specstream.streams.StreamRuntime.prefill_rows`, the states the drafter
@@ -52,13 +54,16 @@ def base_layer_settings(model) -> dict:
     )  # fmt: skip
 
 
-def eagle_settings_for(model, layers: Sequence[int], draft_vocab_size: int) -> dict:
-    """The drafter section's ``eagle`` settings of an EAGLE-3 drafter for ``model``: a
-    layer of the base's shape (:func:`base_layer_settings`)."""
+def eagle_settings_for(model, layers: Sequence[int], draft_vocab_size: int,
+                       num_layers: int = 1) -> dict:  # fmt: skip
+    """The drafter section's ``eagle`` settings of an EAGLE-3 drafter for ``model``:
+    ``num_layers`` Llama layers of the base's shape (:func:`base_layer_settings`)."""
     return dict(
         base_layer_settings(model), attention_bias=False, mlp_bias=False,
         draft_vocab_size=draft_vocab_size, target_hidden_size=hidden_size(model),
         norm_before_residual=False, feature_layers=list(layers), own_embeddings=False,
+        num_layers=num_layers, layer_type="llama", norm_before_fc=False, fc_norm=False,
+        norm_output=False,
     )  # fmt: skip
 
 
@@ -81,18 +86,21 @@ def attach_eagle_for_training(
     draft_ids=None,
     tree: Optional[dict] = None,
     seed: int = 0,
+    num_layers: int = 1,
 ) -> Eagle3Drafter:
-    """Puts a fresh EAGLE-3 drafter on ``model`` (an mlx-lm model without a drafter).
+    """Puts a fresh EAGLE-3 drafter of ``num_layers`` Llama layers on ``model`` (an mlx-lm
+    model without a drafter).
 
     Its first weights: ``fc`` averaging the three feature layers, the base's final norm,
     its LM head's rows of ``draft_ids`` (default every token) as the head, and where the
     base's last layer is a Llama-like one of the same shapes, its MLP and output
-    projection; the rest random (MLX's own initialisation, drawn after seeding with ``seed``).
+    projection (each further layer: the base's last layer whole, where it fits); the rest
+    random (MLX's own initialisation, drawn after seeding with ``seed``).
 
     Raises:
-        ValueError: a feature layer outside ``[0, N]``, or a base this drafter cannot run
-          on (refused before training, as loading the result would:
-          :func:`~mlx_specstream.drafters.check_drafter_base`).
+        ValueError: a feature layer outside ``[0, N]``, fewer than one layer, or a base
+          this drafter cannot run on (refused before training, as loading the result
+          would: :func:`~mlx_specstream.drafters.check_drafter_base`).
     """
     from .draft_vocab import head_owner
     from .mtp import _final_norm
@@ -105,12 +113,15 @@ def attach_eagle_for_training(
     ids = mx.arange(V, dtype=mx.int32) if draft_ids is None else mx.array(draft_ids, mx.int32)
     config = DrafterConfig(
         kind="eagle3",
-        eagle=eagle_settings_for(model, layers, int(ids.shape[0])),
+        eagle=eagle_settings_for(model, layers, int(ids.shape[0]), num_layers),
         **{**EAGLE_DEFAULTS, **(tree or {})},
     )
     mx.random.seed(seed)
     drafter = Eagle3Drafter(config, model)
     copy_parts(drafter.layer, model.layers[-1], ("mlp", "self_attn.o_proj"))
+    whole = ("mlp", "self_attn", "input_layernorm", "post_attention_layernorm")
+    for block in drafter.upper:
+        copy_parts(block, model.layers[-1], whole)
     final_norm = _final_norm(model)
     if isinstance(final_norm, nn.RMSNorm) and final_norm.weight.shape == drafter.norm.weight.shape:
         drafter.norm.weight = final_norm.weight.astype(mx.float32)
@@ -177,22 +188,13 @@ def _float_weight(head: nn.Module) -> mx.array:
 
 def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps: int):
     """The training-time test's logits over its draft vocabulary: one ``(B, n, V_draft)``
-    per step, rows ``i < n = L - steps - 1`` of ``feats`` ``(B, L, 3 D)`` and ``ids``
-    ``(B, L)`` (see the module's docstring). The drafter is of the shape trained here
-    (one Llama layer over three features, as :func:`attach_eagle_for_training` makes it).
-
-    Raises:
-        ValueError: for a drafter of another shape (a released one of several layers,
-          Qwen3's layer or the speculators' norms).
-    """
-    other = drafter.upper or "q_norm" in drafter.layer.self_attn or drafter._norm_output
-    if other or "input_norm" in drafter or "fc_norm" in drafter:
-        raise ValueError("EAGLE-3's training-time test here trains one Llama layer without the "
-                         "speculators' norms (num_layers 1, norm_output, norm_before_fc and "
-                         "fc_norm off)")  # fmt: skip
+    per step, rows ``i < n = L - steps - 1`` of ``feats`` ``(B, L, m D)`` and ``ids``
+    ``(B, L)`` (see the module's docstring), through every layer of the drafter (its
+    features' norms, its further layers, the final norm's output passed on where
+    ``norm_output``: as it drafts)."""
     layer = drafter.layer
     n = ids.shape[1] - steps - 1
-    h = drafter.fc(feats[:, :n].astype(drafter.fc.weight.dtype))
+    h = drafter.fuse(feats[:, :n])
 
     def layer_input(k, h):
         e = drafter.embed(rt, ids[:, k + 1 : k + 1 + n]).astype(h.dtype)
@@ -200,44 +202,60 @@ def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps
         x = mx.concatenate([layer.input_layernorm(e), hn], axis=-1)
         return x, hn if layer._norm_first else h
 
-    states = ttt_states(layer, h, steps, layer_input)
-    return [drafter.lm_head(drafter.norm(s)) for s in states]
+    passed = drafter.norm if drafter._norm_output else None
+    states = ttt_states([layer] + drafter.upper, h, steps, layer_input, passed)
+    return [drafter.tree_logits(rt, s) for s in states]
 
 
-def ttt_states(layer, h: mx.array, steps: int, layer_input) -> List[mx.array]:
-    """A drafter layer's outputs over ``steps`` steps of the training-time test, rows
-    ``(B, n, D)`` each: step ``k`` runs ``layer`` (its ``self_attn``, ``mlp`` and
-    ``post_attention_layernorm``) on ``layer_input(k, h)`` = ``(x, residual)``, ``x``
-    the attention's input from the previous step's output ``h`` (step 0: ``h`` given),
-    its rows at positions ``i + k``, each attending to step 0's rows up to ``i`` and to
-    its own earlier steps' rows at ``i`` (see the module's docstring)."""
-    attn = layer.self_attn
+def ttt_states(layers, h: mx.array, steps: int, layer_input, passed=None) -> List[mx.array]:
+    """A drafter's outputs over ``steps`` steps of the training-time test, rows ``(B, n,
+    D)`` each: step ``k`` runs ``layers`` in turn (a decoder layer, or a list: each one's
+    ``self_attn``, ``mlp`` and norms), the first on ``layer_input(k, h)`` = ``(x,
+    residual)``, ``x`` the attention's input from the previous step's output ``h`` (step
+    0: ``h`` given), each further one on the one before's output; its rows at positions
+    ``i + k``, each attending (in each layer) to step 0's rows up to ``i`` and to its own
+    earlier steps' rows at ``i`` (see the module's docstring). ``passed``: what a step's
+    output goes through before the next step reads it (and is returned), if anything."""
+    layers = layers if isinstance(layers, list) else [layers]
     B, n = h.shape[:2]
-    H, KV, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
-    keys, values, states = [], [], []
+    kept = [([], []) for _ in layers]  # (each layer's keys and values, a list per step)
+    states = []
     for k in range(steps):
         x, residual = layer_input(k, h)
-
-        def heads(proj, count, rope=True):
-            y = proj(x).reshape(B, n, count, hd).transpose(0, 2, 1, 3)
-            y = attn.rope(y, offset=k) if rope else y  # (step k's rows at positions i + k)
-            return mx.repeat(y, H // count, axis=1)
-
-        q = heads(attn.q_proj, H)
-        keys.append(heads(attn.k_proj, KV))
-        values.append(heads(attn.v_proj, KV, rope=False))
-        first = (q @ keys[0].transpose(0, 1, 3, 2)) * attn.scale
-        first = mx.where(causal, first, mx.array(-mx.inf, first.dtype))
-        own = [(q * kk).sum(-1, keepdims=True) * attn.scale for kk in keys[1:]]
-        p = mx.softmax(mx.concatenate([first] + own, axis=-1), axis=-1, precise=True)
-        out = p[..., :n] @ values[0]
-        for m, vv in enumerate(values[1:]):
-            out = out + p[..., n + m : n + m + 1] * vv
-        a = residual + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, n, H * hd))
-        h = a + layer.mlp(layer.post_attention_layernorm(a))
+        for j, layer in enumerate(layers):
+            if j:
+                x, residual = layer.input_layernorm(h), h
+            a = residual + _ttt_attention(layer.self_attn, x, k, *kept[j], causal)
+            h = a + layer.mlp(layer.post_attention_layernorm(a))
+        h = h if passed is None else passed(h)
         states.append(h)
     return states
+
+
+def _ttt_attention(attn, x: mx.array, k: int, keys: list, values: list, causal: mx.array):
+    """Step ``k``'s attention over rows ``x`` ``(B, n, C)`` (Llama's or Qwen3's: its norms
+    of the heads' queries and keys), its keys and values appended to ``keys``, ``values``."""
+    B, n = x.shape[:2]
+    H, KV = attn.n_heads, attn.n_kv_heads
+
+    def heads(proj, count, norm=None, rope=True):
+        y = proj(x).reshape(B, n, count, -1)
+        y = (y if norm is None else norm(y)).transpose(0, 2, 1, 3)
+        y = attn.rope(y, offset=k) if rope else y  # (step k's rows at positions i + k)
+        return mx.repeat(y, H // count, axis=1)
+
+    q = heads(attn.q_proj, H, getattr(attn, "q_norm", None))
+    keys.append(heads(attn.k_proj, KV, getattr(attn, "k_norm", None)))
+    values.append(heads(attn.v_proj, KV, rope=False))
+    first = (q @ keys[0].transpose(0, 1, 3, 2)) * attn.scale
+    first = mx.where(causal, first, mx.array(-mx.inf, first.dtype))
+    own = [(q * kk).sum(-1, keepdims=True) * attn.scale for kk in keys[1:]]
+    p = mx.softmax(mx.concatenate([first] + own, axis=-1), axis=-1, precise=True)
+    out = p[..., :n] @ values[0]
+    for m, vv in enumerate(values[1:]):
+        out = out + p[..., n + m : n + m + 1] * vv
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, n, -1))
 
 
 def drafter_features(model, ids: mx.array) -> mx.array:

@@ -72,12 +72,13 @@ RESUME_KEYS = (
     "max_seq_length", "window_prompt", "max_examples", "seed", "grad_clip", "optimizer",
     "grad_accumulation_steps", "drafter", "ttt_steps", "eagle_layers", "block_size",
     "draft_layers", "target_layer_ids", "blocks_per_window", "medusa_num_layers",
-    "medusa_lm_heads",
+    "medusa_lm_heads", "eagle_num_layers",
 )  # fmt: skip
 # (keys added later: a checkpoint written before them holds their defaults)
 RESUME_DEFAULTS = {"drafter": "streams", "ttt_steps": 3, "eagle_layers": None, "block_size": 8,
                    "draft_layers": 2, "target_layer_ids": None, "blocks_per_window": 16,
-                   "medusa_num_layers": 1, "medusa_lm_heads": "own"}  # fmt: skip
+                   "medusa_num_layers": 1, "medusa_lm_heads": "own",
+                   "eagle_num_layers": 1}  # fmt: skip
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
 
@@ -612,6 +613,13 @@ def setup_arg_parser():
         "2, N // 2, N - 3)",
     )
     p.add_argument(
+        "--eagle-num-layers",
+        type=int,
+        default=1,
+        help="EAGLE-3: its decoder layers (the speculators' num_hidden_layers; each after the "
+        "first over the one before's output)",
+    )
+    p.add_argument(
         "--block-size",
         type=int,
         default=8,
@@ -879,6 +887,8 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
 
     check_layers(model, args.eagle_layers)  # (refused before anything is written)
     check_steps(args.ttt_steps)
+    if args.eagle_num_layers < 1:
+        raise ValueError(f"--eagle-num-layers {args.eagle_num_layers}: at least 1")
     if args.draft_vocab_size is not None:
         check_size(args.draft_vocab_size, head_rows(model), "--draft-vocab-size")
     train, valid = prepare_data(args, model, tokenizer)
@@ -888,11 +898,13 @@ def train_eagle(args, model, tokenizer, model_path: Path) -> None:
                                          args.draft_vocab_size)  # fmt: skip
         print(f"[INFO] the drafter's own draft vocabulary (d2t): {text}")
     tree = None if args.top_k is None else dict(top_k=args.top_k)
-    drafter = attach_eagle_for_training(model, args.eagle_layers, ids, tree, args.seed)
+    drafter = attach_eagle_for_training(model, args.eagle_layers, ids, tree, args.seed,
+                                        args.eagle_num_layers)  # fmt: skip
     loss = EagleLoss(model, args.ttt_steps)
     trainable = sum(p.size for _, p in tree_flatten(drafter.trainable_parameters()))
     print(f"[INFO] {len(train)} training examples, {len(valid)} held out; an EAGLE-3 drafter "
-          f"reading layers {drafter.feature_layers}, {trainable:,} trainable parameters; the "
+          f"of {1 + len(drafter.upper)} layer(s) reading layers {drafter.feature_layers}, "
+          f"{trainable:,} trainable parameters; the "
           "base is frozen")  # fmt: skip
     fit_and_write(args, model, tokenizer, model_path, train, valid, loss, vocab=False)
 

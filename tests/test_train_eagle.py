@@ -62,30 +62,49 @@ def test_the_training_time_test_computes_what_drafting_computes():
         assert not np.allclose(drafter.lm_head(drafter.norm(wrong))[0], logits[1][0, i], atol=1e-2)
 
 
-def test_a_drafter_of_another_shape_is_refused_by_the_training_time_test(tmp_path):
-    """The training-time test here runs one Llama layer: a released drafter of several
-    layers, of Qwen3's layer or with the speculators' norms is refused, not trained as
-    another model."""
+@pytest.mark.parametrize("options", [
+    dict(num_layers=2), dict(layer_type="qwen3", num_layers=2, attention_bias=True),
+    dict(norm_output=True, fc_norm=True), dict(norm_before_fc=True, layer_ids=[1, 2, 4, 6]),
+])  # fmt: skip
+def test_the_training_time_test_computes_what_drafting_computes_for_every_shape(tmp_path,
+                                                                               options):  # fmt: skip
+    """The speculators' shapes (several layers, Qwen3's, the features' norms, the final
+    norm's output passed on) train as they draft: step 0's and step 1's logits at a row
+    equal the loaded drafter's ``step`` then ``again`` over a cache of its own; controls:
+    the other side of the final norm passed on, the first layer alone."""
     from eagle_helpers import write_base, write_eagle
 
-    from mlx_specstream import load
-
     base = write_base(tmp_path / "base", V)
-    for name, options in (("two", dict(num_layers=2)), ("qwen3", dict(layer_type="qwen3")),
-                          ("normed", dict(norm_output=True)), ("fc", dict(fc_norm=True))):  # fmt: skip
-        write_eagle(tmp_path / name, V, style="speculators", layer_ids=[1, 3, 6], **options)
-        model, _ = load(str(base), drafter=str(tmp_path / name))
-        rt = get_runtime(model)
-        ids = mx.array(cycle_ids(random.Random(1), 12))
-        feats = rt.prefill_rows(ids[None], [KVCache() for _ in model.layers])
-        with pytest.raises(ValueError, match="trains one Llama layer"):
-            ttt_logits(rt.drafter, rt, feats, ids[None], 2)
+    ids_ = options.pop("layer_ids", [1, 3, 6])
+    write_eagle(tmp_path / "eagle", V, style="speculators", layer_ids=ids_, scale=1.0, **options)
+    model, _ = load(str(base), drafter=str(tmp_path / "eagle"))
+    rt = get_runtime(model)
+    drafter = rt.drafter
+    ids = mx.array(cycle_ids(random.Random(1), 14))
+    feats = rt.prefill_rows(ids[None], [KVCache() for _ in model.layers])
+    logits = ttt_logits(drafter, rt, feats, ids[None], 2)
+    for i in (0, 6, 10):
+        cache = drafter.new_cache()
+        out = drafter.step(rt, feats[0, : i + 1], ids[1 : i + 2], cache)[-1:]
+        np.testing.assert_allclose(drafter.tree_logits(rt, out)[0], logits[0][0, i], atol=1e-4)
+        again = drafter.again(rt, out, ids[i + 2 : i + 3], cache)
+        np.testing.assert_allclose(drafter.tree_logits(rt, again)[0], logits[1][0, i], atol=1e-4)
+    drafter._norm_output = not drafter._norm_output
+    flipped = ttt_logits(drafter, rt, feats, ids[None], 2)
+    drafter._norm_output = not drafter._norm_output
+    assert not np.allclose(flipped[1], logits[1], atol=1e-2)
+    if drafter.upper:
+        upper, drafter.upper = drafter.upper, []
+        alone = ttt_logits(drafter, rt, feats, ids[None], 2)
+        drafter.upper = upper
+        assert not np.allclose(alone[0], logits[0], atol=1e-2)
 
 
-def test_it_learns_far_above_chance_and_the_base_stays_bit_identical():
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_it_learns_far_above_chance_and_the_base_stays_bit_identical(num_layers):
     model = tiny_model("llama", V, weight_scale=1.0)
     base = host_copy(model)
-    attach_eagle_for_training(model)
+    attach_eagle_for_training(model, num_layers=num_layers)
     assert_learns_with_the_base_unchanged(model, base, EagleLoss(model, 3))
 
 
@@ -107,18 +126,21 @@ def assert_learns_with_the_base_unchanged(model, base: dict, loss, drop: float =
 
 def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_path, capsys):
     """The written directory holds the base bit for bit, ``drafter.safetensors`` and an
-    ``eagle3`` section (its own draft vocabulary of ``--draft-vocab-size`` tokens);
-    loaded, it gives the base's greedy tokens in fewer passes than tokens, and it is tuned."""
+    ``eagle3`` section (its own draft vocabulary of ``--draft-vocab-size`` tokens, two
+    layers with ``--eagle-num-layers 2``); loaded, it gives the base's greedy tokens in
+    fewer passes than tokens, and it is tuned."""
 
     base_dir, data_file = inputs
 
     out = tmp_path / "out"
     train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
-                "--iters", "30", "--self-distill", "--draft-vocab-size", "20", *CLI])  # fmt: skip
+                "--iters", "30", "--self-distill", "--draft-vocab-size", "20",
+                "--eagle-num-layers", "2", *CLI])  # fmt: skip
     printed = capsys.readouterr().out
     assert "step top-1" in printed and "tuned the draft tree" in printed
     section = json.loads((out / "config.json").read_text())["drafter"]
     assert section["kind"] == "eagle3" and section["eagle"]["draft_vocab_size"] == 20
+    assert section["eagle"]["num_layers"] == 2
     assert_decodes_as_the_base_with_drafts_taken(out, base_dir)
 
 
@@ -159,7 +181,8 @@ def test_resume_continues_where_it_stopped(inputs, tmp_path, monkeypatch, capsys
 def test_bad_eagle_options_are_refused_by_name_before_anything_is_written(inputs, tmp_path):
     base_dir, data_file = inputs
     for flags, match in ((["--eagle-layers", "0", "1", "9"], r"--eagle-layers \[0, 1, 9\]"),
-                         (["--ttt-steps", "0"], "--ttt-steps 0")):  # fmt: skip
+                         (["--ttt-steps", "0"], "--ttt-steps 0"),
+                         (["--eagle-num-layers", "0"], "--eagle-num-layers 0")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             train_main(["--model", str(base_dir), "--data", str(data_file), "--out",
                         str(tmp_path / "out"), *flags, *CLI])  # fmt: skip
