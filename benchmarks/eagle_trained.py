@@ -54,8 +54,8 @@ def weighted_loss(drafter, model, feats, ids, steps: int):
     return sum(losses), logits
 
 
-def train(model, rows, layers, iters: int, batch: int, lr: float, steps: int):
-    drafter = attach_eagle_for_training(model, layers)
+def train(model, rows, layers, iters: int, batch: int, lr: float, steps: int, num_layers=1):
+    drafter = attach_eagle_for_training(model, layers, num_layers=num_layers)
     model.freeze()
     trained = fit(drafter, lambda d, f, ids: weighted_loss(d, model, f, ids, steps)[0],
                   lambda ids: drafter_features(model, ids), rows, iters, batch, lr, log_every=50)  # fmt: skip
@@ -73,21 +73,34 @@ def top1(drafter, model, rows, steps: int) -> list:
 
 
 def write_checkpoint(work: Path, drafter, model) -> Path:
-    """``work/eagle3``: the drafter as EAGLE's code writes one (``midlayer.*``, ``d2t``)."""
-    out = work / "eagle3"
+    """``work/eagle3`` (``eagle3-{n}layers``): the drafter as EAGLE's code writes one (``midlayer.*``, ``d2t``), or
+    one of several layers as the speculators write it (``layers.{i}.*``,
+    ``transformer_layer_config``)."""
+    n = 1 + len(drafter.upper)
+    out = work / ("eagle3" if n == 1 else f"eagle3-{n}layers")
     out.mkdir(parents=True, exist_ok=True)
     weights = {}
     for k, w in tree_flatten(drafter.parameters()):
-        weights[k.replace("layer.", "midlayer.", 1) if k.startswith("layer.") else k] = w
+        if k.startswith("layer."):
+            k = ("midlayer." if n == 1 else "layers.0.") + k[len("layer.") :]
+        elif k.startswith("upper."):
+            i, rest = k[len("upper.") :].split(".", 1)
+            k = f"layers.{int(i) + 1}.{rest}"
+        weights[k] = w
     weights["d2t"] = weights["d2t"].astype(mx.int64)
     mx.save_safetensors(str(out / "model.safetensors"), weights)
     e = eagle_settings_for(model, drafter.feature_layers, model.args.vocab_size)
-    config = {k: e[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
-                                "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
-                                "draft_vocab_size", "max_position_embeddings")}  # fmt: skip
-    config.update(architectures=["LlamaForCausalLMEagle3"], num_hidden_layers=1,
-                  vocab_size=model.args.vocab_size, hidden_act="silu",
+    layer = {k: e[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                               "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta",
+                               "max_position_embeddings")}  # fmt: skip
+    layer.update(num_hidden_layers=n, vocab_size=model.args.vocab_size, hidden_act="silu")
+    config = dict(draft_vocab_size=e["draft_vocab_size"],
                   eagle_aux_hidden_state_layer_ids=drafter.feature_layers)  # fmt: skip
+    if n == 1:
+        config.update(architectures=["LlamaForCausalLMEagle3"], **layer)
+    else:
+        config.update(architectures=["Eagle3Speculator"], speculators_model_type="eagle3",
+                      transformer_layer_config={**layer, "model_type": "llama"})  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -164,6 +177,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--ttt-steps", type=int, default=3)
+    p.add_argument("--num-layers", type=int, default=1, help="the drafter's decoder layers")
     p.add_argument("--examples", type=int, default=2000)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--bench-depth", type=int, default=3, help="the benchmark's tuned chain")
@@ -183,17 +197,19 @@ def main():
     layers = [int(x) for x in args.layers.split(",")]
     model, tok = base()
     info = machine_info(iters=args.iters, batch_size=args.batch_size, lr=args.learning_rate,
-                        examples=args.examples, layers=layers, ttt_steps=args.ttt_steps)  # fmt: skip
+                        examples=args.examples, layers=layers, ttt_steps=args.ttt_steps,
+                        num_layers=args.num_layers)  # fmt: skip
     rows = full(windows(work, model, tok, args.examples, "train"))
     held = full(windows(work, model, tok, 64, "eval"))
-    weights = work / f"eagle3-{args.iters}.safetensors"
+    suffix = "" if args.num_layers == 1 else f"-{args.num_layers}layers"
+    weights = work / f"eagle3-{args.iters}{suffix}.safetensors"
     if weights.exists():
-        drafter = attach_eagle_for_training(model, layers)
+        drafter = attach_eagle_for_training(model, layers, num_layers=args.num_layers)
         drafter.load_weights(str(weights))
         trained = json.loads(weights.with_suffix(".json").read_text())
     else:
         drafter, trained = train(model, rows, layers, args.iters, args.batch_size,
-                                 args.learning_rate, args.ttt_steps)  # fmt: skip
+                                 args.learning_rate, args.ttt_steps, args.num_layers)  # fmt: skip
         drafter.save_weights(str(weights))
         weights.with_suffix(".json").write_text(json.dumps(trained))
     acc = top1(drafter, model, held, 4)
@@ -206,7 +222,8 @@ def main():
         bench = benchmark_chain(model_dir, work, f"eagle{args.tag}", args.bench_depth,
                                 args.max_tokens)  # fmt: skip
     lines = [heading("Trained EAGLE-3 drafter on the shipped base", info), ""]
-    lines.append(f"`{info['command']}`: a drafter reading the inputs of the base's layers "
+    lines.append(f"`{info['command']}`: a drafter of {args.num_layers} layer(s) reading the "
+                 "inputs of the base's layers "
                  f"{layers} (6: its last output), trained {args.iters} steps x "
                  f"{args.batch_size} self-distilled windows, {args.ttt_steps} training-time-test "
                  f"steps ({trained['seconds']:.0f} s, last loss {trained['loss_last']:.3f}).")  # fmt: skip
