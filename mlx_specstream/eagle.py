@@ -267,7 +267,8 @@ def decoder_block(args, bias: bool) -> nn.Module:
     if args.model_type == "llama":
         return llama.TransformerBlock(args)
     block = qwen3.TransformerBlock(args)
-    block.self_attn = attention(args, args.hidden_size, bias)
+    if bias:  # (mlx-lm's Qwen3 attention has no biases)
+        block.self_attn = attention(args, args.hidden_size, bias)
     return block
 
 

@@ -137,4 +137,4 @@ def eagle1_ttt_states(drafter: Eagle1Drafter, rt, feats: mx.array, ids: mx.array
         x = drafter.inputs(rt, h, ids[:, k + 1 : k + 1 + n])
         return x, x  # (no input norm: EAGLE drops the first layer's)
 
-    return ttt_states(drafter.layer, feats[:, :n], steps, layer_input)
+    return ttt_states([drafter.layer], feats[:, :n], steps, layer_input)

@@ -209,14 +209,13 @@ def ttt_logits(drafter: Eagle3Drafter, rt, feats: mx.array, ids: mx.array, steps
 
 def ttt_states(layers, h: mx.array, steps: int, layer_input, passed=None) -> List[mx.array]:
     """A drafter's outputs over ``steps`` steps of the training-time test, rows ``(B, n,
-    D)`` each: step ``k`` runs ``layers`` in turn (a decoder layer, or a list: each one's
-    ``self_attn``, ``mlp`` and norms), the first on ``layer_input(k, h)`` = ``(x,
+    D)`` each: step ``k`` runs ``layers`` in turn (each one's ``self_attn``, ``mlp`` and
+    norms), the first on ``layer_input(k, h)`` = ``(x,
     residual)``, ``x`` the attention's input from the previous step's output ``h`` (step
     0: ``h`` given), each further one on the one before's output; its rows at positions
     ``i + k``, each attending (in each layer) to step 0's rows up to ``i`` and to its own
     earlier steps' rows at ``i`` (see the module's docstring). ``passed``: what a step's
     output goes through before the next step reads it (and is returned), if anything."""
-    layers = layers if isinstance(layers, list) else [layers]
     B, n = h.shape[:2]
     causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
     kept = [([], []) for _ in layers]  # (each layer's keys and values, a list per step)
