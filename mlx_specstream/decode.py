@@ -972,7 +972,9 @@ def spec_generate_step(
         raise
     finally:
         end = start + prompt.size + yielded
-        if ended and yielded:
+        if user_cache is None:
+            pass  # (a cache of its own is dropped here: no last token to feed, no rows to trim)
+        elif ended and yielded:
             with mx.stream(generation_stream):
                 hold_yielded(rt, cache, end, dec.history[end - start - 1], dstate, quant)
                 if dm is not None:

@@ -679,7 +679,8 @@ def chain_generate_step(
         raise
     finally:
         state.split.at = None
-        if ended and yielded:  # mlx-lm's loop has fed every yielded token
+        # mlx-lm's loop has fed every yielded token (a cache of the call's own is dropped)
+        if ended and yielded and prompt_cache is not None:
             with mx.stream(generation_stream):
                 state.hold(len(prompt) + yielded)
                 drafter.hold(len(prompt) + yielded)

@@ -417,9 +417,15 @@ WIDE_KV = dict(num_attention_heads=8, num_key_value_heads=8, head_dim=128)  # 4 
 def step_peak_mib(model, **kwargs) -> float:
     """MiB a pipelined generation's steps allocate above what is live after its first
     token (the caches: 4 layers, keys and values, 4 MiB each at 1024 rows, which 900
-    prompt tokens and 24 more never outgrow)."""
+    prompt tokens and 24 more never outgrow), the last token's pass into a prompt cache
+    included."""
+    from mlx_specstream import make_prompt_cache
+
     prompt = mx.random.randint(0, 32, (900,), key=mx.random.key(0))
-    gen = decode_module.spec_generate_step(prompt, model, max_tokens=24, pipeline=True, **kwargs)
+    cache = make_prompt_cache(model)
+    gen = decode_module.spec_generate_step(
+        prompt, model, max_tokens=24, pipeline=True, prompt_cache=cache, **kwargs
+    )
     next(gen)
     mx.synchronize()
     active = mx.get_active_memory()

@@ -285,3 +285,26 @@ def test_a_reused_cache_holds_what_mlx_lm_s_holds(mode):
     trim_prompt_cache(ours, 1)  # the control: the answer's last token lost
     a, b = ours_then_theirs(turns[1], ours, theirs)
     assert a != b
+
+
+@pytest.mark.parametrize("mode", ["streams", "ngram", "parallelspec"])
+def test_a_generation_without_a_prompt_cache_feeds_no_pass_after_its_last_token(mode, monkeypatch):
+    """A cache of the call's own is dropped when the generation ends: the last yielded
+    token is not fed (one pass fewer than mlx-lm's loop runs), and the tokens are the
+    same. Control: given a prompt cache, the call feeds it (the test above)."""
+    from mlx_specstream.streams import StreamRuntime
+
+    model, prompt = make_model(mode), P1
+    fed = []
+    real = StreamRuntime.prefill
+
+    def counting(self, tokens, cache, keep_hidden=False):
+        fed.append(tokens.size)
+        return real(self, tokens, cache, keep_hidden)
+
+    monkeypatch.setattr(StreamRuntime, "prefill", counting)
+    own = run(model, mode, prompt, None, 12)
+    assert fed == [len(prompt) - 1]  # the prompt's body only
+    fed.clear()
+    assert run(model, mode, prompt, make_prompt_cache(model), 12) == own
+    assert fed == [len(prompt) - 1, 1]  # the last token, fed to the cache kept
