@@ -244,25 +244,31 @@ def test_negative_control_a_cache_left_past_the_yielded_tokens_differs(monkeypat
     assert max(offsets) > 0
 
 
+def sampled(make):
+    """``make``'s Qwen3-Next for the sampling tests: two layers (a Gated DeltaNet layer and
+    an attention layer, 4 before) keep their many draws cheap."""
+    return make("qwen3_next", vocab_size=V, weight_scale=1.0, num_hidden_layers=2)
+
+
 # A hybrid model, one the tree verifier cannot take (test_chain_models), and a hybrid's
 # streams (test_hybrid_streams: 3 tokens, as the first pass drafts nothing).
 SAMPLED = {
-    "qwen3_next": (lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0), {}),
+    "qwen3_next": (lambda: sampled(tiny_hybrid), {}),
     "nanochat": (lambda: tiny_chain_model("nanochat", vocab_size=V), {}),
     "qwen3_next streams": (  # (greedy stream drafts; drawn ones: the rejection tests)
-        lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        lambda: sampled(stream_hybrid),
         dict(n_tokens=3, draft="streams", acceptance="target-sample"),
     ),
     "qwen3_next lookup tree": (  # ("1 4" twice before the end: two drafts, a tree)
-        lambda: tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        lambda: sampled(tiny_hybrid),
         dict(ngram_candidates=3, prompt=[1, 4, 2, 5, 1, 4, 3, 1, 4]),
     ),
     "qwen3_next streams+ngram": (  # (lookup merged into the streams' tree: target-sample)
-        lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        lambda: sampled(stream_hybrid),
         dict(n_tokens=3, draft="streams+ngram", prompt=[1, 4, 2, 5, 1, 4, 3, 1, 4]),
     ),
     "qwen3_next stream chain": (  # (the streams' top tokens as a chain; above, a tree)
-        lambda: stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0),
+        lambda: sampled(stream_hybrid),
         dict(n_tokens=3, draft="streams", acceptance="target-sample", tree_top_k=1),
     ),
 }
@@ -670,14 +676,14 @@ def drawn_drafts(drafter: str):
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
 
-        model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+        model = sampled(tiny_hybrid)
         attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=2), seed=1)
         return model, dict(n_tokens=3, draft=None)
     if drafter.startswith("stream"):  # (a tree of drawn drafts, or a chain)
-        model = stream_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+        model = sampled(stream_hybrid)
         chain = dict(tree_top_k=1) if drafter == "stream chain" else {}
         return model, dict(n_tokens=3, draft="streams", **chain)
-    model = tiny_hybrid("qwen3_next", vocab_size=V, weight_scale=1.0)
+    model = sampled(tiny_hybrid)
     small = tiny_hybrid("lfm2", vocab_size=V, seed=1, weight_scale=1.0)
     return model, dict(draft=None, draft_model=small, num_draft_tokens=2)
 
