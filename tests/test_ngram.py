@@ -373,7 +373,7 @@ CONTROL_SAMPLES = 600  # (the lenient verifier's bias is gross: p = 0 in float64
 def small():
     return tiny_spec_model(
         "llama", vocab_size=V, num_streams=2, num_stream_layers=1, top_k=2, weight_scale=1.0,
-        model_args=dict(hidden_size=32, intermediate_size=64),
+        model_args=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2),
     )  # fmt: skip
 
 
@@ -426,7 +426,7 @@ def small_with_heads():
     from mlx_specstream import DrafterConfig, attach_drafter
 
     model = tiny_model("llama", vocab_size=V, weight_scale=1.0, hidden_size=32,
-                       intermediate_size=64)  # fmt: skip
+                       intermediate_size=64, num_hidden_layers=2)  # fmt: skip
     drafter = attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2))
     drafter.update(tree_map(mx.zeros_like, drafter.parameters()))
     return model
