@@ -451,3 +451,21 @@ def test_shipping_sets_the_draft_settings_of_untuned_devices(tmp_path):
     with pytest.raises(ValueError, match="Unknown key.*'treedepth'"):
         set_untuned_tree(tmp_path, {"treedepth": 1})
     assert (tmp_path / "config.json").read_text() == before
+
+
+def test_a_stage_runs_as_python_m_and_its_failures_raise(tmp_path, capfd):
+    """``run`` starts each stage as ``python -m`` would (forked from a server process that
+    imported the training libraries once): the module runs as ``__main__`` with its
+    arguments, and its exit status is the stage's (argparse's 2, an import's 1)."""
+    from convert.build_default_model import run
+
+    good = tmp_path / "good.json"
+    good.write_text('{"a": [1, 2]}')
+    run("json.tool", good, "--compact")
+    assert '{"a":[1,2]}' in capfd.readouterr().out
+    with pytest.raises(subprocess.CalledProcessError) as bad:
+        run("json.tool", "--no-such-flag")
+    assert bad.value.returncode == 2 and "--no-such-flag" in capfd.readouterr().err
+    with pytest.raises(subprocess.CalledProcessError) as missing:
+        run("convert.no_such_stage")
+    assert missing.value.returncode == 1 and "no_such_stage" in capfd.readouterr().err
