@@ -141,7 +141,7 @@ def test_pack_corpus_rows(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_build(tmp_path_factory):
     """The whole build at toy sizes (``--recipe smoke``) over 80 small standard-library
-    modules, shipped into a temporary directory; about 2 minutes on 2 cores."""
+    modules, shipped into a temporary directory; about 20 s on 2 cores."""
     tmp = tmp_path_factory.mktemp("build")
     src = tmp / "src"
     src.mkdir()
