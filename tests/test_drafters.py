@@ -166,6 +166,12 @@ def test_drafter_levels_shift_with_the_text(monkeypatch):
     assert not np.allclose(a, b, atol=1e-3)
 
 
+# The sampling tests' model: two layers (four before) keep their many draws cheap.
+SAMPLED_MODEL = dict(
+    vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64, num_hidden_layers=2
+)
+
+
 def test_sampling_with_drafters_keeps_the_distribution():
     from chi_square import chi_square_pvalue
     from test_sampling import exact_distribution, sample_counts
@@ -177,9 +183,7 @@ def test_sampling_with_drafters_keeps_the_distribution():
         ("medusa", "rejection", 1.0),
         ("parallelspec", "target-sample", 0.7),
     ):
-        model = tiny_model(
-            "llama", vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64
-        )
+        model = tiny_model("llama", **SAMPLED_MODEL)
         attach_drafter(model, DrafterConfig(kind=kind, num_draft_tokens=2, top_k=2), seed=3)
         sampler = make_sampler(temp=temp)
         counts = sample_counts(model, sampler, n, acceptance=acceptance)
@@ -206,9 +210,7 @@ def test_medusa_rejection_drawn_at_every_node_keeps_the_distribution(monkeypatch
         raise AssertionError("the heads drafted after the walk: a second host read")
 
     monkeypatch.setattr(drafters.MedusaHeads, "draft", after_the_walk)
-    model = tiny_model(
-        "llama", vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64
-    )
+    model = tiny_model("llama", **SAMPLED_MODEL)
     attach_drafter(model, DrafterConfig(kind="medusa", num_draft_tokens=2, top_k=2), seed=3)
     get_runtime(model).stream_logits_in_pass = True
     sampler, n = make_sampler(temp=1.0), 1500
