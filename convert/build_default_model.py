@@ -37,7 +37,7 @@ the minute, carrying its pieces between runs with ``convert.carry``.
 """
 
 import argparse
-import importlib
+import functools
 import importlib.util
 import json
 import multiprocessing
@@ -80,23 +80,24 @@ def run(*cmd):
     print(f"  ({time.perf_counter() - tic:.0f} s)", flush=True)
 
 
+@functools.cache
+def forkserver():
+    """multiprocessing's forkserver context, its server importing ``PRELOADED`` (those
+    installed) and nothing else: a clean process to fork stages from, unlike this one,
+    whose own torch threads a forked stage would wait on for ever."""
+    forks = multiprocessing.get_context("forkserver")
+    forks.set_forkserver_preload([n for n in PRELOADED if importlib.util.find_spec(n)])
+    return forks
+
+
 def run_forked(args) -> int:
-    """``python -m args...`` in a process forked from a server process that imported
-    ``PRELOADED`` and nothing else (multiprocessing's forkserver: a clean fork, unlike
-    this process's, whose own torch threads a forked stage would wait on for ever);
+    """``python -m args...`` in a process forked from :func:`forkserver`'s server;
     returns its exit status."""
-    global _FORKS
-    if _FORKS is None:
-        _FORKS = multiprocessing.get_context("forkserver")
-        _FORKS.set_forkserver_preload([n for n in PRELOADED if importlib.util.find_spec(n)])
     sys.stdout.flush(), sys.stderr.flush()
-    child = _FORKS.Process(target=run_module_as_main, args=(list(args),))
+    child = forkserver().Process(target=run_module_as_main, args=(list(args),))
     child.start()
     child.join()
     return child.exitcode
-
-
-_FORKS = None
 
 
 class StopBuild(Exception):

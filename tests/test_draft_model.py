@@ -202,20 +202,25 @@ def test_draft_model_tree_golden():
     assert draft_model_tree(2, tree_top_k=3, max_tree_nodes=6) == ([3, 3], 2, 0.0, 6)
 
 
+def sampled_pair():
+    """The sampling tests' model and draft model (vocabulary of 6). Two layers keep the
+    draws cheap; of draft seeds 1-6, seed 3's shows the next level's q control's bias most
+    (p 9e-42 at 1500 draws, against 4e-4 to 2e-22)."""
+    kw = dict(
+        vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64, num_hidden_layers=2
+    )
+    return tiny_model("llama", **kw), tiny_model("llama", seed=3, **kw)
+
+
 def draft_model_pvalue(n):
     """Chi-square p-value of ``n`` rejection-sampled generations with a draft model
-    against the model's exact distribution (vocabulary of 6, 3 tokens). Two layers keep
-    the draws cheap; of draft seeds 1-6, seed 3's shows the next level's q control's bias
-    most (p 9e-42 at 1500 draws, against 4e-4 to 2e-22)."""
+    against the model's exact distribution (vocabulary of 6, 3 tokens)."""
     from chi_square import chi_square_pvalue
     from test_sampling import exact_distribution, sample_counts
 
     from mlx_specstream.sample_utils import make_sampler
 
-    kw = dict(
-        vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64, num_hidden_layers=2
-    )
-    base, draft = tiny_model("llama", **kw), tiny_model("llama", seed=3, **kw)
+    base, draft = sampled_pair()
     sampler = make_sampler(temp=1.0)
     counts = sample_counts(
         base, sampler, n, acceptance="rejection", draft_model=draft, num_draft_tokens=2,
@@ -240,10 +245,7 @@ def test_sampling_with_prompt_lookup_merged_in_keeps_the_distribution():
 
     from mlx_specstream.sample_utils import make_sampler
 
-    kw = dict(
-        vocab_size=6, weight_scale=1.0, hidden_size=32, intermediate_size=64, num_hidden_layers=2
-    )
-    base, draft = tiny_model("llama", **kw), tiny_model("llama", seed=3, **kw)
+    base, draft = sampled_pair()
     sampler = make_sampler(temp=1.0)
     exact = exact_distribution(base, sampler)
 

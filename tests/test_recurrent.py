@@ -244,6 +244,26 @@ def test_negative_control_a_cache_left_past_the_yielded_tokens_differs(monkeypat
     assert max(offsets) > 0
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_call_without_a_prompt_cache_feeds_no_pass_after_its_last_token(cached, monkeypatch):
+    """The caches of a call given none are dropped when it ends: the yielded tokens are
+    the same, and the last one is not fed. Control: given a prompt cache, it is fed."""
+    model, prompt = tiny_hybrid("qwen3_next"), PROMPTS[0]
+    held, real = [], recurrent.ChainCache.hold
+
+    def recording(self, end):
+        held.append(end)
+        real(self, end)
+
+    monkeypatch.setattr(recurrent.ChainCache, "hold", recording)
+    cache = make_prompt_cache(model) if cached else None
+    got, _ = lookup(model, prompt, 20, prompt_cache=cache)
+    assert got == plain_greedy(model, prompt, 20)
+    assert held == ([len(prompt) + 20] if cached else [])
+    if cached:
+        assert cache[1].offset == len(prompt) + 20  # (layer 1 attends: its KV cache)
+
+
 def sampled(make):
     """``make``'s Qwen3-Next for the sampling tests: two layers (a Gated DeltaNet layer and
     an attention layer, 4 before) keep their many draws cheap."""
