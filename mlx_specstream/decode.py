@@ -402,6 +402,8 @@ class Decoder:
             draft, _ = device_lookup(*self._history_room(), self.ngram_tokens)
             return Draft(self.layout, mx.concatenate([mx.array([root], dtype=draft.dtype), draft]))
         if self.draft_model is not None and self._room() > 0:
+            if self.dynamic:  # (grown after the prompt, as every step's)
+                return self._grown_draft(*self._dynamic_tree(None, None, None, root))
             slog = self.draft_model.first_draft(vocab_size(self.rt.model))
             if self.by_rejection:  # drawn from the draft distributions, as every step's
                 q, top = self._draw_now(slog)
@@ -479,9 +481,17 @@ class Decoder:
         drawn = None
         if self.by_rejection:
             drawn = (level_budgets(self.kmax, depth, self.tree_nodes), self.sampler.probs)
-        candidates = self.rt.drafter.draft_tree(
-            self.rt, self.dstate, out.hidden, path, path_tokens, token, self.kmax, depth, drawn
-        )
+        if self.draft_model is not None:  # (out None: the first tree, after the prompt)
+            V = vocab_size(self.rt.model)
+            if out is None:
+                candidates = self.draft_model.first_tree(V, self.kmax, depth, drawn)
+            else:
+                candidates = self.draft_model.draft_tree(path_tokens, token, V, self.kmax, depth,
+                                                         drawn)  # fmt: skip
+        else:
+            candidates = self.rt.drafter.draft_tree(
+                self.rt, self.dstate, out.hidden, path, path_tokens, token, self.kmax, depth, drawn
+            )
         if drawn is None:
             return draft_tree(candidates, token, self.tree_nodes), None
         tree, q, rows = drawn_tree(candidates, token, self.kmax)
@@ -933,6 +943,8 @@ def spec_generate_step(
     dstate = dm = None
     if draft_model is not None:
         dm = DraftModel(draft_model, draft_cache, depth, quant)
+        if dynamic:
+            dm.ready_to_grow()
     if rt.drafter is not None and depth:
         dstate = rt.drafter.start(start, drafter_state_of(cache), levels=depth)
         keep_drafter_state(cache, dstate)  # (for the next call on this cache)

@@ -15,6 +15,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
 from .cache import ChunkKVCache, WindowKVCache, model_caches
+from .dynamic_tree import grow, grow_drawn, log_softmax
+from .layout import with_prefix
 
 
 class DraftModel:
@@ -86,6 +88,78 @@ class DraftModel:
         self.drafts = mx.concatenate(fed) if fed else None
         self._forget()
         return _fit(mx.stack(levels), vocab_size)
+
+    def ready_to_grow(self) -> None:
+        """Readies the draft model to grow dynamic trees (:meth:`draft_tree`): the tree
+        verifier's hooks on its layers (:func:`~mlx_specstream.streams.attach_verifier`).
+
+        Raises:
+            ValueError: its layers' caches are not plain ``KVCache``s (sliding windows,
+              attention chunks), or it carries streams or a drafter of its own.
+        """
+        from .streams import attach_verifier  # (streams imports the drafters' modules)
+
+        bad = sorted(
+            {type(c).__name__ for c in self.cache if type(c) not in (KVCache, QuantizedKVCache)}
+        )
+        if bad:
+            raise ValueError(
+                "dynamic_tree=True with draft_model: the draft model grows its trees in "
+                f"layers with a KVCache each (no sliding windows or attention chunks); it has {bad}."
+            )
+        rt = getattr(self.model, "speculative_streams", None)
+        if rt is None:
+            attach_verifier(self.model)
+        elif rt.streams is not None or rt.drafter is not None:
+            raise ValueError(
+                "dynamic_tree=True with draft_model: the draft model carries streams or a drafter "
+                "of its own; pass it as mlx_lm.load gives it."
+            )
+
+    def draft_tree(self, accepted: List[int], token: int, vocab_size: int, k: int, depth: int,
+                   drawn=None):  # fmt: skip
+        """The candidates of a dynamic tree rooted at ``token`` (EAGLE-2's, grown by the
+        draft model: :func:`~mlx_specstream.dynamic_tree.grow`), ``k`` wide and
+        ``depth`` levels deep; ``drawn`` ``(budgets, probs)``: a drawn tree's
+        (:func:`~mlx_specstream.dynamic_tree.grow_drawn`), each node's distribution
+        ``probs`` of its log-probabilities. ``accepted``, ``token``: as :meth:`draft`.
+
+        Feeds the new context (its last row gives level 1), then one pass per deeper
+        level over the ``k`` best nodes of the level above, each row at its level's
+        position and seeing the context and its own ancestors' rows
+        (:meth:`~mlx_specstream.streams.StreamRuntime.masked_pass`); those rows are
+        trimmed after, so the cache holds the context alone.
+        """
+        return self._grow(self.unfed + list(accepted[1:]) + [token], vocab_size, k, depth, drawn)
+
+    def first_tree(self, vocab_size: int, k: int, depth: int, drawn=None):
+        """:meth:`draft_tree`'s candidates after the prompt, whose last token waits."""
+        return self._grow(list(self.unfed), vocab_size, k, depth, drawn)
+
+    def _grow(self, new: List[int], vocab_size: int, k: int, depth: int, drawn):
+        rt = self.model.speculative_streams  # (attached by the caller: attach_verifier)
+        self._trim_to(self.fed)
+        first = self._step(mx.array(new))[None]
+        self.fed += len(new)
+        self.unfed, start = [], self.fed
+
+        def dist(logits):  # (the ranked log-probabilities; a drawn tree's distributions)
+            lp = log_softmax(_fit(logits, vocab_size))
+            return lp if drawn is None else drawn[1](lp)
+
+        def expand(level, h, tokens, mask):
+            pos = mx.full((tokens.shape[0],), start + level - 2, dtype=mx.int32)
+            logits = rt.masked_pass(tokens, pos, with_prefix(mask, start), self.cache)
+            return h, dist(logits)
+
+        out = mx.zeros((1, 1))  # (a draft model keeps no states between levels)
+        if drawn is None:
+            candidates = grow(out, dist(first), expand, k, depth)
+        else:
+            candidates = grow_drawn(out, dist(first), expand, k, drawn[0])
+        mx.eval(candidates)
+        self._trim_to(self.fed)  # (the tree's rows never stay)
+        return candidates
 
     def _forget(self) -> None:
         """Window layers drop the rows no window after the committed tokens sees (the

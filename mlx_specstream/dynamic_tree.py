@@ -29,8 +29,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .drafters import new_rows
-from .layout import with_prefix
 from .tree import DraftTree, gumbel_top_k, static_tree, top_k_desc
 
 
@@ -170,41 +168,6 @@ def grow(
         front_tok, front_score = mx.take(tokens[-1], best), mx.take(child_score, best)
         h, first = mx.take(out, rows, axis=0), first + k * k
     return mx.concatenate(tokens), mx.concatenate(parents), mx.concatenate(scores)
-
-
-def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
-                     drawn=None):  # fmt: skip
-    """:func:`grow`'s candidates for a drafter with a KV cache of its own that runs again
-    on its own output (EAGLE's): the accepted path's new rows as its ``draft`` appends
-    them (``drafter.step``), then one pass per deeper level over the ``k`` best nodes of
-    the level above (``drafter.rows_at(rt, h, tokens, cache, (position, mask))``), each
-    row at its level's position and seeing the context and its own ancestors' rows
-    (trimmed after); ``drafter.tree_logits(rt, out)``, normalized here, ranks the
-    children, over the tokens ``drafter.tree_ids()`` (``None``: every token).
-
-    ``drawn`` ``(budgets, probs)``: :func:`grow_drawn`'s candidates instead, each node's
-    distribution ``probs(logprobs)`` of the log-probabilities of its level logits over
-    the base's tokens (``drafter.level_logits(rt, out)``, as the static tree's levels)."""
-    feats, nxt = new_rows(state, hidden, path, path_tokens, token)
-    out = drafter.step(rt, feats, mx.array(nxt), state.cache)[-1:]
-    start, ids = state.cache.offset, drafter.tree_ids()
-
-    def dist(o):  # (the ranked log-probabilities; a drawn tree's distributions)
-        if drawn is None:
-            return log_softmax(drafter.tree_logits(rt, o))
-        return drawn[1](log_softmax(drafter.level_logits(rt, o)))
-
-    def expand(level, h, tokens, mask):
-        at = (start + level - 2, with_prefix(mask, start))
-        o = drafter.rows_at(rt, h, tokens, state.cache, at)
-        return o, dist(o)
-
-    if drawn is None:
-        candidates = grow(out, dist(out), expand, k, depth, ids)
-    else:
-        candidates = grow_drawn(out, dist(out), expand, k, drawn[0])
-    state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
-    return candidates
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -383,6 +346,6 @@ def drawn_tree(candidates, root: int, k: int):
 
 __all__: List[str] = [
     "draft_tree", "draws_of", "drawn_tree", "expand_mask", "grow", "grow_drawn",
-    "grown_candidates", "kept_slots", "level_budgets", "place_drawn", "select_nodes",
+    "kept_slots", "level_budgets", "place_drawn", "select_nodes",
     "top_children",
 ]  # fmt: skip

@@ -74,25 +74,27 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
     as the call asks, else as the model's config does.
 
     ``None`` (the call's and the config's) means: where the drafter can grow them (an
-    EAGLE drafter: EAGLE-3's, EAGLE-1's) and the tree is wider than a chain. Asked for where the drafts
-    cannot grow one (streams, Medusa heads, MTP layers, a draft model), it is refused.
+    EAGLE drafter: EAGLE-3's, EAGLE-1's) and the tree is wider than a chain; a draft
+    model grows them where the call asks (``True``). Asked for where the drafts cannot
+    grow one (streams, Medusa heads, MTP layers), it is refused.
     """
     if dynamic_tree not in (None, True, False):
         raise ValueError(f"dynamic_tree={dynamic_tree!r}: pass True, False or None.")
-    drafter = None if draft_model is not None else rt.drafter
+    wide = depth > 0 and max(ks[:depth]) > 1
+    if draft_model is not None:
+        return bool(dynamic_tree and wide)
+    drafter = rt.drafter
     asked = getattr(rt.config, "dynamic_tree", None) if dynamic_tree is None else dynamic_tree
     if asked and not hasattr(drafter, "draft_tree"):
-        if draft_model is not None:
-            what = "a draft_model's drafts fill"
-        elif drafter is None:
+        if drafter is None:
             what = "the model's speculative streams fill"
         else:
             what = f"its {getattr(rt.config, 'kind', 'attached')} drafter fills"
         raise ValueError(
             f"dynamic_tree=True: {what} static trees; dynamic trees are grown by drafters "
-            "that run again on their own output, one node at a time (EAGLE's)."
+            "that run again on their own output, one node at a time (EAGLE's, or a "
+            "draft_model's)."
         )
-    wide = depth > 0 and max(ks[:depth]) > 1
     return bool(asked is not False and hasattr(drafter, "draft_tree") and wide)
 
 

@@ -1120,6 +1120,35 @@ class StreamRuntime:
             self._positions_end = upper.size() + W + g
         return self._run("rows", tokens, cache)
 
+    def masked_pass(self, tokens: mx.array, positions: mx.array, mask: mx.array, cache) -> mx.array:
+        """The model over rows ``tokens`` ``(R,)`` appended to ``cache``, row ``r`` at
+        position ``positions[r]`` and seeing the columns where ``mask`` ``(R, C)`` is
+        True (``C``: the cached tokens, then these rows). Returns ``(R, V)`` logits.
+
+        A draft model growing a dynamic tree level by level
+        (:meth:`~mlx_specstream.draft_model.DraftModel.draft_tree`): a level's rows sit
+        at one position and see the context and their own ancestors' rows, which
+        earlier calls appended. For a verifier alone (:func:`attach_verifier`) on a
+        model whose layers all attend to their own plain ``KVCache``: no streams, no
+        drafter, no sliding windows or chunks (the caller checks the caches).
+
+        Example: 5 cached tokens, then 2 rows at position 5 (``a``, ``b``); then 2
+        rows at position 6 under ``b``: their mask is ``[1 1 1 1 1 0 1 1 0]`` and
+        ``[1 1 1 1 1 0 1 0 1]`` (the context, ``b``, themselves).
+        """
+        if self.streams is not None or self.drafter is not None:
+            raise ValueError("masked_pass runs a verifier alone: this model has streams or a "
+                             "drafter attached.")  # fmt: skip
+        R = tokens.shape[0]
+        self._all_streams, self._head_on_streams = True, False
+        self._lower_plain = self._upper_plain = False
+        self._lower_mask, self._lower_pos = mask, positions
+        self._positions_end = kv_offset(cache[self.upper_slot]) + R  # (rows sit at or below)
+        self.prune_threshold = 0.0
+        self._kept, self._main_rows = list(range(R)), R
+        self._set_upper_rows(None, None)
+        return self._run("step", tokens[None], cache)[0]
+
     def _hold_row_buckets(self, cache) -> None:
         """Keeps a batch's caches from rounding their columns (``RaggedKVCache.bucket``
         0) where this model's layers cannot take buckets (:meth:`_pass_bucket`) or
