@@ -23,6 +23,11 @@ tests/test_dynamic_tree.py), so no output is compared here.
 
     cd benchmarks && ./with_openblas.sh python dynamic_trees.py --model ../runs/eagle/eagle1-model --temp 0.7,1.0 --tag eagle1-sampling-cpu-openblas
 
+With ``--draft-model DIR``, the trees are a draft model's (``draft_model=``, its levels
+``num_draft_tokens`` deep) on ``--model`` (default: the embedded model, its streams off):
+
+    cd benchmarks && ./with_openblas.sh python dynamic_trees.py --model ../mlx_specstream/models/default --draft-model ../mlx_specstream/models/draft --tag draft-model-cpu-openblas
+
 Writes ``benchmarks/results/dynamic_trees[-TAG].{md,json}``.
 """
 
@@ -66,6 +71,19 @@ SAMPLED = {  # (name, acceptance, dynamic_tree)
     "drawn dynamic, rejection": ("rejection", True),
     "dynamic, target-sample": ("target-sample", True),
 }
+
+
+def with_draft_model(trees: dict, draft) -> dict:
+    """``trees`` drafted by the mlx-lm model ``draft`` (``None``: as they are): each tree's
+    depth is the draft model's ``num_draft_tokens``."""
+    if draft is None:
+        return trees
+    out = {}
+    for name, tree in trees.items():
+        tree = dict(tree, draft_model=draft)
+        tree["num_draft_tokens"] = tree.pop("tree_depth")
+        out[name] = tree
+    return out
 
 
 def sampled_trees() -> dict:
@@ -155,19 +173,28 @@ def main():
     p.add_argument("--temp", default="", help="T,...: sampling at these temperatures instead")
     p.add_argument("--seeds", type=int, default=2, help="sampling: seeds per prompt")
     p.add_argument("--skip-tau", action="store_true", help="sampling: speed only")
+    p.add_argument("--draft-model", default=None, help="trees of this mlx-lm draft model")
     p.add_argument("--tag", default="")
     args = p.parse_args()
-    info = machine_info(model=args.model, max_tokens=args.max_tokens)
+    info = machine_info(model=args.model, max_tokens=args.max_tokens, draft_model=args.draft_model)
     model, tok = load(args.model)
     model.set_dtype(mx.float32)
+    args.drafts = None  # (the trees' draft model: None, the model's drafter)
+    if args.draft_model:
+        args.drafts, _ = mlx_lm.load(args.draft_model)
+        args.drafts.set_dtype(mx.float32)
+    args.source = source = (
+        f"`{args.draft_model}`" if args.draft_model else f"the drafter of `{args.model}`"
+    )
     plain, _ = mlx_lm.load(str(DEFAULT_DIR))
     plain.set_dtype(mx.float32)
     texts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
     if args.temp:
         return sampling(args, info, model, tok, plain, texts)
-    taus = taus_against_mlx_lm(model, tok, plain, texts, args.max_tokens, trees())
+    taus = taus_against_mlx_lm(model, tok, plain, texts, args.max_tokens,
+                               with_draft_model(trees(), args.drafts))  # fmt: skip
     lines = [heading("Dynamic draft trees against static ones", info), "",
-             f"`{info['command']}`: the drafter of `{args.model}` on the default model's "
+             f"`{info['command']}`: {source} on the default model's "
              f"{len(texts)} held-out prompts, greedy, float32, {args.max_tokens} tokens.", "",
              "| tree | tau | identical to mlx-lm |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {n} | {v['tau']:.3f} | {'yes' if v['identical'] else 'no'} |"
@@ -178,6 +205,7 @@ def main():
         draft.set_dtype(mx.float32)
         ways = timed_ways(args.speed_trees, "", {"static": dict(dynamic_tree=False),
                                                  "dynamic": dict(dynamic_tree=True)})  # fmt: skip
+        ways = with_draft_model(ways, args.drafts)
         prompts = [tok.encode(t) for t in texts[: args.speed_prompts]]
         tps = speeds(model, plain, draft, prompts, args.max_tokens, ways, args.rounds)
         base = tps["mlx-lm plain"]
@@ -196,14 +224,21 @@ def sampling(args, info, model, tok, plain, texts) -> None:
     temps = [float(t) for t in args.temp.split(",")]
     prompts = [tok.encode(t) for t in texts]
     lines = [heading("Dynamic draft trees when sampling", info), "",
-             f"`{info['command']}`: the drafter of `{args.model}`, float32, "
+             f"`{info['command']}`: {args.source}, float32, "
              f"{args.max_tokens} tokens, `make_sampler(temp=T)`."]  # fmt: skip
     if not args.skip_tau:
         lines += ["", f"Tau on the default model's {len(texts)} held-out prompts x {args.seeds} "
                   "seeds:", "", "| T | tree | tau |", "|---|---|---|"]  # fmt: skip
     data = dict(info=info, tau={}, tokens_per_s={})
     for temp in [] if args.skip_tau else temps:
-        taus = sampled_taus(model, prompts, args.max_tokens, sampled_trees(), temp, args.seeds)
+        taus = sampled_taus(
+            model,
+            prompts,
+            args.max_tokens,
+            with_draft_model(sampled_trees(), args.drafts),
+            temp,
+            args.seeds,
+        )
         lines += [f"| {temp} | {n} | {v['tau']:.3f} |" for n, v in taus.items()]
         data["tau"][str(temp)] = taus
     if not args.skip_speed:
@@ -212,6 +247,7 @@ def sampling(args, info, model, tok, plain, texts) -> None:
         ways = timed_ways(args.speed_trees, ", rejection",
                           {way: dict(acceptance=a, dynamic_tree=d)
                            for way, (a, d) in SAMPLED.items()})  # fmt: skip
+        ways = with_draft_model(ways, args.drafts)
         lines += ["", f"Tokens/s on the first {args.speed_prompts} prompts, median of "
                   f"{args.rounds} interleaved rounds (after each prompt's first token):", "",
                   "| T | way | tokens/s | vs mlx-lm plain | vs mlx-lm draft model |",

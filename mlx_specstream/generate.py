@@ -361,10 +361,11 @@ def setup_arg_parser():
         "--dynamic-tree",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="An EAGLE drafter grows each tree from its own drafts (EAGLE-2's dynamic "
-        "trees: --tree-top-k children of the --tree-top-k best nodes of each level, the best "
-        "--max-tree-nodes kept; when sampling, each node's children drawn from its own "
-        "distribution). Default: wherever the tree is wider than a chain",
+        help="An EAGLE drafter or a --draft-model grows each tree from its own drafts "
+        "(EAGLE-2's dynamic trees: --tree-top-k children of the --tree-top-k best nodes of "
+        "each level, the best --max-tree-nodes kept; when sampling, each node's children "
+        "drawn from its own distribution). Default: an EAGLE drafter's wherever the tree is "
+        "wider than a chain; a draft model's where asked",
     )
     parser.add_argument(
         "--acceptance",
