@@ -55,10 +55,10 @@ def shape_name(k: int, depth: int, nodes: int, dynamic: bool) -> str:
     return f"top-{k} x {depth}, {nodes} nodes, {'dynamic' if dynamic else 'static'}"
 
 
-def trees() -> dict:
+def trees(shapes=SHAPES) -> dict:
     out = {f"chain of {d}": dict(tree_top_k=1, tree_depth=d, max_tree_nodes=d + 1)
            for d in CHAINS}  # fmt: skip
-    for k, depth, nodes in SHAPES:
+    for k, depth, nodes in shapes:
         for dynamic in (False, True):
             out[shape_name(k, depth, nodes, dynamic)] = dict(
                 tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic
@@ -86,10 +86,10 @@ def with_draft_model(trees: dict, draft) -> dict:
     return out
 
 
-def sampled_trees() -> dict:
+def sampled_trees(shapes=SHAPES) -> dict:
     out = {f"chain of {d}, rejection": dict(tree_top_k=1, tree_depth=d, max_tree_nodes=d + 1,
                                             acceptance="rejection") for d in CHAINS}  # fmt: skip
-    for k, depth, nodes in SHAPES:
+    for k, depth, nodes in shapes:
         for way, (acceptance, dynamic) in SAMPLED.items():
             out[f"top-{k} x {depth}, {nodes} nodes, {way}"] = dict(
                 tree_top_k=k, tree_depth=depth, max_tree_nodes=nodes, dynamic_tree=dynamic,
@@ -174,8 +174,14 @@ def main():
     p.add_argument("--seeds", type=int, default=2, help="sampling: seeds per prompt")
     p.add_argument("--skip-tau", action="store_true", help="sampling: speed only")
     p.add_argument("--draft-model", default=None, help="trees of this mlx-lm draft model")
+    p.add_argument("--shapes", default=None, help="top-k,depth,nodes;... whose tau is measured")
     p.add_argument("--tag", default="")
     args = p.parse_args()
+    args.shapes = (
+        SHAPES
+        if args.shapes is None
+        else [tuple(map(int, spec.split(","))) for spec in args.shapes.split(";")]
+    )
     info = machine_info(model=args.model, max_tokens=args.max_tokens, draft_model=args.draft_model)
     model, tok = load(args.model)
     model.set_dtype(mx.float32)
@@ -192,7 +198,7 @@ def main():
     if args.temp:
         return sampling(args, info, model, tok, plain, texts)
     taus = taus_against_mlx_lm(model, tok, plain, texts, args.max_tokens,
-                               with_draft_model(trees(), args.drafts))  # fmt: skip
+                               with_draft_model(trees(args.shapes), args.drafts))  # fmt: skip
     lines = [heading("Dynamic draft trees against static ones", info), "",
              f"`{info['command']}`: {source} on the default model's "
              f"{len(texts)} held-out prompts, greedy, float32, {args.max_tokens} tokens.", "",
@@ -235,7 +241,7 @@ def sampling(args, info, model, tok, plain, texts) -> None:
             model,
             prompts,
             args.max_tokens,
-            with_draft_model(sampled_trees(), args.drafts),
+            with_draft_model(sampled_trees(args.shapes), args.drafts),
             temp,
             args.seeds,
         )

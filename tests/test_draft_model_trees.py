@@ -10,12 +10,12 @@ import pytest
 from helpers import plain_greedy, spec_tokens, tiny_model
 from mlx_lm.models.cache import make_prompt_cache
 from test_draft_model import PROMPT, noisy_copy
+from test_dynamic_tree import assert_grown_children, log_softmax
 
 import mlx_specstream.decode as decode
 import mlx_specstream.dynamic_tree as dynamic_tree
 from mlx_specstream.draft_model import DraftModel
 from mlx_specstream.streams import StreamRuntime
-from mlx_specstream.tree import path_to
 
 TREE = dict(num_draft_tokens=3, tree_top_k=3, max_tree_nodes=8, dynamic_tree=True)
 
@@ -37,31 +37,18 @@ def recorded_trees(base, draft, monkeypatch, prompt, max_tokens=24, **tree):
     return prompt + toks, seen, out
 
 
-def log_softmax(x):
-    x = np.asarray(x, np.float64)
-    m = x.max()
-    return x - m - np.log(np.exp(x - m).sum())
-
-
 def assert_children_are_the_draft_model_s(draft, text, seen, k):
     """Every expanded candidate's children are the draft model's top-``k`` after the
     context and that candidate's path (a plain mlx-lm pass, no cache), scored by the
     path's log-probabilities. Returns how many nodes were checked."""
     checked = 0
     for (tokens, parents, scores), fed in seen:
-        kids = {}
-        for c in range(1, len(parents)):
-            kids.setdefault(int(parents[c]), []).append(c)
-        for node, children in kids.items():
-            path = [int(tokens[n]) for n in path_to(node, [int(p) for p in parents])[1:]]
+
+        def after(path):
             logits = draft(mx.array([text[:fed] + path]))[0, -1].astype(mx.float32)
-            lp = log_softmax(np.array(logits))
-            want = np.argsort(-lp, kind="stable")[:k]
-            assert sorted(int(tokens[c]) for c in children) == sorted(want.tolist()), node
-            for c in children:
-                np.testing.assert_allclose(scores[c], scores[node] + min(lp[tokens[c]], 0.0),
-                                           atol=2e-4)  # fmt: skip
-            checked += 1
+            return log_softmax(np.array(logits))
+
+        checked += assert_grown_children(tokens, parents, scores, k, after)
     return checked
 
 

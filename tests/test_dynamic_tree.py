@@ -98,21 +98,32 @@ def assert_children_from_their_own_paths(plain, ref, text, seen, k, shift=0):
     for (tokens, parents, scores), a, token in seen:
         if a + 1 >= len(text):
             continue
-        kids = {}
-        for c in range(1, len(parents)):
-            kids.setdefault(int(parents[c]), []).append(c)
-        for node, children in kids.items():
-            path = [int(tokens[n]) for n in path_to(node, [int(p) for p in parents])[1:]]
+
+        def after(path):
             wide = reference_levels(plain, ref, text, a, len(path) + 1, LAYERS, path=path,
                                     shift=shift)  # fmt: skip
-            lp = log_softmax(wide[-1])
-            want = np.argsort(-lp, kind="stable")[:k]
-            assert sorted(int(tokens[c]) for c in children) == sorted(want.tolist()), node
-            for c in children:
-                np.testing.assert_allclose(scores[c], scores[node] + min(lp[tokens[c]], 0.0),
-                                           atol=2e-4)  # fmt: skip
-            checked += 1
+            return log_softmax(wide[-1])
+
+        checked += assert_grown_children(tokens, parents, scores, k, after)
     return checked
+
+
+def assert_grown_children(tokens, parents, scores, k, after):
+    """One grown tree's candidates (``tokens``, ``parents``, ``scores``): every expanded
+    candidate's children are the top-``k`` of ``after(path)``, the log-probabilities
+    after its path (its tokens below the root), each scored by its parent's score plus
+    its log-probability. Returns how many candidates were expanded."""
+    kids = {}
+    for c in range(1, len(parents)):
+        kids.setdefault(int(parents[c]), []).append(c)
+    for node, children in kids.items():
+        lp = after([int(tokens[n]) for n in path_to(node, [int(p) for p in parents])[1:]])
+        want = np.argsort(-lp, kind="stable")[:k]
+        assert sorted(int(tokens[c]) for c in children) == sorted(want.tolist()), node
+        for c in children:
+            np.testing.assert_allclose(scores[c], scores[node] + min(lp[tokens[c]], 0.0),
+                                       atol=2e-4)  # fmt: skip
+    return len(kids)
 
 
 def test_each_node_s_children_are_drafted_from_its_own_path(base_dir, checkpoint, monkeypatch):
