@@ -1,7 +1,7 @@
 """Picks the draft tree that decodes fastest on this device.
 
-``python -m mlx_specstream.tune [--model DIR [--drafter DIR]] [--batch-size K [--batch-only]]
-[--save]``
+``python -m mlx_specstream.tune [--model DIR [--drafter DIR | --draft-model DIR]]
+[--batch-size K [--batch-only]] [--save]``
 
 Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
 trees (top-k per stream, depth, max nodes, then for the best shapes the
@@ -26,6 +26,10 @@ choice is stored as the config's ``batch`` for this device, which
 ``batch_generate(draft="auto")`` and the server then follow; ``--batch-only``
 tunes batches alone, keeping the device's other stored settings.
 
+``--draft-model DIR`` tunes mlx-lm's draft-model decoding of the pair instead
+(:func:`tune_draft_model`): chain lengths, trees static and grown, prompt lookup merged in;
+it writes nothing and prints the flags to pass.
+
 A plain mlx-lm model (no streams, no drafter) gets prompt lookup only, with
 several draft lengths (``--num-draft-tokens`` of the generate CLI) and several
 drafts per tree (``--ngram-candidates``). The tuner says which pays and does
@@ -44,7 +48,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lm.models.cache import KVCache
+
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
+from .cache import model_caches
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
 from .mtp import MTPDrafter
@@ -430,6 +437,80 @@ def tune_lookup(
                          confirm_rounds=confirm_rounds)  # fmt: skip
 
 
+DRAFT_MODEL_CHAINS = (1, 2, 3, 4, 5)  # a draft model's chain lengths tried (num_draft_tokens)
+DRAFT_MODEL_TREES = ((2, 3, 8), (3, 4, 12), (4, 5, 16))  # its trees: (top-k, levels, nodes)
+
+
+def tune_draft_model(
+    model,
+    tokenizer,
+    draft_model,
+    prompts,
+    max_tokens=64,
+    min_gain=1.05,
+    log=print,
+    confirm_rounds=CONFIRM_ROUNDS,
+):
+    """mlx-lm's draft-model decoding through our verifier (``draft_model=``): the fastest
+    chain length, tree (its levels' top-k, static and grown: ``dynamic_tree``) or the
+    fastest of those with prompt lookup merged in, against plain decoding without the
+    draft model; plain decoding when none beats it by ``min_gain``. Trees are tried where
+    both models take them (no recurrent layers; grown ones: no sliding windows or
+    attention chunks in the draft model), and where not the log says why.
+
+    Returns:
+        tuple: the choice (``{"num_draft_tokens": n}``, with ``tree_top_k``,
+        ``max_tree_nodes``, ``dynamic_tree`` for a tree and ``draft: "ngram"`` for lookup
+        merged in; or ``{"tree_depth": 0}``), its tokens/s and plain decoding's.
+    """
+
+    def measure(model, tokenizer, prompts, max_tokens, **settings):
+        extra = {} if settings.get("speculative") is False else {"draft_model": draft_model}
+        return tokens_per_second(model, tokenizer, prompts, max_tokens, **settings, **extra)
+
+    trials = Trials(model, tokenizer, prompts, max_tokens, log, measure=measure)
+    for n in DRAFT_MODEL_CHAINS:
+        trials.run(dict(num_draft_tokens=n))
+    if has_recurrent_layers(model) or has_recurrent_layers(draft_model):
+        log("trees: not tried (recurrent layers verify one chain a pass)")
+    else:
+        grows = all(type(c) is KVCache for c in model_caches(draft_model, bounded=True))
+        if not grows:
+            log("grown trees: not tried (the draft model has sliding-window or chunked layers)")
+        for k, levels, nodes in DRAFT_MODEL_TREES:
+            for dynamic in (False, True) if grows else (False,):
+                trials.run(dict(num_draft_tokens=levels, tree_top_k=k, max_tree_nodes=nodes,
+                                dynamic_tree=dynamic))  # fmt: skip
+    trials.run(dict(trials.fastest(1)[0], draft="ngram"))
+    return trials.choice(min_gain, "Draft-model decoding", describe=draft_model_flags,
+                         confirm_rounds=confirm_rounds)  # fmt: skip
+
+
+def draft_model_flags(choice: dict) -> str:
+    """The command-line flags, after ``--draft-model DIR``, that decode as ``choice``
+    (:func:`tune_draft_model`'s) says.
+
+    Example:
+        >>> draft_model_flags({"num_draft_tokens": 3})
+        '--num-draft-tokens 3'
+        >>> draft_model_flags({"num_draft_tokens": 5, "tree_top_k": 4, "max_tree_nodes": 16,
+        ...                    "dynamic_tree": True, "draft": "ngram"})
+        '--num-draft-tokens 5 --tree-top-k 4 --max-tree-nodes 16 --dynamic-tree --draft ngram'
+    """
+    flags = ["--num-draft-tokens", choice["num_draft_tokens"]]
+    if "tree_top_k" in choice:
+        flags += [
+            "--tree-top-k",
+            choice["tree_top_k"],
+            "--max-tree-nodes",
+            choice["max_tree_nodes"],
+        ]
+        flags += ["--dynamic-tree" if choice["dynamic_tree"] else "--no-dynamic-tree"]
+    if choice.get("draft") == "ngram":
+        flags += ["--draft", "ngram"]
+    return " ".join(str(f) for f in flags)
+
+
 BATCH_LOOKUP_LENGTHS = (2, 4)  # prompt-lookup draft lengths tried in batches
 
 
@@ -604,6 +685,13 @@ def main(argv=None):
         "checkpoint, MTP layers, ...), as generate's --drafter; its files and the model's are "
         "not written",
     )
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="Tune mlx-lm's draft-model decoding with this draft model (a directory or hub "
+        "id, as generate's --draft-model): chain lengths, trees static and grown, prompt "
+        "lookup merged in; nothing is written",
+    )
     p.add_argument("--prompts", default=None, help="JSONL with a 'prompt' per line")
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=96)
@@ -636,6 +724,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     from .default_model import DEFAULT_DIR, load_default
 
+    if args.draft_model is not None:
+        for flag, given in [("--save", args.save), ("--drafter", args.drafter),
+                            ("--batch-size", args.batch_size)]:  # fmt: skip
+            if given:
+                p.error(
+                    f"{flag} with --draft-model: the tuner times the pair's draft-model "
+                    "decoding one generation at a time, and writes neither model's files."
+                )
     model_dir = DEFAULT_DIR if args.model is None else resolve_model_path(args.model)
     # (a checkpoint whose own MTP layer drafts: tuned as a drafter, never written into)
     plain = is_plain(model_dir) and args.drafter is None
@@ -695,6 +791,21 @@ def main(argv=None):
     prompts = load_prompts(prompts_file, tokenizer, args.num_prompts, args.prompt_tokens)
     tic = time.perf_counter()
     choice = {}
+    if args.draft_model is not None:
+        from .cli_args import load_draft_model
+
+        draft_model = load_draft_model(args, tokenizer)  # (its vocabulary checked, as generate's)
+        if args.dtype is not None:
+            draft_model.set_dtype(DTYPES[args.dtype])
+        choice, _, _ = tune_draft_model(model, tokenizer, draft_model, prompts, args.max_tokens,
+                                        args.min_gain, confirm_rounds=args.confirm_rounds)  # fmt: skip
+        print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
+        if choice.get("tree_depth") == 0:
+            print("[INFO] not saved (nothing is written with --draft-model); decode without it.")
+        else:
+            print("[INFO] not saved (nothing is written with --draft-model); to decode so, pass: "
+                  f"--draft-model {args.draft_model} {draft_model_flags(choice)}")  # fmt: skip
+        return
     if not args.batch_only:
         run = tune_lookup if plain else tune
         choice, _, _ = run(

@@ -574,3 +574,69 @@ def test_on_a_hybrid_the_tuner_times_every_token_too(drafts, tmp_path, monkeypat
         assert choice["draft_vocab"] is (not every_token_faster) and choice["tree_depth"]
         assert model.speculative_streams.draft_vocab is not None
         monkeypatch.undo()
+
+
+def test_tune_a_draft_model_pair_times_chains_and_trees_and_prints_their_flags(
+    tmp_path, monkeypatch, capsys
+):
+    """``--draft-model DIR``: every chain length and tree (static and grown) and lookup
+    merged into the fastest, each with the draft model, against plain decoding without
+    it; the fastest's flags decode as it did (generate's own --compare-plain check);
+    where nothing pays, plain decoding. Nothing is written, and --save is refused."""
+    from test_draft_model import write_model
+
+    from mlx_specstream.generate import main as generate
+
+    base, draft = write_model(tmp_path / "base"), write_model(tmp_path / "draft", seed=5)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": " ".join(f"t{i % 7}" for i in range(20))}) + "\n")
+    files = {f: f.read_bytes() for d in (base, draft) for f in d.iterdir()}
+    args = ["--model", str(base), "--draft-model", str(draft), "--prompts", str(prompts),
+            "--max-tokens", "8", "--confirm-rounds", "1"]  # fmt: skip
+
+    def grown_3_wins(tps, s):
+        return 1e6 if s.get("dynamic_tree") and s.get("tree_top_k") == 3 else 1.0
+
+    measured = fake_speeds(monkeypatch, grown_3_wins)
+    tune.main(args)
+    out = capsys.readouterr().out
+    flags = "--num-draft-tokens 4 --tree-top-k 3 --max-tree-nodes 12 --dynamic-tree"
+    assert f"Best: {flags} at" in out
+    assert f"pass: --draft-model {draft} {flags}" in out
+    plain = [m for m in measured if m.get("speculative") is False]
+    drafted = [m for m in measured if m.get("speculative") is not False]
+    assert plain and all("draft_model" not in m for m in plain)
+    assert all(m["draft_model"] is not None for m in drafted)
+    assert set(tune.DRAFT_MODEL_CHAINS) <= {m.get("num_draft_tokens") for m in drafted}
+    trees = {(m.get("tree_top_k"), m.get("dynamic_tree")) for m in drafted}
+    assert {(k, d) for k, _, _ in tune.DRAFT_MODEL_TREES for d in (False, True)} <= trees
+    assert any(m.get("draft") == "ngram" and m.get("tree_top_k") == 3 for m in drafted)
+    monkeypatch.undo()
+    generate(["--model", str(base), "--draft-model", str(draft), "--prompt", "t1 t2 t3",
+              "--max-tokens", "12", "--compare-plain", "--ignore-chat-template",
+              *flags.split()])  # fmt: skip
+    assert "Output identical to plain decoding: yes" in capsys.readouterr().out
+
+    fake_speeds(monkeypatch, lambda tps, s: 100.0 if s.get("speculative") is False else 90.0)
+    tune.main(args)
+    out = capsys.readouterr().out
+    assert "Draft-model decoding does not pay on this device" in out
+    assert "decode without it" in out and "Best:" not in out
+    for extra in (["--save"], ["--batch-size", "4"]):
+        with pytest.raises(SystemExit):
+            tune.main(args + extra)
+        assert "with --draft-model: the tuner" in capsys.readouterr().err
+    assert {f: f.read_bytes() for d in (base, draft) for f in d.iterdir()} == files
+
+
+def test_tune_a_draft_model_with_sliding_windows_tries_static_trees_only(monkeypatch):
+    from helpers import tiny_model
+
+    base, draft = tiny_model("gemma3_text", vocab_size=16), tiny_model("gemma3_text", seed=5,
+                                                                       vocab_size=16)  # fmt: skip
+    measured, logged = fake_speeds(monkeypatch, lambda tps, s: tps), []
+    tune.tune_draft_model(base, word_tokenizer(16, eos=15), draft, [[1, 2, 3, 4]], max_tokens=6,
+                          log=logged.append, confirm_rounds=0)  # fmt: skip
+    assert any("grown trees: not tried" in line for line in logged)
+    assert {m.get("dynamic_tree") for m in measured} == {None, False}
+    assert any(m.get("tree_top_k") == 4 for m in measured)
