@@ -94,18 +94,19 @@ class DraftModel:
         verifier's hooks on its layers (:func:`~mlx_specstream.streams.attach_verifier`).
 
         Raises:
-            ValueError: its layers' caches are not plain ``KVCache``s (sliding windows,
-              attention chunks), or it carries streams or a drafter of its own.
+            ValueError: its layers' caches are not ``KVCache``s or sliding windows'
+              (attention chunks, a sparse attention's lists), or it carries streams or a
+              drafter of its own.
         """
         from .streams import attach_verifier  # (streams imports the drafters' modules)
 
-        bad = sorted(
-            {type(c).__name__ for c in self.cache if type(c) not in (KVCache, QuantizedKVCache)}
-        )
+        grows = (KVCache, QuantizedKVCache, WindowKVCache)
+        bad = sorted({type(c).__name__ for c in self.cache if type(c) not in grows})
         if bad:
             raise ValueError(
                 "dynamic_tree=True with draft_model: the draft model grows its trees in "
-                f"layers with a KVCache each (no sliding windows or attention chunks); it has {bad}."
+                "layers with a KVCache or a sliding window each (no attention chunks or "
+                f"sparse attention); it has {bad}."
             )
         rt = getattr(self.model, "speculative_streams", None)
         if rt is None:
@@ -149,7 +150,7 @@ class DraftModel:
 
         def expand(level, h, tokens, mask):
             pos = mx.full((tokens.shape[0],), start + level - 2, dtype=mx.int32)
-            logits = rt.masked_pass(tokens, pos, with_prefix(mask, start), self.cache)
+            logits = rt.masked_pass(tokens, pos, with_prefix(mask, start), self.cache, level - 1)
             return h, dist(logits)
 
         out = mx.zeros((1, 1))  # (a draft model keeps no states between levels)
@@ -159,6 +160,9 @@ class DraftModel:
             candidates = grow_drawn(out, dist(first), expand, k, drawn[0])
         mx.eval(candidates)
         self._trim_to(self.fed)  # (the tree's rows never stay)
+        if any(c.offset != self.fed for c in self.cache):  # (a window's trim stops short)
+            raise RuntimeError(f"draft cache not trimmed to its {self.fed} tokens: {self.cache}")
+        self._forget()
         return candidates
 
     def _forget(self) -> None:

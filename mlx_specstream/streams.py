@@ -1120,17 +1120,21 @@ class StreamRuntime:
             self._positions_end = upper.size() + W + g
         return self._run("rows", tokens, cache)
 
-    def masked_pass(self, tokens: mx.array, positions: mx.array, mask: mx.array, cache) -> mx.array:
+    def masked_pass(self, tokens: mx.array, positions: mx.array, mask: mx.array, cache,
+                    span: int) -> mx.array:  # fmt: skip
         """The model over rows ``tokens`` ``(R,)`` appended to ``cache``, row ``r`` at
         position ``positions[r]`` and seeing the columns where ``mask`` ``(R, C)`` is
         True (``C``: the cached tokens, then these rows). Returns ``(R, V)`` logits.
+        The rows lie up to ``span - 1`` positions past the first position after the
+        tokens they all see: a sliding window must hold ``span`` positions (as for a
+        tree's pass, whose masks cut columns by index: exact within that).
 
         A draft model growing a dynamic tree level by level
         (:meth:`~mlx_specstream.draft_model.DraftModel.draft_tree`): a level's rows sit
         at one position and see the context and their own ancestors' rows, which
         earlier calls appended. For a verifier alone (:func:`attach_verifier`) on a
-        model whose layers all attend to their own plain ``KVCache``: no streams, no
-        drafter, no sliding windows or chunks (the caller checks the caches).
+        model whose layers attend to their own ``KVCache`` or window: no streams, no
+        drafter, no attention chunks (the caller checks the caches).
 
         Example: 5 cached tokens, then 2 rows at position 5 (``a``, ``b``); then 2
         rows at position 6 under ``b``: their mask is ``[1 1 1 1 1 0 1 1 0]`` and
@@ -1139,6 +1143,7 @@ class StreamRuntime:
         if self.streams is not None or self.drafter is not None:
             raise ValueError("masked_pass runs a verifier alone: this model has streams or a "
                              "drafter attached.")  # fmt: skip
+        self._check_windows(span)
         R = tokens.shape[0]
         self._all_streams, self._head_on_streams = True, False
         self._lower_plain = self._upper_plain = False

@@ -51,7 +51,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
 
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
-from .cache import model_caches
+from .cache import WindowKVCache, model_caches
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .generate import stream_generate
 from .mtp import MTPDrafter
@@ -455,8 +455,8 @@ def tune_draft_model(
     chain length, tree (its levels' top-k, static and grown: ``dynamic_tree``) or the
     fastest of those with prompt lookup merged in, against plain decoding without the
     draft model; plain decoding when none beats it by ``min_gain``. Trees are tried where
-    both models take them (no recurrent layers; grown ones: no sliding windows or
-    attention chunks in the draft model), and where not the log says why.
+    both models take them (no recurrent layers; grown ones: no attention chunks or
+    sparse attention in the draft model), and where not the log says why.
 
     Returns:
         tuple: the choice (``{"num_draft_tokens": n}``, with ``tree_top_k``,
@@ -474,9 +474,10 @@ def tune_draft_model(
     if has_recurrent_layers(model) or has_recurrent_layers(draft_model):
         log("trees: not tried (recurrent layers verify one chain a pass)")
     else:
-        grows = all(type(c) is KVCache for c in model_caches(draft_model, bounded=True))
+        grows = all(type(c) in (KVCache, WindowKVCache)
+                    for c in model_caches(draft_model, bounded=True))  # fmt: skip
         if not grows:
-            log("grown trees: not tried (the draft model has sliding-window or chunked layers)")
+            log("grown trees: not tried (the draft model has chunked or sparse attention)")
         for k, levels, nodes in DRAFT_MODEL_TREES:
             for dynamic in (False, True) if grows else (False,):
                 trials.run(dict(num_draft_tokens=levels, tree_top_k=k, max_tree_nodes=nodes,

@@ -68,7 +68,8 @@ def test_each_node_s_children_are_the_draft_model_s_top_k_after_its_path(monkeyp
 
     real = StreamRuntime.masked_pass
     monkeypatch.setattr(StreamRuntime, "masked_pass",
-                        lambda self, t, pos, mask, cache: real(self, t, pos + 1, mask, cache))  # fmt: skip
+                        lambda self, t, pos, mask, cache, span:
+                        real(self, t, pos + 1, mask, cache, span))  # fmt: skip
     text2, later, _ = recorded_trees(base, draft, monkeypatch, PROMPT, **TREE)
     with pytest.raises(AssertionError):
         assert_children_are_the_draft_model_s(draft, text2, later[:2], 3)
@@ -167,17 +168,39 @@ def test_trees_grow_only_where_asked_and_wider_than_a_chain(monkeypatch):
         assert bool(seen) == grows, tree
 
 
-def test_draft_models_that_cannot_grow_trees_are_refused():
-    """A draft model with sliding-window layers, or one carrying streams, is refused
-    with the reason; mlx-lm's draft-model decoding without trees still takes it."""
-    from helpers import tiny_spec_model
-
+def test_a_draft_model_with_sliding_windows_grows_trees_past_its_window():
+    """Gemma 3's draft model (window 8, every other layer): exact past several windows,
+    its window layers' caches dropping rows no window sees; a tree deeper than the
+    window is refused, naming it."""
     base = tiny_model("gemma3_text")
     windowed = tiny_model("gemma3_text", seed=5)
-    with pytest.raises(ValueError, match="no sliding windows.*WindowKVCache"):
-        spec_tokens(base, PROMPT, 8, draft_model=windowed, **TREE)
-    toks, _ = spec_tokens(base, PROMPT, 8, draft_model=windowed, num_draft_tokens=3)
+    toks, _ = spec_tokens(base, PROMPT, 48, draft_model=windowed, **TREE)
+    assert toks == plain_greedy(base, PROMPT, 48)
+    toks, _ = spec_tokens(base, PROMPT, 48, draft_model=noisy_copy("gemma3_text"), **TREE)
+    assert toks == plain_greedy(base, PROMPT, 48)
+    deep = {**TREE, "num_draft_tokens": 10, "max_tree_nodes": 16}  # (9 levels past its root)
+    toks, _ = spec_tokens(tiny_model("llama"), PROMPT, 24, draft_model=tiny_model("llama", seed=5),
+                          **deep)  # fmt: skip
+    assert toks == plain_greedy(tiny_model("llama"), PROMPT, 24)  # (no window: any depth)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens"):  # (the draft model's)
+        spec_tokens(tiny_model("llama"), PROMPT, 24, draft_model=windowed, **deep)
+
+
+def test_draft_models_that_cannot_grow_trees_are_refused():
+    """A draft model with attention chunks (Llama 4's) or sparse attention (DeepSeek
+    V3.2's cache lists), or one carrying streams, is refused with the reason; mlx-lm's
+    draft-model decoding without trees still takes the first."""
+    from helpers import tiny_spec_model
+
+    base = tiny_model("llama4")
+    chunked = tiny_model("llama4", seed=5)
+    with pytest.raises(ValueError, match="no attention chunks.*ChunkKVCache"):
+        spec_tokens(base, PROMPT, 8, draft_model=chunked, **TREE)
+    toks, _ = spec_tokens(base, PROMPT, 8, draft_model=chunked, num_draft_tokens=3)
     assert toks == plain_greedy(base, PROMPT, 8)
+    sparse = tiny_model("deepseek_v32", seed=5)
+    with pytest.raises(ValueError, match="sparse attention.*KVCacheList"):
+        spec_tokens(tiny_model("deepseek_v32"), PROMPT, 8, draft_model=sparse, **TREE)
     streams = tiny_spec_model("llama", num_streams=2, num_stream_layers=1)
     with pytest.raises(ValueError, match="carries streams or a drafter"):
         spec_tokens(tiny_model("llama"), PROMPT, 8, draft_model=streams, **TREE)

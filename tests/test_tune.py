@@ -629,11 +629,11 @@ def test_tune_a_draft_model_pair_times_chains_and_trees_and_prints_their_flags(
     assert {f: f.read_bytes() for d in (base, draft) for f in d.iterdir()} == files
 
 
-def test_tune_a_draft_model_with_sliding_windows_tries_static_trees_only(monkeypatch):
+def test_tune_a_draft_model_with_attention_chunks_tries_static_trees_only(monkeypatch):
     from helpers import tiny_model
 
-    base, draft = tiny_model("gemma3_text", vocab_size=16), tiny_model("gemma3_text", seed=5,
-                                                                       vocab_size=16)  # fmt: skip
+    base, draft = tiny_model("llama4", vocab_size=16), tiny_model("llama4", seed=5,
+                                                                  vocab_size=16)  # fmt: skip
     measured, logged = fake_speeds(monkeypatch, lambda tps, s: tps), []
     tune.tune_draft_model(base, word_tokenizer(16, eos=15), draft, [[1, 2, 3, 4]], max_tokens=6,
                           log=logged.append, confirm_rounds=0)  # fmt: skip
