@@ -17,6 +17,9 @@ for memory costs that row only), greedy, 40 tokens after a prompt that repeats i
 * ours with a random ParallelSpec drafter (session 38: one decoder layer of the model's
   own class, built as the layer after the last), 3 levels, top-2 trees of 6 nodes; on a
   model with recurrent layers, chains of 3.
+* ours with a random draft model of the same architecture (``draft_model=``, session 54)
+  growing dynamic trees (3 levels, top-2, 6 nodes, ``dynamic_tree=True``); on a model
+  with recurrent layers, the draft model's chain of 3 (trees are refused there).
 
 A row says ``exact`` when our tokens equal mlx-lm's, with the drafts accepted (tokens
 that came from drafts) so a row with none is seen to prove little, else the error our
@@ -80,18 +83,19 @@ N = 40
 
 
 def tests_config(arch):
-    """The tests' tiny model of ``arch`` (``tests/helpers.py``), or None."""
+    """The tests' tiny model of ``arch`` (``tests/helpers.py``) with the weights of a
+    ``seed`` (``make(seed=0)``), or None."""
     if arch in helpers.HYBRID_ARGS:
-        return lambda: helpers.tiny_hybrid(arch, vocab_size=8)
+        return lambda seed=0: helpers.tiny_hybrid(arch, vocab_size=8, seed=seed)
     if arch in helpers.CHAIN_ARGS:  # (random where mlx-lm starts at zero)
-        return lambda: helpers.tiny_chain_model(arch)
+        return lambda seed=0: helpers.tiny_chain_model(arch, seed=seed)
     configs = {**helpers.ARCH_ARGS, **helpers.WINDOWED_ARGS, **helpers.MORE_ARGS}
     if arch in configs or arch == "gemma3n":  # (Gemma 3n: helpers.GEMMA3N)
-        return lambda: helpers.tiny_model(arch, vocab_size=8)
+        return lambda seed=0: helpers.tiny_model(arch, vocab_size=8, seed=seed)
     return None
 
 
-def generic_model(arch):
+def generic_model(arch, seed=0):
     """A tiny random model from ``arch``'s ModelArgs: size fields small, required ones filled."""
     fields = dataclasses.fields(importlib.import_module(f"mlx_lm.models.{arch}").ModelArgs)
     required = {f.name for f in fields if f.default is dataclasses.MISSING
@@ -99,7 +103,7 @@ def generic_model(arch):
     params = {k: v for k, v in SIZES.items() if k in {f.name for f in fields}}
     params.update({k: v for k, v in REQUIRED.items() if k in required})
     # (layer matrices scaled up, as the tests' models: else they repeat one token)
-    model = helpers.random_model(arch, params, vocab_size=SIZES["vocab_size"])
+    model = helpers.random_model(arch, params, vocab_size=SIZES["vocab_size"], seed=seed)
     mx.eval(model.parameters())
     return model
 
@@ -131,7 +135,7 @@ def survey_one(arch) -> dict:
 
     made = tests_config(arch)
     row = {"arch": arch, "config": "tests" if made else "generic"}
-    make = made or (lambda: generic_model(arch))
+    make = made or (lambda seed=0: generic_model(arch, seed))
     try:
         model = make()
         want = [int(t) for t, _ in generate_step(mx.array(PROMPT), model, max_tokens=N)]
@@ -163,6 +167,15 @@ def survey_one(arch) -> dict:
         return ours(m, **(dict(max_tree_nodes=6) if trees else {}))
 
     row["parallelspec"] = outcome(want, parallelspec)
+
+    def draft_model_trees():
+        m = make()
+        if has_recurrent_layers(m):
+            return ours(m, draft_model=make(seed=5), num_draft_tokens=3)
+        return ours(m, draft_model=make(seed=5), num_draft_tokens=3, tree_top_k=2,
+                    max_tree_nodes=6, dynamic_tree=True)  # fmt: skip
+
+    row["draft_model_trees"] = outcome(want, draft_model_trees)
     return row
 
 
@@ -211,7 +224,7 @@ def main():
     exact = lambda r, k: r.get(k, "").startswith("exact")  # noqa: E731
     differs = [r["arch"] for r in built
                if "DIFFERS" in r["lookup"] + r.get("lookup_trees", "") + r["streams"]
-               + r.get("parallelspec", "")]  # fmt: skip
+               + r.get("parallelspec", "") + r.get("draft_model_trees", "")]  # fmt: skip
     lines = [
         heading("mlx-lm's architectures through our verifier", info), "",
         f"`{info['command']}`", "",
@@ -219,20 +232,21 @@ def main():
         f"prompt lookup exact on {sum(exact(r, 'lookup') for r in built)}, lookup trees "
         f"on {sum(exact(r, 'lookup_trees') for r in built)}, stream trees exact on "
         f"{sum(exact(r, 'streams') for r in built)}, ParallelSpec exact on "
-        f"{sum(exact(r, 'parallelspec') for r in built)}; output different from "
+        f"{sum(exact(r, 'parallelspec') for r in built)}, a draft model's grown trees on "
+        f"{sum(exact(r, 'draft_model_trees') for r in built)}; output different from "
         f"mlx-lm's on {len(differs)}{': ' + ', '.join(differs) if differs else ''}.", "",
         "| architecture | tiny config | prompt lookup | lookup trees | stream trees | "
-        "ParallelSpec |",
-        "|---|---|---|---|---|---|",
+        "ParallelSpec | draft model's grown trees |",
+        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         if r.get("built") != "yes":
             lines.append(f"| {r['arch']} | {r.get('config', 'generic')} | not built: "
-                         f"{r['built']} | | | |")  # fmt: skip
+                         f"{r['built']} | | | | |")  # fmt: skip
         else:
             lines.append(f"| {r['arch']} | {r['config']} | {r['lookup']} | "
                          f"{r.get('lookup_trees', '-')} | {r['streams']} | "
-                         f"{r.get('parallelspec', '-')} |")  # fmt: skip
+                         f"{r.get('parallelspec', '-')} | {r.get('draft_model_trees', '-')} |")  # fmt: skip
     write_results("architectures", args.tag, "\n".join(lines) + "\n", {"info": info, "rows": rows})
 
 
