@@ -161,7 +161,8 @@ class DraftModel:
         mx.eval(candidates)
         self._trim_to(self.fed)  # (the tree's rows never stay)
         if any(c.offset != self.fed for c in self.cache):  # (a window's trim stops short)
-            raise RuntimeError(f"draft cache not trimmed to its {self.fed} tokens: {self.cache}")
+            offsets = [c.offset for c in self.cache]
+            raise RuntimeError(f"draft cache not trimmed to its {self.fed} tokens: {offsets}")
         self._forget()
         return candidates
 
