@@ -7,7 +7,9 @@ For each prompt, and with a fresh cache every run:
 * mlx-lm plain generation on the model's base weights;
 * mlx-lm speculative decoding with a small draft model (if one is given);
 * the same draft model's drafts through this package's tree verifier
-  (``draft_model=``), which measures the verifier's cost against mlx-lm's loop;
+  (``draft_model=``), which measures the verifier's cost against mlx-lm's loop, and
+  the draft model's own dynamic tree (``dynamic_tree=True``, top-4, 16 nodes) where it
+  can grow one;
 * Speculative Streaming with the package's default tree (top-3 per stream,
   at most 16 nodes), and with the tuned tree (``--tuned-*`` flags or the
   config's own settings, as ``mlx_specstream.tune`` saved them).
@@ -35,11 +37,14 @@ from mlx.utils import tree_flatten
 
 from .cli_args import add_draft_vocab_arg, add_num_mtp_layers_arg
 from .config import SpecStreamConfig
+from .draft_model import grows_trees
 from .generate import stream_generate
 from .recurrent import has_recurrent_layers
 from .streams import attach_verifier, get_runtime
 
 DEFAULT_TREE = "SS default tree (k=3, 16 nodes)"
+GROWN_SHAPE = dict(num_draft_tokens=5, tree_top_k=4, max_tree_nodes=16)  # (a draft model's)
+GROWN_TREE = "SS verifier, draft model's grown tree (k=4, 16 nodes)"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -311,6 +316,15 @@ def main(argv=None):
             verifier, tokenizer, p, args.max_tokens, draft_model=draft,
             num_draft_tokens=args.num_draft_tokens,
         )  # fmt: skip
+        # Its own tree grown as EAGLE-2's (a copy: the verifier's hooks go on its layers).
+        chains = has_recurrent_layers(verifier) or has_recurrent_layers(draft)
+        if not chains and grows_trees(draft):
+            grower, _ = mlx_lm.load(str(draft_dir))
+            grower.set_dtype(dtype)
+            methods[GROWN_TREE] = lambda p: run_specstream(
+                verifier, tokenizer, p, args.max_tokens, draft_model=grower, dynamic_tree=True,
+                **GROWN_SHAPE,
+            )  # fmt: skip
 
     for fn in methods.values():  # warm-up
         fn(prompts[0])

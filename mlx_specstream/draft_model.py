@@ -208,6 +208,13 @@ class DraftModel:
         self.fed, self.unfed = min(self.fed, n), []
 
 
+def grows_trees(draft_model: nn.Module) -> bool:
+    """Whether ``draft_model``'s layers can grow dynamic trees (:meth:`DraftModel.draft_tree`):
+    each attends to a ``KVCache`` or a sliding window, none to attention chunks or a sparse
+    attention's lists (a model with recurrent layers verifies chains: the caller's check)."""
+    return all(type(c) in (KVCache, WindowKVCache) for c in model_caches(draft_model, bounded=True))
+
+
 def _fit(logits: mx.array, vocab_size: int) -> mx.array:
     """``(k, V')`` logits over ``vocab_size`` tokens: cut, or padded with ``-inf``."""
     V = logits.shape[-1]

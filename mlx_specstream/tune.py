@@ -48,11 +48,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_lm.models.cache import KVCache
-
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
-from .cache import WindowKVCache, model_caches
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
+from .draft_model import grows_trees
 from .generate import stream_generate
 from .mtp import MTPDrafter
 from .precision import compute_dtype, device_key, on_gpu
@@ -474,8 +472,7 @@ def tune_draft_model(
     if has_recurrent_layers(model) or has_recurrent_layers(draft_model):
         log("trees: not tried (recurrent layers verify one chain a pass)")
     else:
-        grows = all(type(c) in (KVCache, WindowKVCache)
-                    for c in model_caches(draft_model, bounded=True))  # fmt: skip
+        grows = grows_trees(draft_model)
         if not grows:
             log("grown trees: not tried (the draft model has chunked or sparse attention)")
         for k, levels, nodes in DRAFT_MODEL_TREES:

@@ -7,7 +7,7 @@ import pytest
 from helpers import benchmark_settings
 
 from mlx_specstream import benchmark
-from mlx_specstream.default_model import DEFAULT_DIR
+from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
 from mlx_specstream.precision import device_key
 
 
@@ -23,12 +23,16 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
     (model_dir / "config.json").write_text(json.dumps(config))
     settings = benchmark_settings(monkeypatch)
     benchmark.main(
-        ["--model", str(model_dir), "--num-prompts", "1", "--max-tokens", "12", "--runs", "1",
-         "--sampling-temps", "--output-dir", str(tmp_path / "out"), "--name", "t"]
+        ["--model", str(model_dir), "--draft-model", str(DRAFT_DIR), "--num-prompts", "1",
+         "--max-tokens", "12", "--runs", "1", "--sampling-temps", "--output-dir",
+         str(tmp_path / "out"), "--name", "t"]
     )  # fmt: skip
     assert any(s.get("draft") == "streams" and s.get("tree_depth") for s in settings)
     summary = (tmp_path / "out" / "t.md").read_text()
     assert "SS default tree (k=3, 16 nodes)" in summary and "SS tuned (draft=ngram)" in summary
+    # The embedded draft model's rows: its chain, and the tree it grows (EAGLE-2's).
+    assert "SS verifier, same draft model" in summary and benchmark.GROWN_TREE in summary
+    assert any(s.get("dynamic_tree") and s.get("draft_model") is not None for s in settings)
     assert "Command: `python -m mlx_specstream.benchmark --model " in summary
     assert f"Tuned settings: those stored for this device ({device_key()})." in summary
     # gpt-fast's "bandwidth achieved": the base's float32 weight bytes times tokens/s.
