@@ -795,8 +795,10 @@ def main(argv=None):
         draft_model = load_draft_model(args, tokenizer)  # (its vocabulary checked, as generate's)
         if args.dtype is not None:
             draft_model.set_dtype(DTYPES[args.dtype])
-        choice, _, _ = tune_draft_model(model, tokenizer, draft_model, prompts, args.max_tokens,
-                                        args.min_gain, confirm_rounds=args.confirm_rounds)  # fmt: skip
+        choice, _, _ = tune_draft_model(
+            model, tokenizer, draft_model, prompts, args.max_tokens, args.min_gain,
+            confirm_rounds=args.confirm_rounds,
+        )  # fmt: skip
         print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
         if choice.get("tree_depth") == 0:
             print("[INFO] not saved (nothing is written with --draft-model); decode without it.")
