@@ -18,6 +18,10 @@ from .cache import ChunkKVCache, WindowKVCache, model_caches
 from .dynamic_tree import grow, grow_drawn, log_softmax
 from .layout import with_prefix
 
+# The caches of the layers a draft model grows trees in (DraftModel.draft_tree): plain or
+# quantized keys and values, or a sliding window's.
+GROWING_CACHES = (KVCache, QuantizedKVCache, WindowKVCache)
+
 
 class DraftModel:
     """A small mlx-lm model drafting for the verifier (``draft_model=``).
@@ -100,8 +104,7 @@ class DraftModel:
         """
         from .streams import attach_verifier  # (streams imports the drafters' modules)
 
-        grows = (KVCache, QuantizedKVCache, WindowKVCache)
-        bad = sorted({type(c).__name__ for c in self.cache if type(c) not in grows})
+        bad = sorted({type(c).__name__ for c in self.cache if type(c) not in GROWING_CACHES})
         if bad:
             raise ValueError(
                 "dynamic_tree=True with draft_model: the draft model grows its trees in "
@@ -212,7 +215,7 @@ def grows_trees(draft_model: nn.Module) -> bool:
     """Whether ``draft_model``'s layers can grow dynamic trees (:meth:`DraftModel.draft_tree`):
     each attends to a ``KVCache`` or a sliding window, none to attention chunks or a sparse
     attention's lists (a model with recurrent layers verifies chains: the caller's check)."""
-    return all(type(c) in (KVCache, WindowKVCache) for c in model_caches(draft_model, bounded=True))
+    return all(type(c) in GROWING_CACHES for c in model_caches(draft_model, bounded=True))
 
 
 def _fit(logits: mx.array, vocab_size: int) -> mx.array:
