@@ -94,9 +94,11 @@ def main(argv=None):
         xtc_threshold=args.xtc_threshold,
         xtc_special_tokens=xtc_special_tokens(tokenizer),
     )
+    # (only those given: the model's own settings apply to the rest)
     drafting = {
         k: getattr(args, k)
-        for k in ("draft", "num_draft_tokens", "ngram_candidates", "tree_top_k", "tree_depth")
+        for k in ("draft", "num_draft_tokens", "ngram_candidates", "tree_top_k", "tree_depth",
+                  "max_tree_nodes", "dynamic_tree")  # fmt: skip
         if getattr(args, k) is not None
     }
     if draft_model is not None:  # (mlx_lm.generate's default draft length)

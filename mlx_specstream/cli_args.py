@@ -72,7 +72,7 @@ def draft_vocab_value(value: str):
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
     """``--draft``, ``--draft-model``, ``--num-draft-tokens`` and ``--ngram-candidates``;
     for one generation (not a server's requests) also ``--no-speculation``,
-    ``--tree-top-k`` and ``--tree-depth``."""
+    ``--tree-top-k``, ``--tree-depth``, ``--max-tree-nodes`` and ``--dynamic-tree``."""
     scope = "Default of a request's 'draft' field: " if per_request else ""
     parser.add_argument(
         "--draft",
@@ -114,6 +114,22 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
     )
     parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
     parser.add_argument("--tree-depth", type=int, default=None, help="Draft levels (streams) used")
+    parser.add_argument(
+        "--max-tree-nodes",
+        type=int,
+        default=None,
+        help="Most nodes of a draft tree, root included (default: the model's config)",
+    )
+    parser.add_argument(
+        "--dynamic-tree",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="An EAGLE drafter or a --draft-model grows each tree from its own drafts "
+        "(EAGLE-2's dynamic trees: --tree-top-k children of the --tree-top-k best nodes of "
+        "each level, the best --max-tree-nodes kept; when sampling, each node's children "
+        "drawn from its own distribution). Default: an EAGLE drafter's wherever the tree is "
+        "wider than a chain; a draft model's where asked",
+    )
 
 
 def add_xtc_args(parser: argparse.ArgumentParser) -> None:

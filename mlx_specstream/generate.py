@@ -356,17 +356,6 @@ def setup_arg_parser():
     parser.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     add_draft_args(parser)
     parser.add_argument("--prune-threshold", type=float, default=None)
-    parser.add_argument("--max-tree-nodes", type=int, default=None)
-    parser.add_argument(
-        "--dynamic-tree",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="An EAGLE drafter or a --draft-model grows each tree from its own drafts "
-        "(EAGLE-2's dynamic trees: --tree-top-k children of the --tree-top-k best nodes of "
-        "each level, the best --max-tree-nodes kept; when sampling, each node's children "
-        "drawn from its own distribution). Default: an EAGLE drafter's wherever the tree is "
-        "wider than a chain; a draft model's where asked",
-    )
     parser.add_argument(
         "--acceptance",
         choices=ACCEPTANCE,

@@ -83,3 +83,22 @@ def test_a_recurrent_model_converses_as_mlx_lm_chat(tmp_path, monkeypatch):
     assert len(want) == 4 and want[0] == want[3] and want[1] != want[2]
     for extra in (["--draft", "ngram"], ["--draft-model", str(path)]):
         assert converse(monkeypatch, lambda: chat_mod.main(argv + extra)) == want, extra
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        ([], {}),  # (nothing passed: the model's own settings apply)
+        (["--max-tree-nodes", "5", "--dynamic-tree"], {"max_tree_nodes": 5, "dynamic_tree": True}),
+        (["--no-dynamic-tree"], {"dynamic_tree": False}),
+    ],
+)
+def test_tree_flags_reach_the_generator_only_when_given(model_dir, monkeypatch, flags, want):
+    """``--max-tree-nodes`` and ``--dynamic-tree`` / ``--no-dynamic-tree``, generate's
+    flags: each turn's ``stream_generate`` gets their exact values, and nothing when omitted."""
+    seen, queries = [], iter(["t7", "q"])
+    monkeypatch.setattr(ChatUI, "prompt", lambda self: next(queries))
+    monkeypatch.setattr(chat_mod, "stream_generate", lambda *a, **kw: seen.append(kw) or iter(()))
+    chat_mod.main(["--model", str(model_dir), *flags])
+    assert len(seen) == 1
+    assert {k: seen[0][k] for k in ("max_tree_nodes", "dynamic_tree") if k in seen[0]} == want

@@ -109,6 +109,27 @@ def test_cli_flags_reach_the_loader_the_tokenizer_and_the_sampler(tmp_path, monk
     assert set(s.xtc_special_tokens) == {V - 1, 7, 9}  # the EOS tokens (no "\n" in this vocab)
 
 
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        ([], {"max_tree_nodes": None}),  # (None: the model's own cap)
+        (["--max-tree-nodes", "5", "--dynamic-tree"], {"max_tree_nodes": 5, "dynamic_tree": True}),
+        (["--no-dynamic-tree"], {"max_tree_nodes": None, "dynamic_tree": False}),
+    ],
+)
+def test_tree_flags_reach_the_generator_as_given(monkeypatch, flags, want):
+    """``--max-tree-nodes`` and ``--dynamic-tree`` / ``--no-dynamic-tree`` (from
+    ``add_draft_args``, as chat's): their values, and no ``dynamic_tree`` unless given."""
+    seen = {}
+    monkeypatch.setattr(gen_mod, "_generate", lambda m, t, p, **kw: seen.update(kw) or ("", None))
+    monkeypatch.setattr(
+        "mlx_specstream.utils.load",
+        lambda path, **kw: (tiny_spec_model("llama", vocab_size=V), word_tokenizer(V, eos=V - 1)),
+    )
+    gen_mod.main(["--prompt", "t1 t2", *flags])
+    assert {k: seen[k] for k in ("max_tree_nodes", "dynamic_tree") if k in seen} == want
+
+
 @pytest.fixture
 def cached(tmp_path, monkeypatch):
     """A lossless stream model directory and an ``mlx_lm.cache_prompt`` file of a prefix."""
