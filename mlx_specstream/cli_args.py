@@ -124,11 +124,12 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         "--dynamic-tree",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="An EAGLE drafter or a --draft-model grows each tree from its own drafts "
-        "(EAGLE-2's dynamic trees: --tree-top-k children of the --tree-top-k best nodes of "
-        "each level, the best --max-tree-nodes kept; when sampling, each node's children "
+        help="An EAGLE drafter, an MTP layer or a --draft-model grows each tree from its own "
+        "drafts (EAGLE-2's dynamic trees: --tree-top-k children of the --tree-top-k best nodes "
+        "of each level, the best --max-tree-nodes kept; when sampling, each node's children "
         "drawn from its own distribution). Default: an EAGLE drafter's wherever the tree is "
-        "wider than a chain; a draft model's where asked",
+        "wider than a chain; an MTP layer's as tuned for this device, else where asked; a "
+        "draft model's where asked",
     )
 
 

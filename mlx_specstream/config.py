@@ -360,6 +360,8 @@ def batch_choice_fault(choice, num_streams: int) -> Optional[str]:
 DRAFTER_KEY = "drafter"
 DRAFTER_FILE = "drafter.safetensors"
 DRAFTER_KINDS = ("medusa", "parallelspec", "mtp", "eagle3", "dflash", "eagle")
+# The drafters that can grow dynamic trees (a config's ``dynamic_tree`` true)
+GROWING_KINDS = ("eagle3", "eagle", "mtp")
 # What an EAGLE-3 drafter's section holds of its checkpoint (mlx_specstream.eagle).
 EAGLE_KEYS = (
     "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
@@ -420,7 +422,7 @@ class DrafterConfig(_Section):
           :class:`SpecStreamConfig` (``tree_depth`` counts levels).
         tuned (dict, optional): device name -> the tree settings (and for
           ``"mtp"`` the layers that draft, ``num_mtp_layers``, at most the section's;
-          for ``"eagle3"`` and ``"eagle"`` whether its tree grows, ``dynamic_tree``)
+          for ``"eagle3"``, ``"eagle"`` and ``"mtp"`` whether its tree grows, ``dynamic_tree``)
           ``python -m mlx_specstream.tune --save`` measured fastest on that
           device, applied there only. Default: ``None``.
         num_mtp_layers (int): for ``"mtp"``, how many of the checkpoint's MTP layers
@@ -452,10 +454,10 @@ class DrafterConfig(_Section):
           (:data:`MEDUSA_KEYS`): residual blocks per head, how many LM heads of their own
           (one per head, one shared, or none: the base's), whether the blocks have
           biases, and the size of the vocabulary their heads rank (``None``: every token).
-        dynamic_tree (bool, optional): for ``"eagle3"`` and ``"eagle"``, whether its trees
-          are grown from its own drafts (:mod:`mlx_specstream.dynamic_tree`); ``false``: the
-          static tree of its levels. Default: ``None``, grown wherever the tree is
-          wider than a chain.
+        dynamic_tree (bool, optional): for ``"eagle3"``, ``"eagle"`` and ``"mtp"``, whether
+          its trees are grown from its own drafts (:mod:`mlx_specstream.dynamic_tree`);
+          ``false``: the static tree of its levels. Default: ``None``, EAGLE's grown
+          wherever the tree is wider than a chain, MTP layers' static.
     """
 
     SECTION = DRAFTER_KEY
@@ -535,10 +537,10 @@ class DrafterConfig(_Section):
         )
         require(
             self.dynamic_tree in (None, False)
-            or (self.dynamic_tree is True and self.kind in ("eagle3", "eagle")),
+            or (self.dynamic_tree is True and self.kind in GROWING_KINDS),
             "dynamic_tree",
-            "must be null or false, or true for kinds 'eagle3' and 'eagle' (whose trees grow "
-            "from their drafts)",
+            "must be null or false, or true for kinds 'eagle3', 'eagle' and 'mtp' (whose "
+            "trees grow from their drafts)",
         )
         fault = None if self.batch is None else batch_choice_fault(self.batch, self.num_streams)
         require(fault is None, "batch", str(fault))

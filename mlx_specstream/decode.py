@@ -695,17 +695,17 @@ def spec_generate_step(
           streams in shared mode. Default: ``True``.
         tree_top_k, tree_depth, prune_threshold, max_tree_nodes: per-call
           overrides of the model's tree settings.
-        dynamic_tree (bool, optional): an EAGLE drafter or a ``draft_model`` grows each
-          tree from its own drafts (EAGLE-2's dynamic trees, :mod:`mlx_specstream.dynamic_tree`):
+        dynamic_tree (bool, optional): an EAGLE drafter, an MTP layer (one drafting every
+          level) or a ``draft_model`` grows each tree from its own drafts (EAGLE-2's dynamic trees, :mod:`mlx_specstream.dynamic_tree`):
           ``tree_top_k`` children for each of the ``tree_top_k`` best nodes of a
           level, ``tree_depth`` levels, the best ``max_tree_nodes`` kept. With
           ``"rejection"``, each node's children are draws from its own distribution
           instead, as many on each level as the static tree has
           (:func:`~mlx_specstream.dynamic_tree.grow_drawn`). Refused for drafts that
           fill static trees. Default
-          (``None``): the model's config (``dynamic_tree``), else wherever the
-          drafter grows them and the tree is wider than a chain; a draft model's where
-          asked (``True``).
+          (``None``): the model's config (``dynamic_tree``), else wherever an EAGLE
+          drafter grows them and the tree is wider than a chain; an MTP layer's and a
+          draft model's where asked (``True``).
         acceptance (str): how drafts are verified when sampling; both keep the
           model's distribution exactly. ``"target-sample"``: deterministic
           top-k drafts, a target token drawn at every node, walk while a child

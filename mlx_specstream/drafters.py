@@ -19,6 +19,7 @@ base model's exactly), then the drafter drafts the next tree's levels:
 
 import glob
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,7 +31,16 @@ from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 from .attention_masks import llama4_attention_scale
 from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
-from .model_parts import hidden_size, layer_params, llama4_scale_settings, own_class, text_args
+from .model_parts import (
+    attention_of,
+    hidden_size,
+    layer_params,
+    llama4_scale_settings,
+    no_positions,
+    own_class,
+    ropes_of,
+    text_args,
+)
 from .recurrent import has_recurrent_layers
 
 
@@ -154,25 +164,75 @@ def _keys_cache(cache):
 
 
 def run_layer(
-    layer: nn.Module, x: mx.array, cache, window: Optional[int] = None, scale=None
+    layer: nn.Module, x: mx.array, cache, window: Optional[int] = None, scale=None, at=None
 ) -> mx.array:
     """A drafter's decoder ``layer`` over rows ``x`` ``(B, L, D)``, causal over ``cache``
     (within ``window`` keys, where given). ``scale``: ``(beta, max_positions)`` of Llama
     4's attention scale, for a layer called as ``layer(x, attn_scale, mask, cache)``
-    (Ministral 3, Mistral 4: :func:`attention_scale_settings`), at the rows' positions."""
-    mask = layer_mask(x, cache, window)
+    (Ministral 3, Mistral 4: :func:`attention_scale_settings`), at the rows' positions.
+
+    ``at`` ``(position, mask)``: every row at one ``position`` (a dynamic tree's level:
+    siblings share it; :func:`one_position`) and seeing the columns of ``cache`` and of
+    the rows (appended to it) where ``mask`` ``(L, S)`` says, instead of causal."""
+    if at is not None:
+        with one_position(layer, at[0]):
+            return _run_layer(layer, x, cache, at[1], scale, mx.full((x.shape[1],), at[0]))
+    return _run_layer(layer, x, cache, layer_mask(x, cache, window), scale)
+
+
+def _run_layer(layer, x, cache, mask, scale, positions=None) -> mx.array:
     if scale is None:
         out = layer(x, mask, cache)
     else:
         start = 0 if cache is None else _keys_cache(cache).offset
-        if isinstance(start, mx.array):  # (a batch's ragged cache: (B, 1, L, 1), as mlx-lm's)
+        if positions is None and isinstance(start, mx.array):
+            # (a batch's ragged cache: (B, 1, L, 1), as mlx-lm's)
             positions = start[:, None] + mx.arange(x.shape[1])
             attn_scale = llama4_attention_scale(positions, *scale)[:, None, :, None]
         else:
-            positions = mx.arange(start, start + x.shape[1])
+            if positions is None:
+                positions = mx.arange(start, start + x.shape[1])
             attn_scale = llama4_attention_scale(positions, *scale)[:, None]
         out = layer(x, attn_scale.astype(x.dtype), mask, cache)
     return out[0] if isinstance(out, tuple) else out  # (Hunyuan's hands on its keys too)
+
+
+@contextmanager
+def one_position(layer: nn.Module, position: int):
+    """Within it, ``layer``'s RoPE modules (:func:`~mlx_specstream.model_parts.ropes_of`)
+    place every row of a call at ``position``, not at consecutive positions from the
+    cache's offset: the rows go on the batch axis, each rotated at that offset.
+
+    Example: 3 rows at position 7 rotate as 3 one-row calls at offset 7 would.
+    """
+    ropes = ropes_of(layer)
+    classes = [type(r) for r in ropes]
+    for rope, cls in zip(ropes, classes):
+
+        def call(self, x, offset=0, _base=cls.__call__, **kwargs):
+            return _base(self, x.transpose(2, 1, 0, 3), offset=position, **kwargs).transpose(
+                2, 1, 0, 3
+            )
+
+        rope.__class__ = type(cls.__name__, (cls,), {"__call__": call})
+    try:
+        yield
+    finally:
+        for rope, cls in zip(ropes, classes):
+            rope.__class__ = cls
+
+
+def position_refusal(layer: nn.Module) -> Optional[str]:
+    """Why a drafter's decoder ``layer`` cannot run rows at one position
+    (:func:`one_position`), or ``None``: positions applied other than by a RoPE module
+    found (:func:`~mlx_specstream.model_parts.ropes_of`), or sparse attention (DeepSeek
+    V3.2's, GLM-5's indexer picks each row's keys by its own causal mask)."""
+    attention = attention_of(layer)
+    if attention is not None and "indexer" in attention:
+        return "its layer's sparse attention picks each row's keys by position"
+    if not ropes_of(layer) and not no_positions(layer):
+        return "its layer applies positions other than through a RoPE module"
+    return None
 
 
 def attention_scale_settings(model) -> Optional[tuple]:

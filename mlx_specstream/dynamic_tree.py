@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
+from .layout import with_prefix
 from .tree import DraftTree, gumbel_top_k, static_tree, top_k_desc
 
 
@@ -174,6 +175,41 @@ def log_softmax(logits: mx.array) -> mx.array:
     """Float32 log-probabilities of ``logits`` over their last axis."""
     logits = logits.astype(mx.float32)
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
+                     drawn=None):  # fmt: skip
+    """:func:`grow`'s candidates for a drafter with a KV cache of its own that runs again
+    on its own output (EAGLE's, an MTP layer): the accepted path's new rows as its
+    ``draft`` appends them (``drafter.context_out``: its output that drafts level 1),
+    then one pass per deeper level over the ``k`` best nodes of the level above
+    (``drafter.rows_at(rt, h, tokens, cache, (position, mask))``), each row at its
+    level's position and seeing the context and its own ancestors' rows (trimmed after);
+    ``drafter.tree_logits(rt, out)``, normalized here, ranks the
+    children, over the tokens ``drafter.tree_ids()`` (``None``: every token).
+
+    ``drawn`` ``(budgets, probs)``: :func:`grow_drawn`'s candidates instead, each node's
+    distribution ``probs(logprobs)`` of the log-probabilities of its level logits over
+    the base's tokens (``drafter.level_logits(rt, out)``, as the static tree's levels)."""
+    out = drafter.context_out(rt, state, hidden, path, path_tokens, token)
+    start, ids = state.cache.offset, drafter.tree_ids()
+
+    def dist(o):  # (the ranked log-probabilities; a drawn tree's distributions)
+        if drawn is None:
+            return log_softmax(drafter.tree_logits(rt, o))
+        return drawn[1](log_softmax(drafter.level_logits(rt, o)))
+
+    def expand(level, h, tokens, mask):
+        at = (start + level - 2, with_prefix(mask, start))
+        o = drafter.rows_at(rt, h, tokens, state.cache, at)
+        return o, dist(o)
+
+    if drawn is None:
+        candidates = grow(out, dist(out), expand, k, depth, ids)
+    else:
+        candidates = grow_drawn(out, dist(out), expand, k, drawn[0])
+    state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
+    return candidates
 
 
 def draft_tree(candidates, root: int, max_nodes: int) -> DraftTree:
@@ -346,6 +382,6 @@ def drawn_tree(candidates, root: int, k: int):
 
 __all__: List[str] = [
     "draft_tree", "draws_of", "drawn_tree", "expand_mask", "grow", "grow_drawn",
-    "kept_slots", "level_budgets", "place_drawn", "select_nodes",
+    "grown_candidates", "kept_slots", "level_budgets", "place_drawn", "select_nodes",
     "top_children",
 ]  # fmt: skip

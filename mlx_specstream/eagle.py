@@ -70,8 +70,7 @@ from .drafters import (
     refuse_attached,
     run_layer,
 )
-from .dynamic_tree import grow, grow_drawn, log_softmax
-from .layout import with_prefix
+from .dynamic_tree import grown_candidates
 from .model_parts import hidden_size
 
 # What a drafter checkpoint saved by PyTorch needs before it is read here.
@@ -318,41 +317,6 @@ def layer_args(eagle: dict):
                            **common)  # fmt: skip
 
 
-def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
-                     drawn=None):  # fmt: skip
-    """:func:`grow`'s candidates for a drafter with a KV cache of its own that runs again
-    on its own output (EAGLE's): the accepted path's new rows as its ``draft`` appends
-    them (``drafter.step``), then one pass per deeper level over the ``k`` best nodes of
-    the level above (``drafter.rows_at(rt, h, tokens, cache, (position, mask))``), each
-    row at its level's position and seeing the context and its own ancestors' rows
-    (trimmed after); ``drafter.tree_logits(rt, out)``, normalized here, ranks the
-    children, over the tokens ``drafter.tree_ids()`` (``None``: every token).
-
-    ``drawn`` ``(budgets, probs)``: :func:`grow_drawn`'s candidates instead, each node's
-    distribution ``probs(logprobs)`` of the log-probabilities of its level logits over
-    the base's tokens (``drafter.level_logits(rt, out)``, as the static tree's levels)."""
-    feats, nxt = new_rows(state, hidden, path, path_tokens, token)
-    out = drafter.step(rt, feats, mx.array(nxt), state.cache)[-1:]
-    start, ids = state.cache.offset, drafter.tree_ids()
-
-    def dist(o):  # (the ranked log-probabilities; a drawn tree's distributions)
-        if drawn is None:
-            return log_softmax(drafter.tree_logits(rt, o))
-        return drawn[1](log_softmax(drafter.level_logits(rt, o)))
-
-    def expand(level, h, tokens, mask):
-        at = (start + level - 2, with_prefix(mask, start))
-        o = drafter.rows_at(rt, h, tokens, state.cache, at)
-        return o, dist(o)
-
-    if drawn is None:
-        candidates = grow(out, dist(out), expand, k, depth, ids)
-    else:
-        candidates = grow_drawn(out, dist(out), expand, k, drawn[0])
-    state.cache.trim(state.cache.offset - start)  # (the tree's rows never stay)
-    return candidates
-
-
 class EagleDrafting(nn.Module):
     """What EAGLE's drafters (EAGLE-3's, EAGLE-1's) share: a layer of their own on a KV
     cache that the accepted path's rows stay in, run again on its own output for each
@@ -378,10 +342,16 @@ class EagleDrafting(nn.Module):
         state.cache.trim(levels - 1)  # (the recursion's rows never stay)
         return mx.concatenate(logits, axis=0)
 
+    def context_out(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
+        """``(1, D)``: the layer's output that drafts level 1, after the accepted path's
+        new rows are appended to the cache (a dynamic tree's first level)."""
+        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
+        return self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
+
     def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
                    drawn=None):  # fmt: skip
         """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep,
-        or of a drawn one (:func:`grown_candidates`)."""
+        or of a drawn one (:func:`~mlx_specstream.dynamic_tree.grown_candidates`)."""
         return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth,
                                 drawn)  # fmt: skip
 

@@ -68,9 +68,11 @@ from .drafters import (
     new_layer_cache,
     new_rows,
     own_class,
+    position_refusal,
     refuse_attached,
     run_layer,
 )
+from .dynamic_tree import grown_candidates
 from .model_parts import hidden_size, text_args
 from .recurrent import has_recurrent_layers
 from .streams import quantize_like
@@ -421,15 +423,17 @@ class MTPDepth(nn.Module):
         self._window = layer_window(self.layer, args)
         self._scale = attention_scale_settings(model)
 
-    def step(self, hidden: mx.array, emb: mx.array, cache=None) -> mx.array:
+    def step(self, hidden: mx.array, emb: mx.array, cache=None, at=None) -> mx.array:
         """The layer's output over rows pairing ``hidden`` ``(L, D)`` (or a batch,
         ``(B, L, D)``) with next-token embeddings ``emb``, causal, appended to
-        ``cache`` (``None``: none, as in training)."""
+        ``cache`` (``None``: none, as in training); with ``at`` ``(position, mask)``
+        every row at ``position``, seeing the columns ``mask`` says
+        (:func:`~mlx_specstream.drafters.run_layer`)."""
         h, e = self.hidden_norm(hidden), self.embed_norm(emb)
         x = mx.concatenate([h, e] if self._layout.hidden_first else [e, h], axis=-1)
         x = self.proj(x.astype(self.embed_norm.weight.dtype))
         x = x if x.ndim == 3 else x[None]
-        out = run_layer(self.layer, x, cache, self._window, self._scale)
+        out = run_layer(self.layer, x, cache, self._window, self._scale, at=at)
         return out if hidden.ndim == 3 else out[0]
 
     def logits(self, model, out: mx.array, vocab=None) -> mx.array:
@@ -552,17 +556,71 @@ class MTPDrafter(MTPDepth):
         """``(levels, V)`` logits of the next tree's levels from the accepted path (each
         level one more run of a layer: only as many as the tree has)."""
         levels = self._levels if levels is None else min(levels, self._levels)
-        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
-        if self._layout.normed_hidden:
-            feats = _final_norm(rt.model)(feats)
         if isinstance(state, DepthsState):
+            feats, nxt = self._new_rows(rt, state, hidden, path, path_tokens, token)
             return self._draft_depths(rt, state, feats, nxt, levels)
-        emb = self._from_position_0(rt.embed(mx.array(nxt)), state.cache)
-        out = self.step(feats, emb, state.cache)[-1:]
+        out = self.context_out(rt, state, hidden, path, path_tokens, token)
         logits = [self.logits(rt.model, out, rt.draft_vocab)]
         levels_again(rt, self.all_depths[-1], logits, out, state.cache, levels - 1)
         state.cache.trim(levels - 1)  # the recursion's rows never stay
         return mx.concatenate(logits, axis=0)
+
+    def _new_rows(self, rt, state, hidden, path, path_tokens, token):
+        """The accepted path's new rows (:func:`~mlx_specstream.drafters.new_rows`), the
+        base's states on the side of its final norm the family reads."""
+        feats, nxt = new_rows(state, hidden, path, path_tokens, token)
+        return (_final_norm(rt.model)(feats) if self._layout.normed_hidden else feats), nxt
+
+    def context_out(self, rt, state, hidden, path, path_tokens, token) -> mx.array:
+        """``(1, D)``: the layer's output that drafts level 1, after the accepted path's
+        new rows are appended to its cache (one layer drafting)."""
+        feats, nxt = self._new_rows(rt, state, hidden, path, path_tokens, token)
+        emb = self._from_position_0(rt.embed(mx.array(nxt)), state.cache)
+        return self.step(feats, emb, state.cache)[-1:]
+
+    # ---- dynamic trees (mlx_specstream.dynamic_tree: EAGLE-2's, on this layer) ------
+    grows_by_default = False  # (static trees unless asked or tuned: a level costs k rows)
+
+    def growth_refusal(self) -> Optional[str]:
+        """Why this drafter cannot grow dynamic trees, or ``None``: one layer drafts every
+        level (several layers each draft their own), and that layer can run a level's
+        rows at one position (:func:`~mlx_specstream.drafters.position_refusal`)."""
+        if self.num_layers > 1:
+            return (f"its {self.num_layers} MTP layers draft one level each (a grown tree "
+                    "runs one layer again on its own output: num_mtp_layers=1)")  # fmt: skip
+        return position_refusal(self.layer)
+
+    def draft_tree(self, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
+                   drawn=None):  # fmt: skip
+        """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep,
+        or of a drawn one (:func:`~mlx_specstream.dynamic_tree.grown_candidates`): each
+        node's children are this layer's top-``k`` after that node's own path."""
+        why = self.growth_refusal()
+        if why is not None:
+            raise ValueError(f"dynamic_tree=True: {why}.")
+        if self._window is not None and depth > self._window:
+            raise ValueError(f"dynamic_tree=True: a tree {depth} levels deep; this MTP layer "
+                             f"attends within a window of {self._window}.")  # fmt: skip
+        return grown_candidates(self, rt, state, hidden, path, path_tokens, token, k, depth,
+                                drawn)  # fmt: skip
+
+    def rows_at(self, rt, h: mx.array, tokens: mx.array, cache, at) -> mx.array:
+        """The layer over rows pairing its own outputs ``h`` ``(k, D)`` (on the side of
+        its final norm the family passes on) with ``tokens``' embeddings, every row at
+        ``at`` = ``(position, mask)``; a window layer's rows see no key more than
+        ``window - 1`` positions back (a tree no deeper than the window: its own rows
+        are all nearer)."""
+        position, mask = at
+        if self._window is not None:  # (column c: position c; the tree's columns all pass)
+            mask = mask & (mx.arange(mask.shape[1]) > position - self._window)
+        return self.step(self.passed_on(h), rt.embed(tokens), cache, at=(position, mask))
+
+    def tree_logits(self, rt, out: mx.array) -> mx.array:
+        """A node's children's logits (every token: :meth:`tree_ids`)."""
+        return self.level_logits(rt, out)
+
+    def tree_ids(self) -> None:
+        return None
 
     def _from_position_0(self, emb: mx.array, cache) -> mx.array:
         """``emb``, the embeddings of rows appended to ``cache``, with the row at position 0

@@ -73,10 +73,11 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
     """Whether this call's drafter grows dynamic trees (:mod:`mlx_specstream.dynamic_tree`):
     as the call asks, else as the model's config does.
 
-    ``None`` (the call's and the config's) means: where the drafter can grow them (an
-    EAGLE drafter: EAGLE-3's, EAGLE-1's) and the tree is wider than a chain; a draft
-    model grows them where the call asks (``True``). Asked for where the drafts cannot
-    grow one (streams, Medusa heads, MTP layers), it is refused.
+    ``None`` (the call's and the config's) means: where the drafter grows them by
+    default (an EAGLE drafter: EAGLE-3's, EAGLE-1's) and the tree is wider than a chain;
+    an MTP layer and a draft model grow them where asked (``True``, or a tuned config).
+    Asked for where the drafts cannot grow one (streams, Medusa heads, several MTP
+    layers), it is refused with the reason.
     """
     if dynamic_tree not in (None, True, False):
         raise ValueError(f"dynamic_tree={dynamic_tree!r}: pass True, False or None.")
@@ -85,17 +86,24 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
         return bool(dynamic_tree and wide)
     drafter = rt.drafter
     asked = getattr(rt.config, "dynamic_tree", None) if dynamic_tree is None else dynamic_tree
-    if asked and not hasattr(drafter, "draft_tree"):
+    grows = hasattr(drafter, "draft_tree")
+    why = drafter.growth_refusal() if hasattr(drafter, "growth_refusal") else None
+    if asked and (not grows or why is not None):
+        source = "" if dynamic_tree else " (the model's config)"
+        if why is not None:
+            raise ValueError(f"dynamic_tree=True{source}: {why}; pass dynamic_tree=False.")
         if drafter is None:
             what = "the model's speculative streams fill"
         else:
             what = f"its {getattr(rt.config, 'kind', 'attached')} drafter fills"
         raise ValueError(
-            f"dynamic_tree=True: {what} static trees; dynamic trees are grown by drafters "
-            "that run again on their own output, one node at a time (EAGLE's, or a "
-            "draft_model's)."
+            f"dynamic_tree=True{source}: {what} static trees; dynamic trees are grown by "
+            "drafters that run again on their own output, one node at a time (EAGLE's, an "
+            "MTP layer, or a draft_model's)."
         )
-    return bool(asked is not False and hasattr(drafter, "draft_tree") and wide)
+    if asked is None:
+        asked = getattr(drafter, "grows_by_default", True)
+    return bool(asked and grows and wide)
 
 
 def default_acceptance(sampler) -> str:

@@ -222,7 +222,10 @@ def tune(
     lossless_streams = rt.streams is not None and rt.config.mode == "lossless"
     # (a drafter of several MTP layers: the trees drafted by all of them)
     held = len(rt.drafter.held_depths) if isinstance(rt.drafter, MTPDrafter) else 1
-    grows = hasattr(rt.drafter, "draft_tree")  # (an EAGLE drafter: dynamic trees)
+    # (an EAGLE drafter, one MTP layer: dynamic trees; grown in the grid where by default)
+    grows = hasattr(rt.drafter, "draft_tree") and held == 1
+    grows = grows and getattr(rt.drafter, "growth_refusal", lambda: None)() is None
+    grown_first = grows and getattr(rt.drafter, "grows_by_default", True)
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
         # (not the draft source or pipelining a previous tuning stored)
         tree.update(draft="streams", pipeline=False)
@@ -231,13 +234,14 @@ def tune(
         if held > 1:
             tree["num_mtp_layers"] = held
         if grows and tree["tree_top_k"] > 1:  # (not the way a previous tuning stored)
-            tree["dynamic_tree"] = True
+            tree["dynamic_tree"] = grown_first
         trials.run(dict(tree, **with_vocab(rt)))
     if grows:
-        # The static tree of the drafter's levels: fewer rows a step, fewer drafts right.
-        dynamic = [t for t in trials.fastest(len(trials.results)) if t.get("dynamic_tree")]
-        for tree in dynamic[:3]:
-            trials.run(dict(tree, dynamic_tree=False))
+        # The other kind on the fastest wide trees: a static tree of the drafter's levels
+        # (fewer rows a step, fewer drafts right), or a grown one.
+        wide = [t for t in trials.fastest(len(trials.results)) if "dynamic_tree" in t]
+        for tree in wide[:3]:
+            trials.run(dict(tree, dynamic_tree=not tree["dynamic_tree"]))
     if held > 1:
         # Fewer MTP layers (each costs a layer's pass a step): on the fastest trees that
         # read more than one (a tree of d levels runs the first d only).

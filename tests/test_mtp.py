@@ -293,7 +293,7 @@ def write_checkpoint(
 
 def reference_levels(
     plain, ref, text, a, levels, swap=False, other_hidden=False, no_window=False,
-    other_recursion=False,
+    other_recursion=False, path=None,
 ):  # fmt: skip
     """From the raw tensors and mlx-lm's own modules, from scratch: the MTP rows
     0..a over ``text`` (row i: token i's last hidden state, token i + 1's
@@ -301,7 +301,9 @@ def reference_levels(
     layer again on its own output and each level's argmax; a window layer's rows see
     their last ``window`` keys. ``swap`` / ``other_hidden`` / ``no_window`` are the
     controls: the other concatenation order, the other side of the final norm, every key;
-    ``other_recursion``: deeper levels on the other side of the layer's final norm."""
+    ``other_recursion``: deeper levels on the other side of the layer's final norm.
+    ``path``: the tokens the deeper levels read instead of each level's argmax (a tree
+    node's path below the root; ``levels`` then unused: one more than its length)."""
     eps = mtp._norm_eps(mtp.text_args(plain))
     e_w, h_w, f_w = ref["norms"]
     inner = plain.model if hasattr(plain, "model") else plain.backbone  # (Nemotron-H's names)
@@ -335,8 +337,8 @@ def reference_levels(
     cache = new_layer_cache(ref["block"])  # (DeepSeek V3.2's: latent and indexer keys)
     out = rows(hid, emb, cache)
     logits = [head(mx.fast.rms_norm(out, f_w, eps))]
-    for _ in range(levels - 1):
-        t = mx.argmax(logits[-1], axis=-1)
+    for t in [None] * (levels - 1) if path is None else path:
+        t = mx.argmax(logits[-1], axis=-1) if t is None else mx.array([t])
         prev = mx.fast.rms_norm(out, f_w, eps) if ref["recurse_normed"] != other_recursion else out
         out = rows(prev, embed(t), cache)
         logits.append(head(mx.fast.rms_norm(out, f_w, eps)))
