@@ -45,6 +45,7 @@ from .streams import attach_verifier, get_runtime
 DEFAULT_TREE = "SS default tree (k=3, 16 nodes)"
 GROWN_SHAPE = dict(num_draft_tokens=5, tree_top_k=4, max_tree_nodes=16)  # (a draft model's)
 GROWN_TREE = "SS verifier, draft model's grown tree (k=4, 16 nodes)"
+DEFAULT_GROWN = "SS default tree, grown (k=3, 16 nodes)"  # (a drafter that grows where asked)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -60,6 +61,18 @@ def default_tree_settings(cfg: SpecStreamConfig) -> dict:
         "max_tree_nodes": defaults.max_tree_nodes,
         "draft": "streams",
     }
+
+
+def grows_where_asked(model) -> bool:
+    """Whether ``model``'s drafter grows dynamic trees only where asked (an MTP layer,
+    :mod:`mlx_specstream.dynamic_tree`), and can here: then the benchmark times its
+    default tree both ways."""
+    drafter = get_runtime(model).drafter
+    if has_recurrent_layers(model) or not hasattr(drafter, "draft_tree"):
+        return False
+    if getattr(drafter, "grows_by_default", True):
+        return False
+    return getattr(drafter, "growth_refusal", lambda: None)() is None
 
 
 def machine_info(argv=None):
@@ -300,6 +313,11 @@ def main(argv=None):
         ),
         tuned_name: lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **run_tuned),
     }
+    if grows_where_asked(model):  # (an MTP layer: the default tree static, then grown)
+        default_tree["dynamic_tree"] = False
+        methods[DEFAULT_GROWN] = lambda p: run_specstream(
+            model, tokenizer, p, args.max_tokens, **dict(default_tree, dynamic_tree=True)
+        )
     if draft is not None:
         methods["mlx-lm draft model"] = lambda p: run_mlx_lm(
             plain, tokenizer, p, args.max_tokens, draft, args.num_draft_tokens

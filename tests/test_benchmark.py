@@ -30,6 +30,7 @@ def test_the_default_tree_row_drafts_with_streams_when_the_config_stored_prompt_
     assert any(s.get("draft") == "streams" and s.get("tree_depth") for s in settings)
     summary = (tmp_path / "out" / "t.md").read_text()
     assert "SS default tree (k=3, 16 nodes)" in summary and "SS tuned (draft=ngram)" in summary
+    assert benchmark.DEFAULT_GROWN not in summary  # (streams fill static trees only)
     # The embedded draft model's rows: its chain, and the tree it grows (EAGLE-2's).
     assert "SS verifier, same draft model" in summary and benchmark.GROWN_TREE in summary
     assert any(s.get("dynamic_tree") and s.get("draft_model") is not None for s in settings)

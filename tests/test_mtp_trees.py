@@ -306,3 +306,25 @@ def test_the_tuner_tries_grown_trees_on_its_fastest_and_stores_the_choice(tmp_pa
                         lambda *a, **k: grew.append(1) or real(*a, **k))  # fmt: skip
     spec_tokens(model, PROMPT, 8)
     assert grew
+
+
+def test_the_benchmark_times_the_layer_s_default_tree_static_and_grown(tmp_path, monkeypatch):
+    """``mlx_specstream.benchmark`` on a checkpoint whose MTP layer grows trees where asked:
+    the default tree's row static (whatever a tuning stored), and a row of it grown."""
+    import json
+
+    from helpers import benchmark_settings
+
+    from mlx_specstream import benchmark
+
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
+    (tmp_path / "ckpt" / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
+    settings = benchmark_settings(monkeypatch)
+    benchmark.main(["--model", str(tmp_path / "ckpt"), "--num-prompts", "1", "--max-tokens", "8",
+                    "--runs", "1", "--sampling-temps", "--output-dir", str(tmp_path / "out"),
+                    "--name", "t"])  # fmt: skip
+    summary = (tmp_path / "out" / "t.md").read_text()
+    assert benchmark.DEFAULT_TREE in summary and benchmark.DEFAULT_GROWN in summary
+    trees = [s for s in settings if s.get("max_tree_nodes") == 16]
+    assert {s.get("dynamic_tree") for s in trees} == {False, True}
+    assert all(s["tree_top_k"] == 3 and s["tree_depth"] == 3 for s in trees)
