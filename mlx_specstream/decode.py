@@ -1004,7 +1004,8 @@ def spec_generate_step(
 
 
 def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
-    """What the streams draft on a model with recurrent layers: a chain of
+    """What the streams (or an attached drafter's levels) draft on a model with
+    recurrent layers: a chain of
     ``num_draft_tokens`` (their top tokens, one each) when given, else the tree that
     the settings give on any model (:func:`resolve_tree_settings`: the call's, else the
     config's, tuned), verified as :meth:`~.recurrent.ChainCache.run` verifies trees
@@ -1034,7 +1035,7 @@ def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
         given = [n for n, v in (("tree_top_k", top_k), ("max_tree_nodes", nodes)) if v]
         if given:
             raise ValueError(
-                f"num_draft_tokens={num_draft_tokens} sets a chain of the streams' top "
+                f"num_draft_tokens={num_draft_tokens} sets a chain of the drafts' top "
                 f"tokens, {' and '.join(given)} a tree: pass one or the other."
             )
         return None, num_draft_tokens
@@ -1051,7 +1052,8 @@ def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
             )
         warnings.warn(
             f"The model's config drafts a tree (top_k {ks}), which this model cannot take "
-            f"({why.rstrip('.')}): its streams draft a chain of {depth}.",
+            f"({why.rstrip('.')}): its {'drafter' if rt.drafter is not None else 'streams'} "
+            f"draft{'s' if rt.drafter is not None else ''} a chain of {depth}.",
             stacklevel=4,
         )
         return None, depth
@@ -1104,10 +1106,14 @@ def _on_chain_model(
             f"lookup merged in: 'streams+ngram') or its attached drafter (its MTP layer), "
             f"verified {why}; got draft={draft!r}."
         )
-    if speculative and own_drafter and draft != "ngram":  # (each level's first choice)
-        levels = resolve_tree_settings(rt, None, None, None, None)[1]
-        if kw["num_draft_tokens"] is not None:
-            levels = min(levels, kw["num_draft_tokens"])
+    if speculative and own_drafter and draft != "ngram":
+        # (a chain of each level's first choice, at most the config's levels; else the
+        # settings' tree, where the model takes one)
+        n = kw["num_draft_tokens"]
+        if isinstance(n, int) and not isinstance(n, bool):
+            n = min(n, resolve_tree_settings(rt, None, None, None, None)[1])
+        kw["drafter_tree"], levels = streams_on_chains(rt, model, tree, n)
+        tree = (None, None, None, None)
         kw["num_draft_tokens"], kw["attached_drafter"] = levels, levels > 0
     if own_streams and draft is None:  # the source the model's config names (tuned)
         draft = getattr(rt.config, "draft", None)
@@ -1200,6 +1206,7 @@ def _on_chain_model(
     kw.pop("num_draft_tokens")
     kw.pop("prompt_checkpoint_callback")
     kw.pop("stream_tree", None)
+    kw.pop("drafter_tree", None)
     kw.pop("ngram_candidates")
     kw.pop("max_tree_nodes", None)
     kw.pop("lookup", None)

@@ -190,11 +190,15 @@ def cache_slots(model) -> List[Optional[int]]:
 
 
 def _takes_cache(module) -> bool:
-    """Whether ``module`` is a module whose call takes a ``cache`` argument."""
+    """Whether ``module`` is a module whose call takes a ``cache`` argument (its own
+    class's call: a hooked one's, ``call(self, *args, **kwargs)``, says nothing)."""
     if not isinstance(module, nn.Module):
         return False
+    cls = type(module)
+    while cls.__dict__.get("_spec_hook"):  # (streams._swap_call's subclass)
+        cls = cls.__bases__[0]
     try:
-        return "cache" in inspect.signature(type(module).__call__).parameters
+        return "cache" in inspect.signature(cls.__call__).parameters
     except (TypeError, ValueError):
         return False
 

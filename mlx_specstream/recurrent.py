@@ -544,6 +544,7 @@ def chain_generate_step(
     max_tree_nodes: int = 16,
     lookup: Optional[Tuple[int, int, int]] = None,
     attached_drafter: bool = False,
+    drafter_tree: Optional[StaticTree] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -595,6 +596,8 @@ def chain_generate_step(
           (:class:`DrafterChains`): greedy, or with ``rejection`` drawn under ``sampler``
           and verified by rejection sampling. Its state stays with ``prompt_cache``
           for the next call.
+        drafter_tree (StaticTree, optional): with ``attached_drafter``, its levels' top
+          tokens form this tree instead of a chain, verified as ``stream_tree`` is.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -614,7 +617,8 @@ def chain_generate_step(
         dstate = runtime.drafter.start(offset, None if own is None else drafter_state_of(own))
         if own is not None:
             keep_drafter_state(own, dstate)
-        drafter = DrafterChains(state, dstate, sampler if rejection else None, num_draft_tokens)
+        drafter = DrafterChains(state, dstate, sampler if rejection else None, num_draft_tokens,
+                                drafter_tree)  # fmt: skip
     if streams:
         tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
         index = None if lookup is None else NgramIndex(candidates=candidates)
@@ -654,6 +658,8 @@ def chain_generate_step(
                         logits, drafts, parents, tokens, sampler, processors, q
                     )
                     node, a = path[-1], len(path) - 1
+                    if isinstance(drafter, DrafterChains):  # (its states: the path's nodes')
+                        drafter.accepted_path(path)
                 elif q is not None:
                     a, new, logprobs = verify_chain_by_rejection(
                         logits, drafts, q, tokens, sampler, processors
@@ -855,14 +861,25 @@ class DrafterChains:
     With a ``sampler`` each level's draft is drawn from its distribution under it,
     kept as ``q`` for :func:`verify_chain_by_rejection` (a level's distribution
     depends on the accepted tokens only: a valid proposal).
+
+    With a ``tree`` (a :class:`~mlx_specstream.tree.StaticTree`), node ``i`` carries the
+    token of rank ``ranks[i]`` of level ``levels[i]`` (drawn: without replacement, as
+    :class:`StreamDrafts` draws them) and :attr:`parents` says the tree. A tree pass's
+    states are the pending tokens' by position, then the tree's nodes': once the tree
+    is verified, the accepted path's go in at the positions after the pending ones
+    (:meth:`accepted_path`).
     """
 
-    def __init__(self, state: "ChainCache", dstate, sampler=None, levels: int = 3):
+    def __init__(self, state: "ChainCache", dstate, sampler=None, levels: int = 3,
+                 tree: Optional[StaticTree] = None):  # fmt: skip
         self.state, self.rt, self.dstate, self.sampler = state, state.runtime, dstate, sampler
         self.drafter, self.levels = state.runtime.drafter, levels
         self.vocab = vocab_size(state.model)
         self.tokens: List[int] = []
         self.q: Optional[mx.array] = None
+        self.tree = None if tree is None or layout_of(tree.parents).is_chain else tree
+        self.parents: Optional[List[int]] = None  # the last draft's tree (None: a chain)
+        self.nodes: Optional[mx.array] = None  # a tree pass's nodes' states, node 1 first
         # States of positions [start, start + len(rows)) not yet in the drafter's cache,
         # counted from the call's first prompt token: -1 is the state a call before
         # kept (it pairs with that token).
@@ -873,8 +890,11 @@ class DrafterChains:
         self.base = dstate.offset - self.start
         state.hidden_sink = self.take
 
-    def take(self, start: int, hidden: mx.array) -> None:
-        """The model's last hidden states ``(L, D)`` of positions ``start`` on."""
+    def take(self, start: int, hidden: mx.array, nodes: int = 0) -> None:
+        """The model's last hidden states ``(L, D)`` of positions ``start`` on, and after
+        them those of a tree's ``nodes`` (kept aside for :meth:`accepted_path`)."""
+        if nodes:
+            hidden, self.nodes = hidden[:-nodes], hidden[-nodes:]
         if start < self.start:  # (positions already in the drafter's cache)
             hidden, start = hidden[self.start - start :], self.start
         keep = start - self.start
@@ -902,13 +922,31 @@ class DrafterChains:
         pass
 
     def draft(self, n: int) -> List[int]:
-        """The next chain, at most ``n`` (and the drafter's levels) long."""
+        """The next chain, at most ``n`` (and the drafter's levels) long; with a tree, its
+        nodes but the root, at most ``n`` levels deep (:attr:`parents` then says it)."""
+        self.parents = None
         logits = self._append(len(self.tokens), min(n, self.levels))
         if logits is None:
             return []
         scores, q = level_scores(logits[: min(n, self.levels), : self.vocab], self.sampler)
         self.q = q
-        return mx.argmax(scores, axis=-1).tolist()
+        if self.tree is None:
+            return mx.argmax(scores, axis=-1).tolist()
+        t = self.tree
+        keep = depth_limited(t.parents, scores.shape[0])[1:]
+        top = top_k_desc(scores, max(t.ranks) + 1)
+        tokens = top[mx.array([t.levels[i] for i in keep]), mx.array([t.ranks[i] for i in keep])]
+        parents = subtree_parents(t.parents, [0] + keep)
+        self.parents = None if layout_of(parents).is_chain else parents
+        return tokens.tolist()
+
+    def accepted_path(self, path: List[int]) -> None:
+        """After a tree pass: the states of the accepted ``path``'s nodes (root first)
+        go in at the positions after the pending tokens'."""
+        if self.nodes is not None and len(path) > 1:
+            rows = self.nodes[mx.array([n - 1 for n in path[1:]])]
+            self.rows = rows if self.rows is None else mx.concatenate([self.rows, rows])
+        self.nodes = None
 
     def after_pass(self, node: int) -> None:
         pass
@@ -1072,7 +1110,8 @@ class ChainCache:
         self.floor = 0  # the fewest tokens a roll-back may leave held (windows keep theirs)
         # Called with (position, the model's last hidden states (L, D)) after each pass
         # and prompt chunk (an attached drafter's: DrafterChains.take), or None.
-        self.hidden_sink: Optional[Callable[[int, mx.array], None]] = None
+        # (positions' states, then a tree's nodes': how many)
+        self.hidden_sink: Optional[Callable[[int, mx.array, int], None]] = None
 
     @property
     def kv(self) -> list:
@@ -1174,7 +1213,7 @@ class ChainCache:
                 logits, self.stream_logits = out.logits[None], out.stream_logits
                 self.stream_hidden = out.stream_hidden if fused and not in_pass else None
                 if self.hidden_sink is not None:  # (an attached drafter's: every row's)
-                    self.hidden_sink(self.held, out.hidden)
+                    self.hidden_sink(self.held, out.hidden, len(drafts) if tree else 0)
                 if fused:  # (written after the main rows: cut before anything else)
                     self.cut_stream_rows(width * self.runtime.config.num_streams)
         finally:

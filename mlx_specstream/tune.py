@@ -350,19 +350,32 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
 def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, confirm_rounds):
     """An attached drafter (its MTP layer, ParallelSpec or Medusa heads) on a model with
     recurrent layers (what :func:`tune` runs for it, with its arguments): its chains
-    of every length (:class:`~mlx_specstream.recurrent.DrafterChains`); plain decoding
-    when none beats it by ``min_gain``.
+    of every length (:class:`~mlx_specstream.recurrent.DrafterChains`), then where the
+    model takes them the static trees of its levels (:func:`candidate_trees` wider than
+    a chain, their nodes read along their paths by the recurrent mixers); plain
+    decoding when none beats it by ``min_gain``.
 
     Returns:
-        tuple: the choice (``{"tree_depth": n, "tree_top_k": 1, "max_tree_nodes": n + 1}``:
-        chains of ``n``, or ``{"tree_depth": 0}``), its tokens/s and plain decoding's.
+        tuple: the choice (``{"tree_depth": n, "tree_top_k": k, "max_tree_nodes": m}``:
+        ``k`` 1 and ``m`` ``n + 1`` for chains of ``n``; or ``{"tree_depth": 0}``), its
+        tokens/s and plain decoding's.
     """
     trials, rt = Trials(model, tokenizer, prompts, max_tokens, log), get_runtime(model)
     for n in range(1, rt.config.num_streams + 1):
         trials.run(dict(num_draft_tokens=n, **with_vocab(rt)))
+    why = tree_on_chains_refusal(model)
+    if why is None:
+        for shape in candidate_trees(rt.config.num_streams, False):
+            if shape["tree_top_k"] > 1:
+                shape.pop("prune_threshold")
+                trials.run(dict(shape, **with_vocab(rt)))
+    else:
+        log(f"[INFO] chains only: {why}")
     try_every_token(trials, rt, 2)
 
     def describe(best):
+        if "num_draft_tokens" not in best:
+            return choice_flags(best)
         return (
             f"chains of {best['num_draft_tokens']} (--num-draft-tokens {best['num_draft_tokens']})"
         )

@@ -1,8 +1,10 @@
 """Attached drafters on models with recurrent layers (recurrent.DrafterChains): a
 checkpoint's MTP layer (Qwen3-Next, Qwen3.5), ParallelSpec and Medusa heads draft
-chains verified through the model's own passes. Greedy output equals mlx-lm's, a
-reused prompt cache keeps the drafter's rows (its drafts then equal a from-scratch
-computation over the whole text), and settings that need a tree are refused."""
+chains, or the static trees of their levels, verified through the model's own passes
+(a tree's nodes read along its paths by the recurrent mixers). Greedy output equals
+mlx-lm's, a reused prompt cache keeps the drafter's rows (its drafts then equal a
+from-scratch computation over the whole text), a tree's accepted path gives the
+drafter its nodes' states, and settings no chain takes are refused."""
 
 import mlx.core as mx
 import numpy as np
@@ -58,16 +60,27 @@ def test_attached_drafters_equal_mlx_lm(arch, kind):
 
 
 def test_negative_control_a_verifier_that_accepts_every_draft_is_caught(monkeypatch):
+    """Chains (``num_draft_tokens``) and the config's tree (top-3, 16 nodes): accepting
+    every chain, or the tree's first path, unchecked changes the output."""
     model = tiny_hybrid("qwen3_next", vocab_size=16)
     attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=3), seed=2)
-    want = run(model, PROMPTS[1], 32)[0]
-    real = recurrent.verify_chain
+    want = run(model, PROMPTS[1], 32, num_draft_tokens=3)[0]
+    assert run(model, PROMPTS[1], 32)[0] == want  # (the tree)
+    real, real_tree = recurrent.verify_chain, recurrent.verify_tree
 
     def accept_all(logits, drafts, history, sampler, processors):
         _, new, logprobs = real(logits, drafts, history, sampler, processors)
         return len(drafts), drafts + new[-1:], logprobs
 
-    monkeypatch.setattr(recurrent, "verify_chain", accept_all)
+    def first_path(logits, drafts, parents, history, sampler, processors, q=None):
+        path, new, logprobs = real_tree(logits, drafts, parents, history, sampler, processors, q)
+        first = [0] + [i for i in range(1, len(parents)) if parents[i] == i - 1][:2]
+        return first, [drafts[i - 1] for i in first[1:]] + new[-1:], logprobs
+
+    with monkeypatch.context() as mp:
+        mp.setattr(recurrent, "verify_chain", accept_all)
+        assert run(model, PROMPTS[1], 32, num_draft_tokens=3)[0] != want
+    monkeypatch.setattr(recurrent, "verify_tree", first_path)
     assert run(model, PROMPTS[1], 32)[0] != want
 
 
@@ -146,11 +159,13 @@ def test_the_chain_is_as_long_as_asked(tmp_path, monkeypatch):
                 steps = 0
 
 
-def test_settings_that_need_a_tree_are_refused(tmp_path):
+def test_settings_no_chain_takes_are_refused(tmp_path):
     write_checkpoint(tmp_path / "ckpt", "qwen3_next", seed=3)
     model, _ = load(str(tmp_path / "ckpt"))
-    with pytest.raises(ValueError, match="tree_top_k: not supported with recurrent layers"):
-        run(model, PROMPTS[1], 4, tree_top_k=2)
+    with pytest.raises(ValueError, match="num_draft_tokens=2 sets a chain.*tree_top_k"):
+        run(model, PROMPTS[1], 4, tree_top_k=2, num_draft_tokens=2)
+    with pytest.raises(ValueError, match="dynamic_tree=True: .*one chain"):
+        run(model, PROMPTS[1], 4, tree_top_k=2, dynamic_tree=True)
     with pytest.raises(ValueError, match="its attached drafter.*got draft='streams\\+ngram'"):
         run(model, PROMPTS[1], 4, draft="streams+ngram")
     got, out = run(model, PROMPTS[2], 16, draft="ngram")  # (lookup instead: as on any model)
@@ -178,10 +193,10 @@ def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(arch, tmp_path):
         assert run(model, prompt, 24)[0] == plain(base, prompt, 24)
 
 
-def test_the_tuner_times_each_chain_length_and_stores_the_fastest(tmp_path, capsys, monkeypatch):
+def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsys, monkeypatch):
     """``mlx_specstream.tune --save`` on a saved Qwen3-Next with its MTP layer times
-    chains of 1-3 (no trees: they are refused here) and stores the fastest, which the
-    next load drafts."""
+    chains of 1-3 and the static trees of its levels, and stores the fastest, which the
+    next load drafts (fake timings: a chain of 2 fastest, then a top-2 tree)."""
     import importlib
     import json
 
@@ -194,19 +209,36 @@ def test_the_tuner_times_each_chain_length_and_stores_the_fastest(tmp_path, caps
     out = tmp_path / "out"
     save(out, model, tok, config=config)
     (out / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
-    tune.main(["--model", str(out), "--num-prompts", "1", "--max-tokens", "8", "--confirm-rounds",
-               "0", "--batch-size", "0", "--min-gain", "0", "--save"])  # fmt: skip
-    log = capsys.readouterr().out
-    assert all(f"{{'num_draft_tokens': {n}}}" in log for n in (1, 2, 3))
-    entry = json.loads((out / "config.json").read_text())["drafter"]["tuned"][device_key()]
-    n = entry["tree_depth"]
-    assert 1 <= n <= 3 and entry["top_k"] == 1 and entry["max_tree_nodes"] == n + 1
-    chains, real = [], recurrent.verify_chain
-    monkeypatch.setattr(
-        recurrent, "verify_chain", lambda lg, d, *a: chains.append(len(d)) or real(lg, d, *a)
-    )
-    run(load(str(out))[0], PROMPTS[1], 12)
-    assert chains[0] == max(chains) == n
+    argv = ["--model", str(out), "--num-prompts", "1", "--max-tokens", "8", "--confirm-rounds",
+            "0", "--batch-size", "0", "--save"]  # fmt: skip
+    real_tps = tune.tokens_per_second
+    for fastest, want in [(dict(num_draft_tokens=2), (2, 1, 3)),
+                          (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7), (2, 2, 7))]:  # fmt: skip
+
+        def fake(model, tokenizer, prompts, max_tokens, **s):
+            tps, tau = real_tps(model, tokenizer, prompts, max_tokens, **s)  # (runs for real)
+            win = all(s.get(k) == v for k, v in fastest.items())
+            return (1e6 if win else 100.0), tau
+
+        with monkeypatch.context() as mp:
+            mp.setattr(tune, "tokens_per_second", fake)
+            tune.main(argv)
+        log = capsys.readouterr().out
+        assert all(f"{{'num_draft_tokens': {n}}}" in log for n in (1, 2, 3))
+        assert "'tree_top_k': 2" in log and "'tree_top_k': 3" in log
+        entry = json.loads((out / "config.json").read_text())["drafter"]["tuned"][device_key()]
+        assert (entry["tree_depth"], entry["top_k"], entry["max_tree_nodes"]) == want
+        seen, real, real_tree = [], recurrent.verify_chain, recurrent.verify_tree
+        with monkeypatch.context() as mp:
+            mp.setattr(
+                recurrent,
+                "verify_chain",
+                lambda lg, d, *a: seen.append(("chain", len(d))) or real(lg, d, *a),
+            )
+            mp.setattr(recurrent, "verify_tree",
+                       lambda lg, d, p, *a: seen.append(("tree", len(p))) or real_tree(lg, d, p, *a))  # fmt: skip
+            run(load(str(out))[0], PROMPTS[1], 12)
+        assert seen[0] == (("chain", 2) if want[1] == 1 else ("tree", 7))
 
 
 def test_the_benchmark_runs_the_drafters_chains(tmp_path, monkeypatch):
@@ -316,3 +348,81 @@ def test_chains_accepted_whole_keep_the_rows_in_step(arch, tmp_path, monkeypatch
     got, out = run(model, prompt, n)
     assert got == text[len(prompt) : len(prompt) + n]
     assert out[-1][3] == -(-n // 4) and len(checked) >= out[-1][3] - 1  # (chains of 3, whole)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("cut", [False, True])
+def test_a_tree_s_accepted_path_gives_the_layer_its_nodes_states(arch, cut, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    """The MTP layer's levels made to rank the right token second on level 1 and first
+    below (its own computation still run on its rows): each full top-2 tree (15 nodes)
+    is accepted along
+    a path that is not its first, whole (``cut`` False: the caches keep that path's
+    rows and states) or cut after level 2 (``cut``: the right level-3 token not drafted,
+    the caches rolled back, the accepted tokens fed again). Output equals mlx-lm's, and
+    every step's levels equal the from-scratch computation, so the layer got the
+    accepted nodes' states. Control: the first path's states instead."""
+    ref = write_checkpoint(tmp_path / "ckpt", arch, seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    base, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    prompt, n = PROMPTS[1], 25
+    text = prompt + plain(base, prompt, n + 4)
+    real_draft, checked, paths = mtp.MTPDrafter.draft, [], []
+
+    def oracle(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
+        a = state.cache.offset - 1  # (the last row: token a's state, token a + 1)
+        want = reference_levels(base, ref, text, a, logits.shape[0])
+        np.testing.assert_allclose(np.array(logits.astype(mx.float32)), want, atol=2e-4, rtol=2e-4)
+        checked.append(a)
+        V = logits.shape[-1]
+        right = text[a + 2 : a + 2 + logits.shape[0]]
+        rows = []
+        for level, t in enumerate(right):
+            row = [0.0] * V
+            if level == 0:  # (second: a wrong token first)
+                row[t], row[(t + 1) % V] = 29.0, 30.0
+            elif cut and level == 2:  # (two wrong tokens only)
+                row[(t + 1) % V], row[(t + 2) % V] = 30.0, 29.0
+            else:
+                row[t] = 30.0
+            rows.append(row)
+        rows += [[0.0] * V] * (logits.shape[0] - len(rows))
+        return mx.array(rows, dtype=logits.dtype)
+
+    real_accepted = recurrent.DrafterChains.accepted_path
+    monkeypatch.setattr(mtp.MTPDrafter, "draft", oracle)
+    monkeypatch.setattr(recurrent.DrafterChains, "accepted_path",
+                        lambda self, path: paths.append(path) or real_accepted(self, path))  # fmt: skip
+    tree = dict(tree_top_k=2, max_tree_nodes=15)  # (full: every path 3 deep, unpadded)
+    got, out = run(model, prompt, n, **tree)
+    assert got == text[len(prompt) : len(prompt) + n]
+    taken = [p for p in paths if len(p) > 1]
+    assert taken and all(p[1] != 1 for p in taken)  # (never the first path's first node)
+    assert all(len(p) == (3 if cut else 4) for p in taken[:-1])
+    assert len(checked) >= out[-1][3] - 1
+
+    def first_nodes(self, path):
+        return real_accepted(self, list(range(len(path))))
+
+    monkeypatch.setattr(recurrent.DrafterChains, "accepted_path", first_nodes)
+    with pytest.raises(AssertionError):
+        run(model, prompt, n, **tree)
+
+
+def test_greedy_equals_mlx_lm_with_trees_on_every_hybrid_family(tmp_path):
+    """The MTP layer's top-2 trees (8 nodes) on Qwen3-Next, Qwen3.5 (dense and experts),
+    Nemotron 3 and Ling 2.5/3: mlx-lm's tokens, prompts fed in chunks of 4; the mixers'
+    cache slots read the same after a call as before (the split hooks on them)."""
+    from mlx_specstream.model_parts import cache_slots
+
+    for arch in ("qwen3_next", "qwen3_5", "qwen3_5_moe", "nemotron_h", "bailing_hybrid",
+                 "bailing_moe_v3"):  # fmt: skip
+        write_checkpoint(tmp_path / arch, arch, seed=3)
+        model, _ = load(str(tmp_path / arch))
+        base, _ = mlx_lm_load(str(tmp_path / arch))
+        slots = cache_slots(model)
+        for prompt in PROMPTS:
+            got, _ = run(model, prompt, 24, tree_top_k=2, max_tree_nodes=8, prefill_step_size=4)
+            assert got == plain(base, prompt, 24, prefill_step_size=4), (arch, prompt)
+            assert cache_slots(model) == slots, arch
