@@ -691,14 +691,16 @@ def test_rejection_sampling_accepts_every_draft_of_a_copy_of_the_model():
 def drawn_drafts(drafter: str):
     """A hybrid and the settings of chains drawn from a distribution: a draft model's,
     (3 tokens: the first pass drafts nothing) its own streams' (test_hybrid_streams), or
-    an attached drafter's (a random ParallelSpec layer: recurrent.DrafterChains)."""
-    if drafter == "attached drafter":
+    an attached drafter's (a random ParallelSpec layer: recurrent.DrafterChains; the
+    static tree of its levels, or a chain)."""
+    if drafter.startswith("attached drafter"):  # (its config's tree, top-3; or a chain)
         from mlx_specstream.config import DrafterConfig
         from mlx_specstream.drafters import attach_drafter
 
         model = sampled(tiny_hybrid)
         attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=2), seed=1)
-        return model, dict(n_tokens=3, draft=None)
+        chain = dict(num_draft_tokens=2) if drafter.endswith("chain") else {}
+        return model, dict(n_tokens=3, draft=None, **chain)
     if drafter.startswith("stream"):  # (a tree of drawn drafts, or a chain)
         model = sampled(stream_hybrid)
         chain = dict(tree_top_k=1) if drafter == "stream chain" else {}
@@ -708,15 +710,22 @@ def drawn_drafts(drafter: str):
     return model, dict(draft=None, draft_model=small, num_draft_tokens=2)
 
 
-@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain", "attached drafter"])
-def test_rejection_sampling_keeps_the_distribution(drafter):
+DRAWN = ["draft model", "streams", "stream chain", "attached drafter", "attached drafter chain"]
+
+
+@pytest.mark.parametrize("drafter", DRAWN)
+def test_rejection_sampling_keeps_the_distribution(drafter, monkeypatch):
     model, kwargs = drawn_drafts(drafter)
+    trees, real = [], recurrent.verify_tree
+    monkeypatch.setattr(recurrent, "verify_tree",
+                        lambda lg, d, p, *a: trees.append(p) or real(lg, d, p, *a))  # fmt: skip
     p, drafted = lookup_pvalue(model, **kwargs)
+    assert bool(trees) == (drafter in ("streams", "attached drafter"))  # (drawn trees)
     assert drafted > N_SAMPLES // 20, "drafts were rarely accepted: the test has no power"
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
-@pytest.mark.parametrize("drafter", ["draft model", "streams", "stream chain", "attached drafter"])
+@pytest.mark.parametrize("drafter", DRAWN)
 def test_negative_control_rejection_that_accepts_every_draft_is_caught(drafter, monkeypatch):
     def accept_all(tokens, parents, target_probs, draft_probs, uniforms):
         path = [0]  # (down the first child of each node: a chain's every node)
