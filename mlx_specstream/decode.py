@@ -788,8 +788,9 @@ def spec_generate_step(
         lookup_trees = lookup_trees and has_recurrent_layers(model)
         if dynamic_tree:
             raise ValueError(
-                "dynamic_tree=True: this model's drafts are verified as one chain "
-                "(mlx_specstream.recurrent), not as a tree."
+                "dynamic_tree=True: this model's drafts are verified through its own passes "
+                "(mlx_specstream.recurrent): as one chain, or as a static tree of its streams' "
+                "or drafter's levels, not as a grown tree."
             )
         if ngram_candidates != 1 and not lookup_trees:
             raise ValueError(

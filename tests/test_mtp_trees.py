@@ -221,7 +221,7 @@ def test_several_layers_are_refused_with_the_reason(tmp_path):
 def test_a_hybrid_verifies_chains_and_refuses_grown_trees(tmp_path):
     write_checkpoint(tmp_path / "ckpt", "qwen3_5", seed=3)
     model, _ = load(str(tmp_path / "ckpt"))
-    with pytest.raises(ValueError, match="one chain"):
+    with pytest.raises(ValueError, match="not as a grown tree"):
         spec_tokens(model, PROMPT, 8, **TREE)
 
 
