@@ -23,6 +23,12 @@ tests/test_dynamic_tree.py), so no output is compared here.
 
     cd benchmarks && ./with_openblas.sh python dynamic_trees.py --model ../runs/eagle/eagle1-model --temp 0.7,1.0 --tag eagle1-sampling-cpu-openblas
 
+A model directory whose drafter is a checkpoint's MTP layer works the same way (its
+trees grown on the layer; ``mtp_trained.py`` builds one, saved with ``num_draft_tokens``
+5 in its drafter section so that trees may be 5 levels deep):
+
+    cd benchmarks && ./with_openblas.sh python dynamic_trees.py --model ../runs/mtp/dir5 --rounds 5 --tag mtp-cpu-openblas
+
 With ``--draft-model DIR``, the trees are a draft model's (``draft_model=``, its levels
 ``num_draft_tokens`` deep) on ``--model`` (default: the embedded model, its streams off):
 
