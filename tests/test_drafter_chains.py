@@ -322,6 +322,23 @@ def test_kv_bits_equals_mlx_lm_s_own_loop(tmp_path):
             )
 
 
+def checked_draft(base, ref, text, checked):
+    """``MTPDrafter.draft`` returning ``(logits, a)``, each step's levels checked against
+    the from-scratch computation over ``text`` at its last row ``a`` (appended to
+    ``checked``)."""
+    real = mtp.MTPDrafter.draft
+
+    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None):
+        logits = real(self, rt, state, hidden, path, path_tokens, token, levels)
+        a = state.cache.offset - 1  # (the last row: token a's state, token a + 1)
+        want = reference_levels(base, ref, text, a, logits.shape[0])
+        np.testing.assert_allclose(np.array(logits.astype(mx.float32)), want, atol=2e-4, rtol=2e-4)
+        checked.append(a)
+        return logits, a
+
+    return draft
+
+
 @pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
 def test_chains_accepted_whole_keep_the_rows_in_step(arch, tmp_path, monkeypatch):
     """The MTP layer's drafts replaced by the right tokens (its own computation still
@@ -333,14 +350,11 @@ def test_chains_accepted_whole_keep_the_rows_in_step(arch, tmp_path, monkeypatch
     base, _ = mlx_lm_load(str(tmp_path / "ckpt"))
     prompt, n = PROMPTS[1], 25
     text = prompt + plain(base, prompt, n + 4)
-    real_draft, checked = mtp.MTPDrafter.draft, []
+    checked = []
+    draft = checked_draft(base, ref, text, checked)
 
-    def oracle(self, rt, state, hidden, path, path_tokens, token, levels=None):
-        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
-        a = state.cache.offset - 1  # (the last row: token a's state, token a + 1)
-        want = reference_levels(base, ref, text, a, logits.shape[0])
-        np.testing.assert_allclose(np.array(logits.astype(mx.float32)), want, atol=2e-4, rtol=2e-4)
-        checked.append(a)
+    def oracle(self, *args, **kwargs):
+        logits, a = draft(self, *args, **kwargs)
         right = mx.array(text[a + 2 : a + 2 + logits.shape[0]])
         return (mx.arange(logits.shape[-1])[None] == right[:, None]).astype(logits.dtype) * 30
 
@@ -367,14 +381,11 @@ def test_a_tree_s_accepted_path_gives_the_layer_its_nodes_states(arch, cut, tmp_
     base, _ = mlx_lm_load(str(tmp_path / "ckpt"))
     prompt, n = PROMPTS[1], 25
     text = prompt + plain(base, prompt, n + 4)
-    real_draft, checked, paths = mtp.MTPDrafter.draft, [], []
+    checked, paths = [], []
+    draft = checked_draft(base, ref, text, checked)
 
-    def oracle(self, rt, state, hidden, path, path_tokens, token, levels=None):
-        logits = real_draft(self, rt, state, hidden, path, path_tokens, token, levels)
-        a = state.cache.offset - 1  # (the last row: token a's state, token a + 1)
-        want = reference_levels(base, ref, text, a, logits.shape[0])
-        np.testing.assert_allclose(np.array(logits.astype(mx.float32)), want, atol=2e-4, rtol=2e-4)
-        checked.append(a)
+    def oracle(self, *args, **kwargs):
+        logits, a = draft(self, *args, **kwargs)
         V = logits.shape[-1]
         right = text[a + 2 : a + 2 + logits.shape[0]]
         rows = []

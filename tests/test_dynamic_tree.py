@@ -247,6 +247,37 @@ def test_dynamic_trees_are_refused_where_a_drafter_cannot_grow_them(base_dir, ch
         spec_tokens(streams, [1, 2], 4, dynamic_tree="yes")
 
 
+def assert_drawn_trees_keep_the_distribution(model, sampler, exact, tree, monkeypatch,
+                                             n=1500, m=800):  # fmt: skip
+    """Recursive rejection over drawn dynamic trees (``tree``) samples ``exact``, the
+    model's distribution under ``sampler`` (chi-square p > 1e-3 in ``n`` draws), some walk
+    reading several nodes' rows; control: every node verified against the root's
+    distribution (p < 1e-6 in ``m`` draws). Returns each walk's ``(parents, rows)``."""
+    from chi_square import chi_square_pvalue
+    from test_sampling import sample_counts
+
+    real_walk, walked = decode.accept_by_rejection, []
+
+    def recording(tokens, parents, target, q, uniforms, rows=None):
+        walked.append((list(parents), rows))
+        return real_walk(tokens, parents, target, q, uniforms, rows)
+
+    def roots(tokens, parents, target, q, uniforms, rows=None):
+        return real_walk(tokens, parents, target, q, uniforms, [0] * len(tokens))
+
+    for walk, draws in ((recording, n), (roots, m)):
+        with monkeypatch.context() as mp:
+            mp.setattr(decode, "accept_by_rejection", walk)
+            counts = sample_counts(model, sampler, draws, acceptance="rejection", **tree)
+        p = chi_square_pvalue(counts, exact, draws)
+        if walk is recording:
+            assert p > 1e-3, f"chi-square p = {p:.2e}"
+            assert any(r is not None and max(r) > 1 for _, r in walked)  # (several nodes' rows)
+        else:
+            assert p < 1e-6, f"another node's distribution passed (p = {p:.2e}): no power"
+    return walked
+
+
 def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     """Recursive rejection over drawn dynamic trees, and target sampling over dynamic
     trees, sample the base's distribution (chi-square). Controls: each node verified
@@ -265,25 +296,9 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     sampler, n = make_sampler(temp=1.0), 1500
     exact = exact_distribution(model, sampler)
     tree = dict(tree_top_k=2, tree_depth=2, max_tree_nodes=5, dynamic_tree=True)
-    real_walk, walked = decode.accept_by_rejection, []
-
-    def recording(tokens, parents, target, q, uniforms, rows=None):
-        walked.append((list(parents), rows))
-        return real_walk(tokens, parents, target, q, uniforms, rows)
-
-    monkeypatch.setattr(decode, "accept_by_rejection", recording)
-    counts = sample_counts(model, sampler, n, acceptance="rejection", **tree)
-    p = chi_square_pvalue(counts, exact, n)
-    assert p > 1e-3, f"chi-square p = {p:.2e}"
+    walked = assert_drawn_trees_keep_the_distribution(model, sampler, exact, tree, monkeypatch)
     grown = [rows for parents, rows in walked if rows is not None and len(parents) > 2]
-    assert len(grown) > n // 2 and any(max(rows) > 1 for rows in grown)  # (several nodes' rows)
-    monkeypatch.setattr(decode, "accept_by_rejection",
-                        lambda tokens, parents, target, q, uniforms, rows=None:
-                        real_walk(tokens, parents, target, q, uniforms, [0] * len(tokens)))  # fmt: skip
-    p = chi_square_pvalue(sample_counts(model, sampler, 800, acceptance="rejection", **tree),
-                          exact, 800)  # fmt: skip
-    assert p < 1e-6, f"another node's distribution passed (p = {p:.2e}): no power"
-    monkeypatch.undo()
+    assert len(grown) > n // 2
     counts = sample_counts(model, sampler, n, acceptance="target-sample", **tree)
     p = chi_square_pvalue(counts, exact, n)
     assert p > 1e-3, f"chi-square p = {p:.2e}"

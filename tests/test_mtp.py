@@ -1172,6 +1172,29 @@ def test_fewer_of_a_checkpoint_s_layers_draft_as_the_first_ones_alone(n, tmp_pat
     assert text[5:] == want
 
 
+def tune_with_fake_timings(ckpt, out, speed, monkeypatch) -> list:
+    """``mlx_specstream.tune --save`` on ``ckpt`` saved as the model directory ``out``
+    (:func:`_saved_directory`), each trial's tokens/s ``speed(settings)`` for trees and
+    100 for the rest (no decoding); returns the settings of every trial."""
+    import importlib
+
+    tune = importlib.import_module("mlx_specstream.tune")
+    _saved_directory(ckpt, out)
+    (out / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
+    tried = []
+
+    def fake(model, tokenizer, prompts, max_tokens, **s):
+        tried.append(s)
+        if s.get("speculative") is False or "tree_depth" not in s:
+            return 100.0, 1.0
+        return speed(s), 2.0
+
+    with monkeypatch.context() as mp:
+        mp.setattr(tune, "tokens_per_second", fake)
+        tune.main(["--model", str(out), "--num-prompts", "1", "--confirm-rounds", "0", "--save"])
+    return tried
+
+
 def _saved_directory(ckpt, out) -> nn.Module:
     """``load(ckpt)`` (every MTP layer it has) written by ``save`` as a model directory
     ``out``; returns the loaded model."""
@@ -1283,24 +1306,14 @@ def test_the_tuner_tries_fewer_layers_on_its_fastest_trees_and_stores_the_count(
     the model's after."""
     import importlib
 
-    tune = importlib.import_module("mlx_specstream.tune")
-    write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
-    _saved_directory(tmp_path / "ckpt", tmp_path / "dir")
-    (tmp_path / "dir" / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
-    tried = []
-
-    def fake(model, tokenizer, prompts, max_tokens, **s):
-        tried.append(s)
-        if s.get("speculative") is False or "tree_depth" not in s:
-            return 100.0, 1.0
+    def speed(s):  # (one layer fastest on the deepest chain)
         one = s.get("num_mtp_layers") == 1 and s["tree_depth"] == 3 and s["tree_top_k"] == 1
         d, k = s["tree_depth"], s["tree_top_k"]
-        return 100.0 + 20 * d - 5 * k + (s["max_tree_nodes"] == 8) + 40 * one, 2.0
+        return 100.0 + 20 * d - 5 * k + (s["max_tree_nodes"] == 8) + 40 * one
 
-    with monkeypatch.context() as mp:
-        mp.setattr(tune, "tokens_per_second", fake)
-        tune.main(["--model", str(tmp_path / "dir"), "--num-prompts", "1", "--confirm-rounds", "0",
-                   "--save"])  # fmt: skip
+    tune = importlib.import_module("mlx_specstream.tune")
+    write_checkpoint(tmp_path / "ckpt", "step3p5", seed=3, own_head=True, depths=3)
+    tried = tune_with_fake_timings(tmp_path / "ckpt", tmp_path / "dir", speed, monkeypatch)
     trees = [s for s in tried if "tree_depth" in s and s.get("draft") == "streams"]
     grid = [s for s in trees if s["num_mtp_layers"] == 3]
     fewer = [s for s in trees if s["num_mtp_layers"] != 3]

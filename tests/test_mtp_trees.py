@@ -10,7 +10,11 @@ import pytest
 from helpers import spec_tokens
 from mlx_lm.generate import generate_step
 from mlx_lm.utils import load as mlx_lm_load
-from test_dynamic_tree import assert_grown_children, log_softmax
+from test_dynamic_tree import (
+    assert_drawn_trees_keep_the_distribution,
+    assert_grown_children,
+    log_softmax,
+)
 from test_mtp import ARGS, CHAINS, reference_levels, write_checkpoint
 
 import mlx_specstream.decode as decode
@@ -229,8 +233,7 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     """Recursive rejection over the layer's drawn trees (each node's children drawn from
     the layer's distribution after that node's path) samples the model's distribution
     (chi-square); control: every node verified against the root's distribution."""
-    from chi_square import chi_square_pvalue
-    from test_sampling import exact_distribution, sample_counts
+    from test_sampling import exact_distribution
 
     from mlx_specstream.sample_utils import make_sampler
 
@@ -239,26 +242,10 @@ def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     write_checkpoint(tmp_path / "ckpt", "mimo", seed=2, vocab_size=6, weight_scale=2.0,
                      num_hidden_layers=2)  # fmt: skip
     model, _ = load(str(tmp_path / "ckpt"))
-    sampler, n = make_sampler(temp=1.0), 1500
-    exact = exact_distribution(model, sampler)
+    sampler = make_sampler(temp=1.0)
     tree = dict(tree_top_k=2, tree_depth=2, max_tree_nodes=5, dynamic_tree=True)
-    real_walk, walked = decode.accept_by_rejection, []
-
-    def recording(tokens, parents, target, q, uniforms, rows=None):
-        walked.append(rows)
-        return real_walk(tokens, parents, target, q, uniforms, rows)
-
-    monkeypatch.setattr(decode, "accept_by_rejection", recording)
-    counts = sample_counts(model, sampler, n, acceptance="rejection", **tree)
-    p = chi_square_pvalue(counts, exact, n)
-    assert p > 1e-3, f"chi-square p = {p:.2e}"
-    assert any(rows is not None and max(rows) > 1 for rows in walked)  # (several nodes' rows)
-    monkeypatch.setattr(decode, "accept_by_rejection",
-                        lambda tokens, parents, target, q, uniforms, rows=None:
-                        real_walk(tokens, parents, target, q, uniforms, [0] * len(tokens)))  # fmt: skip
-    p = chi_square_pvalue(sample_counts(model, sampler, 800, acceptance="rejection", **tree),
-                          exact, 800)  # fmt: skip
-    assert p < 1e-6, f"another node's distribution passed (p = {p:.2e}): no power"
+    exact = exact_distribution(model, sampler)
+    assert_drawn_trees_keep_the_distribution(model, sampler, exact, tree, monkeypatch)
 
 
 def test_the_tuner_tries_grown_trees_on_its_fastest_and_stores_the_choice(tmp_path,
@@ -266,30 +253,18 @@ def test_the_tuner_tries_grown_trees_on_its_fastest_and_stores_the_choice(tmp_pa
     """On a directory with one MTP layer the tuner's grid fills static trees, then grows
     its three fastest wide ones; the fastest (a fake measure: grown top-3 trees) is stored
     for this device, ``dynamic_tree`` with it, and the next load grows its trees."""
-    import importlib
     import json
 
-    from test_mtp import _saved_directory
+    from test_mtp import tune_with_fake_timings
 
     from mlx_specstream.precision import device_key
 
-    tune = importlib.import_module("mlx_specstream.tune")
-    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
-    _saved_directory(tmp_path / "ckpt", tmp_path / "dir")
-    (tmp_path / "dir" / "prompts.jsonl").write_text(json.dumps({"prompt": "t1 t5 t9 t3"}) + "\n")
-    tried = []
-
-    def fake(model, tokenizer, prompts, max_tokens, **s):
-        tried.append(s)
-        if s.get("speculative") is False or "tree_depth" not in s:
-            return 100.0, 1.0
+    def speed(s):  # (grown top-3 trees fastest)
         k, grown = s["tree_top_k"], s.get("dynamic_tree")
-        return 100.0 + 10 * s["tree_depth"] + 5 * k + (300 if grown and k == 3 else 0), 2.0
+        return 100.0 + 10 * s["tree_depth"] + 5 * k + (300 if grown and k == 3 else 0)
 
-    with monkeypatch.context() as mp:
-        mp.setattr(tune, "tokens_per_second", fake)
-        tune.main(["--model", str(tmp_path / "dir"), "--num-prompts", "1", "--confirm-rounds", "0",
-                   "--save"])  # fmt: skip
+    write_checkpoint(tmp_path / "ckpt", "mimo", seed=3)
+    tried = tune_with_fake_timings(tmp_path / "ckpt", tmp_path / "dir", speed, monkeypatch)
     trees = [s for s in tried if "tree_depth" in s and s.get("draft") == "streams"]
     wide = [s for s in trees if s["tree_top_k"] > 1]
     grid = [s for s in wide if s["dynamic_tree"] is False]
