@@ -1004,6 +1004,16 @@ def spec_generate_step(
         rt.release()
 
 
+def lookup_settings(lookup_tokens, candidates: int, nodes: int) -> tuple:
+    """``draft="streams+ngram"`` on a model verified through its own passes: prompt
+    lookup's drafts, ``(tokens, candidates, max_nodes)``, merged into the streams' or an
+    attached drafter's (``num_draft_tokens`` sets lookup's length there, as on any model)."""
+    lookup_tokens = NGRAM_DRAFT_TOKENS if lookup_tokens is None else lookup_tokens
+    if not (isinstance(lookup_tokens, int) and lookup_tokens >= 1):
+        raise ValueError(f"num_draft_tokens={lookup_tokens!r}: an integer >= 1.")
+    return lookup_tokens, candidates, nodes
+
+
 def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
     """What the streams (or an attached drafter's levels) draft on a model with
     recurrent layers: a chain of
@@ -1099,27 +1109,34 @@ def _on_chain_model(
         and draft_model is None
         and draft != "ngram"
         and not (own_streams and draft in (None, "streams", "streams+ngram"))
-        and not (own_drafter and draft in (None, "streams"))
+        and not (own_drafter and draft in (None, "streams", "streams+ngram"))
     ):
         raise ValueError(
             f"Model type '{model_type}' {what}: it speculates with prompt lookup "
-            f"(draft='ngram'), a draft model, its lossless-mode streams (with prompt "
-            f"lookup merged in: 'streams+ngram') or its attached drafter (its MTP layer), "
+            f"(draft='ngram'), a draft model, its lossless-mode streams or its attached "
+            f"drafter (its MTP layer; either with prompt lookup merged in: 'streams+ngram'), "
             f"verified {why}; got draft={draft!r}."
         )
+    if (own_streams or own_drafter) and draft is None:  # the config's source (tuned)
+        draft = getattr(rt.config, "draft", None)
+    merged = False  # (lookup's drafts merged in, first: into the streams' or the drafter's)
     if speculative and own_drafter and draft != "ngram":
         # (a chain of each level's first choice, at most the config's levels; else the
-        # settings' tree, where the model takes one)
-        n = kw["num_draft_tokens"]
+        # settings' tree, where the model takes one; merged: num_draft_tokens is lookup's)
+        merged = draft == "streams+ngram"
+        n = None if merged else kw["num_draft_tokens"]
         if isinstance(n, int) and not isinstance(n, bool):
             n = min(n, resolve_tree_settings(rt, None, None, None, None)[1])
         kw["drafter_tree"], levels = streams_on_chains(rt, model, tree, n)
-        tree = (None, None, None, None)
+        nodes = tree[3] if tree[3] is not None else rt.config.max_tree_nodes
+        tree, lookup_tokens = (None, None, None, None), kw["num_draft_tokens"]
         kw["num_draft_tokens"], kw["attached_drafter"] = levels, levels > 0
-    if own_streams and draft is None:  # the source the model's config names (tuned)
-        draft = getattr(rt.config, "draft", None)
+        merged = merged and levels > 0  # (no levels: lookup alone)
+        if merged:
+            kw["lookup"] = lookup_settings(lookup_tokens, kw["ngram_candidates"], nodes)
+            kw["num_draft_tokens"] = max(levels, min(kw["lookup"][0], nodes - 1))
     streams = speculative and own_streams and draft != "ngram"
-    merged = streams and draft == "streams+ngram"  # (lookup's drafts merged in, first)
+    merged = merged or streams and draft == "streams+ngram"
     if streams:  # (the streams' chain or tree: the settings', tuned or given)
         lookup_tokens = kw["num_draft_tokens"] if merged else None  # (as on any model)
         kw["stream_tree"], levels = streams_on_chains(rt, model, tree, None if merged else
@@ -1130,11 +1147,8 @@ def _on_chain_model(
         if merged:
             if kw["stream_tree"] is None:  # (a chain of ``levels``: as a tree of one path)
                 kw["stream_tree"] = static_tree([1] * levels, levels, levels + 1)
-            lookup_tokens = NGRAM_DRAFT_TOKENS if lookup_tokens is None else lookup_tokens
-            if not (isinstance(lookup_tokens, int) and lookup_tokens >= 1):
-                raise ValueError(f"num_draft_tokens={lookup_tokens!r}: an integer >= 1.")
-            kw["lookup"] = (lookup_tokens, kw["ngram_candidates"], nodes)
-            kw["num_draft_tokens"] = max(levels, min(lookup_tokens, nodes - 1))
+            kw["lookup"] = lookup_settings(lookup_tokens, kw["ngram_candidates"], nodes)
+            kw["num_draft_tokens"] = max(levels, min(kw["lookup"][0], nodes - 1))
     if speculative and draft_model is not None and draft not in (None, "streams"):
         raise ValueError(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
@@ -1166,7 +1180,7 @@ def _on_chain_model(
     sampler = kw["sampler"]  # (any sampler but ours says nothing of its temperature)
     sampling = sampler not in (None, greedy) and not getattr(sampler, "greedy", False)
     drafted = kw.get("attached_drafter", False)  # (the attached drafter's chains: drawn)
-    lookup_only = draft_model is None and (merged or not streams) and not drafted
+    lookup_only = draft_model is None and (merged or not streams and not drafted)
     if speculative and sampling and lookup_only:
         if acceptance == "rejection":
             warnings.warn(
@@ -1175,7 +1189,11 @@ def _on_chain_model(
                 "acceptance='target-sample' (also lossless).",
                 stacklevel=3,
             )
-    if speculative and sampling and (draft_model is not None or streams and not merged or drafted):
+    if (
+        speculative
+        and sampling
+        and (draft_model is not None or (streams or drafted) and not merged)
+    ):
         if acceptance is None:
             acceptance = default_acceptance(sampler)
         if acceptance == "rejection" and not isinstance(sampler, DistributionSampler):

@@ -587,10 +587,11 @@ def chain_generate_step(
         ngram_candidates (int): prompt lookup's drafts merged into one tree of at most
           ``max_tree_nodes`` nodes (:class:`LookupDrafts`; the model's runtime, a
           verifier alone without streams, verifies it as it verifies the streams').
-        lookup (tuple, optional): with ``streams``, ``draft="streams+ngram"``: prompt
-          lookup's drafts (``(tokens, candidates, max_nodes)``: at most ``tokens`` long,
-          ``candidates`` of them) merged into the streams' drafts, first, in a tree of at
-          most ``max_nodes`` nodes.
+        lookup (tuple, optional): with ``streams`` or ``attached_drafter``,
+          ``draft="streams+ngram"``: prompt lookup's drafts (``(tokens, candidates,
+          max_nodes)``: at most ``tokens`` long, ``candidates`` of them) merged into the
+          streams' (or the drafter's) drafts, first, in a tree of at most ``max_nodes``
+          nodes.
         attached_drafter (bool): the model's attached drafter (its MTP layer,
           ParallelSpec or Medusa heads) drafts chains of at most ``num_draft_tokens`` levels
           (:class:`DrafterChains`): greedy, or with ``rejection`` drawn under ``sampler``
@@ -617,8 +618,10 @@ def chain_generate_step(
         dstate = runtime.drafter.start(offset, None if own is None else drafter_state_of(own))
         if own is not None:
             keep_drafter_state(own, dstate)
+        tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
+        index = None if lookup is None else NgramIndex(candidates=candidates)
         drafter = DrafterChains(state, dstate, sampler if rejection else None, num_draft_tokens,
-                                drafter_tree)  # fmt: skip
+                                drafter_tree, index, tokens, nodes)  # fmt: skip
     if streams:
         tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
         index = None if lookup is None else NgramIndex(candidates=candidates)
@@ -864,15 +867,20 @@ class DrafterChains:
 
     With a ``tree`` (a :class:`~mlx_specstream.tree.StaticTree`), node ``i`` carries the
     token of rank ``ranks[i]`` of level ``levels[i]`` (drawn: without replacement, as
-    :class:`StreamDrafts` draws them) and :attr:`parents` says the tree. A tree pass's
+    :class:`StreamDrafts` draws them) and :attr:`parents` says the tree. With ``lookup``
+    (an :class:`~mlx_specstream.ngram.NgramIndex`), prompt lookup's drafts are merged in
+    first (:func:`~mlx_specstream.tree.merge_chains`), as :class:`StreamDrafts` merges them. A tree pass's
     states are the pending tokens' by position, then the tree's nodes': once the tree
     is verified, the accepted path's go in at the positions after the pending ones
     (:meth:`accepted_path`).
     """
 
     def __init__(self, state: "ChainCache", dstate, sampler=None, levels: int = 3,
-                 tree: Optional[StaticTree] = None):  # fmt: skip
+                 tree: Optional[StaticTree] = None, lookup: Optional[NgramIndex] = None,
+                 lookup_tokens: int = NGRAM_DRAFT_TOKENS, max_nodes: int = 16):  # fmt: skip
         self.state, self.rt, self.dstate, self.sampler = state, state.runtime, dstate, sampler
+        # draft="streams+ngram": prompt lookup's drafts merged in first, up to max_nodes nodes.
+        self.lookup, self.lookup_tokens, self.max_nodes = lookup, lookup_tokens, max_nodes
         self.drafter, self.levels = state.runtime.drafter, levels
         self.vocab = vocab_size(state.model)
         self.tokens: List[int] = []
@@ -925,20 +933,32 @@ class DrafterChains:
         """The next chain, at most ``n`` (and the drafter's levels) long; with a tree, its
         nodes but the root, at most ``n`` levels deep (:attr:`parents` then says it)."""
         self.parents = None
+        tokens, parents = self._own_drafts(n)
+        if self.lookup is not None:
+            self.lookup.extend(self.tokens[len(self.lookup.tokens) :])
+            chains = [c for c in self.lookup.drafts(min(n, self.lookup_tokens)) if c]
+            if chains:
+                parents = parents or list(range(-1, len(tokens)))
+                merged = merge_chains([self.tokens[-1]] + tokens, parents, chains, self.max_nodes)
+                tokens, parents = merged.tokens[1:], merged.parents
+        self.parents = None if parents is None or layout_of(parents).is_chain else parents
+        return tokens
+
+    def _own_drafts(self, n: int) -> Tuple[List[int], Optional[List[int]]]:
+        """The drafter's own drafts: ``(tokens, parents)`` of its tree, or of its chain
+        (``parents`` ``None``)."""
         logits = self._append(len(self.tokens), min(n, self.levels))
         if logits is None:
-            return []
+            return [], None
         scores, q = level_scores(logits[: min(n, self.levels), : self.vocab], self.sampler)
         self.q = q
         if self.tree is None:
-            return mx.argmax(scores, axis=-1).tolist()
+            return mx.argmax(scores, axis=-1).tolist(), None
         t = self.tree
         keep = depth_limited(t.parents, scores.shape[0])[1:]
         top = top_k_desc(scores, max(t.ranks) + 1)
         tokens = top[mx.array([t.levels[i] for i in keep]), mx.array([t.ranks[i] for i in keep])]
-        parents = subtree_parents(t.parents, [0] + keep)
-        self.parents = None if layout_of(parents).is_chain else parents
-        return tokens.tolist()
+        return tokens.tolist(), subtree_parents(t.parents, [0] + keep)
 
     def accepted_path(self, path: List[int]) -> None:
         """After a tree pass: the states of the accepted ``path``'s nodes (root first)

@@ -166,8 +166,8 @@ def test_settings_no_chain_takes_are_refused(tmp_path):
         run(model, PROMPTS[1], 4, tree_top_k=2, num_draft_tokens=2)
     with pytest.raises(ValueError, match="dynamic_tree=True: .*not as a grown tree"):
         run(model, PROMPTS[1], 4, tree_top_k=2, dynamic_tree=True)
-    with pytest.raises(ValueError, match="its attached drafter.*got draft='streams\\+ngram'"):
-        run(model, PROMPTS[1], 4, draft="streams+ngram")
+    with pytest.raises(ValueError, match="prune_threshold=0.5: not with recurrent layers"):
+        run(model, PROMPTS[1], 4, prune_threshold=0.5)
     got, out = run(model, PROMPTS[2], 16, draft="ngram")  # (lookup instead: as on any model)
     assert got == plain(mlx_lm_load(str(tmp_path / "ckpt"))[0], PROMPTS[2], 16)
 
@@ -437,3 +437,26 @@ def test_greedy_equals_mlx_lm_with_trees_on_every_hybrid_family(tmp_path):
             got, _ = run(model, prompt, 24, tree_top_k=2, max_tree_nodes=8, prefill_step_size=4)
             assert got == plain(base, prompt, 24, prefill_step_size=4), (arch, prompt)
             assert cache_slots(model) == slots, arch
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "nemotron_h"])
+def test_prompt_lookup_merged_into_the_layer_s_chain_and_tree(arch, tmp_path, monkeypatch):
+    """``draft="streams+ngram"`` on a hybrid: prompt lookup's drafts merged into the MTP
+    layer's chain (the config's, 4 nodes) or its top-2 tree (8), first: mlx-lm's tokens,
+    trees with lookup's branches verified, and fewer passes than the layer alone on a prompt that
+    repeats itself (its random layer rarely drafts right)."""
+    write_checkpoint(tmp_path / "ckpt", arch, seed=3)
+    model, _ = load(str(tmp_path / "ckpt"))
+    base, _ = mlx_lm_load(str(tmp_path / "ckpt"))
+    prompt = PROMPTS[2] + plain(base, PROMPTS[2], 16) + PROMPTS[2]  # (its own text again)
+    want = plain(base, prompt, 24)
+    trees, real = [], recurrent.verify_tree
+    monkeypatch.setattr(recurrent, "verify_tree",
+                        lambda lg, d, p, *a: trees.append(p) or real(lg, d, p, *a))  # fmt: skip
+    for tree in ({}, dict(tree_top_k=2, max_tree_nodes=8)):
+        trees.clear()
+        alone = run(model, prompt, 24, **tree)[1][-1][3]
+        got, out = run(model, prompt, 24, draft="streams+ngram", **tree)
+        assert got == want, tree
+        assert out[-1][3] < alone, tree
+        assert trees or not tree  # (the chain's 4 nodes: lookup's chain may fill them)

@@ -272,8 +272,23 @@ def sampled(make):
 
 # A hybrid model, one the tree verifier cannot take (test_chain_models), and a hybrid's
 # streams (test_hybrid_streams: 3 tokens, as the first pass drafts nothing).
+def attached_hybrid():
+    """A sampled hybrid with a random ParallelSpec drafter attached (2 levels; its
+    config's tree, top-3: recurrent.DrafterChains)."""
+    from mlx_specstream.config import DrafterConfig
+    from mlx_specstream.drafters import attach_drafter
+
+    model = sampled(tiny_hybrid)
+    attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=2), seed=1)
+    return model
+
+
 SAMPLED = {
     "qwen3_next": (lambda: sampled(tiny_hybrid), {}),
+    "qwen3_next drafter+ngram": (  # (lookup merged into an attached drafter's tree)
+        attached_hybrid,
+        dict(n_tokens=3, draft="streams+ngram", prompt=[1, 4, 2, 5, 1, 4, 3, 1, 4]),
+    ),
     "nanochat": (lambda: tiny_chain_model("nanochat", vocab_size=V), {}),
     "qwen3_next streams": (  # (greedy stream drafts; drawn ones: the rejection tests)
         lambda: sampled(stream_hybrid),
@@ -393,7 +408,7 @@ def test_plain_decoding_and_refusals():
         (
             dict(draft=None),
             r"prompt lookup \(draft='ngram'\), a draft model, its lossless-mode streams"
-            r".*or its attached drafter \(its MTP layer\).*got draft=None",
+            r".*or its attached drafter \(its MTP layer.*got draft=None",
         ),
         (dict(draft="streams+ngram"), "got draft='streams\\+ngram'"),
         (dict(draft_model=tiny_hybrid("qwen3_next")), "draft='ngram' with a draft_model"),
@@ -694,11 +709,7 @@ def drawn_drafts(drafter: str):
     an attached drafter's (a random ParallelSpec layer: recurrent.DrafterChains; the
     static tree of its levels, or a chain)."""
     if drafter.startswith("attached drafter"):  # (its config's tree, top-3; or a chain)
-        from mlx_specstream.config import DrafterConfig
-        from mlx_specstream.drafters import attach_drafter
-
-        model = sampled(tiny_hybrid)
-        attach_drafter(model, DrafterConfig(kind="parallelspec", num_draft_tokens=2), seed=1)
+        model = attached_hybrid()
         chain = dict(num_draft_tokens=2) if drafter.endswith("chain") else {}
         return model, dict(n_tokens=3, draft=None, **chain)
     if drafter.startswith("stream"):  # (a tree of drawn drafts, or a chain)
