@@ -372,6 +372,10 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
     else:
         log(f"[INFO] chains only: {why}")
     try_every_token(trials, rt, 2)
+    # Prompt lookup, alone and merged into the fastest chain or tree (as on any model).
+    fastest = as_tree(trials.fastest(1)[0])
+    trials.run(dict(draft="ngram"))
+    trials.run(dict(fastest, draft="streams+ngram"))
 
     def describe(best):
         if "num_draft_tokens" not in best:
@@ -382,10 +386,23 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
 
     best, tps, base = trials.choice(min_gain, "Drafting chains", describe, confirm_rounds)
     if "num_draft_tokens" in best:
-        n = best["num_draft_tokens"]
-        vocab = {k: best[k] for k in ("draft_vocab",) if k in best}
-        best = dict(tree_depth=n, tree_top_k=1, max_tree_nodes=n + 1, **vocab)
+        best = as_tree(best)
     return best, tps, base
+
+
+def as_tree(settings: dict) -> dict:
+    """An attached drafter's chain of ``num_draft_tokens`` as the tree settings that draft
+    it (what the config stores: ``top_k`` 1, ``n + 1`` nodes); other settings as they are.
+
+    Example:
+        >>> as_tree({"num_draft_tokens": 2, "draft_vocab": False})
+        {'draft_vocab': False, 'tree_depth': 2, 'tree_top_k': 1, 'max_tree_nodes': 3}
+    """
+    if "num_draft_tokens" not in settings:
+        return settings
+    out = {k: v for k, v in settings.items() if k != "num_draft_tokens"}
+    n = settings["num_draft_tokens"]
+    return dict(out, tree_depth=n, tree_top_k=1, max_tree_nodes=n + 1)
 
 
 def verify_cost_note(model, log=print) -> float:

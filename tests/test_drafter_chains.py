@@ -195,8 +195,9 @@ def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(arch, tmp_path):
 
 def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsys, monkeypatch):
     """``mlx_specstream.tune --save`` on a saved Qwen3-Next with its MTP layer times
-    chains of 1-3 and the static trees of its levels, and stores the fastest, which the
-    next load drafts (fake timings: a chain of 2 fastest, then a top-2 tree)."""
+    chains of 1-3, the static trees of its levels and prompt lookup (alone, and merged into
+    the fastest), and stores the fastest, which the next load drafts (fake timings: a
+    chain of 2 fastest, then a top-2 tree, then lookup merged in)."""
     import importlib
     import json
 
@@ -212,8 +213,11 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
     argv = ["--model", str(out), "--num-prompts", "1", "--max-tokens", "8", "--confirm-rounds",
             "0", "--batch-size", "0", "--save"]  # fmt: skip
     real_tps = tune.tokens_per_second
-    for fastest, want in [(dict(num_draft_tokens=2), (2, 1, 3)),
-                          (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7), (2, 2, 7))]:  # fmt: skip
+    for fastest, want in [
+        (dict(num_draft_tokens=2), (2, 1, 3)),
+        (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7), (2, 2, 7)),
+        (dict(draft="streams+ngram"), None),  # (merged into the first chain: no tree said)
+    ]:
 
         def fake(model, tokenizer, prompts, max_tokens, **s):
             tps, tau = real_tps(model, tokenizer, prompts, max_tokens, **s)  # (runs for real)
@@ -226,7 +230,11 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
         log = capsys.readouterr().out
         assert all(f"{{'num_draft_tokens': {n}}}" in log for n in (1, 2, 3))
         assert "'tree_top_k': 2" in log and "'tree_top_k': 3" in log
+        assert "{'draft': 'ngram'}" in log and "'draft': 'streams+ngram'" in log
         entry = json.loads((out / "config.json").read_text())["drafter"]["tuned"][device_key()]
+        assert entry.get("draft") == fastest.get("draft")
+        if want is None:
+            continue
         assert (entry["tree_depth"], entry["top_k"], entry["max_tree_nodes"]) == want
         seen, real, real_tree = [], recurrent.verify_chain, recurrent.verify_tree
         with monkeypatch.context() as mp:
