@@ -842,6 +842,27 @@ def level_scores(logits: mx.array, sampler=None) -> Tuple[mx.array, Optional[mx.
     return mx.log(q) + mx.random.gumbel(q.shape), q
 
 
+def lookup_merged(index: NgramIndex, history: List[int], tokens: List[int],
+                  parents: Optional[List[int]], n: int, max_nodes: int):  # fmt: skip
+    """``tokens`` (a chain, or a tree with ``parents``) below the last token of
+    ``history``, with prompt lookup's drafts (``index``'s, at most ``n`` long, the
+    history's new tokens added to it first) merged in first
+    (:func:`~mlx_specstream.tree.merge_chains`): ``(tokens, parents)``, ``parents``
+    ``None`` where the merged drafts are a chain; as given where lookup finds none.
+
+    Example: history ``[5, 6, 7, 5, 6]`` and the chain ``[9]``: lookup drafts ``7 5 6``
+    after ``6``, so the tree is ``7 5 6`` then ``9`` beside ``7``, parents ``[-1, 0, 1,
+    2, 0]``.
+    """
+    index.extend(history[len(index.tokens) :])
+    chains = [c for c in index.drafts(n) if c]
+    if not chains:
+        return tokens, parents
+    merged = merge_chains([history[-1]] + tokens, parents or list(range(-1, len(tokens))),
+                          chains, max_nodes)  # fmt: skip
+    return merged.tokens[1:], None if layout_of(merged.parents).is_chain else merged.parents
+
+
 class DrafterChains:
     """An attached drafter (a checkpoint's MTP layer, ParallelSpec or Medusa heads:
     :mod:`mlx_specstream.drafters`) drafting chains for :func:`chain_generate_step`,
@@ -935,12 +956,8 @@ class DrafterChains:
         self.parents = None
         tokens, parents = self._own_drafts(n)
         if self.lookup is not None:
-            self.lookup.extend(self.tokens[len(self.lookup.tokens) :])
-            chains = [c for c in self.lookup.drafts(min(n, self.lookup_tokens)) if c]
-            if chains:
-                parents = parents or list(range(-1, len(tokens)))
-                merged = merge_chains([self.tokens[-1]] + tokens, parents, chains, self.max_nodes)
-                tokens, parents = merged.tokens[1:], merged.parents
+            tokens, parents = lookup_merged(self.lookup, self.tokens, tokens, parents,
+                                            min(n, self.lookup_tokens), self.max_nodes)  # fmt: skip
         self.parents = None if parents is None or layout_of(parents).is_chain else parents
         return tokens
 
@@ -1056,13 +1073,8 @@ class StreamDrafts:
                 nodes = self.next.tolist()
                 tokens = [nodes[i - 1] for i in keep[1:]]
         if self.lookup is not None:
-            self.lookup.extend(self.tokens[len(self.lookup.tokens) :])
-            chains = [c for c in self.lookup.drafts(min(n, self.lookup_tokens)) if c]
-            if chains:
-                parents = parents or list(range(-1, len(tokens)))
-                merged = merge_chains([self.tokens[-1]] + tokens, parents, chains, self.max_nodes)
-                tokens, parents = merged.tokens[1:], merged.parents
-                parents = None if layout_of(parents).is_chain else parents
+            tokens, parents = lookup_merged(self.lookup, self.tokens, tokens, parents,
+                                            min(n, self.lookup_tokens), self.max_nodes)  # fmt: skip
         self.parents = parents
         return tokens
 

@@ -863,3 +863,22 @@ def test_nemotron_h_caches_pair_with_its_mixer_and_attention_layers():
     model = tiny_hybrid("nemotron_h")
     assert [layer.block_type for layer in model.layers] == ["-", "M", "*", "M"]
     assert cache_slots(model) == [None, 0, 1, 2] and tree_on_chains_refusal(model) is None
+
+
+def test_lookup_merged_golden():
+    """Lookup's drafts go first, the drafter's after them under the cap; a chain stays one;
+    without a match the drafts are as given."""
+    from mlx_specstream.ngram import NgramIndex
+    from mlx_specstream.recurrent import lookup_merged
+
+    history = [5, 6, 7, 5, 6]
+    assert lookup_merged(NgramIndex(), history, [9], None, 3, 16) == (
+        [7, 5, 6, 9],
+        [-1, 0, 1, 2, 0],
+    )
+    assert lookup_merged(NgramIndex(), history, [7, 8], None, 3, 16) == (
+        [7, 5, 6, 8],
+        [-1, 0, 1, 2, 1],
+    )
+    assert lookup_merged(NgramIndex(), history, [9], None, 3, 3) == ([7, 5], None)
+    assert lookup_merged(NgramIndex(), [1, 2, 3], [9, 4], [-1, 0, 0], 3, 16) == ([9, 4], [-1, 0, 0])
