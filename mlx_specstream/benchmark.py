@@ -38,6 +38,7 @@ from mlx.utils import tree_flatten
 from .cli_args import add_draft_vocab_arg, add_num_mtp_layers_arg
 from .config import SpecStreamConfig
 from .draft_model import grows_trees
+from .dynamic_tree import drafter_grows
 from .generate import stream_generate
 from .recurrent import has_recurrent_layers
 from .streams import attach_verifier, get_runtime
@@ -68,11 +69,9 @@ def grows_where_asked(model) -> bool:
     :mod:`mlx_specstream.dynamic_tree`), and can here: then the benchmark times its
     default tree both ways."""
     drafter = get_runtime(model).drafter
-    if has_recurrent_layers(model) or not hasattr(drafter, "draft_tree"):
+    if has_recurrent_layers(model) or not drafter_grows(drafter):
         return False
-    if getattr(drafter, "grows_by_default", True):
-        return False
-    return getattr(drafter, "growth_refusal", lambda: None)() is None
+    return not drafter.grows_by_default
 
 
 def machine_info(argv=None):

@@ -696,7 +696,8 @@ def spec_generate_step(
         tree_top_k, tree_depth, prune_threshold, max_tree_nodes: per-call
           overrides of the model's tree settings.
         dynamic_tree (bool, optional): an EAGLE drafter, an MTP layer (one drafting every
-          level) or a ``draft_model`` grows each tree from its own drafts (EAGLE-2's dynamic trees, :mod:`mlx_specstream.dynamic_tree`):
+          level) or a ``draft_model`` grows each tree from its own drafts (EAGLE-2's
+          dynamic trees, :mod:`mlx_specstream.dynamic_tree`):
           ``tree_top_k`` children for each of the ``tree_top_k`` best nodes of a
           level, ``tree_depth`` levels, the best ``max_tree_nodes`` kept. With
           ``"rejection"``, each node's children are draws from its own distribution

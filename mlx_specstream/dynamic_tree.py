@@ -177,6 +177,12 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def drafter_grows(drafter) -> bool:
+    """Whether an attached ``drafter`` grows dynamic trees here: it has ``draft_tree``
+    (EAGLE's drafters, an MTP layer) and its ``growth_refusal()`` gives no reason."""
+    return hasattr(drafter, "draft_tree") and drafter.growth_refusal() is None
+
+
 def grown_candidates(drafter, rt, state, hidden, path, path_tokens, token, k: int, depth: int,
                      drawn=None):  # fmt: skip
     """:func:`grow`'s candidates for a drafter with a KV cache of its own that runs again
@@ -382,6 +388,6 @@ def drawn_tree(candidates, root: int, k: int):
 
 __all__: List[str] = [
     "draft_tree", "draws_of", "drawn_tree", "expand_mask", "grow", "grow_drawn",
-    "grown_candidates", "kept_slots", "level_budgets", "place_drawn", "select_nodes",
+    "drafter_grows", "grown_candidates", "kept_slots", "level_budgets", "place_drawn", "select_nodes",
     "top_children",
 ]  # fmt: skip

@@ -323,6 +323,12 @@ class EagleDrafting(nn.Module):
     deeper level (``step``, ``again``, ``level_logits``), or over a dynamic tree's nodes
     (``rows_at``, ``tree_logits``, ``tree_ids``)."""
 
+    grows_by_default = True  # (dynamic trees wherever the tree is wider than a chain)
+
+    def growth_refusal(self) -> Optional[str]:
+        """Why this drafter cannot grow dynamic trees (``None``: it always can)."""
+        return None
+
     def start(self, prompt_cache_offset: int, previous=None, levels=None) -> DrafterState:
         return continue_or_start(prompt_cache_offset, previous, self.layer)
 

@@ -594,10 +594,8 @@ class MTPDrafter(MTPDepth):
                    drawn=None):  # fmt: skip
         """The candidates of the next dynamic tree, ``k`` wide and ``depth`` levels deep,
         or of a drawn one (:func:`~mlx_specstream.dynamic_tree.grown_candidates`): each
-        node's children are this layer's top-``k`` after that node's own path."""
-        why = self.growth_refusal()
-        if why is not None:
-            raise ValueError(f"dynamic_tree=True: {why}.")
+        node's children are this layer's top-``k`` after that node's own path (the
+        call's settings refused a layer that cannot: :meth:`growth_refusal`)."""
         if self._window is not None and depth > self._window:
             raise ValueError(f"dynamic_tree=True: a tree {depth} levels deep; this MTP layer "
                              f"attends within a window of {self._window}.")  # fmt: skip

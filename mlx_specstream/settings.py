@@ -87,7 +87,7 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
     drafter = rt.drafter
     asked = getattr(rt.config, "dynamic_tree", None) if dynamic_tree is None else dynamic_tree
     grows = hasattr(drafter, "draft_tree")
-    why = drafter.growth_refusal() if hasattr(drafter, "growth_refusal") else None
+    why = drafter.growth_refusal() if grows else None
     if asked and (not grows or why is not None):
         source = "" if dynamic_tree else " (the model's config)"
         if why is not None:
@@ -102,7 +102,7 @@ def dynamic_tree_setting(rt: StreamRuntime, dynamic_tree, draft_model, ks, depth
             "MTP layer, or a draft_model's)."
         )
     if asked is None:
-        asked = getattr(drafter, "grows_by_default", True)
+        asked = grows and drafter.grows_by_default
     return bool(asked and grows and wide)
 
 

@@ -51,6 +51,7 @@ import mlx.nn as nn
 from .benchmark import DTYPES, load_prompts, verify_cost_curve
 from .config import CONFIG_KEY, DRAFTER_KEY, write_config
 from .draft_model import grows_trees
+from .dynamic_tree import drafter_grows
 from .generate import stream_generate
 from .mtp import MTPDrafter
 from .precision import compute_dtype, device_key, on_gpu
@@ -223,9 +224,8 @@ def tune(
     # (a drafter of several MTP layers: the trees drafted by all of them)
     held = len(rt.drafter.held_depths) if isinstance(rt.drafter, MTPDrafter) else 1
     # (an EAGLE drafter, one MTP layer: dynamic trees; grown in the grid where by default)
-    grows = hasattr(rt.drafter, "draft_tree") and held == 1
-    grows = grows and getattr(rt.drafter, "growth_refusal", lambda: None)() is None
-    grown_first = grows and getattr(rt.drafter, "grows_by_default", True)
+    grows = held == 1 and drafter_grows(rt.drafter)
+    grown_first = grows and rt.drafter.grows_by_default
     for tree in candidate_trees(rt.config.num_streams, has_adapter):
         # (not the draft source or pipelining a previous tuning stored)
         tree.update(draft="streams", pipeline=False)
