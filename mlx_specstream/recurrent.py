@@ -613,20 +613,19 @@ def chain_generate_step(
     needs_runtime = streams or attached_drafter or ngram_candidates > 1 and attends(model)
     runtime = get_runtime(model) if needs_runtime else None
     state = ChainCache(model, own, quant, runtime, streams)
+    # (draft="streams+ngram": lookup's drafts merged into the streams' or the drafter's)
+    lookup_tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
+    index = None if lookup is None else NgramIndex(candidates=candidates)
     if attached_drafter:  # (its state continues a call's before on the same cache)
         offset = next((c.offset for c in state.kv), 0)
         dstate = runtime.drafter.start(offset, None if own is None else drafter_state_of(own))
         if own is not None:
             keep_drafter_state(own, dstate)
-        tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
-        index = None if lookup is None else NgramIndex(candidates=candidates)
         drafter = DrafterChains(state, dstate, sampler if rejection else None, num_draft_tokens,
-                                drafter_tree, index, tokens, nodes)  # fmt: skip
+                                drafter_tree, index, lookup_tokens, nodes)  # fmt: skip
     if streams:
-        tokens, candidates, nodes = lookup or (NGRAM_DRAFT_TOKENS, 1, 16)
-        index = None if lookup is None else NgramIndex(candidates=candidates)
         drafter = StreamDrafts(state, sampler if rejection else None, stream_tree, index,
-                               tokens, nodes)  # fmt: skip
+                               lookup_tokens, nodes)  # fmt: skip
     drafter = drafter or LookupDrafts(ngram_candidates, max_tree_nodes)
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
@@ -890,9 +889,9 @@ class DrafterChains:
     token of rank ``ranks[i]`` of level ``levels[i]`` (drawn: without replacement, as
     :class:`StreamDrafts` draws them) and :attr:`parents` says the tree. With ``lookup``
     (an :class:`~mlx_specstream.ngram.NgramIndex`), prompt lookup's drafts are merged in
-    first (:func:`~mlx_specstream.tree.merge_chains`), as :class:`StreamDrafts` merges them. A tree pass's
-    states are the pending tokens' by position, then the tree's nodes': once the tree
-    is verified, the accepted path's go in at the positions after the pending ones
+    first (:func:`lookup_merged`), as :class:`StreamDrafts` merges them. A tree pass's
+    states are the pending tokens' by position, then the tree's nodes': once the tree is
+    verified, the accepted path's go in at the positions after the pending ones
     (:meth:`accepted_path`).
     """
 
@@ -953,7 +952,6 @@ class DrafterChains:
     def draft(self, n: int) -> List[int]:
         """The next chain, at most ``n`` (and the drafter's levels) long; with a tree, its
         nodes but the root, at most ``n`` levels deep (:attr:`parents` then says it)."""
-        self.parents = None
         tokens, parents = self._own_drafts(n)
         if self.lookup is not None:
             tokens, parents = lookup_merged(self.lookup, self.tokens, tokens, parents,
