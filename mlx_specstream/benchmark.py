@@ -42,6 +42,7 @@ from .dynamic_tree import drafter_grows
 from .generate import stream_generate
 from .recurrent import has_recurrent_layers
 from .streams import attach_verifier, get_runtime
+from .support import tree_on_chains_refusal
 
 DEFAULT_TREE = "SS default tree (k=3, 16 nodes)"
 GROWN_SHAPE = dict(num_draft_tokens=5, tree_top_k=4, max_tree_nodes=16)  # (a draft model's)
@@ -66,10 +67,12 @@ def default_tree_settings(cfg: SpecStreamConfig) -> dict:
 
 def grows_where_asked(model) -> bool:
     """Whether ``model``'s drafter grows dynamic trees only where asked (an MTP layer,
-    :mod:`mlx_specstream.dynamic_tree`), and can here: then the benchmark times its
-    default tree both ways."""
+    :mod:`mlx_specstream.dynamic_tree`), and can here (on recurrent layers: where the model
+    takes trees): then the benchmark times its default tree both ways."""
     drafter = get_runtime(model).drafter
-    if has_recurrent_layers(model) or not drafter_grows(drafter):
+    if not drafter_grows(drafter):
+        return False
+    if has_recurrent_layers(model) and tree_on_chains_refusal(model) is not None:
         return False
     return not drafter.grows_by_default
 
@@ -313,9 +316,15 @@ def main(argv=None):
         tuned_name: lambda p: run_specstream(model, tokenizer, p, args.max_tokens, **run_tuned),
     }
     if grows_where_asked(model):  # (an MTP layer: the default tree static, then grown)
-        default_tree["dynamic_tree"] = False
+        grown_from = default_tree
+        if has_recurrent_layers(model):  # (beside its chain: the static tree of its levels)
+            grown_from = dict(default_tree_settings(cfg), prune_threshold=None)
+            methods[DEFAULT_TREE] = lambda p: run_specstream(
+                model, tokenizer, p, args.max_tokens, **grown_from
+            )
+        grown_from["dynamic_tree"] = False
         methods[DEFAULT_GROWN] = lambda p: run_specstream(
-            model, tokenizer, p, args.max_tokens, **dict(default_tree, dynamic_tree=True)
+            model, tokenizer, p, args.max_tokens, **dict(grown_from, dynamic_tree=True)
         )
     if draft is not None:
         methods["mlx-lm draft model"] = lambda p: run_mlx_lm(

@@ -81,6 +81,7 @@ from .tree import (
     gumbel_top_k,
     merge_chains,
     path_to,
+    StaticTree,
     static_tree,
     subtree_parents,
     top_k_desc,
@@ -787,12 +788,6 @@ def spec_generate_step(
     ):
         lookup_trees = draft in ("ngram", "streams+ngram") and draft_model is None
         lookup_trees = lookup_trees and has_recurrent_layers(model)
-        if dynamic_tree:
-            raise ValueError(
-                "dynamic_tree=True: this model's drafts are verified through its own passes "
-                "(mlx_specstream.recurrent): as one chain, or as a static tree of its streams' "
-                "or drafter's levels, not as a grown tree."
-            )
         if ngram_candidates != 1 and not lookup_trees:
             raise ValueError(
                 f"ngram_candidates={ngram_candidates}: this model's drafts are verified as one "
@@ -808,7 +803,7 @@ def spec_generate_step(
             kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
             max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback,
             prompt_checkpoint_callback=prompt_checkpoint_callback,
-            ngram_candidates=ngram_candidates,
+            ngram_candidates=ngram_candidates, dynamic_tree=dynamic_tree,
         )  # fmt: skip
         return
     if prompt_checkpoint_callback is not None:
@@ -1015,6 +1010,23 @@ def lookup_settings(lookup_tokens, candidates: int, nodes: int) -> tuple:
     return lookup_tokens, candidates, nodes
 
 
+def drafter_growth(rt, tree: tuple, static: Optional[StaticTree], dynamic_tree):
+    """Whether an attached drafter on a model with recurrent layers grows dynamic trees
+    (:func:`~.settings.dynamic_tree_setting`: asked, or the config's, tuned) where its
+    static tree would be ``static`` (``None``: a chain, or no tree the model takes):
+    ``(k, max_nodes, depth)`` of the settings' tree, else ``None``.
+
+    Example: an MTP layer's config (``top_k`` 1) and ``tree_top_k=2, max_tree_nodes=8,
+    dynamic_tree=True`` give ``(2, 8, 3)``; ``dynamic_tree=None`` gives ``None`` (an MTP
+    layer's trees grow where asked or tuned)."""
+    if static is None:
+        return None
+    ks, depth, _, nodes = resolve_tree_settings(rt, tree[0], tree[1], None, tree[3])
+    if not dynamic_tree_setting(rt, dynamic_tree, None, ks, depth):
+        return None
+    return max(ks[:depth]), nodes, depth
+
+
 def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
     """What the streams (or an attached drafter's levels) draft on a model with
     recurrent layers: a chain of
@@ -1073,14 +1085,26 @@ def streams_on_chains(rt, model, tree: tuple, num_draft_tokens: Optional[int]):
 
 
 def _on_chain_model(
-    prompt, model, *, speculative, draft, draft_model, tree, acceptance, pipeline, **kw
+    prompt,
+    model,
+    *,
+    speculative,
+    draft,
+    draft_model,
+    tree,
+    acceptance,
+    pipeline,
+    dynamic_tree,
+    **kw,
 ):
     """:func:`spec_generate_step` where the model or its draft model has recurrent
     layers, or the tree verifier cannot take the model (:func:`~.recurrent.tree_refusal`):
     chains of drafts, from prompt lookup or the draft model, verified through the
     model's own passes (:func:`mlx_specstream.recurrent.chain_generate_step`; with
     ``speculative=False`` the draft model's cache still follows the model's). Settings
-    that need a tree, streams or a KV cache in every layer are refused, naming them."""
+    that need a tree, streams or a KV cache in every layer are refused, naming them.
+    An attached drafter that runs again on its own output (one MTP layer) grows
+    dynamic trees where asked (``dynamic_tree``) or tuned, as on any model."""
     model_type = getattr(getattr(model, "args", None), "model_type", type(model).__name__)
     recurrent = has_recurrent_layers(model) or (
         draft_model is not None and has_recurrent_layers(draft_model)
@@ -1130,12 +1154,23 @@ def _on_chain_model(
             n = min(n, resolve_tree_settings(rt, None, None, None, None)[1])
         kw["drafter_tree"], levels = streams_on_chains(rt, model, tree, n)
         nodes = tree[3] if tree[3] is not None else rt.config.max_tree_nodes
+        growth = drafter_growth(rt, tree, kw["drafter_tree"], dynamic_tree)
+        if growth is not None:  # (k children per node, as deep as the settings' tree)
+            kw["drafter_growth"], levels = growth, growth[2]
+            kw["drafter_tree"], dynamic_tree = None, None
         tree, lookup_tokens = (None, None, None, None), kw["num_draft_tokens"]
         kw["num_draft_tokens"], kw["attached_drafter"] = levels, levels > 0
         merged = merged and levels > 0  # (no levels: lookup alone)
         if merged:
             kw["lookup"] = lookup_settings(lookup_tokens, kw["ngram_candidates"], nodes)
             kw["num_draft_tokens"] = max(levels, min(kw["lookup"][0], nodes - 1))
+    if dynamic_tree:  # (not taken above: the drafts here fill chains or static trees)
+        raise ValueError(
+            "dynamic_tree=True: this model's drafts are verified through its own passes "
+            "(mlx_specstream.recurrent), as one chain or a static tree of its streams' or "
+            "drafter's levels; a grown tree needs an attached drafter that runs again on its "
+            "own output (one MTP layer) and a tree the model takes."
+        )
     streams = speculative and own_streams and draft != "ngram"
     merged = merged or streams and draft == "streams+ngram"
     if streams:  # (the streams' chain or tree: the settings', tuned or given)

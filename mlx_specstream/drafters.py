@@ -226,12 +226,15 @@ def position_refusal(layer: nn.Module) -> Optional[str]:
     """Why a drafter's decoder ``layer`` cannot run rows at one position
     (:func:`one_position`), or ``None``: positions applied other than by a RoPE module
     found (:func:`~mlx_specstream.model_parts.ropes_of`), or sparse attention (DeepSeek
-    V3.2's, GLM-5's indexer picks each row's keys by its own causal mask)."""
-    attention = attention_of(layer)
-    if attention is not None and "indexer" in attention:
-        return "its layer's sparse attention picks each row's keys by position"
-    if not ropes_of(layer) and not no_positions(layer):
-        return "its layer applies positions other than through a RoPE module"
+    V3.2's, GLM-5's indexer picks each row's keys by its own causal mask). A layer of
+    blocks run in turn (Nemotron-H's: ``layers``) is read block by block."""
+    blocks = layer.layers if isinstance(getattr(layer, "layers", None), list) else [layer]
+    for block in blocks:
+        attention = attention_of(block)
+        if attention is not None and "indexer" in attention:
+            return "its layer's sparse attention picks each row's keys by position"
+        if not ropes_of(block) and not no_positions(block):
+            return "its layer applies positions other than through a RoPE module"
     return None
 
 

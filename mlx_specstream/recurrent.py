@@ -57,6 +57,7 @@ from .cache import (
     model_caches,
 )
 from .draft_model import split_pair
+from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import (
     StaticTree,
@@ -469,6 +470,7 @@ def verify_tree(
     sampler,
     processors,
     q: Optional[mx.array] = None,
+    q_rows: Optional[List[int]] = None,
 ) -> Tuple[List[int], List[int], mx.array]:
     """Verifies a tree of drafts as :func:`verify_chain` verifies a chain: node ``0``
     is the last token of ``history``, node ``i > 0`` carries ``drafts[i - 1]``, and
@@ -478,7 +480,8 @@ def verify_tree(
     history; the walk goes down to the child carrying the token drawn at its node
     (siblings carry distinct tokens, so at most one does). With ``q`` (``(depth,
     V)``: each level's draft distribution, siblings drawn from it without
-    replacement in their order) it accepts by recursive rejection sampling
+    replacement in their order; with ``q_rows``, each node's row of ``q``: a drawn
+    dynamic tree's) it accepts by recursive rejection sampling
     (:func:`~mlx_specstream.tree.accept_by_rejection`) instead. Either way each
     yielded token is distributed as plain decoding's (greedy: identical).
 
@@ -497,7 +500,8 @@ def verify_tree(
     if q is not None:
         p, u = sampler.probs(logprobs), mx.random.uniform(shape=(len(tokens) + 1,))
         mx.eval(p, q, u)
-        path, token = accept_by_rejection(tokens, parents, np.array(p), np.array(q), np.array(u))
+        path, token = accept_by_rejection(tokens, parents, np.array(p), np.array(q), np.array(u),
+                                          q_rows)  # fmt: skip
     else:
         drawn, kids, path = sampler(logprobs).tolist(), children_of(parents), [0]
         while True:
@@ -545,6 +549,7 @@ def chain_generate_step(
     lookup: Optional[Tuple[int, int, int]] = None,
     attached_drafter: bool = False,
     drafter_tree: Optional[StaticTree] = None,
+    drafter_growth: Optional[Tuple[int, int, int]] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -599,6 +604,9 @@ def chain_generate_step(
           for the next call.
         drafter_tree (StaticTree, optional): with ``attached_drafter``, its levels' top
           tokens form this tree instead of a chain, verified as ``stream_tree`` is.
+        drafter_growth (tuple, optional): with ``attached_drafter``, ``(k, max_nodes,
+          depth)``: the drafter grows dynamic trees (:meth:`DrafterChains.grown_drafts`)
+          of at most ``max_nodes`` nodes and ``depth`` levels, ``k`` children per node.
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -622,7 +630,8 @@ def chain_generate_step(
         if own is not None:
             keep_drafter_state(own, dstate)
         drafter = DrafterChains(state, dstate, sampler if rejection else None, num_draft_tokens,
-                                drafter_tree, index, lookup_tokens, nodes)  # fmt: skip
+                                drafter_tree, index, lookup_tokens, nodes,
+                                drafter_growth)  # fmt: skip
     if streams:
         drafter = StreamDrafts(state, sampler if rejection else None, stream_tree, index,
                                lookup_tokens, nodes)  # fmt: skip
@@ -656,8 +665,9 @@ def chain_generate_step(
                 passes += 1
                 q = drafter.q if rejection and drafts else None
                 if parents is not None:
+                    q_rows = getattr(drafter, "q_rows", None)  # (a drawn grown tree's)
                     path, new, logprobs = verify_tree(
-                        logits, drafts, parents, tokens, sampler, processors, q
+                        logits, drafts, parents, tokens, sampler, processors, q, q_rows
                     )
                     node, a = path[-1], len(path) - 1
                     if isinstance(drafter, DrafterChains):  # (its states: the path's nodes')
@@ -893,11 +903,15 @@ class DrafterChains:
     states are the pending tokens' by position, then the tree's nodes': once the tree is
     verified, the accepted path's go in at the positions after the pending ones
     (:meth:`accepted_path`).
+
+    With ``grow`` ``(k, max_nodes, depth)`` (a drafter that runs again on its own output: one
+    MTP layer), it grows EAGLE-2's dynamic trees instead (:meth:`grown_drafts`).
     """
 
     def __init__(self, state: "ChainCache", dstate, sampler=None, levels: int = 3,
                  tree: Optional[StaticTree] = None, lookup: Optional[NgramIndex] = None,
-                 lookup_tokens: int = NGRAM_DRAFT_TOKENS, max_nodes: int = 16):  # fmt: skip
+                 lookup_tokens: int = NGRAM_DRAFT_TOKENS, max_nodes: int = 16,
+                 grow: Optional[Tuple[int, int, int]] = None):  # fmt: skip
         self.state, self.rt, self.dstate, self.sampler = state, state.runtime, dstate, sampler
         # draft="streams+ngram": prompt lookup's drafts merged in first, up to max_nodes nodes.
         self.lookup, self.lookup_tokens, self.max_nodes = lookup, lookup_tokens, max_nodes
@@ -906,6 +920,8 @@ class DrafterChains:
         self.tokens: List[int] = []
         self.q: Optional[mx.array] = None
         self.tree = None if tree is None or layout_of(tree.parents).is_chain else tree
+        self.grow = grow
+        self.q_rows: Optional[List[int]] = None  # (a drawn grown tree's: each node's row of q)
         self.parents: Optional[List[int]] = None  # the last draft's tree (None: a chain)
         self.nodes: Optional[mx.array] = None  # a tree pass's nodes' states, node 1 first
         # States of positions [start, start + len(rows)) not yet in the drafter's cache,
@@ -931,20 +947,26 @@ class DrafterChains:
         if len(hidden):
             self.rows = hidden if not keep else mx.concatenate([self.rows[:keep], hidden])
 
-    def _append(self, end: int, levels: int) -> Optional[mx.array]:
-        """Puts the rows of positions before ``end - 1`` (their next token known) into
-        the drafter's cache; the ``(levels, V)`` logits the last one drafts."""
+    def _new_rows(self, end: int) -> Optional[tuple]:
+        """Takes the rows of positions before ``end - 1`` (their next token known), as
+        the drafter's ``draft`` reads them: ``(hidden, path, path_tokens, token)``
+        (``None``: no new row)."""
         k = 0 if self.rows is None else min(len(self.rows), end - 1 - self.start)
         if k <= 0:
             return None
         p = self.start  # (row i pairs the state of p + i with token p + i + 1)
-        logits = self.drafter.draft(
-            self.rt, self.dstate, self.rows[:k], list(range(k)),
-            [None] + self.tokens[p + 1 : p + k], self.tokens[p + k], levels=levels,
-        )  # fmt: skip
+        new = (self.rows[:k], list(range(k)), [None] + self.tokens[p + 1 : p + k],
+               self.tokens[p + k])  # fmt: skip
         self.start += k
         self.rows = self.rows[k:] if k < len(self.rows) else None
-        return logits
+        return new
+
+    def _append(self, end: int, levels: int) -> Optional[mx.array]:
+        """Puts the rows of positions before ``end - 1`` into the drafter's cache; the
+        ``(levels, V)`` logits the last one drafts."""
+        new = self._new_rows(end)
+        return None if new is None else self.drafter.draft(self.rt, self.dstate, *new,
+                                                           levels=levels)  # fmt: skip
 
     def feed(self, upto: int) -> None:
         pass
@@ -962,6 +984,8 @@ class DrafterChains:
     def _own_drafts(self, n: int) -> Tuple[List[int], Optional[List[int]]]:
         """The drafter's own drafts: ``(tokens, parents)`` of its tree, or of its chain
         (``parents`` ``None``)."""
+        if self.grow is not None:
+            return self.grown_drafts(n)
         logits = self._append(len(self.tokens), min(n, self.levels))
         if logits is None:
             return [], None
@@ -974,6 +998,28 @@ class DrafterChains:
         top = top_k_desc(scores, max(t.ranks) + 1)
         tokens = top[mx.array([t.levels[i] for i in keep]), mx.array([t.ranks[i] for i in keep])]
         return tokens.tolist(), subtree_parents(t.parents, [0] + keep)
+
+    def grown_drafts(self, n: int) -> Tuple[List[int], Optional[List[int]]]:
+        """A dynamic tree at most ``n`` (and ``grow``'s depth) deep: the drafter's
+        ``draft_tree`` (:func:`~mlx_specstream.dynamic_tree.grown_candidates`) over the
+        new rows, each node's ``k`` children its top-``k`` after that node's own path,
+        the best ``max_nodes - 1`` candidates kept. With a ``sampler``, a drawn tree
+        (:func:`~mlx_specstream.dynamic_tree.grow_drawn`): :attr:`q` then holds the
+        distributions of the nodes with children, :attr:`q_rows` each node's row."""
+        k, nodes, depth = self.grow
+        depth = max(1, min(n, depth, nodes - 1))
+        new = self._new_rows(len(self.tokens))
+        if new is None:
+            return [], None
+        drawn = None
+        if self.sampler is not None:
+            drawn = (level_budgets(k, depth, nodes), self.sampler.probs)
+        candidates = self.drafter.draft_tree(self.rt, self.dstate, *new, k, depth, drawn)
+        if drawn is None:
+            tree, self.q, self.q_rows = draft_tree(candidates, self.tokens[-1], nodes), None, None
+        else:
+            tree, self.q, self.q_rows = drawn_tree(candidates, self.tokens[-1], k)
+        return tree.tokens[1:], tree.parents
 
     def accepted_path(self, path: List[int]) -> None:
         """After a tree pass: the states of the accepted ``path``'s nodes (root first)

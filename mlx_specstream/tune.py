@@ -352,8 +352,9 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
     recurrent layers (what :func:`tune` runs for it, with its arguments): its chains
     of every length (:class:`~mlx_specstream.recurrent.DrafterChains`), then where the
     model takes them the static trees of its levels (:func:`candidate_trees` wider than
-    a chain, their nodes read along their paths by the recurrent mixers); plain
-    decoding when none beats it by ``min_gain``.
+    a chain, their nodes read along their paths by the recurrent mixers) and, for a
+    drafter that grows them (one MTP layer), the dynamic trees of the three fastest wide
+    ones; plain decoding when none beats it by ``min_gain``.
 
     Returns:
         tuple: the choice (``{"tree_depth": n, "tree_top_k": k, "max_tree_nodes": m}``:
@@ -364,13 +365,20 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
     for n in range(1, rt.config.num_streams + 1):
         trials.run(dict(num_draft_tokens=n, **with_vocab(rt)))
     why = tree_on_chains_refusal(model)
+    grows = why is None and drafter_grows(rt.drafter)
     if why is None:
         for shape in candidate_trees(rt.config.num_streams, False):
             if shape["tree_top_k"] > 1:
                 shape.pop("prune_threshold")
+                if grows:  # (static first; not the way a previous tuning stored)
+                    shape["dynamic_tree"] = False
                 trials.run(dict(shape, **with_vocab(rt)))
     else:
         log(f"[INFO] chains only: {why}")
+    if grows:  # (the fastest wide trees grown: each node's children after its own path)
+        wide = [t for t in trials.fastest(len(trials.results)) if "dynamic_tree" in t]
+        for tree in wide[:3]:
+            trials.run(dict(tree, dynamic_tree=True))
     try_every_token(trials, rt, 2)
     # Prompt lookup, alone and merged into the fastest chain or tree (as on any model).
     fastest = as_tree(trials.fastest(1)[0])

@@ -72,7 +72,7 @@ def test_negative_control_a_verifier_that_accepts_every_draft_is_caught(monkeypa
         _, new, logprobs = real(logits, drafts, history, sampler, processors)
         return len(drafts), drafts + new[-1:], logprobs
 
-    def first_path(logits, drafts, parents, history, sampler, processors, q=None):
+    def first_path(logits, drafts, parents, history, sampler, processors, q=None, q_rows=None):
         path, new, logprobs = real_tree(logits, drafts, parents, history, sampler, processors, q)
         first = [0] + [i for i in range(1, len(parents)) if parents[i] == i - 1][:2]
         return first, [drafts[i - 1] for i in first[1:]] + new[-1:], logprobs
@@ -164,8 +164,8 @@ def test_settings_no_chain_takes_are_refused(tmp_path):
     model, _ = load(str(tmp_path / "ckpt"))
     with pytest.raises(ValueError, match="num_draft_tokens=2 sets a chain.*tree_top_k"):
         run(model, PROMPTS[1], 4, tree_top_k=2, num_draft_tokens=2)
-    with pytest.raises(ValueError, match="dynamic_tree=True: .*not as a grown tree"):
-        run(model, PROMPTS[1], 4, tree_top_k=2, dynamic_tree=True)
+    with pytest.raises(ValueError, match="dynamic_tree=True: .*a grown tree needs an attached"):
+        run(model, PROMPTS[1], 4, draft="ngram", dynamic_tree=True)
     with pytest.raises(ValueError, match="prune_threshold=0.5: not with recurrent layers"):
         run(model, PROMPTS[1], 4, prune_threshold=0.5)
     got, out = run(model, PROMPTS[2], 16, draft="ngram")  # (lookup instead: as on any model)
@@ -195,9 +195,10 @@ def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(arch, tmp_path):
 
 def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsys, monkeypatch):
     """``mlx_specstream.tune --save`` on a saved Qwen3-Next with its MTP layer times
-    chains of 1-3, the static trees of its levels and prompt lookup (alone, and merged into
-    the fastest), and stores the fastest, which the next load drafts (fake timings: a
-    chain of 2 fastest, then a top-2 tree, then lookup merged in)."""
+    chains of 1-3, the static trees of its levels, the three fastest of them grown, and
+    prompt lookup (alone, and merged into the fastest), and stores the fastest, which the
+    next load drafts (fake timings: a chain of 2 fastest, then a static top-2 tree, then
+    the same tree grown, then lookup merged in)."""
     import importlib
     import json
 
@@ -215,14 +216,17 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
     real_tps = tune.tokens_per_second
     for fastest, want in [
         (dict(num_draft_tokens=2), (2, 1, 3)),
-        (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7), (2, 2, 7)),
+        (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7, dynamic_tree=False), (2, 2, 7)),
+        (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7, dynamic_tree=True), (2, 2, 7)),
         (dict(draft="streams+ngram"), None),  # (merged into the first chain: no tree said)
     ]:
 
         def fake(model, tokenizer, prompts, max_tokens, **s):
             tps, tau = real_tps(model, tokenizer, prompts, max_tokens, **s)  # (runs for real)
             win = all(s.get(k) == v for k, v in fastest.items())
-            return (1e6 if win else 100.0), tau
+            # (the same tree the other kind: second, so that it is among those grown)
+            near = all(s.get(k) == v for k, v in fastest.items() if k != "dynamic_tree")
+            return (1e6 if win else 1e3 if near else 100.0), tau
 
         with monkeypatch.context() as mp:
             mp.setattr(tune, "tokens_per_second", fake)
@@ -231,13 +235,18 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
         assert all(f"{{'num_draft_tokens': {n}}}" in log for n in (1, 2, 3))
         assert "'tree_top_k': 2" in log and "'tree_top_k': 3" in log
         assert "{'draft': 'ngram'}" in log and "'draft': 'streams+ngram'" in log
+        assert log.count("'dynamic_tree': True") >= 3  # (the three fastest wide trees, grown)
         entry = json.loads((out / "config.json").read_text())["drafter"]["tuned"][device_key()]
         assert entry.get("draft") == fastest.get("draft")
+        assert entry.get("dynamic_tree", False) == fastest.get("dynamic_tree", False)
         if want is None:
             continue
         assert (entry["tree_depth"], entry["top_k"], entry["max_tree_nodes"]) == want
         seen, real, real_tree = [], recurrent.verify_chain, recurrent.verify_tree
+        real_grow = recurrent.DrafterChains.grown_drafts
         with monkeypatch.context() as mp:
+            mp.setattr(recurrent.DrafterChains, "grown_drafts",
+                       lambda self, n: seen.append("grown") or real_grow(self, n))  # fmt: skip
             mp.setattr(
                 recurrent,
                 "verify_chain",
@@ -246,13 +255,17 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
             mp.setattr(recurrent, "verify_tree",
                        lambda lg, d, p, *a: seen.append(("tree", len(p))) or real_tree(lg, d, p, *a))  # fmt: skip
             run(load(str(out))[0], PROMPTS[1], 12)
-        assert seen[0] == (("chain", 2) if want[1] == 1 else ("tree", 7))
+        assert [x for x in seen if x != "grown"][0] == (
+            ("chain", 2) if want[1] == 1 else ("tree", 7)
+        )
+        assert ("grown" in seen) == fastest.get("dynamic_tree", False)
 
 
 def test_the_benchmark_runs_the_drafters_chains(tmp_path, monkeypatch):
     """``python -m mlx_specstream.benchmark`` on a Qwen3-Next checkpoint with its MTP layer:
-    rows of chains (every level; the tuned length), no tree settings; every output
-    identical to plain decoding (check_outputs raises otherwise)."""
+    rows of chains (every level; the tuned length) and of the default tree of its levels,
+    static and grown; every output identical to plain decoding (check_outputs raises
+    otherwise)."""
     import json
 
     from mlx_specstream import benchmark
@@ -266,9 +279,12 @@ def test_the_benchmark_runs_the_drafters_chains(tmp_path, monkeypatch):
          "--name", "t", "--tuned-depth", "2"]
     )  # fmt: skip
     assert {"num_draft_tokens": 3} in settings and {"num_draft_tokens": 2} in settings
-    assert not any(k.startswith("tree_") for s in settings for k in s)
+    trees = [s for s in settings if any(k.startswith("tree_") for k in s)]
+    assert {s.get("dynamic_tree") for s in trees} == {False, True}
+    assert all(s["tree_top_k"] == 3 and s["max_tree_nodes"] == 16 for s in trees)
     summary = (tmp_path / "out" / "t.md").read_text()
     assert "SS chain of 3" in summary and "SS tuned chain" in summary
+    assert benchmark.DEFAULT_TREE in summary and benchmark.DEFAULT_GROWN in summary
 
 
 def test_served_alone_and_together(tmp_path, monkeypatch):

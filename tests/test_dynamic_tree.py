@@ -248,15 +248,17 @@ def test_dynamic_trees_are_refused_where_a_drafter_cannot_grow_them(base_dir, ch
 
 
 def assert_drawn_trees_keep_the_distribution(model, sampler, exact, tree, monkeypatch,
-                                             n=1500, m=800):  # fmt: skip
+                                             n=1500, m=800, module=decode):  # fmt: skip
     """Recursive rejection over drawn dynamic trees (``tree``) samples ``exact``, the
     model's distribution under ``sampler`` (chi-square p > 1e-3 in ``n`` draws), some walk
     reading several nodes' rows; control: every node verified against the root's
-    distribution (p < 1e-6 in ``m`` draws). Returns each walk's ``(parents, rows)``."""
+    distribution (p < 1e-6 in ``m`` draws). ``module``: where the decoding loop calls
+    ``accept_by_rejection`` (``recurrent`` on a hybrid). Returns each walk's ``(parents,
+    rows)``."""
     from chi_square import chi_square_pvalue
     from test_sampling import sample_counts
 
-    real_walk, walked = decode.accept_by_rejection, []
+    real_walk, walked = module.accept_by_rejection, []
 
     def recording(tokens, parents, target, q, uniforms, rows=None):
         walked.append((list(parents), rows))
@@ -267,7 +269,7 @@ def assert_drawn_trees_keep_the_distribution(model, sampler, exact, tree, monkey
 
     for walk, draws in ((recording, n), (roots, m)):
         with monkeypatch.context() as mp:
-            mp.setattr(decode, "accept_by_rejection", walk)
+            mp.setattr(module, "accept_by_rejection", walk)
             counts = sample_counts(model, sampler, draws, acceptance="rejection", **tree)
         p = chi_square_pvalue(counts, exact, draws)
         if walk is recording:

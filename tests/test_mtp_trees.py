@@ -222,13 +222,6 @@ def test_several_layers_are_refused_with_the_reason(tmp_path):
     assert got == want
 
 
-def test_a_hybrid_verifies_chains_and_refuses_grown_trees(tmp_path):
-    write_checkpoint(tmp_path / "ckpt", "qwen3_5", seed=3)
-    model, _ = load(str(tmp_path / "ckpt"))
-    with pytest.raises(ValueError, match="not as a grown tree"):
-        spec_tokens(model, PROMPT, 8, **TREE)
-
-
 def test_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     """Recursive rejection over the layer's drawn trees (each node's children drawn from
     the layer's distribution after that node's path) samples the model's distribution

@@ -325,7 +325,7 @@ def test_negative_control_an_unchecked_first_draft_is_caught(arch, monkeypatch):
             a, new = 1, drafts[:1] + [int(sampler(logprobs[1:2]).item())]
         return a, new, logprobs
 
-    def lenient_tree(logits, drafts, parents, history, sampler, processors, q=None):
+    def lenient_tree(logits, drafts, parents, history, sampler, processors, q=None, q_rows=None):
         path, new, logprobs = verify_tree(logits, drafts, parents, history, sampler, processors)
         if len(path) == 1 and len(parents) > 1:  # the first child accepted unchecked
             lp = logits[1:2] - mx.logsumexp(logits[1:2], axis=-1, keepdims=True)
@@ -738,7 +738,7 @@ def test_rejection_sampling_keeps_the_distribution(drafter, monkeypatch):
 
 @pytest.mark.parametrize("drafter", DRAWN)
 def test_negative_control_rejection_that_accepts_every_draft_is_caught(drafter, monkeypatch):
-    def accept_all(tokens, parents, target_probs, draft_probs, uniforms):
+    def accept_all(tokens, parents, target_probs, draft_probs, uniforms, rows=None):
         path = [0]  # (down the first child of each node: a chain's every node)
         while path[-1] + 1 < len(parents) and parents[path[-1] + 1] == path[-1]:
             path.append(path[-1] + 1)
