@@ -5,6 +5,7 @@ against mlx-lm's plain decoding of the same weights.
     python benchmarks/mtp_step.py [--models qwen3_next-small,qwen3_next-0.6b] [--tag cpu]
     python benchmarks/mtp_step.py --models mimo-0.5b --layers 1,3 --tag cpu-mimo
     python benchmarks/mtp_step.py --models mimo-0.5b --layers 3 --draft-vocab 0,32768
+    python benchmarks/mtp_step.py --models qwen3_next-0.6b --trees "2,8;3,16" --tag cpu-trees
     MLX_ENABLE_TF32=0 python benchmarks/mtp_step.py --dtypes bf16,q4 --tag gpu
 
 ``--layers K`` gives the drafter K MTP layers, layer k drafting level k (attention models
@@ -25,7 +26,11 @@ here; the step's cost is:
 * r(0): our chain loop without drafts;
 * every draft right: the same chains with the layer's drafts replaced by the right
   tokens (the layer still runs, its cost kept), so every chain is accepted whole: tau
-  n + 1 and the most a chain of n gives on this device, against mlx-lm.
+  n + 1 and the most a chain of n gives on this device, against mlx-lm;
+* ``--trees "k,nodes;..."``: r of a step whose tree is the static tree of the layer's
+  levels (top-k, at most ``nodes`` nodes, 3 levels) and of one grown from the layer's own
+  drafts (``dynamic_tree=True``: each level one run of the layer over ``k`` rows), every
+  draft rejected: the tau each needs to break even.
 
 Results go to ``benchmarks/results/mtp_step[-TAG].{md,json}``.
 """
@@ -65,7 +70,7 @@ def with_random_mtp(model, dtype: str, seed: int = 1, layers: int = 1):
     return drafter
 
 
-def measure(model, prompt, max_tokens: int, runs: int) -> dict:
+def measure(model, prompt, max_tokens: int, runs: int, trees=()) -> dict:
     """ms per token of mlx-lm's loop, of ours without drafts and with chains of n
     (medians of ``runs``), and each chain step's drafting ms; then the same chains with
     the layer's drafts replaced by the right tokens (the layer still runs), every chain
@@ -134,7 +139,16 @@ def measure(model, prompt, max_tokens: int, runs: int) -> dict:
             rows[n].update(right_ms=ms * 1e3, right_speedup=plain / ms, right_tau=tau)
     finally:
         MTPDrafter.draft = real
-    return dict(plain_ms=plain * 1e3, rows=rows)
+    shapes = {}
+    for k, nodes in trees:  # (the static tree of the layer's levels, then grown)
+        for grown in (False, True):
+            tree = dict(tree_top_k=k, max_tree_nodes=nodes, dynamic_tree=grown)
+            ms, tau = per_token(lambda: spec_generate_step(p, model, max_tokens=max_tokens,
+                                                           **tree))  # fmt: skip
+            shapes[f"top-{k}, {nodes} nodes, {'grown' if grown else 'static'}"] = dict(
+                ms=ms * 1e3, r=ms / plain, tau=tau
+            )
+    return dict(plain_ms=plain * 1e3, rows=rows, trees=shapes)
 
 
 def main():
@@ -150,8 +164,11 @@ def main():
         default="0",
         help="draft vocabulary sizes, e.g. 0,32768 (0: every token; else a random set)",
     )
+    ap.add_argument("--trees", default="", help='tree shapes "k,nodes;..." timed static '
+                    "and grown (one MTP layer)")  # fmt: skip
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args()
+    trees = [tuple(int(x) for x in t.split(",")) for t in args.trees.split(";") if t]
     info = machine_info(**vars(args))
     lines = [heading("A checkpoint's MTP layers drafting chains: the step's cost", info)]
     lines.append(f"\nCommand: `{info['command']}`\n")
@@ -173,7 +190,7 @@ def main():
         if size:  # (which tokens does not change the cost: a seeded random set)
             use_draft_vocab(model, np.random.default_rng(0).choice(vocab, size, replace=False))
         prompt = [(31 * i + 7) % vocab for i in range(args.prompt_tokens)]
-        res = measure(model, prompt, args.max_tokens, args.runs)
+        res = measure(model, prompt, args.max_tokens, args.runs, trees if layers == 1 else ())
         name = (f"{shape}-{dtype}" + (f"-{layers}layers" if layers > 1 else "")
                 + (f"-vocab{size}" if size else ""))  # fmt: skip
         data[name] = res
@@ -188,7 +205,13 @@ def main():
                     f"{row['right_speedup']:.2f}x |")  # fmt: skip
             lines.append(f"| {n} | {row['ms']:.2f} | {row['r']:.2f} | {row['draft_ms']:.2f} "
                          f"| {row['tau']:.2f} {best}")  # fmt: skip
-        print("\n".join(lines[-(len(res["rows"]) + 3) :]), flush=True)
+        if res["trees"]:
+            lines.append("\n| tree (every draft rejected) | ours ms/token | r | tau |")
+            lines.append("|---|---|---|---|")
+            for name_, row in res["trees"].items():
+                lines.append(f"| {name_} | {row['ms']:.2f} | {row['r']:.2f} | {row['tau']:.2f} |")
+        print("\n".join(lines[-(len(res["rows"]) + 3 + 2 * bool(res["trees"])
+                                 + len(res["trees"])) :]), flush=True)  # fmt: skip
         del model
     path = write_results("mtp_step", args.tag, "\n".join(lines) + "\n", dict(info=info, **data))
     print(f"wrote {path}")

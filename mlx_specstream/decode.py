@@ -1162,8 +1162,7 @@ def _on_chain_model(
         kw["num_draft_tokens"], kw["attached_drafter"] = levels, levels > 0
         merged = merged and levels > 0  # (no levels: lookup alone)
         if merged:
-            kw["lookup"] = lookup_settings(lookup_tokens, kw["ngram_candidates"], nodes)
-            kw["num_draft_tokens"] = max(levels, min(kw["lookup"][0], nodes - 1))
+            _merge_lookup(kw, levels, lookup_tokens, nodes)
     if dynamic_tree:  # (not taken above: the drafts here fill chains or static trees)
         raise ValueError(
             "dynamic_tree=True: this model's drafts are verified through its own passes "
@@ -1183,8 +1182,7 @@ def _on_chain_model(
         if merged:
             if kw["stream_tree"] is None:  # (a chain of ``levels``: as a tree of one path)
                 kw["stream_tree"] = static_tree([1] * levels, levels, levels + 1)
-            kw["lookup"] = lookup_settings(lookup_tokens, kw["ngram_candidates"], nodes)
-            kw["num_draft_tokens"] = max(levels, min(kw["lookup"][0], nodes - 1))
+            _merge_lookup(kw, levels, lookup_tokens, nodes)
     if speculative and draft_model is not None and draft not in (None, "streams"):
         raise ValueError(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
@@ -1276,6 +1274,14 @@ def _on_chain_model(
             chain.hold(len(tokens))
 
     yield from _plain_decoding(prompt, model, own, follow, **kw)
+
+
+def _merge_lookup(kw: dict, levels: int, lookup_tokens, nodes: int) -> None:
+    """``draft="streams+ngram"`` on recurrent layers: prompt lookup's chains (at most
+    ``lookup_tokens`` long) merged into the streams' or the drafter's ``levels``, first,
+    under ``nodes``; the pass drafts up to the longer of the two."""
+    kw["lookup"] = lookup_settings(lookup_tokens, kw["ngram_candidates"], nodes)
+    kw["num_draft_tokens"] = max(levels, min(kw["lookup"][0], nodes - 1))
 
 
 def _plain_with_draft_cache(prompt, model, dm: DraftModel, prompt_cache, user_cache, **kwargs):

@@ -33,13 +33,14 @@ as Baidu's FastDeploy runs it) follow Qwen3.5's rule; their MTP layers are built
 their engines build them (:attr:`MTPLayout.block`: window layers, dense MLPs, K-EXAONE's
 without RoPE, Nemotron 3's an attention block and an experts block). Qwen3-Next,
 Qwen3.5 and Nemotron 3 are hybrids (Gated DeltaNet, Mamba-2 layers): their drafts are
-verified as chains (:mod:`mlx_specstream.recurrent`). Qwen3-Next's, Qwen3.5's and
+verified through the model's own passes, as chains or trees (static, or grown where asked:
+:mod:`mlx_specstream.recurrent`). Qwen3-Next's, Qwen3.5's and
 Step 3.5's checkpoints store every RMSNorm weight less one, as mlx-lm reads them.
 
 Example:
     >>> model, tok = load("MiMo-7B-RL")                  # its MTP layer drafts
     >>> model, tok = load("MiMo-7B-RL-4bit", drafter="MiMo-7B-RL")  # from the original
-    >>> model, tok = load("Qwen3.5-9B")                   # a hybrid: chains of its drafts
+    >>> model, tok = load("Qwen3.5-9B")                   # a hybrid: chains or trees
     >>> model, tok = load("Step-3.5-Flash")               # its three MTP layers draft in turn
 """
 
