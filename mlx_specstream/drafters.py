@@ -33,6 +33,7 @@ from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
 from .model_parts import (
     attention_of,
+    rope_rows_at,
     hidden_size,
     layer_params,
     llama4_scale_settings,
@@ -210,9 +211,7 @@ def one_position(layer: nn.Module, position: int):
     for rope, cls in zip(ropes, classes):
 
         def call(self, x, offset=0, _base=cls.__call__, **kwargs):
-            return _base(self, x.transpose(2, 1, 0, 3), offset=position, **kwargs).transpose(
-                2, 1, 0, 3
-            )
+            return rope_rows_at(_base, self, x, position, **kwargs)
 
         rope.__class__ = type(cls.__name__, (cls,), {"__call__": call})
     try:

@@ -12,6 +12,7 @@ import inspect
 import textwrap
 from typing import List, Optional
 
+import mlx.core as mx
 import mlx.nn as nn
 
 
@@ -44,6 +45,26 @@ def ropes_of(layer) -> list:
     indexer = getattr(attention_of(layer), "indexer", None)
     extra = getattr(indexer, "rope", None)
     return [r for r in (rope, extra) if r is not None]
+
+
+def rope_rows_at(base_call, rope, x, positions, **kwargs):
+    """``rope``'s own call (``base_call``) on ``x`` ``(B, H, L, D)`` with every row at a
+    position of its own: ``positions`` (an int, or an array of ``L`` positions shared by
+    the ``B`` rows, or of ``B * L``). ``mx.fast.rope`` takes one offset per batch row
+    only, so the rows go on the batch axis (one transpose each way where ``B`` is 1).
+
+    Example: ``x`` ``(1, H, 3, D)`` and ``positions`` 7 rotate as three one-row calls at
+    offset 7 would (a dynamic tree's level, every row at one position).
+    """
+    B, H, L, D = x.shape
+    if B == 1:  # (1, H, L, D) <-> (L, H, 1, D)
+        y = base_call(rope, x.transpose(2, 1, 0, 3), offset=positions, **kwargs)
+        return y.transpose(2, 1, 0, 3)
+    y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
+    if isinstance(positions, mx.array) and positions.size != B * L:  # (shared by the rows)
+        positions = mx.tile(positions, (B,))
+    y = base_call(rope, y, offset=positions, **kwargs)
+    return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
 
 
 def position_embedding(model) -> Optional[nn.Module]:

@@ -41,6 +41,7 @@ from .config import SpecStreamConfig, VerifierConfig
 from .layout import TreeLayout, layout_of, pad_hidden, place_window, with_prefix
 from .model_parts import (
     attention_mask_apart,
+    rope_rows_at,
     attention_of,
     cache_slots,
     embedding_of,
@@ -327,17 +328,7 @@ class StreamRuntime:
                     pos = rt._positions(i)
                     if pos is None:
                         return base_call(self, x, offset=offset, **kwargs)
-                    # One row per token on the batch axis: mx.fast.rope takes
-                    # one offset per batch row only.
-                    B, H, L, D = x.shape
-                    if B == 1:  # (1, H, L, D) <-> (L, H, 1, D): one transpose each way
-                        y = base_call(self, x.transpose(2, 1, 0, 3), offset=pos, **kwargs)
-                        return y.transpose(2, 1, 0, 3)
-                    y = x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D)
-                    # (every row's positions, or one set that each row shares)
-                    pos = pos if pos.size == B * L else mx.tile(pos, (B,))
-                    y = base_call(self, y, offset=pos, **kwargs)
-                    return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+                    return rope_rows_at(base_call, self, x, pos, **kwargs)  # (one row a token)
 
                 return __call__
 
