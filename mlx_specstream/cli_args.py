@@ -71,7 +71,7 @@ def draft_vocab_value(value: str):
 
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
     """``--draft``, ``--draft-model``, ``--num-draft-tokens`` and ``--ngram-candidates``;
-    for one generation (not a server's requests) also ``--no-speculation``,
+    for one generation (not a server's requests) also ``--draft-confidence``, ``--no-speculation``,
     ``--tree-top-k``, ``--tree-depth``, ``--max-tree-nodes`` and ``--dynamic-tree``."""
     scope = "Default of a request's 'draft' field: " if per_request else ""
     parser.add_argument(
@@ -109,6 +109,14 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
     )
     if per_request:
         return
+    parser.add_argument(
+        "--draft-confidence",
+        type=float,
+        default=None,
+        help="With --draft-model: stop each chain after a draft the draft model gives less "
+        "than this probability (transformers' assistant_confidence_threshold); "
+        "--num-draft-tokens is then the longest chain. Default: off",
+    )
     parser.add_argument(
         "--no-speculation", action="store_true", help="Decode one token per forward pass"
     )

@@ -526,6 +526,8 @@ class Decoder:
         ``max_tokens``. ``q``: the distributions ``next_tokens`` were drawn from."""
         room = self._room()
         depth = min(self.depth, room) if next_tokens is not None else 0
+        if self.draft_model is not None:  # (a chain stopped where the draft model was unsure)
+            depth = min(depth, self.draft_model.drafted)
         chains = self._lookup(room)
         if depth and q is not None:  # rejection: tokens drawn on the host
             return self._restrict(Draft(self.layout, next_tokens, q), depth)
@@ -651,6 +653,7 @@ def spec_generate_step(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
     dynamic_tree: Optional[bool] = None,
+    draft_confidence: Optional[float] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -749,6 +752,11 @@ def spec_generate_step(
           prompt-lookup chain with ``draft="ngram"``). A reused ``prompt_cache``
           then holds the model's layers followed by the draft model's, as
           mlx-lm keeps them.
+        draft_confidence (float, optional): with ``draft_model`` drafting a chain, the
+          chain stops after a draft whose probability under the draft model is below
+          it (transformers' ``assistant_confidence_threshold``, its default 0.4):
+          ``num_draft_tokens`` is then the longest chain. Each level then reads the
+          host once. Default: ``None``, chains of ``num_draft_tokens``.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options. ``kv_bits`` converts the cache at the moments
           mlx-lm does (greedy output equals mlx-lm's with the same options).
@@ -779,6 +787,7 @@ def spec_generate_step(
             f"draft={draft!r} with draft_model: the model's streams are off; pass None (the "
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
+    check_draft_confidence(draft_confidence, draft_model, tree_top_k, dynamic_tree)
     # (a model that took streams or a drafter took the verifier: only a plain base is judged)
     plain_base = getattr(model, "speculative_streams", None) is None
     if (
@@ -804,6 +813,7 @@ def spec_generate_step(
             max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback,
             prompt_checkpoint_callback=prompt_checkpoint_callback,
             ngram_candidates=ngram_candidates, dynamic_tree=dynamic_tree,
+            draft_confidence=draft_confidence,
         )  # fmt: skip
         return
     if prompt_checkpoint_callback is not None:
@@ -940,7 +950,7 @@ def spec_generate_step(
     start = cache[0].offset
     dstate = dm = None
     if draft_model is not None:
-        dm = DraftModel(draft_model, draft_cache, depth, quant)
+        dm = DraftModel(draft_model, draft_cache, depth, quant, draft_confidence)
         if dynamic:
             dm.ready_to_grow()
     if rt.drafter is not None and depth:
@@ -1008,6 +1018,29 @@ def lookup_settings(lookup_tokens, candidates: int, nodes: int) -> tuple:
     if not (isinstance(lookup_tokens, int) and lookup_tokens >= 1):
         raise ValueError(f"num_draft_tokens={lookup_tokens!r}: an integer >= 1.")
     return lookup_tokens, candidates, nodes
+
+
+def check_draft_confidence(confidence, draft_model, tree_top_k, dynamic_tree) -> None:
+    """Refuses a ``draft_confidence`` that is not a probability, or that no draft-model
+    chain takes (it stops a chain: a tree's levels are widened, a grown tree scores its
+    own nodes)."""
+    if confidence is None:
+        return
+    if isinstance(confidence, bool) or not (isinstance(confidence, (int, float))
+                                            and 0 < confidence < 1):  # fmt: skip
+        raise ValueError(f"draft_confidence={confidence!r} must be a number in (0, 1).")
+    if draft_model is None:
+        raise ValueError(
+            "draft_confidence stops a draft model's chain: pass draft_model (the model's own "
+            "drafters' chains are tuned by mlx_specstream.tune)."
+        )
+    wide = tree_top_k not in (None, 1) and not (isinstance(tree_top_k, list)
+                                                and set(tree_top_k) <= {1})  # fmt: skip
+    if wide or dynamic_tree:
+        raise ValueError(
+            "draft_confidence stops a draft model's chain; tree_top_k > 1 and dynamic_tree "
+            "draft trees: pass one or the other."
+        )
 
 
 def drafter_growth(rt, tree: tuple, static: Optional[StaticTree], dynamic_tree):
@@ -1263,6 +1296,7 @@ def _on_chain_model(
     kw.pop("ngram_candidates")
     kw.pop("max_tree_nodes", None)
     kw.pop("lookup", None)
+    kw.pop("draft_confidence", None)
     kw.pop("rejection", None)  # (mlx-lm's plain loop; the draft cache follows unquantized)
     own, theirs = split_pair(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own

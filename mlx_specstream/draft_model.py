@@ -38,10 +38,16 @@ class DraftModel:
         num_draft_tokens (int): the chain's length ``k``.
         quant (KVQuantizer, optional): quantizes its cache as the model's
           (``kv_bits``), after every call, as mlx-lm's draft-model loop does.
+        confidence (float, optional): stops a chain after a draft whose probability
+          under the draft model is below it (transformers' ``assistant_confidence_threshold``):
+          :attr:`drafted` then says how many levels are real.
     """
 
-    def __init__(self, model: nn.Module, cache: list, num_draft_tokens: int, quant=None):
+    def __init__(self, model: nn.Module, cache: list, num_draft_tokens: int, quant=None,
+                 confidence: Optional[float] = None):  # fmt: skip
         self.model, self.cache, self.k, self.quant = model, cache, num_draft_tokens, quant
+        self.confidence = confidence
+        self.drafted = num_draft_tokens  # the last chain's real levels (the rest repeat)
         self.fed = cache[0].offset if cache else 0  # committed tokens in the cache
         self.unfed: List[int] = []  # committed tokens not fed yet
         self.drafts: Optional[mx.array] = None  # the drafts fed after them
@@ -86,12 +92,21 @@ class DraftModel:
         logits = self._step(mx.array(new[same:]))
         self.fed += len(new)
         self.unfed, levels, fed = [], [logits], []
-        for _ in range(self.k - 1):
+        while len(levels) < self.k and not self._unsure(levels[-1]):
             fed.append(mx.argmax(levels[-1]).reshape(1))
             levels.append(self._step(fed[-1]))
         self.drafts = mx.concatenate(fed) if fed else None
         self._forget()
+        self.drafted = len(levels)  # (then the last level repeated: the shape stays (k, V))
+        levels += [levels[-1]] * (self.k - len(levels))
         return _fit(mx.stack(levels), vocab_size)
+
+    def _unsure(self, logits: mx.array) -> bool:
+        """Whether the chain stops after the draft of ``logits`` (its argmax): its
+        probability is below :attr:`confidence` (a host read; never without one)."""
+        if self.confidence is None:
+            return False
+        return mx.softmax(logits, axis=-1).max().item() < self.confidence
 
     def ready_to_grow(self) -> None:
         """Readies the draft model to grow dynamic trees (:meth:`draft_tree`): the tree

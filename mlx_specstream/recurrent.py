@@ -550,6 +550,7 @@ def chain_generate_step(
     attached_drafter: bool = False,
     drafter_tree: Optional[StaticTree] = None,
     drafter_growth: Optional[Tuple[int, int, int]] = None,
+    draft_confidence: Optional[float] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -607,6 +608,8 @@ def chain_generate_step(
         drafter_growth (tuple, optional): with ``attached_drafter``, ``(k, max_nodes,
           depth)``: the drafter grows dynamic trees (:meth:`DrafterChains.grown_drafts`)
           of at most ``max_nodes`` nodes and ``depth`` levels, ``k`` children per node.
+        draft_confidence (float, optional): with ``draft_model``, its chain stops after a
+          draft less likely than this under it (:class:`DraftModelChain`).
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -615,7 +618,8 @@ def chain_generate_step(
     if draft_model is not None:
         own, theirs = split_pair(model, draft_model, prompt_cache)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
-        drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant)
+        drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant,
+                                  draft_confidence)  # fmt: skip
     # (lookup trees: the tree verifier alone, streams.attach_chain_verifier; a model
     # without attention takes them without it)
     needs_runtime = streams or attached_drafter or ngram_candidates > 1 and attends(model)
@@ -770,9 +774,11 @@ class DraftModelChain:
 
     def __init__(
         self, model: nn.Module, cache: Optional[list], vocab_size: Optional[int] = None,
-        sampler=None, quant=None,
+        sampler=None, quant=None, confidence: Optional[float] = None,
     ):  # fmt: skip
         self.chain = ChainCache(model, cache, quant)
+        # (a chain stops after a draft less likely than this under the draft model)
+        self.confidence = confidence
         self.vocab_size = vocab_size  # the model's: larger draft vocabularies are cut to it
         self.sampler = sampler  # drafts drawn from its distributions (else greedy)
         self.q: Optional[mx.array] = None  # the last chain's draft distributions
@@ -797,12 +803,23 @@ class DraftModelChain:
             else:
                 qs.append(self._distribution(logits))
                 drafts.append(mx.random.categorical(mx.log(qs[-1])).reshape(1))
-            if i < n - 1:  # (the last draft is not fed)
-                logits = c.model(drafts[-1][None], cache=c.cache)[0, -1]
-                self.states.append([state_of(x) for x in recurrent])
-        c.drafted = max(n - 1, 0)
+            if i == n - 1 or self._unsure(logits):  # (the last draft is not fed)
+                break
+            logits = c.model(drafts[-1][None], cache=c.cache)[0, -1]
+            self.states.append([state_of(x) for x in recurrent])
+        c.drafted = max(len(drafts) - 1, 0)
         self.q = mx.stack(qs) if qs else None
         return mx.concatenate(drafts).tolist() if drafts else []
+
+    def _unsure(self, logits: mx.array) -> bool:
+        """Whether the chain stops after the draft of ``logits``: the draft model's most
+        likely token is less likely than :attr:`confidence` (a host read; never without
+        one). It reads the draft model's distribution only, so a drawn chain stays a
+        valid proposal."""
+        if self.confidence is None:
+            return False
+        p = mx.softmax(logits[: self.vocab_size].astype(mx.float32), axis=-1)
+        return p.max().item() < self.confidence
 
     def _distribution(self, logits: mx.array) -> mx.array:
         """The sampler's distribution over the draft logits, on the model's vocabulary."""

@@ -481,6 +481,11 @@ DRAFT_MODEL_CHAINS = (1, 2, 3, 4, 5)  # a draft model's chain lengths tried (num
 DRAFT_MODEL_TREES = ((2, 3, 8), (3, 4, 12), (4, 5, 16))  # its trees: (top-k, levels, nodes)
 
 
+# Chains cut where the draft model is unsure (draft_confidence): their longest, and the
+# thresholds tried (transformers' assistant_confidence_threshold defaults to 0.4)
+CONFIDENT_CHAIN, DRAFT_CONFIDENCES = 8, (0.4, 0.6)
+
+
 def tune_draft_model(
     model,
     tokenizer,
@@ -492,16 +497,18 @@ def tune_draft_model(
     confirm_rounds=CONFIRM_ROUNDS,
 ):
     """mlx-lm's draft-model decoding through our verifier (``draft_model=``): the fastest
-    chain length, tree (its levels' top-k, static and grown: ``dynamic_tree``) or the
+    chain length, a long chain cut where the draft model is unsure (``draft_confidence``),
+    tree (its levels' top-k, static and grown: ``dynamic_tree``) or the
     fastest of those with prompt lookup merged in, against plain decoding without the
     draft model; plain decoding when none beats it by ``min_gain``. Trees are tried where
     both models take them (no recurrent layers; grown ones: no attention chunks or
     sparse attention in the draft model), and where not the log says why.
 
     Returns:
-        tuple: the choice (``{"num_draft_tokens": n}``, with ``tree_top_k``,
-        ``max_tree_nodes``, ``dynamic_tree`` for a tree and ``draft: "ngram"`` for lookup
-        merged in; or ``{"tree_depth": 0}``), its tokens/s and plain decoding's.
+        tuple: the choice (``{"num_draft_tokens": n}``, with ``draft_confidence`` for a
+        cut chain, ``tree_top_k``, ``max_tree_nodes``, ``dynamic_tree`` for a tree and
+        ``draft: "ngram"`` for lookup merged in; or ``{"tree_depth": 0}``), its tokens/s and
+        plain decoding's.
     """
 
     def measure(model, tokenizer, prompts, max_tokens, **settings):
@@ -511,6 +518,8 @@ def tune_draft_model(
     trials = Trials(model, tokenizer, prompts, max_tokens, log, measure=measure)
     for n in DRAFT_MODEL_CHAINS:
         trials.run(dict(num_draft_tokens=n))
+    for confidence in DRAFT_CONFIDENCES:  # (long chains cut where the draft model is unsure)
+        trials.run(dict(num_draft_tokens=CONFIDENT_CHAIN, draft_confidence=confidence))
     if has_recurrent_layers(model) or has_recurrent_layers(draft_model):
         log("trees: not tried (recurrent layers verify one chain a pass)")
     else:
@@ -533,6 +542,8 @@ def draft_model_flags(choice: dict) -> str:
     Example:
         >>> draft_model_flags({"num_draft_tokens": 3})
         '--num-draft-tokens 3'
+        >>> draft_model_flags({"num_draft_tokens": 8, "draft_confidence": 0.4})
+        '--num-draft-tokens 8 --draft-confidence 0.4'
         >>> draft_model_flags({"num_draft_tokens": 5, "tree_top_k": 4, "max_tree_nodes": 16,
         ...                    "dynamic_tree": True, "draft": "ngram"})
         '--num-draft-tokens 5 --tree-top-k 4 --max-tree-nodes 16 --dynamic-tree --draft ngram'
@@ -546,6 +557,8 @@ def draft_model_flags(choice: dict) -> str:
             choice["max_tree_nodes"],
         ]
         flags += ["--dynamic-tree" if choice["dynamic_tree"] else "--no-dynamic-tree"]
+    if "draft_confidence" in choice:
+        flags += ["--draft-confidence", choice["draft_confidence"]]
     if choice.get("draft") == "ngram":
         flags += ["--draft", "ngram"]
     return " ".join(str(f) for f in flags)
