@@ -483,7 +483,8 @@ DRAFT_MODEL_TREES = ((2, 3, 8), (3, 4, 12), (4, 5, 16))  # its trees: (top-k, le
 
 # Chains cut where the draft model is unsure (draft_confidence): their longest, and the
 # thresholds tried (transformers' assistant_confidence_threshold defaults to 0.4)
-CONFIDENT_CHAIN, DRAFT_CONFIDENCES = 8, (0.4, 0.6)
+# (0.3 was fastest for the shipped pair on this CPU: benchmarks/RESULTS.md)
+CONFIDENT_CHAIN, DRAFT_CONFIDENCES = 8, (0.3, 0.4, 0.6)
 
 
 def tune_draft_model(
