@@ -102,11 +102,8 @@ class DraftModel:
         return _fit(mx.stack(levels), vocab_size)
 
     def _unsure(self, logits: mx.array) -> bool:
-        """Whether the chain stops after the draft of ``logits`` (its argmax): its
-        probability is below :attr:`confidence` (a host read; never without one)."""
-        if self.confidence is None:
-            return False
-        return mx.softmax(logits, axis=-1).max().item() < self.confidence
+        """Whether the chain stops after the draft of ``logits`` (:func:`unsure`)."""
+        return unsure(logits, self.confidence)
 
     def ready_to_grow(self) -> None:
         """Readies the draft model to grow dynamic trees (:meth:`draft_tree`): the tree
@@ -240,6 +237,16 @@ def _fit(logits: mx.array, vocab_size: int) -> mx.array:
         return logits[:, :vocab_size]
     pad = mx.full((logits.shape[0], vocab_size - V), -mx.inf, dtype=logits.dtype)
     return mx.concatenate([logits, pad], axis=-1)
+
+
+def unsure(logits: mx.array, confidence: Optional[float]) -> bool:
+    """Whether a draft model's chain stops after the draft of ``logits`` (``(V,)``, its
+    argmax): the draft model gives it less than ``confidence`` (``draft_confidence``;
+    ``None``: never). A host read; it reads the draft model alone, so a drawn chain cut by
+    it stays a valid proposal."""
+    if confidence is None:
+        return False
+    return mx.softmax(logits.astype(mx.float32), axis=-1).max().item() < confidence
 
 
 def draft_model_tree(num_draft_tokens: int, tree_top_k=None, max_tree_nodes=None):

@@ -56,7 +56,7 @@ from .cache import (
     keep_drafter_state,
     model_caches,
 )
-from .draft_model import split_pair
+from .draft_model import split_pair, unsure
 from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import (
@@ -812,14 +812,9 @@ class DraftModelChain:
         return mx.concatenate(drafts).tolist() if drafts else []
 
     def _unsure(self, logits: mx.array) -> bool:
-        """Whether the chain stops after the draft of ``logits``: the draft model's most
-        likely token is less likely than :attr:`confidence` (a host read; never without
-        one). It reads the draft model's distribution only, so a drawn chain stays a
-        valid proposal."""
-        if self.confidence is None:
-            return False
-        p = mx.softmax(logits[: self.vocab_size].astype(mx.float32), axis=-1)
-        return p.max().item() < self.confidence
+        """Whether the chain stops after the draft of ``logits`` (:func:`~.draft_model.unsure`,
+        over the model's vocabulary)."""
+        return unsure(logits[: self.vocab_size], self.confidence)
 
     def _distribution(self, logits: mx.array) -> mx.array:
         """The sampler's distribution over the draft logits, on the model's vocabulary."""
