@@ -70,8 +70,8 @@ def draft_vocab_value(value: str):
 
 
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
-    """``--draft``, ``--draft-model``, ``--num-draft-tokens`` and ``--ngram-candidates``;
-    for one generation (not a server's requests) also ``--draft-confidence``, ``--no-speculation``,
+    """``--draft``, ``--draft-model``, ``--num-draft-tokens``, ``--ngram-candidates`` and
+    ``--draft-confidence``; for one generation (not a server's requests) also ``--no-speculation``,
     ``--tree-top-k``, ``--tree-depth``, ``--max-tree-nodes`` and ``--dynamic-tree``."""
     scope = "Default of a request's 'draft' field: " if per_request else ""
     parser.add_argument(
@@ -107,16 +107,19 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         "of the text's last tokens (default: 1, a chain)"
         + ("; a request's 'ngram_candidates' overrides it" if per_request else ""),
     )
-    if per_request:
-        return
     parser.add_argument(
         "--draft-confidence",
         type=float,
         default=None,
-        help="With --draft-model: stop each chain after a draft the draft model gives less "
-        "than this probability (transformers' assistant_confidence_threshold); "
-        "--num-draft-tokens is then the longest chain. Default: off",
-    )
+        help="Stop each chain after a draft its drafter (the draft model, or the model's "
+        "streams or drafter) gives less than this probability (transformers' "
+        "assistant_confidence_threshold); the chain's length (--num-draft-tokens with a draft "
+        "model, else --tree-depth) is then its longest. Default: off"
+        + ("; a request's 'draft_confidence' overrides it (such requests are decoded one at a "
+           "time)" if per_request else ""),
+    )  # fmt: skip
+    if per_request:
+        return
     parser.add_argument(
         "--no-speculation", action="store_true", help="Decode one token per forward pass"
     )

@@ -47,6 +47,12 @@ from .cache import (
     window_rows,
 )
 from .config import DRAFTS, VerifierConfig
+from .draft_confidence import (
+    chain_refusal,
+    check_draft_confidence,
+    confident_levels,
+    top_probabilities,
+)
 from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
 from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .layout import TreeLayout, layout_of
@@ -122,6 +128,7 @@ class Pending:
     probs: Optional[mx.array] = None  # rejection: (R, V) target distributions
     uniforms: Optional[mx.array] = None  # rejection: (R + 1,) the walk's coins
     draws: Optional[tuple] = None  # rejection: every node's next (q, draw order)
+    sure: Optional[mx.array] = None  # draft_confidence: the next chain's top probabilities
 
     def logprobs_row(self, node: int) -> mx.array:
         """Node ``node``'s log-probabilities (lazy, on its own, when the step did not
@@ -154,17 +161,21 @@ class Decoder:
           either only where the settings allow it).
         dynamic (bool): the drafter grows each tree from its own drafts
           (:mod:`mlx_specstream.dynamic_tree`) instead of filling the static tree.
+        confidence (float, optional): each chain stops after a draft its drafter gives
+          less than this probability (``draft_confidence``; a host read a chain).
     """
 
     def __init__(self, rt, cache, history, sampler, processors, tree, acceptance, draft,
                  ngram_tokens, max_tokens, dstate=None, quant=None, pipeline=None,
                  draft_model=None, ngram_candidates=1, tree_nodes=None,
-                 dynamic=False):  # fmt: skip
+                 dynamic=False, confidence=None):  # fmt: skip
         self.rt, self.cache, self.history = rt, cache, history
         self.quant = quant
         self.sampler, self.processors = sampler, processors
         ks, self.depth, self.threshold, self.max_nodes = tree
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
+        # draft_confidence: the next chain's real levels (None: all), read with its drafts
+        self.confidence, self.drafted = confidence, None
         self.draft = draft
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.ngram_candidates = ngram_candidates
@@ -188,8 +199,10 @@ class Decoder:
         # Rejection sampling: the next drafts drawn at every node before the walk
         # (one host read) where every node's draft logits come cheaply: the pass's
         # own stream logits, or Medusa heads, where rows cost little (a GPU).
-        self.draws_at_every_node = self.by_rejection and (
-            self.head_on_streams or (self.heads and in_pass)
+        self.draws_at_every_node = (
+            self.by_rejection
+            and confidence is None  # (a cut reads the accepted node's chain)
+            and (self.head_on_streams or (self.heads and in_pass))
         )
         self.tree_nodes = tree_nodes or self.max_nodes  # (the own tree's, below a merged one's)
         self.dynamic = dynamic and self.depth > 0
@@ -240,6 +253,8 @@ class Decoder:
             )
         if self.ngram_candidates > 1:
             return "several prompt-lookup drafts (ngram_candidates > 1) are merged on the host."
+        if self.confidence is not None:
+            return "draft_confidence reads each chain's probabilities on the host."
         if self.streams and (not self.all_streams or self.threshold > 0):
             return "the split stream pass and pruning (prune_threshold > 0) read the host mid-step."
         if self.quant is not None or any(
@@ -293,9 +308,11 @@ class Decoder:
         if self.streams or self.heads:
             slog = self._stream_logits(out, p.last) if self.streams else self._heads_logits(out, p)
             p.top, p.next_tokens = self._draft_tokens(slog, p.targets[p.last])
+            if self.confidence is not None:  # (read with the step, to cut the chain)
+                p.sure = top_probabilities(slog[: self.levels])
         elif self.device_history is not None:
             p.next_tokens = self._lookup_on_device(p)
-        arrays = (p.tokens, p.logprobs, p.targets, p.certified, p.last, p.next_tokens)
+        arrays = (p.tokens, p.logprobs, p.targets, p.certified, p.last, p.next_tokens, p.sure)
         mx.async_eval([a for a in arrays if a is not None])
         return p
 
@@ -333,6 +350,8 @@ class Decoder:
                     last = self._uncertified(p)
                     path = path_to(last, parents)
             token, q = p.targets.tolist()[last], None
+            if p.sure is not None and p.next_tokens is not None:  # (the streams' chain, cut)
+                self.drafted = confident_levels(p.sure.tolist(), self.confidence)
         tokens = p.tokens.tolist()
         # Pipelined passes leave the offsets at the committed prefix: set them here.
         prefix = self.cache[0].offset if self.pipelined else p.prefix
@@ -465,12 +484,30 @@ class Decoder:
         return self.rt.drafter.draft_at(self.rt, out.hidden, p.last, max(1, self.levels))
 
     def _drafter_logits(self, out, path, path_tokens, token) -> mx.array:
+        """``(levels, V)`` logits of the next chain or static tree's levels, from the draft
+        model or the attached drafter; with ``draft_confidence``, :attr:`drafted` says how
+        many are real (a drafter that drafts level by level stops there; the rest repeat
+        the last, as a draft model's do)."""
         if self.draft_model is not None:
             return self.draft_model.draft(path_tokens, token, out.logits.shape[-1])
-        draft = self.rt.drafter.draft(
-            self.rt, self.dstate, out.hidden, path, path_tokens, token, levels=max(1, self.levels)
-        )
-        return draft.astype(mx.float32)
+        drafter, levels = self.rt.drafter, max(1, self.levels)
+        cut = {}  # (a drafter that drafts level by level stops at an unsure one)
+        if self.confidence is not None and getattr(drafter, "drafts_level_by_level", False):
+            cut["confidence"] = self.confidence
+        draft = drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token,
+                              levels=levels, **cut).astype(mx.float32)  # fmt: skip
+        return self._cut(draft)
+
+    def _cut(self, slog: mx.array) -> mx.array:
+        """With ``draft_confidence``: sets :attr:`drafted` from the chain's logits ``slog``
+        ``(L, V)`` (a host read) and cuts or pads them to the tree's levels (with the last)."""
+        if self.confidence is None:
+            return slog
+        slog = slog[: self.levels]  # (a stream past the tree's levels drafts nothing)
+        self.drafted = confident_levels(top_probabilities(slog).tolist(), self.confidence)
+        if slog.shape[0] < self.levels:
+            slog = mx.concatenate([slog] + [slog[-1:]] * (self.levels - slog.shape[0]))
+        return slog
 
     def _dynamic_tree(self, out, path, path_tokens, token: int):
         """The drafter's dynamic tree rooted at ``token``, no deeper than the next
@@ -528,6 +565,8 @@ class Decoder:
         depth = min(self.depth, room) if next_tokens is not None else 0
         if self.draft_model is not None:  # (a chain stopped where the draft model was unsure)
             depth = min(depth, self.draft_model.drafted)
+        elif self.drafted is not None:  # (where its drafter was: draft_confidence)
+            depth = min(depth, self.drafted)
         chains = self._lookup(room)
         if depth and q is not None:  # rejection: tokens drawn on the host
             return self._restrict(Draft(self.layout, next_tokens, q), depth)
@@ -607,7 +646,7 @@ class Decoder:
             q, top = p.draws[0][last], np.array(p.draws[1][last])
         else:  # (before the caches are compacted: split passes read the tree rows)
             if self.streams:
-                slog = self._stream_logits(p.out, mx.array(last))
+                slog = self._cut(self._stream_logits(p.out, mx.array(last)))
             else:
                 slog = self._drafter_logits(p.out, path, [tokens[a] for a in path], token)
             q, top = self._draw_now(slog)
@@ -787,7 +826,7 @@ def spec_generate_step(
             f"draft={draft!r} with draft_model: the model's streams are off; pass None (the "
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
-    check_draft_confidence(draft_confidence, draft_model, tree_top_k, dynamic_tree)
+    check_draft_confidence(draft_confidence)
     # (a model that took streams or a drafter took the verifier: only a plain base is judged)
     plain_base = getattr(model, "speculative_streams", None) is None
     if (
@@ -865,6 +904,10 @@ def spec_generate_step(
         max_nodes += ngram_tokens
     if draft == "ngram":
         depth = 0  # the model's own drafts are off
+    if draft_confidence is not None and speculative:
+        why = chain_refusal(ks, depth, dynamic, draft == "ngram")
+        if why:
+            raise ValueError(f"{why}.")
     quant = KVQuantizer.from_args(kv_bits, kv_group_size, quantized_kv_start)
     if quant is not None:
         refuse_quantized_windows(model, draft_model, kv_bits)
@@ -960,7 +1003,7 @@ def spec_generate_step(
     dec = Decoder(
         rt, cache, list(prompt_list), sampler, logits_processors or [],
         (ks, depth, threshold, max_nodes), acceptance, draft, ngram_tokens, max_tokens, dstate,
-        quant, pipeline, dm, ngram_candidates, tree_nodes, dynamic,
+        quant, pipeline, dm, ngram_candidates, tree_nodes, dynamic, draft_confidence,
     )  # fmt: skip
     yielded, ended = 0, False  # ended: finished or closed, not failed
     try:
@@ -1018,29 +1061,6 @@ def lookup_settings(lookup_tokens, candidates: int, nodes: int) -> tuple:
     if not (isinstance(lookup_tokens, int) and lookup_tokens >= 1):
         raise ValueError(f"num_draft_tokens={lookup_tokens!r}: an integer >= 1.")
     return lookup_tokens, candidates, nodes
-
-
-def check_draft_confidence(confidence, draft_model, tree_top_k, dynamic_tree) -> None:
-    """Refuses a ``draft_confidence`` that is not a probability, or that no draft-model
-    chain takes (it stops a chain: a tree's levels are widened, a grown tree scores its
-    own nodes)."""
-    if confidence is None:
-        return
-    if isinstance(confidence, bool) or not (isinstance(confidence, (int, float))
-                                            and 0 < confidence < 1):  # fmt: skip
-        raise ValueError(f"draft_confidence={confidence!r} must be a number in (0, 1).")
-    if draft_model is None:
-        raise ValueError(
-            "draft_confidence stops a draft model's chain: pass draft_model (the model's own "
-            "drafters' chains are tuned by mlx_specstream.tune)."
-        )
-    wide = tree_top_k not in (None, 1) and not (isinstance(tree_top_k, list)
-                                                and set(tree_top_k) <= {1})  # fmt: skip
-    if wide or dynamic_tree:
-        raise ValueError(
-            "draft_confidence stops a draft model's chain; tree_top_k > 1 and dynamic_tree "
-            "draft trees: pass one or the other."
-        )
 
 
 def drafter_growth(rt, tree: tuple, static: Optional[StaticTree], dynamic_tree):
@@ -1221,6 +1241,13 @@ def _on_chain_model(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
             "verified (prompt lookup is not merged into it there)."
         )
+    if speculative and kw["draft_confidence"] is not None:  # (it cuts chains alone)
+        own_tree = kw.get("drafter_tree") or kw.get("stream_tree")
+        k = 1 if own_tree is None else max(own_tree.ranks) + 1  # (its levels' widest)
+        lookup_only = draft_model is None and not (streams or kw.get("attached_drafter"))
+        why = chain_refusal([k], 1, bool(kw.get("drafter_growth")), lookup_only)
+        if why:
+            raise ValueError(f"{why}.")
     candidates = kw["ngram_candidates"]
     if not (isinstance(candidates, int) and candidates >= 1):
         raise ValueError(f"ngram_candidates={candidates!r} must be an integer >= 1.")

@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
 from .cache import ChunkKVCache, WindowKVCache, model_caches
+from .draft_confidence import unsure
 from .dynamic_tree import grow, grow_drawn, log_softmax
 from .layout import with_prefix
 
@@ -237,16 +238,6 @@ def _fit(logits: mx.array, vocab_size: int) -> mx.array:
         return logits[:, :vocab_size]
     pad = mx.full((logits.shape[0], vocab_size - V), -mx.inf, dtype=logits.dtype)
     return mx.concatenate([logits, pad], axis=-1)
-
-
-def unsure(logits: mx.array, confidence: Optional[float]) -> bool:
-    """Whether a draft model's chain stops after the draft of ``logits`` (``(V,)``, its
-    argmax): the draft model gives it less than ``confidence`` (``draft_confidence``;
-    ``None``: never). A host read; it reads the draft model alone, so a drawn chain cut by
-    it stays a valid proposal."""
-    if confidence is None:
-        return False
-    return mx.softmax(logits.astype(mx.float32), axis=-1).max().item() < confidence
 
 
 def draft_model_tree(num_draft_tokens: int, tree_top_k=None, max_tree_nodes=None):

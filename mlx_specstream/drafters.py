@@ -31,6 +31,7 @@ from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 from .attention_masks import llama4_attention_scale
 from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
+from .draft_confidence import unsure
 from .model_parts import (
     attention_of,
     rope_rows_at,
@@ -119,13 +120,19 @@ class ParallelSpecDrafter(nn.Module):
         return rt.head(out[:, -k:], draft=True)[0]
 
 
-def levels_again(rt, depth, logits: list, out: mx.array, cache, n: int) -> None:
-    """``n`` deeper levels appended to ``logits``: ``depth`` (an MTP layer, an EAGLE-3
+def levels_again(rt, depth, logits: list, out: mx.array, cache, n: int,
+                 confidence: Optional[float] = None) -> int:  # fmt: skip
+    """Up to ``n`` deeper levels appended to ``logits``: ``depth`` (an MTP layer, an EAGLE-3
     drafter) again on its own output ``out`` (its last row) and the previous level's
-    argmax, each row appended to ``cache`` (trimmed by the caller)."""
-    for _ in range(n):
+    argmax, each row appended to ``cache`` (trimmed by the caller). With a
+    ``confidence`` (``draft_confidence``) the chain stops after a level whose first
+    choice is less likely than it (a host read a level). Returns the levels appended."""
+    for i in range(n):
+        if unsure(logits[-1], confidence):
+            return i
         out = depth.again(rt, out, mx.argmax(logits[-1], axis=-1), cache)
         logits.append(depth.level_logits(rt, out))
+    return n
 
 
 def new_rows(state: "DrafterState", hidden: mx.array, path: List[int], path_tokens, token):

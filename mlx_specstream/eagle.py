@@ -336,16 +336,20 @@ class EagleDrafting(nn.Module):
         """Token embeddings: the drafter's own, else the base's."""
         return self.embed_tokens(tokens) if "embed_tokens" in self else rt.embed(tokens)
 
-    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
+    drafts_level_by_level = True  # (a chain may stop early: draft_confidence)
+
+    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None,
+              confidence=None) -> mx.array:  # fmt: skip
         """``(levels, V)`` logits of the next tree's levels from the accepted path: the
         new rows, then the layer again on its own output for each deeper level (those
-        rows trimmed after)."""
+        rows trimmed after); fewer where a ``confidence`` stops the chain
+        (:func:`~mlx_specstream.drafters.levels_again`)."""
         levels = self._levels if levels is None else min(levels, self._levels)
         feats, nxt = new_rows(state, hidden, path, path_tokens, token)
         out = self.step(rt, feats, mx.array(nxt), state.cache)[-1:]
         logits = [self.level_logits(rt, out)]
-        levels_again(rt, self, logits, out, state.cache, levels - 1)
-        state.cache.trim(levels - 1)  # (the recursion's rows never stay)
+        ran = levels_again(rt, self, logits, out, state.cache, levels - 1, confidence)
+        state.cache.trim(ran)  # (the recursion's rows never stay)
         return mx.concatenate(logits, axis=0)
 
     def context_out(self, rt, state, hidden, path, path_tokens, token) -> mx.array:

@@ -553,17 +553,24 @@ class MTPDrafter(MTPDepth):
         quantize_like(self, dict(weights))  # (the heads as they were saved)
         return super().load_weights(weights, strict=strict)
 
-    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None) -> mx.array:
+    drafts_level_by_level = True  # (one layer's chain may stop early: draft_confidence)
+
+    def draft(self, rt, state, hidden, path, path_tokens, token, levels=None,
+              confidence=None) -> mx.array:  # fmt: skip
         """``(levels, V)`` logits of the next tree's levels from the accepted path (each
-        level one more run of a layer: only as many as the tree has)."""
+        level one more run of a layer: only as many as the tree has). One layer drafting,
+        fewer where a ``confidence`` stops the chain
+        (:func:`~mlx_specstream.drafters.levels_again`); several layers draft every level
+        (each runs over rows it keeps: the caller cuts the chain)."""
         levels = self._levels if levels is None else min(levels, self._levels)
         if isinstance(state, DepthsState):
             feats, nxt = self._new_rows(rt, state, hidden, path, path_tokens, token)
             return self._draft_depths(rt, state, feats, nxt, levels)
         out = self.context_out(rt, state, hidden, path, path_tokens, token)
         logits = [self.logits(rt.model, out, rt.draft_vocab)]
-        levels_again(rt, self.all_depths[-1], logits, out, state.cache, levels - 1)
-        state.cache.trim(levels - 1)  # the recursion's rows never stay
+        ran = levels_again(rt, self.all_depths[-1], logits, out, state.cache, levels - 1,
+                           confidence)  # fmt: skip
+        state.cache.trim(ran)  # the recursion's rows never stay
         return mx.concatenate(logits, axis=0)
 
     def _new_rows(self, rt, state, hidden, path, path_tokens, token):

@@ -152,6 +152,12 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     if candidates is not None:
         candidates = _number({"ngram_candidates": candidates}, "ngram_candidates", None, lo=1,
                              integer=True)  # fmt: skip
+    confidence = body.get("draft_confidence", defaults.draft_confidence)
+    if confidence is not None:
+        confidence = _number({"draft_confidence": confidence}, "draft_confidence", None, lo=0.0,
+                             lo_open=True)  # fmt: skip
+        if confidence >= 1:
+            raise RequestError(f"'draft_confidence'={confidence} must be < 1", "draft_confidence")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
@@ -182,6 +188,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         draft=draft,
         num_draft_tokens=draft_tokens,
         ngram_candidates=candidates,
+        draft_confidence=confidence,
         stream=stream,
         logprobs=logprobs,
         n=n,

@@ -56,7 +56,8 @@ from .cache import (
     keep_drafter_state,
     model_caches,
 )
-from .draft_model import split_pair, unsure
+from .draft_confidence import confident_levels, top_probabilities, unsure
+from .draft_model import split_pair
 from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import (
@@ -608,8 +609,9 @@ def chain_generate_step(
         drafter_growth (tuple, optional): with ``attached_drafter``, ``(k, max_nodes,
           depth)``: the drafter grows dynamic trees (:meth:`DrafterChains.grown_drafts`)
           of at most ``max_nodes`` nodes and ``depth`` levels, ``k`` children per node.
-        draft_confidence (float, optional): with ``draft_model``, its chain stops after a
-          draft less likely than this under it (:class:`DraftModelChain`).
+        draft_confidence (float, optional): each chain (the draft model's, the streams' or
+          the attached drafter's) stops after a draft its drafter gives less than this
+          probability (a draft model and one MTP layer then draft no further).
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -635,10 +637,10 @@ def chain_generate_step(
             keep_drafter_state(own, dstate)
         drafter = DrafterChains(state, dstate, sampler if rejection else None, num_draft_tokens,
                                 drafter_tree, index, lookup_tokens, nodes,
-                                drafter_growth)  # fmt: skip
+                                drafter_growth, draft_confidence)  # fmt: skip
     if streams:
         drafter = StreamDrafts(state, sampler if rejection else None, stream_tree, index,
-                               lookup_tokens, nodes)  # fmt: skip
+                               lookup_tokens, nodes, draft_confidence)  # fmt: skip
     drafter = drafter or LookupDrafts(ngram_candidates, max_tree_nodes)
     sampler = sampler or (lambda x: mx.argmax(x, axis=-1))
     processors = logits_processors or []
@@ -812,7 +814,7 @@ class DraftModelChain:
         return mx.concatenate(drafts).tolist() if drafts else []
 
     def _unsure(self, logits: mx.array) -> bool:
-        """Whether the chain stops after the draft of ``logits`` (:func:`~.draft_model.unsure`,
+        """Whether the chain stops after the draft of ``logits`` (:func:`~.draft_confidence.unsure`,
         over the model's vocabulary)."""
         return unsure(logits[: self.vocab_size], self.confidence)
 
@@ -918,13 +920,18 @@ class DrafterChains:
 
     With ``grow`` ``(k, max_nodes, depth)`` (a drafter that runs again on its own output: one
     MTP layer), it grows EAGLE-2's dynamic trees instead (:meth:`grown_drafts`).
+
+    With a ``confidence`` (``draft_confidence``) a chain stops after a level whose first
+    choice the drafter gives less than it (one MTP layer then drafts no further).
     """
 
     def __init__(self, state: "ChainCache", dstate, sampler=None, levels: int = 3,
                  tree: Optional[StaticTree] = None, lookup: Optional[NgramIndex] = None,
                  lookup_tokens: int = NGRAM_DRAFT_TOKENS, max_nodes: int = 16,
-                 grow: Optional[Tuple[int, int, int]] = None):  # fmt: skip
+                 grow: Optional[Tuple[int, int, int]] = None,
+                 confidence: Optional[float] = None):  # fmt: skip
         self.state, self.rt, self.dstate, self.sampler = state, state.runtime, dstate, sampler
+        self.confidence = confidence
         # draft="streams+ngram": prompt lookup's drafts merged in first, up to max_nodes nodes.
         self.lookup, self.lookup_tokens, self.max_nodes = lookup, lookup_tokens, max_nodes
         self.drafter, self.levels = state.runtime.drafter, levels
@@ -973,12 +980,17 @@ class DrafterChains:
         self.rows = self.rows[k:] if k < len(self.rows) else None
         return new
 
-    def _append(self, end: int, levels: int) -> Optional[mx.array]:
+    def _append(self, end: int, levels: int, confidence=None) -> Optional[mx.array]:
         """Puts the rows of positions before ``end - 1`` into the drafter's cache; the
-        ``(levels, V)`` logits the last one drafts."""
+        ``(levels, V)`` logits the last one drafts (fewer where a drafter that drafts level
+        by level stops at an unsure one: ``confidence``)."""
         new = self._new_rows(end)
-        return None if new is None else self.drafter.draft(self.rt, self.dstate, *new,
-                                                           levels=levels)  # fmt: skip
+        if new is None:
+            return None
+        cut = {}
+        if confidence is not None and getattr(self.drafter, "drafts_level_by_level", False):
+            cut["confidence"] = confidence
+        return self.drafter.draft(self.rt, self.dstate, *new, levels=levels, **cut)
 
     def feed(self, upto: int) -> None:
         pass
@@ -998,10 +1010,14 @@ class DrafterChains:
         (``parents`` ``None``)."""
         if self.grow is not None:
             return self.grown_drafts(n)
-        logits = self._append(len(self.tokens), min(n, self.levels))
+        logits = self._append(len(self.tokens), min(n, self.levels), self.confidence)
         if logits is None:
             return [], None
-        scores, q = level_scores(logits[: min(n, self.levels), : self.vocab], self.sampler)
+        logits = logits[: min(n, self.levels), : self.vocab]
+        if self.confidence is not None:  # (a chain: each level's first choice, cut)
+            logits = logits[: confident_levels(top_probabilities(logits).tolist(),
+                                               self.confidence)]  # fmt: skip
+        scores, q = level_scores(logits, self.sampler)
         self.q = q
         if self.tree is None:
             return mx.argmax(scores, axis=-1).tolist(), None
@@ -1093,9 +1109,11 @@ class StreamDrafts:
     def __init__(
         self, state: "ChainCache", sampler=None, tree: Optional[StaticTree] = None,
         lookup: Optional[NgramIndex] = None, lookup_tokens: int = NGRAM_DRAFT_TOKENS,
-        max_nodes: int = 16,
+        max_nodes: int = 16, confidence: Optional[float] = None,
     ):  # fmt: skip
         self.state, self.rt, self.sampler = state, state.runtime, sampler
+        # (draft_confidence: a chain stops after a stream's draft less likely than this)
+        self.confidence, self.sure = confidence, None
         self.tokens: List[int] = []
         self.next: Optional[mx.array] = None  # the next chain (tree: its nodes), on the device
         self.logits: Optional[mx.array] = None  # its stream logits
@@ -1119,6 +1137,8 @@ class StreamDrafts:
         (:func:`~mlx_specstream.tree.merge_chains`)."""
         tokens, parents = [], None
         if self.next is not None:
+            if self.sure is not None:  # (a chain, cut where a stream is unsure)
+                n = confident_levels(self.sure[: min(n, self.levels)].tolist(), self.confidence)
             if self.sampler is not None:
                 self.q = self._q[:n]
             if self.tree is None:
@@ -1149,11 +1169,13 @@ class StreamDrafts:
         scores, self._q = level_scores(logits[:, : self.vocab], self.sampler)
         if self.tree is None:
             self.next = mx.argmax(scores, axis=-1)
+            if self.confidence is not None:
+                self.sure = top_probabilities(logits[:, : self.vocab])
         else:  # the static tree's nodes: rank r of level g (tree.levels, tree.ranks)
             top = top_k_desc(scores, max(self.tree.ranks) + 1)
             t = self.tree
             self.next = top[mx.array(t.levels[1:]), mx.array(t.ranks[1:])]
-        mx.async_eval(self.next)
+        mx.async_eval(self.next, *([] if self.sure is None else [self.sure]))
 
     def commit(self, accepted: int) -> None:
         pass

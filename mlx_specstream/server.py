@@ -14,7 +14,8 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 (shown to the model by its chat template), ``tool_choice`` (``"auto"``, ``"none"``, or a
 forced call: ``"required"`` or a named function, whose start the prompt then holds)
 and messages with ``tool_calls`` or the ``tool`` role, plus our ``speculative`` (bool),
-``acceptance``, ``draft``, ``num_draft_tokens`` and ``ngram_candidates``. Fields we do
+``acceptance``, ``draft``, ``num_draft_tokens``, ``ngram_candidates`` and
+``draft_confidence`` (such a request is decoded alone: batched rows draft uncut chains). Fields we do
 not support (``response_format``, ``best_of`` > 1, ...) are refused with a 400 that
 names them.
 
@@ -266,8 +267,11 @@ class ModelService:
             return bool(self._waiting) and self._batchable(self._waiting[0])
 
     def _batchable(self, job: Job) -> bool:
-        """A seeded request is decoded alone, so that its output depends on its seed only."""
-        return self.batching and job.args["seed"] is None
+        """A seeded request is decoded alone, so that its output depends on its seed only;
+        so is one with a ``draft_confidence`` (a batch's rows draft their chains uncut, on
+        the device)."""
+        args = job.args
+        return self.batching and args["seed"] is None and args.get("draft_confidence") is None
 
     def _finish(self, job: Job) -> None:
         """The job's last event; its request is no longer pending."""
@@ -526,7 +530,7 @@ class ModelService:
             held -= trim_prompt_cache(cache, max(held - (len(sequence) - feed), 0))
         kwargs = {
             k: args[k]
-            for k in ("draft", "num_draft_tokens", "ngram_candidates")
+            for k in ("draft", "num_draft_tokens", "ngram_candidates", "draft_confidence")
             if args.get(k) is not None
         }
         if self.draft_model is not None:
@@ -945,7 +949,8 @@ def make_server(
 
     ``defaults`` (those of the command's flags when not given): ``max_tokens`` (512),
     ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None),
-    ``num_draft_tokens`` (None) and ``ngram_candidates`` (None) of a request; ``chat_template_args`` ({}) for every chat
+    ``num_draft_tokens`` (None), ``ngram_candidates`` (None) and ``draft_confidence`` (None)
+    of a request; ``chat_template_args`` ({}) for every chat
     template; ``prefill_step_size``
     (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
     (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
@@ -1076,6 +1081,8 @@ def main(argv=None):
     for flag in ("decode_concurrency", "prompt_concurrency"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.draft_confidence is not None and not 0 < args.draft_confidence < 1:
+        p.error(f"--draft-confidence {args.draft_confidence}: must be in (0, 1)")
     if args.draft_model is not None and args.draft == "streams+ngram":
         p.error(
             "--draft streams+ngram with --draft-model: the model's streams are off; --draft "
@@ -1091,6 +1098,11 @@ def main(argv=None):
     if args.use_default_chat_template and tokenizer.chat_template is None:
         tokenizer.chat_template = tokenizer.default_chat_template
     draft_model = load_draft_model(args, tokenizer)
+    if args.draft_confidence is not None and args.decode_concurrency > 1:
+        logger.info(
+            "requests with a draft_confidence (--draft-confidence unless a request "
+            "sends null) are decoded one at a time: a batch's rows draft uncut chains"
+        )
     note = untuned_note(runtime_config(model), args.model)
     if note is not None and draft_model is None:
         logger.info(note.removeprefix("[INFO] "))
@@ -1105,7 +1117,7 @@ def main(argv=None):
             k: getattr(args, k)
             for k in (
                 "max_tokens", "temp", "top_p", "top_k", "min_p", "draft", "num_draft_tokens",
-                "ngram_candidates",
+                "ngram_candidates", "draft_confidence",
                 "chat_template_args", "prefill_step_size", "kv_bits", "kv_group_size",
                 "quantized_kv_start", "prompt_cache_size", "prompt_cache_bytes", "allowed_origins",
                 "decode_concurrency", "prompt_concurrency",

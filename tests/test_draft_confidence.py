@@ -4,7 +4,7 @@ models (:class:`~mlx_specstream.draft_model.DraftModel`) and on hybrids
 (:class:`~mlx_specstream.recurrent.DraftModelChain`). Greedy output equals plain decoding;
 each chain is exactly as long as the draft model's own probabilities say; drawn chains keep
 the distribution; the CLI forwards the flag; bad values and settings no chain takes are
-refused."""
+refused (the model's own drafters' chains: ``test_confident_chains.py``)."""
 
 import mlx.core as mx
 import numpy as np
@@ -143,10 +143,13 @@ def test_bad_values_and_settings_no_chain_takes_are_refused():
     for bad in (0, 1, 1.5, -0.1, True, "0.4"):
         with pytest.raises(ValueError, match="draft_confidence=.* must be a number in"):
             spec_tokens(base, PROMPT, 4, draft_model=draft, draft_confidence=bad)
-    with pytest.raises(ValueError, match="pass draft_model"):
+    with pytest.raises(ValueError, match="this call drafts none"):
         spec_tokens(base, PROMPT, 4, draft="ngram", draft_confidence=0.4)
-    for tree in (dict(tree_top_k=2), dict(tree_top_k=2, dynamic_tree=True)):
-        with pytest.raises(ValueError, match="stops a draft model's chain; tree_top_k"):
+    for tree, match in (
+        (dict(tree_top_k=2), "drafts a tree 2 wide"),
+        (dict(tree_top_k=2, dynamic_tree=True), "dynamic_tree grows a tree"),
+    ):
+        with pytest.raises(ValueError, match=f"draft_confidence stops a chain; .*{match}"):
             spec_tokens(base, PROMPT, 4, draft_model=draft, draft_confidence=0.4, **tree)
 
 

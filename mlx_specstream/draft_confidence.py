@@ -1,0 +1,81 @@
+"""Chains cut where their drafter is unsure (``draft_confidence``; transformers'
+``assistant_confidence_threshold``): a chain stops after a draft its drafter gives less
+than the threshold, so a step verifies the drafts likely to be accepted and, where the
+levels run one after another (a draft model, EAGLE's drafter, an MTP layer), drafts no
+further. The cut reads the drafter's own probabilities only, so a drawn chain cut by it
+stays a valid proposal for rejection sampling.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+
+
+def unsure(logits: mx.array, confidence: Optional[float]) -> bool:
+    """Whether a chain stops after the draft of ``logits`` (``(V,)`` or ``(1, V)``, its
+    argmax): its drafter gives it less than ``confidence`` (``None``: never). A host read."""
+    if confidence is None:
+        return False
+    return mx.softmax(logits.astype(mx.float32), axis=-1).max().item() < confidence
+
+
+def top_probabilities(logits: mx.array) -> mx.array:
+    """``(L,)``: each level's largest probability under its logits ``(L, V)`` (on the
+    device, for :func:`confident_levels`)."""
+    return mx.softmax(logits.astype(mx.float32), axis=-1).max(axis=-1)
+
+
+def confident_levels(top: List[float], confidence: Optional[float]) -> int:
+    """How many levels of a chain stay when it stops after the first draft whose
+    probability (``top``, level by level) is below ``confidence`` (``None``: all).
+
+    Example:
+        >>> confident_levels([0.9, 0.3, 0.8], 0.5)
+        2
+        >>> confident_levels([0.9, 0.7, 0.8], 0.5)
+        3
+        >>> confident_levels([0.2, 0.9], 0.5)
+        1
+    """
+    if confidence is not None:
+        for i, p in enumerate(top):
+            if p < confidence:
+                return i + 1
+    return len(top)
+
+
+def check_draft_confidence(confidence) -> None:
+    """Refuses a ``draft_confidence`` that is not a probability in (0, 1)."""
+    if confidence is None:
+        return
+    if isinstance(confidence, bool) or not (isinstance(confidence, (int, float))
+                                            and 0 < confidence < 1):  # fmt: skip
+        raise ValueError(f"draft_confidence={confidence!r} must be a number in (0, 1).")
+
+
+def chain_refusal(ks: List[int], depth: int, dynamic: bool, lookup_only: bool) -> Optional[str]:
+    """Why a call's drafts take no ``draft_confidence`` (``None``: they do): it cuts a
+    chain, the drafter's levels' first choices (``ks[:depth]`` all 1, not grown).
+
+    Example:
+        >>> chain_refusal([1, 1, 1], 3, False, False) is None
+        True
+        >>> chain_refusal([2, 1], 2, False, False)
+        'draft_confidence stops a chain; this call drafts a tree 2 wide (tree_top_k): pass tree_top_k=1'
+    """
+    if lookup_only or depth == 0:
+        return (
+            "draft_confidence stops a drafter's chain; this call drafts none (prompt lookup's "
+            "drafts are the text's own, with no probabilities)"
+        )
+    if dynamic:
+        return (
+            "draft_confidence stops a chain; dynamic_tree grows a tree scored by its own "
+            "nodes: pass one or the other"
+        )
+    if max(ks[:depth]) > 1:
+        return (
+            f"draft_confidence stops a chain; this call drafts a tree {max(ks[:depth])} wide "
+            "(tree_top_k): pass tree_top_k=1"
+        )
+    return None
