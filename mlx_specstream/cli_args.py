@@ -114,7 +114,8 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         help="Stop each chain after a draft its drafter (the draft model, or the model's "
         "streams or drafter) gives less than this probability (transformers' "
         "assistant_confidence_threshold); the chain's length (--num-draft-tokens with a draft "
-        "model, else --tree-depth) is then its longest. Default: off"
+        "model, else --tree-depth) is then its longest; 0: off. Default: the model's tuned one, "
+        "else off"
         + ("; a request's 'draft_confidence' overrides it (such requests are decoded one at a "
            "time)" if per_request else ""),
     )  # fmt: skip

@@ -182,6 +182,11 @@ class SpecStreamConfig(_Section):
           :mod:`mlx_specstream.draft_vocab`). ``python -m mlx_specstream.tune``
           stores it where every token measured faster. Default: ``None``, the
           draft vocabulary where the directory has one.
+        draft_confidence (float, optional): where a call's drafts are a chain (``top_k``
+          1) and it names no ``draft_confidence``, each chain stops after a draft the
+          streams give less than this probability (:mod:`mlx_specstream.draft_confidence`).
+          ``python -m mlx_specstream.tune`` stores it where a cut chain measured fastest.
+          Default: ``None``, chains of ``tree_depth``.
     """
 
     SECTION = CONFIG_KEY
@@ -193,6 +198,7 @@ class SpecStreamConfig(_Section):
         "stream_logits_in_pass",
         "batch",
         "draft_vocab",
+        "draft_confidence",
     )
 
     num_streams: int = 3
@@ -215,6 +221,7 @@ class SpecStreamConfig(_Section):
     batch: Optional[dict] = None
     tuned: Optional[Dict[str, dict]] = None
     draft_vocab: Optional[bool] = None
+    draft_confidence: Optional[float] = None
 
     def __post_init__(self):
         def require(ok, name, why):
@@ -285,6 +292,8 @@ class SpecStreamConfig(_Section):
             require(getattr(self, name) in (None, True, False), name, "must be null, true or false")
         require(self.batch is None or not batch_choice_fault(self.batch, self.num_streams),
                 "batch", str(batch_choice_fault(self.batch, self.num_streams)))  # fmt: skip
+        require(confidence_fault(self.draft_confidence) is None, "draft_confidence",
+                str(confidence_fault(self.draft_confidence)))  # fmt: skip
         require(
             self.stream_positions in STREAM_POSITIONS,
             "stream_positions",
@@ -294,6 +303,15 @@ class SpecStreamConfig(_Section):
 
 
 BATCH_DRAFTS = ("streams", "ngram", None)
+
+
+def confidence_fault(confidence) -> Optional[str]:
+    """What is wrong with a stored ``draft_confidence`` (``None``: nothing)."""
+    if confidence is None:
+        return None
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
+        return "must be null or a number"
+    return None if 0 < confidence < 1 else "must be in (0, 1)"
 
 
 def eagle_fault(eagle: dict) -> Optional[str]:
@@ -458,11 +476,13 @@ class DrafterConfig(_Section):
           its trees are grown from its own drafts (:mod:`mlx_specstream.dynamic_tree`);
           ``false``: the static tree of its levels. Default: ``None``, EAGLE's grown
           wherever the tree is wider than a chain, MTP layers' static.
+        draft_confidence (float, optional): as in :class:`SpecStreamConfig` (the drafter's
+          chains, cut where it is unsure).
     """
 
     SECTION = DRAFTER_KEY
     TUNED_FIELDS = _Section.TUNED_FIELDS + (
-        "num_mtp_layers", "draft", "draft_vocab", "batch", "dynamic_tree",
+        "num_mtp_layers", "draft", "draft_vocab", "batch", "dynamic_tree", "draft_confidence",
     )  # fmt: skip
 
     kind: str = "medusa"
@@ -479,6 +499,7 @@ class DrafterConfig(_Section):
     dflash: Optional[dict] = None
     dynamic_tree: Optional[bool] = None
     medusa: Optional[dict] = None
+    draft_confidence: Optional[float] = None
 
     # A drafter never changes the base model and never prunes: the tree verifier
     # treats it like a lossless-mode stream model with no stream layers.
@@ -566,6 +587,8 @@ class DrafterConfig(_Section):
         fault = None if self.medusa is None else medusa_fault(self.medusa, self.num_draft_tokens)
         fault = "kind 'medusa' only" if self.medusa is not None and self.kind != "medusa" else fault
         require(fault is None, "medusa", f"null, or a dict of {list(MEDUSA_KEYS)}: {fault}")
+        fault = confidence_fault(self.draft_confidence)
+        require(fault is None, "draft_confidence", str(fault))
         self._check_tuned()
 
     @classmethod

@@ -48,6 +48,7 @@ from .cache import (
 )
 from .config import DRAFTS, VerifierConfig
 from .draft_confidence import (
+    chain_confidence,
     chain_refusal,
     check_draft_confidence,
     confident_levels,
@@ -904,10 +905,10 @@ def spec_generate_step(
         max_nodes += ngram_tokens
     if draft == "ngram":
         depth = 0  # the model's own drafts are off
-    if draft_confidence is not None and speculative:
-        why = chain_refusal(ks, depth, dynamic, draft == "ngram")
-        if why:
-            raise ValueError(f"{why}.")
+    if speculative:  # (asked, else the model's tuned one where its drafts are a chain)
+        stored = None if draft_model is not None else getattr(rt.config, "draft_confidence", None)
+        refusal = chain_refusal(ks, depth, dynamic, draft == "ngram")
+        draft_confidence = chain_confidence(draft_confidence, stored, refusal)
     quant = KVQuantizer.from_args(kv_bits, kv_group_size, quantized_kv_start)
     if quant is not None:
         refuse_quantized_windows(model, draft_model, kv_bits)
@@ -1241,13 +1242,14 @@ def _on_chain_model(
             f"draft={draft!r} with a draft_model on {where}: the draft model's chain alone is "
             "verified (prompt lookup is not merged into it there)."
         )
-    if speculative and kw["draft_confidence"] is not None:  # (it cuts chains alone)
+    if speculative:  # (asked, else the model's tuned one where its drafts are a chain)
         own_tree = kw.get("drafter_tree") or kw.get("stream_tree")
         k = 1 if own_tree is None else max(own_tree.ranks) + 1  # (its levels' widest)
         lookup_only = draft_model is None and not (streams or kw.get("attached_drafter"))
-        why = chain_refusal([k], 1, bool(kw.get("drafter_growth")), lookup_only)
-        if why:
-            raise ValueError(f"{why}.")
+        refusal = chain_refusal([k], 1, bool(kw.get("drafter_growth")), lookup_only)
+        stored = getattr(getattr(rt, "config", None), "draft_confidence", None)
+        stored = None if draft_model is not None else stored
+        kw["draft_confidence"] = chain_confidence(kw["draft_confidence"], stored, refusal)
     candidates = kw["ngram_candidates"]
     if not (isinstance(candidates, int) and candidates >= 1):
         raise ValueError(f"ngram_candidates={candidates!r} must be an integer >= 1.")

@@ -45,12 +45,33 @@ def confident_levels(top: List[float], confidence: Optional[float]) -> int:
 
 
 def check_draft_confidence(confidence) -> None:
-    """Refuses a ``draft_confidence`` that is not a probability in (0, 1)."""
+    """Refuses a ``draft_confidence`` that is not a number in [0, 1) (0: no cut)."""
     if confidence is None:
         return
     if isinstance(confidence, bool) or not (isinstance(confidence, (int, float))
-                                            and 0 < confidence < 1):  # fmt: skip
-        raise ValueError(f"draft_confidence={confidence!r} must be a number in (0, 1).")
+                                            and 0 <= confidence < 1):  # fmt: skip
+        raise ValueError(f"draft_confidence={confidence!r} must be a number in [0, 1) (0: off).")
+
+
+def chain_confidence(asked, stored, refusal: Optional[str]) -> Optional[float]:
+    """The threshold a call's chains are cut at (``None``: none): the one it ``asked`` for
+    (0: none, whatever the model's config says; refused with ``refusal``, the reason its
+    drafts are no chain), else the model's tuned one, ``stored``, where its drafts are a
+    chain.
+
+    Example:
+        >>> chain_confidence(None, 0.4, None), chain_confidence(0, 0.4, None)
+        (0.4, None)
+        >>> chain_confidence(None, 0.4, "a tree") is None  # (tuned for its chains)
+        True
+    """
+    if asked is None:
+        return stored if refusal is None else None
+    if asked == 0:
+        return None
+    if refusal is not None:
+        raise ValueError(f"{refusal}.")
+    return asked
 
 
 def chain_refusal(ks: List[int], depth: int, dynamic: bool, lookup_only: bool) -> Optional[str]:

@@ -154,8 +154,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
                              integer=True)  # fmt: skip
     confidence = body.get("draft_confidence", defaults.draft_confidence)
     if confidence is not None:
-        confidence = _number({"draft_confidence": confidence}, "draft_confidence", None, lo=0.0,
-                             lo_open=True)  # fmt: skip
+        confidence = _number({"draft_confidence": confidence}, "draft_confidence", None, lo=0.0)
         if confidence >= 1:
             raise RequestError(f"'draft_confidence'={confidence} must be < 1", "draft_confidence")
     stream = body.get("stream", False)

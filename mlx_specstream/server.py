@@ -271,7 +271,7 @@ class ModelService:
         so is one with a ``draft_confidence`` (a batch's rows draft their chains uncut, on
         the device)."""
         args = job.args
-        return self.batching and args["seed"] is None and args.get("draft_confidence") is None
+        return self.batching and args["seed"] is None and not args.get("draft_confidence")
 
     def _finish(self, job: Job) -> None:
         """The job's last event; its request is no longer pending."""
@@ -1081,8 +1081,8 @@ def main(argv=None):
     for flag in ("decode_concurrency", "prompt_concurrency"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.draft_confidence is not None and not 0 < args.draft_confidence < 1:
-        p.error(f"--draft-confidence {args.draft_confidence}: must be in (0, 1)")
+    if args.draft_confidence is not None and not 0 <= args.draft_confidence < 1:
+        p.error(f"--draft-confidence {args.draft_confidence}: must be in [0, 1) (0: off)")
     if args.draft_model is not None and args.draft == "streams+ngram":
         p.error(
             "--draft streams+ngram with --draft-model: the model's streams are off; --draft "
@@ -1098,7 +1098,7 @@ def main(argv=None):
     if args.use_default_chat_template and tokenizer.chat_template is None:
         tokenizer.chat_template = tokenizer.default_chat_template
     draft_model = load_draft_model(args, tokenizer)
-    if args.draft_confidence is not None and args.decode_concurrency > 1:
+    if args.draft_confidence and args.decode_concurrency > 1:
         logger.info(
             "requests with a draft_confidence (--draft-confidence unless a request "
             "sends null) are decoded one at a time: a batch's rows draft uncut chains"

@@ -139,12 +139,16 @@ class Trials:
 
     def __init__(self, model, tokenizer, prompts, max_tokens, log, measure=None,
                  plain: Optional[dict] = None, **warm_up):  # fmt: skip
+        # (a trial's chains are drafted uncut unless it says, not as an earlier tuning stored)
+        stored = getattr(getattr(model, "speculative_streams", None), "config", None)
+        stored = getattr(stored, "draft_confidence", None)
+        uncut = {"draft_confidence": 0} if measure is None and stored else {}
         self.log, measure = log, measure or tokens_per_second
-        self.measure = lambda **s: measure(model, tokenizer, prompts, max_tokens, **s)
+        self.measure = lambda **s: measure(model, tokenizer, prompts, max_tokens, **{**uncut, **s})
         self.plain, self.plain_choice = (
             (dict(speculative=False), {"tree_depth": 0}) if plain is None else (plain, plain)
         )
-        measure(model, tokenizer, prompts[:1], 16, **warm_up)
+        measure(model, tokenizer, prompts[:1], 16, **{**uncut, **warm_up})
         self.base_tps, _ = self.measure(**self.plain)
         log(f"one token per pass: {self.base_tps:.1f} tokens/s")
         self.results = []  # (tokens/s, tau, settings)
@@ -249,6 +253,7 @@ def tune(
         for tree in deep[:3]:
             for n in range(1, min(held, tree["tree_depth"])):
                 trials.run(dict(tree, num_mtp_layers=n))
+    confident_chains(trials)
     try_every_token(trials, rt)
     if lossless_streams:
         # The stream pass: streams of every node inside the verify pass, or a
@@ -276,7 +281,9 @@ def tune(
         can = [
             t
             for t in trials.fastest(len(trials.results))
-            if t.get("stream_pass", "fused") == "fused" and not t["prune_threshold"]
+            if t.get("stream_pass", "fused") == "fused"
+            and not t["prune_threshold"]
+            and "draft_confidence" not in t  # (a cut reads the host before the next tree)
         ]
         for tree in can[:3]:
             trials.run(dict(tree, pipeline=True))  # fmt: skip
@@ -290,6 +297,21 @@ def tune(
         fastest = trials.fastest(len(trials.results))
         choice["stream_pass"] = next(t["stream_pass"] for t in fastest if "stream_pass" in t)
     return choice, tps, base
+
+
+def confident_chains(trials: "Trials") -> None:
+    """The fastest of the deepest chains tried (``tree_top_k`` 1), cut where its drafter is unsure at each
+    of :data:`DRAFT_CONFIDENCES` (``draft_confidence``): a step then verifies, and a
+    drafter that drafts level by level drafts, only the levels it is sure of."""
+    chains = [s for s in trials.fastest(len(trials.results))
+              if s.get("tree_top_k") == 1 and s.get("draft", "streams") == "streams"
+              and s.get("tree_depth", 0) > 1 and "draft_confidence" not in s]  # fmt: skip
+    if not chains:
+        return
+    depth = max(s["tree_depth"] for s in chains)
+    deepest = next(s for s in chains if s["tree_depth"] == depth)  # (the fastest so deep)
+    for confidence in DRAFT_CONFIDENCES:
+        trials.run(dict(deepest, draft_confidence=confidence))
 
 
 def with_vocab(rt) -> dict:
@@ -332,6 +354,7 @@ def tune_stream_chains(model, tokenizer, prompts, max_tokens, min_gain, log, con
     for shape in candidate_trees(rt.config.num_streams, False):
         if trees or shape["tree_top_k"] == 1:
             trials.run(dict(shape, draft="streams", stream_pass="fused", **with_vocab(rt)))
+    confident_chains(trials)
     # Every row's streams in the verifying pass, or the accepted row's in a pass of their own.
     for shape in trials.fastest(2):
         trials.run(dict(shape, stream_pass="split"))
@@ -364,6 +387,10 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
     trials, rt = Trials(model, tokenizer, prompts, max_tokens, log), get_runtime(model)
     for n in range(1, rt.config.num_streams + 1):
         trials.run(dict(num_draft_tokens=n, **with_vocab(rt)))
+    if rt.config.num_streams > 1:  # (the longest chain, cut where the drafter is unsure)
+        for confidence in DRAFT_CONFIDENCES:
+            trials.run(dict(num_draft_tokens=rt.config.num_streams, draft_confidence=confidence,
+                            **with_vocab(rt)))  # fmt: skip
     why = tree_on_chains_refusal(model)
     grows = why is None and drafter_grows(rt.drafter)
     if why is None:
@@ -388,9 +415,10 @@ def tune_drafter_chains(model, tokenizer, prompts, max_tokens, min_gain, log, co
     def describe(best):
         if "num_draft_tokens" not in best:
             return choice_flags(best)
-        return (
-            f"chains of {best['num_draft_tokens']} (--num-draft-tokens {best['num_draft_tokens']})"
-        )
+        n, cut = best["num_draft_tokens"], best.get("draft_confidence")
+        if cut is not None:
+            return f"chains of up to {n} cut at {cut} ({choice_flags(as_tree(best))})"
+        return f"chains of {n} (--num-draft-tokens {n})"
 
     best, tps, base = trials.choice(min_gain, "Drafting chains", describe, confirm_rounds)
     if "num_draft_tokens" in best:
@@ -672,6 +700,8 @@ def save_choice(model_dir: Path, choice: dict, device: Optional[str] = None) -> 
             entry["num_mtp_layers"] = choice["num_mtp_layers"]
         if "dynamic_tree" in choice:  # (an EAGLE drafter's tree: grown, or static)
             entry["dynamic_tree"] = choice["dynamic_tree"]
+        if "draft_confidence" in choice:  # (its chains cut where the drafter is unsure)
+            entry["draft_confidence"] = choice["draft_confidence"]
         if "draft_vocab" in choice:  # (the model's draft vocabulary, or every token)
             entry["draft_vocab"] = choice["draft_vocab"]
     if "batch" in choice:  # (tune_batch's, for batches)
@@ -708,6 +738,9 @@ def choice_flags(choice: dict) -> str:
         >>> choice_flags({"tree_depth": 3, "tree_top_k": 2, "max_tree_nodes": 8,
         ...               "dynamic_tree": False})
         '--tree-top-k 2 --tree-depth 3 --max-tree-nodes 8 --no-dynamic-tree'
+        >>> choice_flags({"tree_depth": 5, "tree_top_k": 1, "max_tree_nodes": 6,
+        ...               "draft_confidence": 0.4})
+        '--tree-top-k 1 --tree-depth 5 --max-tree-nodes 6 --draft-confidence 0.4'
     """
     if choice.get("tree_depth") == 0:
         return "--no-speculation"
@@ -723,6 +756,8 @@ def choice_flags(choice: dict) -> str:
         flags += ["--dynamic-tree" if choice["dynamic_tree"] else "--no-dynamic-tree"]
     if choice.get("draft_vocab") is False:
         flags += ["--draft-vocab", "none"]
+    if "draft_confidence" in choice and choice.get("tree_depth"):
+        flags += ["--draft-confidence", choice["draft_confidence"]]
     return " ".join(str(f) for f in flags)
 
 

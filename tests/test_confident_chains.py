@@ -35,6 +35,11 @@ def own_model(kind, tmp_path):
     if kind == "mtp":
         write_checkpoint(tmp_path / "mtp", "mimo", seed=3)
         return load(str(tmp_path / "mtp"))[0], mlx_lm_load(str(tmp_path / "mtp"))[0], chain
+    if kind in ("medusa", "parallelspec"):  # (levels from one pass: the heads', its layer's)
+        from test_drafters import drafter_model
+
+        model = drafter_model(kind, num_draft_tokens=LEVELS)
+        return model, model, chain
     base = write_base(tmp_path / "base")
     write_eagle(tmp_path / "eagle", layer_ids=[0, 3, 6])
     model, _ = load(str(base), drafter=str(tmp_path / "eagle"))
@@ -104,12 +109,12 @@ def middle_confidence(model, module, monkeypatch, **kwargs):
     return tops[len(tops) // 2]
 
 
-@pytest.mark.parametrize("kind", ["streams", "mtp", "eagle3"])
+@pytest.mark.parametrize("kind", ["streams", "medusa", "parallelspec", "mtp", "eagle3"])
 def test_own_chains_stop_where_the_drafter_is_unsure_and_output_is_plain(kind, tmp_path,
                                                                          monkeypatch):  # fmt: skip
-    """Streams (levels from one pass), an MTP layer and an EAGLE-3 drafter (levels one
-    after another), greedy: output equals plain decoding, and every verified chain is as
-    long as its drafter's probabilities say."""
+    """Streams, Medusa heads and ParallelSpec (levels from one pass), an MTP layer and an
+    EAGLE-3 drafter (levels one after another), greedy: output equals plain decoding, and
+    every verified chain is as long as its drafter's probabilities say."""
     model, base, chain = own_model(kind, tmp_path)
     want = plain_greedy(base, PROMPT, 40)
     c = middle_confidence(model, decode, monkeypatch, **chain)
@@ -242,7 +247,7 @@ def test_settings_no_chain_takes_are_refused(tmp_path):
 def test_the_server_takes_a_request_s_draft_confidence(monkeypatch):
     """A request's ``draft_confidence`` reaches its decoding (output equal to plain
     decoding) and the request is decoded alone while the others batch; a value outside
-    (0, 1) is refused, naming the field."""
+    [0, 1) is refused, naming the field."""
     from test_server_batching import PROMPTS, alone, answer, submit_together
 
     from helpers import word_tokenizer
@@ -270,8 +275,80 @@ def test_the_server_takes_a_request_s_draft_confidence(monkeypatch):
         for (p, _), job in zip(requests, jobs):
             assert answer(job)[0][0] == alone(model, tok, p, 16)[0]
         assert 0.3 in given and svc.served["alone"] >= 1
-        for bad in (0, 1, 1.5, "0.4", True):
+        for bad in (-0.1, 1, 1.5, "0.4", True):
             with pytest.raises(RequestError, match="draft_confidence"):
                 parse_generation_args({"draft_confidence": bad}, svc.defaults)
     finally:
         server.server_close()
+
+
+def test_the_tuner_times_cut_chains_and_stores_the_fastest(tmp_path, monkeypatch):
+    """The tuner times the deepest chain cut at each of its thresholds (every other trial
+    uncut, whatever an earlier tuning stored: ``draft_confidence=0``), stores the fastest,
+    and prints its flags."""
+    import json
+
+    from helpers import word_tokenizer
+    from test_tune import fake_speeds, saved_config
+
+    from mlx_specstream import tune
+    from mlx_specstream.config import SpecStreamConfig
+
+    model = tiny_spec_model("llama", vocab_size=16, num_streams=3, top_k=2, prune_adapter_rank=0,
+                            draft_confidence=0.9)  # fmt: skip
+    tokenizer = word_tokenizer(16, eos=15)
+    fast = lambda tps, s: 1e6 if s.get("draft_confidence") == 0.4 else tps  # noqa: E731
+    measured = fake_speeds(monkeypatch, fast)
+    choice, _, _ = tune.tune(model, tokenizer, [[1, 2, 3, 4]], max_tokens=6, log=lambda *a: None)
+    cut = [m for m in measured if m.get("draft_confidence")]
+    assert sorted({m["draft_confidence"] for m in cut}) == sorted(tune.DRAFT_CONFIDENCES)
+    assert all(m["tree_top_k"] == 1 and m["tree_depth"] == 3 for m in cut)
+    assert all(m["draft_confidence"] == 0 for m in measured if not m.get("draft_confidence"))
+    assert choice["draft_confidence"] == 0.4 and choice["tree_top_k"] == 1
+    config = {"model_type": "llama", "speculative_streaming": SpecStreamConfig().to_dict()}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert tune.save_choice(tmp_path, choice)["draft_confidence"] == 0.4
+    assert saved_config(tmp_path).draft_confidence == 0.4
+    assert tune.choice_flags(choice).endswith("--tree-depth 3 --max-tree-nodes 4 "
+                                              "--draft-confidence 0.4")  # fmt: skip
+
+
+def test_a_tuned_draft_confidence_cuts_the_chains_of_a_call_that_names_none(tmp_path,
+                                                                           monkeypatch):  # fmt: skip
+    """A config's ``draft_confidence`` (as the tuner stores it) cuts a call's chains where
+    the call names none, as if it had: on an attention model and on a hybrid's MTP
+    layer; ``draft_confidence=0`` drafts them uncut; a call's tree is not refused (the
+    stored cut is for chains); a stored value outside (0, 1) is refused, naming it."""
+    from dataclasses import replace
+
+    from mlx_specstream.config import DrafterConfig, SpecStreamConfig
+    from mlx_specstream.streams import get_runtime
+
+    chain = dict(num_streams=3, top_k=1, tree_depth=3)
+    c = middle_confidence(tiny_spec_model("llama", **chain), decode, monkeypatch)
+    model = tiny_spec_model("llama", draft_confidence=c, **chain)
+    want = plain_greedy(model, PROMPT, 40)
+    events = recorded(monkeypatch, decode, decoder_chains(monkeypatch))
+    assert spec_tokens(model, PROMPT, 40)[0] == want
+    assert_chains_follow_the_cuts(events, c)
+    events.clear()
+    assert spec_tokens(model, PROMPT, 40, draft_confidence=0)[0] == want
+    assert events and not [e for e in events if e[0] == "cut"]
+    assert spec_tokens(model, PROMPT, 40, tree_top_k=2)[0] == want
+
+    write_checkpoint(tmp_path / "next", "qwen3_next", seed=3)
+    hybrid, base = load(str(tmp_path / "next"))[0], mlx_lm_load(str(tmp_path / "next"))[0]
+    rt = get_runtime(hybrid)
+    tops, real = [], draft_confidence.confident_levels
+    with monkeypatch.context() as m:
+        m.setattr(recurrent, "confident_levels", lambda top, c: tops.extend(top) or real(top, c))
+        run(hybrid, PROMPT, 40, draft_confidence=1e-9, num_draft_tokens=LEVELS)
+    c = sorted(tops)[len(tops) // 2]
+    rt.config = replace(rt.config, draft_confidence=c)
+    events = recorded(monkeypatch, recurrent, hybrid_chains(monkeypatch))
+    assert run(hybrid, PROMPT, 40, num_draft_tokens=LEVELS)[0] == plain(base, PROMPT, 40)
+    assert_chains_follow_the_cuts(events, c)
+    for section in (SpecStreamConfig, DrafterConfig):
+        for bad in (0, 1.5, True):
+            with pytest.raises(ValueError, match=r"\.draft_confidence=.*must be"):
+                section(draft_confidence=bad)

@@ -195,10 +195,11 @@ def test_a_quantized_hybrid_takes_the_layer_from_the_checkpoint(arch, tmp_path):
 
 def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsys, monkeypatch):
     """``mlx_specstream.tune --save`` on a saved Qwen3-Next with its MTP layer times
-    chains of 1-3, the static trees of its levels, the three fastest of them grown, and
-    prompt lookup (alone, and merged into the fastest), and stores the fastest, which the
-    next load drafts (fake timings: a chain of 2 fastest, then a static top-2 tree, then
-    the same tree grown, then lookup merged in)."""
+    chains of 1-3, the chain of 3 cut where the layer is unsure (``draft_confidence``), the
+    static trees of its levels, the three fastest of them grown, and prompt lookup (alone,
+    and merged into the fastest), and stores the fastest, which the next load drafts (fake
+    timings: a chain of 2 fastest, then a static top-2 tree, then the same tree grown,
+    then lookup merged in, then the cut chain)."""
     import importlib
     import json
 
@@ -219,6 +220,7 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
         (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7, dynamic_tree=False), (2, 2, 7)),
         (dict(tree_depth=2, tree_top_k=2, max_tree_nodes=7, dynamic_tree=True), (2, 2, 7)),
         (dict(draft="streams+ngram"), None),  # (merged into the first chain: no tree said)
+        (dict(num_draft_tokens=3, draft_confidence=0.4), (3, 1, 4)),
     ]:
 
         def fake(model, tokenizer, prompts, max_tokens, **s):
@@ -235,10 +237,12 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
         assert all(f"{{'num_draft_tokens': {n}}}" in log for n in (1, 2, 3))
         assert "'tree_top_k': 2" in log and "'tree_top_k': 3" in log
         assert "{'draft': 'ngram'}" in log and "'draft': 'streams+ngram'" in log
+        assert all(f"'draft_confidence': {c}" in log for c in tune.DRAFT_CONFIDENCES)
         assert log.count("'dynamic_tree': True") >= 3  # (the three fastest wide trees, grown)
         entry = json.loads((out / "config.json").read_text())["drafter"]["tuned"][device_key()]
         assert entry.get("draft") == fastest.get("draft")
         assert entry.get("dynamic_tree", False) == fastest.get("dynamic_tree", False)
+        assert entry.get("draft_confidence") == fastest.get("draft_confidence")
         if want is None:
             continue
         assert (entry["tree_depth"], entry["top_k"], entry["max_tree_nodes"]) == want
@@ -255,8 +259,10 @@ def test_the_tuner_times_chains_and_trees_and_stores_the_fastest(tmp_path, capsy
             mp.setattr(recurrent, "verify_tree",
                        lambda lg, d, p, *a: seen.append(("tree", len(p))) or real_tree(lg, d, p, *a))  # fmt: skip
             run(load(str(out))[0], PROMPTS[1], 12)
+        # (the random layer is never 0.4 sure: a stored cut stops its chains at one level)
+        chain = 1 if fastest.get("draft_confidence") else want[0]
         assert [x for x in seen if x != "grown"][0] == (
-            ("chain", 2) if want[1] == 1 else ("tree", 7)
+            ("chain", chain) if want[1] == 1 else ("tree", 7)
         )
         assert ("grown" in seen) == fastest.get("dynamic_tree", False)
 

@@ -243,17 +243,20 @@ def test_train_in_mlx_then_load_and_generate_faster(tmp_path, capsys):
         assert [r.token for r in got] == want[: len(got)]
         passes, tokens = passes + got[-1].forward_passes, tokens + len(got)
     assert tokens / passes > 1.4, f"tau {tokens / passes:.2f}: the trained streams rarely drafted"
-    from mlx_specstream.tune import candidate_trees, tune
+    from mlx_specstream.tune import DRAFT_CONFIDENCES, candidate_trees, tune
 
     log = []
     choice, _, _ = tune(model, tok, [[3, 9, 4, 3]], max_tokens=8, log=log.append,
                         confirm_rounds=0)  # fmt: skip
-    # (every candidate tree, chains and trees, with the fused stream pass; the two
-    # fastest split)
+    # (every candidate tree, chains and trees, with the fused stream pass; the deepest
+    # chain cut where the streams are unsure; the two fastest split)
     # (the trials' own lines: where speculation pays, a "Best: {...}" line names one again)
     streams_only = [line for line in log if line.startswith("{'") and "'draft': 'streams'," in line]
     assert sum("'stream_pass': 'fused'" in line and "stream_logits_in_pass" not in line
+               and "draft_confidence" not in line
                for line in streams_only) == len(candidate_trees(3, False))  # fmt: skip
+    assert all(any(f"'draft_confidence': {c}" in line for line in streams_only)
+               for c in DRAFT_CONFIDENCES)  # fmt: skip
     assert sum("'stream_logits_in_pass': False" in line for line in streams_only) == 2
     assert sum("'stream_pass': 'split'" in line for line in streams_only) == 2
     assert any("'tree_top_k': 3" in line for line in log)  # (trees, not only chains)

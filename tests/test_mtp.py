@@ -1316,8 +1316,10 @@ def test_the_tuner_tries_fewer_layers_on_its_fastest_trees_and_stores_the_count(
     tried = tune_with_fake_timings(tmp_path / "ckpt", tmp_path / "dir", speed, monkeypatch)
     trees = [s for s in tried if "tree_depth" in s and s.get("draft") == "streams"]
     grid = [s for s in trees if s["num_mtp_layers"] == 3]
-    fewer = [s for s in trees if s["num_mtp_layers"] != 3]
+    fewer = [s for s in trees if s["num_mtp_layers"] != 3 and "draft_confidence" not in s]
+    cut = [s for s in trees if "draft_confidence" in s]  # (the fastest deepest chain, cut)
     assert len(grid) > 6
+    assert [(s["tree_depth"], s["tree_top_k"], s["num_mtp_layers"]) for s in cut] == [(3, 1, 1)] * 3
     # (the fastest grid trees here: depth 3 with k = 1, 2, 2 (8 nodes))
     assert [(s["tree_depth"], s["tree_top_k"], s["num_mtp_layers"]) for s in fewer] == [
         (3, 1, 1), (3, 1, 2), (3, 2, 1), (3, 2, 2), (3, 2, 1), (3, 2, 2)]  # fmt: skip
