@@ -51,11 +51,12 @@ def ways(draft, chains=(1, 2, 3, 4), longest: int = 8, thresholds=(0.3, 0.4, 0.6
 def own_ways(longest: int = 5, thresholds=(0.3, 0.4, 0.6, 0.8)):
     """The model's own drafter's chains: fixed (1 to ``longest``), and up to ``longest`` cut
     at each threshold."""
-    out = {f"chain of {n}": dict(tree_top_k=1, tree_depth=n) for n in range(1, longest + 1)}
+    def chain(n):  # (n levels, n + 1 nodes: not the config's cap)
+        return dict(tree_top_k=1, tree_depth=n, max_tree_nodes=n + 1)
+
+    out = {f"chain of {n}": chain(n) for n in range(1, longest + 1)}
     for c in thresholds:
-        out[f"up to {longest}, confidence {c}"] = dict(
-            tree_top_k=1, tree_depth=longest, draft_confidence=c
-        )
+        out[f"up to {longest}, confidence {c}"] = dict(chain(longest), draft_confidence=c)
     return out
 
 

@@ -497,15 +497,18 @@ class Decoder:
             cut["confidence"] = self.confidence
         draft = drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token,
                               levels=levels, **cut).astype(mx.float32)  # fmt: skip
-        return self._cut(draft)
+        return self._cut(draft, draft.shape[0] if cut else None)
 
-    def _cut(self, slog: mx.array) -> mx.array:
+    def _cut(self, slog: mx.array, drafted: Optional[int] = None) -> mx.array:
         """With ``draft_confidence``: sets :attr:`drafted` from the chain's logits ``slog``
-        ``(L, V)`` (a host read) and cuts or pads them to the tree's levels (with the last)."""
+        ``(L, V)`` (a host read; ``drafted``: the levels a drafter that cut its own chain
+        kept) and cuts or pads them to the tree's levels (with the last)."""
         if self.confidence is None:
             return slog
         slog = slog[: self.levels]  # (a stream past the tree's levels drafts nothing)
-        self.drafted = confident_levels(top_probabilities(slog).tolist(), self.confidence)
+        if drafted is None:
+            drafted = confident_levels(top_probabilities(slog).tolist(), self.confidence)
+        self.drafted = drafted
         if slog.shape[0] < self.levels:
             slog = mx.concatenate([slog] + [slog[-1:]] * (self.levels - slog.shape[0]))
         return slog

@@ -31,7 +31,7 @@ from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
 from .attention_masks import llama4_attention_scale
 from .cache import KVCacheList, kv_lists
 from .config import DrafterConfig
-from .draft_confidence import unsure
+from .draft_confidence import top_probabilities
 from .model_parts import (
     attention_of,
     rope_rows_at,
@@ -126,12 +126,24 @@ def levels_again(rt, depth, logits: list, out: mx.array, cache, n: int,
     drafter) again on its own output ``out`` (its last row) and the previous level's
     argmax, each row appended to ``cache`` (trimmed by the caller). With a
     ``confidence`` (``draft_confidence``) the chain stops after a level whose first
-    choice is less likely than it (a host read a level). Returns the levels appended."""
+    choice is less likely than it: each level's probability is read on the host while
+    the next level runs, so a cut chain ran one level more than it keeps (its row in
+    ``cache`` too). Returns the rows appended to ``cache``."""
+    if confidence is None:
+        for _ in range(n):
+            out = depth.again(rt, out, mx.argmax(logits[-1], axis=-1), cache)
+            logits.append(depth.level_logits(rt, out))
+        return n
+    sure = top_probabilities(logits[-1])
     for i in range(n):
-        if unsure(logits[-1], confidence):
-            return i
         out = depth.again(rt, out, mx.argmax(logits[-1], axis=-1), cache)
         logits.append(depth.level_logits(rt, out))
+        after = top_probabilities(logits[-1])
+        mx.async_eval(after)  # (runs while the host reads the level before)
+        if sure.item() < confidence:
+            logits.pop()
+            return i + 1
+        sure = after
     return n
 
 

@@ -46,18 +46,37 @@ def own_model(kind, tmp_path):
     return model, mlx_lm_load(str(base))[0], chain
 
 
-def recorded(monkeypatch, module, runs):
-    """Events in order: ``("cut", top probabilities, levels kept)`` for every chain cut
-    (``module.confident_levels``), ``("chain", drafts)`` for every chain verified (``runs``:
-    a patcher of the verifying call that reports its drafts' count)."""
-    events, real = [], draft_confidence.confident_levels
+def watch_cuts(m, module, sink):
+    """``sink(top probabilities, levels kept)`` for every chain cut: by
+    ``module.confident_levels``, and on attention models where a drafter that drafts level
+    by level cut its own chain (``Decoder._cut`` then reads no probabilities: the kept
+    levels' are recomputed here from its logits)."""
+    real = draft_confidence.confident_levels
 
     def cut(top, confidence):
         kept = real(top, confidence)
-        events.append(("cut", list(top), kept))
+        sink(list(top), kept)
         return kept
 
-    monkeypatch.setattr(module, "confident_levels", cut)
+    m.setattr(module, "confident_levels", cut)
+    if module is decode:
+        real_cut = decode.Decoder._cut
+
+        def own_cut(self, slog, drafted=None):
+            out = real_cut(self, slog, drafted)
+            if drafted is not None:
+                sink(draft_confidence.top_probabilities(slog[:drafted]).tolist(), drafted)
+            return out
+
+        m.setattr(decode.Decoder, "_cut", own_cut)
+
+
+def recorded(monkeypatch, module, runs):
+    """Events in order: ``("cut", top probabilities, levels kept)`` for every chain cut
+    (:func:`watch_cuts`), ``("chain", drafts)`` for every chain verified (``runs``: a
+    patcher of the verifying call that reports its drafts' count)."""
+    events = []
+    watch_cuts(monkeypatch, module, lambda top, kept: events.append(("cut", top, kept)))
     runs(lambda n: events.append(("chain", n)))
     return events
 
@@ -101,9 +120,8 @@ def middle_confidence(model, module, monkeypatch, **kwargs):
     """A threshold that cuts some chains and not others: the median of the drafter's top
     probabilities over a run whose threshold cuts nothing."""
     tops = []
-    real = draft_confidence.confident_levels
     with monkeypatch.context() as m:
-        m.setattr(module, "confident_levels", lambda top, c: tops.extend(top) or real(top, c))
+        watch_cuts(m, module, lambda top, kept: tops.extend(top))
         spec_tokens(model, PROMPT, 32, draft_confidence=1e-9, **kwargs)
     tops.sort()
     return tops[len(tops) // 2]
@@ -211,9 +229,8 @@ def test_drawn_chains_keep_the_distribution(kind, tmp_path, monkeypatch):
     else:
         model, module = stream_hybrid("qwen3_next", vocab_size=6), recurrent
         kwargs, confidence = dict(tree_top_k=1), 0.3  # (its first level's: 0.28)
-    kept, real = [], draft_confidence.confident_levels
-    monkeypatch.setattr(module, "confident_levels",
-                        lambda top, c: kept.append(real(top, c)) or kept[-1])  # fmt: skip
+    kept = []
+    watch_cuts(monkeypatch, module, lambda top, k: kept.append(k))
     sampler, n = make_sampler(temp=1.0), 1000
     counts = sample_counts(model, sampler, n, acceptance="rejection",
                            draft_confidence=confidence, **kwargs)  # fmt: skip
