@@ -1248,8 +1248,9 @@ def _on_chain_model(
     if speculative:  # (asked, else the model's tuned one where its drafts are a chain)
         own_tree = kw.get("drafter_tree") or kw.get("stream_tree")
         k = 1 if own_tree is None else max(own_tree.ranks) + 1  # (its levels' widest)
-        lookup_only = draft_model is None and not (streams or kw.get("attached_drafter"))
-        refusal = chain_refusal([k], 1, bool(kw.get("drafter_growth")), lookup_only)
+        drafts = draft_model is not None or streams or kw.get("attached_drafter", False)
+        lookup_only = draft == "ngram" and draft_model is None
+        refusal = chain_refusal([k], int(drafts), bool(kw.get("drafter_growth")), lookup_only)
         stored = getattr(getattr(rt, "config", None), "draft_confidence", None)
         stored = None if draft_model is not None else stored
         kw["draft_confidence"] = chain_confidence(kw["draft_confidence"], stored, refusal)

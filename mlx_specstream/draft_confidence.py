@@ -84,10 +84,15 @@ def chain_refusal(ks: List[int], depth: int, dynamic: bool, lookup_only: bool) -
         >>> chain_refusal([2, 1], 2, False, False)
         'draft_confidence stops a chain; this call drafts a tree 2 wide (tree_top_k): pass tree_top_k=1'
     """
-    if lookup_only or depth == 0:
+    if lookup_only:
         return (
-            "draft_confidence stops a drafter's chain; this call drafts none (prompt lookup's "
-            "drafts are the text's own, with no probabilities)"
+            "draft_confidence stops a drafter's chain; prompt lookup's drafts (draft='ngram') "
+            "are the text's own, with no probabilities"
+        )
+    if depth == 0:
+        return (
+            "draft_confidence stops a drafter's chain; this call drafts none (tree_depth 0: "
+            "speculation is off, as asked or as tuned on this device)"
         )
     if dynamic:
         return (

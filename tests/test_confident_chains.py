@@ -240,13 +240,15 @@ def test_drawn_chains_keep_the_distribution(kind, tmp_path, monkeypatch):
 
 
 def test_settings_no_chain_takes_are_refused(tmp_path):
-    """A tree (tree_top_k > 1), a grown tree, prompt lookup alone and pipelined steps, on
-    an attention model and on a hybrid, each refused with the reason."""
+    """A tree (tree_top_k > 1), a grown tree, prompt lookup alone, no drafts (tree_depth 0)
+    and pipelined steps, on an attention model and on a hybrid, each refused with the
+    reason."""
     model, _, _ = own_model("mtp", tmp_path)
     cases = [
         (dict(tree_top_k=2), "this call drafts a tree 2 wide"),
         (dict(tree_top_k=2, dynamic_tree=True), "dynamic_tree grows a tree"),
-        (dict(draft="ngram"), "this call drafts none"),
+        (dict(draft="ngram"), "prompt lookup's drafts .draft='ngram'. are the text's own"),
+        (dict(tree_depth=0), "this call drafts none .tree_depth 0"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -143,7 +143,9 @@ def test_bad_values_and_settings_no_chain_takes_are_refused():
     for bad in (1, 1.5, -0.1, True, "0.4"):
         with pytest.raises(ValueError, match=r"draft_confidence=.* must be a number in \[0, 1\)"):
             spec_tokens(base, PROMPT, 4, draft_model=draft, draft_confidence=bad)
-    with pytest.raises(ValueError, match="this call drafts none"):
+    with pytest.raises(
+        ValueError, match="prompt lookup's drafts .draft='ngram'. are the text's own"
+    ):
         spec_tokens(base, PROMPT, 4, draft="ngram", draft_confidence=0.4)
     for tree, match in (
         (dict(tree_top_k=2), "drafts a tree 2 wide"),
