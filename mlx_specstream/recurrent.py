@@ -992,6 +992,13 @@ class DrafterChains:
             cut["confidence"] = confidence
         return self.drafter.draft(self.rt, self.dstate, *new, levels=levels, **cut)
 
+    def _cut(self, logits: mx.array) -> mx.array:
+        """With a confidence, a chain's ``(L, V)`` logits up to its first unsure level: a
+        host read, but for a drafter that drafts level by level (it cut its own chain)."""
+        if self.confidence is None or getattr(self.drafter, "drafts_level_by_level", False):
+            return logits
+        return logits[: confident_levels(top_probabilities(logits).tolist(), self.confidence)]
+
     def feed(self, upto: int) -> None:
         pass
 
@@ -1013,10 +1020,7 @@ class DrafterChains:
         logits = self._append(len(self.tokens), min(n, self.levels), self.confidence)
         if logits is None:
             return [], None
-        logits = logits[: min(n, self.levels), : self.vocab]
-        if self.confidence is not None:  # (a chain: each level's first choice, cut)
-            logits = logits[: confident_levels(top_probabilities(logits).tolist(),
-                                               self.confidence)]  # fmt: skip
+        logits = self._cut(logits[: min(n, self.levels), : self.vocab])
         scores, q = level_scores(logits, self.sampler)
         self.q = q
         if self.tree is None:

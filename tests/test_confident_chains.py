@@ -48,8 +48,8 @@ def own_model(kind, tmp_path):
 
 def watch_cuts(m, module, sink):
     """``sink(top probabilities, levels kept)`` for every chain cut: by
-    ``module.confident_levels``, and on attention models where a drafter that drafts level
-    by level cut its own chain (``Decoder._cut`` then reads no probabilities: the kept
+    ``module.confident_levels``, and where a drafter that drafts level by level cut its own
+    chain (``Decoder._cut`` and ``DrafterChains._cut`` then read no probabilities: the kept
     levels' are recomputed here from its logits)."""
     real = draft_confidence.confident_levels
 
@@ -59,16 +59,27 @@ def watch_cuts(m, module, sink):
         return kept
 
     m.setattr(module, "confident_levels", cut)
+    top = draft_confidence.top_probabilities
     if module is decode:
         real_cut = decode.Decoder._cut
 
         def own_cut(self, slog, drafted=None):
             out = real_cut(self, slog, drafted)
             if drafted is not None:
-                sink(draft_confidence.top_probabilities(slog[:drafted]).tolist(), drafted)
+                sink(top(slog[:drafted]).tolist(), drafted)
             return out
 
         m.setattr(decode.Decoder, "_cut", own_cut)
+    else:
+        real_chain_cut = recurrent.DrafterChains._cut
+
+        def chain_cut(self, logits):
+            out = real_chain_cut(self, logits)
+            if self.confidence is not None and out is logits:  # (cut by the drafter)
+                sink(top(out).tolist(), out.shape[0])
+            return out
+
+        m.setattr(recurrent.DrafterChains, "_cut", chain_cut)
 
 
 def recorded(monkeypatch, module, runs):
@@ -199,9 +210,9 @@ def test_hybrid_chains_stop_where_the_drafter_is_unsure(kind, tmp_path, monkeypa
         model = stream_hybrid("qwen3_next", vocab_size=32)
         base, kwargs = model, dict(tree_top_k=1)  # (its config's tree: top-3)
     want = plain(base, PROMPT, 40)
-    tops, real = [], draft_confidence.confident_levels
+    tops = []
     with monkeypatch.context() as m:
-        m.setattr(recurrent, "confident_levels", lambda top, c: tops.extend(top) or real(top, c))
+        watch_cuts(m, recurrent, lambda top, kept: tops.extend(top))
         run(model, PROMPT, 40, draft_confidence=1e-9, **kwargs)
     c = sorted(tops)[len(tops) // 2]
     events = recorded(monkeypatch, recurrent, hybrid_chains(monkeypatch))
@@ -358,9 +369,9 @@ def test_a_tuned_draft_confidence_cuts_the_chains_of_a_call_that_names_none(tmp_
     write_checkpoint(tmp_path / "next", "qwen3_next", seed=3)
     hybrid, base = load(str(tmp_path / "next"))[0], mlx_lm_load(str(tmp_path / "next"))[0]
     rt = get_runtime(hybrid)
-    tops, real = [], draft_confidence.confident_levels
+    tops = []
     with monkeypatch.context() as m:
-        m.setattr(recurrent, "confident_levels", lambda top, c: tops.extend(top) or real(top, c))
+        watch_cuts(m, recurrent, lambda top, kept: tops.extend(top))
         run(hybrid, PROMPT, 40, draft_confidence=1e-9, num_draft_tokens=LEVELS)
     c = sorted(tops)[len(tops) // 2]
     rt.config = replace(rt.config, draft_confidence=c)
