@@ -382,3 +382,30 @@ def test_a_tuned_draft_confidence_cuts_the_chains_of_a_call_that_names_none(tmp_
         for bad in (0, 1.5, True):
             with pytest.raises(ValueError, match=r"\.draft_confidence=.*must be"):
                 section(draft_confidence=bad)
+
+
+def test_the_generate_cli_cuts_the_model_s_own_chains(capsys, monkeypatch):
+    """``--draft-confidence`` without a draft model reaches the embedded model's own chains
+    (its streams' chain of 3 cut; output identical to plain decoding); ``0`` is passed on
+    as uncut."""
+    import importlib
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")
+    given, cuts, real = [], [], decode.spec_generate_step
+
+    def recording(*args, **kwargs):
+        given.append(kwargs.get("draft_confidence"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "spec_generate_step", recording)
+    watch_cuts(monkeypatch, decode, lambda top, kept: cuts.append(kept))
+    counts = []
+    for value in ("0.4", "0"):
+        given.clear()
+        argv = ["--prompt", "def add(a, b):", "--max-tokens", "24", "--compare-plain",
+                "--tree-top-k", "1", "--tree-depth", "3", "--draft-confidence", value]  # fmt: skip
+        gen_mod.main(argv)
+        assert "Output identical to plain decoding: yes" in capsys.readouterr().out
+        assert given and set(given) == {float(value)}
+        counts.append(len(cuts))
+    assert counts[0] > 0 and counts[1] == counts[0]  # (the uncut run cut nothing)
