@@ -795,11 +795,14 @@ def spec_generate_step(
           prompt-lookup chain with ``draft="ngram"``). A reused ``prompt_cache``
           then holds the model's layers followed by the draft model's, as
           mlx-lm keeps them.
-        draft_confidence (float, optional): with ``draft_model`` drafting a chain, the
-          chain stops after a draft whose probability under the draft model is below
-          it (transformers' ``assistant_confidence_threshold``, its default 0.4):
-          ``num_draft_tokens`` is then the longest chain. Each level then reads the
-          host once. Default: ``None``, chains of ``num_draft_tokens``.
+        draft_confidence (float, optional): each chain (a draft model's, or the model's
+          streams' or drafter's: ``tree_top_k`` 1) stops after a draft its drafter gives
+          less than this probability (transformers' ``assistant_confidence_threshold``,
+          its default 0.4): ``num_draft_tokens`` (a draft model's) or ``tree_depth`` is
+          then the longest chain. Levels drafted one after another (a draft model, an MTP
+          layer, EAGLE) each read the host once, and stop there; ``0``: uncut. Default:
+          ``None``, the model's tuned one (its config's ``draft_confidence``) where the
+          drafts are a chain, else uncut (:mod:`mlx_specstream.draft_confidence`).
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options. ``kv_bits`` converts the cache at the moments
           mlx-lm does (greedy output equals mlx-lm's with the same options).
