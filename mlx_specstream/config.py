@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+from .draft_confidence import confidence_fault
+
 CONFIG_KEY = "speculative_streaming"
 MODES = ("shared", "lossless")
 STREAM_POSITIONS = ("same", "offset")
@@ -292,8 +294,8 @@ class SpecStreamConfig(_Section):
             require(getattr(self, name) in (None, True, False), name, "must be null, true or false")
         require(self.batch is None or not batch_choice_fault(self.batch, self.num_streams),
                 "batch", str(batch_choice_fault(self.batch, self.num_streams)))  # fmt: skip
-        require(confidence_fault(self.draft_confidence) is None, "draft_confidence",
-                str(confidence_fault(self.draft_confidence)))  # fmt: skip
+        fault = confidence_fault(self.draft_confidence, stored=True)
+        require(fault is None, "draft_confidence", str(fault))
         require(
             self.stream_positions in STREAM_POSITIONS,
             "stream_positions",
@@ -303,15 +305,6 @@ class SpecStreamConfig(_Section):
 
 
 BATCH_DRAFTS = ("streams", "ngram", None)
-
-
-def confidence_fault(confidence) -> Optional[str]:
-    """What is wrong with a stored ``draft_confidence`` (``None``: nothing)."""
-    if confidence is None:
-        return None
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)):
-        return "must be null or a number"
-    return None if 0 < confidence < 1 else "must be in (0, 1)"
 
 
 def eagle_fault(eagle: dict) -> Optional[str]:
@@ -587,7 +580,7 @@ class DrafterConfig(_Section):
         fault = None if self.medusa is None else medusa_fault(self.medusa, self.num_draft_tokens)
         fault = "kind 'medusa' only" if self.medusa is not None and self.kind != "medusa" else fault
         require(fault is None, "medusa", f"null, or a dict of {list(MEDUSA_KEYS)}: {fault}")
-        fault = confidence_fault(self.draft_confidence)
+        fault = confidence_fault(self.draft_confidence, stored=True)
         require(fault is None, "draft_confidence", str(fault))
         self._check_tuned()
 

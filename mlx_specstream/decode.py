@@ -52,6 +52,7 @@ from .draft_confidence import (
     chain_refusal,
     check_draft_confidence,
     confident_levels,
+    own_cut,
     top_probabilities,
 )
 from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
@@ -492,9 +493,7 @@ class Decoder:
         if self.draft_model is not None:
             return self.draft_model.draft(path_tokens, token, out.logits.shape[-1])
         drafter, levels = self.rt.drafter, max(1, self.levels)
-        cut = {}  # (a drafter that drafts level by level stops at an unsure one)
-        if self.confidence is not None and getattr(drafter, "drafts_level_by_level", False):
-            cut["confidence"] = self.confidence
+        cut = own_cut(drafter, self.confidence)  # (level by level: it stops at an unsure one)
         draft = drafter.draft(self.rt, self.dstate, out.hidden, path, path_tokens, token,
                               levels=levels, **cut).astype(mx.float32)  # fmt: skip
         return self._cut(draft, draft.shape[0] if cut else None)

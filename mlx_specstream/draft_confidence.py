@@ -11,18 +11,27 @@ from typing import List, Optional
 import mlx.core as mx
 
 
+def top_probabilities(logits: mx.array) -> mx.array:
+    """``(L,)``: each level's largest probability under its logits ``(L, V)`` (on the
+    device, for :func:`confident_levels`)."""
+    return mx.softmax(logits.astype(mx.float32), axis=-1).max(axis=-1)
+
+
 def unsure(logits: mx.array, confidence: Optional[float]) -> bool:
     """Whether a chain stops after the draft of ``logits`` (``(V,)`` or ``(1, V)``, its
     argmax): its drafter gives it less than ``confidence`` (``None``: never). A host read."""
     if confidence is None:
         return False
-    return mx.softmax(logits.astype(mx.float32), axis=-1).max().item() < confidence
+    return top_probabilities(logits).max().item() < confidence
 
 
-def top_probabilities(logits: mx.array) -> mx.array:
-    """``(L,)``: each level's largest probability under its logits ``(L, V)`` (on the
-    device, for :func:`confident_levels`)."""
-    return mx.softmax(logits.astype(mx.float32), axis=-1).max(axis=-1)
+def own_cut(drafter, confidence: Optional[float]) -> dict:
+    """The keyword arguments of ``drafter.draft`` that let a drafter drafting level by
+    level (an MTP layer, EAGLE's) stop its own chain at ``confidence``; empty for other
+    drafters and without one (the caller then cuts the chain it gets)."""
+    if confidence is None or not getattr(drafter, "drafts_level_by_level", False):
+        return {}
+    return {"confidence": confidence}
 
 
 def confident_levels(top: List[float], confidence: Optional[float]) -> int:
@@ -44,13 +53,27 @@ def confident_levels(top: List[float], confidence: Optional[float]) -> int:
     return len(top)
 
 
+def confidence_fault(confidence, stored: bool = False) -> Optional[str]:
+    """What is wrong with a ``draft_confidence`` (``None``: nothing): a call's is a number
+    in [0, 1) (0: no cut), a config's (``stored``) null or a number in (0, 1).
+
+    Example:
+        >>> confidence_fault(0), confidence_fault(0, stored=True)
+        (None, 'must be null or a number in (0, 1)')
+    """
+    if confidence is None:
+        return None
+    number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
+    if number and (0 < confidence < 1 or confidence == 0 and not stored):
+        return None
+    return "must be null or a number in (0, 1)" if stored else "must be a number in [0, 1) (0: off)"
+
+
 def check_draft_confidence(confidence) -> None:
     """Refuses a ``draft_confidence`` that is not a number in [0, 1) (0: no cut)."""
-    if confidence is None:
-        return
-    if isinstance(confidence, bool) or not (isinstance(confidence, (int, float))
-                                            and 0 <= confidence < 1):  # fmt: skip
-        raise ValueError(f"draft_confidence={confidence!r} must be a number in [0, 1) (0: off).")
+    fault = confidence_fault(confidence)
+    if fault is not None:
+        raise ValueError(f"draft_confidence={confidence!r} {fault}.")
 
 
 def chain_confidence(asked, stored, refusal: Optional[str]) -> Optional[float]:

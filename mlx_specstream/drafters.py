@@ -129,15 +129,12 @@ def levels_again(rt, depth, logits: list, out: mx.array, cache, n: int,
     choice is less likely than it: each level's probability is read on the host while
     the next level runs, so a cut chain ran one level more than it keeps (its row in
     ``cache`` too). Returns the rows appended to ``cache``."""
-    if confidence is None:
-        for _ in range(n):
-            out = depth.again(rt, out, mx.argmax(logits[-1], axis=-1), cache)
-            logits.append(depth.level_logits(rt, out))
-        return n
-    sure = top_probabilities(logits[-1])
+    sure = None if confidence is None else top_probabilities(logits[-1])
     for i in range(n):
         out = depth.again(rt, out, mx.argmax(logits[-1], axis=-1), cache)
         logits.append(depth.level_logits(rt, out))
+        if sure is None:
+            continue
         after = top_probabilities(logits[-1])
         mx.async_eval(after)  # (runs while the host reads the level before)
         if sure.item() < confidence:

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 
 from .decode import ACCEPTANCE, DRAFTS
+from .draft_confidence import confidence_fault
 from .response_parser import Parts, ResponseParser
 
 # mlx_lm.server's layout for chat without a template: a prefix per role, a
@@ -153,10 +154,9 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         candidates = _number({"ngram_candidates": candidates}, "ngram_candidates", None, lo=1,
                              integer=True)  # fmt: skip
     confidence = body.get("draft_confidence", defaults.draft_confidence)
-    if confidence is not None:
-        confidence = _number({"draft_confidence": confidence}, "draft_confidence", None, lo=0.0)
-        if confidence >= 1:
-            raise RequestError(f"'draft_confidence'={confidence} must be < 1", "draft_confidence")
+    fault = confidence_fault(confidence)
+    if fault is not None:
+        raise RequestError(f"'draft_confidence'={confidence!r} {fault}", "draft_confidence")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")

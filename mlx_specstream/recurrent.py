@@ -56,7 +56,7 @@ from .cache import (
     keep_drafter_state,
     model_caches,
 )
-from .draft_confidence import confident_levels, top_probabilities, unsure
+from .draft_confidence import confident_levels, own_cut, top_probabilities, unsure
 from .draft_model import split_pair
 from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
@@ -980,22 +980,20 @@ class DrafterChains:
         self.rows = self.rows[k:] if k < len(self.rows) else None
         return new
 
-    def _append(self, end: int, levels: int, confidence=None) -> Optional[mx.array]:
+    def _append(self, end: int, levels: int) -> Optional[mx.array]:
         """Puts the rows of positions before ``end - 1`` into the drafter's cache; the
         ``(levels, V)`` logits the last one drafts (fewer where a drafter that drafts level
-        by level stops at an unsure one: ``confidence``)."""
+        by level stops at an unsure one: :func:`~.draft_confidence.own_cut`)."""
         new = self._new_rows(end)
         if new is None:
             return None
-        cut = {}
-        if confidence is not None and getattr(self.drafter, "drafts_level_by_level", False):
-            cut["confidence"] = confidence
+        cut = own_cut(self.drafter, self.confidence)
         return self.drafter.draft(self.rt, self.dstate, *new, levels=levels, **cut)
 
     def _cut(self, logits: mx.array) -> mx.array:
         """With a confidence, a chain's ``(L, V)`` logits up to its first unsure level: a
         host read, but for a drafter that drafts level by level (it cut its own chain)."""
-        if self.confidence is None or getattr(self.drafter, "drafts_level_by_level", False):
+        if self.confidence is None or own_cut(self.drafter, self.confidence):
             return logits
         return logits[: confident_levels(top_probabilities(logits).tolist(), self.confidence)]
 
@@ -1017,7 +1015,7 @@ class DrafterChains:
         (``parents`` ``None``)."""
         if self.grow is not None:
             return self.grown_drafts(n)
-        logits = self._append(len(self.tokens), min(n, self.levels), self.confidence)
+        logits = self._append(len(self.tokens), min(n, self.levels))
         if logits is None:
             return [], None
         logits = self._cut(logits[: min(n, self.levels), : self.vocab])

@@ -85,6 +85,7 @@ from .cli_args import (
     load_draft_model,
     load_model,
 )
+from .draft_confidence import confidence_fault
 from .generate import stream_generate, untuned_note
 from .model_parts import vocab_size
 from .streams import runtime_config
@@ -1081,8 +1082,9 @@ def main(argv=None):
     for flag in ("decode_concurrency", "prompt_concurrency"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.draft_confidence is not None and not 0 <= args.draft_confidence < 1:
-        p.error(f"--draft-confidence {args.draft_confidence}: must be in [0, 1) (0: off)")
+    fault = confidence_fault(args.draft_confidence)
+    if fault is not None:
+        p.error(f"--draft-confidence {args.draft_confidence}: {fault}")
     if args.draft_model is not None and args.draft == "streams+ngram":
         p.error(
             "--draft streams+ngram with --draft-model: the model's streams are off; --draft "
