@@ -409,3 +409,12 @@ def test_the_generate_cli_cuts_the_model_s_own_chains(capsys, monkeypatch):
         assert given and set(given) == {float(value)}
         counts.append(len(cuts))
     assert counts[0] > 0 and counts[1] == counts[0]  # (the uncut run cut nothing)
+
+
+def test_the_module_s_examples_golden():
+    """:mod:`mlx_specstream.draft_confidence`'s docstring examples (the cut, the refusals,
+    the threshold a call gets, the range check) hold."""
+    import doctest
+
+    results = doctest.testmod(draft_confidence)
+    assert results.failed == 0 and results.attempted >= 8
