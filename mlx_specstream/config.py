@@ -5,8 +5,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from .draft_confidence import confidence_fault
-
 CONFIG_KEY = "speculative_streaming"
 MODES = ("shared", "lossless")
 STREAM_POSITIONS = ("same", "offset")
@@ -305,6 +303,23 @@ class SpecStreamConfig(_Section):
 
 
 BATCH_DRAFTS = ("streams", "ngram", None)
+
+
+def confidence_fault(confidence, stored: bool = False) -> Optional[str]:
+    """What is wrong with a ``draft_confidence`` (``None``: nothing): a call's is a number
+    in [0, 1) (0: no cut), a config's (``stored``) null or a number in (0, 1). (Here, not in
+    :mod:`~mlx_specstream.draft_confidence`: this module imports without MLX.)
+
+    Example:
+        >>> confidence_fault(0), confidence_fault(0, stored=True)
+        (None, 'must be null or a number in (0, 1)')
+    """
+    if confidence is None:
+        return None
+    number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
+    if number and (0 < confidence < 1 or confidence == 0 and not stored):
+        return None
+    return "must be null or a number in (0, 1)" if stored else "must be a number in [0, 1) (0: off)"
 
 
 def eagle_fault(eagle: dict) -> Optional[str]:

@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from .config import confidence_fault
+
 
 def top_probabilities(logits: mx.array) -> mx.array:
     """``(L,)``: each level's largest probability under its logits ``(L, V)`` (on the
@@ -51,22 +53,6 @@ def confident_levels(top: List[float], confidence: Optional[float]) -> int:
             if p < confidence:
                 return i + 1
     return len(top)
-
-
-def confidence_fault(confidence, stored: bool = False) -> Optional[str]:
-    """What is wrong with a ``draft_confidence`` (``None``: nothing): a call's is a number
-    in [0, 1) (0: no cut), a config's (``stored``) null or a number in (0, 1).
-
-    Example:
-        >>> confidence_fault(0), confidence_fault(0, stored=True)
-        (None, 'must be null or a number in (0, 1)')
-    """
-    if confidence is None:
-        return None
-    number = isinstance(confidence, (int, float)) and not isinstance(confidence, bool)
-    if number and (0 < confidence < 1 or confidence == 0 and not stored):
-        return None
-    return "must be null or a number in (0, 1)" if stored else "must be a number in [0, 1) (0: off)"
 
 
 def check_draft_confidence(confidence) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 
 from .decode import ACCEPTANCE, DRAFTS
-from .draft_confidence import confidence_fault
+from .config import confidence_fault
 from .response_parser import Parts, ResponseParser
 
 # mlx_lm.server's layout for chat without a template: a prefix per role, a

@@ -85,7 +85,7 @@ from .cli_args import (
     load_draft_model,
     load_model,
 )
-from .draft_confidence import confidence_fault
+from .config import confidence_fault
 from .generate import stream_generate, untuned_note
 from .model_parts import vocab_size
 from .streams import runtime_config

@@ -413,8 +413,13 @@ def test_the_generate_cli_cuts_the_model_s_own_chains(capsys, monkeypatch):
 
 def test_the_module_s_examples_golden():
     """:mod:`mlx_specstream.draft_confidence`'s docstring examples (the cut, the refusals,
-    the threshold a call gets, the range check) hold."""
+    the threshold a call gets) and the range check's
+    (:func:`mlx_specstream.config.confidence_fault`) hold."""
     import doctest
 
+    from mlx_specstream import config
+
     results = doctest.testmod(draft_confidence)
-    assert results.failed == 0 and results.attempted >= 8
+    assert results.failed == 0 and results.attempted >= 7
+    results = doctest.testmod(config)
+    assert results.failed == 0 and results.attempted >= 1
