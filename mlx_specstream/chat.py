@@ -23,6 +23,7 @@ from .cli_args import (
     add_xtc_args,
     load_draft_model,
     load_model,
+    with_stored_tuning,
 )
 from .generate import SpeculativeUsage, stream_generate
 from .sample_utils import make_sampler, xtc_special_tokens
@@ -82,10 +83,11 @@ class SpecChatUI(ChatUI):
 
 
 def main(argv=None):
-    args = setup_arg_parser().parse_args(argv)
+    args = with_stored_tuning(setup_arg_parser(), argv)
     mx.random.seed(args.seed)
     model, tokenizer = load_model(args)
-    draft_model = load_draft_model(args, tokenizer)
+    # (a draft model that does not draft is not loaded: tuned so, or --no-speculation)
+    draft_model = None if args.no_speculation else load_draft_model(args, tokenizer)
     args.model = args.model or "mlx-specstream-default"  # (the UI's header shows it)
     sampler = make_sampler(
         args.temp,

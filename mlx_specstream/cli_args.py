@@ -2,6 +2,7 @@
 names and defaults, and loading a model as those flags say."""
 
 import argparse
+import sys
 from typing import Any, Dict, Optional
 
 from .decode import DRAFTS
@@ -205,8 +206,71 @@ def load_model(args, tokenizer_config: Optional[Dict[str, Any]] = None):
         drafter=args.drafter,
         num_mtp_layers=args.num_mtp_layers,
         draft_vocab=args.draft_vocab,
-        allow_plain=args.draft == "ngram" or getattr(args, "draft_model", None) is not None,
+        allow_plain=args.draft == "ngram"
+        or getattr(args, "draft_model", None) is not None
+        or getattr(args, "no_speculation", False),
     )
+
+
+# The flags that say how to draft: a call that gives one decodes as its flags say, never
+# with a tuning stored for the model (with_stored_tuning).
+DRAFTING_FLAGS = ("draft", "num_draft_tokens", "ngram_candidates", "draft_confidence",
+                  "no_speculation", "tree_top_k", "tree_depth", "max_tree_nodes", "dynamic_tree",
+                  "num_mtp_layers", "draft_vocab")  # fmt: skip
+
+
+def tuning_key(args) -> Dict[str, Any]:
+    """The directories a tuning in the user's store is kept for (``--model``, ``--drafter``,
+    ``--draft-model``; hub ids resolved as loading resolves them), as
+    :func:`~mlx_specstream.tuned_store.find_flags` takes them."""
+    from .utils import resolve_model_path
+
+    def resolved(name):
+        value = getattr(args, name, None)
+        return None if value is None else resolve_model_path(value)
+
+    return dict(model=resolved("model"), drafter=resolved("drafter"),
+                draft_model=resolved("draft_model"))  # fmt: skip
+
+
+def with_stored_tuning(parser: argparse.ArgumentParser, argv=None, log=print):
+    """``parser``'s arguments from ``argv``, with the flags ``mlx_specstream.tune --save``
+    stored in the user's store (:mod:`~mlx_specstream.tuned_store`) for this model, and its
+    ``--drafter`` or ``--draft-model``, on this device: where the call names no drafting flag
+    (:data:`DRAFTING_FLAGS`) and the model is not a directory of ours (those keep their
+    tuning in their own config). What applies is said in ``log``; where a stored flag is one
+    the command does not take (the server has no tree flags), none applies, and that is said."""
+    from .utils import is_plain
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.model is None or any(
+        getattr(args, k, None) not in (None, False) for k in DRAFTING_FLAGS
+    ):
+        return args
+    try:
+        key = tuning_key(args)
+        alone = key["drafter"] is None and key["draft_model"] is None
+        if alone and not is_plain(key["model"]):  # (a directory of ours: its config's tuning)
+            return args
+    except FileNotFoundError:  # (no such directory, or no config.json: loading says so)
+        return args
+    from .precision import device_key
+    from .tuned_store import find_flags, store_path
+
+    flags, note = find_flags(device_key(), **key)
+    if note is not None:
+        log(note)
+    if flags is None:
+        return args
+    said = f"{' '.join(flags)} (stored by mlx_specstream.tune --save in {store_path()})"
+    unknown = [f for f in flags if f.startswith("--") and f not in parser._option_string_actions]
+    if unknown:
+        log(f"[INFO] Not applied: the tuning for this device, {said}, needs "
+            f"{', '.join(unknown)}, which this command does not take.")  # fmt: skip
+        return args
+    log(f"[INFO] Tuned for this device ({device_key()}): {said}; a drafting flag overrides it.")
+    return parser.parse_args(argv + flags)
 
 
 # mlx_lm.generate's default draft length with --draft-model

@@ -24,6 +24,7 @@ from .cli_args import (
     DRAFT_MODEL_TOKENS,
     load_draft_model,
     load_model,
+    with_stored_tuning,
 )
 from .decode import ACCEPTANCE, spec_generate_step
 from .precision import device_key
@@ -382,7 +383,7 @@ def setup_arg_parser():
 
 
 def main(argv=None):
-    args = setup_arg_parser().parse_args(argv)
+    args = with_stored_tuning(setup_arg_parser(), argv)
     if args.seed is not None:
         mx.random.seed(args.seed)
     prompt_cache, metadata = None, {}
@@ -392,7 +393,8 @@ def main(argv=None):
     model, tokenizer = load_model(args, json.loads(metadata.get("tokenizer_config", "{}")))
     for eos_token in args.extra_eos_token:
         tokenizer.add_eos_token(eos_token)
-    draft_model = load_draft_model(args, tokenizer)
+    # (a draft model that does not draft is not loaded: tuned so, or --no-speculation)
+    draft_model = None if args.no_speculation else load_draft_model(args, tokenizer)
     if draft_model is not None and prompt_cache is not None:
         raise ValueError(
             f"--prompt-cache-file {args.prompt_cache_file} with --draft-model: the file holds "

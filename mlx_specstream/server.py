@@ -84,6 +84,7 @@ from .cli_args import (
     add_prefill_arg,
     load_draft_model,
     load_model,
+    with_stored_tuning,
 )
 from .config import confidence_fault
 from .generate import stream_generate, untuned_note
@@ -1077,6 +1078,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     p = setup_arg_parser()
     args = p.parse_args(argv)
+    logging.basicConfig(
+        level="DEBUG" if args.verbose else args.log_level,
+        format="%(asctime)s - %(levelname)s - %(message)s",
+    )
+    # (the flags tune --save stored for a model whose files it does not write, as defaults)
+    args = with_stored_tuning(p, argv, log=lambda m: logger.info(m.removeprefix("[INFO] ")))
     if args.prompt_cache_size < 0:
         p.error("--prompt-cache-size must be >= 0")
     for flag in ("decode_concurrency", "prompt_concurrency"):
@@ -1090,10 +1097,6 @@ def main(argv=None):
             "--draft streams+ngram with --draft-model: the model's streams are off; --draft "
             "ngram merges prompt lookup into the draft model's drafts"
         )
-    logging.basicConfig(
-        level="DEBUG" if args.verbose else args.log_level,
-        format="%(asctime)s - %(levelname)s - %(message)s",
-    )
     model, tokenizer = load_model(
         args, {"chat_template": args.chat_template} if args.chat_template else None
     )

@@ -27,13 +27,18 @@ choice is stored as the config's ``batch`` for this device, which
 tunes batches alone, keeping the device's other stored settings.
 
 ``--draft-model DIR`` tunes mlx-lm's draft-model decoding of the pair instead
-(:func:`tune_draft_model`): chain lengths, trees static and grown, prompt lookup merged in;
-it writes nothing and prints the flags to pass.
+(:func:`tune_draft_model`): chain lengths, trees static and grown, prompt lookup merged in.
 
 A plain mlx-lm model (no streams, no drafter) gets prompt lookup only, with
 several draft lengths (``--num-draft-tokens`` of the generate CLI) and several
-drafts per tree (``--ngram-candidates``). The tuner says which pays and does
-not write into that model's files.
+drafts per tree (``--ngram-candidates``).
+
+The tuner never writes into a plain mlx-lm model, a checkpoint whose own MTP layer
+drafts, or the directories of ``--drafter`` or ``--draft-model``: it prints the flags that
+decode as it chose, and ``--save`` keeps them for this device in the user's store
+(:mod:`~mlx_specstream.tuned_store`), where ``generate``, ``chat`` and ``server`` apply them
+to the same directories when a call names no drafting flag (``--no-speculation`` where
+nothing pays: a draft model is then not even loaded).
 """
 
 import argparse
@@ -593,6 +598,45 @@ def draft_model_flags(choice: dict) -> str:
     return " ".join(str(f) for f in flags)
 
 
+def tuned_flags(choice: dict, with_draft_model: bool = False) -> list:
+    """The flags that decode as ``choice`` says (after ``--draft-model DIR`` where
+    ``with_draft_model``), as the user's store keeps them.
+
+    Example:
+        >>> tuned_flags({"tree_depth": 0}, with_draft_model=True)
+        ['--no-speculation']
+        >>> tuned_flags({"num_draft_tokens": 2}, with_draft_model=True)
+        ['--num-draft-tokens', '2']
+        >>> tuned_flags({"draft": "ngram", "num_draft_tokens": 4})
+        ['--draft', 'ngram', '--num-draft-tokens', '4']
+    """
+    if choice.get("tree_depth") == 0:
+        return ["--no-speculation"]
+    return (draft_model_flags(choice) if with_draft_model else choice_flags(choice)).split()
+
+
+def store_tuning(args, choice: dict, tps: float, base: float, log=print) -> dict:
+    """Keeps ``choice`` for ``args``' model (with its ``--drafter`` or ``--draft-model``) on
+    this device in the user's store (:mod:`~mlx_specstream.tuned_store`), where generate,
+    chat and server find it; for models whose files the tuner does not write."""
+    import mlx_lm
+
+    from .cli_args import tuning_key
+    from .tuned_store import save_flags, store_path
+
+    flags = tuned_flags(choice, with_draft_model=args.draft_model is not None)
+    key = tuning_key(args)
+    measured = dict(tokens_per_second=tps, plain_tokens_per_second=base, mlx=mx.__version__,
+                    mlx_lm=mlx_lm.__version__)  # fmt: skip
+    entry = save_flags(flags, device_key(), measured=measured, **key)
+    pair = "".join(f" with {k.replace('_', ' ')} {key[k]}" for k in ("drafter", "draft_model")
+                   if key[k] is not None)  # fmt: skip
+    log(f"[INFO] saved for this device ({device_key()}) in {store_path()}: generate, chat and "
+        f"server decode {key['model']}{pair} with {' '.join(flags)} where a call names no "
+        "drafting flag (its files are not written)")  # fmt: skip
+    return entry
+
+
 BATCH_LOOKUP_LENGTHS = (2, 4)  # prompt-lookup draft lengths tried in batches
 
 
@@ -730,6 +774,8 @@ def choice_flags(choice: dict) -> str:
         '--tree-top-k 3 --tree-depth 2 --max-tree-nodes 8 --num-mtp-layers 1'
         >>> choice_flags({"draft": "ngram"})
         '--draft ngram'
+        >>> choice_flags({"draft": "ngram", "num_draft_tokens": 10, "ngram_candidates": 4})
+        '--draft ngram --num-draft-tokens 10 --ngram-candidates 4'
         >>> choice_flags({"tree_depth": 1, "tree_top_k": 4, "max_tree_nodes": 5,
         ...               "draft_vocab": False})
         '--tree-top-k 4 --tree-depth 1 --max-tree-nodes 5 --draft-vocab none'
@@ -747,6 +793,10 @@ def choice_flags(choice: dict) -> str:
     flags = []
     if choice.get("draft", "streams") != "streams":
         flags += ["--draft", choice["draft"]]
+    if choice.get("draft") == "ngram" and "num_draft_tokens" in choice:  # (a plain model's)
+        flags += ["--num-draft-tokens", choice["num_draft_tokens"]]
+        if choice.get("ngram_candidates", 1) > 1:
+            flags += ["--ngram-candidates", choice["ngram_candidates"]]
     if choice.get("tree_depth"):
         flags += ["--tree-top-k", choice["tree_top_k"], "--tree-depth", choice["tree_depth"],
                   "--max-tree-nodes", choice["max_tree_nodes"]]  # fmt: skip
@@ -759,6 +809,10 @@ def choice_flags(choice: dict) -> str:
     if "draft_confidence" in choice and choice.get("tree_depth"):
         flags += ["--draft-confidence", choice["draft_confidence"]]
     return " ".join(str(f) for f in flags)
+
+
+# Where tune --save keeps the choice for a model whose files it does not write
+SAVE_INTO_STORE = "pass --save to keep it for this device in the user's store"
 
 
 def main(argv=None):
@@ -781,7 +835,12 @@ def main(argv=None):
         "id, as generate's --draft-model): chain lengths, trees static and grown, prompt "
         "lookup merged in; nothing is written",
     )
-    p.add_argument("--prompts", default=None, help="JSONL with a 'prompt' per line")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="JSONL with a 'prompt' per line (default: the model directory's prompts.jsonl, "
+        "else the embedded model's held-out Python prompts)",
+    )
     p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=96)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -808,48 +867,45 @@ def main(argv=None):
         help="Tune batches only; --save then keeps this device's other tuned settings",
     )
     p.add_argument(
-        "--save", action="store_true", help="Write the choice into the model's config.json"
+        "--save",
+        action="store_true",
+        help="Write the choice into the model's config.json; for a plain mlx-lm model, a "
+        "checkpoint's own MTP layer, --drafter or --draft-model (files the tuner does not "
+        "write) keep its flags for this device in the user's store "
+        "($MLX_SPECSTREAM_TUNED, else ~/.cache/mlx_specstream/tuned.json), where generate, "
+        "chat and server find them",
     )
     args = p.parse_args(argv)
     from .default_model import DEFAULT_DIR, load_default
 
     if args.draft_model is not None:
-        for flag, given in [("--save", args.save), ("--drafter", args.drafter),
-                            ("--batch-size", args.batch_size)]:  # fmt: skip
+        for flag, given in [("--drafter", args.drafter), ("--batch-size", args.batch_size)]:
             if given:
                 p.error(
                     f"{flag} with --draft-model: the tuner times the pair's draft-model "
-                    "decoding one generation at a time, and writes neither model's files."
+                    "decoding one generation at a time."
                 )
     model_dir = DEFAULT_DIR if args.model is None else resolve_model_path(args.model)
     # (a checkpoint whose own MTP layer drafts: tuned as a drafter, never written into)
     plain = is_plain(model_dir) and args.drafter is None
     mtp = plain and has_mtp_weights(model_dir)
     plain = plain and not mtp
+    # (files the tuner does not write: --save keeps the choice in the user's store)
+    in_store = plain or mtp or args.drafter is not None or args.draft_model is not None
     prompts_file = Path(args.prompts or Path(model_dir) / "prompts.jsonl")
+    if args.prompts is None and not prompts_file.exists():  # (an mlx-lm model: none of its own)
+        prompts_file = DEFAULT_DIR / "prompts.jsonl"
+        print(f"[INFO] {model_dir} has no prompts.jsonl: timing the embedded model's held-out "
+              f"Python prompts ({prompts_file}); --prompts FILE times text like yours")  # fmt: skip
     if not prompts_file.exists():
         p.error(
             f"--prompts: {prompts_file} does not exist; give a JSONL file with a 'prompt' per line"
         )
-    if plain and args.save:
+    if in_store and args.save and args.batch_size:
         p.error(
-            f"--save: {model_dir} is a plain mlx-lm model (no '{CONFIG_KEY}' or '{DRAFTER_KEY}' "
-            "section); the tuner does not write into its files. Run without --save and pass the "
-            "reported --draft ngram --num-draft-tokens N when generating."
-        )
-    if mtp and args.save:
-        p.error(
-            f"--save: {model_dir} is a checkpoint whose own MTP layer drafts; the tuner does not "
-            "write into its files. Write it as a model directory first (mlx_specstream.save), or "
-            "pass the reported tree (--tree-top-k, --tree-depth, --max-tree-nodes, and where "
-            "reported --num-mtp-layers; on a model with recurrent layers its chain, "
-            "--num-draft-tokens) when generating."
-        )
-    if args.drafter is not None and args.save:
-        p.error(
-            f"--save with --drafter: the tuner writes neither {model_dir} nor {args.drafter}. "
-            "Write them as one model directory first (mlx_specstream.save), or pass the "
-            "reported tree (--tree-top-k, --tree-depth, --max-tree-nodes) when generating."
+            f"--save with --batch-size: {model_dir} is not a model directory of ours, whose "
+            "config keeps a batch choice; the store keeps one generation's flags. Tune batches "
+            "without --save, or save without --batch-size."
         )
     if args.drafter is not None:
         model, tokenizer = load(str(model_dir), drafter=args.drafter)
@@ -886,20 +942,23 @@ def main(argv=None):
         draft_model = load_draft_model(args, tokenizer)  # (its vocabulary checked, as generate's)
         if args.dtype is not None:
             draft_model.set_dtype(DTYPES[args.dtype])
-        choice, _, _ = tune_draft_model(
+        choice, tps, base = tune_draft_model(
             model, tokenizer, draft_model, prompts, args.max_tokens, args.min_gain,
             confirm_rounds=args.confirm_rounds,
         )  # fmt: skip
         print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
-        if choice.get("tree_depth") == 0:
-            print("[INFO] not saved (nothing is written with --draft-model); decode without it.")
+        if args.save:
+            store_tuning(args, choice, tps, base)
+        elif choice.get("tree_depth") == 0:
+            print(f"[INFO] not saved ({SAVE_INTO_STORE}); decode without it.")
         else:
-            print("[INFO] not saved (nothing is written with --draft-model); to decode so, pass: "
+            print(f"[INFO] not saved ({SAVE_INTO_STORE}); to decode so, pass: "
                   f"--draft-model {args.draft_model} {draft_model_flags(choice)}")  # fmt: skip
         return
+    tps = base = None
     if not args.batch_only:
         run = tune_lookup if plain else tune
-        choice, _, _ = run(
+        choice, tps, base = run(
             model,
             tokenizer,
             prompts,
@@ -912,16 +971,18 @@ def main(argv=None):
                                  args.min_gain, confirm_rounds=args.confirm_rounds)  # fmt: skip
         choice = dict(choice, batch=batch)
     print(f"[INFO] tuning took {time.perf_counter() - tic:.0f} s")
-    if args.save:
+    if args.save and in_store:
+        store_tuning(args, choice, tps, base)
+    elif args.save:
         entry = save_choice(Path(model_dir), choice)
         print(
             f"[INFO] saved into {Path(model_dir) / 'config.json'} for this device "
             f"({device_key()}): {json.dumps(entry)}"
         )
-    elif mtp or args.drafter is not None:
-        print("[INFO] not saved (a checkpoint's files are not written; see --save); to decode "
-              f"so, pass: {choice_flags(choice)}")  # fmt: skip
-    elif not plain:
+    elif in_store:
+        print(f"[INFO] not saved ({SAVE_INTO_STORE}; its files are not written); "
+              f"to decode so, pass: {' '.join(tuned_flags(choice))}")  # fmt: skip
+    else:
         print("[INFO] not saved (pass --save to write it into the model's config.json)")
 
 

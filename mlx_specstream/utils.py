@@ -124,7 +124,9 @@ def read_stream_config(model_path: Path) -> Union[SpecStreamConfig, DrafterConfi
             f"{model_path} is a plain model: {config_file} has no '{CONFIG_KEY}' or "
             f"'{DRAFTER_KEY}' section. Convert a model with streams or a drafter, train streams "
             "(python -m mlx_specstream.train), or decode it with prompt lookup (--draft ngram, "
-            "draft='ngram') or a draft model (--draft-model DIR, draft_model=)." + mtp
+            "draft='ngram') or a draft model (--draft-model DIR, draft_model=); "
+            "python -m mlx_specstream.tune --model DIR --save measures which pays on this "
+            "device and keeps it for the command lines." + mtp
         )
     if len(found) > 1:
         raise ValueError(

@@ -26,6 +26,7 @@ about the results, which are all reported by then.
 
 import os
 import sys
+import tempfile
 
 # On a GPU, MLX runs float32 matmuls in TF32 unless this is 0 (read before MLX's
 # first matmul): the equality tests need full float32. No effect on the CPU.
@@ -37,6 +38,10 @@ os.environ["MLX_ENABLE_TF32"] = "0"
 # one thread). Each worker, and the processes it starts, takes one thread.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# `tune --save` keeps the choices for models whose files it does not write in the user's
+# store: the tests' (and the commands they start) go to a file of their own, never ~/.cache.
+os.environ["MLX_SPECSTREAM_TUNED"] = os.path.join(tempfile.mkdtemp(), "tuned.json")
 
 import pytest
 

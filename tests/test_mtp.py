@@ -746,8 +746,8 @@ def test_only_the_trees_levels_are_drafted(depth, tmp_path, monkeypatch):
 
 def test_the_tuner_tries_the_layers_trees_and_never_writes_into_the_checkpoint(tmp_path, capsys):
     """``mlx_specstream.tune`` on a checkpoint tunes its MTP layer's trees (not only
-    prompt lookup, as for a plain model) and refuses ``--save``: the checkpoint's files
-    are the user's."""
+    prompt lookup, as for a plain model) and never writes into the checkpoint: its files
+    are the user's (``--save`` keeps the flags in the user's store)."""
     import importlib
 
     tune = importlib.import_module("mlx_specstream.tune")
@@ -758,11 +758,10 @@ def test_the_tuner_tries_the_layers_trees_and_never_writes_into_the_checkpoint(t
             "--confirm-rounds", "0", "--batch-size", "0"]  # fmt: skip
     tune.main(argv)
     out = capsys.readouterr().out
-    assert "tree_depth" in out and "a checkpoint's files are not written" in out
+    assert "tree_depth" in out and "its files are not written" in out
     assert re.search(r"to decode so, pass: (--no-speculation|--draft ngram|.*--tree-depth \d)", out)
-    with pytest.raises(SystemExit):
-        tune.main(argv + ["--save"])
-    assert "MTP layer drafts" in capsys.readouterr().err
+    tune.main(argv + ["--save"])
+    assert "where a call names no drafting flag" in capsys.readouterr().out
     assert (tmp_path / "ckpt" / "config.json").read_text() == before
 
 

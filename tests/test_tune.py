@@ -111,8 +111,8 @@ def test_tune_a_plain_mlx_lm_model_measures_lookup_lengths_and_writes_nothing(
     tmp_path, monkeypatch, capsys
 ):
     """A plain mlx-lm model gets prompt lookup at several draft lengths, and several
-    drafts per tree; the tuner reports the fastest and refuses to write into the
-    model's files."""
+    drafts per tree; the tuner reports the fastest and never writes into the model's
+    files (``--save`` keeps the flags in the user's store: tests/test_tuned_store.py)."""
     from test_train import write_base
 
     base = write_base(tmp_path / "plain")
@@ -132,12 +132,11 @@ def test_tune_a_plain_mlx_lm_model_measures_lookup_lengths_and_writes_nothing(
         monkeypatch, lambda tps, s: 1e6 if s.get("ngram_candidates") == 4 else 1.0
     )
     tune.main(args)
-    assert "Best: --draft ngram --num-draft-tokens 10 --ngram-candidates 4" in (
-        capsys.readouterr().out
-    )
-    with pytest.raises(SystemExit):
-        tune.main(args + ["--save"])
-    assert "is a plain mlx-lm model" in capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "Best: --draft ngram --num-draft-tokens 10 --ngram-candidates 4" in out
+    assert "to decode so, pass: --draft ngram --num-draft-tokens 10 --ngram-candidates 4" in out
+    tune.main(args + ["--save"])
+    assert "--ngram-candidates 4 where a call names no drafting flag" in capsys.readouterr().out
     assert {f.name: f.read_bytes() for f in base.iterdir()} == files  # nothing written
     with pytest.raises(SystemExit):
         tune.main(["--model", str(base), "--prompts", str(tmp_path / "missing.jsonl")])
@@ -582,7 +581,8 @@ def test_tune_a_draft_model_pair_times_chains_and_trees_and_prints_their_flags(
     """``--draft-model DIR``: every chain length and tree (static and grown) and lookup
     merged into the fastest, each with the draft model, against plain decoding without
     it; the fastest's flags decode as it did (generate's own --compare-plain check);
-    where nothing pays, plain decoding. Nothing is written, and --save is refused."""
+    where nothing pays, plain decoding. Neither directory is written (``--save`` keeps the
+    flags in the user's store: tests/test_tuned_store.py); --batch-size is refused."""
     from test_draft_model import write_model
 
     from mlx_specstream.generate import main as generate
@@ -623,10 +623,11 @@ def test_tune_a_draft_model_pair_times_chains_and_trees_and_prints_their_flags(
     out = capsys.readouterr().out
     assert "Draft-model decoding does not pay on this device" in out
     assert "decode without it" in out and "Best:" not in out
-    for extra in (["--save"], ["--batch-size", "4"]):
-        with pytest.raises(SystemExit):
-            tune.main(args + extra)
-        assert "with --draft-model: the tuner" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune.main(args + ["--batch-size", "4"])
+    assert "--batch-size with --draft-model: the tuner" in capsys.readouterr().err
+    tune.main(args + ["--save"])
+    assert "with --no-speculation where a call names no drafting flag" in capsys.readouterr().out
     assert {f: f.read_bytes() for d in (base, draft) for f in d.iterdir()} == files
 
 
