@@ -71,9 +71,10 @@ def draft_vocab_value(value: str):
 
 
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
-    """``--draft``, ``--draft-model``, ``--num-draft-tokens``, ``--ngram-candidates`` and
-    ``--draft-confidence``; for one generation (not a server's requests) also ``--no-speculation``,
-    ``--tree-top-k``, ``--tree-depth``, ``--max-tree-nodes`` and ``--dynamic-tree``."""
+    """``--draft``, ``--draft-model``, ``--num-draft-tokens``, ``--ngram-candidates``,
+    ``--draft-confidence`` and ``--no-speculation``; for one generation (not a server's
+    requests) also ``--tree-top-k``, ``--tree-depth``, ``--max-tree-nodes`` and
+    ``--dynamic-tree``."""
     scope = "Default of a request's 'draft' field: " if per_request else ""
     parser.add_argument(
         "--draft",
@@ -120,11 +121,17 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         + ("; a request's 'draft_confidence' overrides it (such requests are decoded one at a "
            "time)" if per_request else ""),
     )  # fmt: skip
+    parser.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help=(
+            "Default of a request's 'speculative' field: false, one token per forward pass"
+            if per_request
+            else "Decode one token per forward pass"
+        ),
+    )
     if per_request:
         return
-    parser.add_argument(
-        "--no-speculation", action="store_true", help="Decode one token per forward pass"
-    )
     parser.add_argument("--tree-top-k", type=int, default=None, help="Draft tokens per stream")
     parser.add_argument("--tree-depth", type=int, default=None, help="Draft levels (streams) used")
     parser.add_argument(

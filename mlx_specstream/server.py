@@ -951,8 +951,8 @@ def make_server(
 
     ``defaults`` (those of the command's flags when not given): ``max_tokens`` (512),
     ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None),
-    ``num_draft_tokens`` (None), ``ngram_candidates`` (None) and ``draft_confidence`` (None)
-    of a request; ``chat_template_args`` ({}) for every chat
+    ``num_draft_tokens`` (None), ``ngram_candidates`` (None), ``draft_confidence`` (None)
+    and ``no_speculation`` (False: ``speculative`` true) of a request; ``chat_template_args`` ({}) for every chat
     template; ``prefill_step_size``
     (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
     (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
@@ -1122,7 +1122,7 @@ def main(argv=None):
             k: getattr(args, k)
             for k in (
                 "max_tokens", "temp", "top_p", "top_k", "min_p", "draft", "num_draft_tokens",
-                "ngram_candidates", "draft_confidence",
+                "ngram_candidates", "draft_confidence", "no_speculation",
                 "chat_template_args", "prefill_step_size", "kv_bits", "kv_group_size",
                 "quantized_kv_start", "prompt_cache_size", "prompt_cache_bytes", "allowed_origins",
                 "decode_concurrency", "prompt_concurrency",

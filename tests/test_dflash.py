@@ -282,7 +282,7 @@ def test_the_command_lines_take_the_drafter_on_a_4_bit_base(small_base, tmp_path
                str(tmp_path / "prompts.jsonl"), "--num-prompts", "1", "--max-tokens", "8",
                "--confirm-rounds", "0"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "tree_depth" in out and "a checkpoint's files are not written" in out
+    assert "tree_depth" in out and "its files are not written" in out
     assert [(d / "config.json").read_text() for d in (q4, tmp_path / "df")] == before
 
 

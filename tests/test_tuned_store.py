@@ -6,6 +6,7 @@ flags in the user's store (``mlx_specstream.tuned_store``), and ``generate``, ``
 import doctest
 import importlib
 import json
+import threading
 
 import pytest
 from test_draft_model import write_model
@@ -286,3 +287,44 @@ def test_save_refusals(tmp_path, store, prompts, capsys):
             tune.main(["--model", str(base), "--prompts", str(prompts), "--save", *extra])
         assert says in capsys.readouterr().err
     assert not store.exists()
+
+
+def test_the_server_takes_a_stored_no_speculation(tmp_path, store):
+    """A stored ``--no-speculation`` reaches the server (its ``--no-speculation``: the default
+    of a request's ``speculative``): a plain model then loads, and a draft-model pair serves
+    requests one token a pass, as mlx-lm, unless a request asks for speculation (control:
+    the same draft model's drafts accepted then)."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import generate as mlx_lm_generate
+    from test_server import post
+
+    from mlx_specstream.cli_args import load_draft_model, load_model, with_stored_tuning
+    from mlx_specstream.server import make_server
+    from mlx_specstream.server import setup_arg_parser as server_parser
+
+    base, same = write_model(tmp_path / "plain"), write_model(tmp_path / "same")
+    tuned_store.save_flags(["--no-speculation"], device_key(), base)
+    args = with_stored_tuning(server_parser(), ["--model", str(base)], print)
+    assert args.no_speculation
+    load_model(args)  # (a plain model loads for plain decoding)
+    tuned_store.save_flags(["--no-speculation"], device_key(), base, draft_model=same)
+    args = with_stored_tuning(server_parser(), ["--model", str(base), "--draft-model", str(same)])
+    model, tok = load_model(args)
+    server = make_server(model, tok, "plain", port=0, draft_model=load_draft_model(args, tok),
+                         no_speculation=args.no_speculation, max_tokens=24)  # fmt: skip
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    prompt = "t3 t4 t5 t3 t4 t5 t3 t4 t5 t3"
+    plain, ptok = mlx_lm_load(str(base))
+    want = mlx_lm_generate(plain, ptok, prompt=ptok.encode(prompt), max_tokens=24)
+    drafted = []
+    try:
+        for extra in ({}, {"speculative": True}):
+            body = {"prompt": prompt, "max_tokens": 24, **extra}
+            status, payload = post(url + "/completions", json.dumps(body).encode())
+            assert status == 200 and payload["choices"][0]["text"] == want
+            drafted.append(payload["usage"]["speculative"]["accepted_draft_tokens"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert drafted[0] == 0 and drafted[1] > 0
