@@ -227,16 +227,17 @@ DRAFTING_FLAGS = ("draft", "num_draft_tokens", "ngram_candidates", "draft_confid
 
 
 def tuning_key(args) -> Dict[str, Any]:
-    """The directories a tuning in the user's store is kept for (``--model``, ``--drafter``,
-    ``--draft-model``; hub ids resolved as loading resolves them), as
-    :func:`~mlx_specstream.tuned_store.find_flags` takes them."""
+    """The directories a tuning in the user's store is kept for (``--model``, else the
+    embedded model, ``--drafter``, ``--draft-model``; hub ids resolved as loading resolves
+    them), as :func:`~mlx_specstream.tuned_store.find_flags` takes them."""
+    from .default_model import DEFAULT_DIR
     from .utils import resolve_model_path
 
     def resolved(name):
         value = getattr(args, name, None)
         return None if value is None else resolve_model_path(value)
 
-    return dict(model=resolved("model"), drafter=resolved("drafter"),
+    return dict(model=resolved("model") or DEFAULT_DIR, drafter=resolved("drafter"),
                 draft_model=resolved("draft_model"))  # fmt: skip
 
 
@@ -251,9 +252,7 @@ def with_stored_tuning(parser: argparse.ArgumentParser, argv=None, log=print):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if args.model is None or any(
-        getattr(args, k, None) not in (None, False) for k in DRAFTING_FLAGS
-    ):
+    if any(getattr(args, k, None) not in (None, False) for k in DRAFTING_FLAGS):
         return args
     try:
         key = tuning_key(args)

@@ -213,6 +213,27 @@ def test_a_draft_model_pair_is_stored_and_its_draft_model_skipped_where_it_does_
     assert "Output identical to plain decoding: yes" in capsys.readouterr().out
 
 
+def test_the_embedded_model_with_a_draft_model(tmp_path, store, monkeypatch, capsys):
+    """No ``--model``: the embedded model, which keeps its own tuning in its config (never
+    looked up alone), with ``--draft-model``: the pair's choice is stored and applied."""
+    from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "def add(a, b):"}) + "\n")
+    before = files_of(DEFAULT_DIR, DRAFT_DIR)
+    fake_speeds(monkeypatch, lambda tps, s: 1e6 if s.get("num_draft_tokens") == 1 else 1.0)
+    tune.main(["--draft-model", str(DRAFT_DIR), "--prompts", str(tmp_path / "p.jsonl"),
+               "--num-prompts", "1", "--max-tokens", "6", "--confirm-rounds", "0", "--save"])  # fmt: skip
+    assert f"decode {DEFAULT_DIR} with draft model {DRAFT_DIR}" in capsys.readouterr().out
+    assert files_of(DEFAULT_DIR, DRAFT_DIR) == before
+    monkeypatch.undo()
+    monkeypatch.setenv(tuned_store.STORE_VARIABLE, str(store))
+    calls = spy_generations(monkeypatch)
+    gen.main(["--draft-model", str(DRAFT_DIR), "--prompt", "def add(a, b):", "--max-tokens", "8"])
+    assert calls[-1]["num_draft_tokens"] == 1 and "Tuned for" in capsys.readouterr().out
+    gen.main(["--prompt", "def add(a, b):", "--max-tokens", "8"])  # (alone: its own config)
+    assert calls[-1]["draft_model"] is None and "Tuned for" not in capsys.readouterr().out
+
+
 def test_chat_and_server_take_the_stored_flags(tmp_path, store, monkeypatch, capsys):
     """``chat`` decodes with the stored flags; the server takes them as its defaults where it
     has each flag, and says which it cannot take otherwise."""
