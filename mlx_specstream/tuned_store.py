@@ -132,7 +132,7 @@ def save_flags(
                  saved=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))  # fmt: skip
     entries = [e for e in _read(store) if {k: e.get(k) for k in key} != key] + [entry]
     store.parent.mkdir(parents=True, exist_ok=True)
-    partial = store.with_name(store.name + ".partial")
+    partial = store.with_name(f"{store.name}.{os.getpid()}.partial")  # (one per process)
     partial.write_text(json.dumps({"choices": entries}, indent=2) + "\n")
     os.replace(partial, store)
     return entry
