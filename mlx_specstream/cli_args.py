@@ -252,7 +252,8 @@ def with_stored_tuning(parser: argparse.ArgumentParser, argv=None, log=print):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    if any(getattr(args, k, None) not in (None, False) for k in DRAFTING_FLAGS):
+    given = [k for k in DRAFTING_FLAGS if hasattr(args, k)]
+    if any(getattr(args, k) != parser.get_default(k) for k in given):  # (--draft-vocab none too)
         return args
     try:
         key = tuning_key(args)

@@ -136,6 +136,11 @@ def test_a_plain_model_s_lookup_is_stored_and_generate_decodes_with_it(
     assert mlx_lm_generate(plain, tok, prompt=tok.encode(PROMPT), max_tokens=12) in out
     gen.main(argv + ["--draft", "ngram", "--num-draft-tokens", "2"])  # (control: the call's own)
     assert calls[-1]["num_draft_tokens"] == 2 and "Tuned for" not in capsys.readouterr().out
+    from mlx_specstream.cli_args import with_stored_tuning
+
+    for flag in (["--draft-vocab", "none"], ["--no-speculation"], ["--no-dynamic-tree"]):
+        args = with_stored_tuning(gen.setup_arg_parser(), argv + flag, print)
+        assert args.draft is None and args.num_draft_tokens is None, flag  # (none applied)
 
     stored = json.loads(store.read_text())
     stored["choices"][0]["device"] = "gpu:Another"
