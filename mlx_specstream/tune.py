@@ -1,7 +1,7 @@
 """Picks the draft tree that decodes fastest on this device.
 
 ``python -m mlx_specstream.tune [--model DIR [--drafter DIR | --draft-model DIR]]
-[--batch-size K [--batch-only]] [--save]``
+[--batch-size K [--batch-only]] [--save | --forget]``, ``python -m mlx_specstream.tune --stored``
 
 Measures greedy tokens/s of one-token-per-pass decoding and of a grid of
 trees (top-k per stream, depth, max nodes, then for the best shapes the
@@ -38,7 +38,8 @@ drafts, or the directories of ``--drafter`` or ``--draft-model``: it prints the 
 decode as it chose, and ``--save`` keeps them for this device in the user's store
 (:mod:`~mlx_specstream.tuned_store`), where ``generate``, ``chat`` and ``server`` apply them
 to the same directories when a call names no drafting flag (``--no-speculation`` where
-nothing pays: a draft model is then not even loaded).
+nothing pays: a draft model is then not even loaded). ``--stored`` lists what the store
+holds; ``--forget`` removes this device's entry for ``--model`` (and its pair).
 """
 
 import argparse
@@ -811,6 +812,32 @@ def choice_flags(choice: dict) -> str:
     return " ".join(str(f) for f in flags)
 
 
+def show_or_forget(args, log=print) -> None:
+    """``--stored``: every entry of the user's store; ``--forget``: removes this device's
+    entry for ``args``' directories. Each says what it did."""
+    from .cli_args import tuning_key
+    from .tuned_store import forget, store_path, stored_entries
+
+    if args.forget:
+        key = tuning_key(args)
+        removed = forget(device_key(), **key)
+        pair = "".join(f" with {k.replace('_', ' ')} {key[k]}" for k in ("drafter", "draft_model")
+                       if key[k] is not None)  # fmt: skip
+        said = "removed" if removed else "nothing stored"
+        log(f"[INFO] {said} for {key['model']}{pair} on this device ({device_key()}) in "
+            f"{store_path()}")  # fmt: skip
+        return
+    entries = stored_entries()
+    log(f"{len(entries)} tuning(s) stored in {store_path()}")
+    for e in entries:
+        pair = "".join(f" with {k.replace('_', ' ')} {e[k]}" for k in ("drafter", "draft_model")
+                       if e.get(k) is not None)  # fmt: skip
+        tps = (e.get("measured") or {}).get("tokens_per_second")
+        speed = f", {tps:.1f} tokens/s" if isinstance(tps, (int, float)) else ""
+        log(f"- {e['model']}{pair} on {e['device']}: {' '.join(e['flags'])} "
+            f"(saved {e.get('saved')}{speed})")  # fmt: skip
+
+
 # Where tune --save keeps the choice for a model whose files it does not write
 SAVE_INTO_STORE = "pass --save to keep it for this device in the user's store"
 
@@ -875,8 +902,23 @@ def main(argv=None):
         "($MLX_SPECSTREAM_TUNED, else ~/.cache/mlx_specstream/tuned.json), where generate, "
         "chat and server find them",
     )
+    p.add_argument(
+        "--stored",
+        action="store_true",
+        help="Print what --save kept in the user's store (every model and device) and exit",
+    )
+    p.add_argument(
+        "--forget",
+        action="store_true",
+        help="Remove from the user's store what --save kept for --model (with its --drafter "
+        "or --draft-model) on this device, and exit",
+    )
     args = p.parse_args(argv)
     from .default_model import DEFAULT_DIR, load_default
+
+    if args.stored or args.forget:
+        show_or_forget(args)
+        return
 
     if args.draft_model is not None:
         for flag, given in [("--drafter", args.drafter), ("--batch-size", args.batch_size)]:

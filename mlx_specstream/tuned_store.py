@@ -24,10 +24,14 @@ Example:
     (['--draft', 'ngram'], None)
     >>> find_flags("gpu:Apple M2 Pro", root / "m", store=store)  # tuned on another device
     (None, None)
+    >>> [e["flags"] for e in stored_entries(store)]
+    [['--draft', 'ngram']]
     >>> _ = (root / "m" / "config.json").write_text('{"a": 2}')  # the model changed since
     >>> flags, note = find_flags("cpu:Linux-x86_64", root / "m", store=store)
     >>> flags, note.startswith("[INFO] Not applied: the choice tune stored for")
     (None, True)
+    >>> forget("cpu:Linux-x86_64", root / "m", store=store), stored_entries(store)
+    (True, [])
 """
 
 import datetime
@@ -131,11 +135,39 @@ def save_flags(
                  flags=[str(f) for f in flags], measured=measured or {},
                  saved=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))  # fmt: skip
     entries = [e for e in _read(store) if {k: e.get(k) for k in key} != key] + [entry]
+    _write(store, entries)
+    return entry
+
+
+def _write(store: Path, entries: List[dict]) -> None:
     store.parent.mkdir(parents=True, exist_ok=True)
     partial = store.with_name(f"{store.name}.{os.getpid()}.partial")  # (one per process)
     partial.write_text(json.dumps({"choices": entries}, indent=2) + "\n")
     os.replace(partial, store)
-    return entry
+
+
+def stored_entries(store: Optional[PathLike] = None) -> List[dict]:
+    """Every entry of the store (default: :func:`store_path`), oldest first."""
+    return _read(store_path() if store is None else Path(store))
+
+
+def forget(
+    device: str,
+    model: PathLike,
+    drafter: Optional[PathLike] = None,
+    draft_model: Optional[PathLike] = None,
+    store: Optional[PathLike] = None,
+) -> bool:
+    """Removes the entry for ``model`` (with ``drafter`` or ``draft_model``) on ``device``;
+    whether there was one."""
+    store = store_path() if store is None else Path(store)
+    key = _key(device, model, drafter, draft_model)
+    entries = _read(store)
+    kept = [e for e in entries if {k: e.get(k) for k in key} != key]
+    if len(kept) == len(entries):
+        return False
+    _write(store, kept)
+    return True
 
 
 def find_flags(

@@ -354,3 +354,32 @@ def test_the_server_takes_a_stored_no_speculation(tmp_path, store):
         server.shutdown()
         server.server_close()
     assert drafted[0] == 0 and drafted[1] > 0
+
+
+def test_tune_lists_and_forgets_what_it_stored(tmp_path, store, capsys):
+    """``tune --stored`` lists every entry (model, pair, device, flags); ``tune --model M
+    --forget`` removes this device's entry for M alone (its pair's stays), and says when
+    there was none; generate then finds nothing for M."""
+    a, b = write_model(tmp_path / "a"), write_model(tmp_path / "b", seed=3)
+    tune.main(["--stored"])
+    assert f"0 tuning(s) stored in {store}" in capsys.readouterr().out
+    tuned_store.save_flags(["--draft", "ngram"], device_key(), a, measured={"tokens_per_second": 5})
+    tuned_store.save_flags(["--num-draft-tokens", "2"], device_key(), a, draft_model=b)
+    tuned_store.save_flags(["--no-speculation"], "gpu:Other", a)
+    tune.main(["--stored"])
+    out = capsys.readouterr().out
+    assert f"3 tuning(s) stored in {store}" in out
+    assert (
+        f"- {a.resolve()} on {device_key()}: --draft ngram (saved " in out and "5.0 tokens/s" in out
+    )
+    assert (
+        f"- {a.resolve()} with draft model {b.resolve()} on {device_key()}: --num-draft-tokens 2"
+        in out
+    )
+    tune.main(["--model", str(a), "--forget"])
+    assert "[INFO] removed for" in capsys.readouterr().out
+    tune.main(["--model", str(a), "--forget"])
+    assert "[INFO] nothing stored for" in capsys.readouterr().out
+    assert tuned_store.find_flags(device_key(), a) == (None, None)
+    assert tuned_store.find_flags(device_key(), a, draft_model=b)[0] == ["--num-draft-tokens", "2"]
+    assert tuned_store.find_flags("gpu:Other", a)[0] == ["--no-speculation"]
