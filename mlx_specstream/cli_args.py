@@ -252,8 +252,8 @@ def with_stored_tuning(parser: argparse.ArgumentParser, argv=None, log=print):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    given = [k for k in DRAFTING_FLAGS if hasattr(args, k)]
-    if any(getattr(args, k) != parser.get_default(k) for k in given):  # (--draft-vocab none too)
+    taken = [k for k in DRAFTING_FLAGS if hasattr(args, k)]  # (those this command has)
+    if any(getattr(args, k) != parser.get_default(k) for k in taken):  # (--draft-vocab none too)
         return args
     try:
         key = tuning_key(args)
