@@ -132,7 +132,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         if value:
             penalties.update({f"{name}_penalty": value, f"{name}_context_size": size})
             reads.append(size)
-    speculative = body.get("speculative", not getattr(defaults, "no_speculation", False))
+    speculative = body.get("speculative", not defaults.no_speculation)
     if not isinstance(speculative, bool):
         raise RequestError("'speculative' must be a boolean", "speculative")
     acceptance = body.get("acceptance")

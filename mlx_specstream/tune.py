@@ -616,6 +616,18 @@ def tuned_flags(choice: dict, with_draft_model: bool = False) -> list:
     return (draft_model_flags(choice) if with_draft_model else choice_flags(choice)).split()
 
 
+def described(key: dict) -> str:
+    """A store entry's (or :func:`~mlx_specstream.cli_args.tuning_key`'s) directories in words.
+
+    Example:
+        >>> described({"model": "q4", "drafter": None, "draft_model": "small"})
+        'q4 with draft model small'
+    """
+    pair = [f" with {k.replace('_', ' ')} {key[k]}" for k in ("drafter", "draft_model")
+            if key.get(k) is not None]  # fmt: skip
+    return f"{key['model']}{''.join(pair)}"
+
+
 def store_tuning(args, choice: dict, tps: float, base: float, log=print) -> dict:
     """Keeps ``choice`` for ``args``' model (with its ``--drafter`` or ``--draft-model``) on
     this device in the user's store (:mod:`~mlx_specstream.tuned_store`), where generate,
@@ -630,10 +642,8 @@ def store_tuning(args, choice: dict, tps: float, base: float, log=print) -> dict
     measured = dict(tokens_per_second=tps, plain_tokens_per_second=base, mlx=mx.__version__,
                     mlx_lm=mlx_lm.__version__)  # fmt: skip
     entry = save_flags(flags, device_key(), measured=measured, **key)
-    pair = "".join(f" with {k.replace('_', ' ')} {key[k]}" for k in ("drafter", "draft_model")
-                   if key[k] is not None)  # fmt: skip
     log(f"[INFO] saved for this device ({device_key()}) in {store_path()}: generate, chat and "
-        f"server decode {key['model']}{pair} with {' '.join(flags)} where a call names no "
+        f"server decode {described(key)} with {' '.join(flags)} where a call names no "
         "drafting flag (its files are not written)")  # fmt: skip
     return entry
 
@@ -821,20 +831,16 @@ def show_or_forget(args, log=print) -> None:
     if args.forget:
         key = tuning_key(args)
         removed = forget(device_key(), **key)
-        pair = "".join(f" with {k.replace('_', ' ')} {key[k]}" for k in ("drafter", "draft_model")
-                       if key[k] is not None)  # fmt: skip
         said = "removed" if removed else "nothing stored"
-        log(f"[INFO] {said} for {key['model']}{pair} on this device ({device_key()}) in "
+        log(f"[INFO] {said} for {described(key)} on this device ({device_key()}) in "
             f"{store_path()}")  # fmt: skip
         return
     entries = stored_entries()
     log(f"{len(entries)} tuning(s) stored in {store_path()}")
     for e in entries:
-        pair = "".join(f" with {k.replace('_', ' ')} {e[k]}" for k in ("drafter", "draft_model")
-                       if e.get(k) is not None)  # fmt: skip
         tps = (e.get("measured") or {}).get("tokens_per_second")
         speed = f", {tps:.1f} tokens/s" if isinstance(tps, (int, float)) else ""
-        log(f"- {e['model']}{pair} on {e['device']}: {' '.join(e['flags'])} "
+        log(f"- {described(e)} on {e['device']}: {' '.join(e['flags'])} "
             f"(saved {e.get('saved')}{speed})")  # fmt: skip
 
 

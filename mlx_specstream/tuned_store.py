@@ -94,6 +94,15 @@ def _key(device: str, model: PathLike, drafter, draft_model) -> dict:
     return dict(resolved, device=device)
 
 
+def _for(entry: dict, key: dict) -> bool:
+    """Whether ``entry`` is the one kept for ``key`` (:func:`_key`'s)."""
+    return all(entry.get(k) == v for k, v in key.items())
+
+
+def _store(store: Optional[PathLike]) -> Path:
+    return store_path() if store is None else Path(store)
+
+
 def _read(store: Path) -> List[dict]:
     if not store.exists():
         return []
@@ -129,12 +138,12 @@ def save_flags(
     Returns:
         dict: the entry stored.
     """
-    store = store_path() if store is None else Path(store)
+    store = _store(store)
     key = _key(device, model, drafter, draft_model)
     entry = dict(key, fingerprint=fingerprint(model, drafter, draft_model),
                  flags=[str(f) for f in flags], measured=measured or {},
                  saved=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))  # fmt: skip
-    entries = [e for e in _read(store) if {k: e.get(k) for k in key} != key] + [entry]
+    entries = [e for e in _read(store) if not _for(e, key)] + [entry]
     _write(store, entries)
     return entry
 
@@ -148,7 +157,7 @@ def _write(store: Path, entries: List[dict]) -> None:
 
 def stored_entries(store: Optional[PathLike] = None) -> List[dict]:
     """Every entry of the store (default: :func:`store_path`), oldest first."""
-    return _read(store_path() if store is None else Path(store))
+    return _read(_store(store))
 
 
 def forget(
@@ -160,10 +169,10 @@ def forget(
 ) -> bool:
     """Removes the entry for ``model`` (with ``drafter`` or ``draft_model``) on ``device``;
     whether there was one."""
-    store = store_path() if store is None else Path(store)
+    store = _store(store)
     key = _key(device, model, drafter, draft_model)
     entries = _read(store)
-    kept = [e for e in entries if {k: e.get(k) for k in key} != key]
+    kept = [e for e in entries if not _for(e, key)]
     if len(kept) == len(entries):
         return False
     _write(store, kept)
@@ -183,10 +192,10 @@ def find_flags(
         tuple: ``(flags, None)``; ``(None, None)`` where nothing is stored for them; ``(None,
         note)`` where the directories changed since they were tuned (the note says so).
     """
-    store = store_path() if store is None else Path(store)
+    store = _store(store)
     key = _key(device, model, drafter, draft_model)
     for entry in _read(store):
-        if {k: entry.get(k) for k in key} != key:
+        if not _for(entry, key):
             continue
         if entry.get("fingerprint") != fingerprint(model, drafter, draft_model):
             return None, (
