@@ -100,7 +100,8 @@ def main(argv=None):
     drafting = {
         k: getattr(args, k)
         for k in ("draft", "num_draft_tokens", "ngram_candidates", "tree_top_k", "tree_depth",
-                  "max_tree_nodes", "dynamic_tree", "draft_confidence")  # fmt: skip
+                  "max_tree_nodes", "dynamic_tree", "draft_confidence",
+                  "draft_schedule")  # fmt: skip
         if getattr(args, k) is not None
     }
     if draft_model is not None:  # (mlx_lm.generate's default draft length)

@@ -6,6 +6,7 @@ import sys
 from typing import Any, Dict, Optional
 
 from .decode import DRAFTS
+from .draft_schedule import SCHEDULES
 
 DEFAULT_PREFILL_STEP_SIZE = 2048
 DEFAULT_XTC_PROBABILITY = 0.0
@@ -72,7 +73,7 @@ def draft_vocab_value(value: str):
 
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
     """``--draft``, ``--draft-model``, ``--num-draft-tokens``, ``--ngram-candidates``,
-    ``--draft-confidence`` and ``--no-speculation``; for one generation (not a server's
+    ``--draft-confidence``, ``--draft-schedule`` and ``--no-speculation``; for one generation (not a server's
     requests) also ``--tree-top-k``, ``--tree-depth``, ``--max-tree-nodes`` and
     ``--dynamic-tree``."""
     scope = "Default of a request's 'draft' field: " if per_request else ""
@@ -119,6 +120,17 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         "model, else --tree-depth) is then its longest; 0: off. Default: the model's tuned one, "
         "else off"
         + ("; a request's 'draft_confidence' overrides it (such requests are decoded one at a "
+           "time)" if per_request else ""),
+    )  # fmt: skip
+    parser.add_argument(
+        "--draft-schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="How long the --draft-model's chains are: 'constant', --num-draft-tokens each "
+        "(as mlx-lm), or 'heuristic', transformers' num_assistant_tokens_schedule: 2 longer "
+        "after a step that accepted every draft, 1 shorter after one that did not, from 1 up "
+        "to --num-draft-tokens. Default: constant"
+        + ("; a request's 'draft_schedule' overrides it (such requests are decoded one at a "
            "time)" if per_request else ""),
     )  # fmt: skip
     parser.add_argument(
@@ -222,7 +234,7 @@ def load_model(args, tokenizer_config: Optional[Dict[str, Any]] = None):
 # The flags that say how to draft: a call that gives one decodes as its flags say, never
 # with a tuning stored for the model (with_stored_tuning).
 DRAFTING_FLAGS = ("draft", "num_draft_tokens", "ngram_candidates", "draft_confidence",
-                  "no_speculation", "tree_top_k", "tree_depth", "max_tree_nodes", "dynamic_tree",
+                  "draft_schedule", "no_speculation", "tree_top_k", "tree_depth", "max_tree_nodes", "dynamic_tree",
                   "num_mtp_layers", "draft_vocab")  # fmt: skip
 
 

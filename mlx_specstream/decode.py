@@ -56,6 +56,7 @@ from .draft_confidence import (
     top_probabilities,
 )
 from .draft_model import DraftModel, draft_model_tree, split_pair, split_prompt_cache
+from .draft_schedule import check_draft_schedule
 from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .layout import TreeLayout, layout_of
 from .model_parts import vocab_size
@@ -178,6 +179,7 @@ class Decoder:
         self.by_rejection = acceptance == "rejection" and not getattr(sampler, "greedy", True)
         # draft_confidence: the next chain's real levels (None: all), read with its drafts
         self.confidence, self.drafted = confidence, None
+        self.verified = 0  # a draft model's levels in the tree launched last (draft_schedule)
         self.draft = draft
         self.ngram_tokens = min(ngram_tokens, self.max_nodes - 1)
         self.ngram_candidates = ngram_candidates
@@ -354,6 +356,7 @@ class Decoder:
             token, q = p.targets.tolist()[last], None
             if p.sure is not None and p.next_tokens is not None:  # (the streams' chain, cut)
                 self.drafted = confident_levels(p.sure.tolist(), self.confidence)
+            self._observe(path)
         tokens = p.tokens.tolist()
         # Pipelined passes leave the offsets at the committed prefix: set them here.
         prefix = self.cache[0].offset if self.pipelined else p.prefix
@@ -408,6 +411,13 @@ class Decoder:
         mx.eval(p.targets, p.last)
         p.certified = p.top = p.next_tokens = None
         return p.last.item()
+
+    def _observe(self, path: List[int]) -> None:
+        """A draft model's ``draft_schedule`` learns how many of the levels it drafted
+        for this step were accepted (``path``: the accepted nodes, root first)."""
+        if self.draft_model is not None and self.verified:
+            self.draft_model.length.update(min(len(path) - 1, self.verified), self.verified)
+        self.verified = 0
 
     @staticmethod
     def _walk(p: Pending) -> None:
@@ -519,6 +529,8 @@ class Decoder:
         each level as wide as the static tree's) with its draft distributions and each
         node's row of them; else ``None`` for those."""
         depth = max(1, min(self.depth, self._room(), self.tree_nodes - 1))
+        if self.draft_model is not None:  # (as long as its schedule says: draft_schedule)
+            depth = self.verified = min(depth, self.draft_model.length.now)
         drawn = None
         if self.by_rejection:
             drawn = (level_budgets(self.kmax, depth, self.tree_nodes), self.sampler.probs)
@@ -545,6 +557,7 @@ class Decoder:
         room = self._room()
         chains = self._lookup(room)
         if room <= 0:
+            self.verified = 0
             return self._lookup_draft(tree.tokens[0], chains)
         if q is not None:  # (rejection: no lookup chains)
             return Draft(layout_of(tree.parents), tree.tokens, *q)
@@ -567,7 +580,7 @@ class Decoder:
         room = self._room()
         depth = min(self.depth, room) if next_tokens is not None else 0
         if self.draft_model is not None:  # (a chain stopped where the draft model was unsure)
-            depth = min(depth, self.draft_model.drafted)
+            depth = self.verified = min(depth, self.draft_model.drafted)
         elif self.drafted is not None:  # (where its drafter was: draft_confidence)
             depth = min(depth, self.drafted)
         chains = self._lookup(room)
@@ -639,6 +652,7 @@ class Decoder:
         path, token = accept_by_rejection(
             tokens, parents, np.array(p.probs), q, np.array(p.uniforms), p.draft.q_rows
         )
+        self._observe(path)
         if not self.depth or (self.max_tokens >= 0 and self.emitted + len(path) >= self.max_tokens):
             return path, token, None
         if self.dynamic:  # each node's children drawn from its own distribution
@@ -696,6 +710,7 @@ def spec_generate_step(
     prompt_checkpoint_callback: Optional[Callable[[list], None]] = None,
     dynamic_tree: Optional[bool] = None,
     draft_confidence: Optional[float] = None,
+    draft_schedule: Optional[str] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with Speculative Streaming.
 
@@ -802,6 +817,12 @@ def spec_generate_step(
           layer, EAGLE) each read the host once, and stop there; ``0``: uncut. Default:
           ``None``, the model's tuned one (its config's ``draft_confidence``) where the
           drafts are a chain, else uncut (:mod:`mlx_specstream.draft_confidence`).
+        draft_schedule (str, optional): how long a ``draft_model``'s chains are
+          (transformers' ``num_assistant_tokens_schedule``). ``"constant"`` (the default):
+          ``num_draft_tokens`` each. ``"heuristic"``: the first ``num_draft_tokens``
+          long, then 2 longer after a step that accepted all its drafts and 1 shorter
+          after one that did not, between 1 and ``num_draft_tokens``
+          (:mod:`mlx_specstream.draft_schedule`); a grown tree's depth follows it too.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options. ``kv_bits`` converts the cache at the moments
           mlx-lm does (greedy output equals mlx-lm's with the same options).
@@ -833,6 +854,12 @@ def spec_generate_step(
             "draft model's drafts) or 'ngram' (its drafts and prompt lookup, merged)."
         )
     check_draft_confidence(draft_confidence)
+    check_draft_schedule(draft_schedule)
+    if draft_schedule == "heuristic" and draft_model is None:
+        raise ValueError(
+            "draft_schedule='heuristic' sets how long a draft model's chains are (transformers' "
+            "num_assistant_tokens_schedule): pass a draft_model, or draft_schedule=None."
+        )
     # (a model that took streams or a drafter took the verifier: only a plain base is judged)
     plain_base = getattr(model, "speculative_streams", None) is None
     if (
@@ -858,7 +885,7 @@ def spec_generate_step(
             max_kv_size=max_kv_size, prompt_progress_callback=prompt_progress_callback,
             prompt_checkpoint_callback=prompt_checkpoint_callback,
             ngram_candidates=ngram_candidates, dynamic_tree=dynamic_tree,
-            draft_confidence=draft_confidence,
+            draft_confidence=draft_confidence, draft_schedule=draft_schedule,
         )  # fmt: skip
         return
     if prompt_checkpoint_callback is not None:
@@ -999,7 +1026,7 @@ def spec_generate_step(
     start = cache[0].offset
     dstate = dm = None
     if draft_model is not None:
-        dm = DraftModel(draft_model, draft_cache, depth, quant, draft_confidence)
+        dm = DraftModel(draft_model, draft_cache, depth, quant, draft_confidence, draft_schedule)
         if dynamic:
             dm.ready_to_grow()
     if rt.drafter is not None and depth:
@@ -1332,6 +1359,7 @@ def _on_chain_model(
     kw.pop("max_tree_nodes", None)
     kw.pop("lookup", None)
     kw.pop("draft_confidence", None)
+    kw.pop("draft_schedule", None)
     kw.pop("rejection", None)  # (mlx-lm's plain loop; the draft cache follows unquantized)
     own, theirs = split_pair(model, draft_model, kw.pop("prompt_cache"))
     own = make_prompt_cache(model) if own is None else own

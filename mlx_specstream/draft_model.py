@@ -16,6 +16,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
 from .cache import ChunkKVCache, WindowKVCache, model_caches
 from .draft_confidence import unsure
+from .draft_schedule import DraftLength
 from .dynamic_tree import grow, grow_drawn, log_softmax
 from .layout import with_prefix
 
@@ -42,12 +43,16 @@ class DraftModel:
         confidence (float, optional): stops a chain after a draft whose probability
           under the draft model is below it (transformers' ``assistant_confidence_threshold``):
           :attr:`drafted` then says how many levels are real.
+        schedule (str, optional): ``"heuristic"``: each chain is :attr:`length`'s ``now``
+          long (at most ``k``), which the caller updates after each step
+          (:mod:`mlx_specstream.draft_schedule`); ``None`` or ``"constant"``: ``k``.
     """
 
     def __init__(self, model: nn.Module, cache: list, num_draft_tokens: int, quant=None,
-                 confidence: Optional[float] = None):  # fmt: skip
+                 confidence: Optional[float] = None, schedule: Optional[str] = None):  # fmt: skip
         self.model, self.cache, self.k, self.quant = model, cache, num_draft_tokens, quant
         self.confidence = confidence
+        self.length = DraftLength(num_draft_tokens, schedule)
         self.drafted = num_draft_tokens  # the last chain's real levels (the rest repeat)
         self.fed = cache[0].offset if cache else 0  # committed tokens in the cache
         self.unfed: List[int] = []  # committed tokens not fed yet
@@ -93,7 +98,7 @@ class DraftModel:
         logits = self._step(mx.array(new[same:]))
         self.fed += len(new)
         self.unfed, levels, fed = [], [logits], []
-        while len(levels) < self.k and not self._unsure(levels[-1]):
+        while len(levels) < self.length.now and not self._unsure(levels[-1]):
             fed.append(mx.argmax(levels[-1]).reshape(1))
             levels.append(self._step(fed[-1]))
         self.drafts = mx.concatenate(fed) if fed else None

@@ -451,6 +451,7 @@ def main(argv=None):
         draft_model=draft_model,
         num_draft_tokens=num_draft_tokens,
         **({} if args.draft_confidence is None else {"draft_confidence": args.draft_confidence}),
+        **({} if args.draft_schedule is None else {"draft_schedule": args.draft_schedule}),
         **({} if args.ngram_candidates is None else {"ngram_candidates": args.ngram_candidates}),
         prompt_cache=prompt_cache,
         prefill_step_size=args.prefill_step_size,

@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from .decode import ACCEPTANCE, DRAFTS
 from .config import confidence_fault
+from .draft_schedule import SCHEDULES
 from .response_parser import Parts, ResponseParser
 
 # mlx_lm.server's layout for chat without a template: a prefix per role, a
@@ -157,6 +158,12 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
     fault = confidence_fault(confidence)
     if fault is not None:
         raise RequestError(f"'draft_confidence'={confidence!r} {fault}", "draft_confidence")
+    schedule = body.get("draft_schedule", defaults.draft_schedule)
+    if schedule is not None and schedule not in SCHEDULES:
+        raise RequestError(
+            f"'draft_schedule'={schedule!r} must be null or one of {list(SCHEDULES)}",
+            "draft_schedule",
+        )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", "stream")
@@ -188,6 +195,7 @@ def parse_generation_args(body: Dict[str, Any], defaults: argparse.Namespace) ->
         num_draft_tokens=draft_tokens,
         ngram_candidates=candidates,
         draft_confidence=confidence,
+        draft_schedule=schedule,
         stream=stream,
         logprobs=logprobs,
         n=n,

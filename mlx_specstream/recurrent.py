@@ -58,6 +58,7 @@ from .cache import (
 )
 from .draft_confidence import confident_levels, own_cut, top_probabilities, unsure
 from .draft_model import split_pair
+from .draft_schedule import DraftLength
 from .dynamic_tree import draft_tree, drawn_tree, level_budgets
 from .ngram import NGRAM_DRAFT_TOKENS, NgramIndex
 from .tree import (
@@ -552,6 +553,7 @@ def chain_generate_step(
     drafter_tree: Optional[StaticTree] = None,
     drafter_growth: Optional[Tuple[int, int, int]] = None,
     draft_confidence: Optional[float] = None,
+    draft_schedule: Optional[str] = None,
 ) -> Generator[Tuple[int, mx.array, bool, int], None, None]:
     """A generator of tokens decoded with chains of drafts on a model with recurrent
     layers (or with a draft model that has them); what
@@ -612,6 +614,8 @@ def chain_generate_step(
         draft_confidence (float, optional): each chain (the draft model's, the streams' or
           the attached drafter's) stops after a draft its drafter gives less than this
           probability (a draft model and one MTP layer then draft no further).
+        draft_schedule (str, optional): ``"heuristic"``: a draft model's chains follow
+          transformers' heuristic schedule (:mod:`mlx_specstream.draft_schedule`).
 
     Yields:
         tuple: ``(token, logprobs, from_draft, forward_passes)``.
@@ -621,7 +625,7 @@ def chain_generate_step(
         own, theirs = split_pair(model, draft_model, prompt_cache)
         vocab = getattr(getattr(model, "args", None), "vocab_size", None)
         drafter = DraftModelChain(draft_model, theirs, vocab, sampler if rejection else None, quant,
-                                  draft_confidence)  # fmt: skip
+                                  draft_confidence, draft_schedule, num_draft_tokens)  # fmt: skip
     # (lookup trees: the tree verifier alone, streams.attach_chain_verifier; a model
     # without attention takes them without it)
     needs_runtime = streams or attached_drafter or ngram_candidates > 1 and attends(model)
@@ -777,14 +781,18 @@ class DraftModelChain:
     def __init__(
         self, model: nn.Module, cache: Optional[list], vocab_size: Optional[int] = None,
         sampler=None, quant=None, confidence: Optional[float] = None,
+        schedule: Optional[str] = None, most: int = 1,
     ):  # fmt: skip
         self.chain = ChainCache(model, cache, quant)
         # (a chain stops after a draft less likely than this under the draft model)
         self.confidence = confidence
+        # (draft_schedule: each chain at most length.now long, up to ``most``)
+        self.length = DraftLength(max(most, 1), schedule)
         self.vocab_size = vocab_size  # the model's: larger draft vocabularies are cut to it
         self.sampler = sampler  # drafts drawn from its distributions (else greedy)
         self.q: Optional[mx.array] = None  # the last chain's draft distributions
         self.tokens: List[int] = []
+        self.made = 0  # the last chain's drafts
         self.base = 0  # where the last chain's drafts begin in ``tokens``
         self.states: List[list] = []  # recurrent states after tokens[: base + i]
 
@@ -793,6 +801,7 @@ class DraftModelChain:
         self.chain.feed(upto)
 
     def draft(self, n: int) -> List[int]:
+        n = min(n, self.length.now)
         c = self.chain
         c.tokens, c.split.at = self.tokens, None
         recurrent = c.recurrent
@@ -810,6 +819,7 @@ class DraftModelChain:
             logits = c.model(drafts[-1][None], cache=c.cache)[0, -1]
             self.states.append([state_of(x) for x in recurrent])
         c.drafted = max(len(drafts) - 1, 0)
+        self.made = len(drafts)  # (for the schedule: commit)
         self.q = mx.stack(qs) if qs else None
         return mx.concatenate(drafts).tolist() if drafts else []
 
@@ -830,6 +840,7 @@ class DraftModelChain:
         pass
 
     def commit(self, accepted: int) -> None:
+        self.length.update(accepted, self.made)
         self.back_to(self.base + min(accepted, len(self.states) - 1))
 
     def back_to(self, end: int) -> None:

@@ -15,7 +15,8 @@ fields follow ``mlx_lm.server``: ``max_tokens`` / ``max_completion_tokens``,
 forced call: ``"required"`` or a named function, whose start the prompt then holds)
 and messages with ``tool_calls`` or the ``tool`` role, plus our ``speculative`` (bool),
 ``acceptance``, ``draft``, ``num_draft_tokens``, ``ngram_candidates`` and
-``draft_confidence`` (such a request is decoded alone: batched rows draft uncut chains). Fields we do
+``draft_confidence`` and ``draft_schedule`` (such a request is decoded alone: batched rows
+draft uncut chains of a fixed length). Fields we do
 not support (``response_format``, ``best_of`` > 1, ...) are refused with a 400 that
 names them.
 
@@ -270,10 +271,11 @@ class ModelService:
 
     def _batchable(self, job: Job) -> bool:
         """A seeded request is decoded alone, so that its output depends on its seed only;
-        so is one with a ``draft_confidence`` (a batch's rows draft their chains uncut, on
-        the device)."""
+        so is one with a ``draft_confidence`` or a heuristic ``draft_schedule`` (a batch's
+        rows draft their chains uncut and of a fixed length, on the device)."""
         args = job.args
-        return self.batching and args["seed"] is None and not args.get("draft_confidence")
+        alone = args.get("draft_confidence") or args.get("draft_schedule") == "heuristic"
+        return self.batching and args["seed"] is None and not alone
 
     def _finish(self, job: Job) -> None:
         """The job's last event; its request is no longer pending."""
@@ -532,7 +534,8 @@ class ModelService:
             held -= trim_prompt_cache(cache, max(held - (len(sequence) - feed), 0))
         kwargs = {
             k: args[k]
-            for k in ("draft", "num_draft_tokens", "ngram_candidates", "draft_confidence")
+            for k in ("draft", "num_draft_tokens", "ngram_candidates", "draft_confidence",
+                      "draft_schedule")  # fmt: skip
             if args.get(k) is not None
         }
         if self.draft_model is not None:
@@ -951,8 +954,8 @@ def make_server(
 
     ``defaults`` (those of the command's flags when not given): ``max_tokens`` (512),
     ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None),
-    ``num_draft_tokens`` (None), ``ngram_candidates`` (None), ``draft_confidence`` (None)
-    and ``no_speculation`` (False: ``speculative`` true) of a request; ``chat_template_args`` ({}) for every chat
+    ``num_draft_tokens`` (None), ``ngram_candidates`` (None), ``draft_confidence`` (None),
+    ``draft_schedule`` (None) and ``no_speculation`` (False: ``speculative`` true) of a request; ``chat_template_args`` ({}) for every chat
     template; ``prefill_step_size``
     (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
     (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
@@ -1108,6 +1111,11 @@ def main(argv=None):
             "requests with a draft_confidence (--draft-confidence unless a request "
             "sends null) are decoded one at a time: a batch's rows draft uncut chains"
         )
+    if args.draft_schedule == "heuristic" and args.decode_concurrency > 1:
+        logger.info(
+            "requests with a heuristic draft_schedule (--draft-schedule unless a request "
+            "sends another) are decoded one at a time: a batch's rows draft fixed chains"
+        )
     note = untuned_note(runtime_config(model), args.model)
     if note is not None and draft_model is None:
         logger.info(note.removeprefix("[INFO] "))
@@ -1122,7 +1130,7 @@ def main(argv=None):
             k: getattr(args, k)
             for k in (
                 "max_tokens", "temp", "top_p", "top_k", "min_p", "draft", "num_draft_tokens",
-                "ngram_candidates", "draft_confidence", "no_speculation",
+                "ngram_candidates", "draft_confidence", "draft_schedule", "no_speculation",
                 "chat_template_args", "prefill_step_size", "kv_bits", "kv_group_size",
                 "quantized_kv_start", "prompt_cache_size", "prompt_cache_bytes", "allowed_origins",
                 "decode_concurrency", "prompt_concurrency",

@@ -519,6 +519,9 @@ DRAFT_MODEL_TREES = ((2, 3, 8), (3, 4, 12), (4, 5, 16))  # its trees: (top-k, le
 # thresholds tried (transformers' assistant_confidence_threshold defaults to 0.4)
 # (0.3 was fastest for the shipped pair on this CPU: benchmarks/RESULTS.md)
 CONFIDENT_CHAIN, DRAFT_CONFIDENCES = 8, (0.3, 0.4, 0.6)
+# The longest chain under transformers' heuristic schedule (draft_schedule), its default
+# for assistant models: 2 longer after a step that accepted all, 1 shorter after a miss
+SCHEDULED_CHAIN = 8
 
 
 def tune_draft_model(
@@ -533,6 +536,7 @@ def tune_draft_model(
 ):
     """mlx-lm's draft-model decoding through our verifier (``draft_model=``): the fastest
     chain length, a long chain cut where the draft model is unsure (``draft_confidence``),
+    chains whose length follows transformers' heuristic schedule (``draft_schedule``),
     tree (its levels' top-k, static and grown: ``dynamic_tree``) or the
     fastest of those with prompt lookup merged in, against plain decoding without the
     draft model; plain decoding when none beats it by ``min_gain``. Trees are tried where
@@ -541,7 +545,7 @@ def tune_draft_model(
 
     Returns:
         tuple: the choice (``{"num_draft_tokens": n}``, with ``draft_confidence`` for a
-        cut chain, ``tree_top_k``, ``max_tree_nodes``, ``dynamic_tree`` for a tree and
+        cut chain, ``draft_schedule`` for a scheduled one, ``tree_top_k``, ``max_tree_nodes``, ``dynamic_tree`` for a tree and
         ``draft: "ngram"`` for lookup merged in; or ``{"tree_depth": 0}``), its tokens/s and
         plain decoding's.
     """
@@ -555,6 +559,7 @@ def tune_draft_model(
         trials.run(dict(num_draft_tokens=n))
     for confidence in DRAFT_CONFIDENCES:  # (long chains cut where the draft model is unsure)
         trials.run(dict(num_draft_tokens=CONFIDENT_CHAIN, draft_confidence=confidence))
+    trials.run(dict(num_draft_tokens=SCHEDULED_CHAIN, draft_schedule="heuristic"))
     if has_recurrent_layers(model) or has_recurrent_layers(draft_model):
         log("trees: not tried (recurrent layers verify one chain a pass)")
     else:
@@ -579,6 +584,8 @@ def draft_model_flags(choice: dict) -> str:
         '--num-draft-tokens 3'
         >>> draft_model_flags({"num_draft_tokens": 8, "draft_confidence": 0.4})
         '--num-draft-tokens 8 --draft-confidence 0.4'
+        >>> draft_model_flags({"num_draft_tokens": 8, "draft_schedule": "heuristic"})
+        '--num-draft-tokens 8 --draft-schedule heuristic'
         >>> draft_model_flags({"num_draft_tokens": 5, "tree_top_k": 4, "max_tree_nodes": 16,
         ...                    "dynamic_tree": True, "draft": "ngram"})
         '--num-draft-tokens 5 --tree-top-k 4 --max-tree-nodes 16 --dynamic-tree --draft ngram'
@@ -594,6 +601,8 @@ def draft_model_flags(choice: dict) -> str:
         flags += ["--dynamic-tree" if choice["dynamic_tree"] else "--no-dynamic-tree"]
     if "draft_confidence" in choice:
         flags += ["--draft-confidence", choice["draft_confidence"]]
+    if "draft_schedule" in choice:
+        flags += ["--draft-schedule", choice["draft_schedule"]]
     if choice.get("draft") == "ngram":
         flags += ["--draft", "ngram"]
     return " ".join(str(f) for f in flags)

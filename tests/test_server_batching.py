@@ -607,6 +607,37 @@ def test_with_a_draft_model_requests_waiting_together_are_batched(service, monke
     assert any(len(counts) > 1 for counts in kept_counts(svc))
 
 
+def test_requests_with_a_heuristic_draft_schedule_are_decoded_alone(service, monkeypatch):
+    """A request's ``draft_schedule`` reaches its generation; ``"heuristic"`` ones are
+    decoded one at a time (a batch's rows draft fixed chains), with answers equal to plain
+    decoding; the server's default applies to a request that names none; a bad value is
+    refused, naming the field. Control: the same requests without it are batched."""
+    import importlib
+
+    from mlx_specstream.openai_api import RequestError
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")  # (the module, not the function)
+
+    model, tok = tiny_model("llama", vocab_size=V), word_tokenizer(V, eos=0)
+    draft_model = tiny_model("llama", vocab_size=V, seed=5)
+    given, real = [], gen_mod.spec_generate_step
+    monkeypatch.setattr(gen_mod, "spec_generate_step",
+                        lambda *a, **k: given.append(k.get("draft_schedule")) or real(*a, **k))  # fmt: skip
+    for body, batched in (({"draft_schedule": "heuristic"}, 0), ({}, 1)):
+        svc = service(model, tok, draft_model=draft_model)
+        assert svc.wait_idle(60) and svc.spec_batching
+        got = [answer(j) for j in submit_together(svc, [(p, body) for p in PROMPTS])]
+        assert svc.served["batched"] == batched
+        for p, (text, _, _) in zip(PROMPTS, got):
+            assert text[0] == alone(model, tok, p, 16)[0]
+    assert given.count("heuristic") == len(PROMPTS)
+    svc = service(model, tok, draft_model=draft_model, draft_schedule="heuristic")
+    assert parse_generation_args({}, svc.defaults)["draft_schedule"] == "heuristic"
+    assert parse_generation_args({"draft_schedule": None}, svc.defaults)["draft_schedule"] is None
+    with pytest.raises(RequestError, match="'draft_schedule'='fast' must be null or one of"):
+        parse_generation_args({"draft_schedule": "fast"}, svc.defaults)
+
+
 def kept_counts(svc):
     """The tokens each layer of each LRU entry holds (model's layers, then the draft
     model's), as a set of distinct counts per entry."""

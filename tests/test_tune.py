@@ -609,6 +609,7 @@ def test_tune_a_draft_model_pair_times_chains_and_trees_and_prints_their_flags(
     assert all(m["draft_model"] is not None for m in drafted)
     assert set(tune.DRAFT_MODEL_CHAINS) <= {m.get("num_draft_tokens") for m in drafted}
     assert set(tune.DRAFT_CONFIDENCES) <= {m.get("draft_confidence") for m in drafted}
+    assert {"heuristic"} == {m["draft_schedule"] for m in drafted if "draft_schedule" in m}
     trees = {(m.get("tree_top_k"), m.get("dynamic_tree")) for m in drafted}
     assert {(k, d) for k, _, _ in tune.DRAFT_MODEL_TREES for d in (False, True)} <= trees
     assert any(m.get("draft") == "ngram" and m.get("tree_top_k") == 3 for m in drafted)
