@@ -740,6 +740,13 @@ def setup_arg_parser():
         "EAGLE-3: its head's own tokens (its d2t), chosen so before training",
     )
     p.add_argument("--no-tune", action="store_true", help="Do not tune the draft tree at the end")
+    p.add_argument(
+        "--tune-max-tokens",
+        type=int,
+        default=64,
+        help="Tokens generated per held-out prompt for each way of drafting the tuner times at "
+        "the end (as mlx_specstream.tune's --max-tokens; fewer tune faster, less surely)",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -1017,6 +1024,8 @@ def main(argv=None):
     from .utils import resolve_model_path
 
     args = setup_arg_parser().parse_args(argv)
+    if args.tune_max_tokens < 1:
+        raise ValueError(f"--tune-max-tokens {args.tune_max_tokens}: must be >= 1.")
     if args.ttt_steps is None:
         args.ttt_steps = 1 if args.drafter == "eagle" else 3
     model_path = resolve_model_path(args.model)
@@ -1070,7 +1079,7 @@ def finish(args, out: Path, prompts: List[List[int]]) -> None:
     if args.no_tune or not prompts:
         print(f"[INFO] not tuned; run python -m mlx_specstream.tune --model {out} --save")
         return
-    choice, _, _ = tune(model, tokenizer, prompts, max_tokens=64)
+    choice, _, _ = tune(model, tokenizer, prompts, max_tokens=args.tune_max_tokens)
     entry = save_choice(out, choice)
     print(f"[INFO] tuned the draft tree for this device: {json.dumps(entry)}")
 

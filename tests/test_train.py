@@ -197,11 +197,17 @@ def test_cli_writes_a_model_that_loads_decodes_losslessly_and_is_tuned(
     # Tune over one tree shape only (and its pruning thresholds), to stay fast.
     one_tree = [dict(tree_depth=3, tree_top_k=2, max_tree_nodes=8, prune_threshold=0.0)]
     monkeypatch.setattr(tune_module, "candidate_trees", lambda *a: one_tree)
+    budgets, real_tune = [], tune_module.tune
+    monkeypatch.setattr(tune_module, "tune",
+                        lambda *a, **k: budgets.append(k["max_tokens"]) or real_tune(*a, **k))  # fmt: skip
     out = tmp_path / "out"
     argv = ["--model", str(base_dir), "--data", str(data_file), "--out", str(out), "--iters", "30"]
-    train_main(argv + ["--self-distill", *CLI_RECIPE])
+    train_main(argv + ["--self-distill", "--tune-max-tokens", "24", *CLI_RECIPE])
     printed = capsys.readouterr().out
     assert "stream top-1" in printed and "tuned the draft tree" in printed
+    assert budgets == [24]  # (--tune-max-tokens: each timed generation's length)
+    with pytest.raises(ValueError, match="--tune-max-tokens 0: must be >= 1"):
+        train_main(argv + ["--tune-max-tokens", "0"])
     assert not (out / "training").exists()
     assert (out / "config.json.before-tune").exists() and (out / "prompts.jsonl").exists()
     # The base weights on disk are the source's, bit for bit.

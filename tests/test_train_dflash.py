@@ -91,7 +91,8 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_
     base_dir, data_file = inputs
     out = tmp_path / "out"
     train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
-                "--iters", "30", "--self-distill", "--draft-vocab-size", "40", *CLI])  # fmt: skip
+                "--iters", "30", "--self-distill", "--draft-vocab-size", "40",
+                "--tune-max-tokens", "16", *CLI])  # fmt: skip
     printed = capsys.readouterr().out
     assert "level top-1" in printed and "tuned the draft tree" in printed
     assert "the mask token: id" in printed

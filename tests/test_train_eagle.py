@@ -135,7 +135,7 @@ def test_cli_writes_a_model_that_decodes_losslessly_with_its_drafts(inputs, tmp_
     out = tmp_path / "out"
     train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
                 "--iters", "30", "--self-distill", "--draft-vocab-size", "20",
-                "--eagle-num-layers", "2", *CLI])  # fmt: skip
+                "--eagle-num-layers", "2", "--tune-max-tokens", "16", *CLI])  # fmt: skip
     printed = capsys.readouterr().out
     assert "step top-1" in printed and "tuned the draft tree" in printed
     section = json.loads((out / "config.json").read_text())["drafter"]

@@ -103,7 +103,8 @@ def test_cli_trains_a_4_bit_base_s_heads_that_decode_losslessly(inputs, tmp_path
     base_dir, data_file = inputs
     out = tmp_path / "out"
     train_main(["--model", str(base_dir), "--data", str(data_file), "--out", str(out),
-                "--iters", "30", "--self-distill", "--num-streams", "3", *CLI])  # fmt: skip
+                "--iters", "30", "--self-distill", "--num-streams", "3",
+                "--tune-max-tokens", "16", *CLI])  # fmt: skip
     printed = capsys.readouterr().out
     assert "head top-1" in printed and "tuned the draft tree" in printed
     assert "3 Medusa heads (LM heads of their own)" in printed
