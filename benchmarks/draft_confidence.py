@@ -97,6 +97,18 @@ def counts(model, tok, texts, max_tokens: int, settings: dict) -> dict:
     return dict(draft_passes=sum(calls) / tokens, drafts_per_pass=sum(launched) / len(launched))
 
 
+def float32_models(source):
+    """``source`` loaded as ours (streams or drafter attached) and as mlx-lm's plain model,
+    the embedded draft model and the default model's held-out prompts; float32."""
+    model, tok = load(str(source))
+    plain, _ = mlx_lm.load(str(source))
+    draft, _ = mlx_lm.load(str(DRAFT_DIR))
+    for m in (model, plain, draft):
+        m.set_dtype(mx.float32)
+    texts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
+    return model, tok, plain, draft, texts
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--max-tokens", type=int, default=128)
@@ -115,13 +127,7 @@ def main():
     args = p.parse_args()
     info = machine_info(max_tokens=args.max_tokens, rounds=args.rounds)
     source = DEFAULT_DIR if args.model is None else args.model
-    model, tok = load(str(source))
-    model.set_dtype(mx.float32)
-    plain, _ = mlx_lm.load(str(source))
-    plain.set_dtype(mx.float32)
-    draft, _ = mlx_lm.load(str(DRAFT_DIR))
-    draft.set_dtype(mx.float32)
-    texts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
+    model, tok, plain, draft, texts = float32_models(source)
     if args.model is None:
         all_ways, what = ways(draft, longest=args.longest or 8), "Draft-model chains"
         who = "the embedded draft model for the embedded base (streams off)"

@@ -18,17 +18,13 @@ Writes ``benchmarks/results/draft_schedule[-TAG].{md,json}``.
 """
 
 import argparse
-import json
 
-import mlx.core as mx
-import mlx_lm
-from draft_confidence import counts
+from draft_confidence import counts, float32_models
 from dynamic_trees import speeds
 from mtp_trained import taus_against_mlx_lm
 from report import heading, machine_info, write_results
 
-from mlx_specstream import load
-from mlx_specstream.default_model import DEFAULT_DIR, DRAFT_DIR
+from mlx_specstream.default_model import DEFAULT_DIR
 
 
 def ways(draft, chains=(2, 3, 4, 6), longest=(4, 6, 8)) -> dict:
@@ -62,13 +58,7 @@ def main():
     p.add_argument("--tag", default="")
     args = p.parse_args()
     info = machine_info(max_tokens=args.max_tokens, rounds=args.rounds)
-    model, tok = load(str(DEFAULT_DIR))
-    model.set_dtype(mx.float32)
-    plain, _ = mlx_lm.load(str(DEFAULT_DIR))
-    plain.set_dtype(mx.float32)
-    draft, _ = mlx_lm.load(str(DRAFT_DIR))
-    draft.set_dtype(mx.float32)
-    texts = [json.loads(line)["prompt"] for line in open(DEFAULT_DIR / "prompts.jsonl")]
+    model, tok, plain, draft, texts = float32_models(DEFAULT_DIR)
     all_ways = ways(draft)
     taus = taus_against_mlx_lm(model, tok, plain, texts, args.max_tokens, all_ways)
     for name, settings in all_ways.items():

@@ -129,7 +129,8 @@ def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -
         help="How long the --draft-model's chains are: 'constant', --num-draft-tokens each "
         "(as mlx-lm), or 'heuristic', transformers' num_assistant_tokens_schedule: 2 longer "
         "after a step that accepted every draft, 1 shorter after one that did not, from 1 up "
-        "to --num-draft-tokens. Default: constant"
+        "to --num-draft-tokens (give it a longer cap than a fixed chain's, e.g. 8). Default: "
+        "constant"
         + ("; a request's 'draft_schedule' overrides it (such requests are decoded one at a "
            "time)" if per_request else ""),
     )  # fmt: skip
@@ -298,8 +299,14 @@ DRAFT_MODEL_TOKENS = 3
 
 def load_draft_model(args, tokenizer):
     """The ``--draft-model`` (``None`` without one), refused when its tokenizer's
-    vocabulary size differs from the model's, as ``mlx_lm.generate`` refuses it."""
+    vocabulary size differs from the model's, as ``mlx_lm.generate`` refuses it;
+    ``--draft-schedule heuristic`` without one is refused too."""
     if getattr(args, "draft_model", None) is None:
+        if getattr(args, "draft_schedule", None) == "heuristic":
+            raise ValueError(
+                "--draft-schedule heuristic sets how long the --draft-model's chains are: pass "
+                "--draft-model DIR (without one, drafts come from the model or prompt lookup)."
+            )
         return None
     from mlx_lm import load as mlx_lm_load
 

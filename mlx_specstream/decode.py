@@ -821,8 +821,9 @@ def spec_generate_step(
           (transformers' ``num_assistant_tokens_schedule``). ``"constant"`` (the default):
           ``num_draft_tokens`` each. ``"heuristic"``: the first ``num_draft_tokens``
           long, then 2 longer after a step that accepted all its drafts and 1 shorter
-          after one that did not, between 1 and ``num_draft_tokens``
-          (:mod:`mlx_specstream.draft_schedule`); a grown tree's depth follows it too.
+          after one that did not, between 1 and ``num_draft_tokens`` (give it a longer cap
+          than a fixed chain's, e.g. 8; :mod:`mlx_specstream.draft_schedule`); a grown
+          tree's depth follows it too.
         kv_bits, kv_group_size, quantized_kv_start, max_kv_size: mlx-lm's
           KV-cache options. ``kv_bits`` converts the cache at the moments
           mlx-lm does (greedy output equals mlx-lm's with the same options).

@@ -823,6 +823,12 @@ class Handler(BaseHTTPRequestHandler):
                     "recurrent layers, with no lookup merged in; pass 'streams' or 'ngram'",
                     "draft",
                 )
+            if args["draft_schedule"] == "heuristic" and self.service.draft_model is None:
+                raise RequestError(
+                    "'draft_schedule'='heuristic' sets how long a draft model's chains are; this "
+                    "server has no --draft-model",
+                    "draft_schedule",
+                )
             if args["draft"] == "streams+ngram" and self.service.draft_model is not None:
                 raise RequestError(
                     "'draft'='streams+ngram': this server drafts with its --draft-model; 'ngram' "

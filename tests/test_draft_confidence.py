@@ -10,9 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_hybrid, tiny_model
-from test_draft_model import PROMPT, noisy_copy, sampled_pair, write_model
+from test_draft_model import PROMPT, generate_cli_gives, noisy_copy, sampled_pair
 
-import mlx_specstream.decode as decode
 import mlx_specstream.draft_model as draft_model_mod
 import mlx_specstream.recurrent as recurrent
 
@@ -158,20 +157,6 @@ def test_bad_values_and_settings_no_chain_takes_are_refused():
 def test_the_generate_cli_forwards_the_flag(tmp_path, capsys, monkeypatch):
     """``--draft-confidence`` reaches the draft model's chains (output identical to plain
     decoding, the generator given the value)."""
-    import importlib
-
-    gen_mod = importlib.import_module("mlx_specstream.generate")
-    base = write_model(tmp_path / "base")
-    small = write_model(tmp_path / "small", seed=3)
-    given, real = [], decode.spec_generate_step
-
-    def recording(*args, **kwargs):
-        given.append(kwargs.get("draft_confidence"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gen_mod, "spec_generate_step", recording)
-    gen_mod.main(["--model", str(base), "--draft-model", str(small), "--prompt", "t4 t8 t15",
-                  "--max-tokens", "12", "--compare-plain", "--ignore-chat-template",
-                  "--num-draft-tokens", "5", "--draft-confidence", "0.5"])  # fmt: skip
-    assert "Output identical to plain decoding: yes" in capsys.readouterr().out
+    flags = ["--num-draft-tokens", "5", "--draft-confidence", "0.5"]
+    given = generate_cli_gives(tmp_path, capsys, monkeypatch, flags, "draft_confidence")
     assert 0.5 in given

@@ -80,18 +80,45 @@ def test_prompt_lookup_merged_in_equals_plain_and_saves_passes(arch):
         assert both[-1][3] < min(alone[-1][3], lookup[-1][3]), (both[-1], alone[-1], lookup[-1])
 
 
-@pytest.mark.parametrize("draft", [None, "ngram"])
-def test_negative_control_unchecked_drafts_break_equality(monkeypatch, draft):
-    """Accepting the first child without checking it: the equality test fails."""
-    real = decode._accept
+def accept_first_child(real):
+    """``decode._accept`` (``real``) that also takes the root's first child unchecked: the
+    equality tests' control."""
 
-    def accept_first_child(tokens, parents, ancestors, targets, depth):
+    def accept(tokens, parents, ancestors, targets, depth):
         _, last = real(tokens, parents, ancestors, targets, depth)
         return None, mx.maximum(last, mx.array(1 if tokens.size > 1 else 0))
 
+    return accept
+
+
+def generate_cli_gives(tmp_path, capsys, monkeypatch, flags, key):
+    """Runs the generate CLI with ``--compare-plain`` on a tiny pair (``--draft-model``) with
+    ``flags``; checks its output equals plain decoding, and returns the values of the
+    generator's keyword ``key`` it was called with."""
+    import importlib
+
+    gen_mod = importlib.import_module("mlx_specstream.generate")  # (the module, not the function)
+    base = write_model(tmp_path / "base")
+    small = write_model(tmp_path / "small", seed=3)
+    given, real = [], decode.spec_generate_step
+
+    def recording(*args, **kwargs):
+        given.append(kwargs.get(key))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "spec_generate_step", recording)
+    gen_mod.main(["--model", str(base), "--draft-model", str(small), "--prompt", "t4 t8 t15",
+                  "--max-tokens", "12", "--compare-plain", "--ignore-chat-template", *flags])  # fmt: skip
+    assert "Output identical to plain decoding: yes" in capsys.readouterr().out
+    return given
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_negative_control_unchecked_drafts_break_equality(monkeypatch, draft):
+    """Accepting the first child without checking it: the equality test fails."""
     base = tiny_model("llama")
     ref = plain_greedy(base, PROMPT, 32)
-    monkeypatch.setattr(decode, "_accept", accept_first_child)
+    monkeypatch.setattr(decode, "_accept", accept_first_child(decode._accept))
     toks, _ = spec_tokens(base, PROMPT, 32, draft_model=tiny_model("llama", seed=5), draft=draft)
     assert toks != ref
 

@@ -7,10 +7,10 @@ long as the rule says from the steps before it (a constant schedule fails that c
 greedy output equals plain decoding (with a control that fails); drawn chains keep the
 distribution; the CLI forwards the flag; bad values are refused."""
 
-import mlx.core as mx
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_hybrid, tiny_model
-from test_draft_model import PROMPT, noisy_copy, sampled_pair, write_model
+from test_draft_model import PROMPT, accept_first_child, generate_cli_gives, noisy_copy
+from test_draft_model import sampled_pair
 
 import mlx_specstream.decode as decode
 import mlx_specstream.draft_model as draft_model_mod
@@ -104,15 +104,9 @@ def test_negative_control_constant_chains_fail_the_rule_check(monkeypatch):
 def test_negative_control_an_unchecked_draft_breaks_equality(monkeypatch):
     """Accepting the first child without checking it, under the schedule: the
     equality test fails."""
-    real = decode._accept
-
-    def accept_first_child(tokens, parents, ancestors, targets, depth):
-        _, last = real(tokens, parents, ancestors, targets, depth)
-        return None, mx.maximum(last, mx.array(1 if tokens.size > 1 else 0))
-
     base = tiny_model("llama")
     ref = plain_greedy(base, PROMPT, 32)
-    monkeypatch.setattr(decode, "_accept", accept_first_child)
+    monkeypatch.setattr(decode, "_accept", accept_first_child(decode._accept))
     toks, _ = spec_tokens(base, PROMPT, 32, draft_model=noisy_copy(scale=0.05),
                           num_draft_tokens=6, draft_schedule="heuristic")  # fmt: skip
     assert toks != ref
@@ -196,21 +190,12 @@ def test_bad_values_are_refused():
 
 def test_the_generate_cli_forwards_the_flag(tmp_path, capsys, monkeypatch):
     """``--draft-schedule heuristic`` reaches the generator (output identical to plain
-    decoding)."""
+    decoding); without ``--draft-model`` it is refused, naming both flags."""
     import importlib
 
-    gen_mod = importlib.import_module("mlx_specstream.generate")
-    base = write_model(tmp_path / "base")
-    small = write_model(tmp_path / "small", seed=3)
-    given, real = [], decode.spec_generate_step
-
-    def recording(*args, **kwargs):
-        given.append(kwargs.get("draft_schedule"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gen_mod, "spec_generate_step", recording)
-    gen_mod.main(["--model", str(base), "--draft-model", str(small), "--prompt", "t4 t8 t15",
-                  "--max-tokens", "12", "--compare-plain", "--ignore-chat-template",
-                  "--num-draft-tokens", "5", "--draft-schedule", "heuristic"])  # fmt: skip
-    assert "Output identical to plain decoding: yes" in capsys.readouterr().out
-    assert "heuristic" in given
+    flags = ["--num-draft-tokens", "5", "--draft-schedule", "heuristic"]
+    assert "heuristic" in generate_cli_gives(tmp_path, capsys, monkeypatch, flags, "draft_schedule")
+    gen_mod = importlib.import_module("mlx_specstream.generate")  # (the module, not the function)
+    with pytest.raises(ValueError, match="--draft-schedule heuristic sets how long the --draft"):
+        gen_mod.main(["--model", str(tmp_path / "base"), "--prompt", "t4", "--draft", "ngram",
+                      "--draft-schedule", "heuristic"])  # fmt: skip

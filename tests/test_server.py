@@ -195,6 +195,9 @@ def post(url, body: bytes):
         (json.dumps({"prompt": "t1", "stop": 5}).encode(), "stop"),
         (json.dumps({"prompt": [1, 99999]}).encode(), "prompt"),
         (json.dumps({"prompt": "t1", "acceptance": "typical"}).encode(), "acceptance"),
+        (json.dumps({"prompt": "t1", "draft_schedule": "fast"}).encode(), "draft_schedule"),
+        # (no --draft-model here: its chains' schedule has nothing to set)
+        (json.dumps({"prompt": "t1", "draft_schedule": "heuristic"}).encode(), "draft_schedule"),
         (json.dumps({"prompt": "t1", "xtc_threshold": 0.7}).encode(), "xtc_threshold"),
         (json.dumps({"prompt": "t1", "presence_penalty": "x"}).encode(), "presence_penalty"),
         (
