@@ -97,6 +97,16 @@ def counts(model, tok, texts, max_tokens: int, settings: dict) -> dict:
     return dict(draft_passes=sum(calls) / tokens, drafts_per_pass=sum(launched) / len(launched))
 
 
+def tau_table(taus: dict) -> list:
+    """The markdown table of each way's tau, drafts per pass, draft passes per token and
+    whether its outputs equal mlx-lm's."""
+    lines = ["| way | tau | drafts per pass | draft passes per token | identical to mlx-lm |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    return lines + [f"| {n} | {v['tau']:.3f} | {v['drafts_per_pass']:.2f} | "
+                    f"{v['draft_passes']:.2f} | {'yes' if v['identical'] else 'no'} |"
+                    for n, v in taus.items()]  # fmt: skip
+
+
 def float32_models(source):
     """``source`` loaded as ours (streams or drafter attached) and as mlx-lm's plain model,
     the embedded draft model and the default model's held-out prompts; float32."""
@@ -139,11 +149,8 @@ def main():
         taus[name].update(counts(model, tok, texts, args.max_tokens, settings))
     lines = [heading(f"{what} cut where the drafter is unsure", info), "",
              f"`{info['command']}`: {who}, the default model's {len(texts)} held-out prompts, "
-             f"greedy, float32, {args.max_tokens} tokens.", "",
-             "| way | tau | drafts per pass | draft passes per token | identical to mlx-lm |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {n} | {v['tau']:.3f} | {v['drafts_per_pass']:.2f} | {v['draft_passes']:.2f} | "
-              f"{'yes' if v['identical'] else 'no'} |" for n, v in taus.items()]  # fmt: skip
+             f"greedy, float32, {args.max_tokens} tokens.", ""]  # fmt: skip
+    lines += tau_table(taus)
     prompts = [tok.encode(t) for t in texts[: args.speed_prompts]]
     tps = speeds(model, plain, draft, prompts, args.max_tokens, all_ways, args.rounds)
     base, dm = tps["mlx-lm plain"], tps["mlx-lm draft model (3)"]

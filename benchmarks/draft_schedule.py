@@ -19,7 +19,7 @@ Writes ``benchmarks/results/draft_schedule[-TAG].{md,json}``.
 
 import argparse
 
-from draft_confidence import counts, float32_models
+from draft_confidence import counts, float32_models, tau_table
 from dynamic_trees import speeds
 from mtp_trained import taus_against_mlx_lm
 from report import heading, machine_info, write_results
@@ -66,11 +66,8 @@ def main():
     lines = [heading("A draft model's chains under transformers' heuristic schedule", info), "",
              f"`{info['command']}`: the embedded draft model for the embedded base (streams "
              f"off), the default model's {len(texts)} held-out prompts, greedy, float32, "
-             f"{args.max_tokens} tokens.", "",
-             "| way | tau | drafts per pass | draft passes per token | identical to mlx-lm |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {n} | {v['tau']:.3f} | {v['drafts_per_pass']:.2f} | {v['draft_passes']:.2f} | "
-              f"{'yes' if v['identical'] else 'no'} |" for n, v in taus.items()]  # fmt: skip
+             f"{args.max_tokens} tokens.", ""]  # fmt: skip
+    lines += tau_table(taus)
     prompts = [tok.encode(t) for t in texts[: args.speed_prompts]]
     tps = {"greedy": speeds(model, plain, draft, prompts, args.max_tokens, all_ways, args.rounds)}
     lines += speed_table(tps["greedy"], f"Greedy tokens/s on the first {len(prompts)} prompts, "

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_hybrid, tiny_model
-from test_draft_model import PROMPT, generate_cli_gives, noisy_copy, sampled_pair
+from test_draft_model import PROMPT, drawn_chains, generate_cli_gives, noisy_copy
 
 import mlx_specstream.draft_model as draft_model_mod
 import mlx_specstream.recurrent as recurrent
@@ -114,27 +114,10 @@ def test_drawn_chains_keep_the_distribution(monkeypatch):
     """Rejection sampling over a draft model's drawn chains cut by its confidence keeps
     the model's distribution (chi-square); the cut reads the draft model only, and cuts
     some chains (after one level) but not all (two)."""
-    from chi_square import chi_square_pvalue
-    from test_sampling import exact_distribution, sample_counts
-
-    from mlx_specstream.sample_utils import make_sampler
-
-    base, draft = sampled_pair()
-    lengths, real = [], draft_model_mod.DraftModel._draft
-
-    def recording(self, *args):
-        out = real(self, *args)
-        lengths.append(self.drafted)
-        return out
-
-    monkeypatch.setattr(draft_model_mod.DraftModel, "_draft", recording)
-    sampler = make_sampler(temp=1.0)
     # (vocabulary 6: at 0.3 about one chain in seven stops after its first level)
-    counts = sample_counts(base, sampler, 1000, acceptance="rejection", draft_model=draft,
-                           num_draft_tokens=3, draft_confidence=0.3)  # fmt: skip
-    p = chi_square_pvalue(counts, exact_distribution(base, sampler), 1000)
+    p, lengths = drawn_chains(monkeypatch, 1000, num_draft_tokens=3, draft_confidence=0.3)
     assert p > 1e-3, f"chi-square p = {p:.2e}"
-    assert {1, 2} <= set(lengths)
+    assert {1, 2} <= lengths
 
 
 def test_bad_values_and_settings_no_chain_takes_are_refused():

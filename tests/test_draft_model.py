@@ -239,6 +239,30 @@ def sampled_pair():
     return tiny_model("llama", **kw), tiny_model("llama", seed=3, **kw)
 
 
+def drawn_chains(monkeypatch, n, **kwargs):
+    """Chi-square p-value of ``n`` rejection-sampled generations of the sampling pair
+    (temperature 1, 3 tokens, the draft model's options ``kwargs``) against the model's
+    exact distribution, and the set of lengths of the chains the draft model drew."""
+    from chi_square import chi_square_pvalue
+    from test_sampling import exact_distribution, sample_counts
+
+    import mlx_specstream.draft_model as draft_model_mod
+    from mlx_specstream.sample_utils import make_sampler
+
+    base, draft = sampled_pair()
+    lengths, real = set(), draft_model_mod.DraftModel._draft
+
+    def recording(self, *args):
+        out = real(self, *args)
+        lengths.add(self.drafted)
+        return out
+
+    monkeypatch.setattr(draft_model_mod.DraftModel, "_draft", recording)
+    sampler = make_sampler(temp=1.0)
+    counts = sample_counts(base, sampler, n, acceptance="rejection", draft_model=draft, **kwargs)
+    return chi_square_pvalue(counts, exact_distribution(base, sampler), n), lengths
+
+
 def draft_model_pvalue(n):
     """Chi-square p-value of ``n`` rejection-sampled generations with a draft model
     against the model's exact distribution (vocabulary of 6, 3 tokens)."""

@@ -9,8 +9,8 @@ distribution; the CLI forwards the flag; bad values are refused."""
 
 import pytest
 from helpers import plain_greedy, spec_tokens, tiny_hybrid, tiny_model
-from test_draft_model import PROMPT, accept_first_child, generate_cli_gives, noisy_copy
-from test_draft_model import sampled_pair
+from test_draft_model import PROMPT, accept_first_child, drawn_chains, generate_cli_gives
+from test_draft_model import noisy_copy
 
 import mlx_specstream.decode as decode
 import mlx_specstream.draft_model as draft_model_mod
@@ -153,28 +153,11 @@ def test_hybrid_chains_follow_the_rule():
 
 def test_drawn_chains_keep_the_distribution(monkeypatch):
     """Rejection sampling over a draft model's drawn chains whose lengths follow the
-    schedule keeps the model's distribution (chi-square, 3 tokens, chains up to 3 after
-    a chain of 1 or 2); lengths vary."""
-    from chi_square import chi_square_pvalue
-    from test_sampling import exact_distribution, sample_counts
-
-    from mlx_specstream.sample_utils import make_sampler
-
-    base, draft = sampled_pair()
-    lengths, real = [], draft_model_mod.DraftModel._draft
-
-    def recording(self, *args):
-        out = real(self, *args)
-        lengths.append(self.drafted)
-        return out
-
-    monkeypatch.setattr(draft_model_mod.DraftModel, "_draft", recording)
-    sampler = make_sampler(temp=1.0)
-    counts = sample_counts(base, sampler, 1000, acceptance="rejection", draft_model=draft,
-                           num_draft_tokens=2, draft_schedule="heuristic")  # fmt: skip
-    p = chi_square_pvalue(counts, exact_distribution(base, sampler), 1000)
+    schedule keeps the model's distribution (chi-square, 3 tokens, chains up to 2);
+    lengths vary."""
+    p, lengths = drawn_chains(monkeypatch, 1000, num_draft_tokens=2, draft_schedule="heuristic")
     assert p > 1e-3, f"chi-square p = {p:.2e}"
-    assert {1, 2} <= set(lengths)
+    assert {1, 2} <= lengths
 
 
 def test_bad_values_are_refused():
