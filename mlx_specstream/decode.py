@@ -415,7 +415,8 @@ class Decoder:
     def _observe(self, path: List[int]) -> None:
         """A draft model's ``draft_schedule`` learns how many of the levels it drafted
         for this step were accepted (``path``: the accepted nodes, root first)."""
-        if self.draft_model is not None and self.verified:
+        if self.draft_model is not None and self.verified:  # (a path down a merged lookup
+            # chain counts as deep as it goes, up to the draft model's levels)
             self.draft_model.length.update(min(len(path) - 1, self.verified), self.verified)
         self.verified = 0
 
