@@ -73,9 +73,9 @@ def draft_vocab_value(value: str):
 
 def add_draft_args(parser: argparse.ArgumentParser, per_request: bool = False) -> None:
     """``--draft``, ``--draft-model``, ``--num-draft-tokens``, ``--ngram-candidates``,
-    ``--draft-confidence``, ``--draft-schedule`` and ``--no-speculation``; for one generation (not a server's
-    requests) also ``--tree-top-k``, ``--tree-depth``, ``--max-tree-nodes`` and
-    ``--dynamic-tree``."""
+    ``--draft-confidence``, ``--draft-schedule`` and ``--no-speculation``; for one
+    generation (not a server's requests) also ``--tree-top-k``, ``--tree-depth``,
+    ``--max-tree-nodes`` and ``--dynamic-tree``."""
     scope = "Default of a request's 'draft' field: " if per_request else ""
     parser.add_argument(
         "--draft",
@@ -235,8 +235,8 @@ def load_model(args, tokenizer_config: Optional[Dict[str, Any]] = None):
 # The flags that say how to draft: a call that gives one decodes as its flags say, never
 # with a tuning stored for the model (with_stored_tuning).
 DRAFTING_FLAGS = ("draft", "num_draft_tokens", "ngram_candidates", "draft_confidence",
-                  "draft_schedule", "no_speculation", "tree_top_k", "tree_depth", "max_tree_nodes", "dynamic_tree",
-                  "num_mtp_layers", "draft_vocab")  # fmt: skip
+                  "draft_schedule", "no_speculation", "tree_top_k", "tree_depth", "max_tree_nodes",
+                  "dynamic_tree", "num_mtp_layers", "draft_vocab")  # fmt: skip
 
 
 def tuning_key(args) -> Dict[str, Any]:

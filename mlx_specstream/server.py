@@ -961,8 +961,8 @@ def make_server(
     ``defaults`` (those of the command's flags when not given): ``max_tokens`` (512),
     ``temp`` (0.0), ``top_p`` (1.0), ``top_k`` (0), ``min_p`` (0.0), ``draft`` (None),
     ``num_draft_tokens`` (None), ``ngram_candidates`` (None), ``draft_confidence`` (None),
-    ``draft_schedule`` (None) and ``no_speculation`` (False: ``speculative`` true) of a request; ``chat_template_args`` ({}) for every chat
-    template; ``prefill_step_size``
+    ``draft_schedule`` (None) and ``no_speculation`` (False: ``speculative`` true) of a
+    request; ``chat_template_args`` ({}) for every chat template; ``prefill_step_size``
     (2048), ``kv_bits`` (None), ``kv_group_size`` (64) and ``quantized_kv_start``
     (5000), as in mlx-lm; ``prompt_cache_size`` (10 entries, 0: no prompt cache),
     ``prompt_cache_bytes`` (None: no byte limit); ``allowed_origins`` (``["*"]``);

@@ -545,9 +545,9 @@ def tune_draft_model(
 
     Returns:
         tuple: the choice (``{"num_draft_tokens": n}``, with ``draft_confidence`` for a
-        cut chain, ``draft_schedule`` for a scheduled one, ``tree_top_k``, ``max_tree_nodes``, ``dynamic_tree`` for a tree and
-        ``draft: "ngram"`` for lookup merged in; or ``{"tree_depth": 0}``), its tokens/s and
-        plain decoding's.
+        cut chain, ``draft_schedule`` for a scheduled one, ``tree_top_k``,
+        ``max_tree_nodes``, ``dynamic_tree`` for a tree and ``draft: "ngram"`` for lookup
+        merged in; or ``{"tree_depth": 0}``), its tokens/s and plain decoding's.
     """
 
     def measure(model, tokenizer, prompts, max_tokens, **settings):
