@@ -293,6 +293,31 @@ def test_carry_to_a_machine_that_kept_nothing(smoke_build, tmp_path):
     assert order.index("parallelspec drafter") < order.index("convert shared")
 
 
+def test_a_later_session_trains_on_the_base_the_package_shipped(smoke_build, tmp_path):
+    """Only the committed tree outlives a session: the next one restores the base and its
+    tokenizer from the shipped package (``convert.from_package``) and trains there. The
+    restored base is the package's weights, and a draft model and a fine-tune train from it."""
+    tmp, _, _ = smoke_build
+    package, work = tmp / "models" / "default", tmp_path / "work"
+    done = subprocess.run([sys.executable, "-m", "convert.from_package", str(package), str(work)],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    restored, shipped = _tensors(work / "base" / "model"), _tensors(package)
+    assert restored.keys() == shipped.keys()
+    assert all(torch.equal(restored[k], shipped[k]) for k in shipped)
+    src = next(iter(json.loads((tmp / "work" / "corpus" / "manifest.json").read_text())["roots"]))
+    stages = "corpus,held-out sample,draft model,shared-mode fine-tune"
+    cmd = [sys.executable, "-m", "convert.build_default_model", "--recipe", "smoke",
+           "--work", str(work), "--root", src, "--no-tune", "--only", stages]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ran = [line for line in _stage_lines(done.stdout) if line.startswith("[stage]")]
+    assert ran == [f"[stage] {s}" for s in stages.split(",")]
+    draft = json.loads((work / "draft" / "model" / "config.json").read_text())
+    assert draft["vocab_size"] == json.loads((package / "config.json").read_text())["vocab_size"]
+    assert (work / "ss-shared" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_a_different_corpus_is_refused_after_carrying(smoke_build, tmp_path):
     from convert.carry import collect, restore
 
