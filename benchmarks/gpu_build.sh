@@ -15,25 +15,31 @@
 # warm machine keeps what earlier runs restored. Stages that convert or measure need MLX:
 # run .gpu/bin/install.sh first (../shared/gpu/README.md).
 #
-# The plan (H100 throughput of ../shared/gpu/README.md; each run under 10 minutes; every run
-# after the first also carries the latest `top`, whose corpus digest the rebuilt corpus must
-# match). Runs 1-5 need PyTorch alone (tests/test_build.py imports them with MLX blocked):
-#   1. "tokenizer" 1 top,tokenizer                                             carry: -
-#      (corpus and tokenizer, about 2 minutes, so that the base gets a run of its own)
-#   1b. "base model,base round trip" 8.5 top,base       carry: tokenizer (8.5 min x 652k
-#      tokens/s = 332M tokens; on a warm machine right after run 1 nothing needs restoring)
-#   2. "draft model,draft round trip,self-distilled train data,self-distilled eval data"
-#      2 top,draft,distilled                                     carry: base, tokenizer
-#   3. "shared-mode fine-tune" 7 top,ss-shared                    carry: base, tokenizer
-#   4. "lossless-mode fine-tune,shared-mode control fine-tune" 4 top,ss-lossless,ss-control
-#                                                      carry: base, tokenizer, distilled
-#   5. "medusa drafter,parallelspec drafter" 4 top,medusa,parallelspec
-#                                                      carry: base, tokenizer, distilled
-#   then MLX's three install runs; the conversions, quality and choice.json in runs that
-#   each carry the base and a few items (all of them exceed 64 MiB); then the speeds:
+# Between sessions nothing survives but the committed tree (runs/ is not committed, and a
+# 32M base is too large to commit beside the package), and a session has 15 minutes of
+# device time in all (machine start included). The build therefore spans sessions through
+# the package itself: the first session ships the new default (base and lossless streams),
+# and later ones restore the base from it (FROM_PACKAGE=1: convert.from_package writes
+# base/ and tokenizer/ from mlx_specstream/models/default, without MLX) and train the rest.
+# Sizes: benchmarks/results/package_budget-code-s60.md (a 4-bit base fits the 30 MB tree
+# without a draft model, a 3-bit base with a 4-bit one). The plan (H100 throughput of
+# ../shared/gpu/README.md; each call under 10 minutes; a warm machine keeps runs/ between
+# the calls of one session):
+#   session 1, call 1: "tokenizer,base model,base round trip" 6.5 top,tokenizer,base
+#      (corpus and tokenizer about 1-2 minutes, then 6.5 min x 652k tokens/s = 254M tokens)
+#   session 1, call 2: "self-distilled train data,self-distilled eval data,lossless-mode
+#      fine-tune" 1.5 top,ss-lossless,distilled     (nothing to carry: the machine is warm)
+#   here: convert (the recipe's bits), quality, held-out prompts, tune, ship; commit
+#   session 2: FROM_PACKAGE=1, "draft model,shared-mode fine-tune" 3 top,draft,ss-shared;
+#      then "shared-mode control fine-tune" ... as the session's minutes allow
+#   session 3: FROM_PACKAGE=1, "self-distilled train data,medusa drafter,parallelspec
+#      drafter"; then MLX's install runs and the speeds:
 #   python3 benchmarks/compare_drafters.py --work runs/code --recipe code --dtype bfloat16
 #   (and float32 with MLX_ENABLE_TF32=0), python3 -m mlx_specstream.benchmark --model
 #   runs/code/mlx/lossless --draft-model runs/code/mlx/draft --prompts runs/code/prompts.jsonl
+# Items a session's later stages need that are not in the package (draft, distilled, an
+# adapter) come back under $OUT and, where they must outlive the session, are committed
+# only if the tree stays within 30 MB.
 # A CPU dry run of the same plumbing: RECIPE=smoke BUILD_ARGS="--root stdlib:DIR" OUT=... .
 set -euo pipefail
 stages=${1:?"STAGES: the stages to run, comma-separated"}
@@ -46,6 +52,9 @@ carried=${CARRIED:-runs/carry}
 python=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
+if [ "${FROM_PACKAGE:-0}" = 1 ] && [ ! -e "$work/base" ]; then  # (a warm machine has it)
+  "$python" -m convert.from_package "${PACKAGE:-mlx_specstream/models/default}" "$work"
+fi
 if [ -n "$(find "$carried" -name '*.carry.json' 2>/dev/null | head -1)" ]; then
   "$python" -m convert.carry restore "$carried" "$work"
 fi

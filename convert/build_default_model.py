@@ -461,7 +461,7 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
         w / "mlx" / "draft",
         lambda: run(
             "mlx_lm", "convert", "--hf-path", w / "draft" / "model",
-            "--mlx-path", w / "mlx" / "draft", "--dtype", "bfloat16",
+            "--mlx-path", w / "mlx" / "draft", *r.draft_convert,
         ),
         work=w,
     )  # fmt: skip

@@ -68,8 +68,29 @@ def test_cpu_sibling_is_the_code_recipe_smaller():
     assert (CODE_CPU.corpus, CODE_CPU.tokenizer) == (CODE.corpus, CODE.tokenizer)
     base, draft = _parameters(CODE_CPU.base, vocab), _parameters(CODE_CPU.draft, vocab)
     assert draft < base / 2 and base < _parameters(CODE.base, vocab) / 3
-    assert (base + draft) * 2 / 1e6 < CODE_CPU.ship_limit_mb - 1  # 1 MB for the streams
-    assert "--quantize" not in CODE_CPU.convert and CODE_CPU.quality_prompts == 50
+    assert CODE_CPU.quality_prompts == 50
+
+
+def test_every_recipe_s_package_fits_the_tree():
+    """What each recipe ships, counted from its architectures before any training
+    (convert.package_size), stays within its ship limit, and the limit within the 30 MB
+    tree beside the tree's other files. The count matches the shipped package's files;
+    control: the code recipe as it stood before session 60 (a 4-bit base, a bfloat16 draft
+    model) does not fit."""
+    from dataclasses import replace
+
+    from convert.package_size import OTHER_FILES_MB, TREE_MB, shipped_bytes
+
+    for r in RECIPES.values():
+        assert shipped_bytes(r)["total"] / 1e6 <= r.ship_limit_mb <= TREE_MB - OTHER_FILES_MB
+    models = ROOT / "mlx_specstream" / "models"
+    tokenizer = sum((models / "default" / f).stat().st_size
+                    for f in ("tokenizer.json", "tokenizer_config.json"))  # fmt: skip
+    files = sum(f.stat().st_size for f in models.rglob("*") if f.is_file())
+    counted = shipped_bytes(RECIPES["stdlib"], tokenizer)["total"]
+    assert 0.99 * files < counted <= files  # (configs and prompts are not counted)
+    before = replace(CODE, convert=("--quantize", "--q-bits", "4"), draft_convert=())
+    assert shipped_bytes(before)["total"] / 1e6 > 30
 
 
 def test_every_recipe_names_known_flags():
