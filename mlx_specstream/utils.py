@@ -163,6 +163,7 @@ def load(
     allow_plain: bool = False,
     num_mtp_layers: Optional[int] = None,
     draft_vocab: Union[None, bool, str, Path] = None,
+    dequantize: bool = False,
 ) -> Union[Tuple[nn.Module, Any], Tuple[nn.Module, Any, Dict[str, Any]]]:
     """Loads a model with speculative streams (or another drafter) and its tokenizer.
 
@@ -202,6 +203,12 @@ def load(
           its tokens, which costs less a level on a large vocabulary and stays
           lossless. Default (``None``): the drafter directory's own
           ``draft_vocab.safetensors``, if it has one. ``False``: every token.
+        dequantize (bool): load a quantized base's layers as float matrices (the values
+          ``mx.dequantize`` gives) before any drafter attaches, as
+          ``mlx_lm.utils.dequantize_model`` does: where MLX's quantized matmuls are slow
+          (its CPU backend: 10x slower than float32 on the embedded model). The model
+          decoded is then the dequantized one. Default: ``False`` (the embedded model:
+          dequantized on a CPU).
 
     Returns:
         tuple: ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with
@@ -218,12 +225,20 @@ def load(
         from .default_model import load_default
 
         loaded = load_default(
-            drafter, return_config=return_config, draft_vocab=draft_vocab, **mlx_lm_args
-        )
+            drafter, return_config=return_config, draft_vocab=draft_vocab,
+            dequantize=dequantize or None, **mlx_lm_args,
+        )  # fmt: skip
         if num_mtp_layers is not None:
             use_mtp_layers(loaded[0], num_mtp_layers)
         return loaded
+    from mlx_lm.utils import dequantize_model
     from mlx_lm.utils import load as mlx_lm_load
+
+    def base_load(path):
+        model, tokenizer, config = mlx_lm_load(str(path), return_config=True, **mlx_lm_args)
+        if dequantize:  # (before a drafter's hooks take the layers as they are)
+            dequantize_model(model)
+        return model, tokenizer, config
 
     def finish(model, tokenizer, config):
         _use_draft_vocab(model, source, draft_vocab)
@@ -245,7 +260,7 @@ def load(
                 f"num_mtp_layers={num_mtp_layers}: {source} holds {name} drafter, not MTP layers"
             )
         _refuse_shared_base(model_path, source)
-        model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
+        model, tokenizer, config = base_load(model_path)
         # (Medusa heads quantized as the base is, as a checkpoint's MTP layers are)
         quantized = {"quantization": config.get("quantization")} if attach is attach_medusa else {}
         attach(model, source, **quantized)
@@ -253,7 +268,7 @@ def load(
     if is_plain(source) and has_mtp_weights(source):  # the checkpoint's own MTP layer
         if drafter is not None:
             _check_drafter_base(model_path, source)
-        model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
+        model, tokenizer, config = base_load(model_path)
         attach_mtp(model, source, mtp_config(source, num_mtp_layers, shapes),
                    quantization=config.get("quantization"), shapes=shapes)  # fmt: skip
         return finish(model, tokenizer, config)
@@ -263,7 +278,7 @@ def load(
             "its own, no MTP tensors in its safetensors)"
         )
     if allow_plain and drafter is None and is_plain(model_path):
-        model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
+        model, tokenizer, config = base_load(model_path)
         if chains_only(model):  # (chains through its own passes, without the verifier)
             split_recurrent_mixers(model)
         else:
@@ -273,7 +288,7 @@ def load(
     spec = read_stream_config(source).for_device(device_key())
     if drafter is not None:
         _check_drafter_base(model_path, source)
-    model, tokenizer, config = mlx_lm_load(str(model_path), return_config=True, **mlx_lm_args)
+    model, tokenizer, config = base_load(model_path)
     _attach(model, source, spec)
     if num_mtp_layers is not None:
         use_mtp_layers(model, num_mtp_layers)

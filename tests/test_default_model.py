@@ -76,3 +76,39 @@ def test_negative_control_drowned_streams_draft_badly(default):
         )
         taus.append(len(toks) / records[-1][3])
     assert sum(taus) / len(taus) < TAU_BAR, taus
+
+
+def test_a_quantized_default_runs_dequantized_in_float32_on_a_cpu(tmp_path, monkeypatch):
+    """The code recipe ships its base quantized; on a CPU it runs as its weights dequantized
+    (bit for bit mx.dequantize's), in float32, and still decodes as plain decoding does.
+    Control: the same weights dequantized at 3 bits differ."""
+    import shutil
+
+    import mlx.nn as nn
+    import mlx_lm
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    import mlx_specstream.default_model as default_model
+
+    quantized, config = mlx_lm.utils.load_model(DEFAULT_DIR, lazy=False, strict=False)
+    quantized, config = quantize_model(quantized, config, 64, 4)
+    copy = tmp_path / "default"
+    save_model(copy, quantized)
+    save_config(config, copy / "config.json")
+    for f in DEFAULT_DIR.iterdir():
+        if f.name not in ("config.json",) and not f.name.startswith("model"):
+            shutil.copy(f, copy / f.name)
+    monkeypatch.setattr(default_model, "DEFAULT_DIR", copy)
+    model, tokenizer = load()
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                   for _, m in model.named_modules())  # fmt: skip
+    q = quantized.model.layers[0].mlp.down_proj
+    want = mx.dequantize(q.weight, q.scales, q.biases, 64, 4).astype(mx.float32)
+    got = model.model.layers[0].mlp.down_proj.weight
+    assert got.dtype == mx.float32 and mx.array_equal(got, want)
+    original = mlx_lm.utils.load_model(DEFAULT_DIR, lazy=False, strict=False)[0]
+    w = original.model.layers[0].mlp.down_proj.weight
+    assert not mx.array_equal(got, mx.dequantize(*mx.quantize(w, 64, 3), 64, 3).astype(got.dtype))
+    prompt = tokenizer.encode(PROMPTS[0])
+    toks, records = spec_tokens(model, prompt, 32, tree_top_k=1, tree_depth=GAMMA)
+    assert toks == plain_greedy(model, prompt, 32) and records[-1][3] < len(toks)

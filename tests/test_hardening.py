@@ -12,7 +12,7 @@ from mlx_specstream.sample_utils import make_sampler
 
 V = 64
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
-LONG = 1536  # six of the KV cache's 256-row growth blocks
+LONG = 800  # past three of the KV cache's 256-row growth blocks
 
 
 def first_difference(got, want):
@@ -43,10 +43,10 @@ def test_long_generations_stay_identical_across_cache_growth(mode, arch, tree):
     assert records[-1][3] < LONG  # drafts were accepted along the way
 
 
-def test_memory_stays_flat_over_50_generations():
+def test_memory_stays_flat_over_20_generations():
     model, tok = tiny_spec_model("llama", vocab_size=V, top_k=2), word_tokenizer(V)
     active = []
-    for i in range(50):
+    for i in range(20):
         generate(model, tok, [t + i % 7 for t in PROMPT], max_tokens=48)
         # Earlier tests' garbage, freed whenever the collector runs, would move
         # the figure: collected first, so what stays is what a generation keeps.
