@@ -143,6 +143,11 @@ def restore(model_dir, work) -> Path:
     config = json.loads(config_file.read_text())
     weights = base_weights(model_dir, config)
     hf_config = {k: v for k, v in config.items() if k not in DROPPED_CONFIG_KEYS}
+    if "lm_head.weight" not in weights:  # (mlx-lm drops a tied head: the embedding is it)
+        if hf_config.get("tie_word_embeddings") is False:
+            raise ValueError(f"{config_file}: tie_word_embeddings is false but the weights have "
+                             "no lm_head.weight")  # fmt: skip
+        hf_config["tie_word_embeddings"] = True
     out = work / "base" / "model"
     out.mkdir(parents=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -165,5 +165,12 @@ def test_bad_packages_are_refused_by_name(package, tmp_path):
     (unquantized / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="without scales"):
         restore(unquantized, tmp_path / "w4")
+    untied = tmp_path / "untied"
+    shutil.copytree(src, untied)
+    config = json.loads((untied / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (untied / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tie_word_embeddings is false but .* no lm_head"):
+        restore(untied, tmp_path / "w6")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         restore(tmp_path / "nowhere", tmp_path / "w5")
