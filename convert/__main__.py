@@ -19,6 +19,13 @@ def setup_arg_parser():
     parser.add_argument("--q-bits", type=int, default=4, help="Bits per weight")
     parser.add_argument("--q-group-size", type=int, default=64, help="Quantization group size")
     parser.add_argument("--revision", default=None, help="Hub revision")
+    parser.add_argument(
+        "--quantized-like",
+        default=None,
+        metavar="DIR",
+        help="An mlx-lm model holding this base quantized (a package the base was restored "
+        "from): its quantized tensors are reused, checked against the base's weights",
+    )
     return parser
 
 
@@ -33,6 +40,7 @@ def main(argv=None):
         q_bits=args.q_bits,
         q_group_size=args.q_group_size,
         revision=args.revision,
+        quantized_like=args.quantized_like,
     )
     print(f"[INFO] wrote {out}")
 

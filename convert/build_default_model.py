@@ -51,6 +51,7 @@ from pathlib import Path
 
 from mlx_specstream.config import CONFIG_KEY, SpecStreamConfig, write_config
 
+from .from_package import PROVENANCE as PACKAGE_RECORD
 from .recipes import RECIPES, STDLIB, Recipe
 from .stage_runner import run_module_as_main
 from .transport import MANIFEST as TRANSPORT_MANIFEST
@@ -297,10 +298,31 @@ def convert_drafters(w: Path, r: Recipe = STDLIB):
             f"convert {kind}",
             w / "mlx" / kind,
             lambda kind=kind: run(
-                "convert", "--hf-path", w / kind, "--mlx-path", w / "mlx" / kind, *r.convert
+                "convert", "--hf-path", w / kind, "--mlx-path", w / "mlx" / kind,
+                *frozen_base_convert(w, r),
             ),
             work=w,
-        )
+        )  # fmt: skip
+
+
+def frozen_base_convert(w: Path, r: Recipe) -> tuple:
+    """The conversion arguments of a model whose base is the frozen base: where the base was
+    restored from a quantized package (``convert.from_package``), that package's quantized
+    tensors (``--quantized-like``) instead of quantizing it anew, so the base stays the
+    shipped one bit for bit."""
+    record = w / "base" / PACKAGE_RECORD
+    if "--quantize" not in r.convert or not record.exists():
+        return tuple(r.convert)
+    skip = {"--quantize", "--q-bits", "--q-group-size"}
+    args, i = [], 0
+    while i < len(r.convert):
+        a = r.convert[i]
+        if a in skip:
+            i += 1 if a == "--quantize" else 2
+            continue
+        args.append(a)
+        i += 1
+    return (*args, "--quantized-like", json.loads(record.read_text())["from"])
 
 
 def sample_eval_files(eval_jsonl: Path, out: Path, n: int):
@@ -447,12 +469,13 @@ def build_models(w: Path, r: Recipe = STDLIB) -> Path:
     if r.drafters:
         train_drafters(w, r)
     for mode in ("shared", "lossless"):
+        args = r.convert if mode == "shared" else frozen_base_convert(w, r)  # (shared: a LoRA)
         stage(
             f"convert {mode}",
             w / "mlx" / mode,
-            lambda mode=mode: run(
+            lambda mode=mode, args=args: run(
                 "convert", "--hf-path", w / f"ss-{mode}", "--mlx-path", w / "mlx" / mode,
-                *r.convert, *_adapter(w / f"ss-{mode}"),
+                *args, *_adapter(w / f"ss-{mode}"),
             ),
             work=w,
         )  # fmt: skip

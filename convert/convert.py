@@ -239,6 +239,44 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=patterns))
 
 
+def quantize_like_package(model, config: dict, package: Path) -> dict:
+    """Quantizes ``model``'s layers as the mlx-lm model in ``package`` stores them, with its
+    very tensors, after checking that each dequantizes to the layer's weight (so the
+    package's base is this one); returns ``config`` with the package's quantization."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    package_config = json.loads((package / "config.json").read_text())
+    section = package_config.get("quantization")
+    if section is None:
+        raise ValueError(f"{package / 'config.json'}: not a quantized model (no quantization)")
+    stored = {}
+    for f in sorted(package.glob("model*.safetensors")):
+        stored.update(mx.load(str(f)))
+    own = dict(tree_flatten(model.parameters()))
+    layers = {}
+    for k in stored:
+        if k.endswith(".scales"):
+            path = k[: -len(".scales")]
+            spec = section.get(path) if isinstance(section.get(path), dict) else section
+            bits, group = int(spec["bits"]), int(spec["group_size"])
+            weight = stored[path + ".weight"]
+            values = mx.dequantize(weight, stored[k], stored[path + ".biases"], group, bits)
+            if path + ".weight" not in own or not mx.array_equal(values, own[path + ".weight"]):
+                raise ValueError(
+                    f"{package}: {path}.weight does not dequantize to this model's weight: "
+                    "the package holds another base (or this one was fine-tuned)"
+                )
+            layers[path] = {"bits": bits, "group_size": group}
+    nn.quantize(model, class_predicate=lambda path, m: layers.get(path, False))
+    model.load_weights([(k, v) for k, v in stored.items() if k.rsplit(".", 1)[0] in layers],
+                       strict=False)  # fmt: skip
+    for key in ("quantization", "quantization_config"):
+        if key in package_config:
+            config[key] = package_config[key]
+    return config
+
+
 def convert(
     hf_path: str,
     mlx_path: Union[str, Path],
@@ -248,6 +286,7 @@ def convert(
     q_bits: int = 4,
     q_group_size: int = 64,
     revision: Optional[str] = None,
+    quantized_like: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Converts a HF checkpoint with streams into an MLX model directory.
 
@@ -258,6 +297,10 @@ def convert(
         dtype: ``float16``, ``bfloat16`` or ``float32`` for the base weights.
           Default: the checkpoint's own.
         quantize: quantize the base (affine, ``q_bits``/``q_group_size``).
+        quantized_like: an mlx-lm model directory holding this base quantized (the package
+          a build restored its base from, ``convert.from_package``): its quantized tensors
+          are taken as they are, once every one dequantizes to the base's weight, instead of
+          quantizing anew (which moves 5-51% of the codes of a dequantized base).
 
     Returns:
         Path: ``mlx_path``.
@@ -346,7 +389,11 @@ def convert(
     if dtype is not None:
         model.set_dtype(DTYPES[dtype])
         config["torch_dtype"] = dtype
-    if quantize:
+    if quantized_like is not None:
+        if quantize:
+            raise ValueError("--quantized-like takes the package's bits: drop --quantize")
+        config = quantize_like_package(model, config, Path(quantized_like))
+    elif quantize:
         model, config = quantize_model(model, config, q_group_size, q_bits)
 
     if key == DRAFTER_KEY:

@@ -160,7 +160,7 @@ def restore(model_dir, work) -> Path:
         if (model_dir / f).exists():
             shutil.copy(model_dir / f, out / f)
     record = {
-        "from": str(model_dir),
+        "from": str(model_dir.resolve()),
         "quantization": config.get("quantization"),
         "files": {p.name: _sha256(p) for p in sorted(model_dir.iterdir())
                   if p.is_file() and p.name != STREAMS_FILE},  # fmt: skip

@@ -339,6 +339,20 @@ def test_a_later_session_trains_on_the_base_the_package_shipped(smoke_build, tmp
     assert (work / "ss-shared" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_a_frozen_base_restored_from_a_package_converts_with_its_tensors(tmp_path):
+    """Where the base came from a quantized package, the lossless streams and drafters
+    convert with that package's tensors (``--quantized-like``) instead of quantizing anew;
+    elsewhere (a base trained here, an unquantized recipe) with the recipe's arguments."""
+    from convert.build_default_model import frozen_base_convert
+
+    assert frozen_base_convert(tmp_path, CODE) == CODE.convert
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "from-package.json").write_text(json.dumps({"from": "/pkg"}))
+    assert frozen_base_convert(tmp_path, CODE) == ("--dtype", "bfloat16", "--quantized-like",
+                                                   "/pkg")  # fmt: skip
+    assert frozen_base_convert(tmp_path, RECIPES["smoke"]) == RECIPES["smoke"].convert
+
+
 def test_a_different_corpus_is_refused_after_carrying(smoke_build, tmp_path):
     from convert.carry import collect, restore
 

@@ -174,3 +174,38 @@ def test_bad_packages_are_refused_by_name(package, tmp_path):
         restore(untied, tmp_path / "w6")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         restore(tmp_path / "nowhere", tmp_path / "w5")
+
+
+def test_a_model_on_the_restored_base_converts_with_the_package_s_very_tensors(package, tmp_path):
+    """Streams trained on a restored base convert with the package's quantized tensors
+    (``--quantized-like``), so the new model's base is the shipped one bit for bit.
+    Control: quantizing the restored base anew at the same bits moves codes. A base that
+    is not the package's is refused by name."""
+    from hf_helpers import write_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from convert.convert import convert
+    from mlx_specstream.config import SpecStreamConfig
+
+    src, _ = package
+    base = restore(src, tmp_path / "work")
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+    write_checkpoint(tmp_path / "ckpt", hf, SpecStreamConfig(num_streams=2, num_stream_layers=1))
+    out = convert(tmp_path / "ckpt", tmp_path / "mlx", dtype="bfloat16", quantized_like=src)
+    shipped = {k: v for f in src.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
+    made = {k: v for f in out.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
+    assert made.keys() == shipped.keys()
+    assert all(mx.array_equal(made[k], shipped[k]) for k in shipped)
+    assert (
+        json.loads((out / "config.json").read_text())["quantization"]
+        == json.loads((src / "config.json").read_text())["quantization"]
+    )
+    anew = convert(tmp_path / "ckpt", tmp_path / "anew", dtype="bfloat16", quantize=True)
+    again = {k: v for f in anew.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not mx.array_equal(again[key], shipped[key])
+    with torch.no_grad():
+        hf.model.layers[1].mlp.up_proj.weight[0, 0] += 1.0
+    write_checkpoint(tmp_path / "other", hf, SpecStreamConfig(num_streams=2, num_stream_layers=1))
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj.weight does not dequantize"):
+        convert(tmp_path / "other", tmp_path / "mlx2", dtype="bfloat16", quantized_like=src)
