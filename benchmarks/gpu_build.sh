@@ -20,7 +20,8 @@
 # device time in all (machine start included). The build therefore spans sessions through
 # the package itself: the first session ships the new default (base and lossless streams),
 # and later ones restore the base from it (FROM_PACKAGE=1: convert.from_package writes
-# base/ and tokenizer/ from mlx_specstream/models/default, without MLX) and train the rest.
+# base/ and tokenizer/ from mlx_specstream/models/default, without MLX) and train the rest;
+# their MLX conversions then reuse the package's quantized tensors (convert --quantized-like).
 # Sizes: benchmarks/results/package_budget-code-s60.md (a 4-bit base fits the 30 MB tree
 # without a draft model, a 3-bit base with a 4-bit one). The plan (H100 throughput of
 # ../shared/gpu/README.md; each call under 10 minutes; a warm machine keeps runs/ between
