@@ -28,6 +28,8 @@ import json
 import shutil
 from pathlib import Path
 
+from .transport import load_weights
+
 # Keys mlx-lm adds to a quantized model's config, and this package's streams section.
 DROPPED_CONFIG_KEYS = ("quantization", "quantization_config", "speculative_streaming")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -88,17 +90,7 @@ def _layer_quantization(config: dict, name: str):
 
 def base_weights(model_dir: Path, config: dict) -> dict:
     """The base's tensors, by Hugging Face name, dequantized where the package quantized."""
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no model*.safetensors (not an mlx-lm model)")
-    stored = {}
-    for f in files:
-        for k, v in load_file(str(f)).items():
-            if k in stored:
-                raise ValueError(f"{f}: tensor {k!r} is also in another weights file")
-            stored[k] = v
+    stored = load_weights(model_dir, "model*.safetensors")
     weights = {}
     for k, v in stored.items():
         if k.endswith((".scales", ".biases")):

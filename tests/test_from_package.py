@@ -141,35 +141,34 @@ def test_unpack_bits_reads_mlx_s_bit_stream():
         unpack_bits(words.to(torch.int32), 3, 22)
 
 
+def _edited(src, to, edit):
+    """A copy of the package ``src`` at ``to`` whose config ``edit`` changes in place."""
+    shutil.copytree(src, to)
+    config = json.loads((to / "config.json").read_text())
+    edit(config)
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
 def test_bad_packages_are_refused_by_name(package, tmp_path):
     src, _ = package
     restore(src, tmp_path / "work")
     with pytest.raises(FileExistsError, match="base exists"):
         restore(src, tmp_path / "work")
-    no_tok = tmp_path / "no_tok"
-    shutil.copytree(src, no_tok)
+    no_tok = _edited(src, tmp_path / "no_tok", lambda c: None)
     (no_tok / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         restore(no_tok, tmp_path / "w2")
-    fp4 = tmp_path / "fp4"
-    shutil.copytree(src, fp4)
-    config = json.loads((fp4 / "config.json").read_text())
-    config["quantization"]["mode"] = "mxfp4"
-    (fp4 / "config.json").write_text(json.dumps(config))
+    fp4 = _edited(src, tmp_path / "fp4", lambda c: c["quantization"].update(mode="mxfp4"))
     with pytest.raises(ValueError, match="mode 'mxfp4'.*only 'affine'"):
         restore(fp4, tmp_path / "w3")
-    unquantized = tmp_path / "unq"
-    shutil.copytree(src, unquantized)
-    config = json.loads((unquantized / "config.json").read_text())
-    config.pop("quantization"), config.pop("quantization_config", None)
-    (unquantized / "config.json").write_text(json.dumps(config))
+
+    def unquantized(c):
+        c.pop("quantization"), c.pop("quantization_config", None)
+
     with pytest.raises(ValueError, match="without scales"):
-        restore(unquantized, tmp_path / "w4")
-    untied = tmp_path / "untied"
-    shutil.copytree(src, untied)
-    config = json.loads((untied / "config.json").read_text())
-    config["tie_word_embeddings"] = False
-    (untied / "config.json").write_text(json.dumps(config))
+        restore(_edited(src, tmp_path / "unq", unquantized), tmp_path / "w4")
+    untied = _edited(src, tmp_path / "untied", lambda c: c.update(tie_word_embeddings=False))
     with pytest.raises(ValueError, match="tie_word_embeddings is false but .* no lm_head"):
         restore(untied, tmp_path / "w6")
     with pytest.raises(FileNotFoundError, match="no config.json"):
