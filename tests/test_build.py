@@ -460,7 +460,8 @@ def test_training_stages_import_without_mlx():
     )
     modules = ["convert.build_default_model", "convert.code_corpus", "convert.tokenizer",
                "convert.pretrain", "convert.distill", "convert.finetune", "convert.train_drafter",
-               "convert.carry", "convert.transport"]  # fmt: skip
+               "convert.carry", "convert.transport", "convert.from_package",
+               "convert.package_size"]  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, capture_output=True,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
