@@ -26,10 +26,11 @@
 # without a draft model, a 3-bit base with a 4-bit one). The plan (H100 throughput of
 # ../shared/gpu/README.md; each call under 10 minutes; a warm machine keeps runs/ between
 # the calls of one session):
-#   session 1, call 1: "tokenizer,base model,base round trip" 6.5 top,tokenizer,base
-#      (corpus and tokenizer about 1-2 minutes, then 6.5 min x 652k tokens/s = 254M tokens)
+#   session 1, call 1: "tokenizer,base model,base round trip" 6 top,tokenizer,base
+#      (corpus and tokenizer about 1-2 minutes, then 6 min x 652k tokens/s = 235M tokens)
 #   session 1, call 2: "self-distilled train data,self-distilled eval data,lossless-mode
-#      fine-tune" 1.5 top,ss-lossless,distilled     (nothing to carry: the machine is warm)
+#      fine-tune" 1 top,ss-lossless,distilled       (nothing to carry: the machine is warm;
+#      MINUTES caps the distillation too, so the call takes about 3 minutes)
 #   here: convert (the recipe's bits), quality, held-out prompts, tune, ship; commit
 #   session 2: FROM_PACKAGE=1, "draft model,shared-mode fine-tune" 3 top,draft,ss-shared;
 #      then "shared-mode control fine-tune" ... as the session's minutes allow

@@ -263,7 +263,7 @@ def build_distilled(w: Path, r: Recipe = STDLIB):
             lambda data=data, split=split, n=n: run(
                 "convert.distill", "--model", w / "base" / "model", "--data", data,
                 "--out", w / "distilled" / f"{split}.jsonl", "--max-examples", n, *extra,
-                *_gpu(r),
+                *_gpu(r), *(("--time-limit", r.time_limit) if r.time_limit else ()),
             ),
             work=w,
         )  # fmt: skip

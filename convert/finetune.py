@@ -109,10 +109,14 @@ def _windows(ids, max_length, prompt_len):
 
 
 @torch.no_grad()
-def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation"):
+def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation", deadline=None):
     """Replaces each completion by the base model's greedy continuation of the
     same length (lossless-mode data: the streams learn what the model says).
-    Examples with equal prompt and completion lengths are generated as a batch."""
+    Examples with equal prompt and completion lengths are generated as a batch.
+    Past ``deadline`` (``time.monotonic()``) no further batch starts, once one has run:
+    the examples not generated are left out of the list returned."""
+    import time
+
     from tqdm import tqdm
 
     model.eval()
@@ -126,7 +130,9 @@ def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation
         for key, idx in groups.items()
         for j in range(0, len(idx), batch_size)
     ]
-    for (p, n), idx in tqdm(batches, desc=desc):
+    for b, ((p, n), idx) in enumerate(tqdm(batches, desc=desc)):
+        if b and deadline is not None and time.monotonic() > deadline:
+            break
         prompts = torch.tensor([examples[i]["input_ids"][:p] for i in idx], device=model.device)
         gen = model.generate(
             prompts,
@@ -139,7 +145,7 @@ def self_distill(model, examples, eos_id, batch_size=16, desc="self-distillation
         )
         for row, i in zip(gen.tolist(), idx):
             out[i] = {"input_ids": row[: p + n], "prompt_len": p}
-    return out
+    return [ex for ex in out if ex is not None]
 
 
 def collate(batch: List[Dict]):
