@@ -259,6 +259,8 @@ def quantize_like_package(model, config: dict, package: Path) -> dict:
         if k.endswith(".scales"):
             path = k[: -len(".scales")]
             spec = section.get(path) if isinstance(section.get(path), dict) else section
+            if spec.get("mode", "affine") != "affine":
+                raise ValueError(f"{package}: {path} is {spec['mode']}; only affine is reused")
             bits, group = int(spec["bits"]), int(spec["group_size"])
             weight = stored[path + ".weight"]
             values = mx.dequantize(weight, stored[k], stored[path + ".biases"], group, bits)

@@ -5,7 +5,7 @@
 Between sessions nothing survives but the committed tree: a build's working
 directory (``runs/...``) is gone, and a 32M-parameter base is far too large to
 commit on its own. The package does hold it, though: the embedded default model
-is the base, in mlx-lm's format (4-bit for the code recipe), beside its streams.
+is the base, in mlx-lm's format (3-bit for the code recipe), beside its streams.
 This writes what the build's later stages read from it, **without MLX** (the GPU
 machine has PyTorch only until MLX is installed):
 
