@@ -65,24 +65,22 @@ def model_bytes(model, bits: Optional[int], group: int = 64) -> int:
 def stream_bytes(recipe: Recipe, base) -> int:
     """The lossless streams' float32 tensors: the stream embeddings, the stream-only LoRA on
     each stream layer's targeted linear modules (``convert.finetune``'s default: all), and
-    the pruning adapter (rank 8)."""
+    the pruning adapter (rank 8). The recipe's arguments are read by the fine-tune's own
+    parser, so its defaults apply."""
     import torch
 
-    args = tuple(recipe.ss_common) + tuple(recipe.ss_lossless)
-    streams, layers = int(flag(args, "--num-streams")), int(flag(args, "--num-stream-layers"))
-    rank = int(flag(args, "--stream-lora-rank", 0))
-    targets = []
-    if "--stream-lora-targets" in args:  # (the names up to the next flag)
-        for t in args[args.index("--stream-lora-targets") + 1 :]:
-            if t.startswith("--"):
-                break
-            targets.append(t)
+    from .finetune import setup_arg_parser
+
+    a = setup_arg_parser().parse_args(
+        ["--model", "m", "--data", "d", "--out", "o",
+         *map(str, (*recipe.ss_common, *recipe.ss_lossless))]
+    )  # fmt: skip
     layer = base.model.layers[-1]
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    lora = sum(rank * (linears[t].in_features + linears[t].out_features)
-               for t in targets or linears)  # fmt: skip
+    lora = sum(a.stream_lora_rank * (linears[t].in_features + linears[t].out_features)
+               for t in a.stream_lora_targets or linears)  # fmt: skip
     h = base.config.hidden_size
-    return 4 * (streams * h + layers * lora + 2 * 8 * h)
+    return 4 * (a.num_streams * h + a.num_stream_layers * lora + 2 * 8 * h)
 
 
 def shipped_bytes(recipe: Recipe, tokenizer_bytes: Optional[int] = None) -> dict:

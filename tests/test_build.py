@@ -17,36 +17,28 @@ pytest.importorskip("sentencepiece")
 
 from convert.build_default_model import sample_eval_files  # noqa: E402
 from convert.code_quality import function_ended  # noqa: E402
-from convert.pretrain import DEFAULT_ARCH, pack_corpus, tokenize_corpus  # noqa: E402
+from convert.package_size import flag, llama  # noqa: E402
+from convert.pretrain import pack_corpus, tokenize_corpus  # noqa: E402
 from convert.recipes import CODE, CODE_CPU, RECIPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _flag(args, name):
-    return args[args.index(name) + 1]
-
-
 def _parameters(recipe_args, vocab):
     """Parameters of the Llama a pretrain stage builds (on the meta device: no memory)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    arch = {**DEFAULT_ARCH, **json.loads(_flag(recipe_args, "--arch"))}
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **arch))
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in llama(recipe_args, vocab).parameters())
 
 
 def test_code_recipe_has_the_issues_sizes():
     """Issue #12: BPE 16k-32k, a base of >= 30M parameters trained on >= 300M tokens,
     the control fine-tune, drafters, and the quality figure over 50 prompts."""
-    vocab = int(_flag(CODE.tokenizer, "--vocab-size"))
+    vocab = int(flag(CODE.tokenizer, "--vocab-size"))
     assert 16_000 <= vocab <= 32_000
     assert _parameters(CODE.base, vocab) >= 30e6
     tokens = (
-        int(_flag(CODE.base, "--max-steps"))
-        * int(_flag(CODE.base, "--batch-size"))
-        * int(_flag(CODE.base, "--seq-len"))
+        int(flag(CODE.base, "--max-steps"))
+        * int(flag(CODE.base, "--batch-size"))
+        * int(flag(CODE.base, "--seq-len"))
     )
     assert tokens >= 300e6
     assert _parameters(CODE.draft, vocab) < _parameters(CODE.base, vocab) / 4
@@ -54,17 +46,17 @@ def test_code_recipe_has_the_issues_sizes():
     assert CODE.quality_prompts == 50
     assert "--quantize" in CODE.convert  # 32M parameters do not fit the package in bfloat16
     # Off CUDA the same tokens per step, in micro-batches that fit 24 GB.
-    micro, accumulate = int(_flag(CODE.cpu_args, "--batch-size")), int(
-        _flag(CODE.cpu_args, "--gradient-accumulation-steps")
+    micro, accumulate = int(flag(CODE.cpu_args, "--batch-size")), int(
+        flag(CODE.cpu_args, "--gradient-accumulation-steps")
     )
-    assert micro * accumulate == int(_flag(CODE.base, "--batch-size")) == 64
+    assert micro * accumulate == int(flag(CODE.base, "--batch-size")) == 64
 
 
 def test_cpu_sibling_is_the_code_recipe_smaller():
     """Issue #12 item 6's smaller sibling: the code recipe's corpus and tokenizer, a
     smaller base and draft, and a package in bfloat16 (base, streams and draft) within
     the shipping limit."""
-    vocab = int(_flag(CODE.tokenizer, "--vocab-size"))
+    vocab = int(flag(CODE.tokenizer, "--vocab-size"))
     assert (CODE_CPU.corpus, CODE_CPU.tokenizer) == (CODE.corpus, CODE.tokenizer)
     base, draft = _parameters(CODE_CPU.base, vocab), _parameters(CODE_CPU.draft, vocab)
     assert draft < base / 2 and base < _parameters(CODE.base, vocab) / 3
