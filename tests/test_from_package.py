@@ -175,6 +175,10 @@ def test_bad_packages_are_refused_by_name(package, tmp_path):
         restore(tmp_path / "nowhere", tmp_path / "w5")
 
 
+def _stored_tensors(model_dir):
+    return {k: v for f in model_dir.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
+
+
 def test_a_model_on_the_restored_base_converts_with_the_package_s_very_tensors(package, tmp_path):
     """Streams trained on a restored base convert with the package's quantized tensors
     (``--quantized-like``), so the new model's base is the shipped one bit for bit.
@@ -191,8 +195,8 @@ def test_a_model_on_the_restored_base_converts_with_the_package_s_very_tensors(p
     hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
     write_checkpoint(tmp_path / "ckpt", hf, SpecStreamConfig(num_streams=2, num_stream_layers=1))
     out = convert(tmp_path / "ckpt", tmp_path / "mlx", dtype="bfloat16", quantized_like=src)
-    shipped = {k: v for f in src.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
-    made = {k: v for f in out.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
+    shipped = _stored_tensors(src)
+    made = _stored_tensors(out)
     assert made.keys() == shipped.keys()
     assert all(mx.array_equal(made[k], shipped[k]) for k in shipped)
     assert (
@@ -200,7 +204,7 @@ def test_a_model_on_the_restored_base_converts_with_the_package_s_very_tensors(p
         == json.loads((src / "config.json").read_text())["quantization"]
     )
     anew = convert(tmp_path / "ckpt", tmp_path / "anew", dtype="bfloat16", quantize=True)
-    again = {k: v for f in anew.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
+    again = _stored_tensors(anew)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not mx.array_equal(again[key], shipped[key])
     with torch.no_grad():
